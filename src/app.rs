@@ -1,0 +1,177 @@
+//! The daemon's lifecycle (`twhin-stream run`): open the store, start the actors and the HTTP
+//! server, wait for SIGTERM/SIGINT or a failing actor, then shut down in order: stop consuming,
+//! write what is pending, flush, stop HTTP, exit.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::ingest::{IngestActor, IngestStatus, StoreWriter};
+use crate::kafka::{self, ApplyOutcome, EmbeddedKafka};
+use crate::messages::StopIngest;
+use crate::store::{GraphStore, StoreError, StoreOptions};
+use crate::telemetry as m;
+
+/// Node, edge and offset counts of a store (`inspect --json`, `/v1/status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreSummary {
+    pub path: String,
+    /// Node type → count.
+    pub nodes: BTreeMap<String, u64>,
+    /// Relation → edge count.
+    pub edges: BTreeMap<String, u64>,
+    pub edges_total: u64,
+    pub offsets: Vec<OffsetEntry>,
+    pub size_on_disk_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OffsetEntry {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+impl StoreSummary {
+    pub fn read(store: &GraphStore) -> Result<StoreSummary, StoreError> {
+        let schema = store.stored_schema();
+        let nodes = schema
+            .node_types
+            .iter()
+            .enumerate()
+            .map(|(t, name)| (name.clone(), store.node_count(t as u16) as u64))
+            .collect();
+        let edges = schema
+            .relations
+            .iter()
+            .map(|(name, _, _)| name.clone())
+            .zip(store.relation_counts())
+            .collect();
+        let offsets = store
+            .offsets()?
+            .into_iter()
+            .map(|(topic, partition, next_offset)| OffsetEntry {
+                topic,
+                partition,
+                next_offset,
+            })
+            .collect();
+        Ok(StoreSummary {
+            path: store.path().display().to_string(),
+            nodes,
+            edges,
+            edges_total: store.edge_count(),
+            offsets,
+            size_on_disk_bytes: store.size_on_disk(),
+        })
+    }
+}
+
+/// Update the store gauges (called when `/metrics` is scraped).
+pub fn refresh_store_gauges(store: &GraphStore) {
+    metrics::gauge!(m::STORE_EDGES).set(store.edge_count() as f64);
+    for (t, name) in store.stored_schema().node_types.iter().enumerate() {
+        metrics::gauge!(m::STORE_NODES, "type" => name.clone()).set(store.node_count(t as u16) as f64);
+    }
+}
+
+pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<GraphStore>> {
+    let opts = StoreOptions {
+        cache_capacity_bytes: cfg.storage.cache_capacity_mb << 20,
+        dedup_window_ms: cfg.ingest.dedup_window_secs.saturating_mul(1000),
+    };
+    let store = GraphStore::open(&cfg.storage.path, &cfg.schema(), &opts)
+        .with_context(|| format!("opening storage.path = {} (is another twhin-stream using it?)", cfg.storage.path.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Run the daemon until a signal or a fatal actor error.
+pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
+    let metrics = m::init_metrics();
+    let defs = kafka::topic_defs(&cfg)?;
+    // The embedded broker must outlive the System: it is dropped at the end of this function.
+    let _embedded = if cfg.kafka.bootstrap_servers.trim().is_empty() && embedded_kafka {
+        let broker = EmbeddedKafka::start(&defs)?;
+        cfg.kafka.bootstrap_servers = broker.bootstrap_servers();
+        info!(bootstrap_servers = %cfg.kafka.bootstrap_servers, "embedded Kafka-protocol broker listening");
+        Some(broker)
+    } else {
+        if embedded_kafka {
+            warn!(bootstrap_servers = %cfg.kafka.bootstrap_servers, "kafka.bootstrap_servers is set; --embedded-kafka ignored");
+        }
+        kafka::require_broker(&cfg)?;
+        None
+    };
+    let device = crate::device::resolve(&cfg.torch.device, cfg.torch.threads).map_err(anyhow::Error::msg)?;
+    let torch = crate::device::info(device);
+    info!(?torch, "libtorch ready");
+    let store = open_store(&cfg)?;
+    let bind = cfg.http_bind()?;
+    let cfg = Arc::new(cfg);
+
+    actix_rt::System::new().block_on(async move {
+        if _embedded.is_none() {
+            for (topic, outcome) in kafka::apply_topics(&cfg, &defs).await? {
+                match outcome {
+                    ApplyOutcome::Created => info!(topic, "topic created"),
+                    ApplyOutcome::Exists { .. } => {}
+                }
+            }
+        }
+        let status = Arc::new(IngestStatus::default());
+        let writer = {
+            let store = store.clone();
+            SyncArbiter::start(1, move || StoreWriter::new(store.clone()))
+        };
+        let (exit_tx, exit_rx) = oneshot::channel();
+        let ingest = {
+            let (cfg, store, writer, status) = (cfg.clone(), store.clone(), writer.clone(), status.clone());
+            IngestActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+                IngestActor::new(cfg, store, writer, status, exit_tx)
+            })
+        };
+        let state = Arc::new(crate::http::HttpState {
+            store: store.clone(),
+            ingest: status.clone(),
+            metrics,
+            torch,
+            bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
+            engagements_topic: cfg.kafka.engagements_topic.clone(),
+            started: Instant::now(),
+        });
+        let (http, addr) = crate::http::start(bind, state).with_context(|| format!("binding http.bind = {bind}"))?;
+        info!(%addr, "http listening");
+
+        let outcome = tokio::select! {
+            _ = shutdown_signal() => { info!("shutdown requested"); Ok(()) }
+            r = exit_rx => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("ingest failed")),
+                Err(_) => Err(anyhow::anyhow!("ingest actor vanished")),
+            },
+        };
+        let _ = ingest.send(StopIngest).await;
+        store.flush().context("final flush")?;
+        http.stop(true).await;
+        System::current().stop();
+        let summary = StoreSummary::read(&store)?;
+        info!(edges_total = summary.edges_total, nodes = ?summary.nodes, "stopped");
+        outcome
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

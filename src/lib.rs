@@ -1,0 +1,31 @@
+//! twhin-stream keeps TwHIN graph embeddings fresh from a live Kafka stream of engagement events.
+//!
+//! Map of the modules (DESIGN.md §1 has the pipeline):
+//!
+//! | module      | concern |
+//! |-------------|---------|
+//! | [`config`]    | the one validated config tree: defaults, `--config` file, `TWHIN_*` environment |
+//! | [`schema`]    | node types and relations; the event contract's decoder and validator (pure) |
+//! | [`store`]     | the sled graph: node interning, edge log, adjacency, degrees, offsets, dedup |
+//! | [`ingest`]    | the ingest actor (Kafka → store, exactly once; DLQ) and the store-writer actor |
+//! | [`messages`]  | the typed messages between actors |
+//! | [`kafka`]     | client construction, topic definitions and `topics apply`, embedded broker |
+//! | [`http`]      | `/healthz`, `/readyz`, `/metrics`, `/v1/status` |
+//! | [`telemetry`] | logging set-up and the metric names |
+//! | [`device`]    | the libtorch device (CUDA when present) |
+//! | [`datasets`]  | real datasets as events (pure loading) |
+//! | [`replay`]    | `replay`: produce a dataset to the engagements topic |
+//! | [`app`]       | the daemon's lifecycle (`run`) and store summaries |
+
+pub mod app;
+pub mod config;
+pub mod datasets;
+pub mod device;
+pub mod http;
+pub mod ingest;
+pub mod kafka;
+pub mod messages;
+pub mod replay;
+pub mod schema;
+pub mod store;
+pub mod telemetry;

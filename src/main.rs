@@ -1,0 +1,169 @@
+//! The `twhin-stream` command line. Each subcommand loads and validates the config first.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use twhin_stream::app::{self, StoreSummary};
+use twhin_stream::config::Config;
+use twhin_stream::datasets::{self, Dataset};
+use twhin_stream::kafka::{self, ApplyOutcome};
+use twhin_stream::store::GraphStore;
+use twhin_stream::{replay, telemetry};
+
+#[derive(Parser)]
+#[command(name = "twhin-stream", version, about = "Keeps TwHIN graph embeddings fresh from a live Kafka stream")]
+struct Cli {
+    /// Config file merged over config/default.toml (environment variables TWHIN_* win over both).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM/SIGINT.
+    Run {
+        /// Start librdkafka's in-process Kafka-protocol broker when kafka.bootstrap_servers is empty.
+        #[arg(long)]
+        embedded_kafka: bool,
+    },
+    /// Manage the topics defined in kafka.topics_dir.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Produce a real dataset to the engagements topic as events, in order.
+    Replay {
+        /// umls, nations, kinships or movielens-100k.
+        dataset: Dataset,
+        /// Events per second (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Splits of the knowledge-graph datasets, in order.
+        #[arg(long, value_delimiter = ',', default_value = "train")]
+        splits: Vec<String>,
+        /// Produce only the first N events.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Overrides kafka.bootstrap_servers.
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Summarise the store (read-only; the daemon must be stopped).
+    Inspect {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Store folder (default: storage.path).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create the missing topics and report the ones that exist.
+    Apply,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    telemetry::init_logging(&cfg.log);
+    match cli.command {
+        Command::Run { embedded_kafka } => app::run(cfg, embedded_kafka),
+        Command::Topics {
+            action: TopicsAction::Apply,
+        } => {
+            let defs = kafka::topic_defs(&cfg)?;
+            let results = block_on(kafka::apply_topics(&cfg, &defs))?;
+            for (topic, outcome) in results {
+                match outcome {
+                    ApplyOutcome::Created => println!("created {topic}"),
+                    ApplyOutcome::Exists { partitions } => println!("exists  {topic} ({partitions} partitions)"),
+                }
+            }
+            Ok(())
+        }
+        Command::Replay {
+            dataset,
+            rate,
+            splits,
+            limit,
+            bootstrap_servers,
+            json,
+        } => {
+            if let Some(b) = bootstrap_servers {
+                cfg.kafka.bootstrap_servers = b;
+            }
+            let mut events = datasets::replay_events(&cfg.datasets.dir, dataset, &splits)?;
+            if let Some(n) = limit {
+                events.truncate(n);
+            }
+            let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let summary = block_on(replay::produce(&cfg, dataset.name(), &events, rate, progress))?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!(
+                    "replayed {} events of {} to {} in {:.1} s ({:.0} events/s)",
+                    summary.events, summary.dataset, summary.topic, summary.seconds, summary.events_per_sec
+                );
+            }
+            Ok(())
+        }
+        Command::Inspect { json, path } => {
+            let path = path.unwrap_or(cfg.storage.path.clone());
+            let store = GraphStore::open_existing(&path)
+                .with_context(|| format!("opening {} (is the daemon still running on it?)", path.display()))?;
+            let summary = StoreSummary::read(&store)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print_summary(&summary);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime")
+        .block_on(fut)
+}
+
+fn print_summary(s: &StoreSummary) {
+    println!("store {} ({:.1} MiB)", s.path, s.size_on_disk_bytes as f64 / (1 << 20) as f64);
+    println!("nodes:");
+    for (t, n) in &s.nodes {
+        println!("  {t:<24} {n:>10}");
+    }
+    println!("edges: {} in all", s.edges_total);
+    for (r, n) in s.edges.iter().filter(|(_, n)| **n > 0) {
+        println!("  {r:<40} {n:>10}");
+    }
+    println!("offsets:");
+    for o in &s.offsets {
+        println!("  {}[{}] next {}", o.topic, o.partition, o.next_offset);
+    }
+}

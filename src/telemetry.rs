@@ -1,0 +1,88 @@
+//! Logs (tracing-subscriber, text or JSON) and metrics (the `metrics` facade rendered as
+//! Prometheus text). Metric names live here so dashboards have one place to look.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Events read from the engagements topic (valid or not).
+pub const EVENTS_CONSUMED: &str = "twhin_ingest_events_consumed_total";
+/// Invalid events, by `reason` (see `schema::InvalidReason`).
+pub const EVENTS_INVALID: &str = "twhin_ingest_events_invalid_total";
+/// Invalid events acknowledged by the dead-letter topic.
+pub const DLQ_PRODUCED: &str = "twhin_ingest_dlq_produced_total";
+/// Edges durably appended to the store.
+pub const EDGES_APPENDED: &str = "twhin_ingest_edges_appended_total";
+/// Events not stored again, by `kind`: `event_id` (dedup window) or `redelivered` (offset).
+pub const DUPLICATES: &str = "twhin_ingest_duplicates_total";
+/// New nodes interned.
+pub const NODES_CREATED: &str = "twhin_ingest_nodes_created_total";
+/// Time to make one batch durable (DLQ acknowledgements + atomic append + flush), seconds.
+pub const BATCH_SECONDS: &str = "twhin_ingest_batch_seconds";
+/// Events per written batch.
+pub const BATCH_EVENTS: &str = "twhin_ingest_batch_events";
+/// Messages behind the partition's high watermark, from the stored offset, by `partition`.
+pub const CONSUMER_LAG: &str = "twhin_ingest_consumer_lag";
+/// Partition assignments received.
+pub const REBALANCES: &str = "twhin_ingest_rebalances_total";
+/// Failed attempts to write a batch (retried).
+pub const BATCH_RETRIES: &str = "twhin_ingest_batch_retries_total";
+/// Edges in the store (gauge).
+pub const STORE_EDGES: &str = "twhin_store_edges";
+/// Nodes in the store by `type` (gauge).
+pub const STORE_NODES: &str = "twhin_store_nodes";
+
+/// Install the global tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
+pub fn init_logging(cfg: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests, repeated CLI calls in one process) is harmless: keep the first.
+    let _ = match cfg.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Install the global metrics recorder and return the handle that renders `/metrics`.
+pub fn init_metrics() -> PrometheusHandle {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(BATCH_SECONDS.into()),
+            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(BATCH_EVENTS.into()),
+                &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0],
+            )
+        })
+        .expect("static bucket lists are non-empty");
+    match builder.install_recorder() {
+        Ok(handle) => {
+            describe();
+            handle
+        }
+        // Already installed in this process: render from a fresh, detached recorder.
+        Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(EVENTS_CONSUMED, "Events read from the engagements topic");
+    describe_counter!(EVENTS_INVALID, "Invalid events sent to the dead-letter topic, by reason");
+    describe_counter!(DLQ_PRODUCED, "Invalid events acknowledged by the dead-letter topic");
+    describe_counter!(EDGES_APPENDED, "Edges durably appended to the graph store");
+    describe_counter!(DUPLICATES, "Events not stored again, by kind");
+    describe_counter!(NODES_CREATED, "Nodes created in the graph store");
+    describe_histogram!(BATCH_SECONDS, Unit::Seconds, "Time to make one ingest batch durable");
+    describe_histogram!(BATCH_EVENTS, Unit::Count, "Events per ingest batch");
+    describe_gauge!(CONSUMER_LAG, "Messages between the stored offset and the high watermark");
+    describe_counter!(REBALANCES, "Partition assignments received");
+    describe_counter!(BATCH_RETRIES, "Failed attempts to make a batch durable (retried)");
+    describe_gauge!(STORE_EDGES, "Edges in the graph store");
+    describe_gauge!(STORE_NODES, "Nodes in the graph store, by type");
+}
