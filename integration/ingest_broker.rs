@@ -1,1 +1,325 @@
+//! Ingest against a real Kafka-protocol broker (tansu on 127.0.0.1, started by the tests):
+//! malformed events to the DLQ with their reasons, exactly-once storage across SIGKILLs, and
+//! nothing lost while the broker is paused.
 
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const TOPIC: &str = "twhin.engagements";
+const DLQ: &str = "twhin.engagements.dlq";
+
+type Triple = (String, String, String);
+
+/// The i-th valid event of the default Twitter schema; every (src, rel, dst) is distinct.
+fn valid_event(i: usize, with_event_id: bool) -> (Outgoing, Triple) {
+    const RELS: [(&str, &str, &str); 8] = [
+        ("user", "follows", "user"),
+        ("user", "favorites", "tweet"),
+        ("user", "retweets", "tweet"),
+        ("user", "replies", "tweet"),
+        ("user", "authors", "tweet"),
+        ("user", "clicks", "ad"),
+        ("advertiser", "promotes", "ad"),
+        ("user", "searches", "query"),
+    ];
+    let (st, rel, dt) = RELS[i % RELS.len()];
+    let src = format!("{st}:{}", i % 997);
+    let dst = format!("{dt}:{i}");
+    let mut json = serde_json::json!({"src": src, "rel": rel, "dst": dst, "ts": 1_732_190_000_000u64 + i as u64});
+    if i % 3 == 0 {
+        json["weight"] = serde_json::json!(0.5 + (i % 5) as f64);
+    }
+    if with_event_id {
+        json["event_id"] = serde_json::json!(format!("ev-{i}"));
+    }
+    let out = Outgoing {
+        key: src.clone(),
+        payload: Some(json.to_string().into_bytes()),
+    };
+    (out, (src, rel.to_owned(), dst))
+}
+
+/// A malformed event of a kind chosen by `rng`, with the reason the daemon must give.
+fn malformed_event(rng: &mut SmallRng, i: usize) -> (Outgoing, &'static str) {
+    let ok = |src: &str, rel: &str, dst: &str| serde_json::json!({"src": src, "rel": rel, "dst": dst});
+    let (payload, reason): (Option<Vec<u8>>, &str) = match rng.random_range(0..17) {
+        0 => (Some(format!(r#"{{"src":"user:{i}","rel":"follows","#).into_bytes()), "not_json"),
+        1 => (Some(vec![b'{', 0xff, 0xfe, b'}', (i % 200) as u8]), "not_utf8"),
+        2 => (Some(format!("[{i}, 2, 3]").into_bytes()), "not_object"),
+        3 => (Some(format!(r#"{{"src":"user:{i}","rel":"follows"}}"#).into_bytes()), "missing_field"),
+        4 => (Some(ok(&format!("user:{i}"), "likes", "user:1").to_string().into_bytes()), "unknown_relation"),
+        5 => (Some(ok(&format!("robot:{i}"), "follows", "user:1").to_string().into_bytes()), "unknown_node_type"),
+        6 => (Some(ok(&format!("user:{i}"), "follows", "tweet:1").to_string().into_bytes()), "type_mismatch"),
+        7 => (Some(ok("user:", "follows", &format!("user:{i}")).to_string().into_bytes()), "empty_id"),
+        8 => (
+            Some(ok(&format!("user:{i}{}", "x".repeat(300)), "follows", "user:1").to_string().into_bytes()),
+            "id_too_long",
+        ),
+        9 => {
+            let mut j = ok(&format!("user:{i}"), "follows", "user:2");
+            j["weight"] = serde_json::json!(-1.5);
+            (Some(j.to_string().into_bytes()), "negative_weight")
+        }
+        10 => (
+            Some(format!(r#"{{"src":"user:{i}","rel":"follows","dst":"user:3","weight":1e999}}"#).into_bytes()),
+            "non_finite_weight",
+        ),
+        11 => {
+            let mut j = ok(&format!("user:{i}"), "follows", "user:2");
+            j["ts"] = serde_json::json!(-5);
+            (Some(j.to_string().into_bytes()), "bad_timestamp")
+        }
+        12 => {
+            let mut j = ok(&format!("user:{i}"), "follows", "user:2");
+            j["pad"] = serde_json::json!("p".repeat(5000));
+            (Some(j.to_string().into_bytes()), "too_large")
+        }
+        13 => (Some(ok(&format!("user{i}"), "follows", "user:2").to_string().into_bytes()), "bad_node_ref"),
+        14 => {
+            let mut j = ok(&format!("user:{i}"), "follows", "user:2");
+            j["weight"] = serde_json::json!("heavy");
+            (Some(j.to_string().into_bytes()), "wrong_type")
+        }
+        15 => (if i % 2 == 0 { None } else { Some(Vec::new()) }, "empty_payload"),
+        _ => {
+            let mut j = ok(&format!("user:{i}"), "follows", "user:2");
+            j["event_id"] = serde_json::json!("");
+            (Some(j.to_string().into_bytes()), "bad_event_id")
+        }
+    };
+    (
+        Outgoing {
+            key: format!("bad-{i}"),
+            payload,
+        },
+        reason,
+    )
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    broker: Broker,
+    store: std::path::PathBuf,
+    env: Vec<(String, String)>,
+    http_port: u16,
+    log_dir: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let store = dir.path().join("store");
+    let http_port = free_port();
+    let env = daemon_env(&broker.bootstrap, &store, http_port);
+    let out = cli(&env, &["topics", "apply"]);
+    assert_eq!(out.matches("created").count(), 4, "{out}");
+    let again = cli(&env, &["topics", "apply"]);
+    assert_eq!(again.matches("exists").count(), 4, "a second apply reports the topics as existing: {again}");
+    Setup {
+        log_dir: dir.path().to_owned(),
+        _dir: dir,
+        broker,
+        store,
+        env,
+        http_port,
+    }
+}
+
+fn assert_exactly(store: &std::path::Path, expected: &HashSet<Triple>) {
+    let (stored, edges) = stored_triples(store);
+    assert_eq!(edges as usize, stored.len(), "duplicate edges in the store");
+    assert_eq!(stored.len(), expected.len(), "edge count");
+    let missing: Vec<_> = expected.difference(&stored).take(5).collect();
+    assert!(missing.is_empty(), "missing edges, e.g. {missing:?}");
+}
+
+#[test]
+fn malformed_events_go_to_the_dlq_with_their_reasons_and_valid_ones_are_stored() {
+    let _serial = serial();
+    let s = setup();
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+
+    let mut rng = SmallRng::seed_from_u64(2026);
+    let mut msgs = Vec::new();
+    let mut expected_reason: Vec<Option<&'static str>> = Vec::new();
+    let mut valid = HashSet::new();
+    for i in 0..20_000 {
+        if rng.random_bool(0.05) {
+            let (m, reason) = malformed_event(&mut rng, i);
+            msgs.push(m);
+            expected_reason.push(Some(reason));
+        } else {
+            let (m, t) = valid_event(i, i % 2 == 0);
+            msgs.push(m);
+            expected_reason.push(None);
+            valid.insert(t);
+        }
+    }
+    let n_bad = expected_reason.iter().flatten().count();
+    let kinds: HashSet<_> = expected_reason.iter().flatten().collect();
+    assert!(n_bad > 800 && kinds.len() == 17, "{n_bad} malformed of {} kinds", kinds.len());
+
+    let landed = produce(&s.broker.bootstrap, TOPIC, &msgs, None);
+    let status = wait_until("all 20,000 events consumed", Duration::from_secs(120), || {
+        daemon
+            .status()
+            .filter(|st| status_u64(st, "/ingest/consumed") >= 20_000 && status_u64(st, "/kafka/lag") == 0)
+    });
+    assert_eq!(status_u64(&status, "/ingest/consumed"), 20_000);
+    assert_eq!(status_u64(&status, "/ingest/invalid"), n_bad as u64);
+    assert_eq!(status_u64(&status, "/ingest/appended"), valid.len() as u64);
+    assert_eq!(status_u64(&status, "/store/edges_total"), valid.len() as u64);
+
+    // Metrics count the invalid events by reason.
+    let metrics = daemon.metrics();
+    let mut by_reason: HashMap<&str, u64> = HashMap::new();
+    for r in expected_reason.iter().flatten() {
+        *by_reason.entry(r).or_default() += 1;
+    }
+    for (reason, n) in &by_reason {
+        let line = format!("twhin_ingest_events_invalid_total{{reason=\"{reason}\"}} {n}");
+        assert!(metrics.contains(&line), "missing `{line}` in /metrics");
+    }
+
+    // The DLQ holds exactly the malformed events, unchanged, with reason and source position.
+    let dead = read_all(&s.broker.bootstrap, DLQ, n_bad, Duration::from_secs(60), Duration::from_secs(2));
+    assert_eq!(dead.len(), n_bad, "DLQ record count");
+    let mut want: HashMap<(i32, i64), (&Outgoing, &str)> = HashMap::new();
+    for ((m, r), pos) in msgs.iter().zip(&expected_reason).zip(&landed) {
+        if let Some(r) = r {
+            want.insert(*pos, (m, r));
+        }
+    }
+    for d in &dead {
+        assert_eq!(d.header("twhin.source.topic"), Some(TOPIC));
+        let pos = (
+            d.header("twhin.source.partition").unwrap().parse::<i32>().unwrap(),
+            d.header("twhin.source.offset").unwrap().parse::<i64>().unwrap(),
+        );
+        let (orig, reason) = want.remove(&pos).unwrap_or_else(|| panic!("unexpected or repeated DLQ record {pos:?}"));
+        assert_eq!(d.header("twhin.error"), Some(reason), "reason of {pos:?}");
+        assert!(!d.header("twhin.error.detail").unwrap_or("").is_empty());
+        assert_eq!(d.key.as_deref(), Some(orig.key.as_bytes()), "key unchanged");
+        let empty: &[u8] = &[];
+        assert_eq!(
+            d.payload.as_deref().unwrap_or(empty),
+            orig.payload.as_deref().unwrap_or(empty),
+            "payload unchanged"
+        );
+    }
+    assert!(want.is_empty(), "{} malformed events never reached the DLQ", want.len());
+
+    assert!(daemon.terminate().success(), "SIGTERM exits 0");
+    assert_exactly(&s.store, &valid);
+
+    // inspect --json reports what was stored and where consumption stopped.
+    let env: Vec<(String, String)> = s.env.clone();
+    let inspect: serde_json::Value = serde_json::from_str(&cli(&env, &["inspect", "--json"])).unwrap();
+    assert_eq!(inspect["edges_total"].as_u64(), Some(valid.len() as u64));
+    let next_offsets: i64 = inspect["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["topic"] == TOPIC)
+        .map(|o| o["next_offset"].as_i64().unwrap())
+        .sum();
+    assert_eq!(next_offsets, 20_000, "stored offsets cover every consumed event, valid or not");
+    let users: HashSet<&String> = valid
+        .iter()
+        .flat_map(|(src, _, dst)| [src, dst])
+        .filter(|n| n.starts_with("user:"))
+        .collect();
+    assert_eq!(inspect["nodes"]["user"].as_u64(), Some(users.len() as u64));
+
+    // Replaying the events that carry an event_id is absorbed by the dedup window.
+    let replay: Vec<Outgoing> = (0..2_000).filter(|i| i % 2 == 0 && expected_reason[*i].is_none()).map(|i| msgs[i].clone()).collect();
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+    produce(&s.broker.bootstrap, TOPIC, &replay, None);
+    let st = wait_until("the replayed events consumed", Duration::from_secs(60), || {
+        daemon.status().filter(|st| status_u64(st, "/ingest/consumed") >= replay.len() as u64)
+    });
+    assert_eq!(status_u64(&st, "/ingest/duplicates"), replay.len() as u64);
+    assert_eq!(status_u64(&st, "/store/edges_total"), valid.len() as u64);
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn sigkill_at_random_moments_stores_each_valid_event_exactly_once() {
+    let _serial = serial();
+    let s = setup();
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut msgs = Vec::new();
+    let mut valid = HashSet::new();
+    for i in 0..24_000 {
+        if rng.random_bool(0.02) {
+            msgs.push(malformed_event(&mut rng, i).0);
+        } else {
+            // No event ids: exactly-once must come from the stored offsets alone.
+            let (m, t) = valid_event(i, false);
+            msgs.push(m);
+            valid.insert(t);
+        }
+    }
+    let bootstrap = s.broker.bootstrap.clone();
+    let producer = std::thread::spawn(move || produce(&bootstrap, TOPIC, &msgs, Some(1_000.0)));
+
+    let mut kills = 0;
+    while kills < 6 {
+        // Kill only while events are flowing into this incarnation, at a random moment.
+        wait_until("the restarted daemon to consume", Duration::from_secs(60), || {
+            daemon.status().filter(|st| status_u64(st, "/ingest/consumed") > 0)
+        });
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..1_500)));
+        daemon.kill9();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..700)));
+        daemon.restart();
+    }
+    producer.join().unwrap();
+
+    wait_until("every valid event stored after the last restart", Duration::from_secs(180), || {
+        daemon.status().filter(|st| {
+            status_u64(st, "/store/edges_total") >= valid.len() as u64 && status_u64(st, "/kafka/lag") == 0
+        })
+    });
+    // A little longer: anything beyond the expected count would be a duplicate.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(daemon.terminate().success());
+    assert_exactly(&s.store, &valid);
+}
+
+#[test]
+fn broker_paused_for_20s_mid_stream_loses_nothing() {
+    let _serial = serial();
+    let s = setup();
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+
+    let (msgs, valid): (Vec<Outgoing>, HashSet<Triple>) = (0..12_000).map(|i| valid_event(i, false)).unzip();
+    let bootstrap = s.broker.bootstrap.clone();
+    let producer = std::thread::spawn(move || produce(&bootstrap, TOPIC, &msgs, Some(500.0)));
+
+    wait_until("events flowing", Duration::from_secs(60), || {
+        daemon.status().filter(|st| status_u64(st, "/store/edges_total") > 1_000)
+    });
+    s.broker.pause();
+    std::thread::sleep(Duration::from_secs(20));
+    s.broker.resume();
+    producer.join().unwrap();
+
+    wait_until("every event stored after the pause", Duration::from_secs(180), || {
+        daemon
+            .status()
+            .filter(|st| status_u64(st, "/store/edges_total") >= valid.len() as u64)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(daemon.terminate().success(), "{}", s.broker.log_tail());
+    assert_exactly(&s.store, &valid);
+}
