@@ -268,21 +268,30 @@ fn sigkill_at_random_moments_stores_each_valid_event_exactly_once() {
             valid.insert(t);
         }
     }
+    // Paced so that events keep flowing through every incarnation: after a SIGKILL the group
+    // only rebalances once the dead member's session (6 s here) expires.
     let bootstrap = s.broker.bootstrap.clone();
-    let producer = std::thread::spawn(move || produce(&bootstrap, TOPIC, &msgs, Some(1_000.0)));
+    let producer = std::thread::spawn(move || produce(&bootstrap, TOPIC, &msgs, Some(250.0)));
 
     let mut kills = 0;
-    while kills < 6 {
+    while kills < 8 && !producer.is_finished() {
         // Kill only while events are flowing into this incarnation, at a random moment.
-        wait_until("the restarted daemon to consume", Duration::from_secs(60), || {
-            daemon.status().filter(|st| status_u64(st, "/ingest/consumed") > 0)
+        let consuming = wait_until("the restarted daemon to consume or the stream to end", Duration::from_secs(60), || {
+            if producer.is_finished() {
+                return Some(false);
+            }
+            daemon.status().filter(|st| status_u64(st, "/ingest/consumed") > 0).map(|_| true)
         });
+        if !consuming {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(rng.random_range(0..1_500)));
         daemon.kill9();
         kills += 1;
         std::thread::sleep(Duration::from_millis(rng.random_range(0..700)));
         daemon.restart();
     }
+    assert!(kills >= 5, "only {kills} kills landed while events were flowing");
     producer.join().unwrap();
 
     wait_until("every valid event stored after the last restart", Duration::from_secs(180), || {
