@@ -18,7 +18,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use twhin_stream::config::Config;
-use twhin_stream::schema::{decode_event, DecodeLimits, Event, InvalidReason, NodeKey, RelId, Schema, TypeId};
+use twhin_stream::schema::{
+    decode_event, DecodeLimits, Event, InvalidReason, NodeKey, RelId, Schema, TypeId,
+};
 use twhin_stream::store::{AppendBatch, GraphStore, SourcedEvent, StoreOptions};
 
 /// 2024-11-21T12:00:00Z in ms: event times start here and move forward.
@@ -111,7 +113,12 @@ impl<'s> EventGen<'s> {
     /// `with_event_id`: None = on about half of the events, Some(b) = always / never.
     fn next(&mut self, with_event_id: Option<bool>) -> Spec {
         let pick = self.rng.random_range(0..self.total_weight);
-        let rel = self.rel_table.iter().find(|&&(_, cum)| pick < cum).expect("pick < total").0;
+        let rel = self
+            .rel_table
+            .iter()
+            .find(|&&(_, cum)| pick < cum)
+            .expect("pick < total")
+            .0;
         let relation = self.schema.relation(rel);
         let src_type = relation.src_types[self.rng.random_range(0..relation.src_types.len())];
         let dst_type = relation.dst_types[self.rng.random_range(0..relation.dst_types.len())];
@@ -126,7 +133,10 @@ impl<'s> EventGen<'s> {
         };
         let event_id = if with_event_id.unwrap_or_else(|| self.rng.random_bool(0.5)) {
             self.next_event_id += 1;
-            Some(format!("evt-{:016x}", self.next_event_id ^ 0x5bd1_e995_0000_0000))
+            Some(format!(
+                "evt-{:016x}",
+                self.next_event_id ^ 0x5bd1_e995_0000_0000
+            ))
         } else {
             None
         };
@@ -189,7 +199,11 @@ fn valid_payloads(schema: &Schema, n: usize, seed: u64) -> Vec<Vec<u8>> {
 }
 
 /// Replace about 5% of the payloads with malformed ones; returns the expected reason per index.
-fn corrupt_payloads(schema: &Schema, payloads: &mut [Vec<u8>], seed: u64) -> Vec<Option<InvalidReason>> {
+fn corrupt_payloads(
+    schema: &Schema,
+    payloads: &mut [Vec<u8>],
+    seed: u64,
+) -> Vec<Option<InvalidReason>> {
     // `follows` connects user -> user: a tweet target is a type mismatch.
     assert!(schema.rel_id("follows").is_some() && schema.rel_id("likes").is_none());
     let mut rng = SmallRng::seed_from_u64(seed);
@@ -232,17 +246,26 @@ fn bench_decode(c: &mut Criterion) {
 
     let valid = valid_payloads(&schema, DECODE_EVENTS, 0x7717);
     for p in &valid {
-        decode_event(&schema, &limits, Some(p), 0)
-            .unwrap_or_else(|e| panic!("generated payload {} is invalid: {e}", String::from_utf8_lossy(p)));
+        decode_event(&schema, &limits, Some(p), 0).unwrap_or_else(|e| {
+            panic!(
+                "generated payload {} is invalid: {e}",
+                String::from_utf8_lossy(p)
+            )
+        });
     }
     let mut mixed = valid.clone();
     let expected = corrupt_payloads(&schema, &mut mixed, 0xbad);
     for (p, want) in mixed.iter().zip(&expected) {
-        let got = decode_event(&schema, &limits, Some(p), 0).err().map(|e| e.reason);
+        let got = decode_event(&schema, &limits, Some(p), 0)
+            .err()
+            .map(|e| e.reason);
         assert_eq!(got, *want, "payload {}", String::from_utf8_lossy(p));
     }
     let n_invalid = expected.iter().filter(|e| e.is_some()).count();
-    assert!((300..=700).contains(&n_invalid), "{n_invalid} invalid payloads, expected ~5%");
+    assert!(
+        (300..=700).contains(&n_invalid),
+        "{n_invalid} invalid payloads, expected ~5%"
+    );
 
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(DECODE_EVENTS as u64));
@@ -293,7 +316,9 @@ impl<'s> BatchGen<'s> {
                 event: EventGen::event(spec),
             });
         }
-        let next_offsets = (0..PARTITIONS).map(|p| (p, self.next_offset[p as usize])).collect();
+        let next_offsets = (0..PARTITIONS)
+            .map(|p| (p, self.next_offset[p as usize]))
+            .collect();
         AppendBatch {
             topic: TOPIC.to_owned(),
             events,
@@ -316,18 +341,29 @@ fn bench_store_append(c: &mut Criterion) {
     for (name, size, dedup) in cases {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = StoreOptions {
-            dedup_window_ms: if dedup { StoreOptions::default().dedup_window_ms } else { 0 },
+            dedup_window_ms: if dedup {
+                StoreOptions::default().dedup_window_ms
+            } else {
+                0
+            },
             ..Default::default()
         };
-        let store = GraphStore::open(&dir.path().join("store"), &schema, &opts).expect("open store");
+        let store =
+            GraphStore::open(&dir.path().join("store"), &schema, &opts).expect("open store");
         let mut gen = BatchGen::new(&schema, 0x5eed ^ size as u64, dedup);
 
         group.throughput(Throughput::Elements(size as u64));
         if size >= 10_000 {
             // ~0.1 s or more per call: a fixed, small number of iterations per sample.
-            group.sampling_mode(SamplingMode::Flat).sample_size(10).warm_up_time(Duration::from_secs(2));
+            group
+                .sampling_mode(SamplingMode::Flat)
+                .sample_size(10)
+                .warm_up_time(Duration::from_secs(2));
         } else {
-            group.sampling_mode(SamplingMode::Auto).sample_size(20).warm_up_time(Duration::from_secs(1));
+            group
+                .sampling_mode(SamplingMode::Auto)
+                .sample_size(20)
+                .warm_up_time(Duration::from_secs(1));
         }
         group.measurement_time(Duration::from_secs(5));
         group.bench_function(format!("{name}/{size}"), |b| {

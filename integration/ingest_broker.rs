@@ -47,18 +47,60 @@ fn valid_event(i: usize, with_event_id: bool) -> (Outgoing, Triple) {
 
 /// A malformed event of a kind chosen by `rng`, with the reason the daemon must give.
 fn malformed_event(rng: &mut SmallRng, i: usize) -> (Outgoing, &'static str) {
-    let ok = |src: &str, rel: &str, dst: &str| serde_json::json!({"src": src, "rel": rel, "dst": dst});
+    let ok =
+        |src: &str, rel: &str, dst: &str| serde_json::json!({"src": src, "rel": rel, "dst": dst});
     let (payload, reason): (Option<Vec<u8>>, &str) = match rng.random_range(0..17) {
-        0 => (Some(format!(r#"{{"src":"user:{i}","rel":"follows","#).into_bytes()), "not_json"),
-        1 => (Some(vec![b'{', 0xff, 0xfe, b'}', (i % 200) as u8]), "not_utf8"),
+        0 => (
+            Some(format!(r#"{{"src":"user:{i}","rel":"follows","#).into_bytes()),
+            "not_json",
+        ),
+        1 => (
+            Some(vec![b'{', 0xff, 0xfe, b'}', (i % 200) as u8]),
+            "not_utf8",
+        ),
         2 => (Some(format!("[{i}, 2, 3]").into_bytes()), "not_object"),
-        3 => (Some(format!(r#"{{"src":"user:{i}","rel":"follows"}}"#).into_bytes()), "missing_field"),
-        4 => (Some(ok(&format!("user:{i}"), "likes", "user:1").to_string().into_bytes()), "unknown_relation"),
-        5 => (Some(ok(&format!("robot:{i}"), "follows", "user:1").to_string().into_bytes()), "unknown_node_type"),
-        6 => (Some(ok(&format!("user:{i}"), "follows", "tweet:1").to_string().into_bytes()), "type_mismatch"),
-        7 => (Some(ok("user:", "follows", &format!("user:{i}")).to_string().into_bytes()), "empty_id"),
+        3 => (
+            Some(format!(r#"{{"src":"user:{i}","rel":"follows"}}"#).into_bytes()),
+            "missing_field",
+        ),
+        4 => (
+            Some(
+                ok(&format!("user:{i}"), "likes", "user:1")
+                    .to_string()
+                    .into_bytes(),
+            ),
+            "unknown_relation",
+        ),
+        5 => (
+            Some(
+                ok(&format!("robot:{i}"), "follows", "user:1")
+                    .to_string()
+                    .into_bytes(),
+            ),
+            "unknown_node_type",
+        ),
+        6 => (
+            Some(
+                ok(&format!("user:{i}"), "follows", "tweet:1")
+                    .to_string()
+                    .into_bytes(),
+            ),
+            "type_mismatch",
+        ),
+        7 => (
+            Some(
+                ok("user:", "follows", &format!("user:{i}"))
+                    .to_string()
+                    .into_bytes(),
+            ),
+            "empty_id",
+        ),
         8 => (
-            Some(ok(&format!("user:{i}{}", "x".repeat(300)), "follows", "user:1").to_string().into_bytes()),
+            Some(
+                ok(&format!("user:{i}{}", "x".repeat(300)), "follows", "user:1")
+                    .to_string()
+                    .into_bytes(),
+            ),
             "id_too_long",
         ),
         9 => {
@@ -67,7 +109,10 @@ fn malformed_event(rng: &mut SmallRng, i: usize) -> (Outgoing, &'static str) {
             (Some(j.to_string().into_bytes()), "negative_weight")
         }
         10 => (
-            Some(format!(r#"{{"src":"user:{i}","rel":"follows","dst":"user:3","weight":1e999}}"#).into_bytes()),
+            Some(
+                format!(r#"{{"src":"user:{i}","rel":"follows","dst":"user:3","weight":1e999}}"#)
+                    .into_bytes(),
+            ),
             "non_finite_weight",
         ),
         11 => {
@@ -80,13 +125,23 @@ fn malformed_event(rng: &mut SmallRng, i: usize) -> (Outgoing, &'static str) {
             j["pad"] = serde_json::json!("p".repeat(5000));
             (Some(j.to_string().into_bytes()), "too_large")
         }
-        13 => (Some(ok(&format!("user{i}"), "follows", "user:2").to_string().into_bytes()), "bad_node_ref"),
+        13 => (
+            Some(
+                ok(&format!("user{i}"), "follows", "user:2")
+                    .to_string()
+                    .into_bytes(),
+            ),
+            "bad_node_ref",
+        ),
         14 => {
             let mut j = ok(&format!("user:{i}"), "follows", "user:2");
             j["weight"] = serde_json::json!("heavy");
             (Some(j.to_string().into_bytes()), "wrong_type")
         }
-        15 => (if i % 2 == 0 { None } else { Some(Vec::new()) }, "empty_payload"),
+        15 => (
+            if i % 2 == 0 { None } else { Some(Vec::new()) },
+            "empty_payload",
+        ),
         _ => {
             let mut j = ok(&format!("user:{i}"), "follows", "user:2");
             j["event_id"] = serde_json::json!("");
@@ -120,7 +175,11 @@ fn setup() -> Setup {
     let out = cli(&env, &["topics", "apply"]);
     assert_eq!(out.matches("created").count(), 4, "{out}");
     let again = cli(&env, &["topics", "apply"]);
-    assert_eq!(again.matches("exists").count(), 4, "a second apply reports the topics as existing: {again}");
+    assert_eq!(
+        again.matches("exists").count(),
+        4,
+        "a second apply reports the topics as existing: {again}"
+    );
     Setup {
         log_dir: dir.path().to_owned(),
         _dir: dir,
@@ -163,18 +222,29 @@ fn malformed_events_go_to_the_dlq_with_their_reasons_and_valid_ones_are_stored()
     }
     let n_bad = expected_reason.iter().flatten().count();
     let kinds: HashSet<_> = expected_reason.iter().flatten().collect();
-    assert!(n_bad > 800 && kinds.len() == 17, "{n_bad} malformed of {} kinds", kinds.len());
+    assert!(
+        n_bad > 800 && kinds.len() == 17,
+        "{n_bad} malformed of {} kinds",
+        kinds.len()
+    );
 
     let landed = produce(&s.broker.bootstrap, TOPIC, &msgs, None);
-    let status = wait_until("all 20,000 events consumed", Duration::from_secs(120), || {
-        daemon
-            .status()
-            .filter(|st| status_u64(st, "/ingest/consumed") >= 20_000 && status_u64(st, "/kafka/lag") == 0)
-    });
+    let status = wait_until(
+        "all 20,000 events consumed",
+        Duration::from_secs(120),
+        || {
+            daemon.status().filter(|st| {
+                status_u64(st, "/ingest/consumed") >= 20_000 && status_u64(st, "/kafka/lag") == 0
+            })
+        },
+    );
     assert_eq!(status_u64(&status, "/ingest/consumed"), 20_000);
     assert_eq!(status_u64(&status, "/ingest/invalid"), n_bad as u64);
     assert_eq!(status_u64(&status, "/ingest/appended"), valid.len() as u64);
-    assert_eq!(status_u64(&status, "/store/edges_total"), valid.len() as u64);
+    assert_eq!(
+        status_u64(&status, "/store/edges_total"),
+        valid.len() as u64
+    );
 
     // Metrics count the invalid events by reason.
     let metrics = daemon.metrics();
@@ -188,7 +258,13 @@ fn malformed_events_go_to_the_dlq_with_their_reasons_and_valid_ones_are_stored()
     }
 
     // The DLQ holds exactly the malformed events, unchanged, with reason and source position.
-    let dead = read_all(&s.broker.bootstrap, DLQ, n_bad, Duration::from_secs(60), Duration::from_secs(2));
+    let dead = read_all(
+        &s.broker.bootstrap,
+        DLQ,
+        n_bad,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
     assert_eq!(dead.len(), n_bad, "DLQ record count");
     let mut want: HashMap<(i32, i64), (&Outgoing, &str)> = HashMap::new();
     for ((m, r), pos) in msgs.iter().zip(&expected_reason).zip(&landed) {
@@ -199,10 +275,18 @@ fn malformed_events_go_to_the_dlq_with_their_reasons_and_valid_ones_are_stored()
     for d in &dead {
         assert_eq!(d.header("twhin.source.topic"), Some(TOPIC));
         let pos = (
-            d.header("twhin.source.partition").unwrap().parse::<i32>().unwrap(),
-            d.header("twhin.source.offset").unwrap().parse::<i64>().unwrap(),
+            d.header("twhin.source.partition")
+                .unwrap()
+                .parse::<i32>()
+                .unwrap(),
+            d.header("twhin.source.offset")
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
         );
-        let (orig, reason) = want.remove(&pos).unwrap_or_else(|| panic!("unexpected or repeated DLQ record {pos:?}"));
+        let (orig, reason) = want
+            .remove(&pos)
+            .unwrap_or_else(|| panic!("unexpected or repeated DLQ record {pos:?}"));
         assert_eq!(d.header("twhin.error"), Some(reason), "reason of {pos:?}");
         assert!(!d.header("twhin.error.detail").unwrap_or("").is_empty());
         assert_eq!(d.key.as_deref(), Some(orig.key.as_bytes()), "key unchanged");
@@ -213,14 +297,19 @@ fn malformed_events_go_to_the_dlq_with_their_reasons_and_valid_ones_are_stored()
             "payload unchanged"
         );
     }
-    assert!(want.is_empty(), "{} malformed events never reached the DLQ", want.len());
+    assert!(
+        want.is_empty(),
+        "{} malformed events never reached the DLQ",
+        want.len()
+    );
 
     assert!(daemon.terminate().success(), "SIGTERM exits 0");
     assert_exactly(&s.store, &valid);
 
     // inspect --json reports what was stored and where consumption stopped.
     let env: Vec<(String, String)> = s.env.clone();
-    let inspect: serde_json::Value = serde_json::from_str(&cli(&env, &["inspect", "--json"])).unwrap();
+    let inspect: serde_json::Value =
+        serde_json::from_str(&cli(&env, &["inspect", "--json"])).unwrap();
     assert_eq!(inspect["edges_total"].as_u64(), Some(valid.len() as u64));
     let next_offsets: i64 = inspect["offsets"]
         .as_array()
@@ -229,7 +318,10 @@ fn malformed_events_go_to_the_dlq_with_their_reasons_and_valid_ones_are_stored()
         .filter(|o| o["topic"] == TOPIC)
         .map(|o| o["next_offset"].as_i64().unwrap())
         .sum();
-    assert_eq!(next_offsets, 20_000, "stored offsets cover every consumed event, valid or not");
+    assert_eq!(
+        next_offsets, 20_000,
+        "stored offsets cover every consumed event, valid or not"
+    );
     let users: HashSet<&String> = valid
         .iter()
         .flat_map(|(src, _, dst)| [src, dst])
@@ -238,12 +330,21 @@ fn malformed_events_go_to_the_dlq_with_their_reasons_and_valid_ones_are_stored()
     assert_eq!(inspect["nodes"]["user"].as_u64(), Some(users.len() as u64));
 
     // Replaying the events that carry an event_id is absorbed by the dedup window.
-    let replay: Vec<Outgoing> = (0..2_000).filter(|i| i % 2 == 0 && expected_reason[*i].is_none()).map(|i| msgs[i].clone()).collect();
+    let replay: Vec<Outgoing> = (0..2_000)
+        .filter(|i| i % 2 == 0 && expected_reason[*i].is_none())
+        .map(|i| msgs[i].clone())
+        .collect();
     let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
     produce(&s.broker.bootstrap, TOPIC, &replay, None);
-    let st = wait_until("the replayed events consumed", Duration::from_secs(60), || {
-        daemon.status().filter(|st| status_u64(st, "/ingest/consumed") >= replay.len() as u64)
-    });
+    let st = wait_until(
+        "the replayed events consumed",
+        Duration::from_secs(60),
+        || {
+            daemon
+                .status()
+                .filter(|st| status_u64(st, "/ingest/consumed") >= replay.len() as u64)
+        },
+    );
     assert_eq!(status_u64(&st, "/ingest/duplicates"), replay.len() as u64);
     assert_eq!(status_u64(&st, "/store/edges_total"), valid.len() as u64);
     assert!(daemon.terminate().success());
@@ -276,12 +377,19 @@ fn sigkill_at_random_moments_stores_each_valid_event_exactly_once() {
     let mut kills = 0;
     while kills < 8 && !producer.is_finished() {
         // Kill only while events are flowing into this incarnation, at a random moment.
-        let consuming = wait_until("the restarted daemon to consume or the stream to end", Duration::from_secs(60), || {
-            if producer.is_finished() {
-                return Some(false);
-            }
-            daemon.status().filter(|st| status_u64(st, "/ingest/consumed") > 0).map(|_| true)
-        });
+        let consuming = wait_until(
+            "the restarted daemon to consume or the stream to end",
+            Duration::from_secs(60),
+            || {
+                if producer.is_finished() {
+                    return Some(false);
+                }
+                daemon
+                    .status()
+                    .filter(|st| status_u64(st, "/ingest/consumed") > 0)
+                    .map(|_| true)
+            },
+        );
         if !consuming {
             break;
         }
@@ -291,14 +399,22 @@ fn sigkill_at_random_moments_stores_each_valid_event_exactly_once() {
         std::thread::sleep(Duration::from_millis(rng.random_range(0..700)));
         daemon.restart();
     }
-    assert!(kills >= 5, "only {kills} kills landed while events were flowing");
+    assert!(
+        kills >= 5,
+        "only {kills} kills landed while events were flowing"
+    );
     producer.join().unwrap();
 
-    wait_until("every valid event stored after the last restart", Duration::from_secs(180), || {
-        daemon.status().filter(|st| {
-            status_u64(st, "/store/edges_total") >= valid.len() as u64 && status_u64(st, "/kafka/lag") == 0
-        })
-    });
+    wait_until(
+        "every valid event stored after the last restart",
+        Duration::from_secs(180),
+        || {
+            daemon.status().filter(|st| {
+                status_u64(st, "/store/edges_total") >= valid.len() as u64
+                    && status_u64(st, "/kafka/lag") == 0
+            })
+        },
+    );
     // A little longer: anything beyond the expected count would be a duplicate.
     std::thread::sleep(Duration::from_secs(2));
     assert!(daemon.terminate().success());
@@ -311,23 +427,30 @@ fn broker_paused_for_20s_mid_stream_loses_nothing() {
     let s = setup();
     let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
 
-    let (msgs, valid): (Vec<Outgoing>, HashSet<Triple>) = (0..12_000).map(|i| valid_event(i, false)).unzip();
+    let (msgs, valid): (Vec<Outgoing>, HashSet<Triple>) =
+        (0..12_000).map(|i| valid_event(i, false)).unzip();
     let bootstrap = s.broker.bootstrap.clone();
     let producer = std::thread::spawn(move || produce(&bootstrap, TOPIC, &msgs, Some(500.0)));
 
     wait_until("events flowing", Duration::from_secs(60), || {
-        daemon.status().filter(|st| status_u64(st, "/store/edges_total") > 1_000)
+        daemon
+            .status()
+            .filter(|st| status_u64(st, "/store/edges_total") > 1_000)
     });
     s.broker.pause();
     std::thread::sleep(Duration::from_secs(20));
     s.broker.resume();
     producer.join().unwrap();
 
-    wait_until("every event stored after the pause", Duration::from_secs(180), || {
-        daemon
-            .status()
-            .filter(|st| status_u64(st, "/store/edges_total") >= valid.len() as u64)
-    });
+    wait_until(
+        "every event stored after the pause",
+        Duration::from_secs(180),
+        || {
+            daemon
+                .status()
+                .filter(|st| status_u64(st, "/store/edges_total") >= valid.len() as u64)
+        },
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert!(daemon.terminate().success(), "{}", s.broker.log_tail());
     assert_exactly(&s.store, &valid);

@@ -78,7 +78,8 @@ impl StoreSummary {
 pub fn refresh_store_gauges(store: &GraphStore) {
     metrics::gauge!(m::STORE_EDGES).set(store.edge_count() as f64);
     for (t, name) in store.stored_schema().node_types.iter().enumerate() {
-        metrics::gauge!(m::STORE_NODES, "type" => name.clone()).set(store.node_count(t as u16) as f64);
+        metrics::gauge!(m::STORE_NODES, "type" => name.clone())
+            .set(store.node_count(t as u16) as f64);
     }
 }
 
@@ -86,9 +87,14 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<GraphStore>> {
     let opts = StoreOptions {
         cache_capacity_bytes: cfg.storage.cache_capacity_mb << 20,
         dedup_window_ms: cfg.ingest.dedup_window_secs.saturating_mul(1000),
+        node_cache_entries: cfg.storage.node_cache_entries,
     };
-    let store = GraphStore::open(&cfg.storage.path, &cfg.schema(), &opts)
-        .with_context(|| format!("opening storage.path = {} (is another twhin-stream using it?)", cfg.storage.path.display()))?;
+    let store = GraphStore::open(&cfg.storage.path, &cfg.schema(), &opts).with_context(|| {
+        format!(
+            "opening storage.path = {} (is another twhin-stream using it?)",
+            cfg.storage.path.display()
+        )
+    })?;
     Ok(Arc::new(store))
 }
 
@@ -109,7 +115,8 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
         kafka::require_broker(&cfg)?;
         None
     };
-    let device = crate::device::resolve(&cfg.torch.device, cfg.torch.threads).map_err(anyhow::Error::msg)?;
+    let device =
+        crate::device::resolve(&cfg.torch.device, cfg.torch.threads).map_err(anyhow::Error::msg)?;
     let torch = crate::device::info(device);
     info!(?torch, "libtorch ready");
     let store = open_store(&cfg)?;
@@ -132,7 +139,8 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
         };
         let (exit_tx, exit_rx) = oneshot::channel();
         let ingest = {
-            let (cfg, store, writer, status) = (cfg.clone(), store.clone(), writer.clone(), status.clone());
+            let (cfg, store, writer, status) =
+                (cfg.clone(), store.clone(), writer.clone(), status.clone());
             IngestActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
                 IngestActor::new(cfg, store, writer, status, exit_tx)
             })
@@ -146,7 +154,8 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
             engagements_topic: cfg.kafka.engagements_topic.clone(),
             started: Instant::now(),
         });
-        let (http, addr) = crate::http::start(bind, state).with_context(|| format!("binding http.bind = {bind}"))?;
+        let (http, addr) = crate::http::start(bind, state)
+            .with_context(|| format!("binding http.bind = {bind}"))?;
         info!(%addr, "http listening");
 
         let outcome = tokio::select! {

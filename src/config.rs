@@ -64,6 +64,7 @@ pub struct KafkaConfig {
 pub struct StorageConfig {
     pub path: PathBuf,
     pub cache_capacity_mb: u64,
+    pub node_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,7 +138,10 @@ impl Config {
         let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(path) = file {
             if !path.exists() {
-                return Err(invalid("--config", format!("file {} does not exist", path.display())));
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
             }
             fig = fig.merge(Toml::file(path));
         }
@@ -162,9 +166,16 @@ impl Config {
             }
         }
         if k.engagements_topic == k.dlq_topic {
-            return Err(invalid("kafka.dlq_topic", "must differ from kafka.engagements_topic"));
+            return Err(invalid(
+                "kafka.dlq_topic",
+                "must differ from kafka.engagements_topic",
+            ));
         }
-        for (section, map) in [("common", &k.common), ("consumer", &k.consumer), ("producer", &k.producer)] {
+        for (section, map) in [
+            ("common", &k.common),
+            ("consumer", &k.consumer),
+            ("producer", &k.producer),
+        ] {
             for (prop, value) in flatten_properties(map) {
                 if prop == "bootstrap.servers" || prop == "group.id" {
                     return Err(invalid(
@@ -196,12 +207,22 @@ impl Config {
             "trace" | "debug" | "info" | "warn" | "error"
         ) && tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
         {
-            return Err(invalid("log.level", format!("{:?} is not a level or filter", self.log.level)));
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a level or filter", self.log.level),
+            ));
         }
         match self.torch.device.as_str() {
             "auto" | "cpu" | "cuda" => {}
-            d if d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) => {}
-            d => return Err(invalid("torch.device", format!("{d:?}: expected auto, cpu, cuda or cuda:N"))),
+            d if d
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok()) => {}
+            d => {
+                return Err(invalid(
+                    "torch.device",
+                    format!("{d:?}: expected auto, cpu, cuda or cuda:N"),
+                ))
+            }
         }
         if self.torch.threads < 1 {
             return Err(invalid("torch.threads", "must be at least 1"));
@@ -221,17 +242,22 @@ impl Config {
     }
 
     pub fn http_bind(&self) -> Result<SocketAddr, ConfigError> {
-        self.http
-            .bind
-            .parse()
-            .map_err(|e| invalid("http.bind", format!("{:?} is not host:port: {e}", self.http.bind)))
+        self.http.bind.parse().map_err(|e| {
+            invalid(
+                "http.bind",
+                format!("{:?} is not host:port: {e}", self.http.bind),
+            )
+        })
     }
 
     /// librdkafka properties for a consumer: common, then consumer-specific, then ours.
     pub fn consumer_properties(&self) -> Vec<(String, String)> {
         let mut props = flatten_properties(&self.kafka.common);
         props.extend(flatten_properties(&self.kafka.consumer));
-        props.push(("bootstrap.servers".into(), self.kafka.bootstrap_servers.clone()));
+        props.push((
+            "bootstrap.servers".into(),
+            self.kafka.bootstrap_servers.clone(),
+        ));
         props.push(("group.id".into(), self.kafka.group_id.clone()));
         props
     }
@@ -240,14 +266,20 @@ impl Config {
     pub fn producer_properties(&self) -> Vec<(String, String)> {
         let mut props = flatten_properties(&self.kafka.common);
         props.extend(flatten_properties(&self.kafka.producer));
-        props.push(("bootstrap.servers".into(), self.kafka.bootstrap_servers.clone()));
+        props.push((
+            "bootstrap.servers".into(),
+            self.kafka.bootstrap_servers.clone(),
+        ));
         props
     }
 
     /// librdkafka properties for admin and metadata clients.
     pub fn admin_properties(&self) -> Vec<(String, String)> {
         let mut props = flatten_properties(&self.kafka.common);
-        props.push(("bootstrap.servers".into(), self.kafka.bootstrap_servers.clone()));
+        props.push((
+            "bootstrap.servers".into(),
+            self.kafka.bootstrap_servers.clone(),
+        ));
         props
     }
 }
@@ -348,7 +380,10 @@ mod tests {
         assert_eq!(cfg.storage.path, PathBuf::from("/tmp/x"));
         assert_eq!(cfg.ingest.batch_max_events, 7);
         let props = cfg.consumer_properties();
-        assert!(props.contains(&("session.timeout.ms".into(), "6000".into())), "{props:?}");
+        assert!(
+            props.contains(&("session.timeout.ms".into(), "6000".into())),
+            "{props:?}"
+        );
         assert!(props.contains(&("bootstrap.servers".into(), "127.0.0.1:9999".into())));
     }
 
@@ -361,7 +396,10 @@ mod tests {
         let e = load_with_env(&[("TWHIN_TORCH__DEVICE", "tpu")]).unwrap_err();
         assert!(e.contains("`torch.device`"), "{e}");
         let e = load_with_env(&[("TWHIN_INGEST__MAX_ID_BYTES", "many")]).unwrap_err();
-        assert!(e.contains("`ingest.max_id_bytes`") && e.contains("TWHIN_"), "{e}");
+        assert!(
+            e.contains("`ingest.max_id_bytes`") && e.contains("TWHIN_"),
+            "{e}"
+        );
         let e = load_with_env(&[("TWHIN_KAFKA__CONSUMER__GROUP_ID", "x")]).unwrap_err();
         assert!(e.contains("kafka.consumer.group.id"), "{e}");
     }
@@ -377,7 +415,10 @@ mod tests {
                 Ok(())
             });
             let cfg = out.unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert!(!cfg.schema.node_types.contains(&"advertiser".to_string()), "{name}");
+            assert!(
+                !cfg.schema.node_types.contains(&"advertiser".to_string()),
+                "{name}"
+            );
         }
     }
 }

@@ -24,7 +24,12 @@ pub enum Dataset {
 }
 
 impl Dataset {
-    pub const ALL: [Dataset; 4] = [Dataset::Umls, Dataset::Nations, Dataset::Kinships, Dataset::MovieLens100k];
+    pub const ALL: [Dataset; 4] = [
+        Dataset::Umls,
+        Dataset::Nations,
+        Dataset::Kinships,
+        Dataset::MovieLens100k,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -88,7 +93,11 @@ pub enum DatasetError {
         source: std::io::Error,
     },
     #[error("{path}:{line}: {problem}")]
-    Format { path: PathBuf, line: usize, problem: String },
+    Format {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
 }
 
 /// One event to produce: its key (the source node) and JSON payload.
@@ -154,7 +163,11 @@ pub fn kg_split(dir: &Path, dataset: Dataset, split: &str) -> Result<Vec<Triple>
 }
 
 /// The events of a dataset in replay order. `splits` applies to the knowledge-graph datasets.
-pub fn replay_events(dir: &Path, dataset: Dataset, splits: &[String]) -> Result<Vec<ReplayEvent>, DatasetError> {
+pub fn replay_events(
+    dir: &Path,
+    dataset: Dataset,
+    splits: &[String],
+) -> Result<Vec<ReplayEvent>, DatasetError> {
     match dataset {
         Dataset::MovieLens100k => movielens_events(&dir.join(dataset.folder())),
         kg => {
@@ -218,7 +231,12 @@ fn movielens_events(dir: &Path) -> Result<Vec<ReplayEvent>, DatasetError> {
     for (ts, user, item, rating, line) in ratings {
         out.push(ReplayEvent {
             src: format!("user:{user}"),
-            rel: if rating >= 4.0 { "rated_high" } else { "rated_low" }.into(),
+            rel: if rating >= 4.0 {
+                "rated_high"
+            } else {
+                "rated_low"
+            }
+            .into(),
             dst: format!("movie:{item}"),
             ts: Some(ts),
             event_id: format!("ml-100k:inter:{line}"),
@@ -240,20 +258,35 @@ mod tests {
     fn movielens_puts_the_kg_first_and_ratings_in_time_order() {
         let root = tempfile::tempdir().unwrap();
         let d = root.path().join("ml-100k");
-        write(&d, "ml-100k.link", "item_id:token\tentity_id:token\n7\tm.seven\n");
-        write(&d, "ml-100k.kg", "head_id:token\trelation_id:token\ttail_id:token\nm.seven\tfilm.film.genre\tm.drama\n");
+        write(
+            &d,
+            "ml-100k.link",
+            "item_id:token\tentity_id:token\n7\tm.seven\n",
+        );
+        write(
+            &d,
+            "ml-100k.kg",
+            "head_id:token\trelation_id:token\ttail_id:token\nm.seven\tfilm.film.genre\tm.drama\n",
+        );
         write(
             &d,
             "ml-100k.inter",
             "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t7\t5\t300\n2\t9\t3\t100\n3\t7\t4\t300\n",
         );
         let ev = replay_events(root.path(), Dataset::MovieLens100k, &[]).unwrap();
-        let got: Vec<(&str, &str, &str, Option<u64>)> =
-            ev.iter().map(|e| (e.src.as_str(), e.rel.as_str(), e.dst.as_str(), e.ts)).collect();
+        let got: Vec<(&str, &str, &str, Option<u64>)> = ev
+            .iter()
+            .map(|e| (e.src.as_str(), e.rel.as_str(), e.dst.as_str(), e.ts))
+            .collect();
         assert_eq!(
             got,
             vec![
-                ("movie:7", "film.film.genre", "entity:m.drama", Some(100_000)),
+                (
+                    "movie:7",
+                    "film.film.genre",
+                    "entity:m.drama",
+                    Some(100_000)
+                ),
                 ("user:2", "rated_low", "movie:9", Some(100_000)),
                 ("user:1", "rated_high", "movie:7", Some(300_000)),
                 ("user:3", "rated_high", "movie:7", Some(300_000)),
@@ -270,16 +303,32 @@ mod tests {
     #[test]
     fn kg_splits_replay_in_file_order_and_bad_rows_name_the_line() {
         let root = tempfile::tempdir().unwrap();
-        write(&root.path().join("umls"), "train.txt", "a\tr1\tb\nb\tr2\tc\n");
+        write(
+            &root.path().join("umls"),
+            "train.txt",
+            "a\tr1\tb\nb\tr2\tc\n",
+        );
         write(&root.path().join("umls"), "valid.txt", "a\tr2\tc\n");
-        let ev = replay_events(root.path(), Dataset::Umls, &["train".into(), "valid".into()]).unwrap();
+        let ev = replay_events(
+            root.path(),
+            Dataset::Umls,
+            &["train".into(), "valid".into()],
+        )
+        .unwrap();
         assert_eq!(ev.len(), 3);
-        assert_eq!((ev[2].src.as_str(), ev[2].dst.as_str()), ("concept:a", "concept:c"));
+        assert_eq!(
+            (ev[2].src.as_str(), ev[2].dst.as_str()),
+            ("concept:a", "concept:c")
+        );
         assert!(ev.iter().all(|e| e.ts.is_none()));
         write(&root.path().join("umls"), "test.txt", "a\tr1\n");
-        let err = replay_events(root.path(), Dataset::Umls, &["test".into()]).unwrap_err().to_string();
+        let err = replay_events(root.path(), Dataset::Umls, &["test".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("test.txt:1"), "{err}");
-        let missing = replay_events(root.path(), Dataset::Nations, &["train".into()]).unwrap_err().to_string();
+        let missing = replay_events(root.path(), Dataset::Nations, &["train".into()])
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains(".ci/setup"), "{missing}");
         assert_eq!("ml-100k".parse::<Dataset>(), Ok(Dataset::MovieLens100k));
         assert!("imdb".parse::<Dataset>().is_err());

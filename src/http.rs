@@ -27,7 +27,10 @@ pub struct HttpState {
 }
 
 /// Bind and start the server; returns its handle (stop it at shutdown) and the bound address.
-pub fn start(bind: std::net::SocketAddr, state: Arc<HttpState>) -> std::io::Result<(ServerHandle, std::net::SocketAddr)> {
+pub fn start(
+    bind: std::net::SocketAddr,
+    state: Arc<HttpState>,
+) -> std::io::Result<(ServerHandle, std::net::SocketAddr)> {
     let data = web::Data::from(state);
     let server = HttpServer::new(move || {
         App::new()
@@ -106,7 +109,10 @@ async fn status(state: web::Data<HttpState>) -> impl Responder {
     let i = &state.ingest;
     let store = match crate::app::StoreSummary::read(&state.store) {
         Ok(s) => s,
-        Err(e) => return HttpResponse::InternalServerError().json(BTreeMap::from([("error", e.to_string())])),
+        Err(e) => {
+            return HttpResponse::InternalServerError()
+                .json(BTreeMap::from([("error", e.to_string())]))
+        }
     };
     HttpResponse::Ok().json(Status {
         version: env!("CARGO_PKG_VERSION"),

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use futures::future::join_all;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -79,7 +81,11 @@ pub enum IngestError {
         source: StoreError,
     },
     #[error("assigning {topic} partition {partition} at its stored offset: {problem}")]
-    Assign { topic: String, partition: i32, problem: String },
+    Assign {
+        topic: String,
+        partition: i32,
+        problem: String,
+    },
     #[error("the store writer is gone")]
     WriterGone,
 }
@@ -124,16 +130,24 @@ pub struct IngestContext {
 
 impl ClientContext for IngestContext {
     fn stats(&self, stats: Statistics) {
-        self.status
-            .broker_up
-            .store(stats.brokers.values().any(|b| b.state == "UP"), Ordering::Relaxed);
-        let Some(topic) = stats.topics.get(&self.topic) else { return };
+        self.status.broker_up.store(
+            stats.brokers.values().any(|b| b.state == "UP"),
+            Ordering::Relaxed,
+        );
+        let Some(topic) = stats.topics.get(&self.topic) else {
+            return;
+        };
         let mut total = 0u64;
         for (&p, part) in &topic.partitions {
             if p < 0 || part.hi_offset < 0 {
                 continue;
             }
-            let stored = self.store.stored_offset(&self.topic, p).ok().flatten().unwrap_or(part.lo_offset.max(0));
+            let stored = self
+                .store
+                .stored_offset(&self.topic, p)
+                .ok()
+                .flatten()
+                .unwrap_or(part.lo_offset.max(0));
             let lag = (part.hi_offset - stored).max(0) as u64;
             total += lag;
             metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
@@ -142,7 +156,10 @@ impl ClientContext for IngestContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) {
             self.status.broker_up.store(false, Ordering::Relaxed);
         }
         warn!(%error, reason, "kafka client error");
@@ -150,8 +167,16 @@ impl ClientContext for IngestContext {
 }
 
 impl ConsumerContext for IngestContext {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics::counter!(m::REBALANCES).increment(1);
@@ -164,11 +189,12 @@ impl ConsumerContext for IngestContext {
                         Ok(None) => positions.push((topic, p, Offset::Beginning)),
                         Err(e) => {
                             error!(topic, partition = p, error = %e, "cannot read the stored offset");
-                            *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(IngestError::Assign {
-                                topic,
-                                partition: p,
-                                problem: e.to_string(),
-                            });
+                            *self.failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(IngestError::Assign {
+                                    topic,
+                                    partition: p,
+                                    problem: e.to_string(),
+                                });
                             return;
                         }
                     }
@@ -179,7 +205,9 @@ impl ConsumerContext for IngestContext {
                     }
                 }
                 info!(partitions = ?positions.iter().map(|(_, p, o)| (*p, *o)).collect::<Vec<_>>(), "assigned at stored offsets");
-                self.status.assigned_partitions.fetch_add(positions.len() as u64, Ordering::Relaxed);
+                self.status
+                    .assigned_partitions
+                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -196,10 +224,11 @@ impl ConsumerContext for IngestContext {
                 }
                 info!(partitions = tpl.count(), "partitions revoked");
                 let n = tpl.count() as u64;
-                let _ = self
-                    .status
-                    .assigned_partitions
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+                let _ = self.status.assigned_partitions.fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    |v| Some(v.saturating_sub(n)),
+                );
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -334,13 +363,16 @@ async fn run_consumer(
         status: status.clone(),
         failure: std::sync::Mutex::new(None),
     };
-    let consumer: StreamConsumer<IngestContext> = create_client_with_context(&props, ctx, "consumer")?;
+    let consumer: StreamConsumer<IngestContext> =
+        create_client_with_context(&props, ctx, "consumer")?;
     let consumer = Arc::new(consumer);
     let dlq: FutureProducer = create_client(&cfg.producer_properties(), "DLQ producer")?;
-    consumer.subscribe(&[&topic]).map_err(|source| IngestError::Subscribe {
-        topic: topic.clone(),
-        source,
-    })?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|source| IngestError::Subscribe {
+            topic: topic.clone(),
+            source,
+        })?;
     info!(topic, group = cfg.kafka.group_id, "ingest started");
 
     let schema = cfg.schema();
@@ -352,7 +384,13 @@ async fn run_consumer(
     let mut seen_next: HashMap<i32, i64> = HashMap::new();
 
     let result: Result<(), IngestError> = loop {
-        if let Some(e) = consumer.context().failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(e) = consumer
+            .context()
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             break Err(e);
         }
         let deadline = pending.since.map(|t| t + max_wait);
@@ -379,7 +417,17 @@ async fn run_consumer(
         let full = pending.consumed as usize >= cfg.ingest.batch_max_events;
         let due = pending.since.is_some_and(|t| t.elapsed() >= max_wait);
         if full || due {
-            match write_batch(&cfg, &topic, &dlq, &writer, &status, &mut stop_rx, &mut pending).await {
+            match write_batch(
+                &cfg,
+                &topic,
+                &dlq,
+                &writer,
+                &status,
+                &mut stop_rx,
+                &mut pending,
+            )
+            .await
+            {
                 Ok(true) => commit_mirror(&consumer, &topic, &store),
                 Ok(false) => break Ok(()), // asked to stop while the DLQ was unreachable
                 Err(e) => break Err(e),
@@ -392,13 +440,23 @@ async fn run_consumer(
         let (_, mut never) = watch::channel(false);
         match tokio::time::timeout(
             Duration::from_millis(cfg.ingest.dlq_timeout_ms),
-            write_batch(&cfg, &topic, &dlq, &writer, &status, &mut never, &mut pending),
+            write_batch(
+                &cfg,
+                &topic,
+                &dlq,
+                &writer,
+                &status,
+                &mut never,
+                &mut pending,
+            ),
         )
         .await
         {
             Ok(Ok(_)) => commit_mirror(&consumer, &topic, &store),
             Ok(Err(e)) => return Err(e),
-            Err(_) => warn!("pending batch not written at shutdown (DLQ unreachable); it will be re-consumed"),
+            Err(_) => warn!(
+                "pending batch not written at shutdown (DLQ unreachable); it will be re-consumed"
+            ),
         }
     }
     close_consumer(consumer).await;
@@ -414,15 +472,32 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Decode one message into the pending batch.
-fn accept(schema: &Schema, limits: &DecodeLimits, msg: &BorrowedMessage<'_>, pending: &mut Pending) {
+fn accept(
+    schema: &Schema,
+    limits: &DecodeLimits,
+    msg: &BorrowedMessage<'_>,
+    pending: &mut Pending,
+) {
     metrics::counter!(m::EVENTS_CONSUMED).increment(1);
     let (p, offset) = (msg.partition(), msg.offset());
-    let kafka_ts = msg.timestamp().to_millis().filter(|&t| t >= 0).map(|t| t as u64);
-    match decode_event(schema, limits, msg.payload(), kafka_ts.unwrap_or_else(now_ms)) {
+    let kafka_ts = msg
+        .timestamp()
+        .to_millis()
+        .filter(|&t| t >= 0)
+        .map(|t| t as u64);
+    match decode_event(
+        schema,
+        limits,
+        msg.payload(),
+        kafka_ts.unwrap_or_else(now_ms),
+    ) {
         Ok(event) => pending.events.push(SourcedEvent {
             partition: p,
             offset,
@@ -443,7 +518,10 @@ fn accept(schema: &Schema, limits: &DecodeLimits, msg: &BorrowedMessage<'_>, pen
                 (HEADER_SOURCE_OFFSET, off.as_str()),
                 (HEADER_SOURCE_TIMESTAMP, ts.as_str()),
             ] {
-                headers = headers.insert(Header { key, value: Some(value) });
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
             }
             pending.dead.push(DeadLetter {
                 key: msg.key().map(<[u8]>::to_vec),
@@ -514,16 +592,29 @@ async fn write_batch(
     metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(outcome.already_stored);
     status.consumed.fetch_add(consumed, Ordering::Relaxed);
     status.invalid.fetch_add(invalid, Ordering::Relaxed);
-    status.appended.fetch_add(outcome.appended, Ordering::Relaxed);
     status
-        .duplicates
-        .fetch_add(outcome.duplicate_event_ids + outcome.already_stored, Ordering::Relaxed);
+        .appended
+        .fetch_add(outcome.appended, Ordering::Relaxed);
+    status.duplicates.fetch_add(
+        outcome.duplicate_event_ids + outcome.already_stored,
+        Ordering::Relaxed,
+    );
     status.batches.fetch_add(1, Ordering::Relaxed);
-    debug!(consumed, appended = outcome.appended, invalid, ms = started.elapsed().as_millis() as u64, "batch durable");
+    debug!(
+        consumed,
+        appended = outcome.appended,
+        invalid,
+        ms = started.elapsed().as_millis() as u64,
+        "batch durable"
+    );
     Ok(true)
 }
 
-async fn deliver_dead_letters(cfg: &Config, dlq: &FutureProducer, dead: &[DeadLetter]) -> Result<(), KafkaError> {
+async fn deliver_dead_letters(
+    cfg: &Config,
+    dlq: &FutureProducer,
+    dead: &[DeadLetter],
+) -> Result<(), KafkaError> {
     let timeout = Duration::from_millis(cfg.ingest.dlq_timeout_ms);
     let sends = dead.iter().map(|d| {
         let mut record: FutureRecord<'_, [u8], [u8]> =
@@ -567,7 +658,10 @@ async fn close_consumer(consumer: Arc<StreamConsumer<IngestContext>>) {
         drop(consumer);
         let _ = tx.send(());
     });
-    if tokio::time::timeout(Duration::from_secs(10), rx).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .is_err()
+    {
         warn!("consumer did not close within 10 s; continuing shutdown");
     }
 }

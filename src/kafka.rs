@@ -43,14 +43,21 @@ fn client_config(props: &[(String, String)]) -> ClientConfig {
 }
 
 /// Build any rdkafka client from a property list.
-pub fn create_client<T: FromClientConfig>(props: &[(String, String)], what: &'static str) -> Result<T, KafkaSetupError> {
+pub fn create_client<T: FromClientConfig>(
+    props: &[(String, String)],
+    what: &'static str,
+) -> Result<T, KafkaSetupError> {
     client_config(props)
         .create()
         .map_err(|source| KafkaSetupError::Client { what, source })
 }
 
 /// Build an rdkafka client with a custom context.
-pub fn create_client_with_context<C, T>(props: &[(String, String)], ctx: C, what: &'static str) -> Result<T, KafkaSetupError>
+pub fn create_client_with_context<C, T>(
+    props: &[(String, String)],
+    ctx: C,
+    what: &'static str,
+) -> Result<T, KafkaSetupError>
 where
     C: rdkafka::ClientContext,
     T: FromClientConfigAndContext<C>,
@@ -132,11 +139,18 @@ pub enum ApplyOutcome {
 }
 
 /// Create the missing topics; report the ones that exist (their partition count as found).
-pub async fn apply_topics(cfg: &Config, defs: &[TopicDef]) -> Result<Vec<(String, ApplyOutcome)>, KafkaSetupError> {
+pub async fn apply_topics(
+    cfg: &Config,
+    defs: &[TopicDef],
+) -> Result<Vec<(String, ApplyOutcome)>, KafkaSetupError> {
     require_broker(cfg)?;
-    let admin: AdminClient<DefaultClientContext> = create_client(&cfg.admin_properties(), "admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        create_client(&cfg.admin_properties(), "admin client")?;
     let existing = existing_topics(cfg).await?;
-    let missing: Vec<&TopicDef> = defs.iter().filter(|d| !existing.contains_key(&d.name)).collect();
+    let missing: Vec<&TopicDef> = defs
+        .iter()
+        .filter(|d| !existing.contains_key(&d.name))
+        .collect();
     let mut out: Vec<(String, ApplyOutcome)> = defs
         .iter()
         .filter_map(|d| {
@@ -151,7 +165,11 @@ pub async fn apply_topics(cfg: &Config, defs: &[TopicDef]) -> Result<Vec<(String
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|d| {
-            let mut t = NewTopic::new(&d.name, d.spec.partitions, TopicReplication::Fixed(d.spec.replication_factor));
+            let mut t = NewTopic::new(
+                &d.name,
+                d.spec.partitions,
+                TopicReplication::Fixed(d.spec.replication_factor),
+            );
             for (k, v) in &d.spec.config {
                 t = t.set(k, v);
             }

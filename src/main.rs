@@ -14,7 +14,11 @@ use twhin_stream::store::GraphStore;
 use twhin_stream::{replay, telemetry};
 
 #[derive(Parser)]
-#[command(name = "twhin-stream", version, about = "Keeps TwHIN graph embeddings fresh from a live Kafka stream")]
+#[command(
+    name = "twhin-stream",
+    version,
+    about = "Keeps TwHIN graph embeddings fresh from a live Kafka stream"
+)]
 struct Cli {
     /// Config file merged over config/default.toml (environment variables TWHIN_* win over both).
     #[arg(long, global = true, value_name = "PATH")]
@@ -97,7 +101,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (topic, outcome) in results {
                 match outcome {
                     ApplyOutcome::Created => println!("created {topic}"),
-                    ApplyOutcome::Exists { partitions } => println!("exists  {topic} ({partitions} partitions)"),
+                    ApplyOutcome::Exists { partitions } => {
+                        println!("exists  {topic} ({partitions} partitions)")
+                    }
                 }
             }
             Ok(())
@@ -118,21 +124,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 events.truncate(n);
             }
             let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let summary = block_on(replay::produce(&cfg, dataset.name(), &events, rate, progress))?;
+            let summary = block_on(replay::produce(
+                &cfg,
+                dataset.name(),
+                &events,
+                rate,
+                progress,
+            ))?;
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
                 println!(
                     "replayed {} events of {} to {} in {:.1} s ({:.0} events/s)",
-                    summary.events, summary.dataset, summary.topic, summary.seconds, summary.events_per_sec
+                    summary.events,
+                    summary.dataset,
+                    summary.topic,
+                    summary.seconds,
+                    summary.events_per_sec
                 );
             }
             Ok(())
         }
         Command::Inspect { json, path } => {
             let path = path.unwrap_or(cfg.storage.path.clone());
-            let store = GraphStore::open_existing(&path)
-                .with_context(|| format!("opening {} (is the daemon still running on it?)", path.display()))?;
+            let store = GraphStore::open_existing(&path).with_context(|| {
+                format!(
+                    "opening {} (is the daemon still running on it?)",
+                    path.display()
+                )
+            })?;
             let summary = StoreSummary::read(&store)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -153,7 +173,11 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
 }
 
 fn print_summary(s: &StoreSummary) {
-    println!("store {} ({:.1} MiB)", s.path, s.size_on_disk_bytes as f64 / (1 << 20) as f64);
+    println!(
+        "store {} ({:.1} MiB)",
+        s.path,
+        s.size_on_disk_bytes as f64 / (1 << 20) as f64
+    );
     println!("nodes:");
     for (t, n) in &s.nodes {
         println!("  {t:<24} {n:>10}");

@@ -29,7 +29,13 @@ pub struct ReplaySummary {
 
 /// Produce `events` to the engagements topic; `rate` is events per second (0: as fast as the
 /// broker acknowledges).
-pub async fn produce(cfg: &Config, dataset: &str, events: &[ReplayEvent], rate: u64, progress: bool) -> anyhow::Result<ReplaySummary> {
+pub async fn produce(
+    cfg: &Config,
+    dataset: &str,
+    events: &[ReplayEvent],
+    rate: u64,
+    progress: bool,
+) -> anyhow::Result<ReplaySummary> {
     require_broker(cfg)?;
     let topic = cfg.kafka.engagements_topic.as_str();
     let producer: FutureProducer = create_client(&cfg.producer_properties(), "producer")?;
@@ -39,9 +45,11 @@ pub async fn produce(cfg: &Config, dataset: &str, events: &[ReplayEvent], rate: 
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {human_pos}/{human_len} {per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {human_pos}/{human_len} {per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     bar.set_message(format!("replay {dataset}"));
 
@@ -53,7 +61,9 @@ pub async fn produce(cfg: &Config, dataset: &str, events: &[ReplayEvent], rate: 
             tokio::time::sleep_until(due.into()).await;
         }
         let payload = ev.payload();
-        let mut record = FutureRecord::to(topic).key(ev.src.as_str()).payload(payload.as_str());
+        let mut record = FutureRecord::to(topic)
+            .key(ev.src.as_str())
+            .payload(payload.as_str());
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {

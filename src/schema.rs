@@ -81,10 +81,16 @@ impl Schema {
     pub fn new(cfg: &SchemaConfig) -> Result<Self, SchemaError> {
         let err = |key: String, problem: String| SchemaError { key, problem };
         if cfg.node_types.is_empty() {
-            return Err(err("schema.node_types".into(), "must list at least one node type".into()));
+            return Err(err(
+                "schema.node_types".into(),
+                "must list at least one node type".into(),
+            ));
         }
         if cfg.node_types.len() > TypeId::MAX as usize {
-            return Err(err("schema.node_types".into(), "too many node types".into()));
+            return Err(err(
+                "schema.node_types".into(),
+                "too many node types".into(),
+            ));
         }
         let mut type_ids = HashMap::new();
         for (i, name) in cfg.node_types.iter().enumerate() {
@@ -100,7 +106,10 @@ impl Schema {
             }
         }
         if cfg.relations.is_empty() {
-            return Err(err("schema.relations".into(), "must list at least one relation".into()));
+            return Err(err(
+                "schema.relations".into(),
+                "must list at least one relation".into(),
+            ));
         }
         if cfg.relations.len() > RelId::MAX as usize {
             return Err(err("schema.relations".into(), "too many relations".into()));
@@ -112,22 +121,34 @@ impl Schema {
             if !is_valid_name(&rel.name) {
                 return Err(err(
                     format!("{key}.name"),
-                    format!("{:?} is not a valid relation name (1-64 chars, no whitespace)", rel.name),
+                    format!(
+                        "{:?} is not a valid relation name (1-64 chars, no whitespace)",
+                        rel.name
+                    ),
                 ));
             }
             if rel_ids.insert(rel.name.clone(), i as RelId).is_some() {
-                return Err(err(format!("{key}.name"), format!("relation {:?} is listed twice", rel.name)));
+                return Err(err(
+                    format!("{key}.name"),
+                    format!("relation {:?} is listed twice", rel.name),
+                ));
             }
             let resolve = |side: &str, names: &OneOrMany| -> Result<Vec<TypeId>, SchemaError> {
                 if names.names().is_empty() {
-                    return Err(err(format!("{key}.{side}"), "must name at least one node type".into()));
+                    return Err(err(
+                        format!("{key}.{side}"),
+                        "must name at least one node type".into(),
+                    ));
                 }
                 names
                     .names()
                     .iter()
                     .map(|n| {
                         type_ids.get(n).copied().ok_or_else(|| {
-                            err(format!("{key}.{side}"), format!("unknown node type {n:?} (not in schema.node_types)"))
+                            err(
+                                format!("{key}.{side}"),
+                                format!("unknown node type {n:?} (not in schema.node_types)"),
+                            )
                         })
                     })
                     .collect()
@@ -172,7 +193,9 @@ impl Schema {
 }
 
 fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Limits applied while decoding (from the `ingest` config section).
@@ -327,14 +350,25 @@ pub fn decode_event(
     fallback_ts: u64,
 ) -> Result<Event, InvalidEvent> {
     let bytes = match payload {
-        None => return Err(invalid(InvalidReason::EmptyPayload, "payload is null (tombstone)")),
-        Some(b) if b.is_empty() => return Err(invalid(InvalidReason::EmptyPayload, "payload is empty")),
+        None => {
+            return Err(invalid(
+                InvalidReason::EmptyPayload,
+                "payload is null (tombstone)",
+            ))
+        }
+        Some(b) if b.is_empty() => {
+            return Err(invalid(InvalidReason::EmptyPayload, "payload is empty"))
+        }
         Some(b) => b,
     };
     if bytes.len() > limits.max_event_bytes {
         return Err(invalid(
             InvalidReason::TooLarge,
-            format!("{} bytes > ingest.max_event_bytes = {}", bytes.len(), limits.max_event_bytes),
+            format!(
+                "{} bytes > ingest.max_event_bytes = {}",
+                bytes.len(),
+                limits.max_event_bytes
+            ),
         ));
     }
     let text = std::str::from_utf8(bytes)
@@ -351,11 +385,15 @@ pub fn decode_event(
     let src = node_key(schema, limits, "src", &string_field(src_raw, "src")?)?;
     let dst = node_key(schema, limits, "dst", &string_field(dst_raw, "dst")?)?;
     let rel_name = string_field(rel_raw, "rel")?;
-    let rel = schema
-        .rel_id(&rel_name)
-        .ok_or_else(|| invalid(InvalidReason::UnknownRelation, format!("rel: unknown relation {rel_name:?}")))?;
+    let rel = schema.rel_id(&rel_name).ok_or_else(|| {
+        invalid(
+            InvalidReason::UnknownRelation,
+            format!("rel: unknown relation {rel_name:?}"),
+        )
+    })?;
     let relation = schema.relation(rel);
-    if !relation.src_types.contains(&src.node_type) || !relation.dst_types.contains(&dst.node_type) {
+    if !relation.src_types.contains(&src.node_type) || !relation.dst_types.contains(&dst.node_type)
+    {
         return Err(invalid(
             InvalidReason::TypeMismatch,
             format!(
@@ -373,7 +411,10 @@ pub fn decode_event(
         Some(v) => serde_json::from_str::<u64>(v.get()).map_err(|_| {
             invalid(
                 InvalidReason::BadTimestamp,
-                format!("ts: {} is not a non-negative integer (ms since epoch)", truncate(v.get())),
+                format!(
+                    "ts: {} is not a non-negative integer (ms since epoch)",
+                    truncate(v.get())
+                ),
             )
         })?,
     };
@@ -392,7 +433,11 @@ pub fn decode_event(
             if id.is_empty() || id.len() > limits.max_id_bytes {
                 return Err(invalid(
                     InvalidReason::BadEventId,
-                    format!("event_id must be 1..={} bytes, got {}", limits.max_id_bytes, id.len()),
+                    format!(
+                        "event_id must be 1..={} bytes, got {}",
+                        limits.max_id_bytes,
+                        id.len()
+                    ),
                 ));
             }
             Some(id.into_owned())
@@ -418,7 +463,10 @@ fn classify_json_error(text: &str, e: serde_json::Error) -> InvalidEvent {
             if trimmed.starts_with('{') {
                 invalid(InvalidReason::WrongType, format!("{e}"))
             } else {
-                invalid(InvalidReason::NotObject, "payload is JSON but not an object")
+                invalid(
+                    InvalidReason::NotObject,
+                    "payload is JSON but not an object",
+                )
             }
         }
         _ => invalid(InvalidReason::NotJson, format!("payload is not JSON: {e}")),
@@ -428,13 +476,20 @@ fn classify_json_error(text: &str, e: serde_json::Error) -> InvalidEvent {
 fn required<'a>(v: Option<&'a RawValue>, field: &str) -> Result<&'a RawValue, InvalidEvent> {
     match v {
         Some(v) if v.get() != "null" => Ok(v),
-        _ => Err(invalid(InvalidReason::MissingField, format!("missing field {field:?}"))),
+        _ => Err(invalid(
+            InvalidReason::MissingField,
+            format!("missing field {field:?}"),
+        )),
     }
 }
 
 fn string_field<'a>(v: &'a RawValue, field: &str) -> Result<Cow<'a, str>, InvalidEvent> {
-    serde_json::from_str::<Cow<'a, str>>(v.get())
-        .map_err(|_| invalid(InvalidReason::WrongType, format!("{field}: expected a string, got {}", truncate(v.get()))))
+    serde_json::from_str::<Cow<'a, str>>(v.get()).map_err(|_| {
+        invalid(
+            InvalidReason::WrongType,
+            format!("{field}: expected a string, got {}", truncate(v.get())),
+        )
+    })
 }
 
 fn weight_field(v: &RawValue) -> Result<f32, InvalidEvent> {
@@ -457,17 +512,27 @@ fn weight_field(v: &RawValue) -> Result<f32, InvalidEvent> {
         ));
     }
     if w32 < 0.0 {
-        return Err(invalid(InvalidReason::NegativeWeight, format!("weight: {w32} is negative")));
+        return Err(invalid(
+            InvalidReason::NegativeWeight,
+            format!("weight: {w32} is negative"),
+        ));
     }
     Ok(w32)
 }
 
 fn looks_numeric(s: &str) -> bool {
     let s = s.trim();
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'))
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'))
 }
 
-fn node_key(schema: &Schema, limits: &DecodeLimits, field: &str, value: &str) -> Result<NodeKey, InvalidEvent> {
+fn node_key(
+    schema: &Schema,
+    limits: &DecodeLimits,
+    field: &str,
+    value: &str,
+) -> Result<NodeKey, InvalidEvent> {
     let Some((type_name, id)) = value.split_once(':') else {
         return Err(invalid(
             InvalidReason::BadNodeRef,
@@ -481,12 +546,19 @@ fn node_key(schema: &Schema, limits: &DecodeLimits, field: &str, value: &str) ->
         )
     })?;
     if id.is_empty() {
-        return Err(invalid(InvalidReason::EmptyId, format!("{field}: empty id")));
+        return Err(invalid(
+            InvalidReason::EmptyId,
+            format!("{field}: empty id"),
+        ));
     }
     if id.len() > limits.max_id_bytes {
         return Err(invalid(
             InvalidReason::IdTooLong,
-            format!("{field}: id is {} bytes > ingest.max_id_bytes = {}", id.len(), limits.max_id_bytes),
+            format!(
+                "{field}: id is {} bytes > ingest.max_id_bytes = {}",
+                id.len(),
+                limits.max_id_bytes
+            ),
         ));
     }
     Ok(NodeKey {
@@ -545,8 +617,20 @@ mod tests {
         let e = decode(r#"{"src":"user:42","rel":"favorites","dst":"tweet:9001","ts":1732190000123,"weight":2.5,"event_id":"e1"}"#)
             .unwrap();
         let s = twitter();
-        assert_eq!(e.src, NodeKey { node_type: s.type_id("user").unwrap(), id: "42".into() });
-        assert_eq!(e.dst, NodeKey { node_type: s.type_id("tweet").unwrap(), id: "9001".into() });
+        assert_eq!(
+            e.src,
+            NodeKey {
+                node_type: s.type_id("user").unwrap(),
+                id: "42".into()
+            }
+        );
+        assert_eq!(
+            e.dst,
+            NodeKey {
+                node_type: s.type_id("tweet").unwrap(),
+                id: "9001".into()
+            }
+        );
         assert_eq!(e.rel, s.rel_id("favorites").unwrap());
         assert_eq!(e.ts, 1732190000123);
         assert_eq!(e.weight, 2.5);
@@ -555,57 +639,135 @@ mod tests {
 
     #[test]
     fn defaults_ts_weight_and_keeps_colons_and_escapes_in_ids() {
-        let e = decode(r#"{"src":"user:a:b","rel":"follows","dst":"user:\u00e9t\u00e9","extra":[1]}"#).unwrap();
+        let e =
+            decode(r#"{"src":"user:a:b","rel":"follows","dst":"user:\u00e9t\u00e9","extra":[1]}"#)
+                .unwrap();
         assert_eq!(e.ts, 777);
         assert_eq!(e.weight, 1.0);
         assert_eq!(e.src.id, "a:b");
         assert_eq!(e.dst.id, "été");
         assert_eq!(e.event_id, None);
-        let e = decode(r#"{"src":"ad:1","rel":"mixed","dst":"tweet:2","weight":0,"ts":null}"#).unwrap();
+        let e =
+            decode(r#"{"src":"ad:1","rel":"mixed","dst":"tweet:2","weight":0,"ts":null}"#).unwrap();
         assert_eq!((e.weight, e.ts), (0.0, 777));
     }
 
     #[test]
     fn every_invalid_class_is_named() {
-        let big = format!(r#"{{"src":"user:1","rel":"follows","dst":"user:2","pad":"{}"}}"#, "x".repeat(600));
+        let big = format!(
+            r#"{{"src":"user:1","rel":"follows","dst":"user:2","pad":"{}"}}"#,
+            "x".repeat(600)
+        );
         let cases: Vec<(Vec<u8>, InvalidReason)> = vec![
             (b"".to_vec(), InvalidReason::EmptyPayload),
             (big.into_bytes(), InvalidReason::TooLarge),
             (vec![b'{', 0xff, 0xfe, b'}'], InvalidReason::NotUtf8),
             (b"{not json".to_vec(), InvalidReason::NotJson),
-            (br#"{"src":"user:1","src":"user:2"}"#.to_vec(), InvalidReason::WrongType),
+            (
+                br#"{"src":"user:1","src":"user:2"}"#.to_vec(),
+                InvalidReason::WrongType,
+            ),
             (b"[1,2,3]".to_vec(), InvalidReason::NotObject),
             (b"42".to_vec(), InvalidReason::NotObject),
-            (br#"{"rel":"follows","dst":"user:2"}"#.to_vec(), InvalidReason::MissingField),
-            (br#"{"src":"user:1","rel":"follows","dst":null}"#.to_vec(), InvalidReason::MissingField),
-            (br#"{"src":1,"rel":"follows","dst":"user:2"}"#.to_vec(), InvalidReason::WrongType),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","weight":"1"}"#.to_vec(), InvalidReason::WrongType),
-            (br#"{"src":"user1","rel":"follows","dst":"user:2"}"#.to_vec(), InvalidReason::BadNodeRef),
-            (br#"{"src":"robot:1","rel":"follows","dst":"user:2"}"#.to_vec(), InvalidReason::UnknownNodeType),
-            (br#"{"src":"user:1","rel":"likes","dst":"user:2"}"#.to_vec(), InvalidReason::UnknownRelation),
-            (br#"{"src":"user:1","rel":"follows","dst":"tweet:2"}"#.to_vec(), InvalidReason::TypeMismatch),
-            (br#"{"src":"ad:1","rel":"follows","dst":"user:2"}"#.to_vec(), InvalidReason::TypeMismatch),
-            (br#"{"src":"user:","rel":"follows","dst":"user:2"}"#.to_vec(), InvalidReason::EmptyId),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:01234567890123456"}"#.to_vec(), InvalidReason::IdTooLong),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","weight":1e999}"#.to_vec(), InvalidReason::NonFiniteWeight),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","weight":1e39}"#.to_vec(), InvalidReason::NonFiniteWeight),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","weight":-0.5}"#.to_vec(), InvalidReason::NegativeWeight),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","ts":-1}"#.to_vec(), InvalidReason::BadTimestamp),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","ts":1.5}"#.to_vec(), InvalidReason::BadTimestamp),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","ts":"now"}"#.to_vec(), InvalidReason::BadTimestamp),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","event_id":""}"#.to_vec(), InvalidReason::BadEventId),
-            (br#"{"src":"user:1","rel":"follows","dst":"user:2","event_id":7}"#.to_vec(), InvalidReason::WrongType),
+            (
+                br#"{"rel":"follows","dst":"user:2"}"#.to_vec(),
+                InvalidReason::MissingField,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":null}"#.to_vec(),
+                InvalidReason::MissingField,
+            ),
+            (
+                br#"{"src":1,"rel":"follows","dst":"user:2"}"#.to_vec(),
+                InvalidReason::WrongType,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","weight":"1"}"#.to_vec(),
+                InvalidReason::WrongType,
+            ),
+            (
+                br#"{"src":"user1","rel":"follows","dst":"user:2"}"#.to_vec(),
+                InvalidReason::BadNodeRef,
+            ),
+            (
+                br#"{"src":"robot:1","rel":"follows","dst":"user:2"}"#.to_vec(),
+                InvalidReason::UnknownNodeType,
+            ),
+            (
+                br#"{"src":"user:1","rel":"likes","dst":"user:2"}"#.to_vec(),
+                InvalidReason::UnknownRelation,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"tweet:2"}"#.to_vec(),
+                InvalidReason::TypeMismatch,
+            ),
+            (
+                br#"{"src":"ad:1","rel":"follows","dst":"user:2"}"#.to_vec(),
+                InvalidReason::TypeMismatch,
+            ),
+            (
+                br#"{"src":"user:","rel":"follows","dst":"user:2"}"#.to_vec(),
+                InvalidReason::EmptyId,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:01234567890123456"}"#.to_vec(),
+                InvalidReason::IdTooLong,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","weight":1e999}"#.to_vec(),
+                InvalidReason::NonFiniteWeight,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","weight":1e39}"#.to_vec(),
+                InvalidReason::NonFiniteWeight,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","weight":-0.5}"#.to_vec(),
+                InvalidReason::NegativeWeight,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","ts":-1}"#.to_vec(),
+                InvalidReason::BadTimestamp,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","ts":1.5}"#.to_vec(),
+                InvalidReason::BadTimestamp,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","ts":"now"}"#.to_vec(),
+                InvalidReason::BadTimestamp,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","event_id":""}"#.to_vec(),
+                InvalidReason::BadEventId,
+            ),
+            (
+                br#"{"src":"user:1","rel":"follows","dst":"user:2","event_id":7}"#.to_vec(),
+                InvalidReason::WrongType,
+            ),
         ];
         for (payload, want) in cases {
-            let got = decode_event(&twitter(), &LIMITS, Some(&payload), 0).expect_err(&String::from_utf8_lossy(&payload));
-            assert_eq!(got.reason, want, "payload {:?}: {}", String::from_utf8_lossy(&payload), got.detail);
+            let got = decode_event(&twitter(), &LIMITS, Some(&payload), 0)
+                .expect_err(&String::from_utf8_lossy(&payload));
+            assert_eq!(
+                got.reason,
+                want,
+                "payload {:?}: {}",
+                String::from_utf8_lossy(&payload),
+                got.detail
+            );
             assert!(!got.detail.is_empty());
         }
         assert_eq!(
-            decode_event(&twitter(), &LIMITS, None, 0).unwrap_err().reason,
+            decode_event(&twitter(), &LIMITS, None, 0)
+                .unwrap_err()
+                .reason,
             InvalidReason::EmptyPayload
         );
-        assert_eq!(reason(r#"{"src":"user:1","rel":"follows"}"#), InvalidReason::MissingField);
+        assert_eq!(
+            reason(r#"{"src":"user:1","rel":"follows"}"#),
+            InvalidReason::MissingField
+        );
     }
 
     #[test]

@@ -1,10 +1,15 @@
-//! The durable graph on sled: node interning, the append-only edge log, adjacency, degrees,
+//! The durable graph on sled: node interning, the append-only edge log, adjacency (degrees),
 //! consumer offsets, event-id deduplication and metadata.
 //!
 //! Everything lives in one sled tree under one-byte key prefixes, so that one ingest batch — its
 //! edges *and* the consumer offsets they cover — is a single atomic `apply_batch`, made durable
 //! by one `flush` before [`GraphStore::append`] returns. A crash therefore leaves either the
 //! whole batch with its offsets or neither, which is what makes ingest exactly-once.
+//!
+//! sled pays per key written (several µs each here), so a batch writes as few keys as it can:
+//! its edges as one chunk of the log, and its adjacency as one chunk per (node, relation,
+//! direction) it touches, so a hub that gets k edges in a batch costs one key, not k. Degrees are
+//! counted from the adjacency chunks rather than stored.
 //!
 //! Key layout (all integers big-endian so that key order is numeric order):
 //!
@@ -13,9 +18,8 @@
 //! | `N`    | type u16, external id bytes           | dense index u32           |
 //! | `I`    | type u16, index u32                   | external id bytes         |
 //! | `C`    | type u16                              | node count u32            |
-//! | `E`    | seq u64                               | [`Edge`] (26 bytes)       |
-//! | `A`    | type u16, index u32, rel u16, dir u8, seq u64 | other end: type u16, index u32 |
-//! | `D`    | type u16, index u32, rel u16, dir u8  | degree u32                |
+//! | `E`    | first seq u64 of the chunk            | [`Edge`]s, 26 bytes each  |
+//! | `A`    | type u16, index u32, rel u16, dir u8, first seq u64 | per edge: seq u64, other end type u16, index u32 |
 //! | `R`    | rel u16                               | edge count u64            |
 //! | `O`    | topic bytes, 0x00, partition i32      | next offset i64           |
 //! | `X`    | event id bytes                        | event ts u64              |
@@ -161,7 +165,11 @@ pub struct StoredSchema {
 
 impl StoredSchema {
     fn from_schema(schema: &Schema) -> Self {
-        let names = |ids: &[TypeId]| ids.iter().map(|&t| schema.type_name(t).to_owned()).collect();
+        let names = |ids: &[TypeId]| {
+            ids.iter()
+                .map(|&t| schema.type_name(t).to_owned())
+                .collect()
+        };
         StoredSchema {
             node_types: schema.node_types().to_vec(),
             relations: schema
@@ -207,7 +215,9 @@ impl StoredSchema {
             let Some((n, s, d)) = new.relations.get(i) else {
                 return Err((
                     "schema.relations".into(),
-                    format!("the store holds relation {name:?} at position {i}; the config drops it"),
+                    format!(
+                        "the store holds relation {name:?} at position {i}; the config drops it"
+                    ),
                 ));
             };
             if n != name {
@@ -244,8 +254,41 @@ pub struct GraphStore {
     tree: sled::Tree,
     schema: StoredSchema,
     counts: RwLock<Counts>,
-    write_lock: Mutex<()>,
+    /// Held while appending; also holds the writer's node-id cache.
+    writer: Mutex<NodeCache>,
     dedup_window_ms: u64,
+}
+
+/// External id → index of recently seen nodes, per type: interning needs no sled read for them.
+/// Bounded: a type's map is dropped whole when the total passes the capacity.
+struct NodeCache {
+    by_type: Vec<HashMap<Box<str>, u32>>,
+    entries: usize,
+    capacity: usize,
+}
+
+impl NodeCache {
+    fn get(&self, node_type: TypeId, id: &str) -> Option<u32> {
+        self.by_type.get(node_type as usize)?.get(id).copied()
+    }
+
+    fn insert(&mut self, node_type: TypeId, id: &str, index: u32) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.entries >= self.capacity {
+            for m in &mut self.by_type {
+                m.clear();
+            }
+            self.entries = 0;
+        }
+        if self.by_type[node_type as usize]
+            .insert(id.into(), index)
+            .is_none()
+        {
+            self.entries += 1;
+        }
+    }
 }
 
 const META_SCHEMA: &[u8] = b"Mschema";
@@ -261,6 +304,8 @@ pub struct StoreOptions {
     pub cache_capacity_bytes: u64,
     /// Event-id deduplication window in ms; 0 disables.
     pub dedup_window_ms: u64,
+    /// Node ids the writer keeps in memory to skip sled reads while interning; 0 disables.
+    pub node_cache_entries: usize,
 }
 
 impl Default for StoreOptions {
@@ -268,13 +313,18 @@ impl Default for StoreOptions {
         StoreOptions {
             cache_capacity_bytes: 256 << 20,
             dedup_window_ms: 86_400_000,
+            node_cache_entries: 1 << 20,
         }
     }
 }
 
 impl GraphStore {
     /// Open (or create) the store at `path` for `schema`. The schema must extend the stored one.
-    pub fn open(path: &Path, schema: &Schema, opts: &StoreOptions) -> Result<GraphStore, StoreError> {
+    pub fn open(
+        path: &Path,
+        schema: &Schema,
+        opts: &StoreOptions,
+    ) -> Result<GraphStore, StoreError> {
         let wanted = StoredSchema::from_schema(schema);
         Self::open_inner(path, Some(wanted), opts)
     }
@@ -290,7 +340,11 @@ impl GraphStore {
         Self::open_inner(path, None, &StoreOptions::default())
     }
 
-    fn open_inner(path: &Path, wanted: Option<StoredSchema>, opts: &StoreOptions) -> Result<GraphStore, StoreError> {
+    fn open_inner(
+        path: &Path,
+        wanted: Option<StoredSchema>,
+        opts: &StoreOptions,
+    ) -> Result<GraphStore, StoreError> {
         let sled_err = |source| StoreError::Sled {
             path: path.to_owned(),
             source,
@@ -314,11 +368,12 @@ impl GraphStore {
         };
         let schema = match (stored, wanted) {
             (Some(old), Some(new)) => {
-                old.check_extension(&new).map_err(|(key, problem)| StoreError::SchemaMismatch {
-                    path: path.to_owned(),
-                    key,
-                    problem,
-                })?;
+                old.check_extension(&new)
+                    .map_err(|(key, problem)| StoreError::SchemaMismatch {
+                        path: path.to_owned(),
+                        key,
+                        problem,
+                    })?;
                 new
             }
             (None, Some(new)) => new,
@@ -330,9 +385,11 @@ impl GraphStore {
                 })
             }
         };
-        let encoded = bincode::serde::encode_to_vec(&schema, bincode_config()).map_err(|e| StoreError::Corrupt {
-            path: path.to_owned(),
-            what: format!("schema metadata: {e}"),
+        let encoded = bincode::serde::encode_to_vec(&schema, bincode_config()).map_err(|e| {
+            StoreError::Corrupt {
+                path: path.to_owned(),
+                what: format!("schema metadata: {e}"),
+            }
         })?;
         tree.insert(META_SCHEMA, encoded).map_err(sled_err)?;
 
@@ -355,13 +412,18 @@ impl GraphStore {
             }
         }
         db.flush().map_err(sled_err)?;
+        let schema_len = schema.node_types.len();
         Ok(GraphStore {
             path: path.to_owned(),
             db,
             tree,
             schema,
             counts: RwLock::new(counts),
-            write_lock: Mutex::new(()),
+            writer: Mutex::new(NodeCache {
+                by_type: vec![HashMap::new(); schema_len],
+                entries: 0,
+                capacity: opts.node_cache_entries,
+            }),
             dedup_window_ms: opts.dedup_window_ms,
         })
     }
@@ -387,8 +449,12 @@ impl GraphStore {
     /// already stored), as are events whose `event_id` is within the dedup window. The stored
     /// offsets only move forward.
     pub fn append(&self, batch: &AppendBatch) -> Result<AppendOutcome, StoreError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut counts = self.counts.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut cache = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self
+            .counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut out = AppendOutcome {
             first_seq: counts.next_seq,
             ..Default::default()
@@ -399,7 +465,9 @@ impl GraphStore {
         let mut stored_next: HashMap<i32, i64> = HashMap::new();
         let mut new_next: HashMap<i32, i64> = HashMap::new();
         for &(p, _) in &batch.next_offsets {
-            stored_next.entry(p).or_insert(self.stored_offset(&batch.topic, p)?.unwrap_or(-1));
+            stored_next
+                .entry(p)
+                .or_insert(self.stored_offset(&batch.topic, p)?.unwrap_or(-1));
         }
         for e in &batch.events {
             if let std::collections::hash_map::Entry::Vacant(v) = stored_next.entry(e.partition) {
@@ -408,7 +476,9 @@ impl GraphStore {
         }
 
         let mut new_nodes: HashMap<(TypeId, &str), u32> = HashMap::new();
-        let mut degrees: BTreeMap<[u8; 10], u32> = BTreeMap::new();
+        let mut edge_chunk: Vec<u8> = Vec::with_capacity(batch.events.len() * EDGE_BYTES);
+        // (node, rel, dir) → this batch's adjacency entries; BTreeMap so keys go in sorted.
+        let mut adjacency: BTreeMap<(NodeRef, RelId, Direction), Vec<u8>> = BTreeMap::new();
         let mut batch_ids: HashSet<&str> = HashSet::new();
         // Expire old ids first: in a sled batch the last write to a key wins, so an id stored
         // again by this batch must be inserted after its expiry.
@@ -423,7 +493,9 @@ impl GraphStore {
         // batch (a rebalance can redeliver messages that are still pending).
         let mut cursor = stored_next.clone();
         for se in &batch.events {
-            let next = cursor.get_mut(&se.partition).expect("every partition was looked up");
+            let next = cursor
+                .get_mut(&se.partition)
+                .expect("every partition was looked up");
             if se.offset < *next {
                 out.already_stored += 1;
                 continue;
@@ -440,8 +512,22 @@ impl GraphStore {
                     sled_batch.insert(dedup_expiry_key(ev.ts, id), &[]);
                 }
             }
-            let src = self.intern(&mut counts, &mut new_nodes, &mut sled_batch, ev.src.node_type, &ev.src.id)?;
-            let dst = self.intern(&mut counts, &mut new_nodes, &mut sled_batch, ev.dst.node_type, &ev.dst.id)?;
+            let src = self.intern(
+                &mut cache,
+                &mut counts,
+                &mut new_nodes,
+                &mut sled_batch,
+                ev.src.node_type,
+                &ev.src.id,
+            )?;
+            let dst = self.intern(
+                &mut cache,
+                &mut counts,
+                &mut new_nodes,
+                &mut sled_batch,
+                ev.dst.node_type,
+                &ev.dst.id,
+            )?;
             let seq = counts.next_seq;
             counts.next_seq += 1;
             let edge = Edge {
@@ -451,23 +537,22 @@ impl GraphStore {
                 ts: ev.ts,
                 weight: ev.weight,
             };
-            sled_batch.insert(&edge_key(seq)[..], &edge.encode()[..]);
-            sled_batch.insert(&adjacency_key(src, ev.rel, Direction::Out, seq)[..], &node_bytes(dst)[..]);
-            sled_batch.insert(&adjacency_key(dst, ev.rel, Direction::In, seq)[..], &node_bytes(src)[..]);
-            for k in [degree_key(src, ev.rel, Direction::Out), degree_key(dst, ev.rel, Direction::In)] {
-                *degrees.entry(k).or_insert(0) += 1;
+            edge_chunk.extend_from_slice(&edge.encode());
+            for (node, dir, other) in [(src, Direction::Out, dst), (dst, Direction::In, src)] {
+                let entries = adjacency.entry((node, ev.rel, dir)).or_default();
+                entries.extend_from_slice(&seq.to_be_bytes());
+                entries.extend_from_slice(&node_bytes(other));
             }
             counts.relations[ev.rel as usize] += 1;
             out.appended += 1;
         }
         out.new_nodes = new_nodes.len() as u64;
 
-        for (key, add) in degrees {
-            let old = match self.tree.get(key).map_err(|e| self.sled_err(e))? {
-                Some(v) => be_u32(&v).ok_or_else(|| corrupt(&self.path, "degree"))?,
-                None => 0,
-            };
-            sled_batch.insert(&key[..], &old.saturating_add(add).to_be_bytes()[..]);
+        if out.appended > 0 {
+            sled_batch.insert(&edge_key(out.first_seq)[..], edge_chunk);
+        }
+        for ((node, rel, dir), entries) in adjacency {
+            sled_batch.insert(&adjacency_key(node, rel, dir, out.first_seq)[..], entries);
         }
         for e in &batch.events {
             let n = new_next.entry(e.partition).or_insert(-1);
@@ -489,14 +574,21 @@ impl GraphStore {
             }
         }
 
-        self.tree.apply_batch(sled_batch).map_err(|e| self.sled_err(e))?;
+        self.tree
+            .apply_batch(sled_batch)
+            .map_err(|e| self.sled_err(e))?;
         self.db.flush().map_err(|e| self.sled_err(e))?;
         *self.counts.write().unwrap_or_else(|p| p.into_inner()) = counts;
+        // Only now that they are durable may the cache vouch for the new nodes.
+        for ((node_type, id), index) in new_nodes {
+            cache.insert(node_type, id, index);
+        }
         Ok(out)
     }
 
     fn intern<'e>(
         &self,
+        cache: &mut NodeCache,
         counts: &mut Counts,
         new_nodes: &mut HashMap<(TypeId, &'e str), u32>,
         sled_batch: &mut sled::Batch,
@@ -506,13 +598,20 @@ impl GraphStore {
         if let Some(&index) = new_nodes.get(&(node_type, id)) {
             return Ok(NodeRef { node_type, index });
         }
+        if let Some(index) = cache.get(node_type, id) {
+            return Ok(NodeRef { node_type, index });
+        }
         if let Some(index) = self.node_index(node_type, id)? {
+            cache.insert(node_type, id, index);
             return Ok(NodeRef { node_type, index });
         }
         let index = counts.nodes[node_type as usize];
         let next = index.checked_add(1).ok_or_else(|| StoreError::Full {
             path: self.path.clone(),
-            what: format!("node type {} has 2^32 nodes", self.schema.node_types[node_type as usize]),
+            what: format!(
+                "node type {} has 2^32 nodes",
+                self.schema.node_types[node_type as usize]
+            ),
         })?;
         counts.nodes[node_type as usize] = next;
         new_nodes.insert((node_type, id), index);
@@ -524,13 +623,15 @@ impl GraphStore {
     }
 
     fn recently_seen(&self, id: &str, ts: u64) -> Result<bool, StoreError> {
-        Ok(match self.tree.get(dedup_key(id)).map_err(|e| self.sled_err(e))? {
-            Some(v) => {
-                let seen = be_u64(&v).ok_or_else(|| corrupt(&self.path, "dedup entry"))?;
-                ts.saturating_sub(seen) <= self.dedup_window_ms
-            }
-            None => false,
-        })
+        Ok(
+            match self.tree.get(dedup_key(id)).map_err(|e| self.sled_err(e))? {
+                Some(v) => {
+                    let seen = be_u64(&v).ok_or_else(|| corrupt(&self.path, "dedup entry"))?;
+                    ts.saturating_sub(seen) <= self.dedup_window_ms
+                }
+                None => false,
+            },
+        )
     }
 
     /// Forget event ids older than `cutoff` (bounded per batch so a backlog never stalls ingest).
@@ -542,7 +643,11 @@ impl GraphStore {
             let ts = be_u64(&k[1..9]).ok_or_else(|| corrupt(&self.path, "dedup expiry"))?;
             let id = &k[9..];
             // Only drop X if it still points at this (old) occurrence.
-            if let Some(v) = self.tree.get(dedup_key_bytes(id)).map_err(|e| self.sled_err(e))? {
+            if let Some(v) = self
+                .tree
+                .get(dedup_key_bytes(id))
+                .map_err(|e| self.sled_err(e))?
+            {
                 if be_u64(&v) == Some(ts) {
                     sled_batch.remove(dedup_key_bytes(id));
                 }
@@ -554,8 +659,14 @@ impl GraphStore {
 
     /// The next offset to consume for a partition, if any was stored.
     pub fn stored_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        match self.tree.get(offset_key(topic, partition)).map_err(|e| self.sled_err(e))? {
-            Some(v) => Ok(Some(be_u64(&v).ok_or_else(|| corrupt(&self.path, "offset"))? as i64)),
+        match self
+            .tree
+            .get(offset_key(topic, partition))
+            .map_err(|e| self.sled_err(e))?
+        {
+            Some(v) => Ok(Some(
+                be_u64(&v).ok_or_else(|| corrupt(&self.path, "offset"))? as i64,
+            )),
             None => Ok(None),
         }
     }
@@ -566,17 +677,35 @@ impl GraphStore {
         for kv in self.tree.scan_prefix(b"O") {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
             let body = &k[1..];
-            let sep = body.len().checked_sub(5).filter(|&i| body[i] == 0).ok_or_else(|| corrupt(&self.path, "offset key"))?;
+            let sep = body
+                .len()
+                .checked_sub(5)
+                .filter(|&i| body[i] == 0)
+                .ok_or_else(|| corrupt(&self.path, "offset key"))?;
             let topic = String::from_utf8_lossy(&body[..sep]).into_owned();
-            let partition = i32::from_be_bytes(body[sep + 1..].try_into().map_err(|_| corrupt(&self.path, "offset key"))?);
-            out.push((topic, partition, be_u64(&v).ok_or_else(|| corrupt(&self.path, "offset"))? as i64));
+            let partition = i32::from_be_bytes(
+                body[sep + 1..]
+                    .try_into()
+                    .map_err(|_| corrupt(&self.path, "offset key"))?,
+            );
+            out.push((
+                topic,
+                partition,
+                be_u64(&v).ok_or_else(|| corrupt(&self.path, "offset"))? as i64,
+            ));
         }
         Ok(out)
     }
 
     pub fn node_index(&self, node_type: TypeId, id: &str) -> Result<Option<u32>, StoreError> {
-        match self.tree.get(node_key(node_type, id)).map_err(|e| self.sled_err(e))? {
-            Some(v) => Ok(Some(be_u32(&v).ok_or_else(|| corrupt(&self.path, "node index"))?)),
+        match self
+            .tree
+            .get(node_key(node_type, id))
+            .map_err(|e| self.sled_err(e))?
+        {
+            Some(v) => Ok(Some(
+                be_u32(&v).ok_or_else(|| corrupt(&self.path, "node index"))?,
+            )),
             None => Ok(None),
         }
     }
@@ -591,32 +720,75 @@ impl GraphStore {
 
     /// Total number of edges ever appended (also the next sequence number).
     pub fn edge_count(&self) -> u64 {
-        self.counts.read().unwrap_or_else(|p| p.into_inner()).next_seq
+        self.counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_seq
     }
 
     pub fn node_count(&self, node_type: TypeId) -> u32 {
-        self.counts.read().unwrap_or_else(|p| p.into_inner()).nodes.get(node_type as usize).copied().unwrap_or(0)
+        self.counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .nodes
+            .get(node_type as usize)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Edge count per relation id.
     pub fn relation_counts(&self) -> Vec<u64> {
-        self.counts.read().unwrap_or_else(|p| p.into_inner()).relations.clone()
+        self.counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .relations
+            .clone()
+    }
+
+    /// The chunk of the edge log holding `seq`: its first sequence number and its bytes.
+    fn chunk_at(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, StoreError> {
+        let Some(kv) = self.tree.range(edge_key(0)..=edge_key(seq)).next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+        let first = be_u64(&k[1..]).ok_or_else(|| corrupt(&self.path, "edge chunk key"))?;
+        if v.len() % EDGE_BYTES != 0 {
+            return Err(corrupt(&self.path, &format!("edge chunk {first}")));
+        }
+        Ok(Some((first, v)))
     }
 
     pub fn edge(&self, seq: u64) -> Result<Option<Edge>, StoreError> {
-        match self.tree.get(edge_key(seq)).map_err(|e| self.sled_err(e))? {
-            Some(v) => Ok(Some(Edge::decode(&v).ok_or_else(|| corrupt(&self.path, "edge"))?)),
-            None => Ok(None),
-        }
+        let Some((first, chunk)) = self.chunk_at(seq)? else {
+            return Ok(None);
+        };
+        let at = (seq - first) as usize * EDGE_BYTES;
+        Ok(chunk.get(at..at + EDGE_BYTES).and_then(Edge::decode))
     }
 
     /// Up to `limit` edges with sequence numbers from `cursor` on, in order (the trainer's feed).
     pub fn edges_from(&self, cursor: u64, limit: usize) -> Result<Vec<(u64, Edge)>, StoreError> {
         let mut out = Vec::with_capacity(limit.min(1 << 16));
-        for kv in self.tree.range(edge_key(cursor)..edge_key(u64::MAX)).take(limit) {
+        let start = match self.chunk_at(cursor)? {
+            Some((first, _)) => first,
+            None => cursor,
+        };
+        for kv in self.tree.range(edge_key(start)..=edge_key(u64::MAX)) {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-            let seq = be_u64(&k[1..]).ok_or_else(|| corrupt(&self.path, "edge key"))?;
-            out.push((seq, Edge::decode(&v).ok_or_else(|| corrupt(&self.path, "edge"))?));
+            let first = be_u64(&k[1..]).ok_or_else(|| corrupt(&self.path, "edge chunk key"))?;
+            for (i, rec) in v.chunks_exact(EDGE_BYTES).enumerate() {
+                let seq = first + i as u64;
+                if seq < cursor {
+                    continue;
+                }
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                out.push((
+                    seq,
+                    Edge::decode(rec).ok_or_else(|| corrupt(&self.path, "edge"))?,
+                ));
+            }
         }
         Ok(out)
     }
@@ -630,7 +802,8 @@ impl GraphStore {
         (0..n)
             .map(|_| {
                 let seq = rng.random_range(0..total);
-                self.edge(seq)?.ok_or_else(|| corrupt(&self.path, &format!("edge {seq} missing")))
+                self.edge(seq)?
+                    .ok_or_else(|| corrupt(&self.path, &format!("edge {seq} missing")))
             })
             .collect()
     }
@@ -658,58 +831,87 @@ impl GraphStore {
         dir: Option<Direction>,
         limit: usize,
     ) -> Result<Vec<Neighbor>, StoreError> {
+        let mut out = Vec::new();
+        self.scan_adjacency(node, rel, dir, |n| {
+            out.push(n);
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    /// Degree of `node` for one relation and direction.
+    pub fn degree(&self, node: NodeRef, rel: RelId, dir: Direction) -> Result<u32, StoreError> {
+        let mut n = 0u32;
+        self.scan_adjacency(node, Some(rel), Some(dir), |_| {
+            n += 1;
+            true
+        })?;
+        Ok(n)
+    }
+
+    /// Visit adjacency entries in (relation, direction, seq) order until `visit` returns false.
+    fn scan_adjacency(
+        &self,
+        node: NodeRef,
+        rel: Option<RelId>,
+        dir: Option<Direction>,
+        mut visit: impl FnMut(Neighbor) -> bool,
+    ) -> Result<(), StoreError> {
         let mut prefix = Vec::with_capacity(10);
         prefix.push(b'A');
-        prefix.extend_from_slice(&node.node_type.to_be_bytes());
-        prefix.extend_from_slice(&node.index.to_be_bytes());
+        prefix.extend_from_slice(&node_bytes(node));
         if let Some(r) = rel {
             prefix.extend_from_slice(&r.to_be_bytes());
             if let Some(d) = dir {
                 prefix.push(d as u8);
             }
         }
-        let mut out = Vec::new();
         for kv in self.tree.scan_prefix(&prefix) {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-            if k.len() != 18 || v.len() != 6 {
-                return Err(corrupt(&self.path, "adjacency entry"));
+            if k.len() != 18 || v.len() % ADJACENCY_ENTRY_BYTES != 0 {
+                return Err(corrupt(&self.path, "adjacency chunk"));
             }
-            let d = if k[9] == 0 { Direction::Out } else { Direction::In };
+            let d = if k[9] == 0 {
+                Direction::Out
+            } else {
+                Direction::In
+            };
             if dir.is_some_and(|want| want != d) {
                 continue;
             }
-            out.push(Neighbor {
-                node: NodeRef {
-                    node_type: u16::from_be_bytes([v[0], v[1]]),
-                    index: u32::from_be_bytes([v[2], v[3], v[4], v[5]]),
-                },
-                rel: u16::from_be_bytes([k[7], k[8]]),
-                dir: d,
-                seq: u64::from_be_bytes(k[10..18].try_into().expect("length checked")),
-            });
-            if out.len() >= limit {
-                break;
+            let rel = u16::from_be_bytes([k[7], k[8]]);
+            for e in v.chunks_exact(ADJACENCY_ENTRY_BYTES) {
+                let n = Neighbor {
+                    node: NodeRef {
+                        node_type: u16::from_be_bytes([e[8], e[9]]),
+                        index: u32::from_be_bytes([e[10], e[11], e[12], e[13]]),
+                    },
+                    rel,
+                    dir: d,
+                    seq: u64::from_be_bytes(e[0..8].try_into().expect("chunks_exact")),
+                };
+                if !visit(n) {
+                    return Ok(());
+                }
             }
         }
-        Ok(out)
-    }
-
-    /// Degree of `node` for one relation and direction.
-    pub fn degree(&self, node: NodeRef, rel: RelId, dir: Direction) -> Result<u32, StoreError> {
-        match self.tree.get(degree_key(node, rel, dir)).map_err(|e| self.sled_err(e))? {
-            Some(v) => Ok(be_u32(&v).ok_or_else(|| corrupt(&self.path, "degree"))?),
-            None => Ok(0),
-        }
+        Ok(())
     }
 
     /// Read a metadata value (e.g. the trainer cursor).
     pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(meta_key(name)).map_err(|e| self.sled_err(e))?.map(|v| v.to_vec()))
+        Ok(self
+            .tree
+            .get(meta_key(name))
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec()))
     }
 
     /// Write a metadata value durably.
     pub fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.tree.insert(meta_key(name), value).map_err(|e| self.sled_err(e))?;
+        self.tree
+            .insert(meta_key(name), value)
+            .map_err(|e| self.sled_err(e))?;
         self.db.flush().map_err(|e| self.sled_err(e))?;
         Ok(())
     }
@@ -778,22 +980,16 @@ fn edge_key(seq: u64) -> [u8; 9] {
     k
 }
 
-fn adjacency_key(node: NodeRef, rel: RelId, dir: Direction, seq: u64) -> [u8; 18] {
+/// Bytes of one adjacency entry: seq u64, other end type u16 and index u32.
+const ADJACENCY_ENTRY_BYTES: usize = 14;
+
+fn adjacency_key(node: NodeRef, rel: RelId, dir: Direction, first_seq: u64) -> [u8; 18] {
     let mut k = [0u8; 18];
     k[0] = b'A';
     k[1..7].copy_from_slice(&node_bytes(node));
     k[7..9].copy_from_slice(&rel.to_be_bytes());
     k[9] = dir as u8;
-    k[10..18].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn degree_key(node: NodeRef, rel: RelId, dir: Direction) -> [u8; 10] {
-    let mut k = [0u8; 10];
-    k[0] = b'D';
-    k[1..7].copy_from_slice(&node_bytes(node));
-    k[7..9].copy_from_slice(&rel.to_be_bytes());
-    k[9] = dir as u8;
+    k[10..18].copy_from_slice(&first_seq.to_be_bytes());
     k
 }
 
@@ -903,30 +1099,70 @@ mod tests {
         assert_eq!(s.node_index(0, "b").unwrap(), Some(1));
         assert_eq!(s.node_index(0, "c").unwrap(), Some(2));
         assert_eq!(s.node_index(1, "x").unwrap(), Some(0));
-        assert_eq!(s.node_id(NodeRef { node_type: 0, index: 2 }).unwrap().as_deref(), Some("c"));
-        assert_eq!((s.node_count(0), s.node_count(1), s.edge_count()), (3, 1, 3));
+        assert_eq!(
+            s.node_id(NodeRef {
+                node_type: 0,
+                index: 2
+            })
+            .unwrap()
+            .as_deref(),
+            Some("c")
+        );
+        assert_eq!(
+            (s.node_count(0), s.node_count(1), s.edge_count()),
+            (3, 1, 3)
+        );
         assert_eq!(s.relation_counts(), vec![1, 2]);
         let edges = s.edges_from(1, 10).unwrap();
-        assert_eq!(edges.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            edges.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         assert_eq!(edges[1].1.ts, 12);
-        assert_eq!(edges[1].1.src, NodeRef { node_type: 0, index: 2 });
+        assert_eq!(
+            edges[1].1.src,
+            NodeRef {
+                node_type: 0,
+                index: 2
+            }
+        );
 
-        let tweet = NodeRef { node_type: 1, index: 0 };
-        let fans = s.neighbors(tweet, Some(1), Some(Direction::In), 10).unwrap();
-        assert_eq!(fans.iter().map(|n| n.node.index).collect::<Vec<_>>(), vec![0, 2]);
+        let tweet = NodeRef {
+            node_type: 1,
+            index: 0,
+        };
+        let fans = s
+            .neighbors(tweet, Some(1), Some(Direction::In), 10)
+            .unwrap();
+        assert_eq!(
+            fans.iter().map(|n| n.node.index).collect::<Vec<_>>(),
+            vec![0, 2]
+        );
         assert_eq!(s.degree(tweet, 1, Direction::In).unwrap(), 2);
-        let a = NodeRef { node_type: 0, index: 0 };
+        let a = NodeRef {
+            node_type: 0,
+            index: 0,
+        };
         let all = s.neighbors(a, None, None, 10).unwrap();
         assert_eq!(all.len(), 2);
-        assert_eq!(s.neighbors(a, Some(0), Some(Direction::In), 10).unwrap().len(), 0);
-        assert_eq!(s.offsets().unwrap(), vec![("t".to_string(), 0, 2), ("t".to_string(), 1, 1)]);
+        assert_eq!(
+            s.neighbors(a, Some(0), Some(Direction::In), 10)
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            s.offsets().unwrap(),
+            vec![("t".to_string(), 0, 2), ("t".to_string(), 1, 1)]
+        );
     }
 
     #[test]
     fn redelivered_offsets_are_skipped_and_offsets_only_move_forward() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
-        s.append(&batch(vec![(0, 5, ev("user:a", 0, "user:b", 1, None))])).unwrap();
+        s.append(&batch(vec![(0, 5, ev("user:a", 0, "user:b", 1, None))]))
+            .unwrap();
         // Offsets 3..=5 were already consumed (5 stored; 3 and 4 were invalid events).
         let mut b = batch(vec![
             (0, 5, ev("user:a", 0, "user:b", 1, None)),
@@ -942,6 +1178,25 @@ mod tests {
         s.append(&back).unwrap();
         assert_eq!(s.stored_offset("t", 0).unwrap(), Some(9));
         assert_eq!(s.edge_count(), 2);
+    }
+
+    #[test]
+    fn a_rebalance_redelivery_inside_one_batch_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        // Offsets 0..=2 consumed, then the partition is re-assigned at stored offset 0 and the
+        // same messages arrive again before the batch is written.
+        let b = batch(vec![
+            (0, 0, ev("user:a", 0, "user:b", 1, None)),
+            (0, 1, ev("user:b", 0, "user:c", 2, None)),
+            (0, 0, ev("user:a", 0, "user:b", 1, None)),
+            (0, 1, ev("user:b", 0, "user:c", 2, None)),
+            (0, 2, ev("user:c", 0, "user:a", 3, None)),
+        ]);
+        let out = s.append(&b).unwrap();
+        assert_eq!((out.appended, out.already_stored), (3, 2));
+        assert_eq!(s.edge_count(), 3);
+        assert_eq!(s.stored_offset("t", 0).unwrap(), Some(3));
     }
 
     #[test]
@@ -964,12 +1219,28 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!((out.appended, out.duplicate_event_ids), (2, 1));
-        let out = s.append(&batch(vec![(0, 3, ev("user:a", 0, "user:b", 900, Some("e1")))])).unwrap();
+        let out = s
+            .append(&batch(vec![(
+                0,
+                3,
+                ev("user:a", 0, "user:b", 900, Some("e1")),
+            )]))
+            .unwrap();
         assert_eq!(out.duplicate_event_ids, 1);
         // 2000 ms later e1 is outside the window: stored again, and old ids are expired.
-        let out = s.append(&batch(vec![(0, 4, ev("user:a", 0, "user:b", 2100, Some("e1")))])).unwrap();
+        let out = s
+            .append(&batch(vec![(
+                0,
+                4,
+                ev("user:a", 0, "user:b", 2100, Some("e1")),
+            )]))
+            .unwrap();
         assert_eq!(out.appended, 1);
-        assert_eq!(s.tree.scan_prefix(b"X").count(), 1, "e2 expired, e1 re-stored");
+        assert_eq!(
+            s.tree.scan_prefix(b"X").count(),
+            1,
+            "e2 expired, e1 re-stored"
+        );
         assert_eq!(s.tree.scan_prefix(b"Y").count(), 1);
         assert_eq!(s.edge_count(), 3);
     }
@@ -991,9 +1262,17 @@ mod tests {
         assert_eq!(s.node_count(0), 2);
         assert_eq!(s.relation_counts(), vec![1, 1]);
         assert_eq!(s.stored_offset("t", 0).unwrap(), Some(3));
-        let out = s.append(&batch(vec![(0, 3, ev("user:a", 0, "user:c", 3, Some("x")))])).unwrap();
+        let out = s
+            .append(&batch(vec![(
+                0,
+                3,
+                ev("user:a", 0, "user:c", 3, Some("x")),
+            )]))
+            .unwrap();
         assert_eq!(out.duplicate_event_ids, 1);
-        let out = s.append(&batch(vec![(0, 4, ev("user:b", 0, "user:c", 3, None))])).unwrap();
+        let out = s
+            .append(&batch(vec![(0, 4, ev("user:b", 0, "user:c", 3, None))]))
+            .unwrap();
         assert_eq!((out.first_seq, out.new_nodes), (2, 1));
         assert_eq!(s.node_index(0, "c").unwrap(), Some(2));
         drop(s);
@@ -1016,16 +1295,27 @@ mod tests {
             ]"#,
         )
         .unwrap();
-        drop(GraphStore::open(dir.path(), &Schema::new(&grown).unwrap(), &StoreOptions::default()).unwrap());
+        drop(
+            GraphStore::open(
+                dir.path(),
+                &Schema::new(&grown).unwrap(),
+                &StoreOptions::default(),
+            )
+            .unwrap(),
+        );
         let swapped: SchemaConfig = toml::from_str(
             r#"
             node_types = ["tweet", "user", "ad"]
             relations = [{ name = "follows", src = "user", dst = "user" }]"#,
         )
         .unwrap();
-        let err = GraphStore::open(dir.path(), &Schema::new(&swapped).unwrap(), &StoreOptions::default())
-            .err()
-            .expect("reordered types must be refused");
+        let err = GraphStore::open(
+            dir.path(),
+            &Schema::new(&swapped).unwrap(),
+            &StoreOptions::default(),
+        )
+        .err()
+        .expect("reordered types must be refused");
         match err {
             StoreError::SchemaMismatch { key, .. } => assert_eq!(key, "schema.node_types[0]"),
             other => panic!("{other}"),
@@ -1037,7 +1327,21 @@ mod tests {
         use rand::SeedableRng;
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
-        let events = (0..50).map(|i| (0, i as i64, ev(&format!("user:{i}"), 1, &format!("tweet:{}", i % 7), i, None))).collect();
+        let events = (0..50)
+            .map(|i| {
+                (
+                    0,
+                    i as i64,
+                    ev(
+                        &format!("user:{i}"),
+                        1,
+                        &format!("tweet:{}", i % 7),
+                        i,
+                        None,
+                    ),
+                )
+            })
+            .collect();
         s.append(&batch(events)).unwrap();
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
         let edges = s.sample_edges(&mut rng, 200).unwrap();
@@ -1046,6 +1350,10 @@ mod tests {
         let nodes = s.sample_nodes(&mut rng, 1, 100);
         assert!(nodes.iter().all(|n| n.index < 7));
         let distinct: HashSet<u32> = nodes.iter().map(|n| n.index).collect();
-        assert_eq!(distinct.len(), 7, "uniform sampling over 100 draws reaches all 7 tweets");
+        assert_eq!(
+            distinct.len(),
+            7,
+            "uniform sampling over 100 draws reaches all 7 tweets"
+        );
     }
 }

@@ -55,12 +55,16 @@ pub fn init_metrics() -> PrometheusHandle {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(BATCH_SECONDS.into()),
-            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
         )
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full(BATCH_EVENTS.into()),
-                &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0],
+                &[
+                    1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
+                ],
             )
         })
         .expect("static bucket lists are non-empty");
@@ -77,16 +81,32 @@ pub fn init_metrics() -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_CONSUMED, "Events read from the engagements topic");
-    describe_counter!(EVENTS_INVALID, "Invalid events sent to the dead-letter topic, by reason");
-    describe_counter!(DLQ_PRODUCED, "Invalid events acknowledged by the dead-letter topic");
+    describe_counter!(
+        EVENTS_INVALID,
+        "Invalid events sent to the dead-letter topic, by reason"
+    );
+    describe_counter!(
+        DLQ_PRODUCED,
+        "Invalid events acknowledged by the dead-letter topic"
+    );
     describe_counter!(EDGES_APPENDED, "Edges durably appended to the graph store");
     describe_counter!(DUPLICATES, "Events not stored again, by kind");
     describe_counter!(NODES_CREATED, "Nodes created in the graph store");
-    describe_histogram!(BATCH_SECONDS, Unit::Seconds, "Time to make one ingest batch durable");
+    describe_histogram!(
+        BATCH_SECONDS,
+        Unit::Seconds,
+        "Time to make one ingest batch durable"
+    );
     describe_histogram!(BATCH_EVENTS, Unit::Count, "Events per ingest batch");
-    describe_gauge!(CONSUMER_LAG, "Messages between the stored offset and the high watermark");
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Messages between the stored offset and the high watermark"
+    );
     describe_counter!(REBALANCES, "Partition assignments received");
-    describe_counter!(BATCH_RETRIES, "Failed attempts to make a batch durable (retried)");
+    describe_counter!(
+        BATCH_RETRIES,
+        "Failed attempts to make a batch durable (retried)"
+    );
     describe_gauge!(STORE_EDGES, "Edges in the graph store");
     describe_gauge!(STORE_NODES, "Nodes in the graph store, by type");
 }

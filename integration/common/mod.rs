@@ -32,7 +32,11 @@ pub fn repo_root() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -49,7 +53,11 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 }
 
 fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(ok.success(), "kill -{sig} {pid} failed");
 }
 
@@ -80,17 +88,29 @@ impl Broker {
         let url = format!("tcp://127.0.0.1:{port}");
         let log = dir.join("tansu.log");
         let child = Command::new(&bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::options().append(true).open(&log).unwrap(),
+            ))
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let bootstrap = format!("127.0.0.1:{port}");
         wait_until("the broker to listen", Duration::from_secs(20), || {
             TcpStream::connect(&bootstrap).ok()
         });
-        Broker { child, bootstrap, log }
+        Broker {
+            child,
+            bootstrap,
+            log,
+        }
     }
 
     pub fn pause(&self) {
@@ -128,10 +148,19 @@ pub fn daemon_env(bootstrap: &str, store: &Path, http_port: u16) -> Vec<(String,
         ("TWHIN_KAFKA__BOOTSTRAP_SERVERS".into(), bootstrap.into()),
         ("TWHIN_STORAGE__PATH".into(), store.display().to_string()),
         ("TWHIN_HTTP__BIND".into(), format!("127.0.0.1:{http_port}")),
-        ("TWHIN_KAFKA__CONSUMER__SESSION_TIMEOUT_MS".into(), "6000".into()),
-        ("TWHIN_KAFKA__CONSUMER__STATISTICS_INTERVAL_MS".into(), "1000".into()),
+        (
+            "TWHIN_KAFKA__CONSUMER__SESSION_TIMEOUT_MS".into(),
+            "6000".into(),
+        ),
+        (
+            "TWHIN_KAFKA__CONSUMER__STATISTICS_INTERVAL_MS".into(),
+            "1000".into(),
+        ),
         ("TWHIN_INGEST__BATCH_MAX_WAIT_MS".into(), "100".into()),
-        ("TWHIN_LOG__LEVEL".into(), "info,librdkafka=warn,rdkafka=warn".into()),
+        (
+            "TWHIN_LOG__LEVEL".into(),
+            "info,librdkafka=warn,rdkafka=warn".into(),
+        ),
     ]
 }
 
@@ -176,7 +205,11 @@ impl Daemon {
 
     fn spawn(&mut self) {
         self.starts += 1;
-        let mut log = std::fs::File::options().create(true).append(true).open(&self.log).unwrap();
+        let mut log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         writeln!(log, "===== start {} =====", self.starts).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
             .current_dir(repo_root())
@@ -267,7 +300,10 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
 
 /// Read a number from the status document by JSON pointer.
 pub fn status_u64(status: &serde_json::Value, pointer: &str) -> u64 {
-    status.pointer(pointer).and_then(|v| v.as_u64()).unwrap_or(0)
+    status
+        .pointer(pointer)
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
 }
 
 /// One message to produce: key and raw payload (None = tombstone).
@@ -282,8 +318,16 @@ pub type Landed = (i32, i64);
 
 /// Produce messages with an idempotent producer, optionally paced, returning each one's
 /// partition and offset (in input order).
-pub fn produce(bootstrap: &str, topic: &str, msgs: &[Outgoing], per_sec: Option<f64>) -> Vec<Landed> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+pub fn produce(
+    bootstrap: &str,
+    topic: &str,
+    msgs: &[Outgoing],
+    per_sec: Option<f64>,
+) -> Vec<Landed> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
@@ -318,7 +362,10 @@ pub fn produce(bootstrap: &str, topic: &str, msgs: &[Outgoing], per_sec: Option<
         }
         let mut landed = Vec::with_capacity(pending.len());
         for f in pending {
-            let d = f.await.unwrap().unwrap_or_else(|(e, _)| panic!("produce failed: {e}"));
+            let d = f
+                .await
+                .unwrap()
+                .unwrap_or_else(|(e, _)| panic!("produce failed: {e}"));
             landed.push((d.partition, d.offset));
         }
         landed
@@ -335,13 +382,22 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn header(&self, k: &str) -> Option<&str> {
-        self.headers.iter().find(|(hk, _)| hk == k).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(hk, _)| hk == k)
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// Read every record of partition 0 of `topic` from the beginning until `expected` arrived and
 /// nothing more came for `settle`.
-pub fn read_all(bootstrap: &str, topic: &str, expected: usize, timeout: Duration, settle: Duration) -> Vec<DeadLetter> {
+pub fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<DeadLetter> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "integration-reader")
@@ -349,7 +405,8 @@ pub fn read_all(bootstrap: &str, topic: &str, expected: usize, timeout: Duration
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
     consumer.assign(&tpl).unwrap();
     let start = Instant::now();
     let mut last = Instant::now();
@@ -361,7 +418,13 @@ pub fn read_all(bootstrap: &str, topic: &str, expected: usize, timeout: Duration
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|x| (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                            .map(|x| {
+                                (
+                                    x.key.to_owned(),
+                                    String::from_utf8_lossy(x.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -388,13 +451,21 @@ pub fn stored_triples(store: &Path) -> (std::collections::HashSet<(String, Strin
         format!(
             "{}:{}",
             schema.node_types[n.node_type as usize],
-            s.node_id(n).unwrap().expect("every node has a reverse entry")
+            s.node_id(n)
+                .unwrap()
+                .expect("every node has a reverse entry")
         )
     };
     let edges = s.edges_from(0, usize::MAX).unwrap();
     let triples = edges
         .iter()
-        .map(|(_, e)| (name(e.src), schema.relations[e.rel as usize].0.clone(), name(e.dst)))
+        .map(|(_, e)| {
+            (
+                name(e.src),
+                schema.relations[e.rel as usize].0.clone(),
+                name(e.dst),
+            )
+        })
         .collect();
     (triples, s.edge_count())
 }
