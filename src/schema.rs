@@ -356,9 +356,7 @@ pub fn decode_event(
                 "payload is null (tombstone)",
             ))
         }
-        Some(b) if b.is_empty() => {
-            return Err(invalid(InvalidReason::EmptyPayload, "payload is empty"))
-        }
+        Some([]) => return Err(invalid(InvalidReason::EmptyPayload, "payload is empty")),
         Some(b) => b,
     };
     if bytes.len() > limits.max_event_bytes {
