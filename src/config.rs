@@ -33,6 +33,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub torch: TorchConfig,
+    pub train: crate::train::TrainParams,
     pub datasets: DatasetsConfig,
 }
 
@@ -226,6 +227,20 @@ impl Config {
         }
         if self.torch.threads < 1 {
             return Err(invalid("torch.threads", "must be at least 1"));
+        }
+        let t = &self.train;
+        positive("train.dim", t.dim.max(0) as u64)?;
+        positive("train.batch_size", t.batch_size as u64)?;
+        for (key, v) in [("train.lr", t.lr), ("train.relation_lr", t.relation_lr)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(key, "must be a positive number"));
+            }
+        }
+        if !(t.init_scale.is_finite() && t.init_scale >= 0.0) {
+            return Err(invalid("train.init_scale", "must be a non-negative number"));
+        }
+        if t.uniform_negatives < 0 {
+            return Err(invalid("train.uniform_negatives", "must be at least 0"));
         }
         Ok(())
     }

@@ -13,6 +13,12 @@
 //! | [`http`]      | `/healthz`, `/readyz`, `/metrics`, `/v1/status` |
 //! | [`telemetry`] | logging set-up and the metric names |
 //! | [`device`]    | the libtorch device (CUDA when present) |
+//! | [`score`]     | translation-then-comparison scores (pure) |
+//! | [`loss`]      | logistic and softmax losses over scores (pure) |
+//! | [`model`]     | embedding tables, relation vectors, sparse Adagrad |
+//! | [`train`]     | one training step: negatives, masking, loss, update |
+//! | [`eval`]      | filtered MRR / Hits@k |
+//! | [`offline`]   | `train` / `eval` on a dataset's standard splits |
 //! | [`datasets`]  | real datasets as events (pure loading) |
 //! | [`replay`]    | `replay`: produce a dataset to the engagements topic |
 //! | [`app`]       | the daemon's lifecycle (`run`) and store summaries |
@@ -21,11 +27,17 @@ pub mod app;
 pub mod config;
 pub mod datasets;
 pub mod device;
+pub mod eval;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod loss;
 pub mod messages;
+pub mod model;
+pub mod offline;
 pub mod replay;
 pub mod schema;
+pub mod score;
 pub mod store;
 pub mod telemetry;
+pub mod train;

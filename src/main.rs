@@ -60,6 +60,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train from scratch on a dataset's train split (offline mode, same trainer).
+    Train {
+        /// umls, nations, kinships or movielens-100k (uses config/<dataset>.toml unless --config).
+        #[arg(long)]
+        dataset: Dataset,
+        #[arg(long, default_value_t = 100)]
+        epochs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Filtered MRR and Hits@1/3/10 of the model `train` saved, on a held-out split.
+    Eval {
+        #[arg(long)]
+        dataset: Dataset,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Summarise the store (read-only; the daemon must be stopped).
     Inspect {
         /// Print JSON.
@@ -89,7 +108,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut cfg = Config::load(cli.config.as_deref())?;
+    let dataset_config = match &cli.command {
+        Command::Train { dataset, .. } | Command::Eval { dataset, .. } if cli.config.is_none() => {
+            Some(dataset.config_file())
+        }
+        _ => None,
+    };
+    let mut cfg = Config::load(cli.config.as_deref().or(dataset_config.as_deref()))?;
     telemetry::init_logging(&cfg.log);
     match cli.command {
         Command::Run { embedded_kafka } => app::run(cfg, embedded_kafka),
@@ -141,6 +166,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     summary.topic,
                     summary.seconds,
                     summary.events_per_sec
+                );
+            }
+            Ok(())
+        }
+        Command::Train {
+            dataset,
+            epochs,
+            json,
+        } => {
+            let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
+                .map_err(anyhow::Error::msg)?;
+            let report = twhin_stream::offline::train(&cfg, dataset, epochs, device)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "trained {} on {} edges x {} epochs in {:.1} s ({:.0} positive edges/s, {}), final loss {:.4}",
+                    report.dataset, report.edges, report.epochs, report.seconds, report.edges_per_sec, report.device, report.final_loss
+                );
+            }
+            Ok(())
+        }
+        Command::Eval {
+            dataset,
+            split,
+            json,
+        } => {
+            anyhow::ensure!(
+                split == "test" || split == "valid",
+                "--split must be test or valid"
+            );
+            let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
+                .map_err(anyhow::Error::msg)?;
+            let m = twhin_stream::offline::eval(&cfg, dataset, &split, device)?;
+            if json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                println!(
+                    "{dataset} {split}: MRR {:.4}  Hits@1 {:.4}  Hits@3 {:.4}  Hits@10 {:.4}  ({} rankings)",
+                    m.mrr, m.hits1, m.hits3, m.hits10, m.rankings
                 );
             }
             Ok(())

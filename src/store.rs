@@ -23,7 +23,7 @@
 //! | `R`    | rel u16                               | edge count u64            |
 //! | `O`    | topic bytes, 0x00, partition i32      | next offset i64           |
 //! | `X`    | event id bytes                        | event ts u64              |
-//! | `Y`    | ts u64, event id bytes                | (expiry index of `X`)     |
+//! | `Y`    | newest ts u64, first seq u64 of the batch | the batch's ids: ts u64, len u16, id |
 //! | `M`    | name                                  | metadata (bincode)        |
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -477,6 +477,9 @@ impl GraphStore {
 
         let mut new_nodes: HashMap<(TypeId, &str), u32> = HashMap::new();
         let mut edge_chunk: Vec<u8> = Vec::with_capacity(batch.events.len() * EDGE_BYTES);
+        // The event ids this batch stores, as one expiry chunk: (ts u64, len u16, id) each.
+        let mut expiry_chunk: Vec<u8> = Vec::new();
+        let mut expiry_max_ts = 0u64;
         // (node, rel, dir) → this batch's adjacency entries; BTreeMap so keys go in sorted.
         let mut adjacency: BTreeMap<(NodeRef, RelId, Direction), Vec<u8>> = BTreeMap::new();
         let mut batch_ids: HashSet<&str> = HashSet::new();
@@ -509,7 +512,10 @@ impl GraphStore {
                         continue;
                     }
                     sled_batch.insert(dedup_key(id), &ev.ts.to_be_bytes());
-                    sled_batch.insert(dedup_expiry_key(ev.ts, id), &[]);
+                    expiry_chunk.extend_from_slice(&ev.ts.to_be_bytes());
+                    expiry_chunk.extend_from_slice(&(id.len() as u16).to_be_bytes());
+                    expiry_chunk.extend_from_slice(id.as_bytes());
+                    expiry_max_ts = expiry_max_ts.max(ev.ts);
                 }
             }
             let src = self.intern(
@@ -550,6 +556,12 @@ impl GraphStore {
 
         if out.appended > 0 {
             sled_batch.insert(&edge_key(out.first_seq)[..], edge_chunk);
+        }
+        if !expiry_chunk.is_empty() {
+            sled_batch.insert(
+                &dedup_expiry_key(expiry_max_ts, out.first_seq)[..],
+                expiry_chunk,
+            );
         }
         for ((node, rel, dir), entries) in adjacency {
             sled_batch.insert(&adjacency_key(node, rel, dir, out.first_seq)[..], entries);
@@ -634,22 +646,35 @@ impl GraphStore {
         )
     }
 
-    /// Forget event ids older than `cutoff` (bounded per batch so a backlog never stalls ingest).
+    /// Forget event ids of the expiry chunks whose newest id is older than `cutoff`. A chunk
+    /// goes whole once all its ids are out of the window (an id may outlive the window by up to
+    /// a batch's time span; `recently_seen` ignores it by then anyway). Bounded per batch so a
+    /// backlog never stalls ingest.
     fn expire_dedup(&self, cutoff: u64, sled_batch: &mut sled::Batch) -> Result<(), StoreError> {
-        const MAX_PER_BATCH: usize = 10_000;
-        let end = dedup_expiry_key(cutoff, "");
-        for kv in self.tree.range(&b"Y"[..]..&end[..]).take(MAX_PER_BATCH) {
-            let (k, _) = kv.map_err(|e| self.sled_err(e))?;
-            let ts = be_u64(&k[1..9]).ok_or_else(|| corrupt(&self.path, "dedup expiry"))?;
-            let id = &k[9..];
-            // Only drop X if it still points at this (old) occurrence.
-            if let Some(v) = self
-                .tree
-                .get(dedup_key_bytes(id))
-                .map_err(|e| self.sled_err(e))?
-            {
-                if be_u64(&v) == Some(ts) {
-                    sled_batch.remove(dedup_key_bytes(id));
+        const MAX_CHUNKS_PER_BATCH: usize = 16;
+        let end = dedup_expiry_key(cutoff, 0);
+        for kv in self
+            .tree
+            .range(&b"Y"[..]..&end[..])
+            .take(MAX_CHUNKS_PER_BATCH)
+        {
+            let (k, chunk) = kv.map_err(|e| self.sled_err(e))?;
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let bad = || corrupt(&self.path, "dedup expiry chunk");
+                let ts = rest.get(0..8).and_then(be_u64).ok_or_else(bad)?;
+                let len = rest
+                    .get(8..10)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                    .ok_or_else(bad)?;
+                let id = rest.get(10..10 + len).ok_or_else(bad)?;
+                rest = &rest[10 + len..];
+                // Only drop X if it still points at this (old) occurrence.
+                let key = dedup_key_bytes(id);
+                if let Some(v) = self.tree.get(&key).map_err(|e| self.sled_err(e))? {
+                    if be_u64(&v) == Some(ts) {
+                        sled_batch.remove(key);
+                    }
                 }
             }
             sled_batch.remove(k);
@@ -1013,11 +1038,11 @@ fn dedup_key_bytes(id: &[u8]) -> Vec<u8> {
     k
 }
 
-fn dedup_expiry_key(ts: u64, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9 + id.len());
-    k.push(b'Y');
-    k.extend_from_slice(&ts.to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
+fn dedup_expiry_key(max_ts: u64, first_seq: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = b'Y';
+    k[1..9].copy_from_slice(&max_ts.to_be_bytes());
+    k[9..17].copy_from_slice(&first_seq.to_be_bytes());
     k
 }
 

@@ -1,0 +1,261 @@
+//! Offline mode on the same code: `train --dataset NAME --epochs N` loads the dataset's train
+//! split into a fresh store and trains it with [`crate::train::train_step`]; `eval --dataset NAME`
+//! ranks the test split with the saved model. Used to compare with batch trainers on their own
+//! standard splits.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use tch::{Device, Tensor};
+use tracing::info;
+
+use crate::config::Config;
+use crate::datasets::{self, Dataset};
+use crate::eval::{evaluate, Filter, RankMetrics, Triple};
+use crate::model::Embeddings;
+use crate::schema::{decode_event, Schema};
+use crate::store::{AppendBatch, GraphStore, SourcedEvent, StoreOptions};
+use crate::train::{train_step, TrainParams};
+
+/// Where offline runs keep their store and model: `<storage.path>/../offline/<dataset>/`.
+pub fn run_dir(cfg: &Config, dataset: Dataset) -> PathBuf {
+    let base = cfg.storage.path.parent().unwrap_or(Path::new("."));
+    base.join("offline").join(dataset.name())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub dataset: String,
+    pub edges: u64,
+    pub epochs: usize,
+    pub seconds: f64,
+    /// Positive edges trained per second (steps only, not loading).
+    pub edges_per_sec: f64,
+    pub final_loss: f64,
+    pub skipped_steps: u64,
+    pub device: String,
+}
+
+/// Load a split's triples as events, resolved by the schema (the replay path's decoder).
+fn split_events(
+    cfg: &Config,
+    schema: &Schema,
+    dataset: Dataset,
+    split: &str,
+) -> anyhow::Result<Vec<crate::schema::Event>> {
+    let limits = cfg.decode_limits();
+    datasets::replay_events(&cfg.datasets.dir, dataset, &[split.to_owned()])?
+        .into_iter()
+        .map(|e| {
+            decode_event(schema, &limits, Some(e.payload().as_bytes()), 0)
+                .map_err(|err| anyhow::anyhow!("{dataset} {split}: {}: {err}", e.payload()))
+        })
+        .collect()
+}
+
+/// Train from scratch on the train split; saves the model in [`run_dir`].
+pub fn train(
+    cfg: &Config,
+    dataset: Dataset,
+    epochs: usize,
+    device: Device,
+) -> anyhow::Result<TrainReport> {
+    let dir = run_dir(cfg, dataset);
+    let store_dir = dir.join("store");
+    if store_dir.exists() {
+        std::fs::remove_dir_all(&store_dir)
+            .with_context(|| format!("clearing {}", store_dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let schema = cfg.schema();
+    let store = GraphStore::open(
+        &store_dir,
+        &schema,
+        &StoreOptions {
+            dedup_window_ms: 0,
+            ..Default::default()
+        },
+    )?;
+    let events = split_events(cfg, &schema, dataset, "train")?;
+    let batch = AppendBatch {
+        topic: format!("offline:{dataset}"),
+        events: events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| SourcedEvent {
+                partition: 0,
+                offset: i as i64,
+                event,
+            })
+            .collect(),
+        next_offsets: vec![],
+    };
+    store.append(&batch)?;
+    let mut edges: Vec<_> = store
+        .edges_from(0, usize::MAX)?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+
+    let p = &cfg.train;
+    tch::manual_seed(p.seed as i64);
+    let mut rng = SmallRng::seed_from_u64(p.seed);
+    let mut model = Embeddings::new(
+        schema.node_types().len(),
+        schema.relations().len() as i64,
+        p.dim,
+        p.init_scale,
+        device,
+    );
+    // Every stored node gets a row before training (the offline graph is fully known).
+    for (t, table) in model.tables.iter_mut().enumerate() {
+        let n = store.node_count(t as u16) as i64;
+        table.grow(n, |count| {
+            Tensor::randn([count, p.dim], (tch::Kind::Float, device)) * p.init_scale
+        });
+    }
+    let started = Instant::now();
+    let (mut last_loss, mut skipped) = (f64::NAN, 0u64);
+    for epoch in 0..epochs {
+        edges.shuffle(&mut rng);
+        let (mut sum, mut n) = (0.0, 0usize);
+        for chunk in edges.chunks(p.batch_size) {
+            let s = train_step(&mut model, chunk, p, &mut rng);
+            if s.skipped {
+                skipped += 1;
+            } else {
+                sum += s.loss * s.edges as f64;
+                n += s.edges;
+            }
+        }
+        last_loss = sum / n.max(1) as f64;
+        if epoch == 0 || (epoch + 1) % 10 == 0 || epoch + 1 == epochs {
+            info!(epoch = epoch + 1, loss = last_loss, "epoch");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    save_model(&model, &dir.join("model.ot"))?;
+    Ok(TrainReport {
+        dataset: dataset.name().into(),
+        edges: edges.len() as u64,
+        epochs,
+        seconds,
+        edges_per_sec: (edges.len() * epochs) as f64 / seconds.max(1e-9),
+        final_loss: last_loss,
+        skipped_steps: skipped,
+        device: format!("{device:?}"),
+    })
+}
+
+/// Filtered ranking of a split (`valid` or `test`) with the model `train` saved.
+pub fn eval(
+    cfg: &Config,
+    dataset: Dataset,
+    split: &str,
+    device: Device,
+) -> anyhow::Result<RankMetrics> {
+    let dir = run_dir(cfg, dataset);
+    let model_path = dir.join("model.ot");
+    anyhow::ensure!(
+        model_path.exists(),
+        "{} is missing: run `twhin-stream train --dataset {dataset}` first",
+        model_path.display()
+    );
+    let schema = cfg.schema();
+    let store = GraphStore::open(&dir.join("store"), &schema, &StoreOptions::default())?;
+    let model = load_model(cfg, &schema, &model_path, device)?;
+    let resolve = |events: Vec<crate::schema::Event>| -> anyhow::Result<Vec<Triple>> {
+        events
+            .into_iter()
+            .map(|e| {
+                let idx = |k: &crate::schema::NodeKey| -> anyhow::Result<i64> {
+                    store
+                        .node_index(k.node_type, &k.id)?
+                        .map(i64::from)
+                        .with_context(|| format!("{dataset}: node {} not in the train split", k.id))
+                };
+                Ok((
+                    e.src.node_type as usize,
+                    idx(&e.src)?,
+                    e.rel as i64,
+                    e.dst.node_type as usize,
+                    idx(&e.dst)?,
+                ))
+            })
+            .collect()
+    };
+    let mut all = Vec::new();
+    let mut target = Vec::new();
+    for s in ["train", "valid", "test"] {
+        let triples = resolve(split_events(cfg, &schema, dataset, s)?)?;
+        if s == split {
+            target = triples.clone();
+        }
+        all.extend(triples);
+    }
+    let filter = Filter::new(&all);
+    Ok(evaluate(
+        &model,
+        cfg.train.comparator,
+        &target,
+        &filter,
+        256,
+    ))
+}
+
+fn save_model(model: &Embeddings, path: &Path) -> anyhow::Result<()> {
+    let mut named: Vec<(String, Tensor)> = model
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, table)| (format!("table.{t}"), table.rows().to_device(Device::Cpu)))
+        .collect();
+    named.push(("relations".into(), model.relations.to_device(Device::Cpu)));
+    let tmp = path.with_extension("tmp");
+    Tensor::save_multi(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn load_model(
+    cfg: &Config,
+    schema: &Schema,
+    path: &Path,
+    device: Device,
+) -> anyhow::Result<Embeddings> {
+    let p: &TrainParams = &cfg.train;
+    let mut model = Embeddings::new(
+        schema.node_types().len(),
+        schema.relations().len() as i64,
+        p.dim,
+        0.0,
+        device,
+    );
+    for (name, tensor) in Tensor::load_multi_with_device(path, device)
+        .with_context(|| format!("reading {}", path.display()))?
+    {
+        if name == "relations" {
+            model.relations = tensor;
+        } else if let Some(t) = name
+            .strip_prefix("table.")
+            .and_then(|t| t.parse::<usize>().ok())
+        {
+            let rows = tensor.size()[0];
+            anyhow::ensure!(
+                tensor.size()[1] == p.dim,
+                "{}: dimension {} but train.dim = {}",
+                path.display(),
+                tensor.size()[1],
+                p.dim
+            );
+            model.tables[t].grow(rows, |_| tensor.shallow_clone());
+        }
+    }
+    Ok(model)
+}
