@@ -231,6 +231,7 @@ impl Config {
         let t = &self.train;
         positive("train.dim", t.dim.max(0) as u64)?;
         positive("train.batch_size", t.batch_size as u64)?;
+        positive("train.chunk_size", t.chunk_size as u64)?;
         for (key, v) in [("train.lr", t.lr), ("train.relation_lr", t.relation_lr)] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(key, "must be a positive number"));

@@ -11,7 +11,8 @@
 //!
 //! Scoring many candidates at once is always one matrix product (plus row norms), for targets
 //! ([`score_targets`]) and for corrupted sources ([`score_sources`]), so negatives cost a GEMM
-//! rather than a `[B, N, D]` broadcast.
+//! rather than a `[B, N, D]` broadcast. Both accept leading batch dimensions (`[C, B, D]` against
+//! `[C, N, D]`), which scores every chunk of a batch with one batched product.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -50,53 +51,56 @@ pub fn score_pairs(cmp: Comparator, translated: &Tensor, dst: &Tensor) -> Tensor
 }
 
 /// Score every translated source against every candidate target:
-/// `translated [B, D]`, `candidates [N, D]` → `[B, N]`.
+/// `translated [.., B, D]`, `candidates [.., N, D]` → `[.., B, N]`.
 pub fn score_targets(cmp: Comparator, translated: &Tensor, candidates: &Tensor) -> Tensor {
-    let dots = translated.matmul(&candidates.tr());
+    let dots = translated.matmul(&candidates.transpose(-2, -1));
     match cmp {
         Comparator::Dot => dots,
         Comparator::L2 => neg_distance(&dots, &sq_norms(translated), &sq_norms(candidates)),
         Comparator::Cos => {
-            let a = sq_norms(translated).clamp_min(EPS).sqrt().unsqueeze(1);
-            let c = sq_norms(candidates).clamp_min(EPS).sqrt().unsqueeze(0);
+            let a = sq_norms(translated).clamp_min(EPS).sqrt().unsqueeze(-1);
+            let c = sq_norms(candidates).clamp_min(EPS).sqrt().unsqueeze(-2);
             dots / (a * c)
         }
     }
 }
 
 /// Score every candidate source against each positive's relation and target:
-/// `candidates [N, D]`, `rel [B, D]`, `dst [B, D]` → `[B, N]`, entry `(b, n)` being
-/// `score(e_cand_n + e_rel_b, e_dst_b)`.
+/// `candidates [.., N, D]`, `rel [.., B, D]`, `dst [.., B, D]` → `[.., B, N]`, entry `(b, n)`
+/// being `score(e_cand_n + e_rel_b, e_dst_b)`.
 pub fn score_sources(cmp: Comparator, candidates: &Tensor, rel: &Tensor, dst: &Tensor) -> Tensor {
+    let cand_t = candidates.transpose(-2, -1);
     match cmp {
         // (c + r)·t = c·t + r·t
-        Comparator::Dot => {
-            dst.matmul(&candidates.tr()) + (rel * dst).sum_dim_intlist(1, true, Kind::Float)
-        }
+        Comparator::Dot => dst.matmul(&cand_t) + row_dots(rel, dst).unsqueeze(-1),
         // ‖c + r − t‖ = ‖c − q‖ with q = t − r
         Comparator::L2 => {
             let q = dst - rel;
-            let dots = q.matmul(&candidates.tr());
+            let dots = q.matmul(&cand_t);
             neg_distance(&dots, &sq_norms(&q), &sq_norms(candidates))
         }
         // cos(c + r, t) = (c·t + r·t) / (‖c + r‖ ‖t‖), ‖c + r‖² = ‖c‖² + 2 c·r + ‖r‖²
         Comparator::Cos => {
-            let num =
-                dst.matmul(&candidates.tr()) + (rel * dst).sum_dim_intlist(1, true, Kind::Float);
-            let cr = rel.matmul(&candidates.tr());
-            let sum_sq = sq_norms(candidates).unsqueeze(0) + cr * 2.0 + sq_norms(rel).unsqueeze(1);
-            num / (sum_sq.clamp_min(EPS).sqrt() * sq_norms(dst).clamp_min(EPS).sqrt().unsqueeze(1))
+            let num = dst.matmul(&cand_t) + row_dots(rel, dst).unsqueeze(-1);
+            let cr = rel.matmul(&cand_t);
+            let sum_sq =
+                sq_norms(candidates).unsqueeze(-2) + cr * 2.0 + sq_norms(rel).unsqueeze(-1);
+            num / (sum_sq.clamp_min(EPS).sqrt() * sq_norms(dst).clamp_min(EPS).sqrt().unsqueeze(-1))
         }
     }
 }
 
+fn row_dots(a: &Tensor, b: &Tensor) -> Tensor {
+    (a * b).sum_dim_intlist(-1, false, Kind::Float)
+}
+
 fn sq_norms(x: &Tensor) -> Tensor {
-    x.square().sum_dim_intlist(1, false, Kind::Float)
+    x.square().sum_dim_intlist(-1, false, Kind::Float)
 }
 
 /// `−sqrt(‖a‖² + ‖c‖² − 2 a·c)` from the products already computed.
 fn neg_distance(dots: &Tensor, a_sq: &Tensor, c_sq: &Tensor) -> Tensor {
-    -(a_sq.unsqueeze(1) + c_sq.unsqueeze(0) - dots * 2.0)
+    -(a_sq.unsqueeze(-1) + c_sq.unsqueeze(-2) - dots * 2.0)
         .clamp_min(EPS)
         .sqrt()
 }
@@ -177,6 +181,28 @@ mod tests {
                         "{cmp:?} sources"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn batched_chunks_agree_with_separate_products() {
+        tch::manual_seed(4);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let (a, r, t, c) = (
+            Tensor::randn([3, 4, 5], opts),
+            Tensor::randn([3, 4, 5], opts),
+            Tensor::randn([3, 4, 5], opts),
+            Tensor::randn([3, 6, 5], opts),
+        );
+        for cmp in [Comparator::Dot, Comparator::L2, Comparator::Cos] {
+            let tb = score_targets(cmp, &a, &c);
+            let sb = score_sources(cmp, &c, &r, &t);
+            for k in 0..3 {
+                let ts = score_targets(cmp, &a.get(k), &c.get(k));
+                let ss = score_sources(cmp, &c.get(k), &r.get(k), &t.get(k));
+                assert!(tb.get(k).allclose(&ts, 1e-5, 1e-5, false), "{cmp:?}");
+                assert!(sb.get(k).allclose(&ss, 1e-5, 1e-5, false), "{cmp:?}");
             }
         }
     }

@@ -1,12 +1,13 @@
 //! One training step on a micro-batch of edges (DESIGN §4), and the parameters that shape it.
 //!
-//! Per relation group (edges with the same relation and endpoint types):
+//! Per group of edges with the same endpoint types (all relations between them: translation is
+//! per row, so one matrix product scores them all):
 //! * the positive score `score(e_s + e_r, e_t)`;
 //! * target-side negatives: the group's other targets (in-batch, one matrix product) plus
 //!   `uniform_negatives` targets of the target type drawn once for the group;
 //! * source-side negatives likewise;
 //! * accidental positives among in-batch negatives are masked: another positive's target is a
-//!   true target of this source when the two share their source (and vice versa).
+//!   true target of this source when the two share their source and relation (and vice versa).
 //!
 //! Gradients flow into leaf copies of only the unique rows the step touches; the updates are
 //! applied with row-wise sparse Adagrad ([`crate::model::NodeTable::adagrad`]). A step whose loss
@@ -37,6 +38,9 @@ pub struct TrainParams {
     pub relation_lr: f64,
     /// Uniform negatives per group and side.
     pub uniform_negatives: i64,
+    /// Positives per chunk: each is scored against the other positives of its chunk (in-batch
+    /// negatives: `chunk_size - 1` of them), one batched product for all chunks.
+    pub chunk_size: usize,
     /// Standard deviation of new rows' random initialisation.
     pub init_scale: f64,
     /// Edges per step.
@@ -72,7 +76,7 @@ impl RowSet {
 
 /// Indices (into per-type row sets) of one relation group.
 struct Group {
-    rel: i64,
+    rels: Vec<i64>,
     src_type: usize,
     dst_type: usize,
     src: Vec<i64>,
@@ -89,22 +93,59 @@ fn long(v: &[i64], device: Device) -> Tensor {
     Tensor::from_slice(v).to_device(device)
 }
 
-/// `valid[i][j]`: candidate `j` may serve as a negative for positive `i`.
-fn negative_mask(own: &[i64], other_side: &[i64], uniform: &[i64], device: Device) -> Tensor {
+/// `valid[i][j]`: candidate `j` may serve as a negative for positive `i`. Columns `0..chunk` are
+/// the positives of `i`'s chunk (`i / chunk`), then come the uniform negatives.
+fn negative_mask(
+    own: &[i64],
+    other_side: &[i64],
+    rels: &[i64],
+    uniform: &[i64],
+    chunk: usize,
+    device: Device,
+) -> Tensor {
     let b = own.len();
-    let mut valid = Vec::with_capacity(b * (b + uniform.len()));
+    let mut valid = Vec::with_capacity(b * (chunk + uniform.len()));
     for i in 0..b {
-        for j in 0..b {
-            // Same node, or another positive sharing this one's other end: both true edges.
-            valid.push(own[j] != own[i] && other_side[j] != other_side[i]);
+        let start = i / chunk * chunk;
+        for m in start..start + chunk {
+            // Padding, the same node, or another positive sharing this one's relation and other
+            // end (a true edge): none is a negative.
+            valid.push(
+                m < b && own[m] != own[i] && (other_side[m] != other_side[i] || rels[m] != rels[i]),
+            );
         }
         for &u in uniform {
             valid.push(u != own[i]);
         }
     }
     Tensor::from_slice(&valid)
-        .reshape([b as i64, (b + uniform.len()) as i64])
+        .reshape([b as i64, (chunk + uniform.len()) as i64])
         .to_device(device)
+}
+
+/// `[b, D]` → `[ceil(b / chunk), chunk, D]`, zero-padded.
+fn chunked(x: &Tensor, chunk: i64) -> Tensor {
+    let (b, d) = (x.size()[0], x.size()[1]);
+    let n = (b + chunk - 1) / chunk;
+    let pad = n * chunk - b;
+    let x = if pad > 0 {
+        Tensor::cat(
+            &[
+                x.shallow_clone(),
+                Tensor::zeros([pad, d], (x.kind(), x.device())),
+            ],
+            0,
+        )
+    } else {
+        x.shallow_clone()
+    };
+    x.view([n, chunk, d])
+}
+
+/// `[n, chunk, chunk]` in-batch scores → `[b, chunk]` (padding rows dropped).
+fn unchunked(x: &Tensor, b: i64) -> Tensor {
+    let chunk = x.size()[2];
+    x.view([-1, chunk]).narrow(0, 0, b)
 }
 
 /// Make sure every node a batch names has a row (new rows random for now).
@@ -143,10 +184,10 @@ pub fn train_step(
     let device = model.device;
     let mut rows: Vec<RowSet> = (0..model.tables.len()).map(|_| RowSet::default()).collect();
 
-    let mut by_group: HashMap<(u16, u16, u16), Vec<&Edge>> = HashMap::new();
+    let mut by_group: HashMap<(u16, u16), Vec<&Edge>> = HashMap::new();
     for e in edges {
         by_group
-            .entry((e.rel, e.src.node_type, e.dst.node_type))
+            .entry((e.src.node_type, e.dst.node_type))
             .or_default()
             .push(e);
     }
@@ -155,7 +196,7 @@ pub fn train_step(
     let mut groups = Vec::with_capacity(keys.len());
     for key in keys {
         let members = &by_group[&key];
-        let (src_type, dst_type) = (key.1 as usize, key.2 as usize);
+        let (src_type, dst_type) = (key.0 as usize, key.1 as usize);
         let src: Vec<i64> = members.iter().map(|e| e.src.index as i64).collect();
         let dst: Vec<i64> = members.iter().map(|e| e.dst.index as i64).collect();
         let draw = |rng: &mut SmallRng, n: i64| -> Vec<i64> {
@@ -168,7 +209,7 @@ pub fn train_step(
         let mut map =
             |t: usize, v: &[i64]| -> Vec<i64> { v.iter().map(|&i| rows[t].add(i)).collect() };
         groups.push(Group {
-            rel: key.0 as i64,
+            rels: members.iter().map(|e| e.rel as i64).collect(),
             src_type,
             dst_type,
             src_pos: map(src_type, &src),
@@ -213,20 +254,28 @@ pub fn train_step(
         let s = table(g.src_type, &g.src_pos);
         let t = table(g.dst_type, &g.dst_pos);
         let b = g.src.len() as i64;
-        let r = rel_leaf
-            .get(g.rel)
-            .unsqueeze(0)
-            .expand([b, model.dim], false);
+        let r = rel_leaf.index_select(0, &long(&g.rels, device));
         let a = translate(&s, &r);
         let pos = score_pairs(p.comparator, &a, &t);
+        let chunk = (p.chunk_size as i64).min(b);
+        let (a_c, s_c, r_c, t_c) = (
+            chunked(&a, chunk),
+            chunked(&s, chunk),
+            chunked(&r, chunk),
+            chunked(&t, chunk),
+        );
 
-        let dst_cands = Tensor::cat(&[t.shallow_clone(), table(g.dst_type, &g.uni_dst_pos)], 0);
-        let neg_dst = score_targets(p.comparator, &a, &dst_cands);
-        let valid_dst = negative_mask(&g.dst, &g.src, &g.uni_dst, device);
+        // Targets: in-batch (per chunk, one batched product), then uniform.
+        let in_batch = unchunked(&score_targets(p.comparator, &a_c, &t_c), b);
+        let uniform = score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos));
+        let neg_dst = Tensor::cat(&[in_batch, uniform], 1);
+        let valid_dst = negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
 
-        let src_cands = Tensor::cat(&[s.shallow_clone(), table(g.src_type, &g.uni_src_pos)], 0);
-        let neg_src = score_sources(p.comparator, &src_cands, &r, &t);
-        let valid_src = negative_mask(&g.src, &g.dst, &g.uni_src, device);
+        // Sources likewise.
+        let in_batch = unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b);
+        let uniform = score_sources(p.comparator, &table(g.src_type, &g.uni_src_pos), &r, &t);
+        let neg_src = Tensor::cat(&[in_batch, uniform], 1);
+        let valid_src = negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
 
         let group_loss =
             loss(p.loss, &pos, &neg_dst, &valid_dst) + loss(p.loss, &pos, &neg_src, &valid_src);
@@ -286,6 +335,7 @@ mod tests {
             lr: 0.1,
             relation_lr: 0.1,
             uniform_negatives: 8,
+            chunk_size: 64,
             init_scale: 0.1,
             batch_size: 64,
             seed: 1,
@@ -310,18 +360,54 @@ mod tests {
 
     #[test]
     fn mask_excludes_self_and_in_batch_accidental_positives() {
-        // Positives (s=1,t=10), (s=1,t=11), (s=2,t=12): for row 0, t=11 shares its source.
-        let m = negative_mask(&[10, 11, 12], &[1, 1, 2], &[10, 99], Device::Cpu);
-        let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
-        assert_eq!(
-            got,
-            vec![
-                false, false, true, false,
-                true, // row 0: self, accidental, ok; uniform 10 == own
-                false, false, true, true, true, //
-                true, true, false, true, true,
-            ]
+        // Positives (s=1,r=0,t=10), (s=1,r=0,t=11), (s=2,r=0,t=12), (s=1,r=5,t=13): for row 0,
+        // t=11 is a true target (same source and relation); t=13 is not (other relation).
+        let m = negative_mask(
+            &[10, 11, 12, 13],
+            &[1, 1, 2, 1],
+            &[0, 0, 0, 5],
+            &[10, 99],
+            4,
+            Device::Cpu,
         );
+        let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
+        #[rustfmt::skip]
+        let want = vec![
+            false, false, true, true, false, true, // row 0; uniform 10 is its own target
+            false, false, true, true, true, true,
+            true, true, false, true, true, true,
+            true, true, true, false, true, true,
+        ];
+        assert_eq!(got, want);
+        // In chunks of 3, rows 0-2 see positives 0-2 and row 3 sees itself and padding only.
+        let m = negative_mask(
+            &[10, 11, 12, 13],
+            &[1, 1, 2, 1],
+            &[0, 0, 0, 5],
+            &[],
+            3,
+            Device::Cpu,
+        );
+        let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
+        #[rustfmt::skip]
+        let want = vec![
+            false, false, true,
+            false, false, true,
+            true, true, false,
+            false, false, false,
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn chunking_pads_and_unpads() {
+        let x = Tensor::arange(10, (Kind::Float, Device::Cpu)).view([5, 2]);
+        let c = chunked(&x, 2);
+        assert_eq!(c.size(), vec![3, 2, 2]);
+        let scores = c.matmul(&c.transpose(-2, -1));
+        assert_eq!(unchunked(&scores, 5).size(), vec![5, 2]);
+        // Row 4 (alone in the last chunk) sees itself, then a zero pad.
+        assert_eq!(unchunked(&scores, 5).double_value(&[4, 1]), 0.0);
     }
 
     #[test]
