@@ -6,7 +6,9 @@
 //! * MovieLens-100k: recbole 1.2.1's `ml-100k` atomic files in `<dir>/ml-100k/`. The static
 //!   knowledge graph comes first (stamped with the first rating's time), then the ratings in time
 //!   order: rating >= 4 is `rated_high`, <= 3 `rated_low`. Items linked to a KG entity keep their
-//!   MovieLens id (`movie:<item>`); other KG entities are `entity:<freebase mid>`.
+//!   MovieLens id (`movie:<item>`); other KG entities are `entity:<freebase mid>`. Splits are by
+//!   time: `train` is the KG and the first 85% of ratings, `valid` the next 5%, `test` the last
+//!   10% (so test holds users and movies that train never saw).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -169,11 +171,41 @@ pub fn replay_events(
     splits: &[String],
 ) -> Result<Vec<ReplayEvent>, DatasetError> {
     match dataset {
-        Dataset::MovieLens100k => movielens_events(&dir.join(dataset.folder())),
+        Dataset::MovieLens100k => {
+            let all = movielens_events(&dir.join(dataset.folder()))?;
+            let ratings_start = all
+                .iter()
+                .position(|e| e.rel.starts_with("rated_"))
+                .unwrap_or(all.len());
+            let n = all.len() - ratings_start;
+            let (train_end, valid_end) =
+                (ratings_start + n * 85 / 100, ratings_start + n * 90 / 100);
+            let mut out = Vec::new();
+            for split in splits {
+                let range = match split.as_str() {
+                    "all" => 0..all.len(),
+                    "train" => 0..train_end,
+                    "valid" => train_end..valid_end,
+                    "test" => valid_end..all.len(),
+                    other => return Err(unknown_split(other)),
+                };
+                out.extend_from_slice(&all[range]);
+            }
+            Ok(out)
+        }
         kg => {
             let ty = kg.kg_node_type();
             let mut out = Vec::new();
+            let all = ["train".to_owned(), "valid".to_owned(), "test".to_owned()];
+            let splits = if splits.iter().any(|s| s == "all") {
+                &all[..]
+            } else {
+                splits
+            };
             for split in splits {
+                if !all.contains(split) {
+                    return Err(unknown_split(split));
+                }
                 for (i, (h, r, t)) in kg_split(dir, kg, split)?.into_iter().enumerate() {
                     out.push(ReplayEvent {
                         src: format!("{ty}:{h}"),
@@ -186,6 +218,14 @@ pub fn replay_events(
             }
             Ok(out)
         }
+    }
+}
+
+fn unknown_split(name: &str) -> DatasetError {
+    DatasetError::Format {
+        path: PathBuf::from("--splits"),
+        line: 0,
+        problem: format!("unknown split {name:?}; expected all, train, valid or test"),
     }
 }
 
@@ -273,7 +313,15 @@ mod tests {
             "ml-100k.inter",
             "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t7\t5\t300\n2\t9\t3\t100\n3\t7\t4\t300\n",
         );
-        let ev = replay_events(root.path(), Dataset::MovieLens100k, &[]).unwrap();
+        let ev = replay_events(root.path(), Dataset::MovieLens100k, &["all".into()]).unwrap();
+        let train = replay_events(root.path(), Dataset::MovieLens100k, &["train".into()]).unwrap();
+        let test = replay_events(root.path(), Dataset::MovieLens100k, &["test".into()]).unwrap();
+        assert_eq!(
+            (train.len(), test.len()),
+            (3, 1),
+            "KG + 85% of 3 ratings; the last rating"
+        );
+        assert_eq!(test[0].src, "user:3");
         let got: Vec<(&str, &str, &str, Option<u64>)> = ev
             .iter()
             .map(|e| (e.src.as_str(), e.rel.as_str(), e.dst.as_str(), e.ts))

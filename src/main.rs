@@ -47,8 +47,8 @@ enum Command {
         /// Events per second (0: as fast as the broker takes them).
         #[arg(long, default_value_t = 0)]
         rate: u64,
-        /// Splits of the knowledge-graph datasets, in order.
-        #[arg(long, value_delimiter = ',', default_value = "train")]
+        /// Splits, in order: all, or any of train, valid, test.
+        #[arg(long, value_delimiter = ',', default_value = "all")]
         splits: Vec<String>,
         /// Produce only the first N events.
         #[arg(long)]
@@ -199,13 +199,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
                 .map_err(anyhow::Error::msg)?;
-            let m = twhin_stream::offline::eval(&cfg, dataset, &split, device)?;
+            let report = twhin_stream::offline::eval(&cfg, dataset, &split, device)?;
             if json {
-                println!("{}", serde_json::to_string(&m)?);
+                println!("{}", serde_json::to_string(&report)?);
             } else {
+                let m = &report.metrics;
                 println!(
-                    "{dataset} {split}: MRR {:.4}  Hits@1 {:.4}  Hits@3 {:.4}  Hits@10 {:.4}  ({} rankings)",
-                    m.mrr, m.hits1, m.hits3, m.hits10, m.rankings
+                    "{dataset} {split}: MRR {:.4}  Hits@1 {:.4}  Hits@3 {:.4}  Hits@10 {:.4}  ({} rankings; {} edges with unseen nodes skipped)",
+                    m.mrr, m.hits1, m.hits3, m.hits10, m.rankings, report.skipped_unseen
                 );
             }
             Ok(())

@@ -152,13 +152,24 @@ pub fn train(
     })
 }
 
+/// What `eval` prints: the ranking metrics and the held-out edges it could not rank.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub dataset: String,
+    pub split: String,
+    #[serde(flatten)]
+    pub metrics: RankMetrics,
+    /// Held-out edges with a node the train split never saw (not ranked; see warm start).
+    pub skipped_unseen: usize,
+}
+
 /// Filtered ranking of a split (`valid` or `test`) with the model `train` saved.
 pub fn eval(
     cfg: &Config,
     dataset: Dataset,
     split: &str,
     device: Device,
-) -> anyhow::Result<RankMetrics> {
+) -> anyhow::Result<EvalReport> {
     let dir = run_dir(cfg, dataset);
     let model_path = dir.join("model.ot");
     anyhow::ensure!(
@@ -169,43 +180,42 @@ pub fn eval(
     let schema = cfg.schema();
     let store = GraphStore::open(&dir.join("store"), &schema, &StoreOptions::default())?;
     let model = load_model(cfg, &schema, &model_path, device)?;
-    let resolve = |events: Vec<crate::schema::Event>| -> anyhow::Result<Vec<Triple>> {
-        events
-            .into_iter()
-            .map(|e| {
-                let idx = |k: &crate::schema::NodeKey| -> anyhow::Result<i64> {
-                    store
-                        .node_index(k.node_type, &k.id)?
-                        .map(i64::from)
-                        .with_context(|| format!("{dataset}: node {} not in the train split", k.id))
-                };
-                Ok((
+    // Events whose nodes are all known, in model coordinates; the others are only counted.
+    let resolve = |events: Vec<crate::schema::Event>| -> anyhow::Result<(Vec<Triple>, usize)> {
+        let (mut known, mut unseen) = (Vec::new(), 0);
+        for e in events {
+            let s = store.node_index(e.src.node_type, &e.src.id)?;
+            let d = store.node_index(e.dst.node_type, &e.dst.id)?;
+            match (s, d) {
+                (Some(s), Some(d)) => known.push((
                     e.src.node_type as usize,
-                    idx(&e.src)?,
+                    s as i64,
                     e.rel as i64,
                     e.dst.node_type as usize,
-                    idx(&e.dst)?,
-                ))
-            })
-            .collect()
+                    d as i64,
+                )),
+                _ => unseen += 1,
+            }
+        }
+        Ok((known, unseen))
     };
     let mut all = Vec::new();
-    let mut target = Vec::new();
+    let (mut target, mut skipped_unseen) = (Vec::new(), 0);
     for s in ["train", "valid", "test"] {
-        let triples = resolve(split_events(cfg, &schema, dataset, s)?)?;
+        let (triples, unseen) = resolve(split_events(cfg, &schema, dataset, s)?)?;
         if s == split {
             target = triples.clone();
+            skipped_unseen = unseen;
         }
         all.extend(triples);
     }
     let filter = Filter::new(&all);
-    Ok(evaluate(
-        &model,
-        cfg.train.comparator,
-        &target,
-        &filter,
-        256,
-    ))
+    Ok(EvalReport {
+        dataset: dataset.name().into(),
+        split: split.into(),
+        metrics: evaluate(&model, cfg.train.comparator, &target, &filter, 256),
+        skipped_unseen,
+    })
 }
 
 fn save_model(model: &Embeddings, path: &Path) -> anyhow::Result<()> {

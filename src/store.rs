@@ -55,6 +55,12 @@ pub struct Edge {
 
 const EDGE_BYTES: usize = 26;
 
+/// Keep chunk values well under sled's blob threshold (segment size / 4 = 128 KiB): a larger
+/// value is written as a file of its own, with its own fsync.
+const MAX_CHUNK_BYTES: usize = 64 << 10;
+/// Edges per edge-log chunk (≈ 104 KiB).
+const EDGES_PER_CHUNK: usize = 4096;
+
 impl Edge {
     fn encode(&self) -> [u8; EDGE_BYTES] {
         let mut b = [0u8; EDGE_BYTES];
@@ -477,9 +483,10 @@ impl GraphStore {
 
         let mut new_nodes: HashMap<(TypeId, &str), u32> = HashMap::new();
         let mut edge_chunk: Vec<u8> = Vec::with_capacity(batch.events.len() * EDGE_BYTES);
-        // The event ids this batch stores, as one expiry chunk: (ts u64, len u16, id) each.
+        // The event ids this batch stores, as expiry chunks: (ts u64, len u16, id) each.
         let mut expiry_chunk: Vec<u8> = Vec::new();
         let mut expiry_max_ts = 0u64;
+        let mut expiry_chunks = 0u64;
         // (node, rel, dir) → this batch's adjacency entries; BTreeMap so keys go in sorted.
         let mut adjacency: BTreeMap<(NodeRef, RelId, Direction), Vec<u8>> = BTreeMap::new();
         let mut batch_ids: HashSet<&str> = HashSet::new();
@@ -516,6 +523,13 @@ impl GraphStore {
                     expiry_chunk.extend_from_slice(&(id.len() as u16).to_be_bytes());
                     expiry_chunk.extend_from_slice(id.as_bytes());
                     expiry_max_ts = expiry_max_ts.max(ev.ts);
+                    if expiry_chunk.len() >= MAX_CHUNK_BYTES {
+                        // Distinct keys: this batch owns the seqs first_seq.., and it appends at
+                        // least one edge per expiry chunk.
+                        let key = dedup_expiry_key(expiry_max_ts, out.first_seq + expiry_chunks);
+                        sled_batch.insert(&key[..], std::mem::take(&mut expiry_chunk));
+                        (expiry_max_ts, expiry_chunks) = (0, expiry_chunks + 1);
+                    }
                 }
             }
             let src = self.intern(
@@ -554,14 +568,13 @@ impl GraphStore {
         }
         out.new_nodes = new_nodes.len() as u64;
 
-        if out.appended > 0 {
-            sled_batch.insert(&edge_key(out.first_seq)[..], edge_chunk);
+        for (i, part) in edge_chunk.chunks(EDGES_PER_CHUNK * EDGE_BYTES).enumerate() {
+            let first = out.first_seq + (i * EDGES_PER_CHUNK) as u64;
+            sled_batch.insert(&edge_key(first)[..], part);
         }
         if !expiry_chunk.is_empty() {
-            sled_batch.insert(
-                &dedup_expiry_key(expiry_max_ts, out.first_seq)[..],
-                expiry_chunk,
-            );
+            let key = dedup_expiry_key(expiry_max_ts, out.first_seq + expiry_chunks);
+            sled_batch.insert(&key[..], expiry_chunk);
         }
         for ((node, rel, dir), entries) in adjacency {
             sled_batch.insert(&adjacency_key(node, rel, dir, out.first_seq)[..], entries);
@@ -1345,6 +1358,43 @@ mod tests {
             StoreError::SchemaMismatch { key, .. } => assert_eq!(key, "schema.node_types[0]"),
             other => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn a_large_batch_spans_several_chunks_and_reads_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let n = EDGES_PER_CHUNK * 2 + 10;
+        let events = (0..n)
+            .map(|i| {
+                (
+                    0,
+                    i as i64,
+                    ev(
+                        &format!("user:{i}"),
+                        1,
+                        "tweet:x",
+                        i as u64,
+                        Some(&format!("id-{i}")),
+                    ),
+                )
+            })
+            .collect();
+        assert_eq!(s.append(&batch(events)).unwrap().appended, n as u64);
+        assert_eq!(s.tree.scan_prefix(b"E").count(), 3);
+        assert!(
+            s.tree.scan_prefix(b"Y").count() > 1,
+            "expiry chunks are split too"
+        );
+        let from = s.edges_from(EDGES_PER_CHUNK as u64 - 2, 5).unwrap();
+        let seqs: Vec<u64> = from.iter().map(|(q, _)| *q).collect();
+        let first = EDGES_PER_CHUNK as u64 - 2;
+        assert_eq!(seqs, (first..first + 5).collect::<Vec<_>>());
+        for (seq, e) in from {
+            assert_eq!(e.ts, seq, "edge {seq} read from the right chunk");
+            assert_eq!(s.edge(seq).unwrap(), Some(e));
+        }
+        assert_eq!(s.edge(n as u64).unwrap(), None);
     }
 
     #[test]

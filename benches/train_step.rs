@@ -1,0 +1,122 @@
+//! Training-step throughput (positive edges/s) on the MovieLens-100k graph (users, movies,
+//! knowledge-graph entities; the 176,631 edges of its train split), dimension 128, dot
+//! comparator, logistic loss, in-batch negatives (chunks of 256) plus 64 uniform negatives per
+//! side, batches of 1k, 16k and 64k edges. CPU always; CUDA too when libtorch sees a GPU.
+//!
+//! Needs the dataset (`bash .ci/setup`). Run with `cargo bench --bench train_step`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use tch::Device;
+
+use twhin_stream::config::Config;
+use twhin_stream::datasets::{replay_events, Dataset};
+use twhin_stream::loss::LossKind;
+use twhin_stream::model::Embeddings;
+use twhin_stream::schema::decode_event;
+use twhin_stream::score::Comparator;
+use twhin_stream::store::{Edge, NodeRef};
+use twhin_stream::train::{ensure_rows, train_step, TrainParams};
+
+fn movielens_edges() -> (Config, Vec<Edge>) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = Config::load(Some(&root.join("config/movielens-100k.toml"))).expect("config");
+    let schema = cfg.schema();
+    let limits = cfg.decode_limits();
+    let events = replay_events(
+        &root.join(&cfg.datasets.dir),
+        Dataset::MovieLens100k,
+        &["train".into()],
+    )
+    .expect("MovieLens-100k is missing: run `bash .ci/setup`");
+    let mut ids: HashMap<(u16, String), u32> = HashMap::new();
+    let mut counts = vec![0u32; schema.node_types().len()];
+    let mut node = |t: u16, id: &str| {
+        let next = &mut counts[t as usize];
+        let index = *ids.entry((t, id.to_owned())).or_insert_with(|| {
+            *next += 1;
+            *next - 1
+        });
+        NodeRef {
+            node_type: t,
+            index,
+        }
+    };
+    let edges = events
+        .iter()
+        .map(|e| {
+            let ev = decode_event(&schema, &limits, Some(e.payload().as_bytes()), 0)
+                .expect("valid event");
+            Edge {
+                src: node(ev.src.node_type, &ev.src.id),
+                rel: ev.rel,
+                dst: node(ev.dst.node_type, &ev.dst.id),
+                ts: ev.ts,
+                weight: ev.weight,
+            }
+        })
+        .collect();
+    (cfg, edges)
+}
+
+fn bench(c: &mut Criterion) {
+    let (cfg, edges) = movielens_edges();
+    let schema = cfg.schema();
+    let params = TrainParams {
+        dim: 128,
+        comparator: Comparator::Dot,
+        loss: LossKind::Logistic,
+        lr: 0.1,
+        relation_lr: 0.1,
+        uniform_negatives: 64,
+        chunk_size: 256,
+        init_scale: 0.1,
+        batch_size: 1000,
+        seed: 7,
+    };
+    tch::set_num_threads(cfg.torch.threads);
+    let mut devices = vec![Device::Cpu];
+    if tch::Cuda::is_available() {
+        devices.push(Device::Cuda(0));
+    }
+    for device in devices {
+        let mut group = c.benchmark_group(format!("train_step/{device:?}"));
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(8));
+        for batch in [1_000usize, 16_000, 64_000] {
+            tch::manual_seed(7);
+            let mut model = Embeddings::new(
+                schema.node_types().len(),
+                schema.relations().len() as i64,
+                params.dim,
+                params.init_scale,
+                device,
+            );
+            ensure_rows(&mut model, &edges, params.init_scale);
+            let mut rng = SmallRng::seed_from_u64(7);
+            let mut at = 0usize;
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_function(format!("batch/{batch}"), |b| {
+                b.iter(|| {
+                    if at + batch > edges.len() {
+                        at = 0;
+                    }
+                    let stats = train_step(&mut model, &edges[at..at + batch], &params, &mut rng);
+                    at += batch;
+                    assert!(!stats.skipped);
+                    stats.loss
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
