@@ -112,6 +112,22 @@ fn filter_rows(scores: &mut Tensor, rows: &[(Option<&Vec<i64>>, usize, i64)]) {
     }
 }
 
+/// Rank each row's true candidate (`truth` holds its column) after filtering the row's other
+/// known answers, and add the ranks to `sum`.
+fn rank_side(
+    sum: &mut RankSum,
+    scores: Tensor,
+    truth: &Tensor,
+    known: Vec<(Option<&Vec<i64>>, usize, i64)>,
+) {
+    let mut scores = scores.to_kind(Kind::Double);
+    let truth_scores = scores.gather(1, &truth.unsqueeze(1), false).squeeze_dim(1);
+    filter_rows(&mut scores, &known);
+    for rank in realistic_ranks(&scores, &truth_scores) {
+        sum.add(rank);
+    }
+}
+
 /// Filtered ranking of `triples`, both sides, in chunks of `chunk`.
 pub fn evaluate(
     model: &Embeddings,
@@ -141,28 +157,17 @@ pub fn evaluate(
                 let er = model.relations.index_select(0, &r);
                 let ed = dst_table.index_select(0, &d);
 
-                let mut tails =
-                    score_targets(cmp, &translate(&es, &er), &dst_table).to_kind(Kind::Double);
-                let truth = tails.gather(1, &d.unsqueeze(1), false).squeeze_dim(1);
-                let rows: Vec<_> = part
+                let tails = score_targets(cmp, &translate(&es, &er), &dst_table);
+                let known = part
                     .iter()
-                    .map(|t| (filter.targets.get(&(t.0, t.1, t.2)), dt, t.4))
-                    .collect();
-                filter_rows(&mut tails, &rows);
-                for rank in realistic_ranks(&tails, &truth) {
-                    sum.add(rank);
-                }
+                    .map(|t| (filter.targets.get(&(t.0, t.1, t.2)), dt, t.4));
+                rank_side(&mut sum, tails, &d, known.collect());
 
-                let mut heads = score_sources(cmp, &src_table, &er, &ed).to_kind(Kind::Double);
-                let truth = heads.gather(1, &s.unsqueeze(1), false).squeeze_dim(1);
-                let rows: Vec<_> = part
+                let heads = score_sources(cmp, &src_table, &er, &ed);
+                let known = part
                     .iter()
-                    .map(|t| (filter.sources.get(&(t.2, t.3, t.4)), st, t.1))
-                    .collect();
-                filter_rows(&mut heads, &rows);
-                for rank in realistic_ranks(&heads, &truth) {
-                    sum.add(rank);
-                }
+                    .map(|t| (filter.sources.get(&(t.2, t.3, t.4)), st, t.1));
+                rank_side(&mut sum, heads, &s, known.collect());
             }
         }
     });
