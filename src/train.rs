@@ -94,7 +94,8 @@ fn long(v: &[i64], device: Device) -> Tensor {
 }
 
 /// `valid[i][j]`: candidate `j` may serve as a negative for positive `i`. Columns `0..chunk` are
-/// the positives of `i`'s chunk (`i / chunk`), then come the uniform negatives.
+/// the positives of `i`'s chunk (`i / chunk`), then come the uniform negatives. Built with tensor
+/// ops on the device: it is `b × (chunk + K)` cells per side and step.
 fn negative_mask(
     own: &[i64],
     other_side: &[i64],
@@ -103,24 +104,29 @@ fn negative_mask(
     chunk: usize,
     device: Device,
 ) -> Tensor {
-    let b = own.len();
-    let mut valid = Vec::with_capacity(b * (chunk + uniform.len()));
-    for i in 0..b {
-        let start = i / chunk * chunk;
-        for m in start..start + chunk {
-            // Padding, the same node, or another positive sharing this one's relation and other
-            // end (a true edge): none is a negative.
-            valid.push(
-                m < b && own[m] != own[i] && (other_side[m] != other_side[i] || rels[m] != rels[i]),
-            );
-        }
-        for &u in uniform {
-            valid.push(u != own[i]);
-        }
-    }
-    Tensor::from_slice(&valid)
-        .reshape([b as i64, (chunk + uniform.len()) as i64])
-        .to_device(device)
+    let b = own.len() as i64;
+    let c = chunk as i64;
+    let n = (b + c - 1) / c;
+    // Padding slots get a sentinel that matches nothing real, and are masked out explicitly.
+    let padded = |v: &[i64]| {
+        let mut p = v.to_vec();
+        p.resize((n * c) as usize, -1);
+        Tensor::from_slice(&p).to_device(device).view([n, c])
+    };
+    let (own_c, other_c, rel_c) = (padded(own), padded(other_side), padded(rels));
+    let differ = |x: &Tensor| x.unsqueeze(2).ne_tensor(&x.unsqueeze(1));
+    // Same node, or another positive sharing this one's relation and other end (a true edge):
+    // neither is a negative; nor is padding.
+    let real = own_c.ge(0).unsqueeze(1);
+    let in_batch = differ(&own_c)
+        .logical_and(&differ(&other_c).logical_or(&differ(&rel_c)))
+        .logical_and(&real)
+        .view([n * c, c])
+        .narrow(0, 0, b);
+    let own_t = Tensor::from_slice(own).to_device(device);
+    let uni = Tensor::from_slice(uniform).to_device(device);
+    let uniform_valid = uni.unsqueeze(0).ne_tensor(&own_t.unsqueeze(1));
+    Tensor::cat(&[in_batch, uniform_valid], 1)
 }
 
 /// `[b, D]` → `[ceil(b / chunk), chunk, D]`, zero-padded.
