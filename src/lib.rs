@@ -18,12 +18,14 @@
 //! | [`model`]     | embedding tables, relation vectors, sparse Adagrad |
 //! | [`train`]     | one training step: negatives, masking, loss, update |
 //! | [`eval`]      | filtered MRR / Hits@k |
+//! | [`checkpoint`] | versioned, atomic model checkpoints with an fsynced pointer |
 //! | [`offline`]   | `train` / `eval` on a dataset's standard splits |
 //! | [`datasets`]  | real datasets as events (pure loading) |
 //! | [`replay`]    | `replay`: produce a dataset to the engagements topic |
 //! | [`app`]       | the daemon's lifecycle (`run`) and store summaries |
 
 pub mod app;
+pub mod checkpoint;
 pub mod config;
 pub mod datasets;
 pub mod device;

@@ -14,13 +14,14 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 use tracing::info;
 
+use crate::checkpoint::{schema_fingerprint, Checkpoints};
 use crate::config::Config;
 use crate::datasets::{self, Dataset};
 use crate::eval::{evaluate, Filter, RankMetrics, Triple};
 use crate::model::Embeddings;
 use crate::schema::{decode_event, Schema};
 use crate::store::{AppendBatch, GraphStore, SourcedEvent, StoreOptions};
-use crate::train::{train_step, TrainParams};
+use crate::train::train_step;
 
 /// Where offline runs keep their store and model: `<storage.path>/../offline/<dataset>/`.
 pub fn run_dir(cfg: &Config, dataset: Dataset) -> PathBuf {
@@ -67,9 +68,12 @@ pub fn train(
 ) -> anyhow::Result<TrainReport> {
     let dir = run_dir(cfg, dataset);
     let store_dir = dir.join("store");
-    if store_dir.exists() {
-        std::fs::remove_dir_all(&store_dir)
-            .with_context(|| format!("clearing {}", store_dir.display()))?;
+    // A fresh store starts a fresh model: its old checkpoints index another store.
+    for stale in [store_dir.clone(), dir.join("checkpoints")] {
+        if stale.exists() {
+            std::fs::remove_dir_all(&stale)
+                .with_context(|| format!("clearing {}", stale.display()))?;
+        }
     }
     std::fs::create_dir_all(&dir)?;
     let schema = cfg.schema();
@@ -139,7 +143,8 @@ pub fn train(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    save_model(&model, &dir.join("model.ot"))?;
+    let fingerprint = schema_fingerprint(store.stored_schema());
+    Checkpoints::new(&dir.join("checkpoints"), 2).save(&model, store.edge_count(), fingerprint)?;
     Ok(TrainReport {
         dataset: dataset.name().into(),
         edges: edges.len() as u64,
@@ -171,15 +176,18 @@ pub fn eval(
     device: Device,
 ) -> anyhow::Result<EvalReport> {
     let dir = run_dir(cfg, dataset);
-    let model_path = dir.join("model.ot");
-    anyhow::ensure!(
-        model_path.exists(),
-        "{} is missing: run `twhin-stream train --dataset {dataset}` first",
-        model_path.display()
-    );
     let schema = cfg.schema();
     let store = GraphStore::open(&dir.join("store"), &schema, &StoreOptions::default())?;
-    let model = load_model(cfg, &schema, &model_path, device)?;
+    let fingerprint = schema_fingerprint(store.stored_schema());
+    let model = Checkpoints::new(&dir.join("checkpoints"), 2)
+        .load(fingerprint, device)?
+        .with_context(|| {
+            format!(
+                "no model in {}: run `twhin-stream train --dataset {dataset}` first",
+                dir.display()
+            )
+        })?
+        .model;
     // Events whose nodes are all known, in model coordinates; the others are only counted.
     let resolve = |events: Vec<crate::schema::Event>| -> anyhow::Result<(Vec<Triple>, usize)> {
         let (mut known, mut unseen) = (Vec::new(), 0);
@@ -216,56 +224,4 @@ pub fn eval(
         metrics: evaluate(&model, cfg.train.comparator, &target, &filter, 256),
         skipped_unseen,
     })
-}
-
-fn save_model(model: &Embeddings, path: &Path) -> anyhow::Result<()> {
-    let mut named: Vec<(String, Tensor)> = model
-        .tables
-        .iter()
-        .enumerate()
-        .map(|(t, table)| (format!("table.{t}"), table.rows().to_device(Device::Cpu)))
-        .collect();
-    named.push(("relations".into(), model.relations.to_device(Device::Cpu)));
-    let tmp = path.with_extension("tmp");
-    Tensor::save_multi(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-fn load_model(
-    cfg: &Config,
-    schema: &Schema,
-    path: &Path,
-    device: Device,
-) -> anyhow::Result<Embeddings> {
-    let p: &TrainParams = &cfg.train;
-    let mut model = Embeddings::new(
-        schema.node_types().len(),
-        schema.relations().len() as i64,
-        p.dim,
-        0.0,
-        device,
-    );
-    for (name, tensor) in Tensor::load_multi_with_device(path, device)
-        .with_context(|| format!("reading {}", path.display()))?
-    {
-        if name == "relations" {
-            model.relations = tensor;
-        } else if let Some(t) = name
-            .strip_prefix("table.")
-            .and_then(|t| t.parse::<usize>().ok())
-        {
-            let rows = tensor.size()[0];
-            anyhow::ensure!(
-                tensor.size()[1] == p.dim,
-                "{}: dimension {} but train.dim = {}",
-                path.display(),
-                tensor.size()[1],
-                p.dim
-            );
-            model.tables[t].grow(rows, |_| tensor.shallow_clone());
-        }
-    }
-    Ok(model)
 }
