@@ -79,6 +79,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prequential Hits@10 on the first edges of new nodes, warm start against random init.
+    WarmStart {
+        #[arg(long)]
+        dataset: Dataset,
+    },
     /// Summarise the store (read-only; the daemon must be stopped).
     Inspect {
         /// Print JSON.
@@ -109,7 +114,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let dataset_config = match &cli.command {
-        Command::Train { dataset, .. } | Command::Eval { dataset, .. } if cli.config.is_none() => {
+        Command::Train { dataset, .. }
+        | Command::Eval { dataset, .. }
+        | Command::WarmStart { dataset }
+            if cli.config.is_none() =>
+        {
             Some(dataset.config_file())
         }
         _ => None,
@@ -208,6 +217,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "{dataset} {split}: MRR {:.4}  Hits@1 {:.4}  Hits@3 {:.4}  Hits@10 {:.4}  ({} rankings; {} edges with unseen nodes skipped)",
                     m.mrr, m.hits1, m.hits3, m.hits10, m.rankings, report.skipped_unseen
                 );
+            }
+            Ok(())
+        }
+        Command::WarmStart { dataset } => {
+            let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
+                .map_err(anyhow::Error::msg)?;
+            for warm in [false, true] {
+                let r = twhin_stream::offline::prequential_new_nodes(&cfg, dataset, warm, device)?;
+                println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
         }

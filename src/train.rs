@@ -154,17 +154,23 @@ fn unchunked(x: &Tensor, b: i64) -> Tensor {
     x.view([-1, chunk]).narrow(0, 0, b)
 }
 
-/// Make sure every node a batch names has a row (new rows random for now).
-pub fn ensure_rows(model: &mut Embeddings, edges: &[Edge], init_scale: f64) {
-    let mut needed = vec![0i64; model.tables.len()];
+/// Rows each table needs so that every node `edges` names has one.
+pub fn rows_needed(model: &Embeddings, edges: &[Edge]) -> Vec<i64> {
+    let mut needed: Vec<i64> = model.tables.iter().map(|t| t.len()).collect();
     for e in edges {
         for n in [e.src, e.dst] {
             let t = n.node_type as usize;
             needed[t] = needed[t].max(n.index as i64 + 1);
         }
     }
-    let device = model.device;
-    let dim = model.dim;
+    needed
+}
+
+/// Make sure every node `edges` names has a row; new rows are random (see [`crate::warm`] for
+/// the warm start the trainer uses when it has the store).
+pub fn ensure_rows(model: &mut Embeddings, edges: &[Edge], init_scale: f64) {
+    let (dim, device) = (model.dim, model.device);
+    let needed = rows_needed(model, edges);
     for (table, n) in model.tables.iter_mut().zip(needed) {
         table.grow(n, |count| {
             Tensor::randn([count, dim], (Kind::Float, device)) * init_scale
