@@ -20,7 +20,7 @@ use crate::datasets::{self, Dataset};
 use crate::eval::{evaluate, Filter, RankMetrics, Triple};
 use crate::model::Embeddings;
 use crate::schema::{decode_event, Schema};
-use crate::store::{AppendBatch, GraphStore, SourcedEvent, StoreOptions};
+use crate::store::{AppendBatch, GraphStore, StoreOptions};
 use crate::train::train_step;
 
 /// Where offline runs keep their store and model: `<storage.path>/../offline/<dataset>/`.
@@ -40,6 +40,15 @@ pub struct TrainReport {
     pub final_loss: f64,
     pub skipped_steps: u64,
     pub device: String,
+}
+
+/// A store for an offline run: no Kafka, so no event-id deduplication.
+fn open_offline_store(path: &Path, schema: &Schema) -> anyhow::Result<GraphStore> {
+    let opts = StoreOptions {
+        dedup_window_ms: 0,
+        ..Default::default()
+    };
+    Ok(GraphStore::open(path, schema, &opts)?)
 }
 
 /// Load a split's triples as events, resolved by the schema (the replay path's decoder).
@@ -77,28 +86,9 @@ pub fn train(
     }
     std::fs::create_dir_all(&dir)?;
     let schema = cfg.schema();
-    let store = GraphStore::open(
-        &store_dir,
-        &schema,
-        &StoreOptions {
-            dedup_window_ms: 0,
-            ..Default::default()
-        },
-    )?;
+    let store = open_offline_store(&store_dir, &schema)?;
     let events = split_events(cfg, &schema, dataset, "train")?;
-    let batch = AppendBatch {
-        topic: format!("offline:{dataset}"),
-        events: events
-            .into_iter()
-            .enumerate()
-            .map(|(i, event)| SourcedEvent {
-                partition: 0,
-                offset: i as i64,
-                event,
-            })
-            .collect(),
-        next_offsets: vec![],
-    };
+    let batch = AppendBatch::from_events(&format!("offline:{dataset}"), 0, events);
     store.append(&batch)?;
     let mut edges: Vec<_> = store
         .edges_from(0, usize::MAX)?
@@ -263,14 +253,7 @@ pub fn prequential_new_nodes(
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     let schema = cfg.schema();
-    let store = GraphStore::open(
-        &dir,
-        &schema,
-        &StoreOptions {
-            dedup_window_ms: 0,
-            ..Default::default()
-        },
-    )?;
+    let store = open_offline_store(&dir, &schema)?;
     let events = split_events(cfg, &schema, dataset, "train")?;
     let p = &cfg.train;
     tch::manual_seed(p.seed as i64);
@@ -344,19 +327,8 @@ pub fn prequential_new_nodes(
         });
 
         // Then train: store the batch, give new nodes rows, step on it plus replayed edges.
-        let batch = AppendBatch {
-            topic: "prequential".into(),
-            events: chunk
-                .iter()
-                .enumerate()
-                .map(|(i, event)| SourcedEvent {
-                    partition: 0,
-                    offset: (b * p.batch_size + i) as i64,
-                    event: event.clone(),
-                })
-                .collect(),
-            next_offsets: vec![],
-        };
+        let first_offset = (b * p.batch_size) as i64;
+        let batch = AppendBatch::from_events("prequential", first_offset, chunk.iter().cloned());
         let out = store.append(&batch)?;
         let fresh: Vec<_> = store
             .edges_from(out.first_seq, chunk.len())?

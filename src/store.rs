@@ -128,6 +128,30 @@ pub struct AppendBatch {
     pub next_offsets: Vec<(i32, i64)>,
 }
 
+impl AppendBatch {
+    /// Events not read from Kafka (offline loads, tests): partition 0 at consecutive offsets from
+    /// `first_offset`.
+    pub fn from_events(
+        topic: &str,
+        first_offset: i64,
+        events: impl IntoIterator<Item = Event>,
+    ) -> AppendBatch {
+        AppendBatch {
+            topic: topic.to_owned(),
+            events: events
+                .into_iter()
+                .enumerate()
+                .map(|(i, event)| SourcedEvent {
+                    partition: 0,
+                    offset: first_offset + i as i64,
+                    event,
+                })
+                .collect(),
+            next_offsets: vec![],
+        }
+    }
+}
+
 /// What [`GraphStore::append`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppendOutcome {

@@ -66,7 +66,7 @@ pub fn warm_rows(
 mod tests {
     use super::*;
     use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
-    use crate::store::{AppendBatch, SourcedEvent, StoreOptions};
+    use crate::store::{AppendBatch, StoreOptions};
     use tch::Device;
 
     #[test]
@@ -105,19 +105,7 @@ mod tests {
             ev("new", "m0"),
             ev("new", "m1"),
         ];
-        let batch = AppendBatch {
-            topic: "t".into(),
-            events: events
-                .into_iter()
-                .enumerate()
-                .map(|(i, event)| SourcedEvent {
-                    partition: 0,
-                    offset: i as i64,
-                    event,
-                })
-                .collect(),
-            next_offsets: vec![],
-        };
+        let batch = AppendBatch::from_events("t", 0, events);
         store.append(&batch).unwrap();
 
         tch::manual_seed(5);
