@@ -91,13 +91,7 @@ fn bench(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(8));
         for batch in [1_000usize, 16_000, 64_000] {
             tch::manual_seed(7);
-            let mut model = Embeddings::new(
-                schema.node_types().len(),
-                schema.relations().len() as i64,
-                params.dim,
-                params.init_scale,
-                device,
-            );
+            let mut model = Embeddings::for_schema(&schema, &params, device);
             ensure_rows(&mut model, &edges, params.init_scale);
             let mut rng = SmallRng::seed_from_u64(7);
             let mut at = 0usize;

@@ -118,6 +118,21 @@ impl Embeddings {
         }
     }
 
+    /// Empty tables for every node type of `schema` and its relations, shaped by `[train]`.
+    pub fn for_schema(
+        schema: &crate::schema::Schema,
+        p: &crate::train::TrainParams,
+        device: Device,
+    ) -> Embeddings {
+        Embeddings::new(
+            schema.node_types().len(),
+            schema.relations().len() as i64,
+            p.dim,
+            p.init_scale,
+            device,
+        )
+    }
+
     /// Dense Adagrad step on the relation vectors.
     pub fn adagrad_relations(&mut self, grad: &Tensor, lr: f64) {
         tch::no_grad(|| {

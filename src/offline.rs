@@ -42,6 +42,14 @@ pub struct TrainReport {
     pub device: String,
 }
 
+/// Remove a folder left by an earlier run, if any.
+fn clear_dir(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        std::fs::remove_dir_all(path).with_context(|| format!("clearing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A store for an offline run: no Kafka, so no event-id deduplication.
 fn open_offline_store(path: &Path, schema: &Schema) -> anyhow::Result<GraphStore> {
     let opts = StoreOptions {
@@ -78,12 +86,8 @@ pub fn train(
     let dir = run_dir(cfg, dataset);
     let store_dir = dir.join("store");
     // A fresh store starts a fresh model: its old checkpoints index another store.
-    for stale in [store_dir.clone(), dir.join("checkpoints")] {
-        if stale.exists() {
-            std::fs::remove_dir_all(&stale)
-                .with_context(|| format!("clearing {}", stale.display()))?;
-        }
-    }
+    clear_dir(&store_dir)?;
+    clear_dir(&dir.join("checkpoints"))?;
     std::fs::create_dir_all(&dir)?;
     let schema = cfg.schema();
     let store = open_offline_store(&store_dir, &schema)?;
@@ -99,13 +103,7 @@ pub fn train(
     let p = &cfg.train;
     tch::manual_seed(p.seed as i64);
     let mut rng = SmallRng::seed_from_u64(p.seed);
-    let mut model = Embeddings::new(
-        schema.node_types().len(),
-        schema.relations().len() as i64,
-        p.dim,
-        p.init_scale,
-        device,
-    );
+    let mut model = Embeddings::for_schema(&schema, p, device);
     // Every stored node gets a row before training (the offline graph is fully known).
     for (t, table) in model.tables.iter_mut().enumerate() {
         let n = store.node_count(t as u16) as i64;
@@ -249,22 +247,14 @@ pub fn prequential_new_nodes(
     } else {
         "prequential-random"
     });
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
+    clear_dir(&dir)?;
     let schema = cfg.schema();
     let store = open_offline_store(&dir, &schema)?;
     let events = split_events(cfg, &schema, dataset, "train")?;
     let p = &cfg.train;
     tch::manual_seed(p.seed as i64);
     let mut rng = SmallRng::seed_from_u64(p.seed);
-    let mut model = Embeddings::new(
-        schema.node_types().len(),
-        schema.relations().len() as i64,
-        p.dim,
-        p.init_scale,
-        device,
-    );
+    let mut model = Embeddings::for_schema(&schema, p, device);
     let mut seen: HashMap<NodeRef, u32> = HashMap::new();
     let mut sum = RankSum::default();
 

@@ -33,7 +33,7 @@ use std::sync::{Mutex, RwLock};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{Event, RelId, Schema, SchemaConfig, TypeId};
+use crate::schema::{Event, RelId, Schema, TypeId};
 
 /// A node inside the store: its type and dense per-type index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -206,23 +206,6 @@ impl StoredSchema {
                 .relations()
                 .iter()
                 .map(|r| (r.name.clone(), names(&r.src_types), names(&r.dst_types)))
-                .collect(),
-        }
-    }
-
-    /// The stored schema as a config section (for tools that open a store without a config).
-    pub fn to_config(&self) -> SchemaConfig {
-        use crate::schema::{OneOrMany, RelationDef};
-        SchemaConfig {
-            node_types: self.node_types.clone(),
-            relations: self
-                .relations
-                .iter()
-                .map(|(name, s, d)| RelationDef {
-                    name: name.clone(),
-                    src: OneOrMany::Many(s.clone()),
-                    dst: OneOrMany::Many(d.clone()),
-                })
                 .collect(),
         }
     }
@@ -969,15 +952,6 @@ impl GraphStore {
             .map(|v| v.to_vec()))
     }
 
-    /// Write a metadata value durably.
-    pub fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.tree
-            .insert(meta_key(name), value)
-            .map_err(|e| self.sled_err(e))?;
-        self.db.flush().map_err(|e| self.sled_err(e))?;
-        Ok(())
-    }
-
     /// Flush everything to disk (also done by every append).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(|e| self.sled_err(e))
@@ -1093,7 +1067,7 @@ fn meta_key(name: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::NodeKey;
+    use crate::schema::{NodeKey, SchemaConfig};
 
     fn schema() -> Schema {
         let cfg: SchemaConfig = toml::from_str(
