@@ -14,37 +14,6 @@ use rand::{Rng, SeedableRng};
 const TOPIC: &str = "twhin.engagements";
 const DLQ: &str = "twhin.engagements.dlq";
 
-type Triple = (String, String, String);
-
-/// The i-th valid event of the default Twitter schema; every (src, rel, dst) is distinct.
-fn valid_event(i: usize, with_event_id: bool) -> (Outgoing, Triple) {
-    const RELS: [(&str, &str, &str); 8] = [
-        ("user", "follows", "user"),
-        ("user", "favorites", "tweet"),
-        ("user", "retweets", "tweet"),
-        ("user", "replies", "tweet"),
-        ("user", "authors", "tweet"),
-        ("user", "clicks", "ad"),
-        ("advertiser", "promotes", "ad"),
-        ("user", "searches", "query"),
-    ];
-    let (st, rel, dt) = RELS[i % RELS.len()];
-    let src = format!("{st}:{}", i % 997);
-    let dst = format!("{dt}:{i}");
-    let mut json = serde_json::json!({"src": src, "rel": rel, "dst": dst, "ts": 1_732_190_000_000u64 + i as u64});
-    if i % 3 == 0 {
-        json["weight"] = serde_json::json!(0.5 + (i % 5) as f64);
-    }
-    if with_event_id {
-        json["event_id"] = serde_json::json!(format!("ev-{i}"));
-    }
-    let out = Outgoing {
-        key: src.clone(),
-        payload: Some(json.to_string().into_bytes()),
-    };
-    (out, (src, rel.to_owned(), dst))
-}
-
 /// A malformed event of a kind chosen by `rng`, with the reason the daemon must give.
 fn malformed_event(rng: &mut SmallRng, i: usize) -> (Outgoing, &'static str) {
     let ok =

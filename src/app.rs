@@ -1,10 +1,11 @@
-//! The daemon's lifecycle (`twhin-stream run`): open the store, start the actors and the HTTP
-//! server, wait for SIGTERM/SIGINT or a failing actor, then shut down in order: stop consuming,
-//! write what is pending, flush, stop HTTP, exit.
+//! The daemon's lifecycle (`twhin-stream run`): open the store, resume the trainer from its
+//! newest checkpoint, start the actors and the HTTP server, wait for SIGTERM/SIGINT or a failing
+//! actor, then shut down in order: stop consuming, write what is pending, finish the training
+//! round, checkpoint, flush, stop HTTP, exit.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use anyhow::Context as _;
@@ -15,9 +16,10 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::ingest::{IngestActor, IngestStatus, StoreWriter};
 use crate::kafka::{self, ApplyOutcome, EmbeddedKafka};
-use crate::messages::StopIngest;
+use crate::messages::{SaveCheckpoint, StopIngest, TrainRound};
 use crate::store::{GraphStore, StoreError, StoreOptions};
 use crate::telemetry as m;
+use crate::trainer::{TrainerActor, TrainerCore, TrainerStatus};
 
 /// Node, edge and offset counts of a store (`inspect --json`, `/v1/status`).
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +122,17 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
     let torch = crate::device::info(device);
     info!(?torch, "libtorch ready");
     let store = open_store(&cfg)?;
+    let core = if cfg.trainer.enabled {
+        Some(TrainerCore::open(&cfg, &store, device).with_context(|| {
+            format!(
+                "resuming the trainer from trainer.checkpoint_path = {}",
+                cfg.trainer.checkpoint_path.display()
+            )
+        })?)
+    } else {
+        info!("trainer.enabled = false: ingest only");
+        None
+    };
     let bind = cfg.http_bind()?;
     let cfg = Arc::new(cfg);
 
@@ -145,9 +158,47 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
                 IngestActor::new(cfg, store, writer, status, exit_tx)
             })
         };
+        let trainer_status = core.as_ref().map(|_| Arc::new(TrainerStatus::new()));
+        let trainer = core.map(|core| {
+            let slot = Arc::new(Mutex::new(Some(core)));
+            let (cfg, store, status) = (
+                cfg.clone(),
+                store.clone(),
+                trainer_status.clone().expect("made with the core"),
+            );
+            SyncArbiter::start(1, move || {
+                TrainerActor::new(&cfg, slot.clone(), store.clone(), status.clone())
+            })
+        });
+        let (stop_training, mut training) = {
+            let (tx, mut rx) = tokio::sync::watch::channel(false);
+            let idle = Duration::from_millis(cfg.trainer.idle_poll_ms);
+            let trainer = trainer.clone();
+            let driver = actix_rt::spawn(async move {
+                let Some(trainer) = trainer else {
+                    let _ = rx.changed().await;
+                    return Ok(());
+                };
+                while !*rx.borrow() {
+                    let outcome = trainer
+                        .send(TrainRound)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("trainer actor unreachable: {e}"))??;
+                    if outcome.idle {
+                        tokio::select! {
+                            _ = tokio::time::sleep(idle) => {}
+                            _ = rx.changed() => {}
+                        }
+                    }
+                }
+                anyhow::Ok(())
+            });
+            (tx, driver)
+        };
         let state = Arc::new(crate::http::HttpState {
             store: store.clone(),
             ingest: status.clone(),
+            trainer: trainer_status,
             metrics,
             torch,
             bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
@@ -158,6 +209,7 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
             .with_context(|| format!("binding http.bind = {bind}"))?;
         info!(%addr, "http listening");
 
+        let mut training_done = None;
         let outcome = tokio::select! {
             _ = shutdown_signal() => { info!("shutdown requested"); Ok(()) }
             r = exit_rx => match r {
@@ -165,8 +217,29 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
                 Ok(Err(e)) => Err(anyhow::Error::new(e).context("ingest failed")),
                 Err(_) => Err(anyhow::anyhow!("ingest actor vanished")),
             },
+            r = &mut training => {
+                let r = r.map_err(|e| anyhow::anyhow!("trainer driver panicked: {e}")).and_then(|r| r);
+                training_done = Some(());
+                match r {
+                    Ok(()) => Err(anyhow::anyhow!("trainer stopped unexpectedly")),
+                    Err(e) => Err(e.context("trainer failed")),
+                }
+            }
         };
         let _ = ingest.send(StopIngest).await;
+        if training_done.is_none() {
+            let _ = stop_training.send(true);
+            if let Ok(Err(e)) = training.await {
+                warn!(error = %e, "trainer failed while stopping");
+            }
+        }
+        if let Some(trainer) = &trainer {
+            match trainer.send(SaveCheckpoint).await {
+                Ok(Ok(version)) => info!(version, "final checkpoint"),
+                Ok(Err(e)) => warn!(error = %e, "final checkpoint failed"),
+                Err(e) => warn!(error = %e, "trainer unreachable for the final checkpoint"),
+            }
+        }
         store.flush().context("final flush")?;
         http.stop(true).await;
         System::current().stop();

@@ -34,6 +34,7 @@ pub struct Config {
     pub log: LogConfig,
     pub torch: TorchConfig,
     pub train: crate::train::TrainParams,
+    pub trainer: TrainerConfig,
     pub datasets: DatasetsConfig,
 }
 
@@ -104,6 +105,23 @@ pub struct LogConfig {
 pub struct TorchConfig {
     pub device: String,
     pub threads: i32,
+}
+
+/// The `[trainer]` section: how the daemon's trainer actor feeds [`crate::train::train_step`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerConfig {
+    pub enabled: bool,
+    pub replay_ratio: f64,
+    pub max_batch_size: usize,
+    pub warm_start: bool,
+    pub prequential_per_step: usize,
+    pub prequential_window: usize,
+    pub idle_poll_ms: u64,
+    pub round_budget_ms: u64,
+    pub checkpoint_path: PathBuf,
+    pub checkpoint_interval_secs: u64,
+    pub checkpoint_keep: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -242,6 +260,30 @@ impl Config {
         }
         if t.uniform_negatives < 0 {
             return Err(invalid("train.uniform_negatives", "must be at least 0"));
+        }
+        let tr = &self.trainer;
+        if !(tr.replay_ratio.is_finite() && tr.replay_ratio >= 0.0) {
+            return Err(invalid(
+                "trainer.replay_ratio",
+                "must be a non-negative number",
+            ));
+        }
+        if tr.max_batch_size < t.batch_size {
+            return Err(invalid(
+                "trainer.max_batch_size",
+                format!("must be at least train.batch_size ({})", t.batch_size),
+            ));
+        }
+        positive("trainer.prequential_window", tr.prequential_window as u64)?;
+        positive("trainer.idle_poll_ms", tr.idle_poll_ms)?;
+        positive("trainer.round_budget_ms", tr.round_budget_ms)?;
+        positive(
+            "trainer.checkpoint_interval_secs",
+            tr.checkpoint_interval_secs,
+        )?;
+        positive("trainer.checkpoint_keep", tr.checkpoint_keep as u64)?;
+        if tr.checkpoint_path.as_os_str().is_empty() {
+            return Err(invalid("trainer.checkpoint_path", "must not be empty"));
         }
         Ok(())
     }

@@ -174,6 +174,75 @@ pub fn evaluate(
     sum.metrics()
 }
 
+/// One target-side ranking query: where does `dst` rank among all rows of its type as the
+/// target of `(src, rel)`? `known` lists other true targets (indices of `dst`'s type), filtered.
+#[derive(Debug, Clone)]
+pub struct TargetQuery {
+    pub src_type: usize,
+    pub src: i64,
+    pub rel: i64,
+    pub dst_type: usize,
+    pub dst: i64,
+    pub known: Vec<i64>,
+}
+
+/// Realistic ranks of `queries` against the current tables (prequential evaluation), in the
+/// order given. Every index must have a row.
+pub fn target_ranks(model: &Embeddings, cmp: Comparator, queries: &[TargetQuery]) -> Vec<f64> {
+    let device = model.device;
+    let mut ranks = vec![0.0; queries.len()];
+    let mut by_type: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, q) in queries.iter().enumerate() {
+        by_type.entry(q.dst_type).or_default().push(i);
+    }
+    tch::no_grad(|| {
+        for (dt, members) in by_type {
+            let src_rows: Vec<Tensor> = members
+                .iter()
+                .map(|&i| {
+                    model.tables[queries[i].src_type]
+                        .weights
+                        .get(queries[i].src)
+                })
+                .collect();
+            let idx = |f: &dyn Fn(&TargetQuery) -> i64| {
+                let v: Vec<i64> = members.iter().map(|&i| f(&queries[i])).collect();
+                Tensor::from_slice(&v).to_device(device)
+            };
+            let rel = model.relations.index_select(0, &idx(&|q| q.rel));
+            let candidates = model.tables[dt].rows();
+            let scores = score_targets(
+                cmp,
+                &translate(&Tensor::stack(&src_rows, 0), &rel),
+                &candidates,
+            )
+            .to_kind(Kind::Double);
+            let truth_col = idx(&|q| q.dst).unsqueeze(1);
+            let truth = scores.gather(1, &truth_col, false).squeeze_dim(1);
+            let n = scores.size()[1];
+            let flat: Vec<i64> = members
+                .iter()
+                .enumerate()
+                .flat_map(|(row, &i)| {
+                    let q = &queries[i];
+                    q.known
+                        .iter()
+                        .filter(move |&&k| k != q.dst && k < n)
+                        .map(move |&k| row as i64 * n + k)
+                })
+                .collect();
+            if !flat.is_empty() {
+                let at = Tensor::from_slice(&flat).to_device(device);
+                let _ = scores.view([-1]).index_fill_(0, &at, f64::NEG_INFINITY);
+            }
+            for (&i, r) in members.iter().zip(realistic_ranks(&scores, &truth)) {
+                ranks[i] = r;
+            }
+        }
+    });
+    ranks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +267,30 @@ mod tests {
             realistic_ranks(&scores, &Tensor::from_slice(&[1.0f64])),
             vec![2.0]
         );
+    }
+
+    #[test]
+    fn target_ranks_filter_known_targets_and_keep_query_order() {
+        let mut model = Embeddings::new(1, 1, 1, 0.0, tch::Device::Cpu);
+        // One dimension, zero relation, dot score = e_s · e_t: with e_s = 1 the targets rank by
+        // their value, 4 > 3 > 2 > 1.
+        model.tables[0].grow(4, |_| {
+            Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([4, 1])
+        });
+        let q = |dst: i64, known: Vec<i64>| TargetQuery {
+            src_type: 0,
+            src: 0,
+            rel: 0,
+            dst_type: 0,
+            dst,
+            known,
+        };
+        let ranks = target_ranks(
+            &model,
+            Comparator::Dot,
+            &[q(1, vec![]), q(1, vec![3, 2, 1]), q(3, vec![])],
+        );
+        assert_eq!(ranks, vec![3.0, 1.0, 1.0]);
     }
 
     #[test]

@@ -19,6 +19,8 @@ use crate::store::GraphStore;
 pub struct HttpState {
     pub store: Arc<GraphStore>,
     pub ingest: Arc<IngestStatus>,
+    /// `None` when `trainer.enabled = false`.
+    pub trainer: Option<Arc<crate::trainer::TrainerStatus>>,
     pub metrics: PrometheusHandle,
     pub torch: TorchInfo,
     pub bootstrap_servers: String,
@@ -83,6 +85,7 @@ pub struct Status {
     pub kafka: KafkaStatus,
     pub ingest: IngestFigures,
     pub store: crate::app::StoreSummary,
+    pub trainer: Option<crate::trainer::TrainerFigures>,
     pub torch: TorchInfo,
 }
 
@@ -132,6 +135,7 @@ async fn status(state: web::Data<HttpState>) -> impl Responder {
             batches: i.batches.load(Ordering::Relaxed),
         },
         store,
+        trainer: state.trainer.as_ref().map(|t| t.figures()),
         torch: state.torch.clone(),
     })
 }

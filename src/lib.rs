@@ -17,6 +17,7 @@
 //! | [`loss`]      | logistic and softmax losses over scores (pure) |
 //! | [`model`]     | embedding tables, relation vectors, sparse Adagrad |
 //! | [`train`]     | one training step: negatives, masking, loss, update |
+//! | [`trainer`]   | the trainer actor: cursor, replay, adaptive micro-batches, prequential, checkpoints |
 //! | [`warm`]      | warm start of new nodes from their embedded neighbours |
 //! | [`eval`]      | filtered MRR / Hits@k |
 //! | [`checkpoint`] | versioned, atomic model checkpoints with an fsynced pointer |
@@ -44,4 +45,5 @@ pub mod score;
 pub mod store;
 pub mod telemetry;
 pub mod train;
+pub mod trainer;
 pub mod warm;

@@ -51,7 +51,7 @@ fn clear_dir(path: &Path) -> anyhow::Result<()> {
 }
 
 /// A store for an offline run: no Kafka, so no event-id deduplication.
-fn open_offline_store(path: &Path, schema: &Schema) -> anyhow::Result<GraphStore> {
+pub fn open_offline_store(path: &Path, schema: &Schema) -> anyhow::Result<GraphStore> {
     let opts = StoreOptions {
         dedup_window_ms: 0,
         ..Default::default()
@@ -60,7 +60,7 @@ fn open_offline_store(path: &Path, schema: &Schema) -> anyhow::Result<GraphStore
 }
 
 /// Load a split's triples as events, resolved by the schema (the replay path's decoder).
-fn split_events(
+pub fn split_events(
     cfg: &Config,
     schema: &Schema,
     dataset: Dataset,

@@ -7,11 +7,13 @@
 //! |------------|-------|
 //! | `dot` (TwHIN, default) | `a · e_t` |
 //! | `l2` (TransE)          | `−‖a − e_t‖` |
+//! | `l1` (TransE, L1 norm) | `−‖a − e_t‖₁` |
 //! | `cos`                  | `cos(a, e_t)` |
 //!
-//! Scoring many candidates at once is always one matrix product (plus row norms), for targets
+//! Scoring many candidates at once is one matrix product (plus row norms), for targets
 //! ([`score_targets`]) and for corrupted sources ([`score_sources`]), so negatives cost a GEMM
-//! rather than a `[B, N, D]` broadcast. Both accept leading batch dimensions (`[C, B, D]` against
+//! rather than a `[B, N, D]` broadcast. `l1` has no such identity and uses `cdist` (a
+//! `[B, N, D]`-sized computation): it suits small knowledge graphs, not large streams. Both accept leading batch dimensions (`[C, B, D]` against
 //! `[C, N, D]`), which scores every chunk of a batch with one batched product.
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,7 @@ use tch::{Kind, Tensor};
 pub enum Comparator {
     Dot,
     L2,
+    L1,
     Cos,
 }
 
@@ -43,6 +46,9 @@ pub fn score_pairs(cmp: Comparator, translated: &Tensor, dst: &Tensor) -> Tensor
             .sum_dim_intlist(1, false, Kind::Float)
             .clamp_min(EPS)
             .sqrt(),
+        Comparator::L1 => -(translated - dst)
+            .abs()
+            .sum_dim_intlist(1, false, Kind::Float),
         Comparator::Cos => {
             let num = (translated * dst).sum_dim_intlist(1, false, Kind::Float);
             num / (sq_norms(translated).clamp_min(EPS).sqrt() * sq_norms(dst).clamp_min(EPS).sqrt())
@@ -53,14 +59,15 @@ pub fn score_pairs(cmp: Comparator, translated: &Tensor, dst: &Tensor) -> Tensor
 /// Score every translated source against every candidate target:
 /// `translated [.., B, D]`, `candidates [.., N, D]` → `[.., B, N]`.
 pub fn score_targets(cmp: Comparator, translated: &Tensor, candidates: &Tensor) -> Tensor {
-    let dots = translated.matmul(&candidates.transpose(-2, -1));
+    let dots = || translated.matmul(&candidates.transpose(-2, -1));
     match cmp {
-        Comparator::Dot => dots,
-        Comparator::L2 => neg_distance(&dots, &sq_norms(translated), &sq_norms(candidates)),
+        Comparator::Dot => dots(),
+        Comparator::L2 => neg_distance(&dots(), &sq_norms(translated), &sq_norms(candidates)),
+        Comparator::L1 => -Tensor::cdist(translated, candidates, 1.0, None::<i64>),
         Comparator::Cos => {
             let a = sq_norms(translated).clamp_min(EPS).sqrt().unsqueeze(-1);
             let c = sq_norms(candidates).clamp_min(EPS).sqrt().unsqueeze(-2);
-            dots / (a * c)
+            dots() / (a * c)
         }
     }
 }
@@ -71,6 +78,8 @@ pub fn score_targets(cmp: Comparator, translated: &Tensor, candidates: &Tensor) 
 pub fn score_sources(cmp: Comparator, candidates: &Tensor, rel: &Tensor, dst: &Tensor) -> Tensor {
     let cand_t = candidates.transpose(-2, -1);
     match cmp {
+        // ‖c + r − t‖₁ = ‖c − q‖₁ with q = t − r
+        Comparator::L1 => -Tensor::cdist(&(dst - rel), candidates, 1.0, None::<i64>),
         // (c + r)·t = c·t + r·t
         Comparator::Dot => dst.matmul(&cand_t) + row_dots(rel, dst).unsqueeze(-1),
         // ‖c + r − t‖ = ‖c − q‖ with q = t − r
@@ -141,6 +150,8 @@ mod tests {
             &values(&score_pairs(Comparator::L2, &a, &d)),
             &[-(1.25f32).sqrt()],
         );
+        // |−0.5| + |1|
+        close(&values(&score_pairs(Comparator::L1, &a, &d)), &[-1.5]);
         // 3 / (√3.25 · 2)
         close(
             &values(&score_pairs(Comparator::Cos, &a, &d)),
@@ -156,7 +167,12 @@ mod tests {
         let rel = Tensor::randn([b, dim], (Kind::Float, tch::Device::Cpu));
         let dst = Tensor::randn([b, dim], (Kind::Float, tch::Device::Cpu));
         let cand = Tensor::randn([n, dim], (Kind::Float, tch::Device::Cpu));
-        for cmp in [Comparator::Dot, Comparator::L2, Comparator::Cos] {
+        for cmp in [
+            Comparator::Dot,
+            Comparator::L2,
+            Comparator::L1,
+            Comparator::Cos,
+        ] {
             let a = translate(&src, &rel);
             let targets = score_targets(cmp, &a, &cand);
             let sources = score_sources(cmp, &cand, &rel, &dst);
@@ -195,7 +211,12 @@ mod tests {
             Tensor::randn([3, 4, 5], opts),
             Tensor::randn([3, 6, 5], opts),
         );
-        for cmp in [Comparator::Dot, Comparator::L2, Comparator::Cos] {
+        for cmp in [
+            Comparator::Dot,
+            Comparator::L2,
+            Comparator::L1,
+            Comparator::Cos,
+        ] {
             let tb = score_targets(cmp, &a, &c);
             let sb = score_sources(cmp, &c, &r, &t);
             for k in 0..3 {

@@ -33,6 +33,31 @@ pub const STORE_EDGES: &str = "twhin_store_edges";
 /// Nodes in the store by `type` (gauge).
 pub const STORE_NODES: &str = "twhin_store_nodes";
 
+/// Training steps taken (skipped ones included).
+pub const TRAIN_STEPS: &str = "twhin_train_steps_total";
+/// Steps skipped because the loss or a gradient was not finite.
+pub const TRAIN_SKIPPED: &str = "twhin_train_skipped_steps_total";
+/// Edges trained, by `kind`: `new` (from the cursor) or `replay` (uniform from the log).
+pub const TRAIN_EDGES: &str = "twhin_train_edges_total";
+/// Loss of the last step that was not skipped.
+pub const TRAIN_LOSS: &str = "twhin_train_loss";
+/// Time of one step (read, prequential test, new rows, replay sample, train step), seconds.
+pub const TRAIN_STEP_SECONDS: &str = "twhin_train_step_seconds";
+/// Stored edges the trainer has not trained yet.
+pub const TRAIN_BACKLOG: &str = "twhin_train_backlog_edges";
+/// The current micro-batch size (adapts to the backlog).
+pub const TRAIN_BATCH_EDGES: &str = "twhin_train_batch_edges";
+/// New rows initialised, by `init`: `warm` (from neighbours) or `random`.
+pub const TRAIN_ROWS: &str = "twhin_train_rows_initialised_total";
+/// Checkpoints written.
+pub const TRAIN_CHECKPOINTS: &str = "twhin_train_checkpoints_total";
+/// Prequential (test-then-train) MRR over the last `trainer.prequential_window` ranks.
+pub const PREQ_MRR: &str = "twhin_prequential_mrr";
+/// Prequential Hits@10 over the same window.
+pub const PREQ_HITS10: &str = "twhin_prequential_hits_at_10";
+/// Edges ranked prequentially.
+pub const PREQ_RANKED: &str = "twhin_prequential_ranked_total";
+
 /// Install the global tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init_logging(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
@@ -64,6 +89,14 @@ pub fn init_metrics() -> PrometheusHandle {
                 Matcher::Full(BATCH_EVENTS.into()),
                 &[
                     1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(TRAIN_STEP_SECONDS.into()),
+                &[
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ],
             )
         })
@@ -109,4 +142,29 @@ fn describe() {
     );
     describe_gauge!(STORE_EDGES, "Edges in the graph store");
     describe_gauge!(STORE_NODES, "Nodes in the graph store, by type");
+    describe_counter!(TRAIN_STEPS, "Training steps taken");
+    describe_counter!(
+        TRAIN_SKIPPED,
+        "Training steps skipped (non-finite loss or gradient)"
+    );
+    describe_counter!(TRAIN_EDGES, "Edges trained, by kind (new, replay)");
+    describe_gauge!(TRAIN_LOSS, "Loss of the last training step");
+    describe_histogram!(
+        TRAIN_STEP_SECONDS,
+        Unit::Seconds,
+        "Time of one training step"
+    );
+    describe_gauge!(TRAIN_BACKLOG, "Stored edges not trained yet");
+    describe_gauge!(TRAIN_BATCH_EDGES, "Current micro-batch size of new edges");
+    describe_counter!(
+        TRAIN_ROWS,
+        "New embedding rows initialised, by init (warm, random)"
+    );
+    describe_counter!(TRAIN_CHECKPOINTS, "Model checkpoints written");
+    describe_gauge!(PREQ_MRR, "Prequential MRR over the recent window");
+    describe_gauge!(PREQ_HITS10, "Prequential Hits@10 over the recent window");
+    describe_counter!(
+        PREQ_RANKED,
+        "Edges ranked prequentially (test before train)"
+    );
 }

@@ -147,6 +147,10 @@ pub fn daemon_env(bootstrap: &str, store: &Path, http_port: u16) -> Vec<(String,
     vec![
         ("TWHIN_KAFKA__BOOTSTRAP_SERVERS".into(), bootstrap.into()),
         ("TWHIN_STORAGE__PATH".into(), store.display().to_string()),
+        (
+            "TWHIN_TRAINER__CHECKPOINT_PATH".into(),
+            store.with_extension("checkpoints").display().to_string(),
+        ),
         ("TWHIN_HTTP__BIND".into(), format!("127.0.0.1:{http_port}")),
         (
             "TWHIN_KAFKA__CONSUMER__SESSION_TIMEOUT_MS".into(),
@@ -270,6 +274,15 @@ impl Daemon {
     pub fn log_tail(&self) -> String {
         tail(&self.log, 60)
     }
+
+    /// Everything the current (or last) run logged.
+    pub fn log_of_last_start(&self) -> String {
+        let all = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let marker = format!("===== start {} =====", self.starts);
+        all.split_once(&marker)
+            .map(|(_, rest)| rest.to_owned())
+            .unwrap_or(all)
+    }
 }
 
 impl Drop for Daemon {
@@ -304,6 +317,38 @@ pub fn status_u64(status: &serde_json::Value, pointer: &str) -> u64 {
         .pointer(pointer)
         .and_then(|v| v.as_u64())
         .unwrap_or(0)
+}
+
+/// `(src, rel, dst)` as written in an event.
+pub type Triple = (String, String, String);
+
+/// The i-th valid event of the default Twitter schema; every (src, rel, dst) is distinct.
+pub fn valid_event(i: usize, with_event_id: bool) -> (Outgoing, Triple) {
+    const RELS: [(&str, &str, &str); 8] = [
+        ("user", "follows", "user"),
+        ("user", "favorites", "tweet"),
+        ("user", "retweets", "tweet"),
+        ("user", "replies", "tweet"),
+        ("user", "authors", "tweet"),
+        ("user", "clicks", "ad"),
+        ("advertiser", "promotes", "ad"),
+        ("user", "searches", "query"),
+    ];
+    let (st, rel, dt) = RELS[i % RELS.len()];
+    let src = format!("{st}:{}", i % 997);
+    let dst = format!("{dt}:{i}");
+    let mut json = serde_json::json!({"src": src, "rel": rel, "dst": dst, "ts": 1_732_190_000_000u64 + i as u64});
+    if i % 3 == 0 {
+        json["weight"] = serde_json::json!(0.5 + (i % 5) as f64);
+    }
+    if with_event_id {
+        json["event_id"] = serde_json::json!(format!("ev-{i}"));
+    }
+    let out = Outgoing {
+        key: src.clone(),
+        payload: Some(json.to_string().into_bytes()),
+    };
+    (out, (src, rel.to_owned(), dst))
 }
 
 /// One message to produce: key and raw payload (None = tombstone).

@@ -1,0 +1,136 @@
+//! The daemon's trainer against a real broker (tansu on 127.0.0.1): it trains every edge it
+//! ingests, reports it in `/v1/status` and `/metrics`, checkpoints on SIGTERM, resumes after a
+//! restart or a SIGKILL, and falls back past a corrupt checkpoint.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const TOPIC: &str = "twhin.engagements";
+
+/// `(version, cursor)` of the checkpoint `CURRENT` names.
+fn current_checkpoint(dir: &Path) -> (u64, u64) {
+    let name = std::fs::read_to_string(dir.join("CURRENT")).expect("CURRENT pointer");
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(name.trim()).join("meta.json")).expect("meta.json"),
+    )
+    .unwrap();
+    (
+        meta["version"].as_u64().unwrap(),
+        meta["cursor"].as_u64().unwrap(),
+    )
+}
+
+fn wait_for_cursor(daemon: &Daemon, at_least: u64) -> serde_json::Value {
+    wait_until(
+        &format!("the trainer's cursor at {at_least}"),
+        Duration::from_secs(180),
+        || {
+            daemon
+                .status()
+                .filter(|st| status_u64(st, "/trainer/cursor") >= at_least)
+        },
+    )
+}
+
+#[test]
+fn the_daemon_trains_what_it_ingests_checkpoints_and_resumes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let store = dir.path().join("store");
+    let ckpts = store.with_extension("checkpoints");
+    let port = free_port();
+    let mut env = daemon_env(&broker.bootstrap, &store, port);
+    env.push(("TWHIN_TRAIN__DIM".into(), "32".into()));
+    env.push(("TWHIN_TRAINER__CHECKPOINT_INTERVAL_SECS".into(), "1".into()));
+    cli(&env, &["topics", "apply"]);
+    let msgs: Vec<Outgoing> = (0..6_000).map(|i| valid_event(i, false).0).collect();
+
+    let mut daemon = Daemon::start(env, port, dir.path());
+    produce(&broker.bootstrap, TOPIC, &msgs[..4_000], None);
+    let st = wait_for_cursor(&daemon, 4_000);
+    assert_eq!(status_u64(&st, "/store/edges_total"), 4_000);
+    assert_eq!(status_u64(&st, "/trainer/cursor"), 4_000, "{st}");
+    assert_eq!(
+        status_u64(&st, "/trainer/edges_trained"),
+        4_000,
+        "each edge once"
+    );
+    assert!(status_u64(&st, "/trainer/steps") >= 4, "{st}");
+    assert_eq!(status_u64(&st, "/trainer/backlog"), 0);
+    assert!(
+        st.pointer("/trainer/loss")
+            .and_then(|v| v.as_f64())
+            .is_some(),
+        "{st}"
+    );
+    let metrics = daemon.metrics();
+    for name in [
+        "twhin_train_steps_total",
+        "twhin_train_edges_total{kind=\"new\"} 4000",
+        "twhin_train_edges_total{kind=\"replay\"}",
+        "twhin_train_step_seconds_bucket",
+        "twhin_train_backlog_edges 0",
+        "twhin_train_rows_initialised_total{init=\"warm\"}",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+
+    // SIGTERM: the final checkpoint is at the cursor; a restart resumes there with no backlog.
+    assert!(daemon.terminate().success());
+    let (v1, c1) = current_checkpoint(&ckpts);
+    assert_eq!(c1, 4_000);
+    daemon.restart();
+    let st = daemon.status().unwrap();
+    assert_eq!(status_u64(&st, "/trainer/cursor"), 4_000, "{st}");
+    assert_eq!(
+        status_u64(&st, "/trainer/steps"),
+        0,
+        "nothing retrained: {st}"
+    );
+    assert!(daemon
+        .log_of_last_start()
+        .contains(&format!("version={v1} cursor=4000")));
+
+    // More events; the prequential evaluation ranks new edges between known nodes.
+    produce(&broker.bootstrap, TOPIC, &msgs[4_000..], None);
+    let st = wait_for_cursor(&daemon, 6_000);
+    assert!(status_u64(&st, "/trainer/prequential/ranked") > 0, "{st}");
+    assert!(daemon.metrics().contains("twhin_prequential_hits_at_10"));
+
+    // SIGKILL: the restart resumes from the newest checkpoint on disk, then catches up.
+    std::thread::sleep(Duration::from_millis(1_500));
+    daemon.kill9();
+    let (v2, c2) = current_checkpoint(&ckpts);
+    assert!(v2 > v1 && (4_000..=6_000).contains(&c2), "{v2} {c2}");
+    daemon.restart();
+    assert!(
+        daemon
+            .log_of_last_start()
+            .contains(&format!("version={v2} cursor={c2}")),
+        "{}",
+        daemon.log_tail()
+    );
+    wait_for_cursor(&daemon, 6_000);
+    assert!(daemon.terminate().success());
+
+    // A corrupt newest checkpoint: reported, and the one before it is used.
+    let (v3, c3) = current_checkpoint(&ckpts);
+    assert_eq!(c3, 6_000);
+    let tensors = ckpts.join(format!("ckpt-{v3:012}")).join("tensors.ot");
+    let mut bytes = std::fs::read(&tensors).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&tensors, bytes).unwrap();
+    daemon.restart();
+    let log = daemon.log_of_last_start();
+    assert!(log.contains("checkpoint unusable"), "{log}");
+    assert!(log.contains("CRC-32"), "{log}");
+    assert!(!log.contains(&format!("version={v3} cursor")), "{log}");
+    wait_for_cursor(&daemon, 6_000);
+    assert!(daemon.terminate().success());
+}

@@ -1,0 +1,611 @@
+//! The trainer actor (DESIGN §4): turns the store's new edges into better embeddings, on its own
+//! thread (a one-thread `SyncArbiter`, so libtorch never blocks an async arbiter).
+//!
+//! Each step of [`TrainerCore::step`]:
+//! 1. reads the next micro-batch of new edges from its cursor ([`GraphStore::edges_from`]); the
+//!    batch size adapts to the backlog ([`next_batch_size`]);
+//! 2. *tests* a sample of them first (prequential: the target ranked, filtered, against all nodes
+//!    of its type, before any training on it) when both nodes already have rows;
+//! 3. gives new nodes rows: warm-started from already-embedded neighbours ([`crate::warm`]) or
+//!    random;
+//! 4. mixes in `replay_ratio` edges per new edge drawn uniformly from the whole log and runs one
+//!    [`train_step`];
+//! 5. moves the cursor past the new edges — only now, so a checkpoint's cursor always means "every
+//!    edge before this was trained into these tables".
+//!
+//! The actor runs steps back to back for at most `trainer.round_budget_ms` per [`TrainRound`]
+//! message, then answers; the lifecycle (`app.rs`) keeps sending rounds and, when idle, waits
+//! `trainer.idle_poll_ms`. Checkpoints are written every `trainer.checkpoint_interval_secs` and on
+//! [`SaveCheckpoint`]; a restart resumes from the newest usable one ([`TrainerCore::open`]).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use rand::rngs::SmallRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+use tracing::{info, warn};
+
+use crate::checkpoint::{schema_fingerprint, CheckpointError, Checkpoints};
+use crate::config::{Config, TrainerConfig};
+use crate::eval::{target_ranks, TargetQuery};
+use crate::messages::{SaveCheckpoint, TrainRound};
+use crate::model::Embeddings;
+use crate::store::{Direction, Edge, GraphStore, StoreError};
+use crate::telemetry as m;
+use crate::train::{rows_needed, train_step, StepStats, TrainParams};
+
+/// Known targets looked up per prequential query for filtering.
+const FILTER_LIMIT: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error("trainer: reading the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("trainer: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("trainer: the model was lost after an earlier failure")]
+    Gone,
+    #[error(
+        "trainer: checkpoint {version} in trainer.checkpoint_path = {path} is ahead of the store \
+         at storage.path ({problem}): it belongs to another store; point trainer.checkpoint_path \
+         elsewhere or remove it"
+    )]
+    ForeignCheckpoint {
+        version: u64,
+        path: String,
+        problem: String,
+    },
+}
+
+/// The next micro-batch size: double while the backlog is more than four batches (up to `max`),
+/// halve back toward `base` once it is under half a batch.
+pub fn next_batch_size(current: usize, backlog: u64, base: usize, max: usize) -> usize {
+    let current = current.clamp(base, max);
+    if backlog > 4 * current as u64 {
+        (current * 2).min(max)
+    } else if backlog < (current / 2) as u64 {
+        (current / 2).max(base)
+    } else {
+        current
+    }
+}
+
+/// Replayed edges for `fresh` new ones at `ratio` replayed per new edge.
+fn replay_count(fresh: usize, ratio: f64) -> usize {
+    (fresh as f64 * ratio).round() as usize
+}
+
+/// The last `capacity` prequential ranks.
+#[derive(Debug)]
+pub struct RankWindow {
+    ranks: VecDeque<f64>,
+    capacity: usize,
+    total: u64,
+}
+
+impl RankWindow {
+    pub fn new(capacity: usize) -> RankWindow {
+        RankWindow {
+            ranks: VecDeque::with_capacity(capacity),
+            capacity: capacity.max(1),
+            total: 0,
+        }
+    }
+
+    pub fn extend(&mut self, ranks: impl IntoIterator<Item = f64>) {
+        for r in ranks {
+            if self.ranks.len() == self.capacity {
+                self.ranks.pop_front();
+            }
+            self.ranks.push_back(r);
+            self.total += 1;
+        }
+    }
+
+    /// `(mrr, hits@10)` over the window; `None` before the first rank.
+    pub fn figures(&self) -> Option<(f64, f64)> {
+        if self.ranks.is_empty() {
+            return None;
+        }
+        let n = self.ranks.len() as f64;
+        let mrr = self.ranks.iter().map(|r| 1.0 / r).sum::<f64>() / n;
+        let hits = self.ranks.iter().filter(|&&r| r <= 10.0).count() as f64 / n;
+        Some((mrr, hits))
+    }
+
+    /// Ranks ever added.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    pub new_edges: usize,
+    pub replayed: usize,
+    /// `None` when there was nothing to train.
+    pub stats: Option<StepStats>,
+    /// Edges left behind the cursor after the step.
+    pub backlog: u64,
+    pub batch_size: usize,
+    pub seconds: f64,
+    pub warm_rows: usize,
+    pub random_rows: usize,
+    /// Prequential ranks of the edges tested before the step.
+    pub ranks: Vec<f64>,
+}
+
+/// The trainer's state and logic, without the actor (used by the actor, the offline
+/// `warm-start` measurement and the tests).
+pub struct TrainerCore {
+    pub model: Embeddings,
+    params: TrainParams,
+    opts: TrainerConfig,
+    cursor: u64,
+    batch: usize,
+    rng: SmallRng,
+    pub window: RankWindow,
+}
+
+impl TrainerCore {
+    /// A fresh model, cursor 0.
+    pub fn new(model: Embeddings, params: TrainParams, opts: TrainerConfig) -> TrainerCore {
+        TrainerCore::resume(model, 0, params, opts)
+    }
+
+    /// Continue from `model` trained up to `cursor`.
+    pub fn resume(
+        model: Embeddings,
+        cursor: u64,
+        params: TrainParams,
+        opts: TrainerConfig,
+    ) -> TrainerCore {
+        TrainerCore {
+            rng: SmallRng::seed_from_u64(params.seed ^ cursor),
+            batch: params.batch_size,
+            window: RankWindow::new(opts.prequential_window),
+            model,
+            params,
+            opts,
+            cursor,
+        }
+    }
+
+    /// Resume from the newest usable checkpoint in `trainer.checkpoint_path`, or start fresh.
+    pub fn open(
+        cfg: &Config,
+        store: &GraphStore,
+        device: Device,
+    ) -> Result<TrainerCore, TrainerError> {
+        let fingerprint = schema_fingerprint(store.stored_schema());
+        let ckpts = Checkpoints::new(&cfg.trainer.checkpoint_path, cfg.trainer.checkpoint_keep);
+        let (params, opts) = (cfg.train.clone(), cfg.trainer.clone());
+        Ok(match ckpts.load(fingerprint, device)? {
+            Some(r) => {
+                let ahead = if r.meta.cursor > store.edge_count() {
+                    Some(format!(
+                        "cursor {} > {} stored edges",
+                        r.meta.cursor,
+                        store.edge_count()
+                    ))
+                } else {
+                    r.meta
+                        .rows
+                        .iter()
+                        .enumerate()
+                        .find(|&(t, &n)| n > store.node_count(t as u16) as i64)
+                        .map(|(t, n)| {
+                            format!(
+                                "{n} rows of type {t} > {} stored nodes",
+                                store.node_count(t as u16)
+                            )
+                        })
+                };
+                if let Some(problem) = ahead {
+                    return Err(TrainerError::ForeignCheckpoint {
+                        version: r.meta.version,
+                        path: cfg.trainer.checkpoint_path.display().to_string(),
+                        problem,
+                    });
+                }
+                info!(
+                    version = r.meta.version,
+                    cursor = r.meta.cursor,
+                    path = %cfg.trainer.checkpoint_path.display(),
+                    "trainer resumed from checkpoint"
+                );
+                TrainerCore::resume(r.model, r.meta.cursor, params, opts)
+            }
+            None => {
+                tch::manual_seed(params.seed as i64);
+                let model = Embeddings::for_schema(&cfg.schema(), &params, device);
+                info!(path = %cfg.trainer.checkpoint_path.display(), "trainer starts a new model (no checkpoint)");
+                TrainerCore::new(model, params, opts)
+            }
+        })
+    }
+
+    /// Store sequence number of the next edge to train.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// One step on the next micro-batch (see the module docs). Does nothing when the cursor is
+    /// at the end of the log.
+    pub fn step(&mut self, store: &GraphStore) -> Result<StepReport, StoreError> {
+        let started = Instant::now();
+        let backlog = store.edge_count().saturating_sub(self.cursor);
+        self.batch = next_batch_size(
+            self.batch,
+            backlog,
+            self.params.batch_size,
+            self.opts.max_batch_size,
+        );
+        let mut report = StepReport {
+            backlog,
+            batch_size: self.batch,
+            ..Default::default()
+        };
+        if backlog == 0 {
+            return Ok(report);
+        }
+        let read = store.edges_from(self.cursor, self.batch)?;
+        let Some(&(last_seq, _)) = read.last() else {
+            return Ok(report);
+        };
+        let fresh: Vec<Edge> = read.into_iter().map(|(_, e)| e).collect();
+        report.ranks = self.prequential(store, &fresh)?;
+        (report.warm_rows, report.random_rows) = self.add_rows(store, &fresh)?;
+        let replay = replay_count(fresh.len(), self.opts.replay_ratio);
+        let mut edges = fresh;
+        report.new_edges = edges.len();
+        edges.extend(store.sample_edges(&mut self.rng, replay)?);
+        report.replayed = edges.len() - report.new_edges;
+        report.stats = Some(train_step(
+            &mut self.model,
+            &edges,
+            &self.params,
+            &mut self.rng,
+        ));
+        self.cursor = last_seq + 1;
+        self.window.extend(report.ranks.iter().copied());
+        report.backlog = store.edge_count().saturating_sub(self.cursor);
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Rank a sample of `fresh` (edges between nodes that already have rows) before training.
+    fn prequential(&mut self, store: &GraphStore, fresh: &[Edge]) -> Result<Vec<f64>, StoreError> {
+        let has_row = |n: crate::store::NodeRef| {
+            (n.index as i64) < self.model.tables[n.node_type as usize].len()
+        };
+        let eligible: Vec<&Edge> = fresh
+            .iter()
+            .filter(|e| has_row(e.src) && has_row(e.dst))
+            .collect();
+        let k = self.opts.prequential_per_step.min(eligible.len());
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut queries = Vec::with_capacity(k);
+        for i in sample(&mut self.rng, eligible.len(), k) {
+            let e = eligible[i];
+            let known = store
+                .neighbors(e.src, Some(e.rel), Some(Direction::Out), FILTER_LIMIT)?
+                .into_iter()
+                .filter(|n| n.node.node_type == e.dst.node_type)
+                .map(|n| n.node.index as i64)
+                .collect();
+            queries.push(TargetQuery {
+                src_type: e.src.node_type as usize,
+                src: e.src.index as i64,
+                rel: e.rel as i64,
+                dst_type: e.dst.node_type as usize,
+                dst: e.dst.index as i64,
+                known,
+            });
+        }
+        Ok(target_ranks(&self.model, self.params.comparator, &queries))
+    }
+
+    /// Rows for the nodes `edges` name that have none yet: `(warm-started, random)` counts.
+    fn add_rows(
+        &mut self,
+        store: &GraphStore,
+        edges: &[Edge],
+    ) -> Result<(usize, usize), StoreError> {
+        let (dim, device, scale) = (self.model.dim, self.model.device, self.params.init_scale);
+        let (mut warm, mut random) = (0, 0);
+        for (t, n) in rows_needed(&self.model, edges).into_iter().enumerate() {
+            let start = self.model.tables[t].len();
+            if n <= start {
+                continue;
+            }
+            let rows = if self.opts.warm_start {
+                warm += (n - start) as usize;
+                crate::warm::warm_rows(&self.model, store, t as u16, start, n - start, scale)?
+            } else {
+                random += (n - start) as usize;
+                Tensor::randn([n - start, dim], (Kind::Float, device)) * scale
+            };
+            self.model.tables[t].grow(n, |_| rows);
+        }
+        Ok((warm, random))
+    }
+
+    /// Save a checkpoint at the current cursor; returns its version.
+    pub fn checkpoint(
+        &self,
+        ckpts: &Checkpoints,
+        fingerprint: u32,
+    ) -> Result<u64, CheckpointError> {
+        ckpts.save(&self.model, self.cursor, fingerprint)
+    }
+}
+
+/// Live trainer figures shared with `/v1/status` (floats stored as bits).
+#[derive(Debug, Default)]
+pub struct TrainerStatus {
+    pub steps: AtomicU64,
+    pub skipped_steps: AtomicU64,
+    pub edges_new: AtomicU64,
+    pub edges_replayed: AtomicU64,
+    pub cursor: AtomicU64,
+    pub backlog: AtomicU64,
+    pub batch_size: AtomicU64,
+    loss_bits: AtomicU64,
+    preq_mrr_bits: AtomicU64,
+    preq_hits10_bits: AtomicU64,
+    pub preq_ranked: AtomicU64,
+    pub checkpoint_version: AtomicU64,
+}
+
+/// The `trainer` part of `/v1/status`.
+#[derive(Debug, Serialize)]
+pub struct TrainerFigures {
+    pub steps: u64,
+    pub skipped_steps: u64,
+    pub edges_trained: u64,
+    pub edges_replayed: u64,
+    pub cursor: u64,
+    pub backlog: u64,
+    pub batch_size: u64,
+    pub loss: Option<f64>,
+    pub prequential: PrequentialFigures,
+    /// Newest checkpoint written by this process (0: none yet).
+    pub checkpoint_version: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PrequentialFigures {
+    pub ranked: u64,
+    pub mrr: Option<f64>,
+    #[serde(rename = "hits@10")]
+    pub hits10: Option<f64>,
+}
+
+fn load_f64(a: &AtomicU64) -> Option<f64> {
+    let v = f64::from_bits(a.load(Ordering::Relaxed));
+    (!v.is_nan()).then_some(v)
+}
+
+impl TrainerStatus {
+    pub fn new() -> TrainerStatus {
+        let s = TrainerStatus::default();
+        for a in [&s.loss_bits, &s.preq_mrr_bits, &s.preq_hits10_bits] {
+            a.store(f64::NAN.to_bits(), Ordering::Relaxed);
+        }
+        s
+    }
+
+    pub fn figures(&self) -> TrainerFigures {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TrainerFigures {
+            steps: get(&self.steps),
+            skipped_steps: get(&self.skipped_steps),
+            edges_trained: get(&self.edges_new),
+            edges_replayed: get(&self.edges_replayed),
+            cursor: get(&self.cursor),
+            backlog: get(&self.backlog),
+            batch_size: get(&self.batch_size),
+            loss: load_f64(&self.loss_bits),
+            prequential: PrequentialFigures {
+                ranked: get(&self.preq_ranked),
+                mrr: load_f64(&self.preq_mrr_bits),
+                hits10: load_f64(&self.preq_hits10_bits),
+            },
+            checkpoint_version: get(&self.checkpoint_version),
+        }
+    }
+
+    /// Record a step in the status and the metrics.
+    fn record(&self, r: &StepReport, core: &TrainerCore) {
+        self.cursor.store(core.cursor(), Ordering::Relaxed);
+        self.backlog.store(r.backlog, Ordering::Relaxed);
+        self.batch_size
+            .store(r.batch_size as u64, Ordering::Relaxed);
+        metrics::gauge!(m::TRAIN_BACKLOG).set(r.backlog as f64);
+        metrics::gauge!(m::TRAIN_BATCH_EDGES).set(r.batch_size as f64);
+        let Some(stats) = r.stats else { return };
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.edges_new
+            .fetch_add(r.new_edges as u64, Ordering::Relaxed);
+        self.edges_replayed
+            .fetch_add(r.replayed as u64, Ordering::Relaxed);
+        metrics::counter!(m::TRAIN_STEPS).increment(1);
+        metrics::counter!(m::TRAIN_EDGES, "kind" => "new").increment(r.new_edges as u64);
+        metrics::counter!(m::TRAIN_EDGES, "kind" => "replay").increment(r.replayed as u64);
+        metrics::histogram!(m::TRAIN_STEP_SECONDS).record(r.seconds);
+        metrics::counter!(m::TRAIN_ROWS, "init" => "warm").increment(r.warm_rows as u64);
+        metrics::counter!(m::TRAIN_ROWS, "init" => "random").increment(r.random_rows as u64);
+        if stats.skipped {
+            self.skipped_steps.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::TRAIN_SKIPPED).increment(1);
+            warn!(
+                loss = stats.loss,
+                edges = stats.edges,
+                cursor = core.cursor(),
+                "training step skipped: loss or gradients not finite"
+            );
+        } else {
+            self.loss_bits
+                .store(stats.loss.to_bits(), Ordering::Relaxed);
+            metrics::gauge!(m::TRAIN_LOSS).set(stats.loss);
+        }
+        if !r.ranks.is_empty() {
+            self.preq_ranked
+                .store(core.window.total(), Ordering::Relaxed);
+            metrics::counter!(m::PREQ_RANKED).increment(r.ranks.len() as u64);
+            if let Some((mrr, hits)) = core.window.figures() {
+                self.preq_mrr_bits.store(mrr.to_bits(), Ordering::Relaxed);
+                self.preq_hits10_bits
+                    .store(hits.to_bits(), Ordering::Relaxed);
+                metrics::gauge!(m::PREQ_MRR).set(mrr);
+                metrics::gauge!(m::PREQ_HITS10).set(hits);
+            }
+        }
+    }
+}
+
+/// What a [`TrainRound`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundOutcome {
+    pub steps: usize,
+    /// The cursor reached the end of the log: wait before the next round.
+    pub idle: bool,
+}
+
+/// The actor around [`TrainerCore`].
+pub struct TrainerActor {
+    /// Taken out of the shared slot by the first actor the arbiter makes.
+    slot: Arc<Mutex<Option<TrainerCore>>>,
+    core: Option<TrainerCore>,
+    store: Arc<GraphStore>,
+    ckpts: Checkpoints,
+    fingerprint: u32,
+    status: Arc<TrainerStatus>,
+    budget: Duration,
+    checkpoint_every: Duration,
+    last_checkpoint: Instant,
+}
+
+impl TrainerActor {
+    pub fn new(
+        cfg: &Config,
+        slot: Arc<Mutex<Option<TrainerCore>>>,
+        store: Arc<GraphStore>,
+        status: Arc<TrainerStatus>,
+    ) -> TrainerActor {
+        let core = slot.lock().map(|mut s| s.take()).unwrap_or(None);
+        if let Some(c) = &core {
+            status.cursor.store(c.cursor(), Ordering::Relaxed);
+        }
+        TrainerActor {
+            slot,
+            core,
+            fingerprint: schema_fingerprint(store.stored_schema()),
+            store,
+            ckpts: Checkpoints::new(&cfg.trainer.checkpoint_path, cfg.trainer.checkpoint_keep),
+            status,
+            budget: Duration::from_millis(cfg.trainer.round_budget_ms),
+            checkpoint_every: Duration::from_secs(cfg.trainer.checkpoint_interval_secs),
+            last_checkpoint: Instant::now(),
+        }
+    }
+
+    fn save(&mut self) -> Result<u64, TrainerError> {
+        let core = self.core.as_ref().ok_or(TrainerError::Gone)?;
+        let version = core.checkpoint(&self.ckpts, self.fingerprint)?;
+        self.last_checkpoint = Instant::now();
+        self.status
+            .checkpoint_version
+            .store(version, Ordering::Relaxed);
+        metrics::counter!(m::TRAIN_CHECKPOINTS).increment(1);
+        info!(version, cursor = core.cursor(), "checkpoint written");
+        Ok(version)
+    }
+}
+
+impl Actor for TrainerActor {
+    type Context = SyncContext<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        // Hand the model back so a restarted actor continues with it.
+        if let (Some(core), Ok(mut slot)) = (self.core.take(), self.slot.lock()) {
+            *slot = Some(core);
+        }
+    }
+}
+
+impl Handler<TrainRound> for TrainerActor {
+    type Result = Result<RoundOutcome, TrainerError>;
+
+    fn handle(&mut self, _: TrainRound, _: &mut Self::Context) -> Self::Result {
+        let started = Instant::now();
+        let mut steps = 0;
+        let idle = loop {
+            let core = self.core.as_mut().ok_or(TrainerError::Gone)?;
+            let report = core.step(&self.store)?;
+            self.status.record(&report, core);
+            if report.stats.is_none() {
+                break true;
+            }
+            steps += 1;
+            if started.elapsed() >= self.budget {
+                break false;
+            }
+        };
+        if steps > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_every {
+            self.save()?;
+        }
+        Ok(RoundOutcome { steps, idle })
+    }
+}
+
+impl Handler<SaveCheckpoint> for TrainerActor {
+    type Result = Result<u64, TrainerError>;
+
+    fn handle(&mut self, _: SaveCheckpoint, _: &mut Self::Context) -> Self::Result {
+        self.save()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_grows_under_a_backlog_and_shrinks_back() {
+        assert_eq!(next_batch_size(1000, 100_000, 1000, 16_000), 2000);
+        assert_eq!(next_batch_size(8000, 100_000, 1000, 16_000), 16_000);
+        assert_eq!(next_batch_size(16_000, 1_000_000, 1000, 16_000), 16_000);
+        assert_eq!(next_batch_size(4000, 3000, 1000, 16_000), 4000);
+        assert_eq!(next_batch_size(4000, 100, 1000, 16_000), 2000);
+        assert_eq!(next_batch_size(1000, 0, 1000, 16_000), 1000);
+    }
+
+    #[test]
+    fn replay_count_rounds_the_ratio() {
+        assert_eq!(replay_count(1000, 1.0), 1000);
+        assert_eq!(replay_count(3, 0.5), 2);
+        assert_eq!(replay_count(10, 0.0), 0);
+    }
+
+    #[test]
+    fn rank_window_keeps_the_newest() {
+        let mut w = RankWindow::new(3);
+        assert_eq!(w.figures(), None);
+        w.extend([100.0, 1.0, 2.0, 20.0]);
+        let (mrr, hits) = w.figures().unwrap();
+        assert!((mrr - (1.0 + 0.5 + 0.05) / 3.0).abs() < 1e-12);
+        assert!((hits - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(w.total(), 4);
+    }
+}
