@@ -75,7 +75,7 @@ fn the_daemon_trains_what_it_ingests_checkpoints_and_resumes() {
         "twhin_train_edges_total{kind=\"replay\"}",
         "twhin_train_step_seconds_bucket",
         "twhin_train_backlog_edges 0",
-        "twhin_train_rows_initialised_total{init=\"warm\"}",
+        "twhin_train_rows_initialised_total{init=\"random\"}",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }

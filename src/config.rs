@@ -115,6 +115,7 @@ pub struct TrainerConfig {
     pub replay_ratio: f64,
     pub max_batch_size: usize,
     pub warm_start: bool,
+    pub warm_start_shrinkage: f64,
     pub prequential_per_step: usize,
     pub prequential_window: usize,
     pub idle_poll_ms: u64,
@@ -265,6 +266,12 @@ impl Config {
         if !(tr.replay_ratio.is_finite() && tr.replay_ratio >= 0.0) {
             return Err(invalid(
                 "trainer.replay_ratio",
+                "must be a non-negative number",
+            ));
+        }
+        if !(tr.warm_start_shrinkage.is_finite() && tr.warm_start_shrinkage >= 0.0) {
+            return Err(invalid(
+                "trainer.warm_start_shrinkage",
                 "must be a non-negative number",
             ));
         }

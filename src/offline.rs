@@ -228,17 +228,17 @@ pub struct PrequentialReport {
 
 /// Stream the train split in order through a fresh store, in micro-batches of
 /// `train.batch_size`. Each batch is first *tested*: every edge whose source already has 1 to 4
-/// earlier edges is ranked against all nodes of the target type (the node's row comes only from
-/// earlier edges). Then it is appended, new rows are initialised (warm start from the store, or
-/// random), and it is trained on with as many edges replayed from the whole log.
+/// earlier edges is ranked against all nodes of the target type, the source's earlier targets
+/// filtered (the node's row comes only from earlier edges). Then it is appended and the daemon's
+/// trainer ([`crate::trainer::TrainerCore`]) follows the store: new rows warm-started or random,
+/// `trainer.replay_ratio` replayed edges per new one.
 pub fn prequential_new_nodes(
     cfg: &Config,
     dataset: Dataset,
     warm: bool,
     device: Device,
 ) -> anyhow::Result<PrequentialReport> {
-    use crate::eval::{realistic_ranks, RankSum};
-    use crate::score::{score_targets, translate};
+    use crate::eval::{target_ranks, RankSum, TargetQuery};
     use crate::store::NodeRef;
     use std::collections::HashMap;
 
@@ -253,14 +253,20 @@ pub fn prequential_new_nodes(
     let events = split_events(cfg, &schema, dataset, "train")?;
     let p = &cfg.train;
     tch::manual_seed(p.seed as i64);
-    let mut rng = SmallRng::seed_from_u64(p.seed);
-    let mut model = Embeddings::for_schema(&schema, p, device);
+    let mut opts = cfg.trainer.clone();
+    opts.warm_start = warm;
+    let mut core = crate::trainer::TrainerCore::new(
+        Embeddings::for_schema(&schema, p, device),
+        p.clone(),
+        opts,
+    );
     let mut seen: HashMap<NodeRef, u32> = HashMap::new();
     let mut sum = RankSum::default();
 
     for (b, chunk) in events.chunks(p.batch_size).enumerate() {
-        // Test: young sources with a row, before this batch is stored or trained.
-        let mut tests: Vec<(NodeRef, i64, NodeRef)> = Vec::new();
+        // Test: young sources with a row, before this batch is stored or trained; each source's
+        // earlier targets are filtered.
+        let mut tests = Vec::new();
         for e in chunk {
             let (Some(s), Some(d)) = (
                 store.node_index(e.src.node_type, &e.src.id)?,
@@ -272,82 +278,36 @@ pub fn prequential_new_nodes(
                 node_type: e.src.node_type,
                 index: s,
             };
-            let dst = NodeRef {
-                node_type: e.dst.node_type,
-                index: d,
-            };
             let prior = seen.get(&src).copied().unwrap_or(0);
-            if (1..=4).contains(&prior) && (d as i64) < model.tables[dst.node_type as usize].len() {
-                tests.push((src, e.rel as i64, dst));
+            let has_row = (d as i64) < core.model.tables[e.dst.node_type as usize].len();
+            if (1..=4).contains(&prior) && has_row {
+                let known = store
+                    .neighbors(src, Some(e.rel), Some(crate::store::Direction::Out), 4096)?
+                    .into_iter()
+                    .filter(|n| n.node.node_type == e.dst.node_type)
+                    .map(|n| n.node.index as i64)
+                    .collect();
+                tests.push(TargetQuery {
+                    src_type: src.node_type as usize,
+                    src: s as i64,
+                    rel: e.rel as i64,
+                    dst_type: e.dst.node_type as usize,
+                    dst: d as i64,
+                    known,
+                });
             }
         }
-        tch::no_grad(|| {
-            let mut by_type: HashMap<u16, Vec<&(NodeRef, i64, NodeRef)>> = HashMap::new();
-            for t in &tests {
-                by_type.entry(t.2.node_type).or_default().push(t);
-            }
-            for (dt, group) in by_type {
-                let idx = |f: &dyn Fn(&(NodeRef, i64, NodeRef)) -> i64| {
-                    Tensor::from_slice(&group.iter().map(|t| f(t)).collect::<Vec<_>>())
-                        .to_device(device)
-                };
-                let s_rows: Vec<Tensor> = group
-                    .iter()
-                    .map(|t| {
-                        model.tables[t.0.node_type as usize]
-                            .weights
-                            .get(t.0.index as i64)
-                    })
-                    .collect();
-                let es = Tensor::stack(&s_rows, 0);
-                let er = model.relations.index_select(0, &idx(&|t| t.1));
-                let scores = score_targets(
-                    p.comparator,
-                    &translate(&es, &er),
-                    &model.tables[dt as usize].rows(),
-                )
-                .to_kind(tch::Kind::Double);
-                let truth = scores
-                    .gather(1, &idx(&|t| t.2.index as i64).unsqueeze(1), false)
-                    .squeeze_dim(1);
-                for r in realistic_ranks(&scores, &truth) {
-                    sum.add(r);
-                }
-            }
-        });
+        for r in target_ranks(&core.model, p.comparator, &tests) {
+            sum.add(r);
+        }
 
-        // Then train: store the batch, give new nodes rows, step on it plus replayed edges.
+        // Then train with the daemon's trainer: store the batch, and let the trainer follow the
+        // store (new rows warm-started or random, replayed edges mixed in).
         let first_offset = (b * p.batch_size) as i64;
         let batch = AppendBatch::from_events("prequential", first_offset, chunk.iter().cloned());
         let out = store.append(&batch)?;
-        let fresh: Vec<_> = store
-            .edges_from(out.first_seq, chunk.len())?
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect();
-        let needed = crate::train::rows_needed(&model, &fresh);
-        for (t, n) in needed.into_iter().enumerate() {
-            let start = model.tables[t].len();
-            if n > start {
-                let rows = if warm {
-                    crate::warm::warm_rows(
-                        &model,
-                        &store,
-                        t as u16,
-                        start,
-                        n - start,
-                        p.init_scale,
-                    )?
-                } else {
-                    Tensor::randn([n - start, p.dim], (tch::Kind::Float, device)) * p.init_scale
-                };
-                model.tables[t].grow(n, |_| rows);
-            }
-        }
-        let mut step_edges = fresh.clone();
-        step_edges.extend(store.sample_edges(&mut rng, fresh.len())?);
-        train_step(&mut model, &step_edges, p, &mut rng);
-        for e in &fresh {
+        while core.step(&store)?.stats.is_some() {}
+        for (_, e) in store.edges_from(out.first_seq, chunk.len())? {
             *seen.entry(e.src).or_insert(0) += 1;
         }
     }

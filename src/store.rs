@@ -362,11 +362,7 @@ impl GraphStore {
             path: path.to_owned(),
             source,
         };
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(opts.cache_capacity_bytes)
-            .open()
-            .map_err(sled_err)?;
+        let db = open_db(path, opts.cache_capacity_bytes).map_err(sled_err)?;
         let tree = db.open_tree("graph").map_err(sled_err)?;
         let stored: Option<StoredSchema> = match tree.get(META_SCHEMA).map_err(sled_err)? {
             Some(bytes) => Some(
@@ -1062,6 +1058,29 @@ fn meta_key(name: &str) -> Vec<u8> {
     k.push(b'M');
     k.extend_from_slice(name.as_bytes());
     k
+}
+
+/// Open sled at `path`. A store closed a moment ago in this process may still be locked while
+/// sled's background flusher winds down, so a lock conflict is retried for up to two seconds
+/// before it is reported (another process holding the store keeps failing).
+fn open_db(path: &Path, cache_capacity_bytes: u64) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_capacity_bytes)
+            .open()
+        {
+            // sled reports the lock conflict as an `Other` error wrapping `WouldBlock`.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]

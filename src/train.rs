@@ -20,7 +20,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::loss::{loss, LossKind};
+use crate::loss::{loss_parts, LossKind};
 use crate::model::Embeddings;
 use crate::score::{score_pairs, score_sources, score_targets, translate, Comparator};
 use crate::store::Edge;
@@ -93,9 +93,9 @@ fn long(v: &[i64], device: Device) -> Tensor {
     Tensor::from_slice(v).to_device(device)
 }
 
-/// `valid[i][j]`: candidate `j` may serve as a negative for positive `i`. Columns `0..chunk` are
-/// the positives of `i`'s chunk (`i / chunk`), then come the uniform negatives. Built with tensor
-/// ops on the device: it is `b × (chunk + K)` cells per side and step.
+/// Which candidates may serve as negatives: `(in_batch [b, chunk], uniform [b, K])`, column `j`
+/// of `in_batch` being the `j`-th positive of `i`'s chunk (`i / chunk`). Built with tensor ops on
+/// the device: it is `b × (chunk + K)` cells per side and step.
 fn negative_mask(
     own: &[i64],
     other_side: &[i64],
@@ -103,7 +103,7 @@ fn negative_mask(
     uniform: &[i64],
     chunk: usize,
     device: Device,
-) -> Tensor {
+) -> (Tensor, Tensor) {
     let b = own.len() as i64;
     let c = chunk as i64;
     let n = (b + c - 1) / c;
@@ -126,7 +126,7 @@ fn negative_mask(
     let own_t = Tensor::from_slice(own).to_device(device);
     let uni = Tensor::from_slice(uniform).to_device(device);
     let uniform_valid = uni.unsqueeze(0).ne_tensor(&own_t.unsqueeze(1));
-    Tensor::cat(&[in_batch, uniform_valid], 1)
+    (in_batch, uniform_valid)
 }
 
 /// `[b, D]` → `[ceil(b / chunk), chunk, D]`, zero-padded.
@@ -278,19 +278,32 @@ pub fn train_step(
         );
 
         // Targets: in-batch (per chunk, one batched product), then uniform.
-        let in_batch = unchunked(&score_targets(p.comparator, &a_c, &t_c), b);
-        let uniform = score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos));
-        let neg_dst = Tensor::cat(&[in_batch, uniform], 1);
-        let valid_dst = negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
+        let dst_in_batch = unchunked(&score_targets(p.comparator, &a_c, &t_c), b);
+        let dst_uniform = score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos));
+        let (dst_in_valid, dst_uni_valid) =
+            negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
 
         // Sources likewise.
-        let in_batch = unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b);
-        let uniform = score_sources(p.comparator, &table(g.src_type, &g.uni_src_pos), &r, &t);
-        let neg_src = Tensor::cat(&[in_batch, uniform], 1);
-        let valid_src = negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
+        let src_in_batch = unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b);
+        let src_uniform = score_sources(p.comparator, &table(g.src_type, &g.uni_src_pos), &r, &t);
+        let (src_in_valid, src_uni_valid) =
+            negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
 
-        let group_loss =
-            loss(p.loss, &pos, &neg_dst, &valid_dst) + loss(p.loss, &pos, &neg_src, &valid_src);
+        let group_loss = loss_parts(
+            p.loss,
+            &pos,
+            &[
+                (&dst_in_batch, &dst_in_valid),
+                (&dst_uniform, &dst_uni_valid),
+            ],
+        ) + loss_parts(
+            p.loss,
+            &pos,
+            &[
+                (&src_in_batch, &src_in_valid),
+                (&src_uniform, &src_uni_valid),
+            ],
+        );
         total += group_loss * (b as f64);
     }
     let total = total / edges.len() as f64;
@@ -382,6 +395,7 @@ mod tests {
             4,
             Device::Cpu,
         );
+        let m = Tensor::cat(&[m.0, m.1], 1);
         let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
         #[rustfmt::skip]
         let want = vec![
@@ -400,6 +414,7 @@ mod tests {
             3,
             Device::Cpu,
         );
+        let m = Tensor::cat(&[m.0, m.1], 1);
         let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
         #[rustfmt::skip]
         let want = vec![

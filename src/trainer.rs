@@ -330,7 +330,15 @@ impl TrainerCore {
             }
             let rows = if self.opts.warm_start {
                 warm += (n - start) as usize;
-                crate::warm::warm_rows(&self.model, store, t as u16, start, n - start, scale)?
+                crate::warm::warm_rows(
+                    &self.model,
+                    store,
+                    t as u16,
+                    start,
+                    n - start,
+                    scale,
+                    self.opts.warm_start_shrinkage,
+                )?
             } else {
                 random += (n - start) as usize;
                 Tensor::randn([n - start, dim], (Kind::Float, device)) * scale

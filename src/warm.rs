@@ -1,7 +1,9 @@
 //! Warm start (DESIGN §4): a new node's first row comes from its already-embedded neighbours,
 //! each translated by the relation — `e_t − e_r` when the new node is the source of an edge,
 //! `e_s + e_r` when it is the target — and averaged. With no embedded neighbour it starts at its
-//! type's centroid plus noise (or plain noise for a type with no rows yet).
+//! type's centroid plus noise (or plain noise for a type with no rows yet). With `shrinkage` k > 0
+//! a row resting on n neighbours is pulled toward random initialisation's prior (zero plus noise):
+//! `n / (n + k) · mean + k / (n + k) · noise`.
 
 use tch::{Kind, Tensor};
 
@@ -19,6 +21,7 @@ pub fn warm_rows(
     start: i64,
     count: i64,
     init_scale: f64,
+    shrinkage: f64,
 ) -> Result<Tensor, StoreError> {
     let (dim, device) = (model.dim, model.device);
     let table = &model.tables[node_type as usize];
@@ -56,7 +59,11 @@ pub fn warm_rows(
                 None => noise(),
             }
         } else {
-            Tensor::stack(&estimates, 0).mean_dim(0, false, Kind::Float)
+            let n = estimates.len() as f64;
+            let mean = Tensor::stack(&estimates, 0).mean_dim(0, false, Kind::Float);
+            let w = n / (n + shrinkage);
+            // The prior is random initialisation's: zero plus noise.
+            mean * w + noise() * (1.0 - w)
         });
     }
     Ok(tch::no_grad(|| Tensor::stack(&rows, 0).detach()))
@@ -113,7 +120,7 @@ mod tests {
         model.tables[0].grow(1, |n| Tensor::randn([n, 8], (Kind::Float, Device::Cpu)));
         model.tables[1].grow(3, |n| Tensor::randn([n, 8], (Kind::Float, Device::Cpu)));
 
-        let warm = warm_rows(&model, &store, 0, 1, 1, 0.5).unwrap().get(0);
+        let warm = warm_rows(&model, &store, 0, 1, 1, 0.5, 0.0).unwrap().get(0);
         // The ideal source for its two movies under translation: mean of e_m − e_r.
         let r = model.relations.get(0);
         let ideal = (model.tables[1].weights.get(0) + model.tables[1].weights.get(1)) / 2.0 - &r;
@@ -121,8 +128,11 @@ mod tests {
         let dist = |x: &Tensor| (x - &ideal).norm().double_value(&[]);
         assert!(dist(&warm) < 1e-5, "warm start is the translated mean");
         assert!(dist(&warm) < dist(&random));
+        // Shrinkage k = 1 with two neighbours (and no noise): two thirds of the translated mean.
+        let shrunk = warm_rows(&model, &store, 0, 1, 1, 0.0, 1.0).unwrap().get(0);
+        assert!(shrunk.allclose(&(&ideal * (2.0 / 3.0)), 1e-5, 1e-5, false));
         // No embedded neighbour: the type's centroid plus noise, not zeros.
-        let cold = warm_rows(&model, &store, 1, 3, 1, 0.0).unwrap().get(0);
+        let cold = warm_rows(&model, &store, 1, 3, 1, 0.0, 0.0).unwrap().get(0);
         assert!(cold.allclose(
             &model.tables[1].rows().mean_dim(0, false, Kind::Float),
             1e-6,
