@@ -19,6 +19,7 @@
 //! | [`train`]     | one training step: negatives, masking, loss, update |
 //! | [`trainer`]   | the trainer actor: cursor, replay, adaptive micro-batches, prequential, checkpoints |
 //! | [`warm`]      | warm start of new nodes from their embedded neighbours |
+//! | [`drift`]     | drift measures (cosine, relative L2, neighbour overlap) and Procrustes (pure) |
 //! | [`eval`]      | filtered MRR / Hits@k |
 //! | [`checkpoint`] | versioned, atomic model checkpoints with an fsynced pointer |
 //! | [`offline`]   | `train` / `eval` on a dataset's standard splits |
@@ -31,6 +32,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod datasets;
 pub mod device;
+pub mod drift;
 pub mod eval;
 pub mod http;
 pub mod ingest;
