@@ -22,6 +22,7 @@
 //! | [`drift`]     | drift measures (cosine, relative L2, neighbour overlap) and Procrustes (pure) |
 //! | [`eval`]      | filtered MRR / Hits@k |
 //! | [`checkpoint`] | versioned, atomic model checkpoints with an fsynced pointer |
+//! | [`publish`]   | version wire formats (JSON, f32le), the numbering ledger, rows a version carries |
 //! | [`offline`]   | `train` / `eval` on a dataset's standard splits |
 //! | [`datasets`]  | real datasets as events (pure loading) |
 //! | [`replay`]    | `replay`: produce a dataset to the engagements topic |
@@ -41,6 +42,7 @@ pub mod loss;
 pub mod messages;
 pub mod model;
 pub mod offline;
+pub mod publish;
 pub mod replay;
 pub mod schema;
 pub mod score;
