@@ -134,3 +134,93 @@ fn the_daemon_trains_what_it_ingests_checkpoints_and_resumes() {
     wait_for_cursor(&daemon, 6_000);
     assert!(daemon.terminate().success());
 }
+
+/// `twhin_publish_last_version` from `/metrics` (0 before the first version).
+fn last_version(daemon: &Daemon) -> u64 {
+    daemon
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("twhin_publish_last_version "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[test]
+fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
+    use std::collections::HashMap;
+    use twhin_stream::publish::{RowRecord, VersionMarker};
+
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let store = dir.path().join("store");
+    let port = free_port();
+    let mut env = daemon_env(&broker.bootstrap, &store, port);
+    env.push(("TWHIN_TRAIN__DIM".into(), "16".into()));
+    env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "1".into()));
+    cli(&env, &["topics", "apply"]);
+    let msgs: Vec<Outgoing> = (0..4_000).map(|i| valid_event(i, false).0).collect();
+
+    let mut daemon = Daemon::start(env, port, dir.path());
+    produce(&broker.bootstrap, TOPIC, &msgs[..2_000], None);
+    wait_for_cursor(&daemon, 2_000);
+    wait_until("a version", Duration::from_secs(60), || {
+        (last_version(&daemon) >= 1).then_some(())
+    });
+    assert!(daemon.terminate().success(), "final publication and exit 0");
+    daemon.restart();
+    produce(&broker.bootstrap, TOPIC, &msgs[2_000..3_000], None);
+    wait_for_cursor(&daemon, 3_000);
+    std::thread::sleep(Duration::from_secs(3));
+    // Killed at a moment that may fall inside a publication.
+    daemon.kill9();
+    daemon.restart();
+    produce(&broker.bootstrap, TOPIC, &msgs[3_000..], None);
+    wait_for_cursor(&daemon, 4_000);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(daemon.terminate().success());
+
+    let markers: Vec<VersionMarker> = read_all(
+        &broker.bootstrap,
+        "twhin.versions",
+        3,
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    )
+    .iter()
+    .map(|m| VersionMarker::decode(m.payload.as_deref().unwrap()).unwrap())
+    .collect();
+    let versions: Vec<u64> = markers.iter().map(|m| m.version).collect();
+    assert!(versions.len() >= 3, "{versions:?}");
+    assert_eq!(
+        versions,
+        (1..=versions.len() as u64).collect::<Vec<_>>(),
+        "strictly increasing, none skipped, none republished"
+    );
+    assert!(markers.windows(2).all(|w| w[0].epoch <= w[1].epoch));
+    let rows = read_all(
+        &broker.bootstrap,
+        "twhin.embeddings",
+        markers.iter().map(|m| m.rows as usize).sum(),
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    );
+    let mut count: HashMap<(u64, u64), u64> = HashMap::new();
+    for r in &rows {
+        let rec = RowRecord::decode(r.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(rec.vector.len(), 16);
+        assert!(rec.vector.iter().all(|v| v.is_finite()));
+        *count.entry((rec.version, rec.epoch)).or_default() += 1;
+    }
+    for m in &markers {
+        assert_eq!(
+            count.get(&(m.version, m.epoch)).copied().unwrap_or(0),
+            m.rows,
+            "every row of version {} epoch {} is in",
+            m.version,
+            m.epoch
+        );
+    }
+    // The first version carries every node seen so far plus the relations.
+    assert!(markers[0].rows > 1_000, "{:?}", markers[0]);
+}

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use anyhow::Context as _;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -16,7 +18,8 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::ingest::{IngestActor, IngestStatus, StoreWriter};
 use crate::kafka::{self, ApplyOutcome, EmbeddedKafka};
-use crate::messages::{SaveCheckpoint, StopIngest, TrainRound};
+use crate::messages::{CommitVersion, PrepareVersion, SaveCheckpoint, StopIngest, TrainRound};
+use crate::publish::Ledger;
 use crate::store::{GraphStore, StoreError, StoreOptions};
 use crate::telemetry as m;
 use crate::trainer::{TrainerActor, TrainerCore, TrainerStatus};
@@ -133,6 +136,17 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
         info!("trainer.enabled = false: ingest only");
         None
     };
+    let ledger = if cfg.publish.enabled && core.is_some() {
+        let ledger = Ledger::open(&cfg.publish.path)?;
+        info!(
+            last_version = ledger.state().last_version,
+            epoch = ledger.state().epoch,
+            "publisher ready"
+        );
+        Some(ledger)
+    } else {
+        None
+    };
     let bind = cfg.http_bind()?;
     let cfg = Arc::new(cfg);
 
@@ -195,6 +209,35 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
             });
             (tx, driver)
         };
+        let producer: Option<FutureProducer> = match &ledger {
+            Some(_) => Some(kafka::create_client(&cfg.producer_properties(), "version publisher")?),
+            None => None,
+        };
+        let ledger = ledger.map(|l| Arc::new(tokio::sync::Mutex::new(l)));
+        let (stop_publishing, publishing) = {
+            let (tx, mut rx) = tokio::sync::watch::channel(false);
+            let every = Duration::from_secs(cfg.publish.interval_secs);
+            let (cfg, trainer, producer, ledger) =
+                (cfg.clone(), trainer.clone(), producer.clone(), ledger.clone());
+            let task = actix_rt::spawn(async move {
+                let (Some(trainer), Some(producer), Some(ledger)) = (trainer, producer, ledger)
+                else {
+                    return;
+                };
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = rx.changed() => return,
+                    }
+                    let mut ledger = ledger.lock().await;
+                    if let Err(e) = publish_version(&cfg, &trainer, &producer, &mut ledger).await {
+                        metrics::counter!(m::PUBLISH_FAILURES).increment(1);
+                        warn!(error = %format!("{e:#}"), version = ledger.next_version(), "publication failed; retried at the next interval");
+                    }
+                }
+            });
+            (tx, task)
+        };
         let state = Arc::new(crate::http::HttpState {
             store: store.clone(),
             ingest: status.clone(),
@@ -233,11 +276,19 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
                 warn!(error = %e, "trainer failed while stopping");
             }
         }
+        let _ = stop_publishing.send(true);
+        let _ = publishing.await;
         if let Some(trainer) = &trainer {
             match trainer.send(SaveCheckpoint).await {
                 Ok(Ok(version)) => info!(version, "final checkpoint"),
                 Ok(Err(e)) => warn!(error = %e, "final checkpoint failed"),
                 Err(e) => warn!(error = %e, "trainer unreachable for the final checkpoint"),
+            }
+            if let (Some(producer), Some(ledger)) = (&producer, &ledger) {
+                let mut ledger = ledger.lock().await;
+                if let Err(e) = publish_version(&cfg, trainer, producer, &mut ledger).await {
+                    warn!(error = %format!("{e:#}"), "final publication failed");
+                }
             }
         }
         store.flush().context("final flush")?;
@@ -247,6 +298,88 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
         info!(edges_total = summary.edges_total, nodes = ?summary.nodes, "stopped");
         outcome
     })
+}
+
+/// Publish the next version: rows, then (after every row's acknowledgement) the marker, then
+/// record the number in the ledger and make the version the trainer's reference. Returns the
+/// version, or `None` when no node row moved.
+async fn publish_version(
+    cfg: &Config,
+    trainer: &Addr<TrainerActor>,
+    producer: &FutureProducer,
+    ledger: &mut Ledger,
+) -> anyhow::Result<Option<u64>> {
+    let (version, epoch) = (ledger.next_version(), ledger.state().epoch);
+    let req = PrepareVersion {
+        version,
+        epoch,
+        format: cfg.publish.format,
+        threshold: cfg.publish.row_threshold,
+    };
+    let Some(prepared) = trainer.send(req).await?? else {
+        return Ok(None);
+    };
+    let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
+    let topic = &cfg.kafka.embeddings_topic;
+    let mut acks = Vec::with_capacity(prepared.rows.len());
+    for (key, payload) in &prepared.rows {
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
+                Ok(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(anyhow::Error::new(e).context(format!("producing {key} to {topic}")))
+                }
+            }
+        }
+    }
+    for ack in acks {
+        match tokio::time::timeout(timeout, ack).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((e, _)))) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("a row of version {version} to {topic}"))
+                )
+            }
+            Ok(Err(_)) => anyhow::bail!("row delivery of version {version} cancelled"),
+            Err(_) => anyhow::bail!(
+                "row of version {version} not acknowledged within publish.delivery_timeout_ms"
+            ),
+        }
+    }
+    let marker = prepared.marker.encode();
+    let key = version.to_string();
+    producer
+        .send(
+            FutureRecord::to(&cfg.kafka.versions_topic)
+                .key(&key)
+                .payload(&marker),
+            timeout,
+        )
+        .await
+        .map_err(|(e, _)| {
+            anyhow::Error::new(e).context(format!(
+                "marker of version {version} to {}",
+                cfg.kafka.versions_topic
+            ))
+        })?;
+    ledger.commit(version)?;
+    trainer.send(CommitVersion(version)).await?;
+    metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
+    metrics::counter!(m::PUBLISH_ROWS).increment(prepared.marker.rows);
+    metrics::gauge!(m::PUBLISH_LAST_VERSION).set(version as f64);
+    info!(
+        version,
+        epoch,
+        rows = prepared.marker.rows,
+        "version published"
+    );
+    Ok(Some(version))
 }
 
 async fn shutdown_signal() {

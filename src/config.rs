@@ -35,6 +35,7 @@ pub struct Config {
     pub torch: TorchConfig,
     pub train: crate::train::TrainParams,
     pub trainer: TrainerConfig,
+    pub publish: PublishConfig,
     pub datasets: DatasetsConfig,
 }
 
@@ -123,6 +124,18 @@ pub struct TrainerConfig {
     pub checkpoint_path: PathBuf,
     pub checkpoint_interval_secs: u64,
     pub checkpoint_keep: usize,
+}
+
+/// The `[publish]` section: versions to Kafka (see [`crate::publish`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    pub enabled: bool,
+    pub interval_secs: u64,
+    pub format: crate::publish::ValueFormat,
+    pub row_threshold: f64,
+    pub path: PathBuf,
+    pub delivery_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -289,6 +302,21 @@ impl Config {
             tr.checkpoint_interval_secs,
         )?;
         positive("trainer.checkpoint_keep", tr.checkpoint_keep as u64)?;
+        let pb = &self.publish;
+        positive("publish.interval_secs", pb.interval_secs)?;
+        positive("publish.delivery_timeout_ms", pb.delivery_timeout_ms)?;
+        if !(pb.row_threshold.is_finite() && pb.row_threshold >= 0.0) {
+            return Err(invalid(
+                "publish.row_threshold",
+                "must be a non-negative number",
+            ));
+        }
+        if pb.enabled && !tr.enabled {
+            return Err(invalid(
+                "publish.enabled",
+                "needs trainer.enabled = true (versions come from the trainer)",
+            ));
+        }
         if tr.checkpoint_path.as_os_str().is_empty() {
             return Err(invalid("trainer.checkpoint_path", "must not be empty"));
         }

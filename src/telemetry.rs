@@ -58,6 +58,15 @@ pub const PREQ_HITS10: &str = "twhin_prequential_hits_at_10";
 /// Edges ranked prequentially.
 pub const PREQ_RANKED: &str = "twhin_prequential_ranked_total";
 
+/// Versions whose marker the broker acknowledged.
+pub const PUBLISH_VERSIONS: &str = "twhin_publish_versions_total";
+/// Embedding rows (nodes and relations) published.
+pub const PUBLISH_ROWS: &str = "twhin_publish_rows_total";
+/// The last acknowledged version.
+pub const PUBLISH_LAST_VERSION: &str = "twhin_publish_last_version";
+/// Publications that failed (retried at the next interval under the same number).
+pub const PUBLISH_FAILURES: &str = "twhin_publish_failures_total";
+
 /// Install the global tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init_logging(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
@@ -167,4 +176,8 @@ fn describe() {
         PREQ_RANKED,
         "Edges ranked prequentially (test before train)"
     );
+    describe_counter!(PUBLISH_VERSIONS, "Versions published (marker acknowledged)");
+    describe_counter!(PUBLISH_ROWS, "Embedding rows published");
+    describe_gauge!(PUBLISH_LAST_VERSION, "Last acknowledged version");
+    describe_counter!(PUBLISH_FAILURES, "Failed publications (retried)");
 }

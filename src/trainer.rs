@@ -34,8 +34,9 @@ use tracing::{info, warn};
 use crate::checkpoint::{schema_fingerprint, CheckpointError, Checkpoints};
 use crate::config::{Config, TrainerConfig};
 use crate::eval::{target_ranks, TargetQuery};
-use crate::messages::{SaveCheckpoint, TrainRound};
+use crate::messages::{CommitVersion, PrepareVersion, SaveCheckpoint, TrainRound};
 use crate::model::Embeddings;
+use crate::publish::{RowRecord, VersionMarker};
 use crate::store::{Direction, Edge, GraphStore, StoreError};
 use crate::telemetry as m;
 use crate::train::{rows_needed, train_step, StepStats, TrainParams};
@@ -152,6 +153,13 @@ pub struct TrainerCore {
     batch: usize,
     rng: SmallRng,
     pub window: RankWindow,
+    /// Per type and row: event time (ms) of the newest trained edge that touched it.
+    row_ts: Vec<Vec<i64>>,
+    /// The last acknowledged version's tables (per type) and relations: the reference that
+    /// decides which rows moved.
+    published: Option<(Vec<Tensor>, Tensor)>,
+    /// A prepared version's snapshot, made the reference when its marker is acknowledged.
+    pending: Option<(u64, Vec<Tensor>, Tensor)>,
 }
 
 impl TrainerCore {
@@ -168,6 +176,9 @@ impl TrainerCore {
         opts: TrainerConfig,
     ) -> TrainerCore {
         TrainerCore {
+            row_ts: vec![Vec::new(); model.tables.len()],
+            published: None,
+            pending: None,
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -274,6 +285,16 @@ impl TrainerCore {
             &self.params,
             &mut self.rng,
         ));
+        for e in &edges[..report.new_edges] {
+            for n in [e.src, e.dst] {
+                let ts = &mut self.row_ts[n.node_type as usize];
+                let i = n.index as usize;
+                if ts.len() <= i {
+                    ts.resize(i + 1, 0);
+                }
+                ts[i] = ts[i].max(e.ts as i64);
+            }
+        }
         self.cursor = last_seq + 1;
         self.window.extend(report.ranks.iter().copied());
         report.backlog = store.edge_count().saturating_sub(self.cursor);
@@ -346,6 +367,100 @@ impl TrainerCore {
             self.model.tables[t].grow(n, |_| rows);
         }
         Ok((warm, random))
+    }
+
+    /// The rows version `version` carries (see [`crate::publish::rows_to_publish`]), encoded,
+    /// with its marker; `None` when no node row moved since the reference. The tables are
+    /// snapshotted as the next reference, adopted by [`TrainerCore::commit_version`].
+    pub fn prepare_version(
+        &mut self,
+        store: &GraphStore,
+        req: &PrepareVersion,
+    ) -> Result<Option<PreparedVersion>, StoreError> {
+        let schema = store.stored_schema();
+        let mut rows = Vec::new();
+        let mut newest = 0i64;
+        let snapshot: Vec<Tensor> = self.model.tables.iter().map(|t| t.rows().copy()).collect();
+        for (t, current) in snapshot.iter().enumerate() {
+            let empty;
+            let reference = match &self.published {
+                Some((tables, _)) => &tables[t],
+                None => {
+                    empty = Tensor::zeros([0, self.model.dim], (Kind::Float, current.device()));
+                    &empty
+                }
+            };
+            let moved = crate::publish::rows_to_publish(current, reference, req.threshold);
+            if moved.is_empty() {
+                continue;
+            }
+            let idx = Tensor::from_slice(&moved).to_device(current.device());
+            let values = Vec::<f32>::try_from(
+                current
+                    .index_select(0, &idx)
+                    .to_device(Device::Cpu)
+                    .reshape([-1]),
+            )
+            .expect("f32 rows");
+            let dim = self.model.dim as usize;
+            for (k, &i) in moved.iter().enumerate() {
+                let node = crate::store::NodeRef {
+                    node_type: t as u16,
+                    index: i as u32,
+                };
+                let Some(id) = store.node_id(node)? else {
+                    continue;
+                };
+                let ts = self.row_ts[t].get(i as usize).copied().unwrap_or(0);
+                newest = newest.max(ts);
+                let record = RowRecord {
+                    version: req.version,
+                    epoch: req.epoch,
+                    ts,
+                    vector: values[k * dim..(k + 1) * dim].to_vec(),
+                };
+                rows.push((
+                    format!("{}:{id}", schema.node_types[t]),
+                    record.encode(req.format),
+                ));
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let relations = self.model.relations.copy();
+        let values =
+            Vec::<f32>::try_from(relations.to_device(Device::Cpu).reshape([-1])).expect("f32");
+        let dim = self.model.dim as usize;
+        for (r, (name, _, _)) in schema.relations.iter().enumerate() {
+            let record = RowRecord {
+                version: req.version,
+                epoch: req.epoch,
+                ts: newest,
+                vector: values[r * dim..(r + 1) * dim].to_vec(),
+            };
+            rows.push((format!("relation:{name}"), record.encode(req.format)));
+        }
+        self.pending = Some((req.version, snapshot, relations));
+        let marker = VersionMarker {
+            version: req.version,
+            epoch: req.epoch,
+            rows: rows.len() as u64,
+        };
+        Ok(Some(PreparedVersion {
+            rows,
+            marker,
+            newest_ts: newest,
+        }))
+    }
+
+    /// Version `version`'s marker was acknowledged: its snapshot becomes the reference.
+    pub fn commit_version(&mut self, version: u64) {
+        if let Some((v, tables, relations)) = self.pending.take() {
+            if v == version {
+                self.published = Some((tables, relations));
+            }
+        }
     }
 
     /// Save a checkpoint at the current cursor; returns its version.
@@ -482,6 +597,15 @@ impl TrainerStatus {
     }
 }
 
+/// A version ready to produce: `(key, payload)` rows, then the marker.
+#[derive(Debug, Clone)]
+pub struct PreparedVersion {
+    pub rows: Vec<(String, Vec<u8>)>,
+    pub marker: VersionMarker,
+    /// Event time (ms) of the newest event the version reflects.
+    pub newest_ts: i64,
+}
+
 /// What a [`TrainRound`] did.
 #[derive(Debug, Clone, Copy)]
 pub struct RoundOutcome {
@@ -574,6 +698,25 @@ impl Handler<TrainRound> for TrainerActor {
             self.save()?;
         }
         Ok(RoundOutcome { steps, idle })
+    }
+}
+
+impl Handler<PrepareVersion> for TrainerActor {
+    type Result = Result<Option<PreparedVersion>, TrainerError>;
+
+    fn handle(&mut self, req: PrepareVersion, _: &mut Self::Context) -> Self::Result {
+        let core = self.core.as_mut().ok_or(TrainerError::Gone)?;
+        Ok(core.prepare_version(&self.store, &req)?)
+    }
+}
+
+impl Handler<CommitVersion> for TrainerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CommitVersion, _: &mut Self::Context) {
+        if let Some(core) = self.core.as_mut() {
+            core.commit_version(msg.0);
+        }
     }
 }
 

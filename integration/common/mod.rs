@@ -151,6 +151,10 @@ pub fn daemon_env(bootstrap: &str, store: &Path, http_port: u16) -> Vec<(String,
             "TWHIN_TRAINER__CHECKPOINT_PATH".into(),
             store.with_extension("checkpoints").display().to_string(),
         ),
+        (
+            "TWHIN_PUBLISH__PATH".into(),
+            store.with_extension("publish").display().to_string(),
+        ),
         ("TWHIN_HTTP__BIND".into(), format!("127.0.0.1:{http_port}")),
         (
             "TWHIN_KAFKA__CONSUMER__SESSION_TIMEOUT_MS".into(),
@@ -449,9 +453,18 @@ pub fn read_all(
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
+    // Every partition of the topic, from the beginning.
+    let partitions = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .ok()
+        .and_then(|md| md.topics().first().map(|t| t.partitions().len()))
+        .unwrap_or(1)
+        .max(1);
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
     consumer.assign(&tpl).unwrap();
     let start = Instant::now();
     let mut last = Instant::now();
