@@ -281,12 +281,7 @@ pub fn prequential_new_nodes(
             let prior = seen.get(&src).copied().unwrap_or(0);
             let has_row = (d as i64) < core.model.tables[e.dst.node_type as usize].len();
             if (1..=4).contains(&prior) && has_row {
-                let known = store
-                    .neighbors(src, Some(e.rel), Some(crate::store::Direction::Out), 4096)?
-                    .into_iter()
-                    .filter(|n| n.node.node_type == e.dst.node_type)
-                    .map(|n| n.node.index as i64)
-                    .collect();
+                let known = crate::trainer::known_targets(&store, src, e.rel, e.dst.node_type)?;
                 tests.push(TargetQuery {
                     src_type: src.node_type as usize,
                     src: s as i64,

@@ -82,6 +82,21 @@ fn replay_count(fresh: usize, ratio: f64) -> usize {
     (fresh as f64 * ratio).round() as usize
 }
 
+/// The stored targets of `(src, rel)` of type `dst_type` (for filtered ranking).
+pub fn known_targets(
+    store: &GraphStore,
+    src: crate::store::NodeRef,
+    rel: u16,
+    dst_type: u16,
+) -> Result<Vec<i64>, StoreError> {
+    Ok(store
+        .neighbors(src, Some(rel), Some(Direction::Out), FILTER_LIMIT)?
+        .into_iter()
+        .filter(|n| n.node.node_type == dst_type)
+        .map(|n| n.node.index as i64)
+        .collect())
+}
+
 /// The last `capacity` prequential ranks.
 #[derive(Debug)]
 pub struct RankWindow {
@@ -318,12 +333,7 @@ impl TrainerCore {
         let mut queries = Vec::with_capacity(k);
         for i in sample(&mut self.rng, eligible.len(), k) {
             let e = eligible[i];
-            let known = store
-                .neighbors(e.src, Some(e.rel), Some(Direction::Out), FILTER_LIMIT)?
-                .into_iter()
-                .filter(|n| n.node.node_type == e.dst.node_type)
-                .map(|n| n.node.index as i64)
-                .collect();
+            let known = known_targets(store, e.src, e.rel, e.dst.node_type)?;
             queries.push(TargetQuery {
                 src_type: e.src.node_type as usize,
                 src: e.src.index as i64,
