@@ -23,6 +23,7 @@
 //! | [`eval`]      | filtered MRR / Hits@k |
 //! | [`checkpoint`] | versioned, atomic model checkpoints with an fsynced pointer |
 //! | [`publish`]   | version wire formats (JSON, f32le), the numbering ledger, rows a version carries |
+//! | [`serving`]   | the latest committed version as the serving API reads it |
 //! | [`offline`]   | `train` / `eval` on a dataset's standard splits |
 //! | [`datasets`]  | real datasets as events (pure loading) |
 //! | [`replay`]    | `replay`: produce a dataset to the engagements topic |
@@ -46,6 +47,7 @@ pub mod publish;
 pub mod replay;
 pub mod schema;
 pub mod score;
+pub mod serving;
 pub mod store;
 pub mod telemetry;
 pub mod train;
