@@ -12,17 +12,24 @@ use anyhow::Context as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
+use tch::Tensor;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use crate::align::{Adopt, AlignActor, AlignStatus, Assess, PullController};
 use crate::config::Config;
 use crate::ingest::{IngestActor, IngestStatus, StoreWriter};
 use crate::kafka::{self, ApplyOutcome, EmbeddedKafka};
-use crate::messages::{CommitVersion, PrepareVersion, SaveCheckpoint, StopIngest, TrainRound};
-use crate::publish::Ledger;
+use crate::messages::{
+    CommitVersion, PrepareVersion, RestoreCheckpoint, SaveCheckpoint, SetPull, StopIngest,
+    TakeSnapshot, TrainRound,
+};
+use crate::publish::{load_snapshot, Ledger};
+use crate::score::Comparator;
+use crate::serving::{PublishedView, ServingView};
 use crate::store::{GraphStore, StoreError, StoreOptions};
 use crate::telemetry as m;
-use crate::trainer::{TrainerActor, TrainerCore, TrainerStatus};
+use crate::trainer::{TrainerActor, TrainerCore, TrainerError, TrainerStatus, REFERENCE};
 
 /// Node, edge and offset counts of a store (`inspect --json`, `/v1/status`).
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +143,8 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
         info!("trainer.enabled = false: ingest only");
         None
     };
+    let mut core = core;
+    let serving = ServingView::new();
     let ledger = if cfg.publish.enabled && core.is_some() {
         let ledger = Ledger::open(&cfg.publish.path)?;
         info!(
@@ -143,6 +152,10 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
             epoch = ledger.state().epoch,
             "publisher ready"
         );
+        if let Some(core) = core.as_mut() {
+            adopt_persisted_reference(&cfg, core, ledger.state().last_version, &serving)?;
+            core.set_pull(PullController::from_config(&cfg.align).strength);
+        }
         Some(ledger)
     } else {
         None
@@ -175,33 +188,56 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
         let trainer_status = core.as_ref().map(|_| Arc::new(TrainerStatus::new()));
         let trainer = core.map(|core| {
             let slot = Arc::new(Mutex::new(Some(core)));
-            let (cfg, store, status) = (
+            let (cfg, store, status, serving) = (
                 cfg.clone(),
                 store.clone(),
                 trainer_status.clone().expect("made with the core"),
+                serving.clone(),
             );
             SyncArbiter::start(1, move || {
-                TrainerActor::new(&cfg, slot.clone(), store.clone(), status.clone())
+                TrainerActor::new(
+                    &cfg,
+                    slot.clone(),
+                    store.clone(),
+                    status.clone(),
+                    serving.clone(),
+                    device,
+                )
             })
         });
+        // Training pauses while a version is assessed and prepared, so the version published is
+        // exactly the one the alignment actor measured.
+        let model_turn = Arc::new(tokio::sync::Mutex::new(()));
         let (stop_training, mut training) = {
             let (tx, mut rx) = tokio::sync::watch::channel(false);
             let idle = Duration::from_millis(cfg.trainer.idle_poll_ms);
-            let trainer = trainer.clone();
+            let (trainer, turn, status) =
+                (trainer.clone(), model_turn.clone(), trainer_status.clone());
             let driver = actix_rt::spawn(async move {
-                let Some(trainer) = trainer else {
+                let (Some(trainer), Some(status)) = (trainer, status) else {
                     let _ = rx.changed().await;
                     return Ok(());
                 };
+                let mut supervisor = Supervisor::default();
                 while !*rx.borrow() {
-                    let outcome = trainer
-                        .send(TrainRound)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("trainer actor unreachable: {e}"))??;
-                    if outcome.idle {
-                        tokio::select! {
-                            _ = tokio::time::sleep(idle) => {}
-                            _ = rx.changed() => {}
+                    let round = {
+                        let _turn = turn.lock().await;
+                        trainer
+                            .send(TrainRound)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("trainer actor unreachable: {e}"))?
+                    };
+                    match round {
+                        Ok(outcome) if outcome.idle => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(idle) => {}
+                                _ = rx.changed() => {}
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _turn = turn.lock().await;
+                            supervisor.restart(&trainer, &status, e).await?;
                         }
                     }
                 }
@@ -209,19 +245,48 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
             });
             (tx, driver)
         };
+        let align_status = Arc::new(AlignStatus::default());
+        let align = match &ledger {
+            Some(_) => {
+                let rotate = cfg.train.comparator != Comparator::L1;
+                let actor = AlignActor::new(
+                    cfg.align.clone(),
+                    rotate,
+                    cfg.publish.path.clone(),
+                    align_status.clone(),
+                )?;
+                let slot = Mutex::new(Some(actor));
+                Some(SyncArbiter::start(1, move || {
+                    slot.lock()
+                        .ok()
+                        .and_then(|mut s| s.take())
+                        .expect("one alignment actor")
+                }))
+            }
+            None => None,
+        };
         let producer: Option<FutureProducer> = match &ledger {
             Some(_) => Some(kafka::create_client(&cfg.producer_properties(), "version publisher")?),
             None => None,
         };
         let ledger = ledger.map(|l| Arc::new(tokio::sync::Mutex::new(l)));
+        let publisher = match (&trainer, &producer, &align) {
+            (Some(trainer), Some(producer), Some(align)) => Some(Publisher {
+                cfg: cfg.clone(),
+                trainer: trainer.clone(),
+                align: align.clone(),
+                producer: producer.clone(),
+                model_turn: model_turn.clone(),
+                ingest: status.clone(),
+            }),
+            _ => None,
+        };
         let (stop_publishing, publishing) = {
             let (tx, mut rx) = tokio::sync::watch::channel(false);
             let every = Duration::from_secs(cfg.publish.interval_secs);
-            let (cfg, trainer, producer, ledger) =
-                (cfg.clone(), trainer.clone(), producer.clone(), ledger.clone());
+            let (publisher, ledger) = (publisher.clone(), ledger.clone());
             let task = actix_rt::spawn(async move {
-                let (Some(trainer), Some(producer), Some(ledger)) = (trainer, producer, ledger)
-                else {
+                let (Some(publisher), Some(ledger)) = (publisher, ledger) else {
                     return;
                 };
                 loop {
@@ -230,7 +295,7 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
                         _ = rx.changed() => return,
                     }
                     let mut ledger = ledger.lock().await;
-                    if let Err(e) = publish_version(&cfg, &trainer, &producer, &mut ledger).await {
+                    if let Err(e) = publisher.publish_version(&mut ledger).await {
                         metrics::counter!(m::PUBLISH_FAILURES).increment(1);
                         warn!(error = %format!("{e:#}"), version = ledger.next_version(), "publication failed; retried at the next interval");
                     }
@@ -284,9 +349,9 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
                 Ok(Err(e)) => warn!(error = %e, "final checkpoint failed"),
                 Err(e) => warn!(error = %e, "trainer unreachable for the final checkpoint"),
             }
-            if let (Some(producer), Some(ledger)) = (&producer, &ledger) {
+            if let (Some(publisher), Some(ledger)) = (&publisher, &ledger) {
                 let mut ledger = ledger.lock().await;
-                if let Err(e) = publish_version(&cfg, trainer, producer, &mut ledger).await {
+                if let Err(e) = publisher.publish_version(&mut ledger).await {
                     warn!(error = %format!("{e:#}"), "final publication failed");
                 }
             }
@@ -300,86 +365,225 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
     })
 }
 
-/// Publish the next version: rows, then (after every row's acknowledgement) the marker, then
-/// record the number in the ledger and make the version the trainer's reference. Returns the
-/// version, or `None` when no node row moved.
-async fn publish_version(
+/// Read the reference persisted at the last commit, when it is that of the ledger's last version.
+/// Otherwise (none yet, or a crash between the ledger's commit and the reference's write) the next
+/// version carries every row, which any subscriber can apply.
+fn adopt_persisted_reference(
     cfg: &Config,
-    trainer: &Addr<TrainerActor>,
-    producer: &FutureProducer,
-    ledger: &mut Ledger,
-) -> anyhow::Result<Option<u64>> {
-    let (version, epoch) = (ledger.next_version(), ledger.state().epoch);
-    let req = PrepareVersion {
-        version,
-        epoch,
-        format: cfg.publish.format,
-        threshold: cfg.publish.row_threshold,
-    };
-    let Some(prepared) = trainer.send(req).await?? else {
-        return Ok(None);
-    };
-    let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
-    let topic = &cfg.kafka.embeddings_topic;
-    let mut acks = Vec::with_capacity(prepared.rows.len());
-    for (key, payload) in &prepared.rows {
-        loop {
-            match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
-                Ok(ack) => {
-                    acks.push(ack);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => {
-                    return Err(anyhow::Error::new(e).context(format!("producing {key} to {topic}")))
+    core: &mut TrainerCore,
+    last_version: u64,
+    serving: &ServingView,
+) -> anyhow::Result<()> {
+    match load_snapshot(&cfg.publish.path, REFERENCE)? {
+        Some((meta, s)) if meta.version == last_version && last_version > 0 => {
+            let (tables, relations) = (
+                s.tables.iter().map(Tensor::shallow_clone).collect(),
+                s.relations.shallow_clone(),
+            );
+            core.set_reference(meta.version, s);
+            serving.publish(PublishedView {
+                version: meta.version,
+                epoch: 0,
+                comparator: cfg.train.comparator,
+                tables,
+                relations,
+                row_ts: Vec::new(),
+            });
+            info!(version = meta.version, "published reference restored");
+        }
+        Some((meta, _)) => warn!(
+            reference = meta.version,
+            ledger = last_version,
+            "the persisted reference is not the last published version; the next version carries every row"
+        ),
+        None if last_version > 0 => warn!(
+            ledger = last_version,
+            "no persisted reference; the next version carries every row"
+        ),
+        None => {}
+    }
+    Ok(())
+}
+
+/// Failures tolerated within [`RESTART_WINDOW`] before the daemon gives up.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// Restarts the trainer from its newest checkpoint after a failed round.
+#[derive(Default)]
+struct Supervisor {
+    recent: std::collections::VecDeque<Instant>,
+}
+
+impl Supervisor {
+    async fn restart(
+        &mut self,
+        trainer: &Addr<TrainerActor>,
+        status: &TrainerStatus,
+        error: TrainerError,
+    ) -> anyhow::Result<()> {
+        let now = Instant::now();
+        self.recent
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        if self.recent.len() >= MAX_RESTARTS {
+            return Err(anyhow::Error::new(error).context(format!(
+                "the trainer failed {} times within {} s; giving up",
+                MAX_RESTARTS + 1,
+                RESTART_WINDOW.as_secs()
+            )));
+        }
+        self.recent.push_back(now);
+        metrics::counter!(m::ACTOR_RESTARTS, "actor" => "trainer").increment(1);
+        status
+            .restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        warn!(error = %error, "trainer failed; its supervisor restarts it from the newest checkpoint");
+        let (checkpoint, cursor) = trainer
+            .send(RestoreCheckpoint)
+            .await
+            .map_err(|e| anyhow::anyhow!("trainer actor unreachable: {e}"))??;
+        info!(checkpoint, cursor, "trainer restarted");
+        Ok(())
+    }
+}
+
+/// What a publication needs.
+#[derive(Clone)]
+struct Publisher {
+    cfg: Arc<Config>,
+    trainer: Addr<TrainerActor>,
+    align: Addr<AlignActor>,
+    producer: FutureProducer,
+    model_turn: Arc<tokio::sync::Mutex<()>>,
+    ingest: Arc<IngestStatus>,
+}
+
+impl Publisher {
+    /// Publish the next version: assess it (alignment actor; a held version restores the
+    /// trainer's newest checkpoint instead), rows, then (after every row's acknowledgement) the
+    /// marker, then record the number in the ledger and make the version the reference. Returns
+    /// the version, or `None` when none was published (nothing moved, or held).
+    async fn publish_version(&self, ledger: &mut Ledger) -> anyhow::Result<Option<u64>> {
+        let cfg = &self.cfg;
+        let (version, epoch) = (ledger.next_version(), ledger.state().epoch);
+        let (prepared, figures) = {
+            let _turn = self.model_turn.lock().await;
+            let (current, reference) = self.trainer.send(TakeSnapshot).await??;
+            let assessed = self
+                .align
+                .send(Assess {
+                    version,
+                    current,
+                    reference,
+                })
+                .await?;
+            if let Some(hold) = assessed.hold {
+                let (checkpoint, cursor) = self.trainer.send(RestoreCheckpoint).await??;
+                self.trainer.send(SetPull(assessed.pull)).await?;
+                warn!(version, reason = hold.label(), ?hold, checkpoint, cursor, pull = assessed.pull,
+                    "version held back by the drift gate; trainer restored to its newest checkpoint");
+                return Ok(None);
+            }
+            let req = PrepareVersion {
+                version,
+                epoch,
+                format: cfg.publish.format,
+                threshold: cfg.publish.row_threshold,
+                rotation: assessed.rotation,
+                align: Some(assessed.figures.clone()),
+            };
+            match self.trainer.send(req).await?? {
+                Some(p) => (p, assessed.figures),
+                None => return Ok(None),
+            }
+        };
+        let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
+        let topic = &cfg.kafka.embeddings_topic;
+        let mut acks = Vec::with_capacity(prepared.rows.len());
+        for (key, payload) in &prepared.rows {
+            loop {
+                match self
+                    .producer
+                    .send_result(FutureRecord::to(topic).key(key).payload(payload))
+                {
+                    Ok(ack) => {
+                        acks.push(ack);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        return Err(
+                            anyhow::Error::new(e).context(format!("producing {key} to {topic}"))
+                        )
+                    }
                 }
             }
         }
-    }
-    for ack in acks {
-        match tokio::time::timeout(timeout, ack).await {
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err((e, _)))) => {
-                return Err(
-                    anyhow::Error::new(e).context(format!("a row of version {version} to {topic}"))
-                )
+        for ack in acks {
+            match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((e, _)))) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("a row of version {version} to {topic}")))
+                }
+                Ok(Err(_)) => anyhow::bail!("row delivery of version {version} cancelled"),
+                Err(_) => anyhow::bail!(
+                    "row of version {version} not acknowledged within publish.delivery_timeout_ms"
+                ),
             }
-            Ok(Err(_)) => anyhow::bail!("row delivery of version {version} cancelled"),
-            Err(_) => anyhow::bail!(
-                "row of version {version} not acknowledged within publish.delivery_timeout_ms"
-            ),
         }
+        let marker = prepared.marker.encode();
+        let key = version.to_string();
+        self.producer
+            .send(
+                FutureRecord::to(&cfg.kafka.versions_topic)
+                    .key(&key)
+                    .payload(&marker),
+                timeout,
+            )
+            .await
+            .map_err(|(e, _)| {
+                anyhow::Error::new(e).context(format!(
+                    "marker of version {version} to {}",
+                    cfg.kafka.versions_topic
+                ))
+            })?;
+        ledger.commit(version)?;
+        let committed_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let fresh = self
+            .ingest
+            .freshness
+            .published(prepared.cursor, committed_ms);
+        if let Some(view) = self.trainer.send(CommitVersion(version)).await?? {
+            let pull = self
+                .align
+                .send(Adopt {
+                    version,
+                    figures: figures.clone(),
+                    published: view,
+                })
+                .await??;
+            self.trainer.send(SetPull(pull)).await?;
+        }
+        metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
+        metrics::counter!(m::PUBLISH_ROWS).increment(prepared.marker.rows);
+        metrics::gauge!(m::PUBLISH_LAST_VERSION).set(version as f64);
+        info!(
+            version,
+            epoch,
+            rows = prepared.marker.rows,
+            events = fresh,
+            drift = figures.previous.map(|d| d.cosine_mean),
+            residual = figures.procrustes_residual,
+            pull = figures.pull,
+            "version published"
+        );
+        Ok(Some(version))
     }
-    let marker = prepared.marker.encode();
-    let key = version.to_string();
-    producer
-        .send(
-            FutureRecord::to(&cfg.kafka.versions_topic)
-                .key(&key)
-                .payload(&marker),
-            timeout,
-        )
-        .await
-        .map_err(|(e, _)| {
-            anyhow::Error::new(e).context(format!(
-                "marker of version {version} to {}",
-                cfg.kafka.versions_topic
-            ))
-        })?;
-    ledger.commit(version)?;
-    trainer.send(CommitVersion(version)).await?;
-    metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
-    metrics::counter!(m::PUBLISH_ROWS).increment(prepared.marker.rows);
-    metrics::gauge!(m::PUBLISH_LAST_VERSION).set(version as f64);
-    info!(
-        version,
-        epoch,
-        rows = prepared.marker.rows,
-        "version published"
-    );
-    Ok(Some(version))
 }
 
 async fn shutdown_signal() {

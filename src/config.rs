@@ -36,6 +36,7 @@ pub struct Config {
     pub train: crate::train::TrainParams,
     pub trainer: TrainerConfig,
     pub publish: PublishConfig,
+    pub align: crate::align::AlignConfig,
     pub datasets: DatasetsConfig,
 }
 
@@ -320,6 +321,31 @@ impl Config {
         if tr.checkpoint_path.as_os_str().is_empty() {
             return Err(invalid("trainer.checkpoint_path", "must not be empty"));
         }
+        let al = &self.align;
+        for (key, v) in [
+            ("align.max_drift", al.max_drift),
+            ("align.hard_limit", al.hard_limit),
+            ("align.pull_init", al.pull_init),
+            ("align.pull_min", al.pull_min),
+            ("align.pull_max", al.pull_max),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(key, "must be a positive number"));
+            }
+        }
+        if al.max_drift >= al.hard_limit {
+            return Err(invalid(
+                "align.max_drift",
+                format!("must be below align.hard_limit ({})", al.hard_limit),
+            ));
+        }
+        if !(al.pull_min <= al.pull_init && al.pull_init <= al.pull_max) {
+            return Err(invalid(
+                "align.pull_init",
+                "must lie within align.pull_min..=align.pull_max",
+            ));
+        }
+        positive("align.overlap_sample", al.overlap_sample as u64)?;
         Ok(())
     }
 

@@ -3,11 +3,11 @@
 //! the anchor), row `i` of both being the same node. The alignment actor owns the state; these
 //! only compute.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 /// How far `current` moved from `reference`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Drift {
     /// Mean over rows of the cosine distance `1 − cos(current_i, reference_i)`.
     pub cosine_mean: f64,

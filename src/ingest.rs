@@ -61,6 +61,8 @@ pub struct IngestStatus {
     pub lag: AtomicU64,
     pub broker_up: AtomicBool,
     pub assigned_partitions: AtomicU64,
+    /// Kafka timestamps of durable events, until a version covers them.
+    pub freshness: crate::freshness::Freshness,
 }
 
 /// Why ingest stopped on its own.
@@ -332,6 +334,8 @@ struct DeadLetter {
 #[derive(Default)]
 struct Pending {
     events: Vec<SourcedEvent>,
+    /// Kafka timestamps (ms) of `events`, for the freshness histogram.
+    kafka_ts: Vec<i64>,
     dead: Vec<DeadLetter>,
     next_offsets: HashMap<i32, i64>,
     consumed: u64,
@@ -498,11 +502,16 @@ fn accept(
         msg.payload(),
         kafka_ts.unwrap_or_else(now_ms),
     ) {
-        Ok(event) => pending.events.push(SourcedEvent {
-            partition: p,
-            offset,
-            event,
-        }),
+        Ok(event) => {
+            pending
+                .kafka_ts
+                .push(kafka_ts.map_or_else(|| now_ms() as i64, |t| t as i64));
+            pending.events.push(SourcedEvent {
+                partition: p,
+                offset,
+                event,
+            })
+        }
         Err(invalid) => {
             metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason.as_str()).increment(1);
             debug!(partition = p, offset, reason = %invalid.reason, detail = invalid.detail, "invalid event");
@@ -582,6 +591,12 @@ async fn write_batch(
         })?;
     let invalid = pending.dead.len() as u64;
     let consumed = pending.consumed;
+    if outcome.appended > 0 {
+        status.freshness.ingested(
+            outcome.first_seq + outcome.appended,
+            std::mem::take(&mut pending.kafka_ts),
+        );
+    }
     *pending = Pending::default();
 
     metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());

@@ -19,7 +19,9 @@
 //! | [`train`]     | one training step: negatives, masking, loss, update |
 //! | [`trainer`]   | the trainer actor: cursor, replay, adaptive micro-batches, prequential, checkpoints |
 //! | [`warm`]      | warm start of new nodes from their embedded neighbours |
+//! | [`align`]     | the alignment actor: drift gate, Procrustes onto the anchor, pull controller |
 //! | [`drift`]     | drift measures (cosine, relative L2, neighbour overlap) and Procrustes (pure) |
+//! | [`freshness`] | event-to-publish latency: Kafka timestamps held until a version covers them |
 //! | [`eval`]      | filtered MRR / Hits@k |
 //! | [`checkpoint`] | versioned, atomic model checkpoints with an fsynced pointer |
 //! | [`publish`]   | version wire formats (JSON, f32le), the numbering ledger, rows a version carries |
@@ -29,6 +31,7 @@
 //! | [`replay`]    | `replay`: produce a dataset to the engagements topic |
 //! | [`app`]       | the daemon's lifecycle (`run`) and store summaries |
 
+pub mod align;
 pub mod app;
 pub mod checkpoint;
 pub mod config;
@@ -36,6 +39,7 @@ pub mod datasets;
 pub mod device;
 pub mod drift;
 pub mod eval;
+pub mod freshness;
 pub mod http;
 pub mod ingest;
 pub mod kafka;

@@ -7,8 +7,11 @@
 //!
 //! lifecycle ──TrainRound──────► TrainerActor (SyncArbiter thread) ──reads──► GraphStore
 //!           ──SaveCheckpoint──►               ──writes──► checkpoints
-//! publisher ──PrepareVersion──► TrainerActor ──rows + marker──► publisher ──► Kafka
-//!           ──CommitVersion───► (after the marker's acknowledgement: the new reference)
+//! publisher ──TakeSnapshot────► TrainerActor ──snapshot──► publisher ──Assess──► AlignActor
+//!           ──PrepareVersion──► TrainerActor (rotation applied) ──rows + marker──► Kafka
+//!           ──CommitVersion───► TrainerActor (after the marker's ack: the new reference)
+//!           ──Adopt───────────► AlignActor (anchor, pull controller) ──SetPull──► TrainerActor
+//!           ──RestoreCheckpoint► TrainerActor (a held version; the supervisor after a failure)
 //! ```
 
 use actix::Message;
@@ -38,7 +41,7 @@ pub struct TrainRound;
 pub struct SaveCheckpoint;
 
 /// Select and encode the rows of the next version (see `TrainerCore::prepare_version`).
-#[derive(Debug, Clone, Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<Option<PreparedVersion>, TrainerError>")]
 pub struct PrepareVersion {
     pub version: u64,
@@ -46,9 +49,30 @@ pub struct PrepareVersion {
     pub format: ValueFormat,
     /// Relative change over which a row is republished.
     pub threshold: f64,
+    /// Rotation onto the anchor to apply to the model first (from the alignment actor).
+    pub rotation: Option<tch::Tensor>,
+    /// The alignment's figures, for the marker.
+    pub align: Option<crate::align::AlignFigures>,
 }
 
-/// The version's marker was acknowledged: adopt its snapshot as the reference.
+/// The version's marker was acknowledged: adopt its view as the reference (persisted in
+/// `publish.path`, served by HTTP); resolves with the view for the alignment actor.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Option<crate::align::Snapshot>, TrainerError>")]
+pub struct CommitVersion(pub u64);
+
+/// Copy the current parameters and the reference to the CPU for the alignment actor.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(crate::align::Snapshot, Option<crate::align::Snapshot>), TrainerError>")]
+pub struct TakeSnapshot;
+
+/// Set the strength of the pull toward the reference.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct CommitVersion(pub u64);
+pub struct SetPull(pub f64);
+
+/// Go back to the newest usable checkpoint (a held version, or a failed round); resolves with
+/// the checkpoint's version and cursor.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(u64, u64), TrainerError>")]
+pub struct RestoreCheckpoint;

@@ -44,6 +44,9 @@ pub struct VersionMarker {
     pub epoch: u64,
     /// Rows (nodes and relations) this version and epoch published.
     pub rows: u64,
+    /// Drift figures of the version (absent when the publisher measured none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub align: Option<crate::align::AlignFigures>,
 }
 
 const F32LE_MAGIC: &[u8; 4] = b"TWE1";
@@ -144,6 +147,106 @@ pub fn rows_to_publish(current: &Tensor, reference: &Tensor, threshold: f64) -> 
     });
     out.extend(m..n);
     out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+/// What `<stem>.json` records beside `<stem>.pt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub version: u64,
+    pub tables: usize,
+}
+
+fn snapshot_error(path: &Path, problem: impl ToString) -> SnapshotError {
+    SnapshotError::Invalid {
+        path: path.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
+/// Write a snapshot of published parameters as `<dir>/<stem>.pt` (tensors) and
+/// `<dir>/<stem>.json` (the version), each through a fsynced temporary file and a rename; the
+/// metadata goes last, so a crash leaves either the old pair or a new `.pt` that the old
+/// metadata does not match by table count or version (and [`load_snapshot`] then reports it).
+pub fn save_snapshot(
+    dir: &Path,
+    stem: &str,
+    version: u64,
+    s: &crate::align::Snapshot,
+) -> Result<(), SnapshotError> {
+    fs::create_dir_all(dir).map_err(|e| snapshot_error(dir, e))?;
+    let mut named: Vec<(String, Tensor)> = s
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, x)| (format!("table.{t}"), x.shallow_clone()))
+        .collect();
+    named.push(("relations".into(), s.relations.shallow_clone()));
+    named.push(("version".into(), Tensor::from_slice(&[version as i64])));
+    let pt = dir.join(format!("{stem}.pt"));
+    let tmp = dir.join(format!("{stem}.pt.tmp"));
+    Tensor::save_multi(&named, &tmp).map_err(|e| snapshot_error(&tmp, e))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .and_then(|_| fs::rename(&tmp, &pt))
+        .map_err(|e| snapshot_error(&pt, e))?;
+    let meta = SnapshotMeta {
+        version,
+        tables: s.tables.len(),
+    };
+    let json = dir.join(format!("{stem}.json"));
+    let tmp = dir.join(format!("{stem}.json.tmp"));
+    File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&serde_json::to_vec(&meta).expect("plain data"))?;
+            f.sync_all()
+        })
+        .and_then(|_| fs::rename(&tmp, &json))
+        .and_then(|_| File::open(dir).and_then(|d| d.sync_all()))
+        .map_err(|e| snapshot_error(&json, e))
+}
+
+/// Read a snapshot written by [`save_snapshot`]; `Ok(None)` when there is none. The tensors'
+/// own version must match the metadata's.
+pub fn load_snapshot(
+    dir: &Path,
+    stem: &str,
+) -> Result<Option<(SnapshotMeta, crate::align::Snapshot)>, SnapshotError> {
+    let json = dir.join(format!("{stem}.json"));
+    let meta: SnapshotMeta = match fs::read(&json) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| snapshot_error(&json, e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(snapshot_error(&json, e)),
+    };
+    let pt = dir.join(format!("{stem}.pt"));
+    let named = Tensor::load_multi(&pt).map_err(|e| snapshot_error(&pt, e))?;
+    let mut by_name: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
+    let mut take = |name: &str| {
+        by_name
+            .remove(name)
+            .ok_or_else(|| snapshot_error(&pt, format!("no tensor {name:?}")))
+    };
+    let version = take("version")?.int64_value(&[0]) as u64;
+    if version != meta.version {
+        return Err(snapshot_error(
+            &pt,
+            format!(
+                "holds version {version}, {} says {}",
+                json.display(),
+                meta.version
+            ),
+        ));
+    }
+    let tables = (0..meta.tables)
+        .map(|t| take(&format!("table.{t}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let relations = take("relations")?;
+    Ok(Some((meta, crate::align::Snapshot { tables, relations })))
 }
 
 /// The persisted numbering state (`<publish.path>/ledger.json`).
@@ -294,6 +397,41 @@ mod tests {
         );
         let empty = Tensor::zeros([0, 2], (Kind::Float, tch::Device::Cpu));
         assert_eq!(rows_to_publish(&current, &empty, 0.1), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_a_mismatch_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_snapshot(dir.path(), "reference").unwrap().is_none());
+        let s = crate::align::Snapshot {
+            tables: vec![
+                Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]),
+                Tensor::zeros([0, 2], (Kind::Float, tch::Device::Cpu)),
+            ],
+            relations: Tensor::from_slice(&[0.5f32, -0.5]).view([1, 2]),
+        };
+        save_snapshot(dir.path(), "reference", 7, &s).unwrap();
+        let (meta, back) = load_snapshot(dir.path(), "reference").unwrap().unwrap();
+        assert_eq!(
+            meta,
+            SnapshotMeta {
+                version: 7,
+                tables: 2
+            }
+        );
+        assert!(back.tables[0].equal(&s.tables[0]) && back.relations.equal(&s.relations));
+        assert_eq!(back.tables[1].size(), vec![0, 2]);
+        // Tensors from another version than the metadata names (a crash between the renames).
+        std::fs::write(
+            dir.path().join("reference.json"),
+            br#"{"version":8,"tables":2}"#,
+        )
+        .unwrap();
+        let err = load_snapshot(dir.path(), "reference")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("holds version 7"), "{err}");
     }
 
     #[test]

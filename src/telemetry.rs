@@ -67,6 +67,21 @@ pub const PUBLISH_LAST_VERSION: &str = "twhin_publish_last_version";
 /// Publications that failed (retried at the next interval under the same number).
 pub const PUBLISH_FAILURES: &str = "twhin_publish_failures_total";
 
+/// Drift of the last published version, by `against` (previous, anchor) and `measure`
+/// (cosine_mean, cosine_p99, relative_l2, knn_overlap).
+pub const ALIGN_DRIFT: &str = "twhin_align_drift";
+/// Strength of the L2 pull toward the reference.
+pub const ALIGN_PULL: &str = "twhin_align_pull_strength";
+/// Relative residual of the last rotation onto the anchor.
+pub const ALIGN_RESIDUAL: &str = "twhin_align_procrustes_residual";
+/// Versions held back by the gate, by reason (non_finite, drift).
+pub const ALIGN_HELD: &str = "twhin_align_held_total";
+/// Actors restarted by their supervisor, by actor.
+pub const ACTOR_RESTARTS: &str = "twhin_actor_restarts_total";
+/// Seconds from an event's Kafka timestamp to the commit of the first version after it was
+/// trained.
+pub const PUBLISH_FRESHNESS: &str = "twhin_publish_freshness_seconds";
+
 /// Install the global tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init_logging(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
@@ -106,6 +121,14 @@ pub fn init_metrics() -> PrometheusHandle {
                 Matcher::Full(TRAIN_STEP_SECONDS.into()),
                 &[
                     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(PUBLISH_FRESHNESS.into()),
+                &[
+                    0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
                 ],
             )
         })
@@ -180,4 +203,20 @@ fn describe() {
     describe_counter!(PUBLISH_ROWS, "Embedding rows published");
     describe_gauge!(PUBLISH_LAST_VERSION, "Last acknowledged version");
     describe_counter!(PUBLISH_FAILURES, "Failed publications (retried)");
+    describe_gauge!(ALIGN_DRIFT, "Drift of the last published version");
+    describe_gauge!(ALIGN_PULL, "Strength of the L2 pull toward the reference");
+    describe_gauge!(
+        ALIGN_RESIDUAL,
+        "Residual of the last rotation onto the anchor"
+    );
+    describe_counter!(
+        ALIGN_HELD,
+        "Versions held back by the drift gate, by reason"
+    );
+    describe_counter!(ACTOR_RESTARTS, "Actors restarted by their supervisor");
+    describe_histogram!(
+        PUBLISH_FRESHNESS,
+        Unit::Seconds,
+        "Event (Kafka timestamp) to the commit of the first version after it was trained"
+    );
 }

@@ -178,12 +178,55 @@ pub fn ensure_rows(model: &mut Embeddings, edges: &[Edge], init_scale: f64) {
     }
 }
 
+/// The drift control's L2 pull (DESIGN §5): `strength · Σ ‖e_i − ref_i‖² / edges` over the
+/// rows the step touches that the reference has, and likewise over the relation vectors. It keeps
+/// rows near the version subscribers hold unless the data argues otherwise.
+pub struct Pull<'a> {
+    /// Per node type, the reference rows (on the model's device); a touched row beyond them (a
+    /// node newer than the reference) is not pulled.
+    pub tables: &'a [Tensor],
+    pub relations: &'a Tensor,
+    pub strength: f64,
+}
+
 /// One step on `edges` (see the module docs).
 pub fn train_step(
     model: &mut Embeddings,
     edges: &[Edge],
     p: &TrainParams,
     rng: &mut SmallRng,
+) -> StepStats {
+    train_step_pulled(model, edges, p, rng, None)
+}
+
+/// The pull term of a step over the touched rows `leaves` (see [`Pull`]).
+fn pull_term(pull: &Pull<'_>, leaves: &[Option<(Tensor, Tensor)>], rel_leaf: &Tensor) -> Tensor {
+    let mut term = Tensor::zeros([], (Kind::Float, rel_leaf.device()));
+    for (leaf, reference) in leaves.iter().zip(pull.tables) {
+        let (Some((idx, rows)), n) = (leaf, reference.size()[0]) else {
+            continue;
+        };
+        if n == 0 {
+            continue;
+        }
+        let known = idx.lt(n);
+        let anchor = reference.index_select(0, &idx.clamp_max(n - 1));
+        let diff = (rows - anchor) * known.unsqueeze(1).to_kind(Kind::Float);
+        term += diff.square().sum(Kind::Float);
+    }
+    if pull.relations.size() == rel_leaf.size() {
+        term += (rel_leaf - pull.relations).square().sum(Kind::Float);
+    }
+    term * pull.strength
+}
+
+/// [`train_step`] with an optional [`Pull`] toward a reference.
+pub fn train_step_pulled(
+    model: &mut Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+    pull: Option<&Pull<'_>>,
 ) -> StepStats {
     if edges.is_empty() {
         return StepStats {
@@ -308,6 +351,12 @@ pub fn train_step(
     }
     let total = total / edges.len() as f64;
     let loss_value = total.double_value(&[]);
+    let total = match pull {
+        Some(pull) if pull.strength > 0.0 => {
+            total + pull_term(pull, &leaves, &rel_leaf) / edges.len() as f64
+        }
+        _ => total,
+    };
     if !loss_value.is_finite() {
         return StepStats {
             loss: loss_value,
@@ -465,6 +514,36 @@ mod tests {
             last = train_step(&mut model, &edges, &p, &mut rng).loss;
         }
         assert!(last < first.loss * 0.5, "loss {} -> {last}", first.loss);
+    }
+
+    #[test]
+    fn the_pull_holds_rows_near_the_reference_in_proportion_to_its_strength() {
+        let p = params();
+        let edges = vec![edge(0, 0, 1), edge(2, 0, 3), edge(4, 1, 5), edge(1, 1, 2)];
+        let moved_after = |strength: f64| {
+            tch::manual_seed(3);
+            let mut rng = SmallRng::seed_from_u64(3);
+            let mut model = Embeddings::new(1, 2, p.dim, 0.1, Device::Cpu);
+            ensure_rows(&mut model, &edges, p.init_scale);
+            // Row 5 is newer than the reference: it is trained but never pulled.
+            let tables = [model.tables[0].rows().narrow(0, 0, 5).copy()];
+            let relations = model.relations.copy();
+            let pull = Pull {
+                tables: &tables,
+                relations: &relations,
+                strength,
+            };
+            for _ in 0..30 {
+                let stats = train_step_pulled(&mut model, &edges, &p, &mut rng, Some(&pull));
+                assert!(!stats.skipped);
+            }
+            let now = model.tables[0].rows().narrow(0, 0, 5);
+            (now - &tables[0]).norm().double_value(&[])
+        };
+        let free = moved_after(0.0);
+        let held = moved_after(50.0);
+        assert!(free > 0.05, "unpulled rows should move: {free}");
+        assert!(held < free * 0.25, "pulled {held} vs free {free}");
     }
 
     #[test]

@@ -31,15 +31,23 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
 
+use crate::align::Snapshot;
 use crate::checkpoint::{schema_fingerprint, CheckpointError, Checkpoints};
 use crate::config::{Config, TrainerConfig};
 use crate::eval::{target_ranks, TargetQuery};
-use crate::messages::{CommitVersion, PrepareVersion, SaveCheckpoint, TrainRound};
+use crate::messages::{
+    CommitVersion, PrepareVersion, RestoreCheckpoint, SaveCheckpoint, SetPull, TakeSnapshot,
+    TrainRound,
+};
 use crate::model::Embeddings;
 use crate::publish::{RowRecord, VersionMarker};
+use crate::serving::{PublishedView, ServingView};
 use crate::store::{Direction, Edge, GraphStore, StoreError};
 use crate::telemetry as m;
-use crate::train::{rows_needed, train_step, StepStats, TrainParams};
+use crate::train::{rows_needed, train_step_pulled, Pull, StepStats, TrainParams};
+
+/// The persisted reference's file stem in `publish.path`.
+pub const REFERENCE: &str = "reference";
 
 /// Known targets looked up per prequential query for filtering.
 const FILTER_LIMIT: usize = 4096;
@@ -52,6 +60,12 @@ pub enum TrainerError {
     Checkpoint(#[from] CheckpointError),
     #[error("trainer: the model was lost after an earlier failure")]
     Gone,
+    #[error("trainer: {rows} rows hold non-finite values; not checkpointed")]
+    NonFinite { rows: i64 },
+    #[error("trainer: a step panicked at cursor {cursor}: {message}")]
+    Panicked { cursor: u64, message: String },
+    #[error("trainer: {0}")]
+    Snapshot(#[from] crate::publish::SnapshotError),
     #[error(
         "trainer: checkpoint {version} in trainer.checkpoint_path = {path} is ahead of the store \
          at storage.path ({problem}): it belongs to another store; point trainer.checkpoint_path \
@@ -170,11 +184,34 @@ pub struct TrainerCore {
     pub window: RankWindow,
     /// Per type and row: event time (ms) of the newest trained edge that touched it.
     row_ts: Vec<Vec<i64>>,
-    /// The last acknowledged version's tables (per type) and relations: the reference that
-    /// decides which rows moved.
-    published: Option<(Vec<Tensor>, Tensor)>,
-    /// A prepared version's snapshot, made the reference when its marker is acknowledged.
-    pending: Option<(u64, Vec<Tensor>, Tensor)>,
+    /// What subscribers of the last acknowledged version hold (on the model's device): decides
+    /// which rows moved, and is what the drift control pulls toward.
+    reference: Option<Reference>,
+    /// A prepared version's view, made the reference when its marker is acknowledged.
+    pending: Option<Reference>,
+    /// Strength of the L2 pull toward the reference (0: none), set by the alignment actor.
+    pull: f64,
+}
+
+/// One published version's parameters as subscribers hold them.
+pub struct Reference {
+    pub version: u64,
+    pub epoch: u64,
+    pub tables: Vec<Tensor>,
+    pub relations: Tensor,
+}
+
+impl Reference {
+    fn to_cpu(&self) -> Snapshot {
+        Snapshot {
+            tables: self
+                .tables
+                .iter()
+                .map(|t| t.to_device(Device::Cpu))
+                .collect(),
+            relations: self.relations.to_device(Device::Cpu),
+        }
+    }
 }
 
 impl TrainerCore {
@@ -192,8 +229,9 @@ impl TrainerCore {
     ) -> TrainerCore {
         TrainerCore {
             row_ts: vec![Vec::new(); model.tables.len()],
-            published: None,
+            reference: None,
             pending: None,
+            pull: 0.0,
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -294,11 +332,17 @@ impl TrainerCore {
         report.new_edges = edges.len();
         edges.extend(store.sample_edges(&mut self.rng, replay)?);
         report.replayed = edges.len() - report.new_edges;
-        report.stats = Some(train_step(
+        let pull = self.reference.as_ref().map(|r| Pull {
+            tables: &r.tables,
+            relations: &r.relations,
+            strength: self.pull,
+        });
+        report.stats = Some(train_step_pulled(
             &mut self.model,
             &edges,
             &self.params,
             &mut self.rng,
+            pull.as_ref(),
         ));
         for e in &edges[..report.new_edges] {
             for n in [e.src, e.dst] {
@@ -379,40 +423,98 @@ impl TrainerCore {
         Ok((warm, random))
     }
 
+    /// The current parameters and the reference, copied to the CPU (for the alignment actor).
+    pub fn snapshot(&self) -> (Snapshot, Option<Snapshot>) {
+        let current = Snapshot {
+            tables: self
+                .model
+                .tables
+                .iter()
+                .map(|t| t.rows().to_device(Device::Cpu).copy())
+                .collect(),
+            relations: self.model.relations.to_device(Device::Cpu).copy(),
+        };
+        (current, self.reference.as_ref().map(Reference::to_cpu))
+    }
+
+    /// Rotate every row and relation vector by the orthogonal `r [D, D]` (Procrustes onto the
+    /// anchor). Dot, L2 and cosine scores are unchanged; row-wise Adagrad state is a norm, so it
+    /// stays valid too.
+    pub fn rotate(&mut self, r: &Tensor) {
+        tch::no_grad(|| {
+            let r = r.to_device(self.model.device);
+            for table in &mut self.model.tables {
+                let mut rows = table.rows();
+                let turned = rows.matmul(&r);
+                rows.copy_(&turned);
+            }
+            let turned = self.model.relations.matmul(&r);
+            self.model.relations.copy_(&turned);
+        })
+    }
+
+    /// Adopt `reference` (a published version read back from disk at start).
+    pub fn set_reference(&mut self, version: u64, s: Snapshot) {
+        let device = self.model.device;
+        self.reference = Some(Reference {
+            version,
+            epoch: 0,
+            tables: s.tables.iter().map(|t| t.to_device(device)).collect(),
+            relations: s.relations.to_device(device),
+        });
+    }
+
+    /// Strength of the pull toward the reference from now on.
+    pub fn set_pull(&mut self, strength: f64) {
+        self.pull = strength;
+    }
+
+    pub fn reference_version(&self) -> Option<u64> {
+        self.reference.as_ref().map(|r| r.version)
+    }
+
     /// The rows version `version` carries (see [`crate::publish::rows_to_publish`]), encoded,
-    /// with its marker; `None` when no node row moved since the reference. The tables are
-    /// snapshotted as the next reference, adopted by [`TrainerCore::commit_version`].
+    /// with its marker; `None` when no node row moved since the reference. First applies the
+    /// alignment's rotation, if any. The view subscribers will hold (the reference with the moved
+    /// rows replaced) becomes the reference in [`TrainerCore::commit_version`].
     pub fn prepare_version(
         &mut self,
         store: &GraphStore,
         req: &PrepareVersion,
     ) -> Result<Option<PreparedVersion>, StoreError> {
+        if let Some(r) = &req.rotation {
+            self.rotate(r);
+        }
         let schema = store.stored_schema();
         let mut rows = Vec::new();
         let mut newest = 0i64;
-        let snapshot: Vec<Tensor> = self.model.tables.iter().map(|t| t.rows().copy()).collect();
-        for (t, current) in snapshot.iter().enumerate() {
-            let empty;
-            let reference = match &self.published {
-                Some((tables, _)) => &tables[t],
-                None => {
-                    empty = Tensor::zeros([0, self.model.dim], (Kind::Float, current.device()));
-                    &empty
-                }
+        let dim = self.model.dim as usize;
+        let mut view = Vec::with_capacity(self.model.tables.len());
+        for (t, table) in self.model.tables.iter().enumerate() {
+            let current = table.rows();
+            let reference = match &self.reference {
+                Some(r) => r.tables[t].shallow_clone(),
+                None => Tensor::zeros([0, self.model.dim], (Kind::Float, current.device())),
             };
-            let moved = crate::publish::rows_to_publish(current, reference, req.threshold);
+            let moved = crate::publish::rows_to_publish(&current, &reference, req.threshold);
+            let n_ref = reference.size()[0].min(current.size()[0]);
+            let mut published = Tensor::cat(
+                &[
+                    reference.narrow(0, 0, n_ref),
+                    current.narrow(0, n_ref, current.size()[0] - n_ref),
+                ],
+                0,
+            );
             if moved.is_empty() {
+                view.push(published);
                 continue;
             }
             let idx = Tensor::from_slice(&moved).to_device(current.device());
-            let values = Vec::<f32>::try_from(
-                current
-                    .index_select(0, &idx)
-                    .to_device(Device::Cpu)
-                    .reshape([-1]),
-            )
-            .expect("f32 rows");
-            let dim = self.model.dim as usize;
+            let picked = current.index_select(0, &idx);
+            let _ = published.index_copy_(0, &idx, &picked);
+            view.push(published);
+            let values = Vec::<f32>::try_from(picked.to_device(Device::Cpu).reshape([-1]))
+                .expect("f32 rows");
             for (k, &i) in moved.iter().enumerate() {
                 let node = crate::store::NodeRef {
                     node_type: t as u16,
@@ -441,7 +543,6 @@ impl TrainerCore {
         let relations = self.model.relations.copy();
         let values =
             Vec::<f32>::try_from(relations.to_device(Device::Cpu).reshape([-1])).expect("f32");
-        let dim = self.model.dim as usize;
         for (r, (name, _, _)) in schema.relations.iter().enumerate() {
             let record = RowRecord {
                 version: req.version,
@@ -451,35 +552,84 @@ impl TrainerCore {
             };
             rows.push((format!("relation:{name}"), record.encode(req.format)));
         }
-        self.pending = Some((req.version, snapshot, relations));
+        self.pending = Some(Reference {
+            version: req.version,
+            epoch: req.epoch,
+            tables: view,
+            relations,
+        });
         let marker = VersionMarker {
             version: req.version,
             epoch: req.epoch,
             rows: rows.len() as u64,
+            align: req.align.clone(),
         };
         Ok(Some(PreparedVersion {
             rows,
             marker,
             newest_ts: newest,
+            cursor: self.cursor,
         }))
     }
 
-    /// Version `version`'s marker was acknowledged: its snapshot becomes the reference.
-    pub fn commit_version(&mut self, version: u64) {
-        if let Some((v, tables, relations)) = self.pending.take() {
-            if v == version {
-                self.published = Some((tables, relations));
-            }
-        }
+    /// Version `version`'s marker was acknowledged: its view becomes the reference. Returns it
+    /// (on the CPU) for the anchor, the persisted reference and the serving API.
+    pub fn commit_version(&mut self, version: u64) -> Option<PublishedView> {
+        let pending = self.pending.take().filter(|p| p.version == version)?;
+        let cpu = pending.to_cpu();
+        let view = PublishedView {
+            version,
+            epoch: pending.epoch,
+            comparator: self.params.comparator,
+            tables: cpu.tables,
+            relations: cpu.relations,
+            row_ts: self.row_ts.clone(),
+        };
+        self.reference = Some(pending);
+        Some(view)
     }
 
-    /// Save a checkpoint at the current cursor; returns its version.
-    pub fn checkpoint(
-        &self,
+    /// Go back to the newest usable checkpoint in `ckpts` (a fresh model when there is none),
+    /// keeping the reference and the pull. Returns the checkpoint's version (0: fresh).
+    pub fn restore(
+        &mut self,
         ckpts: &Checkpoints,
         fingerprint: u32,
     ) -> Result<u64, CheckpointError> {
-        ckpts.save(&self.model, self.cursor, fingerprint)
+        let device = self.model.device;
+        let (model, cursor, version) = match ckpts.load(fingerprint, device)? {
+            Some(r) => (r.model, r.meta.cursor, r.meta.version),
+            None => (
+                Embeddings::new(
+                    self.model.tables.len(),
+                    self.model.relations.size()[0],
+                    self.params.dim,
+                    self.params.init_scale,
+                    device,
+                ),
+                0,
+                0,
+            ),
+        };
+        self.model = model;
+        self.cursor = cursor;
+        self.pending = None;
+        Ok(version)
+    }
+
+    /// Save a checkpoint at the current cursor; returns its version. Refuses non-finite
+    /// parameters, so the newest checkpoint is always one a held version can go back to.
+    pub fn checkpoint(&self, ckpts: &Checkpoints, fingerprint: u32) -> Result<u64, TrainerError> {
+        let rows = tch::no_grad(|| {
+            crate::align::non_finite_rows(&Snapshot {
+                tables: self.model.tables.iter().map(|t| t.rows()).collect(),
+                relations: self.model.relations.shallow_clone(),
+            })
+        });
+        if rows > 0 {
+            return Err(TrainerError::NonFinite { rows });
+        }
+        Ok(ckpts.save(&self.model, self.cursor, fingerprint)?)
     }
 }
 
@@ -498,6 +648,8 @@ pub struct TrainerStatus {
     preq_hits10_bits: AtomicU64,
     pub preq_ranked: AtomicU64,
     pub checkpoint_version: AtomicU64,
+    /// Restarts by the supervisor after failed rounds.
+    pub restarts: AtomicU64,
 }
 
 /// The `trainer` part of `/v1/status`.
@@ -514,6 +666,7 @@ pub struct TrainerFigures {
     pub prequential: PrequentialFigures,
     /// Newest checkpoint written by this process (0: none yet).
     pub checkpoint_version: u64,
+    pub restarts: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -555,6 +708,7 @@ impl TrainerStatus {
                 hits10: load_f64(&self.preq_hits10_bits),
             },
             checkpoint_version: get(&self.checkpoint_version),
+            restarts: get(&self.restarts),
         }
     }
 
@@ -614,6 +768,8 @@ pub struct PreparedVersion {
     pub marker: VersionMarker,
     /// Event time (ms) of the newest event the version reflects.
     pub newest_ts: i64,
+    /// Every stored edge before this sequence number was trained into the version.
+    pub cursor: u64,
 }
 
 /// What a [`TrainRound`] did.
@@ -636,6 +792,11 @@ pub struct TrainerActor {
     budget: Duration,
     checkpoint_every: Duration,
     last_checkpoint: Instant,
+    /// Where the published reference is persisted (`publish.path`).
+    publish_dir: std::path::PathBuf,
+    serving: ServingView,
+    cfg: Config,
+    device: Device,
 }
 
 impl TrainerActor {
@@ -644,6 +805,8 @@ impl TrainerActor {
         slot: Arc<Mutex<Option<TrainerCore>>>,
         store: Arc<GraphStore>,
         status: Arc<TrainerStatus>,
+        serving: ServingView,
+        device: Device,
     ) -> TrainerActor {
         let core = slot.lock().map(|mut s| s.take()).unwrap_or(None);
         if let Some(c) = &core {
@@ -659,6 +822,10 @@ impl TrainerActor {
             budget: Duration::from_millis(cfg.trainer.round_budget_ms),
             checkpoint_every: Duration::from_secs(cfg.trainer.checkpoint_interval_secs),
             last_checkpoint: Instant::now(),
+            publish_dir: cfg.publish.path.clone(),
+            serving,
+            cfg: cfg.clone(),
+            device,
         }
     }
 
@@ -694,7 +861,23 @@ impl Handler<TrainRound> for TrainerActor {
         let mut steps = 0;
         let idle = loop {
             let core = self.core.as_mut().ok_or(TrainerError::Gone)?;
-            let report = core.step(&self.store)?;
+            let cursor = core.cursor();
+            let stepped =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.step(&self.store)));
+            let report = match stepped {
+                Ok(r) => r?,
+                Err(panic) => {
+                    // The tables may be half-updated: drop them; the supervisor restores.
+                    self.core = None;
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    return Err(TrainerError::Panicked { cursor, message });
+                }
+            };
+            let core = self.core.as_mut().ok_or(TrainerError::Gone)?;
             self.status.record(&report, core);
             if report.stats.is_none() {
                 break true;
@@ -721,12 +904,67 @@ impl Handler<PrepareVersion> for TrainerActor {
 }
 
 impl Handler<CommitVersion> for TrainerActor {
+    type Result = Result<Option<Snapshot>, TrainerError>;
+
+    fn handle(&mut self, msg: CommitVersion, _: &mut Self::Context) -> Self::Result {
+        let core = self.core.as_mut().ok_or(TrainerError::Gone)?;
+        let Some(view) = core.commit_version(msg.0) else {
+            return Ok(None);
+        };
+        let snapshot = Snapshot {
+            tables: view.tables.iter().map(Tensor::shallow_clone).collect(),
+            relations: view.relations.shallow_clone(),
+        };
+        crate::publish::save_snapshot(&self.publish_dir, REFERENCE, msg.0, &snapshot)?;
+        self.serving.publish(view);
+        Ok(Some(snapshot))
+    }
+}
+
+impl Handler<TakeSnapshot> for TrainerActor {
+    type Result = Result<(Snapshot, Option<Snapshot>), TrainerError>;
+
+    fn handle(&mut self, _: TakeSnapshot, _: &mut Self::Context) -> Self::Result {
+        Ok(self.core.as_ref().ok_or(TrainerError::Gone)?.snapshot())
+    }
+}
+
+impl Handler<SetPull> for TrainerActor {
     type Result = ();
 
-    fn handle(&mut self, msg: CommitVersion, _: &mut Self::Context) {
+    fn handle(&mut self, msg: SetPull, _: &mut Self::Context) {
         if let Some(core) = self.core.as_mut() {
-            core.commit_version(msg.0);
+            core.set_pull(msg.0);
         }
+    }
+}
+
+impl Handler<RestoreCheckpoint> for TrainerActor {
+    type Result = Result<(u64, u64), TrainerError>;
+
+    fn handle(&mut self, _: RestoreCheckpoint, _: &mut Self::Context) -> Self::Result {
+        let version = match self.core.as_mut() {
+            Some(core) => core.restore(&self.ckpts, self.fingerprint)?,
+            None => {
+                // Lost after a panic: reopen from disk, reference included.
+                let mut core = TrainerCore::open(&self.cfg, &self.store, self.device)?;
+                if let Some((meta, s)) =
+                    crate::publish::load_snapshot(&self.publish_dir, REFERENCE)?
+                {
+                    core.set_reference(meta.version, s);
+                }
+                self.core = Some(core);
+                self.status.checkpoint_version.load(Ordering::Relaxed)
+            }
+        };
+        let core = self.core.as_ref().ok_or(TrainerError::Gone)?;
+        self.status.cursor.store(core.cursor(), Ordering::Relaxed);
+        info!(
+            checkpoint = version,
+            cursor = core.cursor(),
+            "trainer restored from checkpoint"
+        );
+        Ok((version, core.cursor()))
     }
 }
 
