@@ -312,6 +312,11 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
             bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
             engagements_topic: cfg.kafka.engagements_topic.clone(),
             started: Instant::now(),
+            serving: serving.clone(),
+            align: align_status.clone(),
+            align_control: cfg.align.enabled,
+            bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
+            rate: Default::default(),
         });
         let (http, addr) = crate::http::start(bind, state)
             .with_context(|| format!("binding http.bind = {bind}"))?;

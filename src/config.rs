@@ -82,11 +82,32 @@ pub struct IngestConfig {
     pub dlq_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub bind: String,
+    /// Empty: no authentication. Otherwise every route but `/healthz` requires
+    /// `Authorization: Bearer <token>`.
+    pub bearer_token: String,
 }
+
+/// Written by hand so that logging the config never prints the token.
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = if self.bearer_token.is_empty() {
+            "(none)"
+        } else {
+            "(set)"
+        };
+        f.debug_struct("HttpConfig")
+            .field("bind", &self.bind)
+            .field("bearer_token", &token)
+            .finish()
+    }
+}
+
+/// Shortest `http.bearer_token` accepted: a short token is guessable over the network.
+pub const MIN_BEARER_TOKEN_CHARS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -236,6 +257,22 @@ impl Config {
             return Err(invalid("ingest.max_id_bytes", "must be in 1..=4096"));
         }
         self.http_bind()?;
+        let token = &self.http.bearer_token;
+        if !token.is_empty() {
+            if token.len() < MIN_BEARER_TOKEN_CHARS {
+                return Err(invalid(
+                    "http.bearer_token",
+                    format!("must be empty (no authentication) or at least {MIN_BEARER_TOKEN_CHARS} characters"),
+                ));
+            }
+            // What an `Authorization: Bearer` header can carry as one token.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    "http.bearer_token",
+                    "must be printable ASCII without spaces",
+                ));
+            }
+        }
         if !matches!(
             self.log.level.to_ascii_lowercase().as_str(),
             "trace" | "debug" | "info" | "warn" | "error"
@@ -523,6 +560,20 @@ mod tests {
         );
         let e = load_with_env(&[("TWHIN_KAFKA__CONSUMER__GROUP_ID", "x")]).unwrap_err();
         assert!(e.contains("kafka.consumer.group.id"), "{e}");
+    }
+
+    #[test]
+    fn bearer_token_is_optional_but_long_and_never_logged() {
+        let cfg = load_with_env(&[]).unwrap();
+        assert_eq!(cfg.http.bearer_token, "");
+        let e = load_with_env(&[("TWHIN_HTTP__BEARER_TOKEN", "short")]).unwrap_err();
+        assert!(e.contains("`http.bearer_token`"), "{e}");
+        let e = load_with_env(&[("TWHIN_HTTP__BEARER_TOKEN", "sixteen chars ok")]).unwrap_err();
+        assert!(e.contains("`http.bearer_token`"), "{e}");
+        let token = "0123456789abcdef-secret";
+        let cfg = load_with_env(&[("TWHIN_HTTP__BEARER_TOKEN", token)]).unwrap();
+        assert_eq!(cfg.http.bearer_token, token);
+        assert!(!format!("{cfg:?}").contains(token));
     }
 
     #[test]
