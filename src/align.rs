@@ -326,34 +326,39 @@ pub enum AlignError {
 /// The anchor's file stem in `publish.path`.
 pub const ANCHOR: &str = "anchor";
 
-/// The actor: owns the anchor and the pull controller (on a `SyncArbiter` thread: the measures
-/// are libtorch work).
-pub struct AlignActor {
+/// The alignment's state and logic without the actor: the anchor and the pull controller. The
+/// actor wraps it for the daemon; the offline stability measurement drives it directly, so both
+/// publish through the same decisions.
+pub struct Aligner {
     cfg: AlignConfig,
     rotate: bool,
-    dir: PathBuf,
+    /// Where the anchor persists (`publish.path`); `None` keeps it in memory only.
+    dir: Option<PathBuf>,
     anchor: Option<(u64, Snapshot)>,
     controller: PullController,
     status: Arc<AlignStatus>,
 }
 
-impl AlignActor {
+impl Aligner {
     /// `rotate`: Procrustes applies (config on and a rotation-invariant comparator). Loads the
     /// anchor from `dir` when one was published before.
     pub fn new(
         cfg: AlignConfig,
         rotate: bool,
-        dir: PathBuf,
+        dir: Option<PathBuf>,
         status: Arc<AlignStatus>,
-    ) -> Result<AlignActor, AlignError> {
-        let anchor = load_snapshot(&dir, ANCHOR)?.map(|(meta, s)| (meta.version, s));
+    ) -> Result<Aligner, AlignError> {
+        let anchor = match &dir {
+            Some(dir) => load_snapshot(dir, ANCHOR)?.map(|(meta, s)| (meta.version, s)),
+            None => None,
+        };
         if let Some((v, _)) = &anchor {
             status.anchor_version.store(*v, Ordering::Relaxed);
             info!(version = v, "alignment anchor loaded");
         }
         let controller = PullController::from_config(&cfg);
         status.set_pull(controller.strength);
-        Ok(AlignActor {
+        Ok(Aligner {
             rotate: rotate && cfg.enabled && cfg.procrustes,
             cfg,
             dir,
@@ -363,36 +368,26 @@ impl AlignActor {
         })
     }
 
+    /// The pull strength now.
     pub fn pull(&self) -> f64 {
         self.controller.strength
     }
-}
 
-impl Actor for AlignActor {
-    type Context = SyncContext<Self>;
-}
-
-/// Assess the next version (see [`assess`]).
-#[derive(Message)]
-#[rtype(result = "Assessed")]
-pub struct Assess {
-    pub version: u64,
-    pub current: Snapshot,
-    pub reference: Option<Snapshot>,
-}
-
-impl Handler<Assess> for AlignActor {
-    type Result = MessageResult<Assess>;
-
-    fn handle(&mut self, msg: Assess, _: &mut Self::Context) -> Self::Result {
+    /// Assess version `version` (see [`assess`]); a hold is counted, logged and raises the pull.
+    pub fn assess(
+        &mut self,
+        version: u64,
+        current: &Snapshot,
+        reference: Option<&Snapshot>,
+    ) -> Assessed {
         let mut out = assess(
-            &msg.current,
-            msg.reference.as_ref(),
+            current,
+            reference,
             self.anchor.as_ref().map(|(_, s)| s),
             &self.cfg,
             self.rotate,
             self.controller.strength,
-            msg.version,
+            version,
         );
         if let Some(hold) = &out.hold {
             self.status.held.fetch_add(1, Ordering::Relaxed);
@@ -405,41 +400,28 @@ impl Handler<Assess> for AlignActor {
             let pull = self.controller.hold();
             self.status.set_pull(pull);
             out.pull = pull;
-            warn!(
-                version = msg.version,
-                ?hold,
-                pull,
-                "version held back by the drift gate"
-            );
+            warn!(version, ?hold, pull, "version held back by the drift gate");
         }
-        MessageResult(out)
+        out
     }
-}
 
-/// Version `version` was acknowledged with these figures; `published` is what subscribers now
-/// hold. Returns the pull strength for the next interval.
-#[derive(Message)]
-#[rtype(result = "Result<f64, AlignError>")]
-pub struct Adopt {
-    pub version: u64,
-    pub figures: AlignFigures,
-    pub published: Snapshot,
-}
-
-impl Handler<Adopt> for AlignActor {
-    type Result = Result<f64, AlignError>;
-
-    fn handle(&mut self, msg: Adopt, _: &mut Self::Context) -> Self::Result {
+    /// Version `version` was acknowledged with `figures`; `published` is what subscribers now
+    /// hold (the first one becomes the anchor). Returns the pull strength for the next interval.
+    pub fn adopt(
+        &mut self,
+        version: u64,
+        figures: &AlignFigures,
+        published: Snapshot,
+    ) -> Result<f64, AlignError> {
         if self.anchor.is_none() {
-            save_snapshot(&self.dir, ANCHOR, msg.version, &msg.published)?;
-            self.status
-                .anchor_version
-                .store(msg.version, Ordering::Relaxed);
-            info!(version = msg.version, "alignment anchor set");
-            self.anchor = Some((msg.version, msg.published));
+            if let Some(dir) = &self.dir {
+                save_snapshot(dir, ANCHOR, version, &published)?;
+            }
+            self.status.anchor_version.store(version, Ordering::Relaxed);
+            info!(version, "alignment anchor set");
+            self.anchor = Some((version, published));
         }
-        let f = &msg.figures;
-        for (against, d) in [("previous", &f.previous), ("anchor", &f.anchor)] {
+        for (against, d) in [("previous", &figures.previous), ("anchor", &figures.anchor)] {
             if let Some(d) = d {
                 for (measure, v) in [
                     ("cosine_mean", d.cosine_mean),
@@ -452,17 +434,62 @@ impl Handler<Adopt> for AlignActor {
                 }
             }
         }
-        if let Some(r) = f.procrustes_residual {
+        if let Some(r) = figures.procrustes_residual {
             metrics::gauge!(m::ALIGN_RESIDUAL).set(r);
         }
-        let pull = match &f.previous {
+        let pull = match &figures.previous {
             Some(d) => self.controller.update(d.cosine_mean),
             None => self.controller.strength,
         };
         self.status.set_pull(pull);
         *self.status.last.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((msg.version, msg.figures));
+            Some((version, figures.clone()));
         Ok(pull)
+    }
+}
+
+/// The actor: an [`Aligner`] on a `SyncArbiter` thread (the measures are libtorch work).
+pub struct AlignActor(pub Aligner);
+
+impl Actor for AlignActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Assess the next version (see [`Aligner::assess`]).
+#[derive(Message)]
+#[rtype(result = "Assessed")]
+pub struct Assess {
+    pub version: u64,
+    pub current: Snapshot,
+    pub reference: Option<Snapshot>,
+}
+
+impl Handler<Assess> for AlignActor {
+    type Result = MessageResult<Assess>;
+
+    fn handle(&mut self, msg: Assess, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.0
+                .assess(msg.version, &msg.current, msg.reference.as_ref()),
+        )
+    }
+}
+
+/// Version `version` was acknowledged (see [`Aligner::adopt`]); resolves with the pull strength
+/// for the next interval.
+#[derive(Message)]
+#[rtype(result = "Result<f64, AlignError>")]
+pub struct Adopt {
+    pub version: u64,
+    pub figures: AlignFigures,
+    pub published: Snapshot,
+}
+
+impl Handler<Adopt> for AlignActor {
+    type Result = Result<f64, AlignError>;
+
+    fn handle(&mut self, msg: Adopt, _: &mut Self::Context) -> Self::Result {
+        self.0.adopt(msg.version, &msg.figures, msg.published)
     }
 }
 

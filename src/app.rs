@@ -16,7 +16,7 @@ use tch::Tensor;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::align::{Adopt, AlignActor, AlignStatus, Assess, PullController};
+use crate::align::{Adopt, AlignActor, AlignStatus, Aligner, Assess, PullController};
 use crate::config::Config;
 use crate::ingest::{IngestActor, IngestStatus, StoreWriter};
 use crate::kafka::{self, ApplyOutcome, EmbeddedKafka};
@@ -249,12 +249,12 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
         let align = match &ledger {
             Some(_) => {
                 let rotate = cfg.train.comparator != Comparator::L1;
-                let actor = AlignActor::new(
+                let actor = AlignActor(Aligner::new(
                     cfg.align.clone(),
                     rotate,
-                    cfg.publish.path.clone(),
+                    Some(cfg.publish.path.clone()),
                     align_status.clone(),
-                )?;
+                )?);
                 let slot = Mutex::new(Some(actor));
                 Some(SyncArbiter::start(1, move || {
                     slot.lock()

@@ -229,6 +229,57 @@ fn unknown_split(name: &str) -> DatasetError {
     }
 }
 
+/// A MovieLens-100k user's demographics (`ml-100k.user`), the labels of the downstream-stability
+/// measurement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MovieLensUser {
+    /// The node id, `user:<id>` as in the events.
+    pub node: String,
+    pub age: u32,
+    /// `M` or `F`.
+    pub gender: String,
+    pub occupation: String,
+}
+
+/// Every user of `<dir>/ml-100k/ml-100k.user` (recbole's atomic file: id, age, gender,
+/// occupation, zip code, tab-separated, one header line).
+pub fn movielens_users(dir: &Path) -> Result<Vec<MovieLensUser>, DatasetError> {
+    let path = dir
+        .join(Dataset::MovieLens100k.folder())
+        .join("ml-100k.user");
+    rows(&path, 5, 1)?
+        .into_iter()
+        .map(|(line, f)| {
+            let age = f[1].parse().map_err(|_| DatasetError::Format {
+                path: path.clone(),
+                line,
+                problem: format!("age {:?} is not a number", f[1]),
+            })?;
+            Ok(MovieLensUser {
+                node: format!("user:{}", f[0]),
+                age,
+                gender: f[2].clone(),
+                occupation: f[3].clone(),
+            })
+        })
+        .collect()
+}
+
+/// MovieLens-100k movies and their genres (`ml-100k.item`: id, title, year, genres separated by
+/// spaces), as `(movie:<id>, genres)`.
+pub fn movielens_genres(dir: &Path) -> Result<Vec<(String, Vec<String>)>, DatasetError> {
+    let path = dir
+        .join(Dataset::MovieLens100k.folder())
+        .join("ml-100k.item");
+    Ok(rows(&path, 4, 1)?
+        .into_iter()
+        .map(|(_, f)| {
+            let genres = f[3].split_whitespace().map(str::to_owned).collect();
+            (format!("movie:{}", f[0]), genres)
+        })
+        .collect())
+}
+
 fn movielens_events(dir: &Path) -> Result<Vec<ReplayEvent>, DatasetError> {
     let link: HashMap<String, String> = rows(&dir.join("ml-100k.link"), 2, 1)?
         .into_iter()
@@ -345,6 +396,34 @@ mod tests {
         assert_eq!(
             ev[1].payload(),
             r#"{"src":"user:2","rel":"rated_low","dst":"movie:9","ts":100000,"event_id":"ml-100k:inter:3"}"#
+        );
+    }
+
+    #[test]
+    fn movielens_users_carry_their_labels() {
+        let root = tempfile::tempdir().unwrap();
+        let d = root.path().join("ml-100k");
+        write(
+            &d,
+            "ml-100k.user",
+            "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n1\t24\tM\ttechnician\t85711\n2\t53\tF\tother\t94043\n",
+        );
+        let users = movielens_users(root.path()).unwrap();
+        assert_eq!(users.len(), 2);
+        assert_eq!(
+            users[1],
+            MovieLensUser {
+                node: "user:2".into(),
+                age: 53,
+                gender: "F".into(),
+                occupation: "other".into()
+            }
+        );
+        write(&d, "ml-100k.user", "header\n3\tx\tM\tother\t1\n");
+        let err = movielens_users(root.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("ml-100k.user:2") && err.contains("age"),
+            "{err}"
         );
     }
 

@@ -27,8 +27,10 @@
 //! | [`publish`]   | version wire formats (JSON, f32le), the numbering ledger, rows a version carries |
 //! | [`serving`]   | the latest committed version as the serving API reads it |
 //! | [`offline`]   | `train` / `eval` on a dataset's standard splits |
+//! | [`stability`] | downstream stability: a frozen classifier across versions, drift control on/off |
 //! | [`datasets`]  | real datasets as events (pure loading) |
 //! | [`replay`]    | `replay`: produce a dataset to the engagements topic |
+//! | [`report`]    | `watch`: a running daemon's figures over time, summary and plot |
 //! | [`app`]       | the daemon's lifecycle (`run`) and store summaries |
 
 pub mod align;
@@ -49,9 +51,11 @@ pub mod model;
 pub mod offline;
 pub mod publish;
 pub mod replay;
+pub mod report;
 pub mod schema;
 pub mod score;
 pub mod serving;
+pub mod stability;
 pub mod store;
 pub mod telemetry;
 pub mod train;

@@ -84,6 +84,51 @@ enum Command {
         #[arg(long)]
         dataset: Dataset,
     },
+    /// Downstream stability: MovieLens-100k streamed in time order through the daemon's trainer
+    /// and alignment; a classifier fitted on version 1, frozen, scored on every later version,
+    /// with drift control on and off.
+    Stability {
+        /// gender (users) or genre:<name> (movies, e.g. genre:Drama).
+        #[arg(long, default_value = "gender")]
+        label: twhin_stream::stability::Label,
+        /// Versions cut from the rating stream.
+        #[arg(long, default_value_t = 12)]
+        versions: usize,
+        /// Share of the ratings streamed before version 1.
+        #[arg(long, default_value_t = 0.3)]
+        first_fraction: f64,
+        /// Share of version 1's labelled nodes held out to score the classifier.
+        #[arg(long, default_value_t = 0.3)]
+        holdout: f64,
+        /// Stream only the first N ratings.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print the report as JSON (the table otherwise).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a running daemon (`/v1/status`) until it has consumed, trained and published
+    /// `--until-events` events: progress, then a summary, the timeline and a plot.
+    Watch {
+        /// The daemon's HTTP address (default: http.bind).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
+        #[arg(long)]
+        until_events: u64,
+        /// Timeline as JSON lines.
+        #[arg(long, value_name = "PATH")]
+        timeline: Option<PathBuf>,
+        /// The figures over time as an SVG image.
+        #[arg(long, value_name = "PATH")]
+        plot: Option<PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Summarise the store (read-only; the daemon must be stopped).
     Inspect {
         /// Print JSON.
@@ -120,6 +165,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.config.is_none() =>
         {
             Some(dataset.config_file())
+        }
+        Command::Stability { .. } if cli.config.is_none() => {
+            Some(Dataset::MovieLens100k.config_file())
         }
         _ => None,
     };
@@ -226,6 +274,71 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for warm in [false, true] {
                 let r = twhin_stream::offline::prequential_new_nodes(&cfg, dataset, warm, device)?;
                 println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }
+        Command::Stability {
+            label,
+            versions,
+            first_fraction,
+            holdout,
+            limit,
+            json,
+        } => {
+            let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
+                .map_err(anyhow::Error::msg)?;
+            let opts = twhin_stream::stability::StabilityOptions {
+                label,
+                versions,
+                first_fraction,
+                holdout,
+                limit,
+            };
+            let report = twhin_stream::stability::measure(&cfg, device, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        Command::Watch {
+            http,
+            until_events,
+            timeline,
+            plot,
+            interval_ms,
+            timeout_secs,
+            json,
+        } => {
+            use twhin_stream::report;
+            let opts = report::WatchOptions {
+                addr: match http {
+                    Some(a) => a,
+                    None => cfg.http_bind()?,
+                },
+                token: (!cfg.http.bearer_token.is_empty()).then(|| cfg.http.bearer_token.clone()),
+                until_events,
+                interval: std::time::Duration::from_millis(interval_ms),
+                timeout: std::time::Duration::from_secs(timeout_secs),
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let samples = report::watch(&opts)?;
+            if let Some(path) = &timeline {
+                report::write_timeline(&samples, path)?;
+            }
+            if let Some(path) = &plot {
+                report::render_svg(&samples, path)?;
+            }
+            let summary = report::summarize(&samples)
+                .ok_or_else(|| anyhow::anyhow!("no status was read from the daemon"))?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print!("{summary}");
+                if let Some(path) = &plot {
+                    println!("plot        {}", path.display());
+                }
             }
             Ok(())
         }

@@ -43,7 +43,7 @@ pub struct TrainReport {
 }
 
 /// Remove a folder left by an earlier run, if any.
-fn clear_dir(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn clear_dir(path: &Path) -> anyhow::Result<()> {
     if path.exists() {
         std::fs::remove_dir_all(path).with_context(|| format!("clearing {}", path.display()))?;
     }
