@@ -92,3 +92,91 @@ fn the_trainer_follows_the_store_trains_each_new_edge_once_and_resumes_from_a_ch
         .equal(&core.model.tables[0].rows()));
     assert!(resumed.model.relations.equal(&core.model.relations));
 }
+
+/// The publisher's decisions without Kafka (assess → gate → restore, or rotate → prepare →
+/// commit → adopt): a NaN-poisoned model is held back and the trainer goes back to its newest
+/// checkpoint; the next version is published under the number the held one would have had,
+/// measured against the last published one.
+#[test]
+fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_checkpoint() {
+    use std::sync::Arc;
+    use twhin_stream::align::{AlignStatus, Aligner, Hold};
+    use twhin_stream::messages::PrepareVersion;
+    use twhin_stream::publish::ValueFormat;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = umls_config(&dir.path().join("checkpoints"));
+    let schema = cfg.schema();
+    let store = open_offline_store(&dir.path().join("store"), &schema).unwrap();
+    let events = split_events(&cfg, &schema, Dataset::Umls, "train").unwrap();
+    tch::manual_seed(2);
+    let model = twhin_stream::model::Embeddings::for_schema(&schema, &cfg.train, tch::Device::Cpu);
+    let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+    let status = Arc::new(AlignStatus::default());
+    let mut aligner = Aligner::new(
+        cfg.align.clone(),
+        true,
+        Some(dir.path().join("publish")),
+        status.clone(),
+    )
+    .unwrap();
+    let fingerprint = schema_fingerprint(store.stored_schema());
+    let ckpts = Checkpoints::new(&cfg.trainer.checkpoint_path, cfg.trainer.checkpoint_keep);
+    let half = events.len() / 2;
+    let mut publish = |core: &mut TrainerCore, version: u64| {
+        let (current, reference) = core.snapshot();
+        let assessed = aligner.assess(version, &current, reference.as_ref());
+        if let Some(hold) = assessed.hold {
+            return Err(hold);
+        }
+        let req = PrepareVersion {
+            version,
+            epoch: 1,
+            format: ValueFormat::Json,
+            threshold: cfg.publish.row_threshold,
+            rotation: assessed.rotation,
+            align: Some(assessed.figures.clone()),
+        };
+        let prepared = core.prepare_version(&store, &req).unwrap().expect("rows");
+        let view = core.commit_version(version).expect("committed");
+        let published = twhin_stream::align::Snapshot {
+            tables: view.tables,
+            relations: view.relations,
+        };
+        let pull = aligner.adopt(version, &assessed.figures, published).unwrap();
+        core.set_pull(pull);
+        Ok(prepared.marker)
+    };
+
+    store
+        .append(&AppendBatch::from_events("umls", 0, events[..half].to_vec()))
+        .unwrap();
+    while core.step(&store).unwrap().stats.is_some() {}
+    let v1 = publish(&mut core, 1).expect("version 1");
+    assert!(v1.align.unwrap().previous.is_none());
+    let saved = core.checkpoint(&ckpts, fingerprint).unwrap();
+    let cursor = core.cursor();
+
+    // Poisoned: one row turns NaN. The gate holds the version; a checkpoint refuses it too.
+    let _ = core.model.tables[0].rows().get(3).get(0).fill_(f64::NAN);
+    let hold = publish(&mut core, 2).expect_err("held");
+    assert_eq!(hold, Hold::NonFinite { rows: 1 });
+    assert!(core.checkpoint(&ckpts, fingerprint).is_err());
+    assert_eq!(status.report(true).held, 1);
+    assert_eq!(status.report(true).pull, cfg.align.pull_max, "the pull is raised after a hold");
+
+    // Restored: the checkpoint's parameters and cursor; training goes on from there.
+    assert_eq!(core.restore(&ckpts, fingerprint).unwrap(), saved);
+    assert_eq!(core.cursor(), cursor);
+    let finite = core.model.tables[0].rows().isfinite().all().int64_value(&[]);
+    assert_eq!(finite, 1);
+    store
+        .append(&AppendBatch::from_events("umls", half as i64, events[half..].to_vec()))
+        .unwrap();
+    while core.step(&store).unwrap().stats.is_some() {}
+    let v2 = publish(&mut core, 2).expect("version 2 after the restore");
+    let figures = v2.align.unwrap();
+    let drift = figures.previous.expect("measured against version 1");
+    assert!(drift.cosine_mean.is_finite() && drift.cosine_mean < cfg.align.hard_limit);
+    assert!(figures.procrustes_residual.is_some(), "rotated onto the anchor");
+}

@@ -579,7 +579,7 @@ mod tests {
                 .collect(),
             relations: anchor.relations.matmul(&r),
         };
-        let mut out = assess(&current, Some(&anchor), Some(&anchor), &cfg(), true, 1.0, 7);
+        let out = assess(&current, Some(&anchor), Some(&anchor), &cfg(), true, 1.0, 7);
         assert!(out.hold.is_none());
         let residual = out.figures.procrustes_residual.unwrap();
         assert!(residual < 0.02, "residual {residual}");
@@ -617,7 +617,7 @@ mod tests {
         let current = snapshot(4, &[20, 20], 8);
         let _ = current.tables[1].get(7).get(3).fill_(f64::NAN);
         let _ = current.relations.get(0).fill_(f64::INFINITY);
-        let mut out = assess(&current, None, None, &cfg(), true, 1.0, 0);
+        let out = assess(&current, None, None, &cfg(), true, 1.0, 0);
         assert_eq!(out.hold, Some(Hold::NonFinite { rows: 2 }));
         assert!(out.rotation.is_none());
     }
@@ -625,7 +625,7 @@ mod tests {
     #[test]
     fn the_first_version_has_nothing_to_compare_with() {
         let current = snapshot(5, &[20], 8);
-        let mut out = assess(&current, None, None, &cfg(), true, 1.0, 0);
+        let out = assess(&current, None, None, &cfg(), true, 1.0, 0);
         assert!(out.hold.is_none() && out.rotation.is_none());
         assert_eq!(out.figures.previous, None);
         assert_eq!(out.figures.anchor, None);
