@@ -9,22 +9,18 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use anyhow::Context as _;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tch::Tensor;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::align::{Adopt, AlignActor, AlignStatus, Aligner, Assess, PullController};
+use crate::align::{AlignActor, AlignStatus, Aligner, PullController};
 use crate::config::Config;
 use crate::ingest::{IngestActor, IngestStatus, StoreWriter};
 use crate::kafka::{self, ApplyOutcome, EmbeddedKafka};
-use crate::messages::{
-    CommitVersion, PrepareVersion, RestoreCheckpoint, SaveCheckpoint, SetPull, StopIngest,
-    TakeSnapshot, TrainRound,
-};
+use crate::messages::{RestoreCheckpoint, SaveCheckpoint, StopIngest, TrainRound};
 use crate::publish::{load_snapshot, Ledger};
+use crate::publisher::Publisher;
 use crate::score::Comparator;
 use crate::serving::{PublishedView, ServingView};
 use crate::store::{GraphStore, StoreError, StoreOptions};
@@ -265,20 +261,19 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let producer: Option<FutureProducer> = match &ledger {
-            Some(_) => Some(kafka::create_client(&cfg.producer_properties(), "version publisher")?),
-            None => None,
-        };
         let ledger = ledger.map(|l| Arc::new(tokio::sync::Mutex::new(l)));
-        let publisher = match (&trainer, &producer, &align) {
-            (Some(trainer), Some(producer), Some(align)) => Some(Publisher {
-                cfg: cfg.clone(),
-                trainer: trainer.clone(),
-                align: align.clone(),
-                producer: producer.clone(),
-                model_turn: model_turn.clone(),
-                ingest: status.clone(),
-            }),
+        let publisher = match (&trainer, &align) {
+            (Some(trainer), Some(align)) => Some(
+                Publisher::start(
+                    cfg.clone(),
+                    trainer.clone(),
+                    align.clone(),
+                    model_turn.clone(),
+                    status.clone(),
+                )
+                .await
+                .context("starting the version publisher")?,
+            ),
             _ => None,
         };
         let (stop_publishing, publishing) = {
@@ -449,145 +444,6 @@ impl Supervisor {
             .map_err(|e| anyhow::anyhow!("trainer actor unreachable: {e}"))??;
         info!(checkpoint, cursor, "trainer restarted");
         Ok(())
-    }
-}
-
-/// What a publication needs.
-#[derive(Clone)]
-struct Publisher {
-    cfg: Arc<Config>,
-    trainer: Addr<TrainerActor>,
-    align: Addr<AlignActor>,
-    producer: FutureProducer,
-    model_turn: Arc<tokio::sync::Mutex<()>>,
-    ingest: Arc<IngestStatus>,
-}
-
-impl Publisher {
-    /// Publish the next version: assess it (alignment actor; a held version restores the
-    /// trainer's newest checkpoint instead), rows, then (after every row's acknowledgement) the
-    /// marker, then record the number in the ledger and make the version the reference. Returns
-    /// the version, or `None` when none was published (nothing moved, or held).
-    async fn publish_version(&self, ledger: &mut Ledger) -> anyhow::Result<Option<u64>> {
-        let cfg = &self.cfg;
-        let (version, epoch) = (ledger.next_version(), ledger.state().epoch);
-        let (prepared, figures) = {
-            let _turn = self.model_turn.lock().await;
-            let (current, reference) = self.trainer.send(TakeSnapshot).await??;
-            let assessed = self
-                .align
-                .send(Assess {
-                    version,
-                    current,
-                    reference,
-                })
-                .await?;
-            if let Some(hold) = assessed.hold {
-                let (checkpoint, cursor) = self.trainer.send(RestoreCheckpoint).await??;
-                self.trainer.send(SetPull(assessed.pull)).await?;
-                warn!(version, reason = hold.label(), ?hold, checkpoint, cursor, pull = assessed.pull,
-                    "version held back by the drift gate; trainer restored to its newest checkpoint");
-                return Ok(None);
-            }
-            let req = PrepareVersion {
-                version,
-                epoch,
-                format: cfg.publish.format,
-                threshold: cfg.publish.row_threshold,
-                rotation: assessed.rotation,
-                align: Some(assessed.figures.clone()),
-            };
-            match self.trainer.send(req).await?? {
-                Some(p) => (p, assessed.figures),
-                None => return Ok(None),
-            }
-        };
-        let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
-        let topic = &cfg.kafka.embeddings_topic;
-        let mut acks = Vec::with_capacity(prepared.rows.len());
-        for (key, payload) in &prepared.rows {
-            loop {
-                match self
-                    .producer
-                    .send_result(FutureRecord::to(topic).key(key).payload(payload))
-                {
-                    Ok(ack) => {
-                        acks.push(ack);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => {
-                        return Err(
-                            anyhow::Error::new(e).context(format!("producing {key} to {topic}"))
-                        )
-                    }
-                }
-            }
-        }
-        for ack in acks {
-            match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err((e, _)))) => {
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("a row of version {version} to {topic}")))
-                }
-                Ok(Err(_)) => anyhow::bail!("row delivery of version {version} cancelled"),
-                Err(_) => anyhow::bail!(
-                    "row of version {version} not acknowledged within publish.delivery_timeout_ms"
-                ),
-            }
-        }
-        let marker = prepared.marker.encode();
-        let key = version.to_string();
-        self.producer
-            .send(
-                FutureRecord::to(&cfg.kafka.versions_topic)
-                    .key(&key)
-                    .payload(&marker),
-                timeout,
-            )
-            .await
-            .map_err(|(e, _)| {
-                anyhow::Error::new(e).context(format!(
-                    "marker of version {version} to {}",
-                    cfg.kafka.versions_topic
-                ))
-            })?;
-        ledger.commit(version)?;
-        let committed_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let fresh = self
-            .ingest
-            .freshness
-            .published(prepared.cursor, committed_ms);
-        if let Some(view) = self.trainer.send(CommitVersion(version)).await?? {
-            let pull = self
-                .align
-                .send(Adopt {
-                    version,
-                    figures: figures.clone(),
-                    published: view,
-                })
-                .await??;
-            self.trainer.send(SetPull(pull)).await?;
-        }
-        metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
-        metrics::counter!(m::PUBLISH_ROWS).increment(prepared.marker.rows);
-        metrics::gauge!(m::PUBLISH_LAST_VERSION).set(version as f64);
-        info!(
-            version,
-            epoch,
-            rows = prepared.marker.rows,
-            events = fresh,
-            drift = figures.previous.map(|d| d.cosine_mean),
-            residual = figures.procrustes_residual,
-            pull = figures.pull,
-            "version published"
-        );
-        Ok(Some(version))
     }
 }
 

@@ -158,6 +158,11 @@ pub struct PublishConfig {
     pub row_threshold: f64,
     pub path: PathBuf,
     pub delivery_timeout_ms: u64,
+    /// Each version's rows and marker in one Kafka transaction.
+    pub transactional: bool,
+    /// `transactional.id` of the version producer; unique per daemon (a second producer with
+    /// the same id fences the first).
+    pub transactional_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,6 +348,12 @@ impl Config {
         let pb = &self.publish;
         positive("publish.interval_secs", pb.interval_secs)?;
         positive("publish.delivery_timeout_ms", pb.delivery_timeout_ms)?;
+        if pb.transactional && pb.transactional_id.trim().is_empty() {
+            return Err(invalid(
+                "publish.transactional_id",
+                "must not be empty when publish.transactional = true",
+            ));
+        }
         if !(pb.row_threshold.is_finite() && pb.row_threshold >= 0.0) {
             return Err(invalid(
                 "publish.row_threshold",
@@ -574,6 +585,21 @@ mod tests {
         let cfg = load_with_env(&[("TWHIN_HTTP__BEARER_TOKEN", token)]).unwrap();
         assert_eq!(cfg.http.bearer_token, token);
         assert!(!format!("{cfg:?}").contains(token));
+    }
+
+    #[test]
+    fn transactional_publishing_is_off_by_default_and_needs_an_id() {
+        let cfg = load_with_env(&[]).unwrap();
+        assert!(!cfg.publish.transactional);
+        assert_eq!(cfg.publish.transactional_id, "twhin-stream-publisher");
+        let cfg = load_with_env(&[("TWHIN_PUBLISH__TRANSACTIONAL", "true")]).unwrap();
+        assert!(cfg.publish.transactional);
+        let e = load_with_env(&[
+            ("TWHIN_PUBLISH__TRANSACTIONAL", "true"),
+            ("TWHIN_PUBLISH__TRANSACTIONAL_ID", " "),
+        ])
+        .unwrap_err();
+        assert!(e.contains("`publish.transactional_id`"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,8 @@
 //! | [`eval`]      | filtered MRR / Hits@k |
 //! | [`checkpoint`] | versioned, atomic model checkpoints with an fsynced pointer |
 //! | [`publish`]   | version wire formats (JSON, f32le), the numbering ledger, rows a version carries |
+//! | [`publisher`] | the publisher: a version's rows then its marker (optionally one transaction), epochs |
+//! | [`subscriber`] | applying versions whole on the consumer side: [`subscriber::VersionAssembler`] (pure) |
 //! | [`serving`]   | the latest committed version as the serving API reads it |
 //! | [`offline`]   | `train` / `eval` on a dataset's standard splits |
 //! | [`stability`] | downstream stability: a frozen classifier across versions, drift control on/off |
@@ -50,6 +52,7 @@ pub mod messages;
 pub mod model;
 pub mod offline;
 pub mod publish;
+pub mod publisher;
 pub mod replay;
 pub mod report;
 pub mod schema;
@@ -57,6 +60,7 @@ pub mod score;
 pub mod serving;
 pub mod stability;
 pub mod store;
+pub mod subscriber;
 pub mod telemetry;
 pub mod train;
 pub mod trainer;

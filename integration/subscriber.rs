@@ -1,0 +1,409 @@
+//! Subscribers against a real broker (tansu on 127.0.0.1): whatever the daemon leaves on the
+//! embeddings and versions topics, across SIGKILLs inside a publication and in transactional
+//! mode, [`VersionAssembler`] applies whole versions only, numbered 1, 2, 3, … with none skipped
+//! or repeated, each one's table exactly the rows of the versions up to it.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use twhin_stream::publish::{RowRecord, VersionMarker};
+use twhin_stream::subscriber::VersionAssembler;
+
+const TOPIC: &str = "twhin.engagements";
+
+/// Everything the publisher left on the broker, rows in the order read (per partition, log
+/// order).
+struct Published {
+    rows: Vec<(String, RowRecord)>,
+    markers: Vec<VersionMarker>,
+}
+
+fn read_published(bootstrap: &str) -> Published {
+    let markers: Vec<VersionMarker> = read_all(
+        bootstrap,
+        "twhin.versions",
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    )
+    .iter()
+    .map(|m| VersionMarker::decode(m.payload.as_deref().unwrap()).unwrap())
+    .collect();
+    let rows = read_all(
+        bootstrap,
+        "twhin.embeddings",
+        markers.iter().map(|m| m.rows as usize).sum(),
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
+    .iter()
+    .map(|r| {
+        (
+            String::from_utf8(r.key.clone().unwrap()).unwrap(),
+            RowRecord::decode(r.payload.as_deref().unwrap()).unwrap(),
+        )
+    })
+    .collect();
+    Published { rows, markers }
+}
+
+type Table = HashMap<String, (Vec<f32>, u64)>;
+
+/// The table after each version, replayed from the markers without the assembler: version v's
+/// table is v−1's overlaid with the rows of v's marked attempt. Also checks that the markers run
+/// 1..=N and that every marked attempt's rows are all on the broker.
+fn expected_tables(p: &Published) -> Vec<Table> {
+    let versions: Vec<u64> = p.markers.iter().map(|m| m.version).collect();
+    assert_eq!(
+        versions,
+        (1..=versions.len() as u64).collect::<Vec<_>>(),
+        "markers strictly increasing, none skipped, none repeated"
+    );
+    let mut by_attempt: HashMap<(u64, u64), Vec<&(String, RowRecord)>> = HashMap::new();
+    for r in &p.rows {
+        by_attempt
+            .entry((r.1.version, r.1.epoch))
+            .or_default()
+            .push(r);
+    }
+    let mut table = Table::new();
+    let mut out = Vec::new();
+    for m in &p.markers {
+        let rows = by_attempt
+            .get(&(m.version, m.epoch))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let keys: HashSet<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys.len() as u64,
+            m.rows,
+            "every row of version {} epoch {} is on the broker",
+            m.version,
+            m.epoch
+        );
+        for (k, r) in rows {
+            table.insert(k.clone(), (r.vector.clone(), r.version));
+        }
+        out.push(table.clone());
+    }
+    out
+}
+
+enum Item<'a> {
+    Row(&'a (String, RowRecord)),
+    Marker(&'a VersionMarker),
+}
+
+/// Orders in which a subscriber may read the two topics.
+fn orders(p: &Published) -> Vec<(&'static str, Vec<Item<'_>>)> {
+    let rows = || p.rows.iter().map(Item::Row);
+    let markers = || p.markers.iter().map(Item::Marker);
+    let rows_first = rows().chain(markers()).collect();
+    let markers_first = markers().chain(rows()).collect();
+    let reversed = p
+        .rows
+        .iter()
+        .rev()
+        .map(Item::Row)
+        .chain(p.markers.iter().rev().map(Item::Marker))
+        .collect();
+    // Each marker at a scattered position among the rows.
+    let mut at: Vec<usize> = (0..p.markers.len())
+        .map(|i| (i * 7_919 + 13) % (p.rows.len() + 1))
+        .collect();
+    at.sort_unstable();
+    let mut scattered = Vec::new();
+    let mut next_marker = 0;
+    for (i, r) in p.rows.iter().enumerate() {
+        while next_marker < at.len() && at[next_marker] == i {
+            scattered.push(Item::Marker(&p.markers[next_marker]));
+            next_marker += 1;
+        }
+        scattered.push(Item::Row(r));
+    }
+    scattered.extend(p.markers[next_marker..].iter().map(Item::Marker));
+    vec![
+        ("rows first", rows_first),
+        ("markers first", markers_first),
+        ("reversed", reversed),
+        ("scattered", scattered),
+    ]
+}
+
+fn assert_table(a: &VersionAssembler, expected: &Table, context: &str) {
+    assert_eq!(a.table().len(), expected.len(), "{context}: table size");
+    for (k, (vector, version)) in expected {
+        let e = a.get(k).unwrap_or_else(|| panic!("{context}: {k} missing"));
+        assert!(
+            e.version == *version && e.vector == *vector,
+            "{context}: {k} holds version {} instead of {version}",
+            e.version
+        );
+    }
+}
+
+/// Feed the broker's contents through the assembler in every order of [`orders`]; every applied
+/// version must be the next number, the marked attempt's epoch, and hold exactly the expected
+/// table. Returns the applied `(version, epoch)`s.
+fn check_whole_versions(p: &Published) -> Vec<(u64, u64)> {
+    let expected = expected_tables(p);
+    let marked: Vec<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
+    for (name, items) in orders(p) {
+        let mut a = VersionAssembler::new();
+        let mut applied = Vec::new();
+        for item in items {
+            let done = match item {
+                Item::Row((k, r)) => a.push_row(k.as_str(), r.clone()),
+                Item::Marker(m) => a.push_marker((*m).clone()),
+            };
+            for v in &done {
+                assert_eq!(v.version, applied.len() as u64 + 1, "{name}: in order");
+                assert_eq!(v.skipped, 0);
+                applied.push((v.version, v.epoch));
+            }
+            // One record can complete several versions; the table is then at the last one.
+            if let Some(v) = done.last() {
+                assert_table(
+                    &a,
+                    &expected[v.version as usize - 1],
+                    &format!("{name}, version {}", v.version),
+                );
+            }
+        }
+        assert_eq!(applied, marked, "{name}: every marked attempt, once");
+        assert_eq!(a.counts().pending_rows, 0, "{name}: {:?}", a.counts());
+        assert!(a.catch_up().is_empty());
+    }
+    marked
+}
+
+/// Attempts with rows on the broker and no marker, with their row counts.
+fn unmarked_attempts(p: &Published) -> HashMap<(u64, u64), usize> {
+    let marked: HashSet<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
+    let mut out = HashMap::new();
+    for (_, r) in &p.rows {
+        if !marked.contains(&(r.version, r.epoch)) {
+            *out.entry((r.version, r.epoch)).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// A subscriber that starts late on the compacted topic (newest row per key) catches up to the
+/// last version; its table is the full reader's, less keys whose newest row belongs to an
+/// attempt without a marker.
+fn check_catch_up_after_compaction(p: &Published) {
+    let expected = expected_tables(p);
+    let last = expected.last().expect("a version");
+    let mut newest: HashMap<&str, usize> = HashMap::new();
+    for (i, (k, _)) in p.rows.iter().enumerate() {
+        newest.insert(k.as_str(), i);
+    }
+    let mut survivors: Vec<usize> = newest.values().copied().collect();
+    survivors.sort_unstable();
+    let marked: HashSet<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
+    let mut a = VersionAssembler::new();
+    for m in &p.markers {
+        a.push_marker(m.clone());
+    }
+    for &i in &survivors {
+        let (k, r) = &p.rows[i];
+        a.push_row(k.as_str(), r.clone());
+    }
+    a.catch_up();
+    assert_eq!(a.applied_version(), p.markers.len() as u64);
+    let orphans: HashSet<&str> = survivors
+        .iter()
+        .map(|&i| &p.rows[i])
+        .filter(|(_, r)| !marked.contains(&(r.version, r.epoch)))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    for (k, (vector, version)) in last {
+        match a.get(k) {
+            Some(e) => assert!(e.vector == *vector && e.version == *version, "{k}"),
+            None => assert!(orphans.contains(k.as_str()), "{k} missing after catch-up"),
+        }
+    }
+    assert_eq!(a.table().len() + orphans.len(), last.len());
+}
+
+/// `twhin_publish_last_version` from `/metrics` (0 before the first version).
+fn last_version(daemon: &Daemon) -> u64 {
+    daemon
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("twhin_publish_last_version "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// A `key=value` field of a log line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// `(version, epoch, rows)` of the first "publication started" of the current run with a version
+/// above `after` and at least `min_rows` rows.
+fn publication_started(daemon: &Daemon, after: u64, min_rows: u64) -> Option<(u64, u64, u64)> {
+    daemon
+        .log_of_last_start()
+        .lines()
+        .filter(|l| l.contains("publication started"))
+        .filter_map(|l| Some((field(l, "version")?, field(l, "epoch")?, field(l, "rows")?)))
+        .find(|&(v, _, rows)| v > after && rows >= min_rows)
+}
+
+fn published(daemon: &Daemon, version: u64) -> bool {
+    daemon
+        .log_of_last_start()
+        .lines()
+        .any(|l| l.contains("version published") && field(l, "version") == Some(version))
+}
+
+const CHUNK: usize = 12_000;
+
+#[test]
+fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_publication() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let store = dir.path().join("store");
+    let port = free_port();
+    let mut env = daemon_env(&broker.bootstrap, &store, port);
+    // Wide rows and thousands of new nodes per version: a publication takes long enough on
+    // the wire for the kill to land inside it.
+    env.push(("TWHIN_TRAIN__DIM".into(), "64".into()));
+    env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "2".into()));
+    cli(&env, &["topics", "apply"]);
+    let msgs: Vec<Outgoing> = (0..CHUNK * 5).map(|i| valid_event(i, false).0).collect();
+    let mut chunks = msgs.chunks(CHUNK);
+
+    let mut daemon = Daemon::start(env, port, dir.path());
+    let mut seen = 0;
+    let mut interrupted = None;
+    for _ in 0..4 {
+        produce(&broker.bootstrap, TOPIC, chunks.next().unwrap(), None);
+        // Polled tightly: sending ten thousand rows to a local broker takes about 100 ms.
+        let start = Instant::now();
+        let (version, epoch, rows) = loop {
+            if let Some(found) = publication_started(&daemon, seen, 2_000) {
+                break found;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(240),
+                "no publication of thousands of rows\n{}",
+                daemon.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // Rows are on their way; stopping the broker holds back the acknowledgements the
+        // marker waits for, so the kill leaves rows without a marker.
+        broker.pause();
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.kill9();
+        broker.resume();
+        if !published(&daemon, version) {
+            eprintln!("killed inside version {version} (epoch {epoch}, {rows} rows)");
+            interrupted = Some((version, epoch));
+            break;
+        }
+        eprintln!("version {version} finished before the kill; again");
+        seen = version;
+        daemon.restart();
+    }
+    let (version, epoch) = interrupted.expect("a kill inside a publication");
+    daemon.restart();
+    // The retry carries the same number; new events make a version after it.
+    produce(&broker.bootstrap, TOPIC, chunks.next().unwrap(), None);
+    wait_until(
+        &format!("version {} published", version + 1),
+        Duration::from_secs(240),
+        || (last_version(&daemon) > version).then_some(()),
+    );
+    assert!(daemon.terminate().success());
+    for l in daemon.log_of_last_start().lines() {
+        if l.contains("publication started") || l.contains("version published") {
+            eprintln!("{l}");
+        }
+    }
+
+    let p = read_published(&broker.bootstrap);
+    let applied = check_whole_versions(&p);
+    let unmarked = unmarked_attempts(&p);
+    let rows_left = unmarked.get(&(version, epoch)).copied().unwrap_or(0);
+    eprintln!(
+        "markers {:?}; rows without a marker: {unmarked:?}",
+        p.markers
+            .iter()
+            .map(|m| (m.version, m.epoch, m.rows))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        rows_left > 0,
+        "the interrupted attempt left rows on the broker"
+    );
+    let retry = applied
+        .iter()
+        .find(|(v, _)| *v == version)
+        .expect("the interrupted version was retried");
+    assert!(
+        retry.1 > epoch,
+        "retried under a newer epoch, never the interrupted one: {retry:?}"
+    );
+    check_catch_up_after_compaction(&p);
+}
+
+#[test]
+fn transactional_versions_commit_and_apply_whole_across_a_restart() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let store = dir.path().join("store");
+    let port = free_port();
+    let mut env = daemon_env(&broker.bootstrap, &store, port);
+    env.push(("TWHIN_TRAIN__DIM".into(), "16".into()));
+    env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "1".into()));
+    env.push(("TWHIN_PUBLISH__TRANSACTIONAL".into(), "true".into()));
+    cli(&env, &["topics", "apply"]);
+    let msgs: Vec<Outgoing> = (0..4_000).map(|i| valid_event(i, false).0).collect();
+
+    let mut daemon = Daemon::start(env, port, dir.path());
+    let mut logs = String::new();
+    for (round, part) in msgs.chunks(2_000).enumerate() {
+        if round > 0 {
+            // A restart initialises transactions again under the same transactional.id.
+            daemon.restart();
+        }
+        let before = last_version(&daemon);
+        produce(&broker.bootstrap, TOPIC, part, None);
+        wait_until("a transactional version", Duration::from_secs(120), || {
+            (last_version(&daemon) > before).then_some(())
+        });
+        assert!(daemon.terminate().success());
+        logs.push_str(&daemon.log_of_last_start());
+    }
+    assert!(
+        logs.contains("transactional version producer ready"),
+        "{logs}"
+    );
+    assert!(!logs.contains("publication failed"), "{logs}");
+    assert!(!logs.contains("transaction aborted"), "{logs}");
+    let committed = logs
+        .lines()
+        .filter(|l| l.contains("version published") && l.contains("transactional=true"))
+        .count();
+    let p = read_published(&broker.bootstrap);
+    assert!(p.markers.len() >= 2, "{:?}", p.markers);
+    assert_eq!(
+        committed,
+        p.markers.len(),
+        "each marker from a committed transaction"
+    );
+    check_whole_versions(&p);
+    assert!(unmarked_attempts(&p).is_empty());
+}

@@ -1,0 +1,497 @@
+//! The subscriber's side of the version contract (`topics/README.md`, "Rule for subscribers"):
+//! [`VersionAssembler`] turns embedding rows and version markers, read in any interleaving, into
+//! a local table that only ever holds whole versions. It is pure (no Kafka): feed it what a
+//! consumer reads; `examples/subscriber.rs` is such a consumer.
+//!
+//! Rows are grouped by `(version, epoch)`, an *attempt*. An attempt is complete when its marker is
+//! in and exactly `marker.rows` distinct keys of that attempt are in. Rows of another epoch of the
+//! same version (an interrupted attempt; the publisher retries under the same number with a new
+//! epoch) never count toward a marker. Versions are applied in order: a complete `v + 1` waits
+//! for `v`, because a version carries only the rows that changed since its predecessor. Applying
+//! version `v` drops every pending attempt of a version `<= v`; later rows and markers of those
+//! versions are stale and ignored (a marker can repeat when its acknowledgement was lost and the
+//! publisher retried: the first complete attempt wins).
+//!
+//! Late start on a compacted embeddings topic: compaction keeps only each key's newest row, so
+//! the rows of old versions that later versions superseded are gone and those versions never
+//! complete. A subscriber that starts late therefore reads both topics to their ends and then
+//! calls [`VersionAssembler::catch_up`]: it applies the newest complete version it can assemble,
+//! from the surviving rows of every version up to it that has a marker (newest row per key).
+//! That is the table a reader of the full log would hold at that version, except for a key whose
+//! newest surviving row belongs to an attempt that never got a marker (the attempt's rows
+//! superseded the key's published row before compaction): such rows are never applied (counted
+//! as `orphan_rows`), and the key stays absent until a later version carries it. Call `catch_up`
+//! only once the backlog is read: before that, a version may look incomplete only because its
+//! rows sit further on in a partition not yet read, and jumping over it would lose them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::publish::{RowRecord, VersionMarker};
+
+/// Keys of relation vectors start with this (`relation:favorites`); everything else is a node.
+pub const RELATION_PREFIX: &str = "relation:";
+
+/// One key's vector in the local table and the version that last carried it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub vector: Vec<f32>,
+    pub version: u64,
+}
+
+/// A version the assembler applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    pub version: u64,
+    pub epoch: u64,
+    /// Rows of the applied attempt (its marker's count; for a catch-up, the rows merged).
+    pub rows: u64,
+    /// Node keys in the table afterwards.
+    pub nodes: usize,
+    /// Relation keys in the table afterwards.
+    pub relations: usize,
+    /// Versions jumped over by [`VersionAssembler::catch_up`] to reach this one.
+    pub skipped: u64,
+}
+
+/// Counters for monitoring a subscriber.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub applied_versions: u64,
+    /// Versions jumped over by catch-ups.
+    pub skipped_versions: u64,
+    /// Rows held for versions not applied yet.
+    pub pending_rows: usize,
+    /// `(version, epoch)` attempts with rows or a marker, not applied yet.
+    pub pending_attempts: usize,
+    /// Rows ignored or dropped because their version was applied already (interrupted attempts,
+    /// a repeated attempt of an applied version).
+    pub stale_rows: u64,
+    /// Markers of versions applied already.
+    pub stale_markers: u64,
+    /// Rows of attempts without a marker that a catch-up left out.
+    pub orphan_rows: u64,
+}
+
+#[derive(Debug, Default)]
+struct Attempt {
+    rows: HashMap<String, Vec<f32>>,
+    marker: Option<VersionMarker>,
+}
+
+impl Attempt {
+    /// Distinct keys, so a row delivered twice counts once. More keys than the marker announces
+    /// means two attempts shared an epoch: that is never applied.
+    fn complete(&self) -> bool {
+        self.marker
+            .as_ref()
+            .is_some_and(|m| m.rows == self.rows.len() as u64)
+    }
+}
+
+/// Applies versions to a local table only when they are whole (see the module docs).
+#[derive(Debug, Default)]
+pub struct VersionAssembler {
+    applied: Option<(u64, u64)>,
+    table: HashMap<String, Entry>,
+    relations: usize,
+    pending: BTreeMap<(u64, u64), Attempt>,
+    counts: Counts,
+}
+
+impl VersionAssembler {
+    pub fn new() -> VersionAssembler {
+        VersionAssembler::default()
+    }
+
+    /// The last applied version (0: none yet).
+    pub fn applied_version(&self) -> u64 {
+        self.applied.map_or(0, |(v, _)| v)
+    }
+
+    /// The epoch of the last applied version's attempt.
+    pub fn applied_epoch(&self) -> Option<u64> {
+        self.applied.map(|(_, e)| e)
+    }
+
+    /// Key → vector and the version that carried it, as of [`Self::applied_version`].
+    pub fn table(&self) -> &HashMap<String, Entry> {
+        &self.table
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.table.get(key)
+    }
+
+    /// Node keys in the table (relation vectors excluded).
+    pub fn nodes(&self) -> usize {
+        self.table.len() - self.relations
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
+            pending_rows: self.pending.values().map(|a| a.rows.len()).sum(),
+            pending_attempts: self.pending.len(),
+            ..self.counts
+        }
+    }
+
+    /// One row read from the embeddings topic (`key` is the record's key). Returns the versions
+    /// this completed, in order.
+    pub fn push_row(&mut self, key: impl Into<String>, row: RowRecord) -> Vec<Applied> {
+        if row.version <= self.applied_version() {
+            self.counts.stale_rows += 1;
+            return Vec::new();
+        }
+        self.pending
+            .entry((row.version, row.epoch))
+            .or_default()
+            .rows
+            .insert(key.into(), row.vector);
+        self.advance()
+    }
+
+    /// One marker read from the versions topic. Returns the versions this completed, in order.
+    pub fn push_marker(&mut self, marker: VersionMarker) -> Vec<Applied> {
+        if marker.version <= self.applied_version() {
+            self.counts.stale_markers += 1;
+            return Vec::new();
+        }
+        let key = (marker.version, marker.epoch);
+        self.pending.entry(key).or_default().marker = Some(marker);
+        self.advance()
+    }
+
+    /// After reading the backlog to its end: apply the newest complete version even when older
+    /// ones cannot complete (their rows were compacted away), then whatever follows it. Returns
+    /// nothing when no complete version lies beyond a gap. See the module docs.
+    pub fn catch_up(&mut self) -> Vec<Applied> {
+        let Some(target) = self
+            .pending
+            .iter()
+            .filter(|(_, a)| a.complete())
+            .map(|(k, _)| *k)
+            .next_back()
+        else {
+            return Vec::new();
+        };
+        let above = self.pending.split_off(&(target.0 + 1, 0));
+        let below = std::mem::replace(&mut self.pending, above);
+        let mut merged = 0u64;
+        // Ascending (version, epoch): a newer row of a key overwrites an older one.
+        for ((version, epoch), attempt) in below {
+            let usable =
+                (version, epoch) == target || (version < target.0 && attempt.marker.is_some());
+            if usable {
+                merged += attempt.rows.len() as u64;
+                self.merge(version, attempt.rows);
+            } else if attempt.marker.is_none() {
+                self.counts.orphan_rows += attempt.rows.len() as u64;
+            } else {
+                self.counts.stale_rows += attempt.rows.len() as u64;
+            }
+        }
+        let skipped = target.0 - self.applied_version() - 1;
+        self.counts.skipped_versions += skipped;
+        self.counts.applied_versions += 1;
+        self.applied = Some(target);
+        let mut out = vec![self.applied_event(target, merged, skipped)];
+        out.extend(self.advance());
+        out
+    }
+
+    /// Apply every version that is next in line and complete.
+    fn advance(&mut self) -> Vec<Applied> {
+        let mut out = Vec::new();
+        loop {
+            let next = self.applied_version() + 1;
+            // Of two complete attempts of one version (a marker whose acknowledgement was lost,
+            // then the retry), the later one is what the publisher adopted as its reference.
+            let Some(key) = self
+                .pending
+                .range((next, 0)..=(next, u64::MAX))
+                .filter(|(_, a)| a.complete())
+                .map(|(k, _)| *k)
+                .next_back()
+            else {
+                return out;
+            };
+            let attempt = self.pending.remove(&key).expect("found above");
+            let rows = attempt.rows.len() as u64;
+            self.merge(key.0, attempt.rows);
+            let rest = self.pending.split_off(&(key.0 + 1, 0));
+            for (_, dropped) in std::mem::replace(&mut self.pending, rest) {
+                self.counts.stale_rows += dropped.rows.len() as u64;
+            }
+            self.counts.applied_versions += 1;
+            self.applied = Some(key);
+            out.push(self.applied_event(key, rows, 0));
+        }
+    }
+
+    fn merge(&mut self, version: u64, rows: HashMap<String, Vec<f32>>) {
+        for (key, vector) in rows {
+            let relation = key.starts_with(RELATION_PREFIX);
+            if self.table.insert(key, Entry { vector, version }).is_none() && relation {
+                self.relations += 1;
+            }
+        }
+    }
+
+    fn applied_event(&self, (version, epoch): (u64, u64), rows: u64, skipped: u64) -> Applied {
+        Applied {
+            version,
+            epoch,
+            rows,
+            nodes: self.nodes(),
+            relations: self.relations,
+            skipped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(version: u64, epoch: u64, x: f32) -> RowRecord {
+        RowRecord {
+            version,
+            epoch,
+            ts: 0,
+            vector: vec![x, -x],
+        }
+    }
+
+    fn marker(version: u64, epoch: u64, rows: u64) -> VersionMarker {
+        VersionMarker {
+            version,
+            epoch,
+            rows,
+            align: None,
+        }
+    }
+
+    fn value(a: &VersionAssembler, key: &str) -> Option<(f32, u64)> {
+        a.get(key).map(|e| (e.vector[0], e.version))
+    }
+
+    fn versions(applied: &[Applied]) -> Vec<(u64, u64)> {
+        applied.iter().map(|a| (a.version, a.epoch)).collect()
+    }
+
+    /// Version 1 (epoch 1): user:1, user:2, relation:follows.
+    fn v1() -> Vec<(&'static str, RowRecord)> {
+        vec![
+            ("user:1", row(1, 1, 1.0)),
+            ("user:2", row(1, 1, 2.0)),
+            ("relation:follows", row(1, 1, 9.0)),
+        ]
+    }
+
+    #[test]
+    fn marker_before_rows_applies_with_the_last_row() {
+        let mut a = VersionAssembler::new();
+        assert!(a.push_marker(marker(1, 1, 3)).is_empty());
+        let mut rows = v1().into_iter();
+        for (k, r) in rows.by_ref().take(2) {
+            assert!(a.push_row(k, r).is_empty());
+            assert_eq!(a.applied_version(), 0);
+            assert!(a.table().is_empty());
+        }
+        let (k, r) = rows.next().unwrap();
+        let applied = a.push_row(k, r);
+        assert_eq!(
+            applied,
+            vec![Applied {
+                version: 1,
+                epoch: 1,
+                rows: 3,
+                nodes: 2,
+                relations: 1,
+                skipped: 0
+            }]
+        );
+        assert_eq!(value(&a, "user:2"), Some((2.0, 1)));
+        assert_eq!(a.counts().pending_rows, 0);
+        assert_eq!(a.counts().applied_versions, 1);
+    }
+
+    #[test]
+    fn rows_before_marker_apply_with_the_marker() {
+        let mut a = VersionAssembler::new();
+        for (k, r) in v1() {
+            assert!(a.push_row(k, r).is_empty());
+        }
+        assert_eq!(a.counts().pending_rows, 3);
+        assert_eq!(versions(&a.push_marker(marker(1, 1, 3))), vec![(1, 1)]);
+        assert_eq!(a.table().len(), 3);
+    }
+
+    #[test]
+    fn a_partial_version_is_never_applied() {
+        let mut a = VersionAssembler::new();
+        a.push_marker(marker(1, 1, 3));
+        for (k, r) in v1().into_iter().take(2) {
+            a.push_row(k, r);
+        }
+        // A row delivered twice counts once.
+        a.push_row("user:1", row(1, 1, 1.0));
+        assert_eq!(a.applied_version(), 0);
+        assert!(a.table().is_empty());
+        assert!(a.catch_up().is_empty(), "nothing complete to catch up to");
+        let c = a.counts();
+        assert_eq!((c.pending_rows, c.pending_attempts), (2, 1));
+    }
+
+    #[test]
+    fn an_interrupted_attempt_never_counts_toward_the_retry() {
+        let mut a = VersionAssembler::new();
+        for (k, r) in v1() {
+            a.push_row(k, r);
+        }
+        a.push_marker(marker(1, 1, 3));
+        // Version 2, epoch 1: two rows out, then the daemon died (no marker).
+        a.push_row("user:1", row(2, 1, 10.0));
+        a.push_row("user:3", row(2, 1, 30.0));
+        // The retry, version 2 under epoch 2, carries two rows; its marker arrives first. The two
+        // stale rows would make the count if they counted.
+        assert!(a.push_marker(marker(2, 2, 2)).is_empty());
+        assert!(a.push_row("user:1", row(2, 2, 11.0)).is_empty());
+        assert_eq!(a.applied_version(), 1);
+        assert_eq!(
+            versions(&a.push_row("user:2", row(2, 2, 22.0))),
+            vec![(2, 2)]
+        );
+        assert_eq!(value(&a, "user:1"), Some((11.0, 2)));
+        assert_eq!(value(&a, "user:2"), Some((22.0, 2)));
+        assert_eq!(value(&a, "user:3"), None, "only in the interrupted attempt");
+        assert_eq!(value(&a, "relation:follows"), Some((9.0, 1)));
+        let c = a.counts();
+        assert_eq!(
+            (c.stale_rows, c.pending_rows, c.pending_attempts),
+            (2, 0, 0)
+        );
+        // A late row of the interrupted attempt and a repeated marker are ignored.
+        assert!(a.push_row("user:4", row(2, 1, 40.0)).is_empty());
+        assert!(a.push_marker(marker(2, 3, 2)).is_empty());
+        assert_eq!(value(&a, "user:4"), None);
+        assert_eq!(a.counts().stale_markers, 1);
+    }
+
+    #[test]
+    fn a_complete_later_version_waits_for_its_predecessor() {
+        let mut a = VersionAssembler::new();
+        a.push_marker(marker(2, 1, 1));
+        a.push_row("user:1", row(2, 1, 10.0));
+        a.push_marker(marker(3, 1, 1));
+        a.push_row("user:2", row(3, 1, 20.0));
+        assert_eq!(a.applied_version(), 0, "2 and 3 are complete, 1 is not");
+        a.push_marker(marker(1, 1, 3));
+        let mut rows = v1().into_iter();
+        for (k, r) in rows.by_ref().take(2) {
+            assert!(a.push_row(k, r).is_empty());
+        }
+        let (k, r) = rows.next().unwrap();
+        let applied = a.push_row(k, r);
+        assert_eq!(versions(&applied), vec![(1, 1), (2, 1), (3, 1)]);
+        assert_eq!(applied[2].nodes, 2);
+        assert_eq!(value(&a, "user:1"), Some((10.0, 2)));
+        assert_eq!(value(&a, "user:2"), Some((20.0, 3)));
+        assert_eq!(a.counts().applied_versions, 3);
+    }
+
+    #[test]
+    fn more_rows_than_the_marker_announces_are_never_applied() {
+        let mut a = VersionAssembler::new();
+        a.push_marker(marker(1, 1, 1));
+        a.push_row("user:1", row(1, 1, 1.0));
+        assert_eq!(a.applied_version(), 1);
+        a.push_row("user:1", row(2, 1, 1.0));
+        a.push_row("user:2", row(2, 1, 2.0));
+        assert!(a.push_marker(marker(2, 1, 1)).is_empty());
+        assert_eq!(a.applied_version(), 1);
+    }
+
+    /// Versions 1..=3 as the publisher writes them, in log order.
+    fn history() -> (Vec<(&'static str, RowRecord)>, Vec<VersionMarker>) {
+        let mut rows = v1();
+        rows.extend([
+            ("user:1", row(2, 1, 10.0)),
+            ("user:3", row(2, 1, 30.0)),
+            // Version 3's first attempt died after one row; the retry is epoch 2.
+            ("user:3", row(3, 1, 99.0)),
+            ("user:2", row(3, 2, 20.0)),
+            ("user:3", row(3, 2, 31.0)),
+            ("user:4", row(3, 2, 40.0)),
+        ]);
+        (
+            rows,
+            vec![marker(1, 1, 3), marker(2, 1, 2), marker(3, 2, 3)],
+        )
+    }
+
+    /// Only the newest record of each key, in log order (what compaction leaves).
+    fn compacted(rows: &[(&'static str, RowRecord)]) -> Vec<(&'static str, RowRecord)> {
+        rows.iter()
+            .enumerate()
+            .filter(|(i, (k, _))| !rows[i + 1..].iter().any(|(later, _)| later == k))
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_late_start_on_a_compacted_topic_catches_up_to_the_newest_complete_version() {
+        let (rows, markers) = history();
+        let mut full = VersionAssembler::new();
+        for (k, r) in rows.clone() {
+            full.push_row(k, r);
+        }
+        for m in markers.clone() {
+            full.push_marker(m);
+        }
+        assert_eq!(full.applied_version(), 3);
+        assert!(full.catch_up().is_empty(), "nothing beyond a gap");
+
+        let mut late = VersionAssembler::new();
+        for m in markers {
+            late.push_marker(m);
+        }
+        for (k, r) in compacted(&rows) {
+            assert!(
+                late.push_row(k, r).is_empty(),
+                "version 1 lost user:1 and user:2"
+            );
+        }
+        assert_eq!(late.applied_version(), 0);
+        let applied = late.catch_up();
+        assert_eq!(versions(&applied), vec![(3, 2)]);
+        assert_eq!(applied[0].skipped, 2);
+        assert_eq!(late.table(), full.table());
+        assert_eq!(late.counts().skipped_versions, 2);
+        // Later versions follow in order again.
+        late.push_marker(marker(4, 2, 1));
+        assert_eq!(
+            versions(&late.push_row("user:1", row(4, 2, 5.0))),
+            vec![(4, 2)]
+        );
+    }
+
+    #[test]
+    fn a_catch_up_leaves_out_rows_of_attempts_without_a_marker() {
+        let mut a = VersionAssembler::new();
+        a.push_marker(marker(2, 1, 1));
+        a.push_row("user:1", row(2, 1, 1.0));
+        // Version 3, epoch 1: interrupted; its row superseded user:2's published row.
+        a.push_row("user:2", row(3, 1, 2.0));
+        a.push_marker(marker(3, 2, 1));
+        a.push_row("user:3", row(3, 2, 3.0));
+        let applied = a.catch_up();
+        assert_eq!(versions(&applied), vec![(3, 2)]);
+        assert_eq!(value(&a, "user:1"), Some((1.0, 2)));
+        assert_eq!(value(&a, "user:2"), None);
+        assert_eq!(value(&a, "user:3"), Some((3.0, 3)));
+        assert_eq!(a.counts().orphan_rows, 1);
+    }
+}
