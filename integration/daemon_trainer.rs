@@ -223,4 +223,30 @@ fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
     }
     // The first version carries every node seen so far plus the relations.
     assert!(markers[0].rows > 1_000, "{:?}", markers[0]);
+    // Drift figures ride on every marker; every version after the first (restarts included:
+    // the reference is persisted) is measured against its predecessor, rotated onto the anchor
+    // (version 1), and the pull is on.
+    for m in &markers {
+        let a = m.align.as_ref().expect("alignment figures in the marker");
+        assert!(a.control);
+        if m.version > 1 {
+            let prev = a.previous.expect("drift against the previous version");
+            assert!(
+                prev.cosine_mean.is_finite() && prev.cosine_mean < 0.5,
+                "{m:?}"
+            );
+            assert!(
+                a.anchor.is_some() && a.procrustes_residual.is_some(),
+                "{m:?}"
+            );
+            assert!(a.pull > 0.0);
+        }
+    }
+    let publish_dir = store.with_extension("publish");
+    let meta = |stem: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(publish_dir.join(format!("{stem}.json"))).unwrap())
+            .unwrap()
+    };
+    assert_eq!(meta("anchor")["version"], 1);
+    assert_eq!(meta("reference")["version"], *versions.last().unwrap());
 }

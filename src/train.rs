@@ -178,15 +178,47 @@ pub fn ensure_rows(model: &mut Embeddings, edges: &[Edge], init_scale: f64) {
     }
 }
 
-/// The drift control's L2 pull (DESIGN §5): `strength · Σ ‖e_i − ref_i‖² / edges` over the
-/// rows the step touches that the reference has, and likewise over the relation vectors. It keeps
-/// rows near the version subscribers hold unless the data argues otherwise.
+/// The drift control's L2 pull (DESIGN §5), decoupled from the gradient: after each step, every
+/// touched row the reference has is moved back toward its reference row,
+/// `e ← ref + (e − ref) / (1 + lr · strength)`, and likewise the relation vectors (with
+/// `relation_lr`). This is the proximal step of `strength/2 · ‖e − ref‖²`.
+///
+/// Why not a term in the loss: Adagrad normalises each row's step by its gradient history, so a
+/// pull inside the gradient moves a row by about `lr` per coordinate whatever its strength, and
+/// near the reference it overshoots — measured: a stronger in-loss pull *raised* drift between
+/// versions. Decoupled (as AdamW decouples weight decay), the pull shrinks the deviation by a
+/// fixed factor per step, so strength means what it says.
 pub struct Pull<'a> {
     /// Per node type, the reference rows (on the model's device); a touched row beyond them (a
     /// node newer than the reference) is not pulled.
     pub tables: &'a [Tensor],
     pub relations: &'a Tensor,
     pub strength: f64,
+}
+
+/// Apply the proximal pull to the rows a step touched (`leaves`: per type, the touched indices).
+fn apply_pull(model: &mut Embeddings, pull: &Pull<'_>, touched: &[Option<Tensor>], p: &TrainParams) {
+    tch::no_grad(|| {
+        let keep = 1.0 / (1.0 + p.lr * pull.strength);
+        for ((table, idx), reference) in model.tables.iter_mut().zip(touched).zip(pull.tables) {
+            let (Some(idx), n) = (idx, reference.size()[0]) else {
+                continue;
+            };
+            let idx = idx.masked_select(&idx.lt(n));
+            if idx.numel() == 0 {
+                continue;
+            }
+            let anchor = reference.index_select(0, &idx);
+            let rows = table.weights.index_select(0, &idx);
+            let pulled = &anchor + (rows - &anchor) * keep;
+            let _ = table.weights.index_copy_(0, &idx, &pulled);
+        }
+        if pull.relations.size() == model.relations.size() {
+            let keep = 1.0 / (1.0 + p.relation_lr * pull.strength);
+            let pulled = pull.relations + (&model.relations - pull.relations) * keep;
+            model.relations.copy_(&pulled);
+        }
+    })
 }
 
 /// One step on `edges` (see the module docs).
@@ -197,27 +229,6 @@ pub fn train_step(
     rng: &mut SmallRng,
 ) -> StepStats {
     train_step_pulled(model, edges, p, rng, None)
-}
-
-/// The pull term of a step over the touched rows `leaves` (see [`Pull`]).
-fn pull_term(pull: &Pull<'_>, leaves: &[Option<(Tensor, Tensor)>], rel_leaf: &Tensor) -> Tensor {
-    let mut term = Tensor::zeros([], (Kind::Float, rel_leaf.device()));
-    for (leaf, reference) in leaves.iter().zip(pull.tables) {
-        let (Some((idx, rows)), n) = (leaf, reference.size()[0]) else {
-            continue;
-        };
-        if n == 0 {
-            continue;
-        }
-        let known = idx.lt(n);
-        let anchor = reference.index_select(0, &idx.clamp_max(n - 1));
-        let diff = (rows - anchor) * known.unsqueeze(1).to_kind(Kind::Float);
-        term += diff.square().sum(Kind::Float);
-    }
-    if pull.relations.size() == rel_leaf.size() {
-        term += (rel_leaf - pull.relations).square().sum(Kind::Float);
-    }
-    term * pull.strength
 }
 
 /// [`train_step`] with an optional [`Pull`] toward a reference.
@@ -351,12 +362,6 @@ pub fn train_step_pulled(
     }
     let total = total / edges.len() as f64;
     let loss_value = total.double_value(&[]);
-    let total = match pull {
-        Some(pull) if pull.strength > 0.0 => {
-            total + pull_term(pull, &leaves, &rel_leaf) / edges.len() as f64
-        }
-        _ => total,
-    };
     if !loss_value.is_finite() {
         return StepStats {
             loss: loss_value,
@@ -388,6 +393,13 @@ pub fn train_step_pulled(
         }
     }
     model.adagrad_relations(&rel_grad, p.relation_lr);
+    if let Some(pull) = pull.filter(|pull| pull.strength > 0.0) {
+        let touched: Vec<Option<Tensor>> = leaves
+            .iter()
+            .map(|l| l.as_ref().map(|(idx, _)| idx.shallow_clone()))
+            .collect();
+        apply_pull(model, pull, &touched, p);
+    }
     StepStats {
         loss: loss_value,
         edges: edges.len(),
@@ -544,6 +556,9 @@ mod tests {
         let held = moved_after(50.0);
         assert!(free > 0.05, "unpulled rows should move: {free}");
         assert!(held < free * 0.25, "pulled {held} vs free {free}");
+        // Monotonic in the strength (an in-loss pull under Adagrad was not: it overshot).
+        let (weak, strong) = (moved_after(1.0), moved_after(1000.0));
+        assert!(strong < held && held < weak && weak < free, "{strong} {held} {weak} {free}");
     }
 
     #[test]
