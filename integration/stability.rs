@@ -1,0 +1,68 @@
+//! Downstream stability on real data (MovieLens-100k from `.ci/setup`), the way
+//! `twhin-stream stability` measures it, on a prefix of the rating stream: the daemon's trainer
+//! and alignment publish versions in process; a classifier fitted on version 1 is scored on every
+//! later one, with drift control on and off.
+
+use std::path::PathBuf;
+
+use figment::providers::Env;
+use twhin_stream::config::Config;
+use twhin_stream::stability::{measure, Label, StabilityOptions};
+
+#[test]
+fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut cfg = Config::load_from(
+        Some(&root.join("config/movielens-100k.toml")),
+        Env::prefixed("TWHIN_TEST_UNUSED_"),
+    )
+    .expect("config/movielens-100k.toml loads");
+    cfg.datasets.dir = root.join("data/datasets");
+    cfg.storage.path = dir.path().join("store");
+    cfg.train.dim = 32;
+    // A target below the stream's natural drift (about 0.003 per version here), so the
+    // controller has to pull.
+    cfg.align.max_drift = 0.0005;
+    let opts = StabilityOptions {
+        label: Label::Gender,
+        versions: 6,
+        first_fraction: 0.3,
+        holdout: 0.3,
+        limit: Some(20_000),
+    };
+    let report = measure(&cfg, tch::Device::Cpu, &opts).unwrap_or_else(|e| {
+        panic!("MovieLens-100k missing or unreadable ({e:#}); run .ci/setup to fetch it")
+    });
+    eprintln!("{}", report.table());
+    let (on, off) = (&report.on, &report.off);
+    assert!(on.control && !off.control);
+    for run in [on, off] {
+        let numbers: Vec<u64> = run.versions.iter().map(|v| v.version).collect();
+        assert_eq!(numbers, (1..=6).collect::<Vec<_>>(), "no version held");
+        assert!(run
+            .versions
+            .iter()
+            .all(|v| (0.0..=1.0).contains(&v.accuracy) && v.rows > 0));
+    }
+    // Version 1 is the same model either way (no reference to pull toward, no anchor yet).
+    assert_eq!(on.versions[0].accuracy, off.versions[0].accuracy);
+    assert!(on.versions[0].previous.is_none());
+    let drift = |run: &twhin_stream::stability::StabilityRun, from: usize| {
+        let d: Vec<f64> = run.versions[from..]
+            .iter()
+            .map(|v| v.previous.expect("measured").cosine_mean)
+            .collect();
+        d.iter().sum::<f64>() / d.len() as f64
+    };
+    // Once the controller has adapted (versions 3 on), consecutive drift is well below the
+    // uncontrolled run's, and so is the drift accumulated since version 1.
+    let (held, free) = (drift(on, 2), drift(off, 2));
+    assert!(held < 0.6 * free, "consecutive drift on {held} vs off {free}");
+    let last = |run: &twhin_stream::stability::StabilityRun| {
+        run.versions.last().unwrap().anchor.unwrap().cosine_mean
+    };
+    assert!(last(on) < last(off), "anchor drift on {} vs off {}", last(on), last(off));
+    assert!(on.versions.last().unwrap().pull > cfg.align.pull_init, "the pull was raised");
+    assert_eq!(off.versions.last().unwrap().pull, 0.0);
+}
