@@ -18,8 +18,9 @@ const MAX_PENDING_EVENTS: usize = 2_000_000;
 /// Latencies kept for the quantiles in `/v1/status`.
 const WINDOW: usize = 100_000;
 
+/// One kind of latency: timestamps waiting for a version, and the recent latencies.
 #[derive(Debug, Default)]
-struct State {
+struct Track {
     /// `(edge count after the batch, Kafka timestamps in ms)`, oldest first.
     pending: VecDeque<(u64, Vec<i64>)>,
     pending_events: usize,
@@ -27,6 +28,59 @@ struct State {
     recent: VecDeque<f64>,
     recorded: u64,
     dropped: u64,
+}
+
+impl Track {
+    fn ingested(&mut self, edges_after: u64, kafka_ts_ms: Vec<i64>) {
+        if kafka_ts_ms.is_empty() {
+            return;
+        }
+        self.pending_events += kafka_ts_ms.len();
+        self.pending.push_back((edges_after, kafka_ts_ms));
+        while self.pending_events > MAX_PENDING_EVENTS {
+            let Some((_, old)) = self.pending.pop_front() else {
+                break;
+            };
+            self.pending_events -= old.len();
+            self.dropped += old.len() as u64;
+        }
+    }
+
+    fn published(&mut self, cursor: u64, now_ms: i64, kind: &'static str) -> usize {
+        let mut count = 0;
+        while self.pending.front().is_some_and(|(end, _)| *end <= cursor) {
+            let (_, stamps) = self.pending.pop_front().expect("checked");
+            self.pending_events -= stamps.len();
+            for ts in stamps {
+                let secs = (now_ms - ts).max(0) as f64 / 1000.0;
+                metrics::histogram!(m::PUBLISH_FRESHNESS, "events" => kind).record(secs);
+                if self.recent.len() == WINDOW {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(secs);
+                count += 1;
+            }
+        }
+        self.recorded += count as u64;
+        count
+    }
+
+    fn quantiles(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
+        let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * p).round() as usize])
+        };
+        (q(0.5), q(0.99), sorted.last().copied())
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Every event.
+    events: Track,
+    /// Events that created a node (a user's first rating): how soon a new node has a row.
+    new_nodes: Track,
 }
 
 /// Shared between ingest (writer of timestamps) and the publisher (at each commit).
@@ -45,6 +99,17 @@ pub struct FreshnessFigures {
     pub max_secs: Option<f64>,
     /// Timestamps dropped because too many waited for a version.
     pub dropped: u64,
+    /// The same for the events that created a node only: from a new node's first event to the
+    /// first version carrying its row.
+    pub new_nodes: NewNodeFigures,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct NewNodeFigures {
+    pub events: u64,
+    pub p50_secs: Option<f64>,
+    pub p99_secs: Option<f64>,
+    pub max_secs: Option<f64>,
 }
 
 impl Freshness {
@@ -52,58 +117,38 @@ impl Freshness {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A batch became durable; the store holds `edges_after` edges.
-    pub fn ingested(&self, edges_after: u64, kafka_ts_ms: Vec<i64>) {
-        if kafka_ts_ms.is_empty() {
-            return;
-        }
+    /// A batch became durable; the store holds `edges_after` edges. `new_node_ts_ms`: the Kafka
+    /// timestamps of the batch's events that created a node.
+    pub fn ingested(&self, edges_after: u64, kafka_ts_ms: Vec<i64>, new_node_ts_ms: Vec<i64>) {
         let mut s = self.lock();
-        s.pending_events += kafka_ts_ms.len();
-        s.pending.push_back((edges_after, kafka_ts_ms));
-        while s.pending_events > MAX_PENDING_EVENTS {
-            let Some((_, old)) = s.pending.pop_front() else {
-                break;
-            };
-            s.pending_events -= old.len();
-            s.dropped += old.len() as u64;
-        }
+        s.events.ingested(edges_after, kafka_ts_ms);
+        s.new_nodes.ingested(edges_after, new_node_ts_ms);
     }
 
     /// A version prepared at trainer cursor `cursor` was committed at `now_ms`: record the
     /// latency of every event it covers. Returns how many.
     pub fn published(&self, cursor: u64, now_ms: i64) -> usize {
         let mut s = self.lock();
-        let mut count = 0;
-        while s.pending.front().is_some_and(|(end, _)| *end <= cursor) {
-            let (_, stamps) = s.pending.pop_front().expect("checked");
-            s.pending_events -= stamps.len();
-            for ts in stamps {
-                let secs = (now_ms - ts).max(0) as f64 / 1000.0;
-                metrics::histogram!(m::PUBLISH_FRESHNESS).record(secs);
-                if s.recent.len() == WINDOW {
-                    s.recent.pop_front();
-                }
-                s.recent.push_back(secs);
-                count += 1;
-            }
-        }
-        s.recorded += count as u64;
-        count
+        s.new_nodes.published(cursor, now_ms, "new_node");
+        s.events.published(cursor, now_ms, "all")
     }
 
     pub fn figures(&self) -> FreshnessFigures {
         let s = self.lock();
-        let mut sorted: Vec<f64> = s.recent.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        let q = |p: f64| {
-            (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * p).round() as usize])
-        };
+        let (p50, p99, max) = s.events.quantiles();
+        let (n50, n99, nmax) = s.new_nodes.quantiles();
         FreshnessFigures {
-            events: s.recorded,
-            p50_secs: q(0.5),
-            p99_secs: q(0.99),
-            max_secs: sorted.last().copied(),
-            dropped: s.dropped,
+            events: s.events.recorded,
+            p50_secs: p50,
+            p99_secs: p99,
+            max_secs: max,
+            dropped: s.events.dropped,
+            new_nodes: NewNodeFigures {
+                events: s.new_nodes.recorded,
+                p50_secs: n50,
+                p99_secs: n99,
+                max_secs: nmax,
+            },
         }
     }
 }
@@ -115,15 +160,17 @@ mod tests {
     #[test]
     fn a_version_covers_the_batches_below_its_cursor() {
         let f = Freshness::default();
-        f.ingested(3, vec![1_000, 1_500, 2_000]);
-        f.ingested(5, vec![4_000, 4_000]);
-        f.ingested(6, vec![]);
+        f.ingested(3, vec![1_000, 1_500, 2_000], vec![1_000]);
+        f.ingested(5, vec![4_000, 4_000], vec![]);
+        f.ingested(6, vec![], vec![]);
         // Prepared at cursor 4: only the first batch (edges 0..3) is wholly trained.
         assert_eq!(f.published(4, 3_000), 3);
         let fig = f.figures();
         assert_eq!(fig.events, 3);
         assert_eq!(fig.p50_secs, Some(1.5));
         assert_eq!(fig.max_secs, Some(2.0));
+        assert_eq!(fig.new_nodes.events, 1);
+        assert_eq!(fig.new_nodes.p50_secs, Some(2.0), "the node-creating event at 1 s");
         assert_eq!(f.published(5, 10_000), 2);
         assert_eq!(f.figures().max_secs, Some(6.0));
         assert_eq!(f.published(9, 20_000), 0);

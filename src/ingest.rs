@@ -592,9 +592,15 @@ async fn write_batch(
     let invalid = pending.dead.len() as u64;
     let consumed = pending.consumed;
     if outcome.appended > 0 {
+        let new_node_ts = outcome
+            .node_creating_events
+            .iter()
+            .filter_map(|&i| pending.kafka_ts.get(i as usize).copied())
+            .collect();
         status.freshness.ingested(
             outcome.first_seq + outcome.appended,
             std::mem::take(&mut pending.kafka_ts),
+            new_node_ts,
         );
     }
     *pending = Pending::default();

@@ -28,6 +28,9 @@ pub struct Sample {
     pub version: Option<u64>,
     pub freshness_p50: Option<f64>,
     pub freshness_p99: Option<f64>,
+    /// The same for the events that created a node (a new user's first rating).
+    pub new_node_p50: Option<f64>,
+    pub new_node_p99: Option<f64>,
     /// Mean cosine distance of the last version from the previous one, and from the anchor.
     pub drift_previous: Option<f64>,
     pub drift_anchor: Option<f64>,
@@ -60,6 +63,8 @@ impl Sample {
             version: u64_at(s, "/publish/version"),
             freshness_p50: f64_at(s, "/publish/freshness/p50_secs"),
             freshness_p99: f64_at(s, "/publish/freshness/p99_secs"),
+            new_node_p50: f64_at(s, "/publish/freshness/new_nodes/p50_secs"),
+            new_node_p99: f64_at(s, "/publish/freshness/new_nodes/p99_secs"),
             drift_previous: f64_at(s, "/align/last/previous/cosine_mean"),
             drift_anchor: f64_at(s, "/align/last/anchor/cosine_mean"),
             prequential_hits10: f64_at(s, "/trainer/prequential/hits@10"),
@@ -79,6 +84,8 @@ pub struct Summary {
     pub versions: Option<u64>,
     pub freshness_p50_secs: Option<f64>,
     pub freshness_p99_secs: Option<f64>,
+    pub new_node_p50_secs: Option<f64>,
+    pub new_node_p99_secs: Option<f64>,
     /// Mean over versions of the drift from the previous version.
     pub drift_previous_mean: Option<f64>,
     pub drift_anchor_last: Option<f64>,
@@ -107,6 +114,8 @@ pub fn summarize(samples: &[Sample]) -> Option<Summary> {
         versions: last.version,
         freshness_p50_secs: last.freshness_p50,
         freshness_p99_secs: last.freshness_p99,
+        new_node_p50_secs: last.new_node_p50,
+        new_node_p99_secs: last.new_node_p99,
         drift_previous_mean: (!drifts.is_empty())
             .then(|| drifts.iter().sum::<f64>() / drifts.len() as f64),
         drift_anchor_last: last.drift_anchor,
@@ -134,6 +143,12 @@ impl std::fmt::Display for Summary {
             "freshness   p50 {} s, p99 {} s (Kafka timestamp of an event to the commit of the first version covering it)",
             opt(self.freshness_p50_secs, 2),
             opt(self.freshness_p99_secs, 2)
+        )?;
+        writeln!(
+            f,
+            "new nodes   p50 {} s, p99 {} s (a node's first event to the first version carrying its row)",
+            opt(self.new_node_p50_secs, 2),
+            opt(self.new_node_p99_secs, 2)
         )?;
         writeln!(
             f,
@@ -331,6 +346,7 @@ pub fn render_svg(samples: &[Sample], path: &Path) -> Result<(), ReportError> {
             series: vec![
                 ("p50", series(samples, |s| s.freshness_p50)),
                 ("p99", series(samples, |s| s.freshness_p99)),
+                ("new nodes p50", series(samples, |s| s.new_node_p50)),
             ],
         },
         Panel {
@@ -394,7 +410,7 @@ mod tests {
             "ingest": {"consumed": consumed},
             "store": {"nodes": {"user": 10, "movie": 5}, "edges_total": consumed},
             "trainer": {"cursor": consumed, "backlog": 0, "prequential": {"hits@10": 0.25}},
-            "publish": {"version": version, "freshness": {"p50_secs": 1.5, "p99_secs": 4.0}},
+            "publish": {"version": version, "freshness": {"p50_secs": 1.5, "p99_secs": 4.0, "new_nodes": {"p50_secs": 1.0, "p99_secs": 3.0}}},
             "align": {"pull": 2.0, "last": {"previous": {"cosine_mean": drift}, "anchor": {"cosine_mean": 0.1}}}
         })
     }
@@ -414,6 +430,8 @@ mod tests {
                 version: Some(3),
                 freshness_p50: Some(1.5),
                 freshness_p99: Some(4.0),
+                new_node_p50: Some(1.0),
+                new_node_p99: Some(3.0),
                 drift_previous: Some(0.01),
                 drift_anchor: Some(0.1),
                 prequential_hits10: Some(0.25),
@@ -438,6 +456,7 @@ mod tests {
         assert_eq!(s.events, 300);
         assert!((s.events_per_sec - 100.0).abs() < 1e-9, "{s:?}");
         assert!(s.to_string().contains("p50 1.50 s, p99 4.00 s"));
+        assert!(s.to_string().contains("p50 1.00 s, p99 3.00 s (a node's first event"));
         assert_eq!(summarize(&[]), None);
     }
 

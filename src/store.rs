@@ -161,6 +161,9 @@ pub struct AppendOutcome {
     /// Events at offsets below the stored offset (redelivered after a rebalance or restart).
     pub already_stored: u64,
     pub new_nodes: u64,
+    /// Positions in the batch of the events that created at least one node (freshness of new
+    /// nodes).
+    pub node_creating_events: Vec<u32>,
     /// Sequence numbers of the appended edges: `first_seq..first_seq + appended`.
     pub first_seq: u64,
 }
@@ -505,7 +508,7 @@ impl GraphStore {
         // Running per-partition cursor: skips offsets already stored *and* repeats within the
         // batch (a rebalance can redeliver messages that are still pending).
         let mut cursor = stored_next.clone();
-        for se in &batch.events {
+        for (position, se) in batch.events.iter().enumerate() {
             let next = cursor
                 .get_mut(&se.partition)
                 .expect("every partition was looked up");
@@ -535,6 +538,7 @@ impl GraphStore {
                     }
                 }
             }
+            let nodes_before = new_nodes.len();
             let src = self.intern(
                 &mut cache,
                 &mut counts,
@@ -551,6 +555,9 @@ impl GraphStore {
                 ev.dst.node_type,
                 &ev.dst.id,
             )?;
+            if new_nodes.len() > nodes_before {
+                out.node_creating_events.push(position as u32);
+            }
             let seq = counts.next_seq;
             counts.next_seq += 1;
             let edge = Edge {
@@ -1150,6 +1157,7 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!((out.appended, out.new_nodes, out.first_seq), (3, 4, 0));
+        assert_eq!(out.node_creating_events, vec![0, 1, 2], "each event met a new node");
         assert_eq!(s.node_index(0, "a").unwrap(), Some(0));
         assert_eq!(s.node_index(0, "b").unwrap(), Some(1));
         assert_eq!(s.node_index(0, "c").unwrap(), Some(2));

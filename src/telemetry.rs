@@ -79,7 +79,7 @@ pub const ALIGN_HELD: &str = "twhin_align_held_total";
 /// Actors restarted by their supervisor, by actor.
 pub const ACTOR_RESTARTS: &str = "twhin_actor_restarts_total";
 /// Seconds from an event's Kafka timestamp to the commit of the first version after it was
-/// trained.
+/// trained; label `events`: `all`, or `new_node` (the events that created a node).
 pub const PUBLISH_FRESHNESS: &str = "twhin_publish_freshness_seconds";
 
 /// Install the global tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
@@ -217,6 +217,6 @@ fn describe() {
     describe_histogram!(
         PUBLISH_FRESHNESS,
         Unit::Seconds,
-        "Event (Kafka timestamp) to the commit of the first version after it was trained"
+        "Event (Kafka timestamp) to the commit of the first version after it was trained, for all events and for those that created a node"
     );
 }
