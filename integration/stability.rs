@@ -58,11 +58,22 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
     // Once the controller has adapted (versions 3 on), consecutive drift is well below the
     // uncontrolled run's, and so is the drift accumulated since version 1.
     let (held, free) = (drift(on, 2), drift(off, 2));
-    assert!(held < 0.6 * free, "consecutive drift on {held} vs off {free}");
+    assert!(
+        held < 0.6 * free,
+        "consecutive drift on {held} vs off {free}"
+    );
     let last = |run: &twhin_stream::stability::StabilityRun| {
         run.versions.last().unwrap().anchor.unwrap().cosine_mean
     };
-    assert!(last(on) < last(off), "anchor drift on {} vs off {}", last(on), last(off));
-    assert!(on.versions.last().unwrap().pull > cfg.align.pull_init, "the pull was raised");
+    assert!(
+        last(on) < last(off),
+        "anchor drift on {} vs off {}",
+        last(on),
+        last(off)
+    );
+    assert!(
+        on.versions.last().unwrap().pull > cfg.align.pull_init,
+        "the pull was raised"
+    );
     assert_eq!(off.versions.last().unwrap().pull, 0.0);
 }

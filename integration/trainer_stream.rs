@@ -143,13 +143,19 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
             tables: view.tables,
             relations: view.relations,
         };
-        let pull = aligner.adopt(version, &assessed.figures, published).unwrap();
+        let pull = aligner
+            .adopt(version, &assessed.figures, published)
+            .unwrap();
         core.set_pull(pull);
         Ok(prepared.marker)
     };
 
     store
-        .append(&AppendBatch::from_events("umls", 0, events[..half].to_vec()))
+        .append(&AppendBatch::from_events(
+            "umls",
+            0,
+            events[..half].to_vec(),
+        ))
         .unwrap();
     while core.step(&store).unwrap().stats.is_some() {}
     let v1 = publish(&mut core, 1).expect("version 1");
@@ -163,20 +169,35 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
     assert_eq!(hold, Hold::NonFinite { rows: 1 });
     assert!(core.checkpoint(&ckpts, fingerprint).is_err());
     assert_eq!(status.report(true).held, 1);
-    assert_eq!(status.report(true).pull, cfg.align.pull_max, "the pull is raised after a hold");
+    assert_eq!(
+        status.report(true).pull,
+        cfg.align.pull_max,
+        "the pull is raised after a hold"
+    );
 
     // Restored: the checkpoint's parameters and cursor; training goes on from there.
     assert_eq!(core.restore(&ckpts, fingerprint).unwrap(), saved);
     assert_eq!(core.cursor(), cursor);
-    let finite = core.model.tables[0].rows().isfinite().all().int64_value(&[]);
+    let finite = core.model.tables[0]
+        .rows()
+        .isfinite()
+        .all()
+        .int64_value(&[]);
     assert_eq!(finite, 1);
     store
-        .append(&AppendBatch::from_events("umls", half as i64, events[half..].to_vec()))
+        .append(&AppendBatch::from_events(
+            "umls",
+            half as i64,
+            events[half..].to_vec(),
+        ))
         .unwrap();
     while core.step(&store).unwrap().stats.is_some() {}
     let v2 = publish(&mut core, 2).expect("version 2 after the restore");
     let figures = v2.align.unwrap();
     let drift = figures.previous.expect("measured against version 1");
     assert!(drift.cosine_mean.is_finite() && drift.cosine_mean < cfg.align.hard_limit);
-    assert!(figures.procrustes_residual.is_some(), "rotated onto the anchor");
+    assert!(
+        figures.procrustes_residual.is_some(),
+        "rotated onto the anchor"
+    );
 }

@@ -170,7 +170,11 @@ mod tests {
         assert_eq!(fig.p50_secs, Some(1.5));
         assert_eq!(fig.max_secs, Some(2.0));
         assert_eq!(fig.new_nodes.events, 1);
-        assert_eq!(fig.new_nodes.p50_secs, Some(2.0), "the node-creating event at 1 s");
+        assert_eq!(
+            fig.new_nodes.p50_secs,
+            Some(2.0),
+            "the node-creating event at 1 s"
+        );
         assert_eq!(f.published(5, 10_000), 2);
         assert_eq!(f.figures().max_secs, Some(6.0));
         assert_eq!(f.published(9, 20_000), 0);

@@ -456,7 +456,9 @@ mod tests {
         assert_eq!(s.events, 300);
         assert!((s.events_per_sec - 100.0).abs() < 1e-9, "{s:?}");
         assert!(s.to_string().contains("p50 1.50 s, p99 4.00 s"));
-        assert!(s.to_string().contains("p50 1.00 s, p99 3.00 s (a node's first event"));
+        assert!(s
+            .to_string()
+            .contains("p50 1.00 s, p99 3.00 s (a node's first event"));
         assert_eq!(summarize(&[]), None);
     }
 

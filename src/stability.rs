@@ -222,6 +222,9 @@ fn labelled_nodes(
     })
 }
 
+/// The classifier fitted at version 1, the table it reads and the held-out `(index, label)`s.
+type Frozen = (LogisticRegression, usize, Vec<(i64, f64)>);
+
 /// The labelled nodes version 1 covers, split into the classifier's and the held-out ones:
 /// `(type id, train [(dense index, label)], held-out [(dense index, label)])`.
 type Split = (usize, Vec<(i64, f64)>, Vec<(i64, f64)>);
@@ -356,7 +359,8 @@ fn run_once(
         held: 0,
         fit_accuracy: f64::NAN,
     };
-    let mut classifier: Option<(LogisticRegression, usize, Vec<(i64, f64)>)> = None;
+    // Fitted at version 1: the model, the node type's table, the held-out nodes.
+    let mut classifier: Option<Frozen> = None;
     let mut split_info = (0, 0, 0.0);
     let mut next_cut = 0;
     let mut streamed = 0usize;
@@ -481,7 +485,18 @@ impl StabilityReport {
         let _ = writeln!(
             s,
             "{:>7} {:>8} | {:>6} {:>6} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>7} {:>7} {:>7}",
-            "version", "ratings", "acc", "bal", "drift", "anchor", "hits10", "acc", "bal", "drift", "anchor", "hits10"
+            "version",
+            "ratings",
+            "acc",
+            "bal",
+            "drift",
+            "anchor",
+            "hits10",
+            "acc",
+            "bal",
+            "drift",
+            "anchor",
+            "hits10"
         );
         let f = |d: &Option<Drift>| d.map_or("-".to_owned(), |d| format!("{:.4}", d.cosine_mean));
         let h = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));

@@ -1157,7 +1157,11 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!((out.appended, out.new_nodes, out.first_seq), (3, 4, 0));
-        assert_eq!(out.node_creating_events, vec![0, 1, 2], "each event met a new node");
+        assert_eq!(
+            out.node_creating_events,
+            vec![0, 1, 2],
+            "each event met a new node"
+        );
         assert_eq!(s.node_index(0, "a").unwrap(), Some(0));
         assert_eq!(s.node_index(0, "b").unwrap(), Some(1));
         assert_eq!(s.node_index(0, "c").unwrap(), Some(2));

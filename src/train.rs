@@ -197,7 +197,12 @@ pub struct Pull<'a> {
 }
 
 /// Apply the proximal pull to the rows a step touched (`leaves`: per type, the touched indices).
-fn apply_pull(model: &mut Embeddings, pull: &Pull<'_>, touched: &[Option<Tensor>], p: &TrainParams) {
+fn apply_pull(
+    model: &mut Embeddings,
+    pull: &Pull<'_>,
+    touched: &[Option<Tensor>],
+    p: &TrainParams,
+) {
     tch::no_grad(|| {
         let keep = 1.0 / (1.0 + p.lr * pull.strength);
         for ((table, idx), reference) in model.tables.iter_mut().zip(touched).zip(pull.tables) {
@@ -558,7 +563,10 @@ mod tests {
         assert!(held < free * 0.25, "pulled {held} vs free {free}");
         // Monotonic in the strength (an in-loss pull under Adagrad was not: it overshot).
         let (weak, strong) = (moved_after(1.0), moved_after(1000.0));
-        assert!(strong < held && held < weak && weak < free, "{strong} {held} {weak} {free}");
+        assert!(
+            strong < held && held < weak && weak < free,
+            "{strong} {held} {weak} {free}"
+        );
     }
 
     #[test]
