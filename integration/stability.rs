@@ -30,6 +30,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
         first_fraction: 0.3,
         holdout: 0.3,
         limit: Some(20_000),
+        bootstrap_epochs: 0,
     };
     let report = measure(&cfg, tch::Device::Cpu, &opts).unwrap_or_else(|e| {
         panic!("MovieLens-100k missing or unreadable ({e:#}); run .ci/setup to fetch it")

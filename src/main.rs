@@ -103,6 +103,10 @@ enum Command {
         /// Stream only the first N ratings.
         #[arg(long)]
         limit: Option<usize>,
+        /// Epochs over everything stored before version 1, as a batch trainer would run before
+        /// streaming takes over (0: stream from the start).
+        #[arg(long, default_value_t = 0)]
+        bootstrap_epochs: usize,
         /// Print the report as JSON (the table otherwise).
         #[arg(long)]
         json: bool,
@@ -283,6 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             first_fraction,
             holdout,
             limit,
+            bootstrap_epochs,
             json,
         } => {
             let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
@@ -293,6 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 first_fraction,
                 holdout,
                 limit,
+                bootstrap_epochs,
             };
             let report = twhin_stream::stability::measure(&cfg, device, &opts)?;
             if json {

@@ -79,6 +79,10 @@ pub struct StabilityOptions {
     pub holdout: f64,
     /// Use only the first `limit` ratings (tests); all when `None`.
     pub limit: Option<usize>,
+    /// Epochs over everything stored before version 1 (shuffled), as a batch trainer would run
+    /// before a streaming deployment takes over its embeddings (not its optimiser state); 0
+    /// streams from the start.
+    pub bootstrap_epochs: usize,
 }
 
 /// One version of one run.
@@ -375,6 +379,9 @@ fn run_once(
             continue;
         }
         next_cut += 1;
+        if version == 1 && opts.bootstrap_epochs > 0 {
+            bootstrap(&mut core, &store, p, opts.bootstrap_epochs)?;
+        }
         let (current, reference) = core.snapshot();
         let assessed = aligner.assess(version, &current, reference.as_ref());
         if assessed.hold.is_some() {
@@ -456,6 +463,36 @@ fn run_once(
         version += 1;
     }
     Ok((out, split_info))
+}
+
+/// `epochs` passes over every stored edge, shuffled, with the daemon's training step.
+fn bootstrap(
+    core: &mut TrainerCore,
+    store: &GraphStore,
+    p: &crate::train::TrainParams,
+    epochs: usize,
+) -> anyhow::Result<()> {
+    let mut edges: Vec<_> = store
+        .edges_from(0, usize::MAX)?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let mut rng = SmallRng::seed_from_u64(p.seed ^ 0xb007);
+    for _ in 0..epochs {
+        edges.shuffle(&mut rng);
+        for chunk in edges.chunks(p.batch_size) {
+            crate::train::train_step(&mut core.model, chunk, p, &mut rng);
+        }
+    }
+    // The streaming deployment takes over the batch trainer's parameters, not its optimiser
+    // state (PyTorch-BigGraph and TwHIN export embeddings only).
+    tch::no_grad(|| {
+        for table in &mut core.model.tables {
+            let _ = table.state.zero_();
+        }
+        let _ = core.model.relation_state.zero_();
+    });
+    Ok(())
 }
 
 fn type_index(store: &GraphStore, name: &str) -> anyhow::Result<usize> {
