@@ -21,6 +21,8 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
     cfg.datasets.dir = root.join("data/datasets");
     cfg.storage.path = dir.path().join("store");
     cfg.train.dim = 32;
+    // Fewer, larger steps through the knowledge graph: the test is about versions, not quality.
+    cfg.train.batch_size = 2_000;
     // A target below the stream's natural drift (about 0.003 per version here), so the
     // controller has to pull.
     cfg.align.max_drift = 0.0005;
