@@ -10,7 +10,7 @@
 //! | [`ingest`]    | the ingest actor (Kafka → store, exactly once; DLQ) and the store-writer actor |
 //! | [`messages`]  | the typed messages between actors |
 //! | [`kafka`]     | client construction, topic definitions and `topics apply`, embedded broker |
-//! | [`http`]      | `/healthz`, `/readyz`, `/metrics`, `/v1/status` |
+//! | [`http`]      | `/healthz`, `/readyz`, `/metrics`, `/v1/status`, the serving API, bearer token |
 //! | [`telemetry`] | logging set-up and the metric names |
 //! | [`device`]    | the libtorch device (CUDA when present) |
 //! | [`score`]     | translation-then-comparison scores (pure) |

@@ -236,8 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             epochs,
             json,
         } => {
-            let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
-                .map_err(anyhow::Error::msg)?;
+            let device = torch_device(&cfg)?;
             let report = twhin_stream::offline::train(&cfg, dataset, epochs, device)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -258,8 +257,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 split == "test" || split == "valid",
                 "--split must be test or valid"
             );
-            let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
-                .map_err(anyhow::Error::msg)?;
+            let device = torch_device(&cfg)?;
             let report = twhin_stream::offline::eval(&cfg, dataset, &split, device)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -273,8 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::WarmStart { dataset } => {
-            let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
-                .map_err(anyhow::Error::msg)?;
+            let device = torch_device(&cfg)?;
             for warm in [false, true] {
                 let r = twhin_stream::offline::prequential_new_nodes(&cfg, dataset, warm, device)?;
                 println!("{}", serde_json::to_string(&r)?);
@@ -290,8 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bootstrap_epochs,
             json,
         } => {
-            let device = twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads)
-                .map_err(anyhow::Error::msg)?;
+            let device = torch_device(&cfg)?;
             let opts = twhin_stream::stability::StabilityOptions {
                 label,
                 versions,
@@ -365,6 +361,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The libtorch device `torch.device` names, with `torch.threads` set.
+fn torch_device(cfg: &Config) -> anyhow::Result<tch::Device> {
+    twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads).map_err(anyhow::Error::msg)
 }
 
 fn block_on<F: std::future::Future>(fut: F) -> F::Output {

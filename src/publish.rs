@@ -3,7 +3,8 @@
 //! contract is documented in `topics/README.md`.
 //!
 //! Numbering: the ledger records the last version whose marker the broker acknowledged and the
-//! publisher's epoch, which grows by one at every start. The next version is always
+//! publisher's epoch, which grows by one at every start and after every failed attempt (the
+//! publisher reopens the ledger). The next version is always
 //! `last + 1`; a publication cut short (rows out, no marker) is retried under the same number
 //! with a newer epoch, and a subscriber, which applies a `(version, epoch)` only when its marker
 //! and all its rows are in, never mixes the two. So a restart never republishes an older number
