@@ -61,8 +61,12 @@ WORKDIR /app
 COPY config/ config/
 COPY topics/ topics/
 
+# Everything that must survive the container lives in the volume: the graph, the trainer's
+# checkpoints, and the publish ledger (version numbering), anchor and reference.
 ENV TWHIN_HTTP__BIND=0.0.0.0:8080 \
-    TWHIN_STORAGE__PATH=/var/lib/twhin/store
+    TWHIN_STORAGE__PATH=/var/lib/twhin/store \
+    TWHIN_TRAINER__CHECKPOINT_PATH=/var/lib/twhin/checkpoints \
+    TWHIN_PUBLISH__PATH=/var/lib/twhin/publish
 
 USER twhin
 VOLUME ["/var/lib/twhin"]
