@@ -284,9 +284,13 @@ pub fn run(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
                 let (Some(publisher), Some(ledger)) = (publisher, ledger) else {
                     return;
                 };
+                // Start to start, not end to start: a publication's own duration does not stretch
+                // the interval (a late tick fires at once, then the rhythm resumes from there).
+                let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
+                        _ = ticks.tick() => {}
                         _ = rx.changed() => return,
                     }
                     let mut ledger = ledger.lock().await;

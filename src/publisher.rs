@@ -118,6 +118,7 @@ impl Publisher {
     async fn attempt(&self, ledger: &mut Ledger) -> anyhow::Result<Option<u64>> {
         let cfg = &self.cfg;
         let (version, epoch) = (ledger.next_version(), ledger.state().epoch);
+        let started = std::time::Instant::now();
         let (prepared, figures) = {
             let _turn = self.model_turn.lock().await;
             let (current, reference) = self.trainer.send(TakeSnapshot).await??;
@@ -150,12 +151,15 @@ impl Publisher {
             }
         };
         let transactional = cfg.publish.transactional;
+        // Training is paused for this long: snapshot, assessment, rows selected and encoded.
+        let prepare_ms = started.elapsed().as_millis() as u64;
         // The integration tests time a kill by this line: it comes before the first row.
         info!(
             version,
             epoch,
             rows = prepared.marker.rows,
             transactional,
+            prepare_ms,
             "publication started"
         );
         let mut slot = self.producer.lock().await;
@@ -231,6 +235,8 @@ impl Publisher {
             drift = figures.previous.map(|d| d.cosine_mean),
             residual = figures.procrustes_residual,
             pull = figures.pull,
+            prepare_ms,
+            total_ms = started.elapsed().as_millis() as u64,
             "version published"
         );
         Ok(Some(version))
