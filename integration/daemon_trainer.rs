@@ -101,6 +101,14 @@ fn the_daemon_trains_what_it_ingests_checkpoints_and_resumes() {
     let st = wait_for_cursor(&daemon, 6_000);
     assert!(status_u64(&st, "/trainer/prequential/ranked") > 0, "{st}");
     assert!(daemon.metrics().contains("twhin_prequential_hits_at_10"));
+    let by_relation = st
+        .pointer("/trainer/prequential/by_relation")
+        .and_then(|v| v.as_object())
+        .expect("per-relation prequential figures");
+    assert!(!by_relation.is_empty(), "{st}");
+    assert!(daemon
+        .metrics()
+        .contains("twhin_prequential_relation_hits_at_10{relation="));
 
     // SIGKILL: the restart resumes from the newest checkpoint on disk, then catches up.
     std::thread::sleep(Duration::from_millis(1_500));

@@ -76,6 +76,10 @@ fn the_trainer_follows_the_store_trains_each_new_edge_once_and_resumes_from_a_ch
     // Test-then-train ranks were taken; the model learned something (random is ~0.04 here).
     let (mrr, hits10) = core.window.figures().expect("prequential ranks");
     assert!(core.window.total() > 500, "{} ranked", core.window.total());
+    // Every rank is also in its relation's window.
+    let per_relation: u64 = core.by_relation.values().map(|w| w.total()).sum();
+    assert_eq!(per_relation, core.window.total());
+    assert!(core.by_relation.len() > 10, "UMLS has 46 relations");
     assert!(
         mrr > 0.15 && hits10 > 0.3,
         "prequential MRR {mrr} Hits@10 {hits10}"

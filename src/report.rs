@@ -5,6 +5,7 @@
 //! Reading the status document ([`Sample::from_status`]), summarising and plotting are pure; only
 //! [`watch`] talks to the daemon.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -35,6 +36,8 @@ pub struct Sample {
     pub drift_previous: Option<f64>,
     pub drift_anchor: Option<f64>,
     pub prequential_hits10: Option<f64>,
+    /// Relation → `(ranks ever taken, Hits@10 over its recent window)`.
+    pub prequential_by_relation: BTreeMap<String, (u64, f64)>,
     pub pull: Option<f64>,
 }
 
@@ -68,6 +71,20 @@ impl Sample {
             drift_previous: f64_at(s, "/align/last/previous/cosine_mean"),
             drift_anchor: f64_at(s, "/align/last/anchor/cosine_mean"),
             prequential_hits10: f64_at(s, "/trainer/prequential/hits@10"),
+            prequential_by_relation: s
+                .pointer("/trainer/prequential/by_relation")
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(name, v)| {
+                            Some((
+                                name.clone(),
+                                (v.get("ranked")?.as_u64()?, v.get("hits@10")?.as_f64()?),
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             pull: f64_at(s, "/align/pull"),
         }
     }
@@ -90,7 +107,12 @@ pub struct Summary {
     pub drift_previous_mean: Option<f64>,
     pub drift_anchor_last: Option<f64>,
     pub prequential_hits10: Option<f64>,
+    /// The most-ranked relations: `(name, ranks, Hits@10)`.
+    pub prequential_by_relation: Vec<(String, u64, f64)>,
 }
+
+/// Relations the summary lists.
+const SUMMARY_RELATIONS: usize = 4;
 
 /// Summarise a timeline (its last sample, and the drift of every distinct version seen).
 pub fn summarize(samples: &[Sample]) -> Option<Summary> {
@@ -120,6 +142,16 @@ pub fn summarize(samples: &[Sample]) -> Option<Summary> {
             .then(|| drifts.iter().sum::<f64>() / drifts.len() as f64),
         drift_anchor_last: last.drift_anchor,
         prequential_hits10: last.prequential_hits10,
+        prequential_by_relation: {
+            let mut by: Vec<(String, u64, f64)> = last
+                .prequential_by_relation
+                .iter()
+                .map(|(name, &(ranked, hits))| (name.clone(), ranked, hits))
+                .collect();
+            by.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            by.truncate(SUMMARY_RELATIONS);
+            by
+        },
     })
 }
 
@@ -160,7 +192,11 @@ impl std::fmt::Display for Summary {
             f,
             "prequential Hits@10 {} (new edges ranked before training on them)",
             opt(self.prequential_hits10, 3)
-        )
+        )?;
+        for (name, ranked, hits) in &self.prequential_by_relation {
+            writeln!(f, "  {name:<28} Hits@10 {hits:.3} ({ranked} ranked)")?;
+        }
+        Ok(())
     }
 }
 
@@ -409,7 +445,9 @@ mod tests {
         serde_json::json!({
             "ingest": {"consumed": consumed},
             "store": {"nodes": {"user": 10, "movie": 5}, "edges_total": consumed},
-            "trainer": {"cursor": consumed, "backlog": 0, "prequential": {"hits@10": 0.25}},
+            "trainer": {"cursor": consumed, "backlog": 0, "prequential": {"hits@10": 0.25,
+                "by_relation": {"rated_high": {"ranked": 40, "mrr": 0.1, "hits@10": 0.2},
+                                "follows": {"ranked": 90, "mrr": 0.2, "hits@10": 0.3}}}},
             "publish": {"version": version, "freshness": {"p50_secs": 1.5, "p99_secs": 4.0, "new_nodes": {"p50_secs": 1.0, "p99_secs": 3.0}}},
             "align": {"pull": 2.0, "last": {"previous": {"cosine_mean": drift}, "anchor": {"cosine_mean": 0.1}}}
         })
@@ -435,6 +473,10 @@ mod tests {
                 drift_previous: Some(0.01),
                 drift_anchor: Some(0.1),
                 prequential_hits10: Some(0.25),
+                prequential_by_relation: BTreeMap::from([
+                    ("follows".to_owned(), (90, 0.3)),
+                    ("rated_high".to_owned(), (40, 0.2)),
+                ]),
                 pull: Some(2.0),
             }
         );

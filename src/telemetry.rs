@@ -55,6 +55,8 @@ pub const TRAIN_CHECKPOINTS: &str = "twhin_train_checkpoints_total";
 pub const PREQ_MRR: &str = "twhin_prequential_mrr";
 /// Prequential Hits@10 over the same window.
 pub const PREQ_HITS10: &str = "twhin_prequential_hits_at_10";
+/// Prequential Hits@10 per relation (label `relation`).
+pub const PREQ_RELATION_HITS10: &str = "twhin_prequential_relation_hits_at_10";
 /// Edges ranked prequentially.
 pub const PREQ_RANKED: &str = "twhin_prequential_ranked_total";
 
@@ -195,6 +197,10 @@ fn describe() {
     describe_counter!(TRAIN_CHECKPOINTS, "Model checkpoints written");
     describe_gauge!(PREQ_MRR, "Prequential MRR over the recent window");
     describe_gauge!(PREQ_HITS10, "Prequential Hits@10 over the recent window");
+    describe_gauge!(
+        PREQ_RELATION_HITS10,
+        "Prequential Hits@10 over the recent window, per relation"
+    );
     describe_counter!(
         PREQ_RANKED,
         "Edges ranked prequentially (test before train)"

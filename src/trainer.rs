@@ -18,7 +18,7 @@
 //! `trainer.idle_poll_ms`. Checkpoints are written every `trainer.checkpoint_interval_secs` and on
 //! [`SaveCheckpoint`]; a restart resumes from the newest usable one ([`TrainerCore::open`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -149,6 +149,15 @@ impl RankWindow {
         Some((mrr, hits))
     }
 
+    /// Ranks in the window now.
+    pub fn len(&self) -> usize {
+        self.ranks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranks.is_empty()
+    }
+
     /// Ranks ever added.
     pub fn total(&self) -> u64 {
         self.total
@@ -170,6 +179,8 @@ pub struct StepReport {
     pub random_rows: usize,
     /// Prequential ranks of the edges tested before the step.
     pub ranks: Vec<f64>,
+    /// The relation of each rank (same order).
+    pub rank_relations: Vec<u16>,
 }
 
 /// The trainer's state and logic, without the actor (used by the actor, the offline
@@ -182,6 +193,9 @@ pub struct TrainerCore {
     batch: usize,
     rng: SmallRng,
     pub window: RankWindow,
+    /// The same per relation: a stream mixes tasks of very different difficulty (a knowledge
+    /// graph's edges and ratings), and one window over all of them hides which one moves.
+    pub by_relation: BTreeMap<u16, RankWindow>,
     /// Per type and row: event time (ms) of the newest trained edge that touched it.
     row_ts: Vec<Vec<i64>>,
     /// What subscribers of the last acknowledged version hold (on the model's device): decides
@@ -235,6 +249,7 @@ impl TrainerCore {
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
+            by_relation: Default::default(),
             model,
             params,
             opts,
@@ -325,7 +340,7 @@ impl TrainerCore {
             return Ok(report);
         };
         let fresh: Vec<Edge> = read.into_iter().map(|(_, e)| e).collect();
-        report.ranks = self.prequential(store, &fresh)?;
+        (report.ranks, report.rank_relations) = self.prequential(store, &fresh)?;
         (report.warm_rows, report.random_rows) = self.add_rows(store, &fresh)?;
         let replay = replay_count(fresh.len(), self.opts.replay_ratio);
         let mut edges = fresh;
@@ -356,13 +371,25 @@ impl TrainerCore {
         }
         self.cursor = last_seq + 1;
         self.window.extend(report.ranks.iter().copied());
+        for (&rank, &rel) in report.ranks.iter().zip(&report.rank_relations) {
+            let capacity = self.opts.prequential_window;
+            self.by_relation
+                .entry(rel)
+                .or_insert_with(|| RankWindow::new(capacity))
+                .extend([rank]);
+        }
         report.backlog = store.edge_count().saturating_sub(self.cursor);
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
 
-    /// Rank a sample of `fresh` (edges between nodes that already have rows) before training.
-    fn prequential(&mut self, store: &GraphStore, fresh: &[Edge]) -> Result<Vec<f64>, StoreError> {
+    /// Rank a sample of `fresh` (edges between nodes that already have rows) before training:
+    /// `(ranks, their relations)`.
+    fn prequential(
+        &mut self,
+        store: &GraphStore,
+        fresh: &[Edge],
+    ) -> Result<(Vec<f64>, Vec<u16>), StoreError> {
         let has_row = |n: crate::store::NodeRef| {
             (n.index as i64) < self.model.tables[n.node_type as usize].len()
         };
@@ -372,11 +399,13 @@ impl TrainerCore {
             .collect();
         let k = self.opts.prequential_per_step.min(eligible.len());
         if k == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut queries = Vec::with_capacity(k);
+        let mut relations = Vec::with_capacity(k);
         for i in sample(&mut self.rng, eligible.len(), k) {
             let e = eligible[i];
+            relations.push(e.rel);
             let known = known_targets(store, e.src, e.rel, e.dst.node_type)?;
             queries.push(TargetQuery {
                 src_type: e.src.node_type as usize,
@@ -387,7 +416,10 @@ impl TrainerCore {
                 known,
             });
         }
-        Ok(target_ranks(&self.model, self.params.comparator, &queries))
+        Ok((
+            target_ranks(&self.model, self.params.comparator, &queries),
+            relations,
+        ))
     }
 
     /// Rows for the nodes `edges` name that have none yet: `(warm-started, random)` counts.
@@ -650,6 +682,8 @@ pub struct TrainerStatus {
     pub checkpoint_version: AtomicU64,
     /// Restarts by the supervisor after failed rounds.
     pub restarts: AtomicU64,
+    /// Relation name → its prequential figures.
+    by_relation: std::sync::Mutex<BTreeMap<String, RelationPrequential>>,
 }
 
 /// The `trainer` part of `/v1/status`.
@@ -675,6 +709,17 @@ pub struct PrequentialFigures {
     pub mrr: Option<f64>,
     #[serde(rename = "hits@10")]
     pub hits10: Option<f64>,
+    /// Per relation, over the last `trainer.prequential_window` ranks of each.
+    pub by_relation: BTreeMap<String, RelationPrequential>,
+}
+
+/// One relation's prequential figures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RelationPrequential {
+    pub ranked: u64,
+    pub mrr: f64,
+    #[serde(rename = "hits@10")]
+    pub hits10: f64,
 }
 
 fn load_f64(a: &AtomicU64) -> Option<f64> {
@@ -706,6 +751,11 @@ impl TrainerStatus {
                 ranked: get(&self.preq_ranked),
                 mrr: load_f64(&self.preq_mrr_bits),
                 hits10: load_f64(&self.preq_hits10_bits),
+                by_relation: self
+                    .by_relation
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
             },
             checkpoint_version: get(&self.checkpoint_version),
             restarts: get(&self.restarts),
@@ -713,7 +763,7 @@ impl TrainerStatus {
     }
 
     /// Record a step in the status and the metrics.
-    fn record(&self, r: &StepReport, core: &TrainerCore) {
+    fn record(&self, r: &StepReport, core: &TrainerCore, relation_names: &[String]) {
         self.cursor.store(core.cursor(), Ordering::Relaxed);
         self.backlog.store(r.backlog, Ordering::Relaxed);
         self.batch_size
@@ -757,6 +807,30 @@ impl TrainerStatus {
                 metrics::gauge!(m::PREQ_MRR).set(mrr);
                 metrics::gauge!(m::PREQ_HITS10).set(hits);
             }
+            let mut by_relation = self.by_relation.lock().unwrap_or_else(|p| p.into_inner());
+            for rel in r
+                .rank_relations
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+            {
+                let (Some(window), Some(name)) =
+                    (core.by_relation.get(rel), relation_names.get(*rel as usize))
+                else {
+                    continue;
+                };
+                if let Some((mrr, hits10)) = window.figures() {
+                    metrics::gauge!(m::PREQ_RELATION_HITS10, "relation" => name.clone())
+                        .set(hits10);
+                    by_relation.insert(
+                        name.clone(),
+                        RelationPrequential {
+                            ranked: window.total(),
+                            mrr,
+                            hits10,
+                        },
+                    );
+                }
+            }
         }
     }
 }
@@ -797,6 +871,8 @@ pub struct TrainerActor {
     serving: ServingView,
     cfg: Config,
     device: Device,
+    /// Relation names by id, for the per-relation figures.
+    relation_names: Vec<String>,
 }
 
 impl TrainerActor {
@@ -815,6 +891,12 @@ impl TrainerActor {
         TrainerActor {
             slot,
             core,
+            relation_names: store
+                .stored_schema()
+                .relations
+                .iter()
+                .map(|(name, _, _)| name.clone())
+                .collect(),
             fingerprint: schema_fingerprint(store.stored_schema()),
             store,
             ckpts: Checkpoints::new(&cfg.trainer.checkpoint_path, cfg.trainer.checkpoint_keep),
@@ -878,7 +960,7 @@ impl Handler<TrainRound> for TrainerActor {
                 }
             };
             let core = self.core.as_mut().ok_or(TrainerError::Gone)?;
-            self.status.record(&report, core);
+            self.status.record(&report, core, &self.relation_names);
             if report.stats.is_none() {
                 break true;
             }
