@@ -105,8 +105,8 @@ fn the_trainer_follows_the_store_trains_each_new_edge_once_and_resumes_from_a_ch
 fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_checkpoint() {
     use std::sync::Arc;
     use twhin_stream::align::{AlignStatus, Aligner, Hold};
-    use twhin_stream::messages::PrepareVersion;
     use twhin_stream::publish::ValueFormat;
+    use twhin_stream::trainer::InProcessVersion;
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = umls_config(&dir.path().join("checkpoints"));
@@ -127,31 +127,13 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
     let fingerprint = schema_fingerprint(store.stored_schema());
     let ckpts = Checkpoints::new(&cfg.trainer.checkpoint_path, cfg.trainer.checkpoint_keep);
     let half = events.len() / 2;
-    let mut publish = |core: &mut TrainerCore, version: u64| {
-        let (current, reference) = core.snapshot();
-        let assessed = aligner.assess(version, &current, reference.as_ref());
-        if let Some(hold) = assessed.hold {
-            return Err(hold);
-        }
-        let req = PrepareVersion {
-            version,
-            epoch: 1,
-            format: ValueFormat::Json,
-            threshold: cfg.publish.row_threshold,
-            rotation: assessed.rotation,
-            align: Some(assessed.figures.clone()),
-        };
-        let prepared = core.prepare_version(&store, &req).unwrap().expect("rows");
-        let view = core.commit_version(version).expect("committed");
-        let published = twhin_stream::align::Snapshot {
-            tables: view.tables,
-            relations: view.relations,
-        };
-        let pull = aligner
-            .adopt(version, &assessed.figures, published)
-            .unwrap();
-        core.set_pull(pull);
-        Ok(prepared.marker)
+    let mut publish = |core: &mut TrainerCore, version: u64, threshold: f64| match core
+        .publish_in_process(&mut aligner, &store, version, ValueFormat::Json, threshold)
+        .unwrap()
+    {
+        InProcessVersion::Committed { prepared, .. } => Ok(prepared.marker),
+        InProcessVersion::Held(hold) => Err(hold),
+        InProcessVersion::Unchanged => panic!("version {version}: no row moved"),
     };
 
     store
@@ -162,14 +144,14 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
         ))
         .unwrap();
     while core.step(&store).unwrap().stats.is_some() {}
-    let v1 = publish(&mut core, 1).expect("version 1");
+    let v1 = publish(&mut core, 1, cfg.publish.row_threshold).expect("version 1");
     assert!(v1.align.unwrap().previous.is_none());
     let saved = core.checkpoint(&ckpts, fingerprint).unwrap();
     let cursor = core.cursor();
 
     // Poisoned: one row turns NaN. The gate holds the version; a checkpoint refuses it too.
     let _ = core.model.tables[0].rows().get(3).get(0).fill_(f64::NAN);
-    let hold = publish(&mut core, 2).expect_err("held");
+    let hold = publish(&mut core, 2, cfg.publish.row_threshold).expect_err("held");
     assert_eq!(hold, Hold::NonFinite { rows: 1 });
     assert!(core.checkpoint(&ckpts, fingerprint).is_err());
     assert_eq!(status.report(true).held, 1);
@@ -196,7 +178,9 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
         ))
         .unwrap();
     while core.step(&store).unwrap().stats.is_some() {}
-    let v2 = publish(&mut core, 2).expect("version 2 after the restore");
+    // The hold raised the pull to its maximum, which pins trained rows to version 1 within
+    // `publish.row_threshold`; publish every row so that version 2 exists to be measured.
+    let v2 = publish(&mut core, 2, 0.0).expect("version 2 after the restore");
     let figures = v2.align.unwrap();
     let drift = figures.previous.expect("measured against version 1");
     assert!(drift.cosine_mean.is_finite() && drift.cosine_mean < cfg.align.hard_limit);

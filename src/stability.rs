@@ -24,17 +24,16 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use tracing::info;
 
-use crate::align::{AlignFigures, AlignStatus, Aligner, Snapshot};
+use crate::align::{AlignStatus, Aligner};
 use crate::config::Config;
 use crate::datasets::{self, Dataset};
 use crate::drift::Drift;
-use crate::messages::PrepareVersion;
 use crate::model::Embeddings;
 use crate::offline::{clear_dir, open_offline_store, run_dir, split_events};
 use crate::publish::ValueFormat;
 use crate::score::Comparator;
 use crate::store::{AppendBatch, GraphStore};
-use crate::trainer::TrainerCore;
+use crate::trainer::{InProcessVersion, TrainerCore};
 
 /// What the frozen classifier predicts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -237,18 +236,12 @@ type Split = (usize, Vec<(i64, f64)>, Vec<(i64, f64)>);
 
 fn split_labelled(
     store: &GraphStore,
+    t: usize,
     rows: i64,
-    node_type: &str,
     labelled: &[(String, f64)],
     holdout: f64,
     seed: u64,
 ) -> anyhow::Result<Split> {
-    let schema = store.stored_schema();
-    let t = schema
-        .node_types
-        .iter()
-        .position(|n| n == node_type)
-        .ok_or_else(|| anyhow::anyhow!("the schema has no node type {node_type:?}"))?;
     let mut present = Vec::new();
     for (node, y) in labelled {
         let id = node.split_once(':').map_or(node.as_str(), |(_, id)| id);
@@ -384,42 +377,32 @@ fn run_once(
         if version == 1 && opts.bootstrap_epochs > 0 {
             bootstrap(&mut core, &store, p, opts.bootstrap_epochs)?;
         }
-        let (current, reference) = core.snapshot();
-        let assessed = aligner.assess(version, &current, reference.as_ref());
-        if assessed.hold.is_some() {
-            // The daemon restores its newest checkpoint here; offline there is none to go back
-            // to, so the held version is only counted and the raised pull applies.
-            out.held += 1;
-            core.set_pull(assessed.pull);
-            continue;
-        }
-        let req = PrepareVersion {
+        let published = core.publish_in_process(
+            &mut aligner,
+            &store,
             version,
-            epoch: 1,
-            format: ValueFormat::F32le,
-            threshold: cfg.publish.row_threshold,
-            rotation: assessed.rotation,
-            align: Some(assessed.figures.clone()),
+            ValueFormat::F32le,
+            cfg.publish.row_threshold,
+        )?;
+        let (prepared, view, figures) = match published {
+            InProcessVersion::Committed {
+                prepared,
+                view,
+                figures,
+            } => (prepared, view, figures),
+            InProcessVersion::Held(_) => {
+                out.held += 1;
+                continue;
+            }
+            InProcessVersion::Unchanged => continue,
         };
-        let Some(prepared) = core.prepare_version(&store, &req)? else {
-            continue;
-        };
-        let view = core
-            .commit_version(version)
-            .ok_or_else(|| anyhow::anyhow!("version {version} prepared but not committed"))?;
-        let figures: AlignFigures = assessed.figures;
-        let published = Snapshot {
-            tables: view.tables.iter().map(Tensor::shallow_clone).collect(),
-            relations: view.relations.shallow_clone(),
-        };
-        let pull = aligner.adopt(version, &figures, published)?;
-        core.set_pull(pull);
 
         if classifier.is_none() {
+            let t = type_index(&store, node_type)?;
             let (t, train, held) = split_labelled(
                 &store,
-                view.tables[type_index(&store, node_type)?].size()[0],
-                node_type,
+                t,
+                view.tables[t].size()[0],
                 labelled,
                 opts.holdout,
                 p.seed,
@@ -447,7 +430,7 @@ fn run_once(
             rated_so_far,
             accuracy,
             drift = figures.previous.map(|d| d.cosine_mean),
-            pull,
+            pull = figures.pull,
             "stability: version"
         );
         out.versions.push(VersionFigures {

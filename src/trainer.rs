@@ -621,6 +621,55 @@ impl TrainerCore {
         Some(view)
     }
 
+    /// The publisher's decisions without Kafka, for offline measurements and tests: `aligner`
+    /// assesses the parameters; a held version only raises the pull (there is no checkpoint to
+    /// go back to here, unlike the daemon); otherwise the rotation is applied, the rows are
+    /// prepared, the version committed as the new reference and adopted by `aligner`, whose
+    /// pull the trainer takes for the next interval.
+    pub fn publish_in_process(
+        &mut self,
+        aligner: &mut crate::align::Aligner,
+        store: &GraphStore,
+        version: u64,
+        format: crate::publish::ValueFormat,
+        threshold: f64,
+    ) -> Result<InProcessVersion, TrainerError> {
+        let (current, reference) = self.snapshot();
+        let assessed = aligner.assess(version, &current, reference.as_ref());
+        if let Some(hold) = assessed.hold {
+            self.set_pull(assessed.pull);
+            return Ok(InProcessVersion::Held(hold));
+        }
+        let req = PrepareVersion {
+            version,
+            epoch: 1,
+            format,
+            threshold,
+            rotation: assessed.rotation,
+            align: Some(assessed.figures.clone()),
+        };
+        let Some(prepared) = self.prepare_version(store, &req)? else {
+            return Ok(InProcessVersion::Unchanged);
+        };
+        let view = self
+            .commit_version(version)
+            .expect("the version just prepared is pending");
+        let published = Snapshot {
+            tables: view.tables.iter().map(Tensor::shallow_clone).collect(),
+            relations: view.relations.shallow_clone(),
+        };
+        let pull = match aligner.adopt(version, &assessed.figures, published) {
+            Ok(pull) => pull,
+            Err(crate::align::AlignError::Snapshot(e)) => return Err(e.into()),
+        };
+        self.set_pull(pull);
+        Ok(InProcessVersion::Committed {
+            prepared,
+            view,
+            figures: assessed.figures,
+        })
+    }
+
     /// Go back to the newest usable checkpoint in `ckpts` (a fresh model when there is none),
     /// keeping the reference and the pull. Returns the checkpoint's version (0: fresh).
     pub fn restore(
@@ -844,6 +893,20 @@ pub struct PreparedVersion {
     pub newest_ts: i64,
     /// Every stored edge before this sequence number was trained into the version.
     pub cursor: u64,
+}
+
+/// What [`TrainerCore::publish_in_process`] did.
+pub enum InProcessVersion {
+    /// The drift gate held it back.
+    Held(crate::align::Hold),
+    /// No node row moved since the reference: nothing to publish.
+    Unchanged,
+    Committed {
+        prepared: PreparedVersion,
+        /// What subscribers now hold (also the new reference).
+        view: PublishedView,
+        figures: crate::align::AlignFigures,
+    },
 }
 
 /// What a [`TrainRound`] did.
