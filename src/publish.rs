@@ -286,7 +286,7 @@ impl Ledger {
             source,
         };
         fs::create_dir_all(dir).map_err(io)?;
-        let mut state = match fs::read(&path) {
+        let state = match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt {
                 path: path.clone(),
                 problem: e.to_string(),
@@ -294,10 +294,16 @@ impl Ledger {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => LedgerState::default(),
             Err(e) => return Err(io(e)),
         };
-        state.epoch += 1;
-        let ledger = Ledger { path, state };
-        ledger.persist()?;
+        let mut ledger = Ledger { path, state };
+        ledger.new_epoch()?;
         Ok(ledger)
+    }
+
+    /// Take (and persist) a new epoch: at every start, and after a failed attempt whose rows
+    /// may already be on the broker under the old one.
+    pub fn new_epoch(&mut self) -> Result<(), LedgerError> {
+        self.state.epoch += 1;
+        self.persist()
     }
 
     pub fn state(&self) -> LedgerState {
@@ -451,7 +457,7 @@ mod tests {
         l.commit(2).unwrap();
         // A crash after version 3's rows but before its marker: 3 is not committed.
         drop(l);
-        let l = Ledger::open(dir.path()).unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
         assert_eq!(
             l.state(),
             LedgerState {
@@ -459,6 +465,9 @@ mod tests {
                 epoch: 2
             }
         );
+        // A failed attempt in this process: a new epoch, persisted, the same next number.
+        l.new_epoch().unwrap();
+        assert_eq!(Ledger::open(dir.path()).unwrap().state().epoch, 4);
         assert_eq!(
             l.next_version(),
             3,

@@ -56,6 +56,22 @@ pub enum PublisherError {
     Blocking(#[from] tokio::task::JoinError),
 }
 
+/// How an open transaction ends.
+#[derive(Debug, Clone, Copy)]
+enum TransactionEnd {
+    Commit,
+    Abort,
+}
+
+impl TransactionEnd {
+    fn label(self) -> &'static str {
+        match self {
+            TransactionEnd::Commit => "commit",
+            TransactionEnd::Abort => "abort",
+        }
+    }
+}
+
 /// What a publication needs. Clones share the producer and the epoch state.
 #[derive(Clone)]
 pub struct Publisher {
@@ -103,8 +119,8 @@ impl Publisher {
     /// the same number is retried by the next call, under a new epoch.
     pub async fn publish_version(&self, ledger: &mut Ledger) -> anyhow::Result<Option<u64>> {
         if self.epoch_spent.load(Ordering::Acquire) {
-            // Reopening starts (and persists) a new epoch.
-            *ledger = Ledger::open(&self.cfg.publish.path)
+            ledger
+                .new_epoch()
                 .context("taking a new epoch after a failed publication")?;
             self.epoch_spent.store(false, Ordering::Release);
         }
@@ -183,18 +199,9 @@ impl Publisher {
         }
         let mut sent = self.produce(&producer, &prepared, version).await;
         if transactional && sent.is_ok() {
-            let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
-            let p = producer.clone();
-            sent = tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
+            sent = self
+                .end_transaction(producer.clone(), version, TransactionEnd::Commit)
                 .await
-                .map_err(PublisherError::from)
-                .and_then(|r| {
-                    r.map_err(|source| PublisherError::Transaction {
-                        version,
-                        step: "commit",
-                        source,
-                    })
-                })
                 .map_err(anyhow::Error::from);
         }
         if let Err(e) = sent {
@@ -305,22 +312,35 @@ impl Publisher {
         Ok(())
     }
 
+    /// Commit or abort (`step`) the open transaction, off the async threads: both block up to
+    /// `publish.delivery_timeout_ms`.
+    async fn end_transaction(
+        &self,
+        producer: FutureProducer,
+        version: u64,
+        end: TransactionEnd,
+    ) -> Result<(), PublisherError> {
+        let timeout = Duration::from_millis(self.cfg.publish.delivery_timeout_ms);
+        tokio::task::spawn_blocking(move || match end {
+            TransactionEnd::Commit => producer.commit_transaction(timeout),
+            TransactionEnd::Abort => producer.abort_transaction(timeout),
+        })
+        .await?
+        .map_err(|source| PublisherError::Transaction {
+            version,
+            step: end.label(),
+            source,
+        })
+    }
+
     /// Abort the open transaction; when that fails too (or the producer is fenced or in a fatal
     /// state), drop the producer so the next attempt starts from a fresh one.
     async fn abort(&self, slot: &mut Option<FutureProducer>, version: u64) {
         let Some(producer) = slot.clone() else { return };
-        let timeout = Duration::from_millis(self.cfg.publish.delivery_timeout_ms);
-        let aborted = tokio::task::spawn_blocking(move || producer.abort_transaction(timeout))
+        match self
+            .end_transaction(producer, version, TransactionEnd::Abort)
             .await
-            .map_err(PublisherError::from)
-            .and_then(|r| {
-                r.map_err(|source| PublisherError::Transaction {
-                    version,
-                    step: "abort",
-                    source,
-                })
-            });
-        match aborted {
+        {
             Ok(()) => warn!(version, "transaction aborted; the version is retried"),
             Err(e) => {
                 warn!(error = %e, version, "the transaction could not be aborted; the producer is rebuilt before the next attempt");
