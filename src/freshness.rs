@@ -65,13 +65,18 @@ impl Track {
         count
     }
 
-    fn quantiles(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
+    fn figures(&self) -> LatencyFigures {
         let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
         sorted.sort_by(f64::total_cmp);
         let q = |p: f64| {
             (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * p).round() as usize])
         };
-        (q(0.5), q(0.99), sorted.last().copied())
+        LatencyFigures {
+            events: self.recorded,
+            p50_secs: q(0.5),
+            p99_secs: q(0.99),
+            max_secs: sorted.last().copied(),
+        }
     }
 }
 
@@ -92,20 +97,20 @@ pub struct Freshness {
 /// Quantiles of the recent latencies (`/v1/status`, the demo summary).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct FreshnessFigures {
-    /// Events whose latency was recorded.
-    pub events: u64,
-    pub p50_secs: Option<f64>,
-    pub p99_secs: Option<f64>,
-    pub max_secs: Option<f64>,
+    /// Every event.
+    #[serde(flatten)]
+    pub all: LatencyFigures,
     /// Timestamps dropped because too many waited for a version.
     pub dropped: u64,
-    /// The same for the events that created a node only: from a new node's first event to the
-    /// first version carrying its row.
-    pub new_nodes: NewNodeFigures,
+    /// The events that created a node only: from a new node's first event to the first version
+    /// carrying its row.
+    pub new_nodes: LatencyFigures,
 }
 
+/// One kind of latency.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct NewNodeFigures {
+pub struct LatencyFigures {
+    /// Events whose latency was recorded.
     pub events: u64,
     pub p50_secs: Option<f64>,
     pub p99_secs: Option<f64>,
@@ -135,20 +140,10 @@ impl Freshness {
 
     pub fn figures(&self) -> FreshnessFigures {
         let s = self.lock();
-        let (p50, p99, max) = s.events.quantiles();
-        let (n50, n99, nmax) = s.new_nodes.quantiles();
         FreshnessFigures {
-            events: s.events.recorded,
-            p50_secs: p50,
-            p99_secs: p99,
-            max_secs: max,
+            all: s.events.figures(),
             dropped: s.events.dropped,
-            new_nodes: NewNodeFigures {
-                events: s.new_nodes.recorded,
-                p50_secs: n50,
-                p99_secs: n99,
-                max_secs: nmax,
-            },
+            new_nodes: s.new_nodes.figures(),
         }
     }
 }
@@ -166,9 +161,9 @@ mod tests {
         // Prepared at cursor 4: only the first batch (edges 0..3) is wholly trained.
         assert_eq!(f.published(4, 3_000), 3);
         let fig = f.figures();
-        assert_eq!(fig.events, 3);
-        assert_eq!(fig.p50_secs, Some(1.5));
-        assert_eq!(fig.max_secs, Some(2.0));
+        assert_eq!(fig.all.events, 3);
+        assert_eq!(fig.all.p50_secs, Some(1.5));
+        assert_eq!(fig.all.max_secs, Some(2.0));
         assert_eq!(fig.new_nodes.events, 1);
         assert_eq!(
             fig.new_nodes.p50_secs,
@@ -176,7 +171,7 @@ mod tests {
             "the node-creating event at 1 s"
         );
         assert_eq!(f.published(5, 10_000), 2);
-        assert_eq!(f.figures().max_secs, Some(6.0));
+        assert_eq!(f.figures().all.max_secs, Some(6.0));
         assert_eq!(f.published(9, 20_000), 0);
     }
 
@@ -184,6 +179,9 @@ mod tests {
     fn no_versions_yet_means_no_figures() {
         let f = Freshness::default();
         let fig = f.figures();
-        assert_eq!((fig.events, fig.p50_secs, fig.p99_secs), (0, None, None));
+        assert_eq!(
+            (fig.all.events, fig.all.p50_secs, fig.all.p99_secs),
+            (0, None, None)
+        );
     }
 }
