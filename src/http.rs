@@ -790,6 +790,14 @@ mod tests {
         }
     }
 
+    /// The app over a fresh store in `dir`, serving `view`, guarded by `token`. A macro: the
+    /// test service's request type (actix-http's) is not nameable from actix-web.
+    macro_rules! serve {
+        ($dir:expr, $view:expr, $token:expr) => {
+            init_service(app(web::Data::new(state(store($dir), $view, $token))))
+        };
+    }
+
     /// Call `app`: the status and the body as JSON (`null` if not JSON).
     async fn call<S, R, B>(app: &S, req: R) -> (StatusCode, serde_json::Value)
     where
@@ -806,12 +814,7 @@ mod tests {
     #[actix_web::test]
     async fn embeddings_serve_the_committed_row() {
         let dir = tempfile::tempdir().unwrap();
-        let app = init_service(app(web::Data::new(state(
-            store(dir.path()),
-            served_view(),
-            None,
-        ))))
-        .await;
+        let app = serve!(dir.path(), served_view(), None).await;
         let (code, body) = call(&app, request("/v1/embeddings/user/u1", None).to_request()).await;
         assert_eq!(code, StatusCode::OK, "{body}");
         let got: EmbeddingResponse = serde_json::from_value(body).unwrap();
@@ -834,12 +837,7 @@ mod tests {
     #[actix_web::test]
     async fn embeddings_name_what_is_missing() {
         let dir = tempfile::tempdir().unwrap();
-        let app = init_service(app(web::Data::new(state(
-            store(dir.path()),
-            served_view(),
-            None,
-        ))))
-        .await;
+        let app = serve!(dir.path(), served_view(), None).await;
         for (uri, want, text) in [
             ("/v1/embeddings/user/nobody", "unknown_node", "user:nobody"),
             ("/v1/embeddings/tweet/u1", "unknown_type", "tweet"),
@@ -856,12 +854,7 @@ mod tests {
     #[actix_web::test]
     async fn nothing_is_served_before_the_first_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let app = init_service(app(web::Data::new(state(
-            store(dir.path()),
-            ServingView::new(),
-            None,
-        ))))
-        .await;
+        let app = serve!(dir.path(), ServingView::new(), None).await;
         for uri in [
             "/v1/embeddings/user/u1",
             "/v1/neighbors/user/u1?rel=rated_high",
@@ -878,12 +871,7 @@ mod tests {
     #[actix_web::test]
     async fn neighbors_rank_exactly_across_target_types() {
         let dir = tempfile::tempdir().unwrap();
-        let app = init_service(app(web::Data::new(state(
-            store(dir.path()),
-            served_view(),
-            None,
-        ))))
-        .await;
+        let app = serve!(dir.path(), served_view(), None).await;
         let ranked = |body: serde_json::Value| {
             let r: NeighborsResponse = serde_json::from_value(body).unwrap();
             let list: Vec<(String, f32)> =
@@ -943,12 +931,7 @@ mod tests {
     #[actix_web::test]
     async fn neighbors_reject_bad_parameters_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let app = init_service(app(web::Data::new(state(
-            store(dir.path()),
-            served_view(),
-            None,
-        ))))
-        .await;
+        let app = serve!(dir.path(), served_view(), None).await;
         for (uri, param) in [
             ("/v1/neighbors/user/u1?rel=rated_high&k=0", "`k`"),
             ("/v1/neighbors/user/u1?rel=rated_high&k=1001", "`k`"),
@@ -976,12 +959,7 @@ mod tests {
     #[actix_web::test]
     async fn status_reports_the_served_version_alignment_and_rate() {
         let dir = tempfile::tempdir().unwrap();
-        let app = init_service(app(web::Data::new(state(
-            store(dir.path()),
-            served_view(),
-            None,
-        ))))
-        .await;
+        let app = serve!(dir.path(), served_view(), None).await;
         let (code, body) = call(&app, request("/v1/status", None).to_request()).await;
         assert_eq!(code, StatusCode::OK, "{body}");
         let p = &body["publish"];
@@ -1005,12 +983,7 @@ mod tests {
     #[actix_web::test]
     async fn a_bearer_token_guards_everything_but_healthz() {
         let dir = tempfile::tempdir().unwrap();
-        let app = init_service(app(web::Data::new(state(
-            store(dir.path()),
-            served_view(),
-            Some(TOKEN),
-        ))))
-        .await;
+        let app = serve!(dir.path(), served_view(), Some(TOKEN)).await;
         let res = call_service(&app, TestRequest::get().uri("/healthz").to_request()).await;
         assert_eq!(res.status(), StatusCode::OK);
         for uri in [
