@@ -160,13 +160,12 @@ fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
 
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let store = dir.path().join("store");
-    let port = free_port();
-    let mut env = daemon_env(&broker.bootstrap, &store, port);
-    env.push(("TWHIN_TRAIN__DIM".into(), "16".into()));
-    env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "1".into()));
-    cli(&env, &["topics", "apply"]);
+    let Publishing {
+        broker,
+        store,
+        port,
+        env,
+    } = publishing(dir.path(), 16, 1, &[]);
     let msgs: Vec<Outgoing> = (0..4_000).map(|i| valid_event(i, false).0).collect();
 
     let mut daemon = Daemon::start(env, port, dir.path());

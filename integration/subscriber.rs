@@ -271,15 +271,11 @@ const CHUNK: usize = 12_000;
 fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_publication() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let store = dir.path().join("store");
-    let port = free_port();
-    let mut env = daemon_env(&broker.bootstrap, &store, port);
     // Wide rows and thousands of new nodes per version: a publication takes long enough on
     // the wire for the kill to land inside it.
-    env.push(("TWHIN_TRAIN__DIM".into(), "64".into()));
-    env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "2".into()));
-    cli(&env, &["topics", "apply"]);
+    let Publishing {
+        broker, port, env, ..
+    } = publishing(dir.path(), 64, 2, &[]);
     let msgs: Vec<Outgoing> = (0..CHUNK * 5).map(|i| valid_event(i, false).0).collect();
     let mut chunks = msgs.chunks(CHUNK);
 
@@ -362,14 +358,14 @@ fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_pu
 fn transactional_versions_commit_and_apply_whole_across_a_restart() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let store = dir.path().join("store");
-    let port = free_port();
-    let mut env = daemon_env(&broker.bootstrap, &store, port);
-    env.push(("TWHIN_TRAIN__DIM".into(), "16".into()));
-    env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "1".into()));
-    env.push(("TWHIN_PUBLISH__TRANSACTIONAL".into(), "true".into()));
-    cli(&env, &["topics", "apply"]);
+    let Publishing {
+        broker, port, env, ..
+    } = publishing(
+        dir.path(),
+        16,
+        1,
+        &[("TWHIN_PUBLISH__TRANSACTIONAL", "true")],
+    );
     let msgs: Vec<Outgoing> = (0..4_000).map(|i| valid_event(i, false).0).collect();
 
     let mut daemon = Daemon::start(env, port, dir.path());

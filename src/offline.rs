@@ -214,6 +214,38 @@ pub fn eval(
     })
 }
 
+/// The start of a streamed run through the daemon's trainer: a fresh store in `dir`, the
+/// `splits` of `dataset` as events in order, and a fresh trainer with `opts` (seeded by
+/// `train.seed`).
+pub fn stream_start(
+    cfg: &Config,
+    dataset: Dataset,
+    splits: &[&str],
+    dir: &Path,
+    opts: crate::config::TrainerConfig,
+    device: Device,
+) -> anyhow::Result<(
+    GraphStore,
+    Vec<crate::schema::Event>,
+    crate::trainer::TrainerCore,
+)> {
+    clear_dir(dir)?;
+    let schema = cfg.schema();
+    let store = open_offline_store(dir, &schema)?;
+    let mut events = Vec::new();
+    for split in splits {
+        events.extend(split_events(cfg, &schema, dataset, split)?);
+    }
+    let p = &cfg.train;
+    tch::manual_seed(p.seed as i64);
+    let core = crate::trainer::TrainerCore::new(
+        Embeddings::for_schema(&schema, p, device),
+        p.clone(),
+        opts,
+    );
+    Ok((store, events, core))
+}
+
 /// Prequential (test-then-train) quality on the first edges of new nodes.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrequentialReport {
@@ -247,19 +279,10 @@ pub fn prequential_new_nodes(
     } else {
         "prequential-random"
     });
-    clear_dir(&dir)?;
-    let schema = cfg.schema();
-    let store = open_offline_store(&dir, &schema)?;
-    let events = split_events(cfg, &schema, dataset, "train")?;
-    let p = &cfg.train;
-    tch::manual_seed(p.seed as i64);
     let mut opts = cfg.trainer.clone();
     opts.warm_start = warm;
-    let mut core = crate::trainer::TrainerCore::new(
-        Embeddings::for_schema(&schema, p, device),
-        p.clone(),
-        opts,
-    );
+    let (store, events, mut core) = stream_start(cfg, dataset, &["train"], &dir, opts, device)?;
+    let p = &cfg.train;
     let mut seen: HashMap<NodeRef, u32> = HashMap::new();
     let mut sum = RankSum::default();
 

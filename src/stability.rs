@@ -28,8 +28,7 @@ use crate::align::{AlignStatus, Aligner};
 use crate::config::Config;
 use crate::datasets::{self, Dataset};
 use crate::drift::Drift;
-use crate::model::Embeddings;
-use crate::offline::{clear_dir, open_offline_store, run_dir, split_events};
+use crate::offline::{run_dir, stream_start};
 use crate::publish::ValueFormat;
 use crate::score::Comparator;
 use crate::store::{AppendBatch, GraphStore};
@@ -318,13 +317,15 @@ fn run_once(
     } else {
         "stability-off"
     });
-    clear_dir(&dir)?;
+    let (store, mut events, mut core) = stream_start(
+        cfg,
+        dataset,
+        &["train", "valid", "test"],
+        &dir,
+        cfg.trainer.clone(),
+        device,
+    )?;
     let schema = cfg.schema();
-    let store = open_offline_store(&dir, &schema)?;
-    let mut events = Vec::new();
-    for split in ["train", "valid", "test"] {
-        events.extend(split_events(cfg, &schema, dataset, split)?);
-    }
     let rated = |e: &crate::schema::Event| schema.relation(e.rel).name.starts_with("rated_");
     let kg_end = events.iter().position(rated).unwrap_or(events.len());
     let ratings = (events.len() - kg_end).min(opts.limit.unwrap_or(usize::MAX));
@@ -336,12 +337,6 @@ fn run_once(
         .collect();
 
     let p = &cfg.train;
-    tch::manual_seed(p.seed as i64);
-    let mut core = TrainerCore::new(
-        Embeddings::for_schema(&schema, p, device),
-        p.clone(),
-        cfg.trainer.clone(),
-    );
     let mut align_cfg = cfg.align.clone();
     align_cfg.enabled = control;
     let mut aligner = Aligner::new(

@@ -896,6 +896,8 @@ pub struct PreparedVersion {
 }
 
 /// What [`TrainerCore::publish_in_process`] did.
+// Returned once per version and matched at once, never stored: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum InProcessVersion {
     /// The drift gate held it back.
     Held(crate::align::Hold),

@@ -172,6 +172,40 @@ pub fn daemon_env(bootstrap: &str, store: &Path, http_port: u16) -> Vec<(String,
     ]
 }
 
+/// A broker and the environment of a daemon that publishes: its store under `dir`, embeddings
+/// of `dim`, a version every `interval_secs`, then `extra`; the topics are created.
+pub struct Publishing {
+    pub broker: Broker,
+    pub store: PathBuf,
+    pub port: u16,
+    pub env: Vec<(String, String)>,
+}
+
+pub fn publishing(
+    dir: &Path,
+    dim: usize,
+    interval_secs: u64,
+    extra: &[(&str, &str)],
+) -> Publishing {
+    let broker = Broker::start(dir);
+    let store = dir.join("store");
+    let port = free_port();
+    let mut env = daemon_env(&broker.bootstrap, &store, port);
+    env.push(("TWHIN_TRAIN__DIM".into(), dim.to_string()));
+    env.push((
+        "TWHIN_PUBLISH__INTERVAL_SECS".into(),
+        interval_secs.to_string(),
+    ));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    cli(&env, &["topics", "apply"]);
+    Publishing {
+        broker,
+        store,
+        port,
+        env,
+    }
+}
+
 /// Run the binary to completion (e.g. `topics apply`), returning stdout; panics on failure.
 pub fn cli(env: &[(String, String)], args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
