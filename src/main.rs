@@ -88,25 +88,8 @@ enum Command {
     /// and alignment; a classifier fitted on version 1, frozen, scored on every later version,
     /// with drift control on and off.
     Stability {
-        /// gender (users) or genre:<name> (movies, e.g. genre:Drama).
-        #[arg(long, default_value = "gender")]
-        label: twhin_stream::stability::Label,
-        /// Versions cut from the rating stream.
-        #[arg(long, default_value_t = 12)]
-        versions: usize,
-        /// Share of the ratings streamed before version 1.
-        #[arg(long, default_value_t = 0.3)]
-        first_fraction: f64,
-        /// Share of version 1's labelled nodes held out to score the classifier.
-        #[arg(long, default_value_t = 0.3)]
-        holdout: f64,
-        /// Stream only the first N ratings.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Epochs over everything stored before version 1, as a batch trainer would run before
-        /// streaming takes over (0: stream from the start).
-        #[arg(long, default_value_t = 0)]
-        bootstrap_epochs: usize,
+        #[command(flatten)]
+        opts: twhin_stream::stability::StabilityOptions,
         /// Print the report as JSON (the table otherwise).
         #[arg(long)]
         json: bool,
@@ -278,24 +261,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stability {
-            label,
-            versions,
-            first_fraction,
-            holdout,
-            limit,
-            bootstrap_epochs,
-            json,
-        } => {
+        Command::Stability { opts, json } => {
             let device = torch_device(&cfg)?;
-            let opts = twhin_stream::stability::StabilityOptions {
-                label,
-                versions,
-                first_fraction,
-                holdout,
-                limit,
-                bootstrap_epochs,
-            };
             let report = twhin_stream::stability::measure(&cfg, device, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

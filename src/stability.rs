@@ -65,21 +65,28 @@ impl fmt::Display for Label {
     }
 }
 
-/// How the measurement runs.
-#[derive(Debug, Clone)]
+/// How the measurement runs (also the `stability` command's flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct StabilityOptions {
+    /// gender (users) or genre:<name> (movies, e.g. genre:Drama).
+    #[arg(long, default_value = "gender")]
     pub label: Label,
     /// Versions cut from the rating stream (at least 2).
+    #[arg(long, default_value_t = 12)]
     pub versions: usize,
     /// Share of the ratings streamed before version 1 (its nodes are the classifier's).
+    #[arg(long, default_value_t = 0.3)]
     pub first_fraction: f64,
     /// Share of version 1's labelled nodes held out to score the classifier.
+    #[arg(long, default_value_t = 0.3)]
     pub holdout: f64,
-    /// Use only the first `limit` ratings (tests); all when `None`.
+    /// Stream only the first N ratings (all by default).
+    #[arg(long)]
     pub limit: Option<usize>,
     /// Epochs over everything stored before version 1 (shuffled), as a batch trainer would run
     /// before a streaming deployment takes over its embeddings (not its optimiser state); 0
     /// streams from the start.
+    #[arg(long, default_value_t = 0)]
     pub bootstrap_epochs: usize,
 }
 
