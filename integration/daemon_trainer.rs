@@ -156,7 +156,6 @@ fn last_version(daemon: &Daemon) -> u64 {
 #[test]
 fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
     use std::collections::HashMap;
-    use twhin_stream::publish::{RowRecord, VersionMarker};
 
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
@@ -187,16 +186,7 @@ fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(daemon.terminate().success());
 
-    let markers: Vec<VersionMarker> = read_all(
-        &broker.bootstrap,
-        "twhin.versions",
-        3,
-        Duration::from_secs(60),
-        Duration::from_secs(3),
-    )
-    .iter()
-    .map(|m| VersionMarker::decode(m.payload.as_deref().unwrap()).unwrap())
-    .collect();
+    let Published { rows, markers } = read_published(&broker.bootstrap, 3);
     let versions: Vec<u64> = markers.iter().map(|m| m.version).collect();
     assert!(versions.len() >= 3, "{versions:?}");
     assert_eq!(
@@ -205,16 +195,8 @@ fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
         "strictly increasing, none skipped, none republished"
     );
     assert!(markers.windows(2).all(|w| w[0].epoch <= w[1].epoch));
-    let rows = read_all(
-        &broker.bootstrap,
-        "twhin.embeddings",
-        markers.iter().map(|m| m.rows as usize).sum(),
-        Duration::from_secs(60),
-        Duration::from_secs(3),
-    );
     let mut count: HashMap<(u64, u64), u64> = HashMap::new();
-    for r in &rows {
-        let rec = RowRecord::decode(r.payload.as_deref().unwrap()).unwrap();
+    for (_, rec) in &rows {
         assert_eq!(rec.vector.len(), 16);
         assert!(rec.vector.iter().all(|v| v.is_finite()));
         *count.entry((rec.version, rec.epoch)).or_default() += 1;

@@ -14,42 +14,6 @@ use twhin_stream::subscriber::VersionAssembler;
 
 const TOPIC: &str = "twhin.engagements";
 
-/// Everything the publisher left on the broker, rows in the order read (per partition, log
-/// order).
-struct Published {
-    rows: Vec<(String, RowRecord)>,
-    markers: Vec<VersionMarker>,
-}
-
-fn read_published(bootstrap: &str) -> Published {
-    let markers: Vec<VersionMarker> = read_all(
-        bootstrap,
-        "twhin.versions",
-        1,
-        Duration::from_secs(60),
-        Duration::from_secs(3),
-    )
-    .iter()
-    .map(|m| VersionMarker::decode(m.payload.as_deref().unwrap()).unwrap())
-    .collect();
-    let rows = read_all(
-        bootstrap,
-        "twhin.embeddings",
-        markers.iter().map(|m| m.rows as usize).sum(),
-        Duration::from_secs(120),
-        Duration::from_secs(3),
-    )
-    .iter()
-    .map(|r| {
-        (
-            String::from_utf8(r.key.clone().unwrap()).unwrap(),
-            RowRecord::decode(r.payload.as_deref().unwrap()).unwrap(),
-        )
-    })
-    .collect();
-    Published { rows, markers }
-}
-
 type Table = HashMap<String, (Vec<f32>, u64)>;
 
 /// The table after each version, replayed from the markers without the assembler: version v's
@@ -328,7 +292,7 @@ fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_pu
         }
     }
 
-    let p = read_published(&broker.bootstrap);
+    let p = read_published(&broker.bootstrap, 1);
     let applied = check_whole_versions(&p);
     let unmarked = unmarked_attempts(&p);
     let rows_left = unmarked.get(&(version, epoch)).copied().unwrap_or(0);
@@ -393,7 +357,7 @@ fn transactional_versions_commit_and_apply_whole_across_a_restart() {
         .lines()
         .filter(|l| l.contains("version published") && l.contains("transactional=true"))
         .count();
-    let p = read_published(&broker.bootstrap);
+    let p = read_published(&broker.bootstrap, 1);
     assert!(p.markers.len() >= 2, "{:?}", p.markers);
     assert_eq!(
         committed,

@@ -19,6 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use twhin_stream::publish::{RowRecord, VersionMarker};
 
 /// The scenarios start brokers and daemons and measure nothing, but they share two cores: run
 /// them one at a time whatever `--test-threads` says.
@@ -560,4 +561,41 @@ pub fn stored_triples(store: &Path) -> (std::collections::HashSet<(String, Strin
         })
         .collect();
     (triples, s.edge_count())
+}
+
+/// Everything the publisher left on the broker, rows in the order read (per partition, log
+/// order).
+pub struct Published {
+    pub rows: Vec<(String, RowRecord)>,
+    pub markers: Vec<VersionMarker>,
+}
+
+/// Waits for at least `min_markers` markers, then for every row they announce.
+pub fn read_published(bootstrap: &str, min_markers: usize) -> Published {
+    let markers: Vec<VersionMarker> = read_all(
+        bootstrap,
+        "twhin.versions",
+        min_markers,
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    )
+    .iter()
+    .map(|m| VersionMarker::decode(m.payload.as_deref().unwrap()).unwrap())
+    .collect();
+    let rows = read_all(
+        bootstrap,
+        "twhin.embeddings",
+        markers.iter().map(|m| m.rows as usize).sum(),
+        Duration::from_secs(120),
+        Duration::from_secs(3),
+    )
+    .iter()
+    .map(|r| {
+        (
+            String::from_utf8(r.key.clone().unwrap()).unwrap(),
+            RowRecord::decode(r.payload.as_deref().unwrap()).unwrap(),
+        )
+    })
+    .collect();
+    Published { rows, markers }
 }
