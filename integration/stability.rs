@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use figment::providers::Env;
 use twhin_stream::config::Config;
-use twhin_stream::stability::{measure, Label, StabilityOptions};
+use twhin_stream::offline::{measure, Label, StabilityOptions};
 
 #[test]
 fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_run() {
@@ -51,7 +51,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
     // Version 1 is the same model either way (no reference to pull toward, no anchor yet).
     assert_eq!(on.versions[0].accuracy, off.versions[0].accuracy);
     assert!(on.versions[0].previous.is_none());
-    let drift = |run: &twhin_stream::stability::StabilityRun, from: usize| {
+    let drift = |run: &twhin_stream::offline::StabilityRun, from: usize| {
         let d: Vec<f64> = run.versions[from..]
             .iter()
             .map(|v| v.previous.expect("measured").cosine_mean)
@@ -65,7 +65,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
         held < 0.6 * free,
         "consecutive drift on {held} vs off {free}"
     );
-    let last = |run: &twhin_stream::stability::StabilityRun| {
+    let last = |run: &twhin_stream::offline::StabilityRun| {
         run.versions.last().unwrap().anchor.unwrap().cosine_mean
     };
     assert!(

@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 
 use figment::providers::Env;
-use twhin_stream::checkpoint::{schema_fingerprint, Checkpoints};
+use twhin_stream::train::{schema_fingerprint, Checkpoints};
 use twhin_stream::config::Config;
-use twhin_stream::datasets::Dataset;
+use twhin_stream::offline::Dataset;
 use twhin_stream::offline::{open_offline_store, split_events};
 use twhin_stream::store::AppendBatch;
-use twhin_stream::trainer::TrainerCore;
+use twhin_stream::train::TrainerCore;
 
 fn umls_config(checkpoints: &std::path::Path) -> Config {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -36,7 +36,7 @@ fn the_trainer_follows_the_store_trains_each_new_edge_once_and_resumes_from_a_ch
         panic!("UMLS train split missing ({e}); run .ci/setup to fetch the datasets")
     });
     tch::manual_seed(1);
-    let model = twhin_stream::model::Embeddings::for_schema(&schema, &cfg.train, tch::Device::Cpu);
+    let model = twhin_stream::train::Embeddings::for_schema(&schema, &cfg.train, tch::Device::Cpu);
     let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
 
     // The stream: 8 arrivals, the trainer catching up after each; then 4 passes of replay-heavy
@@ -97,16 +97,18 @@ fn the_trainer_follows_the_store_trains_each_new_edge_once_and_resumes_from_a_ch
     assert!(resumed.model.relations.equal(&core.model.relations));
 }
 
-/// The publisher's decisions without Kafka (assess → gate → restore, or rotate → prepare →
-/// commit → adopt): a NaN-poisoned model is held back and the trainer goes back to its newest
-/// checkpoint; the next version is published under the number the held one would have had,
-/// measured against the last published one.
+/// The publication without Kafka (the daemon's state machine with in-process ports: assess →
+/// gate → restore, or rotate → prepare → commit → adopt): a NaN-poisoned model is held back and
+/// the trainer goes back to its newest checkpoint; the next version is published under the number
+/// the held one would have had, measured against the last published one.
 #[test]
 fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_checkpoint() {
     use std::sync::Arc;
     use twhin_stream::align::{AlignStatus, Aligner, Hold};
-    use twhin_stream::publish::ValueFormat;
-    use twhin_stream::trainer::InProcessVersion;
+    use twhin_stream::publish::{
+        publish_in_process, InProcessTrainer, Ledger, MemorySink, Outcome, Publication,
+        ValueFormat, VersionMarker, VersionSettings,
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = umls_config(&dir.path().join("checkpoints"));
@@ -114,7 +116,7 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
     let store = open_offline_store(&dir.path().join("store"), &schema).unwrap();
     let events = split_events(&cfg, &schema, Dataset::Umls, "train").unwrap();
     tch::manual_seed(2);
-    let model = twhin_stream::model::Embeddings::for_schema(&schema, &cfg.train, tch::Device::Cpu);
+    let model = twhin_stream::train::Embeddings::for_schema(&schema, &cfg.train, tch::Device::Cpu);
     let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
     let status = Arc::new(AlignStatus::default());
     let mut aligner = Aligner::new(
@@ -127,13 +129,32 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
     let fingerprint = schema_fingerprint(store.stored_schema());
     let ckpts = Checkpoints::new(&cfg.trainer.checkpoint_path, cfg.trainer.checkpoint_keep);
     let half = events.len() / 2;
-    let mut publish = |core: &mut TrainerCore, version: u64, threshold: f64| match core
-        .publish_in_process(&mut aligner, &store, version, ValueFormat::Json, threshold)
-        .unwrap()
-    {
-        InProcessVersion::Committed { prepared, .. } => Ok(prepared.marker),
-        InProcessVersion::Held(hold) => Err(hold),
-        InProcessVersion::Unchanged => panic!("version {version}: no row moved"),
+    let settings = |threshold| VersionSettings {
+        format: ValueFormat::Json,
+        threshold,
+        comparator: cfg.train.comparator,
+    };
+    let mut publication = Publication::open(
+        Ledger::in_memory(),
+        settings(cfg.publish.row_threshold),
+        None,
+    )
+    .unwrap();
+    let mut sink = MemorySink::default();
+    let mut publish = |publication: &mut Publication,
+                       core: &mut TrainerCore|
+     -> Result<VersionMarker, Hold> {
+        let mut trainer = InProcessTrainer {
+            core,
+            checkpoints: Some((&ckpts, fingerprint)),
+        };
+        match publish_in_process(publication, &store, &mut trainer, &mut aligner, &mut sink)
+            .unwrap()
+        {
+            Outcome::Committed { prepared, .. } => Ok(prepared.marker),
+            Outcome::Held(hold) => Err(hold),
+            Outcome::Unchanged => panic!("no row moved"),
+        }
     };
 
     store
@@ -144,25 +165,28 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
         ))
         .unwrap();
     while core.step(&store).unwrap().stats.is_some() {}
-    let v1 = publish(&mut core, 1, cfg.publish.row_threshold).expect("version 1");
+    let v1 = publish(&mut publication, &mut core).expect("version 1");
+    assert_eq!(v1.version, 1);
     assert!(v1.align.unwrap().previous.is_none());
     let saved = core.checkpoint(&ckpts, fingerprint).unwrap();
     let cursor = core.cursor();
 
-    // Poisoned: one row turns NaN. The gate holds the version; a checkpoint refuses it too.
+    // Poisoned: one row turns NaN. A checkpoint refuses it; the gate holds the version, and the
+    // publication itself sends the trainer back to its checkpoint (the daemon's hold path).
     let _ = core.model.tables[0].rows().get(3).get(0).fill_(f64::NAN);
-    let hold = publish(&mut core, 2, cfg.publish.row_threshold).expect_err("held");
-    assert_eq!(hold, Hold::NonFinite { rows: 1 });
     assert!(core.checkpoint(&ckpts, fingerprint).is_err());
+    let hold = publish(&mut publication, &mut core).expect_err("held");
+    assert_eq!(hold, Hold::NonFinite { rows: 1 });
     assert_eq!(status.report(true).held, 1);
     assert_eq!(
         status.report(true).pull,
         cfg.align.pull_max,
         "the pull is raised after a hold"
     );
+    assert_eq!(core.pull(), cfg.align.pull_max, "and the trainer pulls that hard");
+    assert_eq!(publication.ledger().next_version(), 2, "a held version takes no number");
 
     // Restored: the checkpoint's parameters and cursor; training goes on from there.
-    assert_eq!(core.restore(&ckpts, fingerprint).unwrap(), saved);
     assert_eq!(core.cursor(), cursor);
     let finite = core.model.tables[0]
         .rows()
@@ -170,6 +194,10 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
         .all()
         .int64_value(&[]);
     assert_eq!(finite, 1);
+    assert_eq!(
+        ckpts.load(fingerprint, tch::Device::Cpu).unwrap().unwrap().meta.version,
+        saved
+    );
     store
         .append(&AppendBatch::from_events(
             "umls",
@@ -180,7 +208,9 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
     while core.step(&store).unwrap().stats.is_some() {}
     // The hold raised the pull to its maximum, which pins trained rows to version 1 within
     // `publish.row_threshold`; publish every row so that version 2 exists to be measured.
-    let v2 = publish(&mut core, 2, 0.0).expect("version 2 after the restore");
+    publication.set_settings(settings(0.0));
+    let v2 = publish(&mut publication, &mut core).expect("version 2 after the restore");
+    assert_eq!(v2.version, 2);
     let figures = v2.align.unwrap();
     let drift = figures.previous.expect("measured against version 1");
     assert!(drift.cosine_mean.is_finite() && drift.cosine_mean < cfg.align.hard_limit);

@@ -10,11 +10,34 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfig, FromClientConfigAndContext};
 use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{DefaultProducerContext, DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 
 use crate::config::Config;
+
+/// Enqueue `record` on `producer`, waiting while librdkafka's queue is full (it drains as
+/// deliveries complete); any other error is returned with the record.
+pub async fn send_retrying<'a, K, P>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'a, K, P>,
+) -> Result<DeliveryFuture, KafkaError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {

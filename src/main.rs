@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use twhin_stream::app::{self, StoreSummary};
+use twhin_stream::app;
 use twhin_stream::config::Config;
-use twhin_stream::datasets::{self, Dataset};
-use twhin_stream::kafka::{self, ApplyOutcome};
-use twhin_stream::store::GraphStore;
-use twhin_stream::{replay, telemetry};
+use twhin_stream::kafka::{self, ApplyOutcome, EmbeddedKafka};
+use twhin_stream::offline::{self, replay, watch, Dataset};
+use twhin_stream::store::{GraphStore, StoreSummary};
+use twhin_stream::telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -89,7 +89,7 @@ enum Command {
     /// with drift control on and off.
     Stability {
         #[command(flatten)]
-        opts: twhin_stream::stability::StabilityOptions,
+        opts: twhin_stream::offline::StabilityOptions,
         /// Print the report as JSON (the table otherwise).
         #[arg(long)]
         json: bool,
@@ -158,25 +158,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let mut cfg = Config::load(cli.config.as_deref().or(dataset_config.as_deref()))?;
+    let cfg = Config::load(cli.config.as_deref().or(dataset_config.as_deref()))?;
     telemetry::init_logging(&cfg.log);
     match cli.command {
-        Command::Run { embedded_kafka } => app::run(cfg, embedded_kafka),
+        Command::Run { embedded_kafka } => run_daemon(cfg, embedded_kafka),
         Command::Topics {
             action: TopicsAction::Apply,
-        } => {
-            let defs = kafka::topic_defs(&cfg)?;
-            let results = block_on(kafka::apply_topics(&cfg, &defs))?;
-            for (topic, outcome) in results {
-                match outcome {
-                    ApplyOutcome::Created => println!("created {topic}"),
-                    ApplyOutcome::Exists { partitions } => {
-                        println!("exists  {topic} ({partitions} partitions)")
-                    }
-                }
-            }
-            Ok(())
-        }
+        } => apply_topics(&cfg),
         Command::Replay {
             dataset,
             rate,
@@ -184,86 +172,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
             bootstrap_servers,
             json,
-        } => {
-            if let Some(b) = bootstrap_servers {
-                cfg.kafka.bootstrap_servers = b;
-            }
-            let mut events = datasets::replay_events(&cfg.datasets.dir, dataset, &splits)?;
-            if let Some(n) = limit {
-                events.truncate(n);
-            }
-            let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let summary = block_on(replay::produce(
-                &cfg,
-                dataset.name(),
-                &events,
-                rate,
-                progress,
-            ))?;
-            if json {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else {
-                println!(
-                    "replayed {} events of {} to {} in {:.1} s ({:.0} events/s)",
-                    summary.events,
-                    summary.dataset,
-                    summary.topic,
-                    summary.seconds,
-                    summary.events_per_sec
-                );
-            }
-            Ok(())
-        }
+        } => replay_dataset(cfg, dataset, rate, &splits, limit, bootstrap_servers, json),
         Command::Train {
             dataset,
             epochs,
             json,
-        } => {
-            let device = torch_device(&cfg)?;
-            let report = twhin_stream::offline::train(&cfg, dataset, epochs, device)?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!(
-                    "trained {} on {} edges x {} epochs in {:.1} s ({:.0} positive edges/s, {}), final loss {:.4}",
-                    report.dataset, report.edges, report.epochs, report.seconds, report.edges_per_sec, report.device, report.final_loss
-                );
-            }
-            Ok(())
-        }
+        } => train_offline(&cfg, dataset, epochs, json),
         Command::Eval {
             dataset,
             split,
             json,
-        } => {
-            anyhow::ensure!(
-                split == "test" || split == "valid",
-                "--split must be test or valid"
-            );
-            let device = torch_device(&cfg)?;
-            let report = twhin_stream::offline::eval(&cfg, dataset, &split, device)?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                let m = &report.metrics;
-                println!(
-                    "{dataset} {split}: MRR {:.4}  Hits@1 {:.4}  Hits@3 {:.4}  Hits@10 {:.4}  ({} rankings; {} edges with unseen nodes skipped)",
-                    m.mrr, m.hits1, m.hits3, m.hits10, m.rankings, report.skipped_unseen
-                );
-            }
-            Ok(())
-        }
+        } => eval_offline(&cfg, dataset, &split, json),
         Command::WarmStart { dataset } => {
             let device = torch_device(&cfg)?;
             for warm in [false, true] {
-                let r = twhin_stream::offline::prequential_new_nodes(&cfg, dataset, warm, device)?;
+                let r = offline::prequential_new_nodes(&cfg, dataset, warm, device)?;
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
         }
         Command::Stability { opts, json } => {
             let device = torch_device(&cfg)?;
-            let report = twhin_stream::stability::measure(&cfg, device, &opts)?;
+            let report = offline::measure(&cfg, device, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -280,8 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             timeout_secs,
             json,
         } => {
-            use twhin_stream::report;
-            let opts = report::WatchOptions {
+            let opts = watch::WatchOptions {
                 addr: match http {
                     Some(a) => a,
                     None => cfg.http_bind()?,
@@ -292,47 +221,157 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: std::time::Duration::from_secs(timeout_secs),
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
-            let samples = report::watch(&opts)?;
-            if let Some(path) = &timeline {
-                report::write_timeline(&samples, path)?;
-            }
-            if let Some(path) = &plot {
-                report::render_svg(&samples, path)?;
-            }
-            let summary = report::summarize(&samples)
-                .ok_or_else(|| anyhow::anyhow!("no status was read from the daemon"))?;
-            if json {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else {
-                print!("{summary}");
-                if let Some(path) = &plot {
-                    println!("plot        {}", path.display());
-                }
-            }
-            Ok(())
+            watch_daemon(&opts, timeline.as_deref(), plot.as_deref(), json)
         }
-        Command::Inspect { json, path } => {
-            let path = path.unwrap_or(cfg.storage.path.clone());
-            let store = GraphStore::open_existing(&path).with_context(|| {
-                format!(
-                    "opening {} (is the daemon still running on it?)",
-                    path.display()
-                )
-            })?;
-            let summary = StoreSummary::read(&store)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
-            } else {
-                print_summary(&summary);
+        Command::Inspect { json, path } => inspect(&cfg, path, json),
+    }
+}
+
+/// The daemon, stopped by SIGTERM/SIGINT; with `--embedded-kafka` and no broker configured, an
+/// in-process one that lives as long as the daemon.
+fn run_daemon(mut cfg: Config, embedded_kafka: bool) -> anyhow::Result<()> {
+    let _embedded = if cfg.kafka.bootstrap_servers.trim().is_empty() && embedded_kafka {
+        let broker = EmbeddedKafka::start(&kafka::topic_defs(&cfg)?)?;
+        cfg.kafka.bootstrap_servers = broker.bootstrap_servers();
+        tracing::info!(bootstrap_servers = %cfg.kafka.bootstrap_servers, "embedded Kafka-protocol broker listening");
+        Some(broker)
+    } else {
+        if embedded_kafka {
+            tracing::warn!(bootstrap_servers = %cfg.kafka.bootstrap_servers, "kafka.bootstrap_servers is set; --embedded-kafka ignored");
+        }
+        None
+    };
+    app::run(cfg, app::shutdown_signal())
+}
+
+fn apply_topics(cfg: &Config) -> anyhow::Result<()> {
+    let defs = kafka::topic_defs(cfg)?;
+    let results = block_on(kafka::apply_topics(cfg, &defs))?;
+    for (topic, outcome) in results {
+        match outcome {
+            ApplyOutcome::Created => println!("created {topic}"),
+            ApplyOutcome::Exists { partitions } => {
+                println!("exists  {topic} ({partitions} partitions)")
             }
-            Ok(())
         }
     }
+    Ok(())
+}
+
+fn replay_dataset(
+    mut cfg: Config,
+    dataset: Dataset,
+    rate: u64,
+    splits: &[String],
+    limit: Option<usize>,
+    bootstrap_servers: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if let Some(b) = bootstrap_servers {
+        cfg.kafka.bootstrap_servers = b;
+    }
+    let mut events = offline::replay_events(&cfg.datasets.dir, dataset, splits)?;
+    if let Some(n) = limit {
+        events.truncate(n);
+    }
+    let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let summary = block_on(replay::produce(
+        &cfg,
+        dataset.name(),
+        &events,
+        rate,
+        progress,
+    ))?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "replayed {} events of {} to {} in {:.1} s ({:.0} events/s)",
+            summary.events, summary.dataset, summary.topic, summary.seconds, summary.events_per_sec
+        );
+    }
+    Ok(())
+}
+
+fn train_offline(cfg: &Config, dataset: Dataset, epochs: usize, json: bool) -> anyhow::Result<()> {
+    let device = torch_device(cfg)?;
+    let report = offline::train(cfg, dataset, epochs, device)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "trained {} on {} edges x {} epochs in {:.1} s ({:.0} positive edges/s, {}), final loss {:.4}",
+            report.dataset, report.edges, report.epochs, report.seconds, report.edges_per_sec, report.device, report.final_loss
+        );
+    }
+    Ok(())
+}
+
+fn eval_offline(cfg: &Config, dataset: Dataset, split: &str, json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        split == "test" || split == "valid",
+        "--split must be test or valid"
+    );
+    let device = torch_device(cfg)?;
+    let report = offline::eval(cfg, dataset, split, device)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let m = &report.metrics;
+        println!(
+            "{dataset} {split}: MRR {:.4}  Hits@1 {:.4}  Hits@3 {:.4}  Hits@10 {:.4}  ({} rankings; {} edges with unseen nodes skipped)",
+            m.mrr, m.hits1, m.hits3, m.hits10, m.rankings, report.skipped_unseen
+        );
+    }
+    Ok(())
+}
+
+fn watch_daemon(
+    opts: &watch::WatchOptions,
+    timeline: Option<&std::path::Path>,
+    plot: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let samples = watch::watch(opts)?;
+    if let Some(path) = timeline {
+        watch::write_timeline(&samples, path)?;
+    }
+    if let Some(path) = plot {
+        watch::render_svg(&samples, path)?;
+    }
+    let summary = watch::summarize(&samples)
+        .ok_or_else(|| anyhow::anyhow!("no status was read from the daemon"))?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{summary}");
+        if let Some(path) = plot {
+            println!("plot        {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn inspect(cfg: &Config, path: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let path = path.unwrap_or(cfg.storage.path.clone());
+    let store = GraphStore::open_existing(&path).with_context(|| {
+        format!(
+            "opening {} (is the daemon still running on it?)",
+            path.display()
+        )
+    })?;
+    let summary = StoreSummary::read(&store)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
 }
 
 /// The libtorch device `torch.device` names, with `torch.threads` set.
 fn torch_device(cfg: &Config) -> anyhow::Result<tch::Device> {
-    twhin_stream::device::resolve(&cfg.torch.device, cfg.torch.threads).map_err(anyhow::Error::msg)
+    twhin_stream::train::resolve(&cfg.torch.device, cfg.torch.threads).map_err(anyhow::Error::msg)
 }
 
 fn block_on<F: std::future::Future>(fut: F) -> F::Output {

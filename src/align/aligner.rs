@@ -1,0 +1,527 @@
+//! The alignment actor (DESIGN §5): keeps each published version close to the one before, so
+//! models trained downstream on an earlier version keep working.
+//!
+//! At every publication the publisher hands it a CPU snapshot of the trainer's parameters and of
+//! the reference (the version subscribers hold). [`assess`] (pure) then
+//! 1. refuses a snapshot with non-finite values;
+//! 2. when `align.procrustes` is on, rotates it onto the anchor (the first published version,
+//!    persisted in `publish.path`) with the orthogonal Procrustes solution over the nodes both
+//!    have, and records the residual — a rotation of every table and relation vector changes no
+//!    dot, L2 or cosine score, so the model is rotated in place, not just its output;
+//! 3. measures drift against the reference and the anchor ([`crate::align::drift`]);
+//! 4. holds the version back when its drift from the reference exceeds `align.hard_limit`.
+//!
+//! After the version is acknowledged, [`PullController`] turns the measured drift into the
+//! strength of the L2 pull the trainer applies toward the new reference until the next version
+//! (`align.max_drift` is its target). A held version makes the lifecycle restore the trainer's
+//! newest checkpoint and sets the pull to `align.pull_max`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::rngs::SmallRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::AlignConfig;
+use tch::{Kind, Tensor};
+use tracing::{info, warn};
+
+use crate::align::{drift, procrustes, Drift};
+use crate::train::{load_snapshot, non_finite_rows, save_snapshot, Snapshot, SnapshotError};
+use crate::telemetry as m;
+
+/// The rows of every node type present in both `a` and `b` (the first `min(len)` rows of each
+/// table, nodes being numbered in order of arrival), stacked: `(a_rows, b_rows)`.
+pub fn shared_rows(a: &[Tensor], b: &[Tensor]) -> (Tensor, Tensor) {
+    let (mut xa, mut xb) = (Vec::new(), Vec::new());
+    for (ta, tb) in a.iter().zip(b) {
+        let n = ta.size()[0].min(tb.size()[0]);
+        if n > 0 {
+            xa.push(ta.narrow(0, 0, n));
+            xb.push(tb.narrow(0, 0, n));
+        }
+    }
+    if xa.is_empty() {
+        let d = a.first().map_or(0, |t| t.size()[1]);
+        let empty = Tensor::zeros([0, d], (Kind::Float, tch::Device::Cpu));
+        return (empty.shallow_clone(), empty);
+    }
+    (Tensor::cat(&xa, 0), Tensor::cat(&xb, 0))
+}
+
+/// Why a version was held back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Hold {
+    NonFinite { rows: i64 },
+    Drift { cosine_mean: f64, hard_limit: f64 },
+}
+
+impl Hold {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Hold::NonFinite { .. } => "non_finite",
+            Hold::Drift { .. } => "drift",
+        }
+    }
+}
+
+/// What the alignment found for one version (also in the version marker and `/v1/status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlignFigures {
+    /// Drift control was on for this version.
+    pub control: bool,
+    /// Against the version subscribers hold (none for the first version).
+    pub previous: Option<Drift>,
+    /// Against the anchor (none until one is published).
+    pub anchor: Option<Drift>,
+    /// Relative residual of the rotation onto the anchor, when one was applied.
+    pub procrustes_residual: Option<f64>,
+    /// Strength of the pull during the interval that produced this version.
+    pub pull: f64,
+}
+
+/// The outcome of [`assess`].
+pub struct Assessed {
+    pub figures: AlignFigures,
+    /// `[D, D]` to apply to the model before publishing (Procrustes onto the anchor).
+    pub rotation: Option<Tensor>,
+    pub hold: Option<Hold>,
+    /// The pull strength from now on (raised to `align.pull_max` after a hold).
+    pub pull: f64,
+}
+
+/// Assess `current` against the `reference` subscribers hold and the `anchor` (see the module
+/// docs). `rotate`: apply Procrustes onto the anchor. `seed` picks the overlap sample.
+pub fn assess(
+    current: &Snapshot,
+    reference: Option<&Snapshot>,
+    anchor: Option<&Snapshot>,
+    cfg: &AlignConfig,
+    rotate: bool,
+    pull: f64,
+    seed: u64,
+) -> Assessed {
+    tch::no_grad(|| {
+        let mut figures = AlignFigures {
+            control: cfg.enabled,
+            previous: None,
+            anchor: None,
+            procrustes_residual: None,
+            pull,
+        };
+        let bad = non_finite_rows(current);
+        if bad > 0 {
+            return Assessed {
+                figures,
+                rotation: None,
+                hold: Some(Hold::NonFinite { rows: bad }),
+                pull,
+            };
+        }
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut measure = |other: &Snapshot, now: &Snapshot| {
+            let (c, o) = shared_rows(&now.tables, &other.tables);
+            let n = c.size()[0] as usize;
+            if n == 0 {
+                return None;
+            }
+            let picked: Vec<i64> = sample(&mut rng, n, cfg.overlap_sample.min(n))
+                .into_iter()
+                .map(|i| i as i64)
+                .collect();
+            Some(drift(&c, &o, &Tensor::from_slice(&picked)))
+        };
+        let mut rotation = None;
+        let rotated;
+        let now = match anchor.filter(|_| rotate) {
+            Some(a) => {
+                let (c, o) = shared_rows(&current.tables, &a.tables);
+                if c.size()[0] >= c.size()[1] {
+                    let (r, residual) = procrustes(&c, &o);
+                    figures.procrustes_residual = Some(residual);
+                    rotated = current.rotated(&r);
+                    rotation = Some(r);
+                    &rotated
+                } else {
+                    current
+                }
+            }
+            None => current,
+        };
+        figures.previous = reference.and_then(|r| measure(r, now));
+        figures.anchor = anchor.and_then(|a| measure(a, now));
+        let hold = figures
+            .previous
+            .filter(|d| d.cosine_mean > cfg.hard_limit)
+            .map(|d| Hold::Drift {
+                cosine_mean: d.cosine_mean,
+                hard_limit: cfg.hard_limit,
+            });
+        Assessed {
+            figures,
+            rotation,
+            hold,
+            pull,
+        }
+    })
+}
+
+/// Adjusts the pull strength toward `target` drift: multiplied by `measured / target` (clamped
+/// to ×¼…×4 per version), within `[min, max]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PullController {
+    pub strength: f64,
+    pub target: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl PullController {
+    pub fn from_config(cfg: &AlignConfig) -> PullController {
+        PullController {
+            strength: if cfg.enabled { cfg.pull_init } else { 0.0 },
+            target: cfg.max_drift,
+            min: cfg.pull_min,
+            max: cfg.pull_max,
+        }
+    }
+
+    /// The strength after a version that drifted `measured` from its predecessor.
+    pub fn update(&mut self, measured: f64) -> f64 {
+        if self.strength == 0.0 || !measured.is_finite() {
+            return self.strength;
+        }
+        let ratio = (measured / self.target).clamp(0.25, 4.0);
+        self.strength = (self.strength * ratio).clamp(self.min, self.max);
+        self.strength
+    }
+
+    /// After a held version: pull as hard as allowed.
+    pub fn hold(&mut self) -> f64 {
+        if self.strength > 0.0 {
+            self.strength = self.max;
+        }
+        self.strength
+    }
+}
+
+/// Alignment figures shared with `/v1/status`.
+#[derive(Debug, Default)]
+pub struct AlignStatus {
+    pub last: Mutex<Option<(u64, AlignFigures)>>,
+    pub held: AtomicU64,
+    pub last_hold: Mutex<Option<Hold>>,
+    pub anchor_version: AtomicU64,
+    pull_bits: AtomicU64,
+}
+
+/// The `align` part of `/v1/status`.
+#[derive(Debug, Serialize)]
+pub struct AlignReport {
+    pub control: bool,
+    pub anchor_version: Option<u64>,
+    pub pull: f64,
+    pub last_version: Option<u64>,
+    pub last: Option<AlignFigures>,
+    pub held: u64,
+    pub last_hold: Option<Hold>,
+}
+
+impl AlignStatus {
+    pub fn report(&self, control: bool) -> AlignReport {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let anchor = self.anchor_version.load(Ordering::Relaxed);
+        AlignReport {
+            control,
+            anchor_version: (anchor > 0).then_some(anchor),
+            pull: f64::from_bits(self.pull_bits.load(Ordering::Relaxed)),
+            last_version: last.as_ref().map(|(v, _)| *v),
+            last: last.map(|(_, f)| f),
+            held: self.held.load(Ordering::Relaxed),
+            last_hold: self
+                .last_hold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    fn set_pull(&self, pull: f64) {
+        self.pull_bits.store(pull.to_bits(), Ordering::Relaxed);
+        metrics::gauge!(m::ALIGN_PULL).set(pull);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlignError {
+    #[error("alignment: {0}")]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// The anchor's file stem in `publish.path`.
+pub const ANCHOR: &str = "anchor";
+
+/// The alignment's state and logic without the actor: the anchor and the pull controller. The
+/// actor wraps it for the daemon; the offline stability measurement drives it directly, so both
+/// publish through the same decisions.
+pub struct Aligner {
+    cfg: AlignConfig,
+    rotate: bool,
+    /// Where the anchor persists (`publish.path`); `None` keeps it in memory only.
+    dir: Option<PathBuf>,
+    anchor: Option<(u64, Snapshot)>,
+    controller: PullController,
+    status: Arc<AlignStatus>,
+}
+
+impl Aligner {
+    /// `rotate`: Procrustes applies (config on and a rotation-invariant comparator). Loads the
+    /// anchor from `dir` when one was published before.
+    pub fn new(
+        cfg: AlignConfig,
+        rotate: bool,
+        dir: Option<PathBuf>,
+        status: Arc<AlignStatus>,
+    ) -> Result<Aligner, AlignError> {
+        let anchor = match &dir {
+            Some(dir) => load_snapshot(dir, ANCHOR)?.map(|(meta, s)| (meta.version, s)),
+            None => None,
+        };
+        if let Some((v, _)) = &anchor {
+            status.anchor_version.store(*v, Ordering::Relaxed);
+            info!(version = v, "alignment anchor loaded");
+        }
+        let controller = PullController::from_config(&cfg);
+        status.set_pull(controller.strength);
+        Ok(Aligner {
+            rotate: rotate && cfg.enabled && cfg.procrustes,
+            cfg,
+            dir,
+            anchor,
+            controller,
+            status,
+        })
+    }
+
+    /// The pull strength now.
+    pub fn pull(&self) -> f64 {
+        self.controller.strength
+    }
+
+    /// Assess version `version` (see [`assess`]); a hold is counted, logged and raises the pull.
+    pub fn assess(
+        &mut self,
+        version: u64,
+        current: &Snapshot,
+        reference: Option<&Snapshot>,
+    ) -> Assessed {
+        let mut out = assess(
+            current,
+            reference,
+            self.anchor.as_ref().map(|(_, s)| s),
+            &self.cfg,
+            self.rotate,
+            self.controller.strength,
+            version,
+        );
+        if let Some(hold) = &out.hold {
+            self.status.held.fetch_add(1, Ordering::Relaxed);
+            *self
+                .status
+                .last_hold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(hold.clone());
+            metrics::counter!(m::ALIGN_HELD, "reason" => hold.label()).increment(1);
+            let pull = self.controller.hold();
+            self.status.set_pull(pull);
+            out.pull = pull;
+            warn!(version, ?hold, pull, "version held back by the drift gate");
+        }
+        out
+    }
+
+    /// Version `version` was acknowledged with `figures`; `published` is what subscribers now
+    /// hold (the first one becomes the anchor). Returns the pull strength for the next interval.
+    pub fn adopt(
+        &mut self,
+        version: u64,
+        figures: &AlignFigures,
+        published: Snapshot,
+    ) -> Result<f64, AlignError> {
+        if self.anchor.is_none() {
+            if let Some(dir) = &self.dir {
+                save_snapshot(dir, ANCHOR, version, &published)?;
+            }
+            self.status.anchor_version.store(version, Ordering::Relaxed);
+            info!(version, "alignment anchor set");
+            self.anchor = Some((version, published));
+        }
+        for (against, d) in [("previous", &figures.previous), ("anchor", &figures.anchor)] {
+            if let Some(d) = d {
+                for (measure, v) in [
+                    ("cosine_mean", d.cosine_mean),
+                    ("cosine_p99", d.cosine_p99),
+                    ("relative_l2", d.relative_l2),
+                    ("knn_overlap", d.knn_overlap),
+                ] {
+                    metrics::gauge!(m::ALIGN_DRIFT, "against" => against, "measure" => measure)
+                        .set(v);
+                }
+            }
+        }
+        if let Some(r) = figures.procrustes_residual {
+            metrics::gauge!(m::ALIGN_RESIDUAL).set(r);
+        }
+        let pull = match &figures.previous {
+            Some(d) => self.controller.update(d.cosine_mean),
+            None => self.controller.strength,
+        };
+        self.status.set_pull(pull);
+        *self.status.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((version, figures.clone()));
+        Ok(pull)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn cfg() -> AlignConfig {
+        AlignConfig {
+            enabled: true,
+            max_drift: 0.02,
+            hard_limit: 0.5,
+            pull_init: 1.0,
+            pull_min: 0.01,
+            pull_max: 100.0,
+            procrustes: true,
+            overlap_sample: 64,
+        }
+    }
+
+    fn snapshot(seed: i64, rows: &[i64], dim: i64) -> Snapshot {
+        tch::manual_seed(seed);
+        Snapshot {
+            tables: rows
+                .iter()
+                .map(|&n| Tensor::randn([n, dim], (Kind::Float, Device::Cpu)))
+                .collect(),
+            relations: Tensor::randn([3, dim], (Kind::Float, Device::Cpu)),
+        }
+    }
+
+    fn random_rotation(dim: i64) -> Tensor {
+        let (q, _) = Tensor::linalg_qr(
+            &Tensor::randn([dim, dim], (Kind::Float, Device::Cpu)),
+            "reduced",
+        );
+        q
+    }
+
+    #[test]
+    fn controller_moves_the_pull_toward_the_target_within_bounds() {
+        let mut c = PullController::from_config(&cfg());
+        assert_eq!(c.update(0.04), 2.0); // twice the target: twice the pull
+        assert_eq!(c.update(0.01), 1.0); // half: half
+        assert_eq!(c.update(1.0), 4.0); // at most ×4 per version
+        assert_eq!(c.update(0.0), 1.0); // at most ÷4
+        for _ in 0..10 {
+            c.update(10.0);
+        }
+        assert_eq!(c.strength, 100.0);
+        assert_eq!(c.hold(), 100.0);
+        let mut off = PullController::from_config(&AlignConfig {
+            enabled: false,
+            ..cfg()
+        });
+        assert_eq!(off.update(1.0), 0.0);
+        assert_eq!(off.hold(), 0.0);
+    }
+
+    #[test]
+    fn shared_rows_takes_the_common_prefix_of_each_type() {
+        let a = snapshot(1, &[5, 0, 3], 4);
+        let b = snapshot(2, &[2, 7, 3], 4);
+        let (x, y) = shared_rows(&a.tables, &b.tables);
+        assert_eq!(x.size(), vec![5, 4]);
+        assert!(x.narrow(0, 0, 2).equal(&a.tables[0].narrow(0, 0, 2)));
+        assert!(y.narrow(0, 2, 3).equal(&b.tables[2]));
+    }
+
+    #[test]
+    fn a_rotated_model_is_rotated_back_onto_the_anchor_and_passes() {
+        let anchor = snapshot(3, &[200, 50], 16);
+        let r = random_rotation(16);
+        // The current model: the anchor turned by `r`, slightly trained, with 10 new rows.
+        let current = Snapshot {
+            tables: anchor
+                .tables
+                .iter()
+                .map(|t| {
+                    let turned = t.matmul(&r) + Tensor::randn_like(t) * 0.01;
+                    Tensor::cat(
+                        &[turned, Tensor::randn([10, 16], (Kind::Float, Device::Cpu))],
+                        0,
+                    )
+                })
+                .collect(),
+            relations: anchor.relations.matmul(&r),
+        };
+        let out = assess(&current, Some(&anchor), Some(&anchor), &cfg(), true, 1.0, 7);
+        assert!(out.hold.is_none());
+        let residual = out.figures.procrustes_residual.unwrap();
+        assert!(residual < 0.02, "residual {residual}");
+        let back = out.rotation.unwrap();
+        // The rotation found undoes `r`.
+        let product = r.matmul(&back);
+        assert!(product.allclose(
+            &Tensor::eye(16, (Kind::Float, Device::Cpu)),
+            1e-2,
+            1e-2,
+            false
+        ));
+        let d = out.figures.anchor.unwrap();
+        assert!(d.cosine_mean < 0.01 && d.knn_overlap > 0.9, "{d:?}");
+        // Without the rotation the same model looks like it moved everywhere.
+        let raw = assess(
+            &current,
+            Some(&anchor),
+            Some(&anchor),
+            &cfg(),
+            false,
+            1.0,
+            7,
+        );
+        assert!(raw.figures.previous.unwrap().cosine_mean > 0.5);
+        assert_eq!(
+            raw.hold.map(|h| h.label()),
+            Some("drift"),
+            "over align.hard_limit: held"
+        );
+    }
+
+    #[test]
+    fn the_gate_holds_a_version_with_non_finite_values() {
+        let current = snapshot(4, &[20, 20], 8);
+        let _ = current.tables[1].get(7).get(3).fill_(f64::NAN);
+        let _ = current.relations.get(0).fill_(f64::INFINITY);
+        let out = assess(&current, None, None, &cfg(), true, 1.0, 0);
+        assert_eq!(out.hold, Some(Hold::NonFinite { rows: 2 }));
+        assert!(out.rotation.is_none());
+    }
+
+    #[test]
+    fn the_first_version_has_nothing_to_compare_with() {
+        let current = snapshot(5, &[20], 8);
+        let out = assess(&current, None, None, &cfg(), true, 1.0, 0);
+        assert!(out.hold.is_none() && out.rotation.is_none());
+        assert_eq!(out.figures.previous, None);
+        assert_eq!(out.figures.anchor, None);
+    }
+}

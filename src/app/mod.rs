@@ -1,0 +1,316 @@
+//! The daemon (`twhin-stream run`): every stage built in [`run`], downstream first, each handed
+//! what it sends to; then it waits for the shutdown future the caller passes (the binary:
+//! SIGTERM/SIGINT; tests: a oneshot) or a failing stage, and stops in order: stop consuming,
+//! write what is pending, finish the training round, checkpoint, publish, flush, stop HTTP.
+
+mod supervisor;
+mod ticker;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn};
+
+use crate::align::{AlignActor, AlignStatus, Aligner, PullController};
+use crate::config::{Comparator, Config};
+use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
+use crate::kafka::{self, ApplyOutcome};
+use crate::publish::{
+    KafkaSink, Ledger, Publication, PublishedView, TrainerActorPort,
+    VersionSettings,
+};
+use crate::serve::{HttpState, ServingView};
+use crate::store::{GraphStore, StoreOptions, StoreSummary};
+use crate::telemetry as m;
+use crate::train::{SaveCheckpoint, TrainerActor, TrainerCore, TrainerStatus};
+
+pub use supervisor::{drive_training, Supervisor};
+pub use ticker::Ticker;
+
+pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<GraphStore>> {
+    let opts = StoreOptions {
+        cache_capacity_bytes: cfg.storage.cache_capacity_mb << 20,
+        dedup_window_ms: cfg.ingest.dedup_window_secs.saturating_mul(1000),
+        node_cache_entries: cfg.storage.node_cache_entries,
+    };
+    let store = GraphStore::open(&cfg.storage.path, &cfg.schema(), &opts).with_context(|| {
+        format!(
+            "opening storage.path = {} (is another twhin-stream using it?)",
+            cfg.storage.path.display()
+        )
+    })?;
+    Ok(Arc::new(store))
+}
+
+/// Run the daemon until `shutdown` completes or a stage fails. The broker must be reachable at
+/// `kafka.bootstrap_servers` (the binary starts the embedded one first when asked to).
+pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = m::init_metrics();
+    let defs = kafka::topic_defs(&cfg)?;
+    kafka::require_broker(&cfg)?;
+    cfg.check_data_layout()?;
+    let device =
+        crate::train::resolve(&cfg.torch.device, cfg.torch.threads).map_err(anyhow::Error::msg)?;
+    let torch = crate::train::info(device);
+    info!(?torch, "libtorch ready");
+    let store = open_store(&cfg)?;
+    let mut core = open_trainer(&cfg, &store, device)?;
+    let publication = match core.as_mut() {
+        Some(core) if cfg.publish.enabled => Some(open_publication(&cfg, core)?),
+        _ => None,
+    };
+    let bind = cfg.http_bind()?;
+    let cfg = Arc::new(cfg);
+
+    actix_rt::System::new().block_on(async move {
+        for (topic, outcome) in kafka::apply_topics(&cfg, &defs).await? {
+            if let ApplyOutcome::Created = outcome {
+                info!(topic, "topic created");
+            }
+        }
+        let ingest_status = Arc::new(IngestStatus::default());
+        let trainer_status = core.as_ref().map(|_| Arc::new(TrainerStatus::new()));
+        let align_status = Arc::new(AlignStatus::default());
+        let publish_status = publication.as_ref().map(Publication::status);
+
+        // Downstream first: serving, alignment, trainer, publication, store writer, ingest.
+        let serving = ServingView::new();
+        if let Some(view) = publication.as_ref().and_then(|p| restored_view(&cfg, p)) {
+            serving.publish(view);
+        }
+        let align = match &publication {
+            Some(_) => Some(start_aligner(&cfg, align_status.clone())?),
+            None => None,
+        };
+        let trainer = core.map(|core| {
+            let status = trainer_status.clone().expect("made with the core");
+            start_trainer(&cfg, core, store.clone(), status, device)
+        });
+        // Training pauses while a version is assessed and prepared, so the version published is
+        // exactly the one the alignment actor measured.
+        let model_turn = Arc::new(tokio::sync::Mutex::new(()));
+        let ticker = match (publication, &trainer, &align) {
+            (Some(publication), Some(trainer), Some(align)) => Some(Ticker {
+                publication: publication.with_freshness(ingest_status.freshness.clone()),
+                store: store.clone(),
+                trainer: TrainerActorPort {
+                    trainer: trainer.clone(),
+                    turn: model_turn.clone(),
+                },
+                align: align.clone(),
+                sink: KafkaSink::start(cfg.clone())
+                    .await
+                    .context("starting the version publisher")?,
+                serving: serving.clone(),
+            }),
+            _ => None,
+        };
+        let writer = {
+            let store = store.clone();
+            SyncArbiter::start(1, move || StoreWriter::new(store.clone()))
+        };
+        let (exit_tx, exit_rx) = oneshot::channel();
+        let ingest = {
+            let (cfg, store, status) = (cfg.clone(), store.clone(), ingest_status.clone());
+            IngestActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+                IngestActor::new(cfg, store, writer, status, exit_tx)
+            })
+        };
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut training = {
+            let idle = Duration::from_millis(cfg.trainer.idle_poll_ms);
+            let (trainer, status, turn, stop) = (
+                trainer.clone(),
+                trainer_status.clone(),
+                model_turn.clone(),
+                stop_rx.clone(),
+            );
+            actix_rt::spawn(async move {
+                match (trainer, status) {
+                    (Some(t), Some(s)) => drive_training(t, s, turn, idle, stop).await,
+                    _ => Ok(std::future::pending().await),
+                }
+            })
+        };
+        let publishing = ticker.map(|t| {
+            let every = Duration::from_secs(cfg.publish.interval_secs);
+            actix_rt::spawn(t.run(every, stop_rx.clone()))
+        });
+
+        let state = Arc::new(HttpState {
+            store: store.clone(),
+            ingest: ingest_status.clone(),
+            trainer: trainer_status,
+            metrics,
+            torch,
+            bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
+            engagements_topic: cfg.kafka.engagements_topic.clone(),
+            started: Instant::now(),
+            serving: serving.clone(),
+            align: align_status.clone(),
+            align_control: cfg.align.enabled,
+            publish: publish_status,
+            bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
+            rate: Default::default(),
+        });
+        let (http, addr) = crate::serve::start(bind, state)
+            .with_context(|| format!("binding http.bind = {bind}"))?;
+        info!(%addr, "http listening");
+
+        let mut training_done = false;
+        let outcome = tokio::select! {
+            _ = shutdown => { info!("shutdown requested"); Ok(()) }
+            r = exit_rx => ingest_ended(r),
+            r = &mut training => {
+                training_done = true;
+                match r.map_err(|e| anyhow::anyhow!("trainer driver panicked: {e}"))? {
+                    Ok(()) => Err(anyhow::anyhow!("trainer stopped unexpectedly")),
+                    Err(e) => Err(e.context("trainer failed")),
+                }
+            }
+        };
+
+        // Stop in pipeline order: nothing new comes in, the trainer finishes its round and
+        // checkpoints, the last version goes out, the store is flushed.
+        let _ = ingest.send(StopIngest).await;
+        let _ = stop_tx.send(true);
+        if !training_done {
+            if let Ok(Err(e)) = training.await {
+                warn!(error = %e, "trainer failed while stopping");
+            }
+        }
+        let ticker = match publishing {
+            Some(task) => task.await.ok(),
+            None => None,
+        };
+        if let Some(trainer) = &trainer {
+            match trainer.send(SaveCheckpoint).await {
+                Ok(Ok(version)) => info!(version, "final checkpoint"),
+                Ok(Err(e)) => warn!(error = %e, "final checkpoint failed"),
+                Err(e) => warn!(error = %e, "trainer unreachable for the final checkpoint"),
+            }
+        }
+        if let Some(mut ticker) = ticker {
+            if let Err(e) = ticker.publish_once().await {
+                warn!(error = %format!("{e:#}"), "final publication failed");
+            }
+        }
+        store.flush().context("final flush")?;
+        http.stop(true).await;
+        System::current().stop();
+        let summary = StoreSummary::read(&store)?;
+        info!(edges_total = summary.edges_total, nodes = ?summary.nodes, "stopped");
+        outcome
+    })
+}
+
+/// The trainer resumed from its newest checkpoint (`None` when `trainer.enabled = false`).
+fn open_trainer(
+    cfg: &Config,
+    store: &GraphStore,
+    device: tch::Device,
+) -> anyhow::Result<Option<TrainerCore>> {
+    if !cfg.trainer.enabled {
+        info!("trainer.enabled = false: ingest only");
+        return Ok(None);
+    }
+    let core = TrainerCore::open(cfg, store, device).with_context(|| {
+        format!(
+            "resuming the trainer from trainer.checkpoint_path = {}",
+            cfg.trainer.checkpoint_path.display()
+        )
+    })?;
+    Ok(Some(core))
+}
+
+/// The publication from the ledger in `publish.path`; the trainer pulls toward the restored
+/// reference from the start.
+fn open_publication(cfg: &Config, core: &mut TrainerCore) -> anyhow::Result<Publication> {
+    let ledger = Ledger::open(&cfg.publish.path)?;
+    info!(
+        last_version = ledger.state().last_version,
+        epoch = ledger.state().epoch,
+        "publisher ready"
+    );
+    let settings = VersionSettings {
+        format: cfg.publish.format,
+        threshold: cfg.publish.row_threshold,
+        comparator: cfg.train.comparator,
+    };
+    let publication = Publication::open(ledger, settings, Some(cfg.publish.path.clone()))?;
+    let target = publication.reference().map(|(_, s)| s);
+    core.set_pull(
+        PullController::from_config(&cfg.align).strength,
+        target.as_ref(),
+    );
+    Ok(publication)
+}
+
+/// The restored reference as the served version (rows have no event times until the next one).
+fn restored_view(cfg: &Config, publication: &Publication) -> Option<PublishedView> {
+    let (version, params) = publication.reference()?;
+    Some(PublishedView {
+        version,
+        epoch: 0,
+        comparator: cfg.train.comparator,
+        tables: params.tables,
+        relations: params.relations,
+        row_ts: Vec::new(),
+    })
+}
+
+fn start_aligner(cfg: &Config, status: Arc<AlignStatus>) -> anyhow::Result<Addr<AlignActor>> {
+    let rotate = cfg.train.comparator != Comparator::L1;
+    let actor = AlignActor(Aligner::new(
+        cfg.align.clone(),
+        rotate,
+        Some(cfg.publish.path.clone()),
+        status,
+    )?);
+    let slot = Mutex::new(Some(actor));
+    Ok(SyncArbiter::start(1, move || {
+        slot.lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .expect("one alignment actor")
+    }))
+}
+
+fn start_trainer(
+    cfg: &Arc<Config>,
+    core: TrainerCore,
+    store: Arc<GraphStore>,
+    status: Arc<TrainerStatus>,
+    device: tch::Device,
+) -> Addr<TrainerActor> {
+    let slot = Arc::new(Mutex::new(Some(core)));
+    let cfg = cfg.clone();
+    SyncArbiter::start(1, move || {
+        TrainerActor::new(&cfg, slot.clone(), store.clone(), status.clone(), device)
+    })
+}
+
+fn ingest_ended(
+    r: Result<Result<(), IngestError>, oneshot::error::RecvError>,
+) -> anyhow::Result<()> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("ingest failed")),
+        Err(_) => Err(anyhow::anyhow!("ingest actor vanished")),
+    }
+}
+
+/// SIGTERM or SIGINT, whichever comes first (what the binary passes to [`run`]).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

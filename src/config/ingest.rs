@@ -1,0 +1,51 @@
+//! `[storage]` and `[ingest]`: where the graph lives and how events become edges.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{invalid, positive, ConfigError, Validate};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    pub cache_capacity_mb: u64,
+    pub node_cache_entries: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub batch_max_events: usize,
+    pub batch_max_wait_ms: u64,
+    pub max_event_bytes: usize,
+    pub max_id_bytes: usize,
+    pub dedup_window_secs: u64,
+    pub dlq_timeout_ms: u64,
+}
+
+impl Validate for StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(invalid("storage.path", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+impl Validate for IngestConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let i = self;
+        positive("ingest.batch_max_events", i.batch_max_events as u64)?;
+        positive("ingest.batch_max_wait_ms", i.batch_max_wait_ms)?;
+        positive("ingest.dlq_timeout_ms", i.dlq_timeout_ms)?;
+        if i.max_event_bytes < 64 {
+            return Err(invalid("ingest.max_event_bytes", "must be at least 64"));
+        }
+        if i.max_id_bytes == 0 || i.max_id_bytes > 4096 {
+            return Err(invalid("ingest.max_id_bytes", "must be in 1..=4096"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,16 @@
+//! Offline: the commands that run the daemon's stages without Kafka, and the datasets.
+//!
+//! Owns the real datasets as events, `train` / `eval` on their splits, the warm-start and
+//! downstream-stability measurements, `replay` (a dataset produced to the engagements topic)
+//! and `watch` (a running daemon's figures over time). Uses the store, train, align and publish
+//! stages as the daemon does; hands on reports.
+
+mod datasets;
+pub mod replay;
+mod stability;
+mod train_eval;
+pub mod watch;
+
+pub use datasets::*;
+pub use stability::*;
+pub use train_eval::*;

@@ -1,0 +1,613 @@
+//! Downstream stability (DESIGN §5: "the proof that it works is downstream"): does a model
+//! trained once on an early version keep working on later ones?
+//!
+//! MovieLens-100k is streamed in time order (the knowledge graph, then every rating) through a
+//! fresh store and the daemon's own trainer ([`TrainerCore`]) and alignment ([`Aligner`]); versions
+//! are cut at evenly spaced points of the rating stream and go through the publisher's decisions
+//! (assess → gate → rotate → rows that moved → commit → adopt → pull), without Kafka. A logistic
+//! regression is fitted once on version 1's embeddings of labelled nodes (user gender, or one
+//! movie genre against the rest), frozen, and scored on the same held-out nodes in every later
+//! version. The whole run is repeated with drift control on and off (`align.enabled`), from the
+//! same seed.
+//!
+//! Labels and the classifier are plain: the point is not the classifier's quality but whether a
+//! consumer of version 1 still gets it on version N.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+use tracing::info;
+
+use crate::align::{AlignStatus, Aligner, Drift};
+use crate::config::{Comparator, Config, ValueFormat};
+use crate::offline::{self, run_dir, stream_start, Dataset};
+use crate::publish::{
+    publish_in_process, InProcessTrainer, Ledger, MemorySink, Outcome, Publication,
+    VersionSettings,
+};
+use crate::store::{AppendBatch, GraphStore};
+use crate::train::TrainerCore;
+
+/// What the frozen classifier predicts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Label {
+    /// A user's gender (`ml-100k.user`), from user embeddings.
+    Gender,
+    /// Whether a movie has this genre (`ml-100k.item`), from movie embeddings.
+    Genre(String),
+}
+
+impl FromStr for Label {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Label, String> {
+        match s.split_once(':') {
+            None if s == "gender" => Ok(Label::Gender),
+            Some(("genre", g)) if !g.is_empty() => Ok(Label::Genre(g.to_owned())),
+            _ => Err(format!(
+                "unknown label {s:?}; expected gender or genre:<name> (e.g. genre:Drama)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Label::Gender => f.write_str("gender"),
+            Label::Genre(g) => write!(f, "genre:{g}"),
+        }
+    }
+}
+
+/// How the measurement runs (also the `stability` command's flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct StabilityOptions {
+    /// gender (users) or genre:<name> (movies, e.g. genre:Drama).
+    #[arg(long, default_value = "gender")]
+    pub label: Label,
+    /// Versions cut from the rating stream (at least 2).
+    #[arg(long, default_value_t = 12)]
+    pub versions: usize,
+    /// Share of the ratings streamed before version 1 (its nodes are the classifier's).
+    #[arg(long, default_value_t = 0.3)]
+    pub first_fraction: f64,
+    /// Share of version 1's labelled nodes held out to score the classifier.
+    #[arg(long, default_value_t = 0.3)]
+    pub holdout: f64,
+    /// Stream only the first N ratings (all by default).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Epochs over everything stored before version 1 (shuffled), as a batch trainer would run
+    /// before a streaming deployment takes over its embeddings (not its optimiser state); 0
+    /// streams from the start.
+    #[arg(long, default_value_t = 0)]
+    pub bootstrap_epochs: usize,
+}
+
+/// One version of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionFigures {
+    pub version: u64,
+    /// Ratings streamed when the version was cut.
+    pub ratings: usize,
+    /// Accuracy of the frozen classifier on the held-out nodes' rows of this version.
+    pub accuracy: f64,
+    /// Mean of the per-class recalls (the classes are unbalanced).
+    pub balanced_accuracy: f64,
+    /// Drift from the previous version, and from version 1 (the anchor).
+    pub previous: Option<Drift>,
+    pub anchor: Option<Drift>,
+    pub procrustes_residual: Option<f64>,
+    pub pull: f64,
+    /// Rows the version carried (moved or new nodes, plus relations).
+    pub rows: u64,
+    /// Prequential Hits@10 of the trainer's recent test-then-train ranks: what the pull costs
+    /// in fitting new edges. Over every relation (the knowledge graph's too), and over the
+    /// ratings alone.
+    pub prequential_hits10: Option<f64>,
+    pub ratings_hits10: Option<f64>,
+}
+
+/// One run (drift control on or off).
+#[derive(Debug, Clone, Serialize)]
+pub struct StabilityRun {
+    pub control: bool,
+    pub versions: Vec<VersionFigures>,
+    /// Versions the gate held back.
+    pub held: u64,
+    /// The classifier's accuracy on the nodes it was fitted on (version 1).
+    pub fit_accuracy: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StabilityReport {
+    pub dataset: String,
+    pub label: String,
+    pub classifier_nodes: usize,
+    pub holdout_nodes: usize,
+    /// Accuracy of always answering the held-out set's most frequent class.
+    pub majority_baseline: f64,
+    pub on: StabilityRun,
+    pub off: StabilityRun,
+}
+
+/// The classifier's L2 penalty: a few hundred nodes in 128 dimensions overfit without it.
+const L2_PENALTY: f64 = 0.1;
+
+/// A logistic regression on standardised features, fitted by full-batch gradient descent with an
+/// L2 penalty. Pure: tensors in, tensors out, deterministic for the same input.
+pub struct LogisticRegression {
+    mean: Tensor,
+    std: Tensor,
+    w: Tensor,
+    b: f64,
+}
+
+impl LogisticRegression {
+    /// Fit on `x [N, D]` and labels `y [N]` (0/1 floats).
+    pub fn fit(x: &Tensor, y: &Tensor, l2: f64, iterations: usize, lr: f64) -> LogisticRegression {
+        tch::no_grad(|| {
+            let x = x.to_kind(Kind::Double);
+            let y = y.to_kind(Kind::Double);
+            let mean = x.mean_dim(0, false, Kind::Double);
+            let std = x.std_dim(0, false, false).clamp_min(1e-8);
+            let z = (&x - &mean) / &std;
+            let n = z.size()[0] as f64;
+            let mut w = Tensor::zeros([z.size()[1]], (Kind::Double, x.device()));
+            let mut b = 0.0f64;
+            for _ in 0..iterations {
+                let p = (z.mv(&w) + b).sigmoid();
+                let err = &p - &y;
+                let grad_w = z.transpose(0, 1).mv(&err) / n + &w * l2;
+                let grad_b = err.mean(Kind::Double).double_value(&[]);
+                w -= grad_w * lr;
+                b -= grad_b * lr;
+            }
+            LogisticRegression { mean, std, w, b }
+        })
+    }
+
+    /// Predicted labels (0/1) of `x [N, D]`.
+    pub fn predict(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let z = (x.to_kind(Kind::Double) - &self.mean) / &self.std;
+            (z.mv(&self.w) + self.b).gt(0.0).to_kind(Kind::Double)
+        })
+    }
+}
+
+/// `(accuracy, balanced accuracy)` of predictions against labels (both 0/1, `[N]`).
+pub fn accuracies(predicted: &Tensor, y: &Tensor) -> (f64, f64) {
+    let y = y.to_kind(Kind::Double);
+    let right = predicted.eq_tensor(&y).to_kind(Kind::Double);
+    let accuracy = right.mean(Kind::Double).double_value(&[]);
+    let recall = |class: f64| {
+        let mask = y.eq(class).to_kind(Kind::Double);
+        let n = mask.sum(Kind::Double).double_value(&[]);
+        (n > 0.0).then(|| (&right * &mask).sum(Kind::Double).double_value(&[]) / n)
+    };
+    let recalls: Vec<f64> = [0.0, 1.0].into_iter().filter_map(recall).collect();
+    let balanced = recalls.iter().sum::<f64>() / recalls.len().max(1) as f64;
+    (accuracy, balanced)
+}
+
+/// Labelled nodes: `(node type name, [(node id "type:id", label 0/1)])`.
+fn labelled_nodes(
+    cfg: &Config,
+    label: &Label,
+) -> anyhow::Result<(&'static str, Vec<(String, f64)>)> {
+    let dir = &cfg.datasets.dir;
+    Ok(match label {
+        Label::Gender => (
+            "user",
+            offline::movielens_users(dir)?
+                .into_iter()
+                .map(|u| {
+                    let female = if u.gender == "F" { 1.0 } else { 0.0 };
+                    (u.node, female)
+                })
+                .collect(),
+        ),
+        Label::Genre(g) => {
+            let movies = offline::movielens_genres(dir)?;
+            if !movies.iter().any(|(_, gs)| gs.contains(g)) {
+                anyhow::bail!("no movie of ml-100k.item has the genre {g:?}");
+            }
+            (
+                "movie",
+                movies
+                    .into_iter()
+                    .map(|(node, gs)| {
+                        let has = if gs.contains(g) { 1.0 } else { 0.0 };
+                        (node, has)
+                    })
+                    .collect(),
+            )
+        }
+    })
+}
+
+/// The classifier fitted at version 1, the table it reads and the held-out `(index, label)`s.
+type Frozen = (LogisticRegression, usize, Vec<(i64, f64)>);
+
+/// The labelled nodes version 1 covers, split into the classifier's and the held-out ones:
+/// `(type id, train [(dense index, label)], held-out [(dense index, label)])`.
+type Split = (usize, Vec<(i64, f64)>, Vec<(i64, f64)>);
+
+fn split_labelled(
+    store: &GraphStore,
+    t: usize,
+    rows: i64,
+    labelled: &[(String, f64)],
+    holdout: f64,
+    seed: u64,
+) -> anyhow::Result<Split> {
+    let mut present = Vec::new();
+    for (node, y) in labelled {
+        let id = node.split_once(':').map_or(node.as_str(), |(_, id)| id);
+        if let Some(i) = store.node_index(t as u16, id)? {
+            if (i as i64) < rows {
+                present.push((i as i64, *y));
+            }
+        }
+    }
+    present.shuffle(&mut SmallRng::seed_from_u64(seed));
+    let held = ((present.len() as f64) * holdout).round() as usize;
+    let train = present.split_off(held);
+    Ok((t, train, present))
+}
+
+fn features(table: &Tensor, nodes: &[(i64, f64)]) -> (Tensor, Tensor) {
+    let idx: Vec<i64> = nodes.iter().map(|(i, _)| *i).collect();
+    let y: Vec<f64> = nodes.iter().map(|(_, y)| *y).collect();
+    (
+        table.index_select(0, &Tensor::from_slice(&idx)),
+        Tensor::from_slice(&y),
+    )
+}
+
+/// Run the measurement with drift control on and off.
+pub fn measure(
+    cfg: &Config,
+    device: Device,
+    opts: &StabilityOptions,
+) -> anyhow::Result<StabilityReport> {
+    anyhow::ensure!(opts.versions >= 2, "--versions: at least 2");
+    anyhow::ensure!(
+        opts.first_fraction > 0.0 && opts.first_fraction < 1.0,
+        "--first-fraction: between 0 and 1"
+    );
+    anyhow::ensure!(
+        opts.holdout > 0.0 && opts.holdout < 1.0,
+        "--holdout: between 0 and 1"
+    );
+    let (node_type, labelled) = labelled_nodes(cfg, &opts.label)?;
+    let mut baseline = None;
+    let mut runs = Vec::new();
+    for control in [true, false] {
+        let (run, split) = run_once(cfg, device, opts, control, node_type, &labelled)?;
+        baseline.get_or_insert(split);
+        runs.push(run);
+    }
+    let (classifier_nodes, holdout, majority_baseline) = baseline.expect("two runs");
+    let off = runs.pop().expect("two runs");
+    let on = runs.pop().expect("two runs");
+    Ok(StabilityReport {
+        dataset: Dataset::MovieLens100k.name().into(),
+        label: opts.label.to_string(),
+        classifier_nodes,
+        holdout_nodes: holdout,
+        majority_baseline,
+        on,
+        off,
+    })
+}
+
+/// One run: `(figures, (classifier nodes, held-out nodes, majority baseline))`.
+fn run_once(
+    cfg: &Config,
+    device: Device,
+    opts: &StabilityOptions,
+    control: bool,
+    node_type: &str,
+    labelled: &[(String, f64)],
+) -> anyhow::Result<(StabilityRun, (usize, usize, f64))> {
+    let dataset = Dataset::MovieLens100k;
+    let dir = run_dir(cfg, dataset).join(if control {
+        "stability-on"
+    } else {
+        "stability-off"
+    });
+    let (store, mut events, mut core) = stream_start(
+        cfg,
+        dataset,
+        &["train", "valid", "test"],
+        &dir,
+        cfg.trainer.clone(),
+        device,
+    )?;
+    let schema = cfg.schema();
+    let rated = |e: &crate::schema::Event| schema.relation(e.rel).name.starts_with("rated_");
+    let kg_end = events.iter().position(rated).unwrap_or(events.len());
+    let ratings = (events.len() - kg_end).min(opts.limit.unwrap_or(usize::MAX));
+    events.truncate(kg_end + ratings);
+    // Version k (1-based) is cut once this many ratings are trained.
+    let first = (ratings as f64 * opts.first_fraction) as usize;
+    let cuts: Vec<usize> = (0..opts.versions)
+        .map(|k| first + (ratings - first) * k / (opts.versions - 1))
+        .collect();
+
+    let p = &cfg.train;
+    let mut align_cfg = cfg.align.clone();
+    align_cfg.enabled = control;
+    let mut aligner = Aligner::new(
+        align_cfg,
+        p.comparator != Comparator::L1,
+        None,
+        Arc::new(AlignStatus::default()),
+    )?;
+    core.set_pull(aligner.pull(), None);
+    let settings = VersionSettings {
+        format: ValueFormat::F32le,
+        threshold: cfg.publish.row_threshold,
+        comparator: p.comparator,
+    };
+    let mut publication = Publication::open(Ledger::in_memory(), settings, None)?;
+    let mut sink = MemorySink::default();
+
+    let mut out = StabilityRun {
+        control,
+        versions: Vec::new(),
+        held: 0,
+        fit_accuracy: f64::NAN,
+    };
+    // Fitted at version 1: the model, the node type's table, the held-out nodes.
+    let mut classifier: Option<Frozen> = None;
+    let mut split_info = (0, 0, 0.0);
+    let mut next_cut = 0;
+    let mut streamed = 0usize;
+    for chunk in events.chunks(p.batch_size) {
+        let batch = AppendBatch::from_events("stability", streamed as i64, chunk.iter().cloned());
+        store.append(&batch)?;
+        while core.step(&store)?.stats.is_some() {}
+        streamed += chunk.len();
+        let rated_so_far = streamed.saturating_sub(kg_end);
+        if next_cut >= cuts.len() || rated_so_far < cuts[next_cut] || streamed <= kg_end {
+            continue;
+        }
+        next_cut += 1;
+        if publication.ledger().next_version() == 1 && opts.bootstrap_epochs > 0 {
+            bootstrap(&mut core, &store, p, opts.bootstrap_epochs)?;
+        }
+        let mut trainer = InProcessTrainer {
+            core: &mut core,
+            checkpoints: None,
+        };
+        let published =
+            publish_in_process(&mut publication, &store, &mut trainer, &mut aligner, &mut sink)?;
+        let (prepared, view, figures) = match published {
+            Outcome::Committed {
+                prepared,
+                view,
+                figures,
+            } => (prepared, view, figures),
+            Outcome::Held(_) => {
+                out.held += 1;
+                continue;
+            }
+            Outcome::Unchanged => continue,
+        };
+        let version = prepared.marker.version;
+
+        if classifier.is_none() {
+            let t = type_index(&store, node_type)?;
+            let (t, train, held) = split_labelled(
+                &store,
+                t,
+                view.tables[t].size()[0],
+                labelled,
+                opts.holdout,
+                p.seed,
+            )?;
+            anyhow::ensure!(
+                train.len() >= 20 && !held.is_empty(),
+                "version 1 covers too few labelled {node_type} nodes ({} to fit, {} held out); raise --first-fraction",
+                train.len(),
+                held.len()
+            );
+            let (x, y) = features(&view.tables[t], &train);
+            let model = LogisticRegression::fit(&x, &y, L2_PENALTY, 500, 0.5);
+            out.fit_accuracy = accuracies(&model.predict(&x), &y).0;
+            let positives = held.iter().filter(|(_, y)| *y > 0.5).count() as f64;
+            let share = positives / held.len() as f64;
+            split_info = (train.len(), held.len(), share.max(1.0 - share));
+            classifier = Some((model, t, held));
+        }
+        let (model, t, held) = classifier.as_ref().expect("fitted at version 1");
+        let (x, y) = features(&view.tables[*t], held);
+        let (accuracy, balanced_accuracy) = accuracies(&model.predict(&x), &y);
+        info!(
+            control,
+            version,
+            rated_so_far,
+            accuracy,
+            drift = figures.previous.map(|d| d.cosine_mean),
+            pull = figures.pull,
+            "stability: version"
+        );
+        out.versions.push(VersionFigures {
+            version,
+            ratings: rated_so_far,
+            accuracy,
+            balanced_accuracy,
+            previous: figures.previous,
+            anchor: figures.anchor,
+            procrustes_residual: figures.procrustes_residual,
+            pull: figures.pull,
+            rows: prepared.marker.rows,
+            prequential_hits10: core.window.figures().map(|(_, hits)| hits),
+            ratings_hits10: ratings_hits10(&core, &schema),
+        });
+    }
+    Ok((out, split_info))
+}
+
+/// `epochs` passes over every stored edge, shuffled, with the daemon's training step.
+fn bootstrap(
+    core: &mut TrainerCore,
+    store: &GraphStore,
+    p: &crate::train::TrainParams,
+    epochs: usize,
+) -> anyhow::Result<()> {
+    let mut edges: Vec<_> = store
+        .edges_from(0, usize::MAX)?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let mut rng = SmallRng::seed_from_u64(p.seed ^ 0xb007);
+    for _ in 0..epochs {
+        edges.shuffle(&mut rng);
+        for chunk in edges.chunks(p.batch_size) {
+            crate::train::train_step(&mut core.model, chunk, p, &mut rng);
+        }
+    }
+    // The streaming deployment takes over the batch trainer's parameters, not its optimiser
+    // state (PyTorch-BigGraph and TwHIN export embeddings only).
+    tch::no_grad(|| {
+        for table in &mut core.model.tables {
+            let _ = table.state.zero_();
+        }
+        let _ = core.model.relation_state.zero_();
+    });
+    Ok(())
+}
+
+/// Hits@10 over the trainer's rating windows (`rated_*`), weighted by their lengths.
+fn ratings_hits10(core: &TrainerCore, schema: &crate::schema::Schema) -> Option<f64> {
+    let (mut hits, mut n) = (0.0, 0usize);
+    for (&rel, window) in &core.by_relation {
+        if !schema.relation(rel).name.starts_with("rated_") {
+            continue;
+        }
+        if let Some((_, h)) = window.figures() {
+            hits += h * window.len() as f64;
+            n += window.len();
+        }
+    }
+    (n > 0).then(|| hits / n as f64)
+}
+
+fn type_index(store: &GraphStore, name: &str) -> anyhow::Result<usize> {
+    store
+        .stored_schema()
+        .node_types
+        .iter()
+        .position(|n| n == name)
+        .ok_or_else(|| anyhow::anyhow!("the schema has no node type {name:?}"))
+}
+
+impl StabilityReport {
+    /// The table the closing notes and the README quote.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "downstream stability on {} ({}): logistic regression fitted on version 1 ({} nodes), scored on {} held-out nodes; majority baseline {:.3}",
+            self.dataset, self.label, self.classifier_nodes, self.holdout_nodes, self.majority_baseline
+        );
+        let _ = writeln!(
+            s,
+            "{:>7} {:>8} | {:>6} {:>6} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>7} {:>7} {:>7}",
+            "", "", "on:", "", "", "", "", "off:", "", "", "", ""
+        );
+        let _ = writeln!(
+            s,
+            "{:>7} {:>8} | {:>6} {:>6} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>7} {:>7} {:>7}",
+            "version",
+            "ratings",
+            "acc",
+            "bal",
+            "drift",
+            "anchor",
+            "hits10",
+            "acc",
+            "bal",
+            "drift",
+            "anchor",
+            "hits10"
+        );
+        let f = |d: &Option<Drift>| d.map_or("-".to_owned(), |d| format!("{:.4}", d.cosine_mean));
+        let h = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
+        for (a, b) in self.on.versions.iter().zip(&self.off.versions) {
+            let _ = writeln!(
+                s,
+                "{:>7} {:>8} | {:>6.3} {:>6.3} {:>7} {:>7} {:>7} | {:>6.3} {:>6.3} {:>7} {:>7} {:>7}",
+                a.version,
+                a.ratings,
+                a.accuracy,
+                a.balanced_accuracy,
+                f(&a.previous),
+                f(&a.anchor),
+                h(a.ratings_hits10),
+                b.accuracy,
+                b.balanced_accuracy,
+                f(&b.previous),
+                f(&b.anchor),
+                h(b.ratings_hits10),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "drift = mean cosine distance of shared rows from the previous version / from version 1; h@10 r = prequential Hits@10 of the ratings; held: on {}, off {}; fit accuracy on {:.3}, off {:.3}",
+            self.on.held, self.off.held, self.on.fit_accuracy, self.off.fit_accuracy
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse_and_print() {
+        assert_eq!("gender".parse::<Label>(), Ok(Label::Gender));
+        assert_eq!(
+            "genre:Drama".parse::<Label>(),
+            Ok(Label::Genre("Drama".into()))
+        );
+        assert!("genre:".parse::<Label>().is_err());
+        assert!("age".parse::<Label>().is_err());
+        assert_eq!(Label::Genre("Sci-Fi".into()).to_string(), "genre:Sci-Fi");
+    }
+
+    #[test]
+    fn logistic_regression_separates_a_separable_set_and_scores_golden_accuracies() {
+        // Label = first coordinate > 0; the second coordinate is noise.
+        let x = Tensor::from_slice(&[
+            -2.0f32, 0.3, -1.0, -0.7, -0.5, 0.9, 0.5, -0.2, 1.0, 0.4, 2.0, -0.9,
+        ])
+        .view([6, 2]);
+        let y = Tensor::from_slice(&[0.0f64, 0.0, 0.0, 1.0, 1.0, 1.0]);
+        let model = LogisticRegression::fit(&x, &y, 1e-3, 300, 0.5);
+        let (acc, bal) = accuracies(&model.predict(&x), &y);
+        assert_eq!((acc, bal), (1.0, 1.0));
+        // A rotation of the inputs by 90 degrees breaks the frozen model (what drift does).
+        let turned = x.matmul(&Tensor::from_slice(&[0.0f32, -1.0, 1.0, 0.0]).view([2, 2]));
+        let (acc, _) = accuracies(&model.predict(&turned), &y);
+        assert!(acc < 0.7, "{acc}");
+        // Golden: 2 of 4 right, one per class of 3 + 1.
+        let p = Tensor::from_slice(&[1.0f64, 0.0, 0.0, 0.0]);
+        let t = Tensor::from_slice(&[1.0f64, 1.0, 1.0, 0.0]);
+        let (acc, bal) = accuracies(&p, &t);
+        assert_eq!(acc, 0.5);
+        assert!((bal - (1.0 / 3.0 + 1.0) / 2.0).abs() < 1e-12);
+    }
+}

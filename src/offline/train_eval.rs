@@ -1,0 +1,340 @@
+//! Offline mode on the same code: `train --dataset NAME --epochs N` loads the dataset's train
+//! split into a fresh store and trains it with [`crate::train::train_step`]; `eval --dataset NAME`
+//! ranks the test split with the saved model. Used to compare with batch trainers on their own
+//! standard splits.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use tch::{Device, Tensor};
+use tracing::info;
+
+use crate::train::{schema_fingerprint, Checkpoints};
+use crate::config::Config;
+use crate::offline::{self, Dataset};
+use crate::train::{evaluate, Filter, RankMetrics, Triple};
+use crate::train::Embeddings;
+use crate::schema::{decode_event, Schema};
+use crate::store::{AppendBatch, GraphStore, StoreOptions};
+use crate::train::train_step;
+
+/// Where offline runs keep their store and model: `<storage.path>/../offline/<dataset>/`.
+pub fn run_dir(cfg: &Config, dataset: Dataset) -> PathBuf {
+    let base = cfg.storage.path.parent().unwrap_or(Path::new("."));
+    base.join("offline").join(dataset.name())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub dataset: String,
+    pub edges: u64,
+    pub epochs: usize,
+    pub seconds: f64,
+    /// Positive edges trained per second (steps only, not loading).
+    pub edges_per_sec: f64,
+    pub final_loss: f64,
+    pub skipped_steps: u64,
+    pub device: String,
+}
+
+/// Remove a folder left by an earlier run, if any.
+pub(crate) fn clear_dir(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        std::fs::remove_dir_all(path).with_context(|| format!("clearing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A store for an offline run: no Kafka, so no event-id deduplication.
+pub fn open_offline_store(path: &Path, schema: &Schema) -> anyhow::Result<GraphStore> {
+    let opts = StoreOptions {
+        dedup_window_ms: 0,
+        ..Default::default()
+    };
+    Ok(GraphStore::open(path, schema, &opts)?)
+}
+
+/// Load a split's triples as events, resolved by the schema (the replay path's decoder).
+pub fn split_events(
+    cfg: &Config,
+    schema: &Schema,
+    dataset: Dataset,
+    split: &str,
+) -> anyhow::Result<Vec<crate::schema::Event>> {
+    let limits = cfg.decode_limits();
+    offline::replay_events(&cfg.datasets.dir, dataset, &[split.to_owned()])?
+        .into_iter()
+        .map(|e| {
+            decode_event(schema, &limits, Some(e.payload().as_bytes()), 0)
+                .map_err(|err| anyhow::anyhow!("{dataset} {split}: {}: {err}", e.payload()))
+        })
+        .collect()
+}
+
+/// Train from scratch on the train split; saves the model in [`run_dir`].
+pub fn train(
+    cfg: &Config,
+    dataset: Dataset,
+    epochs: usize,
+    device: Device,
+) -> anyhow::Result<TrainReport> {
+    let dir = run_dir(cfg, dataset);
+    let store_dir = dir.join("store");
+    // A fresh store starts a fresh model: its old checkpoints index another store.
+    clear_dir(&store_dir)?;
+    clear_dir(&dir.join("checkpoints"))?;
+    std::fs::create_dir_all(&dir)?;
+    let schema = cfg.schema();
+    let store = open_offline_store(&store_dir, &schema)?;
+    let events = split_events(cfg, &schema, dataset, "train")?;
+    let batch = AppendBatch::from_events(&format!("offline:{dataset}"), 0, events);
+    store.append(&batch)?;
+    let mut edges: Vec<_> = store
+        .edges_from(0, usize::MAX)?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+
+    let p = &cfg.train;
+    tch::manual_seed(p.seed as i64);
+    let mut rng = SmallRng::seed_from_u64(p.seed);
+    let mut model = Embeddings::for_schema(&schema, p, device);
+    // Every stored node gets a row before training (the offline graph is fully known).
+    for (t, table) in model.tables.iter_mut().enumerate() {
+        let n = store.node_count(t as u16) as i64;
+        table.grow(n, |count| {
+            Tensor::randn([count, p.dim], (tch::Kind::Float, device)) * p.init_scale
+        });
+    }
+    let started = Instant::now();
+    let (mut last_loss, mut skipped) = (f64::NAN, 0u64);
+    for epoch in 0..epochs {
+        edges.shuffle(&mut rng);
+        let (mut sum, mut n) = (0.0, 0usize);
+        for chunk in edges.chunks(p.batch_size) {
+            let s = train_step(&mut model, chunk, p, &mut rng);
+            if s.skipped {
+                skipped += 1;
+            } else {
+                sum += s.loss * s.edges as f64;
+                n += s.edges;
+            }
+        }
+        last_loss = sum / n.max(1) as f64;
+        if epoch == 0 || (epoch + 1) % 10 == 0 || epoch + 1 == epochs {
+            info!(epoch = epoch + 1, loss = last_loss, "epoch");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let fingerprint = schema_fingerprint(store.stored_schema());
+    Checkpoints::new(&dir.join("checkpoints"), 2).save(&model, store.edge_count(), fingerprint)?;
+    Ok(TrainReport {
+        dataset: dataset.name().into(),
+        edges: edges.len() as u64,
+        epochs,
+        seconds,
+        edges_per_sec: (edges.len() * epochs) as f64 / seconds.max(1e-9),
+        final_loss: last_loss,
+        skipped_steps: skipped,
+        device: format!("{device:?}"),
+    })
+}
+
+/// What `eval` prints: the ranking metrics and the held-out edges it could not rank.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub dataset: String,
+    pub split: String,
+    #[serde(flatten)]
+    pub metrics: RankMetrics,
+    /// Held-out edges with a node the train split never saw (not ranked; see warm start).
+    pub skipped_unseen: usize,
+}
+
+/// Filtered ranking of a split (`valid` or `test`) with the model `train` saved.
+pub fn eval(
+    cfg: &Config,
+    dataset: Dataset,
+    split: &str,
+    device: Device,
+) -> anyhow::Result<EvalReport> {
+    let dir = run_dir(cfg, dataset);
+    let schema = cfg.schema();
+    let store = GraphStore::open(&dir.join("store"), &schema, &StoreOptions::default())?;
+    let fingerprint = schema_fingerprint(store.stored_schema());
+    let model = Checkpoints::new(&dir.join("checkpoints"), 2)
+        .load(fingerprint, device)?
+        .with_context(|| {
+            format!(
+                "no model in {}: run `twhin-stream train --dataset {dataset}` first",
+                dir.display()
+            )
+        })?
+        .model;
+    // Events whose nodes are all known, in model coordinates; the others are only counted.
+    let resolve = |events: Vec<crate::schema::Event>| -> anyhow::Result<(Vec<Triple>, usize)> {
+        let (mut known, mut unseen) = (Vec::new(), 0);
+        for e in events {
+            let s = store.node_index(e.src.node_type, &e.src.id)?;
+            let d = store.node_index(e.dst.node_type, &e.dst.id)?;
+            match (s, d) {
+                (Some(s), Some(d)) => known.push((
+                    e.src.node_type as usize,
+                    s as i64,
+                    e.rel as i64,
+                    e.dst.node_type as usize,
+                    d as i64,
+                )),
+                _ => unseen += 1,
+            }
+        }
+        Ok((known, unseen))
+    };
+    let mut all = Vec::new();
+    let (mut target, mut skipped_unseen) = (Vec::new(), 0);
+    for s in ["train", "valid", "test"] {
+        let (triples, unseen) = resolve(split_events(cfg, &schema, dataset, s)?)?;
+        if s == split {
+            target = triples.clone();
+            skipped_unseen = unseen;
+        }
+        all.extend(triples);
+    }
+    let filter = Filter::new(&all);
+    Ok(EvalReport {
+        dataset: dataset.name().into(),
+        split: split.into(),
+        metrics: evaluate(&model, cfg.train.comparator, &target, &filter, 256),
+        skipped_unseen,
+    })
+}
+
+/// The start of a streamed run through the daemon's trainer: a fresh store in `dir`, the
+/// `splits` of `dataset` as events in order, and a fresh trainer with `opts` (seeded by
+/// `train.seed`).
+pub fn stream_start(
+    cfg: &Config,
+    dataset: Dataset,
+    splits: &[&str],
+    dir: &Path,
+    opts: crate::config::TrainerConfig,
+    device: Device,
+) -> anyhow::Result<(
+    GraphStore,
+    Vec<crate::schema::Event>,
+    crate::train::TrainerCore,
+)> {
+    clear_dir(dir)?;
+    let schema = cfg.schema();
+    let store = open_offline_store(dir, &schema)?;
+    let mut events = Vec::new();
+    for split in splits {
+        events.extend(split_events(cfg, &schema, dataset, split)?);
+    }
+    let p = &cfg.train;
+    tch::manual_seed(p.seed as i64);
+    let core = crate::train::TrainerCore::new(
+        Embeddings::for_schema(&schema, p, device),
+        p.clone(),
+        opts,
+    );
+    Ok((store, events, core))
+}
+
+/// Prequential (test-then-train) quality on the first edges of new nodes.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrequentialReport {
+    pub dataset: String,
+    pub init: String,
+    /// Edges ranked: the 2nd to 5th edge of a source node, before training on them.
+    pub evaluated: usize,
+    pub mrr: f64,
+    #[serde(rename = "hits@10")]
+    pub hits10: f64,
+}
+
+/// Stream the train split in order through a fresh store, in micro-batches of
+/// `train.batch_size`. Each batch is first *tested*: every edge whose source already has 1 to 4
+/// earlier edges is ranked against all nodes of the target type, the source's earlier targets
+/// filtered (the node's row comes only from earlier edges). Then it is appended and the daemon's
+/// trainer ([`crate::train::TrainerCore`]) follows the store: new rows warm-started or random,
+/// `trainer.replay_ratio` replayed edges per new one.
+pub fn prequential_new_nodes(
+    cfg: &Config,
+    dataset: Dataset,
+    warm: bool,
+    device: Device,
+) -> anyhow::Result<PrequentialReport> {
+    use crate::train::{target_ranks, RankSum, TargetQuery};
+    use crate::store::NodeRef;
+    use std::collections::HashMap;
+
+    let dir = run_dir(cfg, dataset).join(if warm {
+        "prequential-warm"
+    } else {
+        "prequential-random"
+    });
+    let mut opts = cfg.trainer.clone();
+    opts.warm_start = warm;
+    let (store, events, mut core) = stream_start(cfg, dataset, &["train"], &dir, opts, device)?;
+    let p = &cfg.train;
+    let mut seen: HashMap<NodeRef, u32> = HashMap::new();
+    let mut sum = RankSum::default();
+
+    for (b, chunk) in events.chunks(p.batch_size).enumerate() {
+        // Test: young sources with a row, before this batch is stored or trained; each source's
+        // earlier targets are filtered.
+        let mut tests = Vec::new();
+        for e in chunk {
+            let (Some(s), Some(d)) = (
+                store.node_index(e.src.node_type, &e.src.id)?,
+                store.node_index(e.dst.node_type, &e.dst.id)?,
+            ) else {
+                continue;
+            };
+            let src = NodeRef {
+                node_type: e.src.node_type,
+                index: s,
+            };
+            let prior = seen.get(&src).copied().unwrap_or(0);
+            let has_row = (d as i64) < core.model.tables[e.dst.node_type as usize].len();
+            if (1..=4).contains(&prior) && has_row {
+                let known = crate::train::known_targets(&store, src, e.rel, e.dst.node_type)?;
+                tests.push(TargetQuery {
+                    src_type: src.node_type as usize,
+                    src: s as i64,
+                    rel: e.rel as i64,
+                    dst_type: e.dst.node_type as usize,
+                    dst: d as i64,
+                    known,
+                });
+            }
+        }
+        for r in target_ranks(&core.model, p.comparator, &tests) {
+            sum.add(r);
+        }
+
+        // Then train with the daemon's trainer: store the batch, and let the trainer follow the
+        // store (new rows warm-started or random, replayed edges mixed in).
+        let first_offset = (b * p.batch_size) as i64;
+        let batch = AppendBatch::from_events("prequential", first_offset, chunk.iter().cloned());
+        let out = store.append(&batch)?;
+        while core.step(&store)?.stats.is_some() {}
+        for (_, e) in store.edges_from(out.first_seq, chunk.len())? {
+            *seen.entry(e.src).or_insert(0) += 1;
+        }
+    }
+    let m = sum.metrics();
+    Ok(PrequentialReport {
+        dataset: dataset.name().into(),
+        init: if warm { "warm" } else { "random" }.into(),
+        evaluated: m.rankings,
+        mrr: m.mrr,
+        hits10: m.hits10,
+    })
+}

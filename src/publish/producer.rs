@@ -1,0 +1,233 @@
+//! The version producer (DESIGN §1): the Kafka [`VersionSink`]. Rows go to the embeddings
+//! topic, and after every row's acknowledgement the marker goes to the versions topic; the
+//! contract is in `topics/README.md`. The sequence around it is [`crate::publish::Publication`].
+//!
+//! Transactional mode (`publish.transactional`): the producer carries `publish.transactional_id`,
+//! and each attempt's rows and marker are one transaction (begin, rows, marker, commit; abort on
+//! any error). It is an extra guard for readers on brokers that honour `read_committed`; the
+//! marker's row count stays the rule, because some brokers (the test broker, tansu) deliver
+//! aborted records to `read_committed` readers anyway.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::kafka::{self, send_retrying, KafkaSetupError};
+use crate::publish::{PreparedVersion, VersionSink};
+
+/// Failures of the version producer itself (set-up and transactions).
+#[derive(Debug, thiserror::Error)]
+pub enum PublisherError {
+    #[error(transparent)]
+    Setup(#[from] KafkaSetupError),
+    #[error("initialising transactions (publish.transactional_id = {id:?}): {source}")]
+    InitTransactions {
+        id: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("transaction of version {version}: {step}: {source}")]
+    Transaction {
+        version: u64,
+        step: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("a blocking producer call did not finish: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
+}
+
+/// How an open transaction ends.
+#[derive(Debug, Clone, Copy)]
+enum TransactionEnd {
+    Commit,
+    Abort,
+}
+
+impl TransactionEnd {
+    fn label(self) -> &'static str {
+        match self {
+            TransactionEnd::Commit => "commit",
+            TransactionEnd::Abort => "abort",
+        }
+    }
+}
+
+/// The version producer: delivers a version's rows, then its marker, to Kafka (in one
+/// transaction in transactional mode).
+pub struct KafkaSink {
+    cfg: Arc<Config>,
+    /// `None` after a fatal transactional error: the next attempt builds a new producer (and
+    /// fences the old one by initialising transactions again).
+    producer: Option<FutureProducer>,
+}
+
+impl KafkaSink {
+    /// Build the version producer (and, in transactional mode, initialise its transactions,
+    /// which fences a previous instance with the same `transactional.id`).
+    pub async fn start(cfg: Arc<Config>) -> Result<KafkaSink, PublisherError> {
+        let producer = create_producer(&cfg).await?;
+        if cfg.publish.transactional {
+            info!(transactional_id = %cfg.publish.transactional_id, "transactional version producer ready");
+        }
+        Ok(KafkaSink {
+            cfg,
+            producer: Some(producer),
+        })
+    }
+}
+
+impl VersionSink for KafkaSink {
+    async fn produce(&mut self, prepared: &PreparedVersion) -> anyhow::Result<()> {
+        let version = prepared.marker.version;
+        if self.producer.is_none() {
+            self.producer = Some(create_producer(&self.cfg).await?);
+        }
+        let producer = self.producer.clone().expect("set above");
+        if !self.cfg.publish.transactional {
+            return self.send(&producer, prepared, version).await;
+        }
+        let begun = producer
+            .begin_transaction()
+            .map_err(|source| PublisherError::Transaction {
+                version,
+                step: "begin",
+                source,
+            });
+        let mut sent = match begun {
+            Ok(()) => self.send(&producer, prepared, version).await,
+            Err(e) => Err(e.into()),
+        };
+        if sent.is_ok() {
+            sent = self
+                .end_transaction(producer, version, TransactionEnd::Commit)
+                .await
+                .map_err(anyhow::Error::from);
+        }
+        if sent.is_err() {
+            self.abort(version).await;
+        }
+        sent
+    }
+}
+
+impl KafkaSink {
+    /// Rows, their acknowledgements, then the marker and its acknowledgement. The marker waits
+    /// for the rows in transactional mode too: a reader that sees aborted records must still
+    /// never find a marker whose rows did not all land.
+    async fn send(
+        &self,
+        producer: &FutureProducer,
+        prepared: &PreparedVersion,
+        version: u64,
+    ) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
+        let topic = &cfg.kafka.embeddings_topic;
+        let mut acks = Vec::with_capacity(prepared.rows.len());
+        for (key, payload) in &prepared.rows {
+            let record = FutureRecord::to(topic).key(key).payload(payload);
+            let ack = send_retrying(producer, record)
+                .await
+                .with_context(|| format!("producing {key} to {topic}"))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((e, _)))) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("a row of version {version} to {topic}")))
+                }
+                Ok(Err(_)) => anyhow::bail!("row delivery of version {version} cancelled"),
+                Err(_) => anyhow::bail!(
+                    "row of version {version} not acknowledged within publish.delivery_timeout_ms"
+                ),
+            }
+        }
+        let marker = prepared.marker.encode();
+        let key = version.to_string();
+        producer
+            .send(
+                FutureRecord::to(&cfg.kafka.versions_topic)
+                    .key(&key)
+                    .payload(&marker),
+                timeout,
+            )
+            .await
+            .map_err(|(e, _)| {
+                anyhow::Error::new(e).context(format!(
+                    "marker of version {version} to {}",
+                    cfg.kafka.versions_topic
+                ))
+            })?;
+        Ok(())
+    }
+
+    /// Commit or abort (`step`) the open transaction, off the async threads: both block up to
+    /// `publish.delivery_timeout_ms`.
+    async fn end_transaction(
+        &self,
+        producer: FutureProducer,
+        version: u64,
+        end: TransactionEnd,
+    ) -> Result<(), PublisherError> {
+        let timeout = Duration::from_millis(self.cfg.publish.delivery_timeout_ms);
+        tokio::task::spawn_blocking(move || match end {
+            TransactionEnd::Commit => producer.commit_transaction(timeout),
+            TransactionEnd::Abort => producer.abort_transaction(timeout),
+        })
+        .await?
+        .map_err(|source| PublisherError::Transaction {
+            version,
+            step: end.label(),
+            source,
+        })
+    }
+
+    /// Abort the open transaction; when that fails too (or the producer is fenced or in a fatal
+    /// state), drop the producer so the next attempt starts from a fresh one.
+    async fn abort(&mut self, version: u64) {
+        let Some(producer) = self.producer.clone() else {
+            return;
+        };
+        match self
+            .end_transaction(producer, version, TransactionEnd::Abort)
+            .await
+        {
+            Ok(()) => warn!(version, "transaction aborted; the version is retried"),
+            Err(e) => {
+                warn!(error = %e, version, "the transaction could not be aborted; the producer is rebuilt before the next attempt");
+                if let Some(old) = self.producer.take() {
+                    // Dropping a producer purges and polls, which may block.
+                    let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The version producer from `[kafka.producer]`, plus `transactional.id` (transactions
+/// initialised, off the async threads: it blocks up to `publish.delivery_timeout_ms`) in
+/// transactional mode.
+async fn create_producer(cfg: &Config) -> Result<FutureProducer, PublisherError> {
+    let mut props = cfg.producer_properties();
+    if !cfg.publish.transactional {
+        return Ok(kafka::create_client(&props, "version publisher")?);
+    }
+    let id = cfg.publish.transactional_id.clone();
+    props.push(("transactional.id".into(), id.clone()));
+    let producer: FutureProducer = kafka::create_client(&props, "version publisher")?;
+    let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+        .await?
+        .map_err(|source| PublisherError::InitTransactions { id, source })?;
+    Ok(producer)
+}

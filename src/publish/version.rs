@@ -1,0 +1,210 @@
+//! Building a version (pure, on the CPU): which rows it carries, their records, the marker, and
+//! the view subscribers will hold once it is applied.
+//!
+//! A version carries every new row, every row whose relative change from the reference (the
+//! version subscribers hold) exceeds `publish.row_threshold`, and all relation vectors. Rows that
+//! moved less keep their earlier published values in the view, which is what subscribers have.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::align::AlignFigures;
+use crate::config::{Comparator, ValueFormat};
+use crate::publish::{RowRecord, VersionMarker};
+use crate::store::{GraphStore, NodeRef, StoreError};
+use crate::train::{ModelState, Snapshot};
+
+/// A version ready to produce: `(key, payload)` rows, then the marker.
+#[derive(Debug, Clone)]
+pub struct PreparedVersion {
+    pub rows: Vec<(String, Vec<u8>)>,
+    pub marker: VersionMarker,
+    /// Event time (ms) of the newest event the version reflects.
+    pub newest_ts: i64,
+    /// Every stored edge before this sequence number was trained into the version.
+    pub cursor: u64,
+}
+
+/// One committed version's parameters as subscribers hold them, on the CPU (what the serving API
+/// answers from and what the drift control pulls toward).
+pub struct PublishedView {
+    pub version: u64,
+    pub epoch: u64,
+    pub comparator: Comparator,
+    /// Per node type (the store's type ids): `[rows, D]`, row `i` being the node of dense index
+    /// `i`. Nodes the version does not cover have no row (index ≥ rows).
+    pub tables: Vec<Tensor>,
+    /// `[relations, D]`, in the store's relation order.
+    pub relations: Tensor,
+    /// Per node type and row: event time (ms) of the newest event that touched the row.
+    pub row_ts: Vec<Vec<i64>>,
+}
+
+impl PublishedView {
+    /// The tables and relation vectors, shared (no copy).
+    pub fn params(&self) -> Snapshot {
+        Snapshot {
+            tables: self.tables.iter().map(Tensor::shallow_clone).collect(),
+            relations: self.relations.shallow_clone(),
+        }
+    }
+}
+
+/// What to build.
+pub struct VersionRequest<'a> {
+    pub version: u64,
+    pub epoch: u64,
+    pub format: ValueFormat,
+    /// Relative change over which a row is republished.
+    pub threshold: f64,
+    pub comparator: Comparator,
+    /// The alignment's figures, for the marker.
+    pub align: Option<&'a AlignFigures>,
+}
+
+/// Indices of the rows a version carries: every row of `current [N, D]` beyond the `reference`
+/// (new nodes), plus those whose relative change `‖c_i − r_i‖ / ‖r_i‖` exceeds `threshold`.
+/// A non-finite row always counts as moved (the gate, not this, decides whether to publish).
+pub fn rows_to_publish(current: &Tensor, reference: &Tensor, threshold: f64) -> Vec<i64> {
+    let n = current.size()[0];
+    let m = reference.size()[0].min(n);
+    let mut out: Vec<i64> = tch::no_grad(|| {
+        if m == 0 {
+            return Vec::new();
+        }
+        let c = current.narrow(0, 0, m);
+        let change = (&c - reference.narrow(0, 0, m))
+            .square()
+            .sum_dim_intlist(1, false, Kind::Float)
+            .sqrt();
+        let base = reference
+            .narrow(0, 0, m)
+            .square()
+            .sum_dim_intlist(1, false, Kind::Float)
+            .sqrt()
+            .clamp_min(1e-12);
+        let rel = change / base;
+        let moved = rel.gt(threshold).logical_or(&rel.isfinite().logical_not());
+        Vec::<i64>::try_from(moved.nonzero().view([-1]).to_device(Device::Cpu))
+            .expect("indices")
+    });
+    out.extend(m..n);
+    out
+}
+
+/// The rows version `req.version` carries, encoded, with its marker, and the view subscribers
+/// will hold after applying it; `None` when no node row moved since `reference`. `state` is the
+/// trainer's (already rotated) parameters.
+pub fn build_version(
+    store: &GraphStore,
+    state: &ModelState,
+    reference: Option<&Snapshot>,
+    req: &VersionRequest,
+) -> Result<Option<(PreparedVersion, PublishedView)>, StoreError> {
+    let schema = store.stored_schema();
+    let current = &state.params;
+    let dim = current.relations.size()[1];
+    let width = dim as usize;
+    let mut rows = Vec::new();
+    let mut newest = 0i64;
+    let mut view = Vec::with_capacity(current.tables.len());
+    for (t, table) in current.tables.iter().enumerate() {
+        let reference = match reference.and_then(|r| r.tables.get(t)) {
+            Some(r) => r.shallow_clone(),
+            None => Tensor::zeros([0, dim], (Kind::Float, Device::Cpu)),
+        };
+        let moved = rows_to_publish(table, &reference, req.threshold);
+        let n_ref = reference.size()[0].min(table.size()[0]);
+        let mut published = Tensor::cat(
+            &[
+                reference.narrow(0, 0, n_ref),
+                table.narrow(0, n_ref, table.size()[0] - n_ref),
+            ],
+            0,
+        );
+        if moved.is_empty() {
+            view.push(published);
+            continue;
+        }
+        let idx = Tensor::from_slice(&moved);
+        let picked = table.index_select(0, &idx);
+        let _ = published.index_copy_(0, &idx, &picked);
+        view.push(published);
+        let values = Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows");
+        for (k, &i) in moved.iter().enumerate() {
+            let node = NodeRef {
+                node_type: t as u16,
+                index: i as u32,
+            };
+            let Some(id) = store.node_id(node)? else {
+                continue;
+            };
+            let ts = state.row_ts[t].get(i as usize).copied().unwrap_or(0);
+            newest = newest.max(ts);
+            let record = RowRecord {
+                version: req.version,
+                epoch: req.epoch,
+                ts,
+                vector: values[k * width..(k + 1) * width].to_vec(),
+            };
+            rows.push((
+                format!("{}:{id}", schema.node_types[t]),
+                record.encode(req.format),
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let relations = current.relations.copy();
+    let values = Vec::<f32>::try_from(relations.reshape([-1])).expect("f32");
+    for (r, (name, _, _)) in schema.relations.iter().enumerate() {
+        let record = RowRecord {
+            version: req.version,
+            epoch: req.epoch,
+            ts: newest,
+            vector: values[r * width..(r + 1) * width].to_vec(),
+        };
+        rows.push((format!("relation:{name}"), record.encode(req.format)));
+    }
+    let marker = VersionMarker {
+        version: req.version,
+        epoch: req.epoch,
+        rows: rows.len() as u64,
+        align: req.align.cloned(),
+    };
+    let prepared = PreparedVersion {
+        rows,
+        marker,
+        newest_ts: newest,
+        cursor: state.cursor,
+    };
+    let view = PublishedView {
+        version: req.version,
+        epoch: req.epoch,
+        comparator: req.comparator,
+        tables: view,
+        relations,
+        row_ts: state.row_ts.clone(),
+    };
+    Ok(Some((prepared, view)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_carries_moved_and_new_rows() {
+        let reference = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]).view([3, 2]);
+        // Row 0 moves 5%, row 1 moves 50%, row 2 turns non-finite, row 3 is new.
+        let current =
+            Tensor::from_slice(&[1.05f32, 0.0, 0.0, 1.5, f32::NAN, 1.0, 7.0, 7.0]).view([4, 2]);
+        assert_eq!(rows_to_publish(&current, &reference, 0.1), vec![1, 2, 3]);
+        assert_eq!(
+            rows_to_publish(&current, &reference, 0.01),
+            vec![0, 1, 2, 3]
+        );
+        let empty = Tensor::zeros([0, 2], (Kind::Float, tch::Device::Cpu));
+        assert_eq!(rows_to_publish(&current, &empty, 0.1), vec![0, 1, 2, 3]);
+    }
+}

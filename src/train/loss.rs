@@ -1,0 +1,135 @@
+//! Losses over scores (DESIGN §4). They only consume scores from [`crate::train`].
+//!
+//! `pos [B]` holds each positive's score, `neg [B, K]` its negatives' scores and `valid [B, K]`
+//! (bool) which negatives count: accidental positives and a positive's own slot are masked out.
+
+pub use crate::config::LossKind;
+use tch::{Kind, Tensor};
+
+/// Mean loss over the batch.
+pub fn loss(kind: LossKind, pos: &Tensor, neg: &Tensor, valid: &Tensor) -> Tensor {
+    loss_parts(kind, pos, &[(neg, valid)])
+}
+
+/// [`loss`] with each positive's negatives given in parts (`neg_i [B, K_i]`, `valid_i [B, K_i]`),
+/// as if concatenated along the negatives: the trainer's in-batch and uniform negatives come from
+/// different products, and concatenating them would copy both (forward and backward).
+pub fn loss_parts(kind: LossKind, pos: &Tensor, parts: &[(&Tensor, &Tensor)]) -> Tensor {
+    match kind {
+        LossKind::Logistic => {
+            // −log σ(−x) = softplus(x)
+            let mut neg_sum: Option<Tensor> = None;
+            let mut count: Option<Tensor> = None;
+            for (neg, valid) in parts {
+                let weights = valid.to_kind(Kind::Float);
+                let part = (neg.softplus() * &weights).sum_dim_intlist(1, false, Kind::Float);
+                let n = weights.sum_dim_intlist(1, false, Kind::Float);
+                neg_sum = Some(match neg_sum {
+                    Some(s) => s + part,
+                    None => part,
+                });
+                count = Some(match count {
+                    Some(c) => c + n,
+                    None => n,
+                });
+            }
+            let pos_term = (-pos).softplus();
+            match (neg_sum, count) {
+                (Some(s), Some(c)) => (pos_term + s / c.clamp_min(1.0)).mean(Kind::Float),
+                _ => pos_term.mean(Kind::Float),
+            }
+        }
+        LossKind::Softmax => {
+            // −log softmax₀ = logsumexp(pos, negatives…) − pos
+            let mut terms = vec![pos.unsqueeze(1)];
+            for (neg, valid) in parts {
+                let masked = neg.masked_fill(&valid.logical_not(), f64::NEG_INFINITY);
+                terms.push(masked.logsumexp([1], true));
+            }
+            (Tensor::cat(&terms, 1).logsumexp([1], false) - pos).mean(Kind::Float)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ln_sigmoid(x: f64) -> f64 {
+        -(1.0 + (-x).exp()).ln()
+    }
+
+    #[test]
+    fn golden_logistic_balances_and_masks_negatives() {
+        let pos = Tensor::from_slice(&[2.0f32, -1.0]);
+        let neg = Tensor::from_slice(&[0.5f32, -0.5, 9.0, 1.0, 1.0, 1.0]).reshape([2, 3]);
+        // Row 0's third negative is an accidental positive: masked.
+        let valid = Tensor::from_slice(&[true, true, false, true, true, true]).reshape([2, 3]);
+        let got = loss(LossKind::Logistic, &pos, &neg, &valid).double_value(&[]);
+        let row0 = -ln_sigmoid(2.0) - (ln_sigmoid(-0.5) + ln_sigmoid(0.5)) / 2.0;
+        let row1 = -ln_sigmoid(-1.0) - ln_sigmoid(-1.0);
+        assert!((got - (row0 + row1) / 2.0).abs() < 1e-5, "{got}");
+    }
+
+    #[test]
+    fn parts_equal_the_concatenation() {
+        tch::manual_seed(2);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let pos = Tensor::randn([4], opts);
+        let (a, b) = (Tensor::randn([4, 3], opts), Tensor::randn([4, 5], opts));
+        let (va, vb) = (
+            Tensor::rand([4, 3], opts).gt(0.3),
+            Tensor::rand([4, 5], opts).gt(0.3),
+        );
+        for kind in [LossKind::Logistic, LossKind::Softmax] {
+            let whole = loss(
+                kind,
+                &pos,
+                &Tensor::cat(&[&a, &b], 1),
+                &Tensor::cat(&[&va, &vb], 1),
+            );
+            let parts = loss_parts(kind, &pos, &[(&a, &va), (&b, &vb)]);
+            assert!(whole.allclose(&parts, 1e-5, 1e-6, false), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_row_with_every_negative_masked_has_finite_gradients() {
+        let pos = Tensor::from_slice(&[0.5f32, 0.5]).set_requires_grad(true);
+        let neg = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+            .reshape([2, 2])
+            .set_requires_grad(true);
+        let valid = Tensor::from_slice(&[false, false, true, false]).reshape([2, 2]);
+        for kind in [LossKind::Logistic, LossKind::Softmax] {
+            loss(kind, &pos, &neg, &valid).backward();
+            for g in [pos.grad(), neg.grad()] {
+                assert_eq!(g.isfinite().all().int64_value(&[]), 1, "{kind:?}");
+            }
+            let _ = pos.grad().zero_();
+            let _ = neg.grad().zero_();
+        }
+    }
+
+    #[test]
+    fn golden_softmax() {
+        let pos = Tensor::from_slice(&[1.0f32]);
+        let neg = Tensor::from_slice(&[0.0f32, 100.0]).reshape([1, 2]);
+        let valid = Tensor::from_slice(&[true, false]).reshape([1, 2]);
+        let got = loss(LossKind::Softmax, &pos, &neg, &valid).double_value(&[]);
+        let want = -(1f64.exp() / (1f64.exp() + 1.0)).ln();
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
+    fn gradient_of_logistic_matches_hand_computation() {
+        // d/ds [-ln σ(s)] = σ(s) − 1; d/dn [-(1/K) ln σ(−n)] = σ(n)/K
+        let pos = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
+        let neg = Tensor::from_slice(&[0.0f32, 0.0])
+            .reshape([1, 2])
+            .set_requires_grad(true);
+        let valid = Tensor::from_slice(&[true, true]).reshape([1, 2]);
+        loss(LossKind::Logistic, &pos, &neg, &valid).backward();
+        assert!((pos.grad().double_value(&[0]) + 0.5).abs() < 1e-6);
+        assert!((neg.grad().double_value(&[0, 0]) - 0.25).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,217 @@
+//! Parameters: one growable embedding table per node type, one vector per relation, and their
+//! Adagrad state, on the configured device. Scoring lives in [`crate::train`].
+//!
+//! Node tables use row-wise sparse Adagrad (PyTorch-BigGraph's choice): one accumulator scalar
+//! per row (the mean squared gradient of that row), and only rows touched by a step move.
+//! Relations are few and use ordinary element-wise Adagrad.
+
+use tch::{Device, Kind, Tensor};
+
+/// Adagrad's epsilon, added to the root of the accumulator.
+const ADAGRAD_EPS: f64 = 1e-10;
+
+/// One node type's rows: `len` live rows in a tensor of `capacity` rows.
+pub struct NodeTable {
+    pub weights: Tensor,
+    /// Row-wise Adagrad accumulator, `[capacity]`.
+    pub state: Tensor,
+    len: i64,
+}
+
+impl NodeTable {
+    fn new(dim: i64, device: Device) -> NodeTable {
+        NodeTable {
+            weights: Tensor::zeros([0, dim], (Kind::Float, device)),
+            state: Tensor::zeros([0], (Kind::Float, device)),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.weights.size()[0]
+    }
+
+    /// The live rows, `[len, D]` (a view).
+    pub fn rows(&self) -> Tensor {
+        self.weights.narrow(0, 0, self.len)
+    }
+
+    /// Make rows `len..n` live, initialised by `init(count)` (a `[count, D]` tensor); capacity
+    /// doubles as needed, old rows keep their values.
+    pub fn grow(&mut self, n: i64, init: impl FnOnce(i64) -> Tensor) {
+        if n <= self.len {
+            return;
+        }
+        if n > self.capacity() {
+            let mut cap = self.capacity().max(16);
+            while cap < n {
+                cap *= 2;
+            }
+            let (dim, device) = (self.weights.size()[1], self.weights.device());
+            let weights = Tensor::zeros([cap, dim], (Kind::Float, device));
+            let state = Tensor::zeros([cap], (Kind::Float, device));
+            tch::no_grad(|| {
+                weights.narrow(0, 0, self.len).copy_(&self.rows());
+                state
+                    .narrow(0, 0, self.len)
+                    .copy_(&self.state.narrow(0, 0, self.len));
+            });
+            self.weights = weights;
+            self.state = state;
+        }
+        let fresh = init(n - self.len)
+            .to_device(self.weights.device())
+            .to_kind(Kind::Float);
+        tch::no_grad(|| self.weights.narrow(0, self.len, n - self.len).copy_(&fresh));
+        self.len = n;
+    }
+
+    /// Apply one sparse Adagrad step to `rows` (unique indices) with their gradients `[n, D]`.
+    pub fn adagrad(&mut self, rows: &Tensor, grad: &Tensor, lr: f64) {
+        tch::no_grad(|| {
+            let g2 = grad.square().mean_dim(1, false, Kind::Float);
+            let _ = self.state.index_add_(0, rows, &g2);
+            let denom = self.state.index_select(0, rows).sqrt() + ADAGRAD_EPS;
+            let step = grad / denom.unsqueeze(1) * (-lr);
+            let _ = self.weights.index_add_(0, rows, &step);
+        });
+    }
+}
+
+/// All parameters of the model.
+pub struct Embeddings {
+    pub dim: i64,
+    pub device: Device,
+    pub tables: Vec<NodeTable>,
+    pub relations: Tensor,
+    /// Element-wise Adagrad accumulator of the relations.
+    pub relation_state: Tensor,
+}
+
+impl Embeddings {
+    /// Empty tables for `node_types` types; relation vectors drawn from N(0, init_scale²).
+    pub fn new(
+        node_types: usize,
+        relations: i64,
+        dim: i64,
+        init_scale: f64,
+        device: Device,
+    ) -> Embeddings {
+        let relations_t =
+            (Tensor::randn([relations, dim], (Kind::Float, device)) * init_scale).detach();
+        Embeddings {
+            dim,
+            device,
+            tables: (0..node_types)
+                .map(|_| NodeTable::new(dim, device))
+                .collect(),
+            relation_state: Tensor::zeros([relations, dim], (Kind::Float, device)),
+            relations: relations_t,
+        }
+    }
+
+    /// Empty tables for every node type of `schema` and its relations, shaped by `[train]`.
+    pub fn for_schema(
+        schema: &crate::schema::Schema,
+        p: &crate::train::TrainParams,
+        device: Device,
+    ) -> Embeddings {
+        Embeddings::new(
+            schema.node_types().len(),
+            schema.relations().len() as i64,
+            p.dim,
+            p.init_scale,
+            device,
+        )
+    }
+
+    /// Dense Adagrad step on the relation vectors.
+    pub fn adagrad_relations(&mut self, grad: &Tensor, lr: f64) {
+        tch::no_grad(|| {
+            let _ = self.relation_state.g_add_(&grad.square());
+            let step = grad / (self.relation_state.sqrt() + ADAGRAD_EPS) * (-lr);
+            let _ = self.relations.g_add_(&step);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(x: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(x.reshape([-1]).to_device(Device::Cpu)).unwrap()
+    }
+
+    #[test]
+    fn growth_doubles_capacity_and_keeps_old_rows() {
+        let mut t = NodeTable::new(2, Device::Cpu);
+        t.grow(3, |n| Tensor::ones([n, 2], (Kind::Float, Device::Cpu)));
+        assert_eq!((t.len(), t.capacity()), (3, 16));
+        t.adagrad(
+            &Tensor::from_slice(&[1i64]),
+            &Tensor::from_slice(&[1.0f32, 1.0]).reshape([1, 2]),
+            0.5,
+        );
+        let before = vals(&t.rows());
+        t.grow(40, |n| {
+            Tensor::full([n, 2], 7.0, (Kind::Float, Device::Cpu))
+        });
+        assert_eq!((t.len(), t.capacity()), (40, 64));
+        assert_eq!(
+            &vals(&t.rows())[..6],
+            &before[..],
+            "old rows survive growth"
+        );
+        assert_eq!(vals(&t.rows())[6], 7.0, "new rows are initialised");
+        assert_eq!(
+            vals(&t.state.narrow(0, 0, 3)),
+            vec![0.0, 1.0, 0.0],
+            "optimiser state survives growth"
+        );
+    }
+
+    #[test]
+    fn row_wise_adagrad_matches_hand_computation_and_leaves_other_rows() {
+        let mut t = NodeTable::new(2, Device::Cpu);
+        t.grow(3, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+        let rows = Tensor::from_slice(&[2i64, 0]);
+        let grad = Tensor::from_slice(&[3.0f32, 4.0, 1.0, 1.0]).reshape([2, 2]);
+        t.adagrad(&rows, &grad, 0.1);
+        // row 2: state = (9 + 16)/2 = 12.5; step = −0.1 · g / √12.5
+        let s = 12.5f32.sqrt();
+        let w = vals(&t.rows());
+        let want = [-0.1 / 1.0, -0.1 / 1.0, 0.0, 0.0, -0.3 / s, -0.4 / s];
+        for (g, e) in w.iter().zip(want) {
+            assert!((g - e).abs() < 1e-6, "{w:?}");
+        }
+        assert_eq!(vals(&t.state.narrow(0, 0, 3)), vec![1.0, 0.0, 12.5]);
+        // A second step accumulates.
+        t.adagrad(
+            &Tensor::from_slice(&[0i64]),
+            &Tensor::from_slice(&[1.0f32, 1.0]).reshape([1, 2]),
+            0.1,
+        );
+        let w0 = vals(&t.rows())[0];
+        assert!((w0 - (-0.1 - 0.1 / 2f32.sqrt())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn relation_adagrad_is_element_wise() {
+        let mut e = Embeddings::new(1, 1, 2, 0.0, Device::Cpu);
+        e.adagrad_relations(&Tensor::from_slice(&[2.0f32, -1.0]).reshape([1, 2]), 0.5);
+        let r = vals(&e.relations);
+        assert!(
+            (r[0] + 0.5).abs() < 1e-6 && (r[1] - 0.5).abs() < 1e-6,
+            "{r:?}"
+        );
+    }
+}

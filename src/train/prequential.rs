@@ -1,0 +1,93 @@
+//! Prequential (test-then-train) figures: each sampled edge ranked before the step trains on it,
+//! its target filtered by what the source already has.
+
+use std::collections::VecDeque;
+
+use crate::store::{Direction, GraphStore, NodeRef, StoreError};
+
+/// Known targets looked up per prequential query for filtering.
+const FILTER_LIMIT: usize = 4096;
+
+/// The stored targets of `(src, rel)` of type `dst_type` (for filtered ranking).
+pub fn known_targets(
+    store: &GraphStore,
+    src: NodeRef,
+    rel: u16,
+    dst_type: u16,
+) -> Result<Vec<i64>, StoreError> {
+    Ok(store
+        .neighbors(src, Some(rel), Some(Direction::Out), FILTER_LIMIT)?
+        .into_iter()
+        .filter(|n| n.node.node_type == dst_type)
+        .map(|n| n.node.index as i64)
+        .collect())
+}
+
+/// The last `capacity` prequential ranks.
+#[derive(Debug)]
+pub struct RankWindow {
+    ranks: VecDeque<f64>,
+    capacity: usize,
+    total: u64,
+}
+
+impl RankWindow {
+    pub fn new(capacity: usize) -> RankWindow {
+        RankWindow {
+            ranks: VecDeque::with_capacity(capacity),
+            capacity: capacity.max(1),
+            total: 0,
+        }
+    }
+
+    pub fn extend(&mut self, ranks: impl IntoIterator<Item = f64>) {
+        for r in ranks {
+            if self.ranks.len() == self.capacity {
+                self.ranks.pop_front();
+            }
+            self.ranks.push_back(r);
+            self.total += 1;
+        }
+    }
+
+    /// `(mrr, hits@10)` over the window; `None` before the first rank.
+    pub fn figures(&self) -> Option<(f64, f64)> {
+        if self.ranks.is_empty() {
+            return None;
+        }
+        let n = self.ranks.len() as f64;
+        let mrr = self.ranks.iter().map(|r| 1.0 / r).sum::<f64>() / n;
+        let hits = self.ranks.iter().filter(|&&r| r <= 10.0).count() as f64 / n;
+        Some((mrr, hits))
+    }
+
+    /// Ranks in the window now.
+    pub fn len(&self) -> usize {
+        self.ranks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranks.is_empty()
+    }
+
+    /// Ranks ever added.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_window_keeps_the_newest() {
+        let mut w = RankWindow::new(3);
+        assert_eq!(w.figures(), None);
+        w.extend([100.0, 1.0, 2.0, 20.0]);
+        let (mrr, hits) = w.figures().unwrap();
+        assert!((mrr - (1.0 + 0.5 + 0.05) / 3.0).abs() < 1e-12);
+        assert!((hits - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(w.total(), 4);
+    }
+}

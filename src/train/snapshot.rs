@@ -1,0 +1,189 @@
+//! A [`Snapshot`]: the tables and relation vectors at a moment, on the CPU, and its file form
+//! (the aligner's anchor, the published reference).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::persist;
+
+/// One model state's parameters on the CPU.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Per node type, `[rows, D]`.
+    pub tables: Vec<Tensor>,
+    pub relations: Tensor,
+}
+
+impl Snapshot {
+    /// Share the tensors (no copy).
+    pub fn shallow_clone(&self) -> Snapshot {
+        Snapshot {
+            tables: self.tables.iter().map(Tensor::shallow_clone).collect(),
+            relations: self.relations.shallow_clone(),
+        }
+    }
+
+    pub fn rotated(&self, r: &Tensor) -> Snapshot {
+        Snapshot {
+            tables: self.tables.iter().map(|t| t.matmul(r)).collect(),
+            relations: self.relations.matmul(r),
+        }
+    }
+}
+
+/// What a version is built from: the trainer's parameters on the CPU, each row's newest event
+/// time (ms) per node type, and the cursor (every stored edge before it is trained in).
+#[derive(Debug)]
+pub struct ModelState {
+    pub params: Snapshot,
+    pub row_ts: Vec<Vec<i64>>,
+    pub cursor: u64,
+}
+
+/// Rows (of all tables) and relation vectors holding a non-finite value.
+pub fn non_finite_rows(s: &Snapshot) -> i64 {
+    s.tables
+        .iter()
+        .chain(std::iter::once(&s.relations))
+        .filter(|t| t.numel() > 0)
+        .map(|t| {
+            t.isfinite()
+                .all_dim(1, false)
+                .logical_not()
+                .sum(Kind::Int64)
+                .int64_value(&[])
+        })
+        .sum()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+/// What `<stem>.json` records beside `<stem>.pt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub version: u64,
+    pub tables: usize,
+}
+
+fn snapshot_error(path: &Path, problem: impl ToString) -> SnapshotError {
+    SnapshotError::Invalid {
+        path: path.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
+/// Write a snapshot of published parameters as `<dir>/<stem>.pt` (tensors) and
+/// `<dir>/<stem>.json` (the version), each through a fsynced temporary file and a rename; the
+/// metadata goes last, so a crash leaves either the old pair or a new `.pt` that the old
+/// metadata does not match by table count or version (and [`load_snapshot`] then reports it).
+pub fn save_snapshot(
+    dir: &Path,
+    stem: &str,
+    version: u64,
+    s: &Snapshot,
+) -> Result<(), SnapshotError> {
+    fs::create_dir_all(dir).map_err(|e| snapshot_error(dir, e))?;
+    let mut named: Vec<(String, Tensor)> = s
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, x)| (format!("table.{t}"), x.shallow_clone()))
+        .collect();
+    named.push(("relations".into(), s.relations.shallow_clone()));
+    named.push(("version".into(), Tensor::from_slice(&[version as i64])));
+    let pt = dir.join(format!("{stem}.pt"));
+    persist::replace_with(&pt, |tmp| Tensor::save_multi(&named, tmp).map_err(std::io::Error::other))
+        .map_err(|e| snapshot_error(&pt, e))?;
+    let meta = SnapshotMeta {
+        version,
+        tables: s.tables.len(),
+    };
+    let json = dir.join(format!("{stem}.json"));
+    persist::write_atomic(&json, &serde_json::to_vec(&meta).expect("plain data"))
+        .map_err(|e| snapshot_error(&json, e))
+}
+
+/// Read a snapshot written by [`save_snapshot`]; `Ok(None)` when there is none. The tensors'
+/// own version must match the metadata's.
+pub fn load_snapshot(
+    dir: &Path,
+    stem: &str,
+) -> Result<Option<(SnapshotMeta, Snapshot)>, SnapshotError> {
+    let json = dir.join(format!("{stem}.json"));
+    let meta: SnapshotMeta = match fs::read(&json) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| snapshot_error(&json, e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(snapshot_error(&json, e)),
+    };
+    let pt = dir.join(format!("{stem}.pt"));
+    let named = Tensor::load_multi(&pt).map_err(|e| snapshot_error(&pt, e))?;
+    let mut by_name: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
+    let mut take = |name: &str| {
+        by_name
+            .remove(name)
+            .ok_or_else(|| snapshot_error(&pt, format!("no tensor {name:?}")))
+    };
+    let version = take("version")?.int64_value(&[0]) as u64;
+    if version != meta.version {
+        return Err(snapshot_error(
+            &pt,
+            format!(
+                "holds version {version}, {} says {}",
+                json.display(),
+                meta.version
+            ),
+        ));
+    }
+    let tables = (0..meta.tables)
+        .map(|t| take(&format!("table.{t}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let relations = take("relations")?;
+    Ok(Some((meta, Snapshot { tables, relations })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_round_trip_and_a_mismatch_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_snapshot(dir.path(), "reference").unwrap().is_none());
+        let s = Snapshot {
+            tables: vec![
+                Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]),
+                Tensor::zeros([0, 2], (Kind::Float, tch::Device::Cpu)),
+            ],
+            relations: Tensor::from_slice(&[0.5f32, -0.5]).view([1, 2]),
+        };
+        save_snapshot(dir.path(), "reference", 7, &s).unwrap();
+        let (meta, back) = load_snapshot(dir.path(), "reference").unwrap().unwrap();
+        assert_eq!(
+            meta,
+            SnapshotMeta {
+                version: 7,
+                tables: 2
+            }
+        );
+        assert!(back.tables[0].equal(&s.tables[0]) && back.relations.equal(&s.relations));
+        assert_eq!(back.tables[1].size(), vec![0, 2]);
+        // Tensors from another version than the metadata names (a crash between the renames).
+        std::fs::write(
+            dir.path().join("reference.json"),
+            br#"{"version":8,"tables":2}"#,
+        )
+        .unwrap();
+        let err = load_snapshot(dir.path(), "reference")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("holds version 7"), "{err}");
+    }
+}

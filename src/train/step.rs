@@ -1,0 +1,562 @@
+//! One training step on a micro-batch of edges (DESIGN §4), and the parameters that shape it.
+//!
+//! Per group of edges with the same endpoint types (all relations between them: translation is
+//! per row, so one matrix product scores them all):
+//! * the positive score `score(e_s + e_r, e_t)`;
+//! * target-side negatives: the group's other targets (in-batch, one matrix product) plus
+//!   `uniform_negatives` targets of the target type drawn once for the group;
+//! * source-side negatives likewise;
+//! * accidental positives among in-batch negatives are masked: another positive's target is a
+//!   true target of this source when the two share their source and relation (and vice versa).
+//!
+//! Gradients flow into leaf copies of only the unique rows the step touches; the updates are
+//! applied with row-wise sparse Adagrad ([`crate::train::NodeTable::adagrad`]). A step whose loss
+//! or gradients are not finite changes nothing and is reported as skipped.
+
+use std::collections::HashMap;
+
+use rand::rngs::SmallRng;
+use rand::Rng;
+pub use crate::config::TrainParams;
+use tch::{Device, Kind, Tensor};
+
+use crate::train::loss_parts;
+use crate::train::Embeddings;
+use crate::train::{score_pairs, score_sources, score_targets, translate};
+use crate::store::Edge;
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub edges: usize,
+    /// The loss or a gradient was not finite: nothing was updated.
+    pub skipped: bool,
+}
+
+/// Rows of one node type used by a step: unique indices and where each use maps to.
+#[derive(Default)]
+struct RowSet {
+    unique: Vec<i64>,
+    position: HashMap<i64, i64>,
+}
+
+impl RowSet {
+    fn add(&mut self, index: i64) -> i64 {
+        let next = self.unique.len() as i64;
+        *self.position.entry(index).or_insert_with(|| {
+            self.unique.push(index);
+            next
+        })
+    }
+}
+
+/// Indices (into per-type row sets) of one relation group.
+struct Group {
+    rels: Vec<i64>,
+    src_type: usize,
+    dst_type: usize,
+    src: Vec<i64>,
+    dst: Vec<i64>,
+    src_pos: Vec<i64>,
+    dst_pos: Vec<i64>,
+    uni_src: Vec<i64>,
+    uni_dst: Vec<i64>,
+    uni_src_pos: Vec<i64>,
+    uni_dst_pos: Vec<i64>,
+}
+
+fn long(v: &[i64], device: Device) -> Tensor {
+    Tensor::from_slice(v).to_device(device)
+}
+
+/// Which candidates may serve as negatives: `(in_batch [b, chunk], uniform [b, K])`, column `j`
+/// of `in_batch` being the `j`-th positive of `i`'s chunk (`i / chunk`). Built with tensor ops on
+/// the device: it is `b × (chunk + K)` cells per side and step.
+fn negative_mask(
+    own: &[i64],
+    other_side: &[i64],
+    rels: &[i64],
+    uniform: &[i64],
+    chunk: usize,
+    device: Device,
+) -> (Tensor, Tensor) {
+    let b = own.len() as i64;
+    let c = chunk as i64;
+    let n = (b + c - 1) / c;
+    // Padding slots get a sentinel that matches nothing real, and are masked out explicitly.
+    let padded = |v: &[i64]| {
+        let mut p = v.to_vec();
+        p.resize((n * c) as usize, -1);
+        Tensor::from_slice(&p).to_device(device).view([n, c])
+    };
+    let (own_c, other_c, rel_c) = (padded(own), padded(other_side), padded(rels));
+    let differ = |x: &Tensor| x.unsqueeze(2).ne_tensor(&x.unsqueeze(1));
+    // Same node, or another positive sharing this one's relation and other end (a true edge):
+    // neither is a negative; nor is padding.
+    let real = own_c.ge(0).unsqueeze(1);
+    let in_batch = differ(&own_c)
+        .logical_and(&differ(&other_c).logical_or(&differ(&rel_c)))
+        .logical_and(&real)
+        .view([n * c, c])
+        .narrow(0, 0, b);
+    let own_t = Tensor::from_slice(own).to_device(device);
+    let uni = Tensor::from_slice(uniform).to_device(device);
+    let uniform_valid = uni.unsqueeze(0).ne_tensor(&own_t.unsqueeze(1));
+    (in_batch, uniform_valid)
+}
+
+/// `[b, D]` → `[ceil(b / chunk), chunk, D]`, zero-padded.
+fn chunked(x: &Tensor, chunk: i64) -> Tensor {
+    let (b, d) = (x.size()[0], x.size()[1]);
+    let n = (b + chunk - 1) / chunk;
+    let pad = n * chunk - b;
+    let x = if pad > 0 {
+        Tensor::cat(
+            &[
+                x.shallow_clone(),
+                Tensor::zeros([pad, d], (x.kind(), x.device())),
+            ],
+            0,
+        )
+    } else {
+        x.shallow_clone()
+    };
+    x.view([n, chunk, d])
+}
+
+/// `[n, chunk, chunk]` in-batch scores → `[b, chunk]` (padding rows dropped).
+fn unchunked(x: &Tensor, b: i64) -> Tensor {
+    let chunk = x.size()[2];
+    x.view([-1, chunk]).narrow(0, 0, b)
+}
+
+/// Rows each table needs so that every node `edges` names has one.
+pub fn rows_needed(model: &Embeddings, edges: &[Edge]) -> Vec<i64> {
+    let mut needed: Vec<i64> = model.tables.iter().map(|t| t.len()).collect();
+    for e in edges {
+        for n in [e.src, e.dst] {
+            let t = n.node_type as usize;
+            needed[t] = needed[t].max(n.index as i64 + 1);
+        }
+    }
+    needed
+}
+
+/// Make sure every node `edges` names has a row; new rows are random (see [`crate::train`] for
+/// the warm start the trainer uses when it has the store).
+pub fn ensure_rows(model: &mut Embeddings, edges: &[Edge], init_scale: f64) {
+    let (dim, device) = (model.dim, model.device);
+    let needed = rows_needed(model, edges);
+    for (table, n) in model.tables.iter_mut().zip(needed) {
+        table.grow(n, |count| {
+            Tensor::randn([count, dim], (Kind::Float, device)) * init_scale
+        });
+    }
+}
+
+/// The drift control's L2 pull (DESIGN §5), decoupled from the gradient: after each step, every
+/// touched row the reference has is moved back toward its reference row,
+/// `e ← ref + (e − ref) / (1 + lr · strength)`, and likewise the relation vectors (with
+/// `relation_lr`). This is the proximal step of `strength/2 · ‖e − ref‖²`.
+///
+/// Why not a term in the loss: Adagrad normalises each row's step by its gradient history, so a
+/// pull inside the gradient moves a row by about `lr` per coordinate whatever its strength, and
+/// near the reference it overshoots — measured: a stronger in-loss pull *raised* drift between
+/// versions. Decoupled (as AdamW decouples weight decay), the pull shrinks the deviation by a
+/// fixed factor per step, so strength means what it says.
+pub struct Pull<'a> {
+    /// Per node type, the reference rows (on the model's device); a touched row beyond them (a
+    /// node newer than the reference) is not pulled.
+    pub tables: &'a [Tensor],
+    pub relations: &'a Tensor,
+    pub strength: f64,
+}
+
+/// Apply the proximal pull to the rows a step touched (`leaves`: per type, the touched indices).
+fn apply_pull(
+    model: &mut Embeddings,
+    pull: &Pull<'_>,
+    touched: &[Option<Tensor>],
+    p: &TrainParams,
+) {
+    tch::no_grad(|| {
+        let keep = 1.0 / (1.0 + p.lr * pull.strength);
+        for ((table, idx), reference) in model.tables.iter_mut().zip(touched).zip(pull.tables) {
+            let (Some(idx), n) = (idx, reference.size()[0]) else {
+                continue;
+            };
+            let idx = idx.masked_select(&idx.lt(n));
+            if idx.numel() == 0 {
+                continue;
+            }
+            let anchor = reference.index_select(0, &idx);
+            let rows = table.weights.index_select(0, &idx);
+            let pulled = &anchor + (rows - &anchor) * keep;
+            let _ = table.weights.index_copy_(0, &idx, &pulled);
+        }
+        if pull.relations.size() == model.relations.size() {
+            let keep = 1.0 / (1.0 + p.relation_lr * pull.strength);
+            let pulled = pull.relations + (&model.relations - pull.relations) * keep;
+            model.relations.copy_(&pulled);
+        }
+    })
+}
+
+/// One step on `edges` (see the module docs).
+pub fn train_step(
+    model: &mut Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+) -> StepStats {
+    train_step_pulled(model, edges, p, rng, None)
+}
+
+/// [`train_step`] with an optional [`Pull`] toward a reference.
+pub fn train_step_pulled(
+    model: &mut Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+    pull: Option<&Pull<'_>>,
+) -> StepStats {
+    if edges.is_empty() {
+        return StepStats {
+            loss: 0.0,
+            edges: 0,
+            skipped: false,
+        };
+    }
+    ensure_rows(model, edges, p.init_scale);
+    let device = model.device;
+    let mut rows: Vec<RowSet> = (0..model.tables.len()).map(|_| RowSet::default()).collect();
+
+    let mut by_group: HashMap<(u16, u16), Vec<&Edge>> = HashMap::new();
+    for e in edges {
+        by_group
+            .entry((e.src.node_type, e.dst.node_type))
+            .or_default()
+            .push(e);
+    }
+    let mut keys: Vec<_> = by_group.keys().copied().collect();
+    keys.sort_unstable();
+    let mut groups = Vec::with_capacity(keys.len());
+    for key in keys {
+        let members = &by_group[&key];
+        let (src_type, dst_type) = (key.0 as usize, key.1 as usize);
+        let src: Vec<i64> = members.iter().map(|e| e.src.index as i64).collect();
+        let dst: Vec<i64> = members.iter().map(|e| e.dst.index as i64).collect();
+        let draw = |rng: &mut SmallRng, n: i64| -> Vec<i64> {
+            (0..p.uniform_negatives)
+                .map(|_| rng.random_range(0..n))
+                .collect()
+        };
+        let uni_src = draw(rng, model.tables[src_type].len());
+        let uni_dst = draw(rng, model.tables[dst_type].len());
+        let mut map =
+            |t: usize, v: &[i64]| -> Vec<i64> { v.iter().map(|&i| rows[t].add(i)).collect() };
+        groups.push(Group {
+            rels: members.iter().map(|e| e.rel as i64).collect(),
+            src_type,
+            dst_type,
+            src_pos: map(src_type, &src),
+            dst_pos: map(dst_type, &dst),
+            uni_src_pos: map(src_type, &uni_src),
+            uni_dst_pos: map(dst_type, &uni_dst),
+            src,
+            dst,
+            uni_src,
+            uni_dst,
+        });
+    }
+
+    // Leaves: the touched rows of each table, and all relation vectors.
+    let leaves: Vec<Option<(Tensor, Tensor)>> = rows
+        .iter()
+        .enumerate()
+        .map(|(t, set)| {
+            if set.unique.is_empty() {
+                return None;
+            }
+            let idx = long(&set.unique, device);
+            let leaf = model.tables[t]
+                .weights
+                .index_select(0, &idx)
+                .detach()
+                .set_requires_grad(true);
+            Some((idx, leaf))
+        })
+        .collect();
+    let rel_leaf = model.relations.detach().set_requires_grad(true);
+
+    let mut total = Tensor::zeros([], (Kind::Float, device));
+    for g in &groups {
+        let table = |t: usize, pos: &[i64]| {
+            leaves[t]
+                .as_ref()
+                .expect("rows added")
+                .1
+                .index_select(0, &long(pos, device))
+        };
+        let s = table(g.src_type, &g.src_pos);
+        let t = table(g.dst_type, &g.dst_pos);
+        let b = g.src.len() as i64;
+        let r = rel_leaf.index_select(0, &long(&g.rels, device));
+        let a = translate(&s, &r);
+        let pos = score_pairs(p.comparator, &a, &t);
+        let chunk = (p.chunk_size as i64).min(b);
+        let (a_c, s_c, r_c, t_c) = (
+            chunked(&a, chunk),
+            chunked(&s, chunk),
+            chunked(&r, chunk),
+            chunked(&t, chunk),
+        );
+
+        // Targets: in-batch (per chunk, one batched product), then uniform.
+        let dst_in_batch = unchunked(&score_targets(p.comparator, &a_c, &t_c), b);
+        let dst_uniform = score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos));
+        let (dst_in_valid, dst_uni_valid) =
+            negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
+
+        // Sources likewise.
+        let src_in_batch = unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b);
+        let src_uniform = score_sources(p.comparator, &table(g.src_type, &g.uni_src_pos), &r, &t);
+        let (src_in_valid, src_uni_valid) =
+            negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
+
+        let group_loss = loss_parts(
+            p.loss,
+            &pos,
+            &[
+                (&dst_in_batch, &dst_in_valid),
+                (&dst_uniform, &dst_uni_valid),
+            ],
+        ) + loss_parts(
+            p.loss,
+            &pos,
+            &[
+                (&src_in_batch, &src_in_valid),
+                (&src_uniform, &src_uni_valid),
+            ],
+        );
+        total += group_loss * (b as f64);
+    }
+    let total = total / edges.len() as f64;
+    let loss_value = total.double_value(&[]);
+    if !loss_value.is_finite() {
+        return StepStats {
+            loss: loss_value,
+            edges: edges.len(),
+            skipped: true,
+        };
+    }
+    total.backward();
+    let grads: Vec<Option<Tensor>> = leaves
+        .iter()
+        .map(|l| l.as_ref().map(|(_, leaf)| leaf.grad()))
+        .collect();
+    let rel_grad = rel_leaf.grad();
+    let finite = grads
+        .iter()
+        .flatten()
+        .chain(std::iter::once(&rel_grad))
+        .all(|g| g.isfinite().all().int64_value(&[]) == 1);
+    if !finite {
+        return StepStats {
+            loss: loss_value,
+            edges: edges.len(),
+            skipped: true,
+        };
+    }
+    for (t, (leaf, grad)) in leaves.iter().zip(grads).enumerate() {
+        if let (Some((idx, _)), Some(grad)) = (leaf, grad) {
+            model.tables[t].adagrad(idx, &grad, p.lr);
+        }
+    }
+    model.adagrad_relations(&rel_grad, p.relation_lr);
+    if let Some(pull) = pull.filter(|pull| pull.strength > 0.0) {
+        let touched: Vec<Option<Tensor>> = leaves
+            .iter()
+            .map(|l| l.as_ref().map(|(idx, _)| idx.shallow_clone()))
+            .collect();
+        apply_pull(model, pull, &touched, p);
+    }
+    StepStats {
+        loss: loss_value,
+        edges: edges.len(),
+        skipped: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Comparator, LossKind};
+    use crate::store::NodeRef;
+    use rand::SeedableRng;
+
+    fn params() -> TrainParams {
+        TrainParams {
+            dim: 16,
+            comparator: Comparator::Dot,
+            loss: LossKind::Logistic,
+            lr: 0.1,
+            relation_lr: 0.1,
+            uniform_negatives: 8,
+            chunk_size: 64,
+            init_scale: 0.1,
+            batch_size: 64,
+            seed: 1,
+        }
+    }
+
+    fn edge(s: u32, r: u16, t: u32) -> Edge {
+        Edge {
+            src: NodeRef {
+                node_type: 0,
+                index: s,
+            },
+            rel: r,
+            dst: NodeRef {
+                node_type: 0,
+                index: t,
+            },
+            ts: 0,
+            weight: 1.0,
+        }
+    }
+
+    #[test]
+    fn mask_excludes_self_and_in_batch_accidental_positives() {
+        // Positives (s=1,r=0,t=10), (s=1,r=0,t=11), (s=2,r=0,t=12), (s=1,r=5,t=13): for row 0,
+        // t=11 is a true target (same source and relation); t=13 is not (other relation).
+        let m = negative_mask(
+            &[10, 11, 12, 13],
+            &[1, 1, 2, 1],
+            &[0, 0, 0, 5],
+            &[10, 99],
+            4,
+            Device::Cpu,
+        );
+        let m = Tensor::cat(&[m.0, m.1], 1);
+        let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
+        #[rustfmt::skip]
+        let want = vec![
+            false, false, true, true, false, true, // row 0; uniform 10 is its own target
+            false, false, true, true, true, true,
+            true, true, false, true, true, true,
+            true, true, true, false, true, true,
+        ];
+        assert_eq!(got, want);
+        // In chunks of 3, rows 0-2 see positives 0-2 and row 3 sees itself and padding only.
+        let m = negative_mask(
+            &[10, 11, 12, 13],
+            &[1, 1, 2, 1],
+            &[0, 0, 0, 5],
+            &[],
+            3,
+            Device::Cpu,
+        );
+        let m = Tensor::cat(&[m.0, m.1], 1);
+        let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
+        #[rustfmt::skip]
+        let want = vec![
+            false, false, true,
+            false, false, true,
+            true, true, false,
+            false, false, false,
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn chunking_pads_and_unpads() {
+        let x = Tensor::arange(10, (Kind::Float, Device::Cpu)).view([5, 2]);
+        let c = chunked(&x, 2);
+        assert_eq!(c.size(), vec![3, 2, 2]);
+        let scores = c.matmul(&c.transpose(-2, -1));
+        assert_eq!(unchunked(&scores, 5).size(), vec![5, 2]);
+        // Row 4 (alone in the last chunk) sees itself, then a zero pad.
+        assert_eq!(unchunked(&scores, 5).double_value(&[4, 1]), 0.0);
+    }
+
+    #[test]
+    fn only_touched_rows_move_and_loss_decreases() {
+        tch::manual_seed(0);
+        let mut rng = SmallRng::seed_from_u64(0);
+        let mut p = params();
+        p.uniform_negatives = 0; // keep untouched rows untouched
+        let mut model = Embeddings::new(1, 2, p.dim, 0.1, Device::Cpu);
+        let edges = vec![edge(0, 0, 1), edge(2, 0, 3), edge(4, 1, 5)];
+        ensure_rows(&mut model, &[edge(0, 0, 9)], p.init_scale);
+        let before = model.tables[0].rows().copy();
+        let first = train_step(&mut model, &edges, &p, &mut rng);
+        assert!(!first.skipped);
+        let after = model.tables[0].rows();
+        let moved: Vec<i64> = (0..10)
+            .filter(|&i| {
+                (before.get(i) - after.get(i))
+                    .abs()
+                    .sum(Kind::Float)
+                    .double_value(&[])
+                    > 0.0
+            })
+            .collect();
+        assert_eq!(moved, vec![0, 1, 2, 3, 4, 5]);
+        let mut last = first.loss;
+        for _ in 0..50 {
+            last = train_step(&mut model, &edges, &p, &mut rng).loss;
+        }
+        assert!(last < first.loss * 0.5, "loss {} -> {last}", first.loss);
+    }
+
+    #[test]
+    fn the_pull_holds_rows_near_the_reference_in_proportion_to_its_strength() {
+        let p = params();
+        let edges = vec![edge(0, 0, 1), edge(2, 0, 3), edge(4, 1, 5), edge(1, 1, 2)];
+        let moved_after = |strength: f64| {
+            tch::manual_seed(3);
+            let mut rng = SmallRng::seed_from_u64(3);
+            let mut model = Embeddings::new(1, 2, p.dim, 0.1, Device::Cpu);
+            ensure_rows(&mut model, &edges, p.init_scale);
+            // Row 5 is newer than the reference: it is trained but never pulled.
+            let tables = [model.tables[0].rows().narrow(0, 0, 5).copy()];
+            let relations = model.relations.copy();
+            let pull = Pull {
+                tables: &tables,
+                relations: &relations,
+                strength,
+            };
+            for _ in 0..30 {
+                let stats = train_step_pulled(&mut model, &edges, &p, &mut rng, Some(&pull));
+                assert!(!stats.skipped);
+            }
+            let now = model.tables[0].rows().narrow(0, 0, 5);
+            (now - &tables[0]).norm().double_value(&[])
+        };
+        let free = moved_after(0.0);
+        let held = moved_after(50.0);
+        assert!(free > 0.05, "unpulled rows should move: {free}");
+        assert!(held < free * 0.25, "pulled {held} vs free {free}");
+        // Monotonic in the strength (an in-loss pull under Adagrad was not: it overshot).
+        let (weak, strong) = (moved_after(1.0), moved_after(1000.0));
+        assert!(
+            strong < held && held < weak && weak < free,
+            "{strong} {held} {weak} {free}"
+        );
+    }
+
+    #[test]
+    fn a_non_finite_step_changes_nothing() {
+        let mut rng = SmallRng::seed_from_u64(0);
+        let p = params();
+        let mut model = Embeddings::new(1, 1, p.dim, 0.1, Device::Cpu);
+        ensure_rows(&mut model, &[edge(0, 0, 3)], p.init_scale);
+        let _ = model.tables[0].weights.get(0).fill_(f64::NAN);
+        let before = model.relations.copy();
+        let stats = train_step(&mut model, &[edge(0, 0, 1), edge(2, 0, 3)], &p, &mut rng);
+        assert!(stats.skipped);
+        assert!(before.equal(&model.relations));
+    }
+}

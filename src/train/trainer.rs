@@ -1,0 +1,463 @@
+//! The trainer's state and logic without the actor ([`TrainerCore`]: used by the actor, the
+//! offline measurements and the tests).
+//!
+//! Each step of [`TrainerCore::step`]:
+//! 1. reads the next micro-batch of new edges from its cursor ([`GraphStore::edges_from`]); the
+//!    batch size adapts to the backlog ([`next_batch_size`]);
+//! 2. *tests* a sample of them first (prequential: the target ranked, filtered, against all nodes
+//!    of its type, before any training on it) when both nodes already have rows;
+//! 3. gives new nodes rows: warm-started from already-embedded neighbours
+//!    ([`crate::train::warm_rows`]) or random;
+//! 4. mixes in `replay_ratio` edges per new edge drawn uniformly from the whole log and runs one
+//!    [`crate::train::train_step`], pulled toward the last published version;
+//! 5. moves the cursor past the new edges — only now, so a checkpoint's cursor always means "every
+//!    edge before this was trained into these tables".
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use rand::rngs::SmallRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use tch::{Device, Kind, Tensor};
+use tracing::info;
+
+use crate::config::{Config, TrainerConfig};
+use crate::store::{Edge, GraphStore, NodeRef, StoreError};
+use crate::train::{
+    known_targets, non_finite_rows, rows_needed, schema_fingerprint, target_ranks,
+    train_step_pulled, warm_rows, CheckpointError, Checkpoints, Embeddings, ModelState, Pull,
+    RankWindow, Snapshot, StepStats, TargetQuery, TrainParams,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error("trainer: reading the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("trainer: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("trainer: the model was lost after an earlier failure")]
+    Gone,
+    #[error("trainer: {rows} rows hold non-finite values; not checkpointed")]
+    NonFinite { rows: i64 },
+    #[error("trainer: a step panicked at cursor {cursor}: {message}")]
+    Panicked { cursor: u64, message: String },
+    #[error(
+        "trainer: checkpoint {version} in trainer.checkpoint_path = {path} is ahead of the store \
+         at storage.path ({problem}): it belongs to another store; point trainer.checkpoint_path \
+         elsewhere or remove it"
+    )]
+    ForeignCheckpoint {
+        version: u64,
+        path: String,
+        problem: String,
+    },
+}
+
+/// The next micro-batch size: double while the backlog is more than four batches (up to `max`),
+/// halve back toward `base` once it is under half a batch.
+pub fn next_batch_size(current: usize, backlog: u64, base: usize, max: usize) -> usize {
+    let current = current.clamp(base, max);
+    if backlog > 4 * current as u64 {
+        (current * 2).min(max)
+    } else if backlog < (current / 2) as u64 {
+        (current / 2).max(base)
+    } else {
+        current
+    }
+}
+
+/// Replayed edges for `fresh` new ones at `ratio` replayed per new edge.
+fn replay_count(fresh: usize, ratio: f64) -> usize {
+    (fresh as f64 * ratio).round() as usize
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    pub new_edges: usize,
+    pub replayed: usize,
+    /// `None` when there was nothing to train.
+    pub stats: Option<StepStats>,
+    /// Edges left behind the cursor after the step.
+    pub backlog: u64,
+    pub batch_size: usize,
+    pub seconds: f64,
+    pub warm_rows: usize,
+    pub random_rows: usize,
+    /// Prequential ranks of the edges tested before the step.
+    pub ranks: Vec<f64>,
+    /// The relation of each rank (same order).
+    pub rank_relations: Vec<u16>,
+}
+
+/// The trainer's state and logic, without the actor (used by the actor, the offline
+/// `warm-start` measurement and the tests).
+pub struct TrainerCore {
+    pub model: Embeddings,
+    params: TrainParams,
+    opts: TrainerConfig,
+    cursor: u64,
+    batch: usize,
+    rng: SmallRng,
+    pub window: RankWindow,
+    /// The same per relation: a stream mixes tasks of very different difficulty (a knowledge
+    /// graph's edges and ratings), and one window over all of them hides which one moves.
+    pub by_relation: BTreeMap<u16, RankWindow>,
+    /// Per type and row: event time (ms) of the newest trained edge that touched it.
+    row_ts: Vec<Vec<i64>>,
+    /// What the drift control pulls toward (the last acknowledged version).
+    pull_target: Option<PullTarget>,
+    /// Strength of the pull toward it (0: none), set by the alignment's controller.
+    pull: f64,
+}
+
+/// What the pull draws trained rows back toward: the version subscribers hold, on the model's
+/// device. The publish stage decides what it is ([`TrainerCore::set_pull`]).
+struct PullTarget {
+    tables: Vec<Tensor>,
+    relations: Tensor,
+}
+
+impl TrainerCore {
+    /// A fresh model, cursor 0.
+    pub fn new(model: Embeddings, params: TrainParams, opts: TrainerConfig) -> TrainerCore {
+        TrainerCore::resume(model, 0, params, opts)
+    }
+
+    /// Continue from `model` trained up to `cursor`.
+    pub fn resume(
+        model: Embeddings,
+        cursor: u64,
+        params: TrainParams,
+        opts: TrainerConfig,
+    ) -> TrainerCore {
+        TrainerCore {
+            row_ts: vec![Vec::new(); model.tables.len()],
+            pull_target: None,
+            pull: 0.0,
+            rng: SmallRng::seed_from_u64(params.seed ^ cursor),
+            batch: params.batch_size,
+            window: RankWindow::new(opts.prequential_window),
+            by_relation: Default::default(),
+            model,
+            params,
+            opts,
+            cursor,
+        }
+    }
+
+    /// Resume from the newest usable checkpoint in `trainer.checkpoint_path`, or start fresh.
+    pub fn open(
+        cfg: &Config,
+        store: &GraphStore,
+        device: Device,
+    ) -> Result<TrainerCore, TrainerError> {
+        let fingerprint = schema_fingerprint(store.stored_schema());
+        let ckpts = Checkpoints::new(&cfg.trainer.checkpoint_path, cfg.trainer.checkpoint_keep);
+        let (params, opts) = (cfg.train.clone(), cfg.trainer.clone());
+        Ok(match ckpts.load(fingerprint, device)? {
+            Some(r) => {
+                let ahead = if r.meta.cursor > store.edge_count() {
+                    Some(format!(
+                        "cursor {} > {} stored edges",
+                        r.meta.cursor,
+                        store.edge_count()
+                    ))
+                } else {
+                    r.meta
+                        .rows
+                        .iter()
+                        .enumerate()
+                        .find(|&(t, &n)| n > store.node_count(t as u16) as i64)
+                        .map(|(t, n)| {
+                            format!(
+                                "{n} rows of type {t} > {} stored nodes",
+                                store.node_count(t as u16)
+                            )
+                        })
+                };
+                if let Some(problem) = ahead {
+                    return Err(TrainerError::ForeignCheckpoint {
+                        version: r.meta.version,
+                        path: cfg.trainer.checkpoint_path.display().to_string(),
+                        problem,
+                    });
+                }
+                info!(
+                    version = r.meta.version,
+                    cursor = r.meta.cursor,
+                    path = %cfg.trainer.checkpoint_path.display(),
+                    "trainer resumed from checkpoint"
+                );
+                TrainerCore::resume(r.model, r.meta.cursor, params, opts)
+            }
+            None => {
+                tch::manual_seed(params.seed as i64);
+                let model = Embeddings::for_schema(&cfg.schema(), &params, device);
+                info!(path = %cfg.trainer.checkpoint_path.display(), "trainer starts a new model (no checkpoint)");
+                TrainerCore::new(model, params, opts)
+            }
+        })
+    }
+
+    /// Store sequence number of the next edge to train.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// One step on the next micro-batch (see the module docs). Does nothing when the cursor is
+    /// at the end of the log.
+    pub fn step(&mut self, store: &GraphStore) -> Result<StepReport, StoreError> {
+        let started = Instant::now();
+        let backlog = store.edge_count().saturating_sub(self.cursor);
+        self.batch = next_batch_size(
+            self.batch,
+            backlog,
+            self.params.batch_size,
+            self.opts.max_batch_size,
+        );
+        let mut report = StepReport {
+            backlog,
+            batch_size: self.batch,
+            ..Default::default()
+        };
+        if backlog == 0 {
+            return Ok(report);
+        }
+        let read = store.edges_from(self.cursor, self.batch)?;
+        let Some(&(last_seq, _)) = read.last() else {
+            return Ok(report);
+        };
+        let fresh: Vec<Edge> = read.into_iter().map(|(_, e)| e).collect();
+        (report.ranks, report.rank_relations) = self.prequential(store, &fresh)?;
+        (report.warm_rows, report.random_rows) = self.add_rows(store, &fresh)?;
+        let replay = replay_count(fresh.len(), self.opts.replay_ratio);
+        let mut edges = fresh;
+        report.new_edges = edges.len();
+        edges.extend(store.sample_edges(&mut self.rng, replay)?);
+        report.replayed = edges.len() - report.new_edges;
+        let pull = self.pull_target.as_ref().map(|r| Pull {
+            tables: &r.tables,
+            relations: &r.relations,
+            strength: self.pull,
+        });
+        report.stats = Some(train_step_pulled(
+            &mut self.model,
+            &edges,
+            &self.params,
+            &mut self.rng,
+            pull.as_ref(),
+        ));
+        for e in &edges[..report.new_edges] {
+            for n in [e.src, e.dst] {
+                let ts = &mut self.row_ts[n.node_type as usize];
+                let i = n.index as usize;
+                if ts.len() <= i {
+                    ts.resize(i + 1, 0);
+                }
+                ts[i] = ts[i].max(e.ts as i64);
+            }
+        }
+        self.cursor = last_seq + 1;
+        self.window.extend(report.ranks.iter().copied());
+        for (&rank, &rel) in report.ranks.iter().zip(&report.rank_relations) {
+            let capacity = self.opts.prequential_window;
+            self.by_relation
+                .entry(rel)
+                .or_insert_with(|| RankWindow::new(capacity))
+                .extend([rank]);
+        }
+        report.backlog = store.edge_count().saturating_sub(self.cursor);
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Rank a sample of `fresh` (edges between nodes that already have rows) before training:
+    /// `(ranks, their relations)`.
+    fn prequential(
+        &mut self,
+        store: &GraphStore,
+        fresh: &[Edge],
+    ) -> Result<(Vec<f64>, Vec<u16>), StoreError> {
+        let has_row = |n: NodeRef| {
+            (n.index as i64) < self.model.tables[n.node_type as usize].len()
+        };
+        let eligible: Vec<&Edge> = fresh
+            .iter()
+            .filter(|e| has_row(e.src) && has_row(e.dst))
+            .collect();
+        let k = self.opts.prequential_per_step.min(eligible.len());
+        if k == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut queries = Vec::with_capacity(k);
+        let mut relations = Vec::with_capacity(k);
+        for i in sample(&mut self.rng, eligible.len(), k) {
+            let e = eligible[i];
+            relations.push(e.rel);
+            let known = known_targets(store, e.src, e.rel, e.dst.node_type)?;
+            queries.push(TargetQuery {
+                src_type: e.src.node_type as usize,
+                src: e.src.index as i64,
+                rel: e.rel as i64,
+                dst_type: e.dst.node_type as usize,
+                dst: e.dst.index as i64,
+                known,
+            });
+        }
+        Ok((
+            target_ranks(&self.model, self.params.comparator, &queries),
+            relations,
+        ))
+    }
+
+    /// Rows for the nodes `edges` name that have none yet: `(warm-started, random)` counts.
+    fn add_rows(
+        &mut self,
+        store: &GraphStore,
+        edges: &[Edge],
+    ) -> Result<(usize, usize), StoreError> {
+        let (dim, device, scale) = (self.model.dim, self.model.device, self.params.init_scale);
+        let (mut warm, mut random) = (0, 0);
+        for (t, n) in rows_needed(&self.model, edges).into_iter().enumerate() {
+            let start = self.model.tables[t].len();
+            if n <= start {
+                continue;
+            }
+            let rows = if self.opts.warm_start {
+                warm += (n - start) as usize;
+                warm_rows(
+                    &self.model,
+                    store,
+                    t as u16,
+                    start,
+                    n - start,
+                    scale,
+                    self.opts.warm_start_shrinkage,
+                )?
+            } else {
+                random += (n - start) as usize;
+                Tensor::randn([n - start, dim], (Kind::Float, device)) * scale
+            };
+            self.model.tables[t].grow(n, |_| rows);
+        }
+        Ok((warm, random))
+    }
+
+    /// The current parameters copied to the CPU, with each row's newest event time and the
+    /// cursor: what a version is built from.
+    pub fn state(&self) -> ModelState {
+        ModelState {
+            params: Snapshot {
+                tables: self
+                    .model
+                    .tables
+                    .iter()
+                    .map(|t| t.rows().to_device(Device::Cpu).copy())
+                    .collect(),
+                relations: self.model.relations.to_device(Device::Cpu).copy(),
+            },
+            row_ts: self.row_ts.clone(),
+            cursor: self.cursor,
+        }
+    }
+
+    /// Rotate every row and relation vector by the orthogonal `r [D, D]` (Procrustes onto the
+    /// anchor). Dot, L2 and cosine scores are unchanged; row-wise Adagrad state is a norm, so it
+    /// stays valid too.
+    pub fn rotate(&mut self, r: &Tensor) {
+        tch::no_grad(|| {
+            let r = r.to_device(self.model.device);
+            for table in &mut self.model.tables {
+                let mut rows = table.rows();
+                let turned = rows.matmul(&r);
+                rows.copy_(&turned);
+            }
+            let turned = self.model.relations.matmul(&r);
+            self.model.relations.copy_(&turned);
+        })
+    }
+
+    /// Pull toward `target` (when given; otherwise the current target stays) with `strength`
+    /// from now on.
+    pub fn set_pull(&mut self, strength: f64, target: Option<&Snapshot>) {
+        self.pull = strength;
+        if let Some(s) = target {
+            let device = self.model.device;
+            self.pull_target = Some(PullTarget {
+                tables: s.tables.iter().map(|t| t.to_device(device)).collect(),
+                relations: s.relations.to_device(device),
+            });
+        }
+    }
+
+    /// The strength of the pull now.
+    pub fn pull(&self) -> f64 {
+        self.pull
+    }
+
+    /// Go back to the newest usable checkpoint in `ckpts` (a fresh model when there is none),
+    /// keeping the pull and its target. Returns the checkpoint's version (0: fresh).
+    pub fn restore(
+        &mut self,
+        ckpts: &Checkpoints,
+        fingerprint: u32,
+    ) -> Result<u64, CheckpointError> {
+        let device = self.model.device;
+        let (model, cursor, version) = match ckpts.load(fingerprint, device)? {
+            Some(r) => (r.model, r.meta.cursor, r.meta.version),
+            None => (
+                Embeddings::new(
+                    self.model.tables.len(),
+                    self.model.relations.size()[0],
+                    self.params.dim,
+                    self.params.init_scale,
+                    device,
+                ),
+                0,
+                0,
+            ),
+        };
+        self.model = model;
+        self.cursor = cursor;
+        Ok(version)
+    }
+
+    /// Save a checkpoint at the current cursor; returns its version. Refuses non-finite
+    /// parameters, so the newest checkpoint is always one a held version can go back to.
+    pub fn checkpoint(&self, ckpts: &Checkpoints, fingerprint: u32) -> Result<u64, TrainerError> {
+        let rows = tch::no_grad(|| {
+            non_finite_rows(&Snapshot {
+                tables: self.model.tables.iter().map(|t| t.rows()).collect(),
+                relations: self.model.relations.shallow_clone(),
+            })
+        });
+        if rows > 0 {
+            return Err(TrainerError::NonFinite { rows });
+        }
+        Ok(ckpts.save(&self.model, self.cursor, fingerprint)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_grows_under_a_backlog_and_shrinks_back() {
+        assert_eq!(next_batch_size(1000, 100_000, 1000, 16_000), 2000);
+        assert_eq!(next_batch_size(8000, 100_000, 1000, 16_000), 16_000);
+        assert_eq!(next_batch_size(16_000, 1_000_000, 1000, 16_000), 16_000);
+        assert_eq!(next_batch_size(4000, 3000, 1000, 16_000), 4000);
+        assert_eq!(next_batch_size(4000, 100, 1000, 16_000), 2000);
+        assert_eq!(next_batch_size(1000, 0, 1000, 16_000), 1000);
+    }
+
+    #[test]
+    fn replay_count_rounds_the_ratio() {
+        assert_eq!(replay_count(1000, 1.0), 1000);
+        assert_eq!(replay_count(3, 0.5), 2);
+        assert_eq!(replay_count(10, 0.0), 0);
+    }
+}
