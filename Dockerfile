@@ -61,12 +61,12 @@ WORKDIR /app
 COPY config/ config/
 COPY topics/ topics/
 
-# Everything that must survive the container lives in the volume: the graph, the trainer's
-# checkpoints, and the publish ledger (version numbering), anchor and reference.
+# Everything that must survive the container lives in the volume, under storage.path: the graph,
+# the trainer's checkpoints (store/checkpoints) and the publish ledger (version numbering),
+# anchor and reference (store/publish). A volume from before that layout (checkpoints/ and
+# publish/ beside store/) is refused at start with the keys to set.
 ENV TWHIN_HTTP__BIND=0.0.0.0:8080 \
-    TWHIN_STORAGE__PATH=/var/lib/twhin/store \
-    TWHIN_TRAINER__CHECKPOINT_PATH=/var/lib/twhin/checkpoints \
-    TWHIN_PUBLISH__PATH=/var/lib/twhin/publish
+    TWHIN_STORAGE__PATH=/var/lib/twhin/store
 
 USER twhin
 VOLUME ["/var/lib/twhin"]

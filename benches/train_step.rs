@@ -15,11 +15,11 @@ use tch::Device;
 
 use twhin_stream::config::Config;
 use twhin_stream::offline::{replay_events, Dataset};
-use twhin_stream::train::LossKind;
-use twhin_stream::train::Embeddings;
 use twhin_stream::schema::decode_event;
-use twhin_stream::train::Comparator;
 use twhin_stream::store::{Edge, NodeRef};
+use twhin_stream::train::Comparator;
+use twhin_stream::train::Embeddings;
+use twhin_stream::train::LossKind;
 use twhin_stream::train::{ensure_rows, train_step, TrainParams};
 
 fn movielens_edges() -> (Config, Vec<Edge>) {

@@ -42,7 +42,7 @@ fn the_daemon_trains_what_it_ingests_checkpoints_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path());
     let store = dir.path().join("store");
-    let ckpts = store.with_extension("checkpoints");
+    let ckpts = store.join("checkpoints");
     let port = free_port();
     let mut env = daemon_env(&broker.bootstrap, &store, port);
     env.push(("TWHIN_TRAIN__DIM".into(), "32".into()));
@@ -231,11 +231,133 @@ fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
             assert!(a.pull > 0.0);
         }
     }
-    let publish_dir = store.with_extension("publish");
+    let publish_dir = store.join("publish");
     let meta = |stem: &str| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(publish_dir.join(format!("{stem}.json"))).unwrap())
             .unwrap()
     };
     assert_eq!(meta("anchor")["version"], 1);
     assert_eq!(meta("reference")["version"], *versions.last().unwrap());
+}
+
+/// The ledger's last committed version under `store` (`<store>/publish/ledger.json`).
+fn ledger_last_version(store: &Path) -> u64 {
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("publish/ledger.json")).unwrap()).unwrap();
+    status_u64(&ledger, "/last_version")
+}
+
+/// The daemon inside the test process (`app::run` with a oneshot as its shutdown future)
+/// against tansu: every event stored once, trained, checkpointed and published, and a clean
+/// stop when the future completes.
+#[test]
+fn the_daemon_runs_in_process_and_stops_when_its_shutdown_future_completes() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let store = dir.path().join("store");
+    let port = free_port();
+    let cfg = twhin_stream::config::Config::from_toml(&format!(
+        r#"
+        [kafka]
+        bootstrap_servers = "{}"
+        [kafka.consumer]
+        "session.timeout.ms" = "6000"
+        [storage]
+        path = "{}"
+        [http]
+        bind = "127.0.0.1:{port}"
+        [ingest]
+        batch_max_wait_ms = 100
+        [train]
+        dim = 16
+        [publish]
+        interval_secs = 1
+        "#,
+        broker.bootstrap,
+        store.display()
+    ))
+    .unwrap();
+    let msgs: Vec<Outgoing> = (0..3_000).map(|i| valid_event(i, false).0).collect();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = std::thread::spawn(move || {
+        twhin_stream::app::run(cfg, async {
+            let _ = stopped.await;
+        })
+    });
+    wait_until(
+        "the in-process daemon's HTTP",
+        Duration::from_secs(60),
+        || http_get(port, "/healthz").ok(),
+    );
+    produce(&broker.bootstrap, TOPIC, &msgs, None);
+    wait_until(
+        "every event trained and a version out",
+        Duration::from_secs(180),
+        || {
+            let st: serde_json::Value =
+                serde_json::from_str(&http_get(port, "/v1/status").ok()?).ok()?;
+            (status_u64(&st, "/trainer/cursor") == 3_000
+                && status_u64(&st, "/publish/committed") > 0)
+                .then_some(())
+        },
+    );
+    stop.send(()).unwrap();
+    daemon.join().expect("no panic").expect("a clean stop");
+
+    let (triples, edges) = stored_triples(&store);
+    assert_eq!(edges, 3_000, "nothing lost, nothing doubled");
+    assert_eq!(triples.len(), 3_000);
+    assert_eq!(
+        current_checkpoint(&store.join("checkpoints")).1,
+        3_000,
+        "final checkpoint"
+    );
+    let markers = read_published(&broker.bootstrap, 1).markers;
+    assert_eq!(
+        markers.last().map(|m| m.version),
+        Some(ledger_last_version(&store))
+    );
+}
+
+/// Setting `TWHIN_STORAGE__PATH` alone gives a second daemon its own everything: the same
+/// environment with another store starts (no "checkpoint ahead of the store"), ingests the topic
+/// into its own store, and keeps its checkpoints and ledger beside it, leaving the first's alone.
+#[test]
+fn two_daemons_that_differ_only_in_their_storage_path_keep_separate_state() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let port = free_port();
+    let env_for = |store: &Path| {
+        let mut env = daemon_env(&broker.bootstrap, store, port);
+        env.push(("TWHIN_TRAIN__DIM".into(), "16".into()));
+        env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "1".into()));
+        env
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    cli(&env_for(&a), &["topics", "apply"]);
+    let msgs: Vec<Outgoing> = (0..2_000).map(|i| valid_event(i, false).0).collect();
+    produce(&broker.bootstrap, TOPIC, &msgs, None);
+
+    std::fs::create_dir_all(dir.path().join("a-log")).unwrap();
+    let mut first = Daemon::start(env_for(&a), port, &dir.path().join("a-log"));
+    wait_for_cursor(&first, 2_000);
+    assert!(first.terminate().success());
+    let a_checkpoint = current_checkpoint(&a.join("checkpoints"));
+    let a_versions = ledger_last_version(&a);
+
+    std::fs::create_dir_all(dir.path().join("b-log")).unwrap();
+    let mut second = Daemon::start(env_for(&b), port, &dir.path().join("b-log"));
+    let st = wait_for_cursor(&second, 2_000);
+    assert_eq!(status_u64(&st, "/store/edges_total"), 2_000, "{st}");
+    assert!(second.terminate().success());
+    assert_eq!(current_checkpoint(&b.join("checkpoints")).1, 2_000);
+    assert!(ledger_last_version(&b) >= 1);
+    assert_eq!(
+        current_checkpoint(&a.join("checkpoints")),
+        a_checkpoint,
+        "a's own"
+    );
+    assert_eq!(ledger_last_version(&a), a_versions);
 }

@@ -204,29 +204,21 @@ fn last_version(daemon: &Daemon) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
-/// A `key=value` field of a log line.
-fn field(line: &str, key: &str) -> Option<u64> {
-    line.split_whitespace()
-        .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-}
-
-/// `(version, epoch, rows)` of the first "publication started" of the current run with a version
-/// above `after` and at least `min_rows` rows.
+/// `(version, epoch, rows)` of the publication under way (`/v1/status` `publish.in_progress`),
+/// when it has a version above `after` and at least `min_rows` rows.
 fn publication_started(daemon: &Daemon, after: u64, min_rows: u64) -> Option<(u64, u64, u64)> {
-    daemon
-        .log_of_last_start()
-        .lines()
-        .filter(|l| l.contains("publication started"))
-        .filter_map(|l| Some((field(l, "version")?, field(l, "epoch")?, field(l, "rows")?)))
-        .find(|&(v, _, rows)| v > after && rows >= min_rows)
+    let p = daemon.status()?.pointer("/publish/in_progress")?.clone();
+    let field = |k: &str| p.get(k).and_then(|v| v.as_u64());
+    let found = (field("version")?, field("epoch")?, field("rows")?);
+    (found.0 > after && found.2 >= min_rows).then_some(found)
 }
 
-fn published(daemon: &Daemon, version: u64) -> bool {
-    daemon
-        .log_of_last_start()
-        .lines()
-        .any(|l| l.contains("version published") && field(l, "version") == Some(version))
+/// The last version the ledger (`<store>/publish/ledger.json`) records as committed: it is
+/// written once the version's marker is acknowledged.
+fn ledger_last_version(store: &std::path::Path) -> u64 {
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("publish/ledger.json")).unwrap()).unwrap();
+    status_u64(&ledger, "/last_version")
 }
 
 const CHUNK: usize = 12_000;
@@ -238,7 +230,10 @@ fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_pu
     // Wide rows and thousands of new nodes per version: a publication takes long enough on
     // the wire for the kill to land inside it.
     let Publishing {
-        broker, port, env, ..
+        broker,
+        port,
+        env,
+        store,
     } = publishing(dir.path(), 64, 2, &[]);
     let msgs: Vec<Outgoing> = (0..CHUNK * 5).map(|i| valid_event(i, false).0).collect();
     let mut chunks = msgs.chunks(CHUNK);
@@ -267,7 +262,7 @@ fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_pu
         std::thread::sleep(Duration::from_millis(300));
         daemon.kill9();
         broker.resume();
-        if !published(&daemon, version) {
+        if ledger_last_version(&store) < version {
             eprintln!("killed inside version {version} (epoch {epoch}, {rows} rows)");
             interrupted = Some((version, epoch));
             break;
@@ -286,11 +281,6 @@ fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_pu
         || (last_version(&daemon) > version).then_some(()),
     );
     assert!(daemon.terminate().success());
-    for l in daemon.log_of_last_start().lines() {
-        if l.contains("publication started") || l.contains("version published") {
-            eprintln!("{l}");
-        }
-    }
 
     let p = read_published(&broker.bootstrap, 1);
     let applied = check_whole_versions(&p);
@@ -323,7 +313,10 @@ fn transactional_versions_commit_and_apply_whole_across_a_restart() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let Publishing {
-        broker, port, env, ..
+        broker,
+        port,
+        env,
+        store,
     } = publishing(
         dir.path(),
         16,
@@ -333,7 +326,7 @@ fn transactional_versions_commit_and_apply_whole_across_a_restart() {
     let msgs: Vec<Outgoing> = (0..4_000).map(|i| valid_event(i, false).0).collect();
 
     let mut daemon = Daemon::start(env, port, dir.path());
-    let mut logs = String::new();
+    let mut committed = 0;
     for (round, part) in msgs.chunks(2_000).enumerate() {
         if round > 0 {
             // A restart initialises transactions again under the same transactional.id.
@@ -344,24 +337,26 @@ fn transactional_versions_commit_and_apply_whole_across_a_restart() {
         wait_until("a transactional version", Duration::from_secs(120), || {
             (last_version(&daemon) > before).then_some(())
         });
+        let st = daemon.status().expect("status");
+        assert_eq!(
+            st.pointer("/publish/transactional"),
+            Some(&true.into()),
+            "{st}"
+        );
+        assert_eq!(
+            status_u64(&st, "/publish/failures"),
+            0,
+            "no attempt failed or aborted"
+        );
         assert!(daemon.terminate().success());
-        logs.push_str(&daemon.log_of_last_start());
+        // The final publication at shutdown may add one more.
+        committed = ledger_last_version(&store);
     }
-    assert!(
-        logs.contains("transactional version producer ready"),
-        "{logs}"
-    );
-    assert!(!logs.contains("publication failed"), "{logs}");
-    assert!(!logs.contains("transaction aborted"), "{logs}");
-    let committed = logs
-        .lines()
-        .filter(|l| l.contains("version published") && l.contains("transactional=true"))
-        .count();
     let p = read_published(&broker.bootstrap, 1);
     assert!(p.markers.len() >= 2, "{:?}", p.markers);
     assert_eq!(
         committed,
-        p.markers.len(),
+        p.markers.len() as u64,
         "each marker from a committed transaction"
     );
     check_whole_versions(&p);

@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 
 use figment::providers::Env;
-use twhin_stream::train::{schema_fingerprint, Checkpoints};
 use twhin_stream::config::Config;
 use twhin_stream::offline::Dataset;
 use twhin_stream::offline::{open_offline_store, split_events};
 use twhin_stream::store::AppendBatch;
 use twhin_stream::train::TrainerCore;
+use twhin_stream::train::{schema_fingerprint, Checkpoints};
 
 fn umls_config(checkpoints: &std::path::Path) -> Config {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -141,21 +141,20 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
     )
     .unwrap();
     let mut sink = MemorySink::default();
-    let mut publish = |publication: &mut Publication,
-                       core: &mut TrainerCore|
-     -> Result<VersionMarker, Hold> {
-        let mut trainer = InProcessTrainer {
-            core,
-            checkpoints: Some((&ckpts, fingerprint)),
+    let mut publish =
+        |publication: &mut Publication, core: &mut TrainerCore| -> Result<VersionMarker, Hold> {
+            let mut trainer = InProcessTrainer {
+                core,
+                checkpoints: Some((&ckpts, fingerprint)),
+            };
+            match publish_in_process(publication, &store, &mut trainer, &mut aligner, &mut sink)
+                .unwrap()
+            {
+                Outcome::Committed { prepared, .. } => Ok(prepared.marker),
+                Outcome::Held(hold) => Err(hold),
+                Outcome::Unchanged => panic!("no row moved"),
+            }
         };
-        match publish_in_process(publication, &store, &mut trainer, &mut aligner, &mut sink)
-            .unwrap()
-        {
-            Outcome::Committed { prepared, .. } => Ok(prepared.marker),
-            Outcome::Held(hold) => Err(hold),
-            Outcome::Unchanged => panic!("no row moved"),
-        }
-    };
 
     store
         .append(&AppendBatch::from_events(
@@ -183,8 +182,16 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
         cfg.align.pull_max,
         "the pull is raised after a hold"
     );
-    assert_eq!(core.pull(), cfg.align.pull_max, "and the trainer pulls that hard");
-    assert_eq!(publication.ledger().next_version(), 2, "a held version takes no number");
+    assert_eq!(
+        core.pull(),
+        cfg.align.pull_max,
+        "and the trainer pulls that hard"
+    );
+    assert_eq!(
+        publication.ledger().next_version(),
+        2,
+        "a held version takes no number"
+    );
 
     // Restored: the checkpoint's parameters and cursor; training goes on from there.
     assert_eq!(core.cursor(), cursor);
@@ -195,7 +202,12 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
         .int64_value(&[]);
     assert_eq!(finite, 1);
     assert_eq!(
-        ckpts.load(fingerprint, tch::Device::Cpu).unwrap().unwrap().meta.version,
+        ckpts
+            .load(fingerprint, tch::Device::Cpu)
+            .unwrap()
+            .unwrap()
+            .meta
+            .version,
         saved
     );
     store

@@ -30,8 +30,8 @@ use tch::{Kind, Tensor};
 use tracing::{info, warn};
 
 use crate::align::{drift, procrustes, Drift};
-use crate::train::{load_snapshot, non_finite_rows, save_snapshot, Snapshot, SnapshotError};
 use crate::telemetry as m;
+use crate::train::{load_snapshot, non_finite_rows, save_snapshot, Snapshot, SnapshotError};
 
 /// The rows of every node type present in both `a` and `b` (the first `min(len)` rows of each
 /// table, nodes being numbered in order of arrival), stacked: `(a_rows, b_rows)`.

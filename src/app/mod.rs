@@ -20,8 +20,7 @@ use crate::config::{Comparator, Config};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
-    KafkaSink, Ledger, Publication, PublishedView, TrainerActorPort,
-    VersionSettings,
+    KafkaSink, Ledger, Publication, PublishedView, TrainerActorPort, VersionSettings,
 };
 use crate::serve::{HttpState, ServingView};
 use crate::store::{GraphStore, StoreOptions, StoreSummary};
@@ -243,6 +242,10 @@ fn open_publication(cfg: &Config, core: &mut TrainerCore) -> anyhow::Result<Publ
         comparator: cfg.train.comparator,
     };
     let publication = Publication::open(ledger, settings, Some(cfg.publish.path.clone()))?;
+    publication.status().transactional.store(
+        cfg.publish.transactional,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let target = publication.reference().map(|(_, s)| s);
     core.set_pull(
         PullController::from_config(&cfg.align).strength,

@@ -112,6 +112,16 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The defaults with `overrides` (TOML) merged over them, no file, no environment: a config
+    /// written out in a test or by an embedding program.
+    pub fn from_toml(overrides: &str) -> Result<Config, ConfigError> {
+        let fig = Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(overrides));
+        let mut cfg: Config = fig.extract().map_err(load_error)?;
+        cfg.derive_paths();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Fill `trainer.checkpoint_path` and `publish.path` from `storage.path` when empty, so one
     /// key gives a daemon its own data folder.
     pub fn derive_paths(&mut self) {
@@ -123,6 +133,20 @@ impl Config {
             self.publish.path = self.storage.path.join("publish");
             self.derived.publish = true;
         }
+    }
+
+    /// The same config with its data folder at `path`: checkpoints and the publish ledger that
+    /// were derived follow it.
+    pub fn with_storage_path(mut self, path: impl Into<PathBuf>) -> Config {
+        self.storage.path = path.into();
+        if self.derived.checkpoints {
+            self.trainer.checkpoint_path = PathBuf::new();
+        }
+        if self.derived.publish {
+            self.publish.path = PathBuf::new();
+        }
+        self.derive_paths();
+        self
     }
 
     /// Refuse the layout before checkpoints and the ledger moved into `storage.path`: an existing
@@ -190,7 +214,10 @@ impl Config {
         if self.trainer.max_batch_size < self.train.batch_size {
             return Err(invalid(
                 "trainer.max_batch_size",
-                format!("must be at least train.batch_size ({})", self.train.batch_size),
+                format!(
+                    "must be at least train.batch_size ({})",
+                    self.train.batch_size
+                ),
             ));
         }
         if self.publish.enabled && !self.trainer.enabled {
@@ -391,5 +418,56 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn checkpoints_and_the_ledger_follow_storage_path_unless_set() {
+        let cfg = load_with_env(&[("TWHIN_STORAGE__PATH", "/srv/a")]).unwrap();
+        assert_eq!(
+            cfg.trainer.checkpoint_path,
+            PathBuf::from("/srv/a/checkpoints")
+        );
+        assert_eq!(cfg.publish.path, PathBuf::from("/srv/a/publish"));
+        let moved = cfg.with_storage_path("/srv/b");
+        assert_eq!(
+            moved.trainer.checkpoint_path,
+            PathBuf::from("/srv/b/checkpoints")
+        );
+        assert_eq!(moved.publish.path, PathBuf::from("/srv/b/publish"));
+        let cfg = load_with_env(&[
+            ("TWHIN_STORAGE__PATH", "/srv/a"),
+            ("TWHIN_TRAINER__CHECKPOINT_PATH", "/ckpt"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.trainer.checkpoint_path, PathBuf::from("/ckpt"));
+        assert_eq!(
+            cfg.with_storage_path("/srv/b").trainer.checkpoint_path,
+            PathBuf::from("/ckpt"),
+            "a path set by the user stays"
+        );
+    }
+
+    #[test]
+    fn the_layout_from_before_is_refused_naming_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let cfg = load_with_env(&[]).unwrap().with_storage_path(&store);
+        assert!(cfg.check_data_layout().is_ok(), "no store yet");
+        std::fs::create_dir_all(store.join("db")).unwrap();
+        assert!(cfg.check_data_layout().is_ok(), "nothing beside the store");
+        std::fs::create_dir_all(dir.path().join("checkpoints")).unwrap();
+        let e = cfg.check_data_layout().unwrap_err().to_string();
+        assert!(
+            e.contains("`trainer.checkpoint_path`") && e.contains("TWHIN_TRAINER__CHECKPOINT_PATH"),
+            "{e}"
+        );
+        std::fs::create_dir_all(store.join("checkpoints")).unwrap();
+        assert!(
+            cfg.check_data_layout().is_ok(),
+            "the new layout is in place"
+        );
+        std::fs::create_dir_all(dir.path().join("publish")).unwrap();
+        let e = cfg.check_data_layout().unwrap_err().to_string();
+        assert!(e.contains("`publish.path`"), "{e}");
     }
 }

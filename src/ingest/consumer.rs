@@ -36,8 +36,8 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::kafka::{create_client, create_client_with_context, KafkaSetupError};
 use crate::ingest::{AppendEvents, StoreWriter};
+use crate::kafka::{create_client, create_client_with_context, KafkaSetupError};
 use crate::schema::{decode_event, DecodeLimits, Schema};
 use crate::store::{AppendBatch, GraphStore, SourcedEvent, StoreError};
 use crate::telemetry as m;

@@ -10,8 +10,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::offline::ReplayEvent;
 use crate::kafka::{create_client, require_broker};
+use crate::offline::ReplayEvent;
 
 /// Most deliveries awaited at once (bounds memory; librdkafka batches underneath).
 const IN_FLIGHT: usize = 20_000;

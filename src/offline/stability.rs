@@ -28,8 +28,7 @@ use crate::align::{AlignStatus, Aligner, Drift};
 use crate::config::{Comparator, Config, ValueFormat};
 use crate::offline::{self, run_dir, stream_start, Dataset};
 use crate::publish::{
-    publish_in_process, InProcessTrainer, Ledger, MemorySink, Outcome, Publication,
-    VersionSettings,
+    publish_in_process, InProcessTrainer, Ledger, MemorySink, Outcome, Publication, VersionSettings,
 };
 use crate::store::{AppendBatch, GraphStore};
 use crate::train::TrainerCore;
@@ -389,8 +388,13 @@ fn run_once(
             core: &mut core,
             checkpoints: None,
         };
-        let published =
-            publish_in_process(&mut publication, &store, &mut trainer, &mut aligner, &mut sink)?;
+        let published = publish_in_process(
+            &mut publication,
+            &store,
+            &mut trainer,
+            &mut aligner,
+            &mut sink,
+        )?;
         let (prepared, view, figures) = match published {
             Outcome::Committed {
                 prepared,

@@ -14,14 +14,14 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 use tracing::info;
 
-use crate::train::{schema_fingerprint, Checkpoints};
 use crate::config::Config;
 use crate::offline::{self, Dataset};
-use crate::train::{evaluate, Filter, RankMetrics, Triple};
-use crate::train::Embeddings;
 use crate::schema::{decode_event, Schema};
 use crate::store::{AppendBatch, GraphStore, StoreOptions};
 use crate::train::train_step;
+use crate::train::Embeddings;
+use crate::train::{evaluate, Filter, RankMetrics, Triple};
+use crate::train::{schema_fingerprint, Checkpoints};
 
 /// Where offline runs keep their store and model: `<storage.path>/../offline/<dataset>/`.
 pub fn run_dir(cfg: &Config, dataset: Dataset) -> PathBuf {
@@ -238,11 +238,8 @@ pub fn stream_start(
     }
     let p = &cfg.train;
     tch::manual_seed(p.seed as i64);
-    let core = crate::train::TrainerCore::new(
-        Embeddings::for_schema(&schema, p, device),
-        p.clone(),
-        opts,
-    );
+    let core =
+        crate::train::TrainerCore::new(Embeddings::for_schema(&schema, p, device), p.clone(), opts);
     Ok((store, events, core))
 }
 
@@ -270,8 +267,8 @@ pub fn prequential_new_nodes(
     warm: bool,
     device: Device,
 ) -> anyhow::Result<PrequentialReport> {
-    use crate::train::{target_ranks, RankSum, TargetQuery};
     use crate::store::NodeRef;
+    use crate::train::{target_ranks, RankSum, TargetQuery};
     use std::collections::HashMap;
 
     let dir = run_dir(cfg, dataset).join(if warm {

@@ -22,7 +22,7 @@
 //! failed attempt and apply a mix.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -37,8 +37,7 @@ use crate::align::{Adopt, AlignActor, AlignFigures, Aligner, Assess, Assessed, H
 use crate::config::{Comparator, ValueFormat};
 use crate::persist;
 use crate::publish::{
-    build_version, Freshness, Ledger, PreparedVersion, PublishedView, VersionMarker,
-    VersionRequest,
+    build_version, Freshness, Ledger, PreparedVersion, PublishedView, VersionMarker, VersionRequest,
 };
 use crate::store::GraphStore;
 use crate::telemetry as m;
@@ -126,8 +125,12 @@ pub struct InProgress {
 #[derive(Debug, Default)]
 pub struct PublishStatus {
     in_progress: Mutex<Option<InProgress>>,
+    /// Versions committed by this process.
+    pub committed: AtomicU64,
     /// Attempts that failed (each retried under a new epoch).
     pub failures: AtomicU64,
+    /// Rows and marker go out in one Kafka transaction (`publish.transactional`).
+    pub transactional: AtomicBool,
 }
 
 impl PublishStatus {
@@ -316,6 +319,7 @@ impl Publication {
         self.adopt(version, &view)?;
         let pull = align.adopt(version, &figures, view.params()).await?;
         trainer.set_pull(pull, Some(view.params())).await?;
+        self.status.committed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
         metrics::counter!(m::PUBLISH_ROWS).increment(rows);
         metrics::gauge!(m::PUBLISH_LAST_VERSION).set(version as f64);

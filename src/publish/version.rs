@@ -84,8 +84,7 @@ pub fn rows_to_publish(current: &Tensor, reference: &Tensor, threshold: f64) -> 
             .clamp_min(1e-12);
         let rel = change / base;
         let moved = rel.gt(threshold).logical_or(&rel.isfinite().logical_not());
-        Vec::<i64>::try_from(moved.nonzero().view([-1]).to_device(Device::Cpu))
-            .expect("indices")
+        Vec::<i64>::try_from(moved.nonzero().view([-1]).to_device(Device::Cpu)).expect("indices")
     });
     out.extend(m..n);
     out

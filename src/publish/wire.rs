@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::ValueFormat;
 use crate::align::AlignFigures;
+pub use crate::config::ValueFormat;
 
 /// One published embedding row (a node's or a relation's vector).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

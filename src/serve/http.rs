@@ -302,8 +302,12 @@ pub struct PublishFigures {
     pub relations: i64,
     /// The publication under way (its rows are being produced); `null` between publications.
     pub in_progress: Option<InProgress>,
+    /// Versions committed by this process.
+    pub committed: u64,
     /// Publication attempts that failed in this process (each retried under a new epoch).
     pub failures: u64,
+    /// Each version's rows and marker in one Kafka transaction.
+    pub transactional: bool,
     /// Event-to-publish latency of this process's events.
     pub freshness: FreshnessFigures,
 }
@@ -412,10 +416,18 @@ fn publish_figures(state: &HttpState) -> PublishFigures {
         rows,
         relations,
         in_progress: state.publish.as_ref().and_then(|p| p.in_progress()),
+        committed: state
+            .publish
+            .as_ref()
+            .map_or(0, |p| p.committed.load(Ordering::Relaxed)),
         failures: state
             .publish
             .as_ref()
             .map_or(0, |p| p.failures.load(Ordering::Relaxed)),
+        transactional: state
+            .publish
+            .as_ref()
+            .is_some_and(|p| p.transactional.load(Ordering::Relaxed)),
         freshness: state.ingest.freshness.figures(),
     }
 }
@@ -690,8 +702,8 @@ mod tests {
     use actix_web::test::{call_service, init_service, read_body, TestRequest};
 
     use crate::schema::{Event, NodeKey, RelId, Schema, SchemaConfig};
-    use crate::train::Comparator;
     use crate::store::{AppendBatch, StoreOptions};
+    use crate::train::Comparator;
 
     const TOKEN: &str = "0123456789abcdef-test";
 

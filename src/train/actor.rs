@@ -27,8 +27,7 @@ use crate::config::Config;
 use crate::store::GraphStore;
 use crate::telemetry as m;
 use crate::train::{
-    schema_fingerprint, Checkpoints, ModelState, Snapshot, TrainerCore, TrainerError,
-    TrainerStatus,
+    schema_fingerprint, Checkpoints, ModelState, Snapshot, TrainerCore, TrainerError, TrainerStatus,
 };
 
 /// Train on new edges for up to `trainer.round_budget_ms`, then answer.
@@ -255,4 +254,3 @@ impl Handler<SaveCheckpoint> for TrainerActor {
         self.save()
     }
 }
-

@@ -20,10 +20,10 @@ mod step;
 mod trainer;
 mod warm;
 
+pub use actor::*;
 pub use checkpoint::*;
 pub use device::*;
 pub use loss::*;
-pub use actor::*;
 pub use model::*;
 pub use prequential::*;
 pub use rank::*;

@@ -16,7 +16,6 @@
 //! `[B, N, D]`-sized computation): it suits small knowledge graphs, not large streams. Both accept leading batch dimensions (`[C, B, D]` against
 //! `[C, N, D]`), which scores every chunk of a batch with one batched product.
 
-
 pub use crate::config::Comparator;
 use tch::{Kind, Tensor};
 

@@ -99,8 +99,10 @@ pub fn save_snapshot(
     named.push(("relations".into(), s.relations.shallow_clone()));
     named.push(("version".into(), Tensor::from_slice(&[version as i64])));
     let pt = dir.join(format!("{stem}.pt"));
-    persist::replace_with(&pt, |tmp| Tensor::save_multi(&named, tmp).map_err(std::io::Error::other))
-        .map_err(|e| snapshot_error(&pt, e))?;
+    persist::replace_with(&pt, |tmp| {
+        Tensor::save_multi(&named, tmp).map_err(std::io::Error::other)
+    })
+    .map_err(|e| snapshot_error(&pt, e))?;
     let meta = SnapshotMeta {
         version,
         tables: s.tables.len(),

@@ -15,15 +15,15 @@
 
 use std::collections::HashMap;
 
+pub use crate::config::TrainParams;
 use rand::rngs::SmallRng;
 use rand::Rng;
-pub use crate::config::TrainParams;
 use tch::{Device, Kind, Tensor};
 
+use crate::store::Edge;
 use crate::train::loss_parts;
 use crate::train::Embeddings;
 use crate::train::{score_pairs, score_sources, score_targets, translate};
-use crate::store::Edge;
 
 /// What a step did.
 #[derive(Debug, Clone, Copy, PartialEq)]

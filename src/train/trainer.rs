@@ -280,9 +280,7 @@ impl TrainerCore {
         store: &GraphStore,
         fresh: &[Edge],
     ) -> Result<(Vec<f64>, Vec<u16>), StoreError> {
-        let has_row = |n: NodeRef| {
-            (n.index as i64) < self.model.tables[n.node_type as usize].len()
-        };
+        let has_row = |n: NodeRef| (n.index as i64) < self.model.tables[n.node_type as usize].len();
         let eligible: Vec<&Edge> = fresh
             .iter()
             .filter(|e| has_row(e.src) && has_row(e.dst))

@@ -7,8 +7,8 @@
 
 use tch::{Kind, Tensor};
 
-use crate::train::Embeddings;
 use crate::store::{Direction, GraphStore, NodeRef, StoreError};
+use crate::train::Embeddings;
 
 /// Neighbours looked at per new node (the oldest ones: the node's first edges).
 const MAX_NEIGHBOURS: usize = 64;

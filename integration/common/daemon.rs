@@ -1,0 +1,221 @@
+//! The `twhin-stream` binary as a child process: its environment, start, restart, kill, and its
+//! HTTP status.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// Environment for every `twhin-stream` child: the broker, the store, fast group joins.
+pub fn daemon_env(bootstrap: &str, store: &Path, http_port: u16) -> Vec<(String, String)> {
+    vec![
+        ("TWHIN_KAFKA__BOOTSTRAP_SERVERS".into(), bootstrap.into()),
+        // Checkpoints and the publish ledger follow: `<store>/checkpoints`, `<store>/publish`.
+        ("TWHIN_STORAGE__PATH".into(), store.display().to_string()),
+        ("TWHIN_HTTP__BIND".into(), format!("127.0.0.1:{http_port}")),
+        (
+            "TWHIN_KAFKA__CONSUMER__SESSION_TIMEOUT_MS".into(),
+            "6000".into(),
+        ),
+        (
+            "TWHIN_KAFKA__CONSUMER__STATISTICS_INTERVAL_MS".into(),
+            "1000".into(),
+        ),
+        ("TWHIN_INGEST__BATCH_MAX_WAIT_MS".into(), "100".into()),
+        (
+            "TWHIN_LOG__LEVEL".into(),
+            "info,librdkafka=warn,rdkafka=warn".into(),
+        ),
+    ]
+}
+
+/// A broker and the environment of a daemon that publishes: its store under `dir`, embeddings
+/// of `dim`, a version every `interval_secs`, then `extra`; the topics are created.
+pub struct Publishing {
+    pub broker: Broker,
+    pub store: PathBuf,
+    pub port: u16,
+    pub env: Vec<(String, String)>,
+}
+
+pub fn publishing(
+    dir: &Path,
+    dim: usize,
+    interval_secs: u64,
+    extra: &[(&str, &str)],
+) -> Publishing {
+    let broker = Broker::start(dir);
+    let store = dir.join("store");
+    let port = free_port();
+    let mut env = daemon_env(&broker.bootstrap, &store, port);
+    env.push(("TWHIN_TRAIN__DIM".into(), dim.to_string()));
+    env.push((
+        "TWHIN_PUBLISH__INTERVAL_SECS".into(),
+        interval_secs.to_string(),
+    ));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    cli(&env, &["topics", "apply"]);
+    Publishing {
+        broker,
+        store,
+        port,
+        env,
+    }
+}
+
+/// Run the binary to completion (e.g. `topics apply`), returning stdout; panics on failure.
+pub fn cli(env: &[(String, String)], args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
+        .current_dir(repo_root())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "twhin-stream {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The daemon as a child process.
+pub struct Daemon {
+    child: Option<Child>,
+    pub http_port: u16,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Daemon {
+    pub fn start(env: Vec<(String, String)>, http_port: u16, log_dir: &Path) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            http_port,
+            env,
+            log: log_dir.join("daemon.log"),
+            starts: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let mut log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        writeln!(log, "===== start {} =====", self.starts).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
+            .current_dir(repo_root())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .arg("run")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.http_port;
+        wait_until("the daemon's HTTP server", Duration::from_secs(30), || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited early: {status}\n{}", self.log_tail());
+            }
+            http_get(port, "/healthz").ok()
+        });
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running daemon");
+        self.spawn();
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        signal(child.id(), "TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("daemon ignored SIGTERM for 60 s\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let body = http_get(self.http_port, "/v1/status").ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http_port, "/metrics").unwrap()
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, 60)
+    }
+
+    /// Everything the current (or last) run logged.
+    pub fn log_of_last_start(&self) -> String {
+        let all = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let marker = format!("===== start {} =====", self.starts);
+        all.split_once(&marker)
+            .map(|(_, rest)| rest.to_owned())
+            .unwrap_or(all)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- daemon log tail ----\n{}", self.log_tail());
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Minimal HTTP/1.0 GET on 127.0.0.1 (keeps an HTTP client out of the dependencies).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!("{path}: {head}")));
+    }
+    Ok(body.to_owned())
+}
+
+/// Read a number from the status document by JSON pointer. A missing field, or one that is not
+/// a whole number, fails the test: a renamed field must not read as 0.
+pub fn status_u64(status: &serde_json::Value, pointer: &str) -> u64 {
+    match status.pointer(pointer) {
+        Some(v) => v
+            .as_u64()
+            .unwrap_or_else(|| panic!("status {pointer} is {v}, not a whole number")),
+        None => panic!("status has no {pointer}: {status}"),
+    }
+}
