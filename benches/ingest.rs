@@ -246,7 +246,7 @@ fn bench_decode(c: &mut Criterion) {
 
     let valid = valid_payloads(&schema, DECODE_EVENTS, 0x7717);
     for p in &valid {
-        decode_event(&schema, &limits, Some(p), 0).unwrap_or_else(|e| {
+        decode_event(&schema, &limits, Some(p), BASE_TS).unwrap_or_else(|e| {
             panic!(
                 "generated payload {} is invalid: {e}",
                 String::from_utf8_lossy(p)
@@ -256,7 +256,7 @@ fn bench_decode(c: &mut Criterion) {
     let mut mixed = valid.clone();
     let expected = corrupt_payloads(&schema, &mut mixed, 0xbad);
     for (p, want) in mixed.iter().zip(&expected) {
-        let got = decode_event(&schema, &limits, Some(p), 0)
+        let got = decode_event(&schema, &limits, Some(p), BASE_TS)
             .err()
             .map(|e| e.reason);
         assert_eq!(got, *want, "payload {}", String::from_utf8_lossy(p));

@@ -26,7 +26,7 @@ fn movielens_edges() -> (Config, Vec<Edge>) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let cfg = Config::load(Some(&root.join("config/movielens-100k.toml"))).expect("config");
     let schema = cfg.schema();
-    let limits = cfg.decode_limits();
+    let limits = cfg.file_decode_limits();
     let events = replay_events(
         &root.join(&cfg.datasets.dir),
         Dataset::MovieLens100k,

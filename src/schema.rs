@@ -203,6 +203,10 @@ fn is_valid_name(name: &str) -> bool {
 pub struct DecodeLimits {
     pub max_event_bytes: usize,
     pub max_id_bytes: usize,
+    /// An event time more than this far ahead of the record's timestamp (the `fallback_ts`
+    /// [`decode_event`] is given) is invalid; `None` for events that have no record (datasets
+    /// read from files).
+    pub max_ahead_ms: Option<u64>,
 }
 
 /// A node named by an event: its type and external id (the part after the first `:`).
@@ -248,7 +252,8 @@ pub enum InvalidReason {
     IdTooLong,
     NonFiniteWeight,
     NegativeWeight,
-    /// `ts` is not a non-negative integer number of milliseconds.
+    /// `ts` is not a non-negative integer number of milliseconds, or is further ahead of the
+    /// record's timestamp than `ingest.max_event_time_ahead_secs`.
     BadTimestamp,
     /// `event_id` is empty or over-long.
     BadEventId,
@@ -342,7 +347,9 @@ struct RawEvent<'a> {
 }
 
 /// Decode and validate one payload. `fallback_ts` (the Kafka timestamp, in ms) is used when the
-/// event carries no `ts`.
+/// event carries no `ts`, and bounds how far ahead of it an event time may be
+/// ([`DecodeLimits::max_ahead_ms`]): past times are valid (replayed datasets carry 1997's), a
+/// far-future one is a producer's mistake.
 pub fn decode_event(
     schema: &Schema,
     limits: &DecodeLimits,
@@ -416,6 +423,19 @@ pub fn decode_event(
             )
         })?,
     };
+
+    if let Some(ahead) = limits.max_ahead_ms {
+        if ts > fallback_ts.saturating_add(ahead) {
+            return Err(invalid(
+                InvalidReason::BadTimestamp,
+                format!(
+                    "ts: {ts} is {} s ahead of the record's timestamp {fallback_ts} (more than ingest.max_event_time_ahead_secs = {})",
+                    (ts - fallback_ts) / 1000,
+                    ahead / 1000
+                ),
+            ));
+        }
+    }
 
     let weight = match raw.weight {
         None => 1.0,
@@ -600,6 +620,7 @@ mod tests {
     const LIMITS: DecodeLimits = DecodeLimits {
         max_event_bytes: 512,
         max_id_bytes: 16,
+        max_ahead_ms: None,
     };
 
     fn decode(s: &str) -> Result<Event, InvalidEvent> {
@@ -795,5 +816,37 @@ mod tests {
         let e = bad(r#"node_types = ["user"]
                        relations = []"#);
         assert_eq!(e.key, "schema.relations");
+    }
+
+    #[test]
+    fn an_event_time_far_ahead_of_its_record_is_a_bad_timestamp_but_past_times_are_valid() {
+        let limits = DecodeLimits {
+            max_ahead_ms: Some(3_600_000),
+            ..LIMITS
+        };
+        let record = 1_732_190_400_000u64;
+        let at = |ts: u64| {
+            let s = format!(r#"{{"src":"user:1","rel":"follows","dst":"user:2","ts":{ts}}}"#);
+            decode_event(&twitter(), &limits, Some(s.as_bytes()), record).map(|e| e.ts)
+        };
+        assert_eq!(
+            at(874_724_710_000).unwrap(),
+            874_724_710_000,
+            "1997 is fine"
+        );
+        assert_eq!(at(record + 3_600_000).unwrap(), record + 3_600_000);
+        let e = at(9_999_999_999_999).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::BadTimestamp);
+        assert!(
+            e.detail.contains("ingest.max_event_time_ahead_secs"),
+            "{}",
+            e.detail
+        );
+        let files = DecodeLimits {
+            max_ahead_ms: None,
+            ..LIMITS
+        };
+        let s = r#"{"src":"user:1","rel":"follows","dst":"user:2","ts":9999999999999}"#;
+        assert!(decode_event(&twitter(), &files, Some(s.as_bytes()), 0).is_ok());
     }
 }

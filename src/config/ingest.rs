@@ -22,6 +22,7 @@ pub struct IngestConfig {
     pub max_event_bytes: usize,
     pub max_id_bytes: usize,
     pub dedup_window_secs: u64,
+    pub max_event_time_ahead_secs: u64,
     pub dlq_timeout_ms: u64,
 }
 

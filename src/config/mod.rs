@@ -236,10 +236,21 @@ impl Config {
         Schema::new(&self.schema).expect("validated at load")
     }
 
+    /// The limits events from Kafka are decoded under.
     pub fn decode_limits(&self) -> DecodeLimits {
         DecodeLimits {
             max_event_bytes: self.ingest.max_event_bytes,
             max_id_bytes: self.ingest.max_id_bytes,
+            max_ahead_ms: Some(self.ingest.max_event_time_ahead_secs.saturating_mul(1000)),
+        }
+    }
+
+    /// The limits events read from dataset files are decoded under: no record timestamp, so
+    /// no bound on how far ahead an event time may be.
+    pub fn file_decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_ahead_ms: None,
+            ..self.decode_limits()
         }
     }
 

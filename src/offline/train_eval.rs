@@ -66,7 +66,7 @@ pub fn split_events(
     dataset: Dataset,
     split: &str,
 ) -> anyhow::Result<Vec<crate::schema::Event>> {
-    let limits = cfg.decode_limits();
+    let limits = cfg.file_decode_limits();
     offline::replay_events(&cfg.datasets.dir, dataset, &[split.to_owned()])?
         .into_iter()
         .map(|e| {

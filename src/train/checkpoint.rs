@@ -8,13 +8,14 @@
 //! back to older versions when one is partial or corrupt, saying which and why.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 use tracing::warn;
 
+use crate::persist;
 use crate::train::Embeddings;
 
 const POINTER: &str = "CURRENT";
@@ -158,16 +159,17 @@ impl Checkpoints {
             rows: model.tables.iter().map(|t| t.len()).collect(),
             tensors_crc32: crc,
         };
-        write_synced(
-            &dir.join(META),
+        let meta_path = dir.join(META);
+        persist::write_synced(
+            &meta_path,
             &serde_json::to_vec_pretty(&meta).expect("plain data"),
-        )?;
-        sync_dir(&dir)?;
+        )
+        .map_err(io(&meta_path))?;
+        persist::sync_dir(&dir).map_err(io(&dir))?;
 
-        let tmp = self.dir.join(format!("{POINTER}.tmp"));
-        write_synced(&tmp, format!("ckpt-{version:012}\n").as_bytes())?;
-        fs::rename(&tmp, self.dir.join(POINTER)).map_err(io(&tmp))?;
-        sync_dir(&self.dir)?;
+        let pointer = self.dir.join(POINTER);
+        persist::write_atomic(&pointer, format!("ckpt-{version:012}\n").as_bytes())
+            .map_err(io(&pointer))?;
 
         for old in self.versions()?.into_iter().skip(self.keep) {
             let d = self.version_dir(old);
@@ -275,16 +277,6 @@ fn file_crc32(path: &Path) -> Result<u32, CheckpointError> {
         }
         h.update(&buf[..n]);
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let mut f = File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
 }
 
 #[cfg(test)]

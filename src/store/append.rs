@@ -1,0 +1,379 @@
+//! Appending a batch: the offsets it covers, event-id deduplication, node interning, the edge
+//! log, adjacency, counts, all in one sled batch, flushed before it counts.
+//!
+//! [`GraphStore::append`] runs in phases: read the stored offsets of the batch's partitions;
+//! expire event ids that left the dedup window; turn each new event into an edge
+//! ([`BatchWrites::add_event`]); write the edge chunks, adjacency entries and offsets; apply and
+//! flush. Only then do the in-memory counts and the node cache change.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use crate::schema::{NodeKey, RelId, TypeId};
+use crate::store::keys::*;
+use crate::store::{
+    corrupt, AppendBatch, AppendOutcome, Counts, Direction, Edge, GraphStore, NodeCache, NodeRef,
+    StoreError, WriterState, EDGES_PER_CHUNK, EDGE_BYTES, MAX_CHUNK_BYTES, META_NEXT_SEQ,
+};
+
+/// Event times (ms) of the most recent events with an id, for the dedup expiry watermark.
+const WATERMARK_SAMPLES: usize = 1024;
+/// Fewer samples than this (after a start) and nothing expires yet: one early outlier must not
+/// move the watermark. Expiry is only garbage collection, so waiting costs nothing.
+const WATERMARK_MIN_SAMPLES: usize = 64;
+
+/// The event-time watermark the dedup expiry follows: the median of the last
+/// [`WATERMARK_SAMPLES`] event times with an id, never moving back. A single far-future event
+/// moves a median by one rank, not to the year 2286, so it cannot expire every stored id.
+#[derive(Debug, Default)]
+pub(super) struct DedupWatermark {
+    recent: VecDeque<u64>,
+    watermark: u64,
+}
+
+impl DedupWatermark {
+    pub(super) fn observe(&mut self, ts: u64) {
+        if self.recent.len() == WATERMARK_SAMPLES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(ts);
+    }
+
+    /// The watermark after the samples so far (0 until there are enough of them).
+    pub(super) fn advance(&mut self) -> u64 {
+        if self.recent.len() >= WATERMARK_MIN_SAMPLES {
+            let mut sorted: Vec<u64> = self.recent.iter().copied().collect();
+            let mid = sorted.len() / 2;
+            let (_, median, _) = sorted.select_nth_unstable(mid);
+            self.watermark = self.watermark.max(*median);
+        }
+        self.watermark
+    }
+}
+
+/// What one batch writes, gathered before anything is applied.
+struct BatchWrites<'b> {
+    sled: sled::Batch,
+    counts: Counts,
+    out: AppendOutcome,
+    new_nodes: HashMap<(TypeId, &'b str), u32>,
+    edge_chunk: Vec<u8>,
+    /// The event ids this batch stores, as expiry chunks: (ts u64, len u16, id) each.
+    expiry_chunk: Vec<u8>,
+    expiry_max_ts: u64,
+    expiry_chunks: u64,
+    /// (node, rel, dir) → this batch's adjacency entries; BTreeMap so keys go in sorted.
+    adjacency: BTreeMap<(NodeRef, RelId, Direction), Vec<u8>>,
+    batch_ids: HashSet<&'b str>,
+}
+
+impl GraphStore {
+    /// Append one batch atomically and durably (see the module docs).
+    ///
+    /// Events at offsets below the stored next offset of their partition are skipped (they are
+    /// already stored), as are events whose `event_id` is within the dedup window. The stored
+    /// offsets only move forward.
+    pub fn append(&self, batch: &AppendBatch) -> Result<AppendOutcome, StoreError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let counts = self
+            .counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stored_next = self.stored_offsets(batch)?;
+        let mut w = BatchWrites {
+            out: AppendOutcome {
+                first_seq: counts.next_seq,
+                ..Default::default()
+            },
+            counts,
+            sled: sled::Batch::default(),
+            new_nodes: HashMap::new(),
+            edge_chunk: Vec::with_capacity(batch.events.len() * EDGE_BYTES),
+            expiry_chunk: Vec::new(),
+            expiry_max_ts: 0,
+            expiry_chunks: 0,
+            adjacency: BTreeMap::new(),
+            batch_ids: HashSet::new(),
+        };
+        // Expire old ids first: in a sled batch the last write to a key wins, so an id stored
+        // again by this batch must be inserted after its expiry.
+        if self.dedup_window_ms > 0 {
+            for e in batch.events.iter().filter(|e| e.event.event_id.is_some()) {
+                writer.watermark.observe(e.event.ts);
+            }
+            let watermark = writer.watermark.advance();
+            if watermark > 0 {
+                self.expire_dedup(watermark.saturating_sub(self.dedup_window_ms), &mut w.sled)?;
+            }
+        }
+        // Running per-partition cursor: skips offsets already stored *and* repeats within the
+        // batch (a rebalance can redeliver messages that are still pending).
+        let mut cursor = stored_next.clone();
+        for (position, se) in batch.events.iter().enumerate() {
+            let next = cursor
+                .get_mut(&se.partition)
+                .expect("every partition was looked up");
+            if se.offset < *next {
+                w.out.already_stored += 1;
+                continue;
+            }
+            *next = se.offset + 1;
+            self.add_event(&mut writer, &mut w, position, se)?;
+        }
+        w.finish_chunks();
+        write_offsets(&mut w.sled, batch, &stored_next);
+        self.commit(&mut writer, w)
+    }
+
+    /// The next offset stored for every partition the batch covers (-1: none yet).
+    fn stored_offsets(&self, batch: &AppendBatch) -> Result<HashMap<i32, i64>, StoreError> {
+        let mut stored_next: HashMap<i32, i64> = HashMap::new();
+        let partitions = batch
+            .next_offsets
+            .iter()
+            .map(|&(p, _)| p)
+            .chain(batch.events.iter().map(|e| e.partition));
+        for p in partitions {
+            if let std::collections::hash_map::Entry::Vacant(v) = stored_next.entry(p) {
+                v.insert(self.stored_offset(&batch.topic, p)?.unwrap_or(-1));
+            }
+        }
+        Ok(stored_next)
+    }
+
+    /// One new event: deduplicated by its id, its nodes interned, its edge and adjacency
+    /// entries added.
+    fn add_event<'b>(
+        &self,
+        writer: &mut WriterState,
+        w: &mut BatchWrites<'b>,
+        position: usize,
+        se: &'b crate::store::SourcedEvent,
+    ) -> Result<(), StoreError> {
+        let ev = &se.event;
+        if self.dedup_window_ms > 0 {
+            if let Some(id) = ev.event_id.as_deref() {
+                if !w.batch_ids.insert(id) || self.recently_seen(id, ev.ts)? {
+                    w.out.duplicate_event_ids += 1;
+                    return Ok(());
+                }
+                w.remember_id(id, ev.ts);
+            }
+        }
+        let nodes_before = w.new_nodes.len();
+        let src = self.intern(&mut writer.cache, w, &ev.src)?;
+        let dst = self.intern(&mut writer.cache, w, &ev.dst)?;
+        if w.new_nodes.len() > nodes_before {
+            w.out.node_creating_events.push(position as u32);
+        }
+        let seq = w.counts.next_seq;
+        w.counts.next_seq += 1;
+        let edge = Edge {
+            src,
+            rel: ev.rel,
+            dst,
+            ts: ev.ts,
+            weight: ev.weight,
+        };
+        w.edge_chunk.extend_from_slice(&edge.encode());
+        for (node, dir, other) in [(src, Direction::Out, dst), (dst, Direction::In, src)] {
+            let entries = w.adjacency.entry((node, ev.rel, dir)).or_default();
+            entries.extend_from_slice(&seq.to_be_bytes());
+            entries.extend_from_slice(&node_bytes(other));
+        }
+        w.counts.relations[ev.rel as usize] += 1;
+        w.out.appended += 1;
+        Ok(())
+    }
+
+    fn intern<'b>(
+        &self,
+        cache: &mut NodeCache,
+        w: &mut BatchWrites<'b>,
+        key: &'b NodeKey,
+    ) -> Result<NodeRef, StoreError> {
+        let (node_type, id) = (key.node_type, key.id.as_str());
+        if let Some(&index) = w.new_nodes.get(&(node_type, id)) {
+            return Ok(NodeRef { node_type, index });
+        }
+        if let Some(index) = cache.get(node_type, id) {
+            return Ok(NodeRef { node_type, index });
+        }
+        if let Some(index) = self.node_index(node_type, id)? {
+            cache.insert(node_type, id, index);
+            return Ok(NodeRef { node_type, index });
+        }
+        let index = w.counts.nodes[node_type as usize];
+        let next = index.checked_add(1).ok_or_else(|| StoreError::Full {
+            path: self.path.clone(),
+            what: format!(
+                "node type {} has 2^32 nodes",
+                self.schema.node_types[node_type as usize]
+            ),
+        })?;
+        w.counts.nodes[node_type as usize] = next;
+        w.new_nodes.insert((node_type, id), index);
+        let node = NodeRef { node_type, index };
+        w.sled.insert(node_key(node_type, id), &index.to_be_bytes());
+        w.sled.insert(&reverse_key(node)[..], id.as_bytes());
+        w.sled
+            .insert(&count_key(node_type)[..], &next.to_be_bytes());
+        Ok(node)
+    }
+
+    /// Apply and flush the batch; only then may the counts and the node cache vouch for it.
+    fn commit(
+        &self,
+        writer: &mut WriterState,
+        mut w: BatchWrites<'_>,
+    ) -> Result<AppendOutcome, StoreError> {
+        w.out.new_nodes = w.new_nodes.len() as u64;
+        if w.out.appended > 0 {
+            w.sled
+                .insert(META_NEXT_SEQ, &w.counts.next_seq.to_be_bytes());
+            for (r, n) in w.counts.relations.iter().enumerate() {
+                w.sled
+                    .insert(&rel_count_key(r as RelId)[..], &n.to_be_bytes());
+            }
+        }
+        self.tree
+            .apply_batch(w.sled)
+            .map_err(|e| self.sled_err(e))?;
+        self.db.flush().map_err(|e| self.sled_err(e))?;
+        *self.counts.write().unwrap_or_else(|p| p.into_inner()) = w.counts;
+        for ((node_type, id), index) in w.new_nodes {
+            writer.cache.insert(node_type, id, index);
+        }
+        Ok(w.out)
+    }
+
+    fn recently_seen(&self, id: &str, ts: u64) -> Result<bool, StoreError> {
+        Ok(
+            match self.tree.get(dedup_key(id)).map_err(|e| self.sled_err(e))? {
+                Some(v) => {
+                    let seen = be_u64(&v).ok_or_else(|| corrupt(&self.path, "dedup entry"))?;
+                    ts.saturating_sub(seen) <= self.dedup_window_ms
+                }
+                None => false,
+            },
+        )
+    }
+
+    /// Forget event ids of the expiry chunks whose newest id is older than `cutoff`. A chunk
+    /// goes whole once all its ids are out of the window (an id may outlive the window by up to
+    /// a batch's time span; `recently_seen` ignores it by then anyway). Bounded per batch so a
+    /// backlog never stalls ingest.
+    fn expire_dedup(&self, cutoff: u64, sled_batch: &mut sled::Batch) -> Result<(), StoreError> {
+        const MAX_CHUNKS_PER_BATCH: usize = 16;
+        let end = dedup_expiry_key(cutoff, 0);
+        for kv in self
+            .tree
+            .range(&b"Y"[..]..&end[..])
+            .take(MAX_CHUNKS_PER_BATCH)
+        {
+            let (k, chunk) = kv.map_err(|e| self.sled_err(e))?;
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let bad = || corrupt(&self.path, "dedup expiry chunk");
+                let ts = rest.get(0..8).and_then(be_u64).ok_or_else(bad)?;
+                let len = rest
+                    .get(8..10)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                    .ok_or_else(bad)?;
+                let id = rest.get(10..10 + len).ok_or_else(bad)?;
+                rest = &rest[10 + len..];
+                // Only drop X if it still points at this (old) occurrence.
+                let key = dedup_key_bytes(id);
+                if let Some(v) = self.tree.get(&key).map_err(|e| self.sled_err(e))? {
+                    if be_u64(&v) == Some(ts) {
+                        sled_batch.remove(key);
+                    }
+                }
+            }
+            sled_batch.remove(k);
+        }
+        Ok(())
+    }
+}
+
+impl BatchWrites<'_> {
+    /// Store `id` as seen at `ts`, and in this batch's expiry chunks.
+    fn remember_id(&mut self, id: &str, ts: u64) {
+        self.sled.insert(dedup_key(id), &ts.to_be_bytes());
+        self.expiry_chunk.extend_from_slice(&ts.to_be_bytes());
+        self.expiry_chunk
+            .extend_from_slice(&(id.len() as u16).to_be_bytes());
+        self.expiry_chunk.extend_from_slice(id.as_bytes());
+        self.expiry_max_ts = self.expiry_max_ts.max(ts);
+        if self.expiry_chunk.len() >= MAX_CHUNK_BYTES {
+            // Distinct keys: this batch owns the seqs first_seq.., and it appends at least one
+            // edge per expiry chunk.
+            let key = dedup_expiry_key(self.expiry_max_ts, self.out.first_seq + self.expiry_chunks);
+            self.sled
+                .insert(&key[..], std::mem::take(&mut self.expiry_chunk));
+            (self.expiry_max_ts, self.expiry_chunks) = (0, self.expiry_chunks + 1);
+        }
+    }
+
+    /// The edge log's chunks, the last expiry chunk and the adjacency entries.
+    fn finish_chunks(&mut self) {
+        for (i, part) in self
+            .edge_chunk
+            .chunks(EDGES_PER_CHUNK * EDGE_BYTES)
+            .enumerate()
+        {
+            let first = self.out.first_seq + (i * EDGES_PER_CHUNK) as u64;
+            self.sled.insert(&edge_key(first)[..], part);
+        }
+        if !self.expiry_chunk.is_empty() {
+            let key = dedup_expiry_key(self.expiry_max_ts, self.out.first_seq + self.expiry_chunks);
+            self.sled
+                .insert(&key[..], std::mem::take(&mut self.expiry_chunk));
+        }
+        for ((node, rel, dir), entries) in std::mem::take(&mut self.adjacency) {
+            self.sled.insert(
+                &adjacency_key(node, rel, dir, self.out.first_seq)[..],
+                entries,
+            );
+        }
+    }
+}
+
+/// The batch's next offsets, where they move a partition forward.
+fn write_offsets(sled: &mut sled::Batch, batch: &AppendBatch, stored_next: &HashMap<i32, i64>) {
+    let mut new_next: HashMap<i32, i64> = HashMap::new();
+    for e in &batch.events {
+        let n = new_next.entry(e.partition).or_insert(-1);
+        *n = (*n).max(e.offset + 1);
+    }
+    for &(p, next) in &batch.next_offsets {
+        let n = new_next.entry(p).or_insert(-1);
+        *n = (*n).max(next);
+    }
+    for (p, next) in new_next {
+        if next > stored_next[&p] {
+            sled.insert(offset_key(&batch.topic, p), &next.to_be_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_far_future_event_does_not_move_the_watermark() {
+        let mut w = DedupWatermark::default();
+        for ts in 0..WATERMARK_MIN_SAMPLES as u64 - 1 {
+            w.observe(1_000 + ts);
+        }
+        assert_eq!(w.advance(), 0, "too few samples: nothing expires yet");
+        w.observe(9_999_999_999_999);
+        let m = w.advance();
+        assert!((1_000..1_100).contains(&m), "{m}");
+        for _ in 0..10 {
+            w.observe(500);
+        }
+        assert!(w.advance() >= m, "never moves back");
+    }
+}

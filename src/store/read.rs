@@ -1,0 +1,271 @@
+//! Reads: offsets, node ids, counts, the edge log from a cursor, uniform samples, adjacency.
+
+use rand::Rng;
+
+use crate::schema::{RelId, TypeId};
+use crate::store::keys::*;
+use crate::store::{
+    corrupt, Direction, Edge, GraphStore, Neighbor, NodeRef, StoreError, EDGE_BYTES,
+};
+
+impl GraphStore {
+    /// The next offset to consume for a partition, if any was stored.
+    pub fn stored_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        match self
+            .tree
+            .get(offset_key(topic, partition))
+            .map_err(|e| self.sled_err(e))?
+        {
+            Some(v) => Ok(Some(
+                be_u64(&v).ok_or_else(|| corrupt(&self.path, "offset"))? as i64,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// All stored offsets: (topic, partition, next offset).
+    pub fn offsets(&self) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(b"O") {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let body = &k[1..];
+            let sep = body
+                .len()
+                .checked_sub(5)
+                .filter(|&i| body[i] == 0)
+                .ok_or_else(|| corrupt(&self.path, "offset key"))?;
+            let topic = String::from_utf8_lossy(&body[..sep]).into_owned();
+            let partition = i32::from_be_bytes(
+                body[sep + 1..]
+                    .try_into()
+                    .map_err(|_| corrupt(&self.path, "offset key"))?,
+            );
+            out.push((
+                topic,
+                partition,
+                be_u64(&v).ok_or_else(|| corrupt(&self.path, "offset"))? as i64,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn node_index(&self, node_type: TypeId, id: &str) -> Result<Option<u32>, StoreError> {
+        match self
+            .tree
+            .get(node_key(node_type, id))
+            .map_err(|e| self.sled_err(e))?
+        {
+            Some(v) => Ok(Some(
+                be_u32(&v).ok_or_else(|| corrupt(&self.path, "node index"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn node_id(&self, node: NodeRef) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get(reverse_key(node))
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Total number of edges ever appended (also the next sequence number).
+    pub fn edge_count(&self) -> u64 {
+        self.counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_seq
+    }
+
+    pub fn node_count(&self, node_type: TypeId) -> u32 {
+        self.counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .nodes
+            .get(node_type as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Edge count per relation id.
+    pub fn relation_counts(&self) -> Vec<u64> {
+        self.counts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .relations
+            .clone()
+    }
+
+    /// The chunk of the edge log holding `seq`: its first sequence number and its bytes.
+    fn chunk_at(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, StoreError> {
+        let Some(kv) = self.tree.range(edge_key(0)..=edge_key(seq)).next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+        let first = be_u64(&k[1..]).ok_or_else(|| corrupt(&self.path, "edge chunk key"))?;
+        if v.len() % EDGE_BYTES != 0 {
+            return Err(corrupt(&self.path, &format!("edge chunk {first}")));
+        }
+        Ok(Some((first, v)))
+    }
+
+    pub fn edge(&self, seq: u64) -> Result<Option<Edge>, StoreError> {
+        let Some((first, chunk)) = self.chunk_at(seq)? else {
+            return Ok(None);
+        };
+        let at = (seq - first) as usize * EDGE_BYTES;
+        Ok(chunk.get(at..at + EDGE_BYTES).and_then(Edge::decode))
+    }
+
+    /// Up to `limit` edges with sequence numbers from `cursor` on, in order (the trainer's feed).
+    pub fn edges_from(&self, cursor: u64, limit: usize) -> Result<Vec<(u64, Edge)>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(1 << 16));
+        let start = match self.chunk_at(cursor)? {
+            Some((first, _)) => first,
+            None => cursor,
+        };
+        for kv in self.tree.range(edge_key(start)..=edge_key(u64::MAX)) {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let first = be_u64(&k[1..]).ok_or_else(|| corrupt(&self.path, "edge chunk key"))?;
+            for (i, rec) in v.chunks_exact(EDGE_BYTES).enumerate() {
+                let seq = first + i as u64;
+                if seq < cursor {
+                    continue;
+                }
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                out.push((
+                    seq,
+                    Edge::decode(rec).ok_or_else(|| corrupt(&self.path, "edge"))?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `n` edges drawn uniformly (with replacement) from the whole log.
+    pub fn sample_edges<R: Rng>(&self, rng: &mut R, n: usize) -> Result<Vec<Edge>, StoreError> {
+        let total = self.edge_count();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        (0..n)
+            .map(|_| {
+                let seq = rng.random_range(0..total);
+                self.edge(seq)?
+                    .ok_or_else(|| corrupt(&self.path, &format!("edge {seq} missing")))
+            })
+            .collect()
+    }
+
+    /// `n` nodes of a type drawn uniformly (with replacement).
+    pub fn sample_nodes<R: Rng>(&self, rng: &mut R, node_type: TypeId, n: usize) -> Vec<NodeRef> {
+        let count = self.node_count(node_type);
+        if count == 0 {
+            return Vec::new();
+        }
+        (0..n)
+            .map(|_| NodeRef {
+                node_type,
+                index: rng.random_range(0..count),
+            })
+            .collect()
+    }
+
+    /// Neighbours of `node` by relation (all when `None`) and direction, oldest first, at most
+    /// `limit`.
+    pub fn neighbors(
+        &self,
+        node: NodeRef,
+        rel: Option<RelId>,
+        dir: Option<Direction>,
+        limit: usize,
+    ) -> Result<Vec<Neighbor>, StoreError> {
+        let mut out = Vec::new();
+        self.scan_adjacency(node, rel, dir, |n| {
+            out.push(n);
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    /// Degree of `node` for one relation and direction.
+    pub fn degree(&self, node: NodeRef, rel: RelId, dir: Direction) -> Result<u32, StoreError> {
+        let mut n = 0u32;
+        self.scan_adjacency(node, Some(rel), Some(dir), |_| {
+            n += 1;
+            true
+        })?;
+        Ok(n)
+    }
+
+    /// Visit adjacency entries in (relation, direction, seq) order until `visit` returns false.
+    fn scan_adjacency(
+        &self,
+        node: NodeRef,
+        rel: Option<RelId>,
+        dir: Option<Direction>,
+        mut visit: impl FnMut(Neighbor) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut prefix = Vec::with_capacity(10);
+        prefix.push(b'A');
+        prefix.extend_from_slice(&node_bytes(node));
+        if let Some(r) = rel {
+            prefix.extend_from_slice(&r.to_be_bytes());
+            if let Some(d) = dir {
+                prefix.push(d as u8);
+            }
+        }
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            if k.len() != 18 || v.len() % ADJACENCY_ENTRY_BYTES != 0 {
+                return Err(corrupt(&self.path, "adjacency chunk"));
+            }
+            let d = if k[9] == 0 {
+                Direction::Out
+            } else {
+                Direction::In
+            };
+            if dir.is_some_and(|want| want != d) {
+                continue;
+            }
+            let rel = u16::from_be_bytes([k[7], k[8]]);
+            for e in v.chunks_exact(ADJACENCY_ENTRY_BYTES) {
+                let n = Neighbor {
+                    node: NodeRef {
+                        node_type: u16::from_be_bytes([e[8], e[9]]),
+                        index: u32::from_be_bytes([e[10], e[11], e[12], e[13]]),
+                    },
+                    rel,
+                    dir: d,
+                    seq: u64::from_be_bytes(e[0..8].try_into().expect("chunks_exact")),
+                };
+                if !visit(n) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read a metadata value (e.g. the trainer cursor).
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tree
+            .get(meta_key(name))
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Flush everything to disk (also done by every append).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.sled_err(e))
+    }
+
+    /// Size of the database on disk, in bytes.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}

@@ -1,0 +1,401 @@
+
+use super::*;
+use crate::schema::{NodeKey, SchemaConfig};
+use std::collections::HashSet;
+
+fn schema() -> Schema {
+    let cfg: SchemaConfig = toml::from_str(
+        r#"
+            node_types = ["user", "tweet"]
+            relations = [
+              { name = "follows", src = "user", dst = "user" },
+              { name = "favorites", src = "user", dst = "tweet" },
+            ]"#,
+    )
+    .unwrap();
+    Schema::new(&cfg).unwrap()
+}
+
+fn ev(src: &str, rel: RelId, dst: &str, ts: u64, id: Option<&str>) -> Event {
+    let key = |s: &str| {
+        let (t, i) = s.split_once(':').unwrap();
+        NodeKey {
+            node_type: if t == "user" { 0 } else { 1 },
+            id: i.into(),
+        }
+    };
+    Event {
+        src: key(src),
+        rel,
+        dst: key(dst),
+        ts,
+        weight: 1.0,
+        event_id: id.map(Into::into),
+    }
+}
+
+fn batch(events: Vec<(i32, i64, Event)>) -> AppendBatch {
+    AppendBatch {
+        topic: "t".into(),
+        events: events
+            .into_iter()
+            .map(|(partition, offset, event)| SourcedEvent {
+                partition,
+                offset,
+                event,
+            })
+            .collect(),
+        next_offsets: vec![],
+    }
+}
+
+fn open(dir: &Path) -> GraphStore {
+    GraphStore::open(dir, &schema(), &StoreOptions::default()).unwrap()
+}
+
+#[test]
+fn interns_nodes_densely_per_type_and_keeps_edges_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let out = s
+        .append(&batch(vec![
+            (0, 0, ev("user:a", 0, "user:b", 10, None)),
+            (0, 1, ev("user:a", 1, "tweet:x", 11, None)),
+            (1, 0, ev("user:c", 1, "tweet:x", 12, None)),
+        ]))
+        .unwrap();
+    assert_eq!((out.appended, out.new_nodes, out.first_seq), (3, 4, 0));
+    assert_eq!(
+        out.node_creating_events,
+        vec![0, 1, 2],
+        "each event met a new node"
+    );
+    assert_eq!(s.node_index(0, "a").unwrap(), Some(0));
+    assert_eq!(s.node_index(0, "b").unwrap(), Some(1));
+    assert_eq!(s.node_index(0, "c").unwrap(), Some(2));
+    assert_eq!(s.node_index(1, "x").unwrap(), Some(0));
+    assert_eq!(
+        s.node_id(NodeRef {
+            node_type: 0,
+            index: 2
+        })
+        .unwrap()
+        .as_deref(),
+        Some("c")
+    );
+    assert_eq!(
+        (s.node_count(0), s.node_count(1), s.edge_count()),
+        (3, 1, 3)
+    );
+    assert_eq!(s.relation_counts(), vec![1, 2]);
+    let edges = s.edges_from(1, 10).unwrap();
+    assert_eq!(
+        edges.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(edges[1].1.ts, 12);
+    assert_eq!(
+        edges[1].1.src,
+        NodeRef {
+            node_type: 0,
+            index: 2
+        }
+    );
+
+    let tweet = NodeRef {
+        node_type: 1,
+        index: 0,
+    };
+    let fans = s
+        .neighbors(tweet, Some(1), Some(Direction::In), 10)
+        .unwrap();
+    assert_eq!(
+        fans.iter().map(|n| n.node.index).collect::<Vec<_>>(),
+        vec![0, 2]
+    );
+    assert_eq!(s.degree(tweet, 1, Direction::In).unwrap(), 2);
+    let a = NodeRef {
+        node_type: 0,
+        index: 0,
+    };
+    let all = s.neighbors(a, None, None, 10).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        s.neighbors(a, Some(0), Some(Direction::In), 10)
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        s.offsets().unwrap(),
+        vec![("t".to_string(), 0, 2), ("t".to_string(), 1, 1)]
+    );
+}
+
+#[test]
+fn redelivered_offsets_are_skipped_and_offsets_only_move_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.append(&batch(vec![(0, 5, ev("user:a", 0, "user:b", 1, None))]))
+        .unwrap();
+    // Offsets 3..=5 were already consumed (5 stored; 3 and 4 were invalid events).
+    let mut b = batch(vec![
+        (0, 5, ev("user:a", 0, "user:b", 1, None)),
+        (0, 6, ev("user:b", 0, "user:a", 2, None)),
+    ]);
+    b.next_offsets = vec![(0, 9), (2, 4)];
+    let out = s.append(&b).unwrap();
+    assert_eq!((out.appended, out.already_stored), (1, 1));
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(9));
+    assert_eq!(s.stored_offset("t", 2).unwrap(), Some(4));
+    let mut back = batch(vec![]);
+    back.next_offsets = vec![(0, 3)];
+    s.append(&back).unwrap();
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(9));
+    assert_eq!(s.edge_count(), 2);
+}
+
+#[test]
+fn a_rebalance_redelivery_inside_one_batch_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    // Offsets 0..=2 consumed, then the partition is re-assigned at stored offset 0 and the
+    // same messages arrive again before the batch is written.
+    let b = batch(vec![
+        (0, 0, ev("user:a", 0, "user:b", 1, None)),
+        (0, 1, ev("user:b", 0, "user:c", 2, None)),
+        (0, 0, ev("user:a", 0, "user:b", 1, None)),
+        (0, 1, ev("user:b", 0, "user:c", 2, None)),
+        (0, 2, ev("user:c", 0, "user:a", 3, None)),
+    ]);
+    let out = s.append(&b).unwrap();
+    assert_eq!((out.appended, out.already_stored), (3, 2));
+    assert_eq!(s.edge_count(), 3);
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(3));
+}
+
+#[test]
+fn event_ids_dedup_within_the_window_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = GraphStore::open(
+        dir.path(),
+        &schema(),
+        &StoreOptions {
+            dedup_window_ms: 1000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = s
+        .append(&batch(vec![
+            (0, 0, ev("user:a", 0, "user:b", 100, Some("e1"))),
+            (0, 1, ev("user:a", 0, "user:b", 100, Some("e1"))),
+            (0, 2, ev("user:a", 0, "user:c", 100, Some("e2"))),
+        ]))
+        .unwrap();
+    assert_eq!((out.appended, out.duplicate_event_ids), (2, 1));
+    let out = s
+        .append(&batch(vec![(
+            0,
+            3,
+            ev("user:a", 0, "user:b", 900, Some("e1")),
+        )]))
+        .unwrap();
+    assert_eq!(out.duplicate_event_ids, 1);
+    // 2000 ms later e1 is outside the window: stored again. Old ids expire once the
+    // watermark (the median of recent event times) has moved: here 100 new ids at 2100.
+    let mut later = vec![(0, 4, ev("user:a", 0, "user:b", 2100, Some("e1")))];
+    for i in 0..100 {
+        let id = format!("n{i}");
+        later.push((0, 5 + i, ev("user:a", 0, "user:d", 2100, Some(id.as_str()))));
+    }
+    let out = s.append(&batch(later)).unwrap();
+    assert_eq!(out.appended, 101);
+    assert_eq!(
+        s.tree.scan_prefix(b"X").count(),
+        101,
+        "e2 expired, e1 re-stored beside the 100 new ids"
+    );
+    assert_eq!(s.tree.scan_prefix(b"Y").count(), 1);
+    assert_eq!(s.edge_count(), 103);
+}
+
+/// One far-future event time among ids (the year 2286) does not expire every stored id:
+/// the same 1,000 events again are all duplicates.
+#[test]
+fn one_far_future_event_time_does_not_switch_deduplication_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = GraphStore::open(dir.path(), &schema(), &StoreOptions::default()).unwrap();
+    let events = |from: i64| -> Vec<(i32, i64, Event)> {
+        (0..1_000)
+            .map(|i| {
+                let (id, dst) = (format!("e{i}"), format!("user:{i}"));
+                (
+                    0,
+                    from + i,
+                    ev("user:a", 0, &dst, 874_724_710_000 + i as u64, Some(&id)),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(s.append(&batch(events(0))).unwrap().appended, 1_000);
+    let outlier = ev("user:a", 0, "user:z", 9_999_999_999_999, Some("future"));
+    assert_eq!(
+        s.append(&batch(vec![(0, 1_000, outlier)]))
+            .unwrap()
+            .appended,
+        1
+    );
+    let again = s.append(&batch(events(1_001))).unwrap();
+    assert_eq!((again.appended, again.duplicate_event_ids), (0, 1_000));
+    assert_eq!(s.edge_count(), 1_001);
+}
+
+#[test]
+fn everything_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        let mut b = batch(vec![
+            (0, 0, ev("user:a", 0, "user:b", 1, Some("x"))),
+            (0, 1, ev("user:b", 1, "tweet:t", 2, None)),
+        ]);
+        b.next_offsets = vec![(0, 3)];
+        s.append(&b).unwrap();
+    }
+    let s = open(dir.path());
+    assert_eq!(s.edge_count(), 2);
+    assert_eq!(s.node_count(0), 2);
+    assert_eq!(s.relation_counts(), vec![1, 1]);
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(3));
+    let out = s
+        .append(&batch(vec![(
+            0,
+            3,
+            ev("user:a", 0, "user:c", 3, Some("x")),
+        )]))
+        .unwrap();
+    assert_eq!(out.duplicate_event_ids, 1);
+    let out = s
+        .append(&batch(vec![(0, 4, ev("user:b", 0, "user:c", 3, None))]))
+        .unwrap();
+    assert_eq!((out.first_seq, out.new_nodes), (2, 1));
+    assert_eq!(s.node_index(0, "c").unwrap(), Some(2));
+    drop(s);
+    let s = GraphStore::open_existing(dir.path()).unwrap();
+    assert_eq!(s.stored_schema().node_types, vec!["user", "tweet"]);
+    assert_eq!(s.edge_count(), 3);
+}
+
+#[test]
+fn schema_may_grow_but_not_change() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let grown: SchemaConfig = toml::from_str(
+        r#"
+            node_types = ["user", "tweet", "ad"]
+            relations = [
+              { name = "follows", src = "user", dst = "user" },
+              { name = "favorites", src = "user", dst = ["tweet", "ad"] },
+              { name = "clicks", src = "user", dst = "ad" },
+            ]"#,
+    )
+    .unwrap();
+    drop(
+        GraphStore::open(
+            dir.path(),
+            &Schema::new(&grown).unwrap(),
+            &StoreOptions::default(),
+        )
+        .unwrap(),
+    );
+    let swapped: SchemaConfig = toml::from_str(
+        r#"
+            node_types = ["tweet", "user", "ad"]
+            relations = [{ name = "follows", src = "user", dst = "user" }]"#,
+    )
+    .unwrap();
+    let err = GraphStore::open(
+        dir.path(),
+        &Schema::new(&swapped).unwrap(),
+        &StoreOptions::default(),
+    )
+    .err()
+    .expect("reordered types must be refused");
+    match err {
+        StoreError::SchemaMismatch { key, .. } => assert_eq!(key, "schema.node_types[0]"),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_large_batch_spans_several_chunks_and_reads_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let n = EDGES_PER_CHUNK * 2 + 10;
+    let events = (0..n)
+        .map(|i| {
+            (
+                0,
+                i as i64,
+                ev(
+                    &format!("user:{i}"),
+                    1,
+                    "tweet:x",
+                    i as u64,
+                    Some(&format!("id-{i}")),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(s.append(&batch(events)).unwrap().appended, n as u64);
+    assert_eq!(s.tree.scan_prefix(b"E").count(), 3);
+    assert!(
+        s.tree.scan_prefix(b"Y").count() > 1,
+        "expiry chunks are split too"
+    );
+    let from = s.edges_from(EDGES_PER_CHUNK as u64 - 2, 5).unwrap();
+    let seqs: Vec<u64> = from.iter().map(|(q, _)| *q).collect();
+    let first = EDGES_PER_CHUNK as u64 - 2;
+    assert_eq!(seqs, (first..first + 5).collect::<Vec<_>>());
+    for (seq, e) in from {
+        assert_eq!(e.ts, seq, "edge {seq} read from the right chunk");
+        assert_eq!(s.edge(seq).unwrap(), Some(e));
+    }
+    assert_eq!(s.edge(n as u64).unwrap(), None);
+}
+
+#[test]
+fn samples_stay_in_range() {
+    use rand::SeedableRng;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let events = (0..50)
+        .map(|i| {
+            (
+                0,
+                i as i64,
+                ev(
+                    &format!("user:{i}"),
+                    1,
+                    &format!("tweet:{}", i % 7),
+                    i,
+                    None,
+                ),
+            )
+        })
+        .collect();
+    s.append(&batch(events)).unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let edges = s.sample_edges(&mut rng, 200).unwrap();
+    assert_eq!(edges.len(), 200);
+    assert!(edges.iter().all(|e| e.rel == 1 && e.dst.index < 7));
+    let nodes = s.sample_nodes(&mut rng, 1, 100);
+    assert!(nodes.iter().all(|n| n.index < 7));
+    let distinct: HashSet<u32> = nodes.iter().map(|n| n.index).collect();
+    assert_eq!(
+        distinct.len(),
+        7,
+        "uniform sampling over 100 draws reaches all 7 tweets"
+    );
+}
