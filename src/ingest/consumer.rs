@@ -16,54 +16,24 @@
 //! unique key for consumers of the DLQ).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures::future::join_all;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::statistics::Statistics;
+use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Message as KafkaMessage};
+use rdkafka::Message as KafkaMessage;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::ingest::{AppendEvents, StoreWriter};
+use crate::ingest::batch::{BatchWriter, Pending};
+use crate::ingest::{IngestContext, IngestStatus, StoreWriter};
 use crate::kafka::{create_client, create_client_with_context, KafkaSetupError};
-use crate::schema::{decode_event, DecodeLimits, Schema};
-use crate::store::{AppendBatch, GraphStore, SourcedEvent, StoreError};
+use crate::store::{GraphStore, StoreError};
 use crate::telemetry as m;
-
-/// DLQ header names (documented in topics/README.md).
-pub const HEADER_ERROR: &str = "twhin.error";
-pub const HEADER_ERROR_DETAIL: &str = "twhin.error.detail";
-pub const HEADER_SOURCE_TOPIC: &str = "twhin.source.topic";
-pub const HEADER_SOURCE_PARTITION: &str = "twhin.source.partition";
-pub const HEADER_SOURCE_OFFSET: &str = "twhin.source.offset";
-pub const HEADER_SOURCE_TIMESTAMP: &str = "twhin.source.timestamp";
-
-/// Live ingest figures shared with the HTTP status endpoint.
-#[derive(Debug, Default)]
-pub struct IngestStatus {
-    pub consumed: AtomicU64,
-    pub invalid: AtomicU64,
-    pub appended: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub batches: AtomicU64,
-    pub lag: AtomicU64,
-    pub broker_up: AtomicBool,
-    pub assigned_partitions: AtomicU64,
-    /// Kafka timestamps of durable events, until a version covers them.
-    pub freshness: Arc<crate::publish::Freshness>,
-}
 
 /// Why ingest stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -91,139 +61,6 @@ pub enum IngestError {
     #[error("the store writer is gone")]
     WriterGone,
 }
-
-// ---------------------------------------------------------------------------------------------
-// Consumer context: stored offsets on assignment, lag and broker health from statistics.
-
-/// The consumer's context: assigns partitions at the offsets stored in sled.
-pub struct IngestContext {
-    store: Arc<GraphStore>,
-    topic: String,
-    status: Arc<IngestStatus>,
-    /// Set when an assignment could not be honoured; the loop stops with this error.
-    failure: std::sync::Mutex<Option<IngestError>>,
-}
-
-impl ClientContext for IngestContext {
-    fn stats(&self, stats: Statistics) {
-        self.status.broker_up.store(
-            stats.brokers.values().any(|b| b.state == "UP"),
-            Ordering::Relaxed,
-        );
-        let Some(topic) = stats.topics.get(&self.topic) else {
-            return;
-        };
-        let mut total = 0u64;
-        for (&p, part) in &topic.partitions {
-            if p < 0 || part.hi_offset < 0 {
-                continue;
-            }
-            let stored = self
-                .store
-                .stored_offset(&self.topic, p)
-                .ok()
-                .flatten()
-                .unwrap_or(part.lo_offset.max(0));
-            let lag = (part.hi_offset - stored).max(0) as u64;
-            total += lag;
-            metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
-        }
-        self.status.lag.store(total, Ordering::Relaxed);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
-        ) {
-            self.status.broker_up.store(false, Ordering::Relaxed);
-        }
-        warn!(%error, reason, "kafka client error");
-    }
-}
-
-impl ConsumerContext for IngestContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                metrics::counter!(m::REBALANCES).increment(1);
-                let mut positions = Vec::new();
-                for elem in tpl.elements() {
-                    let (topic, p) = (elem.topic().to_owned(), elem.partition());
-                    match self.store.stored_offset(&topic, p) {
-                        Ok(Some(next)) => positions.push((topic, p, Offset::Offset(next))),
-                        // Nothing stored yet: the whole history belongs in the graph.
-                        Ok(None) => positions.push((topic, p, Offset::Beginning)),
-                        Err(e) => {
-                            error!(topic, partition = p, error = %e, "cannot read the stored offset");
-                            *self.failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(IngestError::Assign {
-                                    topic,
-                                    partition: p,
-                                    problem: e.to_string(),
-                                });
-                            return;
-                        }
-                    }
-                }
-                for (topic, p, offset) in &positions {
-                    if let Err(e) = tpl.set_partition_offset(topic, *p, *offset) {
-                        error!(topic, partition = p, error = %e, "cannot set the start offset");
-                    }
-                }
-                info!(partitions = ?positions.iter().map(|(_, p, o)| (*p, *o)).collect::<Vec<_>>(), "assigned at stored offsets");
-                self.status
-                    .assigned_partitions
-                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
-                let result = if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                if let Err(e) = result {
-                    error!(error = %e, "assign failed");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // Appends flush before they return; this covers anything written by other paths.
-                if let Err(e) = self.store.flush() {
-                    error!(error = %e, "flush on revoke failed");
-                }
-                info!(partitions = tpl.count(), "partitions revoked");
-                let n = tpl.count() as u64;
-                let _ = self.status.assigned_partitions.fetch_update(
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                    |v| Some(v.saturating_sub(n)),
-                );
-                let result = if cooperative {
-                    consumer.incremental_unassign(tpl)
-                } else {
-                    consumer.unassign()
-                };
-                if let Err(e) = result {
-                    error!(error = %e, "unassign failed");
-                }
-            }
-            other => {
-                warn!(error = ?other, "rebalance error");
-                let _ = consumer.unassign();
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The actor
 
 /// Consumes the engagements topic until told to stop (see the module docs).
 pub struct IngestActor {
@@ -302,38 +139,12 @@ impl Handler<StopIngest> for IngestActor {
 #[rtype(result = "()")]
 pub struct StopIngest;
 
-/// One invalid event on its way to the DLQ.
-struct DeadLetter {
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    headers: OwnedHeaders,
-}
-
-/// Events consumed but not yet durable.
-#[derive(Default)]
-struct Pending {
-    events: Vec<SourcedEvent>,
-    /// Kafka timestamps (ms) of `events`, for the freshness histogram.
-    kafka_ts: Vec<i64>,
-    dead: Vec<DeadLetter>,
-    next_offsets: HashMap<i32, i64>,
-    consumed: u64,
-    since: Option<Instant>,
-}
-
-impl Pending {
-    fn is_empty(&self) -> bool {
-        self.consumed == 0
-    }
-}
-
-async fn run_consumer(
-    cfg: Arc<Config>,
-    store: Arc<GraphStore>,
-    writer: Addr<StoreWriter>,
-    status: Arc<IngestStatus>,
-    mut stop_rx: watch::Receiver<bool>,
-) -> Result<(), IngestError> {
+/// The consumer, subscribed, assigning at the stored offsets; and the DLQ producer.
+fn open_clients(
+    cfg: &Config,
+    store: &Arc<GraphStore>,
+    status: &Arc<IngestStatus>,
+) -> Result<(Arc<StreamConsumer<IngestContext>>, FutureProducer), IngestError> {
     let topic = cfg.kafka.engagements_topic.clone();
     let mut props = cfg.consumer_properties();
     // Offsets are ours (sled); Kafka gets a monitoring copy after each durable write.
@@ -348,16 +159,30 @@ async fn run_consumer(
     };
     let consumer: StreamConsumer<IngestContext> =
         create_client_with_context(&props, ctx, "consumer")?;
-    let consumer = Arc::new(consumer);
     let dlq: FutureProducer = create_client(&cfg.producer_properties(), "DLQ producer")?;
     consumer
         .subscribe(&[&topic])
-        .map_err(|source| IngestError::Subscribe {
-            topic: topic.clone(),
-            source,
-        })?;
-    info!(topic, group = cfg.kafka.group_id, "ingest started");
+        .map_err(|source| IngestError::Subscribe { topic, source })?;
+    Ok((Arc::new(consumer), dlq))
+}
 
+async fn run_consumer(
+    cfg: Arc<Config>,
+    store: Arc<GraphStore>,
+    writer: Addr<StoreWriter>,
+    status: Arc<IngestStatus>,
+    mut stop_rx: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let topic = cfg.kafka.engagements_topic.clone();
+    let (consumer, dlq) = open_clients(&cfg, &store, &status)?;
+    info!(topic, group = cfg.kafka.group_id, "ingest started");
+    let batches = BatchWriter {
+        cfg: &cfg,
+        topic: &topic,
+        dlq: &dlq,
+        writer: &writer,
+        status: &status,
+    };
     let schema = cfg.schema();
     let limits = cfg.decode_limits();
     let max_wait = Duration::from_millis(cfg.ingest.batch_max_wait_ms);
@@ -367,13 +192,7 @@ async fn run_consumer(
     let mut seen_next: HashMap<i32, i64> = HashMap::new();
 
     let result: Result<(), IngestError> = loop {
-        if let Some(e) = consumer
-            .context()
-            .failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(e) = consumer.context().take_failure() {
             break Err(e);
         }
         let deadline = pending.since.map(|t| t + max_wait);
@@ -388,7 +207,7 @@ async fn run_consumer(
                         metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(1);
                     } else {
                         seen_next.insert(p, msg.offset() + 1);
-                        accept(&schema, &limits, &msg, &mut pending);
+                        pending.accept(&schema, &limits, &msg);
                     }
                 }
                 Err(e) => {
@@ -400,51 +219,39 @@ async fn run_consumer(
         let full = pending.consumed as usize >= cfg.ingest.batch_max_events;
         let due = pending.since.is_some_and(|t| t.elapsed() >= max_wait);
         if full || due {
-            match write_batch(
-                &cfg,
-                &topic,
-                &dlq,
-                &writer,
-                &status,
-                &mut stop_rx,
-                &mut pending,
-            )
-            .await
-            {
+            match batches.write(&mut stop_rx, &mut pending).await {
                 Ok(true) => commit_mirror(&consumer, &topic, &store),
                 Ok(false) => break Ok(()), // asked to stop while the DLQ was unreachable
                 Err(e) => break Err(e),
             }
         }
     };
-
     if result.is_ok() && !pending.is_empty() {
-        // Shutting down: make what was consumed durable (bounded by the DLQ timeout).
-        let (_, mut never) = watch::channel(false);
-        match tokio::time::timeout(
-            Duration::from_millis(cfg.ingest.dlq_timeout_ms),
-            write_batch(
-                &cfg,
-                &topic,
-                &dlq,
-                &writer,
-                &status,
-                &mut never,
-                &mut pending,
-            ),
-        )
-        .await
-        {
-            Ok(Ok(_)) => commit_mirror(&consumer, &topic, &store),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => warn!(
-                "pending batch not written at shutdown (DLQ unreachable); it will be re-consumed"
-            ),
-        }
+        write_at_shutdown(&batches, &mut pending).await?;
+        commit_mirror(&consumer, &topic, &store);
     }
     close_consumer(consumer).await;
     info!(topic, "ingest stopped");
     result
+}
+
+/// Shutting down: make what was consumed durable (bounded by the DLQ timeout; otherwise it is
+/// re-consumed at the next start).
+async fn write_at_shutdown(
+    batches: &BatchWriter<'_>,
+    pending: &mut Pending,
+) -> Result<(), IngestError> {
+    let (_, mut never) = watch::channel(false);
+    let limit = Duration::from_millis(batches.cfg.ingest.dlq_timeout_ms);
+    match tokio::time::timeout(limit, batches.write(&mut never, pending)).await {
+        Ok(written) => written.map(|_| ()),
+        Err(_) => {
+            warn!(
+                "pending batch not written at shutdown (DLQ unreachable); it will be re-consumed"
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -452,178 +259,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => futures::future::pending().await,
     }
-}
-
-/// Decode one message into the pending batch.
-fn accept(
-    schema: &Schema,
-    limits: &DecodeLimits,
-    msg: &BorrowedMessage<'_>,
-    pending: &mut Pending,
-) {
-    metrics::counter!(m::EVENTS_CONSUMED).increment(1);
-    let (p, offset) = (msg.partition(), msg.offset());
-    let kafka_ts = msg
-        .timestamp()
-        .to_millis()
-        .filter(|&t| t >= 0)
-        .map(|t| t as u64);
-    match decode_event(
-        schema,
-        limits,
-        msg.payload(),
-        kafka_ts.unwrap_or_else(|| crate::persist::now_ms() as u64),
-    ) {
-        Ok(event) => {
-            pending
-                .kafka_ts
-                .push(kafka_ts.map_or_else(crate::persist::now_ms, |t| t as i64));
-            pending.events.push(SourcedEvent {
-                partition: p,
-                offset,
-                event,
-            })
-        }
-        Err(invalid) => {
-            metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason.as_str()).increment(1);
-            debug!(partition = p, offset, reason = %invalid.reason, detail = invalid.detail, "invalid event");
-            let mut headers = msg.headers().map(|h| h.detach()).unwrap_or_default();
-            let partition = p.to_string();
-            let off = offset.to_string();
-            let ts = kafka_ts.map(|t| t.to_string()).unwrap_or_default();
-            for (key, value) in [
-                (HEADER_ERROR, invalid.reason.as_str()),
-                (HEADER_ERROR_DETAIL, invalid.detail.as_str()),
-                (HEADER_SOURCE_TOPIC, msg.topic()),
-                (HEADER_SOURCE_PARTITION, partition.as_str()),
-                (HEADER_SOURCE_OFFSET, off.as_str()),
-                (HEADER_SOURCE_TIMESTAMP, ts.as_str()),
-            ] {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value),
-                });
-            }
-            pending.dead.push(DeadLetter {
-                key: msg.key().map(<[u8]>::to_vec),
-                payload: msg.payload().map(<[u8]>::to_vec),
-                headers,
-            });
-        }
-    }
-    let next = pending.next_offsets.entry(p).or_insert(offset + 1);
-    *next = (*next).max(offset + 1);
-    pending.consumed += 1;
-    pending.since.get_or_insert_with(Instant::now);
-}
-
-/// Make the pending batch durable: DLQ first, then the atomic append. Returns `Ok(false)` when
-/// asked to stop while the DLQ was still unreachable (nothing was written; it will be
-/// re-consumed).
-async fn write_batch(
-    cfg: &Config,
-    topic: &str,
-    dlq: &FutureProducer,
-    writer: &Addr<StoreWriter>,
-    status: &IngestStatus,
-    stop_rx: &mut watch::Receiver<bool>,
-    pending: &mut Pending,
-) -> Result<bool, IngestError> {
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(100);
-    while !pending.dead.is_empty() {
-        match deliver_dead_letters(cfg, dlq, &pending.dead).await {
-            Ok(()) => {
-                metrics::counter!(m::DLQ_PRODUCED).increment(pending.dead.len() as u64);
-                break;
-            }
-            Err(e) => {
-                metrics::counter!(m::BATCH_RETRIES).increment(1);
-                warn!(error = %e, dead_letters = pending.dead.len(), "DLQ not acknowledged; retrying");
-                tokio::select! {
-                    _ = stop_rx.changed() => return Ok(false),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-    let batch = AppendBatch {
-        topic: topic.to_owned(),
-        events: std::mem::take(&mut pending.events),
-        next_offsets: pending.next_offsets.drain().collect(),
-    };
-    let outcome = writer
-        .send(AppendEvents(batch))
-        .await
-        .map_err(|_| IngestError::WriterGone)?
-        .map_err(|source| IngestError::Store {
-            topic: topic.to_owned(),
-            source,
-        })?;
-    let invalid = pending.dead.len() as u64;
-    let consumed = pending.consumed;
-    if outcome.appended > 0 {
-        let new_node_ts = outcome
-            .node_creating_events
-            .iter()
-            .filter_map(|&i| pending.kafka_ts.get(i as usize).copied())
-            .collect();
-        status.freshness.ingested(
-            outcome.first_seq + outcome.appended,
-            std::mem::take(&mut pending.kafka_ts),
-            new_node_ts,
-        );
-    }
-    *pending = Pending::default();
-
-    metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-    metrics::histogram!(m::BATCH_EVENTS).record(consumed as f64);
-    metrics::counter!(m::EDGES_APPENDED).increment(outcome.appended);
-    metrics::counter!(m::NODES_CREATED).increment(outcome.new_nodes);
-    metrics::counter!(m::DUPLICATES, "kind" => "event_id").increment(outcome.duplicate_event_ids);
-    metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(outcome.already_stored);
-    status.consumed.fetch_add(consumed, Ordering::Relaxed);
-    status.invalid.fetch_add(invalid, Ordering::Relaxed);
-    status
-        .appended
-        .fetch_add(outcome.appended, Ordering::Relaxed);
-    status.duplicates.fetch_add(
-        outcome.duplicate_event_ids + outcome.already_stored,
-        Ordering::Relaxed,
-    );
-    status.batches.fetch_add(1, Ordering::Relaxed);
-    debug!(
-        consumed,
-        appended = outcome.appended,
-        invalid,
-        ms = started.elapsed().as_millis() as u64,
-        "batch durable"
-    );
-    Ok(true)
-}
-
-async fn deliver_dead_letters(
-    cfg: &Config,
-    dlq: &FutureProducer,
-    dead: &[DeadLetter],
-) -> Result<(), KafkaError> {
-    let timeout = Duration::from_millis(cfg.ingest.dlq_timeout_ms);
-    let sends = dead.iter().map(|d| {
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&cfg.kafka.dlq_topic).headers(d.headers.clone());
-        if let Some(k) = &d.key {
-            record = record.key(k.as_slice());
-        }
-        if let Some(p) = &d.payload {
-            record = record.payload(p.as_slice());
-        }
-        dlq.send(record, timeout)
-    });
-    for r in join_all(sends).await {
-        r.map_err(|(e, _)| e)?;
-    }
-    Ok(())
 }
 
 /// Mirror the durable offsets to Kafka for lag tooling (best effort; sled is the truth).

@@ -4,9 +4,28 @@
 //! and validation of each event, dead letters to the DLQ topic, and the store-writer actor that
 //! makes each batch and its offsets durable in one sled batch. Hands on edges (in the store, for
 //! the trainer) and each event's Kafka timestamp (to the publish stage's freshness tracking).
+//!
+//! | file | what |
+//! |------|------|
+//! | `consumer.rs` | the ingest actor and its consumer loop |
+//! | `rebalance.rs` | assignment at stored offsets, flush on revoke, lag from statistics |
+//! | `batch.rs` | the batch being collected, decoded, and made durable |
+//! | `dlq.rs` | dead letters and their headers |
+//! | `writer.rs` | the store-writer actor (sled's flush on its own thread) |
+//! | `status.rs` | ingest's live figures and the batch event that records them |
 
+mod batch;
 mod consumer;
+mod dlq;
+mod rebalance;
+mod status;
 mod writer;
 
 pub use consumer::*;
+pub use dlq::{
+    HEADER_ERROR, HEADER_ERROR_DETAIL, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
+    HEADER_SOURCE_TIMESTAMP, HEADER_SOURCE_TOPIC,
+};
+pub use rebalance::IngestContext;
+pub use status::*;
 pub use writer::*;

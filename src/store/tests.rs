@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::schema::{NodeKey, SchemaConfig};
 use std::collections::HashSet;

@@ -1,0 +1,96 @@
+//! Ingest's live figures (`/v1/status` `ingest` and `kafka`) and the one event that records a
+//! durable batch in the metrics, the status and the log together.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::debug;
+
+use crate::telemetry as m;
+
+/// Live ingest figures shared with the HTTP status endpoint.
+#[derive(Debug, Default)]
+pub struct IngestStatus {
+    pub consumed: AtomicU64,
+    pub invalid: AtomicU64,
+    pub appended: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub batches: AtomicU64,
+    pub lag: AtomicU64,
+    pub broker_up: AtomicBool,
+    pub assigned_partitions: AtomicU64,
+    /// Kafka timestamps of durable events, until a version covers them.
+    pub freshness: Arc<crate::publish::Freshness>,
+}
+
+/// A batch made durable: its events consumed, dead letters, edges appended, duplicates, nodes
+/// created, and how long it took. [`StoreBatchWritten::emit`] is the only place these figures
+/// are recorded, so the metrics, `/v1/status` and the log never disagree.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StoreBatchWritten {
+    pub consumed: u64,
+    pub invalid: u64,
+    pub appended: u64,
+    pub duplicate_event_ids: u64,
+    pub redelivered: u64,
+    pub new_nodes: u64,
+    pub seconds: f64,
+}
+
+impl StoreBatchWritten {
+    pub fn emit(&self, status: &IngestStatus) {
+        metrics::histogram!(m::BATCH_SECONDS).record(self.seconds);
+        metrics::histogram!(m::BATCH_EVENTS).record(self.consumed as f64);
+        metrics::counter!(m::EDGES_APPENDED).increment(self.appended);
+        metrics::counter!(m::NODES_CREATED).increment(self.new_nodes);
+        metrics::counter!(m::DUPLICATES, "kind" => "event_id").increment(self.duplicate_event_ids);
+        metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(self.redelivered);
+        status.consumed.fetch_add(self.consumed, Ordering::Relaxed);
+        status.invalid.fetch_add(self.invalid, Ordering::Relaxed);
+        status.appended.fetch_add(self.appended, Ordering::Relaxed);
+        status.duplicates.fetch_add(
+            self.duplicate_event_ids + self.redelivered,
+            Ordering::Relaxed,
+        );
+        status.batches.fetch_add(1, Ordering::Relaxed);
+        debug!(
+            consumed = self.consumed,
+            appended = self.appended,
+            invalid = self.invalid,
+            ms = (self.seconds * 1000.0) as u64,
+            "batch durable"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_batch_is_counted_once_in_the_status() {
+        let status = IngestStatus::default();
+        let batch = StoreBatchWritten {
+            consumed: 10,
+            invalid: 2,
+            appended: 6,
+            duplicate_event_ids: 1,
+            redelivered: 1,
+            new_nodes: 3,
+            seconds: 0.01,
+        };
+        batch.emit(&status);
+        batch.emit(&status);
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(
+            [
+                get(&status.consumed),
+                get(&status.invalid),
+                get(&status.appended),
+                get(&status.duplicates),
+                get(&status.batches)
+            ],
+            [20, 4, 12, 4, 2]
+        );
+    }
+}
