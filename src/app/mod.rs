@@ -62,40 +62,81 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
         Some(core) if cfg.publish.enabled => Some(open_publication(&cfg, core)?),
         _ => None,
     };
-    let bind = cfg.http_bind()?;
-    let cfg = Arc::new(cfg);
-
+    let opened = Opened {
+        cfg: Arc::new(cfg),
+        store,
+        core,
+        publication,
+        device,
+        torch,
+        metrics,
+    };
     actix_rt::System::new().block_on(async move {
-        for (topic, outcome) in kafka::apply_topics(&cfg, &defs).await? {
+        for (topic, outcome) in kafka::apply_topics(&opened.cfg, &defs).await? {
             if let ApplyOutcome::Created = outcome {
                 info!(topic, "topic created");
             }
         }
-        let ingest_status = Arc::new(IngestStatus::default());
-        let trainer_status = core.as_ref().map(|_| Arc::new(TrainerStatus::new()));
-        let align_status = Arc::new(AlignStatus::default());
-        let publish_status = publication.as_ref().map(Publication::status);
+        let mut daemon = Daemon::start(opened).await?;
+        let outcome = daemon.wait(shutdown).await;
+        daemon.stop().await?;
+        outcome
+    })
+}
 
-        // Downstream first: serving, alignment, trainer, publication, store writer, ingest.
+/// What is opened before the actor system starts: the store, the resumed trainer, the ledger.
+struct Opened {
+    cfg: Arc<Config>,
+    store: Arc<GraphStore>,
+    core: Option<TrainerCore>,
+    publication: Option<Publication>,
+    device: tch::Device,
+    torch: crate::train::TorchInfo,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// The running stages, as [`Daemon::stop`] needs them.
+struct Daemon {
+    cfg: Arc<Config>,
+    store: Arc<GraphStore>,
+    ingest: Addr<IngestActor>,
+    ingest_exit: Option<oneshot::Receiver<Result<(), IngestError>>>,
+    trainer: Option<Addr<TrainerActor>>,
+    stop: watch::Sender<bool>,
+    training: Option<actix_rt::task::JoinHandle<anyhow::Result<()>>>,
+    publishing: Option<actix_rt::task::JoinHandle<Ticker>>,
+    http: actix_web::dev::ServerHandle,
+}
+
+impl Daemon {
+    /// Every stage, downstream first: serving, alignment, trainer, publication, store writer,
+    /// ingest; then the drivers (training rounds, the publication ticker) and HTTP.
+    async fn start(o: Opened) -> anyhow::Result<Daemon> {
+        let cfg = o.cfg.clone();
+        let ingest_status = Arc::new(IngestStatus::default());
+        let trainer_status = o.core.as_ref().map(|_| Arc::new(TrainerStatus::new()));
+        let align_status = Arc::new(AlignStatus::default());
+        let publish_status = o.publication.as_ref().map(Publication::status);
+
         let serving = ServingView::new();
-        if let Some(view) = publication.as_ref().and_then(|p| restored_view(&cfg, p)) {
+        if let Some(view) = o.publication.as_ref().and_then(|p| restored_view(&cfg, p)) {
             serving.publish(view);
         }
-        let align = match &publication {
+        let align = match &o.publication {
             Some(_) => Some(start_aligner(&cfg, align_status.clone())?),
             None => None,
         };
-        let trainer = core.map(|core| {
+        let trainer = o.core.map(|core| {
             let status = trainer_status.clone().expect("made with the core");
-            start_trainer(&cfg, core, store.clone(), status, device)
+            start_trainer(&cfg, core, o.store.clone(), status, o.device)
         });
         // Training pauses while a version is assessed and prepared, so the version published is
         // exactly the one the alignment actor measured.
         let model_turn = Arc::new(tokio::sync::Mutex::new(()));
-        let ticker = match (publication, &trainer, &align) {
+        let ticker = match (o.publication, &trainer, &align) {
             (Some(publication), Some(trainer), Some(align)) => Some(Ticker {
                 publication: publication.with_freshness(ingest_status.freshness.clone()),
-                store: store.clone(),
+                store: o.store.clone(),
                 trainer: TrainerActorPort {
                     trainer: trainer.clone(),
                     turn: model_turn.clone(),
@@ -108,86 +149,91 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
             }),
             _ => None,
         };
-        let writer = {
-            let store = store.clone();
-            SyncArbiter::start(1, move || StoreWriter::new(store.clone()))
-        };
-        let (exit_tx, exit_rx) = oneshot::channel();
-        let ingest = {
-            let (cfg, store, status) = (cfg.clone(), store.clone(), ingest_status.clone());
-            IngestActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-                IngestActor::new(cfg, store, writer, status, exit_tx)
-            })
-        };
+        let (ingest, ingest_exit) = start_ingest(&cfg, &o.store, &ingest_status);
 
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut training = {
-            let idle = Duration::from_millis(cfg.trainer.idle_poll_ms);
-            let (trainer, status, turn, stop) = (
-                trainer.clone(),
-                trainer_status.clone(),
-                model_turn.clone(),
-                stop_rx.clone(),
-            );
-            actix_rt::spawn(async move {
-                match (trainer, status) {
-                    (Some(t), Some(s)) => drive_training(t, s, turn, idle, stop).await,
-                    _ => Ok(std::future::pending().await),
-                }
-            })
+        let (stop, stop_rx) = watch::channel(false);
+        let training = match (&trainer, &trainer_status) {
+            (Some(t), Some(s)) => {
+                let idle = Duration::from_millis(cfg.trainer.idle_poll_ms);
+                let run = drive_training(t.clone(), s.clone(), model_turn, idle, stop_rx.clone());
+                Some(actix_rt::spawn(run))
+            }
+            _ => None,
         };
         let publishing = ticker.map(|t| {
             let every = Duration::from_secs(cfg.publish.interval_secs);
             actix_rt::spawn(t.run(every, stop_rx.clone()))
         });
-
         let state = Arc::new(HttpState {
-            store: store.clone(),
-            ingest: ingest_status.clone(),
+            store: o.store.clone(),
+            ingest: ingest_status,
             trainer: trainer_status,
-            metrics,
-            torch,
+            metrics: o.metrics,
+            torch: o.torch,
             bootstrap_servers: cfg.kafka.bootstrap_servers.clone(),
             engagements_topic: cfg.kafka.engagements_topic.clone(),
             started: Instant::now(),
-            serving: serving.clone(),
-            align: align_status.clone(),
+            serving,
+            align: align_status,
             align_control: cfg.align.enabled,
             publish: publish_status,
             bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
             rate: Default::default(),
         });
+        let bind = cfg.http_bind()?;
         let (http, addr) = crate::serve::start(bind, state)
             .with_context(|| format!("binding http.bind = {bind}"))?;
         info!(%addr, "http listening");
+        Ok(Daemon {
+            cfg,
+            store: o.store,
+            ingest,
+            ingest_exit: Some(ingest_exit),
+            trainer,
+            stop,
+            training,
+            publishing,
+            http,
+        })
+    }
 
-        let mut training_done = false;
-        let outcome = tokio::select! {
+    /// Until `shutdown` completes (`Ok`) or a stage stops on its own (an error).
+    async fn wait(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let ingest_exit = self.ingest_exit.take().expect("waited once");
+        let training = async {
+            match self.training.as_mut() {
+                Some(t) => t.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
             _ = shutdown => { info!("shutdown requested"); Ok(()) }
-            r = exit_rx => ingest_ended(r),
-            r = &mut training => {
-                training_done = true;
+            r = ingest_exit => ingest_ended(r),
+            r = training => {
+                self.training = None;
                 match r.map_err(|e| anyhow::anyhow!("trainer driver panicked: {e}"))? {
                     Ok(()) => Err(anyhow::anyhow!("trainer stopped unexpectedly")),
                     Err(e) => Err(e.context("trainer failed")),
                 }
             }
-        };
+        }
+    }
 
-        // Stop in pipeline order: nothing new comes in, the trainer finishes its round and
-        // checkpoints, the last version goes out, the store is flushed.
-        let _ = ingest.send(StopIngest).await;
-        let _ = stop_tx.send(true);
-        if !training_done {
+    /// Stop in pipeline order: nothing new comes in, the trainer finishes its round and
+    /// checkpoints, the last version goes out, the store is flushed, HTTP stops.
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.ingest.send(StopIngest).await;
+        let _ = self.stop.send(true);
+        if let Some(training) = self.training {
             if let Ok(Err(e)) = training.await {
                 warn!(error = %e, "trainer failed while stopping");
             }
         }
-        let ticker = match publishing {
+        let ticker = match self.publishing {
             Some(task) => task.await.ok(),
             None => None,
         };
-        if let Some(trainer) = &trainer {
+        if let Some(trainer) = &self.trainer {
             match trainer.send(SaveCheckpoint).await {
                 Ok(Ok(version)) => info!(version, "final checkpoint"),
                 Ok(Err(e)) => warn!(error = %e, "final checkpoint failed"),
@@ -199,13 +245,33 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
                 warn!(error = %format!("{e:#}"), "final publication failed");
             }
         }
-        store.flush().context("final flush")?;
-        http.stop(true).await;
+        self.store.flush().context("final flush")?;
+        self.http.stop(true).await;
         System::current().stop();
-        let summary = StoreSummary::read(&store)?;
-        info!(edges_total = summary.edges_total, nodes = ?summary.nodes, "stopped");
-        outcome
-    })
+        let summary = StoreSummary::read(&self.store)?;
+        info!(edges_total = summary.edges_total, nodes = ?summary.nodes, group = self.cfg.kafka.group_id, "stopped");
+        Ok(())
+    }
+}
+
+fn start_ingest(
+    cfg: &Arc<Config>,
+    store: &Arc<GraphStore>,
+    status: &Arc<IngestStatus>,
+) -> (
+    Addr<IngestActor>,
+    oneshot::Receiver<Result<(), IngestError>>,
+) {
+    let writer = {
+        let store = store.clone();
+        SyncArbiter::start(1, move || StoreWriter::new(store.clone()))
+    };
+    let (exit_tx, exit_rx) = oneshot::channel();
+    let (cfg, store, status) = (cfg.clone(), store.clone(), status.clone());
+    let ingest = IngestActor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+        IngestActor::new(cfg, store, writer, status, exit_tx)
+    });
+    (ingest, exit_rx)
 }
 
 /// The trainer resumed from its newest checkpoint (`None` when `trainer.enabled = false`).
