@@ -1,11 +1,19 @@
 //! Serve: what a running daemon shows over HTTP.
 //!
-//! Owns the routes (`/healthz`, `/readyz`, `/metrics`, `/v1/status`, `/v1/embeddings`,
-//! `/v1/neighbors`), the bearer-token check, and the [`ServingView`]: the latest committed
-//! version, exactly what Kafka subscribers hold. Reads every stage's status; hands on nothing.
+//! Owns the routes (`/healthz`, `/readyz`, `/metrics` in `http.rs` with the bearer-token check,
+//! `/v1/status` in `status.rs`, `/v1/embeddings` and `/v1/neighbors` in `embeddings.rs`) and the
+//! [`ServingView`]: the latest committed version, exactly what Kafka subscribers hold. Reads
+//! every stage's status; hands on nothing.
 
+mod embeddings;
 mod http;
+mod status;
 mod view;
 
+pub use embeddings::*;
 pub use http::*;
+pub use status::*;
 pub use view::*;
+
+#[cfg(test)]
+mod tests;

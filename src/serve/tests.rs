@@ -1,0 +1,404 @@
+
+use super::http::same_secret;
+use super::*;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::ServiceResponse;
+use actix_web::http::header::{self};
+use actix_web::http::StatusCode;
+
+use actix_web::web;
+
+use tch::Tensor;
+
+use crate::align::AlignStatus;
+use crate::ingest::IngestStatus;
+use crate::publish::PublishedView;
+use crate::schema::TypeId;
+use crate::serve::ServingView;
+use crate::store::GraphStore;
+
+use actix_web::test::{call_service, init_service, read_body, TestRequest};
+
+use crate::schema::{Event, NodeKey, RelId, Schema, SchemaConfig};
+use crate::store::{AppendBatch, StoreOptions};
+use crate::train::Comparator;
+
+const TOKEN: &str = "0123456789abcdef-test";
+
+// Node types: user 0, movie 1, entity 2. Relations: rated_high 0 (user → movie),
+// linked 1 (user → movie or entity), about 2 (entity → movie).
+fn schema() -> Schema {
+    let cfg: SchemaConfig = toml::from_str(
+        r#"
+            node_types = ["user", "movie", "entity"]
+            relations = [
+              { name = "rated_high", src = "user", dst = "movie" },
+              { name = "linked", src = "user", dst = ["movie", "entity"] },
+              { name = "about", src = "entity", dst = "movie" },
+            ]"#,
+    )
+    .unwrap();
+    Schema::new(&cfg).unwrap()
+}
+
+fn event(src: (TypeId, &str), rel: RelId, dst: (TypeId, &str)) -> Event {
+    let key = |(node_type, id): (TypeId, &str)| NodeKey {
+        node_type,
+        id: id.into(),
+    };
+    Event {
+        src: key(src),
+        rel,
+        dst: key(dst),
+        ts: 1_000,
+        weight: 1.0,
+        event_id: None,
+    }
+}
+
+/// Interned in order: users u1 0, u2 1, u3 2; movies m1 0, m2 1, m3 2; entity e1 0.
+fn store(dir: &std::path::Path) -> Arc<GraphStore> {
+    let store = GraphStore::open(dir, &schema(), &StoreOptions::default()).unwrap();
+    store
+        .append(&AppendBatch::from_events(
+            "t",
+            0,
+            [
+                event((0, "u1"), 0, (1, "m1")),
+                event((0, "u1"), 0, (1, "m2")),
+                event((0, "u2"), 1, (2, "e1")),
+                event((0, "u1"), 1, (1, "m3")),
+                event((0, "u3"), 0, (1, "m2")),
+            ],
+        ))
+        .unwrap();
+    Arc::new(store)
+}
+
+fn t(rows: &[[f32; 2]]) -> Tensor {
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    Tensor::from_slice(&flat).reshape([rows.len() as i64, 2])
+}
+
+/// Version 7 covers u1 and u2 but not u3 (the user table has 2 rows).
+fn view() -> PublishedView {
+    PublishedView {
+        version: 7,
+        epoch: 2,
+        comparator: Comparator::Dot,
+        tables: vec![
+            t(&[[1.0, 0.0], [0.0, 1.0]]),
+            t(&[[1.0, 1.5], [2.0, -1.0], [-1.0, 4.0]]),
+            t(&[[3.0, 0.0]]),
+        ],
+        relations: t(&[[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]),
+        row_ts: vec![vec![1_732_190_000_123, 200], vec![], vec![]],
+    }
+}
+
+fn state(store: Arc<GraphStore>, serving: ServingView, token: Option<&str>) -> HttpState {
+    HttpState {
+        store,
+        ingest: Arc::new(IngestStatus::default()),
+        trainer: None,
+        metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle(),
+        torch: crate::train::info(tch::Device::Cpu),
+        bootstrap_servers: "127.0.0.1:9".into(),
+        engagements_topic: "twhin.engagements".into(),
+        started: Instant::now(),
+        serving,
+        align: Arc::new(AlignStatus::default()),
+        align_control: true,
+        publish: None,
+        bearer_token: token.map(Into::into),
+        rate: Mutex::default(),
+    }
+}
+
+fn served_view() -> ServingView {
+    let serving = ServingView::new();
+    serving.publish(view());
+    serving
+}
+
+fn request(uri: &str, token: Option<&str>) -> TestRequest {
+    let req = TestRequest::get().uri(uri);
+    match token {
+        Some(token) => req.insert_header((header::AUTHORIZATION, format!("Bearer {token}"))),
+        None => req,
+    }
+}
+
+/// The app over a fresh store in `dir`, serving `view`, guarded by `token`. A macro: the
+/// test service's request type (actix-http's) is not nameable from actix-web.
+macro_rules! serve {
+    ($dir:expr, $view:expr, $token:expr) => {
+        init_service(app(web::Data::new(state(store($dir), $view, $token))))
+    };
+}
+
+/// Call `app`: the status and the body as JSON (`null` if not JSON).
+async fn call<S, R, B>(app: &S, req: R) -> (StatusCode, serde_json::Value)
+where
+    S: actix_web::dev::Service<R, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody,
+{
+    let res = call_service(app, req).await;
+    let code = res.status();
+    let body = read_body(res).await;
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (code, json)
+}
+
+#[actix_web::test]
+async fn embeddings_serve_the_committed_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = serve!(dir.path(), served_view(), None).await;
+    let (code, body) = call(&app, request("/v1/embeddings/user/u1", None).to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let got: EmbeddingResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        got,
+        EmbeddingResponse {
+            node: "user:u1".into(),
+            version: 7,
+            epoch: 2,
+            ts: Some(1_732_190_000_123),
+            vector: vec![1.0, 0.0],
+        }
+    );
+    let (code, body) = call(&app, request("/v1/embeddings/movie/m3", None).to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["vector"], serde_json::json!([-1.0, 4.0]));
+    assert_eq!(body["ts"], serde_json::Value::Null);
+}
+
+#[actix_web::test]
+async fn embeddings_name_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = serve!(dir.path(), served_view(), None).await;
+    for (uri, want, text) in [
+        ("/v1/embeddings/user/nobody", "unknown_node", "user:nobody"),
+        ("/v1/embeddings/tweet/u1", "unknown_type", "tweet"),
+        // u3 is interned but version 7 has no row for it yet.
+        ("/v1/embeddings/user/u3", "node_not_served", "user:u3"),
+    ] {
+        let (code, body) = call(&app, request(uri, None).to_request()).await;
+        assert_eq!(code, StatusCode::NOT_FOUND, "{uri}: {body}");
+        assert_eq!(body["code"], want, "{uri}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(text), "{body}");
+    }
+}
+
+#[actix_web::test]
+async fn nothing_is_served_before_the_first_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = serve!(dir.path(), ServingView::new(), None).await;
+    for uri in [
+        "/v1/embeddings/user/u1",
+        "/v1/neighbors/user/u1?rel=rated_high",
+    ] {
+        let (code, body) = call(&app, request(uri, None).to_request()).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {body}");
+        assert_eq!(body["code"], "no_version");
+    }
+    let (code, body) = call(&app, request("/v1/status", None).to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["publish"]["version"], serde_json::Value::Null);
+}
+
+#[actix_web::test]
+async fn neighbors_rank_exactly_across_target_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = serve!(dir.path(), served_view(), None).await;
+    let ranked = |body: serde_json::Value| {
+        let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+        let list: Vec<(String, f32)> = r.neighbors.into_iter().map(|n| (n.node, n.score)).collect();
+        (r.node, r.rel, r.version, list)
+    };
+    // u1 + rated_high = (1, 0) + (0, 1) = (1, 1); against the movies:
+    // m1 (1, 1.5) → 2.5, m2 (2, -1) → 1, m3 (-1, 4) → 3.
+    let (code, body) = call(
+        &app,
+        request("/v1/neighbors/user/u1?rel=rated_high&k=2", None).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        ranked(body),
+        (
+            "user:u1".into(),
+            "rated_high".into(),
+            7,
+            vec![("movie:m3".into(), 3.0), ("movie:m1".into(), 2.5)]
+        )
+    );
+    // u1 + linked = (2, 0): m1 → 2, m2 → 4, m3 → -2, and the entity e1 (3, 0) → 6.
+    let (code, body) = call(
+        &app,
+        request("/v1/neighbors/user/u1?rel=linked&k=3", None).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        ranked(body).3,
+        vec![
+            ("entity:e1".into(), 6.0),
+            ("movie:m2".into(), 4.0),
+            ("movie:m1".into(), 2.0)
+        ]
+    );
+    // k defaults to 10 and is capped by the candidates: all four, best first.
+    let (code, body) = call(
+        &app,
+        request("/v1/neighbors/user/u1?rel=linked", None).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let scores: Vec<f32> = ranked(body).3.into_iter().map(|(_, s)| s).collect();
+    assert_eq!(scores, vec![6.0, 4.0, 2.0, -2.0]);
+    // A node the version does not cover yet.
+    let (code, body) = call(
+        &app,
+        request("/v1/neighbors/user/u3?rel=rated_high", None).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[actix_web::test]
+async fn neighbors_reject_bad_parameters_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = serve!(dir.path(), served_view(), None).await;
+    for (uri, param) in [
+        ("/v1/neighbors/user/u1?rel=rated_high&k=0", "`k`"),
+        ("/v1/neighbors/user/u1?rel=rated_high&k=1001", "`k`"),
+        ("/v1/neighbors/user/u1?rel=rated_high&k=ten", "`k`"),
+        ("/v1/neighbors/user/u1?rel=rated_high&k=-1", "`k`"),
+        ("/v1/neighbors/user/u1", "`rel`"),
+        ("/v1/neighbors/user/u1?rel=", "`rel`"),
+        ("/v1/neighbors/user/u1?rel=follows", "`rel`"),
+        // `about` starts at entities.
+        ("/v1/neighbors/user/u1?rel=about", "`rel`"),
+    ] {
+        let (code, body) = call(&app, request(uri, None).to_request()).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(param), "{uri}: {error}");
+    }
+    let (code, _) = call(
+        &app,
+        request("/v1/neighbors/user/u1?rel=rated_high&k=1000", None).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+}
+
+#[actix_web::test]
+async fn status_reports_the_served_version_alignment_and_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = serve!(dir.path(), served_view(), None).await;
+    let (code, body) = call(&app, request("/v1/status", None).to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let p = &body["publish"];
+    assert_eq!(
+        (p["version"].as_u64(), p["epoch"].as_u64()),
+        (Some(7), Some(2))
+    );
+    assert_eq!(
+        p["rows"],
+        serde_json::json!({ "user": 2, "movie": 3, "entity": 1 })
+    );
+    assert_eq!(p["relations"], 3);
+    assert_eq!(p["freshness"]["events"], 0);
+    assert_eq!(body["align"]["control"], true);
+    assert_eq!(body["align"]["held"], 0);
+    assert_eq!(body["ingest"]["events_per_sec"], 0.0);
+    assert!(body["ingest"]["recent_events_per_sec"].is_null());
+    assert_eq!(body["store"]["edges_total"], 5);
+}
+
+#[actix_web::test]
+async fn a_bearer_token_guards_everything_but_healthz() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = serve!(dir.path(), served_view(), Some(TOKEN)).await;
+    let res = call_service(&app, TestRequest::get().uri("/healthz").to_request()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    for uri in [
+        "/v1/status",
+        "/v1/embeddings/user/u1",
+        "/metrics",
+        "/readyz",
+    ] {
+        let res = call_service(&app, TestRequest::get().uri(uri).to_request()).await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{uri}");
+        let challenge = res.headers().get(header::WWW_AUTHENTICATE).unwrap();
+        assert!(challenge.to_str().unwrap().starts_with("Bearer"));
+    }
+    let (code, _) = call(
+        &app,
+        request("/v1/status", Some("0123456789abcdef-tesT")).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, _) = call(
+        &app,
+        request("/v1/status", Some("0123456789abcdef-test-and-more")).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let basic = TestRequest::get()
+        .uri("/v1/status")
+        .insert_header((header::AUTHORIZATION, format!("Basic {TOKEN}")))
+        .to_request();
+    assert_eq!(
+        call_service(&app, basic).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let (code, body) = call(&app, request("/v1/status", Some(TOKEN)).to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (code, body) = call(
+        &app,
+        request("/v1/embeddings/user/u1", Some(TOKEN)).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    // The scheme is case-insensitive.
+    let lower = TestRequest::get()
+        .uri("/v1/status")
+        .insert_header((header::AUTHORIZATION, format!("bearer {TOKEN}")))
+        .to_request();
+    assert_eq!(call_service(&app, lower).await.status(), StatusCode::OK);
+}
+
+#[test]
+fn secrets_compare_whole() {
+    assert!(same_secret(b"abcdef", b"abcdef"));
+    assert!(!same_secret(b"abcdef", b"abcdeg"));
+    assert!(!same_secret(b"abc", b"abcdef"));
+    assert!(!same_secret(b"abcdef", b"abc"));
+    assert!(!same_secret(b"", b"a"));
+}
+
+#[test]
+fn the_rate_window_spans_about_a_minute() {
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let mut w = RateWindow::default();
+    assert_eq!(w.observe(at(0), 0), None);
+    // Too close to the baseline for a rate.
+    assert_eq!(w.observe(at(0), 5), None);
+    assert_eq!(w.observe(at(10), 100), Some(10.0));
+    assert_eq!(w.observe(at(30), 400), Some(400.0 / 30.0));
+    // At 70 s the sample at 0 s is dropped: the one at 10 s is a full span old already and
+    // becomes the baseline.
+    assert_eq!(w.observe(at(70), 1000), Some(900.0 / 60.0));
+    // A poller slower than the span gets the rate since its previous poll.
+    assert_eq!(w.observe(at(300), 1000 + 2300), Some(2300.0 / 230.0));
+}
