@@ -143,6 +143,42 @@ impl PublishStatus {
     }
 }
 
+/// A version committed: its marker acknowledged and the ledger written. [`VersionPublished::emit`]
+/// is the only place this is recorded (metrics, `/v1/status`, the log line).
+pub struct VersionPublished<'a> {
+    pub version: u64,
+    pub epoch: u64,
+    pub rows: u64,
+    /// Ingested events whose freshness this version resolved.
+    pub events: usize,
+    pub figures: &'a AlignFigures,
+    pub pull: f64,
+    /// Training was paused this long (snapshot, assessment, rows selected and encoded).
+    pub prepare_ms: u64,
+    pub total_ms: u64,
+}
+
+impl VersionPublished<'_> {
+    pub fn emit(&self, status: &PublishStatus) {
+        status.committed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
+        metrics::counter!(m::PUBLISH_ROWS).increment(self.rows);
+        metrics::gauge!(m::PUBLISH_LAST_VERSION).set(self.version as f64);
+        info!(
+            version = self.version,
+            epoch = self.epoch,
+            rows = self.rows,
+            events = self.events,
+            drift = self.figures.previous.map(|d| d.cosine_mean),
+            residual = self.figures.procrustes_residual,
+            pull = self.pull,
+            prepare_ms = self.prepare_ms,
+            total_ms = self.total_ms,
+            "version published"
+        );
+    }
+}
+
 /// The version subscribers hold.
 struct Reference {
     version: u64,
@@ -319,22 +355,17 @@ impl Publication {
         self.adopt(version, &view)?;
         let pull = align.adopt(version, &figures, view.params()).await?;
         trainer.set_pull(pull, Some(view.params())).await?;
-        self.status.committed.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
-        metrics::counter!(m::PUBLISH_ROWS).increment(rows);
-        metrics::gauge!(m::PUBLISH_LAST_VERSION).set(version as f64);
-        info!(
+        VersionPublished {
             version,
             epoch,
             rows,
             events,
-            drift = figures.previous.map(|d| d.cosine_mean),
-            residual = figures.procrustes_residual,
+            figures: &figures,
             pull,
             prepare_ms,
-            total_ms = started.elapsed().as_millis() as u64,
-            "version published"
-        );
+            total_ms: started.elapsed().as_millis() as u64,
+        }
+        .emit(&self.status);
         Ok(Outcome::Committed {
             prepared,
             view,

@@ -1,4 +1,3 @@
-
 use super::http::same_secret;
 use super::*;
 

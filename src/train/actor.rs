@@ -27,7 +27,8 @@ use crate::config::Config;
 use crate::store::GraphStore;
 use crate::telemetry as m;
 use crate::train::{
-    schema_fingerprint, Checkpoints, ModelState, Snapshot, TrainerCore, TrainerError, TrainerStatus,
+    schema_fingerprint, Checkpoints, ModelState, Snapshot, TrainStepTaken, TrainerCore,
+    TrainerError, TrainerStatus,
 };
 
 /// Train on new edges for up to `trainer.round_budget_ms`, then answer.
@@ -175,7 +176,12 @@ impl Handler<TrainRound> for TrainerActor {
                 }
             };
             let core = self.core.as_mut().ok_or(TrainerError::Gone)?;
-            self.status.record(&report, core, &self.relation_names);
+            TrainStepTaken {
+                report: &report,
+                core,
+                relation_names: &self.relation_names,
+            }
+            .emit(&self.status);
             if report.stats.is_none() {
                 break true;
             }

@@ -105,20 +105,34 @@ impl TrainerStatus {
             restarts: get(&self.restarts),
         }
     }
+}
 
-    /// Record a step in the status and the metrics.
-    pub(crate) fn record(&self, r: &StepReport, core: &TrainerCore, relation_names: &[String]) {
-        self.cursor.store(core.cursor(), Ordering::Relaxed);
-        self.backlog.store(r.backlog, Ordering::Relaxed);
-        self.batch_size
+/// A training step taken: [`TrainStepTaken::emit`] is the only place it is recorded (the
+/// status, the metrics, and the log line of a skipped step).
+pub struct TrainStepTaken<'a> {
+    pub report: &'a StepReport,
+    pub core: &'a TrainerCore,
+    /// Relation names by id, for the per-relation figures.
+    pub relation_names: &'a [String],
+}
+
+impl TrainStepTaken<'_> {
+    pub fn emit(&self, status: &TrainerStatus) {
+        let (r, core, relation_names) = (self.report, self.core, self.relation_names);
+        status.cursor.store(core.cursor(), Ordering::Relaxed);
+        status.backlog.store(r.backlog, Ordering::Relaxed);
+        status
+            .batch_size
             .store(r.batch_size as u64, Ordering::Relaxed);
         metrics::gauge!(m::TRAIN_BACKLOG).set(r.backlog as f64);
         metrics::gauge!(m::TRAIN_BATCH_EDGES).set(r.batch_size as f64);
         let Some(stats) = r.stats else { return };
-        self.steps.fetch_add(1, Ordering::Relaxed);
-        self.edges_new
+        status.steps.fetch_add(1, Ordering::Relaxed);
+        status
+            .edges_new
             .fetch_add(r.new_edges as u64, Ordering::Relaxed);
-        self.edges_replayed
+        status
+            .edges_replayed
             .fetch_add(r.replayed as u64, Ordering::Relaxed);
         metrics::counter!(m::TRAIN_STEPS).increment(1);
         metrics::counter!(m::TRAIN_EDGES, "kind" => "new").increment(r.new_edges as u64);
@@ -127,7 +141,7 @@ impl TrainerStatus {
         metrics::counter!(m::TRAIN_ROWS, "init" => "warm").increment(r.warm_rows as u64);
         metrics::counter!(m::TRAIN_ROWS, "init" => "random").increment(r.random_rows as u64);
         if stats.skipped {
-            self.skipped_steps.fetch_add(1, Ordering::Relaxed);
+            status.skipped_steps.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::TRAIN_SKIPPED).increment(1);
             warn!(
                 loss = stats.loss,
@@ -136,22 +150,25 @@ impl TrainerStatus {
                 "training step skipped: loss or gradients not finite"
             );
         } else {
-            self.loss_bits
+            status
+                .loss_bits
                 .store(stats.loss.to_bits(), Ordering::Relaxed);
             metrics::gauge!(m::TRAIN_LOSS).set(stats.loss);
         }
         if !r.ranks.is_empty() {
-            self.preq_ranked
+            status
+                .preq_ranked
                 .store(core.window.total(), Ordering::Relaxed);
             metrics::counter!(m::PREQ_RANKED).increment(r.ranks.len() as u64);
             if let Some((mrr, hits)) = core.window.figures() {
-                self.preq_mrr_bits.store(mrr.to_bits(), Ordering::Relaxed);
-                self.preq_hits10_bits
+                status.preq_mrr_bits.store(mrr.to_bits(), Ordering::Relaxed);
+                status
+                    .preq_hits10_bits
                     .store(hits.to_bits(), Ordering::Relaxed);
                 metrics::gauge!(m::PREQ_MRR).set(mrr);
                 metrics::gauge!(m::PREQ_HITS10).set(hits);
             }
-            let mut by_relation = self.by_relation.lock().unwrap_or_else(|p| p.into_inner());
+            let mut by_relation = status.by_relation.lock().unwrap_or_else(|p| p.into_inner());
             for rel in r
                 .rank_relations
                 .iter()
