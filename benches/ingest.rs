@@ -323,6 +323,7 @@ impl<'s> BatchGen<'s> {
             topic: TOPIC.to_owned(),
             events,
             next_offsets,
+            last_records: vec![],
         }
     }
 }

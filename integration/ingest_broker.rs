@@ -424,3 +424,164 @@ fn broker_paused_for_20s_mid_stream_loses_nothing() {
     assert!(daemon.terminate().success(), "{}", s.broker.log_tail());
     assert_exactly(&s.store, &valid);
 }
+
+/// Issue 10.1: the broker replaced by an empty one (the topic recreated) which then holds 3,000
+/// new events past the stored offsets: the restarted daemon sees that its partitions no longer
+/// hold the records it consumed last, counts it, and consumes them again from their start, so
+/// every new event is stored once.
+#[test]
+fn a_recreated_topic_is_consumed_from_its_start_and_nothing_is_lost() {
+    let _serial = serial();
+    let mut s = setup();
+    let first: Vec<Outgoing> = (0..3_000).map(|i| valid_event(i, false).0).collect();
+    let second: Vec<(Outgoing, Triple)> = (3_000..6_000).map(|i| valid_event(i, false)).collect();
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+    produce(&s.broker.bootstrap, TOPIC, &first, None);
+    wait_until("the first 3,000 stored", Duration::from_secs(120), || {
+        daemon
+            .status()
+            .filter(|st| status_u64(st, "/store/edges_total") == 3_000)
+    });
+    assert!(daemon.terminate().success());
+
+    s.broker.replace_with_empty(&s.log_dir);
+    cli(&s.env, &["topics", "apply"]);
+    let msgs: Vec<Outgoing> = second.iter().map(|(m, _)| m.clone()).collect();
+    produce(&s.broker.bootstrap, TOPIC, &msgs, None);
+    daemon.restart();
+    let st = wait_until(
+        "the 3,000 new events stored",
+        Duration::from_secs(120),
+        || {
+            daemon.status().filter(|st| {
+                status_u64(st, "/store/edges_total") >= 6_000 && status_u64(st, "/kafka/lag") == 0
+            })
+        },
+    );
+    assert!(status_u64(&st, "/kafka/partition_resets") > 0, "{st}");
+    assert!(daemon
+        .metrics()
+        .contains("twhin_ingest_partition_resets_total"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(daemon.terminate().success());
+    let (stored, edges) = stored_triples(&s.store);
+    assert_eq!(edges, 6_000, "each event once");
+    let missing = second.iter().filter(|(_, t)| !stored.contains(t)).count();
+    assert_eq!(missing, 0, "events of the recreated topic lost");
+}
+
+/// Issue 10.2: 1,000 events with ids, one with `"ts": 9999999999999` (year 2286), then the same
+/// 1,000 again: the outlier goes to the DLQ as `bad_timestamp`, the repeats are duplicates.
+#[test]
+fn one_far_future_timestamp_neither_enters_nor_switches_dedup_off() {
+    let _serial = serial();
+    let s = setup();
+    let with_ids: Vec<(Outgoing, Triple)> = (0..1_000).map(|i| valid_event(i, true)).collect();
+    let mut msgs: Vec<Outgoing> = with_ids.iter().map(|(m, _)| m.clone()).collect();
+    msgs.push(Outgoing {
+        key: "user:future".into(),
+        payload: Some(
+            br#"{"src":"user:future","rel":"follows","dst":"user:1","ts":9999999999999,"event_id":"future"}"#
+                .to_vec(),
+        ),
+    });
+    msgs.extend(with_ids.iter().map(|(m, _)| m.clone()));
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+    produce(&s.broker.bootstrap, TOPIC, &msgs, None);
+    let st = wait_until("all 2,001 consumed", Duration::from_secs(120), || {
+        daemon
+            .status()
+            .filter(|st| status_u64(st, "/ingest/consumed") == 2_001)
+    });
+    assert_eq!(status_u64(&st, "/ingest/invalid"), 1, "{st}");
+    assert_eq!(status_u64(&st, "/ingest/duplicates"), 1_000, "{st}");
+    assert_eq!(status_u64(&st, "/store/edges_total"), 1_000, "{st}");
+    let dead = read_all(
+        &s.broker.bootstrap,
+        DLQ,
+        1,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].header("twhin.error").as_deref(),
+        Some("bad_timestamp")
+    );
+    assert!(daemon.terminate().success());
+}
+
+/// Issue 10.3: a second instance with its own store in the same consumer group is refused with
+/// an error naming the group and the topic; the first keeps every partition, stores every event
+/// and is the only publisher.
+#[test]
+fn a_second_instance_in_the_group_is_refused_and_the_first_keeps_publishing_alone() {
+    let _serial = serial();
+    let s = setup();
+    let mut env = s.env.clone();
+    env.push(("TWHIN_TRAIN__DIM".into(), "16".into()));
+    env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "1".into()));
+    let mut first = Daemon::start(env.clone(), s.http_port, &s.log_dir);
+    wait_until(
+        "the first instance owns its partitions",
+        Duration::from_secs(60),
+        || {
+            first
+                .status()
+                .filter(|st| status_u64(st, "/kafka/assigned_partitions") > 0)
+        },
+    );
+    let second_store = s.log_dir.join("second-store");
+    let second_port = free_port();
+    let mut second_env: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k != "TWHIN_STORAGE__PATH" && k != "TWHIN_HTTP__BIND")
+        .cloned()
+        .collect();
+    second_env.push((
+        "TWHIN_STORAGE__PATH".into(),
+        second_store.display().to_string(),
+    ));
+    second_env.push((
+        "TWHIN_HTTP__BIND".into(),
+        format!("127.0.0.1:{second_port}"),
+    ));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
+        .current_dir(repo_root())
+        .envs(second_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .arg("run")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the second instance must not run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("twhin-stream") && err.contains(TOPIC) && err.contains("another instance"),
+        "{err}"
+    );
+
+    let msgs: Vec<Outgoing> = (0..2_000).map(|i| valid_event(i, false).0).collect();
+    produce(&s.broker.bootstrap, TOPIC, &msgs, None);
+    let st = wait_until(
+        "every event stored and a version out",
+        Duration::from_secs(120),
+        || {
+            first.status().filter(|st| {
+                status_u64(st, "/store/edges_total") == 2_000
+                    && status_u64(st, "/publish/committed") > 0
+            })
+        },
+    );
+    assert_eq!(
+        status_u64(&st, "/kafka/assigned_partitions"),
+        status_u64(&st, "/kafka/topic_partitions"),
+        "{st}"
+    );
+    assert!(first.terminate().success());
+    let markers = read_published(&s.broker.bootstrap, 1).markers;
+    let versions: Vec<u64> = markers.iter().map(|m| m.version).collect();
+    assert_eq!(
+        versions,
+        (1..=versions.len() as u64).collect::<Vec<_>>(),
+        "one publisher's numbering"
+    );
+}

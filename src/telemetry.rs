@@ -24,6 +24,9 @@ pub const BATCH_SECONDS: &str = "twhin_ingest_batch_seconds";
 pub const BATCH_EVENTS: &str = "twhin_ingest_batch_events";
 /// Messages behind the partition's high watermark, from the stored offset, by `partition`.
 pub const CONSUMER_LAG: &str = "twhin_ingest_consumer_lag";
+/// Partitions consumed again from their start because their history changed, by `reason`:
+/// `out_of_range` or `history_changed`.
+pub const PARTITION_RESETS: &str = "twhin_ingest_partition_resets_total";
 /// Partition assignments received.
 pub const REBALANCES: &str = "twhin_ingest_rebalances_total";
 /// Failed attempts to write a batch (retried).
@@ -170,6 +173,10 @@ fn describe() {
         "Messages between the stored offset and the high watermark"
     );
     describe_counter!(REBALANCES, "Partition assignments received");
+    describe_counter!(
+        PARTITION_RESETS,
+        "Partitions consumed again from their start after their history changed, by reason"
+    );
     describe_counter!(
         BATCH_RETRIES,
         "Failed attempts to make a batch durable (retried)"

@@ -16,6 +16,25 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
+        Broker::start_on(dir, free_port())
+    }
+
+    /// Replace this broker by an empty one on the same address (a broker lost with its data,
+    /// or every topic deleted and recreated).
+    pub fn replace_with_empty(&mut self, dir: &Path) {
+        let _ = signal_quiet(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port: u16 = self.bootstrap.rsplit(':').next().unwrap().parse().unwrap();
+        wait_until(
+            "the old broker's port to close",
+            Duration::from_secs(20),
+            || TcpStream::connect(&self.bootstrap).is_err().then_some(()),
+        );
+        *self = Broker::start_on(dir, port);
+    }
+
+    fn start_on(dir: &Path, port: u16) -> Broker {
         let bin = std::env::var_os("TANSU_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join(".cache/bin/tansu"));
@@ -24,7 +43,6 @@ impl Broker {
             "the test broker is missing: {} (run `bash .ci/setup`, or set TANSU_BIN)",
             bin.display()
         );
-        let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let log = dir.join("tansu.log");
         let child = Command::new(&bin)

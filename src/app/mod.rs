@@ -100,6 +100,7 @@ struct Daemon {
     cfg: Arc<Config>,
     store: Arc<GraphStore>,
     ingest: Addr<IngestActor>,
+    ingest_status: Arc<IngestStatus>,
     ingest_exit: Option<oneshot::Receiver<Result<(), IngestError>>>,
     trainer: Option<Addr<TrainerActor>>,
     stop: watch::Sender<bool>,
@@ -146,6 +147,7 @@ impl Daemon {
                     .await
                     .context("starting the version publisher")?,
                 serving: serving.clone(),
+                ingest: ingest_status.clone(),
             }),
             _ => None,
         };
@@ -166,7 +168,7 @@ impl Daemon {
         });
         let state = Arc::new(HttpState {
             store: o.store.clone(),
-            ingest: ingest_status,
+            ingest: ingest_status.clone(),
             trainer: trainer_status,
             metrics: o.metrics,
             torch: o.torch,
@@ -188,6 +190,7 @@ impl Daemon {
             cfg,
             store: o.store,
             ingest,
+            ingest_status: ingest_status.clone(),
             ingest_exit: Some(ingest_exit),
             trainer,
             stop,
@@ -222,6 +225,9 @@ impl Daemon {
     /// Stop in pipeline order: nothing new comes in, the trainer finishes its round and
     /// checkpoints, the last version goes out, the store is flushed, HTTP stops.
     async fn stop(self) -> anyhow::Result<()> {
+        // Closing the consumer gives its partitions up: whether the graph is whole is decided
+        // by what this daemon owned while it ran.
+        let owned_all = self.ingest_status.owns_all_partitions();
         let _ = self.ingest.send(StopIngest).await;
         let _ = self.stop.send(true);
         if let Some(training) = self.training {
@@ -240,8 +246,8 @@ impl Daemon {
                 Err(e) => warn!(error = %e, "trainer unreachable for the final checkpoint"),
             }
         }
-        if let Some(mut ticker) = ticker {
-            if let Err(e) = ticker.publish_once().await {
+        if let Some(mut ticker) = ticker.filter(|_| owned_all) {
+            if let Err(e) = ticker.publish_once_owned().await {
                 warn!(error = %format!("{e:#}"), "final publication failed");
             }
         }

@@ -2,6 +2,7 @@
 //! the daemon's ports (trainer and alignment actors, Kafka); each committed version goes to the
 //! serving view.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::align::AlignActor;
+use crate::ingest::IngestStatus;
 use crate::publish::{KafkaSink, Outcome, Publication, TrainerActorPort};
 use crate::serve::ServingView;
 use crate::store::GraphStore;
@@ -22,12 +24,30 @@ pub struct Ticker {
     pub align: Addr<AlignActor>,
     pub sink: KafkaSink,
     pub serving: ServingView,
+    /// Versions go out only while this daemon consumes every partition (its graph is whole).
+    pub ingest: Arc<IngestStatus>,
 }
 
 impl Ticker {
     /// Publish the next version; a committed one becomes the served version. Returns its number
     /// (`None`: held or nothing moved).
     pub async fn publish_once(&mut self) -> anyhow::Result<Option<u64>> {
+        if !self.ingest.owns_all_partitions() {
+            let status = self.publication.status();
+            status.held_partial.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                assigned = self.ingest.assigned_partitions.load(Ordering::Relaxed),
+                total = self.ingest.topic_partitions.load(Ordering::Relaxed),
+                "publication skipped: this daemon does not consume every partition of the engagements topic (another instance in the group?)"
+            );
+            return Ok(None);
+        }
+        self.publish_once_owned().await
+    }
+
+    /// [`Ticker::publish_once`] without the ownership check (the final publication at shutdown,
+    /// after the consumer gave its partitions up).
+    pub async fn publish_once_owned(&mut self) -> anyhow::Result<Option<u64>> {
         let outcome = self
             .publication
             .publish(

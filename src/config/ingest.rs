@@ -23,7 +23,21 @@ pub struct IngestConfig {
     pub max_id_bytes: usize,
     pub dedup_window_secs: u64,
     pub max_event_time_ahead_secs: u64,
+    pub offset_out_of_range: OffsetPolicy,
     pub dlq_timeout_ms: u64,
+}
+
+/// What to do when a partition no longer holds the record the store last consumed from it
+/// (`ingest.offset_out_of_range`): the topic was recreated, its data lost, or retention deleted
+/// what the stored offset points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetPolicy {
+    /// Log it, count it, forget the partition's stored offset and consume it from its start:
+    /// nothing the partition now holds is lost (ids within the dedup window still dedup).
+    Earliest,
+    /// Stop ingest with an error naming the topic, partition and offsets.
+    Fail,
 }
 
 impl Validate for StorageConfig {

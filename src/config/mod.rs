@@ -25,7 +25,7 @@ mod publish;
 mod serve;
 mod train;
 
-pub use ingest::{IngestConfig, StorageConfig};
+pub use ingest::{IngestConfig, OffsetPolicy, StorageConfig};
 pub use kafka::{flatten_properties, KafkaConfig};
 pub use publish::{AlignConfig, PublishConfig, ValueFormat};
 pub use serve::{HttpConfig, LogConfig, LogFormat, MIN_BEARER_TOKEN_CHARS};

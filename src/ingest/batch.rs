@@ -17,7 +17,7 @@ use crate::ingest::dlq::{deliver_dead_letters, DeadLetter};
 use crate::ingest::{AppendEvents, IngestError, IngestStatus, StoreBatchWritten, StoreWriter};
 use crate::persist::now_ms;
 use crate::schema::{decode_event, DecodeLimits, Schema};
-use crate::store::{AppendBatch, SourcedEvent};
+use crate::store::{AppendBatch, RecordPrint, SourcedEvent};
 use crate::telemetry as m;
 
 /// Events consumed but not yet durable.
@@ -28,6 +28,8 @@ pub(super) struct Pending {
     kafka_ts: Vec<i64>,
     dead: Vec<DeadLetter>,
     next_offsets: HashMap<i32, i64>,
+    /// The last record consumed per partition (valid or not).
+    last_records: HashMap<i32, RecordPrint>,
     pub(super) consumed: u64,
     pub(super) since: Option<Instant>,
 }
@@ -68,6 +70,13 @@ impl Pending {
                 self.dead.push(DeadLetter::of(msg, &invalid, kafka_ts));
             }
         }
+        let print = RecordPrint::of(
+            offset,
+            msg.timestamp().to_millis(),
+            msg.key(),
+            msg.payload(),
+        );
+        self.last_records.insert(p, print);
         let next = self.next_offsets.entry(p).or_insert(offset + 1);
         *next = (*next).max(offset + 1);
         self.consumed += 1;
@@ -101,6 +110,7 @@ impl BatchWriter<'_> {
             topic: self.topic.to_owned(),
             events: std::mem::take(&mut pending.events),
             next_offsets: pending.next_offsets.drain().collect(),
+            last_records: pending.last_records.drain().collect(),
         };
         let outcome = self
             .writer

@@ -16,6 +16,7 @@
 //! unique key for consumers of the DLQ).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,11 +29,12 @@ use rdkafka::Message as KafkaMessage;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, OffsetPolicy};
 use crate::ingest::batch::{BatchWriter, Pending};
+use crate::ingest::rebalance::History;
 use crate::ingest::{IngestContext, IngestStatus, StoreWriter};
 use crate::kafka::{create_client, create_client_with_context, KafkaSetupError};
-use crate::store::{GraphStore, StoreError};
+use crate::store::{GraphStore, RecordPrint, StoreError};
 use crate::telemetry as m;
 
 /// Why ingest stopped on its own.
@@ -60,6 +62,27 @@ pub enum IngestError {
     },
     #[error("the store writer is gone")]
     WriterGone,
+    #[error(
+        "consumer group {group:?} is consumed by another instance: this one was assigned {assigned} \
+         of the {total} partitions of {topic}; run one twhin-stream per kafka.group_id (two would \
+         each train on part of the graph and publish versions under the same numbers)"
+    )]
+    NotSoleConsumer {
+        group: String,
+        topic: String,
+        assigned: usize,
+        total: usize,
+    },
+    #[error(
+        "{topic} partition {partition} no longer holds the record stored at offset {stored} \
+         ({found}; the topic was recreated or lost its data); ingest.offset_out_of_range = \"fail\""
+    )]
+    HistoryChanged {
+        topic: String,
+        partition: i32,
+        stored: i64,
+        found: String,
+    },
 }
 
 /// Consumes the engagements topic until told to stop (see the module docs).
@@ -151,11 +174,17 @@ fn open_clients(
     props.push(("enable.auto.commit".into(), "false".into()));
     props.push(("enable.auto.offset.store".into(), "false".into()));
     props.push(("enable.partition.eof".into(), "false".into()));
+    // Positions always come from sled; when one is out of range, start from the earliest
+    // record, which the history check then tells apart from the one stored.
+    props.push(("auto.offset.reset".into(), "earliest".into()));
     let ctx = IngestContext {
         store: store.clone(),
         topic: topic.clone(),
+        group: cfg.kafka.group_id.clone(),
         status: status.clone(),
-        failure: std::sync::Mutex::new(None),
+        failure: Default::default(),
+        expected: Default::default(),
+        first_assignment: std::sync::atomic::AtomicBool::new(true),
     };
     let consumer: StreamConsumer<IngestContext> =
         create_client_with_context(&props, ctx, "consumer")?;
@@ -203,6 +232,28 @@ async fn run_consumer(
             msg = consumer.recv() => match msg {
                 Ok(msg) => {
                     let p = msg.partition();
+                    if let Some(expected) = consumer.context().take_expected(p) {
+                        let first = RecordPrint::of(msg.offset(), msg.timestamp().to_millis(), msg.key(), msg.payload());
+                        match History::of(&expected, &first) {
+                            // Stored already: skip it, as any redelivery.
+                            History::Same => {
+                                seen_next.insert(p, msg.offset() + 1);
+                                continue;
+                            }
+                            changed => {
+                                if !pending.is_empty() {
+                                    if let Err(e) = batches.write(&mut stop_rx, &mut pending).await {
+                                        break Err(e);
+                                    }
+                                }
+                                if let Err(e) = reset_partition(&cfg, &consumer, &store, &status, p, &expected, &first, changed) {
+                                    break Err(e);
+                                }
+                                seen_next.remove(&p);
+                                continue;
+                            }
+                        }
+                    }
                     if msg.offset() < seen_next.get(&p).copied().unwrap_or(i64::MIN) {
                         metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(1);
                     } else {
@@ -233,6 +284,53 @@ async fn run_consumer(
     close_consumer(consumer).await;
     info!(topic, "ingest stopped");
     result
+}
+
+/// Partition `p` no longer holds the record the store consumed last (`expected`; `first` came
+/// instead): under `ingest.offset_out_of_range = "earliest"`, forget its stored offset and
+/// consume it again from its start; under `"fail"`, stop.
+#[allow(clippy::too_many_arguments)]
+fn reset_partition(
+    cfg: &Config,
+    consumer: &StreamConsumer<IngestContext>,
+    store: &GraphStore,
+    status: &IngestStatus,
+    p: i32,
+    expected: &RecordPrint,
+    first: &RecordPrint,
+    history: History,
+) -> Result<(), IngestError> {
+    let topic = &cfg.kafka.engagements_topic;
+    let found = match history {
+        History::OutOfRange => format!("its first record is at offset {}", first.offset),
+        _ => format!("offset {} holds another record", first.offset),
+    };
+    metrics::counter!(m::PARTITION_RESETS, "reason" => history.label()).increment(1);
+    if cfg.ingest.offset_out_of_range == OffsetPolicy::Fail {
+        return Err(IngestError::HistoryChanged {
+            topic: topic.clone(),
+            partition: p,
+            stored: expected.offset,
+            found,
+        });
+    }
+    warn!(topic, partition = p, stored = expected.offset, found, reason = history.label(),
+        "partition history changed (topic recreated or data lost): consuming it again from its start");
+    store
+        .forget_partition(topic, p)
+        .map_err(|source| IngestError::Store {
+            topic: topic.clone(),
+            source,
+        })?;
+    consumer
+        .seek(topic, p, Offset::Beginning, Duration::from_secs(10))
+        .map_err(|e| IngestError::Assign {
+            topic: topic.clone(),
+            partition: p,
+            problem: format!("seeking to the start after a history change: {e}"),
+        })?;
+    status.partition_resets.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Shutting down: make what was consumed durable (bounded by the DLQ timeout; otherwise it is

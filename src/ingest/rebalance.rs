@@ -1,8 +1,10 @@
 //! The consumer's context: every assignment at the offsets stored in sled (never Kafka's), a
 //! flush before partitions are given up, and lag and broker health from librdkafka's statistics.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
@@ -13,20 +15,129 @@ use rdkafka::ClientContext;
 use tracing::{error, info, warn};
 
 use crate::ingest::{IngestError, IngestStatus};
-use crate::store::GraphStore;
+use crate::store::{GraphStore, RecordPrint};
 use crate::telemetry as m;
 
 /// The consumer's context: assigns partitions at the offsets stored in sled.
 pub struct IngestContext {
     pub(super) store: Arc<GraphStore>,
     pub(super) topic: String,
+    pub(super) group: String,
     pub(super) status: Arc<IngestStatus>,
     /// Set when an assignment could not be honoured; the loop stops with this error.
-    pub(super) failure: std::sync::Mutex<Option<IngestError>>,
+    pub(super) failure: Mutex<Option<IngestError>>,
+    /// Per assigned partition: the record the store consumed last, which must be the first one
+    /// the partition delivers (it is assigned one offset before the stored one).
+    pub(super) expected: Mutex<HashMap<i32, RecordPrint>>,
+    /// No assignment received yet in this process.
+    pub(super) first_assignment: AtomicBool,
+}
+
+/// How the first record of a partition after its assignment compares with the one the store
+/// consumed last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum History {
+    /// The same record: the partition holds what was consumed.
+    Same,
+    /// Another offset came first: the stored one is outside the partition now (recreated
+    /// smaller, or deleted by retention).
+    OutOfRange,
+    /// The offset is there but holds another record: the topic was recreated and grew past it.
+    Changed,
+}
+
+impl History {
+    pub(super) fn of(expected: &RecordPrint, first: &RecordPrint) -> History {
+        if first.offset != expected.offset {
+            History::OutOfRange
+        } else if first != expected {
+            History::Changed
+        } else {
+            History::Same
+        }
+    }
+
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            History::Same => "same",
+            History::OutOfRange => "out_of_range",
+            History::Changed => "history_changed",
+        }
+    }
 }
 
 impl IngestContext {
-    /// The error an assignment left for the consumer loop, if any.
+    /// The record partition `p`'s first delivery must match, once (`None` when not waiting).
+    pub(super) fn take_expected(&self, p: i32) -> Option<RecordPrint> {
+        let mut expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
+        if expected.is_empty() {
+            return None;
+        }
+        expected.remove(&p)
+    }
+
+    fn fail(&self, error: IngestError) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
+
+    /// Where partition `p` starts: one before the stored offset when the store knows the record
+    /// there (to check it), at the stored offset for a store from before records were kept, or
+    /// at the beginning when nothing was consumed.
+    fn start_of(&self, topic: &str, p: i32) -> Result<Offset, crate::store::StoreError> {
+        let Some(next) = self.store.stored_offset(topic, p)? else {
+            return Ok(Offset::Beginning);
+        };
+        match self.store.last_record(topic, p)? {
+            Some(print) if print.offset + 1 == next => {
+                self.expected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(p, print);
+                Ok(Offset::Offset(print.offset))
+            }
+            _ => Ok(Offset::Offset(next)),
+        }
+    }
+
+    /// A new instance whose first assignment is part of the topic joined a group that another
+    /// instance consumes: refuse it (two instances would each train on part of the graph and
+    /// publish versions under the same numbers).
+    fn check_sole_consumer(&self, consumer: &BaseConsumer<Self>, assigned: usize) -> bool {
+        if !self.first_assignment.swap(false, Ordering::Relaxed) {
+            return true;
+        }
+        let total = match consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10)) {
+            Ok(md) => md
+                .topics()
+                .iter()
+                .find(|t| t.name() == self.topic)
+                .map_or(0, |t| t.partitions().len()),
+            Err(e) => {
+                warn!(error = %e, "partition count unknown; ownership not checked");
+                assigned
+            }
+        };
+        self.status
+            .topic_partitions
+            .store(total as u64, Ordering::Relaxed);
+        if assigned >= total {
+            return true;
+        }
+        error!(
+            group = self.group,
+            topic = self.topic,
+            assigned,
+            total,
+            "another twhin-stream instance consumes this group: refusing to start"
+        );
+        self.fail(IngestError::NotSoleConsumer {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            assigned,
+            total,
+        });
+        false
+    }
     pub(super) fn take_failure(&self) -> Option<IngestError> {
         self.failure
             .lock()
@@ -87,21 +198,21 @@ impl ConsumerContext for IngestContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics::counter!(m::REBALANCES).increment(1);
+                if !self.check_sole_consumer(consumer, tpl.count()) {
+                    return;
+                }
                 let mut positions = Vec::new();
                 for elem in tpl.elements() {
                     let (topic, p) = (elem.topic().to_owned(), elem.partition());
-                    match self.store.stored_offset(&topic, p) {
-                        Ok(Some(next)) => positions.push((topic, p, Offset::Offset(next))),
-                        // Nothing stored yet: the whole history belongs in the graph.
-                        Ok(None) => positions.push((topic, p, Offset::Beginning)),
+                    match self.start_of(&topic, p) {
+                        Ok(offset) => positions.push((topic, p, offset)),
                         Err(e) => {
                             error!(topic, partition = p, error = %e, "cannot read the stored offset");
-                            *self.failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(IngestError::Assign {
-                                    topic,
-                                    partition: p,
-                                    problem: e.to_string(),
-                                });
+                            self.fail(IngestError::Assign {
+                                topic,
+                                partition: p,
+                                problem: e.to_string(),
+                            });
                             return;
                         }
                     }
@@ -150,5 +261,26 @@ impl ConsumerContext for IngestContext {
                 let _ = consumer.unassign();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_record_after_assignment_tells_the_history() {
+        let stored = RecordPrint::of(749, Some(1_000), Some(b"user:1"), Some(b"{\"a\":1}"));
+        assert_eq!(History::of(&stored, &stored), History::Same);
+        let elsewhere = RecordPrint::of(0, Some(2_000), Some(b"user:9"), Some(b"{}"));
+        assert_eq!(History::of(&stored, &elsewhere), History::OutOfRange);
+        let replaced = RecordPrint::of(749, Some(2_000), Some(b"user:1"), Some(b"{\"a\":1}"));
+        assert_eq!(History::of(&stored, &replaced), History::Changed);
+        let same_time_other_payload =
+            RecordPrint::of(749, Some(1_000), Some(b"user:1"), Some(b"{\"a\":2}"));
+        assert_eq!(
+            History::of(&stored, &same_time_other_payload),
+            History::Changed
+        );
     }
 }

@@ -19,6 +19,10 @@ pub struct IngestStatus {
     pub lag: AtomicU64,
     pub broker_up: AtomicBool,
     pub assigned_partitions: AtomicU64,
+    /// Partitions of the engagements topic, as the broker reported at the first assignment.
+    pub topic_partitions: AtomicU64,
+    /// Partitions consumed again from their start after their history changed.
+    pub partition_resets: AtomicU64,
     /// Kafka timestamps of durable events, until a version covers them.
     pub freshness: Arc<crate::publish::Freshness>,
 }
@@ -35,6 +39,15 @@ pub struct StoreBatchWritten {
     pub redelivered: u64,
     pub new_nodes: u64,
     pub seconds: f64,
+}
+
+impl IngestStatus {
+    /// This daemon consumes every partition of the engagements topic (so its graph is whole and
+    /// its versions may go out).
+    pub fn owns_all_partitions(&self) -> bool {
+        let total = self.topic_partitions.load(Ordering::Relaxed);
+        total > 0 && self.assigned_partitions.load(Ordering::Relaxed) >= total
+    }
 }
 
 impl StoreBatchWritten {

@@ -131,6 +131,8 @@ pub struct PublishStatus {
     pub failures: AtomicU64,
     /// Rows and marker go out in one Kafka transaction (`publish.transactional`).
     pub transactional: AtomicBool,
+    /// Publications skipped because this daemon did not consume every partition.
+    pub held_partial: AtomicU64,
 }
 
 impl PublishStatus {

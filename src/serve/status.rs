@@ -34,6 +34,10 @@ pub struct KafkaStatus {
     pub topic: String,
     pub broker_reachable: bool,
     pub assigned_partitions: u64,
+    /// Partitions of the topic (0 before the first assignment).
+    pub topic_partitions: u64,
+    /// Partitions consumed again from their start because their history changed.
+    pub partition_resets: u64,
     pub lag: u64,
 }
 
@@ -68,6 +72,8 @@ pub struct PublishFigures {
     pub failures: u64,
     /// Each version's rows and marker in one Kafka transaction.
     pub transactional: bool,
+    /// Publications skipped because this daemon did not consume every partition.
+    pub held_partial: u64,
     /// Event-to-publish latency of this process's events.
     pub freshness: FreshnessFigures,
 }
@@ -134,6 +140,8 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
         topic: state.engagements_topic.clone(),
         broker_reachable: i.broker_up.load(Ordering::Relaxed),
         assigned_partitions: i.assigned_partitions.load(Ordering::Relaxed),
+        topic_partitions: i.topic_partitions.load(Ordering::Relaxed),
+        partition_resets: i.partition_resets.load(Ordering::Relaxed),
         lag: i.lag.load(Ordering::Relaxed),
     };
     let s = state.clone();
@@ -188,6 +196,10 @@ fn publish_figures(state: &HttpState) -> PublishFigures {
             .publish
             .as_ref()
             .is_some_and(|p| p.transactional.load(Ordering::Relaxed)),
+        held_partial: state
+            .publish
+            .as_ref()
+            .map_or(0, |p| p.held_partial.load(Ordering::Relaxed)),
         freshness: state.ingest.freshness.figures(),
     }
 }

@@ -67,6 +67,19 @@ struct BatchWrites<'b> {
 }
 
 impl GraphStore {
+    /// Forget what was consumed from `topic`'s `partition` (its next offset and last record),
+    /// durably: the partition's history changed (the topic was recreated, or its data lost),
+    /// so it is consumed again from its start. The edges stored from it stay.
+    pub fn forget_partition(&self, topic: &str, partition: i32) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = sled::Batch::default();
+        b.remove(offset_key(topic, partition));
+        b.remove(record_print_key(topic, partition));
+        self.tree.apply_batch(b).map_err(|e| self.sled_err(e))?;
+        self.db.flush().map_err(|e| self.sled_err(e))?;
+        Ok(())
+    }
+
     /// Append one batch atomically and durably (see the module docs).
     ///
     /// Events at offsets below the stored next offset of their partition are skipped (they are
@@ -353,6 +366,13 @@ fn write_offsets(sled: &mut sled::Batch, batch: &AppendBatch, stored_next: &Hash
     for (p, next) in new_next {
         if next > stored_next[&p] {
             sled.insert(offset_key(&batch.topic, p), &next.to_be_bytes());
+            if let Some((_, print)) = batch
+                .last_records
+                .iter()
+                .find(|(q, r)| *q == p && r.offset + 1 == next)
+            {
+                sled.insert(record_print_key(&batch.topic, p), &print.encode()[..]);
+            }
         }
     }
 }

@@ -64,8 +64,16 @@ pub(super) fn adjacency_key(node: NodeRef, rel: RelId, dir: Direction, first_seq
 }
 
 pub(super) fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
+    partition_key(b'O', topic, partition)
+}
+
+pub(super) fn record_print_key(topic: &str, partition: i32) -> Vec<u8> {
+    partition_key(b'P', topic, partition)
+}
+
+fn partition_key(prefix: u8, topic: &str, partition: i32) -> Vec<u8> {
     let mut k = Vec::with_capacity(topic.len() + 6);
-    k.push(b'O');
+    k.push(prefix);
     k.extend_from_slice(topic.as_bytes());
     k.push(0);
     k.extend_from_slice(&partition.to_be_bytes());

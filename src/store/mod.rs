@@ -22,6 +22,7 @@
 //! | `A`    | type u16, index u32, rel u16, dir u8, first seq u64 | per edge: seq u64, other end type u16, index u32 |
 //! | `R`    | rel u16                               | edge count u64            |
 //! | `O`    | topic bytes, 0x00, partition i32      | next offset i64           |
+//! | `P`    | topic bytes, 0x00, partition i32      | the last consumed record: [`RecordPrint`] (offset i64, ts i64, crc u32) |
 //! | `X`    | event id bytes                        | event ts u64              |
 //! | `Y`    | newest ts u64, first seq u64 of the batch | the batch's ids: ts u64, len u16, id |
 //! | `M`    | name                                  | metadata (bincode)        |
@@ -133,6 +134,56 @@ pub struct AppendBatch {
     pub events: Vec<SourcedEvent>,
     /// Next offset to consume per partition after this batch (covers invalid events too).
     pub next_offsets: Vec<(i32, i64)>,
+    /// The last record of each partition this batch consumed (invalid ones too), stored with
+    /// the offsets so an assignment can check that the partition still holds it.
+    pub last_records: Vec<(i32, RecordPrint)>,
+}
+
+/// What identifies one Kafka record at an offset: after a topic is recreated (or its data lost)
+/// another record sits there. Kept per partition for the last record consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordPrint {
+    pub offset: i64,
+    /// The record's timestamp (ms), -1 when it has none.
+    pub ts: i64,
+    /// CRC-32 of the key's length and bytes, then the payload's.
+    pub crc: u32,
+}
+
+impl RecordPrint {
+    pub fn of(offset: i64, ts: Option<i64>, key: Option<&[u8]>, payload: Option<&[u8]>) -> Self {
+        let mut h = crc32fast::Hasher::new();
+        for part in [key, payload] {
+            match part {
+                Some(b) => {
+                    h.update(&(b.len() as u64).to_be_bytes());
+                    h.update(b);
+                }
+                None => h.update(&u64::MAX.to_be_bytes()),
+            }
+        }
+        RecordPrint {
+            offset,
+            ts: ts.unwrap_or(-1),
+            crc: h.finalize(),
+        }
+    }
+
+    pub(super) fn encode(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[..8].copy_from_slice(&self.offset.to_be_bytes());
+        b[8..16].copy_from_slice(&self.ts.to_be_bytes());
+        b[16..].copy_from_slice(&self.crc.to_be_bytes());
+        b
+    }
+
+    pub(super) fn decode(b: &[u8]) -> Option<RecordPrint> {
+        (b.len() == 20).then(|| RecordPrint {
+            offset: i64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+            ts: i64::from_be_bytes(b[8..16].try_into().expect("8 bytes")),
+            crc: u32::from_be_bytes(b[16..].try_into().expect("4 bytes")),
+        })
+    }
 }
 
 impl AppendBatch {
@@ -155,6 +206,7 @@ impl AppendBatch {
                 })
                 .collect(),
             next_offsets: vec![],
+            last_records: vec![],
         }
     }
 }

@@ -5,10 +5,28 @@ use rand::Rng;
 use crate::schema::{RelId, TypeId};
 use crate::store::keys::*;
 use crate::store::{
-    corrupt, Direction, Edge, GraphStore, Neighbor, NodeRef, StoreError, EDGE_BYTES,
+    corrupt, Direction, Edge, GraphStore, Neighbor, NodeRef, RecordPrint, StoreError, EDGE_BYTES,
 };
 
 impl GraphStore {
+    /// The last record consumed from `topic`'s `partition`, when the store has one.
+    pub fn last_record(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<RecordPrint>, StoreError> {
+        match self
+            .tree
+            .get(record_print_key(topic, partition))
+            .map_err(|e| self.sled_err(e))?
+        {
+            Some(v) => RecordPrint::decode(&v)
+                .map(Some)
+                .ok_or_else(|| corrupt(&self.path, "last record of a partition")),
+            None => Ok(None),
+        }
+    }
+
     /// The next offset to consume for a partition, if any was stored.
     pub fn stored_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
         match self

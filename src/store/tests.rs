@@ -45,6 +45,7 @@ fn batch(events: Vec<(i32, i64, Event)>) -> AppendBatch {
             })
             .collect(),
         next_offsets: vec![],
+        last_records: vec![],
     }
 }
 
@@ -397,4 +398,28 @@ fn samples_stay_in_range() {
         7,
         "uniform sampling over 100 draws reaches all 7 tweets"
     );
+}
+
+#[test]
+fn the_last_record_of_a_partition_is_kept_with_its_offset_and_forgotten_on_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let print = RecordPrint::of(1, Some(1_000), Some(b"user:a"), Some(b"{}"));
+    let mut b = batch(vec![
+        (0, 0, ev("user:a", 0, "user:b", 100, None)),
+        (0, 1, ev("user:a", 0, "user:c", 100, None)),
+    ]);
+    b.last_records = vec![(0, print)];
+    s.append(&b).unwrap();
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(2));
+    assert_eq!(s.last_record("t", 0).unwrap(), Some(print));
+    assert_ne!(
+        RecordPrint::of(1, Some(1_000), Some(b"user:a"), Some(b"{ }")),
+        print,
+        "another payload at the same offset"
+    );
+    s.forget_partition("t", 0).unwrap();
+    assert_eq!(s.stored_offset("t", 0).unwrap(), None);
+    assert_eq!(s.last_record("t", 0).unwrap(), None);
+    assert_eq!(s.edge_count(), 2, "the edges stay");
 }
