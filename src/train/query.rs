@@ -1,0 +1,73 @@
+//! What the model answers for one `(source, relation)`: the score of every node of the target
+//! type, with exactly the score the step trains and a version publishes (DESIGN §4). Used by the
+//! stream evaluation; prequential ranks ([`crate::train::target_ranks`]) rank with the same score.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::train::{score_targets, translate, Comparator, Embeddings};
+
+/// One query: the source's type and row (`None`: the source has no row yet, so it is scored as
+/// a zero row), and the relation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceQuery {
+    pub src_type: usize,
+    pub src: Option<i64>,
+    pub rel: i64,
+}
+
+/// Scores of every row of `dst_type` for each query, on the CPU: `[b, rows + 1]`, the last
+/// column being the score of a target without a row (a zero row), so a caller ranking over
+/// nodes the model has not seen yet scores them as the model would.
+pub fn all_target_scores(
+    model: &Embeddings,
+    cmp: Comparator,
+    queries: &[SourceQuery],
+    dst_type: usize,
+) -> Tensor {
+    let device = model.device;
+    tch::no_grad(|| {
+        let zero = Tensor::zeros([model.dim], (Kind::Float, device));
+        let src: Vec<Tensor> = queries
+            .iter()
+            .map(|q| match q.src {
+                Some(i) if i < model.tables[q.src_type].len() => {
+                    model.tables[q.src_type].weights.get(i)
+                }
+                _ => zero.shallow_clone(),
+            })
+            .collect();
+        let rels: Vec<i64> = queries.iter().map(|q| q.rel).collect();
+        let rel = model
+            .relations
+            .index_select(0, &Tensor::from_slice(&rels).to_device(device));
+        let a = translate(&Tensor::stack(&src, 0), &rel);
+        let candidates = Tensor::cat(&[model.tables[dst_type].rows(), zero.unsqueeze(0)], 0);
+        score_targets(cmp, &a, &candidates).to_device(Device::Cpu)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_scores_with_a_rowless_source_and_target() {
+        let mut model = Embeddings::new(2, 1, 2, 0.0, Device::Cpu);
+        model
+            .relations
+            .copy_(&Tensor::from_slice(&[1.0f32, 0.0]).view([1, 2]));
+        model.tables[0].grow(1, |_| Tensor::from_slice(&[0.0f32, 1.0]).view([1, 2]));
+        model.tables[1].grow(2, |_| {
+            Tensor::from_slice(&[2.0f32, 3.0, -1.0, 1.0]).view([2, 2])
+        });
+        let q = |src| SourceQuery {
+            src_type: 0,
+            src,
+            rel: 0,
+        };
+        let s = all_target_scores(&model, Comparator::Dot, &[q(Some(0)), q(None)], 1);
+        let got = Vec::<f32>::try_from(s.reshape([-1])).unwrap();
+        // (0,1)+(1,0) = (1,1): 5, 0, and 0 for a rowless target; the rowless source is (1,0).
+        assert_eq!(got, vec![5.0, 0.0, 0.0, 2.0, -1.0, 0.0]);
+    }
+}
