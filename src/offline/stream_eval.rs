@@ -179,9 +179,6 @@ impl Streamer {
     /// full steps (`all`: store everything and train to the end of the log).
     fn push(&mut self, events: &[Event], all: bool) -> anyhow::Result<()> {
         self.pending.extend_from_slice(events);
-        if self.pending.len() < self.batch && !all {
-            return Ok(());
-        }
         if !self.pending.is_empty() {
             let batch =
                 AppendBatch::from_events("stream-eval", self.offset, self.pending.drain(..));
@@ -379,10 +376,22 @@ fn model_scores(
     let item_type = ranked[0].1.dst.node_type as usize;
     let mut queries = Vec::with_capacity(ranked.len());
     for (_, e) in ranked {
+        let src = node_row(store, &e.src)?;
+        let history = match src {
+            Some(i) => {
+                let node = crate::store::NodeRef {
+                    node_type: e.src.node_type,
+                    index: i as u32,
+                };
+                core.history_of(store, node, item_type, u64::MAX)?
+            }
+            None => Vec::new(),
+        };
         queries.push(SourceQuery {
             src_type: e.src.node_type as usize,
-            src: node_row(store, &e.src)?,
+            src,
             rel: e.rel as i64,
+            history,
         });
     }
     let scores = all_target_scores(&core.model, cfg.train.comparator, &queries, item_type);

@@ -7,12 +7,14 @@ use tch::{Device, Kind, Tensor};
 use crate::train::{score_targets, translate, Comparator, Embeddings};
 
 /// One query: the source's type and row (`None`: the source has no row yet, so it is scored as
-/// a zero row), and the relation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// a zero row), the relation, and the source's recent targets (rows of the target type) when it
+/// is of a history type ([`crate::train::History`]; empty otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceQuery {
     pub src_type: usize,
     pub src: Option<i64>,
     pub rel: i64,
+    pub history: Vec<i64>,
 }
 
 /// Scores of every row of `dst_type` for each query, on the CPU: `[b, rows + 1]`, the last
@@ -27,13 +29,25 @@ pub fn all_target_scores(
     let device = model.device;
     tch::no_grad(|| {
         let zero = Tensor::zeros([model.dim], (Kind::Float, device));
+        let targets = model.tables[dst_type].rows();
         let src: Vec<Tensor> = queries
             .iter()
-            .map(|q| match q.src {
-                Some(i) if i < model.tables[q.src_type].len() => {
-                    model.tables[q.src_type].weights.get(i)
+            .map(|q| {
+                let row = match q.src {
+                    Some(i) if i < model.tables[q.src_type].len() => {
+                        model.tables[q.src_type].weights.get(i)
+                    }
+                    _ => zero.shallow_clone(),
+                };
+                let weights = crate::train::history_weights(&q.history, None);
+                if weights.is_empty() {
+                    return row;
                 }
-                _ => zero.shallow_clone(),
+                let idx: Vec<i64> = weights.iter().map(|w| w.0).collect();
+                let sum = targets
+                    .index_select(0, &Tensor::from_slice(&idx).to_device(device))
+                    .sum_dim_intlist(0, false, Kind::Float);
+                row + sum * weights[0].1 as f64
             })
             .collect();
         let rels: Vec<i64> = queries.iter().map(|q| q.rel).collect();
@@ -60,14 +74,23 @@ mod tests {
         model.tables[1].grow(2, |_| {
             Tensor::from_slice(&[2.0f32, 3.0, -1.0, 1.0]).view([2, 2])
         });
-        let q = |src| SourceQuery {
+        let q = |src, history| SourceQuery {
             src_type: 0,
             src,
             rel: 0,
+            history,
         };
-        let s = all_target_scores(&model, Comparator::Dot, &[q(Some(0)), q(None)], 1);
+        let queries = [q(Some(0), vec![]), q(None, vec![]), q(None, vec![0, 1])];
+        let s = all_target_scores(&model, Comparator::Dot, &queries, 1);
         let got = Vec::<f32>::try_from(s.reshape([-1])).unwrap();
         // (0,1)+(1,0) = (1,1): 5, 0, and 0 for a rowless target; the rowless source is (1,0).
-        assert_eq!(got, vec![5.0, 0.0, 0.0, 2.0, -1.0, 0.0]);
+        // With the history {0, 1}: (1,0) + ((2,3) + (-1,1)) / √2.
+        let h = 1.0 / 2f32.sqrt();
+        let a = [1.0 + h, 4.0 * h];
+        let want3 = [2.0 * a[0] + 3.0 * a[1], -a[0] + a[1], 0.0];
+        assert_eq!(&got[..6], &[5.0, 0.0, 0.0, 2.0, -1.0, 0.0]);
+        for (g, w) in got[6..].iter().zip(want3) {
+            assert!((g - w).abs() < 1e-5, "{got:?}");
+        }
     }
 }
