@@ -77,6 +77,9 @@ fn bench(c: &mut Criterion) {
         init_scale: 0.1,
         batch_size: 1000,
         seed: 7,
+        all_targets_up_to: 0,
+        history_types: Vec::new(),
+        history_recent: 0,
     };
     tch::set_num_threads(cfg.torch.threads);
     let mut devices = vec![Device::Cpu];

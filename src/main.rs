@@ -84,6 +84,16 @@ enum Command {
         #[arg(long)]
         dataset: Dataset,
     },
+    /// Prequential quality on the engagement stream in time order (every engagement ranked
+    /// before training on it), the model beside popularity-so-far and item-to-item
+    /// co-occurrence on the same events.
+    StreamEval {
+        #[command(flatten)]
+        opts: twhin_stream::offline::StreamEvalOptions,
+        /// Print the report as JSON (the summary otherwise).
+        #[arg(long)]
+        json: bool,
+    },
     /// Downstream stability: MovieLens-100k streamed in time order through the daemon's trainer
     /// and alignment; a classifier fitted on version 1, frozen, scored on every later version,
     /// with drift control on and off.
@@ -153,6 +163,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         {
             Some(dataset.config_file())
         }
+        Command::StreamEval { opts, .. } if cli.config.is_none() => {
+            Some(opts.dataset.config_file())
+        }
         Command::Stability { .. } if cli.config.is_none() => {
             Some(Dataset::MovieLens100k.config_file())
         }
@@ -191,6 +204,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::StreamEval { opts, json } => stream_eval(&cfg, &opts, json),
         Command::Stability { opts, json } => {
             let device = torch_device(&cfg)?;
             let report = offline::measure(&cfg, device, &opts)?;
@@ -322,6 +336,22 @@ fn eval_offline(cfg: &Config, dataset: Dataset, split: &str, json: bool) -> anyh
             "{dataset} {split}: MRR {:.4}  Hits@1 {:.4}  Hits@3 {:.4}  Hits@10 {:.4}  ({} rankings; {} edges with unseen nodes skipped)",
             m.mrr, m.hits1, m.hits3, m.hits10, m.rankings, report.skipped_unseen
         );
+    }
+    Ok(())
+}
+
+fn stream_eval(cfg: &Config, opts: &offline::StreamEvalOptions, json: bool) -> anyhow::Result<()> {
+    let device = torch_device(cfg)?;
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    eprintln!(
+        "stream-eval {}: fixed micro-batch of {} new edges per trainer step",
+        opts.dataset, opts.batch_size
+    );
+    let report = offline::stream_eval(cfg, opts, device, progress)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
     }
     Ok(())
 }

@@ -27,6 +27,14 @@ pub struct TrainParams {
     /// Edges per step.
     pub batch_size: usize,
     pub seed: u64,
+    /// A target type with at most this many rows is scored against all its rows as the
+    /// target-side negatives (instead of in-batch plus uniform ones). 0: never.
+    pub all_targets_up_to: i64,
+    /// Node types whose sources are scored as their row plus the normalised sum of the rows of
+    /// their `history_recent` most recent targets (of the edge's target type).
+    pub history_types: Vec<String>,
+    /// How many recent targets represent a source of a history type. 0: off.
+    pub history_recent: usize,
 }
 
 /// How a translated source is compared with a target.
@@ -87,6 +95,9 @@ impl Validate for TrainParams {
         }
         if !(t.init_scale.is_finite() && t.init_scale >= 0.0) {
             return Err(invalid("train.init_scale", "must be a non-negative number"));
+        }
+        if t.all_targets_up_to < 0 {
+            return Err(invalid("train.all_targets_up_to", "must be at least 0"));
         }
         if t.uniform_negatives < 0 {
             return Err(invalid("train.uniform_negatives", "must be at least 0"));

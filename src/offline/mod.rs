@@ -5,12 +5,18 @@
 //! and `watch` (a running daemon's figures over time). Uses the store, train, align and publish
 //! stages as the daemon does; hands on reports.
 
+mod baselines;
 mod datasets;
 pub mod replay;
 mod stability;
+mod stream_eval;
+mod stream_metrics;
 mod train_eval;
 pub mod watch;
 
+pub use baselines::*;
 pub use datasets::*;
 pub use stability::*;
+pub use stream_eval::*;
+pub use stream_metrics::*;
 pub use train_eval::*;

@@ -309,6 +309,7 @@ pub fn prequential_new_nodes(
                     dst_type: e.dst.node_type as usize,
                     dst: d as i64,
                     known,
+                    history: core.history_of(&store, src, e.dst.node_type as usize, u64::MAX)?,
                 });
             }
         }

@@ -184,6 +184,9 @@ pub struct TargetQuery {
     pub dst_type: usize,
     pub dst: i64,
     pub known: Vec<i64>,
+    /// The source's recent targets (rows of `dst`'s type) when it is of a history type
+    /// ([`crate::train::History`]): added to its row as the step adds them. Empty otherwise.
+    pub history: Vec<i64>,
 }
 
 /// Realistic ranks of `queries` against the current tables (prequential evaluation), in the
@@ -197,12 +200,21 @@ pub fn target_ranks(model: &Embeddings, cmp: Comparator, queries: &[TargetQuery]
     }
     tch::no_grad(|| {
         for (dt, members) in by_type {
+            let targets = model.tables[dt].rows();
             let src_rows: Vec<Tensor> = members
                 .iter()
                 .map(|&i| {
-                    model.tables[queries[i].src_type]
-                        .weights
-                        .get(queries[i].src)
+                    let q = &queries[i];
+                    let row = model.tables[q.src_type].weights.get(q.src);
+                    let weights = crate::train::history_weights(&q.history, None);
+                    if weights.is_empty() {
+                        return row;
+                    }
+                    let idx: Vec<i64> = weights.iter().map(|w| w.0).collect();
+                    let sum = targets
+                        .index_select(0, &Tensor::from_slice(&idx).to_device(device))
+                        .sum_dim_intlist(0, false, Kind::Float);
+                    row + sum * weights[0].1 as f64
                 })
                 .collect();
             let idx = |f: &dyn Fn(&TargetQuery) -> i64| {
@@ -284,6 +296,7 @@ mod tests {
             dst_type: 0,
             dst,
             known,
+            history: vec![],
         };
         let ranks = target_ranks(
             &model,

@@ -20,7 +20,7 @@ use rand::rngs::SmallRng;
 use rand::Rng;
 use tch::{Device, Kind, Tensor};
 
-use crate::store::Edge;
+use crate::store::{Edge, NodeRef};
 use crate::train::loss_parts;
 use crate::train::Embeddings;
 use crate::train::{score_pairs, score_sources, score_targets, translate};
@@ -64,6 +64,57 @@ struct Group {
     uni_dst: Vec<i64>,
     uni_src_pos: Vec<i64>,
     uni_dst_pos: Vec<i64>,
+    /// With every row of the target type as negatives ([`TrainParams::all_targets_up_to`]):
+    /// their positions, in row order.
+    all_dst_pos: Option<Vec<i64>>,
+    /// Sources represented with their recent targets ([`History`]): `(edges, uniform)`, each
+    /// the sparse weights of target-type rows (by position) added to a source's row.
+    history: Option<(Weights, Weights)>,
+}
+
+/// A sparse `[rows, positions]` matrix as `(row, position, weight)` triplets.
+#[derive(Default)]
+struct Weights(Vec<(i64, i64, f32)>);
+
+impl Weights {
+    /// `[rows, D]`: each row the weighted sum of the `leaf` rows its triplets name.
+    fn times(&self, rows: i64, leaf: &Tensor) -> Tensor {
+        let device = leaf.device();
+        let dense = Tensor::zeros([rows, leaf.size()[0]], (Kind::Float, device));
+        if self.0.is_empty() {
+            return dense.matmul(leaf);
+        }
+        let r: Vec<i64> = self.0.iter().map(|t| t.0).collect();
+        let c: Vec<i64> = self.0.iter().map(|t| t.1).collect();
+        let w: Vec<f32> = self.0.iter().map(|t| t.2).collect();
+        let dense = dense.index_put(
+            &[Some(long(&r, device)), Some(long(&c, device))],
+            &Tensor::from_slice(&w).to_device(device),
+            true,
+        );
+        dense.matmul(leaf)
+    }
+}
+
+/// A source's recent targets (rows of a target type, oldest first) for the user model: a
+/// source of a history type is scored as its row plus `Σ e_i / √n` over its `n` most recent
+/// targets of the group's target type, so one engagement changes its score at once (FISM,
+/// SVD++). The trainer answers from the store; `None` or an empty answer: the row alone.
+pub type History<'a> = &'a dyn Fn(NodeRef, usize) -> Vec<i64>;
+
+/// The `(row, target row, weight)` triplets of one source's history, leaving `skip` out (an
+/// edge is not explained by its own target).
+pub fn history_weights(recent: &[i64], skip: Option<i64>) -> Vec<(i64, f32)> {
+    let kept: Vec<i64> = recent
+        .iter()
+        .copied()
+        .filter(|&i| Some(i) != skip)
+        .collect();
+    if kept.is_empty() {
+        return Vec::new();
+    }
+    let w = 1.0 / (kept.len() as f32).sqrt();
+    kept.into_iter().map(|i| (i, w)).collect()
 }
 
 fn long(v: &[i64], device: Device) -> Tensor {
@@ -104,6 +155,24 @@ fn negative_mask(
     let uni = Tensor::from_slice(uniform).to_device(device);
     let uniform_valid = uni.unsqueeze(0).ne_tensor(&own_t.unsqueeze(1));
     (in_batch, uniform_valid)
+}
+
+/// Which rows of the target type may serve as negatives when all `n` of them do: `[b, n]`, not a
+/// positive's own target, nor another positive's target when the two share their source and
+/// relation (a true edge).
+fn all_targets_mask(dst: &[i64], src: &[i64], rels: &[i64], n: i64) -> Tensor {
+    let b = dst.len();
+    let mut targets: HashMap<(i64, i64), Vec<i64>> = HashMap::new();
+    for i in 0..b {
+        targets.entry((src[i], rels[i])).or_default().push(dst[i]);
+    }
+    let mut valid = vec![true; b * n as usize];
+    for i in 0..b {
+        for &d in &targets[&(src[i], rels[i])] {
+            valid[i * n as usize + d as usize] = false;
+        }
+    }
+    Tensor::from_slice(&valid).view([b as i64, n])
 }
 
 /// `[b, D]` → `[ceil(b / chunk), chunk, D]`, zero-padded.
@@ -221,6 +290,18 @@ pub fn train_step_pulled(
     rng: &mut SmallRng,
     pull: Option<&Pull<'_>>,
 ) -> StepStats {
+    train_step_with(model, edges, p, rng, pull, None)
+}
+
+/// [`train_step_pulled`] with sources represented by their recent targets ([`History`]).
+pub fn train_step_with(
+    model: &mut Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+    pull: Option<&Pull<'_>>,
+    history: Option<History<'_>>,
+) -> StepStats {
     if edges.is_empty() {
         return StepStats {
             loss: 0.0,
@@ -253,17 +334,54 @@ pub fn train_step_pulled(
                 .collect()
         };
         let uni_src = draw(rng, model.tables[src_type].len());
-        let uni_dst = draw(rng, model.tables[dst_type].len());
+        let n_dst = model.tables[dst_type].len();
+        let all_dst = p.all_targets_up_to > 0 && n_dst <= p.all_targets_up_to;
+        let uni_dst = if all_dst {
+            Vec::new()
+        } else {
+            draw(rng, n_dst)
+        };
         let mut map =
             |t: usize, v: &[i64]| -> Vec<i64> { v.iter().map(|&i| rows[t].add(i)).collect() };
+        let all_dst_pos = all_dst.then(|| map(dst_type, &(0..n_dst).collect::<Vec<_>>()));
+        let (src_pos, dst_pos) = (map(src_type, &src), map(dst_type, &dst));
+        let (uni_src_pos, uni_dst_pos) = (map(src_type, &uni_src), map(dst_type, &uni_dst));
+        let history = history.map(|h| {
+            let mut weights = |sources: &mut dyn Iterator<Item = (u32, Option<i64>)>| {
+                let mut out = Weights::default();
+                for (row, (index, skip)) in sources.enumerate() {
+                    let node = NodeRef {
+                        node_type: src_type as u16,
+                        index,
+                    };
+                    let recent: Vec<i64> = h(node, dst_type)
+                        .into_iter()
+                        .filter(|&i| i < n_dst)
+                        .collect();
+                    for (i, w) in history_weights(&recent, skip) {
+                        out.0.push((row as i64, rows[dst_type].add(i), w));
+                    }
+                }
+                out
+            };
+            let on_edges = weights(
+                &mut members
+                    .iter()
+                    .map(|e| (e.src.index, Some(e.dst.index as i64))),
+            );
+            let on_uniform = weights(&mut uni_src.iter().map(|&i| (i as u32, None)));
+            (on_edges, on_uniform)
+        });
         groups.push(Group {
+            history,
+            all_dst_pos,
             rels: members.iter().map(|e| e.rel as i64).collect(),
             src_type,
             dst_type,
-            src_pos: map(src_type, &src),
-            dst_pos: map(dst_type, &dst),
-            uni_src_pos: map(src_type, &uni_src),
-            uni_dst_pos: map(dst_type, &uni_dst),
+            src_pos,
+            dst_pos,
+            uni_src_pos,
+            uni_dst_pos,
             src,
             dst,
             uni_src,
@@ -299,9 +417,15 @@ pub fn train_step_pulled(
                 .1
                 .index_select(0, &long(pos, device))
         };
-        let s = table(g.src_type, &g.src_pos);
-        let t = table(g.dst_type, &g.dst_pos);
         let b = g.src.len() as i64;
+        let mut s = table(g.src_type, &g.src_pos);
+        let mut uni_s = table(g.src_type, &g.uni_src_pos);
+        if let Some((on_edges, on_uniform)) = &g.history {
+            let items = &leaves[g.dst_type].as_ref().expect("rows added").1;
+            s = &s + on_edges.times(b, items);
+            uni_s = &uni_s + on_uniform.times(g.uni_src.len() as i64, items);
+        }
+        let t = table(g.dst_type, &g.dst_pos);
         let r = rel_leaf.index_select(0, &long(&g.rels, device));
         let a = translate(&s, &r);
         let pos = score_pairs(p.comparator, &a, &t);
@@ -313,33 +437,39 @@ pub fn train_step_pulled(
             chunked(&t, chunk),
         );
 
-        // Targets: in-batch (per chunk, one batched product), then uniform.
-        let dst_in_batch = unchunked(&score_targets(p.comparator, &a_c, &t_c), b);
-        let dst_uniform = score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos));
-        let (dst_in_valid, dst_uni_valid) =
-            negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
+        // Targets: every row of the type, or in-batch (per chunk, one batched product) and
+        // uniform.
+        let dst_parts = match &g.all_dst_pos {
+            Some(all) => {
+                let scores = score_targets(p.comparator, &a, &table(g.dst_type, all));
+                let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
+                vec![(scores, valid.to_device(device))]
+            }
+            None => {
+                let in_batch = unchunked(&score_targets(p.comparator, &a_c, &t_c), b);
+                let uniform = score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos));
+                let (in_valid, uni_valid) =
+                    negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
+                vec![(in_batch, in_valid), (uniform, uni_valid)]
+            }
+        };
+        let dst_refs: Vec<(&Tensor, &Tensor)> = dst_parts.iter().map(|(s, v)| (s, v)).collect();
 
         // Sources likewise.
         let src_in_batch = unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b);
-        let src_uniform = score_sources(p.comparator, &table(g.src_type, &g.uni_src_pos), &r, &t);
+        let src_uniform = score_sources(p.comparator, &uni_s, &r, &t);
         let (src_in_valid, src_uni_valid) =
             negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
 
-        let group_loss = loss_parts(
-            p.loss,
-            &pos,
-            &[
-                (&dst_in_batch, &dst_in_valid),
-                (&dst_uniform, &dst_uni_valid),
-            ],
-        ) + loss_parts(
-            p.loss,
-            &pos,
-            &[
-                (&src_in_batch, &src_in_valid),
-                (&src_uniform, &src_uni_valid),
-            ],
-        );
+        let group_loss = loss_parts(p.loss, &pos, &dst_refs)
+            + loss_parts(
+                p.loss,
+                &pos,
+                &[
+                    (&src_in_batch, &src_in_valid),
+                    (&src_uniform, &src_uni_valid),
+                ],
+            );
         total += group_loss * (b as f64);
     }
     let total = total / edges.len() as f64;
@@ -408,6 +538,9 @@ mod tests {
             init_scale: 0.1,
             batch_size: 64,
             seed: 1,
+            all_targets_up_to: 0,
+            history_types: Vec::new(),
+            history_recent: 0,
         }
     }
 
@@ -468,6 +601,66 @@ mod tests {
             false, false, false,
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn all_targets_mask_excludes_own_and_same_source_relation_targets() {
+        // Positives (s=1,r=0,t=0), (s=1,r=0,t=2), (s=2,r=0,t=1) over 3 targets.
+        let m = all_targets_mask(&[0, 2, 1], &[1, 1, 2], &[0, 0, 0], 3);
+        let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
+        #[rustfmt::skip]
+        let want = vec![
+            false, true, false,
+            false, true, false,
+            true, false, true,
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn golden_history_weights_leave_the_edge_target_out() {
+        assert_eq!(history_weights(&[], None), vec![]);
+        assert_eq!(history_weights(&[7], Some(7)), vec![]);
+        let h = 1.0 / 2f32.sqrt();
+        assert_eq!(history_weights(&[3, 7, 5], Some(7)), vec![(3, h), (5, h)]);
+        assert_eq!(history_weights(&[3, 7, 5, 9], None)[0], (3, 0.5));
+    }
+
+    #[test]
+    fn a_history_source_trains_its_recent_targets_rows() {
+        tch::manual_seed(1);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut p = params();
+        p.uniform_negatives = 0;
+        let mut model = Embeddings::new(1, 1, p.dim, 0.1, Device::Cpu);
+        ensure_rows(&mut model, &[edge(0, 0, 9)], p.init_scale);
+        let before = model.tables[0].rows().copy();
+        // Source 0 has recent targets 7 and 8; only its edge to 1 is trained.
+        let history = |n: NodeRef, _t: usize| {
+            if n.index == 0 {
+                vec![7, 8]
+            } else {
+                vec![]
+            }
+        };
+        let stats = train_step_with(
+            &mut model,
+            &[edge(0, 0, 1)],
+            &p,
+            &mut rng,
+            None,
+            Some(&history),
+        );
+        assert!(!stats.skipped);
+        let moved = |i: i64| {
+            (before.get(i) - model.tables[0].rows().get(i))
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                > 0.0
+        };
+        assert!(moved(7) && moved(8), "history rows get gradients");
+        assert!(moved(0) && moved(1) && !moved(5));
     }
 
     #[test]

@@ -25,9 +25,9 @@ use tracing::info;
 use crate::config::{Config, TrainerConfig};
 use crate::store::{Edge, GraphStore, NodeRef, StoreError};
 use crate::train::{
-    known_targets, non_finite_rows, rows_needed, schema_fingerprint, target_ranks,
-    train_step_pulled, warm_rows, CheckpointError, Checkpoints, Embeddings, ModelState, Pull,
-    RankWindow, Snapshot, StepStats, TargetQuery, TrainParams,
+    known_targets, non_finite_rows, recent_targets, rows_needed, schema_fingerprint, target_ranks,
+    train_step_with, warm_rows, CheckpointError, Checkpoints, Embeddings, History, ModelState,
+    Pull, RankWindow, Snapshot, StepStats, TargetQuery, TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,25 @@ pub fn next_batch_size(current: usize, backlog: u64, base: usize, max: usize) ->
 /// Replayed edges for `fresh` new ones at `ratio` replayed per new edge.
 fn replay_count(fresh: usize, ratio: f64) -> usize {
     (fresh as f64 * ratio).round() as usize
+}
+
+/// The recent targets of `src` of `dst_type` when `src` is of a history type
+/// (`train.history_types`); empty otherwise.
+fn history_targets(
+    p: &TrainParams,
+    store: &GraphStore,
+    src: NodeRef,
+    dst_type: usize,
+    before: u64,
+) -> Result<Vec<i64>, StoreError> {
+    let types = &store.stored_schema().node_types;
+    let on = types
+        .get(src.node_type as usize)
+        .is_some_and(|t| p.history_types.contains(t));
+    if p.history_recent == 0 || !on {
+        return Ok(Vec::new());
+    }
+    recent_targets(store, src, dst_type as u16, p.history_recent, before)
 }
 
 /// What one step did.
@@ -229,8 +248,9 @@ impl TrainerCore {
         let Some(&(last_seq, _)) = read.last() else {
             return Ok(report);
         };
+        let first_seq = read[0].0;
         let fresh: Vec<Edge> = read.into_iter().map(|(_, e)| e).collect();
-        (report.ranks, report.rank_relations) = self.prequential(store, &fresh)?;
+        (report.ranks, report.rank_relations) = self.prequential(store, &fresh, first_seq)?;
         (report.warm_rows, report.random_rows) = self.add_rows(store, &fresh)?;
         let replay = replay_count(fresh.len(), self.opts.replay_ratio);
         let mut edges = fresh;
@@ -242,12 +262,18 @@ impl TrainerCore {
             relations: &r.relations,
             strength: self.pull,
         });
-        report.stats = Some(train_step_pulled(
+        let params = &self.params;
+        let lookup = |n: NodeRef, dst_type: usize| {
+            history_targets(params, store, n, dst_type, u64::MAX).unwrap_or_default()
+        };
+        let history = self.history_on(store).then_some(&lookup as History<'_>);
+        report.stats = Some(train_step_with(
             &mut self.model,
             &edges,
             &self.params,
             &mut self.rng,
             pull.as_ref(),
+            history,
         ));
         for e in &edges[..report.new_edges] {
             for n in [e.src, e.dst] {
@@ -273,12 +299,40 @@ impl TrainerCore {
         Ok(report)
     }
 
-    /// Rank a sample of `fresh` (edges between nodes that already have rows) before training:
-    /// `(ranks, their relations)`.
+    /// Whether some node type of the store is represented with its recent targets.
+    fn history_on(&self, store: &GraphStore) -> bool {
+        self.params.history_recent > 0
+            && store
+                .stored_schema()
+                .node_types
+                .iter()
+                .any(|t| self.params.history_types.contains(t))
+    }
+
+    /// The recent targets of `src` of `dst_type` stored before sequence number `before`
+    /// (`u64::MAX`: all) that have rows, when `src` is of a history type
+    /// (`train.history_types`); empty otherwise.
+    pub fn history_of(
+        &self,
+        store: &GraphStore,
+        src: NodeRef,
+        dst_type: usize,
+        before: u64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let rows = self.model.tables[dst_type].len();
+        let mut recent = history_targets(&self.params, store, src, dst_type, before)?;
+        recent.retain(|&i| i < rows);
+        Ok(recent)
+    }
+
+    /// Rank a sample of `fresh` (edges between nodes that already have rows, stored from
+    /// `first_seq` on) before training: `(ranks, their relations)`. A history source's recent
+    /// targets are those stored before the micro-batch.
     fn prequential(
         &mut self,
         store: &GraphStore,
         fresh: &[Edge],
+        first_seq: u64,
     ) -> Result<(Vec<f64>, Vec<u16>), StoreError> {
         let has_row = |n: NodeRef| (n.index as i64) < self.model.tables[n.node_type as usize].len();
         let eligible: Vec<&Edge> = fresh
@@ -302,6 +356,7 @@ impl TrainerCore {
                 dst_type: e.dst.node_type as usize,
                 dst: e.dst.index as i64,
                 known,
+                history: self.history_of(store, e.src, e.dst.node_type as usize, first_seq)?,
             });
         }
         Ok((
