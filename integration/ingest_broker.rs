@@ -504,10 +504,7 @@ fn one_far_future_timestamp_neither_enters_nor_switches_dedup_off() {
         Duration::from_secs(2),
     );
     assert_eq!(dead.len(), 1);
-    assert_eq!(
-        dead[0].header("twhin.error").as_deref(),
-        Some("bad_timestamp")
-    );
+    assert_eq!(dead[0].header("twhin.error"), Some("bad_timestamp"));
     assert!(daemon.terminate().success());
 }
 

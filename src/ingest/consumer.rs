@@ -220,6 +220,7 @@ async fn run_consumer(
     // (redelivered after a rebalance), and must not be counted or dead-lettered twice.
     let mut seen_next: HashMap<i32, i64> = HashMap::new();
 
+    let mut history_checks = tokio::time::interval(HISTORY_CHECK_EVERY);
     let result: Result<(), IngestError> = loop {
         if let Some(e) = consumer.context().take_failure() {
             break Err(e);
@@ -229,6 +230,25 @@ async fn run_consumer(
             biased;
             _ = stop_rx.changed() => break Ok(()),
             _ = sleep_until_opt(deadline) => {}
+            _ = history_checks.tick() => {
+                let gone = past_their_end(&consumer, &topic).await;
+                if !gone.is_empty() && !pending.is_empty() {
+                    if let Err(e) = batches.write(&mut stop_rx, &mut pending).await {
+                        break Err(e);
+                    }
+                }
+                let mut reset = Ok(());
+                for (p, expected, end) in gone {
+                    let first = RecordPrint { offset: end, ts: -1, crc: 0 };
+                    reset = reset.and_then(|()| {
+                        reset_partition(&cfg, &consumer, &store, &status, p, &expected, &first, History::OutOfRange)
+                    });
+                    seen_next.remove(&p);
+                }
+                if let Err(e) = reset {
+                    break Err(e);
+                }
+            }
             msg = consumer.recv() => match msg {
                 Ok(msg) => {
                     let p = msg.partition();
@@ -284,6 +304,37 @@ async fn run_consumer(
     close_consumer(consumer).await;
     info!(topic, "ingest stopped");
     result
+}
+
+/// How long a partition may wait for the record it must deliver first before its end is checked.
+const HISTORY_CHECK_EVERY: Duration = Duration::from_secs(3);
+
+/// The partitions still waiting for their first record whose end (the high watermark) is at or
+/// before that record's offset: it is gone. `(partition, expected record, end)`.
+async fn past_their_end(
+    consumer: &Arc<StreamConsumer<IngestContext>>,
+    topic: &str,
+) -> Vec<(i32, RecordPrint, i64)> {
+    let overdue = consumer.context().overdue(HISTORY_CHECK_EVERY);
+    if overdue.is_empty() {
+        return Vec::new();
+    }
+    let (consumer, topic) = (consumer.clone(), topic.to_owned());
+    // Watermark requests block: off the async threads.
+    let ends = tokio::task::spawn_blocking(move || {
+        overdue
+            .into_iter()
+            .filter_map(|(p, print)| {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                    .ok()?;
+                (high <= print.offset && consumer.context().take_expected(p).is_some())
+                    .then_some((p, print, high))
+            })
+            .collect()
+    })
+    .await;
+    ends.unwrap_or_default()
 }
 
 /// Partition `p` no longer holds the record the store consumed last (`expected`; `first` came

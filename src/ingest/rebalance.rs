@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
@@ -28,7 +28,7 @@ pub struct IngestContext {
     pub(super) failure: Mutex<Option<IngestError>>,
     /// Per assigned partition: the record the store consumed last, which must be the first one
     /// the partition delivers (it is assigned one offset before the stored one).
-    pub(super) expected: Mutex<HashMap<i32, RecordPrint>>,
+    pub(super) expected: Mutex<HashMap<i32, (RecordPrint, Instant)>>,
     /// No assignment received yet in this process.
     pub(super) first_assignment: AtomicBool,
 }
@@ -73,7 +73,19 @@ impl IngestContext {
         if expected.is_empty() {
             return None;
         }
-        expected.remove(&p)
+        expected.remove(&p).map(|(print, _)| print)
+    }
+
+    /// Partitions still waiting, `wait` after their assignment, for the record they must
+    /// deliver first. Some brokers answer a fetch past a partition's end with nothing rather
+    /// than an out-of-range error, so the consumer would wait for it forever.
+    pub(super) fn overdue(&self, wait: Duration) -> Vec<(i32, RecordPrint)> {
+        let expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
+        expected
+            .iter()
+            .filter(|(_, (_, since))| since.elapsed() >= wait)
+            .map(|(&p, (print, _))| (p, *print))
+            .collect()
     }
 
     fn fail(&self, error: IngestError) {
@@ -92,7 +104,7 @@ impl IngestContext {
                 self.expected
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(p, print);
+                    .insert(p, (print, Instant::now()));
                 Ok(Offset::Offset(print.offset))
             }
             _ => Ok(Offset::Offset(next)),
