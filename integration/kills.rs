@@ -16,7 +16,8 @@
 //!   is being written: tensors, meta, pointer), seen by polling the folder every millisecond;
 //!   when none is caught within a few seconds, the kill lands within a few milliseconds of
 //!   `trainer.checkpoint_version` moving (counted apart, `checkpoint (just after)`);
-//! * publication: `publish.in_progress` non-null at the poll just before the kill.
+//! * publication: `publish.in_progress` non-null, then a random 0–25 ms, then the same version
+//!   and epoch still in progress at the poll just before the kill.
 //!
 //! The moment inside the stage is random (seeded: `KILL_TEST_SEED`): a random delay after
 //! the stage is seen, then the stage is confirmed again before the kill.
@@ -275,12 +276,47 @@ impl Run {
     fn kill_in_publication(&mut self) -> String {
         let n = self.rng.random_range(2_000..6_000);
         self.produce(n);
-        let min_rows = self.rng.random_range(0..100u64);
-        let found = self.wait_status("a publication", Duration::from_millis(2), |st| {
+        // A random moment inside: some time after the publication is seen, confirmed still
+        // under way (same version and epoch) at the poll just before the kill.
+        let in_progress = |st: &serde_json::Value| {
             let p = st.pointer("/publish/in_progress")?;
-            let rows = p.get("rows")?.as_u64()?;
-            (rows >= min_rows).then(|| p.to_string())
-        });
+            Some((
+                p.get("version")?.as_u64()?,
+                p.get("epoch")?.as_u64()?,
+                p.to_string(),
+            ))
+        };
+        let start = Instant::now();
+        let mut quiet_since = Instant::now();
+        let found = loop {
+            // A version goes out only when training moved rows: while none is seen, more events.
+            let Some(seen) = self.daemon.status().as_ref().and_then(in_progress) else {
+                if quiet_since.elapsed() > Duration::from_secs(3) {
+                    self.produce(1_500);
+                    quiet_since = Instant::now();
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(120),
+                    "no publication seen\n{}",
+                    self.daemon.log_tail()
+                );
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            quiet_since = Instant::now();
+            // Sending a version's rows takes some 40 ms here.
+            std::thread::sleep(Duration::from_millis(self.rng.random_range(0..25)));
+            if let Some(now) = self.daemon.status().as_ref().and_then(in_progress) {
+                if (now.0, now.1) == (seen.0, seen.1) {
+                    break now.2;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no publication lasted long enough to be killed inside\n{}",
+                self.daemon.log_tail()
+            );
+        };
         self.kill("publication");
         format!("in progress {found}")
     }
@@ -446,6 +482,14 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
     let marker_versions: BTreeSet<u64> = p.markers.iter().map(|m| m.version).collect();
     let applied_versions: Vec<u64> = applied.iter().map(|v| v.version).collect();
     let repeated_markers = p.markers.len() - marker_versions.len();
+    // Rows of attempts that never got a marker: publications the kills cut short.
+    let marked: HashSet<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
+    let mut interrupted: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+    for (_, r) in &p.rows {
+        if !marked.contains(&(r.version, r.epoch)) {
+            *interrupted.entry((r.version, r.epoch)).or_default() += 1;
+        }
+    }
     let subscriber_nodes = a.nodes();
     let mut differing = Vec::new();
     for (key, vector) in &served {
@@ -490,10 +534,13 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
         stored.len()
     );
     eprintln!(
-        "versions: served {served_version}; markers {} for versions {:?}..={:?} ({repeated_markers} repeated); subscriber applied {} ({:?}..={:?}), counts {:?}",
+        "versions: served {served_version}; markers {} for versions {:?}..={:?} ({repeated_markers} repeated); rows without a marker {} in {} cut-short attempts {:?}; subscriber applied {} ({:?}..={:?}), counts {:?}",
         p.markers.len(),
         marker_versions.first(),
         marker_versions.last(),
+        interrupted.values().sum::<usize>(),
+        interrupted.len(),
+        interrupted.keys().collect::<Vec<_>>(),
         applied.len(),
         applied_versions.first(),
         applied_versions.last(),
