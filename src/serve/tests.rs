@@ -401,3 +401,244 @@ fn the_rate_window_spans_about_a_minute() {
     // A poller slower than the span gets the rate since its previous poll.
     assert_eq!(w.observe(at(300), 1000 + 2300), Some(2300.0 / 230.0));
 }
+
+/// Property test (proptest) of every route over arbitrary paths and query strings: each answer
+/// is a result (JSON from the `/v1` routes, text from `/healthz` and `/metrics`, `/readyz`'s
+/// readiness document) or a JSON error `{"error", "code"}` whose status matches its code, and
+/// never a 500: a panic in a handler fails the case, a panic on the blocking pool would answer
+/// 500 `internal`.
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use std::str::FromStr;
+
+    /// Requests per run, spread over a served version and no version yet.
+    const CASES: u32 = 500;
+
+    /// A path segment: a name the app knows, printable URI characters, or arbitrary bytes
+    /// percent-encoded (invalid UTF-8 included), or a stray `%`.
+    fn segment() -> impl Strategy<Value = String> {
+        let known = prop::sample::select(vec![
+            "v1",
+            "embeddings",
+            "neighbors",
+            "status",
+            "healthz",
+            "readyz",
+            "metrics",
+            "user",
+            "movie",
+            "entity",
+            "tweet",
+            "u1",
+            "u2",
+            "u3",
+            "m1",
+            "m3",
+            "e1",
+            "nobody",
+            "",
+            ".",
+            "..",
+        ])
+        .prop_map(str::to_owned);
+        prop_oneof![
+            6 => known,
+            3 => "[A-Za-z0-9._~!$&'()*+,;=:@-]{0,12}",
+            3 => prop::collection::vec(any::<u8>(), 0..12)
+                .prop_map(|b| b.iter().map(|b| format!("%{b:02X}")).collect()),
+            1 => "%[0-9A-Za-z]{0,2}",
+        ]
+    }
+
+    fn query_part() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            4 => prop::sample::select(vec!["rel", "k"]).prop_map(str::to_owned),
+            1 => "[a-z%&=+]{0,6}",
+        ];
+        let value = prop_oneof![
+            3 => prop::sample::select(vec![
+                "rated_high", "linked", "about", "follows", "", "1", "2", "10", "1000",
+                "1001", "0", "-1", "ten", "1e3", " 5", "%20", "99999999999999999999999",
+            ])
+            .prop_map(str::to_owned),
+            2 => any::<i64>().prop_map(|k| k.to_string()),
+            2 => "[A-Za-z0-9._~!$'()*+,;:@/?%-]{0,12}",
+            1 => prop::collection::vec(any::<u8>(), 0..8)
+                .prop_map(|b| b.iter().map(|b| format!("%{b:02X}")).collect()),
+        ];
+        prop_oneof![
+            6 => (key, value).prop_map(|(k, v)| format!("{k}={v}")),
+            1 => "[A-Za-z0-9=&%]{0,6}",
+        ]
+    }
+
+    /// A query string: parts joined by `&`.
+    fn query() -> impl Strategy<Value = String> {
+        prop::collection::vec(query_part(), 0..5).prop_map(|q| q.join("&"))
+    }
+
+    /// A request for one of the routes, its parameters often valid: most of these reach a
+    /// handler.
+    fn routed() -> impl Strategy<Value = String> {
+        let node_type = prop_oneof![
+            4 => prop::sample::select(vec!["user", "movie", "entity"]).prop_map(str::to_owned),
+            1 => segment(),
+        ];
+        let id = prop_oneof![
+            4 => prop::sample::select(vec!["u1", "u2", "u3", "m1", "m2", "m3", "e1"])
+                .prop_map(str::to_owned),
+            1 => prop::collection::vec(segment(), 1..3).prop_map(|s| s.join("/")),
+        ];
+        let rel = prop::sample::select(vec!["rated_high", "linked", "about", "follows", ""]);
+        let k = prop_oneof![
+            3 => (1usize..=1_000).prop_map(|k| format!("&k={k}")),
+            1 => Just(String::new()),
+            1 => query_part().prop_map(|q| format!("&{q}")),
+        ];
+        prop_oneof![
+            3 => (node_type.clone(), id.clone())
+                .prop_map(|(t, id)| format!("/v1/embeddings/{t}/{id}")),
+            4 => (node_type, id, rel, k, query())
+                .prop_map(|(t, id, rel, k, q)| format!("/v1/neighbors/{t}/{id}?rel={rel}{k}&{q}")),
+            1 => (
+                prop::sample::select(vec!["/v1/status", "/healthz", "/readyz", "/metrics"]),
+                prop::option::of(query()),
+            )
+                .prop_map(|(p, q)| match q {
+                    Some(q) => format!("{p}?{q}"),
+                    None => p.to_owned(),
+                }),
+        ]
+    }
+
+    /// `/seg/seg…[?query]`, often under a known route's prefix.
+    fn anywhere() -> impl Strategy<Value = String> {
+        let prefix = prop::sample::select(vec![
+            "",
+            "/v1/embeddings",
+            "/v1/embeddings/user",
+            "/v1/neighbors",
+            "/v1/neighbors/user",
+            "/v1/neighbors/entity",
+            "/v1",
+        ]);
+        (
+            prefix,
+            prop::collection::vec(segment(), 0..5),
+            prop::option::of(query()),
+        )
+            .prop_map(|(prefix, segs, query)| {
+                let mut uri = prefix.to_owned();
+                for s in segs {
+                    uri.push('/');
+                    uri.push_str(&s);
+                }
+                if uri.is_empty() {
+                    uri.push('/');
+                }
+                if let Some(q) = query {
+                    uri.push('?');
+                    uri.push_str(&q);
+                }
+                uri
+            })
+    }
+
+    fn uri() -> impl Strategy<Value = String> {
+        prop_oneof![1 => routed(), 1 => anywhere()]
+            .prop_filter("a URI the HTTP parser takes", |u| {
+                actix_web::http::Uri::from_str(u).is_ok()
+            })
+    }
+
+    /// What an answer must be; `Err` describes how it is not.
+    fn check(uri: &str, code: StatusCode, body: &[u8]) -> Result<(), String> {
+        if code == StatusCode::INTERNAL_SERVER_ERROR {
+            return Err(format!("500: {}", String::from_utf8_lossy(body)));
+        }
+        let path = uri.split('?').next().unwrap_or_default();
+        if code.is_success() && (path == "/healthz" || path == "/metrics") {
+            return Ok(());
+        }
+        let json: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+            format!(
+                "{code}, not JSON ({e}): {:?}",
+                String::from_utf8_lossy(body)
+            )
+        })?;
+        if code.is_success() {
+            return match json.get("error") {
+                None if json.is_object() => Ok(()),
+                _ => Err(format!("{code} with an error body: {json}")),
+            };
+        }
+        if path == "/readyz" && code == StatusCode::SERVICE_UNAVAILABLE {
+            // Readiness is a result: the store is open, the (test) broker is not reachable.
+            return match json.get("broker_reachable") {
+                Some(serde_json::Value::Bool(_)) => Ok(()),
+                _ => Err(format!(
+                    "readiness document without broker_reachable: {json}"
+                )),
+            };
+        }
+        let (Some(error), Some(name)) = (
+            json.get("error").and_then(|e| e.as_str()),
+            json.get("code").and_then(|c| c.as_str()),
+        ) else {
+            return Err(format!(
+                "{code}, a JSON body without error and code: {json}"
+            ));
+        };
+        let want = match name {
+            "unknown_type" | "unknown_node" | "node_not_served" | "relation_not_served" => {
+                StatusCode::NOT_FOUND
+            }
+            "no_version" => StatusCode::SERVICE_UNAVAILABLE,
+            "bad_parameter" => StatusCode::BAD_REQUEST,
+            "unauthorized" => StatusCode::UNAUTHORIZED,
+            // A code this test does not know (a new route's): any client error.
+            _ if code.is_client_error() => code,
+            other => return Err(format!("{code}, unexpected code {other:?}: {error}")),
+        };
+        if code != want || error.is_empty() || name.is_empty() {
+            return Err(format!("{code} for code {name:?}: {json}"));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn every_path_and_query_answers_a_result_or_a_json_error_never_a_500() {
+        let rt = actix_rt::System::new();
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let served = rt.block_on(serve!(dir.path(), served_view(), None));
+        let empty = rt.block_on(serve!(other.path(), ServingView::new(), None));
+        let mut runner = TestRunner::new(Config {
+            cases: CASES,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let started = Instant::now();
+        let answered = std::cell::RefCell::new(std::collections::BTreeMap::<u16, u32>::new());
+        let result = runner.run(&(uri(), any::<bool>()), |(uri, with_version)| {
+            let app = if with_version { &served } else { &empty };
+            let (code, body) = rt.block_on(async {
+                let res = call_service(app, TestRequest::get().uri(&uri).to_request()).await;
+                let code = res.status();
+                (code, read_body(res).await)
+            });
+            *answered.borrow_mut().entry(code.as_u16()).or_default() += 1;
+            check(&uri, code, &body).map_err(|e| TestCaseError::fail(format!("GET {uri}: {e}")))
+        });
+        eprintln!(
+            "HTTP property: {CASES} cases in {:.1?}; answers by status {:?}",
+            started.elapsed(),
+            answered.borrow()
+        );
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
+}
