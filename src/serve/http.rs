@@ -89,8 +89,14 @@ pub fn app(
         InitError = (),
     >,
 > {
+    // A query string the extractor rejects (a repeated key, a wrong type) and a path no route
+    // matches answer in the API's JSON error form too.
+    let query =
+        web::QueryConfig::default().error_handler(|e, _| ApiError::BadQuery(e.to_string()).into());
     App::new()
         .app_data(state)
+        .app_data(query)
+        .default_service(web::to(no_route))
         .wrap(from_fn(require_bearer))
         .service(healthz)
         .service(readyz)
@@ -128,6 +134,10 @@ pub enum ApiError {
     Torch(#[from] tch::TchError),
     #[error("the request's work was cancelled (a panic on the blocking pool)")]
     Cancelled,
+    #[error("query string: {0}")]
+    BadQuery(String),
+    #[error("no route {method} {path}")]
+    NoRoute { method: String, path: String },
 }
 
 impl From<actix_web::error::BlockingError> for ApiError {
@@ -145,7 +155,8 @@ impl ApiError {
             ApiError::NodeNotServed { .. } => "node_not_served",
             ApiError::RelationNotServed { .. } => "relation_not_served",
             ApiError::NoVersion => "no_version",
-            ApiError::BadParam { .. } => "bad_parameter",
+            ApiError::BadParam { .. } | ApiError::BadQuery(_) => "bad_parameter",
+            ApiError::NoRoute { .. } => "not_found",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Store(_) | ApiError::MissingId { .. } => "store",
             ApiError::Torch(_) | ApiError::Cancelled => "internal",
@@ -159,9 +170,10 @@ impl ResponseError for ApiError {
             ApiError::UnknownType(_)
             | ApiError::UnknownNode(_)
             | ApiError::NodeNotServed { .. }
-            | ApiError::RelationNotServed { .. } => StatusCode::NOT_FOUND,
+            | ApiError::RelationNotServed { .. }
+            | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::NoVersion => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::BadParam { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadParam { .. } | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Store(_)
             | ApiError::MissingId { .. }
@@ -180,6 +192,13 @@ impl ResponseError for ApiError {
         }
         res.json(serde_json::json!({ "error": self.to_string(), "code": self.code() }))
     }
+}
+
+async fn no_route(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NoRoute {
+        method: req.method().to_string(),
+        path: req.path().chars().take(200).collect(),
+    })
 }
 
 /// The bearer-token check (a no-op without `http.bearer_token`). `/healthz` stays open so that
