@@ -336,28 +336,11 @@ fn run_once(
     let kg_end = events.iter().position(rated).unwrap_or(events.len());
     let ratings = (events.len() - kg_end).min(opts.limit.unwrap_or(usize::MAX));
     events.truncate(kg_end + ratings);
-    // Version k (1-based) is cut once this many ratings are trained.
-    let first = (ratings as f64 * opts.first_fraction) as usize;
-    let cuts: Vec<usize> = (0..opts.versions)
-        .map(|k| first + (ratings - first) * k / (opts.versions - 1))
-        .collect();
+    let cuts = version_cuts(ratings, opts.first_fraction, opts.versions);
 
     let p = &cfg.train;
-    let mut align_cfg = cfg.align.clone();
-    align_cfg.enabled = control;
-    let mut aligner = Aligner::new(
-        align_cfg,
-        p.comparator != Comparator::L1,
-        None,
-        Arc::new(AlignStatus::default()),
-    )?;
+    let (mut aligner, mut publication) = in_memory_publication(cfg, control)?;
     core.set_pull(aligner.pull(), None);
-    let settings = VersionSettings {
-        format: ValueFormat::F32le,
-        threshold: cfg.publish.row_threshold,
-        comparator: p.comparator,
-    };
-    let mut publication = Publication::open(Ledger::in_memory(), settings, None)?;
     let mut sink = MemorySink::default();
 
     let mut out = StabilityRun {
@@ -410,28 +393,11 @@ fn run_once(
         let version = prepared.marker.version;
 
         if classifier.is_none() {
-            let t = type_index(&store, node_type)?;
-            let (t, train, held) = split_labelled(
-                &store,
-                t,
-                view.tables[t].size()[0],
-                labelled,
-                opts.holdout,
-                p.seed,
-            )?;
-            anyhow::ensure!(
-                train.len() >= 20 && !held.is_empty(),
-                "version 1 covers too few labelled {node_type} nodes ({} to fit, {} held out); raise --first-fraction",
-                train.len(),
-                held.len()
-            );
-            let (x, y) = features(&view.tables[t], &train);
-            let model = LogisticRegression::fit(&x, &y, L2_PENALTY, 500, 0.5);
-            out.fit_accuracy = accuracies(&model.predict(&x), &y).0;
-            let positives = held.iter().filter(|(_, y)| *y > 0.5).count() as f64;
-            let share = positives / held.len() as f64;
-            split_info = (train.len(), held.len(), share.max(1.0 - share));
-            classifier = Some((model, t, held));
+            let (frozen, fit_accuracy, info) =
+                fit_classifier(&store, &view.tables, node_type, labelled, opts, p.seed)?;
+            out.fit_accuracy = fit_accuracy;
+            split_info = info;
+            classifier = Some(frozen);
         }
         let (model, t, held) = classifier.as_ref().expect("fitted at version 1");
         let (x, y) = features(&view.tables[*t], held);
@@ -441,7 +407,6 @@ fn run_once(
             version,
             rated_so_far,
             accuracy,
-            drift = figures.previous.map(|d| d.cosine_mean),
             pull = figures.pull,
             "stability: version"
         );
@@ -460,6 +425,65 @@ fn run_once(
         });
     }
     Ok((out, split_info))
+}
+
+/// The daemon's aligner (drift control on or off) and publication, in memory.
+fn in_memory_publication(cfg: &Config, control: bool) -> anyhow::Result<(Aligner, Publication)> {
+    let p = &cfg.train;
+    let mut align_cfg = cfg.align.clone();
+    align_cfg.enabled = control;
+    let aligner = Aligner::new(
+        align_cfg,
+        p.comparator != Comparator::L1,
+        None,
+        Arc::new(AlignStatus::default()),
+    )?;
+    let settings = VersionSettings {
+        format: ValueFormat::F32le,
+        threshold: cfg.publish.row_threshold,
+        comparator: p.comparator,
+    };
+    Ok((
+        aligner,
+        Publication::open(Ledger::in_memory(), settings, None)?,
+    ))
+}
+
+/// The logistic regression fitted once on version 1's rows of the labelled nodes:
+/// `(classifier, its fit accuracy, (nodes fitted, nodes held out, majority share))`.
+fn fit_classifier(
+    store: &GraphStore,
+    tables: &[Tensor],
+    node_type: &str,
+    labelled: &[(String, f64)],
+    opts: &StabilityOptions,
+    seed: u64,
+) -> anyhow::Result<(Frozen, f64, (usize, usize, f64))> {
+    let t = type_index(store, node_type)?;
+    let (t, train, held) =
+        split_labelled(store, t, tables[t].size()[0], labelled, opts.holdout, seed)?;
+    anyhow::ensure!(
+        train.len() >= 20 && !held.is_empty(),
+        "version 1 covers too few labelled {node_type} nodes ({} to fit, {} held out); raise --first-fraction",
+        train.len(),
+        held.len()
+    );
+    let (x, y) = features(&tables[t], &train);
+    let model = LogisticRegression::fit(&x, &y, L2_PENALTY, 500, 0.5);
+    let fit_accuracy = accuracies(&model.predict(&x), &y).0;
+    let positives = held.iter().filter(|(_, y)| *y > 0.5).count() as f64;
+    let share = positives / held.len() as f64;
+    let info = (train.len(), held.len(), share.max(1.0 - share));
+    Ok(((model, t, held), fit_accuracy, info))
+}
+
+/// Where version `k` (1-based) is cut: once this many of `ratings` are trained, the first after
+/// `first_fraction` of them, the rest evenly to the end.
+fn version_cuts(ratings: usize, first_fraction: f64, versions: usize) -> Vec<usize> {
+    let first = (ratings as f64 * first_fraction) as usize;
+    (0..versions)
+        .map(|k| first + (ratings - first) * k / (versions - 1))
+        .collect()
 }
 
 /// `epochs` passes over every stored edge, shuffled, with the daemon's training step.
