@@ -181,9 +181,17 @@ impl Run {
 
     /// Kill while events are being consumed and some are not stored yet.
     fn kill_in_ingest(&mut self) -> String {
+        // Produced once this incarnation owns its partitions (a group join takes seconds on the
+        // test broker): otherwise every event is there before it joins, and one batch takes
+        // them all before a poll can see ingest under way.
+        self.wait_status("the partitions assigned", Duration::from_millis(20), |st| {
+            (status_u64(st, "/kafka/assigned_partitions") > 0).then_some(())
+        });
         let n = self.rng.random_range(3_000..8_000);
         let before = status_u64(&self.status(), "/ingest/consumed");
-        let producer = self.produce_paced(n, 8_000.0);
+        // Two seconds of production: the kill's random delay (under 0.7 s) falls inside it, and
+        // the daemon keeps up, so stored < produced while it consumes.
+        let producer = self.produce_paced(n, n as f64 / 2.0);
         let delay = Duration::from_millis(self.rng.random_range(100..700));
         let start = Instant::now();
         let mut last: Option<u64> = None;
