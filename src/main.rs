@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use twhin_stream::app;
 use twhin_stream::config::Config;
 use twhin_stream::kafka::{self, ApplyOutcome, EmbeddedKafka};
-use twhin_stream::offline::{self, replay, watch, Dataset};
+use twhin_stream::offline::{self, replay, watch, DataArgs, DataSource, Dataset};
 use twhin_stream::store::{GraphStore, StoreSummary};
 use twhin_stream::telemetry;
 
@@ -40,10 +40,14 @@ enum Command {
         #[command(subcommand)]
         action: TopicsAction,
     },
-    /// Produce a real dataset to the engagements topic as events, in order.
+    /// Produce a dataset to the engagements topic as events, in order.
     Replay {
         /// umls, nations, kinships or movielens-100k.
-        dataset: Dataset,
+        #[arg(required_unless_present = "data")]
+        dataset: Option<Dataset>,
+        /// A folder of train.tsv, valid.tsv, test.tsv instead (see `train --help`).
+        #[arg(long, value_name = "DIR", conflicts_with = "dataset")]
+        data: Option<PathBuf>,
         /// Events per second (0: as fast as the broker takes them).
         #[arg(long, default_value_t = 0)]
         rate: u64,
@@ -62,9 +66,8 @@ enum Command {
     },
     /// Train from scratch on a dataset's train split (offline mode, same trainer).
     Train {
-        /// umls, nations, kinships or movielens-100k (uses config/<dataset>.toml unless --config).
-        #[arg(long)]
-        dataset: Dataset,
+        #[command(flatten)]
+        data: DataArgs,
         #[arg(long, default_value_t = 100)]
         epochs: usize,
         #[arg(long)]
@@ -72,8 +75,8 @@ enum Command {
     },
     /// Filtered MRR and Hits@1/3/10 of the model `train` saved, on a held-out split.
     Eval {
-        #[arg(long)]
-        dataset: Dataset,
+        #[command(flatten)]
+        data: DataArgs,
         #[arg(long, default_value = "test")]
         split: String,
         #[arg(long)]
@@ -81,8 +84,8 @@ enum Command {
     },
     /// Prequential Hits@10 on the first edges of new nodes, warm start against random init.
     WarmStart {
-        #[arg(long)]
-        dataset: Dataset,
+        #[command(flatten)]
+        data: DataArgs,
     },
     /// Prequential quality on the engagement stream in time order (every engagement ranked
     /// before training on it), the model beside popularity-so-far and item-to-item
@@ -155,51 +158,52 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let dataset_config = match &cli.command {
-        Command::Train { dataset, .. }
-        | Command::Eval { dataset, .. }
-        | Command::WarmStart { dataset }
-            if cli.config.is_none() =>
-        {
-            Some(dataset.config_file())
+    // The dataset a command reads: its config file (the built-in dataset's unless --config),
+    // then its schema (inferred from the files unless that file has a [schema] section).
+    let source = match &cli.command {
+        Command::Train { data, .. } | Command::Eval { data, .. } | Command::WarmStart { data } => {
+            Some(data.source())
         }
-        Command::StreamEval { opts, .. } if cli.config.is_none() => {
-            Some(opts.dataset.config_file())
-        }
-        Command::Stability { .. } if cli.config.is_none() => {
-            Some(Dataset::MovieLens100k.config_file())
-        }
+        Command::StreamEval { opts, .. } => Some(opts.data.source()),
+        Command::Replay { dataset, data, .. } => Some(match (dataset, data) {
+            (Some(d), _) => DataSource::Builtin(*d),
+            (None, Some(dir)) => DataSource::Dir(dir.clone()),
+            (None, None) => unreachable!("clap requires a dataset or --data"),
+        }),
         _ => None,
     };
-    let cfg = Config::load(cli.config.as_deref().or(dataset_config.as_deref()))?;
+    let dataset_config = match &cli.command {
+        Command::Stability { .. } => Some(Dataset::MovieLens100k.config_file()),
+        _ => source.as_ref().and_then(DataSource::config_file),
+    };
+    let config_file = cli.config.clone().or(dataset_config);
+    let mut cfg = Config::load(config_file.as_deref())?;
     telemetry::init_logging(&cfg.log);
+    if let Some(source) = &source {
+        offline::apply_dataset_schema(&mut cfg, source, config_file.as_deref())?;
+    }
     match cli.command {
         Command::Run { embedded_kafka } => run_daemon(cfg, embedded_kafka),
         Command::Topics {
             action: TopicsAction::Apply,
         } => apply_topics(&cfg),
         Command::Replay {
-            dataset,
             rate,
             splits,
             limit,
             bootstrap_servers,
             json,
-        } => replay_dataset(cfg, dataset, rate, &splits, limit, bootstrap_servers, json),
-        Command::Train {
-            dataset,
-            epochs,
-            json,
-        } => train_offline(&cfg, dataset, epochs, json),
-        Command::Eval {
-            dataset,
-            split,
-            json,
-        } => eval_offline(&cfg, dataset, &split, json),
-        Command::WarmStart { dataset } => {
+            ..
+        } => {
+            let source = source.expect("replay reads a dataset");
+            replay_dataset(cfg, &source, rate, &splits, limit, bootstrap_servers, json)
+        }
+        Command::Train { data, epochs, json } => train_offline(&cfg, &data.source(), epochs, json),
+        Command::Eval { data, split, json } => eval_offline(&cfg, &data.source(), &split, json),
+        Command::WarmStart { data } => {
             let device = torch_device(&cfg)?;
             for warm in [false, true] {
-                let r = offline::prequential_new_nodes(&cfg, dataset, warm, device)?;
+                let r = offline::prequential_new_nodes(&cfg, data.source(), warm, device)?;
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
@@ -274,7 +278,7 @@ fn apply_topics(cfg: &Config) -> anyhow::Result<()> {
 
 fn replay_dataset(
     mut cfg: Config,
-    dataset: Dataset,
+    dataset: &DataSource,
     rate: u64,
     splits: &[String],
     limit: Option<usize>,
@@ -284,14 +288,14 @@ fn replay_dataset(
     if let Some(b) = bootstrap_servers {
         cfg.kafka.bootstrap_servers = b;
     }
-    let mut events = offline::replay_events(&cfg.datasets.dir, dataset, splits)?;
+    let mut events = offline::checked_replay_events(&cfg, dataset, splits)?;
     if let Some(n) = limit {
         events.truncate(n);
     }
     let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let summary = block_on(replay::produce(
         &cfg,
-        dataset.name(),
+        &dataset.name(),
         &events,
         rate,
         progress,
@@ -307,7 +311,12 @@ fn replay_dataset(
     Ok(())
 }
 
-fn train_offline(cfg: &Config, dataset: Dataset, epochs: usize, json: bool) -> anyhow::Result<()> {
+fn train_offline(
+    cfg: &Config,
+    dataset: &DataSource,
+    epochs: usize,
+    json: bool,
+) -> anyhow::Result<()> {
     let device = torch_device(cfg)?;
     let report = offline::train(cfg, dataset, epochs, device)?;
     if json {
@@ -321,7 +330,7 @@ fn train_offline(cfg: &Config, dataset: Dataset, epochs: usize, json: bool) -> a
     Ok(())
 }
 
-fn eval_offline(cfg: &Config, dataset: Dataset, split: &str, json: bool) -> anyhow::Result<()> {
+fn eval_offline(cfg: &Config, dataset: &DataSource, split: &str, json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(
         split == "test" || split == "valid",
         "--split must be test or valid"
@@ -345,7 +354,8 @@ fn stream_eval(cfg: &Config, opts: &offline::StreamEvalOptions, json: bool) -> a
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     eprintln!(
         "stream-eval {}: fixed micro-batch of {} new edges per trainer step",
-        opts.dataset, opts.batch_size
+        opts.data.source(),
+        opts.batch_size
     );
     let report = offline::stream_eval(cfg, opts, device, progress)?;
     if json {

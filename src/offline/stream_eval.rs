@@ -25,7 +25,7 @@ use tch::{Device, Tensor};
 
 use crate::config::{Config, TrainParams, TrainerConfig};
 use crate::offline::{
-    realistic_rank, run_dir, stream_start, Accounting, Dataset, Figures, ItemKnn, Phase,
+    realistic_rank, run_dir, stream_start, Accounting, DataArgs, Figures, ItemKnn, Phase,
     Popularity, RankedEvent, ANY, HISTORY_BUCKETS, NEW_USERS,
 };
 use crate::schema::{Event, NodeKey};
@@ -36,8 +36,8 @@ use crate::train::{all_target_scores, Embeddings, SourceQuery, TrainerCore};
 #[derive(Debug, Clone, clap::Args)]
 pub struct StreamEvalOptions {
     /// The dataset (its engagement relations: those whose source type is `user`).
-    #[arg(long)]
-    pub dataset: Dataset,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Stream only the first N engagement events (the static part is always streamed).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -233,10 +233,10 @@ pub fn stream_eval(
     let mut cfg = cfg.clone();
     cfg.train.batch_size = opts.batch_size;
     cfg.trainer.max_batch_size = opts.batch_size;
-    let dir = run_dir(&cfg, opts.dataset).join("stream-eval");
+    let dir = run_dir(&cfg, opts.data.source()).join("stream-eval");
     let (store, events, core) = stream_start(
         &cfg,
-        opts.dataset,
+        opts.data.source(),
         &["all"],
         &dir,
         cfg.trainer.clone(),
@@ -466,7 +466,7 @@ fn report(
     }
     let pct = (opts.tune_fraction * 100.0).round();
     StreamEvalReport {
-        dataset: opts.dataset.name().into(),
+        dataset: opts.data.source().name(),
         reported_on: format!(
             "the last {}% of the engagement stream (settings chosen on the first {pct}%); \
              new_users_2_5 over the whole stream",

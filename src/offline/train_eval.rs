@@ -15,7 +15,7 @@ use tch::{Device, Tensor};
 use tracing::info;
 
 use crate::config::Config;
-use crate::offline::{self, Dataset};
+use crate::offline::{self, DataSource};
 use crate::schema::{decode_event, Schema};
 use crate::store::{AppendBatch, GraphStore, StoreOptions};
 use crate::train::train_step;
@@ -23,10 +23,11 @@ use crate::train::Embeddings;
 use crate::train::{evaluate, Filter, RankMetrics, Triple};
 use crate::train::{schema_fingerprint, Checkpoints};
 
-/// Where offline runs keep their store and model: `<storage.path>/../offline/<dataset>/`.
-pub fn run_dir(cfg: &Config, dataset: Dataset) -> PathBuf {
+/// Where offline runs keep their store and model: `<storage.path>/../offline/<dataset>/` (a
+/// `--data` folder's name is its last component).
+pub fn run_dir(cfg: &Config, dataset: impl Into<DataSource>) -> PathBuf {
     let base = cfg.storage.path.parent().unwrap_or(Path::new("."));
-    base.join("offline").join(dataset.name())
+    base.join("offline").join(dataset.into().name())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,31 +60,61 @@ pub fn open_offline_store(path: &Path, schema: &Schema) -> anyhow::Result<GraphS
     Ok(GraphStore::open(path, schema, &opts)?)
 }
 
-/// Load a split's triples as events, resolved by the schema (the replay path's decoder).
+/// Load a split's rows as events, resolved by the schema (the replay path's decoder); a row the
+/// schema refuses (an unknown relation or node type, a relation that does not connect its types)
+/// is an error naming its file and line.
 pub fn split_events(
     cfg: &Config,
     schema: &Schema,
-    dataset: Dataset,
+    dataset: impl Into<DataSource>,
     split: &str,
 ) -> anyhow::Result<Vec<crate::schema::Event>> {
+    let source = dataset.into();
     let limits = cfg.file_decode_limits();
-    offline::replay_events(&cfg.datasets.dir, dataset, &[split.to_owned()])?
-        .into_iter()
-        .map(|e| {
-            decode_event(schema, &limits, Some(e.payload().as_bytes()), 0)
-                .map_err(|err| anyhow::anyhow!("{dataset} {split}: {}: {err}", e.payload()))
-        })
-        .collect()
+    let name = source.name();
+    let mut out = Vec::new();
+    for file in offline::read_splits(&cfg.datasets.dir, &source, &[split.to_owned()])? {
+        for (row, e) in file.rows.iter().zip(file.events(&name)) {
+            let event =
+                decode_event(schema, &limits, Some(e.payload().as_bytes()), 0).map_err(|err| {
+                    anyhow::anyhow!("{}:{}: {}", file.path.display(), row.line, err.detail)
+                })?;
+            out.push(event);
+        }
+    }
+    Ok(out)
+}
+
+/// The events of `splits` in replay order, each checked against the config's schema first (a
+/// row it refuses is an error naming its file and line).
+pub fn checked_replay_events(
+    cfg: &Config,
+    dataset: impl Into<DataSource>,
+    splits: &[String],
+) -> anyhow::Result<Vec<offline::ReplayEvent>> {
+    let source = dataset.into();
+    let (schema, limits, name) = (cfg.schema(), cfg.file_decode_limits(), source.name());
+    let mut out = Vec::new();
+    for file in offline::read_splits(&cfg.datasets.dir, &source, splits)? {
+        for (row, e) in file.rows.iter().zip(file.events(&name)) {
+            decode_event(&schema, &limits, Some(e.payload().as_bytes()), 0).map_err(|err| {
+                anyhow::anyhow!("{}:{}: {}", file.path.display(), row.line, err.detail)
+            })?;
+            out.push(e);
+        }
+    }
+    Ok(out)
 }
 
 /// Train from scratch on the train split; saves the model in [`run_dir`].
 pub fn train(
     cfg: &Config,
-    dataset: Dataset,
+    dataset: impl Into<DataSource>,
     epochs: usize,
     device: Device,
 ) -> anyhow::Result<TrainReport> {
-    let dir = run_dir(cfg, dataset);
+    let dataset = dataset.into();
+    let dir = run_dir(cfg, &dataset);
     let store_dir = dir.join("store");
     // A fresh store starts a fresh model: its old checkpoints index another store.
     clear_dir(&store_dir)?;
@@ -91,7 +122,7 @@ pub fn train(
     std::fs::create_dir_all(&dir)?;
     let schema = cfg.schema();
     let store = open_offline_store(&store_dir, &schema)?;
-    let events = split_events(cfg, &schema, dataset, "train")?;
+    let events = split_events(cfg, &schema, &dataset, "train")?;
     let batch = AppendBatch::from_events(&format!("offline:{dataset}"), 0, events);
     store.append(&batch)?;
     let mut edges: Vec<_> = store
@@ -134,7 +165,7 @@ pub fn train(
     let fingerprint = schema_fingerprint(store.stored_schema());
     Checkpoints::new(&dir.join("checkpoints"), 2).save(&model, store.edge_count(), fingerprint)?;
     Ok(TrainReport {
-        dataset: dataset.name().into(),
+        dataset: dataset.name(),
         edges: edges.len() as u64,
         epochs,
         seconds,
@@ -159,11 +190,12 @@ pub struct EvalReport {
 /// Filtered ranking of a split (`valid` or `test`) with the model `train` saved.
 pub fn eval(
     cfg: &Config,
-    dataset: Dataset,
+    dataset: impl Into<DataSource>,
     split: &str,
     device: Device,
 ) -> anyhow::Result<EvalReport> {
-    let dir = run_dir(cfg, dataset);
+    let dataset = dataset.into();
+    let dir = run_dir(cfg, &dataset);
     let schema = cfg.schema();
     let store = GraphStore::open(&dir.join("store"), &schema, &StoreOptions::default())?;
     let fingerprint = schema_fingerprint(store.stored_schema());
@@ -171,7 +203,7 @@ pub fn eval(
         .load(fingerprint, device)?
         .with_context(|| {
             format!(
-                "no model in {}: run `twhin-stream train --dataset {dataset}` first",
+                "no model in {}: run `twhin-stream train` on {dataset} first",
                 dir.display()
             )
         })?
@@ -198,7 +230,7 @@ pub fn eval(
     let mut all = Vec::new();
     let (mut target, mut skipped_unseen) = (Vec::new(), 0);
     for s in ["train", "valid", "test"] {
-        let (triples, unseen) = resolve(split_events(cfg, &schema, dataset, s)?)?;
+        let (triples, unseen) = resolve(split_events(cfg, &schema, &dataset, s)?)?;
         if s == split {
             target = triples.clone();
             skipped_unseen = unseen;
@@ -207,7 +239,7 @@ pub fn eval(
     }
     let filter = Filter::new(&all);
     Ok(EvalReport {
-        dataset: dataset.name().into(),
+        dataset: dataset.name(),
         split: split.into(),
         metrics: evaluate(&model, cfg.train.comparator, &target, &filter, 256),
         skipped_unseen,
@@ -219,7 +251,7 @@ pub fn eval(
 /// `train.seed`).
 pub fn stream_start(
     cfg: &Config,
-    dataset: Dataset,
+    dataset: impl Into<DataSource>,
     splits: &[&str],
     dir: &Path,
     opts: crate::config::TrainerConfig,
@@ -232,9 +264,10 @@ pub fn stream_start(
     clear_dir(dir)?;
     let schema = cfg.schema();
     let store = open_offline_store(dir, &schema)?;
+    let dataset = dataset.into();
     let mut events = Vec::new();
     for split in splits {
-        events.extend(split_events(cfg, &schema, dataset, split)?);
+        events.extend(split_events(cfg, &schema, &dataset, split)?);
     }
     let p = &cfg.train;
     tch::manual_seed(p.seed as i64);
@@ -263,7 +296,7 @@ pub struct PrequentialReport {
 /// `trainer.replay_ratio` replayed edges per new one.
 pub fn prequential_new_nodes(
     cfg: &Config,
-    dataset: Dataset,
+    dataset: impl Into<DataSource>,
     warm: bool,
     device: Device,
 ) -> anyhow::Result<PrequentialReport> {
@@ -271,14 +304,15 @@ pub fn prequential_new_nodes(
     use crate::train::{target_ranks, RankSum, TargetQuery};
     use std::collections::HashMap;
 
-    let dir = run_dir(cfg, dataset).join(if warm {
+    let dataset = dataset.into();
+    let dir = run_dir(cfg, &dataset).join(if warm {
         "prequential-warm"
     } else {
         "prequential-random"
     });
     let mut opts = cfg.trainer.clone();
     opts.warm_start = warm;
-    let (store, events, mut core) = stream_start(cfg, dataset, &["train"], &dir, opts, device)?;
+    let (store, events, mut core) = stream_start(cfg, &dataset, &["train"], &dir, opts, device)?;
     let p = &cfg.train;
     let mut seen: HashMap<NodeRef, u32> = HashMap::new();
     let mut sum = RankSum::default();
@@ -329,7 +363,7 @@ pub fn prequential_new_nodes(
     }
     let m = sum.metrics();
     Ok(PrequentialReport {
-        dataset: dataset.name().into(),
+        dataset: dataset.name(),
         init: if warm { "warm" } else { "random" }.into(),
         evaluated: m.rankings,
         mrr: m.mrr,
