@@ -335,6 +335,8 @@ fn restored_view(cfg: &Config, publication: &Publication) -> Option<PublishedVie
         comparator: cfg.train.comparator,
         tables: params.tables,
         relations: params.relations,
+        // (The reference file holds no biases: the next version brings them.)
+        biases: Vec::new(),
         row_ts: Vec::new(),
     })
 }

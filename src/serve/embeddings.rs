@@ -255,7 +255,11 @@ fn top_targets(
         let Some(candidates) = view.tables.get(t as usize).filter(|c| rows(c) > 0) else {
             continue;
         };
-        let scores = score_targets(view.comparator, &translated, candidates).reshape([-1]);
+        let mut scores = score_targets(view.comparator, &translated, candidates).reshape([-1]);
+        // The target bias of a biased type (`train.bias_types`), as the model scores.
+        if let Some(Some(b)) = view.biases.get(t as usize) {
+            scores += b;
+        }
         let take = (k as i64).min(rows(candidates));
         let (values, indices) = scores.f_topk(take, 0, true, true)?;
         let values = Vec::<f32>::try_from(&values.to_kind(Kind::Float))?;

@@ -95,6 +95,7 @@ fn view() -> PublishedView {
             t(&[[3.0, 0.0]]),
         ],
         relations: t(&[[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]),
+        biases: Vec::new(),
         row_ts: vec![vec![1_732_190_000_123, 200], vec![], vec![]],
     }
 }
@@ -269,6 +270,29 @@ async fn neighbors_rank_exactly_across_target_types() {
     )
     .await;
     assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[actix_web::test]
+async fn neighbors_rank_with_the_target_bias() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = view();
+    // Movie biases (0, 0, -1): u1 + rated_high = (1, 1) scores m1 2.5, m2 1, m3 3 - 1 = 2.
+    v.biases = vec![None, Some(Tensor::from_slice(&[0.0f32, 0.0, -1.0])), None];
+    let serving = ServingView::new();
+    serving.publish(v);
+    let app = serve!(dir.path(), serving, None).await;
+    let (code, body) = call(
+        &app,
+        request("/v1/neighbors/user/u1?rel=rated_high&k=2", None).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+    let list: Vec<(String, f32)> = r.neighbors.into_iter().map(|n| (n.node, n.score)).collect();
+    assert_eq!(
+        list,
+        vec![("movie:m1".into(), 2.5), ("movie:m3".into(), 2.0)]
+    );
 }
 
 #[actix_web::test]

@@ -101,7 +101,7 @@ mod tests {
         }
         // With target biases (0.5, -2): added to each row's score; a rowless target has none.
         model.tables[1].biased = true;
-        let _ = model.tables[1]
+        model.tables[1]
             .biases()
             .copy_(&Tensor::from_slice(&[0.5f32, -2.0]));
         let s = all_target_scores(&model, Comparator::Dot, &queries[..1], 1);

@@ -512,6 +512,12 @@ impl TrainerCore {
                     .collect(),
                 relations: self.model.relations.to_device(Device::Cpu).copy(),
             },
+            biases: self
+                .model
+                .tables
+                .iter()
+                .map(|t| t.biased.then(|| t.biases().to_device(Device::Cpu).copy()))
+                .collect(),
             row_ts: self.row_ts.clone(),
             cursor: self.cursor,
         }
