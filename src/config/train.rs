@@ -76,6 +76,12 @@ pub struct TrainerConfig {
     pub max_batch_size: usize,
     pub warm_start: bool,
     pub warm_start_shrinkage: f64,
+    /// A warm row's Adagrad accumulator starts at its type's mean (instead of 0), so its first
+    /// step is as small as an established row's rather than `lr·√d` whatever the gradient.
+    pub warm_start_state: bool,
+    /// A new source of a history type (`train.history_types`) starts at its type's centroid:
+    /// its recent targets already stand in for its neighbours, and its row is the residual.
+    pub warm_start_history_centroid: bool,
     /// Relations the trainer trains (new and replayed edges); empty: all. Edges of the others
     /// are stored and passed over.
     pub train_relations: Vec<String>,

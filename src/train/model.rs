@@ -98,6 +98,26 @@ impl NodeTable {
         self.len = n;
     }
 
+    /// The mean Adagrad accumulator of the live rows (`None` when there are none).
+    pub fn mean_state(&self) -> Option<f64> {
+        (self.len > 0).then(|| {
+            self.state
+                .narrow(0, 0, self.len)
+                .mean(Kind::Float)
+                .double_value(&[])
+        })
+    }
+
+    /// Set the accumulator of rows `from..len` to `value` (a warm row's first step then has the
+    /// size of an established row's, not `lr·√d`).
+    pub fn seed_state(&mut self, from: i64, value: f64) {
+        if from < self.len {
+            tch::no_grad(|| {
+                let _ = self.state.narrow(0, from, self.len - from).fill_(value);
+            });
+        }
+    }
+
     /// Element-wise Adagrad on the biases of `rows` (unique indices) with their gradients `[n]`.
     pub fn adagrad_bias(&mut self, rows: &Tensor, grad: &Tensor, lr: f64) {
         tch::no_grad(|| {
@@ -250,6 +270,27 @@ mod tests {
         );
         let w0 = vals(&t.rows())[0];
         assert!((w0 - (-0.1 - 0.1 / 2f32.sqrt())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn golden_seeded_state_shrinks_the_first_step() {
+        let mut t = NodeTable::new(2, Device::Cpu);
+        t.grow(2, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+        let g = Tensor::from_slice(&[3.0f32, 4.0]).reshape([1, 2]);
+        t.adagrad(&Tensor::from_slice(&[0i64]), &g, 0.1);
+        // Row 0's accumulator is 12.5; the mean over rows 0 and 1 is 6.25.
+        assert_eq!(t.mean_state(), Some(6.25));
+        t.grow(3, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+        t.seed_state(2, 6.25);
+        assert_eq!(vals(&t.state.narrow(0, 0, 3)), vec![12.5, 0.0, 6.25]);
+        // Its first step: -0.1 · g / √(6.25 + 12.5), not -0.1 · g / √12.5.
+        t.adagrad(&Tensor::from_slice(&[2i64]), &g, 0.1);
+        let w = vals(&t.rows().get(2));
+        let d = 18.75f32.sqrt();
+        assert!(
+            (w[0] + 0.3 / d).abs() < 1e-6 && (w[1] + 0.4 / d).abs() < 1e-6,
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -479,7 +479,21 @@ impl TrainerCore {
             if n <= start {
                 continue;
             }
-            let rows = if self.opts.warm_start {
+            let names = &store.stored_schema().node_types;
+            let history_type = names
+                .get(t)
+                .is_some_and(|name| self.params.history_types.contains(name))
+                && self.params.history_recent > 0;
+            let table = &self.model.tables[t];
+            let rows = if self.opts.warm_start
+                && self.opts.warm_start_history_centroid
+                && history_type
+                && !table.is_empty()
+            {
+                warm += (n - start) as usize;
+                let centroid = table.rows().mean_dim(0, true, Kind::Float);
+                centroid + Tensor::randn([n - start, dim], (Kind::Float, device)) * scale
+            } else if self.opts.warm_start {
                 warm += (n - start) as usize;
                 warm_rows(
                     &self.model,
@@ -494,7 +508,14 @@ impl TrainerCore {
                 random += (n - start) as usize;
                 Tensor::randn([n - start, dim], (Kind::Float, device)) * scale
             };
-            self.model.tables[t].grow(n, |_| rows);
+            let seed = (self.opts.warm_start && self.opts.warm_start_state)
+                .then(|| table.mean_state())
+                .flatten();
+            let table = &mut self.model.tables[t];
+            table.grow(n, |_| rows);
+            if let Some(mean) = seed {
+                table.seed_state(start, mean);
+            }
         }
         Ok((warm, random))
     }
