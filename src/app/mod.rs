@@ -181,6 +181,7 @@ impl Daemon {
             publish: publish_status,
             bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
             rate: Default::default(),
+            train: Some(cfg.train.clone()),
         });
         let bind = cfg.http_bind()?;
         let (http, addr) = crate::serve::start(bind, state)

@@ -74,7 +74,7 @@ fn replay_count(fresh: usize, ratio: f64) -> usize {
 
 /// The recent targets of `src` of `dst_type`, with their raw weights, when `src` is of a
 /// history type (`train.history_types`); empty otherwise.
-fn history_targets(
+pub fn history_targets(
     p: &TrainParams,
     store: &GraphStore,
     src: NodeRef,
