@@ -80,6 +80,9 @@ fn bench(c: &mut Criterion) {
         all_targets_up_to: 0,
         history_types: Vec::new(),
         history_recent: 0,
+        history_decay: 1.0,
+        history_by_relation: false,
+        bias_types: Vec::new(),
     };
     tch::set_num_threads(cfg.torch.threads);
     let mut devices = vec![Device::Cpu];

@@ -181,6 +181,7 @@ impl Daemon {
             publish: publish_status,
             bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
             rate: Default::default(),
+            train: Some(cfg.train.clone()),
         });
         let bind = cfg.http_bind()?;
         let (http, addr) = crate::serve::start(bind, state)
@@ -335,6 +336,8 @@ fn restored_view(cfg: &Config, publication: &Publication) -> Option<PublishedVie
         comparator: cfg.train.comparator,
         tables: params.tables,
         relations: params.relations,
+        // (The reference file holds no biases: the next version brings them.)
+        biases: Vec::new(),
         row_ts: Vec::new(),
     })
 }

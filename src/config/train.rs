@@ -35,6 +35,16 @@ pub struct TrainParams {
     pub history_types: Vec<String>,
     /// How many recent targets represent a source of a history type. 0: off.
     pub history_recent: usize,
+    /// Recency weight of the history: the `k`-th most recent target weighs `history_decay^k`
+    /// (before the sum is normalised to unit weight norm). 1: all alike.
+    pub history_decay: f64,
+    /// The `history_recent` most recent targets of each relation, each relation's weights
+    /// normalised on their own (so each relation weighs alike), instead of the most recent of
+    /// all relations together.
+    pub history_by_relation: bool,
+    /// Node types whose rows carry a learned scalar bias, added to every score in which one of
+    /// them is the target: `(e_s + e_r)·e_t + b_t`. Empty: off.
+    pub bias_types: Vec<String>,
 }
 
 /// How a translated source is compared with a target.
@@ -66,6 +76,15 @@ pub struct TrainerConfig {
     pub max_batch_size: usize,
     pub warm_start: bool,
     pub warm_start_shrinkage: f64,
+    /// A warm row's Adagrad accumulator starts at its type's mean (instead of 0), so its first
+    /// step is as small as an established row's rather than `lr·√d` whatever the gradient.
+    pub warm_start_state: bool,
+    /// A new source of a history type (`train.history_types`) starts at its type's centroid:
+    /// its recent targets already stand in for its neighbours, and its row is the residual.
+    pub warm_start_history_centroid: bool,
+    /// Relations the trainer trains (new and replayed edges); empty: all. Edges of the others
+    /// are stored and passed over.
+    pub train_relations: Vec<String>,
     pub prequential_per_step: usize,
     pub prequential_window: usize,
     pub idle_poll_ms: u64,
@@ -95,6 +114,9 @@ impl Validate for TrainParams {
         }
         if !(t.init_scale.is_finite() && t.init_scale >= 0.0) {
             return Err(invalid("train.init_scale", "must be a non-negative number"));
+        }
+        if !(t.history_decay.is_finite() && t.history_decay > 0.0 && t.history_decay <= 1.0) {
+            return Err(invalid("train.history_decay", "must be in (0, 1]"));
         }
         if t.all_targets_up_to < 0 {
             return Err(invalid("train.all_targets_up_to", "must be at least 0"));

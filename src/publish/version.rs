@@ -35,6 +35,10 @@ pub struct PublishedView {
     pub tables: Vec<Tensor>,
     /// `[relations, D]`, in the store's relation order.
     pub relations: Tensor,
+    /// Per node type, the rows' target biases `[rows]` when the type carries one
+    /// (`train.bias_types`: added to the score of every row of it as a target); empty or
+    /// `None`: no bias.
+    pub biases: Vec<Option<Tensor>>,
     /// Per node type and row: event time (ms) of the newest event that touched the row.
     pub row_ts: Vec<Vec<i64>>,
 }
@@ -111,7 +115,14 @@ pub fn build_version(
             Some(r) => r.shallow_clone(),
             None => Tensor::zeros([0, dim], (Kind::Float, Device::Cpu)),
         };
-        let moved = rows_to_publish(table, &reference, req.threshold);
+        let bias = state.biases.get(t).and_then(Option::as_ref);
+        // A biased type's rows carry their bias as a last value, and all of them go out in
+        // every version (biases move without their rows; the type is small, as all-targets
+        // softmax types are).
+        let moved = match bias {
+            Some(_) => (0..table.size()[0]).collect(),
+            None => rows_to_publish(table, &reference, req.threshold),
+        };
         let n_ref = reference.size()[0].min(table.size()[0]);
         let mut published = Tensor::cat(
             &[
@@ -139,11 +150,15 @@ pub fn build_version(
             };
             let ts = state.row_ts[t].get(i as usize).copied().unwrap_or(0);
             newest = newest.max(ts);
+            let mut vector = values[k * width..(k + 1) * width].to_vec();
+            if let Some(b) = bias {
+                vector.push(b.double_value(&[i]) as f32);
+            }
             let record = RowRecord {
                 version: req.version,
                 epoch: req.epoch,
                 ts,
-                vector: values[k * width..(k + 1) * width].to_vec(),
+                vector,
             };
             rows.push((
                 format!("{}:{id}", schema.node_types[t]),
@@ -183,6 +198,11 @@ pub fn build_version(
         comparator: req.comparator,
         tables: view,
         relations,
+        biases: state
+            .biases
+            .iter()
+            .map(|b| b.as_ref().map(Tensor::copy))
+            .collect(),
         row_ts: state.row_ts.clone(),
     };
     Ok(Some((prepared, view)))

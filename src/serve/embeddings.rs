@@ -9,7 +9,7 @@ use crate::publish::PublishedView;
 use crate::schema::TypeId;
 use crate::serve::{ApiError, HttpState, DEFAULT_K, MAX_K};
 use crate::store::{GraphStore, NodeRef};
-use crate::train::{score_targets, translate};
+use crate::train::{history_sum, history_targets, history_weights, score_targets, translate};
 
 /// Rows of a `[rows, D]` table (0 for anything else).
 pub(super) fn rows(t: &Tensor) -> i64 {
@@ -217,7 +217,26 @@ fn rank_neighbors(
                 rel: rel.to_owned(),
                 version: view.version,
             })?;
-        let ranked = tch::no_grad(|| top_targets(view, &src, &relation, &dst_types, k))?;
+        // A history-type source is its row plus the sum of its recent targets' served rows, per
+        // target type, as the model scores it.
+        let mut sources = Vec::with_capacity(dst_types.len());
+        for &t in &dst_types {
+            let rows_of = view.tables.get(t as usize);
+            let recent = match (&state.train, rows_of) {
+                (Some(p), Some(table)) => {
+                    let n = rows(table);
+                    let mut h = history_targets(p, store, node, t as usize, u64::MAX)?;
+                    h.retain(|&(i, _)| i < n);
+                    history_sum(table, &history_weights(&h, None))
+                }
+                _ => None,
+            };
+            sources.push(match recent {
+                Some(sum) => &src + sum,
+                None => src.shallow_clone(),
+            });
+        }
+        let ranked = tch::no_grad(|| top_targets(view, &sources, &relation, &dst_types, k))?;
         Ok::<_, ApiError>((view.version, ranked))
     })?;
     let mut neighbors = Vec::with_capacity(ranked.len());
@@ -240,22 +259,26 @@ fn rank_neighbors(
     })
 }
 
-/// Best `k` of each target type (libtorch's top-k), then merged: a best `k` overall is within
+/// Best `k` of each target type (libtorch's top-k; `sources`: the source's vector for each), then merged: a best `k` overall is within
 /// the union. Ties go to the lower type id, then the lower row.
 fn top_targets(
     view: &PublishedView,
-    src: &Tensor,
+    sources: &[Tensor],
     relation: &Tensor,
     dst_types: &[TypeId],
     k: usize,
 ) -> Result<Vec<(f32, NodeRef)>, ApiError> {
-    let translated = translate(&src.unsqueeze(0), &relation.unsqueeze(0));
     let mut hits = Vec::new();
-    for &t in dst_types {
+    for (&t, src) in dst_types.iter().zip(sources) {
+        let translated = translate(&src.unsqueeze(0), &relation.unsqueeze(0));
         let Some(candidates) = view.tables.get(t as usize).filter(|c| rows(c) > 0) else {
             continue;
         };
-        let scores = score_targets(view.comparator, &translated, candidates).reshape([-1]);
+        let mut scores = score_targets(view.comparator, &translated, candidates).reshape([-1]);
+        // The target bias of a biased type (`train.bias_types`), as the model scores.
+        if let Some(Some(b)) = view.biases.get(t as usize) {
+            scores += b;
+        }
         let take = (k as i64).min(rows(candidates));
         let (values, indices) = scores.f_topk(take, 0, true, true)?;
         let values = Vec::<f32>::try_from(&values.to_kind(Kind::Float))?;

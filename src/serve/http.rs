@@ -58,6 +58,9 @@ pub struct HttpState {
     pub bearer_token: Option<String>,
     /// Samples of the consumed counter behind the recent ingest rate in `/v1/status`.
     pub rate: Mutex<RateWindow>,
+    /// `[train]`: `/v1/neighbors` adds a history-type source's recent targets
+    /// (`train.history_types`) as the model scores it. `None`: the row alone.
+    pub train: Option<crate::config::TrainParams>,
 }
 
 /// Bind and start the server; returns its handle (stop it at shutdown) and the bound address.

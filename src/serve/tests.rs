@@ -95,6 +95,7 @@ fn view() -> PublishedView {
             t(&[[3.0, 0.0]]),
         ],
         relations: t(&[[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]),
+        biases: Vec::new(),
         row_ts: vec![vec![1_732_190_000_123, 200], vec![], vec![]],
     }
 }
@@ -117,6 +118,7 @@ fn state(store: Arc<GraphStore>, serving: ServingView, token: Option<&str>) -> H
         publish: None,
         bearer_token: token.map(Into::into),
         rate: Mutex::default(),
+        train: None,
     }
 }
 
@@ -269,6 +271,61 @@ async fn neighbors_rank_exactly_across_target_types() {
     )
     .await;
     assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[actix_web::test]
+async fn neighbors_rank_with_the_target_bias() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = view();
+    // Movie biases (0, 0, -1): u1 + rated_high = (1, 1) scores m1 2.5, m2 1, m3 3 - 1 = 2.
+    v.biases = vec![None, Some(Tensor::from_slice(&[0.0f32, 0.0, -1.0])), None];
+    let serving = ServingView::new();
+    serving.publish(v);
+    let app = serve!(dir.path(), serving, None).await;
+    let (code, body) = call(
+        &app,
+        request("/v1/neighbors/user/u1?rel=rated_high&k=2", None).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+    let list: Vec<(String, f32)> = r.neighbors.into_iter().map(|n| (n.node, n.score)).collect();
+    assert_eq!(
+        list,
+        vec![("movie:m1".into(), 2.5), ("movie:m3".into(), 2.0)]
+    );
+}
+
+#[actix_web::test]
+async fn neighbors_rank_a_history_source_with_its_recent_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut train: crate::config::TrainParams =
+        toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap()["train"]
+            .clone()
+            .try_into()
+            .unwrap();
+    train.history_types = vec!["user".into()];
+    train.history_recent = 2;
+    let mut st = state(store(dir.path()), served_view(), None);
+    st.train = Some(train);
+    let app = init_service(app(web::Data::new(st))).await;
+    // u1's two most recent movies are m2 (2, -1) and m3 (-1, 4): u1 = (1, 0) + (1, 3) / √2,
+    // plus rated_high (0, 1); m3 scores -1.707 + 4 · 3.121 = 10.778, m1 1.707 + 1.5 · 3.121.
+    let (code, body) = call(
+        &app,
+        request("/v1/neighbors/user/u1?rel=rated_high&k=2", None).to_request(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+    let h = 1.0 / 2f32.sqrt();
+    let (a, b) = (1.0 + h, 3.0 * h + 1.0);
+    let want = [("movie:m3", -a + 4.0 * b), ("movie:m1", a + 1.5 * b)];
+    assert_eq!(r.neighbors.len(), 2);
+    for (got, (node, score)) in r.neighbors.iter().zip(want) {
+        assert_eq!(got.node, node);
+        assert!((got.score - score).abs() < 1e-4, "{:?}", r.neighbors);
+    }
 }
 
 #[actix_web::test]

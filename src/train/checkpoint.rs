@@ -138,6 +138,17 @@ impl Checkpoints {
                 format!("state.{t}"),
                 table.state.narrow(0, 0, table.len()).to_device(Device::Cpu),
             ));
+            // Only tables that carry a bias write one: without biases the file is as before.
+            if table.biased {
+                named.push((format!("bias.{t}"), table.biases().to_device(Device::Cpu)));
+                named.push((
+                    format!("bias_state.{t}"),
+                    table
+                        .bias_state
+                        .narrow(0, 0, table.len())
+                        .to_device(Device::Cpu),
+                ));
+            }
         }
         named.push(("relations".into(), model.relations.to_device(Device::Cpu)));
         named.push((
@@ -261,6 +272,19 @@ impl Checkpoints {
             }
             model.tables[t].grow(rows, |_| weights);
             tch::no_grad(|| model.tables[t].state.narrow(0, 0, rows).copy_(&state));
+            if loaded.iter().any(|(n, _)| *n == format!("bias.{t}")) {
+                let (bias, bias_state) =
+                    (get(&format!("bias.{t}"))?, get(&format!("bias_state.{t}"))?);
+                if bias.size() != [rows] || bias_state.size() != [rows] {
+                    return Err(invalid(&tensors, format!("bias {t} has the wrong shape")));
+                }
+                let table = &mut model.tables[t];
+                table.biased = true;
+                tch::no_grad(|| {
+                    table.bias.narrow(0, 0, rows).copy_(&bias);
+                    table.bias_state.narrow(0, 0, rows).copy_(&bias_state);
+                });
+            }
         }
         Ok(Restored { meta, model })
     }
@@ -296,6 +320,11 @@ mod tests {
         let rows = Tensor::from_slice(&[1i64, 3]);
         m.tables[0].adagrad(&rows, &values(2), 0.1);
         m.adagrad_relations(&values(3), 0.1);
+        // Table 1 carries a bias (and its optimiser state); table 0 does not.
+        m.tables[1].biased = true;
+        let biased = Tensor::from_slice(&[2i64, 7]);
+        let grad = Tensor::from_slice(&[0.5f32 * seed as f32, -1.0]);
+        m.tables[1].adagrad_bias(&biased, &grad, 0.1);
         m
     }
 
@@ -304,6 +333,11 @@ mod tests {
             && a.relation_state.equal(&b.relation_state)
             && a.tables.iter().zip(&b.tables).all(|(x, y)| {
                 x.len() == y.len()
+                    && x.biased == y.biased
+                    && x.biases().equal(&y.biases())
+                    && x.bias_state
+                        .narrow(0, 0, x.len())
+                        .equal(&y.bias_state.narrow(0, 0, y.len()))
                     && x.rows().equal(&y.rows())
                     && x.state
                         .narrow(0, 0, x.len())

@@ -15,6 +15,13 @@ pub struct NodeTable {
     pub weights: Tensor,
     /// Row-wise Adagrad accumulator, `[capacity]`.
     pub state: Tensor,
+    /// Whether the rows carry a learned scalar bias, added to every score in which one of them
+    /// is the target ([`crate::config::TrainParams::bias_types`]).
+    pub biased: bool,
+    /// The biases, `[capacity]` (zeros unless `biased`), and their element-wise Adagrad
+    /// accumulator.
+    pub bias: Tensor,
+    pub bias_state: Tensor,
     len: i64,
 }
 
@@ -23,8 +30,16 @@ impl NodeTable {
         NodeTable {
             weights: Tensor::zeros([0, dim], (Kind::Float, device)),
             state: Tensor::zeros([0], (Kind::Float, device)),
+            biased: false,
+            bias: Tensor::zeros([0], (Kind::Float, device)),
+            bias_state: Tensor::zeros([0], (Kind::Float, device)),
             len: 0,
         }
+    }
+
+    /// The live rows' biases, `[len]` (a view; zeros when the table is not biased).
+    pub fn biases(&self) -> Tensor {
+        self.bias.narrow(0, 0, self.len)
     }
 
     pub fn len(&self) -> i64 {
@@ -58,20 +73,58 @@ impl NodeTable {
             let (dim, device) = (self.weights.size()[1], self.weights.device());
             let weights = Tensor::zeros([cap, dim], (Kind::Float, device));
             let state = Tensor::zeros([cap], (Kind::Float, device));
+            let bias = Tensor::zeros([cap], (Kind::Float, device));
+            let bias_state = Tensor::zeros([cap], (Kind::Float, device));
             tch::no_grad(|| {
                 weights.narrow(0, 0, self.len).copy_(&self.rows());
-                state
-                    .narrow(0, 0, self.len)
-                    .copy_(&self.state.narrow(0, 0, self.len));
+                for (new, old) in [
+                    (&state, &self.state),
+                    (&bias, &self.bias),
+                    (&bias_state, &self.bias_state),
+                ] {
+                    new.narrow(0, 0, self.len)
+                        .copy_(&old.narrow(0, 0, self.len));
+                }
             });
             self.weights = weights;
             self.state = state;
+            self.bias = bias;
+            self.bias_state = bias_state;
         }
         let fresh = init(n - self.len)
             .to_device(self.weights.device())
             .to_kind(Kind::Float);
         tch::no_grad(|| self.weights.narrow(0, self.len, n - self.len).copy_(&fresh));
         self.len = n;
+    }
+
+    /// The mean Adagrad accumulator of the live rows (`None` when there are none).
+    pub fn mean_state(&self) -> Option<f64> {
+        (self.len > 0).then(|| {
+            self.state
+                .narrow(0, 0, self.len)
+                .mean(Kind::Float)
+                .double_value(&[])
+        })
+    }
+
+    /// Set the accumulator of rows `from..len` to `value` (a warm row's first step then has the
+    /// size of an established row's, not `lr·√d`).
+    pub fn seed_state(&mut self, from: i64, value: f64) {
+        if from < self.len {
+            tch::no_grad(|| {
+                let _ = self.state.narrow(0, from, self.len - from).fill_(value);
+            });
+        }
+    }
+
+    /// Element-wise Adagrad on the biases of `rows` (unique indices) with their gradients `[n]`.
+    pub fn adagrad_bias(&mut self, rows: &Tensor, grad: &Tensor, lr: f64) {
+        tch::no_grad(|| {
+            let _ = self.bias_state.index_add_(0, rows, &grad.square());
+            let denom = self.bias_state.index_select(0, rows).sqrt() + ADAGRAD_EPS;
+            let _ = self.bias.index_add_(0, rows, &(grad / denom * (-lr)));
+        });
     }
 
     /// Apply one sparse Adagrad step to `rows` (unique indices) with their gradients `[n, D]`.
@@ -124,13 +177,28 @@ impl Embeddings {
         p: &crate::train::TrainParams,
         device: Device,
     ) -> Embeddings {
-        Embeddings::new(
+        let mut model = Embeddings::new(
             schema.node_types().len(),
             schema.relations().len() as i64,
             p.dim,
             p.init_scale,
             device,
-        )
+        );
+        model.set_biased(schema.node_types(), &p.bias_types);
+        model
+    }
+
+    /// Tables of the types named in `bias_types` carry a bias (`names`: the types in order).
+    pub fn set_biased(&mut self, names: &[String], bias_types: &[String]) {
+        for (table, name) in self.tables.iter_mut().zip(names) {
+            table.biased = bias_types.contains(name);
+        }
+    }
+
+    /// The biases of `dst_type`'s live rows when it is biased.
+    pub fn target_bias(&self, dst_type: usize) -> Option<Tensor> {
+        let t = &self.tables[dst_type];
+        t.biased.then(|| t.biases())
     }
 
     /// Dense Adagrad step on the relation vectors.
@@ -202,6 +270,27 @@ mod tests {
         );
         let w0 = vals(&t.rows())[0];
         assert!((w0 - (-0.1 - 0.1 / 2f32.sqrt())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn golden_seeded_state_shrinks_the_first_step() {
+        let mut t = NodeTable::new(2, Device::Cpu);
+        t.grow(2, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+        let g = Tensor::from_slice(&[3.0f32, 4.0]).reshape([1, 2]);
+        t.adagrad(&Tensor::from_slice(&[0i64]), &g, 0.1);
+        // Row 0's accumulator is 12.5; the mean over rows 0 and 1 is 6.25.
+        assert_eq!(t.mean_state(), Some(6.25));
+        t.grow(3, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+        t.seed_state(2, 6.25);
+        assert_eq!(vals(&t.state.narrow(0, 0, 3)), vec![12.5, 0.0, 6.25]);
+        // Its first step: -0.1 · g / √(6.25 + 12.5), not -0.1 · g / √12.5.
+        t.adagrad(&Tensor::from_slice(&[2i64]), &g, 0.1);
+        let w = vals(&t.rows().get(2));
+        let d = 18.75f32.sqrt();
+        assert!(
+            (w[0] + 0.3 / d).abs() < 1e-6 && (w[1] + 0.4 / d).abs() < 1e-6,
+            "{w:?}"
+        );
     }
 
     #[test]

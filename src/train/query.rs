@@ -9,15 +9,16 @@ use crate::train::{score_targets, translate, Comparator, Embeddings};
 /// One query: the source's type and row (`None`: the source has no row yet, so it is scored as
 /// a zero row), the relation, and the source's recent targets (rows of the target type) when it
 /// is of a history type ([`crate::train::History`]; empty otherwise).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SourceQuery {
     pub src_type: usize,
     pub src: Option<i64>,
     pub rel: i64,
-    pub history: Vec<i64>,
+    pub history: Vec<(i64, f32)>,
 }
 
-/// Scores of every row of `dst_type` for each query, on the CPU: `[b, rows + 1]`, the last
+/// Scores of every row of `dst_type` for each query (with the target bias when `dst_type`
+/// carries one), on the CPU: `[b, rows + 1]`, the last
 /// column being the score of a target without a row (a zero row), so a caller ranking over
 /// nodes the model has not seen yet scores them as the model would.
 pub fn all_target_scores(
@@ -40,14 +41,10 @@ pub fn all_target_scores(
                     _ => zero.shallow_clone(),
                 };
                 let weights = crate::train::history_weights(&q.history, None);
-                if weights.is_empty() {
-                    return row;
+                match crate::train::history_sum(&targets, &weights) {
+                    Some(sum) => row + sum,
+                    None => row,
                 }
-                let idx: Vec<i64> = weights.iter().map(|w| w.0).collect();
-                let sum = targets
-                    .index_select(0, &Tensor::from_slice(&idx).to_device(device))
-                    .sum_dim_intlist(0, false, Kind::Float);
-                row + sum * weights[0].1 as f64
             })
             .collect();
         let rels: Vec<i64> = queries.iter().map(|q| q.rel).collect();
@@ -56,7 +53,13 @@ pub fn all_target_scores(
             .index_select(0, &Tensor::from_slice(&rels).to_device(device));
         let a = translate(&Tensor::stack(&src, 0), &rel);
         let candidates = Tensor::cat(&[model.tables[dst_type].rows(), zero.unsqueeze(0)], 0);
-        score_targets(cmp, &a, &candidates).to_device(Device::Cpu)
+        let scores = score_targets(cmp, &a, &candidates);
+        let scores = match model.target_bias(dst_type) {
+            // A target without a row has no bias yet: 0.
+            Some(b) => scores + Tensor::cat(&[b, zero.narrow(0, 0, 1)], 0).unsqueeze(0),
+            None => scores,
+        };
+        scores.to_device(Device::Cpu)
     })
 }
 
@@ -80,7 +83,11 @@ mod tests {
             rel: 0,
             history,
         };
-        let queries = [q(Some(0), vec![]), q(None, vec![]), q(None, vec![0, 1])];
+        let queries = [
+            q(Some(0), vec![]),
+            q(None, vec![]),
+            q(None, vec![(0, 1.0), (1, 1.0)]),
+        ];
         let s = all_target_scores(&model, Comparator::Dot, &queries, 1);
         let got = Vec::<f32>::try_from(s.reshape([-1])).unwrap();
         // (0,1)+(1,0) = (1,1): 5, 0, and 0 for a rowless target; the rowless source is (1,0).
@@ -92,5 +99,13 @@ mod tests {
         for (g, w) in got[6..].iter().zip(want3) {
             assert!((g - w).abs() < 1e-5, "{got:?}");
         }
+        // With target biases (0.5, -2): added to each row's score; a rowless target has none.
+        model.tables[1].biased = true;
+        model.tables[1]
+            .biases()
+            .copy_(&Tensor::from_slice(&[0.5f32, -2.0]));
+        let s = all_target_scores(&model, Comparator::Dot, &queries[..1], 1);
+        let got = Vec::<f32>::try_from(s.reshape([-1])).unwrap();
+        assert_eq!(got, vec![5.5, -2.0, 0.0]);
     }
 }

@@ -157,7 +157,11 @@ pub fn evaluate(
                 let er = model.relations.index_select(0, &r);
                 let ed = dst_table.index_select(0, &d);
 
-                let tails = score_targets(cmp, &translate(&es, &er), &dst_table);
+                let mut tails = score_targets(cmp, &translate(&es, &er), &dst_table);
+                if let Some(b) = model.target_bias(dt) {
+                    // (Heads share their target, so its bias does not move their ranks.)
+                    tails += b.unsqueeze(0);
+                }
                 let known = part
                     .iter()
                     .map(|t| (filter.targets.get(&(t.0, t.1, t.2)), dt, t.4));
@@ -186,7 +190,7 @@ pub struct TargetQuery {
     pub known: Vec<i64>,
     /// The source's recent targets (rows of `dst`'s type) when it is of a history type
     /// ([`crate::train::History`]): added to its row as the step adds them. Empty otherwise.
-    pub history: Vec<i64>,
+    pub history: Vec<(i64, f32)>,
 }
 
 /// Realistic ranks of `queries` against the current tables (prequential evaluation), in the
@@ -207,14 +211,10 @@ pub fn target_ranks(model: &Embeddings, cmp: Comparator, queries: &[TargetQuery]
                     let q = &queries[i];
                     let row = model.tables[q.src_type].weights.get(q.src);
                     let weights = crate::train::history_weights(&q.history, None);
-                    if weights.is_empty() {
-                        return row;
+                    match crate::train::history_sum(&targets, &weights) {
+                        Some(sum) => row + sum,
+                        None => row,
                     }
-                    let idx: Vec<i64> = weights.iter().map(|w| w.0).collect();
-                    let sum = targets
-                        .index_select(0, &Tensor::from_slice(&idx).to_device(device))
-                        .sum_dim_intlist(0, false, Kind::Float);
-                    row + sum * weights[0].1 as f64
                 })
                 .collect();
             let idx = |f: &dyn Fn(&TargetQuery) -> i64| {
@@ -223,12 +223,15 @@ pub fn target_ranks(model: &Embeddings, cmp: Comparator, queries: &[TargetQuery]
             };
             let rel = model.relations.index_select(0, &idx(&|q| q.rel));
             let candidates = model.tables[dt].rows();
-            let scores = score_targets(
+            let mut scores = score_targets(
                 cmp,
                 &translate(&Tensor::stack(&src_rows, 0), &rel),
                 &candidates,
-            )
-            .to_kind(Kind::Double);
+            );
+            if let Some(b) = model.target_bias(dt) {
+                scores += b.unsqueeze(0);
+            }
+            let scores = scores.to_kind(Kind::Double);
             let truth_col = idx(&|q| q.dst).unsqueeze(1);
             let truth = scores.gather(1, &truth_col, false).squeeze_dim(1);
             let n = scores.size()[1];

@@ -39,6 +39,9 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct ModelState {
     pub params: Snapshot,
+    /// Per node type, the rows' target biases `[rows]` when the type carries one
+    /// (`train.bias_types`); rotation leaves them as they are.
+    pub biases: Vec<Option<Tensor>>,
     pub row_ts: Vec<Vec<i64>>,
     pub cursor: u64,
 }

@@ -96,25 +96,44 @@ impl Weights {
     }
 }
 
-/// A source's recent targets (rows of a target type, oldest first) for the user model: a
-/// source of a history type is scored as its row plus `Σ e_i / √n` over its `n` most recent
-/// targets of the group's target type, so one engagement changes its score at once (FISM,
-/// SVD++). The trainer answers from the store; `None` or an empty answer: the row alone.
-pub type History<'a> = &'a dyn Fn(NodeRef, usize) -> Vec<i64>;
+/// A source's recent targets (rows of a target type, oldest first) for the user model, each
+/// with its raw weight (1 unless `train.history_decay` or `train.history_by_relation` say
+/// otherwise): a source of a history type is scored as its row plus `Σ w_i e_i / √(Σ w_i²)`
+/// over them (`Σ e_i / √n` with unit weights), so one engagement changes its score at once
+/// (FISM, SVD++). The trainer answers from the store; `None` or an empty answer: the row alone.
+pub type History<'a> = &'a dyn Fn(NodeRef, usize) -> Vec<(i64, f32)>;
 
-/// The `(row, target row, weight)` triplets of one source's history, leaving `skip` out (an
-/// edge is not explained by its own target).
-pub fn history_weights(recent: &[i64], skip: Option<i64>) -> Vec<(i64, f32)> {
-    let kept: Vec<i64> = recent
+/// The `(target row, weight)` pairs of one source's history, leaving `skip` out (an edge is not
+/// explained by its own target), the weights normalised to unit norm.
+pub fn history_weights(recent: &[(i64, f32)], skip: Option<i64>) -> Vec<(i64, f32)> {
+    let kept: Vec<(i64, f32)> = recent
         .iter()
         .copied()
-        .filter(|&i| Some(i) != skip)
+        .filter(|&(i, _)| Some(i) != skip)
         .collect();
-    if kept.is_empty() {
+    let norm = kept.iter().map(|&(_, w)| w * w).sum::<f32>().sqrt();
+    if kept.is_empty() || norm <= 0.0 {
         return Vec::new();
     }
-    let w = 1.0 / (kept.len() as f32).sqrt();
-    kept.into_iter().map(|i| (i, w)).collect()
+    kept.into_iter().map(|(i, w)| (i, w / norm)).collect()
+}
+
+/// The weighted sum `Σ w_i · rows[i]` of a history's normalised weights `[D]` (`None`: empty).
+pub fn history_sum(rows: &Tensor, weights: &[(i64, f32)]) -> Option<Tensor> {
+    if weights.is_empty() {
+        return None;
+    }
+    let device = rows.device();
+    let idx: Vec<i64> = weights.iter().map(|w| w.0).collect();
+    let w: Vec<f32> = weights.iter().map(|w| w.1).collect();
+    let w = Tensor::from_slice(&w).to_device(device);
+    Some(
+        (rows.index_select(0, &long(&idx, device)) * w.unsqueeze(1)).sum_dim_intlist(
+            0,
+            false,
+            Kind::Float,
+        ),
+    )
 }
 
 fn long(v: &[i64], device: Device) -> Tensor {
@@ -192,6 +211,24 @@ fn chunked(x: &Tensor, chunk: i64) -> Tensor {
         x.shallow_clone()
     };
     x.view([n, chunk, d])
+}
+
+/// `[b]` per-positive values → `[b, chunk]`, column `j` of row `i` the value of the `j`-th
+/// positive of `i`'s chunk (zero for padding), matching [`unchunked`] in-batch scores.
+fn in_batch_columns(x: &Tensor, chunk: i64, b: i64) -> Tensor {
+    let n = (b + chunk - 1) / chunk;
+    let padded = Tensor::cat(
+        &[
+            x.shallow_clone(),
+            Tensor::zeros([n * chunk - b], (x.kind(), x.device())),
+        ],
+        0,
+    );
+    padded
+        .view([n, 1, chunk])
+        .expand([n, chunk, chunk], false)
+        .reshape([n * chunk, chunk])
+        .narrow(0, 0, b)
 }
 
 /// `[n, chunk, chunk]` in-batch scores → `[b, chunk]` (padding rows dropped).
@@ -354,9 +391,9 @@ pub fn train_step_with(
                         node_type: src_type as u16,
                         index,
                     };
-                    let recent: Vec<i64> = h(node, dst_type)
+                    let recent: Vec<(i64, f32)> = h(node, dst_type)
                         .into_iter()
-                        .filter(|&i| i < n_dst)
+                        .filter(|&(i, _)| i < n_dst)
                         .collect();
                     for (i, w) in history_weights(&recent, skip) {
                         out.0.push((row as i64, rows[dst_type].add(i), w));
@@ -407,6 +444,21 @@ pub fn train_step_with(
         })
         .collect();
     let rel_leaf = model.relations.detach().set_requires_grad(true);
+    // The touched rows' biases, for tables that carry one.
+    let bias_leaves: Vec<Option<Tensor>> = leaves
+        .iter()
+        .zip(&model.tables)
+        .map(|(l, table)| {
+            let (idx, _) = l.as_ref().filter(|_| table.biased)?;
+            Some(
+                table
+                    .bias
+                    .index_select(0, idx)
+                    .detach()
+                    .set_requires_grad(true),
+            )
+        })
+        .collect();
 
     let mut total = Tensor::zeros([], (Kind::Float, device));
     for g in &groups {
@@ -428,8 +480,19 @@ pub fn train_step_with(
         let t = table(g.dst_type, &g.dst_pos);
         let r = rel_leaf.index_select(0, &long(&g.rels, device));
         let a = translate(&s, &r);
-        let pos = score_pairs(p.comparator, &a, &t);
         let chunk = (p.chunk_size as i64).min(b);
+        // The target bias: of each positive's target `[b]`, and of a set of candidates.
+        let bias = bias_leaves[g.dst_type].as_ref();
+        let bias_of = |pos: &[i64]| bias.map(|l| l.index_select(0, &long(pos, device)));
+        let pos_bias = bias_of(&g.dst_pos);
+        let plus = |x: Tensor, add: Option<Tensor>| match add {
+            Some(add) => x + add,
+            None => x,
+        };
+        let pos = plus(
+            score_pairs(p.comparator, &a, &t),
+            pos_bias.as_ref().map(Tensor::shallow_clone),
+        );
         let (a_c, s_c, r_c, t_c) = (
             chunked(&a, chunk),
             chunked(&s, chunk),
@@ -441,13 +504,22 @@ pub fn train_step_with(
         // uniform.
         let dst_parts = match &g.all_dst_pos {
             Some(all) => {
-                let scores = score_targets(p.comparator, &a, &table(g.dst_type, all));
+                let scores = plus(
+                    score_targets(p.comparator, &a, &table(g.dst_type, all)),
+                    bias_of(all).map(|x| x.unsqueeze(0)),
+                );
                 let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
                 vec![(scores, valid.to_device(device))]
             }
             None => {
-                let in_batch = unchunked(&score_targets(p.comparator, &a_c, &t_c), b);
-                let uniform = score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos));
+                let in_batch = plus(
+                    unchunked(&score_targets(p.comparator, &a_c, &t_c), b),
+                    pos_bias.as_ref().map(|x| in_batch_columns(x, chunk, b)),
+                );
+                let uniform = plus(
+                    score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos)),
+                    bias_of(&g.uni_dst_pos).map(|x| x.unsqueeze(0)),
+                );
                 let (in_valid, uni_valid) =
                     negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
                 vec![(in_batch, in_valid), (uniform, uni_valid)]
@@ -456,8 +528,13 @@ pub fn train_step_with(
         let dst_refs: Vec<(&Tensor, &Tensor)> = dst_parts.iter().map(|(s, v)| (s, v)).collect();
 
         // Sources likewise.
-        let src_in_batch = unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b);
-        let src_uniform = score_sources(p.comparator, &uni_s, &r, &t);
+        // (The target's bias is the same for every candidate source.)
+        let own_bias = pos_bias.as_ref().map(|x| x.unsqueeze(1));
+        let src_in_batch = plus(
+            unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b),
+            own_bias.as_ref().map(Tensor::shallow_clone),
+        );
+        let src_uniform = plus(score_sources(p.comparator, &uni_s, &r, &t), own_bias);
         let (src_in_valid, src_uni_valid) =
             negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
 
@@ -487,9 +564,15 @@ pub fn train_step_with(
         .map(|l| l.as_ref().map(|(_, leaf)| leaf.grad()))
         .collect();
     let rel_grad = rel_leaf.grad();
+    // (A bias whose rows were only sources in this step has no gradient.)
+    let bias_grads: Vec<Option<Tensor>> = bias_leaves
+        .iter()
+        .map(|l| l.as_ref().map(Tensor::grad).filter(Tensor::defined))
+        .collect();
     let finite = grads
         .iter()
         .flatten()
+        .chain(bias_grads.iter().flatten())
         .chain(std::iter::once(&rel_grad))
         .all(|g| g.isfinite().all().int64_value(&[]) == 1);
     if !finite {
@@ -502,6 +585,11 @@ pub fn train_step_with(
     for (t, (leaf, grad)) in leaves.iter().zip(grads).enumerate() {
         if let (Some((idx, _)), Some(grad)) = (leaf, grad) {
             model.tables[t].adagrad(idx, &grad, p.lr);
+        }
+    }
+    for (t, (leaf, grad)) in leaves.iter().zip(bias_grads).enumerate() {
+        if let (Some((idx, _)), Some(grad)) = (leaf, grad) {
+            model.tables[t].adagrad_bias(idx, &grad, p.lr);
         }
     }
     model.adagrad_relations(&rel_grad, p.relation_lr);
@@ -541,6 +629,9 @@ mod tests {
             all_targets_up_to: 0,
             history_types: Vec::new(),
             history_recent: 0,
+            history_decay: 1.0,
+            history_by_relation: false,
+            bias_types: Vec::new(),
         }
     }
 
@@ -619,11 +710,20 @@ mod tests {
 
     #[test]
     fn golden_history_weights_leave_the_edge_target_out() {
+        let unit = |v: &[i64]| v.iter().map(|&i| (i, 1.0)).collect::<Vec<_>>();
         assert_eq!(history_weights(&[], None), vec![]);
-        assert_eq!(history_weights(&[7], Some(7)), vec![]);
+        assert_eq!(history_weights(&unit(&[7]), Some(7)), vec![]);
         let h = 1.0 / 2f32.sqrt();
-        assert_eq!(history_weights(&[3, 7, 5], Some(7)), vec![(3, h), (5, h)]);
-        assert_eq!(history_weights(&[3, 7, 5, 9], None)[0], (3, 0.5));
+        assert_eq!(
+            history_weights(&unit(&[3, 7, 5]), Some(7)),
+            vec![(3, h), (5, h)]
+        );
+        assert_eq!(history_weights(&unit(&[3, 7, 5, 9]), None)[0], (3, 0.5));
+        // Raw weights 3 and 4 (norm 5): 0.6 and 0.8.
+        assert_eq!(
+            history_weights(&[(1, 3.0), (2, 4.0)], None),
+            vec![(1, 0.6), (2, 0.8)]
+        );
     }
 
     #[test]
@@ -638,7 +738,7 @@ mod tests {
         // Source 0 has recent targets 7 and 8; only its edge to 1 is trained.
         let history = |n: NodeRef, _t: usize| {
             if n.index == 0 {
-                vec![7, 8]
+                vec![(7, 1.0), (8, 1.0)]
             } else {
                 vec![]
             }
@@ -661,6 +761,48 @@ mod tests {
         };
         assert!(moved(7) && moved(8), "history rows get gradients");
         assert!(moved(0) && moved(1) && !moved(5));
+    }
+
+    #[test]
+    fn golden_in_batch_bias_columns_follow_the_chunks() {
+        // Five positives in chunks of 2: rows 0-1 see biases 1, 2; rows 2-3 see 3, 4; row 4
+        // sees 5 and padding.
+        let b = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0]);
+        let got = Vec::<f32>::try_from(in_batch_columns(&b, 2, 5).reshape([-1])).unwrap();
+        assert_eq!(got, vec![1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 5.0, 0.0]);
+    }
+
+    #[test]
+    fn golden_step_of_a_target_bias() {
+        // One positive 0 -> 1 over two targets, dim 1 with zero rows and relation: every score
+        // is its bias (all zero), so the softmax over {1 (positive), 0} gives the positive
+        // gradient -(1 - 1/2) = -0.5 and the negative +0.5; Adagrad's first element-wise step
+        // is lr · sign: +0.1 and -0.1. The row-less source side adds the same bias to each
+        // candidate source, which moves nothing.
+        let mut rng = SmallRng::seed_from_u64(0);
+        let mut p = params();
+        p.dim = 1;
+        p.loss = LossKind::Softmax;
+        p.uniform_negatives = 0;
+        p.all_targets_up_to = 10;
+        let mut model = Embeddings::new(2, 1, 1, 0.0, Device::Cpu);
+        model.tables[1].biased = true;
+        model.tables[0].grow(1, |n| Tensor::zeros([n, 1], (Kind::Float, Device::Cpu)));
+        model.tables[1].grow(2, |n| Tensor::zeros([n, 1], (Kind::Float, Device::Cpu)));
+        let mut e = edge(0, 0, 1);
+        e.dst.node_type = 1;
+        let stats = train_step(&mut model, &[e], &p, &mut rng);
+        assert!(!stats.skipped);
+        let b = Vec::<f32>::try_from(model.tables[1].biases()).unwrap();
+        assert!(
+            (b[0] + 0.1).abs() < 1e-6 && (b[1] - 0.1).abs() < 1e-6,
+            "{b:?}"
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(model.tables[0].biases()).unwrap(),
+            vec![0.0],
+            "an unbiased table keeps zeros"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::{Config, TrainerConfig};
-use crate::store::{Edge, GraphStore, NodeRef, StoreError};
+use crate::store::{Direction, Edge, GraphStore, NodeRef, StoreError};
 use crate::train::{
     known_targets, non_finite_rows, recent_targets, rows_needed, schema_fingerprint, target_ranks,
     train_step_with, warm_rows, CheckpointError, Checkpoints, Embeddings, History, ModelState,
@@ -72,15 +72,15 @@ fn replay_count(fresh: usize, ratio: f64) -> usize {
     (fresh as f64 * ratio).round() as usize
 }
 
-/// The recent targets of `src` of `dst_type` when `src` is of a history type
-/// (`train.history_types`); empty otherwise.
-fn history_targets(
+/// The recent targets of `src` of `dst_type`, with their raw weights, when `src` is of a
+/// history type (`train.history_types`); empty otherwise.
+pub fn history_targets(
     p: &TrainParams,
     store: &GraphStore,
     src: NodeRef,
     dst_type: usize,
     before: u64,
-) -> Result<Vec<i64>, StoreError> {
+) -> Result<Vec<(i64, f32)>, StoreError> {
     let types = &store.stored_schema().node_types;
     let on = types
         .get(src.node_type as usize)
@@ -88,7 +88,59 @@ fn history_targets(
     if p.history_recent == 0 || !on {
         return Ok(Vec::new());
     }
-    recent_targets(store, src, dst_type as u16, p.history_recent, before)
+    if p.history_decay == 1.0 && !p.history_by_relation {
+        let recent = recent_targets(store, src, dst_type as u16, p.history_recent, before)?;
+        return Ok(recent.into_iter().map(|i| (i, 1.0)).collect());
+    }
+    let targets: Vec<(u64, u16, i64)> = store
+        .neighbors(src, None, Some(Direction::Out), usize::MAX)?
+        .into_iter()
+        .filter(|n| n.node.node_type == dst_type as u16 && n.seq < before)
+        .map(|n| (n.seq, n.rel, n.node.index as i64))
+        .collect();
+    Ok(weighted_recent(
+        targets,
+        p.history_recent,
+        p.history_decay,
+        p.history_by_relation,
+    ))
+}
+
+/// A history from `(seq, relation, target row)` triples: the `n` most recent (per relation when
+/// `by_relation`), oldest first, the `k`-th newest weighing `decay^k`; per relation, each
+/// relation's weights scaled to unit norm, so each relation counts alike however many targets
+/// it holds.
+pub fn weighted_recent(
+    mut targets: Vec<(u64, u16, i64)>,
+    n: usize,
+    decay: f64,
+    by_relation: bool,
+) -> Vec<(i64, f32)> {
+    targets.sort_unstable();
+    let mut out: Vec<(u64, i64, f32)> = Vec::new();
+    let mut groups: BTreeMap<u16, Vec<(u64, i64)>> = BTreeMap::new();
+    for &(seq, rel, i) in &targets {
+        groups
+            .entry(if by_relation { rel } else { 0 })
+            .or_default()
+            .push((seq, i));
+    }
+    for group in groups.values() {
+        let kept = &group[group.len().saturating_sub(n)..];
+        let raw: Vec<f64> = (0..kept.len())
+            .map(|k| decay.powi((kept.len() - 1 - k) as i32))
+            .collect();
+        let scale = if by_relation {
+            raw.iter().map(|w| w * w).sum::<f64>().sqrt().max(1e-12)
+        } else {
+            1.0
+        };
+        for (&(seq, i), w) in kept.iter().zip(raw) {
+            out.push((seq, i, (w / scale) as f32));
+        }
+    }
+    out.sort_unstable_by_key(|t| t.0);
+    out.into_iter().map(|(_, i, w)| (i, w)).collect()
 }
 
 /// What one step did.
@@ -209,7 +261,10 @@ impl TrainerCore {
                     path = %cfg.trainer.checkpoint_path.display(),
                     "trainer resumed from checkpoint"
                 );
-                TrainerCore::resume(r.model, r.meta.cursor, params, opts)
+                let mut model = r.model;
+                // The config decides which tables carry a bias (a new one starts at zero).
+                model.set_biased(&store.stored_schema().node_types, &params.bias_types);
+                TrainerCore::resume(model, r.meta.cursor, params, opts)
             }
             None => {
                 tch::manual_seed(params.seed as i64);
@@ -249,13 +304,18 @@ impl TrainerCore {
             return Ok(report);
         };
         let first_seq = read[0].0;
-        let fresh: Vec<Edge> = read.into_iter().map(|(_, e)| e).collect();
+        let trained = self.trained_relations(store);
+        let fresh: Vec<Edge> = read
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| trained.as_ref().is_none_or(|t| t[e.rel as usize]))
+            .collect();
         (report.ranks, report.rank_relations) = self.prequential(store, &fresh, first_seq)?;
         (report.warm_rows, report.random_rows) = self.add_rows(store, &fresh)?;
         let replay = replay_count(fresh.len(), self.opts.replay_ratio);
         let mut edges = fresh;
         report.new_edges = edges.len();
-        edges.extend(store.sample_edges(&mut self.rng, replay)?);
+        edges.extend(self.replayed(store, replay, trained.as_deref())?);
         report.replayed = edges.len() - report.new_edges;
         let pull = self.pull_target.as_ref().map(|r| Pull {
             tables: &r.tables,
@@ -299,6 +359,47 @@ impl TrainerCore {
         Ok(report)
     }
 
+    /// Per relation id, whether it is trained (`trainer.train_relations`); `None`: all are.
+    fn trained_relations(&self, store: &GraphStore) -> Option<Vec<bool>> {
+        let only = &self.opts.train_relations;
+        (!only.is_empty()).then(|| {
+            store
+                .stored_schema()
+                .relations
+                .iter()
+                .map(|(name, _, _)| only.contains(name))
+                .collect()
+        })
+    }
+
+    /// `n` edges drawn uniformly from the log among the trained relations (a few draws at
+    /// most: fewer when they are rare in it).
+    fn replayed(
+        &mut self,
+        store: &GraphStore,
+        n: usize,
+        trained: Option<&[bool]>,
+    ) -> Result<Vec<Edge>, StoreError> {
+        let Some(trained) = trained else {
+            return store.sample_edges(&mut self.rng, n);
+        };
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..4 {
+            if out.len() >= n {
+                break;
+            }
+            let want = n - out.len();
+            out.extend(
+                store
+                    .sample_edges(&mut self.rng, want)?
+                    .into_iter()
+                    .filter(|e| trained[e.rel as usize])
+                    .take(want),
+            );
+        }
+        Ok(out)
+    }
+
     /// Whether some node type of the store is represented with its recent targets.
     fn history_on(&self, store: &GraphStore) -> bool {
         self.params.history_recent > 0
@@ -318,10 +419,10 @@ impl TrainerCore {
         src: NodeRef,
         dst_type: usize,
         before: u64,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<Vec<(i64, f32)>, StoreError> {
         let rows = self.model.tables[dst_type].len();
         let mut recent = history_targets(&self.params, store, src, dst_type, before)?;
-        recent.retain(|&i| i < rows);
+        recent.retain(|&(i, _)| i < rows);
         Ok(recent)
     }
 
@@ -378,7 +479,21 @@ impl TrainerCore {
             if n <= start {
                 continue;
             }
-            let rows = if self.opts.warm_start {
+            let names = &store.stored_schema().node_types;
+            let history_type = names
+                .get(t)
+                .is_some_and(|name| self.params.history_types.contains(name))
+                && self.params.history_recent > 0;
+            let table = &self.model.tables[t];
+            let rows = if self.opts.warm_start
+                && self.opts.warm_start_history_centroid
+                && history_type
+                && !table.is_empty()
+            {
+                warm += (n - start) as usize;
+                let centroid = table.rows().mean_dim(0, true, Kind::Float);
+                centroid + Tensor::randn([n - start, dim], (Kind::Float, device)) * scale
+            } else if self.opts.warm_start {
                 warm += (n - start) as usize;
                 warm_rows(
                     &self.model,
@@ -393,7 +508,14 @@ impl TrainerCore {
                 random += (n - start) as usize;
                 Tensor::randn([n - start, dim], (Kind::Float, device)) * scale
             };
-            self.model.tables[t].grow(n, |_| rows);
+            let seed = (self.opts.warm_start && self.opts.warm_start_state)
+                .then(|| table.mean_state())
+                .flatten();
+            let table = &mut self.model.tables[t];
+            table.grow(n, |_| rows);
+            if let Some(mean) = seed {
+                table.seed_state(start, mean);
+            }
         }
         Ok((warm, random))
     }
@@ -411,6 +533,12 @@ impl TrainerCore {
                     .collect(),
                 relations: self.model.relations.to_device(Device::Cpu).copy(),
             },
+            biases: self
+                .model
+                .tables
+                .iter()
+                .map(|t| t.biased.then(|| t.biases().to_device(Device::Cpu).copy()))
+                .collect(),
             row_ts: self.row_ts.clone(),
             cursor: self.cursor,
         }
@@ -458,7 +586,8 @@ impl TrainerCore {
         fingerprint: u32,
     ) -> Result<u64, CheckpointError> {
         let device = self.model.device;
-        let (model, cursor, version) = match ckpts.load(fingerprint, device)? {
+        let biased: Vec<bool> = self.model.tables.iter().map(|t| t.biased).collect();
+        let (mut model, cursor, version) = match ckpts.load(fingerprint, device)? {
             Some(r) => (r.model, r.meta.cursor, r.meta.version),
             None => (
                 Embeddings::new(
@@ -472,6 +601,9 @@ impl TrainerCore {
                 0,
             ),
         };
+        for (table, on) in model.tables.iter_mut().zip(biased) {
+            table.biased = on;
+        }
         self.model = model;
         self.cursor = cursor;
         Ok(version)
@@ -505,6 +637,28 @@ mod tests {
         assert_eq!(next_batch_size(4000, 3000, 1000, 16_000), 4000);
         assert_eq!(next_batch_size(4000, 100, 1000, 16_000), 2000);
         assert_eq!(next_batch_size(1000, 0, 1000, 16_000), 1000);
+    }
+
+    #[test]
+    fn golden_weighted_recent() {
+        // (seq, relation, row): relation 0 holds rows 1, 2, 3; relation 1 holds row 9.
+        let t = vec![(4, 0, 3), (1, 0, 1), (3, 1, 9), (2, 0, 2)];
+        // The 2 most recent overall, unit weights, oldest first.
+        assert_eq!(
+            weighted_recent(t.clone(), 2, 1.0, false),
+            vec![(9, 1.0), (3, 1.0)]
+        );
+        // Decay 0.5: the newest weighs 1, the one before 0.5, then 0.25.
+        assert_eq!(
+            weighted_recent(t.clone(), 3, 0.5, false),
+            vec![(2, 0.25), (9, 0.5), (3, 1.0)]
+        );
+        // Per relation, 2 each, each relation's weights of unit norm: (0.5, 1) / √1.25 and 1.
+        let s = 1.25f64.sqrt();
+        assert_eq!(
+            weighted_recent(t, 2, 0.5, true),
+            vec![(2, (0.5 / s) as f32), (9, 1.0), (3, (1.0 / s) as f32)]
+        );
     }
 
     #[test]
