@@ -348,6 +348,32 @@ pub fn train_step_with(
     }
     ensure_rows(model, edges, p.init_scale);
     let device = model.device;
+    // Groups → scores → loss → update.
+    let (groups, rows) = edge_groups(model, edges, p, rng, history);
+    let leaves = Leaves::of(model, &rows);
+    let mut total = Tensor::zeros([], (Kind::Float, device));
+    for g in &groups {
+        total += group_loss(g, &leaves, p, device) * (g.src.len() as f64);
+    }
+    update(
+        model,
+        &leaves,
+        total / edges.len() as f64,
+        edges.len(),
+        p,
+        pull,
+    )
+}
+
+/// Edges grouped by their endpoint types, each with its negatives drawn and every row it uses
+/// given a position among its table's touched rows.
+fn edge_groups(
+    model: &Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+    history: Option<History<'_>>,
+) -> (Vec<Group>, Vec<RowSet>) {
     let mut rows: Vec<RowSet> = (0..model.tables.len()).map(|_| RowSet::default()).collect();
 
     let mut by_group: HashMap<(u16, u16), Vec<&Edge>> = HashMap::new();
@@ -425,136 +451,170 @@ pub fn train_step_with(
             uni_dst,
         });
     }
+    (groups, rows)
+}
 
-    // Leaves: the touched rows of each table, and all relation vectors.
-    let leaves: Vec<Option<(Tensor, Tensor)>> = rows
-        .iter()
-        .enumerate()
-        .map(|(t, set)| {
-            if set.unique.is_empty() {
-                return None;
-            }
-            let idx = long(&set.unique, device);
-            let leaf = model.tables[t]
-                .weights
-                .index_select(0, &idx)
-                .detach()
-                .set_requires_grad(true);
-            Some((idx, leaf))
-        })
-        .collect();
-    let rel_leaf = model.relations.detach().set_requires_grad(true);
-    // The touched rows' biases, for tables that carry one.
-    let bias_leaves: Vec<Option<Tensor>> = leaves
-        .iter()
-        .zip(&model.tables)
-        .map(|(l, table)| {
-            let (idx, _) = l.as_ref().filter(|_| table.biased)?;
-            Some(
-                table
-                    .bias
-                    .index_select(0, idx)
+/// Leaf copies of the rows a step touches (per table), of every relation vector, and of the
+/// touched rows' biases where a table carries one: gradients flow into these only.
+struct Leaves {
+    rows: Vec<Option<(Tensor, Tensor)>>,
+    relations: Tensor,
+    biases: Vec<Option<Tensor>>,
+}
+
+impl Leaves {
+    fn of(model: &Embeddings, rows: &[RowSet]) -> Leaves {
+        let device = model.device;
+        // Leaves: the touched rows of each table, and all relation vectors.
+        let leaves: Vec<Option<(Tensor, Tensor)>> = rows
+            .iter()
+            .enumerate()
+            .map(|(t, set)| {
+                if set.unique.is_empty() {
+                    return None;
+                }
+                let idx = long(&set.unique, device);
+                let leaf = model.tables[t]
+                    .weights
+                    .index_select(0, &idx)
                     .detach()
-                    .set_requires_grad(true),
-            )
-        })
-        .collect();
-
-    let mut total = Tensor::zeros([], (Kind::Float, device));
-    for g in &groups {
-        let table = |t: usize, pos: &[i64]| {
-            leaves[t]
-                .as_ref()
-                .expect("rows added")
-                .1
-                .index_select(0, &long(pos, device))
-        };
-        let b = g.src.len() as i64;
-        let mut s = table(g.src_type, &g.src_pos);
-        let mut uni_s = table(g.src_type, &g.uni_src_pos);
-        if let Some((on_edges, on_uniform)) = &g.history {
-            let items = &leaves[g.dst_type].as_ref().expect("rows added").1;
-            s = &s + on_edges.times(b, items);
-            uni_s = &uni_s + on_uniform.times(g.uni_src.len() as i64, items);
+                    .set_requires_grad(true);
+                Some((idx, leaf))
+            })
+            .collect();
+        let rel_leaf = model.relations.detach().set_requires_grad(true);
+        // The touched rows' biases, for tables that carry one.
+        let bias_leaves: Vec<Option<Tensor>> = leaves
+            .iter()
+            .zip(&model.tables)
+            .map(|(l, table)| {
+                let (idx, _) = l.as_ref().filter(|_| table.biased)?;
+                Some(
+                    table
+                        .bias
+                        .index_select(0, idx)
+                        .detach()
+                        .set_requires_grad(true),
+                )
+            })
+            .collect();
+        Leaves {
+            rows: leaves,
+            relations: rel_leaf,
+            biases: bias_leaves,
         }
-        let t = table(g.dst_type, &g.dst_pos);
-        let r = rel_leaf.index_select(0, &long(&g.rels, device));
-        let a = translate(&s, &r);
-        let chunk = (p.chunk_size as i64).min(b);
-        // The target bias: of each positive's target `[b]`, and of a set of candidates.
-        let bias = bias_leaves[g.dst_type].as_ref();
-        let bias_of = |pos: &[i64]| bias.map(|l| l.index_select(0, &long(pos, device)));
-        let pos_bias = bias_of(&g.dst_pos);
-        let plus = |x: Tensor, add: Option<Tensor>| match add {
-            Some(add) => x + add,
-            None => x,
-        };
-        let pos = plus(
-            score_pairs(p.comparator, &a, &t),
-            pos_bias.as_ref().map(Tensor::shallow_clone),
-        );
-        let (a_c, s_c, r_c, t_c) = (
-            chunked(&a, chunk),
-            chunked(&s, chunk),
-            chunked(&r, chunk),
-            chunked(&t, chunk),
-        );
-
-        // Targets: every row of the type, or in-batch (per chunk, one batched product) and
-        // uniform.
-        let dst_parts = match &g.all_dst_pos {
-            Some(all) => {
-                let scores = plus(
-                    score_targets(p.comparator, &a, &table(g.dst_type, all)),
-                    bias_of(all).map(|x| x.unsqueeze(0)),
-                );
-                let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
-                vec![(scores, valid.to_device(device))]
-            }
-            None => {
-                let in_batch = plus(
-                    unchunked(&score_targets(p.comparator, &a_c, &t_c), b),
-                    pos_bias.as_ref().map(|x| in_batch_columns(x, chunk, b)),
-                );
-                let uniform = plus(
-                    score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos)),
-                    bias_of(&g.uni_dst_pos).map(|x| x.unsqueeze(0)),
-                );
-                let (in_valid, uni_valid) =
-                    negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
-                vec![(in_batch, in_valid), (uniform, uni_valid)]
-            }
-        };
-        let dst_refs: Vec<(&Tensor, &Tensor)> = dst_parts.iter().map(|(s, v)| (s, v)).collect();
-
-        // Sources likewise.
-        // (The target's bias is the same for every candidate source.)
-        let own_bias = pos_bias.as_ref().map(|x| x.unsqueeze(1));
-        let src_in_batch = plus(
-            unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b),
-            own_bias.as_ref().map(Tensor::shallow_clone),
-        );
-        let src_uniform = plus(score_sources(p.comparator, &uni_s, &r, &t), own_bias);
-        let (src_in_valid, src_uni_valid) =
-            negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
-
-        let group_loss = loss_parts(p.loss, &pos, &dst_refs)
-            + loss_parts(
-                p.loss,
-                &pos,
-                &[
-                    (&src_in_batch, &src_in_valid),
-                    (&src_uniform, &src_uni_valid),
-                ],
-            );
-        total += group_loss * (b as f64);
     }
-    let total = total / edges.len() as f64;
+}
+
+/// One group's loss: positives against target-side and source-side negatives.
+fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Tensor {
+    let (rel_leaf, bias_leaves) = (&leaves.relations, &leaves.biases);
+    let leaves = &leaves.rows;
+    let table = |t: usize, pos: &[i64]| {
+        leaves[t]
+            .as_ref()
+            .expect("rows added")
+            .1
+            .index_select(0, &long(pos, device))
+    };
+    let b = g.src.len() as i64;
+    let mut s = table(g.src_type, &g.src_pos);
+    let mut uni_s = table(g.src_type, &g.uni_src_pos);
+    if let Some((on_edges, on_uniform)) = &g.history {
+        let items = &leaves[g.dst_type].as_ref().expect("rows added").1;
+        s = &s + on_edges.times(b, items);
+        uni_s = &uni_s + on_uniform.times(g.uni_src.len() as i64, items);
+    }
+    let t = table(g.dst_type, &g.dst_pos);
+    let r = rel_leaf.index_select(0, &long(&g.rels, device));
+    let a = translate(&s, &r);
+    let chunk = (p.chunk_size as i64).min(b);
+    // The target bias: of each positive's target `[b]`, and of a set of candidates.
+    let bias = bias_leaves[g.dst_type].as_ref();
+    let bias_of = |pos: &[i64]| bias.map(|l| l.index_select(0, &long(pos, device)));
+    let pos_bias = bias_of(&g.dst_pos);
+    let plus = |x: Tensor, add: Option<Tensor>| match add {
+        Some(add) => x + add,
+        None => x,
+    };
+    let pos = plus(
+        score_pairs(p.comparator, &a, &t),
+        pos_bias.as_ref().map(Tensor::shallow_clone),
+    );
+    let (a_c, s_c, r_c, t_c) = (
+        chunked(&a, chunk),
+        chunked(&s, chunk),
+        chunked(&r, chunk),
+        chunked(&t, chunk),
+    );
+
+    // Targets: every row of the type, or in-batch (per chunk, one batched product) and
+    // uniform.
+    let dst_parts = match &g.all_dst_pos {
+        Some(all) => {
+            let scores = plus(
+                score_targets(p.comparator, &a, &table(g.dst_type, all)),
+                bias_of(all).map(|x| x.unsqueeze(0)),
+            );
+            let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
+            vec![(scores, valid.to_device(device))]
+        }
+        None => {
+            let in_batch = plus(
+                unchunked(&score_targets(p.comparator, &a_c, &t_c), b),
+                pos_bias.as_ref().map(|x| in_batch_columns(x, chunk, b)),
+            );
+            let uniform = plus(
+                score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos)),
+                bias_of(&g.uni_dst_pos).map(|x| x.unsqueeze(0)),
+            );
+            let (in_valid, uni_valid) =
+                negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
+            vec![(in_batch, in_valid), (uniform, uni_valid)]
+        }
+    };
+    let dst_refs: Vec<(&Tensor, &Tensor)> = dst_parts.iter().map(|(s, v)| (s, v)).collect();
+
+    // Sources likewise.
+    // (The target's bias is the same for every candidate source.)
+    let own_bias = pos_bias.as_ref().map(|x| x.unsqueeze(1));
+    let src_in_batch = plus(
+        unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b),
+        own_bias.as_ref().map(Tensor::shallow_clone),
+    );
+    let src_uniform = plus(score_sources(p.comparator, &uni_s, &r, &t), own_bias);
+    let (src_in_valid, src_uni_valid) =
+        negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
+
+    let group_loss = loss_parts(p.loss, &pos, &dst_refs)
+        + loss_parts(
+            p.loss,
+            &pos,
+            &[
+                (&src_in_batch, &src_in_valid),
+                (&src_uniform, &src_uni_valid),
+            ],
+        );
+    group_loss
+}
+
+/// Backward, then (when the loss and every gradient are finite) the Adagrad updates and the
+/// pull toward the reference.
+fn update(
+    model: &mut Embeddings,
+    leaves: &Leaves,
+    total: Tensor,
+    n_edges: usize,
+    p: &TrainParams,
+    pull: Option<&Pull<'_>>,
+) -> StepStats {
+    let (rel_leaf, bias_leaves) = (&leaves.relations, &leaves.biases);
+    let leaves = &leaves.rows;
     let loss_value = total.double_value(&[]);
     if !loss_value.is_finite() {
         return StepStats {
             loss: loss_value,
-            edges: edges.len(),
+            edges: n_edges,
             skipped: true,
         };
     }
@@ -578,7 +638,7 @@ pub fn train_step_with(
     if !finite {
         return StepStats {
             loss: loss_value,
-            edges: edges.len(),
+            edges: n_edges,
             skipped: true,
         };
     }
@@ -602,7 +662,7 @@ pub fn train_step_with(
     }
     StepStats {
         loss: loss_value,
-        edges: edges.len(),
+        edges: n_edges,
         skipped: false,
     }
 }
