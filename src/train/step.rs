@@ -586,7 +586,7 @@ fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Te
     let (src_in_valid, src_uni_valid) =
         negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
 
-    let group_loss = loss_parts(p.loss, &pos, &dst_refs)
+    loss_parts(p.loss, &pos, &dst_refs)
         + loss_parts(
             p.loss,
             &pos,
@@ -594,8 +594,7 @@ fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Te
                 (&src_in_batch, &src_in_valid),
                 (&src_uniform, &src_uni_valid),
             ],
-        );
-    group_loss
+        )
 }
 
 /// Backward, then (when the loss and every gradient are finite) the Adagrad updates and the
