@@ -43,16 +43,6 @@ const TOPIC: &str = "twhin.engagements";
 /// modulo 997, 8 and 5,000 determine it), over about 7,000 nodes, so the served table stays
 /// small enough to read back whole over HTTP.
 fn event(i: usize) -> (Outgoing, Triple) {
-    const RELS: [(&str, &str, &str); 8] = [
-        ("user", "follows", "user"),
-        ("user", "favorites", "tweet"),
-        ("user", "retweets", "tweet"),
-        ("user", "replies", "tweet"),
-        ("user", "authors", "tweet"),
-        ("user", "clicks", "ad"),
-        ("advertiser", "promotes", "ad"),
-        ("user", "searches", "query"),
-    ];
     let (st, rel, dt) = RELS[i % RELS.len()];
     let src = format!("{st}:{}", i % 997);
     let dst = format!("{dt}:{}", i % 5_000);

@@ -16,18 +16,20 @@ use super::*;
 /// `(src, rel, dst)` as written in an event.
 pub type Triple = (String, String, String);
 
+/// The default Twitter schema's relations: `(source type, relation, target type)`.
+pub const RELS: [(&str, &str, &str); 8] = [
+    ("user", "follows", "user"),
+    ("user", "favorites", "tweet"),
+    ("user", "retweets", "tweet"),
+    ("user", "replies", "tweet"),
+    ("user", "authors", "tweet"),
+    ("user", "clicks", "ad"),
+    ("advertiser", "promotes", "ad"),
+    ("user", "searches", "query"),
+];
+
 /// The i-th valid event of the default Twitter schema; every (src, rel, dst) is distinct.
 pub fn valid_event(i: usize, with_event_id: bool) -> (Outgoing, Triple) {
-    const RELS: [(&str, &str, &str); 8] = [
-        ("user", "follows", "user"),
-        ("user", "favorites", "tweet"),
-        ("user", "retweets", "tweet"),
-        ("user", "replies", "tweet"),
-        ("user", "authors", "tweet"),
-        ("user", "clicks", "ad"),
-        ("advertiser", "promotes", "ad"),
-        ("user", "searches", "query"),
-    ];
     let (st, rel, dt) = RELS[i % RELS.len()];
     let src = format!("{st}:{}", i % 997);
     let dst = format!("{dt}:{i}");
