@@ -28,6 +28,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use twhin_stream::publish::{RowRecord, VersionMarker};
 use twhin_stream::subscriber::{Applied, Counts, VersionAssembler};
 
+/// How long `--idle-exit-secs` waits for the very first record at least.
+const FIRST_RECORD_GRACE: Duration = Duration::from_secs(300);
+
 #[derive(Parser, Debug)]
 #[command(about = "Apply twhin-stream versions whole, from the embeddings and versions topics")]
 struct Args {
@@ -44,7 +47,8 @@ struct Args {
     /// Write a JSON summary here at exit.
     #[arg(long)]
     summary_json: Option<PathBuf>,
-    /// Stop after this many seconds without a new record (default: run until a signal).
+    /// Stop after this many seconds without a new record (before the first record: at least 300
+    /// s after the start; default: run until a signal).
     #[arg(long)]
     idle_exit_secs: Option<u64>,
 }
@@ -228,9 +232,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let idle = args.idle_exit_secs.map(Duration::from_secs);
-    let mut last_record = tokio::time::Instant::now();
+    // Idle counts from the last record; before the first one, from the start with a longer
+    // grace: a daemon may publish its first version only after minutes of input (a stream that
+    // opens with relations its trainer does not train, say).
+    let started = tokio::time::Instant::now();
+    let mut last_record: Option<tokio::time::Instant> = None;
     let stopped_by = loop {
-        let deadline = idle.map(|d| last_record + d);
+        let deadline = idle.map(|d| match last_record {
+            Some(t) => t + d,
+            None => started + d.max(FIRST_RECORD_GRACE),
+        });
         let record = tokio::select! {
             r = rows.recv() => state.handle(false, r)?,
             r = markers.recv() => state.handle(true, r)?,
@@ -239,7 +250,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => break "idle",
         };
         if record {
-            last_record = tokio::time::Instant::now();
+            last_record = Some(tokio::time::Instant::now());
         }
     };
     let a = &state.assembler;
