@@ -1,0 +1,287 @@
+//! Golden values for one training step.
+
+use super::*;
+use crate::config::{Comparator, LossKind};
+use crate::store::NodeRef;
+use rand::SeedableRng;
+
+fn params() -> TrainParams {
+    TrainParams {
+        dim: 16,
+        comparator: Comparator::Dot,
+        loss: LossKind::Logistic,
+        lr: 0.1,
+        relation_lr: 0.1,
+        uniform_negatives: 8,
+        chunk_size: 64,
+        init_scale: 0.1,
+        batch_size: 64,
+        seed: 1,
+        all_targets_up_to: 0,
+        history_types: Vec::new(),
+        history_recent: 0,
+        history_decay: 1.0,
+        history_by_relation: false,
+        bias_types: Vec::new(),
+    }
+}
+
+fn edge(s: u32, r: u16, t: u32) -> Edge {
+    Edge {
+        src: NodeRef {
+            node_type: 0,
+            index: s,
+        },
+        rel: r,
+        dst: NodeRef {
+            node_type: 0,
+            index: t,
+        },
+        ts: 0,
+        weight: 1.0,
+    }
+}
+
+#[test]
+fn mask_excludes_self_and_in_batch_accidental_positives() {
+    // Positives (s=1,r=0,t=10), (s=1,r=0,t=11), (s=2,r=0,t=12), (s=1,r=5,t=13): for row 0,
+    // t=11 is a true target (same source and relation); t=13 is not (other relation).
+    let m = negative_mask(
+        &[10, 11, 12, 13],
+        &[1, 1, 2, 1],
+        &[0, 0, 0, 5],
+        &[10, 99],
+        4,
+        Device::Cpu,
+    );
+    let m = Tensor::cat(&[m.0, m.1], 1);
+    let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
+    #[rustfmt::skip]
+        let want = vec![
+            false, false, true, true, false, true, // row 0; uniform 10 is its own target
+            false, false, true, true, true, true,
+            true, true, false, true, true, true,
+            true, true, true, false, true, true,
+        ];
+    assert_eq!(got, want);
+    // In chunks of 3, rows 0-2 see positives 0-2 and row 3 sees itself and padding only.
+    let m = negative_mask(
+        &[10, 11, 12, 13],
+        &[1, 1, 2, 1],
+        &[0, 0, 0, 5],
+        &[],
+        3,
+        Device::Cpu,
+    );
+    let m = Tensor::cat(&[m.0, m.1], 1);
+    let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
+    #[rustfmt::skip]
+        let want = vec![
+            false, false, true,
+            false, false, true,
+            true, true, false,
+            false, false, false,
+        ];
+    assert_eq!(got, want);
+}
+
+#[test]
+fn all_targets_mask_excludes_own_and_same_source_relation_targets() {
+    // Positives (s=1,r=0,t=0), (s=1,r=0,t=2), (s=2,r=0,t=1) over 3 targets.
+    let m = all_targets_mask(&[0, 2, 1], &[1, 1, 2], &[0, 0, 0], 3);
+    let got = Vec::<bool>::try_from(m.reshape([-1])).unwrap();
+    #[rustfmt::skip]
+        let want = vec![
+            false, true, false,
+            false, true, false,
+            true, false, true,
+        ];
+    assert_eq!(got, want);
+}
+
+#[test]
+fn golden_history_weights_leave_the_edge_target_out() {
+    let unit = |v: &[i64]| v.iter().map(|&i| (i, 1.0)).collect::<Vec<_>>();
+    assert_eq!(history_weights(&[], None), vec![]);
+    assert_eq!(history_weights(&unit(&[7]), Some(7)), vec![]);
+    let h = 1.0 / 2f32.sqrt();
+    assert_eq!(
+        history_weights(&unit(&[3, 7, 5]), Some(7)),
+        vec![(3, h), (5, h)]
+    );
+    assert_eq!(history_weights(&unit(&[3, 7, 5, 9]), None)[0], (3, 0.5));
+    // Raw weights 3 and 4 (norm 5): 0.6 and 0.8.
+    assert_eq!(
+        history_weights(&[(1, 3.0), (2, 4.0)], None),
+        vec![(1, 0.6), (2, 0.8)]
+    );
+}
+
+#[test]
+fn a_history_source_trains_its_recent_targets_rows() {
+    tch::manual_seed(1);
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut p = params();
+    p.uniform_negatives = 0;
+    let mut model = Embeddings::new(1, 1, p.dim, 0.1, Device::Cpu);
+    ensure_rows(&mut model, &[edge(0, 0, 9)], p.init_scale);
+    let before = model.tables[0].rows().copy();
+    // Source 0 has recent targets 7 and 8; only its edge to 1 is trained.
+    let history = |n: NodeRef, _t: usize| {
+        if n.index == 0 {
+            vec![(7, 1.0), (8, 1.0)]
+        } else {
+            vec![]
+        }
+    };
+    let stats = train_step_with(
+        &mut model,
+        &[edge(0, 0, 1)],
+        &p,
+        &mut rng,
+        None,
+        Some(&history),
+    );
+    assert!(!stats.skipped);
+    let moved = |i: i64| {
+        (before.get(i) - model.tables[0].rows().get(i))
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[])
+            > 0.0
+    };
+    assert!(moved(7) && moved(8), "history rows get gradients");
+    assert!(moved(0) && moved(1) && !moved(5));
+}
+
+#[test]
+fn golden_in_batch_bias_columns_follow_the_chunks() {
+    // Five positives in chunks of 2: rows 0-1 see biases 1, 2; rows 2-3 see 3, 4; row 4
+    // sees 5 and padding.
+    let b = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0]);
+    let got = Vec::<f32>::try_from(in_batch_columns(&b, 2, 5).reshape([-1])).unwrap();
+    assert_eq!(got, vec![1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 5.0, 0.0]);
+}
+
+#[test]
+fn golden_step_of_a_target_bias() {
+    // One positive 0 -> 1 over two targets, dim 1 with zero rows and relation: every score
+    // is its bias (all zero), so the softmax over {1 (positive), 0} gives the positive
+    // gradient -(1 - 1/2) = -0.5 and the negative +0.5; Adagrad's first element-wise step
+    // is lr · sign: +0.1 and -0.1. The row-less source side adds the same bias to each
+    // candidate source, which moves nothing.
+    let mut rng = SmallRng::seed_from_u64(0);
+    let mut p = params();
+    p.dim = 1;
+    p.loss = LossKind::Softmax;
+    p.uniform_negatives = 0;
+    p.all_targets_up_to = 10;
+    let mut model = Embeddings::new(2, 1, 1, 0.0, Device::Cpu);
+    model.tables[1].biased = true;
+    model.tables[0].grow(1, |n| Tensor::zeros([n, 1], (Kind::Float, Device::Cpu)));
+    model.tables[1].grow(2, |n| Tensor::zeros([n, 1], (Kind::Float, Device::Cpu)));
+    let mut e = edge(0, 0, 1);
+    e.dst.node_type = 1;
+    let stats = train_step(&mut model, &[e], &p, &mut rng);
+    assert!(!stats.skipped);
+    let b = Vec::<f32>::try_from(model.tables[1].biases()).unwrap();
+    assert!(
+        (b[0] + 0.1).abs() < 1e-6 && (b[1] - 0.1).abs() < 1e-6,
+        "{b:?}"
+    );
+    assert_eq!(
+        Vec::<f32>::try_from(model.tables[0].biases()).unwrap(),
+        vec![0.0],
+        "an unbiased table keeps zeros"
+    );
+}
+
+#[test]
+fn chunking_pads_and_unpads() {
+    let x = Tensor::arange(10, (Kind::Float, Device::Cpu)).view([5, 2]);
+    let c = chunked(&x, 2);
+    assert_eq!(c.size(), vec![3, 2, 2]);
+    let scores = c.matmul(&c.transpose(-2, -1));
+    assert_eq!(unchunked(&scores, 5).size(), vec![5, 2]);
+    // Row 4 (alone in the last chunk) sees itself, then a zero pad.
+    assert_eq!(unchunked(&scores, 5).double_value(&[4, 1]), 0.0);
+}
+
+#[test]
+fn only_touched_rows_move_and_loss_decreases() {
+    tch::manual_seed(0);
+    let mut rng = SmallRng::seed_from_u64(0);
+    let mut p = params();
+    p.uniform_negatives = 0; // keep untouched rows untouched
+    let mut model = Embeddings::new(1, 2, p.dim, 0.1, Device::Cpu);
+    let edges = vec![edge(0, 0, 1), edge(2, 0, 3), edge(4, 1, 5)];
+    ensure_rows(&mut model, &[edge(0, 0, 9)], p.init_scale);
+    let before = model.tables[0].rows().copy();
+    let first = train_step(&mut model, &edges, &p, &mut rng);
+    assert!(!first.skipped);
+    let after = model.tables[0].rows();
+    let moved: Vec<i64> = (0..10)
+        .filter(|&i| {
+            (before.get(i) - after.get(i))
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                > 0.0
+        })
+        .collect();
+    assert_eq!(moved, vec![0, 1, 2, 3, 4, 5]);
+    let mut last = first.loss;
+    for _ in 0..50 {
+        last = train_step(&mut model, &edges, &p, &mut rng).loss;
+    }
+    assert!(last < first.loss * 0.5, "loss {} -> {last}", first.loss);
+}
+
+#[test]
+fn the_pull_holds_rows_near_the_reference_in_proportion_to_its_strength() {
+    let p = params();
+    let edges = vec![edge(0, 0, 1), edge(2, 0, 3), edge(4, 1, 5), edge(1, 1, 2)];
+    let moved_after = |strength: f64| {
+        tch::manual_seed(3);
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut model = Embeddings::new(1, 2, p.dim, 0.1, Device::Cpu);
+        ensure_rows(&mut model, &edges, p.init_scale);
+        // Row 5 is newer than the reference: it is trained but never pulled.
+        let tables = [model.tables[0].rows().narrow(0, 0, 5).copy()];
+        let relations = model.relations.copy();
+        let pull = Pull {
+            tables: &tables,
+            relations: &relations,
+            strength,
+        };
+        for _ in 0..30 {
+            let stats = train_step_pulled(&mut model, &edges, &p, &mut rng, Some(&pull));
+            assert!(!stats.skipped);
+        }
+        let now = model.tables[0].rows().narrow(0, 0, 5);
+        (now - &tables[0]).norm().double_value(&[])
+    };
+    let free = moved_after(0.0);
+    let held = moved_after(50.0);
+    assert!(free > 0.05, "unpulled rows should move: {free}");
+    assert!(held < free * 0.25, "pulled {held} vs free {free}");
+    // Monotonic in the strength (an in-loss pull under Adagrad was not: it overshot).
+    let (weak, strong) = (moved_after(1.0), moved_after(1000.0));
+    assert!(
+        strong < held && held < weak && weak < free,
+        "{strong} {held} {weak} {free}"
+    );
+}
+
+#[test]
+fn a_non_finite_step_changes_nothing() {
+    let mut rng = SmallRng::seed_from_u64(0);
+    let p = params();
+    let mut model = Embeddings::new(1, 1, p.dim, 0.1, Device::Cpu);
+    ensure_rows(&mut model, &[edge(0, 0, 3)], p.init_scale);
+    let _ = model.tables[0].weights.get(0).fill_(f64::NAN);
+    let before = model.relations.copy();
+    let stats = train_step(&mut model, &[edge(0, 0, 1), edge(2, 0, 3)], &p, &mut rng);
+    assert!(stats.skipped);
+    assert!(before.equal(&model.relations));
+}
