@@ -240,13 +240,6 @@ fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
     assert_eq!(meta("reference")["version"], *versions.last().unwrap());
 }
 
-/// The ledger's last committed version under `store` (`<store>/publish/ledger.json`).
-fn ledger_last_version(store: &Path) -> u64 {
-    let ledger: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("publish/ledger.json")).unwrap()).unwrap();
-    status_u64(&ledger, "/last_version")
-}
-
 /// The daemon inside the test process (`app::run` with a oneshot as its shutdown future)
 /// against tansu: every event stored once, trained, checkpointed and published, and a clean
 /// stop when the future completes.

@@ -213,14 +213,6 @@ fn publication_started(daemon: &Daemon, after: u64, min_rows: u64) -> Option<(u6
     (found.0 > after && found.2 >= min_rows).then_some(found)
 }
 
-/// The last version the ledger (`<store>/publish/ledger.json`) records as committed: it is
-/// written once the version's marker is acknowledged.
-fn ledger_last_version(store: &std::path::Path) -> u64 {
-    let ledger: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("publish/ledger.json")).unwrap()).unwrap();
-    status_u64(&ledger, "/last_version")
-}
-
 const CHUNK: usize = 12_000;
 
 #[test]

@@ -219,3 +219,11 @@ pub fn status_u64(status: &serde_json::Value, pointer: &str) -> u64 {
         None => panic!("status has no {pointer}: {status}"),
     }
 }
+
+/// The last version the ledger (`<store>/publish/ledger.json`) records as committed: it is
+/// written once the version's marker is acknowledged.
+pub fn ledger_last_version(store: &Path) -> u64 {
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("publish/ledger.json")).unwrap()).unwrap();
+    status_u64(&ledger, "/last_version")
+}

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::AlignConfig;
 use tch::{Kind, Tensor};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::align::{drift, procrustes, Drift};
 use crate::telemetry as m;
@@ -339,7 +339,6 @@ impl Aligner {
             let pull = self.controller.hold();
             self.status.set_pull(pull);
             out.pull = pull;
-            warn!(version, ?hold, pull, "version held back by the drift gate");
         }
         out
     }
