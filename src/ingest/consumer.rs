@@ -232,20 +232,14 @@ async fn run_consumer(
             _ = sleep_until_opt(deadline) => {}
             _ = history_checks.tick() => {
                 let gone = past_their_end(&consumer, &topic).await;
-                if !gone.is_empty() && !pending.is_empty() {
-                    if let Err(e) = batches.write(&mut stop_rx, &mut pending).await {
-                        break Err(e);
-                    }
-                }
-                let mut reset = Ok(());
-                for (p, expected, end) in gone {
-                    let first = RecordPrint { offset: end, ts: -1, crc: 0 };
-                    reset = reset.and_then(|()| {
-                        reset_partition(&cfg, &consumer, &store, &status, p, &expected, &first, History::OutOfRange)
-                    });
-                    seen_next.remove(&p);
-                }
-                if let Err(e) = reset {
+                let resets = gone.into_iter().map(|(partition, expected, end)| HistoryChange {
+                    partition,
+                    expected,
+                    first: RecordPrint { offset: end, ts: -1, crc: 0 },
+                    history: History::OutOfRange,
+                });
+                let ctx = ResetContext { cfg: &cfg, consumer: &consumer, store: &store, status: &status };
+                if let Err(e) = ctx.apply(resets.collect(), &batches, &mut stop_rx, &mut pending, &mut seen_next).await {
                     break Err(e);
                 }
             }
@@ -260,16 +254,12 @@ async fn run_consumer(
                                 seen_next.insert(p, msg.offset() + 1);
                                 continue;
                             }
-                            changed => {
-                                if !pending.is_empty() {
-                                    if let Err(e) = batches.write(&mut stop_rx, &mut pending).await {
-                                        break Err(e);
-                                    }
-                                }
-                                if let Err(e) = reset_partition(&cfg, &consumer, &store, &status, p, &expected, &first, changed) {
+                            history => {
+                                let change = HistoryChange { partition: p, expected, first, history };
+                                let ctx = ResetContext { cfg: &cfg, consumer: &consumer, store: &store, status: &status };
+                                if let Err(e) = ctx.apply(vec![change], &batches, &mut stop_rx, &mut pending, &mut seen_next).await {
                                     break Err(e);
                                 }
-                                seen_next.remove(&p);
                                 continue;
                             }
                         }
@@ -337,51 +327,83 @@ async fn past_their_end(
     ends.unwrap_or_default()
 }
 
-/// Partition `p` no longer holds the record the store consumed last (`expected`; `first` came
-/// instead): under `ingest.offset_out_of_range = "earliest"`, forget its stored offset and
-/// consume it again from its start; under `"fail"`, stop.
-#[allow(clippy::too_many_arguments)]
-fn reset_partition(
-    cfg: &Config,
-    consumer: &StreamConsumer<IngestContext>,
-    store: &GraphStore,
-    status: &IngestStatus,
-    p: i32,
-    expected: &RecordPrint,
-    first: &RecordPrint,
+/// A partition that no longer holds the record the store consumed last (`expected`; `first`
+/// came instead, or its end when nothing came).
+struct HistoryChange {
+    partition: i32,
+    expected: RecordPrint,
+    first: RecordPrint,
     history: History,
-) -> Result<(), IngestError> {
-    let topic = &cfg.kafka.engagements_topic;
-    let found = match history {
-        History::OutOfRange => format!("its first record is at offset {}", first.offset),
-        _ => format!("offset {} holds another record", first.offset),
-    };
-    metrics::counter!(m::PARTITION_RESETS, "reason" => history.label()).increment(1);
-    if cfg.ingest.offset_out_of_range == OffsetPolicy::Fail {
-        return Err(IngestError::HistoryChanged {
-            topic: topic.clone(),
-            partition: p,
-            stored: expected.offset,
-            found,
-        });
+}
+
+/// What resetting partitions needs.
+struct ResetContext<'a> {
+    cfg: &'a Config,
+    consumer: &'a StreamConsumer<IngestContext>,
+    store: &'a GraphStore,
+    status: &'a IngestStatus,
+}
+
+impl ResetContext<'_> {
+    /// Make the pending batch durable, then reset every changed partition and forget what the
+    /// loop saw of it.
+    async fn apply(
+        &self,
+        changes: Vec<HistoryChange>,
+        batches: &BatchWriter<'_>,
+        stop_rx: &mut watch::Receiver<bool>,
+        pending: &mut Pending,
+        seen_next: &mut HashMap<i32, i64>,
+    ) -> Result<(), IngestError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if !pending.is_empty() {
+            batches.write(stop_rx, pending).await?;
+        }
+        for change in &changes {
+            self.reset(change)?;
+            seen_next.remove(&change.partition);
+        }
+        Ok(())
     }
-    warn!(topic, partition = p, stored = expected.offset, found, reason = history.label(),
-        "partition history changed (topic recreated or data lost): consuming it again from its start");
-    store
-        .forget_partition(topic, p)
-        .map_err(|source| IngestError::Store {
-            topic: topic.clone(),
-            source,
-        })?;
-    consumer
-        .seek(topic, p, Offset::Beginning, Duration::from_secs(10))
-        .map_err(|e| IngestError::Assign {
-            topic: topic.clone(),
-            partition: p,
-            problem: format!("seeking to the start after a history change: {e}"),
-        })?;
-    status.partition_resets.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+
+    /// Under `ingest.offset_out_of_range = "earliest"`, forget the partition's stored offset and
+    /// consume it again from its start; under `"fail"`, stop.
+    fn reset(&self, c: &HistoryChange) -> Result<(), IngestError> {
+        let topic = &self.cfg.kafka.engagements_topic;
+        let p = c.partition;
+        let found = match c.history {
+            History::OutOfRange => format!("its first record is at offset {}", c.first.offset),
+            _ => format!("offset {} holds another record", c.first.offset),
+        };
+        metrics::counter!(m::PARTITION_RESETS, "reason" => c.history.label()).increment(1);
+        if self.cfg.ingest.offset_out_of_range == OffsetPolicy::Fail {
+            return Err(IngestError::HistoryChanged {
+                topic: topic.clone(),
+                partition: p,
+                stored: c.expected.offset,
+                found,
+            });
+        }
+        warn!(topic, partition = p, stored = c.expected.offset, found, reason = c.history.label(),
+            "partition history changed (topic recreated or data lost): consuming it again from its start");
+        self.store
+            .forget_partition(topic, p)
+            .map_err(|source| IngestError::Store {
+                topic: topic.clone(),
+                source,
+            })?;
+        self.consumer
+            .seek(topic, p, Offset::Beginning, Duration::from_secs(10))
+            .map_err(|e| IngestError::Assign {
+                topic: topic.clone(),
+                partition: p,
+                problem: format!("seeking to the start after a history change: {e}"),
+            })?;
+        self.status.partition_resets.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// Shutting down: make what was consumed durable (bounded by the DLQ timeout; otherwise it is
