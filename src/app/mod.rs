@@ -34,8 +34,12 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<GraphStore>> {
     let opts = StoreOptions {
         cache_capacity_bytes: cfg.storage.cache_capacity_mb << 20,
         dedup_window_ms: cfg.ingest.dedup_window_secs.saturating_mul(1000),
-        node_cache_entries: cfg.storage.node_cache_entries,
     };
+    if cfg.storage.node_cache_entries.is_some() {
+        tracing::warn!(
+            "storage.node_cache_entries is ignored since store format 2: every node id is kept in memory"
+        );
+    }
     let store = GraphStore::open(&cfg.storage.path, &cfg.schema(), &opts).with_context(|| {
         format!(
             "opening storage.path = {} (is another twhin-stream using it?)",

@@ -11,7 +11,10 @@ use super::{invalid, positive, ConfigError, Validate};
 pub struct StorageConfig {
     pub path: PathBuf,
     pub cache_capacity_mb: u64,
-    pub node_cache_entries: usize,
+    /// Ignored since store format 2 (every node id is in memory); accepted so that older
+    /// configs still load, with a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

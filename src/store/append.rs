@@ -1,18 +1,20 @@
 //! Appending a batch: the offsets it covers, event-id deduplication, node interning, the edge
-//! log, adjacency, counts, all in one sled batch, flushed before it counts.
+//! log, counts, all in one sled batch, flushed before it counts.
 //!
 //! [`GraphStore::append`] runs in phases: read the stored offsets of the batch's partitions;
 //! expire event ids that left the dedup window; turn each new event into an edge
-//! ([`BatchWrites::add_event`]); write the edge chunks, adjacency entries and offsets; apply and
-//! flush. Only then do the in-memory counts and the node cache change.
+//! (`add_event`); write the edge chunks, node-id chunks, the expiry chunk and offsets; apply and
+//! flush. Only then do the in-memory indexes (interner, adjacency, dedup) and counts change.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::schema::{NodeKey, RelId, TypeId};
+use crate::store::format::{chunk_entries, NodeChunks};
 use crate::store::keys::*;
+use crate::store::memory::{DedupIndex, Interner};
 use crate::store::{
-    corrupt, AppendBatch, AppendOutcome, Counts, Direction, Edge, GraphStore, NodeCache, NodeRef,
-    StoreError, WriterState, EDGES_PER_CHUNK, EDGE_BYTES, MAX_CHUNK_BYTES, META_NEXT_SEQ,
+    AppendBatch, AppendOutcome, Counts, Edge, GraphStore, NodeRef, StoreError, WriterState,
+    EDGES_PER_CHUNK, EDGE_BYTES, MAX_CHUNK_BYTES, META_NEXT_SEQ,
 };
 
 /// Event times (ms) of the most recent events with an id, for the dedup expiry watermark.
@@ -55,15 +57,21 @@ struct BatchWrites<'b> {
     sled: sled::Batch,
     counts: Counts,
     out: AppendOutcome,
+    /// Node counts per type before the batch: a new node's index is its count plus its rank.
+    nodes_before: Vec<u32>,
     new_nodes: HashMap<(TypeId, &'b str), u32>,
+    /// The new nodes in index order, per type.
+    new_ids: Vec<Vec<&'b str>>,
+    edges: Vec<Edge>,
     edge_chunk: Vec<u8>,
     /// The event ids this batch stores, as expiry chunks: (ts u64, len u16, id) each.
     expiry_chunk: Vec<u8>,
     expiry_max_ts: u64,
     expiry_chunks: u64,
-    /// (node, rel, dir) → this batch's adjacency entries; BTreeMap so keys go in sorted.
-    adjacency: BTreeMap<(NodeRef, RelId, Direction), Vec<u8>>,
     batch_ids: HashSet<&'b str>,
+    remembered: Vec<(&'b str, u64)>,
+    /// Ids whose expiry chunk this batch deletes, with the time they were stored at.
+    expired: Vec<(Vec<u8>, u64)>,
 }
 
 impl GraphStore {
@@ -93,6 +101,8 @@ impl GraphStore {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let stored_next = self.stored_offsets(batch)?;
+        let types = self.schema.node_types.len();
+        let graph = self.graph.read().unwrap_or_else(|p| p.into_inner());
         let mut w = BatchWrites {
             out: AppendOutcome {
                 first_seq: counts.next_seq,
@@ -100,23 +110,26 @@ impl GraphStore {
             },
             counts,
             sled: sled::Batch::default(),
+            nodes_before: (0..types as TypeId).map(|t| graph.nodes.count(t)).collect(),
             new_nodes: HashMap::new(),
+            new_ids: vec![Vec::new(); types],
+            edges: Vec::with_capacity(batch.events.len()),
             edge_chunk: Vec::with_capacity(batch.events.len() * EDGE_BYTES),
             expiry_chunk: Vec::new(),
             expiry_max_ts: 0,
             expiry_chunks: 0,
-            adjacency: BTreeMap::new(),
             batch_ids: HashSet::new(),
+            remembered: Vec::new(),
+            expired: Vec::new(),
         };
-        // Expire old ids first: in a sled batch the last write to a key wins, so an id stored
-        // again by this batch must be inserted after its expiry.
+        // Expire old ids first: the index forgets them before this batch's ids are remembered.
         if self.dedup_window_ms > 0 {
             for e in batch.events.iter().filter(|e| e.event.event_id.is_some()) {
                 writer.watermark.observe(e.event.ts);
             }
             let watermark = writer.watermark.advance();
             if watermark > 0 {
-                self.expire_dedup(watermark.saturating_sub(self.dedup_window_ms), &mut w.sled)?;
+                self.expire_dedup(watermark.saturating_sub(self.dedup_window_ms), &mut w)?;
             }
         }
         // Running per-partition cursor: skips offsets already stored *and* repeats within the
@@ -131,8 +144,9 @@ impl GraphStore {
                 continue;
             }
             *next = se.offset + 1;
-            self.add_event(&mut writer, &mut w, position, se)?;
+            self.add_event(&graph.nodes, &writer.dedup, &mut w, position, se)?;
         }
+        drop(graph);
         w.finish_chunks();
         write_offsets(&mut w.sled, batch, &stored_next);
         self.commit(&mut writer, w)
@@ -154,11 +168,11 @@ impl GraphStore {
         Ok(stored_next)
     }
 
-    /// One new event: deduplicated by its id, its nodes interned, its edge and adjacency
-    /// entries added.
+    /// One new event: deduplicated by its id, its nodes interned, its edge added.
     fn add_event<'b>(
         &self,
-        writer: &mut WriterState,
+        nodes: &Interner,
+        dedup: &DedupIndex,
         w: &mut BatchWrites<'b>,
         position: usize,
         se: &'b crate::store::SourcedEvent,
@@ -166,7 +180,10 @@ impl GraphStore {
         let ev = &se.event;
         if self.dedup_window_ms > 0 {
             if let Some(id) = ev.event_id.as_deref() {
-                if !w.batch_ids.insert(id) || self.recently_seen(id, ev.ts)? {
+                let seen = dedup
+                    .seen_at(id.as_bytes())
+                    .is_some_and(|seen| ev.ts.saturating_sub(seen) <= self.dedup_window_ms);
+                if !w.batch_ids.insert(id) || seen {
                     w.out.duplicate_event_ids += 1;
                     return Ok(());
                 }
@@ -174,12 +191,11 @@ impl GraphStore {
             }
         }
         let nodes_before = w.new_nodes.len();
-        let src = self.intern(&mut writer.cache, w, &ev.src)?;
-        let dst = self.intern(&mut writer.cache, w, &ev.dst)?;
+        let src = self.intern(nodes, w, &ev.src)?;
+        let dst = self.intern(nodes, w, &ev.dst)?;
         if w.new_nodes.len() > nodes_before {
             w.out.node_creating_events.push(position as u32);
         }
-        let seq = w.counts.next_seq;
         w.counts.next_seq += 1;
         let edge = Edge {
             src,
@@ -189,11 +205,7 @@ impl GraphStore {
             weight: ev.weight,
         };
         w.edge_chunk.extend_from_slice(&edge.encode());
-        for (node, dir, other) in [(src, Direction::Out, dst), (dst, Direction::In, src)] {
-            let entries = w.adjacency.entry((node, ev.rel, dir)).or_default();
-            entries.extend_from_slice(&seq.to_be_bytes());
-            entries.extend_from_slice(&node_bytes(other));
-        }
+        w.edges.push(edge);
         w.counts.relations[ev.rel as usize] += 1;
         w.out.appended += 1;
         Ok(())
@@ -201,40 +213,32 @@ impl GraphStore {
 
     fn intern<'b>(
         &self,
-        cache: &mut NodeCache,
+        nodes: &Interner,
         w: &mut BatchWrites<'b>,
         key: &'b NodeKey,
     ) -> Result<NodeRef, StoreError> {
         let (node_type, id) = (key.node_type, key.id.as_str());
+        if let Some(index) = nodes.index(node_type, id) {
+            return Ok(NodeRef { node_type, index });
+        }
         if let Some(&index) = w.new_nodes.get(&(node_type, id)) {
             return Ok(NodeRef { node_type, index });
         }
-        if let Some(index) = cache.get(node_type, id) {
-            return Ok(NodeRef { node_type, index });
-        }
-        if let Some(index) = self.node_index(node_type, id)? {
-            cache.insert(node_type, id, index);
-            return Ok(NodeRef { node_type, index });
-        }
-        let index = w.counts.nodes[node_type as usize];
-        let next = index.checked_add(1).ok_or_else(|| StoreError::Full {
-            path: self.path.clone(),
-            what: format!(
-                "node type {} has 2^32 nodes",
-                self.schema.node_types[node_type as usize]
-            ),
-        })?;
-        w.counts.nodes[node_type as usize] = next;
+        let t = node_type as usize;
+        let index = w.nodes_before[t]
+            .checked_add(w.new_ids[t].len() as u32)
+            .filter(|&i| i < u32::MAX)
+            .ok_or_else(|| StoreError::Full {
+                path: self.path.clone(),
+                what: format!("node type {} has 2^32 nodes", self.schema.node_types[t]),
+            })?;
         w.new_nodes.insert((node_type, id), index);
-        let node = NodeRef { node_type, index };
-        w.sled.insert(node_key(node_type, id), &index.to_be_bytes());
-        w.sled.insert(&reverse_key(node)[..], id.as_bytes());
-        w.sled
-            .insert(&count_key(node_type)[..], &next.to_be_bytes());
-        Ok(node)
+        w.new_ids[t].push(id);
+        Ok(NodeRef { node_type, index })
     }
 
-    /// Apply and flush the batch; only then may the counts and the node cache vouch for it.
+    /// Apply and flush the batch; only then may the in-memory indexes and counts vouch for it
+    /// (the counts last: an edge below `next_seq` has its nodes and adjacency in memory).
     fn commit(
         &self,
         writer: &mut WriterState,
@@ -253,30 +257,34 @@ impl GraphStore {
             .apply_batch(w.sled)
             .map_err(|e| self.sled_err(e))?;
         self.db.flush().map_err(|e| self.sled_err(e))?;
-        *self.counts.write().unwrap_or_else(|p| p.into_inner()) = w.counts;
-        for ((node_type, id), index) in w.new_nodes {
-            writer.cache.insert(node_type, id, index);
+        for (id, ts) in &w.expired {
+            writer.dedup.remove_at(id, *ts);
         }
-        Ok(w.out)
-    }
-
-    fn recently_seen(&self, id: &str, ts: u64) -> Result<bool, StoreError> {
-        Ok(
-            match self.tree.get(dedup_key(id)).map_err(|e| self.sled_err(e))? {
-                Some(v) => {
-                    let seen = be_u64(&v).ok_or_else(|| corrupt(&self.path, "dedup entry"))?;
-                    ts.saturating_sub(seen) <= self.dedup_window_ms
+        for (id, ts) in &w.remembered {
+            writer.dedup.insert(id.as_bytes(), *ts);
+        }
+        {
+            let mut graph = self.graph.write().unwrap_or_else(|p| p.into_inner());
+            for (t, ids) in w.new_ids.iter().enumerate() {
+                for id in ids {
+                    // A fresh index by construction: `intern` saw it absent under the writer
+                    // lock, which every change to the interner holds.
+                    let _ = graph.nodes.push(t as TypeId, id);
                 }
-                None => false,
-            },
-        )
+            }
+            for (i, edge) in w.edges.iter().enumerate() {
+                graph.adjacency.add(w.out.first_seq + i as u64, edge);
+            }
+        }
+        *self.counts.write().unwrap_or_else(|p| p.into_inner()) = w.counts;
+        Ok(w.out)
     }
 
     /// Forget event ids of the expiry chunks whose newest id is older than `cutoff`. A chunk
     /// goes whole once all its ids are out of the window (an id may outlive the window by up to
-    /// a batch's time span; `recently_seen` ignores it by then anyway). Bounded per batch so a
+    /// a batch's time span; the window check ignores it by then anyway). Bounded per batch so a
     /// backlog never stalls ingest.
-    fn expire_dedup(&self, cutoff: u64, sled_batch: &mut sled::Batch) -> Result<(), StoreError> {
+    fn expire_dedup(&self, cutoff: u64, w: &mut BatchWrites<'_>) -> Result<(), StoreError> {
         const MAX_CHUNKS_PER_BATCH: usize = 16;
         let end = dedup_expiry_key(cutoff, 0);
         for kv in self
@@ -285,34 +293,19 @@ impl GraphStore {
             .take(MAX_CHUNKS_PER_BATCH)
         {
             let (k, chunk) = kv.map_err(|e| self.sled_err(e))?;
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                let bad = || corrupt(&self.path, "dedup expiry chunk");
-                let ts = rest.get(0..8).and_then(be_u64).ok_or_else(bad)?;
-                let len = rest
-                    .get(8..10)
-                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
-                    .ok_or_else(bad)?;
-                let id = rest.get(10..10 + len).ok_or_else(bad)?;
-                rest = &rest[10 + len..];
-                // Only drop X if it still points at this (old) occurrence.
-                let key = dedup_key_bytes(id);
-                if let Some(v) = self.tree.get(&key).map_err(|e| self.sled_err(e))? {
-                    if be_u64(&v) == Some(ts) {
-                        sled_batch.remove(key);
-                    }
-                }
+            for (ts, id) in chunk_entries(&chunk, true, &self.path, "dedup expiry chunk")? {
+                w.expired.push((id.to_vec(), ts));
             }
-            sled_batch.remove(k);
+            w.sled.remove(k);
         }
         Ok(())
     }
 }
 
-impl BatchWrites<'_> {
-    /// Store `id` as seen at `ts`, and in this batch's expiry chunks.
-    fn remember_id(&mut self, id: &str, ts: u64) {
-        self.sled.insert(dedup_key(id), &ts.to_be_bytes());
+impl<'b> BatchWrites<'b> {
+    /// Store `id` as seen at `ts`, in this batch's expiry chunks.
+    fn remember_id(&mut self, id: &'b str, ts: u64) {
+        self.remembered.push((id, ts));
         self.expiry_chunk.extend_from_slice(&ts.to_be_bytes());
         self.expiry_chunk
             .extend_from_slice(&(id.len() as u16).to_be_bytes());
@@ -328,7 +321,7 @@ impl BatchWrites<'_> {
         }
     }
 
-    /// The edge log's chunks, the last expiry chunk and the adjacency entries.
+    /// The edge log's chunks, the new nodes' id chunks and the last expiry chunk.
     fn finish_chunks(&mut self) {
         for (i, part) in self
             .edge_chunk
@@ -338,16 +331,17 @@ impl BatchWrites<'_> {
             let first = self.out.first_seq + (i * EDGES_PER_CHUNK) as u64;
             self.sled.insert(&edge_key(first)[..], part);
         }
+        for (t, ids) in self.new_ids.iter().enumerate() {
+            let mut chunks = NodeChunks::new(t as TypeId, self.nodes_before[t]);
+            for id in ids {
+                chunks.push(id, &mut self.sled);
+            }
+            chunks.finish(&mut self.sled);
+        }
         if !self.expiry_chunk.is_empty() {
             let key = dedup_expiry_key(self.expiry_max_ts, self.out.first_seq + self.expiry_chunks);
             self.sled
                 .insert(&key[..], std::mem::take(&mut self.expiry_chunk));
-        }
-        for ((node, rel, dir), entries) in std::mem::take(&mut self.adjacency) {
-            self.sled.insert(
-                &adjacency_key(node, rel, dir, self.out.first_seq)[..],
-                entries,
-            );
         }
     }
 }

@@ -6,38 +6,43 @@
 //! by one `flush` before [`GraphStore::append`] returns. A crash therefore leaves either the
 //! whole batch with its offsets or neither, which is what makes ingest exactly-once.
 //!
-//! sled pays per key written (several µs each here), so a batch writes as few keys as it can:
-//! its edges as one chunk of the log, and its adjacency as one chunk per (node, relation,
-//! direction) it touches, so a hub that gets k edges in a batch costs one key, not k. Degrees are
-//! counted from the adjacency chunks rather than stored.
+//! sled pays per key written (several µs each, and on disk tens of bytes of its own), so a batch
+//! writes a handful of keys whatever its size (store format 2): its edges as chunks of the log,
+//! the ids of the nodes it creates as one chunk per type, the event ids it stores as one chunk,
+//! and the offsets. Lookups that need an index keep it in memory, rebuilt at open from those
+//! chunks ([`memory`]): node id → index, adjacency (degrees included), and event ids.
+//!
+//! What each stored byte is for, per edge: 26 bytes of the edge log (below); per event with an
+//! id, 10 bytes plus the id in a dedup chunk (until the window expires it); per node, 2 bytes plus
+//! its id. Everything else is a constant number of keys per batch or per partition.
 //!
 //! Key layout (all integers big-endian so that key order is numeric order):
 //!
 //! | prefix | key                                   | value                     |
 //! |--------|---------------------------------------|---------------------------|
-//! | `N`    | type u16, external id bytes           | dense index u32           |
-//! | `I`    | type u16, index u32                   | external id bytes         |
-//! | `C`    | type u16                              | node count u32            |
+//! | `I`    | type u16, index u32 of its first node | the ids of consecutive nodes: len u16, id bytes, each |
 //! | `E`    | first seq u64 of the chunk            | [`Edge`]s, 26 bytes each  |
-//! | `A`    | type u16, index u32, rel u16, dir u8, first seq u64 | per edge: seq u64, other end type u16, index u32 |
 //! | `R`    | rel u16                               | edge count u64            |
 //! | `O`    | topic bytes, 0x00, partition i32      | next offset i64           |
 //! | `P`    | topic bytes, 0x00, partition i32      | the last consumed record: [`RecordPrint`] (offset i64, ts i64, crc u32) |
-//! | `X`    | event id bytes                        | event ts u64              |
 //! | `Y`    | newest ts u64, first seq u64 of the batch | the batch's ids: ts u64, len u16, id |
-//! | `M`    | name                                  | metadata (bincode)        |
+//! | `M`    | name                                  | metadata (bincode; `Mformat`: the format, u32) |
+//!
+//! Format 1 (before 2026-12) also kept `N` (id → index), one `I` key per node, `C` (node counts),
+//! `A` (adjacency chunks) and `X` (one key per event id); [`format::upgrade`] rewrites such a
+//! store in place at open.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{Event, RelId, Schema, TypeId};
-use keys::*;
 
 mod append;
+mod format;
 mod keys;
+mod memory;
 mod read;
 mod summary;
 
@@ -245,6 +250,15 @@ pub enum StoreError {
     Corrupt { path: PathBuf, what: String },
     #[error("store {path}: {what}")]
     Full { path: PathBuf, what: String },
+    #[error(
+        "store {path}: written in store format {found}, this build reads up to format {supported}: \
+         run the twhin-stream that wrote it, or start on a new storage.path and replay the events"
+    )]
+    Format {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
 }
 
 /// Names of node types and relations as the store holds them (ids are positions).
@@ -318,7 +332,6 @@ impl StoredSchema {
 #[derive(Debug, Clone)]
 struct Counts {
     next_seq: u64,
-    nodes: Vec<u32>,
     relations: Vec<u64>,
 }
 
@@ -328,48 +341,25 @@ pub struct GraphStore {
     db: sled::Db,
     tree: sled::Tree,
     schema: StoredSchema,
+    /// Changed last by a commit, after `graph`: an edge below `next_seq` has its nodes and
+    /// adjacency in `graph`.
     counts: RwLock<Counts>,
-    /// Held while appending; also holds the writer's node-id cache and dedup watermark.
+    graph: RwLock<Graph>,
+    /// Held while appending; also holds the dedup index and watermark.
     writer: Mutex<WriterState>,
     dedup_window_ms: u64,
 }
 
+/// The in-memory indexes readers share (see [`memory`]).
+struct Graph {
+    nodes: memory::Interner,
+    adjacency: memory::Adjacency,
+}
+
 /// What the single writer keeps between batches.
 struct WriterState {
-    cache: NodeCache,
+    dedup: memory::DedupIndex,
     watermark: append::DedupWatermark,
-}
-
-/// External id → index of recently seen nodes, per type: interning needs no sled read for them.
-/// Bounded: a type's map is dropped whole when the total passes the capacity.
-struct NodeCache {
-    by_type: Vec<HashMap<Box<str>, u32>>,
-    entries: usize,
-    capacity: usize,
-}
-
-impl NodeCache {
-    fn get(&self, node_type: TypeId, id: &str) -> Option<u32> {
-        self.by_type.get(node_type as usize)?.get(id).copied()
-    }
-
-    fn insert(&mut self, node_type: TypeId, id: &str, index: u32) {
-        if self.capacity == 0 {
-            return;
-        }
-        if self.entries >= self.capacity {
-            for m in &mut self.by_type {
-                m.clear();
-            }
-            self.entries = 0;
-        }
-        if self.by_type[node_type as usize]
-            .insert(id.into(), index)
-            .is_none()
-        {
-            self.entries += 1;
-        }
-    }
 }
 
 const META_SCHEMA: &[u8] = b"Mschema";
@@ -385,8 +375,6 @@ pub struct StoreOptions {
     pub cache_capacity_bytes: u64,
     /// Event-id deduplication window in ms; 0 disables.
     pub dedup_window_ms: u64,
-    /// Node ids the writer keeps in memory to skip sled reads while interning; 0 disables.
-    pub node_cache_entries: usize,
 }
 
 impl Default for StoreOptions {
@@ -394,7 +382,6 @@ impl Default for StoreOptions {
         StoreOptions {
             cache_capacity_bytes: 256 << 20,
             dedup_window_ms: 86_400_000,
-            node_cache_entries: 1 << 20,
         }
     }
 }
@@ -470,38 +457,18 @@ impl GraphStore {
         })?;
         tree.insert(META_SCHEMA, encoded).map_err(sled_err)?;
 
-        let mut counts = Counts {
-            next_seq: 0,
-            nodes: vec![0; schema.node_types.len()],
-            relations: vec![0; schema.relations.len()],
-        };
-        if let Some(v) = tree.get(META_NEXT_SEQ).map_err(sled_err)? {
-            counts.next_seq = be_u64(&v).ok_or_else(|| corrupt(path, "next_seq"))?;
-        }
-        for (t, n) in counts.nodes.iter_mut().enumerate() {
-            if let Some(v) = tree.get(count_key(t as TypeId)).map_err(sled_err)? {
-                *n = be_u32(&v).ok_or_else(|| corrupt(path, "node count"))?;
-            }
-        }
-        for (r, n) in counts.relations.iter_mut().enumerate() {
-            if let Some(v) = tree.get(rel_count_key(r as RelId)).map_err(sled_err)? {
-                *n = be_u64(&v).ok_or_else(|| corrupt(path, "relation count"))?;
-            }
-        }
+        format::upgrade(&tree, path, &schema)?;
+        let loaded = format::load(&tree, path, &schema)?;
         db.flush().map_err(sled_err)?;
-        let schema_len = schema.node_types.len();
         Ok(GraphStore {
             path: path.to_owned(),
             db,
             tree,
             schema,
-            counts: RwLock::new(counts),
+            counts: RwLock::new(loaded.counts),
+            graph: RwLock::new(loaded.graph),
             writer: Mutex::new(WriterState {
-                cache: NodeCache {
-                    by_type: vec![HashMap::new(); schema_len],
-                    entries: 0,
-                    capacity: opts.node_cache_entries,
-                },
+                dedup: loaded.dedup,
                 watermark: Default::default(),
             }),
             dedup_window_ms: opts.dedup_window_ms,

@@ -5,7 +5,8 @@ use rand::Rng;
 use crate::schema::{RelId, TypeId};
 use crate::store::keys::*;
 use crate::store::{
-    corrupt, Direction, Edge, GraphStore, Neighbor, NodeRef, RecordPrint, StoreError, EDGE_BYTES,
+    corrupt, Direction, Edge, Graph, GraphStore, Neighbor, NodeRef, RecordPrint, StoreError,
+    EDGE_BYTES,
 };
 
 impl GraphStore {
@@ -68,24 +69,15 @@ impl GraphStore {
     }
 
     pub fn node_index(&self, node_type: TypeId, id: &str) -> Result<Option<u32>, StoreError> {
-        match self
-            .tree
-            .get(node_key(node_type, id))
-            .map_err(|e| self.sled_err(e))?
-        {
-            Some(v) => Ok(Some(
-                be_u32(&v).ok_or_else(|| corrupt(&self.path, "node index"))?,
-            )),
-            None => Ok(None),
-        }
+        Ok(self.graph().nodes.index(node_type, id))
     }
 
     pub fn node_id(&self, node: NodeRef) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .tree
-            .get(reverse_key(node))
-            .map_err(|e| self.sled_err(e))?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.graph().nodes.id(node).map(str::to_owned))
+    }
+
+    fn graph(&self) -> std::sync::RwLockReadGuard<'_, Graph> {
+        self.graph.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Total number of edges ever appended (also the next sequence number).
@@ -97,13 +89,7 @@ impl GraphStore {
     }
 
     pub fn node_count(&self, node_type: TypeId) -> u32 {
-        self.counts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .nodes
-            .get(node_type as usize)
-            .copied()
-            .unwrap_or(0)
+        self.graph().nodes.count(node_type)
     }
 
     /// Edge count per relation id.
@@ -136,9 +122,14 @@ impl GraphStore {
         Ok(chunk.get(at..at + EDGE_BYTES).and_then(Edge::decode))
     }
 
-    /// Up to `limit` edges with sequence numbers from `cursor` on, in order (the trainer's feed).
+    /// Up to `limit` committed edges with sequence numbers from `cursor` on, in order (the
+    /// trainer's feed): their nodes and adjacency are in memory already.
     pub fn edges_from(&self, cursor: u64, limit: usize) -> Result<Vec<(u64, Edge)>, StoreError> {
+        let limit = limit.min(self.edge_count().saturating_sub(cursor) as usize);
         let mut out = Vec::with_capacity(limit.min(1 << 16));
+        if limit == 0 {
+            return Ok(out);
+        }
         let start = match self.chunk_at(cursor)? {
             Some((first, _)) => first,
             None => cursor,
@@ -219,52 +210,15 @@ impl GraphStore {
         Ok(n)
     }
 
-    /// Visit adjacency entries in (relation, direction, seq) order until `visit` returns false.
+    /// Visit adjacency entries in sequence order until `visit` returns false.
     fn scan_adjacency(
         &self,
         node: NodeRef,
         rel: Option<RelId>,
         dir: Option<Direction>,
-        mut visit: impl FnMut(Neighbor) -> bool,
+        visit: impl FnMut(Neighbor) -> bool,
     ) -> Result<(), StoreError> {
-        let mut prefix = Vec::with_capacity(10);
-        prefix.push(b'A');
-        prefix.extend_from_slice(&node_bytes(node));
-        if let Some(r) = rel {
-            prefix.extend_from_slice(&r.to_be_bytes());
-            if let Some(d) = dir {
-                prefix.push(d as u8);
-            }
-        }
-        for kv in self.tree.scan_prefix(&prefix) {
-            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-            if k.len() != 18 || v.len() % ADJACENCY_ENTRY_BYTES != 0 {
-                return Err(corrupt(&self.path, "adjacency chunk"));
-            }
-            let d = if k[9] == 0 {
-                Direction::Out
-            } else {
-                Direction::In
-            };
-            if dir.is_some_and(|want| want != d) {
-                continue;
-            }
-            let rel = u16::from_be_bytes([k[7], k[8]]);
-            for e in v.chunks_exact(ADJACENCY_ENTRY_BYTES) {
-                let n = Neighbor {
-                    node: NodeRef {
-                        node_type: u16::from_be_bytes([e[8], e[9]]),
-                        index: u32::from_be_bytes([e[10], e[11], e[12], e[13]]),
-                    },
-                    rel,
-                    dir: d,
-                    seq: u64::from_be_bytes(e[0..8].try_into().expect("chunks_exact")),
-                };
-                if !visit(n) {
-                    return Ok(());
-                }
-            }
-        }
+        self.graph().adjacency.visit(node, rel, dir, visit);
         Ok(())
     }
 

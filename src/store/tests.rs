@@ -212,7 +212,7 @@ fn event_ids_dedup_within_the_window_only() {
     let out = s.append(&batch(later)).unwrap();
     assert_eq!(out.appended, 101);
     assert_eq!(
-        s.tree.scan_prefix(b"X").count(),
+        s.writer.lock().unwrap().dedup.len(),
         101,
         "e2 expired, e1 re-stored beside the 100 new ids"
     );
@@ -422,4 +422,105 @@ fn the_last_record_of_a_partition_is_kept_with_its_offset_and_forgotten_on_reset
     assert_eq!(s.stored_offset("t", 0).unwrap(), None);
     assert_eq!(s.last_record("t", 0).unwrap(), None);
     assert_eq!(s.edge_count(), 2, "the edges stay");
+}
+
+/// A store written in format 1 (one key per node, adjacency chunk and event id) opens as format
+/// 2 with its nodes, edges, adjacency, offsets and remembered event ids.
+#[test]
+fn a_format_1_store_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("graph").unwrap();
+        let stored = StoredSchema::from_schema(&schema());
+        let encoded = bincode::serde::encode_to_vec(&stored, bincode_config()).unwrap();
+        tree.insert(META_SCHEMA, encoded).unwrap();
+        let user = |i: u32| NodeRef {
+            node_type: 0,
+            index: i,
+        };
+        for (i, id) in ["a", "b"].iter().enumerate() {
+            let mut n = vec![b'N', 0, 0];
+            n.extend_from_slice(id.as_bytes());
+            tree.insert(n, &(i as u32).to_be_bytes()).unwrap();
+            tree.insert(&keys::node_chunk_key(user(i as u32))[..], id.as_bytes())
+                .unwrap();
+        }
+        tree.insert(b"C\0\0", &2u32.to_be_bytes()).unwrap();
+        let e = Edge {
+            src: user(0),
+            rel: 0,
+            dst: user(1),
+            ts: 5,
+            weight: 1.0,
+        };
+        tree.insert(&keys::edge_key(0)[..], &e.encode()[..])
+            .unwrap();
+        tree.insert(b"A-some-adjacency-", &[0u8; 14][..]).unwrap();
+        tree.insert(b"Xe1", &5u64.to_be_bytes()).unwrap();
+        let mut y = 5u64.to_be_bytes().to_vec();
+        y.extend_from_slice(&2u16.to_be_bytes());
+        y.extend_from_slice(b"e1");
+        tree.insert(&keys::dedup_expiry_key(5, 0)[..], y).unwrap();
+        tree.insert(META_NEXT_SEQ, &1u64.to_be_bytes()).unwrap();
+        tree.insert(&keys::rel_count_key(0)[..], &1u64.to_be_bytes())
+            .unwrap();
+        tree.insert(keys::offset_key("t", 0), &1u64.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let s = open(dir.path());
+    assert_eq!((s.node_count(0), s.edge_count()), (2, 1));
+    assert_eq!(s.node_index(0, "b").unwrap(), Some(1));
+    let b = NodeRef {
+        node_type: 0,
+        index: 1,
+    };
+    assert_eq!(s.node_id(b).unwrap().as_deref(), Some("b"));
+    assert_eq!(s.degree(b, 0, Direction::In).unwrap(), 1);
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
+    for prefix in [b"N", b"C", b"A", b"X"] {
+        assert_eq!(
+            s.tree.scan_prefix(prefix).count(),
+            0,
+            "{prefix:?} keys left"
+        );
+    }
+    let again = s
+        .append(&batch(vec![(
+            0,
+            1,
+            ev("user:a", 0, "user:c", 6, Some("e1")),
+        )]))
+        .unwrap();
+    assert_eq!(again.duplicate_event_ids, 1, "the event ids came along");
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(s.node_count(0), 2, "upgraded once, reopened as format 2");
+}
+
+#[test]
+fn a_newer_store_format_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("graph").unwrap();
+        tree.insert(b"Mformat", &9u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = GraphStore::open(dir.path(), &schema(), &StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            StoreError::Format {
+                found: 9,
+                supported: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
