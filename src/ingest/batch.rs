@@ -17,7 +17,7 @@ use crate::ingest::dlq::{deliver_dead_letters, DeadLetter};
 use crate::ingest::{AppendEvents, IngestError, IngestStatus, StoreBatchWritten, StoreWriter};
 use crate::persist::now_ms;
 use crate::schema::{decode_event, DecodeLimits, Schema};
-use crate::store::{AppendBatch, RecordPrint, SourcedEvent};
+use crate::store::{AppendBatch, AppendOutcome, RecordPrint, SourcedEvent, StoreError};
 use crate::telemetry as m;
 
 /// Events consumed but not yet durable.
@@ -46,7 +46,6 @@ impl Pending {
         limits: &DecodeLimits,
         msg: &BorrowedMessage<'_>,
     ) {
-        metrics::counter!(m::EVENTS_CONSUMED).increment(1);
         let (p, offset) = (msg.partition(), msg.offset());
         let kafka_ts = msg
             .timestamp()
@@ -84,6 +83,27 @@ impl Pending {
     }
 }
 
+/// A batch handed to the store writer, not yet known to be durable.
+pub(super) struct InFlight {
+    outcome:
+        tokio::task::JoinHandle<Result<Result<AppendOutcome, StoreError>, actix::MailboxError>>,
+    kafka_ts: Vec<i64>,
+    consumed: u64,
+    invalid: u64,
+    started: Instant,
+}
+
+/// The store writer's answer for an [`InFlight`] batch.
+pub(super) type Answer =
+    Result<Result<Result<AppendOutcome, StoreError>, actix::MailboxError>, tokio::task::JoinError>;
+
+impl InFlight {
+    /// The writer's answer, when it comes (cancel-safe: poll it again later).
+    pub(super) async fn answer(&mut self) -> Answer {
+        (&mut self.outcome).await
+    }
+}
+
 /// What writing a batch needs.
 pub(super) struct BatchWriter<'a> {
     pub cfg: &'a Config,
@@ -102,20 +122,54 @@ impl BatchWriter<'_> {
         stop_rx: &mut watch::Receiver<bool>,
         pending: &mut Pending,
     ) -> Result<bool, IngestError> {
+        match self.start(stop_rx, pending).await? {
+            Some(in_flight) => self.finish(in_flight).await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Deliver the batch's dead letters, then hand its events to the store writer and return at
+    /// once, so the next batch is consumed and decoded while this one is written. `pending` is
+    /// empty afterwards. `None`: asked to stop while the DLQ was unreachable (nothing written).
+    ///
+    /// The writer is one thread taking batches in order; still, at most one batch is in flight
+    /// ([`Self::finish`] it before the next, or before anything else touches the stored offsets).
+    pub(super) async fn start(
+        &self,
+        stop_rx: &mut watch::Receiver<bool>,
+        pending: &mut Pending,
+    ) -> Result<Option<InFlight>, IngestError> {
         let started = Instant::now();
         if !self.deliver_dead_letters(stop_rx, pending).await {
-            return Ok(false);
+            return Ok(None);
         }
+        let pending = std::mem::take(pending);
         let batch = AppendBatch {
             topic: self.topic.to_owned(),
-            events: std::mem::take(&mut pending.events),
-            next_offsets: pending.next_offsets.drain().collect(),
-            last_records: pending.last_records.drain().collect(),
+            events: pending.events,
+            next_offsets: pending.next_offsets.into_iter().collect(),
+            last_records: pending.last_records.into_iter().collect(),
         };
-        let outcome = self
-            .writer
-            .send(AppendEvents(batch))
-            .await
+        let request = self.writer.send(AppendEvents(batch));
+        Ok(Some(InFlight {
+            outcome: actix::spawn(request),
+            kafka_ts: pending.kafka_ts,
+            consumed: pending.consumed,
+            invalid: pending.dead.len() as u64,
+            started,
+        }))
+    }
+
+    /// Wait until the batch `start` handed on is durable, then count it.
+    pub(super) async fn finish(&self, mut in_flight: InFlight) -> Result<(), IngestError> {
+        let answer = in_flight.answer().await;
+        self.settle(in_flight, answer)
+    }
+
+    /// Count a batch the writer answered for (its `answer`).
+    pub(super) fn settle(&self, in_flight: InFlight, answer: Answer) -> Result<(), IngestError> {
+        let outcome = answer
+            .map_err(|_| IngestError::WriterGone)?
             .map_err(|_| IngestError::WriterGone)?
             .map_err(|source| IngestError::Store {
                 topic: self.topic.to_owned(),
@@ -125,26 +179,25 @@ impl BatchWriter<'_> {
             let new_node_ts = outcome
                 .node_creating_events
                 .iter()
-                .filter_map(|&i| pending.kafka_ts.get(i as usize).copied())
+                .filter_map(|&i| in_flight.kafka_ts.get(i as usize).copied())
                 .collect();
             self.status.freshness.ingested(
                 outcome.first_seq + outcome.appended,
-                std::mem::take(&mut pending.kafka_ts),
+                in_flight.kafka_ts,
                 new_node_ts,
             );
         }
         StoreBatchWritten {
-            consumed: pending.consumed,
-            invalid: pending.dead.len() as u64,
+            consumed: in_flight.consumed,
+            invalid: in_flight.invalid,
             appended: outcome.appended,
             duplicate_event_ids: outcome.duplicate_event_ids,
             redelivered: outcome.already_stored,
             new_nodes: outcome.new_nodes,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: in_flight.started.elapsed().as_secs_f64(),
         }
         .emit(self.status);
-        *pending = Pending::default();
-        Ok(true)
+        Ok(())
     }
 
     /// Retry until the DLQ acknowledges every dead letter; `false` when asked to stop first.

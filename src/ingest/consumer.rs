@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
@@ -30,7 +31,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, OffsetPolicy};
-use crate::ingest::batch::{BatchWriter, Pending};
+use crate::ingest::batch::{Answer, BatchWriter, InFlight, Pending};
 use crate::ingest::rebalance::History;
 use crate::ingest::{IngestContext, IngestStatus, StoreWriter};
 use crate::kafka::{create_client, create_client_with_context, KafkaSetupError};
@@ -221,6 +222,8 @@ async fn run_consumer(
     let mut seen_next: HashMap<i32, i64> = HashMap::new();
 
     let mut history_checks = tokio::time::interval(HISTORY_CHECK_EVERY);
+    // The batch the store writer is making durable while the next one is consumed.
+    let mut in_flight: Option<InFlight> = None;
     let result: Result<(), IngestError> = loop {
         if let Some(e) = consumer.context().take_failure() {
             break Err(e);
@@ -229,8 +232,21 @@ async fn run_consumer(
         tokio::select! {
             biased;
             _ = stop_rx.changed() => break Ok(()),
+            answer = in_flight_answer(&mut in_flight) => {
+                let f = in_flight.take().expect("an answer comes from a batch in flight");
+                if let Err(e) = batches.settle(f, answer) {
+                    break Err(e);
+                }
+                commit_mirror(&consumer, &topic, &store);
+                continue;
+            }
             _ = sleep_until_opt(deadline) => {}
             _ = history_checks.tick() => {
+                if let Some(f) = in_flight.take() {
+                    if let Err(e) = batches.finish(f).await {
+                        break Err(e);
+                    }
+                }
                 let gone = past_their_end(&consumer, &topic).await;
                 let resets = gone.into_iter().map(|(partition, expected, end)| HistoryChange {
                     partition,
@@ -243,50 +259,84 @@ async fn run_consumer(
                     break Err(e);
                 }
             }
-            msg = consumer.recv() => match msg {
-                Ok(msg) => {
+            first = consumer.recv() => {
+                // The message that woke the loop, then whatever else is queued, taken without
+                // the select's timers (most of a busy loop's cost), up to the batch's size.
+                let mut next = Some(first);
+                let mut failed = None;
+                let mut accepted = 0u64;
+                while let Some(msg) = next.take() {
+                    let msg = match msg {
+                        Ok(msg) => msg,
+                        Err(e) => {
+                            warn!(error = %e, "consume error");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            break;
+                        }
+                    };
                     let p = msg.partition();
                     if let Some(expected) = consumer.context().take_expected(p) {
+                        if let Some(f) = in_flight.take() {
+                            if let Err(e) = batches.finish(f).await {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
                         let first = RecordPrint::of(msg.offset(), msg.timestamp().to_millis(), msg.key(), msg.payload());
                         match History::of(&expected, &first) {
                             // Stored already: skip it, as any redelivery.
                             History::Same => {
                                 seen_next.insert(p, msg.offset() + 1);
-                                continue;
                             }
                             history => {
                                 let change = HistoryChange { partition: p, expected, first, history };
                                 let ctx = ResetContext { cfg: &cfg, consumer: &consumer, store: &store, status: &status };
-                                if let Err(e) = ctx.apply(vec![change], &batches, &mut stop_rx, &mut pending, &mut seen_next).await {
-                                    break Err(e);
-                                }
-                                continue;
+                                failed = ctx.apply(vec![change], &batches, &mut stop_rx, &mut pending, &mut seen_next).await.err();
+                                break;
                             }
                         }
-                    }
-                    if msg.offset() < seen_next.get(&p).copied().unwrap_or(i64::MIN) {
+                    } else if msg.offset() < seen_next.get(&p).copied().unwrap_or(i64::MIN) {
                         metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(1);
                     } else {
                         seen_next.insert(p, msg.offset() + 1);
                         pending.accept(&schema, &limits, &msg);
+                        accepted += 1;
                     }
+                    if pending.consumed as usize >= cfg.ingest.batch_max_events {
+                        break;
+                    }
+                    next = consumer.recv().now_or_never();
                 }
-                Err(e) => {
-                    warn!(error = %e, "consume error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                metrics::counter!(m::EVENTS_CONSUMED).increment(accepted);
+                if let Some(e) = failed {
+                    break Err(e);
                 }
-            },
+            }
         }
         let full = pending.consumed as usize >= cfg.ingest.batch_max_events;
         let due = pending.since.is_some_and(|t| t.elapsed() >= max_wait);
         if full || due {
-            match batches.write(&mut stop_rx, &mut pending).await {
-                Ok(true) => commit_mirror(&consumer, &topic, &store),
-                Ok(false) => break Ok(()), // asked to stop while the DLQ was unreachable
+            // At most one batch in flight: the previous one is durable before the next goes.
+            if let Some(f) = in_flight.take() {
+                if let Err(e) = batches.finish(f).await {
+                    break Err(e);
+                }
+                commit_mirror(&consumer, &topic, &store);
+            }
+            match batches.start(&mut stop_rx, &mut pending).await {
+                Ok(Some(f)) => in_flight = Some(f),
+                Ok(None) => break Ok(()), // asked to stop while the DLQ was unreachable
                 Err(e) => break Err(e),
             }
         }
     };
+    if let Some(f) = in_flight.take() {
+        let finished = batches.finish(f).await;
+        if result.is_ok() {
+            finished?;
+            commit_mirror(&consumer, &topic, &store);
+        }
+    }
     if result.is_ok() && !pending.is_empty() {
         write_at_shutdown(&batches, &mut pending).await?;
         commit_mirror(&consumer, &topic, &store);
@@ -422,6 +472,14 @@ async fn write_at_shutdown(
             );
             Ok(())
         }
+    }
+}
+
+/// The in-flight batch's answer; pending forever when there is none.
+async fn in_flight_answer(in_flight: &mut Option<InFlight>) -> Answer {
+    match in_flight {
+        Some(f) => f.answer().await,
+        None => std::future::pending().await,
     }
 }
 
