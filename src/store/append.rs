@@ -337,6 +337,11 @@ impl<'b> BatchWrites<'b> {
                 chunks.push(id, &mut self.sled);
             }
             chunks.finish(&mut self.sled);
+            if !ids.is_empty() {
+                let count = self.nodes_before[t] + ids.len() as u32;
+                self.sled
+                    .insert(&node_count_key(t as TypeId)[..], &count.to_be_bytes());
+            }
         }
         if !self.expiry_chunk.is_empty() {
             let key = dedup_expiry_key(self.expiry_max_ts, self.out.first_seq + self.expiry_chunks);

@@ -60,6 +60,7 @@ pub(super) fn upgrade(
 fn upgrade_from_1(tree: &sled::Tree, path: &Path, schema: &StoredSchema) -> Result<(), StoreError> {
     let err = sled_err(path);
     let mut batch = sled::Batch::default();
+    // Format 1's `C` keys (node counts) are format 2's too: rewritten below.
     for prefix in [b"N", b"C", b"A", b"X"] {
         for k in tree.scan_prefix(prefix).keys() {
             batch.remove(k.map_err(&err)?);
@@ -92,6 +93,8 @@ fn upgrade_from_1(tree: &sled::Tree, path: &Path, schema: &StoredSchema) -> Resu
             writer.push(id, &mut batch);
         }
         writer.finish(&mut batch);
+        let count = ids.iter().filter(|(n, _)| n.node_type == t).count() as u32;
+        batch.insert(&node_count_key(t)[..], &count.to_be_bytes());
     }
     tree.apply_batch(batch).map_err(&err)?;
     tracing::info!(
@@ -203,26 +206,41 @@ pub(super) fn load(
         }
     }
 
+    // Node-id chunks are read by key, each chunk's length giving the next one's key, up to the
+    // count stored beside them: no scan, so a chunk missing from the store is named.
     let mut nodes = Interner::new(types);
-    for kv in tree.scan_prefix(b"I") {
-        let (k, v) = kv.map_err(&err)?;
-        let bad_key = || corrupt(path, "node chunk key");
-        let node_type = k.get(1..3).map(|b| u16::from_be_bytes([b[0], b[1]]));
-        let first = k.get(3..7).and_then(be_u32);
-        let (Some(node_type), Some(first)) = (node_type, first) else {
-            return Err(bad_key());
+    for t in 0..types as TypeId {
+        let count = match tree.get(node_count_key(t)).map_err(&err)? {
+            Some(v) => be_u32(&v).ok_or_else(|| corrupt(path, "node count"))?,
+            None => 0,
         };
-        if node_type as usize >= types || first != nodes.count(node_type) {
+        while nodes.count(t) < count {
+            let first = nodes.count(t);
+            let key = node_chunk_key(NodeRef {
+                node_type: t,
+                index: first,
+            });
+            let chunk = tree.get(key).map_err(&err)?.ok_or_else(|| {
+                corrupt(
+                    path,
+                    &format!("node-id chunk of type {t} at {first} missing ({count} nodes)"),
+                )
+            })?;
+            for (_, id) in chunk_entries(&chunk, false, path, "node chunk")? {
+                let id = std::str::from_utf8(id).map_err(|_| corrupt(path, "node id"))?;
+                nodes
+                    .push(t, id)
+                    .map_err(|_| corrupt(path, &format!("node id {id:?} stored twice")))?;
+            }
+        }
+        if nodes.count(t) != count {
             return Err(corrupt(
                 path,
-                &format!("node chunk of type {node_type} at {first} out of order"),
+                &format!(
+                    "node-id chunks of type {t} hold {} ids, the count says {count}",
+                    nodes.count(t)
+                ),
             ));
-        }
-        for (_, id) in chunk_entries(&v, false, path, "node chunk")? {
-            let id = std::str::from_utf8(id).map_err(|_| corrupt(path, "node id"))?;
-            nodes
-                .push(node_type, id)
-                .map_err(|_| corrupt(path, &format!("node id {id:?} stored twice")))?;
         }
     }
 

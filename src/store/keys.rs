@@ -1,7 +1,7 @@
 //! The store's key layout (see the table in the module docs of [`crate::store`]): one byte of
 //! prefix, then big-endian fields, so sled's order is the order scans need.
 
-use crate::schema::RelId;
+use crate::schema::{RelId, TypeId};
 use crate::store::NodeRef;
 
 pub(super) fn be_u64(v: &[u8]) -> Option<u64> {
@@ -18,6 +18,11 @@ pub(super) fn node_chunk_key(node: NodeRef) -> [u8; 7] {
     k[1..3].copy_from_slice(&node.node_type.to_be_bytes());
     k[3..7].copy_from_slice(&node.index.to_be_bytes());
     k
+}
+
+pub(super) fn node_count_key(node_type: TypeId) -> [u8; 3] {
+    let t = node_type.to_be_bytes();
+    [b'C', t[0], t[1]]
 }
 
 pub(super) fn rel_count_key(rel: RelId) -> [u8; 3] {

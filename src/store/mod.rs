@@ -21,6 +21,7 @@
 //! | prefix | key                                   | value                     |
 //! |--------|---------------------------------------|---------------------------|
 //! | `I`    | type u16, index u32 of its first node | the ids of consecutive nodes: len u16, id bytes, each |
+//! | `C`    | type u16                              | node count u32 (how far the `I` chunks go) |
 //! | `E`    | first seq u64 of the chunk            | [`Edge`]s, 26 bytes each  |
 //! | `R`    | rel u16                               | edge count u64            |
 //! | `O`    | topic bytes, 0x00, partition i32      | next offset i64           |
@@ -28,8 +29,8 @@
 //! | `Y`    | newest ts u64, first seq u64 of the batch | the batch's ids: ts u64, len u16, id |
 //! | `M`    | name                                  | metadata (bincode; `Mformat`: the format, u32) |
 //!
-//! Format 1 (before 2026-12) also kept `N` (id → index), one `I` key per node, `C` (node counts),
-//! `A` (adjacency chunks) and `X` (one key per event id); [`format::upgrade`] rewrites such a
+//! Format 1 (before 2026-12) also kept `N` (id → index), one `I` key per node, `A` (adjacency
+//! chunks) and `X` (one key per event id); [`format::upgrade`] rewrites such a
 //! store in place at open.
 
 use std::path::{Path, PathBuf};
