@@ -170,9 +170,13 @@ impl std::str::FromStr for ReplaySource {
         if s == "synthetic" {
             return Ok(ReplaySource::Synthetic);
         }
-        s.parse()
-            .map(ReplaySource::Dataset)
-            .map_err(|e: String| format!("{e}, or synthetic (with --nodes and --edges)"))
+        s.parse().map(ReplaySource::Dataset).map_err(|_: String| {
+            format!(
+                "unknown dataset {s:?}; expected one of {}, synthetic (with --nodes and --edges), \
+                 or --data DIR for a folder",
+                Dataset::ALL.map(|d| d.name()).join(", ")
+            )
+        })
     }
 }
 
