@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use twhin_stream::app;
 use twhin_stream::config::Config;
 use twhin_stream::kafka::{self, ApplyOutcome, EmbeddedKafka};
+use twhin_stream::offline::synthetic::{SyntheticArgs, Workload};
 use twhin_stream::offline::{self, replay, watch, DataArgs, DataSource, Dataset};
 use twhin_stream::store::{GraphStore, StoreSummary};
 use twhin_stream::telemetry;
@@ -42,9 +43,10 @@ enum Command {
     },
     /// Produce a dataset to the engagements topic as events, in order.
     Replay {
-        /// umls, nations, kinships or movielens-100k.
+        /// umls, nations, kinships, movielens-100k, or synthetic (a TwHIN-shaped stream of the
+        /// config's schema: --nodes, --edges).
         #[arg(required_unless_present = "data")]
-        dataset: Option<Dataset>,
+        dataset: Option<ReplaySource>,
         /// A folder of train.tsv, valid.tsv, test.tsv instead (see `train --help`).
         #[arg(long, value_name = "DIR", conflicts_with = "dataset")]
         data: Option<PathBuf>,
@@ -60,6 +62,21 @@ enum Command {
         /// Overrides kafka.bootstrap_servers.
         #[arg(long)]
         bootstrap_servers: Option<String>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        synthetic: SyntheticArgs,
+    },
+    /// Write the synthetic TwHIN-shaped stream of the config's schema (the one `replay
+    /// synthetic` produces) as a dataset folder for `--data DIR`: train.tsv, valid.tsv, test.tsv
+    /// (85/5/10% of the events in order).
+    Synthetic {
+        #[command(flatten)]
+        synthetic: SyntheticArgs,
+        /// The folder to write (created if missing; its split files are replaced).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -140,6 +157,29 @@ enum Command {
     },
 }
 
+/// What `replay` produces: a built-in dataset or the synthetic stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplaySource {
+    Dataset(Dataset),
+    Synthetic,
+}
+
+impl std::str::FromStr for ReplaySource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "synthetic" {
+            return Ok(ReplaySource::Synthetic);
+        }
+        s.parse().map(ReplaySource::Dataset).map_err(|_: String| {
+            format!(
+                "unknown dataset {s:?}; expected one of {}, synthetic (with --nodes and --edges), \
+                 or --data DIR for a folder",
+                Dataset::ALL.map(|d| d.name()).join(", ")
+            )
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum TopicsAction {
     /// Create the missing topics and report the ones that exist.
@@ -165,11 +205,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(data.source())
         }
         Command::StreamEval { opts, .. } => Some(opts.data.source()),
-        Command::Replay { dataset, data, .. } => Some(match (dataset, data) {
-            (Some(d), _) => DataSource::Builtin(*d),
-            (None, Some(dir)) => DataSource::Dir(dir.clone()),
+        Command::Replay { dataset, data, .. } => match (dataset, data) {
+            (Some(ReplaySource::Dataset(d)), _) => Some(DataSource::Builtin(*d)),
+            (Some(ReplaySource::Synthetic), _) => None,
+            (None, Some(dir)) => Some(DataSource::Dir(dir.clone())),
             (None, None) => unreachable!("clap requires a dataset or --data"),
-        }),
+        },
         _ => None,
     };
     let dataset_config = match &cli.command {
@@ -188,16 +229,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             action: TopicsAction::Apply,
         } => apply_topics(&cfg),
         Command::Replay {
+            dataset: Some(ReplaySource::Synthetic),
             rate,
             splits,
             limit,
             bootstrap_servers,
             json,
+            synthetic,
             ..
         } => {
+            anyhow::ensure!(
+                splits == ["all"],
+                "--splits is for datasets; the synthetic stream is one (`synthetic --out` splits it)"
+            );
+            replay_synthetic(cfg, &synthetic, rate, limit, bootstrap_servers, json)
+        }
+        Command::Replay {
+            rate,
+            splits,
+            limit,
+            bootstrap_servers,
+            json,
+            synthetic,
+            ..
+        } => {
+            anyhow::ensure!(
+                !synthetic.given(),
+                "--nodes and --edges are for `replay synthetic`"
+            );
             let source = source.expect("replay reads a dataset");
             replay_dataset(cfg, &source, rate, &splits, limit, bootstrap_servers, json)
         }
+        Command::Synthetic {
+            synthetic,
+            out,
+            json,
+        } => write_synthetic(&cfg, &synthetic, &out, json),
         Command::Train { data, epochs, json } => train_offline(&cfg, &data.source(), epochs, json),
         Command::Eval { data, split, json } => eval_offline(&cfg, &data.source(), &split, json),
         Command::WarmStart { data } => {
@@ -306,6 +373,79 @@ fn replay_dataset(
         println!(
             "replayed {} events of {} to {} in {:.1} s ({:.0} events/s)",
             summary.events, summary.dataset, summary.topic, summary.seconds, summary.events_per_sec
+        );
+    }
+    Ok(())
+}
+
+/// `replay synthetic`: the stream generated as it is produced (memory independent of its length).
+fn replay_synthetic(
+    mut cfg: Config,
+    args: &SyntheticArgs,
+    rate: u64,
+    limit: Option<usize>,
+    bootstrap_servers: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if let Some(b) = bootstrap_servers {
+        cfg.kafka.bootstrap_servers = b;
+    }
+    let spec = args.spec()?;
+    let workload = Workload::new(&cfg.schema(), spec)?;
+    let total = limit.map_or(spec.edges, |n| spec.edges.min(n as u64));
+    let events = workload.events().take(total as usize);
+    let progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let summary = block_on(replay::produce_stream(
+        &cfg,
+        "synthetic",
+        events,
+        total,
+        rate,
+        progress,
+    ))?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "replayed {} synthetic events ({} nodes, {} communities, seed {}) to {} in {:.1} s ({:.0} events/s)",
+            summary.events,
+            spec.nodes,
+            workload.communities(),
+            spec.seed,
+            summary.topic,
+            summary.seconds,
+            summary.events_per_sec
+        );
+    }
+    Ok(())
+}
+
+fn write_synthetic(
+    cfg: &Config,
+    args: &SyntheticArgs,
+    out: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let workload = Workload::new(&cfg.schema(), args.spec()?)?;
+    let summary = workload
+        .write_dir(out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "wrote {} synthetic events to {} in {:.1} s ({:.0} events/s); {} communities; nodes: {}",
+            summary.events,
+            summary.dir,
+            summary.seconds,
+            summary.events_per_sec,
+            summary.communities,
+            summary
+                .node_types
+                .iter()
+                .map(|t| format!("{} {}", t.node_type, t.nodes))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())

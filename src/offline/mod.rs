@@ -1,9 +1,9 @@
 //! Offline: the commands that run the daemon's stages without Kafka, and the datasets.
 //!
 //! Owns the real datasets as events, `train` / `eval` on their splits, the warm-start and
-//! downstream-stability measurements, `replay` (a dataset produced to the engagements topic)
-//! and `watch` (a running daemon's figures over time). Uses the store, train, align and publish
-//! stages as the daemon does; hands on reports.
+//! downstream-stability measurements, `replay` (a dataset produced to the engagements topic),
+//! `synthetic` (a TwHIN-shaped stream of any size) and `watch` (a running daemon's figures over
+//! time). Uses the store, train, align and publish stages as the daemon does; hands on reports.
 
 mod baselines;
 mod datasets;
@@ -11,6 +11,7 @@ pub mod replay;
 mod stability;
 mod stream_eval;
 mod stream_metrics;
+pub mod synthetic;
 mod train_eval;
 pub mod watch;
 

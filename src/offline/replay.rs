@@ -1,5 +1,5 @@
-//! `twhin-stream replay`: produce a real dataset as engagement events, in order, keyed by the
-//! source node, at an optional rate, with a progress bar.
+//! `twhin-stream replay`: produce a dataset (real, or the synthetic stream) as engagement events,
+//! in order, keyed by the source node, at an optional rate, with a progress bar.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -34,11 +34,25 @@ pub async fn produce(
     rate: u64,
     progress: bool,
 ) -> anyhow::Result<ReplaySummary> {
+    let total = events.len() as u64;
+    produce_stream(cfg, dataset, events.iter().cloned(), total, rate, progress).await
+}
+
+/// As [`produce`], with the events generated as they go (a synthetic stream of any length in
+/// bounded memory); `total` sizes the progress bar.
+pub async fn produce_stream(
+    cfg: &Config,
+    dataset: &str,
+    events: impl Iterator<Item = ReplayEvent>,
+    total: u64,
+    rate: u64,
+    progress: bool,
+) -> anyhow::Result<ReplaySummary> {
     require_broker(cfg)?;
     let topic = cfg.kafka.engagements_topic.as_str();
     let producer: FutureProducer = create_client(&cfg.producer_properties(), "producer")?;
     let bar = if progress {
-        ProgressBar::new(events.len() as u64)
+        ProgressBar::new(total)
     } else {
         ProgressBar::hidden()
     };
@@ -53,9 +67,10 @@ pub async fn produce(
 
     let started = Instant::now();
     let mut in_flight = VecDeque::with_capacity(IN_FLIGHT);
-    for (i, ev) in events.iter().enumerate() {
+    let mut produced = 0u64;
+    for ev in events {
         if rate > 0 {
-            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+            let due = started + Duration::from_secs_f64(produced as f64 / rate as f64);
             tokio::time::sleep_until(due.into()).await;
         }
         let payload = ev.payload();
@@ -69,19 +84,23 @@ pub async fn produce(
         if in_flight.len() >= IN_FLIGHT {
             await_delivery(in_flight.pop_front().expect("non-empty"), topic).await?;
         }
-        bar.inc(1);
+        produced += 1;
+        if produced % 1024 == 0 {
+            bar.set_position(produced);
+        }
     }
     while let Some(d) = in_flight.pop_front() {
         await_delivery(d, topic).await?;
     }
+    bar.set_position(produced);
     bar.finish();
     let seconds = started.elapsed().as_secs_f64();
     Ok(ReplaySummary {
         dataset: dataset.to_owned(),
         topic: topic.to_owned(),
-        events: events.len() as u64,
+        events: produced,
         seconds,
-        events_per_sec: events.len() as f64 / seconds.max(1e-9),
+        events_per_sec: produced as f64 / seconds.max(1e-9),
     })
 }
 
