@@ -26,8 +26,9 @@ use crate::config::{Config, TrainerConfig};
 use crate::store::{Direction, Edge, GraphStore, NodeRef, StoreError};
 use crate::train::{
     known_targets, non_finite_rows, recent_targets, rows_needed, schema_fingerprint, target_ranks,
-    train_step_with, warm_rows, CheckpointError, Checkpoints, Embeddings, History, ModelState,
-    Pull, RankWindow, Snapshot, StepStats, TargetQuery, TrainParams,
+    train_step_with, warm_rows, CheckpointError, Checkpoints, DeltaRequest, Embeddings, History,
+    ModelDelta, ModelState, Pull, RankWindow, Snapshot, StepStats, TableDelta, TargetQuery,
+    TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -544,9 +545,74 @@ impl TrainerCore {
         }
     }
 
+    /// What changed since the previous call, copied to the CPU (see [`ModelDelta`]): the rows
+    /// every table marked dirty (all of them when `req.full`, and always all of a biased type's,
+    /// whose biases move without their rows), their event times, the relation vectors, the
+    /// requested samples, the cursor. Clears the marks. This is all a version pauses training
+    /// for; its cost follows the rows written, not the table.
+    pub fn take_delta(&mut self, req: &DeltaRequest) -> ModelDelta {
+        tch::no_grad(|| {
+            let mut tables = Vec::with_capacity(self.model.tables.len());
+            for (t, table) in self.model.tables.iter_mut().enumerate() {
+                if req.full || table.biased {
+                    table.mark_all_dirty();
+                }
+                let idx = table.take_dirty();
+                let values = table.weights.index_select(0, &idx).to_device(Device::Cpu);
+                let index = idx.to_device(Device::Cpu);
+                let rows = Vec::<i64>::try_from(&index).expect("indices");
+                let row_ts = &self.row_ts[t];
+                tables.push(TableDelta {
+                    len: table.len(),
+                    ts: rows
+                        .iter()
+                        .map(|&i| row_ts.get(i as usize).copied().unwrap_or(0))
+                        .collect(),
+                    index,
+                    values,
+                    biases: table
+                        .biased
+                        .then(|| table.biases().to_device(Device::Cpu).copy()),
+                });
+            }
+            let device = self.model.device;
+            let samples = req
+                .samples
+                .iter()
+                .map(|per_type| {
+                    per_type
+                        .iter()
+                        .zip(&self.model.tables)
+                        .map(|(idx, table)| {
+                            let idx = idx.masked_select(&idx.lt(table.len()));
+                            let values = table
+                                .weights
+                                .index_select(0, &idx.to_device(device))
+                                .to_device(Device::Cpu);
+                            (idx, values)
+                        })
+                        .collect()
+                })
+                .collect();
+            ModelDelta {
+                tables,
+                relations: self.model.relations.to_device(Device::Cpu).copy(),
+                samples,
+                cursor: self.cursor,
+            }
+        })
+    }
+
+    /// Rows written since the last [`TrainerCore::take_delta`], per node type.
+    pub fn dirty_rows(&self) -> Vec<i64> {
+        self.model.tables.iter().map(|t| t.dirty_count()).collect()
+    }
+
     /// Rotate every row and relation vector by the orthogonal `r [D, D]` (Procrustes onto the
     /// anchor). Dot, L2 and cosine scores are unchanged; row-wise Adagrad state is a norm, so it
-    /// stays valid too.
+    /// stays valid too. Every row is then dirty: this costs a whole table, which is why the
+    /// alignment asks for it only when it is not close to the identity
+    /// ([`crate::align::assess`]).
     pub fn rotate(&mut self, r: &Tensor) {
         tch::no_grad(|| {
             let r = r.to_device(self.model.device);
@@ -554,6 +620,7 @@ impl TrainerCore {
                 let mut rows = table.rows();
                 let turned = rows.matmul(&r);
                 rows.copy_(&turned);
+                table.mark_all_dirty();
             }
             let turned = self.model.relations.matmul(&r);
             self.model.relations.copy_(&turned);
@@ -563,9 +630,50 @@ impl TrainerCore {
     /// Pull toward `target` (when given; otherwise the current target stays) with `strength`
     /// from now on.
     pub fn set_pull(&mut self, strength: f64, target: Option<&Snapshot>) {
+        self.set_pull_changed(strength, target, None);
+    }
+
+    /// [`TrainerCore::set_pull`], told which rows of `target` differ from the current target
+    /// (`changed`: per type, Int64 CPU indices; rows past the current target's end are new).
+    /// On the CPU the target is shared, not copied; on another device only those rows (and
+    /// the new ones) are sent, so a version does not copy the whole table to the GPU.
+    pub fn set_pull_changed(
+        &mut self,
+        strength: f64,
+        target: Option<&Snapshot>,
+        changed: Option<&[Tensor]>,
+    ) {
         self.pull = strength;
-        if let Some(s) = target {
-            let device = self.model.device;
+        let Some(s) = target else { return };
+        let device = self.model.device;
+        let incremental = match (&mut self.pull_target, changed) {
+            (Some(current), Some(changed))
+                if device != Device::Cpu && current.tables.len() == s.tables.len() =>
+            {
+                tch::no_grad(|| {
+                    for ((cur, new), idx) in current.tables.iter_mut().zip(&s.tables).zip(changed) {
+                        let (have, want) = (cur.size()[0], new.size()[0]);
+                        if want < have {
+                            *cur = cur.narrow(0, 0, want);
+                        }
+                        let have = have.min(want);
+                        let idx = idx.masked_select(&idx.lt(have));
+                        if idx.numel() > 0 {
+                            let rows = new.index_select(0, &idx).to_device(device);
+                            let _ = cur.index_copy_(0, &idx.to_device(device), &rows);
+                        }
+                        if want > have {
+                            let tail = new.narrow(0, have, want - have).to_device(device);
+                            *cur = Tensor::cat(&[cur.shallow_clone(), tail], 0);
+                        }
+                    }
+                    current.relations = s.relations.to_device(device);
+                });
+                true
+            }
+            _ => false,
+        };
+        if !incremental {
             self.pull_target = Some(PullTarget {
                 tables: s.tables.iter().map(|t| t.to_device(device)).collect(),
                 relations: s.relations.to_device(device),
