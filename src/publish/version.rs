@@ -4,14 +4,26 @@
 //! A version carries every new row, every row whose relative change from the reference (the
 //! version subscribers hold) exceeds `publish.row_threshold`, and all relation vectors. Rows that
 //! moved less keep their earlier published values in the view, which is what subscribers have.
+//!
+//! The daemon builds versions from a [`ModelDelta`] ([`build_delta_version`]): only the rows
+//! training wrote since the previous version are compared with the reference; a row not written
+//! since is where it was when last compared, and the reference changes only where it was
+//! published, so its verdict cannot have changed. This runs on the publication's thread, after
+//! training resumed. [`build_version`] is the same over a whole [`ModelState`] (offline tools).
+//!
+//! A published row is the row alone: a history-type node (`train.history_types`, a user composed
+//! from its recent items) is composed by whoever scores with it (`/v1/neighbors`, subscribers),
+//! from the published rows of its items, so no published value depends on another row. Were a
+//! composed row published, its dependents would have to be marked changed with what they are
+//! composed of.
 
 use tch::{Device, Kind, Tensor};
 
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
-use crate::publish::{RowRecord, VersionMarker};
+use crate::publish::{encode_f32le, RowRecord, VersionMarker};
 use crate::store::{GraphStore, NodeRef, StoreError};
-use crate::train::{ModelState, Snapshot};
+use crate::train::{ModelDelta, ModelState, Snapshot};
 
 /// A version ready to produce: `(key, payload)` rows, then the marker.
 #[derive(Debug, Clone)]
@@ -63,6 +75,184 @@ pub struct VersionRequest<'a> {
     pub comparator: Comparator,
     /// The alignment's figures, for the marker.
     pub align: Option<&'a AlignFigures>,
+}
+
+/// What a version built from a delta changes in the view subscribers hold, per node type: the
+/// live row count and the published rows `(indices [k] Int64, values [k, D])`.
+pub struct ViewUpdate {
+    pub tables: Vec<(i64, Tensor, Tensor)>,
+}
+
+impl ViewUpdate {
+    /// Per type, the indices of the rows published.
+    pub fn changed(&self) -> Vec<Tensor> {
+        self.tables
+            .iter()
+            .map(|(_, i, _)| i.shallow_clone())
+            .collect()
+    }
+
+    /// The tables after the update: `reference` (rows beyond the live count dropped) with the
+    /// published rows written over it. Every row past the reference must be published (new rows
+    /// always are); the copy is new, as the previous view may still be served.
+    pub fn apply(&self, reference: Option<&Snapshot>) -> anyhow::Result<Vec<Tensor>> {
+        tch::no_grad(|| {
+            self.tables
+                .iter()
+                .enumerate()
+                .map(|(t, (len, idx, values))| {
+                    let dim = values.size()[1];
+                    let out = Tensor::zeros([*len, dim], (Kind::Float, Device::Cpu));
+                    let m = reference
+                        .and_then(|r| r.tables.get(t))
+                        .map_or(0, |r| r.size()[0].min(*len));
+                    if m > 0 {
+                        let r = &reference.expect("m > 0").tables[t];
+                        out.narrow(0, 0, m).copy_(&r.narrow(0, 0, m));
+                    }
+                    let new = idx.ge(m).sum(Kind::Int64).int64_value(&[]);
+                    anyhow::ensure!(
+                        new == len - m,
+                        "type {t}: rows {m}..{len} are new but only {new} of them were taken"
+                    );
+                    let mut out = out;
+                    if idx.numel() > 0 {
+                        let _ = out.index_copy_(0, idx, values);
+                    }
+                    Ok(out)
+                })
+                .collect()
+        })
+    }
+}
+
+/// Whether each row pair moved: relative change `‖c_i − r_i‖ / ‖r_i‖` over `threshold`, or a
+/// non-finite row (`[k]` bool).
+fn moved_rows(current: &Tensor, reference: &Tensor, threshold: f64) -> Tensor {
+    let change = (current - reference)
+        .square()
+        .sum_dim_intlist(1, false, Kind::Float)
+        .sqrt();
+    let base = reference
+        .square()
+        .sum_dim_intlist(1, false, Kind::Float)
+        .sqrt()
+        .clamp_min(1e-12);
+    let rel = change / base;
+    rel.gt(threshold).logical_or(&rel.isfinite().logical_not())
+}
+
+/// One row's record in `format`.
+fn encode_row(req: &VersionRequest, ts: i64, vector: &[f32], bias: Option<f32>) -> Vec<u8> {
+    match req.format {
+        ValueFormat::F32le => encode_f32le(req.version, req.epoch, ts, vector, bias),
+        ValueFormat::Json => {
+            let mut vector = vector.to_vec();
+            vector.extend(bias);
+            RowRecord {
+                version: req.version,
+                epoch: req.epoch,
+                ts,
+                vector,
+            }
+            .encode(req.format)
+        }
+    }
+}
+
+/// The rows version `req.version` carries from `delta` (see the module docs), encoded, with its
+/// marker, and what it changes in the view; `None` when no node row moved since `reference`.
+pub fn build_delta_version(
+    store: &GraphStore,
+    delta: &ModelDelta,
+    reference: Option<&Snapshot>,
+    req: &VersionRequest,
+) -> Result<Option<(PreparedVersion, ViewUpdate)>, StoreError> {
+    let schema = store.stored_schema();
+    let dim = delta.relations.size()[1];
+    let width = dim as usize;
+    let mut rows = Vec::new();
+    let mut newest = 0i64;
+    let mut update = Vec::with_capacity(delta.tables.len());
+    for (t, table) in delta.tables.iter().enumerate() {
+        let m = reference
+            .and_then(|r| r.tables.get(t))
+            .map_or(0, |r| r.size()[0].min(table.len));
+        let positions: Vec<i64> = tch::no_grad(|| {
+            if table.index.numel() == 0 {
+                return Vec::new();
+            }
+            let moved = match (&table.biases, reference.and_then(|r| r.tables.get(t))) {
+                // A biased type's rows all go out in every version (see `build_version`).
+                (Some(_), _) | (None, None) => table.index.ones_like().to_kind(Kind::Bool),
+                (None, Some(r)) => {
+                    let old = table.index.lt(m);
+                    let idx = table.index.clamp_max((m - 1).max(0));
+                    let against = if m > 0 {
+                        r.index_select(0, &idx)
+                    } else {
+                        table.values.zeros_like()
+                    };
+                    moved_rows(&table.values, &against, req.threshold)
+                        .logical_and(&old)
+                        .logical_or(&old.logical_not())
+                }
+            };
+            Vec::<i64>::try_from(moved.nonzero().view([-1])).expect("positions")
+        });
+        let pos = Tensor::from_slice(&positions);
+        let idx = table.index.index_select(0, &pos);
+        let picked = table.values.index_select(0, &pos);
+        let index = Vec::<i64>::try_from(&idx).expect("indices");
+        let values = Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows");
+        let biases = table
+            .biases
+            .as_ref()
+            .map(|b| Vec::<f32>::try_from(b).expect("f32 biases"));
+        rows.reserve(index.len());
+        for (k, (&i, &p)) in index.iter().zip(&positions).enumerate() {
+            let node = NodeRef {
+                node_type: t as u16,
+                index: i as u32,
+            };
+            let Some(id) = store.node_id(node)? else {
+                continue;
+            };
+            let ts = table.ts[p as usize];
+            newest = newest.max(ts);
+            let bias = biases.as_ref().map(|b| b[i as usize]);
+            rows.push((
+                format!("{}:{id}", schema.node_types[t]),
+                encode_row(req, ts, &values[k * width..(k + 1) * width], bias),
+            ));
+        }
+        update.push((table.len, idx, picked));
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let values = Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32");
+    for (r, (name, _, _)) in schema.relations.iter().enumerate() {
+        rows.push((
+            format!("relation:{name}"),
+            encode_row(req, newest, &values[r * width..(r + 1) * width], None),
+        ));
+    }
+    let marker = VersionMarker {
+        version: req.version,
+        epoch: req.epoch,
+        rows: rows.len() as u64,
+        align: req.align.cloned(),
+    };
+    Ok(Some((
+        PreparedVersion {
+            rows,
+            marker,
+            newest_ts: newest,
+            cursor: delta.cursor,
+        },
+        ViewUpdate { tables: update },
+    )))
 }
 
 /// Indices of the rows a version carries: every row of `current [N, D]` beyond the `reference`
