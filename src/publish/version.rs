@@ -102,7 +102,9 @@ impl ViewUpdate {
                 .enumerate()
                 .map(|(t, (len, idx, values))| {
                     let dim = values.size()[1];
-                    let out = Tensor::zeros([*len, dim], (Kind::Float, Device::Cpu));
+                    // Uninitialised: rows below `m` are the reference's, the rest all published
+                    // (checked below).
+                    let out = Tensor::empty([*len, dim], (Kind::Float, Device::Cpu));
                     let m = reference
                         .and_then(|r| r.tables.get(t))
                         .map_or(0, |r| r.size()[0].min(*len));
@@ -401,6 +403,102 @@ pub fn build_version(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
+    use crate::store::{AppendBatch, StoreOptions};
+    use crate::train::TableDelta;
+
+    /// A store of `n` users (type 0), `u0..u{n-1}`, each following the next.
+    fn users(dir: &std::path::Path, n: usize) -> GraphStore {
+        let cfg: SchemaConfig = toml::from_str(
+            r#"node_types = ["user"]
+               relations = [{ name = "follows", src = "user", dst = "user" }]"#,
+        )
+        .unwrap();
+        let store =
+            GraphStore::open(dir, &Schema::new(&cfg).unwrap(), &StoreOptions::default()).unwrap();
+        let user = |i: usize| NodeKey {
+            node_type: 0,
+            id: format!("u{i}"),
+        };
+        let events = (0..n - 1).map(|i| Event {
+            src: user(i),
+            rel: 0,
+            dst: user(i + 1),
+            ts: i as u64,
+            weight: 1.0,
+            event_id: None,
+        });
+        store
+            .append(&AppendBatch::from_events("t", 0, events))
+            .unwrap();
+        store
+    }
+
+    #[test]
+    fn a_delta_version_carries_the_moved_and_new_rows_of_the_delta_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = users(dir.path(), 10);
+        let reference = Snapshot {
+            tables: vec![Tensor::ones([8, 2], (Kind::Float, Device::Cpu))],
+            relations: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
+        };
+        // Row 1 moved 50%, row 3 0.1%; rows 8 and 9 are new. Rows not in the delta did not move.
+        let values =
+            Tensor::from_slice(&[1.5f32, 1.5, 1.001, 1.0, 7.0, 7.0, 9.0, 9.0]).view([4, 2]);
+        let delta = |index: &[i64], values: &Tensor| ModelDelta {
+            tables: vec![TableDelta {
+                len: 10,
+                index: Tensor::from_slice(index),
+                values: values.shallow_clone(),
+                ts: vec![5; index.len()],
+                biases: None,
+            }],
+            relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
+            samples: Vec::new(),
+            cursor: 9,
+        };
+        let req = VersionRequest {
+            version: 2,
+            epoch: 1,
+            format: ValueFormat::F32le,
+            threshold: 0.01,
+            comparator: Comparator::Dot,
+            align: None,
+        };
+        let d = delta(&[1, 3, 8, 9], &values);
+        let (prepared, update) = build_delta_version(&store, &d, Some(&reference), &req)
+            .unwrap()
+            .unwrap();
+        let keys: Vec<&str> = prepared.rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["user:u1", "user:u8", "user:u9", "relation:follows"]);
+        assert_eq!(prepared.marker.rows, 4);
+        assert_eq!(prepared.cursor, 9);
+        let row = RowRecord::decode(&prepared.rows[0].1).unwrap();
+        assert_eq!((row.version, row.ts, row.vector), (2, 5, vec![1.5, 1.5]));
+        let view = update.apply(Some(&reference)).unwrap();
+        let v = Vec::<f32>::try_from(view[0].reshape([-1])).unwrap();
+        assert_eq!(&v[2..4], &[1.5, 1.5], "row 1 published");
+        assert_eq!(&v[6..8], &[1.0, 1.0], "row 3 keeps what subscribers hold");
+        assert_eq!(&v[16..], &[7.0, 7.0, 9.0, 9.0], "new rows");
+        // A delta that misses a new row cannot make a view.
+        let short = delta(&[1, 8], &values.narrow(0, 0, 2));
+        let (_, update) = build_delta_version(&store, &short, Some(&reference), &req)
+            .unwrap()
+            .unwrap();
+        assert!(update.apply(Some(&reference)).is_err());
+        // Nothing moved over the threshold: no version.
+        let still = delta(&[3], &values.narrow(0, 1, 1));
+        let still = ModelDelta {
+            tables: vec![TableDelta {
+                len: 8,
+                ..still.tables.into_iter().next().unwrap()
+            }],
+            ..still
+        };
+        assert!(build_delta_version(&store, &still, Some(&reference), &req)
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn a_version_carries_moved_and_new_rows() {
