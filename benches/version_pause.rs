@@ -7,20 +7,29 @@
 //! of the default schema are empty. Rows are keyed by the nodes of a real store (one `follows`
 //! edge per two users), so key lookups are measured too.
 //!
+//! A version as the daemon prepares it ([`twhin_stream::publish::Publication`]): training pauses
+//! only for [`TrainerCore::take_delta`] (the rows written since the previous version, the drift
+//! samples); the assessment on `align.drift_sample` rows, the rows selected against the
+//! reference and encoded (f32le), and the new view come after, while training runs (`prepare`).
+//! Before this path (commit "benches/version_pause: ..."), all of it ran paused: copy the whole
+//! table, drift over every shared row, build; at 1M nodes that paused training ~22 s per version
+//! on the 2-core machine.
+//!
 //! Run with `VERSION_NODES=1000000 cargo bench --bench version_pause`. Prints one line per
-//! figure (`pause_ms`, `prepare_ms`: medians over the versions measured) and criterion's own.
+//! version (the parts) and a summary (`pause_ms`, `prepare_ms`: medians over `VERSION_ROUNDS`
+//! versions), plus criterion's own figure at small sizes.
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tch::{Device, Kind, Tensor};
 
-use twhin_stream::align::Aligner;
+use twhin_stream::align::{AlignFigures, Aligner, Candidate};
 use twhin_stream::config::{Config, ValueFormat};
-use twhin_stream::publish::{build_version, VersionRequest};
+use twhin_stream::publish::{build_delta_version, VersionRequest};
 use twhin_stream::schema::{Event, NodeKey};
 use twhin_stream::store::{AppendBatch, GraphStore, StoreOptions};
-use twhin_stream::train::{Embeddings, TrainerCore};
+use twhin_stream::train::{DeltaRequest, Embeddings, Snapshot, TrainerCore};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -110,6 +119,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Rows per type of a snapshot's tables.
+fn lens(s: &Snapshot) -> Vec<i64> {
+    s.tables.iter().map(|t| t.size()[0]).collect()
+}
+
 fn bench_version(c: &mut Criterion) {
     let nodes = env_or("VERSION_NODES", 100_000i64);
     let dim = env_or("VERSION_DIM", 128i64);
@@ -118,59 +132,103 @@ fn bench_version(c: &mut Criterion) {
     let mut s = setup(nodes, dim, share);
     let format = ValueFormat::F32le;
     // The first version: every row (it becomes the reference and the anchor).
-    let mut reference = s.core.state().params;
+    let first = s.core.take_delta(&DeltaRequest {
+        full: true,
+        samples: Vec::new(),
+    });
+    let update_req = |version: u64| VersionRequest {
+        version,
+        epoch: 1,
+        format,
+        threshold: s.cfg.publish.row_threshold,
+        comparator: s.cfg.train.comparator,
+        align: None,
+    };
+    let (_, update) = build_delta_version(&s.store, &first, None, &update_req(1))
+        .expect("build")
+        .expect("rows");
+    let mut reference = Snapshot {
+        tables: update.apply(None).expect("view"),
+        relations: first.relations.shallow_clone(),
+    };
+    s.aligner
+        .adopt(1, &first_figures(), reference.shallow_clone())
+        .expect("anchor");
+    drop(first);
     let mut version = 1u64;
+    let (threshold, comparator) = (s.cfg.publish.row_threshold, s.cfg.train.comparator);
     let (mut pauses, mut prepares, mut rows) = (Vec::new(), Vec::new(), Vec::new());
     let mut one = |s: &mut Setup| {
         train_a_little(&mut s.core, s.dirty);
         version += 1;
-        // Today's path: all of it runs while training is paused.
+        let plan = s.aligner.plan(version, Some(&lens(&reference)));
+        // What the publication pauses training for: the changed rows and the samples copied.
         let started = Instant::now();
-        let mut state = s.core.state();
-        let copied = started.elapsed();
-        let assessed = s.aligner.assess(version, &state.params, Some(&reference));
-        let assessed_at = started.elapsed();
-        if let Some(r) = &assessed.rotation {
-            s.core.rotate(r);
-            state.params = tch::no_grad(|| state.params.rotated(r));
-        }
+        let mut delta = s.core.take_delta(&DeltaRequest {
+            full: false,
+            samples: vec![plan.previous, plan.anchor],
+        });
+        let pause = started.elapsed();
+        // The rest, on the publication's thread while training runs: the assessment, the rows
+        // selected and encoded, the new view.
+        let started = Instant::now();
+        let mut samples = std::mem::take(&mut delta.samples).into_iter();
+        let candidate = Candidate {
+            changed: delta
+                .tables
+                .iter()
+                .map(|t| t.values.shallow_clone())
+                .collect(),
+            relations: delta.relations.shallow_clone(),
+            previous: samples.next().unwrap_or_default(),
+            anchor: samples.next().unwrap_or_default(),
+        };
+        let assessed = s.aligner.assess(version, &candidate, Some(&reference));
+        assert!(assessed.hold.is_none() && assessed.rotation.is_none());
         let req = VersionRequest {
             version,
             epoch: 1,
             format,
-            threshold: s.cfg.publish.row_threshold,
-            comparator: s.cfg.train.comparator,
+            threshold,
+            comparator,
             align: Some(&assessed.figures),
         };
-        let built = build_version(&s.store, &state, Some(&reference), &req).expect("build");
-        let pause = started.elapsed();
-        eprintln!(
-            "version {version}: copy {:.0} ms, assess {:.0} ms, build {:.0} ms",
-            copied.as_secs_f64() * 1e3,
-            (assessed_at - copied).as_secs_f64() * 1e3,
-            (pause - assessed_at).as_secs_f64() * 1e3
-        );
-        if let Some((prepared, view)) = built {
+        let assessed_at = started.elapsed();
+        let built = build_delta_version(&s.store, &delta, Some(&reference), &req).expect("build");
+        let built_at = started.elapsed();
+        if let Some((prepared, update)) = built {
             rows.push(prepared.rows.len() as f64);
-            reference = view.params();
+            reference = Snapshot {
+                tables: update.apply(Some(&reference)).expect("view"),
+                relations: delta.relations.shallow_clone(),
+            };
         }
-        (pause, Duration::ZERO)
+        let prepare = started.elapsed();
+        eprintln!(
+            "version {version}: pause {:.1} ms ({} rows taken); assess {:.1} ms, build {:.1} ms, view {:.1} ms",
+            pause.as_secs_f64() * 1e3,
+            delta.changed_rows(),
+            assessed_at.as_secs_f64() * 1e3,
+            (built_at - assessed_at).as_secs_f64() * 1e3,
+            (prepare - built_at).as_secs_f64() * 1e3,
+        );
+        (pause, prepare)
     };
     // Criterion's ten samples only at small sizes (one version at 1M nodes takes seconds).
     let mut group = c.benchmark_group("version");
     group.sample_size(10);
-    if nodes <= 200_000 { group.bench_function(format!("pause_and_prepare/{nodes}x{dim}"), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let (pause, prepare) = one(&mut s);
-                pauses.push(pause.as_secs_f64() * 1e3);
-                prepares.push(prepare.as_secs_f64() * 1e3);
-                total += pause + prepare;
-            }
-            total
-        })
-    }); }
+    if nodes <= 200_000 {
+        group.bench_function(format!("pause_and_prepare/{nodes}x{dim}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (pause, prepare) = one(&mut s);
+                    total += pause + prepare;
+                }
+                total
+            })
+        });
+    }
     group.finish();
     for _ in 0..versions {
         let (pause, prepare) = one(&mut s);
@@ -183,6 +241,16 @@ fn bench_version(c: &mut Criterion) {
         median(prepares),
         median(rows)
     );
+}
+
+fn first_figures() -> AlignFigures {
+    AlignFigures {
+        control: true,
+        previous: None,
+        anchor: None,
+        procrustes_residual: None,
+        pull: 1.0,
+    }
 }
 
 criterion_group!(benches, bench_version);
