@@ -45,7 +45,7 @@ fn store_with_users(cfg: &Config, dir: &std::path::Path, nodes: i64) -> GraphSto
         id: format!("u{i}"),
     };
     let mut offset = 0i64;
-    for chunk in (0..nodes.div_ceil(2)).collect::<Vec<_>>().chunks(20_000) {
+    for chunk in (0..(nodes + 1) / 2).collect::<Vec<_>>().chunks(20_000) {
         let events: Vec<Event> = chunk
             .iter()
             .map(|&i| Event {

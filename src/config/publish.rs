@@ -124,43 +124,6 @@ impl Validate for PublishConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-
-    fn publish(ms: Option<u64>, secs: Option<u64>) -> Result<PublishConfig, String> {
-        let mut p = Config::load(None).expect("default config").publish;
-        (p.interval_ms, p.interval_secs) = (ms, secs);
-        p.validate().map(|_| p).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn the_interval_in_ms_or_secs_but_not_both() {
-        let default = Config::load(None).unwrap().publish.interval();
-        assert_eq!(
-            default,
-            std::time::Duration::from_millis(DEFAULT_INTERVAL_MS)
-        );
-        assert_eq!(
-            publish(Some(250), None).unwrap().interval().as_millis(),
-            250
-        );
-        assert_eq!(publish(None, Some(3)).unwrap().interval().as_millis(), 3000);
-        let both = publish(Some(250), Some(3)).unwrap_err();
-        assert!(
-            both.contains("publish.interval_ms") && both.contains("publish.interval_secs"),
-            "{both}"
-        );
-        assert!(publish(Some(0), None)
-            .unwrap_err()
-            .contains("publish.interval_ms"));
-        assert!(publish(None, Some(0))
-            .unwrap_err()
-            .contains("publish.interval_secs"));
-    }
-}
-
 impl Validate for AlignConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let al = self;
@@ -205,5 +168,42 @@ impl Validate for AlignConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn publish(ms: Option<u64>, secs: Option<u64>) -> Result<PublishConfig, String> {
+        let mut p = Config::load(None).expect("default config").publish;
+        (p.interval_ms, p.interval_secs) = (ms, secs);
+        p.validate().map(|_| p).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_interval_in_ms_or_secs_but_not_both() {
+        let default = Config::load(None).unwrap().publish.interval();
+        assert_eq!(
+            default,
+            std::time::Duration::from_millis(DEFAULT_INTERVAL_MS)
+        );
+        assert_eq!(
+            publish(Some(250), None).unwrap().interval().as_millis(),
+            250
+        );
+        assert_eq!(publish(None, Some(3)).unwrap().interval().as_millis(), 3000);
+        let both = publish(Some(250), Some(3)).unwrap_err();
+        assert!(
+            both.contains("publish.interval_ms") && both.contains("publish.interval_secs"),
+            "{both}"
+        );
+        assert!(publish(Some(0), None)
+            .unwrap_err()
+            .contains("publish.interval_ms"));
+        assert!(publish(None, Some(0))
+            .unwrap_err()
+            .contains("publish.interval_secs"));
     }
 }

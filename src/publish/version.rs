@@ -77,6 +77,12 @@ pub struct VersionRequest<'a> {
     pub align: Option<&'a AlignFigures>,
 }
 
+/// A row's key and encoded payload.
+type KeyedRow = (String, Vec<u8>);
+
+/// Rows encoded per thread at least (smaller versions are encoded on the calling thread).
+const ENCODE_CHUNK: usize = 16_384;
+
 /// What a version built from a delta changes in the view subscribers hold, per node type: the
 /// live row count and the published rows `(indices [k] Int64, values [k, D])`.
 pub struct ViewUpdate {
@@ -211,22 +217,55 @@ pub fn build_delta_version(
             .biases
             .as_ref()
             .map(|b| Vec::<f32>::try_from(b).expect("f32 biases"));
+        // Keys looked up and rows encoded in chunks on all cores (this is the publication's
+        // thread, not training's): each chunk's records in order, then appended in order.
+        let row_ts = &table.ts;
+        let encode = |from: usize, to: usize| -> Result<(Vec<KeyedRow>, i64), StoreError> {
+            let mut out = Vec::with_capacity(to - from);
+            let mut newest = 0i64;
+            for k in from..to {
+                let (i, p) = (index[k], positions[k]);
+                let node = NodeRef {
+                    node_type: t as u16,
+                    index: i as u32,
+                };
+                let Some(id) = store.node_id(node)? else {
+                    continue;
+                };
+                let ts = row_ts[p as usize];
+                newest = newest.max(ts);
+                let bias = biases.as_ref().map(|b| b[i as usize]);
+                out.push((
+                    format!("{}:{id}", schema.node_types[t]),
+                    encode_row(req, ts, &values[k * width..(k + 1) * width], bias),
+                ));
+            }
+            Ok((out, newest))
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = index.len().div_ceil(threads).max(ENCODE_CHUNK);
+        let parts: Vec<_> = if index.len() <= chunk {
+            vec![encode(0, index.len())]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..index.len())
+                    .step_by(chunk)
+                    .map(|from| {
+                        let to = (from + chunk).min(index.len());
+                        scope.spawn(move || encode(from, to))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("an encoding thread panicked"))
+                    .collect()
+            })
+        };
         rows.reserve(index.len());
-        for (k, (&i, &p)) in index.iter().zip(&positions).enumerate() {
-            let node = NodeRef {
-                node_type: t as u16,
-                index: i as u32,
-            };
-            let Some(id) = store.node_id(node)? else {
-                continue;
-            };
-            let ts = table.ts[p as usize];
-            newest = newest.max(ts);
-            let bias = biases.as_ref().map(|b| b[i as usize]);
-            rows.push((
-                format!("{}:{id}", schema.node_types[t]),
-                encode_row(req, ts, &values[k * width..(k + 1) * width], bias),
-            ));
+        for part in parts {
+            let (part, part_newest) = part?;
+            newest = newest.max(part_newest);
+            rows.extend(part);
         }
         update.push((table.len, idx, picked));
     }
