@@ -155,6 +155,17 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = Config::load(None).expect("default config");
     cfg.publish.format = ValueFormat::F32le;
+    // Producer properties to try (`PUBLISH_PRODUCER="compression.type=none,linger.ms=20"`).
+    for kv in std::env::var("PUBLISH_PRODUCER")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if let Some((k, v)) = kv.split_once('=') {
+            cfg.kafka
+                .producer
+                .insert(k.trim().into(), toml::Value::String(v.trim().into()));
+        }
+    }
     let store = store_with_users(&cfg, &dir.path().join("store"), rows);
     let types = store.stored_schema().node_types.len();
     tch::manual_seed(1);
