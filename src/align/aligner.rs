@@ -261,13 +261,24 @@ pub fn assess_candidate(
             procrustes_residual: None,
             pull,
         };
-        let bad = non_finite_in(
+        let mut bad = non_finite_in(
             current
                 .changed
                 .iter()
                 .filter(|t| t.numel() > 0)
                 .chain(std::iter::once(&current.relations)),
         );
+        if bad == 0 {
+            // A row corrupted outside a step and not yet scanned by the trainer, sampled.
+            bad = non_finite_in(
+                current
+                    .previous
+                    .iter()
+                    .chain(&current.anchor)
+                    .map(|(_, v)| v)
+                    .filter(|v| v.numel() > 0),
+            );
+        }
         if bad > 0 {
             return Assessed {
                 figures,

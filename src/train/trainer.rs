@@ -182,7 +182,13 @@ pub struct TrainerCore {
     pull_target: Option<PullTarget>,
     /// Strength of the pull toward it (0: none), set by the alignment's controller.
     pull: f64,
+    /// Where [`TrainerCore::take_delta`]'s scan for non-finite rows continues, per type.
+    scan: Vec<i64>,
 }
+
+/// Rows [`TrainerCore::take_delta`] scans for non-finite values besides the written ones (all of
+/// a smaller model; a larger one in turn, this many per version).
+pub const SCAN_ROWS: i64 = 65_536;
 
 /// What the pull draws trained rows back toward: the version subscribers hold, on the model's
 /// device. The publish stage decides what it is ([`TrainerCore::set_pull`]).
@@ -208,6 +214,7 @@ impl TrainerCore {
             row_ts: vec![Vec::new(); model.tables.len()],
             pull_target: None,
             pull: 0.0,
+            scan: vec![0; model.tables.len()],
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -552,6 +559,7 @@ impl TrainerCore {
     /// for; its cost follows the rows written, not the table.
     pub fn take_delta(&mut self, req: &DeltaRequest) -> ModelDelta {
         tch::no_grad(|| {
+            self.scan_non_finite();
             let mut tables = Vec::with_capacity(self.model.tables.len());
             for (t, table) in self.model.tables.iter_mut().enumerate() {
                 if req.full || table.biased {
@@ -601,6 +609,43 @@ impl TrainerCore {
                 cursor: self.cursor,
             }
         })
+    }
+
+    /// Mark dirty the non-finite rows among the next [`SCAN_ROWS`] rows (round robin over the
+    /// tables), so the gate sees a row corrupted other than by a step (every step's rows are
+    /// marked anyway) within `rows / SCAN_ROWS` versions, and at once in a smaller model.
+    fn scan_non_finite(&mut self) {
+        self.scan.resize(self.model.tables.len(), 0);
+        let mut budget = SCAN_ROWS;
+        for (table, at) in self.model.tables.iter_mut().zip(&mut self.scan) {
+            let len = table.len();
+            if budget == 0 {
+                break;
+            }
+            if len == 0 {
+                continue;
+            }
+            let mut start = *at % len;
+            let mut left = budget.min(len);
+            budget -= left;
+            while left > 0 {
+                let n = left.min(len - start);
+                let bad = table
+                    .weights
+                    .narrow(0, start, n)
+                    .isfinite()
+                    .all_dim(1, false)
+                    .logical_not()
+                    .nonzero()
+                    .view([-1]);
+                if bad.numel() > 0 {
+                    table.mark_dirty(&(bad + start));
+                }
+                start = (start + n) % len;
+                left -= n;
+            }
+            *at = start;
+        }
     }
 
     /// Rows written since the last [`TrainerCore::take_delta`], per node type.
@@ -767,6 +812,42 @@ mod tests {
             weighted_recent(t, 2, 0.5, true),
             vec![(2, (0.5 / s) as f32), (9, 1.0), (3, (1.0 / s) as f32)]
         );
+    }
+
+    #[test]
+    fn a_delta_holds_the_written_rows_and_a_corrupted_one_only() {
+        let cfg = Config::load(None).unwrap();
+        let mut model = Embeddings::new(2, 1, 4, 0.1, Device::Cpu);
+        model.tables[0].grow(100, |n| Tensor::zeros([n, 4], (Kind::Float, Device::Cpu)));
+        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        let all = core.take_delta(&DeltaRequest::default());
+        assert_eq!(all.tables[0].index.size(), vec![100], "new rows are dirty");
+        assert_eq!(core.dirty_rows(), vec![0, 0]);
+        let grad = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        core.model.tables[0].adagrad(&Tensor::from_slice(&[7i64, 42]), &grad, 0.1);
+        // Written around the API: found by the scan.
+        let _ = core.model.tables[0].rows().get(3).get(0).fill_(f64::NAN);
+        let d = core.take_delta(&DeltaRequest {
+            full: false,
+            samples: vec![vec![
+                Tensor::from_slice(&[1i64, 500]),
+                Tensor::from_slice(&[0i64]),
+            ]],
+        });
+        assert_eq!(
+            Vec::<i64>::try_from(&d.tables[0].index).unwrap(),
+            vec![3, 7, 42]
+        );
+        assert_eq!(d.tables[0].values.size(), vec![3, 4]);
+        assert_eq!(d.tables[1].index.numel(), 0);
+        // Sampled rows the tables lack are left out.
+        assert_eq!(Vec::<i64>::try_from(&d.samples[0][0].0).unwrap(), vec![1]);
+        assert_eq!(d.samples[0][1].0.numel(), 0);
+        let full = core.take_delta(&DeltaRequest {
+            full: true,
+            samples: Vec::new(),
+        });
+        assert_eq!(full.tables[0].index.size(), vec![100]);
     }
 
     #[test]
