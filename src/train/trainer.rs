@@ -188,7 +188,7 @@ pub struct TrainerCore {
 
 /// Rows [`TrainerCore::take_delta`] scans for non-finite values besides the written ones (all of
 /// a smaller model; a larger one in turn, this many per version).
-pub const SCAN_ROWS: i64 = 65_536;
+pub const SCAN_ROWS: i64 = 32_768;
 
 /// What the pull draws trained rows back toward: the version subscribers hold, on the model's
 /// device. The publish stage decides what it is ([`TrainerCore::set_pull`]).
@@ -630,9 +630,15 @@ impl TrainerCore {
             budget -= left;
             while left > 0 {
                 let n = left.min(len - start);
-                let bad = table
-                    .weights
-                    .narrow(0, start, n)
+                let window = table.weights.narrow(0, start, n);
+                // One reduction first (a NaN or an infinity makes the sum non-finite); the rows
+                // only when it is (or the sum overflowed).
+                if window.sum(Kind::Float).isfinite().int64_value(&[]) == 1 {
+                    start = (start + n) % len;
+                    left -= n;
+                    continue;
+                }
+                let bad = window
                     .isfinite()
                     .all_dim(1, false)
                     .logical_not()
