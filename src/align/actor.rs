@@ -3,7 +3,7 @@
 
 use actix::prelude::*;
 
-use crate::align::{AlignError, AlignFigures, Aligner, Assessed};
+use crate::align::{AlignError, AlignFigures, Aligner, Assessed, Candidate, DriftPlan};
 use crate::train::Snapshot;
 
 /// The actor: an [`Aligner`] on a `SyncArbiter` thread (the measures are libtorch work).
@@ -13,12 +13,29 @@ impl Actor for AlignActor {
     type Context = SyncContext<Self>;
 }
 
+/// The rows the next version's drift is measured on (see [`Aligner::plan`]).
+#[derive(Message)]
+#[rtype(result = "DriftPlan")]
+pub struct Plan {
+    pub version: u64,
+    /// Rows per node type of the version subscribers hold.
+    pub reference: Option<Vec<i64>>,
+}
+
+impl Handler<Plan> for AlignActor {
+    type Result = MessageResult<Plan>;
+
+    fn handle(&mut self, msg: Plan, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.0.plan(msg.version, msg.reference.as_deref()))
+    }
+}
+
 /// Assess the next version (see [`Aligner::assess`]).
 #[derive(Message)]
 #[rtype(result = "Assessed")]
 pub struct Assess {
     pub version: u64,
-    pub current: Snapshot,
+    pub current: Candidate,
     pub reference: Option<Snapshot>,
 }
 

@@ -4,12 +4,20 @@
 //! At every publication the publisher hands it a CPU snapshot of the trainer's parameters and of
 //! the reference (the version subscribers hold). [`assess`] (pure) then
 //! 1. refuses a snapshot with non-finite values;
-//! 2. when `align.procrustes` is on, rotates it onto the anchor (the first published version,
-//!    persisted in `publish.path`) with the orthogonal Procrustes solution over the nodes both
-//!    have, and records the residual — a rotation of every table and relation vector changes no
-//!    dot, L2 or cosine score, so the model is rotated in place, not just its output;
-//! 3. measures drift against the reference and the anchor ([`crate::align::drift`]);
+//! 2. when `align.procrustes` is on, fits the rotation onto the anchor (the first published
+//!    version, persisted in `publish.path`) with the orthogonal Procrustes solution over a sample
+//!    of the nodes both have (`align.drift_sample`), and records the residual — a rotation of
+//!    every table and relation vector changes no dot, L2 or cosine score;
+//! 3. measures drift against the reference and the anchor ([`crate::align::drift`]), each on a
+//!    sample of at most `align.drift_sample` shared rows;
 //! 4. holds the version back when its drift from the reference exceeds `align.hard_limit`.
+//!
+//! Where the rotation runs: the aligner only fits it (a `[D, D]` SVD over the sample). When it
+//! lowers the residual by more than `align.rotation_min_gain` (the model turned away from the
+//! anchor, not noise), the publication has the trainer rotate its own tables in place
+//! ([`crate::train::TrainerCore::rotate`], on the training thread, every row: O(table)), and that
+//! version carries every row that then moved. Otherwise nothing rotates, and a version costs what
+//! changed. With the pull toward the reference, rotations are rare after the first versions.
 //!
 //! After the version is acknowledged, [`PullController`] turns the measured drift into the
 //! strength of the L2 pull the trainer applies toward the new reference until the next version
@@ -21,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::rngs::SmallRng;
-use rand::seq::index::sample;
+use rand::seq::index::{sample, sample as sample_index};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
@@ -29,9 +37,9 @@ use crate::config::AlignConfig;
 use tch::{Kind, Tensor};
 use tracing::info;
 
-use crate::align::{drift, procrustes, Drift};
+use crate::align::{drift, procrustes, relative_l2, Drift};
 use crate::telemetry as m;
-use crate::train::{load_snapshot, non_finite_rows, save_snapshot, Snapshot, SnapshotError};
+use crate::train::{load_snapshot, non_finite_in, save_snapshot, Snapshot, SnapshotError};
 
 /// The rows of every node type present in both `a` and `b` (the first `min(len)` rows of each
 /// table, nodes being numbered in order of arrival), stacked: `(a_rows, b_rows)`.
@@ -94,10 +102,150 @@ pub struct Assessed {
     pub pull: f64,
 }
 
-/// Assess `current` against the `reference` subscribers hold and the `anchor` (see the module
-/// docs). `rotate`: apply Procrustes onto the anchor. `seed` picks the overlap sample.
+/// Which rows a version's drift is measured on: per node type, sorted row indices (Int64, CPU)
+/// drawn uniformly from the rows the model shares with the reference (`previous`) and with the
+/// anchor (`anchor`), at most `align.drift_sample` of each. The trainer copies their current
+/// values out with the changed rows ([`crate::train::DeltaRequest::samples`]).
+#[derive(Debug)]
+pub struct DriftPlan {
+    pub previous: Vec<Tensor>,
+    pub anchor: Vec<Tensor>,
+}
+
+/// At most `k` rows drawn uniformly from the first `lens[t]` rows of each type together.
+pub fn sample_rows(lens: &[i64], k: usize, rng: &mut SmallRng) -> Vec<Tensor> {
+    let total: i64 = lens.iter().sum();
+    let mut per_type: Vec<Vec<i64>> = vec![Vec::new(); lens.len()];
+    if total > 0 {
+        let picked = sample(rng, total as usize, k.min(total as usize));
+        for i in picked {
+            let (mut i, mut t) = (i as i64, 0);
+            while i >= lens[t] {
+                i -= lens[t];
+                t += 1;
+            }
+            per_type[t].push(i);
+        }
+    }
+    per_type
+        .into_iter()
+        .map(|mut v| {
+            v.sort_unstable();
+            Tensor::from_slice(&v)
+        })
+        .collect()
+}
+
+/// A version as the alignment sees it: the rows written since the previous version (checked for
+/// non-finite values; rows not written were checked when they were), the relation vectors, and
+/// the current values of the [`DriftPlan`]'s samples, per type `(indices, values [n, D])`.
+#[derive(Debug)]
+pub struct Candidate {
+    pub changed: Vec<Tensor>,
+    pub relations: Tensor,
+    pub previous: Vec<(Tensor, Tensor)>,
+    pub anchor: Vec<(Tensor, Tensor)>,
+}
+
+impl Candidate {
+    /// The candidate of a whole snapshot for `plan` (offline measurements, tests).
+    pub fn of_snapshot(current: &Snapshot, plan: &DriftPlan) -> Candidate {
+        let pick = |per_type: &[Tensor]| {
+            per_type
+                .iter()
+                .zip(&current.tables)
+                .map(|(idx, table)| {
+                    let idx = idx.masked_select(&idx.lt(table.size()[0]));
+                    let values = table.index_select(0, &idx);
+                    (idx, values)
+                })
+                .collect()
+        };
+        Candidate {
+            changed: current.tables.iter().map(Tensor::shallow_clone).collect(),
+            relations: current.relations.shallow_clone(),
+            previous: pick(&plan.previous),
+            anchor: pick(&plan.anchor),
+        }
+    }
+}
+
+/// The sampled rows `other` has too, stacked: `(current values, other's values)`.
+fn paired(sample: &[(Tensor, Tensor)], other: &Snapshot) -> (Tensor, Tensor) {
+    let (mut xa, mut xb) = (Vec::new(), Vec::new());
+    for ((idx, values), table) in sample.iter().zip(&other.tables) {
+        let keep = idx.lt(table.size()[0]);
+        let idx = idx.masked_select(&keep);
+        if idx.numel() > 0 {
+            xa.push(values.index_select(0, &keep.nonzero().view([-1])));
+            xb.push(table.index_select(0, &idx));
+        }
+    }
+    if xa.is_empty() {
+        let d = other.relations.size()[1];
+        let empty = Tensor::zeros([0, d], (Kind::Float, tch::Device::Cpu));
+        return (empty.shallow_clone(), empty);
+    }
+    (Tensor::cat(&xa, 0), Tensor::cat(&xb, 0))
+}
+
+/// The plan for `current` against the `reference` and the `anchor` (their table lengths).
+pub fn plan_drift(
+    current: Option<&[i64]>,
+    reference: Option<&[i64]>,
+    anchor: Option<&[i64]>,
+    k: usize,
+    seed: u64,
+) -> DriftPlan {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let shared = |other: Option<&[i64]>| -> Vec<i64> {
+        match (other, current) {
+            (None, _) => Vec::new(),
+            (Some(o), None) => o.to_vec(),
+            (Some(o), Some(c)) => o
+                .iter()
+                .enumerate()
+                .map(|(t, &n)| n.min(c.get(t).copied().unwrap_or(0)))
+                .collect(),
+        }
+    };
+    DriftPlan {
+        previous: sample_rows(&shared(reference), k, &mut rng),
+        anchor: sample_rows(&shared(anchor), k, &mut rng),
+    }
+}
+
+/// Assess `current` (a whole snapshot) against the `reference` subscribers hold and the
+/// `anchor`: [`assess_candidate`] on samples of `align.drift_sample` rows. `seed` picks them.
 pub fn assess(
     current: &Snapshot,
+    reference: Option<&Snapshot>,
+    anchor: Option<&Snapshot>,
+    cfg: &AlignConfig,
+    rotate: bool,
+    pull: f64,
+    seed: u64,
+) -> Assessed {
+    let lens = |s: &Snapshot| s.tables.iter().map(|t| t.size()[0]).collect::<Vec<_>>();
+    let plan = plan_drift(
+        Some(&lens(current)),
+        reference.map(lens).as_deref(),
+        anchor.map(lens).as_deref(),
+        cfg.drift_sample,
+        seed,
+    );
+    let candidate = Candidate::of_snapshot(current, &plan);
+    assess_candidate(&candidate, reference, anchor, cfg, rotate, pull, seed)
+}
+
+/// Assess a version (see the module docs). Every measure runs on the candidate's bounded samples,
+/// so its cost does not grow with the tables: the non-finite check covers the changed rows, the
+/// rotation is fitted on the anchor sample, and drift (and its top-10 neighbour overlap, among
+/// the sampled rows) on each sample. The rotation is returned only when it lowers the sample's
+/// residual against the anchor by more than `align.rotation_min_gain`: rotating the model turns
+/// (and then republishes) every row, so a rotation that is nearly the identity is not applied.
+pub fn assess_candidate(
+    current: &Candidate,
     reference: Option<&Snapshot>,
     anchor: Option<&Snapshot>,
     cfg: &AlignConfig,
@@ -113,7 +261,24 @@ pub fn assess(
             procrustes_residual: None,
             pull,
         };
-        let bad = non_finite_rows(current);
+        let mut bad = non_finite_in(
+            current
+                .changed
+                .iter()
+                .filter(|t| t.numel() > 0)
+                .chain(std::iter::once(&current.relations)),
+        );
+        if bad == 0 {
+            // A row corrupted outside a step and not yet scanned by the trainer, sampled.
+            bad = non_finite_in(
+                current
+                    .previous
+                    .iter()
+                    .chain(&current.anchor)
+                    .map(|(_, v)| v)
+                    .filter(|v| v.numel() > 0),
+            );
+        }
         if bad > 0 {
             return Assessed {
                 figures,
@@ -122,38 +287,39 @@ pub fn assess(
                 pull,
             };
         }
+        let mut rotation = None;
+        if let Some(a) = anchor.filter(|_| rotate) {
+            let (c, o) = paired(&current.anchor, a);
+            if c.size()[0] >= c.size()[1] {
+                let (r, residual) = procrustes(&c, &o);
+                let unrotated = relative_l2(&c, &o);
+                if unrotated - residual > cfg.rotation_min_gain {
+                    figures.procrustes_residual = Some(residual);
+                    rotation = Some(r);
+                } else {
+                    figures.procrustes_residual = Some(unrotated);
+                }
+            }
+        }
         let mut rng = SmallRng::seed_from_u64(seed);
-        let mut measure = |other: &Snapshot, now: &Snapshot| {
-            let (c, o) = shared_rows(&now.tables, &other.tables);
+        let mut measure = |sample: &[(Tensor, Tensor)], other: &Snapshot| {
+            let (c, o) = paired(sample, other);
             let n = c.size()[0] as usize;
             if n == 0 {
                 return None;
             }
-            let picked: Vec<i64> = sample(&mut rng, n, cfg.overlap_sample.min(n))
+            let c = match &rotation {
+                Some(r) => c.matmul(r),
+                None => c,
+            };
+            let picked: Vec<i64> = sample_index(&mut rng, n, cfg.overlap_sample.min(n))
                 .into_iter()
                 .map(|i| i as i64)
                 .collect();
             Some(drift(&c, &o, &Tensor::from_slice(&picked)))
         };
-        let mut rotation = None;
-        let rotated;
-        let now = match anchor.filter(|_| rotate) {
-            Some(a) => {
-                let (c, o) = shared_rows(&current.tables, &a.tables);
-                if c.size()[0] >= c.size()[1] {
-                    let (r, residual) = procrustes(&c, &o);
-                    figures.procrustes_residual = Some(residual);
-                    rotated = current.rotated(&r);
-                    rotation = Some(r);
-                    &rotated
-                } else {
-                    current
-                }
-            }
-            None => current,
-        };
-        figures.previous = reference.and_then(|r| measure(r, now));
-        figures.anchor = anchor.and_then(|a| measure(a, now));
+        figures.previous = reference.and_then(|r| measure(&current.previous, r));
+        figures.anchor = anchor.and_then(|a| measure(&current.anchor, a));
         let hold = figures
             .previous
             .filter(|d| d.cosine_mean > cfg.hard_limit)
@@ -312,14 +478,32 @@ impl Aligner {
         self.controller.strength
     }
 
-    /// Assess version `version` (see [`assess`]); a hold is counted, logged and raises the pull.
+    /// The rows version `version`'s drift will be measured on, against a reference of
+    /// `reference` rows per type and the anchor (see [`DriftPlan`]); rows the model lacks are
+    /// left out when the trainer copies the samples.
+    pub fn plan(&self, version: u64, reference: Option<&[i64]>) -> DriftPlan {
+        let anchor: Option<Vec<i64>> = self
+            .anchor
+            .as_ref()
+            .map(|(_, a)| a.tables.iter().map(|t| t.size()[0]).collect());
+        plan_drift(
+            None,
+            reference,
+            anchor.as_deref(),
+            self.cfg.drift_sample,
+            version,
+        )
+    }
+
+    /// Assess version `version` (see [`assess_candidate`]); a hold is counted, logged and raises
+    /// the pull.
     pub fn assess(
         &mut self,
         version: u64,
-        current: &Snapshot,
+        current: &Candidate,
         reference: Option<&Snapshot>,
     ) -> Assessed {
-        let mut out = assess(
+        let mut out = assess_candidate(
             current,
             reference,
             self.anchor.as_ref().map(|(_, s)| s),
@@ -401,6 +585,8 @@ mod tests {
             pull_max: 100.0,
             procrustes: true,
             overlap_sample: 64,
+            drift_sample: 4096,
+            rotation_min_gain: 0.01,
         }
     }
 

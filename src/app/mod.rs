@@ -109,7 +109,8 @@ struct Daemon {
     trainer: Option<Addr<TrainerActor>>,
     stop: watch::Sender<bool>,
     training: Option<actix_rt::task::JoinHandle<anyhow::Result<()>>>,
-    publishing: Option<actix_rt::task::JoinHandle<Ticker>>,
+    /// The ticker, handed back when it stops (it runs on its own arbiter).
+    publishing: Option<oneshot::Receiver<Ticker>>,
     http: actix_web::dev::ServerHandle,
 }
 
@@ -166,9 +167,16 @@ impl Daemon {
             }
             _ => None,
         };
+        // On its own arbiter: a version's rows are selected and encoded on the publication's
+        // thread, which must not be the one that drives training.
         let publishing = ticker.map(|t| {
-            let every = Duration::from_secs(cfg.publish.interval_secs);
-            actix_rt::spawn(t.run(every, stop_rx.clone()))
+            let every = cfg.publish.interval();
+            let (back, handed_back) = oneshot::channel();
+            let stop = stop_rx.clone();
+            Arbiter::new().spawn(async move {
+                let _ = back.send(t.run(every, stop).await);
+            });
+            handed_back
         });
         let state = Arc::new(HttpState {
             store: o.store.clone(),

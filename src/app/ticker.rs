@@ -1,4 +1,4 @@
-//! The publication ticker: a [`Publication`] every `publish.interval_secs`, start to start, with
+//! The publication ticker: a [`Publication`] every `publish.interval_ms`, start to start, with
 //! the daemon's ports (trainer and alignment actors, Kafka); each committed version goes to the
 //! serving view.
 

@@ -11,7 +11,13 @@ use super::{invalid, positive, ConfigError, Validate};
 #[serde(deny_unknown_fields)]
 pub struct PublishConfig {
     pub enabled: bool,
-    pub interval_secs: u64,
+    /// A version every this many milliseconds (start to start); sub-second intervals are fine.
+    /// Neither this nor `interval_secs` set: [`DEFAULT_INTERVAL_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// The same in seconds (the older key, kept as an alias); set one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_secs: Option<u64>,
     pub format: ValueFormat,
     pub row_threshold: f64,
     pub path: PathBuf,
@@ -21,6 +27,21 @@ pub struct PublishConfig {
     /// `transactional.id` of the version producer; unique per daemon (a second producer with
     /// the same id fences the first).
     pub transactional_id: String,
+}
+
+/// `publish.interval_ms` when neither interval key is set.
+pub const DEFAULT_INTERVAL_MS: u64 = 10_000;
+
+impl PublishConfig {
+    /// Time between two versions' starts: `publish.interval_ms`, or `publish.interval_secs`
+    /// (validation refuses both).
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(match (self.interval_ms, self.interval_secs) {
+            (Some(ms), _) => ms,
+            (None, Some(secs)) => secs.saturating_mul(1000),
+            (None, None) => DEFAULT_INTERVAL_MS,
+        })
+    }
 }
 
 /// How embedding rows are encoded (`publish.format`).
@@ -50,14 +71,42 @@ pub struct AlignConfig {
     /// Rotate onto the anchor before publishing (ignored for the `l1` comparator, which a
     /// rotation changes).
     pub procrustes: bool,
-    /// Nodes sampled for the top-10 neighbour overlap.
+    /// Nodes sampled for the top-10 neighbour overlap (among the drift sample).
     pub overlap_sample: usize,
+    /// Rows (over all node types) each drift measure and the rotation's fit sample, against the
+    /// reference and against the anchor: the assessment's cost is bounded by this, not by the
+    /// tables.
+    #[serde(default = "default_drift_sample")]
+    pub drift_sample: usize,
+    /// The rotation onto the anchor is applied only when it lowers the sample's relative
+    /// residual by more than this (rotating the model turns and republishes every row).
+    #[serde(default = "default_rotation_min_gain")]
+    pub rotation_min_gain: f64,
+}
+
+fn default_drift_sample() -> usize {
+    4096
+}
+
+fn default_rotation_min_gain() -> f64 {
+    0.01
 }
 
 impl Validate for PublishConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let pb = self;
-        positive("publish.interval_secs", pb.interval_secs)?;
+        match (pb.interval_ms, pb.interval_secs) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "publish.interval_ms",
+                    "and publish.interval_secs are both set: set one (interval_secs is the older \
+                     alias of interval_ms / 1000)",
+                ))
+            }
+            (Some(ms), None) => positive("publish.interval_ms", ms)?,
+            (None, Some(secs)) => positive("publish.interval_secs", secs)?,
+            (None, None) => {}
+        }
         positive("publish.delivery_timeout_ms", pb.delivery_timeout_ms)?;
         if pb.transactional && pb.transactional_id.trim().is_empty() {
             return Err(invalid(
@@ -102,6 +151,59 @@ impl Validate for AlignConfig {
             ));
         }
         positive("align.overlap_sample", al.overlap_sample as u64)?;
+        positive("align.drift_sample", al.drift_sample as u64)?;
+        if al.overlap_sample > al.drift_sample {
+            return Err(invalid(
+                "align.overlap_sample",
+                format!(
+                    "must not exceed align.drift_sample ({}): the overlap is measured among the drift sample",
+                    al.drift_sample
+                ),
+            ));
+        }
+        if !(al.rotation_min_gain.is_finite() && al.rotation_min_gain >= 0.0) {
+            return Err(invalid(
+                "align.rotation_min_gain",
+                "must be a non-negative number",
+            ));
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn publish(ms: Option<u64>, secs: Option<u64>) -> Result<PublishConfig, String> {
+        let mut p = Config::load(None).expect("default config").publish;
+        (p.interval_ms, p.interval_secs) = (ms, secs);
+        p.validate().map(|_| p).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_interval_in_ms_or_secs_but_not_both() {
+        let default = Config::load(None).unwrap().publish.interval();
+        assert_eq!(
+            default,
+            std::time::Duration::from_millis(DEFAULT_INTERVAL_MS)
+        );
+        assert_eq!(
+            publish(Some(250), None).unwrap().interval().as_millis(),
+            250
+        );
+        assert_eq!(publish(None, Some(3)).unwrap().interval().as_millis(), 3000);
+        let both = publish(Some(250), Some(3)).unwrap_err();
+        assert!(
+            both.contains("publish.interval_ms") && both.contains("publish.interval_secs"),
+            "{both}"
+        );
+        assert!(publish(Some(0), None)
+            .unwrap_err()
+            .contains("publish.interval_ms"));
+        assert!(publish(None, Some(0))
+            .unwrap_err()
+            .contains("publish.interval_secs"));
     }
 }

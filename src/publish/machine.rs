@@ -4,12 +4,17 @@
 //! actors, Kafka) and the offline measurements and tests (a [`TrainerCore`] and an [`Aligner`]
 //! in the caller's thread, an in-memory sink) take the same decisions:
 //!
-//! 1. **assess**: training pauses; the trainer's parameters are copied to the CPU and the aligner
-//!    measures them against the reference (the version subscribers hold) and the anchor;
+//! 1. **take**: training pauses only while the trainer copies out the rows it wrote since the
+//!    previous version, the relation vectors and the aligner's bounded drift samples (a
+//!    [`ModelDelta`]: its size follows the change, not the table); then
+//!    **assess**: the aligner measures the samples against the reference (the version
+//!    subscribers hold) and the anchor, on its own thread;
 //! 2. **hold**: a non-finite or runaway version is not published: the trainer goes back to its
 //!    newest checkpoint (where it has one) and the pull rises to `align.pull_max`;
-//! 3. **prepare**: the rotation onto the anchor is applied to the model and to the copy, and the
-//!    version is built from the copy ([`build_version`]); training resumes;
+//! 3. **prepare**: when the aligner asks for a rotation onto the anchor (rarely: only one that is
+//!    not nearly the identity), training pauses again while the trainer rotates its tables and
+//!    hands every row over; the version's rows are selected against the reference and encoded
+//!    ([`build_delta_version`]) here, on the publication's thread, while training runs;
 //! 4. **produce**: the sink delivers the rows, then the marker;
 //! 5. **commit**: the ledger records the number (fsynced); the version becomes the reference
 //!    (persisted beside the ledger, so a restart diffs against what subscribers hold);
@@ -33,17 +38,20 @@ use tch::Tensor;
 use tokio::sync::OwnedMutexGuard;
 use tracing::{info, warn};
 
-use crate::align::{Adopt, AlignActor, AlignFigures, Aligner, Assess, Assessed, Hold};
+use crate::align::{
+    Adopt, AlignActor, AlignFigures, Aligner, Assess, Assessed, Candidate, DriftPlan, Hold, Plan,
+};
 use crate::config::{Comparator, ValueFormat};
 use crate::persist;
 use crate::publish::{
-    build_version, Freshness, Ledger, PreparedVersion, PublishedView, VersionMarker, VersionRequest,
+    build_delta_version, Freshness, Ledger, PreparedVersion, PublishedView, VersionMarker,
+    VersionRequest,
 };
 use crate::store::GraphStore;
 use crate::telemetry as m;
 use crate::train::{
-    load_snapshot, save_snapshot, Checkpoints, ModelState, RestoreCheckpoint, Rotate, SetPull,
-    Snapshot, TakeSnapshot, TrainerActor, TrainerCore,
+    load_snapshot, save_snapshot, Checkpoints, DeltaRequest, ModelDelta, RestoreCheckpoint, Rotate,
+    SetPull, Snapshot, TakeDelta, TrainerActor, TrainerCore,
 };
 
 /// The persisted reference's file stem in `publish.path`.
@@ -54,22 +62,34 @@ pub const REFERENCE: &str = "reference";
 pub trait TrainerPort {
     /// Pause training until the guard drops (`None`: nothing else trains meanwhile).
     async fn pause(&mut self) -> Option<OwnedMutexGuard<()>>;
-    /// The parameters on the CPU, each row's newest event time, the cursor.
-    async fn state(&mut self) -> anyhow::Result<ModelState>;
-    async fn rotate(&mut self, r: &Tensor) -> anyhow::Result<()>;
+    /// The rows written since the previous call, on the CPU (see [`TrainerCore::take_delta`]).
+    async fn take_delta(&mut self, req: DeltaRequest) -> anyhow::Result<ModelDelta>;
+    async fn rotate(&mut self, r: Tensor) -> anyhow::Result<()>;
     /// Go back to the newest checkpoint: `(checkpoint, cursor)`, `None` without checkpoints.
     async fn restore(&mut self) -> anyhow::Result<Option<(u64, u64)>>;
-    /// Pull with `strength` from now on, toward `target` when given.
-    async fn set_pull(&mut self, strength: f64, target: Option<Snapshot>) -> anyhow::Result<()>;
+    /// Pull with `strength` from now on, toward `target` when given (`changed`: per type, the
+    /// rows of `target` that differ from the previous target).
+    async fn set_pull(
+        &mut self,
+        strength: f64,
+        target: Option<Snapshot>,
+        changed: Option<Vec<Tensor>>,
+    ) -> anyhow::Result<()>;
 }
 
 /// The alignment as a publication sees it.
 #[allow(async_fn_in_trait)]
 pub trait AlignPort {
+    /// The rows the version's drift is measured on, for a reference of these row counts.
+    async fn plan(
+        &mut self,
+        version: u64,
+        reference: Option<Vec<i64>>,
+    ) -> anyhow::Result<DriftPlan>;
     async fn assess(
         &mut self,
         version: u64,
-        current: Snapshot,
+        current: Candidate,
         reference: Option<Snapshot>,
     ) -> anyhow::Result<Assessed>;
     /// The version is committed: returns the pull strength for the next interval.
@@ -133,6 +153,10 @@ pub struct PublishStatus {
     pub transactional: AtomicBool,
     /// Publications skipped because this daemon did not consume every partition.
     pub held_partial: AtomicU64,
+    /// The last committed version paused training this long (µs): rows copied out.
+    pub last_pause_us: AtomicU64,
+    /// ... and was prepared this long after that (µs), training running.
+    pub last_prepare_us: AtomicU64,
 }
 
 impl PublishStatus {
@@ -155,8 +179,13 @@ pub struct VersionPublished<'a> {
     pub events: usize,
     pub figures: &'a AlignFigures,
     pub pull: f64,
-    /// Training was paused this long (snapshot, assessment, rows selected and encoded).
-    pub prepare_ms: u64,
+    /// Training was paused this long (the changed rows and samples copied out; a rotation).
+    pub pause_ms: f64,
+    /// The version was prepared this long after the take: assessment, rows selected against the
+    /// reference and encoded, the new view (training running meanwhile).
+    pub prepare_ms: f64,
+    /// Rows the trainer handed over (written since the previous version).
+    pub changed: i64,
     pub total_ms: u64,
 }
 
@@ -166,6 +195,12 @@ impl VersionPublished<'_> {
         metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
         metrics::counter!(m::PUBLISH_ROWS).increment(self.rows);
         metrics::gauge!(m::PUBLISH_LAST_VERSION).set(self.version as f64);
+        status
+            .last_pause_us
+            .store((self.pause_ms * 1e3) as u64, Ordering::Relaxed);
+        status
+            .last_prepare_us
+            .store((self.prepare_ms * 1e3) as u64, Ordering::Relaxed);
         info!(
             version = self.version,
             epoch = self.epoch,
@@ -174,6 +209,8 @@ impl VersionPublished<'_> {
             drift = self.figures.previous.map(|d| d.cosine_mean),
             residual = self.figures.procrustes_residual,
             pull = self.pull,
+            changed = self.changed,
+            pause_ms = self.pause_ms,
             prepare_ms = self.prepare_ms,
             total_ms = self.total_ms,
             "version published"
@@ -187,6 +224,19 @@ struct Reference {
     params: Snapshot,
 }
 
+/// Per type and row, the newest event time the trainer reported (the view's `row_ts`), kept up
+/// to date from each delta.
+fn update_row_ts(row_ts: &mut Vec<Vec<i64>>, delta: &ModelDelta) {
+    row_ts.resize(delta.tables.len(), Vec::new());
+    for (ts, table) in row_ts.iter_mut().zip(&delta.tables) {
+        ts.resize(table.len as usize, 0);
+        let index = Vec::<i64>::try_from(&table.index).unwrap_or_default();
+        for (&i, &t) in index.iter().zip(&table.ts) {
+            ts[i as usize] = t;
+        }
+    }
+}
+
 /// The publication state machine: numbering, the reference, and the sequence above.
 pub struct Publication {
     ledger: Ledger,
@@ -198,6 +248,11 @@ pub struct Publication {
     status: Arc<PublishStatus>,
     /// The last attempt failed and the ledger's epoch may be on the broker already.
     epoch_spent: bool,
+    /// The next take must hand over every row: there is no reference yet, or the last attempt
+    /// failed after the trainer handed its changed rows over (they are no longer marked).
+    full_next: bool,
+    /// The view's row times (see [`update_row_ts`]).
+    row_ts: Vec<Vec<i64>>,
 }
 
 impl Publication {
@@ -244,6 +299,8 @@ impl Publication {
             freshness: None,
             status: Arc::default(),
             epoch_spent: false,
+            full_next: true,
+            row_ts: Vec::new(),
         })
     }
 
@@ -307,47 +364,105 @@ impl Publication {
     ) -> anyhow::Result<Outcome> {
         let (version, epoch) = (self.ledger.next_version(), self.ledger.state().epoch);
         let started = Instant::now();
-        let (prepared, view, figures) = {
-            let _pause = trainer.pause().await;
-            let mut state = trainer.state().await?;
-            let reference = self.reference.as_ref().map(|r| r.params.shallow_clone());
-            let assessed = align
-                .assess(version, state.params.shallow_clone(), reference)
-                .await?;
-            if let Some(hold) = assessed.hold {
-                let restored = trainer.restore().await?;
-                trainer.set_pull(assessed.pull, None).await?;
-                warn!(version, reason = hold.label(), ?hold, ?restored, pull = assessed.pull,
-                    "version held back by the drift gate; the trainer goes back to its newest checkpoint");
-                return Ok(Outcome::Held(hold));
-            }
-            if let Some(r) = &assessed.rotation {
-                trainer.rotate(r).await?;
-                state.params = tch::no_grad(|| state.params.rotated(r));
-            }
-            let req = VersionRequest {
-                version,
-                epoch,
-                format: self.settings.format,
-                threshold: self.settings.threshold,
-                comparator: self.settings.comparator,
-                align: Some(&assessed.figures),
-            };
-            let reference = self.reference.as_ref().map(|r| &r.params);
-            match build_version(store, &state, reference, &req)? {
-                Some((prepared, view)) => (prepared, view, assessed.figures),
-                None => return Ok(Outcome::Unchanged),
-            }
+        let lens = self
+            .reference
+            .as_ref()
+            .map(|r| r.params.tables.iter().map(|t| t.size()[0]).collect());
+        let plan = align.plan(version, lens).await?;
+        let request = DeltaRequest {
+            full: self.full_next || self.reference.is_none(),
+            samples: vec![plan.previous, plan.anchor],
         };
-        // Training was paused for this long: snapshot, assessment, rows selected and encoded.
-        let prepare_ms = started.elapsed().as_millis() as u64;
+        // From here on the trainer's marks are cleared: should this attempt fail, the next one
+        // takes every row.
+        self.full_next = true;
+        let (mut delta, mut pause) = {
+            let _pause = trainer.pause().await;
+            let paused = Instant::now();
+            (trainer.take_delta(request).await?, paused.elapsed())
+        };
+        update_row_ts(&mut self.row_ts, &delta);
+        let mut samples = std::mem::take(&mut delta.samples).into_iter();
+        let candidate = Candidate {
+            changed: delta
+                .tables
+                .iter()
+                .map(|t| t.values.shallow_clone())
+                .collect(),
+            relations: delta.relations.shallow_clone(),
+            previous: samples.next().unwrap_or_default(),
+            anchor: samples.next().unwrap_or_default(),
+        };
+        let reference = self.reference.as_ref().map(|r| r.params.shallow_clone());
+        let assessed = align.assess(version, candidate, reference).await?;
+        if let Some(hold) = assessed.hold {
+            let restored = trainer.restore().await?;
+            trainer.set_pull(assessed.pull, None, None).await?;
+            warn!(version, reason = hold.label(), ?hold, ?restored, pull = assessed.pull,
+                "version held back by the drift gate; the trainer goes back to its newest checkpoint");
+            return Ok(Outcome::Held(hold));
+        }
+        let mut assessed = assessed;
+        if let Some(r) = assessed.rotation.take() {
+            // The model turned away from the anchor: rotate it (every row, on the training
+            // thread) and take every row, all of which moved.
+            let _pause = trainer.pause().await;
+            let paused = Instant::now();
+            trainer.rotate(r).await?;
+            delta = trainer
+                .take_delta(DeltaRequest {
+                    full: true,
+                    samples: Vec::new(),
+                })
+                .await?;
+            pause += paused.elapsed();
+            update_row_ts(&mut self.row_ts, &delta);
+            info!(
+                version,
+                residual = assessed.figures.procrustes_residual,
+                "version rotated onto the anchor"
+            );
+        }
+        let taken = Instant::now();
+        let req = VersionRequest {
+            version,
+            epoch,
+            format: self.settings.format,
+            threshold: self.settings.threshold,
+            comparator: self.settings.comparator,
+            align: Some(&assessed.figures),
+        };
+        let reference = self.reference.as_ref().map(|r| &r.params);
+        let Some((prepared, update)) = build_delta_version(store, &delta, reference, &req)? else {
+            self.full_next = false;
+            return Ok(Outcome::Unchanged);
+        };
+        let view = PublishedView {
+            version,
+            epoch,
+            comparator: self.settings.comparator,
+            tables: update.apply(reference)?,
+            relations: delta.relations.shallow_clone(),
+            biases: delta
+                .tables
+                .iter()
+                .map(|t| t.biases.as_ref().map(Tensor::shallow_clone))
+                .collect(),
+            row_ts: self.row_ts.clone(),
+        };
+        let figures = assessed.figures;
+        let prepare_ms = taken.elapsed().as_secs_f64() * 1e3;
+        let pause_ms = pause.as_secs_f64() * 1e3;
         let rows = prepared.marker.rows;
         self.status.set_in_progress(Some(InProgress {
             version,
             epoch,
             rows,
         }));
-        info!(version, epoch, rows, prepare_ms, "publication started");
+        info!(
+            version,
+            epoch, rows, pause_ms, prepare_ms, "publication started"
+        );
         sink.produce(&prepared).await?;
         self.ledger.commit(version)?;
         let events = self
@@ -356,7 +471,10 @@ impl Publication {
             .map_or(0, |f| f.published(prepared.cursor, persist::now_ms()));
         self.adopt(version, &view)?;
         let pull = align.adopt(version, &figures, view.params()).await?;
-        trainer.set_pull(pull, Some(view.params())).await?;
+        trainer
+            .set_pull(pull, Some(view.params()), Some(update.changed()))
+            .await?;
+        self.full_next = false;
         VersionPublished {
             version,
             epoch,
@@ -364,7 +482,9 @@ impl Publication {
             events,
             figures: &figures,
             pull,
+            pause_ms,
             prepare_ms,
+            changed: delta.changed_rows(),
             total_ms: started.elapsed().as_millis() as u64,
         }
         .emit(&self.status);
@@ -375,13 +495,17 @@ impl Publication {
         })
     }
 
-    /// The committed version becomes the reference (persisted first when there is a folder).
+    /// The committed version becomes the reference (in memory first: subscribers hold it
+    /// whether or not it persists; then persisted when there is a folder).
     fn adopt(&mut self, version: u64, view: &PublishedView) -> anyhow::Result<()> {
         let params = view.params();
+        self.reference = Some(Reference {
+            version,
+            params: params.shallow_clone(),
+        });
         if let Some(dir) = &self.dir {
             save_snapshot(dir, REFERENCE, version, &params)?;
         }
-        self.reference = Some(Reference { version, params });
         Ok(())
     }
 }
@@ -397,20 +521,32 @@ impl TrainerPort for TrainerActorPort {
         Some(self.turn.clone().lock_owned().await)
     }
 
-    async fn state(&mut self) -> anyhow::Result<ModelState> {
-        Ok(self.trainer.send(TakeSnapshot).await??)
+    async fn take_delta(&mut self, req: DeltaRequest) -> anyhow::Result<ModelDelta> {
+        Ok(self.trainer.send(TakeDelta(req)).await??)
     }
 
-    async fn rotate(&mut self, r: &Tensor) -> anyhow::Result<()> {
-        Ok(self.trainer.send(Rotate(r.shallow_clone())).await??)
+    async fn rotate(&mut self, r: Tensor) -> anyhow::Result<()> {
+        Ok(self.trainer.send(Rotate(r)).await??)
     }
 
     async fn restore(&mut self) -> anyhow::Result<Option<(u64, u64)>> {
         Ok(Some(self.trainer.send(RestoreCheckpoint).await??))
     }
 
-    async fn set_pull(&mut self, strength: f64, target: Option<Snapshot>) -> anyhow::Result<()> {
-        Ok(self.trainer.send(SetPull { strength, target }).await?)
+    async fn set_pull(
+        &mut self,
+        strength: f64,
+        target: Option<Snapshot>,
+        changed: Option<Vec<Tensor>>,
+    ) -> anyhow::Result<()> {
+        Ok(self
+            .trainer
+            .send(SetPull {
+                strength,
+                target,
+                changed,
+            })
+            .await?)
     }
 }
 
@@ -426,12 +562,12 @@ impl TrainerPort for InProcessTrainer<'_> {
         None
     }
 
-    async fn state(&mut self) -> anyhow::Result<ModelState> {
-        Ok(self.core.state())
+    async fn take_delta(&mut self, req: DeltaRequest) -> anyhow::Result<ModelDelta> {
+        Ok(self.core.take_delta(&req))
     }
 
-    async fn rotate(&mut self, r: &Tensor) -> anyhow::Result<()> {
-        self.core.rotate(r);
+    async fn rotate(&mut self, r: Tensor) -> anyhow::Result<()> {
+        self.core.rotate(&r);
         Ok(())
     }
 
@@ -443,17 +579,31 @@ impl TrainerPort for InProcessTrainer<'_> {
         Ok(Some((version, self.core.cursor())))
     }
 
-    async fn set_pull(&mut self, strength: f64, target: Option<Snapshot>) -> anyhow::Result<()> {
-        self.core.set_pull(strength, target.as_ref());
+    async fn set_pull(
+        &mut self,
+        strength: f64,
+        target: Option<Snapshot>,
+        changed: Option<Vec<Tensor>>,
+    ) -> anyhow::Result<()> {
+        self.core
+            .set_pull_changed(strength, target.as_ref(), changed.as_deref());
         Ok(())
     }
 }
 
 impl AlignPort for Addr<AlignActor> {
+    async fn plan(
+        &mut self,
+        version: u64,
+        reference: Option<Vec<i64>>,
+    ) -> anyhow::Result<DriftPlan> {
+        Ok(self.send(Plan { version, reference }).await?)
+    }
+
     async fn assess(
         &mut self,
         version: u64,
-        current: Snapshot,
+        current: Candidate,
         reference: Option<Snapshot>,
     ) -> anyhow::Result<Assessed> {
         Ok(self
@@ -482,10 +632,18 @@ impl AlignPort for Addr<AlignActor> {
 }
 
 impl AlignPort for &mut Aligner {
+    async fn plan(
+        &mut self,
+        version: u64,
+        reference: Option<Vec<i64>>,
+    ) -> anyhow::Result<DriftPlan> {
+        Ok(Aligner::plan(self, version, reference.as_deref()))
+    }
+
     async fn assess(
         &mut self,
         version: u64,
-        current: Snapshot,
+        current: Candidate,
         reference: Option<Snapshot>,
     ) -> anyhow::Result<Assessed> {
         Ok(Aligner::assess(self, version, &current, reference.as_ref()))

@@ -4,14 +4,26 @@
 //! A version carries every new row, every row whose relative change from the reference (the
 //! version subscribers hold) exceeds `publish.row_threshold`, and all relation vectors. Rows that
 //! moved less keep their earlier published values in the view, which is what subscribers have.
+//!
+//! The daemon builds versions from a [`ModelDelta`] ([`build_delta_version`]): only the rows
+//! training wrote since the previous version are compared with the reference; a row not written
+//! since is where it was when last compared, and the reference changes only where it was
+//! published, so its verdict cannot have changed. This runs on the publication's thread, after
+//! training resumed. [`build_version`] is the same over a whole [`ModelState`] (offline tools).
+//!
+//! A published row is the row alone: a history-type node (`train.history_types`, a user composed
+//! from its recent items) is composed by whoever scores with it (`/v1/neighbors`, subscribers),
+//! from the published rows of its items, so no published value depends on another row. Were a
+//! composed row published, its dependents would have to be marked changed with what they are
+//! composed of.
 
 use tch::{Device, Kind, Tensor};
 
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
-use crate::publish::{RowRecord, VersionMarker};
+use crate::publish::{encode_f32le, RowRecord, VersionMarker};
 use crate::store::{GraphStore, NodeRef, StoreError};
-use crate::train::{ModelState, Snapshot};
+use crate::train::{ModelDelta, ModelState, Snapshot};
 
 /// A version ready to produce: `(key, payload)` rows, then the marker.
 #[derive(Debug, Clone)]
@@ -63,6 +75,225 @@ pub struct VersionRequest<'a> {
     pub comparator: Comparator,
     /// The alignment's figures, for the marker.
     pub align: Option<&'a AlignFigures>,
+}
+
+/// A row's key and encoded payload.
+type KeyedRow = (String, Vec<u8>);
+
+/// Rows encoded per thread at least (smaller versions are encoded on the calling thread).
+const ENCODE_CHUNK: usize = 16_384;
+
+/// What a version built from a delta changes in the view subscribers hold, per node type: the
+/// live row count and the published rows `(indices [k] Int64, values [k, D])`.
+pub struct ViewUpdate {
+    pub tables: Vec<(i64, Tensor, Tensor)>,
+}
+
+impl ViewUpdate {
+    /// Per type, the indices of the rows published.
+    pub fn changed(&self) -> Vec<Tensor> {
+        self.tables
+            .iter()
+            .map(|(_, i, _)| i.shallow_clone())
+            .collect()
+    }
+
+    /// The tables after the update: `reference` (rows beyond the live count dropped) with the
+    /// published rows written over it. Every row past the reference must be published (new rows
+    /// always are); the copy is new, as the previous view may still be served.
+    pub fn apply(&self, reference: Option<&Snapshot>) -> anyhow::Result<Vec<Tensor>> {
+        tch::no_grad(|| {
+            self.tables
+                .iter()
+                .enumerate()
+                .map(|(t, (len, idx, values))| {
+                    let dim = values.size()[1];
+                    // Uninitialised: rows below `m` are the reference's, the rest all published
+                    // (checked below).
+                    let out = Tensor::empty([*len, dim], (Kind::Float, Device::Cpu));
+                    let m = reference
+                        .and_then(|r| r.tables.get(t))
+                        .map_or(0, |r| r.size()[0].min(*len));
+                    if m > 0 {
+                        let r = &reference.expect("m > 0").tables[t];
+                        out.narrow(0, 0, m).copy_(&r.narrow(0, 0, m));
+                    }
+                    let new = idx.ge(m).sum(Kind::Int64).int64_value(&[]);
+                    anyhow::ensure!(
+                        new == len - m,
+                        "type {t}: rows {m}..{len} are new but only {new} of them were taken"
+                    );
+                    let mut out = out;
+                    if idx.numel() > 0 {
+                        let _ = out.index_copy_(0, idx, values);
+                    }
+                    Ok(out)
+                })
+                .collect()
+        })
+    }
+}
+
+/// Whether each row pair moved: relative change `‖c_i − r_i‖ / ‖r_i‖` over `threshold`, or a
+/// non-finite row (`[k]` bool).
+fn moved_rows(current: &Tensor, reference: &Tensor, threshold: f64) -> Tensor {
+    let change = (current - reference)
+        .square()
+        .sum_dim_intlist(1, false, Kind::Float)
+        .sqrt();
+    let base = reference
+        .square()
+        .sum_dim_intlist(1, false, Kind::Float)
+        .sqrt()
+        .clamp_min(1e-12);
+    let rel = change / base;
+    rel.gt(threshold).logical_or(&rel.isfinite().logical_not())
+}
+
+/// One row's record in `format`.
+fn encode_row(req: &VersionRequest, ts: i64, vector: &[f32], bias: Option<f32>) -> Vec<u8> {
+    match req.format {
+        ValueFormat::F32le => encode_f32le(req.version, req.epoch, ts, vector, bias),
+        ValueFormat::Json => {
+            let mut vector = vector.to_vec();
+            vector.extend(bias);
+            RowRecord {
+                version: req.version,
+                epoch: req.epoch,
+                ts,
+                vector,
+            }
+            .encode(req.format)
+        }
+    }
+}
+
+/// The rows version `req.version` carries from `delta` (see the module docs), encoded, with its
+/// marker, and what it changes in the view; `None` when no node row moved since `reference`.
+pub fn build_delta_version(
+    store: &GraphStore,
+    delta: &ModelDelta,
+    reference: Option<&Snapshot>,
+    req: &VersionRequest,
+) -> Result<Option<(PreparedVersion, ViewUpdate)>, StoreError> {
+    let schema = store.stored_schema();
+    let dim = delta.relations.size()[1];
+    let width = dim as usize;
+    let mut rows = Vec::new();
+    let mut newest = 0i64;
+    let mut update = Vec::with_capacity(delta.tables.len());
+    for (t, table) in delta.tables.iter().enumerate() {
+        let m = reference
+            .and_then(|r| r.tables.get(t))
+            .map_or(0, |r| r.size()[0].min(table.len));
+        let positions: Vec<i64> = tch::no_grad(|| {
+            if table.index.numel() == 0 {
+                return Vec::new();
+            }
+            let moved = match (&table.biases, reference.and_then(|r| r.tables.get(t))) {
+                // A biased type's rows all go out in every version (see `build_version`).
+                (Some(_), _) | (None, None) => table.index.ones_like().to_kind(Kind::Bool),
+                (None, Some(r)) => {
+                    let old = table.index.lt(m);
+                    let idx = table.index.clamp_max((m - 1).max(0));
+                    let against = if m > 0 {
+                        r.index_select(0, &idx)
+                    } else {
+                        table.values.zeros_like()
+                    };
+                    moved_rows(&table.values, &against, req.threshold)
+                        .logical_and(&old)
+                        .logical_or(&old.logical_not())
+                }
+            };
+            Vec::<i64>::try_from(moved.nonzero().view([-1])).expect("positions")
+        });
+        let pos = Tensor::from_slice(&positions);
+        let idx = table.index.index_select(0, &pos);
+        let picked = table.values.index_select(0, &pos);
+        let index = Vec::<i64>::try_from(&idx).expect("indices");
+        let values = Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows");
+        let biases = table
+            .biases
+            .as_ref()
+            .map(|b| Vec::<f32>::try_from(b).expect("f32 biases"));
+        // Keys looked up and rows encoded in chunks on all cores (this is the publication's
+        // thread, not training's): each chunk's records in order, then appended in order.
+        let row_ts = &table.ts;
+        let encode = |from: usize, to: usize| -> Result<(Vec<KeyedRow>, i64), StoreError> {
+            let mut out = Vec::with_capacity(to - from);
+            let mut newest = 0i64;
+            for k in from..to {
+                let (i, p) = (index[k], positions[k]);
+                let node = NodeRef {
+                    node_type: t as u16,
+                    index: i as u32,
+                };
+                let Some(id) = store.node_id(node)? else {
+                    continue;
+                };
+                let ts = row_ts[p as usize];
+                newest = newest.max(ts);
+                let bias = biases.as_ref().map(|b| b[i as usize]);
+                out.push((
+                    format!("{}:{id}", schema.node_types[t]),
+                    encode_row(req, ts, &values[k * width..(k + 1) * width], bias),
+                ));
+            }
+            Ok((out, newest))
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = index.len().div_ceil(threads).max(ENCODE_CHUNK);
+        let parts: Vec<_> = if index.len() <= chunk {
+            vec![encode(0, index.len())]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..index.len())
+                    .step_by(chunk)
+                    .map(|from| {
+                        let to = (from + chunk).min(index.len());
+                        scope.spawn(move || encode(from, to))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("an encoding thread panicked"))
+                    .collect()
+            })
+        };
+        rows.reserve(index.len());
+        for part in parts {
+            let (part, part_newest) = part?;
+            newest = newest.max(part_newest);
+            rows.extend(part);
+        }
+        update.push((table.len, idx, picked));
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let values = Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32");
+    for (r, (name, _, _)) in schema.relations.iter().enumerate() {
+        rows.push((
+            format!("relation:{name}"),
+            encode_row(req, newest, &values[r * width..(r + 1) * width], None),
+        ));
+    }
+    let marker = VersionMarker {
+        version: req.version,
+        epoch: req.epoch,
+        rows: rows.len() as u64,
+        align: req.align.cloned(),
+    };
+    Ok(Some((
+        PreparedVersion {
+            rows,
+            marker,
+            newest_ts: newest,
+            cursor: delta.cursor,
+        },
+        ViewUpdate { tables: update },
+    )))
 }
 
 /// Indices of the rows a version carries: every row of `current [N, D]` beyond the `reference`
@@ -211,6 +442,102 @@ pub fn build_version(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
+    use crate::store::{AppendBatch, StoreOptions};
+    use crate::train::TableDelta;
+
+    /// A store of `n` users (type 0), `u0..u{n-1}`, each following the next.
+    fn users(dir: &std::path::Path, n: usize) -> GraphStore {
+        let cfg: SchemaConfig = toml::from_str(
+            r#"node_types = ["user"]
+               relations = [{ name = "follows", src = "user", dst = "user" }]"#,
+        )
+        .unwrap();
+        let store =
+            GraphStore::open(dir, &Schema::new(&cfg).unwrap(), &StoreOptions::default()).unwrap();
+        let user = |i: usize| NodeKey {
+            node_type: 0,
+            id: format!("u{i}"),
+        };
+        let events = (0..n - 1).map(|i| Event {
+            src: user(i),
+            rel: 0,
+            dst: user(i + 1),
+            ts: i as u64,
+            weight: 1.0,
+            event_id: None,
+        });
+        store
+            .append(&AppendBatch::from_events("t", 0, events))
+            .unwrap();
+        store
+    }
+
+    #[test]
+    fn a_delta_version_carries_the_moved_and_new_rows_of_the_delta_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = users(dir.path(), 10);
+        let reference = Snapshot {
+            tables: vec![Tensor::ones([8, 2], (Kind::Float, Device::Cpu))],
+            relations: Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
+        };
+        // Row 1 moved 50%, row 3 0.1%; rows 8 and 9 are new. Rows not in the delta did not move.
+        let values =
+            Tensor::from_slice(&[1.5f32, 1.5, 1.001, 1.0, 7.0, 7.0, 9.0, 9.0]).view([4, 2]);
+        let delta = |index: &[i64], values: &Tensor| ModelDelta {
+            tables: vec![TableDelta {
+                len: 10,
+                index: Tensor::from_slice(index),
+                values: values.shallow_clone(),
+                ts: vec![5; index.len()],
+                biases: None,
+            }],
+            relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
+            samples: Vec::new(),
+            cursor: 9,
+        };
+        let req = VersionRequest {
+            version: 2,
+            epoch: 1,
+            format: ValueFormat::F32le,
+            threshold: 0.01,
+            comparator: Comparator::Dot,
+            align: None,
+        };
+        let d = delta(&[1, 3, 8, 9], &values);
+        let (prepared, update) = build_delta_version(&store, &d, Some(&reference), &req)
+            .unwrap()
+            .unwrap();
+        let keys: Vec<&str> = prepared.rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["user:u1", "user:u8", "user:u9", "relation:follows"]);
+        assert_eq!(prepared.marker.rows, 4);
+        assert_eq!(prepared.cursor, 9);
+        let row = RowRecord::decode(&prepared.rows[0].1).unwrap();
+        assert_eq!((row.version, row.ts, row.vector), (2, 5, vec![1.5, 1.5]));
+        let view = update.apply(Some(&reference)).unwrap();
+        let v = Vec::<f32>::try_from(view[0].reshape([-1])).unwrap();
+        assert_eq!(&v[2..4], &[1.5, 1.5], "row 1 published");
+        assert_eq!(&v[6..8], &[1.0, 1.0], "row 3 keeps what subscribers hold");
+        assert_eq!(&v[16..], &[7.0, 7.0, 9.0, 9.0], "new rows");
+        // A delta that misses a new row cannot make a view.
+        let short = delta(&[1, 8], &values.narrow(0, 0, 2));
+        let (_, update) = build_delta_version(&store, &short, Some(&reference), &req)
+            .unwrap()
+            .unwrap();
+        assert!(update.apply(Some(&reference)).is_err());
+        // Nothing moved over the threshold: no version.
+        let still = delta(&[3], &values.narrow(0, 1, 1));
+        let still = ModelDelta {
+            tables: vec![TableDelta {
+                len: 8,
+                ..still.tables.into_iter().next().unwrap()
+            }],
+            ..still
+        };
+        assert!(build_delta_version(&store, &still, Some(&reference), &req)
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn a_version_carries_moved_and_new_rows() {

@@ -45,20 +45,35 @@ impl RowRecord {
         match format {
             ValueFormat::Json => serde_json::to_vec(self).expect("a row serialises"),
             ValueFormat::F32le => {
-                let mut out = Vec::with_capacity(F32LE_HEADER + 4 * self.vector.len());
-                out.extend_from_slice(F32LE_MAGIC);
-                out.extend_from_slice(&self.version.to_le_bytes());
-                out.extend_from_slice(&self.epoch.to_le_bytes());
-                out.extend_from_slice(&self.ts.to_le_bytes());
-                out.extend_from_slice(&(self.vector.len() as u32).to_le_bytes());
-                for v in &self.vector {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-                out
+                encode_f32le(self.version, self.epoch, self.ts, &self.vector, None)
             }
         }
     }
+}
 
+/// One row's f32le record straight from its values (`extra`: a last value, the bias), without
+/// building a [`RowRecord`] (the publication's hot path).
+pub fn encode_f32le(
+    version: u64,
+    epoch: u64,
+    ts: i64,
+    vector: &[f32],
+    extra: Option<f32>,
+) -> Vec<u8> {
+    let dim = vector.len() + usize::from(extra.is_some());
+    let mut out = Vec::with_capacity(F32LE_HEADER + 4 * dim);
+    out.extend_from_slice(F32LE_MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&ts.to_le_bytes());
+    out.extend_from_slice(&(dim as u32).to_le_bytes());
+    for v in vector.iter().chain(extra.as_ref()) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+impl RowRecord {
     /// Decode either format (the f32le magic tells them apart).
     pub fn decode(bytes: &[u8]) -> Result<RowRecord, DecodeError> {
         if !bytes.starts_with(F32LE_MAGIC) {

@@ -4,8 +4,8 @@
 //! ```text
 //! app's driver ──TrainRound────────► TrainerActor ──reads──► GraphStore
 //!              ──SaveCheckpoint────►              ──writes─► checkpoints
-//! publish      ──TakeSnapshot──────► (parameters, row times, cursor on the CPU)
-//!              ──Rotate────────────► (Procrustes onto the anchor, from the aligner)
+//! publish      ──TakeDelta─────────► (rows written since the last version, samples, cursor)
+//!              ──Rotate────────────► (Procrustes onto the anchor, when the aligner asks)
 //!              ──SetPull───────────► (strength, and the newly committed version to pull toward)
 //!              ──RestoreCheckpoint─► (a held version; the supervisor after a failure)
 //! ```
@@ -27,8 +27,8 @@ use crate::config::Config;
 use crate::store::GraphStore;
 use crate::telemetry as m;
 use crate::train::{
-    schema_fingerprint, Checkpoints, ModelState, Snapshot, TrainStepTaken, TrainerCore,
-    TrainerError, TrainerStatus,
+    schema_fingerprint, Checkpoints, DeltaRequest, ModelDelta, Snapshot, TrainStepTaken,
+    TrainerCore, TrainerError, TrainerStatus,
 };
 
 /// Train on new edges for up to `trainer.round_budget_ms`, then answer.
@@ -41,10 +41,11 @@ pub struct TrainRound;
 #[rtype(result = "Result<u64, TrainerError>")]
 pub struct SaveCheckpoint;
 
-/// Copy the current parameters, row times and cursor to the CPU (a version is built from them).
+/// Copy the rows written since the previous delta (and the requested samples) to the CPU: a
+/// version is built from them (see [`TrainerCore::take_delta`]).
 #[derive(Debug, Message)]
-#[rtype(result = "Result<ModelState, TrainerError>")]
-pub struct TakeSnapshot;
+#[rtype(result = "Result<ModelDelta, TrainerError>")]
+pub struct TakeDelta(pub DeltaRequest);
 
 /// Rotate the model by an orthogonal `[D, D]` matrix (onto the anchor).
 #[derive(Debug, Message)]
@@ -57,6 +58,9 @@ pub struct Rotate(pub Tensor);
 pub struct SetPull {
     pub strength: f64,
     pub target: Option<Snapshot>,
+    /// Per type, the rows of `target` that differ from the previous target (see
+    /// [`TrainerCore::set_pull_changed`]); `None`: any.
+    pub changed: Option<Vec<Tensor>>,
 }
 
 /// Go back to the newest usable checkpoint (a held version, or a failed round); resolves with
@@ -197,11 +201,15 @@ impl Handler<TrainRound> for TrainerActor {
     }
 }
 
-impl Handler<TakeSnapshot> for TrainerActor {
-    type Result = Result<ModelState, TrainerError>;
+impl Handler<TakeDelta> for TrainerActor {
+    type Result = Result<ModelDelta, TrainerError>;
 
-    fn handle(&mut self, _: TakeSnapshot, _: &mut Self::Context) -> Self::Result {
-        Ok(self.core.as_ref().ok_or(TrainerError::Gone)?.state())
+    fn handle(&mut self, msg: TakeDelta, _: &mut Self::Context) -> Self::Result {
+        Ok(self
+            .core
+            .as_mut()
+            .ok_or(TrainerError::Gone)?
+            .take_delta(&msg.0))
     }
 }
 
@@ -219,7 +227,7 @@ impl Handler<SetPull> for TrainerActor {
 
     fn handle(&mut self, msg: SetPull, _: &mut Self::Context) {
         if let Some(core) = self.core.as_mut() {
-            core.set_pull(msg.strength, msg.target.as_ref());
+            core.set_pull_changed(msg.strength, msg.target.as_ref(), msg.changed.as_deref());
         }
         self.pull.0 = msg.strength;
         if msg.target.is_some() {

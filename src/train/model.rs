@@ -4,6 +4,11 @@
 //! Node tables use row-wise sparse Adagrad (PyTorch-BigGraph's choice): one accumulator scalar
 //! per row (the mean squared gradient of that row), and only rows touched by a step move.
 //! Relations are few and use ordinary element-wise Adagrad.
+//!
+//! Each table also tracks its dirty rows (a bool mask on the device, set by every write: Adagrad
+//! steps, the pull, which moves only rows a step touched, and growth): a version copies only the
+//! rows changed since the last one ([`NodeTable::take_dirty`]), so its cost follows the change,
+//! not the table.
 
 use tch::{Device, Kind, Tensor};
 
@@ -22,6 +27,8 @@ pub struct NodeTable {
     /// accumulator.
     pub bias: Tensor,
     pub bias_state: Tensor,
+    /// Rows written since the last [`NodeTable::take_dirty`], `[capacity]` (bool).
+    dirty: Tensor,
     len: i64,
 }
 
@@ -33,8 +40,44 @@ impl NodeTable {
             biased: false,
             bias: Tensor::zeros([0], (Kind::Float, device)),
             bias_state: Tensor::zeros([0], (Kind::Float, device)),
+            dirty: Tensor::zeros([0], (Kind::Bool, device)),
             len: 0,
         }
+    }
+
+    /// Indices (`[k]`, Int64, on the device) of the live rows written since the last call, and
+    /// the mask cleared: the rows the next version must look at.
+    pub fn take_dirty(&mut self) -> Tensor {
+        tch::no_grad(|| {
+            let live = self.dirty.narrow(0, 0, self.len);
+            let idx = live.nonzero().view([-1]);
+            let _ = self.dirty.fill_(0);
+            idx
+        })
+    }
+
+    /// Count every live row as written (a rotation, a restored checkpoint).
+    pub fn mark_all_dirty(&mut self) {
+        tch::no_grad(|| {
+            let _ = self.dirty.narrow(0, 0, self.len).fill_(1);
+        });
+    }
+
+    /// Count `rows` (indices on the table's device) as written.
+    pub fn mark_dirty(&mut self, rows: &Tensor) {
+        tch::no_grad(|| {
+            let _ = self.dirty.index_fill_(0, rows, 1);
+        });
+    }
+
+    /// Live rows written since the last [`NodeTable::take_dirty`].
+    pub fn dirty_count(&self) -> i64 {
+        tch::no_grad(|| {
+            self.dirty
+                .narrow(0, 0, self.len)
+                .sum(Kind::Int64)
+                .int64_value(&[])
+        })
     }
 
     /// The live rows' biases, `[len]` (a view; zeros when the table is not biased).
@@ -75,7 +118,11 @@ impl NodeTable {
             let state = Tensor::zeros([cap], (Kind::Float, device));
             let bias = Tensor::zeros([cap], (Kind::Float, device));
             let bias_state = Tensor::zeros([cap], (Kind::Float, device));
+            let dirty = Tensor::zeros([cap], (Kind::Bool, device));
             tch::no_grad(|| {
+                dirty
+                    .narrow(0, 0, self.len)
+                    .copy_(&self.dirty.narrow(0, 0, self.len));
                 weights.narrow(0, 0, self.len).copy_(&self.rows());
                 for (new, old) in [
                     (&state, &self.state),
@@ -90,11 +137,15 @@ impl NodeTable {
             self.state = state;
             self.bias = bias;
             self.bias_state = bias_state;
+            self.dirty = dirty;
         }
         let fresh = init(n - self.len)
             .to_device(self.weights.device())
             .to_kind(Kind::Float);
-        tch::no_grad(|| self.weights.narrow(0, self.len, n - self.len).copy_(&fresh));
+        tch::no_grad(|| {
+            self.weights.narrow(0, self.len, n - self.len).copy_(&fresh);
+            let _ = self.dirty.narrow(0, self.len, n - self.len).fill_(1);
+        });
         self.len = n;
     }
 
@@ -124,6 +175,7 @@ impl NodeTable {
             let _ = self.bias_state.index_add_(0, rows, &grad.square());
             let denom = self.bias_state.index_select(0, rows).sqrt() + ADAGRAD_EPS;
             let _ = self.bias.index_add_(0, rows, &(grad / denom * (-lr)));
+            let _ = self.dirty.index_fill_(0, rows, 1);
         });
     }
 
@@ -135,6 +187,7 @@ impl NodeTable {
             let denom = self.state.index_select(0, rows).sqrt() + ADAGRAD_EPS;
             let step = grad / denom.unsqueeze(1) * (-lr);
             let _ = self.weights.index_add_(0, rows, &step);
+            let _ = self.dirty.index_fill_(0, rows, 1);
         });
     }
 }
@@ -291,6 +344,25 @@ mod tests {
             (w[0] + 0.3 / d).abs() < 1e-6 && (w[1] + 0.4 / d).abs() < 1e-6,
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn dirty_rows_are_the_grown_and_the_stepped_ones() {
+        let mut t = NodeTable::new(2, Device::Cpu);
+        t.grow(3, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+        assert_eq!(Vec::<i64>::try_from(t.take_dirty()).unwrap(), vec![0, 1, 2]);
+        assert_eq!(t.dirty_count(), 0);
+        t.adagrad(
+            &Tensor::from_slice(&[2i64]),
+            &Tensor::from_slice(&[1.0f32, 1.0]).reshape([1, 2]),
+            0.1,
+        );
+        // Growth past the capacity keeps the marks.
+        t.grow(20, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+        let dirty = Vec::<i64>::try_from(t.take_dirty()).unwrap();
+        assert_eq!(dirty, [2].into_iter().chain(3..20).collect::<Vec<i64>>());
+        t.mark_all_dirty();
+        assert_eq!(t.dirty_count(), 20);
     }
 
     #[test]

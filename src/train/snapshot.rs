@@ -46,11 +46,60 @@ pub struct ModelState {
     pub cursor: u64,
 }
 
+/// What a version asks of the trainer while training pauses ([`crate::train::TrainerCore::take_delta`]).
+#[derive(Debug, Default)]
+pub struct DeltaRequest {
+    /// Every live row, not just the changed ones (no reference yet, or the last attempt failed
+    /// after the changed rows were taken).
+    pub full: bool,
+    /// Row samples whose current values the drift measures need: per sample, per node type,
+    /// row indices (Int64, CPU; rows the table does not have are left out).
+    pub samples: Vec<Vec<Tensor>>,
+}
+
+/// One node type's part of a [`ModelDelta`].
+#[derive(Debug)]
+pub struct TableDelta {
+    /// Live rows of the table now.
+    pub len: i64,
+    /// The rows written since the previous delta (every row for a full delta, and always every
+    /// row of a biased type), ascending: indices `[k]` (Int64, CPU) and values `[k, D]`.
+    pub index: Tensor,
+    pub values: Tensor,
+    /// Newest event time (ms) of each of those rows, in the same order.
+    pub ts: Vec<i64>,
+    /// Every live row's target bias, when the type carries one.
+    pub biases: Option<Tensor>,
+}
+
+/// What changed in the model since the previous delta, on the CPU: what a version is built from.
+/// Its size follows the change (the rows training wrote), not the table.
+#[derive(Debug)]
+pub struct ModelDelta {
+    pub tables: Vec<TableDelta>,
+    pub relations: Tensor,
+    /// Per requested sample, per node type: `(indices kept, their current values)`.
+    pub samples: Vec<Vec<(Tensor, Tensor)>>,
+    /// Every stored edge before this sequence number is trained in.
+    pub cursor: u64,
+}
+
+impl ModelDelta {
+    /// Changed rows over all types.
+    pub fn changed_rows(&self) -> i64 {
+        self.tables.iter().map(|t| t.index.size()[0]).sum()
+    }
+}
+
 /// Rows (of all tables) and relation vectors holding a non-finite value.
 pub fn non_finite_rows(s: &Snapshot) -> i64 {
-    s.tables
-        .iter()
-        .chain(std::iter::once(&s.relations))
+    non_finite_in(s.tables.iter().chain(std::iter::once(&s.relations)))
+}
+
+/// Rows of the `[n, D]` tensors holding a non-finite value.
+pub fn non_finite_in<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> i64 {
+    tensors
+        .into_iter()
         .filter(|t| t.numel() > 0)
         .map(|t| {
             t.isfinite()

@@ -26,8 +26,9 @@ use crate::config::{Config, TrainerConfig};
 use crate::store::{Direction, Edge, GraphStore, NodeRef, StoreError};
 use crate::train::{
     known_targets, non_finite_rows, recent_targets, rows_needed, schema_fingerprint, target_ranks,
-    train_step_with, warm_rows, CheckpointError, Checkpoints, Embeddings, History, ModelState,
-    Pull, RankWindow, Snapshot, StepStats, TargetQuery, TrainParams,
+    train_step_with, warm_rows, CheckpointError, Checkpoints, DeltaRequest, Embeddings, History,
+    ModelDelta, ModelState, Pull, RankWindow, Snapshot, StepStats, TableDelta, TargetQuery,
+    TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +182,13 @@ pub struct TrainerCore {
     pull_target: Option<PullTarget>,
     /// Strength of the pull toward it (0: none), set by the alignment's controller.
     pull: f64,
+    /// Where [`TrainerCore::take_delta`]'s scan for non-finite rows continues, per type.
+    scan: Vec<i64>,
 }
+
+/// Rows [`TrainerCore::take_delta`] scans for non-finite values besides the written ones (all of
+/// a smaller model; a larger one in turn, this many per version).
+pub const SCAN_ROWS: i64 = 32_768;
 
 /// What the pull draws trained rows back toward: the version subscribers hold, on the model's
 /// device. The publish stage decides what it is ([`TrainerCore::set_pull`]).
@@ -207,6 +214,7 @@ impl TrainerCore {
             row_ts: vec![Vec::new(); model.tables.len()],
             pull_target: None,
             pull: 0.0,
+            scan: vec![0; model.tables.len()],
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -544,9 +552,118 @@ impl TrainerCore {
         }
     }
 
+    /// What changed since the previous call, copied to the CPU (see [`ModelDelta`]): the rows
+    /// every table marked dirty (all of them when `req.full`, and always all of a biased type's,
+    /// whose biases move without their rows), their event times, the relation vectors, the
+    /// requested samples, the cursor. Clears the marks. This is all a version pauses training
+    /// for; its cost follows the rows written, not the table.
+    pub fn take_delta(&mut self, req: &DeltaRequest) -> ModelDelta {
+        tch::no_grad(|| {
+            self.scan_non_finite();
+            let mut tables = Vec::with_capacity(self.model.tables.len());
+            for (t, table) in self.model.tables.iter_mut().enumerate() {
+                if req.full || table.biased {
+                    table.mark_all_dirty();
+                }
+                let idx = table.take_dirty();
+                let values = table.weights.index_select(0, &idx).to_device(Device::Cpu);
+                let index = idx.to_device(Device::Cpu);
+                let rows = Vec::<i64>::try_from(&index).expect("indices");
+                let row_ts = &self.row_ts[t];
+                tables.push(TableDelta {
+                    len: table.len(),
+                    ts: rows
+                        .iter()
+                        .map(|&i| row_ts.get(i as usize).copied().unwrap_or(0))
+                        .collect(),
+                    index,
+                    values,
+                    biases: table
+                        .biased
+                        .then(|| table.biases().to_device(Device::Cpu).copy()),
+                });
+            }
+            let device = self.model.device;
+            let samples = req
+                .samples
+                .iter()
+                .map(|per_type| {
+                    per_type
+                        .iter()
+                        .zip(&self.model.tables)
+                        .map(|(idx, table)| {
+                            let idx = idx.masked_select(&idx.lt(table.len()));
+                            let values = table
+                                .weights
+                                .index_select(0, &idx.to_device(device))
+                                .to_device(Device::Cpu);
+                            (idx, values)
+                        })
+                        .collect()
+                })
+                .collect();
+            ModelDelta {
+                tables,
+                relations: self.model.relations.to_device(Device::Cpu).copy(),
+                samples,
+                cursor: self.cursor,
+            }
+        })
+    }
+
+    /// Mark dirty the non-finite rows among the next [`SCAN_ROWS`] rows (round robin over the
+    /// tables), so the gate sees a row corrupted other than by a step (every step's rows are
+    /// marked anyway) within `rows / SCAN_ROWS` versions, and at once in a smaller model.
+    fn scan_non_finite(&mut self) {
+        self.scan.resize(self.model.tables.len(), 0);
+        let mut budget = SCAN_ROWS;
+        for (table, at) in self.model.tables.iter_mut().zip(&mut self.scan) {
+            let len = table.len();
+            if budget == 0 {
+                break;
+            }
+            if len == 0 {
+                continue;
+            }
+            let mut start = *at % len;
+            let mut left = budget.min(len);
+            budget -= left;
+            while left > 0 {
+                let n = left.min(len - start);
+                let window = table.weights.narrow(0, start, n);
+                // One reduction first (a NaN or an infinity makes the sum non-finite); the rows
+                // only when it is (or the sum overflowed).
+                if window.sum(Kind::Float).isfinite().int64_value(&[]) == 1 {
+                    start = (start + n) % len;
+                    left -= n;
+                    continue;
+                }
+                let bad = window
+                    .isfinite()
+                    .all_dim(1, false)
+                    .logical_not()
+                    .nonzero()
+                    .view([-1]);
+                if bad.numel() > 0 {
+                    table.mark_dirty(&(bad + start));
+                }
+                start = (start + n) % len;
+                left -= n;
+            }
+            *at = start;
+        }
+    }
+
+    /// Rows written since the last [`TrainerCore::take_delta`], per node type.
+    pub fn dirty_rows(&self) -> Vec<i64> {
+        self.model.tables.iter().map(|t| t.dirty_count()).collect()
+    }
+
     /// Rotate every row and relation vector by the orthogonal `r [D, D]` (Procrustes onto the
     /// anchor). Dot, L2 and cosine scores are unchanged; row-wise Adagrad state is a norm, so it
-    /// stays valid too.
+    /// stays valid too. Every row is then dirty: this costs a whole table, which is why the
+    /// alignment asks for it only when it is not close to the identity
+    /// ([`crate::align::assess`]).
     pub fn rotate(&mut self, r: &Tensor) {
         tch::no_grad(|| {
             let r = r.to_device(self.model.device);
@@ -554,6 +671,7 @@ impl TrainerCore {
                 let mut rows = table.rows();
                 let turned = rows.matmul(&r);
                 rows.copy_(&turned);
+                table.mark_all_dirty();
             }
             let turned = self.model.relations.matmul(&r);
             self.model.relations.copy_(&turned);
@@ -563,9 +681,50 @@ impl TrainerCore {
     /// Pull toward `target` (when given; otherwise the current target stays) with `strength`
     /// from now on.
     pub fn set_pull(&mut self, strength: f64, target: Option<&Snapshot>) {
+        self.set_pull_changed(strength, target, None);
+    }
+
+    /// [`TrainerCore::set_pull`], told which rows of `target` differ from the current target
+    /// (`changed`: per type, Int64 CPU indices; rows past the current target's end are new).
+    /// On the CPU the target is shared, not copied; on another device only those rows (and
+    /// the new ones) are sent, so a version does not copy the whole table to the GPU.
+    pub fn set_pull_changed(
+        &mut self,
+        strength: f64,
+        target: Option<&Snapshot>,
+        changed: Option<&[Tensor]>,
+    ) {
         self.pull = strength;
-        if let Some(s) = target {
-            let device = self.model.device;
+        let Some(s) = target else { return };
+        let device = self.model.device;
+        let incremental = match (&mut self.pull_target, changed) {
+            (Some(current), Some(changed))
+                if device != Device::Cpu && current.tables.len() == s.tables.len() =>
+            {
+                tch::no_grad(|| {
+                    for ((cur, new), idx) in current.tables.iter_mut().zip(&s.tables).zip(changed) {
+                        let (have, want) = (cur.size()[0], new.size()[0]);
+                        if want < have {
+                            *cur = cur.narrow(0, 0, want);
+                        }
+                        let have = have.min(want);
+                        let idx = idx.masked_select(&idx.lt(have));
+                        if idx.numel() > 0 {
+                            let rows = new.index_select(0, &idx).to_device(device);
+                            let _ = cur.index_copy_(0, &idx.to_device(device), &rows);
+                        }
+                        if want > have {
+                            let tail = new.narrow(0, have, want - have).to_device(device);
+                            *cur = Tensor::cat(&[cur.shallow_clone(), tail], 0);
+                        }
+                    }
+                    current.relations = s.relations.to_device(device);
+                });
+                true
+            }
+            _ => false,
+        };
+        if !incremental {
             self.pull_target = Some(PullTarget {
                 tables: s.tables.iter().map(|t| t.to_device(device)).collect(),
                 relations: s.relations.to_device(device),
@@ -659,6 +818,42 @@ mod tests {
             weighted_recent(t, 2, 0.5, true),
             vec![(2, (0.5 / s) as f32), (9, 1.0), (3, (1.0 / s) as f32)]
         );
+    }
+
+    #[test]
+    fn a_delta_holds_the_written_rows_and_a_corrupted_one_only() {
+        let cfg = Config::load(None).unwrap();
+        let mut model = Embeddings::new(2, 1, 4, 0.1, Device::Cpu);
+        model.tables[0].grow(100, |n| Tensor::zeros([n, 4], (Kind::Float, Device::Cpu)));
+        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        let all = core.take_delta(&DeltaRequest::default());
+        assert_eq!(all.tables[0].index.size(), vec![100], "new rows are dirty");
+        assert_eq!(core.dirty_rows(), vec![0, 0]);
+        let grad = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        core.model.tables[0].adagrad(&Tensor::from_slice(&[7i64, 42]), &grad, 0.1);
+        // Written around the API: found by the scan.
+        let _ = core.model.tables[0].rows().get(3).get(0).fill_(f64::NAN);
+        let d = core.take_delta(&DeltaRequest {
+            full: false,
+            samples: vec![vec![
+                Tensor::from_slice(&[1i64, 500]),
+                Tensor::from_slice(&[0i64]),
+            ]],
+        });
+        assert_eq!(
+            Vec::<i64>::try_from(&d.tables[0].index).unwrap(),
+            vec![3, 7, 42]
+        );
+        assert_eq!(d.tables[0].values.size(), vec![3, 4]);
+        assert_eq!(d.tables[1].index.numel(), 0);
+        // Sampled rows the tables lack are left out.
+        assert_eq!(Vec::<i64>::try_from(&d.samples[0][0].0).unwrap(), vec![1]);
+        assert_eq!(d.samples[0][1].0.numel(), 0);
+        let full = core.take_delta(&DeltaRequest {
+            full: true,
+            samples: Vec::new(),
+        });
+        assert_eq!(full.tables[0].index.size(), vec![100]);
     }
 
     #[test]

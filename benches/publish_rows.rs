@@ -1,0 +1,248 @@
+//! Publication throughput (rows/s) in `f32le`: a version of `PUBLISH_ROWS` changed rows (default
+//! 20,000; dimension `PUBLISH_DIM`, default 128) built from a [`ModelDelta`] — rows selected
+//! against the reference, keys looked up in the store, values encoded — and then produced to a
+//! real Kafka-protocol broker through the daemon's [`KafkaSink`] (rows, acknowledgements, the
+//! marker), when the test broker is there (`TANSU_BIN`, or `.cache/bin/tansu`; started on
+//! 127.0.0.1 with in-memory storage). Without it only the build is measured, and the bench says so.
+//!
+//! Run with `PUBLISH_ROWS=200000 cargo bench --bench publish_rows`. Prints
+//! `publish_rows rows=… build_rows_per_s=… produce_rows_per_s=… end_to_end_rows_per_s=…`
+//! (medians over `PUBLISH_ROUNDS` versions, default 3).
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use twhin_stream::config::{Config, ValueFormat};
+use twhin_stream::kafka;
+use twhin_stream::publish::{build_delta_version, KafkaSink, VersionRequest, VersionSink};
+use twhin_stream::schema::{Event, NodeKey};
+use twhin_stream::store::{AppendBatch, GraphStore, StoreOptions};
+use twhin_stream::train::{ModelDelta, Snapshot, TableDelta};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A store whose type 0 holds `nodes` users (one `follows` edge per two).
+fn store_with_users(cfg: &Config, dir: &std::path::Path, nodes: i64) -> GraphStore {
+    let schema = cfg.schema();
+    let store = GraphStore::open(dir, &schema, &StoreOptions::default()).expect("store");
+    let follows = schema
+        .relations()
+        .iter()
+        .position(|r| r.name == "follows")
+        .expect("follows") as u16;
+    let user = |i: i64| NodeKey {
+        node_type: 0,
+        id: format!("u{i}"),
+    };
+    let mut offset = 0i64;
+    for chunk in (0..(nodes + 1) / 2).collect::<Vec<_>>().chunks(20_000) {
+        let events: Vec<Event> = chunk
+            .iter()
+            .map(|&i| Event {
+                src: user(2 * i),
+                rel: follows,
+                dst: user(2 * i + 1),
+                ts: 1_732_190_400_000 + i as u64,
+                weight: 1.0,
+                event_id: None,
+            })
+            .collect();
+        let n = events.len() as i64;
+        store
+            .append(&AppendBatch::from_events("bench", offset, events))
+            .expect("append");
+        offset += n;
+    }
+    store
+}
+
+/// A delta in which every one of `rows` rows of type 0 moved (by 10%, over the threshold).
+fn delta(reference: &Snapshot, types: usize, rows: i64) -> ModelDelta {
+    let dim = reference.relations.size()[1];
+    let values = &reference.tables[0] * 1.1;
+    let mut tables = vec![TableDelta {
+        len: rows,
+        index: Tensor::arange(rows, (Kind::Int64, Device::Cpu)),
+        values,
+        ts: vec![1_732_190_400_000; rows as usize],
+        biases: None,
+    }];
+    for _ in 1..types {
+        tables.push(TableDelta {
+            len: 0,
+            index: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+            values: Tensor::zeros([0, dim], (Kind::Float, Device::Cpu)),
+            ts: Vec::new(),
+            biases: None,
+        });
+    }
+    ModelDelta {
+        tables,
+        relations: reference.relations.shallow_clone(),
+        samples: Vec::new(),
+        cursor: 0,
+    }
+}
+
+struct Tansu(Child);
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The test broker on a free port, when its binary is there.
+fn start_broker(dir: &std::path::Path) -> Option<(Tansu, String)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = std::env::var_os("TANSU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache/bin/tansu"));
+    if !bin.exists() {
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let log = std::fs::File::create(dir.join("tansu.log")).expect("log");
+    let child = Command::new(&bin)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("starting tansu");
+    let bootstrap = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    while TcpStream::connect(&bootstrap).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "tansu did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((Tansu(child), bootstrap))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rows = env_or("PUBLISH_ROWS", 20_000i64);
+    let dim = env_or("PUBLISH_DIM", 128i64);
+    let rounds = env_or("PUBLISH_ROUNDS", 3usize);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config::load(None).expect("default config");
+    cfg.publish.format = ValueFormat::F32le;
+    // Producer properties to try (`PUBLISH_PRODUCER="compression.type=none,linger.ms=20"`).
+    for kv in std::env::var("PUBLISH_PRODUCER")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if let Some((k, v)) = kv.split_once('=') {
+            cfg.kafka
+                .producer
+                .insert(k.trim().into(), toml::Value::String(v.trim().into()));
+        }
+    }
+    let store = store_with_users(&cfg, &dir.path().join("store"), rows);
+    let types = store.stored_schema().node_types.len();
+    tch::manual_seed(1);
+    let reference = Snapshot {
+        tables: (0..types)
+            .map(|t| {
+                let n = if t == 0 { rows } else { 0 };
+                Tensor::randn([n, dim], (Kind::Float, Device::Cpu))
+            })
+            .collect(),
+        relations: Tensor::randn(
+            [store.stored_schema().relations.len() as i64, dim],
+            (Kind::Float, Device::Cpu),
+        ),
+    };
+    let broker = start_broker(dir.path());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut sink = broker.as_ref().map(|(_, bootstrap)| {
+        cfg.kafka.bootstrap_servers = bootstrap.clone();
+        let cfg = Arc::new(cfg.clone());
+        runtime.block_on(async {
+            let defs = kafka::topic_defs(&cfg).expect("topics");
+            kafka::apply_topics(&cfg, &defs)
+                .await
+                .expect("topics apply");
+            KafkaSink::start(cfg).await.expect("producer")
+        })
+    });
+    if sink.is_none() {
+        eprintln!("publish_rows: no test broker (TANSU_BIN): measuring the build only");
+    }
+    let (mut build, mut produce, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for version in 1..=rounds as u64 {
+        let d = delta(&reference, types, rows);
+        let req = VersionRequest {
+            version,
+            epoch: 1,
+            format: ValueFormat::F32le,
+            threshold: cfg.publish.row_threshold,
+            comparator: cfg.train.comparator,
+            align: None,
+        };
+        let started = Instant::now();
+        let (prepared, _) = build_delta_version(&store, &d, Some(&reference), &req)
+            .expect("build")
+            .expect("rows");
+        let built = started.elapsed();
+        let n = prepared.rows.len() as f64;
+        build.push(n / built.as_secs_f64());
+        if let Some(sink) = sink.as_mut() {
+            let sent = Instant::now();
+            runtime.block_on(sink.produce(&prepared)).expect("produce");
+            produce.push(n / sent.elapsed().as_secs_f64());
+            total.push(n / started.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "version {version}: {n} rows, build {:.0} ms, total {:.0} ms",
+            built.as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let or_none = |v: Vec<f64>| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{:.0}", median(v))
+        }
+    };
+    println!(
+        "publish_rows rows={rows} dim={dim} build_rows_per_s={:.0} produce_rows_per_s={} end_to_end_rows_per_s={}",
+        median(build),
+        or_none(produce),
+        or_none(total)
+    );
+    drop(sink);
+    drop(broker);
+}
