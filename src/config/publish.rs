@@ -177,14 +177,14 @@ mod tests {
     use crate::config::Config;
 
     fn publish(ms: Option<u64>, secs: Option<u64>) -> Result<PublishConfig, String> {
-        let mut p = Config::load(None).expect("default config").publish;
+        let mut p = Config::from_toml("").expect("default config").publish;
         (p.interval_ms, p.interval_secs) = (ms, secs);
         p.validate().map(|_| p).map_err(|e| e.to_string())
     }
 
     #[test]
     fn the_interval_in_ms_or_secs_but_not_both() {
-        let default = Config::load(None).unwrap().publish.interval();
+        let default = Config::from_toml("").unwrap().publish.interval();
         assert_eq!(
             default,
             std::time::Duration::from_millis(DEFAULT_INTERVAL_MS)

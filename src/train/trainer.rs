@@ -822,7 +822,7 @@ mod tests {
 
     #[test]
     fn a_delta_holds_the_written_rows_and_a_corrupted_one_only() {
-        let cfg = Config::load(None).unwrap();
+        let cfg = Config::from_toml("").unwrap();
         let mut model = Embeddings::new(2, 1, 4, 0.1, Device::Cpu);
         model.tables[0].grow(100, |n| Tensor::zeros([n, 4], (Kind::Float, Device::Cpu)));
         let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
