@@ -265,7 +265,14 @@ fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_pu
     }
     let (version, epoch) = interrupted.expect("a kill inside a publication");
     daemon.restart();
-    // The retry carries the same number; new events make a version after it.
+    // The retry carries the same number; new events after it make the next version. (Events
+    // produced before the retry is built ride in it, and with nothing new after it no version
+    // follows.)
+    wait_until(
+        &format!("version {version} retried"),
+        Duration::from_secs(240),
+        || (ledger_last_version(&store) >= version).then_some(()),
+    );
     produce(&broker.bootstrap, TOPIC, chunks.next().unwrap(), None);
     wait_until(
         &format!("version {} published", version + 1),
