@@ -61,8 +61,7 @@ fn main() {
 
     let started = Instant::now();
     let mut batch = Vec::with_capacity(batch_size);
-    let mut offset = 0i64;
-    let mut append = |batch: &mut Vec<SourcedEvent>| {
+    let append = |batch: &mut Vec<SourcedEvent>| {
         let b = AppendBatch {
             topic: "twhin.engagements".into(),
             events: std::mem::take(batch),
@@ -71,17 +70,16 @@ fn main() {
         };
         store.append(&b).expect("append");
     };
-    for ev in workload.events() {
+    for (offset, ev) in workload.events().enumerate() {
         let payload = ev.payload();
         let ts = ev.ts.unwrap_or(0);
         let event = decode_event(&schema, &limits, Some(payload.as_bytes()), ts)
             .expect("synthetic events are valid");
         batch.push(SourcedEvent {
             partition: 0,
-            offset,
+            offset: offset as i64,
             event,
         });
-        offset += 1;
         if batch.len() == batch_size {
             append(&mut batch);
         }

@@ -154,7 +154,7 @@ impl Adjacency {
 /// 1 in 10^25 per lookup), and then the later one overwrites the earlier, which can only let a
 /// duplicate through, never drop an event. The hash keys are random per process: the index is
 /// rebuilt from the ids themselves at open.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct DedupIndex {
     map: HashMap<u64, u64, IdentityHash>,
     hasher: RandomState,
@@ -193,16 +193,6 @@ impl std::hash::Hasher for IdentityHasher {
 /// Low bits of an entry's value holding the second hash; the event time (ms) is above them.
 const CHECK_BITS: u32 = 20;
 const TS_MAX: u64 = (1 << (64 - CHECK_BITS)) - 1;
-
-impl Default for DedupIndex {
-    fn default() -> Self {
-        DedupIndex {
-            map: HashMap::default(),
-            hasher: RandomState::default(),
-            check: RandomState::default(),
-        }
-    }
-}
 
 impl DedupIndex {
     fn key(&self, id: &[u8]) -> (u64, u64) {
