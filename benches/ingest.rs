@@ -172,6 +172,7 @@ impl<'s> EventGen<'s> {
 
     fn event(s: Spec) -> Event {
         Event {
+            op: Default::default(),
             src: NodeKey {
                 node_type: s.src_type,
                 id: s.src_id.to_string(),

@@ -49,6 +49,7 @@ fn store_with_users(cfg: &Config, dir: &std::path::Path, nodes: i64) -> GraphSto
         let events: Vec<Event> = chunk
             .iter()
             .map(|&i| Event {
+                op: Default::default(),
                 src: user(2 * i),
                 rel: follows,
                 dst: user(2 * i + 1),

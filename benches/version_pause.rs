@@ -69,6 +69,7 @@ fn setup(nodes: i64, dim: i64, dirty_share: f64) -> Setup {
         let events: Vec<Event> = chunk
             .iter()
             .map(|&i| Event {
+                op: Default::default(),
                 src: user(2 * i),
                 rel: follows,
                 dst: user(2 * i + 1),

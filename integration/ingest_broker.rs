@@ -582,3 +582,45 @@ fn a_second_instance_in_the_group_is_refused_and_the_first_keeps_publishing_alon
         "one publisher's numbering"
     );
 }
+
+/// Unfollows through the broker: each removes its stored follow (the add and the delete share
+/// the source's key, so one partition orders them), the relation's live count drops with them,
+/// and an unknown `op` is a dead letter (`bad_op`), not an add.
+#[test]
+fn delete_events_remove_their_edges_and_a_bad_op_is_a_dead_letter() {
+    let _serial = serial();
+    let s = setup();
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+    let event = |i: usize, op: Option<&str>| {
+        let src = format!("user:{}", i % 50);
+        let mut json = serde_json::json!({"src": src, "rel": "follows", "dst": format!("user:f{i}"),
+            "ts": 1_732_190_000_000u64 + i as u64});
+        if let Some(op) = op {
+            json["op"] = serde_json::json!(op);
+        }
+        Outgoing {
+            key: src,
+            payload: Some(json.to_string().into_bytes()),
+        }
+    };
+    let mut msgs: Vec<Outgoing> = (0..2_000).map(|i| event(i, None)).collect();
+    msgs.extend((0..500).map(|i| event(i, Some("delete"))));
+    msgs.extend((0..3).map(|i| event(1_000 + i, Some("unfollow"))));
+    produce(&s.broker.bootstrap, TOPIC, &msgs, None);
+    let status = wait_until(
+        "all 2,503 events consumed",
+        Duration::from_secs(120),
+        || {
+            daemon.status().filter(|st| {
+                status_u64(st, "/ingest/consumed") >= 2_503 && status_u64(st, "/kafka/lag") == 0
+            })
+        },
+    );
+    assert_eq!(status_u64(&status, "/ingest/invalid"), 3);
+    assert_eq!(status_u64(&status, "/store/edges_total"), 2_000);
+    assert_eq!(status_u64(&status, "/store/edges_deleted"), 500);
+    assert_eq!(status_u64(&status, "/store/edges/follows"), 1_500);
+    let line = "twhin_ingest_events_invalid_total{reason=\"bad_op\"} 3";
+    assert!(daemon.metrics().contains(line), "missing `{line}`");
+    assert!(daemon.terminate().success());
+}

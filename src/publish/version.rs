@@ -460,6 +460,7 @@ mod tests {
             id: format!("u{i}"),
         };
         let events = (0..n - 1).map(|i| Event {
+            op: Default::default(),
             src: user(i),
             rel: 0,
             dst: user(i + 1),

@@ -30,6 +30,8 @@ pub struct NodeKey {
 /// A valid engagement event, resolved against the schema.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
+    /// Add the edge (the default), or delete every stored edge `(src, rel, dst)`.
+    pub op: EventOp,
     pub src: NodeKey,
     pub rel: RelId,
     pub dst: NodeKey,
@@ -37,6 +39,17 @@ pub struct Event {
     pub ts: u64,
     pub weight: f32,
     pub event_id: Option<String>,
+}
+
+/// What an event does to the graph (`"op"` in the payload; absent means `add`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventOp {
+    /// A new edge (a follow, a favorite, ...).
+    #[default]
+    Add,
+    /// The edge is withdrawn (an unfollow, an un-favorite): every stored edge with the same
+    /// source, relation and target leaves the store's adjacency and the training sample.
+    Delete,
 }
 
 /// Why an event was rejected. The `as_str` form is the metric label and the DLQ header value.
@@ -68,10 +81,12 @@ pub enum InvalidReason {
     BadTimestamp,
     /// `event_id` is empty or over-long.
     BadEventId,
+    /// `op` is neither `"add"` nor `"delete"`.
+    BadOp,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 17] = [
+    pub const ALL: [InvalidReason; 18] = [
         InvalidReason::EmptyPayload,
         InvalidReason::TooLarge,
         InvalidReason::NotUtf8,
@@ -89,6 +104,7 @@ impl InvalidReason {
         InvalidReason::NegativeWeight,
         InvalidReason::BadTimestamp,
         InvalidReason::BadEventId,
+        InvalidReason::BadOp,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -110,6 +126,7 @@ impl InvalidReason {
             InvalidReason::NegativeWeight => "negative_weight",
             InvalidReason::BadTimestamp => "bad_timestamp",
             InvalidReason::BadEventId => "bad_event_id",
+            InvalidReason::BadOp => "bad_op",
         }
     }
 
@@ -155,6 +172,8 @@ struct RawEvent<'a> {
     weight: Option<&'a RawValue>,
     #[serde(borrow)]
     event_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    op: Option<&'a RawValue>,
 }
 
 /// Decode and validate one payload. `fallback_ts` (the Kafka timestamp, in ms) is used when the
@@ -180,7 +199,9 @@ pub fn decode_event(
         Some(v) => weight_field(v)?,
     };
     let event_id = event_id_field(raw.event_id, limits)?;
+    let op = op_field(raw.op)?;
     Ok(Event {
+        op,
         src,
         rel,
         dst,
@@ -188,6 +209,18 @@ pub fn decode_event(
         weight,
         event_id,
     })
+}
+
+/// `"op"`: absent or null is an add.
+fn op_field(raw: Option<&RawValue>) -> Result<EventOp, InvalidEvent> {
+    match raw.map(RawValue::get) {
+        None | Some("null") | Some("\"add\"") => Ok(EventOp::Add),
+        Some("\"delete\"") => Ok(EventOp::Delete),
+        Some(other) => Err(invalid(
+            InvalidReason::BadOp,
+            format!("op: expected \"add\" or \"delete\", got {other}"),
+        )),
+    }
 }
 
 /// The payload as UTF-8 text, within `ingest.max_event_bytes`.

@@ -425,6 +425,7 @@ mod props {
             }
             let _ = s;
             Ok(Event {
+                op: Default::default(),
                 src: NodeKey {
                     node_type: self.src_type,
                     id: self.src_id.clone(),
@@ -655,5 +656,20 @@ mod props {
             }
             check_answer(Some(&bytes))?;
         }
+    }
+}
+
+#[test]
+fn op_is_add_by_default_delete_when_asked_and_anything_else_a_dead_letter() {
+    let with = |op: &str| format!(r#"{{"src":"user:a","rel":"follows","dst":"user:b"{op}}}"#);
+    assert_eq!(decode(&with("")).unwrap().op, EventOp::Add);
+    assert_eq!(decode(&with(r#","op":null"#)).unwrap().op, EventOp::Add);
+    assert_eq!(decode(&with(r#","op":"add""#)).unwrap().op, EventOp::Add);
+    assert_eq!(
+        decode(&with(r#","op":"delete""#)).unwrap().op,
+        EventOp::Delete
+    );
+    for bad in [r#","op":"remove""#, r#","op":1"#, r#","op":"DELETE""#] {
+        assert_eq!(reason(&with(bad)), InvalidReason::BadOp, "{bad}");
     }
 }

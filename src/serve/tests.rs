@@ -50,6 +50,7 @@ fn event(src: (TypeId, &str), rel: RelId, dst: (TypeId, &str)) -> Event {
         id: id.into(),
     };
     Event {
+        op: Default::default(),
         src: key(src),
         rel,
         dst: key(dst),

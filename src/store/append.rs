@@ -8,12 +8,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::schema::{NodeKey, RelId, TypeId};
+use crate::schema::{EventOp, NodeKey, RelId, TypeId};
 use crate::store::format::{chunk_entries, NodeChunks};
 use crate::store::keys::*;
 use crate::store::memory::{DedupIndex, Interner};
 use crate::store::{
-    AppendBatch, AppendOutcome, Counts, Edge, GraphStore, NodeRef, StoreError, WriterState,
+    AppendBatch, AppendOutcome, Counts, Edge, Graph, GraphStore, NodeRef, StoreError, WriterState,
     EDGES_PER_CHUNK, EDGE_BYTES, MAX_CHUNK_BYTES, META_NEXT_SEQ,
 };
 
@@ -72,6 +72,8 @@ struct BatchWrites<'b> {
     remembered: Vec<(&'b str, u64)>,
     /// Ids whose expiry chunk this batch deletes, with the time they were stored at.
     expired: Vec<(Vec<u8>, u64)>,
+    /// Edges this batch's delete events remove: (seq, edge).
+    deletions: Vec<(u64, Edge)>,
 }
 
 impl GraphStore {
@@ -121,6 +123,7 @@ impl GraphStore {
             batch_ids: HashSet::new(),
             remembered: Vec::new(),
             expired: Vec::new(),
+            deletions: Vec::new(),
         };
         // Expire old ids first: the index forgets them before this batch's ids are remembered.
         if self.dedup_window_ms > 0 {
@@ -144,10 +147,12 @@ impl GraphStore {
                 continue;
             }
             *next = se.offset + 1;
-            self.add_event(&graph.nodes, &writer.dedup, &mut w, position, se)?;
+            self.add_event(&graph, &writer.dedup, &mut w, position, se)?;
         }
+        let delete_chunk = graph.delete_chunks;
         drop(graph);
         w.finish_chunks();
+        w.finish_deletions(delete_chunk);
         write_offsets(&mut w.sled, batch, &stored_next);
         self.commit(&mut writer, w)
     }
@@ -171,7 +176,7 @@ impl GraphStore {
     /// One new event: deduplicated by its id, its nodes interned, its edge added.
     fn add_event<'b>(
         &self,
-        nodes: &Interner,
+        graph: &Graph,
         dedup: &DedupIndex,
         w: &mut BatchWrites<'b>,
         position: usize,
@@ -190,6 +195,11 @@ impl GraphStore {
                 w.remember_id(id, ev.ts);
             }
         }
+        if ev.op == EventOp::Delete {
+            self.delete_edges(graph, w, ev);
+            return Ok(());
+        }
+        let nodes = &graph.nodes;
         let nodes_before = w.new_nodes.len();
         let src = self.intern(nodes, w, &ev.src)?;
         let dst = self.intern(nodes, w, &ev.dst)?;
@@ -209,6 +219,58 @@ impl GraphStore {
         w.counts.relations[ev.rel as usize] += 1;
         w.out.appended += 1;
         Ok(())
+    }
+
+    /// A delete event: every live edge `src -rel-> dst`, stored before or earlier in this batch,
+    /// is removed (none when either node is unknown).
+    fn delete_edges(&self, graph: &Graph, w: &mut BatchWrites<'_>, ev: &crate::schema::Event) {
+        let find = |key: &NodeKey, w: &BatchWrites<'_>| {
+            graph
+                .nodes
+                .index(key.node_type, &key.id)
+                .or_else(|| w.new_nodes.get(&(key.node_type, key.id.as_str())).copied())
+                .map(|index| NodeRef {
+                    node_type: key.node_type,
+                    index,
+                })
+        };
+        let (Some(src), Some(dst)) = (find(&ev.src, w), find(&ev.dst, w)) else {
+            w.out.deletes_unmatched += 1;
+            return;
+        };
+        let first_new = w.out.first_seq;
+        let mut found: Vec<(u64, Edge)> = graph
+            .adjacency
+            .matching(src, ev.rel, dst)
+            .into_iter()
+            .filter(|seq| !graph.deleted.contains(seq))
+            .map(|seq| {
+                let edge = Edge {
+                    src,
+                    rel: ev.rel,
+                    dst,
+                    ts: 0,
+                    weight: 0.0,
+                };
+                (seq, edge)
+            })
+            .collect();
+        found.extend(
+            w.edges
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.src == src && e.rel == ev.rel && e.dst == dst)
+                .map(|(i, e)| (first_new + i as u64, *e)),
+        );
+        found.retain(|(seq, _)| !w.deletions.iter().any(|(d, _)| d == seq));
+        if found.is_empty() {
+            w.out.deletes_unmatched += 1;
+            return;
+        }
+        let live = &mut w.counts.relations[ev.rel as usize];
+        *live = live.saturating_sub(found.len() as u64);
+        w.out.deleted += found.len() as u64;
+        w.deletions.extend(found);
     }
 
     fn intern<'b>(
@@ -245,7 +307,7 @@ impl GraphStore {
         mut w: BatchWrites<'_>,
     ) -> Result<AppendOutcome, StoreError> {
         w.out.new_nodes = w.new_nodes.len() as u64;
-        if w.out.appended > 0 {
+        if w.out.appended > 0 || w.out.deleted > 0 {
             w.sled
                 .insert(META_NEXT_SEQ, &w.counts.next_seq.to_be_bytes());
             for (r, n) in w.counts.relations.iter().enumerate() {
@@ -274,6 +336,13 @@ impl GraphStore {
             }
             for (i, edge) in w.edges.iter().enumerate() {
                 graph.adjacency.add(w.out.first_seq + i as u64, edge);
+            }
+            if !w.deletions.is_empty() {
+                graph.delete_chunks += 1;
+            }
+            for (seq, edge) in &w.deletions {
+                graph.adjacency.remove(*seq, edge);
+                graph.deleted.insert(*seq);
             }
         }
         *self.counts.write().unwrap_or_else(|p| p.into_inner()) = w.counts;
@@ -319,6 +388,18 @@ impl<'b> BatchWrites<'b> {
                 .insert(&key[..], std::mem::take(&mut self.expiry_chunk));
             (self.expiry_max_ts, self.expiry_chunks) = (0, self.expiry_chunks + 1);
         }
+    }
+
+    /// The deleted edges' chunk (`D`, numbered: batches without edges share a first seq).
+    fn finish_deletions(&mut self, chunk: u64) {
+        if self.deletions.is_empty() {
+            return;
+        }
+        let mut bytes = Vec::with_capacity(self.deletions.len() * 8);
+        for (seq, _) in &self.deletions {
+            bytes.extend_from_slice(&seq.to_be_bytes());
+        }
+        self.sled.insert(&delete_chunk_key(chunk)[..], bytes);
     }
 
     /// The edge log's chunks, the new nodes' id chunks and the last expiry chunk.

@@ -244,6 +244,19 @@ pub(super) fn load(
         }
     }
 
+    let mut deleted: std::collections::HashSet<u64, foldhash::fast::RandomState> =
+        Default::default();
+    let mut delete_chunks = 0u64;
+    for kv in tree.scan_prefix(b"D") {
+        let (k, v) = kv.map_err(&err)?;
+        let chunk = be_u64(&k[1..]).ok_or_else(|| corrupt(path, "delete chunk key"))?;
+        if v.len() % 8 != 0 {
+            return Err(corrupt(path, &format!("delete chunk {chunk}")));
+        }
+        deleted.extend(v.chunks_exact(8).map(|b| be_u64(b).expect("8 bytes")));
+        delete_chunks = delete_chunks.max(chunk + 1);
+    }
+
     let mut adjacency = Adjacency::new(types);
     let mut seq = 0u64;
     for kv in tree.range(edge_key(0)..=edge_key(u64::MAX)) {
@@ -262,7 +275,9 @@ pub(super) fn load(
                     return Err(corrupt(path, &format!("edge {seq} names an unknown node")));
                 }
             }
-            adjacency.add(seq, &edge);
+            if !deleted.contains(&seq) {
+                adjacency.add(seq, &edge);
+            }
             seq += 1;
         }
     }
@@ -288,7 +303,12 @@ pub(super) fn load(
     }
     Ok(Loaded {
         counts,
-        graph: Graph { nodes, adjacency },
+        graph: Graph {
+            nodes,
+            adjacency,
+            deleted,
+            delete_chunks,
+        },
         dedup,
     })
 }

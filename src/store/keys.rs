@@ -36,6 +36,12 @@ pub(super) fn edge_key(seq: u64) -> [u8; 9] {
     k
 }
 
+pub(super) fn delete_chunk_key(chunk: u64) -> [u8; 9] {
+    let mut k = [b'D', 0, 0, 0, 0, 0, 0, 0, 0];
+    k[1..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
 pub(super) fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
     partition_key(b'O', topic, partition)
 }

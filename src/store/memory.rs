@@ -105,6 +105,31 @@ impl Adjacency {
         }
     }
 
+    /// The sequence numbers of the stored edges `src -rel-> dst`.
+    pub(super) fn matching(&self, src: NodeRef, rel: RelId, dst: NodeRef) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.visit(src, Some(rel), Some(Direction::Out), |n| {
+            if n.node == dst {
+                out.push(n.seq);
+            }
+            true
+        });
+        out
+    }
+
+    /// Take edge `seq` (`edge`) out of both ends' entries.
+    pub(super) fn remove(&mut self, seq: u64, edge: &Edge) {
+        for node in [edge.src, edge.dst] {
+            if let Some(entries) = self
+                .by_type
+                .get_mut(node.node_type as usize)
+                .and_then(|rows| rows.get_mut(node.index as usize))
+            {
+                entries.retain(|e| e.seq != seq);
+            }
+        }
+    }
+
     /// Visit `node`'s entries (of `rel` and `dir` when given) in sequence order until `visit`
     /// returns false.
     pub(super) fn visit(

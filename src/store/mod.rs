@@ -27,6 +27,7 @@
 //! | `O`    | topic bytes, 0x00, partition i32      | next offset i64           |
 //! | `P`    | topic bytes, 0x00, partition i32      | the last consumed record: [`RecordPrint`] (offset i64, ts i64, crc u32) |
 //! | `Y`    | newest ts u64, first seq u64 of the batch | the batch's ids: ts u64, len u16, id |
+//! | `D`    | chunk number u64                      | sequence numbers (u64 each) of the edges a batch deleted |
 //! | `M`    | name                                  | metadata (bincode; `Mformat`: the format, u32) |
 //!
 //! Format 1 (before 2026-12) also kept `N` (id → index), one `I` key per node, `A` (adjacency
@@ -231,6 +232,10 @@ pub struct AppendOutcome {
     pub node_creating_events: Vec<u32>,
     /// Sequence numbers of the appended edges: `first_seq..first_seq + appended`.
     pub first_seq: u64,
+    /// Stored edges removed by delete events.
+    pub deleted: u64,
+    /// Delete events that matched no stored edge.
+    pub deletes_unmatched: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +360,10 @@ pub struct GraphStore {
 struct Graph {
     nodes: memory::Interner,
     adjacency: memory::Adjacency,
+    /// Sequence numbers of deleted edges (their `D` chunks), skipped by every read.
+    deleted: std::collections::HashSet<u64, foldhash::fast::RandomState>,
+    /// `D` chunks written so far (the next one's key).
+    delete_chunks: u64,
 }
 
 /// What the single writer keeps between batches.

@@ -134,12 +134,18 @@ impl GraphStore {
             Some((first, _)) => first,
             None => cursor,
         };
+        let graph = self.graph();
+        let deleted = &graph.deleted;
+        let end = self.edge_count();
         for kv in self.tree.range(edge_key(start)..=edge_key(u64::MAX)) {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
             let first = be_u64(&k[1..]).ok_or_else(|| corrupt(&self.path, "edge chunk key"))?;
+            if first >= end {
+                break;
+            }
             for (i, rec) in v.chunks_exact(EDGE_BYTES).enumerate() {
                 let seq = first + i as u64;
-                if seq < cursor {
+                if seq < cursor || deleted.contains(&seq) {
                     continue;
                 }
                 if out.len() >= limit {
@@ -154,19 +160,34 @@ impl GraphStore {
         Ok(out)
     }
 
-    /// `n` edges drawn uniformly (with replacement) from the whole log.
+    /// `n` edges drawn uniformly (with replacement) from the live edges of the log (a deleted
+    /// edge is drawn again, a few times at most: with most of the log deleted, fewer come back).
     pub fn sample_edges<R: Rng>(&self, rng: &mut R, n: usize) -> Result<Vec<Edge>, StoreError> {
+        const TRIES: usize = 8;
         let total = self.edge_count();
         if total == 0 {
             return Ok(Vec::new());
         }
-        (0..n)
-            .map(|_| {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            for _ in 0..TRIES {
                 let seq = rng.random_range(0..total);
-                self.edge(seq)?
-                    .ok_or_else(|| corrupt(&self.path, &format!("edge {seq} missing")))
-            })
-            .collect()
+                if self.graph().deleted.contains(&seq) {
+                    continue;
+                }
+                out.push(
+                    self.edge(seq)?
+                        .ok_or_else(|| corrupt(&self.path, &format!("edge {seq} missing")))?,
+                );
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Edges removed by delete events.
+    pub fn deleted_edges(&self) -> u64 {
+        self.graph().deleted.len() as u64
     }
 
     /// `n` nodes of a type drawn uniformly (with replacement).

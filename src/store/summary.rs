@@ -16,6 +16,8 @@ pub struct StoreSummary {
     /// Relation → edge count.
     pub edges: BTreeMap<String, u64>,
     pub edges_total: u64,
+    /// Edges removed by delete events (counted in `edges_total`, not in `edges`).
+    pub edges_deleted: u64,
     pub offsets: Vec<OffsetEntry>,
     pub size_on_disk_bytes: u64,
 }
@@ -56,6 +58,7 @@ impl StoreSummary {
             nodes,
             edges,
             edges_total: store.edge_count(),
+            edges_deleted: store.deleted_edges(),
             offsets,
             size_on_disk_bytes: store.size_on_disk(),
         })

@@ -24,6 +24,7 @@ fn ev(src: &str, rel: RelId, dst: &str, ts: u64, id: Option<&str>) -> Event {
         }
     };
     Event {
+        op: Default::default(),
         src: key(src),
         rel,
         dst: key(dst),
@@ -523,4 +524,60 @@ fn a_newer_store_format_is_refused_by_name() {
         ),
         "{err}"
     );
+}
+
+/// An unfollow removes the edge (stored before, or earlier in the same batch) from the adjacency,
+/// the relation counts, the trainer's feed and the replay sample, and stays removed after reopen.
+#[test]
+fn a_delete_event_removes_its_edges_everywhere_and_for_good() {
+    use crate::schema::EventOp;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let del = |src: &str, rel: RelId, dst: &str| Event {
+        op: EventOp::Delete,
+        ..ev(src, rel, dst, 5, None)
+    };
+    s.append(&batch(vec![
+        (0, 0, ev("user:a", 0, "user:b", 1, None)),
+        (0, 1, ev("user:a", 1, "tweet:t", 2, None)),
+        (0, 2, ev("user:a", 0, "user:b", 3, None)),
+    ]))
+    .unwrap();
+    let out = s
+        .append(&batch(vec![
+            (0, 3, ev("user:c", 0, "user:b", 4, None)),
+            (0, 4, del("user:a", 0, "user:b")),
+            (0, 5, del("user:c", 0, "user:b")),
+            (0, 6, del("user:z", 0, "user:b")),
+        ]))
+        .unwrap();
+    assert_eq!(
+        (out.appended, out.deleted, out.deletes_unmatched),
+        (1, 3, 1)
+    );
+    let check = |s: &GraphStore| {
+        let b = NodeRef {
+            node_type: 0,
+            index: 1,
+        };
+        assert_eq!(s.degree(b, 0, Direction::In).unwrap(), 0);
+        assert_eq!(s.relation_counts(), vec![0, 1]);
+        assert_eq!((s.edge_count(), s.deleted_edges()), (4, 3));
+        let live: Vec<u64> = s
+            .edges_from(0, 10)
+            .unwrap()
+            .iter()
+            .map(|(q, _)| *q)
+            .collect();
+        assert_eq!(live, vec![1], "only the favorite is left to train");
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(3);
+        assert!(s
+            .sample_edges(&mut rng, 50)
+            .unwrap()
+            .iter()
+            .all(|e| e.rel == 1));
+    };
+    check(&s);
+    drop(s);
+    check(&open(dir.path()));
 }

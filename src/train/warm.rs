@@ -91,6 +91,7 @@ mod tests {
         )
         .unwrap();
         let ev = |u: &str, m: &str| Event {
+            op: Default::default(),
             src: NodeKey {
                 node_type: 0,
                 id: u.into(),
