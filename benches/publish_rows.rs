@@ -9,6 +9,8 @@
 //! `publish_rows rows=… build_rows_per_s=… produce_rows_per_s=… end_to_end_rows_per_s=…`
 //! (medians over `PUBLISH_ROUNDS` versions, default 3).
 
+mod common;
+
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,55 +19,11 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
+use common::{env_or, store_with_users};
 use twhin_stream::config::{Config, ValueFormat};
 use twhin_stream::kafka;
 use twhin_stream::publish::{build_delta_version, KafkaSink, VersionRequest, VersionSink};
-use twhin_stream::schema::{Event, NodeKey};
-use twhin_stream::store::{AppendBatch, GraphStore, StoreOptions};
 use twhin_stream::train::{ModelDelta, Snapshot, TableDelta};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A store whose type 0 holds `nodes` users (one `follows` edge per two).
-fn store_with_users(cfg: &Config, dir: &std::path::Path, nodes: i64) -> GraphStore {
-    let schema = cfg.schema();
-    let store = GraphStore::open(dir, &schema, &StoreOptions::default()).expect("store");
-    let follows = schema
-        .relations()
-        .iter()
-        .position(|r| r.name == "follows")
-        .expect("follows") as u16;
-    let user = |i: i64| NodeKey {
-        node_type: 0,
-        id: format!("u{i}"),
-    };
-    let mut offset = 0i64;
-    for chunk in (0..(nodes + 1) / 2).collect::<Vec<_>>().chunks(20_000) {
-        let events: Vec<Event> = chunk
-            .iter()
-            .map(|&i| Event {
-                op: Default::default(),
-                src: user(2 * i),
-                rel: follows,
-                dst: user(2 * i + 1),
-                ts: 1_732_190_400_000 + i as u64,
-                weight: 1.0,
-                event_id: None,
-            })
-            .collect();
-        let n = events.len() as i64;
-        store
-            .append(&AppendBatch::from_events("bench", offset, events))
-            .expect("append");
-        offset += n;
-    }
-    store
-}
 
 /// A delta in which every one of `rows` rows of type 0 moved (by 10%, over the threshold).
 fn delta(reference: &Snapshot, types: usize, rows: i64) -> ModelDelta {

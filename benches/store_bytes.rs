@@ -12,20 +12,16 @@
 //! one JSON line: `edges`, `nodes`, `bytes`, `bytes_per_edge`, `append_edges_per_s`,
 //! `reopen_s`. Under `cargo test` (no `--bench` argument) it runs 20,000 edges.
 
+mod common;
+
 use std::path::Path;
 use std::time::Instant;
 
+use common::env_or;
 use twhin_stream::config::Config;
 use twhin_stream::offline::synthetic::{SyntheticSpec, Workload};
 use twhin_stream::schema::decode_event;
 use twhin_stream::store::{AppendBatch, GraphStore, SourcedEvent, StoreOptions};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)

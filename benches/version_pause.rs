@@ -19,24 +19,19 @@
 //! version (the parts) and a summary (`pause_ms`, `prepare_ms`: medians over `VERSION_ROUNDS`
 //! versions), plus criterion's own figure at small sizes.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tch::{Device, Kind, Tensor};
 
+use common::{env_or, store_with_users};
 use twhin_stream::align::{AlignFigures, Aligner, Candidate};
 use twhin_stream::config::{Config, ValueFormat};
 use twhin_stream::publish::{build_delta_version, VersionRequest};
-use twhin_stream::schema::{Event, NodeKey};
-use twhin_stream::store::{AppendBatch, GraphStore, StoreOptions};
+use twhin_stream::store::GraphStore;
 use twhin_stream::train::{DeltaRequest, Embeddings, Snapshot, TrainerCore};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Setup {
     cfg: Config,
@@ -53,37 +48,8 @@ fn setup(nodes: i64, dim: i64, dirty_share: f64) -> Setup {
     cfg.train.dim = dim;
     let schema = cfg.schema();
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = GraphStore::open(dir.path(), &schema, &StoreOptions::default()).expect("store");
-    let follows = schema
-        .relations()
-        .iter()
-        .position(|r| r.name == "follows")
-        .expect("follows") as u16;
-    let user = |i: i64| NodeKey {
-        node_type: 0,
-        id: format!("u{i}"),
-    };
     let started = Instant::now();
-    let mut offset = 0i64;
-    for chunk in (0..nodes / 2).collect::<Vec<_>>().chunks(20_000) {
-        let events: Vec<Event> = chunk
-            .iter()
-            .map(|&i| Event {
-                op: Default::default(),
-                src: user(2 * i),
-                rel: follows,
-                dst: user(2 * i + 1),
-                ts: 1_732_190_400_000 + i as u64,
-                weight: 1.0,
-                event_id: None,
-            })
-            .collect();
-        let n = events.len() as i64;
-        store
-            .append(&AppendBatch::from_events("bench", offset, events))
-            .expect("append");
-        offset += n;
-    }
+    let store = store_with_users(&cfg, dir.path(), nodes);
     eprintln!(
         "store: {} users in {:.1} s",
         store.node_count(0),
@@ -173,17 +139,7 @@ fn bench_version(c: &mut Criterion) {
         // The rest, on the publication's thread while training runs: the assessment, the rows
         // selected and encoded, the new view.
         let started = Instant::now();
-        let mut samples = std::mem::take(&mut delta.samples).into_iter();
-        let candidate = Candidate {
-            changed: delta
-                .tables
-                .iter()
-                .map(|t| t.values.shallow_clone())
-                .collect(),
-            relations: delta.relations.shallow_clone(),
-            previous: samples.next().unwrap_or_default(),
-            anchor: samples.next().unwrap_or_default(),
-        };
+        let candidate = Candidate::of_delta(&mut delta);
         let assessed = s.aligner.assess(version, &candidate, Some(&reference));
         assert!(assessed.hold.is_none() && assessed.rotation.is_none());
         let req = VersionRequest {

@@ -39,7 +39,9 @@ use tracing::info;
 
 use crate::align::{drift, procrustes, relative_l2, Drift};
 use crate::telemetry as m;
-use crate::train::{load_snapshot, non_finite_in, save_snapshot, Snapshot, SnapshotError};
+use crate::train::{
+    load_snapshot, non_finite_in, save_snapshot, ModelDelta, Snapshot, SnapshotError,
+};
 
 /// The rows of every node type present in both `a` and `b` (the first `min(len)` rows of each
 /// table, nodes being numbered in order of arrival), stacked: `(a_rows, b_rows)`.
@@ -148,6 +150,22 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// The candidate of a trainer's delta: its changed rows and relations, and the two samples
+    /// it was asked for (previous version, anchor), taken out of it.
+    pub fn of_delta(delta: &mut ModelDelta) -> Candidate {
+        let mut samples = std::mem::take(&mut delta.samples).into_iter();
+        Candidate {
+            changed: delta
+                .tables
+                .iter()
+                .map(|t| t.values.shallow_clone())
+                .collect(),
+            relations: delta.relations.shallow_clone(),
+            previous: samples.next().unwrap_or_default(),
+            anchor: samples.next().unwrap_or_default(),
+        }
+    }
+
     /// The candidate of a whole snapshot for `plan` (offline measurements, tests).
     pub fn of_snapshot(current: &Snapshot, plan: &DriftPlan) -> Candidate {
         let pick = |per_type: &[Tensor]| {

@@ -382,17 +382,7 @@ impl Publication {
             (trainer.take_delta(request).await?, paused.elapsed())
         };
         update_row_ts(&mut self.row_ts, &delta);
-        let mut samples = std::mem::take(&mut delta.samples).into_iter();
-        let candidate = Candidate {
-            changed: delta
-                .tables
-                .iter()
-                .map(|t| t.values.shallow_clone())
-                .collect(),
-            relations: delta.relations.shallow_clone(),
-            previous: samples.next().unwrap_or_default(),
-            anchor: samples.next().unwrap_or_default(),
-        };
+        let candidate = Candidate::of_delta(&mut delta);
         let reference = self.reference.as_ref().map(|r| r.params.shallow_clone());
         let assessed = align.assess(version, candidate, reference).await?;
         if let Some(hold) = assessed.hold {

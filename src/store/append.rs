@@ -6,7 +6,7 @@
 //! (`add_event`); write the edge chunks, node-id chunks, the expiry chunk and offsets; apply and
 //! flush. Only then do the in-memory indexes (interner, adjacency, dedup) and counts change.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::schema::{EventOp, NodeKey, RelId, TypeId};
 use crate::store::format::{chunk_entries, NodeChunks};
@@ -72,8 +72,8 @@ struct BatchWrites<'b> {
     remembered: Vec<(&'b str, u64)>,
     /// Ids whose expiry chunk this batch deletes, with the time they were stored at.
     expired: Vec<(Vec<u8>, u64)>,
-    /// Edges this batch's delete events remove: (seq, edge).
-    deletions: Vec<(u64, Edge)>,
+    /// Edges this batch's delete events remove: seq → (src, dst).
+    deletions: BTreeMap<u64, (NodeRef, NodeRef)>,
 }
 
 impl GraphStore {
@@ -123,7 +123,7 @@ impl GraphStore {
             batch_ids: HashSet::new(),
             remembered: Vec::new(),
             expired: Vec::new(),
-            deletions: Vec::new(),
+            deletions: BTreeMap::new(),
         };
         // Expire old ids first: the index forgets them before this batch's ids are remembered.
         if self.dedup_window_ms > 0 {
@@ -238,31 +238,19 @@ impl GraphStore {
             w.out.deletes_unmatched += 1;
             return;
         };
+        // Stored edges (the adjacency holds live ones only), then this batch's own, less those
+        // an earlier delete of the batch took.
         let first_new = w.out.first_seq;
-        let mut found: Vec<(u64, Edge)> = graph
+        let in_batch = w.edges.iter().enumerate().filter_map(|(i, e)| {
+            (e.src == src && e.rel == ev.rel && e.dst == dst).then_some(first_new + i as u64)
+        });
+        let found: Vec<u64> = graph
             .adjacency
             .matching(src, ev.rel, dst)
             .into_iter()
-            .filter(|seq| !graph.deleted.contains(seq))
-            .map(|seq| {
-                let edge = Edge {
-                    src,
-                    rel: ev.rel,
-                    dst,
-                    ts: 0,
-                    weight: 0.0,
-                };
-                (seq, edge)
-            })
+            .chain(in_batch)
+            .filter(|seq| !w.deletions.contains_key(seq))
             .collect();
-        found.extend(
-            w.edges
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| e.src == src && e.rel == ev.rel && e.dst == dst)
-                .map(|(i, e)| (first_new + i as u64, *e)),
-        );
-        found.retain(|(seq, _)| !w.deletions.iter().any(|(d, _)| d == seq));
         if found.is_empty() {
             w.out.deletes_unmatched += 1;
             return;
@@ -270,7 +258,8 @@ impl GraphStore {
         let live = &mut w.counts.relations[ev.rel as usize];
         *live = live.saturating_sub(found.len() as u64);
         w.out.deleted += found.len() as u64;
-        w.deletions.extend(found);
+        w.deletions
+            .extend(found.into_iter().map(|seq| (seq, (src, dst))));
     }
 
     fn intern<'b>(
@@ -340,9 +329,9 @@ impl GraphStore {
             if !w.deletions.is_empty() {
                 graph.delete_chunks += 1;
             }
-            for (seq, edge) in &w.deletions {
-                graph.adjacency.remove(*seq, edge);
-                graph.deleted.insert(*seq);
+            for (&seq, &(src, dst)) in &w.deletions {
+                graph.adjacency.remove(seq, src, dst);
+                graph.deleted.insert(seq);
             }
         }
         *self.counts.write().unwrap_or_else(|p| p.into_inner()) = w.counts;
@@ -396,7 +385,7 @@ impl<'b> BatchWrites<'b> {
             return;
         }
         let mut bytes = Vec::with_capacity(self.deletions.len() * 8);
-        for (seq, _) in &self.deletions {
+        for seq in self.deletions.keys() {
             bytes.extend_from_slice(&seq.to_be_bytes());
         }
         self.sled.insert(&delete_chunk_key(chunk)[..], bytes);

@@ -35,13 +35,16 @@ pub(super) fn upgrade(
     schema: &StoredSchema,
 ) -> Result<(), StoreError> {
     let err = sled_err(path);
-    let format = match tree.get(META_FORMAT).map_err(&err)? {
+    let stamp = tree.get(META_FORMAT).map_err(&err)?;
+    let stamped = stamp.is_some();
+    let format = match stamp {
         Some(v) => be_u32(&v).ok_or_else(|| corrupt(path, "store format"))?,
         // No stamp: format 1 if it holds anything, else a new store.
         None if tree.get(META_NEXT_SEQ).map_err(&err)?.is_some() => 1,
         None => STORE_FORMAT,
     };
     match format {
+        STORE_FORMAT if stamped => return Ok(()),
         STORE_FORMAT => {}
         1 => upgrade_from_1(tree, path, schema)?,
         newer => {

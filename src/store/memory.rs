@@ -117,9 +117,9 @@ impl Adjacency {
         out
     }
 
-    /// Take edge `seq` (`edge`) out of both ends' entries.
-    pub(super) fn remove(&mut self, seq: u64, edge: &Edge) {
-        for node in [edge.src, edge.dst] {
+    /// Take edge `seq` out of both its ends' entries.
+    pub(super) fn remove(&mut self, seq: u64, src: NodeRef, dst: NodeRef) {
+        for node in [src, dst] {
             if let Some(entries) = self
                 .by_type
                 .get_mut(node.node_type as usize)
@@ -240,8 +240,9 @@ impl DedupIndex {
 
     /// Forget `id` if it is still remembered at `ts` (a newer occurrence stays).
     pub(super) fn remove_at(&mut self, id: &[u8], ts: u64) {
-        if self.seen_at(id) == Some(ts.min(TS_MAX)) {
-            self.map.remove(&self.key(id).0);
+        let (k, check) = self.key(id);
+        if self.map.get(&k) == Some(&(ts.min(TS_MAX) << CHECK_BITS | check)) {
+            self.map.remove(&k);
         }
     }
 

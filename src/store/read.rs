@@ -125,7 +125,8 @@ impl GraphStore {
     /// Up to `limit` committed edges with sequence numbers from `cursor` on, in order (the
     /// trainer's feed): their nodes and adjacency are in memory already.
     pub fn edges_from(&self, cursor: u64, limit: usize) -> Result<Vec<(u64, Edge)>, StoreError> {
-        let limit = limit.min(self.edge_count().saturating_sub(cursor) as usize);
+        let end = self.edge_count();
+        let limit = limit.min(end.saturating_sub(cursor) as usize);
         let mut out = Vec::with_capacity(limit.min(1 << 16));
         if limit == 0 {
             return Ok(out);
@@ -136,7 +137,6 @@ impl GraphStore {
         };
         let graph = self.graph();
         let deleted = &graph.deleted;
-        let end = self.edge_count();
         for kv in self.tree.range(edge_key(start)..=edge_key(u64::MAX)) {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
             let first = be_u64(&k[1..]).ok_or_else(|| corrupt(&self.path, "edge chunk key"))?;
@@ -172,6 +172,7 @@ impl GraphStore {
         for _ in 0..n {
             for _ in 0..TRIES {
                 let seq = rng.random_range(0..total);
+                // Locked per draw, not for the whole sample: the writer's commit waits on it.
                 if self.graph().deleted.contains(&seq) {
                     continue;
                 }
