@@ -131,10 +131,11 @@ fn snapshot_error(path: &Path, problem: impl ToString) -> SnapshotError {
     }
 }
 
-/// Write a snapshot of published parameters as `<dir>/<stem>.pt` (tensors) and
-/// `<dir>/<stem>.json` (the version), each through a fsynced temporary file and a rename; the
-/// metadata goes last, so a crash leaves either the old pair or a new `.pt` that the old
-/// metadata does not match by table count or version (and [`load_snapshot`] then reports it).
+/// Write a snapshot of published parameters as `<dir>/<stem>.pt`: the tensors with their
+/// version inside, through a fsynced temporary file and a rename, so a crash leaves the old
+/// snapshot or the new one whole. `<dir>/<stem>.json` follows as a summary for people and
+/// scripts; [`load_snapshot`] reads only the `.pt`, so a crash between the two renames (a new
+/// `.pt` beside the old summary) loses nothing.
 pub fn save_snapshot(
     dir: &Path,
     stem: &str,
@@ -164,19 +165,16 @@ pub fn save_snapshot(
         .map_err(|e| snapshot_error(&json, e))
 }
 
-/// Read a snapshot written by [`save_snapshot`]; `Ok(None)` when there is none. The tensors'
-/// own version must match the metadata's.
+/// Read a snapshot written by [`save_snapshot`]; `Ok(None)` when there is none. Its version and
+/// table count come from the `.pt` itself.
 pub fn load_snapshot(
     dir: &Path,
     stem: &str,
 ) -> Result<Option<(SnapshotMeta, Snapshot)>, SnapshotError> {
-    let json = dir.join(format!("{stem}.json"));
-    let meta: SnapshotMeta = match fs::read(&json) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| snapshot_error(&json, e))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(snapshot_error(&json, e)),
-    };
     let pt = dir.join(format!("{stem}.pt"));
+    if !pt.exists() {
+        return Ok(None);
+    }
     let named = Tensor::load_multi(&pt).map_err(|e| snapshot_error(&pt, e))?;
     let mut by_name: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
     let mut take = |name: &str| {
@@ -185,20 +183,24 @@ pub fn load_snapshot(
             .ok_or_else(|| snapshot_error(&pt, format!("no tensor {name:?}")))
     };
     let version = take("version")?.int64_value(&[0]) as u64;
-    if version != meta.version {
+    let relations = take("relations")?;
+    let mut tables = Vec::new();
+    while let Some(t) = by_name.remove(&format!("table.{}", tables.len())) {
+        tables.push(t);
+    }
+    if let Some(stray) = by_name.keys().next() {
         return Err(snapshot_error(
             &pt,
             format!(
-                "holds version {version}, {} says {}",
-                json.display(),
-                meta.version
+                "tensor {stray:?} is not part of a snapshot of {} tables",
+                tables.len()
             ),
         ));
     }
-    let tables = (0..meta.tables)
-        .map(|t| take(&format!("table.{t}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let relations = take("relations")?;
+    let meta = SnapshotMeta {
+        version,
+        tables: tables.len(),
+    };
     Ok(Some((meta, Snapshot { tables, relations })))
 }
 
@@ -207,7 +209,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshots_round_trip_and_a_mismatch_is_reported() {
+    fn snapshots_round_trip_and_the_tensors_version_wins_over_a_stale_summary() {
         let dir = tempfile::tempdir().unwrap();
         assert!(load_snapshot(dir.path(), "reference").unwrap().is_none());
         let s = Snapshot {
@@ -228,16 +230,21 @@ mod tests {
         );
         assert!(back.tables[0].equal(&s.tables[0]) && back.relations.equal(&s.relations));
         assert_eq!(back.tables[1].size(), vec![0, 2]);
-        // Tensors from another version than the metadata names (a crash between the renames).
+        // A crash between the two renames: a new `.pt` beside the previous summary. The
+        // tensors are whole and carry their version, so they are what is read back.
         std::fs::write(
             dir.path().join("reference.json"),
-            br#"{"version":8,"tables":2}"#,
+            br#"{"version":6,"tables":2}"#,
         )
         .unwrap();
+        let (meta, _) = load_snapshot(dir.path(), "reference").unwrap().unwrap();
+        assert_eq!(meta.version, 7);
+        // A file that is not a snapshot is named.
+        std::fs::write(dir.path().join("reference.pt"), b"not tensors").unwrap();
         let err = load_snapshot(dir.path(), "reference")
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("holds version 7"), "{err}");
+        assert!(err.contains("reference.pt"), "{err}");
     }
 }
