@@ -169,6 +169,7 @@ fn main() {
             threshold: cfg.publish.row_threshold,
             comparator: cfg.train.comparator,
             align: None,
+            tombstones: &[],
         };
         let started = Instant::now();
         let (prepared, _) = build_delta_version(&store, &d, Some(&reference), &req)

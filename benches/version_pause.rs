@@ -110,6 +110,7 @@ fn bench_version(c: &mut Criterion) {
         threshold: s.cfg.publish.row_threshold,
         comparator: s.cfg.train.comparator,
         align: None,
+        tombstones: &[],
     };
     let (_, update) = build_delta_version(&s.store, &first, None, &update_req(1))
         .expect("build")
@@ -149,6 +150,7 @@ fn bench_version(c: &mut Criterion) {
             threshold,
             comparator,
             align: Some(&assessed.figures),
+            tombstones: &[],
         };
         let assessed_at = started.elapsed();
         let built = build_delta_version(&s.store, &delta, Some(&reference), &req).expect("build");

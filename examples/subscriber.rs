@@ -21,11 +21,11 @@ use clap::Parser;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
-use twhin_stream::publish::{RowRecord, VersionMarker};
+use twhin_stream::publish::{tombstone_attempt, RowRecord, VersionMarker};
 use twhin_stream::subscriber::{Applied, Counts, VersionAssembler};
 
 /// How long `--idle-exit-secs` waits for the very first record at least.
@@ -47,6 +47,9 @@ struct Args {
     /// Write a JSON summary here at exit.
     #[arg(long)]
     summary_json: Option<PathBuf>,
+    /// Write the keys of the table at exit here, one per line, sorted.
+    #[arg(long)]
+    keys_out: Option<PathBuf>,
     /// Stop after this many seconds without a new record (before the first record: at least 300
     /// s after the start; default: run until a signal).
     #[arg(long)]
@@ -68,8 +71,11 @@ struct Summary {
     nodes: usize,
     relations: usize,
     rows_read: u64,
+    /// Tombstones (erased nodes) among the rows read.
+    tombstones_read: u64,
     markers_read: u64,
-    /// Records that were not a row or a marker (undecodable, keyless, tombstones).
+    /// Records that were not a row, a tombstone or a marker (undecodable, keyless, a null value
+    /// without its version headers).
     skipped_records: u64,
     caught_up: bool,
     stopped_by: &'static str,
@@ -119,6 +125,7 @@ struct State {
     assembler: VersionAssembler,
     applied: Vec<AppliedAt>,
     rows_read: u64,
+    tombstones_read: u64,
     markers_read: u64,
     skipped: u64,
     /// `(is_versions_topic, partition)` that reached their end at least once.
@@ -140,6 +147,9 @@ impl State {
     }
 
     fn row(&mut self, m: &BorrowedMessage<'_>) {
+        if m.payload().is_none() {
+            return self.tombstone(m);
+        }
         let decoded = m
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
@@ -156,6 +166,29 @@ impl State {
                 eprintln!("skipping row {key} at offset {}: {e}", m.offset());
             }
             None => self.skipped += 1,
+        }
+    }
+
+    /// A null value: an erased node, its version and epoch in the headers.
+    fn tombstone(&mut self, m: &BorrowedMessage<'_>) {
+        let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
+        let attempt = m.headers().and_then(|h| {
+            tombstone_attempt(h.iter().map(|x| (x.key, x.value.unwrap_or_default())))
+        });
+        match (key, attempt) {
+            (Some(key), Some((version, epoch))) => {
+                self.rows_read += 1;
+                self.tombstones_read += 1;
+                let applied = self.assembler.push_tombstone(key, version, epoch);
+                self.report(applied);
+            }
+            _ => {
+                self.skipped += 1;
+                eprintln!(
+                    "skipping a null record at offset {} without its version headers",
+                    m.offset()
+                );
+            }
         }
     }
 
@@ -223,6 +256,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         assembler: VersionAssembler::new(),
         applied: Vec::new(),
         rows_read: 0,
+        tombstones_read: 0,
         markers_read: 0,
         skipped: 0,
         at_end: HashSet::new(),
@@ -268,6 +302,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             nodes: a.nodes(),
             relations: a.table().len() - a.nodes(),
             rows_read: state.rows_read,
+            tombstones_read: state.tombstones_read,
             markers_read: state.markers_read,
             skipped_records: state.skipped,
             caught_up: state.caught_up,
@@ -277,6 +312,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.keys_out {
+        let mut keys: Vec<&str> = a.table().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut text = keys.join("\n");
+        text.push('\n');
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     // Closing a consumer can hang (rust-rdkafka issues 453, 597, 611); the process is ending.
     std::mem::forget(rows);

@@ -16,6 +16,10 @@ pub const DLQ_PRODUCED: &str = "twhin_ingest_dlq_produced_total";
 pub const EDGES_APPENDED: &str = "twhin_ingest_edges_appended_total";
 /// Events not stored again, by `kind`: `event_id` (dedup window) or `redelivered` (offset).
 pub const DUPLICATES: &str = "twhin_ingest_duplicates_total";
+/// Nodes erased by erase events.
+pub const NODES_ERASED: &str = "twhin_ingest_nodes_erased_total";
+/// Add events not stored because they name an erased node.
+pub const ERASED_REFUSED: &str = "twhin_ingest_erased_refused_total";
 /// New nodes interned.
 pub const NODES_CREATED: &str = "twhin_ingest_nodes_created_total";
 /// Time to make one batch durable (DLQ acknowledgements + atomic append + flush), seconds.
@@ -162,6 +166,11 @@ fn describe() {
     describe_counter!(EDGES_APPENDED, "Edges durably appended to the graph store");
     describe_counter!(DUPLICATES, "Events not stored again, by kind");
     describe_counter!(NODES_CREATED, "Nodes created in the graph store");
+    describe_counter!(NODES_ERASED, "Nodes erased by erase events");
+    describe_counter!(
+        ERASED_REFUSED,
+        "Add events not stored because they name an erased node"
+    );
     describe_histogram!(
         BATCH_SECONDS,
         Unit::Seconds,

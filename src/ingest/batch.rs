@@ -194,6 +194,8 @@ impl BatchWriter<'_> {
             duplicate_event_ids: outcome.duplicate_event_ids,
             redelivered: outcome.already_stored,
             new_nodes: outcome.new_nodes,
+            erased: outcome.erased,
+            erased_refused: outcome.erased_refused,
             seconds: in_flight.started.elapsed().as_secs_f64(),
         }
         .emit(self.status);

@@ -15,6 +15,8 @@ pub struct IngestStatus {
     pub invalid: AtomicU64,
     pub appended: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Add events not stored because they name an erased node.
+    pub erased_refused: AtomicU64,
     pub batches: AtomicU64,
     pub lag: AtomicU64,
     pub broker_up: AtomicBool,
@@ -38,6 +40,8 @@ pub struct StoreBatchWritten {
     pub duplicate_event_ids: u64,
     pub redelivered: u64,
     pub new_nodes: u64,
+    pub erased: u64,
+    pub erased_refused: u64,
     pub seconds: f64,
 }
 
@@ -56,6 +60,11 @@ impl StoreBatchWritten {
         metrics::histogram!(m::BATCH_EVENTS).record(self.consumed as f64);
         metrics::counter!(m::EDGES_APPENDED).increment(self.appended);
         metrics::counter!(m::NODES_CREATED).increment(self.new_nodes);
+        metrics::counter!(m::NODES_ERASED).increment(self.erased);
+        metrics::counter!(m::ERASED_REFUSED).increment(self.erased_refused);
+        status
+            .erased_refused
+            .fetch_add(self.erased_refused, Ordering::Relaxed);
         metrics::counter!(m::DUPLICATES, "kind" => "event_id").increment(self.duplicate_event_ids);
         metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(self.redelivered);
         status.consumed.fetch_add(self.consumed, Ordering::Relaxed);
@@ -90,6 +99,8 @@ mod tests {
             duplicate_event_ids: 1,
             redelivered: 1,
             new_nodes: 3,
+            erased: 0,
+            erased_refused: 0,
             seconds: 0.01,
         };
         batch.emit(&status);

@@ -21,6 +21,10 @@ pub struct LedgerState {
     pub last_version: u64,
     /// The publisher's epoch for this process.
     pub epoch: u64,
+    /// How many of the store's erasures (in erasure order) the committed versions carried as
+    /// tombstones (absent in ledgers written before erasures: none).
+    #[serde(default)]
+    pub erasures_published: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,7 @@ impl Ledger {
             state: LedgerState {
                 last_version: 0,
                 epoch: 1,
+                erasures_published: 0,
             },
         }
     }
@@ -94,10 +99,12 @@ impl Ledger {
         self.state.last_version + 1
     }
 
-    /// Record that `version`'s marker was acknowledged.
-    pub fn commit(&mut self, version: u64) -> Result<(), LedgerError> {
+    /// Record that `version`'s marker was acknowledged, and that the versions so far carried
+    /// the tombstones of the store's first `erasures_published` erasures.
+    pub fn commit(&mut self, version: u64, erasures_published: u64) -> Result<(), LedgerError> {
         debug_assert_eq!(version, self.next_version());
         self.state.last_version = version;
+        self.state.erasures_published = erasures_published;
         self.persist()
     }
 
@@ -125,12 +132,13 @@ mod tests {
             l.state(),
             LedgerState {
                 last_version: 0,
-                epoch: 1
+                epoch: 1,
+                erasures_published: 0,
             }
         );
         assert_eq!(l.next_version(), 1);
-        l.commit(1).unwrap();
-        l.commit(2).unwrap();
+        l.commit(1, 0).unwrap();
+        l.commit(2, 1).unwrap();
         // A crash after version 3's rows but before its marker: 3 is not committed.
         drop(l);
         let mut l = Ledger::open(dir.path()).unwrap();
@@ -138,7 +146,8 @@ mod tests {
             l.state(),
             LedgerState {
                 last_version: 2,
-                epoch: 2
+                epoch: 2,
+                erasures_published: 1,
             }
         );
         // A failed attempt in this process: a new epoch, persisted, the same next number.
@@ -148,6 +157,16 @@ mod tests {
             l.next_version(),
             3,
             "retried under the same number, newer epoch"
+        );
+        // A ledger from before erasures has no count: none were published.
+        std::fs::write(
+            dir.path().join("ledger.json"),
+            br#"{"last_version":5,"epoch":7}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Ledger::open(dir.path()).unwrap().state().erasures_published,
+            0
         );
         std::fs::write(dir.path().join("ledger.json"), b"{").unwrap();
         let err = Ledger::open(dir.path()).err().unwrap().to_string();

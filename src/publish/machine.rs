@@ -414,6 +414,10 @@ impl Publication {
             );
         }
         let taken = Instant::now();
+        // Erasures the committed versions have not carried yet; the ledger records how far the
+        // tombstones went with the commit, so a failed attempt carries them again.
+        let erasures_published = self.ledger.state().erasures_published;
+        let tombstones = store.erasures_since(erasures_published as usize);
         let req = VersionRequest {
             version,
             epoch,
@@ -421,6 +425,7 @@ impl Publication {
             threshold: self.settings.threshold,
             comparator: self.settings.comparator,
             align: Some(&assessed.figures),
+            tombstones: &tombstones,
         };
         let reference = self.reference.as_ref().map(|r| &r.params);
         let Some((prepared, update)) = build_delta_version(store, &delta, reference, &req)? else {
@@ -454,7 +459,8 @@ impl Publication {
             epoch, rows, pause_ms, prepare_ms, "publication started"
         );
         sink.produce(&prepared).await?;
-        self.ledger.commit(version)?;
+        self.ledger
+            .commit(version, erasures_published + tombstones.len() as u64)?;
         let events = self
             .freshness
             .as_ref()

@@ -14,12 +14,15 @@ use anyhow::Context as _;
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::kafka::{self, send_retrying, KafkaSetupError};
-use crate::publish::{PreparedVersion, VersionSink};
+use crate::publish::{
+    PreparedVersion, VersionSink, TOMBSTONE_EPOCH_HEADER, TOMBSTONE_VERSION_HEADER,
+};
 
 /// Failures of the version producer itself (set-up and transactions).
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +139,26 @@ impl KafkaSink {
             let ack = send_retrying(producer, record)
                 .await
                 .with_context(|| format!("producing {key} to {topic}"))?;
+            acks.push(ack);
+        }
+        let (version_text, epoch_text) = (version.to_string(), prepared.marker.epoch.to_string());
+        for key in &prepared.tombstones {
+            // A null value: compaction drops the key, and subscribers drop the node.
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: TOMBSTONE_VERSION_HEADER,
+                    value: Some(&version_text),
+                })
+                .insert(Header {
+                    key: TOMBSTONE_EPOCH_HEADER,
+                    value: Some(&epoch_text),
+                });
+            let record = FutureRecord::<String, [u8]>::to(topic)
+                .key(key)
+                .headers(headers);
+            let ack = send_retrying(producer, record)
+                .await
+                .with_context(|| format!("producing the tombstone of {key} to {topic}"))?;
             acks.push(ack);
         }
         for ack in acks {

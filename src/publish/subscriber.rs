@@ -76,7 +76,8 @@ pub struct Counts {
 
 #[derive(Debug, Default)]
 struct Attempt {
-    rows: HashMap<String, Vec<f32>>,
+    /// Key → vector, or `None` for a tombstone (the node was erased).
+    rows: HashMap<String, Option<Vec<f32>>>,
     marker: Option<VersionMarker>,
 }
 
@@ -148,7 +149,28 @@ impl VersionAssembler {
             .entry((row.version, row.epoch))
             .or_default()
             .rows
-            .insert(key.into(), row.vector);
+            .insert(key.into(), Some(row.vector));
+        self.advance()
+    }
+
+    /// One tombstone read from the embeddings topic: a record with a null value whose headers
+    /// name its `(version, epoch)` ([`crate::publish::tombstone_attempt`]). It counts toward its
+    /// attempt like a row; applying the version drops the key from the table.
+    pub fn push_tombstone(
+        &mut self,
+        key: impl Into<String>,
+        version: u64,
+        epoch: u64,
+    ) -> Vec<Applied> {
+        if version <= self.applied_version() {
+            self.counts.stale_rows += 1;
+            return Vec::new();
+        }
+        self.pending
+            .entry((version, epoch))
+            .or_default()
+            .rows
+            .insert(key.into(), None);
         self.advance()
     }
 
@@ -230,9 +252,15 @@ impl VersionAssembler {
         }
     }
 
-    fn merge(&mut self, version: u64, rows: HashMap<String, Vec<f32>>) {
+    fn merge(&mut self, version: u64, rows: HashMap<String, Option<Vec<f32>>>) {
         for (key, vector) in rows {
             let relation = key.starts_with(RELATION_PREFIX);
+            let Some(vector) = vector else {
+                if self.table.remove(&key).is_some() && relation {
+                    self.relations -= 1;
+                }
+                continue;
+            };
             if self.table.insert(key, Entry { vector, version }).is_none() && relation {
                 self.relations += 1;
             }
@@ -288,6 +316,51 @@ mod tests {
             ("user:2", row(1, 1, 2.0)),
             ("relation:follows", row(1, 1, 9.0)),
         ]
+    }
+
+    #[test]
+    fn a_tombstone_counts_toward_its_version_and_drops_the_node_when_applied() {
+        let mut a = VersionAssembler::new();
+        for (k, r) in v1() {
+            a.push_row(k, r);
+        }
+        a.push_marker(marker(1, 1, 3));
+        assert_eq!((a.applied_version(), a.nodes()), (1, 2));
+        // Version 2 erases user:1 and carries user:2 and the relation: three records.
+        assert!(a.push_tombstone("user:1", 2, 1).is_empty());
+        assert!(a.push_marker(marker(2, 1, 3)).is_empty());
+        assert!(a.push_row("user:2", row(2, 1, 5.0)).is_empty());
+        assert_eq!(value(&a, "user:1"), Some((1.0, 1)), "not applied before it is whole");
+        let applied = a.push_row("relation:follows", row(2, 1, 8.0));
+        assert_eq!(versions(&applied), vec![(2, 1)]);
+        assert_eq!(value(&a, "user:1"), None);
+        assert_eq!(value(&a, "user:2"), Some((5.0, 2)));
+        assert_eq!((a.nodes(), applied[0].nodes), (1, 1));
+        // A tombstone of an applied version is stale.
+        assert!(a.push_tombstone("user:2", 2, 1).is_empty());
+        assert_eq!(value(&a, "user:2"), Some((5.0, 2)));
+    }
+
+    #[test]
+    fn a_catch_up_applies_tombstones_in_version_order() {
+        let mut a = VersionAssembler::new();
+        for (k, r) in v1() {
+            a.push_row(k, r);
+        }
+        // Version 2 erases user:2; its relation row was compacted away (version 3 superseded
+        // it), so it never completes on its own.
+        a.push_marker(marker(1, 1, 3));
+        a.push_tombstone("user:2", 2, 1);
+        a.push_marker(marker(2, 1, 2));
+        a.push_row("user:1", row(3, 1, 7.0));
+        a.push_row("relation:follows", row(3, 1, 6.0));
+        a.push_marker(marker(3, 1, 2));
+        a.catch_up();
+        assert_eq!(a.applied_version(), 3);
+        assert_eq!(
+            (value(&a, "user:1"), value(&a, "user:2")),
+            (Some((7.0, 3)), None)
+        );
     }
 
     #[test]

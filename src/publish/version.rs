@@ -29,6 +29,9 @@ use crate::train::{ModelDelta, ModelState, Snapshot};
 #[derive(Debug, Clone)]
 pub struct PreparedVersion {
     pub rows: Vec<(String, Vec<u8>)>,
+    /// Keys of erased nodes, produced with a null value (a tombstone) and the version and epoch
+    /// as headers ([`crate::publish::TOMBSTONE_VERSION_HEADER`]); counted in the marker's rows.
+    pub tombstones: Vec<String>,
     pub marker: VersionMarker,
     /// Event time (ms) of the newest event the version reflects.
     pub newest_ts: i64,
@@ -75,6 +78,8 @@ pub struct VersionRequest<'a> {
     pub comparator: Comparator,
     /// The alignment's figures, for the marker.
     pub align: Option<&'a AlignFigures>,
+    /// Nodes erased since the previous version: each gets a tombstone.
+    pub tombstones: &'a [NodeRef],
 }
 
 /// A row's key and encoded payload.
@@ -182,6 +187,7 @@ pub fn build_delta_version(
     let mut rows = Vec::new();
     let mut newest = 0i64;
     let mut update = Vec::with_capacity(delta.tables.len());
+    let erased = erased_nodes(store);
     for (t, table) in delta.tables.iter().enumerate() {
         let m = reference
             .and_then(|r| r.tables.get(t))
@@ -229,6 +235,9 @@ pub fn build_delta_version(
                     node_type: t as u16,
                     index: i as u32,
                 };
+                if erased.contains(&node) {
+                    continue;
+                }
                 let Some(id) = store.node_id(node)? else {
                     continue;
                 };
@@ -269,7 +278,8 @@ pub fn build_delta_version(
         }
         update.push((table.len, idx, picked));
     }
-    if rows.is_empty() {
+    let tombstones = tombstone_keys(store, req.tombstones)?;
+    if rows.is_empty() && tombstones.is_empty() {
         return Ok(None);
     }
     let values = Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32");
@@ -282,18 +292,39 @@ pub fn build_delta_version(
     let marker = VersionMarker {
         version: req.version,
         epoch: req.epoch,
-        rows: rows.len() as u64,
+        rows: (rows.len() + tombstones.len()) as u64,
         align: req.align.cloned(),
     };
     Ok(Some((
         PreparedVersion {
             rows,
+            tombstones,
             marker,
             newest_ts: newest,
             cursor: delta.cursor,
         },
         ViewUpdate { tables: update },
     )))
+}
+
+/// Every erased node of the store (none of them is published again).
+fn erased_nodes(store: &GraphStore) -> std::collections::HashSet<NodeRef> {
+    match store.erased_count() {
+        0 => Default::default(),
+        _ => store.erasures_since(0).into_iter().collect(),
+    }
+}
+
+/// The keys (`type:id`) of `nodes`, for their tombstones.
+fn tombstone_keys(store: &GraphStore, nodes: &[NodeRef]) -> Result<Vec<String>, StoreError> {
+    let types = &store.stored_schema().node_types;
+    let mut keys = Vec::with_capacity(nodes.len());
+    for &node in nodes {
+        if let Some(id) = store.node_id(node)? {
+            keys.push(format!("{}:{id}", types[node.node_type as usize]));
+        }
+    }
+    Ok(keys)
 }
 
 /// Indices of the rows a version carries: every row of `current [N, D]` beyond the `reference`
@@ -341,6 +372,7 @@ pub fn build_version(
     let mut rows = Vec::new();
     let mut newest = 0i64;
     let mut view = Vec::with_capacity(current.tables.len());
+    let erased = erased_nodes(store);
     for (t, table) in current.tables.iter().enumerate() {
         let reference = match reference.and_then(|r| r.tables.get(t)) {
             Some(r) => r.shallow_clone(),
@@ -376,6 +408,9 @@ pub fn build_version(
                 node_type: t as u16,
                 index: i as u32,
             };
+            if erased.contains(&node) {
+                continue;
+            }
             let Some(id) = store.node_id(node)? else {
                 continue;
             };
@@ -397,7 +432,8 @@ pub fn build_version(
             ));
         }
     }
-    if rows.is_empty() {
+    let tombstones = tombstone_keys(store, req.tombstones)?;
+    if rows.is_empty() && tombstones.is_empty() {
         return Ok(None);
     }
     let relations = current.relations.copy();
@@ -414,11 +450,12 @@ pub fn build_version(
     let marker = VersionMarker {
         version: req.version,
         epoch: req.epoch,
-        rows: rows.len() as u64,
+        rows: (rows.len() + tombstones.len()) as u64,
         align: req.align.cloned(),
     };
     let prepared = PreparedVersion {
         rows,
+        tombstones,
         marker,
         newest_ts: newest,
         cursor: state.cursor,
@@ -504,6 +541,7 @@ mod tests {
             threshold: 0.01,
             comparator: Comparator::Dot,
             align: None,
+            tombstones: &[],
         };
         let d = delta(&[1, 3, 8, 9], &values);
         let (prepared, update) = build_delta_version(&store, &d, Some(&reference), &req)
@@ -538,6 +576,84 @@ mod tests {
         assert!(build_delta_version(&store, &still, Some(&reference), &req)
             .unwrap()
             .is_none());
+    }
+
+    /// An erased node's row never goes out again; the version after its erasure carries its
+    /// tombstone (and is a version even when nothing else moved).
+    #[test]
+    fn an_erased_node_gets_a_tombstone_and_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = users(dir.path(), 4);
+        let erase = Event {
+            op: crate::schema::EventOp::Erase,
+            src: NodeKey {
+                node_type: 0,
+                id: "u1".into(),
+            },
+            rel: 0,
+            dst: NodeKey {
+                node_type: 0,
+                id: "u1".into(),
+            },
+            ts: 9,
+            weight: 0.0,
+            event_id: None,
+        };
+        let batch = AppendBatch::from_events("t", 3, [erase]);
+        assert_eq!(store.append(&batch).unwrap().erased, 1);
+        let erased = store.erasures_since(0);
+        let delta = ModelDelta {
+            tables: vec![TableDelta {
+                len: 4,
+                index: Tensor::from_slice(&[0i64, 1, 2, 3]),
+                values: Tensor::zeros([4, 2], (Kind::Float, Device::Cpu)),
+                ts: vec![1; 4],
+                biases: None,
+            }],
+            relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
+            samples: Vec::new(),
+            cursor: 3,
+        };
+        let req = |tombstones| VersionRequest {
+            version: 1,
+            epoch: 1,
+            format: ValueFormat::Json,
+            threshold: 0.01,
+            comparator: Comparator::Dot,
+            align: None,
+            tombstones,
+        };
+        let (prepared, _) = build_delta_version(&store, &delta, None, &req(&erased))
+            .unwrap()
+            .unwrap();
+        let keys: Vec<&str> = prepared.rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["user:u0", "user:u2", "user:u3", "relation:follows"]);
+        assert_eq!(prepared.tombstones, ["user:u1"]);
+        assert_eq!(prepared.marker.rows, 5, "the tombstone counts");
+        // The next version: the tombstone went out already, the row still stays out.
+        let (later, _) = build_delta_version(&store, &delta, None, &req(&[]))
+            .unwrap()
+            .unwrap();
+        assert!(later.tombstones.is_empty() && later.rows.iter().all(|(k, _)| k != "user:u1"));
+        // Nothing moved, but an erasure: still a version, carrying the tombstone alone.
+        let still = ModelDelta {
+            tables: vec![TableDelta {
+                len: 4,
+                index: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+                values: Tensor::zeros([0, 2], (Kind::Float, Device::Cpu)),
+                ts: vec![],
+                biases: None,
+            }],
+            ..delta
+        };
+        let reference = Snapshot {
+            tables: vec![Tensor::zeros([4, 2], (Kind::Float, Device::Cpu))],
+            relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
+        };
+        let (only, _) = build_delta_version(&store, &still, Some(&reference), &req(&erased))
+            .unwrap()
+            .unwrap();
+        assert_eq!(only.tombstones, ["user:u1"]);
     }
 
     #[test]

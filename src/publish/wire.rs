@@ -17,12 +17,36 @@ pub struct RowRecord {
     pub vector: Vec<f32>,
 }
 
+/// Header of a tombstone (a record with a null value: the node was erased) naming the version
+/// that carries it, in decimal; the value alone cannot, and compaction needs it null.
+pub const TOMBSTONE_VERSION_HEADER: &str = "twhin-version";
+/// Header of a tombstone naming the publisher's epoch, in decimal.
+pub const TOMBSTONE_EPOCH_HEADER: &str = "twhin-epoch";
+
+/// The `(version, epoch)` a tombstone's headers name; `None` when either is missing or not a
+/// decimal number (a null value that is not the publisher's).
+pub fn tombstone_attempt<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Option<(u64, u64)> {
+    let (mut version, mut epoch) = (None, None);
+    for (name, value) in headers {
+        let number = || std::str::from_utf8(value).ok()?.parse::<u64>().ok();
+        match name {
+            TOMBSTONE_VERSION_HEADER => version = number(),
+            TOMBSTONE_EPOCH_HEADER => epoch = number(),
+            _ => {}
+        }
+    }
+    Some((version?, epoch?))
+}
+
 /// The marker written after all of a version's rows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VersionMarker {
     pub version: u64,
     pub epoch: u64,
-    /// Rows (nodes and relations) this version and epoch published.
+    /// Records (node rows, tombstones of erased nodes, relation vectors) this version and epoch
+    /// published.
     pub rows: u64,
     /// Drift figures of the version (absent when the publisher measured none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,6 +141,21 @@ impl VersionMarker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tombstone_names_its_attempt_in_two_headers() {
+        let h = |v: &'static [u8], e: &'static [u8]| {
+            [
+                ("other", &b"x"[..]),
+                (TOMBSTONE_VERSION_HEADER, v),
+                (TOMBSTONE_EPOCH_HEADER, e),
+            ]
+        };
+        assert_eq!(tombstone_attempt(h(b"12", b"3")), Some((12, 3)));
+        assert_eq!(tombstone_attempt(h(b"12", b"")), None);
+        assert_eq!(tombstone_attempt(h(b"-1", b"3")), None);
+        assert_eq!(tombstone_attempt([(TOMBSTONE_VERSION_HEADER, &b"1"[..])]), None);
+    }
 
     fn row() -> RowRecord {
         RowRecord {

@@ -30,7 +30,9 @@ pub struct NodeKey {
 /// A valid engagement event, resolved against the schema.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    /// Add the edge (the default), or delete every stored edge `(src, rel, dst)`.
+    /// Add the edge (the default), delete every stored edge `(src, rel, dst)`, or erase the node
+    /// `src`. An erasure names one node (`"node"` on the wire): its `dst` repeats `src`, and
+    /// `rel` and `weight` mean nothing.
     pub op: EventOp,
     pub src: NodeKey,
     pub rel: RelId,
@@ -50,6 +52,10 @@ pub enum EventOp {
     /// The edge is withdrawn (an unfollow, an un-favorite): every stored edge with the same
     /// source, relation and target leaves the store's adjacency and the training sample.
     Delete,
+    /// The node is erased (an account deletion): its edges leave the store and the training
+    /// sample, its row leaves the published tables (a tombstone on the embeddings topic), and
+    /// later events naming it are not stored.
+    Erase,
 }
 
 /// Why an event was rejected. The `as_str` form is the metric label and the DLQ header value.
@@ -81,12 +87,14 @@ pub enum InvalidReason {
     BadTimestamp,
     /// `event_id` is empty or over-long.
     BadEventId,
-    /// `op` is neither `"add"` nor `"delete"`.
+    /// `op` is not `"add"`, `"delete"` or `"erase"`.
     BadOp,
+    /// An erasure without its `node`, or naming `src`, `rel` or `dst` as well.
+    BadErase,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 18] = [
+    pub const ALL: [InvalidReason; 19] = [
         InvalidReason::EmptyPayload,
         InvalidReason::TooLarge,
         InvalidReason::NotUtf8,
@@ -105,6 +113,7 @@ impl InvalidReason {
         InvalidReason::BadTimestamp,
         InvalidReason::BadEventId,
         InvalidReason::BadOp,
+        InvalidReason::BadErase,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -127,6 +136,7 @@ impl InvalidReason {
             InvalidReason::BadTimestamp => "bad_timestamp",
             InvalidReason::BadEventId => "bad_event_id",
             InvalidReason::BadOp => "bad_op",
+            InvalidReason::BadErase => "bad_erase",
         }
     }
 
@@ -174,6 +184,8 @@ struct RawEvent<'a> {
     event_id: Option<&'a RawValue>,
     #[serde(borrow)]
     op: Option<&'a RawValue>,
+    #[serde(borrow)]
+    node: Option<&'a RawValue>,
 }
 
 /// Decode and validate one payload. `fallback_ts` (the Kafka timestamp, in ms) is used when the
@@ -191,6 +203,10 @@ pub fn decode_event(
         Ok(raw) => raw,
         Err(e) => return Err(classify_json_error(text, e)),
     };
+    let op = op_field(raw.op)?;
+    if op == EventOp::Erase {
+        return erasure(schema, limits, &raw, fallback_ts);
+    }
     let (src, rel, dst) = endpoints(schema, limits, &raw)?;
     let ts = event_time(raw.ts, fallback_ts, limits)?;
     let weight = match raw.weight {
@@ -199,7 +215,6 @@ pub fn decode_event(
         Some(v) => weight_field(v)?,
     };
     let event_id = event_id_field(raw.event_id, limits)?;
-    let op = op_field(raw.op)?;
     Ok(Event {
         op,
         src,
@@ -216,11 +231,51 @@ fn op_field(raw: Option<&RawValue>) -> Result<EventOp, InvalidEvent> {
     match raw.map(RawValue::get) {
         None | Some("null") | Some("\"add\"") => Ok(EventOp::Add),
         Some("\"delete\"") => Ok(EventOp::Delete),
+        Some("\"erase\"") => Ok(EventOp::Erase),
         Some(other) => Err(invalid(
             InvalidReason::BadOp,
-            format!("op: expected \"add\" or \"delete\", got {other}"),
+            format!(
+                "op: expected \"add\", \"delete\" or \"erase\", got {}",
+                truncate(other)
+            ),
         )),
     }
+}
+
+/// `{"op": "erase", "node": "type:id"}` (with `ts` and `event_id` as for an edge): the node
+/// alone, no `src`, `rel` or `dst`, so an erasure is never mistaken for an edge.
+fn erasure(
+    schema: &Schema,
+    limits: &DecodeLimits,
+    raw: &RawEvent<'_>,
+    fallback_ts: u64,
+) -> Result<Event, InvalidEvent> {
+    let present = |v: Option<&RawValue>| v.is_some_and(|v| v.get() != "null");
+    if let Some(field) = [("src", raw.src), ("rel", raw.rel), ("dst", raw.dst)]
+        .into_iter()
+        .find_map(|(name, v)| present(v).then_some(name))
+    {
+        return Err(invalid(
+            InvalidReason::BadErase,
+            format!("an erasure names its node as \"node\" and has no {field}"),
+        ));
+    }
+    let Some(node_raw) = raw.node.filter(|v| v.get() != "null") else {
+        return Err(invalid(
+            InvalidReason::BadErase,
+            "an erasure needs \"node\": \"type:id\"",
+        ));
+    };
+    let node = node_key(schema, limits, "node", &string_field(node_raw, "node")?)?;
+    Ok(Event {
+        op: EventOp::Erase,
+        src: node.clone(),
+        rel: 0,
+        dst: node,
+        ts: event_time(raw.ts, fallback_ts, limits)?,
+        weight: 0.0,
+        event_id: event_id_field(raw.event_id, limits)?,
+    })
 }
 
 /// The payload as UTF-8 text, within `ingest.max_event_bytes`.

@@ -278,6 +278,13 @@ mod props {
 
     /// The event as JSON, every optional field written.
     fn encode(s: &Schema, e: &Event) -> Vec<u8> {
+        if e.op == EventOp::Erase {
+            let mut j = serde_json::json!({"op": "erase", "node": node_name(s, &e.src), "ts": e.ts});
+            if let Some(id) = &e.event_id {
+                j["event_id"] = serde_json::json!(id);
+            }
+            return j.to_string().into_bytes();
+        }
         let mut j = serde_json::json!({
             "src": node_name(s, &e.src),
             "rel": s.relation(e.rel).name,
@@ -289,6 +296,9 @@ mod props {
         if let Some(id) = &e.event_id {
             j["event_id"] = serde_json::json!(id);
         }
+        if e.op == EventOp::Delete {
+            j["op"] = serde_json::json!("delete");
+        }
         j.to_string().into_bytes()
     }
 
@@ -298,9 +308,13 @@ mod props {
         let s = twitter();
         match decode_event(&s, &PROPS, payload, RECORD_TS) {
             Ok(e) => {
-                let rel = s.relation(e.rel);
-                prop_assert!(rel.src_types.contains(&e.src.node_type), "{e:?}");
-                prop_assert!(rel.dst_types.contains(&e.dst.node_type), "{e:?}");
+                if e.op == EventOp::Erase {
+                    prop_assert_eq!(&e.src, &e.dst);
+                } else {
+                    let rel = s.relation(e.rel);
+                    prop_assert!(rel.src_types.contains(&e.src.node_type), "{e:?}");
+                    prop_assert!(rel.dst_types.contains(&e.dst.node_type), "{e:?}");
+                }
                 for id in [&e.src.id, &e.dst.id] {
                     prop_assert!(!id.is_empty() && id.len() <= PROPS.max_id_bytes, "{e:?}");
                 }
@@ -672,4 +686,35 @@ fn op_is_add_by_default_delete_when_asked_and_anything_else_a_dead_letter() {
     for bad in [r#","op":"remove""#, r#","op":1"#, r#","op":"DELETE""#] {
         assert_eq!(reason(&with(bad)), InvalidReason::BadOp, "{bad}");
     }
+}
+
+#[test]
+fn an_erasure_names_one_node_and_a_malformed_one_is_a_dead_letter() {
+    let e = decode(r#"{"op":"erase","node":"user:a","ts":5,"event_id":"gdpr-1"}"#).unwrap();
+    assert_eq!(
+        (e.op, e.src.id.as_str(), e.ts, e.event_id.as_deref()),
+        (EventOp::Erase, "a", 5, Some("gdpr-1"))
+    );
+    assert_eq!(e.dst, e.src);
+    for bad in [
+        r#"{"op":"erase"}"#,
+        r#"{"op":"erase","node":null}"#,
+        r#"{"op":"erase","src":"user:a"}"#,
+        r#"{"op":"erase","node":"user:a","rel":"follows"}"#,
+        r#"{"op":"erase","node":"user:a","dst":"user:b"}"#,
+    ] {
+        assert_eq!(reason(bad), InvalidReason::BadErase, "{bad}");
+    }
+    assert_eq!(
+        reason(r#"{"op":"erase","node":"planet:a"}"#),
+        InvalidReason::UnknownNodeType
+    );
+    assert_eq!(
+        reason(r#"{"op":"erase","node":"user"}"#),
+        InvalidReason::BadNodeRef
+    );
+    assert_eq!(
+        reason(r#"{"op":"erase","node":"user:a","ts":-1}"#),
+        InvalidReason::BadTimestamp
+    );
 }

@@ -45,7 +45,11 @@ fn resolve_node(
     let index = store
         .node_index(node_type, id)?
         .ok_or_else(|| ApiError::UnknownNode(key.to_owned()))?;
-    Ok(NodeRef { node_type, index })
+    let node = NodeRef { node_type, index };
+    if store.is_erased(node) {
+        return Err(ApiError::Erased(key.to_owned()));
+    }
+    Ok(node)
 }
 
 /// The served version, or 503.
@@ -236,7 +240,9 @@ fn rank_neighbors(
                 None => src.shallow_clone(),
             });
         }
-        let ranked = tch::no_grad(|| top_targets(view, &sources, &relation, &dst_types, k))?;
+        let erased = store.erasures_since(0);
+        let ranked =
+            tch::no_grad(|| top_targets(view, &sources, &relation, &dst_types, &erased, k))?;
         Ok::<_, ApiError>((view.version, ranked))
     })?;
     let mut neighbors = Vec::with_capacity(ranked.len());
@@ -259,13 +265,15 @@ fn rank_neighbors(
     })
 }
 
-/// Best `k` of each target type (libtorch's top-k; `sources`: the source's vector for each), then merged: a best `k` overall is within
-/// the union. Ties go to the lower type id, then the lower row.
+/// Best `k` of each target type (libtorch's top-k; `sources`: the source's vector for each),
+/// then merged: a best `k` overall is within the union. Ties go to the lower type id, then the
+/// lower row. `erased` nodes are never candidates.
 fn top_targets(
     view: &PublishedView,
     sources: &[Tensor],
     relation: &Tensor,
     dst_types: &[TypeId],
+    erased: &[NodeRef],
     k: usize,
 ) -> Result<Vec<(f32, NodeRef)>, ApiError> {
     let mut hits = Vec::new();
@@ -279,19 +287,33 @@ fn top_targets(
         if let Some(Some(b)) = view.biases.get(t as usize) {
             scores += b;
         }
+        let gone: Vec<i64> = erased
+            .iter()
+            .filter(|n| n.node_type == t && i64::from(n.index) < rows(candidates))
+            .map(|n| i64::from(n.index))
+            .collect();
+        if !gone.is_empty() {
+            let _ = scores.index_fill_(0, &Tensor::from_slice(&gone), f64::NEG_INFINITY);
+        }
         let take = (k as i64).min(rows(candidates));
         let (values, indices) = scores.f_topk(take, 0, true, true)?;
         let values = Vec::<f32>::try_from(&values.to_kind(Kind::Float))?;
         let indices = Vec::<i64>::try_from(&indices)?;
-        hits.extend(values.into_iter().zip(indices).map(|(score, i)| {
-            (
-                score,
-                NodeRef {
-                    node_type: t,
-                    index: i as u32,
-                },
-            )
-        }));
+        hits.extend(
+            values
+                .into_iter()
+                .zip(indices)
+                .filter(|(score, _)| *score > f32::NEG_INFINITY)
+                .map(|(score, i)| {
+                    (
+                        score,
+                        NodeRef {
+                            node_type: t,
+                            index: i as u32,
+                        },
+                    )
+                }),
+        );
     }
     hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     hits.truncate(k);

@@ -116,6 +116,8 @@ pub enum ApiError {
     UnknownType(String),
     #[error("unknown node `{0}`")]
     UnknownNode(String),
+    #[error("node `{0}` was erased")]
+    Erased(String),
     #[error("node `{node}` is not in the served version {version} yet")]
     NodeNotServed { node: String, version: u64 },
     #[error("relation `{rel}` is not in the served version {version} yet")]
@@ -155,6 +157,7 @@ impl ApiError {
         match self {
             ApiError::UnknownType(_) => "unknown_type",
             ApiError::UnknownNode(_) => "unknown_node",
+            ApiError::Erased(_) => "erased",
             ApiError::NodeNotServed { .. } => "node_not_served",
             ApiError::RelationNotServed { .. } => "relation_not_served",
             ApiError::NoVersion => "no_version",
@@ -175,6 +178,7 @@ impl ResponseError for ApiError {
             | ApiError::NodeNotServed { .. }
             | ApiError::RelationNotServed { .. }
             | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ApiError::Erased(_) => StatusCode::GONE,
             ApiError::NoVersion => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadParam { .. } | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,

@@ -47,6 +47,8 @@ pub struct IngestFigures {
     pub invalid: u64,
     pub appended: u64,
     pub duplicates: u64,
+    /// Add events not stored because they name an erased node.
+    pub erased_refused: u64,
     pub batches: u64,
     /// Events consumed per second since the process started.
     pub events_per_sec: f64,
@@ -131,6 +133,7 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
         invalid: i.invalid.load(Ordering::Relaxed),
         appended: i.appended.load(Ordering::Relaxed),
         duplicates: i.duplicates.load(Ordering::Relaxed),
+        erased_refused: i.erased_refused.load(Ordering::Relaxed),
         batches: i.batches.load(Ordering::Relaxed),
         events_per_sec: consumed as f64 / uptime.as_secs_f64().max(1e-3),
         recent_events_per_sec: recent,

@@ -72,8 +72,11 @@ struct BatchWrites<'b> {
     remembered: Vec<(&'b str, u64)>,
     /// Ids whose expiry chunk this batch deletes, with the time they were stored at.
     expired: Vec<(Vec<u8>, u64)>,
-    /// Edges this batch's delete events remove: seq → (src, dst).
+    /// Edges this batch's delete and erase events remove: seq → (src, dst).
     deletions: BTreeMap<u64, (NodeRef, NodeRef)>,
+    /// Nodes this batch erases, in order, and as a set.
+    erasures: Vec<NodeRef>,
+    erased_now: HashSet<NodeRef>,
 }
 
 impl GraphStore {
@@ -124,6 +127,8 @@ impl GraphStore {
             remembered: Vec::new(),
             expired: Vec::new(),
             deletions: BTreeMap::new(),
+            erasures: Vec::new(),
+            erased_now: HashSet::new(),
         };
         // Expire old ids first: the index forgets them before this batch's ids are remembered.
         if self.dedup_window_ms > 0 {
@@ -150,9 +155,11 @@ impl GraphStore {
             self.add_event(&graph, &writer.dedup, &mut w, position, se)?;
         }
         let delete_chunk = graph.delete_chunks;
+        let erase_chunk = graph.erasures.len() as u64;
         drop(graph);
         w.finish_chunks();
         w.finish_deletions(delete_chunk);
+        w.finish_erasures(erase_chunk);
         write_offsets(&mut w.sled, batch, &stored_next);
         self.commit(&mut writer, w)
     }
@@ -195,8 +202,21 @@ impl GraphStore {
                 w.remember_id(id, ev.ts);
             }
         }
-        if ev.op == EventOp::Delete {
-            self.delete_edges(graph, w, ev);
+        match ev.op {
+            EventOp::Add => {}
+            EventOp::Delete => {
+                self.delete_edges(graph, w, ev);
+                return Ok(());
+            }
+            EventOp::Erase => return self.erase_node(graph, w, ev),
+        }
+        if !(graph.erased.is_empty() && w.erased_now.is_empty())
+            && [&ev.src, &ev.dst]
+                .into_iter()
+                .filter_map(|key| known_node(graph, w, key))
+                .any(|n| graph.erased.contains(&n) || w.erased_now.contains(&n))
+        {
+            w.out.erased_refused += 1;
             return Ok(());
         }
         let nodes = &graph.nodes;
@@ -224,17 +244,8 @@ impl GraphStore {
     /// A delete event: every live edge `src -rel-> dst`, stored before or earlier in this batch,
     /// is removed (none when either node is unknown).
     fn delete_edges(&self, graph: &Graph, w: &mut BatchWrites<'_>, ev: &crate::schema::Event) {
-        let find = |key: &NodeKey, w: &BatchWrites<'_>| {
-            graph
-                .nodes
-                .index(key.node_type, &key.id)
-                .or_else(|| w.new_nodes.get(&(key.node_type, key.id.as_str())).copied())
-                .map(|index| NodeRef {
-                    node_type: key.node_type,
-                    index,
-                })
-        };
-        let (Some(src), Some(dst)) = (find(&ev.src, w), find(&ev.dst, w)) else {
+        let (Some(src), Some(dst)) = (known_node(graph, w, &ev.src), known_node(graph, w, &ev.dst))
+        else {
             w.out.deletes_unmatched += 1;
             return;
         };
@@ -260,6 +271,45 @@ impl GraphStore {
         w.out.deleted += found.len() as u64;
         w.deletions
             .extend(found.into_iter().map(|seq| (seq, (src, dst))));
+    }
+
+    /// An erase event: every live edge at either end of the node (stored, or earlier in this
+    /// batch) is removed, and the node is marked erased. A node the store does not know is
+    /// interned first, so that its id is recognised as erased when events name it later.
+    fn erase_node<'b>(
+        &self,
+        graph: &Graph,
+        w: &mut BatchWrites<'b>,
+        ev: &'b crate::schema::Event,
+    ) -> Result<(), StoreError> {
+        let node = self.intern(&graph.nodes, w, &ev.src)?;
+        if graph.erased.contains(&node) || !w.erased_now.insert(node) {
+            return Ok(());
+        }
+        let mut found: Vec<(u64, NodeRef, NodeRef, RelId)> = Vec::new();
+        graph.adjacency.visit(node, None, None, |n| {
+            let (src, dst) = match n.dir {
+                crate::store::Direction::Out => (node, n.node),
+                crate::store::Direction::In => (n.node, node),
+            };
+            found.push((n.seq, src, dst, n.rel));
+            true
+        });
+        let first_new = w.out.first_seq;
+        found.extend(w.edges.iter().enumerate().filter_map(|(i, e)| {
+            (e.src == node || e.dst == node).then_some((first_new + i as u64, e.src, e.dst, e.rel))
+        }));
+        // A self-loop is at both ends of the node: taken once.
+        for (seq, src, dst, rel) in found {
+            if w.deletions.insert(seq, (src, dst)).is_none() {
+                let live = &mut w.counts.relations[rel as usize];
+                *live = live.saturating_sub(1);
+                w.out.deleted += 1;
+            }
+        }
+        w.erasures.push(node);
+        w.out.erased += 1;
+        Ok(())
     }
 
     fn intern<'b>(
@@ -333,6 +383,10 @@ impl GraphStore {
                 graph.adjacency.remove(seq, src, dst);
                 graph.deleted.insert(seq);
             }
+            for &node in &w.erasures {
+                graph.erased.insert(node);
+                graph.erasures.push(node);
+            }
         }
         *self.counts.write().unwrap_or_else(|p| p.into_inner()) = w.counts;
         Ok(w.out)
@@ -358,6 +412,18 @@ impl GraphStore {
         }
         Ok(())
     }
+}
+
+/// The node `key` names, stored or new in this batch; `None` when neither.
+fn known_node(graph: &Graph, w: &BatchWrites<'_>, key: &NodeKey) -> Option<NodeRef> {
+    graph
+        .nodes
+        .index(key.node_type, &key.id)
+        .or_else(|| w.new_nodes.get(&(key.node_type, key.id.as_str())).copied())
+        .map(|index| NodeRef {
+            node_type: key.node_type,
+            index,
+        })
 }
 
 impl<'b> BatchWrites<'b> {
@@ -389,6 +455,15 @@ impl<'b> BatchWrites<'b> {
             bytes.extend_from_slice(&seq.to_be_bytes());
         }
         self.sled.insert(&delete_chunk_key(chunk)[..], bytes);
+    }
+
+    /// The erased nodes' chunk (`Z`, keyed by how many nodes were erased before it).
+    fn finish_erasures(&mut self, chunk: u64) {
+        if self.erasures.is_empty() {
+            return;
+        }
+        let bytes: Vec<u8> = self.erasures.iter().flat_map(|&n| encode_node(n)).collect();
+        self.sled.insert(&erase_chunk_key(chunk)[..], bytes);
     }
 
     /// The edge log's chunks, the new nodes' id chunks and the last expiry chunk.

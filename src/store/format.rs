@@ -10,8 +10,9 @@ use crate::store::memory::{Adjacency, DedupIndex, Interner};
 use crate::store::{corrupt, Counts, Edge, Graph, NodeRef, StoreError, StoredSchema, EDGE_BYTES};
 
 /// The format this build writes. 1: one sled key per node, adjacency chunk and event id;
-/// 2: chunks only, indexes in memory (see the module docs of [`crate::store`]).
-pub const STORE_FORMAT: u32 = 2;
+/// 2: chunks only, indexes in memory (see the module docs of [`crate::store`]); 3: erased
+/// nodes (`Z` chunks), which a format-2 build would not honour (so it must refuse the store).
+pub const STORE_FORMAT: u32 = 3;
 
 const META_FORMAT: &[u8] = b"Mformat";
 const META_NEXT_SEQ: &[u8] = crate::store::META_NEXT_SEQ;
@@ -28,7 +29,8 @@ fn sled_err(path: &Path) -> impl Fn(sled::Error) -> StoreError + '_ {
 
 /// Bring the store at `path` to [`STORE_FORMAT`]: a new store is stamped, a format-1 store is
 /// rewritten in one atomic batch (its per-node and per-id keys become chunks, its adjacency and
-/// counts are dropped: they are rebuilt in memory), a newer format is refused.
+/// counts are dropped: they are rebuilt in memory), a format-2 store (no erasures yet) is only
+/// stamped, a newer format is refused.
 pub(super) fn upgrade(
     tree: &sled::Tree,
     path: &Path,
@@ -45,7 +47,7 @@ pub(super) fn upgrade(
     };
     match format {
         STORE_FORMAT if stamped => return Ok(()),
-        STORE_FORMAT => {}
+        STORE_FORMAT | 2 => {}
         1 => upgrade_from_1(tree, path, schema)?,
         newer => {
             return Err(StoreError::Format {
@@ -260,6 +262,30 @@ pub(super) fn load(
         delete_chunks = delete_chunks.max(chunk + 1);
     }
 
+    let mut erasures = Vec::new();
+    let mut erased: std::collections::HashSet<NodeRef, foldhash::fast::RandomState> =
+        Default::default();
+    // Chunk keys are big-endian numbers, so the scan is in erasure order.
+    for kv in tree.scan_prefix(b"Z") {
+        let (k, v) = kv.map_err(&err)?;
+        let chunk = be_u64(&k[1..]).ok_or_else(|| corrupt(path, "erase chunk key"))?;
+        if v.len() % 6 != 0 {
+            return Err(corrupt(path, &format!("erase chunk {chunk}")));
+        }
+        for b in v.chunks_exact(6) {
+            let node = decode_node(b).expect("6 bytes");
+            if node.index >= nodes.count(node.node_type) {
+                return Err(corrupt(
+                    path,
+                    &format!("erase chunk {chunk} names an unknown node"),
+                ));
+            }
+            if erased.insert(node) {
+                erasures.push(node);
+            }
+        }
+    }
+
     let mut adjacency = Adjacency::new(types);
     let mut seq = 0u64;
     for kv in tree.range(edge_key(0)..=edge_key(u64::MAX)) {
@@ -311,6 +337,8 @@ pub(super) fn load(
             adjacency,
             deleted,
             delete_chunks,
+            erasures,
+            erased,
         },
         dedup,
     })

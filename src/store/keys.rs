@@ -42,6 +42,27 @@ pub(super) fn delete_chunk_key(chunk: u64) -> [u8; 9] {
     k
 }
 
+pub(super) fn erase_chunk_key(chunk: u64) -> [u8; 9] {
+    let mut k = [b'Z', 0, 0, 0, 0, 0, 0, 0, 0];
+    k[1..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+/// A node as 6 bytes (type u16, index u32), as erasure chunks hold it.
+pub(super) fn encode_node(node: NodeRef) -> [u8; 6] {
+    let mut b = [0u8; 6];
+    b[0..2].copy_from_slice(&node.node_type.to_be_bytes());
+    b[2..6].copy_from_slice(&node.index.to_be_bytes());
+    b
+}
+
+pub(super) fn decode_node(b: &[u8]) -> Option<NodeRef> {
+    Some(NodeRef {
+        node_type: u16::from_be_bytes(b.get(0..2)?.try_into().ok()?),
+        index: be_u32(b.get(2..6)?)?,
+    })
+}
+
 pub(super) fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
     partition_key(b'O', topic, partition)
 }

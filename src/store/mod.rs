@@ -28,6 +28,7 @@
 //! | `P`    | topic bytes, 0x00, partition i32      | the last consumed record: [`RecordPrint`] (offset i64, ts i64, crc u32) |
 //! | `Y`    | newest ts u64, first seq u64 of the batch | the batch's ids: ts u64, len u16, id |
 //! | `D`    | chunk number u64                      | sequence numbers (u64 each) of the edges a batch deleted |
+//! | `Z`    | chunk number u64                      | the nodes a batch erased: type u16, index u32 each (format 3) |
 //! | `M`    | name                                  | metadata (bincode; `Mformat`: the format, u32) |
 //!
 //! Format 1 (before 2026-12) also kept `N` (id → index), one `I` key per node, `A` (adjacency
@@ -236,6 +237,10 @@ pub struct AppendOutcome {
     pub deleted: u64,
     /// Delete events that matched no stored edge.
     pub deletes_unmatched: u64,
+    /// Nodes erased by erase events (a node erased again is not counted twice).
+    pub erased: u64,
+    /// Add events not stored because they name an erased node.
+    pub erased_refused: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,6 +369,11 @@ struct Graph {
     deleted: std::collections::HashSet<u64, foldhash::fast::RandomState>,
     /// `D` chunks written so far (the next one's key).
     delete_chunks: u64,
+    /// Erased nodes (their `Z` chunks) in the order they were erased, and as a set. An erased
+    /// node keeps its index and id (its tombstone's key, and how later events naming it are
+    /// recognised) but has no edges, and events naming it are not stored.
+    erasures: Vec<NodeRef>,
+    erased: std::collections::HashSet<NodeRef, foldhash::fast::RandomState>,
 }
 
 /// What the single writer keeps between batches.

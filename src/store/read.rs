@@ -186,6 +186,24 @@ impl GraphStore {
         Ok(out)
     }
 
+    /// Nodes erased so far (erase events), in the order they were erased.
+    pub fn erased_count(&self) -> usize {
+        self.graph().erasures.len()
+    }
+
+    /// The erased nodes from the `from`-th erasure on, in erasure order (a reader keeps how far
+    /// it got, as the trainer and the publisher do).
+    pub fn erasures_since(&self, from: usize) -> Vec<NodeRef> {
+        self.graph()
+            .erasures
+            .get(from..)
+            .map_or_else(Vec::new, <[NodeRef]>::to_vec)
+    }
+
+    pub fn is_erased(&self, node: NodeRef) -> bool {
+        self.graph().erased.contains(&node)
+    }
+
     /// Edges removed by delete events.
     pub fn deleted_edges(&self) -> u64 {
         self.graph().deleted.len() as u64

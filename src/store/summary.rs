@@ -18,6 +18,8 @@ pub struct StoreSummary {
     pub edges_total: u64,
     /// Edges removed by delete events (counted in `edges_total`, not in `edges`).
     pub edges_deleted: u64,
+    /// Nodes erased by erase events (counted in `nodes`: they keep their index).
+    pub nodes_erased: u64,
     pub offsets: Vec<OffsetEntry>,
     pub size_on_disk_bytes: u64,
 }
@@ -59,6 +61,7 @@ impl StoreSummary {
             edges,
             edges_total: store.edge_count(),
             edges_deleted: store.deleted_edges(),
+            nodes_erased: store.erased_count() as u64,
             offsets,
             size_on_disk_bytes: store.size_on_disk(),
         })

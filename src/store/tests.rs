@@ -497,7 +497,30 @@ fn a_format_1_store_is_upgraded_in_place() {
     assert_eq!(again.duplicate_event_ids, 1, "the event ids came along");
     drop(s);
     let s = open(dir.path());
-    assert_eq!(s.node_count(0), 2, "upgraded once, reopened as format 2");
+    assert_eq!(s.node_count(0), 2, "upgraded once, reopened as format 3");
+}
+
+/// A format-2 store (before erasures) opens as it is, and is stamped format 3 (a format-2
+/// build, which would not honour erasures, then refuses it).
+#[test]
+fn a_format_2_store_is_stamped_format_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.append(&batch(vec![(0, 0, ev("user:a", 0, "user:b", 1, None))]))
+        .unwrap();
+    drop(s);
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("graph").unwrap();
+        tree.insert(b"Mformat", &2u32.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let s = open(dir.path());
+    assert_eq!((s.edge_count(), s.node_count(0)), (1, 2));
+    drop(s);
+    let db = sled::open(dir.path()).unwrap();
+    let stamp = db.open_tree("graph").unwrap().get(b"Mformat").unwrap();
+    assert_eq!(stamp.as_deref(), Some(&3u32.to_be_bytes()[..]));
 }
 
 #[test]
@@ -518,7 +541,7 @@ fn a_newer_store_format_is_refused_by_name() {
             err,
             StoreError::Format {
                 found: 9,
-                supported: 2,
+                supported: 3,
                 ..
             }
         ),
@@ -580,4 +603,78 @@ fn a_delete_event_removes_its_edges_everywhere_and_for_good() {
     check(&s);
     drop(s);
     check(&open(dir.path()));
+}
+
+/// An account deletion: every edge at either end of the node leaves the adjacency, the counts,
+/// the feed and the sample; later events naming it are not stored; and all of it (and the
+/// erasure order the trainer and publisher follow) survives a reopen.
+#[test]
+fn an_erased_node_loses_its_edges_and_later_events_naming_it_are_refused() {
+    use crate::schema::EventOp;
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let erase = |node: &str| Event {
+        op: EventOp::Erase,
+        ..ev(node, 0, node, 9, None)
+    };
+    s.append(&batch(vec![
+        (0, 0, ev("user:a", 0, "user:b", 1, None)),
+        (0, 1, ev("user:b", 0, "user:a", 2, None)),
+        (0, 2, ev("user:a", 1, "tweet:t", 3, None)),
+        (0, 3, ev("user:c", 1, "tweet:t", 4, None)),
+        (0, 4, ev("user:a", 0, "user:a", 5, None)),
+    ]))
+    .unwrap();
+    let out = s
+        .append(&batch(vec![
+            (0, 5, ev("user:c", 0, "user:a", 6, None)),
+            (0, 6, erase("user:a")),
+            (0, 7, erase("user:a")),
+            (0, 8, ev("user:b", 0, "user:a", 7, None)),
+            (0, 9, ev("user:c", 0, "user:b", 8, None)),
+            (0, 10, erase("user:never-seen")),
+        ]))
+        .unwrap();
+    assert_eq!(
+        (out.appended, out.deleted, out.erased, out.erased_refused),
+        (2, 5, 2, 1),
+        "a's four stored edges (the self-loop once) and the batch's c→a; b→a refused"
+    );
+    let a = NodeRef {
+        node_type: 0,
+        index: 0,
+    };
+    let check = |s: &GraphStore| {
+        assert!(s.is_erased(a));
+        assert_eq!(s.erased_count(), 2);
+        assert_eq!(s.erasures_since(0)[0], a);
+        assert_eq!(s.erasures_since(1).len(), 1);
+        for dir in [Direction::In, Direction::Out] {
+            assert_eq!(s.degree(a, 0, dir).unwrap(), 0);
+            assert_eq!(s.degree(a, 1, dir).unwrap(), 0);
+        }
+        assert_eq!(s.relation_counts(), vec![1, 1], "c→b and c→t are left");
+        let live: Vec<u64> = s
+            .edges_from(0, 100)
+            .unwrap()
+            .iter()
+            .map(|(q, _)| *q)
+            .collect();
+        assert_eq!(live, vec![3, 6]);
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(3);
+        assert!(s
+            .sample_edges(&mut rng, 50)
+            .unwrap()
+            .iter()
+            .all(|e| e.src != a && e.dst != a));
+    };
+    check(&s);
+    // Refused after a reopen too.
+    drop(s);
+    let s = open(dir.path());
+    check(&s);
+    let out = s
+        .append(&batch(vec![(0, 11, ev("user:a", 1, "tweet:u", 10, None))]))
+        .unwrap();
+    assert_eq!((out.appended, out.erased_refused, out.new_nodes), (0, 1, 0));
 }

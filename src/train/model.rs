@@ -70,6 +70,19 @@ impl NodeTable {
         });
     }
 
+    /// Zero `rows` (indices below `len`, on the table's device): their values, Adagrad state
+    /// and bias, so nothing of an erased node stays in the model or its checkpoints. They count
+    /// as written, so the next version takes them (and leaves them out: they are erased).
+    pub fn erase(&mut self, rows: &Tensor) {
+        tch::no_grad(|| {
+            let _ = self.weights.index_fill_(0, rows, 0.0);
+            let _ = self.state.index_fill_(0, rows, 0.0);
+            let _ = self.bias.index_fill_(0, rows, 0.0);
+            let _ = self.bias_state.index_fill_(0, rows, 0.0);
+            let _ = self.dirty.index_fill_(0, rows, 1);
+        });
+    }
+
     /// Live rows written since the last [`NodeTable::take_dirty`].
     pub fn dirty_count(&self) -> i64 {
         tch::no_grad(|| {

@@ -184,6 +184,10 @@ pub struct TrainerCore {
     pull: f64,
     /// Where [`TrainerCore::take_delta`]'s scan for non-finite rows continues, per type.
     scan: Vec<i64>,
+    /// Erased nodes' rows per type (the store's erasures, read up to `erasures_seen`): zeroed
+    /// when seen and again before each version, as negatives may have moved them since.
+    erased: Vec<Vec<i64>>,
+    erasures_seen: usize,
 }
 
 /// Rows [`TrainerCore::take_delta`] scans for non-finite values besides the written ones (all of
@@ -215,6 +219,8 @@ impl TrainerCore {
             pull_target: None,
             pull: 0.0,
             scan: vec![0; model.tables.len()],
+            erased: vec![Vec::new(); model.tables.len()],
+            erasures_seen: 0,
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -292,6 +298,7 @@ impl TrainerCore {
     /// at the end of the log.
     pub fn step(&mut self, store: &GraphStore) -> Result<StepReport, StoreError> {
         let started = Instant::now();
+        self.follow_erasures(store);
         let backlog = store.edge_count().saturating_sub(self.cursor);
         self.batch = next_batch_size(
             self.batch,
@@ -365,6 +372,35 @@ impl TrainerCore {
         report.backlog = store.edge_count().saturating_sub(self.cursor);
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// Take in the nodes erased since the last call and zero their rows (after a restart, every
+    /// erasure again: zeroing is idempotent).
+    pub fn follow_erasures(&mut self, store: &GraphStore) {
+        if store.erased_count() <= self.erasures_seen {
+            return;
+        }
+        let new = store.erasures_since(self.erasures_seen);
+        self.erasures_seen += new.len();
+        self.erased.resize(self.model.tables.len(), Vec::new());
+        for node in new {
+            if let Some(rows) = self.erased.get_mut(node.node_type as usize) {
+                rows.push(i64::from(node.index));
+            }
+        }
+        self.zero_erased();
+    }
+
+    /// Zero the erased rows the tables have (a row added later is zeroed before the next
+    /// version).
+    fn zero_erased(&mut self) {
+        let device = self.model.device;
+        for (table, rows) in self.model.tables.iter_mut().zip(&self.erased) {
+            let live: Vec<i64> = rows.iter().copied().filter(|&i| i < table.len()).collect();
+            if !live.is_empty() {
+                table.erase(&Tensor::from_slice(&live).to_device(device));
+            }
+        }
     }
 
     /// Per relation id, whether it is trained (`trainer.train_relations`); `None`: all are.
@@ -560,6 +596,7 @@ impl TrainerCore {
     pub fn take_delta(&mut self, req: &DeltaRequest) -> ModelDelta {
         tch::no_grad(|| {
             self.scan_non_finite();
+            self.zero_erased();
             let mut tables = Vec::with_capacity(self.model.tables.len());
             for (t, table) in self.model.tables.iter_mut().enumerate() {
                 if req.full || table.biased {
@@ -818,6 +855,76 @@ mod tests {
             weighted_recent(t, 2, 0.5, true),
             vec![(2, (0.5 / s) as f32), (9, 1.0), (3, (1.0 / s) as f32)]
         );
+    }
+
+    /// An erased node's row (values, Adagrad state) is zeroed as soon as the trainer sees the
+    /// erasure, and again before every version, whatever moved it since.
+    #[test]
+    fn an_erased_row_is_zeroed_when_seen_and_before_each_version() {
+        use crate::schema::{Event, EventOp, NodeKey, Schema, SchemaConfig};
+        use crate::store::{AppendBatch, StoreOptions};
+        let schema: SchemaConfig = toml::from_str(
+            r#"node_types = ["user"]
+               relations = [{ name = "follows", src = "user", dst = "user" }]"#,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = GraphStore::open(
+            dir.path(),
+            &Schema::new(&schema).unwrap(),
+            &StoreOptions::default(),
+        )
+        .unwrap();
+        let user = |i: u32| NodeKey {
+            node_type: 0,
+            id: format!("u{i}"),
+        };
+        let ev = |op, src: u32, dst: u32| Event {
+            op,
+            src: user(src),
+            rel: 0,
+            dst: user(dst),
+            ts: 1,
+            weight: 1.0,
+            event_id: None,
+        };
+        store
+            .append(&AppendBatch::from_events(
+                "t",
+                0,
+                [ev(EventOp::Add, 0, 1), ev(EventOp::Add, 1, 2)],
+            ))
+            .unwrap();
+        let cfg = Config::from_toml("").unwrap();
+        let mut model = Embeddings::new(1, 1, 4, 0.1, Device::Cpu);
+        model.tables[0].grow(3, |n| Tensor::ones([n, 4], (Kind::Float, Device::Cpu)));
+        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        let grad = Tensor::ones([3, 4], (Kind::Float, Device::Cpu));
+        core.model.tables[0].adagrad(&Tensor::from_slice(&[0i64, 1, 2]), &grad, 0.1);
+        store
+            .append(&AppendBatch::from_events("t", 2, [ev(EventOp::Erase, 1, 1)]))
+            .unwrap();
+        core.follow_erasures(&store);
+        let row = |core: &TrainerCore, i: i64| {
+            let t = &core.model.tables[0];
+            (
+                t.weights.get(i).abs().sum(Kind::Float).double_value(&[]),
+                t.state.double_value(&[i]),
+            )
+        };
+        assert_eq!(row(&core, 1), (0.0, 0.0));
+        assert!(row(&core, 0).0 > 0.0 && row(&core, 2).1 > 0.0);
+        // Moved again (as a negative), then a version: zero in the delta and the table.
+        core.model.tables[0].adagrad(&Tensor::from_slice(&[1i64]), &grad.narrow(0, 0, 1), 0.1);
+        let delta = core.take_delta(&DeltaRequest::default());
+        assert_eq!(row(&core, 1), (0.0, 0.0));
+        let values = &delta.tables[0].values;
+        let at = Vec::<i64>::try_from(&delta.tables[0].index)
+            .unwrap()
+            .iter()
+            .position(|&i| i == 1)
+            .expect("the erased row is taken (the publisher leaves it out)");
+        assert_eq!(values.get(at as i64).abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
     #[test]
