@@ -361,3 +361,166 @@ fn transactional_versions_commit_and_apply_whole_across_a_restart() {
     check_whole_versions(&p);
     assert!(unmarked_attempts(&p).is_empty());
 }
+
+/// `examples/subscriber.rs`, built by `cargo test --all-targets` beside the test binaries (built
+/// here when it is missing, as under a bare `cargo test --test subscriber`).
+fn example_subscriber() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let debug = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let bin = debug.join("examples").join("subscriber");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .current_dir(repo_root())
+            .args(["build", "--example", "subscriber"])
+            .status()
+            .unwrap();
+        assert!(
+            status.success() && bin.exists(),
+            "building the example subscriber"
+        );
+    }
+    bin
+}
+
+/// An account deletion end to end: `{"op": "erase", "node": …}` takes the node's edges out of
+/// the store, the daemon stops serving its row (410), a later event naming it is not stored, a
+/// malformed erasure is a dead letter (`bad_erase`), and the next version carries a tombstone
+/// for its key, so the example subscriber's table no longer holds it (while every other node
+/// of the stream stays).
+#[test]
+fn an_erased_node_leaves_the_store_the_served_version_and_the_subscribers_table() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Publishing {
+        broker,
+        port,
+        env,
+        store,
+    } = publishing(dir.path(), 8, 1, &[]);
+    let mut daemon = Daemon::start(env, port, dir.path());
+    let follow = |i: usize| {
+        let src = format!("user:{}", i % 40);
+        let json = serde_json::json!({"src": src, "rel": "follows", "dst": format!("user:f{}", i % 300),
+            "ts": 1_732_190_000_000u64 + i as u64});
+        Outgoing {
+            key: src,
+            payload: Some(json.to_string().into_bytes()),
+        }
+    };
+    let msgs: Vec<Outgoing> = (0..2_000).map(follow).collect();
+    produce(&broker.bootstrap, TOPIC, &msgs, None);
+    wait_until(
+        "user:7 served in a version",
+        Duration::from_secs(120),
+        || http_get(port, "/v1/embeddings/user/7").ok(),
+    );
+    let raw = |key: &str, json: serde_json::Value| Outgoing {
+        key: key.into(),
+        payload: Some(json.to_string().into_bytes()),
+    };
+    let erasures = vec![
+        raw(
+            "user:7",
+            serde_json::json!({"op": "erase", "node": "user:7", "event_id": "gdpr-7"}),
+        ),
+        raw(
+            "user:f9",
+            serde_json::json!({"op": "erase", "node": "user:f9"}),
+        ),
+        // Malformed: an erasure names one node, not an edge.
+        raw(
+            "user:8",
+            serde_json::json!({"op": "erase", "src": "user:8", "rel": "follows", "dst": "user:f1"}),
+        ),
+    ];
+    produce(&broker.bootstrap, TOPIC, &erasures, None);
+    // After the erasure, on the same partition: user:7 is gone for good.
+    let late = vec![raw(
+        "user:7",
+        serde_json::json!({"src": "user:7", "rel": "follows", "dst": "user:f1"}),
+    )];
+    produce(&broker.bootstrap, TOPIC, &late, None);
+    let st = wait_until("the erasures stored", Duration::from_secs(120), || {
+        daemon.status().filter(|st| {
+            status_u64(st, "/store/nodes_erased") == 2
+                && status_u64(st, "/ingest/erased_refused") == 1
+        })
+    });
+    // The ledger records, with each committed version, how many erasures went out as tombstones.
+    let ledger = store.join("publish/ledger.json");
+    wait_until("the tombstones published", Duration::from_secs(120), || {
+        let l: serde_json::Value = serde_json::from_slice(&std::fs::read(&ledger).ok()?).ok()?;
+        (status_u64(&l, "/erasures_published") == 2).then_some(())
+    });
+    assert_eq!(status_u64(&st, "/ingest/invalid"), 1, "{st}");
+    // user:7 followed f7, f47, …: 2,000 / 40 = 50 edges; f9 was followed by 2,000 / 300 ≈ 7.
+    let deleted = status_u64(&st, "/store/edges_deleted");
+    assert!(
+        (50..=58).contains(&deleted),
+        "{deleted} edges deleted: {st}"
+    );
+    for gone in ["/v1/embeddings/user/7", "/v1/embeddings/user/f9"] {
+        let err = http_get(port, gone).unwrap_err().to_string();
+        assert!(err.contains("410"), "{gone}: {err}");
+    }
+    let ranked = http_get(port, "/v1/neighbors/user/3?rel=follows&k=300").unwrap();
+    assert!(
+        !ranked.contains("\"user:f9\"") && !ranked.contains("\"user:7\""),
+        "an erased node is never a candidate: {ranked}"
+    );
+    let line = "twhin_ingest_events_invalid_total{reason=\"bad_erase\"} 1";
+    assert!(daemon.metrics().contains(line), "missing `{line}`");
+    assert!(daemon.terminate().success());
+
+    // The example subscriber, from the beginning of both topics.
+    let summary = dir.path().join("subscriber.json");
+    let keys_out = dir.path().join("keys.txt");
+    let out = std::process::Command::new(example_subscriber())
+        .args([
+            "--bootstrap-servers",
+            &broker.bootstrap,
+            "--idle-exit-secs",
+            "5",
+        ])
+        .arg("--summary-json")
+        .arg(&summary)
+        .arg("--keys-out")
+        .arg(&keys_out)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "subscriber: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert_eq!(
+        summary["last_version"].as_u64(),
+        Some(ledger_last_version(&store)),
+        "{summary}"
+    );
+    assert!(
+        summary["tombstones_read"].as_u64().unwrap() >= 2,
+        "{summary}"
+    );
+    let keys: HashSet<String> = std::fs::read_to_string(&keys_out)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !keys.contains("user:7") && !keys.contains("user:f9"),
+        "erased keys held"
+    );
+    let kept = (0..40)
+        .filter(|&u| u != 7)
+        .map(|u| format!("user:{u}"))
+        .chain((0..300).filter(|&f| f != 9).map(|f| format!("user:f{f}")));
+    let missing: Vec<String> = kept.filter(|k| !keys.contains(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "nodes missing from the subscriber: {missing:?}"
+    );
+}

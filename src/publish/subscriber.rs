@@ -330,7 +330,11 @@ mod tests {
         assert!(a.push_tombstone("user:1", 2, 1).is_empty());
         assert!(a.push_marker(marker(2, 1, 3)).is_empty());
         assert!(a.push_row("user:2", row(2, 1, 5.0)).is_empty());
-        assert_eq!(value(&a, "user:1"), Some((1.0, 1)), "not applied before it is whole");
+        assert_eq!(
+            value(&a, "user:1"),
+            Some((1.0, 1)),
+            "not applied before it is whole"
+        );
         let applied = a.push_row("relation:follows", row(2, 1, 8.0));
         assert_eq!(versions(&applied), vec![(2, 1)]);
         assert_eq!(value(&a, "user:1"), None);

@@ -154,7 +154,10 @@ mod tests {
         assert_eq!(tombstone_attempt(h(b"12", b"3")), Some((12, 3)));
         assert_eq!(tombstone_attempt(h(b"12", b"")), None);
         assert_eq!(tombstone_attempt(h(b"-1", b"3")), None);
-        assert_eq!(tombstone_attempt([(TOMBSTONE_VERSION_HEADER, &b"1"[..])]), None);
+        assert_eq!(
+            tombstone_attempt([(TOMBSTONE_VERSION_HEADER, &b"1"[..])]),
+            None
+        );
     }
 
     fn row() -> RowRecord {

@@ -279,7 +279,8 @@ mod props {
     /// The event as JSON, every optional field written.
     fn encode(s: &Schema, e: &Event) -> Vec<u8> {
         if e.op == EventOp::Erase {
-            let mut j = serde_json::json!({"op": "erase", "node": node_name(s, &e.src), "ts": e.ts});
+            let mut j =
+                serde_json::json!({"op": "erase", "node": node_name(s, &e.src), "ts": e.ts});
             if let Some(id) = &e.event_id {
                 j["event_id"] = serde_json::json!(id);
             }

@@ -902,7 +902,11 @@ mod tests {
         let grad = Tensor::ones([3, 4], (Kind::Float, Device::Cpu));
         core.model.tables[0].adagrad(&Tensor::from_slice(&[0i64, 1, 2]), &grad, 0.1);
         store
-            .append(&AppendBatch::from_events("t", 2, [ev(EventOp::Erase, 1, 1)]))
+            .append(&AppendBatch::from_events(
+                "t",
+                2,
+                [ev(EventOp::Erase, 1, 1)],
+            ))
             .unwrap();
         core.follow_erasures(&store);
         let row = |core: &TrainerCore, i: i64| {
@@ -924,7 +928,14 @@ mod tests {
             .iter()
             .position(|&i| i == 1)
             .expect("the erased row is taken (the publisher leaves it out)");
-        assert_eq!(values.get(at as i64).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(
+            values
+                .get(at as i64)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
     }
 
     #[test]
