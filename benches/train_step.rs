@@ -3,7 +3,13 @@
 //! comparator, logistic loss, in-batch negatives (chunks of 256) plus 64 uniform negatives per
 //! side, batches of 1k, 16k and 64k edges. CPU always; CUDA too when libtorch sees a GPU.
 //!
-//! Needs the dataset (`bash .ci/setup`). Run with `cargo bench --bench train_step`.
+//! A second group, `user_model/…`, times the step the daemon actually runs on MovieLens
+//! (`config/movielens-100k.toml` as shipped: the two rating relations, every movie a negative
+//! under a softmax, a per-movie bias, a user scored with the decayed sum of their last 50 movies)
+//! on the rating edges in time order, each user's history being their ratings before the batch.
+//!
+//! Needs the dataset (`bash .ci/setup`). Run with `cargo bench --bench train_step`
+//! (`TRAIN_STEP_ONLY=user_model` or `=pbg` for one group).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +26,9 @@ use twhin_stream::store::{Edge, NodeRef};
 use twhin_stream::train::Comparator;
 use twhin_stream::train::Embeddings;
 use twhin_stream::train::LossKind;
-use twhin_stream::train::{ensure_rows, train_step, TrainParams};
+use twhin_stream::train::{
+    ensure_rows, train_step, train_step_with, weighted_recent, History, TrainParams,
+};
 
 fn movielens_edges() -> (Config, Vec<Edge>) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -63,7 +71,96 @@ fn movielens_edges() -> (Config, Vec<Edge>) {
     (cfg, edges)
 }
 
+fn only(group: &str) -> bool {
+    std::env::var("TRAIN_STEP_ONLY").map_or(true, |g| g == group)
+}
+
 fn bench(c: &mut Criterion) {
+    if only("pbg") {
+        bench_pbg_settings(c);
+    }
+    if only("user_model") {
+        bench_user_model(c);
+    }
+}
+
+/// The shipped MovieLens step on its rating edges (see the module docs).
+fn bench_user_model(c: &mut Criterion) {
+    let (cfg, mut edges) = movielens_edges();
+    let schema = cfg.schema();
+    let trained: Vec<u16> = cfg
+        .trainer
+        .train_relations
+        .iter()
+        .filter_map(|r| schema.rel_id(r))
+        .collect();
+    edges.retain(|e| trained.contains(&e.rel));
+    edges.sort_by_key(|e| e.ts);
+    let params = cfg.train.clone();
+    tch::set_num_threads(cfg.torch.threads);
+    let batch = 1_000usize;
+    let mut group = c.benchmark_group("user_model/Cpu");
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8));
+    tch::manual_seed(7);
+    let mut model = Embeddings::for_schema(&schema, &params, Device::Cpu);
+    model.set_biased(schema.node_types(), &params.bias_types);
+    ensure_rows(&mut model, &edges, params.init_scale);
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut at = 0usize;
+    group.throughput(Throughput::Elements(batch as u64));
+    // Each user's movies rated before the batch, as the trainer reads them from the store
+    // (seq = position in the stream), kept up to date outside the timed step.
+    let mut seen: HashMap<u32, Vec<(u64, u16, i64)>> = HashMap::new();
+    group.bench_function(format!("batch/{batch}"), |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                if at + batch > edges.len() {
+                    at = 0;
+                    seen.clear();
+                }
+                let lookup = |n: NodeRef, _dst_type: usize| {
+                    seen.get(&n.index).map_or_else(Vec::new, |t| {
+                        weighted_recent(
+                            t.clone(),
+                            params.history_recent,
+                            params.history_decay,
+                            params.history_by_relation,
+                        )
+                    })
+                };
+                let history: History<'_> = &lookup;
+                let started = std::time::Instant::now();
+                let stats = train_step_with(
+                    &mut model,
+                    &edges[at..at + batch],
+                    &params,
+                    &mut rng,
+                    None,
+                    Some(history),
+                );
+                timed += started.elapsed();
+                assert!(!stats.skipped);
+                for (i, e) in edges[at..at + batch].iter().enumerate() {
+                    seen.entry(e.src.index).or_default().push((
+                        (at + i) as u64,
+                        e.rel,
+                        e.dst.index as i64,
+                    ));
+                }
+                at += batch;
+            }
+            timed
+        })
+    });
+    group.finish();
+}
+
+/// PBG-like settings on every edge of the train split.
+fn bench_pbg_settings(c: &mut Criterion) {
     let (cfg, edges) = movielens_edges();
     let schema = cfg.schema();
     let params = TrainParams {
