@@ -21,7 +21,7 @@ use rand::Rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::store::{Edge, NodeRef};
-use crate::train::loss_parts;
+use crate::train::loss_parts_fast as loss_parts;
 use crate::train::Embeddings;
 use crate::train::{score_pairs, score_sources, score_targets, translate};
 
@@ -77,22 +77,21 @@ struct Group {
 struct Weights(Vec<(i64, i64, f32)>);
 
 impl Weights {
-    /// `[rows, D]`: each row the weighted sum of the `leaf` rows its triplets name.
+    /// `[rows, D]`: each row the weighted sum of the `leaf` rows its triplets name. Gathered and
+    /// added sparsely: its cost follows the triplets (`rows × history`), not `rows × leaf rows`
+    /// as a dense product would (every movie is a leaf under a softmax over all of them).
     fn times(&self, rows: i64, leaf: &Tensor) -> Tensor {
         let device = leaf.device();
-        let dense = Tensor::zeros([rows, leaf.size()[0]], (Kind::Float, device));
+        let out = Tensor::zeros([rows, leaf.size()[1]], (leaf.kind(), device));
         if self.0.is_empty() {
-            return dense.matmul(leaf);
+            return out;
         }
         let r: Vec<i64> = self.0.iter().map(|t| t.0).collect();
         let c: Vec<i64> = self.0.iter().map(|t| t.1).collect();
         let w: Vec<f32> = self.0.iter().map(|t| t.2).collect();
-        let dense = dense.index_put(
-            &[Some(long(&r, device)), Some(long(&c, device))],
-            &Tensor::from_slice(&w).to_device(device),
-            true,
-        );
-        dense.matmul(leaf)
+        let w = Tensor::from_slice(&w).to_device(device).unsqueeze(1);
+        let terms = leaf.index_select(0, &long(&c, device)) * w;
+        out.index_add(0, &long(&r, device), &terms)
     }
 }
 
