@@ -22,8 +22,30 @@
 //! The moment inside the stage is random (seeded: `KILL_TEST_SEED`): a random delay after
 //! the stage is seen, then the stage is confirmed again before the kill.
 //!
+//! The workload is `event(i)` (about 7,000 nodes, every triple distinct) unless
+//! `KILL_TEST_NODES` and `KILL_TEST_EDGES` are set: then it is the synthetic TwHIN-shaped stream
+//! of `replay synthetic` (`src/offline/synthetic.rs`, the Twitter schema of
+//! `config/default.toml`, which the daemon here runs with; seed `KILL_TEST_SEED`), produced
+//! without event ids, `KILL_TEST_EDGES` events in all: each stage produces at least an even
+//! share of what is left, in the same seconds as the small workload (faster than the daemon
+//! takes them), and the rest comes after the last kill. Before each stage the test waits until
+//! the daemon is at most half a share behind (produced but not stored, stored but not trained),
+//! so that the kills spread over the whole stream, not only its first part.
+//! Its triples repeat, so exactly-once compares multisets: per `(src, rel, dst)`, the times
+//! produced against the times stored, a shortfall counted as lost, a surplus as duplicated.
+//! `benches/kills_at_scale.sh` runs it at 1M nodes / 10M edges.
+//!
+//! The subscriber's table is compared with the served rows of every node when there are at most
+//! 20,000 nodes, else of a seeded sample of `KILL_TEST_CHECK_NODES` (default 2,000; reading a
+//! million rows over HTTP one by one is too slow); either way the table must hold every node and
+//! nothing else. The small workload feeds the subscriber every row before any marker (the worst
+//! order: every version waits for its marker); the synthetic one feeds it the markers first and
+//! the rows as they are read, since the rows of every version held at once would not fit in
+//! memory.
+//!
 //! The knobs are not `TWHIN_*`: the daemon inherits the test's environment and refuses unknown
-//! `TWHIN_` keys.
+//! `TWHIN_` keys. The last line of the report is `kills-summary {json}`: kills per stage, lost,
+//! duplicated, versions, wall seconds.
 
 mod common;
 
@@ -35,7 +57,10 @@ use common::*;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use twhin_stream::subscriber::VersionAssembler;
+use twhin_stream::config::Config;
+use twhin_stream::offline::synthetic::{SyntheticEdge, SyntheticEdges, SyntheticSpec, Workload};
+use twhin_stream::publish::VersionMarker;
+use twhin_stream::subscriber::{Applied, VersionAssembler};
 
 const TOPIC: &str = "twhin.engagements";
 
@@ -53,6 +78,133 @@ fn event(i: usize) -> (Outgoing, Triple) {
         payload: Some(json.to_string().into_bytes()),
     };
     (out, (src, rel.to_owned(), dst))
+}
+
+/// A synthetic edge as an event, without its event id (as [`event`]).
+fn synthetic_event(w: &Workload, e: &SyntheticEdge) -> Outgoing {
+    let src = format!("{}:{}", w.type_name(e.src_type), e.src);
+    let dst = format!("{}:{}", w.type_name(e.dst_type), e.dst);
+    let json =
+        serde_json::json!({"src": src, "rel": w.relation_name(e.rel), "dst": dst, "ts": e.ts});
+    Outgoing {
+        key: src,
+        payload: Some(json.to_string().into_bytes()),
+    }
+}
+
+/// Where a run's events come from.
+enum Events {
+    /// `event(i)` for the next `i`.
+    Small,
+    /// The synthetic stream, `total` events (the workload is leaked: its generator borrows it
+    /// for the whole test).
+    Synthetic {
+        workload: &'static Workload,
+        edges: Box<SyntheticEdges<'static>>,
+        total: usize,
+    },
+}
+
+/// A node `type:N` packed into 56 bits (the type's index in the schema, then N), and a
+/// `(src, rel, dst)` into one number (src, the relation's index, dst), so that ten million
+/// produced and stored triples can be counted in a few hundred MB. Both workloads name nodes
+/// `type:N`.
+struct Keys {
+    types: Vec<String>,
+    rels: Vec<String>,
+}
+
+const ID_BITS: u32 = 48;
+
+impl Keys {
+    fn new() -> Keys {
+        // The daemon's schema: the defaults (no `--config`, no schema in the environment).
+        let schema = Config::from_toml("").unwrap().schema();
+        Keys {
+            types: schema.node_types().to_vec(),
+            rels: schema.relations().iter().map(|r| r.name.clone()).collect(),
+        }
+    }
+
+    fn node(&self, node_type: &str, id: &str) -> Option<u64> {
+        self.node_of(node_type, id.parse().ok()?)
+    }
+
+    fn node_of(&self, node_type: &str, id: u64) -> Option<u64> {
+        let t = self.types.iter().position(|n| n == node_type)? as u64;
+        (id < 1 << ID_BITS).then_some(t << ID_BITS | id)
+    }
+
+    fn node_name(&self, node: &str) -> Option<u64> {
+        let (t, id) = node.split_once(':')?;
+        self.node(t, id)
+    }
+
+    fn triple(&self, src: (&str, &str), rel: &str, dst: (&str, &str)) -> Option<u128> {
+        self.pack(self.node(src.0, src.1)?, rel, self.node(dst.0, dst.1)?)
+    }
+
+    fn pack(&self, src: u64, rel: &str, dst: u64) -> Option<u128> {
+        let r = self.rels.iter().position(|n| n == rel)? as u128;
+        Some((src as u128) << 72 | r << 64 | dst as u128)
+    }
+
+    fn synthetic(&self, w: &Workload, e: &SyntheticEdge) -> u128 {
+        let src = self.node_of(w.type_name(e.src_type), e.src);
+        let dst = self.node_of(w.type_name(e.dst_type), e.dst);
+        self.pack(src.unwrap(), w.relation_name(e.rel), dst.unwrap())
+            .expect("the synthetic stream follows the schema")
+    }
+
+    fn of(&self, (src, rel, dst): &Triple) -> u128 {
+        fn split(n: &str) -> (&str, &str) {
+            n.split_once(':').expect("type:id")
+        }
+        self.triple(split(src), rel, split(dst))
+            .unwrap_or_else(|| panic!("{src} {rel} {dst} is not of the schema"))
+    }
+
+    /// The source and target nodes of a triple's key.
+    fn ends(key: u128) -> [u64; 2] {
+        [(key >> 72) as u64, key as u64]
+    }
+
+    fn name(&self, node: u64) -> String {
+        format!(
+            "{}:{}",
+            self.types[(node >> ID_BITS) as usize],
+            node & ((1 << ID_BITS) - 1)
+        )
+    }
+}
+
+/// Exactly-once as multisets of sorted triple keys: per triple produced `p` times and stored `s`
+/// times, `(p - s)+` lost and `(s - p)+` duplicated; `s` of a triple never produced unexpected.
+fn compare(produced: &[u128], stored: &[u128]) -> (u64, u64, u64) {
+    let run = |keys: &[u128], i: usize| {
+        let k = keys[i];
+        keys[i..].iter().take_while(|x| **x == k).count()
+    };
+    let (mut lost, mut duplicated, mut unexpected) = (0u64, 0u64, 0u64);
+    let (mut i, mut j) = (0, 0);
+    while i < produced.len() || j < stored.len() {
+        if j == stored.len() || (i < produced.len() && produced[i] < stored[j]) {
+            let p = run(produced, i);
+            lost += p as u64;
+            i += p;
+        } else if i == produced.len() || stored[j] < produced[i] {
+            let s = run(stored, j);
+            unexpected += s as u64;
+            j += s;
+        } else {
+            let (p, s) = (run(produced, i), run(stored, j));
+            lost += p.saturating_sub(s) as u64;
+            duplicated += s.saturating_sub(p) as u64;
+            i += p;
+            j += s;
+        }
+    }
+    (lost, duplicated, unexpected)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,8 +256,14 @@ struct Run {
     bootstrap: String,
     checkpoint_dir: PathBuf,
     rng: SmallRng,
+    events: Events,
+    keys: Keys,
+    /// The key of every event produced so far, in order.
+    produced_keys: Vec<u128>,
     /// Events produced so far (each once, acknowledged).
     produced: usize,
+    /// Stages left to run, this one included (shares the synthetic stream among them).
+    stages_left: usize,
     kills: BTreeMap<&'static str, u32>,
     /// Checkpoint folders left partial by earlier kills: never "being written".
     stale_checkpoints: BTreeSet<u64>,
@@ -118,24 +276,80 @@ impl Run {
         })
     }
 
+    /// Events a stage that draws `n` produces: `n`, or with the synthetic stream at least an
+    /// even share of what is left among the stages left and the finish.
+    fn chunk(&self, n: usize) -> usize {
+        match &self.events {
+            Events::Small => n,
+            Events::Synthetic { total, .. } => {
+                let left = total - self.produced;
+                n.max(left / (self.stages_left + 1)).min(left)
+            }
+        }
+    }
+
+    /// With the synthetic stream, before a stage: wait until the daemon is at most half a share
+    /// behind (events produced but not stored, and stored but not trained), so that the kills
+    /// spread over the whole stream instead of all landing on its first part while production
+    /// runs ahead of the trainer. Returns how long it waited.
+    fn catch_up(&self) -> Option<Duration> {
+        let Events::Synthetic { total, .. } = &self.events else {
+            return None;
+        };
+        let half_share = ((total - self.produced) / (self.stages_left + 1) / 2) as u64;
+        let produced = self.produced as u64;
+        let start = Instant::now();
+        self.wait_status_within(
+            "the daemon to catch up",
+            Duration::from_millis(200),
+            Duration::from_secs(120 + half_share / 1_000),
+            |st| {
+                let stored = status_u64(st, "/store/edges_total");
+                let behind = produced.saturating_sub(stored) + status_u64(st, "/trainer/backlog");
+                (behind <= half_share).then_some(())
+            },
+        );
+        Some(start.elapsed())
+    }
+
+    /// The next `n` events (fewer when the synthetic stream ends), counted as produced; their
+    /// payloads are made as they are sent.
+    fn take(&mut self, n: usize) -> Box<dyn Iterator<Item = Outgoing> + Send> {
+        let from = self.produced;
+        let msgs: Box<dyn Iterator<Item = Outgoing> + Send> = match &mut self.events {
+            Events::Small => {
+                for i in from..from + n {
+                    self.produced_keys.push(self.keys.of(&event(i).1));
+                }
+                self.produced += n;
+                Box::new((from..from + n).map(|i| event(i).0))
+            }
+            Events::Synthetic {
+                workload, edges, ..
+            } => {
+                let w: &'static Workload = workload;
+                let chunk: Vec<SyntheticEdge> = edges.by_ref().take(n).collect();
+                let keys = chunk.iter().map(|e| self.keys.synthetic(w, e));
+                self.produced_keys.extend(keys);
+                self.produced += chunk.len();
+                Box::new(chunk.into_iter().map(move |e| synthetic_event(w, &e)))
+            }
+        };
+        msgs
+    }
+
     /// Produce the next `n` events now (returns once acknowledged).
     fn produce(&mut self, n: usize) {
-        let msgs: Vec<Outgoing> = (self.produced..self.produced + n)
-            .map(|i| event(i).0)
-            .collect();
-        produce(&self.bootstrap, TOPIC, &msgs, None);
-        self.produced += n;
+        let msgs = self.take(n);
+        produce_stream(&self.bootstrap, TOPIC, msgs, None);
     }
 
     /// Produce the next `n` events at `per_sec` from a thread; `produced` counts them already.
     fn produce_paced(&mut self, n: usize, per_sec: f64) -> std::thread::JoinHandle<()> {
-        let msgs: Vec<Outgoing> = (self.produced..self.produced + n)
-            .map(|i| event(i).0)
-            .collect();
-        self.produced += n;
+        let msgs = self.take(n);
         let bootstrap = self.bootstrap.clone();
         std::thread::spawn(move || {
-            produce(&bootstrap, TOPIC, &msgs, Some(per_sec));
+            produce_stream(&bootstrap, TOPIC, msgs, Some(per_sec));
         })
     }
 
@@ -151,6 +365,16 @@ impl Run {
         &self,
         what: &str,
         every: Duration,
+        f: impl FnMut(&serde_json::Value) -> Option<T>,
+    ) -> T {
+        self.wait_status_within(what, every, Duration::from_secs(120), f)
+    }
+
+    fn wait_status_within<T>(
+        &self,
+        what: &str,
+        every: Duration,
+        timeout: Duration,
         mut f: impl FnMut(&serde_json::Value) -> Option<T>,
     ) -> T {
         let start = Instant::now();
@@ -161,7 +385,7 @@ impl Run {
                 }
             }
             assert!(
-                start.elapsed() < Duration::from_secs(120),
+                start.elapsed() < timeout,
                 "timed out waiting for {what}\n{}",
                 self.daemon.log_tail()
             );
@@ -177,10 +401,12 @@ impl Run {
         self.wait_status("the partitions assigned", Duration::from_millis(20), |st| {
             (status_u64(st, "/kafka/assigned_partitions") > 0).then_some(())
         });
-        let n = self.rng.random_range(3_000..8_000);
+        let drawn = self.rng.random_range(3_000..8_000);
+        let n = self.chunk(drawn);
         let before = status_u64(&self.status(), "/ingest/consumed");
         // Two seconds of production: the kill's random delay (under 0.7 s) falls inside it, and
-        // the daemon keeps up, so stored < produced while it consumes.
+        // the daemon keeps up (the small workload; the synthetic one outruns it), so stored <
+        // produced while it consumes.
         let producer = self.produce_paced(n, n as f64 / 2.0);
         let delay = Duration::from_millis(self.rng.random_range(100..700));
         let start = Instant::now();
@@ -212,8 +438,9 @@ impl Run {
     /// Kill while the trainer has stored edges it has not trained on.
     fn kill_in_training(&mut self) -> String {
         // Edges keep arriving, so the trainer keeps having some to train on.
-        let n = self.rng.random_range(3_000..6_000);
-        let producer = self.produce_paced(n, 6_000.0);
+        let drawn = self.rng.random_range(3_000..6_000);
+        let n = self.chunk(drawn);
+        let producer = self.produce_paced(n, 6_000.0 * n as f64 / drawn as f64);
         std::thread::sleep(Duration::from_millis(self.rng.random_range(100..600)));
         let backlog = self.wait_status("a training backlog", Duration::from_millis(5), |st| {
             let b = status_u64(st, "/trainer/backlog");
@@ -226,8 +453,9 @@ impl Run {
 
     /// Kill while a checkpoint is being written, else just after one.
     fn kill_in_checkpoint(&mut self) -> String {
-        let n = self.rng.random_range(4_000..10_000);
-        let producer = self.produce_paced(n, 4_000.0);
+        let drawn = self.rng.random_range(4_000..10_000);
+        let n = self.chunk(drawn);
+        let producer = self.produce_paced(n, 4_000.0 * n as f64 / drawn as f64);
         let first = status_u64(&self.status(), "/trainer/checkpoint_version");
         // Skip a random number of checkpoints (each about a second apart).
         let skip = self.rng.random_range(0..2u64);
@@ -272,7 +500,8 @@ impl Run {
 
     /// Kill while a version's rows are being produced.
     fn kill_in_publication(&mut self) -> String {
-        let n = self.rng.random_range(2_000..6_000);
+        let drawn = self.rng.random_range(2_000..6_000);
+        let n = self.chunk(drawn);
         self.produce(n);
         // A random moment inside: some time after the publication is seen, confirmed still
         // under way (same version and epoch) at the poll just before the kill.
@@ -320,12 +549,12 @@ impl Run {
     }
 }
 
-/// Every node the events name, as `type:id` (the store cannot be opened while the daemon runs).
-fn nodes_of(triples: &HashSet<Triple>) -> BTreeSet<String> {
-    triples
-        .iter()
-        .flat_map(|(s, _, d)| [s.clone(), d.clone()])
-        .collect()
+/// Every node the events name, sorted (the store cannot be opened while the daemon runs).
+fn nodes_of(keys: &[u128]) -> Vec<u64> {
+    let mut nodes: Vec<u64> = keys.iter().flat_map(|k| Keys::ends(*k)).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
 }
 
 /// The served row of `node` (`type:id`): its version and vector.
@@ -343,6 +572,75 @@ fn served_row(port: u16, node: &str) -> (u64, Vec<f32>) {
     (status_u64(&v, "/version"), vector)
 }
 
+/// What a subscriber made of everything on both topics.
+struct Subscribed {
+    assembler: VersionAssembler,
+    applied: Vec<Applied>,
+    markers: Vec<VersionMarker>,
+    /// Rows of attempts that never got a marker (publications the kills cut short), by attempt.
+    interrupted: BTreeMap<(u64, u64), usize>,
+    /// Rows read from the embeddings topic.
+    rows: usize,
+}
+
+/// Everything on both topics through a [`VersionAssembler`], then a catch-up as the example
+/// does: every row before any marker (`rows_first`: the worst order, every version's rows wait
+/// for its marker; they are all held at once), else the markers first and each row as it is
+/// read. `timeout` bounds the reading of the rows.
+fn subscribe(bootstrap: &str, min_markers: u64, rows_first: bool, timeout: Duration) -> Subscribed {
+    let mut a = VersionAssembler::new();
+    let mut applied = Vec::new();
+    let mut interrupted: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+    let (markers, rows) = if rows_first {
+        let p = read_published(bootstrap, min_markers as usize);
+        for (k, r) in &p.rows {
+            applied.extend(a.push_row(k.as_str(), r.clone()));
+        }
+        for m in &p.markers {
+            applied.extend(a.push_marker(m.clone()));
+        }
+        let marked: HashSet<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
+        for (_, r) in &p.rows {
+            if !marked.contains(&(r.version, r.epoch)) {
+                *interrupted.entry((r.version, r.epoch)).or_default() += 1;
+            }
+        }
+        let rows = p.rows.len();
+        (p.markers, rows)
+    } else {
+        let markers = read_markers(bootstrap, min_markers as usize);
+        for m in &markers {
+            applied.extend(a.push_marker(m.clone()));
+        }
+        let marked: HashSet<(u64, u64)> = markers.iter().map(|m| (m.version, m.epoch)).collect();
+        let expected = markers.iter().map(|m| m.rows as usize).sum();
+        let rows = for_each_row(bootstrap, expected, timeout, |k, r| {
+            if !marked.contains(&(r.version, r.epoch)) {
+                *interrupted.entry((r.version, r.epoch)).or_default() += 1;
+            }
+            applied.extend(a.push_row(k, r));
+        });
+        (markers, rows)
+    };
+    applied.extend(a.catch_up());
+    Subscribed {
+        assembler: a,
+        applied,
+        markers,
+        interrupted,
+        rows,
+    }
+}
+
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Ingest => "ingest",
+        Stage::Training => "training",
+        Stage::Checkpoint => "checkpoint",
+        Stage::Publication => "publication",
+    }
+}
+
 #[test]
 fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_served_version() {
     let _serial = serial();
@@ -350,6 +648,37 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
     let kills = env_u64("KILL_TEST_KILLS", 20) as usize;
     let seed = env_u64("KILL_TEST_SEED", 20_260_310);
     assert!(kills >= 4, "KILL_TEST_KILLS must be at least 4");
+    let keys = Keys::new();
+    let events = match (
+        std::env::var_os("KILL_TEST_NODES"),
+        std::env::var_os("KILL_TEST_EDGES"),
+    ) {
+        (None, None) => Events::Small,
+        (Some(_), Some(_)) => {
+            let (nodes, edges) = (env_u64("KILL_TEST_NODES", 0), env_u64("KILL_TEST_EDGES", 0));
+            let least = 3_000 + 10_000 * (kills as u64 + 1);
+            assert!(
+                edges >= least,
+                "KILL_TEST_EDGES must be at least {least} with {kills} kills: every stage produces"
+            );
+            let schema = Config::from_toml("").unwrap().schema();
+            let workload = Workload::new(&schema, SyntheticSpec::new(nodes, edges, seed))
+                .unwrap_or_else(|e| panic!("the synthetic workload: {e}"));
+            let workload: &'static Workload = Box::leak(Box::new(workload));
+            Events::Synthetic {
+                workload,
+                edges: Box::new(workload.edges()),
+                total: edges as usize,
+            }
+        }
+        _ => panic!("set both KILL_TEST_NODES and KILL_TEST_EDGES, or neither"),
+    };
+    let synthetic = matches!(events, Events::Synthetic { .. });
+    // Finishing the synthetic stream takes longer: a second more per 5,000 events.
+    let extra_time = match &events {
+        Events::Small => Duration::ZERO,
+        Events::Synthetic { total, .. } => Duration::from_secs(*total as u64 / 5_000),
+    };
     let dir = tempfile::tempdir().unwrap();
     let Publishing {
         broker,
@@ -379,7 +708,11 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
         bootstrap: broker.bootstrap.clone(),
         checkpoint_dir: store.join("checkpoints"),
         rng: SmallRng::seed_from_u64(seed),
+        events,
+        keys,
+        produced_keys: Vec::new(),
         produced: 0,
+        stages_left: kills,
         kills: BTreeMap::new(),
         stale_checkpoints: BTreeSet::new(),
     };
@@ -397,6 +730,11 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
     }
     plan.truncate(kills);
     for (k, stage) in plan.iter().enumerate() {
+        run.stages_left = kills - k;
+        let waited = run
+            .catch_up()
+            .map(|w| format!(", {:.1} s waiting for the daemon", w.as_secs_f64()))
+            .unwrap_or_default();
         let t = Instant::now();
         let detail = match stage {
             Stage::Ingest => run.kill_in_ingest(),
@@ -405,22 +743,34 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
             Stage::Publication => run.kill_in_publication(),
         };
         eprintln!(
-            "kill {:>2}/{kills} at {:>5.1} s, {stage:?}: {detail} ({:.1} s)",
+            "kill {:>2}/{kills} at {:>5.1} s, {stage:?}: {detail} ({:.1} s; {} produced{waited})",
             k + 1,
             started.elapsed().as_secs_f64(),
-            t.elapsed().as_secs_f64()
+            t.elapsed().as_secs_f64(),
+            run.produced
         );
     }
     let kill_phase = started.elapsed();
 
-    // Left to finish: a last batch of events, every event stored, trained and published.
-    run.produce(2_000);
-    let expected: HashSet<Triple> = (0..run.produced).map(|i| event(i).1).collect();
-    assert_eq!(expected.len(), run.produced, "the events are distinct");
+    // Left to finish: a last batch of events (the rest of the synthetic stream), every event
+    // stored, trained and published.
+    run.stages_left = 0;
+    let last = run.chunk(2_000);
+    run.produce(last);
+    let mut expected = std::mem::take(&mut run.produced_keys);
+    assert_eq!(expected.len(), run.produced);
+    expected.sort_unstable();
+    let distinct = 1 + expected.windows(2).filter(|w| w[0] != w[1]).count();
+    if !synthetic {
+        assert_eq!(distinct, run.produced, "the events are distinct");
+    }
     let produced = run.produced as u64;
-    run.wait_status("every event stored", Duration::from_millis(200), |st| {
-        (status_u64(st, "/store/edges_total") >= produced).then_some(())
-    });
+    run.wait_status_within(
+        "every event stored",
+        Duration::from_millis(200),
+        Duration::from_secs(120) + extra_time,
+        |st| (status_u64(st, "/store/edges_total") >= produced).then_some(()),
+    );
     // Quiet: nothing to train, no publication under way, the served version unchanged for 5 s.
     let mut stable_since = Instant::now();
     let mut served_version = 0;
@@ -440,22 +790,38 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
             break;
         }
         assert!(
-            started.elapsed() < kill_phase + Duration::from_secs(180),
+            started.elapsed() < kill_phase + Duration::from_secs(180) + extra_time,
             "the daemon never went quiet: {st}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let quiet_at = started.elapsed();
 
-    // The served rows of every node, then the same version still served.
+    // The served rows of every node (or of a seeded sample), then the same version still
+    // served.
     let nodes = nodes_of(&expected);
+    let default_check = if nodes.len() <= 20_000 {
+        nodes.len()
+    } else {
+        2_000
+    };
+    let check = (env_u64("KILL_TEST_CHECK_NODES", default_check as u64) as usize).min(nodes.len());
+    let checked: Vec<u64> = if check == nodes.len() {
+        nodes.clone()
+    } else {
+        let mut sample = SmallRng::seed_from_u64(seed);
+        let mut at = rand::seq::index::sample(&mut sample, nodes.len(), check).into_vec();
+        at.sort_unstable();
+        at.iter().map(|i| nodes[*i]).collect()
+    };
     let mut served: HashMap<String, Vec<f32>> = HashMap::new();
-    for node in &nodes {
-        let (version, vector) = served_row(port, node);
+    for node in checked.iter().map(|n| run.keys.name(*n)) {
+        let (version, vector) = served_row(port, &node);
         assert_eq!(
             version, served_version,
             "{node} served from another version"
         );
-        served.insert(node.clone(), vector);
+        served.insert(node, vector);
     }
     let st = run.status();
     assert_eq!(
@@ -465,29 +831,23 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
     );
     let served_relations = status_u64(&st, "/publish/relations");
 
-    // The subscriber: everything on both topics, rows first (the worst order: every version's
-    // rows wait for its marker), then the markers, then a catch-up as the example does.
-    let p = read_published(&broker.bootstrap, served_version as usize);
-    let mut a = VersionAssembler::new();
-    let mut applied = Vec::new();
-    for (k, r) in &p.rows {
-        applied.extend(a.push_row(k.as_str(), r.clone()));
-    }
-    for m in &p.markers {
-        applied.extend(a.push_marker(m.clone()));
-    }
-    applied.extend(a.catch_up());
-    let marker_versions: BTreeSet<u64> = p.markers.iter().map(|m| m.version).collect();
+    // The subscriber: everything on both topics (the small workload's rows first, the worst
+    // order), then a catch-up as the example does.
+    let Subscribed {
+        assembler: a,
+        applied,
+        markers,
+        interrupted,
+        rows,
+    } = subscribe(
+        &broker.bootstrap,
+        served_version,
+        !synthetic,
+        Duration::from_secs(120) + extra_time,
+    );
+    let marker_versions: BTreeSet<u64> = markers.iter().map(|m| m.version).collect();
     let applied_versions: Vec<u64> = applied.iter().map(|v| v.version).collect();
-    let repeated_markers = p.markers.len() - marker_versions.len();
-    // Rows of attempts that never got a marker: publications the kills cut short.
-    let marked: HashSet<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
-    let mut interrupted: BTreeMap<(u64, u64), usize> = BTreeMap::new();
-    for (_, r) in &p.rows {
-        if !marked.contains(&(r.version, r.epoch)) {
-            *interrupted.entry((r.version, r.epoch)).or_default() += 1;
-        }
-    }
+    let repeated_markers = markers.len() - marker_versions.len();
     let subscriber_nodes = a.nodes();
     let mut differing = Vec::new();
     for (key, vector) in &served {
@@ -502,19 +862,35 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
             None => differing.push(format!("{key}: not in the subscriber's table")),
         }
     }
+    // Keys of the table that are no node of the events.
     let extra: Vec<&String> = a
         .table()
         .keys()
-        .filter(|k| !k.starts_with("relation:") && !served.contains_key(*k))
+        .filter(|k| {
+            !k.starts_with("relation:")
+                && run
+                    .keys
+                    .node_name(k)
+                    .is_none_or(|n| nodes.binary_search(&n).is_err())
+        })
         .collect();
 
     assert!(run.daemon.terminate().success(), "a clean stop at the end");
-    let (stored, edges) = stored_triples(&store);
-    let lost = expected.difference(&stored).count();
-    let unexpected = stored.difference(&expected).count();
-    let duplicated = edges - stored.len() as u64;
+    let mut stored = Vec::with_capacity(expected.len());
+    let mut unparsed = 0u64;
+    let edges = stored_edges(&store, |src, rel, dst| {
+        match run.keys.triple(src, rel, dst) {
+            Some(k) => stored.push(k),
+            None => unparsed += 1,
+        }
+    });
+    stored.sort_unstable();
+    let stored_distinct = stored.windows(2).filter(|w| w[0] != w[1]).count() + 1;
+    let (lost, duplicated, unexpected) = compare(&expected, &stored);
+    let unexpected = unexpected + unparsed;
+    drop(stored);
 
-    let mut per_stage: BTreeMap<Stage, u32> = BTreeMap::new();
+    let mut per_stage: BTreeMap<Stage, u32> = STAGES.iter().map(|s| (*s, 0)).collect();
     for (what, n) in &run.kills {
         let stage = match *what {
             "ingest" => Stage::Ingest,
@@ -524,16 +900,16 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
         };
         *per_stage.entry(stage).or_default() += n;
     }
+    let contiguous = marker_versions == (1..=served_version).collect::<BTreeSet<_>>()
+        && applied_versions == (1..=served_version).collect::<Vec<_>>();
     eprintln!("---- kills at every stage (seed {seed}) ----");
     eprintln!("kills: {} in all, {:?}", kills, run.kills);
     eprintln!(
-        "edges: expected {}, stored {edges} ({} distinct), lost {lost}, duplicated {duplicated}, unexpected {unexpected}",
-        expected.len(),
-        stored.len()
+        "edges: produced {produced} ({distinct} distinct triples), stored {edges} ({stored_distinct} distinct), lost {lost}, duplicated {duplicated}, unexpected {unexpected}",
     );
     eprintln!(
-        "versions: served {served_version}; markers {} for versions {:?}..={:?} ({repeated_markers} repeated); rows without a marker {} in {} cut-short attempts {:?}; subscriber applied {} ({:?}..={:?}), counts {:?}",
-        p.markers.len(),
+        "versions: served {served_version}; {rows} rows, markers {} for versions {:?}..={:?} ({repeated_markers} repeated); rows without a marker {} in {} cut-short attempts {:?}; subscriber applied {} ({:?}..={:?}), counts {:?}",
+        markers.len(),
         marker_versions.first(),
         marker_versions.last(),
         interrupted.values().sum::<usize>(),
@@ -545,17 +921,46 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
         a.counts()
     );
     eprintln!(
-        "subscriber check: {} served node rows, subscriber holds {subscriber_nodes} nodes and {} relations (served {served_relations}); {} differ, {} extra",
+        "subscriber check: {} served node rows (of {} nodes), subscriber holds {subscriber_nodes} nodes and {} relations (served {served_relations}); {} differ, {} extra",
         served.len(),
+        nodes.len(),
         a.table().len() - subscriber_nodes,
         differing.len(),
         extra.len()
     );
     eprintln!(
-        "wall: {:.0} s ({:.0} s killing)",
+        "wall: {:.0} s ({:.0} s killing, quiet at {:.0} s)",
         started.elapsed().as_secs_f64(),
-        kill_phase.as_secs_f64()
+        kill_phase.as_secs_f64(),
+        quiet_at.as_secs_f64()
     );
+    let summary = serde_json::json!({
+        "workload": if synthetic { "synthetic" } else { "small" },
+        "seed": seed,
+        "nodes": nodes.len(),
+        "kills": kills,
+        "kills_per_stage": per_stage
+            .iter()
+            .map(|(s, n)| (stage_name(*s), *n))
+            .collect::<BTreeMap<_, _>>(),
+        "kills_by_moment": run.kills,
+        "produced": produced,
+        "stored": edges,
+        "lost": lost,
+        "duplicated": duplicated,
+        "unexpected": unexpected,
+        "versions": served_version,
+        "versions_contiguous": contiguous,
+        "markers": markers.len(),
+        "rows_published": rows,
+        "cut_short_attempts": interrupted.len(),
+        "checked_nodes": served.len(),
+        "differing_rows": differing.len(),
+        "extra_rows": extra.len(),
+        "kill_phase_s": kill_phase.as_secs_f64().round(),
+        "wall_s": started.elapsed().as_secs_f64().round(),
+    });
+    eprintln!("kills-summary {summary}");
 
     if std::env::var_os("KILL_TEST_KEEP").is_some() {
         let kept = dir.keep();
@@ -564,13 +969,13 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
     assert_eq!(run.kills.values().sum::<u32>() as usize, kills);
     for stage in STAGES {
         assert!(
-            per_stage.get(&stage).copied().unwrap_or(0) >= (kills / 4) as u32,
+            per_stage[&stage] >= (kills / 4) as u32,
             "{stage:?} hit {:?} times",
-            per_stage.get(&stage)
+            per_stage[&stage]
         );
     }
     assert_eq!((lost, duplicated, unexpected), (0, 0, 0), "exactly once");
-    assert_eq!(edges as usize, expected.len());
+    assert_eq!(edges, produced);
     assert_eq!(
         marker_versions,
         (1..=served_version).collect::<BTreeSet<_>>(),
@@ -582,7 +987,7 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
         "the subscriber applies every version once, in order"
     );
     assert_eq!(a.counts().skipped_versions, 0);
-    assert_eq!(served.len(), nodes.len());
+    assert_eq!(served.len(), checked.len());
     assert!(
         differing.is_empty(),
         "{} of {} rows differ, e.g. {:?}",
@@ -591,6 +996,11 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
         &differing[..differing.len().min(5)]
     );
     assert!(extra.is_empty(), "{extra:?}");
+    assert_eq!(
+        subscriber_nodes,
+        nodes.len(),
+        "the subscriber holds every node"
+    );
     assert_eq!(
         a.table().len() - subscriber_nodes,
         served_relations as usize

@@ -65,6 +65,36 @@ pub fn produce(
     msgs: &[Outgoing],
     per_sec: Option<f64>,
 ) -> Vec<Landed> {
+    let mut landed = Vec::with_capacity(msgs.len());
+    produce_each(bootstrap, topic, msgs.iter().cloned(), per_sec, |l| {
+        landed.push(l)
+    });
+    landed
+}
+
+/// As [`produce`], for a stream of any length: each message is made as it is sent, at most
+/// [`IN_FLIGHT`] deliveries are awaited at once; returns how many were produced.
+pub fn produce_stream(
+    bootstrap: &str,
+    topic: &str,
+    msgs: impl Iterator<Item = Outgoing>,
+    per_sec: Option<f64>,
+) -> usize {
+    produce_each(bootstrap, topic, msgs, per_sec, |_| {})
+}
+
+/// Most deliveries awaited at once by [`produce_stream`] (bounds memory).
+pub const IN_FLIGHT: usize = 50_000;
+
+/// Send `msgs` in order (paced: message `i` not before `i / per_sec` s), handing each one's
+/// landing place to `landed` in input order; panics when a delivery fails.
+fn produce_each(
+    bootstrap: &str,
+    topic: &str,
+    msgs: impl Iterator<Item = Outgoing>,
+    per_sec: Option<f64>,
+    mut landed: impl FnMut(Landed),
+) -> usize {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -78,8 +108,9 @@ pub fn produce(
             .create()
             .unwrap();
         let start = Instant::now();
-        let mut pending = Vec::with_capacity(msgs.len());
-        for (i, m) in msgs.iter().enumerate() {
+        let mut pending = std::collections::VecDeque::new();
+        let mut sent = 0;
+        for (i, m) in msgs.enumerate() {
             if let Some(rate) = per_sec {
                 let due = start + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
@@ -91,7 +122,7 @@ pub fn produce(
             loop {
                 match producer.send_result(rec) {
                     Ok(f) => {
-                        pending.push(f);
+                        pending.push_back(f);
                         break;
                     }
                     Err((_, back)) => {
@@ -100,17 +131,24 @@ pub fn produce(
                     }
                 }
             }
+            sent += 1;
+            if pending.len() >= IN_FLIGHT {
+                landed(delivered(pending.pop_front().unwrap()).await);
+            }
         }
-        let mut landed = Vec::with_capacity(pending.len());
-        for f in pending {
-            let d = f
-                .await
-                .unwrap()
-                .unwrap_or_else(|(e, _)| panic!("produce failed: {e}"));
-            landed.push((d.partition, d.offset));
+        while let Some(f) = pending.pop_front() {
+            landed(delivered(f).await);
         }
-        landed
+        sent
     })
+}
+
+async fn delivered(f: rdkafka::producer::DeliveryFuture) -> Landed {
+    let d = f
+        .await
+        .unwrap()
+        .unwrap_or_else(|(e, _)| panic!("produce failed: {e}"));
+    (d.partition, d.offset)
 }
 
 /// A record read back from the dead-letter topic.
@@ -139,6 +177,40 @@ pub fn read_all(
     timeout: Duration,
     settle: Duration,
 ) -> Vec<DeadLetter> {
+    let mut out = Vec::new();
+    for_each_record(bootstrap, topic, expected, timeout, settle, |m| {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| {
+                        (
+                            x.key.to_owned(),
+                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(DeadLetter {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+    });
+    out
+}
+
+/// As [`read_all`], every partition, each record handed to `f` as it is read (nothing kept);
+/// returns how many were read.
+pub fn for_each_record(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> usize {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "integration-reader")
@@ -160,64 +232,61 @@ pub fn read_all(
     consumer.assign(&tpl).unwrap();
     let start = Instant::now();
     let mut last = Instant::now();
-    let mut out = Vec::new();
-    while start.elapsed() < timeout && !(out.len() >= expected && last.elapsed() > settle) {
+    let mut read = 0;
+    while start.elapsed() < timeout && !(read >= expected && last.elapsed() > settle) {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| {
-                                (
-                                    x.key.to_owned(),
-                                    String::from_utf8_lossy(x.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(DeadLetter {
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers,
-                });
+                f(&m);
+                read += 1;
                 last = Instant::now();
             }
-            Some(Err(e)) => eprintln!("dlq read: {e}"),
+            Some(Err(e)) => eprintln!("{topic} read: {e}"),
             None => {}
         }
     }
-    out
+    read
 }
 
 /// Distinct `(src, rel, dst)` triples in a stopped daemon's store, and the edge count.
 pub fn stored_triples(store: &Path) -> (std::collections::HashSet<(String, String, String)>, u64) {
+    let mut triples = std::collections::HashSet::new();
+    let edges = stored_edges(store, |src, rel, dst| {
+        triples.insert((
+            format!("{}:{}", src.0, src.1),
+            rel.to_owned(),
+            format!("{}:{}", dst.0, dst.1),
+        ));
+    });
+    (triples, edges)
+}
+
+/// Every edge in a stopped daemon's store, in log order, handed to `f` as `((type, id), rel,
+/// (type, id))` a page at a time (nothing kept); returns the store's edge count.
+pub fn stored_edges(store: &Path, mut f: impl FnMut((&str, &str), &str, (&str, &str))) -> u64 {
     use twhin_stream::store::{GraphStore, NodeRef};
     let s = GraphStore::open_existing(store).unwrap();
     let schema = s.stored_schema().clone();
-    let name = |n: NodeRef| {
-        format!(
-            "{}:{}",
-            schema.node_types[n.node_type as usize],
-            s.node_id(n)
-                .unwrap()
-                .expect("every node has a reverse entry")
-        )
+    let id = |n: NodeRef| {
+        s.node_id(n)
+            .unwrap()
+            .expect("every node has a reverse entry")
     };
-    let edges = s.edges_from(0, usize::MAX).unwrap();
-    let triples = edges
-        .iter()
-        .map(|(_, e)| {
-            (
-                name(e.src),
-                schema.relations[e.rel as usize].0.clone(),
-                name(e.dst),
-            )
-        })
-        .collect();
-    (triples, s.edge_count())
+    let mut cursor = 0;
+    loop {
+        let page = s.edges_from(cursor, 1 << 20).unwrap();
+        let Some(&(last, _)) = page.last() else {
+            break;
+        };
+        for (_, e) in &page {
+            f(
+                (&schema.node_types[e.src.node_type as usize], &id(e.src)),
+                &schema.relations[e.rel as usize].0,
+                (&schema.node_types[e.dst.node_type as usize], &id(e.dst)),
+            );
+        }
+        cursor = last + 1;
+    }
+    s.edge_count()
 }
 
 /// Everything the publisher left on the broker, rows in the order read (per partition, log
@@ -229,7 +298,21 @@ pub struct Published {
 
 /// Waits for at least `min_markers` markers, then for every row they announce.
 pub fn read_published(bootstrap: &str, min_markers: usize) -> Published {
-    let markers: Vec<VersionMarker> = read_all(
+    let markers = read_markers(bootstrap, min_markers);
+    let mut rows = Vec::new();
+    for_each_row(
+        bootstrap,
+        markers.iter().map(|m| m.rows as usize).sum(),
+        Duration::from_secs(120),
+        |k, r| rows.push((k, r)),
+    );
+    Published { rows, markers }
+}
+
+/// Every marker on the versions topic, once at least `min_markers` are in and no more came for
+/// 3 s.
+pub fn read_markers(bootstrap: &str, min_markers: usize) -> Vec<VersionMarker> {
+    read_all(
         bootstrap,
         "twhin.versions",
         min_markers,
@@ -238,21 +321,29 @@ pub fn read_published(bootstrap: &str, min_markers: usize) -> Published {
     )
     .iter()
     .map(|m| VersionMarker::decode(m.payload.as_deref().unwrap()).unwrap())
-    .collect();
-    let rows = read_all(
+    .collect()
+}
+
+/// Every row on the embeddings topic (per partition, log order), handed to `f` as it is read,
+/// once at least `expected` are in and no more came for 3 s (or `timeout` passed); returns how
+/// many were read.
+pub fn for_each_row(
+    bootstrap: &str,
+    expected: usize,
+    timeout: Duration,
+    mut f: impl FnMut(String, RowRecord),
+) -> usize {
+    for_each_record(
         bootstrap,
         "twhin.embeddings",
-        markers.iter().map(|m| m.rows as usize).sum(),
-        Duration::from_secs(120),
+        expected,
+        timeout,
         Duration::from_secs(3),
+        |m| {
+            f(
+                String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
+                RowRecord::decode(m.payload().unwrap()).unwrap(),
+            )
+        },
     )
-    .iter()
-    .map(|r| {
-        (
-            String::from_utf8(r.key.clone().unwrap()).unwrap(),
-            RowRecord::decode(r.payload.as_deref().unwrap()).unwrap(),
-        )
-    })
-    .collect();
-    Published { rows, markers }
 }
