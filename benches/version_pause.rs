@@ -120,7 +120,7 @@ fn bench_version(c: &mut Criterion) {
         relations: first.relations.shallow_clone(),
     };
     s.aligner
-        .adopt(1, &first_figures(), reference.shallow_clone())
+        .adopt(1, &first_figures(), reference.shallow_clone(), &[])
         .expect("anchor");
     drop(first);
     let mut version = 1u64;

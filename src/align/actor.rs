@@ -58,12 +58,15 @@ pub struct Adopt {
     pub version: u64,
     pub figures: AlignFigures,
     pub published: Snapshot,
+    /// Nodes the version erased: their anchor rows are zeroed.
+    pub erased: Vec<crate::store::NodeRef>,
 }
 
 impl Handler<Adopt> for AlignActor {
     type Result = Result<f64, AlignError>;
 
     fn handle(&mut self, msg: Adopt, _: &mut Self::Context) -> Self::Result {
-        self.0.adopt(msg.version, &msg.figures, msg.published)
+        self.0
+            .adopt(msg.version, &msg.figures, msg.published, &msg.erased)
     }
 }

@@ -38,6 +38,7 @@ use tch::{Kind, Tensor};
 use tracing::info;
 
 use crate::align::{drift, procrustes, relative_l2, Drift};
+use crate::store::NodeRef;
 use crate::telemetry as m;
 use crate::train::{
     load_snapshot, non_finite_in, save_snapshot, ModelDelta, Snapshot, SnapshotError,
@@ -458,9 +459,17 @@ pub struct Aligner {
     /// Where the anchor persists (`publish.path`); `None` keeps it in memory only.
     dir: Option<PathBuf>,
     anchor: Option<(u64, Snapshot)>,
+    /// The anchor on disk still holds rows since erased (written again at most every
+    /// [`ANCHOR_REWRITE_EVERY`]), and when it was last written.
+    anchor_stale: bool,
+    anchor_written: Option<std::time::Instant>,
     controller: PullController,
     status: Arc<AlignStatus>,
 }
+
+/// The anchor is rewritten whole for erasures (its rows are not stored apart), so at most this
+/// often, like a checkpoint, not once per version.
+const ANCHOR_REWRITE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Aligner {
     /// `rotate`: Procrustes applies (config on and a rotation-invariant comparator). Loads the
@@ -486,6 +495,8 @@ impl Aligner {
             cfg,
             dir,
             anchor,
+            anchor_stale: false,
+            anchor_written: None,
             controller,
             status,
         })
@@ -546,20 +557,52 @@ impl Aligner {
     }
 
     /// Version `version` was acknowledged with `figures`; `published` is what subscribers now
-    /// hold (the first one becomes the anchor). Returns the pull strength for the next interval.
+    /// hold (the first one becomes the anchor). The rows of the nodes it `erased` are zeroed in
+    /// the anchor, in memory and on disk: nothing of an erased node outlives its erasure there
+    /// either (drift is then measured on zero rows for them, which the sample rarely meets).
+    /// Returns the pull strength for the next interval.
     pub fn adopt(
         &mut self,
         version: u64,
         figures: &AlignFigures,
         published: Snapshot,
+        erased: &[NodeRef],
     ) -> Result<f64, AlignError> {
+        if let Some((_, anchor)) = self.anchor.as_mut().filter(|_| !erased.is_empty()) {
+            tch::no_grad(|| {
+                for node in erased {
+                    if let Some(table) = anchor.tables.get(node.node_type as usize) {
+                        if i64::from(node.index) < table.size()[0] {
+                            let _ = table.get(i64::from(node.index)).fill_(0.0);
+                        }
+                    }
+                }
+            });
+            self.anchor_stale = true;
+        }
+        let due = self
+            .anchor_written
+            .is_none_or(|at| at.elapsed() >= ANCHOR_REWRITE_EVERY);
+        if let (true, true, Some(dir), Some((anchor_version, anchor))) =
+            (self.anchor_stale, due, &self.dir, &self.anchor)
+        {
+            save_snapshot(dir, ANCHOR, *anchor_version, anchor)?;
+            self.anchor_stale = false;
+            self.anchor_written = Some(std::time::Instant::now());
+        }
         if self.anchor.is_none() {
             if let Some(dir) = &self.dir {
                 save_snapshot(dir, ANCHOR, version, &published)?;
             }
             self.status.anchor_version.store(version, Ordering::Relaxed);
             info!(version, "alignment anchor set");
-            self.anchor = Some((version, published));
+            // Its own copy: erasures zero its rows in place, and the published view it comes
+            // from may still be served.
+            let owned = Snapshot {
+                tables: published.tables.iter().map(Tensor::copy).collect(),
+                relations: published.relations.copy(),
+            };
+            self.anchor = Some((version, owned));
         }
         for (against, d) in [("previous", &figures.previous), ("anchor", &figures.anchor)] {
             if let Some(d) = d {
@@ -645,6 +688,43 @@ mod tests {
         });
         assert_eq!(off.update(1.0), 0.0);
         assert_eq!(off.hold(), 0.0);
+    }
+
+    /// An erased node's anchor row is zeroed in memory at once and on disk with the next
+    /// rewrite; the published view the anchor came from is left as it is.
+    #[test]
+    fn an_erased_nodes_anchor_row_is_zeroed_on_disk_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Aligner::new(cfg(), true, Some(dir.path().into()), Default::default()).unwrap();
+        let published = snapshot(1, &[4, 2], 3);
+        let figures = AlignFigures {
+            control: true,
+            previous: None,
+            anchor: None,
+            procrustes_residual: None,
+            pull: 1.0,
+        };
+        a.adopt(1, &figures, published.shallow_clone(), &[])
+            .unwrap();
+        let node = NodeRef {
+            node_type: 0,
+            index: 2,
+        };
+        a.adopt(2, &figures, snapshot(2, &[4, 2], 3), &[node])
+            .unwrap();
+        let row = |s: &Snapshot| s.tables[0].get(2).abs().sum(Kind::Float).double_value(&[]);
+        assert_eq!(row(&a.anchor.as_ref().unwrap().1), 0.0);
+        assert!(row(&published) > 0.0, "the view keeps its values");
+        let (meta, on_disk) = load_snapshot(dir.path(), ANCHOR).unwrap().unwrap();
+        assert_eq!((meta.version, row(&on_disk)), (1, 0.0));
+        assert!(
+            on_disk.tables[0]
+                .get(1)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                > 0.0
+        );
     }
 
     #[test]

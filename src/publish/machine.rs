@@ -47,7 +47,7 @@ use crate::publish::{
     build_delta_version, Freshness, Ledger, PreparedVersion, PublishedView, VersionMarker,
     VersionRequest,
 };
-use crate::store::GraphStore;
+use crate::store::{GraphStore, NodeRef};
 use crate::telemetry as m;
 use crate::train::{
     load_snapshot, save_snapshot, Checkpoints, DeltaRequest, ModelDelta, RestoreCheckpoint, Rotate,
@@ -92,12 +92,14 @@ pub trait AlignPort {
         current: Candidate,
         reference: Option<Snapshot>,
     ) -> anyhow::Result<Assessed>;
-    /// The version is committed: returns the pull strength for the next interval.
+    /// The version is committed (`erased`: the nodes it carried tombstones for): returns the
+    /// pull strength for the next interval.
     async fn adopt(
         &mut self,
         version: u64,
         figures: &AlignFigures,
         published: Snapshot,
+        erased: &[NodeRef],
     ) -> anyhow::Result<f64>;
 }
 
@@ -466,7 +468,9 @@ impl Publication {
             .as_ref()
             .map_or(0, |f| f.published(prepared.cursor, persist::now_ms()));
         self.adopt(version, &view)?;
-        let pull = align.adopt(version, &figures, view.params()).await?;
+        let pull = align
+            .adopt(version, &figures, view.params(), &tombstones)
+            .await?;
         trainer
             .set_pull(pull, Some(view.params()), Some(update.changed()))
             .await?;
@@ -616,12 +620,14 @@ impl AlignPort for Addr<AlignActor> {
         version: u64,
         figures: &AlignFigures,
         published: Snapshot,
+        erased: &[NodeRef],
     ) -> anyhow::Result<f64> {
         Ok(self
             .send(Adopt {
                 version,
                 figures: figures.clone(),
                 published,
+                erased: erased.to_vec(),
             })
             .await??)
     }
@@ -650,8 +656,9 @@ impl AlignPort for &mut Aligner {
         version: u64,
         figures: &AlignFigures,
         published: Snapshot,
+        erased: &[NodeRef],
     ) -> anyhow::Result<f64> {
-        Ok(Aligner::adopt(self, version, figures, published)?)
+        Ok(Aligner::adopt(self, version, figures, published, erased)?)
     }
 }
 
