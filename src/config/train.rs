@@ -73,6 +73,9 @@ pub enum LossKind {
 pub struct TrainerConfig {
     pub enabled: bool,
     pub replay_ratio: f64,
+    /// Behind by this many edges (after a step's read) and nothing is replayed; the ratio falls
+    /// linearly to it from `replay_ratio` at no backlog. 0: always `replay_ratio`.
+    pub replay_backlog_limit: u64,
     pub max_batch_size: usize,
     pub warm_start: bool,
     pub warm_start_shrinkage: f64,

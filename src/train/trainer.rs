@@ -68,6 +68,15 @@ pub fn next_batch_size(current: usize, backlog: u64, base: usize, max: usize) ->
     }
 }
 
+/// The replay ratio with `waiting` edges still behind the step: `ratio` with none, falling
+/// linearly to 0 at `limit` (0: no limit).
+pub fn replay_ratio_behind(ratio: f64, waiting: u64, limit: u64) -> f64 {
+    if limit == 0 {
+        return ratio;
+    }
+    ratio * (1.0 - waiting as f64 / limit as f64).max(0.0)
+}
+
 /// Replayed edges for `fresh` new ones at `ratio` replayed per new edge.
 fn replay_count(fresh: usize, ratio: f64) -> usize {
     (fresh as f64 * ratio).round() as usize
@@ -327,7 +336,15 @@ impl TrainerCore {
             .collect();
         (report.ranks, report.rank_relations) = self.prequential(store, &fresh, first_seq)?;
         (report.warm_rows, report.random_rows) = self.add_rows(store, &fresh)?;
-        let replay = replay_count(fresh.len(), self.opts.replay_ratio);
+        let waiting = store.edge_count().saturating_sub(last_seq + 1);
+        let replay = replay_count(
+            fresh.len(),
+            replay_ratio_behind(
+                self.opts.replay_ratio,
+                waiting,
+                self.opts.replay_backlog_limit,
+            ),
+        );
         let mut edges = fresh;
         report.new_edges = edges.len();
         edges.extend(self.replayed(store, replay, trained.as_deref())?);
@@ -833,6 +850,16 @@ mod tests {
         assert_eq!(next_batch_size(4000, 3000, 1000, 16_000), 4000);
         assert_eq!(next_batch_size(4000, 100, 1000, 16_000), 2000);
         assert_eq!(next_batch_size(1000, 0, 1000, 16_000), 1000);
+    }
+
+    #[test]
+    fn replay_gives_way_to_new_edges_under_a_backlog() {
+        assert_eq!(replay_ratio_behind(1.0, 0, 4000), 1.0);
+        assert_eq!(replay_ratio_behind(1.0, 1000, 4000), 0.75);
+        assert_eq!(replay_ratio_behind(2.0, 3000, 4000), 0.5);
+        assert_eq!(replay_ratio_behind(1.0, 4000, 4000), 0.0);
+        assert_eq!(replay_ratio_behind(1.0, 90_000, 4000), 0.0);
+        assert_eq!(replay_ratio_behind(1.0, 90_000, 0), 1.0, "0: no limit");
     }
 
     #[test]
