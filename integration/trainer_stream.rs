@@ -122,8 +122,11 @@ fn the_gate_holds_a_nan_poisoned_version_and_the_trainer_is_restored_from_its_ch
     let model = twhin_stream::train::Embeddings::for_schema(&schema, &cfg.train, tch::Device::Cpu);
     let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
     let status = Arc::new(AlignStatus::default());
+    // Versions here follow each other within milliseconds: no limit on rotations per minute.
+    let mut align_cfg = cfg.align.clone();
+    align_cfg.rotation_min_interval_secs = 0;
     let mut aligner = Aligner::new(
-        cfg.align.clone(),
+        align_cfg,
         true,
         Some(dir.path().join("publish")),
         status.clone(),

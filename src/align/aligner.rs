@@ -463,6 +463,8 @@ pub struct Aligner {
     /// [`ANCHOR_REWRITE_EVERY`]), and when it was last written.
     anchor_stale: bool,
     anchor_written: Option<std::time::Instant>,
+    /// When the last rotation was handed out (`align.rotation_min_interval_secs`).
+    rotated_at: Option<std::time::Instant>,
     controller: PullController,
     status: Arc<AlignStatus>,
 }
@@ -497,6 +499,7 @@ impl Aligner {
             anchor,
             anchor_stale: false,
             anchor_written: None,
+            rotated_at: None,
             controller,
             status,
         })
@@ -532,15 +535,21 @@ impl Aligner {
         current: &Candidate,
         reference: Option<&Snapshot>,
     ) -> Assessed {
-        let mut out = assess_candidate(
+        let interval = std::time::Duration::from_secs(self.cfg.rotation_min_interval_secs);
+        let may_rotate = self.rotate && self.rotated_at.is_none_or(|at| at.elapsed() >= interval);
+        let out = assess_candidate(
             current,
             reference,
             self.anchor.as_ref().map(|(_, s)| s),
             &self.cfg,
-            self.rotate,
+            may_rotate,
             self.controller.strength,
             version,
         );
+        if out.rotation.is_some() {
+            self.rotated_at = Some(std::time::Instant::now());
+        }
+        let mut out = out;
         if let Some(hold) = &out.hold {
             self.status.held.fetch_add(1, Ordering::Relaxed);
             *self
@@ -648,6 +657,7 @@ mod tests {
             overlap_sample: 64,
             drift_sample: 4096,
             rotation_min_gain: 0.01,
+            rotation_min_interval_secs: 0,
         }
     }
 
@@ -735,6 +745,34 @@ mod tests {
         assert_eq!(x.size(), vec![5, 4]);
         assert!(x.narrow(0, 0, 2).equal(&a.tables[0].narrow(0, 0, 2)));
         assert!(y.narrow(0, 2, 3).equal(&b.tables[2]));
+    }
+
+    /// A second rotation within `align.rotation_min_interval_secs` is not handed out, however
+    /// much it would gain: each one republishes every row.
+    #[test]
+    fn rotations_are_at_most_one_per_interval() {
+        let anchor = snapshot(3, &[200, 50], 16);
+        let r = random_rotation(16);
+        let turned = Snapshot {
+            tables: anchor.tables.iter().map(|t| t.matmul(&r)).collect(),
+            relations: anchor.relations.matmul(&r),
+        };
+        let limited = AlignConfig {
+            rotation_min_interval_secs: 3600,
+            ..cfg()
+        };
+        let mut a = Aligner::new(limited, true, None, Default::default()).unwrap();
+        a.anchor = Some((1, anchor.shallow_clone()));
+        let lens = vec![200, 50];
+        for (version, rotated) in [(2, true), (3, false)] {
+            let plan = a.plan(version, Some(&lens));
+            let out = a.assess(
+                version,
+                &Candidate::of_snapshot(&turned, &plan),
+                Some(&anchor),
+            );
+            assert_eq!(out.rotation.is_some(), rotated, "version {version}");
+        }
     }
 
     #[test]

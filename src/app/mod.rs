@@ -259,9 +259,14 @@ impl Daemon {
                 Err(e) => warn!(error = %e, "trainer unreachable for the final checkpoint"),
             }
         }
-        if let Some(mut ticker) = ticker.filter(|_| owned_all) {
-            if let Err(e) = ticker.publish_once_owned().await {
-                warn!(error = %format!("{e:#}"), "final publication failed");
+        if let Some(mut ticker) = ticker {
+            if owned_all {
+                if let Err(e) = ticker.publish_once_owned().await {
+                    warn!(error = %format!("{e:#}"), "final publication failed");
+                }
+            }
+            if let Err(e) = ticker.publication.persist_reference() {
+                warn!(error = %format!("{e:#}"), "writing the published reference failed");
             }
         }
         self.store.flush().context("final flush")?;

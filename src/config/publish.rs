@@ -82,6 +82,13 @@ pub struct AlignConfig {
     /// residual by more than this (rotating the model turns and republishes every row).
     #[serde(default = "default_rotation_min_gain")]
     pub rotation_min_gain: f64,
+    /// At most one rotation per this many seconds: each one turns and republishes every row.
+    #[serde(default = "default_rotation_min_interval_secs")]
+    pub rotation_min_interval_secs: u64,
+}
+
+fn default_rotation_min_interval_secs() -> u64 {
+    60
 }
 
 fn default_drift_sample() -> usize {

@@ -432,6 +432,9 @@ fn in_memory_publication(cfg: &Config, control: bool) -> anyhow::Result<(Aligner
     let p = &cfg.train;
     let mut align_cfg = cfg.align.clone();
     align_cfg.enabled = control;
+    // Versions here are cut by events, seconds apart or less: the daemon's limit on rotations
+    // per minute would leave all but the first unrotated.
+    align_cfg.rotation_min_interval_secs = 0;
     let aligner = Aligner::new(
         align_cfg,
         p.comparator != Comparator::L1,

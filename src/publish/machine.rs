@@ -255,7 +255,16 @@ pub struct Publication {
     full_next: bool,
     /// The view's row times (see [`update_row_ts`]).
     row_ts: Vec<Vec<i64>>,
+    /// The reference on disk is older than the one in memory (it is written whole, so at most
+    /// every [`REFERENCE_PERSIST_EVERY`] and at shutdown), and when it was last written.
+    reference_stale: bool,
+    reference_written: Option<Instant>,
 }
+
+/// The published reference is written whole (every row), so not once per version: a crash
+/// between two writes costs one version carrying every row after the restart (the persisted
+/// reference then is not the ledger's last version, see [`Publication::open`]).
+pub const REFERENCE_PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Publication {
     /// Versions numbered by `ledger`, the reference persisted in `dir` (when given) and read
@@ -303,6 +312,8 @@ impl Publication {
             epoch_spent: false,
             full_next: true,
             row_ts: Vec::new(),
+            reference_stale: false,
+            reference_written: None,
         })
     }
 
@@ -496,16 +507,29 @@ impl Publication {
     }
 
     /// The committed version becomes the reference (in memory first: subscribers hold it
-    /// whether or not it persists; then persisted when there is a folder).
+    /// whether or not it persists; then persisted when there is a folder and the last write is
+    /// [`REFERENCE_PERSIST_EVERY`] old).
     fn adopt(&mut self, version: u64, view: &PublishedView) -> anyhow::Result<()> {
         let params = view.params();
-        self.reference = Some(Reference {
-            version,
-            params: params.shallow_clone(),
-        });
-        if let Some(dir) = &self.dir {
-            save_snapshot(dir, REFERENCE, version, &params)?;
+        self.reference = Some(Reference { version, params });
+        self.reference_stale = true;
+        if self
+            .reference_written
+            .is_none_or(|at| at.elapsed() >= REFERENCE_PERSIST_EVERY)
+        {
+            self.persist_reference()?;
         }
+        Ok(())
+    }
+
+    /// Write the reference now if the one on disk is older (at shutdown, after the final
+    /// publication).
+    pub fn persist_reference(&mut self) -> anyhow::Result<()> {
+        if let (true, Some(dir), Some(r)) = (self.reference_stale, &self.dir, &self.reference) {
+            save_snapshot(dir, REFERENCE, r.version, &r.params)?;
+            self.reference_written = Some(Instant::now());
+        }
+        self.reference_stale = false;
         Ok(())
     }
 }
