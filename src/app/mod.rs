@@ -3,6 +3,7 @@
 //! SIGTERM/SIGINT; tests: a oneshot) or a failing stage, and stops in order: stop consuming,
 //! write what is pending, finish the training round, checkpoint, publish, flush, stop HTTP.
 
+mod heap;
 mod supervisor;
 mod ticker;
 

@@ -58,9 +58,13 @@ impl Ticker {
             )
             .await?;
         Ok(match outcome {
-            Outcome::Committed { view, .. } => {
+            Outcome::Committed { view, prepared, .. } => {
                 let version = view.version;
+                // The version's records and the previous view are freed here; give their pages
+                // back.
+                drop(prepared);
                 self.serving.publish(view);
+                super::heap::release_freed_memory();
                 Some(version)
             }
             Outcome::Held(_) | Outcome::Unchanged => None,

@@ -71,6 +71,9 @@ pub struct KafkaSink {
     producer: Option<FutureProducer>,
 }
 
+/// Rows encoded before they are handed to the producer, at most (see [`KafkaSink::send`]).
+const PRODUCE_RANGE: usize = 65_536;
+
 impl KafkaSink {
     /// Build the version producer (and, in transactional mode, initialise its transactions,
     /// which fences a previous instance with the same `transactional.id`).
@@ -134,12 +137,16 @@ impl KafkaSink {
         let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
         let topic = &cfg.kafka.embeddings_topic;
         let mut acks = Vec::with_capacity(prepared.rows.len());
-        for (key, payload) in &prepared.rows {
-            let record = FutureRecord::to(topic).key(key).payload(payload);
-            let ack = send_retrying(producer, record)
-                .await
-                .with_context(|| format!("producing {key} to {topic}"))?;
-            acks.push(ack);
+        // Encoded a range at a time (on all cores), so a version carrying every row never holds
+        // all its records at once; the producer's own queue bounds what waits for the broker.
+        for (from, to) in prepared.rows.ranges(PRODUCE_RANGE) {
+            for (key, payload) in prepared.rows.encode_range(from, to) {
+                let record = FutureRecord::to(topic).key(key).payload(&payload);
+                let ack = send_retrying(producer, record)
+                    .await
+                    .with_context(|| format!("producing {key} to {topic}"))?;
+                acks.push(ack);
+            }
         }
         let (version_text, epoch_text) = (version.to_string(), prepared.marker.epoch.to_string());
         for key in &prepared.tombstones {

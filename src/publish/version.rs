@@ -21,14 +21,14 @@ use tch::{Device, Kind, Tensor};
 
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
-use crate::publish::{encode_f32le, RowRecord, VersionMarker};
+use crate::publish::{VersionMarker, VersionRows};
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{ModelDelta, ModelState, Snapshot};
 
-/// A version ready to produce: `(key, payload)` rows, then the marker.
+/// A version ready to produce: its rows (encoded as they are produced), then the marker.
 #[derive(Debug, Clone)]
 pub struct PreparedVersion {
-    pub rows: Vec<(String, Vec<u8>)>,
+    pub rows: VersionRows,
     /// Keys of erased nodes, produced with a null value (a tombstone) and the version and epoch
     /// as headers ([`crate::publish::TOMBSTONE_VERSION_HEADER`]); counted in the marker's rows.
     pub tombstones: Vec<String>,
@@ -82,11 +82,8 @@ pub struct VersionRequest<'a> {
     pub tombstones: &'a [NodeRef],
 }
 
-/// A row's key and encoded payload.
-type KeyedRow = (String, Vec<u8>);
-
-/// Rows encoded per thread at least (smaller versions are encoded on the calling thread).
-const ENCODE_CHUNK: usize = 16_384;
+/// Rows looked up per thread at least (smaller versions are gathered on the calling thread).
+const GATHER_CHUNK: usize = 16_384;
 
 /// What a version built from a delta changes in the view subscribers hold, per node type: the
 /// live row count and the published rows `(indices [k] Int64, values [k, D])`.
@@ -155,24 +152,6 @@ fn moved_rows(current: &Tensor, reference: &Tensor, threshold: f64) -> Tensor {
     rel.gt(threshold).logical_or(&rel.isfinite().logical_not())
 }
 
-/// One row's record in `format`.
-fn encode_row(req: &VersionRequest, ts: i64, vector: &[f32], bias: Option<f32>) -> Vec<u8> {
-    match req.format {
-        ValueFormat::F32le => encode_f32le(req.version, req.epoch, ts, vector, bias),
-        ValueFormat::Json => {
-            let mut vector = vector.to_vec();
-            vector.extend(bias);
-            RowRecord {
-                version: req.version,
-                epoch: req.epoch,
-                ts,
-                vector,
-            }
-            .encode(req.format)
-        }
-    }
-}
-
 /// The rows version `req.version` carries from `delta` (see the module docs), encoded, with its
 /// marker, and what it changes in the view; `None` when no node row moved since `reference`.
 pub fn build_delta_version(
@@ -184,7 +163,7 @@ pub fn build_delta_version(
     let schema = store.stored_schema();
     let dim = delta.relations.size()[1];
     let width = dim as usize;
-    let mut rows = Vec::new();
+    let mut rows = VersionRows::new(req.version, req.epoch, req.format, width);
     let mut newest = 0i64;
     let mut update = Vec::with_capacity(delta.tables.len());
     let erased = erased_nodes(store);
@@ -223,11 +202,14 @@ pub fn build_delta_version(
             .biases
             .as_ref()
             .map(|b| Vec::<f32>::try_from(b).expect("f32 biases"));
-        // Keys looked up and rows encoded in chunks on all cores (this is the publication's
-        // thread, not training's): each chunk's records in order, then appended in order.
+        // Keys looked up and rows gathered in chunks on all cores (this is the publication's
+        // thread, not training's): each chunk's rows in order, then appended in order. They are
+        // encoded as they are produced (`VersionRows`).
         let row_ts = &table.ts;
-        let encode = |from: usize, to: usize| -> Result<(Vec<KeyedRow>, i64), StoreError> {
-            let mut out = Vec::with_capacity(to - from);
+        let empty = rows.empty_like();
+        let gather = |from: usize, to: usize| -> Result<(VersionRows, i64), StoreError> {
+            let mut out = empty.empty_like();
+            out.reserve(to - from);
             let mut newest = 0i64;
             for k in from..to {
                 let (i, p) = (index[k], positions[k]);
@@ -244,24 +226,26 @@ pub fn build_delta_version(
                 let ts = row_ts[p as usize];
                 newest = newest.max(ts);
                 let bias = biases.as_ref().map(|b| b[i as usize]);
-                out.push((
+                out.push(
                     format!("{}:{id}", schema.node_types[t]),
-                    encode_row(req, ts, &values[k * width..(k + 1) * width], bias),
-                ));
+                    ts,
+                    &values[k * width..(k + 1) * width],
+                    bias,
+                );
             }
             Ok((out, newest))
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = index.len().div_ceil(threads).max(ENCODE_CHUNK);
+        let chunk = index.len().div_ceil(threads).max(GATHER_CHUNK);
         let parts: Vec<_> = if index.len() <= chunk {
-            vec![encode(0, index.len())]
+            vec![gather(0, index.len())]
         } else {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = (0..index.len())
                     .step_by(chunk)
                     .map(|from| {
                         let to = (from + chunk).min(index.len());
-                        scope.spawn(move || encode(from, to))
+                        scope.spawn(move || gather(from, to))
                     })
                     .collect();
                 handles
@@ -274,7 +258,7 @@ pub fn build_delta_version(
         for part in parts {
             let (part, part_newest) = part?;
             newest = newest.max(part_newest);
-            rows.extend(part);
+            rows.append(part);
         }
         update.push((table.len, idx, picked));
     }
@@ -284,10 +268,12 @@ pub fn build_delta_version(
     }
     let values = Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32");
     for (r, (name, _, _)) in schema.relations.iter().enumerate() {
-        rows.push((
+        rows.push(
             format!("relation:{name}"),
-            encode_row(req, newest, &values[r * width..(r + 1) * width], None),
-        ));
+            newest,
+            &values[r * width..(r + 1) * width],
+            None,
+        );
     }
     let marker = VersionMarker {
         version: req.version,
@@ -369,7 +355,7 @@ pub fn build_version(
     let current = &state.params;
     let dim = current.relations.size()[1];
     let width = dim as usize;
-    let mut rows = Vec::new();
+    let mut rows = VersionRows::new(req.version, req.epoch, req.format, width);
     let mut newest = 0i64;
     let mut view = Vec::with_capacity(current.tables.len());
     let erased = erased_nodes(store);
@@ -416,20 +402,12 @@ pub fn build_version(
             };
             let ts = state.row_ts[t].get(i as usize).copied().unwrap_or(0);
             newest = newest.max(ts);
-            let mut vector = values[k * width..(k + 1) * width].to_vec();
-            if let Some(b) = bias {
-                vector.push(b.double_value(&[i]) as f32);
-            }
-            let record = RowRecord {
-                version: req.version,
-                epoch: req.epoch,
-                ts,
-                vector,
-            };
-            rows.push((
+            rows.push(
                 format!("{}:{id}", schema.node_types[t]),
-                record.encode(req.format),
-            ));
+                ts,
+                &values[k * width..(k + 1) * width],
+                bias.map(|b| b.double_value(&[i]) as f32),
+            );
         }
     }
     let tombstones = tombstone_keys(store, req.tombstones)?;
@@ -439,13 +417,12 @@ pub fn build_version(
     let relations = current.relations.copy();
     let values = Vec::<f32>::try_from(relations.reshape([-1])).expect("f32");
     for (r, (name, _, _)) in schema.relations.iter().enumerate() {
-        let record = RowRecord {
-            version: req.version,
-            epoch: req.epoch,
-            ts: newest,
-            vector: values[r * width..(r + 1) * width].to_vec(),
-        };
-        rows.push((format!("relation:{name}"), record.encode(req.format)));
+        rows.push(
+            format!("relation:{name}"),
+            newest,
+            &values[r * width..(r + 1) * width],
+            None,
+        );
     }
     let marker = VersionMarker {
         version: req.version,
@@ -479,6 +456,7 @@ pub fn build_version(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::publish::RowRecord;
     use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
     use crate::store::{AppendBatch, StoreOptions};
     use crate::train::TableDelta;
@@ -547,11 +525,11 @@ mod tests {
         let (prepared, update) = build_delta_version(&store, &d, Some(&reference), &req)
             .unwrap()
             .unwrap();
-        let keys: Vec<&str> = prepared.rows.iter().map(|(k, _)| k.as_str()).collect();
+        let keys: Vec<&str> = prepared.rows.keys().collect();
         assert_eq!(keys, ["user:u1", "user:u8", "user:u9", "relation:follows"]);
         assert_eq!(prepared.marker.rows, 4);
         assert_eq!(prepared.cursor, 9);
-        let row = RowRecord::decode(&prepared.rows[0].1).unwrap();
+        let row = RowRecord::decode(&prepared.rows.encode(0)).unwrap();
         assert_eq!((row.version, row.ts, row.vector), (2, 5, vec![1.5, 1.5]));
         let view = update.apply(Some(&reference)).unwrap();
         let v = Vec::<f32>::try_from(view[0].reshape([-1])).unwrap();
@@ -626,7 +604,7 @@ mod tests {
         let (prepared, _) = build_delta_version(&store, &delta, None, &req(&erased))
             .unwrap()
             .unwrap();
-        let keys: Vec<&str> = prepared.rows.iter().map(|(k, _)| k.as_str()).collect();
+        let keys: Vec<&str> = prepared.rows.keys().collect();
         assert_eq!(keys, ["user:u0", "user:u2", "user:u3", "relation:follows"]);
         assert_eq!(prepared.tombstones, ["user:u1"]);
         assert_eq!(prepared.marker.rows, 5, "the tombstone counts");
@@ -634,7 +612,7 @@ mod tests {
         let (later, _) = build_delta_version(&store, &delta, None, &req(&[]))
             .unwrap()
             .unwrap();
-        assert!(later.tombstones.is_empty() && later.rows.iter().all(|(k, _)| k != "user:u1"));
+        assert!(later.tombstones.is_empty() && later.rows.keys().all(|k| k != "user:u1"));
         // Nothing moved, but an erasure: still a version, carrying the tombstone alone.
         let still = ModelDelta {
             tables: vec![TableDelta {
