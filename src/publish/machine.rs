@@ -445,6 +445,12 @@ impl Publication {
             self.full_next = false;
             return Ok(Outcome::Unchanged);
         };
+        // The rows not published go now, before the view's copy is made (at a million rows
+        // under a backlog the delta is as large as a table).
+        let changed = delta.changed_rows();
+        for table in &mut delta.tables {
+            table.values = Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu));
+        }
         let view = PublishedView {
             version,
             epoch,
@@ -495,7 +501,7 @@ impl Publication {
             pull,
             pause_ms,
             prepare_ms,
-            changed: delta.changed_rows(),
+            changed,
             total_ms: started.elapsed().as_millis() as u64,
         }
         .emit(&self.status);

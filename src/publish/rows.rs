@@ -12,19 +12,29 @@ use crate::publish::{encode_f32le, RowRecord};
 /// Rows encoded per thread at least (smaller ranges are encoded on the calling thread).
 const ENCODE_CHUNK: usize = 16_384;
 
-/// The rows of one version: `(key, event time, vector[, bias])` each, in production order.
+/// The rows of one version, in production order: each a key, an event time, an optional bias
+/// and where its vector lies in one of the blocks (a node type's rows as the delta gave them,
+/// kept as they are, not copied per row).
 #[derive(Debug, Clone)]
 pub struct VersionRows {
     version: u64,
     epoch: u64,
     format: ValueFormat,
     width: usize,
-    keys: Vec<String>,
-    ts: Vec<i64>,
-    /// `keys.len() × width`, row after row.
-    values: Vec<f32>,
-    /// Per row: its target bias, sent as one more value (`train.bias_types`).
-    biases: Vec<Option<f32>>,
+    /// Row-major `[n, width]` values.
+    blocks: Vec<Vec<f32>>,
+    rows: Vec<RowRef>,
+}
+
+/// One row of a [`VersionRows`].
+#[derive(Debug, Clone)]
+pub struct RowRef {
+    pub key: String,
+    pub ts: i64,
+    /// The row's target bias, sent as one more value (`train.bias_types`).
+    pub bias: Option<f32>,
+    block: u32,
+    row: u32,
 }
 
 impl VersionRows {
@@ -35,67 +45,64 @@ impl VersionRows {
             epoch,
             format,
             width,
-            keys: Vec::new(),
-            ts: Vec::new(),
-            values: Vec::new(),
-            biases: Vec::new(),
+            blocks: Vec::new(),
+            rows: Vec::new(),
         }
     }
 
-    /// An empty set of the same version, format and width.
-    pub fn empty_like(&self) -> VersionRows {
-        VersionRows::new(self.version, self.epoch, self.format, self.width)
+    /// Keep `values` (`[n, width]`, row-major) as a block; its number, for [`VersionRows::row`].
+    pub fn add_block(&mut self, values: Vec<f32>) -> u32 {
+        debug_assert_eq!(values.len() % self.width.max(1), 0);
+        self.blocks.push(values);
+        (self.blocks.len() - 1) as u32
     }
 
-    pub fn reserve(&mut self, rows: usize) {
-        self.keys.reserve(rows);
-        self.ts.reserve(rows);
-        self.values.reserve(rows * self.width);
-        self.biases.reserve(rows);
+    /// A row whose vector is row `row` of block `block`.
+    pub fn row(key: String, ts: i64, bias: Option<f32>, block: u32, row: usize) -> RowRef {
+        RowRef {
+            key,
+            ts,
+            bias,
+            block,
+            row: row as u32,
+        }
     }
 
-    /// Add a row; `vector` has the set's width.
-    pub fn push(&mut self, key: String, ts: i64, vector: &[f32], bias: Option<f32>) {
-        debug_assert_eq!(vector.len(), self.width);
-        self.keys.push(key);
-        self.ts.push(ts);
-        self.values.extend_from_slice(vector);
-        self.biases.push(bias);
+    /// Add rows, in order.
+    pub fn extend(&mut self, rows: Vec<RowRef>) {
+        self.rows.extend(rows);
     }
 
-    /// Move `other`'s rows after these.
-    pub fn append(&mut self, other: VersionRows) {
-        self.keys.extend(other.keys);
-        self.ts.extend(other.ts);
-        self.values.extend(other.values);
-        self.biases.extend(other.biases);
+    pub fn push(&mut self, row: RowRef) {
+        self.rows.push(row);
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.rows.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.rows.is_empty()
     }
 
     pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> {
-        self.keys.iter().map(String::as_str)
+        self.rows.iter().map(|r| r.key.as_str())
     }
 
     /// Row `i`'s record in the set's format.
     pub fn encode(&self, i: usize) -> Vec<u8> {
-        let vector = &self.values[i * self.width..(i + 1) * self.width];
-        let (ts, bias) = (self.ts[i], self.biases[i]);
+        let r = &self.rows[i];
+        let at = r.row as usize * self.width;
+        let vector = &self.blocks[r.block as usize][at..at + self.width];
         match self.format {
-            ValueFormat::F32le => encode_f32le(self.version, self.epoch, ts, vector, bias),
+            ValueFormat::F32le => encode_f32le(self.version, self.epoch, r.ts, vector, r.bias),
             ValueFormat::Json => {
                 let mut vector = vector.to_vec();
-                vector.extend(bias);
+                vector.extend(r.bias);
                 RowRecord {
                     version: self.version,
                     epoch: self.epoch,
-                    ts,
+                    ts: r.ts,
                     vector,
                 }
                 .encode(self.format)
@@ -107,7 +114,7 @@ impl VersionRows {
     pub fn encode_range(&self, from: usize, to: usize) -> Vec<(&str, Vec<u8>)> {
         let encode = |from: usize, to: usize| -> Vec<(&str, Vec<u8>)> {
             (from..to)
-                .map(|i| (self.keys[i].as_str(), self.encode(i)))
+                .map(|i| (self.rows[i].key.as_str(), self.encode(i)))
                 .collect()
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -137,10 +144,10 @@ impl VersionRows {
 
     /// Ranges of at most `size` rows covering the set, in order.
     pub fn ranges(&self, size: usize) -> impl Iterator<Item = (usize, usize)> {
-        let len = self.len();
+        let (len, size) = (self.len(), size.max(1));
         (0..len)
-            .step_by(size.max(1))
-            .map(move |from| (from, (from + size.max(1)).min(len)))
+            .step_by(size)
+            .map(move |from| (from, (from + size).min(len)))
     }
 }
 
@@ -150,8 +157,16 @@ mod tests {
 
     fn rows(format: ValueFormat) -> VersionRows {
         let mut rows = VersionRows::new(7, 2, format, 2);
-        rows.push("user:a".into(), 10, &[1.0, 2.0], None);
-        rows.push("movie:m".into(), 11, &[0.5, -0.5], Some(0.25));
+        let users = rows.add_block(vec![9.0, 9.0, 1.0, 2.0]);
+        let movies = rows.add_block(vec![0.5, -0.5]);
+        rows.push(VersionRows::row("user:a".into(), 10, None, users, 1));
+        rows.push(VersionRows::row(
+            "movie:m".into(),
+            11,
+            Some(0.25),
+            movies,
+            0,
+        ));
         rows
     }
 
@@ -176,9 +191,12 @@ mod tests {
     #[test]
     fn ranges_cover_every_row_once_in_order_and_parallel_encoding_keeps_it() {
         let mut many = VersionRows::new(1, 1, ValueFormat::F32le, 3);
-        for i in 0..40_000 {
-            many.push(format!("user:{i}"), i, &[i as f32, 0.0, 1.0], None);
-        }
+        let block = many.add_block((0..40_000).flat_map(|i| [i as f32, 0.0, 1.0]).collect());
+        many.extend(
+            (0..40_000)
+                .map(|i| VersionRows::row(format!("user:{i}"), i as i64, None, block, i))
+                .collect(),
+        );
         let ranges: Vec<_> = many.ranges(15_000).collect();
         assert_eq!(
             ranges,
@@ -190,12 +208,8 @@ mod tests {
             assert_eq!(*key, format!("user:{i}"));
             assert_eq!(RowRecord::decode(record).unwrap().vector[0], i as f32);
         }
-        let mut joined = rows(ValueFormat::Json);
-        joined.append(rows(ValueFormat::Json));
-        assert_eq!(
-            joined.keys().collect::<Vec<_>>(),
-            ["user:a", "movie:m", "user:a", "movie:m"]
-        );
-        assert_eq!(joined.encoded()[3].1, rows(ValueFormat::Json).encode(1));
+        let json = rows(ValueFormat::Json);
+        assert_eq!(json.keys().collect::<Vec<_>>(), ["user:a", "movie:m"]);
+        assert_eq!(json.encoded()[1].1, json.encode(1));
     }
 }

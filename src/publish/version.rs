@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
-use crate::publish::{VersionMarker, VersionRows};
+use crate::publish::{RowRef, VersionMarker, VersionRows};
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{ModelDelta, ModelState, Snapshot};
 
@@ -193,11 +193,19 @@ pub fn build_delta_version(
             };
             Vec::<i64>::try_from(moved.nonzero().view([-1])).expect("positions")
         });
-        let pos = Tensor::from_slice(&positions);
-        let idx = table.index.index_select(0, &pos);
-        let picked = table.values.index_select(0, &pos);
+        // Under a backlog nearly every changed row moved: then the delta's own tensors are the
+        // published rows (no copy of them).
+        let (idx, picked) = if positions.len() as i64 == table.index.numel() as i64 {
+            (table.index.shallow_clone(), table.values.shallow_clone())
+        } else {
+            let pos = Tensor::from_slice(&positions);
+            (
+                table.index.index_select(0, &pos),
+                table.values.index_select(0, &pos),
+            )
+        };
         let index = Vec::<i64>::try_from(&idx).expect("indices");
-        let values = Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows");
+        let block = rows.add_block(Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows"));
         let biases = table
             .biases
             .as_ref()
@@ -206,10 +214,8 @@ pub fn build_delta_version(
         // thread, not training's): each chunk's rows in order, then appended in order. They are
         // encoded as they are produced (`VersionRows`).
         let row_ts = &table.ts;
-        let empty = rows.empty_like();
-        let gather = |from: usize, to: usize| -> Result<(VersionRows, i64), StoreError> {
-            let mut out = empty.empty_like();
-            out.reserve(to - from);
+        let gather = |from: usize, to: usize| -> Result<(Vec<RowRef>, i64), StoreError> {
+            let mut out = Vec::with_capacity(to - from);
             let mut newest = 0i64;
             for k in from..to {
                 let (i, p) = (index[k], positions[k]);
@@ -226,12 +232,13 @@ pub fn build_delta_version(
                 let ts = row_ts[p as usize];
                 newest = newest.max(ts);
                 let bias = biases.as_ref().map(|b| b[i as usize]);
-                out.push(
+                out.push(VersionRows::row(
                     format!("{}:{id}", schema.node_types[t]),
                     ts,
-                    &values[k * width..(k + 1) * width],
                     bias,
-                );
+                    block,
+                    k,
+                ));
             }
             Ok((out, newest))
         };
@@ -254,11 +261,10 @@ pub fn build_delta_version(
                     .collect()
             })
         };
-        rows.reserve(index.len());
         for part in parts {
             let (part, part_newest) = part?;
             newest = newest.max(part_newest);
-            rows.append(part);
+            rows.extend(part);
         }
         update.push((table.len, idx, picked));
     }
@@ -266,14 +272,15 @@ pub fn build_delta_version(
     if rows.is_empty() && tombstones.is_empty() {
         return Ok(None);
     }
-    let values = Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32");
+    let block = rows.add_block(Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32"));
     for (r, (name, _, _)) in schema.relations.iter().enumerate() {
-        rows.push(
+        rows.push(VersionRows::row(
             format!("relation:{name}"),
             newest,
-            &values[r * width..(r + 1) * width],
             None,
-        );
+            block,
+            r,
+        ));
     }
     let marker = VersionMarker {
         version: req.version,
@@ -388,7 +395,7 @@ pub fn build_version(
         let picked = table.index_select(0, &idx);
         let _ = published.index_copy_(0, &idx, &picked);
         view.push(published);
-        let values = Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows");
+        let block = rows.add_block(Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows"));
         for (k, &i) in moved.iter().enumerate() {
             let node = NodeRef {
                 node_type: t as u16,
@@ -402,12 +409,13 @@ pub fn build_version(
             };
             let ts = state.row_ts[t].get(i as usize).copied().unwrap_or(0);
             newest = newest.max(ts);
-            rows.push(
+            rows.push(VersionRows::row(
                 format!("{}:{id}", schema.node_types[t]),
                 ts,
-                &values[k * width..(k + 1) * width],
                 bias.map(|b| b.double_value(&[i]) as f32),
-            );
+                block,
+                k,
+            ));
         }
     }
     let tombstones = tombstone_keys(store, req.tombstones)?;
@@ -415,14 +423,15 @@ pub fn build_version(
         return Ok(None);
     }
     let relations = current.relations.copy();
-    let values = Vec::<f32>::try_from(relations.reshape([-1])).expect("f32");
+    let block = rows.add_block(Vec::<f32>::try_from(relations.reshape([-1])).expect("f32"));
     for (r, (name, _, _)) in schema.relations.iter().enumerate() {
-        rows.push(
+        rows.push(VersionRows::row(
             format!("relation:{name}"),
             newest,
-            &values[r * width..(r + 1) * width],
             None,
-        );
+            block,
+            r,
+        ));
     }
     let marker = VersionMarker {
         version: req.version,
