@@ -180,6 +180,7 @@ fn bench_pbg_settings(c: &mut Criterion) {
         history_decay: 1.0,
         history_by_relation: false,
         bias_types: Vec::new(),
+        reverse_relations: false,
     };
     tch::set_num_threads(cfg.torch.threads);
     let mut devices = vec![Device::Cpu];

@@ -45,6 +45,10 @@ pub struct TrainParams {
     /// Node types whose rows carry a learned scalar bias, added to every score in which one of
     /// them is the target: `(e_s + e_r)·e_t + b_t`. Empty: off.
     pub bias_types: Vec<String>,
+    /// A second translation per relation for the source side, as PyTorch-BigGraph's dynamic
+    /// relations have: sources of `(?, r, t)` are scored against `e_t + h_r`
+    /// ([`crate::train::ReverseRelations`]).
+    pub reverse_relations: bool,
 }
 
 /// How a translated source is compared with a target.

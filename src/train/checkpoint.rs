@@ -155,6 +155,17 @@ impl Checkpoints {
             "relation_state".into(),
             model.relation_state.to_device(Device::Cpu),
         ));
+        // Only a model with reverse relations writes them: without, the file is as before.
+        if let Some(rev) = &model.reverse {
+            named.push((
+                "reverse_relations".into(),
+                rev.relations.to_device(Device::Cpu),
+            ));
+            named.push((
+                "reverse_relation_state".into(),
+                rev.state.to_device(Device::Cpu),
+            ));
+        }
         let tensors = dir.join(TENSORS);
         Tensor::save_multi(&named, &tensors).map_err(|e| invalid(&tensors, e.to_string()))?;
         let crc = file_crc32(&tensors)?;
@@ -264,6 +275,13 @@ impl Checkpoints {
             Embeddings::new(meta.rows.len(), relations.size()[0], meta.dim, 0.0, device);
         model.relations = relations;
         model.relation_state = get("relation_state")?;
+        if loaded.iter().any(|(n, _)| n == "reverse_relations") {
+            let (relations, state) = (get("reverse_relations")?, get("reverse_relation_state")?);
+            if relations.size() != model.relations.size() || state.size() != relations.size() {
+                return Err(invalid(&tensors, "reverse relations have the wrong shape"));
+            }
+            model.reverse = Some(crate::train::ReverseRelations { relations, state });
+        }
         for (t, &rows) in meta.rows.iter().enumerate() {
             let weights = get(&format!("table.{t}"))?;
             let state = get(&format!("state.{t}"))?;
@@ -329,7 +347,13 @@ mod tests {
     }
 
     fn same(a: &Embeddings, b: &Embeddings) -> bool {
-        a.relations.equal(&b.relations)
+        let reverse = match (&a.reverse, &b.reverse) {
+            (None, None) => true,
+            (Some(x), Some(y)) => x.relations.equal(&y.relations) && x.state.equal(&y.state),
+            _ => false,
+        };
+        reverse
+            && a.relations.equal(&b.relations)
             && a.relation_state.equal(&b.relation_state)
             && a.tables.iter().zip(&b.tables).all(|(x, y)| {
                 x.len() == y.len()
@@ -364,6 +388,23 @@ mod tests {
             ck.load(8, Device::Cpu).is_err(),
             "another schema is refused"
         );
+    }
+
+    #[test]
+    fn reverse_relations_are_saved_and_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = Checkpoints::new(dir.path(), 2);
+        let mut m = model(4);
+        m.add_reverse_relations(0.5);
+        let grad = Tensor::ones([3, 4], (Kind::Float, Device::Cpu));
+        m.adagrad_reverse(&grad, 0.1);
+        ck.save(&m, 10, 7).unwrap();
+        let r = ck.load(7, Device::Cpu).unwrap().unwrap();
+        assert!(r.model.reverse.is_some() && same(&r.model, &m));
+        // And a model without them loads without them.
+        ck.save(&model(4), 11, 7).unwrap();
+        let r = ck.load(7, Device::Cpu).unwrap().unwrap();
+        assert!(r.model.reverse.is_none() && same(&r.model, &model(4)));
     }
 
     #[test]

@@ -213,6 +213,22 @@ pub struct Embeddings {
     pub relations: Tensor,
     /// Element-wise Adagrad accumulator of the relations.
     pub relation_state: Tensor,
+    /// Each relation's operator for the other direction ([`ReverseRelations`]), when the model
+    /// has them (`train.reverse_relations`).
+    pub reverse: Option<ReverseRelations>,
+}
+
+/// PyTorch-BigGraph's dynamic-relation operators for the source side: a second translation per
+/// relation, `h_r`, applied to the target when sources are ranked. Then a source `c` of
+/// `(?, r, t)` scores `score(c, e_t + h_r)` while a target `c` of `(s, r, ?)` still scores
+/// `score(e_s + e_r, c)`. Without them both directions share `e_r`, and with the dot comparator
+/// the source side cannot use the relation at all: `(c + e_r)·e_t = c·e_t + e_r·e_t`, whose
+/// relation term is the same for every candidate source.
+pub struct ReverseRelations {
+    /// `[relations, D]`.
+    pub relations: Tensor,
+    /// Element-wise Adagrad accumulator, `[relations, D]`.
+    pub state: Tensor,
 }
 
 impl Embeddings {
@@ -234,7 +250,22 @@ impl Embeddings {
                 .collect(),
             relation_state: Tensor::zeros([relations, dim], (Kind::Float, device)),
             relations: relations_t,
+            reverse: None,
         }
+    }
+
+    /// Give the model reverse relation operators ([`ReverseRelations`]), drawn from
+    /// N(0, init_scale²), unless it has them.
+    pub fn add_reverse_relations(&mut self, init_scale: f64) {
+        if self.reverse.is_some() {
+            return;
+        }
+        let size = self.relations.size();
+        let opts = (Kind::Float, self.device);
+        self.reverse = Some(ReverseRelations {
+            relations: (Tensor::randn(size.as_slice(), opts) * init_scale).detach(),
+            state: Tensor::zeros(size.as_slice(), opts),
+        });
     }
 
     /// Empty tables for every node type of `schema` and its relations, shaped by `[train]`.
@@ -251,6 +282,9 @@ impl Embeddings {
             device,
         );
         model.set_biased(schema.node_types(), &p.bias_types);
+        if p.reverse_relations {
+            model.add_reverse_relations(p.init_scale);
+        }
         model
     }
 
@@ -273,6 +307,18 @@ impl Embeddings {
             let _ = self.relation_state.g_add_(&grad.square());
             let step = grad / (self.relation_state.sqrt() + ADAGRAD_EPS) * (-lr);
             let _ = self.relations.g_add_(&step);
+        });
+    }
+
+    /// Dense Adagrad step on the reverse relation operators (none: nothing to do).
+    pub fn adagrad_reverse(&mut self, grad: &Tensor, lr: f64) {
+        let Some(rev) = self.reverse.as_mut() else {
+            return;
+        };
+        tch::no_grad(|| {
+            let _ = rev.state.g_add_(&grad.square());
+            let step = grad / (rev.state.sqrt() + ADAGRAD_EPS) * (-lr);
+            let _ = rev.relations.g_add_(&step);
         });
     }
 }

@@ -167,7 +167,14 @@ pub fn evaluate(
                     .map(|t| (filter.targets.get(&(t.0, t.1, t.2)), dt, t.4));
                 rank_side(&mut sum, tails, &d, known.collect());
 
-                let heads = score_sources(cmp, &src_table, &er, &ed);
+                let heads = match &model.reverse {
+                    // Against `e_t + h_r` (every comparator is symmetric).
+                    Some(rev) => {
+                        let q = &ed + rev.relations.index_select(0, &r);
+                        score_targets(cmp, &q, &src_table)
+                    }
+                    None => score_sources(cmp, &src_table, &er, &ed),
+                };
                 let known = part
                     .iter()
                     .map(|t| (filter.sources.get(&(t.2, t.3, t.4)), st, t.1));

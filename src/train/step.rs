@@ -5,7 +5,10 @@
 //! * the positive score `score(e_s + e_r, e_t)`;
 //! * target-side negatives: the group's other targets (in-batch, one matrix product) plus
 //!   `uniform_negatives` targets of the target type drawn once for the group;
-//! * source-side negatives likewise;
+//! * source-side negatives likewise; with reverse relations
+//!   ([`crate::train::ReverseRelations`], `train.reverse_relations`) each candidate source `c`
+//!   scores `score(c, e_t + h_r)` and the source side has its own positive score
+//!   `score(e_s, e_t + h_r)`, as PyTorch-BigGraph's dynamic relations score both directions;
 //! * accidental positives among in-batch negatives are masked: another positive's target is a
 //!   true target of this source when the two share their source and relation (and vice versa).
 //!
@@ -458,6 +461,8 @@ fn edge_groups(
 struct Leaves {
     rows: Vec<Option<(Tensor, Tensor)>>,
     relations: Tensor,
+    /// The reverse relation operators, when the model has them.
+    reverse: Option<Tensor>,
     biases: Vec<Option<Tensor>>,
 }
 
@@ -497,9 +502,14 @@ impl Leaves {
                 )
             })
             .collect();
+        let reverse = model
+            .reverse
+            .as_ref()
+            .map(|rev| rev.relations.detach().set_requires_grad(true));
         Leaves {
             rows: leaves,
             relations: rel_leaf,
+            reverse,
             biases: bias_leaves,
         }
     }
@@ -508,6 +518,7 @@ impl Leaves {
 /// One group's loss: positives against target-side and source-side negatives.
 fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Tensor {
     let (rel_leaf, bias_leaves) = (&leaves.relations, &leaves.biases);
+    let rev_leaf = leaves.reverse.as_ref();
     let leaves = &leaves.rows;
     let table = |t: usize, pos: &[i64]| {
         leaves[t]
@@ -574,21 +585,36 @@ fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Te
     };
     let dst_refs: Vec<(&Tensor, &Tensor)> = dst_parts.iter().map(|(s, v)| (s, v)).collect();
 
-    // Sources likewise.
+    // Sources likewise: against `e_t + h_r` with reverse relations (every comparator is
+    // symmetric, so candidates take the target's place in the product), else as `c + e_r`.
     // (The target's bias is the same for every candidate source.)
     let own_bias = pos_bias.as_ref().map(|x| x.unsqueeze(1));
-    let src_in_batch = plus(
-        unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b),
-        own_bias.as_ref().map(Tensor::shallow_clone),
-    );
-    let src_uniform = plus(score_sources(p.comparator, &uni_s, &r, &t), own_bias);
+    let (src_pos, src_in_batch, src_uniform) = match rev_leaf {
+        Some(rev) => {
+            let q = &t + rev.index_select(0, &long(&g.rels, device));
+            let src_pos = plus(
+                score_pairs(p.comparator, &q, &s),
+                pos_bias.as_ref().map(Tensor::shallow_clone),
+            );
+            let in_batch = score_targets(p.comparator, &chunked(&q, chunk), &s_c);
+            let uniform = score_targets(p.comparator, &q, &uni_s);
+            (src_pos, unchunked(&in_batch, b), uniform)
+        }
+        None => (
+            pos.shallow_clone(),
+            unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b),
+            score_sources(p.comparator, &uni_s, &r, &t),
+        ),
+    };
+    let src_in_batch = plus(src_in_batch, own_bias.as_ref().map(Tensor::shallow_clone));
+    let src_uniform = plus(src_uniform, own_bias);
     let (src_in_valid, src_uni_valid) =
         negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
 
     loss_parts(p.loss, &pos, &dst_refs)
         + loss_parts(
             p.loss,
-            &pos,
+            &src_pos,
             &[
                 (&src_in_batch, &src_in_valid),
                 (&src_uniform, &src_uni_valid),
@@ -607,6 +633,7 @@ fn update(
     pull: Option<&Pull<'_>>,
 ) -> StepStats {
     let (rel_leaf, bias_leaves) = (&leaves.relations, &leaves.biases);
+    let rev_leaf = leaves.reverse.as_ref();
     let leaves = &leaves.rows;
     let loss_value = total.double_value(&[]);
     if !loss_value.is_finite() {
@@ -622,6 +649,7 @@ fn update(
         .map(|l| l.as_ref().map(|(_, leaf)| leaf.grad()))
         .collect();
     let rel_grad = rel_leaf.grad();
+    let rev_grad = rev_leaf.map(Tensor::grad).filter(Tensor::defined);
     // (A bias whose rows were only sources in this step has no gradient.)
     let bias_grads: Vec<Option<Tensor>> = bias_leaves
         .iter()
@@ -632,6 +660,7 @@ fn update(
         .flatten()
         .chain(bias_grads.iter().flatten())
         .chain(std::iter::once(&rel_grad))
+        .chain(rev_grad.iter())
         .all(|g| g.isfinite().all().int64_value(&[]) == 1);
     if !finite {
         return StepStats {
@@ -651,6 +680,9 @@ fn update(
         }
     }
     model.adagrad_relations(&rel_grad, p.relation_lr);
+    if let Some(grad) = &rev_grad {
+        model.adagrad_reverse(grad, p.relation_lr);
+    }
     if let Some(pull) = pull.filter(|pull| pull.strength > 0.0) {
         let touched: Vec<Option<Tensor>> = leaves
             .iter()

@@ -23,6 +23,7 @@ fn params() -> TrainParams {
         history_decay: 1.0,
         history_by_relation: false,
         bias_types: Vec::new(),
+        reverse_relations: false,
     }
 }
 
@@ -284,4 +285,73 @@ fn a_non_finite_step_changes_nothing() {
     let stats = train_step(&mut model, &[edge(0, 0, 1), edge(2, 0, 3)], &p, &mut rng);
     assert!(stats.skipped);
     assert!(before.equal(&model.relations));
+}
+
+/// Sources `i` (relation 0) and `10 + i` (relation 1) of the same target `20 + i`: with the dot
+/// comparator and one vector per relation, `(c + e_r)·e_t` ranks the candidate sources of
+/// `(?, r, t)` by `c·e_t` whatever `r`, so one of the two queries of each target ranks its
+/// source second at best (or both tie at 1.5): filtered MRR over both sides at most
+/// (1 + 0.75) / 2. PyTorch-BigGraph's reverse operators (`e_t + h_r`) separate them.
+#[test]
+fn reverse_relations_let_the_dot_comparator_rank_sources_by_relation() {
+    let edges: Vec<Edge> = (0..10)
+        .flat_map(|i| [edge(i, 0, 20 + i), edge(10 + i, 1, 20 + i)])
+        .collect();
+    let triples: Vec<crate::train::Triple> = edges
+        .iter()
+        .map(|e| (0, e.src.index as i64, e.rel as i64, 0, e.dst.index as i64))
+        .collect();
+    let filter = crate::train::Filter::new(&triples);
+    let mrr = |reverse: bool| {
+        tch::manual_seed(7);
+        let mut rng = SmallRng::seed_from_u64(7);
+        let mut p = params();
+        p.reverse_relations = reverse;
+        (p.lr, p.relation_lr) = (0.5, 0.5);
+        let mut model = Embeddings::new(1, 2, p.dim, p.init_scale, Device::Cpu);
+        if reverse {
+            model.add_reverse_relations(p.init_scale);
+        }
+        ensure_rows(&mut model, &edges, p.init_scale);
+        for _ in 0..300 {
+            assert!(!train_step(&mut model, &edges, &p, &mut rng).skipped);
+        }
+        crate::train::evaluate(&model, p.comparator, &triples, &filter, 64).mrr
+    };
+    let (shared, reverse) = (mrr(false), mrr(true));
+    assert!(shared <= 0.875 + 1e-6, "one vector per relation: {shared}");
+    assert!(reverse > 0.95, "reverse relations: {reverse}");
+}
+
+/// With reverse relations, the source side of a step scores candidates against `e_t + h_r`:
+/// one positive 0 → 1 at dim 1, rows 0 and 1 at 1, e_r = 0 and h_r = 1; no negatives but the
+/// positive's own (masked): each side's loss is softplus(−pos) only, the target side's pos
+/// (e_0 + e_r)·e_1 = 1, the source side's e_0·(e_1 + h_r) = 2. So h_r's gradient is
+/// −σ(−2)·e_0 and e_r's −σ(−1)·e_1: both move up by relation_lr on Adagrad's first step, and
+/// the loss is softplus(−1) + softplus(−2).
+#[test]
+fn golden_step_with_a_reverse_relation() {
+    let mut rng = SmallRng::seed_from_u64(0);
+    let mut p = params();
+    p.dim = 1;
+    p.uniform_negatives = 0;
+    let ones = |n: i64| Tensor::ones([n, 1], (Kind::Float, Device::Cpu));
+    let mut model = Embeddings::new(1, 1, 1, 0.0, Device::Cpu);
+    model.add_reverse_relations(0.0);
+    let rev = model.reverse.as_mut().unwrap();
+    let _ = rev.relations.fill_(1.0);
+    model.tables[0].grow(2, ones);
+    let stats = train_step(&mut model, &[edge(0, 0, 1)], &p, &mut rng);
+    assert!(!stats.skipped);
+    let softplus = |x: f64| (1.0 + x.exp()).ln();
+    let want = softplus(-1.0) + softplus(-2.0);
+    assert!((stats.loss - want).abs() < 1e-5, "{} vs {want}", stats.loss);
+    let r = model.relations.double_value(&[0, 0]);
+    let h = model
+        .reverse
+        .as_ref()
+        .unwrap()
+        .relations
+        .double_value(&[0, 0]);
+    assert!((r - 0.1).abs() < 1e-6 && (h - 1.1).abs() < 1e-6, "{r} {h}");
 }

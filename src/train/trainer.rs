@@ -729,6 +729,10 @@ impl TrainerCore {
             }
             let turned = self.model.relations.matmul(&r);
             self.model.relations.copy_(&turned);
+            if let Some(rev) = &mut self.model.reverse {
+                let turned = rev.relations.matmul(&r);
+                rev.relations.copy_(&turned);
+            }
         })
     }
 
@@ -816,6 +820,10 @@ impl TrainerCore {
         };
         for (table, on) in model.tables.iter_mut().zip(biased) {
             table.biased = on;
+        }
+        // A fresh model, or a checkpoint written before train.reverse_relations was set.
+        if self.params.reverse_relations {
+            model.add_reverse_relations(self.params.init_scale);
         }
         self.model = model;
         self.cursor = cursor;
