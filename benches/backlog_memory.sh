@@ -4,20 +4,7 @@
 # whole stream (trainer far behind), and after the backlog has drained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash .ci/setup >/dev/null
-export LIBTORCH="$PWD/.venv/lib/python3.11/site-packages/torch"
-cargo build --release --locked --bin twhin-stream
-WORK=$(mktemp -d)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-HTTP=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-.cache/bin/tansu broker --listener-url tcp://127.0.0.1:$PORT --advertised-listener-url tcp://127.0.0.1:$PORT --storage-engine memory://tansu/ > "$WORK/tansu.log" 2>&1 &
-TANSU=$!
-trap 'kill $TANSU 2>/dev/null || true; rm -rf $WORK' EXIT
-sleep 1
-export TWHIN_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:$PORT TWHIN_STORAGE__PATH=$WORK/store TWHIN_HTTP__BIND=127.0.0.1:$HTTP
-export TWHIN_KAFKA__CONSUMER__SESSION_TIMEOUT_MS=6000 TWHIN_LOG__LEVEL=warn
-B=target/release/twhin-stream
-$B topics apply >/dev/null
+source benches/daemon_env.sh
 $B replay synthetic --nodes ${NODES:-100000} --edges ${EDGES:-5000000} --json | tail -1
 $B run > "$WORK/daemon.log" 2>&1 &
 DAEMON=$!

@@ -1,37 +1,22 @@
 #!/usr/bin/env bash
 # Resident memory of the daemon at scale against what the model needs (issue 13): tansu on
 # 127.0.0.1, the synthetic TwHIN stream (NODES, EDGES: default 1,000,000 / 3,000,000, which reach
-# about 999k nodes), `config/default.toml` (dim 128). Prints the RSS before the stream, its peak,
+# about 999k nodes), `config/default.toml` (dim 128; `TWHIN_TRAIN__DIM` overrides it for the
+# daemon and the figure). Prints the RSS before the stream, its peak,
 # and after the trainer has drained it and versions went out (SETTLE_S, default 40 s later),
 # beside the raw table size (nodes × dim × 4 bytes: one copy of the rows), as one JSON line.
 #   bash benches/memory_at_scale.sh
 #   NODES=100000 EDGES=300000 bash benches/memory_at_scale.sh        # a quick one
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash .ci/setup >/dev/null
-export LIBTORCH="$PWD/.venv/lib/python3.11/site-packages/torch"
-export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cargo build --release --locked --bin twhin-stream
 NODES=${NODES:-1000000} EDGES=${EDGES:-3000000} SETTLE_S=${SETTLE_S:-40}
-WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port) HTTP=$(free_port)
-.cache/bin/tansu broker --listener-url tcp://127.0.0.1:$PORT --advertised-listener-url tcp://127.0.0.1:$PORT \
-  --storage-engine memory://tansu/ > "$WORK/tansu.log" 2>&1 &
-TANSU=$!
-DAEMON=
-trap 'kill $DAEMON $TANSU 2>/dev/null || true; rm -rf "$WORK"' EXIT
-sleep 1
-export TWHIN_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:$PORT TWHIN_STORAGE__PATH=$WORK/store TWHIN_HTTP__BIND=127.0.0.1:$HTTP
-export TWHIN_KAFKA__CONSUMER__SESSION_TIMEOUT_MS=6000 TWHIN_LOG__LEVEL=${TWHIN_LOG__LEVEL:-warn}
-B=target/release/twhin-stream
-$B topics apply >/dev/null
+source benches/daemon_env.sh
 $B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
 $B run > "$WORK/daemon.log" 2>&1 &
 DAEMON=$!
-python3 - "$HTTP" "$DAEMON" "$EDGES" "$SETTLE_S" <<'PY' || { tail -n 30 "$WORK/daemon.log" >&2; exit 1; }
+python3 - "$HTTP" "$DAEMON" "$EDGES" "$SETTLE_S" "${TWHIN_TRAIN__DIM:-128}" <<'PY' || { tail -n 30 "$WORK/daemon.log" >&2; exit 1; }
 import json, sys, time, urllib.request
-port, pid, total, settle = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+port, pid, total, settle, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 def rss_mib():
     for l in open(f"/proc/{pid}/status"):
         if l.startswith("VmRSS"): return int(l.split()[1]) / 1024
@@ -49,7 +34,7 @@ while True:
     if drained and time.time() - drained >= settle: break
     if time.time() - t0 > 1800: sys.exit("the trainer did not drain the stream within 30 minutes")
     time.sleep(2)
-nodes = sum(s["store"]["nodes"].values()); dim = 128
+nodes = sum(s["store"]["nodes"].values())
 raw = nodes * dim * 4 / 2**20
 after = rss_mib()
 print(json.dumps({"nodes": nodes, "edges": s["store"]["edges_total"], "dim": dim,

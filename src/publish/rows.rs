@@ -9,8 +9,33 @@
 use crate::config::ValueFormat;
 use crate::publish::{encode_f32le, RowRecord};
 
-/// Rows encoded per thread at least (smaller ranges are encoded on the calling thread).
-const ENCODE_CHUNK: usize = 16_384;
+/// Rows encoded or gathered per thread at least (smaller ranges stay on the calling thread).
+const MIN_CHUNK: usize = 16_384;
+
+/// `work` over `from..to` split into consecutive chunks of at least [`MIN_CHUNK`], one per core,
+/// on scoped threads; the chunks' results in order. (The publication's thread, not training's.)
+pub(crate) fn in_chunks<T: Send>(
+    from: usize,
+    to: usize,
+    work: impl Fn(usize, usize) -> T + Sync,
+) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = (to - from).div_ceil(threads).max(MIN_CHUNK);
+    if to - from <= chunk {
+        return vec![work(from, to)];
+    }
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (from..to)
+            .step_by(chunk)
+            .map(|start| scope.spawn(move || work(start, (start + chunk).min(to))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a publication worker thread panicked"))
+            .collect()
+    })
+}
 
 /// The rows of one version, in production order: each a key, an event time, an optional bias
 /// and where its vector lies in one of the blocks (a node type's rows as the delta gave them,
@@ -112,34 +137,14 @@ impl VersionRows {
 
     /// Rows `from..to` as `(key, record)`, encoded on all cores when the range is large.
     pub fn encode_range(&self, from: usize, to: usize) -> Vec<(&str, Vec<u8>)> {
-        let encode = |from: usize, to: usize| -> Vec<(&str, Vec<u8>)> {
+        in_chunks(from, to, |from, to| {
             (from..to)
                 .map(|i| (self.rows[i].key.as_str(), self.encode(i)))
-                .collect()
-        };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = (to - from).div_ceil(threads).max(ENCODE_CHUNK);
-        if to - from <= chunk {
-            return encode(from, to);
-        }
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (from..to)
-                .step_by(chunk)
-                .map(|start| scope.spawn(move || encode(start, (start + chunk).min(to))))
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("an encoding thread panicked"))
-                .collect()
+                .collect::<Vec<_>>()
         })
-    }
-
-    /// Every row encoded, in order (tests, small sinks).
-    pub fn encoded(&self) -> Vec<(String, Vec<u8>)> {
-        self.encode_range(0, self.len())
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// Ranges of at most `size` rows covering the set, in order.
@@ -210,6 +215,6 @@ mod tests {
         }
         let json = rows(ValueFormat::Json);
         assert_eq!(json.keys().collect::<Vec<_>>(), ["user:a", "movie:m"]);
-        assert_eq!(json.encoded()[1].1, json.encode(1));
+        assert_eq!(json.encode_range(0, 2)[1], ("movie:m", json.encode(1)));
     }
 }

@@ -21,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
+use crate::publish::rows::in_chunks;
 use crate::publish::{RowRef, VersionMarker, VersionRows};
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{ModelDelta, ModelState, Snapshot};
@@ -81,9 +82,6 @@ pub struct VersionRequest<'a> {
     /// Nodes erased since the previous version: each gets a tombstone.
     pub tombstones: &'a [NodeRef],
 }
-
-/// Rows looked up per thread at least (smaller versions are gathered on the calling thread).
-const GATHER_CHUNK: usize = 16_384;
 
 /// What a version built from a delta changes in the view subscribers hold, per node type: the
 /// live row count and the published rows `(indices [k] Int64, values [k, D])`.
@@ -195,7 +193,7 @@ pub fn build_delta_version(
         });
         // Under a backlog nearly every changed row moved: then the delta's own tensors are the
         // published rows (no copy of them).
-        let (idx, picked) = if positions.len() as i64 == table.index.numel() as i64 {
+        let (idx, picked) = if positions.len() == table.index.numel() {
             (table.index.shallow_clone(), table.values.shallow_clone())
         } else {
             let pos = Tensor::from_slice(&positions);
@@ -242,25 +240,7 @@ pub fn build_delta_version(
             }
             Ok((out, newest))
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = index.len().div_ceil(threads).max(GATHER_CHUNK);
-        let parts: Vec<_> = if index.len() <= chunk {
-            vec![gather(0, index.len())]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..index.len())
-                    .step_by(chunk)
-                    .map(|from| {
-                        let to = (from + chunk).min(index.len());
-                        scope.spawn(move || gather(from, to))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("an encoding thread panicked"))
-                    .collect()
-            })
-        };
+        let parts = in_chunks(0, index.len(), gather);
         for part in parts {
             let (part, part_newest) = part?;
             newest = newest.max(part_newest);

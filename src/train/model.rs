@@ -303,24 +303,24 @@ impl Embeddings {
 
     /// Dense Adagrad step on the relation vectors.
     pub fn adagrad_relations(&mut self, grad: &Tensor, lr: f64) {
-        tch::no_grad(|| {
-            let _ = self.relation_state.g_add_(&grad.square());
-            let step = grad / (self.relation_state.sqrt() + ADAGRAD_EPS) * (-lr);
-            let _ = self.relations.g_add_(&step);
-        });
+        dense_adagrad(&mut self.relations, &mut self.relation_state, grad, lr);
     }
 
     /// Dense Adagrad step on the reverse relation operators (none: nothing to do).
     pub fn adagrad_reverse(&mut self, grad: &Tensor, lr: f64) {
-        let Some(rev) = self.reverse.as_mut() else {
-            return;
-        };
-        tch::no_grad(|| {
-            let _ = rev.state.g_add_(&grad.square());
-            let step = grad / (rev.state.sqrt() + ADAGRAD_EPS) * (-lr);
-            let _ = rev.relations.g_add_(&step);
-        });
+        if let Some(rev) = self.reverse.as_mut() {
+            dense_adagrad(&mut rev.relations, &mut rev.state, grad, lr);
+        }
     }
+}
+
+/// Element-wise Adagrad: `state += g²; params -= lr · g / (√state + ε)`.
+fn dense_adagrad(params: &mut Tensor, state: &mut Tensor, grad: &Tensor, lr: f64) {
+    tch::no_grad(|| {
+        let _ = state.g_add_(&grad.square());
+        let step = grad / (state.sqrt() + ADAGRAD_EPS) * (-lr);
+        let _ = params.g_add_(&step);
+    });
 }
 
 #[cfg(test)]

@@ -727,11 +727,10 @@ impl TrainerCore {
                 rows.copy_(&turned);
                 table.mark_all_dirty();
             }
-            let turned = self.model.relations.matmul(&r);
-            self.model.relations.copy_(&turned);
-            if let Some(rev) = &mut self.model.reverse {
-                let turned = rev.relations.matmul(&r);
-                rev.relations.copy_(&turned);
+            let reverse = self.model.reverse.as_mut().map(|rev| &mut rev.relations);
+            for relations in std::iter::once(&mut self.model.relations).chain(reverse) {
+                let turned = relations.matmul(&r);
+                relations.copy_(&turned);
             }
         })
     }
