@@ -11,6 +11,9 @@
 //! under a softmax, a per-movie bias, a user scored with the decayed sum of their last 50 movies)
 //! on the rating edges in time order, each user's history being their ratings before the batch.
 //!
+//! Each step is timed twice: as the trainer runs it (`batch/N`: the dot comparator's gradients
+//! derived by hand) and on autograd (`autograd/batch/N`, the step before that), in one run.
+//!
 //! Needs the dataset (`bash .ci/setup`). Run with `cargo bench --bench train_step`
 //! (`TRAIN_STEP_ONLY=user_model` or `=pbg` for one group).
 
@@ -30,8 +33,27 @@ use twhin_stream::train::Comparator;
 use twhin_stream::train::Embeddings;
 use twhin_stream::train::LossKind;
 use twhin_stream::train::{
-    ensure_rows, train_step, train_step_with, weighted_recent, History, TrainParams,
+    ensure_rows, train_step_autograd, train_step_with, weighted_recent, History, StepStats,
+    TrainParams,
 };
+
+/// A step function: the hand-derived one the trainer runs (dot comparator), or autograd's.
+type Step =
+    fn(&mut Embeddings, &[Edge], &TrainParams, &mut SmallRng, Option<History<'_>>) -> StepStats;
+
+fn by_hand(
+    model: &mut Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+    history: Option<History<'_>>,
+) -> StepStats {
+    train_step_with(model, edges, p, rng, None, history)
+}
+
+/// `(name prefix, step)`: the trainer's step, then autograd's (the same step before issue 13's
+/// hand-derived gradients).
+const STEPS: [(&str, Step); 2] = [("", by_hand), ("autograd/", train_step_autograd)];
 
 fn movielens_edges() -> (Config, Vec<Edge>) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -107,58 +129,59 @@ fn bench_user_model(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
         .measurement_time(Duration::from_secs(8));
-    tch::manual_seed(7);
-    let mut model = Embeddings::for_schema(&schema, &params, Device::Cpu);
-    model.set_biased(schema.node_types(), &params.bias_types);
-    ensure_rows(&mut model, &edges, params.init_scale);
-    let mut rng = SmallRng::seed_from_u64(7);
-    let mut at = 0usize;
-    group.throughput(Throughput::Elements(batch as u64));
-    // Each user's movies rated before the batch, as the trainer reads them from the store
-    // (seq = position in the stream), kept up to date outside the timed step.
-    let mut seen: HashMap<u32, Vec<(u64, u16, i64)>> = HashMap::new();
-    group.bench_function(format!("batch/{batch}"), |b| {
-        b.iter_custom(|iters| {
-            let mut timed = Duration::ZERO;
-            for _ in 0..iters {
-                if at + batch > edges.len() {
-                    at = 0;
-                    seen.clear();
+    for (prefix, step) in STEPS {
+        tch::manual_seed(7);
+        let mut model = Embeddings::for_schema(&schema, &params, Device::Cpu);
+        model.set_biased(schema.node_types(), &params.bias_types);
+        ensure_rows(&mut model, &edges, params.init_scale);
+        let mut rng = SmallRng::seed_from_u64(7);
+        let mut at = 0usize;
+        group.throughput(Throughput::Elements(batch as u64));
+        // Each user's movies rated before the batch, as the trainer reads them from the store
+        // (seq = position in the stream), kept up to date outside the timed step.
+        let mut seen: HashMap<u32, Vec<(u64, u16, i64)>> = HashMap::new();
+        group.bench_function(format!("{prefix}batch/{batch}"), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    if at + batch > edges.len() {
+                        at = 0;
+                        seen.clear();
+                    }
+                    let lookup = |n: NodeRef, _dst_type: usize| {
+                        seen.get(&n.index).map_or_else(Vec::new, |t| {
+                            weighted_recent(
+                                t.clone(),
+                                params.history_recent,
+                                params.history_decay,
+                                params.history_by_relation,
+                            )
+                        })
+                    };
+                    let history: History<'_> = &lookup;
+                    let started = std::time::Instant::now();
+                    let stats = step(
+                        &mut model,
+                        &edges[at..at + batch],
+                        &params,
+                        &mut rng,
+                        Some(history),
+                    );
+                    timed += started.elapsed();
+                    assert!(!stats.skipped);
+                    for (i, e) in edges[at..at + batch].iter().enumerate() {
+                        seen.entry(e.src.index).or_default().push((
+                            (at + i) as u64,
+                            e.rel,
+                            e.dst.index as i64,
+                        ));
+                    }
+                    at += batch;
                 }
-                let lookup = |n: NodeRef, _dst_type: usize| {
-                    seen.get(&n.index).map_or_else(Vec::new, |t| {
-                        weighted_recent(
-                            t.clone(),
-                            params.history_recent,
-                            params.history_decay,
-                            params.history_by_relation,
-                        )
-                    })
-                };
-                let history: History<'_> = &lookup;
-                let started = std::time::Instant::now();
-                let stats = train_step_with(
-                    &mut model,
-                    &edges[at..at + batch],
-                    &params,
-                    &mut rng,
-                    None,
-                    Some(history),
-                );
-                timed += started.elapsed();
-                assert!(!stats.skipped);
-                for (i, e) in edges[at..at + batch].iter().enumerate() {
-                    seen.entry(e.src.index).or_default().push((
-                        (at + i) as u64,
-                        e.rel,
-                        e.dst.index as i64,
-                    ));
-                }
-                at += batch;
-            }
-            timed
-        })
-    });
+                timed
+            })
+        });
+    }
     group.finish();
 }
 
@@ -184,6 +207,7 @@ fn bench_pbg_settings(c: &mut Criterion) {
         history_by_relation: false,
         bias_types: Vec::new(),
         reverse_relations: true,
+        offline_workers: 1,
     };
     tch::set_num_threads(cfg.torch.threads);
     let mut devices = vec![Device::Cpu];
@@ -196,19 +220,22 @@ fn bench_pbg_settings(c: &mut Criterion) {
             .sampling_mode(SamplingMode::Flat)
             .sample_size(10)
             .measurement_time(Duration::from_secs(8));
-        for batch in [1_000usize, 16_000, 64_000] {
+        for (batch, (prefix, step)) in [1_000usize, 16_000, 64_000]
+            .into_iter()
+            .flat_map(|batch| STEPS.map(|s| (batch, s)))
+        {
             tch::manual_seed(7);
             let mut model = Embeddings::for_schema(&schema, &params, device);
             ensure_rows(&mut model, &edges, params.init_scale);
             let mut rng = SmallRng::seed_from_u64(7);
             let mut at = 0usize;
             group.throughput(Throughput::Elements(batch as u64));
-            group.bench_function(format!("batch/{batch}"), |b| {
+            group.bench_function(format!("{prefix}batch/{batch}"), |b| {
                 b.iter(|| {
                     if at + batch > edges.len() {
                         at = 0;
                     }
-                    let stats = train_step(&mut model, &edges[at..at + batch], &params, &mut rng);
+                    let stats = step(&mut model, &edges[at..at + batch], &params, &mut rng, None);
                     at += batch;
                     assert!(!stats.skipped);
                     stats.loss

@@ -49,6 +49,10 @@ pub struct TrainParams {
     /// relations have: sources of `(?, r, t)` are scored against `e_t + h_r`
     /// ([`crate::train::ReverseRelations`]).
     pub reverse_relations: bool,
+    /// Offline `train` only: threads that each run steps on their share of every epoch's
+    /// batches, updating the shared tables without locks (Hogwild, as PyTorch-BigGraph's
+    /// workers do), each with one libtorch thread. 1: one thread, `torch.threads` intra-op.
+    pub offline_workers: usize,
 }
 
 /// How a translated source is compared with a target.
@@ -114,6 +118,7 @@ impl Validate for TrainParams {
         positive("train.dim", t.dim.max(0) as u64)?;
         positive("train.batch_size", t.batch_size as u64)?;
         positive("train.chunk_size", t.chunk_size as u64)?;
+        positive("train.offline_workers", t.offline_workers as u64)?;
         for (key, v) in [("train.lr", t.lr), ("train.relation_lr", t.relation_lr)] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(key, "must be a positive number"));

@@ -17,11 +17,11 @@ use tracing::info;
 use crate::config::Config;
 use crate::offline::{self, DataSource};
 use crate::schema::{decode_event, Schema};
-use crate::store::{AppendBatch, GraphStore, StoreOptions};
-use crate::train::train_step;
+use crate::store::{AppendBatch, Edge, GraphStore, StoreOptions};
 use crate::train::Embeddings;
 use crate::train::{evaluate, Filter, RankMetrics, Triple};
 use crate::train::{schema_fingerprint, Checkpoints};
+use crate::train::{train_step, TrainParams};
 
 /// Where offline runs keep their store and model: `<storage.path>/../offline/<dataset>/` (a
 /// `--data` folder's name is its last component).
@@ -146,16 +146,12 @@ pub fn train(
     let (mut last_loss, mut skipped) = (f64::NAN, 0u64);
     for epoch in 0..epochs {
         edges.shuffle(&mut rng);
-        let (mut sum, mut n) = (0.0, 0usize);
-        for chunk in edges.chunks(p.batch_size) {
-            let s = train_step(&mut model, chunk, p, &mut rng);
-            if s.skipped {
-                skipped += 1;
-            } else {
-                sum += s.loss * s.edges as f64;
-                n += s.edges;
-            }
-        }
+        let (sum, n, epoch_skipped) = if p.offline_workers > 1 {
+            hogwild_epoch(&model, &edges, p, epoch as u64)
+        } else {
+            batches_of(&mut model, edges.chunks(p.batch_size), p, &mut rng)
+        };
+        skipped += epoch_skipped;
         last_loss = sum / n.max(1) as f64;
         if epoch == 0 || (epoch + 1) % 10 == 0 || epoch + 1 == epochs {
             info!(epoch = epoch + 1, loss = last_loss, "epoch");
@@ -173,6 +169,64 @@ pub fn train(
         final_loss: last_loss,
         skipped_steps: skipped,
         device: format!("{device:?}"),
+    })
+}
+
+/// Steps on `batches`: `(Σ loss · edges, edges, skipped steps)`.
+fn batches_of<'a>(
+    model: &mut Embeddings,
+    batches: impl Iterator<Item = &'a [Edge]>,
+    p: &TrainParams,
+    rng: &mut SmallRng,
+) -> (f64, usize, u64) {
+    let (mut sum, mut n, mut skipped) = (0.0, 0usize, 0u64);
+    for batch in batches {
+        let s = train_step(model, batch, p, rng);
+        if s.skipped {
+            skipped += 1;
+        } else {
+            sum += s.loss * s.edges as f64;
+            n += s.edges;
+        }
+    }
+    (sum, n, skipped)
+}
+
+/// One epoch on `train.offline_workers` threads, batch `i` on worker `i mod workers`, each
+/// stepping through its own handle on the shared tables ([`Embeddings::share`]) with one
+/// libtorch thread and its own draws.
+fn hogwild_epoch(
+    model: &Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    epoch: u64,
+) -> (f64, usize, u64) {
+    let workers = p.offline_workers;
+    let batches: Vec<&[Edge]> = edges.chunks(p.batch_size).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let mut share = model.share();
+                let mine: Vec<&[Edge]> = batches.iter().skip(w).step_by(workers).copied().collect();
+                let seed = p.seed
+                    ^ (epoch * workers as u64 + w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                scope.spawn(move || {
+                    // libtorch's intra-op pool is per thread here: one each, as PBG's workers.
+                    tch::set_num_threads(1);
+                    let mut rng = SmallRng::seed_from_u64(seed);
+                    batches_of(&mut share, mine.into_iter(), p, &mut rng)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .fold((0.0, 0, 0), |acc, r| {
+                (acc.0 + r.0, acc.1 + r.1, acc.2 + r.2)
+            })
     })
 }
 

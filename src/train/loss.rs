@@ -70,8 +70,8 @@ pub fn loss_parts_fast(kind: LossKind, pos: &Tensor, parts: &[(&Tensor, &Tensor)
 }
 
 /// The loss of [`loss_parts`] and its gradients with respect to `pos [B]` and each part's
-/// scores `[B, K_i]` (zero where not valid).
-fn loss_and_gradients(
+/// scores `[B, K_i]` (zero where not valid), computed without a graph.
+pub fn loss_and_gradients(
     kind: LossKind,
     pos: &Tensor,
     parts: &[(Tensor, &Tensor)],

@@ -56,6 +56,20 @@ impl NodeTable {
         })
     }
 
+    /// Another handle on the same storage: a write through either is seen by both (growth is
+    /// not: it reallocates). For offline Hogwild workers ([`Embeddings::share`]).
+    pub fn share(&self) -> NodeTable {
+        NodeTable {
+            weights: self.weights.shallow_clone(),
+            state: self.state.shallow_clone(),
+            biased: self.biased,
+            bias: self.bias.shallow_clone(),
+            bias_state: self.bias_state.shallow_clone(),
+            dirty: self.dirty.shallow_clone(),
+            len: self.len,
+        }
+    }
+
     /// Count every live row as written (a rotation, a restored checkpoint).
     pub fn mark_all_dirty(&mut self) {
         tch::no_grad(|| {
@@ -251,6 +265,22 @@ impl Embeddings {
             relation_state: Tensor::zeros([relations, dim], (Kind::Float, device)),
             relations: relations_t,
             reverse: None,
+        }
+    }
+
+    /// Another handle on every parameter's storage ([`NodeTable::share`]): offline `train`'s
+    /// workers each step through one, on tables grown beforehand.
+    pub fn share(&self) -> Embeddings {
+        Embeddings {
+            dim: self.dim,
+            device: self.device,
+            tables: self.tables.iter().map(NodeTable::share).collect(),
+            relations: self.relations.shallow_clone(),
+            relation_state: self.relation_state.shallow_clone(),
+            reverse: self.reverse.as_ref().map(|r| ReverseRelations {
+                relations: r.relations.shallow_clone(),
+                state: r.state.shallow_clone(),
+            }),
         }
     }
 

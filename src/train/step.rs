@@ -26,7 +26,7 @@ use tch::{Device, Kind, Tensor};
 use crate::store::{Edge, NodeRef};
 use crate::train::loss_parts_fast as loss_parts;
 use crate::train::Embeddings;
-use crate::train::{score_pairs, score_sources, score_targets, translate};
+use crate::train::{score_pairs, score_sources, score_targets, translate, Comparator};
 
 /// What a step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -348,23 +348,57 @@ pub fn train_step_with(
             skipped: false,
         };
     }
+    let by_hand = p.comparator == Comparator::Dot;
+    step_on(model, edges, p, rng, pull, history, by_hand)
+}
+
+/// [`train_step`] on autograd whatever the comparator (the dot comparator's step derives its
+/// gradients by hand): the reference the hand-derived step is tested and benched against.
+pub fn train_step_autograd(
+    model: &mut Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+    history: Option<History<'_>>,
+) -> StepStats {
+    if edges.is_empty() {
+        return train_step(model, edges, p, rng);
+    }
+    step_on(model, edges, p, rng, None, history, false)
+}
+
+/// Groups → scores → loss → gradients (by hand, or by autograd) → update.
+fn step_on(
+    model: &mut Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+    pull: Option<&Pull<'_>>,
+    history: Option<History<'_>>,
+    by_hand: bool,
+) -> StepStats {
     ensure_rows(model, edges, p.init_scale);
     let device = model.device;
-    // Groups → scores → loss → update.
     let (groups, rows) = edge_groups(model, edges, p, rng, history);
-    let leaves = Leaves::of(model, &rows);
+    let n = edges.len();
+    let leaves = Leaves::of(model, &rows, !by_hand);
+    if by_hand {
+        let mut grads = dot::Grads::zeros(&leaves);
+        let mut loss = 0.0;
+        for g in &groups {
+            let weight = g.src.len() as f64 / n as f64;
+            loss += weight * dot::group_loss_and_grads(g, &leaves, p, device, weight, &mut grads);
+        }
+        return apply(model, &leaves, loss, Some(grads), n, p, pull);
+    }
     let mut total = Tensor::zeros([], (Kind::Float, device));
     for g in &groups {
         total += group_loss(g, &leaves, p, device) * (g.src.len() as f64);
     }
-    update(
-        model,
-        &leaves,
-        total / edges.len() as f64,
-        edges.len(),
-        p,
-        pull,
-    )
+    let total = total / n as f64;
+    let loss = total.double_value(&[]);
+    let grads = loss.is_finite().then(|| autograd(&leaves, &total));
+    apply(model, &leaves, loss, grads, n, p, pull)
 }
 
 /// Edges grouped by their endpoint types, each with its negatives drawn and every row it uses
@@ -467,7 +501,8 @@ struct Leaves {
 }
 
 impl Leaves {
-    fn of(model: &Embeddings, rows: &[RowSet]) -> Leaves {
+    /// `track`: the copies are autograd leaves (else plain copies, for the hand-derived step).
+    fn of(model: &Embeddings, rows: &[RowSet], track: bool) -> Leaves {
         let device = model.device;
         // Leaves: the touched rows of each table, and all relation vectors.
         let leaves: Vec<Option<(Tensor, Tensor)>> = rows
@@ -482,11 +517,11 @@ impl Leaves {
                     .weights
                     .index_select(0, &idx)
                     .detach()
-                    .set_requires_grad(true);
+                    .set_requires_grad(track);
                 Some((idx, leaf))
             })
             .collect();
-        let rel_leaf = model.relations.detach().set_requires_grad(true);
+        let rel_leaf = model.relations.detach().set_requires_grad(track);
         // The touched rows' biases, for tables that carry one.
         let bias_leaves: Vec<Option<Tensor>> = leaves
             .iter()
@@ -498,14 +533,14 @@ impl Leaves {
                         .bias
                         .index_select(0, idx)
                         .detach()
-                        .set_requires_grad(true),
+                        .set_requires_grad(track),
                 )
             })
             .collect();
         let reverse = model
             .reverse
             .as_ref()
-            .map(|rev| rev.relations.detach().set_requires_grad(true));
+            .map(|rev| rev.relations.detach().set_requires_grad(track));
         Leaves {
             rows: leaves,
             relations: rel_leaf,
@@ -622,65 +657,73 @@ fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Te
         )
 }
 
-/// Backward, then (when the loss and every gradient are finite) the Adagrad updates and the
-/// pull toward the reference.
-fn update(
+/// Autograd's gradients of `total` with respect to the leaves.
+fn autograd(leaves: &Leaves, total: &Tensor) -> dot::Grads {
+    total.backward();
+    // (A bias whose rows were only sources in this step has no gradient.)
+    dot::Grads {
+        rows: leaves
+            .rows
+            .iter()
+            .map(|l| l.as_ref().map(|(_, leaf)| leaf.grad()))
+            .collect(),
+        relations: leaves.relations.grad(),
+        reverse: leaves
+            .reverse
+            .as_ref()
+            .map(Tensor::grad)
+            .filter(Tensor::defined),
+        biases: leaves
+            .biases
+            .iter()
+            .map(|l| l.as_ref().map(Tensor::grad).filter(Tensor::defined))
+            .collect(),
+    }
+}
+
+/// When the loss and every gradient are finite, the Adagrad updates and the pull toward the
+/// reference (`grads` is `None` when the loss was not finite).
+fn apply(
     model: &mut Embeddings,
     leaves: &Leaves,
-    total: Tensor,
+    loss: f64,
+    grads: Option<dot::Grads>,
     n_edges: usize,
     p: &TrainParams,
     pull: Option<&Pull<'_>>,
 ) -> StepStats {
-    let (rel_leaf, bias_leaves) = (&leaves.relations, &leaves.biases);
-    let rev_leaf = leaves.reverse.as_ref();
-    let leaves = &leaves.rows;
-    let loss_value = total.double_value(&[]);
-    if !loss_value.is_finite() {
-        return StepStats {
-            loss: loss_value,
-            edges: n_edges,
-            skipped: true,
-        };
-    }
-    total.backward();
-    let grads: Vec<Option<Tensor>> = leaves
-        .iter()
-        .map(|l| l.as_ref().map(|(_, leaf)| leaf.grad()))
-        .collect();
-    let rel_grad = rel_leaf.grad();
-    let rev_grad = rev_leaf.map(Tensor::grad).filter(Tensor::defined);
-    // (A bias whose rows were only sources in this step has no gradient.)
-    let bias_grads: Vec<Option<Tensor>> = bias_leaves
-        .iter()
-        .map(|l| l.as_ref().map(Tensor::grad).filter(Tensor::defined))
-        .collect();
+    let skipped = StepStats {
+        loss,
+        edges: n_edges,
+        skipped: true,
+    };
+    let Some(grads) = grads.filter(|_| loss.is_finite()) else {
+        return skipped;
+    };
     let finite = grads
+        .rows
         .iter()
         .flatten()
-        .chain(bias_grads.iter().flatten())
-        .chain(std::iter::once(&rel_grad))
-        .chain(rev_grad.iter())
+        .chain(grads.biases.iter().flatten())
+        .chain(std::iter::once(&grads.relations))
+        .chain(grads.reverse.iter())
         .all(|g| g.isfinite().all().int64_value(&[]) == 1);
     if !finite {
-        return StepStats {
-            loss: loss_value,
-            edges: n_edges,
-            skipped: true,
-        };
+        return skipped;
     }
-    for (t, (leaf, grad)) in leaves.iter().zip(grads).enumerate() {
+    let leaves = &leaves.rows;
+    for (t, (leaf, grad)) in leaves.iter().zip(&grads.rows).enumerate() {
         if let (Some((idx, _)), Some(grad)) = (leaf, grad) {
-            model.tables[t].adagrad(idx, &grad, p.lr);
+            model.tables[t].adagrad(idx, grad, p.lr);
         }
     }
-    for (t, (leaf, grad)) in leaves.iter().zip(bias_grads).enumerate() {
+    for (t, (leaf, grad)) in leaves.iter().zip(&grads.biases).enumerate() {
         if let (Some((idx, _)), Some(grad)) = (leaf, grad) {
-            model.tables[t].adagrad_bias(idx, &grad, p.lr);
+            model.tables[t].adagrad_bias(idx, grad, p.lr);
         }
     }
-    model.adagrad_relations(&rel_grad, p.relation_lr);
-    if let Some(grad) = &rev_grad {
+    model.adagrad_relations(&grads.relations, p.relation_lr);
+    if let Some(grad) = &grads.reverse {
         model.adagrad_reverse(grad, p.relation_lr);
     }
     if let Some(pull) = pull.filter(|pull| pull.strength > 0.0) {
@@ -691,11 +734,14 @@ fn update(
         apply_pull(model, pull, &touched, p);
     }
     StepStats {
-        loss: loss_value,
+        loss,
         edges: n_edges,
         skipped: false,
     }
 }
+
+#[path = "step_dot.rs"]
+mod dot;
 
 #[cfg(test)]
 #[path = "step_tests.rs"]
