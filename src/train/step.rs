@@ -341,30 +341,21 @@ pub fn train_step_with(
     pull: Option<&Pull<'_>>,
     history: Option<History<'_>>,
 ) -> StepStats {
-    if edges.is_empty() {
-        return StepStats {
-            loss: 0.0,
-            edges: 0,
-            skipped: false,
-        };
-    }
     let by_hand = p.comparator == Comparator::Dot;
     step_on(model, edges, p, rng, pull, history, by_hand)
 }
 
-/// [`train_step`] on autograd whatever the comparator (the dot comparator's step derives its
+/// [`train_step_with`] on autograd whatever the comparator (the dot comparator's step derives its
 /// gradients by hand): the reference the hand-derived step is tested and benched against.
 pub fn train_step_autograd(
     model: &mut Embeddings,
     edges: &[Edge],
     p: &TrainParams,
     rng: &mut SmallRng,
+    pull: Option<&Pull<'_>>,
     history: Option<History<'_>>,
 ) -> StepStats {
-    if edges.is_empty() {
-        return train_step(model, edges, p, rng);
-    }
-    step_on(model, edges, p, rng, None, history, false)
+    step_on(model, edges, p, rng, pull, history, false)
 }
 
 /// Groups → scores → loss → gradients (by hand, or by autograd) → update.
@@ -377,6 +368,13 @@ fn step_on(
     history: Option<History<'_>>,
     by_hand: bool,
 ) -> StepStats {
+    if edges.is_empty() {
+        return StepStats {
+            loss: 0.0,
+            edges: 0,
+            skipped: false,
+        };
+    }
     ensure_rows(model, edges, p.init_scale);
     let device = model.device;
     let (groups, rows) = edge_groups(model, edges, p, rng, history);

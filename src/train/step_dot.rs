@@ -94,6 +94,28 @@ fn in_batch_column_sums(g: &Tensor, chunk: i64, b: i64) -> Tensor {
         .narrow(0, 0, b)
 }
 
+/// Backward of target candidates' scores `queries · candsᵀ (+ their biases)` with gradient `g`
+/// (`[b, k]`): the candidates' rows and biases into `grads` (at `idx`), the queries' gradient
+/// returned.
+fn candidates_backward(
+    grads: &mut Grads,
+    leaves: &Leaves,
+    table: usize,
+    idx: &Tensor,
+    cands: &Tensor,
+    queries: &Tensor,
+    g: &Tensor,
+) -> Tensor {
+    grads.rows_add(table, idx, &g.tr().mm(queries));
+    grads.bias_add(
+        leaves,
+        table,
+        idx,
+        &g.sum_dim_intlist(0, false, Kind::Float),
+    );
+    g.mm(cands)
+}
+
 fn row_sums(x: &Tensor) -> Tensor {
     x.sum_dim_intlist(1, false, Kind::Float)
 }
@@ -228,27 +250,13 @@ pub(super) fn group_loss_and_grads(
     let mut grad_pos_bias = dst_g_pos.copy();
     match &cands {
         Candidates::All(idx, c) => {
-            grad_a += dst_g[0].mm(c);
-            grads.rows_add(g.dst_type, idx, &dst_g[0].tr().mm(&a));
-            grads.bias_add(
-                leaves,
-                g.dst_type,
-                idx,
-                &dst_g[0].sum_dim_intlist(0, false, Kind::Float),
-            );
+            grad_a += candidates_backward(grads, leaves, g.dst_type, idx, c, &a, &dst_g[0]);
         }
         Candidates::Sampled(idx, u) => {
             let (gq, gc) = in_batch_backward(&dst_g[0], &a_c, &t_c, b);
-            grad_a += gq + dst_g[1].mm(u);
+            grad_a += gq + candidates_backward(grads, leaves, g.dst_type, idx, u, &a, &dst_g[1]);
             grad_t += gc;
             grad_pos_bias += in_batch_column_sums(&dst_g[0], chunk, b);
-            grads.rows_add(g.dst_type, idx, &dst_g[1].tr().mm(&a));
-            grads.bias_add(
-                leaves,
-                g.dst_type,
-                idx,
-                &dst_g[1].sum_dim_intlist(0, false, Kind::Float),
-            );
         }
     }
     // (Two tensors: each is added to in place below.)

@@ -401,8 +401,7 @@ fn the_hand_derived_dot_step_is_autograds() {
             m.tables[0].biased = biased;
             ensure_rows(&mut m, &edges, 0.3);
             for t in &m.tables {
-                t
-                    .bias
+                t.bias
                     .narrow(0, 0, t.len())
                     .copy_(&(Tensor::randn([t.len()], (Kind::Float, Device::Cpu)) * 0.2));
             }
@@ -424,6 +423,7 @@ fn the_hand_derived_dot_step_is_autograds() {
                 &edges,
                 &p,
                 &mut SmallRng::seed_from_u64(step),
+                None,
                 h,
             );
             let case = format!("{loss:?} reverse={reverse} bias={biased} history={with_history} all={all_up_to} step {step}");
