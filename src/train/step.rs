@@ -12,8 +12,9 @@
 //! * accidental positives among in-batch negatives are masked: another positive's target is a
 //!   true target of this source when the two share their source and relation (and vice versa).
 //!
-//! Gradients flow into leaf copies of only the unique rows the step touches; the updates are
-//! applied with row-wise sparse Adagrad ([`crate::train::NodeTable::adagrad`]). A step whose loss
+//! Gradients reach only copies of the unique rows the step touches: for the dot comparator
+//! derived by hand (`step_dot.rs`), for the others through autograd on leaf copies; the updates
+//! are applied with row-wise sparse Adagrad ([`crate::train::NodeTable::adagrad`]). A step whose loss
 //! or gradients are not finite changes nothing and is reported as skipped.
 
 use std::collections::HashMap;
@@ -381,7 +382,7 @@ fn step_on(
     let n = edges.len();
     let leaves = Leaves::of(model, &rows, !by_hand);
     if by_hand {
-        let mut grads = dot::Grads::zeros(&leaves);
+        let mut grads = Grads::zeros(&leaves);
         let mut loss = 0.0;
         for g in &groups {
             let weight = g.src.len() as f64 / n as f64;
@@ -655,11 +656,49 @@ fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Te
         )
 }
 
+/// Gradients of a step's loss: per table the touched rows' (`[unique, D]`, in [`Leaves`] order),
+/// the relations', the reverse operators' and the touched biases' (`None`: nothing reached them).
+struct Grads {
+    rows: Vec<Option<Tensor>>,
+    relations: Tensor,
+    reverse: Option<Tensor>,
+    biases: Vec<Option<Tensor>>,
+}
+
+impl Grads {
+    fn zeros(leaves: &Leaves) -> Grads {
+        Grads {
+            rows: leaves
+                .rows
+                .iter()
+                .map(|l| l.as_ref().map(|(_, leaf)| leaf.zeros_like()))
+                .collect(),
+            relations: leaves.relations.zeros_like(),
+            reverse: leaves.reverse.as_ref().map(Tensor::zeros_like),
+            biases: leaves.biases.iter().map(|_| None).collect(),
+        }
+    }
+
+    fn rows_add(&mut self, table: usize, positions: &Tensor, grad: &Tensor) {
+        let rows = self.rows[table].as_mut().expect("rows added");
+        let _ = rows.index_add_(0, positions, grad);
+    }
+
+    fn bias_add(&mut self, leaves: &Leaves, table: usize, positions: &Tensor, grad: &Tensor) {
+        let Some(leaf) = leaves.biases[table].as_ref() else {
+            return;
+        };
+        let _ = self.biases[table]
+            .get_or_insert_with(|| leaf.zeros_like())
+            .index_add_(0, positions, grad);
+    }
+}
+
 /// Autograd's gradients of `total` with respect to the leaves.
-fn autograd(leaves: &Leaves, total: &Tensor) -> dot::Grads {
+fn autograd(leaves: &Leaves, total: &Tensor) -> Grads {
     total.backward();
     // (A bias whose rows were only sources in this step has no gradient.)
-    dot::Grads {
+    Grads {
         rows: leaves
             .rows
             .iter()
@@ -685,7 +724,7 @@ fn apply(
     model: &mut Embeddings,
     leaves: &Leaves,
     loss: f64,
-    grads: Option<dot::Grads>,
+    grads: Option<Grads>,
     n_edges: usize,
     p: &TrainParams,
     pull: Option<&Pull<'_>>,

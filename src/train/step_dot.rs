@@ -14,48 +14,10 @@
 use tch::{Device, Kind, Tensor};
 
 use super::{
-    all_targets_mask, chunked, in_batch_columns, long, negative_mask, unchunked, Group, Leaves,
-    Weights,
+    all_targets_mask, chunked, in_batch_columns, long, negative_mask, unchunked, Grads, Group,
+    Leaves, Weights,
 };
 use crate::train::{loss_and_gradients, TrainParams};
-
-/// Gradients of a step's loss: per table the touched rows' (`[unique, D]`, in [`Leaves`] order),
-/// the relations', the reverse operators' and the touched biases' (`None`: nothing reached them).
-pub(super) struct Grads {
-    pub rows: Vec<Option<Tensor>>,
-    pub relations: Tensor,
-    pub reverse: Option<Tensor>,
-    pub biases: Vec<Option<Tensor>>,
-}
-
-impl Grads {
-    pub fn zeros(leaves: &Leaves) -> Grads {
-        Grads {
-            rows: leaves
-                .rows
-                .iter()
-                .map(|l| l.as_ref().map(|(_, leaf)| leaf.zeros_like()))
-                .collect(),
-            relations: leaves.relations.zeros_like(),
-            reverse: leaves.reverse.as_ref().map(Tensor::zeros_like),
-            biases: leaves.biases.iter().map(|_| None).collect(),
-        }
-    }
-
-    fn rows_add(&mut self, table: usize, positions: &Tensor, grad: &Tensor) {
-        let rows = self.rows[table].as_mut().expect("rows added");
-        let _ = rows.index_add_(0, positions, grad);
-    }
-
-    fn bias_add(&mut self, leaves: &Leaves, table: usize, positions: &Tensor, grad: &Tensor) {
-        let Some(leaf) = leaves.biases[table].as_ref() else {
-            return;
-        };
-        let _ = self.biases[table]
-            .get_or_insert_with(|| leaf.zeros_like())
-            .index_add_(0, positions, grad);
-    }
-}
 
 impl Weights {
     /// Backward of [`Weights::times`]: each triplet adds `weight · grad[row]` to its position of
@@ -244,10 +206,15 @@ pub(super) fn group_loss_and_grads(
     let dst_g: Vec<Tensor> = dst_g.iter().map(scale).collect();
     let (src_g_in, src_g_uni) = (scale(&src_g[0]), scale(&src_g[1]));
 
-    // Target side: pos = a·t, candidates' scores a·cᵀ.
-    let mut grad_a = &t * dst_g_pos.unsqueeze(1);
-    let mut grad_t = &a * dst_g_pos.unsqueeze(1);
-    let mut grad_pos_bias = dst_g_pos.copy();
+    // Target side: pos = a·t, candidates' scores a·cᵀ. Without reverse relations the source
+    // side's positive score is `pos` itself, so its gradient joins the target side's here.
+    let pos_g = match &q {
+        Some(_) => dst_g_pos,
+        None => dst_g_pos + &src_g_pos,
+    };
+    let mut grad_a = &t * pos_g.unsqueeze(1);
+    let mut grad_t = &a * pos_g.unsqueeze(1);
+    let mut grad_pos_bias = pos_g;
     match &cands {
         Candidates::All(idx, c) => {
             grad_a += candidates_backward(grads, leaves, g.dst_type, idx, c, &a, &dst_g[0]);
@@ -280,14 +247,10 @@ pub(super) fn group_loss_and_grads(
             let _ = rev.index_add_(0, &rel_idx, &grad_query);
         }
         None => {
-            // `src_pos` is `pos`: its gradient is the target side's product again; the relation
-            // term `r·t`, the same for every candidate, carries the candidates' row sums.
-            grad_s += &t * src_g_pos.unsqueeze(1);
-            let pos_grad = &t * src_g_pos.unsqueeze(1);
-            grad_r += pos_grad;
-            grad_query += &a * src_g_pos.unsqueeze(1) + &r * own_bias_grad.unsqueeze(1);
+            // The relation term `r·t`, the same for every candidate source, carries the
+            // candidates' row sums.
+            grad_query += &r * own_bias_grad.unsqueeze(1);
             grad_r += &t * own_bias_grad.unsqueeze(1);
-            grad_pos_bias += &src_g_pos;
         }
     }
     grad_t += grad_query;
