@@ -308,7 +308,7 @@ fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_pu
 }
 
 #[test]
-fn transactional_versions_commit_and_apply_whole_across_a_restart() {
+fn transactional_versions_commit_and_apply_whole_across_a_restart_and_export_as_files() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let Publishing {
@@ -360,6 +360,164 @@ fn transactional_versions_commit_and_apply_whole_across_a_restart() {
     );
     check_whole_versions(&p);
     assert!(unmarked_attempts(&p).is_empty());
+    check_export(&env_of(&broker, &store), &p, dir.path());
+}
+
+fn env_of(broker: &common::Broker, store: &std::path::Path) -> Vec<(String, String)> {
+    daemon_env(&broker.bootstrap, store, free_port())
+}
+
+/// A `.npy` file's float32 rows, read without the crate that wrote it: the format's header
+/// (`\x93NUMPY`, version, header length, a dict naming dtype, order and shape), then the values.
+fn read_npy(path: &std::path::Path) -> Vec<Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let (len_at, len_size) = if bytes[6] == 1 { (8, 2) } else { (8, 4) };
+    let mut header_len = 0usize;
+    for (i, b) in bytes[len_at..len_at + len_size].iter().enumerate() {
+        header_len |= (*b as usize) << (8 * i);
+    }
+    let start = len_at + len_size;
+    let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let dims: Vec<usize> = shape
+        .split(',')
+        .filter_map(|d| d.trim().parse().ok())
+        .collect();
+    let (rows, dim) = (dims[0], dims.get(1).copied().unwrap_or(0));
+    let data = &bytes[start + header_len..];
+    assert_eq!(data.len(), rows * dim * 4, "{header}");
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect::<Vec<_>>()
+        .chunks(dim.max(1))
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
+/// The files of `export --format npy` as a table (`type:id` / `relation:name` → vector).
+fn exported_table(out: &std::path::Path) -> HashMap<String, Vec<f32>> {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("meta.json")).unwrap()).unwrap();
+    let mut groups: Vec<(String, String)> = meta["types"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|t| (t.clone(), format!("{t}:")))
+        .collect();
+    groups.push(("relations".into(), "relation:".into()));
+    let mut table = HashMap::new();
+    for (file, prefix) in groups {
+        let ids = std::fs::read_to_string(out.join(format!("{file}.ids"))).unwrap();
+        let rows = read_npy(&out.join(format!("{file}.npy")));
+        assert_eq!(ids.lines().count(), rows.len(), "{file}");
+        for (id, row) in ids.lines().zip(rows) {
+            table.insert(format!("{prefix}{id}"), row);
+        }
+    }
+    table
+}
+
+/// `export` writes exactly the table a subscriber holds at the version asked for (the first,
+/// and the newest by default), names what is missing when the version is not on the topics,
+/// and its TSV form carries the same rows.
+fn check_export(env: &[(String, String)], p: &Published, dir: &std::path::Path) {
+    let tables = expected_tables(p);
+    let as_vectors = |t: &Table| -> HashMap<String, Vec<f32>> {
+        t.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect()
+    };
+    let first = dir.join("export-v1");
+    let summary = cli(
+        env,
+        &[
+            "export",
+            "--version",
+            "1",
+            "--json",
+            first.to_str().unwrap(),
+        ],
+    );
+    let summary: serde_json::Value = serde_json::from_str(summary.trim()).unwrap();
+    assert_eq!(summary["version"], 1, "{summary}");
+    assert_eq!(exported_table(&first), as_vectors(&tables[0]), "version 1");
+    let newest = dir.join("export-newest");
+    cli(env, &["export", newest.to_str().unwrap()]);
+    assert_eq!(
+        exported_table(&newest),
+        as_vectors(tables.last().unwrap()),
+        "the newest version"
+    );
+    let tsv = dir.join("export-tsv");
+    cli(
+        env,
+        &[
+            "export",
+            "--version",
+            "1",
+            "--format",
+            "tsv",
+            tsv.to_str().unwrap(),
+        ],
+    );
+    let mut from_tsv = 0;
+    for entry in std::fs::read_dir(&tsv).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "tsv") {
+            from_tsv += std::fs::read_to_string(&path).unwrap().lines().count();
+        }
+    }
+    assert_eq!(from_tsv, tables[0].len(), "one TSV line a row");
+    // The Python reader of the two topics (examples/subscriber.py) ends on the same version.
+    let bootstrap = &env
+        .iter()
+        .find(|(k, _)| k == "TWHIN_KAFKA__BOOTSTRAP_SERVERS")
+        .unwrap()
+        .1;
+    let python = std::process::Command::new(repo_root().join(".venv/bin/python"))
+        .current_dir(repo_root())
+        .args(["examples/subscriber.py", "--bootstrap-servers", bootstrap])
+        .args(["--idle-exit-secs", "5"])
+        .output()
+        .expect(".venv/bin/python (bash .ci/setup installs it with confluent-kafka and numpy)");
+    let stdout = String::from_utf8_lossy(&python.stdout);
+    assert!(
+        python.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["version"], tables.len() as u64, "{stdout}");
+    assert_eq!(
+        last["keys"],
+        tables.last().unwrap().len() as u64,
+        "{stdout}"
+    );
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
+        .current_dir(repo_root())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .args([
+            "export",
+            "--version",
+            "999",
+            dir.join("none").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("version 999 cannot be assembled"),
+        "{stderr}"
+    );
 }
 
 /// `examples/subscriber.rs`, built by `cargo test --all-targets` beside the test binaries (built

@@ -146,6 +146,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a published version, read from the embeddings and versions topics as a subscriber
+    /// reads them (whole versions only), as files: per node type `OUT/<type>.npy` (float32,
+    /// `[rows, dim]`) with `OUT/<type>.ids` (one id a line, in row order), `OUT/relations.npy`
+    /// with `OUT/relations.ids`, and `OUT/meta.json`; or the same as `.tsv`.
+    Export {
+        /// The version (default: the newest whole version on the topics).
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long, value_enum, default_value = "npy")]
+        format: offline::export::ExportFormat,
+        /// The folder to write (created if missing; its files are replaced).
+        out: PathBuf,
+        /// Give up reading the topics after this long.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Summarise the store (read-only; the daemon must be stopped).
     Inspect {
         /// Print JSON.
@@ -308,6 +327,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             watch_daemon(&opts, timeline.as_deref(), plot.as_deref(), json)
         }
+        Command::Export {
+            version,
+            format,
+            out,
+            timeout_secs,
+            json,
+        } => export(&cfg, version, format, &out, timeout_secs, json),
         Command::Inspect { json, path } => inspect(&cfg, path, json),
     }
 }
@@ -528,6 +554,44 @@ fn watch_daemon(
         if let Some(path) = plot {
             println!("plot        {}", path.display());
         }
+    }
+    Ok(())
+}
+
+fn export(
+    cfg: &Config,
+    version: Option<u64>,
+    format: offline::export::ExportFormat,
+    out: &std::path::Path,
+    timeout_secs: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let timeout = std::time::Duration::from_secs(timeout_secs);
+    let s = offline::export::export(cfg, version, format, out, timeout)?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    println!(
+        "version {} (epoch {}) from {} records in {:.1} s, to {}:",
+        s.meta.version,
+        s.meta.epoch,
+        s.records_read,
+        s.seconds,
+        s.out.display()
+    );
+    for (name, t) in s
+        .meta
+        .types
+        .iter()
+        .chain([(&"relations".to_string(), &s.meta.relations)])
+    {
+        println!(
+            "  {name:<12} {:>9} rows × {:<4} {}",
+            t.rows,
+            t.dim,
+            t.files.join(", ")
+        );
     }
     Ok(())
 }

@@ -2,11 +2,12 @@
 //!
 //! Owns the real datasets as events, `train` / `eval` on their splits, the warm-start and
 //! downstream-stability measurements, `replay` (a dataset produced to the engagements topic),
-//! `synthetic` (a TwHIN-shaped stream of any size) and `watch` (a running daemon's figures over
+//! `synthetic` (a TwHIN-shaped stream of any size), `export` (a published version as files) and `watch` (a running daemon's figures over
 //! time). Uses the store, train, align and publish stages as the daemon does; hands on reports.
 
 mod baselines;
 mod datasets;
+pub mod export;
 pub mod replay;
 mod stability;
 mod stream_eval;

@@ -99,11 +99,33 @@ pub struct VersionAssembler {
     relations: usize,
     pending: BTreeMap<(u64, u64), Attempt>,
     counts: Counts,
+    /// The applied version's marker.
+    applied_marker: Option<VersionMarker>,
+    /// Versions above this are ignored ([`VersionAssembler::up_to`]).
+    limit: Option<u64>,
 }
 
 impl VersionAssembler {
     pub fn new() -> VersionAssembler {
         VersionAssembler::default()
+    }
+
+    /// An assembler that stops at `version`: rows, tombstones and markers of later versions are
+    /// ignored, so its table is that version's once it is applied (an export of one version).
+    pub fn up_to(version: u64) -> VersionAssembler {
+        VersionAssembler {
+            limit: Some(version),
+            ..VersionAssembler::default()
+        }
+    }
+
+    /// The marker of the last applied version (its row count and drift figures).
+    pub fn applied_marker(&self) -> Option<&VersionMarker> {
+        self.applied_marker.as_ref()
+    }
+
+    fn beyond_limit(&self, version: u64) -> bool {
+        self.limit.is_some_and(|limit| version > limit)
     }
 
     /// The last applied version (0: none yet).
@@ -141,6 +163,9 @@ impl VersionAssembler {
     /// One row read from the embeddings topic (`key` is the record's key). Returns the versions
     /// this completed, in order.
     pub fn push_row(&mut self, key: impl Into<String>, row: RowRecord) -> Vec<Applied> {
+        if self.beyond_limit(row.version) {
+            return Vec::new();
+        }
         if row.version <= self.applied_version() {
             self.counts.stale_rows += 1;
             return Vec::new();
@@ -162,6 +187,9 @@ impl VersionAssembler {
         version: u64,
         epoch: u64,
     ) -> Vec<Applied> {
+        if self.beyond_limit(version) {
+            return Vec::new();
+        }
         if version <= self.applied_version() {
             self.counts.stale_rows += 1;
             return Vec::new();
@@ -176,6 +204,9 @@ impl VersionAssembler {
 
     /// One marker read from the versions topic. Returns the versions this completed, in order.
     pub fn push_marker(&mut self, marker: VersionMarker) -> Vec<Applied> {
+        if self.beyond_limit(marker.version) {
+            return Vec::new();
+        }
         if marker.version <= self.applied_version() {
             self.counts.stale_markers += 1;
             return Vec::new();
@@ -205,6 +236,9 @@ impl VersionAssembler {
         for ((version, epoch), attempt) in below {
             let usable =
                 (version, epoch) == target || (version < target.0 && attempt.marker.is_some());
+            if (version, epoch) == target {
+                self.applied_marker = attempt.marker.clone();
+            }
             if usable {
                 merged += attempt.rows.len() as u64;
                 self.merge(version, attempt.rows);
@@ -241,6 +275,7 @@ impl VersionAssembler {
             };
             let attempt = self.pending.remove(&key).expect("found above");
             let rows = attempt.rows.len() as u64;
+            self.applied_marker = attempt.marker;
             self.merge(key.0, attempt.rows);
             let rest = self.pending.split_off(&(key.0 + 1, 0));
             for (_, dropped) in std::mem::replace(&mut self.pending, rest) {
@@ -343,6 +378,31 @@ mod tests {
         // A tombstone of an applied version is stale.
         assert!(a.push_tombstone("user:2", 2, 1).is_empty());
         assert_eq!(value(&a, "user:2"), Some((5.0, 2)));
+    }
+
+    #[test]
+    fn an_assembler_up_to_a_version_holds_that_version_whatever_follows() {
+        for catch_up in [false, true] {
+            let mut a = VersionAssembler::up_to(1);
+            // Version 2 is whole and read first, then version 1.
+            a.push_row("user:1", row(2, 1, 5.0));
+            a.push_marker(marker(2, 1, 1));
+            for (k, r) in v1() {
+                a.push_row(k, r);
+            }
+            a.push_marker(marker(1, 1, 3));
+            if catch_up {
+                a.catch_up();
+            }
+            assert_eq!(a.applied_version(), 1, "catch_up: {catch_up}");
+            assert_eq!(value(&a, "user:1"), Some((1.0, 1)));
+            assert_eq!(a.applied_marker(), Some(&marker(1, 1, 3)));
+            assert_eq!(
+                a.counts().pending_rows,
+                0,
+                "nothing beyond the limit is held"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod actor;
 mod checkpoint;
 mod device;
+mod logistic_host;
 mod loss;
 mod model;
 mod prequential;

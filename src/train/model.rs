@@ -199,8 +199,10 @@ impl NodeTable {
     /// Element-wise Adagrad on the biases of `rows` (unique indices) with their gradients `[n]`.
     pub fn adagrad_bias(&mut self, rows: &Tensor, grad: &Tensor, lr: f64) {
         tch::no_grad(|| {
-            let _ = self.bias_state.index_add_(0, rows, &grad.square());
-            let denom = self.bias_state.index_select(0, rows).sqrt() + ADAGRAD_EPS;
+            let g2 = grad.square();
+            // The accumulated state is read before it is written (see `adagrad`).
+            let denom = (self.bias_state.index_select(0, rows) + &g2).sqrt() + ADAGRAD_EPS;
+            let _ = self.bias_state.index_add_(0, rows, &g2);
             let _ = self.bias.index_add_(0, rows, &(grad / denom * (-lr)));
             let _ = self.dirty.index_fill_(0, rows, 1);
         });
@@ -210,8 +212,12 @@ impl NodeTable {
     pub fn adagrad(&mut self, rows: &Tensor, grad: &Tensor, lr: f64) {
         tch::no_grad(|| {
             let g2 = grad.square().mean_dim(1, false, Kind::Float);
+            // The denominator is this step's own `state + g²`, not the shared state read back
+            // after adding: under Hogwild (`train.offline_workers`) another worker's write can
+            // replace this one's addition, and a state read back smaller than `g²` (early on,
+            // when states are tiny) turned a step of at most `lr` into one of `lr · g / g'`.
+            let denom = (self.state.index_select(0, rows) + &g2).sqrt() + ADAGRAD_EPS;
             let _ = self.state.index_add_(0, rows, &g2);
-            let denom = self.state.index_select(0, rows).sqrt() + ADAGRAD_EPS;
             let step = grad / denom.unsqueeze(1) * (-lr);
             let _ = self.weights.index_add_(0, rows, &step);
             let _ = self.dirty.index_fill_(0, rows, 1);
@@ -344,11 +350,14 @@ impl Embeddings {
     }
 }
 
-/// Element-wise Adagrad: `state += g²; params -= lr · g / (√state + ε)`.
+/// Element-wise Adagrad: `state += g²; params -= lr · g / (√state + ε)`, the denominator from
+/// this step's own `state + g²` (see [`NodeTable::adagrad`]: every Hogwild worker updates the
+/// relations at once, so a lost addition is the rule there, not the exception).
 fn dense_adagrad(params: &mut Tensor, state: &mut Tensor, grad: &Tensor, lr: f64) {
     tch::no_grad(|| {
-        let _ = state.g_add_(&grad.square());
-        let step = grad / (state.sqrt() + ADAGRAD_EPS) * (-lr);
+        let g2 = grad.square();
+        let step = grad / ((&*state + &g2).sqrt() + ADAGRAD_EPS) * (-lr);
+        let _ = state.g_add_(&g2);
         let _ = params.g_add_(&step);
     });
 }

@@ -17,7 +17,8 @@ use super::{
     all_targets_mask, chunked, in_batch_columns, long, negative_mask, unchunked, Grads, Group,
     Leaves, Weights,
 };
-use crate::train::{loss_and_gradients, TrainParams};
+use crate::train::logistic_host::{logistic_side, SideIds};
+use crate::train::{loss_and_gradients, LossKind, TrainParams};
 
 impl Weights {
     /// Backward of [`Weights::times`]: each triplet adds `weight · grad[row]` to its position of
@@ -78,6 +79,85 @@ fn candidates_backward(
     g.mm(cands)
 }
 
+/// One side's loss over its in-batch and uniform candidates' scores (`[b, chunk]`, `[b, k]`),
+/// and its gradients times `weight`: `(loss, grad pos [b], [grad in-batch, grad uniform])`.
+/// The logistic loss on CPU runs in one pass over host memory ([`logistic_side`]); otherwise the
+/// masks and the loss are tensor operations on the device.
+fn sampled_side(
+    p: &TrainParams,
+    pos: &Tensor,
+    mut in_batch: Tensor,
+    mut uniform: Tensor,
+    ids: &SideIds<'_>,
+    chunk: i64,
+    weight: f64,
+) -> (f64, Tensor, Vec<Tensor>) {
+    if p.loss == LossKind::Logistic {
+        if let (Some(pos_host), Some(in_host), Some(uni_host)) = (
+            host_floats(pos).map(<[f32]>::to_vec),
+            host_floats_mut(&mut in_batch),
+            host_floats_mut(&mut uniform),
+        ) {
+            let (value, grad_pos) = logistic_side(
+                &pos_host,
+                in_host,
+                uni_host,
+                ids,
+                chunk as usize,
+                weight as f32,
+            );
+            return (
+                value,
+                Tensor::from_slice(&grad_pos),
+                vec![in_batch, uniform],
+            );
+        }
+    }
+    let device = pos.device();
+    let (in_valid, uni_valid) = negative_mask(
+        ids.own,
+        ids.other,
+        ids.rels,
+        ids.uniform,
+        chunk as usize,
+        device,
+    );
+    let (value, g_pos, g) =
+        loss_and_gradients(p.loss, pos, &[(in_batch, &in_valid), (uniform, &uni_valid)]);
+    let g = g.iter().map(|x| x * weight).collect();
+    (value.double_value(&[]), g_pos * weight, g)
+}
+
+/// The values of a contiguous float tensor in host memory; `None` for any other.
+fn host_floats(t: &Tensor) -> Option<&[f32]> {
+    if !on_host(t) {
+        return None;
+    }
+    if t.numel() == 0 {
+        return Some(&[]);
+    }
+    // SAFETY: a contiguous CPU float tensor's storage holds `numel` f32 values from its data
+    // pointer, alive while `t` is borrowed; the step holds no other handle that writes to it.
+    Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
+}
+
+/// [`host_floats`], to write.
+fn host_floats_mut(t: &mut Tensor) -> Option<&mut [f32]> {
+    if !on_host(t) {
+        return None;
+    }
+    if t.numel() == 0 {
+        return Some(&mut []);
+    }
+    // SAFETY: as in `host_floats`; the scores written here were made by this step and no other
+    // handle to their storage is read while the slice lives.
+    Some(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) })
+}
+
+fn on_host(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+}
+
 fn row_sums(x: &Tensor) -> Tensor {
     x.sum_dim_intlist(1, false, Kind::Float)
 }
@@ -126,7 +206,7 @@ pub(super) fn group_loss_and_grads(
         All(Tensor, Tensor),
         Sampled(Tensor, Tensor),
     }
-    let (cands, dst_parts) = match &g.all_dst_pos {
+    let (cands, (dst_value, dst_g_pos, dst_g)) = match &g.all_dst_pos {
         Some(all) => {
             let idx = long(all, device);
             let c = rows(g.dst_type).index_select(0, &idx);
@@ -135,9 +215,12 @@ pub(super) fn group_loss_and_grads(
                 bias.map(|l| l.index_select(0, &idx).unsqueeze(0)),
             );
             let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
+            let (value, g_pos, g) =
+                loss_and_gradients(p.loss, &pos, &[(scores, &valid.to_device(device))]);
+            let g = g.iter().map(|x| x * weight).collect();
             (
                 Candidates::All(idx, c),
-                vec![(scores, valid.to_device(device))],
+                (value.double_value(&[]), g_pos * weight, g),
             )
         }
         None => {
@@ -151,19 +234,16 @@ pub(super) fn group_loss_and_grads(
                 a.mm(&u.tr()),
                 bias.map(|l| l.index_select(0, &idx).unsqueeze(0)),
             );
-            let (in_valid, uni_valid) =
-                negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
-            (
-                Candidates::Sampled(idx, u),
-                vec![(in_batch, in_valid), (uniform, uni_valid)],
-            )
+            let ids = SideIds {
+                own: &g.dst,
+                other: &g.src,
+                rels: &g.rels,
+                uniform: &g.uni_dst,
+            };
+            let side = sampled_side(p, &pos, in_batch, uniform, &ids, chunk, weight);
+            (Candidates::Sampled(idx, u), side)
         }
     };
-    let dst_parts: Vec<(Tensor, &Tensor)> = dst_parts
-        .iter()
-        .map(|(scores, valid)| (scores.shallow_clone(), valid))
-        .collect();
-    let (dst_value, dst_g_pos, dst_g) = loss_and_gradients(p.loss, &pos, &dst_parts);
 
     // Source side: against `q = e_t + h_r` with reverse relations, else `(c + e_r)·e_t`.
     let q = leaves
@@ -191,20 +271,18 @@ pub(super) fn group_loss_and_grads(
     };
     let src_in_batch = with_bias(src_in_batch, own_bias.as_ref().map(Tensor::shallow_clone));
     let src_uniform = with_bias(src_uniform, own_bias);
-    let (src_in_valid, src_uni_valid) =
-        negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
-    let (src_value, src_g_pos, src_g) = loss_and_gradients(
-        p.loss,
-        &src_pos,
-        &[(src_in_batch, &src_in_valid), (src_uniform, &src_uni_valid)],
-    );
-    let loss = (dst_value + src_value).double_value(&[]);
+    let ids = SideIds {
+        own: &g.src,
+        other: &g.dst,
+        rels: &g.rels,
+        uniform: &g.uni_src,
+    };
+    let (src_value, src_g_pos, src_g) =
+        sampled_side(p, &src_pos, src_in_batch, src_uniform, &ids, chunk, weight);
+    let loss = dst_value + src_value;
+    let (src_g_in, src_g_uni) = (&src_g[0], &src_g[1]);
 
-    // Backward. Every gradient is scaled by the group's weight once, at the scores.
-    let scale = |x: &Tensor| x * weight;
-    let (dst_g_pos, src_g_pos) = (scale(&dst_g_pos), scale(&src_g_pos));
-    let dst_g: Vec<Tensor> = dst_g.iter().map(scale).collect();
-    let (src_g_in, src_g_uni) = (scale(&src_g[0]), scale(&src_g[1]));
+    // Backward: every gradient above is already scaled by the group's weight.
 
     // Target side: pos = a·t, candidates' scores a·cᵀ. Without reverse relations the source
     // side's positive score is `pos` itself, so its gradient joins the target side's here.
@@ -232,11 +310,11 @@ pub(super) fn group_loss_and_grads(
 
     // Source side: candidates `s_c` and `uni_s` against the query `q` (or `t`).
     let query = q.as_ref().unwrap_or(&t);
-    let (gq_in, gc_in) = in_batch_backward(&src_g_in, &chunked(query, chunk), &s_c, b);
+    let (gq_in, gc_in) = in_batch_backward(src_g_in, &chunked(query, chunk), &s_c, b);
     let mut grad_query = gq_in + src_g_uni.mm(&uni_s);
     grad_s += gc_in;
     let grad_uni_s = src_g_uni.tr().mm(query);
-    let own_bias_grad = row_sums(&src_g_in) + row_sums(&src_g_uni);
+    let own_bias_grad = row_sums(src_g_in) + row_sums(src_g_uni);
     grad_pos_bias += &own_bias_grad;
     match &q {
         Some(q) => {

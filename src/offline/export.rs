@@ -1,0 +1,511 @@
+//! `twhin-stream export`: one published version, read from the embeddings and versions topics
+//! as a subscriber reads them ([`VersionAssembler`], whole versions only), written as files a
+//! Python user loads in one line.
+//!
+//! `npy`: per node type `OUT/<type>.npy` (float32 `[rows, dim]`, rows in id order) beside
+//! `OUT/<type>.ids` (one id a line, in row order); `OUT/relations.npy` with `OUT/relations.ids`;
+//! `OUT/meta.json` ([`ExportMeta`]). `tsv`: `OUT/<type>.tsv` and `OUT/relations.tsv`, one row a
+//! line, the id then the values, tab-separated, and the same `meta.json`.
+//!
+//! A biased type's rows carry the bias as their last value, as published (`topics/README.md`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::util::Timeout;
+use serde::Serialize;
+
+use crate::align::AlignFigures;
+use crate::config::Config;
+use crate::kafka::{create_client, require_broker};
+use crate::publish::{tombstone_attempt, RowRecord, VersionMarker};
+use crate::subscriber::{Entry, VersionAssembler, RELATION_PREFIX};
+
+/// Version of the files' layout, in `meta.json`.
+pub const EXPORT_FORMAT_VERSION: u32 = 1;
+
+/// The file formats of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    /// NumPy `.npy` (float32) plus a `.ids` list per node type.
+    Npy,
+    /// Tab-separated text, one row a line.
+    Tsv,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaSetupError),
+    #[error("reading {topic}: {source}")]
+    Read {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("topic {0} has no partitions (does it exist? `twhin-stream topics apply` creates it)")]
+    NoPartitions(String),
+    #[error(
+        "version {wanted} cannot be assembled from {embeddings} and {versions}: the newest whole \
+         version there is {newest} (0: none). A version older than what compaction kept is gone; \
+         export a newer one, or omit --version for the newest"
+    )]
+    NotOnTopics {
+        wanted: u64,
+        newest: u64,
+        embeddings: String,
+        versions: String,
+    },
+    #[error("{topic} partition {partition} offset {offset}: {what}")]
+    Record {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        what: String,
+    },
+    #[error("{key} has {got} values, other rows of `{group}` have {want}")]
+    Width {
+        key: String,
+        group: String,
+        got: usize,
+        want: usize,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `meta.json` says about an export.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ExportMeta {
+    pub format_version: u32,
+    pub format: String,
+    pub version: u64,
+    pub epoch: u64,
+    /// Records the version itself carried (its marker's count).
+    pub version_rows: u64,
+    /// Per node type: rows and values a row.
+    pub types: BTreeMap<String, TypeMeta>,
+    pub relations: TypeMeta,
+    /// The version's drift figures, as its marker published them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub align: Option<AlignFigures>,
+    pub embeddings_topic: String,
+    pub versions_topic: String,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct TypeMeta {
+    pub rows: usize,
+    pub dim: usize,
+    /// The files, relative to the export folder.
+    pub files: Vec<String>,
+}
+
+/// One version's table as read: `(key, vector)` per group (a node type, or the relations), in id
+/// order.
+pub struct VersionTable {
+    pub version: u64,
+    pub marker: VersionMarker,
+    pub types: BTreeMap<String, Vec<(String, Vec<f32>)>>,
+    pub relations: Vec<(String, Vec<f32>)>,
+}
+
+impl VersionTable {
+    /// Split an assembler's table into node types (`type:id`) and relations (`relation:name`).
+    pub fn of(assembler: &VersionAssembler) -> Option<VersionTable> {
+        let marker = assembler.applied_marker()?.clone();
+        let mut types: BTreeMap<String, Vec<(String, Vec<f32>)>> = BTreeMap::new();
+        let mut relations = Vec::new();
+        for (key, Entry { vector, .. }) in assembler.table() {
+            if let Some(name) = key.strip_prefix(RELATION_PREFIX) {
+                relations.push((name.to_string(), vector.clone()));
+            } else if let Some((node_type, id)) = key.split_once(':') {
+                types
+                    .entry(node_type.to_string())
+                    .or_default()
+                    .push((id.to_string(), vector.clone()));
+            }
+        }
+        for rows in types.values_mut() {
+            rows.sort_unstable_by(|a, b| id_order(&a.0).cmp(&id_order(&b.0)));
+        }
+        relations.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Some(VersionTable {
+            version: assembler.applied_version(),
+            marker,
+            types,
+            relations,
+        })
+    }
+}
+
+/// Numeric ids in numeric order (before any others), the others as text.
+fn id_order(id: &str) -> (Result<u128, ()>, &str) {
+    (id.parse::<u128>().map_err(|_| ()), id)
+}
+
+/// What the command prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportSummary {
+    pub out: PathBuf,
+    pub seconds: f64,
+    pub records_read: u64,
+    #[serde(flatten)]
+    pub meta: ExportMeta,
+}
+
+/// Read `version` (the newest whole one when `None`) from the topics, and write it to `out`.
+pub fn export(
+    cfg: &Config,
+    version: Option<u64>,
+    format: ExportFormat,
+    out: &Path,
+    timeout: Duration,
+) -> Result<ExportSummary, ExportError> {
+    let started = Instant::now();
+    let (table, records_read) = read_version(cfg, version, timeout)?;
+    let topics = (
+        cfg.kafka.embeddings_topic.as_str(),
+        cfg.kafka.versions_topic.as_str(),
+    );
+    let meta = write(&table, format, out, topics)?;
+    Ok(ExportSummary {
+        out: out.to_path_buf(),
+        seconds: started.elapsed().as_secs_f64(),
+        records_read,
+        meta,
+    })
+}
+
+/// Read both topics from the beginning to their ends (`read_committed`), as a subscriber that
+/// stops at `version`; then catch up past versions compaction left incomplete.
+pub fn read_version(
+    cfg: &Config,
+    version: Option<u64>,
+    timeout: Duration,
+) -> Result<(VersionTable, u64), ExportError> {
+    require_broker(cfg)?;
+    let mut assembler = version.map_or_else(VersionAssembler::new, VersionAssembler::up_to);
+    let (embeddings, versions) = (&cfg.kafka.embeddings_topic, &cfg.kafka.versions_topic);
+    let mut read = 0u64;
+    for topic in [versions, embeddings] {
+        read += read_to_end(cfg, topic, timeout, |m| {
+            feed(&mut assembler, topic == versions, m)
+        })?;
+    }
+    assembler.catch_up();
+    let reached = VersionTable::of(&assembler).filter(|t| version.is_none_or(|v| t.version == v));
+    match reached {
+        Some(table) => Ok((table, read)),
+        None => Err(ExportError::NotOnTopics {
+            wanted: version.unwrap_or(0),
+            newest: assembler.applied_version(),
+            embeddings: embeddings.clone(),
+            versions: versions.clone(),
+        }),
+    }
+}
+
+/// One record of the versions topic (a marker) or the embeddings topic (a row or tombstone).
+fn feed(
+    assembler: &mut VersionAssembler,
+    is_marker: bool,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<(), String> {
+    if is_marker {
+        let payload = m.payload().ok_or("a marker without a value")?;
+        let marker = VersionMarker::decode(payload).map_err(|e| e.to_string())?;
+        assembler.push_marker(marker);
+        return Ok(());
+    }
+    let key = m
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .ok_or("a row without a UTF-8 key")?;
+    match m.payload() {
+        Some(payload) => {
+            let row = RowRecord::decode(payload).map_err(|e| e.to_string())?;
+            assembler.push_row(key, row);
+        }
+        None => {
+            let headers = m.headers().map(|h| {
+                h.iter()
+                    .map(|x| (x.key, x.value.unwrap_or_default()))
+                    .collect::<Vec<_>>()
+            });
+            let (version, epoch) = headers
+                .and_then(tombstone_attempt)
+                .ok_or("a null value without its version headers")?;
+            assembler.push_tombstone(key, version, epoch);
+        }
+    }
+    Ok(())
+}
+
+/// Every record of `topic`, each partition from its beginning to the end it had when reading
+/// started, handed to `f`; returns how many. `timeout` bounds the whole read.
+fn read_to_end(
+    cfg: &Config,
+    topic: &str,
+    timeout: Duration,
+    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
+) -> Result<u64, ExportError> {
+    let kafka = |source| ExportError::Read {
+        topic: topic.to_string(),
+        source,
+    };
+    let mut props = cfg.admin_properties();
+    props.extend(
+        [
+            ("group.id", "twhin-stream-export"),
+            ("enable.auto.commit", "false"),
+            ("isolation.level", "read_committed"),
+            ("auto.offset.reset", "earliest"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let consumer: BaseConsumer = create_client(&props, "export consumer")?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Timeout::After(timeout))
+        .map_err(kafka)?;
+    let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+    if partitions == 0 {
+        return Err(ExportError::NoPartitions(topic.to_string()));
+    }
+    // The end of each partition now (the last stable offset under read_committed): what to read.
+    let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Timeout::After(timeout))
+            .map_err(kafka)?;
+        if high > 0 {
+            remaining.insert(p, high);
+            assignment
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(kafka)?;
+        }
+    }
+    if remaining.is_empty() {
+        return Ok(0);
+    }
+    consumer.assign(&assignment).map_err(kafka)?;
+    let deadline = Instant::now() + timeout;
+    let mut read = 0u64;
+    while !remaining.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(kafka(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+            )));
+        }
+        let Some(message) = consumer.poll(left.min(Duration::from_millis(500))) else {
+            // A transaction's control record is the last offset of a partition and is never
+            // delivered: stop at the position instead.
+            for (p, position) in positions(&consumer, topic) {
+                if remaining.get(&p).is_some_and(|&end| position >= end) {
+                    remaining.remove(&p);
+                }
+            }
+            continue;
+        };
+        let m = message.map_err(kafka)?;
+        f(&m).map_err(|what| ExportError::Record {
+            topic: topic.to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            what,
+        })?;
+        read += 1;
+        let p = m.partition();
+        if remaining.get(&p).is_some_and(|&end| m.offset() + 1 >= end) {
+            remaining.remove(&p);
+        }
+    }
+    Ok(read)
+}
+
+/// The consumer's next offset per assigned partition of `topic`.
+fn positions(consumer: &BaseConsumer, topic: &str) -> Vec<(i32, i64)> {
+    let Ok(list) = consumer.position() else {
+        return Vec::new();
+    };
+    list.elements_for_topic(topic)
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Write `table` to `out` (created if missing) in `format`; returns what `meta.json` says
+/// (`topics`: the embeddings and versions topics it was read from).
+pub fn write(
+    table: &VersionTable,
+    format: ExportFormat,
+    out: &Path,
+    topics: (&str, &str),
+) -> Result<ExportMeta, ExportError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExportError::Write { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let mut types = BTreeMap::new();
+    for (name, rows) in &table.types {
+        types.insert(name.clone(), write_group(out, name, rows, format)?);
+    }
+    let relations = write_group(out, "relations", &table.relations, format)?;
+    let meta = ExportMeta {
+        format_version: EXPORT_FORMAT_VERSION,
+        format: match format {
+            ExportFormat::Npy => "npy",
+            ExportFormat::Tsv => "tsv",
+        }
+        .into(),
+        version: table.version,
+        epoch: table.marker.epoch,
+        version_rows: table.marker.rows,
+        types,
+        relations,
+        align: table.marker.align.clone(),
+        embeddings_topic: topics.0.to_string(),
+        versions_topic: topics.1.to_string(),
+    };
+    let path = out.join("meta.json");
+    let json = serde_json::to_vec_pretty(&meta).expect("plain data");
+    std::fs::write(&path, json).map_err(io(&path))?;
+    Ok(meta)
+}
+
+/// One group's files: `<name>.npy` and `<name>.ids`, or `<name>.tsv`.
+fn write_group(
+    out: &Path,
+    name: &str,
+    rows: &[(String, Vec<f32>)],
+    format: ExportFormat,
+) -> Result<TypeMeta, ExportError> {
+    let dim = rows.first().map_or(0, |r| r.1.len());
+    if let Some((key, v)) = rows.iter().find(|r| r.1.len() != dim) {
+        return Err(ExportError::Width {
+            key: key.clone(),
+            group: name.to_string(),
+            got: v.len(),
+            want: dim,
+        });
+    }
+    let files = match format {
+        ExportFormat::Npy => {
+            let values: Vec<f32> = rows.iter().flat_map(|r| r.1.iter().copied()).collect();
+            let array = ndarray::Array2::from_shape_vec((rows.len(), dim), values)
+                .expect("rows of one width");
+            let npy = format!("{name}.npy");
+            let path = out.join(&npy);
+            ndarray_npy::write_npy(&path, &array).map_err(|e| ExportError::Write {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            let ids = format!("{name}.ids");
+            write_lines(&out.join(&ids), rows.iter().map(|r| r.0.clone()))?;
+            vec![npy, ids]
+        }
+        ExportFormat::Tsv => {
+            let tsv = format!("{name}.tsv");
+            write_lines(
+                &out.join(&tsv),
+                rows.iter().map(|(id, v)| {
+                    let mut line = id.clone();
+                    for x in v {
+                        line.push('\t');
+                        line.push_str(&x.to_string());
+                    }
+                    line
+                }),
+            )?;
+            vec![tsv]
+        }
+    };
+    Ok(TypeMeta {
+        rows: rows.len(),
+        dim,
+        files,
+    })
+}
+
+fn write_lines(path: &Path, lines: impl Iterator<Item = String>) -> Result<(), ExportError> {
+    let err = |source| ExportError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut w = BufWriter::new(File::create(path).map_err(err)?);
+    for line in lines {
+        w.write_all(line.as_bytes()).map_err(err)?;
+        w.write_all(b"\n").map_err(err)?;
+    }
+    w.flush().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPICS: (&str, &str) = ("twhin.embeddings", "twhin.versions");
+
+    fn table() -> VersionTable {
+        let mut a = VersionAssembler::new();
+        let row = |x: f32, n: usize| RowRecord {
+            version: 1,
+            epoch: 3,
+            ts: 0,
+            vector: vec![x; n],
+        };
+        a.push_row("user:b", row(2.0, 2));
+        a.push_row("user:a", row(1.0, 2));
+        a.push_row("movie:m", row(0.5, 3));
+        a.push_row("relation:follows", row(-1.0, 2));
+        a.push_marker(VersionMarker {
+            version: 1,
+            epoch: 3,
+            rows: 4,
+            align: None,
+        });
+        VersionTable::of(&a).expect("applied")
+    }
+
+    #[test]
+    fn an_npy_export_reads_back_in_id_order_with_its_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = write(&table(), ExportFormat::Npy, dir.path(), TOPICS).unwrap();
+        assert_eq!((meta.version, meta.epoch, meta.version_rows), (1, 3, 4));
+        assert_eq!((meta.types["user"].rows, meta.types["movie"].dim), (2, 3));
+        let users: ndarray::Array2<f32> =
+            ndarray_npy::read_npy(dir.path().join("user.npy")).unwrap();
+        assert_eq!(users, ndarray::array![[1.0, 1.0], [2.0, 2.0]]);
+        let ids = std::fs::read_to_string(dir.path().join("user.ids")).unwrap();
+        assert_eq!(ids, "a\nb\n");
+        let rel: ndarray::Array2<f32> =
+            ndarray_npy::read_npy(dir.path().join("relations.npy")).unwrap();
+        assert_eq!(rel, ndarray::array![[-1.0, -1.0]]);
+        let back: ExportMeta =
+            serde_json::from_slice(&std::fs::read(dir.path().join("meta.json")).unwrap()).unwrap();
+        assert_eq!(back, meta);
+    }
+
+    #[test]
+    fn a_tsv_export_is_one_row_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&table(), ExportFormat::Tsv, dir.path(), TOPICS).unwrap();
+        let movies = std::fs::read_to_string(dir.path().join("movie.tsv")).unwrap();
+        assert_eq!(movies, "m\t0.5\t0.5\t0.5\n");
+    }
+}

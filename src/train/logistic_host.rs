@@ -1,0 +1,227 @@
+//! The logistic loss of one side of a sampled step (DESIGN §4) in one pass over host memory:
+//! the masks of accidental positives decided from the ids as each score is read, `softplus` and
+//! `σ` from one shared exponential, and each score overwritten by its gradient.
+//!
+//! Why: on PyTorch-BigGraph's settings a side's scores are `b × (chunk + uniform)` cells
+//! (100 per positive), and the tensor form of the same loss ([`super::loss_and_gradients`] over
+//! [`super::step`]'s masks) walks them about a dozen times — building three boolean masks, their
+//! float copies, `softplus`, `σ`, the weighting — which cost more than the score products
+//! themselves. Here each cell is read once and written once, in loops the compiler vectorises.
+//!
+//! Equal to the tensor form to float precision (tests below); used on CPU, the tensor form on
+//! other devices.
+
+/// Who the positives of a side and its uniform candidates are: a candidate is not a negative of
+/// positive `i` when it is `i`'s own node (`own`), or, in-batch, when it is another positive
+/// sharing `i`'s other end and relation (a true edge), or padding beyond the batch.
+pub struct SideIds<'a> {
+    pub own: &'a [i64],
+    pub other: &'a [i64],
+    pub rels: &'a [i64],
+    pub uniform: &'a [i64],
+}
+
+/// Logistic loss of one side: `pos [b]` the positives' scores, `in_batch [b, chunk]` and
+/// `uniform [b, k]` (row-major) their candidates' scores, column `j` of `in_batch` being the
+/// `j`-th positive of `i`'s chunk. Returns the loss — the mean over positives of
+/// `softplus(−pos) + mean over valid negatives of softplus(neg)` — and the positives' gradients
+/// times `scale`; the candidates' scores are replaced by their gradients times `scale` (zero
+/// where not a negative).
+pub fn logistic_side(
+    pos: &[f32],
+    in_batch: &mut [f32],
+    uniform: &mut [f32],
+    ids: &SideIds<'_>,
+    chunk: usize,
+    scale: f32,
+) -> (f64, Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { logistic_side_avx2(pos, in_batch, uniform, ids, chunk, scale) };
+    }
+    logistic_side_portable(pos, in_batch, uniform, ids, chunk, scale)
+}
+
+/// [`logistic_side`] compiled for AVX2 (8 lanes a cycle instead of SSE2's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn logistic_side_avx2(
+    pos: &[f32],
+    in_batch: &mut [f32],
+    uniform: &mut [f32],
+    ids: &SideIds<'_>,
+    chunk: usize,
+    scale: f32,
+) -> (f64, Vec<f32>) {
+    logistic_side_portable(pos, in_batch, uniform, ids, chunk, scale)
+}
+
+#[inline(always)]
+fn logistic_side_portable(
+    pos: &[f32],
+    in_batch: &mut [f32],
+    uniform: &mut [f32],
+    ids: &SideIds<'_>,
+    chunk: usize,
+    scale: f32,
+) -> (f64, Vec<f32>) {
+    let b = pos.len();
+    let k = ids.uniform.len();
+    debug_assert_eq!(in_batch.len(), b * chunk);
+    debug_assert_eq!(uniform.len(), b * k);
+    let mut value = 0.0f64;
+    let mut grad_pos = Vec::with_capacity(b);
+    let (mut valid_in, mut valid_uni) = (vec![0.0f32; chunk], vec![0.0f32; k]);
+    for i in 0..b {
+        let start = i / chunk * chunk;
+        let (own, other, rel) = (ids.own[i], ids.other[i], ids.rels[i]);
+        for (j, v) in valid_in.iter_mut().enumerate() {
+            let c = start + j;
+            let real = c < b && ids.own[c] != own && (ids.other[c] != other || ids.rels[c] != rel);
+            *v = if real { 1.0 } else { 0.0 };
+        }
+        for (v, &u) in valid_uni.iter_mut().zip(ids.uniform) {
+            *v = if u != own { 1.0 } else { 0.0 };
+        }
+        let count = (valid_in.iter().sum::<f32>() + valid_uni.iter().sum::<f32>()).max(1.0);
+        let per_negative = scale / (count * b as f32);
+        let row = &mut in_batch[i * chunk..(i + 1) * chunk];
+        let in_sum = negatives(row, &valid_in, per_negative);
+        let row_u = &mut uniform[i * k..(i + 1) * k];
+        let uni_sum = negatives(row_u, &valid_uni, per_negative);
+        let (softplus_neg, sigmoid) = softplus_and_sigmoid(-pos[i]);
+        value += (softplus_neg + (in_sum + uni_sum) / count) as f64;
+        grad_pos.push(-sigmoid * scale / b as f32);
+    }
+    (value / b.max(1) as f64, grad_pos)
+}
+
+/// Lanes of the sums in [`negatives`]: a float sum in one accumulator is a chain the compiler
+/// may not reorder (so not vectorise); eight accumulators are one vector.
+const LANES: usize = 8;
+
+/// Over one row of candidates' scores and their validity (1 or 0): the sum of `softplus` of the
+/// valid ones; each score is replaced by its gradient, `σ(score) · valid · per_negative`.
+#[inline(always)]
+fn negatives(scores: &mut [f32], valid: &[f32], per_negative: f32) -> f32 {
+    let mut sum = [0.0f32; LANES];
+    let mut lane = |x: &mut f32, v: f32, l: usize| {
+        let (softplus, sigmoid) = softplus_and_sigmoid(*x);
+        sum[l] += softplus * v;
+        *x = sigmoid * (v * per_negative);
+    };
+    let mut xs = scores.chunks_exact_mut(LANES);
+    let mut vs = valid.chunks_exact(LANES);
+    for (x, v) in (&mut xs).zip(&mut vs) {
+        for l in 0..LANES {
+            lane(&mut x[l], v[l], l);
+        }
+    }
+    for (l, (x, &v)) in xs
+        .into_remainder()
+        .iter_mut()
+        .zip(vs.remainder())
+        .enumerate()
+    {
+        lane(x, v, l);
+    }
+    sum.iter().sum()
+}
+
+/// `(softplus(x), σ(x))` from one exponential `u = e^{−|x|}`: `softplus(x) = max(x, 0) +
+/// ln(1 + u)`, `σ(x) = 1 / (1 + u)` for `x ≥ 0`, `u / (1 + u)` below. Branch-free, so that a loop
+/// of it vectorises; within 2e-7 relative of the exact functions.
+#[inline(always)]
+fn softplus_and_sigmoid(x: f32) -> (f32, f32) {
+    let u = exp_non_positive(-x.abs());
+    let inv = 1.0 / (1.0 + u);
+    let sigmoid = if x >= 0.0 { inv } else { u * inv };
+    (x.max(0.0) + ln_1p_unit(u), sigmoid)
+}
+
+/// `e^y` for `y ≤ 0` (below −87 it is taken as −87: `e^{−87}` is below every gradient that
+/// matters and above f32's smallest normal). Cephes' `expf`: `y = n ln 2 + r`, `|r| ≤ ln 2 / 2`,
+/// a degree-6 polynomial for `e^r`, and `2^n` built from its exponent bits; `n` is rounded with
+/// the 1.5·2²³ trick, which needs no `floor` (a library call without SSE4.1).
+#[inline(always)]
+fn exp_non_positive(y: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let y = y.max(-87.0);
+    let shifted = y * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = y - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    e_r * f32::from_bits(((n_int + 127) << 23) as u32)
+}
+
+/// `ln(1 + u)` for `u ∈ [0, 1]`: `2 atanh(t)` with `t = u / (2 + u) ≤ 1/3`, by its series to
+/// `t¹³` (the next term is below 2e-8 of the sum).
+#[inline(always)]
+fn ln_1p_unit(u: f32) -> f32 {
+    let t = u / (2.0 + u);
+    let t2 = t * t;
+    let series = 1.0
+        + t2 * (1.0 / 3.0
+            + t2 * (1.0 / 5.0
+                + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0 + t2 * (1.0 / 11.0 + t2 / 13.0)))));
+    2.0 * t * series
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_functions_are_the_exact_ones_to_float_precision() {
+        for i in -4000..=4000 {
+            let x32 = i as f32 / 40.0; // −100 … 100
+            let (softplus, sigmoid) = softplus_and_sigmoid(x32);
+            let x = x32 as f64;
+            let want_sp = x.max(0.0) + (-x.abs()).exp().ln_1p();
+            let want_sig = 1.0 / (1.0 + (-x).exp());
+            let floor = if x < -87.0 { 1e-37 } else { 0.0 };
+            assert!(
+                (softplus as f64 - want_sp).abs() <= 2e-7 * want_sp + floor,
+                "softplus({x}): {softplus} vs {want_sp}"
+            );
+            assert!(
+                (sigmoid as f64 - want_sig).abs() <= 2e-7 * want_sig + floor,
+                "sigmoid({x}): {sigmoid} vs {want_sig}"
+            );
+        }
+    }
+
+    #[test]
+    fn golden_side_masks_accidental_positives_and_own_nodes() {
+        // Two positives in one chunk of 2 with the same other end and relation: each other's
+        // true edge, so the in-batch cells are all masked; uniform candidate 7 is row 0's own node.
+        let pos = [1.0f32, -2.0];
+        let mut in_batch = [0.5f32, 0.25, -0.5, 3.0];
+        let mut uniform = [0.0f32, 2.0, -1.0, 1.0];
+        let ids = SideIds {
+            own: &[7, 8],
+            other: &[1, 1],
+            rels: &[0, 0],
+            uniform: &[7, 3],
+        };
+        let (value, grad_pos) = logistic_side(&pos, &mut in_batch, &mut uniform, &ids, 2, 1.0);
+        let sp = |x: f64| (1.0 + x.exp()).ln();
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let row0 = sp(-1.0) + sp(2.0);
+        let row1 = sp(2.0) + (sp(-1.0) + sp(1.0)) / 2.0;
+        assert!((value - (row0 + row1) / 2.0).abs() < 1e-6, "{value}");
+        assert_eq!(in_batch, [0.0; 4]);
+        let want = [0.0, sig(2.0) / 2.0, sig(-1.0) / 4.0, sig(1.0) / 4.0];
+        for (g, w) in uniform.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-7, "{uniform:?} vs {want:?}");
+        }
+        assert!((grad_pos[0] as f64 + sig(-1.0) / 2.0).abs() < 1e-7);
+        assert!((grad_pos[1] as f64 + sig(2.0) / 2.0).abs() < 1e-7);
+    }
+}
