@@ -128,7 +128,12 @@ fn negatives(scores: &mut [f32], valid: &[f32], per_negative: f32) -> f32 {
                 lane(&mut x[l], v[l], l);
             }
         }
-        for (l, (x, &v)) in xs.into_remainder().iter_mut().zip(vs.remainder()).enumerate() {
+        for (l, (x, &v)) in xs
+            .into_remainder()
+            .iter_mut()
+            .zip(vs.remainder())
+            .enumerate()
+        {
             lane(x, v, l);
         }
         total += linear.iter().sum::<f32>() + product.iter().map(|p| p.ln()).sum::<f32>();
