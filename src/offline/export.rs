@@ -31,7 +31,7 @@ use crate::subscriber::{Entry, VersionAssembler, RELATION_PREFIX};
 pub const EXPORT_FORMAT_VERSION: u32 = 1;
 
 /// The file formats of an export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExportFormat {
     /// NumPy `.npy` (float32) plus a `.ids` list per node type.
@@ -87,7 +87,7 @@ pub enum ExportError {
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct ExportMeta {
     pub format_version: u32,
-    pub format: String,
+    pub format: ExportFormat,
     pub version: u64,
     pub epoch: u64,
     /// Records the version itself carried (its marker's count).
@@ -368,11 +368,7 @@ pub fn write(
     let relations = write_group(out, "relations", &table.relations, format)?;
     let meta = ExportMeta {
         format_version: EXPORT_FORMAT_VERSION,
-        format: match format {
-            ExportFormat::Npy => "npy",
-            ExportFormat::Tsv => "tsv",
-        }
-        .into(),
+        format,
         version: table.version,
         epoch: table.marker.epoch,
         version_rows: table.marker.rows,

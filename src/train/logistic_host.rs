@@ -21,51 +21,43 @@ pub struct SideIds<'a> {
     pub uniform: &'a [i64],
 }
 
-/// Logistic loss of one side: `pos [b]` the positives' scores, `in_batch [b, chunk]` and
-/// `uniform [b, k]` (row-major) their candidates' scores, column `j` of `in_batch` being the
-/// `j`-th positive of `i`'s chunk. Returns the loss — the mean over positives of
-/// `softplus(−pos) + mean over valid negatives of softplus(neg)` — and the positives' gradients
-/// times `scale`; the candidates' scores are replaced by their gradients times `scale` (zero
-/// where not a negative).
-pub fn logistic_side(
-    pos: &[f32],
-    in_batch: &mut [f32],
-    uniform: &mut [f32],
-    ids: &SideIds<'_>,
-    chunk: usize,
-    scale: f32,
-) -> (f64, Vec<f32>) {
+/// One side's scores: `pos [b]` the positives', `in_batch [b, chunk]` and `uniform [b, k]`
+/// (row-major) their candidates', column `j` of `in_batch` being the `j`-th positive of `i`'s
+/// chunk.
+pub struct SideScores<'a> {
+    pub pos: &'a [f32],
+    pub in_batch: &'a mut [f32],
+    pub uniform: &'a mut [f32],
+    pub chunk: usize,
+}
+
+/// Logistic loss of one side. Returns the loss — the mean over positives of `softplus(−pos) +
+/// mean over valid negatives of softplus(neg)` — and the positives' gradients times `scale`; the
+/// candidates' scores are replaced by their gradients times `scale` (zero where not a negative).
+pub fn logistic_side(side: SideScores<'_>, ids: &SideIds<'_>, scale: f32) -> (f64, Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { logistic_side_avx2(pos, in_batch, uniform, ids, chunk, scale) };
+        return unsafe { logistic_side_avx2(side, ids, scale) };
     }
-    logistic_side_portable(pos, in_batch, uniform, ids, chunk, scale)
+    logistic_side_portable(side, ids, scale)
 }
 
 /// [`logistic_side`] compiled for AVX2 (8 lanes a cycle instead of SSE2's 4).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn logistic_side_avx2(
-    pos: &[f32],
-    in_batch: &mut [f32],
-    uniform: &mut [f32],
-    ids: &SideIds<'_>,
-    chunk: usize,
-    scale: f32,
-) -> (f64, Vec<f32>) {
-    logistic_side_portable(pos, in_batch, uniform, ids, chunk, scale)
+fn logistic_side_avx2(side: SideScores<'_>, ids: &SideIds<'_>, scale: f32) -> (f64, Vec<f32>) {
+    logistic_side_portable(side, ids, scale)
 }
 
 #[inline(always)]
-fn logistic_side_portable(
-    pos: &[f32],
-    in_batch: &mut [f32],
-    uniform: &mut [f32],
-    ids: &SideIds<'_>,
-    chunk: usize,
-    scale: f32,
-) -> (f64, Vec<f32>) {
+fn logistic_side_portable(side: SideScores<'_>, ids: &SideIds<'_>, scale: f32) -> (f64, Vec<f32>) {
+    let SideScores {
+        pos,
+        in_batch,
+        uniform,
+        chunk,
+    } = side;
     let b = pos.len();
     let k = ids.uniform.len();
     debug_assert_eq!(in_batch.len(), b * chunk);
@@ -232,7 +224,13 @@ mod tests {
             rels: &[0, 0],
             uniform: &[7, 3],
         };
-        let (value, grad_pos) = logistic_side(&pos, &mut in_batch, &mut uniform, &ids, 2, 1.0);
+        let side = SideScores {
+            pos: &pos,
+            in_batch: &mut in_batch,
+            uniform: &mut uniform,
+            chunk: 2,
+        };
+        let (value, grad_pos) = logistic_side(side, &ids, 1.0);
         let sp = |x: f64| (1.0 + x.exp()).ln();
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         let row0 = sp(-1.0) + sp(2.0);

@@ -17,7 +17,7 @@ use super::{
     all_targets_mask, chunked, in_batch_columns, long, negative_mask, unchunked, Grads, Group,
     Leaves, Weights,
 };
-use crate::train::logistic_host::{logistic_side, SideIds};
+use crate::train::logistic_host::{logistic_side, SideIds, SideScores};
 use crate::train::{loss_and_gradients, LossKind, TrainParams};
 
 impl Weights {
@@ -93,19 +93,21 @@ fn sampled_side(
     weight: f64,
 ) -> (f64, Tensor, Vec<Tensor>) {
     if p.loss == LossKind::Logistic {
+        let pos_host = on_host(pos)
+            .then(|| Vec::<f32>::try_from(pos).ok())
+            .flatten();
         if let (Some(pos_host), Some(in_host), Some(uni_host)) = (
-            host_floats(pos).map(<[f32]>::to_vec),
+            pos_host.as_deref(),
             host_floats_mut(&mut in_batch),
             host_floats_mut(&mut uniform),
         ) {
-            let (value, grad_pos) = logistic_side(
-                &pos_host,
-                in_host,
-                uni_host,
-                ids,
-                chunk as usize,
-                weight as f32,
-            );
+            let side = SideScores {
+                pos: pos_host,
+                in_batch: in_host,
+                uniform: uni_host,
+                chunk: chunk as usize,
+            };
+            let (value, grad_pos) = logistic_side(side, ids, weight as f32);
             return (
                 value,
                 Tensor::from_slice(&grad_pos),
@@ -122,26 +124,23 @@ fn sampled_side(
         chunk as usize,
         device,
     );
-    let (value, g_pos, g) =
-        loss_and_gradients(p.loss, pos, &[(in_batch, &in_valid), (uniform, &uni_valid)]);
+    scaled(
+        loss_and_gradients(p.loss, pos, &[(in_batch, &in_valid), (uniform, &uni_valid)]),
+        weight,
+    )
+}
+
+/// [`loss_and_gradients`]'s `(loss, grad pos, grads of the parts)` with the gradients times
+/// `weight` and the loss on the host.
+fn scaled(
+    (value, g_pos, g): (Tensor, Tensor, Vec<Tensor>),
+    weight: f64,
+) -> (f64, Tensor, Vec<Tensor>) {
     let g = g.iter().map(|x| x * weight).collect();
     (value.double_value(&[]), g_pos * weight, g)
 }
 
-/// The values of a contiguous float tensor in host memory; `None` for any other.
-fn host_floats(t: &Tensor) -> Option<&[f32]> {
-    if !on_host(t) {
-        return None;
-    }
-    if t.numel() == 0 {
-        return Some(&[]);
-    }
-    // SAFETY: a contiguous CPU float tensor's storage holds `numel` f32 values from its data
-    // pointer, alive while `t` is borrowed; the step holds no other handle that writes to it.
-    Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
-}
-
-/// [`host_floats`], to write.
+/// The values of a contiguous float tensor in host memory, to write; `None` for any other.
 fn host_floats_mut(t: &mut Tensor) -> Option<&mut [f32]> {
     if !on_host(t) {
         return None;
@@ -149,8 +148,9 @@ fn host_floats_mut(t: &mut Tensor) -> Option<&mut [f32]> {
     if t.numel() == 0 {
         return Some(&mut []);
     }
-    // SAFETY: as in `host_floats`; the scores written here were made by this step and no other
-    // handle to their storage is read while the slice lives.
+    // SAFETY: a contiguous CPU float tensor's storage holds `numel` f32 values from its data
+    // pointer, alive while `t` is borrowed; the scores written here were made by this step and
+    // no other handle to their storage is read while the slice lives.
     Some(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) })
 }
 
@@ -215,13 +215,8 @@ pub(super) fn group_loss_and_grads(
                 bias.map(|l| l.index_select(0, &idx).unsqueeze(0)),
             );
             let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
-            let (value, g_pos, g) =
-                loss_and_gradients(p.loss, &pos, &[(scores, &valid.to_device(device))]);
-            let g = g.iter().map(|x| x * weight).collect();
-            (
-                Candidates::All(idx, c),
-                (value.double_value(&[]), g_pos * weight, g),
-            )
+            let side = loss_and_gradients(p.loss, &pos, &[(scores, &valid.to_device(device))]);
+            (Candidates::All(idx, c), scaled(side, weight))
         }
         None => {
             let idx = long(&g.uni_dst_pos, device);
