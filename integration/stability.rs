@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use figment::providers::Env;
 use twhin_stream::config::Config;
-use twhin_stream::offline::{measure, Label, StabilityOptions};
+use twhin_stream::offline::{measure, measure_retrain, Label, Scenario, StabilityOptions};
 
 #[test]
 fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_run() {
@@ -27,12 +27,14 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
     // controller has to pull.
     cfg.align.max_drift = 0.0005;
     let opts = StabilityOptions {
-        label: Label::Gender,
+        scenario: Scenario::Stream,
+        label: Some(Label::Gender),
         versions: 6,
         first_fraction: 0.3,
         holdout: 0.3,
         limit: Some(20_000),
         bootstrap_epochs: 0,
+        retrain_epochs: 0,
     };
     let report = measure(&cfg, tch::Device::Cpu, &opts).unwrap_or_else(|e| {
         panic!("MovieLens-100k missing or unreadable ({e:#}); run .ci/setup to fetch it")
@@ -79,4 +81,48 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
         "the pull was raised"
     );
     assert_eq!(off.versions.last().unwrap().pull, 0.0);
+}
+
+#[test]
+fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_start_stays_near_a() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut cfg = Config::load_from(
+        Some(&root.join("config/movielens-100k.toml")),
+        Env::prefixed("TWHIN_TEST_UNUSED_"),
+    )
+    .expect("config/movielens-100k.toml loads");
+    cfg.datasets.dir = root.join("data/datasets");
+    cfg.storage.path = dir.path().join("store");
+    cfg.train.dim = 32;
+    let opts = StabilityOptions {
+        scenario: Scenario::Retrain,
+        label: None,
+        versions: 2,
+        first_fraction: 0.5,
+        holdout: 0.3,
+        limit: Some(10_000),
+        bootstrap_epochs: 0,
+        retrain_epochs: 2,
+    };
+    let r = measure_retrain(&cfg, tch::Device::Cpu, &opts).unwrap_or_else(|e| {
+        panic!("MovieLens-100k missing or unreadable ({e:#}); run .ci/setup to fetch it")
+    });
+    eprintln!("{}", r.table());
+    assert_eq!(r.label, "genre:Drama");
+    assert_eq!((r.anchor_ratings, r.retrain_ratings), (5_000, 10_000));
+    assert_ne!(r.seed, r.retrain_seed);
+    // Another seed lands far from A: the daemon's gate would hold it back as trained.
+    let drift = |v: &twhin_stream::offline::RetrainVariant| v.anchor_drift.expect("measured");
+    assert!(drift(&r.raw) > 0.5, "raw drift {}", drift(&r.raw));
+    assert!(r.raw.default_gate_holds && r.raw.procrustes_residual.is_none());
+    // Procrustes turns it toward A; the warm start stays nearer still, at the default gate.
+    assert!(r.procrustes.procrustes_residual.is_some());
+    assert!(drift(&r.procrustes) < drift(&r.raw));
+    assert!(drift(&r.warm_pull) < drift(&r.procrustes));
+    assert!(!r.warm_pull.default_gate_holds);
+    assert_eq!((r.warm_pull.versions, r.warm_pull.held), (3, 0));
+    for v in [&r.raw, &r.procrustes, &r.warm_pull] {
+        assert!((0.0..=1.0).contains(&v.balanced_accuracy));
+    }
 }

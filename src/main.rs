@@ -116,7 +116,8 @@ enum Command {
     },
     /// Downstream stability: MovieLens-100k streamed in time order through the daemon's trainer
     /// and alignment; a classifier fitted on version 1, frozen, scored on every later version,
-    /// with drift control on and off.
+    /// with drift control on and off; or (`--scenario retrain`) a full retrain from another seed
+    /// published raw, rotated by Procrustes, and warm-started with the pull.
     Stability {
         #[command(flatten)]
         opts: twhin_stream::offline::StabilityOptions,
@@ -297,11 +298,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::StreamEval { opts, json } => stream_eval(&cfg, &opts, json),
         Command::Stability { opts, json } => {
             let device = torch_device(&cfg)?;
-            let report = offline::measure(&cfg, device, &opts)?;
+            let (json_text, table) = match opts.scenario {
+                offline::Scenario::Stream => {
+                    let r = offline::measure(&cfg, device, &opts)?;
+                    (serde_json::to_string_pretty(&r)?, r.table())
+                }
+                offline::Scenario::Retrain => {
+                    let r = offline::measure_retrain(&cfg, device, &opts)?;
+                    (serde_json::to_string_pretty(&r)?, r.table())
+                }
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{json_text}");
             } else {
-                print!("{}", report.table());
+                print!("{table}");
             }
             Ok(())
         }

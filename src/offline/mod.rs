@@ -1,7 +1,7 @@
 //! Offline: the commands that run the daemon's stages without Kafka, and the datasets.
 //!
 //! Owns the real datasets as events, `train` / `eval` on their splits, the warm-start and
-//! downstream-stability measurements, `replay` (a dataset produced to the engagements topic),
+//! downstream-stability measurements (a continuing stream, and a full retrain), `replay` (a dataset produced to the engagements topic),
 //! `synthetic` (a TwHIN-shaped stream of any size), `export` (a published version as files) and `watch` (a running daemon's figures over
 //! time). Uses the store, train, align and publish stages as the daemon does; hands on reports.
 
@@ -9,6 +9,7 @@ mod baselines;
 mod datasets;
 pub mod export;
 pub mod replay;
+mod retrain;
 mod stability;
 mod stream_eval;
 mod stream_metrics;
@@ -18,6 +19,7 @@ pub mod watch;
 
 pub use baselines::*;
 pub use datasets::*;
+pub use retrain::*;
 pub use stability::*;
 pub use stream_eval::*;
 pub use stream_metrics::*;

@@ -67,9 +67,14 @@ impl fmt::Display for Label {
 /// How the measurement runs (also the `stability` command's flags).
 #[derive(Debug, Clone, clap::Args)]
 pub struct StabilityOptions {
-    /// gender (users) or genre:<name> (movies, e.g. genre:Drama).
-    #[arg(long, default_value = "gender")]
-    pub label: Label,
+    /// stream: versions cut from one continuing stream; retrain: a full retrain from another
+    /// seed on more data, published raw, rotated by Procrustes, and warm-started with the pull.
+    #[arg(long, value_enum, default_value_t = Scenario::Stream)]
+    pub scenario: Scenario,
+    /// gender (users) or genre:<name> (movies, e.g. genre:Drama); default gender for stream,
+    /// genre:Drama for retrain.
+    #[arg(long)]
+    pub label: Option<Label>,
     /// Versions cut from the rating stream (at least 2).
     #[arg(long, default_value_t = 12)]
     pub versions: usize,
@@ -87,6 +92,24 @@ pub struct StabilityOptions {
     /// streams from the start.
     #[arg(long, default_value_t = 0)]
     pub bootstrap_epochs: usize,
+    /// retrain: passes over the log for version A, for the retrain, and for the warm start.
+    #[arg(long, default_value_t = 10)]
+    pub retrain_epochs: usize,
+}
+
+/// Which stability case `stability` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    Stream,
+    Retrain,
+}
+
+impl StabilityOptions {
+    /// The label asked for, or the scenario's default.
+    pub fn label_or(&self, default: Label) -> Label {
+        self.label.clone().unwrap_or(default)
+    }
 }
 
 /// One version of one run.
@@ -197,7 +220,7 @@ pub fn accuracies(predicted: &Tensor, y: &Tensor) -> (f64, f64) {
 }
 
 /// Labelled nodes: `(node type name, [(node id "type:id", label 0/1)])`.
-fn labelled_nodes(
+pub(crate) fn labelled_nodes(
     cfg: &Config,
     label: &Label,
 ) -> anyhow::Result<(&'static str, Vec<(String, f64)>)> {
@@ -233,7 +256,7 @@ fn labelled_nodes(
 }
 
 /// The classifier fitted at version 1, the table it reads and the held-out `(index, label)`s.
-type Frozen = (LogisticRegression, usize, Vec<(i64, f64)>);
+pub(crate) type Frozen = (LogisticRegression, usize, Vec<(i64, f64)>);
 
 /// The labelled nodes version 1 covers, split into the classifier's and the held-out ones:
 /// `(type id, train [(dense index, label)], held-out [(dense index, label)])`.
@@ -262,7 +285,7 @@ fn split_labelled(
     Ok((t, train, present))
 }
 
-fn features(table: &Tensor, nodes: &[(i64, f64)]) -> (Tensor, Tensor) {
+pub(crate) fn features(table: &Tensor, nodes: &[(i64, f64)]) -> (Tensor, Tensor) {
     let idx: Vec<i64> = nodes.iter().map(|(i, _)| *i).collect();
     let y: Vec<f64> = nodes.iter().map(|(_, y)| *y).collect();
     (
@@ -286,7 +309,8 @@ pub fn measure(
         opts.holdout > 0.0 && opts.holdout < 1.0,
         "--holdout: between 0 and 1"
     );
-    let (node_type, labelled) = labelled_nodes(cfg, &opts.label)?;
+    let label = opts.label_or(Label::Gender);
+    let (node_type, labelled) = labelled_nodes(cfg, &label)?;
     let mut baseline = None;
     let mut runs = Vec::new();
     for control in [true, false] {
@@ -299,7 +323,7 @@ pub fn measure(
     let on = runs.pop().expect("two runs");
     Ok(StabilityReport {
         dataset: Dataset::MovieLens100k.name().into(),
-        label: opts.label.to_string(),
+        label: label.to_string(),
         classifier_nodes,
         holdout_nodes: holdout,
         majority_baseline,
@@ -454,7 +478,7 @@ fn in_memory_publication(cfg: &Config, control: bool) -> anyhow::Result<(Aligner
 
 /// The logistic regression fitted once on version 1's rows of the labelled nodes:
 /// `(classifier, its fit accuracy, (nodes fitted, nodes held out, majority share))`.
-fn fit_classifier(
+pub(crate) fn fit_classifier(
     store: &GraphStore,
     tables: &[Tensor],
     node_type: &str,

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use rand::rngs::SmallRng;
 use rand::seq::index::sample;
+use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 use tracing::info;
@@ -389,6 +390,48 @@ impl TrainerCore {
         report.backlog = store.edge_count().saturating_sub(self.cursor);
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// One pass over every stored edge of the trained relations, shuffled, in micro-batches of
+    /// `train.batch_size`, with the step [`TrainerCore::step`] takes (the pull toward the
+    /// published version and the user model's histories included): what a periodic retrain runs
+    /// over the whole log. The cursor must be at the end of the log (the rows of every stored
+    /// node exist). Returns the mean loss.
+    pub fn train_epoch(&mut self, store: &GraphStore) -> Result<f64, StoreError> {
+        let trained = self.trained_relations(store);
+        let mut edges: Vec<Edge> = store
+            .edges_from(0, usize::MAX)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| trained.as_ref().is_none_or(|t| t[e.rel as usize]))
+            .collect();
+        edges.shuffle(&mut self.rng);
+        let pull = self.pull_target.as_ref().map(|r| Pull {
+            tables: &r.tables,
+            relations: &r.relations,
+            strength: self.pull,
+        });
+        let params = &self.params;
+        let lookup = |n: NodeRef, dst_type: usize| {
+            history_targets(params, store, n, dst_type, u64::MAX).unwrap_or_default()
+        };
+        let history = self.history_on(store).then_some(&lookup as History<'_>);
+        let (mut loss, mut n) = (0.0, 0usize);
+        for chunk in edges.chunks(self.params.batch_size.max(1)) {
+            let stats = train_step_with(
+                &mut self.model,
+                chunk,
+                &self.params,
+                &mut self.rng,
+                pull.as_ref(),
+                history,
+            );
+            if !stats.skipped {
+                loss += stats.loss * stats.edges as f64;
+                n += stats.edges;
+            }
+        }
+        Ok(if n == 0 { f64::NAN } else { loss / n as f64 })
     }
 
     /// Take in the nodes erased since the last call and zero their rows (after a restart, every
