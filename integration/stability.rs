@@ -9,9 +9,8 @@ use figment::providers::Env;
 use twhin_stream::config::Config;
 use twhin_stream::offline::{measure, measure_retrain, Label, Scenario, StabilityOptions};
 
-#[test]
-fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_run() {
-    let dir = tempfile::tempdir().unwrap();
+/// `config/movielens-100k.toml` at dim 32, its store under `dir`.
+fn movielens_config(dir: &std::path::Path) -> Config {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut cfg = Config::load_from(
         Some(&root.join("config/movielens-100k.toml")),
@@ -19,8 +18,15 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
     )
     .expect("config/movielens-100k.toml loads");
     cfg.datasets.dir = root.join("data/datasets");
-    cfg.storage.path = dir.path().join("store");
+    cfg.storage.path = dir.join("store");
     cfg.train.dim = 32;
+    cfg
+}
+
+#[test]
+fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = movielens_config(dir.path());
     // Fewer, larger steps through the knowledge graph: the test is about versions, not quality.
     cfg.train.batch_size = 2_000;
     // A target below the stream's natural drift (about 0.003 per version here), so the
@@ -86,15 +92,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
 #[test]
 fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_start_stays_near_a() {
     let dir = tempfile::tempdir().unwrap();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut cfg = Config::load_from(
-        Some(&root.join("config/movielens-100k.toml")),
-        Env::prefixed("TWHIN_TEST_UNUSED_"),
-    )
-    .expect("config/movielens-100k.toml loads");
-    cfg.datasets.dir = root.join("data/datasets");
-    cfg.storage.path = dir.path().join("store");
-    cfg.train.dim = 32;
+    let cfg = movielens_config(dir.path());
     let opts = StabilityOptions {
         scenario: Scenario::Retrain,
         label: None,

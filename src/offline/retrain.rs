@@ -20,19 +20,18 @@
 //! reports −26.5% relative for no alignment, −10 to −14% for post-hoc linear alignment, −0.65%
 //! for joint training.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 use tch::Device;
 use tracing::info;
 
-use crate::align::{AlignStatus, Aligner, Drift};
-use crate::config::{Comparator, Config, ValueFormat};
-use crate::offline::stability::{accuracies, features, fit_classifier, labelled_nodes, Frozen};
+use crate::align::{Aligner, Drift};
+use crate::config::Config;
+use crate::offline::stability::{
+    accuracies, features, fit_classifier, in_memory_publication_with, labelled_nodes, Frozen,
+};
 use crate::offline::{run_dir, stream_start, Dataset, StabilityOptions};
 use crate::publish::{
-    publish_in_process, InProcessTrainer, Ledger, MemorySink, Outcome, Publication, PublishedView,
-    VersionSettings,
+    publish_in_process, InProcessTrainer, MemorySink, Outcome, Publication, PublishedView,
 };
 use crate::store::{AppendBatch, GraphStore};
 use crate::train::{schema_fingerprint, Checkpoints, Embeddings, TrainerCore};
@@ -350,30 +349,12 @@ fn load(
 
 /// The daemon's aligner and an in-memory publication for one way of publishing.
 fn publication_for(cfg: &Config, way: Way) -> anyhow::Result<(Aligner, Publication)> {
-    let p = &cfg.train;
     let mut align_cfg = cfg.align.clone();
     align_cfg.enabled = way.control();
     if way.gate_lifted() {
         align_cfg.hard_limit = f64::INFINITY;
     }
-    // Versions here are cut by passes, seconds apart: the daemon's limit on rotations per minute
-    // would leave all but the first unrotated (as in the streaming scenario).
-    align_cfg.rotation_min_interval_secs = 0;
-    let aligner = Aligner::new(
-        align_cfg,
-        p.comparator != Comparator::L1,
-        None,
-        Arc::new(AlignStatus::default()),
-    )?;
-    let settings = VersionSettings {
-        format: ValueFormat::F32le,
-        threshold: cfg.publish.row_threshold,
-        comparator: p.comparator,
-    };
-    Ok((
-        aligner,
-        Publication::open(Ledger::in_memory(), settings, None)?,
-    ))
+    in_memory_publication_with(cfg, align_cfg)
 }
 
 impl RetrainReport {

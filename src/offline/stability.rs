@@ -453,9 +453,17 @@ fn run_once(
 
 /// The daemon's aligner (drift control on or off) and publication, in memory.
 fn in_memory_publication(cfg: &Config, control: bool) -> anyhow::Result<(Aligner, Publication)> {
-    let p = &cfg.train;
     let mut align_cfg = cfg.align.clone();
     align_cfg.enabled = control;
+    in_memory_publication_with(cfg, align_cfg)
+}
+
+/// [`in_memory_publication`] with `align_cfg` for the aligner.
+pub(crate) fn in_memory_publication_with(
+    cfg: &Config,
+    mut align_cfg: crate::config::AlignConfig,
+) -> anyhow::Result<(Aligner, Publication)> {
+    let p = &cfg.train;
     // Versions here are cut by events, seconds apart or less: the daemon's limit on rotations
     // per minute would leave all but the first unrotated.
     align_cfg.rotation_min_interval_secs = 0;

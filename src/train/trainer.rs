@@ -350,24 +350,7 @@ impl TrainerCore {
         report.new_edges = edges.len();
         edges.extend(self.replayed(store, replay, trained.as_deref())?);
         report.replayed = edges.len() - report.new_edges;
-        let pull = self.pull_target.as_ref().map(|r| Pull {
-            tables: &r.tables,
-            relations: &r.relations,
-            strength: self.pull,
-        });
-        let params = &self.params;
-        let lookup = |n: NodeRef, dst_type: usize| {
-            history_targets(params, store, n, dst_type, u64::MAX).unwrap_or_default()
-        };
-        let history = self.history_on(store).then_some(&lookup as History<'_>);
-        report.stats = Some(train_step_with(
-            &mut self.model,
-            &edges,
-            &self.params,
-            &mut self.rng,
-            pull.as_ref(),
-            history,
-        ));
+        report.stats = Some(self.train_on(store, &edges));
         for e in &edges[..report.new_edges] {
             for n in [e.src, e.dst] {
                 let ts = &mut self.row_ts[n.node_type as usize];
@@ -406,6 +389,20 @@ impl TrainerCore {
             .filter(|e| trained.as_ref().is_none_or(|t| t[e.rel as usize]))
             .collect();
         edges.shuffle(&mut self.rng);
+        let (mut loss, mut n) = (0.0, 0usize);
+        for chunk in edges.chunks(self.params.batch_size.max(1)) {
+            let stats = self.train_on(store, chunk);
+            if !stats.skipped {
+                loss += stats.loss * stats.edges as f64;
+                n += stats.edges;
+            }
+        }
+        Ok(if n == 0 { f64::NAN } else { loss / n as f64 })
+    }
+
+    /// One step on `edges`, pulled toward the published version, with the user model's
+    /// histories read from the store.
+    fn train_on(&mut self, store: &GraphStore, edges: &[Edge]) -> StepStats {
         let pull = self.pull_target.as_ref().map(|r| Pull {
             tables: &r.tables,
             relations: &r.relations,
@@ -416,22 +413,14 @@ impl TrainerCore {
             history_targets(params, store, n, dst_type, u64::MAX).unwrap_or_default()
         };
         let history = self.history_on(store).then_some(&lookup as History<'_>);
-        let (mut loss, mut n) = (0.0, 0usize);
-        for chunk in edges.chunks(self.params.batch_size.max(1)) {
-            let stats = train_step_with(
-                &mut self.model,
-                chunk,
-                &self.params,
-                &mut self.rng,
-                pull.as_ref(),
-                history,
-            );
-            if !stats.skipped {
-                loss += stats.loss * stats.edges as f64;
-                n += stats.edges;
-            }
-        }
-        Ok(if n == 0 { f64::NAN } else { loss / n as f64 })
+        train_step_with(
+            &mut self.model,
+            edges,
+            &self.params,
+            &mut self.rng,
+            pull.as_ref(),
+            history,
+        )
     }
 
     /// Take in the nodes erased since the last call and zero their rows (after a restart, every
