@@ -9,6 +9,10 @@ use figment::providers::Env;
 use twhin_stream::config::Config;
 use twhin_stream::offline::{measure, measure_retrain, Label, Scenario, StabilityOptions};
 
+/// libtorch's random generator is global (each run seeds it): the two runs take turns, or one's
+/// draws land in the other's initialisation.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `config/movielens-100k.toml` at dim 32, its store under `dir`.
 fn movielens_config(dir: &std::path::Path) -> Config {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -25,6 +29,7 @@ fn movielens_config(dir: &std::path::Path) -> Config {
 
 #[test]
 fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_run() {
+    let _turn = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = movielens_config(dir.path());
     // Fewer, larger steps through the knowledge graph: the test is about versions, not quality.
@@ -91,6 +96,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
 
 #[test]
 fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_start_stays_near_a() {
+    let _turn = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let cfg = movielens_config(dir.path());
     let opts = StabilityOptions {
