@@ -82,16 +82,28 @@ fn logistic_side_with(
     let (mut valid_in, mut valid_uni) = (vec![0.0f32; chunk], vec![0.0f32; k]);
     for i in 0..b {
         let start = i / chunk * chunk;
+        let end = (start + chunk).min(b);
         let (own, other, rel) = (ids.own[i], ids.other[i], ids.rels[i]);
-        for (j, v) in valid_in.iter_mut().enumerate() {
-            let c = start + j;
-            let real = c < b && ids.own[c] != own && (ids.other[c] != other || ids.rels[c] != rel);
+        // Non-short-circuit `&`/`|` and an integer count: branch-free loops that vectorise (a
+        // float sum of the marks was a chain of dependent additions).
+        let mut count = 0usize;
+        let chunk_ids = ids.own[start..end]
+            .iter()
+            .zip(&ids.other[start..end])
+            .zip(&ids.rels[start..end]);
+        for (v, ((&o, &x), &r)) in valid_in.iter_mut().zip(chunk_ids) {
+            let real = (o != own) & ((x != other) | (r != rel));
+            count += real as usize;
             *v = if real { 1.0 } else { 0.0 };
         }
+        // Padding beyond the batch (the last chunk's missing positives) is never a negative.
+        valid_in[end - start..].fill(0.0);
         for (v, &u) in valid_uni.iter_mut().zip(ids.uniform) {
-            *v = if u != own { 1.0 } else { 0.0 };
+            let real = u != own;
+            count += real as usize;
+            *v = if real { 1.0 } else { 0.0 };
         }
-        let count = (valid_in.iter().sum::<f32>() + valid_uni.iter().sum::<f32>()).max(1.0);
+        let count = (count as f32).max(1.0);
         let per_negative = scale / (count * b as f32);
         let row = &mut in_batch[i * chunk..(i + 1) * chunk];
         let in_sum = negatives(row, &valid_in, per_negative);
@@ -138,9 +150,22 @@ fn negatives(scores: &mut [f32], valid: &[f32], per_negative: f32) -> f32 {
         {
             lane(x, v, l);
         }
-        total += linear.iter().sum::<f32>() + product.iter().map(|p| p.ln()).sum::<f32>();
+        total += linear.iter().sum::<f32>() + ln_of_products(&product, scores.len());
     }
     total
+}
+
+/// `Σ ln p` over a block's lane products: the logarithm of their product when the block has at
+/// most 120 cells (each factor is at most 2, so the product stays below 2¹²⁰, inside f32's
+/// range), else one logarithm a lane. A row of 50 candidates (PyTorch-BigGraph's chunks) then
+/// takes one `ln` instead of eight.
+#[inline(always)]
+fn ln_of_products(products: &[f32; LANES], cells: usize) -> f32 {
+    if cells <= 120 {
+        products.iter().product::<f32>().ln()
+    } else {
+        products.iter().map(|p| p.ln()).sum()
+    }
 }
 
 /// One cell of [`negatives`]: its lane's sums, and the score replaced by its gradient.
@@ -207,8 +232,7 @@ unsafe fn negatives_avx2(scores: &mut [f32], valid: &[f32], per_negative: f32) -
                 &mut product_lanes[l],
             );
         }
-        total +=
-            linear_lanes.iter().sum::<f32>() + product_lanes.iter().map(|p| p.ln()).sum::<f32>();
+        total += linear_lanes.iter().sum::<f32>() + ln_of_products(&product_lanes, scores.len());
     }
     total
 }

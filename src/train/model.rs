@@ -210,6 +210,9 @@ impl NodeTable {
 
     /// Apply one sparse Adagrad step to `rows` (unique indices) with their gradients `[n, D]`.
     pub fn adagrad(&mut self, rows: &Tensor, grad: &Tensor, lr: f64) {
+        if self.adagrad_on_host(rows, grad, lr) {
+            return;
+        }
         tch::no_grad(|| {
             let g2 = grad.square().mean_dim(1, false, Kind::Float);
             // The denominator is this step's own `state + g²`, not the shared state read back
@@ -223,6 +226,86 @@ impl NodeTable {
             let _ = self.dirty.index_fill_(0, rows, 1);
         });
     }
+}
+
+impl NodeTable {
+    /// [`NodeTable::adagrad`] in one pass over host memory, when the table, its state and marks,
+    /// the rows and the gradient are contiguous CPU tensors (else `false`, nothing done): each
+    /// row's `g²`, denominator, state, values and dirty mark at once, where the tensor form walks
+    /// the `[n, D]` gradient and the touched rows eleven times (square, mean, gather, add, sqrt,
+    /// add, scatter, divide, multiply, scatter, fill). The same arithmetic up to one rounding
+    /// (`g · (−lr / denom)` for `g / denom · −lr`), so the same values to float precision (a
+    /// test holds them so).
+    fn adagrad_on_host(&mut self, rows: &Tensor, grad: &Tensor, lr: f64) -> bool {
+        let dim = self.weights.size()[1] as usize;
+        let capacity = self.capacity();
+        let host = |t: &Tensor, kind: Kind| {
+            t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous()
+        };
+        if !(host(&self.weights, Kind::Float)
+            && host(&self.state, Kind::Float)
+            && host(&self.dirty, Kind::Bool)
+            && host(rows, Kind::Int64)
+            && host(grad, Kind::Float)
+            && grad.dim() == 2
+            && grad.size() == [rows.numel() as i64, dim as i64])
+        {
+            return false;
+        }
+        let n = rows.numel();
+        if n == 0 {
+            return true;
+        }
+        // SAFETY: `rows` is a contiguous CPU Int64 tensor of `n` values, `grad` a contiguous CPU
+        // float tensor of `n · dim` (both checked above), alive for this call and only read.
+        let (rows, grad) = unsafe {
+            (
+                std::slice::from_raw_parts(rows.data_ptr() as *const i64, n),
+                std::slice::from_raw_parts(grad.data_ptr() as *const f32, n * dim),
+            )
+        };
+        if rows.iter().any(|&r| r < 0 || r >= capacity) {
+            return false;
+        }
+        let (weights, state) = (
+            self.weights.data_ptr() as *mut f32,
+            self.state.data_ptr() as *mut f32,
+        );
+        let dirty = self.dirty.data_ptr() as *mut bool;
+        for (&row, g) in rows.iter().zip(grad.chunks_exact(dim)) {
+            let row = row as usize;
+            let g2 = mean_square(g);
+            // SAFETY: `row < capacity` (checked above) indexes the table's `[capacity, dim]`
+            // values, `[capacity]` state and marks, contiguous CPU tensors this table owns. Under
+            // Hogwild (`train.offline_workers`) another worker may write the same row at once, as
+            // libtorch's own index_add_ would: a lost addition, never a read out of bounds.
+            unsafe {
+                let s = state.add(row);
+                let step = -(lr as f32) / ((*s + g2).sqrt() + ADAGRAD_EPS as f32);
+                *s += g2;
+                let values = std::slice::from_raw_parts_mut(weights.add(row * dim), dim);
+                for (w, &gi) in values.iter_mut().zip(g) {
+                    *w += gi * step;
+                }
+                *dirty.add(row) = true;
+            }
+        }
+        true
+    }
+}
+
+/// `Σ g² / len` with eight running sums (one accumulator would be a chain the compiler may not
+/// reorder, so not vectorise).
+fn mean_square(g: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = g.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += x * x;
+        }
+    }
+    let rest: f32 = chunks.remainder().iter().map(|x| x * x).sum();
+    (lanes.iter().sum::<f32>() + rest) / g.len().max(1) as f32
 }
 
 /// All parameters of the model.
@@ -461,6 +544,45 @@ mod tests {
         assert_eq!(dirty, [2].into_iter().chain(3..20).collect::<Vec<i64>>());
         t.mark_all_dirty();
         assert_eq!(t.dirty_count(), 20);
+    }
+
+    /// The host pass and the tensor form of row-wise Adagrad give the same rows, state and
+    /// marks (to float rounding), over repeated rows' steps and rows left alone.
+    #[test]
+    fn host_adagrad_is_the_tensor_adagrad() {
+        tch::manual_seed(3);
+        let opts = (Kind::Float, Device::Cpu);
+        let mut host = NodeTable::new(40, Device::Cpu);
+        host.grow(30, |n| Tensor::randn([n, 40], opts));
+        let _ = host.take_dirty();
+        let mut tensor = host.share();
+        tensor.weights = host.weights.copy();
+        tensor.state = host.state.copy();
+        tensor.dirty = host.dirty.copy();
+        for step in 0..3 {
+            let rows = Tensor::from_slice(&[4i64, 17, 0, 29 - step]);
+            let grad = Tensor::randn([4, 40], opts) * (step + 1);
+            assert!(host.adagrad_on_host(&rows, &grad, 0.1));
+            let (g2, denom) = tch::no_grad(|| {
+                let g2 = grad.square().mean_dim(1, false, Kind::Float);
+                let denom = (tensor.state.index_select(0, &rows) + &g2).sqrt() + ADAGRAD_EPS;
+                (g2, denom)
+            });
+            let _ = tensor.state.index_add_(0, &rows, &g2);
+            let step = &grad / denom.unsqueeze(1) * (-0.1);
+            let _ = tensor.weights.index_add_(0, &rows, &step);
+            let _ = tensor.dirty.index_fill_(0, &rows, 1);
+        }
+        let close = |a: &Tensor, b: &Tensor| {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "max difference {diff}");
+        };
+        close(&host.rows(), &tensor.rows());
+        close(&host.state, &tensor.state);
+        assert_eq!(
+            Vec::<i64>::try_from(host.take_dirty()).unwrap(),
+            Vec::<i64>::try_from(tensor.take_dirty()).unwrap()
+        );
     }
 
     #[test]

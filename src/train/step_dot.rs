@@ -38,14 +38,28 @@ impl Weights {
 }
 
 /// Backward of in-batch scores `unchunked(Q_c · C_cᵀ)` (`[b, chunk]`) with their gradient `g`:
-/// `(grad Q, grad C)`, both `[b, D]`.
-fn in_batch_backward(g: &Tensor, q_c: &Tensor, c_c: &Tensor, b: i64) -> (Tensor, Tensor) {
+/// adds `grad Q` and `grad C` (both `[b, D]`) into `grad_q` and `grad_c`. When the chunks tile
+/// the batch, the products accumulate into the gradients in place (one `baddbmm_` each: no
+/// product to allocate and add afterwards).
+fn in_batch_backward_into(
+    g: &Tensor,
+    q_c: &Tensor,
+    c_c: &Tensor,
+    grad_q: &mut Tensor,
+    grad_c: &mut Tensor,
+    b: i64,
+) {
     let chunk = c_c.size()[1];
     let g_c = chunked(g, chunk);
     let d = q_c.size()[2];
-    let grad_q = g_c.bmm(c_c).view([-1, d]).narrow(0, 0, b);
-    let grad_c = g_c.transpose(1, 2).bmm(q_c).view([-1, d]).narrow(0, 0, b);
-    (grad_q, grad_c)
+    let g_t = g_c.transpose(1, 2);
+    if b % chunk == 0 && grad_q.is_contiguous() && grad_c.is_contiguous() {
+        let _ = grad_q.view([-1, chunk, d]).baddbmm_(&g_c, c_c);
+        let _ = grad_c.view([-1, chunk, d]).baddbmm_(&g_t, q_c);
+    } else {
+        *grad_q += g_c.bmm(c_c).view([-1, d]).narrow(0, 0, b);
+        *grad_c += g_t.bmm(q_c).view([-1, d]).narrow(0, 0, b);
+    }
 }
 
 /// Per positive, the sum of the in-batch gradient of the columns that are its (`[b]`): the
@@ -59,7 +73,8 @@ fn in_batch_column_sums(g: &Tensor, chunk: i64, b: i64) -> Tensor {
 
 /// Backward of target candidates' scores `queries · candsᵀ (+ their biases)` with gradient `g`
 /// (`[b, k]`): the candidates' rows and biases into `grads` (at `idx`), the queries' gradient
-/// returned.
+/// added into `grad_queries` in place.
+#[allow(clippy::too_many_arguments)]
 fn candidates_backward(
     grads: &mut Grads,
     leaves: &Leaves,
@@ -68,7 +83,8 @@ fn candidates_backward(
     cands: &Tensor,
     queries: &Tensor,
     g: &Tensor,
-) -> Tensor {
+    grad_queries: &mut Tensor,
+) {
     grads.rows_add(table, idx, &g.tr().mm(queries));
     grads.bias_add(
         leaves,
@@ -76,7 +92,7 @@ fn candidates_backward(
         idx,
         &g.sum_dim_intlist(0, false, Kind::Float),
     );
-    g.mm(cands)
+    let _ = grad_queries.addmm_(g, cands);
 }
 
 /// One side's loss over its in-batch and uniform candidates' scores (`[b, chunk]`, `[b, k]`),
@@ -290,12 +306,13 @@ pub(super) fn group_loss_and_grads(
     let mut grad_pos_bias = pos_g;
     match &cands {
         Candidates::All(idx, c) => {
-            grad_a += candidates_backward(grads, leaves, g.dst_type, idx, c, &a, &dst_g[0]);
+            let (dst, g0) = (g.dst_type, &dst_g[0]);
+            candidates_backward(grads, leaves, dst, idx, c, &a, g0, &mut grad_a);
         }
         Candidates::Sampled(idx, u) => {
-            let (gq, gc) = in_batch_backward(&dst_g[0], &a_c, &t_c, b);
-            grad_a += gq + candidates_backward(grads, leaves, g.dst_type, idx, u, &a, &dst_g[1]);
-            grad_t += gc;
+            in_batch_backward_into(&dst_g[0], &a_c, &t_c, &mut grad_a, &mut grad_t, b);
+            let (dst, g1) = (g.dst_type, &dst_g[1]);
+            candidates_backward(grads, leaves, dst, idx, u, &a, g1, &mut grad_a);
             grad_pos_bias += in_batch_column_sums(&dst_g[0], chunk, b);
         }
     }
@@ -305,25 +322,27 @@ pub(super) fn group_loss_and_grads(
 
     // Source side: candidates `s_c` and `uni_s` against the query `q` (or `t`).
     let query = q.as_ref().unwrap_or(&t);
-    let (gq_in, gc_in) = in_batch_backward(src_g_in, &chunked(query, chunk), &s_c, b);
-    let mut grad_query = gq_in + src_g_uni.mm(&uni_s);
-    grad_s += gc_in;
-    let grad_uni_s = src_g_uni.tr().mm(query);
     let own_bias_grad = row_sums(src_g_in) + row_sums(src_g_uni);
     grad_pos_bias += &own_bias_grad;
+    let mut grad_query = match &q {
+        Some(_) => &s * src_g_pos.unsqueeze(1),
+        // The relation term `r·t`, the same for every candidate source, carries the
+        // candidates' row sums.
+        None => &r * own_bias_grad.unsqueeze(1),
+    };
+    let query_c = chunked(query, chunk);
+    in_batch_backward_into(src_g_in, &query_c, &s_c, &mut grad_query, &mut grad_s, b);
+    let _ = grad_query.addmm_(src_g_uni, &uni_s);
+    let grad_uni_s = src_g_uni.tr().mm(query);
     match &q {
         Some(q) => {
-            grad_query += &s * src_g_pos.unsqueeze(1);
-            grad_s += q * src_g_pos.unsqueeze(1);
+            let _ = grad_s.addcmul_(q, &src_g_pos.unsqueeze(1));
             grad_pos_bias += &src_g_pos;
             let rev = grads.reverse.as_mut().expect("reverse relations");
             let _ = rev.index_add_(0, &rel_idx, &grad_query);
         }
         None => {
-            // The relation term `r·t`, the same for every candidate source, carries the
-            // candidates' row sums.
-            grad_query += &r * own_bias_grad.unsqueeze(1);
-            grad_r += &t * own_bias_grad.unsqueeze(1);
+            let _ = grad_r.addcmul_(&t, &own_bias_grad.unsqueeze(1));
         }
     }
     grad_t += grad_query;

@@ -360,7 +360,7 @@ fn golden_step_with_a_reverse_relation() {
 /// The dot comparator's hand-derived step moves every row, relation, reverse operator and bias
 /// exactly as autograd's step does, from the same state and the same draws: both losses, with
 /// and without reverse relations, target biases, a history, every target as negatives, several
-/// endpoint-type groups, chunks that do not divide the batch and repeated rows.
+/// endpoint-type groups, chunks that do and do not divide the batch, and repeated rows.
 #[test]
 fn the_hand_derived_dot_step_is_autograds() {
     let typed = |s: u32, r: u16, t: u32, dst_type: u16| {
@@ -373,6 +373,9 @@ fn the_hand_derived_dot_step_is_autograds() {
         .map(|i| typed(i % 13, (i % 2) as u16, (i * 7 + 3) % 29, 0))
         .collect();
     edges.extend((0..23u32).map(|i| typed(i % 11, 2, (i * 5) % 17, 1)));
+    // Groups of 32 and 16 edges: chunks of 8 tile them, and the in-batch backward accumulates
+    // into the gradients in place.
+    let tiled: Vec<Edge> = edges[..32].iter().chain(&edges[37..53]).copied().collect();
     let history = |n: NodeRef, _t: usize| -> Vec<(i64, f32)> {
         (0..(n.index % 4) as i64)
             .map(|k| ((n.index as i64 * 3 + k) % 17, 1.0 + k as f32))
@@ -387,7 +390,10 @@ fn the_hand_derived_dot_step_is_autograds() {
         (LossKind::Softmax, false, true, true, 20),
         (LossKind::Logistic, true, false, false, 20),
     ];
-    for (loss, reverse, biased, with_history, all_up_to) in cases {
+    for (edges, (loss, reverse, biased, with_history, all_up_to)) in [&edges, &tiled]
+        .into_iter()
+        .flat_map(|edges| cases.iter().map(move |case| (edges, *case)))
+    {
         let mut p = params();
         (p.loss, p.reverse_relations, p.all_targets_up_to) = (loss, reverse, all_up_to);
         (p.chunk_size, p.uniform_negatives, p.dim) = (8, 5, 6);
