@@ -130,3 +130,48 @@ fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_st
         assert!((0.0..=1.0).contains(&v.balanced_accuracy));
     }
 }
+
+/// Downstream value (`twhin-stream downstream`) on a prefix of the rating stream: one version
+/// published by the daemon's publisher at the cut; the ratings after it, whose user and movie
+/// the version covers, split by time into the fitted and the scored half; both models scored on
+/// the same examples, the one with embeddings reading the version's rows.
+#[test]
+fn downstream_models_with_and_without_the_published_version_score_the_same_later_ratings() {
+    let _turn = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = movielens_config(dir.path());
+    cfg.train.batch_size = 2_000;
+    let opts = twhin_stream::offline::DownstreamOptions {
+        cut_fraction: 0.5,
+        limit: Some(20_000),
+    };
+    let r = twhin_stream::offline::measure_downstream(&cfg, tch::Device::Cpu, &opts)
+        .unwrap_or_else(|e| panic!("MovieLens-100k missing or unreadable ({e:#})"));
+    eprintln!("{}", r.table());
+    assert_eq!(
+        r.version, 1,
+        "the first version, committed by the publisher"
+    );
+    assert!(r.version_rows > 0);
+    assert_eq!(r.ratings_before_cut, 10_000);
+    assert_eq!(
+        r.fit_examples + r.scored_examples + r.skipped_new_nodes,
+        10_000,
+        "every rating after the cut is an example or skipped"
+    );
+    assert!(r.fit_examples.abs_diff(r.scored_examples) <= 1);
+    assert!(r.scored_examples > 1_000, "{} scored", r.scored_examples);
+    let (without, with) = (&r.without_embeddings, &r.with_embeddings);
+    assert_eq!(without.features, 5);
+    // One score per rating relation, with or without the user-movie product (dim 32).
+    assert!(
+        [5 + 2, 5 + 32 + 2].contains(&with.features),
+        "{} features",
+        with.features
+    );
+    for m in [without, with] {
+        assert!((0.0..=1.0).contains(&m.accuracy) && (0.0..=1.0).contains(&m.balanced_accuracy));
+        // A user's and a movie's earlier share of high ratings already rank later ratings.
+        assert!(m.auc > 0.6, "AUC {} ({} features)", m.auc, m.features);
+    }
+}

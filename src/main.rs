@@ -114,6 +114,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Downstream value on MovieLens-100k: will a user rate a movie high, for ratings after a
+    /// version's cut, by a logistic regression with and without that version's embeddings.
+    Downstream {
+        #[command(flatten)]
+        opts: twhin_stream::offline::DownstreamOptions,
+        /// Print the report as JSON (the table otherwise).
+        #[arg(long)]
+        json: bool,
+    },
     /// Downstream stability: MovieLens-100k streamed in time order through the daemon's trainer
     /// and alignment; a classifier fitted on version 1, frozen, scored on every later version,
     /// with drift control on and off; or (`--scenario retrain`) a full retrain from another seed
@@ -234,7 +243,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         _ => None,
     };
     let dataset_config = match &cli.command {
-        Command::Stability { .. } => Some(Dataset::MovieLens100k.config_file()),
+        Command::Stability { .. } | Command::Downstream { .. } => {
+            Some(Dataset::MovieLens100k.config_file())
+        }
         _ => source.as_ref().and_then(DataSource::config_file),
     };
     let config_file = cli.config.clone().or(dataset_config);
@@ -296,6 +307,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::StreamEval { opts, json } => stream_eval(&cfg, &opts, json),
+        Command::Downstream { opts, json } => {
+            let r = offline::measure_downstream(&cfg, torch_device(&cfg)?, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.table());
+            }
+            Ok(())
+        }
         Command::Stability { opts, json } => {
             let device = torch_device(&cfg)?;
             let (json_text, table) = match opts.scenario {

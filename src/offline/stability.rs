@@ -197,10 +197,17 @@ impl LogisticRegression {
 
     /// Predicted labels (0/1) of `x [N, D]`.
     pub fn predict(&self, x: &Tensor) -> Tensor {
-        tch::no_grad(|| {
-            let z = (x.to_kind(Kind::Double) - &self.mean) / &self.std;
-            (z.mv(&self.w) + self.b).gt(0.0).to_kind(Kind::Double)
-        })
+        tch::no_grad(|| self.logits(x).gt(0.0).to_kind(Kind::Double))
+    }
+
+    /// Predicted probabilities of label 1 for `x [N, D]`.
+    pub fn probabilities(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| self.logits(x).sigmoid())
+    }
+
+    fn logits(&self, x: &Tensor) -> Tensor {
+        let z = (x.to_kind(Kind::Double) - &self.mean) / &self.std;
+        z.mv(&self.w) + self.b
     }
 }
 
