@@ -9,7 +9,8 @@
 //! community's centre plus noise (`ANN_NOISE`, default 0.5 of the centre's scale), its length
 //! spread by a popularity factor (0.5 to 1.5). The index is `[http.ann]` of
 //! `config/default.toml` (`min_rows` set to 1 so the type is indexed at any size), built with
-//! `ANN_BUILD_THREADS` (default 2) threads.
+//! `ANN_BUILD_THREADS` (default 2) threads; `ANN_QUANTIZATION=f32` stores the rows as f32 rather
+//! than the default's f16.
 //!
 //! Phases, each bounded in count and time:
 //! 1. build: version 1 served and indexed from every row (`build_ms`, `memory_bytes`);
@@ -221,10 +222,14 @@ fn main() {
     let moved: usize = env_or("ANN_MOVED", (rows / 50).max(1));
     let new: usize = env_or("ANN_NEW", (rows / 1000).max(1));
     let build_threads: usize = env_or("ANN_BUILD_THREADS", 2);
+    let f32_rows = std::env::var("ANN_QUANTIZATION").is_ok_and(|q| q == "f32");
 
     let mut cfg = Config::load(None).expect("default config");
     cfg.http.ann.min_rows = 1;
     cfg.http.ann.build_threads = build_threads;
+    if f32_rows {
+        cfg.http.ann.quantization = twhin_stream::config::AnnQuantization::F32;
+    }
     let ann_cfg = cfg.http.ann.clone();
     let dir = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
@@ -392,6 +397,7 @@ fn main() {
             "expansion_add": ann_cfg.expansion_add,
             "expansion_search": ann_cfg.expansion_search,
             "oversample": ann_cfg.oversample,
+            "quantization": ann_cfg.quantization,
         },
     });
     println!("{summary}");

@@ -28,7 +28,9 @@ mod train;
 pub use ingest::{IngestConfig, OffsetPolicy, StorageConfig};
 pub use kafka::{flatten_properties, KafkaConfig};
 pub use publish::{AlignConfig, PublishConfig, ValueFormat};
-pub use serve::{AnnConfig, HttpConfig, LogConfig, LogFormat, MIN_BEARER_TOKEN_CHARS};
+pub use serve::{
+    AnnConfig, AnnQuantization, HttpConfig, LogConfig, LogFormat, MIN_BEARER_TOKEN_CHARS,
+};
 pub use train::{Comparator, LossKind, TorchConfig, TrainParams, TrainerConfig};
 
 /// A section that checks its own keys; its errors name them.

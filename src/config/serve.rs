@@ -40,6 +40,17 @@ pub struct AnnConfig {
     pub search_threads: usize,
     /// Threads that build an index from scratch (updates use one).
     pub build_threads: usize,
+    /// How the index stores its copy of the rows: `f32`, or `f16` (half the memory; the
+    /// candidates are re-scored with the served f32 rows, so only recall can change).
+    pub quantization: AnnQuantization,
+}
+
+/// `http.ann.quantization`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnnQuantization {
+    F32,
+    F16,
 }
 
 /// Written by hand so that logging the config never prints the token.

@@ -37,7 +37,7 @@ use tch::{Kind, Tensor};
 use tracing::{info, warn};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
-use crate::config::AnnConfig;
+use crate::config::{AnnConfig, AnnQuantization};
 use crate::schema::TypeId;
 use crate::train::Comparator;
 
@@ -198,7 +198,10 @@ impl TypeIndex {
         let index = Index::new(&IndexOptions {
             dimensions: reduction.dims(dim),
             metric: reduction.metric(),
-            quantization: ScalarKind::F32,
+            quantization: match cfg.quantization {
+                AnnQuantization::F32 => ScalarKind::F32,
+                AnnQuantization::F16 => ScalarKind::F16,
+            },
             connectivity: cfg.connectivity,
             expansion_add: cfg.expansion_add,
             expansion_search: cfg.expansion_search,
@@ -343,7 +346,7 @@ pub struct AnnIndexes {
     counters: Counters,
 }
 
-/// Candidates for one target type: row indices, best first by the graph's metric.
+/// Candidates for one target type: row indices (ascending, distinct).
 pub struct Candidates {
     pub rows: Vec<i64>,
     /// The served version the index reflects.
@@ -446,9 +449,21 @@ impl AnnIndexes {
             ix.index
                 .filtered_search(&query, count, keep)
                 .map_err(index_err)
-                .map(|m| Candidates {
-                    rows: m.keys.iter().map(|&k| k as i64).collect(),
-                    index_version,
+                .map(|m| {
+                    // A key replaced while the search ran can come back twice, or as usearch's
+                    // free-slot key (u64::MAX).
+                    let mut rows: Vec<i64> = m
+                        .keys
+                        .iter()
+                        .filter(|&&k| k != u64::MAX)
+                        .map(|&k| k as i64)
+                        .collect();
+                    rows.sort_unstable();
+                    rows.dedup();
+                    Candidates {
+                        rows,
+                        index_version,
+                    }
                 }),
         )
     }
@@ -766,6 +781,7 @@ mod tests {
             oversample: 5,
             search_threads: 2,
             build_threads: 2,
+            quantization: AnnQuantization::F16,
         }
     }
 
@@ -915,12 +931,61 @@ mod tests {
             .search(0, Comparator::Dot, false, &q, 5, |k| k != 17)
             .unwrap()
             .unwrap();
-        assert_eq!(found.rows[0], n as i64 + 3);
+        assert!(found.rows.contains(&(n as i64 + 3)) && !found.rows.contains(&17));
         assert_eq!(found.index_version, 2);
         // A version without its changes recorded is indexed anew.
         ann.submit(3, Comparator::Dot, &[table(&flat, dim)], &[], None);
         assert!(ann.wait_for(3, Duration::from_secs(60)));
         assert_eq!(ann.figures().builds, 2);
+    }
+
+    #[test]
+    fn searches_during_updates_name_only_indexed_rows() {
+        let mut rng = SmallRng::seed_from_u64(13);
+        let (n, dim) = (2000, 8);
+        let mut flat = clustered(&mut rng, n, dim);
+        let ann = AnnIndexes::start(config(1000)).unwrap();
+        ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None);
+        assert!(ann.wait_for(1, Duration::from_secs(60)));
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for c in 0..2u64 {
+                let (ann, done) = (&ann, &done);
+                s.spawn(move || {
+                    let mut rng = SmallRng::seed_from_u64(100 + c);
+                    while !done.load(Ordering::Relaxed) {
+                        let q: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+                        let found = ann
+                            .search(0, Comparator::Dot, false, &q, 50, |_| true)
+                            .unwrap()
+                            .unwrap();
+                        assert!(found.rows.iter().all(|&r| (0..n as i64).contains(&r)));
+                        assert!(found.rows.windows(2).all(|w| w[0] < w[1]));
+                    }
+                });
+            }
+            // Ten versions, each replacing half the rows, while the two threads search.
+            for v in 2..12u64 {
+                let changed: Vec<i64> = (0..n as i64).filter(|i| (i + v as i64) % 2 == 0).collect();
+                for &i in &changed {
+                    for x in &mut flat[i as usize * dim..(i as usize + 1) * dim] {
+                        *x += rng.random_range(-0.1..0.1);
+                    }
+                }
+                let changed = Tensor::from_slice(&changed);
+                ann.submit(
+                    v,
+                    Comparator::Dot,
+                    &[table(&flat, dim)],
+                    &[],
+                    Some(&[changed]),
+                );
+                assert!(ann.wait_for(v, Duration::from_secs(60)));
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        let f = ann.figures();
+        assert_eq!((f.builds, f.failures, f.types[0].version), (1, 0, 11));
     }
 
     #[test]

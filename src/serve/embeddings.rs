@@ -409,7 +409,7 @@ fn top_targets(
                             found
                                 .rows
                                 .into_iter()
-                                .filter(|&i| i < n)
+                                .filter(|i| (0..n).contains(i))
                                 .collect::<Vec<_>>(),
                         )
                     }
@@ -425,11 +425,11 @@ fn top_targets(
                 let scores = score_targets(
                     served.comparator,
                     &translated,
-                    &candidates.index_select(0, &idx),
+                    &candidates.f_index_select(0, &idx)?,
                 )
                 .reshape([-1]);
                 let scores = match bias {
-                    Some(b) => scores + b.index_select(0, &idx),
+                    Some(b) => scores + b.f_index_select(0, &idx)?,
                     None => scores,
                 };
                 (Some(picked), scores)
