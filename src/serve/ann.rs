@@ -17,7 +17,9 @@
 //! append `sqrt(M² − ‖x‖²)` to each row): on 100k clustered rows of dimension 128 (M = 16,
 //! ef 128, 50 candidates re-scored) the reduction's recall@10 was 0.61, the inner-product graph's
 //! 0.9998 (non-metric graphs for MIPS: Morozov and Babenko, 2018); and it has no radius `M` for a
-//! growing row to outgrow.
+//! growing row to outgrow. usearch over hnsw_rs: on the same rows it built 5× faster, searched
+//! 8× faster, and removes and replaces a row, where hnsw_rs has no removal (figures in the
+//! README's Measuring section).
 //!
 //! Serving never waits for an update: usearch's index takes searches, inserts and removals
 //! concurrently, and the one updater thread inserts while requests search. Only growing an
