@@ -401,6 +401,38 @@ mod tests {
     }
 
     #[test]
+    fn ann_settings_come_from_the_environment_and_name_their_key() {
+        let cfg = load_with_env(&[]).unwrap();
+        assert!(cfg.http.ann.enabled);
+        assert_eq!(cfg.http.ann.min_rows, 50_000);
+        assert_eq!(cfg.http.ann.quantization, AnnQuantization::F16);
+        let cfg = load_with_env(&[
+            ("TWHIN_HTTP__ANN__MIN_ROWS", "1000"),
+            ("TWHIN_HTTP__ANN__QUANTIZATION", "f32"),
+            ("TWHIN_HTTP__ANN__ENABLED", "false"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.http.ann.min_rows, 1000);
+        assert_eq!(cfg.http.ann.quantization, AnnQuantization::F32);
+        assert!(!cfg.http.ann.enabled);
+        for (var, key) in [
+            ("TWHIN_HTTP__ANN__MIN_ROWS", "`http.ann.min_rows`"),
+            ("TWHIN_HTTP__ANN__OVERSAMPLE", "`http.ann.oversample`"),
+            (
+                "TWHIN_HTTP__ANN__SEARCH_THREADS",
+                "`http.ann.search_threads`",
+            ),
+        ] {
+            let e = load_with_env(&[(var, "0")]).unwrap_err();
+            assert!(e.contains(key), "{e}");
+        }
+        let e = load_with_env(&[("TWHIN_HTTP__ANN__CONNECTIVITY", "1")]).unwrap_err();
+        assert!(e.contains("`http.ann.connectivity`"), "{e}");
+        let e = load_with_env(&[("TWHIN_HTTP__ANN__QUANTIZATION", "i4")]).unwrap_err();
+        assert!(e.contains("quantization"), "{e}");
+    }
+
+    #[test]
     fn transactional_publishing_is_off_by_default_and_needs_an_id() {
         let cfg = load_with_env(&[]).unwrap();
         assert!(!cfg.publish.transactional);

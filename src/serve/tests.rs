@@ -426,6 +426,13 @@ async fn neighbors_search_the_index_above_its_size_and_score_exactly() {
         lists.push(r.neighbors);
     }
     assert_eq!(lists[0], lists[1]);
+    // /v1/status reports the index: the movies (type 1), version 3, one build.
+    let (code, body) = call(&app, request("/v1/status", None).to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["ann"]["builds"], 1, "{body}");
+    assert_eq!(body["ann"]["types"][0]["node_type"], 1);
+    assert_eq!(body["ann"]["types"][0]["version"], 3);
+    assert_eq!(body["ann"]["types"][0]["rows"], n);
     let (code, body) = call(&app, get("exact=maybe")).await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
     assert!(
