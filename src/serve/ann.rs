@@ -28,6 +28,12 @@
 //! (`index_version`). Rebuilds happen only when there is no index to update: the first version a
 //! type reaches `min_rows` with, a version without a record of its changed rows (the one
 //! restored at start), a change of comparator, dimension or bias.
+//!
+//! Memory: the index keeps its own copy of the rows (f16 by default: half the served f32 rows)
+//! and its links; the updater holds shallow copies of the version it indexes, so while an update
+//! runs the served version before the newest stays alive (one more copy of the tables, for the
+//! update's duration). Versions that arrive during an update wait as one: the newest rows with
+//! the union of their changed rows.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
