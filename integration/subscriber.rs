@@ -596,6 +596,9 @@ fn an_erased_node_leaves_the_store_the_served_version_and_the_subscribers_table(
         env,
         store,
     } = publishing(dir.path(), 8, 1, &[]);
+    // Every type is searched through its ANN index (`/v1/neighbors` below, both ways).
+    let mut env = env;
+    env.push(("TWHIN_HTTP__ANN__MIN_ROWS".into(), "1".into()));
     let mut daemon = Daemon::start(env, port, dir.path());
     let follow = |i: usize| {
         let src = format!("user:{}", i % 40);
@@ -662,11 +665,23 @@ fn an_erased_node_leaves_the_store_the_served_version_and_the_subscribers_table(
         let err = http_get(port, gone).unwrap_err().to_string();
         assert!(err.contains("410"), "{gone}: {err}");
     }
-    let ranked = http_get(port, "/v1/neighbors/user/3?rel=follows&k=300").unwrap();
-    assert!(
-        !ranked.contains("\"user:f9\"") && !ranked.contains("\"user:7\""),
-        "an erased node is never a candidate: {ranked}"
+    let through_index = wait_until(
+        "the served version indexed",
+        Duration::from_secs(60),
+        || {
+            http_get(port, "/v1/neighbors/user/3?rel=follows&k=300")
+                .ok()
+                .filter(|r| r.contains("\"method\":\"ann\""))
+        },
     );
+    let exact = http_get(port, "/v1/neighbors/user/3?rel=follows&k=300&exact=true").unwrap();
+    assert!(exact.contains("\"method\":\"exact\""), "{exact}");
+    for ranked in [through_index, exact] {
+        assert!(
+            !ranked.contains("\"user:f9\"") && !ranked.contains("\"user:7\""),
+            "an erased node is never a candidate: {ranked}"
+        );
+    }
     let line = "twhin_ingest_events_invalid_total{reason=\"bad_erase\"} 1";
     assert!(daemon.metrics().contains(line), "missing `{line}`");
     assert!(daemon.terminate().success());

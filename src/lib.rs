@@ -18,7 +18,7 @@
 //! | [`train`]     | the model, scores, losses, the step, warm start, prequential ranks, checkpoints, the trainer actor |
 //! | [`align`]     | drift measures, the gate, Procrustes onto the anchor, the pull controller, the alignment actor |
 //! | [`publish`]   | wire formats, the ledger, the version producer, freshness, the subscriber's assembler |
-//! | [`serve`]     | the HTTP routes, `/v1/status`, the serving view of the latest committed version |
+//! | [`serve`]     | the HTTP routes, `/v1/status`, the serving view of the latest committed version, its ANN indexes |
 //! | [`offline`]   | datasets, `train` / `eval`, warm-start and stability measurements, `replay`, `watch` |
 //! | [`app`]       | the daemon: stages built downstream-first, the supervisor, the publication ticker, shutdown |
 //! | [`config`]    | the one validated config tree: defaults, `--config` file, `TWHIN_*` environment |

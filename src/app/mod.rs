@@ -125,7 +125,7 @@ impl Daemon {
         let align_status = Arc::new(AlignStatus::default());
         let publish_status = o.publication.as_ref().map(Publication::status);
 
-        let serving = ServingView::new();
+        let serving = ServingView::with_ann(&cfg.http.ann)?;
         if let Some(view) = o.publication.as_ref().and_then(|p| restored_view(&cfg, p)) {
             serving.publish(view);
         }
@@ -357,6 +357,8 @@ fn restored_view(cfg: &Config, publication: &Publication) -> Option<PublishedVie
         // (The reference file holds no biases: the next version brings them.)
         biases: Vec::new(),
         row_ts: Vec::new(),
+        // Which rows differ from the served indexes is not known: they index every row.
+        changed: None,
     })
 }
 

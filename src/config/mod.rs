@@ -28,7 +28,9 @@ mod train;
 pub use ingest::{IngestConfig, OffsetPolicy, StorageConfig};
 pub use kafka::{flatten_properties, KafkaConfig};
 pub use publish::{AlignConfig, PublishConfig, ValueFormat};
-pub use serve::{HttpConfig, LogConfig, LogFormat, MIN_BEARER_TOKEN_CHARS};
+pub use serve::{
+    AnnConfig, AnnQuantization, HttpConfig, LogConfig, LogFormat, MIN_BEARER_TOKEN_CHARS,
+};
 pub use train::{Comparator, LossKind, TorchConfig, TrainParams, TrainerConfig};
 
 /// A section that checks its own keys; its errors name them.
@@ -396,6 +398,38 @@ mod tests {
         let cfg = load_with_env(&[("TWHIN_HTTP__BEARER_TOKEN", token)]).unwrap();
         assert_eq!(cfg.http.bearer_token, token);
         assert!(!format!("{cfg:?}").contains(token));
+    }
+
+    #[test]
+    fn ann_settings_come_from_the_environment_and_name_their_key() {
+        let cfg = load_with_env(&[]).unwrap();
+        assert!(cfg.http.ann.enabled);
+        assert_eq!(cfg.http.ann.min_rows, 50_000);
+        assert_eq!(cfg.http.ann.quantization, AnnQuantization::F16);
+        let cfg = load_with_env(&[
+            ("TWHIN_HTTP__ANN__MIN_ROWS", "1000"),
+            ("TWHIN_HTTP__ANN__QUANTIZATION", "f32"),
+            ("TWHIN_HTTP__ANN__ENABLED", "false"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.http.ann.min_rows, 1000);
+        assert_eq!(cfg.http.ann.quantization, AnnQuantization::F32);
+        assert!(!cfg.http.ann.enabled);
+        for (var, key) in [
+            ("TWHIN_HTTP__ANN__MIN_ROWS", "`http.ann.min_rows`"),
+            ("TWHIN_HTTP__ANN__OVERSAMPLE", "`http.ann.oversample`"),
+            (
+                "TWHIN_HTTP__ANN__SEARCH_THREADS",
+                "`http.ann.search_threads`",
+            ),
+        ] {
+            let e = load_with_env(&[(var, "0")]).unwrap_err();
+            assert!(e.contains(key), "{e}");
+        }
+        let e = load_with_env(&[("TWHIN_HTTP__ANN__CONNECTIVITY", "1")]).unwrap_err();
+        assert!(e.contains("`http.ann.connectivity`"), "{e}");
+        let e = load_with_env(&[("TWHIN_HTTP__ANN__QUANTIZATION", "i4")]).unwrap_err();
+        assert!(e.contains("quantization"), "{e}");
     }
 
     #[test]

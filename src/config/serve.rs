@@ -1,4 +1,5 @@
-//! `[http]` and `[log]`: what the daemon serves and how it logs.
+//! `[http]` (with `[http.ann]`, the approximate candidate retrieval behind `/v1/neighbors`) and
+//! `[log]`: what the daemon serves and how it logs.
 
 use std::net::SocketAddr;
 
@@ -13,6 +14,43 @@ pub struct HttpConfig {
     /// Empty: no authentication. Otherwise every route but `/healthz` requires
     /// `Authorization: Bearer <token>`.
     pub bearer_token: String,
+    /// `[http.ann]`: the HNSW index per target type that `/v1/neighbors` searches above a size.
+    pub ann: AnnConfig,
+}
+
+/// `[http.ann]`: approximate candidate retrieval for `/v1/neighbors` (`crate::serve::ann`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnConfig {
+    /// `false`: `/v1/neighbors` is always exact and no index is kept.
+    pub enabled: bool,
+    /// A target type is searched through its index from this many served rows on; smaller types
+    /// (and every request with `exact=true`) are scored exactly.
+    pub min_rows: usize,
+    /// HNSW links per node (usearch `connectivity`, hnswlib's `M`).
+    pub connectivity: usize,
+    /// Candidate list size while inserting (`ef_construction`).
+    pub expansion_add: usize,
+    /// Candidate list size while searching (`ef`); at least the candidates asked for.
+    pub expansion_search: usize,
+    /// Candidates taken from the index per neighbour asked for; all are re-scored exactly with
+    /// the served version and the best `k` returned.
+    pub oversample: usize,
+    /// Requests searching one index at the same time; more wait for a turn.
+    pub search_threads: usize,
+    /// Threads that build an index from scratch (updates use one).
+    pub build_threads: usize,
+    /// How the index stores its copy of the rows: `f32`, or `f16` (half the memory; the
+    /// candidates are re-scored with the served f32 rows, so only recall can change).
+    pub quantization: AnnQuantization,
+}
+
+/// `http.ann.quantization`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnnQuantization {
+    F32,
+    F16,
 }
 
 /// Written by hand so that logging the config never prints the token.
@@ -26,6 +64,7 @@ impl std::fmt::Debug for HttpConfig {
         f.debug_struct("HttpConfig")
             .field("bind", &self.bind)
             .field("bearer_token", &token)
+            .field("ann", &self.ann)
             .finish()
     }
 }
@@ -61,6 +100,7 @@ impl HttpConfig {
 impl Validate for HttpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.bind_addr()?;
+        self.ann.validate()?;
         let token = &self.bearer_token;
         if !token.is_empty() {
             if token.len() < MIN_BEARER_TOKEN_CHARS {
@@ -76,6 +116,28 @@ impl Validate for HttpConfig {
                     "must be printable ASCII without spaces",
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for AnnConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("http.ann.min_rows", self.min_rows),
+            ("http.ann.connectivity", self.connectivity),
+            ("http.ann.expansion_add", self.expansion_add),
+            ("http.ann.expansion_search", self.expansion_search),
+            ("http.ann.oversample", self.oversample),
+            ("http.ann.search_threads", self.search_threads),
+            ("http.ann.build_threads", self.build_threads),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.connectivity < 2 {
+            return Err(invalid("http.ann.connectivity", "must be at least 2"));
         }
         Ok(())
     }

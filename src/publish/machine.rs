@@ -463,6 +463,7 @@ impl Publication {
                 .map(|t| t.biases.as_ref().map(Tensor::shallow_clone))
                 .collect(),
             row_ts: self.row_ts.clone(),
+            changed: Some(update.changed()),
         };
         let figures = assessed.figures;
         let prepare_ms = taken.elapsed().as_secs_f64() * 1e3;

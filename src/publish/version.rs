@@ -57,6 +57,10 @@ pub struct PublishedView {
     pub biases: Vec<Option<Tensor>>,
     /// Per node type and row: event time (ms) of the newest event that touched the row.
     pub row_ts: Vec<Vec<i64>>,
+    /// Per node type, the rows (`[k]` Int64) this version published over the previous one, new
+    /// rows included; `None`: not known (a view restored at start). The serving indexes update
+    /// these rows only ([`crate::serve::AnnIndexes`]).
+    pub changed: Option<Vec<Tensor>>,
 }
 
 impl PublishedView {
@@ -345,6 +349,7 @@ pub fn build_version(
     let mut rows = VersionRows::new(req.version, req.epoch, req.format, width);
     let mut newest = 0i64;
     let mut view = Vec::with_capacity(current.tables.len());
+    let mut changed = Vec::with_capacity(current.tables.len());
     let erased = erased_nodes(store);
     for (t, table) in current.tables.iter().enumerate() {
         let reference = match reference.and_then(|r| r.tables.get(t)) {
@@ -367,6 +372,7 @@ pub fn build_version(
             ],
             0,
         );
+        changed.push(Tensor::from_slice(&moved));
         if moved.is_empty() {
             view.push(published);
             continue;
@@ -438,6 +444,7 @@ pub fn build_version(
             .map(|b| b.as_ref().map(Tensor::copy))
             .collect(),
         row_ts: state.row_ts.clone(),
+        changed: Some(changed),
     };
     Ok(Some((prepared, view)))
 }

@@ -1,15 +1,19 @@
 //! `/v1/embeddings/{type}/{id}` and `/v1/neighbors/{type}/{id}`: rows of the served (committed)
-//! version, and exact top-k targets by the model's score.
+//! version, and the top-k targets by the model's score: exact over every row, or over a large
+//! type's approximate candidates ([`crate::serve::AnnIndexes`]), always scored exactly.
 
 use actix_web::{get, web};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::publish::PublishedView;
+use crate::schema::RelId;
 use crate::schema::TypeId;
-use crate::serve::{ApiError, HttpState, DEFAULT_K, MAX_K};
+use crate::serve::{AnnIndexes, ApiError, HttpState, DEFAULT_K, MAX_K};
 use crate::store::{GraphStore, NodeRef};
-use crate::train::{history_sum, history_targets, history_weights, score_targets, translate};
+use crate::train::{
+    history_sum, history_targets, history_weights, known_targets, score_targets, translate,
+};
 
 /// Rows of a `[rows, D]` table (0 for anything else).
 pub(super) fn rows(t: &Tensor) -> i64 {
@@ -120,8 +124,21 @@ fn lookup_embedding(
 #[derive(Debug, Deserialize)]
 pub struct NeighborsQuery {
     pub rel: Option<String>,
-    /// A string so that a bad value gets our error naming `k`, not the extractor's.
+    /// Strings so that a bad value gets our error naming the parameter, not the extractor's.
     pub k: Option<String>,
+    /// `true`: score every row (never the index).
+    pub exact: Option<String>,
+    /// `true`: leave out the node's known targets of `rel`, as the filtered evaluation does.
+    pub exclude_known: Option<String>,
+}
+
+/// `GET /v1/neighbors`'s ranking method: `exact` (every row scored) or `ann` (at least one
+/// target type's candidates came from its index, then were scored exactly).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RankMethod {
+    Exact,
+    Ann,
 }
 
 /// `GET /v1/neighbors/{type}/{id}`.
@@ -130,6 +147,11 @@ pub struct NeighborsResponse {
     pub node: String,
     pub rel: String,
     pub version: u64,
+    pub method: RankMethod,
+    /// With `ann`: the oldest served version the searched indexes reflect (candidates are scored
+    /// with `version`'s rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_version: Option<u64>,
     /// Best first.
     pub neighbors: Vec<ScoredNode>,
 }
@@ -156,6 +178,24 @@ fn parse_k(k: Option<&str>) -> Result<usize, ApiError> {
     }
 }
 
+fn parse_flag(param: &'static str, value: Option<&str>) -> Result<bool, ApiError> {
+    match value.map(str::trim) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(other) => Err(ApiError::BadParam {
+            param,
+            problem: format!("{other:?} is not true or false"),
+        }),
+    }
+}
+
+/// What one ranking asks for besides the node and relation.
+struct RankRequest {
+    k: usize,
+    exact: bool,
+    exclude_known: bool,
+}
+
 #[get("/v1/neighbors/{type}/{id:.+}")]
 pub(super) async fn neighbor_ranking(
     state: web::Data<HttpState>,
@@ -163,25 +203,46 @@ pub(super) async fn neighbor_ranking(
     query: web::Query<NeighborsQuery>,
 ) -> Result<web::Json<NeighborsResponse>, ApiError> {
     let (type_name, id) = path.into_inner();
-    let NeighborsQuery { rel, k } = query.into_inner();
-    let k = parse_k(k.as_deref())?;
+    let NeighborsQuery {
+        rel,
+        k,
+        exact,
+        exclude_known,
+    } = query.into_inner();
+    let req = RankRequest {
+        k: parse_k(k.as_deref())?,
+        exact: parse_flag("exact", exact.as_deref())?,
+        exclude_known: parse_flag("exclude_known", exclude_known.as_deref())?,
+    };
     let rel = rel.filter(|r| !r.is_empty()).ok_or(ApiError::BadParam {
         param: "rel",
         problem: "required: the relation to rank targets by".into(),
     })?;
-    let out = web::block(move || rank_neighbors(&state, &type_name, &id, &rel, k)).await??;
+    let out = web::block(move || rank_neighbors(&state, &type_name, &id, &rel, &req)).await??;
     Ok(web::Json(out))
 }
 
+/// What a ranking reads of the served version: shallow copies taken under the view's lock, so
+/// the scoring runs without it (requests rank in parallel; a new version can be published
+/// meanwhile).
+struct Served {
+    version: u64,
+    comparator: crate::train::Comparator,
+    relation: Tensor,
+    /// Per target type: its table and target biases.
+    targets: Vec<(TypeId, Tensor, Option<Tensor>)>,
+}
+
 /// The `k` best targets of `rel` for the node, scored by the served version with its comparator
-/// against every row of every target type of `rel` (exact; the node itself and its known
-/// targets included).
+/// against the rows of every target type of `rel`: every row (exact), or, for a type with an
+/// index of at least `http.ann.min_rows` rows, the index's candidates (re-scored exactly). The
+/// node itself is a candidate; its known targets are too unless `exclude_known`.
 fn rank_neighbors(
     state: &HttpState,
     type_name: &str,
     id: &str,
     rel: &str,
-    k: usize,
+    req: &RankRequest,
 ) -> Result<NeighborsResponse, ApiError> {
     let store = &state.store;
     let schema = store.stored_schema();
@@ -213,7 +274,7 @@ fn rank_neighbors(
         }
     }
     let node = resolve_node(store, node_type, id, &key)?;
-    let (version, ranked) = state.serving.with(|view| {
+    let (src, served) = state.serving.with(|view| {
         let view = served(view)?;
         let src = node_row(view, node, &key)?;
         let relation =
@@ -221,32 +282,56 @@ fn rank_neighbors(
                 rel: rel.to_owned(),
                 version: view.version,
             })?;
-        // A history-type source is its row plus the sum of its recent targets' served rows, per
-        // target type, as the model scores it.
-        let mut sources = Vec::with_capacity(dst_types.len());
-        for &t in &dst_types {
-            let rows_of = view.tables.get(t as usize);
-            let recent = match (&state.train, rows_of) {
-                (Some(p), Some(table)) => {
-                    let n = rows(table);
-                    let mut h = history_targets(p, store, node, t as usize, u64::MAX)?;
-                    h.retain(|&(i, _)| i < n);
-                    history_sum(table, &history_weights(&h, None))
-                }
-                _ => None,
-            };
-            sources.push(match recent {
-                Some(sum) => &src + sum,
-                None => src.shallow_clone(),
-            });
-        }
-        let erased = store.erasures_since(0);
-        let ranked =
-            tch::no_grad(|| top_targets(view, &sources, &relation, &dst_types, &erased, k))?;
-        Ok::<_, ApiError>((view.version, ranked))
+        let targets = dst_types
+            .iter()
+            .filter_map(|&t| {
+                let table = view.tables.get(t as usize)?.shallow_clone();
+                let bias = view
+                    .biases
+                    .get(t as usize)
+                    .and_then(Option::as_ref)
+                    .map(Tensor::shallow_clone);
+                Some((t, table, bias))
+            })
+            .collect();
+        Ok::<_, ApiError>((
+            src,
+            Served {
+                version: view.version,
+                comparator: view.comparator,
+                relation,
+                targets,
+            },
+        ))
     })?;
-    let mut neighbors = Vec::with_capacity(ranked.len());
-    for (score, target) in ranked {
+    // A history-type source is its row plus the sum of its recent targets' served rows, per
+    // target type, as the model scores it.
+    let mut sources = Vec::with_capacity(served.targets.len());
+    let mut known = Vec::with_capacity(served.targets.len());
+    for (t, table, _) in &served.targets {
+        let recent = match &state.train {
+            Some(p) => {
+                let n = rows(table);
+                let mut h = history_targets(p, store, node, *t as usize, u64::MAX)?;
+                h.retain(|&(i, _)| i < n);
+                history_sum(table, &history_weights(&h, None))
+            }
+            None => None,
+        };
+        sources.push(match recent {
+            Some(sum) => &src + sum,
+            None => src.shallow_clone(),
+        });
+        known.push(match req.exclude_known {
+            true => known_targets(store, node, rel_id as RelId, *t)?,
+            false => Vec::new(),
+        });
+    }
+    let erased = store.erasures_since(0);
+    let ann = state.serving.ann().filter(|_| !req.exact);
+    let ranked = tch::no_grad(|| top_targets(&served, &sources, &erased, &known, req.k, ann))?;
+    let mut neighbors = Vec::with_capacity(ranked.hits.len());
+    for (score, target) in ranked.hits {
         let id = store.node_id(target)?.ok_or(ApiError::MissingId {
             node_type: target.node_type,
             index: target.index,
@@ -260,42 +345,109 @@ fn rank_neighbors(
     Ok(NeighborsResponse {
         node: key,
         rel: rel.to_owned(),
-        version,
+        version: served.version,
+        method: match ranked.index_version {
+            Some(_) => RankMethod::Ann,
+            None => RankMethod::Exact,
+        },
+        index_version: ranked.index_version,
         neighbors,
     })
 }
 
-/// Best `k` of each target type (libtorch's top-k; `sources`: the source's vector for each),
-/// then merged: a best `k` overall is within the union. Ties go to the lower type id, then the
-/// lower row. `erased` nodes are never candidates.
+/// The best targets, and the oldest version of the indexes searched (`None`: none was).
+struct Ranked {
+    hits: Vec<(f32, NodeRef)>,
+    index_version: Option<u64>,
+}
+
+/// Best `k` of each target type (`sources`: the source's vector for each), then merged: a best
+/// `k` overall is within the union. A type with a usable index (`ann`) is scored on its
+/// candidates (`k × http.ann.oversample`), every other on all its rows (libtorch's top-k). Ties
+/// go to the lower type id, then the lower row. `erased` nodes, and the `known` rows of each
+/// type, are never candidates.
 fn top_targets(
-    view: &PublishedView,
+    served: &Served,
     sources: &[Tensor],
-    relation: &Tensor,
-    dst_types: &[TypeId],
     erased: &[NodeRef],
+    known: &[Vec<i64>],
     k: usize,
-) -> Result<Vec<(f32, NodeRef)>, ApiError> {
+    ann: Option<&AnnIndexes>,
+) -> Result<Ranked, ApiError> {
     let mut hits = Vec::new();
-    for (&t, src) in dst_types.iter().zip(sources) {
-        let translated = translate(&src.unsqueeze(0), &relation.unsqueeze(0));
-        let Some(candidates) = view.tables.get(t as usize).filter(|c| rows(c) > 0) else {
+    let mut index_version: Option<u64> = None;
+    for (((t, candidates, bias), src), known) in served.targets.iter().zip(sources).zip(known) {
+        let t = *t;
+        let translated = translate(&src.unsqueeze(0), &served.relation.unsqueeze(0));
+        let n = rows(candidates);
+        if n == 0 {
             continue;
-        };
-        let mut scores = score_targets(view.comparator, &translated, candidates).reshape([-1]);
-        // The target bias of a biased type (`train.bias_types`), as the model scores.
-        if let Some(Some(b)) = view.biases.get(t as usize) {
-            scores += b;
         }
-        let gone: Vec<i64> = erased
+        let mut gone: Vec<i64> = erased
             .iter()
-            .filter(|n| n.node_type == t && i64::from(n.index) < rows(candidates))
-            .map(|n| i64::from(n.index))
+            .filter(|e| e.node_type == t && i64::from(e.index) < n)
+            .map(|e| i64::from(e.index))
+            .chain(known.iter().copied().filter(|&i| i < n))
             .collect();
-        if !gone.is_empty() {
-            let _ = scores.index_fill_(0, &Tensor::from_slice(&gone), f64::NEG_INFINITY);
-        }
-        let take = (k as i64).min(rows(candidates));
+        gone.sort_unstable();
+        gone.dedup();
+        // From the index: its candidates, re-scored below exactly like every row would be.
+        let from_index = match ann.filter(|a| n as usize >= a.config().min_rows) {
+            Some(ann) => {
+                let query = Vec::<f32>::try_from(&translated.reshape([-1]).to_kind(Kind::Float))?;
+                let count = k * ann.config().oversample;
+                let keep = |key: u64| gone.binary_search(&(key as i64)).is_err();
+                match ann.search(t, served.comparator, bias.is_some(), &query, count, keep) {
+                    Some(found) => {
+                        let found = found?;
+                        index_version = Some(
+                            index_version
+                                .map_or(found.index_version, |v| v.min(found.index_version)),
+                        );
+                        // An index a version behind may name rows the served version dropped.
+                        Some(
+                            found
+                                .rows
+                                .into_iter()
+                                .filter(|i| (0..n).contains(i))
+                                .collect::<Vec<_>>(),
+                        )
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let (scored_rows, scores) = match &from_index {
+            Some(picked) if picked.is_empty() => continue,
+            Some(picked) => {
+                let idx = Tensor::from_slice(picked);
+                let scores = score_targets(
+                    served.comparator,
+                    &translated,
+                    &candidates.f_index_select(0, &idx)?,
+                )
+                .reshape([-1]);
+                let scores = match bias {
+                    Some(b) => scores + b.f_index_select(0, &idx)?,
+                    None => scores,
+                };
+                (Some(picked), scores)
+            }
+            None => {
+                let mut scores =
+                    score_targets(served.comparator, &translated, candidates).reshape([-1]);
+                // The target bias of a biased type (`train.bias_types`), as the model scores.
+                if let Some(b) = bias {
+                    scores += b;
+                }
+                if !gone.is_empty() {
+                    let _ = scores.index_fill_(0, &Tensor::from_slice(&gone), f64::NEG_INFINITY);
+                }
+                (None, scores)
+            }
+        };
+        let take = (k as i64).min(scores.size()[0]);
         let (values, indices) = scores.f_topk(take, 0, true, true)?;
         let values = Vec::<f32>::try_from(&values.to_kind(Kind::Float))?;
         let indices = Vec::<i64>::try_from(&indices)?;
@@ -305,11 +457,12 @@ fn top_targets(
                 .zip(indices)
                 .filter(|(score, _)| *score > f32::NEG_INFINITY)
                 .map(|(score, i)| {
+                    let row = scored_rows.map_or(i, |r| r[i as usize]);
                     (
                         score,
                         NodeRef {
                             node_type: t,
-                            index: i as u32,
+                            index: row as u32,
                         },
                     )
                 }),
@@ -317,5 +470,8 @@ fn top_targets(
     }
     hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     hits.truncate(k);
-    Ok(hits)
+    Ok(Ranked {
+        hits,
+        index_version,
+    })
 }

@@ -137,6 +137,8 @@ pub enum ApiError {
     MissingId { node_type: TypeId, index: u32 },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("ANN index: {0}")]
+    Ann(#[from] crate::serve::AnnError),
     #[error("the request's work was cancelled (a panic on the blocking pool)")]
     Cancelled,
     #[error("query string: {0}")]
@@ -165,7 +167,7 @@ impl ApiError {
             ApiError::NoRoute { .. } => "not_found",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Store(_) | ApiError::MissingId { .. } => "store",
-            ApiError::Torch(_) | ApiError::Cancelled => "internal",
+            ApiError::Torch(_) | ApiError::Ann(_) | ApiError::Cancelled => "internal",
         }
     }
 }
@@ -185,6 +187,7 @@ impl ResponseError for ApiError {
             ApiError::Store(_)
             | ApiError::MissingId { .. }
             | ApiError::Torch(_)
+            | ApiError::Ann(_)
             | ApiError::Cancelled => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

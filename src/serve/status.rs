@@ -25,6 +25,9 @@ pub struct Status {
     pub trainer: Option<TrainerFigures>,
     pub publish: PublishFigures,
     pub align: AlignReport,
+    /// The approximate-candidate indexes of `/v1/neighbors`; `null` when `http.ann.enabled` is
+    /// false.
+    pub ann: Option<crate::serve::AnnFigures>,
     pub torch: TorchInfo,
 }
 
@@ -162,6 +165,7 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
         trainer: state.trainer.as_ref().map(|t| t.figures()),
         publish,
         align: state.align.report(state.align_control),
+        ann: state.serving.ann().map(|a| a.figures()),
         torch: state.torch.clone(),
     }))
 }

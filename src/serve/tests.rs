@@ -98,6 +98,7 @@ fn view() -> PublishedView {
         relations: t(&[[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]),
         biases: Vec::new(),
         row_ts: vec![vec![1_732_190_000_123, 200], vec![], vec![]],
+        changed: None,
     }
 }
 
@@ -327,6 +328,117 @@ async fn neighbors_rank_a_history_source_with_its_recent_targets() {
         assert_eq!(got.node, node);
         assert!((got.score - score).abs() < 1e-4, "{:?}", r.neighbors);
     }
+}
+
+/// Users u1 (0) and u2 (1); movies m0..m{n-1} (indices in order): u1 rated m0..m4 (its known
+/// targets), u2 the rest.
+fn many_movies(dir: &std::path::Path, n: usize) -> Arc<GraphStore> {
+    let store = GraphStore::open(dir, &schema(), &StoreOptions::default()).unwrap();
+    let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let events = names.iter().enumerate().map(|(i, m)| {
+        let user = if i < 5 { "u1" } else { "u2" };
+        event((0, user), 0, (1, m.as_str()))
+    });
+    store
+        .append(&AppendBatch::from_events(
+            "t",
+            0,
+            events.collect::<Vec<_>>(),
+        ))
+        .unwrap();
+    Arc::new(store)
+}
+
+#[actix_web::test]
+async fn neighbors_search_the_index_above_its_size_and_score_exactly() {
+    use rand::{Rng, SeedableRng};
+    let (n, dim) = (3000usize, 8i64);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(21);
+    let mut movies: Vec<f32> = (0..n * dim as usize)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    // m0, a known target of u1, is its best movie by far; m7 the second.
+    movies[..dim as usize].fill(3.0);
+    movies[7 * dim as usize..8 * dim as usize].fill(2.0);
+    let biases: Vec<f32> = (0..n).map(|_| rng.random_range(-0.2..0.2)).collect();
+    let view = PublishedView {
+        version: 3,
+        epoch: 1,
+        comparator: Comparator::Dot,
+        tables: vec![
+            Tensor::from_slice(&[0.5f32; 16]).reshape([2, dim]),
+            Tensor::from_slice(&movies).reshape([n as i64, dim]),
+            Tensor::zeros([0, dim], (tch::Kind::Float, tch::Device::Cpu)),
+        ],
+        relations: Tensor::from_slice(&[0.1f32; 24]).reshape([3, dim]),
+        biases: vec![None, Some(Tensor::from_slice(&biases)), None],
+        row_ts: Vec::new(),
+        changed: None,
+    };
+    let mut cfg: crate::config::AnnConfig =
+        toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap()["http"]
+            ["ann"]
+            .clone()
+            .try_into()
+            .unwrap();
+    cfg.min_rows = 1000;
+    let serving = ServingView::with_ann(&cfg).unwrap();
+    serving.publish(view);
+    assert!(serving.ann().unwrap().wait_for(3, Duration::from_secs(60)));
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(many_movies(dir.path(), n), serving, None);
+    let app = init_service(app(web::Data::new(st))).await;
+    let get =
+        |q: &str| request(&format!("/v1/neighbors/user/u1?rel=rated_high&{q}"), None).to_request();
+    let (code, body) = call(&app, get("k=10")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let ann: NeighborsResponse = serde_json::from_value(body).unwrap();
+    assert_eq!((ann.method, ann.index_version), (RankMethod::Ann, Some(3)));
+    let (code, body) = call(&app, get("k=10&exact=true")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let exact: NeighborsResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        (exact.method, exact.index_version),
+        (RankMethod::Exact, None)
+    );
+    // The same targets with the same (exact) scores, best first: m0 then m7.
+    assert_eq!(ann.neighbors, exact.neighbors);
+    assert_eq!(ann.neighbors[0].node, "movie:m0");
+    assert_eq!(ann.neighbors[1].node, "movie:m7");
+    // exclude_known leaves u1's rated movies (m0..m4) out, on both paths alike.
+    let mut lists = Vec::new();
+    for q in [
+        "k=10&exclude_known=true",
+        "k=10&exclude_known=true&exact=true",
+    ] {
+        let (code, body) = call(&app, get(q)).await;
+        assert_eq!(code, StatusCode::OK, "{q}: {body}");
+        let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+        assert_eq!(r.neighbors[0].node, "movie:m7", "{q}");
+        assert_eq!(r.neighbors.len(), 10);
+        let known = ["movie:m0", "movie:m1", "movie:m2", "movie:m3", "movie:m4"];
+        assert!(
+            r.neighbors
+                .iter()
+                .all(|n| !known.contains(&n.node.as_str())),
+            "{q}"
+        );
+        lists.push(r.neighbors);
+    }
+    assert_eq!(lists[0], lists[1]);
+    // /v1/status reports the index: the movies (type 1), version 3, one build.
+    let (code, body) = call(&app, request("/v1/status", None).to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["ann"]["builds"], 1, "{body}");
+    assert_eq!(body["ann"]["types"][0]["node_type"], 1);
+    assert_eq!(body["ann"]["types"][0]["version"], 3);
+    assert_eq!(body["ann"]["types"][0]["rows"], n);
+    let (code, body) = call(&app, get("exact=maybe")).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("`exact`"),
+        "{body}"
+    );
 }
 
 #[actix_web::test]

@@ -5,10 +5,14 @@
 //! The publish stage builds a [`PublishedView`] with each version; the daemon hands it to the
 //! shared [`ServingView`] only once the version is committed (its marker acknowledged), so
 //! `/v1/embeddings` and `/v1/neighbors` never show a version that Kafka subscribers cannot have.
+//! Each version handed over also goes to the approximate-candidate indexes' updater
+//! ([`AnnIndexes`]), which brings them to it on its own thread.
 
 use std::sync::{Arc, Mutex};
 
+use crate::config::AnnConfig;
 use crate::publish::PublishedView;
+use crate::serve::{AnnHandle, AnnIndexes};
 
 /// The latest committed version, shared between the publication ticker (writer) and HTTP
 /// (readers).
@@ -17,16 +21,47 @@ use crate::publish::PublishedView;
 #[derive(Clone, Default)]
 pub struct ServingView {
     inner: Arc<Mutex<Option<PublishedView>>>,
+    /// `None`: `/v1/neighbors` is always exact (`http.ann.enabled = false`).
+    ann: Option<Arc<AnnHandle>>,
 }
 
 impl ServingView {
+    /// A view without approximate-candidate indexes.
     pub fn new() -> ServingView {
         ServingView::default()
     }
 
-    /// Replace the served version.
+    /// A view whose versions are also indexed for `/v1/neighbors` (`[http.ann]`; none when
+    /// disabled). The indexes' updater thread stops when the last clone is dropped.
+    pub fn with_ann(cfg: &AnnConfig) -> std::io::Result<ServingView> {
+        let ann = match cfg.enabled {
+            true => Some(Arc::new(AnnIndexes::start(cfg.clone())?)),
+            false => None,
+        };
+        Ok(ServingView {
+            inner: Arc::default(),
+            ann,
+        })
+    }
+
+    /// Replace the served version (and hand it to the indexes' updater, which never blocks
+    /// this).
     pub fn publish(&self, view: PublishedView) {
+        if let Some(ann) = &self.ann {
+            ann.submit(
+                view.version,
+                view.comparator,
+                &view.tables,
+                &view.biases,
+                view.changed.as_deref(),
+            );
+        }
         *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
+    }
+
+    /// The approximate-candidate indexes, when enabled.
+    pub fn ann(&self) -> Option<&AnnIndexes> {
+        self.ann.as_deref().map(|h| &**h)
     }
 
     /// Run `f` on the served version (`None` before the first commit).
