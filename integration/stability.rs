@@ -160,7 +160,9 @@ fn downstream_models_with_and_without_the_published_version_score_the_same_later
         "every rating after the cut is an example or skipped"
     );
     assert!(r.fit_examples.abs_diff(r.scored_examples) <= 1);
-    assert!(r.scored_examples > 1_000, "{} scored", r.scored_examples);
+    // Most later ratings come from users who arrive after the cut (MovieLens users rate in
+    // sessions); a few hundred remain on each side.
+    assert!(r.scored_examples > 300, "{} scored", r.scored_examples);
     let (without, with) = (&r.without_embeddings, &r.with_embeddings);
     assert_eq!(without.features, 5);
     // One score per rating relation, with or without the user-movie product (dim 32).
