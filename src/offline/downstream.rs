@@ -28,7 +28,9 @@ use tch::{Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::Config;
-use crate::offline::stability::{accuracies, in_memory_publication_with, LogisticRegression};
+use crate::offline::stability::{
+    accuracies, in_memory_publication_with, type_index, LogisticRegression,
+};
 use crate::offline::{run_dir, stream_start, Dataset};
 use crate::publish::{publish_in_process, InProcessTrainer, MemorySink, Outcome, PublishedView};
 use crate::schema::Event;
@@ -229,8 +231,8 @@ pub fn measure_downstream(
         "--cut-fraction {} leaves no ratings on one side of the cut ({ratings} ratings)",
         opts.cut_fraction
     );
-    let movie_type = type_id(&store, "movie")?;
-    let user_type = type_id(&store, "user")?;
+    let movie_type = type_index(&store, "movie")? as u16;
+    let user_type = type_index(&store, "user")? as u16;
 
     // Before the cut: the daemon's trainer on every event, and the counts.
     let p = &cfg.train;
@@ -337,16 +339,6 @@ pub fn measure_downstream(
     })
 }
 
-fn type_id(store: &GraphStore, name: &str) -> anyhow::Result<u16> {
-    store
-        .stored_schema()
-        .node_types
-        .iter()
-        .position(|n| n == name)
-        .map(|t| t as u16)
-        .ok_or_else(|| anyhow::anyhow!("the schema has no node type {name:?}"))
-}
-
 fn baseline_features(examples: &[Example]) -> Tensor {
     let flat: Vec<f64> = examples.iter().flat_map(|e| e.baseline).collect();
     Tensor::from_slice(&flat).view([examples.len() as i64, 5])
@@ -375,18 +367,22 @@ fn embedding_features(
     let mut users: HashMap<u32, Tensor> = HashMap::new();
     let mut rows_u = Vec::with_capacity(examples.len());
     for e in examples {
-        if !users.contains_key(&e.user.index) {
-            let own = view.tables[e.user.node_type as usize].get(e.user.index as i64);
-            // The store holds only what came before the cut: the history the server would use.
-            let mut recent = history_targets(p, store, e.user, movie_type as usize, u64::MAX)?;
-            recent.retain(|&(i, _)| i < n_movies);
-            let composed = match history_sum(movies_table, &history_weights(&recent, None)) {
-                Some(sum) => own + sum,
-                None => own,
-            };
-            users.insert(e.user.index, composed);
-        }
-        rows_u.push(users[&e.user.index].shallow_clone());
+        let composed = match users.entry(e.user.index) {
+            std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let own = view.tables[e.user.node_type as usize].get(e.user.index as i64);
+                // The store holds only what came before the cut: the history the server uses.
+                let mut recent = history_targets(p, store, e.user, movie_type as usize, u64::MAX)?;
+                recent.retain(|&(i, _)| i < n_movies);
+                slot.insert(
+                    match history_sum(movies_table, &history_weights(&recent, None)) {
+                        Some(sum) => own + sum,
+                        None => own,
+                    },
+                )
+            }
+        };
+        rows_u.push(composed.shallow_clone());
     }
     let u = Tensor::stack(&rows_u, 0);
     let movie_idx: Vec<i64> = examples.iter().map(|e| e.movie).collect();

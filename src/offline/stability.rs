@@ -573,7 +573,7 @@ fn ratings_hits10(core: &TrainerCore, schema: &crate::schema::Schema) -> Option<
     (n > 0).then(|| hits / n as f64)
 }
 
-fn type_index(store: &GraphStore, name: &str) -> anyhow::Result<usize> {
+pub(crate) fn type_index(store: &GraphStore, name: &str) -> anyhow::Result<usize> {
     store
         .stored_schema()
         .node_types

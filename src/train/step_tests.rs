@@ -405,7 +405,7 @@ fn the_hand_derived_dot_step_is_autograds() {
             }
             m.tables[1].biased = biased;
             m.tables[0].biased = biased;
-            ensure_rows(&mut m, &edges, 0.3);
+            ensure_rows(&mut m, edges, 0.3);
             for t in &m.tables {
                 t.bias
                     .narrow(0, 0, t.len())
@@ -418,7 +418,7 @@ fn the_hand_derived_dot_step_is_autograds() {
         for step in 0..3u64 {
             let a = train_step_with(
                 &mut by_hand,
-                &edges,
+                edges,
                 &p,
                 &mut SmallRng::seed_from_u64(step),
                 None,
@@ -426,7 +426,7 @@ fn the_hand_derived_dot_step_is_autograds() {
             );
             let b = train_step_autograd(
                 &mut reference,
-                &edges,
+                edges,
                 &p,
                 &mut SmallRng::seed_from_u64(step),
                 None,
