@@ -230,7 +230,8 @@ fn main() {
     if f32_rows {
         cfg.http.ann.quantization = twhin_stream::config::AnnQuantization::F32;
     }
-    let ann_cfg = cfg.http.ann.clone();
+    let mut ann_cfg = cfg.http.ann.clone();
+    ann_cfg.enabled = true;
     let dir = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
     let total_users = rows + new * versions as usize;

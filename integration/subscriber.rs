@@ -598,6 +598,7 @@ fn an_erased_node_leaves_the_store_the_served_version_and_the_subscribers_table(
     } = publishing(dir.path(), 8, 1, &[]);
     // Every type is searched through its ANN index (`/v1/neighbors` below, both ways).
     let mut env = env;
+    env.push(("TWHIN_HTTP__ANN__ENABLED".into(), "true".into()));
     env.push(("TWHIN_HTTP__ANN__MIN_ROWS".into(), "1".into()));
     let mut daemon = Daemon::start(env, port, dir.path());
     let follow = |i: usize| {

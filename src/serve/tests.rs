@@ -381,7 +381,7 @@ async fn neighbors_search_the_index_above_its_size_and_score_exactly() {
             .clone()
             .try_into()
             .unwrap();
-    cfg.min_rows = 1000;
+    (cfg.enabled, cfg.min_rows) = (true, 1000);
     let serving = ServingView::with_ann(&cfg).unwrap();
     serving.publish(view);
     assert!(serving.ann().unwrap().wait_for(3, Duration::from_secs(60)));
