@@ -14,7 +14,7 @@
 //! knowledge-graph edges), and the user's and the movie's share of high ratings (their mean
 //! rating on the task's scale, smoothed toward the global share). With embeddings, the same plus
 //! the published rows as a recommender would use them: the user composed as the server composes
-//! it (its row plus its recent movies', [`crate::train::history_sum`]), the element-wise product
+//! it (its row plus its recent movies', [`crate::train::composed_source`]), the element-wise product
 //! of user and movie, and the published score of each rating relation (`(u + r)·m + b_m`).
 //!
 //! Both models are logistic regressions ([`LogisticRegression`]). The L2 penalty of each, and for
@@ -31,11 +31,11 @@ use crate::config::Config;
 use crate::offline::stability::{
     accuracies, in_memory_publication_with, type_index, LogisticRegression,
 };
-use crate::offline::{run_dir, stream_start, Dataset};
+use crate::offline::{append_events, drain, run_dir, stream_start, Dataset};
 use crate::publish::{publish_in_process, InProcessTrainer, MemorySink, Outcome, PublishedView};
 use crate::schema::Event;
-use crate::store::{AppendBatch, GraphStore, NodeRef};
-use crate::train::{history_sum, history_targets, history_weights, TrainParams};
+use crate::store::{GraphStore, NodeRef};
+use crate::train::{composed_source, TrainParams};
 
 /// How `downstream` runs (its flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -242,9 +242,8 @@ pub fn measure_downstream(
             counts.add(e, e.rel == high_rel, rating(e), movie_type);
         }
         let offset = (at * p.batch_size) as i64;
-        let batch = AppendBatch::from_events("downstream", offset, chunk.iter().cloned());
-        store.append(&batch)?;
-        while core.step(&store)?.stats.is_some() {}
+        append_events(&store, "downstream", chunk, p.batch_size, offset)?;
+        drain(&mut core, &store)?;
     }
     let (mut aligner, mut publication) = in_memory_publication_with(cfg, cfg.align.clone())?;
     let mut trainer = InProcessTrainer {
@@ -363,7 +362,6 @@ fn embedding_features(
     rels: [crate::schema::RelId; 2],
 ) -> anyhow::Result<Tensor> {
     let movies_table = &view.tables[movie_type as usize];
-    let n_movies = movies_table.size()[0];
     let mut users: HashMap<u32, Tensor> = HashMap::new();
     let mut rows_u = Vec::with_capacity(examples.len());
     for e in examples {
@@ -372,14 +370,15 @@ fn embedding_features(
             std::collections::hash_map::Entry::Vacant(slot) => {
                 let own = view.tables[e.user.node_type as usize].get(e.user.index as i64);
                 // The store holds only what came before the cut: the history the server uses.
-                let mut recent = history_targets(p, store, e.user, movie_type as usize, u64::MAX)?;
-                recent.retain(|&(i, _)| i < n_movies);
-                slot.insert(
-                    match history_sum(movies_table, &history_weights(&recent, None)) {
-                        Some(sum) => own + sum,
-                        None => own,
-                    },
-                )
+                let movie = movie_type as usize;
+                slot.insert(composed_source(
+                    p,
+                    store,
+                    e.user,
+                    movie,
+                    &own,
+                    movies_table,
+                )?)
             }
         };
         rows_u.push(composed.shallow_clone());

@@ -29,11 +29,11 @@ use crate::config::Config;
 use crate::offline::stability::{
     accuracies, features, fit_classifier, in_memory_publication_with, labelled_nodes, Frozen,
 };
-use crate::offline::{run_dir, stream_start, Dataset, StabilityOptions};
+use crate::offline::{append_events, drain, run_dir, stream_start, Dataset, StabilityOptions};
 use crate::publish::{
     publish_in_process, InProcessTrainer, MemorySink, Outcome, Publication, PublishedView,
 };
-use crate::store::{AppendBatch, GraphStore};
+use crate::store::GraphStore;
 use crate::train::{schema_fingerprint, Checkpoints, Embeddings, TrainerCore};
 
 /// The frozen classifier on one way of publishing the retrain.
@@ -80,6 +80,9 @@ pub struct RetrainReport {
 }
 
 /// The retrain's seed: another one than version A's, as a periodic retrain would draw.
+/// The offsets' source name of the events this scenario appends.
+const SOURCE: &str = "stability-retrain";
+
 fn retrain_seed(seed: u64) -> u64 {
     seed.wrapping_add(1)
 }
@@ -141,7 +144,13 @@ pub fn measure_retrain(
     let fingerprint = schema_fingerprint(store.stored_schema());
 
     // Version A: streamed, then passes over the log, kept as a checkpoint each way starts from.
-    append(&store, &events[..kg_end + anchor_ratings], p.batch_size, 0)?;
+    append_events(
+        &store,
+        SOURCE,
+        &events[..kg_end + anchor_ratings],
+        p.batch_size,
+        0,
+    )?;
     drain(&mut anchor_core, &store)?;
     for epoch in 0..opts.retrain_epochs {
         let loss = anchor_core.train_epoch(&store)?;
@@ -161,8 +170,9 @@ pub fn measure_retrain(
     let (anchor_accuracy, anchor_balanced_accuracy) = score(&classifier, &anchor_tables);
 
     // The rest of the ratings, and the retrain from another seed on all of them.
-    append(
+    append_events(
         &store,
+        SOURCE,
         &events[kg_end + anchor_ratings..],
         p.batch_size,
         (kg_end + anchor_ratings) as i64,
@@ -306,30 +316,6 @@ fn score(classifier: &Frozen, tables: &[tch::Tensor]) -> (f64, f64) {
     let (model, t, held) = classifier;
     let (x, y) = features(&tables[*t], held);
     accuracies(&model.predict(&x), &y)
-}
-
-fn append(
-    store: &GraphStore,
-    events: &[crate::schema::Event],
-    batch: usize,
-    first_offset: i64,
-) -> anyhow::Result<()> {
-    let mut offset = first_offset;
-    for chunk in events.chunks(batch.max(1)) {
-        store.append(&AppendBatch::from_events(
-            "stability-retrain",
-            offset,
-            chunk.iter().cloned(),
-        ))?;
-        offset += chunk.len() as i64;
-    }
-    Ok(())
-}
-
-/// The daemon's streaming step until the trainer has caught up with the log.
-fn drain(core: &mut TrainerCore, store: &GraphStore) -> anyhow::Result<()> {
-    while core.step(store)?.stats.is_some() {}
-    Ok(())
 }
 
 fn load(

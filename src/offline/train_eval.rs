@@ -330,6 +330,36 @@ pub fn stream_start(
     Ok((store, events, core))
 }
 
+/// Append `events` to `store` in batches of `batch`, as consumed from `source` from
+/// `first_offset` on (each batch's offsets written with its edges, as ingest writes them).
+pub(crate) fn append_events(
+    store: &GraphStore,
+    source: &str,
+    events: &[crate::schema::Event],
+    batch: usize,
+    first_offset: i64,
+) -> anyhow::Result<()> {
+    let mut offset = first_offset;
+    for chunk in events.chunks(batch.max(1)) {
+        store.append(&AppendBatch::from_events(
+            source,
+            offset,
+            chunk.iter().cloned(),
+        ))?;
+        offset += chunk.len() as i64;
+    }
+    Ok(())
+}
+
+/// The daemon's streaming step until the trainer has caught up with the log.
+pub(crate) fn drain(
+    core: &mut crate::train::TrainerCore,
+    store: &GraphStore,
+) -> anyhow::Result<()> {
+    while core.step(store)?.stats.is_some() {}
+    Ok(())
+}
+
 /// Prequential (test-then-train) quality on the first edges of new nodes.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrequentialReport {

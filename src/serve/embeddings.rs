@@ -11,9 +11,7 @@ use crate::schema::RelId;
 use crate::schema::TypeId;
 use crate::serve::{AnnIndexes, ApiError, HttpState, DEFAULT_K, MAX_K};
 use crate::store::{GraphStore, NodeRef};
-use crate::train::{
-    history_sum, history_targets, history_weights, known_targets, score_targets, translate,
-};
+use crate::train::{composed_source, known_targets, score_targets, translate};
 
 /// Rows of a `[rows, D]` table (0 for anything else).
 pub(super) fn rows(t: &Tensor) -> i64 {
@@ -309,17 +307,8 @@ fn rank_neighbors(
     let mut sources = Vec::with_capacity(served.targets.len());
     let mut known = Vec::with_capacity(served.targets.len());
     for (t, table, _) in &served.targets {
-        let recent = match &state.train {
-            Some(p) => {
-                let n = rows(table);
-                let mut h = history_targets(p, store, node, *t as usize, u64::MAX)?;
-                h.retain(|&(i, _)| i < n);
-                history_sum(table, &history_weights(&h, None))
-            }
-            None => None,
-        };
-        sources.push(match recent {
-            Some(sum) => &src + sum,
+        sources.push(match &state.train {
+            Some(p) => composed_source(p, store, node, *t as usize, &src, table)?,
             None => src.shallow_clone(),
         });
         known.push(match req.exclude_known {

@@ -226,9 +226,7 @@ impl NodeTable {
             let _ = self.dirty.index_fill_(0, rows, 1);
         });
     }
-}
 
-impl NodeTable {
     /// [`NodeTable::adagrad`] in one pass over host memory, when the table, its state and marks,
     /// the rows and the gradient are contiguous CPU tensors (else `false`, nothing done): each
     /// row's `g²`, denominator, state, values and dirty mark at once, where the tensor form walks

@@ -26,10 +26,10 @@ use tracing::info;
 use crate::config::{Config, TrainerConfig};
 use crate::store::{Direction, Edge, GraphStore, NodeRef, StoreError};
 use crate::train::{
-    known_targets, non_finite_rows, recent_targets, rows_needed, schema_fingerprint, target_ranks,
-    train_step_with, warm_rows, CheckpointError, Checkpoints, DeltaRequest, Embeddings, History,
-    ModelDelta, ModelState, Pull, RankWindow, Snapshot, StepStats, TableDelta, TargetQuery,
-    TrainParams,
+    history_sum, history_weights, known_targets, non_finite_rows, recent_targets, rows_needed,
+    schema_fingerprint, target_ranks, train_step_with, warm_rows, CheckpointError, Checkpoints,
+    DeltaRequest, Embeddings, History, ModelDelta, ModelState, Pull, RankWindow, Snapshot,
+    StepStats, TableDelta, TargetQuery, TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,33 @@ pub fn replay_ratio_behind(ratio: f64, waiting: u64, limit: u64) -> f64 {
 /// Replayed edges for `fresh` new ones at `ratio` replayed per new edge.
 fn replay_count(fresh: usize, ratio: f64) -> usize {
     (fresh as f64 * ratio).round() as usize
+}
+
+/// A source's row as the model scores it against `dst_type` and the server serves it: `own` plus
+/// the weighted sum of its recent targets' rows in `targets` (that type's `[rows, D]` table,
+/// trained or published; targets beyond its rows left out). A source that is not of a history
+/// type, or has no recent target there, is `own`.
+pub fn composed_source(
+    p: &TrainParams,
+    store: &GraphStore,
+    src: NodeRef,
+    dst_type: usize,
+    own: &Tensor,
+    targets: &Tensor,
+) -> Result<Tensor, StoreError> {
+    let n = if targets.dim() == 2 {
+        targets.size()[0]
+    } else {
+        0
+    };
+    let mut recent = history_targets(p, store, src, dst_type, u64::MAX)?;
+    recent.retain(|&(i, _)| i < n);
+    Ok(
+        match history_sum(targets, &history_weights(&recent, None)) {
+            Some(sum) => own + sum,
+            None => own.shallow_clone(),
+        },
+    )
 }
 
 /// The recent targets of `src` of `dst_type`, with their raw weights, when `src` is of a
