@@ -28,6 +28,31 @@ fn params() -> TrainParams {
     }
 }
 
+/// Overwrites every parameter (rows, biases, relations, reverse operators) with uniform draws in
+/// `±scale` from a seeded [`SmallRng`]. Tests run on several threads and torch's generator is one
+/// per process, so `tch::manual_seed` followed by `randn` gives a test its own values only when
+/// no other test draws in between: two models meant to start equal did not, once, in CI.
+fn fill_seeded(model: &mut Embeddings, seed: u64, scale: f32) {
+    use rand::Rng;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut fill = |t: &Tensor| {
+        let values: Vec<f32> = (0..t.numel())
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
+        let drawn = Tensor::from_slice(&values).reshape(t.size());
+        let mut target = t.shallow_clone();
+        target.copy_(&drawn);
+    };
+    for t in &model.tables {
+        fill(&t.weights.narrow(0, 0, t.len()));
+        fill(&t.bias.narrow(0, 0, t.len()));
+    }
+    fill(&model.relations);
+    if let Some(reverse) = &model.reverse {
+        fill(&reverse.relations);
+    }
+}
+
 fn edge(s: u32, r: u16, t: u32) -> Edge {
     Edge {
         src: NodeRef {
@@ -244,10 +269,10 @@ fn the_pull_holds_rows_near_the_reference_in_proportion_to_its_strength() {
     let p = params();
     let edges = vec![edge(0, 0, 1), edge(2, 0, 3), edge(4, 1, 5), edge(1, 1, 2)];
     let moved_after = |strength: f64| {
-        tch::manual_seed(3);
         let mut rng = SmallRng::seed_from_u64(3);
         let mut model = Embeddings::new(1, 2, p.dim, 0.1, Device::Cpu);
         ensure_rows(&mut model, &edges, p.init_scale);
+        fill_seeded(&mut model, 3, 0.17);
         // Row 5 is newer than the reference: it is trained but never pulled.
         let tables = [model.tables[0].rows().narrow(0, 0, 5).copy()];
         let relations = model.relations.copy();
@@ -304,7 +329,6 @@ fn reverse_relations_let_the_dot_comparator_rank_sources_by_relation() {
         .collect();
     let filter = crate::train::Filter::new(&triples);
     let mrr = |reverse: bool| {
-        tch::manual_seed(7);
         let mut rng = SmallRng::seed_from_u64(7);
         let mut p = params();
         p.reverse_relations = reverse;
@@ -314,6 +338,7 @@ fn reverse_relations_let_the_dot_comparator_rank_sources_by_relation() {
             model.add_reverse_relations(p.init_scale);
         }
         ensure_rows(&mut model, &edges, p.init_scale);
+        fill_seeded(&mut model, 7, 0.17);
         for _ in 0..300 {
             assert!(!train_step(&mut model, &edges, &p, &mut rng).skipped);
         }
@@ -398,7 +423,6 @@ fn the_hand_derived_dot_step_is_autograds() {
         (p.loss, p.reverse_relations, p.all_targets_up_to) = (loss, reverse, all_up_to);
         (p.chunk_size, p.uniform_negatives, p.dim) = (8, 5, 6);
         let fresh = || {
-            tch::manual_seed(11);
             let mut m = Embeddings::new(2, 3, p.dim, 0.3, Device::Cpu);
             if reverse {
                 m.add_reverse_relations(0.3);
@@ -406,11 +430,7 @@ fn the_hand_derived_dot_step_is_autograds() {
             m.tables[1].biased = biased;
             m.tables[0].biased = biased;
             ensure_rows(&mut m, edges, 0.3);
-            for t in &m.tables {
-                t.bias
-                    .narrow(0, 0, t.len())
-                    .copy_(&(Tensor::randn([t.len()], (Kind::Float, Device::Cpu)) * 0.2));
-            }
+            fill_seeded(&mut m, 11, 0.5);
             m
         };
         let (mut by_hand, mut reference) = (fresh(), fresh());
