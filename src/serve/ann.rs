@@ -190,6 +190,8 @@ struct TypeIndex {
     version: AtomicU64,
     /// Rows indexed: keys `0..rows`.
     rows: AtomicUsize,
+    /// Bytes the index holds, as of its last build or update ([`TypeIndex::measure`]).
+    memory: AtomicUsize,
     /// Searches, inserts and removals share it; growing the capacity takes it alone.
     gate: RwLock<()>,
     /// usearch needs a thread context per concurrent call: searches take turns.
@@ -227,6 +229,7 @@ impl TypeIndex {
             dim,
             version: AtomicU64::new(0),
             rows: AtomicUsize::new(0),
+            memory: AtomicUsize::new(0),
             gate: RwLock::new(()),
             turns: Turns::new(cfg.search_threads),
         })
@@ -262,8 +265,18 @@ impl TypeIndex {
         Ok(())
     }
 
-    fn memory_bytes(&self) -> usize {
-        self.index.memory_usage()
+    /// Records the bytes the index holds, for [`AnnIndexes::figures`]. usearch's figure walks
+    /// every node without a lock, so it is only safe on the updater's thread (the one writer)
+    /// and costs a pass over the index: after a build it is measured; after an update, grown by
+    /// the new rows at the bytes per row last measured.
+    fn measure(&self, rows_before: usize, rows_now: usize, walk: bool) {
+        let bytes = if walk || rows_before == 0 {
+            self.index.memory_usage()
+        } else {
+            let per_row = self.memory.load(Ordering::Relaxed) / rows_before;
+            self.memory.load(Ordering::Relaxed) + rows_now.saturating_sub(rows_before) * per_row
+        };
+        self.memory.store(bytes, Ordering::Relaxed);
     }
 }
 
@@ -500,7 +513,7 @@ impl AnnIndexes {
                     node_type: t as TypeId,
                     version: ix.version.load(Ordering::Acquire),
                     rows: ix.rows.load(Ordering::Acquire) as u64,
-                    memory_bytes: ix.memory_bytes() as u64,
+                    memory_bytes: ix.memory.load(Ordering::Relaxed) as u64,
                 })
             })
             .collect();
@@ -674,6 +687,7 @@ impl AnnIndexes {
                 return Ok(None);
             }
         }
+        ix.measure(0, n as usize, true);
         ix.rows.store(n as usize, Ordering::Release);
         ix.version.store(version, Ordering::Release);
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -687,7 +701,7 @@ impl AnnIndexes {
             version,
             rows = n,
             ms,
-            memory_mib = ix.memory_bytes() >> 20,
+            memory_mib = ix.memory.load(Ordering::Relaxed) >> 20,
             "ANN index built"
         );
         Ok(Some(ix))
@@ -733,6 +747,7 @@ impl AnnIndexes {
                 .transpose()?;
             ix.upsert(keys, &rows, biases.as_deref())?;
         }
+        ix.measure(indexed as usize, n as usize, false);
         ix.rows.store(n as usize, Ordering::Release);
         ix.version.store(version, Ordering::Release);
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -994,6 +1009,45 @@ mod tests {
         });
         let f = ann.figures();
         assert_eq!((f.builds, f.failures, f.types[0].version), (1, 0, 11));
+    }
+
+    /// `/v1/status` asks for the figures while the updater inserts and grows the index: the
+    /// daemon once died of it (usearch's memory figure walks every node, unlocked).
+    #[test]
+    fn figures_are_safe_while_the_index_grows() {
+        let mut rng = SmallRng::seed_from_u64(17);
+        let dim = 8;
+        let mut flat = clustered(&mut rng, 1500, dim);
+        let ann = AnnIndexes::start(config(1000)).unwrap();
+        ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None);
+        assert!(ann.wait_for(1, Duration::from_secs(60)));
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let (ann, done) = (&ann, &done);
+            s.spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    let f = ann.figures();
+                    assert!(f.types.iter().all(|t| t.memory_bytes > 0));
+                }
+            });
+            // Fifteen versions, each adding a fifth more rows (the capacity doubles on the way).
+            for v in 2..17u64 {
+                let n = flat.len() / dim;
+                flat.extend(clustered(&mut rng, n / 5, dim));
+                let changed = Tensor::from_slice(&[0i64, 1, 2]);
+                ann.submit(
+                    v,
+                    Comparator::Dot,
+                    &[table(&flat, dim)],
+                    &[],
+                    Some(&[changed]),
+                );
+                assert!(ann.wait_for(v, Duration::from_secs(60)));
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        let f = ann.figures();
+        assert_eq!((f.builds, f.failures, f.types[0].version), (1, 0, 16));
     }
 
     #[test]
