@@ -46,6 +46,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
         limit: Some(20_000),
         bootstrap_epochs: 0,
         retrain_epochs: 0,
+        pq_subspaces: Vec::new(),
     };
     let report = measure(&cfg, tch::Device::Cpu, &opts).unwrap_or_else(|e| {
         panic!("MovieLens-100k missing or unreadable ({e:#}); run .ci/setup to fetch it")
@@ -108,6 +109,7 @@ fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_st
         limit: Some(10_000),
         bootstrap_epochs: 0,
         retrain_epochs: 2,
+        pq_subspaces: vec![32, 8],
     };
     let r = measure_retrain(&cfg, tch::Device::Cpu, &opts).unwrap_or_else(|e| {
         panic!("MovieLens-100k missing or unreadable ({e:#}); run .ci/setup to fetch it")
@@ -129,6 +131,23 @@ fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_st
     for v in [&r.raw, &r.procrustes, &r.warm_pull] {
         assert!((0.0..=1.0).contains(&v.balanced_accuracy));
     }
+    // Version A product-quantized: 32 and 8 bytes a row; the coarser codes lose more.
+    let [fine, coarse] = &r.pq[..] else {
+        panic!("two compression ratios: {:?}", r.pq)
+    };
+    assert_eq!(
+        (fine.code_bytes_per_row, coarse.code_bytes_per_row),
+        (32, 8)
+    );
+    let f32_bytes = 4.0 * cfg.train.dim as f64;
+    assert_eq!(
+        (fine.compression, coarse.compression),
+        (f32_bytes / 32.0, f32_bytes / 8.0)
+    );
+    eprintln!("{:?}", r.pq);
+    assert!(fine.relative_error < coarse.relative_error);
+    assert!(fine.recall_at_10 > coarse.recall_at_10);
+    assert!((0.0..=1.0).contains(&fine.balanced_accuracy));
 }
 
 /// Downstream value (`twhin-stream downstream`) on a prefix of the rating stream: one version

@@ -26,8 +26,10 @@ use tracing::info;
 
 use crate::align::{Aligner, Drift};
 use crate::config::Config;
+use crate::offline::quantize::{measure_pq, PqFigures, Retrieval};
 use crate::offline::stability::{
-    accuracies, features, fit_classifier, in_memory_publication_with, labelled_nodes, Frozen,
+    accuracies, features, fit_classifier, in_memory_publication_with, labelled_nodes, type_index,
+    Frozen,
 };
 use crate::offline::{append_events, drain, run_dir, stream_start, Dataset, StabilityOptions};
 use crate::publish::{
@@ -77,6 +79,9 @@ pub struct RetrainReport {
     pub raw: RetrainVariant,
     pub procrustes: RetrainVariant,
     pub warm_pull: RetrainVariant,
+    /// Version A product-quantized (`--pq-subspaces`): the frozen classifier and retrieval on
+    /// its decoded rows.
+    pub pq: Vec<PqFigures>,
 }
 
 /// The retrain's seed: another one than version A's, as a periodic retrain would draw.
@@ -160,7 +165,8 @@ pub fn measure_retrain(
     anchor_core.checkpoint(&anchor_ckpt, fingerprint)?;
     let anchor_cursor = anchor_core.cursor();
     drop(anchor_core);
-    let anchor_tables = load(&anchor_ckpt, &store, p, device)?
+    let anchor_model = load(&anchor_ckpt, &store, p, device)?;
+    let anchor_tables = anchor_model
         .tables
         .iter()
         .map(|t| t.rows())
@@ -168,6 +174,29 @@ pub fn measure_retrain(
     let (classifier, _, (classifier_nodes, holdout_nodes, majority_baseline)) =
         fit_classifier(&store, &anchor_tables, node_type, &labelled, opts, p.seed)?;
     let (anchor_accuracy, anchor_balanced_accuracy) = score(&classifier, &anchor_tables);
+    // Version A compressed: what the frozen classifier and retrieval lose to its codes.
+    let pq = if opts.pq_subspaces.is_empty() {
+        Vec::new()
+    } else {
+        let retrieval = Retrieval {
+            user_type: type_index(&store, "user")?,
+            movie_type: type_index(&store, "movie")?,
+            relation: schema
+                .rel_id("rated_high")
+                .ok_or_else(|| anyhow::anyhow!("the schema has no relation rated_high"))?
+                as usize,
+        };
+        let classify = |tables: &[tch::Tensor]| score(&classifier, tables);
+        measure_pq(
+            &anchor_model,
+            &store,
+            p,
+            &retrieval,
+            classify,
+            &opts.pq_subspaces,
+        )?
+    };
+    drop(anchor_model);
 
     // The rest of the ratings, and the retrain from another seed on all of them.
     append_events(
@@ -279,6 +308,7 @@ pub fn measure_retrain(
         raw,
         procrustes,
         warm_pull,
+        pq,
     })
 }
 
@@ -399,6 +429,27 @@ impl RetrainReport {
             s,
             "rel.loss = relative loss of balanced accuracy against A; gate = what align.hard_limit would do; BC-Aligner: none -26.5%, post-hoc linear -10 to -14%, joint -0.65%"
         );
+        if !self.pq.is_empty() {
+            let _ = writeln!(
+                s,
+                "version A product-quantized (one codebook set for every node row):\n{:>9} {:>9} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9}",
+                "sub-sp.", "bytes/row", "compression", "+books", "rel.error", "R@10", "bal", "rel.loss"
+            );
+            for q in &self.pq {
+                let _ = writeln!(
+                    s,
+                    "{:>9} {:>9} {:>10.0}x {:>9.2} {:>10.4} {:>8.3} {:>8.3} {:>8.1}%",
+                    q.subspaces,
+                    q.code_bytes_per_row,
+                    q.compression,
+                    q.bytes_per_row_with_codebooks,
+                    q.relative_error,
+                    q.recall_at_10,
+                    q.balanced_accuracy,
+                    100.0 * q.relative_loss
+                );
+            }
+        }
         s
     }
 }

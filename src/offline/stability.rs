@@ -95,6 +95,10 @@ pub struct StabilityOptions {
     /// retrain: passes over the log for version A, for the retrain, and for the warm start.
     #[arg(long, default_value_t = 10)]
     pub retrain_epochs: usize,
+    /// retrain: version A product-quantized with each of these sub-space counts (dimension 128:
+    /// 32, 16, 8 are 16×, 32×, 64× smaller than f32 rows); empty (`--pq-subspaces ''`) skips it.
+    #[arg(long, value_delimiter = ',', default_values_t = [32, 16, 8])]
+    pub pq_subspaces: Vec<i64>,
 }
 
 /// Which stability case `stability` measures.

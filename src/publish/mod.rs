@@ -9,6 +9,7 @@
 mod freshness;
 mod ledger;
 mod machine;
+mod pq;
 mod producer;
 mod rows;
 pub mod subscriber;
@@ -18,6 +19,7 @@ mod wire;
 pub use freshness::*;
 pub use ledger::*;
 pub use machine::*;
+pub use pq::*;
 pub use producer::*;
 pub use rows::*;
 pub use version::*;

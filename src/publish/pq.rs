@@ -1,0 +1,364 @@
+//! Product quantization of embedding rows (Jégou, Douze and Schmid, 2011), as the TwHIN paper
+//! compresses its embeddings for low-latency serving: a row of dimension `D` is cut into `m`
+//! sub-vectors of `D / m` values, and each is replaced by the index (one byte) of its nearest
+//! of 256 centroids, learned per sub-space by k-means. A row then costs `m` bytes instead of
+//! `4·D`; a consumer decodes it by concatenating its centroids, and an inner product with an f32
+//! query is the sum of `m` table lookups (asymmetric distance).
+//!
+//! Pure functions over libtorch tensors: [`Codebooks::train`], [`Codebooks::encode`],
+//! [`Codebooks::decode`], [`Codebooks::relative_error`], and the codebooks' versioned wire record
+//! ([`Codebooks::to_bytes`]). Which codebooks a version uses, and when they are retrained, is the
+//! publisher's concern.
+
+use rand::rngs::SmallRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use tch::{Device, Kind, Tensor};
+
+/// Centroids per sub-space: one byte per code.
+pub const CENTROIDS: i64 = 256;
+
+/// Magic of the codebooks' wire record (version 1 of the format).
+pub const CODEBOOKS_MAGIC: &[u8; 4] = b"TWC1";
+const CODEBOOKS_HEADER: usize = 4 + 8 + 4 + 4 + 4;
+
+/// Rows encoded at a time (bounds the `[m, rows, 256]` distance tensor).
+const ENCODE_CHUNK: i64 = 16_384;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PqError {
+    #[error("product quantization: dimension {dim} is not a multiple of {subspaces} sub-spaces")]
+    Shape { dim: i64, subspaces: i64 },
+    #[error("product quantization: {rows} rows are too few to learn {CENTROIDS} centroids")]
+    TooFewRows { rows: i64 },
+    #[error("codebooks record of {len} bytes: {problem}")]
+    Record { len: usize, problem: &'static str },
+}
+
+/// One codebook per sub-space: `centroids [m, 256, D / m]`, and the epoch that names them (a
+/// code is meaningful only with the codebooks of its epoch).
+#[derive(Debug)]
+pub struct Codebooks {
+    pub epoch: u64,
+    pub centroids: Tensor,
+}
+
+impl PartialEq for Codebooks {
+    fn eq(&self, other: &Self) -> bool {
+        self.epoch == other.epoch
+            && self.centroids.size() == other.centroids.size()
+            && self.centroids.equal(&other.centroids)
+    }
+}
+
+impl Codebooks {
+    pub fn subspaces(&self) -> i64 {
+        self.centroids.size()[0]
+    }
+
+    pub fn dim(&self) -> i64 {
+        self.centroids.size()[0] * self.centroids.size()[2]
+    }
+
+    /// Bytes of one row's codes.
+    pub fn code_bytes(&self) -> usize {
+        self.subspaces() as usize
+    }
+
+    /// k-means in every sub-space at once on `rows [n, D]` (at most `sample` of them, drawn
+    /// with `seed`), `iterations` Lloyd steps from 256 distinct rows; a centroid left without
+    /// rows keeps its place.
+    pub fn train(
+        rows: &Tensor,
+        subspaces: i64,
+        sample_rows: usize,
+        iterations: usize,
+        seed: u64,
+        epoch: u64,
+    ) -> Result<Codebooks, PqError> {
+        let (n, dim) = (rows.size()[0], rows.size()[1]);
+        if subspaces < 1 || dim % subspaces != 0 {
+            return Err(PqError::Shape { dim, subspaces });
+        }
+        if n < CENTROIDS {
+            return Err(PqError::TooFewRows { rows: n });
+        }
+        tch::no_grad(|| {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let rows = rows.to_kind(Kind::Float);
+            let device = rows.device();
+            let taken = sample_rows.clamp(CENTROIDS as usize, n as usize);
+            let pick = |count: usize, rng: &mut SmallRng| {
+                let idx: Vec<i64> = sample(rng, n as usize, count)
+                    .into_iter()
+                    .map(|i| i as i64)
+                    .collect();
+                Tensor::from_slice(&idx).to_device(device)
+            };
+            let x = split(&rows.index_select(0, &pick(taken, &mut rng)), subspaces);
+            let first = pick(CENTROIDS as usize, &mut rng);
+            let mut centroids = split(&rows.index_select(0, &first), subspaces);
+            let dsub = dim / subspaces;
+            for _ in 0..iterations {
+                let assigned = nearest(&x, &centroids); // [m, taken]
+                                                        // One flat index per (sub-space, centroid): sums and counts in one scatter each.
+                let offsets =
+                    Tensor::arange(subspaces, (Kind::Int64, device)).unsqueeze(1) * CENTROIDS;
+                let flat = (&assigned + offsets).reshape([-1]);
+                let sums = Tensor::zeros([subspaces * CENTROIDS, dsub], (Kind::Float, device))
+                    .index_add(0, &flat, &x.reshape([-1, dsub]));
+                let counts = Tensor::zeros([subspaces * CENTROIDS], (Kind::Float, device))
+                    .index_add(0, &flat, &Tensor::ones_like(&flat).to_kind(Kind::Float));
+                let filled = counts.gt(0.0).unsqueeze(1);
+                let means = sums / counts.clamp_min(1.0).unsqueeze(1);
+                centroids = means
+                    .where_self(&filled, &centroids.reshape([-1, dsub]))
+                    .reshape([subspaces, CENTROIDS, dsub]);
+            }
+            Ok(Codebooks {
+                epoch,
+                centroids: centroids.to_device(Device::Cpu),
+            })
+        })
+    }
+
+    /// Each row's codes, `[n, m]` (u8): the nearest centroid in every sub-space.
+    pub fn encode(&self, rows: &Tensor) -> Result<Tensor, PqError> {
+        let (n, dim) = (rows.size()[0], rows.size()[1]);
+        if dim != self.dim() {
+            return Err(PqError::Shape {
+                dim,
+                subspaces: self.subspaces(),
+            });
+        }
+        Ok(tch::no_grad(|| {
+            let centroids = self.centroids.to_device(rows.device());
+            let parts: Vec<Tensor> = (0..n)
+                .step_by(ENCODE_CHUNK as usize)
+                .map(|start| {
+                    let len = ENCODE_CHUNK.min(n - start);
+                    let x = split(
+                        &rows.narrow(0, start, len).to_kind(Kind::Float),
+                        self.subspaces(),
+                    );
+                    nearest(&x, &centroids).transpose(0, 1).to_kind(Kind::Uint8)
+                })
+                .collect();
+            if parts.is_empty() {
+                Tensor::zeros([0, self.subspaces()], (Kind::Uint8, rows.device()))
+            } else {
+                Tensor::cat(&parts, 0)
+            }
+        }))
+    }
+
+    /// Rows from their codes `[n, m]`: the concatenated centroids, `[n, D]` (f32).
+    pub fn decode(&self, codes: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let m = self.subspaces();
+            let dsub = self.centroids.size()[2];
+            let centroids = self.centroids.to_device(codes.device());
+            let offsets = Tensor::arange(m, (Kind::Int64, codes.device())) * CENTROIDS;
+            let flat = (codes.to_kind(Kind::Int64) + offsets).reshape([-1]);
+            centroids
+                .reshape([-1, dsub])
+                .index_select(0, &flat)
+                .reshape([-1, m * dsub])
+        })
+    }
+
+    /// `Σ‖x − decode(encode(x))‖² / Σ‖x‖²` over `rows` (0 for an all-zero table).
+    pub fn relative_error(&self, rows: &Tensor) -> Result<f64, PqError> {
+        let decoded = self.decode(&self.encode(rows)?).to_device(rows.device());
+        let rows = rows.to_kind(Kind::Float);
+        let total = rows.square().sum(Kind::Double).double_value(&[]);
+        let err = (&rows - decoded)
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[]);
+        Ok(if total > 0.0 { err / total } else { 0.0 })
+    }
+
+    /// The codebooks' wire record: `TWC1`, the epoch (u64), `m`, 256 and `D / m` (u32 each), then
+    /// the centroids as f32, sub-space by sub-space, centroid by centroid; little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let size = self.centroids.size();
+        let values = Vec::<f32>::try_from(&self.centroids.reshape([-1])).expect("f32 centroids");
+        let mut out = Vec::with_capacity(CODEBOOKS_HEADER + 4 * values.len());
+        out.extend_from_slice(CODEBOOKS_MAGIC);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        for s in size {
+            out.extend_from_slice(&(s as u32).to_le_bytes());
+        }
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Codebooks, PqError> {
+        let bad = |problem| PqError::Record {
+            len: bytes.len(),
+            problem,
+        };
+        if bytes.len() < CODEBOOKS_HEADER {
+            return Err(bad("shorter than the header"));
+        }
+        if &bytes[..4] != CODEBOOKS_MAGIC {
+            return Err(bad("not a TWC1 record (another format version?)"));
+        }
+        let epoch = u64::from_le_bytes(bytes[4..12].try_into().expect("8"));
+        let u32_at =
+            |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4")) as i64;
+        let (m, k, dsub) = (u32_at(12), u32_at(16), u32_at(20));
+        if k != CENTROIDS || m == 0 || dsub == 0 {
+            return Err(bad("its shape is not m × 256 × D/m"));
+        }
+        let body = &bytes[CODEBOOKS_HEADER..];
+        if body.len() as i64 != m * k * dsub * 4 {
+            return Err(bad("length does not match its shape"));
+        }
+        let values: Vec<f32> = body
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+            .collect();
+        Ok(Codebooks {
+            epoch,
+            centroids: Tensor::from_slice(&values).reshape([m, k, dsub]),
+        })
+    }
+}
+
+/// `[n, D]` → `[m, n, D / m]`.
+fn split(rows: &Tensor, subspaces: i64) -> Tensor {
+    let (n, dim) = (rows.size()[0], rows.size()[1]);
+    rows.reshape([n, subspaces, dim / subspaces])
+        .transpose(0, 1)
+        .contiguous()
+}
+
+/// Per sub-space, each row's nearest centroid: `x [m, n, d]`, `centroids [m, 256, d]` →
+/// `[m, n]` (int64). `‖x − c‖² = ‖x‖² − 2x·c + ‖c‖²`, and `‖x‖²` does not change the argmin.
+fn nearest(x: &Tensor, centroids: &Tensor) -> Tensor {
+    let products = x.bmm(&centroids.transpose(1, 2)); // [m, n, 256]
+    let norms = centroids
+        .square()
+        .sum_dim_intlist(2, false, Kind::Float)
+        .unsqueeze(1);
+    (norms - products * 2.0).argmin(2, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` rows around 40 centres (uniform in ±1), spread ±0.1; from a seeded generator of its
+    /// own (torch's is shared by the tests running beside it).
+    fn clustered(seed: u64, n: i64, dim: i64) -> Tensor {
+        use rand::Rng;
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let centres: Vec<f32> = (0..40 * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let values: Vec<f32> = (0..n)
+            .flat_map(|_| {
+                let c = rng.random_range(0..40) as usize * dim as usize;
+                (0..dim as usize)
+                    .map(|j| centres[c + j] + rng.random_range(-0.1..0.1))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Tensor::from_slice(&values).reshape([n, dim])
+    }
+
+    #[test]
+    fn codes_round_trip_and_more_subspaces_quantise_finer() {
+        let rows = clustered(1, 3000, 32);
+        let mut last = f64::INFINITY;
+        for m in [2, 4, 8, 16] {
+            let books = Codebooks::train(&rows, m, 2000, 10, 7, 1).unwrap();
+            let codes = books.encode(&rows).unwrap();
+            assert_eq!(codes.size(), vec![3000, m]);
+            assert_eq!(codes.kind(), Kind::Uint8);
+            assert_eq!(books.decode(&codes).size(), vec![3000, 32]);
+            let err = books.relative_error(&rows).unwrap();
+            assert!(err < last, "m = {m}: error {err} after {last}");
+            last = err;
+        }
+        // 40 clusters of spread 0.1 in 16 sub-spaces of 2: most of the energy is kept.
+        assert!(last < 0.02, "{last}");
+    }
+
+    #[test]
+    fn a_centroid_of_the_codebook_encodes_to_itself() {
+        let rows = clustered(2, 1000, 8);
+        let books = Codebooks::train(&rows, 4, 1000, 5, 3, 1).unwrap();
+        // Row made of centroid 17 of sub-space 0, 200 of 1, 3 of 2, 255 of 3.
+        let pick = [17i64, 200, 3, 255];
+        let row = Tensor::cat(
+            &pick
+                .iter()
+                .enumerate()
+                .map(|(s, &c)| books.centroids.get(s as i64).get(c))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unsqueeze(0);
+        let codes = books.encode(&row).unwrap();
+        let got: Vec<u8> = Vec::try_from(&codes.reshape([-1])).unwrap();
+        // Centroids can coincide (duplicate rows); the decoded row is what must match.
+        assert!(
+            books.decode(&codes).allclose(&row, 0.0, 1e-6, false),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn golden_two_subspaces_of_one_value() {
+        // 256 distinct values per sub-space: every row is a centroid, codes are exact.
+        let v: Vec<f32> = (0..256).flat_map(|i| [i as f32, -(i as f32)]).collect();
+        let rows = Tensor::from_slice(&v).reshape([256, 2]);
+        let books = Codebooks::train(&rows, 2, 256, 3, 1, 9).unwrap();
+        assert_eq!(books.relative_error(&rows).unwrap(), 0.0);
+        let codes = books.encode(&rows.narrow(0, 5, 1)).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(&books.decode(&codes).reshape([-1])).unwrap(),
+            vec![5.0, -5.0]
+        );
+    }
+
+    #[test]
+    fn the_record_round_trips_and_refuses_what_it_cannot_read() {
+        let rows = clustered(3, 600, 12);
+        let books = Codebooks::train(&rows, 3, 600, 4, 5, 42).unwrap();
+        let bytes = books.to_bytes();
+        assert_eq!(bytes.len(), 24 + 3 * 256 * 4 * 4);
+        assert_eq!(&bytes[..4], b"TWC1");
+        assert_eq!(bytes[4], 42, "epoch, little-endian");
+        assert_eq!(Codebooks::from_bytes(&bytes).unwrap(), books);
+        let mut short = bytes.clone();
+        short.pop();
+        assert!(matches!(
+            Codebooks::from_bytes(&short),
+            Err(PqError::Record { .. })
+        ));
+        let mut other = bytes;
+        other[3] = b'2';
+        assert!(Codebooks::from_bytes(&other).is_err());
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let rows = clustered(4, 300, 10);
+        assert!(matches!(
+            Codebooks::train(&rows, 3, 300, 2, 1, 1),
+            Err(PqError::Shape { .. })
+        ));
+        assert!(matches!(
+            Codebooks::train(&rows.narrow(0, 0, 100), 2, 100, 2, 1, 1),
+            Err(PqError::TooFewRows { rows: 100 })
+        ));
+        let books = Codebooks::train(&rows, 2, 300, 2, 1, 1).unwrap();
+        assert!(books
+            .encode(&Tensor::zeros([3, 8], (Kind::Float, Device::Cpu)))
+            .is_err());
+    }
+}
