@@ -29,7 +29,8 @@ pub use ingest::{IngestConfig, OffsetPolicy, StorageConfig};
 pub use kafka::{flatten_properties, KafkaConfig};
 pub use publish::{AlignConfig, PublishConfig, ValueFormat};
 pub use serve::{
-    AnnConfig, AnnQuantization, HttpConfig, LogConfig, LogFormat, MIN_BEARER_TOKEN_CHARS,
+    AnnConfig, AnnQuantization, HttpConfig, LogConfig, LogFormat, MultiInterestConfig,
+    MIN_BEARER_TOKEN_CHARS,
 };
 pub use train::{Comparator, LossKind, TorchConfig, TrainParams, TrainerConfig};
 

@@ -16,6 +16,23 @@ pub struct HttpConfig {
     pub bearer_token: String,
     /// `[http.ann]`: the HNSW index per target type that `/v1/neighbors` searches above a size.
     pub ann: AnnConfig,
+    /// `[http.multi_interest]`: users as several interests (`crate::train::split_history`).
+    pub multi_interest: MultiInterestConfig,
+}
+
+/// `[http.multi_interest]`: a user's recent targets clustered into interests, one query each,
+/// candidates merged by their best score. `stream-eval` measures it beside one embedding
+/// whether or not it is enabled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiInterestConfig {
+    pub enabled: bool,
+    /// At most this many interests per user.
+    pub max_interests: usize,
+    /// One interest per this many recent targets (a shorter history is one interest).
+    pub targets_per_interest: usize,
+    /// Spherical k-means iterations (it stops earlier once no target moves).
+    pub iterations: usize,
 }
 
 /// `[http.ann]`: approximate candidate retrieval for `/v1/neighbors` (`crate::serve::ann`).
@@ -65,6 +82,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("bind", &self.bind)
             .field("bearer_token", &token)
             .field("ann", &self.ann)
+            .field("multi_interest", &self.multi_interest)
             .finish()
     }
 }
@@ -101,6 +119,7 @@ impl Validate for HttpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.bind_addr()?;
         self.ann.validate()?;
+        self.multi_interest.validate()?;
         let token = &self.bearer_token;
         if !token.is_empty() {
             if token.len() < MIN_BEARER_TOKEN_CHARS {
@@ -138,6 +157,21 @@ impl Validate for AnnConfig {
         }
         if self.connectivity < 2 {
             return Err(invalid("http.ann.connectivity", "must be at least 2"));
+        }
+        Ok(())
+    }
+}
+
+impl Validate for MultiInterestConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("http.multi_interest.max_interests", self.max_interests),
+            ("http.multi_interest.targets_per_interest", self.targets_per_interest),
+            ("http.multi_interest.iterations", self.iterations),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
         }
         Ok(())
     }

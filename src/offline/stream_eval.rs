@@ -23,14 +23,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tch::{Device, Tensor};
 
-use crate::config::{Config, TrainParams, TrainerConfig};
+use crate::config::{Config, MultiInterestConfig, TrainParams, TrainerConfig};
 use crate::offline::{
     realistic_rank, run_dir, stream_start, Accounting, DataArgs, Figures, ItemKnn, Phase,
     Popularity, RankedEvent, ANY, HISTORY_BUCKETS, NEW_USERS,
 };
 use crate::schema::{Event, NodeKey};
 use crate::store::{AppendBatch, GraphStore};
-use crate::train::{all_target_scores, Embeddings, SourceQuery, TrainerCore};
+use crate::train::{
+    all_target_scores, interest_count, split_history, Embeddings, SourceQuery, TrainerCore,
+};
 
 /// How the measurement runs (the `stream-eval` command's flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -53,6 +55,8 @@ pub struct StreamEvalOptions {
 /// The methods compared, in column order.
 const MODEL: &str = "model";
 const RANDOM_INIT: &str = "model_random_init";
+/// The model's user as several interests ([`crate::train::split_history`]), merged by best score.
+const MULTI_INTEREST: &str = "model_multi_interest";
 const POPULARITY: &str = "popularity";
 const ITEM_KNN: &str = "item_knn";
 
@@ -284,7 +288,7 @@ fn rank_stream(
         .followers
         .iter()
         .map(|f| f.name)
-        .chain([POPULARITY, ITEM_KNN])
+        .chain([MULTI_INTEREST, POPULARITY, ITEM_KNN])
         .collect();
     let bar = progress_bar(progress, stream.engagements.len());
     let total = stream.engagements.len();
@@ -301,16 +305,27 @@ fn rank_stream(
             .collect();
         if !ranked.is_empty() {
             refresh_rows(&streamer.store, stream, &mut item_rows)?;
-            let model_scores: Vec<Vec<Vec<f32>>> = streamer
+            let mut scores: Vec<Vec<Vec<f32>>> = streamer
                 .followers
                 .iter()
-                .map(|f| model_scores(&streamer.store, cfg, &f.core, &ranked, &item_rows))
+                .map(|f| model_scores(&streamer.store, cfg, &f.core, &ranked, &item_rows, None))
                 .collect::<anyhow::Result<_>>()?;
+            // The first follower is the model: its users as interests too.
+            let interests = Some(&cfg.http.multi_interest);
+            let core = &streamer.followers[0].core;
+            scores.push(model_scores(
+                &streamer.store,
+                cfg,
+                core,
+                &ranked,
+                &item_rows,
+                interests,
+            )?);
             for (q, &(i, e)) in ranked.iter().enumerate() {
                 let slot = stream.slots[&e.rel];
                 let truth = stream.items[&e.dst.id];
                 let history = histories.of(&e.src.id);
-                let mut ranks: Vec<f64> = model_scores
+                let mut ranks: Vec<f64> = scores
                     .iter()
                     .map(|s| realistic_rank(&s[q], truth, history))
                     .collect();
@@ -365,16 +380,24 @@ fn refresh_rows(
     Ok(())
 }
 
-/// The model's score of every dense item for each ranked event.
+/// The model's score of every dense item for each ranked event; with `interests`, the user's
+/// recent targets split into interests, one query each, and an item's score its best one.
 fn model_scores(
     store: &GraphStore,
     cfg: &Config,
     core: &TrainerCore,
     ranked: &[(usize, &Event)],
     item_rows: &[Option<u32>],
+    interests: Option<&MultiInterestConfig>,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let item_type = ranked[0].1.dst.node_type as usize;
+    let target_rows = interests
+        .map(|_| Vec::<f32>::try_from(core.model.tables[item_type].rows().reshape([-1])))
+        .transpose()?;
+    let dim = core.model.dim as usize;
     let mut queries = Vec::with_capacity(ranked.len());
+    // Per event, its queries' range in `queries`.
+    let mut spans = Vec::with_capacity(ranked.len());
     for (_, e) in ranked {
         let src = node_row(store, &e.src)?;
         let history = match src {
@@ -387,14 +410,44 @@ fn model_scores(
             }
             None => Vec::new(),
         };
-        queries.push(SourceQuery {
-            src_type: e.src.node_type as usize,
-            src,
-            rel: e.rel as i64,
-            history,
-        });
+        let groups = match (interests, &target_rows) {
+            (Some(mi), Some(rows)) => {
+                let k = interest_count(history.len(), mi.max_interests, mi.targets_per_interest);
+                split_history(&history, rows, dim, k, mi.iterations)
+            }
+            _ => vec![history],
+        };
+        let start = queries.len();
+        for history in groups {
+            queries.push(SourceQuery {
+                src_type: e.src.node_type as usize,
+                src,
+                rel: e.rel as i64,
+                history,
+            });
+        }
+        if queries.len() == start {
+            // No history: the user's own row alone.
+            queries.push(SourceQuery {
+                src_type: e.src.node_type as usize,
+                src,
+                rel: e.rel as i64,
+                history: Vec::new(),
+            });
+        }
+        spans.push((start, queries.len()));
     }
-    let scores = all_target_scores(&core.model, cfg.train.comparator, &queries, item_type);
+    let all = all_target_scores(&core.model, cfg.train.comparator, &queries, item_type);
+    let scores = Tensor::stack(
+        &spans
+            .iter()
+            .map(|&(from, to)| {
+                all.narrow(0, from as i64, (to - from) as i64)
+                    .amax([0].as_slice(), false)
+            })
+            .collect::<Vec<_>>(),
+        0,
+    );
     let rows = scores.size()[1] - 1;
     let map: Vec<i64> = item_rows
         .iter()
@@ -457,8 +510,12 @@ fn report(
     a: &Accounting,
     started: Instant,
 ) -> StreamEvalReport {
-    let methods = [MODEL, POPULARITY, ITEM_KNN];
-    let mut new_users = a.slice(None, NEW_USERS, &[MODEL, RANDOM_INIT, POPULARITY, ITEM_KNN]);
+    let methods = [MODEL, MULTI_INTEREST, POPULARITY, ITEM_KNN];
+    let mut new_users = a.slice(
+        None,
+        NEW_USERS,
+        &[MODEL, RANDOM_INIT, MULTI_INTEREST, POPULARITY, ITEM_KNN],
+    );
     if !cfg.trainer.warm_start {
         // Warm start is off in these settings: the random-init model is the model itself.
         let model = new_users[MODEL];
@@ -491,7 +548,7 @@ impl StreamEvalReport {
     pub fn table(&self) -> String {
         let mut out = format!(
             "stream-eval {}: {} engagement events, micro-batch {} (fixed), {:.0} s\n\
-             Hits@10 / MRR on {}\n",
+             Hits@10 / Hits@50 / MRR on {}\n",
             self.dataset,
             self.engagements,
             self.settings.micro_batch_size,
@@ -500,9 +557,9 @@ impl StreamEvalReport {
         );
         let row = |name: &str, m: &MethodFigures| {
             let mut line = format!("  {name:<16}");
-            for method in [MODEL, RANDOM_INIT, POPULARITY, ITEM_KNN] {
+            for method in [MODEL, RANDOM_INIT, MULTI_INTEREST, POPULARITY, ITEM_KNN] {
                 if let Some(f) = m.get(method) {
-                    line += &format!(" {method} {:.3}/{:.3}", f.hits10, f.mrr);
+                    line += &format!(" {method} {:.3}/{:.3}/{:.3}", f.hits10, f.hits50, f.mrr);
                 }
             }
             let ranked = m.values().next().map_or(0, |f| f.ranked);

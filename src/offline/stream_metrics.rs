@@ -42,11 +42,14 @@ pub fn realistic_rank<K: PartialOrd>(keys: &[K], truth: usize, filtered: &[usize
     1.0 + higher as f64 + tied as f64 / 2.0
 }
 
-/// Hits@10, MRR and the count of one method on one slice.
+/// Hits@10 and @50 (with one held-out target per event, Recall@10 and @50 of the candidates),
+/// MRR and the count of one method on one slice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Figures {
     #[serde(rename = "hits@10")]
     pub hits10: f64,
+    #[serde(rename = "hits@50")]
+    pub hits50: f64,
     pub mrr: f64,
     pub ranked: usize,
 }
@@ -55,6 +58,7 @@ pub struct Figures {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tally {
     hits10: f64,
+    hits50: f64,
     reciprocal: f64,
     n: usize,
 }
@@ -65,6 +69,9 @@ impl Tally {
         if rank <= 10.0 {
             self.hits10 += 1.0;
         }
+        if rank <= 50.0 {
+            self.hits50 += 1.0;
+        }
         self.n += 1;
     }
 
@@ -72,6 +79,7 @@ impl Tally {
         let n = self.n.max(1) as f64;
         Figures {
             hits10: self.hits10 / n,
+            hits50: self.hits50 / n,
             mrr: self.reciprocal / n,
             ranked: self.n,
         }
@@ -202,13 +210,14 @@ mod tests {
     #[test]
     fn tally_golden_figures() {
         let mut t = Tally::default();
-        for r in [1.0, 2.0, 10.0, 10.5, 40.0] {
+        for r in [1.0, 2.0, 10.0, 10.5, 40.0, 50.5] {
             t.add(r);
         }
         let f = t.figures();
-        assert_eq!(f.ranked, 5);
-        assert!((f.hits10 - 0.6).abs() < 1e-12);
-        let mrr = (1.0 + 0.5 + 0.1 + 1.0 / 10.5 + 0.025) / 5.0;
+        assert_eq!(f.ranked, 6);
+        assert!((f.hits10 - 0.5).abs() < 1e-12);
+        assert!((f.hits50 - 5.0 / 6.0).abs() < 1e-12);
+        let mrr = (1.0 + 0.5 + 0.1 + 1.0 / 10.5 + 0.025 + 1.0 / 50.5) / 6.0;
         assert!((f.mrr - mrr).abs() < 1e-12);
         assert_eq!(Tally::default().figures().ranked, 0);
     }
