@@ -166,7 +166,10 @@ impl Validate for MultiInterestConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         for (key, value) in [
             ("http.multi_interest.max_interests", self.max_interests),
-            ("http.multi_interest.targets_per_interest", self.targets_per_interest),
+            (
+                "http.multi_interest.targets_per_interest",
+                self.targets_per_interest,
+            ),
             ("http.multi_interest.iterations", self.iterations),
         ] {
             if value == 0 {

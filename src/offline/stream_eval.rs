@@ -438,16 +438,7 @@ fn model_scores(
         spans.push((start, queries.len()));
     }
     let all = all_target_scores(&core.model, cfg.train.comparator, &queries, item_type);
-    let scores = Tensor::stack(
-        &spans
-            .iter()
-            .map(|&(from, to)| {
-                all.narrow(0, from as i64, (to - from) as i64)
-                    .amax([0].as_slice(), false)
-            })
-            .collect::<Vec<_>>(),
-        0,
-    );
+    let scores = best_of_spans(&all, &spans);
     let rows = scores.size()[1] - 1;
     let map: Vec<i64> = item_rows
         .iter()
@@ -460,6 +451,22 @@ fn model_scores(
     Ok((0..ranked.len() as i64)
         .map(|q| Vec::<f32>::try_from(dense.get(q)).expect("f32 scores"))
         .collect())
+}
+
+/// Per span `from..to` of the rows of `scores [queries, items]`, each item's best score:
+/// `[spans, items]` (an event's interests merged; a span of one row is that row).
+fn best_of_spans(scores: &Tensor, spans: &[(usize, usize)]) -> Tensor {
+    Tensor::stack(
+        &spans
+            .iter()
+            .map(|&(from, to)| {
+                scores
+                    .narrow(0, from as i64, (to - from) as i64)
+                    .amax([0].as_slice(), false)
+            })
+            .collect::<Vec<_>>(),
+        0,
+    )
 }
 
 fn node_row(store: &GraphStore, key: &NodeKey) -> anyhow::Result<Option<i64>> {
@@ -575,5 +582,22 @@ impl StreamEvalReport {
         }
         out += &row(NEW_USERS, &self.new_users_2_5);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_interests_merge_by_best_score() {
+        // Event 0 has two interests (rows 0, 1), event 1 one (row 2).
+        let scores =
+            Tensor::from_slice(&[0.1f32, 0.9, -1.0, 0.5, 0.2, -0.5, 3.0, 2.0, 1.0]).reshape([3, 3]);
+        let best = best_of_spans(&scores, &[(0, 2), (2, 3)]);
+        assert_eq!(
+            Vec::<f32>::try_from(best.reshape([-1])).unwrap(),
+            vec![0.5, 0.9, -0.5, 3.0, 2.0, 1.0]
+        );
     }
 }

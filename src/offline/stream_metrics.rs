@@ -263,6 +263,7 @@ mod tests {
             f(Some(Phase::Report), "rated_high", "model"),
             Figures {
                 hits10: 1.0,
+                hits50: 1.0,
                 mrr: 0.25,
                 ranked: 1
             }

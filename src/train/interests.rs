@@ -56,7 +56,10 @@ pub fn split_history(
                     .fold(f32::NEG_INFINITY, f32::max);
                 (i, best)
             })
-            .fold((0, f32::INFINITY), |acc, (i, s)| if s < acc.1 { (i, s) } else { acc });
+            .fold(
+                (0, f32::INFINITY),
+                |acc, (i, s)| if s < acc.1 { (i, s) } else { acc },
+            );
         centres.push(unit[far.0].clone());
     }
     let mut assigned = vec![0usize; n];
@@ -65,7 +68,10 @@ pub fn split_history(
         for (i, u) in unit.iter().enumerate() {
             let best = (0..k)
                 .map(|c| (c, dot(u, &centres[c])))
-                .fold((0, f32::NEG_INFINITY), |acc, (c, s)| if s > acc.1 { (c, s) } else { acc })
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |acc, (c, s)| if s > acc.1 { (c, s) } else { acc },
+                )
                 .0;
             changed |= best != assigned[i];
             assigned[i] = best;
@@ -96,7 +102,10 @@ pub fn split_history(
         .collect();
     let mut order: Vec<usize> = (0..k).filter(|&c| !groups[c].is_empty()).collect();
     order.sort_by_key(|&c| (std::cmp::Reverse(groups[c].len()), first[c]));
-    order.into_iter().map(|c| std::mem::take(&mut groups[c])).collect()
+    order
+        .into_iter()
+        .map(|c| std::mem::take(&mut groups[c]))
+        .collect()
 }
 
 #[cfg(test)]
@@ -137,7 +146,10 @@ mod tests {
             ]
         );
         // One interest asked for: the history as it is.
-        assert_eq!(split_history(&history, &rows, dim, 1, 10), vec![history.clone()]);
+        assert_eq!(
+            split_history(&history, &rows, dim, 1, 10),
+            vec![history.clone()]
+        );
         // More interests than targets: at most one per target, none empty.
         let three = split_history(&history[..2], &rows, dim, 3, 10);
         assert_eq!(three.len(), 2);

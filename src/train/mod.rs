@@ -9,8 +9,8 @@
 mod actor;
 mod checkpoint;
 mod device;
-mod logistic_host;
 mod interests;
+mod logistic_host;
 mod loss;
 mod model;
 mod prequential;
