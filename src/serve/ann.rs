@@ -995,20 +995,25 @@ mod tests {
                         *x += rng.random_range(-0.1..0.1);
                     }
                 }
-                let changed = Tensor::from_slice(&changed);
-                ann.submit(
-                    v,
-                    Comparator::Dot,
-                    &[table(&flat, dim)],
-                    &[],
-                    Some(&[changed]),
-                );
-                assert!(ann.wait_for(v, Duration::from_secs(60)));
+                apply_version(&ann, v, &flat, dim, &changed);
             }
             done.store(true, Ordering::Relaxed);
         });
         let f = ann.figures();
         assert_eq!((f.builds, f.failures, f.types[0].version), (1, 0, 11));
+    }
+
+    /// Version `v` of the rows `flat` with `changed` rows, submitted and waited for.
+    fn apply_version(ann: &AnnIndexes, v: u64, flat: &[f32], dim: usize, changed: &[i64]) {
+        let changed = Tensor::from_slice(changed);
+        ann.submit(
+            v,
+            Comparator::Dot,
+            &[table(flat, dim)],
+            &[],
+            Some(&[changed]),
+        );
+        assert!(ann.wait_for(v, Duration::from_secs(60)));
     }
 
     /// `/v1/status` asks for the figures while the updater inserts and grows the index: the
@@ -1034,15 +1039,7 @@ mod tests {
             for v in 2..17u64 {
                 let n = flat.len() / dim;
                 flat.extend(clustered(&mut rng, n / 5, dim));
-                let changed = Tensor::from_slice(&[0i64, 1, 2]);
-                ann.submit(
-                    v,
-                    Comparator::Dot,
-                    &[table(&flat, dim)],
-                    &[],
-                    Some(&[changed]),
-                );
-                assert!(ann.wait_for(v, Duration::from_secs(60)));
+                apply_version(ann, v, &flat, dim, &[0, 1, 2]);
             }
             done.store(true, Ordering::Relaxed);
         });
