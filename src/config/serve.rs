@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{invalid, ConfigError, Validate};
+use super::{invalid, positive, ConfigError, Validate};
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,13 +20,12 @@ pub struct HttpConfig {
     pub multi_interest: MultiInterestConfig,
 }
 
-/// `[http.multi_interest]`: a user's recent targets clustered into interests, one query each,
-/// candidates merged by their best score. `stream-eval` measures it beside one embedding
-/// whether or not it is enabled.
+/// `[http.multi_interest]`: how a user's recent targets are clustered into interests, one query
+/// each, candidates merged as a mixture. `stream-eval` measures it beside one embedding;
+/// `/v1/neighbors` does not use it yet (it lost to one embedding on MovieLens-100k).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MultiInterestConfig {
-    pub enabled: bool,
     /// At most this many interests per user.
     pub max_interests: usize,
     /// One interest per this many recent targets (a shorter history is one interest).
@@ -151,9 +150,7 @@ impl Validate for AnnConfig {
             ("http.ann.search_threads", self.search_threads),
             ("http.ann.build_threads", self.build_threads),
         ] {
-            if value == 0 {
-                return Err(invalid(key, "must be greater than 0"));
-            }
+            positive(key, value as u64)?;
         }
         if self.connectivity < 2 {
             return Err(invalid("http.ann.connectivity", "must be at least 2"));
@@ -172,9 +169,7 @@ impl Validate for MultiInterestConfig {
             ),
             ("http.multi_interest.iterations", self.iterations),
         ] {
-            if value == 0 {
-                return Err(invalid(key, "must be greater than 0"));
-            }
+            positive(key, value as u64)?;
         }
         Ok(())
     }

@@ -28,10 +28,11 @@ use tch::{Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::Config;
+use crate::offline::stability::MovieLensStream;
 use crate::offline::stability::{
     accuracies, in_memory_publication_with, type_index, LogisticRegression,
 };
-use crate::offline::{append_events, drain, run_dir, stream_start, Dataset};
+use crate::offline::{append_events, drain, run_dir, Dataset};
 use crate::publish::{publish_in_process, InProcessTrainer, MemorySink, Outcome, PublishedView};
 use crate::schema::Event;
 use crate::store::{GraphStore, NodeRef};
@@ -206,14 +207,14 @@ pub fn measure_downstream(
     );
     let dataset = Dataset::MovieLens100k;
     let dir = run_dir(cfg, dataset).join("downstream");
-    let (store, mut events, mut core) = stream_start(
-        cfg,
-        dataset,
-        &["train", "valid", "test"],
-        &dir,
-        cfg.trainer.clone(),
-        device,
-    )?;
+    let stream = MovieLensStream::open(cfg, &dir, opts.limit, device)?;
+    let ratings = stream.ratings();
+    let MovieLensStream {
+        store,
+        events,
+        mut core,
+        kg_end,
+    } = stream;
     let schema = cfg.schema();
     let rel = |name: &str| {
         schema
@@ -222,9 +223,6 @@ pub fn measure_downstream(
     };
     let (high_rel, low_rel) = (rel("rated_high")?, rel("rated_low")?);
     let rating = |e: &Event| e.rel == high_rel || e.rel == low_rel;
-    let kg_end = events.iter().position(rating).unwrap_or(events.len());
-    let ratings = (events.len() - kg_end).min(opts.limit.unwrap_or(usize::MAX));
-    events.truncate(kg_end + ratings);
     let cut = kg_end + (ratings as f64 * opts.cut_fraction) as usize;
     anyhow::ensure!(
         cut > kg_end && cut < events.len(),

@@ -14,7 +14,7 @@
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::publish::Codebooks;
+use crate::publish::{relative_error, Codebooks};
 use crate::store::{GraphStore, NodeRef};
 use crate::train::{composed_source, Embeddings, TrainParams};
 
@@ -69,10 +69,9 @@ pub fn measure_pq(
         .iter()
         .map(|&m| {
             let books = Codebooks::train(&all, m, SAMPLE_ROWS, ITERATIONS, p.seed, 1)?;
-            let decoded: Vec<Tensor> = tables
-                .iter()
-                .map(|t| books.encode(t).map(|codes| books.decode(&codes)))
-                .collect::<Result<_, _>>()?;
+            let decoded_all = books.decode(&books.encode(&all)?);
+            let sizes: Vec<i64> = tables.iter().map(|t| t.size()[0]).collect();
+            let decoded = decoded_all.split_with_sizes(sizes.as_slice(), 0);
             let top = top_movies(store, p, model, &decoded, retrieval)?;
             let recall = reference_top
                 .iter()
@@ -82,14 +81,14 @@ pub fn measure_pq(
                 / reference_top.len().max(1) as f64;
             let (accuracy, balanced_accuracy) = classify(&decoded);
             let f32_bytes = 4.0 * model.dim as f64;
-            let codebook_bytes = (m * crate::publish::CENTROIDS * (model.dim / m) * 4) as f64;
+            let codebook_bytes = (books.centroids.numel() * 4) as f64;
             Ok(PqFigures {
                 subspaces: m,
                 code_bytes_per_row: books.code_bytes(),
                 compression: f32_bytes / books.code_bytes() as f64,
                 bytes_per_row_with_codebooks: books.code_bytes() as f64
                     + codebook_bytes / rows.max(1) as f64,
-                relative_error: books.relative_error(&all)?,
+                relative_error: relative_error(&all, &decoded_all),
                 recall_at_10: recall,
                 accuracy,
                 balanced_accuracy,

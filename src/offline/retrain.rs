@@ -29,9 +29,9 @@ use crate::config::Config;
 use crate::offline::quantize::{measure_pq, PqFigures, Retrieval};
 use crate::offline::stability::{
     accuracies, features, fit_classifier, in_memory_publication_with, labelled_nodes, type_index,
-    Frozen,
+    Frozen, MovieLensStream,
 };
-use crate::offline::{append_events, drain, run_dir, stream_start, Dataset, StabilityOptions};
+use crate::offline::{append_events, drain, run_dir, Dataset, StabilityOptions};
 use crate::publish::{
     publish_in_process, InProcessTrainer, MemorySink, Outcome, Publication, PublishedView,
 };
@@ -131,19 +131,15 @@ pub fn measure_retrain(
     let (node_type, labelled) = labelled_nodes(cfg, &label)?;
     let dataset = Dataset::MovieLens100k;
     let dir = run_dir(cfg, dataset).join("stability-retrain");
-    let (store, mut events, mut anchor_core) = stream_start(
-        cfg,
-        dataset,
-        &["train", "valid", "test"],
-        &dir.join("store"),
-        cfg.trainer.clone(),
-        device,
-    )?;
+    let stream = MovieLensStream::open(cfg, &dir.join("store"), opts.limit, device)?;
+    let ratings = stream.ratings();
+    let MovieLensStream {
+        store,
+        events,
+        core: mut anchor_core,
+        kg_end,
+    } = stream;
     let schema = cfg.schema();
-    let rated = |e: &crate::schema::Event| schema.relation(e.rel).name.starts_with("rated_");
-    let kg_end = events.iter().position(rated).unwrap_or(events.len());
-    let ratings = (events.len() - kg_end).min(opts.limit.unwrap_or(usize::MAX));
-    events.truncate(kg_end + ratings);
     let anchor_ratings = (ratings as f64 * opts.first_fraction) as usize;
     let p = &cfg.train;
     let fingerprint = schema_fingerprint(store.stored_schema());

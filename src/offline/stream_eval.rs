@@ -55,7 +55,8 @@ pub struct StreamEvalOptions {
 /// The methods compared, in column order.
 const MODEL: &str = "model";
 const RANDOM_INIT: &str = "model_random_init";
-/// The model's user as several interests ([`crate::train::split_history`]), merged by best score.
+/// The model's user as several interests ([`crate::train::split_history`]), merged as a mixture
+/// ([`mixture_of_spans`]).
 const MULTI_INTEREST: &str = "model_multi_interest";
 const POPULARITY: &str = "popularity";
 const ITEM_KNN: &str = "item_knn";
@@ -391,9 +392,7 @@ fn model_scores(
     interests: Option<&MultiInterestConfig>,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let item_type = ranked[0].1.dst.node_type as usize;
-    let target_rows = interests
-        .map(|_| Vec::<f32>::try_from(core.model.tables[item_type].rows().reshape([-1])))
-        .transpose()?;
+    let targets = core.model.tables[item_type].rows();
     let dim = core.model.dim as usize;
     let mut queries = Vec::with_capacity(ranked.len());
     // Per event, its queries' range in `queries`; per query, its interest's share of the
@@ -412,10 +411,21 @@ fn model_scores(
             }
             None => Vec::new(),
         };
-        let groups = match (interests, &target_rows) {
-            (Some(mi), Some(rows)) => {
+        let groups = match interests {
+            Some(mi) if !history.is_empty() => {
                 let k = interest_count(history.len(), mi.max_interests, mi.targets_per_interest);
-                split_history(&history, rows, dim, k, mi.iterations)
+                // Only the history's rows, not the whole table, leave libtorch.
+                let rows: Vec<i64> = history.iter().map(|&(r, _)| r).collect();
+                let vectors = targets
+                    .index_select(0, &Tensor::from_slice(&rows))
+                    .reshape([-1]);
+                split_history(
+                    &history,
+                    &Vec::<f32>::try_from(vectors)?,
+                    dim,
+                    k,
+                    mi.iterations,
+                )
             }
             _ => vec![history],
         };

@@ -167,16 +167,9 @@ impl Codebooks {
         })
     }
 
-    /// `Σ‖x − decode(encode(x))‖² / Σ‖x‖²` over `rows` (0 for an all-zero table).
+    /// [`relative_error`] of `rows` against their codes decoded.
     pub fn relative_error(&self, rows: &Tensor) -> Result<f64, PqError> {
-        let decoded = self.decode(&self.encode(rows)?).to_device(rows.device());
-        let rows = rows.to_kind(Kind::Float);
-        let total = rows.square().sum(Kind::Double).double_value(&[]);
-        let err = (&rows - decoded)
-            .square()
-            .sum(Kind::Double)
-            .double_value(&[]);
-        Ok(if total > 0.0 { err / total } else { 0.0 })
+        Ok(relative_error(rows, &self.decode(&self.encode(rows)?)))
     }
 
     /// The codebooks' wire record: `TWC1`, the epoch (u64), `m`, 256 and `D / m` (u32 each), then
@@ -226,6 +219,22 @@ impl Codebooks {
             epoch,
             centroids: Tensor::from_slice(&values).reshape([m, k, dsub]),
         })
+    }
+}
+
+/// `Σ‖x − x̂‖² / Σ‖x‖²` of `rows` and their approximations `decoded` (0 for an all-zero table).
+pub fn relative_error(rows: &Tensor, decoded: &Tensor) -> f64 {
+    let rows = rows.to_kind(Kind::Float);
+    let decoded = decoded.to_device(rows.device());
+    let total = rows.square().sum(Kind::Double).double_value(&[]);
+    let err = (&rows - decoded)
+        .square()
+        .sum(Kind::Double)
+        .double_value(&[]);
+    if total > 0.0 {
+        err / total
+    } else {
+        0.0
     }
 }
 

@@ -267,14 +267,14 @@ impl TypeIndex {
 
     /// Records the bytes the index holds, for [`AnnIndexes::figures`]. usearch's figure walks
     /// every node without a lock, so it is only safe on the updater's thread (the one writer)
-    /// and costs a pass over the index: after a build it is measured; after an update, grown by
-    /// the new rows at the bytes per row last measured.
-    fn measure(&self, rows_before: usize, rows_now: usize, walk: bool) {
-        let bytes = if walk || rows_before == 0 {
+    /// and costs a pass over the index: after a build (`rows_before` 0) it is measured; after an
+    /// update, grown by the new rows at the bytes per row last measured.
+    fn measure(&self, rows_before: usize, rows_now: usize) {
+        let bytes = if rows_before == 0 {
             self.index.memory_usage()
         } else {
-            let per_row = self.memory.load(Ordering::Relaxed) / rows_before;
-            self.memory.load(Ordering::Relaxed) + rows_now.saturating_sub(rows_before) * per_row
+            let measured = self.memory.load(Ordering::Relaxed);
+            measured + rows_now.saturating_sub(rows_before) * (measured / rows_before)
         };
         self.memory.store(bytes, Ordering::Relaxed);
     }
@@ -687,7 +687,7 @@ impl AnnIndexes {
                 return Ok(None);
             }
         }
-        ix.measure(0, n as usize, true);
+        ix.measure(0, n as usize);
         ix.rows.store(n as usize, Ordering::Release);
         ix.version.store(version, Ordering::Release);
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -747,7 +747,7 @@ impl AnnIndexes {
                 .transpose()?;
             ix.upsert(keys, &rows, biases.as_deref())?;
         }
-        ix.measure(indexed as usize, n as usize, false);
+        ix.measure(indexed as usize, n as usize);
         ix.rows.store(n as usize, Ordering::Release);
         ix.version.store(version, Ordering::Release);
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -933,15 +933,7 @@ mod tests {
         flat[17 * dim..18 * dim].copy_from_slice(&[50.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
         flat.extend(clustered(&mut rng, 10, dim));
         flat[(n + 3) * dim] = 40.0;
-        let changed = Tensor::from_slice(&[17i64, 3000, 3001, 3002, 3003]);
-        ann.submit(
-            2,
-            Comparator::Dot,
-            &[table(&flat, dim)],
-            &[],
-            Some(&[changed]),
-        );
-        assert!(ann.wait_for(2, Duration::from_secs(60)));
+        apply_version(&ann, 2, &flat, dim, &[17, 3000, 3001, 3002, 3003]);
         let top = ann_top(&ann, &flat, dim, None, &q, 2);
         assert_eq!(top, vec![17, n as i64 + 3]);
         let f = ann.figures();

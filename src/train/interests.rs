@@ -16,13 +16,13 @@ pub fn interest_count(n: usize, max_interests: usize, per_interest: usize) -> us
 }
 
 /// Splits `history` (`(row, raw weight)`, most recent first, as [`super::history_targets`] gives
-/// it) into at most `k` interests by spherical k-means over the rows' vectors (`rows[row]`,
-/// each `dim` long, flattened row-major); each interest keeps its members' raw weights (the
-/// composition renormalises them within the interest). Interests come out largest first (ties:
+/// it) into at most `k` interests by spherical k-means over the targets' vectors (`vectors`:
+/// one of `dim` values per history entry, in its order, flattened); each interest keeps its
+/// members' raw weights (the composition renormalises them within the interest). Interests come out largest first (ties:
 /// the one holding the more recent target first); none is empty.
 pub fn split_history(
     history: &[(i64, f32)],
-    rows: &[f32],
+    vectors: &[f32],
     dim: usize,
     k: usize,
     iterations: usize,
@@ -31,14 +31,15 @@ pub fn split_history(
     if n == 0 {
         return Vec::new();
     }
+    debug_assert!(vectors.len() >= n * dim, "one vector per history entry");
     let k = k.clamp(1, n);
     if k == 1 {
         return vec![history.to_vec()];
     }
-    let unit: Vec<Vec<f32>> = history
-        .iter()
-        .map(|&(r, _)| {
-            let v = &rows[r as usize * dim..(r as usize + 1) * dim];
+    let unit: Vec<Vec<f32>> = vectors
+        .chunks_exact(dim)
+        .take(n)
+        .map(|v| {
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
             v.iter().map(|x| x / norm).collect()
         })
