@@ -28,7 +28,7 @@ use tch::{Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::Config;
-use crate::offline::stability::MovieLensStream;
+use crate::offline::stability::movielens_stream;
 use crate::offline::stability::{
     accuracies, in_memory_publication_with, type_index, LogisticRegression,
 };
@@ -207,14 +207,8 @@ pub fn measure_downstream(
     );
     let dataset = Dataset::MovieLens100k;
     let dir = run_dir(cfg, dataset).join("downstream");
-    let stream = MovieLensStream::open(cfg, &dir, opts.limit, device)?;
-    let ratings = stream.ratings();
-    let MovieLensStream {
-        store,
-        events,
-        mut core,
-        kg_end,
-    } = stream;
+    let (store, events, mut core, kg_end) = movielens_stream(cfg, &dir, opts.limit, device)?;
+    let ratings = events.len() - kg_end;
     let schema = cfg.schema();
     let rel = |name: &str| {
         schema

@@ -28,8 +28,8 @@ use crate::align::{Aligner, Drift};
 use crate::config::Config;
 use crate::offline::quantize::{measure_pq, PqFigures, Retrieval};
 use crate::offline::stability::{
-    accuracies, features, fit_classifier, in_memory_publication_with, labelled_nodes, type_index,
-    Frozen, MovieLensStream,
+    accuracies, features, fit_classifier, in_memory_publication_with, labelled_nodes,
+    movielens_stream, type_index, Frozen,
 };
 use crate::offline::{append_events, drain, run_dir, Dataset, StabilityOptions};
 use crate::publish::{
@@ -131,14 +131,9 @@ pub fn measure_retrain(
     let (node_type, labelled) = labelled_nodes(cfg, &label)?;
     let dataset = Dataset::MovieLens100k;
     let dir = run_dir(cfg, dataset).join("stability-retrain");
-    let stream = MovieLensStream::open(cfg, &dir.join("store"), opts.limit, device)?;
-    let ratings = stream.ratings();
-    let MovieLensStream {
-        store,
-        events,
-        core: mut anchor_core,
-        kg_end,
-    } = stream;
+    let (store, events, mut anchor_core, kg_end) =
+        movielens_stream(cfg, &dir.join("store"), opts.limit, device)?;
+    let ratings = events.len() - kg_end;
     let schema = cfg.schema();
     let anchor_ratings = (ratings as f64 * opts.first_fraction) as usize;
     let p = &cfg.train;

@@ -307,46 +307,27 @@ pub(crate) fn features(table: &Tensor, nodes: &[(i64, f64)]) -> (Tensor, Tensor)
 
 /// MovieLens-100k as the stability, retrain and downstream scenarios stream it, in a fresh
 /// store under `dir` with a fresh trainer: every split's events, the knowledge graph first, then
-/// at most `limit` ratings in time order; `kg_end` is where the ratings start.
-pub(crate) struct MovieLensStream {
-    pub store: GraphStore,
-    pub events: Vec<crate::schema::Event>,
-    pub core: TrainerCore,
-    pub kg_end: usize,
-}
-
-impl MovieLensStream {
-    pub fn open(
-        cfg: &Config,
-        dir: &std::path::Path,
-        limit: Option<usize>,
-        device: Device,
-    ) -> anyhow::Result<MovieLensStream> {
-        let (store, mut events, core) = stream_start(
-            cfg,
-            Dataset::MovieLens100k,
-            &["train", "valid", "test"],
-            dir,
-            cfg.trainer.clone(),
-            device,
-        )?;
-        let schema = cfg.schema();
-        let rated = |e: &crate::schema::Event| schema.relation(e.rel).name.starts_with("rated_");
-        let kg_end = events.iter().position(rated).unwrap_or(events.len());
-        let ratings = (events.len() - kg_end).min(limit.unwrap_or(usize::MAX));
-        events.truncate(kg_end + ratings);
-        Ok(MovieLensStream {
-            store,
-            events,
-            core,
-            kg_end,
-        })
-    }
-
-    /// Ratings kept (after the knowledge graph).
-    pub fn ratings(&self) -> usize {
-        self.events.len() - self.kg_end
-    }
+/// at most `limit` ratings in time order; and where the ratings start in the events.
+pub(crate) fn movielens_stream(
+    cfg: &Config,
+    dir: &std::path::Path,
+    limit: Option<usize>,
+    device: Device,
+) -> anyhow::Result<(GraphStore, Vec<crate::schema::Event>, TrainerCore, usize)> {
+    let (store, mut events, core) = stream_start(
+        cfg,
+        Dataset::MovieLens100k,
+        &["train", "valid", "test"],
+        dir,
+        cfg.trainer.clone(),
+        device,
+    )?;
+    let schema = cfg.schema();
+    let rated = |e: &crate::schema::Event| schema.relation(e.rel).name.starts_with("rated_");
+    let kg_end = events.iter().position(rated).unwrap_or(events.len());
+    let ratings = (events.len() - kg_end).min(limit.unwrap_or(usize::MAX));
+    events.truncate(kg_end + ratings);
+    Ok((store, events, core, kg_end))
 }
 
 /// Run the measurement with drift control on and off.
@@ -402,14 +383,8 @@ fn run_once(
     } else {
         "stability-off"
     });
-    let stream = MovieLensStream::open(cfg, &dir, opts.limit, device)?;
-    let ratings = stream.ratings();
-    let MovieLensStream {
-        store,
-        events,
-        mut core,
-        kg_end,
-    } = stream;
+    let (store, events, mut core, kg_end) = movielens_stream(cfg, &dir, opts.limit, device)?;
+    let ratings = events.len() - kg_end;
     let schema = cfg.schema();
     let cuts = version_cuts(ratings, opts.first_fraction, opts.versions);
 
