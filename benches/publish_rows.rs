@@ -170,6 +170,7 @@ fn main() {
             comparator: cfg.train.comparator,
             align: None,
             tombstones: &[],
+            every_row: false,
         };
         let started = Instant::now();
         let (prepared, _) = build_delta_version(&store, &d, Some(&reference), &req)

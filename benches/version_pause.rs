@@ -111,6 +111,7 @@ fn bench_version(c: &mut Criterion) {
         comparator: s.cfg.train.comparator,
         align: None,
         tombstones: &[],
+        every_row: false,
     };
     let (_, update) = build_delta_version(&s.store, &first, None, &update_req(1))
         .expect("build")
@@ -151,6 +152,7 @@ fn bench_version(c: &mut Criterion) {
             comparator,
             align: Some(&assessed.figures),
             tombstones: &[],
+            every_row: false,
         };
         let assessed_at = started.elapsed();
         let built = build_delta_version(&s.store, &delta, Some(&reference), &req).expect("build");

@@ -19,13 +19,21 @@ import time
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
-MAGIC = b"TWE1"  # publish.format = "f32le"; otherwise the row is JSON
-
-
 def decode_row(value):
-    if value.startswith(MAGIC):
+    """(version, epoch, what): a vector, or for publish.format = "pq" a coded row
+    ("codes", codebooks epoch, codes, extra values) or codebooks ("codebooks", epoch, centroids
+    [m, 256, D/m])."""
+    if value.startswith(b"TWE1"):  # publish.format = "f32le"
         version, epoch, ts, dim = struct.unpack_from("<QQqI", value, 4)
         return version, epoch, np.frombuffer(value, "<f4", dim, 32)
+    if value.startswith(b"TWQ1"):
+        version, epoch, ts, books, m, extra = struct.unpack_from("<QQqQHH", value, 4)
+        codes = np.frombuffer(value, np.uint8, m, 40)
+        return version, epoch, ("codes", books, codes, np.frombuffer(value, "<f4", extra, 40 + m))
+    if value.startswith(b"TWC1"):
+        version, epoch, books, m, k, d = struct.unpack_from("<QQQIII", value, 4)
+        return version, epoch, ("codebooks", books, np.frombuffer(value, "<f4", m * k * d, 40)
+                                .reshape(m, k, d))
     row = json.loads(value)
     return row["version"], row["epoch"], np.asarray(row["vector"], "<f4")
 
@@ -38,6 +46,7 @@ def tombstone_attempt(headers):
 class Versions:
     def __init__(self):
         self.version, self.table, self.pending = 0, {}, {}  # pending: (v, e) -> [rows, marker]
+        self.codebooks = {}  # epoch -> centroids [m, 256, D/m]
 
     def row(self, key, version, epoch, vector):  # vector None: the node was erased
         if version > self.version:
@@ -56,11 +65,21 @@ class Versions:
             if not whole:
                 return
             key = max(whole)  # of two whole attempts, the later epoch is the adopted one
-            for k, vector in self.pending.pop(key)[0].items():
-                if vector is None:
+            rows = self.pending.pop(key)[0]
+            for k, v in rows.items():  # codebooks first: the coded rows beside them need them
+                if isinstance(v, tuple) and v[0] == "codebooks":
+                    self.codebooks[v[1]] = v[2]
+            for k, v in rows.items():
+                if isinstance(v, tuple) and v[0] == "codes":
+                    centroids = self.codebooks[v[1]]
+                    v = np.concatenate([centroids[np.arange(len(v[2])), v[2]].ravel(), v[3]])
+                if k.startswith("codebooks:"):
+                    if v is None:  # retired: no row names them any more
+                        self.codebooks.pop(int(k.split(":", 1)[1]), None)
+                elif v is None:
                     self.table.pop(k, None)
                 else:
-                    self.table[k] = vector
+                    self.table[k] = v
             self.version = key[0]
             self.pending = {k: v for k, v in self.pending.items() if k[0] > self.version}
             nodes = sum(not k.startswith("relation:") for k in self.table)

@@ -25,7 +25,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
-use twhin_stream::publish::{tombstone_attempt, RowRecord, VersionMarker};
+use twhin_stream::publish::{tombstone_attempt, Record, VersionMarker};
 use twhin_stream::subscriber::{Applied, Counts, VersionAssembler};
 
 /// How long `--idle-exit-secs` waits for the very first record at least.
@@ -79,6 +79,8 @@ struct Summary {
     skipped_records: u64,
     caught_up: bool,
     stopped_by: &'static str,
+    /// Epochs of the codebooks held (`publish.format = "pq"`).
+    codebooks: Vec<u64>,
     counts: Counts,
     applied: Vec<AppliedAt>,
 }
@@ -154,11 +156,11 @@ impl State {
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
             .zip(m.payload())
-            .map(|(k, p)| (k, RowRecord::decode(p)));
+            .map(|(k, p)| (k, Record::decode(p)));
         match decoded {
-            Some((key, Ok(row))) => {
+            Some((key, Ok(record))) => {
                 self.rows_read += 1;
-                let applied = self.assembler.push_row(key, row);
+                let applied = self.assembler.push_record(key, record);
                 self.report(applied);
             }
             Some((key, Err(e))) => {
@@ -307,6 +309,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             skipped_records: state.skipped,
             caught_up: state.caught_up,
             stopped_by,
+            codebooks: {
+                let mut epochs: Vec<u64> = a.codebooks().keys().copied().collect();
+                epochs.sort_unstable();
+                epochs
+            },
             counts: a.counts(),
             applied: state.applied,
         };

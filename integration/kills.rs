@@ -557,21 +557,6 @@ fn nodes_of(keys: &[u128]) -> Vec<u64> {
     nodes
 }
 
-/// The served row of `node` (`type:id`): its version and vector.
-fn served_row(port: u16, node: &str) -> (u64, Vec<f32>) {
-    let (t, id) = node.split_once(':').unwrap();
-    let body = http_get(port, &format!("/v1/embeddings/{t}/{id}"))
-        .unwrap_or_else(|e| panic!("GET embeddings of {node}: {e}"));
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let vector = v["vector"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    (status_u64(&v, "/version"), vector)
-}
-
 /// What a subscriber made of everything on both topics.
 struct Subscribed {
     assembler: VersionAssembler,

@@ -738,3 +738,148 @@ fn an_erased_node_leaves_the_store_the_served_version_and_the_subscribers_table(
         "nodes missing from the subscriber: {missing:?}"
     );
 }
+
+/// `publish.format = "pq"` end to end: node rows go out as one byte per sub-space with the
+/// codebooks as a record of the version that learned them. With a quantization bound no version
+/// can meet, each version that keeps its codebooks sends the next one to learn new codebooks,
+/// carry every row again and retire the old record. The example subscribers (Rust and Python)
+/// decode every row, hold only the newest codebooks, and the decoded table is the served one
+/// within the quantization error the daemon reports.
+#[test]
+fn product_quantized_versions_decode_to_the_served_rows_and_new_codebooks_retire_the_old() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Publishing {
+        broker,
+        port,
+        env,
+        store,
+    } = publishing(
+        dir.path(),
+        16,
+        1,
+        &[
+            ("TWHIN_PUBLISH__FORMAT", "pq"),
+            ("TWHIN_PUBLISH__PQ__SUBSPACES", "8"),
+            ("TWHIN_PUBLISH__PQ__MAX_RELATIVE_ERROR", "0.000000001"),
+        ],
+    );
+    let mut daemon = Daemon::start(env.clone(), port, dir.path());
+    let msgs: Vec<Outgoing> = (0..4_000).map(|i| valid_event(i, false).0).collect();
+    let pq_status = |daemon: &Daemon| -> serde_json::Value {
+        let st = daemon.status().expect("status");
+        st.pointer("/publish/pq").cloned().unwrap_or_default()
+    };
+    for (round, part) in msgs.chunks(2_000).enumerate() {
+        produce(&broker.bootstrap, TOPIC, part, None);
+        wait_until("codebooks learned", Duration::from_secs(120), || {
+            let pq = pq_status(&daemon);
+            (pq["codebooks_learned"].as_u64()? > round as u64).then_some(())
+        });
+    }
+    // Quiet: no new events, the trainer idles and versions stop (the last ones may still learn
+    // and carry every row).
+    let mut last = (last_version(&daemon), Instant::now());
+    wait_until("versions to stop", Duration::from_secs(120), || {
+        let now = last_version(&daemon);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        (last.1.elapsed() > Duration::from_secs(5)).then_some(())
+    });
+    let pq = pq_status(&daemon);
+    let reported = pq["relative_error"]
+        .as_f64()
+        .expect("publish.pq.relative_error");
+    assert!(pq["codebooks_epoch"].as_u64().is_some(), "{pq}");
+    let served: HashMap<String, Vec<f32>> = (0..200)
+        .map(|u| {
+            let key = format!("user:{u}");
+            let (_, vector) = served_row(port, &key);
+            (key, vector)
+        })
+        .collect();
+    let version = last_version(&daemon);
+    assert!(daemon.terminate().success());
+
+    let summary_path = dir.path().join("subscriber.json");
+    let keys_out = dir.path().join("keys.txt");
+    let out = std::process::Command::new(example_subscriber())
+        .args(["--bootstrap-servers", &broker.bootstrap])
+        .args(["--idle-exit-secs", "5"])
+        .arg("--summary-json")
+        .arg(&summary_path)
+        .arg("--keys-out")
+        .arg(&keys_out)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&summary_path).unwrap()).unwrap();
+    assert_eq!(
+        summary["last_version"].as_u64(),
+        Some(ledger_last_version(&store)),
+        "{summary}"
+    );
+    assert_eq!(summary["counts"]["undecodable_rows"], 0, "{summary}");
+    let held = summary["codebooks"].as_array().unwrap();
+    assert_eq!(held.len(), 1, "older codebooks retired: {summary}");
+    assert_eq!(held[0], pq["codebooks_epoch"], "{summary} {pq}");
+
+    // The decoded table (through `export`, the same assembler) against the served rows.
+    let out_dir = dir.path().join("export");
+    cli(
+        &env_of(&broker, &store),
+        &[
+            "export",
+            "--version",
+            &version.to_string(),
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    let decoded = exported_table(&out_dir);
+    let (mut err, mut total) = (0f64, 0f64);
+    for (key, x) in &served {
+        let y = decoded
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} not exported"));
+        for (a, b) in x.iter().zip(y) {
+            err += ((a - b) as f64).powi(2);
+            total += (*a as f64).powi(2);
+        }
+    }
+    let measured = err / total;
+    assert!(measured > 0.0, "the rows were quantized");
+    assert!(
+        measured < 0.1 && measured < 4.0 * reported.max(0.005),
+        "decoded rows lose {measured} of the served rows' energy; the daemon reported {reported}"
+    );
+
+    let python = std::process::Command::new(repo_root().join(".venv/bin/python"))
+        .current_dir(repo_root())
+        .args([
+            "examples/subscriber.py",
+            "--bootstrap-servers",
+            &broker.bootstrap,
+        ])
+        .args(["--idle-exit-secs", "5"])
+        .output()
+        .expect(".venv/bin/python");
+    let stdout = String::from_utf8_lossy(&python.stdout);
+    assert!(
+        python.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["version"], summary["last_version"], "{stdout}");
+    assert_eq!(
+        last["keys"].as_u64().unwrap() as usize,
+        std::fs::read_to_string(&keys_out).unwrap().lines().count(),
+        "{stdout}"
+    );
+}

@@ -209,6 +209,21 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     Ok(body.to_owned())
 }
 
+/// The served row of `node` (`type:id`): its version and vector.
+pub fn served_row(port: u16, node: &str) -> (u64, Vec<f32>) {
+    let (t, id) = node.split_once(':').unwrap();
+    let body = http_get(port, &format!("/v1/embeddings/{t}/{id}"))
+        .unwrap_or_else(|e| panic!("GET embeddings of {node}: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let vector = v["vector"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    (status_u64(&v, "/version"), vector)
+}
+
 /// Read a number from the status document by JSON pointer. A missing field, or one that is not
 /// a whole number, fails the test: a renamed field must not read as 0.
 pub fn status_u64(status: &serde_json::Value, pointer: &str) -> u64 {

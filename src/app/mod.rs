@@ -17,11 +17,11 @@ use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::align::{AlignActor, AlignStatus, Aligner, PullController};
-use crate::config::{Comparator, Config};
+use crate::config::{Comparator, Config, ValueFormat};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
-    KafkaSink, Ledger, Publication, PublishedView, TrainerActorPort, VersionSettings,
+    KafkaSink, Ledger, Publication, PublishedView, Quantizer, TrainerActorPort, VersionSettings,
 };
 use crate::serve::{HttpState, ServingView};
 use crate::store::{GraphStore, StoreOptions, StoreSummary};
@@ -332,7 +332,11 @@ fn open_publication(cfg: &Config, core: &mut TrainerCore) -> anyhow::Result<Publ
         threshold: cfg.publish.row_threshold,
         comparator: cfg.train.comparator,
     };
-    let publication = Publication::open(ledger, settings, Some(cfg.publish.path.clone()))?;
+    let mut publication = Publication::open(ledger, settings, Some(cfg.publish.path.clone()))?;
+    if cfg.publish.format == ValueFormat::Pq {
+        let quantizer = Quantizer::open(cfg.publish.pq.clone(), Some(&cfg.publish.path))?;
+        publication = publication.with_quantizer(quantizer);
+    }
     publication.status().transactional.store(
         cfg.publish.transactional,
         std::sync::atomic::Ordering::Relaxed,

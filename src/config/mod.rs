@@ -27,7 +27,7 @@ mod train;
 
 pub use ingest::{IngestConfig, OffsetPolicy, StorageConfig};
 pub use kafka::{flatten_properties, KafkaConfig};
-pub use publish::{AlignConfig, PublishConfig, ValueFormat};
+pub use publish::{AlignConfig, PqConfig, PublishConfig, ValueFormat};
 pub use serve::{
     AnnConfig, AnnQuantization, HttpConfig, LogConfig, LogFormat, MultiInterestConfig,
     MIN_BEARER_TOKEN_CHARS,
@@ -227,6 +227,14 @@ impl Config {
             return Err(invalid(
                 "publish.enabled",
                 "needs trainer.enabled = true (versions come from the trainer)",
+            ));
+        }
+        if self.publish.format == ValueFormat::Pq
+            && self.train.dim % self.publish.pq.subspaces as i64 != 0
+        {
+            return Err(invalid(
+                "publish.pq.subspaces",
+                format!("must divide train.dim ({})", self.train.dim),
             ));
         }
         if self.trainer.checkpoint_path.as_os_str().is_empty() {
@@ -446,6 +454,24 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.contains("`publish.transactional_id`"), "{e}");
+    }
+
+    #[test]
+    fn pq_sub_spaces_must_divide_the_dimension() {
+        let cfg = load_with_env(&[("TWHIN_PUBLISH__FORMAT", "pq")]).unwrap();
+        assert_eq!(cfg.publish.format, ValueFormat::Pq);
+        assert_eq!(cfg.publish.pq.subspaces, 32);
+        let e = load_with_env(&[
+            ("TWHIN_PUBLISH__FORMAT", "pq"),
+            ("TWHIN_PUBLISH__PQ__SUBSPACES", "48"),
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("`publish.pq.subspaces`") && e.contains("train.dim"),
+            "{e}"
+        );
+        let e = load_with_env(&[("TWHIN_PUBLISH__PQ__MAX_RELATIVE_ERROR", "0")]).unwrap_err();
+        assert!(e.contains("`publish.pq.max_relative_error`"), "{e}");
     }
 
     #[test]

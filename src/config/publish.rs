@@ -27,6 +27,38 @@ pub struct PublishConfig {
     /// `transactional.id` of the version producer; unique per daemon (a second producer with
     /// the same id fences the first).
     pub transactional_id: String,
+    /// Product quantization of node rows (read when `format = "pq"`).
+    #[serde(default)]
+    pub pq: PqConfig,
+}
+
+/// The `[publish.pq]` section: how `publish.format = "pq"` compresses node rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PqConfig {
+    /// Sub-spaces `m`: a row is `m` bytes (must divide `train.dim`). At dim 128, 32 sub-spaces
+    /// is 16× smaller than f32.
+    pub subspaces: usize,
+    /// `Σ‖x − x̂‖² / Σ‖x‖²` of a version's rows over which the codebooks are retrained (the next
+    /// version then carries every row, coded with the new codebooks).
+    pub max_relative_error: f64,
+    /// Rows sampled to learn the codebooks.
+    pub sample_rows: usize,
+    /// Lloyd iterations of the k-means.
+    pub iterations: usize,
+    pub seed: u64,
+}
+
+impl Default for PqConfig {
+    fn default() -> PqConfig {
+        PqConfig {
+            subspaces: 32,
+            max_relative_error: 0.1,
+            sample_rows: 65_536,
+            iterations: 15,
+            seed: 1,
+        }
+    }
 }
 
 /// `publish.interval_ms` when neither interval key is set.
@@ -52,6 +84,9 @@ pub enum ValueFormat {
     Json,
     /// `b"TWE1"`, version u64, epoch u64, ts i64, dim u32, then `dim` f32, all little-endian.
     F32le,
+    /// Node rows product-quantized (`b"TWQ1"`, a byte per sub-space, `[publish.pq]`) with the
+    /// codebooks published as a record of their own (`b"TWC1"`); relation vectors as `f32le`.
+    Pq,
 }
 
 /// The `[align]` config section.
@@ -125,6 +160,22 @@ impl Validate for PublishConfig {
             return Err(invalid(
                 "publish.row_threshold",
                 "must be a non-negative number",
+            ));
+        }
+        let pq = &pb.pq;
+        positive("publish.pq.subspaces", pq.subspaces as u64)?;
+        positive("publish.pq.iterations", pq.iterations as u64)?;
+        // 256: the centroids of a sub-space (`publish::CENTROIDS`; config does not import publish).
+        if pq.sample_rows < 256 {
+            return Err(invalid(
+                "publish.pq.sample_rows",
+                "must be at least 256 (the centroids of a sub-space)",
+            ));
+        }
+        if !(pq.max_relative_error.is_finite() && pq.max_relative_error > 0.0) {
+            return Err(invalid(
+                "publish.pq.max_relative_error",
+                "must be a positive number",
             ));
         }
         Ok(())

@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::align::AlignFigures;
 use crate::config::Config;
 use crate::kafka::{create_client, require_broker};
-use crate::publish::{tombstone_attempt, RowRecord, VersionMarker};
+use crate::publish::{tombstone_attempt, Record, VersionMarker};
 use crate::subscriber::{Entry, VersionAssembler, RELATION_PREFIX};
 
 /// Version of the files' layout, in `meta.json`.
@@ -233,8 +233,8 @@ fn feed(
         .ok_or("a row without a UTF-8 key")?;
     match m.payload() {
         Some(payload) => {
-            let row = RowRecord::decode(payload).map_err(|e| e.to_string())?;
-            assembler.push_row(key, row);
+            let record = Record::decode(payload).map_err(|e| e.to_string())?;
+            assembler.push_record(key, record);
         }
         None => {
             let headers = m.headers().map(|h| {
@@ -252,7 +252,8 @@ fn feed(
 }
 
 /// Every record of `topic`, each partition from its beginning to the end it had when reading
-/// started, handed to `f`; returns how many. `timeout` bounds the whole read.
+/// started and on until the topic is quiet for [`READ_IDLE`], handed to `f`; returns how many.
+/// `timeout` bounds the whole read.
 fn read_to_end(
     cfg: &Config,
     topic: &str,
@@ -290,25 +291,26 @@ fn read_to_end(
             .map_err(kafka)?;
         if high > 0 {
             remaining.insert(p, high);
-            assignment
-                .add_partition_offset(topic, p, Offset::Beginning)
-                .map_err(kafka)?;
         }
-    }
-    if remaining.is_empty() {
-        return Ok(0);
+        // Every partition: one the broker reports empty may still hold a batch (below).
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(kafka)?;
     }
     consumer.assign(&assignment).map_err(kafka)?;
     let deadline = Instant::now() + timeout;
     let mut read = 0u64;
-    while !remaining.is_empty() {
+    // Some brokers (tansu) report an end up to one record batch short of the last record
+    // (ENVIRONMENT.md): past the reported ends, read on until the topic is idle this long.
+    let mut idle_since: Option<Instant> = None;
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(kafka(rdkafka::error::KafkaError::MessageConsumption(
                 rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
             )));
         }
-        let Some(message) = consumer.poll(left.min(Duration::from_millis(500))) else {
+        let Some(message) = consumer.poll(left.min(Duration::from_millis(200))) else {
             // A transaction's control record is the last offset of a partition and is never
             // delivered: stop at the position instead.
             for (p, position) in positions(&consumer, topic) {
@@ -316,8 +318,14 @@ fn read_to_end(
                     remaining.remove(&p);
                 }
             }
+            if remaining.is_empty()
+                && idle_since.get_or_insert_with(Instant::now).elapsed() >= READ_IDLE
+            {
+                break;
+            }
             continue;
         };
+        idle_since = None;
         let m = message.map_err(kafka)?;
         f(&m).map_err(|what| ExportError::Record {
             topic: topic.to_string(),
@@ -333,6 +341,9 @@ fn read_to_end(
     }
     Ok(read)
 }
+
+/// How long a topic must stay quiet past the ends the broker reported before a read ends.
+const READ_IDLE: Duration = Duration::from_secs(1);
 
 /// The consumer's next offset per assigned partition of `topic`.
 fn positions(consumer: &BaseConsumer, topic: &str) -> Vec<(i32, i64)> {
@@ -454,6 +465,7 @@ fn write_lines(path: &Path, lines: impl Iterator<Item = String>) -> Result<(), E
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::publish::RowRecord;
 
     const TOPICS: (&str, &str) = ("twhin.embeddings", "twhin.versions");
 

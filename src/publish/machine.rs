@@ -44,8 +44,8 @@ use crate::align::{
 use crate::config::{Comparator, ValueFormat};
 use crate::persist;
 use crate::publish::{
-    build_delta_version, Freshness, Ledger, PreparedVersion, PublishedView, VersionMarker,
-    VersionRequest,
+    build_delta_version, Coding, Freshness, Ledger, PreparedVersion, PublishedView, Quantizer,
+    VersionMarker, VersionRequest,
 };
 use crate::store::{GraphStore, NodeRef};
 use crate::telemetry as m;
@@ -159,6 +159,22 @@ pub struct PublishStatus {
     pub last_pause_us: AtomicU64,
     /// ... and was prepared this long after that (µs), training running.
     pub last_prepare_us: AtomicU64,
+    /// `publish.format = "pq"`: the last committed version's coding.
+    pq: Mutex<Option<PqFigures>>,
+}
+
+/// How the last committed version was product-quantized (`/v1/status` `publish.pq`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PqFigures {
+    /// The epoch of the codebooks its rows were coded with (`null`: too few rows to learn
+    /// codebooks from yet; they went out as f32).
+    pub codebooks_epoch: Option<u64>,
+    /// `Σ‖x − x̂‖² / Σ‖x‖²` of its node rows.
+    pub relative_error: f64,
+    /// The version learned its codebooks (and carried every row).
+    pub learned: bool,
+    /// Codebooks learned by this process.
+    pub codebooks_learned: u64,
 }
 
 impl PublishStatus {
@@ -168,6 +184,21 @@ impl PublishStatus {
 
     fn set_in_progress(&self, v: Option<InProgress>) {
         *self.in_progress.lock().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+
+    pub fn pq(&self) -> Option<PqFigures> {
+        *self.pq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_coding(&self, coding: &Coding) {
+        let mut pq = self.pq.lock().unwrap_or_else(|p| p.into_inner());
+        let learned = coding.learned.is_some();
+        *pq = Some(PqFigures {
+            codebooks_epoch: coding.epoch,
+            relative_error: coding.relative_error,
+            learned,
+            codebooks_learned: pq.map_or(0, |f| f.codebooks_learned) + u64::from(learned),
+        });
     }
 }
 
@@ -259,6 +290,8 @@ pub struct Publication {
     /// every [`REFERENCE_PERSIST_EVERY`] and at shutdown), and when it was last written.
     reference_stale: bool,
     reference_written: Option<Instant>,
+    /// `publish.format = "pq"`: the codebooks.
+    quantizer: Option<Quantizer>,
 }
 
 /// The published reference is written whole (every row), so not once per version: a crash
@@ -314,7 +347,14 @@ impl Publication {
             row_ts: Vec::new(),
             reference_stale: false,
             reference_written: None,
+            quantizer: None,
         })
+    }
+
+    /// Code node rows with `quantizer`'s codebooks (`publish.format = "pq"`).
+    pub fn with_quantizer(mut self, quantizer: Quantizer) -> Publication {
+        self.quantizer = Some(quantizer);
+        self
     }
 
     /// Resolve the freshness of ingested events at each commit.
@@ -382,8 +422,13 @@ impl Publication {
             .as_ref()
             .map(|r| r.params.tables.iter().map(|t| t.size()[0]).collect());
         let plan = align.plan(version, lens).await?;
+        // Codebooks to learn: every row goes out, coded with them.
+        let every_row = self
+            .quantizer
+            .as_ref()
+            .is_some_and(Quantizer::needs_every_row);
         let request = DeltaRequest {
-            full: self.full_next || self.reference.is_none(),
+            full: self.full_next || self.reference.is_none() || every_row,
             samples: vec![plan.previous, plan.anchor],
         };
         // From here on the trainer's marks are cleared: should this attempt fail, the next one
@@ -439,11 +484,19 @@ impl Publication {
             comparator: self.settings.comparator,
             align: Some(&assessed.figures),
             tombstones: &tombstones,
+            every_row,
         };
         let reference = self.reference.as_ref().map(|r| &r.params);
-        let Some((prepared, update)) = build_delta_version(store, &delta, reference, &req)? else {
+        let built = build_delta_version(store, &delta, reference, &req)?;
+        let Some((mut prepared, update)) = built else {
             self.full_next = false;
             return Ok(Outcome::Unchanged);
+        };
+        // Every row is in this version when the take was full and nothing was compared away.
+        let carries_every_row = every_row || self.reference.is_none();
+        let coding = match &self.quantizer {
+            Some(q) => Some(q.code(&mut prepared, carries_every_row)?),
+            None => None,
         };
         // The rows not published go now, before the view's copy is made (at a million rows
         // under a backlog the delta is as large as a table).
@@ -455,7 +508,7 @@ impl Publication {
             version,
             epoch,
             comparator: self.settings.comparator,
-            tables: update.apply(reference)?,
+            tables: update.apply(self.reference.as_ref().map(|r| &r.params))?,
             relations: delta.relations.shallow_clone(),
             biases: delta
                 .tables
@@ -481,6 +534,10 @@ impl Publication {
         sink.produce(&prepared).await?;
         self.ledger
             .commit(version, erasures_published + tombstones.len() as u64)?;
+        if let (Some(q), Some(coding)) = (&mut self.quantizer, coding) {
+            self.status.record_coding(&coding);
+            q.commit(coding)?;
+        }
         let events = self
             .freshness
             .as_ref()

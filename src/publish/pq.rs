@@ -6,9 +6,10 @@
 //! query is the sum of `m` table lookups (asymmetric distance).
 //!
 //! Pure functions over libtorch tensors: [`Codebooks::train`], [`Codebooks::encode`],
-//! [`Codebooks::decode`], [`Codebooks::relative_error`], and the codebooks' versioned wire record
-//! ([`Codebooks::to_bytes`]). Which codebooks a version uses, and when they are retrained, is the
-//! publisher's concern.
+//! [`Codebooks::decode`], [`Codebooks::relative_error`], and the codebooks as plain values
+//! ([`PqTable`], whose wire record is [`crate::publish::CodebooksRecord`]). Which codebooks a
+//! version uses, and when they are retrained, is the publisher's concern
+//! ([`crate::publish::Quantizer`]).
 
 use rand::rngs::SmallRng;
 use rand::seq::index::sample;
@@ -17,10 +18,6 @@ use tch::{Device, Kind, Tensor};
 
 /// Centroids per sub-space: one byte per code.
 pub const CENTROIDS: i64 = 256;
-
-/// Magic of the codebooks' wire record (version 1 of the format).
-pub const CODEBOOKS_MAGIC: &[u8; 4] = b"TWC1";
-const CODEBOOKS_HEADER: usize = 4 + 8 + 4 + 4 + 4;
 
 /// Rows encoded at a time (bounds the `[m, rows, 256]` distance tensor).
 const ENCODE_CHUNK: i64 = 16_384;
@@ -31,8 +28,6 @@ pub enum PqError {
     Shape { dim: i64, subspaces: i64 },
     #[error("product quantization: {rows} rows are too few to learn {CENTROIDS} centroids")]
     TooFewRows { rows: i64 },
-    #[error("codebooks record of {len} bytes: {problem}")]
-    Record { len: usize, problem: &'static str },
 }
 
 /// One codebook per sub-space: `centroids [m, 256, D / m]`, and the epoch that names them (a
@@ -172,53 +167,57 @@ impl Codebooks {
         Ok(relative_error(rows, &self.decode(&self.encode(rows)?)))
     }
 
-    /// The codebooks' wire record: `TWC1`, the epoch (u64), `m`, 256 and `D / m` (u32 each), then
-    /// the centroids as f32, sub-space by sub-space, centroid by centroid; little-endian.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// The codebooks as plain values ([`PqTable`]: what a subscriber decodes with).
+    pub fn table(&self) -> PqTable {
         let size = self.centroids.size();
-        let values = Vec::<f32>::try_from(&self.centroids.reshape([-1])).expect("f32 centroids");
-        let mut out = Vec::with_capacity(CODEBOOKS_HEADER + 4 * values.len());
-        out.extend_from_slice(CODEBOOKS_MAGIC);
-        out.extend_from_slice(&self.epoch.to_le_bytes());
-        for s in size {
-            out.extend_from_slice(&(s as u32).to_le_bytes());
+        PqTable {
+            epoch: self.epoch,
+            subspaces: size[0] as usize,
+            sub_dim: size[2] as usize,
+            centroids: Vec::<f32>::try_from(&self.centroids.reshape([-1])).expect("f32 centroids"),
         }
-        for v in values {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Result<Codebooks, PqError> {
-        let bad = |problem| PqError::Record {
-            len: bytes.len(),
-            problem,
-        };
-        if bytes.len() < CODEBOOKS_HEADER {
-            return Err(bad("shorter than the header"));
+    pub fn from_table(table: &PqTable) -> Codebooks {
+        Codebooks {
+            epoch: table.epoch,
+            centroids: Tensor::from_slice(&table.centroids).reshape([
+                table.subspaces as i64,
+                CENTROIDS,
+                table.sub_dim as i64,
+            ]),
         }
-        if &bytes[..4] != CODEBOOKS_MAGIC {
-            return Err(bad("not a TWC1 record (another format version?)"));
+    }
+}
+
+/// Codebooks as plain values, `centroids[(s · 256 + c) · d + j]` for sub-space `s`, centroid `c`
+/// and value `j` of `d = D / m`: what a subscriber decodes codes with, without libtorch. Its wire
+/// record is [`crate::publish::CodebooksRecord`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PqTable {
+    pub epoch: u64,
+    pub subspaces: usize,
+    pub sub_dim: usize,
+    pub centroids: Vec<f32>,
+}
+
+impl PqTable {
+    pub fn dim(&self) -> usize {
+        self.subspaces * self.sub_dim
+    }
+
+    /// A row from its codes (one byte per sub-space); `None` when there are not `m` of them.
+    pub fn decode(&self, codes: &[u8]) -> Option<Vec<f32>> {
+        if codes.len() != self.subspaces {
+            return None;
         }
-        let epoch = u64::from_le_bytes(bytes[4..12].try_into().expect("8"));
-        let u32_at =
-            |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4")) as i64;
-        let (m, k, dsub) = (u32_at(12), u32_at(16), u32_at(20));
-        if k != CENTROIDS || m == 0 || dsub == 0 {
-            return Err(bad("its shape is not m × 256 × D/m"));
+        let d = self.sub_dim;
+        let mut out = Vec::with_capacity(self.dim());
+        for (s, &c) in codes.iter().enumerate() {
+            let at = (s * CENTROIDS as usize + c as usize) * d;
+            out.extend_from_slice(&self.centroids[at..at + d]);
         }
-        let body = &bytes[CODEBOOKS_HEADER..];
-        if body.len() as i64 != m * k * dsub * 4 {
-            return Err(bad("length does not match its shape"));
-        }
-        let values: Vec<f32> = body
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-            .collect();
-        Ok(Codebooks {
-            epoch,
-            centroids: Tensor::from_slice(&values).reshape([m, k, dsub]),
-        })
+        Some(out)
     }
 }
 
@@ -335,23 +334,24 @@ mod tests {
     }
 
     #[test]
-    fn the_record_round_trips_and_refuses_what_it_cannot_read() {
+    fn the_plain_table_decodes_as_libtorch_does() {
         let rows = clustered(3, 600, 12);
         let books = Codebooks::train(&rows, 3, 600, 4, 5, 42).unwrap();
-        let bytes = books.to_bytes();
-        assert_eq!(bytes.len(), 24 + 3 * 256 * 4 * 4);
-        assert_eq!(&bytes[..4], b"TWC1");
-        assert_eq!(bytes[4], 42, "epoch, little-endian");
-        assert_eq!(Codebooks::from_bytes(&bytes).unwrap(), books);
-        let mut short = bytes.clone();
-        short.pop();
-        assert!(matches!(
-            Codebooks::from_bytes(&short),
-            Err(PqError::Record { .. })
-        ));
-        let mut other = bytes;
-        other[3] = b'2';
-        assert!(Codebooks::from_bytes(&other).is_err());
+        let table = books.table();
+        assert_eq!((table.epoch, table.subspaces, table.sub_dim), (42, 3, 4));
+        assert_eq!(Codebooks::from_table(&table), books);
+        let codes = books.encode(&rows.narrow(0, 0, 5)).unwrap();
+        let decoded = books.decode(&codes);
+        for i in 0..5 {
+            let row_codes: Vec<u8> = Vec::try_from(&codes.get(i)).unwrap();
+            let expected: Vec<f32> = Vec::try_from(&decoded.get(i)).unwrap();
+            assert_eq!(table.decode(&row_codes).unwrap(), expected);
+        }
+        assert_eq!(
+            table.decode(&[1, 2]),
+            None,
+            "two codes for three sub-spaces"
+        );
     }
 
     #[test]

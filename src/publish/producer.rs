@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::kafka::{self, send_retrying, KafkaSetupError};
 use crate::publish::{
-    PreparedVersion, VersionSink, TOMBSTONE_EPOCH_HEADER, TOMBSTONE_VERSION_HEADER,
+    codebooks_key, PreparedVersion, VersionSink, TOMBSTONE_EPOCH_HEADER, TOMBSTONE_VERSION_HEADER,
 };
 
 /// Failures of the version producer itself (set-up and transactions).
@@ -136,7 +136,18 @@ impl KafkaSink {
         let cfg = &self.cfg;
         let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
         let topic = &cfg.kafka.embeddings_topic;
-        let mut acks = Vec::with_capacity(prepared.rows.len());
+        let mut acks = Vec::with_capacity(prepared.rows.len() + 2);
+        if let Some(codebooks) = &prepared.codebooks {
+            // Subscribers decode rows when the version is whole, so the order is not needed;
+            // first is where a reader of one partition looks.
+            let key = codebooks_key(codebooks.table.epoch);
+            let payload = codebooks.encode();
+            let record = FutureRecord::to(topic).key(&key).payload(&payload);
+            let ack = send_retrying(producer, record)
+                .await
+                .with_context(|| format!("producing {key} to {topic}"))?;
+            acks.push(ack);
+        }
         // Encoded a range at a time (on all cores), so a version carrying every row never holds
         // all its records at once; the producer's own queue bounds what waits for the broker.
         for (from, to) in prepared.rows.ranges(PRODUCE_RANGE) {
@@ -149,7 +160,11 @@ impl KafkaSink {
             }
         }
         let (version_text, epoch_text) = (version.to_string(), prepared.marker.epoch.to_string());
-        for key in &prepared.tombstones {
+        for key in prepared
+            .tombstones
+            .iter()
+            .chain(&prepared.retired_codebooks)
+        {
             // A null value: compaction drops the key, and subscribers drop the node.
             let headers = OwnedHeaders::new()
                 .insert(Header {

@@ -6,8 +6,10 @@
 //! bounded range at a time, on all cores, keeps the publication's memory at the values plus one
 //! range.
 
+use tch::Tensor;
+
 use crate::config::ValueFormat;
-use crate::publish::{encode_f32le, RowRecord};
+use crate::publish::{encode_coded, encode_f32le, Codebooks, PqError, RowRecord};
 
 /// Rows encoded or gathered per thread at least (smaller ranges stay on the calling thread).
 const MIN_CHUNK: usize = 16_384;
@@ -48,6 +50,12 @@ pub struct VersionRows {
     width: usize,
     /// Row-major `[n, width]` values.
     blocks: Vec<Vec<f32>>,
+    /// Per block: node rows, coded under `publish.format = "pq"` (relation vectors never are).
+    node_block: Vec<bool>,
+    /// Per block, its rows' codes (`[n, m]` row-major) once [`VersionRows::quantize`] ran.
+    codes: Vec<Option<Vec<u8>>>,
+    /// The codebooks' epoch and sub-spaces the codes are of.
+    coded_with: Option<(u64, usize)>,
     rows: Vec<RowRef>,
 }
 
@@ -71,15 +79,64 @@ impl VersionRows {
             format,
             width,
             blocks: Vec::new(),
+            node_block: Vec::new(),
+            codes: Vec::new(),
+            coded_with: None,
             rows: Vec::new(),
         }
     }
 
-    /// Keep `values` (`[n, width]`, row-major) as a block; its number, for [`VersionRows::row`].
+    /// Keep node rows `values` (`[n, width]`, row-major) as a block; its number, for
+    /// [`VersionRows::row`].
     pub fn add_block(&mut self, values: Vec<f32>) -> u32 {
+        self.push_block(values, true)
+    }
+
+    /// The same for relation vectors, which are never quantized (every score adds one).
+    pub fn add_relation_block(&mut self, values: Vec<f32>) -> u32 {
+        self.push_block(values, false)
+    }
+
+    fn push_block(&mut self, values: Vec<f32>, node: bool) -> u32 {
         debug_assert_eq!(values.len() % self.width.max(1), 0);
         self.blocks.push(values);
+        self.node_block.push(node);
+        self.codes.push(None);
         (self.blocks.len() - 1) as u32
+    }
+
+    /// The node rows of every block, `[n, width]` (what codebooks are learned from).
+    pub fn node_values(&self) -> Tensor {
+        let values: Vec<f32> = self
+            .blocks
+            .iter()
+            .zip(&self.node_block)
+            .filter(|(_, &node)| node)
+            .flat_map(|(b, _)| b.iter().copied())
+            .collect();
+        Tensor::from_slice(&values).reshape([-1, self.width as i64])
+    }
+
+    /// Code every node block with `codebooks` (the set's rows then go out as `TWQ1` records when
+    /// its format is `pq`); the relative error of the node rows so coded.
+    pub fn quantize(&mut self, codebooks: &Codebooks) -> Result<f64, PqError> {
+        let (mut err, mut total) = (0.0, 0.0);
+        for b in 0..self.blocks.len() {
+            if !self.node_block[b] || self.blocks[b].is_empty() {
+                continue;
+            }
+            let rows = Tensor::from_slice(&self.blocks[b]).reshape([-1, self.width as i64]);
+            let codes = codebooks.encode(&rows)?;
+            let decoded = codebooks.decode(&codes);
+            total += rows.square().sum(tch::Kind::Double).double_value(&[]);
+            err += (&rows - decoded)
+                .square()
+                .sum(tch::Kind::Double)
+                .double_value(&[]);
+            self.codes[b] = Some(Vec::<u8>::try_from(codes.reshape([-1])).expect("u8 codes"));
+        }
+        self.coded_with = Some((codebooks.epoch, codebooks.code_bytes()));
+        Ok(if total > 0.0 { err / total } else { 0.0 })
     }
 
     /// A row whose vector is row `row` of block `block`.
@@ -120,6 +177,16 @@ impl VersionRows {
         let at = r.row as usize * self.width;
         let vector = &self.blocks[r.block as usize][at..at + self.width];
         match self.format {
+            ValueFormat::Pq => match (&self.codes[r.block as usize], self.coded_with) {
+                (Some(codes), Some((codebooks, m))) => {
+                    let at = r.row as usize * m;
+                    let bias = r.bias.as_slice();
+                    let codes = &codes[at..at + m];
+                    encode_coded(self.version, self.epoch, r.ts, codebooks, codes, bias)
+                }
+                // Relation vectors, and node rows before there are codebooks.
+                _ => encode_f32le(self.version, self.epoch, r.ts, vector, r.bias),
+            },
             ValueFormat::F32le => encode_f32le(self.version, self.epoch, r.ts, vector, r.bias),
             ValueFormat::Json => {
                 let mut vector = vector.to_vec();

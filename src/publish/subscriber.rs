@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::publish::{RowRecord, VersionMarker};
+use crate::publish::{CodedRow, PqTable, Record, RowRecord, VersionMarker, CODEBOOKS_PREFIX};
 
 /// Keys of relation vectors start with this (`relation:favorites`); everything else is a node.
 pub const RELATION_PREFIX: &str = "relation:";
@@ -72,12 +72,24 @@ pub struct Counts {
     pub stale_markers: u64,
     /// Rows of attempts without a marker that a catch-up left out.
     pub orphan_rows: u64,
+    /// Coded rows (`publish.format = "pq"`) whose codebooks the assembler does not hold when
+    /// their version is applied: the key is left out of the table.
+    pub undecodable_rows: u64,
+}
+
+/// One key's record in an attempt.
+#[derive(Debug)]
+enum Pending {
+    Vector(Vec<f32>),
+    Coded(CodedRow),
+    Codebooks(PqTable),
+    /// The node was erased (or the codebooks retired).
+    Tombstone,
 }
 
 #[derive(Debug, Default)]
 struct Attempt {
-    /// Key → vector, or `None` for a tombstone (the node was erased).
-    rows: HashMap<String, Option<Vec<f32>>>,
+    rows: HashMap<String, Pending>,
     marker: Option<VersionMarker>,
 }
 
@@ -96,6 +108,8 @@ impl Attempt {
 pub struct VersionAssembler {
     applied: Option<(u64, u64)>,
     table: HashMap<String, Entry>,
+    /// Codebooks by epoch, for coded rows.
+    codebooks: HashMap<u64, PqTable>,
     relations: usize,
     pending: BTreeMap<(u64, u64), Attempt>,
     counts: Counts,
@@ -163,18 +177,47 @@ impl VersionAssembler {
     /// One row read from the embeddings topic (`key` is the record's key). Returns the versions
     /// this completed, in order.
     pub fn push_row(&mut self, key: impl Into<String>, row: RowRecord) -> Vec<Applied> {
-        if self.beyond_limit(row.version) {
+        self.push_pending(
+            key.into(),
+            row.version,
+            row.epoch,
+            Pending::Vector(row.vector),
+        )
+    }
+
+    /// Any record with a value read from the embeddings topic ([`Record::decode`]): a row, a
+    /// coded row (decoded when its version is applied) or codebooks.
+    pub fn push_record(&mut self, key: impl Into<String>, record: Record) -> Vec<Applied> {
+        let key = key.into();
+        match record {
+            Record::Row(row) => self.push_row(key, row),
+            Record::Coded(row) => {
+                self.push_pending(key, row.version, row.epoch, Pending::Coded(row))
+            }
+            Record::Codebooks(c) => {
+                self.push_pending(key, c.version, c.epoch, Pending::Codebooks(c.table))
+            }
+        }
+    }
+
+    /// The codebooks held, by epoch.
+    pub fn codebooks(&self) -> &HashMap<u64, PqTable> {
+        &self.codebooks
+    }
+
+    fn push_pending(&mut self, key: String, version: u64, epoch: u64, p: Pending) -> Vec<Applied> {
+        if self.beyond_limit(version) {
             return Vec::new();
         }
-        if row.version <= self.applied_version() {
+        if version <= self.applied_version() {
             self.counts.stale_rows += 1;
             return Vec::new();
         }
         self.pending
-            .entry((row.version, row.epoch))
+            .entry((version, epoch))
             .or_default()
             .rows
-            .insert(key.into(), Some(row.vector));
+            .insert(key, p);
         self.advance()
     }
 
@@ -187,19 +230,7 @@ impl VersionAssembler {
         version: u64,
         epoch: u64,
     ) -> Vec<Applied> {
-        if self.beyond_limit(version) {
-            return Vec::new();
-        }
-        if version <= self.applied_version() {
-            self.counts.stale_rows += 1;
-            return Vec::new();
-        }
-        self.pending
-            .entry((version, epoch))
-            .or_default()
-            .rows
-            .insert(key.into(), None);
-        self.advance()
+        self.push_pending(key.into(), version, epoch, Pending::Tombstone)
     }
 
     /// One marker read from the versions topic. Returns the versions this completed, in order.
@@ -232,7 +263,9 @@ impl VersionAssembler {
         let above = self.pending.split_off(&(target.0 + 1, 0));
         let below = std::mem::replace(&mut self.pending, above);
         let mut merged = 0u64;
-        // Ascending (version, epoch): a newer row of a key overwrites an older one.
+        // Ascending (version, epoch): a newer row of a key overwrites an older one. Merged as one
+        // set, so that a coded row superseded later is never decoded (its codebooks may be gone).
+        let mut newest = HashMap::new();
         for ((version, epoch), attempt) in below {
             let usable =
                 (version, epoch) == target || (version < target.0 && attempt.marker.is_some());
@@ -241,13 +274,14 @@ impl VersionAssembler {
             }
             if usable {
                 merged += attempt.rows.len() as u64;
-                self.merge(version, attempt.rows);
+                newest.extend(attempt.rows.into_iter().map(|(k, p)| (k, (version, p))));
             } else if attempt.marker.is_none() {
                 self.counts.orphan_rows += attempt.rows.len() as u64;
             } else {
                 self.counts.stale_rows += attempt.rows.len() as u64;
             }
         }
+        self.merge(newest);
         let skipped = target.0 - self.applied_version() - 1;
         self.counts.skipped_versions += skipped;
         self.counts.applied_versions += 1;
@@ -276,7 +310,13 @@ impl VersionAssembler {
             let attempt = self.pending.remove(&key).expect("found above");
             let rows = attempt.rows.len() as u64;
             self.applied_marker = attempt.marker;
-            self.merge(key.0, attempt.rows);
+            self.merge(
+                attempt
+                    .rows
+                    .into_iter()
+                    .map(|(k, p)| (k, (key.0, p)))
+                    .collect(),
+            );
             let rest = self.pending.split_off(&(key.0 + 1, 0));
             for (_, dropped) in std::mem::replace(&mut self.pending, rest) {
                 self.counts.stale_rows += dropped.rows.len() as u64;
@@ -287,8 +327,35 @@ impl VersionAssembler {
         }
     }
 
-    fn merge(&mut self, version: u64, rows: HashMap<String, Option<Vec<f32>>>) {
-        for (key, vector) in rows {
+    /// Apply rows (key → the version that carried it and its record): codebooks first, so the
+    /// coded rows beside them decode; retired codebooks last.
+    fn merge(&mut self, rows: HashMap<String, (u64, Pending)>) {
+        let mut retired = Vec::new();
+        let mut others = Vec::with_capacity(rows.len());
+        for (key, (version, p)) in rows {
+            match p {
+                Pending::Codebooks(table) => {
+                    self.codebooks.insert(table.epoch, table);
+                }
+                Pending::Tombstone if key.starts_with(CODEBOOKS_PREFIX) => retired.push(key),
+                p => others.push((key, version, p)),
+            }
+        }
+        for (key, version, p) in others {
+            let vector = match p {
+                Pending::Vector(v) => Some(v),
+                Pending::Coded(row) => {
+                    let decoded = self
+                        .codebooks
+                        .get(&row.codebooks)
+                        .and_then(|t| row.vector(t));
+                    if decoded.is_none() {
+                        self.counts.undecodable_rows += 1;
+                    }
+                    decoded
+                }
+                Pending::Tombstone | Pending::Codebooks(_) => None,
+            };
             let relation = key.starts_with(RELATION_PREFIX);
             let Some(vector) = vector else {
                 if self.table.remove(&key).is_some() && relation {
@@ -298,6 +365,11 @@ impl VersionAssembler {
             };
             if self.table.insert(key, Entry { vector, version }).is_none() && relation {
                 self.relations += 1;
+            }
+        }
+        for key in retired {
+            if let Ok(epoch) = key[CODEBOOKS_PREFIX.len()..].parse::<u64>() {
+                self.codebooks.remove(&epoch);
             }
         }
     }
@@ -630,5 +702,69 @@ mod tests {
         assert_eq!(value(&a, "user:2"), None);
         assert_eq!(value(&a, "user:3"), Some((3.0, 3)));
         assert_eq!(a.counts().orphan_rows, 1);
+    }
+
+    /// Codebooks of `epoch` for two values in one sub-space: centroid `c` is `(c, epoch)`.
+    fn books(version: u64, epoch: u64) -> Record {
+        Record::Codebooks(crate::publish::CodebooksRecord {
+            version,
+            epoch: 1,
+            table: PqTable {
+                epoch,
+                subspaces: 1,
+                sub_dim: 2,
+                centroids: (0..256).flat_map(|c| [c as f32, epoch as f32]).collect(),
+            },
+        })
+    }
+
+    fn coded(version: u64, books: u64, code: u8) -> Record {
+        Record::Coded(CodedRow {
+            version,
+            epoch: 1,
+            ts: 0,
+            codebooks: books,
+            codes: vec![code],
+            extra: vec![],
+        })
+    }
+
+    #[test]
+    fn coded_rows_decode_with_their_codebooks_and_retired_codebooks_are_dropped() {
+        let mut a = VersionAssembler::new();
+        // Rows before their codebooks: decoded when the version is whole.
+        a.push_record("user:1", coded(1, 1, 7));
+        a.push_record("user:2", coded(1, 1, 8));
+        a.push_record("codebooks:1", books(1, 1));
+        assert_eq!(a.push_marker(marker(1, 1, 3)).len(), 1);
+        assert_eq!(a.get("user:1").unwrap().vector, vec![7.0, 1.0]);
+        assert_eq!(a.nodes(), 2, "codebooks are not nodes");
+        // New codebooks: every row again, the old record retired.
+        a.push_record("user:1", coded(2, 2, 9));
+        a.push_record("user:2", coded(2, 2, 10));
+        a.push_record("user:3", coded(2, 5, 1)); // names codebooks nobody published
+        a.push_record("codebooks:2", books(2, 2));
+        a.push_tombstone("codebooks:1", 2, 1);
+        assert_eq!(a.push_marker(marker(2, 1, 5)).len(), 1);
+        assert_eq!(a.get("user:2").unwrap().vector, vec![10.0, 2.0]);
+        assert_eq!(a.get("user:3"), None);
+        assert_eq!(a.counts().undecodable_rows, 1);
+        assert_eq!(a.codebooks().keys().copied().collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn a_catch_up_decodes_the_newest_rows_only() {
+        // Compaction kept user:1's version-1 row, whose codebooks are retired and gone, and
+        // version 2's rows: the catch-up decodes user:1 from version 2 only.
+        let mut a = VersionAssembler::new();
+        a.push_record("user:1", coded(1, 1, 3));
+        a.push_marker(marker(1, 1, 2));
+        a.push_record("user:1", coded(2, 2, 4));
+        a.push_record("codebooks:2", books(2, 2));
+        a.push_tombstone("codebooks:1", 2, 1);
+        a.push_marker(marker(2, 1, 3));
+        assert_eq!(a.catch_up().len(), 1);
+        assert_eq!(a.get("user:1").unwrap().vector, vec![4.0, 2.0]);
+        assert_eq!(a.counts().undecodable_rows, 0);
     }
 }

@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
 use crate::publish::rows::in_chunks;
-use crate::publish::{RowRef, VersionMarker, VersionRows};
+use crate::publish::{CodebooksRecord, RowRef, VersionMarker, VersionRows, CODEBOOKS_PREFIX};
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{ModelDelta, ModelState, Snapshot};
 
@@ -33,6 +33,11 @@ pub struct PreparedVersion {
     /// Keys of erased nodes, produced with a null value (a tombstone) and the version and epoch
     /// as headers ([`crate::publish::TOMBSTONE_VERSION_HEADER`]); counted in the marker's rows.
     pub tombstones: Vec<String>,
+    /// Codebooks the version's coded rows need (`publish.format = "pq"`, a version that carries
+    /// every row), produced before the rows; and the key of codebooks no row names any more,
+    /// produced as a tombstone. Both counted in the marker's rows.
+    pub codebooks: Option<CodebooksRecord>,
+    pub retired_codebooks: Option<String>,
     pub marker: VersionMarker,
     /// Event time (ms) of the newest event the version reflects.
     pub newest_ts: i64,
@@ -85,6 +90,8 @@ pub struct VersionRequest<'a> {
     pub align: Option<&'a AlignFigures>,
     /// Nodes erased since the previous version: each gets a tombstone.
     pub tombstones: &'a [NodeRef],
+    /// Carry every row of the delta, moved or not (new codebooks code every row again).
+    pub every_row: bool,
 }
 
 /// What a version built from a delta changes in the view subscribers hold, per node type: the
@@ -178,6 +185,7 @@ pub fn build_delta_version(
                 return Vec::new();
             }
             let moved = match (&table.biases, reference.and_then(|r| r.tables.get(t))) {
+                _ if req.every_row => table.index.ones_like().to_kind(Kind::Bool),
                 // A biased type's rows all go out in every version (see `build_version`).
                 (Some(_), _) | (None, None) => table.index.ones_like().to_kind(Kind::Bool),
                 (None, Some(r)) => {
@@ -256,7 +264,8 @@ pub fn build_delta_version(
     if rows.is_empty() && tombstones.is_empty() {
         return Ok(None);
     }
-    let block = rows.add_block(Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32"));
+    let block =
+        rows.add_relation_block(Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32"));
     for (r, (name, _, _)) in schema.relations.iter().enumerate() {
         rows.push(VersionRows::row(
             format!("relation:{name}"),
@@ -276,12 +285,29 @@ pub fn build_delta_version(
         PreparedVersion {
             rows,
             tombstones,
+            codebooks: None,
+            retired_codebooks: None,
             marker,
             newest_ts: newest,
             cursor: delta.cursor,
         },
         ViewUpdate { tables: update },
     )))
+}
+
+impl PreparedVersion {
+    /// Produce `codebooks` with the version (first), and a tombstone for the key of the codebooks
+    /// of epoch `retire`; the marker counts both.
+    pub fn with_codebooks(&mut self, codebooks: CodebooksRecord, retire: Option<u64>) {
+        self.marker.rows += 1 + u64::from(retire.is_some());
+        self.retired_codebooks = retire.map(codebooks_key);
+        self.codebooks = Some(codebooks);
+    }
+}
+
+/// The key of the codebooks of `epoch` on the embeddings topic.
+pub fn codebooks_key(epoch: u64) -> String {
+    format!("{CODEBOOKS_PREFIX}{epoch}")
 }
 
 /// Every erased node of the store (none of them is published again).
@@ -409,7 +435,8 @@ pub fn build_version(
         return Ok(None);
     }
     let relations = current.relations.copy();
-    let block = rows.add_block(Vec::<f32>::try_from(relations.reshape([-1])).expect("f32"));
+    let block =
+        rows.add_relation_block(Vec::<f32>::try_from(relations.reshape([-1])).expect("f32"));
     for (r, (name, _, _)) in schema.relations.iter().enumerate() {
         rows.push(VersionRows::row(
             format!("relation:{name}"),
@@ -428,6 +455,8 @@ pub fn build_version(
     let prepared = PreparedVersion {
         rows,
         tombstones,
+        codebooks: None,
+        retired_codebooks: None,
         marker,
         newest_ts: newest,
         cursor: state.cursor,
@@ -516,6 +545,7 @@ mod tests {
             comparator: Comparator::Dot,
             align: None,
             tombstones: &[],
+            every_row: false,
         };
         let d = delta(&[1, 3, 8, 9], &values);
         let (prepared, update) = build_delta_version(&store, &d, Some(&reference), &req)
@@ -596,6 +626,7 @@ mod tests {
             comparator: Comparator::Dot,
             align: None,
             tombstones,
+            every_row: false,
         };
         let (prepared, _) = build_delta_version(&store, &delta, None, &req(&erased))
             .unwrap()

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::align::AlignFigures;
 pub use crate::config::ValueFormat;
+use crate::publish::{PqTable, CENTROIDS};
 
 /// One published embedding row (a node's or a relation's vector).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,7 +69,9 @@ impl RowRecord {
     pub fn encode(&self, format: ValueFormat) -> Vec<u8> {
         match format {
             ValueFormat::Json => serde_json::to_vec(self).expect("a row serialises"),
-            ValueFormat::F32le => {
+            // A row's values alone: `pq` codes node rows from a version's codebooks
+            // (`VersionRows`), not one row by itself.
+            ValueFormat::F32le | ValueFormat::Pq => {
                 encode_f32le(self.version, self.epoch, self.ts, &self.vector, None)
             }
         }
@@ -124,6 +127,195 @@ impl RowRecord {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
                 .collect(),
+        })
+    }
+}
+
+/// Keys of codebooks records start with this (`codebooks:12`, named by their epoch).
+pub const CODEBOOKS_PREFIX: &str = "codebooks:";
+
+const CODED_MAGIC: &[u8; 4] = b"TWQ1";
+const CODED_HEADER: usize = 4 + 8 + 8 + 8 + 8 + 2 + 2;
+const CODEBOOKS_MAGIC: &[u8; 4] = b"TWC1";
+const CODEBOOKS_HEADER: usize = 4 + 8 + 8 + 8 + 4 + 4 + 4;
+
+/// One product-quantized row (`publish.format = "pq"`): a byte per sub-space, decoded with the
+/// codebooks of epoch `codebooks`, and `extra` values sent as they are (the target bias).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodedRow {
+    pub version: u64,
+    pub epoch: u64,
+    pub ts: i64,
+    pub codebooks: u64,
+    pub codes: Vec<u8>,
+    pub extra: Vec<f32>,
+}
+
+/// The codebooks a version introduces, published as one record of it under
+/// `codebooks:<epoch>` (the epoch of the codebooks is the version that introduced them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodebooksRecord {
+    pub version: u64,
+    pub epoch: u64,
+    pub table: PqTable,
+}
+
+/// Any record of the embeddings topic with a value, told apart by its first bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Row(RowRecord),
+    Coded(CodedRow),
+    Codebooks(CodebooksRecord),
+}
+
+impl Record {
+    /// A value of the embeddings topic in any of its formats (JSON, `TWE1`, `TWQ1`, `TWC1`).
+    pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+        if bytes.starts_with(CODED_MAGIC) {
+            CodedRow::decode(bytes).map(Record::Coded)
+        } else if bytes.starts_with(CODEBOOKS_MAGIC) {
+            CodebooksRecord::decode(bytes).map(Record::Codebooks)
+        } else {
+            RowRecord::decode(bytes).map(Record::Row)
+        }
+    }
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn f32s(body: &[u8]) -> Vec<f32> {
+    body.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
+}
+
+/// One coded row's `TWQ1` record straight from its values (the publication's hot path).
+pub fn encode_coded(
+    version: u64,
+    epoch: u64,
+    ts: i64,
+    codebooks: u64,
+    codes: &[u8],
+    extra: &[f32],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CODED_HEADER + codes.len() + 4 * extra.len());
+    out.extend_from_slice(CODED_MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&ts.to_le_bytes());
+    out.extend_from_slice(&codebooks.to_le_bytes());
+    out.extend_from_slice(&(codes.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+    out.extend_from_slice(codes);
+    for v in extra {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+impl CodedRow {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_coded(
+            self.version,
+            self.epoch,
+            self.ts,
+            self.codebooks,
+            &self.codes,
+            &self.extra,
+        )
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<CodedRow, DecodeError> {
+        let bad = |problem| DecodeError::Binary {
+            len: bytes.len(),
+            problem,
+        };
+        if bytes.len() < CODED_HEADER || !bytes.starts_with(CODED_MAGIC) {
+            return Err(bad("not a TWQ1 record or shorter than its header"));
+        }
+        let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
+        let (m, extras) = (u16_at(36), u16_at(38));
+        let body = &bytes[CODED_HEADER..];
+        if body.len() != m + 4 * extras {
+            return Err(bad("length does not match its code and value counts"));
+        }
+        Ok(CodedRow {
+            version: u64_at(bytes, 4),
+            epoch: u64_at(bytes, 12),
+            ts: u64_at(bytes, 20) as i64,
+            codebooks: u64_at(bytes, 28),
+            codes: body[..m].to_vec(),
+            extra: f32s(&body[m..]),
+        })
+    }
+
+    /// The row's values as its codebooks decode them, the extra values last; `None` when
+    /// `table` is not of its epoch or has another number of sub-spaces.
+    pub fn vector(&self, table: &PqTable) -> Option<Vec<f32>> {
+        if table.epoch != self.codebooks {
+            return None;
+        }
+        let mut out = table.decode(&self.codes)?;
+        out.extend_from_slice(&self.extra);
+        Some(out)
+    }
+}
+
+impl CodebooksRecord {
+    /// `TWC1`, version, epoch and the codebooks' epoch (u64 each), `m`, 256 and `D / m` (u32
+    /// each), then the centroids as f32, sub-space by sub-space, centroid by centroid;
+    /// little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let t = &self.table;
+        let mut out = Vec::with_capacity(CODEBOOKS_HEADER + 4 * t.centroids.len());
+        out.extend_from_slice(CODEBOOKS_MAGIC);
+        for v in [self.version, self.epoch, t.epoch] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [t.subspaces, CENTROIDS as usize, t.sub_dim] {
+            out.extend_from_slice(&(v as u32).to_le_bytes());
+        }
+        for v in &t.centroids {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<CodebooksRecord, DecodeError> {
+        let bad = |problem| DecodeError::Binary {
+            len: bytes.len(),
+            problem,
+        };
+        if bytes.len() < CODEBOOKS_HEADER || !bytes.starts_with(CODEBOOKS_MAGIC) {
+            return Err(bad("not a TWC1 record or shorter than its header"));
+        }
+        let (m, k, d) = (
+            u32_at(bytes, 28) as usize,
+            u32_at(bytes, 32) as i64,
+            u32_at(bytes, 36) as usize,
+        );
+        if k != CENTROIDS || m == 0 || d == 0 {
+            return Err(bad("its shape is not m × 256 × D/m"));
+        }
+        let body = &bytes[CODEBOOKS_HEADER..];
+        if body.len() != m * k as usize * d * 4 {
+            return Err(bad("length does not match its shape"));
+        }
+        Ok(CodebooksRecord {
+            version: u64_at(bytes, 4),
+            epoch: u64_at(bytes, 12),
+            table: PqTable {
+                epoch: u64_at(bytes, 20),
+                subspaces: m,
+                sub_dim: d,
+                centroids: f32s(body),
+            },
         })
     }
 }
@@ -204,5 +396,87 @@ mod tests {
         assert!(RowRecord::decode(b"TWE1").is_err());
         assert!(RowRecord::decode(b"{\"version\":1}").is_err());
         assert!(VersionMarker::decode(b"[]").is_err());
+    }
+
+    fn table() -> PqTable {
+        // Two sub-spaces of two values; centroid c of sub-space s is (100s + c, -c).
+        let centroids = (0..2)
+            .flat_map(|s| (0..256).flat_map(move |c| [(100 * s + c) as f32, -(c as f32)]))
+            .collect();
+        PqTable {
+            epoch: 5,
+            subspaces: 2,
+            sub_dim: 2,
+            centroids,
+        }
+    }
+
+    #[test]
+    fn golden_coded_row_layout_and_decoding() {
+        let row = CodedRow {
+            version: 12,
+            epoch: 3,
+            ts: 7,
+            codebooks: 5,
+            codes: vec![4, 255],
+            extra: vec![0.5],
+        };
+        let bytes = row.encode();
+        assert_eq!(bytes.len(), 40 + 2 + 4);
+        assert_eq!(&bytes[..4], b"TWQ1");
+        assert_eq!(bytes[28], 5, "the codebooks' epoch");
+        assert_eq!(&bytes[36..40], &[2, 0, 1, 0], "two codes, one extra value");
+        assert_eq!(&bytes[40..42], &[4, 255]);
+        assert_eq!(Record::decode(&bytes).unwrap(), Record::Coded(row.clone()));
+        assert_eq!(
+            row.vector(&table()).unwrap(),
+            vec![4.0, -4.0, 355.0, -255.0, 0.5]
+        );
+        let other = PqTable {
+            epoch: 6,
+            ..table()
+        };
+        assert_eq!(
+            row.vector(&other),
+            None,
+            "codes of epoch 5 need its codebooks"
+        );
+        let mut short = bytes;
+        short.pop();
+        assert!(matches!(
+            Record::decode(&short),
+            Err(DecodeError::Binary { .. })
+        ));
+    }
+
+    #[test]
+    fn golden_codebooks_record_layout() {
+        let record = CodebooksRecord {
+            version: 9,
+            epoch: 2,
+            table: table(),
+        };
+        let bytes = record.encode();
+        assert_eq!(bytes.len(), 40 + 2 * 256 * 2 * 4);
+        assert_eq!(&bytes[..4], b"TWC1");
+        assert_eq!((bytes[4], bytes[12], bytes[20]), (9, 2, 5));
+        assert_eq!(&bytes[28..40], &[2, 0, 0, 0, 0, 1, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(
+            Record::decode(&bytes).unwrap(),
+            Record::Codebooks(record.clone())
+        );
+        let mut shape = bytes.clone();
+        shape[32] = 1; // 257 centroids
+        assert!(Record::decode(&shape).is_err());
+        assert!(Record::decode(&bytes[..bytes.len() - 4]).is_err());
+        // Every format is told apart by its first bytes.
+        assert!(matches!(
+            Record::decode(&row().encode(ValueFormat::F32le)),
+            Ok(Record::Row(_))
+        ));
+        assert!(matches!(
+            Record::decode(&row().encode(ValueFormat::Json)),
+            Ok(Record::Row(_))
+        ));
     }
 }

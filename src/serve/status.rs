@@ -8,7 +8,7 @@ use actix_web::{get, web};
 use serde::Serialize;
 
 use crate::align::AlignReport;
-use crate::publish::{FreshnessFigures, InProgress};
+use crate::publish::{FreshnessFigures, InProgress, PqFigures};
 use crate::serve::embeddings::rows;
 use crate::serve::{ApiError, HttpState};
 use crate::store::StoreSummary;
@@ -79,6 +79,8 @@ pub struct PublishFigures {
     pub transactional: bool,
     /// Publications skipped because this daemon did not consume every partition.
     pub held_partial: u64,
+    /// `publish.format = "pq"`: how the last committed version was coded; `null` otherwise.
+    pub pq: Option<PqFigures>,
     /// Event-to-publish latency of this process's events.
     pub freshness: FreshnessFigures,
 }
@@ -207,6 +209,7 @@ fn publish_figures(state: &HttpState) -> PublishFigures {
             .publish
             .as_ref()
             .map_or(0, |p| p.held_partial.load(Ordering::Relaxed)),
+        pq: state.publish.as_ref().and_then(|p| p.pq()),
         freshness: state.ingest.freshness.figures(),
     }
 }

@@ -1,0 +1,183 @@
+//! Which codebooks a `publish.format = "pq"` version is coded with, and when they are learned
+//! again.
+//!
+//! Codebooks have an epoch of their own: the version that learned them. A version that learns
+//! codebooks carries every row, coded with them, plus their record (`codebooks:<epoch>`) and a
+//! tombstone for the previous epoch's record, which no row names any more; every other version
+//! carries only the rows that moved, coded with the codebooks in force. They are learned again
+//! when a version's rows lose more than `publish.pq.max_relative_error` of their energy (the
+//! tables drifted away from what the codebooks were learned on; a rotation onto the anchor does
+//! this at once): that version still goes out with the old codebooks, and the next one learns
+//! and carries every row. Any version that carries every row (the first, one after a restart
+//! without the reference) carries the codebooks record too, so a subscriber that lost it, or a
+//! record retired by a version whose commit the codebooks file missed, has it again.
+//!
+//! The codebooks in force persist in `publish.path/codebooks.twc` (their `TWC1` record), written
+//! after the commit of the version that learned them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tracing::{info, warn};
+
+use crate::config::PqConfig;
+use crate::persist;
+use crate::publish::{Codebooks, CodebooksRecord, PqError, PreparedVersion};
+
+const CODEBOOKS_FILE: &str = "codebooks.twc";
+
+/// The publisher's codebooks (see the module docs).
+pub struct Quantizer {
+    cfg: PqConfig,
+    current: Option<Codebooks>,
+    /// A version's error passed the bound: the next version learns codebooks again.
+    relearn: bool,
+    dir: Option<PathBuf>,
+}
+
+/// How one version was coded, adopted by [`Quantizer::commit`] once it is committed.
+#[derive(Debug)]
+pub struct Coding {
+    /// Codebooks learned for this version.
+    pub learned: Option<Codebooks>,
+    /// The codebooks the rows were coded with (`None`: no codebooks yet, rows went out f32).
+    pub epoch: Option<u64>,
+    /// `Σ‖x − x̂‖² / Σ‖x‖²` of the version's node rows.
+    pub relative_error: f64,
+}
+
+impl Quantizer {
+    /// The codebooks in force from `dir` when they were saved there.
+    pub fn open(cfg: PqConfig, dir: Option<&Path>) -> anyhow::Result<Quantizer> {
+        let current = match dir.map(|d| d.join(CODEBOOKS_FILE)) {
+            Some(path) if path.exists() => {
+                let bytes =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let record = CodebooksRecord::decode(&bytes).with_context(|| {
+                    format!("{}: delete it to learn new codebooks", path.display())
+                })?;
+                if record.table.subspaces != cfg.subspaces {
+                    warn!(
+                        saved = record.table.subspaces,
+                        configured = cfg.subspaces,
+                        "publish.pq.subspaces changed: the next version learns new codebooks"
+                    );
+                    None
+                } else {
+                    Some(Codebooks::from_table(&record.table))
+                }
+            }
+            _ => None,
+        };
+        Ok(Quantizer {
+            cfg,
+            current,
+            relearn: false,
+            dir: dir.map(Path::to_path_buf),
+        })
+    }
+
+    /// The next version must carry every row: it learns codebooks (none yet, or the last
+    /// version's error passed the bound).
+    pub fn needs_every_row(&self) -> bool {
+        self.current.is_none() || self.relearn
+    }
+
+    /// The codebooks in force (their epoch), if any.
+    pub fn epoch(&self) -> Option<u64> {
+        self.current.as_ref().map(|c| c.epoch)
+    }
+
+    /// Code `prepared`'s node rows. `every_row`: it carries every row, so it can learn codebooks
+    /// when they are due (and carries their record in any case). Fewer than 256 rows to learn
+    /// from: no codes, the rows go out as f32.
+    pub fn code(&self, prepared: &mut PreparedVersion, every_row: bool) -> Result<Coding, PqError> {
+        let version = prepared.marker.version;
+        let mut learned = None;
+        if every_row && self.needs_every_row() {
+            let rows = prepared.rows.node_values();
+            match Codebooks::train(
+                &rows,
+                self.cfg.subspaces as i64,
+                self.cfg.sample_rows,
+                self.cfg.iterations,
+                self.cfg.seed ^ version,
+                version,
+            ) {
+                Ok(books) => learned = Some(books),
+                Err(PqError::TooFewRows { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(books) = learned.as_ref().or(self.current.as_ref()) else {
+            return Ok(Coding {
+                learned: None,
+                epoch: None,
+                relative_error: 0.0,
+            });
+        };
+        let relative_error = prepared.rows.quantize(books)?;
+        if every_row {
+            let retire = self
+                .current
+                .as_ref()
+                .filter(|_| learned.is_some())
+                .map(|c| c.epoch);
+            let record = CodebooksRecord {
+                version,
+                epoch: prepared.marker.epoch,
+                table: books.table(),
+            };
+            prepared.with_codebooks(record, retire);
+        }
+        Ok(Coding {
+            epoch: Some(books.epoch),
+            learned,
+            relative_error,
+        })
+    }
+
+    /// The version coded as `coding` is committed: its codebooks are in force (and saved), and
+    /// the next version learns new ones if its error passed the bound.
+    pub fn commit(&mut self, coding: Coding) -> anyhow::Result<()> {
+        let over = coding.epoch.is_some() && coding.relative_error > self.cfg.max_relative_error;
+        if let Some(books) = coding.learned {
+            if let Some(dir) = &self.dir {
+                let record = CodebooksRecord {
+                    version: books.epoch,
+                    epoch: 0,
+                    table: books.table(),
+                };
+                persist::write_atomic(&dir.join(CODEBOOKS_FILE), &record.encode())
+                    .context("saving the codebooks")?;
+            }
+            info!(
+                epoch = books.epoch,
+                subspaces = books.subspaces(),
+                error = coding.relative_error,
+                "new codebooks in force"
+            );
+            if over {
+                // Learning again would not help: relearning at every version would send every
+                // row every time.
+                warn!(
+                    error = coding.relative_error,
+                    bound = self.cfg.max_relative_error,
+                    "codebooks just learned are over publish.pq.max_relative_error; raise it or \
+                     publish.pq.subspaces"
+                );
+            }
+            self.current = Some(books);
+            self.relearn = false;
+        } else if over {
+            info!(
+                error = coding.relative_error,
+                bound = self.cfg.max_relative_error,
+                "quantization error over publish.pq.max_relative_error: the next version learns \
+                 new codebooks"
+            );
+            self.relearn = true;
+        }
+        Ok(())
+    }
+}
