@@ -87,6 +87,7 @@ fn view(
         biases: Vec::new(),
         row_ts: Vec::new(),
         changed: changed.map(|c| vec![Tensor::from_slice(&c)]),
+        codes: None,
     }
 }
 

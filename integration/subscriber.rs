@@ -800,6 +800,13 @@ fn product_quantized_versions_decode_to_the_served_rows_and_new_codebooks_retire
         })
         .collect();
     let version = last_version(&daemon);
+    // Ranked from the codes, as a pq subscriber would rank with the rows it decoded.
+    let from_codes: serde_json::Value = serde_json::from_str(
+        &http_get(port, "/v1/neighbors/user/0?rel=follows&k=10&codes=true").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(from_codes["method"], "codes", "{from_codes}");
+    assert_eq!(from_codes["version"], version, "{from_codes}");
     assert!(daemon.terminate().success());
 
     let summary_path = dir.path().join("subscriber.json");
@@ -853,6 +860,33 @@ fn product_quantized_versions_decode_to_the_served_rows_and_new_codebooks_retire
         }
     }
     let measured = err / total;
+    // The codes ranking is the decoded rows' ranking: (e_user:0 + e_follows) · decoded row.
+    let query: Vec<f32> = served["user:0"]
+        .iter()
+        .zip(&decoded["relation:follows"])
+        .map(|(a, b)| a + b)
+        .collect();
+    let score = |row: &[f32]| query.iter().zip(row).map(|(a, b)| a * b).sum::<f32>();
+    let mut ranked: Vec<(f32, &String)> = decoded
+        .iter()
+        .filter(|(k, _)| k.starts_with("user:"))
+        .map(|(k, row)| (score(row), k))
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let tenth = ranked[9].0;
+    for hit in from_codes["neighbors"].as_array().unwrap() {
+        let key = hit["node"].as_str().unwrap();
+        let expected = score(&decoded[key]);
+        let got = hit["score"].as_f64().unwrap() as f32;
+        assert!(
+            (got - expected).abs() <= 1e-3 * expected.abs().max(1.0),
+            "{key}: {got} from codes, {expected} from the decoded row"
+        );
+        assert!(
+            expected >= tenth - 1e-3 * tenth.abs().max(1.0),
+            "{key} is not in the decoded rows' top 10"
+        );
+    }
     assert!(measured > 0.0, "the rows were quantized");
     assert!(
         measured < 0.1 && measured < 4.0 * reported.max(0.005),

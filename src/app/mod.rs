@@ -363,6 +363,7 @@ fn restored_view(cfg: &Config, publication: &Publication) -> Option<PublishedVie
         row_ts: Vec::new(),
         // Which rows differ from the served indexes is not known: they index every row.
         changed: None,
+        codes: None,
     })
 }
 

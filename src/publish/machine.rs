@@ -44,8 +44,8 @@ use crate::align::{
 use crate::config::{Comparator, ValueFormat};
 use crate::persist;
 use crate::publish::{
-    build_delta_version, Coding, Freshness, Ledger, PreparedVersion, PublishedView, Quantizer,
-    VersionMarker, VersionRequest,
+    build_delta_version, served_codes, Coding, Freshness, Ledger, PreparedVersion, PublishedView,
+    Quantizer, ServedCodes, VersionMarker, VersionRequest,
 };
 use crate::store::{GraphStore, NodeRef};
 use crate::telemetry as m;
@@ -290,8 +290,9 @@ pub struct Publication {
     /// every [`REFERENCE_PERSIST_EVERY`] and at shutdown), and when it was last written.
     reference_stale: bool,
     reference_written: Option<Instant>,
-    /// `publish.format = "pq"`: the codebooks.
+    /// `publish.format = "pq"`: the codebooks, and the codes of the version subscribers hold.
     quantizer: Option<Quantizer>,
+    served_codes: Option<ServedCodes>,
 }
 
 /// The published reference is written whole (every row), so not once per version: a crash
@@ -348,6 +349,7 @@ impl Publication {
             reference_stale: false,
             reference_written: None,
             quantizer: None,
+            served_codes: None,
         })
     }
 
@@ -504,11 +506,33 @@ impl Publication {
         for table in &mut delta.tables {
             table.values = Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu));
         }
+        let tables = update.apply(self.reference.as_ref().map(|r| &r.params))?;
+        // The codebooks this version's rows were coded with: the ones it learned, or those in
+        // force.
+        let books = match (&self.quantizer, &coding) {
+            (Some(q), Some(c)) if c.epoch.is_some() => c.learned.as_ref().or(q.current()),
+            _ => None,
+        };
+        let codes = match books {
+            Some(books) => {
+                let previous = self.served_codes.as_ref();
+                let rows = &prepared.rows;
+                Some(served_codes(
+                    previous,
+                    books,
+                    &update,
+                    rows,
+                    &tables,
+                    carries_every_row,
+                )?)
+            }
+            None => None,
+        };
         let view = PublishedView {
             version,
             epoch,
             comparator: self.settings.comparator,
-            tables: update.apply(self.reference.as_ref().map(|r| &r.params))?,
+            tables,
             relations: delta.relations.shallow_clone(),
             biases: delta
                 .tables
@@ -517,6 +541,7 @@ impl Publication {
                 .collect(),
             row_ts: self.row_ts.clone(),
             changed: Some(update.changed()),
+            codes,
         };
         let figures = assessed.figures;
         let prepare_ms = taken.elapsed().as_secs_f64() * 1e3;
@@ -537,6 +562,7 @@ impl Publication {
         if let (Some(q), Some(coding)) = (&mut self.quantizer, coding) {
             self.status.record_coding(&coding);
             q.commit(coding)?;
+            self.served_codes = view.codes.as_ref().map(ServedCodes::shallow_clone);
         }
         let events = self
             .freshness

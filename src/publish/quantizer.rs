@@ -22,7 +22,11 @@ use tracing::{info, warn};
 
 use crate::config::PqConfig;
 use crate::persist;
-use crate::publish::{Codebooks, CodebooksRecord, PqError, PreparedVersion};
+use tch::{Kind, Tensor};
+
+use crate::publish::{
+    Codebooks, CodebooksRecord, PqError, PreparedVersion, ServedCodes, VersionRows, ViewUpdate,
+};
 
 const CODEBOOKS_FILE: &str = "codebooks.twc";
 
@@ -83,9 +87,9 @@ impl Quantizer {
         self.current.is_none() || self.relearn
     }
 
-    /// The codebooks in force (their epoch), if any.
-    pub fn epoch(&self) -> Option<u64> {
-        self.current.as_ref().map(|c| c.epoch)
+    /// The codebooks in force, if any.
+    pub fn current(&self) -> Option<&Codebooks> {
+        self.current.as_ref()
     }
 
     /// Code `prepared`'s node rows. `every_row`: it carries every row, so it can learn codebooks
@@ -180,4 +184,44 @@ impl Quantizer {
         }
         Ok(())
     }
+}
+
+/// The codes subscribers hold once a version coded with `books` is applied: the previous view's
+/// codes (when of the same codebooks and the version does not carry every row) with the
+/// version's rows written over them; every row of `tables` encoded when there is nothing to
+/// start from (the first version of a process whose reference was restored). The version's node
+/// block `t` holds type `t`'s rows, as [`crate::publish::build_delta_version`] builds them.
+pub fn served_codes(
+    previous: Option<&ServedCodes>,
+    books: &Codebooks,
+    update: &ViewUpdate,
+    rows: &VersionRows,
+    tables: &[Tensor],
+    every_row: bool,
+) -> Result<ServedCodes, PqError> {
+    let previous = previous.filter(|p| p.codebooks.epoch == books.epoch && !every_row);
+    let m = books.subspaces();
+    let mut out = Vec::with_capacity(update.tables.len());
+    for (t, ((len, idx, _), table)) in update.tables.iter().zip(tables).enumerate() {
+        let published = rows.block_codes(t as u32).unwrap_or_default();
+        let published = Tensor::from_slice(published).reshape([-1, m]);
+        let mut codes = match previous.and_then(|p| p.tables.get(t)) {
+            Some(before) if !every_row => {
+                let codes = Tensor::zeros([*len, m], (Kind::Uint8, tch::Device::Cpu));
+                let keep = before.size()[0].min(*len);
+                codes.narrow(0, 0, keep).copy_(&before.narrow(0, 0, keep));
+                codes
+            }
+            _ if every_row => Tensor::zeros([*len, m], (Kind::Uint8, tch::Device::Cpu)),
+            _ => books.encode(table)?,
+        };
+        if idx.numel() > 0 {
+            let _ = codes.index_copy_(0, idx, &published);
+        }
+        out.push(codes);
+    }
+    Ok(ServedCodes {
+        codebooks: books.shallow_clone(),
+        tables: out,
+    })
 }

@@ -171,6 +171,11 @@ impl VersionRows {
         self.rows.iter().map(|r| r.key.as_str())
     }
 
+    /// Codes of block `block`'s rows (`[n, m]` row-major) once [`VersionRows::quantize`] ran.
+    pub fn block_codes(&self, block: u32) -> Option<&[u8]> {
+        self.codes.get(block as usize)?.as_deref()
+    }
+
     /// Row `i`'s record in the set's format.
     pub fn encode(&self, i: usize) -> Vec<u8> {
         let r = &self.rows[i];

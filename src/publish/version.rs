@@ -22,7 +22,9 @@ use tch::{Device, Kind, Tensor};
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
 use crate::publish::rows::in_chunks;
-use crate::publish::{CodebooksRecord, RowRef, VersionMarker, VersionRows, CODEBOOKS_PREFIX};
+use crate::publish::{
+    Codebooks, CodebooksRecord, RowRef, VersionMarker, VersionRows, CODEBOOKS_PREFIX,
+};
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{ModelDelta, ModelState, Snapshot};
 
@@ -66,6 +68,24 @@ pub struct PublishedView {
     /// rows included; `None`: not known (a view restored at start). The serving indexes update
     /// these rows only ([`crate::serve::AnnIndexes`]).
     pub changed: Option<Vec<Tensor>>,
+    /// `publish.format = "pq"`: the node rows as subscribers hold them, coded.
+    pub codes: Option<ServedCodes>,
+}
+
+/// The served version's node rows as its `pq` subscribers hold them: per node type the codes
+/// `[rows, m]` (u8) of the codebooks in force, row `i` being the node of dense index `i`.
+pub struct ServedCodes {
+    pub codebooks: Codebooks,
+    pub tables: Vec<Tensor>,
+}
+
+impl ServedCodes {
+    pub fn shallow_clone(&self) -> ServedCodes {
+        ServedCodes {
+            codebooks: self.codebooks.shallow_clone(),
+            tables: self.tables.iter().map(Tensor::shallow_clone).collect(),
+        }
+    }
 }
 
 impl PublishedView {
@@ -474,6 +494,7 @@ pub fn build_version(
             .collect(),
         row_ts: state.row_ts.clone(),
         changed: Some(changed),
+        codes: None,
     };
     Ok(Some((prepared, view)))
 }

@@ -6,7 +6,7 @@ use actix_web::{get, web};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::publish::PublishedView;
+use crate::publish::{Codebooks, PublishedView};
 use crate::schema::RelId;
 use crate::schema::TypeId;
 use crate::serve::{AnnIndexes, ApiError, HttpState, DEFAULT_K, MAX_K};
@@ -128,15 +128,20 @@ pub struct NeighborsQuery {
     pub exact: Option<String>,
     /// `true`: leave out the node's known targets of `rel`, as the filtered evaluation does.
     pub exclude_known: Option<String>,
+    /// `true`: score every row from its product-quantized codes, as `pq` subscribers hold it
+    /// (`publish.format = "pq"`; never the index).
+    pub codes: Option<String>,
 }
 
-/// `GET /v1/neighbors`'s ranking method: `exact` (every row scored) or `ann` (at least one
-/// target type's candidates came from its index, then were scored exactly).
+/// `GET /v1/neighbors`'s ranking method: `exact` (every row scored), `ann` (at least one
+/// target type's candidates came from its index, then were scored exactly) or `codes` (every
+/// row scored from its product-quantized codes).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RankMethod {
     Exact,
     Ann,
+    Codes,
 }
 
 /// `GET /v1/neighbors/{type}/{id}`.
@@ -192,6 +197,7 @@ struct RankRequest {
     k: usize,
     exact: bool,
     exclude_known: bool,
+    codes: bool,
 }
 
 #[get("/v1/neighbors/{type}/{id:.+}")]
@@ -206,11 +212,13 @@ pub(super) async fn neighbor_ranking(
         k,
         exact,
         exclude_known,
+        codes,
     } = query.into_inner();
     let req = RankRequest {
         k: parse_k(k.as_deref())?,
         exact: parse_flag("exact", exact.as_deref())?,
         exclude_known: parse_flag("exclude_known", exclude_known.as_deref())?,
+        codes: parse_flag("codes", codes.as_deref())?,
     };
     let rel = rel.filter(|r| !r.is_empty()).ok_or(ApiError::BadParam {
         param: "rel",
@@ -229,6 +237,8 @@ struct Served {
     relation: Tensor,
     /// Per target type: its table and target biases.
     targets: Vec<(TypeId, Tensor, Option<Tensor>)>,
+    /// With `codes=true`: the codebooks and per target type (as `targets`) its codes.
+    codes: Option<(Codebooks, Vec<Tensor>)>,
 }
 
 /// The `k` best targets of `rel` for the node, scored by the served version with its comparator
@@ -292,6 +302,25 @@ fn rank_neighbors(
                 Some((t, table, bias))
             })
             .collect();
+        let codes = match (&view.codes, req.codes) {
+            (_, false) => None,
+            (None, true) => {
+                return Err(ApiError::BadParam {
+                    param: "codes",
+                    problem: format!(
+                        "version {} has no codes: set publish.format = \"pq\"",
+                        view.version
+                    ),
+                })
+            }
+            (Some(c), true) => Some((
+                c.codebooks.shallow_clone(),
+                dst_types
+                    .iter()
+                    .filter_map(|&t| c.tables.get(t as usize).map(Tensor::shallow_clone))
+                    .collect(),
+            )),
+        };
         Ok::<_, ApiError>((
             src,
             Served {
@@ -299,6 +328,7 @@ fn rank_neighbors(
                 comparator: view.comparator,
                 relation,
                 targets,
+                codes,
             },
         ))
     })?;
@@ -317,7 +347,7 @@ fn rank_neighbors(
         });
     }
     let erased = store.erasures_since(0);
-    let ann = state.serving.ann().filter(|_| !req.exact);
+    let ann = state.serving.ann().filter(|_| !req.exact && !req.codes);
     let ranked = tch::no_grad(|| top_targets(&served, &sources, &erased, &known, req.k, ann))?;
     let mut neighbors = Vec::with_capacity(ranked.hits.len());
     for (score, target) in ranked.hits {
@@ -335,9 +365,10 @@ fn rank_neighbors(
         node: key,
         rel: rel.to_owned(),
         version: served.version,
-        method: match ranked.index_version {
-            Some(_) => RankMethod::Ann,
-            None => RankMethod::Exact,
+        method: match (ranked.index_version, &served.codes) {
+            (Some(_), _) => RankMethod::Ann,
+            (None, Some(_)) => RankMethod::Codes,
+            (None, None) => RankMethod::Exact,
         },
         index_version: ranked.index_version,
         neighbors,
@@ -365,7 +396,8 @@ fn top_targets(
 ) -> Result<Ranked, ApiError> {
     let mut hits = Vec::new();
     let mut index_version: Option<u64> = None;
-    for (((t, candidates, bias), src), known) in served.targets.iter().zip(sources).zip(known) {
+    let typed = served.targets.iter().zip(sources).zip(known).enumerate();
+    for (target, (((t, candidates, bias), src), known)) in typed {
         let t = *t;
         let translated = translate(&src.unsqueeze(0), &served.relation.unsqueeze(0));
         let n = rows(candidates);
@@ -424,8 +456,14 @@ fn top_targets(
                 (Some(picked), scores)
             }
             None => {
-                let mut scores =
-                    score_targets(served.comparator, &translated, candidates).reshape([-1]);
+                let mut scores = match &served.codes {
+                    Some((books, codes)) => books.code_scores(
+                        served.comparator,
+                        &translated.reshape([-1]),
+                        &codes[target],
+                    ),
+                    None => score_targets(served.comparator, &translated, candidates).reshape([-1]),
+                };
                 // The target bias of a biased type (`train.bias_types`), as the model scores.
                 if let Some(b) = bias {
                     scores += b;

@@ -99,6 +99,7 @@ fn view() -> PublishedView {
         biases: Vec::new(),
         row_ts: vec![vec![1_732_190_000_123, 200], vec![], vec![]],
         changed: None,
+        codes: None,
     }
 }
 
@@ -374,6 +375,7 @@ async fn neighbors_search_the_index_above_its_size_and_score_exactly() {
         biases: vec![None, Some(Tensor::from_slice(&biases)), None],
         row_ts: Vec::new(),
         changed: None,
+        codes: None,
     };
     let mut cfg: crate::config::AnnConfig =
         toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap()["http"]
