@@ -114,8 +114,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Downstream value on MovieLens-100k: will a user rate a movie high, for ratings after a
-    /// version's cut, by a logistic regression with and without that version's embeddings.
+    /// Downstream value on MovieLens-100k, by a logistic regression with and without a
+    /// version's embeddings: will a user rate a movie high, for ratings after the version's cut
+    /// (`--task rated-high`), or a movie's genres, from a version trained without the genre
+    /// relations (`--task genre`).
     Downstream {
         #[command(flatten)]
         opts: twhin_stream::offline::DownstreamOptions,
@@ -308,11 +310,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::StreamEval { opts, json } => stream_eval(&cfg, &opts, json),
         Command::Downstream { opts, json } => {
-            let r = offline::measure_downstream(&cfg, torch_device(&cfg)?, &opts)?;
+            let device = torch_device(&cfg)?;
+            let (json_text, table) = match opts.task {
+                offline::DownstreamTask::RatedHigh => {
+                    let r = offline::measure_downstream(&cfg, device, &opts)?;
+                    (serde_json::to_string_pretty(&r)?, r.table())
+                }
+                offline::DownstreamTask::Genre => {
+                    let r = offline::measure_genre_downstream(&cfg, device, &opts, &opts.genres)?;
+                    (serde_json::to_string_pretty(&r)?, r.table())
+                }
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                println!("{json_text}");
             } else {
-                print!("{}", r.table());
+                print!("{table}");
             }
             Ok(())
         }

@@ -33,7 +33,9 @@ use crate::offline::stability::{
     accuracies, in_memory_publication_with, type_index, LogisticRegression,
 };
 use crate::offline::{append_events, drain, run_dir, Dataset};
-use crate::publish::{publish_in_process, InProcessTrainer, MemorySink, Outcome, PublishedView};
+use crate::publish::{
+    publish_in_process, InProcessTrainer, MemorySink, Outcome, PreparedVersion, PublishedView,
+};
 use crate::schema::Event;
 use crate::store::{GraphStore, NodeRef};
 use crate::train::{composed_source, TrainParams};
@@ -48,6 +50,25 @@ pub struct DownstreamOptions {
     /// Use only the first N ratings (all by default).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// `rated-high`: will a user rate a movie high, for ratings after the cut. `genre`: a movie's
+    /// genres, from a version trained without the genre relations (every rating, no cut).
+    #[arg(long, value_enum, default_value_t = DownstreamTask::RatedHigh)]
+    pub task: DownstreamTask,
+    /// With `--task genre`: the genres, each its own model (the five most common in ml-100k by
+    /// default).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "Drama,Comedy,Thriller,Action,Romance"
+    )]
+    pub genres: Vec<String>,
+}
+
+/// Which downstream task `downstream` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DownstreamTask {
+    RatedHigh,
+    Genre,
 }
 
 /// One downstream model's figures on the scored half.
@@ -237,28 +258,7 @@ pub fn measure_downstream(
         append_events(&store, "downstream", chunk, p.batch_size, offset)?;
         drain(&mut core, &store)?;
     }
-    let (mut aligner, mut publication) = in_memory_publication_with(cfg, cfg.align.clone())?;
-    let mut trainer = InProcessTrainer {
-        core: &mut core,
-        checkpoints: None,
-    };
-    let mut sink = MemorySink::default();
-    let (prepared, view) = match publish_in_process(
-        &mut publication,
-        &store,
-        &mut trainer,
-        &mut aligner,
-        &mut sink,
-    )? {
-        Outcome::Committed { prepared, view, .. } => (prepared, view),
-        Outcome::Held(why) => anyhow::bail!("the publisher held the version back: {why:?}"),
-        Outcome::Unchanged => anyhow::bail!("the publisher found nothing to publish"),
-    };
-    info!(
-        version = prepared.marker.version,
-        rows = prepared.marker.rows,
-        "downstream: version"
-    );
+    let (prepared, view) = publish_one(cfg, &store, &mut core)?;
 
     // After the cut: the examples the version covers, in time order.
     let rows = |t: u16| view.tables[t as usize].size()[0];
@@ -328,6 +328,38 @@ pub fn measure_downstream(
         without_embeddings,
         with_embeddings,
     })
+}
+
+/// Version 1 of what `core` trained on `store`, through the daemon's publisher and alignment
+/// (in memory, no Kafka): its prepared records and the view subscribers hold.
+pub(crate) fn publish_one(
+    cfg: &Config,
+    store: &GraphStore,
+    core: &mut crate::train::TrainerCore,
+) -> anyhow::Result<(PreparedVersion, PublishedView)> {
+    let (mut aligner, mut publication) = in_memory_publication_with(cfg, cfg.align.clone())?;
+    let mut trainer = InProcessTrainer {
+        core,
+        checkpoints: None,
+    };
+    let mut sink = MemorySink::default();
+    let (prepared, view) = match publish_in_process(
+        &mut publication,
+        store,
+        &mut trainer,
+        &mut aligner,
+        &mut sink,
+    )? {
+        Outcome::Committed { prepared, view, .. } => (prepared, view),
+        Outcome::Held(why) => anyhow::bail!("the publisher held the version back: {why:?}"),
+        Outcome::Unchanged => anyhow::bail!("the publisher found nothing to publish"),
+    };
+    info!(
+        version = prepared.marker.version,
+        rows = prepared.marker.rows,
+        "downstream: version"
+    );
+    Ok((prepared, view))
 }
 
 fn baseline_features(examples: &[Example]) -> Tensor {
@@ -400,7 +432,11 @@ const L2_GRID: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 /// Of `variants` (each `(fitting features, scored features)`, the same examples), the one and the
 /// L2 penalty with the best AUC on the last fifth of the fitting examples (fitted on the rest),
 /// refitted on every fitting example and scored.
-fn fit_and_score(variants: &[(&Tensor, &Tensor)], fit_y: &Tensor, y: &Tensor) -> ModelFigures {
+pub(crate) fn fit_and_score(
+    variants: &[(&Tensor, &Tensor)],
+    fit_y: &Tensor,
+    y: &Tensor,
+) -> ModelFigures {
     let n = fit_y.size()[0];
     let train_n = n * 4 / 5;
     let (ty, vy) = (
