@@ -285,6 +285,12 @@ fn main() {
         bearer_token: None,
         rate: Mutex::default(),
         train: None,
+        multi_interest: twhin_stream::config::MultiInterestConfig {
+            enabled: false,
+            max_interests: 4,
+            targets_per_interest: 10,
+            iterations: 10,
+        },
     });
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -195,6 +195,7 @@ impl Daemon {
             bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
             rate: Default::default(),
             train: Some(cfg.train.clone()),
+            multi_interest: cfg.http.multi_interest.clone(),
         });
         let bind = cfg.http_bind()?;
         let (http, addr) = crate::serve::start(bind, state)

@@ -22,10 +22,14 @@ pub struct HttpConfig {
 
 /// `[http.multi_interest]`: how a user's recent targets are clustered into interests, one query
 /// each, candidates merged as a mixture. `stream-eval` measures it beside one embedding;
-/// `/v1/neighbors` does not use it yet (it lost to one embedding on MovieLens-100k).
+/// `/v1/neighbors` ranks with it when `enabled` (or a request's `interests=true`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MultiInterestConfig {
+    /// `/v1/neighbors` ranks a history-type source as its interests unless a request says
+    /// `interests=false` (off: only with `interests=true`).
+    #[serde(default)]
+    pub enabled: bool,
     /// At most this many interests per user.
     pub max_interests: usize,
     /// One interest per this many recent targets (a shorter history is one interest).

@@ -31,7 +31,7 @@ use crate::offline::{
 use crate::schema::{Event, NodeKey};
 use crate::store::{AppendBatch, GraphStore};
 use crate::train::{
-    all_target_scores, interest_count, split_history, Embeddings, SourceQuery, TrainerCore,
+    all_target_scores, interest_count, mixture, split_history, Embeddings, SourceQuery, TrainerCore,
 };
 
 /// How the measurement runs (the `stream-eval` command's flags).
@@ -469,23 +469,17 @@ fn model_scores(
         .collect())
 }
 
-/// An event's interests merged as a mixture: per span `from..to` of the rows of
-/// `scores [queries, items]`, each item's `log Σ_c π_c softmax(s_c)`, with `π_c` the interest's
-/// share of the history (`shares [queries]`): `[spans, items]`. The daemon's model is trained
-/// with a softmax over every item, so each interest's scores are its log-probabilities up to a
-/// constant, and the mixture is the probability that one of the interests picks the item. One
-/// interest keeps that interest's order. (The best score over interests, tried first, put a
-/// small interest's near misses above the user's main one: Hits@10 0.124 against one
-/// embedding's 0.155 on MovieLens-100k.)
+/// Each event's interests merged ([`crate::train::mixture`]): per span `from..to` of the rows
+/// of `scores [queries, items]`, with `shares [queries]`: `[spans, items]`. (The best score over
+/// interests, tried first, put a small interest's near misses above the user's main one: Hits@10
+/// 0.124 against one embedding's 0.155 on MovieLens-100k.)
 fn mixture_of_spans(scores: &Tensor, shares: &Tensor, spans: &[(usize, usize)]) -> Tensor {
-    let log_prob = scores.log_softmax(1, tch::Kind::Float) + shares.log().unsqueeze(1);
     Tensor::stack(
         &spans
             .iter()
             .map(|&(from, to)| {
-                log_prob
-                    .narrow(0, from as i64, (to - from) as i64)
-                    .logsumexp([0].as_slice(), false)
+                let (from, len) = (from as i64, (to - from) as i64);
+                mixture(&scores.narrow(0, from, len), &shares.narrow(0, from, len))
             })
             .collect::<Vec<_>>(),
         0,

@@ -11,7 +11,9 @@ use crate::schema::RelId;
 use crate::schema::TypeId;
 use crate::serve::{AnnIndexes, ApiError, HttpState, DEFAULT_K, MAX_K};
 use crate::store::{GraphStore, NodeRef};
-use crate::train::{composed_source, known_targets, score_targets, translate};
+use crate::train::{
+    composed_source, interest_sources, known_targets, mixture, score_targets, translate,
+};
 
 /// Rows of a `[rows, D]` table (0 for anything else).
 pub(super) fn rows(t: &Tensor) -> i64 {
@@ -131,6 +133,9 @@ pub struct NeighborsQuery {
     /// `true`: score every row from its product-quantized codes, as `pq` subscribers hold it
     /// (`publish.format = "pq"`; never the index).
     pub codes: Option<String>,
+    /// `true`: a history-type source as its interests, merged as a mixture (every row scored);
+    /// unset: `http.multi_interest.enabled`.
+    pub interests: Option<String>,
 }
 
 /// `GET /v1/neighbors`'s ranking method: `exact` (every row scored), `ann` (at least one
@@ -155,6 +160,10 @@ pub struct NeighborsResponse {
     /// with `version`'s rows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_version: Option<u64>,
+    /// With interests: how many the source was split into (per target type, the most); the
+    /// scores are then the mixture's log-probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interests: Option<usize>,
     /// Best first.
     pub neighbors: Vec<ScoredNode>,
 }
@@ -198,6 +207,7 @@ struct RankRequest {
     exact: bool,
     exclude_known: bool,
     codes: bool,
+    interests: bool,
 }
 
 #[get("/v1/neighbors/{type}/{id:.+}")]
@@ -213,12 +223,17 @@ pub(super) async fn neighbor_ranking(
         exact,
         exclude_known,
         codes,
+        interests,
     } = query.into_inner();
     let req = RankRequest {
         k: parse_k(k.as_deref())?,
         exact: parse_flag("exact", exact.as_deref())?,
         exclude_known: parse_flag("exclude_known", exclude_known.as_deref())?,
         codes: parse_flag("codes", codes.as_deref())?,
+        interests: match interests {
+            Some(v) => parse_flag("interests", Some(&v))?,
+            None => state.multi_interest.enabled,
+        },
     };
     let rel = rel.filter(|r| !r.is_empty()).ok_or(ApiError::BadParam {
         param: "rel",
@@ -335,20 +350,39 @@ fn rank_neighbors(
     // A history-type source is its row plus the sum of its recent targets' served rows, per
     // target type, as the model scores it.
     let mut sources = Vec::with_capacity(served.targets.len());
+    let mut shares = Vec::with_capacity(served.targets.len());
     let mut known = Vec::with_capacity(served.targets.len());
     for (t, table, _) in &served.targets {
-        sources.push(match &state.train {
-            Some(p) => composed_source(p, store, node, *t as usize, &src, table)?,
-            None => src.shallow_clone(),
-        });
+        let (source, share) = match &state.train {
+            Some(p) if req.interests => {
+                let mi = &state.multi_interest;
+                let (queries, share) =
+                    interest_sources(p, mi, store, node, *t as usize, &src, table)?;
+                (queries, Some(share))
+            }
+            Some(p) => (
+                composed_source(p, store, node, *t as usize, &src, table)?,
+                None,
+            ),
+            None => (src.shallow_clone(), None),
+        };
+        sources.push(source);
+        shares.push(share);
         known.push(match req.exclude_known {
             true => known_targets(store, node, rel_id as RelId, *t)?,
             false => Vec::new(),
         });
     }
     let erased = store.erasures_since(0);
-    let ann = state.serving.ann().filter(|_| !req.exact && !req.codes);
-    let ranked = tch::no_grad(|| top_targets(&served, &sources, &erased, &known, req.k, ann))?;
+    // Interests are merged over every row: the mixture needs each interest's softmax.
+    let ann = (state.serving.ann()).filter(|_| !req.exact && !req.codes && !req.interests);
+    let scoring = Scoring {
+        sources: &sources,
+        shares: &shares,
+        erased: &erased,
+        known: &known,
+    };
+    let ranked = tch::no_grad(|| top_targets(&served, &scoring, req.k, ann))?;
     let mut neighbors = Vec::with_capacity(ranked.hits.len());
     for (score, target) in ranked.hits {
         let id = store.node_id(target)?.ok_or(ApiError::MissingId {
@@ -371,6 +405,7 @@ fn rank_neighbors(
             (None, None) => RankMethod::Exact,
         },
         index_version: ranked.index_version,
+        interests: shares.iter().flatten().map(|s| s.size()[0] as usize).max(),
         neighbors,
     })
 }
@@ -381,25 +416,44 @@ struct Ranked {
     index_version: Option<u64>,
 }
 
-/// Best `k` of each target type (`sources`: the source's vector for each), then merged: a best
-/// `k` overall is within the union. A type with a usable index (`ann`) is scored on its
-/// candidates (`k × http.ann.oversample`), every other on all its rows (libtorch's top-k). Ties
-/// go to the lower type id, then the lower row. `erased` nodes, and the `known` rows of each
-/// type, are never candidates.
+/// The source's side of a ranking, per target type (as `Served::targets`).
+struct Scoring<'a> {
+    /// The source's vector `[D]`, or its interests' queries `[c, D]`.
+    sources: &'a [Tensor],
+    /// With interests: each one's share of the history `[c]`.
+    shares: &'a [Option<Tensor>],
+    erased: &'a [NodeRef],
+    /// Rows left out (the source's known targets with `exclude_known`).
+    known: &'a [Vec<i64>],
+}
+
+/// Best `k` of each target type, then merged: a best `k` overall is within the union. A type
+/// with a usable index (`ann`) is scored on its candidates (`k × http.ann.oversample`), every
+/// other on all its rows (libtorch's top-k); a source of several interests scores every row per
+/// interest and merges them ([`mixture`]). Ties go to the lower type id, then the lower row.
+/// Erased nodes, and the known rows of each type, are never candidates.
 fn top_targets(
     served: &Served,
-    sources: &[Tensor],
-    erased: &[NodeRef],
-    known: &[Vec<i64>],
+    scoring: &Scoring,
     k: usize,
     ann: Option<&AnnIndexes>,
 ) -> Result<Ranked, ApiError> {
     let mut hits = Vec::new();
     let mut index_version: Option<u64> = None;
-    let typed = served.targets.iter().zip(sources).zip(known).enumerate();
+    let Scoring {
+        sources,
+        shares,
+        erased,
+        known,
+    } = scoring;
+    let typed = served.targets.iter().zip(*sources).zip(*known).enumerate();
     for (target, (((t, candidates, bias), src), known)) in typed {
         let t = *t;
-        let translated = translate(&src.unsqueeze(0), &served.relation.unsqueeze(0));
+        let queries = match src.dim() {
+            1 => src.unsqueeze(0),
+            _ => src.shallow_clone(),
+        };
+        let translated = translate(&queries, &served.relation.unsqueeze(0));
         let n = rows(candidates);
         if n == 0 {
             continue;
@@ -456,18 +510,31 @@ fn top_targets(
                 (Some(picked), scores)
             }
             None => {
+                // `[queries, rows]`.
                 let mut scores = match &served.codes {
-                    Some((books, codes)) => books.code_scores(
-                        served.comparator,
-                        &translated.reshape([-1]),
-                        &codes[target],
+                    Some((books, codes)) => Tensor::stack(
+                        &(0..translated.size()[0])
+                            .map(|q| {
+                                books.code_scores(
+                                    served.comparator,
+                                    &translated.get(q),
+                                    &codes[target],
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                        0,
                     ),
-                    None => score_targets(served.comparator, &translated, candidates).reshape([-1]),
+                    None => score_targets(served.comparator, &translated, candidates),
                 };
                 // The target bias of a biased type (`train.bias_types`), as the model scores.
                 if let Some(b) = bias {
                     scores += b;
                 }
+                // With interests (even one), the mixture's log-probabilities.
+                let mut scores = match &shares[target] {
+                    Some(share) => mixture(&scores, share),
+                    None => scores.reshape([-1]),
+                };
                 if !gone.is_empty() {
                     let _ = scores.index_fill_(0, &Tensor::from_slice(&gone), f64::NEG_INFINITY);
                 }

@@ -61,6 +61,9 @@ pub struct HttpState {
     /// `[train]`: `/v1/neighbors` adds a history-type source's recent targets
     /// (`train.history_types`) as the model scores it. `None`: the row alone.
     pub train: Option<crate::config::TrainParams>,
+    /// `[http.multi_interest]`: a history-type source as several interests (`enabled`, or a
+    /// request's `interests=true`).
+    pub multi_interest: crate::config::MultiInterestConfig,
 }
 
 /// Bind and start the server; returns its handle (stop it at shutdown) and the bound address.

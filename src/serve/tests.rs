@@ -122,6 +122,12 @@ fn state(store: Arc<GraphStore>, serving: ServingView, token: Option<&str>) -> H
         bearer_token: token.map(Into::into),
         rate: Mutex::default(),
         train: None,
+        multi_interest: crate::config::MultiInterestConfig {
+            enabled: false,
+            max_interests: 4,
+            targets_per_interest: 10,
+            iterations: 10,
+        },
     }
 }
 
@@ -331,6 +337,47 @@ async fn neighbors_rank_a_history_source_with_its_recent_targets() {
     }
 }
 
+#[actix_web::test]
+async fn neighbors_merge_a_history_sources_interests_as_a_mixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut train: crate::config::TrainParams =
+        toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap()["train"]
+            .clone()
+            .try_into()
+            .unwrap();
+    train.history_types = vec!["user".into()];
+    train.history_recent = 3;
+    let mut st = state(store(dir.path()), served_view(), None);
+    st.train = Some(train);
+    // u1's three recent movies, one interest per movie, at most two.
+    st.multi_interest.max_interests = 2;
+    st.multi_interest.targets_per_interest = 1;
+    let app = init_service(app(web::Data::new(st))).await;
+    let rank = |uri: &'static str| {
+        let app = &app;
+        async move {
+            let (code, body) = call(app, request(uri, None).to_request()).await;
+            assert_eq!(code, StatusCode::OK, "{body}");
+            serde_json::from_value::<NeighborsResponse>(body).unwrap()
+        }
+    };
+    let mixed = rank("/v1/neighbors/user/u1?rel=rated_high&k=3&interests=true").await;
+    assert_eq!(mixed.interests, Some(2));
+    assert_eq!(mixed.method, RankMethod::Exact);
+    // The scores are a mixture of softmaxes over the three movies: a distribution.
+    let total: f32 = mixed.neighbors.iter().map(|n| n.score.exp()).sum();
+    assert!((total - 1.0).abs() < 1e-5, "{:?}", mixed.neighbors);
+    // Off by default (http.multi_interest.enabled = false): the one composed user.
+    let one = rank("/v1/neighbors/user/u1?rel=rated_high&k=3").await;
+    assert_eq!(one.interests, None);
+    assert_eq!(one.neighbors[0].node, "movie:m3");
+    // A source without recent movies is one interest: its own row's softmax.
+    let alone = rank("/v1/neighbors/user/u2?rel=rated_high&k=3&interests=true").await;
+    assert_eq!(alone.interests, Some(1));
+    let total: f32 = alone.neighbors.iter().map(|n| n.score.exp()).sum();
+    assert!((total - 1.0).abs() < 1e-5, "{:?}", alone.neighbors);
+}
+
 /// Users u1 (0) and u2 (1); movies m0..m{n-1} (indices in order): u1 rated m0..m4 (its known
 /// targets), u2 the rest.
 fn many_movies(dir: &std::path::Path, n: usize) -> Arc<GraphStore> {
@@ -457,6 +504,12 @@ async fn neighbors_reject_bad_parameters_by_name() {
         ("/v1/neighbors/user/u1?rel=follows", "`rel`"),
         // `about` starts at entities.
         ("/v1/neighbors/user/u1?rel=about", "`rel`"),
+        (
+            "/v1/neighbors/user/u1?rel=rated_high&interests=maybe",
+            "`interests`",
+        ),
+        // The served version was not published as codes (publish.format = "pq").
+        ("/v1/neighbors/user/u1?rel=rated_high&codes=true", "`codes`"),
     ] {
         let (code, body) = call(&app, request(uri, None).to_request()).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{uri}: {body}");

@@ -2,12 +2,24 @@
 //! with; PinnerSage's idea): a user whose recent targets fall in several distinct regions of the
 //! space is poorly served by one composed vector, which lands between them. Clustering the
 //! recent targets' rows and composing one query per cluster ([`split_history`]), then merging
-//! the per-interest candidates by their best score, lets each interest retrieve its own
+//! the per-interest scores as a mixture ([`mixture`]), lets each interest retrieve its own
 //! neighbourhood.
 //!
 //! Pure functions: the clustering is spherical k-means (on unit rows, as the dot score compares
 //! directions) from a deterministic farthest-point start at the most recent target, so the same
 //! history always gives the same interests.
+
+use tch::Tensor;
+
+/// Interests' scores merged as a mixture: `scores [c, n]` (one row per interest, every item),
+/// `shares [c]` (each interest's share of the history) → `[n]`, each item's
+/// `log Σ_c π_c softmax(s_c)`. The model is trained with a softmax over every item, so each
+/// interest's scores are its log-probabilities up to a constant, and the mixture is the
+/// probability that one of the interests picks the item. One interest keeps its own order.
+pub fn mixture(scores: &Tensor, shares: &Tensor) -> Tensor {
+    (scores.log_softmax(1, tch::Kind::Float) + shares.log().unsqueeze(1))
+        .logsumexp([0].as_slice(), false)
+}
 
 /// How many interests a history of `n` targets gets: one per `per_interest` targets, at least
 /// one, at most `max_interests`.
