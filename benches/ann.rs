@@ -23,7 +23,10 @@
 //! 4. updates: `ANN_VERSIONS` (default 3) versions, each moving `ANN_MOVED` rows (default 2%;
 //!    a version at 1M rows carried 15–40k in the daemon) and adding `ANN_NEW` (default 0.1%)
 //!    new ones, published while the load runs again: each update's time (`update_ms`) and the
-//!    latency meanwhile.
+//!    latency meanwhile;
+//! 5. codes: the last table product-quantized (`ANN_PQ_SUBSPACES`, default 32: 16× smaller at
+//!    dim 128) and served as `publish.format = "pq"` serves it; `codes=true`'s answer against
+//!    `exact=true`'s (`codes_recall_at_10`), and the load again with `codes=true`.
 //!
 //! Run with `ANN_ROWS=1000000 cargo bench --bench ann`. Prints each phase and one JSON line.
 
@@ -43,7 +46,7 @@ use common::{env_or, store_with_users};
 use twhin_stream::align::AlignStatus;
 use twhin_stream::config::{Comparator, Config};
 use twhin_stream::ingest::IngestStatus;
-use twhin_stream::publish::PublishedView;
+use twhin_stream::publish::{Codebooks, PublishedView, ServedCodes};
 use twhin_stream::serve::{HttpState, NeighborsResponse, RankMethod, ServingView};
 use twhin_stream::store::GraphStore;
 
@@ -383,6 +386,68 @@ fn main() {
         "versions with their changes never rebuild"
     );
 
+    // Phase 5: the same rows served from product-quantized codes.
+    let subspaces: i64 = env_or("ANN_PQ_SUBSPACES", 32);
+    let n = (table.len() / dim) as i64;
+    let rows_tensor = Tensor::from_slice(&table).reshape([n, dim as i64]);
+    let started = Instant::now();
+    let books =
+        Codebooks::train(&rows_tensor, subspaces, 65_536, 15, 1, versions + 2).expect("codebooks");
+    let codes = books.encode(&rows_tensor).expect("codes");
+    let pq_s = started.elapsed().as_secs_f64();
+    let pq_error = books.relative_error(&rows_tensor).expect("error");
+    let mut coded = view(
+        versions + 2,
+        n_types,
+        &table,
+        dim,
+        &relations,
+        Some(Vec::new()),
+    );
+    let mut tables: Vec<Tensor> = (coded.tables.iter())
+        .map(|t| {
+            Tensor::zeros(
+                [t.size()[0], subspaces],
+                (tch::Kind::Uint8, tch::Device::Cpu),
+            )
+        })
+        .collect();
+    tables[0] = codes;
+    coded.codes = Some(ServedCodes {
+        codebooks: books,
+        tables,
+    });
+    serving.publish(coded);
+    eprintln!("codes: {subspaces} sub-spaces learned and {n} rows encoded in {pq_s:.1} s, relative error {pq_error:.4}");
+    // A new connection: the server closed the first one while it idled through phases 3 and 4.
+    let mut client = Client::connect(addr);
+    let (mut hits, mut wanted) = (0usize, 0usize);
+    for _ in 0..queries {
+        let u = rng.random_range(0..rows);
+        let path = format!("/v1/neighbors/user/u{u}?rel=follows&k=10");
+        let from_codes = client.neighbors(&format!("{path}&codes=true"));
+        let exact = client.neighbors(&format!("{path}&exact=true"));
+        assert_eq!(from_codes.method, RankMethod::Codes);
+        wanted += exact.neighbors.len();
+        hits += exact
+            .neighbors
+            .iter()
+            .filter(|e| from_codes.neighbors.iter().any(|a| a.node == e.node))
+            .count();
+    }
+    let codes_recall = hits as f64 / wanted.max(1) as f64;
+    eprintln!("codes recall@10 against exact, {queries} queries: {codes_recall:.4}");
+    let codes_load = load(
+        addr,
+        rows,
+        clients,
+        load_secs / 10.0,
+        (load_requests / 10).max(1),
+        "&codes=true",
+        &idle,
+    );
+    eprintln!("load (codes): {codes_load:?}");
+
     let _ = stop_tx.send(());
     server.join().expect("server thread");
     let update_ms: Vec<f64> = updates.iter().map(|u| u.1).collect();
@@ -398,6 +463,10 @@ fn main() {
         "load_ann": ann_load,
         "load_exact": exact_load,
         "load_during_updates": during,
+        "codes_subspaces": subspaces,
+        "codes_relative_error": pq_error,
+        "codes_recall_at_10": codes_recall,
+        "load_codes": codes_load,
         "update_rows": updates.iter().map(|u| u.0).collect::<Vec<_>>(),
         "update_ms": update_ms,
         "config": {

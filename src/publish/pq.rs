@@ -181,29 +181,46 @@ impl Codebooks {
         tch::no_grad(|| {
             let (m, dsub) = (self.subspaces(), self.centroids.size()[2]);
             let c = &self.centroids;
-            let q = query.to_kind(Kind::Float).reshape([m, 1, dsub]);
-            let n = codes.size()[0];
-            let offsets = Tensor::arange(m, (Kind::Int64, codes.device())) * CENTROIDS;
-            let flat = (codes.to_kind(Kind::Int64) + offsets).reshape([-1]);
-            // A `[m, 256]` table of per-sub-space terms, summed over each row's codes.
-            let sum = |table: Tensor| {
-                table
-                    .reshape([-1])
-                    .index_select(0, &flat)
-                    .reshape([n, m])
-                    .sum_dim_intlist(1, false, Kind::Float)
+            let q = query
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+                .reshape([m, 1, dsub]);
+            let over = |t: Tensor| {
+                let t = t.sum_dim_intlist(2, false, Kind::Float).contiguous();
+                Vec::<f32>::try_from(t.reshape([-1])).unwrap_or_default()
             };
-            let over = |t: Tensor| t.sum_dim_intlist(2, false, Kind::Float);
-            match cmp {
-                Comparator::Dot => sum(over(c * &q)),
-                Comparator::L2 => -sum(over((c - &q).square())).clamp_min(SCORE_EPS).sqrt(),
-                Comparator::L1 => -sum(over((c - &q).abs())),
+            // Per sub-space and centroid, the query's term (`[m · 256]`), and for the cosine
+            // the centroid's squared norm.
+            let (terms, norms) = match cmp {
+                Comparator::Dot => (over(c * &q), None),
+                Comparator::L2 => (over((c - &q).square()), None),
+                Comparator::L1 => (over((c - &q).abs()), None),
+                Comparator::Cos => (over(c * &q), Some(over(c.square()))),
+            };
+            let sums = |table: &[f32]| scan_codes(table, m as usize, codes);
+            let scores: Vec<f32> = match cmp {
+                Comparator::Dot => sums(&terms),
+                Comparator::L2 => sums(&terms)
+                    .into_iter()
+                    .map(|d| -(d.max(SCORE_EPS as f32)).sqrt())
+                    .collect(),
+                Comparator::L1 => sums(&terms).into_iter().map(|d| -d).collect(),
                 Comparator::Cos => {
-                    let norms = sum(over(c.square())).clamp_min(SCORE_EPS).sqrt();
-                    let q_norm = q.square().sum(Kind::Float).clamp_min(SCORE_EPS).sqrt();
-                    sum(over(c * &q)) / (norms * q_norm)
+                    let q_norm = q
+                        .square()
+                        .sum(Kind::Float)
+                        .clamp_min(SCORE_EPS)
+                        .sqrt()
+                        .double_value(&[]) as f32;
+                    let norms = sums(norms.as_deref().unwrap_or_default());
+                    sums(&terms)
+                        .into_iter()
+                        .zip(norms)
+                        .map(|(dot, n)| dot / (n.max(SCORE_EPS as f32).sqrt() * q_norm))
+                        .collect()
                 }
-            }
+            };
+            Tensor::from_slice(&scores)
         })
     }
 
@@ -283,6 +300,47 @@ pub fn relative_error(rows: &Tensor, decoded: &Tensor) -> f64 {
     } else {
         0.0
     }
+}
+
+/// Per row of `codes [n, m]` (u8), the sum of its codes' entries of `table` (`[m · 256]`, sub-space
+/// by sub-space): `m` lookups a row, the table in L1 cache. Read in place when `codes` is a
+/// contiguous host tensor (the served tables are), else copied out first.
+fn scan_codes(table: &[f32], m: usize, codes: &Tensor) -> Vec<f32> {
+    let owned;
+    let bytes: &[u8] = match host_bytes(codes) {
+        Some(bytes) => bytes,
+        None => {
+            owned = Vec::<u8>::try_from(codes.to_device(Device::Cpu).contiguous().reshape([-1]))
+                .unwrap_or_default();
+            &owned
+        }
+    };
+    if m == 0 || table.len() < m * CENTROIDS as usize {
+        return Vec::new();
+    }
+    bytes
+        .chunks_exact(m)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .map(|(s, &c)| table[s * CENTROIDS as usize + c as usize])
+                .sum()
+        })
+        .collect()
+}
+
+/// The bytes of a contiguous u8 tensor in host memory; `None` for any other.
+fn host_bytes(t: &Tensor) -> Option<&[u8]> {
+    if t.device() != Device::Cpu || t.kind() != Kind::Uint8 || !t.is_contiguous() {
+        return None;
+    }
+    if t.numel() == 0 {
+        return Some(&[]);
+    }
+    // SAFETY: a contiguous CPU u8 tensor's storage holds `numel` bytes from its data pointer,
+    // alive while `t` is borrowed; served codes are never written after they are published (a
+    // version's codes are a new tensor).
+    Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, t.numel()) })
 }
 
 /// `[n, D]` → `[m, n, D / m]`.
