@@ -161,7 +161,7 @@ enum Command {
     /// Write a published version, read from the embeddings and versions topics as a subscriber
     /// reads them (whole versions only), as files: per node type `OUT/<type>.npy` (float32,
     /// `[rows, dim]`) with `OUT/<type>.ids` (one id a line, in row order), `OUT/relations.npy`
-    /// with `OUT/relations.ids`, and `OUT/meta.json`; or the same as `.tsv`.
+    /// with `OUT/relations.ids`, and `OUT/meta.json`; or the same as `.tsv` or `.parquet`.
     Export {
         /// The version (default: the newest whole version on the topics).
         #[arg(long)]

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -38,6 +39,9 @@ pub enum ExportFormat {
     Npy,
     /// Tab-separated text, one row a line.
     Tsv,
+    /// Apache Parquet, one file per node type: columns `id` (string) and `vector`
+    /// (fixed-size list of float32), rows in id order.
+    Parquet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +85,8 @@ pub enum ExportError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("reading {path}: {what}")]
+    ReadFile { path: PathBuf, what: String },
 }
 
 /// What `meta.json` says about an export.
@@ -426,6 +432,11 @@ fn write_group(
             write_lines(&out.join(&ids), rows.iter().map(|r| r.0.clone()))?;
             vec![npy, ids]
         }
+        ExportFormat::Parquet => {
+            let file = format!("{name}.parquet");
+            write_parquet(&out.join(&file), rows, dim)?;
+            vec![file]
+        }
         ExportFormat::Tsv => {
             let tsv = format!("{name}.tsv");
             write_lines(
@@ -447,6 +458,72 @@ fn write_group(
         dim,
         files,
     })
+}
+
+/// `rows` as one Parquet file: `id` (utf8) and `vector` (fixed-size list of `dim` float32).
+fn write_parquet(path: &Path, rows: &[(String, Vec<f32>)], dim: usize) -> Result<(), ExportError> {
+    use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    let err = |e: &dyn std::fmt::Display| ExportError::Write {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let ids = StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()));
+    let values = Float32Array::from_iter_values(rows.iter().flat_map(|r| r.1.iter().copied()));
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let vectors = FixedSizeListArray::try_new(item.clone(), dim as i32, Arc::new(values), None)
+        .map_err(|e| err(&e))?;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("vector", DataType::FixedSizeList(item, dim as i32), false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![Arc::new(ids), Arc::new(vectors)];
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
+    let file = File::create(path).map_err(|source| ExportError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(|e| err(&e))?;
+    writer.write(&batch).map_err(|e| err(&e))?;
+    writer.close().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// The `(id, vector)` rows of a file `write_parquet` wrote, in order.
+pub fn read_parquet(path: &Path) -> Result<Vec<(String, Vec<f32>)>, ExportError> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Float32Type;
+    let err = |e: &dyn std::fmt::Display| ExportError::ReadFile {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    };
+    let file = File::open(path).map_err(|e| err(&e))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| err(&e))?;
+        let (Some(ids), Some(vectors)) = (
+            batch
+                .column_by_name("id")
+                .and_then(|c| c.as_string_opt::<i32>()),
+            batch
+                .column_by_name("vector")
+                .and_then(|c| c.as_fixed_size_list_opt()),
+        ) else {
+            return Err(err(&"no `id` strings and `vector` lists"));
+        };
+        for i in 0..batch.num_rows() {
+            let v = vectors.value(i);
+            let Some(values) = v.as_primitive_opt::<Float32Type>() else {
+                return Err(err(&"`vector` is not float32"));
+            };
+            out.push((ids.value(i).to_owned(), values.values().to_vec()));
+        }
+    }
+    Ok(out)
 }
 
 fn write_lines(path: &Path, lines: impl Iterator<Item = String>) -> Result<(), ExportError> {
@@ -507,6 +584,18 @@ mod tests {
         let back: ExportMeta =
             serde_json::from_slice(&std::fs::read(dir.path().join("meta.json")).unwrap()).unwrap();
         assert_eq!(back, meta);
+    }
+
+    #[test]
+    fn a_parquet_export_reads_back_as_ids_and_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = write(&table(), ExportFormat::Parquet, dir.path(), TOPICS).unwrap();
+        assert_eq!(meta.types["user"].files, ["user.parquet"]);
+        let read = |name: &str| read_parquet(&dir.path().join(name)).unwrap();
+        let t = table();
+        assert_eq!(read("user.parquet"), t.types["user"]);
+        assert_eq!(read("movie.parquet"), t.types["movie"]);
+        assert_eq!(read("relations.parquet"), t.relations);
     }
 
     #[test]
