@@ -214,6 +214,36 @@ fn load(
     }
 }
 
+/// Share of `exact=true`'s top 10 that the ranking with `suffix` also returns, over `queries`
+/// random users, on a connection of its own (the server closes idle ones); each answer must come
+/// by `method`.
+fn recall_at_10(
+    addr: SocketAddr,
+    rng: &mut SmallRng,
+    rows: usize,
+    queries: usize,
+    suffix: &str,
+    method: RankMethod,
+) -> f64 {
+    let mut client = Client::connect(addr);
+    let (mut hits, mut wanted) = (0usize, 0usize);
+    for _ in 0..queries {
+        let u = rng.random_range(0..rows);
+        let path = format!("/v1/neighbors/user/u{u}?rel=follows&k=10");
+        let ranked = client.neighbors(&format!("{path}{suffix}"));
+        let exact = client.neighbors(&format!("{path}&exact=true"));
+        assert_eq!(ranked.method, method, "{path}{suffix}");
+        assert_eq!(exact.method, RankMethod::Exact, "{path}&exact=true");
+        wanted += exact.neighbors.len();
+        hits += exact
+            .neighbors
+            .iter()
+            .filter(|e| ranked.neighbors.iter().any(|a| a.node == e.node))
+            .count();
+    }
+    hits as f64 / wanted.max(1) as f64
+}
+
 fn main() {
     let rows: usize = env_or("ANN_ROWS", 20_000);
     let dim: usize = env_or("ANN_DIM", 128);
@@ -309,28 +339,7 @@ fn main() {
     let addr = addr_rx.recv().expect("server address");
 
     // Phase 2: recall against the exact ranking, both over HTTP.
-    let mut client = Client::connect(addr);
-    let mut hits = 0usize;
-    let mut wanted = 0usize;
-    let mut methods_ok = true;
-    for _ in 0..queries {
-        let u = rng.random_range(0..rows);
-        let path = format!("/v1/neighbors/user/u{u}?rel=follows&k=10");
-        let approx = client.neighbors(&path);
-        let exact = client.neighbors(&format!("{path}&exact=true"));
-        methods_ok &= approx.method == RankMethod::Ann && exact.method == RankMethod::Exact;
-        wanted += exact.neighbors.len();
-        hits += exact
-            .neighbors
-            .iter()
-            .filter(|e| approx.neighbors.iter().any(|a| a.node == e.node))
-            .count();
-    }
-    assert!(
-        methods_ok,
-        "every query answered by the index, every exact=true exactly"
-    );
-    let recall = hits as f64 / wanted.max(1) as f64;
+    let recall = recall_at_10(addr, &mut rng, rows, queries, "", RankMethod::Ann);
     eprintln!("recall@10 against exact, {queries} queries: {recall:.4}");
 
     // Phase 3: load, through the index and exactly.
@@ -419,23 +428,14 @@ fn main() {
     });
     serving.publish(coded);
     eprintln!("codes: {subspaces} sub-spaces learned and {n} rows encoded in {pq_s:.1} s, relative error {pq_error:.4}");
-    // A new connection: the server closed the first one while it idled through phases 3 and 4.
-    let mut client = Client::connect(addr);
-    let (mut hits, mut wanted) = (0usize, 0usize);
-    for _ in 0..queries {
-        let u = rng.random_range(0..rows);
-        let path = format!("/v1/neighbors/user/u{u}?rel=follows&k=10");
-        let from_codes = client.neighbors(&format!("{path}&codes=true"));
-        let exact = client.neighbors(&format!("{path}&exact=true"));
-        assert_eq!(from_codes.method, RankMethod::Codes);
-        wanted += exact.neighbors.len();
-        hits += exact
-            .neighbors
-            .iter()
-            .filter(|e| from_codes.neighbors.iter().any(|a| a.node == e.node))
-            .count();
-    }
-    let codes_recall = hits as f64 / wanted.max(1) as f64;
+    let codes_recall = recall_at_10(
+        addr,
+        &mut rng,
+        rows,
+        queries,
+        "&codes=true",
+        RankMethod::Codes,
+    );
     eprintln!("codes recall@10 against exact, {queries} queries: {codes_recall:.4}");
     let codes_load = load(
         addr,

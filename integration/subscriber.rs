@@ -591,6 +591,36 @@ fn check_export(env: &[(String, String)], p: &Published, dir: &std::path::Path) 
     );
 }
 
+/// The example subscriber run from the beginning of both topics until they idle 5 s: its JSON
+/// summary and the keys of its table.
+fn run_example_subscriber(
+    bootstrap: &str,
+    dir: &std::path::Path,
+) -> (serde_json::Value, HashSet<String>) {
+    let summary = dir.join("subscriber.json");
+    let keys_out = dir.join("keys.txt");
+    let out = std::process::Command::new(example_subscriber())
+        .args(["--bootstrap-servers", bootstrap, "--idle-exit-secs", "5"])
+        .arg("--summary-json")
+        .arg(&summary)
+        .arg("--keys-out")
+        .arg(&keys_out)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "subscriber: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let keys = std::fs::read_to_string(&keys_out)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (summary, keys)
+}
+
 /// `examples/subscriber.rs`, built by `cargo test --all-targets` beside the test binaries (built
 /// here when it is missing, as under a bare `cargo test --test subscriber`).
 fn example_subscriber() -> std::path::PathBuf {
@@ -719,28 +749,7 @@ fn an_erased_node_leaves_the_store_the_served_version_and_the_subscribers_table(
     assert!(daemon.terminate().success());
 
     // The example subscriber, from the beginning of both topics.
-    let summary = dir.path().join("subscriber.json");
-    let keys_out = dir.path().join("keys.txt");
-    let out = std::process::Command::new(example_subscriber())
-        .args([
-            "--bootstrap-servers",
-            &broker.bootstrap,
-            "--idle-exit-secs",
-            "5",
-        ])
-        .arg("--summary-json")
-        .arg(&summary)
-        .arg("--keys-out")
-        .arg(&keys_out)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "subscriber: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let (summary, keys) = run_example_subscriber(&broker.bootstrap, dir.path());
     assert_eq!(
         summary["last_version"].as_u64(),
         Some(ledger_last_version(&store)),
@@ -750,11 +759,6 @@ fn an_erased_node_leaves_the_store_the_served_version_and_the_subscribers_table(
         summary["tombstones_read"].as_u64().unwrap() >= 2,
         "{summary}"
     );
-    let keys: HashSet<String> = std::fs::read_to_string(&keys_out)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
     assert!(
         !keys.contains("user:7") && !keys.contains("user:f9"),
         "erased keys held"
@@ -840,24 +844,7 @@ fn product_quantized_versions_decode_to_the_served_rows_and_new_codebooks_retire
     assert_eq!(from_codes["version"], version, "{from_codes}");
     assert!(daemon.terminate().success());
 
-    let summary_path = dir.path().join("subscriber.json");
-    let keys_out = dir.path().join("keys.txt");
-    let out = std::process::Command::new(example_subscriber())
-        .args(["--bootstrap-servers", &broker.bootstrap])
-        .args(["--idle-exit-secs", "5"])
-        .arg("--summary-json")
-        .arg(&summary_path)
-        .arg("--keys-out")
-        .arg(&keys_out)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&summary_path).unwrap()).unwrap();
+    let (summary, keys) = run_example_subscriber(&broker.bootstrap, dir.path());
     assert_eq!(
         summary["last_version"].as_u64(),
         Some(ledger_last_version(&store)),
@@ -944,7 +931,7 @@ fn product_quantized_versions_decode_to_the_served_rows_and_new_codebooks_retire
     assert_eq!(last["version"], summary["last_version"], "{stdout}");
     assert_eq!(
         last["keys"].as_u64().unwrap() as usize,
-        std::fs::read_to_string(&keys_out).unwrap().lines().count(),
+        keys.len(),
         "{stdout}"
     );
 }

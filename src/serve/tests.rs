@@ -305,16 +305,22 @@ async fn neighbors_rank_with_the_target_bias() {
     );
 }
 
-#[actix_web::test]
-async fn neighbors_rank_a_history_source_with_its_recent_targets() {
-    let dir = tempfile::tempdir().unwrap();
+/// The default `[train]` with users composed from their `recent` most recent targets.
+fn history_train(recent: usize) -> crate::config::TrainParams {
     let mut train: crate::config::TrainParams =
         toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap()["train"]
             .clone()
             .try_into()
             .unwrap();
     train.history_types = vec!["user".into()];
-    train.history_recent = 2;
+    train.history_recent = recent;
+    train
+}
+
+#[actix_web::test]
+async fn neighbors_rank_a_history_source_with_its_recent_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = history_train(2);
     let mut st = state(store(dir.path()), served_view(), None);
     st.train = Some(train);
     let app = init_service(app(web::Data::new(st))).await;
@@ -340,13 +346,7 @@ async fn neighbors_rank_a_history_source_with_its_recent_targets() {
 #[actix_web::test]
 async fn neighbors_merge_a_history_sources_interests_as_a_mixture() {
     let dir = tempfile::tempdir().unwrap();
-    let mut train: crate::config::TrainParams =
-        toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap()["train"]
-            .clone()
-            .try_into()
-            .unwrap();
-    train.history_types = vec!["user".into()];
-    train.history_recent = 3;
+    let train = history_train(3);
     let mut st = state(store(dir.path()), served_view(), None);
     st.train = Some(train);
     // u1's three recent movies, one interest per movie, at most two.
