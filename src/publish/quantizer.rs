@@ -225,3 +225,115 @@ pub fn served_codes(
         tables: out,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ValueFormat;
+    use crate::publish::{Record, VersionMarker};
+    use rand::{Rng, SeedableRng};
+
+    /// A version of `n` node rows of dimension 4 (from a generator of its own) and one relation.
+    fn version(number: u64, n: usize, seed: u64) -> PreparedVersion {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut rows = VersionRows::new(number, 1, ValueFormat::Pq, 4);
+        let values: Vec<f32> = (0..n * 4).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let block = rows.add_block(values);
+        for i in 0..n {
+            rows.push(VersionRows::row(format!("user:{i}"), 0, None, block, i));
+        }
+        let relation = rows.add_relation_block(vec![0.5; 4]);
+        rows.push(VersionRows::row("relation:r".into(), 0, None, relation, 0));
+        let marker = VersionMarker {
+            version: number,
+            epoch: 1,
+            rows: (n + 1) as u64,
+            align: None,
+        };
+        PreparedVersion {
+            rows,
+            tombstones: Vec::new(),
+            codebooks: None,
+            retired_codebooks: None,
+            marker,
+            newest_ts: 0,
+            cursor: 0,
+        }
+    }
+
+    fn quantizer(bound: f64) -> Quantizer {
+        let cfg = PqConfig {
+            subspaces: 2,
+            max_relative_error: bound,
+            sample_rows: 1000,
+            iterations: 5,
+            seed: 1,
+        };
+        Quantizer::open(cfg, None).unwrap()
+    }
+
+    #[test]
+    fn codebooks_are_learned_with_every_row_and_the_old_ones_retired() {
+        let mut q = quantizer(0.5);
+        assert!(q.needs_every_row(), "no codebooks yet");
+        // Too few rows to learn from: f32 rows, and the next version tries again.
+        let mut small = version(1, 100, 1);
+        let coding = q.code(&mut small, true).unwrap();
+        assert_eq!(coding.epoch, None);
+        assert!(matches!(
+            Record::decode(&small.rows.encode(0)),
+            Ok(Record::Row(_))
+        ));
+        q.commit(coding).unwrap();
+        assert!(q.needs_every_row());
+
+        let mut first = version(2, 600, 2);
+        let coding = q.code(&mut first, true).unwrap();
+        assert_eq!(
+            coding.epoch,
+            Some(2),
+            "the codebooks' epoch is their version"
+        );
+        assert_eq!(first.marker.rows, 601 + 1, "the codebooks record counts");
+        assert_eq!(first.retired_codebooks, None);
+        assert!(
+            matches!(Record::decode(&first.rows.encode(0)), Ok(Record::Coded(r)) if r.codebooks == 2)
+        );
+        // Relation vectors stay f32.
+        assert!(matches!(
+            Record::decode(&first.rows.encode(600)),
+            Ok(Record::Row(_))
+        ));
+        q.commit(coding).unwrap();
+        assert!(!q.needs_every_row(), "within the bound");
+
+        // A version of moved rows only: coded with the codebooks in force, no record.
+        let mut next = version(3, 50, 3);
+        let coding = q.code(&mut next, false).unwrap();
+        assert_eq!((coding.epoch, coding.learned.is_none()), (Some(2), true));
+        assert!(next.codebooks.is_none() && next.marker.rows == 51);
+        q.commit(coding).unwrap();
+
+        // Over the bound: that version keeps the codebooks, the next learns and retires them.
+        let mut tight = quantizer(1e-9);
+        tight.current = q.current.take();
+        let mut over = version(4, 50, 4);
+        let coding = tight.code(&mut over, false).unwrap();
+        tight.commit(coding).unwrap();
+        assert!(tight.needs_every_row());
+        let mut relearn = version(5, 600, 5);
+        let coding = tight.code(&mut relearn, true).unwrap();
+        assert_eq!(coding.epoch, Some(5));
+        assert_eq!(relearn.retired_codebooks.as_deref(), Some("codebooks:2"));
+        assert_eq!(
+            relearn.marker.rows,
+            601 + 2,
+            "the record and the retired one's tombstone"
+        );
+        tight.commit(coding).unwrap();
+        assert!(
+            !tight.needs_every_row(),
+            "codebooks just learned over the bound are kept, not learned again at every version"
+        );
+    }
+}
