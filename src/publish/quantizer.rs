@@ -36,6 +36,9 @@ pub struct Quantizer {
     current: Option<Codebooks>,
     /// A version's error passed the bound: the next version learns codebooks again.
     relearn: bool,
+    /// Saved codebooks of another `publish.pq.subspaces`, whose record the next codebooks
+    /// retire.
+    unusable: Option<u64>,
     dir: Option<PathBuf>,
 }
 
@@ -53,6 +56,7 @@ pub struct Coding {
 impl Quantizer {
     /// The codebooks in force from `dir` when they were saved there.
     pub fn open(cfg: PqConfig, dir: Option<&Path>) -> anyhow::Result<Quantizer> {
+        let mut unusable = None;
         let current = match dir.map(|d| d.join(CODEBOOKS_FILE)) {
             Some(path) if path.exists() => {
                 let bytes =
@@ -66,6 +70,7 @@ impl Quantizer {
                         configured = cfg.subspaces,
                         "publish.pq.subspaces changed: the next version learns new codebooks"
                     );
+                    unusable = Some(record.table.epoch);
                     None
                 } else {
                     Some(Codebooks::from_table(&record.table))
@@ -77,6 +82,7 @@ impl Quantizer {
             cfg,
             current,
             relearn: false,
+            unusable,
             dir: dir.map(Path::to_path_buf),
         })
     }
@@ -122,11 +128,10 @@ impl Quantizer {
         };
         let relative_error = prepared.rows.quantize(books)?;
         if every_row {
-            let retire = self
-                .current
-                .as_ref()
-                .filter(|_| learned.is_some())
-                .map(|c| c.epoch);
+            let retire = match &learned {
+                Some(_) => self.current.as_ref().map(|c| c.epoch).or(self.unusable),
+                None => None,
+            };
             let record = CodebooksRecord {
                 version,
                 epoch: prepared.marker.epoch,
@@ -173,6 +178,7 @@ impl Quantizer {
             }
             self.current = Some(books);
             self.relearn = false;
+            self.unusable = None;
         } else if over {
             info!(
                 error = coding.relative_error,
@@ -259,6 +265,30 @@ mod tests {
             newest_ts: 0,
             cursor: 0,
         }
+    }
+
+    #[test]
+    fn saved_codebooks_of_another_shape_are_retired_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = quantizer(0.5);
+        q.dir = Some(dir.path().to_path_buf());
+        let mut first = version(7, 600, 1);
+        let coding = q.code(&mut first, true).unwrap();
+        q.commit(coding).unwrap();
+        // Restarted with the same sub-spaces: the saved codebooks are in force.
+        let same = Quantizer::open(q.cfg.clone(), Some(dir.path())).unwrap();
+        assert_eq!(same.current().map(|c| c.epoch), Some(7));
+        assert!(!same.needs_every_row());
+        // With other sub-spaces: new ones, which retire the saved ones' record.
+        let cfg = PqConfig {
+            subspaces: 4,
+            ..q.cfg.clone()
+        };
+        let other = Quantizer::open(cfg, Some(dir.path())).unwrap();
+        assert!(other.needs_every_row());
+        let mut next = version(8, 600, 2);
+        other.code(&mut next, true).unwrap();
+        assert_eq!(next.retired_codebooks.as_deref(), Some("codebooks:7"));
     }
 
     fn quantizer(bound: f64) -> Quantizer {
