@@ -216,7 +216,7 @@ fn genre_models_read_a_version_trained_without_the_genre_relations() {
         task: twhin_stream::offline::DownstreamTask::Genre,
         genres: genres.clone(),
     };
-    let r = twhin_stream::offline::measure_genre_downstream(&cfg, tch::Device::Cpu, &opts, &genres)
+    let r = twhin_stream::offline::measure_genre_downstream(&cfg, tch::Device::Cpu, &opts)
         .unwrap_or_else(|e| panic!("MovieLens-100k missing or unreadable ({e:#})"));
     eprintln!("{}", r.table());
     assert_eq!(r.version, 1);

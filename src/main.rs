@@ -317,7 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     (serde_json::to_string_pretty(&r)?, r.table())
                 }
                 offline::DownstreamTask::Genre => {
-                    let r = offline::measure_genre_downstream(&cfg, device, &opts, &opts.genres)?;
+                    let r = offline::measure_genre_downstream(&cfg, device, &opts)?;
                     (serde_json::to_string_pretty(&r)?, r.table())
                 }
             };

@@ -165,7 +165,7 @@ pub fn auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
 
 /// Counts before the cut, per user and movie, for the features a team has without embeddings.
 #[derive(Default)]
-struct Counts {
+pub(crate) struct Counts {
     /// `(ratings, high ratings)` per user and per movie.
     user: HashMap<String, (f64, f64)>,
     movie: HashMap<String, (f64, f64)>,
@@ -176,7 +176,7 @@ struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, e: &Event, high: bool, rating: bool, movie_type: u16) {
+    pub(crate) fn add(&mut self, e: &Event, high: bool, rating: bool, movie_type: u16) {
         for n in [&e.src, &e.dst] {
             if n.node_type == movie_type {
                 *self.movie_degree.entry(n.id.clone()).or_default() += 1.0;
@@ -198,12 +198,23 @@ impl Counts {
     /// `[ln(1 + movie ratings), ln(1 + user ratings), ln(1 + movie degree), user high share,
     /// movie high share]`, the shares smoothed toward the global one with 5 pseudo-ratings.
     fn features(&self, user: &str, movie: &str) -> [f64; 5] {
-        let global = self.high / self.ratings.max(1.0);
-        let share = |(n, h): (f64, f64)| (h + 5.0 * global) / (n + 5.0);
         let u = self.user.get(user).copied().unwrap_or_default();
+        let [m_ratings, m_share, degree] = self.movie_features(movie);
+        [m_ratings, u.0.ln_1p(), degree, self.share(u), m_share]
+    }
+
+    /// `[ln(1 + ratings), smoothed high share, ln(1 + degree)]` of a movie.
+    pub(crate) fn movie_features(&self, movie: &str) -> [f64; 3] {
         let m = self.movie.get(movie).copied().unwrap_or_default();
         let degree = self.movie_degree.get(movie).copied().unwrap_or_default();
-        [m.0.ln_1p(), u.0.ln_1p(), degree.ln_1p(), share(u), share(m)]
+        [m.0.ln_1p(), self.share(m), degree.ln_1p()]
+    }
+
+    /// `(ratings, high ratings)`'s share of high ratings, smoothed toward the global share with
+    /// 5 pseudo-ratings.
+    fn share(&self, (n, h): (f64, f64)) -> f64 {
+        let global = self.high / self.ratings.max(1.0);
+        (h + 5.0 * global) / (n + 5.0)
     }
 }
 

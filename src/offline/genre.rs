@@ -11,8 +11,6 @@
 //! embeddings: the same plus the movie's published row (and its target bias when its type has
 //! one). Both are chosen and fitted as in [`crate::offline::measure_downstream`].
 
-use std::collections::HashMap;
-
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -20,7 +18,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
-use crate::offline::downstream::{fit_and_score, publish_one};
+use crate::offline::downstream::{fit_and_score, publish_one, Counts};
 use crate::offline::stability::{movielens_stream, type_index};
 use crate::offline::{
     append_events, drain, movielens_genres, run_dir, Dataset, DownstreamOptions, ModelFigures,
@@ -90,17 +88,14 @@ impl GenreReport {
     }
 }
 
-/// Per movie, counted over the events trained: `(ratings, high ratings, degree)`.
-type MovieCounts = HashMap<String, (f64, f64, f64)>;
-
 /// Stream the graph without its genre relations and every rating, publish one version, and fit
-/// and score both models for each of `genres`.
+/// and score both models for each of `opts.genres`.
 pub fn measure_genre_downstream(
     cfg: &Config,
     device: Device,
     opts: &DownstreamOptions,
-    genres: &[String],
 ) -> anyhow::Result<GenreReport> {
+    let genres = &opts.genres;
     anyhow::ensure!(!genres.is_empty(), "--genres: name at least one genre");
     let dataset = Dataset::MovieLens100k;
     let dir = run_dir(cfg, dataset).join("downstream-genre");
@@ -123,27 +118,11 @@ pub fn measure_genre_downstream(
     let movie_type = type_index(&store, "movie")? as u16;
 
     let p = &cfg.train;
-    let mut counts = MovieCounts::new();
-    let (mut ratings, mut high) = (0f64, 0f64);
+    let mut counts = Counts::default();
     for (at, chunk) in events.chunks(p.batch_size).enumerate() {
         for e in chunk {
             let rating = e.rel == high_rel || e.rel == low_rel;
-            let h = f64::from(e.rel == high_rel);
-            for n in [&e.src, &e.dst]
-                .into_iter()
-                .filter(|n| n.node_type == movie_type)
-            {
-                let c = counts.entry(n.id.clone()).or_default();
-                c.2 += 1.0;
-                if rating {
-                    c.0 += 1.0;
-                    c.1 += h;
-                }
-            }
-            if rating {
-                ratings += 1.0;
-                high += h;
-            }
+            counts.add(e, e.rel == high_rel, rating, movie_type);
         }
         append_events(
             &store,
@@ -175,14 +154,10 @@ pub fn measure_genre_downstream(
     );
     movies.shuffle(&mut SmallRng::seed_from_u64(SPLIT_SEED));
     let fit_n = movies.len() / 2;
-    let global = high / ratings.max(1.0);
     let baseline = |part: &[(String, i64, Vec<String>)]| {
         let flat: Vec<f64> = part
             .iter()
-            .flat_map(|(id, _, _)| {
-                let (n, h, degree) = counts.get(id).copied().unwrap_or_default();
-                [n.ln_1p(), (h + 5.0 * global) / (n + 5.0), degree.ln_1p()]
-            })
+            .flat_map(|(id, _, _)| counts.movie_features(id))
             .collect();
         Tensor::from_slice(&flat).view([part.len() as i64, 3])
     };

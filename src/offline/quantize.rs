@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 
 use crate::publish::{relative_error, Codebooks};
 use crate::store::{GraphStore, NodeRef};
-use crate::train::{composed_source, Embeddings, TrainParams};
+use crate::train::{composed_source, score_targets, translate, Embeddings, TrainParams};
 
 /// Lloyd iterations, and rows sampled to learn the codebooks.
 const ITERATIONS: usize = 25;
@@ -107,9 +107,8 @@ fn top_movies(
     r: &Retrieval,
 ) -> anyhow::Result<Vec<Vec<i64>>> {
     let (users, movies) = (&tables[r.user_type], &tables[r.movie_type]);
-    let movie_table = &model.tables[r.movie_type];
-    let bias = movie_table.biased.then(|| movie_table.biases());
-    let relation = model.relations.get(r.relation as i64);
+    let bias = model.target_bias(r.movie_type);
+    let relation = model.relations.get(r.relation as i64).unsqueeze(0);
     let composed: Vec<Tensor> = (0..users.size()[0])
         .map(|i| {
             let user = NodeRef {
@@ -122,8 +121,8 @@ fn top_movies(
     if composed.is_empty() {
         return Ok(Vec::new());
     }
-    let queries = Tensor::stack(&composed, 0) + relation;
-    let mut scores = queries.matmul(&movies.transpose(0, 1));
+    let queries = translate(&Tensor::stack(&composed, 0), &relation);
+    let mut scores = score_targets(p.comparator, &queries, movies);
     if let Some(b) = bias {
         scores += b.unsqueeze(0);
     }

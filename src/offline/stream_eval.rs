@@ -31,7 +31,7 @@ use crate::offline::{
 use crate::schema::{Event, NodeKey};
 use crate::store::{AppendBatch, GraphStore};
 use crate::train::{
-    all_target_scores, interest_count, mixture, split_history, Embeddings, SourceQuery, TrainerCore,
+    all_target_scores, interest_groups, mixture, Embeddings, SourceQuery, TrainerCore,
 };
 
 /// How the measurement runs (the `stream-eval` command's flags).
@@ -382,7 +382,8 @@ fn refresh_rows(
 }
 
 /// The model's score of every dense item for each ranked event; with `interests`, the user's
-/// recent targets split into interests, one query each, and an item's score its best one.
+/// recent targets split into interests, one query each, merged as a mixture
+/// ([`mixture_of_spans`]).
 fn model_scores(
     store: &GraphStore,
     cfg: &Config,
@@ -393,7 +394,6 @@ fn model_scores(
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let item_type = ranked[0].1.dst.node_type as usize;
     let targets = core.model.tables[item_type].rows();
-    let dim = core.model.dim as usize;
     let mut queries = Vec::with_capacity(ranked.len());
     // Per event, its queries' range in `queries`; per query, its interest's share of the
     // history's weight.
@@ -411,29 +411,14 @@ fn model_scores(
             }
             None => Vec::new(),
         };
+        // Without history (or interests), one query: the user's row plus what history it has.
         let groups = match interests {
-            Some(mi) if !history.is_empty() => {
-                let k = interest_count(history.len(), mi.max_interests, mi.targets_per_interest);
-                // Only the history's rows, not the whole table, leave libtorch.
-                let rows: Vec<i64> = history.iter().map(|&(r, _)| r).collect();
-                let vectors = targets
-                    .index_select(0, &Tensor::from_slice(&rows))
-                    .reshape([-1]);
-                split_history(
-                    &history,
-                    &Vec::<f32>::try_from(vectors)?,
-                    dim,
-                    k,
-                    mi.iterations,
-                )
-            }
-            _ => vec![history],
+            Some(mi) if !history.is_empty() => interest_groups(&history, &targets, mi),
+            _ => vec![(history, 1.0)],
         };
         let start = queries.len();
-        let total: f32 = groups.iter().flatten().map(|&(_, w)| w).sum();
-        for history in groups {
-            let share: f32 = history.iter().map(|&(_, w)| w).sum();
-            shares.push(if total > 0.0 { share / total } else { 1.0 });
+        for (history, share) in groups {
+            shares.push(share);
             queries.push(SourceQuery {
                 src_type: e.src.node_type as usize,
                 src,
@@ -441,20 +426,14 @@ fn model_scores(
                 history,
             });
         }
-        if queries.len() == start {
-            // No history: the user's own row alone.
-            shares.push(1.0);
-            queries.push(SourceQuery {
-                src_type: e.src.node_type as usize,
-                src,
-                rel: e.rel as i64,
-                history: Vec::new(),
-            });
-        }
         spans.push((start, queries.len()));
     }
     let all = all_target_scores(&core.model, cfg.train.comparator, &queries, item_type);
-    let scores = mixture_of_spans(&all, &Tensor::from_slice(&shares), &spans);
+    // One query an event (no interests): its scores as they are.
+    let scores = match interests {
+        Some(_) => mixture_of_spans(&all, &Tensor::from_slice(&shares), &spans),
+        None => all,
+    };
     let rows = scores.size()[1] - 1;
     let map: Vec<i64> = item_rows
         .iter()

@@ -192,9 +192,9 @@ impl PublishStatus {
 
     fn record_coding(&self, coding: &Coding) {
         let mut pq = self.pq.lock().unwrap_or_else(|p| p.into_inner());
-        let learned = coding.learned.is_some();
+        let learned = coding.learned;
         *pq = Some(PqFigures {
-            codebooks_epoch: coding.epoch,
+            codebooks_epoch: coding.epoch(),
             relative_error: coding.relative_error,
             learned,
             codebooks_learned: pq.map_or(0, |f| f.codebooks_learned) + u64::from(learned),
@@ -507,13 +507,7 @@ impl Publication {
             table.values = Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu));
         }
         let tables = update.apply(self.reference.as_ref().map(|r| &r.params))?;
-        // The codebooks this version's rows were coded with: the ones it learned, or those in
-        // force.
-        let books = match (&self.quantizer, &coding) {
-            (Some(q), Some(c)) if c.epoch.is_some() => c.learned.as_ref().or(q.current()),
-            _ => None,
-        };
-        let codes = match books {
+        let codes = match coding.as_ref().and_then(|c| c.codebooks.as_ref()) {
             Some(books) => {
                 let previous = self.served_codes.as_ref();
                 let rows = &prepared.rows;

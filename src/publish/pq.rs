@@ -292,6 +292,17 @@ impl PqTable {
 
 /// `Σ‖x − x̂‖² / Σ‖x‖²` of `rows` and their approximations `decoded` (0 for an all-zero table).
 pub fn relative_error(rows: &Tensor, decoded: &Tensor) -> f64 {
+    let (err, total) = squared_error(rows, decoded);
+    if total > 0.0 {
+        err / total
+    } else {
+        0.0
+    }
+}
+
+/// `(Σ‖x − x̂‖², Σ‖x‖²)` of `rows` and `decoded`: the two sums of [`relative_error`], for adding
+/// up over several tables.
+pub fn squared_error(rows: &Tensor, decoded: &Tensor) -> (f64, f64) {
     let rows = rows.to_kind(Kind::Float);
     let decoded = decoded.to_device(rows.device());
     let total = rows.square().sum(Kind::Double).double_value(&[]);
@@ -299,11 +310,7 @@ pub fn relative_error(rows: &Tensor, decoded: &Tensor) -> f64 {
         .square()
         .sum(Kind::Double)
         .double_value(&[]);
-    if total > 0.0 {
-        err / total
-    } else {
-        0.0
-    }
+    (err, total)
 }
 
 /// Per row of `codes [n, m]` (u8), the sum of its codes' entries of `table` (`[m · 256]`, sub-space

@@ -45,12 +45,19 @@ pub struct Quantizer {
 /// How one version was coded, adopted by [`Quantizer::commit`] once it is committed.
 #[derive(Debug)]
 pub struct Coding {
-    /// Codebooks learned for this version.
-    pub learned: Option<Codebooks>,
     /// The codebooks the rows were coded with (`None`: no codebooks yet, rows went out f32).
-    pub epoch: Option<u64>,
+    pub codebooks: Option<Codebooks>,
+    /// They were learned for this version.
+    pub learned: bool,
     /// `Σ‖x − x̂‖² / Σ‖x‖²` of the version's node rows.
     pub relative_error: f64,
+}
+
+impl Coding {
+    /// The epoch of the codebooks the rows were coded with.
+    pub fn epoch(&self) -> Option<u64> {
+        self.codebooks.as_ref().map(|c| c.epoch)
+    }
 }
 
 impl Quantizer {
@@ -119,18 +126,20 @@ impl Quantizer {
                 Err(e) => return Err(e),
             }
         }
-        let Some(books) = learned.as_ref().or(self.current.as_ref()) else {
+        let is_learned = learned.is_some();
+        let Some(books) = learned.or_else(|| self.current.as_ref().map(Codebooks::shallow_clone))
+        else {
             return Ok(Coding {
-                learned: None,
-                epoch: None,
+                codebooks: None,
+                learned: false,
                 relative_error: 0.0,
             });
         };
-        let relative_error = prepared.rows.quantize(books)?;
+        let relative_error = prepared.rows.quantize(&books)?;
         if every_row {
-            let retire = match &learned {
-                Some(_) => self.current.as_ref().map(|c| c.epoch).or(self.unusable),
-                None => None,
+            let retire = match is_learned {
+                true => self.current.as_ref().map(|c| c.epoch).or(self.unusable),
+                false => None,
             };
             let record = CodebooksRecord {
                 version,
@@ -140,8 +149,8 @@ impl Quantizer {
             prepared.with_codebooks(record, retire);
         }
         Ok(Coding {
-            epoch: Some(books.epoch),
-            learned,
+            codebooks: Some(books),
+            learned: is_learned,
             relative_error,
         })
     }
@@ -149,8 +158,9 @@ impl Quantizer {
     /// The version coded as `coding` is committed: its codebooks are in force (and saved), and
     /// the next version learns new ones if its error passed the bound.
     pub fn commit(&mut self, coding: Coding) -> anyhow::Result<()> {
-        let over = coding.epoch.is_some() && coding.relative_error > self.cfg.max_relative_error;
-        if let Some(books) = coding.learned {
+        let over =
+            coding.codebooks.is_some() && coding.relative_error > self.cfg.max_relative_error;
+        if let Some(books) = coding.codebooks.filter(|_| coding.learned) {
             if let Some(dir) = &self.dir {
                 let record = CodebooksRecord {
                     version: books.epoch,
@@ -211,15 +221,17 @@ pub fn served_codes(
     for (t, ((len, idx, _), table)) in update.tables.iter().zip(tables).enumerate() {
         let published = rows.block_codes(t as u32).unwrap_or_default();
         let published = Tensor::from_slice(published).reshape([-1, m]);
+        let empty = || Tensor::zeros([*len, m], (Kind::Uint8, tch::Device::Cpu));
         let mut codes = match previous.and_then(|p| p.tables.get(t)) {
-            Some(before) if !every_row => {
-                let codes = Tensor::zeros([*len, m], (Kind::Uint8, tch::Device::Cpu));
+            Some(before) => {
+                let codes = empty();
                 let keep = before.size()[0].min(*len);
                 codes.narrow(0, 0, keep).copy_(&before.narrow(0, 0, keep));
                 codes
             }
-            _ if every_row => Tensor::zeros([*len, m], (Kind::Uint8, tch::Device::Cpu)),
-            _ => books.encode(table)?,
+            // Every row is written below.
+            None if every_row => empty(),
+            None => books.encode(table)?,
         };
         if idx.numel() > 0 {
             let _ = codes.index_copy_(0, idx, &published);
@@ -309,7 +321,7 @@ mod tests {
         // Too few rows to learn from: f32 rows, and the next version tries again.
         let mut small = version(1, 100, 1);
         let coding = q.code(&mut small, true).unwrap();
-        assert_eq!(coding.epoch, None);
+        assert_eq!(coding.epoch(), None);
         assert!(matches!(
             Record::decode(&small.rows.encode(0)),
             Ok(Record::Row(_))
@@ -320,7 +332,7 @@ mod tests {
         let mut first = version(2, 600, 2);
         let coding = q.code(&mut first, true).unwrap();
         assert_eq!(
-            coding.epoch,
+            coding.epoch(),
             Some(2),
             "the codebooks' epoch is their version"
         );
@@ -340,7 +352,7 @@ mod tests {
         // A version of moved rows only: coded with the codebooks in force, no record.
         let mut next = version(3, 50, 3);
         let coding = q.code(&mut next, false).unwrap();
-        assert_eq!((coding.epoch, coding.learned.is_none()), (Some(2), true));
+        assert_eq!((coding.epoch(), coding.learned), (Some(2), false));
         assert!(next.codebooks.is_none() && next.marker.rows == 51);
         q.commit(coding).unwrap();
 
@@ -353,7 +365,7 @@ mod tests {
         assert!(tight.needs_every_row());
         let mut relearn = version(5, 600, 5);
         let coding = tight.code(&mut relearn, true).unwrap();
-        assert_eq!(coding.epoch, Some(5));
+        assert_eq!(coding.epoch(), Some(5));
         assert_eq!(relearn.retired_codebooks.as_deref(), Some("codebooks:2"));
         assert_eq!(
             relearn.marker.rows,

@@ -9,7 +9,7 @@
 use tch::Tensor;
 
 use crate::config::ValueFormat;
-use crate::publish::{encode_coded, encode_f32le, Codebooks, PqError, RowRecord};
+use crate::publish::{encode_coded, encode_f32le, squared_error, Codebooks, PqError, RowRecord};
 
 /// Rows encoded or gathered per thread at least (smaller ranges stay on the calling thread).
 const MIN_CHUNK: usize = 16_384;
@@ -127,12 +127,9 @@ impl VersionRows {
             }
             let rows = Tensor::from_slice(&self.blocks[b]).reshape([-1, self.width as i64]);
             let codes = codebooks.encode(&rows)?;
-            let decoded = codebooks.decode(&codes);
-            total += rows.square().sum(tch::Kind::Double).double_value(&[]);
-            err += (&rows - decoded)
-                .square()
-                .sum(tch::Kind::Double)
-                .double_value(&[]);
+            let (block_err, block_total) = squared_error(&rows, &codebooks.decode(&codes));
+            err += block_err;
+            total += block_total;
             self.codes[b] = Some(Vec::<u8>::try_from(codes.reshape([-1])).expect("u8 codes"));
         }
         self.coded_with = Some((codebooks.epoch, codebooks.code_bytes()));

@@ -337,7 +337,9 @@ impl VersionAssembler {
                 Pending::Codebooks(table) => {
                     self.codebooks.insert(table.epoch, table);
                 }
-                Pending::Tombstone if key.starts_with(CODEBOOKS_PREFIX) => retired.push(key),
+                Pending::Tombstone if key.starts_with(CODEBOOKS_PREFIX) => {
+                    retired.extend(key[CODEBOOKS_PREFIX.len()..].parse::<u64>().ok())
+                }
                 p => others.push((key, version, p)),
             }
         }
@@ -367,10 +369,8 @@ impl VersionAssembler {
                 self.relations += 1;
             }
         }
-        for key in retired {
-            if let Ok(epoch) = key[CODEBOOKS_PREFIX.len()..].parse::<u64>() {
-                self.codebooks.remove(&epoch);
-            }
+        for epoch in retired {
+            self.codebooks.remove(&epoch);
         }
     }
 

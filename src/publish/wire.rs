@@ -113,20 +113,16 @@ impl RowRecord {
         if bytes.len() < F32LE_HEADER {
             return Err(bad("shorter than the header"));
         }
-        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
-        let dim = u32::from_le_bytes(bytes[28..32].try_into().expect("4")) as usize;
+        let dim = u32_at(bytes, 28) as usize;
         let body = &bytes[F32LE_HEADER..];
         if body.len() != dim * 4 {
             return Err(bad("length does not match its dimension"));
         }
         Ok(RowRecord {
-            version: u64_at(4),
-            epoch: u64_at(12),
-            ts: u64_at(20) as i64,
-            vector: body
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                .collect(),
+            version: u64_at(bytes, 4),
+            epoch: u64_at(bytes, 12),
+            ts: u64_at(bytes, 20) as i64,
+            vector: f32s(body),
         })
     }
 }

@@ -250,10 +250,10 @@ struct Served {
     version: u64,
     comparator: crate::train::Comparator,
     relation: Tensor,
-    /// Per target type: its table and target biases.
-    targets: Vec<(TypeId, Tensor, Option<Tensor>)>,
-    /// With `codes=true`: the codebooks and per target type (as `targets`) its codes.
-    codes: Option<(Codebooks, Vec<Tensor>)>,
+    /// Per target type: its table, target biases and, with `codes=true`, its codes.
+    targets: Vec<(TypeId, Tensor, Option<Tensor>, Option<Tensor>)>,
+    /// With `codes=true`: the codebooks of the targets' codes.
+    codebooks: Option<Codebooks>,
 }
 
 /// The `k` best targets of `rel` for the node, scored by the served version with its comparator
@@ -305,18 +305,6 @@ fn rank_neighbors(
                 rel: rel.to_owned(),
                 version: view.version,
             })?;
-        let targets = dst_types
-            .iter()
-            .filter_map(|&t| {
-                let table = view.tables.get(t as usize)?.shallow_clone();
-                let bias = view
-                    .biases
-                    .get(t as usize)
-                    .and_then(Option::as_ref)
-                    .map(Tensor::shallow_clone);
-                Some((t, table, bias))
-            })
-            .collect();
         let codes = match (&view.codes, req.codes) {
             (_, false) => None,
             (None, true) => {
@@ -328,14 +316,24 @@ fn rank_neighbors(
                     ),
                 })
             }
-            (Some(c), true) => Some((
-                c.codebooks.shallow_clone(),
-                dst_types
-                    .iter()
-                    .filter_map(|&t| c.tables.get(t as usize).map(Tensor::shallow_clone))
-                    .collect(),
-            )),
+            (Some(c), true) => Some(c),
         };
+        let targets = dst_types
+            .iter()
+            .filter_map(|&t| {
+                let table = view.tables.get(t as usize)?.shallow_clone();
+                let bias = view
+                    .biases
+                    .get(t as usize)
+                    .and_then(Option::as_ref)
+                    .map(Tensor::shallow_clone);
+                let type_codes = match codes {
+                    Some(c) => Some(c.tables.get(t as usize)?.shallow_clone()),
+                    None => None,
+                };
+                Some((t, table, bias, type_codes))
+            })
+            .collect();
         Ok::<_, ApiError>((
             src,
             Served {
@@ -343,31 +341,30 @@ fn rank_neighbors(
                 comparator: view.comparator,
                 relation,
                 targets,
-                codes,
+                codebooks: codes.map(|c| c.codebooks.shallow_clone()),
             },
         ))
     })?;
     // A history-type source is its row plus the sum of its recent targets' served rows, per
-    // target type, as the model scores it.
+    // target type, as the model scores it; with interests, one such query per interest.
+    let interests = req.interests
+        && (state.train.as_ref()).is_some_and(|p| p.history_types.iter().any(|h| h == type_name));
     let mut sources = Vec::with_capacity(served.targets.len());
-    let mut shares = Vec::with_capacity(served.targets.len());
     let mut known = Vec::with_capacity(served.targets.len());
-    for (t, table, _) in &served.targets {
-        let (source, share) = match &state.train {
-            Some(p) if req.interests => {
+    for (t, table, _, _) in &served.targets {
+        sources.push(match &state.train {
+            Some(p) if interests => {
                 let mi = &state.multi_interest;
                 let (queries, share) =
                     interest_sources(p, mi, store, node, *t as usize, &src, table)?;
                 (queries, Some(share))
             }
-            Some(p) => (
-                composed_source(p, store, node, *t as usize, &src, table)?,
-                None,
-            ),
-            None => (src.shallow_clone(), None),
-        };
-        sources.push(source);
-        shares.push(share);
+            Some(p) => {
+                let composed = composed_source(p, store, node, *t as usize, &src, table)?;
+                (composed.unsqueeze(0), None)
+            }
+            None => (src.unsqueeze(0), None),
+        });
         known.push(match req.exclude_known {
             true => known_targets(store, node, rel_id as RelId, *t)?,
             false => Vec::new(),
@@ -375,14 +372,8 @@ fn rank_neighbors(
     }
     let erased = store.erasures_since(0);
     // Interests are merged over every row: the mixture needs each interest's softmax.
-    let ann = (state.serving.ann()).filter(|_| !req.exact && !req.codes && !req.interests);
-    let scoring = Scoring {
-        sources: &sources,
-        shares: &shares,
-        erased: &erased,
-        known: &known,
-    };
-    let ranked = tch::no_grad(|| top_targets(&served, &scoring, req.k, ann))?;
+    let ann = (state.serving.ann()).filter(|_| !req.exact && !req.codes && !interests);
+    let ranked = tch::no_grad(|| top_targets(&served, &sources, &erased, &known, req.k, ann))?;
     let mut neighbors = Vec::with_capacity(ranked.hits.len());
     for (score, target) in ranked.hits {
         let id = store.node_id(target)?.ok_or(ApiError::MissingId {
@@ -399,13 +390,16 @@ fn rank_neighbors(
         node: key,
         rel: rel.to_owned(),
         version: served.version,
-        method: match (ranked.index_version, &served.codes) {
+        method: match (ranked.index_version, &served.codebooks) {
             (Some(_), _) => RankMethod::Ann,
             (None, Some(_)) => RankMethod::Codes,
             (None, None) => RankMethod::Exact,
         },
         index_version: ranked.index_version,
-        interests: shares.iter().flatten().map(|s| s.size()[0] as usize).max(),
+        interests: (sources.iter())
+            .filter_map(|(_, share)| share.as_ref())
+            .map(|s| s.size()[0] as usize)
+            .max(),
         neighbors,
     })
 }
@@ -416,44 +410,27 @@ struct Ranked {
     index_version: Option<u64>,
 }
 
-/// The source's side of a ranking, per target type (as `Served::targets`).
-struct Scoring<'a> {
-    /// The source's vector `[D]`, or its interests' queries `[c, D]`.
-    sources: &'a [Tensor],
-    /// With interests: each one's share of the history `[c]`.
-    shares: &'a [Option<Tensor>],
-    erased: &'a [NodeRef],
-    /// Rows left out (the source's known targets with `exclude_known`).
-    known: &'a [Vec<i64>],
-}
-
 /// Best `k` of each target type, then merged: a best `k` overall is within the union. A type
 /// with a usable index (`ann`) is scored on its candidates (`k × http.ann.oversample`), every
 /// other on all its rows (libtorch's top-k); a source of several interests scores every row per
 /// interest and merges them ([`mixture`]). Ties go to the lower type id, then the lower row.
-/// Erased nodes, and the known rows of each type, are never candidates.
+/// `sources` are per target type (as `served.targets`) the source's queries `[c, D]` (one, or
+/// one per interest) and, with interests, each one's share of the history `[c]`. `erased` nodes,
+/// and the `known` rows of each type, are never candidates.
 fn top_targets(
     served: &Served,
-    scoring: &Scoring,
+    sources: &[(Tensor, Option<Tensor>)],
+    erased: &[NodeRef],
+    known: &[Vec<i64>],
     k: usize,
     ann: Option<&AnnIndexes>,
 ) -> Result<Ranked, ApiError> {
     let mut hits = Vec::new();
     let mut index_version: Option<u64> = None;
-    let Scoring {
-        sources,
-        shares,
-        erased,
-        known,
-    } = scoring;
-    let typed = served.targets.iter().zip(*sources).zip(*known).enumerate();
-    for (target, (((t, candidates, bias), src), known)) in typed {
+    let typed = served.targets.iter().zip(sources).zip(known);
+    for (((t, candidates, bias, codes), (queries, share)), known) in typed {
         let t = *t;
-        let queries = match src.dim() {
-            1 => src.unsqueeze(0),
-            _ => src.shallow_clone(),
-        };
-        let translated = translate(&queries, &served.relation.unsqueeze(0));
+        let translated = translate(queries, &served.relation.unsqueeze(0));
         let n = rows(candidates);
         if n == 0 {
             continue;
@@ -511,33 +488,30 @@ fn top_targets(
             }
             None => {
                 // `[queries, rows]`.
-                let mut scores = match &served.codes {
-                    Some((books, codes)) => Tensor::stack(
+                let mut scores = match (&served.codebooks, codes) {
+                    (Some(books), Some(codes)) => Tensor::stack(
                         &(0..translated.size()[0])
                             .map(|q| {
-                                books.code_scores(
-                                    served.comparator,
-                                    &translated.get(q),
-                                    &codes[target],
-                                )
+                                books.code_scores(served.comparator, &translated.get(q), codes)
                             })
                             .collect::<Vec<_>>(),
                         0,
                     ),
-                    None => score_targets(served.comparator, &translated, candidates),
+                    _ => score_targets(served.comparator, &translated, candidates),
                 };
                 // The target bias of a biased type (`train.bias_types`), as the model scores.
                 if let Some(b) = bias {
                     scores += b;
                 }
+                // Left out before any softmax, so they take no interest's probability.
+                if !gone.is_empty() {
+                    let _ = scores.index_fill_(1, &Tensor::from_slice(&gone), f64::NEG_INFINITY);
+                }
                 // With interests (even one), the mixture's log-probabilities.
-                let mut scores = match &shares[target] {
+                let scores = match share {
                     Some(share) => mixture(&scores, share),
                     None => scores.reshape([-1]),
                 };
-                if !gone.is_empty() {
-                    let _ = scores.index_fill_(0, &Tensor::from_slice(&gone), f64::NEG_INFINITY);
-                }
                 (None, scores)
             }
         };

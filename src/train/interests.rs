@@ -9,7 +9,9 @@
 //! directions) from a deterministic farthest-point start at the most recent target, so the same
 //! history always gives the same interests.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
+
+use crate::config::MultiInterestConfig;
 
 /// Interests' scores merged as a mixture: `scores [c, n]` (one row per interest, every item),
 /// `shares [c]` (each interest's share of the history) → `[n]`, each item's
@@ -19,6 +21,40 @@ use tch::Tensor;
 pub fn mixture(scores: &Tensor, shares: &Tensor) -> Tensor {
     (scores.log_softmax(1, tch::Kind::Float) + shares.log().unsqueeze(1))
         .logsumexp([0].as_slice(), false)
+}
+
+/// `history` (`(row of targets, raw weight)`, most recent first) split into interests
+/// ([`split_history`] over the rows of `targets [rows, D]`, [`interest_count`] of them), each with
+/// its share of the history's weight (`1 / c` each when the weights sum to 0). An empty history
+/// has no interest.
+pub fn interest_groups(
+    history: &[(i64, f32)],
+    targets: &Tensor,
+    mi: &MultiInterestConfig,
+) -> Vec<(Vec<(i64, f32)>, f32)> {
+    if history.is_empty() {
+        return Vec::new();
+    }
+    let k = interest_count(history.len(), mi.max_interests, mi.targets_per_interest);
+    // Only the history's rows, not the whole table, leave libtorch.
+    let rows: Vec<i64> = history.iter().map(|&(r, _)| r).collect();
+    let vectors = targets
+        .index_select(0, &Tensor::from_slice(&rows))
+        .to_kind(Kind::Float)
+        .reshape([-1]);
+    let vectors = Vec::<f32>::try_from(vectors).expect("f32 rows");
+    let dim = targets.size()[1] as usize;
+    let groups = split_history(history, &vectors, dim, k, mi.iterations);
+    let total: f32 = history.iter().map(|&(_, w)| w).sum();
+    let c = groups.len() as f32;
+    groups
+        .into_iter()
+        .map(|g| {
+            let weight: f32 = g.iter().map(|&(_, w)| w).sum();
+            let share = if total > 0.0 { weight / total } else { 1.0 / c };
+            (g, share)
+        })
+        .collect()
 }
 
 /// How many interests a history of `n` targets gets: one per `per_interest` targets, at least

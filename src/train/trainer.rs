@@ -26,10 +26,10 @@ use tracing::info;
 use crate::config::{Config, MultiInterestConfig, TrainerConfig};
 use crate::store::{Direction, Edge, GraphStore, NodeRef, StoreError};
 use crate::train::{
-    history_sum, history_weights, interest_count, known_targets, non_finite_rows, recent_targets,
-    rows_needed, schema_fingerprint, split_history, target_ranks, train_step_with, warm_rows,
-    CheckpointError, Checkpoints, DeltaRequest, Embeddings, History, ModelDelta, ModelState, Pull,
-    RankWindow, Snapshot, StepStats, TableDelta, TargetQuery, TrainParams,
+    history_sum, history_weights, interest_groups, known_targets, non_finite_rows, recent_targets,
+    rows_needed, schema_fingerprint, target_ranks, train_step_with, warm_rows, CheckpointError,
+    Checkpoints, DeltaRequest, Embeddings, History, ModelDelta, ModelState, Pull, RankWindow,
+    Snapshot, StepStats, TableDelta, TargetQuery, TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -95,23 +95,12 @@ pub fn composed_source(
     own: &Tensor,
     targets: &Tensor,
 ) -> Result<Tensor, StoreError> {
-    let n = if targets.dim() == 2 {
-        targets.size()[0]
-    } else {
-        0
-    };
-    let mut recent = history_targets(p, store, src, dst_type, u64::MAX)?;
-    recent.retain(|&(i, _)| i < n);
-    Ok(
-        match history_sum(targets, &history_weights(&recent, None)) {
-            Some(sum) => own + sum,
-            None => own.shallow_clone(),
-        },
-    )
+    let recent = served_history(p, store, src, dst_type, targets)?;
+    Ok(compose(own, targets, &recent))
 }
 
 /// A source as its interests (`[http.multi_interest]`): its recent targets of `dst_type`
-/// clustered ([`split_history`] over `targets`' rows), one query per interest composed as
+/// clustered ([`interest_groups`] over `targets`' rows), one query per interest composed as
 /// [`composed_source`] composes the whole history: `([c, D] queries, [c] shares of the history's
 /// weight)`. A source without recent targets (or of no history type) is its row, one share.
 pub fn interest_sources(
@@ -123,6 +112,25 @@ pub fn interest_sources(
     own: &Tensor,
     targets: &Tensor,
 ) -> Result<(Tensor, Tensor), StoreError> {
+    let recent = served_history(p, store, src, dst_type, targets)?;
+    if recent.is_empty() {
+        return Ok((own.unsqueeze(0), Tensor::from_slice(&[1.0f32])));
+    }
+    let (queries, shares): (Vec<Tensor>, Vec<f32>) = interest_groups(&recent, targets, mi)
+        .into_iter()
+        .map(|(group, share)| (compose(own, targets, &group), share))
+        .unzip();
+    Ok((Tensor::stack(&queries, 0), Tensor::from_slice(&shares)))
+}
+
+/// The recent targets of `src` of `dst_type` that `targets` (a `[rows, D]` table) has rows for.
+fn served_history(
+    p: &TrainParams,
+    store: &GraphStore,
+    src: NodeRef,
+    dst_type: usize,
+    targets: &Tensor,
+) -> Result<Vec<(i64, f32)>, StoreError> {
     let n = if targets.dim() == 2 {
         targets.size()[0]
     } else {
@@ -130,38 +138,15 @@ pub fn interest_sources(
     };
     let mut recent = history_targets(p, store, src, dst_type, u64::MAX)?;
     recent.retain(|&(i, _)| i < n);
-    let rows: Vec<i64> = recent.iter().map(|&(r, _)| r).collect();
-    let vectors = match rows.is_empty() {
-        true => Vec::new(),
-        false => Vec::<f32>::try_from(
-            targets
-                .index_select(0, &Tensor::from_slice(&rows))
-                .to_kind(Kind::Float)
-                .reshape([-1]),
-        )
-        .unwrap_or_default(),
-    };
-    if vectors.len() != rows.len() * own.size()[0] as usize || rows.is_empty() {
-        return Ok((own.unsqueeze(0), Tensor::from_slice(&[1.0f32])));
+    Ok(recent)
+}
+
+/// `own` plus the weighted sum of `history`'s rows of `targets` (`own` alone without history).
+fn compose(own: &Tensor, targets: &Tensor, history: &[(i64, f32)]) -> Tensor {
+    match history_sum(targets, &history_weights(history, None)) {
+        Some(sum) => own + sum,
+        None => own.shallow_clone(),
     }
-    let k = interest_count(recent.len(), mi.max_interests, mi.targets_per_interest);
-    let groups = split_history(&recent, &vectors, own.size()[0] as usize, k, mi.iterations);
-    let total: f32 = recent.iter().map(|&(_, w)| w).sum();
-    let mut queries = Vec::with_capacity(groups.len());
-    let mut shares = Vec::with_capacity(groups.len());
-    for group in &groups {
-        let weight: f32 = group.iter().map(|&(_, w)| w).sum();
-        shares.push(if total > 0.0 {
-            weight / total
-        } else {
-            1.0 / groups.len() as f32
-        });
-        queries.push(match history_sum(targets, &history_weights(group, None)) {
-            Some(sum) => own + sum,
-            None => own.shallow_clone(),
-        });
-    }
-    Ok((Tensor::stack(&queries, 0), Tensor::from_slice(&shares)))
 }
 
 /// The recent targets of `src` of `dst_type`, with their raw weights, when `src` is of a
