@@ -318,12 +318,7 @@ fn main() {
         bearer_token: None,
         rate: Mutex::default(),
         train: None,
-        multi_interest: twhin_stream::config::MultiInterestConfig {
-            enabled: false,
-            max_interests: 4,
-            targets_per_interest: 10,
-            iterations: 10,
-        },
+        multi_interest: cfg.http.multi_interest.clone(),
     });
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -404,7 +399,7 @@ fn main() {
         Codebooks::train(&rows_tensor, subspaces, 65_536, 15, 1, versions + 2).expect("codebooks");
     let codes = books.encode(&rows_tensor).expect("codes");
     let pq_s = started.elapsed().as_secs_f64();
-    let pq_error = books.relative_error(&rows_tensor).expect("error");
+    let pq_error = twhin_stream::publish::relative_error(&rows_tensor, &books.decode(&codes));
     let mut coded = view(
         versions + 2,
         n_types,

@@ -554,25 +554,9 @@ fn check_export(env: &[(String, String)], p: &Published, dir: &std::path::Path) 
         .find(|(k, _)| k == "TWHIN_KAFKA__BOOTSTRAP_SERVERS")
         .unwrap()
         .1;
-    let python = std::process::Command::new(repo_root().join(".venv/bin/python"))
-        .current_dir(repo_root())
-        .args(["examples/subscriber.py", "--bootstrap-servers", bootstrap])
-        .args(["--idle-exit-secs", "5"])
-        .output()
-        .expect(".venv/bin/python (bash .ci/setup installs it with confluent-kafka and numpy)");
-    let stdout = String::from_utf8_lossy(&python.stdout);
-    assert!(
-        python.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&python.stderr)
-    );
-    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    assert_eq!(last["version"], tables.len() as u64, "{stdout}");
-    assert_eq!(
-        last["keys"],
-        tables.last().unwrap().len() as u64,
-        "{stdout}"
-    );
+    let last = run_python_subscriber(bootstrap);
+    assert_eq!(last["version"], tables.len() as u64, "{last}");
+    assert_eq!(last["keys"], tables.last().unwrap().len() as u64, "{last}");
     let missing = std::process::Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
         .current_dir(repo_root())
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -589,6 +573,24 @@ fn check_export(env: &[(String, String)], p: &Published, dir: &std::path::Path) 
         !missing.status.success() && stderr.contains("version 999 cannot be assembled"),
         "{stderr}"
     );
+}
+
+/// `examples/subscriber.py` from the beginning of both topics until they idle 5 s: its last line
+/// (`version`, `keys`, `checksum`).
+fn run_python_subscriber(bootstrap: &str) -> serde_json::Value {
+    let python = std::process::Command::new(repo_root().join(".venv/bin/python"))
+        .current_dir(repo_root())
+        .args(["examples/subscriber.py", "--bootstrap-servers", bootstrap])
+        .args(["--idle-exit-secs", "5"])
+        .output()
+        .expect(".venv/bin/python (bash .ci/setup installs it with confluent-kafka and numpy)");
+    let stdout = String::from_utf8_lossy(&python.stdout);
+    assert!(
+        python.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
 /// The example subscriber run from the beginning of both topics until they idle 5 s: its JSON
@@ -911,27 +913,26 @@ fn product_quantized_versions_decode_to_the_served_rows_and_new_codebooks_retire
         "decoded rows lose {measured} of the served rows' energy; the daemon reported {reported}"
     );
 
-    let python = std::process::Command::new(repo_root().join(".venv/bin/python"))
-        .current_dir(repo_root())
-        .args([
-            "examples/subscriber.py",
-            "--bootstrap-servers",
-            &broker.bootstrap,
-        ])
-        .args(["--idle-exit-secs", "5"])
-        .output()
-        .expect(".venv/bin/python");
-    let stdout = String::from_utf8_lossy(&python.stdout);
-    assert!(
-        python.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&python.stderr)
+    // The Python reader: the same version and keys, and the same values (its checksum against
+    // the newest version exported).
+    let last = run_python_subscriber(&broker.bootstrap);
+    assert_eq!(last["version"], summary["last_version"], "{last}");
+    let newest = dir.path().join("export-newest");
+    cli(
+        &env_of(&broker, &store),
+        &["export", newest.to_str().unwrap()],
     );
-    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    assert_eq!(last["version"], summary["last_version"], "{stdout}");
+    let sum: f64 = (exported_table(&newest).values())
+        .flat_map(|v| v.iter().map(|&x| x as f64))
+        .sum();
+    let checksum = last["checksum"].as_f64().expect("checksum");
+    assert!(
+        (checksum - sum).abs() <= 1e-6 * sum.abs().max(1.0),
+        "the Python reader's values sum to {checksum}, the exported ones to {sum}"
+    );
     assert_eq!(
         last["keys"].as_u64().unwrap() as usize,
         keys.len(),
-        "{stdout}"
+        "{last}"
     );
 }

@@ -27,7 +27,7 @@ mod train;
 
 pub use ingest::{IngestConfig, OffsetPolicy, StorageConfig};
 pub use kafka::{flatten_properties, KafkaConfig};
-pub use publish::{AlignConfig, PqConfig, PublishConfig, ValueFormat};
+pub use publish::{AlignConfig, PqConfig, PublishConfig, ValueFormat, PQ_CENTROIDS};
 pub use serve::{
     AnnConfig, AnnQuantization, HttpConfig, LogConfig, LogFormat, MultiInterestConfig,
     MIN_BEARER_TOKEN_CHARS,

@@ -49,6 +49,9 @@ pub struct PqConfig {
     pub seed: u64,
 }
 
+/// Centroids per product-quantization sub-space: one byte a code (`crate::publish::CENTROIDS`).
+pub const PQ_CENTROIDS: i64 = 256;
+
 impl Default for PqConfig {
     fn default() -> PqConfig {
         PqConfig {
@@ -165,8 +168,7 @@ impl Validate for PublishConfig {
         let pq = &pb.pq;
         positive("publish.pq.subspaces", pq.subspaces as u64)?;
         positive("publish.pq.iterations", pq.iterations as u64)?;
-        // 256: the centroids of a sub-space (`publish::CENTROIDS`; config does not import publish).
-        if pq.sample_rows < 256 {
+        if pq.sample_rows < PQ_CENTROIDS as usize {
             return Err(invalid(
                 "publish.pq.sample_rows",
                 "must be at least 256 (the centroids of a sub-space)",

@@ -258,7 +258,8 @@ fn feed(
 }
 
 /// Every record of `topic`, each partition from its beginning to the end it had when reading
-/// started and on until the topic is quiet for [`READ_IDLE`], handed to `f`; returns how many.
+/// started and on until the topic is quiet for [`READ_IDLE`] (at most [`READ_TAIL`] more), handed
+/// to `f`; returns how many.
 /// `timeout` bounds the whole read.
 fn read_to_end(
     cfg: &Config,
@@ -306,10 +307,17 @@ fn read_to_end(
     consumer.assign(&assignment).map_err(kafka)?;
     let deadline = Instant::now() + timeout;
     let mut read = 0u64;
-    // Some brokers (tansu) report an end up to one record batch short of the last record
-    // (ENVIRONMENT.md): past the reported ends, read on until the topic is idle this long.
+    // Some brokers (tansu, the test broker) report an end up to one record batch short of the
+    // last record: past the reported ends, read on until the topic is quiet for READ_IDLE, and at
+    // most READ_TAIL (a daemon publishing meanwhile never leaves it quiet).
     let mut idle_since: Option<Instant> = None;
+    let mut ends_reached: Option<Instant> = None;
     loop {
+        if remaining.is_empty()
+            && ends_reached.get_or_insert_with(Instant::now).elapsed() >= READ_TAIL
+        {
+            break;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(kafka(rdkafka::error::KafkaError::MessageConsumption(
@@ -350,6 +358,9 @@ fn read_to_end(
 
 /// How long a topic must stay quiet past the ends the broker reported before a read ends.
 const READ_IDLE: Duration = Duration::from_secs(1);
+
+/// How long a read goes on past the ends the broker reported, quiet or not.
+const READ_TAIL: Duration = Duration::from_secs(5);
 
 /// The consumer's next offset per assigned partition of `topic`.
 fn positions(consumer: &BaseConsumer, topic: &str) -> Vec<(i32, i64)> {

@@ -84,10 +84,10 @@ pub struct RetrainReport {
     pub pq: Vec<PqFigures>,
 }
 
-/// The retrain's seed: another one than version A's, as a periodic retrain would draw.
 /// The offsets' source name of the events this scenario appends.
 const SOURCE: &str = "stability-retrain";
 
+/// The retrain's seed: another one than version A's, as a periodic retrain would draw.
 fn retrain_seed(seed: u64) -> u64 {
     seed.wrapping_add(1)
 }

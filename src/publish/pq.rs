@@ -18,8 +18,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::Comparator;
 
-/// Centroids per sub-space: one byte per code.
-pub const CENTROIDS: i64 = 256;
+/// Centroids per sub-space: one byte per code (defined beside `[publish.pq]`, which checks
+/// against it).
+pub use crate::config::PQ_CENTROIDS as CENTROIDS;
 
 /// The floor of squared norms and distances before a square root, as the model's scores have.
 const SCORE_EPS: f64 = 1e-12;

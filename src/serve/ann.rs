@@ -306,6 +306,9 @@ pub struct AnnTypeFigures {
     pub node_type: TypeId,
     pub version: u64,
     pub rows: u64,
+    /// The index's bytes: measured after each build, then grown by the bytes a row took at the
+    /// last measure for each row an update adds (an estimate until the next build; measuring
+    /// walks every node and is only safe on the updater's thread).
     pub memory_bytes: u64,
 }
 

@@ -122,13 +122,19 @@ fn state(store: Arc<GraphStore>, serving: ServingView, token: Option<&str>) -> H
         bearer_token: token.map(Into::into),
         rate: Mutex::default(),
         train: None,
-        multi_interest: crate::config::MultiInterestConfig {
-            enabled: false,
-            max_interests: 4,
-            targets_per_interest: 10,
-            iterations: 10,
-        },
+        multi_interest: default_section(&["http", "multi_interest"]),
     }
+}
+
+/// A section of `config/default.toml` (its documented defaults).
+fn default_section<T: serde::de::DeserializeOwned>(path: &[&str]) -> T {
+    let mut value = toml::Value::Table(
+        toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap(),
+    );
+    for key in path {
+        value = value[*key].clone();
+    }
+    value.try_into().unwrap()
 }
 
 fn served_view() -> ServingView {
@@ -307,11 +313,7 @@ async fn neighbors_rank_with_the_target_bias() {
 
 /// The default `[train]` with users composed from their `recent` most recent targets.
 fn history_train(recent: usize) -> crate::config::TrainParams {
-    let mut train: crate::config::TrainParams =
-        toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap()["train"]
-            .clone()
-            .try_into()
-            .unwrap();
+    let mut train: crate::config::TrainParams = default_section(&["train"]);
     train.history_types = vec!["user".into()];
     train.history_recent = recent;
     train
