@@ -316,7 +316,7 @@ fn main() {
         align_control: true,
         publish: None,
         bearer_token: None,
-        rate: Mutex::default(),
+        rate: Default::default(),
         train: None,
         multi_interest: cfg.http.multi_interest.clone(),
     });

@@ -16,9 +16,8 @@
 #
 # Environment: BIN, BENCH (the two binaries, default .gpu/…), BATCHES ("1000 16000 65536"),
 # EPOCHS (twhin-stream's, 160 as chosen on the valid split for the CPU figures), DEVICE (cuda),
-# BUILT_IN (the checkout the bench was built in, /work/main: it reads its config and dataset
-# there, so that path is linked to this checkout when missing), OUT (a folder for the logs;
-# default a mktemp -d).
+# OUT (a folder for the logs; default a mktemp -d). Both binaries read config/ and data/ from
+# this checkout (the working directory this script moves to).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.gpu/twhin-stream}
@@ -34,10 +33,6 @@ export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 DEVICE=${DEVICE:-cuda}
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-BUILT_IN=${BUILT_IN:-/work/main}
-if [ ! -e "$BUILT_IN" ]; then
-  mkdir -p "$(dirname "$BUILT_IN")" && ln -s "$PWD" "$BUILT_IN"
-fi
 export TWHIN_TORCH__DEVICE=$DEVICE TWHIN_LOG__LEVEL=warn
 
 say "train-step bench on CUDA"

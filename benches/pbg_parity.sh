@@ -17,7 +17,7 @@
 #   SPLIT          valid or test: which split twhin-stream's figure is on (test; settings are
 #                  chosen with SPLIT=valid)
 #   SKIP_PBG=1     twhin-stream only; BIN: the twhin-stream binary (else cargo build --release)
-#   PYTHON         the venv's python (.venv/bin/python, else /work/main/.venv/bin/python)
+#   PYTHON         the venv's python (default: this checkout's .venv/bin/python, made by .ci/setup)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -29,9 +29,8 @@ CONFIG_TWHIN=${CONFIG_TWHIN:-config/pbg-parity.toml}
 EPOCHS_TWHIN=${EPOCHS_TWHIN:-10}
 SPLIT=${SPLIT:-test}
 export PBG_EPOCHS=${EPOCHS:-${PBG_EPOCHS:-80}}
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=/work/main/.venv/bin/python; fi
-fi
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+[ -x "$PYTHON" ] || { echo "[pbg-parity] no python at $PYTHON: run bash .ci/setup, or set PYTHON" >&2; exit 1; }
 say() { printf '[pbg-parity] %s\n' "$*" >&2; }
 
 # --- PBG 1.0 in the venv (adds attrs, h5py and itself) -------------------------------------------

@@ -64,7 +64,7 @@ impl Drop for Tansu {
 
 /// The test broker on a free port, when its binary is there.
 fn start_broker(dir: &std::path::Path) -> Option<(Tansu, String)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = common::repo_root();
     let bin = std::env::var_os("TANSU_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".cache/bin/tansu"));

@@ -17,6 +17,8 @@
 //! Needs the dataset (`bash .ci/setup`). Run with `cargo bench --bench train_step`
 //! (`TRAIN_STEP_ONLY=user_model` or `=pbg` for one group).
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -52,7 +54,7 @@ type Step = fn(
 const STEPS: [(&str, Step); 2] = [("", train_step_with), ("autograd/", train_step_autograd)];
 
 fn movielens_edges() -> (Config, Vec<Edge>) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = common::repo_root();
     let cfg = Config::load(Some(&root.join("config/movielens-100k.toml"))).expect("config");
     let schema = cfg.schema();
     let limits = cfg.file_decode_limits();

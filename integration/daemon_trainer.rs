@@ -92,9 +92,7 @@ fn the_daemon_trains_what_it_ingests_checkpoints_and_resumes() {
         0,
         "nothing retrained: {st}"
     );
-    assert!(daemon
-        .log_of_last_start()
-        .contains(&format!("version={v1} cursor=4000")));
+    assert_eq!(resumed_from(&st), (v1, 4_000, Vec::new()), "{st}");
 
     // More events; the prequential evaluation ranks new edges between known nodes.
     produce(&broker.bootstrap, TOPIC, &msgs[4_000..], None);
@@ -116,13 +114,8 @@ fn the_daemon_trains_what_it_ingests_checkpoints_and_resumes() {
     let (v2, c2) = current_checkpoint(&ckpts);
     assert!(v2 > v1 && (4_000..=6_000).contains(&c2), "{v2} {c2}");
     daemon.restart();
-    assert!(
-        daemon
-            .log_of_last_start()
-            .contains(&format!("version={v2} cursor={c2}")),
-        "{}",
-        daemon.log_tail()
-    );
+    let st = daemon.status().unwrap();
+    assert_eq!(resumed_from(&st), (v2, c2, Vec::new()), "{st}");
     wait_for_cursor(&daemon, 6_000);
     assert!(daemon.terminate().success());
 
@@ -135,12 +128,40 @@ fn the_daemon_trains_what_it_ingests_checkpoints_and_resumes() {
     bytes[mid] ^= 0xff;
     std::fs::write(&tensors, bytes).unwrap();
     daemon.restart();
-    let log = daemon.log_of_last_start();
-    assert!(log.contains("checkpoint unusable"), "{log}");
-    assert!(log.contains("CRC-32"), "{log}");
-    assert!(!log.contains(&format!("version={v3} cursor")), "{log}");
+    let st = daemon.status().unwrap();
+    let (version, cursor, unusable) = resumed_from(&st);
+    assert!(
+        version < v3 && cursor <= c3,
+        "an older checkpoint is used: {st}"
+    );
+    assert_eq!(unusable.len(), 1, "{st}");
+    assert_eq!(unusable[0].0, v3, "{st}");
+    assert!(unusable[0].1.contains("CRC-32"), "{st}");
     wait_for_cursor(&daemon, 6_000);
     assert!(daemon.terminate().success());
+}
+
+/// `/v1/status`'s `trainer.resumed_from`: the checkpoint's version and cursor, and the
+/// `(version, error)` of each newer one found unusable. Panics when the field is missing.
+fn resumed_from(st: &serde_json::Value) -> (u64, u64, Vec<(u64, String)>) {
+    let r = st
+        .pointer("/trainer/resumed_from")
+        .filter(|r| !r.is_null())
+        .unwrap_or_else(|| panic!("trainer.resumed_from missing: {st}"));
+    let unusable = r["unusable"]
+        .as_array()
+        .unwrap_or_else(|| panic!("resumed_from.unusable missing: {st}"))
+        .iter()
+        .map(|u| {
+            let v = u["version"].as_u64().expect("unusable version");
+            (v, u["error"].as_str().expect("unusable error").to_owned())
+        })
+        .collect();
+    (
+        status_u64(r, "/version"),
+        status_u64(r, "/cursor"),
+        unusable,
+    )
 }
 
 /// `twhin_publish_last_version` from `/metrics` (0 before the first version).

@@ -27,6 +27,10 @@
 //! | [`telemetry`] | logging set-up and the metric names |
 //! | [`persist`]   | atomic file writes and the wall clock, shared by checkpoints, snapshots and the ledger |
 
+// The public surface is the named re-exports of each stage's `mod.rs`; everything else is
+// `pub(crate)` or narrower, and this lint keeps it so.
+#![warn(unreachable_pub)]
+
 pub mod align;
 pub mod app;
 pub mod config;

@@ -99,11 +99,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Prequential Hits@10 on the first edges of new nodes, warm start against random init.
-    WarmStart {
-        #[command(flatten)]
-        data: DataArgs,
-    },
     /// Prequential quality on the engagement stream in time order (every engagement ranked
     /// before training on it), the model beside popularity-so-far and item-to-item
     /// co-occurrence on the same events.
@@ -111,28 +106,6 @@ enum Command {
         #[command(flatten)]
         opts: twhin_stream::offline::StreamEvalOptions,
         /// Print the report as JSON (the summary otherwise).
-        #[arg(long)]
-        json: bool,
-    },
-    /// Downstream value on MovieLens-100k, by a logistic regression with and without a
-    /// version's embeddings: will a user rate a movie high, for ratings after the version's cut
-    /// (`--task rated-high`), or a movie's genres, from a version trained without the genre
-    /// relations (`--task genre`).
-    Downstream {
-        #[command(flatten)]
-        opts: twhin_stream::offline::DownstreamOptions,
-        /// Print the report as JSON (the table otherwise).
-        #[arg(long)]
-        json: bool,
-    },
-    /// Downstream stability: MovieLens-100k streamed in time order through the daemon's trainer
-    /// and alignment; a classifier fitted on version 1, frozen, scored on every later version,
-    /// with drift control on and off; or (`--scenario retrain`) a full retrain from another seed
-    /// published raw, rotated by Procrustes, and warm-started with the pull.
-    Stability {
-        #[command(flatten)]
-        opts: twhin_stream::offline::StabilityOptions,
-        /// Print the report as JSON (the table otherwise).
         #[arg(long)]
         json: bool,
     },
@@ -232,9 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // The dataset a command reads: its config file (the built-in dataset's unless --config),
     // then its schema (inferred from the files unless that file has a [schema] section).
     let source = match &cli.command {
-        Command::Train { data, .. } | Command::Eval { data, .. } | Command::WarmStart { data } => {
-            Some(data.source())
-        }
+        Command::Train { data, .. } | Command::Eval { data, .. } => Some(data.source()),
         Command::StreamEval { opts, .. } => Some(opts.data.source()),
         Command::Replay { dataset, data, .. } => match (dataset, data) {
             (Some(ReplaySource::Dataset(d)), _) => Some(DataSource::Builtin(*d)),
@@ -244,13 +215,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         _ => None,
     };
-    let dataset_config = match &cli.command {
-        Command::Stability { .. } | Command::Downstream { .. } => {
-            Some(Dataset::MovieLens100k.config_file())
-        }
-        _ => source.as_ref().and_then(DataSource::config_file),
-    };
-    let config_file = cli.config.clone().or(dataset_config);
+    let config_file = cli
+        .config
+        .clone()
+        .or_else(|| source.as_ref().and_then(DataSource::config_file));
     let mut cfg = Config::load(config_file.as_deref())?;
     telemetry::init_logging(&cfg.log);
     if let Some(source) = &source {
@@ -300,53 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => write_synthetic(&cfg, &synthetic, &out, json),
         Command::Train { data, epochs, json } => train_offline(&cfg, &data.source(), epochs, json),
         Command::Eval { data, split, json } => eval_offline(&cfg, &data.source(), &split, json),
-        Command::WarmStart { data } => {
-            let device = torch_device(&cfg)?;
-            for warm in [false, true] {
-                let r = offline::prequential_new_nodes(&cfg, data.source(), warm, device)?;
-                println!("{}", serde_json::to_string(&r)?);
-            }
-            Ok(())
-        }
         Command::StreamEval { opts, json } => stream_eval(&cfg, &opts, json),
-        Command::Downstream { opts, json } => {
-            let device = torch_device(&cfg)?;
-            let (json_text, table) = match opts.task {
-                offline::DownstreamTask::RatedHigh => {
-                    let r = offline::measure_downstream(&cfg, device, &opts)?;
-                    (serde_json::to_string_pretty(&r)?, r.table())
-                }
-                offline::DownstreamTask::Genre => {
-                    let r = offline::measure_genre_downstream(&cfg, device, &opts)?;
-                    (serde_json::to_string_pretty(&r)?, r.table())
-                }
-            };
-            if json {
-                println!("{json_text}");
-            } else {
-                print!("{table}");
-            }
-            Ok(())
-        }
-        Command::Stability { opts, json } => {
-            let device = torch_device(&cfg)?;
-            let (json_text, table) = match opts.scenario {
-                offline::Scenario::Stream => {
-                    let r = offline::measure(&cfg, device, &opts)?;
-                    (serde_json::to_string_pretty(&r)?, r.table())
-                }
-                offline::Scenario::Retrain => {
-                    let r = offline::measure_retrain(&cfg, device, &opts)?;
-                    (serde_json::to_string_pretty(&r)?, r.table())
-                }
-            };
-            if json {
-                println!("{json_text}");
-            } else {
-                print!("{table}");
-            }
-            Ok(())
-        }
         Command::Watch {
             http,
             until_events,

@@ -2,11 +2,23 @@
 //! uses part of it.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use twhin_stream::config::Config;
 use twhin_stream::schema::{Event, NodeKey};
 use twhin_stream::store::{AppendBatch, GraphStore, StoreOptions};
+
+/// The checkout whose `config/` and `data/` a bench reads: the working directory when it holds
+/// `config/default.toml` (cargo runs benches from the package root; `benches/gpu.sh` runs a
+/// bench binary built elsewhere from its checkout's root), else the one the bench was built in.
+pub fn repo_root() -> PathBuf {
+    let cwd = PathBuf::from(".");
+    if cwd.join("config/default.toml").is_file() {
+        cwd
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+}
 
 /// An environment variable parsed, or `default` when unset or unparsable.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {

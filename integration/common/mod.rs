@@ -19,14 +19,15 @@ pub use events::*;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard};
 
 /// The scenarios start brokers and daemons and measure nothing, but they share two cores: run
 /// them one at a time whatever `--test-threads` says.
 pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    LOCK.lock()
 }
 
 pub fn repo_root() -> PathBuf {

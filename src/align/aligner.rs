@@ -1,4 +1,4 @@
-//! The alignment actor (DESIGN §5): keeps each published version close to the one before, so
+//! The alignment actor (docs/architecture.md §5): keeps each published version close to the one before, so
 //! models trained downstream on an earlier version keep working.
 //!
 //! At every publication the publisher hands it a CPU snapshot of the trainer's parameters and of
@@ -24,9 +24,10 @@
 //! (`align.max_drift` is its target). A held version makes the lifecycle restore the trainer's
 //! newest checkpoint and sets the pull to `align.pull_max`.
 
+use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::seq::index::{sample, sample as sample_index};
@@ -43,25 +44,6 @@ use crate::telemetry as m;
 use crate::train::{
     load_snapshot, non_finite_in, save_snapshot, ModelDelta, Snapshot, SnapshotError,
 };
-
-/// The rows of every node type present in both `a` and `b` (the first `min(len)` rows of each
-/// table, nodes being numbered in order of arrival), stacked: `(a_rows, b_rows)`.
-pub fn shared_rows(a: &[Tensor], b: &[Tensor]) -> (Tensor, Tensor) {
-    let (mut xa, mut xb) = (Vec::new(), Vec::new());
-    for (ta, tb) in a.iter().zip(b) {
-        let n = ta.size()[0].min(tb.size()[0]);
-        if n > 0 {
-            xa.push(ta.narrow(0, 0, n));
-            xb.push(tb.narrow(0, 0, n));
-        }
-    }
-    if xa.is_empty() {
-        let d = a.first().map_or(0, |t| t.size()[1]);
-        let empty = Tensor::zeros([0, d], (Kind::Float, tch::Device::Cpu));
-        return (empty.shallow_clone(), empty);
-    }
-    (Tensor::cat(&xa, 0), Tensor::cat(&xb, 0))
-}
 
 /// Why a version was held back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,7 +98,7 @@ pub struct DriftPlan {
 }
 
 /// At most `k` rows drawn uniformly from the first `lens[t]` rows of each type together.
-pub fn sample_rows(lens: &[i64], k: usize, rng: &mut SmallRng) -> Vec<Tensor> {
+pub(super) fn sample_rows(lens: &[i64], k: usize, rng: &mut SmallRng) -> Vec<Tensor> {
     let total: i64 = lens.iter().sum();
     let mut per_type: Vec<Vec<i64>> = vec![Vec::new(); lens.len()];
     if total > 0 {
@@ -209,7 +191,7 @@ fn paired(sample: &[(Tensor, Tensor)], other: &Snapshot) -> (Tensor, Tensor) {
 }
 
 /// The plan for `current` against the `reference` and the `anchor` (their table lengths).
-pub fn plan_drift(
+pub(super) fn plan_drift(
     current: Option<&[i64]>,
     reference: Option<&[i64]>,
     anchor: Option<&[i64]>,
@@ -263,7 +245,7 @@ pub fn assess(
 /// the sampled rows) on each sample. The rotation is returned only when it lowers the sample's
 /// residual against the anchor by more than `align.rotation_min_gain`: rotating the model turns
 /// (and then republishes) every row, so a rotation that is nearly the identity is not applied.
-pub fn assess_candidate(
+pub(super) fn assess_candidate(
     current: &Candidate,
     reference: Option<&Snapshot>,
     anchor: Option<&Snapshot>,
@@ -358,7 +340,7 @@ pub fn assess_candidate(
 /// Adjusts the pull strength toward `target` drift: multiplied by `measured / target` (clamped
 /// to ×¼…×4 per version), within `[min, max]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PullController {
+pub(crate) struct PullController {
     pub strength: f64,
     pub target: f64,
     pub min: f64,
@@ -366,7 +348,7 @@ pub struct PullController {
 }
 
 impl PullController {
-    pub fn from_config(cfg: &AlignConfig) -> PullController {
+    pub(crate) fn from_config(cfg: &AlignConfig) -> PullController {
         PullController {
             strength: if cfg.enabled { cfg.pull_init } else { 0.0 },
             target: cfg.max_drift,
@@ -376,7 +358,7 @@ impl PullController {
     }
 
     /// The strength after a version that drifted `measured` from its predecessor.
-    pub fn update(&mut self, measured: f64) -> f64 {
+    pub(crate) fn update(&mut self, measured: f64) -> f64 {
         if self.strength == 0.0 || !measured.is_finite() {
             return self.strength;
         }
@@ -386,7 +368,7 @@ impl PullController {
     }
 
     /// After a held version: pull as hard as allowed.
-    pub fn hold(&mut self) -> f64 {
+    pub(crate) fn hold(&mut self) -> f64 {
         if self.strength > 0.0 {
             self.strength = self.max;
         }
@@ -418,7 +400,7 @@ pub struct AlignReport {
 
 impl AlignStatus {
     pub fn report(&self, control: bool) -> AlignReport {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let last = self.last.lock().clone();
         let anchor = self.anchor_version.load(Ordering::Relaxed);
         AlignReport {
             control,
@@ -427,11 +409,7 @@ impl AlignStatus {
             last_version: last.as_ref().map(|(v, _)| *v),
             last: last.map(|(_, f)| f),
             held: self.held.load(Ordering::Relaxed),
-            last_hold: self
-                .last_hold
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            last_hold: self.last_hold.lock().clone(),
         }
     }
 
@@ -448,7 +426,7 @@ pub enum AlignError {
 }
 
 /// The anchor's file stem in `publish.path`.
-pub const ANCHOR: &str = "anchor";
+pub(super) const ANCHOR: &str = "anchor";
 
 /// The alignment's state and logic without the actor: the anchor and the pull controller. The
 /// actor wraps it for the daemon; the offline stability measurement drives it directly, so both
@@ -552,11 +530,7 @@ impl Aligner {
         let mut out = out;
         if let Some(hold) = &out.hold {
             self.status.held.fetch_add(1, Ordering::Relaxed);
-            *self
-                .status
-                .last_hold
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(hold.clone());
+            *self.status.last_hold.lock() = Some(hold.clone());
             metrics::counter!(m::ALIGN_HELD, "reason" => hold.label()).increment(1);
             let pull = self.controller.hold();
             self.status.set_pull(pull);
@@ -634,8 +608,7 @@ impl Aligner {
             None => self.controller.strength,
         };
         self.status.set_pull(pull);
-        *self.status.last.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((version, figures.clone()));
+        *self.status.last.lock() = Some((version, figures.clone()));
         Ok(pull)
     }
 }
@@ -735,16 +708,6 @@ mod tests {
                 .double_value(&[])
                 > 0.0
         );
-    }
-
-    #[test]
-    fn shared_rows_takes_the_common_prefix_of_each_type() {
-        let a = snapshot(1, &[5, 0, 3], 4);
-        let b = snapshot(2, &[2, 7, 3], 4);
-        let (x, y) = shared_rows(&a.tables, &b.tables);
-        assert_eq!(x.size(), vec![5, 4]);
-        assert!(x.narrow(0, 0, 2).equal(&a.tables[0].narrow(0, 0, 2)));
-        assert!(y.narrow(0, 2, 3).equal(&b.tables[2]));
     }
 
     /// A second rotation within `align.rotation_min_interval_secs` is not handed out, however

@@ -1,4 +1,4 @@
-//! Drift measures and the Procrustes alignment (DESIGN §5), as pure functions of two row-aligned
+//! Drift measures and the Procrustes alignment (docs/architecture.md §5), as pure functions of two row-aligned
 //! tables: `current [N, D]` (the parameters now) and `reference [N, D]` (a published version or
 //! the anchor), row `i` of both being the same node. The alignment actor owns the state; these
 //! only compute.
@@ -32,13 +32,13 @@ fn unit_rows(x: &Tensor) -> Tensor {
 }
 
 /// Cosine distance of each row pair, `[N]`.
-pub fn cosine_distances(current: &Tensor, reference: &Tensor) -> Tensor {
+pub(super) fn cosine_distances(current: &Tensor, reference: &Tensor) -> Tensor {
     let cos = (unit_rows(current) * unit_rows(reference)).sum_dim_intlist(1, false, Kind::Float);
     1.0 - cos
 }
 
 /// `‖current − reference‖_F / ‖reference‖_F`.
-pub fn relative_l2(current: &Tensor, reference: &Tensor) -> f64 {
+pub(crate) fn relative_l2(current: &Tensor, reference: &Tensor) -> f64 {
     let num = (current - reference).square().sum(Kind::Double).sqrt();
     let den = reference.square().sum(Kind::Double).sqrt().clamp_min(EPS);
     (num / den).double_value(&[])
@@ -46,7 +46,7 @@ pub fn relative_l2(current: &Tensor, reference: &Tensor) -> f64 {
 
 /// Mean overlap of the `k` nearest rows (cosine, the row itself excluded) of each row in
 /// `sample` (indices), between the two tables.
-pub fn knn_overlap(current: &Tensor, reference: &Tensor, sample: &Tensor, k: i64) -> f64 {
+pub(super) fn knn_overlap(current: &Tensor, reference: &Tensor, sample: &Tensor, k: i64) -> f64 {
     let n = current.size()[0];
     let k = k.min(n - 1);
     if k <= 0 || sample.numel() == 0 {

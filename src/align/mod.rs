@@ -10,6 +10,8 @@ mod actor;
 mod aligner;
 mod drift;
 
-pub use actor::*;
-pub use aligner::*;
-pub use drift::*;
+pub(crate) use actor::{Adopt, AlignActor, Assess, Plan};
+pub use aligner::{assess, AlignFigures, AlignStatus, Aligner, Candidate, Hold};
+pub(crate) use aligner::{AlignError, AlignReport, Assessed, DriftPlan, PullController};
+pub(crate) use drift::relative_l2;
+pub use drift::{drift, procrustes, Drift};

@@ -13,7 +13,7 @@ use tracing::debug;
 /// Return the free pages of every malloc arena to the OS (glibc's `malloc_trim`); elsewhere a
 /// no-op. Walks the arenas (milliseconds at gigabytes), so it runs on the publication's task after
 /// a commit, never on the training thread.
-pub fn release_freed_memory() {
+pub(super) fn release_freed_memory() {
     let started = Instant::now();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only reads and adjusts the allocator's own state, under its locks; it

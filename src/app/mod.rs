@@ -7,8 +7,9 @@ mod heap;
 mod supervisor;
 mod ticker;
 
+use parking_lot::Mutex;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -36,11 +37,6 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Arc<GraphStore>> {
         cache_capacity_bytes: cfg.storage.cache_capacity_mb << 20,
         dedup_window_ms: cfg.ingest.dedup_window_secs.saturating_mul(1000),
     };
-    if cfg.storage.node_cache_entries.is_some() {
-        tracing::warn!(
-            "storage.node_cache_entries is ignored since store format 2: every node id is kept in memory"
-        );
-    }
     let store = GraphStore::open(&cfg.storage.path, &cfg.schema(), &opts).with_context(|| {
         format!(
             "opening storage.path = {} (is another twhin-stream using it?)",
@@ -121,7 +117,11 @@ impl Daemon {
     async fn start(o: Opened) -> anyhow::Result<Daemon> {
         let cfg = o.cfg.clone();
         let ingest_status = Arc::new(IngestStatus::default());
-        let trainer_status = o.core.as_ref().map(|_| Arc::new(TrainerStatus::new()));
+        let trainer_status = o.core.as_ref().map(|core| {
+            let status = TrainerStatus::new();
+            status.set_resumed_from(core.resumed_from());
+            Arc::new(status)
+        });
         let align_status = Arc::new(AlignStatus::default());
         let publish_status = o.publication.as_ref().map(Publication::status);
 
@@ -378,10 +378,7 @@ fn start_aligner(cfg: &Config, status: Arc<AlignStatus>) -> anyhow::Result<Addr<
     )?);
     let slot = Mutex::new(Some(actor));
     Ok(SyncArbiter::start(1, move || {
-        slot.lock()
-            .ok()
-            .and_then(|mut s| s.take())
-            .expect("one alignment actor")
+        slot.lock().take().expect("one alignment actor")
     }))
 }
 

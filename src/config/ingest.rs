@@ -11,10 +11,10 @@ use super::{invalid, positive, ConfigError, Validate};
 pub struct StorageConfig {
     pub path: PathBuf,
     pub cache_capacity_mb: u64,
-    /// Ignored since store format 2 (every node id is in memory); accepted so that older
-    /// configs still load, with a warning.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_cache_entries: Option<usize>,
+    /// Removed with store format 2 (every node id is in memory): read only to refuse it with a
+    /// message that says so, instead of serde's bare "unknown field".
+    #[serde(default, skip_serializing)]
+    node_cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +47,12 @@ impl Validate for StorageConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.path.as_os_str().is_empty() {
             return Err(invalid("storage.path", "must not be empty"));
+        }
+        if self.node_cache_entries.is_some() {
+            return Err(invalid(
+                "storage.node_cache_entries",
+                "was removed with store format 2 (every node id is kept in memory); delete it",
+            ));
         }
         Ok(())
     }

@@ -475,6 +475,15 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_key_is_refused_by_name() {
+        let e = load_with_env(&[("TWHIN_STORAGE__NODE_CACHE_ENTRIES", "1000")]).unwrap_err();
+        assert!(
+            e.contains("`storage.node_cache_entries`") && e.contains("removed"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn dataset_configs_replace_the_schema() {
         for name in ["umls", "nations", "kinships", "movielens-100k"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/{name}.toml"));

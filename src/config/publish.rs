@@ -65,7 +65,7 @@ impl Default for PqConfig {
 }
 
 /// `publish.interval_ms` when neither interval key is set.
-pub const DEFAULT_INTERVAL_MS: u64 = 10_000;
+pub(super) const DEFAULT_INTERVAL_MS: u64 = 10_000;
 
 impl PublishConfig {
     /// Time between two versions' starts: `publish.interval_ms`, or `publish.interval_secs`

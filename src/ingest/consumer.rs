@@ -24,6 +24,7 @@ use actix::prelude::*;
 use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message as KafkaMessage;
@@ -40,7 +41,7 @@ use crate::telemetry as m;
 
 /// Why ingest stopped on its own.
 #[derive(Debug, thiserror::Error)]
-pub enum IngestError {
+pub(crate) enum IngestError {
     #[error(transparent)]
     Setup(#[from] KafkaSetupError),
     #[error("subscribing to {topic}: {source}")]
@@ -87,7 +88,7 @@ pub enum IngestError {
 }
 
 /// Consumes the engagements topic until told to stop (see the module docs).
-pub struct IngestActor {
+pub(crate) struct IngestActor {
     cfg: Arc<Config>,
     store: Arc<GraphStore>,
     writer: Addr<StoreWriter>,
@@ -99,7 +100,7 @@ pub struct IngestActor {
 }
 
 impl IngestActor {
-    pub fn new(
+    pub(crate) fn new(
         cfg: Arc<Config>,
         store: Arc<GraphStore>,
         writer: Addr<StoreWriter>,
@@ -161,7 +162,7 @@ impl Handler<StopIngest> for IngestActor {
 /// Stop consuming, make the pending batch durable, close the consumer; resolves when done.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct StopIngest;
+pub(crate) struct StopIngest;
 
 /// The consumer, subscribed, assigning at the stored offsets; and the DLQ producer.
 fn open_clients(
@@ -206,144 +207,268 @@ async fn run_consumer(
     let topic = cfg.kafka.engagements_topic.clone();
     let (consumer, dlq) = open_clients(&cfg, &store, &status)?;
     info!(topic, group = cfg.kafka.group_id, "ingest started");
-    let batches = BatchWriter {
-        cfg: &cfg,
-        topic: &topic,
-        dlq: &dlq,
-        writer: &writer,
-        status: &status,
+    let mut c = Consuming {
+        consumer: &consumer,
+        batches: BatchWriter {
+            cfg: &cfg,
+            topic: &topic,
+            dlq: &dlq,
+            writer: &writer,
+            status: &status,
+        },
+        resets: ResetContext {
+            cfg: &cfg,
+            consumer: &consumer,
+            store: &store,
+            status: &status,
+        },
+        schema: cfg.schema(),
+        limits: cfg.decode_limits(),
+        pending: Pending::default(),
+        seen_next: HashMap::new(),
+        in_flight: None,
     };
-    let schema = cfg.schema();
-    let limits = cfg.decode_limits();
     let max_wait = Duration::from_millis(cfg.ingest.batch_max_wait_ms);
-    let mut pending = Pending::default();
-    // Highest offset seen + 1 per partition: a message below it was already buffered or stored
-    // (redelivered after a rebalance), and must not be counted or dead-lettered twice.
-    let mut seen_next: HashMap<i32, i64> = HashMap::new();
-
     let mut history_checks = tokio::time::interval(HISTORY_CHECK_EVERY);
-    // The batch the store writer is making durable while the next one is consumed.
-    let mut in_flight: Option<InFlight> = None;
     let result: Result<(), IngestError> = loop {
         if let Some(e) = consumer.context().take_failure() {
             break Err(e);
         }
-        let deadline = pending.since.map(|t| t + max_wait);
-        tokio::select! {
+        let deadline = c.pending.since.map(|t| t + max_wait);
+        let step = tokio::select! {
             biased;
             _ = stop_rx.changed() => break Ok(()),
-            answer = in_flight_answer(&mut in_flight) => {
-                let f = in_flight.take().expect("an answer comes from a batch in flight");
-                if let Err(e) = batches.settle(f, answer) {
-                    break Err(e);
-                }
-                commit_mirror(&consumer, &topic, &store);
-                continue;
-            }
-            _ = sleep_until_opt(deadline) => {}
-            _ = history_checks.tick() => {
-                if let Some(f) = in_flight.take() {
-                    if let Err(e) = batches.finish(f).await {
-                        break Err(e);
-                    }
-                }
-                let gone = past_their_end(&consumer, &topic).await;
-                let resets = gone.into_iter().map(|(partition, expected, end)| HistoryChange {
-                    partition,
-                    expected,
-                    first: RecordPrint { offset: end, ts: -1, crc: 0 },
-                    history: History::OutOfRange,
-                });
-                let ctx = ResetContext { cfg: &cfg, consumer: &consumer, store: &store, status: &status };
-                if let Err(e) = ctx.apply(resets.collect(), &batches, &mut stop_rx, &mut pending, &mut seen_next).await {
-                    break Err(e);
+            answer = in_flight_answer(&mut c.in_flight) => {
+                match c.settle(answer) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
                 }
             }
-            first = consumer.recv() => {
-                // The message that woke the loop, then whatever else is queued, taken without
-                // the select's timers (most of a busy loop's cost), up to the batch's size.
-                let mut next = Some(first);
-                let mut failed = None;
-                let mut accepted = 0u64;
-                while let Some(msg) = next.take() {
-                    let msg = match msg {
-                        Ok(msg) => msg,
-                        Err(e) => {
-                            warn!(error = %e, "consume error");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            break;
-                        }
-                    };
-                    let p = msg.partition();
-                    if let Some(expected) = consumer.context().take_expected(p) {
-                        if let Some(f) = in_flight.take() {
-                            if let Err(e) = batches.finish(f).await {
-                                failed = Some(e);
-                                break;
-                            }
-                        }
-                        let first = RecordPrint::of(msg.offset(), msg.timestamp().to_millis(), msg.key(), msg.payload());
-                        match History::of(&expected, &first) {
-                            // Stored already: skip it, as any redelivery.
-                            History::Same => {
-                                seen_next.insert(p, msg.offset() + 1);
-                            }
-                            history => {
-                                let change = HistoryChange { partition: p, expected, first, history };
-                                let ctx = ResetContext { cfg: &cfg, consumer: &consumer, store: &store, status: &status };
-                                failed = ctx.apply(vec![change], &batches, &mut stop_rx, &mut pending, &mut seen_next).await.err();
-                                break;
-                            }
-                        }
-                    } else if msg.offset() < seen_next.get(&p).copied().unwrap_or(i64::MIN) {
-                        metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(1);
-                    } else {
-                        seen_next.insert(p, msg.offset() + 1);
-                        pending.accept(&schema, &limits, &msg);
-                        accepted += 1;
-                    }
-                    if pending.consumed as usize >= cfg.ingest.batch_max_events {
-                        break;
-                    }
-                    next = consumer.recv().now_or_never();
-                }
-                metrics::counter!(m::EVENTS_CONSUMED).increment(accepted);
-                if let Some(e) = failed {
-                    break Err(e);
-                }
-            }
+            _ = sleep_until_opt(deadline) => Ok(()),
+            _ = history_checks.tick() => c.check_histories(&mut stop_rx).await,
+            first = consumer.recv() => c.take_messages(first, &mut stop_rx).await,
+        };
+        if let Err(e) = step {
+            break Err(e);
         }
-        let full = pending.consumed as usize >= cfg.ingest.batch_max_events;
-        let due = pending.since.is_some_and(|t| t.elapsed() >= max_wait);
+        let full = c.pending.consumed as usize >= cfg.ingest.batch_max_events;
+        let due = c.pending.since.is_some_and(|t| t.elapsed() >= max_wait);
         if full || due {
-            // At most one batch in flight: the previous one is durable before the next goes.
-            if let Some(f) = in_flight.take() {
-                if let Err(e) = batches.finish(f).await {
-                    break Err(e);
-                }
-                commit_mirror(&consumer, &topic, &store);
-            }
-            match batches.start(&mut stop_rx, &mut pending).await {
-                Ok(Some(f)) => in_flight = Some(f),
-                Ok(None) => break Ok(()), // asked to stop while the DLQ was unreachable
+            match c.start_batch(&mut stop_rx).await {
+                Ok(true) => {}
+                Ok(false) => break Ok(()), // asked to stop while the DLQ was unreachable
                 Err(e) => break Err(e),
             }
         }
     };
-    if let Some(f) = in_flight.take() {
-        let finished = batches.finish(f).await;
-        if result.is_ok() {
-            finished?;
-            commit_mirror(&consumer, &topic, &store);
-        }
-    }
-    if result.is_ok() && !pending.is_empty() {
-        write_at_shutdown(&batches, &mut pending).await?;
-        commit_mirror(&consumer, &topic, &store);
-    }
+    let result = c.stop(result).await;
     close_consumer(consumer).await;
     info!(topic, "ingest stopped");
     result
+}
+
+/// What became of one consumed message.
+enum Taken {
+    /// Into the pending batch.
+    Accepted,
+    /// Stored or buffered already (a redelivery).
+    Skipped,
+    /// Its partition's history changed and the partition was reset.
+    Reset,
+}
+
+/// The consume loop's state: what was consumed and not yet written, the batch being written,
+/// and what it writes with.
+struct Consuming<'a> {
+    consumer: &'a Arc<StreamConsumer<IngestContext>>,
+    batches: BatchWriter<'a>,
+    resets: ResetContext<'a>,
+    schema: crate::schema::Schema,
+    limits: crate::schema::DecodeLimits,
+    pending: Pending,
+    /// Highest offset seen + 1 per partition: a message below it was already buffered or stored
+    /// (redelivered after a rebalance), and must not be counted or dead-lettered twice.
+    seen_next: HashMap<i32, i64>,
+    /// The batch the store writer is making durable while the next one is consumed.
+    in_flight: Option<InFlight>,
+}
+
+impl Consuming<'_> {
+    /// The store writer answered for the batch in flight.
+    fn settle(&mut self, answer: Answer) -> Result<(), IngestError> {
+        let f = self
+            .in_flight
+            .take()
+            .expect("an answer comes from a batch in flight");
+        self.batches.settle(f, answer)?;
+        self.commit_mirror();
+        Ok(())
+    }
+
+    /// Wait until the batch in flight (if any) is durable.
+    async fn finish_in_flight(&mut self) -> Result<(), IngestError> {
+        match self.in_flight.take() {
+            Some(f) => self.batches.finish(f).await,
+            None => Ok(()),
+        }
+    }
+
+    fn commit_mirror(&self) {
+        commit_mirror(self.consumer, self.batches.topic, self.resets.store);
+    }
+
+    /// Partitions still waiting for the record they must deliver first, whose end is past it:
+    /// reset (the record is gone).
+    async fn check_histories(
+        &mut self,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
+        self.finish_in_flight().await?;
+        let gone = past_their_end(self.consumer, self.batches.topic).await;
+        let resets = gone
+            .into_iter()
+            .map(|(partition, expected, end)| HistoryChange {
+                partition,
+                expected,
+                first: RecordPrint {
+                    offset: end,
+                    ts: -1,
+                    crc: 0,
+                },
+                history: History::OutOfRange,
+            })
+            .collect();
+        self.apply_resets(resets, stop_rx).await
+    }
+
+    async fn apply_resets(
+        &mut self,
+        changes: Vec<HistoryChange>,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
+        let (batches, pending, seen_next) = (&self.batches, &mut self.pending, &mut self.seen_next);
+        self.resets
+            .apply(changes, batches, stop_rx, pending, seen_next)
+            .await
+    }
+
+    /// The message that woke the loop, then whatever else is queued, taken without the select's
+    /// timers (most of a busy loop's cost), up to the batch's size.
+    async fn take_messages(
+        &mut self,
+        first: Result<BorrowedMessage<'_>, KafkaError>,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
+        let mut next = Some(first);
+        let mut failed = None;
+        let mut accepted = 0u64;
+        while let Some(msg) = next.take() {
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(e) => {
+                    warn!(error = %e, "consume error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+            };
+            match self.take_message(&msg, stop_rx).await {
+                Ok(Taken::Accepted) => accepted += 1,
+                Ok(Taken::Skipped) => {}
+                // What else is queued is taken by the loop's next round.
+                Ok(Taken::Reset) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if self.pending.consumed as usize >= self.batches.cfg.ingest.batch_max_events {
+                break;
+            }
+            next = self.consumer.recv().now_or_never();
+        }
+        metrics::counter!(m::EVENTS_CONSUMED).increment(accepted);
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// One message: the first of a newly assigned partition is checked against the record the
+    /// store consumed last; a redelivered one is counted and dropped; any other goes into the
+    /// pending batch.
+    async fn take_message(
+        &mut self,
+        msg: &BorrowedMessage<'_>,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<Taken, IngestError> {
+        let p = msg.partition();
+        if let Some(expected) = self.consumer.context().take_expected(p) {
+            self.finish_in_flight().await?;
+            let first = RecordPrint::of(
+                msg.offset(),
+                msg.timestamp().to_millis(),
+                msg.key(),
+                msg.payload(),
+            );
+            match History::of(&expected, &first) {
+                // Stored already: skip it, as any redelivery.
+                History::Same => {
+                    self.seen_next.insert(p, msg.offset() + 1);
+                    Ok(Taken::Skipped)
+                }
+                history => {
+                    let change = HistoryChange {
+                        partition: p,
+                        expected,
+                        first,
+                        history,
+                    };
+                    self.apply_resets(vec![change], stop_rx).await?;
+                    Ok(Taken::Reset)
+                }
+            }
+        } else if msg.offset() < self.seen_next.get(&p).copied().unwrap_or(i64::MIN) {
+            metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(1);
+            Ok(Taken::Skipped)
+        } else {
+            self.seen_next.insert(p, msg.offset() + 1);
+            self.pending.accept(&self.schema, &self.limits, msg);
+            Ok(Taken::Accepted)
+        }
+    }
+
+    /// Hand the pending batch to the store writer, at most one batch in flight: the previous
+    /// one is durable before the next goes. `Ok(false)`: asked to stop meanwhile.
+    async fn start_batch(
+        &mut self,
+        stop_rx: &mut watch::Receiver<bool>,
+    ) -> Result<bool, IngestError> {
+        if let Some(f) = self.in_flight.take() {
+            self.batches.finish(f).await?;
+            self.commit_mirror();
+        }
+        match self.batches.start(stop_rx, &mut self.pending).await? {
+            Some(f) => {
+                self.in_flight = Some(f);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The loop ended with `result`: after a clean stop, make the batch in flight and what was
+    /// consumed since durable.
+    async fn stop(mut self, result: Result<(), IngestError>) -> Result<(), IngestError> {
+        if let Some(f) = self.in_flight.take() {
+            let finished = self.batches.finish(f).await;
+            if result.is_ok() {
+                finished?;
+                self.commit_mirror();
+            }
+        }
+        if result.is_ok() && !self.pending.is_empty() {
+            write_at_shutdown(&self.batches, &mut self.pending).await?;
+            self.commit_mirror();
+        }
+        result
+    }
 }
 
 /// How long a partition may wait for the record it must deliver first before its end is checked.

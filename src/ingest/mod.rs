@@ -21,11 +21,12 @@ mod rebalance;
 mod status;
 mod writer;
 
-pub use consumer::*;
+pub(crate) use consumer::{IngestActor, IngestError, StopIngest};
 pub use dlq::{
     HEADER_ERROR, HEADER_ERROR_DETAIL, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TIMESTAMP, HEADER_SOURCE_TOPIC,
 };
 pub use rebalance::IngestContext;
-pub use status::*;
-pub use writer::*;
+pub use status::IngestStatus;
+pub(crate) use status::StoreBatchWritten;
+pub(crate) use writer::{AppendEvents, StoreWriter};

@@ -1,9 +1,10 @@
 //! The consumer's context: every assignment at the offsets stored in sled (never Kafka's), a
 //! flush before partitions are given up, and lag and broker health from librdkafka's statistics.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
@@ -69,7 +70,7 @@ impl History {
 impl IngestContext {
     /// The record partition `p`'s first delivery must match, once (`None` when not waiting).
     pub(super) fn take_expected(&self, p: i32) -> Option<RecordPrint> {
-        let mut expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
+        let mut expected = self.expected.lock();
         if expected.is_empty() {
             return None;
         }
@@ -80,7 +81,7 @@ impl IngestContext {
     /// deliver first. Some brokers answer a fetch past a partition's end with nothing rather
     /// than an out-of-range error, so the consumer would wait for it forever.
     pub(super) fn overdue(&self, wait: Duration) -> Vec<(i32, RecordPrint)> {
-        let expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
+        let expected = self.expected.lock();
         expected
             .iter()
             .filter(|(_, (_, since))| since.elapsed() >= wait)
@@ -89,7 +90,7 @@ impl IngestContext {
     }
 
     fn fail(&self, error: IngestError) {
-        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        *self.failure.lock() = Some(error);
     }
 
     /// Where partition `p` starts: one before the stored offset when the store knows the record
@@ -101,10 +102,7 @@ impl IngestContext {
         };
         match self.store.last_record(topic, p)? {
             Some(print) if print.offset + 1 == next => {
-                self.expected
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(p, (print, Instant::now()));
+                self.expected.lock().insert(p, (print, Instant::now()));
                 Ok(Offset::Offset(print.offset))
             }
             _ => Ok(Offset::Offset(next)),
@@ -151,10 +149,7 @@ impl IngestContext {
         false
     }
     pub(super) fn take_failure(&self) -> Option<IngestError> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.failure.lock().take()
     }
 }
 

@@ -33,7 +33,7 @@ pub struct IngestStatus {
 /// created, and how long it took. [`StoreBatchWritten::emit`] is the only place these figures
 /// are recorded, so the metrics, `/v1/status` and the log never disagree.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct StoreBatchWritten {
+pub(crate) struct StoreBatchWritten {
     pub consumed: u64,
     pub invalid: u64,
     pub appended: u64,
@@ -55,7 +55,7 @@ impl IngestStatus {
 }
 
 impl StoreBatchWritten {
-    pub fn emit(&self, status: &IngestStatus) {
+    pub(crate) fn emit(&self, status: &IngestStatus) {
         metrics::histogram!(m::BATCH_SECONDS).record(self.seconds);
         metrics::histogram!(m::BATCH_EVENTS).record(self.consumed as f64);
         metrics::counter!(m::EDGES_APPENDED).increment(self.appended);

@@ -10,15 +10,15 @@ use crate::store::{AppendBatch, AppendOutcome, GraphStore, StoreError};
 /// Make one batch of valid events and the offsets it covers durable, atomically.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<AppendOutcome, StoreError>")]
-pub struct AppendEvents(pub AppendBatch);
+pub(crate) struct AppendEvents(pub AppendBatch);
 
 /// Applies batches to the store on its own thread (`SyncArbiter`).
-pub struct StoreWriter {
+pub(crate) struct StoreWriter {
     store: Arc<GraphStore>,
 }
 
 impl StoreWriter {
-    pub fn new(store: Arc<GraphStore>) -> Self {
+    pub(crate) fn new(store: Arc<GraphStore>) -> Self {
         StoreWriter { store }
     }
 }

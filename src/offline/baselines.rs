@@ -1,29 +1,29 @@
 //! The recommenders a user would pick instead of the embeddings, streamed on the same events as
-//! the model (DESIGN §4, `stream-eval`): popularity so far per relation, and item-to-item
+//! the model (docs/architecture.md §4, `stream-eval`): popularity so far per relation, and item-to-item
 //! co-occurrence. Pure and incremental: score, then observe. Items are dense indices `0..n`.
 
 /// How many of a user's most recent items the item-to-item recommender sums over.
-pub const KNN_RECENT: usize = 50;
+pub(super) const KNN_RECENT: usize = 50;
 
 /// Popularity so far: how often each item was the target of each relation.
 #[derive(Debug, Clone)]
-pub struct Popularity {
+pub(crate) struct Popularity {
     counts: Vec<Vec<u32>>,
 }
 
 impl Popularity {
-    pub fn new(relations: usize, items: usize) -> Popularity {
+    pub(crate) fn new(relations: usize, items: usize) -> Popularity {
         Popularity {
             counts: vec![vec![0; items]; relations],
         }
     }
 
     /// Every item's count under relation slot `rel`.
-    pub fn scores(&self, rel: usize) -> &[u32] {
+    pub(crate) fn scores(&self, rel: usize) -> &[u32] {
         &self.counts[rel]
     }
 
-    pub fn observe(&mut self, rel: usize, item: usize) {
+    pub(crate) fn observe(&mut self, rel: usize, item: usize) {
         self.counts[rel][item] += 1;
     }
 }
@@ -33,7 +33,7 @@ impl Popularity {
 /// [`KNN_RECENT`] items `i`, of `co(i, j) / sqrt(pop(i) · pop(j))`, `pop` counting the item's
 /// engagements so far.
 #[derive(Debug, Clone)]
-pub struct ItemKnn {
+pub(crate) struct ItemKnn {
     n: usize,
     /// `[n × n]`, symmetric.
     co: Vec<f32>,
@@ -41,7 +41,7 @@ pub struct ItemKnn {
 }
 
 impl ItemKnn {
-    pub fn new(items: usize) -> ItemKnn {
+    pub(crate) fn new(items: usize) -> ItemKnn {
         ItemKnn {
             n: items,
             co: vec![0.0; items * items],
@@ -50,7 +50,7 @@ impl ItemKnn {
     }
 
     /// Every item's score for a user whose items so far are `history` (oldest first) into `out`.
-    pub fn scores(&self, history: &[usize], out: &mut Vec<f32>) {
+    pub(crate) fn scores(&self, history: &[usize], out: &mut Vec<f32>) {
         out.clear();
         out.resize(self.n, 0.0);
         let recent = &history[history.len().saturating_sub(KNN_RECENT)..];
@@ -67,7 +67,7 @@ impl ItemKnn {
     }
 
     /// A user whose items so far are `history` engaged with `item`.
-    pub fn observe(&mut self, history: &[usize], item: usize) {
+    pub(crate) fn observe(&mut self, history: &[usize], item: usize) {
         for &i in history {
             if i != item {
                 self.co[i * self.n + item] += 1.0;

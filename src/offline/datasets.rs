@@ -31,9 +31,9 @@ use crate::config::Config;
 use crate::schema::{OneOrMany, RelationDef, SchemaConfig};
 
 /// The node type of an id without a `type:` prefix.
-pub const DEFAULT_NODE_TYPE: &str = "node";
+pub(super) const DEFAULT_NODE_TYPE: &str = "node";
 /// The split files of a dataset folder, in replay order.
-pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
+pub(super) const SPLITS: [&str; 3] = ["train", "valid", "test"];
 /// recbole's raw MovieLens-100k folder inside `datasets.dir`.
 const MOVIELENS_RAW: &str = "ml-100k";
 
@@ -126,11 +126,6 @@ impl DataSource {
             DataSource::Builtin(d) => Some(d.config_file()),
             DataSource::Dir(_) => None,
         }
-    }
-
-    /// The path of one split's file.
-    pub fn split_path(&self, datasets_dir: &Path, split: &str) -> PathBuf {
-        self.folder(datasets_dir).join(format!("{split}.tsv"))
     }
 }
 
@@ -234,7 +229,7 @@ pub struct Row {
 
 /// One split file, read and checked row by row.
 #[derive(Debug, Clone)]
-pub struct SplitFile {
+pub(crate) struct SplitFile {
     pub split: String,
     pub path: PathBuf,
     pub rows: Vec<Row>,
@@ -242,7 +237,7 @@ pub struct SplitFile {
 
 impl SplitFile {
     /// The rows as events, with ids `<name>:<split>:<line>`.
-    pub fn events(&self, name: &str) -> impl Iterator<Item = ReplayEvent> + '_ {
+    pub(crate) fn events(&self, name: &str) -> impl Iterator<Item = ReplayEvent> + '_ {
         let prefix = format!("{name}:{}", self.split);
         self.rows.iter().map(move |r| ReplayEvent {
             src: r.src.clone(),
@@ -296,7 +291,7 @@ fn node_field(path: &Path, line: usize, side: &str, field: &str) -> Result<Strin
 }
 
 /// Parse a split file's text (see the module docs); `path` names it in errors.
-pub fn parse_split(path: &Path, split: &str, text: &str) -> Result<SplitFile, DatasetError> {
+pub(super) fn parse_split(path: &Path, split: &str, text: &str) -> Result<SplitFile, DatasetError> {
     let mut rows = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
@@ -348,7 +343,7 @@ pub fn parse_split(path: &Path, split: &str, text: &str) -> Result<SplitFile, Da
 }
 
 /// Read one split (`train`, `valid` or `test`) of a dataset folder.
-pub fn read_split(folder: &Path, split: &str) -> Result<SplitFile, DatasetError> {
+pub(super) fn read_split(folder: &Path, split: &str) -> Result<SplitFile, DatasetError> {
     let path = folder.join(format!("{split}.tsv"));
     parse_split(&path, split, &read(&path)?)
 }
@@ -375,7 +370,7 @@ fn expand_splits(splits: &[String]) -> Result<Vec<&'static str>, DatasetError> {
 
 /// The split files of a dataset, in the order `splits` names them (`all`: train, valid, test);
 /// `datasets_dir` is `datasets.dir`.
-pub fn read_splits(
+pub(crate) fn read_splits(
     datasets_dir: &Path,
     source: impl Into<DataSource>,
     splits: &[String],
@@ -403,7 +398,7 @@ pub fn replay_events(
 
 /// The schema of a dataset's files: node types and relations in order of first appearance, each
 /// relation with the source and target types it was seen with.
-pub fn infer_schema(files: &[SplitFile]) -> SchemaConfig {
+pub(super) fn infer_schema(files: &[SplitFile]) -> SchemaConfig {
     let mut types: Vec<String> = Vec::new();
     let mut rels: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
     let mut rel_index: HashMap<String, usize> = HashMap::new();
@@ -445,7 +440,7 @@ pub fn infer_schema(files: &[SplitFile]) -> SchemaConfig {
 }
 
 /// Whether a config file sets the schema (has a `[schema]` section).
-pub fn file_gives_schema(path: &Path) -> anyhow::Result<bool> {
+pub(super) fn file_gives_schema(path: &Path) -> anyhow::Result<bool> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     let value: toml::Table =

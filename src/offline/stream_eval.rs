@@ -1,7 +1,7 @@
 //! `stream-eval`: the engagement stream of a dataset in time order through the daemon's trainer
 //! ([`TrainerCore`], the same code and `[train]`/`[trainer]` config as `run`, no Kafka), every
 //! engagement event ranked before anything is trained on it, beside the baselines a user would
-//! pick instead ([`Popularity`], [`ItemKnn`]) on the same events (DESIGN §4).
+//! pick instead ([`Popularity`], [`ItemKnn`]) on the same events (docs/architecture.md §4).
 //!
 //! Protocol (one for every method, [`crate::offline::realistic_rank`] and [`Accounting`]):
 //! * the static part of the stream (for MovieLens-100k the knowledge graph) is stored and
@@ -62,7 +62,7 @@ const POPULARITY: &str = "popularity";
 const ITEM_KNN: &str = "item_knn";
 
 /// `{method: figures}`.
-pub type MethodFigures = BTreeMap<String, Figures>;
+pub(super) type MethodFigures = BTreeMap<String, Figures>;
 
 /// What the slices hold on one part of the stream.
 #[derive(Debug, Clone, Serialize)]

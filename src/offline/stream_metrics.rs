@@ -1,4 +1,4 @@
-//! The stream-evaluation protocol's arithmetic (DESIGN §4), pure: the realistic rank of one
+//! The stream-evaluation protocol's arithmetic (docs/architecture.md §4), pure: the realistic rank of one
 //! event's target among all candidates with the user's earlier targets filtered, and the
 //! accounting of ranks into slices (per relation, any rating, history-length buckets, new
 //! users' 2nd–5th ratings) and phases (the first 20% of the stream, where settings are chosen,
@@ -13,7 +13,7 @@ use serde::Serialize;
 /// `filtered` removed (`truth` itself is never removed; duplicates in `filtered` count once).
 /// Ties count realistically: half of the tied other candidates are ahead, so a constant scorer
 /// gets the middle rank `(n + 1) / 2`.
-pub fn realistic_rank<K: PartialOrd>(keys: &[K], truth: usize, filtered: &[usize]) -> f64 {
+pub(crate) fn realistic_rank<K: PartialOrd>(keys: &[K], truth: usize, filtered: &[usize]) -> f64 {
     let t = &keys[truth];
     let (mut higher, mut tied) = (0usize, 0usize);
     for (j, k) in keys.iter().enumerate() {
@@ -56,7 +56,7 @@ pub struct Figures {
 
 /// Running sums behind [`Figures`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Tally {
+pub(super) struct Tally {
     hits10: f64,
     hits50: f64,
     reciprocal: f64,
@@ -64,7 +64,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn add(&mut self, rank: f64) {
+    pub(super) fn add(&mut self, rank: f64) {
         self.reciprocal += 1.0 / rank;
         if rank <= 10.0 {
             self.hits10 += 1.0;
@@ -75,7 +75,7 @@ impl Tally {
         self.n += 1;
     }
 
-    pub fn figures(&self) -> Figures {
+    pub(super) fn figures(&self) -> Figures {
         let n = self.n.max(1) as f64;
         Figures {
             hits10: self.hits10 / n,
@@ -88,7 +88,7 @@ impl Tally {
 
 /// The history bucket of an event whose user has `earlier` earlier ratings (`None` for 0: such
 /// events are not ranked).
-pub fn history_bucket(earlier: usize) -> Option<&'static str> {
+pub(super) fn history_bucket(earlier: usize) -> Option<&'static str> {
     match earlier {
         0 => None,
         1..=5 => Some("1-5"),
@@ -99,20 +99,20 @@ pub fn history_bucket(earlier: usize) -> Option<&'static str> {
 }
 
 /// The buckets in reporting order.
-pub const HISTORY_BUCKETS: [&str; 4] = ["1-5", "6-20", "21-50", ">50"];
+pub(crate) const HISTORY_BUCKETS: [&str; 4] = ["1-5", "6-20", "21-50", ">50"];
 
 /// Where an event falls in the stream: the first `tune_fraction` of the rating stream (settings
 /// are chosen there) or the rest (figures are reported there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Phase {
+pub(crate) enum Phase {
     Tune,
     Report,
 }
 
 impl Phase {
     /// The phase of the `index`-th rating (0-based) of a stream of `total`.
-    pub fn of(index: usize, total: usize, tune_fraction: f64) -> Phase {
+    pub(crate) fn of(index: usize, total: usize, tune_fraction: f64) -> Phase {
         if (index as f64) < tune_fraction * total as f64 {
             Phase::Tune
         } else {
@@ -123,7 +123,7 @@ impl Phase {
 
 /// One ranked event, as the accounting sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct RankedEvent<'a> {
+pub(crate) struct RankedEvent<'a> {
     pub relation: &'a str,
     /// The user's earlier ratings (either relation), at least 1.
     pub earlier: usize,
@@ -131,20 +131,20 @@ pub struct RankedEvent<'a> {
 }
 
 /// The slice of new users' 2nd–5th ratings (over the whole stream).
-pub const NEW_USERS: &str = "new_users_2_5";
+pub(crate) const NEW_USERS: &str = "new_users_2_5";
 /// The slice of every rating event.
-pub const ANY: &str = "any";
+pub(crate) const ANY: &str = "any";
 
 /// Ranks per phase, slice and method. Slices: each relation's name, [`ANY`], and each history
 /// bucket (`by_history:<bucket>`); plus [`NEW_USERS`], which ignores the phase.
 #[derive(Debug, Default)]
-pub struct Accounting {
+pub(crate) struct Accounting {
     tallies: BTreeMap<(Option<Phase>, String, String), Tally>,
 }
 
 impl Accounting {
     /// Add `ranks[i]` of method `methods[i]` for `event`.
-    pub fn record(&mut self, event: RankedEvent<'_>, methods: &[&str], ranks: &[f64]) {
+    pub(crate) fn record(&mut self, event: RankedEvent<'_>, methods: &[&str], ranks: &[f64]) {
         let mut slices = vec![(Some(event.phase), event.relation.to_owned())];
         slices.push((Some(event.phase), ANY.to_owned()));
         if let Some(b) = history_bucket(event.earlier) {
@@ -165,7 +165,7 @@ impl Accounting {
 
     /// The figures of `method` on `slice` in `phase` (`None`: over the whole stream, the
     /// phase-free [`NEW_USERS`] slice); zero figures when nothing was ranked.
-    pub fn figures(&self, phase: Option<Phase>, slice: &str, method: &str) -> Figures {
+    pub(crate) fn figures(&self, phase: Option<Phase>, slice: &str, method: &str) -> Figures {
         self.tallies
             .get(&(phase, slice.to_owned(), method.to_owned()))
             .map(Tally::figures)
@@ -173,7 +173,7 @@ impl Accounting {
     }
 
     /// `{method: figures}` for `slice`.
-    pub fn slice(
+    pub(crate) fn slice(
         &self,
         phase: Option<Phase>,
         slice: &str,

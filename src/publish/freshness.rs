@@ -1,4 +1,4 @@
-//! Event-to-publish latency (DESIGN §6): from an event's Kafka timestamp to the commit of the
+//! Event-to-publish latency (docs/architecture.md §6): from an event's Kafka timestamp to the commit of the
 //! first version prepared after the trainer trained its edge. Ingest records the timestamps of
 //! each durable batch with the store's edge count after it; a committed version covers every
 //! batch below the trainer cursor it was prepared at.
@@ -8,8 +8,8 @@
 //! `publish.row_threshold`; then the subscribers' earlier row already stands for it, and the event
 //! is counted at this version all the same.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use crate::telemetry as m;
 
@@ -118,8 +118,8 @@ pub struct LatencyFigures {
 }
 
 impl Freshness {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// A batch became durable; the store holds `edges_after` edges. `new_node_ts_ms`: the Kafka

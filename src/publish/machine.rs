@@ -26,9 +26,10 @@
 //! pair, a subscriber counting rows toward the retry's marker could count stale rows of the
 //! failed attempt and apply a mix.
 
+use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix::Addr;
@@ -45,7 +46,7 @@ use crate::config::{Comparator, ValueFormat};
 use crate::persist;
 use crate::publish::{
     build_delta_version, served_codes, Coding, Freshness, Ledger, PreparedVersion, PublishedView,
-    Quantizer, ServedCodes, VersionMarker, VersionRequest,
+    Quantizer, ServedCodes, VersionMarker, VersionRequest, ViewUpdate,
 };
 use crate::store::{GraphStore, NodeRef};
 use crate::telemetry as m;
@@ -55,7 +56,7 @@ use crate::train::{
 };
 
 /// The persisted reference's file stem in `publish.path`.
-pub const REFERENCE: &str = "reference";
+pub(super) const REFERENCE: &str = "reference";
 
 /// The trainer as a publication sees it.
 #[allow(async_fn_in_trait)]
@@ -160,12 +161,12 @@ pub struct PublishStatus {
     /// ... and was prepared this long after that (µs), training running.
     pub last_prepare_us: AtomicU64,
     /// `publish.format = "pq"`: the last committed version's coding.
-    pq: Mutex<Option<PqFigures>>,
+    pq: Mutex<Option<PqPublishFigures>>,
 }
 
 /// How the last committed version was product-quantized (`/v1/status` `publish.pq`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct PqFigures {
+pub struct PqPublishFigures {
     /// The epoch of the codebooks its rows were coded with (`null`: too few rows to learn
     /// codebooks from yet; they went out as f32).
     pub codebooks_epoch: Option<u64>,
@@ -179,21 +180,21 @@ pub struct PqFigures {
 
 impl PublishStatus {
     pub fn in_progress(&self) -> Option<InProgress> {
-        *self.in_progress.lock().unwrap_or_else(|p| p.into_inner())
+        *self.in_progress.lock()
     }
 
     fn set_in_progress(&self, v: Option<InProgress>) {
-        *self.in_progress.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        *self.in_progress.lock() = v;
     }
 
-    pub fn pq(&self) -> Option<PqFigures> {
-        *self.pq.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn pq(&self) -> Option<PqPublishFigures> {
+        *self.pq.lock()
     }
 
     fn record_coding(&self, coding: &Coding) {
-        let mut pq = self.pq.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pq = self.pq.lock();
         let learned = coding.learned;
-        *pq = Some(PqFigures {
+        *pq = Some(PqPublishFigures {
             codebooks_epoch: coding.epoch(),
             relative_error: coding.relative_error,
             learned,
@@ -204,7 +205,7 @@ impl PublishStatus {
 
 /// A version committed: its marker acknowledged and the ledger written. [`VersionPublished::emit`]
 /// is the only place this is recorded (metrics, `/v1/status`, the log line).
-pub struct VersionPublished<'a> {
+pub(super) struct VersionPublished<'a> {
     pub version: u64,
     pub epoch: u64,
     pub rows: u64,
@@ -223,7 +224,7 @@ pub struct VersionPublished<'a> {
 }
 
 impl VersionPublished<'_> {
-    pub fn emit(&self, status: &PublishStatus) {
+    pub(super) fn emit(&self, status: &PublishStatus) {
         status.committed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::PUBLISH_VERSIONS).increment(1);
         metrics::counter!(m::PUBLISH_ROWS).increment(self.rows);
@@ -298,7 +299,7 @@ pub struct Publication {
 /// The published reference is written whole (every row), so not once per version: a crash
 /// between two writes costs one version carrying every row after the restart (the persisted
 /// reference then is not the ledger's last version, see [`Publication::open`]).
-pub const REFERENCE_PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+pub(super) const REFERENCE_PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Publication {
     /// Versions numbered by `ledger`, the reference persisted in `dir` (when given) and read
@@ -419,18 +420,44 @@ impl Publication {
     ) -> anyhow::Result<Outcome> {
         let (version, epoch) = (self.ledger.next_version(), self.ledger.state().epoch);
         let started = Instant::now();
+        let (delta, assessed, pause) = match self.take_assessed(version, trainer, align).await? {
+            Assessment::Held(hold) => return Ok(Outcome::Held(hold)),
+            Assessment::Passed {
+                delta,
+                assessed,
+                pause,
+            } => (delta, assessed, pause),
+        };
+        let taken = Instant::now();
+        let Some(built) = self.build(store, version, epoch, delta, &assessed)? else {
+            self.full_next = false;
+            return Ok(Outcome::Unchanged);
+        };
+        let timing = Timing {
+            started,
+            pause_ms: pause.as_secs_f64() * 1e3,
+            prepare_ms: taken.elapsed().as_secs_f64() * 1e3,
+        };
+        self.commit(built, assessed.figures, timing, trainer, align, sink)
+            .await
+    }
+
+    /// The trainer's delta for `version`, assessed by the aligner: held back (the trainer goes
+    /// back to its newest checkpoint), or passed, rotated onto the anchor when the aligner says
+    /// so. Also returns how long training was paused.
+    async fn take_assessed(
+        &mut self,
+        version: u64,
+        trainer: &mut impl TrainerPort,
+        align: &mut impl AlignPort,
+    ) -> anyhow::Result<Assessment> {
         let lens = self
             .reference
             .as_ref()
             .map(|r| r.params.tables.iter().map(|t| t.size()[0]).collect());
         let plan = align.plan(version, lens).await?;
-        // Codebooks to learn: every row goes out, coded with them.
-        let every_row = self
-            .quantizer
-            .as_ref()
-            .is_some_and(Quantizer::needs_every_row);
         let request = DeltaRequest {
-            full: self.full_next || self.reference.is_none() || every_row,
+            full: self.full_next || self.reference.is_none() || self.every_row(),
             samples: vec![plan.previous, plan.anchor],
         };
         // From here on the trainer's marks are cleared: should this attempt fail, the next one
@@ -444,15 +471,14 @@ impl Publication {
         update_row_ts(&mut self.row_ts, &delta);
         let candidate = Candidate::of_delta(&mut delta);
         let reference = self.reference.as_ref().map(|r| r.params.shallow_clone());
-        let assessed = align.assess(version, candidate, reference).await?;
+        let mut assessed = align.assess(version, candidate, reference).await?;
         if let Some(hold) = assessed.hold {
             let restored = trainer.restore().await?;
             trainer.set_pull(assessed.pull, None, None).await?;
             warn!(version, reason = hold.label(), ?hold, ?restored, pull = assessed.pull,
                 "version held back by the drift gate; the trainer goes back to its newest checkpoint");
-            return Ok(Outcome::Held(hold));
+            return Ok(Assessment::Held(hold));
         }
-        let mut assessed = assessed;
         if let Some(r) = assessed.rotation.take() {
             // The model turned away from the anchor: rotate it (every row, on the training
             // thread) and take every row, all of which moved.
@@ -473,7 +499,31 @@ impl Publication {
                 "version rotated onto the anchor"
             );
         }
-        let taken = Instant::now();
+        Ok(Assessment::Passed {
+            delta,
+            assessed,
+            pause,
+        })
+    }
+
+    /// Codebooks to learn: every row goes out, coded with them.
+    fn every_row(&self) -> bool {
+        self.quantizer
+            .as_ref()
+            .is_some_and(Quantizer::needs_every_row)
+    }
+
+    /// The version built from `delta` (encoded rows, coded when `publish.format = "pq"`) and the
+    /// view subscribers will hold after it; `None` when nothing moved.
+    fn build(
+        &self,
+        store: &GraphStore,
+        version: u64,
+        epoch: u64,
+        mut delta: ModelDelta,
+        assessed: &Assessed,
+    ) -> anyhow::Result<Option<Built>> {
+        let every_row = self.every_row();
         // Erasures the committed versions have not carried yet; the ledger records how far the
         // tombstones went with the commit, so a failed attempt carries them again.
         let erasures_published = self.ledger.state().erasures_published;
@@ -489,10 +539,9 @@ impl Publication {
             every_row,
         };
         let reference = self.reference.as_ref().map(|r| &r.params);
-        let built = build_delta_version(store, &delta, reference, &req)?;
-        let Some((mut prepared, update)) = built else {
-            self.full_next = false;
-            return Ok(Outcome::Unchanged);
+        let Some((mut prepared, update)) = build_delta_version(store, &delta, reference, &req)?
+        else {
+            return Ok(None);
         };
         // Every row is in this version when the take was full and nothing was compared away.
         let carries_every_row = every_row || self.reference.is_none();
@@ -506,20 +555,16 @@ impl Publication {
         for table in &mut delta.tables {
             table.values = Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu));
         }
-        let tables = update.apply(self.reference.as_ref().map(|r| &r.params))?;
+        let tables = update.apply(reference)?;
         let codes = match coding.as_ref().and_then(|c| c.codebooks.as_ref()) {
-            Some(books) => {
-                let previous = self.served_codes.as_ref();
-                let rows = &prepared.rows;
-                Some(served_codes(
-                    previous,
-                    books,
-                    &update,
-                    rows,
-                    &tables,
-                    carries_every_row,
-                )?)
-            }
+            Some(books) => Some(served_codes(
+                self.served_codes.as_ref(),
+                books,
+                &update,
+                &prepared.rows,
+                &tables,
+                carries_every_row,
+            )?),
             None => None,
         };
         let view = PublishedView {
@@ -537,9 +582,39 @@ impl Publication {
             changed: Some(update.changed()),
             codes,
         };
-        let figures = assessed.figures;
-        let prepare_ms = taken.elapsed().as_secs_f64() * 1e3;
-        let pause_ms = pause.as_secs_f64() * 1e3;
+        Ok(Some(Built {
+            prepared,
+            update,
+            view,
+            coding,
+            changed,
+            tombstones,
+            erasures_published,
+        }))
+    }
+
+    /// Produce `built`, commit it to the ledger (and its codebooks), make it the reference, and
+    /// hand the aligner and the trainer their new pull.
+    async fn commit(
+        &mut self,
+        built: Built,
+        figures: AlignFigures,
+        timing: Timing,
+        trainer: &mut impl TrainerPort,
+        align: &mut impl AlignPort,
+        sink: &mut impl VersionSink,
+    ) -> anyhow::Result<Outcome> {
+        let Built {
+            prepared,
+            update,
+            view,
+            coding,
+            changed,
+            tombstones,
+            erasures_published,
+        } = built;
+        let (version, epoch) = (view.version, view.epoch);
+        let (pause_ms, prepare_ms) = (timing.pause_ms, timing.prepare_ms);
         let rows = prepared.marker.rows;
         self.status.set_in_progress(Some(InProgress {
             version,
@@ -580,7 +655,7 @@ impl Publication {
             pause_ms,
             prepare_ms,
             changed,
-            total_ms: started.elapsed().as_millis() as u64,
+            total_ms: timing.started.elapsed().as_millis() as u64,
         }
         .emit(&self.status);
         Ok(Outcome::Committed {
@@ -795,4 +870,36 @@ pub fn publish_in_process(
     sink: &mut MemorySink,
 ) -> anyhow::Result<Outcome> {
     futures::executor::block_on(publication.publish(store, trainer, &mut aligner, sink))
+}
+
+/// The aligner's verdict on a version's delta. One per publication attempt, moved once: its
+/// size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Assessment {
+    Held(Hold),
+    Passed {
+        delta: ModelDelta,
+        assessed: Assessed,
+        /// How long training was paused for the delta (and a rotation).
+        pause: std::time::Duration,
+    },
+}
+
+/// A version built and not yet produced ([`Publication::build`]).
+struct Built {
+    prepared: PreparedVersion,
+    update: ViewUpdate,
+    view: PublishedView,
+    coding: Option<Coding>,
+    /// Rows the trainer changed since the previous version (published or not).
+    changed: i64,
+    tombstones: Vec<NodeRef>,
+    erasures_published: u64,
+}
+
+/// When a publication started, and how long its pause and its preparation took.
+struct Timing {
+    started: Instant,
+    pause_ms: f64,
+    prepare_ms: f64,
 }

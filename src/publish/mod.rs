@@ -9,20 +9,34 @@
 mod freshness;
 mod ledger;
 mod machine;
-mod pq;
+mod pq_codebooks;
+mod pq_policy;
 mod producer;
-mod quantizer;
 mod rows;
 pub mod subscriber;
 mod version;
 mod wire;
 
-pub use freshness::*;
-pub use ledger::*;
-pub use machine::*;
-pub use pq::*;
-pub use producer::*;
-pub use quantizer::*;
-pub use rows::*;
-pub use version::*;
-pub use wire::*;
+/// The publishing settings live in `[publish]` (config); the stage's code names them from here.
+pub use crate::config::{ValueFormat, PQ_CENTROIDS as CENTROIDS};
+pub(crate) use freshness::{Freshness, FreshnessFigures};
+pub use ledger::Ledger;
+pub use machine::{
+    publish_in_process, InProcessTrainer, MemorySink, Outcome, PqPublishFigures, Publication,
+    VersionSettings, VersionSink,
+};
+pub(crate) use machine::{InProgress, PublishStatus, TrainerActorPort};
+pub use pq_codebooks::{relative_error, Codebooks};
+pub(crate) use pq_codebooks::{squared_error, PqError, PqTable};
+pub(crate) use pq_policy::{served_codes, Coding, Quantizer};
+pub use producer::KafkaSink;
+pub(crate) use rows::{RowRef, VersionRows};
+pub use version::{
+    build_delta_version, PreparedVersion, PublishedView, ServedCodes, VersionRequest,
+};
+pub(crate) use version::{codebooks_key, ViewUpdate};
+pub(crate) use wire::{
+    encode_coded, encode_f32le, CodebooksRecord, CodedRow, CODEBOOKS_PREFIX,
+    TOMBSTONE_EPOCH_HEADER, TOMBSTONE_VERSION_HEADER,
+};
+pub use wire::{tombstone_attempt, Record, RowRecord, VersionMarker};

@@ -1,4 +1,4 @@
-//! The version producer (DESIGN §1): the Kafka [`VersionSink`]. Rows go to the embeddings
+//! The version producer (docs/architecture.md §1): the Kafka [`VersionSink`]. Rows go to the embeddings
 //! topic, and after every row's acknowledgement the marker goes to the versions topic; the
 //! contract is in `topics/README.md`. The sequence around it is [`crate::publish::Publication`].
 //!

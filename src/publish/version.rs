@@ -9,13 +9,15 @@
 //! training wrote since the previous version are compared with the reference; a row not written
 //! since is where it was when last compared, and the reference changes only where it was
 //! published, so its verdict cannot have changed. This runs on the publication's thread, after
-//! training resumed. [`build_version`] is the same over a whole [`ModelState`] (offline tools).
+//! training resumed.
 //!
 //! A published row is the row alone: a history-type node (`train.history_types`, a user composed
 //! from its recent items) is composed by whoever scores with it (`/v1/neighbors`, subscribers),
 //! from the published rows of its items, so no published value depends on another row. Were a
 //! composed row published, its dependents would have to be marked changed with what they are
 //! composed of.
+
+use std::collections::HashSet;
 
 use tch::{Device, Kind, Tensor};
 
@@ -26,7 +28,7 @@ use crate::publish::{
     Codebooks, CodebooksRecord, RowRef, VersionMarker, VersionRows, CODEBOOKS_PREFIX,
 };
 use crate::store::{GraphStore, NodeRef, StoreError};
-use crate::train::{ModelDelta, ModelState, Snapshot};
+use crate::train::{ModelDelta, Snapshot, TableDelta};
 
 /// A version ready to produce: its rows (encoded as they are produced), then the marker.
 #[derive(Debug, Clone)]
@@ -190,95 +192,17 @@ pub fn build_delta_version(
     req: &VersionRequest,
 ) -> Result<Option<(PreparedVersion, ViewUpdate)>, StoreError> {
     let schema = store.stored_schema();
-    let dim = delta.relations.size()[1];
-    let width = dim as usize;
+    let width = delta.relations.size()[1] as usize;
     let mut rows = VersionRows::new(req.version, req.epoch, req.format, width);
     let mut newest = 0i64;
     let mut update = Vec::with_capacity(delta.tables.len());
     let erased = erased_nodes(store);
     for (t, table) in delta.tables.iter().enumerate() {
-        let m = reference
-            .and_then(|r| r.tables.get(t))
-            .map_or(0, |r| r.size()[0].min(table.len));
-        let positions: Vec<i64> = tch::no_grad(|| {
-            if table.index.numel() == 0 {
-                return Vec::new();
-            }
-            let moved = match (&table.biases, reference.and_then(|r| r.tables.get(t))) {
-                _ if req.every_row => table.index.ones_like().to_kind(Kind::Bool),
-                // A biased type's rows all go out in every version (see `build_version`).
-                (Some(_), _) | (None, None) => table.index.ones_like().to_kind(Kind::Bool),
-                (None, Some(r)) => {
-                    let old = table.index.lt(m);
-                    let idx = table.index.clamp_max((m - 1).max(0));
-                    let against = if m > 0 {
-                        r.index_select(0, &idx)
-                    } else {
-                        table.values.zeros_like()
-                    };
-                    moved_rows(&table.values, &against, req.threshold)
-                        .logical_and(&old)
-                        .logical_or(&old.logical_not())
-                }
-            };
-            Vec::<i64>::try_from(moved.nonzero().view([-1])).expect("positions")
-        });
-        // Under a backlog nearly every changed row moved: then the delta's own tensors are the
-        // published rows (no copy of them).
-        let (idx, picked) = if positions.len() == table.index.numel() {
-            (table.index.shallow_clone(), table.values.shallow_clone())
-        } else {
-            let pos = Tensor::from_slice(&positions);
-            (
-                table.index.index_select(0, &pos),
-                table.values.index_select(0, &pos),
-            )
-        };
-        let index = Vec::<i64>::try_from(&idx).expect("indices");
-        let block = rows.add_block(Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows"));
-        let biases = table
-            .biases
-            .as_ref()
-            .map(|b| Vec::<f32>::try_from(b).expect("f32 biases"));
-        // Keys looked up and rows gathered in chunks on all cores (this is the publication's
-        // thread, not training's): each chunk's rows in order, then appended in order. They are
-        // encoded as they are produced (`VersionRows`).
-        let row_ts = &table.ts;
-        let gather = |from: usize, to: usize| -> Result<(Vec<RowRef>, i64), StoreError> {
-            let mut out = Vec::with_capacity(to - from);
-            let mut newest = 0i64;
-            for k in from..to {
-                let (i, p) = (index[k], positions[k]);
-                let node = NodeRef {
-                    node_type: t as u16,
-                    index: i as u32,
-                };
-                if erased.contains(&node) {
-                    continue;
-                }
-                let Some(id) = store.node_id(node)? else {
-                    continue;
-                };
-                let ts = row_ts[p as usize];
-                newest = newest.max(ts);
-                let bias = biases.as_ref().map(|b| b[i as usize]);
-                out.push(VersionRows::row(
-                    format!("{}:{id}", schema.node_types[t]),
-                    ts,
-                    bias,
-                    block,
-                    k,
-                ));
-            }
-            Ok((out, newest))
-        };
-        let parts = in_chunks(0, index.len(), gather);
-        for part in parts {
-            let (part, part_newest) = part?;
-            newest = newest.max(part_newest);
-            rows.extend(part);
-        }
-        update.push((table.len, idx, picked));
+        let reference = reference.and_then(|r| r.tables.get(t));
+        let positions = moved_positions(table, reference, req);
+        let type_newest = add_type_rows(store, &erased, t, table, &positions, &mut rows)?;
+        newest = newest.max(type_newest.newest);
+        update.push((table.len, type_newest.index, type_newest.values));
     }
     let tombstones = tombstone_keys(store, req.tombstones)?;
     if rows.is_empty() && tombstones.is_empty() {
@@ -315,6 +239,121 @@ pub fn build_delta_version(
     )))
 }
 
+/// Positions in `table` (one type's part of a delta) of the rows the version carries: every one
+/// when `req.every_row`, for a biased type (its biases move without its rows; the type is small,
+/// as all-targets softmax types are) or without a `reference`; otherwise the rows new since it
+/// and those that moved past `req.threshold` ([`moved_rows`]).
+fn moved_positions(
+    table: &TableDelta,
+    reference: Option<&Tensor>,
+    req: &VersionRequest,
+) -> Vec<i64> {
+    let m = reference.map_or(0, |r| r.size()[0].min(table.len));
+    tch::no_grad(|| {
+        if table.index.numel() == 0 {
+            return Vec::new();
+        }
+        let moved = match (&table.biases, reference) {
+            _ if req.every_row => table.index.ones_like().to_kind(Kind::Bool),
+            (Some(_), _) | (None, None) => table.index.ones_like().to_kind(Kind::Bool),
+            (None, Some(r)) => {
+                let old = table.index.lt(m);
+                let idx = table.index.clamp_max((m - 1).max(0));
+                let against = if m > 0 {
+                    r.index_select(0, &idx)
+                } else {
+                    table.values.zeros_like()
+                };
+                moved_rows(&table.values, &against, req.threshold)
+                    .logical_and(&old)
+                    .logical_or(&old.logical_not())
+            }
+        };
+        Vec::<i64>::try_from(moved.nonzero().view([-1])).expect("positions")
+    })
+}
+
+/// One type's published rows: their indices `[k]`, values `[k, D]`, and the newest event time
+/// among those that went out.
+struct TypeRows {
+    index: Tensor,
+    values: Tensor,
+    newest: i64,
+}
+
+/// Encode the rows of type `t` at `positions` of `table` into `rows` (erased nodes and rows
+/// without an id left out).
+fn add_type_rows(
+    store: &GraphStore,
+    erased: &HashSet<NodeRef>,
+    t: usize,
+    table: &TableDelta,
+    positions: &[i64],
+    rows: &mut VersionRows,
+) -> Result<TypeRows, StoreError> {
+    let type_name = &store.stored_schema().node_types[t];
+    // Under a backlog nearly every changed row moved: then the delta's own tensors are the
+    // published rows (no copy of them).
+    let (idx, picked) = if positions.len() == table.index.numel() {
+        (table.index.shallow_clone(), table.values.shallow_clone())
+    } else {
+        let pos = Tensor::from_slice(positions);
+        (
+            table.index.index_select(0, &pos),
+            table.values.index_select(0, &pos),
+        )
+    };
+    let index = Vec::<i64>::try_from(&idx).expect("indices");
+    let block = rows.add_block(Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows"));
+    let biases = table
+        .biases
+        .as_ref()
+        .map(|b| Vec::<f32>::try_from(b).expect("f32 biases"));
+    // Keys looked up and rows gathered in chunks on all cores (this is the publication's
+    // thread, not training's): each chunk's rows in order, then appended in order. They are
+    // encoded as they are produced (`VersionRows`).
+    let row_ts = &table.ts;
+    let gather = |from: usize, to: usize| -> Result<(Vec<RowRef>, i64), StoreError> {
+        let mut out = Vec::with_capacity(to - from);
+        let mut newest = 0i64;
+        for k in from..to {
+            let (i, p) = (index[k], positions[k]);
+            let node = NodeRef {
+                node_type: t as u16,
+                index: i as u32,
+            };
+            if erased.contains(&node) {
+                continue;
+            }
+            let Some(id) = store.node_id(node)? else {
+                continue;
+            };
+            let ts = row_ts[p as usize];
+            newest = newest.max(ts);
+            let bias = biases.as_ref().map(|b| b[i as usize]);
+            out.push(VersionRows::row(
+                format!("{type_name}:{id}"),
+                ts,
+                bias,
+                block,
+                k,
+            ));
+        }
+        Ok((out, newest))
+    };
+    let mut newest = 0i64;
+    for part in in_chunks(0, index.len(), gather) {
+        let (part, part_newest) = part?;
+        newest = newest.max(part_newest);
+        rows.extend(part);
+    }
+    Ok(TypeRows {
+        index: idx,
+        values: picked,
+        newest,
+    })
+}
+
 impl PreparedVersion {
     /// Produce `codebooks` with the version (first), and a tombstone for the key of the codebooks
     /// of epoch `retire`; the marker counts both.
@@ -326,12 +365,12 @@ impl PreparedVersion {
 }
 
 /// The key of the codebooks of `epoch` on the embeddings topic.
-pub fn codebooks_key(epoch: u64) -> String {
+pub(crate) fn codebooks_key(epoch: u64) -> String {
     format!("{CODEBOOKS_PREFIX}{epoch}")
 }
 
 /// Every erased node of the store (none of them is published again).
-fn erased_nodes(store: &GraphStore) -> std::collections::HashSet<NodeRef> {
+fn erased_nodes(store: &GraphStore) -> HashSet<NodeRef> {
     match store.erased_count() {
         0 => Default::default(),
         _ => store.erasures_since(0).into_iter().collect(),
@@ -348,155 +387,6 @@ fn tombstone_keys(store: &GraphStore, nodes: &[NodeRef]) -> Result<Vec<String>, 
         }
     }
     Ok(keys)
-}
-
-/// Indices of the rows a version carries: every row of `current [N, D]` beyond the `reference`
-/// (new nodes), plus those whose relative change `‖c_i − r_i‖ / ‖r_i‖` exceeds `threshold`.
-/// A non-finite row always counts as moved (the gate, not this, decides whether to publish).
-pub fn rows_to_publish(current: &Tensor, reference: &Tensor, threshold: f64) -> Vec<i64> {
-    let n = current.size()[0];
-    let m = reference.size()[0].min(n);
-    let mut out: Vec<i64> = tch::no_grad(|| {
-        if m == 0 {
-            return Vec::new();
-        }
-        let c = current.narrow(0, 0, m);
-        let change = (&c - reference.narrow(0, 0, m))
-            .square()
-            .sum_dim_intlist(1, false, Kind::Float)
-            .sqrt();
-        let base = reference
-            .narrow(0, 0, m)
-            .square()
-            .sum_dim_intlist(1, false, Kind::Float)
-            .sqrt()
-            .clamp_min(1e-12);
-        let rel = change / base;
-        let moved = rel.gt(threshold).logical_or(&rel.isfinite().logical_not());
-        Vec::<i64>::try_from(moved.nonzero().view([-1]).to_device(Device::Cpu)).expect("indices")
-    });
-    out.extend(m..n);
-    out
-}
-
-/// The rows version `req.version` carries, encoded, with its marker, and the view subscribers
-/// will hold after applying it; `None` when no node row moved since `reference`. `state` is the
-/// trainer's (already rotated) parameters.
-pub fn build_version(
-    store: &GraphStore,
-    state: &ModelState,
-    reference: Option<&Snapshot>,
-    req: &VersionRequest,
-) -> Result<Option<(PreparedVersion, PublishedView)>, StoreError> {
-    let schema = store.stored_schema();
-    let current = &state.params;
-    let dim = current.relations.size()[1];
-    let width = dim as usize;
-    let mut rows = VersionRows::new(req.version, req.epoch, req.format, width);
-    let mut newest = 0i64;
-    let mut view = Vec::with_capacity(current.tables.len());
-    let mut changed = Vec::with_capacity(current.tables.len());
-    let erased = erased_nodes(store);
-    for (t, table) in current.tables.iter().enumerate() {
-        let reference = match reference.and_then(|r| r.tables.get(t)) {
-            Some(r) => r.shallow_clone(),
-            None => Tensor::zeros([0, dim], (Kind::Float, Device::Cpu)),
-        };
-        let bias = state.biases.get(t).and_then(Option::as_ref);
-        // A biased type's rows carry their bias as a last value, and all of them go out in
-        // every version (biases move without their rows; the type is small, as all-targets
-        // softmax types are).
-        let moved = match bias {
-            Some(_) => (0..table.size()[0]).collect(),
-            None => rows_to_publish(table, &reference, req.threshold),
-        };
-        let n_ref = reference.size()[0].min(table.size()[0]);
-        let mut published = Tensor::cat(
-            &[
-                reference.narrow(0, 0, n_ref),
-                table.narrow(0, n_ref, table.size()[0] - n_ref),
-            ],
-            0,
-        );
-        changed.push(Tensor::from_slice(&moved));
-        if moved.is_empty() {
-            view.push(published);
-            continue;
-        }
-        let idx = Tensor::from_slice(&moved);
-        let picked = table.index_select(0, &idx);
-        let _ = published.index_copy_(0, &idx, &picked);
-        view.push(published);
-        let block = rows.add_block(Vec::<f32>::try_from(picked.reshape([-1])).expect("f32 rows"));
-        for (k, &i) in moved.iter().enumerate() {
-            let node = NodeRef {
-                node_type: t as u16,
-                index: i as u32,
-            };
-            if erased.contains(&node) {
-                continue;
-            }
-            let Some(id) = store.node_id(node)? else {
-                continue;
-            };
-            let ts = state.row_ts[t].get(i as usize).copied().unwrap_or(0);
-            newest = newest.max(ts);
-            rows.push(VersionRows::row(
-                format!("{}:{id}", schema.node_types[t]),
-                ts,
-                bias.map(|b| b.double_value(&[i]) as f32),
-                block,
-                k,
-            ));
-        }
-    }
-    let tombstones = tombstone_keys(store, req.tombstones)?;
-    if rows.is_empty() && tombstones.is_empty() {
-        return Ok(None);
-    }
-    let relations = current.relations.copy();
-    let block =
-        rows.add_relation_block(Vec::<f32>::try_from(relations.reshape([-1])).expect("f32"));
-    for (r, (name, _, _)) in schema.relations.iter().enumerate() {
-        rows.push(VersionRows::row(
-            format!("relation:{name}"),
-            newest,
-            None,
-            block,
-            r,
-        ));
-    }
-    let marker = VersionMarker {
-        version: req.version,
-        epoch: req.epoch,
-        rows: (rows.len() + tombstones.len()) as u64,
-        align: req.align.cloned(),
-    };
-    let prepared = PreparedVersion {
-        rows,
-        tombstones,
-        codebooks: None,
-        retired_codebooks: None,
-        marker,
-        newest_ts: newest,
-        cursor: state.cursor,
-    };
-    let view = PublishedView {
-        version: req.version,
-        epoch: req.epoch,
-        comparator: req.comparator,
-        tables: view,
-        relations,
-        biases: state
-            .biases
-            .iter()
-            .map(|b| b.as_ref().map(Tensor::copy))
-            .collect(),
-        row_ts: state.row_ts.clone(),
-        changed: Some(changed),
-        codes: None,
-    };
-    Ok(Some((prepared, view)))
 }
 
 #[cfg(test)]
@@ -683,17 +573,14 @@ mod tests {
     }
 
     #[test]
-    fn a_version_carries_moved_and_new_rows() {
+    fn rows_that_moved_past_the_threshold_or_turned_non_finite_go_out() {
         let reference = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]).view([3, 2]);
-        // Row 0 moves 5%, row 1 moves 50%, row 2 turns non-finite, row 3 is new.
-        let current =
-            Tensor::from_slice(&[1.05f32, 0.0, 0.0, 1.5, f32::NAN, 1.0, 7.0, 7.0]).view([4, 2]);
-        assert_eq!(rows_to_publish(&current, &reference, 0.1), vec![1, 2, 3]);
-        assert_eq!(
-            rows_to_publish(&current, &reference, 0.01),
-            vec![0, 1, 2, 3]
-        );
-        let empty = Tensor::zeros([0, 2], (Kind::Float, tch::Device::Cpu));
-        assert_eq!(rows_to_publish(&current, &empty, 0.1), vec![0, 1, 2, 3]);
+        // Row 0 moves 5%, row 1 moves 50%, row 2 turns non-finite.
+        let current = Tensor::from_slice(&[1.05f32, 0.0, 0.0, 1.5, f32::NAN, 1.0]).view([3, 2]);
+        let moved = |threshold| {
+            Vec::<bool>::try_from(moved_rows(&current, &reference, threshold)).expect("bools")
+        };
+        assert_eq!(moved(0.1), vec![false, true, true]);
+        assert_eq!(moved(0.01), vec![true, true, true]);
     }
 }

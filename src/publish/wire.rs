@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::align::AlignFigures;
-pub use crate::config::ValueFormat;
+use crate::config::ValueFormat;
 use crate::publish::{PqTable, CENTROIDS};
 
 /// One published embedding row (a node's or a relation's vector).
@@ -20,9 +20,9 @@ pub struct RowRecord {
 
 /// Header of a tombstone (a record with a null value: the node was erased) naming the version
 /// that carries it, in decimal; the value alone cannot, and compaction needs it null.
-pub const TOMBSTONE_VERSION_HEADER: &str = "twhin-version";
+pub(crate) const TOMBSTONE_VERSION_HEADER: &str = "twhin-version";
 /// Header of a tombstone naming the publisher's epoch, in decimal.
-pub const TOMBSTONE_EPOCH_HEADER: &str = "twhin-epoch";
+pub(crate) const TOMBSTONE_EPOCH_HEADER: &str = "twhin-epoch";
 
 /// The `(version, epoch)` a tombstone's headers name; `None` when either is missing or not a
 /// decimal number (a null value that is not the publisher's).
@@ -80,7 +80,7 @@ impl RowRecord {
 
 /// One row's f32le record straight from its values (`extra`: a last value, the bias), without
 /// building a [`RowRecord`] (the publication's hot path).
-pub fn encode_f32le(
+pub(crate) fn encode_f32le(
     version: u64,
     epoch: u64,
     ts: i64,
@@ -128,7 +128,7 @@ impl RowRecord {
 }
 
 /// Keys of codebooks records start with this (`codebooks:12`, named by their epoch).
-pub const CODEBOOKS_PREFIX: &str = "codebooks:";
+pub(crate) const CODEBOOKS_PREFIX: &str = "codebooks:";
 
 const CODED_MAGIC: &[u8; 4] = b"TWQ1";
 const CODED_HEADER: usize = 4 + 8 + 8 + 8 + 8 + 2 + 2;
@@ -192,7 +192,7 @@ fn f32s(body: &[u8]) -> Vec<f32> {
 }
 
 /// One coded row's `TWQ1` record straight from its values (the publication's hot path).
-pub fn encode_coded(
+pub(crate) fn encode_coded(
     version: u64,
     epoch: u64,
     ts: i64,

@@ -1,4 +1,4 @@
-//! The network's schema and the engagement-event contract (DESIGN §2, §3).
+//! The network's schema and the engagement-event contract (docs/architecture.md §2, §3).
 //!
 //! [`Schema`] resolves node-type and relation names to the small integer ids used everywhere
 //! else; [`decode_event`] turns one Kafka payload into a validated [`Event`] or an
@@ -197,7 +197,8 @@ fn is_valid_name(name: &str) -> bool {
 
 mod decode;
 
-pub use decode::*;
+pub(crate) use decode::InvalidEvent;
+pub use decode::{decode_event, DecodeLimits, Event, EventOp, InvalidReason, NodeKey};
 
 #[cfg(test)]
 mod tests;

@@ -18,8 +18,8 @@
 //! ef 128, 50 candidates re-scored) the reduction's recall@10 was 0.61, the inner-product graph's
 //! 0.9998 (non-metric graphs for MIPS: Morozov and Babenko, 2018); and it has no radius `M` for a
 //! growing row to outgrow. usearch over hnsw_rs: on the same rows it built 5× faster, searched
-//! 8× faster, and removes and replaces a row, where hnsw_rs has no removal (figures in the
-//! README's Measuring section).
+//! 8× faster, and removes and replaces a row, where hnsw_rs has no removal (figures in
+//! docs/measurements.md, "Approximate neighbours at a million rows").
 //!
 //! Serving never waits for an update: usearch's index takes searches, inserts and removals
 //! concurrently, and the one updater thread inserts while requests search. Only growing an
@@ -35,8 +35,10 @@
 //! update's duration). Versions that arrive during an update wait as one: the newest rows with
 //! the union of their changed rows.
 
+use async_lock::Semaphore;
+use parking_lot::{Condvar, Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -147,39 +149,6 @@ fn push_scaled(row: &[f32], unit: bool, out: &mut Vec<f32>) {
     out.extend(row.iter().map(|x| x * scale));
 }
 
-/// A counting semaphore: at most `n` holders at once, the rest wait.
-struct Turns {
-    free: Mutex<usize>,
-    freed: Condvar,
-}
-
-impl Turns {
-    fn new(n: usize) -> Turns {
-        Turns {
-            free: Mutex::new(n),
-            freed: Condvar::new(),
-        }
-    }
-
-    fn take(&self) -> TurnGuard<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *free == 0 {
-            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
-        }
-        *free -= 1;
-        TurnGuard(self)
-    }
-}
-
-struct TurnGuard<'a>(&'a Turns);
-
-impl Drop for TurnGuard<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.0.freed.notify_one();
-    }
-}
-
 /// One target type's graph: key = the row's dense index.
 struct TypeIndex {
     index: Index,
@@ -194,8 +163,9 @@ struct TypeIndex {
     memory: AtomicUsize,
     /// Searches, inserts and removals share it; growing the capacity takes it alone.
     gate: RwLock<()>,
-    /// usearch needs a thread context per concurrent call: searches take turns.
-    turns: Turns,
+    /// usearch needs a thread context per concurrent call: at most `http.ann.search_threads`
+    /// searches at once, the rest wait for a turn.
+    turns: Semaphore,
 }
 
 impl TypeIndex {
@@ -231,7 +201,7 @@ impl TypeIndex {
             rows: AtomicUsize::new(0),
             memory: AtomicUsize::new(0),
             gate: RwLock::new(()),
-            turns: Turns::new(cfg.search_threads),
+            turns: Semaphore::new(cfg.search_threads),
         })
     }
 
@@ -242,7 +212,7 @@ impl TypeIndex {
         if needed <= self.index.capacity() {
             return Ok(());
         }
-        let _alone = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let _alone = self.gate.write();
         let capacity = needed.max(self.index.capacity() * 2);
         self.index
             .reserve_capacity_and_threads(capacity, threads)
@@ -251,7 +221,7 @@ impl TypeIndex {
 
     /// Insert or replace `keys` with `rows [keys, dim]` (and `biases [keys]`).
     fn upsert(&self, keys: &[i64], rows: &[f32], biases: Option<&[f32]>) -> Result<(), AnnError> {
-        let _shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let _shared = self.gate.read();
         let mut item = Vec::with_capacity(self.dim + 1);
         for (i, &key) in keys.iter().enumerate() {
             let row = &rows[i * self.dim..(i + 1) * self.dim];
@@ -427,7 +397,7 @@ impl AnnIndexes {
                 .collect(),
             changed,
         };
-        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inbox = self.inbox.lock();
         inbox.next = Some(match inbox.next.take() {
             Some(pending) => pending.followed_by(next),
             None => next,
@@ -438,12 +408,10 @@ impl AnnIndexes {
     /// Wait (at most `timeout`) until the updater has finished with version `version` or a
     /// later one; true if it has.
     pub fn wait_for(&self, version: u64, timeout: std::time::Duration) -> bool {
-        let done = self.counters.done.lock().unwrap_or_else(|p| p.into_inner());
-        let (done, _) = self
-            .counters
+        let mut done = self.counters.done.lock();
+        self.counters
             .done_changed
-            .wait_timeout_while(done, timeout, |d| *d < version)
-            .unwrap_or_else(|p| p.into_inner());
+            .wait_while_for(&mut done, |d| *d < version, timeout);
         *done >= version
     }
 
@@ -465,8 +433,8 @@ impl AnnIndexes {
             return None;
         }
         let query = ix.reduction.query(translated);
-        let _turn = ix.turns.take();
-        let _shared = ix.gate.read().unwrap_or_else(|p| p.into_inner());
+        let _turn = ix.turns.acquire_blocking();
+        let _shared = ix.gate.read();
         // (usearch searches with max(ef, count) candidates.)
         let index_version = ix.version.load(Ordering::Acquire);
         Some(
@@ -493,22 +461,15 @@ impl AnnIndexes {
     }
 
     fn index_of(&self, t: TypeId) -> Option<Arc<TypeIndex>> {
-        self.types
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(t as usize)
-            .cloned()
-            .flatten()
+        self.types.read().get(t as usize).cloned().flatten()
     }
 
     pub fn figures(&self) -> AnnFigures {
         let c = &self.counters;
-        let (last_build_ms, last_build_rows, last_update_ms, last_update_rows) =
-            *c.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (last_build_ms, last_build_rows, last_update_ms, last_update_rows) = *c.last.lock();
         let types = self
             .types
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .enumerate()
             .filter_map(|(t, ix)| {
@@ -530,11 +491,7 @@ impl AnnIndexes {
             last_update_ms,
             last_update_rows,
             failures: c.failures.load(Ordering::Relaxed),
-            last_error: c
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            last_error: c.last_error.lock().clone(),
         }
     }
 
@@ -542,7 +499,7 @@ impl AnnIndexes {
     fn run(self: Arc<Self>) {
         loop {
             let next = {
-                let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+                let mut inbox = self.inbox.lock();
                 loop {
                     if inbox.stop {
                         return;
@@ -550,18 +507,18 @@ impl AnnIndexes {
                     if let Some(next) = inbox.next.take() {
                         break next;
                     }
-                    inbox = self.wake.wait(inbox).unwrap_or_else(|p| p.into_inner());
+                    self.wake.wait(&mut inbox);
                 }
             };
             let version = next.version;
             tch::no_grad(|| self.apply(next));
-            *self.counters.done.lock().unwrap_or_else(|p| p.into_inner()) = version;
+            *self.counters.done.lock() = version;
             self.counters.done_changed.notify_all();
         }
     }
 
     fn stopping(&self) -> bool {
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner()).stop
+        self.inbox.lock().stop
     }
 
     fn apply(&self, s: Submitted) {
@@ -602,21 +559,17 @@ impl AnnIndexes {
                 // Served exactly until the next version builds it again from every row.
                 self.set(t, None);
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                *self
-                    .counters
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                *self.counters.last_error.lock() = Some(e.to_string());
                 warn!(node_type = t, version = s.version, error = %e,
                     "ANN index update failed; the type is served exactly");
             }
         }
-        let mut types = self.types.write().unwrap_or_else(|p| p.into_inner());
+        let mut types = self.types.write();
         types.truncate(n_types);
     }
 
     fn set(&self, t: usize, ix: Option<Arc<TypeIndex>>) {
-        let mut types = self.types.write().unwrap_or_else(|p| p.into_inner());
+        let mut types = self.types.write();
         if types.len() <= t {
             types.resize(t + 1, None);
         }
@@ -696,7 +649,7 @@ impl AnnIndexes {
         let ms = started.elapsed().as_secs_f64() * 1e3;
         self.counters.builds.fetch_add(1, Ordering::Relaxed);
         {
-            let mut last = self.counters.last.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.counters.last.lock();
             last.0 = ms;
             last.1 = n as u64;
         }
@@ -728,7 +681,7 @@ impl AnnIndexes {
         changed.sort_unstable();
         changed.dedup();
         {
-            let _shared = ix.gate.read().unwrap_or_else(|p| p.into_inner());
+            let _shared = ix.gate.read();
             for gone in n..indexed {
                 if ix.index.contains(gone as u64) {
                     ix.index.remove(gone as u64).map_err(index_err)?;
@@ -758,7 +711,7 @@ impl AnnIndexes {
         c.updates.fetch_add(1, Ordering::Relaxed);
         c.rows_updated
             .fetch_add(changed.len() as u64, Ordering::Relaxed);
-        let mut last = c.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = c.last.lock();
         last.2 = ms;
         last.3 = changed.len() as u64;
         Ok(())
@@ -781,11 +734,7 @@ impl std::ops::Deref for AnnHandle {
 
 impl Drop for AnnHandle {
     fn drop(&mut self) {
-        self.shared
-            .inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stop = true;
+        self.shared.inbox.lock().stop = true;
         self.shared.wake.notify_all();
     }
 }

@@ -122,7 +122,7 @@ fn lookup_embedding(
 }
 
 #[derive(Debug, Deserialize)]
-pub struct NeighborsQuery {
+pub(super) struct NeighborsQuery {
     pub rel: Option<String>,
     /// Strings so that a bad value gets our error naming the parameter, not the extractor's.
     pub k: Option<String>,
@@ -268,9 +268,86 @@ fn rank_neighbors(
     req: &RankRequest,
 ) -> Result<NeighborsResponse, ApiError> {
     let store = &state.store;
-    let schema = store.stored_schema();
     let key = format!("{type_name}:{id}");
     let node_type = resolve_type(store, type_name)?;
+    let (rel_id, dst_types) = resolve_relation(store, type_name, rel)?;
+    let node = resolve_node(store, node_type, id, &key)?;
+    let (src, served) = state.serving.with(|view| {
+        take_served(
+            served(view)?,
+            node,
+            &key,
+            (rel_id, rel),
+            &dst_types,
+            req.codes,
+        )
+    })?;
+    // A history-type source is its row plus the sum of its recent targets' served rows, per
+    // target type, as the model scores it; with interests, one such query per interest.
+    let interests = req.interests
+        && (state.train.as_ref()).is_some_and(|p| p.history_types.iter().any(|h| h == type_name));
+    let mut sources = Vec::with_capacity(served.targets.len());
+    let mut known = Vec::with_capacity(served.targets.len());
+    for (t, table, _, _) in &served.targets {
+        sources.push(match &state.train {
+            Some(p) if interests => {
+                let mi = &state.multi_interest;
+                let (queries, share) =
+                    interest_sources(p, mi, store, node, *t as usize, &src, table)?;
+                (queries, Some(share))
+            }
+            Some(p) => {
+                let composed = composed_source(p, store, node, *t as usize, &src, table)?;
+                (composed.unsqueeze(0), None)
+            }
+            None => (src.unsqueeze(0), None),
+        });
+        known.push(match req.exclude_known {
+            true => known_targets(store, node, rel_id, *t)?,
+            false => Vec::new(),
+        });
+    }
+    let erased = store.erasures_since(0);
+    // Interests are merged over every row: the mixture needs each interest's softmax.
+    let ann = (state.serving.ann()).filter(|_| !req.exact && !req.codes && !interests);
+    let ranked = tch::no_grad(|| top_targets(&served, &sources, &erased, &known, req.k, ann))?;
+    let mut neighbors = Vec::with_capacity(ranked.hits.len());
+    for (score, target) in ranked.hits {
+        let id = store.node_id(target)?.ok_or(ApiError::MissingId {
+            node_type: target.node_type,
+            index: target.index,
+        })?;
+        let type_name = &store.stored_schema().node_types[target.node_type as usize];
+        neighbors.push(ScoredNode {
+            node: format!("{type_name}:{id}"),
+            score,
+        });
+    }
+    Ok(NeighborsResponse {
+        node: key,
+        rel: rel.to_owned(),
+        version: served.version,
+        method: match (ranked.index_version, &served.codebooks) {
+            (Some(_), _) => RankMethod::Ann,
+            (None, Some(_)) => RankMethod::Codes,
+            (None, None) => RankMethod::Exact,
+        },
+        index_version: ranked.index_version,
+        interests: (sources.iter())
+            .filter_map(|(_, share)| share.as_ref())
+            .map(|s| s.size()[0] as usize)
+            .max(),
+        neighbors,
+    })
+}
+
+/// The relation `rel` by name, checked to start at `type_name`: its id and its target types.
+fn resolve_relation(
+    store: &GraphStore,
+    type_name: &str,
+    rel: &str,
+) -> Result<(RelId, Vec<TypeId>), ApiError> {
+    let schema = store.stored_schema();
     let (rel_id, (_, src_types, dst_names)) = schema
         .relations
         .iter()
@@ -296,112 +373,64 @@ fn rank_neighbors(
             dst_types.push(t);
         }
     }
-    let node = resolve_node(store, node_type, id, &key)?;
-    let (src, served) = state.serving.with(|view| {
-        let view = served(view)?;
-        let src = node_row(view, node, &key)?;
-        let relation =
-            row(&view.relations, rel_id as i64).ok_or_else(|| ApiError::RelationNotServed {
-                rel: rel.to_owned(),
-                version: view.version,
-            })?;
-        let codes = match (&view.codes, req.codes) {
-            (_, false) => None,
-            (None, true) => {
-                return Err(ApiError::BadParam {
-                    param: "codes",
-                    problem: format!(
-                        "version {} has no codes: set publish.format = \"pq\"",
-                        view.version
-                    ),
-                })
-            }
-            (Some(c), true) => Some(c),
-        };
-        let targets = dst_types
-            .iter()
-            .filter_map(|&t| {
-                let table = view.tables.get(t as usize)?.shallow_clone();
-                let bias = view
-                    .biases
-                    .get(t as usize)
-                    .and_then(Option::as_ref)
-                    .map(Tensor::shallow_clone);
-                let type_codes = match codes {
-                    Some(c) => Some(c.tables.get(t as usize)?.shallow_clone()),
-                    None => None,
-                };
-                Some((t, table, bias, type_codes))
-            })
-            .collect();
-        Ok::<_, ApiError>((
-            src,
-            Served {
-                version: view.version,
-                comparator: view.comparator,
-                relation,
-                targets,
-                codebooks: codes.map(|c| c.codebooks.shallow_clone()),
-            },
-        ))
-    })?;
-    // A history-type source is its row plus the sum of its recent targets' served rows, per
-    // target type, as the model scores it; with interests, one such query per interest.
-    let interests = req.interests
-        && (state.train.as_ref()).is_some_and(|p| p.history_types.iter().any(|h| h == type_name));
-    let mut sources = Vec::with_capacity(served.targets.len());
-    let mut known = Vec::with_capacity(served.targets.len());
-    for (t, table, _, _) in &served.targets {
-        sources.push(match &state.train {
-            Some(p) if interests => {
-                let mi = &state.multi_interest;
-                let (queries, share) =
-                    interest_sources(p, mi, store, node, *t as usize, &src, table)?;
-                (queries, Some(share))
-            }
-            Some(p) => {
-                let composed = composed_source(p, store, node, *t as usize, &src, table)?;
-                (composed.unsqueeze(0), None)
-            }
-            None => (src.unsqueeze(0), None),
-        });
-        known.push(match req.exclude_known {
-            true => known_targets(store, node, rel_id as RelId, *t)?,
-            false => Vec::new(),
-        });
-    }
-    let erased = store.erasures_since(0);
-    // Interests are merged over every row: the mixture needs each interest's softmax.
-    let ann = (state.serving.ann()).filter(|_| !req.exact && !req.codes && !interests);
-    let ranked = tch::no_grad(|| top_targets(&served, &sources, &erased, &known, req.k, ann))?;
-    let mut neighbors = Vec::with_capacity(ranked.hits.len());
-    for (score, target) in ranked.hits {
-        let id = store.node_id(target)?.ok_or(ApiError::MissingId {
-            node_type: target.node_type,
-            index: target.index,
+    Ok((rel_id as RelId, dst_types))
+}
+
+/// The node's served row and what ranking reads of `view` for relation `(id, name)`'s
+/// `dst_types` (with `codes`: their codes and codebooks, refused when the version has none).
+fn take_served(
+    view: &PublishedView,
+    node: NodeRef,
+    key: &str,
+    (rel_id, rel): (RelId, &str),
+    dst_types: &[TypeId],
+    codes: bool,
+) -> Result<(Tensor, Served), ApiError> {
+    let src = node_row(view, node, key)?;
+    let relation =
+        row(&view.relations, rel_id as i64).ok_or_else(|| ApiError::RelationNotServed {
+            rel: rel.to_owned(),
+            version: view.version,
         })?;
-        let type_name = &schema.node_types[target.node_type as usize];
-        neighbors.push(ScoredNode {
-            node: format!("{type_name}:{id}"),
-            score,
-        });
-    }
-    Ok(NeighborsResponse {
-        node: key,
-        rel: rel.to_owned(),
-        version: served.version,
-        method: match (ranked.index_version, &served.codebooks) {
-            (Some(_), _) => RankMethod::Ann,
-            (None, Some(_)) => RankMethod::Codes,
-            (None, None) => RankMethod::Exact,
+    let codes = match (&view.codes, codes) {
+        (_, false) => None,
+        (None, true) => {
+            return Err(ApiError::BadParam {
+                param: "codes",
+                problem: format!(
+                    "version {} has no codes: set publish.format = \"pq\"",
+                    view.version
+                ),
+            })
+        }
+        (Some(c), true) => Some(c),
+    };
+    let targets = dst_types
+        .iter()
+        .filter_map(|&t| {
+            let table = view.tables.get(t as usize)?.shallow_clone();
+            let bias = view
+                .biases
+                .get(t as usize)
+                .and_then(Option::as_ref)
+                .map(Tensor::shallow_clone);
+            let type_codes = match codes {
+                Some(c) => Some(c.tables.get(t as usize)?.shallow_clone()),
+                None => None,
+            };
+            Some((t, table, bias, type_codes))
+        })
+        .collect();
+    Ok((
+        src,
+        Served {
+            version: view.version,
+            comparator: view.comparator,
+            relation,
+            targets,
+            codebooks: codes.map(|c| c.codebooks.shallow_clone()),
         },
-        index_version: ranked.index_version,
-        interests: (sources.iter())
-            .filter_map(|(_, share)| share.as_ref())
-            .map(|s| s.size()[0] as usize)
-            .max(),
-        neighbors,
-    })
+    ))
 }
 
 /// The best targets, and the oldest version of the indexes searched (`None`: none was).
@@ -435,20 +464,13 @@ fn top_targets(
         if n == 0 {
             continue;
         }
-        let mut gone: Vec<i64> = erased
-            .iter()
-            .filter(|e| e.node_type == t && i64::from(e.index) < n)
-            .map(|e| i64::from(e.index))
-            .chain(known.iter().copied().filter(|&i| i < n))
-            .collect();
-        gone.sort_unstable();
-        gone.dedup();
+        let gone = left_out(erased, known, t, n);
         // From the index: its candidates, re-scored below exactly like every row would be.
         let from_index = match ann.filter(|a| n as usize >= a.config().min_rows) {
             Some(ann) => {
                 let query = Vec::<f32>::try_from(&translated.reshape([-1]).to_kind(Kind::Float))?;
-                let count = k * ann.config().oversample;
                 let keep = |key: u64| gone.binary_search(&(key as i64)).is_err();
+                let count = k * ann.config().oversample;
                 match ann.search(t, served.comparator, bias.is_some(), &query, count, keep) {
                     Some(found) => {
                         let found = found?;
@@ -470,71 +492,17 @@ fn top_targets(
             }
             None => None,
         };
-        let (scored_rows, scores) = match &from_index {
-            Some(picked) if picked.is_empty() => continue,
-            Some(picked) => {
-                let idx = Tensor::from_slice(picked);
-                let scores = score_targets(
-                    served.comparator,
-                    &translated,
-                    &candidates.f_index_select(0, &idx)?,
-                )
-                .reshape([-1]);
-                let scores = match bias {
-                    Some(b) => scores + b.f_index_select(0, &idx)?,
-                    None => scores,
-                };
-                (Some(picked), scores)
-            }
-            None => {
-                // `[queries, rows]`.
-                let mut scores = match (&served.codebooks, codes) {
-                    (Some(books), Some(codes)) => Tensor::stack(
-                        &(0..translated.size()[0])
-                            .map(|q| {
-                                books.code_scores(served.comparator, &translated.get(q), codes)
-                            })
-                            .collect::<Vec<_>>(),
-                        0,
-                    ),
-                    _ => score_targets(served.comparator, &translated, candidates),
-                };
-                // The target bias of a biased type (`train.bias_types`), as the model scores.
-                if let Some(b) = bias {
-                    scores += b;
-                }
-                // Left out before any softmax, so they take no interest's probability.
-                if !gone.is_empty() {
-                    let _ = scores.index_fill_(1, &Tensor::from_slice(&gone), f64::NEG_INFINITY);
-                }
-                // With interests (even one), the mixture's log-probabilities.
-                let scores = match share {
-                    Some(share) => mixture(&scores, share),
-                    None => scores.reshape([-1]),
-                };
-                (None, scores)
-            }
+        let target = Target {
+            candidates,
+            bias: bias.as_ref(),
+            codes: codes.as_ref(),
         };
-        let take = (k as i64).min(scores.size()[0]);
-        let (values, indices) = scores.f_topk(take, 0, true, true)?;
-        let values = Vec::<f32>::try_from(&values.to_kind(Kind::Float))?;
-        let indices = Vec::<i64>::try_from(&indices)?;
-        hits.extend(
-            values
-                .into_iter()
-                .zip(indices)
-                .filter(|(score, _)| *score > f32::NEG_INFINITY)
-                .map(|(score, i)| {
-                    let row = scored_rows.map_or(i, |r| r[i as usize]);
-                    (
-                        score,
-                        NodeRef {
-                            node_type: t,
-                            index: row as u32,
-                        },
-                    )
-                }),
-        );
+        let scores = match &from_index {
+            Some(picked) if picked.is_empty() => continue,
+            Some(picked) => score_picked(served, &target, &translated, picked)?,
+            None => score_every_row(served, &target, &translated, &gone, share.as_ref()),
+        };
+        hits.extend(best_of(&scores, from_index.as_deref(), t, k)?);
     }
     hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     hits.truncate(k);
@@ -542,4 +510,107 @@ fn top_targets(
         hits,
         index_version,
     })
+}
+
+/// One target type as [`Served`] holds it: its rows, target biases and codes.
+struct Target<'a> {
+    candidates: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    codes: Option<&'a Tensor>,
+}
+
+/// The rows of a type of `n` rows that are never candidates, sorted: the `erased` nodes of type
+/// `t` and the `known` rows.
+fn left_out(erased: &[NodeRef], known: &[i64], t: TypeId, n: i64) -> Vec<i64> {
+    let mut gone: Vec<i64> = erased
+        .iter()
+        .filter(|e| e.node_type == t && i64::from(e.index) < n)
+        .map(|e| i64::from(e.index))
+        .chain(known.iter().copied().filter(|&i| i < n))
+        .collect();
+    gone.sort_unstable();
+    gone.dedup();
+    gone
+}
+
+/// The index's candidates `picked` scored exactly, as every row would be (`[picked]`).
+fn score_picked(
+    served: &Served,
+    target: &Target,
+    translated: &Tensor,
+    picked: &[i64],
+) -> Result<Tensor, ApiError> {
+    let idx = Tensor::from_slice(picked);
+    let scores = score_targets(
+        served.comparator,
+        translated,
+        &target.candidates.f_index_select(0, &idx)?,
+    )
+    .reshape([-1]);
+    Ok(match target.bias {
+        Some(b) => scores + b.f_index_select(0, &idx)?,
+        None => scores,
+    })
+}
+
+/// Every row scored (from the codes when the request asked for them), the `gone` rows at −∞;
+/// with interests (even one) the mixture's log-probabilities over the queries' scores.
+fn score_every_row(
+    served: &Served,
+    target: &Target,
+    translated: &Tensor,
+    gone: &[i64],
+    share: Option<&Tensor>,
+) -> Tensor {
+    // `[queries, rows]`.
+    let mut scores = match (&served.codebooks, target.codes) {
+        (Some(books), Some(codes)) => Tensor::stack(
+            &(0..translated.size()[0])
+                .map(|q| books.code_scores(served.comparator, &translated.get(q), codes))
+                .collect::<Vec<_>>(),
+            0,
+        ),
+        _ => score_targets(served.comparator, translated, target.candidates),
+    };
+    // The target bias of a biased type (`train.bias_types`), as the model scores.
+    if let Some(b) = target.bias {
+        scores += b;
+    }
+    // Left out before any softmax, so they take no interest's probability.
+    if !gone.is_empty() {
+        let _ = scores.index_fill_(1, &Tensor::from_slice(gone), f64::NEG_INFINITY);
+    }
+    match share {
+        Some(share) => mixture(&scores, share),
+        None => scores.reshape([-1]),
+    }
+}
+
+/// The best `k` of `scores` (of `scored_rows` when given, else of rows `0..`) as nodes of type
+/// `t`; rows at −∞ are never hits.
+fn best_of(
+    scores: &Tensor,
+    scored_rows: Option<&[i64]>,
+    t: TypeId,
+    k: usize,
+) -> Result<Vec<(f32, NodeRef)>, ApiError> {
+    let take = (k as i64).min(scores.size()[0]);
+    let (values, indices) = scores.f_topk(take, 0, true, true)?;
+    let values = Vec::<f32>::try_from(&values.to_kind(Kind::Float))?;
+    let indices = Vec::<i64>::try_from(&indices)?;
+    Ok(values
+        .into_iter()
+        .zip(indices)
+        .filter(|(score, _)| *score > f32::NEG_INFINITY)
+        .map(|(score, i)| {
+            let row = scored_rows.map_or(i, |r| r[i as usize]);
+            (
+                score,
+                NodeRef {
+                    node_type: t,
+                    index: row as u32,
+                },
+            )
+        })
+        .collect())
 }

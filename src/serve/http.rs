@@ -10,8 +10,9 @@
 //! sled: both happen on actix's blocking pool (`web::block`), never on the worker that accepts
 //! connections.
 
+use parking_lot::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
@@ -33,8 +34,8 @@ use crate::store::{refresh_store_gauges, GraphStore, StoreError};
 use crate::train::{TorchInfo, TrainerStatus};
 
 /// Default and largest `k` of `/v1/neighbors`.
-pub const DEFAULT_K: usize = 10;
-pub const MAX_K: usize = 1000;
+pub(crate) const DEFAULT_K: usize = 10;
+pub(crate) const MAX_K: usize = 1000;
 
 /// What the handlers read.
 pub struct HttpState {
@@ -114,7 +115,7 @@ pub fn app(
 
 /// What a request can fail with; the response is `{"error": <message>, "code": <code>}`.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("unknown node type `{0}`")]
     UnknownType(String),
     #[error("unknown node `{0}`")]
@@ -158,7 +159,7 @@ impl From<actix_web::error::BlockingError> for ApiError {
 
 impl ApiError {
     /// A stable, machine-readable name of the failure.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ApiError::UnknownType(_) => "unknown_type",
             ApiError::UnknownNode(_) => "unknown_node",

@@ -12,11 +12,12 @@ mod http;
 mod status;
 mod view;
 
-pub use ann::*;
-pub use embeddings::*;
-pub use http::*;
-pub use status::*;
-pub use view::*;
+pub(crate) use ann::{AnnError, AnnFigures, AnnHandle, AnnIndexes};
+pub use embeddings::{EmbeddingResponse, NeighborsResponse, RankMethod};
+pub use http::{app, start, HttpState};
+pub(crate) use http::{ApiError, DEFAULT_K, MAX_K};
+pub(crate) use status::RateWindow;
+pub use view::ServingView;
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@ use actix_web::{get, web};
 use serde::Serialize;
 
 use crate::align::AlignReport;
-use crate::publish::{FreshnessFigures, InProgress, PqFigures};
+use crate::publish::{FreshnessFigures, InProgress, PqPublishFigures};
 use crate::serve::embeddings::rows;
 use crate::serve::{ApiError, HttpState};
 use crate::store::StoreSummary;
@@ -16,7 +16,7 @@ use crate::train::{TorchInfo, TrainerFigures};
 
 /// The `/v1/status` document.
 #[derive(Debug, Serialize)]
-pub struct Status {
+pub(super) struct Status {
     pub version: &'static str,
     pub uptime_secs: u64,
     pub kafka: KafkaStatus,
@@ -32,7 +32,7 @@ pub struct Status {
 }
 
 #[derive(Debug, Serialize)]
-pub struct KafkaStatus {
+pub(super) struct KafkaStatus {
     pub bootstrap_servers: String,
     pub topic: String,
     pub broker_reachable: bool,
@@ -45,7 +45,7 @@ pub struct KafkaStatus {
 }
 
 #[derive(Debug, Serialize)]
-pub struct IngestFigures {
+pub(super) struct IngestFigures {
     pub consumed: u64,
     pub invalid: u64,
     pub appended: u64,
@@ -62,7 +62,7 @@ pub struct IngestFigures {
 
 /// The version the serving API shows, and how fresh versions are.
 #[derive(Debug, Serialize)]
-pub struct PublishFigures {
+pub(super) struct PublishFigures {
     /// The latest committed version; `null` before the first.
     pub version: Option<u64>,
     pub epoch: Option<u64>,
@@ -80,7 +80,7 @@ pub struct PublishFigures {
     /// Publications skipped because this daemon did not consume every partition.
     pub held_partial: u64,
     /// `publish.format = "pq"`: how the last committed version was coded; `null` otherwise.
-    pub pq: Option<PqFigures>,
+    pub pq: Option<PqPublishFigures>,
     /// Event-to-publish latency of this process's events.
     pub freshness: FreshnessFigures,
 }
@@ -128,11 +128,7 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
     let i = &state.ingest;
     let consumed = i.consumed.load(Ordering::Relaxed);
     let uptime = now.saturating_duration_since(state.started);
-    let recent = state
-        .rate
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .observe(now, consumed);
+    let recent = state.rate.lock().observe(now, consumed);
     let ingest = IngestFigures {
         consumed,
         invalid: i.invalid.load(Ordering::Relaxed),

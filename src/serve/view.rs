@@ -8,7 +8,8 @@
 //! Each version handed over also goes to the approximate-candidate indexes' updater
 //! ([`AnnIndexes`]), which brings them to it on its own thread.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use crate::config::AnnConfig;
 use crate::publish::PublishedView;
@@ -56,7 +57,7 @@ impl ServingView {
                 view.changed.as_deref(),
             );
         }
-        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
+        *self.inner.lock() = Some(view);
     }
 
     /// The approximate-candidate indexes, when enabled.
@@ -66,7 +67,7 @@ impl ServingView {
 
     /// Run `f` on the served version (`None` before the first commit).
     pub fn with<R>(&self, f: impl FnOnce(Option<&PublishedView>) -> R) -> R {
-        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.inner.lock();
         f(guard.as_ref())
     }
 

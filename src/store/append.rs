@@ -84,7 +84,7 @@ impl GraphStore {
     /// durably: the partition's history changed (the topic was recreated, or its data lost),
     /// so it is consumed again from its start. The edges stored from it stay.
     pub fn forget_partition(&self, topic: &str, partition: i32) -> Result<(), StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = self.writer.lock();
         let mut b = sled::Batch::default();
         b.remove(offset_key(topic, partition));
         b.remove(record_print_key(topic, partition));
@@ -99,15 +99,11 @@ impl GraphStore {
     /// already stored), as are events whose `event_id` is within the dedup window. The stored
     /// offsets only move forward.
     pub fn append(&self, batch: &AppendBatch) -> Result<AppendOutcome, StoreError> {
-        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let counts = self
-            .counts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut writer = self.writer.lock();
+        let counts = self.counts.read().clone();
         let stored_next = self.stored_offsets(batch)?;
         let types = self.schema.node_types.len();
-        let graph = self.graph.read().unwrap_or_else(|p| p.into_inner());
+        let graph = self.graph.read();
         let mut w = BatchWrites {
             out: AppendOutcome {
                 first_seq: counts.next_seq,
@@ -365,7 +361,7 @@ impl GraphStore {
             writer.dedup.insert(id.as_bytes(), *ts);
         }
         {
-            let mut graph = self.graph.write().unwrap_or_else(|p| p.into_inner());
+            let mut graph = self.graph.write();
             for (t, ids) in w.new_ids.iter().enumerate() {
                 for id in ids {
                     // A fresh index by construction: `intern` saw it absent under the writer
@@ -388,7 +384,7 @@ impl GraphStore {
                 graph.erasures.push(node);
             }
         }
-        *self.counts.write().unwrap_or_else(|p| p.into_inner()) = w.counts;
+        *self.counts.write() = w.counts;
         Ok(w.out)
     }
 

@@ -12,7 +12,7 @@ use crate::store::{corrupt, Counts, Edge, Graph, NodeRef, StoreError, StoredSche
 /// The format this build writes. 1: one sled key per node, adjacency chunk and event id;
 /// 2: chunks only, indexes in memory (see the module docs of [`crate::store`]); 3: erased
 /// nodes (`Z` chunks), which a format-2 build would not honour (so it must refuse the store).
-pub const STORE_FORMAT: u32 = 3;
+pub(super) const STORE_FORMAT: u32 = 3;
 
 const META_FORMAT: &[u8] = b"Mformat";
 const META_NEXT_SEQ: &[u8] = crate::store::META_NEXT_SEQ;
@@ -196,8 +196,36 @@ pub(super) fn load(
     path: &Path,
     schema: &StoredSchema,
 ) -> Result<Loaded, StoreError> {
+    let counts = load_counts(tree, path, schema)?;
+    let nodes = load_nodes(tree, path, schema.node_types.len())?;
+    let (deleted, delete_chunks) = load_deletions(tree, path)?;
+    let (erasures, erased) = load_erasures(tree, path, &nodes)?;
+    let adjacency = load_adjacency(tree, path, &counts, &nodes, &deleted)?;
+    let dedup = load_dedup(tree, path)?;
+    Ok(Loaded {
+        counts,
+        graph: Graph {
+            nodes,
+            adjacency,
+            deleted,
+            delete_chunks,
+            erasures,
+            erased,
+        },
+        dedup,
+    })
+}
+
+type SeqSet = std::collections::HashSet<u64, foldhash::fast::RandomState>;
+type NodeSet = std::collections::HashSet<NodeRef, foldhash::fast::RandomState>;
+
+/// The next sequence number and the per-relation edge counts.
+fn load_counts(
+    tree: &sled::Tree,
+    path: &Path,
+    schema: &StoredSchema,
+) -> Result<Counts, StoreError> {
     let err = sled_err(path);
-    let types = schema.node_types.len();
     let mut counts = Counts {
         next_seq: 0,
         relations: vec![0; schema.relations.len()],
@@ -210,9 +238,13 @@ pub(super) fn load(
             *n = be_u64(&v).ok_or_else(|| corrupt(path, "relation count"))?;
         }
     }
+    Ok(counts)
+}
 
-    // Node-id chunks are read by key, each chunk's length giving the next one's key, up to the
-    // count stored beside them: no scan, so a chunk missing from the store is named.
+/// The interner. Node-id chunks are read by key, each chunk's length giving the next one's key,
+/// up to the count stored beside them: no scan, so a chunk missing from the store is named.
+fn load_nodes(tree: &sled::Tree, path: &Path, types: usize) -> Result<Interner, StoreError> {
+    let err = sled_err(path);
     let mut nodes = Interner::new(types);
     for t in 0..types as TypeId {
         let count = match tree.get(node_count_key(t)).map_err(&err)? {
@@ -248,9 +280,13 @@ pub(super) fn load(
             ));
         }
     }
+    Ok(nodes)
+}
 
-    let mut deleted: std::collections::HashSet<u64, foldhash::fast::RandomState> =
-        Default::default();
+/// The deleted edges' sequence numbers, and how many delete chunks there are.
+fn load_deletions(tree: &sled::Tree, path: &Path) -> Result<(SeqSet, u64), StoreError> {
+    let err = sled_err(path);
+    let mut deleted = SeqSet::default();
     let mut delete_chunks = 0u64;
     for kv in tree.scan_prefix(b"D") {
         let (k, v) = kv.map_err(&err)?;
@@ -261,10 +297,18 @@ pub(super) fn load(
         deleted.extend(v.chunks_exact(8).map(|b| be_u64(b).expect("8 bytes")));
         delete_chunks = delete_chunks.max(chunk + 1);
     }
+    Ok((deleted, delete_chunks))
+}
 
+/// The erased nodes, in erasure order and as a set.
+fn load_erasures(
+    tree: &sled::Tree,
+    path: &Path,
+    nodes: &Interner,
+) -> Result<(Vec<NodeRef>, NodeSet), StoreError> {
+    let err = sled_err(path);
     let mut erasures = Vec::new();
-    let mut erased: std::collections::HashSet<NodeRef, foldhash::fast::RandomState> =
-        Default::default();
+    let mut erased = NodeSet::default();
     // Chunk keys are big-endian numbers, so the scan is in erasure order.
     for kv in tree.scan_prefix(b"Z") {
         let (k, v) = kv.map_err(&err)?;
@@ -285,8 +329,20 @@ pub(super) fn load(
             }
         }
     }
+    Ok((erasures, erased))
+}
 
-    let mut adjacency = Adjacency::new(types);
+/// The adjacency of every edge not deleted, from the edge log, which must be contiguous up to
+/// `counts.next_seq` and name only known nodes.
+fn load_adjacency(
+    tree: &sled::Tree,
+    path: &Path,
+    counts: &Counts,
+    nodes: &Interner,
+    deleted: &SeqSet,
+) -> Result<Adjacency, StoreError> {
+    let err = sled_err(path);
+    let mut adjacency = Adjacency::new(nodes.types());
     let mut seq = 0u64;
     for kv in tree.range(edge_key(0)..=edge_key(u64::MAX)) {
         let (k, v) = kv.map_err(&err)?;
@@ -319,7 +375,12 @@ pub(super) fn load(
             ),
         ));
     }
+    Ok(adjacency)
+}
 
+/// The dedup index, from the expiry chunks.
+fn load_dedup(tree: &sled::Tree, path: &Path) -> Result<DedupIndex, StoreError> {
+    let err = sled_err(path);
     let mut dedup = DedupIndex::default();
     for kv in tree.scan_prefix(b"Y") {
         let (_, v) = kv.map_err(&err)?;
@@ -330,16 +391,5 @@ pub(super) fn load(
             }
         }
     }
-    Ok(Loaded {
-        counts,
-        graph: Graph {
-            nodes,
-            adjacency,
-            deleted,
-            delete_chunks,
-            erasures,
-            erased,
-        },
-        dedup,
-    })
+    Ok(dedup)
 }

@@ -44,6 +44,11 @@ impl Interner {
             .map(|s| &**s)
     }
 
+    /// How many node types it holds ids for.
+    pub(super) fn types(&self) -> usize {
+        self.by_type.len()
+    }
+
     pub(super) fn count(&self, node_type: TypeId) -> u32 {
         self.by_type
             .get(node_type as usize)

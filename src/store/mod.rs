@@ -35,8 +35,8 @@
 //! chunks) and `X` (one key per event id); [`format::upgrade`] rewrites such a
 //! store in place at open.
 
+use parking_lot::{Mutex, RwLock};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 

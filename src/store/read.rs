@@ -76,16 +76,13 @@ impl GraphStore {
         Ok(self.graph().nodes.id(node).map(str::to_owned))
     }
 
-    fn graph(&self) -> std::sync::RwLockReadGuard<'_, Graph> {
-        self.graph.read().unwrap_or_else(|p| p.into_inner())
+    fn graph(&self) -> parking_lot::RwLockReadGuard<'_, Graph> {
+        self.graph.read()
     }
 
     /// Total number of edges ever appended (also the next sequence number).
     pub fn edge_count(&self) -> u64 {
-        self.counts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .next_seq
+        self.counts.read().next_seq
     }
 
     pub fn node_count(&self, node_type: TypeId) -> u32 {
@@ -94,11 +91,7 @@ impl GraphStore {
 
     /// Edge count per relation id.
     pub fn relation_counts(&self) -> Vec<u64> {
-        self.counts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .relations
-            .clone()
+        self.counts.read().relations.clone()
     }
 
     /// The chunk of the edge log holding `seq`: its first sequence number and its bytes.

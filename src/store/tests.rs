@@ -213,7 +213,7 @@ fn event_ids_dedup_within_the_window_only() {
     let out = s.append(&batch(later)).unwrap();
     assert_eq!(out.appended, 101);
     assert_eq!(
-        s.writer.lock().unwrap().dedup.len(),
+        s.writer.lock().dedup.len(),
         101,
         "e2 expired, e1 re-stored beside the 100 new ids"
     );

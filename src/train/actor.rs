@@ -1,4 +1,4 @@
-//! The trainer actor (DESIGN §4) around [`TrainerCore`], on its own thread (a one-thread
+//! The trainer actor (docs/architecture.md §4) around [`TrainerCore`], on its own thread (a one-thread
 //! `SyncArbiter`, so libtorch never blocks an async arbiter), and the messages it receives.
 //!
 //! ```text
@@ -15,8 +15,9 @@
 //! Checkpoints are written every `trainer.checkpoint_interval_secs` and on [`SaveCheckpoint`]; a
 //! restart resumes from the newest usable one ([`TrainerCore::open`]).
 
+use parking_lot::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -105,7 +106,7 @@ impl TrainerActor {
         status: Arc<TrainerStatus>,
         device: Device,
     ) -> TrainerActor {
-        let core = slot.lock().map(|mut s| s.take()).unwrap_or(None);
+        let core = slot.lock().take();
         if let Some(c) = &core {
             status.cursor.store(c.cursor(), Ordering::Relaxed);
         }
@@ -149,8 +150,8 @@ impl Actor for TrainerActor {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         // Hand the model back so a restarted actor continues with it.
-        if let (Some(core), Ok(mut slot)) = (self.core.take(), self.slot.lock()) {
-            *slot = Some(core);
+        if let Some(core) = self.core.take() {
+            *self.slot.lock() = Some(core);
         }
     }
 }

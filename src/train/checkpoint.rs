@@ -61,10 +61,29 @@ pub struct CheckpointMeta {
     pub tensors_crc32: u32,
 }
 
-/// A loaded checkpoint.
+/// A loaded checkpoint, and the newer ones that were found unusable on the way to it.
 pub struct Restored {
     pub meta: CheckpointMeta,
     pub model: Embeddings,
+    pub unusable: Vec<UnusableCheckpoint>,
+}
+
+/// A checkpoint a restart skipped, and why (`/v1/status`'s `trainer.resumed_from.unusable`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UnusableCheckpoint {
+    pub version: u64,
+    pub error: String,
+}
+
+/// Where a restarted trainer began (`/v1/status`'s `trainer.resumed_from`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResumedFrom {
+    /// The checkpoint loaded.
+    pub version: u64,
+    /// Its cursor: the store sequence number of the next edge trained.
+    pub cursor: u64,
+    /// Newer checkpoints skipped because they were unusable, newest first.
+    pub unusable: Vec<UnusableCheckpoint>,
 }
 
 /// CRC-32 of a schema's names (node types, then relations with their endpoint types).
@@ -221,12 +240,20 @@ impl Checkpoints {
             }
         }
         let mut last_error = None;
+        let mut unusable = Vec::new();
         for v in candidates {
             let dir = self.version_dir(v);
             match self.load_version(&dir, schema_fingerprint, device) {
-                Ok(r) => return Ok(Some(r)),
+                Ok(mut r) => {
+                    r.unusable = unusable;
+                    return Ok(Some(r));
+                }
                 Err(e) => {
                     warn!(error = %e, "checkpoint unusable; trying an older one");
+                    unusable.push(UnusableCheckpoint {
+                        version: v,
+                        error: e.to_string(),
+                    });
                     last_error = Some(e);
                 }
             }
@@ -304,7 +331,11 @@ impl Checkpoints {
                 });
             }
         }
-        Ok(Restored { meta, model })
+        Ok(Restored {
+            meta,
+            model,
+            unusable: Vec::new(),
+        })
     }
 }
 

@@ -1,4 +1,4 @@
-//! The logistic loss of one side of a sampled step (DESIGN §4) in one pass over host memory:
+//! The logistic loss of one side of a sampled step (docs/architecture.md §4) in one pass over host memory:
 //! the masks of accidental positives decided from the ids as each score is read, `softplus` and
 //! `σ` from one shared exponential, and each score overwritten by its gradient.
 //!
@@ -14,7 +14,7 @@
 /// Who the positives of a side and its uniform candidates are: a candidate is not a negative of
 /// positive `i` when it is `i`'s own node (`own`), or, in-batch, when it is another positive
 /// sharing `i`'s other end and relation (a true edge), or padding beyond the batch.
-pub struct SideIds<'a> {
+pub(super) struct SideIds<'a> {
     pub own: &'a [i64],
     pub other: &'a [i64],
     pub rels: &'a [i64],
@@ -24,7 +24,7 @@ pub struct SideIds<'a> {
 /// One side's scores: `pos [b]` the positives', `in_batch [b, chunk]` and `uniform [b, k]`
 /// (row-major) their candidates', column `j` of `in_batch` being the `j`-th positive of `i`'s
 /// chunk.
-pub struct SideScores<'a> {
+pub(super) struct SideScores<'a> {
     pub pos: &'a [f32],
     pub in_batch: &'a mut [f32],
     pub uniform: &'a mut [f32],
@@ -34,7 +34,11 @@ pub struct SideScores<'a> {
 /// Logistic loss of one side. Returns the loss — the mean over positives of `softplus(−pos) +
 /// mean over valid negatives of softplus(neg)` — and the positives' gradients times `scale`; the
 /// candidates' scores are replaced by their gradients times `scale` (zero where not a negative).
-pub fn logistic_side(side: SideScores<'_>, ids: &SideIds<'_>, scale: f32) -> (f64, Vec<f32>) {
+pub(super) fn logistic_side(
+    side: SideScores<'_>,
+    ids: &SideIds<'_>,
+    scale: f32,
+) -> (f64, Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.

@@ -1,10 +1,11 @@
-//! Losses over scores (DESIGN §4). They only consume scores from [`crate::train`].
+//! Losses over scores (docs/architecture.md §4). They only consume scores from [`crate::train`].
 //!
 //! `pos [B]` holds each positive's score, `neg [B, K]` its negatives' scores and `valid [B, K]`
 //! (bool) which negatives count: accidental positives and a positive's own slot are masked out.
 
-pub use crate::config::LossKind;
 use tch::{Kind, Tensor};
+
+use crate::config::LossKind;
 
 /// Mean loss over the batch.
 pub fn loss(kind: LossKind, pos: &Tensor, neg: &Tensor, valid: &Tensor) -> Tensor {
@@ -14,7 +15,7 @@ pub fn loss(kind: LossKind, pos: &Tensor, neg: &Tensor, valid: &Tensor) -> Tenso
 /// [`loss`] with each positive's negatives given in parts (`neg_i [B, K_i]`, `valid_i [B, K_i]`),
 /// as if concatenated along the negatives: the trainer's in-batch and uniform negatives come from
 /// different products, and concatenating them would copy both (forward and backward).
-pub fn loss_parts(kind: LossKind, pos: &Tensor, parts: &[(&Tensor, &Tensor)]) -> Tensor {
+pub(super) fn loss_parts(kind: LossKind, pos: &Tensor, parts: &[(&Tensor, &Tensor)]) -> Tensor {
     match kind {
         LossKind::Logistic => {
             // −log σ(−x) = softplus(x)
@@ -56,7 +57,11 @@ pub fn loss_parts(kind: LossKind, pos: &Tensor, parts: &[(&Tensor, &Tensor)]) ->
 /// `Σ x · g` per input (`g` computed without a graph) instead of the loss's own chain of
 /// element-wise operations over `[B, K]`, each of them kept for backward (on a softmax over
 /// every movie that chain cost more than the score products).
-pub fn loss_parts_fast(kind: LossKind, pos: &Tensor, parts: &[(&Tensor, &Tensor)]) -> Tensor {
+pub(crate) fn loss_parts_fast(
+    kind: LossKind,
+    pos: &Tensor,
+    parts: &[(&Tensor, &Tensor)],
+) -> Tensor {
     let (value, grad_pos, grad_parts) = tch::no_grad(|| {
         let pos = pos.detach();
         let parts: Vec<(Tensor, &Tensor)> = parts.iter().map(|(n, v)| (n.detach(), *v)).collect();
@@ -71,7 +76,7 @@ pub fn loss_parts_fast(kind: LossKind, pos: &Tensor, parts: &[(&Tensor, &Tensor)
 
 /// The loss of [`loss_parts`] and its gradients with respect to `pos [B]` and each part's
 /// scores `[B, K_i]` (zero where not valid), computed without a graph.
-pub fn loss_and_gradients(
+pub(crate) fn loss_and_gradients(
     kind: LossKind,
     pos: &Tensor,
     parts: &[(Tensor, &Tensor)],

@@ -9,7 +9,7 @@
 mod actor;
 mod checkpoint;
 mod device;
-mod interests;
+mod history;
 mod logistic_host;
 mod loss;
 mod model;
@@ -23,18 +23,37 @@ mod step;
 mod trainer;
 mod warm;
 
-pub use actor::*;
-pub use checkpoint::*;
-pub use device::*;
-pub use interests::*;
-pub use loss::*;
-pub use model::*;
-pub use prequential::*;
-pub use query::*;
-pub use rank::*;
-pub use score::*;
-pub use snapshot::*;
-pub use status::*;
-pub use step::*;
-pub use trainer::*;
-pub use warm::*;
+/// The training settings live in `[train]` (config); the stage's code names them from here.
+pub use crate::config::{Comparator, LossKind, TrainParams};
+pub(crate) use actor::{
+    RestoreCheckpoint, Rotate, SaveCheckpoint, SetPull, TakeDelta, TrainRound, TrainerActor,
+};
+pub use checkpoint::{schema_fingerprint, Checkpoints};
+pub(crate) use checkpoint::{CheckpointError, ResumedFrom};
+pub(crate) use device::TorchInfo;
+pub use device::{info, resolve};
+pub(crate) use history::{
+    compose, history_targets, history_weights, history_with_rows, interest_groups,
+    interest_sources, mixture,
+};
+pub use history::{composed_source, known_targets, weighted_recent, History};
+pub use loss::loss;
+pub(crate) use loss::{loss_and_gradients, loss_parts_fast};
+pub use model::Embeddings;
+pub(crate) use model::ReverseRelations;
+pub(crate) use prequential::RankWindow;
+pub(crate) use query::{all_target_scores, SourceQuery};
+pub(crate) use rank::{evaluate, Filter, RankMetrics};
+pub use rank::{target_ranks, RankSum, TargetQuery, Triple};
+pub(crate) use score::{score_pairs, score_sources};
+pub use score::{score_targets, translate};
+pub(crate) use snapshot::{
+    load_snapshot, non_finite_in, non_finite_rows, save_snapshot, SnapshotError,
+};
+pub use snapshot::{DeltaRequest, ModelDelta, Snapshot, TableDelta};
+pub(crate) use status::{TrainStepTaken, TrainerFigures, TrainerStatus};
+pub(crate) use step::rows_needed;
+pub use step::{ensure_rows, train_step, train_step_autograd, train_step_with, Pull, StepStats};
+pub use trainer::TrainerCore;
+pub(crate) use trainer::{StepReport, TrainerError};
+pub(crate) use warm::warm_rows;

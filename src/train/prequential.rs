@@ -3,47 +3,6 @@
 
 use std::collections::VecDeque;
 
-use crate::store::{Direction, GraphStore, NodeRef, StoreError};
-
-/// Known targets looked up per prequential query for filtering.
-const FILTER_LIMIT: usize = 4096;
-
-/// The stored targets of `(src, rel)` of type `dst_type` (for filtered ranking).
-pub fn known_targets(
-    store: &GraphStore,
-    src: NodeRef,
-    rel: u16,
-    dst_type: u16,
-) -> Result<Vec<i64>, StoreError> {
-    Ok(store
-        .neighbors(src, Some(rel), Some(Direction::Out), FILTER_LIMIT)?
-        .into_iter()
-        .filter(|n| n.node.node_type == dst_type)
-        .map(|n| n.node.index as i64)
-        .collect())
-}
-
-/// The `k` most recent targets of `src` of type `dst_type` (any relation) stored before
-/// sequence number `before`, oldest first: the history of the user model
-/// ([`crate::train::History`]).
-pub fn recent_targets(
-    store: &GraphStore,
-    src: NodeRef,
-    dst_type: u16,
-    k: usize,
-    before: u64,
-) -> Result<Vec<i64>, StoreError> {
-    let mut out: Vec<(u64, i64)> = store
-        .neighbors(src, None, Some(Direction::Out), usize::MAX)?
-        .into_iter()
-        .filter(|n| n.node.node_type == dst_type && n.seq < before)
-        .map(|n| (n.seq, n.node.index as i64))
-        .collect();
-    out.sort_unstable();
-    let start = out.len().saturating_sub(k);
-    Ok(out[start..].iter().map(|&(_, i)| i).collect())
-}
-
 /// The last `capacity` prequential ranks.
 #[derive(Debug)]
 pub struct RankWindow {

@@ -1,5 +1,5 @@
 //! What the model answers for one `(source, relation)`: the score of every node of the target
-//! type, with exactly the score the step trains and a version publishes (DESIGN §4). Used by the
+//! type, with exactly the score the step trains and a version publishes (docs/architecture.md §4). Used by the
 //! stream evaluation; prequential ranks ([`crate::train::target_ranks`]) rank with the same score.
 
 use tch::{Device, Kind, Tensor};
@@ -10,7 +10,7 @@ use crate::train::{score_targets, translate, Comparator, Embeddings};
 /// a zero row), the relation, and the source's recent targets (rows of the target type) when it
 /// is of a history type ([`crate::train::History`]; empty otherwise).
 #[derive(Debug, Clone, PartialEq)]
-pub struct SourceQuery {
+pub(crate) struct SourceQuery {
     pub src_type: usize,
     pub src: Option<i64>,
     pub rel: i64,
@@ -21,7 +21,7 @@ pub struct SourceQuery {
 /// carries one), on the CPU: `[b, rows + 1]`, the last
 /// column being the score of a target without a row (a zero row), so a caller ranking over
 /// nodes the model has not seen yet scores them as the model would.
-pub fn all_target_scores(
+pub(crate) fn all_target_scores(
     model: &Embeddings,
     cmp: Comparator,
     queries: &[SourceQuery],
@@ -40,11 +40,7 @@ pub fn all_target_scores(
                     }
                     _ => zero.shallow_clone(),
                 };
-                let weights = crate::train::history_weights(&q.history, None);
-                match crate::train::history_sum(&targets, &weights) {
-                    Some(sum) => row + sum,
-                    None => row,
-                }
+                crate::train::compose(&row, &targets, &q.history)
             })
             .collect();
         let rels: Vec<i64> = queries.iter().map(|q| q.rel).collect();

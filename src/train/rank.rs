@@ -62,7 +62,7 @@ impl RankSum {
 
 /// Realistic rank of each row's true score among `scores [B, N]` (filtered entries already at
 /// −∞; the true entry is still in place).
-pub fn realistic_ranks(scores: &Tensor, truth: &Tensor) -> Vec<f64> {
+pub(super) fn realistic_ranks(scores: &Tensor, truth: &Tensor) -> Vec<f64> {
     let t = truth.unsqueeze(1);
     let higher = scores.gt_tensor(&t).sum_dim_intlist(1, false, Kind::Double);
     let at_least = scores.ge_tensor(&t).sum_dim_intlist(1, false, Kind::Double);
@@ -72,13 +72,13 @@ pub fn realistic_ranks(scores: &Tensor, truth: &Tensor) -> Vec<f64> {
 
 /// Known true answers for filtering: (src, rel) → targets and (rel, dst) → sources.
 #[derive(Default)]
-pub struct Filter {
+pub(crate) struct Filter {
     targets: HashMap<(usize, i64, i64), Vec<i64>>,
     sources: HashMap<(i64, usize, i64), Vec<i64>>,
 }
 
 impl Filter {
-    pub fn new<'a>(all: impl IntoIterator<Item = &'a Triple>) -> Filter {
+    pub(crate) fn new<'a>(all: impl IntoIterator<Item = &'a Triple>) -> Filter {
         let mut f = Filter::default();
         for &(st, s, r, dt, d) in all {
             f.targets
@@ -129,7 +129,7 @@ fn rank_side(
 }
 
 /// Filtered ranking of `triples`, both sides, in chunks of `chunk`.
-pub fn evaluate(
+pub(crate) fn evaluate(
     model: &Embeddings,
     cmp: Comparator,
     triples: &[Triple],
@@ -217,11 +217,7 @@ pub fn target_ranks(model: &Embeddings, cmp: Comparator, queries: &[TargetQuery]
                 .map(|&i| {
                     let q = &queries[i];
                     let row = model.tables[q.src_type].weights.get(q.src);
-                    let weights = crate::train::history_weights(&q.history, None);
-                    match crate::train::history_sum(&targets, &weights) {
-                        Some(sum) => row + sum,
-                        None => row,
-                    }
+                    crate::train::compose(&row, &targets, &q.history)
                 })
                 .collect();
             let idx = |f: &dyn Fn(&TargetQuery) -> i64| {

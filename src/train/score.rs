@@ -1,4 +1,4 @@
-//! Scores: translation, then comparison (DESIGN §4). Pure functions of tensors; the parameters
+//! Scores: translation, then comparison (docs/architecture.md §4). Pure functions of tensors; the parameters
 //! live in [`crate::train`], and losses ([`crate::train`]) only consume what these produce.
 //!
 //! The source is translated by the relation, `a = e_s + e_r`, then compared with the target:
@@ -16,8 +16,9 @@
 //! `[B, N, D]`-sized computation): it suits small knowledge graphs, not large streams. Both accept leading batch dimensions (`[C, B, D]` against
 //! `[C, N, D]`), which scores every chunk of a batch with one batched product.
 
-pub use crate::config::Comparator;
 use tch::{Kind, Tensor};
+
+use crate::config::Comparator;
 
 /// Floor under squared distances and norms: keeps `sqrt` and divisions differentiable at 0.
 const EPS: f64 = 1e-12;
@@ -28,7 +29,7 @@ pub fn translate(src: &Tensor, rel: &Tensor) -> Tensor {
 }
 
 /// Score of each positive pair: `translated [B, D]`, `dst [B, D]` → `[B]`.
-pub fn score_pairs(cmp: Comparator, translated: &Tensor, dst: &Tensor) -> Tensor {
+pub(crate) fn score_pairs(cmp: Comparator, translated: &Tensor, dst: &Tensor) -> Tensor {
     match cmp {
         Comparator::Dot => (translated * dst).sum_dim_intlist(1, false, Kind::Float),
         Comparator::L2 => -(translated - dst)
@@ -65,7 +66,12 @@ pub fn score_targets(cmp: Comparator, translated: &Tensor, candidates: &Tensor) 
 /// Score every candidate source against each positive's relation and target:
 /// `candidates [.., N, D]`, `rel [.., B, D]`, `dst [.., B, D]` → `[.., B, N]`, entry `(b, n)`
 /// being `score(e_cand_n + e_rel_b, e_dst_b)`.
-pub fn score_sources(cmp: Comparator, candidates: &Tensor, rel: &Tensor, dst: &Tensor) -> Tensor {
+pub(crate) fn score_sources(
+    cmp: Comparator,
+    candidates: &Tensor,
+    rel: &Tensor,
+    dst: &Tensor,
+) -> Tensor {
     let cand_t = candidates.transpose(-2, -1);
     match cmp {
         // ‖c + r − t‖₁ = ‖c − q‖₁ with q = t − r

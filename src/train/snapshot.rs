@@ -34,18 +34,6 @@ impl Snapshot {
     }
 }
 
-/// What a version is built from: the trainer's parameters on the CPU, each row's newest event
-/// time (ms) per node type, and the cursor (every stored edge before it is trained in).
-#[derive(Debug)]
-pub struct ModelState {
-    pub params: Snapshot,
-    /// Per node type, the rows' target biases `[rows]` when the type carries one
-    /// (`train.bias_types`); rotation leaves them as they are.
-    pub biases: Vec<Option<Tensor>>,
-    pub row_ts: Vec<Vec<i64>>,
-    pub cursor: u64,
-}
-
 /// What a version asks of the trainer while training pauses ([`crate::train::TrainerCore::take_delta`]).
 #[derive(Debug, Default)]
 pub struct DeltaRequest {
@@ -92,12 +80,12 @@ impl ModelDelta {
 }
 
 /// Rows (of all tables) and relation vectors holding a non-finite value.
-pub fn non_finite_rows(s: &Snapshot) -> i64 {
+pub(crate) fn non_finite_rows(s: &Snapshot) -> i64 {
     non_finite_in(s.tables.iter().chain(std::iter::once(&s.relations)))
 }
 
 /// Rows of the `[n, D]` tensors holding a non-finite value.
-pub fn non_finite_in<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> i64 {
+pub(crate) fn non_finite_in<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> i64 {
     tensors
         .into_iter()
         .filter(|t| t.numel() > 0)
@@ -119,7 +107,7 @@ pub enum SnapshotError {
 
 /// What `<stem>.json` records beside `<stem>.pt`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotMeta {
+pub(crate) struct SnapshotMeta {
     pub version: u64,
     pub tables: usize,
 }
@@ -136,7 +124,7 @@ fn snapshot_error(path: &Path, problem: impl ToString) -> SnapshotError {
 /// snapshot or the new one whole. `<dir>/<stem>.json` follows as a summary for people and
 /// scripts; [`load_snapshot`] reads only the `.pt`, so a crash between the two renames (a new
 /// `.pt` beside the old summary) loses nothing.
-pub fn save_snapshot(
+pub(crate) fn save_snapshot(
     dir: &Path,
     stem: &str,
     version: u64,
@@ -167,7 +155,7 @@ pub fn save_snapshot(
 
 /// Read a snapshot written by [`save_snapshot`]; `Ok(None)` when there is none. Its version and
 /// table count come from the `.pt` itself.
-pub fn load_snapshot(
+pub(crate) fn load_snapshot(
     dir: &Path,
     stem: &str,
 ) -> Result<Option<(SnapshotMeta, Snapshot)>, SnapshotError> {

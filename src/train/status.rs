@@ -7,7 +7,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::telemetry as m;
-use crate::train::{StepReport, TrainerCore};
+use crate::train::{ResumedFrom, StepReport, TrainerCore};
 
 /// Live trainer figures shared with `/v1/status` (floats stored as bits).
 #[derive(Debug, Default)]
@@ -27,7 +27,9 @@ pub struct TrainerStatus {
     /// Restarts by the supervisor after failed rounds.
     pub restarts: AtomicU64,
     /// Relation name → its prequential figures.
-    by_relation: std::sync::Mutex<BTreeMap<String, RelationPrequential>>,
+    by_relation: parking_lot::Mutex<BTreeMap<String, RelationPrequential>>,
+    /// Set once at start: the checkpoint the trainer resumed from.
+    resumed_from: std::sync::OnceLock<ResumedFrom>,
 }
 
 /// The `trainer` part of `/v1/status`.
@@ -45,6 +47,9 @@ pub struct TrainerFigures {
     /// Newest checkpoint written by this process (0: none yet).
     pub checkpoint_version: u64,
     pub restarts: u64,
+    /// The checkpoint this process resumed from, and the newer ones it found unusable (`null`:
+    /// a new model).
+    pub resumed_from: Option<ResumedFrom>,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,21 +100,25 @@ impl TrainerStatus {
                 ranked: get(&self.preq_ranked),
                 mrr: load_f64(&self.preq_mrr_bits),
                 hits10: load_f64(&self.preq_hits10_bits),
-                by_relation: self
-                    .by_relation
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone(),
+                by_relation: self.by_relation.lock().clone(),
             },
             checkpoint_version: get(&self.checkpoint_version),
             restarts: get(&self.restarts),
+            resumed_from: self.resumed_from.get().cloned(),
+        }
+    }
+
+    /// Record where the trainer started (once, before the first step).
+    pub fn set_resumed_from(&self, resumed: Option<&ResumedFrom>) {
+        if let Some(r) = resumed {
+            let _ = self.resumed_from.set(r.clone());
         }
     }
 }
 
 /// A training step taken: [`TrainStepTaken::emit`] is the only place it is recorded (the
 /// status, the metrics, and the log line of a skipped step).
-pub struct TrainStepTaken<'a> {
+pub(crate) struct TrainStepTaken<'a> {
     pub report: &'a StepReport,
     pub core: &'a TrainerCore,
     /// Relation names by id, for the per-relation figures.
@@ -117,7 +126,7 @@ pub struct TrainStepTaken<'a> {
 }
 
 impl TrainStepTaken<'_> {
-    pub fn emit(&self, status: &TrainerStatus) {
+    pub(crate) fn emit(&self, status: &TrainerStatus) {
         let (r, core, relation_names) = (self.report, self.core, self.relation_names);
         status.cursor.store(core.cursor(), Ordering::Relaxed);
         status.backlog.store(r.backlog, Ordering::Relaxed);
@@ -168,7 +177,7 @@ impl TrainStepTaken<'_> {
                 metrics::gauge!(m::PREQ_MRR).set(mrr);
                 metrics::gauge!(m::PREQ_HITS10).set(hits);
             }
-            let mut by_relation = status.by_relation.lock().unwrap_or_else(|p| p.into_inner());
+            let mut by_relation = status.by_relation.lock();
             for rel in r
                 .rank_relations
                 .iter()

@@ -1,4 +1,4 @@
-//! One training step on a micro-batch of edges (DESIGN §4), and the parameters that shape it.
+//! One training step on a micro-batch of edges (docs/architecture.md §4), and the parameters that shape it.
 //!
 //! Per group of edges with the same endpoint types (all relations between them: translation is
 //! per row, so one matrix product scores them all):
@@ -19,14 +19,15 @@
 
 use std::collections::HashMap;
 
-pub use crate::config::TrainParams;
 use rand::rngs::SmallRng;
 use rand::Rng;
 use tch::{Device, Kind, Tensor};
 
+use crate::config::TrainParams;
 use crate::store::{Edge, NodeRef};
 use crate::train::loss_parts_fast as loss_parts;
 use crate::train::Embeddings;
+use crate::train::{history_weights, History};
 use crate::train::{score_pairs, score_sources, score_targets, translate, Comparator};
 
 /// What a step did.
@@ -97,46 +98,6 @@ impl Weights {
         let terms = leaf.index_select(0, &long(&c, device)) * w;
         out.index_add(0, &long(&r, device), &terms)
     }
-}
-
-/// A source's recent targets (rows of a target type, oldest first) for the user model, each
-/// with its raw weight (1 unless `train.history_decay` or `train.history_by_relation` say
-/// otherwise): a source of a history type is scored as its row plus `Σ w_i e_i / √(Σ w_i²)`
-/// over them (`Σ e_i / √n` with unit weights), so one engagement changes its score at once
-/// (FISM, SVD++). The trainer answers from the store; `None` or an empty answer: the row alone.
-pub type History<'a> = &'a dyn Fn(NodeRef, usize) -> Vec<(i64, f32)>;
-
-/// The `(target row, weight)` pairs of one source's history, leaving `skip` out (an edge is not
-/// explained by its own target), the weights normalised to unit norm.
-pub fn history_weights(recent: &[(i64, f32)], skip: Option<i64>) -> Vec<(i64, f32)> {
-    let kept: Vec<(i64, f32)> = recent
-        .iter()
-        .copied()
-        .filter(|&(i, _)| Some(i) != skip)
-        .collect();
-    let norm = kept.iter().map(|&(_, w)| w * w).sum::<f32>().sqrt();
-    if kept.is_empty() || norm <= 0.0 {
-        return Vec::new();
-    }
-    kept.into_iter().map(|(i, w)| (i, w / norm)).collect()
-}
-
-/// The weighted sum `Σ w_i · rows[i]` of a history's normalised weights `[D]` (`None`: empty).
-pub fn history_sum(rows: &Tensor, weights: &[(i64, f32)]) -> Option<Tensor> {
-    if weights.is_empty() {
-        return None;
-    }
-    let device = rows.device();
-    let idx: Vec<i64> = weights.iter().map(|w| w.0).collect();
-    let w: Vec<f32> = weights.iter().map(|w| w.1).collect();
-    let w = Tensor::from_slice(&w).to_device(device);
-    Some(
-        (rows.index_select(0, &long(&idx, device)) * w.unsqueeze(1)).sum_dim_intlist(
-            0,
-            false,
-            Kind::Float,
-        ),
-    )
 }
 
 fn long(v: &[i64], device: Device) -> Tensor {
@@ -241,7 +202,7 @@ fn unchunked(x: &Tensor, b: i64) -> Tensor {
 }
 
 /// Rows each table needs so that every node `edges` names has one.
-pub fn rows_needed(model: &Embeddings, edges: &[Edge]) -> Vec<i64> {
+pub(crate) fn rows_needed(model: &Embeddings, edges: &[Edge]) -> Vec<i64> {
     let mut needed: Vec<i64> = model.tables.iter().map(|t| t.len()).collect();
     for e in edges {
         for n in [e.src, e.dst] {
@@ -264,7 +225,7 @@ pub fn ensure_rows(model: &mut Embeddings, edges: &[Edge], init_scale: f64) {
     }
 }
 
-/// The drift control's L2 pull (DESIGN §5), decoupled from the gradient: after each step, every
+/// The drift control's L2 pull (docs/architecture.md §5), decoupled from the gradient: after each step, every
 /// touched row the reference has is moved back toward its reference row,
 /// `e ← ref + (e − ref) / (1 + lr · strength)`, and likewise the relation vectors (with
 /// `relation_lr`). This is the proximal step of `strength/2 · ‖e − ref‖²`.
@@ -323,7 +284,7 @@ pub fn train_step(
 }
 
 /// [`train_step`] with an optional [`Pull`] toward a reference.
-pub fn train_step_pulled(
+pub(super) fn train_step_pulled(
     model: &mut Embeddings,
     edges: &[Edge],
     p: &TrainParams,

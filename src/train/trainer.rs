@@ -23,13 +23,13 @@ use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 use tracing::info;
 
-use crate::config::{Config, MultiInterestConfig, TrainerConfig};
-use crate::store::{Direction, Edge, GraphStore, NodeRef, StoreError};
+use crate::config::{Config, TrainerConfig};
+use crate::store::{Edge, GraphStore, NodeRef, StoreError};
 use crate::train::{
-    history_sum, history_weights, interest_groups, known_targets, non_finite_rows, recent_targets,
-    rows_needed, schema_fingerprint, target_ranks, train_step_with, warm_rows, CheckpointError,
-    Checkpoints, DeltaRequest, Embeddings, History, ModelDelta, ModelState, Pull, RankWindow,
-    Snapshot, StepStats, TableDelta, TargetQuery, TrainParams,
+    history_targets, history_with_rows, known_targets, non_finite_rows, rows_needed,
+    schema_fingerprint, target_ranks, train_step_with, warm_rows, CheckpointError, Checkpoints,
+    DeltaRequest, Embeddings, History, ModelDelta, Pull, RankWindow, ResumedFrom, Snapshot,
+    StepStats, TableDelta, TargetQuery, TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +58,7 @@ pub enum TrainerError {
 
 /// The next micro-batch size: double while the backlog is more than four batches (up to `max`),
 /// halve back toward `base` once it is under half a batch.
-pub fn next_batch_size(current: usize, backlog: u64, base: usize, max: usize) -> usize {
+pub(super) fn next_batch_size(current: usize, backlog: u64, base: usize, max: usize) -> usize {
     let current = current.clamp(base, max);
     if backlog > 4 * current as u64 {
         (current * 2).min(max)
@@ -71,7 +71,7 @@ pub fn next_batch_size(current: usize, backlog: u64, base: usize, max: usize) ->
 
 /// The replay ratio with `waiting` edges still behind the step: `ratio` with none, falling
 /// linearly to 0 at `limit` (0: no limit).
-pub fn replay_ratio_behind(ratio: f64, waiting: u64, limit: u64) -> f64 {
+pub(super) fn replay_ratio_behind(ratio: f64, waiting: u64, limit: u64) -> f64 {
     if limit == 0 {
         return ratio;
     }
@@ -81,143 +81,6 @@ pub fn replay_ratio_behind(ratio: f64, waiting: u64, limit: u64) -> f64 {
 /// Replayed edges for `fresh` new ones at `ratio` replayed per new edge.
 fn replay_count(fresh: usize, ratio: f64) -> usize {
     (fresh as f64 * ratio).round() as usize
-}
-
-/// A source's row as the model scores it against `dst_type` and the server serves it: `own` plus
-/// the weighted sum of its recent targets' rows in `targets` (that type's `[rows, D]` table,
-/// trained or published; targets beyond its rows left out). A source that is not of a history
-/// type, or has no recent target there, is `own`.
-pub fn composed_source(
-    p: &TrainParams,
-    store: &GraphStore,
-    src: NodeRef,
-    dst_type: usize,
-    own: &Tensor,
-    targets: &Tensor,
-) -> Result<Tensor, StoreError> {
-    let recent = served_history(p, store, src, dst_type, targets)?;
-    Ok(compose(own, targets, &recent))
-}
-
-/// A source as its interests (`[http.multi_interest]`): its recent targets of `dst_type`
-/// clustered ([`interest_groups`] over `targets`' rows), one query per interest composed as
-/// [`composed_source`] composes the whole history: `([c, D] queries, [c] shares of the history's
-/// weight)`. A source without recent targets (or of no history type) is its row, one share.
-pub fn interest_sources(
-    p: &TrainParams,
-    mi: &MultiInterestConfig,
-    store: &GraphStore,
-    src: NodeRef,
-    dst_type: usize,
-    own: &Tensor,
-    targets: &Tensor,
-) -> Result<(Tensor, Tensor), StoreError> {
-    let recent = served_history(p, store, src, dst_type, targets)?;
-    if recent.is_empty() {
-        return Ok((own.unsqueeze(0), Tensor::from_slice(&[1.0f32])));
-    }
-    let (queries, shares): (Vec<Tensor>, Vec<f32>) = interest_groups(&recent, targets, mi)
-        .into_iter()
-        .map(|(group, share)| (compose(own, targets, &group), share))
-        .unzip();
-    Ok((Tensor::stack(&queries, 0), Tensor::from_slice(&shares)))
-}
-
-/// The recent targets of `src` of `dst_type` that `targets` (a `[rows, D]` table) has rows for.
-fn served_history(
-    p: &TrainParams,
-    store: &GraphStore,
-    src: NodeRef,
-    dst_type: usize,
-    targets: &Tensor,
-) -> Result<Vec<(i64, f32)>, StoreError> {
-    let n = if targets.dim() == 2 {
-        targets.size()[0]
-    } else {
-        0
-    };
-    let mut recent = history_targets(p, store, src, dst_type, u64::MAX)?;
-    recent.retain(|&(i, _)| i < n);
-    Ok(recent)
-}
-
-/// `own` plus the weighted sum of `history`'s rows of `targets` (`own` alone without history).
-fn compose(own: &Tensor, targets: &Tensor, history: &[(i64, f32)]) -> Tensor {
-    match history_sum(targets, &history_weights(history, None)) {
-        Some(sum) => own + sum,
-        None => own.shallow_clone(),
-    }
-}
-
-/// The recent targets of `src` of `dst_type`, with their raw weights, when `src` is of a
-/// history type (`train.history_types`); empty otherwise.
-pub fn history_targets(
-    p: &TrainParams,
-    store: &GraphStore,
-    src: NodeRef,
-    dst_type: usize,
-    before: u64,
-) -> Result<Vec<(i64, f32)>, StoreError> {
-    let types = &store.stored_schema().node_types;
-    let on = types
-        .get(src.node_type as usize)
-        .is_some_and(|t| p.history_types.contains(t));
-    if p.history_recent == 0 || !on {
-        return Ok(Vec::new());
-    }
-    if p.history_decay == 1.0 && !p.history_by_relation {
-        let recent = recent_targets(store, src, dst_type as u16, p.history_recent, before)?;
-        return Ok(recent.into_iter().map(|i| (i, 1.0)).collect());
-    }
-    let targets: Vec<(u64, u16, i64)> = store
-        .neighbors(src, None, Some(Direction::Out), usize::MAX)?
-        .into_iter()
-        .filter(|n| n.node.node_type == dst_type as u16 && n.seq < before)
-        .map(|n| (n.seq, n.rel, n.node.index as i64))
-        .collect();
-    Ok(weighted_recent(
-        targets,
-        p.history_recent,
-        p.history_decay,
-        p.history_by_relation,
-    ))
-}
-
-/// A history from `(seq, relation, target row)` triples: the `n` most recent (per relation when
-/// `by_relation`), oldest first, the `k`-th newest weighing `decay^k`; per relation, each
-/// relation's weights scaled to unit norm, so each relation counts alike however many targets
-/// it holds.
-pub fn weighted_recent(
-    mut targets: Vec<(u64, u16, i64)>,
-    n: usize,
-    decay: f64,
-    by_relation: bool,
-) -> Vec<(i64, f32)> {
-    targets.sort_unstable();
-    let mut out: Vec<(u64, i64, f32)> = Vec::new();
-    let mut groups: BTreeMap<u16, Vec<(u64, i64)>> = BTreeMap::new();
-    for &(seq, rel, i) in &targets {
-        groups
-            .entry(if by_relation { rel } else { 0 })
-            .or_default()
-            .push((seq, i));
-    }
-    for group in groups.values() {
-        let kept = &group[group.len().saturating_sub(n)..];
-        let raw: Vec<f64> = (0..kept.len())
-            .map(|k| decay.powi((kept.len() - 1 - k) as i32))
-            .collect();
-        let scale = if by_relation {
-            raw.iter().map(|w| w * w).sum::<f64>().sqrt().max(1e-12)
-        } else {
-            1.0
-        };
-        for (&(seq, i), w) in kept.iter().zip(raw) {
-            out.push((seq, i, (w / scale) as f32));
-        }
-    }
-    out.sort_unstable_by_key(|t| t.0);
-    out.into_iter().map(|(_, i, w)| (i, w)).collect()
 }
 
 /// What one step did.
@@ -264,11 +127,13 @@ pub struct TrainerCore {
     /// when seen and again before each version, as negatives may have moved them since.
     erased: Vec<Vec<i64>>,
     erasures_seen: usize,
+    /// The checkpoint this trainer resumed from (`None`: a new model).
+    resumed_from: Option<ResumedFrom>,
 }
 
 /// Rows [`TrainerCore::take_delta`] scans for non-finite values besides the written ones (all of
 /// a smaller model; a larger one in turn, this many per version).
-pub const SCAN_ROWS: i64 = 32_768;
+pub(super) const SCAN_ROWS: i64 = 32_768;
 
 /// What the pull draws trained rows back toward: the version subscribers hold, on the model's
 /// device. The publish stage decides what it is ([`TrainerCore::set_pull`]).
@@ -297,6 +162,7 @@ impl TrainerCore {
             scan: vec![0; model.tables.len()],
             erased: vec![Vec::new(); model.tables.len()],
             erasures_seen: 0,
+            resumed_from: None,
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -354,7 +220,13 @@ impl TrainerCore {
                 let mut model = r.model;
                 // The config decides which tables carry a bias (a new one starts at zero).
                 model.set_biased(&store.stored_schema().node_types, &params.bias_types);
-                TrainerCore::resume(model, r.meta.cursor, params, opts)
+                let mut core = TrainerCore::resume(model, r.meta.cursor, params, opts);
+                core.resumed_from = Some(ResumedFrom {
+                    version: r.meta.version,
+                    cursor: r.meta.cursor,
+                    unusable: r.unusable,
+                });
+                core
             }
             None => {
                 tch::manual_seed(params.seed as i64);
@@ -363,6 +235,11 @@ impl TrainerCore {
                 TrainerCore::new(model, params, opts)
             }
         })
+    }
+
+    /// The checkpoint [`TrainerCore::open`] resumed from (`None`: a new model).
+    pub fn resumed_from(&self) -> Option<&ResumedFrom> {
+        self.resumed_from.as_ref()
     }
 
     /// Store sequence number of the next edge to train.
@@ -580,9 +457,7 @@ impl TrainerCore {
         before: u64,
     ) -> Result<Vec<(i64, f32)>, StoreError> {
         let rows = self.model.tables[dst_type].len();
-        let mut recent = history_targets(&self.params, store, src, dst_type, before)?;
-        recent.retain(|&(i, _)| i < rows);
-        Ok(recent)
+        history_with_rows(&self.params, store, src, dst_type, before, rows)
     }
 
     /// Rank a sample of `fresh` (edges between nodes that already have rows, stored from
@@ -677,30 +552,6 @@ impl TrainerCore {
             }
         }
         Ok((warm, random))
-    }
-
-    /// The current parameters copied to the CPU, with each row's newest event time and the
-    /// cursor: what a version is built from.
-    pub fn state(&self) -> ModelState {
-        ModelState {
-            params: Snapshot {
-                tables: self
-                    .model
-                    .tables
-                    .iter()
-                    .map(|t| t.rows().to_device(Device::Cpu).copy())
-                    .collect(),
-                relations: self.model.relations.to_device(Device::Cpu).copy(),
-            },
-            biases: self
-                .model
-                .tables
-                .iter()
-                .map(|t| t.biased.then(|| t.biases().to_device(Device::Cpu).copy()))
-                .collect(),
-            row_ts: self.row_ts.clone(),
-            cursor: self.cursor,
-        }
     }
 
     /// What changed since the previous call, copied to the CPU (see [`ModelDelta`]): the rows
@@ -965,28 +816,6 @@ mod tests {
         assert_eq!(replay_ratio_behind(1.0, 4000, 4000), 0.0);
         assert_eq!(replay_ratio_behind(1.0, 90_000, 4000), 0.0);
         assert_eq!(replay_ratio_behind(1.0, 90_000, 0), 1.0, "0: no limit");
-    }
-
-    #[test]
-    fn golden_weighted_recent() {
-        // (seq, relation, row): relation 0 holds rows 1, 2, 3; relation 1 holds row 9.
-        let t = vec![(4, 0, 3), (1, 0, 1), (3, 1, 9), (2, 0, 2)];
-        // The 2 most recent overall, unit weights, oldest first.
-        assert_eq!(
-            weighted_recent(t.clone(), 2, 1.0, false),
-            vec![(9, 1.0), (3, 1.0)]
-        );
-        // Decay 0.5: the newest weighs 1, the one before 0.5, then 0.25.
-        assert_eq!(
-            weighted_recent(t.clone(), 3, 0.5, false),
-            vec![(2, 0.25), (9, 0.5), (3, 1.0)]
-        );
-        // Per relation, 2 each, each relation's weights of unit norm: (0.5, 1) / √1.25 and 1.
-        let s = 1.25f64.sqrt();
-        assert_eq!(
-            weighted_recent(t, 2, 0.5, true),
-            vec![(2, (0.5 / s) as f32), (9, 1.0), (3, (1.0 / s) as f32)]
-        );
     }
 
     /// An erased node's row (values, Adagrad state) is zeroed as soon as the trainer sees the

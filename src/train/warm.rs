@@ -1,4 +1,4 @@
-//! Warm start (DESIGN §4): a new node's first row comes from its already-embedded neighbours,
+//! Warm start (docs/architecture.md §4): a new node's first row comes from its already-embedded neighbours,
 //! each translated by the relation — `e_t − e_r` when the new node is the source of an edge,
 //! `e_s + e_r` when it is the target — and averaged. With no embedded neighbour it starts at its
 //! type's centroid plus noise (or plain noise for a type with no rows yet). With `shrinkage` k > 0
@@ -14,7 +14,7 @@ use crate::train::Embeddings;
 const MAX_NEIGHBOURS: usize = 64;
 
 /// Rows for nodes `start..start + count` of `node_type`, which do not have rows yet.
-pub fn warm_rows(
+pub(crate) fn warm_rows(
     model: &Embeddings,
     store: &GraphStore,
     node_type: u16,

@@ -1,4 +1,4 @@
-//! Downstream stability (DESIGN §5: "the proof that it works is downstream"): does a model
+//! Downstream stability (docs/architecture.md §5: "the proof that it works is downstream"): does a model
 //! trained once on an early version keep working on later ones?
 //!
 //! MovieLens-100k is streamed in time order (the knowledge graph, then every rating) through a
@@ -13,56 +13,26 @@
 //! Labels and the classifier are plain: the point is not the classifier's quality but whether a
 //! consumer of version 1 still gets it on version N.
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 use tracing::info;
 
-use crate::align::{AlignStatus, Aligner, Drift};
-use crate::config::{Comparator, Config, ValueFormat};
-use crate::offline::{self, run_dir, stream_start, Dataset};
-use crate::publish::{
+use twhin_stream::align::{AlignStatus, Aligner, Drift};
+use twhin_stream::config::{Comparator, Config, ValueFormat};
+use twhin_stream::offline::{run_dir, Dataset};
+use twhin_stream::publish::{
     publish_in_process, InProcessTrainer, Ledger, MemorySink, Outcome, Publication, VersionSettings,
 };
-use crate::store::{AppendBatch, GraphStore};
-use crate::train::TrainerCore;
+use twhin_stream::store::{AppendBatch, GraphStore};
+use twhin_stream::train::TrainerCore;
 
-/// What the frozen classifier predicts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub enum Label {
-    /// A user's gender (`ml-100k.user`), from user embeddings.
-    Gender,
-    /// Whether a movie has this genre (`ml-100k.item`), from movie embeddings.
-    Genre(String),
-}
-
-impl FromStr for Label {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Label, String> {
-        match s.split_once(':') {
-            None if s == "gender" => Ok(Label::Gender),
-            Some(("genre", g)) if !g.is_empty() => Ok(Label::Genre(g.to_owned())),
-            _ => Err(format!(
-                "unknown label {s:?}; expected gender or genre:<name> (e.g. genre:Drama)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Label {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Label::Gender => f.write_str("gender"),
-            Label::Genre(g) => write!(f, "genre:{g}"),
-        }
-    }
-}
+use crate::classifier::{accuracies, features, fit_classifier, Frozen};
+use crate::movielens::{labelled_nodes, movielens_stream, Label};
 
 /// How the measurement runs (also the `stability` command's flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -161,173 +131,6 @@ pub struct StabilityReport {
     pub majority_baseline: f64,
     pub on: StabilityRun,
     pub off: StabilityRun,
-}
-
-/// The classifier's L2 penalty: a few hundred nodes in 128 dimensions overfit without it.
-const L2_PENALTY: f64 = 0.1;
-
-/// A logistic regression on standardised features, fitted by full-batch gradient descent with an
-/// L2 penalty. Pure: tensors in, tensors out, deterministic for the same input.
-pub struct LogisticRegression {
-    mean: Tensor,
-    std: Tensor,
-    w: Tensor,
-    b: f64,
-}
-
-impl LogisticRegression {
-    /// Fit on `x [N, D]` and labels `y [N]` (0/1 floats).
-    pub fn fit(x: &Tensor, y: &Tensor, l2: f64, iterations: usize, lr: f64) -> LogisticRegression {
-        tch::no_grad(|| {
-            let x = x.to_kind(Kind::Double);
-            let y = y.to_kind(Kind::Double);
-            let mean = x.mean_dim(0, false, Kind::Double);
-            let std = x.std_dim(0, false, false).clamp_min(1e-8);
-            let z = (&x - &mean) / &std;
-            let n = z.size()[0] as f64;
-            let mut w = Tensor::zeros([z.size()[1]], (Kind::Double, x.device()));
-            let mut b = 0.0f64;
-            for _ in 0..iterations {
-                let p = (z.mv(&w) + b).sigmoid();
-                let err = &p - &y;
-                let grad_w = z.transpose(0, 1).mv(&err) / n + &w * l2;
-                let grad_b = err.mean(Kind::Double).double_value(&[]);
-                w -= grad_w * lr;
-                b -= grad_b * lr;
-            }
-            LogisticRegression { mean, std, w, b }
-        })
-    }
-
-    /// Predicted labels (0/1) of `x [N, D]`.
-    pub fn predict(&self, x: &Tensor) -> Tensor {
-        tch::no_grad(|| self.logits(x).gt(0.0).to_kind(Kind::Double))
-    }
-
-    /// Predicted probabilities of label 1 for `x [N, D]`.
-    pub fn probabilities(&self, x: &Tensor) -> Tensor {
-        tch::no_grad(|| self.logits(x).sigmoid())
-    }
-
-    fn logits(&self, x: &Tensor) -> Tensor {
-        let z = (x.to_kind(Kind::Double) - &self.mean) / &self.std;
-        z.mv(&self.w) + self.b
-    }
-}
-
-/// `(accuracy, balanced accuracy)` of predictions against labels (both 0/1, `[N]`).
-pub fn accuracies(predicted: &Tensor, y: &Tensor) -> (f64, f64) {
-    let y = y.to_kind(Kind::Double);
-    let right = predicted.eq_tensor(&y).to_kind(Kind::Double);
-    let accuracy = right.mean(Kind::Double).double_value(&[]);
-    let recall = |class: f64| {
-        let mask = y.eq(class).to_kind(Kind::Double);
-        let n = mask.sum(Kind::Double).double_value(&[]);
-        (n > 0.0).then(|| (&right * &mask).sum(Kind::Double).double_value(&[]) / n)
-    };
-    let recalls: Vec<f64> = [0.0, 1.0].into_iter().filter_map(recall).collect();
-    let balanced = recalls.iter().sum::<f64>() / recalls.len().max(1) as f64;
-    (accuracy, balanced)
-}
-
-/// Labelled nodes: `(node type name, [(node id "type:id", label 0/1)])`.
-pub(crate) fn labelled_nodes(
-    cfg: &Config,
-    label: &Label,
-) -> anyhow::Result<(&'static str, Vec<(String, f64)>)> {
-    let dir = &cfg.datasets.dir;
-    Ok(match label {
-        Label::Gender => (
-            "user",
-            offline::movielens_users(dir)?
-                .into_iter()
-                .map(|u| {
-                    let female = if u.gender == "F" { 1.0 } else { 0.0 };
-                    (u.node, female)
-                })
-                .collect(),
-        ),
-        Label::Genre(g) => {
-            let movies = offline::movielens_genres(dir)?;
-            if !movies.iter().any(|(_, gs)| gs.contains(g)) {
-                anyhow::bail!("no movie of ml-100k.item has the genre {g:?}");
-            }
-            (
-                "movie",
-                movies
-                    .into_iter()
-                    .map(|(node, gs)| {
-                        let has = if gs.contains(g) { 1.0 } else { 0.0 };
-                        (node, has)
-                    })
-                    .collect(),
-            )
-        }
-    })
-}
-
-/// The classifier fitted at version 1, the table it reads and the held-out `(index, label)`s.
-pub(crate) type Frozen = (LogisticRegression, usize, Vec<(i64, f64)>);
-
-/// The labelled nodes version 1 covers, split into the classifier's and the held-out ones:
-/// `(type id, train [(dense index, label)], held-out [(dense index, label)])`.
-type Split = (usize, Vec<(i64, f64)>, Vec<(i64, f64)>);
-
-fn split_labelled(
-    store: &GraphStore,
-    t: usize,
-    rows: i64,
-    labelled: &[(String, f64)],
-    holdout: f64,
-    seed: u64,
-) -> anyhow::Result<Split> {
-    let mut present = Vec::new();
-    for (node, y) in labelled {
-        let id = node.split_once(':').map_or(node.as_str(), |(_, id)| id);
-        if let Some(i) = store.node_index(t as u16, id)? {
-            if (i as i64) < rows {
-                present.push((i as i64, *y));
-            }
-        }
-    }
-    present.shuffle(&mut SmallRng::seed_from_u64(seed));
-    let held = ((present.len() as f64) * holdout).round() as usize;
-    let train = present.split_off(held);
-    Ok((t, train, present))
-}
-
-pub(crate) fn features(table: &Tensor, nodes: &[(i64, f64)]) -> (Tensor, Tensor) {
-    let idx: Vec<i64> = nodes.iter().map(|(i, _)| *i).collect();
-    let y: Vec<f64> = nodes.iter().map(|(_, y)| *y).collect();
-    (
-        table.index_select(0, &Tensor::from_slice(&idx)),
-        Tensor::from_slice(&y),
-    )
-}
-
-/// MovieLens-100k as the stability, retrain and downstream scenarios stream it, in a fresh
-/// store under `dir` with a fresh trainer: every split's events, the knowledge graph first, then
-/// at most `limit` ratings in time order; and where the ratings start in the events.
-pub(crate) fn movielens_stream(
-    cfg: &Config,
-    dir: &std::path::Path,
-    limit: Option<usize>,
-    device: Device,
-) -> anyhow::Result<(GraphStore, Vec<crate::schema::Event>, TrainerCore, usize)> {
-    let (store, mut events, core) = stream_start(
-        cfg,
-        Dataset::MovieLens100k,
-        &["train", "valid", "test"],
-        dir,
-        cfg.trainer.clone(),
-        device,
-    )?;
-    let schema = cfg.schema();
-    let rated = |e: &crate::schema::Event| schema.relation(e.rel).name.starts_with("rated_");
-    let kg_end = events.iter().position(rated).unwrap_or(events.len());
-    let ratings = (events.len() - kg_end).min(limit.unwrap_or(usize::MAX));
-    events.truncate(kg_end + ratings);
-    Ok((store, events, core, kg_end))
 }
 
 /// Run the measurement with drift control on and off.
@@ -443,8 +246,14 @@ fn run_once(
         let version = prepared.marker.version;
 
         if classifier.is_none() {
-            let (frozen, fit_accuracy, info) =
-                fit_classifier(&store, &view.tables, node_type, labelled, opts, p.seed)?;
+            let (frozen, fit_accuracy, info) = fit_classifier(
+                &store,
+                &view.tables,
+                node_type,
+                labelled,
+                opts.holdout,
+                p.seed,
+            )?;
             out.fit_accuracy = fit_accuracy;
             split_info = info;
             classifier = Some(frozen);
@@ -485,9 +294,9 @@ fn in_memory_publication(cfg: &Config, control: bool) -> anyhow::Result<(Aligner
 }
 
 /// [`in_memory_publication`] with `align_cfg` for the aligner.
-pub(crate) fn in_memory_publication_with(
+pub fn in_memory_publication_with(
     cfg: &Config,
-    mut align_cfg: crate::config::AlignConfig,
+    mut align_cfg: twhin_stream::config::AlignConfig,
 ) -> anyhow::Result<(Aligner, Publication)> {
     let p = &cfg.train;
     // Versions here are cut by events, seconds apart or less: the daemon's limit on rotations
@@ -510,34 +319,6 @@ pub(crate) fn in_memory_publication_with(
     ))
 }
 
-/// The logistic regression fitted once on version 1's rows of the labelled nodes:
-/// `(classifier, its fit accuracy, (nodes fitted, nodes held out, majority share))`.
-pub(crate) fn fit_classifier(
-    store: &GraphStore,
-    tables: &[Tensor],
-    node_type: &str,
-    labelled: &[(String, f64)],
-    opts: &StabilityOptions,
-    seed: u64,
-) -> anyhow::Result<(Frozen, f64, (usize, usize, f64))> {
-    let t = type_index(store, node_type)?;
-    let (t, train, held) =
-        split_labelled(store, t, tables[t].size()[0], labelled, opts.holdout, seed)?;
-    anyhow::ensure!(
-        train.len() >= 20 && !held.is_empty(),
-        "version 1 covers too few labelled {node_type} nodes ({} to fit, {} held out); raise --first-fraction",
-        train.len(),
-        held.len()
-    );
-    let (x, y) = features(&tables[t], &train);
-    let model = LogisticRegression::fit(&x, &y, L2_PENALTY, 500, 0.5);
-    let fit_accuracy = accuracies(&model.predict(&x), &y).0;
-    let positives = held.iter().filter(|(_, y)| *y > 0.5).count() as f64;
-    let share = positives / held.len() as f64;
-    let info = (train.len(), held.len(), share.max(1.0 - share));
-    Ok(((model, t, held), fit_accuracy, info))
-}
-
 /// Where version `k` (1-based) is cut: once this many of `ratings` are trained, the first after
 /// `first_fraction` of them, the rest evenly to the end.
 fn version_cuts(ratings: usize, first_fraction: f64, versions: usize) -> Vec<usize> {
@@ -551,7 +332,7 @@ fn version_cuts(ratings: usize, first_fraction: f64, versions: usize) -> Vec<usi
 fn bootstrap(
     core: &mut TrainerCore,
     store: &GraphStore,
-    p: &crate::train::TrainParams,
+    p: &twhin_stream::train::TrainParams,
     epochs: usize,
 ) -> anyhow::Result<()> {
     let mut edges: Vec<_> = store
@@ -563,7 +344,7 @@ fn bootstrap(
     for _ in 0..epochs {
         edges.shuffle(&mut rng);
         for chunk in edges.chunks(p.batch_size) {
-            crate::train::train_step(&mut core.model, chunk, p, &mut rng);
+            twhin_stream::train::train_step(&mut core.model, chunk, p, &mut rng);
         }
     }
     // The streaming deployment takes over the batch trainer's parameters, not its optimiser
@@ -578,7 +359,7 @@ fn bootstrap(
 }
 
 /// Hits@10 over the trainer's rating windows (`rated_*`), weighted by their lengths.
-fn ratings_hits10(core: &TrainerCore, schema: &crate::schema::Schema) -> Option<f64> {
+fn ratings_hits10(core: &TrainerCore, schema: &twhin_stream::schema::Schema) -> Option<f64> {
     let (mut hits, mut n) = (0.0, 0usize);
     for (&rel, window) in &core.by_relation {
         if !schema.relation(rel).name.starts_with("rated_") {
@@ -592,17 +373,8 @@ fn ratings_hits10(core: &TrainerCore, schema: &crate::schema::Schema) -> Option<
     (n > 0).then(|| hits / n as f64)
 }
 
-pub(crate) fn type_index(store: &GraphStore, name: &str) -> anyhow::Result<usize> {
-    store
-        .stored_schema()
-        .node_types
-        .iter()
-        .position(|n| n == name)
-        .ok_or_else(|| anyhow::anyhow!("the schema has no node type {name:?}"))
-}
-
 impl StabilityReport {
-    /// The table the closing notes and the README quote.
+    /// The table docs/measurements.md quotes.
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
@@ -658,45 +430,5 @@ impl StabilityReport {
             self.on.held, self.off.held, self.on.fit_accuracy, self.off.fit_accuracy
         );
         s
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_parse_and_print() {
-        assert_eq!("gender".parse::<Label>(), Ok(Label::Gender));
-        assert_eq!(
-            "genre:Drama".parse::<Label>(),
-            Ok(Label::Genre("Drama".into()))
-        );
-        assert!("genre:".parse::<Label>().is_err());
-        assert!("age".parse::<Label>().is_err());
-        assert_eq!(Label::Genre("Sci-Fi".into()).to_string(), "genre:Sci-Fi");
-    }
-
-    #[test]
-    fn logistic_regression_separates_a_separable_set_and_scores_golden_accuracies() {
-        // Label = first coordinate > 0; the second coordinate is noise.
-        let x = Tensor::from_slice(&[
-            -2.0f32, 0.3, -1.0, -0.7, -0.5, 0.9, 0.5, -0.2, 1.0, 0.4, 2.0, -0.9,
-        ])
-        .view([6, 2]);
-        let y = Tensor::from_slice(&[0.0f64, 0.0, 0.0, 1.0, 1.0, 1.0]);
-        let model = LogisticRegression::fit(&x, &y, 1e-3, 300, 0.5);
-        let (acc, bal) = accuracies(&model.predict(&x), &y);
-        assert_eq!((acc, bal), (1.0, 1.0));
-        // A rotation of the inputs by 90 degrees breaks the frozen model (what drift does).
-        let turned = x.matmul(&Tensor::from_slice(&[0.0f32, -1.0, 1.0, 0.0]).view([2, 2]));
-        let (acc, _) = accuracies(&model.predict(&turned), &y);
-        assert!(acc < 0.7, "{acc}");
-        // Golden: 2 of 4 right, one per class of 3 + 1.
-        let p = Tensor::from_slice(&[1.0f64, 0.0, 0.0, 0.0]);
-        let t = Tensor::from_slice(&[1.0f64, 1.0, 1.0, 0.0]);
-        let (acc, bal) = accuracies(&p, &t);
-        assert_eq!(acc, 0.5);
-        assert!((bal - (1.0 / 3.0 + 1.0) / 2.0).abs() < 1e-12);
     }
 }

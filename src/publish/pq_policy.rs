@@ -207,7 +207,7 @@ impl Quantizer {
 /// version's rows written over them; every row of `tables` encoded when there is nothing to
 /// start from (the first version of a process whose reference was restored). The version's node
 /// block `t` holds type `t`'s rows, as [`crate::publish::build_delta_version`] builds them.
-pub fn served_codes(
+pub(crate) fn served_codes(
     previous: Option<&ServedCodes>,
     books: &Codebooks,
     update: &ViewUpdate,

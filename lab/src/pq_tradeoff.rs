@@ -1,4 +1,4 @@
-//! What product quantization ([`crate::publish::Codebooks`]) costs a version's consumers, at
+//! What product quantization ([`twhin_stream::publish::Codebooks`]) costs a version's consumers, at
 //! several compression ratios: one set of codebooks learned on every node row of the version
 //! (the types share one space), every row encoded and decoded, then
 //!
@@ -9,14 +9,14 @@
 //!   top 10 from the f32 rows (recall@10);
 //! - a downstream classifier fitted on the f32 rows and frozen, scored on the decoded rows.
 //!
-//! `stability --scenario retrain` runs it on version A (its classifier is the frozen one).
+//! `twhin-lab stability --scenario retrain` runs it on version A (its classifier is the frozen one).
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::publish::{relative_error, Codebooks};
-use crate::store::{GraphStore, NodeRef};
-use crate::train::{composed_source, score_targets, translate, Embeddings, TrainParams};
+use twhin_stream::publish::{relative_error, Codebooks};
+use twhin_stream::store::{GraphStore, NodeRef};
+use twhin_stream::train::{composed_source, score_targets, translate, Embeddings, TrainParams};
 
 /// Lloyd iterations, and rows sampled to learn the codebooks.
 const ITERATIONS: usize = 25;
@@ -24,7 +24,7 @@ const SAMPLE_ROWS: usize = 65_536;
 
 /// One compression ratio's figures.
 #[derive(Debug, Clone, Serialize)]
-pub struct PqFigures {
+pub struct PqTradeoffFigures {
     pub subspaces: i64,
     /// One row's codes.
     pub code_bytes_per_row: usize,
@@ -59,7 +59,7 @@ pub fn measure_pq(
     retrieval: &Retrieval,
     classify: impl Fn(&[Tensor]) -> (f64, f64),
     subspaces: &[i64],
-) -> anyhow::Result<Vec<PqFigures>> {
+) -> anyhow::Result<Vec<PqTradeoffFigures>> {
     let tables: Vec<Tensor> = model.tables.iter().map(|t| t.rows()).collect();
     let all = Tensor::cat(&tables.iter().collect::<Vec<_>>(), 0);
     let rows = all.size()[0];
@@ -82,7 +82,7 @@ pub fn measure_pq(
             let (accuracy, balanced_accuracy) = classify(&decoded);
             let f32_bytes = 4.0 * model.dim as f64;
             let codebook_bytes = (books.centroids.numel() * 4) as f64;
-            Ok(PqFigures {
+            Ok(PqTradeoffFigures {
                 subspaces: m,
                 code_bytes_per_row: books.code_bytes(),
                 compression: f32_bytes / books.code_bytes() as f64,

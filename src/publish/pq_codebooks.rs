@@ -17,10 +17,7 @@ use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Comparator;
-
-/// Centroids per sub-space: one byte per code (defined beside `[publish.pq]`, which checks
-/// against it).
-pub use crate::config::PQ_CENTROIDS as CENTROIDS;
+use crate::config::PQ_CENTROIDS as CENTROIDS;
 
 /// The floor of squared norms and distances before a square root, as the model's scores have.
 const SCORE_EPS: f64 = 1e-12;
@@ -303,7 +300,7 @@ pub fn relative_error(rows: &Tensor, decoded: &Tensor) -> f64 {
 
 /// `(Σ‖x − x̂‖², Σ‖x‖²)` of `rows` and `decoded`: the two sums of [`relative_error`], for adding
 /// up over several tables.
-pub fn squared_error(rows: &Tensor, decoded: &Tensor) -> (f64, f64) {
+pub(crate) fn squared_error(rows: &Tensor, decoded: &Tensor) -> (f64, f64) {
     let rows = rows.to_kind(Kind::Float);
     let decoded = decoded.to_device(rows.device());
     let total = rows.square().sum(Kind::Double).double_value(&[]);

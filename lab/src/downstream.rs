@@ -14,7 +14,7 @@
 //! knowledge-graph edges), and the user's and the movie's share of high ratings (their mean
 //! rating on the task's scale, smoothed toward the global share). With embeddings, the same plus
 //! the published rows as a recommender would use them: the user composed as the server composes
-//! it (its row plus its recent movies', [`crate::train::composed_source`]), the element-wise product
+//! it (its row plus its recent movies', [`twhin_stream::train::composed_source`]), the element-wise product
 //! of user and movie, and the published score of each rating relation (`(u + r)·m + b_m`).
 //!
 //! Both models are logistic regressions ([`LogisticRegression`]). The L2 penalty of each, and for
@@ -27,18 +27,17 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use tracing::info;
 
-use crate::config::Config;
-use crate::offline::stability::movielens_stream;
-use crate::offline::stability::{
-    accuracies, in_memory_publication_with, type_index, LogisticRegression,
-};
-use crate::offline::{append_events, drain, run_dir, Dataset};
-use crate::publish::{
+use crate::classifier::{accuracies, LogisticRegression};
+use crate::movielens::{movielens_stream, type_index};
+use crate::stability::in_memory_publication_with;
+use twhin_stream::config::Config;
+use twhin_stream::offline::{append_events, drain, run_dir, Dataset};
+use twhin_stream::publish::{
     publish_in_process, InProcessTrainer, MemorySink, Outcome, PreparedVersion, PublishedView,
 };
-use crate::schema::Event;
-use crate::store::{GraphStore, NodeRef};
-use crate::train::{composed_source, TrainParams};
+use twhin_stream::schema::Event;
+use twhin_stream::store::{GraphStore, NodeRef};
+use twhin_stream::train::{composed_source, TrainParams};
 
 /// How `downstream` runs (its flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -105,7 +104,7 @@ pub struct DownstreamReport {
 }
 
 impl DownstreamReport {
-    /// The table the README and closing notes quote.
+    /// The table docs/measurements.md quotes.
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
@@ -165,7 +164,7 @@ pub fn auc(scores: &[f64], labels: &[bool]) -> Option<f64> {
 
 /// Counts before the cut, per user and movie, for the features a team has without embeddings.
 #[derive(Default)]
-pub(crate) struct Counts {
+pub struct Counts {
     /// `(ratings, high ratings)` per user and per movie.
     user: HashMap<String, (f64, f64)>,
     movie: HashMap<String, (f64, f64)>,
@@ -176,7 +175,7 @@ pub(crate) struct Counts {
 }
 
 impl Counts {
-    pub(crate) fn add(&mut self, e: &Event, high: bool, rating: bool, movie_type: u16) {
+    pub fn add(&mut self, e: &Event, high: bool, rating: bool, movie_type: u16) {
         for n in [&e.src, &e.dst] {
             if n.node_type == movie_type {
                 *self.movie_degree.entry(n.id.clone()).or_default() += 1.0;
@@ -204,7 +203,7 @@ impl Counts {
     }
 
     /// `[ln(1 + ratings), smoothed high share, ln(1 + degree)]` of a movie.
-    pub(crate) fn movie_features(&self, movie: &str) -> [f64; 3] {
+    pub fn movie_features(&self, movie: &str) -> [f64; 3] {
         let m = self.movie.get(movie).copied().unwrap_or_default();
         let degree = self.movie_degree.get(movie).copied().unwrap_or_default();
         [m.0.ln_1p(), self.share(m), degree.ln_1p()]
@@ -343,10 +342,10 @@ pub fn measure_downstream(
 
 /// Version 1 of what `core` trained on `store`, through the daemon's publisher and alignment
 /// (in memory, no Kafka): its prepared records and the view subscribers hold.
-pub(crate) fn publish_one(
+pub fn publish_one(
     cfg: &Config,
     store: &GraphStore,
-    core: &mut crate::train::TrainerCore,
+    core: &mut twhin_stream::train::TrainerCore,
 ) -> anyhow::Result<(PreparedVersion, PublishedView)> {
     let (mut aligner, mut publication) = in_memory_publication_with(cfg, cfg.align.clone())?;
     let mut trainer = InProcessTrainer {
@@ -394,7 +393,7 @@ fn embedding_features(
     store: &GraphStore,
     examples: &[Example],
     movie_type: u16,
-    rels: [crate::schema::RelId; 2],
+    rels: [twhin_stream::schema::RelId; 2],
 ) -> anyhow::Result<Tensor> {
     let movies_table = &view.tables[movie_type as usize];
     let mut users: HashMap<u32, Tensor> = HashMap::new();
@@ -443,11 +442,7 @@ const L2_GRID: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 /// Of `variants` (each `(fitting features, scored features)`, the same examples), the one and the
 /// L2 penalty with the best AUC on the last fifth of the fitting examples (fitted on the rest),
 /// refitted on every fitting example and scored.
-pub(crate) fn fit_and_score(
-    variants: &[(&Tensor, &Tensor)],
-    fit_y: &Tensor,
-    y: &Tensor,
-) -> ModelFigures {
+pub fn fit_and_score(variants: &[(&Tensor, &Tensor)], fit_y: &Tensor, y: &Tensor) -> ModelFigures {
     let n = fit_y.size()[0];
     let train_n = n * 4 / 5;
     let (ty, vy) = (
@@ -509,13 +504,13 @@ mod tests {
     fn counts_before_the_cut_make_smoothed_shares() {
         let mut c = Counts::default();
         let ev = |u: &str, m: &str| Event {
-            op: crate::schema::EventOp::Add,
-            src: crate::schema::NodeKey {
+            op: twhin_stream::schema::EventOp::Add,
+            src: twhin_stream::schema::NodeKey {
                 node_type: 0,
                 id: u.into(),
             },
             rel: 0,
-            dst: crate::schema::NodeKey {
+            dst: twhin_stream::schema::NodeKey {
                 node_type: 1,
                 id: m.into(),
             },

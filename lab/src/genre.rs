@@ -9,7 +9,7 @@
 //! what a catalogue team has anyway: the movie's number of ratings, its share of high ratings
 //! (smoothed toward the global share), and its degree in the graph it was trained on. With
 //! embeddings: the same plus the movie's published row (and its target bias when its type has
-//! one). Both are chosen and fitted as in [`crate::offline::measure_downstream`].
+//! one). Both are chosen and fitted as in [`crate::downstream::measure_downstream`].
 
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -17,12 +17,11 @@ use rand::SeedableRng;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::Config;
-use crate::offline::downstream::{fit_and_score, publish_one, Counts};
-use crate::offline::stability::{movielens_stream, type_index};
-use crate::offline::{
-    append_events, drain, movielens_genres, run_dir, Dataset, DownstreamOptions, ModelFigures,
-};
+use crate::downstream::{fit_and_score, publish_one, Counts};
+use crate::downstream::{DownstreamOptions, ModelFigures};
+use crate::movielens::{movielens_stream, type_index};
+use twhin_stream::config::Config;
+use twhin_stream::offline::{append_events, drain, movielens_genres, run_dir, Dataset};
 
 /// The seed of the movies' split into a fitting and a scored half.
 const SPLIT_SEED: u64 = 7;
@@ -52,7 +51,7 @@ pub struct GenreReport {
 }
 
 impl GenreReport {
-    /// The table the README and closing notes quote.
+    /// The table docs/measurements.md quotes.
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();

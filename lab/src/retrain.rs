@@ -1,4 +1,4 @@
-//! Versions that survive a full retrain (`stability --scenario retrain`): the case downstream
+//! Versions that survive a full retrain (`twhin-lab stability --scenario retrain`): the case downstream
 //! teams fear, where a periodic retrain (new seed, more data) rotates the whole space under a
 //! classifier fitted on the version before it.
 //!
@@ -24,19 +24,18 @@ use serde::Serialize;
 use tch::Device;
 use tracing::info;
 
-use crate::align::{Aligner, Drift};
-use crate::config::Config;
-use crate::offline::quantize::{measure_pq, PqFigures, Retrieval};
-use crate::offline::stability::{
-    accuracies, features, fit_classifier, in_memory_publication_with, labelled_nodes,
-    movielens_stream, type_index, Frozen,
-};
-use crate::offline::{append_events, drain, run_dir, Dataset, StabilityOptions};
-use crate::publish::{
+use crate::classifier::{accuracies, features, fit_classifier, Frozen};
+use crate::movielens::{labelled_nodes, movielens_stream, type_index};
+use crate::pq_tradeoff::{measure_pq, PqTradeoffFigures, Retrieval};
+use crate::stability::{in_memory_publication_with, StabilityOptions};
+use twhin_stream::align::{Aligner, Drift};
+use twhin_stream::config::Config;
+use twhin_stream::offline::{append_events, drain, run_dir, Dataset};
+use twhin_stream::publish::{
     publish_in_process, InProcessTrainer, MemorySink, Outcome, Publication, PublishedView,
 };
-use crate::store::GraphStore;
-use crate::train::{schema_fingerprint, Checkpoints, Embeddings, TrainerCore};
+use twhin_stream::store::GraphStore;
+use twhin_stream::train::{schema_fingerprint, Checkpoints, Embeddings, TrainerCore};
 
 /// The frozen classifier on one way of publishing the retrain.
 #[derive(Debug, Clone, Serialize)]
@@ -81,7 +80,7 @@ pub struct RetrainReport {
     pub warm_pull: RetrainVariant,
     /// Version A product-quantized (`--pq-subspaces`): the frozen classifier and retrieval on
     /// its decoded rows.
-    pub pq: Vec<PqFigures>,
+    pub pq: Vec<PqTradeoffFigures>,
 }
 
 /// The offsets' source name of the events this scenario appends.
@@ -127,7 +126,7 @@ pub fn measure_retrain(
         "--holdout: between 0 and 1"
     );
     anyhow::ensure!(opts.retrain_epochs >= 1, "--retrain-epochs: at least 1");
-    let label = opts.label_or(crate::offline::Label::Genre("Drama".into()));
+    let label = opts.label_or(crate::movielens::Label::Genre("Drama".into()));
     let (node_type, labelled) = labelled_nodes(cfg, &label)?;
     let dataset = Dataset::MovieLens100k;
     let dir = run_dir(cfg, dataset).join("stability-retrain");
@@ -162,8 +161,14 @@ pub fn measure_retrain(
         .iter()
         .map(|t| t.rows())
         .collect::<Vec<_>>();
-    let (classifier, _, (classifier_nodes, holdout_nodes, majority_baseline)) =
-        fit_classifier(&store, &anchor_tables, node_type, &labelled, opts, p.seed)?;
+    let (classifier, _, (classifier_nodes, holdout_nodes, majority_baseline)) = fit_classifier(
+        &store,
+        &anchor_tables,
+        node_type,
+        &labelled,
+        opts.holdout,
+        p.seed,
+    )?;
     let (anchor_accuracy, anchor_balanced_accuracy) = score(&classifier, &anchor_tables);
     // Version A compressed: what the frozen classifier and retrieval lose to its codes.
     let pq = if opts.pq_subspaces.is_empty() {
@@ -215,7 +220,7 @@ pub fn measure_retrain(
     let fresh_cursor = fresh.cursor();
     drop(fresh);
 
-    let from = |ckpt: &Checkpoints, cursor: u64, params: &crate::train::TrainParams| {
+    let from = |ckpt: &Checkpoints, cursor: u64, params: &twhin_stream::train::TrainParams| {
         load(ckpt, &store, params, device)
             .map(|m| TrainerCore::resume(m, cursor, params.clone(), cfg.trainer.clone()))
     };
@@ -342,7 +347,7 @@ fn score(classifier: &Frozen, tables: &[tch::Tensor]) -> (f64, f64) {
 fn load(
     ckpts: &Checkpoints,
     store: &GraphStore,
-    params: &crate::train::TrainParams,
+    params: &twhin_stream::train::TrainParams,
     device: Device,
 ) -> anyhow::Result<Embeddings> {
     let mut model = ckpts
@@ -365,7 +370,7 @@ fn publication_for(cfg: &Config, way: Way) -> anyhow::Result<(Aligner, Publicati
 }
 
 impl RetrainReport {
-    /// The table the closing notes and the README quote.
+    /// The table docs/measurements.md quotes.
     pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();

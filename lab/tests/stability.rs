@@ -1,21 +1,24 @@
 //! Downstream stability on real data (MovieLens-100k from `.ci/setup`), the way
-//! `twhin-stream stability` measures it, on a prefix of the rating stream: the daemon's trainer
+//! `twhin-lab stability` measures it, on a prefix of the rating stream: the daemon's trainer
 //! and alignment publish versions in process; a classifier fitted on version 1 is scored on every
 //! later one, with drift control on and off.
 
 use std::path::PathBuf;
 
 use figment::providers::Env;
+use twhin_lab::movielens::Label;
+use twhin_lab::retrain::measure_retrain;
+use twhin_lab::stability::{measure, Scenario, StabilityOptions};
 use twhin_stream::config::Config;
-use twhin_stream::offline::{measure, measure_retrain, Label, Scenario, StabilityOptions};
 
 /// libtorch's random generator is global (each run seeds it): the two runs take turns, or one's
 /// draws land in the other's initialisation.
-static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static TORCH_RNG: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// `config/movielens-100k.toml` at dim 32, its store under `dir`.
 fn movielens_config(dir: &std::path::Path) -> Config {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The workspace root, where config/ and data/ live.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cfg = Config::load_from(
         Some(&root.join("config/movielens-100k.toml")),
         Env::prefixed("TWHIN_TEST_UNUSED_"),
@@ -29,7 +32,7 @@ fn movielens_config(dir: &std::path::Path) -> Config {
 
 #[test]
 fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_run() {
-    let _turn = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = TORCH_RNG.lock();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = movielens_config(dir.path());
     // Fewer, larger steps through the knowledge graph: the test is about versions, not quality.
@@ -65,7 +68,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
     // Version 1 is the same model either way (no reference to pull toward, no anchor yet).
     assert_eq!(on.versions[0].accuracy, off.versions[0].accuracy);
     assert!(on.versions[0].previous.is_none());
-    let drift = |run: &twhin_stream::offline::StabilityRun, from: usize| {
+    let drift = |run: &twhin_lab::stability::StabilityRun, from: usize| {
         let d: Vec<f64> = run.versions[from..]
             .iter()
             .map(|v| v.previous.expect("measured").cosine_mean)
@@ -79,7 +82,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
         held < 0.6 * free,
         "consecutive drift on {held} vs off {free}"
     );
-    let last = |run: &twhin_stream::offline::StabilityRun| {
+    let last = |run: &twhin_lab::stability::StabilityRun| {
         run.versions.last().unwrap().anchor.unwrap().cosine_mean
     };
     assert!(
@@ -97,7 +100,7 @@ fn drift_control_holds_consecutive_and_accumulated_drift_below_the_uncontrolled_
 
 #[test]
 fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_start_stays_near_a() {
-    let _turn = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = TORCH_RNG.lock();
     let dir = tempfile::tempdir().unwrap();
     let cfg = movielens_config(dir.path());
     let opts = StabilityOptions {
@@ -119,7 +122,7 @@ fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_st
     assert_eq!((r.anchor_ratings, r.retrain_ratings), (5_000, 10_000));
     assert_ne!(r.seed, r.retrain_seed);
     // Another seed lands far from A: the daemon's gate would hold it back as trained.
-    let drift = |v: &twhin_stream::offline::RetrainVariant| v.anchor_drift.expect("measured");
+    let drift = |v: &twhin_lab::retrain::RetrainVariant| v.anchor_drift.expect("measured");
     assert!(drift(&r.raw) > 0.5, "raw drift {}", drift(&r.raw));
     assert!(r.raw.default_gate_holds && r.raw.procrustes_residual.is_none());
     // Procrustes turns it toward A; the warm start stays nearer still, at the default gate.
@@ -150,23 +153,23 @@ fn a_full_retrain_is_published_raw_rotated_and_warm_started_and_only_the_warm_st
     assert!((0.0..=1.0).contains(&fine.balanced_accuracy));
 }
 
-/// Downstream value (`twhin-stream downstream`) on a prefix of the rating stream: one version
+/// Downstream value (`twhin-lab downstream`) on a prefix of the rating stream: one version
 /// published by the daemon's publisher at the cut; the ratings after it, whose user and movie
 /// the version covers, split by time into the fitted and the scored half; both models scored on
 /// the same examples, the one with embeddings reading the version's rows.
 #[test]
 fn downstream_models_with_and_without_the_published_version_score_the_same_later_ratings() {
-    let _turn = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = TORCH_RNG.lock();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = movielens_config(dir.path());
     cfg.train.batch_size = 2_000;
-    let opts = twhin_stream::offline::DownstreamOptions {
+    let opts = twhin_lab::downstream::DownstreamOptions {
         cut_fraction: 0.5,
         limit: Some(20_000),
-        task: twhin_stream::offline::DownstreamTask::RatedHigh,
+        task: twhin_lab::downstream::DownstreamTask::RatedHigh,
         genres: Vec::new(),
     };
-    let r = twhin_stream::offline::measure_downstream(&cfg, tch::Device::Cpu, &opts)
+    let r = twhin_lab::downstream::measure_downstream(&cfg, tch::Device::Cpu, &opts)
         .unwrap_or_else(|e| panic!("MovieLens-100k missing or unreadable ({e:#})"));
     eprintln!("{}", r.table());
     assert_eq!(
@@ -205,18 +208,18 @@ fn downstream_models_with_and_without_the_published_version_score_the_same_later
 /// reading the movie's published row.
 #[test]
 fn genre_models_read_a_version_trained_without_the_genre_relations() {
-    let _turn = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = TORCH_RNG.lock();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = movielens_config(dir.path());
     cfg.train.batch_size = 2_000;
     let genres = vec!["Action".to_owned(), "Comedy".to_owned()];
-    let opts = twhin_stream::offline::DownstreamOptions {
+    let opts = twhin_lab::downstream::DownstreamOptions {
         cut_fraction: 0.5,
         limit: Some(20_000),
-        task: twhin_stream::offline::DownstreamTask::Genre,
+        task: twhin_lab::downstream::DownstreamTask::Genre,
         genres: genres.clone(),
     };
-    let r = twhin_stream::offline::measure_genre_downstream(&cfg, tch::Device::Cpu, &opts)
+    let r = twhin_lab::genre::measure_genre_downstream(&cfg, tch::Device::Cpu, &opts)
         .unwrap_or_else(|e| panic!("MovieLens-100k missing or unreadable ({e:#})"));
     eprintln!("{}", r.table());
     assert_eq!(r.version, 1);
