@@ -202,19 +202,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    // The dataset a command reads: its config file (the built-in dataset's unless --config),
-    // then its schema (inferred from the files unless that file has a [schema] section).
-    let source = match &cli.command {
-        Command::Train { data, .. } | Command::Eval { data, .. } => Some(data.source()),
-        Command::StreamEval { opts, .. } => Some(opts.data.source()),
-        Command::Replay { dataset, data, .. } => match (dataset, data) {
-            (Some(ReplaySource::Dataset(d)), _) => Some(DataSource::Builtin(*d)),
-            (Some(ReplaySource::Synthetic), _) => None,
-            (None, Some(dir)) => Some(DataSource::Dir(dir.clone())),
-            (None, None) => unreachable!("clap requires a dataset or --data"),
-        },
-        _ => None,
-    };
+    let source = dataset_of(&cli.command);
+    // The dataset's own config file unless --config names one, then its schema (inferred from
+    // the files unless that file has a [schema] section).
     let config_file = cli
         .config
         .clone()
@@ -299,6 +289,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => export(&cfg, version, format, &out, timeout_secs, json),
         Command::Inspect { json, path } => inspect(&cfg, path, json),
+    }
+}
+
+/// The dataset a command reads, when it reads one.
+fn dataset_of(command: &Command) -> Option<DataSource> {
+    match command {
+        Command::Train { data, .. } | Command::Eval { data, .. } => Some(data.source()),
+        Command::StreamEval { opts, .. } => Some(opts.data.source()),
+        Command::Replay { dataset, data, .. } => match (dataset, data) {
+            (Some(ReplaySource::Dataset(d)), _) => Some(DataSource::Builtin(*d)),
+            (Some(ReplaySource::Synthetic), _) => None,
+            (None, Some(dir)) => Some(DataSource::Dir(dir.clone())),
+            (None, None) => unreachable!("clap requires a dataset or --data"),
+        },
+        _ => None,
     }
 }
 

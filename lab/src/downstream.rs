@@ -271,27 +271,15 @@ pub fn measure_downstream(
     let (prepared, view) = publish_one(cfg, &store, &mut core)?;
 
     // After the cut: the examples the version covers, in time order.
-    let rows = |t: u16| view.tables[t as usize].size()[0];
-    let mut examples = Vec::new();
-    let mut skipped = 0usize;
-    for e in events[cut..].iter().filter(|e| rating(e)) {
-        let user = store.node_index(user_type, &e.src.id)?;
-        let movie = store.node_index(movie_type, &e.dst.id)?;
-        match (user, movie) {
-            (Some(u), Some(m)) if (u as i64) < rows(user_type) && (m as i64) < rows(movie_type) => {
-                examples.push(Example {
-                    user: NodeRef {
-                        node_type: user_type,
-                        index: u,
-                    },
-                    movie: m as i64,
-                    baseline: counts.features(&e.src.id, &e.dst.id),
-                    high: e.rel == high_rel,
-                })
-            }
-            _ => skipped += 1,
-        }
-    }
+    let types = (user_type, movie_type);
+    let (examples, skipped) = examples_after_cut(
+        &store,
+        &events[cut..],
+        &view,
+        &counts,
+        types,
+        [high_rel, low_rel],
+    )?;
     anyhow::ensure!(
         examples.len() >= 100,
         "only {} ratings after the cut have a user and movie in the version; lower --cut-fraction",
@@ -338,6 +326,43 @@ pub fn measure_downstream(
         without_embeddings,
         with_embeddings,
     })
+}
+
+/// The ratings among `events` whose user and movie have rows in `view`, as examples with their
+/// counts so far; and how many were left out because one of them is newer than the version.
+fn examples_after_cut(
+    store: &GraphStore,
+    events: &[Event],
+    view: &PublishedView,
+    counts: &Counts,
+    (user_type, movie_type): (u16, u16),
+    [high_rel, low_rel]: [twhin_stream::schema::RelId; 2],
+) -> anyhow::Result<(Vec<Example>, usize)> {
+    let rows = |t: u16| view.tables[t as usize].size()[0];
+    let mut examples = Vec::new();
+    let mut skipped = 0usize;
+    for e in events
+        .iter()
+        .filter(|e| e.rel == high_rel || e.rel == low_rel)
+    {
+        let user = store.node_index(user_type, &e.src.id)?;
+        let movie = store.node_index(movie_type, &e.dst.id)?;
+        match (user, movie) {
+            (Some(u), Some(m)) if (u as i64) < rows(user_type) && (m as i64) < rows(movie_type) => {
+                examples.push(Example {
+                    user: NodeRef {
+                        node_type: user_type,
+                        index: u,
+                    },
+                    movie: m as i64,
+                    baseline: counts.features(&e.src.id, &e.dst.id),
+                    high: e.rel == high_rel,
+                })
+            }
+            _ => skipped += 1,
+        }
+    }
+    Ok((examples, skipped))
 }
 
 /// Version 1 of what `core` trained on `store`, through the daemon's publisher and alignment

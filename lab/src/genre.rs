@@ -22,6 +22,7 @@ use crate::downstream::{DownstreamOptions, ModelFigures};
 use crate::movielens::{movielens_stream, type_index};
 use twhin_stream::config::Config;
 use twhin_stream::offline::{append_events, drain, movielens_genres, run_dir, Dataset};
+use twhin_stream::store::GraphStore;
 
 /// The seed of the movies' split into a fitting and a scored half.
 const SPLIT_SEED: u64 = 7;
@@ -87,6 +88,28 @@ impl GenreReport {
     }
 }
 
+/// A movie: its id, its row in the version, its genres.
+type Movie = (String, i64, Vec<String>);
+
+/// The movies of `ml-100k.item` whose rows are among the version's first `covered`.
+fn covered_movies(
+    cfg: &Config,
+    store: &GraphStore,
+    movie_type: u16,
+    covered: i64,
+) -> anyhow::Result<Vec<Movie>> {
+    let mut movies = Vec::new();
+    for (node, movie_genres) in movielens_genres(&cfg.datasets.dir)? {
+        let id = node.strip_prefix("movie:").unwrap_or(&node);
+        if let Some(index) = store.node_index(movie_type, id)? {
+            if i64::from(index) < covered {
+                movies.push((id.to_owned(), i64::from(index), movie_genres));
+            }
+        }
+    }
+    Ok(movies)
+}
+
 /// Stream the graph without its genre relations and every rating, publish one version, and fit
 /// and score both models for each of `opts.genres`.
 pub fn measure_genre_downstream(
@@ -136,16 +159,7 @@ pub fn measure_genre_downstream(
 
     // The movies the version covers, with their genres, split once.
     let table = &view.tables[movie_type as usize];
-    let covered = table.size()[0];
-    let mut movies = Vec::new();
-    for (node, movie_genres) in movielens_genres(&cfg.datasets.dir)? {
-        let id = node.strip_prefix("movie:").unwrap_or(&node);
-        if let Some(index) = store.node_index(movie_type, id)? {
-            if i64::from(index) < covered {
-                movies.push((id.to_owned(), i64::from(index), movie_genres));
-            }
-        }
-    }
+    let mut movies = covered_movies(cfg, &store, movie_type, table.size()[0])?;
     anyhow::ensure!(
         movies.len() >= 100,
         "only {} movies are in the version",
@@ -153,14 +167,14 @@ pub fn measure_genre_downstream(
     );
     movies.shuffle(&mut SmallRng::seed_from_u64(SPLIT_SEED));
     let fit_n = movies.len() / 2;
-    let baseline = |part: &[(String, i64, Vec<String>)]| {
+    let baseline = |part: &[Movie]| {
         let flat: Vec<f64> = part
             .iter()
             .flat_map(|(id, _, _)| counts.movie_features(id))
             .collect();
         Tensor::from_slice(&flat).view([part.len() as i64, 3])
     };
-    let rows = |part: &[(String, i64, Vec<String>)]| {
+    let rows = |part: &[Movie]| {
         let idx: Vec<i64> = part.iter().map(|(_, i, _)| *i).collect();
         let idx = Tensor::from_slice(&idx);
         let mut columns = vec![table.index_select(0, &idx)];
@@ -178,7 +192,7 @@ pub fn measure_genre_downstream(
     let scored_with = Tensor::cat(&[&scored_base, &rows(scored)], 1);
     let mut figures = Vec::with_capacity(genres.len());
     for genre in genres {
-        let label = |part: &[(String, i64, Vec<String>)]| {
+        let label = |part: &[Movie]| {
             let y: Vec<f64> = part
                 .iter()
                 .map(|(_, _, g)| f64::from(g.contains(genre)))

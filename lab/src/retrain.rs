@@ -34,8 +34,9 @@ use twhin_stream::offline::{append_events, drain, run_dir, Dataset};
 use twhin_stream::publish::{
     publish_in_process, InProcessTrainer, MemorySink, Outcome, Publication, PublishedView,
 };
+use twhin_stream::schema::Event;
 use twhin_stream::store::GraphStore;
-use twhin_stream::train::{schema_fingerprint, Checkpoints, Embeddings, TrainerCore};
+use twhin_stream::train::{schema_fingerprint, Checkpoints, Embeddings, TrainParams, TrainerCore};
 
 /// The frozen classifier on one way of publishing the retrain.
 #[derive(Debug, Clone, Serialize)]
@@ -117,45 +118,23 @@ pub fn measure_retrain(
     device: Device,
     opts: &StabilityOptions,
 ) -> anyhow::Result<RetrainReport> {
-    anyhow::ensure!(
-        opts.first_fraction > 0.0 && opts.first_fraction < 1.0,
-        "--first-fraction: between 0 and 1"
-    );
-    anyhow::ensure!(
-        opts.holdout > 0.0 && opts.holdout < 1.0,
-        "--holdout: between 0 and 1"
-    );
+    opts.check_fractions()?;
     anyhow::ensure!(opts.retrain_epochs >= 1, "--retrain-epochs: at least 1");
     let label = opts.label_or(crate::movielens::Label::Genre("Drama".into()));
     let (node_type, labelled) = labelled_nodes(cfg, &label)?;
     let dataset = Dataset::MovieLens100k;
     let dir = run_dir(cfg, dataset).join("stability-retrain");
-    let (store, events, mut anchor_core, kg_end) =
+    let (store, events, anchor_core, kg_end) =
         movielens_stream(cfg, &dir.join("store"), opts.limit, device)?;
     let ratings = events.len() - kg_end;
-    let schema = cfg.schema();
     let anchor_ratings = (ratings as f64 * opts.first_fraction) as usize;
     let p = &cfg.train;
-    let fingerprint = schema_fingerprint(store.stored_schema());
 
     // Version A: streamed, then passes over the log, kept as a checkpoint each way starts from.
-    append_events(
-        &store,
-        SOURCE,
-        &events[..kg_end + anchor_ratings],
-        p.batch_size,
-        0,
-    )?;
-    drain(&mut anchor_core, &store)?;
-    for epoch in 0..opts.retrain_epochs {
-        let loss = anchor_core.train_epoch(&store)?;
-        info!(epoch, loss, "retrain: version A");
-    }
-    let anchor_ckpt = Checkpoints::new(&dir.join("checkpoint-a"), 1);
-    anchor_core.checkpoint(&anchor_ckpt, fingerprint)?;
-    let anchor_cursor = anchor_core.cursor();
-    drop(anchor_core);
-    let anchor_model = load(&anchor_ckpt, &store, p, device)?;
+    let a = &events[..kg_end + anchor_ratings];
+    let a = (a, 0, p.batch_size);
+    let anchor = train_and_keep(anchor_core, &store, a, opts, &dir.join("checkpoint-a"))?;
+    let anchor_model = load(&anchor.checkpoints, &store, p, device)?;
     let anchor_tables = anchor_model
         .tables
         .iter()
@@ -171,123 +150,50 @@ pub fn measure_retrain(
     )?;
     let (anchor_accuracy, anchor_balanced_accuracy) = score(&classifier, &anchor_tables);
     // Version A compressed: what the frozen classifier and retrieval lose to its codes.
-    let pq = if opts.pq_subspaces.is_empty() {
-        Vec::new()
-    } else {
-        let retrieval = Retrieval {
-            user_type: type_index(&store, "user")?,
-            movie_type: type_index(&store, "movie")?,
-            relation: schema
-                .rel_id("rated_high")
-                .ok_or_else(|| anyhow::anyhow!("the schema has no relation rated_high"))?
-                as usize,
-        };
-        let classify = |tables: &[tch::Tensor]| score(&classifier, tables);
-        measure_pq(
-            &anchor_model,
-            &store,
-            p,
-            &retrieval,
-            classify,
-            &opts.pq_subspaces,
-        )?
+    let pq = match opts.pq_subspaces.is_empty() {
+        true => Vec::new(),
+        false => {
+            let classify = |tables: &[tch::Tensor]| score(&classifier, tables);
+            let retrieval = retrieval(&store, cfg)?;
+            measure_pq(
+                &anchor_model,
+                &store,
+                p,
+                &retrieval,
+                classify,
+                &opts.pq_subspaces,
+            )?
+        }
     };
     drop(anchor_model);
 
     // The rest of the ratings, and the retrain from another seed on all of them.
-    append_events(
-        &store,
-        SOURCE,
-        &events[kg_end + anchor_ratings..],
-        p.batch_size,
-        (kg_end + anchor_ratings) as i64,
-    )?;
     let mut params = p.clone();
     params.seed = retrain_seed(p.seed);
     tch::manual_seed(params.seed as i64);
-    let mut fresh = TrainerCore::new(
-        Embeddings::for_schema(&schema, &params, device),
+    let fresh = TrainerCore::new(
+        Embeddings::for_schema(&cfg.schema(), &params, device),
         params.clone(),
         cfg.trainer.clone(),
     );
-    drain(&mut fresh, &store)?;
-    for epoch in 0..opts.retrain_epochs {
-        let loss = fresh.train_epoch(&store)?;
-        info!(epoch, loss, "retrain: new model from another seed");
-    }
-    let fresh_ckpt = Checkpoints::new(&dir.join("checkpoint-b"), 1);
-    fresh.checkpoint(&fresh_ckpt, fingerprint)?;
-    let fresh_cursor = fresh.cursor();
-    drop(fresh);
+    let rest = &events[kg_end + anchor_ratings..];
+    let rest = (rest, kg_end + anchor_ratings, p.batch_size);
+    let fresh = train_and_keep(fresh, &store, rest, opts, &dir.join("checkpoint-b"))?;
 
-    let from = |ckpt: &Checkpoints, cursor: u64, params: &twhin_stream::train::TrainParams| {
-        load(ckpt, &store, params, device)
-            .map(|m| TrainerCore::resume(m, cursor, params.clone(), cfg.trainer.clone()))
+    let scenario = Variants {
+        cfg,
+        store: &store,
+        device,
+        params: &params,
+        anchor: &anchor,
+        fresh: &fresh,
+        classifier: &classifier,
+        anchor_balanced_accuracy,
+        epochs: opts.retrain_epochs,
     };
-    let variant = |way: Way| -> anyhow::Result<RetrainVariant> {
-        let (mut aligner, mut publication) = publication_for(cfg, way)?;
-        let mut sink = MemorySink::default();
-        // Version 1 is A, from its own copy (publishing marks rows clean and sets the pull).
-        let mut anchor = from(&anchor_ckpt, anchor_cursor, &params)?;
-        let mut publish = |core: &mut TrainerCore, aligner: &mut Aligner| {
-            let mut trainer = InProcessTrainer {
-                core,
-                checkpoints: None,
-            };
-            publish_in_process(&mut publication, &store, &mut trainer, aligner, &mut sink)
-        };
-        anyhow::ensure!(
-            matches!(
-                publish(&mut anchor, &mut aligner)?,
-                Outcome::Committed { .. }
-            ),
-            "version A was not published"
-        );
-        let mut out = Published::default();
-        match way {
-            Way::Raw | Way::Procrustes => {
-                let mut retrained = from(&fresh_ckpt, fresh_cursor, &params)?;
-                out.take(publish(&mut retrained, &mut aligner)?);
-                out.pull = aligner.pull();
-            }
-            Way::WarmPull => {
-                // The daemon's own continuation: the new ratings streamed with the pull, then
-                // the passes over the log, a version after each.
-                drain(&mut anchor, &store)?;
-                out.take(publish(&mut anchor, &mut aligner)?);
-                for epoch in 0..opts.retrain_epochs {
-                    let loss = anchor.train_epoch(&store)?;
-                    out.take(publish(&mut anchor, &mut aligner)?);
-                    info!(
-                        epoch,
-                        loss,
-                        pull = aligner.pull(),
-                        "retrain: warm start + pull"
-                    );
-                }
-                out.pull = aligner.pull();
-            }
-        }
-        let view = out
-            .last
-            .ok_or_else(|| anyhow::anyhow!("no version after A was committed"))?;
-        let (accuracy, balanced_accuracy) = score(&classifier, &view.tables);
-        let gate = cfg.align.hard_limit;
-        Ok(RetrainVariant {
-            accuracy,
-            balanced_accuracy,
-            relative_loss: 1.0 - balanced_accuracy / anchor_balanced_accuracy,
-            anchor_drift: out.anchor.map(|d| d.cosine_mean),
-            procrustes_residual: out.residual,
-            versions: out.versions,
-            held: out.held,
-            pull: out.pull,
-            default_gate_holds: out.max_previous_drift > gate,
-        })
-    };
-    let raw = variant(Way::Raw)?;
-    let procrustes = variant(Way::Procrustes)?;
-    let warm_pull = variant(Way::WarmPull)?;
+    let raw = scenario.publish(Way::Raw)?;
+    let procrustes = scenario.publish(Way::Procrustes)?;
+    let warm_pull = scenario.publish(Way::WarmPull)?;
     Ok(RetrainReport {
         dataset: dataset.name().into(),
         label: label.to_string(),
@@ -306,6 +212,148 @@ pub fn measure_retrain(
         warm_pull,
         pq,
     })
+}
+
+/// Which users, movies and relation the PQ retrieval figures rank.
+fn retrieval(store: &GraphStore, cfg: &Config) -> anyhow::Result<Retrieval> {
+    Ok(Retrieval {
+        user_type: type_index(store, "user")?,
+        movie_type: type_index(store, "movie")?,
+        relation: cfg
+            .schema()
+            .rel_id("rated_high")
+            .ok_or_else(|| anyhow::anyhow!("the schema has no relation rated_high"))?
+            as usize,
+    })
+}
+
+/// A trained model kept as a checkpoint, and its cursor.
+struct Kept {
+    checkpoints: Checkpoints,
+    cursor: u64,
+}
+
+/// `events` appended in batches of `batch` (offsets from `first_offset`) and streamed through `core`, then
+/// `--retrain-epochs` passes over the whole log; the model kept as a checkpoint in `dir`.
+fn train_and_keep(
+    mut core: TrainerCore,
+    store: &GraphStore,
+    (events, first_offset, batch): (&[Event], usize, usize),
+    opts: &StabilityOptions,
+    dir: &std::path::Path,
+) -> anyhow::Result<Kept> {
+    append_events(store, SOURCE, events, batch, first_offset as i64)?;
+    drain(&mut core, store)?;
+    let which = if first_offset == 0 {
+        "version A"
+    } else {
+        "new model from another seed"
+    };
+    for epoch in 0..opts.retrain_epochs {
+        let loss = core.train_epoch(store)?;
+        info!(epoch, loss, "retrain: {which}");
+    }
+    let checkpoints = Checkpoints::new(dir, 1);
+    core.checkpoint(&checkpoints, schema_fingerprint(store.stored_schema()))?;
+    Ok(Kept {
+        checkpoints,
+        cursor: core.cursor(),
+    })
+}
+
+/// What each way of publishing the retrain starts from.
+struct Variants<'a> {
+    cfg: &'a Config,
+    store: &'a GraphStore,
+    device: Device,
+    /// The retrain's settings (its seed), which every way resumes with.
+    params: &'a TrainParams,
+    anchor: &'a Kept,
+    fresh: &'a Kept,
+    classifier: &'a Frozen,
+    anchor_balanced_accuracy: f64,
+    epochs: usize,
+}
+
+impl Variants<'_> {
+    fn resume(&self, kept: &Kept) -> anyhow::Result<TrainerCore> {
+        let model = load(&kept.checkpoints, self.store, self.params, self.device)?;
+        Ok(TrainerCore::resume(
+            model,
+            kept.cursor,
+            self.params.clone(),
+            self.cfg.trainer.clone(),
+        ))
+    }
+
+    /// Version 1 is A, from its own copy (publishing marks rows clean and sets the pull); then
+    /// the retrain published `way`, and the frozen classifier scored on it.
+    fn publish(&self, way: Way) -> anyhow::Result<RetrainVariant> {
+        let (mut aligner, mut publication) = publication_for(self.cfg, way)?;
+        let mut sink = MemorySink::default();
+        let mut anchor = self.resume(self.anchor)?;
+        let mut publish = |core: &mut TrainerCore, aligner: &mut Aligner| {
+            let mut trainer = InProcessTrainer {
+                core,
+                checkpoints: None,
+            };
+            publish_in_process(
+                &mut publication,
+                self.store,
+                &mut trainer,
+                aligner,
+                &mut sink,
+            )
+        };
+        anyhow::ensure!(
+            matches!(
+                publish(&mut anchor, &mut aligner)?,
+                Outcome::Committed { .. }
+            ),
+            "version A was not published"
+        );
+        let mut out = Published::default();
+        match way {
+            Way::Raw | Way::Procrustes => {
+                let mut retrained = self.resume(self.fresh)?;
+                out.take(publish(&mut retrained, &mut aligner)?);
+                out.pull = aligner.pull();
+            }
+            Way::WarmPull => {
+                // The daemon's own continuation: the new ratings streamed with the pull, then
+                // the passes over the log, a version after each.
+                drain(&mut anchor, self.store)?;
+                out.take(publish(&mut anchor, &mut aligner)?);
+                for epoch in 0..self.epochs {
+                    let loss = anchor.train_epoch(self.store)?;
+                    out.take(publish(&mut anchor, &mut aligner)?);
+                    info!(
+                        epoch,
+                        loss,
+                        pull = aligner.pull(),
+                        "retrain: warm start + pull"
+                    );
+                }
+                out.pull = aligner.pull();
+            }
+        }
+        let view = out
+            .last
+            .ok_or_else(|| anyhow::anyhow!("no version after A was committed"))?;
+        let (accuracy, balanced_accuracy) = score(self.classifier, &view.tables);
+        let gate = self.cfg.align.hard_limit;
+        Ok(RetrainVariant {
+            accuracy,
+            balanced_accuracy,
+            relative_loss: 1.0 - balanced_accuracy / self.anchor_balanced_accuracy,
+            anchor_drift: out.anchor.map(|d| d.cosine_mean),
+            procrustes_residual: out.residual,
+            versions: out.versions,
+            held: out.held,
+            pull: out.pull,
+            default_gate_holds: out.max_previous_drift > gate,
+        })
+    }
 }
 
 /// What a variant's publications after A came to.
@@ -347,7 +395,7 @@ fn score(classifier: &Frozen, tables: &[tch::Tensor]) -> (f64, f64) {
 fn load(
     ckpts: &Checkpoints,
     store: &GraphStore,
-    params: &twhin_stream::train::TrainParams,
+    params: &TrainParams,
     device: Device,
 ) -> anyhow::Result<Embeddings> {
     let mut model = ckpts

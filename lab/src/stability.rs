@@ -19,10 +19,10 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
-use tch::Device;
+use tch::{Device, Tensor};
 use tracing::info;
 
-use twhin_stream::align::{AlignStatus, Aligner, Drift};
+use twhin_stream::align::{AlignFigures, AlignStatus, Aligner, Drift};
 use twhin_stream::config::{Comparator, Config, ValueFormat};
 use twhin_stream::offline::{run_dir, Dataset};
 use twhin_stream::publish::{
@@ -84,6 +84,19 @@ impl StabilityOptions {
     pub fn label_or(&self, default: Label) -> Label {
         self.label.clone().unwrap_or(default)
     }
+
+    /// The fractions both scenarios take, each strictly between 0 and 1.
+    pub fn check_fractions(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.first_fraction > 0.0 && self.first_fraction < 1.0,
+            "--first-fraction: between 0 and 1"
+        );
+        anyhow::ensure!(
+            self.holdout > 0.0 && self.holdout < 1.0,
+            "--holdout: between 0 and 1"
+        );
+        Ok(())
+    }
 }
 
 /// One version of one run.
@@ -140,14 +153,7 @@ pub fn measure(
     opts: &StabilityOptions,
 ) -> anyhow::Result<StabilityReport> {
     anyhow::ensure!(opts.versions >= 2, "--versions: at least 2");
-    anyhow::ensure!(
-        opts.first_fraction > 0.0 && opts.first_fraction < 1.0,
-        "--first-fraction: between 0 and 1"
-    );
-    anyhow::ensure!(
-        opts.holdout > 0.0 && opts.holdout < 1.0,
-        "--holdout: between 0 and 1"
-    );
+    opts.check_fractions()?;
     let label = opts.label_or(Label::Gender);
     let (node_type, labelled) = labelled_nodes(cfg, &label)?;
     let mut baseline = None;
@@ -243,47 +249,78 @@ fn run_once(
             }
             Outcome::Unchanged => continue,
         };
-        let version = prepared.marker.version;
-
-        if classifier.is_none() {
-            let (frozen, fit_accuracy, info) = fit_classifier(
-                &store,
-                &view.tables,
-                node_type,
-                labelled,
-                opts.holdout,
-                p.seed,
-            )?;
-            out.fit_accuracy = fit_accuracy;
-            split_info = info;
-            classifier = Some(frozen);
-        }
-        let (model, t, held) = classifier.as_ref().expect("fitted at version 1");
-        let (x, y) = features(&view.tables[*t], held);
-        let (accuracy, balanced_accuracy) = accuracies(&model.predict(&x), &y);
-        info!(
-            control,
-            version,
-            rated_so_far,
-            accuracy,
-            pull = figures.pull,
-            "stability: version"
-        );
-        out.versions.push(VersionFigures {
-            version,
-            ratings: rated_so_far,
-            accuracy,
-            balanced_accuracy,
-            previous: figures.previous,
-            anchor: figures.anchor,
-            procrustes_residual: figures.procrustes_residual,
-            pull: figures.pull,
+        let frozen = match &mut classifier {
+            Some(frozen) => frozen,
+            None => {
+                let (frozen, fit_accuracy, info) = fit_classifier(
+                    &store,
+                    &view.tables,
+                    node_type,
+                    labelled,
+                    opts.holdout,
+                    p.seed,
+                )?;
+                out.fit_accuracy = fit_accuracy;
+                split_info = info;
+                classifier.insert(frozen)
+            }
+        };
+        let version = Committed {
+            number: prepared.marker.version,
             rows: prepared.marker.rows,
-            prequential_hits10: core.window.figures().map(|(_, hits)| hits),
-            ratings_hits10: ratings_hits10(&core, &schema),
-        });
+            tables: &view.tables,
+            figures: &figures,
+            ratings: rated_so_far,
+        };
+        out.versions
+            .push(version_figures(frozen, &version, &core, &schema, control));
     }
     Ok((out, split_info))
+}
+
+/// A committed version, as the frozen classifier scores it.
+struct Committed<'a> {
+    number: u64,
+    rows: u64,
+    tables: &'a [Tensor],
+    figures: &'a AlignFigures,
+    /// Ratings trained when it was cut.
+    ratings: usize,
+}
+
+/// The frozen classifier on `version`'s held-out rows, beside its drift and the trainer's
+/// prequential figures.
+fn version_figures(
+    (model, t, held): &Frozen,
+    version: &Committed,
+    core: &TrainerCore,
+    schema: &twhin_stream::schema::Schema,
+    control: bool,
+) -> VersionFigures {
+    let (x, y) = features(&version.tables[*t], held);
+    let (accuracy, balanced_accuracy) = accuracies(&model.predict(&x), &y);
+    let figures = version.figures;
+    info!(
+        control,
+        version = version.number,
+        rated_so_far = version.ratings,
+        accuracy,
+        pull = figures.pull,
+        "stability: version"
+    );
+    VersionFigures {
+        version: version.number,
+        ratings: version.ratings,
+        accuracy,
+        balanced_accuracy,
+        previous: figures.previous,
+        anchor: figures.anchor,
+        procrustes_residual: figures.procrustes_residual,
+        pull: figures.pull,
+        rows: version.rows,
+        prequential_hits10: core.window.figures().map(|(_, hits)| hits),
+        ratings_hits10: ratings_hits10(core, schema),
+    }
 }
 
 /// The daemon's aligner (drift control on or off) and publication, in memory.

@@ -7,21 +7,35 @@
 //! `/v1/embeddings` and `/v1/neighbors` never show a version that Kafka subscribers cannot have.
 //! Each version handed over also goes to the approximate-candidate indexes' updater
 //! ([`AnnIndexes`]), which brings them to it on its own thread.
+//!
+//! Every request reads the view and one writer replaces it once per version, so it is an
+//! [`ArcSwapOption`]: a read is a pointer load, never a lock, and a request keeps the version it
+//! loaded however many are published meanwhile.
 
-use parking_lot::Mutex;
 use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use crate::config::AnnConfig;
 use crate::publish::PublishedView;
 use crate::serve::{AnnHandle, AnnIndexes};
 
+/// A committed version as served: never written after publication.
+struct Committed(PublishedView);
+
+// SAFETY: `tch::Tensor` is `Send` but not `Sync` because a tensor can be written in place
+// through a shared handle (`shallow_clone` shares its storage). A `PublishedView` is never
+// written after the publisher hands it over: the serving code and the index updater only read
+// it (index_select, matmul, copies out, `shallow_clone`s that are read), and libtorch's reading
+// operators, like the atomic reference counts of `shallow_clone`, are safe to run on one tensor
+// from several threads at once (what PyTorch's multi-threaded inference relies on).
+unsafe impl Sync for Committed {}
+
 /// The latest committed version, shared between the publication ticker (writer) and HTTP
 /// (readers).
-/// `Tensor` is `Send` but not `Sync`, hence a mutex; readers copy out what they need or compute
-/// under the lock on a blocking thread.
 #[derive(Clone, Default)]
 pub struct ServingView {
-    inner: Arc<Mutex<Option<PublishedView>>>,
+    current: Arc<ArcSwapOption<Committed>>,
     /// `None`: `/v1/neighbors` is always exact (`http.ann.enabled = false`).
     ann: Option<Arc<AnnHandle>>,
 }
@@ -40,7 +54,7 @@ impl ServingView {
             false => None,
         };
         Ok(ServingView {
-            inner: Arc::default(),
+            current: Arc::default(),
             ann,
         })
     }
@@ -57,7 +71,7 @@ impl ServingView {
                 view.changed.as_deref(),
             );
         }
-        *self.inner.lock() = Some(view);
+        self.current.store(Some(Arc::new(Committed(view))));
     }
 
     /// The approximate-candidate indexes, when enabled.
@@ -67,8 +81,8 @@ impl ServingView {
 
     /// Run `f` on the served version (`None` before the first commit).
     pub fn with<R>(&self, f: impl FnOnce(Option<&PublishedView>) -> R) -> R {
-        let guard = self.inner.lock();
-        f(guard.as_ref())
+        let current = self.current.load();
+        f(current.as_deref().map(|c| &c.0))
     }
 
     /// The served version number, if any.

@@ -1,0 +1,121 @@
+//! One target type's HNSW graph: building it, inserting and removing rows, searching it.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use async_lock::Semaphore;
+use parking_lot::RwLock;
+use usearch::{Index, IndexOptions, ScalarKind};
+
+use crate::config::{AnnConfig, AnnQuantization};
+
+use super::reduction::Reduction;
+use super::{index_err, AnnError};
+
+/// Rows converted and inserted at a time while building (bounds the copy out of libtorch).
+pub(super) const BUILD_CHUNK: i64 = 8192;
+
+/// One target type's graph: key = the row's dense index.
+pub(super) struct TypeIndex {
+    pub(super) index: Index,
+    pub(super) reduction: Reduction,
+    /// The rows' dimension (the graph's may be one more).
+    pub(super) dim: usize,
+    /// The served version whose rows it holds, every one.
+    pub(super) version: AtomicU64,
+    /// Rows indexed: keys `0..rows`.
+    pub(super) rows: AtomicUsize,
+    /// Bytes the index holds, as of its last build or update ([`TypeIndex::measure`]).
+    pub(super) memory: AtomicUsize,
+    /// Searches, inserts and removals share it; growing the capacity takes it alone.
+    pub(super) gate: RwLock<()>,
+    /// usearch needs a thread context per concurrent call: at most `http.ann.search_threads`
+    /// searches at once, the rest wait for a turn.
+    pub(super) turns: Semaphore,
+}
+
+impl TypeIndex {
+    pub(super) fn new(
+        cfg: &AnnConfig,
+        reduction: Reduction,
+        dim: usize,
+        capacity: usize,
+    ) -> Result<TypeIndex, AnnError> {
+        let index = Index::new(&IndexOptions {
+            dimensions: reduction.dims(dim),
+            metric: reduction.metric(),
+            quantization: match cfg.quantization {
+                AnnQuantization::F32 => ScalarKind::F32,
+                AnnQuantization::F16 => ScalarKind::F16,
+            },
+            connectivity: cfg.connectivity,
+            expansion_add: cfg.expansion_add,
+            expansion_search: cfg.expansion_search,
+            multi: false,
+        })
+        .map_err(index_err)?;
+        // Searches, the updater, and the builder's threads each hold a context.
+        let contexts = (cfg.search_threads + 1).max(cfg.build_threads);
+        index
+            .reserve_capacity_and_threads(capacity.max(1024), contexts)
+            .map_err(index_err)?;
+        Ok(TypeIndex {
+            index,
+            reduction,
+            dim,
+            version: AtomicU64::new(0),
+            rows: AtomicUsize::new(0),
+            memory: AtomicUsize::new(0),
+            gate: RwLock::new(()),
+            turns: Semaphore::new(cfg.search_threads),
+        })
+    }
+
+    /// Room for `more` keys beyond the present ones (doubling; the reserve reallocates, so it
+    /// waits for running searches and holds new ones back while it runs).
+    pub(super) fn make_room(&self, more: usize, threads: usize) -> Result<(), AnnError> {
+        let needed = self.index.size() + more;
+        if needed <= self.index.capacity() {
+            return Ok(());
+        }
+        let _alone = self.gate.write();
+        let capacity = needed.max(self.index.capacity() * 2);
+        self.index
+            .reserve_capacity_and_threads(capacity, threads)
+            .map_err(index_err)
+    }
+
+    /// Insert or replace `keys` with `rows [keys, dim]` (and `biases [keys]`).
+    pub(super) fn upsert(
+        &self,
+        keys: &[i64],
+        rows: &[f32],
+        biases: Option<&[f32]>,
+    ) -> Result<(), AnnError> {
+        let _shared = self.gate.read();
+        let mut item = Vec::with_capacity(self.dim + 1);
+        for (i, &key) in keys.iter().enumerate() {
+            let row = &rows[i * self.dim..(i + 1) * self.dim];
+            self.reduction.item(row, biases.map(|b| b[i]), &mut item);
+            let key = key as u64;
+            if self.index.contains(key) {
+                self.index.remove(key).map_err(index_err)?;
+            }
+            self.index.add(key, &item).map_err(index_err)?;
+        }
+        Ok(())
+    }
+
+    /// Records the bytes the index holds, for [`AnnIndexes::figures`]. usearch's figure walks
+    /// every node without a lock, so it is only safe on the updater's thread (the one writer)
+    /// and costs a pass over the index: after a build (`rows_before` 0) it is measured; after an
+    /// update, grown by the new rows at the bytes per row last measured.
+    pub(super) fn measure(&self, rows_before: usize, rows_now: usize) {
+        let bytes = if rows_before == 0 {
+            self.index.memory_usage()
+        } else {
+            let measured = self.memory.load(Ordering::Relaxed);
+            measured + rows_now.saturating_sub(rows_before) * (measured / rows_before)
+        };
+        self.memory.store(bytes, Ordering::Relaxed);
+    }
+}
