@@ -110,6 +110,41 @@ fn covered_movies(
     Ok(movies)
 }
 
+/// The two models' features `(fitting half, scored half)`: the counts alone, and the counts
+/// beside the version's rows.
+struct Features<'a> {
+    without: (&'a Tensor, &'a Tensor),
+    with: (&'a Tensor, &'a Tensor),
+}
+
+/// Both models fitted for `genre` on the `fit` movies and scored on the `scored` ones.
+fn genre_figures(
+    genre: &str,
+    fit: &[Movie],
+    scored: &[Movie],
+    features: &Features,
+) -> anyhow::Result<GenreFigures> {
+    let label = |part: &[Movie]| {
+        let y: Vec<f64> = part
+            .iter()
+            .map(|(_, _, g)| f64::from(g.iter().any(|x| x == genre)))
+            .collect();
+        Tensor::from_slice(&y)
+    };
+    let (fit_y, scored_y) = (label(fit), label(scored));
+    let positives = scored_y.sum(Kind::Double).double_value(&[]);
+    anyhow::ensure!(
+        positives > 0.0 && fit_y.sum(Kind::Double).double_value(&[]) > 0.0,
+        "no movie of the split has the genre {genre:?}"
+    );
+    Ok(GenreFigures {
+        genre: genre.to_owned(),
+        positive_share: positives / scored.len() as f64,
+        without_embeddings: fit_and_score(&[features.without], &fit_y, &scored_y),
+        with_embeddings: fit_and_score(&[features.with], &fit_y, &scored_y),
+    })
+}
+
 /// Stream the graph without its genre relations and every rating, publish one version, and fit
 /// and score both models for each of `opts.genres`.
 pub fn measure_genre_downstream(
@@ -190,28 +225,14 @@ pub fn measure_genre_downstream(
     let (fit_base, scored_base) = (baseline(fit), baseline(scored));
     let fit_with = Tensor::cat(&[&fit_base, &rows(fit)], 1);
     let scored_with = Tensor::cat(&[&scored_base, &rows(scored)], 1);
-    let mut figures = Vec::with_capacity(genres.len());
-    for genre in genres {
-        let label = |part: &[Movie]| {
-            let y: Vec<f64> = part
-                .iter()
-                .map(|(_, _, g)| f64::from(g.contains(genre)))
-                .collect();
-            Tensor::from_slice(&y)
-        };
-        let (fit_y, scored_y) = (label(fit), label(scored));
-        let positives = scored_y.sum(Kind::Double).double_value(&[]);
-        anyhow::ensure!(
-            positives > 0.0 && fit_y.sum(Kind::Double).double_value(&[]) > 0.0,
-            "no movie of the split has the genre {genre:?}"
-        );
-        figures.push(GenreFigures {
-            genre: genre.clone(),
-            positive_share: positives / scored.len() as f64,
-            without_embeddings: fit_and_score(&[(&fit_base, &scored_base)], &fit_y, &scored_y),
-            with_embeddings: fit_and_score(&[(&fit_with, &scored_with)], &fit_y, &scored_y),
-        });
-    }
+    let features = Features {
+        without: (&fit_base, &scored_base),
+        with: (&fit_with, &scored_with),
+    };
+    let figures = genres
+        .iter()
+        .map(|genre| genre_figures(genre, fit, scored, &features))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(GenreReport {
         dataset: dataset.name().into(),
         task: "movie genre, from a graph without the genre relations".into(),

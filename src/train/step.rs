@@ -512,101 +512,20 @@ impl Leaves {
 
 /// One group's loss: positives against target-side and source-side negatives.
 fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Tensor {
-    let (rel_leaf, bias_leaves) = (&leaves.relations, &leaves.biases);
-    let rev_leaf = leaves.reverse.as_ref();
-    let leaves = &leaves.rows;
-    let table = |t: usize, pos: &[i64]| {
-        leaves[t]
-            .as_ref()
-            .expect("rows added")
-            .1
-            .index_select(0, &long(pos, device))
-    };
-    let b = g.src.len() as i64;
-    let mut s = table(g.src_type, &g.src_pos);
-    let mut uni_s = table(g.src_type, &g.uni_src_pos);
-    if let Some((on_edges, on_uniform)) = &g.history {
-        let items = &leaves[g.dst_type].as_ref().expect("rows added").1;
-        s = &s + on_edges.times(b, items);
-        uni_s = &uni_s + on_uniform.times(g.uni_src.len() as i64, items);
-    }
-    let t = table(g.dst_type, &g.dst_pos);
-    let r = rel_leaf.index_select(0, &long(&g.rels, device));
-    let a = translate(&s, &r);
-    let chunk = (p.chunk_size as i64).min(b);
-    // The target bias: of each positive's target `[b]`, and of a set of candidates.
-    let bias = bias_leaves[g.dst_type].as_ref();
-    let bias_of = |pos: &[i64]| bias.map(|l| l.index_select(0, &long(pos, device)));
-    let pos_bias = bias_of(&g.dst_pos);
-    let plus = |x: Tensor, add: Option<Tensor>| match add {
-        Some(add) => x + add,
-        None => x,
-    };
-    let pos = plus(
-        score_pairs(p.comparator, &a, &t),
-        pos_bias.as_ref().map(Tensor::shallow_clone),
-    );
-    let (a_c, s_c, r_c, t_c) = (
-        chunked(&a, chunk),
-        chunked(&s, chunk),
-        chunked(&r, chunk),
-        chunked(&t, chunk),
-    );
-
-    // Targets: every row of the type, or in-batch (per chunk, one batched product) and
-    // uniform.
-    let dst_parts = match &g.all_dst_pos {
-        Some(all) => {
-            let scores = plus(
-                score_targets(p.comparator, &a, &table(g.dst_type, all)),
-                bias_of(all).map(|x| x.unsqueeze(0)),
-            );
-            let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
-            vec![(scores, valid.to_device(device))]
-        }
-        None => {
-            let in_batch = plus(
-                unchunked(&score_targets(p.comparator, &a_c, &t_c), b),
-                pos_bias.as_ref().map(|x| in_batch_columns(x, chunk, b)),
-            );
-            let uniform = plus(
-                score_targets(p.comparator, &a, &table(g.dst_type, &g.uni_dst_pos)),
-                bias_of(&g.uni_dst_pos).map(|x| x.unsqueeze(0)),
-            );
-            let (in_valid, uni_valid) =
-                negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
-            vec![(in_batch, in_valid), (uniform, uni_valid)]
-        }
-    };
+    let x = Gathered::new(g, leaves, p, device);
+    let dst_parts = x.target_parts(g, leaves, p, device);
     let dst_refs: Vec<(&Tensor, &Tensor)> = dst_parts.iter().map(|(s, v)| (s, v)).collect();
+    let (src_pos, src_in_batch, src_uniform) = x.source_scores(g, leaves, p, device);
+    let (src_in_valid, src_uni_valid) = negative_mask(
+        &g.src,
+        &g.dst,
+        &g.rels,
+        &g.uni_src,
+        x.chunk as usize,
+        device,
+    );
 
-    // Sources likewise: against `e_t + h_r` with reverse relations (every comparator is
-    // symmetric, so candidates take the target's place in the product), else as `c + e_r`.
-    // (The target's bias is the same for every candidate source.)
-    let own_bias = pos_bias.as_ref().map(|x| x.unsqueeze(1));
-    let (src_pos, src_in_batch, src_uniform) = match rev_leaf {
-        Some(rev) => {
-            let q = &t + rev.index_select(0, &long(&g.rels, device));
-            let src_pos = plus(
-                score_pairs(p.comparator, &q, &s),
-                pos_bias.as_ref().map(Tensor::shallow_clone),
-            );
-            let in_batch = score_targets(p.comparator, &chunked(&q, chunk), &s_c);
-            let uniform = score_targets(p.comparator, &q, &uni_s);
-            (src_pos, unchunked(&in_batch, b), uniform)
-        }
-        None => (
-            pos.shallow_clone(),
-            unchunked(&score_sources(p.comparator, &s_c, &r_c, &t_c), b),
-            score_sources(p.comparator, &uni_s, &r, &t),
-        ),
-    };
-    let src_in_batch = plus(src_in_batch, own_bias.as_ref().map(Tensor::shallow_clone));
-    let src_uniform = plus(src_uniform, own_bias);
-    let (src_in_valid, src_uni_valid) =
-        negative_mask(&g.src, &g.dst, &g.rels, &g.uni_src, chunk as usize, device);
-
-    loss_parts(p.loss, &pos, &dst_refs)
+    loss_parts(p.loss, &x.pos, &dst_refs)
         + loss_parts(
             p.loss,
             &src_pos,
@@ -615,6 +534,164 @@ fn group_loss(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Te
                 (&src_uniform, &src_uni_valid),
             ],
         )
+}
+
+/// `x + add` (`x` when there is nothing to add).
+fn plus(x: Tensor, add: Option<Tensor>) -> Tensor {
+    match add {
+        Some(add) => x + add,
+        None => x,
+    }
+}
+
+/// Table `t`'s leaf rows at `pos` (positions in the step's unique rows).
+fn leaf_rows(leaves: &Leaves, t: usize, pos: &[i64], device: Device) -> Tensor {
+    leaves.rows[t]
+        .as_ref()
+        .expect("rows added")
+        .1
+        .index_select(0, &long(pos, device))
+}
+
+/// A group's gathered rows and positive scores, which both sides' negatives score against.
+struct Gathered {
+    b: i64,
+    chunk: i64,
+    s: Tensor,
+    uni_s: Tensor,
+    t: Tensor,
+    r: Tensor,
+    a: Tensor,
+    /// The target bias of each positive's target `[b]`.
+    pos_bias: Option<Tensor>,
+    pos: Tensor,
+    a_c: Tensor,
+    s_c: Tensor,
+    r_c: Tensor,
+    t_c: Tensor,
+}
+
+impl Gathered {
+    fn new(g: &Group, leaves: &Leaves, p: &TrainParams, device: Device) -> Gathered {
+        let b = g.src.len() as i64;
+        let mut s = leaf_rows(leaves, g.src_type, &g.src_pos, device);
+        let mut uni_s = leaf_rows(leaves, g.src_type, &g.uni_src_pos, device);
+        if let Some((on_edges, on_uniform)) = &g.history {
+            let items = &leaves.rows[g.dst_type].as_ref().expect("rows added").1;
+            s = &s + on_edges.times(b, items);
+            uni_s = &uni_s + on_uniform.times(g.uni_src.len() as i64, items);
+        }
+        let t = leaf_rows(leaves, g.dst_type, &g.dst_pos, device);
+        let r = leaves.relations.index_select(0, &long(&g.rels, device));
+        let a = translate(&s, &r);
+        let chunk = (p.chunk_size as i64).min(b);
+        let pos_bias = bias_of(leaves, g.dst_type, &g.dst_pos, device);
+        let pos = plus(
+            score_pairs(p.comparator, &a, &t),
+            pos_bias.as_ref().map(Tensor::shallow_clone),
+        );
+        let (a_c, s_c, r_c, t_c) = (
+            chunked(&a, chunk),
+            chunked(&s, chunk),
+            chunked(&r, chunk),
+            chunked(&t, chunk),
+        );
+        Gathered {
+            b,
+            chunk,
+            s,
+            uni_s,
+            t,
+            r,
+            a,
+            pos_bias,
+            pos,
+            a_c,
+            s_c,
+            r_c,
+            t_c,
+        }
+    }
+
+    /// The target side's negatives and their masks: every row of the type, or in-batch (per
+    /// chunk, one batched product) and uniform.
+    fn target_parts(
+        &self,
+        g: &Group,
+        leaves: &Leaves,
+        p: &TrainParams,
+        device: Device,
+    ) -> Vec<(Tensor, Tensor)> {
+        let (a, b, chunk) = (&self.a, self.b, self.chunk);
+        let bias = |pos: &[i64]| bias_of(leaves, g.dst_type, pos, device);
+        match &g.all_dst_pos {
+            Some(all) => {
+                let scores = plus(
+                    score_targets(p.comparator, a, &leaf_rows(leaves, g.dst_type, all, device)),
+                    bias(all).map(|x| x.unsqueeze(0)),
+                );
+                let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
+                vec![(scores, valid.to_device(device))]
+            }
+            None => {
+                let in_batch = plus(
+                    unchunked(&score_targets(p.comparator, &self.a_c, &self.t_c), b),
+                    (self.pos_bias.as_ref()).map(|x| in_batch_columns(x, chunk, b)),
+                );
+                let uniform_rows = leaf_rows(leaves, g.dst_type, &g.uni_dst_pos, device);
+                let uniform = plus(
+                    score_targets(p.comparator, a, &uniform_rows),
+                    bias(&g.uni_dst_pos).map(|x| x.unsqueeze(0)),
+                );
+                let (in_valid, uni_valid) =
+                    negative_mask(&g.dst, &g.src, &g.rels, &g.uni_dst, chunk as usize, device);
+                vec![(in_batch, in_valid), (uniform, uni_valid)]
+            }
+        }
+    }
+
+    /// The source side's `(positive, in-batch, uniform)` scores: against `e_t + h_r` with
+    /// reverse relations (every comparator is symmetric, so candidates take the target's place
+    /// in the product), else as `c + e_r`. (The target's bias is the same for every candidate
+    /// source.)
+    fn source_scores(
+        &self,
+        g: &Group,
+        leaves: &Leaves,
+        p: &TrainParams,
+        device: Device,
+    ) -> (Tensor, Tensor, Tensor) {
+        let (s, t, b, chunk) = (&self.s, &self.t, self.b, self.chunk);
+        let own_bias = self.pos_bias.as_ref().map(|x| x.unsqueeze(1));
+        let (src_pos, src_in_batch, src_uniform) = match leaves.reverse.as_ref() {
+            Some(rev) => {
+                let q = t + rev.index_select(0, &long(&g.rels, device));
+                let src_pos = plus(
+                    score_pairs(p.comparator, &q, s),
+                    self.pos_bias.as_ref().map(Tensor::shallow_clone),
+                );
+                let in_batch = score_targets(p.comparator, &chunked(&q, chunk), &self.s_c);
+                let uniform = score_targets(p.comparator, &q, &self.uni_s);
+                (src_pos, unchunked(&in_batch, b), uniform)
+            }
+            None => (
+                self.pos.shallow_clone(),
+                unchunked(
+                    &score_sources(p.comparator, &self.s_c, &self.r_c, &self.t_c),
+                    b,
+                ),
+                score_sources(p.comparator, &self.uni_s, &self.r, t),
+            ),
+        };
+        let src_in_batch = plus(src_in_batch, own_bias.as_ref().map(Tensor::shallow_clone));
+        let src_uniform = plus(src_uniform, own_bias);
+        (src_pos, src_in_batch, src_uniform)
+    }
+}
+
+/// The target biases of table `t`'s rows at `pos`, when the type carries one.
+fn bias_of(leaves: &Leaves, t: usize, pos: &[i64], device: Device) -> Option<Tensor> {
+    (leaves.biases[t].as_ref()).map(|l| l.index_select(0, &long(pos, device)))
 }
 
 /// Gradients of a step's loss: per table the touched rows' (`[unique, D]`, in [`Leaves`] order),

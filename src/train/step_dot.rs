@@ -179,7 +179,8 @@ fn row_sums(x: &Tensor) -> Tensor {
 }
 
 /// One group's loss (its mean over the group's edges) and, into `grads`, its gradients scaled by
-/// `weight` (the group's share of the step's edges).
+/// `weight` (the group's share of the step's edges): the shared gathers and scores, the target
+/// side's loss, the source side's, then the backward of both into the unique rows.
 pub(super) fn group_loss_and_grads(
     g: &Group,
     leaves: &Leaves,
@@ -188,175 +189,304 @@ pub(super) fn group_loss_and_grads(
     weight: f64,
     grads: &mut Grads,
 ) -> f64 {
-    let rows = |t: usize| &leaves.rows[t].as_ref().expect("rows added").1;
-    let b = g.src.len() as i64;
-    let chunk = (p.chunk_size as i64).min(b);
-    let (sp, dp) = (long(&g.src_pos, device), long(&g.dst_pos, device));
-    let (usp, rel_idx) = (long(&g.uni_src_pos, device), long(&g.rels, device));
+    let f = Forward::new(g, leaves, p, device);
+    let dst = f.target_side(g, leaves, p, device, weight);
+    let src = f.source_side(g, leaves, p, weight);
+    let loss = dst.value + src.value;
+    f.backward(g, leaves, grads, dst, src);
+    loss
+}
 
-    // Forward, as `group_loss` computes it.
-    let mut s = rows(g.src_type).index_select(0, &sp);
-    let mut uni_s = rows(g.src_type).index_select(0, &usp);
-    if let Some((on_edges, on_uniform)) = &g.history {
-        let items = rows(g.dst_type);
-        s += on_edges.times(b, items);
-        uni_s += on_uniform.times(g.uni_src.len() as i64, items);
-    }
-    let t = rows(g.dst_type).index_select(0, &dp);
-    let r = leaves.relations.index_select(0, &rel_idx);
-    let a = &s + &r;
-    let bias = leaves.biases[g.dst_type].as_ref();
-    let pos_bias = bias.map(|l| l.index_select(0, &dp));
-    let with_bias = |x: Tensor, add: Option<Tensor>| match add {
+/// `x + add` (`x` when there is nothing to add).
+fn with_bias(x: Tensor, add: Option<Tensor>) -> Tensor {
+    match add {
         Some(add) => x + add,
         None => x,
-    };
-    let pos = with_bias(
-        row_sums(&(&a * &t)),
-        pos_bias.as_ref().map(Tensor::shallow_clone),
-    );
-    let (a_c, t_c, s_c) = (chunked(&a, chunk), chunked(&t, chunk), chunked(&s, chunk));
-
-    // Target-side candidates: every row of the type, or in-batch and uniform.
-    enum Candidates {
-        All(Tensor, Tensor),
-        Sampled(Tensor, Tensor),
     }
-    let (cands, (dst_value, dst_g_pos, dst_g)) = match &g.all_dst_pos {
-        Some(all) => {
-            let idx = long(all, device);
-            let c = rows(g.dst_type).index_select(0, &idx);
-            let scores = with_bias(
-                a.mm(&c.tr()),
-                bias.map(|l| l.index_select(0, &idx).unsqueeze(0)),
-            );
-            let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
-            let side = loss_and_gradients(p.loss, &pos, &[(scores, &valid.to_device(device))]);
-            (Candidates::All(idx, c), scaled(side, weight))
-        }
-        None => {
-            let idx = long(&g.uni_dst_pos, device);
-            let u = rows(g.dst_type).index_select(0, &idx);
-            let in_batch = with_bias(
-                unchunked(&a_c.bmm(&t_c.transpose(1, 2)), b),
-                pos_bias.as_ref().map(|x| in_batch_columns(x, chunk, b)),
-            );
-            let uniform = with_bias(
-                a.mm(&u.tr()),
-                bias.map(|l| l.index_select(0, &idx).unsqueeze(0)),
-            );
-            let ids = SideIds {
-                own: &g.dst,
-                other: &g.src,
-                rels: &g.rels,
-                uniform: &g.uni_dst,
-            };
-            let side = sampled_side(p, &pos, in_batch, uniform, &ids, chunk, weight);
-            (Candidates::Sampled(idx, u), side)
-        }
-    };
+}
 
-    // Source side: against `q = e_t + h_r` with reverse relations, else `(c + e_r)·e_t`.
-    let q = leaves
-        .reverse
-        .as_ref()
-        .map(|rev| &t + rev.index_select(0, &rel_idx));
-    let own_bias = pos_bias.as_ref().map(|x| x.unsqueeze(1));
-    let (src_pos, src_in_batch, src_uniform) = match &q {
-        Some(q) => (
-            with_bias(
-                row_sums(&(q * &s)),
-                pos_bias.as_ref().map(Tensor::shallow_clone),
+/// The step's leaf copy of table `t`'s touched rows.
+fn rows(leaves: &Leaves, t: usize) -> &Tensor {
+    &leaves.rows[t].as_ref().expect("rows added").1
+}
+
+/// What both sides' scores and the backward share: the group's gathers, `a = s + r`, and the
+/// positive score `pos = a·t` (plus the target bias).
+struct Forward<'a> {
+    /// Positions of the sources, targets and uniform sources in the unique rows, and the
+    /// relations, on the device.
+    sp: Tensor,
+    dp: Tensor,
+    usp: Tensor,
+    rel_idx: Tensor,
+    b: i64,
+    chunk: i64,
+    s: Tensor,
+    uni_s: Tensor,
+    t: Tensor,
+    r: Tensor,
+    a: Tensor,
+    bias: Option<&'a Tensor>,
+    pos_bias: Option<Tensor>,
+    pos: Tensor,
+    a_c: Tensor,
+    t_c: Tensor,
+    s_c: Tensor,
+}
+
+/// The target side's candidates: every row of the type, or the uniform draws (in-batch ones are
+/// the group's own targets); each with its positions and rows.
+enum Candidates {
+    All(Tensor, Tensor),
+    Sampled(Tensor, Tensor),
+}
+
+/// One side's loss and its gradients (already scaled by the group's weight): of the positive
+/// scores and of each part of the negatives.
+struct Side<C> {
+    value: f64,
+    g_pos: Tensor,
+    g: Vec<Tensor>,
+    /// The target side's candidates, or the source side's query `q = e_t + h_r` with reverse
+    /// relations.
+    with: C,
+}
+
+impl<'a> Forward<'a> {
+    fn new(g: &Group, leaves: &'a Leaves, p: &TrainParams, device: Device) -> Forward<'a> {
+        let b = g.src.len() as i64;
+        let chunk = (p.chunk_size as i64).min(b);
+        let (sp, dp) = (long(&g.src_pos, device), long(&g.dst_pos, device));
+        let (usp, rel_idx) = (long(&g.uni_src_pos, device), long(&g.rels, device));
+        let mut s = rows(leaves, g.src_type).index_select(0, &sp);
+        let mut uni_s = rows(leaves, g.src_type).index_select(0, &usp);
+        if let Some((on_edges, on_uniform)) = &g.history {
+            let items = rows(leaves, g.dst_type);
+            s += on_edges.times(b, items);
+            uni_s += on_uniform.times(g.uni_src.len() as i64, items);
+        }
+        let t = rows(leaves, g.dst_type).index_select(0, &dp);
+        let r = leaves.relations.index_select(0, &rel_idx);
+        let a = &s + &r;
+        let bias = leaves.biases[g.dst_type].as_ref();
+        let pos_bias = bias.map(|l| l.index_select(0, &dp));
+        let pos = with_bias(
+            row_sums(&(&a * &t)),
+            pos_bias.as_ref().map(Tensor::shallow_clone),
+        );
+        let (a_c, t_c, s_c) = (chunked(&a, chunk), chunked(&t, chunk), chunked(&s, chunk));
+        Forward {
+            sp,
+            dp,
+            usp,
+            rel_idx,
+            b,
+            chunk,
+            s,
+            uni_s,
+            t,
+            r,
+            a,
+            bias,
+            pos_bias,
+            pos,
+            a_c,
+            t_c,
+            s_c,
+        }
+    }
+
+    /// Target-side candidates: every row of the type, or in-batch and uniform.
+    fn target_side(
+        &self,
+        g: &Group,
+        leaves: &Leaves,
+        p: &TrainParams,
+        device: Device,
+        weight: f64,
+    ) -> Side<Candidates> {
+        let (a, bias, b, chunk) = (&self.a, self.bias, self.b, self.chunk);
+        let (with, (value, g_pos, grads)) = match &g.all_dst_pos {
+            Some(all) => {
+                let idx = long(all, device);
+                let c = rows(leaves, g.dst_type).index_select(0, &idx);
+                let scores = with_bias(
+                    a.mm(&c.tr()),
+                    bias.map(|l| l.index_select(0, &idx).unsqueeze(0)),
+                );
+                let valid = all_targets_mask(&g.dst, &g.src, &g.rels, all.len() as i64);
+                let side =
+                    loss_and_gradients(p.loss, &self.pos, &[(scores, &valid.to_device(device))]);
+                (Candidates::All(idx, c), scaled(side, weight))
+            }
+            None => {
+                let idx = long(&g.uni_dst_pos, device);
+                let u = rows(leaves, g.dst_type).index_select(0, &idx);
+                let in_batch = with_bias(
+                    unchunked(&self.a_c.bmm(&self.t_c.transpose(1, 2)), b),
+                    (self.pos_bias.as_ref()).map(|x| in_batch_columns(x, chunk, b)),
+                );
+                let uniform = with_bias(
+                    a.mm(&u.tr()),
+                    bias.map(|l| l.index_select(0, &idx).unsqueeze(0)),
+                );
+                let ids = SideIds {
+                    own: &g.dst,
+                    other: &g.src,
+                    rels: &g.rels,
+                    uniform: &g.uni_dst,
+                };
+                let side = sampled_side(p, &self.pos, in_batch, uniform, &ids, chunk, weight);
+                (Candidates::Sampled(idx, u), side)
+            }
+        };
+        Side {
+            value,
+            g_pos,
+            g: grads,
+            with,
+        }
+    }
+
+    /// Source side: against `q = e_t + h_r` with reverse relations, else `(c + e_r)·e_t`.
+    fn source_side(
+        &self,
+        g: &Group,
+        leaves: &Leaves,
+        p: &TrainParams,
+        weight: f64,
+    ) -> Side<Option<Tensor>> {
+        let (t, s, b, chunk) = (&self.t, &self.s, self.b, self.chunk);
+        let q = (leaves.reverse.as_ref()).map(|rev| t + rev.index_select(0, &self.rel_idx));
+        let own_bias = self.pos_bias.as_ref().map(|x| x.unsqueeze(1));
+        let (src_pos, src_in_batch, src_uniform) = match &q {
+            Some(q) => (
+                with_bias(
+                    row_sums(&(q * s)),
+                    self.pos_bias.as_ref().map(Tensor::shallow_clone),
+                ),
+                unchunked(&chunked(q, chunk).bmm(&self.s_c.transpose(1, 2)), b),
+                q.mm(&self.uni_s.tr()),
             ),
-            unchunked(&chunked(q, chunk).bmm(&s_c.transpose(1, 2)), b),
-            q.mm(&uni_s.tr()),
-        ),
-        None => {
-            let rt = row_sums(&(&r * &t)).unsqueeze(1);
-            (
-                pos.shallow_clone(),
-                unchunked(&t_c.bmm(&s_c.transpose(1, 2)), b) + &rt,
-                t.mm(&uni_s.tr()) + rt,
-            )
-        }
-    };
-    let src_in_batch = with_bias(src_in_batch, own_bias.as_ref().map(Tensor::shallow_clone));
-    let src_uniform = with_bias(src_uniform, own_bias);
-    let ids = SideIds {
-        own: &g.src,
-        other: &g.dst,
-        rels: &g.rels,
-        uniform: &g.uni_src,
-    };
-    let (src_value, src_g_pos, src_g) =
-        sampled_side(p, &src_pos, src_in_batch, src_uniform, &ids, chunk, weight);
-    let loss = dst_value + src_value;
-    let (src_g_in, src_g_uni) = (&src_g[0], &src_g[1]);
-
-    // Backward: every gradient above is already scaled by the group's weight.
-
-    // Target side: pos = a·t, candidates' scores a·cᵀ. Without reverse relations the source
-    // side's positive score is `pos` itself, so its gradient joins the target side's here.
-    let pos_g = match &q {
-        Some(_) => dst_g_pos,
-        None => dst_g_pos + &src_g_pos,
-    };
-    let mut grad_a = &t * pos_g.unsqueeze(1);
-    let mut grad_t = &a * pos_g.unsqueeze(1);
-    let mut grad_pos_bias = pos_g;
-    match &cands {
-        Candidates::All(idx, c) => {
-            let (dst, g0) = (g.dst_type, &dst_g[0]);
-            candidates_backward(grads, leaves, dst, idx, c, &a, g0, &mut grad_a);
-        }
-        Candidates::Sampled(idx, u) => {
-            in_batch_backward_into(&dst_g[0], &a_c, &t_c, &mut grad_a, &mut grad_t, b);
-            let (dst, g1) = (g.dst_type, &dst_g[1]);
-            candidates_backward(grads, leaves, dst, idx, u, &a, g1, &mut grad_a);
-            grad_pos_bias += in_batch_column_sums(&dst_g[0], chunk, b);
+            None => {
+                let rt = row_sums(&(&self.r * t)).unsqueeze(1);
+                (
+                    self.pos.shallow_clone(),
+                    unchunked(&self.t_c.bmm(&self.s_c.transpose(1, 2)), b) + &rt,
+                    t.mm(&self.uni_s.tr()) + rt,
+                )
+            }
+        };
+        let src_in_batch = with_bias(src_in_batch, own_bias.as_ref().map(Tensor::shallow_clone));
+        let src_uniform = with_bias(src_uniform, own_bias);
+        let ids = SideIds {
+            own: &g.src,
+            other: &g.dst,
+            rels: &g.rels,
+            uniform: &g.uni_src,
+        };
+        let (value, g_pos, grads) =
+            sampled_side(p, &src_pos, src_in_batch, src_uniform, &ids, chunk, weight);
+        Side {
+            value,
+            g_pos,
+            g: grads,
+            with: q,
         }
     }
-    // (Two tensors: each is added to in place below.)
-    let mut grad_s = grad_a.copy();
-    let mut grad_r = grad_a;
 
-    // Source side: candidates `s_c` and `uni_s` against the query `q` (or `t`).
-    let query = q.as_ref().unwrap_or(&t);
-    let own_bias_grad = row_sums(src_g_in) + row_sums(src_g_uni);
-    grad_pos_bias += &own_bias_grad;
-    let mut grad_query = match &q {
-        Some(_) => &s * src_g_pos.unsqueeze(1),
-        // The relation term `r·t`, the same for every candidate source, carries the
-        // candidates' row sums.
-        None => &r * own_bias_grad.unsqueeze(1),
-    };
-    let query_c = chunked(query, chunk);
-    in_batch_backward_into(src_g_in, &query_c, &s_c, &mut grad_query, &mut grad_s, b);
-    let _ = grad_query.addmm_(src_g_uni, &uni_s);
-    let grad_uni_s = src_g_uni.tr().mm(query);
-    match &q {
-        Some(q) => {
-            let _ = grad_s.addcmul_(q, &src_g_pos.unsqueeze(1));
-            grad_pos_bias += &src_g_pos;
-            let rev = grads.reverse.as_mut().expect("reverse relations");
-            let _ = rev.index_add_(0, &rel_idx, &grad_query);
-        }
-        None => {
-            let _ = grad_r.addcmul_(&t, &own_bias_grad.unsqueeze(1));
-        }
-    }
-    grad_t += grad_query;
+    /// Every gradient of both sides (already scaled by the group's weight) back through the
+    /// scores and gathers, into the unique rows, relations and biases.
+    fn backward(
+        self,
+        g: &Group,
+        leaves: &Leaves,
+        grads: &mut Grads,
+        dst: Side<Candidates>,
+        src: Side<Option<Tensor>>,
+    ) {
+        let Forward {
+            sp,
+            dp,
+            usp,
+            rel_idx,
+            b,
+            chunk,
+            s,
+            uni_s,
+            t,
+            r,
+            a,
+            a_c,
+            t_c,
+            s_c,
+            ..
+        } = self;
+        let q = src.with;
+        let (src_g_in, src_g_uni, src_g_pos) = (&src.g[0], &src.g[1], src.g_pos);
 
-    // Into the unique rows: gathers' backward, the history's, relations and biases.
-    grads.rows_add(g.src_type, &sp, &grad_s);
-    grads.rows_add(g.src_type, &usp, &grad_uni_s);
-    grads.rows_add(g.dst_type, &dp, &grad_t);
-    if let Some((on_edges, on_uniform)) = &g.history {
-        let items = grads.rows[g.dst_type].as_mut().expect("rows added");
-        on_edges.add_transposed(&grad_s, items);
-        on_uniform.add_transposed(&grad_uni_s, items);
+        // Target side: pos = a·t, candidates' scores a·cᵀ. Without reverse relations the source
+        // side's positive score is `pos` itself, so its gradient joins the target side's here.
+        let pos_g = match &q {
+            Some(_) => dst.g_pos,
+            None => dst.g_pos + &src_g_pos,
+        };
+        let mut grad_a = &t * pos_g.unsqueeze(1);
+        let mut grad_t = &a * pos_g.unsqueeze(1);
+        let mut grad_pos_bias = pos_g;
+        match &dst.with {
+            Candidates::All(idx, c) => {
+                let (table, g0) = (g.dst_type, &dst.g[0]);
+                candidates_backward(grads, leaves, table, idx, c, &a, g0, &mut grad_a);
+            }
+            Candidates::Sampled(idx, u) => {
+                in_batch_backward_into(&dst.g[0], &a_c, &t_c, &mut grad_a, &mut grad_t, b);
+                let (table, g1) = (g.dst_type, &dst.g[1]);
+                candidates_backward(grads, leaves, table, idx, u, &a, g1, &mut grad_a);
+                grad_pos_bias += in_batch_column_sums(&dst.g[0], chunk, b);
+            }
+        }
+        // (Two tensors: each is added to in place below.)
+        let mut grad_s = grad_a.copy();
+        let mut grad_r = grad_a;
+
+        // Source side: candidates `s_c` and `uni_s` against the query `q` (or `t`).
+        let query = q.as_ref().unwrap_or(&t);
+        let own_bias_grad = row_sums(src_g_in) + row_sums(src_g_uni);
+        grad_pos_bias += &own_bias_grad;
+        let mut grad_query = match &q {
+            Some(_) => &s * src_g_pos.unsqueeze(1),
+            // The relation term `r·t`, the same for every candidate source, carries the
+            // candidates' row sums.
+            None => &r * own_bias_grad.unsqueeze(1),
+        };
+        let query_c = chunked(query, chunk);
+        in_batch_backward_into(src_g_in, &query_c, &s_c, &mut grad_query, &mut grad_s, b);
+        let _ = grad_query.addmm_(src_g_uni, &uni_s);
+        let grad_uni_s = src_g_uni.tr().mm(query);
+        match &q {
+            Some(q) => {
+                let _ = grad_s.addcmul_(q, &src_g_pos.unsqueeze(1));
+                grad_pos_bias += &src_g_pos;
+                let rev = grads.reverse.as_mut().expect("reverse relations");
+                let _ = rev.index_add_(0, &rel_idx, &grad_query);
+            }
+            None => {
+                let _ = grad_r.addcmul_(&t, &own_bias_grad.unsqueeze(1));
+            }
+        }
+        grad_t += grad_query;
+
+        // Into the unique rows: gathers' backward, the history's, relations and biases.
+        grads.rows_add(g.src_type, &sp, &grad_s);
+        grads.rows_add(g.src_type, &usp, &grad_uni_s);
+        grads.rows_add(g.dst_type, &dp, &grad_t);
+        if let Some((on_edges, on_uniform)) = &g.history {
+            let items = grads.rows[g.dst_type].as_mut().expect("rows added");
+            on_edges.add_transposed(&grad_s, items);
+            on_uniform.add_transposed(&grad_uni_s, items);
+        }
+        let _ = grads.relations.index_add_(0, &rel_idx, &grad_r);
+        grads.bias_add(leaves, g.dst_type, &dp, &grad_pos_bias);
     }
-    let _ = grads.relations.index_add_(0, &rel_idx, &grad_r);
-    grads.bias_add(leaves, g.dst_type, &dp, &grad_pos_bias);
-    loss
 }
