@@ -172,15 +172,6 @@ impl Daemon {
     pub fn log_tail(&self) -> String {
         tail(&self.log, 60)
     }
-
-    /// Everything the current (or last) run logged.
-    pub fn log_of_last_start(&self) -> String {
-        let all = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let marker = format!("===== start {} =====", self.starts);
-        all.split_once(&marker)
-            .map(|(_, rest)| rest.to_owned())
-            .unwrap_or(all)
-    }
 }
 
 impl Drop for Daemon {
