@@ -25,6 +25,7 @@
 //! | [`schema`]    | node types and relations; the event contract's decoder and validator (pure) |
 //! | [`kafka`]     | client construction, topic definitions and `topics apply`, the embedded broker |
 //! | [`telemetry`] | logging set-up and the metric names |
+//! | [`partition`] | which partition owns a node: Kafka's default partitioner on its key |
 //! | [`persist`]   | atomic file writes and the wall clock, shared by checkpoints, snapshots and the ledger |
 
 // The public surface is the named re-exports of each stage's `mod.rs`; everything else is
@@ -37,6 +38,7 @@ pub mod config;
 pub mod ingest;
 pub mod kafka;
 pub mod offline;
+pub mod partition;
 pub mod persist;
 pub mod publish;
 pub mod schema;

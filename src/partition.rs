@@ -1,0 +1,90 @@
+//! Which partition a node belongs to: Kafka's default partitioner on the node's key (`type:id`,
+//! the key every event and embedding record already carries), so that every producer, every
+//! instance and every subscriber computes the same owner without asking anyone
+//! (docs/architecture.md §9).
+//!
+//! Kafka's Java producer hashes a key with murmur2 (seed `0x9747b28c`) and takes the positive
+//! hash modulo the partition count. librdkafka's default (`consistent_random`) is CRC32
+//! instead, so a producer on librdkafka must set `partitioner = murmur2_random` to agree; this
+//! module is the reference both are checked against.
+
+/// Kafka's `Utils.murmur2`: the 32-bit MurmurHash2 of `data` with Kafka's seed, as a signed
+/// integer (what the Java client computes).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h = SEED ^ data.len() as u32;
+    let mut blocks = data.chunks_exact(4);
+    for block in &mut blocks {
+        let mut k = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = blocks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition of `key` among `partitions` (at least 1), as Kafka's default partitioner
+/// assigns a keyed record: `toPositive(murmur2(key)) % partitions`.
+pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
+    ((murmur2(key) & 0x7fff_ffff) as u32) % partitions.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kafka's own test vectors (`UtilsTest.testMurmur2`), also what kafka-python 3.0.12 gives.
+    #[test]
+    fn golden_murmur2_matches_kafka() {
+        for (key, hash) in [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+            ("", 275_646_681),
+        ] {
+            assert_eq!(murmur2(key.as_bytes()), hash, "{key:?}");
+        }
+    }
+
+    /// Node keys to partitions of an 8-partition topic, as kafka-python's default partitioner
+    /// places them.
+    #[test]
+    fn golden_node_partitions() {
+        for (key, partition) in [
+            ("user:42", 5),
+            ("tweet:9001", 6),
+            ("movie:1", 5),
+            ("21", 4),
+            ("foobar", 6),
+            ("abc", 3),
+        ] {
+            assert_eq!(partition_of(key.as_bytes(), 8), partition, "{key:?}");
+        }
+        assert_eq!(partition_of(b"user:42", 1), 0);
+        assert_eq!(partition_of(b"user:42", 0), 0, "no partitions reads as one");
+    }
+}
