@@ -171,6 +171,7 @@ fn main() {
             align: None,
             tombstones: &[],
             every_row: false,
+            reference_biases: &[],
         };
         let started = Instant::now();
         let (prepared, _) = build_delta_version(&store, &d, Some(&reference), &req)

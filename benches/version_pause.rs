@@ -112,6 +112,7 @@ fn bench_version(c: &mut Criterion) {
         align: None,
         tombstones: &[],
         every_row: false,
+        reference_biases: &[],
     };
     let (_, update) = build_delta_version(&s.store, &first, None, &update_req(1))
         .expect("build")
@@ -153,6 +154,7 @@ fn bench_version(c: &mut Criterion) {
             align: Some(&assessed.figures),
             tombstones: &[],
             every_row: false,
+            reference_biases: &[],
         };
         let assessed_at = started.elapsed();
         let built = build_delta_version(&s.store, &delta, Some(&reference), &req).expect("build");

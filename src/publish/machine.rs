@@ -117,7 +117,8 @@ pub trait VersionSink {
 pub enum Outcome {
     /// The drift gate held it back.
     Held(Hold),
-    /// No node row moved since the reference: nothing to publish.
+    /// Nothing moved past `publish.row_threshold` since the reference (no row, bias or relation
+    /// vector) and no node was erased: nothing to publish.
     Unchanged,
     Committed {
         prepared: PreparedVersion,
@@ -256,6 +257,9 @@ impl VersionPublished<'_> {
 struct Reference {
     version: u64,
     params: Snapshot,
+    /// Per type, the target biases subscribers hold; empty for a reference restored from disk,
+    /// which holds none (its first version then carries every row of a biased type).
+    biases: Vec<Option<Tensor>>,
 }
 
 /// Per type and row, the newest event time the trainer reported (the view's `row_ts`), kept up
@@ -320,6 +324,7 @@ impl Publication {
                     Some(Reference {
                         version: meta.version,
                         params,
+                        biases: Vec::new(),
                     })
                 }
                 Some((meta, _)) => {
@@ -537,6 +542,7 @@ impl Publication {
             align: Some(&assessed.figures),
             tombstones: &tombstones,
             every_row,
+            reference_biases: self.reference.as_ref().map_or(&[], |r| &r.biases),
         };
         let reference = self.reference.as_ref().map(|r| &r.params);
         let Some((mut prepared, update)) = build_delta_version(store, &delta, reference, &req)?
@@ -573,11 +579,7 @@ impl Publication {
             comparator: self.settings.comparator,
             tables,
             relations: delta.relations.shallow_clone(),
-            biases: delta
-                .tables
-                .iter()
-                .map(|t| t.biases.as_ref().map(Tensor::shallow_clone))
-                .collect(),
+            biases: update.apply_biases(self.reference.as_ref().map_or(&[], |r| &r.biases)),
             row_ts: self.row_ts.clone(),
             changed: Some(update.changed()),
             codes,
@@ -670,7 +672,14 @@ impl Publication {
     /// [`REFERENCE_PERSIST_EVERY`] old).
     fn adopt(&mut self, version: u64, view: &PublishedView) -> anyhow::Result<()> {
         let params = view.params();
-        self.reference = Some(Reference { version, params });
+        let biases = (view.biases.iter())
+            .map(|b| b.as_ref().map(Tensor::shallow_clone))
+            .collect();
+        self.reference = Some(Reference {
+            version,
+            params,
+            biases,
+        });
         self.reference_stale = true;
         if self
             .reference_written
@@ -902,4 +911,145 @@ struct Timing {
     started: Instant,
     pause_ms: f64,
     prepare_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::align::AlignStatus;
+    use crate::config::Config;
+    use crate::publish::subscriber::VersionAssembler;
+    use crate::publish::Record;
+    use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
+    use crate::store::{AppendBatch, StoreOptions};
+    use crate::train::Embeddings;
+    use tch::Device;
+
+    /// What a subscriber assembles from the records the publication produces.
+    #[derive(Default)]
+    struct Subscriber(VersionAssembler);
+
+    impl VersionSink for Subscriber {
+        async fn produce(&mut self, prepared: &PreparedVersion) -> anyhow::Result<()> {
+            for (i, key) in prepared.rows.keys().enumerate() {
+                self.0
+                    .push_record(key, Record::decode(&prepared.rows.encode(i))?);
+            }
+            self.0.push_marker(prepared.marker.clone());
+            Ok(())
+        }
+    }
+
+    /// A biased type's rows go out when they or their biases moved, an idle trainer publishes
+    /// nothing, and what a subscriber assembled is what the publication serves, biases included.
+    #[test]
+    fn a_biased_type_publishes_what_moved_and_subscribers_hold_the_served_biases() {
+        let schema: SchemaConfig = toml::from_str(
+            r#"node_types = ["user"]
+               relations = [{ name = "follows", src = "user", dst = "user" }]"#,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = GraphStore::open(
+            dir.path(),
+            &Schema::new(&schema).unwrap(),
+            &StoreOptions::default(),
+        )
+        .unwrap();
+        let follows = |from: u32, n: u32| {
+            (from..from + n).map(|i| Event {
+                op: Default::default(),
+                src: NodeKey {
+                    node_type: 0,
+                    id: format!("u{}", i % 40),
+                },
+                rel: 0,
+                dst: NodeKey {
+                    node_type: 0,
+                    id: format!("u{}", (i * 7 + 3) % 40),
+                },
+                ts: u64::from(i),
+                weight: 1.0,
+                event_id: None,
+            })
+        };
+        let cfg = Config::from_toml("[train]\ndim = 8\nbatch_size = 32\nbias_types = [\"user\"]")
+            .unwrap();
+        tch::manual_seed(5);
+        let mut model = Embeddings::new(1, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
+        model.set_biased(&["user".to_owned()], &cfg.train.bias_types);
+        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        let mut align_cfg = cfg.align.clone();
+        align_cfg.enabled = false;
+        let status = Arc::new(AlignStatus::default());
+        let mut aligner = Aligner::new(align_cfg, false, None, status).unwrap();
+        let settings = VersionSettings {
+            format: ValueFormat::F32le,
+            threshold: 0.01,
+            comparator: cfg.train.comparator,
+        };
+        let mut publication = Publication::open(Ledger::in_memory(), settings, None).unwrap();
+        let mut subscriber = Subscriber::default();
+        let mut publish = |core: &mut TrainerCore| {
+            let mut trainer = InProcessTrainer {
+                core,
+                checkpoints: None,
+            };
+            let mut aligner = &mut aligner;
+            let published =
+                publication.publish(&store, &mut trainer, &mut aligner, &mut subscriber);
+            futures::executor::block_on(published).unwrap()
+        };
+        let append = |first: u32, n: u32, core: &mut TrainerCore| {
+            let events = follows(first, n);
+            store
+                .append(&AppendBatch::from_events("t", i64::from(first), events))
+                .unwrap();
+            while core.step(&store).unwrap().stats.is_some() {}
+        };
+
+        append(0, 200, &mut core);
+        assert!(matches!(publish(&mut core), Outcome::Committed { .. }));
+        // Idle: nothing trained, nothing moved, nothing published.
+        assert!(matches!(publish(&mut core), Outcome::Unchanged));
+        // One bias moved, nothing else: one row (and the relation vector) goes out.
+        tch::no_grad(|| {
+            let _ = core.model.tables[0].bias.get(3).fill_(2.5);
+        });
+        let Outcome::Committed { prepared, .. } = publish(&mut core) else {
+            panic!("a moved bias is a version")
+        };
+        let row3 = NodeRef {
+            node_type: 0,
+            index: 3,
+        };
+        let key3 = format!("user:{}", store.node_id(row3).unwrap().unwrap());
+        assert_eq!(
+            prepared.rows.keys().collect::<Vec<_>>(),
+            [key3.as_str(), "relation:follows"]
+        );
+        append(200, 100, &mut core);
+        let Outcome::Committed { view, .. } = publish(&mut core) else {
+            panic!("training moved rows")
+        };
+        // The subscriber's table: every user's vector then bias, as served.
+        let table = subscriber.0.table();
+        let rows = view.tables[0].size()[0];
+        let biases = view.biases[0].as_ref().expect("a biased type's biases");
+        for i in 0..rows {
+            let mut served = Vec::<f32>::try_from(view.tables[0].get(i)).unwrap();
+            served.push(biases.double_value(&[i]) as f32);
+            let key = format!(
+                "user:{}",
+                store
+                    .node_id(NodeRef {
+                        node_type: 0,
+                        index: i as u32
+                    })
+                    .unwrap()
+                    .unwrap()
+            );
+            assert_eq!(table[&key].vector, served, "{key}");
+        }
+    }
 }

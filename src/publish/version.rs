@@ -114,12 +114,18 @@ pub struct VersionRequest<'a> {
     pub tombstones: &'a [NodeRef],
     /// Carry every row of the delta, moved or not (new codebooks code every row again).
     pub every_row: bool,
+    /// Per node type, the target biases subscribers hold (`[rows]`), beside the reference's
+    /// rows; empty when not known (a reference restored from disk), and then every row of a
+    /// biased type goes out.
+    pub reference_biases: &'a [Option<Tensor>],
 }
 
 /// What a version built from a delta changes in the view subscribers hold, per node type: the
-/// live row count and the published rows `(indices [k] Int64, values [k, D])`.
+/// live row count and the published rows `(indices [k] Int64, values [k, D])`, and of a biased
+/// type the published rows' biases `[k]`.
 pub struct ViewUpdate {
     pub tables: Vec<(i64, Tensor, Tensor)>,
+    pub biases: Vec<Option<Tensor>>,
 }
 
 impl ViewUpdate {
@@ -165,6 +171,30 @@ impl ViewUpdate {
                 .collect()
         })
     }
+
+    /// The target biases after the update, per type: `reference` (what subscribers hold; rows
+    /// beyond it are all published) with the published rows' biases written over it.
+    pub fn apply_biases(&self, reference: &[Option<Tensor>]) -> Vec<Option<Tensor>> {
+        tch::no_grad(|| {
+            self.tables
+                .iter()
+                .zip(&self.biases)
+                .enumerate()
+                .map(|(t, ((len, idx, _), published))| {
+                    let published = published.as_ref()?;
+                    let mut out = Tensor::zeros([*len], (Kind::Float, Device::Cpu));
+                    if let Some(r) = reference.get(t).and_then(Option::as_ref) {
+                        let m = r.size()[0].min(*len);
+                        out.narrow(0, 0, m).copy_(&r.narrow(0, 0, m));
+                    }
+                    if idx.numel() > 0 {
+                        let _ = out.index_copy_(0, idx, published);
+                    }
+                    Some(out)
+                })
+                .collect()
+        })
+    }
 }
 
 /// Whether each row pair moved: relative change `‖c_i − r_i‖ / ‖r_i‖` over `threshold`, or a
@@ -184,7 +214,8 @@ fn moved_rows(current: &Tensor, reference: &Tensor, threshold: f64) -> Tensor {
 }
 
 /// The rows version `req.version` carries from `delta` (see the module docs), encoded, with its
-/// marker, and what it changes in the view; `None` when no node row moved since `reference`.
+/// marker, and what it changes in the view; `None` when nothing moved past `req.threshold` since
+/// `reference`: no node row or bias, no relation vector, and no node was erased.
 pub fn build_delta_version(
     store: &GraphStore,
     delta: &ModelDelta,
@@ -196,16 +227,28 @@ pub fn build_delta_version(
     let mut rows = VersionRows::new(req.version, req.epoch, req.format, width);
     let mut newest = 0i64;
     let mut update = Vec::with_capacity(delta.tables.len());
+    let mut biases = Vec::with_capacity(delta.tables.len());
     let erased = erased_nodes(store);
     for (t, table) in delta.tables.iter().enumerate() {
-        let reference = reference.and_then(|r| r.tables.get(t));
-        let positions = moved_positions(table, reference, req);
-        let type_newest = add_type_rows(store, &erased, t, table, &positions, &mut rows)?;
-        newest = newest.max(type_newest.newest);
-        update.push((table.len, type_newest.index, type_newest.values));
+        let against = Against {
+            rows: reference.and_then(|r| r.tables.get(t)),
+            biases: req.reference_biases.get(t).and_then(Option::as_ref),
+        };
+        let positions = moved_positions(table, &against, req);
+        let published = add_type_rows(store, &erased, t, table, &positions, &mut rows)?;
+        newest = newest.max(published.newest);
+        update.push((table.len, published.index, published.values));
+        biases.push(published.biases);
     }
     let tombstones = tombstone_keys(store, req.tombstones)?;
-    if rows.is_empty() && tombstones.is_empty() {
+    let relations_moved = reference.is_none_or(|r| {
+        r.relations.size() != delta.relations.size()
+            || tch::no_grad(|| {
+                let moved = moved_rows(&delta.relations, &r.relations, req.threshold);
+                moved.any().int64_value(&[]) != 0
+            })
+    });
+    if rows.is_empty() && tombstones.is_empty() && !relations_moved {
         return Ok(None);
     }
     let block =
@@ -235,42 +278,69 @@ pub fn build_delta_version(
             newest_ts: newest,
             cursor: delta.cursor,
         },
-        ViewUpdate { tables: update },
+        ViewUpdate {
+            tables: update,
+            biases,
+        },
     )))
 }
 
+/// What a type's rows are compared with: the rows and biases subscribers hold.
+struct Against<'a> {
+    rows: Option<&'a Tensor>,
+    biases: Option<&'a Tensor>,
+}
+
 /// Positions in `table` (one type's part of a delta) of the rows the version carries: every one
-/// when `req.every_row`, for a biased type (its biases move without its rows; the type is small,
-/// as all-targets softmax types are) or without a `reference`; otherwise the rows new since it
-/// and those that moved past `req.threshold` ([`moved_rows`]).
-fn moved_positions(
-    table: &TableDelta,
-    reference: Option<&Tensor>,
-    req: &VersionRequest,
-) -> Vec<i64> {
-    let m = reference.map_or(0, |r| r.size()[0].min(table.len));
+/// when `req.every_row` or without a reference; otherwise the rows new since the reference and
+/// those that moved past `req.threshold` ([`moved_rows`]). A biased type's row counts as moved
+/// when the row with its bias appended did, as subscribers hold the two together; when the
+/// biases subscribers hold are not known, every row of the type goes out.
+fn moved_positions(table: &TableDelta, against: &Against, req: &VersionRequest) -> Vec<i64> {
     tch::no_grad(|| {
         if table.index.numel() == 0 {
             return Vec::new();
         }
-        let moved = match (&table.biases, reference) {
-            _ if req.every_row => table.index.ones_like().to_kind(Kind::Bool),
-            (Some(_), _) | (None, None) => table.index.ones_like().to_kind(Kind::Bool),
-            (None, Some(r)) => {
-                let old = table.index.lt(m);
-                let idx = table.index.clamp_max((m - 1).max(0));
-                let against = if m > 0 {
-                    r.index_select(0, &idx)
-                } else {
-                    table.values.zeros_like()
-                };
-                moved_rows(&table.values, &against, req.threshold)
-                    .logical_and(&old)
-                    .logical_or(&old.logical_not())
+        let all = || table.index.ones_like().to_kind(Kind::Bool);
+        let moved = match (&table.biases, against.rows, against.biases) {
+            _ if req.every_row => all(),
+            (_, None, _) | (Some(_), _, None) => all(),
+            (None, Some(r), _) => {
+                let m = r.size()[0].min(table.len);
+                moved_since(&table.index, m, &table.values, r, req.threshold)
+            }
+            (Some(bias), Some(r), Some(held)) => {
+                let m = r.size()[0].min(held.size()[0]).min(table.len);
+                let with_bias =
+                    |rows: &Tensor, b: &Tensor| Tensor::cat(&[rows, &b.unsqueeze(1)], 1);
+                let current = with_bias(&table.values, &bias.index_select(0, &table.index));
+                let reference = with_bias(&r.narrow(0, 0, m), &held.narrow(0, 0, m));
+                moved_since(&table.index, m, &current, &reference, req.threshold)
             }
         };
         Vec::<i64>::try_from(moved.nonzero().view([-1])).expect("positions")
     })
+}
+
+/// Per row of `index` (`[k]`, values `current [k, W]`): new (at or past row `m` of
+/// `reference [≥m, W]`) or moved past `threshold` from its reference row (`[k]` bool).
+fn moved_since(
+    index: &Tensor,
+    m: i64,
+    current: &Tensor,
+    reference: &Tensor,
+    threshold: f64,
+) -> Tensor {
+    let old = index.lt(m);
+    let idx = index.clamp_max((m - 1).max(0));
+    let against = if m > 0 {
+        reference.index_select(0, &idx)
+    } else {
+        current.zeros_like()
+    };
+    moved_rows(current, &against, threshold)
+        .logical_and(&old)
+        .logical_or(&old.logical_not())
 }
 
 /// One type's published rows: their indices `[k]`, values `[k, D]`, and the newest event time
@@ -278,6 +348,8 @@ fn moved_positions(
 struct TypeRows {
     index: Tensor,
     values: Tensor,
+    /// Of a biased type, the published rows' biases `[k]`.
+    biases: Option<Tensor>,
     newest: i64,
 }
 
@@ -347,9 +419,11 @@ fn add_type_rows(
         newest = newest.max(part_newest);
         rows.extend(part);
     }
+    let published_biases = (table.biases.as_ref()).map(|b| b.index_select(0, &idx));
     Ok(TypeRows {
         index: idx,
         values: picked,
+        biases: published_biases,
         newest,
     })
 }
@@ -457,6 +531,7 @@ mod tests {
             align: None,
             tombstones: &[],
             every_row: false,
+            reference_biases: &[],
         };
         let d = delta(&[1, 3, 8, 9], &values);
         let (prepared, update) = build_delta_version(&store, &d, Some(&reference), &req)
@@ -479,18 +554,98 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(update.apply(Some(&reference)).is_err());
-        // Nothing moved over the threshold: no version.
-        let still = delta(&[3], &values.narrow(0, 1, 1));
-        let still = ModelDelta {
-            tables: vec![TableDelta {
-                len: 8,
-                ..still.tables.into_iter().next().unwrap()
-            }],
-            ..still
+        // Nothing moved over the threshold, rows or relations: no version.
+        let still = |relations: Tensor| {
+            let d = delta(&[3], &values.narrow(0, 1, 1));
+            ModelDelta {
+                tables: vec![TableDelta {
+                    len: 8,
+                    ..d.tables.into_iter().next().unwrap()
+                }],
+                relations,
+                ..d
+            }
         };
-        assert!(build_delta_version(&store, &still, Some(&reference), &req)
+        let unmoved = still(reference.relations.copy());
+        assert!(
+            build_delta_version(&store, &unmoved, Some(&reference), &req)
+                .unwrap()
+                .is_none()
+        );
+        // The relation vectors alone moving past it make a version of them.
+        let turned = still(Tensor::ones([1, 2], (Kind::Float, Device::Cpu)));
+        let (prepared, _) = build_delta_version(&store, &turned, Some(&reference), &req)
             .unwrap()
-            .is_none());
+            .unwrap();
+        assert_eq!(
+            prepared.rows.keys().collect::<Vec<_>>(),
+            ["relation:follows"]
+        );
+    }
+
+    /// A biased type's row goes out when the row or its bias moved past the threshold (the two
+    /// as subscribers hold them), not in every version; the view's biases are what subscribers
+    /// hold. Without the biases subscribers hold, every row goes out.
+    #[test]
+    fn a_biased_types_rows_go_out_only_when_the_row_or_its_bias_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = users(dir.path(), 4);
+        let cpu = (Kind::Float, Device::Cpu);
+        let reference = Snapshot {
+            tables: vec![Tensor::ones([4, 2], cpu)],
+            relations: Tensor::zeros([1, 2], cpu),
+        };
+        let held = vec![Some(Tensor::zeros([4], cpu))];
+        // A biased type's delta carries every row. Row 1 moved 50%, row 2's bias by 0.5.
+        let delta = |values: &[f32], biases: &[f32]| ModelDelta {
+            tables: vec![TableDelta {
+                len: 4,
+                index: Tensor::from_slice(&[0i64, 1, 2, 3]),
+                values: Tensor::from_slice(values).view([4, 2]),
+                ts: vec![5; 4],
+                biases: Some(Tensor::from_slice(biases)),
+            }],
+            relations: reference.relations.copy(),
+            samples: Vec::new(),
+            cursor: 3,
+        };
+        fn req(held: &[Option<Tensor>]) -> VersionRequest<'_> {
+            VersionRequest {
+                version: 2,
+                epoch: 1,
+                format: ValueFormat::F32le,
+                threshold: 0.01,
+                comparator: Comparator::Dot,
+                align: None,
+                tombstones: &[],
+                every_row: false,
+                reference_biases: held,
+            }
+        }
+        let moved = delta(
+            &[1.0, 1.0, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0],
+            &[0.0, 0.0, 0.5, 0.0],
+        );
+        let (prepared, update) = build_delta_version(&store, &moved, Some(&reference), &req(&held))
+            .unwrap()
+            .unwrap();
+        let keys: Vec<&str> = prepared.rows.keys().collect();
+        assert_eq!(keys, ["user:u1", "user:u2", "relation:follows"]);
+        let biases = update.apply_biases(&held);
+        let b = Vec::<f32>::try_from(biases[0].as_ref().unwrap()).unwrap();
+        assert_eq!(b, [0.0, 0.0, 0.5, 0.0]);
+        // Nothing moved: no version, however often the delta carries the type's rows.
+        let still = delta(&[1.0; 8], &[0.0; 4]);
+        assert!(
+            build_delta_version(&store, &still, Some(&reference), &req(&held))
+                .unwrap()
+                .is_none()
+        );
+        // Biases subscribers hold not known (a reference restored from disk): every row.
+        let (prepared, _) = build_delta_version(&store, &still, Some(&reference), &req(&[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(prepared.rows.len(), 5);
     }
 
     /// An erased node's row never goes out again; the version after its erasure carries its
@@ -538,6 +693,7 @@ mod tests {
             align: None,
             tombstones,
             every_row: false,
+            reference_biases: &[],
         };
         let (prepared, _) = build_delta_version(&store, &delta, None, &req(&erased))
             .unwrap()
