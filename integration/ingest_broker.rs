@@ -624,3 +624,43 @@ fn delete_events_remove_their_edges_and_a_bad_op_is_a_dead_letter() {
     assert!(daemon.metrics().contains(line), "missing `{line}`");
     assert!(daemon.terminate().success());
 }
+
+/// The daemon's producers place a keyed record where Kafka's default partitioner does
+/// (`twhin_stream::partition::partition_of`: murmur2 of the key, not librdkafka's CRC32):
+/// `replay` produces each event to its source node's partition, which every producer and
+/// subscriber can compute, so the owner of a node's partition consumes that node's events.
+#[test]
+fn replay_puts_each_event_in_its_source_nodes_partition() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let env = daemon_env(&broker.bootstrap, &dir.path().join("store"), free_port());
+    cli(&env, &["topics", "apply"]);
+    cli(&env, &["replay", "umls", "--limit", "600", "--json"]);
+    let mut partitions = HashMap::new();
+    let read = for_each_record(
+        &broker.bootstrap,
+        TOPIC,
+        600,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+        |m| {
+            use rdkafka::Message as _;
+            let key = m.key().expect("events are keyed by their source node");
+            let owner = twhin_stream::partition::partition_of(key, 8);
+            assert_eq!(
+                m.partition() as u32,
+                owner,
+                "{} in partition {}",
+                String::from_utf8_lossy(key),
+                m.partition()
+            );
+            *partitions.entry(m.partition()).or_insert(0u32) += 1;
+        },
+    );
+    assert_eq!(read, 600);
+    assert!(
+        partitions.len() > 4,
+        "spread over the partitions: {partitions:?}"
+    );
+}
