@@ -28,7 +28,9 @@ struct Committed(PublishedView);
 // written after the publisher hands it over: the serving code and the index updater only read
 // it (index_select, matmul, copies out, `shallow_clone`s that are read), and libtorch's reading
 // operators, like the atomic reference counts of `shallow_clone`, are safe to run on one tensor
-// from several threads at once (what PyTorch's multi-threaded inference relies on).
+// from several threads at once (what PyTorch's multi-threaded inference relies on). The index
+// updater already read a version's storage on its own thread, through its `shallow_clone`s, while
+// requests read it; sharing the view itself adds readers, not writers.
 unsafe impl Sync for Committed {}
 
 /// The latest committed version, shared between the publication ticker (writer) and HTTP
