@@ -16,7 +16,7 @@ pub struct HttpConfig {
     pub bearer_token: String,
     /// `[http.ann]`: the HNSW index per target type that `/v1/neighbors` searches above a size.
     pub ann: AnnConfig,
-    /// `[http.multi_interest]`: users as several interests (`crate::train::split_history`).
+    /// `[http.multi_interest]`: users as several interests (`train::history::split_history`).
     pub multi_interest: MultiInterestConfig,
 }
 

@@ -55,8 +55,8 @@ pub struct StreamEvalOptions {
 /// The methods compared, in column order.
 const MODEL: &str = "model";
 const RANDOM_INIT: &str = "model_random_init";
-/// The model's user as several interests ([`crate::train::split_history`]), merged as a mixture
-/// ([`mixture_of_spans`]).
+/// The model's user as several interests ([`crate::train::interest_groups`], in
+/// `train/history.rs`), merged as a mixture ([`mixture_of_spans`]).
 const MULTI_INTEREST: &str = "model_multi_interest";
 const POPULARITY: &str = "popularity";
 const ITEM_KNN: &str = "item_knn";

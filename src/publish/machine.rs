@@ -529,6 +529,7 @@ impl Publication {
         assessed: &Assessed,
     ) -> anyhow::Result<Option<Built>> {
         let every_row = self.every_row();
+        let held = self.reference.as_ref().map_or(&[][..], |r| &r.biases);
         // Erasures the committed versions have not carried yet; the ledger records how far the
         // tombstones went with the commit, so a failed attempt carries them again.
         let erasures_published = self.ledger.state().erasures_published;
@@ -542,7 +543,7 @@ impl Publication {
             align: Some(&assessed.figures),
             tombstones: &tombstones,
             every_row,
-            reference_biases: self.reference.as_ref().map_or(&[], |r| &r.biases),
+            reference_biases: held,
         };
         let reference = self.reference.as_ref().map(|r| &r.params);
         let Some((mut prepared, update)) = build_delta_version(store, &delta, reference, &req)?
@@ -579,7 +580,7 @@ impl Publication {
             comparator: self.settings.comparator,
             tables,
             relations: delta.relations.shallow_clone(),
-            biases: update.apply_biases(self.reference.as_ref().map_or(&[], |r| &r.biases)),
+            biases: update.apply_biases(held),
             row_ts: self.row_ts.clone(),
             changed: Some(update.changed()),
             codes,
@@ -920,8 +921,8 @@ mod tests {
     use crate::config::Config;
     use crate::publish::subscriber::VersionAssembler;
     use crate::publish::Record;
-    use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
-    use crate::store::{AppendBatch, StoreOptions};
+    use crate::store::testing::{follow, follows_store};
+    use crate::store::AppendBatch;
     use crate::train::Embeddings;
     use tch::Device;
 
@@ -944,34 +945,10 @@ mod tests {
     /// nothing, and what a subscriber assembled is what the publication serves, biases included.
     #[test]
     fn a_biased_type_publishes_what_moved_and_subscribers_hold_the_served_biases() {
-        let schema: SchemaConfig = toml::from_str(
-            r#"node_types = ["user"]
-               relations = [{ name = "follows", src = "user", dst = "user" }]"#,
-        )
-        .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let store = GraphStore::open(
-            dir.path(),
-            &Schema::new(&schema).unwrap(),
-            &StoreOptions::default(),
-        )
-        .unwrap();
+        let store = follows_store(dir.path());
         let follows = |from: u32, n: u32| {
-            (from..from + n).map(|i| Event {
-                op: Default::default(),
-                src: NodeKey {
-                    node_type: 0,
-                    id: format!("u{}", i % 40),
-                },
-                rel: 0,
-                dst: NodeKey {
-                    node_type: 0,
-                    id: format!("u{}", (i * 7 + 3) % 40),
-                },
-                ts: u64::from(i),
-                weight: 1.0,
-                event_id: None,
-            })
+            (from..from + n).map(|i| follow(i % 40, (i * 7 + 3) % 40, u64::from(i)))
         };
         let cfg = Config::from_toml("[train]\ndim = 8\nbatch_size = 32\nbias_types = [\"user\"]")
             .unwrap();

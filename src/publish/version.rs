@@ -241,14 +241,17 @@ pub fn build_delta_version(
         biases.push(published.biases);
     }
     let tombstones = tombstone_keys(store, req.tombstones)?;
-    let relations_moved = reference.is_none_or(|r| {
-        r.relations.size() != delta.relations.size()
-            || tch::no_grad(|| {
-                let moved = moved_rows(&delta.relations, &r.relations, req.threshold);
-                moved.any().int64_value(&[]) != 0
-            })
-    });
-    if rows.is_empty() && tombstones.is_empty() && !relations_moved {
+    // Compared only when no node row or tombstone already makes a version.
+    let relations_moved = || {
+        reference.is_none_or(|r| {
+            r.relations.size() != delta.relations.size()
+                || tch::no_grad(|| {
+                    let moved = moved_rows(&delta.relations, &r.relations, req.threshold);
+                    moved.any().int64_value(&[]) != 0
+                })
+        })
+    };
+    if rows.is_empty() && tombstones.is_empty() && !relations_moved() {
         return Ok(None);
     }
     let block =
@@ -467,36 +470,34 @@ fn tombstone_keys(store: &GraphStore, nodes: &[NodeRef]) -> Result<Vec<String>, 
 mod tests {
     use super::*;
     use crate::publish::RowRecord;
-    use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
-    use crate::store::{AppendBatch, StoreOptions};
+    use crate::schema::{Event, NodeKey};
+    use crate::store::testing::{follow, follows_store};
+    use crate::store::AppendBatch;
     use crate::train::TableDelta;
 
     /// A store of `n` users (type 0), `u0..u{n-1}`, each following the next.
     fn users(dir: &std::path::Path, n: usize) -> GraphStore {
-        let cfg: SchemaConfig = toml::from_str(
-            r#"node_types = ["user"]
-               relations = [{ name = "follows", src = "user", dst = "user" }]"#,
-        )
-        .unwrap();
-        let store =
-            GraphStore::open(dir, &Schema::new(&cfg).unwrap(), &StoreOptions::default()).unwrap();
-        let user = |i: usize| NodeKey {
-            node_type: 0,
-            id: format!("u{i}"),
-        };
-        let events = (0..n - 1).map(|i| Event {
-            op: Default::default(),
-            src: user(i),
-            rel: 0,
-            dst: user(i + 1),
-            ts: i as u64,
-            weight: 1.0,
-            event_id: None,
-        });
+        let store = follows_store(dir);
+        let events = (0..n - 1).map(|i| follow(i, i + 1, i as u64));
         store
             .append(&AppendBatch::from_events("t", 0, events))
             .unwrap();
         store
+    }
+
+    /// Version 2 of epoch 1 at a 1% threshold, nothing erased, against `held` biases.
+    fn request(held: &[Option<Tensor>]) -> VersionRequest<'_> {
+        VersionRequest {
+            version: 2,
+            epoch: 1,
+            format: ValueFormat::F32le,
+            threshold: 0.01,
+            comparator: Comparator::Dot,
+            align: None,
+            tombstones: &[],
+            every_row: false,
+            reference_biases: held,
+        }
     }
 
     #[test]
@@ -522,17 +523,7 @@ mod tests {
             samples: Vec::new(),
             cursor: 9,
         };
-        let req = VersionRequest {
-            version: 2,
-            epoch: 1,
-            format: ValueFormat::F32le,
-            threshold: 0.01,
-            comparator: Comparator::Dot,
-            align: None,
-            tombstones: &[],
-            every_row: false,
-            reference_biases: &[],
-        };
+        let req = request(&[]);
         let d = delta(&[1, 3, 8, 9], &values);
         let (prepared, update) = build_delta_version(&store, &d, Some(&reference), &req)
             .unwrap()
@@ -609,26 +600,14 @@ mod tests {
             samples: Vec::new(),
             cursor: 3,
         };
-        fn req(held: &[Option<Tensor>]) -> VersionRequest<'_> {
-            VersionRequest {
-                version: 2,
-                epoch: 1,
-                format: ValueFormat::F32le,
-                threshold: 0.01,
-                comparator: Comparator::Dot,
-                align: None,
-                tombstones: &[],
-                every_row: false,
-                reference_biases: held,
-            }
-        }
         let moved = delta(
             &[1.0, 1.0, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0],
             &[0.0, 0.0, 0.5, 0.0],
         );
-        let (prepared, update) = build_delta_version(&store, &moved, Some(&reference), &req(&held))
-            .unwrap()
-            .unwrap();
+        let (prepared, update) =
+            build_delta_version(&store, &moved, Some(&reference), &request(&held))
+                .unwrap()
+                .unwrap();
         let keys: Vec<&str> = prepared.rows.keys().collect();
         assert_eq!(keys, ["user:u1", "user:u2", "relation:follows"]);
         let biases = update.apply_biases(&held);
@@ -637,12 +616,12 @@ mod tests {
         // Nothing moved: no version, however often the delta carries the type's rows.
         let still = delta(&[1.0; 8], &[0.0; 4]);
         assert!(
-            build_delta_version(&store, &still, Some(&reference), &req(&held))
+            build_delta_version(&store, &still, Some(&reference), &request(&held))
                 .unwrap()
                 .is_none()
         );
         // Biases subscribers hold not known (a reference restored from disk): every row.
-        let (prepared, _) = build_delta_version(&store, &still, Some(&reference), &req(&[]))
+        let (prepared, _) = build_delta_version(&store, &still, Some(&reference), &request(&[]))
             .unwrap()
             .unwrap();
         assert_eq!(prepared.rows.len(), 5);

@@ -543,3 +543,48 @@ fn open_db(path: &Path, cache_capacity_bytes: u64) -> sled::Result<sled::Db> {
 
 #[cfg(test)]
 mod tests;
+
+/// What the unit tests of later stages build on: a fresh store of one node type, `user`, and one
+/// relation, `follows` (user → user), and its events.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
+    use crate::store::{GraphStore, StoreOptions};
+
+    pub(crate) fn follows_store(dir: &Path) -> GraphStore {
+        let schema: SchemaConfig = toml::from_str(
+            r#"node_types = ["user"]
+               relations = [{ name = "follows", src = "user", dst = "user" }]"#,
+        )
+        .unwrap();
+        GraphStore::open(
+            dir,
+            &Schema::new(&schema).unwrap(),
+            &StoreOptions::default(),
+        )
+        .unwrap()
+    }
+
+    /// `user:u{src}` follows `user:u{dst}` at `ts`.
+    pub(crate) fn follow(
+        src: impl std::fmt::Display,
+        dst: impl std::fmt::Display,
+        ts: u64,
+    ) -> Event {
+        let user = |i: String| NodeKey {
+            node_type: 0,
+            id: format!("u{i}"),
+        };
+        Event {
+            op: Default::default(),
+            src: user(src.to_string()),
+            rel: 0,
+            dst: user(dst.to_string()),
+            ts,
+            weight: 1.0,
+            event_id: None,
+        }
+    }
+}

@@ -822,32 +822,14 @@ mod tests {
     /// erasure, and again before every version, whatever moved it since.
     #[test]
     fn an_erased_row_is_zeroed_when_seen_and_before_each_version() {
-        use crate::schema::{Event, EventOp, NodeKey, Schema, SchemaConfig};
-        use crate::store::{AppendBatch, StoreOptions};
-        let schema: SchemaConfig = toml::from_str(
-            r#"node_types = ["user"]
-               relations = [{ name = "follows", src = "user", dst = "user" }]"#,
-        )
-        .unwrap();
+        use crate::schema::{Event, EventOp};
+        use crate::store::testing::{follow, follows_store};
+        use crate::store::AppendBatch;
         let dir = tempfile::tempdir().unwrap();
-        let store = GraphStore::open(
-            dir.path(),
-            &Schema::new(&schema).unwrap(),
-            &StoreOptions::default(),
-        )
-        .unwrap();
-        let user = |i: u32| NodeKey {
-            node_type: 0,
-            id: format!("u{i}"),
-        };
+        let store = follows_store(dir.path());
         let ev = |op, src: u32, dst: u32| Event {
             op,
-            src: user(src),
-            rel: 0,
-            dst: user(dst),
-            ts: 1,
-            weight: 1.0,
-            event_id: None,
+            ..follow(src, dst, 1)
         };
         store
             .append(&AppendBatch::from_events(
