@@ -172,6 +172,8 @@ fn main() {
             tombstones: &[],
             every_row: false,
             reference_biases: &[],
+            builds_on: None,
+            retried_rows: &[],
         };
         let started = Instant::now();
         let (prepared, _) = build_delta_version(&store, &d, Some(&reference), &req)

@@ -113,6 +113,8 @@ fn bench_version(c: &mut Criterion) {
         tombstones: &[],
         every_row: false,
         reference_biases: &[],
+        builds_on: None,
+        retried_rows: &[],
     };
     let (_, update) = build_delta_version(&s.store, &first, None, &update_req(1))
         .expect("build")
@@ -155,6 +157,8 @@ fn bench_version(c: &mut Criterion) {
             tombstones: &[],
             every_row: false,
             reference_biases: &[],
+            builds_on: None,
+            retried_rows: &[],
         };
         let assessed_at = started.elapsed();
         let built = build_delta_version(&s.store, &delta, Some(&reference), &req).expect("build");

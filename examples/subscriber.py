@@ -2,8 +2,10 @@
 
 Reads the embeddings and versions topics from the beginning (read_committed), groups rows by
 their (version, epoch) attempt, and applies a version only when its marker is in and exactly
-marker["rows"] distinct keys of that attempt are; versions apply in order (each carries only the
-rows that changed). The table it prints is what `twhin-stream export` writes for that version.
+marker["rows"] distinct keys of that attempt are (contract 2). Versions apply in order (each
+carries only the rows that changed), each on the attempt its marker names (`builds_on`); a newer
+whole attempt of the applied version (a retry after a lost acknowledgement) is applied over it.
+The table it prints is what `twhin-stream export` writes for that version.
 
     pip install confluent-kafka numpy
     python examples/subscriber.py --bootstrap-servers 127.0.0.1:9092 --idle-exit-secs 10
@@ -43,28 +45,48 @@ def tombstone_attempt(headers):
     return int(h["twhin-version"]), int(h["twhin-epoch"])
 
 
+CONTRACT = 2  # the version of topics/README.md's contract this subscriber follows
+
+
 class Versions:
     def __init__(self):
-        self.version, self.table, self.pending = 0, {}, {}  # pending: (v, e) -> [rows, marker]
+        # applied: the (version, epoch) held, (0, 0) before the first; pending: (v, e) -> [rows, marker]
+        self.applied, self.table, self.pending = (0, 0), {}, {}
         self.codebooks = {}  # epoch -> centroids [m, 256, D/m]
 
+    @property
+    def version(self):
+        return self.applied[0]
+
     def row(self, key, version, epoch, vector):  # vector None: the node was erased
-        if version > self.version:
+        if (version, epoch) > self.applied:  # older attempts are stale
             self.pending.setdefault((version, epoch), [{}, None])[0][key] = vector
             self.advance()
 
     def marker(self, m):
-        if m["version"] > self.version:
+        if m.get("contract", 1) > CONTRACT:
+            raise SystemExit(f"version marker of contract {m['contract']}: this subscriber "
+                             f"implements contract {CONTRACT}; upgrade it")
+        if (m["version"], m["epoch"]) > self.applied:
             self.pending.setdefault((m["version"], m["epoch"]), [{}, None])[1] = m
             self.advance()
 
+    def whole(self, attempt):
+        rows, m = self.pending[attempt]
+        return m is not None and m["rows"] == len(rows)
+
+    def next_in_line(self):
+        """A newer whole attempt of the applied version (its retry, carrying every key the applied
+        one did), else the newest whole attempt of the next version built on the applied one."""
+        v, e = self.applied
+        retries = [k for k in self.pending if k[0] == v and k[1] > e and self.whole(k)]
+        held = {"version": v, "epoch": e}
+        following = [k for k in self.pending if k[0] == v + 1 and self.whole(k)
+                     and self.pending[k][1].get("builds_on") in (None, held)]
+        return max(retries or following, default=None)
+
     def advance(self):
-        while True:
-            whole = [k for k, (rows, m) in self.pending.items()
-                     if k[0] == self.version + 1 and m is not None and m["rows"] == len(rows)]
-            if not whole:
-                return
-            key = max(whole)  # of two whole attempts, the later epoch is the adopted one
+        while (key := self.next_in_line()) is not None:
             rows = self.pending.pop(key)[0]
             for k, v in rows.items():  # codebooks first: the coded rows beside them need them
                 if isinstance(v, tuple) and v[0] == "codebooks":
@@ -80,10 +102,10 @@ class Versions:
                     self.table.pop(k, None)
                 else:
                     self.table[k] = v
-            self.version = key[0]
-            self.pending = {k: v for k, v in self.pending.items() if k[0] > self.version}
+            self.applied = key
+            self.pending = {k: v for k, v in self.pending.items() if k > key}
             nodes = sum(not k.startswith("relation:") for k in self.table)
-            print(json.dumps({"applied": self.version, "epoch": key[1], "nodes": nodes}))
+            print(json.dumps({"applied": key[0], "epoch": key[1], "nodes": nodes}))
 
 
 def main():

@@ -569,12 +569,7 @@ mod tests {
         a.push_row("user:a", row(1.0, 2));
         a.push_row("movie:m", row(0.5, 3));
         a.push_row("relation:follows", row(-1.0, 2));
-        a.push_marker(VersionMarker {
-            version: 1,
-            epoch: 3,
-            rows: 4,
-            align: None,
-        });
+        a.push_marker(VersionMarker::new(1, 3, 4));
         VersionTable::of(&a).expect("applied")
     }
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::persist;
+use crate::publish::AttemptRef;
 
 /// The persisted numbering state (`<publish.path>/ledger.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -25,6 +26,16 @@ pub struct LedgerState {
     /// tombstones (absent in ledgers written before erasures: none).
     #[serde(default)]
     pub erasures_published: u64,
+    /// The epoch of the last committed version's attempt, which the next version builds on
+    /// (0: not known, a ledger from before contract 2).
+    #[serde(default)]
+    pub last_epoch: u64,
+    /// An attempt whose rows may be on the broker and that was not committed: set before its
+    /// rows go out, cleared by its commit. Found at open, it means the attempt's marker may be
+    /// there too, so the next attempt of that version carries every row (it must hold every key
+    /// the attempt did; see [`crate::publish::VersionRequest::retried_rows`]).
+    #[serde(default)]
+    pub in_flight: Option<AttemptRef>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +89,7 @@ impl Ledger {
             state: LedgerState {
                 last_version: 0,
                 epoch: 1,
-                erasures_published: 0,
+                ..LedgerState::default()
             },
         }
     }
@@ -99,12 +110,35 @@ impl Ledger {
         self.state.last_version + 1
     }
 
-    /// Record that `version`'s marker was acknowledged, and that the versions so far carried
-    /// the tombstones of the store's first `erasures_published` erasures.
+    /// The committed attempt the next version builds on (`None` before the first version, or
+    /// when the ledger predates contract 2 and does not know its epoch).
+    pub fn builds_on(&self) -> Option<AttemptRef> {
+        let s = &self.state;
+        (s.last_version > 0 && s.last_epoch > 0).then_some(AttemptRef {
+            version: s.last_version,
+            epoch: s.last_epoch,
+        })
+    }
+
+    /// Record, before its rows go out, that the next version's attempt under the current epoch
+    /// is under way.
+    pub fn begin(&mut self) -> Result<(), LedgerError> {
+        self.state.in_flight = Some(AttemptRef {
+            version: self.next_version(),
+            epoch: self.state.epoch,
+        });
+        self.persist()
+    }
+
+    /// Record that `version`'s marker was acknowledged (under the current epoch), and that the
+    /// versions so far carried the tombstones of the store's first `erasures_published`
+    /// erasures.
     pub fn commit(&mut self, version: u64, erasures_published: u64) -> Result<(), LedgerError> {
         debug_assert_eq!(version, self.next_version());
         self.state.last_version = version;
+        self.state.last_epoch = self.state.epoch;
         self.state.erasures_published = erasures_published;
+        self.state.in_flight = None;
         self.persist()
     }
 
@@ -131,24 +165,39 @@ mod tests {
         assert_eq!(
             l.state(),
             LedgerState {
-                last_version: 0,
                 epoch: 1,
-                erasures_published: 0,
+                ..LedgerState::default()
             }
         );
-        assert_eq!(l.next_version(), 1);
+        assert_eq!((l.next_version(), l.builds_on()), (1, None));
         l.commit(1, 0).unwrap();
+        l.begin().unwrap();
         l.commit(2, 1).unwrap();
-        // A crash after version 3's rows but before its marker: 3 is not committed.
+        // A crash after version 3's rows but before its marker: 3 is not committed, and its
+        // attempt is known to have been under way.
+        l.begin().unwrap();
         drop(l);
         let mut l = Ledger::open(dir.path()).unwrap();
+        let v3 = AttemptRef {
+            version: 3,
+            epoch: 1,
+        };
         assert_eq!(
             l.state(),
             LedgerState {
                 last_version: 2,
                 epoch: 2,
                 erasures_published: 1,
+                last_epoch: 1,
+                in_flight: Some(v3),
             }
+        );
+        assert_eq!(
+            l.builds_on(),
+            Some(AttemptRef {
+                version: 2,
+                epoch: 1
+            })
         );
         // A failed attempt in this process: a new epoch, persisted, the same next number.
         l.new_epoch().unwrap();
@@ -158,16 +207,19 @@ mod tests {
             3,
             "retried under the same number, newer epoch"
         );
-        // A ledger from before erasures has no count: none were published.
+        l.commit(3, 1).unwrap();
+        assert_eq!(l.state().in_flight, None, "committed");
+        assert_eq!((l.state().last_epoch, l.builds_on().unwrap().epoch), (3, 3));
+        // A ledger from before erasures has no count (none were published), and one from
+        // before contract 2 no epoch of its last version (its next marker names none).
         std::fs::write(
             dir.path().join("ledger.json"),
             br#"{"last_version":5,"epoch":7}"#,
         )
         .unwrap();
-        assert_eq!(
-            Ledger::open(dir.path()).unwrap().state().erasures_published,
-            0
-        );
+        let old = Ledger::open(dir.path()).unwrap();
+        assert_eq!(old.state().erasures_published, 0);
+        assert_eq!(old.builds_on(), None);
         std::fs::write(dir.path().join("ledger.json"), b"{").unwrap();
         let err = Ledger::open(dir.path()).err().unwrap().to_string();
         assert!(

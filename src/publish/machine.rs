@@ -25,6 +25,12 @@
 //! it). A failed attempt may have left rows under `(version, epoch)`; had the retry reused that
 //! pair, a subscriber counting rows toward the retry's marker could count stale rows of the
 //! failed attempt and apply a mix.
+//!
+//! The canonical attempt of a version is its last, the one committed: the next version's marker
+//! names it (`builds_on`). A failed attempt may still have completed on the broker (its marker
+//! stored, the acknowledgement lost), and a live subscriber may have applied it; so the retry
+//! carries every row that attempt carried (moved or not since), and a subscriber applies the
+//! retry over it to hold what the publisher adopted (`topics/README.md`, contract 2).
 
 use parking_lot::Mutex;
 use std::path::PathBuf;
@@ -275,6 +281,23 @@ fn update_row_ts(row_ts: &mut Vec<Vec<i64>>, delta: &ModelDelta) {
     }
 }
 
+/// Per type, the rows in `a` or `b` (`[k]` Int64 each), each once.
+fn union_rows(a: &[Tensor], b: &[Tensor]) -> Vec<Tensor> {
+    (0..a.len().max(b.len()))
+        .map(|t| {
+            let parts: Vec<&Tensor> = [a.get(t), b.get(t)].into_iter().flatten().collect();
+            let all = Tensor::cat(&parts, 0);
+            if all.numel() == 0 {
+                return all;
+            }
+            let len = all.max().int64_value(&[]) + 1;
+            let mut mask = Tensor::zeros([len], (tch::Kind::Bool, tch::Device::Cpu));
+            let _ = mask.index_fill_(0, &all, 1);
+            mask.nonzero().view([-1])
+        })
+        .collect()
+}
+
 /// The publication state machine: numbering, the reference, and the sequence above.
 pub struct Publication {
     ledger: Ledger,
@@ -298,6 +321,9 @@ pub struct Publication {
     /// `publish.format = "pq"`: the codebooks, and the codes of the version subscribers hold.
     quantizer: Option<Quantizer>,
     served_codes: Option<ServedCodes>,
+    /// Per node type, the rows (`[k]` Int64) that uncommitted attempts of the next version
+    /// carried: its retry carries them again (see [`VersionRequest::retried_rows`]).
+    retried_rows: Vec<Tensor>,
 }
 
 /// The published reference is written whole (every row), so not once per version: a crash
@@ -318,6 +344,11 @@ impl Publication {
         let last = ledger.state().last_version;
         let reference = match &dir {
             None => None,
+            Some(_) if ledger.state().in_flight.is_some() => {
+                warn!(in_flight = ?ledger.state().in_flight,
+                    "an attempt was under way at the last stop and its marker may be on the broker; the next version carries every row, so that it holds every key that attempt did");
+                None
+            }
             Some(dir) => match load_snapshot(dir, REFERENCE)? {
                 Some((meta, params)) if meta.version == last && last > 0 => {
                     info!(version = meta.version, "published reference restored");
@@ -356,6 +387,7 @@ impl Publication {
             reference_written: None,
             quantizer: None,
             served_codes: None,
+            retried_rows: Vec::new(),
         })
     }
 
@@ -544,6 +576,8 @@ impl Publication {
             tombstones: &tombstones,
             every_row,
             reference_biases: held,
+            builds_on: self.ledger.builds_on(),
+            retried_rows: &self.retried_rows,
         };
         let reference = self.reference.as_ref().map(|r| &r.params);
         let Some((mut prepared, update)) = build_delta_version(store, &delta, reference, &req)?
@@ -628,9 +662,14 @@ impl Publication {
             version,
             epoch, rows, pause_ms, prepare_ms, "publication started"
         );
+        // Until the commit, this attempt may complete on the broker (a lost acknowledgement):
+        // whatever retries the version carries its rows again.
+        self.ledger.begin()?;
+        self.retried_rows = union_rows(&self.retried_rows, &update.changed());
         sink.produce(&prepared).await?;
         self.ledger
             .commit(version, erasures_published + tombstones.len() as u64)?;
+        self.retried_rows.clear();
         if let (Some(q), Some(coding)) = (&mut self.quantizer, coding) {
             self.status.record_coding(&coding);
             q.commit(coding)?;
@@ -926,19 +965,51 @@ mod tests {
     use crate::train::Embeddings;
     use tch::Device;
 
-    /// What a subscriber assembles from the records the publication produces.
+    /// What a subscriber assembles from the records the publication produces; with
+    /// `lose_ack`, the next version reaches it whole but the publication hears of a failure (a
+    /// marker whose acknowledgement was lost).
     #[derive(Default)]
-    struct Subscriber(VersionAssembler);
+    struct Subscriber {
+        assembler: VersionAssembler,
+        lose_ack: bool,
+    }
 
     impl VersionSink for Subscriber {
         async fn produce(&mut self, prepared: &PreparedVersion) -> anyhow::Result<()> {
             for (i, key) in prepared.rows.keys().enumerate() {
-                self.0
+                self.assembler
                     .push_record(key, Record::decode(&prepared.rows.encode(i))?);
             }
-            self.0.push_marker(prepared.marker.clone());
+            self.assembler.push_marker(prepared.marker.clone());
+            anyhow::ensure!(
+                !std::mem::take(&mut self.lose_ack),
+                "the marker's acknowledgement was lost"
+            );
             Ok(())
         }
+    }
+
+    /// Every served row of type 0 (`user`), with its bias when the type has one, is what the
+    /// subscriber holds under the node's key.
+    fn assert_subscriber_holds(store: &GraphStore, view: &PublishedView, subscriber: &Subscriber) {
+        let table = subscriber.assembler.table();
+        let rows = view.tables[0].size()[0];
+        for i in 0..rows {
+            let mut served = Vec::<f32>::try_from(view.tables[0].get(i)).unwrap();
+            if let Some(biases) = view.biases.first().and_then(Option::as_ref) {
+                served.push(biases.double_value(&[i]) as f32);
+            }
+            let key = user_key(store, i as u32);
+            assert_eq!(table[&key].vector, served, "{key}");
+        }
+    }
+
+    fn user_key(store: &GraphStore, index: u32) -> String {
+        let node = NodeRef {
+            node_type: 0,
+            index,
+        };
+        format!("user:{}", store.node_id(node).unwrap().unwrap())
     }
 
     /// A biased type's rows go out when they or their biases moved, an idle trainer publishes
@@ -1000,7 +1071,7 @@ mod tests {
             node_type: 0,
             index: 3,
         };
-        let key3 = format!("user:{}", store.node_id(row3).unwrap().unwrap());
+        let key3 = user_key(&store, row3.index);
         assert_eq!(
             prepared.rows.keys().collect::<Vec<_>>(),
             [key3.as_str(), "relation:follows"]
@@ -1010,23 +1081,101 @@ mod tests {
             panic!("training moved rows")
         };
         // The subscriber's table: every user's vector then bias, as served.
-        let table = subscriber.0.table();
-        let rows = view.tables[0].size()[0];
-        let biases = view.biases[0].as_ref().expect("a biased type's biases");
-        for i in 0..rows {
-            let mut served = Vec::<f32>::try_from(view.tables[0].get(i)).unwrap();
-            served.push(biases.double_value(&[i]) as f32);
-            let key = format!(
-                "user:{}",
-                store
-                    .node_id(NodeRef {
-                        node_type: 0,
-                        index: i as u32
-                    })
-                    .unwrap()
-                    .unwrap()
-            );
-            assert_eq!(table[&key].vector, served, "{key}");
-        }
+        assert!(view.biases[0].is_some(), "a biased type's biases");
+        assert_subscriber_holds(&store, &view, &subscriber);
+    }
+
+    /// A version whose marker landed but whose acknowledgement was lost: the publication
+    /// retries it under a new epoch, carrying every row the lost attempt carried even where it
+    /// moved back since, and builds the next version on the retry; the subscriber, which applied
+    /// the first attempt, applies the retry over it and ends with the served rows.
+    #[test]
+    fn a_lost_acknowledgement_is_retried_over_what_subscribers_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = follows_store(dir.path());
+        let cfg = Config::from_toml("[train]\ndim = 8\nbatch_size = 32").unwrap();
+        tch::manual_seed(7);
+        let model = Embeddings::new(1, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
+        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        let mut align_cfg = cfg.align.clone();
+        align_cfg.enabled = false;
+        let status = Arc::new(AlignStatus::default());
+        let mut aligner = Aligner::new(align_cfg, false, None, status).unwrap();
+        let settings = VersionSettings {
+            format: ValueFormat::F32le,
+            threshold: 0.01,
+            comparator: cfg.train.comparator,
+        };
+        let mut publication = Publication::open(Ledger::in_memory(), settings, None).unwrap();
+        let mut subscriber = Subscriber::default();
+        let mut publish = |core: &mut TrainerCore, subscriber: &mut Subscriber| {
+            let mut trainer = InProcessTrainer {
+                core,
+                checkpoints: None,
+            };
+            let mut aligner = &mut aligner;
+            futures::executor::block_on(publication.publish(
+                &store,
+                &mut trainer,
+                &mut aligner,
+                subscriber,
+            ))
+        };
+        let train = |core: &mut TrainerCore, from: u32| {
+            let events = (from..from + 100).map(|i| follow(i % 40, (i * 7 + 3) % 40, u64::from(i)));
+            store
+                .append(&AppendBatch::from_events("t", i64::from(from), events))
+                .unwrap();
+            while core.step(&store).unwrap().stats.is_some() {}
+        };
+        let committed = |outcome: anyhow::Result<Outcome>| match outcome.unwrap() {
+            Outcome::Committed { prepared, view, .. } => (prepared, view),
+            _ => panic!("a version was expected"),
+        };
+
+        train(&mut core, 0);
+        let (_, v1) = committed(publish(&mut core, &mut subscriber));
+        train(&mut core, 100);
+        subscriber.lose_ack = true;
+        assert!(publish(&mut core, &mut subscriber).is_err());
+        assert_eq!(
+            subscriber.assembler.applied_version(),
+            2,
+            "the lost attempt completed"
+        );
+        let lost = subscriber.assembler.applied_marker().unwrap().clone();
+        // A row the lost attempt carried goes back to where version 1 had it: compared with the
+        // reference alone, the retry would leave it out.
+        let back = (0..40u32)
+            .find(|&i| {
+                let key = user_key(&store, i);
+                subscriber.assembler.get(&key).map(|e| e.version) == Some(2)
+            })
+            .expect("version 2 carried a user row");
+        tch::no_grad(|| {
+            (core.model.tables[0].weights.get(i64::from(back)))
+                .copy_(&v1.tables[0].get(i64::from(back)));
+        });
+        let (retry, v2) = committed(publish(&mut core, &mut subscriber));
+        assert_eq!(retry.marker.version, 2);
+        assert!(retry.marker.epoch > lost.epoch, "a new epoch");
+        assert_eq!(retry.marker.builds_on, lost.builds_on);
+        let back_key = user_key(&store, back);
+        assert!(
+            retry.rows.keys().any(|k| k == back_key),
+            "the retry carries {back_key} again"
+        );
+        assert_eq!(subscriber.assembler.counts().retries_applied, 1);
+        assert_subscriber_holds(&store, &v2, &subscriber);
+
+        train(&mut core, 200);
+        let (v3_prepared, v3) = committed(publish(&mut core, &mut subscriber));
+        assert_eq!(
+            v3_prepared.marker.builds_on,
+            Some(retry.marker.attempt()),
+            "version 3 builds on the retry"
+        );
+        assert_eq!(subscriber.assembler.applied_version(), 3);
+        assert_subscriber_holds(&store, &v3, &subscriber);
     }
 }

@@ -262,12 +262,7 @@ mod tests {
         }
         let relation = rows.add_relation_block(vec![0.5; 4]);
         rows.push(VersionRows::row("relation:r".into(), 0, None, relation, 0));
-        let marker = VersionMarker {
-            version: number,
-            epoch: 1,
-            rows: (n + 1) as u64,
-            align: None,
-        };
+        let marker = VersionMarker::new(number, 1, (n + 1) as u64);
         PreparedVersion {
             rows,
             tombstones: Vec::new(),

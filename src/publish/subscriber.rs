@@ -1,16 +1,20 @@
-//! The subscriber's side of the version contract (`topics/README.md`, "Rule for subscribers"):
-//! [`VersionAssembler`] turns embedding rows and version markers, read in any interleaving, into
-//! a local table that only ever holds whole versions. It is pure (no Kafka): feed it what a
-//! consumer reads; `examples/subscriber.rs` is such a consumer.
+//! The subscriber's side of the version contract (`topics/README.md`, contract 2, "Rule for
+//! subscribers"): [`VersionAssembler`] turns embedding rows and version markers, read in any
+//! interleaving, into a local table that only ever holds whole versions. It is pure (no Kafka):
+//! feed it what a consumer reads; `examples/subscriber.rs` is such a consumer.
 //!
 //! Rows are grouped by `(version, epoch)`, an *attempt*. An attempt is complete when its marker is
 //! in and exactly `marker.rows` distinct keys of that attempt are in. Rows of another epoch of the
 //! same version (an interrupted attempt; the publisher retries under the same number with a new
 //! epoch) never count toward a marker. Versions are applied in order: a complete `v + 1` waits
-//! for `v`, because a version carries only the rows that changed since its predecessor. Applying
-//! version `v` drops every pending attempt of a version `<= v`; later rows and markers of those
-//! versions are stale and ignored (a marker can repeat when its acknowledgement was lost and the
-//! publisher retried: the first complete attempt wins).
+//! for `v`, because a version carries only the rows that changed since its predecessor, and for
+//! the very attempt of `v` its marker names (`builds_on`), the one the publisher adopted.
+//!
+//! A version's canonical attempt is its last: the publisher retries a version only while it does
+//! not know that an attempt's marker landed, and the retry carries every key the earlier attempt
+//! did. So a complete attempt of the applied version under a newer epoch (a marker whose
+//! acknowledgement was lost, then the retry) is applied over the one held, and older attempts of
+//! an applied version are stale.
 //!
 //! Late start on a compacted embeddings topic: compaction keeps only each key's newest row, so
 //! the rows of old versions that later versions superseded are gone and those versions never
@@ -28,7 +32,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::publish::{CodedRow, PqTable, Record, RowRecord, VersionMarker, CODEBOOKS_PREFIX};
+use crate::publish::{
+    AttemptRef, CodedRow, PqTable, Record, RowRecord, VersionMarker, CODEBOOKS_PREFIX,
+};
 
 /// Keys of relation vectors start with this (`relation:favorites`); everything else is a node.
 pub const RELATION_PREFIX: &str = "relation:";
@@ -59,16 +65,19 @@ pub struct Applied {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
     pub applied_versions: u64,
+    /// Later attempts of the applied version applied over it (its first attempt's marker
+    /// landed but the publisher never learned so, and retried).
+    pub retries_applied: u64,
     /// Versions jumped over by catch-ups.
     pub skipped_versions: u64,
     /// Rows held for versions not applied yet.
     pub pending_rows: usize,
     /// `(version, epoch)` attempts with rows or a marker, not applied yet.
     pub pending_attempts: usize,
-    /// Rows ignored or dropped because their version was applied already (interrupted attempts,
-    /// a repeated attempt of an applied version).
+    /// Rows ignored or dropped because their attempt is older than the one applied (an earlier
+    /// version, or an earlier epoch of the applied version).
     pub stale_rows: u64,
-    /// Markers of versions applied already.
+    /// Markers of such attempts.
     pub stale_markers: u64,
     /// Rows of attempts without a marker that a catch-up left out.
     pub orphan_rows: u64,
@@ -100,6 +109,14 @@ impl Attempt {
         self.marker
             .as_ref()
             .is_some_and(|m| m.rows == self.rows.len() as u64)
+    }
+
+    /// Whether this attempt may be applied over `held` (the applied attempt, `None`: nothing):
+    /// its marker names no attempt, or names `held`.
+    fn builds_on(&self, held: Option<AttemptRef>) -> bool {
+        self.marker
+            .as_ref()
+            .is_some_and(|m| m.builds_on.is_none() || m.builds_on == held)
     }
 }
 
@@ -205,11 +222,17 @@ impl VersionAssembler {
         &self.codebooks
     }
 
+    /// Whether an attempt is older than the applied one: an earlier version, or an earlier (or
+    /// the same) epoch of the applied version.
+    fn stale(&self, version: u64, epoch: u64) -> bool {
+        self.applied.is_some_and(|held| (version, epoch) <= held)
+    }
+
     fn push_pending(&mut self, key: String, version: u64, epoch: u64, p: Pending) -> Vec<Applied> {
         if self.beyond_limit(version) {
             return Vec::new();
         }
-        if version <= self.applied_version() {
+        if self.stale(version, epoch) {
             self.counts.stale_rows += 1;
             return Vec::new();
         }
@@ -238,7 +261,7 @@ impl VersionAssembler {
         if self.beyond_limit(marker.version) {
             return Vec::new();
         }
-        if marker.version <= self.applied_version() {
+        if self.stale(marker.version, marker.epoch) {
             self.counts.stale_markers += 1;
             return Vec::new();
         }
@@ -260,7 +283,8 @@ impl VersionAssembler {
         else {
             return Vec::new();
         };
-        let above = self.pending.split_off(&(target.0 + 1, 0));
+        // Later attempts of the target's version stay pending: one may be its retry.
+        let above = self.pending.split_off(&(target.0, target.1 + 1));
         let below = std::mem::replace(&mut self.pending, above);
         let mut merged = 0u64;
         // Ascending (version, epoch): a newer row of a key overwrites an older one. Merged as one
@@ -282,32 +306,20 @@ impl VersionAssembler {
             }
         }
         self.merge(newest);
-        let skipped = target.0 - self.applied_version() - 1;
+        let skipped = target.0.saturating_sub(self.applied_version() + 1);
         self.counts.skipped_versions += skipped;
-        self.counts.applied_versions += 1;
+        self.count_applied(target);
         self.applied = Some(target);
         let mut out = vec![self.applied_event(target, merged, skipped)];
         out.extend(self.advance());
         out
     }
 
-    /// Apply every version that is next in line and complete.
+    /// Apply every attempt that is next in line and complete.
     fn advance(&mut self) -> Vec<Applied> {
         let mut out = Vec::new();
-        loop {
-            let next = self.applied_version() + 1;
-            // Of two complete attempts of one version (a marker whose acknowledgement was lost,
-            // then the retry), the later one is what the publisher adopted as its reference.
-            let Some(key) = self
-                .pending
-                .range((next, 0)..=(next, u64::MAX))
-                .filter(|(_, a)| a.complete())
-                .map(|(k, _)| *k)
-                .next_back()
-            else {
-                return out;
-            };
-            let attempt = self.pending.remove(&key).expect("found above");
+        while let Some(key) = self.next_in_line() {
+            let attempt = self.pending.remove(&key).expect("found in pending");
             let rows = attempt.rows.len() as u64;
             self.applied_marker = attempt.marker;
             self.merge(
@@ -317,13 +329,47 @@ impl VersionAssembler {
                     .map(|(k, p)| (k, (key.0, p)))
                     .collect(),
             );
-            let rest = self.pending.split_off(&(key.0 + 1, 0));
+            // Every older attempt is stale now; later epochs of this version stay pending.
+            let rest = self.pending.split_off(&(key.0, key.1 + 1));
             for (_, dropped) in std::mem::replace(&mut self.pending, rest) {
                 self.counts.stale_rows += dropped.rows.len() as u64;
             }
-            self.counts.applied_versions += 1;
+            self.count_applied(key);
             self.applied = Some(key);
             out.push(self.applied_event(key, rows, 0));
+        }
+        out
+    }
+
+    /// The complete attempt to apply next: a newer attempt of the applied version (its retry,
+    /// which holds every key the applied one did), else the newest complete attempt of the next
+    /// version that builds on the applied attempt.
+    fn next_in_line(&self) -> Option<(u64, u64)> {
+        let held = self
+            .applied
+            .map(|(version, epoch)| AttemptRef { version, epoch });
+        let newest_complete =
+            |from: (u64, u64), to: (u64, u64), check: &dyn Fn(&Attempt) -> bool| {
+                (self.pending.range(from..=to))
+                    .filter(|(_, a)| a.complete() && check(a))
+                    .map(|(k, _)| *k)
+                    .next_back()
+            };
+        if let Some((version, epoch)) = self.applied {
+            let retry = newest_complete((version, epoch + 1), (version, u64::MAX), &|_| true);
+            if retry.is_some() {
+                return retry;
+            }
+        }
+        let next = self.applied_version() + 1;
+        newest_complete((next, 0), (next, u64::MAX), &|a| a.builds_on(held))
+    }
+
+    fn count_applied(&mut self, (version, _): (u64, u64)) {
+        if version == self.applied_version() {
+            self.counts.retries_applied += 1;
+        } else {
+            self.counts.applied_versions += 1;
         }
     }
 
@@ -400,12 +446,7 @@ mod tests {
     }
 
     fn marker(version: u64, epoch: u64, rows: u64) -> VersionMarker {
-        VersionMarker {
-            version,
-            epoch,
-            rows,
-            align: None,
-        }
+        VersionMarker::new(version, epoch, rows)
     }
 
     fn value(a: &VersionAssembler, key: &str) -> Option<(f32, u64)> {
@@ -582,11 +623,93 @@ mod tests {
             (c.stale_rows, c.pending_rows, c.pending_attempts),
             (2, 0, 0)
         );
-        // A late row of the interrupted attempt and a repeated marker are ignored.
+        // A late row and a repeated marker of the interrupted attempt are ignored.
         assert!(a.push_row("user:4", row(2, 1, 40.0)).is_empty());
-        assert!(a.push_marker(marker(2, 3, 2)).is_empty());
+        assert!(a.push_marker(marker(2, 1, 2)).is_empty());
         assert_eq!(value(&a, "user:4"), None);
         assert_eq!(a.counts().stale_markers, 1);
+    }
+
+    /// A marker whose acknowledgement was lost: attempt (2, 1) completed on the broker, the
+    /// publisher retried under epoch 2 (every key of (2, 1) again, as it now holds them) and
+    /// adopted the retry, and version 3 builds on it. A subscriber ends with the retry's rows
+    /// whichever attempt it completed first.
+    #[test]
+    fn a_retry_of_the_applied_version_is_applied_over_it_and_the_next_waits_for_it() {
+        let retried = |a: &mut VersionAssembler| {
+            a.push_row("user:1", row(2, 2, 12.0));
+            a.push_row("user:2", row(2, 2, 22.0));
+            a.push_marker(marker(2, 2, 2))
+        };
+        let first = |a: &mut VersionAssembler| {
+            a.push_row("user:1", row(2, 1, 11.0));
+            a.push_marker(marker(2, 1, 1))
+        };
+        let mut third = marker(3, 2, 1);
+        third.builds_on = Some(AttemptRef {
+            version: 2,
+            epoch: 2,
+        });
+        for retry_first in [false, true] {
+            let mut a = VersionAssembler::new();
+            for (k, r) in v1() {
+                a.push_row(k, r);
+            }
+            a.push_marker(marker(1, 1, 3));
+            // Version 3 (built on the retry) is read before either attempt of version 2.
+            a.push_row("user:3", row(3, 2, 30.0));
+            assert!(a.push_marker(third.clone()).is_empty());
+            let applied = if retry_first {
+                let mut applied = retried(&mut a);
+                applied.extend(first(&mut a));
+                assert_eq!(a.counts().stale_markers, 1, "the first attempt is older");
+                applied
+            } else {
+                // The first attempt completes first and is applied; version 3 waits for the
+                // retry it builds on, which is applied over it.
+                let mut applied = first(&mut a);
+                assert_eq!(versions(&applied), [(2, 1)]);
+                assert_eq!(value(&a, "user:1"), Some((11.0, 2)));
+                applied.extend(retried(&mut a));
+                assert_eq!(a.counts().retries_applied, 1);
+                applied
+            };
+            let expected: &[(u64, u64)] = if retry_first {
+                &[(2, 2), (3, 2)]
+            } else {
+                &[(2, 1), (2, 2), (3, 2)]
+            };
+            assert_eq!(versions(&applied), expected, "retry first: {retry_first}");
+            assert_eq!(value(&a, "user:1"), Some((12.0, 2)));
+            assert_eq!(value(&a, "user:2"), Some((22.0, 2)));
+            assert_eq!(value(&a, "user:3"), Some((30.0, 3)));
+            assert_eq!((a.applied_version(), a.applied_epoch()), (3, Some(2)));
+            assert_eq!(a.counts().applied_versions, 3);
+        }
+    }
+
+    #[test]
+    fn a_version_built_on_another_attempt_waits_for_it() {
+        let mut a = VersionAssembler::new();
+        for (k, r) in v1() {
+            a.push_row(k, r);
+        }
+        a.push_marker(marker(1, 1, 3));
+        let mut second = marker(2, 1, 1);
+        second.builds_on = Some(AttemptRef {
+            version: 1,
+            epoch: 4,
+        });
+        a.push_row("user:1", row(2, 1, 10.0));
+        assert!(a.push_marker(second).is_empty(), "(1, 4) is not held");
+        assert_eq!(a.applied_version(), 1);
+        a.push_row("user:1", row(1, 4, 5.0));
+        a.push_row("user:2", row(1, 4, 6.0));
+        a.push_row("relation:follows", row(1, 4, 7.0));
+        let applied = a.push_marker(marker(1, 4, 3));
+        assert_eq!(versions(&applied), [(1, 4), (2, 1)]);
+        assert_eq!(value(&a, "user:1"), Some((10.0, 2)));
+        assert_eq!(value(&a, "user:2"), Some((6.0, 1)));
     }
 
     #[test]

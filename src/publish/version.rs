@@ -2,7 +2,9 @@
 //! the view subscribers will hold once it is applied.
 //!
 //! A version carries every new row, every row whose relative change from the reference (the
-//! version subscribers hold) exceeds `publish.row_threshold`, and all relation vectors. Rows that
+//! version subscribers hold) exceeds `publish.row_threshold`, every row a failed attempt of the
+//! same version carried (so that the retry can be applied over that attempt), and all relation
+//! vectors. Rows that
 //! moved less keep their earlier published values in the view, which is what subscribers have.
 //!
 //! The daemon builds versions from a [`ModelDelta`] ([`build_delta_version`]): only the rows
@@ -25,7 +27,8 @@ use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
 use crate::publish::rows::in_chunks;
 use crate::publish::{
-    Codebooks, CodebooksRecord, RowRef, VersionMarker, VersionRows, CODEBOOKS_PREFIX,
+    AttemptRef, Codebooks, CodebooksRecord, RowRef, VersionMarker, VersionRows, CODEBOOKS_PREFIX,
+    CONTRACT,
 };
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{ModelDelta, Snapshot, TableDelta};
@@ -118,6 +121,12 @@ pub struct VersionRequest<'a> {
     /// rows; empty when not known (a reference restored from disk), and then every row of a
     /// biased type goes out.
     pub reference_biases: &'a [Option<Tensor>],
+    /// The attempt of the previous version the reference is (the marker's `builds_on`).
+    pub builds_on: Option<AttemptRef>,
+    /// Per node type, the rows (`[k]` Int64) that failed attempts of this version carried: a
+    /// retry carries them again, moved or not, so that it holds every key an earlier attempt
+    /// did and a subscriber that applied that attempt can apply the retry over it.
+    pub retried_rows: &'a [Tensor],
 }
 
 /// What a version built from a delta changes in the view subscribers hold, per node type: the
@@ -233,6 +242,7 @@ pub fn build_delta_version(
         let against = Against {
             rows: reference.and_then(|r| r.tables.get(t)),
             biases: req.reference_biases.get(t).and_then(Option::as_ref),
+            retried: req.retried_rows.get(t),
         };
         let positions = moved_positions(table, &against, req);
         let published = add_type_rows(store, &erased, t, table, &positions, &mut rows)?;
@@ -266,9 +276,11 @@ pub fn build_delta_version(
         ));
     }
     let marker = VersionMarker {
+        contract: CONTRACT,
         version: req.version,
         epoch: req.epoch,
         rows: (rows.len() + tombstones.len()) as u64,
+        builds_on: req.builds_on,
         align: req.align.cloned(),
     };
     Ok(Some((
@@ -288,10 +300,12 @@ pub fn build_delta_version(
     )))
 }
 
-/// What a type's rows are compared with: the rows and biases subscribers hold.
+/// What a type's rows are compared with: the rows and biases subscribers hold, and the rows a
+/// failed attempt of the version carried (they go out again).
 struct Against<'a> {
     rows: Option<&'a Tensor>,
     biases: Option<&'a Tensor>,
+    retried: Option<&'a Tensor>,
 }
 
 /// Positions in `table` (one type's part of a delta) of the rows the version carries: every one
@@ -321,8 +335,20 @@ fn moved_positions(table: &TableDelta, against: &Against, req: &VersionRequest) 
                 moved_since(&table.index, m, &current, &reference, req.threshold)
             }
         };
+        let moved = match against.retried.filter(|r| r.numel() > 0) {
+            Some(retried) => moved.logical_or(&carried_before(&table.index, table.len, retried)),
+            None => moved,
+        };
         Vec::<i64>::try_from(moved.nonzero().view([-1])).expect("positions")
     })
+}
+
+/// Per row of `index` (`[k]`, rows of a table of `len`): whether it is one of `retried`.
+fn carried_before(index: &Tensor, len: i64, retried: &Tensor) -> Tensor {
+    let retried = retried.masked_select(&retried.lt(len));
+    let mut mask = Tensor::zeros([len], (Kind::Bool, Device::Cpu));
+    let _ = mask.index_fill_(0, &retried, 1);
+    mask.index_select(0, index)
 }
 
 /// Per row of `index` (`[k]`, values `current [k, W]`): new (at or past row `m` of
@@ -497,6 +523,8 @@ mod tests {
             tombstones: &[],
             every_row: false,
             reference_biases: held,
+            builds_on: None,
+            retried_rows: &[],
         }
     }
 
@@ -673,6 +701,8 @@ mod tests {
             tombstones,
             every_row: false,
             reference_biases: &[],
+            builds_on: None,
+            retried_rows: &[],
         };
         let (prepared, _) = build_delta_version(&store, &delta, None, &req(&erased))
             .unwrap()

@@ -41,14 +41,40 @@ pub fn tombstone_attempt<'a>(
     Some((version?, epoch?))
 }
 
+/// The version of the contract in `topics/README.md` that markers follow. Contract 2 (2026-12)
+/// added `contract` and `builds_on`: a version's canonical attempt is its last, and a later
+/// complete attempt of the applied version is applied over it. A marker without `contract` is
+/// contract 1.
+pub const CONTRACT: u32 = 2;
+
+/// One attempt of a version: the `(version, epoch)` its rows and marker carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AttemptRef {
+    pub version: u64,
+    pub epoch: u64,
+}
+
+fn contract_1() -> u32 {
+    1
+}
+
 /// The marker written after all of a version's rows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VersionMarker {
+    /// The contract version ([`CONTRACT`]); 1 when absent (markers written before it).
+    #[serde(default = "contract_1")]
+    pub contract: u32,
     pub version: u64,
     pub epoch: u64,
     /// Records (node rows, tombstones of erased nodes, relation vectors) this version and epoch
     /// published.
     pub rows: u64,
+    /// The attempt of the previous version this one was selected against: the publisher's
+    /// reference, which every subscriber must hold before applying this version. `None` for the
+    /// first version, and for a publisher that does not know its reference's epoch (a ledger
+    /// from before contract 2).
+    #[serde(default)]
+    pub builds_on: Option<AttemptRef>,
     /// Drift figures of the version (absent when the publisher measured none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub align: Option<AlignFigures>,
@@ -63,6 +89,11 @@ pub enum DecodeError {
     Json(String),
     #[error("row payload: f32le record of {len} bytes: {problem}")]
     Binary { len: usize, problem: &'static str },
+    #[error(
+        "version marker of contract {found}: this subscriber implements contract {CONTRACT} \
+         (topics/README.md); upgrade the subscriber"
+    )]
+    Contract { found: u32 },
 }
 
 impl RowRecord {
@@ -317,12 +348,40 @@ impl CodebooksRecord {
 }
 
 impl VersionMarker {
+    /// A marker of this contract that names no attempt before it and no drift figures.
+    pub fn new(version: u64, epoch: u64, rows: u64) -> VersionMarker {
+        VersionMarker {
+            contract: CONTRACT,
+            version,
+            epoch,
+            rows,
+            builds_on: None,
+            align: None,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a marker serialises")
     }
 
+    /// A marker of a later contract than [`CONTRACT`] is refused: its rules may differ.
     pub fn decode(bytes: &[u8]) -> Result<VersionMarker, DecodeError> {
-        serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))
+        let marker: VersionMarker =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        if marker.contract > CONTRACT {
+            return Err(DecodeError::Contract {
+                found: marker.contract,
+            });
+        }
+        Ok(marker)
+    }
+
+    /// The attempt this marker closes.
+    pub fn attempt(&self) -> AttemptRef {
+        AttemptRef {
+            version: self.version,
+            epoch: self.epoch,
+        }
     }
 }
 
@@ -392,6 +451,34 @@ mod tests {
         assert!(RowRecord::decode(b"TWE1").is_err());
         assert!(RowRecord::decode(b"{\"version\":1}").is_err());
         assert!(VersionMarker::decode(b"[]").is_err());
+    }
+
+    #[test]
+    fn markers_name_their_contract_and_a_later_one_is_refused() {
+        let marker = VersionMarker {
+            contract: CONTRACT,
+            version: 12,
+            epoch: 3,
+            rows: 5,
+            builds_on: Some(AttemptRef {
+                version: 11,
+                epoch: 2,
+            }),
+            align: None,
+        };
+        let json = String::from_utf8(marker.encode()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"contract":2,"version":12,"epoch":3,"rows":5,"builds_on":{"version":11,"epoch":2}}"#
+        );
+        assert_eq!(VersionMarker::decode(json.as_bytes()), Ok(marker));
+        // Contract 1 (no `contract`, no `builds_on`): still read.
+        let old = VersionMarker::decode(br#"{"version":4,"epoch":1,"rows":9}"#).unwrap();
+        assert_eq!((old.contract, old.builds_on), (1, None));
+        assert_eq!(
+            VersionMarker::decode(br#"{"contract":3,"version":4,"epoch":1,"rows":9}"#),
+            Err(DecodeError::Contract { found: 3 })
+        );
     }
 
     fn table() -> PqTable {
