@@ -25,7 +25,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
-use twhin_stream::publish::{tombstone_attempt, Record, VersionMarker};
+use twhin_stream::publish::{tombstone_attempt, DecodeError, Record, VersionMarker};
 use twhin_stream::subscriber::{Applied, Counts, VersionAssembler};
 
 /// How long `--idle-exit-secs` waits for the very first record at least.
@@ -81,6 +81,9 @@ struct Summary {
     stopped_by: &'static str,
     /// Epochs of the codebooks held (`publish.format = "pq"`).
     codebooks: Vec<u64>,
+    /// The sum of every value held, in f64: a check that two readers hold the same table
+    /// (`examples/subscriber.py` prints the same figure).
+    checksum: f64,
     counts: Counts,
     applied: Vec<AppliedAt>,
 }
@@ -194,12 +197,16 @@ impl State {
         }
     }
 
-    fn marker(&mut self, m: &BorrowedMessage<'_>) {
+    /// A marker of a later contract stops the subscriber: its rules may differ.
+    fn marker(&mut self, m: &BorrowedMessage<'_>) -> anyhow::Result<()> {
         match m.payload().map(VersionMarker::decode) {
             Some(Ok(marker)) => {
                 self.markers_read += 1;
                 let applied = self.assembler.push_marker(marker);
                 self.report(applied);
+            }
+            Some(Err(e @ DecodeError::Contract { .. })) => {
+                anyhow::bail!("{} offset {}: {e}", m.topic(), m.offset())
             }
             Some(Err(e)) => {
                 self.skipped += 1;
@@ -207,6 +214,7 @@ impl State {
             }
             None => self.skipped += 1,
         }
+        Ok(())
     }
 
     /// Handle one poll result; `true` when it was a record.
@@ -216,7 +224,7 @@ impl State {
         r: Result<BorrowedMessage<'_>, KafkaError>,
     ) -> anyhow::Result<bool> {
         match r {
-            Ok(m) if versions => self.marker(&m),
+            Ok(m) if versions => self.marker(&m)?,
             Ok(m) => self.row(&m),
             Err(KafkaError::PartitionEOF(p)) => {
                 self.at_end.insert((versions, p));
@@ -314,6 +322,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 epochs.sort_unstable();
                 epochs
             },
+            checksum: (a.table().values())
+                .flat_map(|e| &e.vector)
+                .map(|&x| f64::from(x))
+                .sum(),
             counts: a.counts(),
             applied: state.applied,
         };

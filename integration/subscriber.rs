@@ -936,3 +936,231 @@ fn product_quantized_versions_decode_to_the_served_rows_and_new_codebooks_retire
         "{last}"
     );
 }
+
+/// The seam: delivers through the daemon's Kafka sink, then reports a failure once when told
+/// to, as a producer does whose marker landed but whose acknowledgement was lost.
+struct LosesAnAck {
+    sink: twhin_stream::publish::KafkaSink,
+    lose_next: bool,
+}
+
+impl twhin_stream::publish::VersionSink for LosesAnAck {
+    async fn produce(
+        &mut self,
+        prepared: &twhin_stream::publish::PreparedVersion,
+    ) -> anyhow::Result<()> {
+        self.sink.produce(prepared).await?;
+        anyhow::ensure!(
+            !std::mem::take(&mut self.lose_next),
+            "the marker's acknowledgement was lost (test seam)"
+        );
+        Ok(())
+    }
+}
+
+/// Every node row and relation vector of `view`, by the key subscribers hold it under.
+fn served_table(
+    store: &twhin_stream::store::GraphStore,
+    view: &twhin_stream::publish::PublishedView,
+) -> HashMap<String, Vec<f32>> {
+    let schema = store.stored_schema();
+    let mut out = HashMap::new();
+    for (t, table) in view.tables.iter().enumerate() {
+        for i in 0..table.size()[0] {
+            let node = twhin_stream::store::NodeRef {
+                node_type: t as u16,
+                index: i as u32,
+            };
+            let id = store.node_id(node).unwrap().unwrap();
+            let key = format!("{}:{id}", schema.node_types[t]);
+            out.insert(key, Vec::<f32>::try_from(table.get(i)).unwrap());
+        }
+    }
+    for (r, (name, _, _)) in schema.relations.iter().enumerate() {
+        let vector = Vec::<f32>::try_from(view.relations.get(r as i64)).unwrap();
+        out.insert(format!("relation:{name}"), vector);
+    }
+    out
+}
+
+fn checksum(table: &HashMap<String, Vec<f32>>) -> f64 {
+    table.values().flatten().map(|&x| f64::from(x)).sum()
+}
+
+/// A version whose marker lands but whose acknowledgement is lost (through a seam in the
+/// sink): the publication retries it under a new epoch and builds the next version on the
+/// retry. Every subscriber, whichever attempt it completed first, ends with the rows the
+/// publication serves: the assembler in every reading order and after compaction, `export`,
+/// `examples/subscriber.rs` and `examples/subscriber.py`.
+#[test]
+fn a_lost_marker_acknowledgement_leaves_every_subscriber_with_the_served_rows() {
+    use std::sync::Arc;
+    use twhin_stream::align::{AlignStatus, Aligner};
+    use twhin_stream::config::Config;
+    use twhin_stream::publish::{
+        InProcessTrainer, KafkaSink, Ledger, Outcome, Publication, VersionSettings,
+    };
+    use twhin_stream::store::{AppendBatch, GraphStore, StoreOptions};
+    use twhin_stream::train::{Embeddings, TrainerCore};
+
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Publishing {
+        broker, env, store, ..
+    } = publishing(dir.path(), 16, 1, &[]);
+    let cfg = Config::from_toml(&format!(
+        "[kafka]\nbootstrap_servers = \"{}\"\n[train]\ndim = 16\n",
+        broker.bootstrap
+    ))
+    .unwrap();
+    let schema = cfg.schema();
+    let graph = GraphStore::open(&store, &schema, &StoreOptions::default()).unwrap();
+    tch::manual_seed(11);
+    let model = Embeddings::for_schema(&schema, &cfg.train, tch::Device::Cpu);
+    let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+    let mut align_cfg = cfg.align.clone();
+    align_cfg.enabled = false;
+    let mut aligner =
+        Aligner::new(align_cfg, false, None, Arc::new(AlignStatus::default())).unwrap();
+    let settings = VersionSettings {
+        format: cfg.publish.format,
+        threshold: cfg.publish.row_threshold,
+        comparator: cfg.train.comparator,
+    };
+    let mut publication = Publication::open(Ledger::in_memory(), settings, None).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut sink = LosesAnAck {
+        sink: rt
+            .block_on(KafkaSink::start(Arc::new(cfg.clone())))
+            .unwrap(),
+        lose_next: false,
+    };
+    let limits = cfg.decode_limits();
+    let train = |core: &mut TrainerCore, events: std::ops::Range<usize>| {
+        let first = events.start as i64;
+        let events = events.map(|i| {
+            let payload = valid_event(i, false).0.payload.unwrap();
+            let ts = 1_732_190_000_000 + i as u64;
+            twhin_stream::schema::decode_event(&schema, &limits, Some(&payload), ts).unwrap()
+        });
+        graph
+            .append(&AppendBatch::from_events(TOPIC, first, events))
+            .unwrap();
+        while core.step(&graph).unwrap().stats.is_some() {}
+    };
+    let mut publish = |core: &mut TrainerCore, sink: &mut LosesAnAck| {
+        let mut trainer = InProcessTrainer {
+            core,
+            checkpoints: None,
+        };
+        let mut aligner = &mut aligner;
+        rt.block_on(publication.publish(&graph, &mut trainer, &mut aligner, sink))
+    };
+
+    train(&mut core, 0..600);
+    assert!(matches!(
+        publish(&mut core, &mut sink),
+        Ok(Outcome::Committed { .. })
+    ));
+    train(&mut core, 600..1_200);
+    sink.lose_next = true;
+    assert!(
+        publish(&mut core, &mut sink).is_err(),
+        "the seam lost the ack"
+    );
+    // The users of the lost attempt train on: the retry carries other values for them.
+    train(&mut core, 1_200..1_800);
+    assert!(matches!(
+        publish(&mut core, &mut sink),
+        Ok(Outcome::Committed { .. })
+    ));
+    train(&mut core, 1_800..2_000);
+    let Ok(Outcome::Committed { view, .. }) = publish(&mut core, &mut sink) else {
+        panic!("version 3 was expected")
+    };
+    assert_eq!(view.version, 3);
+    let served = served_table(&graph, &view);
+    drop(publish);
+
+    let p = read_published(&broker.bootstrap, 4);
+    let attempts: Vec<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
+    assert_eq!(
+        attempts.len(),
+        4,
+        "two complete attempts of version 2: {attempts:?}"
+    );
+    assert_eq!(attempts[1].0, 2);
+    assert_eq!(attempts[2].0, 2);
+    assert_eq!(
+        p.markers[3].builds_on.map(|a| (a.version, a.epoch)),
+        Some(attempts[2]),
+        "version 3 builds on the retry"
+    );
+    let expect_served = |table: &HashMap<String, Vec<f32>>, who: &str| {
+        assert_eq!(table.len(), served.len(), "{who}: keys");
+        for (key, vector) in &served {
+            assert_eq!(table.get(key), Some(vector), "{who}: {key}");
+        }
+    };
+    // The assembler, live in every reading order, then late on the compacted topics.
+    for (name, items) in orders(&p) {
+        let mut a = VersionAssembler::new();
+        for item in items {
+            match item {
+                Item::Row((k, r)) => a.push_row(k.as_str(), r.clone()),
+                Item::Marker(m) => a.push_marker((*m).clone()),
+            };
+        }
+        assert_eq!(
+            (a.applied_version(), a.applied_epoch()),
+            (3, Some(attempts[3].1))
+        );
+        let table = a
+            .table()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.vector.clone()))
+            .collect();
+        expect_served(&table, name);
+    }
+    let mut newest: HashMap<&str, &RowRecord> = HashMap::new();
+    for (k, r) in &p.rows {
+        newest.insert(k.as_str(), r);
+    }
+    let mut late = VersionAssembler::new();
+    for m in &p.markers {
+        late.push_marker(m.clone());
+    }
+    for (k, r) in newest {
+        late.push_row(k, r.clone());
+    }
+    late.catch_up();
+    let table = late
+        .table()
+        .iter()
+        .map(|(k, e)| (k.clone(), e.vector.clone()))
+        .collect();
+    expect_served(&table, "catch-up after compaction");
+    // export, the Rust example and the Python example.
+    let exported = dir.path().join("export-newest");
+    cli(&env, &["export", exported.to_str().unwrap()]);
+    expect_served(&exported_table(&exported), "export");
+    let (summary, keys) = run_example_subscriber(&broker.bootstrap, dir.path());
+    assert_eq!(summary["last_version"], 3, "{summary}");
+    assert_eq!(keys, served.keys().cloned().collect::<HashSet<_>>());
+    let near =
+        |found: &serde_json::Value| (found.as_f64().unwrap() - checksum(&served)).abs() < 1e-6;
+    assert!(
+        near(&summary["checksum"]),
+        "examples/subscriber.rs: {summary}"
+    );
+    let python = run_python_subscriber(&broker.bootstrap);
+    assert_eq!(python["version"], 3, "{python}");
+    assert_eq!(python["keys"], served.len() as u64, "{python}");
+    assert!(
+        near(&python["checksum"]),
+        "examples/subscriber.py: {python}"
+    );
+}

@@ -39,4 +39,6 @@ pub(crate) use wire::{
     encode_coded, encode_f32le, CodebooksRecord, CodedRow, CODEBOOKS_PREFIX,
     TOMBSTONE_EPOCH_HEADER, TOMBSTONE_VERSION_HEADER,
 };
-pub use wire::{tombstone_attempt, AttemptRef, Record, RowRecord, VersionMarker, CONTRACT};
+pub use wire::{
+    tombstone_attempt, AttemptRef, DecodeError, Record, RowRecord, VersionMarker, CONTRACT,
+};
