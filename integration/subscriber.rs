@@ -1083,7 +1083,6 @@ fn a_lost_marker_acknowledgement_leaves_every_subscriber_with_the_served_rows() 
     };
     assert_eq!(view.version, 3);
     let served = served_table(&graph, &view);
-    drop(publish);
 
     let p = read_published(&broker.bootstrap, 4);
     let attempts: Vec<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
