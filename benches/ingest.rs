@@ -325,6 +325,7 @@ impl<'s> BatchGen<'s> {
             events,
             next_offsets,
             last_records: vec![],
+            extra_offsets: vec![],
         }
     }
 }

@@ -63,6 +63,7 @@ fn main() {
             events: std::mem::take(batch),
             next_offsets: vec![],
             last_records: vec![],
+            extra_offsets: vec![],
         };
         store.append(&b).expect("append");
     };

@@ -142,11 +142,11 @@ fn setup() -> Setup {
     let http_port = free_port();
     let env = daemon_env(&broker.bootstrap, &store, http_port);
     let out = cli(&env, &["topics", "apply"]);
-    assert_eq!(out.matches("created").count(), 4, "{out}");
+    assert_eq!(out.matches("created").count(), 5, "{out}");
     let again = cli(&env, &["topics", "apply"]);
     assert_eq!(
         again.matches("exists").count(),
-        4,
+        5,
         "a second apply reports the topics as existing: {again}"
     );
     Setup {
@@ -663,4 +663,132 @@ fn replay_puts_each_event_in_its_source_nodes_partition() {
         partitions.len() > 4,
         "spread over the partitions: {partitions:?}"
     );
+}
+
+/// A lost store rebuilt from its changelog: after a run with valid events, repeated event ids,
+/// dead letters, deletes and an erasure, the store folder is deleted and the daemon restarted.
+/// It takes every edge, deletion, erasure and offset back from `kafka.changelog_topic` (the
+/// store's figures are those of before), consumes nothing of the input again (no dead letter
+/// twice), and still refuses an event naming the erased node.
+#[test]
+fn a_lost_store_is_rebuilt_from_its_changelog_without_consuming_the_input_again() {
+    let _serial = serial();
+    let s = setup();
+    let mut rng = SmallRng::seed_from_u64(24);
+    let mut msgs: Vec<Outgoing> = (0..3_000).map(|i| valid_event(i, true).0).collect();
+    // Repeated ids (dropped), dead letters, deletes of stored triples, an erasure.
+    msgs.extend((0..200).map(|i| valid_event(i, true).0));
+    msgs.extend((0..100).map(|i| malformed_event(&mut rng, i).0));
+    let delete = |i: usize| {
+        let (_, (src, rel, dst)) = valid_event(i, false);
+        let json = serde_json::json!({"src": src, "rel": rel, "dst": dst, "op": "delete"});
+        Outgoing {
+            key: src,
+            payload: Some(json.to_string().into_bytes()),
+        }
+    };
+    msgs.extend((1_000..1_050).map(delete));
+    let erased = valid_event(8, false).1 .0;
+    msgs.push(Outgoing {
+        key: erased.clone(),
+        payload: Some(
+            serde_json::json!({"op": "erase", "node": erased})
+                .to_string()
+                .into_bytes(),
+        ),
+    });
+    let total = msgs.len() as u64;
+    produce(&s.broker.bootstrap, TOPIC, &msgs, None);
+
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+    let consumed = |daemon: &Daemon, n: u64| {
+        daemon.status().filter(|st| {
+            status_u64(st, "/ingest/consumed") >= n && status_u64(st, "/kafka/lag") == 0
+        })
+    };
+    let before = wait_until("every event consumed", Duration::from_secs(120), || {
+        consumed(&daemon, total)
+    });
+    assert_eq!(status_u64(&before, "/ingest/invalid"), 100);
+    assert_eq!(status_u64(&before, "/store/nodes_erased"), 1);
+    assert!(status_u64(&before, "/store/edges_deleted") >= 50);
+    assert!(daemon.terminate().success());
+    let (triples, edges) = stored_triples(&s.store);
+    let dead_letters = read_all(
+        &s.broker.bootstrap,
+        DLQ,
+        100,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    );
+    assert_eq!(dead_letters.len(), 100);
+
+    std::fs::remove_dir_all(&s.store).unwrap();
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+    let after = wait_until(
+        "the store restored and every partition assigned",
+        Duration::from_secs(120),
+        || {
+            daemon.status().filter(|st| {
+                status_u64(st, "/kafka/assigned_partitions") == 8
+                    && status_u64(st, "/kafka/lag") == 0
+            })
+        },
+    );
+    assert_eq!(
+        status_u64(&after, "/ingest/consumed"),
+        0,
+        "nothing consumed again: {after}"
+    );
+    assert_eq!(
+        status_u64(&after, "/ingest/restored/appended"),
+        edges,
+        "every edge from the changelog: {after}"
+    );
+    for figure in [
+        "nodes",
+        "edges",
+        "edges_total",
+        "edges_deleted",
+        "nodes_erased",
+        "offsets",
+    ] {
+        assert_eq!(
+            after["store"][figure], before["store"][figure],
+            "store.{figure} as before the loss"
+        );
+    }
+    // The erased node stays erased; a new event is stored.
+    let (new, new_triple) = valid_event(3_000, false);
+    let naming_erased = serde_json::json!({"src": erased, "rel": "follows", "dst": "user:new"});
+    produce(
+        &s.broker.bootstrap,
+        TOPIC,
+        &[
+            new,
+            Outgoing {
+                key: erased.clone(),
+                payload: Some(naming_erased.to_string().into_bytes()),
+            },
+        ],
+        None,
+    );
+    let st = wait_until("two more consumed", Duration::from_secs(60), || {
+        consumed(&daemon, 2)
+    });
+    assert_eq!(status_u64(&st, "/ingest/erased_refused"), 1, "{st}");
+    assert!(daemon.terminate().success());
+    let (restored, restored_edges) = stored_triples(&s.store);
+    assert_eq!(restored_edges, edges + 1);
+    let mut expected = triples;
+    expected.insert(new_triple);
+    assert_eq!(restored, expected);
+    let again = read_all(
+        &s.broker.bootstrap,
+        DLQ,
+        100,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    );
+    assert_eq!(again.len(), 100, "no dead letter sent twice");
 }

@@ -15,6 +15,7 @@
 //! |---------------|------|
 //! | [`ingest`]    | the consumer (assignment at stored offsets, rebalance), dead letters, the store-writer actor |
 //! | [`store`]     | the sled graph: keys, node interning, the edge log, adjacency, degrees, offsets, dedup, summaries |
+//! | [`changelog`] | the store's state in Kafka: the record, its writing with each batch, the restore at start |
 //! | [`train`]     | the model, scores, losses, the step, warm start, prequential ranks, checkpoints, the trainer actor |
 //! | [`align`]     | drift measures, the gate, Procrustes onto the anchor, the pull controller, the alignment actor |
 //! | [`publish`]   | wire formats, the ledger, the version producer, freshness, the subscriber's assembler |
@@ -23,7 +24,7 @@
 //! | [`app`]       | the daemon: stages built downstream-first, the supervisor, the publication ticker, shutdown |
 //! | [`config`]    | the one validated config tree: defaults, `--config` file, `TWHIN_*` environment |
 //! | [`schema`]    | node types and relations; the event contract's decoder and validator (pure) |
-//! | [`kafka`]     | client construction, topic definitions and `topics apply`, the embedded broker |
+//! | [`kafka`]     | client construction, topic definitions and `topics apply`, reading a topic to its end, the embedded broker |
 //! | [`telemetry`] | logging set-up and the metric names |
 //! | [`partition`] | which partition owns a node: Kafka's default partitioner on its key |
 //! | [`persist`]   | atomic file writes and the wall clock, shared by checkpoints, snapshots and the ledger |
@@ -34,6 +35,7 @@
 
 pub mod align;
 pub mod app;
+pub mod changelog;
 pub mod config;
 pub mod ingest;
 pub mod kafka;

@@ -58,26 +58,30 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
     let torch = crate::train::info(device);
     info!(?torch, "libtorch ready");
     let store = open_store(&cfg)?;
-    let mut core = open_trainer(&cfg, &store, device)?;
-    let publication = match core.as_mut() {
-        Some(core) if cfg.publish.enabled => Some(open_publication(&cfg, core)?),
-        _ => None,
-    };
-    let opened = Opened {
-        cfg: Arc::new(cfg),
-        store,
-        core,
-        publication,
-        device,
-        torch,
-        metrics,
-    };
     actix_rt::System::new().block_on(async move {
-        for (topic, outcome) in kafka::apply_topics(&opened.cfg, &defs).await? {
+        for (topic, outcome) in kafka::apply_topics(&cfg, &defs).await? {
             if let ApplyOutcome::Created = outcome {
                 info!(topic, "topic created");
             }
         }
+        // The store first, so that the trainer resumes on the graph it trained on.
+        let restored = crate::changelog::restore(&cfg, &store)
+            .context("bringing the store up to its changelog (kafka.changelog_topic)")?;
+        let mut core = open_trainer(&cfg, &store, device)?;
+        let publication = match core.as_mut() {
+            Some(core) if cfg.publish.enabled => Some(open_publication(&cfg, core)?),
+            _ => None,
+        };
+        let opened = Opened {
+            cfg: Arc::new(cfg),
+            store,
+            core,
+            publication,
+            device,
+            torch,
+            metrics,
+            restored,
+        };
         let mut daemon = Daemon::start(opened).await?;
         let outcome = daemon.wait(shutdown).await;
         daemon.stop().await?;
@@ -94,6 +98,8 @@ struct Opened {
     device: tch::Device,
     torch: crate::train::TorchInfo,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// What the store took from its changelog at start.
+    restored: crate::changelog::Restored,
 }
 
 /// The running stages, as [`Daemon::stop`] needs them.
@@ -117,6 +123,7 @@ impl Daemon {
     async fn start(o: Opened) -> anyhow::Result<Daemon> {
         let cfg = o.cfg.clone();
         let ingest_status = Arc::new(IngestStatus::default());
+        *ingest_status.restored.lock() = o.restored.clone();
         let trainer_status = o.core.as_ref().map(|core| {
             let status = TrainerStatus::new();
             status.set_resumed_from(core.resumed_from());

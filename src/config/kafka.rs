@@ -19,6 +19,8 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     pub embeddings_topic: String,
     pub versions_topic: String,
+    /// The store's changelog ([`crate::changelog`]): as many partitions as the engagements topic.
+    pub changelog_topic: String,
     /// librdkafka properties for every client.
     #[serde(default)]
     pub common: BTreeMap<String, toml::Value>,
@@ -39,16 +41,23 @@ impl Validate for KafkaConfig {
             ("kafka.dlq_topic", &k.dlq_topic),
             ("kafka.embeddings_topic", &k.embeddings_topic),
             ("kafka.versions_topic", &k.versions_topic),
+            ("kafka.changelog_topic", &k.changelog_topic),
         ] {
             if v.trim().is_empty() {
                 return Err(invalid(key, "must not be empty"));
             }
         }
-        if k.engagements_topic == k.dlq_topic {
-            return Err(invalid(
-                "kafka.dlq_topic",
-                "must differ from kafka.engagements_topic",
-            ));
+        let topics = [
+            ("kafka.engagements_topic", &k.engagements_topic),
+            ("kafka.dlq_topic", &k.dlq_topic),
+            ("kafka.embeddings_topic", &k.embeddings_topic),
+            ("kafka.versions_topic", &k.versions_topic),
+            ("kafka.changelog_topic", &k.changelog_topic),
+        ];
+        for (i, (key, name)) in topics.iter().enumerate() {
+            if let Some((other, _)) = topics[..i].iter().find(|(_, n)| n == name) {
+                return Err(invalid(key, format!("must differ from {other} ({name:?})")));
+            }
         }
         for (section, map) in [
             ("common", &k.common),

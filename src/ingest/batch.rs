@@ -12,12 +12,13 @@ use rdkafka::Message as _;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::changelog;
 use crate::config::Config;
 use crate::ingest::dlq::{deliver_dead_letters, DeadLetter};
 use crate::ingest::{AppendEvents, IngestError, IngestStatus, StoreBatchWritten, StoreWriter};
 use crate::persist::now_ms;
 use crate::schema::{decode_event, DecodeLimits, Schema};
-use crate::store::{AppendBatch, AppendOutcome, RecordPrint, SourcedEvent, StoreError};
+use crate::store::{AppendBatch, AppendOutcome, GraphStore, RecordPrint, SourcedEvent, StoreError};
 use crate::telemetry as m;
 
 /// Events consumed but not yet durable.
@@ -107,8 +108,11 @@ impl InFlight {
 /// What writing a batch needs.
 pub(super) struct BatchWriter<'a> {
     pub cfg: &'a Config,
+    pub schema: &'a Schema,
     pub topic: &'a str,
-    pub dlq: &'a FutureProducer,
+    /// Delivers dead letters and changelog records.
+    pub producer: &'a FutureProducer,
+    pub store: &'a GraphStore,
     pub writer: &'a Addr<StoreWriter>,
     pub status: &'a IngestStatus,
 }
@@ -143,13 +147,22 @@ impl BatchWriter<'_> {
         if !self.deliver_dead_letters(stop_rx, pending).await {
             return Ok(None);
         }
-        let pending = std::mem::take(pending);
-        let batch = AppendBatch {
+        let mut batch = AppendBatch {
             topic: self.topic.to_owned(),
-            events: pending.events,
-            next_offsets: pending.next_offsets.into_iter().collect(),
-            last_records: pending.last_records.into_iter().collect(),
+            events: std::mem::take(&mut pending.events),
+            next_offsets: pending.next_offsets.iter().map(|(&p, &o)| (p, o)).collect(),
+            last_records: pending.last_records.iter().map(|(&p, &r)| (p, r)).collect(),
+            extra_offsets: Vec::new(),
         };
+        let Some(positions) = self.log_changes(stop_rx, &batch).await else {
+            pending.events = batch.events;
+            return Ok(None);
+        };
+        let changelog = &self.cfg.kafka.changelog_topic;
+        batch.extra_offsets = (positions.into_iter())
+            .map(|(p, next)| (changelog.clone(), p, next))
+            .collect();
+        let pending = std::mem::take(pending);
         let request = self.writer.send(AppendEvents(batch));
         Ok(Some(InFlight {
             outcome: actix::spawn(request),
@@ -202,6 +215,37 @@ impl BatchWriter<'_> {
         Ok(())
     }
 
+    /// Deliver the batch's changelog records ([`crate::changelog`]), retrying until they are
+    /// acknowledged: the changelog positions after them. `None` when asked to stop first.
+    async fn log_changes(
+        &self,
+        stop_rx: &mut watch::Receiver<bool>,
+        batch: &AppendBatch,
+    ) -> Option<Vec<(i32, i64)>> {
+        let changelog = &self.cfg.kafka.changelog_topic;
+        // A store from before the changelog: its first record of a partition says so.
+        let after_history = |p| {
+            let held = |topic: &str| self.store.stored_offset(topic, p).ok().flatten();
+            held(&batch.topic).is_some() && held(changelog).is_none()
+        };
+        let records = changelog::records_of(self.schema, batch, after_history);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match changelog::deliver(self.cfg, self.producer, &records).await {
+                Ok(positions) => return Some(positions),
+                Err(e) => {
+                    metrics::counter!(m::BATCH_RETRIES).increment(1);
+                    warn!(error = %e, records = records.len(), "changelog not acknowledged; retrying");
+                    tokio::select! {
+                        _ = stop_rx.changed() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// Retry until the DLQ acknowledges every dead letter; `false` when asked to stop first.
     async fn deliver_dead_letters(
         &self,
@@ -210,7 +254,7 @@ impl BatchWriter<'_> {
     ) -> bool {
         let mut backoff = Duration::from_millis(100);
         while !pending.dead.is_empty() {
-            match deliver_dead_letters(self.cfg, self.dlq, &pending.dead).await {
+            match deliver_dead_letters(self.cfg, self.producer, &pending.dead).await {
                 Ok(()) => {
                     metrics::counter!(m::DLQ_PRODUCED).increment(pending.dead.len() as u64);
                     break;

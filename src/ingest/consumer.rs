@@ -190,11 +190,12 @@ fn open_clients(
     };
     let consumer: StreamConsumer<IngestContext> =
         create_client_with_context(&props, ctx, "consumer")?;
-    let dlq: FutureProducer = create_client(&cfg.producer_properties(), "DLQ producer")?;
+    let producer: FutureProducer =
+        create_client(&cfg.producer_properties(), "DLQ and changelog producer")?;
     consumer
         .subscribe(&[&topic])
         .map_err(|source| IngestError::Subscribe { topic, source })?;
-    Ok((Arc::new(consumer), dlq))
+    Ok((Arc::new(consumer), producer))
 }
 
 async fn run_consumer(
@@ -205,14 +206,17 @@ async fn run_consumer(
     mut stop_rx: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let topic = cfg.kafka.engagements_topic.clone();
-    let (consumer, dlq) = open_clients(&cfg, &store, &status)?;
+    let (consumer, producer) = open_clients(&cfg, &store, &status)?;
     info!(topic, group = cfg.kafka.group_id, "ingest started");
+    let schema = cfg.schema();
     let mut c = Consuming {
         consumer: &consumer,
         batches: BatchWriter {
             cfg: &cfg,
+            schema: &schema,
             topic: &topic,
-            dlq: &dlq,
+            producer: &producer,
+            store: &store,
             writer: &writer,
             status: &status,
         },
@@ -222,7 +226,6 @@ async fn run_consumer(
             store: &store,
             status: &status,
         },
-        schema: cfg.schema(),
         limits: cfg.decode_limits(),
         pending: Pending::default(),
         seen_next: HashMap::new(),
@@ -283,7 +286,6 @@ struct Consuming<'a> {
     consumer: &'a Arc<StreamConsumer<IngestContext>>,
     batches: BatchWriter<'a>,
     resets: ResetContext<'a>,
-    schema: crate::schema::Schema,
     limits: crate::schema::DecodeLimits,
     pending: Pending,
     /// Highest offset seen + 1 per partition: a message below it was already buffered or stored
@@ -429,7 +431,7 @@ impl Consuming<'_> {
             Ok(Taken::Skipped)
         } else {
             self.seen_next.insert(p, msg.offset() + 1);
-            self.pending.accept(&self.schema, &self.limits, msg);
+            self.pending.accept(self.batches.schema, &self.limits, msg);
             Ok(Taken::Accepted)
         }
     }

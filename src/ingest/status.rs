@@ -27,6 +27,8 @@ pub struct IngestStatus {
     pub partition_resets: AtomicU64,
     /// Kafka timestamps of durable events, until a version covers them.
     pub freshness: Arc<crate::publish::Freshness>,
+    /// What the store took from its changelog at start.
+    pub restored: parking_lot::Mutex<crate::changelog::Restored>,
 }
 
 /// A batch made durable: its events consumed, dead letters, edges appended, duplicates, nodes

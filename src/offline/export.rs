@@ -16,15 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::util::Timeout;
+use rdkafka::topic_partition_list::Offset;
 use serde::Serialize;
 
 use crate::align::AlignFigures;
 use crate::config::Config;
-use crate::kafka::{create_client, require_broker};
+use crate::kafka::{read_to_end, reader, require_broker, ReadError};
 use crate::publish::{tombstone_attempt, Record, VersionMarker};
 use crate::subscriber::{Entry, VersionAssembler, RELATION_PREFIX};
 
@@ -48,13 +46,8 @@ pub enum ExportFormat {
 pub enum ExportError {
     #[error(transparent)]
     Kafka(#[from] crate::kafka::KafkaSetupError),
-    #[error("reading {topic}: {source}")]
-    Read {
-        topic: String,
-        source: rdkafka::error::KafkaError,
-    },
-    #[error("topic {0} has no partitions (does it exist? `twhin-stream topics apply` creates it)")]
-    NoPartitions(String),
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error(
         "version {wanted} cannot be assembled from {embeddings} and {versions}: the newest whole \
          version there is {newest} (0: none). A version older than what compaction kept is gone; \
@@ -65,13 +58,6 @@ pub enum ExportError {
         newest: u64,
         embeddings: String,
         versions: String,
-    },
-    #[error("{topic} partition {partition} offset {offset}: {what}")]
-    Record {
-        topic: String,
-        partition: i32,
-        offset: i64,
-        what: String,
     },
     #[error("{key} has {got} values, other rows of `{group}` have {want}")]
     Width {
@@ -204,9 +190,14 @@ pub fn read_version(
     let (embeddings, versions) = (&cfg.kafka.embeddings_topic, &cfg.kafka.versions_topic);
     let mut read = 0u64;
     for topic in [versions, embeddings] {
-        read += read_to_end(cfg, topic, timeout, |m| {
-            feed(&mut assembler, topic == versions, m)
-        })?;
+        let consumer = reader(cfg, "twhin-stream-export")?;
+        read += read_to_end(
+            &consumer,
+            topic,
+            |_| Offset::Beginning,
+            timeout,
+            |m| feed(&mut assembler, topic == versions, m),
+        )?;
     }
     assembler.catch_up();
     let reached = VersionTable::of(&assembler).filter(|t| version.is_none_or(|v| t.version == v));
@@ -255,125 +246,6 @@ fn feed(
         }
     }
     Ok(())
-}
-
-/// Every record of `topic`, each partition from its beginning to the end it had when reading
-/// started and on until the topic is quiet for [`READ_IDLE`] (at most [`READ_TAIL`] more), handed
-/// to `f`; returns how many.
-/// `timeout` bounds the whole read.
-fn read_to_end(
-    cfg: &Config,
-    topic: &str,
-    timeout: Duration,
-    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), String>,
-) -> Result<u64, ExportError> {
-    let kafka = |source| ExportError::Read {
-        topic: topic.to_string(),
-        source,
-    };
-    let mut props = cfg.admin_properties();
-    props.extend(
-        [
-            ("group.id", "twhin-stream-export"),
-            ("enable.auto.commit", "false"),
-            ("isolation.level", "read_committed"),
-            ("auto.offset.reset", "earliest"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    let consumer: BaseConsumer = create_client(&props, "export consumer")?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Timeout::After(timeout))
-        .map_err(kafka)?;
-    let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
-    if partitions == 0 {
-        return Err(ExportError::NoPartitions(topic.to_string()));
-    }
-    // The end of each partition now (the last stable offset under read_committed): what to read.
-    let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, p, Timeout::After(timeout))
-            .map_err(kafka)?;
-        if high > 0 {
-            remaining.insert(p, high);
-        }
-        // Every partition: one the broker reports empty may still hold a batch (below).
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .map_err(kafka)?;
-    }
-    consumer.assign(&assignment).map_err(kafka)?;
-    let deadline = Instant::now() + timeout;
-    let mut read = 0u64;
-    // Some brokers (tansu, the test broker) report an end up to one record batch short of the
-    // last record: past the reported ends, read on until the topic is quiet for READ_IDLE, and at
-    // most READ_TAIL (a daemon publishing meanwhile never leaves it quiet).
-    let mut idle_since: Option<Instant> = None;
-    let mut ends_reached: Option<Instant> = None;
-    loop {
-        if remaining.is_empty()
-            && ends_reached.get_or_insert_with(Instant::now).elapsed() >= READ_TAIL
-        {
-            break;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(kafka(rdkafka::error::KafkaError::MessageConsumption(
-                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
-            )));
-        }
-        let Some(message) = consumer.poll(left.min(Duration::from_millis(200))) else {
-            // A transaction's control record is the last offset of a partition and is never
-            // delivered: stop at the position instead.
-            for (p, position) in positions(&consumer, topic) {
-                if remaining.get(&p).is_some_and(|&end| position >= end) {
-                    remaining.remove(&p);
-                }
-            }
-            if remaining.is_empty()
-                && idle_since.get_or_insert_with(Instant::now).elapsed() >= READ_IDLE
-            {
-                break;
-            }
-            continue;
-        };
-        idle_since = None;
-        let m = message.map_err(kafka)?;
-        f(&m).map_err(|what| ExportError::Record {
-            topic: topic.to_string(),
-            partition: m.partition(),
-            offset: m.offset(),
-            what,
-        })?;
-        read += 1;
-        let p = m.partition();
-        if remaining.get(&p).is_some_and(|&end| m.offset() + 1 >= end) {
-            remaining.remove(&p);
-        }
-    }
-    Ok(read)
-}
-
-/// How long a topic must stay quiet past the ends the broker reported before a read ends.
-const READ_IDLE: Duration = Duration::from_secs(1);
-
-/// How long a read goes on past the ends the broker reported, quiet or not.
-const READ_TAIL: Duration = Duration::from_secs(5);
-
-/// The consumer's next offset per assigned partition of `topic`.
-fn positions(consumer: &BaseConsumer, topic: &str) -> Vec<(i32, i64)> {
-    let Ok(list) = consumer.position() else {
-        return Vec::new();
-    };
-    list.elements_for_topic(topic)
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Write `table` to `out` (created if missing) in `format`; returns what `meta.json` says

@@ -58,6 +58,8 @@ pub(super) struct IngestFigures {
     /// Events consumed per second over the last minute or so of `/v1/status` requests (from the
     /// oldest sample kept to this request); `null` on the first request.
     pub recent_events_per_sec: Option<f64>,
+    /// What the store took from its changelog at start (`kafka.changelog_topic`).
+    pub restored: crate::changelog::Restored,
 }
 
 /// The version the serving API shows, and how fresh versions are.
@@ -138,6 +140,7 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
         batches: i.batches.load(Ordering::Relaxed),
         events_per_sec: consumed as f64 / uptime.as_secs_f64().max(1e-3),
         recent_events_per_sec: recent,
+        restored: i.restored.lock().clone(),
     };
     let kafka = KafkaStatus {
         bootstrap_servers: state.bootstrap_servers.clone(),

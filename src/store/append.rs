@@ -157,6 +157,14 @@ impl GraphStore {
         w.finish_deletions(delete_chunk);
         w.finish_erasures(erase_chunk);
         write_offsets(&mut w.sled, batch, &stored_next);
+        for (topic, p, next) in &batch.extra_offsets {
+            if self
+                .stored_offset(topic, *p)?
+                .is_none_or(|stored| *next > stored)
+            {
+                w.sled.insert(offset_key(topic, *p), &next.to_be_bytes());
+            }
+        }
         self.commit(&mut writer, w)
     }
 

@@ -145,6 +145,9 @@ pub struct AppendBatch {
     /// The last record of each partition this batch consumed (invalid ones too), stored with
     /// the offsets so an assignment can check that the partition still holds it.
     pub last_records: Vec<(i32, RecordPrint)>,
+    /// Next offsets of other topics made durable with the batch: the changelog's, past the
+    /// records written for it (`(topic, partition, next offset)`; only moved forward).
+    pub extra_offsets: Vec<(String, i32, i64)>,
 }
 
 /// What identifies one Kafka record at an offset: after a topic is recreated (or its data lost)
@@ -215,6 +218,7 @@ impl AppendBatch {
                 .collect(),
             next_offsets: vec![],
             last_records: vec![],
+            extra_offsets: vec![],
         }
     }
 }

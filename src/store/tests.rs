@@ -47,6 +47,7 @@ fn batch(events: Vec<(i32, i64, Event)>) -> AppendBatch {
             .collect(),
         next_offsets: vec![],
         last_records: vec![],
+        extra_offsets: vec![],
     }
 }
 

@@ -17,6 +17,10 @@ use serde::Deserialize;
 
 use crate::config::Config;
 
+mod read;
+
+pub use read::{partition_count, read_to_end, reader, ReadError};
+
 /// Enqueue `record` on `producer`, waiting while librdkafka's queue is full (it drains as
 /// deliveries complete); any other error is returned with the record.
 pub async fn send_retrying<'a, K, P>(
@@ -116,13 +120,14 @@ pub struct TopicDef {
     pub spec: TopicSpec,
 }
 
-/// The four topics, read from `kafka.topics_dir`, named by the config.
+/// The five topics, read from `kafka.topics_dir`, named by the config.
 pub fn topic_defs(cfg: &Config) -> Result<Vec<TopicDef>, KafkaSetupError> {
-    let roles: [(&'static str, &String); 4] = [
+    let roles: [(&'static str, &String); 5] = [
         ("engagements", &cfg.kafka.engagements_topic),
         ("engagements-dlq", &cfg.kafka.dlq_topic),
         ("embeddings", &cfg.kafka.embeddings_topic),
         ("versions", &cfg.kafka.versions_topic),
+        ("changelog", &cfg.kafka.changelog_topic),
     ];
     roles
         .into_iter()

@@ -1,0 +1,165 @@
+//! The store rebuilt from the changelog: at start, every changelog partition is read from the
+//! position the store recorded (the beginning for an empty store) to its end, and its records
+//! are appended as ingest appended them, their events at their input offsets. The store skips
+//! offsets it holds, so a record read twice, or one written for a batch whose store write was
+//! lost, changes nothing or adds exactly what is missing.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::Message as _;
+use rdkafka::topic_partition_list::Offset;
+use serde::Serialize;
+use tracing::info;
+
+use crate::changelog::ChangelogRecord;
+use crate::config::Config;
+use crate::kafka::{partition_count, read_to_end, reader, ReadError};
+use crate::store::{AppendBatch, GraphStore, StoreError};
+
+/// A restore may read a long changelog; this bounds it.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(3_600);
+
+/// Records restored into one store append at most (one sled flush each).
+const RESTORE_BATCH_EVENTS: usize = 50_000;
+
+/// What a restore read and appended (`/v1/status` `ingest.restored`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Restored {
+    /// Changelog records read past the store's recorded position.
+    pub records: u64,
+    /// Events they carried.
+    pub events: u64,
+    /// Events the store did not hold yet, now appended.
+    pub appended: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("restoring from {topic}: {source}")]
+    Store {
+        topic: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error(
+        "{changelog} partition {partition} offset {offset} begins after history the changelog \
+         never held: the store was from before the changelog and held {topic} partition \
+         {input_partition} up to offset {next_offset} then. The changelog cannot rebuild this \
+         store; keep the store, or consume the input again from its start (delete the changelog \
+         topic and the store)"
+    )]
+    HistoryMissing {
+        changelog: String,
+        partition: i32,
+        offset: i64,
+        topic: String,
+        input_partition: i32,
+        next_offset: i64,
+    },
+    #[error(
+        "{changelog} (kafka.changelog_topic) has {changelog_partitions} partitions and \
+         {engagements} (kafka.engagements_topic) {engagements_partitions}: input partition p \
+         is logged to changelog partition p, so the changelog needs at least as many \
+         (recreate it with topics/changelog.toml's count)"
+    )]
+    TooFewPartitions {
+        changelog: String,
+        changelog_partitions: i32,
+        engagements: String,
+        engagements_partitions: i32,
+    },
+}
+
+/// Bring `store` up to the end of `kafka.changelog_topic` (see the module docs).
+pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreError> {
+    let started = Instant::now();
+    let topic = &cfg.kafka.changelog_topic;
+    let consumer = reader(cfg, &format!("{}.changelog-restore", cfg.kafka.group_id))?;
+    let timeout = Duration::from_secs(10);
+    let changelog_partitions = partition_count(&consumer, topic, timeout)?;
+    let engagements_partitions = partition_count(&consumer, &cfg.kafka.engagements_topic, timeout)?;
+    if changelog_partitions < engagements_partitions {
+        return Err(RestoreError::TooFewPartitions {
+            changelog: topic.clone(),
+            changelog_partitions,
+            engagements: cfg.kafka.engagements_topic.clone(),
+            engagements_partitions,
+        });
+    }
+    let store_err = |source| RestoreError::Store {
+        topic: topic.clone(),
+        source,
+    };
+    let mut positions = HashMap::new();
+    for p in 0..changelog_partitions {
+        if let Some(next) = store.stored_offset(topic, p).map_err(store_err)? {
+            positions.insert(p, next);
+        }
+    }
+    let schema = cfg.schema();
+    let mut out = Restored::default();
+    let mut batch = AppendBatch::default();
+    let append = |batch: &mut AppendBatch, out: &mut Restored| -> Result<(), StoreError> {
+        if !batch.extra_offsets.is_empty() {
+            out.appended += store.append(batch)?.appended;
+            *batch = AppendBatch::default();
+        }
+        Ok(())
+    };
+    let start = |p| {
+        positions
+            .get(&p)
+            .map_or(Offset::Beginning, |&o| Offset::Offset(o))
+    };
+    let mut missing = None;
+    read_to_end(&consumer, topic, start, RESTORE_TIMEOUT, |m| {
+        let bytes = m.payload().ok_or("a record without a value")?;
+        let record = ChangelogRecord::decode(bytes).map_err(|e| e.to_string())?;
+        let held = store.stored_offset(&record.topic, record.partition);
+        if record.starts_after_history && held.map_err(|e| e.to_string())?.is_none() {
+            missing = Some(RestoreError::HistoryMissing {
+                changelog: topic.clone(),
+                partition: m.partition(),
+                offset: m.offset(),
+                topic: record.topic.clone(),
+                input_partition: record.partition,
+                next_offset: record.next_offset,
+            });
+            return Err("history missing".into());
+        }
+        let events = record.events(&schema).map_err(|e| e.to_string())?;
+        if batch.topic != record.topic || batch.events.len() >= RESTORE_BATCH_EVENTS {
+            append(&mut batch, &mut out).map_err(|e| e.to_string())?;
+        }
+        out.records += 1;
+        out.events += events.len() as u64;
+        batch.topic = record.topic.clone();
+        batch.events.extend(events);
+        batch
+            .next_offsets
+            .push((record.partition, record.next_offset));
+        batch
+            .last_records
+            .extend(record.last_print().map(|r| (record.partition, r)));
+        batch
+            .extra_offsets
+            .push((topic.clone(), m.partition(), m.offset() + 1));
+        Ok(())
+    })
+    .map_err(|e| missing.take().unwrap_or(e.into()))?;
+    append(&mut batch, &mut out).map_err(store_err)?;
+    out.seconds = started.elapsed().as_secs_f64();
+    info!(
+        topic,
+        records = out.records,
+        events = out.events,
+        appended = out.appended,
+        seconds = out.seconds,
+        "store restored from its changelog"
+    );
+    Ok(out)
+}

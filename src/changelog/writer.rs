@@ -1,0 +1,134 @@
+//! Writing the changelog: one record per input partition an ingest batch covers, delivered to
+//! the changelog partition of the same number and acknowledged before the batch is written to
+//! the store, so the changelog is never behind the store.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::changelog::ChangelogRecord;
+use crate::config::Config;
+use crate::schema::Schema;
+use crate::store::{AppendBatch, SourcedEvent};
+
+/// One record per input partition of `batch`: its valid events there, in order, and where the
+/// partition stands after it. `after_history(p)`: the store holds input partition `p`'s earlier
+/// events but never logged them (a store from before the changelog).
+pub(crate) fn records_of(
+    schema: &Schema,
+    batch: &AppendBatch,
+    after_history: impl Fn(i32) -> bool,
+) -> Vec<ChangelogRecord> {
+    let mut partitions: BTreeMap<i32, (i64, Vec<&SourcedEvent>)> = BTreeMap::new();
+    for &(p, next) in &batch.next_offsets {
+        let entry = partitions.entry(p).or_default();
+        entry.0 = entry.0.max(next);
+    }
+    for e in &batch.events {
+        let entry = partitions.entry(e.partition).or_default();
+        entry.0 = entry.0.max(e.offset + 1);
+        entry.1.push(e);
+    }
+    partitions
+        .into_iter()
+        .map(|(p, (next, events))| {
+            let last = (batch.last_records.iter())
+                .find(|(q, r)| *q == p && r.offset + 1 == next)
+                .map(|(_, r)| *r);
+            let mut record = ChangelogRecord::of(schema, &batch.topic, p, next, last, &events);
+            record.starts_after_history = after_history(p);
+            record
+        })
+        .collect()
+}
+
+/// The key of a record: its input partition and the offset it reaches. A batch consumed again
+/// after a crash that lost its store write (not its record) ends at the same offset or not; the
+/// restore skips offsets the store holds either way.
+fn key(record: &ChangelogRecord) -> String {
+    format!("events:{}:{}", record.partition, record.next_offset)
+}
+
+/// Deliver `records` to `kafka.changelog_topic`, each to the partition of its input partition,
+/// and wait for every acknowledgement. Returns, per changelog partition written, the offset
+/// after its last record (what the store keeps as its restore position).
+pub(crate) async fn deliver(
+    cfg: &Config,
+    producer: &FutureProducer,
+    records: &[ChangelogRecord],
+) -> Result<Vec<(i32, i64)>, KafkaError> {
+    let timeout = Duration::from_millis(cfg.ingest.dlq_timeout_ms);
+    let encoded: Vec<(String, Vec<u8>, i32)> = records
+        .iter()
+        .map(|r| (key(r), r.encode(), r.partition))
+        .collect();
+    let sends = encoded.iter().map(|(k, v, p)| {
+        let record = FutureRecord::to(&cfg.kafka.changelog_topic)
+            .partition(*p)
+            .key(k.as_str())
+            .payload(v.as_slice());
+        producer.send(record, timeout)
+    });
+    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in join_all(sends).await {
+        let delivered = r.map_err(|(e, _)| e)?;
+        let end = positions.entry(delivered.partition).or_default();
+        *end = (*end).max(delivered.offset + 1);
+    }
+    Ok(positions.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::testing::follow;
+    use crate::store::RecordPrint;
+
+    #[test]
+    fn a_batch_gives_one_record_per_input_partition_with_its_position() {
+        let schema = Config::from_toml("").unwrap().schema();
+        let sourced = |partition, offset| SourcedEvent {
+            partition,
+            offset,
+            event: follow(1, 2, 5),
+        };
+        let batch = AppendBatch {
+            topic: "t".into(),
+            events: vec![sourced(2, 10), sourced(0, 4), sourced(2, 12)],
+            // Partition 2 read past an invalid event at 13; partition 5 had only invalid ones.
+            next_offsets: vec![(2, 14), (0, 5), (5, 30)],
+            last_records: vec![(
+                2,
+                RecordPrint {
+                    offset: 13,
+                    ts: 1,
+                    crc: 9,
+                },
+            )],
+            extra_offsets: vec![],
+        };
+        let records = records_of(&schema, &batch, |p| p == 5);
+        let summary: Vec<(i32, i64, Vec<i64>, bool)> = records
+            .iter()
+            .map(|r| {
+                let offsets = r.events.iter().map(|e| e.offset).collect();
+                (r.partition, r.next_offset, offsets, r.last_record.is_some())
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (0, 5, vec![4], false),
+                (2, 14, vec![10, 12], true),
+                (5, 30, vec![], false)
+            ]
+        );
+        let after: Vec<bool> = records.iter().map(|r| r.starts_after_history).collect();
+        assert_eq!(after, [false, false, true]);
+        assert_eq!(key(&records[1]), "events:2:14");
+    }
+}
