@@ -19,7 +19,8 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     pub embeddings_topic: String,
     pub versions_topic: String,
-    /// The store's changelog ([`crate::changelog`]): as many partitions as the engagements topic.
+    /// The store's changelog ([`crate::changelog`]): as many partitions as the engagements topic;
+    /// empty in the file means `<group_id>.changelog` ([`super::Config::derive_paths`]).
     pub changelog_topic: String,
     /// librdkafka properties for every client.
     #[serde(default)]

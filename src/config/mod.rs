@@ -127,7 +127,13 @@ impl Config {
 
     /// Fill `trainer.checkpoint_path` and `publish.path` from `storage.path` when empty, so one
     /// key gives a daemon its own data folder.
+    /// Also names the changelog after the consumer group when `kafka.changelog_topic` is empty
+    /// (`<group_id>.changelog`, as Kafka Streams names a changelog after its application), so
+    /// that two deployments never share one.
     pub fn derive_paths(&mut self) {
+        if self.kafka.changelog_topic.is_empty() {
+            self.kafka.changelog_topic = format!("{}.changelog", self.kafka.group_id);
+        }
         if self.trainer.checkpoint_path.as_os_str().is_empty() {
             self.trainer.checkpoint_path = self.storage.path.join("checkpoints");
             self.derived.checkpoints = true;
@@ -525,6 +531,24 @@ mod tests {
             cfg.with_storage_path("/srv/b").trainer.checkpoint_path,
             PathBuf::from("/ckpt"),
             "a path set by the user stays"
+        );
+    }
+
+    #[test]
+    fn the_changelog_is_named_after_the_group_unless_set() {
+        let cfg = load_with_env(&[("TWHIN_KAFKA__GROUP_ID", "ads-ranker")]).unwrap();
+        assert_eq!(cfg.kafka.changelog_topic, "ads-ranker.changelog");
+        assert_eq!(
+            load_with_env(&[]).unwrap().kafka.changelog_topic,
+            "twhin-stream.changelog"
+        );
+        let set = load_with_env(&[("TWHIN_KAFKA__CHANGELOG_TOPIC", "graph.log")]).unwrap();
+        assert_eq!(set.kafka.changelog_topic, "graph.log");
+        let clash = load_with_env(&[("TWHIN_KAFKA__CHANGELOG_TOPIC", "twhin.versions")]);
+        let err = clash.err().unwrap().to_string();
+        assert!(
+            err.contains("kafka.changelog_topic") && err.contains("kafka.versions_topic"),
+            "{err}"
         );
     }
 
