@@ -792,3 +792,84 @@ fn a_lost_store_is_rebuilt_from_its_changelog_without_consuming_the_input_again(
     );
     assert_eq!(again.len(), 100, "no dead letter sent twice");
 }
+
+/// A store from before the changelog (input offsets, no changelog position) logs from its next
+/// batch on, its first record of each partition saying that history precedes it: a restore into
+/// an empty store refuses that changelog, naming the partitions and offsets (typed), rather than
+/// rebuild a store without its history; the upgraded store itself restarts as before.
+#[test]
+fn a_changelog_begun_by_an_upgraded_store_is_refused_for_an_empty_one() {
+    use twhin_stream::changelog::{restore, RestoreError};
+    use twhin_stream::config::Config;
+    use twhin_stream::store::{AppendBatch, SourcedEvent};
+
+    let _serial = serial();
+    let s = setup();
+    let cfg = Config::from_toml(&format!(
+        "[kafka]\nbootstrap_servers = \"{}\"",
+        s.broker.bootstrap
+    ))
+    .unwrap()
+    .with_storage_path(&s.store);
+    let schema = cfg.schema();
+    // Events stored here, not consumed: no record timestamp to hold their times against.
+    let limits = cfg.file_decode_limits();
+    // The first 500 events, stored as a build before the changelog stored them.
+    let old: Vec<(Outgoing, Triple)> = (0..500).map(|i| valid_event(i, false)).collect();
+    let msgs: Vec<Outgoing> = old.iter().map(|(m, _)| m.clone()).collect();
+    let landed = produce(&s.broker.bootstrap, TOPIC, &msgs, None);
+    let mut batch = AppendBatch {
+        topic: TOPIC.into(),
+        ..AppendBatch::default()
+    };
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for (m, &(partition, offset)) in msgs.iter().zip(&landed) {
+        let payload = m.payload.as_deref();
+        let event = twhin_stream::schema::decode_event(&schema, &limits, payload, 0).unwrap();
+        batch.events.push(SourcedEvent {
+            partition,
+            offset,
+            event,
+        });
+        let n = next.entry(partition).or_default();
+        *n = (*n).max(offset + 1);
+    }
+    batch.next_offsets = next.into_iter().collect();
+    {
+        let store = twhin_stream::app::open_store(&cfg).unwrap();
+        store.append(&batch).unwrap();
+    }
+
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+    let new: Vec<Outgoing> = (500..800).map(|i| valid_event(i, false).0).collect();
+    produce(&s.broker.bootstrap, TOPIC, &new, None);
+    wait_until("the new events consumed", Duration::from_secs(120), || {
+        daemon.status().filter(|st| {
+            status_u64(st, "/ingest/consumed") >= 300 && status_u64(st, "/kafka/lag") == 0
+        })
+    });
+    assert!(daemon.terminate().success());
+    assert_eq!(
+        stored_triples(&s.store).1,
+        800,
+        "the old and the new events"
+    );
+
+    // The upgraded store restores what it lacks (nothing) and starts as before.
+    let store = twhin_stream::app::open_store(&cfg).unwrap();
+    assert_eq!(restore(&cfg, &store).unwrap().appended, 0);
+    drop(store);
+    // An empty store cannot be rebuilt from a changelog that lacks the first 500 events.
+    std::fs::remove_dir_all(&s.store).unwrap();
+    let store = twhin_stream::app::open_store(&cfg).unwrap();
+    match restore(&cfg, &store) {
+        Err(RestoreError::HistoryMissing {
+            topic, next_offset, ..
+        }) => {
+            assert_eq!(topic, TOPIC);
+            assert!(next_offset > 0);
+        }
+        other => panic!("a changelog without the history was restored: {other:?}"),
+    }
+    assert_eq!(store.edge_count(), 0, "nothing appended from it");
+}

@@ -10,7 +10,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::changelog::ChangelogRecord;
-use crate::config::Config;
 use crate::schema::Schema;
 use crate::store::{AppendBatch, SourcedEvent};
 
@@ -52,21 +51,22 @@ fn key(record: &ChangelogRecord) -> String {
     format!("events:{}:{}", record.partition, record.next_offset)
 }
 
-/// Deliver `records` to `kafka.changelog_topic`, each to the partition of its input partition,
-/// and wait for every acknowledgement. Returns, per changelog partition written, the offset
+/// Deliver `records` to `topic` (`kafka.changelog_topic`), each to the partition of its input
+/// partition, and wait for every acknowledgement (each within `timeout`). Returns, per
+/// changelog partition written, the offset
 /// after its last record (what the store keeps as its restore position).
 pub(crate) async fn deliver(
-    cfg: &Config,
     producer: &FutureProducer,
+    topic: &str,
+    timeout: Duration,
     records: &[ChangelogRecord],
 ) -> Result<Vec<(i32, i64)>, KafkaError> {
-    let timeout = Duration::from_millis(cfg.ingest.dlq_timeout_ms);
     let encoded: Vec<(String, Vec<u8>, i32)> = records
         .iter()
         .map(|r| (key(r), r.encode(), r.partition))
         .collect();
     let sends = encoded.iter().map(|(k, v, p)| {
-        let record = FutureRecord::to(&cfg.kafka.changelog_topic)
+        let record = FutureRecord::to(topic)
             .partition(*p)
             .key(k.as_str())
             .payload(v.as_slice());

@@ -18,7 +18,7 @@ use crate::ingest::dlq::{deliver_dead_letters, DeadLetter};
 use crate::ingest::{AppendEvents, IngestError, IngestStatus, StoreBatchWritten, StoreWriter};
 use crate::persist::now_ms;
 use crate::schema::{decode_event, DecodeLimits, Schema};
-use crate::store::{AppendBatch, AppendOutcome, GraphStore, RecordPrint, SourcedEvent, StoreError};
+use crate::store::{AppendBatch, AppendOutcome, GraphStore, RecordPrint, SourcedEvent};
 use crate::telemetry as m;
 
 /// Events consumed but not yet durable.
@@ -84,19 +84,26 @@ impl Pending {
     }
 }
 
-/// A batch handed to the store writer, not yet known to be durable.
+/// How a batch in flight ended.
+pub(super) enum Written {
+    /// Its changelog records acknowledged, then the store write flushed.
+    Durable(AppendOutcome),
+    /// Asked to stop while the changelog did not acknowledge: nothing was written to the store,
+    /// and the batch is consumed again at the next start.
+    Stopped,
+}
+
+/// A batch handed to the changelog and the store writer, not yet known to be durable.
 pub(super) struct InFlight {
-    outcome:
-        tokio::task::JoinHandle<Result<Result<AppendOutcome, StoreError>, actix::MailboxError>>,
+    outcome: tokio::task::JoinHandle<Result<Written, IngestError>>,
     kafka_ts: Vec<i64>,
     consumed: u64,
     invalid: u64,
     started: Instant,
 }
 
-/// The store writer's answer for an [`InFlight`] batch.
-pub(super) type Answer =
-    Result<Result<Result<AppendOutcome, StoreError>, actix::MailboxError>, tokio::task::JoinError>;
+/// The answer for an [`InFlight`] batch.
+pub(super) type Answer = Result<Result<Written, IngestError>, tokio::task::JoinError>;
 
 impl InFlight {
     /// The writer's answer, when it comes (cancel-safe: poll it again later).
@@ -132,12 +139,14 @@ impl BatchWriter<'_> {
         }
     }
 
-    /// Deliver the batch's dead letters, then hand its events to the store writer and return at
-    /// once, so the next batch is consumed and decoded while this one is written. `pending` is
-    /// empty afterwards. `None`: asked to stop while the DLQ was unreachable (nothing written).
+    /// Deliver the batch's dead letters, then hand its changelog records and its events on and
+    /// return at once, so the next batch is consumed and decoded while this one is logged and
+    /// written. `pending` is empty afterwards. `None`: asked to stop while the DLQ was
+    /// unreachable (nothing written).
     ///
     /// The writer is one thread taking batches in order; still, at most one batch is in flight
-    /// ([`Self::finish`] it before the next, or before anything else touches the stored offsets).
+    /// ([`Self::finish`] it before the next, or before anything else touches the stored offsets),
+    /// which also keeps each changelog partition in input order.
     pub(super) async fn start(
         &self,
         stop_rx: &mut watch::Receiver<bool>,
@@ -147,25 +156,30 @@ impl BatchWriter<'_> {
         if !self.deliver_dead_letters(stop_rx, pending).await {
             return Ok(None);
         }
-        let mut batch = AppendBatch {
+        let pending = std::mem::take(pending);
+        let batch = AppendBatch {
             topic: self.topic.to_owned(),
-            events: std::mem::take(&mut pending.events),
-            next_offsets: pending.next_offsets.iter().map(|(&p, &o)| (p, o)).collect(),
-            last_records: pending.last_records.iter().map(|(&p, &r)| (p, r)).collect(),
+            events: pending.events,
+            next_offsets: pending.next_offsets.into_iter().collect(),
+            last_records: pending.last_records.into_iter().collect(),
             extra_offsets: Vec::new(),
         };
-        let Some(positions) = self.log_changes(stop_rx, &batch).await else {
-            pending.events = batch.events;
-            return Ok(None);
-        };
         let changelog = &self.cfg.kafka.changelog_topic;
-        batch.extra_offsets = (positions.into_iter())
-            .map(|(p, next)| (changelog.clone(), p, next))
-            .collect();
-        let pending = std::mem::take(pending);
-        let request = self.writer.send(AppendEvents(batch));
+        // A store from before the changelog: its first record of a partition says so.
+        let after_history = |p| {
+            let held = |topic: &str| self.store.stored_offset(topic, p).ok().flatten();
+            held(&batch.topic).is_some() && held(changelog).is_none()
+        };
+        let records = changelog::records_of(self.schema, &batch, after_history);
+        let log = ChangelogDelivery {
+            producer: self.producer.clone(),
+            topic: changelog.clone(),
+            timeout: Duration::from_millis(self.cfg.ingest.dlq_timeout_ms),
+            records,
+        };
+        let (writer, stop) = (self.writer.clone(), stop_rx.clone());
         Ok(Some(InFlight {
-            outcome: actix::spawn(request),
+            outcome: actix::spawn(log_then_write(log, batch, writer, stop)),
             kafka_ts: pending.kafka_ts,
             consumed: pending.consumed,
             invalid: pending.dead.len() as u64,
@@ -181,13 +195,10 @@ impl BatchWriter<'_> {
 
     /// Count a batch the writer answered for (its `answer`).
     pub(super) fn settle(&self, in_flight: InFlight, answer: Answer) -> Result<(), IngestError> {
-        let outcome = answer
-            .map_err(|_| IngestError::WriterGone)?
-            .map_err(|_| IngestError::WriterGone)?
-            .map_err(|source| IngestError::Store {
-                topic: self.topic.to_owned(),
-                source,
-            })?;
+        let outcome = match answer.map_err(|_| IngestError::WriterGone)?? {
+            Written::Durable(outcome) => outcome,
+            Written::Stopped => return Ok(()),
+        };
         if outcome.appended > 0 {
             let new_node_ts = outcome
                 .node_creating_events
@@ -215,37 +226,6 @@ impl BatchWriter<'_> {
         Ok(())
     }
 
-    /// Deliver the batch's changelog records ([`crate::changelog`]), retrying until they are
-    /// acknowledged: the changelog positions after them. `None` when asked to stop first.
-    async fn log_changes(
-        &self,
-        stop_rx: &mut watch::Receiver<bool>,
-        batch: &AppendBatch,
-    ) -> Option<Vec<(i32, i64)>> {
-        let changelog = &self.cfg.kafka.changelog_topic;
-        // A store from before the changelog: its first record of a partition says so.
-        let after_history = |p| {
-            let held = |topic: &str| self.store.stored_offset(topic, p).ok().flatten();
-            held(&batch.topic).is_some() && held(changelog).is_none()
-        };
-        let records = changelog::records_of(self.schema, batch, after_history);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match changelog::deliver(self.cfg, self.producer, &records).await {
-                Ok(positions) => return Some(positions),
-                Err(e) => {
-                    metrics::counter!(m::BATCH_RETRIES).increment(1);
-                    warn!(error = %e, records = records.len(), "changelog not acknowledged; retrying");
-                    tokio::select! {
-                        _ = stop_rx.changed() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
     /// Retry until the DLQ acknowledges every dead letter; `false` when asked to stop first.
     async fn deliver_dead_letters(
         &self,
@@ -271,5 +251,48 @@ impl BatchWriter<'_> {
             }
         }
         true
+    }
+}
+
+/// What the changelog delivery of one batch needs, owned (it runs beside the consume loop).
+struct ChangelogDelivery {
+    producer: FutureProducer,
+    topic: String,
+    timeout: Duration,
+    records: Vec<changelog::ChangelogRecord>,
+}
+
+/// The batch's changelog records ([`crate::changelog`]), retried until acknowledged, then the
+/// batch with the changelog positions after them, written to the store: the changelog is never
+/// behind the store. [`Written::Stopped`] when asked to stop before the acknowledgement.
+async fn log_then_write(
+    log: ChangelogDelivery,
+    mut batch: AppendBatch,
+    writer: Addr<StoreWriter>,
+    stop: watch::Receiver<bool>,
+) -> Result<Written, IngestError> {
+    let mut backoff = Duration::from_millis(100);
+    let positions = loop {
+        if *stop.borrow() {
+            return Ok(Written::Stopped);
+        }
+        match changelog::deliver(&log.producer, &log.topic, log.timeout, &log.records).await {
+            Ok(positions) => break positions,
+            Err(e) => {
+                metrics::counter!(m::BATCH_RETRIES).increment(1);
+                warn!(error = %e, records = log.records.len(), "changelog not acknowledged; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    batch.extra_offsets = (positions.into_iter())
+        .map(|(p, next)| (log.topic.clone(), p, next))
+        .collect();
+    let topic = batch.topic.clone();
+    match writer.send(AppendEvents(batch)).await {
+        Ok(Ok(outcome)) => Ok(Written::Durable(outcome)),
+        Ok(Err(source)) => Err(IngestError::Store { topic, source }),
+        Err(_) => Err(IngestError::WriterGone),
     }
 }

@@ -4,9 +4,11 @@
 //!   message with [`crate::schema::decode_event`], collects valid events and dead letters into a
 //!   pending batch, and writes the batch when it is full or old enough.
 //! * Writing a batch: first every dead letter is acknowledged by the DLQ topic (idempotent
-//!   producer, retried until acknowledged), then the valid events and the next offset of every
-//!   partition they came from go to the [`StoreWriter`] (a `SyncArbiter` thread, so sled's flush
-//!   never blocks the arbiter that polls Kafka) as one atomic, flushed sled batch.
+//!   producer, retried until acknowledged); then, beside the loop that consumes the next batch,
+//!   the batch's changelog records are acknowledged by the changelog topic ([`crate::changelog`],
+//!   retried likewise) and the valid events, the next offset of every partition they came from
+//!   and the changelog's positions go to the [`StoreWriter`] (a `SyncArbiter` thread, so sled's
+//!   flush never blocks the arbiter that polls Kafka) as one atomic, flushed sled batch.
 //! * Offsets live in sled, not Kafka: on every assignment the consumer is assigned at the stored
 //!   offsets ([`IngestContext::rebalance`]), and the store skips any event at an offset it already
 //!   holds. Offsets are also committed to Kafka after each durable write, for lag tooling only.
