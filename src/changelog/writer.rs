@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use crate::changelog::ChangelogRecord;
 use crate::schema::Schema;
@@ -51,10 +51,43 @@ fn key(record: &ChangelogRecord) -> String {
     format!("events:{}:{}", record.partition, record.next_offset)
 }
 
-/// Deliver `records` to `topic` (`kafka.changelog_topic`), each to the partition of its input
-/// partition, and wait for every acknowledgement (each within `timeout`). Returns, per
-/// changelog partition written, the offset
-/// after its last record (what the store keeps as its restore position).
+/// Hand `records` to the producer for `topic` (`kafka.changelog_topic`), each to the partition
+/// of its input partition, without waiting: their acknowledgements, pending. Records of one
+/// partition are acknowledged in the order they were handed over (one idempotent producer).
+pub(crate) fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[ChangelogRecord],
+) -> Result<Vec<DeliveryFuture>, KafkaError> {
+    records
+        .iter()
+        .map(|r| {
+            let (key, value) = (key(r), r.encode());
+            let record = FutureRecord::to(topic)
+                .partition(r.partition)
+                .key(key.as_str())
+                .payload(value.as_slice());
+            producer.send_result(record).map_err(|(e, _)| e)
+        })
+        .collect()
+}
+
+/// Wait for the acknowledgements [`send`] returned. Returns, per changelog partition written,
+/// the offset after its last record (what the store keeps as its restore position).
+pub(crate) async fn acknowledged(
+    deliveries: Vec<DeliveryFuture>,
+) -> Result<Vec<(i32, i64)>, KafkaError> {
+    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in join_all(deliveries).await {
+        let delivered = r.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+        let end = positions.entry(delivered.partition).or_default();
+        *end = (*end).max(delivered.offset + 1);
+    }
+    Ok(positions.into_iter().collect())
+}
+
+/// [`send`], waiting while the producer's queue is full (`timeout` at most), then
+/// [`acknowledged`]: a retry after a failed delivery.
 pub(crate) async fn deliver(
     producer: &FutureProducer,
     topic: &str,

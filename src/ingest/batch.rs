@@ -139,22 +139,34 @@ impl BatchWriter<'_> {
         }
     }
 
-    /// Deliver the batch's dead letters, then hand its changelog records and its events on and
-    /// return at once, so the next batch is consumed and decoded while this one is logged and
-    /// written. `pending` is empty afterwards. `None`: asked to stop while the DLQ was
+    /// [`Self::prepare`] then [`Self::launch`]. `None`: asked to stop while the DLQ was
     /// unreachable (nothing written).
-    ///
-    /// The writer is one thread taking batches in order; still, at most one batch is in flight
-    /// ([`Self::finish`] it before the next, or before anything else touches the stored offsets),
-    /// which also keeps each changelog partition in input order.
     pub(super) async fn start(
         &self,
         stop_rx: &mut watch::Receiver<bool>,
         pending: &mut Pending,
     ) -> Result<Option<InFlight>, IngestError> {
+        Ok(self
+            .prepare(stop_rx, pending)
+            .await
+            .map(|prepared| self.launch(prepared, stop_rx)))
+    }
+
+    /// Deliver the batch's dead letters, then hand its changelog records to the producer
+    /// without waiting for them. `pending` is empty afterwards. `None`: asked to stop while the
+    /// DLQ was unreachable (nothing written; `pending` kept).
+    ///
+    /// The records may go out while the batch before is still in flight: the producer keeps each
+    /// changelog partition in the order records are handed over, and [`Self::launch`] comes after
+    /// that batch is durable.
+    pub(super) async fn prepare(
+        &self,
+        stop_rx: &mut watch::Receiver<bool>,
+        pending: &mut Pending,
+    ) -> Option<Prepared> {
         let started = Instant::now();
         if !self.deliver_dead_letters(stop_rx, pending).await {
-            return Ok(None);
+            return None;
         }
         let pending = std::mem::take(pending);
         let batch = AppendBatch {
@@ -171,20 +183,36 @@ impl BatchWriter<'_> {
             held(&batch.topic).is_some() && held(changelog).is_none()
         };
         let records = changelog::records_of(self.schema, &batch, after_history);
-        let log = ChangelogDelivery {
-            producer: self.producer.clone(),
-            topic: changelog.clone(),
-            timeout: Duration::from_millis(self.cfg.ingest.dlq_timeout_ms),
-            records,
-        };
-        let (writer, stop) = (self.writer.clone(), stop_rx.clone());
-        Ok(Some(InFlight {
-            outcome: actix::spawn(log_then_write(log, batch, writer, stop)),
+        let sent = changelog::send(self.producer, changelog, &records);
+        Some(Prepared {
+            log: ChangelogDelivery {
+                producer: self.producer.clone(),
+                topic: changelog.clone(),
+                timeout: Duration::from_millis(self.cfg.ingest.dlq_timeout_ms),
+                records,
+                sent,
+            },
+            batch,
             kafka_ts: pending.kafka_ts,
             consumed: pending.consumed,
             invalid: pending.dead.len() as u64,
             started,
-        }))
+        })
+    }
+
+    /// Once the batch before is durable: wait for the prepared batch's changelog
+    /// acknowledgements and write it to the store, beside the loop that consumes the next one.
+    /// At most one batch is in flight ([`Self::finish`] it before the next, or before anything
+    /// else touches the stored offsets); the writer is one thread taking batches in order.
+    pub(super) fn launch(&self, p: Prepared, stop_rx: &watch::Receiver<bool>) -> InFlight {
+        let (writer, stop) = (self.writer.clone(), stop_rx.clone());
+        InFlight {
+            outcome: actix::spawn(log_then_write(p.log, p.batch, writer, stop)),
+            kafka_ts: p.kafka_ts,
+            consumed: p.consumed,
+            invalid: p.invalid,
+            started: p.started,
+        }
     }
 
     /// Wait until the batch `start` handed on is durable, then count it.
@@ -254,12 +282,24 @@ impl BatchWriter<'_> {
     }
 }
 
+/// A batch whose dead letters are delivered and whose changelog records are on their way.
+pub(super) struct Prepared {
+    log: ChangelogDelivery,
+    batch: AppendBatch,
+    kafka_ts: Vec<i64>,
+    consumed: u64,
+    invalid: u64,
+    started: Instant,
+}
+
 /// What the changelog delivery of one batch needs, owned (it runs beside the consume loop).
 struct ChangelogDelivery {
     producer: FutureProducer,
     topic: String,
     timeout: Duration,
     records: Vec<changelog::ChangelogRecord>,
+    /// The records handed to the producer: their acknowledgements, or why they were not taken.
+    sent: Result<Vec<rdkafka::producer::DeliveryFuture>, rdkafka::error::KafkaError>,
 }
 
 /// The batch's changelog records ([`crate::changelog`]), retried until acknowledged, then the
@@ -272,11 +312,19 @@ async fn log_then_write(
     stop: watch::Receiver<bool>,
 ) -> Result<Written, IngestError> {
     let mut backoff = Duration::from_millis(100);
+    let mut first = Some(log.sent);
     let positions = loop {
         if *stop.borrow() {
             return Ok(Written::Stopped);
         }
-        match changelog::deliver(&log.producer, &log.topic, log.timeout, &log.records).await {
+        let acknowledged = match first.take() {
+            Some(Ok(deliveries)) => changelog::acknowledged(deliveries).await,
+            Some(Err(e)) => Err(e),
+            // Every record again: one that was acknowledged is there twice, which the restore
+            // skips by its offsets.
+            None => changelog::deliver(&log.producer, &log.topic, log.timeout, &log.records).await,
+        };
+        match acknowledged {
             Ok(positions) => break positions,
             Err(e) => {
                 metrics::counter!(m::BATCH_RETRIES).increment(1);

@@ -444,13 +444,15 @@ impl Consuming<'_> {
         &mut self,
         stop_rx: &mut watch::Receiver<bool>,
     ) -> Result<bool, IngestError> {
+        // The changelog records go out while the batch before is written.
+        let prepared = self.batches.prepare(stop_rx, &mut self.pending).await;
         if let Some(f) = self.in_flight.take() {
             self.batches.finish(f).await?;
             self.commit_mirror();
         }
-        match self.batches.start(stop_rx, &mut self.pending).await? {
-            Some(f) => {
-                self.in_flight = Some(f);
+        match prepared {
+            Some(p) => {
+                self.in_flight = Some(self.batches.launch(p, stop_rx));
                 Ok(true)
             }
             None => Ok(false),
