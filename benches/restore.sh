@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How long a lost store takes to come back from its changelog (issue 24, item 4): tansu on
 # 127.0.0.1, the synthetic TwHIN stream (NODES, EDGES: default 1,000,000 / 10,000,000), ingested by
-# the daemon with training off (TWHIN_TRAINER__ENABLED=false: this measures the store), stopped;
+# the daemon with training and publishing off (this measures the store), stopped;
 # the store folder deleted; the daemon started again. Prints, as one JSON line: the events and
 # edges, the ingest rate of the first run, the restore's records, events, edges appended and
 # seconds (`/v1/status` `ingest.restored`), the seconds from the second start to `/v1/status`
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NODES=${NODES:-1000000} EDGES=${EDGES:-10000000}
 source benches/daemon_env.sh
-export TWHIN_TRAINER__ENABLED=false
+export TWHIN_TRAINER__ENABLED=false TWHIN_PUBLISH__ENABLED=false
 $B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
 python3 - "$B" "$HTTP" "$EDGES" "$WORK" <<'PY'
 import json, shutil, subprocess, sys, time, urllib.request
