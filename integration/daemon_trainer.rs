@@ -334,11 +334,13 @@ fn the_daemon_runs_in_process_and_stops_when_its_shutdown_future_completes() {
     );
 }
 
-/// Setting `TWHIN_STORAGE__PATH` alone gives a second daemon its own everything: the same
-/// environment with another store starts (no "checkpoint ahead of the store"), ingests the topic
-/// into its own store, and keeps its checkpoints and ledger beside it, leaving the first's alone.
+/// Setting `TWHIN_STORAGE__PATH` alone gives a daemon of the same deployment (the same consumer
+/// group) its own data folder: the same environment with another store starts (no "checkpoint
+/// ahead of the store"), takes the graph from the group's changelog rather than the topic,
+/// trains and publishes, and keeps its checkpoints and ledger beside its store, leaving the
+/// first's alone.
 #[test]
-fn two_daemons_that_differ_only_in_their_storage_path_keep_separate_state() {
+fn a_daemon_on_another_storage_path_takes_the_graph_from_the_changelog_and_keeps_its_own_state() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path());
@@ -365,6 +367,13 @@ fn two_daemons_that_differ_only_in_their_storage_path_keep_separate_state() {
     let mut second = Daemon::start(env_for(&b), port, &dir.path().join("b-log"));
     let st = wait_for_cursor(&second, 2_000);
     assert_eq!(status_u64(&st, "/store/edges_total"), 2_000, "{st}");
+    assert_eq!(status_u64(&st, "/ingest/restored/appended"), 2_000, "{st}");
+    assert_eq!(status_u64(&st, "/ingest/consumed"), 0, "{st}");
+    // It publishes once it holds every partition.
+    wait_until("a version of the second", Duration::from_secs(60), || {
+        let st = second.status()?;
+        (st.pointer("/publish/version")?.as_u64()? >= 1).then_some(())
+    });
     assert!(second.terminate().success());
     assert_eq!(current_checkpoint(&b.join("checkpoints")).1, 2_000);
     assert!(ledger_last_version(&b) >= 1);

@@ -714,14 +714,18 @@ fn a_lost_store_is_rebuilt_from_its_changelog_without_consuming_the_input_again(
     assert!(status_u64(&before, "/store/edges_deleted") >= 50);
     assert!(daemon.terminate().success());
     let (triples, edges) = stored_triples(&s.store);
-    let dead_letters = read_all(
-        &s.broker.bootstrap,
-        DLQ,
-        100,
-        Duration::from_secs(30),
-        Duration::from_secs(2),
-    );
-    assert_eq!(dead_letters.len(), 100);
+    let dead_letters = || {
+        let settle = Duration::from_secs(2);
+        read_all(
+            &s.broker.bootstrap,
+            DLQ,
+            100,
+            Duration::from_secs(30),
+            settle,
+        )
+        .len()
+    };
+    assert_eq!(dead_letters(), 100);
 
     std::fs::remove_dir_all(&s.store).unwrap();
     let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
@@ -783,14 +787,7 @@ fn a_lost_store_is_rebuilt_from_its_changelog_without_consuming_the_input_again(
     let mut expected = triples;
     expected.insert(new_triple);
     assert_eq!(restored, expected);
-    let again = read_all(
-        &s.broker.bootstrap,
-        DLQ,
-        100,
-        Duration::from_secs(30),
-        Duration::from_secs(2),
-    );
-    assert_eq!(again.len(), 100, "no dead letter sent twice");
+    assert_eq!(dead_letters(), 100, "no dead letter sent twice");
 }
 
 /// A store from before the changelog (input offsets, no changelog position) logs from its next

@@ -60,6 +60,17 @@ pub enum ChangelogFormatError {
     OutOfRange { what: &'static str, number: u16 },
 }
 
+/// The name a record's `number` stands for among its `names` of `what`.
+fn name_of<'a>(
+    names: &'a [String],
+    what: &'static str,
+    number: u16,
+) -> Result<&'a String, ChangelogFormatError> {
+    names
+        .get(number as usize)
+        .ok_or(ChangelogFormatError::OutOfRange { what, number })
+}
+
 fn op_code(op: EventOp) -> u8 {
     match op {
         EventOp::Add => 0,
@@ -132,13 +143,7 @@ impl ChangelogRecord {
     /// The events with their offsets, numbered as `schema` numbers types and relations.
     pub fn events(&self, schema: &Schema) -> Result<Vec<SourcedEvent>, ChangelogFormatError> {
         let type_of = |number: u16| {
-            let name =
-                self.node_types
-                    .get(number as usize)
-                    .ok_or(ChangelogFormatError::OutOfRange {
-                        what: "node type",
-                        number,
-                    })?;
+            let name = name_of(&self.node_types, "node type", number)?;
             schema
                 .type_id(name)
                 .ok_or_else(|| ChangelogFormatError::Unknown {
@@ -147,13 +152,7 @@ impl ChangelogRecord {
                 })
         };
         let rel_of = |number: u16| {
-            let name =
-                self.relations
-                    .get(number as usize)
-                    .ok_or(ChangelogFormatError::OutOfRange {
-                        what: "relation",
-                        number,
-                    })?;
+            let name = name_of(&self.relations, "relation", number)?;
             schema
                 .rel_id(name)
                 .ok_or_else(|| ChangelogFormatError::Unknown {

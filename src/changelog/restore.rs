@@ -20,6 +20,10 @@ use crate::store::{AppendBatch, GraphStore, StoreError};
 /// A restore may read a long changelog; this bounds it.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(3_600);
 
+/// Nothing writes the changelog while the store is restored (ingest starts after it), so a
+/// short quiet past the broker's reported ends finds every record.
+const RESTORE_QUIET: Duration = Duration::from_millis(250);
+
 /// Records restored into one store append at most (one sled flush each).
 const RESTORE_BATCH_EVENTS: usize = 50_000;
 
@@ -116,40 +120,47 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
             .map_or(Offset::Beginning, |&o| Offset::Offset(o))
     };
     let mut missing = None;
-    read_to_end(&consumer, topic, start, RESTORE_TIMEOUT, |m| {
-        let bytes = m.payload().ok_or("a record without a value")?;
-        let record = ChangelogRecord::decode(bytes).map_err(|e| e.to_string())?;
-        let held = store.stored_offset(&record.topic, record.partition);
-        if record.starts_after_history && held.map_err(|e| e.to_string())?.is_none() {
-            missing = Some(RestoreError::HistoryMissing {
-                changelog: topic.clone(),
-                partition: m.partition(),
-                offset: m.offset(),
-                topic: record.topic.clone(),
-                input_partition: record.partition,
-                next_offset: record.next_offset,
-            });
-            return Err("history missing".into());
-        }
-        let events = record.events(&schema).map_err(|e| e.to_string())?;
-        if batch.topic != record.topic || batch.events.len() >= RESTORE_BATCH_EVENTS {
-            append(&mut batch, &mut out).map_err(|e| e.to_string())?;
-        }
-        out.records += 1;
-        out.events += events.len() as u64;
-        batch.topic = record.topic.clone();
-        batch.events.extend(events);
-        batch
-            .next_offsets
-            .push((record.partition, record.next_offset));
-        batch
-            .last_records
-            .extend(record.last_print().map(|r| (record.partition, r)));
-        batch
-            .extra_offsets
-            .push((topic.clone(), m.partition(), m.offset() + 1));
-        Ok(())
-    })
+    read_to_end(
+        &consumer,
+        topic,
+        start,
+        RESTORE_QUIET,
+        RESTORE_TIMEOUT,
+        |m| {
+            let bytes = m.payload().ok_or("a record without a value")?;
+            let record = ChangelogRecord::decode(bytes).map_err(|e| e.to_string())?;
+            let held = store.stored_offset(&record.topic, record.partition);
+            if record.starts_after_history && held.map_err(|e| e.to_string())?.is_none() {
+                missing = Some(RestoreError::HistoryMissing {
+                    changelog: topic.clone(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    topic: record.topic.clone(),
+                    input_partition: record.partition,
+                    next_offset: record.next_offset,
+                });
+                return Err("history missing".into());
+            }
+            let events = record.events(&schema).map_err(|e| e.to_string())?;
+            if batch.topic != record.topic || batch.events.len() >= RESTORE_BATCH_EVENTS {
+                append(&mut batch, &mut out).map_err(|e| e.to_string())?;
+            }
+            out.records += 1;
+            out.events += events.len() as u64;
+            batch.topic = record.topic.clone();
+            batch.events.extend(events);
+            batch
+                .next_offsets
+                .push((record.partition, record.next_offset));
+            batch
+                .last_records
+                .extend(record.last_print().map(|r| (record.partition, r)));
+            batch
+                .extra_offsets
+                .push((topic.clone(), m.partition(), m.offset() + 1));
+            Ok(())
+        },
+    )
     .map_err(|e| missing.take().unwrap_or(e.into()))?;
     append(&mut batch, &mut out).map_err(store_err)?;
     out.seconds = started.elapsed().as_secs_f64();

@@ -32,8 +32,10 @@ pub enum ReadError {
     },
 }
 
-/// How long a topic must stay quiet past the ends the broker reported before a read ends.
-const READ_IDLE: Duration = Duration::from_secs(1);
+/// How long a topic must stay quiet past the ends the broker reported before a read ends, for a
+/// reader of topics that may be written meanwhile. A reader that knows nothing writes may pass
+/// less: a batch past a reported end arrives in the same fetch as its first record.
+pub const READ_IDLE: Duration = Duration::from_secs(1);
 
 /// How long a read goes on past the ends the broker reported, quiet or not.
 const READ_TAIL: Duration = Duration::from_secs(5);
@@ -73,12 +75,14 @@ pub fn reader(cfg: &Config, group: &str) -> Result<BaseConsumer, ReadError> {
 }
 
 /// Every record of `topic`, partition `p` from `start(p)` to the end it had when reading started
-/// and on until the topic is quiet for [`READ_IDLE`] (at most [`READ_TAIL`] more), handed to `f`;
-/// returns how many. `timeout` bounds the whole read. An error of `f` names the record.
+/// and on until the topic is `quiet` for that long ([`READ_IDLE`]; at most [`READ_TAIL`] more),
+/// handed to `f`; returns how many. `timeout` bounds the whole read. An error of `f` names the
+/// record.
 pub fn read_to_end(
     consumer: &BaseConsumer,
     topic: &str,
     start: impl Fn(i32) -> Offset,
+    quiet: Duration,
     timeout: Duration,
     mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), String>,
 ) -> Result<u64, ReadError> {
@@ -111,7 +115,7 @@ pub fn read_to_end(
     let deadline = Instant::now() + timeout;
     let mut read = 0u64;
     // Some brokers (tansu, the test broker) report an end up to one record batch short of the
-    // last record: past the reported ends, read on until the topic is quiet for READ_IDLE, and at
+    // last record: past the reported ends, read on until the topic is quiet, and at
     // most READ_TAIL (a producer writing meanwhile never leaves it quiet).
     let mut idle_since: Option<Instant> = None;
     let mut ends_reached: Option<Instant> = None;
@@ -136,7 +140,7 @@ pub fn read_to_end(
                 }
             }
             if remaining.is_empty()
-                && idle_since.get_or_insert_with(Instant::now).elapsed() >= READ_IDLE
+                && idle_since.get_or_insert_with(Instant::now).elapsed() >= quiet
             {
                 break;
             }

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::align::AlignFigures;
 use crate::config::Config;
-use crate::kafka::{read_to_end, reader, require_broker, ReadError};
+use crate::kafka::{read_to_end, reader, require_broker, ReadError, READ_IDLE};
 use crate::publish::{tombstone_attempt, Record, VersionMarker};
 use crate::subscriber::{Entry, VersionAssembler, RELATION_PREFIX};
 
@@ -195,6 +195,7 @@ pub fn read_version(
             &consumer,
             topic,
             |_| Offset::Beginning,
+            READ_IDLE,
             timeout,
             |m| feed(&mut assembler, topic == versions, m),
         )?;

@@ -1004,6 +1004,21 @@ mod tests {
         }
     }
 
+    /// Drift control off, f32le rows, a row threshold of 0.01, nothing on disk.
+    fn in_memory_publication(cfg: &Config) -> (Aligner, Publication) {
+        let mut align_cfg = cfg.align.clone();
+        align_cfg.enabled = false;
+        let status = Arc::new(AlignStatus::default());
+        let aligner = Aligner::new(align_cfg, false, None, status).unwrap();
+        let settings = VersionSettings {
+            format: ValueFormat::F32le,
+            threshold: 0.01,
+            comparator: cfg.train.comparator,
+        };
+        let publication = Publication::open(Ledger::in_memory(), settings, None).unwrap();
+        (aligner, publication)
+    }
+
     fn user_key(store: &GraphStore, index: u32) -> String {
         let node = NodeRef {
             node_type: 0,
@@ -1027,16 +1042,7 @@ mod tests {
         let mut model = Embeddings::new(1, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
         model.set_biased(&["user".to_owned()], &cfg.train.bias_types);
         let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
-        let mut align_cfg = cfg.align.clone();
-        align_cfg.enabled = false;
-        let status = Arc::new(AlignStatus::default());
-        let mut aligner = Aligner::new(align_cfg, false, None, status).unwrap();
-        let settings = VersionSettings {
-            format: ValueFormat::F32le,
-            threshold: 0.01,
-            comparator: cfg.train.comparator,
-        };
-        let mut publication = Publication::open(Ledger::in_memory(), settings, None).unwrap();
+        let (mut aligner, mut publication) = in_memory_publication(&cfg);
         let mut subscriber = Subscriber::default();
         let mut publish = |core: &mut TrainerCore| {
             let mut trainer = InProcessTrainer {
@@ -1097,16 +1103,7 @@ mod tests {
         tch::manual_seed(7);
         let model = Embeddings::new(1, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
         let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
-        let mut align_cfg = cfg.align.clone();
-        align_cfg.enabled = false;
-        let status = Arc::new(AlignStatus::default());
-        let mut aligner = Aligner::new(align_cfg, false, None, status).unwrap();
-        let settings = VersionSettings {
-            format: ValueFormat::F32le,
-            threshold: 0.01,
-            comparator: cfg.train.comparator,
-        };
-        let mut publication = Publication::open(Ledger::in_memory(), settings, None).unwrap();
+        let (mut aligner, mut publication) = in_memory_publication(&cfg);
         let mut subscriber = Subscriber::default();
         let mut publish = |core: &mut TrainerCore, subscriber: &mut Subscriber| {
             let mut trainer = InProcessTrainer {
