@@ -37,6 +37,10 @@ pub struct Restored {
     /// Events the store did not hold yet, now appended.
     pub appended: u64,
     pub seconds: f64,
+    /// Of `seconds`: decoding records into events, and appending them to the store (the rest
+    /// is reading from the broker).
+    pub decode_seconds: f64,
+    pub append_seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +113,9 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
     let mut batch = AppendBatch::default();
     let append = |batch: &mut AppendBatch, out: &mut Restored| -> Result<(), StoreError> {
         if !batch.extra_offsets.is_empty() {
+            let started = Instant::now();
             out.appended += store.append(batch)?.appended;
+            out.append_seconds += started.elapsed().as_secs_f64();
             *batch = AppendBatch::default();
         }
         Ok(())
@@ -127,6 +133,7 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
         RESTORE_QUIET,
         RESTORE_TIMEOUT,
         |m| {
+            let decoding = Instant::now();
             let bytes = m.payload().ok_or("a record without a value")?;
             let record = ChangelogRecord::decode(bytes).map_err(|e| e.to_string())?;
             let held = store.stored_offset(&record.topic, record.partition);
@@ -142,6 +149,7 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
                 return Err("history missing".into());
             }
             let events = record.events(&schema).map_err(|e| e.to_string())?;
+            out.decode_seconds += decoding.elapsed().as_secs_f64();
             if batch.topic != record.topic || batch.events.len() >= RESTORE_BATCH_EVENTS {
                 append(&mut batch, &mut out).map_err(|e| e.to_string())?;
             }
@@ -170,6 +178,8 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
         events = out.events,
         appended = out.appended,
         seconds = out.seconds,
+        decode_seconds = out.decode_seconds,
+        append_seconds = out.append_seconds,
         "store restored from its changelog"
     );
     Ok(out)
