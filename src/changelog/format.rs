@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{Event, EventOp, NodeKey, Schema};
+use crate::schema::{Event, EventOp, NodeKey, RelId, Schema, TypeId};
 use crate::store::{RecordPrint, SourcedEvent};
 
 /// The record format's magic and version; a change brings a new magic and a refusal of the old.
@@ -48,7 +48,7 @@ pub struct LoggedEvent {
     pub event_id: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum ChangelogFormatError {
     #[error("not a changelog record of this version (expected the magic TWL1, found {found:?}); it was written by another version of twhin-stream")]
     Magic { found: Vec<u8> },
@@ -58,17 +58,6 @@ pub enum ChangelogFormatError {
     Unknown { what: &'static str, name: String },
     #[error("changelog record: {what} number {number} is past its list of names")]
     OutOfRange { what: &'static str, number: u16 },
-}
-
-/// The name a record's `number` stands for among its `names` of `what`.
-fn name_of<'a>(
-    names: &'a [String],
-    what: &'static str,
-    number: u16,
-) -> Result<&'a String, ChangelogFormatError> {
-    names
-        .get(number as usize)
-        .ok_or(ChangelogFormatError::OutOfRange { what, number })
 }
 
 fn op_code(op: EventOp) -> u8 {
@@ -140,28 +129,38 @@ impl ChangelogRecord {
         Ok(record)
     }
 
-    /// The events with their offsets, numbered as `schema` numbers types and relations.
-    pub fn events(&self, schema: &Schema) -> Result<Vec<SourcedEvent>, ChangelogFormatError> {
-        let type_of = |number: u16| {
-            let name = name_of(&self.node_types, "node type", number)?;
-            schema
-                .type_id(name)
-                .ok_or_else(|| ChangelogFormatError::Unknown {
+    /// The events with their offsets, numbered as `schema` numbers types and relations (taken
+    /// out of the record: their ids move, not copied).
+    pub fn take_events(
+        &mut self,
+        schema: &Schema,
+    ) -> Result<Vec<SourcedEvent>, ChangelogFormatError> {
+        // Each name looked up once per record, not once per event.
+        let types: Vec<Result<TypeId, ChangelogFormatError>> = (self.node_types.iter())
+            .map(|name| {
+                schema.type_id(name).ok_or(ChangelogFormatError::Unknown {
                     what: "node type",
                     name: name.clone(),
                 })
-        };
-        let rel_of = |number: u16| {
-            let name = name_of(&self.relations, "relation", number)?;
-            schema
-                .rel_id(name)
-                .ok_or_else(|| ChangelogFormatError::Unknown {
+            })
+            .collect();
+        let relations: Vec<Result<RelId, ChangelogFormatError>> = (self.relations.iter())
+            .map(|name| {
+                schema.rel_id(name).ok_or(ChangelogFormatError::Unknown {
                     what: "relation",
                     name: name.clone(),
                 })
+            })
+            .collect();
+        let of = |numbers: &[Result<u16, ChangelogFormatError>], what, number: u16| {
+            numbers
+                .get(number as usize)
+                .ok_or(ChangelogFormatError::OutOfRange { what, number })?
+                .clone()
         };
-        self.events
-            .iter()
+        let partition = self.partition;
+        std::mem::take(&mut self.events)
+            .into_iter()
             .map(|e| {
                 let op = match e.op {
                     0 => EventOp::Add,
@@ -172,22 +171,22 @@ impl ChangelogRecord {
                     }
                 };
                 Ok(SourcedEvent {
-                    partition: self.partition,
+                    partition,
                     offset: e.offset,
                     event: Event {
                         op,
                         src: NodeKey {
-                            node_type: type_of(e.src_type)?,
-                            id: e.src.clone(),
+                            node_type: of(&types, "node type", e.src_type)?,
+                            id: e.src,
                         },
-                        rel: rel_of(e.rel)?,
+                        rel: of(&relations, "relation", e.rel)?,
                         dst: NodeKey {
-                            node_type: type_of(e.dst_type)?,
-                            id: e.dst.clone(),
+                            node_type: of(&types, "node type", e.dst_type)?,
+                            id: e.dst,
                         },
                         ts: e.ts,
                         weight: e.weight,
-                        event_id: e.event_id.clone(),
+                        event_id: e.event_id,
                     },
                 })
             })
@@ -268,7 +267,7 @@ mod tests {
         let bytes = r.encode();
         assert_eq!(ChangelogRecord::decode(&bytes), Ok(r.clone()));
         let s = schema();
-        let events = r.events(&s).unwrap();
+        let events = r.clone().take_events(&s).unwrap();
         assert_eq!(events.len(), 2);
         assert_eq!((events[0].partition, events[0].offset), (3, 7));
         assert_eq!(events[0].event.src.id, "42");
@@ -279,7 +278,7 @@ mod tests {
         let mut other = Config::from_toml("").unwrap();
         other.schema.node_types.reverse();
         let reordered = other.schema();
-        let moved = r.events(&reordered).unwrap();
+        let moved = r.clone().take_events(&reordered).unwrap();
         assert_eq!(reordered.type_name(moved[0].event.dst.node_type), "tweet");
     }
 
@@ -323,7 +322,7 @@ mod tests {
         assert!(ChangelogRecord::decode(&bytes[..20]).is_err());
         let mut unknown = record();
         unknown.relations[0] = "pokes".into();
-        let err = unknown.events(&schema()).err().unwrap();
+        let err = unknown.take_events(&schema()).err().unwrap();
         assert!(err.to_string().contains("\"pokes\""), "{err}");
     }
 }

@@ -24,8 +24,9 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(3_600);
 /// short quiet past the broker's reported ends finds every record.
 const RESTORE_QUIET: Duration = Duration::from_millis(250);
 
-/// Records restored into one store append at most (one sled flush each).
-const RESTORE_BATCH_EVENTS: usize = 50_000;
+/// Events restored in one store append at most (one sled flush each; two such batches are held
+/// at once, tens of MB).
+const RESTORE_BATCH_EVENTS: usize = 250_000;
 
 /// What a restore read and appended (`/v1/status` `ingest.restored`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -109,68 +110,92 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
         }
     }
     let schema = cfg.schema();
-    let mut out = Restored::default();
-    let mut batch = AppendBatch::default();
-    let append = |batch: &mut AppendBatch, out: &mut Restored| -> Result<(), StoreError> {
-        if !batch.extra_offsets.is_empty() {
-            let started = Instant::now();
-            out.appended += store.append(batch)?.appended;
-            out.append_seconds += started.elapsed().as_secs_f64();
-            *batch = AppendBatch::default();
-        }
-        Ok(())
-    };
     let start = |p| {
         positions
             .get(&p)
             .map_or(Offset::Beginning, |&o| Offset::Offset(o))
     };
-    let mut missing = None;
-    read_to_end(
-        &consumer,
-        topic,
-        start,
-        RESTORE_QUIET,
-        RESTORE_TIMEOUT,
-        |m| {
-            let decoding = Instant::now();
-            let bytes = m.payload().ok_or("a record without a value")?;
-            let record = ChangelogRecord::decode(bytes).map_err(|e| e.to_string())?;
-            let held = store.stored_offset(&record.topic, record.partition);
-            if record.starts_after_history && held.map_err(|e| e.to_string())?.is_none() {
-                missing = Some(RestoreError::HistoryMissing {
-                    changelog: topic.clone(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    topic: record.topic.clone(),
-                    input_partition: record.partition,
-                    next_offset: record.next_offset,
-                });
-                return Err("history missing".into());
+    let mut out = Restored::default();
+    // Reading and decoding on this thread, appending on another: the two take about as long.
+    let (read, appended) = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<AppendBatch>(2);
+        let appender = scope.spawn(move || -> Result<(u64, f64), StoreError> {
+            let (mut appended, mut seconds) = (0, 0.0);
+            for batch in rx {
+                let started = Instant::now();
+                appended += store.append(&batch)?.appended;
+                seconds += started.elapsed().as_secs_f64();
             }
-            let events = record.events(&schema).map_err(|e| e.to_string())?;
-            out.decode_seconds += decoding.elapsed().as_secs_f64();
-            if batch.topic != record.topic || batch.events.len() >= RESTORE_BATCH_EVENTS {
-                append(&mut batch, &mut out).map_err(|e| e.to_string())?;
+            Ok((appended, seconds))
+        });
+        let mut missing = None;
+        let mut batch = AppendBatch::default();
+        let hand_on = |batch: &mut AppendBatch| -> Result<(), String> {
+            if batch.extra_offsets.is_empty() {
+                return Ok(());
             }
-            out.records += 1;
-            out.events += events.len() as u64;
-            batch.topic = record.topic.clone();
-            batch.events.extend(events);
-            batch
-                .next_offsets
-                .push((record.partition, record.next_offset));
-            batch
-                .last_records
-                .extend(record.last_print().map(|r| (record.partition, r)));
-            batch
-                .extra_offsets
-                .push((topic.clone(), m.partition(), m.offset() + 1));
-            Ok(())
-        },
-    )
-    .map_err(|e| missing.take().unwrap_or(e.into()))?;
-    append(&mut batch, &mut out).map_err(store_err)?;
+            tx.send(std::mem::take(batch))
+                .map_err(|_| "the store append stopped".to_owned())
+        };
+        let read = read_to_end(
+            &consumer,
+            topic,
+            start,
+            RESTORE_QUIET,
+            RESTORE_TIMEOUT,
+            |m| {
+                let decoding = Instant::now();
+                let bytes = m.payload().ok_or("a record without a value")?;
+                let mut record = ChangelogRecord::decode(bytes).map_err(|e| e.to_string())?;
+                let held = store.stored_offset(&record.topic, record.partition);
+                if record.starts_after_history && held.map_err(|e| e.to_string())?.is_none() {
+                    missing = Some(RestoreError::HistoryMissing {
+                        changelog: topic.clone(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        topic: record.topic.clone(),
+                        input_partition: record.partition,
+                        next_offset: record.next_offset,
+                    });
+                    return Err("history missing".into());
+                }
+                let events = record.take_events(&schema).map_err(|e| e.to_string())?;
+                out.decode_seconds += decoding.elapsed().as_secs_f64();
+                if batch.topic != record.topic || batch.events.len() >= RESTORE_BATCH_EVENTS {
+                    hand_on(&mut batch)?;
+                }
+                out.records += 1;
+                out.events += events.len() as u64;
+                batch.topic = record.topic.clone();
+                batch.events.extend(events);
+                let p = record.partition;
+                batch.next_offsets.push((p, record.next_offset));
+                batch
+                    .last_records
+                    .extend(record.last_print().map(|r| (p, r)));
+                let position = (topic.clone(), m.partition(), m.offset() + 1);
+                batch.extra_offsets.push(position);
+                Ok(())
+            },
+        )
+        .map_err(|e| missing.take().unwrap_or(e.into()))
+        .and_then(|_| {
+            hand_on(&mut batch).map_err(|e| {
+                store_err(StoreError::Corrupt {
+                    path: store.path().to_owned(),
+                    what: e,
+                })
+            })
+        });
+        drop(tx);
+        let appended = appender.join().expect("the store append does not panic");
+        (read, appended)
+    });
+    // The store's own error first: a read that stopped because the append did says less.
+    let (appended, append_seconds) = appended.map_err(store_err)?;
+    read?;
+    out.appended = appended;
+    out.append_seconds = append_seconds;
     out.seconds = started.elapsed().as_secs_f64();
     info!(
         topic,
