@@ -25,8 +25,8 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(3_600);
 const RESTORE_QUIET: Duration = Duration::from_millis(250);
 
 /// Events restored in one store append at most (one sled flush each; two such batches are held
-/// at once, tens of MB).
-const RESTORE_BATCH_EVENTS: usize = 250_000;
+/// at once). 250k took longer at 10M events (18.9 s against 15.4 s).
+const RESTORE_BATCH_EVENTS: usize = 50_000;
 
 /// What a restore read and appended (`/v1/status` `ingest.restored`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
