@@ -1004,6 +1004,38 @@ mod tests {
         }
     }
 
+    /// The persisted reference is restored at open when it is the ledger's last version, but
+    /// not when the ledger shows an attempt of the next version under way at the last stop: that
+    /// attempt may have completed on the broker, so the first version carries every row.
+    #[test]
+    fn an_attempt_under_way_at_the_last_stop_makes_the_first_version_carry_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = Snapshot {
+            tables: vec![Tensor::ones([3, 2], (tch::Kind::Float, Device::Cpu))],
+            relations: Tensor::zeros([1, 2], (tch::Kind::Float, Device::Cpu)),
+        };
+        save_snapshot(dir.path(), REFERENCE, 1, &reference).unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        ledger.commit(1, 0).unwrap();
+        drop(ledger);
+        let settings = VersionSettings {
+            format: ValueFormat::F32le,
+            threshold: 0.01,
+            comparator: Comparator::Dot,
+        };
+        let open = || {
+            let ledger = Ledger::open(dir.path()).unwrap();
+            Publication::open(ledger, settings, Some(dir.path().to_owned())).unwrap()
+        };
+        assert_eq!(open().reference().map(|(v, _)| v), Some(1), "restored");
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        ledger.begin().unwrap();
+        drop(ledger);
+        let publication = open();
+        assert!(publication.reference().is_none(), "every row goes out");
+        assert_eq!(publication.ledger().next_version(), 2);
+    }
+
     /// Drift control off, f32le rows, a row threshold of 0.01, nothing on disk.
     fn in_memory_publication(cfg: &Config) -> (Aligner, Publication) {
         let mut align_cfg = cfg.align.clone();
