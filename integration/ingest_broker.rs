@@ -781,6 +781,8 @@ fn a_lost_store_is_rebuilt_from_its_changelog_without_consuming_the_input_again(
         consumed(&daemon, 2)
     });
     assert_eq!(status_u64(&st, "/ingest/erased_refused"), 1, "{st}");
+    // Only those two: the input before them was not consumed again.
+    assert_eq!(status_u64(&st, "/ingest/consumed"), 2, "{st}");
     assert!(daemon.terminate().success());
     let (restored, restored_edges) = stored_triples(&s.store);
     assert_eq!(restored_edges, edges + 1);

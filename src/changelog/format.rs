@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{Event, EventOp, NodeKey, RelId, Schema, TypeId};
+use crate::schema::{Event, EventOp, NodeKey, Schema};
 use crate::store::{RecordPrint, SourcedEvent};
 
 /// The record format's magic and version; a change brings a new magic and a refusal of the old.
@@ -60,12 +60,34 @@ pub enum ChangelogFormatError {
     OutOfRange { what: &'static str, number: u16 },
 }
 
+/// Operations as the record numbers them.
+const OPS: [EventOp; 3] = [EventOp::Add, EventOp::Delete, EventOp::Erase];
+
 fn op_code(op: EventOp) -> u8 {
-    match op {
-        EventOp::Add => 0,
-        EventOp::Delete => 1,
-        EventOp::Erase => 2,
-    }
+    OPS.iter()
+        .position(|&o| o == op)
+        .expect("every operation is numbered") as u8
+}
+
+fn op_of(code: u8) -> Option<EventOp> {
+    OPS.get(code as usize).copied()
+}
+
+/// Per name of a record, the number `lookup` gives it in the store's schema, or why none.
+fn numbering(
+    names: &[String],
+    what: &'static str,
+    lookup: impl Fn(&str) -> Option<u16>,
+) -> Vec<Result<u16, ChangelogFormatError>> {
+    names
+        .iter()
+        .map(|name| {
+            lookup(name).ok_or(ChangelogFormatError::Unknown {
+                what,
+                name: name.clone(),
+            })
+        })
+        .collect()
 }
 
 impl ChangelogRecord {
@@ -136,22 +158,8 @@ impl ChangelogRecord {
         schema: &Schema,
     ) -> Result<Vec<SourcedEvent>, ChangelogFormatError> {
         // Each name looked up once per record, not once per event.
-        let types: Vec<Result<TypeId, ChangelogFormatError>> = (self.node_types.iter())
-            .map(|name| {
-                schema.type_id(name).ok_or(ChangelogFormatError::Unknown {
-                    what: "node type",
-                    name: name.clone(),
-                })
-            })
-            .collect();
-        let relations: Vec<Result<RelId, ChangelogFormatError>> = (self.relations.iter())
-            .map(|name| {
-                schema.rel_id(name).ok_or(ChangelogFormatError::Unknown {
-                    what: "relation",
-                    name: name.clone(),
-                })
-            })
-            .collect();
+        let types = numbering(&self.node_types, "node type", |n| schema.type_id(n));
+        let relations = numbering(&self.relations, "relation", |n| schema.rel_id(n));
         let of = |numbers: &[Result<u16, ChangelogFormatError>], what, number: u16| {
             numbers
                 .get(number as usize)
@@ -162,14 +170,8 @@ impl ChangelogRecord {
         std::mem::take(&mut self.events)
             .into_iter()
             .map(|e| {
-                let op = match e.op {
-                    0 => EventOp::Add,
-                    1 => EventOp::Delete,
-                    2 => EventOp::Erase,
-                    other => {
-                        return Err(ChangelogFormatError::Decode(format!("operation {other}")))
-                    }
-                };
+                let op = op_of(e.op)
+                    .ok_or_else(|| ChangelogFormatError::Decode(format!("operation {}", e.op)))?;
                 Ok(SourcedEvent {
                     partition,
                     offset: e.offset,

@@ -25,4 +25,4 @@ mod writer;
 
 pub use format::{ChangelogFormatError, ChangelogRecord, LoggedEvent, CHANGELOG_MAGIC};
 pub use restore::{restore, RestoreError, Restored};
-pub(crate) use writer::{acknowledged, deliver, records_of, send};
+pub(crate) use writer::{acknowledged, records_of, send};

@@ -147,8 +147,11 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
                 let decoding = Instant::now();
                 let bytes = m.payload().ok_or("a record without a value")?;
                 let mut record = ChangelogRecord::decode(bytes).map_err(|e| e.to_string())?;
-                let held = store.stored_offset(&record.topic, record.partition);
-                if record.starts_after_history && held.map_err(|e| e.to_string())?.is_none() {
+                let history_missing = record.starts_after_history
+                    && (store.stored_offset(&record.topic, record.partition))
+                        .map_err(|e| e.to_string())?
+                        .is_none();
+                if history_missing {
                     missing = Some(RestoreError::HistoryMissing {
                         changelog: topic.clone(),
                         partition: m.partition(),
@@ -178,15 +181,9 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
                 Ok(())
             },
         )
-        .map_err(|e| missing.take().unwrap_or(e.into()))
-        .and_then(|_| {
-            hand_on(&mut batch).map_err(|e| {
-                store_err(StoreError::Corrupt {
-                    path: store.path().to_owned(),
-                    what: e,
-                })
-            })
-        });
+        .map_err(|e| missing.take().unwrap_or(e.into()));
+        // Fails only when the append stopped, whose own error is returned below.
+        hand_on(&mut batch).ok();
         drop(tx);
         let appended = appender.join().expect("the store append does not panic");
         (read, appended)

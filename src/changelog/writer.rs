@@ -3,13 +3,13 @@
 //! the store, so the changelog is never behind the store.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use crate::changelog::ChangelogRecord;
+use crate::kafka::send_retrying;
 use crate::schema::Schema;
 use crate::store::{AppendBatch, SourcedEvent};
 
@@ -52,24 +52,24 @@ fn key(record: &ChangelogRecord) -> String {
 }
 
 /// Hand `records` to the producer for `topic` (`kafka.changelog_topic`), each to the partition
-/// of its input partition, without waiting: their acknowledgements, pending. Records of one
-/// partition are acknowledged in the order they were handed over (one idempotent producer).
-pub(crate) fn send(
+/// of its input partition, waiting only while the producer's queue is full: their
+/// acknowledgements, pending. Records of one partition are acknowledged in the order they were
+/// handed over (one idempotent producer).
+pub(crate) async fn send(
     producer: &FutureProducer,
     topic: &str,
     records: &[ChangelogRecord],
 ) -> Result<Vec<DeliveryFuture>, KafkaError> {
-    records
-        .iter()
-        .map(|r| {
-            let (key, value) = (key(r), r.encode());
-            let record = FutureRecord::to(topic)
-                .partition(r.partition)
-                .key(key.as_str())
-                .payload(value.as_slice());
-            producer.send_result(record).map_err(|(e, _)| e)
-        })
-        .collect()
+    let mut deliveries = Vec::with_capacity(records.len());
+    for r in records {
+        let (key, value) = (key(r), r.encode());
+        let record = FutureRecord::to(topic)
+            .partition(r.partition)
+            .key(key.as_str())
+            .payload(value.as_slice());
+        deliveries.push(send_retrying(producer, record).await?);
+    }
+    Ok(deliveries)
 }
 
 /// Wait for the acknowledgements [`send`] returned. Returns, per changelog partition written,
@@ -80,34 +80,6 @@ pub(crate) async fn acknowledged(
     let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
     for r in join_all(deliveries).await {
         let delivered = r.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
-        let end = positions.entry(delivered.partition).or_default();
-        *end = (*end).max(delivered.offset + 1);
-    }
-    Ok(positions.into_iter().collect())
-}
-
-/// [`send`], waiting while the producer's queue is full (`timeout` at most), then
-/// [`acknowledged`]: a retry after a failed delivery.
-pub(crate) async fn deliver(
-    producer: &FutureProducer,
-    topic: &str,
-    timeout: Duration,
-    records: &[ChangelogRecord],
-) -> Result<Vec<(i32, i64)>, KafkaError> {
-    let encoded: Vec<(String, Vec<u8>, i32)> = records
-        .iter()
-        .map(|r| (key(r), r.encode(), r.partition))
-        .collect();
-    let sends = encoded.iter().map(|(k, v, p)| {
-        let record = FutureRecord::to(topic)
-            .partition(*p)
-            .key(k.as_str())
-            .payload(v.as_slice());
-        producer.send(record, timeout)
-    });
-    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
-    for r in join_all(sends).await {
-        let delivered = r.map_err(|(e, _)| e)?;
         let end = positions.entry(delivered.partition).or_default();
         *end = (*end).max(delivered.offset + 1);
     }

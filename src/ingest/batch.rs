@@ -133,23 +133,13 @@ impl BatchWriter<'_> {
         stop_rx: &mut watch::Receiver<bool>,
         pending: &mut Pending,
     ) -> Result<bool, IngestError> {
-        match self.start(stop_rx, pending).await? {
-            Some(in_flight) => self.finish(in_flight).await.map(|()| true),
+        match self.prepare(stop_rx, pending).await {
+            Some(prepared) => {
+                let in_flight = self.launch(prepared, stop_rx);
+                self.finish(in_flight).await.map(|()| true)
+            }
             None => Ok(false),
         }
-    }
-
-    /// [`Self::prepare`] then [`Self::launch`]. `None`: asked to stop while the DLQ was
-    /// unreachable (nothing written).
-    pub(super) async fn start(
-        &self,
-        stop_rx: &mut watch::Receiver<bool>,
-        pending: &mut Pending,
-    ) -> Result<Option<InFlight>, IngestError> {
-        Ok(self
-            .prepare(stop_rx, pending)
-            .await
-            .map(|prepared| self.launch(prepared, stop_rx)))
     }
 
     /// Deliver the batch's dead letters, then hand its changelog records to the producer
@@ -183,12 +173,11 @@ impl BatchWriter<'_> {
             held(&batch.topic).is_some() && held(changelog).is_none()
         };
         let records = changelog::records_of(self.schema, &batch, after_history);
-        let sent = changelog::send(self.producer, changelog, &records);
+        let sent = changelog::send(self.producer, changelog, &records).await;
         Some(Prepared {
             log: ChangelogDelivery {
                 producer: self.producer.clone(),
                 topic: changelog.clone(),
-                timeout: Duration::from_millis(self.cfg.ingest.dlq_timeout_ms),
                 records,
                 sent,
             },
@@ -260,7 +249,7 @@ impl BatchWriter<'_> {
         stop_rx: &mut watch::Receiver<bool>,
         pending: &Pending,
     ) -> bool {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         while !pending.dead.is_empty() {
             match deliver_dead_letters(self.cfg, self.producer, &pending.dead).await {
                 Ok(()) => {
@@ -272,9 +261,8 @@ impl BatchWriter<'_> {
                     warn!(error = %e, dead_letters = pending.dead.len(), "DLQ not acknowledged; retrying");
                     tokio::select! {
                         _ = stop_rx.changed() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next()) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -296,7 +284,6 @@ pub(super) struct Prepared {
 struct ChangelogDelivery {
     producer: FutureProducer,
     topic: String,
-    timeout: Duration,
     records: Vec<changelog::ChangelogRecord>,
     /// The records handed to the producer: their acknowledgements, or why they were not taken.
     sent: Result<Vec<rdkafka::producer::DeliveryFuture>, rdkafka::error::KafkaError>,
@@ -311,26 +298,25 @@ async fn log_then_write(
     writer: Addr<StoreWriter>,
     stop: watch::Receiver<bool>,
 ) -> Result<Written, IngestError> {
-    let mut backoff = Duration::from_millis(100);
-    let mut first = Some(log.sent);
+    let mut backoff = Backoff::default();
+    let mut sent = log.sent;
     let positions = loop {
         if *stop.borrow() {
             return Ok(Written::Stopped);
         }
-        let acknowledged = match first.take() {
-            Some(Ok(deliveries)) => changelog::acknowledged(deliveries).await,
-            Some(Err(e)) => Err(e),
-            // Every record again: one that was acknowledged is there twice, which the restore
-            // skips by its offsets.
-            None => changelog::deliver(&log.producer, &log.topic, log.timeout, &log.records).await,
+        let acknowledged = match sent {
+            Ok(deliveries) => changelog::acknowledged(deliveries).await,
+            Err(e) => Err(e),
         };
         match acknowledged {
             Ok(positions) => break positions,
             Err(e) => {
                 metrics::counter!(m::BATCH_RETRIES).increment(1);
                 warn!(error = %e, records = log.records.len(), "changelog not acknowledged; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next()).await;
+                // Every record again: one that was acknowledged is there twice, which the
+                // restore skips by its offsets.
+                sent = changelog::send(&log.producer, &log.topic, &log.records).await;
             }
         }
     };
@@ -342,5 +328,22 @@ async fn log_then_write(
         Ok(Ok(outcome)) => Ok(Written::Durable(outcome)),
         Ok(Err(source)) => Err(IngestError::Store { topic, source }),
         Err(_) => Err(IngestError::WriterGone),
+    }
+}
+
+/// The wait before each retry of a delivery: 100 ms, doubling up to 5 s.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (wait * 2).min(Duration::from_secs(5));
+        wait
     }
 }

@@ -51,8 +51,8 @@ use crate::align::{
 use crate::config::{Comparator, ValueFormat};
 use crate::persist;
 use crate::publish::{
-    build_delta_version, served_codes, Coding, Freshness, Ledger, PreparedVersion, PublishedView,
-    Quantizer, ServedCodes, VersionMarker, VersionRequest, ViewUpdate,
+    build_delta_version, row_mask, served_codes, Coding, Freshness, Ledger, PreparedVersion,
+    PublishedView, Quantizer, ServedCodes, VersionMarker, VersionRequest, ViewUpdate,
 };
 use crate::store::{GraphStore, NodeRef};
 use crate::telemetry as m;
@@ -291,9 +291,7 @@ fn union_rows(a: &[Tensor], b: &[Tensor]) -> Vec<Tensor> {
                 return all;
             }
             let len = all.max().int64_value(&[]) + 1;
-            let mut mask = Tensor::zeros([len], (tch::Kind::Bool, tch::Device::Cpu));
-            let _ = mask.index_fill_(0, &all, 1);
-            mask.nonzero().view([-1])
+            row_mask(len, &all).nonzero().view([-1])
         })
         .collect()
 }

@@ -34,7 +34,7 @@ pub(crate) use rows::{RowRef, VersionRows};
 pub use version::{
     build_delta_version, PreparedVersion, PublishedView, ServedCodes, VersionRequest,
 };
-pub(crate) use version::{codebooks_key, ViewUpdate};
+pub(crate) use version::{codebooks_key, row_mask, ViewUpdate};
 pub(crate) use wire::{
     encode_coded, encode_f32le, CodebooksRecord, CodedRow, CODEBOOKS_PREFIX,
     TOMBSTONE_EPOCH_HEADER, TOMBSTONE_VERSION_HEADER,

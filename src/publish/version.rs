@@ -345,10 +345,15 @@ fn moved_positions(table: &TableDelta, against: &Against, req: &VersionRequest) 
 
 /// Per row of `index` (`[k]`, rows of a table of `len`): whether it is one of `retried`.
 fn carried_before(index: &Tensor, len: i64, retried: &Tensor) -> Tensor {
-    let retried = retried.masked_select(&retried.lt(len));
+    row_mask(len, retried).index_select(0, index)
+}
+
+/// `[len]` bool, true at each of `rows` (`[k]` Int64) below `len`.
+pub(crate) fn row_mask(len: i64, rows: &Tensor) -> Tensor {
+    let rows = rows.masked_select(&rows.lt(len));
     let mut mask = Tensor::zeros([len], (Kind::Bool, Device::Cpu));
-    let _ = mask.index_fill_(0, &retried, 1);
-    mask.index_select(0, index)
+    let _ = mask.index_fill_(0, &rows, 1);
+    mask
 }
 
 /// Per row of `index` (`[k]`, values `current [k, W]`): new (at or past row `m` of
