@@ -449,6 +449,79 @@ fn transactional_versions_commit_and_apply_whole_across_a_restart_and_export_as_
     check_export(&env_of(&broker, &store), &p, dir.path());
 }
 
+/// A publisher that lost its ledger and reference (`publish.path`: a new volume, a new machine)
+/// goes on with the versions topic's numbering under a newer epoch, its first version carrying
+/// every row and building on the topic's last, so subscribers apply it; a deployment of another
+/// group on the same topics is refused before it publishes, naming the topic and the deployment.
+#[test]
+fn a_lost_publish_ledger_goes_on_with_the_topics_numbering_and_another_deployment_is_refused() {
+    use twhin_stream::config::Config;
+    use twhin_stream::publish::{reconcile_with_versions_topic, Ledger, VersionsTopicError};
+
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let Publishing {
+        broker,
+        port,
+        env,
+        store,
+    } = publishing(dir.path(), 16, 1, &[]);
+    let msgs: Vec<Outgoing> = (0..4_000).map(|i| valid_event(i, false).0).collect();
+    let mut daemon = Daemon::start(env, port, dir.path());
+    produce(&broker.bootstrap, TOPIC, &msgs[..2_000], None);
+    wait_until("a version", Duration::from_secs(120), || {
+        (last_version(&daemon) > 0).then_some(())
+    });
+    assert!(daemon.terminate().success());
+    let before = read_markers(&broker.bootstrap, 1);
+    let last = before.iter().map(|m| m.attempt()).max().unwrap();
+    assert!(before
+        .iter()
+        .all(|m| m.deployment.as_deref() == Some("twhin-stream")));
+
+    std::fs::remove_dir_all(store.join("publish")).unwrap();
+    daemon.restart();
+    produce(&broker.bootstrap, TOPIC, &msgs[2_000..], None);
+    wait_until(
+        "a version after the restart",
+        Duration::from_secs(120),
+        || (last_version(&daemon) > last.version).then_some(()),
+    );
+    assert!(daemon.terminate().success());
+    let p = read_published(&broker.bootstrap, before.len() + 1);
+    // Versions 1, 2, 3, … across the lost ledger, each applied whole in every reading order.
+    check_whole_versions(&p);
+    let first_after = (p.markers.iter())
+        .find(|m| m.version == last.version + 1)
+        .expect("the next version");
+    let max_epoch_before = before.iter().map(|m| m.epoch).max().unwrap();
+    assert!(first_after.epoch > max_epoch_before, "{first_after:?}");
+    assert_eq!(first_after.builds_on, Some(last));
+    let table = &expected_tables(&p)[first_after.version as usize - 1];
+    assert_eq!(
+        first_after.rows as usize,
+        table.len(),
+        "the first version after the lost ledger carries every row"
+    );
+
+    let other = Config::from_toml(&format!(
+        "[kafka]\nbootstrap_servers = \"{}\"\ngroup_id = \"ads-ranking\"",
+        broker.bootstrap
+    ))
+    .unwrap();
+    let mut ledger = Ledger::in_memory();
+    match reconcile_with_versions_topic(&other, &mut ledger) {
+        Err(VersionsTopicError::Foreign { topic, source }) => {
+            assert_eq!(topic, "twhin.versions");
+            assert_eq!(source.theirs, "twhin-stream");
+            assert_eq!(source.ours, "ads-ranking");
+            assert!(source.version > last.version);
+        }
+        other => panic!("another deployment's versions topic was accepted: {other:?}"),
+    }
+    assert_eq!(ledger.next_version(), 1, "nothing adopted from it");
+}
+
 fn env_of(broker: &common::Broker, store: &std::path::Path) -> Vec<(String, String)> {
     daemon_env(&broker.bootstrap, store, free_port())
 }

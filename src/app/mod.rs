@@ -22,7 +22,8 @@ use crate::config::{Comparator, Config, ValueFormat};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
-    KafkaSink, Ledger, Publication, PublishedView, Quantizer, TrainerActorPort, VersionSettings,
+    reconcile_with_versions_topic, KafkaSink, Ledger, Publication, PublishedView, Quantizer,
+    TrainerActorPort, VersionSettings,
 };
 use crate::serve::{HttpState, ServingView};
 use crate::store::{GraphStore, StoreOptions, StoreSummary};
@@ -329,7 +330,15 @@ fn open_trainer(
 /// The publication from the ledger in `publish.path`; the trainer pulls toward the restored
 /// reference from the start.
 fn open_publication(cfg: &Config, core: &mut TrainerCore) -> anyhow::Result<Publication> {
-    let ledger = Ledger::open(&cfg.publish.path)?;
+    let mut ledger = Ledger::open(&cfg.publish.path)?;
+    // The topic, not the ledger, is what subscribers hold.
+    if let Some(disagreement) = reconcile_with_versions_topic(cfg, &mut ledger)? {
+        warn!(
+            ?disagreement,
+            topic = cfg.kafka.versions_topic,
+            "the publish ledger disagreed with the versions topic; numbering follows the topic"
+        );
+    }
     info!(
         last_version = ledger.state().last_version,
         epoch = ledger.state().epoch,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::persist;
-use crate::publish::AttemptRef;
+use crate::publish::{AttemptRef, VersionMarker};
 
 /// The persisted numbering state (`<publish.path>/ledger.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -38,6 +38,15 @@ pub struct LedgerState {
     pub in_flight: Option<AttemptRef>,
 }
 
+/// Why [`Ledger::reconcile`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Foreign(ForeignVersions),
+    #[error(transparent)]
+    Ledger(LedgerError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("publish ledger {path}: {source}")]
@@ -55,6 +64,56 @@ pub struct Ledger {
     /// `None`: in memory only (offline measurements and tests).
     path: Option<PathBuf>,
     state: LedgerState,
+    /// How the versions topic disagreed with this ledger at start, when it did: subscribers do
+    /// not hold the version the ledger names, so the next version carries every row.
+    disagreement: Option<TopicDisagreement>,
+}
+
+/// The newest markers of the versions topic, as a publisher reads them at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VersionsTail {
+    /// The newest attempt on the topic (the highest version, its highest epoch) and the
+    /// deployment that published it (`None` for markers from before the field).
+    pub newest: Option<(AttemptRef, Option<String>)>,
+    /// The highest epoch of any marker read: every attempt this publisher makes must be newer.
+    pub max_epoch: u64,
+}
+
+impl VersionsTail {
+    /// The tail with `marker` read too (markers in any order).
+    pub fn with(mut self, marker: &VersionMarker) -> VersionsTail {
+        let attempt = marker.attempt();
+        self.max_epoch = self.max_epoch.max(attempt.epoch);
+        if self.newest.as_ref().is_none_or(|(a, _)| attempt > *a) {
+            self.newest = Some((attempt, marker.deployment.clone()));
+        }
+        self
+    }
+}
+
+/// How the versions topic's newest marker disagreed with the ledger at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicDisagreement {
+    /// The topic holds a newer attempt than the ledger's last (a lost or restored ledger, or a
+    /// new machine for the same deployment): its numbering is adopted.
+    LedgerBehind { ledger: u64, topic: AttemptRef },
+    /// The topic lacks the ledger's last version (it was recreated or lost data): the numbering
+    /// goes on and the next version names no attempt it builds on.
+    TopicBehind { ledger: u64, topic: Option<u64> },
+}
+
+/// A versions topic that this deployment must not publish into.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "its newest version ({version}) was published by deployment {theirs:?}, and this one is \
+     {ours:?} (kafka.group_id): two deployments would number versions over each other. Give \
+     this deployment its own kafka.versions_topic and kafka.embeddings_topic, or run it under \
+     the other's group"
+)]
+pub struct ForeignVersions {
+    pub version: u64,
+    pub theirs: String,
+    pub ours: String,
 }
 
 impl Ledger {
@@ -77,6 +136,7 @@ impl Ledger {
         let mut ledger = Ledger {
             path: Some(path),
             state,
+            disagreement: None,
         };
         ledger.new_epoch()?;
         Ok(ledger)
@@ -91,7 +151,63 @@ impl Ledger {
                 epoch: 1,
                 ..LedgerState::default()
             },
+            disagreement: None,
         }
+    }
+
+    /// Bring the numbering in line with the versions topic, whose markers are what subscribers
+    /// hold (`deployment`: this one's `kafka.group_id`). The topic wins: a newer attempt there
+    /// is adopted, a topic without the ledger's last version gets a version carrying every row
+    /// and naming nothing it builds on, and the epoch moves past every epoch the topic shows.
+    /// A topic whose newest marker another deployment published is refused.
+    pub fn reconcile(
+        &mut self,
+        tail: &VersionsTail,
+        deployment: &str,
+    ) -> Result<Option<TopicDisagreement>, ReconcileError> {
+        if let Some((attempt, Some(theirs))) = &tail.newest {
+            if theirs != deployment {
+                return Err(ReconcileError::Foreign(ForeignVersions {
+                    version: attempt.version,
+                    theirs: theirs.clone(),
+                    ours: deployment.to_owned(),
+                }));
+            }
+        }
+        let s = &mut self.state;
+        let ledger = s.last_version;
+        let topic = tail.newest.as_ref().map(|(a, _)| *a);
+        self.disagreement = match topic {
+            Some(t) if t.version > ledger || (t.version == ledger && t.epoch > s.last_epoch) => {
+                // A pre-contract-2 ledger (`last_epoch` 0) at the topic's version is in step:
+                // it only learns the epoch.
+                let in_step = t.version == ledger && s.last_epoch == 0;
+                s.last_version = t.version;
+                s.last_epoch = t.epoch;
+                if s.in_flight.is_some_and(|a| a.version <= t.version) {
+                    s.in_flight = None;
+                }
+                (!in_step).then_some(TopicDisagreement::LedgerBehind { ledger, topic: t })
+            }
+            Some(t) if t.version == ledger => None,
+            None if ledger == 0 => None,
+            _ => {
+                // What the ledger last committed is not there for subscribers to build on.
+                s.last_epoch = 0;
+                Some(TopicDisagreement::TopicBehind {
+                    ledger,
+                    topic: topic.map(|t| t.version),
+                })
+            }
+        };
+        s.epoch = s.epoch.max(tail.max_epoch + 1);
+        self.persist().map_err(ReconcileError::Ledger)?;
+        Ok(self.disagreement)
+    }
+
+    /// How the versions topic disagreed with the ledger at start ([`Self::reconcile`]), if it did.
+    pub fn disagreement(&self) -> Option<TopicDisagreement> {
+        self.disagreement
     }
 
     /// Take (and persist) a new epoch: at every start, and after a failed attempt whose rows
@@ -225,6 +341,135 @@ mod tests {
         assert!(
             err.contains("ledger.json") && err.contains("corrupt"),
             "{err}"
+        );
+    }
+
+    fn marker(version: u64, epoch: u64, deployment: Option<&str>) -> VersionMarker {
+        VersionMarker {
+            deployment: deployment.map(str::to_owned),
+            ..VersionMarker::new(version, epoch, 1)
+        }
+    }
+
+    fn tail(markers: &[VersionMarker]) -> VersionsTail {
+        markers
+            .iter()
+            .fold(VersionsTail::default(), VersionsTail::with)
+    }
+
+    fn attempt(version: u64, epoch: u64) -> AttemptRef {
+        AttemptRef { version, epoch }
+    }
+
+    /// A ledger that committed versions 1 to 4 under epoch 2 in `dir`, opened again (epoch 3).
+    fn ledger_at_4(dir: &Path) -> Ledger {
+        let mut l = Ledger::open(dir).unwrap();
+        l.new_epoch().unwrap();
+        for v in 1..=4 {
+            l.commit(v, 0).unwrap();
+        }
+        drop(l);
+        Ledger::open(dir).unwrap()
+    }
+
+    #[test]
+    fn a_ledger_in_step_with_its_topic_keeps_its_numbering_and_its_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = ledger_at_4(dir.path());
+        let t = tail(&[marker(3, 2, Some("g")), marker(4, 2, Some("g"))]);
+        assert_eq!(l.reconcile(&t, "g").unwrap(), None);
+        assert_eq!((l.next_version(), l.builds_on()), (5, Some(attempt(4, 2))));
+        assert_eq!(l.state().epoch, 3);
+        assert_eq!(l.disagreement(), None);
+        // A fresh ledger on an empty topic, and markers from before `deployment`.
+        let fresh = tempfile::tempdir().unwrap();
+        let mut f = Ledger::open(fresh.path()).unwrap();
+        assert_eq!(f.reconcile(&VersionsTail::default(), "g").unwrap(), None);
+        assert_eq!(f.next_version(), 1);
+        let old_dir = tempfile::tempdir().unwrap();
+        let mut old = ledger_at_4(old_dir.path());
+        assert_eq!(
+            old.reconcile(&tail(&[marker(4, 2, None)]), "g").unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_lost_ledger_adopts_the_topics_numbering_with_a_newer_epoch_and_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        // Markers in any order; the newest attempt is the highest version's highest epoch.
+        let t = tail(&[
+            marker(41, 9, Some("g")),
+            marker(42, 7, Some("g")),
+            marker(42, 8, Some("g")),
+        ]);
+        assert_eq!(t.max_epoch, 9);
+        assert_eq!(
+            l.reconcile(&t, "g").unwrap(),
+            Some(TopicDisagreement::LedgerBehind {
+                ledger: 0,
+                topic: attempt(42, 8)
+            })
+        );
+        assert_eq!(
+            (l.next_version(), l.builds_on()),
+            (43, Some(attempt(42, 8)))
+        );
+        assert_eq!(l.state().epoch, 10, "newer than any attempt on the topic");
+        assert!(l.disagreement().is_some());
+        // Persisted: the next start is in step.
+        let mut again = Ledger::open(dir.path()).unwrap();
+        assert_eq!(again.reconcile(&t, "g").unwrap(), None);
+        assert_eq!(again.state().epoch, 11);
+        // A lost acknowledgement of version 5's marker, found on the topic: adopted.
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = ledger_at_4(dir.path());
+        l.begin().unwrap();
+        assert_eq!(l.state().in_flight, Some(attempt(5, 3)));
+        let t = tail(&[marker(4, 2, Some("g")), marker(5, 3, Some("g"))]);
+        assert!(l.reconcile(&t, "g").unwrap().is_some());
+        assert_eq!(
+            (l.builds_on(), l.state().in_flight),
+            (Some(attempt(5, 3)), None)
+        );
+        assert_eq!(l.state().epoch, 4);
+    }
+
+    #[test]
+    fn a_topic_without_the_ledgers_last_version_gets_every_row_building_on_nothing() {
+        for t in [VersionsTail::default(), tail(&[marker(2, 1, Some("g"))])] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut l = ledger_at_4(dir.path());
+            let topic = t.newest.as_ref().map(|(a, _)| a.version);
+            assert_eq!(
+                l.reconcile(&t, "g").unwrap(),
+                Some(TopicDisagreement::TopicBehind { ledger: 4, topic })
+            );
+            assert_eq!((l.next_version(), l.builds_on()), (5, None));
+        }
+    }
+
+    #[test]
+    fn a_topic_another_deployment_publishes_into_is_refused_and_the_ledger_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = ledger_at_4(dir.path());
+        let before = l.state();
+        let t = tail(&[marker(4, 2, Some("g")), marker(9, 2, Some("ads"))]);
+        match l.reconcile(&t, "g") {
+            Err(ReconcileError::Foreign(f)) => assert_eq!(
+                f,
+                ForeignVersions {
+                    version: 9,
+                    theirs: "ads".into(),
+                    ours: "g".into()
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Ledger::open(dir.path()).unwrap().state().last_version,
+            before.last_version
         );
     }
 }

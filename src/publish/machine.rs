@@ -342,6 +342,11 @@ impl Publication {
         let last = ledger.state().last_version;
         let reference = match &dir {
             None => None,
+            Some(_) if ledger.disagreement().is_some() => {
+                warn!(disagreement = ?ledger.disagreement(),
+                    "the versions topic does not hold the ledger's last version; the next version carries every row");
+                None
+            }
             Some(_) if ledger.state().in_flight.is_some() => {
                 warn!(in_flight = ?ledger.state().in_flight,
                     "an attempt was under way at the last stop and its marker may be on the broker; the next version carries every row, so that it holds every key that attempt did");

@@ -1,6 +1,7 @@
 //! Publish: turns the trainer's parameters into versions on Kafka that subscribers apply whole.
 //!
-//! Owns the wire formats (rows, markers; JSON or f32le), the numbering ledger, the version
+//! Owns the wire formats (rows, markers; JSON or f32le), the numbering ledger (reconciled at
+//! start with the versions topic's newest markers, which are what subscribers hold), the version
 //! producer (rows, then the marker, optionally in one transaction; an epoch per attempt),
 //! event-to-publish freshness, and the subscriber side's [`subscriber::VersionAssembler`].
 //! Takes the trainer's parameters and the aligner's verdict; hands on the committed version to
@@ -14,13 +15,16 @@ mod pq_policy;
 mod producer;
 mod rows;
 pub mod subscriber;
+mod tail;
 mod version;
 mod wire;
 
 /// The publishing settings live in `[publish]` (config); the stage's code names them from here.
 pub use crate::config::{ValueFormat, PQ_CENTROIDS as CENTROIDS};
 pub(crate) use freshness::{Freshness, FreshnessFigures};
-pub use ledger::Ledger;
+pub use ledger::{
+    ForeignVersions, Ledger, LedgerError, ReconcileError, TopicDisagreement, VersionsTail,
+};
 pub use machine::{
     publish_in_process, InProcessTrainer, MemorySink, Outcome, PqPublishFigures, Publication,
     VersionSettings, VersionSink,
@@ -31,6 +35,7 @@ pub(crate) use pq_codebooks::{squared_error, PqError, PqTable};
 pub(crate) use pq_policy::{served_codes, Coding, Quantizer};
 pub use producer::KafkaSink;
 pub(crate) use rows::{RowRef, VersionRows};
+pub use tail::{read_versions_tail, reconcile_with_versions_topic, VersionsTopicError};
 pub use version::{
     build_delta_version, PreparedVersion, PublishedView, ServedCodes, VersionRequest,
 };

@@ -21,7 +21,8 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::kafka::{self, send_retrying, KafkaSetupError};
 use crate::publish::{
-    codebooks_key, PreparedVersion, VersionSink, TOMBSTONE_EPOCH_HEADER, TOMBSTONE_VERSION_HEADER,
+    codebooks_key, PreparedVersion, VersionMarker, VersionSink, TOMBSTONE_EPOCH_HEADER,
+    TOMBSTONE_VERSION_HEADER,
 };
 
 /// Failures of the version producer itself (set-up and transactions).
@@ -196,7 +197,11 @@ impl KafkaSink {
                 ),
             }
         }
-        let marker = prepared.marker.encode();
+        let marker = VersionMarker {
+            deployment: Some(cfg.kafka.group_id.clone()),
+            ..prepared.marker.clone()
+        }
+        .encode();
         let key = version.to_string();
         producer
             .send(

@@ -281,6 +281,7 @@ pub fn build_delta_version(
         epoch: req.epoch,
         rows: (rows.len() + tombstones.len()) as u64,
         builds_on: req.builds_on,
+        deployment: None,
         align: req.align.cloned(),
     };
     Ok(Some((

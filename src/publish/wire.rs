@@ -75,6 +75,11 @@ pub struct VersionMarker {
     /// from before contract 2).
     #[serde(default)]
     pub builds_on: Option<AttemptRef>,
+    /// The deployment that published it: its `kafka.group_id`, stamped by the Kafka sink
+    /// (absent in markers written before 2026-12). A publisher refuses a versions topic whose
+    /// newest marker names another deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
     /// Drift figures of the version (absent when the publisher measured none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub align: Option<AlignFigures>,
@@ -356,6 +361,7 @@ impl VersionMarker {
             epoch,
             rows,
             builds_on: None,
+            deployment: None,
             align: None,
         }
     }
@@ -464,17 +470,21 @@ mod tests {
                 version: 11,
                 epoch: 2,
             }),
+            deployment: Some("feeds".into()),
             align: None,
         };
         let json = String::from_utf8(marker.encode()).unwrap();
         assert_eq!(
             json,
-            r#"{"contract":2,"version":12,"epoch":3,"rows":5,"builds_on":{"version":11,"epoch":2}}"#
+            r#"{"contract":2,"version":12,"epoch":3,"rows":5,"builds_on":{"version":11,"epoch":2},"deployment":"feeds"}"#
         );
         assert_eq!(VersionMarker::decode(json.as_bytes()), Ok(marker));
         // Contract 1 (no `contract`, no `builds_on`): still read.
         let old = VersionMarker::decode(br#"{"version":4,"epoch":1,"rows":9}"#).unwrap();
-        assert_eq!((old.contract, old.builds_on), (1, None));
+        assert_eq!(
+            (old.contract, old.builds_on, old.deployment),
+            (1, None, None)
+        );
         assert_eq!(
             VersionMarker::decode(br#"{"contract":3,"version":4,"epoch":1,"rows":9}"#),
             Err(DecodeError::Contract { found: 3 })

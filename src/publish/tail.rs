@@ -1,0 +1,117 @@
+//! The versions topic's newest markers, read by the publisher at start (Kafka I/O): they are
+//! what subscribers hold, so the ledger's numbering is reconciled with them
+//! ([`Ledger::reconcile`]) before the first version.
+
+use std::time::Duration;
+
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::topic_partition_list::Offset;
+use rdkafka::util::Timeout;
+
+use crate::config::Config;
+use crate::kafka::{partition_count, read_to_end, reader, ReadError};
+use crate::publish::ledger::{
+    ForeignVersions, Ledger, LedgerError, ReconcileError, TopicDisagreement, VersionsTail,
+};
+use crate::publish::VersionMarker;
+
+/// Markers read from the end of each partition of the versions topic: the newest attempt is
+/// among the last few (a version has at most a handful of attempts), and a start must not
+/// read the whole history.
+const TAIL_MARKERS: i64 = 64;
+
+/// How long the topic must stay quiet past its reported end before the read ends: nothing of
+/// this deployment writes to it yet.
+const TAIL_QUIET: Duration = Duration::from_millis(250);
+
+/// Why the publisher could not start on the versions topic.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionsTopicError {
+    #[error("reading the newest markers of the versions topic (kafka.versions_topic = {topic}): {source}")]
+    Read {
+        topic: String,
+        #[source]
+        source: ReadError,
+    },
+    #[error(
+        "the versions topic kafka.versions_topic = {topic} belongs to another deployment: {source}"
+    )]
+    Foreign {
+        topic: String,
+        #[source]
+        source: ForeignVersions,
+    },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// The newest markers of `kafka.versions_topic`.
+pub fn read_versions_tail(cfg: &Config) -> Result<VersionsTail, VersionsTopicError> {
+    let topic = &cfg.kafka.versions_topic;
+    let read_err = |source| VersionsTopicError::Read {
+        topic: topic.clone(),
+        source,
+    };
+    let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms.max(10_000));
+    let consumer =
+        reader(cfg, &format!("{}.versions-tail", cfg.kafka.group_id)).map_err(read_err)?;
+    let starts = tail_starts(&consumer, topic, timeout).map_err(read_err)?;
+    let mut tail = VersionsTail::default();
+    read_to_end(
+        &consumer,
+        topic,
+        |p| Offset::Offset(starts.get(p as usize).copied().unwrap_or(0)),
+        TAIL_QUIET,
+        timeout,
+        |msg| {
+            let marker = VersionMarker::decode(rdkafka::Message::payload(msg).unwrap_or_default())
+                .map_err(|e| e.to_string())?;
+            tail = std::mem::take(&mut tail).with(&marker);
+            Ok(())
+        },
+    )
+    .map_err(read_err)?;
+    Ok(tail)
+}
+
+/// Per partition, the offset [`TAIL_MARKERS`] before its end.
+fn tail_starts(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i64>, ReadError> {
+    let partitions = partition_count(consumer, topic, timeout)?;
+    (0..partitions)
+        .map(|p| {
+            let (low, high) = rdkafka::consumer::Consumer::fetch_watermarks(
+                consumer,
+                topic,
+                p,
+                Timeout::After(timeout),
+            )
+            .map_err(|source| ReadError::Read {
+                topic: topic.to_string(),
+                source,
+            })?;
+            Ok((high - TAIL_MARKERS).max(low).max(0))
+        })
+        .collect()
+}
+
+/// Read the versions topic's newest markers and reconcile `ledger` with them (see
+/// [`Ledger::reconcile`]); a topic another deployment publishes into is refused.
+pub fn reconcile_with_versions_topic(
+    cfg: &Config,
+    ledger: &mut Ledger,
+) -> Result<Option<TopicDisagreement>, VersionsTopicError> {
+    let tail = read_versions_tail(cfg)?;
+    ledger
+        .reconcile(&tail, &cfg.kafka.group_id)
+        .map_err(|e| match e {
+            ReconcileError::Foreign(source) => VersionsTopicError::Foreign {
+                topic: cfg.kafka.versions_topic.clone(),
+                source,
+            },
+            ReconcileError::Ledger(e) => VersionsTopicError::Ledger(e),
+        })
+}
