@@ -27,12 +27,8 @@ const TAIL_QUIET: Duration = Duration::from_millis(250);
 /// Why the publisher could not start on the versions topic.
 #[derive(Debug, thiserror::Error)]
 pub enum VersionsTopicError {
-    #[error("reading the newest markers of the versions topic (kafka.versions_topic = {topic}): {source}")]
-    Read {
-        topic: String,
-        #[source]
-        source: ReadError,
-    },
+    #[error("reading the newest markers of the versions topic (kafka.versions_topic): {0}")]
+    Read(#[source] Box<ReadError>),
     #[error(
         "the versions topic kafka.versions_topic = {topic} belongs to another deployment: {source}"
     )]
@@ -48,10 +44,7 @@ pub enum VersionsTopicError {
 /// The newest markers of `kafka.versions_topic`.
 pub fn read_versions_tail(cfg: &Config) -> Result<VersionsTail, VersionsTopicError> {
     let topic = &cfg.kafka.versions_topic;
-    let read_err = |source| VersionsTopicError::Read {
-        topic: topic.clone(),
-        source,
-    };
+    let read_err = |e| VersionsTopicError::Read(Box::new(e));
     let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms.max(10_000));
     let consumer =
         reader(cfg, &format!("{}.versions-tail", cfg.kafka.group_id)).map_err(read_err)?;
