@@ -121,11 +121,16 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
         let (tx, rx) = std::sync::mpsc::sync_channel::<AppendBatch>(2);
         let appender = scope.spawn(move || -> Result<(u64, f64), StoreError> {
             let (mut appended, mut seconds) = (0, 0.0);
+            // One flush at the end: a crash before it leaves the store at an earlier changelog
+            // position, from which the next start reads on.
             for batch in rx {
                 let started = Instant::now();
-                appended += store.append(&batch)?.appended;
+                appended += store.append_unflushed(&batch)?.appended;
                 seconds += started.elapsed().as_secs_f64();
             }
+            let started = Instant::now();
+            store.flush()?;
+            seconds += started.elapsed().as_secs_f64();
             Ok((appended, seconds))
         });
         let mut missing = None;

@@ -52,6 +52,13 @@ impl DedupWatermark {
     }
 }
 
+/// Whether an append returns once its batch is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    Flushed,
+    AtNextFlush,
+}
+
 /// What one batch writes, gathered before anything is applied.
 struct BatchWrites<'b> {
     sled: sled::Batch,
@@ -99,6 +106,23 @@ impl GraphStore {
     /// already stored), as are events whose `event_id` is within the dedup window. The stored
     /// offsets only move forward.
     pub fn append(&self, batch: &AppendBatch) -> Result<AppendOutcome, StoreError> {
+        self.append_with(batch, Durability::Flushed)
+    }
+
+    /// [`Self::append`] without the flush: durable at the next [`GraphStore::flush`] (or a
+    /// flushed append). A crash before it loses a suffix of such batches, each whole with the
+    /// offsets it covers (sled applies batches atomically and recovers them in order), so a
+    /// reader of those offsets simply reads them again: for the restore, which writes many
+    /// batches and flushes once at its end.
+    pub fn append_unflushed(&self, batch: &AppendBatch) -> Result<AppendOutcome, StoreError> {
+        self.append_with(batch, Durability::AtNextFlush)
+    }
+
+    fn append_with(
+        &self,
+        batch: &AppendBatch,
+        durability: Durability,
+    ) -> Result<AppendOutcome, StoreError> {
         let mut writer = self.writer.lock();
         let counts = self.counts.read().clone();
         let stored_next = self.stored_offsets(batch)?;
@@ -165,7 +189,7 @@ impl GraphStore {
                 w.sled.insert(offset_key(topic, *p), &next.to_be_bytes());
             }
         }
-        self.commit(&mut writer, w)
+        self.commit(&mut writer, w, durability)
     }
 
     /// The next offset stored for every partition the batch covers (-1: none yet).
@@ -348,6 +372,7 @@ impl GraphStore {
         &self,
         writer: &mut WriterState,
         mut w: BatchWrites<'_>,
+        durability: Durability,
     ) -> Result<AppendOutcome, StoreError> {
         w.out.new_nodes = w.new_nodes.len() as u64;
         if w.out.appended > 0 || w.out.deleted > 0 {
@@ -361,7 +386,9 @@ impl GraphStore {
         self.tree
             .apply_batch(w.sled)
             .map_err(|e| self.sled_err(e))?;
-        self.db.flush().map_err(|e| self.sled_err(e))?;
+        if durability == Durability::Flushed {
+            self.db.flush().map_err(|e| self.sled_err(e))?;
+        }
         for (id, ts) in &w.expired {
             writer.dedup.remove_at(id, *ts);
         }
