@@ -324,8 +324,7 @@ impl<'s> BatchGen<'s> {
             topic: TOPIC.to_owned(),
             events,
             next_offsets,
-            last_records: vec![],
-            extra_offsets: vec![],
+            ..AppendBatch::default()
         }
     }
 }

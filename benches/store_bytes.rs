@@ -61,9 +61,7 @@ fn main() {
         let b = AppendBatch {
             topic: "twhin.engagements".into(),
             events: std::mem::take(batch),
-            next_offsets: vec![],
-            last_records: vec![],
-            extra_offsets: vec![],
+            ..AppendBatch::default()
         };
         store.append(&b).expect("append");
     };

@@ -142,11 +142,11 @@ fn setup() -> Setup {
     let http_port = free_port();
     let env = daemon_env(&broker.bootstrap, &store, http_port);
     let out = cli(&env, &["topics", "apply"]);
-    assert_eq!(out.matches("created").count(), 5, "{out}");
+    assert_eq!(out.matches("created").count(), 6, "{out}");
     let again = cli(&env, &["topics", "apply"]);
     assert_eq!(
         again.matches("exists").count(),
-        5,
+        6,
         "a second apply reports the topics as existing: {again}"
     );
     Setup {
@@ -871,4 +871,221 @@ fn a_changelog_begun_by_an_upgraded_store_is_refused_for_an_empty_one() {
         other => panic!("a changelog without the history was restored: {other:?}"),
     }
     assert_eq!(store.edge_count(), 0, "nothing appended from it");
+}
+
+const ROUTED: &str = "twhin-stream.routed";
+const CHANGELOG: &str = "twhin-stream.changelog";
+
+/// Every record of the routed topic: (partition, key, payload, headers).
+type Forwarded = (i32, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>);
+
+fn forwarded_records(bootstrap: &str, expected: usize) -> Vec<Forwarded> {
+    use rdkafka::message::{Headers, Message};
+    let mut out = Vec::new();
+    let settle = Duration::from_secs(2);
+    for_each_record(
+        bootstrap,
+        ROUTED,
+        expected,
+        Duration::from_secs(60),
+        settle,
+        |m| {
+            let headers = (m.headers().iter())
+                .flat_map(|h| h.iter())
+                .map(|h| {
+                    let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+                    (h.key.to_owned(), value)
+                })
+                .collect();
+            let (key, payload) = (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec));
+            out.push((m.partition(), key, payload, headers));
+        },
+    );
+    out
+}
+
+/// Produce `records` to the routed topic as they are (the copies a forwarder that died before
+/// its store write sends again).
+fn send_again(bootstrap: &str, records: &[Forwarded]) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .create()
+            .unwrap();
+        for (q, key, payload, headers) in records {
+            let mut owned = OwnedHeaders::new();
+            for (k, v) in headers {
+                owned = owned.insert(Header {
+                    key: k.as_str(),
+                    value: Some(v.as_str()),
+                });
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(ROUTED).partition(*q).headers(owned);
+            if let Some(k) = key {
+                record = record.key(k.as_slice());
+            }
+            if let Some(p) = payload {
+                record = record.payload(p.as_slice());
+            }
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    });
+}
+
+/// Issue 24, routing: events on a partition that does not own their source (keyed by their
+/// target, or by anything) go through the routed topic to the partition that does, and an
+/// erasure to every partition. Each is stored exactly once across SIGKILLs; copies sent again
+/// (what a forwarder that died between the routed topic's acknowledgement and its store write
+/// does) are skipped, also by a store rebuilt from the changelog; and every changelog record
+/// holds only events whose source its partition owns, so a partition's state can move with it.
+#[test]
+fn events_on_the_wrong_partition_reach_their_owner_exactly_once_across_kills_and_a_lost_store() {
+    use twhin_stream::changelog::ChangelogRecord;
+    use twhin_stream::partition::partition_of;
+
+    let _serial = serial();
+    let s = setup();
+    let mut expected = HashSet::new();
+    let mut msgs = Vec::new();
+    for i in 0..6_000 {
+        let (mut m, triple) = valid_event(i, false);
+        // A third keyed by source, a third by target, a third by something else.
+        m.key = match i % 3 {
+            0 => m.key,
+            1 => triple.2.clone(),
+            _ => format!("request-{i}"),
+        };
+        msgs.push(m);
+        expected.insert(triple);
+    }
+    // An erasure keyed by something else: every partition erases the node's edges.
+    let erased = valid_event(8, false).1 .0;
+    msgs.push(Outgoing {
+        key: "account-deletions".into(),
+        payload: Some(
+            serde_json::json!({"op": "erase", "node": erased})
+                .to_string()
+                .into_bytes(),
+        ),
+    });
+    expected.retain(|(src, _, dst)| *src != erased && *dst != erased);
+    produce(&s.broker.bootstrap, TOPIC, &msgs, None);
+
+    let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
+    let mut rng = SmallRng::seed_from_u64(2024);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1_500)));
+        daemon.kill9();
+        daemon.restart();
+    }
+    let settled = |daemon: &Daemon| {
+        daemon.status().filter(|st| {
+            let live =
+                status_u64(st, "/store/edges_total") - status_u64(st, "/store/edges_deleted");
+            status_u64(st, "/kafka/assigned_partitions") == 8
+                && status_u64(st, "/kafka/lag") == 0
+                && live >= expected.len() as u64
+        })
+    };
+    wait_until("every event stored", Duration::from_secs(180), || {
+        settled(&daemon)
+    });
+    assert!(daemon.terminate().success());
+    assert_live_exactly(&s.store, &expected);
+
+    // What went through the routed topic: the mis-keyed events (at least once) and the erasure
+    // to the seven other partitions, each at the partition that owns its source.
+    let forwarded = forwarded_records(&s.broker.bootstrap, 1);
+    let owner = |key: &str| partition_of(key.as_bytes(), 8) as i32;
+    let mis_keyed = msgs[..6_000]
+        .iter()
+        .filter(|m| owner(&m.key) != owner(&valid_src(m)))
+        .count();
+    assert!(
+        forwarded.len() >= mis_keyed + 7,
+        "{} < {mis_keyed} + 7",
+        forwarded.len()
+    );
+    for (q, _, payload, headers) in &forwarded {
+        let json: serde_json::Value = serde_json::from_slice(payload.as_deref().unwrap()).unwrap();
+        if json["op"] != "erase" {
+            assert_eq!(*q, owner(json["src"].as_str().unwrap()));
+        }
+        let from: i32 = (headers.iter())
+            .find(|(k, _)| k == twhin_stream::ingest::HEADER_FORWARDED_PARTITION)
+            .map(|(_, v)| v.parse().unwrap())
+            .expect("the partition it was consumed from");
+        assert_ne!(from, *q);
+    }
+    // Every changelog record holds events its partition owns (an erasure anywhere).
+    let mut logged = 0;
+    for_each_record(
+        &s.broker.bootstrap,
+        CHANGELOG,
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+        |m| {
+            use rdkafka::message::Message;
+            let record = ChangelogRecord::decode(m.payload().unwrap()).unwrap();
+            for e in record.events.iter().filter(|e| e.op != 2) {
+                let src = format!("{}:{}", record.node_types[e.src_type as usize], e.src);
+                assert_eq!(
+                    owner(&src),
+                    m.partition(),
+                    "{src} in changelog partition {}",
+                    m.partition()
+                );
+                logged += 1;
+            }
+        },
+    );
+    assert!(logged >= expected.len(), "{logged}");
+
+    // Copies sent again are skipped; so are they by a store rebuilt from the changelog.
+    let copies: Vec<Forwarded> = forwarded.iter().take(50).cloned().collect();
+    for lose_the_store in [false, true] {
+        if lose_the_store {
+            std::fs::remove_dir_all(&s.store).unwrap();
+        }
+        daemon.restart();
+        send_again(&s.broker.bootstrap, &copies);
+        let st = wait_until("the copies consumed", Duration::from_secs(120), || {
+            settled(&daemon).filter(|st| status_u64(st, "/ingest/forwarded_in") >= 50)
+        });
+        assert_eq!(status_u64(&st, "/ingest/consumed"), 0, "{st}");
+        assert!(daemon.terminate().success());
+        assert_live_exactly(&s.store, &expected);
+    }
+}
+
+/// The store's live edges are `expected`, each once (an edge stored twice would be live twice).
+fn assert_live_exactly(store: &std::path::Path, expected: &HashSet<Triple>) {
+    let (live, edges) = stored_triples(store);
+    let deleted = (twhin_stream::store::GraphStore::open_existing(store).unwrap()).deleted_edges();
+    assert_eq!(
+        edges - deleted,
+        live.len() as u64,
+        "duplicate edges in the store"
+    );
+    assert_eq!(live.len(), expected.len(), "live edge count");
+    assert_eq!(&live, expected);
+}
+
+/// The source of a produced valid event.
+fn valid_src(m: &Outgoing) -> String {
+    let json: serde_json::Value = serde_json::from_slice(m.payload.as_deref().unwrap()).unwrap();
+    json["src"].as_str().unwrap().to_owned()
 }

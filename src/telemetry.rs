@@ -14,8 +14,14 @@ pub const EVENTS_INVALID: &str = "twhin_ingest_events_invalid_total";
 pub const DLQ_PRODUCED: &str = "twhin_ingest_dlq_produced_total";
 /// Edges durably appended to the store.
 pub const EDGES_APPENDED: &str = "twhin_ingest_edges_appended_total";
-/// Events not stored again, by `kind`: `event_id` (dedup window) or `redelivered` (offset).
+/// Events not stored again, by `kind`: `event_id` (dedup window), `redelivered` (offset) or
+/// `forwarded_copy` (a forwarded event the store holds already).
 pub const DUPLICATES: &str = "twhin_ingest_duplicates_total";
+/// Valid events consumed from a partition that does not own their source, forwarded to the one
+/// that does (an erasure counts once, whatever the partitions it goes to).
+pub const FORWARDED: &str = "twhin_ingest_forwarded_total";
+/// Forwarded events consumed from the routed topic.
+pub const FORWARDED_IN: &str = "twhin_ingest_forwarded_in_total";
 /// Nodes erased by erase events.
 pub const NODES_ERASED: &str = "twhin_ingest_nodes_erased_total";
 /// Add events not stored because they name an erased node.
@@ -26,7 +32,8 @@ pub const NODES_CREATED: &str = "twhin_ingest_nodes_created_total";
 pub const BATCH_SECONDS: &str = "twhin_ingest_batch_seconds";
 /// Events per written batch.
 pub const BATCH_EVENTS: &str = "twhin_ingest_batch_events";
-/// Messages behind the partition's high watermark, from the stored offset, by `partition`.
+/// Messages behind the partition's high watermark, from the stored offset, by `topic` (the
+/// engagements topic, the routed topic) and `partition`.
 pub const CONSUMER_LAG: &str = "twhin_ingest_consumer_lag";
 /// Partitions consumed again from their start because their history changed, by `reason`:
 /// `out_of_range` or `history_changed`.
@@ -165,6 +172,14 @@ fn describe() {
     );
     describe_counter!(EDGES_APPENDED, "Edges durably appended to the graph store");
     describe_counter!(DUPLICATES, "Events not stored again, by kind");
+    describe_counter!(
+        FORWARDED,
+        "Events forwarded to the partition that owns their source"
+    );
+    describe_counter!(
+        FORWARDED_IN,
+        "Forwarded events consumed from the routed topic"
+    );
     describe_counter!(NODES_CREATED, "Nodes created in the graph store");
     describe_counter!(NODES_ERASED, "Nodes erased by erase events");
     describe_counter!(

@@ -105,6 +105,9 @@ fn produce_each(
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "300000")
+            // Kafka's default partitioner, as topics/README.md asks of every producer: a keyed
+            // event lands in the partition that owns its source.
+            .set("partitioner", "murmur2_random")
             .create()
             .unwrap();
         let start = Instant::now();

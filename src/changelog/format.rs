@@ -1,15 +1,22 @@
 //! The changelog record (pure): one ingest batch's valid events of one input partition, with
-//! the partition's position after it, as `b"TWL1"` then bincode (standard configuration) of
+//! the partition's position after it, as `b"TWL2"` then bincode (standard configuration) of
 //! [`ChangelogRecord`]. Node types and relations travel by name, so a record restores into any
 //! store whose schema knows them, whatever their ids there.
+//!
+//! `TWL1` records (before 2026-12-06) are `TWL2` records without the last field, `upstream`, and
+//! are still read (as having none).
 
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{Event, EventOp, NodeKey, Schema};
 use crate::store::{RecordPrint, SourcedEvent};
 
-/// The record format's magic and version; a change brings a new magic and a refusal of the old.
-pub const CHANGELOG_MAGIC: &[u8; 4] = b"TWL1";
+/// The record format's magic and version; a change brings a new magic and a refusal of the old
+/// (or, as for [`CHANGELOG_MAGIC_1`], a reading of it).
+pub const CHANGELOG_MAGIC: &[u8; 4] = b"TWL2";
+
+/// The first version: the same layout up to `upstream`, which it lacks.
+pub const CHANGELOG_MAGIC_1: &[u8; 4] = b"TWL1";
 
 /// One input partition's part of one ingest batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +37,10 @@ pub struct ChangelogRecord {
     pub node_types: Vec<String>,
     pub relations: Vec<String>,
     pub events: Vec<LoggedEvent>,
+    /// For a partition of the routed topic: where the events forwarded to it stand in each
+    /// engagements partition they came from, `(source partition, next source offset)`, after
+    /// this record (empty otherwise, and in `TWL1` records).
+    pub upstream: Vec<(i32, i64)>,
 }
 
 /// One valid event and its input offset, with the schema's numbers of the record.
@@ -50,7 +61,7 @@ pub struct LoggedEvent {
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum ChangelogFormatError {
-    #[error("not a changelog record of this version (expected the magic TWL1, found {found:?}); it was written by another version of twhin-stream")]
+    #[error("not a changelog record of this version (expected the magic TWL2 or TWL1, found {found:?}); it was written by another version of twhin-stream")]
     Magic { found: Vec<u8> },
     #[error("changelog record: {0}")]
     Decode(String),
@@ -123,6 +134,7 @@ impl ChangelogRecord {
                     event_id: s.event.event_id.clone(),
                 })
                 .collect(),
+            upstream: Vec::new(),
         }
     }
 
@@ -135,7 +147,14 @@ impl ChangelogRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<ChangelogRecord, ChangelogFormatError> {
-        let Some(body) = bytes.strip_prefix(CHANGELOG_MAGIC) else {
+        let v1_body;
+        let body = if let Some(body) = bytes.strip_prefix(CHANGELOG_MAGIC) {
+            body
+        } else if let Some(body) = bytes.strip_prefix(CHANGELOG_MAGIC_1) {
+            // A TWL1 body followed by an empty list (one zero byte) is that record in TWL2.
+            v1_body = [body, &[0u8]].concat();
+            &v1_body
+        } else {
             return Err(ChangelogFormatError::Magic {
                 found: bytes.iter().take(4).copied().collect(),
             });
@@ -290,7 +309,7 @@ mod tests {
         // The magic, then bincode's standard configuration: a string is its length (varint) and
         // bytes, an i32 is zig-zag varint (3 → 6), an i64 past 250 is 0xfb and 2 bytes or 0xfc
         // and 4 or 0xfd and 8.
-        assert_eq!(&bytes[..4], b"TWL1");
+        assert_eq!(&bytes[..4], b"TWL2");
         assert_eq!(bytes[4], 17, "the topic's length");
         assert_eq!(&bytes[5..22], b"twhin.engagements");
         assert_eq!(bytes[22], 6, "partition 3, zig-zag");
@@ -298,12 +317,24 @@ mod tests {
         assert_eq!(bytes[24], 1, "a last record");
         // Then: last record (offset 10 → 0x14, ts as 0xfd + 8 bytes, CRC as 0xfc + 4 bytes), not
         // after history (0), 5 node types, 8 relations, 2 events (offset, op, source type and
-        // id, relation, target type and id, ts, weight 0.5 as f32 LE, event id option).
+        // id, relation, target type and id, ts, weight 0.5 as f32 LE, event id option), then
+        // the upstream positions: source partition 1 at 40 (zig-zag: 2, 80).
+        let mut r = record();
+        r.upstream = vec![(1, 40)];
+        let bytes = r.encode();
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, GOLDEN_HEX);
+        assert_eq!(&hex[..8], "54574c32");
+        assert_eq!(&hex[8..hex.len() - 6], &GOLDEN_HEX_1[8..]);
+        assert_eq!(&hex[hex.len() - 6..], "010250");
+        // A TWL1 record (the same fields but `upstream`) is read as having none.
+        let v1: Vec<u8> = (0..GOLDEN_HEX_1.len() / 2)
+            .map(|i| u8::from_str_radix(&GOLDEN_HEX_1[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(ChangelogRecord::decode(&v1), Ok(record()));
     }
 
-    const GOLDEN_HEX: &str = "54574c3111747768696e2e656e676167656d656e747306160114fd90a8239d2603\
+    /// A record of `record()` as TWL1 wrote it.
+    const GOLDEN_HEX_1: &str = "54574c3111747768696e2e656e676167656d656e747306160114fd90a8239d2603\
         0000fcefbeadde000504757365720574776565740a616476657274697365720261640571756572790807666f\
         6c6c6f7773096661766f7269746573087265747765657473077265706c69657307617574686f727306636c69\
         636b730870726f6d6f746573087365617263686573020e000002343201010439303031fdfbd3914e93010000\

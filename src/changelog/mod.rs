@@ -23,6 +23,8 @@ mod format;
 mod restore;
 mod writer;
 
-pub use format::{ChangelogFormatError, ChangelogRecord, LoggedEvent, CHANGELOG_MAGIC};
+pub use format::{
+    ChangelogFormatError, ChangelogRecord, LoggedEvent, CHANGELOG_MAGIC, CHANGELOG_MAGIC_1,
+};
 pub use restore::{restore, RestoreError, Restored};
 pub(crate) use writer::{acknowledged, records_of, send};

@@ -15,7 +15,7 @@ use tracing::info;
 use crate::changelog::ChangelogRecord;
 use crate::config::Config;
 use crate::kafka::{partition_count, read_to_end, reader, ReadError};
-use crate::store::{AppendBatch, GraphStore, StoreError};
+use crate::store::{AppendBatch, GraphStore, StoreError, Upstream};
 
 /// A restore may read a long changelog; this bounds it.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(3_600);
@@ -181,6 +181,13 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
                 batch
                     .last_records
                     .extend(record.last_print().map(|r| (p, r)));
+                batch
+                    .upstream
+                    .extend(record.upstream.iter().map(|&(source, next)| Upstream {
+                        partition: p,
+                        source,
+                        next,
+                    }));
                 let position = (topic.clone(), m.partition(), m.offset() + 1);
                 batch.extra_offsets.push(position);
                 Ok(())

@@ -39,16 +39,21 @@ pub(crate) fn records_of(
                 .map(|(_, r)| *r);
             let mut record = ChangelogRecord::of(schema, &batch.topic, p, next, last, &events);
             record.starts_after_history = after_history(p);
+            record.upstream = (batch.upstream.iter())
+                .filter(|u| u.partition == p)
+                .map(|u| (u.source, u.next))
+                .collect();
             record
         })
         .collect()
 }
 
-/// The key of a record: its input partition and the offset it reaches. A batch consumed again
-/// after a crash that lost its store write (not its record) ends at the same offset or not; the
-/// restore skips offsets the store holds either way.
+/// The key of a record: its input topic and partition and the offset it reaches. A batch
+/// consumed again after a crash that lost its store write (not its record) ends at the same
+/// offset or not; the restore skips offsets the store holds either way.
 fn key(record: &ChangelogRecord) -> String {
-    format!("events:{}:{}", record.partition, record.next_offset)
+    let (topic, p, next) = (&record.topic, record.partition, record.next_offset);
+    format!("{topic}:{p}:{next}")
 }
 
 /// Hand `records` to the producer for `topic` (`kafka.changelog_topic`), each to the partition
@@ -91,7 +96,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::store::testing::follow;
-    use crate::store::RecordPrint;
+    use crate::store::{RecordPrint, Upstream};
 
     #[test]
     fn a_batch_gives_one_record_per_input_partition_with_its_position() {
@@ -115,6 +120,11 @@ mod tests {
                 },
             )],
             extra_offsets: vec![],
+            upstream: vec![Upstream {
+                partition: 2,
+                source: 6,
+                next: 71,
+            }],
         };
         let records = records_of(&schema, &batch, |p| p == 5);
         let summary: Vec<(i32, i64, Vec<i64>, bool)> = records
@@ -134,6 +144,8 @@ mod tests {
         );
         let after: Vec<bool> = records.iter().map(|r| r.starts_after_history).collect();
         assert_eq!(after, [false, false, true]);
-        assert_eq!(key(&records[1]), "events:2:14");
+        assert_eq!(key(&records[1]), "t:2:14");
+        let upstream: Vec<&[(i32, i64)]> = records.iter().map(|r| &r.upstream[..]).collect();
+        assert_eq!(upstream, [&[][..], &[(6, 71)][..], &[][..]]);
     }
 }

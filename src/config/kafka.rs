@@ -22,6 +22,10 @@ pub struct KafkaConfig {
     /// The store's changelog ([`crate::changelog`]): as many partitions as the engagements topic;
     /// empty in the file means `<group_id>.changelog` ([`super::Config::derive_paths`]).
     pub changelog_topic: String,
+    /// Where ingest forwards an event consumed from another partition than its source's owner
+    /// ([`crate::ingest`]): as many partitions as the engagements topic; empty in the file means
+    /// `<group_id>.routed`.
+    pub routed_topic: String,
     /// librdkafka properties for every client.
     #[serde(default)]
     pub common: BTreeMap<String, toml::Value>,
@@ -43,6 +47,7 @@ impl Validate for KafkaConfig {
             ("kafka.embeddings_topic", &k.embeddings_topic),
             ("kafka.versions_topic", &k.versions_topic),
             ("kafka.changelog_topic", &k.changelog_topic),
+            ("kafka.routed_topic", &k.routed_topic),
         ] {
             if v.trim().is_empty() {
                 return Err(invalid(key, "must not be empty"));
@@ -54,6 +59,7 @@ impl Validate for KafkaConfig {
             ("kafka.embeddings_topic", &k.embeddings_topic),
             ("kafka.versions_topic", &k.versions_topic),
             ("kafka.changelog_topic", &k.changelog_topic),
+            ("kafka.routed_topic", &k.routed_topic),
         ];
         for (i, (key, name)) in topics.iter().enumerate() {
             if let Some((other, _)) = topics[..i].iter().find(|(_, n)| n == name) {

@@ -1,6 +1,7 @@
-//! The batch being collected: each message decoded into a valid event or a dead letter; then,
-//! when full or old enough, made durable (dead letters acknowledged first, then one atomic sled
-//! batch of the events and the offsets they cover).
+//! The batch being collected: each message decoded into a valid event (stored here, or
+//! forwarded to the partition that owns it) or a dead letter; then, when full or old enough,
+//! made durable (dead letters and forwarded events acknowledged first, then one atomic sled
+//! batch of the events and the offsets they cover per topic consumed).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -14,61 +15,121 @@ use tracing::{debug, warn};
 
 use crate::changelog;
 use crate::config::Config;
-use crate::ingest::dlq::{deliver_dead_letters, DeadLetter};
+use crate::ingest::dlq::{deliver_copies, Copy};
+use crate::ingest::forward::{self, Route};
 use crate::ingest::{AppendEvents, IngestError, IngestStatus, StoreBatchWritten, StoreWriter};
 use crate::persist::now_ms;
-use crate::schema::{decode_event, DecodeLimits, Schema};
-use crate::store::{AppendBatch, AppendOutcome, GraphStore, RecordPrint, SourcedEvent};
+use crate::schema::{decode_event, DecodeLimits, Event, InvalidEvent, Schema};
+use crate::store::{AppendBatch, AppendOutcome, GraphStore, RecordPrint, SourcedEvent, Upstream};
 use crate::telemetry as m;
 
-/// Events consumed but not yet durable.
+/// What was consumed from one topic and not yet durable.
 #[derive(Default)]
-pub(super) struct Pending {
+struct Lane {
     events: Vec<SourcedEvent>,
     /// Kafka timestamps (ms) of `events`, for the freshness histogram.
     kafka_ts: Vec<i64>,
-    dead: Vec<DeadLetter>,
     next_offsets: HashMap<i32, i64>,
-    /// The last record consumed per partition (valid or not).
+    /// The last record consumed per partition (valid or not), for the history check.
     last_records: HashMap<i32, RecordPrint>,
+}
+
+impl Lane {
+    fn consumed(&mut self, p: i32, offset: i64) {
+        let next = self.next_offsets.entry(p).or_insert(offset + 1);
+        *next = (*next).max(offset + 1);
+    }
+
+    fn push(&mut self, p: i32, offset: i64, event: Event, record_ts: u64) {
+        self.kafka_ts.push(record_ts as i64);
+        self.events.push(SourcedEvent {
+            partition: p,
+            offset,
+            event,
+        });
+    }
+
+    fn into_batch(self, topic: &str) -> (AppendBatch, Vec<i64>) {
+        let batch = AppendBatch {
+            topic: topic.to_owned(),
+            events: self.events,
+            next_offsets: self.next_offsets.into_iter().collect(),
+            last_records: self.last_records.into_iter().collect(),
+            extra_offsets: Vec::new(),
+            upstream: Vec::new(),
+        };
+        (batch, self.kafka_ts)
+    }
+}
+
+/// Events consumed but not yet durable: from the engagements topic, and forwarded to this
+/// instance's partitions on the routed topic; with the copies that must be acknowledged first.
+#[derive(Default)]
+pub(super) struct Pending {
+    input: Lane,
+    routed: Lane,
+    dead: Vec<Copy>,
+    /// Valid events that belong to other partitions, on their way to the routed topic.
+    forwards: Vec<Copy>,
+    /// Per (routed partition, source partition): the source offset after the last forwarded
+    /// event taken from it.
+    upstream: HashMap<(i32, i32), i64>,
+    /// Messages from the engagements topic.
     pub(super) consumed: u64,
+    /// Messages from the routed topic.
+    pub(super) routed_consumed: u64,
+    forwarded: u64,
+    forwarded_copies: u64,
     pub(super) since: Option<Instant>,
+    /// Scratch space for a source's key.
+    key: Vec<u8>,
+}
+
+/// A consumed message's event time when its payload has none: its Kafka timestamp, or now.
+fn timestamps(msg: &BorrowedMessage<'_>) -> (Option<u64>, u64) {
+    let kafka_ts = msg
+        .timestamp()
+        .to_millis()
+        .filter(|&t| t >= 0)
+        .map(|t| t as u64);
+    (kafka_ts, kafka_ts.unwrap_or_else(|| now_ms() as u64))
 }
 
 impl Pending {
     pub(super) fn is_empty(&self) -> bool {
-        self.consumed == 0
+        self.consumed == 0 && self.routed_consumed == 0
     }
 
-    /// Decode one message into the batch: a valid event, or a dead letter with its reason.
+    /// Messages of both topics.
+    pub(super) fn len(&self) -> u64 {
+        self.consumed + self.routed_consumed
+    }
+
+    /// Decode one message of the engagements topic into the batch: a valid event (stored here,
+    /// or forwarded to the partition that owns its source; an erasure both), or a dead letter
+    /// with its reason. `partitions`: the engagements topic's.
     pub(super) fn accept(
         &mut self,
         schema: &Schema,
         limits: &DecodeLimits,
         msg: &BorrowedMessage<'_>,
+        partitions: i32,
     ) {
         let (p, offset) = (msg.partition(), msg.offset());
-        let kafka_ts = msg
-            .timestamp()
-            .to_millis()
-            .filter(|&t| t >= 0)
-            .map(|t| t as u64);
-        let record_ts = kafka_ts.unwrap_or_else(|| now_ms() as u64);
+        let (kafka_ts, record_ts) = timestamps(msg);
         match decode_event(schema, limits, msg.payload(), record_ts) {
-            Ok(event) => {
-                self.kafka_ts.push(record_ts as i64);
-                self.events.push(SourcedEvent {
-                    partition: p,
-                    offset,
-                    event,
-                })
-            }
-            Err(invalid) => {
-                metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason.as_str())
-                    .increment(1);
-                debug!(partition = p, offset, reason = %invalid.reason, detail = invalid.detail, "invalid event");
-                self.dead.push(DeadLetter::of(msg, &invalid, kafka_ts));
-            }
+            Ok(event) => match forward::route(schema, &event, p, partitions, &mut self.key) {
+                Route::Here => self.input.push(p, offset, event, record_ts),
+                route => {
+                    self.forwards
+                        .extend(forward::copies(msg, route, partitions));
+                    self.forwarded += 1;
+                    if route == Route::HereAndEveryOther {
+                        self.input.push(p, offset, event, record_ts);
+                    }
+                }
+            },
+            Err(invalid) => self.dead_letter(msg, &invalid, kafka_ts),
         }
         let print = RecordPrint::of(
             offset,
@@ -76,18 +137,58 @@ impl Pending {
             msg.key(),
             msg.payload(),
         );
-        self.last_records.insert(p, print);
-        let next = self.next_offsets.entry(p).or_insert(offset + 1);
-        *next = (*next).max(offset + 1);
+        self.input.last_records.insert(p, print);
+        self.input.consumed(p, offset);
         self.consumed += 1;
         self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Decode one message of the routed topic into the batch, forwarded from `origin` (source
+    /// partition and offset, when it says); `copy`: the store holds that source offset already,
+    /// so only the position moves.
+    pub(super) fn accept_routed(
+        &mut self,
+        schema: &Schema,
+        limits: &DecodeLimits,
+        msg: &BorrowedMessage<'_>,
+        origin: Option<(i32, i64)>,
+        copy: bool,
+    ) {
+        let (q, offset) = (msg.partition(), msg.offset());
+        if copy {
+            self.forwarded_copies += 1;
+        } else {
+            let (kafka_ts, record_ts) = timestamps(msg);
+            match decode_event(schema, limits, msg.payload(), record_ts) {
+                Ok(event) => self.routed.push(q, offset, event, record_ts),
+                Err(invalid) => self.dead_letter(msg, &invalid, kafka_ts),
+            }
+            if let Some((source, source_offset)) = origin {
+                let next = self
+                    .upstream
+                    .entry((q, source))
+                    .or_insert(source_offset + 1);
+                *next = (*next).max(source_offset + 1);
+            }
+        }
+        self.routed.consumed(q, offset);
+        self.routed_consumed += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn dead_letter(&mut self, msg: &BorrowedMessage<'_>, invalid: &InvalidEvent, ts: Option<u64>) {
+        metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason.as_str()).increment(1);
+        debug!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
+            reason = %invalid.reason, detail = invalid.detail, "invalid event");
+        self.dead.push(Copy::dead_letter(msg, invalid, ts));
     }
 }
 
 /// How a batch in flight ended.
 pub(super) enum Written {
-    /// Its changelog records acknowledged, then the store write flushed.
-    Durable(AppendOutcome),
+    /// Its changelog records acknowledged, then the store writes flushed: one outcome per part
+    /// (the engagements topic's events, then, when there were any, the routed topic's).
+    Durable(Vec<AppendOutcome>),
     /// Asked to stop while the changelog did not acknowledge: nothing was written to the store,
     /// and the batch is consumed again at the next start.
     Stopped,
@@ -96,9 +197,9 @@ pub(super) enum Written {
 /// A batch handed to the changelog and the store writer, not yet known to be durable.
 pub(super) struct InFlight {
     outcome: tokio::task::JoinHandle<Result<Written, IngestError>>,
-    kafka_ts: Vec<i64>,
-    consumed: u64,
-    invalid: u64,
+    /// Per part, the Kafka timestamps of its events.
+    kafka_ts: Vec<Vec<i64>>,
+    figures: StoreBatchWritten,
     started: Instant,
 }
 
@@ -116,8 +217,9 @@ impl InFlight {
 pub(super) struct BatchWriter<'a> {
     pub cfg: &'a Config,
     pub schema: &'a Schema,
+    /// The engagements topic.
     pub topic: &'a str,
-    /// Delivers dead letters and changelog records.
+    /// Delivers dead letters, forwarded events and changelog records.
     pub producer: &'a FutureProducer,
     pub store: &'a GraphStore,
     pub writer: &'a Addr<StoreWriter>,
@@ -125,9 +227,9 @@ pub(super) struct BatchWriter<'a> {
 }
 
 impl BatchWriter<'_> {
-    /// Make the pending batch durable: DLQ first, then the atomic append. Returns `Ok(false)`
-    /// when asked to stop while the DLQ was still unreachable (nothing was written; it will be
-    /// re-consumed).
+    /// Make the pending batch durable: copies first, then the atomic appends. Returns
+    /// `Ok(false)` when asked to stop while the DLQ or the routed topic was still unreachable
+    /// (nothing was written; it will be re-consumed).
     pub(super) async fn write(
         &self,
         stop_rx: &mut watch::Receiver<bool>,
@@ -142,9 +244,9 @@ impl BatchWriter<'_> {
         }
     }
 
-    /// Deliver the batch's dead letters, then hand its changelog records to the producer
-    /// without waiting for them. `pending` is empty afterwards. `None`: asked to stop while the
-    /// DLQ was unreachable (nothing written; `pending` kept).
+    /// Deliver the batch's dead letters and forwarded events, then hand its changelog records
+    /// to the producer without waiting for them. `pending` is empty afterwards. `None`: asked to
+    /// stop while a copy was undelivered (nothing written; `pending` kept).
     ///
     /// The records may go out while the batch before is still in flight: the producer keeps each
     /// changelog partition in the order records are handed over, and [`Self::launch`] comes after
@@ -155,17 +257,53 @@ impl BatchWriter<'_> {
         pending: &mut Pending,
     ) -> Option<Prepared> {
         let started = Instant::now();
-        if !self.deliver_dead_letters(stop_rx, pending).await {
+        if !self.deliver(stop_rx, &pending.dead, "DLQ").await
+            || !self
+                .deliver(stop_rx, &pending.forwards, "routed topic")
+                .await
+        {
             return None;
         }
+        if !pending.dead.is_empty() {
+            metrics::counter!(m::DLQ_PRODUCED).increment(pending.dead.len() as u64);
+        }
         let pending = std::mem::take(pending);
-        let batch = AppendBatch {
-            topic: self.topic.to_owned(),
-            events: pending.events,
-            next_offsets: pending.next_offsets.into_iter().collect(),
-            last_records: pending.last_records.into_iter().collect(),
-            extra_offsets: Vec::new(),
+        let figures = StoreBatchWritten {
+            consumed: pending.consumed,
+            invalid: pending.dead.len() as u64,
+            forwarded: pending.forwarded,
+            forwarded_in: pending.routed_consumed,
+            forwarded_copies: pending.forwarded_copies,
+            ..StoreBatchWritten::default()
         };
+        let mut parts = Vec::with_capacity(2);
+        if pending.consumed > 0 {
+            parts.push(pending.input.into_batch(self.topic));
+        }
+        if pending.routed_consumed > 0 {
+            let (mut batch, kafka_ts) = pending.routed.into_batch(&self.cfg.kafka.routed_topic);
+            batch.upstream = (pending.upstream.into_iter())
+                .map(|((partition, source), next)| Upstream {
+                    partition,
+                    source,
+                    next,
+                })
+                .collect();
+            parts.push((batch, kafka_ts));
+        }
+        let mut logged = Vec::with_capacity(parts.len());
+        for (batch, kafka_ts) in parts {
+            logged.push(self.log(batch, kafka_ts).await);
+        }
+        Some(Prepared {
+            parts: logged,
+            figures,
+            started,
+        })
+    }
+
+    /// Hand `batch`'s changelog records to the producer.
+    async fn log(&self, batch: AppendBatch, kafka_ts: Vec<i64>) -> LoggedPart {
         let changelog = &self.cfg.kafka.changelog_topic;
         // A store from before the changelog: its first record of a partition says so.
         let after_history = |p| {
@@ -174,7 +312,7 @@ impl BatchWriter<'_> {
         };
         let records = changelog::records_of(self.schema, &batch, after_history);
         let sent = changelog::send(self.producer, changelog, &records).await;
-        Some(Prepared {
+        LoggedPart {
             log: ChangelogDelivery {
                 producer: self.producer.clone(),
                 topic: changelog.clone(),
@@ -182,11 +320,8 @@ impl BatchWriter<'_> {
                 sent,
             },
             batch,
-            kafka_ts: pending.kafka_ts,
-            consumed: pending.consumed,
-            invalid: pending.dead.len() as u64,
-            started,
-        })
+            kafka_ts,
+        }
     }
 
     /// Once the batch before is durable: wait for the prepared batch's changelog
@@ -195,11 +330,16 @@ impl BatchWriter<'_> {
     /// else touches the stored offsets); the writer is one thread taking batches in order.
     pub(super) fn launch(&self, p: Prepared, stop_rx: &watch::Receiver<bool>) -> InFlight {
         let (writer, stop) = (self.writer.clone(), stop_rx.clone());
+        let mut kafka_ts = Vec::with_capacity(p.parts.len());
+        let mut parts = Vec::with_capacity(p.parts.len());
+        for part in p.parts {
+            kafka_ts.push(part.kafka_ts);
+            parts.push((part.log, part.batch));
+        }
         InFlight {
-            outcome: actix::spawn(log_then_write(p.log, p.batch, writer, stop)),
-            kafka_ts: p.kafka_ts,
-            consumed: p.consumed,
-            invalid: p.invalid,
+            outcome: actix::spawn(log_then_write(parts, writer, stop)),
+            kafka_ts,
+            figures: p.figures,
             started: p.started,
         }
     }
@@ -212,53 +352,50 @@ impl BatchWriter<'_> {
 
     /// Count a batch the writer answered for (its `answer`).
     pub(super) fn settle(&self, in_flight: InFlight, answer: Answer) -> Result<(), IngestError> {
-        let outcome = match answer.map_err(|_| IngestError::WriterGone)?? {
-            Written::Durable(outcome) => outcome,
+        let outcomes = match answer.map_err(|_| IngestError::WriterGone)?? {
+            Written::Durable(outcomes) => outcomes,
             Written::Stopped => return Ok(()),
         };
-        if outcome.appended > 0 {
-            let new_node_ts = outcome
-                .node_creating_events
-                .iter()
-                .filter_map(|&i| in_flight.kafka_ts.get(i as usize).copied())
-                .collect();
-            self.status.freshness.ingested(
-                outcome.first_seq + outcome.appended,
-                in_flight.kafka_ts,
-                new_node_ts,
-            );
+        let mut figures = in_flight.figures;
+        for (outcome, kafka_ts) in outcomes.into_iter().zip(in_flight.kafka_ts) {
+            if outcome.appended > 0 {
+                let new_node_ts = outcome
+                    .node_creating_events
+                    .iter()
+                    .filter_map(|&i| kafka_ts.get(i as usize).copied())
+                    .collect();
+                self.status.freshness.ingested(
+                    outcome.first_seq + outcome.appended,
+                    kafka_ts,
+                    new_node_ts,
+                );
+            }
+            figures.appended += outcome.appended;
+            figures.duplicate_event_ids += outcome.duplicate_event_ids;
+            figures.redelivered += outcome.already_stored;
+            figures.new_nodes += outcome.new_nodes;
+            figures.erased += outcome.erased;
+            figures.erased_refused += outcome.erased_refused;
         }
-        StoreBatchWritten {
-            consumed: in_flight.consumed,
-            invalid: in_flight.invalid,
-            appended: outcome.appended,
-            duplicate_event_ids: outcome.duplicate_event_ids,
-            redelivered: outcome.already_stored,
-            new_nodes: outcome.new_nodes,
-            erased: outcome.erased,
-            erased_refused: outcome.erased_refused,
-            seconds: in_flight.started.elapsed().as_secs_f64(),
-        }
-        .emit(self.status);
+        figures.seconds = in_flight.started.elapsed().as_secs_f64();
+        figures.emit(self.status);
         Ok(())
     }
 
-    /// Retry until the DLQ acknowledges every dead letter; `false` when asked to stop first.
-    async fn deliver_dead_letters(
+    /// Retry until `what` acknowledges every copy; `false` when asked to stop first.
+    async fn deliver(
         &self,
         stop_rx: &mut watch::Receiver<bool>,
-        pending: &Pending,
+        copies: &[Copy],
+        what: &str,
     ) -> bool {
         let mut backoff = Backoff::default();
-        while !pending.dead.is_empty() {
-            match deliver_dead_letters(self.cfg, self.producer, &pending.dead).await {
-                Ok(()) => {
-                    metrics::counter!(m::DLQ_PRODUCED).increment(pending.dead.len() as u64);
-                    break;
-                }
+        while !copies.is_empty() {
+            match deliver_copies(self.cfg, self.producer, copies).await {
+                Ok(()) => break,
                 Err(e) => {
                     metrics::counter!(m::BATCH_RETRIES).increment(1);
-                    warn!(error = %e, dead_letters = pending.dead.len(), "DLQ not acknowledged; retrying");
+                    warn!(error = %e, copies = copies.len(), "{what} not acknowledged; retrying");
                     tokio::select! {
                         _ = stop_rx.changed() => return false,
                         _ = tokio::time::sleep(backoff.next()) => {}
@@ -270,14 +407,18 @@ impl BatchWriter<'_> {
     }
 }
 
-/// A batch whose dead letters are delivered and whose changelog records are on their way.
+/// A batch whose copies are delivered and whose changelog records are on their way.
 pub(super) struct Prepared {
+    parts: Vec<LoggedPart>,
+    figures: StoreBatchWritten,
+    started: Instant,
+}
+
+/// One topic's part of a batch, its changelog records handed to the producer.
+struct LoggedPart {
     log: ChangelogDelivery,
     batch: AppendBatch,
     kafka_ts: Vec<i64>,
-    consumed: u64,
-    invalid: u64,
-    started: Instant,
 }
 
 /// What the changelog delivery of one batch needs, owned (it runs beside the consume loop).
@@ -289,46 +430,50 @@ struct ChangelogDelivery {
     sent: Result<Vec<rdkafka::producer::DeliveryFuture>, rdkafka::error::KafkaError>,
 }
 
-/// The batch's changelog records ([`crate::changelog`]), retried until acknowledged, then the
-/// batch with the changelog positions after them, written to the store: the changelog is never
-/// behind the store. [`Written::Stopped`] when asked to stop before the acknowledgement.
+/// Each part in turn: its changelog records ([`crate::changelog`]), retried until acknowledged,
+/// then the part with the changelog positions after them, written to the store: the changelog
+/// is never behind the store. [`Written::Stopped`] when asked to stop before an
+/// acknowledgement (a part written before it stays written; the rest is consumed again).
 async fn log_then_write(
-    log: ChangelogDelivery,
-    mut batch: AppendBatch,
+    parts: Vec<(ChangelogDelivery, AppendBatch)>,
     writer: Addr<StoreWriter>,
     stop: watch::Receiver<bool>,
 ) -> Result<Written, IngestError> {
-    let mut backoff = Backoff::default();
-    let mut sent = log.sent;
-    let positions = loop {
-        if *stop.borrow() {
-            return Ok(Written::Stopped);
-        }
-        let acknowledged = match sent {
-            Ok(deliveries) => changelog::acknowledged(deliveries).await,
-            Err(e) => Err(e),
-        };
-        match acknowledged {
-            Ok(positions) => break positions,
-            Err(e) => {
-                metrics::counter!(m::BATCH_RETRIES).increment(1);
-                warn!(error = %e, records = log.records.len(), "changelog not acknowledged; retrying");
-                tokio::time::sleep(backoff.next()).await;
-                // Every record again: one that was acknowledged is there twice, which the
-                // restore skips by its offsets.
-                sent = changelog::send(&log.producer, &log.topic, &log.records).await;
+    let mut outcomes = Vec::with_capacity(parts.len());
+    for (log, mut batch) in parts {
+        let mut backoff = Backoff::default();
+        let mut sent = log.sent;
+        let positions = loop {
+            if *stop.borrow() {
+                return Ok(Written::Stopped);
             }
+            let acknowledged = match sent {
+                Ok(deliveries) => changelog::acknowledged(deliveries).await,
+                Err(e) => Err(e),
+            };
+            match acknowledged {
+                Ok(positions) => break positions,
+                Err(e) => {
+                    metrics::counter!(m::BATCH_RETRIES).increment(1);
+                    warn!(error = %e, records = log.records.len(), "changelog not acknowledged; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                    // Every record again: one that was acknowledged is there twice, which the
+                    // restore skips by its offsets.
+                    sent = changelog::send(&log.producer, &log.topic, &log.records).await;
+                }
+            }
+        };
+        batch
+            .extra_offsets
+            .extend((positions.into_iter()).map(|(p, next)| (log.topic.clone(), p, next)));
+        let topic = batch.topic.clone();
+        match writer.send(AppendEvents(batch)).await {
+            Ok(Ok(outcome)) => outcomes.push(outcome),
+            Ok(Err(source)) => return Err(IngestError::Store { topic, source }),
+            Err(_) => return Err(IngestError::WriterGone),
         }
-    };
-    batch.extra_offsets = (positions.into_iter())
-        .map(|(p, next)| (log.topic.clone(), p, next))
-        .collect();
-    let topic = batch.topic.clone();
-    match writer.send(AppendEvents(batch)).await {
-        Ok(Ok(outcome)) => Ok(Written::Durable(outcome)),
-        Ok(Err(source)) => Err(IngestError::Store { topic, source }),
-        Err(_) => Err(IngestError::WriterGone),
     }
+    Ok(Written::Durable(outcomes))
 }
 
 /// The wait before each retry of a delivery: 100 ms, doubling up to 5 s.

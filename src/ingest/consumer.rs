@@ -12,6 +12,11 @@
 //! * Offsets live in sled, not Kafka: on every assignment the consumer is assigned at the stored
 //!   offsets ([`IngestContext::rebalance`]), and the store skips any event at an offset it already
 //!   holds. Offsets are also committed to Kafka after each durable write, for lag tooling only.
+//! * The consumer subscribes to the engagements topic and the routed topic (`kafka.routed_topic`)
+//!   with the range assignor, so it owns partition `q` of both. A valid event whose source
+//!   another partition owns is forwarded there (acknowledged before the store write, as dead
+//!   letters are); a forwarded event at or below its source partition's stored position is a
+//!   copy sent again after a crash, and only moves the routed partition's offset.
 //!
 //! Dead letters are delivered at least once: a crash after the DLQ acknowledged a batch and before
 //! its sled write re-sends them on restart (their headers name topic/partition/offset, which is a
@@ -35,6 +40,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, OffsetPolicy};
 use crate::ingest::batch::{Answer, BatchWriter, InFlight, Pending};
+use crate::ingest::forward;
 use crate::ingest::rebalance::History;
 use crate::ingest::{IngestContext, IngestStatus, StoreWriter};
 use crate::kafka::{create_client, create_client_with_context, KafkaSetupError};
@@ -66,6 +72,23 @@ pub(crate) enum IngestError {
     },
     #[error("the store writer is gone")]
     WriterGone,
+    #[error(
+        "{routed} has {routed_partitions} partitions and {topic} has {partitions}: the routed \
+         topic (kafka.routed_topic) needs exactly as many, so that partition q of each has one \
+         owner (recreate it with `twhin-stream topics apply` after deleting it)"
+    )]
+    RoutedPartitions {
+        routed: String,
+        routed_partitions: i32,
+        topic: String,
+        partitions: i32,
+    },
+    #[error("reading the partition count of {topic}: {source}")]
+    Metadata {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
     #[error(
         "consumer group {group:?} is consumed by another instance: this one was assigned {assigned} \
          of the {total} partitions of {topic}; run one twhin-stream per kafka.group_id (two would \
@@ -166,14 +189,28 @@ impl Handler<StopIngest> for IngestActor {
 #[rtype(result = "()")]
 pub(crate) struct StopIngest;
 
-/// The consumer, subscribed, assigning at the stored offsets; and the DLQ producer.
+/// The consumer and the producer of what ingest writes besides the store.
+struct Clients {
+    consumer: Arc<StreamConsumer<IngestContext>>,
+    producer: FutureProducer,
+    /// The engagements topic's partitions: a node's owner is its key's partition among them.
+    partitions: i32,
+}
+
+/// The consumer, subscribed to the engagements and routed topics, assigning at the stored
+/// offsets; and the producer of dead letters, forwarded events and changelog records.
 fn open_clients(
     cfg: &Config,
     store: &Arc<GraphStore>,
     status: &Arc<IngestStatus>,
-) -> Result<(Arc<StreamConsumer<IngestContext>>, FutureProducer), IngestError> {
+) -> Result<Clients, IngestError> {
     let topic = cfg.kafka.engagements_topic.clone();
+    let routed = cfg.kafka.routed_topic.clone();
     let mut props = cfg.consumer_properties();
+    // Partition q of both topics to one member: the range assignor splits each topic alike
+    // when every member subscribes to both with equal partition counts (co-partitioning).
+    props.retain(|(k, _)| k != "partition.assignment.strategy");
+    props.push(("partition.assignment.strategy".into(), "range".into()));
     // Offsets are ours (sled); Kafka gets a monitoring copy after each durable write.
     props.push(("enable.auto.commit".into(), "false".into()));
     props.push(("enable.auto.offset.store".into(), "false".into()));
@@ -184,6 +221,7 @@ fn open_clients(
     let ctx = IngestContext {
         store: store.clone(),
         topic: topic.clone(),
+        routed: routed.clone(),
         group: cfg.kafka.group_id.clone(),
         status: status.clone(),
         failure: Default::default(),
@@ -192,12 +230,36 @@ fn open_clients(
     };
     let consumer: StreamConsumer<IngestContext> =
         create_client_with_context(&props, ctx, "consumer")?;
-    let producer: FutureProducer =
-        create_client(&cfg.producer_properties(), "DLQ and changelog producer")?;
+    let producer: FutureProducer = create_client(
+        &cfg.producer_properties(),
+        "DLQ, forwarding and changelog producer",
+    )?;
+    let count = |t: &str| -> Result<i32, IngestError> {
+        let md = (consumer.fetch_metadata(Some(t), Duration::from_secs(10))).map_err(|source| {
+            IngestError::Metadata {
+                topic: t.to_owned(),
+                source,
+            }
+        })?;
+        Ok(md.topics().first().map_or(0, |m| m.partitions().len()) as i32)
+    };
+    let (partitions, routed_partitions) = (count(&topic)?, count(&routed)?);
+    if partitions != routed_partitions {
+        return Err(IngestError::RoutedPartitions {
+            routed,
+            routed_partitions,
+            topic,
+            partitions,
+        });
+    }
     consumer
-        .subscribe(&[&topic])
+        .subscribe(&[&topic, &routed])
         .map_err(|source| IngestError::Subscribe { topic, source })?;
-    Ok((Arc::new(consumer), producer))
+    Ok(Clients {
+        consumer: Arc::new(consumer),
+        producer,
+        partitions,
+    })
 }
 
 async fn run_consumer(
@@ -208,8 +270,18 @@ async fn run_consumer(
     mut stop_rx: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let topic = cfg.kafka.engagements_topic.clone();
-    let (consumer, producer) = open_clients(&cfg, &store, &status)?;
-    info!(topic, group = cfg.kafka.group_id, "ingest started");
+    let Clients {
+        consumer,
+        producer,
+        partitions,
+    } = open_clients(&cfg, &store, &status)?;
+    info!(
+        topic,
+        routed = cfg.kafka.routed_topic,
+        partitions,
+        group = cfg.kafka.group_id,
+        "ingest started"
+    );
     let schema = cfg.schema();
     let mut c = Consuming {
         consumer: &consumer,
@@ -229,8 +301,11 @@ async fn run_consumer(
             status: &status,
         },
         limits: cfg.decode_limits(),
+        partitions,
         pending: Pending::default(),
         seen_next: HashMap::new(),
+        routed_seen_next: HashMap::new(),
+        upstream: HashMap::new(),
         in_flight: None,
     };
     let max_wait = Duration::from_millis(cfg.ingest.batch_max_wait_ms);
@@ -256,7 +331,7 @@ async fn run_consumer(
         if let Err(e) = step {
             break Err(e);
         }
-        let full = c.pending.consumed as usize >= cfg.ingest.batch_max_events;
+        let full = c.pending.len() as usize >= cfg.ingest.batch_max_events;
         let due = c.pending.since.is_some_and(|t| t.elapsed() >= max_wait);
         if full || due {
             match c.start_batch(&mut stop_rx).await {
@@ -289,10 +364,17 @@ struct Consuming<'a> {
     batches: BatchWriter<'a>,
     resets: ResetContext<'a>,
     limits: crate::schema::DecodeLimits,
+    /// The engagements topic's partitions (and the routed topic's).
+    partitions: i32,
     pending: Pending,
     /// Highest offset seen + 1 per partition: a message below it was already buffered or stored
     /// (redelivered after a rebalance), and must not be counted or dead-lettered twice.
     seen_next: HashMap<i32, i64>,
+    /// The same for the routed topic's partitions.
+    routed_seen_next: HashMap<i32, i64>,
+    /// Per (routed partition, source partition): the source offset after the last forwarded
+    /// event taken (loaded from the store at first sight): a forwarded event below it is a copy.
+    upstream: HashMap<(i32, i32), i64>,
     /// The batch the store writer is making durable while the next one is consumed.
     in_flight: Option<InFlight>,
 }
@@ -318,7 +400,8 @@ impl Consuming<'_> {
     }
 
     fn commit_mirror(&self) {
-        commit_mirror(self.consumer, self.batches.topic, self.resets.store);
+        let topics = [self.batches.topic, &self.batches.cfg.kafka.routed_topic];
+        commit_mirror(self.consumer, &topics, self.resets.store);
     }
 
     /// Partitions still waiting for the record they must deliver first, whose end is past it:
@@ -385,7 +468,7 @@ impl Consuming<'_> {
                     break;
                 }
             }
-            if self.pending.consumed as usize >= self.batches.cfg.ingest.batch_max_events {
+            if self.pending.len() as usize >= self.batches.cfg.ingest.batch_max_events {
                 break;
             }
             next = self.consumer.recv().now_or_never();
@@ -402,6 +485,9 @@ impl Consuming<'_> {
         msg: &BorrowedMessage<'_>,
         stop_rx: &mut watch::Receiver<bool>,
     ) -> Result<Taken, IngestError> {
+        if msg.topic() != self.batches.topic {
+            return self.take_forwarded(msg);
+        }
         let p = msg.partition();
         if let Some(expected) = self.consumer.context().take_expected(p) {
             self.finish_in_flight().await?;
@@ -433,9 +519,50 @@ impl Consuming<'_> {
             Ok(Taken::Skipped)
         } else {
             self.seen_next.insert(p, msg.offset() + 1);
-            self.pending.accept(self.batches.schema, &self.limits, msg);
+            let partitions = self.partitions;
+            (self.pending).accept(self.batches.schema, &self.limits, msg, partitions);
             Ok(Taken::Accepted)
         }
+    }
+
+    /// One message of the routed topic: a redelivery is dropped; a copy of a forwarded event
+    /// already taken (below its source's position) only moves the partition's position; any
+    /// other goes into the pending batch.
+    fn take_forwarded(&mut self, msg: &BorrowedMessage<'_>) -> Result<Taken, IngestError> {
+        let q = msg.partition();
+        if msg.offset() < self.routed_seen_next.get(&q).copied().unwrap_or(i64::MIN) {
+            metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(1);
+            return Ok(Taken::Skipped);
+        }
+        self.routed_seen_next.insert(q, msg.offset() + 1);
+        let origin = forward::origin(msg);
+        let mut copy = false;
+        if let Some((source, source_offset)) = origin {
+            let next = match self.upstream.get(&(q, source)) {
+                Some(&next) => next,
+                None => {
+                    let routed = &self.batches.cfg.kafka.routed_topic;
+                    (self.resets.store.upstream_offset(routed, q, source))
+                        .map_err(|source| IngestError::Store {
+                            topic: routed.clone(),
+                            source,
+                        })?
+                        .unwrap_or(i64::MIN)
+                }
+            };
+            copy = source_offset < next;
+            self.upstream
+                .insert((q, source), next.max(source_offset + 1));
+        } else {
+            warn!(
+                partition = q,
+                offset = msg.offset(),
+                "a record on the routed topic without the forwarding headers; stored as it is"
+            );
+        }
+        let (schema, limits) = (self.batches.schema, &self.limits);
+        (self.pending).accept_routed(schema, limits, msg, origin, copy);
+        Ok(Taken::Accepted)
     }
 
     /// Hand the pending batch to the store writer, at most one batch in flight: the previous
@@ -621,12 +748,13 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Mirror the durable offsets to Kafka for lag tooling (best effort; sled is the truth).
-fn commit_mirror(consumer: &StreamConsumer<IngestContext>, topic: &str, store: &GraphStore) {
+/// Mirror the durable offsets of `topics` to Kafka for lag tooling (best effort; sled is the
+/// truth).
+fn commit_mirror(consumer: &StreamConsumer<IngestContext>, topics: &[&str], store: &GraphStore) {
     let Ok(offsets) = store.offsets() else { return };
     let mut tpl = TopicPartitionList::new();
     for (t, p, next) in offsets {
-        if t == topic {
+        if topics.contains(&t.as_str()) {
             let _ = tpl.add_partition_offset(&t, p, Offset::Offset(next));
         }
     }

@@ -22,7 +22,10 @@ use crate::telemetry as m;
 /// The consumer's context: assigns partitions at the offsets stored in sled.
 pub struct IngestContext {
     pub(super) store: Arc<GraphStore>,
+    /// The engagements topic.
     pub(super) topic: String,
+    /// The routed topic (`kafka.routed_topic`), consumed beside it.
+    pub(super) routed: String,
     pub(super) group: String,
     pub(super) status: Arc<IngestStatus>,
     /// Set when an assignment could not be honoured; the loop stops with this error.
@@ -100,6 +103,10 @@ impl IngestContext {
         let Some(next) = self.store.stored_offset(topic, p)? else {
             return Ok(Offset::Beginning);
         };
+        if topic != self.topic {
+            // The routed topic: ours, created with the deployment, so its history is not checked.
+            return Ok(Offset::Offset(next));
+        }
         match self.store.last_record(topic, p)? {
             Some(print) if print.offset + 1 == next => {
                 self.expected.lock().insert(p, (print, Instant::now()));
@@ -148,6 +155,12 @@ impl IngestContext {
         });
         false
     }
+    /// How many of `tpl`'s partitions are of the engagements topic (the routed topic's come
+    /// with them, one for one).
+    fn owned(&self, tpl: &TopicPartitionList) -> usize {
+        tpl.elements_for_topic(&self.topic).len()
+    }
+
     pub(super) fn take_failure(&self) -> Option<IngestError> {
         self.failure.lock().take()
     }
@@ -159,23 +172,27 @@ impl ClientContext for IngestContext {
             stats.brokers.values().any(|b| b.state == "UP"),
             Ordering::Relaxed,
         );
-        let Some(topic) = stats.topics.get(&self.topic) else {
-            return;
-        };
+        // Forwarded events not yet stored are behind too.
         let mut total = 0u64;
-        for (&p, part) in &topic.partitions {
-            if p < 0 || part.hi_offset < 0 {
+        for name in [&self.topic, &self.routed] {
+            let Some(topic) = stats.topics.get(name) else {
                 continue;
+            };
+            for (&p, part) in &topic.partitions {
+                if p < 0 || part.hi_offset < 0 {
+                    continue;
+                }
+                let stored = self
+                    .store
+                    .stored_offset(name, p)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(part.lo_offset.max(0));
+                let lag = (part.hi_offset - stored).max(0) as u64;
+                total += lag;
+                metrics::gauge!(m::CONSUMER_LAG, "topic" => name.clone(), "partition" => p.to_string())
+                    .set(lag as f64);
             }
-            let stored = self
-                .store
-                .stored_offset(&self.topic, p)
-                .ok()
-                .flatten()
-                .unwrap_or(part.lo_offset.max(0));
-            let lag = (part.hi_offset - stored).max(0) as u64;
-            total += lag;
-            metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
         }
         self.status.lag.store(total, Ordering::Relaxed);
     }
@@ -205,7 +222,8 @@ impl ConsumerContext for IngestContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics::counter!(m::REBALANCES).increment(1);
-                if !self.check_sole_consumer(consumer, tpl.count()) {
+                let owned = self.owned(tpl);
+                if !self.check_sole_consumer(consumer, owned) {
                     return;
                 }
                 let mut positions = Vec::new();
@@ -232,7 +250,7 @@ impl ConsumerContext for IngestContext {
                 info!(partitions = ?positions.iter().map(|(_, p, o)| (*p, *o)).collect::<Vec<_>>(), "assigned at stored offsets");
                 self.status
                     .assigned_partitions
-                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
+                    .fetch_add(owned as u64, Ordering::Relaxed);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -248,7 +266,7 @@ impl ConsumerContext for IngestContext {
                     error!(error = %e, "flush on revoke failed");
                 }
                 info!(partitions = tpl.count(), "partitions revoked");
-                let n = tpl.count() as u64;
+                let n = self.owned(tpl) as u64;
                 let _ = self.status.assigned_partitions.fetch_update(
                     Ordering::Relaxed,
                     Ordering::Relaxed,

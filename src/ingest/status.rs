@@ -12,6 +12,10 @@ use crate::telemetry as m;
 #[derive(Debug, Default)]
 pub struct IngestStatus {
     pub consumed: AtomicU64,
+    /// Valid events sent on to the partition that owns their source.
+    pub forwarded: AtomicU64,
+    /// Forwarded events consumed from the routed topic (copies included).
+    pub forwarded_in: AtomicU64,
     pub invalid: AtomicU64,
     pub appended: AtomicU64,
     pub duplicates: AtomicU64,
@@ -37,6 +41,10 @@ pub struct IngestStatus {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct StoreBatchWritten {
     pub consumed: u64,
+    pub forwarded: u64,
+    pub forwarded_in: u64,
+    /// Forwarded events the store held already (a copy sent again after a crash).
+    pub forwarded_copies: u64,
     pub invalid: u64,
     pub appended: u64,
     pub duplicate_event_ids: u64,
@@ -69,11 +77,21 @@ impl StoreBatchWritten {
             .fetch_add(self.erased_refused, Ordering::Relaxed);
         metrics::counter!(m::DUPLICATES, "kind" => "event_id").increment(self.duplicate_event_ids);
         metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(self.redelivered);
+        metrics::counter!(m::DUPLICATES, "kind" => "forwarded_copy")
+            .increment(self.forwarded_copies);
+        metrics::counter!(m::FORWARDED).increment(self.forwarded);
+        metrics::counter!(m::FORWARDED_IN).increment(self.forwarded_in);
         status.consumed.fetch_add(self.consumed, Ordering::Relaxed);
+        status
+            .forwarded
+            .fetch_add(self.forwarded, Ordering::Relaxed);
+        status
+            .forwarded_in
+            .fetch_add(self.forwarded_in, Ordering::Relaxed);
         status.invalid.fetch_add(self.invalid, Ordering::Relaxed);
         status.appended.fetch_add(self.appended, Ordering::Relaxed);
         status.duplicates.fetch_add(
-            self.duplicate_event_ids + self.redelivered,
+            self.duplicate_event_ids + self.redelivered + self.forwarded_copies,
             Ordering::Relaxed,
         );
         status.batches.fetch_add(1, Ordering::Relaxed);
@@ -96,6 +114,9 @@ mod tests {
         let status = IngestStatus::default();
         let batch = StoreBatchWritten {
             consumed: 10,
+            forwarded: 2,
+            forwarded_in: 3,
+            forwarded_copies: 1,
             invalid: 2,
             appended: 6,
             duplicate_event_ids: 1,
@@ -116,7 +137,8 @@ mod tests {
                 get(&status.duplicates),
                 get(&status.batches)
             ],
-            [20, 4, 12, 4, 2]
+            [20, 4, 12, 6, 2]
         );
+        assert_eq!([get(&status.forwarded), get(&status.forwarded_in)], [4, 6]);
     }
 }

@@ -120,14 +120,15 @@ pub struct TopicDef {
     pub spec: TopicSpec,
 }
 
-/// The five topics, read from `kafka.topics_dir`, named by the config.
+/// The six topics, read from `kafka.topics_dir`, named by the config.
 pub fn topic_defs(cfg: &Config) -> Result<Vec<TopicDef>, KafkaSetupError> {
-    let roles: [(&'static str, &String); 5] = [
+    let roles: [(&'static str, &String); 6] = [
         ("engagements", &cfg.kafka.engagements_topic),
         ("engagements-dlq", &cfg.kafka.dlq_topic),
         ("embeddings", &cfg.kafka.embeddings_topic),
         ("versions", &cfg.kafka.versions_topic),
         ("changelog", &cfg.kafka.changelog_topic),
+        ("routed", &cfg.kafka.routed_topic),
     ];
     roles
         .into_iter()

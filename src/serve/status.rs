@@ -47,6 +47,12 @@ pub(super) struct KafkaStatus {
 #[derive(Debug, Serialize)]
 pub(super) struct IngestFigures {
     pub consumed: u64,
+    /// Valid events consumed from a partition that does not own their source and sent on to
+    /// the one that does (`kafka.routed_topic`).
+    pub forwarded: u64,
+    /// Forwarded events consumed from the routed topic (copies of ones stored already
+    /// included; those count in `duplicates` too).
+    pub forwarded_in: u64,
     pub invalid: u64,
     pub appended: u64,
     pub duplicates: u64,
@@ -133,6 +139,8 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
     let recent = state.rate.lock().observe(now, consumed);
     let ingest = IngestFigures {
         consumed,
+        forwarded: i.forwarded.load(Ordering::Relaxed),
+        forwarded_in: i.forwarded_in.load(Ordering::Relaxed),
         invalid: i.invalid.load(Ordering::Relaxed),
         appended: i.appended.load(Ordering::Relaxed),
         duplicates: i.duplicates.load(Ordering::Relaxed),

@@ -189,6 +189,14 @@ impl GraphStore {
                 w.sled.insert(offset_key(topic, *p), &next.to_be_bytes());
             }
         }
+        for u in &batch.upstream {
+            if (self.upstream_offset(&batch.topic, u.partition, u.source)?)
+                .is_none_or(|stored| u.next > stored)
+            {
+                let key = upstream_key(&batch.topic, u.partition, u.source);
+                w.sled.insert(key, &u.next.to_be_bytes());
+            }
+        }
         self.commit(&mut writer, w, durability)
     }
 

@@ -71,6 +71,14 @@ pub(super) fn record_print_key(topic: &str, partition: i32) -> Vec<u8> {
     partition_key(b'P', topic, partition)
 }
 
+/// The key of `topic`'s `partition`'s position in `source`, the partition its events were
+/// forwarded from.
+pub(super) fn upstream_key(topic: &str, partition: i32, source: i32) -> Vec<u8> {
+    let mut k = partition_key(b'U', topic, partition);
+    k.extend_from_slice(&source.to_be_bytes());
+    k
+}
+
 fn partition_key(prefix: u8, topic: &str, partition: i32) -> Vec<u8> {
     let mut k = Vec::with_capacity(topic.len() + 6);
     k.push(prefix);

@@ -26,6 +26,7 @@
 //! | `R`    | rel u16                               | edge count u64            |
 //! | `O`    | topic bytes, 0x00, partition i32      | next offset i64           |
 //! | `P`    | topic bytes, 0x00, partition i32      | the last consumed record: [`RecordPrint`] (offset i64, ts i64, crc u32) |
+//! | `U`    | topic bytes, 0x00, partition i32, source partition i32 | next source offset i64: how far the events forwarded to the partition from that source partition are stored ([`Upstream`]) |
 //! | `Y`    | newest ts u64, first seq u64 of the batch | the batch's ids: ts u64, len u16, id |
 //! | `D`    | chunk number u64                      | sequence numbers (u64 each) of the edges a batch deleted |
 //! | `Z`    | chunk number u64                      | the nodes a batch erased: type u16, index u32 each (format 3) |
@@ -148,6 +149,19 @@ pub struct AppendBatch {
     /// Next offsets of other topics made durable with the batch: the changelog's, past the
     /// records written for it (`(topic, partition, next offset)`; only moved forward).
     pub extra_offsets: Vec<(String, i32, i64)>,
+    /// Where the batch's events forwarded from other partitions leave those partitions (only
+    /// moved forward).
+    pub upstream: Vec<Upstream>,
+}
+
+/// How far the events forwarded to `partition` (of the batch's topic) from another topic's
+/// `source` partition are stored: `next` is the source offset after the last one. Forwarding
+/// is at least once; a forwarded event below this position is a copy and is skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream {
+    pub partition: i32,
+    pub source: i32,
+    pub next: i64,
 }
 
 /// What identifies one Kafka record at an offset: after a topic is recreated (or its data lost)
@@ -219,6 +233,7 @@ impl AppendBatch {
             next_offsets: vec![],
             last_records: vec![],
             extra_offsets: vec![],
+            upstream: vec![],
         }
     }
 }

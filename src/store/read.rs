@@ -42,6 +42,26 @@ impl GraphStore {
         }
     }
 
+    /// How far the events forwarded to `topic`'s `partition` from source partition `source` are
+    /// stored (see [`crate::store::Upstream`]).
+    pub fn upstream_offset(
+        &self,
+        topic: &str,
+        partition: i32,
+        source: i32,
+    ) -> Result<Option<i64>, StoreError> {
+        match self
+            .tree
+            .get(upstream_key(topic, partition, source))
+            .map_err(|e| self.sled_err(e))?
+        {
+            Some(v) => Ok(Some(
+                be_u64(&v).ok_or_else(|| corrupt(&self.path, "upstream offset"))? as i64,
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// All stored offsets: (topic, partition, next offset).
     pub fn offsets(&self) -> Result<Vec<(String, i32, i64)>, StoreError> {
         let mut out = Vec::new();

@@ -48,6 +48,7 @@ fn batch(events: Vec<(i32, i64, Event)>) -> AppendBatch {
         next_offsets: vec![],
         last_records: vec![],
         extra_offsets: vec![],
+        upstream: vec![],
     }
 }
 
@@ -155,6 +156,36 @@ fn redelivered_offsets_are_skipped_and_offsets_only_move_forward() {
     s.append(&back).unwrap();
     assert_eq!(s.stored_offset("t", 0).unwrap(), Some(9));
     assert_eq!(s.edge_count(), 2);
+}
+
+#[test]
+fn upstream_positions_are_kept_per_partition_and_source_move_forward_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = |partition, source, next| Upstream {
+        partition,
+        source,
+        next,
+    };
+    {
+        let s = open(dir.path());
+        assert_eq!(s.upstream_offset("t", 2, 5).unwrap(), None);
+        let mut b = batch(vec![(2, 0, ev("user:a", 0, "user:b", 1, None))]);
+        b.upstream = vec![up(2, 5, 40), up(2, 6, 7), up(3, 5, 11)];
+        s.append(&b).unwrap();
+        let mut back = batch(vec![]);
+        back.upstream = vec![up(2, 5, 12), up(2, 6, 9)];
+        s.append_unflushed(&back).unwrap();
+        s.flush().unwrap();
+    }
+    let s = open(dir.path());
+    let got = |p, source| s.upstream_offset("t", p, source).unwrap();
+    assert_eq!(
+        [got(2, 5), got(2, 6), got(3, 5), got(3, 6)],
+        [Some(40), Some(9), Some(11), None],
+        "per (partition, source), only forward"
+    );
+    assert_eq!(s.upstream_offset("other", 2, 5).unwrap(), None, "per topic");
+    assert_eq!(s.offsets().unwrap().len(), 1, "not offsets of their own");
 }
 
 #[test]
