@@ -106,7 +106,7 @@ impl Pending {
     }
 
     /// Decode one message of the engagements topic into the batch: a valid event (stored here,
-    /// or forwarded to the partition that owns its source; an erasure both), or a dead letter
+    /// or forwarded to the partition that owns its source), or a dead letter
     /// with its reason. `partitions`: the engagements topic's.
     pub(super) fn accept(
         &mut self,
@@ -120,13 +120,9 @@ impl Pending {
         match decode_event(schema, limits, msg.payload(), record_ts) {
             Ok(event) => match forward::route(schema, &event, p, partitions, &mut self.key) {
                 Route::Here => self.input.push(p, offset, event, record_ts),
-                route => {
-                    self.forwards
-                        .extend(forward::copies(msg, route, partitions));
+                Route::To(q) => {
+                    self.forwards.push(forward::copy(msg, q));
                     self.forwarded += 1;
-                    if route == Route::HereAndEveryOther {
-                        self.input.push(p, offset, event, record_ts);
-                    }
                 }
             },
             Err(invalid) => self.dead_letter(msg, &invalid, kafka_ts),

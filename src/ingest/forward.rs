@@ -1,9 +1,8 @@
 //! Forwarding (docs/architecture.md §9, "Routing"): a node belongs to the engagements partition
 //! its key falls in under Kafka's default partitioner ([`crate::partition`]), and the instance
 //! that consumes that partition stores its edges. An event consumed from a partition that does
-//! not own its source goes, unchanged, to the routed topic's partition that does; an erasure is
-//! stored here and also goes to every other partition, since each may hold edges naming the
-//! node. Copies are delivered like dead letters, acknowledged before the batch that consumed
+//! not own its source goes, unchanged, to the routed topic's partition that does (an erasure's
+//! source is the node it erases). Copies are delivered like dead letters, acknowledged before the batch that consumed
 //! them is written, so at least once; the owner skips a copy at or below its source's position
 //! ([`crate::store::Upstream`]), which it keeps with its offsets and logs with its changelog.
 
@@ -12,7 +11,7 @@ use rdkafka::Message as _;
 
 use crate::ingest::dlq::{Copy, CopyTo};
 use crate::partition::partition_of;
-use crate::schema::{Event, EventOp, Schema};
+use crate::schema::{Event, Schema};
 
 /// The engagements partition a forwarded event was consumed from (decimal).
 pub const HEADER_FORWARDED_PARTITION: &str = "twhin.forwarded.partition";
@@ -26,8 +25,6 @@ pub(crate) enum Route {
     Here,
     /// Another partition owns its source.
     To(i32),
-    /// An erasure: stored here, and sent to every other partition.
-    HereAndEveryOther,
 }
 
 /// Where `event`, consumed from partition `consumed_from` of a topic of `partitions`, belongs.
@@ -39,12 +36,6 @@ pub(crate) fn route(
     partitions: i32,
     key: &mut Vec<u8>,
 ) -> Route {
-    if event.op == EventOp::Erase {
-        return match partitions {
-            1 => Route::Here,
-            _ => Route::HereAndEveryOther,
-        };
-    }
     key.clear();
     key.extend_from_slice(schema.type_name(event.src.node_type).as_bytes());
     key.push(b':');
@@ -57,22 +48,15 @@ pub(crate) fn route(
     }
 }
 
-/// The copies of `msg` that `route` sends on (none for [`Route::Here`]).
-pub(super) fn copies(msg: &BorrowedMessage<'_>, route: Route, partitions: i32) -> Vec<Copy> {
-    let to: Vec<i32> = match route {
-        Route::Here => return Vec::new(),
-        Route::To(q) => vec![q],
-        Route::HereAndEveryOther => (0..partitions).filter(|&q| q != msg.partition()).collect(),
-    };
+/// The copy of `msg` that goes to partition `to` of the routed topic.
+pub(super) fn copy(msg: &BorrowedMessage<'_>, to: i32) -> Copy {
     let (partition, offset) = (msg.partition().to_string(), msg.offset().to_string());
     let origin = [
         (HEADER_FORWARDED_PARTITION, partition.as_str()),
         (HEADER_FORWARDED_OFFSET, offset.as_str()),
     ];
     let ts = msg.timestamp().to_millis().filter(|&t| t >= 0);
-    to.into_iter()
-        .map(|q| Copy::of(msg, CopyTo::Routed(q), &origin).with_timestamp(ts))
-        .collect()
+    Copy::of(msg, CopyTo::Routed(to), &origin).with_timestamp(ts)
 }
 
 /// The engagements partition and offset a message of the routed topic was forwarded from
@@ -98,7 +82,7 @@ pub(super) fn origin(msg: &BorrowedMessage<'_>) -> Option<(i32, i64)> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::schema::NodeKey;
+    use crate::schema::{EventOp, NodeKey};
 
     fn event(op: EventOp, src: &str) -> Event {
         let schema = Config::from_toml("").unwrap().schema();
@@ -121,7 +105,7 @@ mod tests {
     }
 
     #[test]
-    fn an_event_belongs_to_the_partition_of_its_source_key_and_an_erasure_everywhere() {
+    fn an_event_belongs_to_the_partition_of_its_source_key_an_erasure_to_its_nodes() {
         let schema = Config::from_toml("").unwrap().schema();
         let route = |e: &Event, from, n| route(&schema, e, from, n, &mut Vec::new());
         // Kafka's default partitioner on the key, as every producer computes it
@@ -135,8 +119,8 @@ mod tests {
         let delete = event(EventOp::Delete, "42");
         assert_eq!(route(&delete, (owner8 + 5) % 8, 8), Route::To(owner8));
         let erase = event(EventOp::Erase, "42");
-        assert_eq!(route(&erase, owner8, 8), Route::HereAndEveryOther);
-        assert_eq!(route(&erase, 0, 1), Route::Here);
+        assert_eq!(route(&erase, owner8, 8), Route::Here);
+        assert_eq!(route(&erase, (owner8 + 3) % 8, 8), Route::To(owner8));
         assert_eq!(route(&add, 0, 1), Route::Here);
     }
 }
