@@ -27,11 +27,9 @@ const TAIL_QUIET: Duration = Duration::from_millis(250);
 /// Why the publisher could not start on the versions topic.
 #[derive(Debug, thiserror::Error)]
 pub enum VersionsTopicError {
-    #[error("reading the newest markers of the versions topic (kafka.versions_topic): {0}")]
+    #[error("reading the newest markers of the versions topic (kafka.versions_topic)")]
     Read(#[source] Box<ReadError>),
-    #[error(
-        "the versions topic kafka.versions_topic = {topic} belongs to another deployment: {source}"
-    )]
+    #[error("the versions topic kafka.versions_topic = {topic} belongs to another deployment")]
     Foreign {
         topic: String,
         #[source]
