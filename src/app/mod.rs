@@ -22,8 +22,8 @@ use crate::config::{Comparator, Config, ValueFormat};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
-    reconcile_with_versions_topic, KafkaSink, Ledger, Publication, PublishedView, Quantizer,
-    TrainerActorPort, VersionSettings,
+    read_versions_tail, reconcile_with_tail, KafkaSink, Ledger, Publication, PublishedView,
+    Quantizer, TrainerActorPort, VersionSettings, VersionsTail,
 };
 use crate::serve::{HttpState, ServingView};
 use crate::store::{GraphStore, StoreOptions, StoreSummary};
@@ -65,12 +65,21 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
                 info!(topic, "topic created");
             }
         }
+        // What subscribers hold, read meanwhile (it waits on the broker, not on the store).
+        let tail = (cfg.trainer.enabled && cfg.publish.enabled).then(|| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || read_versions_tail(&cfg))
+        });
         // The store first, so that the trainer resumes on the graph it trained on.
         let restored = crate::changelog::restore(&cfg, &store)
             .context("bringing the store up to its changelog (kafka.changelog_topic)")?;
         let mut core = open_trainer(&cfg, &store, device)?;
-        let publication = match core.as_mut() {
-            Some(core) if cfg.publish.enabled => Some(open_publication(&cfg, core)?),
+        let publication = match (core.as_mut(), tail) {
+            (Some(core), Some(tail)) => {
+                let tail = (tail.join())
+                    .map_err(|_| anyhow::anyhow!("reading the versions topic panicked"))??;
+                Some(open_publication(&cfg, core, &tail)?)
+            }
             _ => None,
         };
         let opened = Opened {
@@ -327,12 +336,16 @@ fn open_trainer(
     Ok(Some(core))
 }
 
-/// The publication from the ledger in `publish.path`; the trainer pulls toward the restored
-/// reference from the start.
-fn open_publication(cfg: &Config, core: &mut TrainerCore) -> anyhow::Result<Publication> {
+/// The publication from the ledger in `publish.path`, reconciled with the versions topic's newest
+/// markers (`tail`); the trainer pulls toward the restored reference from the start.
+fn open_publication(
+    cfg: &Config,
+    core: &mut TrainerCore,
+    tail: &VersionsTail,
+) -> anyhow::Result<Publication> {
     let mut ledger = Ledger::open(&cfg.publish.path)?;
     // The topic, not the ledger, is what subscribers hold.
-    if let Some(disagreement) = reconcile_with_versions_topic(cfg, &mut ledger)? {
+    if let Some(disagreement) = reconcile_with_tail(cfg, &mut ledger, tail)? {
         warn!(
             ?disagreement,
             topic = cfg.kafka.versions_topic,

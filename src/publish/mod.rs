@@ -35,7 +35,9 @@ pub(crate) use pq_codebooks::{squared_error, PqError, PqTable};
 pub(crate) use pq_policy::{served_codes, Coding, Quantizer};
 pub use producer::KafkaSink;
 pub(crate) use rows::{RowRef, VersionRows};
-pub use tail::{read_versions_tail, reconcile_with_versions_topic, VersionsTopicError};
+pub use tail::{
+    read_versions_tail, reconcile_with_tail, reconcile_with_versions_topic, VersionsTopicError,
+};
 pub use version::{
     build_delta_version, PreparedVersion, PublishedView, ServedCodes, VersionRequest,
 };

@@ -96,8 +96,18 @@ pub fn reconcile_with_versions_topic(
     ledger: &mut Ledger,
 ) -> Result<Option<TopicDisagreement>, VersionsTopicError> {
     let tail = read_versions_tail(cfg)?;
+    reconcile_with_tail(cfg, ledger, &tail)
+}
+
+/// [`reconcile_with_versions_topic`] with the newest markers already read
+/// ([`read_versions_tail`]; the daemon reads them while its store and trainer open).
+pub fn reconcile_with_tail(
+    cfg: &Config,
+    ledger: &mut Ledger,
+    tail: &VersionsTail,
+) -> Result<Option<TopicDisagreement>, VersionsTopicError> {
     ledger
-        .reconcile(&tail, &cfg.kafka.group_id)
+        .reconcile(tail, &cfg.kafka.group_id)
         .map_err(|e| match e {
             ReconcileError::Foreign(source) => VersionsTopicError::Foreign {
                 topic: cfg.kafka.versions_topic.clone(),
