@@ -986,8 +986,18 @@ fn events_on_the_wrong_partition_reach_their_owner_exactly_once_across_kills_and
     let mut daemon = Daemon::start(s.env.clone(), s.http_port, &s.log_dir);
     let mut rng = SmallRng::seed_from_u64(2024);
     for _ in 0..4 {
-        std::thread::sleep(Duration::from_millis(rng.random_range(300..1_500)));
+        // Killed once it consumes: an instance killed while it joins the group stays a member
+        // until its session times out, and the test broker may then give it partitions, which
+        // the next start takes for a second instance.
+        wait_until("the daemon consuming", Duration::from_secs(60), || {
+            daemon.status().filter(|st| {
+                status_u64(st, "/ingest/consumed") + status_u64(st, "/ingest/forwarded_in") > 0
+                    || status_u64(st, "/kafka/assigned_partitions") == 8
+            })
+        });
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..600)));
         daemon.kill9();
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..700)));
         daemon.restart();
     }
     let settled = |daemon: &Daemon| {
