@@ -907,18 +907,14 @@ fn forwarded_records(bootstrap: &str, expected: usize) -> Vec<Forwarded> {
 /// Produce `records` to the routed topic as they are (the copies a forwarder that died before
 /// its store write sends again).
 fn send_again(bootstrap: &str, records: &[Forwarded]) {
-    use rdkafka::config::ClientConfig;
     use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .create()
-            .unwrap();
+        let producer = test_producer(bootstrap);
         for (q, key, payload, headers) in records {
             let mut owned = OwnedHeaders::new();
             for (k, v) in headers {

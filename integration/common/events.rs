@@ -86,6 +86,20 @@ pub fn produce_stream(
 /// Most deliveries awaited at once by [`produce_stream`] (bounds memory).
 pub const IN_FLIGHT: usize = 50_000;
 
+/// The tests' producer: idempotent, and placing keyed records with Kafka's default partitioner,
+/// as topics/README.md asks of every producer (a keyed event lands in the partition that owns
+/// its source). Build it inside a Tokio runtime.
+pub fn test_producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "300000")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap()
+}
+
 /// Send `msgs` in order (paced: message `i` not before `i / per_sec` s), handing each one's
 /// landing place to `landed` in input order; panics when a delivery fails.
 fn produce_each(
@@ -100,16 +114,7 @@ fn produce_each(
         .build()
         .unwrap();
     rt.block_on(async {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "300000")
-            // Kafka's default partitioner, as topics/README.md asks of every producer: a keyed
-            // event lands in the partition that owns its source.
-            .set("partitioner", "murmur2_random")
-            .create()
-            .unwrap();
+        let producer = test_producer(bootstrap);
         let start = Instant::now();
         let mut pending = std::collections::VecDeque::new();
         let mut sent = 0;
