@@ -68,9 +68,11 @@ impl Lane {
 pub(super) struct Pending {
     input: Lane,
     routed: Lane,
-    dead: Vec<Copy>,
-    /// Valid events that belong to other partitions, on their way to the routed topic.
-    forwards: Vec<Copy>,
+    /// Dead letters, and valid events that belong to other partitions on their way to the
+    /// routed topic: delivered together before the store write.
+    copies: Vec<Copy>,
+    /// Dead letters among `copies`.
+    invalid: u64,
     /// Per (routed partition, source partition): the source offset after the last forwarded
     /// event taken from it.
     upstream: HashMap<(i32, i32), i64>,
@@ -121,7 +123,7 @@ impl Pending {
             Ok(event) => match forward::route(schema, &event, p, partitions, &mut self.key) {
                 Route::Here => self.input.push(p, offset, event, record_ts),
                 Route::To(q) => {
-                    self.forwards.push(forward::copy(msg, q));
+                    self.copies.push(forward::copy(msg, q));
                     self.forwarded += 1;
                 }
             },
@@ -176,7 +178,8 @@ impl Pending {
         metrics::counter!(m::EVENTS_INVALID, "reason" => invalid.reason.as_str()).increment(1);
         debug!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(),
             reason = %invalid.reason, detail = invalid.detail, "invalid event");
-        self.dead.push(Copy::dead_letter(msg, invalid, ts));
+        self.copies.push(Copy::dead_letter(msg, invalid, ts));
+        self.invalid += 1;
     }
 }
 
@@ -253,20 +256,16 @@ impl BatchWriter<'_> {
         pending: &mut Pending,
     ) -> Option<Prepared> {
         let started = Instant::now();
-        if !self.deliver(stop_rx, &pending.dead, "DLQ").await
-            || !self
-                .deliver(stop_rx, &pending.forwards, "routed topic")
-                .await
-        {
+        if !self.deliver(stop_rx, &pending.copies).await {
             return None;
         }
-        if !pending.dead.is_empty() {
-            metrics::counter!(m::DLQ_PRODUCED).increment(pending.dead.len() as u64);
+        if pending.invalid > 0 {
+            metrics::counter!(m::DLQ_PRODUCED).increment(pending.invalid);
         }
         let pending = std::mem::take(pending);
         let figures = StoreBatchWritten {
             consumed: pending.consumed,
-            invalid: pending.dead.len() as u64,
+            invalid: pending.invalid,
             forwarded: pending.forwarded,
             forwarded_in: pending.routed_consumed,
             forwarded_copies: pending.forwarded_copies,
@@ -378,20 +377,15 @@ impl BatchWriter<'_> {
         Ok(())
     }
 
-    /// Retry until `what` acknowledges every copy; `false` when asked to stop first.
-    async fn deliver(
-        &self,
-        stop_rx: &mut watch::Receiver<bool>,
-        copies: &[Copy],
-        what: &str,
-    ) -> bool {
+    /// Retry until every copy is acknowledged; `false` when asked to stop first.
+    async fn deliver(&self, stop_rx: &mut watch::Receiver<bool>, copies: &[Copy]) -> bool {
         let mut backoff = Backoff::default();
         while !copies.is_empty() {
             match deliver_copies(self.cfg, self.producer, copies).await {
                 Ok(()) => break,
                 Err(e) => {
                     metrics::counter!(m::BATCH_RETRIES).increment(1);
-                    warn!(error = %e, copies = copies.len(), "{what} not acknowledged; retrying");
+                    warn!(error = %e, copies = copies.len(), "DLQ or routed topic not acknowledged; retrying");
                     tokio::select! {
                         _ = stop_rx.changed() => return false,
                         _ = tokio::time::sleep(backoff.next()) => {}

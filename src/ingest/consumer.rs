@@ -43,7 +43,7 @@ use crate::ingest::batch::{Answer, BatchWriter, InFlight, Pending};
 use crate::ingest::forward;
 use crate::ingest::rebalance::History;
 use crate::ingest::{IngestContext, IngestStatus, StoreWriter};
-use crate::kafka::{create_client, create_client_with_context, KafkaSetupError};
+use crate::kafka::{create_client, create_client_with_context, partition_count, KafkaSetupError};
 use crate::store::{GraphStore, RecordPrint, StoreError};
 use crate::telemetry as m;
 
@@ -83,12 +83,8 @@ pub(crate) enum IngestError {
         topic: String,
         partitions: i32,
     },
-    #[error("reading the partition count of {topic}: {source}")]
-    Metadata {
-        topic: String,
-        #[source]
-        source: KafkaError,
-    },
+    #[error(transparent)]
+    Partitions(#[from] crate::kafka::ReadError),
     #[error(
         "consumer group {group:?} is consumed by another instance: this one was assigned {assigned} \
          of the {total} partitions of {topic}; run one twhin-stream per kafka.group_id (two would \
@@ -234,15 +230,7 @@ fn open_clients(
         &cfg.producer_properties(),
         "DLQ, forwarding and changelog producer",
     )?;
-    let count = |t: &str| -> Result<i32, IngestError> {
-        let md = (consumer.fetch_metadata(Some(t), Duration::from_secs(10))).map_err(|source| {
-            IngestError::Metadata {
-                topic: t.to_owned(),
-                source,
-            }
-        })?;
-        Ok(md.topics().first().map_or(0, |m| m.partitions().len()) as i32)
-    };
+    let count = |t: &str| partition_count(&consumer, t, Duration::from_secs(10));
     let (partitions, routed_partitions) = (count(&topic)?, count(&routed)?);
     if partitions != routed_partitions {
         return Err(IngestError::RoutedPartitions {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -41,8 +41,8 @@ pub const READ_IDLE: Duration = Duration::from_secs(1);
 const READ_TAIL: Duration = Duration::from_secs(5);
 
 /// The partitions of `topic` (an error when it has none).
-pub fn partition_count(
-    consumer: &BaseConsumer,
+pub fn partition_count<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
     topic: &str,
     timeout: Duration,
 ) -> Result<i32, ReadError> {

@@ -80,14 +80,13 @@ pub struct VersionsTail {
 }
 
 impl VersionsTail {
-    /// The tail with `marker` read too (markers in any order).
-    pub fn with(mut self, marker: &VersionMarker) -> VersionsTail {
+    /// Take `marker` into account (markers come in any order).
+    pub fn observe(&mut self, marker: &VersionMarker) {
         let attempt = marker.attempt();
         self.max_epoch = self.max_epoch.max(attempt.epoch);
         if self.newest.as_ref().is_none_or(|(a, _)| attempt > *a) {
             self.newest = Some((attempt, marker.deployment.clone()));
         }
-        self
     }
 }
 
@@ -352,9 +351,11 @@ mod tests {
     }
 
     fn tail(markers: &[VersionMarker]) -> VersionsTail {
-        markers
-            .iter()
-            .fold(VersionsTail::default(), VersionsTail::with)
+        let mut tail = VersionsTail::default();
+        for m in markers {
+            tail.observe(m);
+        }
+        tail
     }
 
     fn attempt(version: u64, epoch: u64) -> AttemptRef {

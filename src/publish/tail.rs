@@ -4,12 +4,10 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::BaseConsumer;
 use rdkafka::topic_partition_list::Offset;
-use rdkafka::util::Timeout;
 
 use crate::config::Config;
-use crate::kafka::{partition_count, read_to_end, reader, ReadError};
+use crate::kafka::{read_to_end, reader, ReadError};
 use crate::publish::ledger::{
     ForeignVersions, Ledger, LedgerError, ReconcileError, TopicDisagreement, VersionsTail,
 };
@@ -46,47 +44,22 @@ pub fn read_versions_tail(cfg: &Config) -> Result<VersionsTail, VersionsTopicErr
     let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms.max(10_000));
     let consumer =
         reader(cfg, &format!("{}.versions-tail", cfg.kafka.group_id)).map_err(read_err)?;
-    let starts = tail_starts(&consumer, topic, timeout).map_err(read_err)?;
     let mut tail = VersionsTail::default();
     read_to_end(
         &consumer,
         topic,
-        |p| Offset::Offset(starts.get(p as usize).copied().unwrap_or(0)),
+        |_| Offset::OffsetTail(TAIL_MARKERS),
         TAIL_QUIET,
         timeout,
         |msg| {
             let marker = VersionMarker::decode(rdkafka::Message::payload(msg).unwrap_or_default())
                 .map_err(|e| e.to_string())?;
-            tail = std::mem::take(&mut tail).with(&marker);
+            tail.observe(&marker);
             Ok(())
         },
     )
     .map_err(read_err)?;
     Ok(tail)
-}
-
-/// Per partition, the offset [`TAIL_MARKERS`] before its end.
-fn tail_starts(
-    consumer: &BaseConsumer,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Vec<i64>, ReadError> {
-    let partitions = partition_count(consumer, topic, timeout)?;
-    (0..partitions)
-        .map(|p| {
-            let (low, high) = rdkafka::consumer::Consumer::fetch_watermarks(
-                consumer,
-                topic,
-                p,
-                Timeout::After(timeout),
-            )
-            .map_err(|source| ReadError::Read {
-                topic: topic.to_string(),
-                source,
-            })?;
-            Ok((high - TAIL_MARKERS).max(low).max(0))
-        })
-        .collect()
 }
 
 /// Read the versions topic's newest markers and reconcile `ledger` with them (see
