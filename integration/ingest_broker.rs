@@ -508,72 +508,117 @@ fn one_far_future_timestamp_neither_enters_nor_switches_dedup_off() {
     assert!(daemon.terminate().success());
 }
 
-/// Issue 10.3: a second instance with its own store in the same consumer group is refused with
-/// an error naming the group and the topic; the first keeps every partition, stores every event
-/// and is the only publisher.
+/// Issue 24: a second instance with its own store joins the group and is given part of the
+/// partitions; each event is stored by the instance that owns its source's partition (a quarter
+/// arrive mis-keyed and are forwarded, across instances). When the second is SIGKILLed, the
+/// first takes its partitions back with what the second stored, from their changelog, not the
+/// input: every event once. Neither publishes while the graph is split; the first's numbering
+/// goes on after.
 #[test]
-fn a_second_instance_in_the_group_is_refused_and_the_first_keeps_publishing_alone() {
+fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_changelog() {
     let _serial = serial();
     let s = setup();
     let mut env = s.env.clone();
     env.push(("TWHIN_TRAIN__DIM".into(), "16".into()));
     env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "1".into()));
+    let events: Vec<(Outgoing, Triple)> = (0..6_000)
+        .map(|i| {
+            let (mut m, triple) = valid_event(i, false);
+            if i % 4 == 3 {
+                m.key = format!("request-{i}");
+            }
+            (m, triple)
+        })
+        .collect();
+    let part = |r: std::ops::Range<usize>| -> Vec<Outgoing> {
+        events[r].iter().map(|(m, _)| m.clone()).collect()
+    };
+    let edges = |st: &serde_json::Value| status_u64(st, "/store/edges_total");
+    let assigned = |st: &serde_json::Value| status_u64(st, "/kafka/assigned_partitions");
+
     let mut first = Daemon::start(env.clone(), s.http_port, &s.log_dir);
-    wait_until(
-        "the first instance owns its partitions",
-        Duration::from_secs(60),
+    produce(&s.broker.bootstrap, TOPIC, &part(0..2_000), None);
+    let before = wait_until(
+        "the first 2,000 stored and a version out",
+        Duration::from_secs(120),
         || {
-            first
-                .status()
-                .filter(|st| status_u64(st, "/kafka/assigned_partitions") > 0)
+            (first.status())
+                .filter(|st| edges(st) == 2_000 && status_u64(st, "/publish/committed") > 0)
         },
     );
-    let second_store = s.log_dir.join("second-store");
+
+    let second_dir = s.log_dir.join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
     let second_port = free_port();
-    let mut second_env: Vec<(String, String)> = env
-        .iter()
+    let mut second_env: Vec<(String, String)> = (env.iter())
         .filter(|(k, _)| k != "TWHIN_STORAGE__PATH" && k != "TWHIN_HTTP__BIND")
         .cloned()
         .collect();
     second_env.push((
         "TWHIN_STORAGE__PATH".into(),
-        second_store.display().to_string(),
+        second_dir.join("store").display().to_string(),
     ));
     second_env.push((
         "TWHIN_HTTP__BIND".into(),
         format!("127.0.0.1:{second_port}"),
     ));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
-        .current_dir(repo_root())
-        .envs(second_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .arg("run")
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "the second instance must not run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("twhin-stream") && err.contains(TOPIC) && err.contains("another instance"),
-        "{err}"
+    let mut second = Daemon::start(second_env, second_port, &second_dir);
+    wait_until("the partitions split", Duration::from_secs(90), || {
+        let (a, b) = (first.status()?, second.status()?);
+        (assigned(&a) > 0 && assigned(&b) > 0 && assigned(&a) + assigned(&b) == 8).then_some(())
+    });
+    produce(&s.broker.bootstrap, TOPIC, &part(2_000..4_000), None);
+    // Both stores hold the first 2,000 (the second's from the changelog at its start), and
+    // each its own share of the next 2,000.
+    let (a, b) = wait_until(
+        "each instance's share stored",
+        Duration::from_secs(120),
+        || {
+            let (a, b) = (first.status()?, second.status()?);
+            (edges(&a) + edges(&b) >= 6_000).then_some((a, b))
+        },
     );
+    std::thread::sleep(Duration::from_secs(2));
+    let (a, b) = (first.status().unwrap_or(a), second.status().unwrap_or(b));
+    assert_eq!(edges(&a) + edges(&b), 6_000, "each event once\n{a}\n{b}");
+    let second_share = edges(&b) - 2_000;
+    assert!(second_share > 0 && edges(&a) > 2_000, "{a}\n{b}");
+    assert_eq!(status_u64(&b, "/ingest/restored/appended"), 2_000, "{b}");
+    assert!(status_u64(&b, "/ingest/forwarded_in") > 0, "{b}");
+    assert!(status_u64(&a, "/publish/held_partial") > 0, "{a}");
+    assert_eq!(status_u64(&b, "/publish/committed"), 0, "{b}");
 
-    let msgs: Vec<Outgoing> = (0..2_000).map(|i| valid_event(i, false).0).collect();
-    produce(&s.broker.bootstrap, TOPIC, &msgs, None);
-    let st = wait_until(
+    second.kill9();
+    let taken_back = wait_until(
+        "the first owns every partition again",
+        Duration::from_secs(90),
+        || first.status().filter(|st| assigned(st) == 8),
+    );
+    assert_eq!(
+        status_u64(&taken_back, "/ingest/moved_in/appended"),
+        second_share,
+        "the second's share, from the changelog\n{taken_back}"
+    );
+    produce(&s.broker.bootstrap, TOPIC, &part(4_000..6_000), None);
+    let committed = status_u64(&taken_back, "/publish/committed");
+    let after = wait_until(
         "every event stored and a version out",
         Duration::from_secs(120),
         || {
             first.status().filter(|st| {
-                status_u64(st, "/store/edges_total") == 2_000
-                    && status_u64(st, "/publish/committed") > 0
+                edges(st) == 6_000
+                    && status_u64(st, "/kafka/lag") == 0
+                    && status_u64(st, "/publish/committed") > committed
             })
         },
     );
-    assert_eq!(
-        status_u64(&st, "/kafka/assigned_partitions"),
-        status_u64(&st, "/kafka/topic_partitions"),
-        "{st}"
+    assert!(
+        status_u64(&after, "/publish/committed") > status_u64(&before, "/publish/committed"),
+        "{after}"
     );
     assert!(first.terminate().success());
+    let expected: HashSet<Triple> = events.into_iter().map(|(_, t)| t).collect();
+    assert_live_exactly(&s.store, &expected);
     let markers = read_published(&s.broker.bootstrap, 1).markers;
     let versions: Vec<u64> = markers.iter().map(|m| m.version).collect();
     assert_eq!(

@@ -40,6 +40,7 @@ pub const CONSUMER_LAG: &str = "twhin_ingest_consumer_lag";
 pub const PARTITION_RESETS: &str = "twhin_ingest_partition_resets_total";
 /// Partition assignments received.
 pub const REBALANCES: &str = "twhin_ingest_rebalances_total";
+pub const MOVED_IN_EVENTS: &str = "twhin_ingest_moved_in_events_total";
 /// Failed attempts to write a batch (retried).
 pub const BATCH_RETRIES: &str = "twhin_ingest_batch_retries_total";
 /// Edges in the store (gauge).
@@ -197,6 +198,10 @@ fn describe() {
         "Messages between the stored offset and the high watermark"
     );
     describe_counter!(REBALANCES, "Partition assignments received");
+    describe_counter!(
+        MOVED_IN_EVENTS,
+        "Events an assigned partition's changelog added to the store (stored by its previous owner)"
+    );
     describe_counter!(
         PARTITION_RESETS,
         "Partitions consumed again from their start after their history changed, by reason"

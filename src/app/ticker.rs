@@ -24,7 +24,8 @@ pub struct Ticker {
     pub align: Addr<AlignActor>,
     pub sink: KafkaSink,
     pub serving: ServingView,
-    /// Versions go out only while this daemon consumes every partition (its graph is whole).
+    /// Versions go out only while this instance consumes every partition (its graph is whole):
+    /// per-partition versions from several instances are not built yet.
     pub ingest: Arc<IngestStatus>,
 }
 
@@ -34,12 +35,15 @@ impl Ticker {
     pub async fn publish_once(&mut self) -> anyhow::Result<Option<u64>> {
         if !self.ingest.owns_all_partitions() {
             let status = self.publication.status();
-            status.held_partial.fetch_add(1, Ordering::Relaxed);
-            warn!(
-                assigned = self.ingest.assigned_partitions.load(Ordering::Relaxed),
-                total = self.ingest.topic_partitions.load(Ordering::Relaxed),
-                "publication skipped: this daemon does not consume every partition of the engagements topic (another instance in the group?)"
-            );
+            // Said once per minute of ticks at most: several instances hold it for as long as
+            // they share the partitions.
+            if status.held_partial.fetch_add(1, Ordering::Relaxed) % 60 == 0 {
+                warn!(
+                    assigned = self.ingest.assigned_partitions.load(Ordering::Relaxed),
+                    total = self.ingest.topic_partitions.load(Ordering::Relaxed),
+                    "publication held: this instance owns part of the engagements topic's partitions (others in the group own the rest); versions go out from an instance that owns them all"
+                );
+            }
             return Ok(None);
         }
         self.publish_once_owned().await

@@ -4,9 +4,9 @@
 //! Kafka Streams state-store pattern).
 //!
 //! Owns the record format, its writing (ingest delivers a batch's records and waits for their
-//! acknowledgement before the store write, as it does for dead letters) and the restore at
-//! start. Hands on the store, brought up to the changelog's end before ingest resumes at the
-//! store's offsets.
+//! acknowledgement before the store write, as it does for dead letters) and the restore, at
+//! start and of each partition assigned (another instance may have owned it meanwhile). Hands
+//! on the store, brought up to the changelog's end before ingest resumes at the store's offsets.
 //!
 //! Input partition `p` is logged to changelog partition `p`. A record holds one batch's valid
 //! events of one input partition with their offsets, and the partition's next offset after the
@@ -26,5 +26,5 @@ mod writer;
 pub use format::{
     ChangelogFormatError, ChangelogRecord, LoggedEvent, CHANGELOG_MAGIC, CHANGELOG_MAGIC_1,
 };
-pub use restore::{restore, RestoreError, Restored};
+pub use restore::{restore, restore_partitions, RestoreError, Restored};
 pub(crate) use writer::{acknowledged, records_of, send};

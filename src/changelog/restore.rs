@@ -1,8 +1,10 @@
-//! The store rebuilt from the changelog: at start, every changelog partition is read from the
-//! position the store recorded (the beginning for an empty store) to its end, and its records
-//! are appended as ingest appended them, their events at their input offsets. The store skips
-//! offsets it holds, so a record read twice, or one written for a batch whose store write was
-//! lost, changes nothing or adds exactly what is missing.
+//! The store rebuilt from the changelog: at start every changelog partition, and at each
+//! assignment the partitions assigned (another instance may have owned them meanwhile), is read
+//! from the position the store recorded (the beginning for an empty store) to its end, and its
+//! records are appended as ingest appended them, their events at their input offsets. The store
+//! skips offsets it holds, so a record read twice, one written for a batch whose store write was
+//! lost, or one written late by a partition's previous owner, changes nothing or adds exactly
+//! what is missing.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -14,21 +16,23 @@ use tracing::info;
 
 use crate::changelog::ChangelogRecord;
 use crate::config::Config;
-use crate::kafka::{partition_count, read_to_end, reader, ReadError};
+use crate::kafka::{partition_count, read_partitions_to_end, reader, ReadError};
 use crate::store::{AppendBatch, GraphStore, StoreError, Upstream};
 
 /// A restore may read a long changelog; this bounds it.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(3_600);
 
-/// Nothing writes the changelog while the store is restored (ingest starts after it), so a
-/// short quiet past the broker's reported ends finds every record.
+/// Nothing writes the partitions restored (at start ingest has not begun; at an assignment the
+/// previous owner gave them up first), so a short quiet past the broker's reported ends finds
+/// every record.
 const RESTORE_QUIET: Duration = Duration::from_millis(250);
 
 /// Events restored in one store append at most (one sled flush each; two such batches are held
 /// at once). 250k took longer at 10M events (18.9 s against 15.4 s).
 const RESTORE_BATCH_EVENTS: usize = 50_000;
 
-/// What a restore read and appended (`/v1/status` `ingest.restored`).
+/// What a restore read and appended (`/v1/status` `ingest.restored`, and summed over the
+/// assignments in `ingest.moved_in`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Restored {
     /// Changelog records read past the store's recorded position.
@@ -83,8 +87,30 @@ pub enum RestoreError {
     },
 }
 
-/// Bring `store` up to the end of `kafka.changelog_topic` (see the module docs).
+impl Restored {
+    /// `other`'s figures added to these (restores one after the other).
+    pub fn add(&mut self, other: &Restored) {
+        self.records += other.records;
+        self.events += other.events;
+        self.appended += other.appended;
+        self.seconds += other.seconds;
+        self.decode_seconds += other.decode_seconds;
+        self.append_seconds += other.append_seconds;
+    }
+}
+
+/// Bring `store` up to the end of `kafka.changelog_topic`, every partition (see the module docs).
 pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreError> {
+    restore_partitions(cfg, store, None)
+}
+
+/// Bring `store` up to the end of the changelog's partitions `only` (all when `None`): those of
+/// the input partitions by the same numbers, engagements and routed.
+pub fn restore_partitions(
+    cfg: &Config,
+    store: &GraphStore,
+    only: Option<&[i32]>,
+) -> Result<Restored, RestoreError> {
     let started = Instant::now();
     let topic = &cfg.kafka.changelog_topic;
     let consumer = reader(cfg, &format!("{}.changelog-restore", cfg.kafka.group_id))?;
@@ -111,9 +137,12 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
     }
     let schema = cfg.schema();
     let start = |p| {
-        positions
-            .get(&p)
-            .map_or(Offset::Beginning, |&o| Offset::Offset(o))
+        let wanted = only.is_none_or(|only| only.contains(&p));
+        wanted.then(|| {
+            positions
+                .get(&p)
+                .map_or(Offset::Beginning, |&o| Offset::Offset(o))
+        })
     };
     let mut out = Restored::default();
     // Reading and decoding on this thread, appending on another: the two take about as long.
@@ -142,7 +171,7 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
             tx.send(std::mem::take(batch))
                 .map_err(|_| "the store append stopped".to_owned())
         };
-        let read = read_to_end(
+        let read = read_partitions_to_end(
             &consumer,
             topic,
             start,
@@ -208,6 +237,7 @@ pub fn restore(cfg: &Config, store: &GraphStore) -> Result<Restored, RestoreErro
     out.seconds = started.elapsed().as_secs_f64();
     info!(
         topic,
+        partitions = ?only,
         records = out.records,
         events = out.events,
         appended = out.appended,

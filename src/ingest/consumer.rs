@@ -86,15 +86,13 @@ pub(crate) enum IngestError {
     #[error(transparent)]
     Partitions(#[from] crate::kafka::ReadError),
     #[error(
-        "consumer group {group:?} is consumed by another instance: this one was assigned {assigned} \
-         of the {total} partitions of {topic}; run one twhin-stream per kafka.group_id (two would \
-         each train on part of the graph and publish versions under the same numbers)"
+        "bringing partitions {partitions:?} up to their changelog (kafka.changelog_topic) at \
+         their assignment: {source}"
     )]
-    NotSoleConsumer {
-        group: String,
-        topic: String,
-        assigned: usize,
-        total: usize,
+    MoveIn {
+        partitions: Vec<i32>,
+        #[source]
+        source: Box<crate::changelog::RestoreError>,
     },
     #[error(
         "{topic} partition {partition} no longer holds the record stored at offset {stored} \
@@ -196,7 +194,7 @@ struct Clients {
 /// The consumer, subscribed to the engagements and routed topics, assigning at the stored
 /// offsets; and the producer of dead letters, forwarded events and changelog records.
 fn open_clients(
-    cfg: &Config,
+    cfg: &Arc<Config>,
     store: &Arc<GraphStore>,
     status: &Arc<IngestStatus>,
 ) -> Result<Clients, IngestError> {
@@ -215,14 +213,15 @@ fn open_clients(
     // record, which the history check then tells apart from the one stored.
     props.push(("auto.offset.reset".into(), "earliest".into()));
     let ctx = IngestContext {
+        cfg: cfg.clone(),
         store: store.clone(),
         topic: topic.clone(),
         routed: routed.clone(),
-        group: cfg.kafka.group_id.clone(),
         status: status.clone(),
         failure: Default::default(),
         expected: Default::default(),
-        first_assignment: std::sync::atomic::AtomicBool::new(true),
+        moved_in: Default::default(),
+        moved_in_waiting: Default::default(),
     };
     let consumer: StreamConsumer<IngestContext> =
         create_client_with_context(&props, ctx, "consumer")?;
@@ -240,6 +239,7 @@ fn open_clients(
             partitions,
         });
     }
+    (status.topic_partitions).store(partitions as u64, Ordering::Relaxed);
     consumer
         .subscribe(&[&topic, &routed])
         .map_err(|source| IngestError::Subscribe { topic, source })?;
@@ -517,6 +517,10 @@ impl Consuming<'_> {
     /// already taken (below its source's position) only moves the partition's position; any
     /// other goes into the pending batch.
     fn take_forwarded(&mut self, msg: &BorrowedMessage<'_>) -> Result<Taken, IngestError> {
+        // Another owner moved these partitions' positions on: read them from the store again.
+        for moved in self.consumer.context().take_moved_in() {
+            self.upstream.retain(|&(q, _), _| q != moved);
+        }
         let q = msg.partition();
         if msg.offset() < self.routed_seen_next.get(&q).copied().unwrap_or(i64::MIN) {
             metrics::counter!(m::DUPLICATES, "kind" => "redelivered").increment(1);

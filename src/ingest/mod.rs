@@ -33,6 +33,6 @@ pub use dlq::{
 };
 pub use forward::{HEADER_FORWARDED_OFFSET, HEADER_FORWARDED_PARTITION};
 pub use rebalance::IngestContext;
-pub use status::IngestStatus;
 pub(crate) use status::StoreBatchWritten;
+pub use status::{IngestStatus, MovedIn};
 pub(crate) use writer::{AppendEvents, StoreWriter};

@@ -1,5 +1,7 @@
-//! The consumer's context: every assignment at the offsets stored in sled (never Kafka's), a
-//! flush before partitions are given up, and lag and broker health from librdkafka's statistics.
+//! The consumer's context: every assignment brought up to the changelog (another instance may
+//! have owned the partitions meanwhile) and started at the offsets stored in sled (never
+//! Kafka's), a flush before partitions are given up, and lag and broker health from
+//! librdkafka's statistics.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -15,26 +17,30 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tracing::{error, info, warn};
 
+use crate::changelog::{restore_partitions, RestoreError};
+use crate::config::Config;
 use crate::ingest::{IngestError, IngestStatus};
 use crate::store::{GraphStore, RecordPrint};
 use crate::telemetry as m;
 
 /// The consumer's context: assigns partitions at the offsets stored in sled.
 pub struct IngestContext {
+    pub(super) cfg: Arc<Config>,
     pub(super) store: Arc<GraphStore>,
     /// The engagements topic.
     pub(super) topic: String,
     /// The routed topic (`kafka.routed_topic`), consumed beside it.
     pub(super) routed: String,
-    pub(super) group: String,
     pub(super) status: Arc<IngestStatus>,
     /// Set when an assignment could not be honoured; the loop stops with this error.
     pub(super) failure: Mutex<Option<IngestError>>,
     /// Per assigned partition: the record the store consumed last, which must be the first one
     /// the partition delivers (it is assigned one offset before the stored one).
     pub(super) expected: Mutex<HashMap<i32, (RecordPrint, Instant)>>,
-    /// No assignment received yet in this process.
-    pub(super) first_assignment: AtomicBool,
+    /// Partitions brought up to their changelog at an assignment, whose positions the consume
+    /// loop must read from the store again (set: some are waiting).
+    pub(super) moved_in: Mutex<Vec<i32>>,
+    pub(super) moved_in_waiting: AtomicBool,
 }
 
 /// How the first record of a partition after its assignment compares with the one the store
@@ -116,49 +122,38 @@ impl IngestContext {
         }
     }
 
-    /// A new instance whose first assignment is part of the topic joined a group that another
-    /// instance consumes: refuse it (two instances would each train on part of the graph and
-    /// publish versions under the same numbers).
-    fn check_sole_consumer(&self, consumer: &BaseConsumer<Self>, assigned: usize) -> bool {
-        if !self.first_assignment.swap(false, Ordering::Relaxed) {
-            return true;
+    /// Bring the engagements partitions assigned (and the routed ones by the same numbers) up
+    /// to their changelog: another instance may have owned them since this store last did.
+    fn move_in(&self, partitions: &[i32]) -> Result<(), RestoreError> {
+        if partitions.is_empty() {
+            return Ok(());
         }
-        let total = match consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10)) {
-            Ok(md) => md
-                .topics()
-                .iter()
-                .find(|t| t.name() == self.topic)
-                .map_or(0, |t| t.partitions().len()),
-            Err(e) => {
-                warn!(error = %e, "partition count unknown; ownership not checked");
-                assigned
-            }
-        };
-        self.status
-            .topic_partitions
-            .store(total as u64, Ordering::Relaxed);
-        if assigned >= total {
-            return true;
-        }
-        error!(
-            group = self.group,
-            topic = self.topic,
-            assigned,
-            total,
-            "another twhin-stream instance consumes this group: refusing to start"
-        );
-        self.fail(IngestError::NotSoleConsumer {
-            group: self.group.clone(),
-            topic: self.topic.clone(),
-            assigned,
-            total,
-        });
-        false
+        let restored = restore_partitions(&self.cfg, &self.store, Some(partitions))?;
+        metrics::counter!(m::MOVED_IN_EVENTS).increment(restored.appended);
+        let mut moved = self.status.moved_in.lock();
+        moved.assignments += 1;
+        moved.partitions += partitions.len() as u64;
+        moved.restored.add(&restored);
+        drop(moved);
+        self.moved_in.lock().extend_from_slice(partitions);
+        self.moved_in_waiting.store(true, Ordering::Release);
+        Ok(())
     }
-    /// How many of `tpl`'s partitions are of the engagements topic (the routed topic's come
-    /// with them, one for one).
-    fn owned(&self, tpl: &TopicPartitionList) -> usize {
-        tpl.elements_for_topic(&self.topic).len()
+
+    /// The partitions brought up to their changelog since the last call (see `moved_in`).
+    pub(super) fn take_moved_in(&self) -> Vec<i32> {
+        if !self.moved_in_waiting.swap(false, Ordering::Acquire) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.moved_in.lock())
+    }
+
+    /// `tpl`'s partitions of the engagements topic (the routed topic's come with them, one for
+    /// one).
+    fn owned(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        (tpl.elements_for_topic(&self.topic).iter())
+            .map(|e| e.partition())
+            .collect()
     }
 
     pub(super) fn take_failure(&self) -> Option<IngestError> {
@@ -223,7 +218,12 @@ impl ConsumerContext for IngestContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics::counter!(m::REBALANCES).increment(1);
                 let owned = self.owned(tpl);
-                if !self.check_sole_consumer(consumer, owned) {
+                if let Err(e) = self.move_in(&owned) {
+                    error!(partitions = ?owned, error = %e, "cannot bring the assigned partitions up to their changelog");
+                    self.fail(IngestError::MoveIn {
+                        partitions: owned,
+                        source: Box::new(e),
+                    });
                     return;
                 }
                 let mut positions = Vec::new();
@@ -250,7 +250,7 @@ impl ConsumerContext for IngestContext {
                 info!(partitions = ?positions.iter().map(|(_, p, o)| (*p, *o)).collect::<Vec<_>>(), "assigned at stored offsets");
                 self.status
                     .assigned_partitions
-                    .fetch_add(owned as u64, Ordering::Relaxed);
+                    .fetch_add(owned.len() as u64, Ordering::Relaxed);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -266,7 +266,7 @@ impl ConsumerContext for IngestContext {
                     error!(error = %e, "flush on revoke failed");
                 }
                 info!(partitions = tpl.count(), "partitions revoked");
-                let n = self.owned(tpl) as u64;
+                let n = self.owned(tpl).len() as u64;
                 let _ = self.status.assigned_partitions.fetch_update(
                     Ordering::Relaxed,
                     Ordering::Relaxed,

@@ -25,7 +25,7 @@ pub struct IngestStatus {
     pub lag: AtomicU64,
     pub broker_up: AtomicBool,
     pub assigned_partitions: AtomicU64,
-    /// Partitions of the engagements topic, as the broker reported at the first assignment.
+    /// Partitions of the engagements topic, as the broker reported when ingest started.
     pub topic_partitions: AtomicU64,
     /// Partitions consumed again from their start after their history changed.
     pub partition_resets: AtomicU64,
@@ -33,6 +33,21 @@ pub struct IngestStatus {
     pub freshness: Arc<crate::publish::Freshness>,
     /// What the store took from its changelog at start.
     pub restored: parking_lot::Mutex<crate::changelog::Restored>,
+    /// What it took at assignments since (`/v1/status` `ingest.moved_in`).
+    pub moved_in: parking_lot::Mutex<MovedIn>,
+}
+
+/// Partitions this instance was assigned, each brought up to its changelog before it was
+/// consumed: what another instance stored while it owned them.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MovedIn {
+    /// Assignments received (a rebalance that gives this instance partitions).
+    pub assignments: u64,
+    /// Engagements partitions assigned, over all assignments.
+    pub partitions: u64,
+    /// What their changelog records added, summed.
+    #[serde(flatten)]
+    pub restored: crate::changelog::Restored,
 }
 
 /// A batch made durable: its events consumed, dead letters, edges appended, duplicates, nodes

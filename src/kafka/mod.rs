@@ -19,7 +19,9 @@ use crate::config::Config;
 
 mod read;
 
-pub use read::{partition_count, read_to_end, reader, ReadError, READ_IDLE};
+pub use read::{
+    partition_count, read_partitions_to_end, read_to_end, reader, ReadError, READ_IDLE,
+};
 
 /// Enqueue `record` on `producer`, waiting while librdkafka's queue is full (it drains as
 /// deliveries complete); any other error is returned with the record.

@@ -84,6 +84,18 @@ pub fn read_to_end(
     start: impl Fn(i32) -> Offset,
     quiet: Duration,
     timeout: Duration,
+    f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), String>,
+) -> Result<u64, ReadError> {
+    read_partitions_to_end(consumer, topic, |p| Some(start(p)), quiet, timeout, f)
+}
+
+/// [`read_to_end`] of the partitions `start` gives an offset for (`None`: not read).
+pub fn read_partitions_to_end(
+    consumer: &BaseConsumer,
+    topic: &str,
+    start: impl Fn(i32) -> Option<Offset>,
+    quiet: Duration,
+    timeout: Duration,
     mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), String>,
 ) -> Result<u64, ReadError> {
     let kafka = |source| ReadError::Read {
@@ -95,10 +107,12 @@ pub fn read_to_end(
     let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {
+        let Some(from) = start(p) else {
+            continue;
+        };
         let (_, high) = consumer
             .fetch_watermarks(topic, p, Timeout::After(timeout))
             .map_err(kafka)?;
-        let from = start(p);
         let from_offset = match from {
             Offset::Offset(o) => o,
             _ => 0,

@@ -66,6 +66,9 @@ pub(super) struct IngestFigures {
     pub recent_events_per_sec: Option<f64>,
     /// What the store took from its changelog at start (`kafka.changelog_topic`).
     pub restored: crate::changelog::Restored,
+    /// What it took at each assignment since: the partitions' records stored by another
+    /// instance while it owned them.
+    pub moved_in: crate::ingest::MovedIn,
 }
 
 /// The version the serving API shows, and how fresh versions are.
@@ -149,6 +152,7 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
         events_per_sec: consumed as f64 / uptime.as_secs_f64().max(1e-3),
         recent_events_per_sec: recent,
         restored: i.restored.lock().clone(),
+        moved_in: i.moved_in.lock().clone(),
     };
     let kafka = KafkaStatus {
         bootstrap_servers: state.bootstrap_servers.clone(),
