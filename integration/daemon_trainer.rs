@@ -336,9 +336,10 @@ fn the_daemon_runs_in_process_and_stops_when_its_shutdown_future_completes() {
 
 /// Setting `TWHIN_STORAGE__PATH` alone gives a daemon of the same deployment (the same consumer
 /// group) its own data folder: the same environment with another store starts (no "checkpoint
-/// ahead of the store"), takes the graph from the group's changelog rather than the topic,
-/// trains and publishes, and keeps its checkpoints and ledger beside its store, leaving the
-/// first's alone.
+/// ahead of the store"), takes the graph from the group's changelog rather than the topic and
+/// its rows from the newest published version (it has no checkpoint), so that its versions go
+/// on in the coordinates subscribers hold; trains and publishes, and keeps its checkpoints and
+/// ledger beside its store, leaving the first's alone.
 #[test]
 fn a_daemon_on_another_storage_path_takes_the_graph_from_the_changelog_and_keeps_its_own_state() {
     let _serial = serial();
@@ -359,6 +360,19 @@ fn a_daemon_on_another_storage_path_takes_the_graph_from_the_changelog_and_keeps
     std::fs::create_dir_all(dir.path().join("a-log")).unwrap();
     let mut first = Daemon::start(env_for(&a), port, &dir.path().join("a-log"));
     wait_for_cursor(&first, 2_000);
+    let nodes: Vec<String> = (0..40).map(|i| valid_event(i, false).1 .0).collect();
+    let served =
+        |port| -> Vec<(u64, Vec<f32>)> { nodes.iter().map(|n| served_row(port, n)).collect() };
+    wait_until(
+        "a version after the cursor",
+        Duration::from_secs(60),
+        || {
+            let before = status_u64(&first.status()?, "/publish/version");
+            std::thread::sleep(Duration::from_millis(2_500));
+            (status_u64(&first.status()?, "/publish/version") == before).then_some(())
+        },
+    );
+    let a_rows = served(port);
     assert!(first.terminate().success());
     let a_checkpoint = current_checkpoint(&a.join("checkpoints"));
     let a_versions = ledger_last_version(&a);
@@ -375,6 +389,24 @@ fn a_daemon_on_another_storage_path_takes_the_graph_from_the_changelog_and_keeps
         (st.pointer("/publish/version")?.as_u64()? >= 1).then_some(st)
     });
     assert_eq!(status_u64(&st, "/ingest/consumed"), 0, "{st}");
+    let b_rows = served(port);
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (norm(a) * norm(b))
+    };
+    let mean_cosine = (a_rows.iter().zip(&b_rows))
+        .map(|((_, a), (_, b))| cosine(a, b))
+        .sum::<f32>()
+        / nodes.len() as f32;
+    eprintln!("mean cosine between a's last rows and b's first version: {mean_cosine}");
+    assert_eq!(
+        status_u64(&st, "/trainer/started_from/version"),
+        a_versions,
+        "{st}"
+    );
+    assert!(status_u64(&st, "/trainer/started_from/rows") >= 997, "{st}");
+    assert!(mean_cosine > 0.95, "{mean_cosine}");
     assert!(second.terminate().success());
     assert_eq!(current_checkpoint(&b.join("checkpoints")).1, 2_000);
     assert!(ledger_last_version(&b) >= 1);

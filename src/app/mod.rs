@@ -22,8 +22,8 @@ use crate::config::{Comparator, Config, ValueFormat};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
-    read_versions_tail, reconcile_with_tail, KafkaSink, Ledger, Publication, PublishedView,
-    Quantizer, TrainerActorPort, VersionSettings, VersionsTail,
+    read_version, read_versions_tail, reconcile_with_tail, KafkaSink, Ledger, Publication,
+    PublishedView, Quantizer, ReadVersionError, TrainerActorPort, VersionSettings, VersionsTail,
 };
 use crate::serve::{HttpState, ServingView};
 use crate::store::{GraphStore, StoreOptions, StoreSummary};
@@ -136,7 +136,7 @@ impl Daemon {
         *ingest_status.restored.lock() = o.restored.clone();
         let trainer_status = o.core.as_ref().map(|core| {
             let status = TrainerStatus::new();
-            status.set_resumed_from(core.resumed_from());
+            status.set_resumed_from(core.resumed_from(), core.started_from());
             Arc::new(status)
         });
         let align_status = Arc::new(AlignStatus::default());
@@ -327,14 +327,41 @@ fn open_trainer(
         info!("trainer.enabled = false: ingest only");
         return Ok(None);
     }
-    let core = TrainerCore::open(cfg, store, device).with_context(|| {
+    let mut core = TrainerCore::open(cfg, store, device).with_context(|| {
         format!(
             "resuming the trainer from trainer.checkpoint_path = {}",
             cfg.trainer.checkpoint_path.display()
         )
     })?;
+    if core.resumed_from().is_none() && cfg.trainer.start_from_published && cfg.publish.enabled {
+        start_from_published(cfg, store, &mut core)?;
+    }
     Ok(Some(core))
 }
+
+/// A new model (no checkpoint) from the newest whole version on the topics, when there is one.
+fn start_from_published(
+    cfg: &Config,
+    store: &GraphStore,
+    core: &mut TrainerCore,
+) -> anyhow::Result<()> {
+    let what = "reading the newest published version for a trainer without a checkpoint \
+                (trainer.start_from_published)";
+    let table = match read_version(cfg, None, PUBLISHED_READ_TIMEOUT) {
+        Ok((table, _)) => table,
+        Err(ReadVersionError::NotOnTopics { newest: 0, .. }) => {
+            info!("nothing published yet: the trainer starts a new model");
+            return Ok(());
+        }
+        Err(e) => return Err(e).context(what),
+    };
+    let started = (core.start_from_published(store, table.rows())).context(what)?;
+    info!(?started, "the trainer starts from the published version");
+    Ok(())
+}
+
+/// Reading every version still on the topics is bounded by this.
+const PUBLISHED_READ_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The publication from the ledger in `publish.path`, reconciled with the versions topic's newest
 /// markers (`tail`); the trainer pulls toward the restored reference from the start.

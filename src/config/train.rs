@@ -93,6 +93,11 @@ pub struct TrainerConfig {
     /// A new source of a history type (`train.history_types`) starts at its type's centroid:
     /// its recent targets already stand in for its neighbours, and its row is the residual.
     pub warm_start_history_centroid: bool,
+    /// A trainer without a checkpoint starts from the newest whole version on the topics (its
+    /// rows, biases and relation vectors), not from random rows.
+    pub start_from_published: bool,
+    /// Rows so taken have no Adagrad history: each starts as a row this many steps old.
+    pub published_history_steps: f64,
     /// Relations the trainer trains (new and replayed edges); empty: all. Edges of the others
     /// are stored and passed over.
     pub train_relations: Vec<String>,
@@ -152,6 +157,12 @@ impl Validate for TrainerConfig {
         if !(tr.warm_start_shrinkage.is_finite() && tr.warm_start_shrinkage >= 0.0) {
             return Err(invalid(
                 "trainer.warm_start_shrinkage",
+                "must be a non-negative number",
+            ));
+        }
+        if !(tr.published_history_steps.is_finite() && tr.published_history_steps >= 0.0) {
+            return Err(invalid(
+                "trainer.published_history_steps",
                 "must be a non-negative number",
             ));
         }

@@ -16,15 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::message::{Headers, Message};
-use rdkafka::topic_partition_list::Offset;
 use serde::Serialize;
 
 use crate::align::AlignFigures;
 use crate::config::Config;
-use crate::kafka::{read_to_end, reader, require_broker, ReadError, READ_IDLE};
-use crate::publish::{tombstone_attempt, Record, VersionMarker};
-use crate::subscriber::{Entry, VersionAssembler, RELATION_PREFIX};
+use crate::kafka::ReadError;
+pub use crate::publish::{read_version, ReadVersionError, VersionTable};
 
 /// Version of the files' layout, in `meta.json`.
 pub const EXPORT_FORMAT_VERSION: u32 = 1;
@@ -48,17 +45,8 @@ pub enum ExportError {
     Kafka(#[from] crate::kafka::KafkaSetupError),
     #[error(transparent)]
     Read(#[from] ReadError),
-    #[error(
-        "version {wanted} cannot be assembled from {embeddings} and {versions}: the newest whole \
-         version there is {newest} (0: none). A version older than what compaction kept is gone; \
-         export a newer one, or omit --version for the newest"
-    )]
-    NotOnTopics {
-        wanted: u64,
-        newest: u64,
-        embeddings: String,
-        versions: String,
-    },
+    #[error(transparent)]
+    Version(#[from] ReadVersionError),
     #[error("{key} has {got} values, other rows of `{group}` have {want}")]
     Width {
         key: String,
@@ -102,49 +90,6 @@ pub struct TypeMeta {
     pub files: Vec<String>,
 }
 
-/// One version's table as read: `(key, vector)` per group (a node type, or the relations), in id
-/// order.
-pub struct VersionTable {
-    pub version: u64,
-    pub marker: VersionMarker,
-    pub types: BTreeMap<String, Vec<(String, Vec<f32>)>>,
-    pub relations: Vec<(String, Vec<f32>)>,
-}
-
-impl VersionTable {
-    /// Split an assembler's table into node types (`type:id`) and relations (`relation:name`).
-    pub fn of(assembler: &VersionAssembler) -> Option<VersionTable> {
-        let marker = assembler.applied_marker()?.clone();
-        let mut types: BTreeMap<String, Vec<(String, Vec<f32>)>> = BTreeMap::new();
-        let mut relations = Vec::new();
-        for (key, Entry { vector, .. }) in assembler.table() {
-            if let Some(name) = key.strip_prefix(RELATION_PREFIX) {
-                relations.push((name.to_string(), vector.clone()));
-            } else if let Some((node_type, id)) = key.split_once(':') {
-                types
-                    .entry(node_type.to_string())
-                    .or_default()
-                    .push((id.to_string(), vector.clone()));
-            }
-        }
-        for rows in types.values_mut() {
-            rows.sort_unstable_by(|a, b| id_order(&a.0).cmp(&id_order(&b.0)));
-        }
-        relations.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        Some(VersionTable {
-            version: assembler.applied_version(),
-            marker,
-            types,
-            relations,
-        })
-    }
-}
-
-/// Numeric ids in numeric order (before any others), the others as text.
-fn id_order(id: &str) -> (Result<u128, ()>, &str) {
-    (id.parse::<u128>().map_err(|_| ()), id)
-}
-
 /// What the command prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportSummary {
@@ -176,77 +121,6 @@ pub fn export(
         records_read,
         meta,
     })
-}
-
-/// Read both topics from the beginning to their ends (`read_committed`), as a subscriber that
-/// stops at `version`; then catch up past versions compaction left incomplete.
-pub fn read_version(
-    cfg: &Config,
-    version: Option<u64>,
-    timeout: Duration,
-) -> Result<(VersionTable, u64), ExportError> {
-    require_broker(cfg)?;
-    let mut assembler = version.map_or_else(VersionAssembler::new, VersionAssembler::up_to);
-    let (embeddings, versions) = (&cfg.kafka.embeddings_topic, &cfg.kafka.versions_topic);
-    let mut read = 0u64;
-    for topic in [versions, embeddings] {
-        let consumer = reader(cfg, "twhin-stream-export")?;
-        read += read_to_end(
-            &consumer,
-            topic,
-            |_| Offset::Beginning,
-            READ_IDLE,
-            timeout,
-            |m| feed(&mut assembler, topic == versions, m),
-        )?;
-    }
-    assembler.catch_up();
-    let reached = VersionTable::of(&assembler).filter(|t| version.is_none_or(|v| t.version == v));
-    match reached {
-        Some(table) => Ok((table, read)),
-        None => Err(ExportError::NotOnTopics {
-            wanted: version.unwrap_or(0),
-            newest: assembler.applied_version(),
-            embeddings: embeddings.clone(),
-            versions: versions.clone(),
-        }),
-    }
-}
-
-/// One record of the versions topic (a marker) or the embeddings topic (a row or tombstone).
-fn feed(
-    assembler: &mut VersionAssembler,
-    is_marker: bool,
-    m: &rdkafka::message::BorrowedMessage<'_>,
-) -> Result<(), String> {
-    if is_marker {
-        let payload = m.payload().ok_or("a marker without a value")?;
-        let marker = VersionMarker::decode(payload).map_err(|e| e.to_string())?;
-        assembler.push_marker(marker);
-        return Ok(());
-    }
-    let key = m
-        .key()
-        .and_then(|k| std::str::from_utf8(k).ok())
-        .ok_or("a row without a UTF-8 key")?;
-    match m.payload() {
-        Some(payload) => {
-            let record = Record::decode(payload).map_err(|e| e.to_string())?;
-            assembler.push_record(key, record);
-        }
-        None => {
-            let headers = m.headers().map(|h| {
-                h.iter()
-                    .map(|x| (x.key, x.value.unwrap_or_default()))
-                    .collect::<Vec<_>>()
-            });
-            let (version, epoch) = headers
-                .and_then(tombstone_attempt)
-                .ok_or("a null value without its version headers")?;
-            assembler.push_tombstone(key, version, epoch);
-        }
-    }
-    Ok(())
 }
 
 /// Write `table` to `out` (created if missing) in `format`; returns what `meta.json` says
@@ -426,7 +300,8 @@ fn write_lines(path: &Path, lines: impl Iterator<Item = String>) -> Result<(), E
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::RowRecord;
+    use crate::publish::{RowRecord, VersionMarker};
+    use crate::subscriber::VersionAssembler;
 
     const TOPICS: (&str, &str) = ("twhin.embeddings", "twhin.versions");
 

@@ -563,6 +563,11 @@ impl Publication {
         mut delta: ModelDelta,
         assessed: &Assessed,
     ) -> anyhow::Result<Option<Built>> {
+        // A model without a single node row has seen no edge: its relation vectors are its
+        // random start, not a version.
+        if self.reference.is_none() && delta.tables.iter().all(|t| t.len == 0) {
+            return Ok(None);
+        }
         let every_row = self.every_row();
         let held = self.reference.as_ref().map_or(&[][..], |r| &r.biases);
         // Erasures the committed versions have not carried yet; the ledger records how far the
@@ -1097,6 +1102,8 @@ mod tests {
             while core.step(&store).unwrap().stats.is_some() {}
         };
 
+        // A model that has seen no edge: its random relation vectors are no version.
+        assert!(matches!(publish(&mut core), Outcome::Unchanged));
         append(0, 200, &mut core);
         assert!(matches!(publish(&mut core), Outcome::Committed { .. }));
         // Idle: nothing trained, nothing moved, nothing published.

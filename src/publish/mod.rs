@@ -3,7 +3,8 @@
 //! Owns the wire formats (rows, markers; JSON or f32le), the numbering ledger (reconciled at
 //! start with the versions topic's newest markers, which are what subscribers hold), the version
 //! producer (rows, then the marker, optionally in one transaction; an epoch per attempt),
-//! event-to-publish freshness, and the subscriber side's [`subscriber::VersionAssembler`].
+//! event-to-publish freshness, the subscriber side's [`subscriber::VersionAssembler`], and the
+//! published state read back from the topics ([`read_version`]).
 //! Takes the trainer's parameters and the aligner's verdict; hands on the committed version to
 //! the serving view. The contract is `topics/README.md`.
 
@@ -13,6 +14,7 @@ mod machine;
 mod pq_codebooks;
 mod pq_policy;
 mod producer;
+mod published;
 mod rows;
 pub mod subscriber;
 mod tail;
@@ -34,6 +36,7 @@ pub use pq_codebooks::{relative_error, Codebooks};
 pub(crate) use pq_codebooks::{squared_error, PqError, PqTable};
 pub(crate) use pq_policy::{served_codes, Coding, Quantizer};
 pub use producer::KafkaSink;
+pub use published::{read_version, ReadVersionError, VersionTable};
 pub(crate) use rows::{RowRef, VersionRows};
 pub use tail::{
     read_versions_tail, reconcile_with_tail, reconcile_with_versions_topic, VersionsTopicError,

@@ -2,8 +2,8 @@
 //!
 //! Owns the model (embedding tables, relation vectors, row-wise Adagrad), the pure score and loss
 //! functions, one training step (groups → scores → loss → update), warm start of new rows,
-//! prequential ranking, checkpoints, the libtorch device, and the trainer actor with its
-//! messages. Reads edges from the [`crate::store::GraphStore`] from its cursor; hands on
+//! prequential ranking, checkpoints, a new model's start from the published state, the libtorch
+//! device, and the trainer actor with its messages. Reads edges from the [`crate::store::GraphStore`] from its cursor; hands on
 //! [`Snapshot`]s of its parameters (to align and publish) and its figures ([`TrainerStatus`]).
 
 mod actor;
@@ -18,6 +18,7 @@ mod query;
 mod rank;
 mod score;
 mod snapshot;
+mod start;
 mod status;
 mod step;
 mod trainer;
@@ -51,6 +52,7 @@ pub(crate) use snapshot::{
     load_snapshot, non_finite_in, non_finite_rows, save_snapshot, SnapshotError,
 };
 pub use snapshot::{DeltaRequest, ModelDelta, Snapshot, TableDelta};
+pub use start::{PublishedRows, StartedFrom};
 pub(crate) use status::{TrainStepTaken, TrainerFigures, TrainerStatus};
 pub(crate) use step::rows_needed;
 pub use step::{ensure_rows, train_step, train_step_autograd, train_step_with, Pull, StepStats};

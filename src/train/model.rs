@@ -176,14 +176,29 @@ impl NodeTable {
         self.len = n;
     }
 
-    /// The mean Adagrad accumulator of the live rows (`None` when there are none).
+    /// The mean Adagrad accumulator of the live rows (`None` when there are none); a row taken
+    /// without its history counts as 0 until its first step.
     pub fn mean_state(&self) -> Option<f64> {
         (self.len > 0).then(|| {
             self.state
                 .narrow(0, 0, self.len)
+                .clamp_min(0.0)
                 .mean(Kind::Float)
                 .double_value(&[])
         })
+    }
+
+    /// Mark `rows` as taken without their Adagrad history (from the published state): each
+    /// one's accumulator becomes `steps` times its first gradient's mean square at that first
+    /// step, so that the step has the size of a row `steps` steps old (`lr/√(steps+1)` a
+    /// coordinate) instead of a new row's `lr`, which would undo the row it was given. Stored
+    /// as `-steps` until then.
+    pub fn take_without_history(&mut self, rows: &Tensor, steps: f64) {
+        tch::no_grad(|| {
+            let _ = self
+                .state
+                .index_fill_(0, rows, -steps.max(f64::MIN_POSITIVE));
+        });
     }
 
     /// Set the accumulator of rows `from..len` to `value` (a warm row's first step then has the
@@ -219,8 +234,12 @@ impl NodeTable {
             // after adding: under Hogwild (`train.offline_workers`) another worker's write can
             // replace this one's addition, and a state read back smaller than `g²` (early on,
             // when states are tiny) turned a step of at most `lr` into one of `lr · g / g'`.
-            let denom = (self.state.index_select(0, rows) + &g2).sqrt() + ADAGRAD_EPS;
-            let _ = self.state.index_add_(0, rows, &g2);
+            let read = self.state.index_select(0, rows);
+            // A row taken without its history (`-K`) starts as if it had seen K gradients of
+            // this one's size ([`NodeTable::take_without_history`]).
+            let state = read.where_self(&read.ge(0.0), &(-&read * &g2));
+            let denom = (&state + &g2).sqrt() + ADAGRAD_EPS;
+            let _ = self.state.index_add_(0, rows, &(state - read + &g2));
             let step = grad / denom.unsqueeze(1) * (-lr);
             let _ = self.weights.index_add_(0, rows, &step);
             let _ = self.dirty.index_fill_(0, rows, 1);
@@ -279,6 +298,9 @@ impl NodeTable {
             // libtorch's own index_add_ would: a lost addition, never a read out of bounds.
             unsafe {
                 let s = state.add(row);
+                if *s < 0.0 {
+                    *s *= -g2;
+                }
                 let step = -(lr as f32) / ((*s + g2).sqrt() + ADAGRAD_EPS as f32);
                 *s += g2;
                 let values = std::slice::from_raw_parts_mut(weights.add(row * dim), dim);
@@ -523,6 +545,40 @@ mod tests {
             (w[0] + 0.3 / d).abs() < 1e-6 && (w[1] + 0.4 / d).abs() < 1e-6,
             "{w:?}"
         );
+    }
+
+    /// A row taken without its history steps as one K steps old, on the host and through
+    /// libtorch (a gradient that is not contiguous takes the tensor path): K = 3, g = (3, 4),
+    /// g² = 12.5, state 3 · 12.5 + 12.5 = 50, step −0.1 · g / √50; a row beside it is untouched.
+    #[test]
+    fn golden_a_row_taken_without_history_steps_as_one_k_steps_old() {
+        for contiguous in [true, false] {
+            let mut t = NodeTable::new(2, Device::Cpu);
+            t.grow(2, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+            t.take_without_history(&Tensor::from_slice(&[0i64]), 3.0);
+            assert_eq!(vals(&t.state.narrow(0, 0, 2)), vec![-3.0, 0.0]);
+            assert_eq!(t.mean_state(), Some(0.0));
+            let g = if contiguous {
+                Tensor::from_slice(&[3.0f32, 4.0]).reshape([1, 2])
+            } else {
+                // Every other value of (3, 0, 4, 0): a view with stride 2.
+                let spaced = Tensor::from_slice(&[3.0f32, 0.0, 4.0, 0.0]).reshape([1, 4]);
+                spaced.slice(1, 0, 4, 2)
+            };
+            assert_eq!(g.is_contiguous(), contiguous);
+            t.adagrad(&Tensor::from_slice(&[0i64]), &g, 0.1);
+            let d = 50f32.sqrt();
+            let w = vals(&t.rows());
+            let want = [-0.3 / d, -0.4 / d, 0.0, 0.0];
+            for (got, e) in w.iter().zip(want) {
+                assert!((got - e).abs() < 1e-6, "contiguous {contiguous}: {w:?}");
+            }
+            let state = vals(&t.state.narrow(0, 0, 2));
+            assert!(
+                (state[0] - 50.0).abs() < 1e-4 && state[1] == 0.0,
+                "{state:?}"
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::telemetry as m;
-use crate::train::{ResumedFrom, StepReport, TrainerCore};
+use crate::train::{ResumedFrom, StartedFrom, StepReport, TrainerCore};
 
 /// Live trainer figures shared with `/v1/status` (floats stored as bits).
 #[derive(Debug, Default)]
@@ -30,6 +30,8 @@ pub struct TrainerStatus {
     by_relation: parking_lot::Mutex<BTreeMap<String, RelationPrequential>>,
     /// Set once at start: the checkpoint the trainer resumed from.
     resumed_from: std::sync::OnceLock<ResumedFrom>,
+    /// Set once at start: the published version a new model started from.
+    started_from: std::sync::OnceLock<StartedFrom>,
 }
 
 /// The `trainer` part of `/v1/status`.
@@ -50,6 +52,9 @@ pub struct TrainerFigures {
     /// The checkpoint this process resumed from, and the newer ones it found unusable (`null`:
     /// a new model).
     pub resumed_from: Option<ResumedFrom>,
+    /// The published version a new model started from (`trainer.start_from_published`), and
+    /// what it took; `null`: resumed from a checkpoint, or nothing was published.
+    pub started_from: Option<StartedFrom>,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,13 +110,17 @@ impl TrainerStatus {
             checkpoint_version: get(&self.checkpoint_version),
             restarts: get(&self.restarts),
             resumed_from: self.resumed_from.get().cloned(),
+            started_from: self.started_from.get().cloned(),
         }
     }
 
     /// Record where the trainer started (once, before the first step).
-    pub fn set_resumed_from(&self, resumed: Option<&ResumedFrom>) {
+    pub fn set_resumed_from(&self, resumed: Option<&ResumedFrom>, started: Option<&StartedFrom>) {
         if let Some(r) = resumed {
             let _ = self.resumed_from.set(r.clone());
+        }
+        if let Some(s) = started {
+            let _ = self.started_from.set(s.clone());
         }
     }
 }

@@ -25,6 +25,7 @@ use tracing::info;
 
 use crate::config::{Config, TrainerConfig};
 use crate::store::{Edge, GraphStore, NodeRef, StoreError};
+use crate::train::start::{take_published, PublishedRows, StartedFrom};
 use crate::train::{
     history_targets, history_with_rows, known_targets, non_finite_rows, rows_needed,
     schema_fingerprint, target_ranks, train_step_with, warm_rows, CheckpointError, Checkpoints,
@@ -129,6 +130,8 @@ pub struct TrainerCore {
     erasures_seen: usize,
     /// The checkpoint this trainer resumed from (`None`: a new model).
     resumed_from: Option<ResumedFrom>,
+    /// The published version a new model started from (`None`: a checkpoint's, or random).
+    started_from: Option<StartedFrom>,
 }
 
 /// Rows [`TrainerCore::take_delta`] scans for non-finite values besides the written ones (all of
@@ -163,6 +166,7 @@ impl TrainerCore {
             erased: vec![Vec::new(); model.tables.len()],
             erasures_seen: 0,
             resumed_from: None,
+            started_from: None,
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -240,6 +244,29 @@ impl TrainerCore {
     /// The checkpoint [`TrainerCore::open`] resumed from (`None`: a new model).
     pub fn resumed_from(&self) -> Option<&ResumedFrom> {
         self.resumed_from.as_ref()
+    }
+
+    /// Start a new model (no checkpoint, nothing trained yet) from a published version: its
+    /// rows, biases and relation vectors where the store holds their nodes (`crate::train::start`).
+    /// The cursor stays at 0: the history is trained again from those rows.
+    pub fn start_from_published(
+        &mut self,
+        store: &GraphStore,
+        table: PublishedRows<'_>,
+    ) -> Result<&StartedFrom, StoreError> {
+        let started = take_published(
+            &mut self.model,
+            store,
+            table,
+            self.params.init_scale,
+            self.opts.published_history_steps,
+        )?;
+        Ok(self.started_from.insert(started))
+    }
+
+    /// The published version this new model started from (`None`: none).
+    pub fn started_from(&self) -> Option<&StartedFrom> {
+        self.started_from.as_ref()
     }
 
     /// Store sequence number of the next edge to train.

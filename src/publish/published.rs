@@ -1,0 +1,158 @@
+//! The published state read back: the newest whole version (or a given one) assembled from the
+//! versions and embeddings topics as a subscriber assembles it ([`VersionAssembler`]). `export`
+//! writes it to files; a trainer without a checkpoint starts from it
+//! ([`crate::train::TrainerCore::start_from_published`]), so that it goes on in the coordinates
+//! subscribers hold.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::Offset;
+
+use crate::config::Config;
+use crate::kafka::{read_to_end, reader, require_broker, KafkaSetupError, ReadError, READ_IDLE};
+use crate::publish::subscriber::{Entry, VersionAssembler, RELATION_PREFIX};
+use crate::publish::{tombstone_attempt, Record, VersionMarker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadVersionError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaSetupError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(
+        "version {wanted} cannot be assembled from {embeddings} and {versions}: the newest whole \
+         version there is {newest} (0: none). A version older than what compaction kept is gone; \
+         export a newer one, or omit --version for the newest"
+    )]
+    NotOnTopics {
+        wanted: u64,
+        newest: u64,
+        embeddings: String,
+        versions: String,
+    },
+}
+
+/// One version's table as read: `(key, vector)` per group (a node type, or the relations), in id
+/// order.
+pub struct VersionTable {
+    pub version: u64,
+    pub marker: VersionMarker,
+    pub types: BTreeMap<String, Vec<(String, Vec<f32>)>>,
+    pub relations: Vec<(String, Vec<f32>)>,
+}
+
+impl VersionTable {
+    /// Its rows, as a new model takes them ([`crate::train::TrainerCore::start_from_published`]).
+    pub fn rows(&self) -> crate::train::PublishedRows<'_> {
+        crate::train::PublishedRows {
+            version: self.version,
+            types: &self.types,
+            relations: &self.relations,
+        }
+    }
+
+    /// Split an assembler's table into node types (`type:id`) and relations (`relation:name`).
+    pub fn of(assembler: &VersionAssembler) -> Option<VersionTable> {
+        let marker = assembler.applied_marker()?.clone();
+        let mut types: BTreeMap<String, Vec<(String, Vec<f32>)>> = BTreeMap::new();
+        let mut relations = Vec::new();
+        for (key, Entry { vector, .. }) in assembler.table() {
+            if let Some(name) = key.strip_prefix(RELATION_PREFIX) {
+                relations.push((name.to_string(), vector.clone()));
+            } else if let Some((node_type, id)) = key.split_once(':') {
+                types
+                    .entry(node_type.to_string())
+                    .or_default()
+                    .push((id.to_string(), vector.clone()));
+            }
+        }
+        for rows in types.values_mut() {
+            rows.sort_unstable_by(|a, b| id_order(&a.0).cmp(&id_order(&b.0)));
+        }
+        relations.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Some(VersionTable {
+            version: assembler.applied_version(),
+            marker,
+            types,
+            relations,
+        })
+    }
+}
+
+/// Numeric ids in numeric order (before any others), the others as text.
+fn id_order(id: &str) -> (Result<u128, ()>, &str) {
+    (id.parse::<u128>().map_err(|_| ()), id)
+}
+
+/// Read both topics from the beginning to their ends (`read_committed`), as a subscriber that
+/// stops at `version`; then catch up past versions compaction left incomplete.
+pub fn read_version(
+    cfg: &Config,
+    version: Option<u64>,
+    timeout: Duration,
+) -> Result<(VersionTable, u64), ReadVersionError> {
+    require_broker(cfg)?;
+    let mut assembler = version.map_or_else(VersionAssembler::new, VersionAssembler::up_to);
+    let (embeddings, versions) = (&cfg.kafka.embeddings_topic, &cfg.kafka.versions_topic);
+    let mut read = 0u64;
+    for topic in [versions, embeddings] {
+        let consumer = reader(cfg, "twhin-stream-published")?;
+        read += read_to_end(
+            &consumer,
+            topic,
+            |_| Offset::Beginning,
+            READ_IDLE,
+            timeout,
+            |m| feed(&mut assembler, topic == versions, m),
+        )?;
+    }
+    assembler.catch_up();
+    let reached = VersionTable::of(&assembler).filter(|t| version.is_none_or(|v| t.version == v));
+    match reached {
+        Some(table) => Ok((table, read)),
+        None => Err(ReadVersionError::NotOnTopics {
+            wanted: version.unwrap_or(0),
+            newest: assembler.applied_version(),
+            embeddings: embeddings.clone(),
+            versions: versions.clone(),
+        }),
+    }
+}
+
+/// One record of the versions topic (a marker) or the embeddings topic (a row or tombstone).
+fn feed(
+    assembler: &mut VersionAssembler,
+    is_marker: bool,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<(), String> {
+    if is_marker {
+        let payload = m.payload().ok_or("a marker without a value")?;
+        let marker = VersionMarker::decode(payload).map_err(|e| e.to_string())?;
+        assembler.push_marker(marker);
+        return Ok(());
+    }
+    let key = m
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .ok_or("a row without a UTF-8 key")?;
+    match m.payload() {
+        Some(payload) => {
+            let record = Record::decode(payload).map_err(|e| e.to_string())?;
+            assembler.push_record(key, record);
+        }
+        None => {
+            let headers = m.headers().map(|h| {
+                h.iter()
+                    .map(|x| (x.key, x.value.unwrap_or_default()))
+                    .collect::<Vec<_>>()
+            });
+            let (version, epoch) = headers
+                .and_then(tombstone_attempt)
+                .ok_or("a null value without its version headers")?;
+            assembler.push_tombstone(key, version, epoch);
+        }
+    }
+    Ok(())
+}
