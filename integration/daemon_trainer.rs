@@ -363,13 +363,15 @@ fn a_daemon_on_another_storage_path_takes_the_graph_from_the_changelog_and_keeps
     let nodes: Vec<String> = (0..40).map(|i| valid_event(i, false).1 .0).collect();
     let served =
         |port| -> Vec<(u64, Vec<f32>)> { nodes.iter().map(|n| served_row(port, n)).collect() };
+    // The versions settled: none new for 2.5 s (the first goes out once the model has rows).
+    let version = |d: &Daemon| d.status()?.pointer("/publish/version")?.as_u64();
     wait_until(
         "a version after the cursor",
         Duration::from_secs(60),
         || {
-            let before = status_u64(&first.status()?, "/publish/version");
+            let before = version(&first)?;
             std::thread::sleep(Duration::from_millis(2_500));
-            (status_u64(&first.status()?, "/publish/version") == before).then_some(())
+            (version(&first)? == before).then_some(())
         },
     );
     let a_rows = served(port);

@@ -78,6 +78,7 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
             (Some(core), Some(tail)) => {
                 let tail = (tail.join())
                     .map_err(|_| anyhow::anyhow!("reading the versions topic panicked"))??;
+                start_from_published(&cfg, &store, core, &tail)?;
                 Some(open_publication(&cfg, core, &tail)?)
             }
             _ => None,
@@ -327,24 +328,27 @@ fn open_trainer(
         info!("trainer.enabled = false: ingest only");
         return Ok(None);
     }
-    let mut core = TrainerCore::open(cfg, store, device).with_context(|| {
+    let core = TrainerCore::open(cfg, store, device).with_context(|| {
         format!(
             "resuming the trainer from trainer.checkpoint_path = {}",
             cfg.trainer.checkpoint_path.display()
         )
     })?;
-    if core.resumed_from().is_none() && cfg.trainer.start_from_published && cfg.publish.enabled {
-        start_from_published(cfg, store, &mut core)?;
-    }
     Ok(Some(core))
 }
 
-/// A new model (no checkpoint) from the newest whole version on the topics, when there is one.
+/// A new model (no checkpoint) from the newest whole version on the topics, when the versions
+/// topic's tail shows one (`trainer.start_from_published`).
 fn start_from_published(
     cfg: &Config,
     store: &GraphStore,
     core: &mut TrainerCore,
+    tail: &VersionsTail,
 ) -> anyhow::Result<()> {
+    let wanted = cfg.trainer.start_from_published && core.resumed_from().is_none();
+    if !wanted || tail.newest.is_none() {
+        return Ok(());
+    }
     let what = "reading the newest published version for a trainer without a checkpoint \
                 (trainer.start_from_published)";
     let table = match read_version(cfg, None, PUBLISHED_READ_TIMEOUT) {
