@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Several instances in one consumer group (issue 24): tansu on 127.0.0.1, the synthetic TwHIN
+# stream (NODES, EDGES: default 1,000,000 / 10,000,000), `config/default.toml` otherwise. Two
+# phases on the same events, each with its own group (so its own changelog and routed topics) and
+# its own versions and embeddings topics:
+#   N=1  one instance ingests and trains the stream until its trainer has drained it;
+#   N=2  two instances, started together, do the same, each storing and training the
+#        partitions the group gives it; once both drained, B is SIGKILLed and A takes its
+#        partitions back from their changelog (the resume).
+# What is built today: ingest, the store and training follow the partitions; publication waits
+# for an instance that owns every partition (so it is off in both phases here, and the memory
+# figures have no served version and no ANN index), and the instances do not yet exchange rows
+# or gradients (two models, not one), so there is no quality figure at N=2 yet.
+# Prints one JSON line: per phase the seconds from the first event consumed to the last one
+# trained, the distinct events trained per second (replayed edges not counted), each instance's
+# peak resident memory (MiB) and its store's edges; for the resume, the seconds from B's kill to
+# A's new assignment (the group's session timeout, 6 s here, is most of it), the seconds A's
+# assignment spent bringing B's partitions up to their changelog, the events it appended, and the
+# seconds from the assignment to A's first training step on an edge it took from the changelog.
+#   bash benches/scale_out.sh
+#   NODES=100000 EDGES=1000000 bash benches/scale_out.sh        # a quick one
+# CPU: two instances share the machine's cores with the broker; no cap is set (CPU_LIST=0 pins
+# every instance to core 0, for a fixed budget per phase).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NODES=${NODES:-1000000} EDGES=${EDGES:-10000000}
+source benches/daemon_env.sh
+$B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
+python3 - "$B" "$EDGES" "$WORK" "${CPU_LIST:-}" "$NODES" <<'PY'
+import json, os, signal, socket, subprocess, sys, time, urllib.request
+b, total, work, cpus, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close(); return port
+
+class Instance:
+    def __init__(self, phase, name):
+        self.name, self.port = f"{phase}-{name}", free_port()
+        self.log = f"{work}/{self.name}.log"
+        env = dict(os.environ)
+        env.update({
+            "TWHIN_KAFKA__GROUP_ID": f"bench-{phase}",
+            "TWHIN_KAFKA__VERSIONS_TOPIC": f"bench-{phase}.versions",
+            "TWHIN_KAFKA__EMBEDDINGS_TOPIC": f"bench-{phase}.embeddings",
+            "TWHIN_STORAGE__PATH": f"{work}/{self.name}",
+            "TWHIN_HTTP__BIND": f"127.0.0.1:{self.port}",
+            "TWHIN_LOG__LEVEL": "info,librdkafka=warn,rdkafka=warn",
+            # Held at N=2 anyway; off in both phases so that they pay for the same work.
+            "TWHIN_PUBLISH__ENABLED": "false",
+        })
+        self.env = env
+        cmd = [b, "run"] if not cpus else ["taskset", "-c", cpus, b, "run"]
+        self.p = subprocess.Popen(cmd, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        self.peak = 0.0
+    def status(self):
+        if self.p.poll() is not None:
+            print(open(self.log, errors="replace").read()[-4000:], file=sys.stderr)
+            sys.exit(f"{self.name} exited")
+        try:
+            s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/status", timeout=5))
+        except Exception:
+            return None
+        for l in open(f"/proc/{self.p.pid}/status"):
+            if l.startswith("VmRSS"):
+                self.peak = max(self.peak, int(l.split()[1]) / 1024)
+        return s
+
+def wait(what, f, timeout=3600, every=1.0):
+    t0 = time.time()
+    while True:
+        r = f()
+        if r: return r
+        if time.time() - t0 > timeout: sys.exit(f"{what}: not within {timeout} s")
+        time.sleep(every)
+
+def apply_topics(phase):
+    env = dict(os.environ, TWHIN_KAFKA__GROUP_ID=f"bench-{phase}",
+               TWHIN_KAFKA__VERSIONS_TOPIC=f"bench-{phase}.versions",
+               TWHIN_KAFKA__EMBEDDINGS_TOPIC=f"bench-{phase}.embeddings")
+    subprocess.run([b, "topics", "apply"], env=env, check=True, stdout=subprocess.DEVNULL)
+
+def drained(instances):
+    """Every instance's statuses once all events are consumed and every trainer drained."""
+    ss = [i.status() for i in instances]
+    if any(s is None for s in ss): return None
+    consumed = sum(s["ingest"]["consumed"] for s in ss)
+    lag = sum(s["kafka"]["lag"] for s in ss)
+    backlog = sum(s["trainer"]["backlog"] for s in ss)
+    msg = "  ".join(f"{i.name} consumed {s['ingest']['consumed']} trained {s['trainer']['edges_trained']} backlog {s['trainer']['backlog']} rss {i.peak:.0f}" for i, s in zip(instances, ss))
+    print(f"[scale-out] {msg}", file=sys.stderr)
+    return ss if consumed >= total and lag == 0 and backlog == 0 else None
+
+def phase(n):
+    name = f"n{n}"
+    apply_topics(name)
+    # Started together: whichever joins first may consume alone until the other joins; what it
+    # stored of the other's partitions moves with them through the changelog.
+    insts = [Instance(name, x) for x in "ab"[:n]]
+    share = lambda s: s["kafka"]["assigned_partitions"] == 8 // n
+    wait("the partitions assigned", lambda: all((s := i.status()) and share(s) for i in insts), 300, 0.2)
+    first = wait("the first event consumed", lambda: any((s := i.status()) and s["ingest"]["consumed"] > 0 for i in insts) and time.time(), 600, 0.1)
+    ss = wait("the stream trained", lambda: drained(insts), 7200, 2.0)
+    seconds = time.time() - first
+    fresh = sum(s["trainer"]["edges_trained"] - s["trainer"]["edges_replayed"] for s in ss)
+    out = {"seconds": round(seconds, 1), "events_trained_per_s": round(fresh / seconds),
+           "instances": [{"name": i.name, "peak_rss_mib": round(i.peak), "edges": s["store"]["edges_total"],
+                          "assigned_partitions": s["kafka"]["assigned_partitions"]} for i, s in zip(insts, ss)]}
+    return insts, ss, out
+
+n1, _, out1 = phase(1)
+for i in n1: i.p.send_signal(signal.SIGTERM); i.p.wait(timeout=300)
+n2, ss, out2 = phase(2)
+a, bi = n2
+before = a.status()
+moved_before = before["ingest"]["moved_in"]
+first_moved_seq = before["store"]["edges_total"]
+killed = time.time()
+bi.p.send_signal(signal.SIGKILL); bi.p.wait()
+s = wait("A owns every partition again", lambda: (s := a.status()) and s["kafka"]["assigned_partitions"] == 8 and s, 300, 0.1)
+assigned = time.time()
+trained = wait("A trains a moved edge", lambda: (s := a.status()) and s["trainer"]["cursor"] > first_moved_seq and time.time(), 600, 0.1)
+moved = s["ingest"]["moved_in"]
+move_in = moved["seconds"] - moved_before["seconds"]
+# The status counts the partitions once the assignment brought them up to their changelog.
+resume = {"kill_to_assigned_s": round(assigned - move_in - killed, 2),
+          "move_in_s": round(move_in, 2),
+          "moved_events": moved["appended"] - moved_before["appended"],
+          "assignment_to_first_trained_s": round(trained - assigned + move_in, 2)}
+a.p.send_signal(signal.SIGTERM); a.p.wait(timeout=300)
+print(json.dumps({"nodes": nodes, "events": total, "n1": out1, "n2": out2, "resume": resume}))
+PY
