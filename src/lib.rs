@@ -15,7 +15,7 @@
 //! |---------------|------|
 //! | [`ingest`]    | the consumer (assignment at stored offsets, rebalance), dead letters, the store-writer actor |
 //! | [`store`]     | the sled graph: keys, node interning, the edge log, adjacency, degrees, offsets, dedup, summaries |
-//! | [`changelog`] | the store's state in Kafka: the record, its writing with each batch, the restore at start |
+//! | [`changelog`] | the store's state in Kafka: the record, its writing with each batch, the restore (an empty store at start, each assigned partition) |
 //! | [`train`]     | the model, scores, losses, the step, warm start, prequential ranks, checkpoints, the trainer actor |
 //! | [`align`]     | drift measures, the gate, Procrustes onto the anchor, the pull controller, the alignment actor |
 //! | [`publish`]   | wire formats, the ledger, the version producer, freshness, the subscriber's assembler |

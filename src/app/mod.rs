@@ -70,9 +70,7 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
             let cfg = cfg.clone();
             std::thread::spawn(move || read_versions_tail(&cfg))
         });
-        // The store first, so that the trainer resumes on the graph it trained on.
-        let restored = crate::changelog::restore(&cfg, &store)
-            .context("bringing the store up to its changelog (kafka.changelog_topic)")?;
+        let restored = restore_an_empty_store(&cfg, &store)?;
         let mut core = open_trainer(&cfg, &store, device)?;
         let publication = match (core.as_mut(), tail) {
             (Some(core), Some(tail)) => {
@@ -98,6 +96,22 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
         daemon.stop().await?;
         outcome
     })
+}
+
+/// An empty store (new, or lost) first takes every partition's changelog, so that the trainer
+/// resumes on the graph it trained on and a new model finds the nodes of the published rows. A
+/// kept store is brought up to the changelog partition by partition as the group assigns them
+/// (`IngestContext::move_in`): a restart then reads only what its own partitions gained, not
+/// what other instances stored for theirs.
+fn restore_an_empty_store(
+    cfg: &Config,
+    store: &GraphStore,
+) -> anyhow::Result<crate::changelog::Restored> {
+    if store.edge_count() > 0 {
+        return Ok(Default::default());
+    }
+    crate::changelog::restore(cfg, store)
+        .context("bringing the store up to its changelog (kafka.changelog_topic)")
 }
 
 /// What is opened before the actor system starts: the store, the resumed trainer, the ledger.

@@ -4,8 +4,9 @@
 //! Kafka Streams state-store pattern).
 //!
 //! Owns the record format, its writing (ingest delivers a batch's records and waits for their
-//! acknowledgement before the store write, as it does for dead letters) and the restore, at
-//! start and of each partition assigned (another instance may have owned it meanwhile). Hands
+//! acknowledgement before the store write, as it does for dead letters) and the restore, of an
+//! empty store at start and of each partition assigned (another instance may have owned it
+//! meanwhile). Hands
 //! on the store, brought up to the changelog's end before ingest resumes at the store's offsets.
 //!
 //! Input partition `p` is logged to changelog partition `p`. A record holds one batch's valid

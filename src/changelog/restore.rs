@@ -1,5 +1,6 @@
-//! The store rebuilt from the changelog: at start every changelog partition, and at each
-//! assignment the partitions assigned (another instance may have owned them meanwhile), is read
+//! The store rebuilt from the changelog: at the start of an empty store every changelog
+//! partition, and at each assignment the partitions assigned (another instance may have owned
+//! them meanwhile), is read
 //! from the position the store recorded (the beginning for an empty store) to its end, and its
 //! records are appended as ingest appended them, their events at their input offsets. The store
 //! skips offsets it holds, so a record read twice, one written for a batch whose store write was

@@ -21,6 +21,8 @@ mod snapshot;
 mod start;
 mod status;
 mod step;
+#[cfg(test)]
+mod test_graph;
 mod trainer;
 mod warm;
 

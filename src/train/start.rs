@@ -119,8 +119,7 @@ pub(crate) fn take_published(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
-    use crate::store::{AppendBatch, StoreOptions};
+    use crate::train::test_graph::likes_store;
     use tch::Device;
 
     /// Rows go to their nodes' store indices (with a biased type's bias, its last value), a
@@ -128,37 +127,8 @@ mod tests {
     /// not hold, of unknown types or relations, and of another width are counted, not taken.
     #[test]
     fn published_rows_go_to_their_nodes_indices_and_the_rest_is_counted() {
-        let cfg: SchemaConfig = toml::from_str(
-            r#"node_types = ["user", "movie"]
-               relations = [{ name = "likes", src = "user", dst = "movie" }]"#,
-        )
-        .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let store = GraphStore::open(
-            dir.path(),
-            &Schema::new(&cfg).unwrap(),
-            &StoreOptions::default(),
-        )
-        .unwrap();
-        let ev = |u: &str, m: &str| Event {
-            op: Default::default(),
-            src: NodeKey {
-                node_type: 0,
-                id: u.into(),
-            },
-            rel: 0,
-            dst: NodeKey {
-                node_type: 1,
-                id: m.into(),
-            },
-            ts: 0,
-            weight: 1.0,
-            event_id: None,
-        };
-        let events = vec![ev("a", "m0"), ev("b", "m1"), ev("c", "m2")];
-        store
-            .append(&AppendBatch::from_events("t", 0, events))
-            .unwrap();
+        let store = likes_store(dir.path(), &[("a", "m0"), ("b", "m1"), ("c", "m2")]);
         let (b, m2) = (
             store.node_index(0, "b").unwrap().unwrap() as i64,
             store.node_index(1, "m2").unwrap().unwrap() as i64,

@@ -72,49 +72,21 @@ pub(crate) fn warm_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{Event, NodeKey, Schema, SchemaConfig};
-    use crate::store::{AppendBatch, StoreOptions};
+    use crate::train::test_graph::likes_store;
     use tch::Device;
 
     #[test]
     fn a_new_node_starts_nearer_its_true_neighbours_than_random() {
-        let cfg: SchemaConfig = toml::from_str(
-            r#"node_types = ["user", "movie"]
-               relations = [{ name = "likes", src = "user", dst = "movie" }]"#,
-        )
-        .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let store = GraphStore::open(
-            dir.path(),
-            &Schema::new(&cfg).unwrap(),
-            &StoreOptions::default(),
-        )
-        .unwrap();
-        let ev = |u: &str, m: &str| Event {
-            op: Default::default(),
-            src: NodeKey {
-                node_type: 0,
-                id: u.into(),
-            },
-            rel: 0,
-            dst: NodeKey {
-                node_type: 1,
-                id: m.into(),
-            },
-            ts: 0,
-            weight: 1.0,
-            event_id: None,
-        };
         // Old user 0 likes movies 0..3; the new user 1 likes movies 0 and 1.
-        let events: Vec<Event> = vec![
-            ev("old", "m0"),
-            ev("old", "m1"),
-            ev("old", "m2"),
-            ev("new", "m0"),
-            ev("new", "m1"),
+        let likes = [
+            ("old", "m0"),
+            ("old", "m1"),
+            ("old", "m2"),
+            ("new", "m0"),
+            ("new", "m1"),
         ];
-        let batch = AppendBatch::from_events("t", 0, events);
-        store.append(&batch).unwrap();
+        let store = likes_store(dir.path(), &likes);
 
         tch::manual_seed(5);
         let mut model = Embeddings::new(2, 1, 8, 0.5, Device::Cpu);
