@@ -106,12 +106,13 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
 fn restore_an_empty_store(
     cfg: &Config,
     store: &GraphStore,
-) -> anyhow::Result<crate::changelog::Restored> {
+) -> anyhow::Result<Option<crate::changelog::Restored>> {
     if store.edge_count() > 0 {
-        return Ok(Default::default());
+        return Ok(None);
     }
-    crate::changelog::restore(cfg, store)
-        .context("bringing the store up to its changelog (kafka.changelog_topic)")
+    let restored = crate::changelog::restore(cfg, store)
+        .context("bringing the store up to its changelog (kafka.changelog_topic)")?;
+    Ok(Some(restored))
 }
 
 /// What is opened before the actor system starts: the store, the resumed trainer, the ledger.
@@ -124,7 +125,7 @@ struct Opened {
     torch: crate::train::TorchInfo,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// What the store took from its changelog at start.
-    restored: crate::changelog::Restored,
+    restored: Option<crate::changelog::Restored>,
 }
 
 /// The running stages, as [`Daemon::stop`] needs them.

@@ -222,6 +222,7 @@ fn open_clients(
         expected: Default::default(),
         moved_in: Default::default(),
         moved_in_waiting: Default::default(),
+        caught_up_at_start: (status.restored.lock().is_some()).into(),
     };
     let consumer: StreamConsumer<IngestContext> =
         create_client_with_context(&props, ctx, "consumer")?;

@@ -41,6 +41,9 @@ pub struct IngestContext {
     /// loop must read from the store again (set: some are waiting).
     pub(super) moved_in: Mutex<Vec<i32>>,
     pub(super) moved_in_waiting: AtomicBool,
+    /// The store was brought up to every changelog partition's end at this start (it was
+    /// empty): the first assignment, moments later, reads nothing the input does not still hold.
+    pub(super) caught_up_at_start: AtomicBool,
 }
 
 /// How the first record of a partition after its assignment compares with the one the store
@@ -125,7 +128,11 @@ impl IngestContext {
     /// Bring the engagements partitions assigned (and the routed ones by the same numbers) up
     /// to their changelog: another instance may have owned them since this store last did.
     fn move_in(&self, partitions: &[i32]) -> Result<(), RestoreError> {
-        if partitions.is_empty() {
+        // After the start's restore of every partition, what another instance stored since
+        // (while this one started and joined) is still in the input, consumed from the
+        // restored offsets: the first assignment skips the read (0.66 s with nothing new).
+        let caught_up = self.caught_up_at_start.swap(false, Ordering::Relaxed);
+        if partitions.is_empty() || caught_up {
             return Ok(());
         }
         let restored = restore_partitions(&self.cfg, &self.store, Some(partitions))?;

@@ -31,8 +31,9 @@ pub struct IngestStatus {
     pub partition_resets: AtomicU64,
     /// Kafka timestamps of durable events, until a version covers them.
     pub freshness: Arc<crate::publish::Freshness>,
-    /// What the store took from its changelog at start.
-    pub restored: parking_lot::Mutex<crate::changelog::Restored>,
+    /// What an empty store took from its changelog at start (`None`: a kept store, not read
+    /// at start).
+    pub restored: parking_lot::Mutex<Option<crate::changelog::Restored>>,
     /// What it took at assignments since (`/v1/status` `ingest.moved_in`).
     pub moved_in: parking_lot::Mutex<MovedIn>,
 }

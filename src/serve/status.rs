@@ -64,8 +64,9 @@ pub(super) struct IngestFigures {
     /// Events consumed per second over the last minute or so of `/v1/status` requests (from the
     /// oldest sample kept to this request); `null` on the first request.
     pub recent_events_per_sec: Option<f64>,
-    /// What the store took from its changelog at start (`kafka.changelog_topic`).
-    pub restored: crate::changelog::Restored,
+    /// What an empty store took from its changelog at start (`kafka.changelog_topic`); `null`
+    /// for a kept store, which catches up partition by partition as they are assigned.
+    pub restored: Option<crate::changelog::Restored>,
     /// What it took at each assignment since: the partitions' records stored by another
     /// instance while it owned them.
     pub moved_in: crate::ingest::MovedIn,
