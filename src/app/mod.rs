@@ -124,7 +124,7 @@ struct Opened {
     device: tch::Device,
     torch: crate::train::TorchInfo,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
-    /// What the store took from its changelog at start.
+    /// What an empty store took from its changelog at start (`None`: a kept store).
     restored: Option<crate::changelog::Restored>,
 }
 

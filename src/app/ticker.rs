@@ -35,8 +35,8 @@ impl Ticker {
     pub async fn publish_once(&mut self) -> anyhow::Result<Option<u64>> {
         if !self.ingest.owns_all_partitions() {
             let status = self.publication.status();
-            // Said once per minute of ticks at most: several instances hold it for as long as
-            // they share the partitions.
+            // Said once every 60 held ticks: several instances hold it for as long as they
+            // share the partitions.
             if status.held_partial.fetch_add(1, Ordering::Relaxed) % 60 == 0 {
                 warn!(
                     assigned = self.ingest.assigned_partitions.load(Ordering::Relaxed),

@@ -215,13 +215,10 @@ fn open_clients(
     let ctx = IngestContext {
         cfg: cfg.clone(),
         store: store.clone(),
-        topic: topic.clone(),
-        routed: routed.clone(),
         status: status.clone(),
         failure: Default::default(),
         expected: Default::default(),
         moved_in: Default::default(),
-        moved_in_waiting: Default::default(),
         caught_up_at_start: (status.restored.lock().is_some()).into(),
     };
     let consumer: StreamConsumer<IngestContext> =

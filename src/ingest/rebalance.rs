@@ -27,10 +27,6 @@ use crate::telemetry as m;
 pub struct IngestContext {
     pub(super) cfg: Arc<Config>,
     pub(super) store: Arc<GraphStore>,
-    /// The engagements topic.
-    pub(super) topic: String,
-    /// The routed topic (`kafka.routed_topic`), consumed beside it.
-    pub(super) routed: String,
     pub(super) status: Arc<IngestStatus>,
     /// Set when an assignment could not be honoured; the loop stops with this error.
     pub(super) failure: Mutex<Option<IngestError>>,
@@ -38,9 +34,8 @@ pub struct IngestContext {
     /// the partition delivers (it is assigned one offset before the stored one).
     pub(super) expected: Mutex<HashMap<i32, (RecordPrint, Instant)>>,
     /// Partitions brought up to their changelog at an assignment, whose positions the consume
-    /// loop must read from the store again (set: some are waiting).
+    /// loop must read from the store again.
     pub(super) moved_in: Mutex<Vec<i32>>,
-    pub(super) moved_in_waiting: AtomicBool,
     /// The store was brought up to every changelog partition's end at this start (it was
     /// empty): the first assignment, moments later, reads nothing the input does not still hold.
     pub(super) caught_up_at_start: AtomicBool,
@@ -112,7 +107,7 @@ impl IngestContext {
         let Some(next) = self.store.stored_offset(topic, p)? else {
             return Ok(Offset::Beginning);
         };
-        if topic != self.topic {
+        if topic != self.topic() {
             // The routed topic: ours, created with the deployment, so its history is not checked.
             return Ok(Offset::Offset(next));
         }
@@ -143,22 +138,23 @@ impl IngestContext {
         moved.restored.add(&restored);
         drop(moved);
         self.moved_in.lock().extend_from_slice(partitions);
-        self.moved_in_waiting.store(true, Ordering::Release);
         Ok(())
     }
 
     /// The partitions brought up to their changelog since the last call (see `moved_in`).
     pub(super) fn take_moved_in(&self) -> Vec<i32> {
-        if !self.moved_in_waiting.swap(false, Ordering::Acquire) {
-            return Vec::new();
-        }
         std::mem::take(&mut *self.moved_in.lock())
+    }
+
+    /// The engagements topic (`kafka.engagements_topic`).
+    fn topic(&self) -> &str {
+        &self.cfg.kafka.engagements_topic
     }
 
     /// `tpl`'s partitions of the engagements topic (the routed topic's come with them, one for
     /// one).
     fn owned(&self, tpl: &TopicPartitionList) -> Vec<i32> {
-        (tpl.elements_for_topic(&self.topic).iter())
+        (tpl.elements_for_topic(self.topic()).iter())
             .map(|e| e.partition())
             .collect()
     }
@@ -176,7 +172,8 @@ impl ClientContext for IngestContext {
         );
         // Forwarded events not yet stored are behind too.
         let mut total = 0u64;
-        for name in [&self.topic, &self.routed] {
+        let kafka = &self.cfg.kafka;
+        for name in [&kafka.engagements_topic, &kafka.routed_topic] {
             let Some(topic) = stats.topics.get(name) else {
                 continue;
             };

@@ -20,8 +20,7 @@ use serde::Serialize;
 
 use crate::align::AlignFigures;
 use crate::config::Config;
-use crate::kafka::ReadError;
-pub use crate::publish::{read_version, ReadVersionError, VersionTable};
+use crate::publish::{read_version, ReadVersionError, VersionTable};
 
 /// Version of the files' layout, in `meta.json`.
 pub const EXPORT_FORMAT_VERSION: u32 = 1;
@@ -41,10 +40,6 @@ pub enum ExportFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error(transparent)]
-    Kafka(#[from] crate::kafka::KafkaSetupError),
-    #[error(transparent)]
-    Read(#[from] ReadError),
     #[error(transparent)]
     Version(#[from] ReadVersionError),
     #[error("{key} has {got} values, other rows of `{group}` have {want}")]

@@ -55,12 +55,12 @@ pub(crate) fn take_published(
     };
     let (dim, device) = (model.dim, model.device);
     let schema = store.stored_schema();
-    let known: usize = (table.types)
+    let of_unknown_types: usize = (table.types)
         .iter()
         .filter(|(name, _)| !schema.node_types.contains(name))
         .map(|(_, rows)| rows.len())
         .sum();
-    out.unknown += known as u64;
+    out.unknown += of_unknown_types as u64;
     for (t, name) in schema.node_types.iter().enumerate() {
         let Some(rows) = table.types.get(name) else {
             continue;
