@@ -280,6 +280,8 @@ pub fn build_delta_version(
         version: req.version,
         epoch: req.epoch,
         rows: (rows.len() + tombstones.len()) as u64,
+        partition: None,
+        partitions: None,
         builds_on: req.builds_on,
         deployment: None,
         align: req.align.cloned(),

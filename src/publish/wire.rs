@@ -43,9 +43,10 @@ pub fn tombstone_attempt<'a>(
 
 /// The version of the contract in `topics/README.md` that markers follow. Contract 2 (2026-12)
 /// added `contract` and `builds_on`: a version's canonical attempt is its last, and a later
-/// complete attempt of the applied version is applied over it. A marker without `contract` is
-/// contract 1.
-pub const CONTRACT: u32 = 2;
+/// complete attempt of the applied version is applied over it. Contract 3 (2026-12-06) scopes
+/// every version to one partition of the embeddings topic (`partition`, `partitions`), so that
+/// each partition's owner publishes its own. A marker without `contract` is contract 1.
+pub const CONTRACT: u32 = 3;
 
 /// One attempt of a version: the `(version, epoch)` its rows and marker carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -69,6 +70,15 @@ pub struct VersionMarker {
     /// Records (node rows, tombstones of erased nodes, relation vectors) this version and epoch
     /// published.
     pub rows: u64,
+    /// Contract 3: the partition of the embeddings topic this marker's version covers; its
+    /// records are that partition's records of `(version, epoch)`, and `rows` counts those.
+    /// `None` (contracts 1 and 2): the version covers the whole topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<i32>,
+    /// Contract 3: the embeddings topic's partition count when it was published (a key belongs
+    /// to partition `partition_of(key, partitions)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
     /// The attempt of the previous version this one was selected against: the publisher's
     /// reference, which every subscriber must hold before applying this version. `None` for the
     /// first version, and for a publisher that does not know its reference's epoch (a ledger
@@ -360,9 +370,26 @@ impl VersionMarker {
             version,
             epoch,
             rows,
+            partition: None,
+            partitions: None,
             builds_on: None,
             deployment: None,
             align: None,
+        }
+    }
+
+    /// [`VersionMarker::new`] scoped to `partition` of `partitions` (contract 3).
+    pub fn for_partition(
+        version: u64,
+        epoch: u64,
+        rows: u64,
+        partition: i32,
+        partitions: i32,
+    ) -> VersionMarker {
+        VersionMarker {
+            partition: Some(partition),
+            partitions: Some(partitions),
+            ..VersionMarker::new(version, epoch, rows)
         }
     }
 
@@ -466,6 +493,8 @@ mod tests {
             version: 12,
             epoch: 3,
             rows: 5,
+            partition: Some(6),
+            partitions: Some(8),
             builds_on: Some(AttemptRef {
                 version: 11,
                 epoch: 2,
@@ -476,18 +505,21 @@ mod tests {
         let json = String::from_utf8(marker.encode()).unwrap();
         assert_eq!(
             json,
-            r#"{"contract":2,"version":12,"epoch":3,"rows":5,"builds_on":{"version":11,"epoch":2},"deployment":"feeds"}"#
+            r#"{"contract":3,"version":12,"epoch":3,"rows":5,"partition":6,"partitions":8,"builds_on":{"version":11,"epoch":2},"deployment":"feeds"}"#
         );
         assert_eq!(VersionMarker::decode(json.as_bytes()), Ok(marker));
         // Contract 1 (no `contract`, no `builds_on`): still read.
         let old = VersionMarker::decode(br#"{"version":4,"epoch":1,"rows":9}"#).unwrap();
         assert_eq!(
-            (old.contract, old.builds_on, old.deployment),
-            (1, None, None)
+            (old.contract, old.builds_on, old.deployment, old.partition),
+            (1, None, None, None)
         );
+        // Contract 2 (no `partition`): the version covers the whole topic.
+        let two = VersionMarker::decode(br#"{"contract":2,"version":4,"epoch":1,"rows":9}"#);
+        assert_eq!(two.map(|m| (m.contract, m.partition)), Ok((2, None)));
         assert_eq!(
-            VersionMarker::decode(br#"{"contract":3,"version":4,"epoch":1,"rows":9}"#),
-            Err(DecodeError::Contract { found: 3 })
+            VersionMarker::decode(br#"{"contract":4,"version":4,"epoch":1,"rows":9}"#),
+            Err(DecodeError::Contract { found: 4 })
         );
     }
 
