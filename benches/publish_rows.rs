@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use common::{env_or, store_with_users};
 use twhin_stream::config::{Config, ValueFormat};
 use twhin_stream::kafka;
-use twhin_stream::publish::{build_delta_version, KafkaSink, VersionRequest, VersionSink};
+use twhin_stream::publish::{build_delta_version, KafkaSink, Scope, VersionRequest, VersionSink};
 use twhin_stream::train::{ModelDelta, Snapshot, TableDelta};
 
 /// A delta in which every one of `rows` rows of type 0 moved (by 10%, over the threshold).
@@ -160,6 +160,8 @@ fn main() {
         eprintln!("publish_rows: no test broker (TANSU_BIN): measuring the build only");
     }
     let (mut build, mut produce, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    // The daemon's scope when one instance owns every partition of the default topics.
+    let scope = Scope::whole(8);
     for version in 1..=rounds as u64 {
         let d = delta(&reference, types, rows);
         let req = VersionRequest {
@@ -174,6 +176,7 @@ fn main() {
             reference_biases: &[],
             builds_on: None,
             retried_rows: &[],
+            scope: &scope,
         };
         let started = Instant::now();
         let (prepared, _) = build_delta_version(&store, &d, Some(&reference), &req)

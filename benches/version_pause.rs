@@ -29,7 +29,7 @@ use tch::{Device, Kind, Tensor};
 use common::{env_or, store_with_users};
 use twhin_stream::align::{AlignFigures, Aligner, Candidate};
 use twhin_stream::config::{Config, ValueFormat};
-use twhin_stream::publish::{build_delta_version, VersionRequest};
+use twhin_stream::publish::{build_delta_version, Scope, VersionRequest};
 use twhin_stream::store::GraphStore;
 use twhin_stream::train::{DeltaRequest, Embeddings, Snapshot, TrainerCore};
 
@@ -98,6 +98,8 @@ fn bench_version(c: &mut Criterion) {
     let versions = env_or("VERSION_ROUNDS", 5usize);
     let mut s = setup(nodes, dim, share);
     let format = ValueFormat::F32le;
+    // The daemon's scope when one instance owns every partition of the default topics.
+    let scope = Scope::whole(8);
     // The first version: every row (it becomes the reference and the anchor).
     let first = s.core.take_delta(&DeltaRequest {
         full: true,
@@ -115,6 +117,7 @@ fn bench_version(c: &mut Criterion) {
         reference_biases: &[],
         builds_on: None,
         retried_rows: &[],
+        scope: &scope,
     };
     let (_, update) = build_delta_version(&s.store, &first, None, &update_req(1))
         .expect("build")
@@ -159,6 +162,7 @@ fn bench_version(c: &mut Criterion) {
             reference_biases: &[],
             builds_on: None,
             retried_rows: &[],
+            scope: &scope,
         };
         let assessed_at = started.elapsed();
         let built = build_delta_version(&s.store, &delta, Some(&reference), &req).expect("build");

@@ -47,6 +47,48 @@ pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
     ((murmur2(key) & 0x7fff_ffff) as u32) % partitions.max(1)
 }
 
+/// The engagements partitions this instance owns, as the group's assignments and revocations
+/// left them, and a count of the changes: a publication covers the partitions owned when it
+/// began, and withholds its markers when the count moved meanwhile (the group gave some of
+/// them to another instance, which publishes them from now on).
+#[derive(Debug, Default)]
+pub struct Ownership {
+    state: parking_lot::Mutex<Owned>,
+}
+
+/// One reading of [`Ownership`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// Changes so far (each assignment and revocation counts one).
+    pub generation: u64,
+    /// Sorted, each once.
+    pub partitions: Vec<i32>,
+}
+
+impl Ownership {
+    pub fn assign(&self, partitions: &[i32]) {
+        let mut s = self.state.lock();
+        s.partitions.extend_from_slice(partitions);
+        s.partitions.sort_unstable();
+        s.partitions.dedup();
+        s.generation += 1;
+    }
+
+    pub fn revoke(&self, partitions: &[i32]) {
+        let mut s = self.state.lock();
+        s.partitions.retain(|p| !partitions.contains(p));
+        s.generation += 1;
+    }
+
+    pub fn get(&self) -> Owned {
+        self.state.lock().clone()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.state.lock().generation
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +128,21 @@ mod tests {
         }
         assert_eq!(partition_of(b"user:42", 1), 0);
         assert_eq!(partition_of(b"user:42", 0), 0, "no partitions reads as one");
+    }
+
+    #[test]
+    fn ownership_counts_every_change() {
+        let o = Ownership::default();
+        o.assign(&[3, 1]);
+        o.assign(&[2, 1]);
+        assert_eq!(
+            o.get(),
+            Owned {
+                generation: 2,
+                partitions: vec![1, 2, 3]
+            }
+        );
+        o.revoke(&[2, 9]);
+        assert_eq!((o.generation(), o.get().partitions), (3, vec![1, 3]));
     }
 }

@@ -184,9 +184,12 @@ impl Daemon {
                 align: align.clone(),
                 sink: KafkaSink::start(cfg.clone())
                     .await
-                    .context("starting the version publisher")?,
+                    .context("starting the version publisher")?
+                    .fenced_by(ingest_status.ownership.clone()),
                 serving: serving.clone(),
                 ingest: ingest_status.clone(),
+                cfg: cfg.clone(),
+                scoped_at: None,
             }),
             _ => None,
         };
@@ -273,9 +276,9 @@ impl Daemon {
     /// Stop in pipeline order: nothing new comes in, the trainer finishes its round and
     /// checkpoints, the last version goes out, the store is flushed, HTTP stops.
     async fn stop(self) -> anyhow::Result<()> {
-        // Closing the consumer gives its partitions up: whether the graph is whole is decided
-        // by what this daemon owned while it ran.
-        let owned_all = self.ingest_status.owns_all_partitions();
+        // Closing the consumer gives its partitions up: the final version covers what this
+        // instance owned while it ran, when its last version covered the same.
+        let owned = self.ingest_status.ownership.get().partitions;
         let _ = self.ingest.send(StopIngest).await;
         let _ = self.stop.send(true);
         if let Some(training) = self.training {
@@ -295,7 +298,9 @@ impl Daemon {
             }
         }
         if let Some(mut ticker) = ticker {
-            if owned_all {
+            let scope = ticker.publication.scope();
+            if !owned.is_empty() && scope.covered() == owned && ticker.scoped_at.is_some() {
+                ticker.sink.fence = None;
                 if let Err(e) = ticker.publish_once_owned().await {
                     warn!(error = %format!("{e:#}"), "final publication failed");
                 }

@@ -1,6 +1,6 @@
 //! The publication ticker: a [`Publication`] every `publish.interval_ms`, start to start, with
-//! the daemon's ports (trainer and alignment actors, Kafka); each committed version goes to the
-//! serving view.
+//! the daemon's ports (trainer and alignment actors, Kafka), covering the partitions this
+//! instance owns; each committed version goes to the serving view.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,8 +11,11 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::align::AlignActor;
+use crate::config::Config;
 use crate::ingest::IngestStatus;
-use crate::publish::{KafkaSink, Outcome, Publication, TrainerActorPort};
+use crate::publish::{
+    read_versions_tail_of, KafkaSink, Outcome, Publication, Scope, TrainerActorPort,
+};
 use crate::serve::ServingView;
 use crate::store::GraphStore;
 
@@ -24,33 +27,39 @@ pub struct Ticker {
     pub align: Addr<AlignActor>,
     pub sink: KafkaSink,
     pub serving: ServingView,
-    /// Versions go out only while this instance consumes every partition (its graph is whole):
-    /// per-partition versions from several instances are not built yet.
+    /// Which partitions this instance owns: its versions cover them.
     pub ingest: Arc<IngestStatus>,
+    pub cfg: Arc<Config>,
+    /// The ownership generation the publication's scope was taken at (`None`: not yet).
+    pub scoped_at: Option<u64>,
 }
 
 impl Ticker {
-    /// Publish the next version; a committed one becomes the served version. Returns its number
-    /// (`None`: held or nothing moved).
+    /// Publish the next version of the partitions this instance owns; a committed one becomes
+    /// the served version. Returns its number (`None`: nothing owned yet, held, or nothing
+    /// moved). When the partitions owned changed since the last version (an assignment, a
+    /// revocation, the start), the versions topic is read first for their newest markers
+    /// ([`Publication::rescope`]).
     pub async fn publish_once(&mut self) -> anyhow::Result<Option<u64>> {
-        if !self.ingest.owns_all_partitions() {
-            let status = self.publication.status();
-            // Said once every 60 held ticks: several instances hold it for as long as they
-            // share the partitions.
-            if status.held_partial.fetch_add(1, Ordering::Relaxed) % 60 == 0 {
-                warn!(
-                    assigned = self.ingest.assigned_partitions.load(Ordering::Relaxed),
-                    total = self.ingest.topic_partitions.load(Ordering::Relaxed),
-                    "publication held: this instance owns part of the engagements topic's partitions (others in the group own the rest); versions go out from an instance that owns them all"
-                );
-            }
+        let partitions = self.ingest.topic_partitions.load(Ordering::Relaxed) as u32;
+        let owned = self.ingest.ownership.get();
+        if partitions == 0 || owned.partitions.is_empty() {
             return Ok(None);
+        }
+        if self.scoped_at != Some(owned.generation) {
+            let scope = Scope::owned(partitions, &owned);
+            let (cfg, covered) = (self.cfg.clone(), scope.covered().to_vec());
+            let tail = tokio::task::spawn_blocking(move || read_versions_tail_of(&cfg, &covered))
+                .await??;
+            self.publication.rescope(scope, &tail)?;
+            self.scoped_at = Some(owned.generation);
         }
         self.publish_once_owned().await
     }
 
-    /// [`Ticker::publish_once`] without the ownership check (the final publication at shutdown,
-    /// after the consumer gave its partitions up).
+    /// [`Ticker::publish_once`] over the partitions of the last one, without looking at what
+    /// this instance owns now (the final publication at shutdown, after the consumer gave its
+    /// partitions up).
     pub async fn publish_once_owned(&mut self) -> anyhow::Result<Option<u64>> {
         let outcome = self
             .publication

@@ -255,6 +255,7 @@ impl ConsumerContext for IngestContext {
                 self.status
                     .assigned_partitions
                     .fetch_add(owned.len() as u64, Ordering::Relaxed);
+                self.status.ownership.assign(&owned);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -270,7 +271,9 @@ impl ConsumerContext for IngestContext {
                     error!(error = %e, "flush on revoke failed");
                 }
                 info!(partitions = tpl.count(), "partitions revoked");
-                let n = self.owned(tpl).len() as u64;
+                let revoked = self.owned(tpl);
+                self.status.ownership.revoke(&revoked);
+                let n = revoked.len() as u64;
                 let _ = self.status.assigned_partitions.fetch_update(
                     Ordering::Relaxed,
                     Ordering::Relaxed,

@@ -25,6 +25,8 @@ pub struct IngestStatus {
     pub lag: AtomicU64,
     pub broker_up: AtomicBool,
     pub assigned_partitions: AtomicU64,
+    /// Which engagements partitions this instance owns (what its publication covers).
+    pub ownership: Arc<crate::partition::Ownership>,
     /// Partitions of the engagements topic, as the broker reported when ingest started.
     pub topic_partitions: AtomicU64,
     /// Partitions consumed again from their start after their history changed.
@@ -69,15 +71,6 @@ pub(crate) struct StoreBatchWritten {
     pub erased: u64,
     pub erased_refused: u64,
     pub seconds: f64,
-}
-
-impl IngestStatus {
-    /// This daemon consumes every partition of the engagements topic (so its graph is whole and
-    /// its versions may go out).
-    pub fn owns_all_partitions(&self) -> bool {
-        let total = self.topic_partitions.load(Ordering::Relaxed);
-        total > 0 && self.assigned_partitions.load(Ordering::Relaxed) >= total
-    }
 }
 
 impl StoreBatchWritten {

@@ -16,7 +16,7 @@ use crate::persist;
 use crate::publish::{AttemptRef, VersionMarker};
 
 /// The persisted numbering state (`<publish.path>/ledger.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct LedgerState {
     /// The last version whose marker the broker acknowledged (0: none yet).
     pub last_version: u64,
@@ -36,6 +36,18 @@ pub struct LedgerState {
     /// the attempt did; see [`crate::publish::VersionRequest::retried_rows`]).
     #[serde(default)]
     pub in_flight: Option<AttemptRef>,
+    /// The embeddings partitions the last committed version covered and the topic's partition
+    /// count then (contract 3); `None` in ledgers written before: that publisher covered every
+    /// partition.
+    #[serde(default)]
+    pub scope: Option<LedgerScope>,
+}
+
+/// A committed version's partitions ([`crate::publish::Scope`], persisted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerScope {
+    pub partitions: u32,
+    pub covered: Vec<i32>,
 }
 
 /// Why [`Ledger::reconcile`] failed.
@@ -77,6 +89,11 @@ pub struct VersionsTail {
     pub newest: Option<(AttemptRef, Option<String>)>,
     /// The highest epoch of any marker read: every attempt this publisher makes must be newer.
     pub max_epoch: u64,
+    /// Contract 3: the newest attempt of each partition read.
+    pub by_partition: std::collections::BTreeMap<i32, AttemptRef>,
+    /// The newest attempt of a marker that names no partition (contracts 1 and 2: the whole
+    /// topic), which a partition without markers of its own continues.
+    pub unscoped: Option<AttemptRef>,
 }
 
 impl VersionsTail {
@@ -87,6 +104,17 @@ impl VersionsTail {
         if self.newest.as_ref().is_none_or(|(a, _)| attempt > *a) {
             self.newest = Some((attempt, marker.deployment.clone()));
         }
+        let slot = match marker.partition {
+            Some(p) => self.by_partition.entry(p).or_insert(attempt),
+            None => self.unscoped.get_or_insert(attempt),
+        };
+        *slot = (*slot).max(attempt);
+    }
+
+    /// The newest attempt a subscriber may hold for `partition`: its own newest marker's, or
+    /// the newest unscoped one when it has none.
+    pub fn newest_of(&self, partition: i32) -> Option<AttemptRef> {
+        self.by_partition.get(&partition).copied().or(self.unscoped)
     }
 }
 
@@ -216,8 +244,44 @@ impl Ledger {
         self.persist()
     }
 
-    pub fn state(&self) -> LedgerState {
-        self.state
+    pub fn state(&self) -> &LedgerState {
+        &self.state
+    }
+
+    /// Whether versions covering `scope` may go on building on the last committed attempt:
+    /// the last committed version covered the same partitions (a ledger from before contract 3
+    /// covered all of them), and `tail` shows that attempt as every one of those partitions'
+    /// newest. Otherwise another instance published some of them meanwhile, or none of this
+    /// ledger's attempts is what subscribers hold, and the next version must be a base
+    /// ([`Ledger::rebase`]).
+    pub fn continues(&self, scope: &crate::publish::Scope, tail: &VersionsTail) -> bool {
+        let same = match &self.state.scope {
+            Some(s) => s.partitions == scope.partitions() && s.covered == scope.covered(),
+            None => scope.is_whole(),
+        };
+        let held = self.builds_on();
+        same && (scope.covered().iter()).all(|&p| tail.newest_of(p) == held)
+    }
+
+    /// The next version starts its partitions over (a base, carrying every row and naming no
+    /// attempt it builds on), numbered above every version `tail` shows for them, so that no
+    /// subscriber takes it for a stale one.
+    pub fn rebase(
+        &mut self,
+        scope: &crate::publish::Scope,
+        tail: &VersionsTail,
+    ) -> Result<(), LedgerError> {
+        let s = &mut self.state;
+        let above = (scope.covered().iter())
+            .filter_map(|&p| tail.newest_of(p))
+            .map(|a| a.version)
+            .chain(tail.newest.as_ref().map(|(a, _)| a.version))
+            .max()
+            .unwrap_or(0);
+        s.last_version = s.last_version.max(above);
+        s.last_epoch = 0;
+        s.epoch = s.epoch.max(tail.max_epoch + 1);
+        self.persist()
     }
 
     /// The number the next publication uses.
@@ -248,12 +312,21 @@ impl Ledger {
     /// Record that `version`'s marker was acknowledged (under the current epoch), and that the
     /// versions so far carried the tombstones of the store's first `erasures_published`
     /// erasures.
-    pub fn commit(&mut self, version: u64, erasures_published: u64) -> Result<(), LedgerError> {
+    pub fn commit(
+        &mut self,
+        version: u64,
+        erasures_published: u64,
+        scope: &crate::publish::Scope,
+    ) -> Result<(), LedgerError> {
         debug_assert_eq!(version, self.next_version());
         self.state.last_version = version;
         self.state.last_epoch = self.state.epoch;
         self.state.erasures_published = erasures_published;
         self.state.in_flight = None;
+        self.state.scope = Some(LedgerScope {
+            partitions: scope.partitions(),
+            covered: scope.covered().to_vec(),
+        });
         self.persist()
     }
 
@@ -272,22 +345,23 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::publish::Scope;
 
     #[test]
     fn the_ledger_continues_numbering_with_a_new_epoch_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Ledger::open(dir.path()).unwrap();
         assert_eq!(
-            l.state(),
+            *l.state(),
             LedgerState {
                 epoch: 1,
                 ..LedgerState::default()
             }
         );
         assert_eq!((l.next_version(), l.builds_on()), (1, None));
-        l.commit(1, 0).unwrap();
+        l.commit(1, 0, &Scope::whole(1)).unwrap();
         l.begin().unwrap();
-        l.commit(2, 1).unwrap();
+        l.commit(2, 1, &Scope::whole(1)).unwrap();
         // A crash after version 3's rows but before its marker: 3 is not committed, and its
         // attempt is known to have been under way.
         l.begin().unwrap();
@@ -298,13 +372,17 @@ mod tests {
             epoch: 1,
         };
         assert_eq!(
-            l.state(),
+            *l.state(),
             LedgerState {
                 last_version: 2,
                 epoch: 2,
                 erasures_published: 1,
                 last_epoch: 1,
                 in_flight: Some(v3),
+                scope: Some(LedgerScope {
+                    partitions: 1,
+                    covered: vec![0]
+                }),
             }
         );
         assert_eq!(
@@ -322,7 +400,7 @@ mod tests {
             3,
             "retried under the same number, newer epoch"
         );
-        l.commit(3, 1).unwrap();
+        l.commit(3, 1, &Scope::whole(1)).unwrap();
         assert_eq!(l.state().in_flight, None, "committed");
         assert_eq!((l.state().last_epoch, l.builds_on().unwrap().epoch), (3, 3));
         // A ledger from before erasures has no count (none were published), and one from
@@ -367,7 +445,7 @@ mod tests {
         let mut l = Ledger::open(dir).unwrap();
         l.new_epoch().unwrap();
         for v in 1..=4 {
-            l.commit(v, 0).unwrap();
+            l.commit(v, 0, &Scope::whole(1)).unwrap();
         }
         drop(l);
         Ledger::open(dir).unwrap()
@@ -455,7 +533,7 @@ mod tests {
     fn a_topic_another_deployment_publishes_into_is_refused_and_the_ledger_kept() {
         let dir = tempfile::tempdir().unwrap();
         let mut l = ledger_at_4(dir.path());
-        let before = l.state();
+        let before = l.state().clone();
         let t = tail(&[marker(4, 2, Some("g")), marker(9, 2, Some("ads"))]);
         match l.reconcile(&t, "g") {
             Err(ReconcileError::Foreign(f)) => assert_eq!(
@@ -472,5 +550,50 @@ mod tests {
             Ledger::open(dir.path()).unwrap().state().last_version,
             before.last_version
         );
+    }
+
+    #[test]
+    fn a_ledger_continues_only_the_partitions_it_published_last_and_rebases_above_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        let all = Scope::whole(4);
+        l.commit(1, 0, &all).unwrap();
+        l.commit(2, 0, &all).unwrap();
+        let scoped = |v, e, p| VersionMarker::for_partition(v, e, 1, p, 4);
+        let mine = tail(&(0..4).map(|p| scoped(2, 1, p)).collect::<Vec<_>>());
+        assert!(l.continues(&all, &mine));
+        let half = Scope::owned(
+            4,
+            &crate::partition::Owned {
+                generation: 3,
+                partitions: vec![0, 1],
+            },
+        );
+        assert!(!l.continues(&half, &mine), "another set of partitions");
+        // Another instance owned partitions 2 and 3 meanwhile and published them up to 7.
+        let shared = tail(&[
+            scoped(2, 1, 0),
+            scoped(2, 1, 1),
+            scoped(6, 5, 2),
+            scoped(7, 5, 3),
+        ]);
+        assert!(!l.continues(&all, &shared));
+        l.rebase(&all, &shared).unwrap();
+        assert_eq!(
+            (l.next_version(), l.builds_on(), l.state().epoch),
+            (8, None, 6),
+            "a base above every version and epoch of its partitions"
+        );
+        // A ledger from before contract 3 (no scope) covered every partition: it continues the
+        // unscoped chain when it still owns them all.
+        std::fs::write(
+            dir.path().join("ledger.json"),
+            br#"{"last_version":4,"epoch":3,"last_epoch":2}"#,
+        )
+        .unwrap();
+        let old = Ledger::open(dir.path()).unwrap();
+        let unscoped = tail(&[marker(3, 2, Some("g")), marker(4, 2, Some("g"))]);
+        assert!(old.continues(&Scope::whole(8), &unscoped));
+        assert!(!old.continues(&half, &unscoped));
     }
 }

@@ -52,7 +52,8 @@ use crate::config::{Comparator, ValueFormat};
 use crate::persist;
 use crate::publish::{
     build_delta_version, row_mask, served_codes, Coding, Freshness, Ledger, PreparedVersion,
-    PublishedView, Quantizer, ServedCodes, VersionMarker, VersionRequest, ViewUpdate,
+    PublishedView, Quantizer, Scope, ServedCodes, VersionMarker, VersionRequest, VersionsTail,
+    ViewUpdate,
 };
 use crate::store::{GraphStore, NodeRef};
 use crate::telemetry as m;
@@ -161,8 +162,12 @@ pub struct PublishStatus {
     pub failures: AtomicU64,
     /// Rows and marker go out in one Kafka transaction (`publish.transactional`).
     pub transactional: AtomicBool,
-    /// Publications skipped because this daemon did not consume every partition.
-    pub held_partial: AtomicU64,
+    /// The embeddings partitions the last committed version covered (the engagements
+    /// partitions this instance owned when it began).
+    covered: Mutex<Vec<i32>>,
+    /// Versions that started their partitions over (a base: every row, building on nothing),
+    /// after the partitions this instance owns changed.
+    pub bases: AtomicU64,
     /// The last committed version paused training this long (µs): rows copied out.
     pub last_pause_us: AtomicU64,
     /// ... and was prepared this long after that (µs), training running.
@@ -196,6 +201,10 @@ impl PublishStatus {
 
     pub fn pq(&self) -> Option<PqPublishFigures> {
         *self.pq.lock()
+    }
+
+    pub fn covered(&self) -> Vec<i32> {
+        self.covered.lock().clone()
     }
 
     fn record_coding(&self, coding: &Coding) {
@@ -322,6 +331,8 @@ pub struct Publication {
     /// Per node type, the rows (`[k]` Int64) that uncommitted attempts of the next version
     /// carried: its retry carries them again (see [`VersionRequest::retried_rows`]).
     retried_rows: Vec<Tensor>,
+    /// The partitions versions cover ([`Publication::rescope`]; offline, the one partition).
+    scope: Scope,
 }
 
 /// The published reference is written whole (every row), so not once per version: a crash
@@ -391,7 +402,37 @@ impl Publication {
             quantizer: None,
             served_codes: None,
             retried_rows: Vec::new(),
+            scope: Scope::whole(1),
         })
+    }
+
+    /// The partitions versions cover.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// Cover `scope` from the next version on (the partitions this instance owns changed, or
+    /// it starts). `tail`: the versions topic's newest markers, those of `scope`'s partitions
+    /// among them ([`crate::publish::read_versions_tail_of`]). When the last committed version
+    /// covered the same partitions and is still what the topic shows as theirs, versions go on
+    /// building on it; otherwise the next version is a base: numbered above what the topic
+    /// shows for them, building on nothing, and carrying every row (no reference), so that a
+    /// subscriber can apply it whatever it holds. Returns whether it is a base.
+    pub fn rescope(&mut self, scope: Scope, tail: &VersionsTail) -> anyhow::Result<bool> {
+        let base = !self.ledger.continues(&scope, tail);
+        if base {
+            self.ledger
+                .rebase(&scope, tail)
+                .context("numbering a base version")?;
+            self.reference = None;
+            self.full_next = true;
+            self.retried_rows.clear();
+            info!(partitions = ?scope.covered(), of = scope.partitions(),
+                next = self.ledger.next_version(),
+                "the partitions this instance publishes changed; the next version starts them over");
+        }
+        self.scope = scope;
+        Ok(base)
     }
 
     /// Code node rows with `quantizer`'s codebooks (`publish.format = "pq"`).
@@ -586,6 +627,7 @@ impl Publication {
             reference_biases: held,
             builds_on: self.ledger.builds_on(),
             retried_rows: &self.retried_rows,
+            scope: &self.scope,
         };
         let reference = self.reference.as_ref().map(|r| &r.params);
         let Some((mut prepared, update)) = build_delta_version(store, &delta, reference, &req)?
@@ -675,8 +717,16 @@ impl Publication {
         self.ledger.begin()?;
         self.retried_rows = union_rows(&self.retried_rows, &update.changed());
         sink.produce(&prepared).await?;
-        self.ledger
-            .commit(version, erasures_published + tombstones.len() as u64)?;
+        let base = self.ledger.builds_on().is_none();
+        self.ledger.commit(
+            version,
+            erasures_published + tombstones.len() as u64,
+            &self.scope,
+        )?;
+        *self.status.covered.lock() = self.scope.covered().to_vec();
+        if base {
+            self.status.bases.fetch_add(1, Ordering::Relaxed);
+        }
         self.retried_rows.clear();
         if let (Some(q), Some(coding)) = (&mut self.quantizer, coding) {
             self.status.record_coding(&coding);
@@ -912,7 +962,7 @@ pub struct MemorySink {
 impl VersionSink for MemorySink {
     async fn produce(&mut self, prepared: &PreparedVersion) -> anyhow::Result<()> {
         self.rows += prepared.rows.len() as u64;
-        self.markers.push(prepared.marker.clone());
+        self.markers.extend(prepared.markers());
         Ok(())
     }
 }
@@ -1024,7 +1074,7 @@ mod tests {
         };
         save_snapshot(dir.path(), REFERENCE, 1, &reference).unwrap();
         let mut ledger = Ledger::open(dir.path()).unwrap();
-        ledger.commit(1, 0).unwrap();
+        ledger.commit(1, 0, &Scope::whole(1)).unwrap();
         drop(ledger);
         let settings = VersionSettings {
             format: ValueFormat::F32le,

@@ -16,6 +16,7 @@ mod pq_policy;
 mod producer;
 mod published;
 mod rows;
+mod scope;
 pub mod subscriber;
 mod tail;
 mod version;
@@ -38,8 +39,10 @@ pub(crate) use pq_policy::{served_codes, Coding, Quantizer};
 pub use producer::KafkaSink;
 pub use published::{read_version, ReadVersionError, VersionTable};
 pub(crate) use rows::{RowRef, VersionRows};
+pub use scope::Scope;
 pub use tail::{
-    read_versions_tail, reconcile_with_tail, reconcile_with_versions_topic, VersionsTopicError,
+    read_versions_tail, read_versions_tail_of, reconcile_with_tail, reconcile_with_versions_topic,
+    VersionsTopicError,
 };
 pub use version::{
     build_delta_version, PreparedVersion, PublishedView, ServedCodes, VersionRequest,

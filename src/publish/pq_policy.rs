@@ -269,6 +269,7 @@ mod tests {
             codebooks: None,
             retired_codebooks: None,
             marker,
+            scope: crate::publish::Scope::whole(1),
             newest_ts: 0,
             cursor: 0,
         }

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::kafka::{self, send_retrying, KafkaSetupError};
+use crate::partition::Ownership;
 use crate::publish::{
     codebooks_key, PreparedVersion, VersionMarker, VersionSink, TOMBSTONE_EPOCH_HEADER,
     TOMBSTONE_VERSION_HEADER,
@@ -70,6 +71,10 @@ pub struct KafkaSink {
     /// `None` after a fatal transactional error: the next attempt builds a new producer (and
     /// fences the old one by initialising transactions again).
     producer: Option<FutureProducer>,
+    /// What this instance owns: a version's markers are withheld when the ownership changed
+    /// since the version's scope was taken (some of its partitions may have another owner
+    /// now, which publishes them). `None`: not checked (the final publication at shutdown).
+    pub fence: Option<Arc<Ownership>>,
 }
 
 /// Rows encoded before they are handed to the producer, at most (see [`KafkaSink::send`]).
@@ -86,7 +91,16 @@ impl KafkaSink {
         Ok(KafkaSink {
             cfg,
             producer: Some(producer),
+            fence: None,
         })
+    }
+
+    /// Withhold a version's markers when `ownership` changed since its scope was taken.
+    pub fn fenced_by(self, ownership: Arc<Ownership>) -> KafkaSink {
+        KafkaSink {
+            fence: Some(ownership),
+            ..self
+        }
     }
 }
 
@@ -138,22 +152,33 @@ impl KafkaSink {
         let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms);
         let topic = &cfg.kafka.embeddings_topic;
         let mut acks = Vec::with_capacity(prepared.rows.len() + 2);
+        let covered = prepared.scope.covered();
         if let Some(codebooks) = &prepared.codebooks {
             // Subscribers decode rows when the version is whole, so the order is not needed;
-            // first is where a reader of one partition looks.
+            // first is where a reader of one partition looks. Each partition gets its copy: a
+            // subscriber decodes a partition's rows with that partition's codebooks.
             let key = codebooks_key(codebooks.table.epoch);
             let payload = codebooks.encode();
-            let record = FutureRecord::to(topic).key(&key).payload(&payload);
-            let ack = send_retrying(producer, record)
-                .await
-                .with_context(|| format!("producing {key} to {topic}"))?;
-            acks.push(ack);
+            for &p in covered {
+                let record = FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .partition(p);
+                let ack = send_retrying(producer, record)
+                    .await
+                    .with_context(|| format!("producing {key} to {topic} partition {p}"))?;
+                acks.push(ack);
+            }
         }
         // Encoded a range at a time (on all cores), so a version carrying every row never holds
         // all its records at once; the producer's own queue bounds what waits for the broker.
+        // Each record goes to its key's partition, named rather than left to the partitioner.
         for (from, to) in prepared.rows.ranges(PRODUCE_RANGE) {
-            for (key, payload) in prepared.rows.encode_range(from, to) {
-                let record = FutureRecord::to(topic).key(key).payload(&payload);
+            for (key, p, payload) in prepared.rows.encode_range(from, to) {
+                let record = FutureRecord::to(topic)
+                    .key(key)
+                    .payload(&payload)
+                    .partition(p);
                 let ack = send_retrying(producer, record)
                     .await
                     .with_context(|| format!("producing {key} to {topic}"))?;
@@ -161,11 +186,18 @@ impl KafkaSink {
             }
         }
         let (version_text, epoch_text) = (version.to_string(), prepared.marker.epoch.to_string());
-        for key in prepared
-            .tombstones
-            .iter()
-            .chain(&prepared.retired_codebooks)
-        {
+        // Collected first: a lazy chain of closures held across the awaits below is not `Send`
+        // in the form the compiler can prove.
+        let mut nulls: Vec<(&str, i32)> = Vec::new();
+        for key in &prepared.tombstones {
+            if let Some(p) = prepared.scope.place(key) {
+                nulls.push((key, p));
+            }
+        }
+        if let Some(key) = &prepared.retired_codebooks {
+            nulls.extend(covered.iter().map(|&p| (key.as_str(), p)));
+        }
+        for (key, p) in nulls {
             // A null value: compaction drops the key, and subscribers drop the node.
             let headers = OwnedHeaders::new()
                 .insert(Header {
@@ -176,47 +208,43 @@ impl KafkaSink {
                     key: TOMBSTONE_EPOCH_HEADER,
                     value: Some(&epoch_text),
                 });
-            let record = FutureRecord::<String, [u8]>::to(topic)
+            let record = FutureRecord::<str, [u8]>::to(topic)
                 .key(key)
-                .headers(headers);
+                .headers(headers)
+                .partition(p);
             let ack = send_retrying(producer, record)
                 .await
                 .with_context(|| format!("producing the tombstone of {key} to {topic}"))?;
             acks.push(ack);
         }
-        for ack in acks {
-            match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err((e, _)))) => {
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("a row of version {version} to {topic}")))
-                }
-                Ok(Err(_)) => anyhow::bail!("row delivery of version {version} cancelled"),
-                Err(_) => anyhow::bail!(
-                    "row of version {version} not acknowledged within publish.delivery_timeout_ms"
-                ),
+        await_acks(acks, timeout, version, topic).await?;
+        if let Some(fence) = &self.fence {
+            let now = fence.generation();
+            anyhow::ensure!(
+                now == prepared.scope.generation,
+                "the partitions this instance owns changed while version {version} was produced \
+                 (ownership generation {} then, {now} now): its markers are withheld, and the \
+                 next version covers what it owns then",
+                prepared.scope.generation
+            );
+        }
+        let versions_topic = &cfg.kafka.versions_topic;
+        let mut marker_acks = Vec::new();
+        for marker in prepared.markers() {
+            let p = marker.partition.unwrap_or(0);
+            let payload = VersionMarker {
+                deployment: Some(cfg.kafka.group_id.clone()),
+                ..marker
             }
+            .encode();
+            let key = format!("{p}:{version}");
+            let record = FutureRecord::to(versions_topic).key(&key).payload(&payload);
+            let ack = send_retrying(producer, record)
+                .await
+                .with_context(|| format!("producing the marker {key} to {versions_topic}"))?;
+            marker_acks.push(ack);
         }
-        let marker = VersionMarker {
-            deployment: Some(cfg.kafka.group_id.clone()),
-            ..prepared.marker.clone()
-        }
-        .encode();
-        let key = version.to_string();
-        producer
-            .send(
-                FutureRecord::to(&cfg.kafka.versions_topic)
-                    .key(&key)
-                    .payload(&marker),
-                timeout,
-            )
-            .await
-            .map_err(|(e, _)| {
-                anyhow::Error::new(e).context(format!(
-                    "marker of version {version} to {}",
-                    cfg.kafka.versions_topic
-                ))
-            })?;
+        await_acks(marker_acks, timeout, version, versions_topic).await?;
         Ok(())
     }
 
@@ -261,6 +289,31 @@ impl KafkaSink {
             }
         }
     }
+}
+
+/// Wait for every acknowledgement of version `version`'s records on `topic`, each within
+/// `timeout`.
+async fn await_acks(
+    acks: Vec<rdkafka::producer::DeliveryFuture>,
+    timeout: Duration,
+    version: u64,
+    topic: &str,
+) -> anyhow::Result<()> {
+    for ack in acks {
+        match tokio::time::timeout(timeout, ack).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((e, _)))) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("a record of version {version} to {topic}")))
+            }
+            Ok(Err(_)) => anyhow::bail!("delivery of version {version} to {topic} cancelled"),
+            Err(_) => anyhow::bail!(
+                "a record of version {version} to {topic} not acknowledged within \
+                 publish.delivery_timeout_ms"
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// The version producer from `[kafka.producer]`, plus `transactional.id` (transactions

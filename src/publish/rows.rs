@@ -66,8 +66,17 @@ pub struct RowRef {
     pub ts: i64,
     /// The row's target bias, sent as one more value (`train.bias_types`).
     pub bias: Option<f32>,
+    /// The embeddings partition the record goes to (its key's, [`crate::publish::Scope::place`]).
+    pub partition: i32,
     block: u32,
     row: u32,
+}
+
+impl RowRef {
+    /// The row, produced to `partition`.
+    pub fn in_partition(self, partition: i32) -> RowRef {
+        RowRef { partition, ..self }
+    }
 }
 
 impl VersionRows {
@@ -142,6 +151,7 @@ impl VersionRows {
             key,
             ts,
             bias,
+            partition: 0,
             block,
             row: row as u32,
         }
@@ -166,6 +176,11 @@ impl VersionRows {
 
     pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> {
         self.rows.iter().map(|r| r.key.as_str())
+    }
+
+    /// Each row's embeddings partition, in order.
+    pub fn partitions(&self) -> impl ExactSizeIterator<Item = i32> + '_ {
+        self.rows.iter().map(|r| r.partition)
     }
 
     /// Codes of block `block`'s rows (`[n, m]` row-major) once [`VersionRows::quantize`] ran.
@@ -204,11 +219,15 @@ impl VersionRows {
         }
     }
 
-    /// Rows `from..to` as `(key, record)`, encoded on all cores when the range is large.
-    pub fn encode_range(&self, from: usize, to: usize) -> Vec<(&str, Vec<u8>)> {
+    /// Rows `from..to` as `(key, partition, record)`, encoded on all cores when the range is
+    /// large.
+    pub fn encode_range(&self, from: usize, to: usize) -> Vec<(&str, i32, Vec<u8>)> {
         in_chunks(from, to, |from, to| {
             (from..to)
-                .map(|i| (self.rows[i].key.as_str(), self.encode(i)))
+                .map(|i| {
+                    let r = &self.rows[i];
+                    (r.key.as_str(), r.partition, self.encode(i))
+                })
                 .collect::<Vec<_>>()
         })
         .into_iter()
@@ -278,12 +297,12 @@ mod tests {
         );
         let all = many.encode_range(0, many.len());
         assert_eq!(all.len(), 40_000);
-        for (i, (key, record)) in all.iter().enumerate().step_by(997) {
+        for (i, (key, _, record)) in all.iter().enumerate().step_by(997) {
             assert_eq!(*key, format!("user:{i}"));
             assert_eq!(RowRecord::decode(record).unwrap().vector[0], i as f32);
         }
         let json = rows(ValueFormat::Json);
         assert_eq!(json.keys().collect::<Vec<_>>(), ["user:a", "movie:m"]);
-        assert_eq!(json.encode_range(0, 2)[1], ("movie:m", json.encode(1)));
+        assert_eq!(json.encode_range(0, 2)[1], ("movie:m", 0, json.encode(1)));
     }
 }

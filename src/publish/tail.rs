@@ -39,27 +39,54 @@ pub enum VersionsTopicError {
 
 /// The newest markers of `kafka.versions_topic`.
 pub fn read_versions_tail(cfg: &Config) -> Result<VersionsTail, VersionsTopicError> {
+    read_versions_tail_of(cfg, &[])
+}
+
+/// The newest markers of `kafka.versions_topic`, reaching back far enough to hold the newest
+/// marker of each of `partitions` (contract 3) that the topic has: a partition's newest marker
+/// lies further back than the last few when its previous owner stopped a while ago and others
+/// published since. The window grows eightfold until it holds them all or the whole topic.
+pub fn read_versions_tail_of(
+    cfg: &Config,
+    partitions: &[i32],
+) -> Result<VersionsTail, VersionsTopicError> {
     let topic = &cfg.kafka.versions_topic;
     let read_err = |e| VersionsTopicError::Read(Box::new(e));
     let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms.max(10_000));
     let consumer =
         reader(cfg, &format!("{}.versions-tail", cfg.kafka.group_id)).map_err(read_err)?;
-    let mut tail = VersionsTail::default();
-    read_to_end(
-        &consumer,
-        topic,
-        |_| Offset::OffsetTail(TAIL_MARKERS),
-        TAIL_QUIET,
-        timeout,
-        |msg| {
-            let marker = VersionMarker::decode(rdkafka::Message::payload(msg).unwrap_or_default())
-                .map_err(|e| e.to_string())?;
-            tail.observe(&marker);
-            Ok(())
-        },
-    )
-    .map_err(read_err)?;
-    Ok(tail)
+    let mut window = TAIL_MARKERS;
+    loop {
+        let mut tail = VersionsTail::default();
+        read_to_end(
+            &consumer,
+            topic,
+            |_| Offset::OffsetTail(window),
+            TAIL_QUIET,
+            timeout,
+            |msg| {
+                let payload = rdkafka::Message::payload(msg).unwrap_or_default();
+                let marker = VersionMarker::decode(payload).map_err(|e| e.to_string())?;
+                tail.observe(&marker);
+                Ok(())
+            },
+        )
+        .map_err(read_err)?;
+        let found = (partitions.iter()).all(|p| tail.by_partition.contains_key(p));
+        let (low, high) = rdkafka::consumer::Consumer::fetch_watermarks(
+            &consumer, topic, 0, timeout,
+        )
+        .map_err(|source| {
+            read_err(ReadError::Read {
+                topic: topic.clone(),
+                source,
+            })
+        })?;
+        if found || window >= high - low {
+            return Ok(tail);
+        }
+        window *= 8;
+    }
 }
 
 /// Read the versions topic's newest markers and reconcile `ledger` with them (see

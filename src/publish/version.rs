@@ -27,8 +27,8 @@ use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
 use crate::publish::rows::in_chunks;
 use crate::publish::{
-    AttemptRef, Codebooks, CodebooksRecord, RowRef, VersionMarker, VersionRows, CODEBOOKS_PREFIX,
-    CONTRACT,
+    AttemptRef, Codebooks, CodebooksRecord, RowRef, Scope, VersionMarker, VersionRows,
+    CODEBOOKS_PREFIX, CONTRACT,
 };
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{ModelDelta, Snapshot, TableDelta};
@@ -45,7 +45,12 @@ pub struct PreparedVersion {
     /// produced as a tombstone. Both counted in the marker's rows.
     pub codebooks: Option<CodebooksRecord>,
     pub retired_codebooks: Option<String>,
+    /// The round's marker, unscoped: `rows` counts every record the version produces (in every
+    /// partition); [`PreparedVersion::markers`] are what goes out.
     pub marker: VersionMarker,
+    /// The embeddings partitions the version covers: its records are theirs, and each gets a
+    /// marker (contract 3).
+    pub scope: Scope,
     /// Event time (ms) of the newest event the version reflects.
     pub newest_ts: i64,
     /// Every stored edge before this sequence number was trained into the version.
@@ -127,6 +132,9 @@ pub struct VersionRequest<'a> {
     /// retry carries them again, moved or not, so that it holds every key an earlier attempt
     /// did and a subscriber that applied that attempt can apply the retry over it.
     pub retried_rows: &'a [Tensor],
+    /// The partitions whose keys the version carries (a row of another partition is its
+    /// owner's to publish; it still enters the view).
+    pub scope: &'a Scope,
 }
 
 /// What a version built from a delta changes in the view subscribers hold, per node type: the
@@ -245,12 +253,12 @@ pub fn build_delta_version(
             retried: req.retried_rows.get(t),
         };
         let positions = moved_positions(table, &against, req);
-        let published = add_type_rows(store, &erased, t, table, &positions, &mut rows)?;
+        let published = add_type_rows(store, &erased, t, table, &positions, req.scope, &mut rows)?;
         newest = newest.max(published.newest);
         update.push((table.len, published.index, published.values));
         biases.push(published.biases);
     }
-    let tombstones = tombstone_keys(store, req.tombstones)?;
+    let tombstones = tombstone_keys(store, req.tombstones, req.scope)?;
     // Compared only when no node row or tombstone already makes a version.
     let relations_moved = || {
         reference.is_none_or(|r| {
@@ -267,13 +275,10 @@ pub fn build_delta_version(
     let block =
         rows.add_relation_block(Vec::<f32>::try_from(delta.relations.reshape([-1])).expect("f32"));
     for (r, (name, _, _)) in schema.relations.iter().enumerate() {
-        rows.push(VersionRows::row(
-            format!("relation:{name}"),
-            newest,
-            None,
-            block,
-            r,
-        ));
+        let key = format!("relation:{name}");
+        if let Some(p) = req.scope.place(&key) {
+            rows.push(VersionRows::row(key, newest, None, block, r).in_partition(p));
+        }
     }
     let marker = VersionMarker {
         contract: CONTRACT,
@@ -293,6 +298,7 @@ pub fn build_delta_version(
             codebooks: None,
             retired_codebooks: None,
             marker,
+            scope: req.scope.clone(),
             newest_ts: newest,
             cursor: delta.cursor,
         },
@@ -390,14 +396,16 @@ struct TypeRows {
     newest: i64,
 }
 
-/// Encode the rows of type `t` at `positions` of `table` into `rows` (erased nodes and rows
-/// without an id left out).
+/// Encode the rows of type `t` at `positions` of `table` into `rows` (erased nodes, rows
+/// without an id and rows of partitions outside `scope` left out; all of them are in the
+/// returned [`TypeRows`], which the view takes).
 fn add_type_rows(
     store: &GraphStore,
     erased: &HashSet<NodeRef>,
     t: usize,
     table: &TableDelta,
     positions: &[i64],
+    scope: &Scope,
     rows: &mut VersionRows,
 ) -> Result<TypeRows, StoreError> {
     let type_name = &store.stored_schema().node_types[t];
@@ -437,16 +445,14 @@ fn add_type_rows(
             let Some(id) = store.node_id(node)? else {
                 continue;
             };
+            let key = format!("{type_name}:{id}");
+            let Some(partition) = scope.place(&key) else {
+                continue;
+            };
             let ts = row_ts[p as usize];
             newest = newest.max(ts);
             let bias = biases.as_ref().map(|b| b[i as usize]);
-            out.push(VersionRows::row(
-                format!("{type_name}:{id}"),
-                ts,
-                bias,
-                block,
-                k,
-            ));
+            out.push(VersionRows::row(key, ts, bias, block, k).in_partition(partition));
         }
         Ok((out, newest))
     };
@@ -467,11 +473,36 @@ fn add_type_rows(
 
 impl PreparedVersion {
     /// Produce `codebooks` with the version (first), and a tombstone for the key of the codebooks
-    /// of epoch `retire`; the marker counts both.
+    /// of epoch `retire`, in every partition the version covers (a subscriber decodes a
+    /// partition's coded rows with that partition's codebooks); the markers count both.
     pub fn with_codebooks(&mut self, codebooks: CodebooksRecord, retire: Option<u64>) {
-        self.marker.rows += 1 + u64::from(retire.is_some());
+        let per_partition = 1 + u64::from(retire.is_some());
+        self.marker.rows += per_partition * self.scope.covered().len() as u64;
         self.retired_codebooks = retire.map(codebooks_key);
         self.codebooks = Some(codebooks);
+    }
+
+    /// One marker per partition the version covers (contract 3), each counting that
+    /// partition's records: rows, tombstones, codebooks and their retired predecessor.
+    pub fn markers(&self) -> Vec<VersionMarker> {
+        let mut counts: std::collections::BTreeMap<i32, u64> =
+            self.scope.covered().iter().map(|&p| (p, 0)).collect();
+        let tombstones = self.tombstones.iter().filter_map(|k| self.scope.place(k));
+        for p in self.rows.partitions().chain(tombstones) {
+            *counts.entry(p).or_default() += 1;
+        }
+        let books =
+            u64::from(self.codebooks.is_some()) + u64::from(self.retired_codebooks.is_some());
+        let partitions = self.scope.partitions() as i32;
+        counts
+            .into_iter()
+            .map(|(p, rows)| VersionMarker {
+                rows: rows + books,
+                partition: Some(p),
+                partitions: Some(partitions),
+                ..self.marker.clone()
+            })
+            .collect()
     }
 }
 
@@ -489,12 +520,19 @@ fn erased_nodes(store: &GraphStore) -> HashSet<NodeRef> {
 }
 
 /// The keys (`type:id`) of `nodes`, for their tombstones.
-fn tombstone_keys(store: &GraphStore, nodes: &[NodeRef]) -> Result<Vec<String>, StoreError> {
+fn tombstone_keys(
+    store: &GraphStore,
+    nodes: &[NodeRef],
+    scope: &Scope,
+) -> Result<Vec<String>, StoreError> {
     let types = &store.stored_schema().node_types;
     let mut keys = Vec::with_capacity(nodes.len());
     for &node in nodes {
         if let Some(id) = store.node_id(node)? {
-            keys.push(format!("{}:{id}", types[node.node_type as usize]));
+            let key = format!("{}:{id}", types[node.node_type as usize]);
+            if scope.place(&key).is_some() {
+                keys.push(key);
+            }
         }
     }
     Ok(keys)
@@ -508,6 +546,9 @@ mod tests {
     use crate::store::testing::{follow, follows_store};
     use crate::store::AppendBatch;
     use crate::train::TableDelta;
+
+    /// Offline: one partition, all of it covered.
+    static ONE_PARTITION: std::sync::LazyLock<Scope> = std::sync::LazyLock::new(|| Scope::whole(1));
 
     /// A store of `n` users (type 0), `u0..u{n-1}`, each following the next.
     fn users(dir: &std::path::Path, n: usize) -> GraphStore {
@@ -533,7 +574,95 @@ mod tests {
             reference_biases: held,
             builds_on: None,
             retried_rows: &[],
+            scope: &ONE_PARTITION,
         }
+    }
+
+    #[test]
+    fn a_version_carries_the_keys_of_its_partitions_and_marks_each_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = users(dir.path(), 10);
+        let delta = ModelDelta {
+            tables: vec![TableDelta {
+                len: 10,
+                index: Tensor::arange(10, (Kind::Int64, Device::Cpu)),
+                values: Tensor::ones([10, 2], (Kind::Float, Device::Cpu)),
+                ts: vec![5; 10],
+                biases: None,
+            }],
+            relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
+            samples: Vec::new(),
+            cursor: 9,
+        };
+        let scope = Scope::owned(
+            4,
+            &crate::partition::Owned {
+                generation: 7,
+                partitions: vec![0, 2],
+            },
+        );
+        let req = VersionRequest {
+            scope: &scope,
+            builds_on: Some(AttemptRef {
+                version: 1,
+                epoch: 1,
+            }),
+            ..request(&[])
+        };
+        let (mut prepared, update) = build_delta_version(&store, &delta, None, &req)
+            .unwrap()
+            .unwrap();
+        let all = (0..10)
+            .map(|i| format!("user:u{i}"))
+            .chain(["relation:follows".into()]);
+        let place = |k: &str| crate::partition::partition_of(k.as_bytes(), 4) as i32;
+        let ours: Vec<String> = all.filter(|k| [0, 2].contains(&place(k))).collect();
+        assert!(!ours.is_empty() && ours.len() < 11, "{ours:?}");
+        assert_eq!(prepared.rows.keys().collect::<Vec<_>>(), ours);
+        assert!((prepared.rows.keys().zip(prepared.rows.partitions())).all(|(k, p)| place(k) == p));
+        let count = |p| ours.iter().filter(|k| place(k) == p).count() as u64;
+        let marks = |v: &PreparedVersion| {
+            (v.markers().iter())
+                .map(|m| {
+                    (
+                        m.partition,
+                        m.partitions,
+                        m.rows,
+                        m.builds_on.map(|a| a.version),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            marks(&prepared),
+            [
+                (Some(0), Some(4), count(0), Some(1)),
+                (Some(2), Some(4), count(2), Some(1))
+            ],
+            "one marker per partition covered, each counting that partition's records"
+        );
+        // Rows of other partitions are their owners' to publish, but the view takes them all.
+        assert_eq!(update.changed()[0].numel(), 10);
+        // Codebooks (and the retired ones' tombstone) go to every partition covered.
+        let books = CodebooksRecord {
+            version: 2,
+            epoch: 1,
+            table: crate::publish::PqTable {
+                epoch: 2,
+                subspaces: 1,
+                sub_dim: 2,
+                centroids: vec![0.0; 512],
+            },
+        };
+        prepared.with_codebooks(books, Some(1));
+        assert_eq!(
+            marks(&prepared),
+            [
+                (Some(0), Some(4), count(0) + 2, Some(1)),
+                (Some(2), Some(4), count(2) + 2, Some(1))
+            ]
+        );
+        assert_eq!(prepared.marker.rows, ours.len() as u64 + 4);
     }
 
     #[test]
@@ -711,6 +840,7 @@ mod tests {
             reference_biases: &[],
             builds_on: None,
             retried_rows: &[],
+            scope: &ONE_PARTITION,
         };
         let (prepared, _) = build_delta_version(&store, &delta, None, &req(&erased))
             .unwrap()

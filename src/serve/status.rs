@@ -89,8 +89,12 @@ pub(super) struct PublishFigures {
     pub failures: u64,
     /// Each version's rows and marker in one Kafka transaction.
     pub transactional: bool,
-    /// Publications skipped because this daemon did not consume every partition.
-    pub held_partial: u64,
+    /// The embeddings partitions this instance's last version covered: the engagements
+    /// partitions it owned (contract 3: each partition's owner publishes its versions).
+    pub partitions: Vec<i32>,
+    /// Versions that started their partitions over (building on nothing, every row), after
+    /// the partitions this instance owns changed.
+    pub bases: u64,
     /// `publish.format = "pq"`: how the last committed version was coded; `null` otherwise.
     pub pq: Option<PqPublishFigures>,
     /// Event-to-publish latency of this process's events.
@@ -217,10 +221,14 @@ fn publish_figures(state: &HttpState) -> PublishFigures {
             .publish
             .as_ref()
             .is_some_and(|p| p.transactional.load(Ordering::Relaxed)),
-        held_partial: state
+        partitions: state
             .publish
             .as_ref()
-            .map_or(0, |p| p.held_partial.load(Ordering::Relaxed)),
+            .map_or_else(Vec::new, |p| p.covered()),
+        bases: state
+            .publish
+            .as_ref()
+            .map_or(0, |p| p.bases.load(Ordering::Relaxed)),
         pq: state.publish.as_ref().and_then(|p| p.pq()),
         freshness: state.ingest.freshness.figures(),
     }
