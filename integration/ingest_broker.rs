@@ -510,10 +510,11 @@ fn one_far_future_timestamp_neither_enters_nor_switches_dedup_off() {
 
 /// Issue 24: a second instance with its own store joins the group and is given part of the
 /// partitions; each event is stored by the instance that owns its source's partition (a quarter
-/// arrive mis-keyed and are forwarded, across instances). When the second is SIGKILLed, the
-/// first takes its partitions back with what the second stored, from their changelog, not the
-/// input: every event once. Neither publishes while the graph is split; the first's numbering
-/// goes on after.
+/// arrive mis-keyed and are forwarded, across instances), and each publishes the versions of
+/// its partitions (contract 3). When the second is SIGKILLed, the first takes its partitions
+/// back with what the second stored, from their changelog, not the input: every event once;
+/// and it starts them over with a base numbered above the second's versions. A subscriber
+/// reading both instances' versions ends with the rows the first serves.
 #[test]
 fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_changelog() {
     let _serial = serial();
@@ -521,6 +522,9 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     let mut env = s.env.clone();
     env.push(("TWHIN_TRAIN__DIM".into(), "16".into()));
     env.push(("TWHIN_PUBLISH__INTERVAL_SECS".into(), "1".into()));
+    // No replay: once the stream is trained nothing moves, so versions stop and the served rows
+    // can be compared with a subscriber's.
+    env.push(("TWHIN_TRAINER__REPLAY_RATIO".into(), "0".into()));
     let events: Vec<(Outgoing, Triple)> = (0..6_000)
         .map(|i| {
             let (mut m, triple) = valid_event(i, false);
@@ -585,8 +589,23 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     assert!(second_share > 0 && edges(&a) > 2_000, "{a}\n{b}");
     assert_eq!(status_u64(&b, "/ingest/restored/appended"), 2_000, "{b}");
     assert!(status_u64(&b, "/ingest/forwarded_in") > 0, "{b}");
-    assert!(status_u64(&a, "/publish/held_partial") > 0, "{a}");
-    assert_eq!(status_u64(&b, "/publish/committed"), 0, "{b}");
+    // Each publishes its own partitions: together every partition, none twice.
+    let (a, b) = wait_until("both publish", Duration::from_secs(60), || {
+        let (a, b) = (first.status()?, second.status()?);
+        let covered = |st: &serde_json::Value| -> Vec<i64> {
+            (st.pointer("/publish/partitions")?.as_array()?.iter())
+                .map(|p| p.as_i64())
+                .collect::<Option<_>>()
+        }
+        .unwrap_or_default();
+        let (pa, pb) = (covered(&a), covered(&b));
+        let mut all: Vec<i64> = pa.iter().chain(&pb).copied().collect();
+        all.sort_unstable();
+        (!pa.is_empty() && !pb.is_empty() && all == (0..8).collect::<Vec<_>>()).then_some((a, b))
+    });
+    assert!(status_u64(&b, "/publish/committed") > 0, "{b}");
+    let bases_split = status_u64(&a, "/publish/bases");
+    assert!(bases_split >= 2, "its first version and its share's\n{a}");
 
     second.kill9();
     let taken_back = wait_until(
@@ -602,13 +621,18 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     produce(&s.broker.bootstrap, TOPIC, &part(4_000..6_000), None);
     let committed = status_u64(&taken_back, "/publish/committed");
     let after = wait_until(
-        "every event stored and a version out",
+        "every event stored and a version of every partition out",
         Duration::from_secs(120),
         || {
             first.status().filter(|st| {
                 edges(st) == 6_000
                     && status_u64(st, "/kafka/lag") == 0
                     && status_u64(st, "/publish/committed") > committed
+                    && st
+                        .pointer("/publish/partitions")
+                        .and_then(|p| p.as_array())
+                        .map(Vec::len)
+                        == Some(8)
             })
         },
     );
@@ -616,16 +640,66 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         status_u64(&after, "/publish/committed") > status_u64(&before, "/publish/committed"),
         "{after}"
     );
+    assert!(
+        status_u64(&after, "/publish/bases") > bases_split,
+        "the second's partitions started over\n{after}"
+    );
+    // Quiet: no version is under way while the subscriber's table is compared with the served
+    // rows.
+    let served_version = wait_until(
+        "the served version settles",
+        Duration::from_secs(60),
+        || {
+            let v = status_u64(&first.status()?, "/publish/version");
+            std::thread::sleep(Duration::from_secs(3));
+            (status_u64(&first.status()?, "/publish/version") == v).then_some(v)
+        },
+    );
+    let published = read_published(&s.broker.bootstrap, 1);
+    // Per partition: numbers grow in log order (a retry repeats one under a newer epoch), and
+    // every marker builds on an earlier marker of its own partition, or on nothing (a base).
+    let mut last: HashMap<i32, (u64, u64)> = HashMap::new();
+    for m in &published.markers {
+        let p = m
+            .partition
+            .expect("contract 3 markers name their partition");
+        assert_eq!(m.partitions, Some(8));
+        if let Some(&held) = last.get(&p) {
+            assert!(
+                (m.version, m.epoch) > held,
+                "partition {p}: {m:?} after {held:?}"
+            );
+        }
+        if let Some(on) = m.builds_on {
+            assert!(
+                published
+                    .markers
+                    .iter()
+                    .any(|o| o.partition == Some(p) && o.attempt() == on),
+                "{m:?} builds on an attempt its partition never marked"
+            );
+        }
+        last.insert(p, (m.version, m.epoch));
+    }
+    assert_eq!(last.len(), 8, "every partition published");
+    assert!(
+        last.values().all(|&(v, _)| v == served_version),
+        "{last:?} served {served_version}"
+    );
+    let table = assemble(&published);
+    let mut compared = 0;
+    for (key, entry) in &table {
+        if key.starts_with("relation:") {
+            continue;
+        }
+        let (_, served) = served_row(s.http_port, key);
+        assert_eq!(&served, &entry.vector[..served.len()], "{key}");
+        compared += 1;
+    }
+    assert!(compared > 100, "{compared} rows compared");
     assert!(first.terminate().success());
     let expected: HashSet<Triple> = events.into_iter().map(|(_, t)| t).collect();
     assert_live_exactly(&s.store, &expected);
-    let markers = read_published(&s.broker.bootstrap, 1).markers;
-    let versions: Vec<u64> = markers.iter().map(|m| m.version).collect();
-    assert_eq!(
-        versions,
-        (1..=versions.len() as u64).collect::<Vec<_>>(),
-        "one publisher's numbering"
-    );
 }
 
 /// Unfollows through the broker: each removes its stored follow (the add and the delete share

@@ -22,8 +22,9 @@ use crate::config::{Comparator, Config, ValueFormat};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
-    read_version, read_versions_tail, reconcile_with_tail, KafkaSink, Ledger, Publication,
-    PublishedView, Quantizer, ReadVersionError, TrainerActorPort, VersionSettings, VersionsTail,
+    check_embeddings_partitions, read_version, read_versions_tail, reconcile_with_tail, KafkaSink,
+    Ledger, Publication, PublishedView, Quantizer, ReadVersionError, TrainerActorPort,
+    VersionSettings, VersionsTail,
 };
 use crate::serve::{HttpState, ServingView};
 use crate::store::{GraphStore, StoreOptions, StoreSummary};
@@ -74,6 +75,7 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
         let mut core = open_trainer(&cfg, &store, device)?;
         let publication = match (core.as_mut(), tail) {
             (Some(core), Some(tail)) => {
+                check_embeddings_partitions(&cfg)?;
                 let tail = (tail.join())
                     .map_err(|_| anyhow::anyhow!("reading the versions topic panicked"))??;
                 start_from_published(&cfg, &store, core, &tail)?;

@@ -41,8 +41,8 @@ pub use published::{read_version, ReadVersionError, VersionTable};
 pub(crate) use rows::{RowRef, VersionRows};
 pub use scope::Scope;
 pub use tail::{
-    read_versions_tail, read_versions_tail_of, reconcile_with_tail, reconcile_with_versions_topic,
-    VersionsTopicError,
+    check_embeddings_partitions, read_versions_tail, read_versions_tail_of, reconcile_with_tail,
+    reconcile_with_versions_topic, VersionsTopicError,
 };
 pub use version::{
     build_delta_version, PreparedVersion, PublishedView, ServedCodes, VersionRequest,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rdkafka::topic_partition_list::Offset;
 
 use crate::config::Config;
-use crate::kafka::{read_to_end, reader, ReadError};
+use crate::kafka::{partition_count, read_to_end, reader, ReadError};
 use crate::publish::ledger::{
     ForeignVersions, Ledger, LedgerError, ReconcileError, TopicDisagreement, VersionsTail,
 };
@@ -35,6 +35,40 @@ pub enum VersionsTopicError {
     },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error(
+        "{embeddings} (kafka.embeddings_topic) has {embeddings_partitions} partitions and \
+         {engagements} (kafka.engagements_topic) has {engagements_partitions}: a node's rows go \
+         to the partition that owns it, so both need the same count (recreate the embeddings \
+         topic with `twhin-stream topics apply` after deleting it)"
+    )]
+    Partitions {
+        embeddings: String,
+        embeddings_partitions: i32,
+        engagements: String,
+        engagements_partitions: i32,
+    },
+}
+
+/// Check that the embeddings topic has as many partitions as the engagements topic (contract 3:
+/// a key's records go to the partition that owns its node).
+pub fn check_embeddings_partitions(cfg: &Config) -> Result<(), VersionsTopicError> {
+    let read_err = |e| VersionsTopicError::Read(Box::new(e));
+    let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms.max(10_000));
+    let consumer =
+        reader(cfg, &format!("{}.versions-tail", cfg.kafka.group_id)).map_err(read_err)?;
+    let k = &cfg.kafka;
+    let count = |t: &str| partition_count(&consumer, t, timeout).map_err(read_err);
+    let (embeddings_partitions, engagements_partitions) =
+        (count(&k.embeddings_topic)?, count(&k.engagements_topic)?);
+    if embeddings_partitions != engagements_partitions {
+        return Err(VersionsTopicError::Partitions {
+            embeddings: k.embeddings_topic.clone(),
+            embeddings_partitions,
+            engagements: k.engagements_topic.clone(),
+            engagements_partitions,
+        });
+    }
+    Ok(())
 }
 
 /// The newest markers of `kafka.versions_topic`.
