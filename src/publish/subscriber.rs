@@ -180,6 +180,9 @@ impl Attempt {
 /// attempt it came from (whose codebooks it uses, or is) and the record.
 type Merge = (String, u64, Scope, Pending);
 
+/// A catch-up's records, newest per key (codebooks keys per scope: [`merge_key`]).
+type Merged = HashMap<(Option<Scope>, String), (u64, Scope, Pending)>;
+
 /// Applies versions to a local table only when they are whole (see the module docs).
 #[derive(Debug, Default)]
 pub struct VersionAssembler {
@@ -508,7 +511,7 @@ impl VersionAssembler {
     pub fn catch_up(&mut self) -> Vec<Applied> {
         // Newest record per key over every scope caught up; a later scope's (a partition after
         // the legacy scope) overwrites. Codebooks keys are per scope.
-        let mut merged: HashMap<(Option<Scope>, String), (u64, Scope, Pending)> = HashMap::new();
+        let mut merged = Merged::new();
         let mut events = Vec::new();
         if !self.legacy_closed() {
             events.extend(self.catch_up_legacy(&mut merged));
@@ -540,10 +543,7 @@ impl VersionAssembler {
     /// The legacy scope's catch-up (contract 2): every attempt up to its newest whole one leaves
     /// the pending attempts; the records of those with a legacy marker, of versions below it, go
     /// into `merged`. Returns `(scope, attempt, records merged, versions skipped)`.
-    fn catch_up_legacy(
-        &mut self,
-        merged: &mut HashMap<(Option<Scope>, String), (u64, Scope, Pending)>,
-    ) -> Option<(Scope, Key, u64, u64)> {
+    fn catch_up_legacy(&mut self, merged: &mut Merged) -> Option<(Scope, Key, u64, u64)> {
         let target = (self.pending.iter())
             .filter(|(_, a)| a.complete(None))
             .map(|(k, _)| *k)
@@ -587,7 +587,7 @@ impl VersionAssembler {
     fn catch_up_partition(
         &mut self,
         q: i32,
-        merged: &mut HashMap<(Option<Scope>, String), (u64, Scope, Pending)>,
+        merged: &mut Merged,
     ) -> Option<(Scope, Key, u64, u64)> {
         let scope = Some(q);
         let held = self.effective(scope);
