@@ -1,11 +1,16 @@
 """A Python subscriber of twhin-stream's versions that applies them whole (topics/README.md).
 
-Reads the embeddings and versions topics from the beginning (read_committed), groups rows by
-their (version, epoch) attempt, and applies a version only when its marker is in and exactly
-marker["rows"] distinct keys of that attempt are (contract 2). Versions apply in order (each
-carries only the rows that changed), each on the attempt its marker names (`builds_on`); a newer
-whole attempt of the applied version (a retry after a lost acknowledgement) is applied over it.
-The table it prints is what `twhin-stream export` writes for that version.
+Reads the embeddings and versions topics from the beginning (read_committed) and groups records
+by their (version, epoch) attempt and the partition they were read from. Contract 3: a marker
+with "partition": q covers partition q of the embeddings topic (each partition's owner publishes
+its own chain); one without covers the whole topic (contracts 1 and 2, the legacy scope). An
+attempt is whole in a scope when its marker is in and exactly marker["rows"] distinct keys of the
+attempt were read from that partition (legacy: from every partition). Per scope, versions apply
+in order (each carries only the rows that changed), each on the attempt its marker names
+(`builds_on`); a partition also takes a base (`builds_on` null, every row of the partition) at
+any higher version, and continues the legacy chain after a publisher's upgrade. A newer whole
+attempt of the held version (a retry after a lost acknowledgement) is applied over it. Codebooks
+are held per partition. The table it prints is what `twhin-stream export` writes.
 
     pip install confluent-kafka numpy
     python examples/subscriber.py --bootstrap-servers 127.0.0.1:9092 --idle-exit-secs 10
@@ -45,67 +50,146 @@ def tombstone_attempt(headers):
     return int(h["twhin-version"]), int(h["twhin-epoch"])
 
 
-CONTRACT = 2  # the version of topics/README.md's contract this subscriber follows
+CONTRACT = 3  # the version of topics/README.md's contract this subscriber follows
 
 
 class Versions:
+    """Whole versions per scope: None, the whole topic (contract 1 and 2 markers); q, partition q
+    of the embeddings topic (contract 3 markers, `"partition": q`)."""
+
     def __init__(self):
-        # applied: the (version, epoch) held, (0, 0) before the first; pending: (v, e) -> [rows, marker]
-        self.applied, self.table, self.pending = (0, 0), {}, {}
-        self.codebooks = {}  # epoch -> centroids [m, 256, D/m]
+        self.held = {}  # scope -> the (version, epoch) it holds
+        self.table = {}
+        # (version, epoch) -> ({partition: {key: record}}, {scope: marker})
+        self.pending = {}
+        self.codebooks = {}  # (scope, epoch) -> centroids [m, 256, D/m]
 
     @property
-    def version(self):
-        return self.applied[0]
+    def version(self):  # the highest version applied in any scope
+        return max(self.held.values(), default=(0, 0))[0]
 
-    def row(self, key, version, epoch, vector):  # vector None: the node was erased
-        if (version, epoch) > self.applied:  # older attempts are stale
-            self.pending.setdefault((version, epoch), [{}, None])[0][key] = vector
-            self.advance()
+    def effective(self, scope):
+        """The attempt a scope builds on: its own, else (a partition) the legacy scope's, which
+        a publisher upgraded from contract 2 continues."""
+        if scope in self.held:
+            return self.held[scope]
+        return self.held.get(None) if scope is not None else None
+
+    def closed(self):  # once a partition holds its own attempt, legacy markers are stale
+        return any(scope is not None for scope in self.held)
+
+    def not_newer(self, scope, attempt):
+        held = self.effective(scope)
+        return held is not None and attempt <= held
+
+    def row(self, partition, key, version, epoch, record):  # record None: the node was erased
+        if self.not_newer(partition, (version, epoch)):  # stale in its partition
+            return
+        rows, _ = self.pending.setdefault((version, epoch), ({}, {}))
+        rows.setdefault(partition, {})[key] = record
+        self.advance([None, partition])
 
     def marker(self, m):
         if m.get("contract", 1) > CONTRACT:
             raise SystemExit(f"version marker of contract {m['contract']}: this subscriber "
                              f"implements contract {CONTRACT}; upgrade it")
-        if (m["version"], m["epoch"]) > self.applied:
-            self.pending.setdefault((m["version"], m["epoch"]), [{}, None])[1] = m
-            self.advance()
+        scope, attempt = m.get("partition"), (m["version"], m["epoch"])
+        if (scope is None and self.closed()) or self.not_newer(scope, attempt):
+            return
+        self.pending.setdefault(attempt, ({}, {}))[1][scope] = m
+        self.advance([scope])
 
-    def whole(self, attempt):
-        rows, m = self.pending[attempt]
-        return m is not None and m["rows"] == len(rows)
+    def whole(self, attempt, scope):
+        """The scope's marker is in with exactly its count of distinct keys: those read from its
+        partition, or (the legacy scope) from every partition."""
+        rows, markers = self.pending[attempt]
+        m = markers.get(scope)
+        keys = (len(rows.get(scope, {})) if scope is not None
+                else sum(len(r) for r in rows.values()))
+        return m is not None and m["rows"] == keys
 
-    def next_in_line(self):
-        """A newer whole attempt of the applied version (its retry, carrying every key the applied
-        one did), else the newest whole attempt of the next version built on the applied one."""
-        v, e = self.applied
-        retries = [k for k in self.pending if k[0] == v and k[1] > e and self.whole(k)]
-        held = {"version": v, "epoch": e}
-        following = [k for k in self.pending if k[0] == v + 1 and self.whole(k)
-                     and self.pending[k][1].get("builds_on") in (None, held)]
-        return max(retries or following, default=None)
+    def next_in_line(self, scope):
+        """A newer whole attempt of the held version (its retry, carrying every key the held one
+        did); else, legacy: the newest whole attempt of the next version built on the held one;
+        a partition: the lowest version above the held one (numbers may skip), newest epoch,
+        built on the held attempt or on none (a base, carrying every row of the partition)."""
+        held = self.effective(scope)
+        whole = sorted(k for k in self.pending if self.whole(k, scope))
+        if held is not None:
+            retries = [k for k in whole if k[0] == held[0] and k[1] > held[1]]
+            if retries:
+                return retries[-1]
+        ref = None if held is None else {"version": held[0], "epoch": held[1]}
+        following = 1 if held is None else held[0] + 1
+        follows = [k for k in whole if self.pending[k][1][scope].get("builds_on") in (None, ref)
+                   and (k[0] == following if scope is None else k[0] >= following)]
+        return max((k for k in follows if k[0] == follows[0][0]), default=None)
 
-    def advance(self):
-        while (key := self.next_in_line()) is not None:
-            rows = self.pending.pop(key)[0]
-            for k, v in rows.items():  # codebooks first: the coded rows beside them need them
-                if isinstance(v, tuple) and v[0] == "codebooks":
-                    self.codebooks[v[1]] = v[2]
-            for k, v in rows.items():
-                if isinstance(v, tuple) and v[0] == "codes":
-                    centroids = self.codebooks[v[1]]
-                    v = np.concatenate([centroids[np.arange(len(v[2])), v[2]].ravel(), v[3]])
-                if k.startswith("codebooks:"):
-                    if v is None:  # retired: no row names them any more
-                        self.codebooks.pop(int(k.split(":", 1)[1]), None)
-                elif v is None:
-                    self.table.pop(k, None)
-                else:
-                    self.table[k] = v
-            self.applied = key
-            self.pending = {k: v for k, v in self.pending.items() if k > key}
-            nodes = sum(not k.startswith("relation:") for k in self.table)
-            print(json.dumps({"applied": key[0], "epoch": key[1], "nodes": nodes}))
+    def advance(self, scopes):
+        work = set(scopes)
+        while work:
+            scope = min(work, key=lambda s: (s is not None, s or 0))  # legacy first
+            work.discard(scope)
+            attempt = self.next_in_line(scope)
+            if attempt is None:
+                continue
+            self.apply(scope, attempt)
+            work.add(scope)
+            if scope is None:  # partitions that continue the legacy chain may follow now
+                work |= {s for _, markers in self.pending.values() for s in markers
+                         if s is not None and s not in self.held}
+
+    def apply(self, scope, attempt):
+        rows, markers = self.pending[attempt]
+        del markers[scope]
+        if scope is None:
+            records = [r for part in rows.values() for r in part.items()]
+            rows.clear()
+        else:
+            records = list(rows.pop(scope, {}).items())
+        if not rows and not markers:
+            del self.pending[attempt]
+        self.merge(scope, records)
+        self.held[scope] = attempt
+        self.prune()
+        nodes = sum(not k.startswith("relation:") for k in self.table)
+        print(json.dumps({"applied": attempt[0], "epoch": attempt[1], "partition": scope,
+                          "nodes": nodes}))
+
+    def merge(self, scope, records):
+        for k, v in records:  # codebooks first: the coded rows beside them need them
+            if isinstance(v, tuple) and v[0] == "codebooks":
+                self.codebooks[(scope, v[1])] = v[2]
+        retired = []
+        for k, v in records:
+            if isinstance(v, tuple) and v[0] == "codebooks":
+                continue
+            if isinstance(v, tuple) and v[0] == "codes":  # its partition's copy, else legacy's
+                centroids = self.codebooks.get((scope, v[1]), self.codebooks.get((None, v[1])))
+                v = (None if centroids is None else
+                     np.concatenate([centroids[np.arange(len(v[2])), v[2]].ravel(), v[3]]))
+            if k.startswith("codebooks:"):
+                if v is None:  # retired in this scope: no row of it names them any more
+                    retired.append((scope, int(k.split(":", 1)[1])))
+            elif v is None:  # erased (or undecodable: left out)
+                self.table.pop(k, None)
+            else:
+                self.table[k] = v
+        for key in retired:
+            self.codebooks.pop(key, None)
+
+    def prune(self):
+        """Drop records and markers of attempts not newer than what their scope holds."""
+        closed = self.closed()
+        for attempt in list(self.pending):
+            rows, markers = self.pending[attempt]
+            for q in [q for q in rows if self.not_newer(q, attempt)]:
+                del rows[q]
+            for s in [s for s in markers
+                      if (s is None and closed) or self.not_newer(s, attempt)]:
+                del markers[s]
+            if not rows and not markers:
+                del self.pending[attempt]
 
 
 def main():
@@ -132,9 +216,9 @@ def main():
         if m.topic() == args.versions_topic:
             versions.marker(json.loads(m.value()))
         elif m.value() is None:
-            versions.row(m.key().decode(), *tombstone_attempt(m.headers()), None)
+            versions.row(m.partition(), m.key().decode(), *tombstone_attempt(m.headers()), None)
         else:
-            versions.row(m.key().decode(), *decode_row(m.value()))
+            versions.row(m.partition(), m.key().decode(), *decode_row(m.value()))
     consumer.close()
     # The sum of every value held: a check that rows (coded ones too) decode as `export` does.
     checksum = sum(float(np.sum(v, dtype=np.float64)) for v in versions.table.values())

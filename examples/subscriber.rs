@@ -1,7 +1,8 @@
 //! A downstream subscriber of twhin-stream's versions: reads the embeddings and versions topics
 //! from the beginning (`isolation.level=read_committed`, plain assign, no offsets committed),
-//! feeds [`VersionAssembler`], and prints one JSON line per version applied (whole versions
-//! only; see `topics/README.md`). Once both topics are read to their ends it catches up past
+//! feeds [`VersionAssembler`] (each embeddings record with the partition it was read from), and
+//! prints one JSON line per version applied in a scope (whole versions only; with contract 3, one
+//! line per partition of a round, `"partition"` naming it; see `topics/README.md`). Once both topics are read to their ends it catches up past
 //! versions that compaction left incomplete (`VersionAssembler::catch_up`).
 //!
 //! ```text
@@ -12,7 +13,7 @@
 //! It stops on SIGINT/SIGTERM, or after `--idle-exit-secs` without a new record, and then writes
 //! the summary (versions applied and when, nodes in the table, counters).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +26,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
-use twhin_stream::publish::{tombstone_attempt, DecodeError, Record, VersionMarker};
+use twhin_stream::publish::{tombstone_attempt, AttemptRef, DecodeError, Record, VersionMarker};
 use twhin_stream::subscriber::{Applied, Counts, VersionAssembler};
 
 /// How long `--idle-exit-secs` waits for the very first record at least.
@@ -66,8 +67,12 @@ struct AppliedAt {
 #[derive(Serialize)]
 struct Summary {
     versions_applied: usize,
+    /// The highest version applied in any scope, and its epoch.
     last_version: u64,
     last_epoch: Option<u64>,
+    /// The attempt each scope holds: `"null"` the whole topic (contracts 1 and 2), else the
+    /// partition (contract 3).
+    held: BTreeMap<String, AttemptRef>,
     nodes: usize,
     relations: usize,
     rows_read: u64,
@@ -79,7 +84,7 @@ struct Summary {
     skipped_records: u64,
     caught_up: bool,
     stopped_by: &'static str,
-    /// Epochs of the codebooks held (`publish.format = "pq"`).
+    /// Epochs of the codebooks held (`publish.format = "pq"`), in any scope.
     codebooks: Vec<u64>,
     /// The sum of every value held, in f64: a check that two readers hold the same table
     /// (`examples/subscriber.py` prints the same figure).
@@ -163,7 +168,7 @@ impl State {
         match decoded {
             Some((key, Ok(record))) => {
                 self.rows_read += 1;
-                let applied = self.assembler.push_record(key, record);
+                let applied = self.assembler.push_record(m.partition(), key, record);
                 self.report(applied);
             }
             Some((key, Err(e))) => {
@@ -184,7 +189,9 @@ impl State {
             (Some(key), Some((version, epoch))) => {
                 self.rows_read += 1;
                 self.tombstones_read += 1;
-                let applied = self.assembler.push_tombstone(key, version, epoch);
+                let applied = self
+                    .assembler
+                    .push_tombstone(m.partition(), key, version, epoch);
                 self.report(applied);
             }
             _ => {
@@ -235,7 +242,7 @@ impl State {
                     let applied = self.assembler.catch_up();
                     self.report(applied);
                     eprintln!(
-                        "backlog read: version {} applied, {} nodes",
+                        "backlog read: version {} applied (newest in any partition), {} nodes",
                         self.assembler.applied_version(),
                         self.assembler.nodes()
                     );
@@ -309,6 +316,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             versions_applied: state.applied.len(),
             last_version: a.applied_version(),
             last_epoch: a.applied_epoch(),
+            held: (a.applied_attempts().into_iter())
+                .map(|(scope, at)| {
+                    (
+                        scope.map_or_else(|| "null".to_string(), |q| q.to_string()),
+                        at,
+                    )
+                })
+                .collect(),
             nodes: a.nodes(),
             relations: a.table().len() - a.nodes(),
             rows_read: state.rows_read,
@@ -317,11 +332,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             skipped_records: state.skipped,
             caught_up: state.caught_up,
             stopped_by,
-            codebooks: {
-                let mut epochs: Vec<u64> = a.codebooks().keys().copied().collect();
-                epochs.sort_unstable();
-                epochs
-            },
+            codebooks: a.codebook_epochs().into_iter().collect(),
             checksum: (a.table().values())
                 .flat_map(|e| &e.vector)
                 .map(|&x| f64::from(x))

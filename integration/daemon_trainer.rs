@@ -217,7 +217,7 @@ fn versions_are_published_whole_and_numbered_across_restarts_and_kills() {
     );
     assert!(markers.windows(2).all(|w| w[0].epoch <= w[1].epoch));
     let mut count: HashMap<(u64, u64), u64> = HashMap::new();
-    for (_, rec) in &rows {
+    for (_, _, rec) in &rows {
         assert_eq!(rec.vector.len(), 16);
         assert!(rec.vector.iter().all(|v| v.is_finite()));
         *count.entry((rec.version, rec.epoch)).or_default() += 1;

@@ -578,14 +578,14 @@ fn subscribe(bootstrap: &str, min_markers: u64, rows_first: bool, timeout: Durat
     let mut interrupted: BTreeMap<(u64, u64), usize> = BTreeMap::new();
     let (markers, rows) = if rows_first {
         let p = read_published(bootstrap, min_markers as usize);
-        for (k, r) in &p.rows {
-            applied.extend(a.push_row(k.as_str(), r.clone()));
+        for (q, k, r) in &p.rows {
+            applied.extend(a.push_row(*q, k.as_str(), r.clone()));
         }
         for m in &p.markers {
             applied.extend(a.push_marker(m.clone()));
         }
         let marked: HashSet<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
-        for (_, r) in &p.rows {
+        for (_, _, r) in &p.rows {
             if !marked.contains(&(r.version, r.epoch)) {
                 *interrupted.entry((r.version, r.epoch)).or_default() += 1;
             }
@@ -599,11 +599,11 @@ fn subscribe(bootstrap: &str, min_markers: u64, rows_first: bool, timeout: Durat
         }
         let marked: HashSet<(u64, u64)> = markers.iter().map(|m| (m.version, m.epoch)).collect();
         let expected = markers.iter().map(|m| m.rows as usize).sum();
-        let rows = for_each_row(bootstrap, expected, timeout, |k, r| {
+        let rows = for_each_row(bootstrap, expected, timeout, |q, k, r| {
             if !marked.contains(&(r.version, r.epoch)) {
                 *interrupted.entry((r.version, r.epoch)).or_default() += 1;
             }
-            applied.extend(a.push_row(k, r));
+            applied.extend(a.push_row(q, k, r));
         });
         (markers, rows)
     };

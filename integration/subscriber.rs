@@ -45,10 +45,10 @@ fn canonical_markers(p: &Published) -> Vec<&VersionMarker> {
 /// attempt's rows are all on the broker, and that a canonical attempt carries every key of the
 /// earlier attempts of its version.
 fn expected_tables(p: &Published) -> Vec<Table> {
-    let mut by_attempt: HashMap<(u64, u64), Vec<&(String, RowRecord)>> = HashMap::new();
+    let mut by_attempt: HashMap<(u64, u64), Vec<&PublishedRow>> = HashMap::new();
     for r in &p.rows {
         by_attempt
-            .entry((r.1.version, r.1.epoch))
+            .entry((r.2.version, r.2.epoch))
             .or_default()
             .push(r);
     }
@@ -57,7 +57,7 @@ fn expected_tables(p: &Published) -> Vec<Table> {
         let keys: HashSet<&str> = rows
             .into_iter()
             .flatten()
-            .map(|(k, _)| k.as_str())
+            .map(|(_, k, _)| k.as_str())
             .collect();
         assert_eq!(
             keys.len() as u64,
@@ -81,7 +81,7 @@ fn expected_tables(p: &Published) -> Vec<Table> {
     let mut table = Table::new();
     let mut out = Vec::new();
     for m in canonical {
-        for (k, r) in by_attempt.get(&(m.version, m.epoch)).into_iter().flatten() {
+        for (_, k, r) in by_attempt.get(&(m.version, m.epoch)).into_iter().flatten() {
             table.insert(k.clone(), (r.vector.clone(), r.version));
         }
         out.push(table.clone());
@@ -90,7 +90,7 @@ fn expected_tables(p: &Published) -> Vec<Table> {
 }
 
 enum Item<'a> {
-    Row(&'a (String, RowRecord)),
+    Row(&'a PublishedRow),
     Marker(&'a VersionMarker),
 }
 
@@ -156,7 +156,7 @@ fn check_whole_versions(p: &Published) -> Vec<(u64, u64)> {
         let mut applied: Vec<(u64, u64)> = Vec::new();
         for item in items {
             let done = match item {
-                Item::Row((k, r)) => a.push_row(k.as_str(), r.clone()),
+                Item::Row((q, k, r)) => a.push_row(*q, k.as_str(), r.clone()),
                 Item::Marker(m) => a.push_marker((*m).clone()),
             };
             for v in &done {
@@ -194,7 +194,7 @@ fn check_whole_versions(p: &Published) -> Vec<(u64, u64)> {
 fn unmarked_attempts(p: &Published) -> HashMap<(u64, u64), usize> {
     let marked: HashSet<(u64, u64)> = p.markers.iter().map(|m| (m.version, m.epoch)).collect();
     let mut out = HashMap::new();
-    for (_, r) in &p.rows {
+    for (_, _, r) in &p.rows {
         if !marked.contains(&(r.version, r.epoch)) {
             *out.entry((r.version, r.epoch)).or_default() += 1;
         }
@@ -209,7 +209,7 @@ fn check_catch_up_after_compaction(p: &Published) {
     let expected = expected_tables(p);
     let last = expected.last().expect("a version");
     let mut newest: HashMap<&str, usize> = HashMap::new();
-    for (i, (k, _)) in p.rows.iter().enumerate() {
+    for (i, (_, k, _)) in p.rows.iter().enumerate() {
         newest.insert(k.as_str(), i);
     }
     let mut survivors: Vec<usize> = newest.values().copied().collect();
@@ -220,16 +220,16 @@ fn check_catch_up_after_compaction(p: &Published) {
         a.push_marker(m.clone());
     }
     for &i in &survivors {
-        let (k, r) = &p.rows[i];
-        a.push_row(k.as_str(), r.clone());
+        let (q, k, r) = &p.rows[i];
+        a.push_row(*q, k.as_str(), r.clone());
     }
     a.catch_up();
     assert_eq!(a.applied_version(), canonical_markers(p).len() as u64);
     let orphans: HashSet<&str> = survivors
         .iter()
         .map(|&i| &p.rows[i])
-        .filter(|(_, r)| !marked.contains(&(r.version, r.epoch)))
-        .map(|(k, _)| k.as_str())
+        .filter(|(_, _, r)| !marked.contains(&(r.version, r.epoch)))
+        .map(|(_, k, _)| k.as_str())
         .collect();
     for (k, (vector, version)) in last {
         match a.get(k) {
@@ -332,7 +332,7 @@ fn a_subscriber_never_applies_part_of_a_version_when_the_daemon_dies_inside_a_pu
             // On a loaded machine the kill can come before librdkafka sent any row of the
             // attempt: then there is nothing partial to ignore, and the kill is tried again.
             let mut on_broker = 0;
-            for_each_row(&broker.bootstrap, 1, Duration::from_secs(30), |_, r| {
+            for_each_row(&broker.bootstrap, 1, Duration::from_secs(30), |_, _, r| {
                 on_broker += usize::from((r.version, r.epoch) == (version, epoch));
             });
             if on_broker > 0 {
@@ -1233,7 +1233,7 @@ fn a_lost_marker_acknowledgement_leaves_every_subscriber_with_the_served_rows() 
         let mut a = VersionAssembler::new();
         for item in items {
             match item {
-                Item::Row((k, r)) => a.push_row(k.as_str(), r.clone()),
+                Item::Row((q, k, r)) => a.push_row(*q, k.as_str(), r.clone()),
                 Item::Marker(m) => a.push_marker((*m).clone()),
             };
         }
@@ -1248,16 +1248,16 @@ fn a_lost_marker_acknowledgement_leaves_every_subscriber_with_the_served_rows() 
             .collect();
         expect_served(&table, name);
     }
-    let mut newest: HashMap<&str, &RowRecord> = HashMap::new();
-    for (k, r) in &p.rows {
-        newest.insert(k.as_str(), r);
+    let mut newest: HashMap<&str, (i32, &RowRecord)> = HashMap::new();
+    for (q, k, r) in &p.rows {
+        newest.insert(k.as_str(), (*q, r));
     }
     let mut late = VersionAssembler::new();
     for m in &p.markers {
         late.push_marker(m.clone());
     }
-    for (k, r) in newest {
-        late.push_row(k, r.clone());
+    for (k, (q, r)) in newest {
+        late.push_row(q, k, r.clone());
     }
     late.catch_up();
     let table = late

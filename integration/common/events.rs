@@ -297,10 +297,13 @@ pub fn stored_edges(store: &Path, mut f: impl FnMut((&str, &str), &str, (&str, &
     s.edge_count()
 }
 
+/// A row as read from the embeddings topic: `(partition, key, row)`.
+pub type PublishedRow = (i32, String, RowRecord);
+
 /// Everything the publisher left on the broker, rows in the order read (per partition, log
 /// order).
 pub struct Published {
-    pub rows: Vec<(String, RowRecord)>,
+    pub rows: Vec<PublishedRow>,
     pub markers: Vec<VersionMarker>,
 }
 
@@ -312,7 +315,7 @@ pub fn read_published(bootstrap: &str, min_markers: usize) -> Published {
         bootstrap,
         markers.iter().map(|m| m.rows as usize).sum(),
         Duration::from_secs(120),
-        |k, r| rows.push((k, r)),
+        |q, k, r| rows.push((q, k, r)),
     );
     Published { rows, markers }
 }
@@ -332,14 +335,15 @@ pub fn read_markers(bootstrap: &str, min_markers: usize) -> Vec<VersionMarker> {
     .collect()
 }
 
-/// Every row on the embeddings topic (per partition, log order), handed to `f` as it is read,
+/// Every row on the embeddings topic (per partition, log order), handed to `f` with its partition
+/// and key as it is read,
 /// once at least `expected` are in and no more came for 3 s (or `timeout` passed); returns how
 /// many were read.
 pub fn for_each_row(
     bootstrap: &str,
     expected: usize,
     timeout: Duration,
-    mut f: impl FnMut(String, RowRecord),
+    mut f: impl FnMut(i32, String, RowRecord),
 ) -> usize {
     for_each_record(
         bootstrap,
@@ -349,6 +353,7 @@ pub fn for_each_row(
         Duration::from_secs(3),
         |m| {
             f(
+                m.partition(),
                 String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
                 RowRecord::decode(m.payload().unwrap()).unwrap(),
             )

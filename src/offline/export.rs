@@ -308,10 +308,10 @@ mod tests {
             ts: 0,
             vector: vec![x; n],
         };
-        a.push_row("user:b", row(2.0, 2));
-        a.push_row("user:a", row(1.0, 2));
-        a.push_row("movie:m", row(0.5, 3));
-        a.push_row("relation:follows", row(-1.0, 2));
+        a.push_row(0, "user:b", row(2.0, 2));
+        a.push_row(0, "user:a", row(1.0, 2));
+        a.push_row(0, "movie:m", row(0.5, 3));
+        a.push_row(0, "relation:follows", row(-1.0, 2));
         a.push_marker(VersionMarker::new(1, 3, 4));
         VersionTable::of(&a).expect("applied")
     }

@@ -140,7 +140,7 @@ fn feed(
     match m.payload() {
         Some(payload) => {
             let record = Record::decode(payload).map_err(|e| e.to_string())?;
-            assembler.push_record(key, record);
+            assembler.push_record(m.partition(), key, record);
         }
         None => {
             let headers = m.headers().map(|h| {
@@ -151,7 +151,7 @@ fn feed(
             let (version, epoch) = headers
                 .and_then(tombstone_attempt)
                 .ok_or("a null value without its version headers")?;
-            assembler.push_tombstone(key, version, epoch);
+            assembler.push_tombstone(m.partition(), key, version, epoch);
         }
     }
     Ok(())
