@@ -593,11 +593,11 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     let (a, b) = wait_until("both publish", Duration::from_secs(60), || {
         let (a, b) = (first.status()?, second.status()?);
         let covered = |st: &serde_json::Value| -> Vec<i64> {
-            (st.pointer("/publish/partitions")?.as_array()?.iter())
-                .map(|p| p.as_i64())
-                .collect::<Option<_>>()
-        }
-        .unwrap_or_default();
+            (st.pointer("/publish/partitions").and_then(|p| p.as_array()))
+                .map_or_else(Vec::new, |ps| {
+                    ps.iter().filter_map(|p| p.as_i64()).collect()
+                })
+        };
         let (pa, pb) = (covered(&a), covered(&b));
         let mut all: Vec<i64> = pa.iter().chain(&pb).copied().collect();
         all.sort_unstable();

@@ -1,6 +1,7 @@
 //! Events produced to the broker, and what comes back: dead letters, published versions, the
 //! store's triples.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -305,6 +306,18 @@ pub type PublishedRow = (i32, String, RowRecord);
 pub struct Published {
     pub rows: Vec<PublishedRow>,
     pub markers: Vec<VersionMarker>,
+}
+
+/// The table a subscriber holds after every row and then every marker of `p`, in the order read.
+pub fn assemble(p: &Published) -> HashMap<String, twhin_stream::subscriber::Entry> {
+    let mut a = twhin_stream::subscriber::VersionAssembler::new();
+    for (partition, key, row) in &p.rows {
+        a.push_row(*partition, key.clone(), row.clone());
+    }
+    for m in &p.markers {
+        a.push_marker(m.clone());
+    }
+    a.table().clone()
 }
 
 /// Waits for at least `min_markers` markers, then for every row they announce.

@@ -1036,7 +1036,7 @@ mod tests {
         async fn produce(&mut self, prepared: &PreparedVersion) -> anyhow::Result<()> {
             for (i, key) in prepared.rows.keys().enumerate() {
                 self.assembler
-                    .push_record(key, Record::decode(&prepared.rows.encode(i))?);
+                    .push_record(0, key, Record::decode(&prepared.rows.encode(i))?);
             }
             self.assembler.push_marker(prepared.marker.clone());
             anyhow::ensure!(
