@@ -16,12 +16,13 @@ const TOPIC: &str = "twhin.engagements";
 
 type Table = HashMap<String, (Vec<f32>, u64)>;
 
-/// Each version's canonical attempt: the marker of its last attempt (`topics/README.md`,
-/// contract 2). Checks that versions run 1..=N and that a repeated version (a marker whose
+/// Each version's canonical attempt: the marker of its last attempt (`topics/README.md`),
+/// one per publication ([`rounds`]: a single instance's version covers every partition, each
+/// with its marker). Checks that versions run 1..=N and that a repeated version (a marker whose
 /// acknowledgement was lost, then the retry) comes under a newer epoch.
-fn canonical_markers(p: &Published) -> Vec<&VersionMarker> {
-    let mut canonical: Vec<&VersionMarker> = Vec::new();
-    for m in &p.markers {
+fn canonical_markers(p: &Published) -> Vec<VersionMarker> {
+    let mut canonical: Vec<VersionMarker> = Vec::new();
+    for m in rounds(&p.markers) {
         if let Some(last) = canonical.last().filter(|c| c.version == m.version) {
             assert!(
                 m.epoch > last.epoch,
@@ -42,8 +43,8 @@ fn canonical_markers(p: &Published) -> Vec<&VersionMarker> {
 
 /// The table after each version, replayed from the markers without the assembler: version v's
 /// table is v−1's overlaid with the rows of v's canonical attempt. Also checks that every marked
-/// attempt's rows are all on the broker, and that a canonical attempt carries every key of the
-/// earlier attempts of its version.
+/// attempt's rows are all on the broker, each on its marker's partition, and that a canonical
+/// attempt carries every key of the earlier attempts of its version.
 fn expected_tables(p: &Published) -> Vec<Table> {
     let mut by_attempt: HashMap<(u64, u64), Vec<&PublishedRow>> = HashMap::new();
     for r in &p.rows {
@@ -51,6 +52,15 @@ fn expected_tables(p: &Published) -> Vec<Table> {
             .entry((r.2.version, r.2.epoch))
             .or_default()
             .push(r);
+    }
+    for m in &p.markers {
+        let on_partition = (by_attempt.get(&(m.version, m.epoch)).into_iter().flatten())
+            .filter(|(q, _, _)| Some(*q) == m.partition)
+            .count();
+        assert_eq!(
+            on_partition as u64, m.rows,
+            "{m:?}: its rows on its partition"
+        );
     }
     let keys = |m: &VersionMarker| -> HashSet<&str> {
         let rows = by_attempt.get(&(m.version, m.epoch));
@@ -69,8 +79,8 @@ fn expected_tables(p: &Published) -> Vec<Table> {
         keys
     };
     let canonical = canonical_markers(p);
-    for m in &p.markers {
-        let last = canonical[m.version as usize - 1];
+    for m in &rounds(&p.markers) {
+        let last = &canonical[m.version as usize - 1];
         assert!(
             keys(last).is_superset(&keys(m)),
             "version {}: the canonical attempt carries every key of epoch {}",
@@ -130,9 +140,18 @@ fn orders(p: &Published) -> Vec<(&'static str, Vec<Item<'_>>)> {
     ]
 }
 
-fn assert_table(a: &VersionAssembler, expected: &Table, context: &str) {
-    assert_eq!(a.table().len(), expected.len(), "{context}: table size");
-    for (k, (vector, version)) in expected {
+/// `a`'s table holds exactly `expected`'s keys of `partition` (every key: `None`).
+fn assert_table(a: &VersionAssembler, expected: &Table, partition: Option<i32>, context: &str) {
+    let partitions = rounds_partitions(a);
+    let ours = |k: &str| {
+        partition.is_none_or(|q| {
+            twhin_stream::partition::partition_of(k.as_bytes(), partitions) as i32 == q
+        })
+    };
+    let held = a.table().keys().filter(|k| ours(k)).count();
+    let wanted = expected.keys().filter(|k| ours(k)).count();
+    assert_eq!(held, wanted, "{context}: table size");
+    for (k, (vector, version)) in expected.iter().filter(|(k, _)| ours(k)) {
         let e = a.get(k).unwrap_or_else(|| panic!("{context}: {k} missing"));
         assert!(
             e.version == *version && e.vector == *vector,
@@ -142,10 +161,17 @@ fn assert_table(a: &VersionAssembler, expected: &Table, context: &str) {
     }
 }
 
-/// Feed the broker's contents through the assembler in every order of [`orders`]; every applied
-/// attempt must be the next version or a newer epoch of the one held, and once a version's
-/// canonical attempt is applied the table must be exactly the expected one. Returns the
-/// canonical `(version, epoch)`s.
+/// The partition count the assembler's applied markers name (1 for markers that name none).
+fn rounds_partitions(a: &VersionAssembler) -> u32 {
+    a.applied_marker()
+        .and_then(|m| m.partitions)
+        .map_or(1, |p| p as u32)
+}
+
+/// Feed the broker's contents through the assembler in every order of [`orders`]; in every
+/// partition, every applied attempt must be the next version or a newer epoch of the one held,
+/// and once a partition applied a version's canonical attempt, its keys in the table must be
+/// exactly the expected ones. Returns the canonical `(version, epoch)`s.
 fn check_whole_versions(p: &Published) -> Vec<(u64, u64)> {
     let expected = expected_tables(p);
     let marked: Vec<(u64, u64)> = (canonical_markers(p).iter())
@@ -153,13 +179,14 @@ fn check_whole_versions(p: &Published) -> Vec<(u64, u64)> {
         .collect();
     for (name, items) in orders(p) {
         let mut a = VersionAssembler::new();
-        let mut applied: Vec<(u64, u64)> = Vec::new();
+        let mut applied: HashMap<Option<i32>, Vec<(u64, u64)>> = HashMap::new();
         for item in items {
             let done = match item {
                 Item::Row((q, k, r)) => a.push_row(*q, k.as_str(), r.clone()),
                 Item::Marker(m) => a.push_marker((*m).clone()),
             };
             for v in &done {
+                let applied = applied.entry(v.partition).or_default();
                 match applied.last_mut() {
                     Some(held) if held.0 == v.version => {
                         assert!(v.epoch > held.1, "{name}: a retry of version {}", v.version);
@@ -171,19 +198,25 @@ fn check_whole_versions(p: &Published) -> Vec<(u64, u64)> {
                     }
                 }
                 assert_eq!(v.skipped, 0);
-            }
-            // One record can complete several versions; the table is then at the last one.
-            if let Some(v) = done.last() {
                 if marked[v.version as usize - 1] == (v.version, v.epoch) {
+                    // Partitions apply on their own: each one's keys are at its version.
                     assert_table(
                         &a,
                         &expected[v.version as usize - 1],
-                        &format!("{name}, version {}", v.version),
+                        v.partition,
+                        &format!("{name}, partition {:?} version {}", v.partition, v.version),
                     );
                 }
             }
         }
-        assert_eq!(applied, marked, "{name}: every version's canonical attempt");
+        assert!(!applied.is_empty(), "{name}: nothing applied");
+        for (partition, applied) in &applied {
+            assert_eq!(
+                applied, &marked,
+                "{name}: partition {partition:?} applied every version's canonical attempt"
+            );
+        }
+        assert_table(&a, expected.last().expect("a version"), None, name);
         assert_eq!(a.counts().pending_rows, 0, "{name}: {:?}", a.counts());
         assert!(a.catch_up().is_empty());
     }
@@ -438,11 +471,12 @@ fn transactional_versions_commit_and_apply_whole_across_a_restart_and_export_as_
         committed = ledger_last_version(&store);
     }
     let p = read_published(&broker.bootstrap, 1);
-    assert!(p.markers.len() >= 2, "{:?}", p.markers);
+    let versions = rounds(&p.markers);
+    assert!(versions.len() >= 2, "{versions:?}");
     assert_eq!(
         committed,
-        p.markers.len() as u64,
-        "each marker from a committed transaction"
+        versions.len() as u64,
+        "each version's markers from a committed transaction"
     );
     check_whole_versions(&p);
     assert!(unmarked_attempts(&p).is_empty());
@@ -491,7 +525,7 @@ fn a_lost_publish_ledger_goes_on_with_the_topics_numbering_and_another_deploymen
     let p = read_published(&broker.bootstrap, before.len() + 1);
     // Versions 1, 2, 3, … across the lost ledger, each applied whole in every reading order.
     check_whole_versions(&p);
-    let first_after = (p.markers.iter())
+    let first_after = (rounds(&p.markers).into_iter())
         .find(|m| m.version == last.version + 1)
         .expect("the next version");
     let max_epoch_before = before.iter().map(|m| m.epoch).max().unwrap();

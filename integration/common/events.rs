@@ -308,6 +308,27 @@ pub struct Published {
     pub markers: Vec<VersionMarker>,
 }
 
+/// The publications behind `markers`, in the order each one's first marker was read: the
+/// markers of one attempt (contract 3: one per partition it covered, all sharing its version
+/// and epoch) merged into one that counts all their rows and names no partition.
+pub fn rounds(markers: &[VersionMarker]) -> Vec<VersionMarker> {
+    let mut out: Vec<VersionMarker> = Vec::new();
+    let mut at: HashMap<(u64, u64), usize> = HashMap::new();
+    for m in markers {
+        match at.get(&(m.version, m.epoch)) {
+            Some(&i) => out[i].rows += m.rows,
+            None => {
+                at.insert((m.version, m.epoch), out.len());
+                out.push(VersionMarker {
+                    partition: None,
+                    ..m.clone()
+                });
+            }
+        }
+    }
+    out
+}
+
 /// The table a subscriber holds after every row and then every marker of `p`, in the order read.
 pub fn assemble(p: &Published) -> HashMap<String, twhin_stream::subscriber::Entry> {
     let mut a = twhin_stream::subscriber::VersionAssembler::new();
