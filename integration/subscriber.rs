@@ -650,6 +650,13 @@ fn check_export(env: &[(String, String)], p: &Published, dir: &std::path::Path) 
     let summary: serde_json::Value = serde_json::from_str(summary.trim()).unwrap();
     assert_eq!(summary["version"], 1, "{summary}");
     assert_eq!(exported_table(&first), as_vectors(&tables[0]), "version 1");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(first.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(
+        meta["version_rows"],
+        canonical_markers(p)[0].rows,
+        "the records version 1 carried, in every partition"
+    );
     let newest = dir.join("export-newest");
     cli(env, &["export", newest.to_str().unwrap()]);
     assert_eq!(

@@ -54,8 +54,19 @@ impl VersionTable {
     }
 
     /// Split an assembler's table into node types (`type:id`) and relations (`relation:name`).
+    /// Its marker is the newest applied one, counting the records of that version in every
+    /// partition that applied it (contract 3: a marker per partition).
     pub fn of(assembler: &VersionAssembler) -> Option<VersionTable> {
-        let marker = assembler.applied_marker()?.clone();
+        let mut marker = assembler.applied_marker()?.clone();
+        let same = |m: &&VersionMarker| m.attempt() == marker.attempt();
+        let rows = assembler
+            .applied_markers()
+            .values()
+            .filter(same)
+            .map(|m| m.rows)
+            .sum();
+        marker.rows = rows;
+        marker.partition = None;
         let mut types: BTreeMap<String, Vec<(String, Vec<f32>)>> = BTreeMap::new();
         let mut relations = Vec::new();
         for (key, Entry { vector, .. }) in assembler.table() {

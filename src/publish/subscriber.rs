@@ -196,6 +196,8 @@ pub struct VersionAssembler {
     counts: Counts,
     /// The marker of the version applied last (in any scope).
     applied_marker: Option<VersionMarker>,
+    /// Each scope's applied marker.
+    applied_markers: BTreeMap<Scope, VersionMarker>,
     /// Versions above this are ignored ([`VersionAssembler::up_to`]).
     limit: Option<u64>,
 }
@@ -218,6 +220,19 @@ impl VersionAssembler {
     /// The marker of the version applied last, in any scope (its row count and drift figures).
     pub fn applied_marker(&self) -> Option<&VersionMarker> {
         self.applied_marker.as_ref()
+    }
+
+    /// The marker each scope applied last (contract 3: one per partition).
+    pub fn applied_markers(&self) -> &BTreeMap<Scope, VersionMarker> {
+        &self.applied_markers
+    }
+
+    /// Set `marker` as `scope`'s applied marker and the last one applied.
+    fn mark_applied(&mut self, scope: Scope, marker: Option<VersionMarker>) {
+        if let Some(m) = &marker {
+            self.applied_markers.insert(scope, m.clone());
+        }
+        self.applied_marker = marker;
     }
 
     fn beyond_limit(&self, version: u64) -> bool {
@@ -475,7 +490,7 @@ impl VersionAssembler {
         self.merge(rows.into_iter().map(|(key, p)| (key, attempt.0, scope, p)));
         self.count_applied(scope, attempt);
         self.held.insert(scope, attempt);
-        self.applied_marker = Some(marker);
+        self.mark_applied(scope, Some(marker));
         self.prune();
         self.applied_event(scope, attempt, count, 0)
     }
@@ -559,7 +574,8 @@ impl VersionAssembler {
             let legacy = a.markers.contains_key(&None);
             let usable = attempt == target || (attempt.0 < target.0 && legacy);
             if attempt == target {
-                self.applied_marker = a.markers.remove(&None);
+                let marker = a.markers.remove(&None);
+                self.mark_applied(None, marker);
             }
             let rows = a.row_count() as u64;
             if usable {
@@ -605,7 +621,11 @@ impl VersionAssembler {
                 skipped.insert(attempt.0);
             }
             if attempt == target {
-                self.applied_marker = a.markers.remove(&scope);
+                let marker = a.markers.remove(&scope);
+                if let Some(m) = &marker {
+                    self.applied_markers.insert(scope, m.clone());
+                }
+                self.applied_marker = marker;
             }
             let Some(rows) = a.rows.remove(&q) else {
                 continue;
