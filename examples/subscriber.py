@@ -60,6 +60,8 @@ class Versions:
     def __init__(self):
         self.held = {}  # scope -> the (version, epoch) it holds
         self.table = {}
+        self.versions = {}  # key -> the version that carried its row
+        self.legacy_seen = None  # the newest legacy (contract 1 or 2) marker read
         # (version, epoch) -> ({partition: {key: record}}, {scope: marker})
         self.pending = {}
         self.codebooks = {}  # (scope, epoch) -> centroids [m, 256, D/m]
@@ -75,15 +77,24 @@ class Versions:
             return self.held[scope]
         return self.held.get(None) if scope is not None else None
 
-    def closed(self):  # once a partition holds its own attempt, legacy markers are stale
-        return any(scope is not None for scope in self.held)
+    def legacy_open(self):
+        """A legacy marker was read that the legacy scope has not applied: records at or below
+        a partition's held attempt may still be its (a base can apply before the legacy version
+        under it)."""
+        held = self.held.get(None)
+        return self.legacy_seen is not None and (held is None or held < self.legacy_seen)
 
     def not_newer(self, scope, attempt):
         held = self.effective(scope)
         return held is not None and attempt <= held
 
+    def stale_record(self, partition, attempt):
+        legacy = self.held.get(None)
+        return self.not_newer(partition, attempt) and (
+            not self.legacy_open() or (legacy is not None and attempt <= legacy))
+
     def row(self, partition, key, version, epoch, record):  # record None: the node was erased
-        if self.not_newer(partition, (version, epoch)):  # stale in its partition
+        if self.stale_record(partition, (version, epoch)):  # stale in its partition
             return
         rows, _ = self.pending.setdefault((version, epoch), ({}, {}))
         rows.setdefault(partition, {})[key] = record
@@ -94,7 +105,9 @@ class Versions:
             raise SystemExit(f"version marker of contract {m['contract']}: this subscriber "
                              f"implements contract {CONTRACT}; upgrade it")
         scope, attempt = m.get("partition"), (m["version"], m["epoch"])
-        if (scope is None and self.closed()) or self.not_newer(scope, attempt):
+        if scope is None:
+            self.legacy_seen = max(self.legacy_seen or attempt, attempt)
+        if self.not_newer(scope, attempt):
             return
         self.pending.setdefault(attempt, ({}, {}))[1][scope] = m
         self.advance([scope])
@@ -149,14 +162,14 @@ class Versions:
             records = list(rows.pop(scope, {}).items())
         if not rows and not markers:
             del self.pending[attempt]
-        self.merge(scope, records)
+        self.merge(scope, attempt[0], records)
         self.held[scope] = attempt
         self.prune()
         nodes = sum(not k.startswith("relation:") for k in self.table)
         print(json.dumps({"applied": attempt[0], "epoch": attempt[1], "partition": scope,
                           "nodes": nodes}))
 
-    def merge(self, scope, records):
+    def merge(self, scope, version, records):
         for k, v in records:  # codebooks first: the coded rows beside them need them
             if isinstance(v, tuple) and v[0] == "codebooks":
                 self.codebooks[(scope, v[1])] = v[2]
@@ -171,22 +184,24 @@ class Versions:
             if k.startswith("codebooks:"):
                 if v is None:  # retired in this scope: no row of it names them any more
                     retired.append((scope, int(k.split(":", 1)[1])))
+            elif self.versions.get(k, 0) > version:
+                continue  # never back to an older version's row (a legacy one applied late)
             elif v is None:  # erased (or undecodable: left out)
                 self.table.pop(k, None)
+                self.versions.pop(k, None)
             else:
                 self.table[k] = v
+                self.versions[k] = version
         for key in retired:
             self.codebooks.pop(key, None)
 
     def prune(self):
         """Drop records and markers of attempts not newer than what their scope holds."""
-        closed = self.closed()
         for attempt in list(self.pending):
             rows, markers = self.pending[attempt]
-            for q in [q for q in rows if self.not_newer(q, attempt)]:
+            for q in [q for q in rows if self.stale_record(q, attempt)]:
                 del rows[q]
-            for s in [s for s in markers
-                      if (s is None and closed) or self.not_newer(s, attempt)]:
+            for s in [s for s in markers if self.not_newer(s, attempt)]:
                 del markers[s]
             if not rows and not markers:
                 del self.pending[attempt]

@@ -1335,3 +1335,213 @@ fn a_lost_marker_acknowledgement_leaves_every_subscriber_with_the_served_rows() 
         "examples/subscriber.py: {python}"
     );
 }
+
+/// Issue 24, upgrade in place: the topics and ledger a contract 2 publisher left (markers that
+/// name no partition, a ledger that names none) are taken over by this version started on the
+/// same store folder: its first version continues their chain in every partition (each marker
+/// builds on the last contract 2 attempt: no base), a subscriber holding the contract 2 table
+/// applies it, and a key only the old versions carried keeps its row. Then a second instance
+/// joins the group: each publishes its own partitions, and the subscriber's table is, key by
+/// key, what the key's owner serves.
+#[test]
+fn a_contract_2_deployment_upgrades_in_place_and_then_takes_a_second_instance() {
+    use rdkafka::producer::FutureRecord;
+    use twhin_stream::partition::partition_of;
+
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // No replay: once the stream is trained nothing moves, so versions stop and the served rows
+    // can be compared with the subscriber's.
+    let Publishing {
+        broker,
+        port,
+        env,
+        store,
+    } = publishing(dir.path(), 16, 1, &[("TWHIN_TRAINER__REPLAY_RATIO", "0")]);
+    // What a contract 2 publisher left: versions 1 to 3 under epoch 2, each row on its key's
+    // partition, markers for the whole topic, and its ledger.
+    let legacy: [(u64, &[&str]); 3] = [
+        (1, &["user:legacy-a", "user:legacy-b", "relation:follows"]),
+        (2, &["user:legacy-a"]),
+        (3, &["user:legacy-c"]),
+    ];
+    let producer = test_producer(&broker.bootstrap);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (version, keys) in legacy {
+        for key in keys {
+            let row = RowRecord {
+                version,
+                epoch: 2,
+                ts: 1,
+                vector: vec![version as f32; 16],
+            };
+            let payload = serde_json::to_vec(&row).unwrap();
+            let p = partition_of(key.as_bytes(), 8) as i32;
+            let record = FutureRecord::to("twhin.embeddings")
+                .key(*key)
+                .payload(&payload)
+                .partition(p);
+            rt.block_on(producer.send(record, Duration::from_secs(30)))
+                .unwrap();
+        }
+        let builds_on =
+            (version > 1).then(|| format!(r#"{{"version":{},"epoch":2}}"#, version - 1));
+        let marker = format!(
+            r#"{{"contract":2,"version":{version},"epoch":2,"rows":{},"builds_on":{},"deployment":"twhin-stream"}}"#,
+            keys.len(),
+            builds_on.as_deref().unwrap_or("null")
+        );
+        let key = version.to_string();
+        let record = FutureRecord::to("twhin.versions")
+            .key(&key)
+            .payload(&marker);
+        rt.block_on(producer.send(record, Duration::from_secs(30)))
+            .unwrap();
+    }
+    std::fs::create_dir_all(store.join("publish")).unwrap();
+    std::fs::write(
+        store.join("publish/ledger.json"),
+        br#"{"last_version":3,"epoch":2,"last_epoch":2,"erasures_published":0}"#,
+    )
+    .unwrap();
+
+    let msgs: Vec<Outgoing> = (0..3_000).map(|i| valid_event(i, false).0).collect();
+    let mut first = Daemon::start(env.clone(), port, dir.path());
+    produce(&broker.bootstrap, TOPIC, &msgs[..1_500], None);
+    wait_until("version 4", Duration::from_secs(120), || {
+        (last_version(&first) >= 4).then_some(())
+    });
+    let p = read_published(&broker.bootstrap, 3 + 8);
+    let fourth: Vec<&VersionMarker> = p.markers.iter().filter(|m| m.version == 4).collect();
+    assert_eq!(
+        fourth
+            .iter()
+            .filter_map(|m| m.partition)
+            .collect::<Vec<_>>(),
+        (0..8).collect::<Vec<_>>(),
+        "a marker per partition"
+    );
+    let legacy_attempt = Some(twhin_stream::publish::AttemptRef {
+        version: 3,
+        epoch: 2,
+    });
+    assert!(
+        fourth
+            .iter()
+            .all(|m| m.contract == 3 && m.builds_on == legacy_attempt),
+        "every partition continues the contract 2 chain: {fourth:?}"
+    );
+    let table = assemble(&p);
+    let old = table
+        .get("user:legacy-c")
+        .expect("a key only the old versions carried");
+    assert_eq!((old.version, old.vector[0]), (3, 3.0));
+    assert!(table.len() > 100, "{} keys", table.len());
+
+    // A second instance of the deployment.
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let second_port = free_port();
+    let mut second_env: Vec<(String, String)> = (env.iter())
+        .filter(|(k, _)| k != "TWHIN_STORAGE__PATH" && k != "TWHIN_HTTP__BIND")
+        .cloned()
+        .collect();
+    second_env.push((
+        "TWHIN_STORAGE__PATH".into(),
+        second_dir.join("store").display().to_string(),
+    ));
+    second_env.push((
+        "TWHIN_HTTP__BIND".into(),
+        format!("127.0.0.1:{second_port}"),
+    ));
+    let mut second = Daemon::start(second_env, second_port, &second_dir);
+    let covered = |d: &Daemon| -> Vec<i32> {
+        let st = d.status().unwrap_or_default();
+        (st.pointer("/publish/partitions").and_then(|p| p.as_array())).map_or_else(Vec::new, |ps| {
+            ps.iter()
+                .filter_map(|p| p.as_i64())
+                .map(|p| p as i32)
+                .collect()
+        })
+    };
+    produce(&broker.bootstrap, TOPIC, &msgs[1_500..], None);
+    let (ours, theirs) = wait_until(
+        "both instances publish their partitions",
+        Duration::from_secs(120),
+        || {
+            let (a, b) = (covered(&first), covered(&second));
+            let mut all: Vec<i32> = a.iter().chain(&b).copied().collect();
+            all.sort_unstable();
+            (!a.is_empty() && !b.is_empty() && all == (0..8).collect::<Vec<_>>()).then_some((a, b))
+        },
+    );
+    // Quiet: no new version in either instance for 5 s.
+    wait_until("both instances idle", Duration::from_secs(120), || {
+        let before = (last_version(&first), last_version(&second));
+        std::thread::sleep(Duration::from_secs(5));
+        (before == (last_version(&first), last_version(&second))).then_some(())
+    });
+    let p = read_published(&broker.bootstrap, 1);
+    let table = assemble(&p);
+    assert_eq!(table.get("user:legacy-c").map(|e| e.version), Some(3));
+    let mut compared = [0usize; 2];
+    for (key, entry) in &table {
+        if key.starts_with("relation:") || key.contains("legacy") {
+            continue;
+        }
+        let q = partition_of(key.as_bytes(), 8) as i32;
+        let (owner, n) = if ours.contains(&q) {
+            (port, 0)
+        } else {
+            assert!(theirs.contains(&q));
+            (second_port, 1)
+        };
+        let (_, served) = served_row(owner, key);
+        assert_eq!(
+            served,
+            entry.vector[..served.len()],
+            "{key} (partition {q})"
+        );
+        compared[n] += 1;
+    }
+    assert!(
+        compared.iter().all(|&n| n > 50),
+        "{compared:?} rows compared"
+    );
+    // Both example subscribers hold the same table: contract 2 versions, then two instances'
+    // partition chains.
+    let vectors: HashMap<String, Vec<f32>> = (table.iter())
+        .map(|(k, e)| (k.clone(), e.vector.clone()))
+        .collect();
+    let near =
+        |found: &serde_json::Value| (found.as_f64().unwrap() - checksum(&vectors)).abs() < 1e-3;
+    let (summary, keys) = run_example_subscriber(&broker.bootstrap, dir.path());
+    let ours: HashSet<String> = vectors.keys().cloned().collect();
+    let (missing, extra): (Vec<_>, Vec<_>) = (
+        ours.difference(&keys).collect(),
+        keys.difference(&ours).collect(),
+    );
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "examples/subscriber.rs: {} keys missing, e.g. {:?}; {} extra, e.g. {:?}; {summary}",
+        missing.len(),
+        &missing[..missing.len().min(5)],
+        extra.len(),
+        &extra[..extra.len().min(5)]
+    );
+    assert!(
+        near(&summary["checksum"]),
+        "examples/subscriber.rs: {summary}"
+    );
+    let python = run_python_subscriber(&broker.bootstrap);
+    assert_eq!(python["keys"], vectors.len() as u64, "{python}");
+    assert!(
+        near(&python["checksum"]),
+        "examples/subscriber.py: {python}"
+    );
+    assert!(second.terminate().success());
+    assert!(first.terminate().success());
+}

@@ -264,8 +264,11 @@ impl Ledger {
     }
 
     /// The next version starts its partitions over (a base, carrying every row and naming no
-    /// attempt it builds on), numbered above every version `tail` shows for them, so that no
-    /// subscriber takes it for a stale one.
+    /// attempt it builds on), numbered two above every version `tail` shows for them: above
+    /// them, so that no subscriber takes it for a stale one, and not the next number, which the
+    /// previous owner of a partition may still be writing records under (a publication it began
+    /// before it gave the partition up; its markers are withheld, its records are not), so that
+    /// no two instances' records ever share an attempt.
     pub fn rebase(
         &mut self,
         scope: &crate::publish::Scope,
@@ -278,7 +281,7 @@ impl Ledger {
             .chain(tail.newest.as_ref().map(|(a, _)| a.version))
             .max()
             .unwrap_or(0);
-        s.last_version = s.last_version.max(above);
+        s.last_version = s.last_version.max(above + 1);
         s.last_epoch = 0;
         s.epoch = s.epoch.max(tail.max_epoch + 1);
         self.persist()
@@ -581,8 +584,8 @@ mod tests {
         l.rebase(&all, &shared).unwrap();
         assert_eq!(
             (l.next_version(), l.builds_on(), l.state().epoch),
-            (8, None, 6),
-            "a base above every version and epoch of its partitions"
+            (9, None, 6),
+            "a base two above every version of its partitions, above every epoch"
         );
         // A ledger from before contract 3 (no scope) covered every partition: it continues the
         // unscoped chain when it still owns them all.

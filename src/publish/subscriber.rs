@@ -198,6 +198,8 @@ pub struct VersionAssembler {
     applied_marker: Option<VersionMarker>,
     /// Each scope's applied marker.
     applied_markers: BTreeMap<Scope, VersionMarker>,
+    /// The newest legacy (contract 1 or 2) marker read.
+    legacy_seen: Option<Key>,
     /// Versions above this are ignored ([`VersionAssembler::up_to`]).
     limit: Option<u64>,
 }
@@ -352,6 +354,9 @@ impl VersionAssembler {
             return Vec::new();
         }
         let (scope, attempt) = (marker.partition, (marker.version, marker.epoch));
+        if scope.is_none() {
+            self.legacy_seen = self.legacy_seen.max(Some(attempt));
+        }
         if self.marker_stale(scope, attempt) {
             self.counts.stale_markers += 1;
             return Vec::new();
@@ -371,21 +376,25 @@ impl VersionAssembler {
         }
     }
 
-    /// Whether any partition scope holds an attempt (then the legacy scope is closed).
-    fn legacy_closed(&self) -> bool {
-        self.held.keys().any(Option::is_some)
+    /// Whether a legacy (contract 1 or 2) marker was read that the legacy scope has not
+    /// applied yet: until it is, records at or below a partition's held attempt may still be
+    /// that legacy version's (a subscriber that starts late can apply a partition's base before
+    /// the legacy versions under it).
+    fn legacy_open(&self) -> bool {
+        self.legacy_seen
+            .is_some_and(|seen| self.held.get(&None).is_none_or(|&held| held < seen))
     }
 
     /// Whether a record of `attempt` read from `partition` can no longer count: its partition
-    /// holds that attempt or a newer one.
+    /// holds that attempt or a newer one, and no legacy version it may belong to is pending.
     fn record_stale(&self, partition: i32, attempt: Key) -> bool {
-        self.effective(Some(partition))
-            .is_some_and(|held| attempt <= held)
+        let past = |held: Option<Key>| held.is_some_and(|held| attempt <= held);
+        past(self.effective(Some(partition)))
+            && (!self.legacy_open() || past(self.held.get(&None).copied()))
     }
 
     fn marker_stale(&self, scope: Scope, attempt: Key) -> bool {
-        (scope.is_none() && self.legacy_closed())
-            || self.effective(scope).is_some_and(|held| attempt <= held)
+        self.effective(scope).is_some_and(|held| attempt <= held)
     }
 
     fn push_pending(
@@ -505,16 +514,18 @@ impl VersionAssembler {
         let held: HashMap<Scope, Key> = (scopes.into_iter())
             .filter_map(|scope| Some((scope, self.effective(scope)?)))
             .collect();
-        let closed = self.legacy_closed();
+        let open = self.legacy_open();
+        let legacy = self.held.get(&None).copied();
         let not_newer = |scope: Scope, k: Key| held.get(&scope).is_some_and(|&h| k <= h);
         let mut stale_rows = 0u64;
         self.pending.retain(|&k, a| {
             a.rows.retain(|&q, rows| {
-                let stale = not_newer(Some(q), k);
+                let stale =
+                    not_newer(Some(q), k) && (!open || legacy.is_some_and(|held| k <= held));
                 stale_rows += if stale { rows.len() as u64 } else { 0 };
                 !stale
             });
-            (a.markers).retain(|&scope, _| !((scope.is_none() && closed) || not_newer(scope, k)));
+            (a.markers).retain(|&scope, _| !not_newer(scope, k));
             !a.is_empty()
         });
         self.counts.stale_rows += stale_rows;
@@ -528,12 +539,24 @@ impl VersionAssembler {
         // the legacy scope) overwrites. Codebooks keys are per scope.
         let mut merged = Merged::new();
         let mut events = Vec::new();
-        if !self.legacy_closed() {
-            events.extend(self.catch_up_legacy(&mut merged));
-        }
+        events.extend(self.catch_up_legacy(&mut merged));
         for q in self.pending_partitions() {
             events.extend(self.catch_up_partition(q, &mut merged));
         }
+        // A legacy version that never completed (compaction took some of its records) and whose
+        // surviving records the partitions' catch-ups merged is settled: nothing is left of it.
+        let settled: Vec<Key> = (self.pending.iter())
+            .filter(|(_, a)| a.rows.is_empty() && a.markers.contains_key(&None))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in settled {
+            if let Some(a) = self.pending.get_mut(&k) {
+                a.markers.remove(&None);
+            }
+            let held = self.held.entry(None).or_insert(k);
+            *held = (*held).max(k);
+        }
+        self.pending.retain(|_, a| !a.is_empty());
         if events.is_empty() {
             return Vec::new();
         }
@@ -694,6 +717,11 @@ impl VersionAssembler {
                 }
                 Pending::Tombstone | Pending::Codebooks(_) => None,
             };
+            // A key's row never goes back to an older version's: a late subscriber can apply a
+            // legacy version after a partition's newer ones.
+            if self.table.get(&key).is_some_and(|e| e.version > version) {
+                continue;
+            }
             let relation = key.starts_with(RELATION_PREFIX);
             let Some(vector) = vector else {
                 if self.table.remove(&key).is_some() && relation {
@@ -1343,6 +1371,27 @@ mod tests {
 
     /// A publisher upgraded from contract 2 builds its first contract-3 versions on its last
     /// contract-2 attempt; partition 0's is whole before that attempt is.
+    /// A subscriber reading the markers first, then records in another order than they were
+    /// written (a late start): a partition's base is whole before the legacy version under it;
+    /// the legacy version still applies, keys only it carried join the table, and a key the base
+    /// carried keeps the base's row.
+    #[test]
+    fn a_base_applied_before_the_legacy_version_under_it_leaves_its_keys() {
+        let mut a = VersionAssembler::new();
+        a.push_marker(legacy(1, 1, 2, None));
+        a.push_marker(scoped(5, 3, 1, 0, None));
+        let applied = a.push_row(0, "user:1", row(5, 3, 51.0));
+        assert_eq!(in_scopes(&applied), [(5, 3, Some(0))]);
+        assert!(a.push_row(0, "user:1", row(1, 1, 1.0)).is_empty());
+        let applied = a.push_row(0, "user:old", row(1, 1, 7.0));
+        assert_eq!(in_scopes(&applied), [(1, 1, None)]);
+        assert_eq!(
+            (value(&a, "user:1"), value(&a, "user:old")),
+            (Some((51.0, 5)), Some((7.0, 1)))
+        );
+        assert_eq!(a.counts().pending_attempts, 0);
+    }
+
     #[test]
     fn partitions_continue_the_legacy_chain_after_an_upgrade() {
         let mut a = VersionAssembler::new();
@@ -1377,8 +1426,9 @@ mod tests {
             ),
             (Some((31.0, 3)), Some((32.0, 3)), Some((43.0, 4)))
         );
-        // The legacy scope is closed now.
-        assert!(a.push_marker(legacy(5, 1, 0, Some((3, 2)))).is_empty());
+        // A legacy marker of an applied attempt is stale; a later one still follows contract 2
+        // on the whole topic (a publisher of the old contract still writing).
+        assert!(a.push_marker(legacy(3, 2, 2, Some((2, 1)))).is_empty());
         assert_eq!(a.counts().stale_markers, 1);
         assert_eq!(a.counts().applied_versions, 5);
     }
@@ -1485,7 +1535,11 @@ mod tests {
             "partition 1 merged the legacy relation and its version 2 row"
         );
         assert_eq!(late.table(), full.table());
-        assert_eq!(held(&late), [(Some(0), (3, 1)), (Some(1), (3, 1))]);
+        assert_eq!(
+            held(&late),
+            held(&full),
+            "the legacy version is settled too"
+        );
         let c = late.counts();
         assert_eq!((c.orphan_rows, c.pending_attempts), (1, 0));
         // Later versions follow each partition's chain again.
