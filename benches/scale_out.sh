@@ -7,10 +7,12 @@
 #   N=2  two instances, started together, do the same, each storing and training the
 #        partitions the group gives it; once both drained, B is SIGKILLed and A takes its
 #        partitions back from their changelog (the resume).
-# What is built today: ingest, the store and training follow the partitions; publication waits
-# for an instance that owns every partition (so it is off in both phases here, and the memory
-# figures have no served version and no ANN index), and the instances do not yet exchange rows
-# or gradients (two models, not one), so there is no quality figure at N=2 yet.
+# What is built today: ingest, the store, training and publication follow the partitions (each
+# instance publishes its partitions' versions, contract 3), and the instances do not yet
+# exchange rows or gradients (two models, not one), so there is no quality figure at N=2 yet.
+# PUBLISH=1 publishes in both phases at the defaults (a version every 10 s, the ANN index on),
+# and each instance's figures add its versions, the partitions its last version covered, its
+# bases and its event-to-publish freshness; without it publication is off in both phases.
 # Prints one JSON line: per phase the seconds from the first event consumed to the last one
 # trained, the distinct events trained per second (replayed edges not counted), each instance's
 # peak resident memory (MiB) and its store's edges; for the resume, the seconds from B's kill to
@@ -19,6 +21,7 @@
 # seconds from the assignment to A's first training step on an edge it took from the changelog.
 #   bash benches/scale_out.sh
 #   NODES=100000 EDGES=1000000 bash benches/scale_out.sh        # a quick one
+#   PUBLISH=1 NODES=100000 EDGES=1000000 bash benches/scale_out.sh
 # CPU: two instances share the machine's cores with the broker; no cap is set (CPU_LIST=0 pins
 # every instance to core 0, for a fixed budget per phase).
 set -euo pipefail
@@ -26,9 +29,10 @@ cd "$(dirname "$0")/.."
 NODES=${NODES:-1000000} EDGES=${EDGES:-10000000}
 source benches/daemon_env.sh
 $B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
-python3 - "$B" "$EDGES" "$WORK" "${CPU_LIST:-}" "$NODES" <<'PY'
+python3 - "$B" "$EDGES" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" <<'PY'
 import json, os, signal, socket, subprocess, sys, time, urllib.request
 b, total, work, cpus, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+publish = sys.argv[6] == "1"
 
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close(); return port
@@ -45,8 +49,8 @@ class Instance:
             "TWHIN_STORAGE__PATH": f"{work}/{self.name}",
             "TWHIN_HTTP__BIND": f"127.0.0.1:{self.port}",
             "TWHIN_LOG__LEVEL": "info,librdkafka=warn,rdkafka=warn",
-            # Held at N=2 anyway; off in both phases so that they pay for the same work.
-            "TWHIN_PUBLISH__ENABLED": "false",
+            # Both phases pay for the same work: publication on in both, or off in both.
+            "TWHIN_PUBLISH__ENABLED": "true" if publish else "false",
         })
         self.env = env
         cmd = [b, "run"] if not cpus else ["taskset", "-c", cpus, b, "run"]
@@ -102,9 +106,21 @@ def phase(n):
     ss = wait("the stream trained", lambda: drained(insts), 7200, 2.0)
     seconds = time.time() - first
     fresh = sum(s["trainer"]["edges_trained"] - s["trainer"]["edges_replayed"] for s in ss)
+    if publish:
+        # The last events' version: one more publication interval.
+        wait("a version after the stream", lambda: all((s := i.status()) and s["publish"]["committed"] > 0 for i in insts), 300, 1.0)
+        time.sleep(12)
+        ss = [i.status() for i in insts]
+    def figures(i, s):
+        f = {"name": i.name, "peak_rss_mib": round(i.peak), "edges": s["store"]["edges_total"],
+             "assigned_partitions": s["kafka"]["assigned_partitions"]}
+        if publish:
+            p = s["publish"]
+            f.update({"versions": p["committed"], "published_partitions": p["partitions"],
+                      "bases": p["bases"], "freshness": p["freshness"]})
+        return f
     out = {"seconds": round(seconds, 1), "events_trained_per_s": round(fresh / seconds),
-           "instances": [{"name": i.name, "peak_rss_mib": round(i.peak), "edges": s["store"]["edges_total"],
-                          "assigned_partitions": s["kafka"]["assigned_partitions"]} for i, s in zip(insts, ss)]}
+           "publish": publish, "instances": [figures(i, s) for i, s in zip(insts, ss)]}
     return insts, ss, out
 
 n1, _, out1 = phase(1)

@@ -22,9 +22,8 @@ use crate::config::{Comparator, Config, ValueFormat};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
-    check_embeddings_partitions, read_version, read_versions_tail, reconcile_with_tail, KafkaSink,
-    Ledger, Publication, PublishedView, Quantizer, ReadVersionError, TrainerActorPort,
-    VersionSettings, VersionsTail,
+    read_version, read_versions_tail_checked, reconcile_with_tail, KafkaSink, Ledger, Publication,
+    PublishedView, Quantizer, ReadVersionError, TrainerActorPort, VersionSettings, VersionsTail,
 };
 use crate::serve::{HttpState, ServingView};
 use crate::store::{GraphStore, StoreOptions, StoreSummary};
@@ -69,13 +68,12 @@ pub fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()
         // What subscribers hold, read meanwhile (it waits on the broker, not on the store).
         let tail = (cfg.trainer.enabled && cfg.publish.enabled).then(|| {
             let cfg = cfg.clone();
-            std::thread::spawn(move || read_versions_tail(&cfg))
+            std::thread::spawn(move || read_versions_tail_checked(&cfg))
         });
         let restored = restore_an_empty_store(&cfg, &store)?;
         let mut core = open_trainer(&cfg, &store, device)?;
         let publication = match (core.as_mut(), tail) {
             (Some(core), Some(tail)) => {
-                check_embeddings_partitions(&cfg)?;
                 let tail = (tail.join())
                     .map_err(|_| anyhow::anyhow!("reading the versions topic panicked"))??;
                 start_from_published(&cfg, &store, core, &tail)?;

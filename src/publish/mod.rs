@@ -41,7 +41,7 @@ pub use published::{read_version, ReadVersionError, VersionTable};
 pub(crate) use rows::{RowRef, VersionRows};
 pub use scope::Scope;
 pub use tail::{
-    check_embeddings_partitions, read_versions_tail, read_versions_tail_of, reconcile_with_tail,
+    read_versions_tail, read_versions_tail_checked, read_versions_tail_of, reconcile_with_tail,
     reconcile_with_versions_topic, VersionsTopicError,
 };
 pub use version::{

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::topic_partition_list::Offset;
 
 use crate::config::Config;
@@ -49,15 +50,26 @@ pub enum VersionsTopicError {
     },
 }
 
-/// Check that the embeddings topic has as many partitions as the engagements topic (contract 3:
-/// a key's records go to the partition that owns its node).
-pub fn check_embeddings_partitions(cfg: &Config) -> Result<(), VersionsTopicError> {
+/// The newest markers of `kafka.versions_topic` ([`read_versions_tail`]), once the embeddings
+/// topic is known to have as many partitions as the engagements topic (contract 3: a key's
+/// records go to the partition that owns its node). One reader does both: the daemon's start
+/// waits for it.
+pub fn read_versions_tail_checked(cfg: &Config) -> Result<VersionsTail, VersionsTopicError> {
     let read_err = |e| VersionsTopicError::Read(Box::new(e));
-    let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms.max(10_000));
     let consumer =
         reader(cfg, &format!("{}.versions-tail", cfg.kafka.group_id)).map_err(read_err)?;
+    check_embeddings_partitions(cfg, &consumer)?;
+    tail_of(cfg, &consumer, &[])
+}
+
+fn check_embeddings_partitions(
+    cfg: &Config,
+    consumer: &BaseConsumer,
+) -> Result<(), VersionsTopicError> {
+    let read_err = |e| VersionsTopicError::Read(Box::new(e));
+    let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms.max(10_000));
     let k = &cfg.kafka;
-    let count = |t: &str| partition_count(&consumer, t, timeout).map_err(read_err);
+    let count = |t: &str| partition_count(consumer, t, timeout).map_err(read_err);
     let (embeddings_partitions, engagements_partitions) =
         (count(&k.embeddings_topic)?, count(&k.engagements_topic)?);
     if embeddings_partitions != engagements_partitions {
@@ -84,16 +96,25 @@ pub fn read_versions_tail_of(
     cfg: &Config,
     partitions: &[i32],
 ) -> Result<VersionsTail, VersionsTopicError> {
+    let read_err = |e| VersionsTopicError::Read(Box::new(e));
+    let consumer =
+        reader(cfg, &format!("{}.versions-tail", cfg.kafka.group_id)).map_err(read_err)?;
+    tail_of(cfg, &consumer, partitions)
+}
+
+fn tail_of(
+    cfg: &Config,
+    consumer: &BaseConsumer,
+    partitions: &[i32],
+) -> Result<VersionsTail, VersionsTopicError> {
     let topic = &cfg.kafka.versions_topic;
     let read_err = |e| VersionsTopicError::Read(Box::new(e));
     let timeout = Duration::from_millis(cfg.publish.delivery_timeout_ms.max(10_000));
-    let consumer =
-        reader(cfg, &format!("{}.versions-tail", cfg.kafka.group_id)).map_err(read_err)?;
     let mut window = TAIL_MARKERS;
     loop {
         let mut tail = VersionsTail::default();
         read_to_end(
-            &consumer,
+            consumer,
             topic,
             |_| Offset::OffsetTail(window),
             TAIL_QUIET,
@@ -106,9 +127,11 @@ pub fn read_versions_tail_of(
             },
         )
         .map_err(read_err)?;
-        let found = (partitions.iter()).all(|p| tail.by_partition.contains_key(p));
+        if (partitions.iter()).all(|p| tail.by_partition.contains_key(p)) {
+            return Ok(tail);
+        }
         let (low, high) = rdkafka::consumer::Consumer::fetch_watermarks(
-            &consumer, topic, 0, timeout,
+            consumer, topic, 0, timeout,
         )
         .map_err(|source| {
             read_err(ReadError::Read {
@@ -116,7 +139,7 @@ pub fn read_versions_tail_of(
                 source,
             })
         })?;
-        if found || window >= high - low {
+        if window >= high - low {
             return Ok(tail);
         }
         window *= 8;
