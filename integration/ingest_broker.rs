@@ -551,22 +551,7 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         },
     );
 
-    let second_dir = s.log_dir.join("second");
-    std::fs::create_dir_all(&second_dir).unwrap();
-    let second_port = free_port();
-    let mut second_env: Vec<(String, String)> = (env.iter())
-        .filter(|(k, _)| k != "TWHIN_STORAGE__PATH" && k != "TWHIN_HTTP__BIND")
-        .cloned()
-        .collect();
-    second_env.push((
-        "TWHIN_STORAGE__PATH".into(),
-        second_dir.join("store").display().to_string(),
-    ));
-    second_env.push((
-        "TWHIN_HTTP__BIND".into(),
-        format!("127.0.0.1:{second_port}"),
-    ));
-    let mut second = Daemon::start(second_env, second_port, &second_dir);
+    let (mut second, _) = start_another_instance(&env, &s.log_dir.join("second"));
     wait_until("the partitions split", Duration::from_secs(90), || {
         let (a, b) = (first.status()?, second.status()?);
         (assigned(&a) > 0 && assigned(&b) > 0 && assigned(&a) + assigned(&b) == 8).then_some(())
@@ -592,14 +577,11 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     // Each publishes its own partitions: together every partition, none twice.
     let (a, b) = wait_until("both publish", Duration::from_secs(60), || {
         let (a, b) = (first.status()?, second.status()?);
-        let covered = |st: &serde_json::Value| -> Vec<i64> {
-            (st.pointer("/publish/partitions").and_then(|p| p.as_array()))
-                .map_or_else(Vec::new, |ps| {
-                    ps.iter().filter_map(|p| p.as_i64()).collect()
-                })
-        };
-        let (pa, pb) = (covered(&a), covered(&b));
-        let mut all: Vec<i64> = pa.iter().chain(&pb).copied().collect();
+        let (pa, pb) = (
+            published_partitions(Some(&a)),
+            published_partitions(Some(&b)),
+        );
+        let mut all: Vec<i32> = pa.iter().chain(&pb).copied().collect();
         all.sort_unstable();
         (!pa.is_empty() && !pb.is_empty() && all == (0..8).collect::<Vec<_>>()).then_some((a, b))
     });

@@ -1442,31 +1442,8 @@ fn a_contract_2_deployment_upgrades_in_place_and_then_takes_a_second_instance() 
     assert!(table.len() > 100, "{} keys", table.len());
 
     // A second instance of the deployment.
-    let second_dir = dir.path().join("second");
-    std::fs::create_dir_all(&second_dir).unwrap();
-    let second_port = free_port();
-    let mut second_env: Vec<(String, String)> = (env.iter())
-        .filter(|(k, _)| k != "TWHIN_STORAGE__PATH" && k != "TWHIN_HTTP__BIND")
-        .cloned()
-        .collect();
-    second_env.push((
-        "TWHIN_STORAGE__PATH".into(),
-        second_dir.join("store").display().to_string(),
-    ));
-    second_env.push((
-        "TWHIN_HTTP__BIND".into(),
-        format!("127.0.0.1:{second_port}"),
-    ));
-    let mut second = Daemon::start(second_env, second_port, &second_dir);
-    let covered = |d: &Daemon| -> Vec<i32> {
-        let st = d.status().unwrap_or_default();
-        (st.pointer("/publish/partitions").and_then(|p| p.as_array())).map_or_else(Vec::new, |ps| {
-            ps.iter()
-                .filter_map(|p| p.as_i64())
-                .map(|p| p as i32)
-                .collect()
-        })
-    };
+    let (mut second, second_port) = start_another_instance(&env, &dir.path().join("second"));
+    let covered = |d: &Daemon| published_partitions(d.status().as_ref());
     produce(&broker.bootstrap, TOPIC, &msgs[1_500..], None);
     let (ours, theirs) = wait_until(
         "both instances publish their partitions",

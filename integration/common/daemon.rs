@@ -215,6 +215,32 @@ pub fn served_row(port: u16, node: &str) -> (u64, Vec<f32>) {
     (status_u64(&v, "/version"), vector)
 }
 
+/// Another instance of the deployment `env` describes, started: the same group and topics, its
+/// own store under `dir` and its own HTTP port (returned).
+pub fn start_another_instance(env: &[(String, String)], dir: &Path) -> (Daemon, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let mut env: Vec<(String, String)> = (env.iter())
+        .filter(|(k, _)| k != "TWHIN_STORAGE__PATH" && k != "TWHIN_HTTP__BIND")
+        .cloned()
+        .collect();
+    env.push((
+        "TWHIN_STORAGE__PATH".into(),
+        dir.join("store").display().to_string(),
+    ));
+    env.push(("TWHIN_HTTP__BIND".into(), format!("127.0.0.1:{port}")));
+    (Daemon::start(env, port, dir), port)
+}
+
+/// The partitions a daemon's last version covered (`/v1/status` `publish.partitions`; none
+/// before its first version, or without a status).
+pub fn published_partitions(status: Option<&serde_json::Value>) -> Vec<i32> {
+    (status.and_then(|st| st.pointer("/publish/partitions")?.as_array()))
+        .map_or_else(Vec::new, |ps| {
+            ps.iter().filter_map(|p| Some(p.as_i64()? as i32)).collect()
+        })
+}
+
 /// Read a number from the status document by JSON pointer. A missing field, or one that is not
 /// a whole number, fails the test: a renamed field must not read as 0.
 pub fn status_u64(status: &serde_json::Value, pointer: &str) -> u64 {
