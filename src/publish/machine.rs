@@ -1119,6 +1119,107 @@ mod tests {
 
     /// A biased type's rows go out when they or their biases moved, an idle trainer publishes
     /// nothing, and what a subscriber assembled is what the publication serves, biases included.
+    /// Issue 24, contract 3: covering the same partitions again with the topic showing its own
+    /// last attempt, a publication goes on building on it; covering others (an assignment moved
+    /// some to another instance, which published them meanwhile), it starts its partitions
+    /// over: a base two above what the topic shows, under a newer epoch, with every row of its
+    /// partitions and none of the others', and a marker for each of its partitions.
+    #[test]
+    fn a_publication_whose_partitions_changed_starts_them_over_and_the_same_ones_continue() {
+        use crate::partition::{partition_of, Owned};
+        let dir = tempfile::tempdir().unwrap();
+        let store = follows_store(dir.path());
+        let cfg = Config::from_toml("[train]\ndim = 8\nbatch_size = 32").unwrap();
+        tch::manual_seed(3);
+        let model = Embeddings::new(1, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
+        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        let (mut aligner, mut publication) = in_memory_publication(&cfg);
+        let mut publish = |publication: &mut Publication, core: &mut TrainerCore| {
+            let mut trainer = InProcessTrainer {
+                core,
+                checkpoints: None,
+            };
+            let (mut aligner, mut sink) = (&mut aligner, MemorySink::default());
+            let published = publication.publish(&store, &mut trainer, &mut aligner, &mut sink);
+            match futures::executor::block_on(published).unwrap() {
+                Outcome::Committed { prepared, .. } => prepared,
+                _ => panic!("a version was expected"),
+            }
+        };
+        let append = |first: u32, n: u32, core: &mut TrainerCore| {
+            let events = (first..first + n).map(|i| follow(i % 40, (i * 7 + 3) % 40, u64::from(i)));
+            store
+                .append(&AppendBatch::from_events("t", i64::from(first), events))
+                .unwrap();
+            while core.step(&store).unwrap().stats.is_some() {}
+        };
+        let tail = |markers: &[VersionMarker]| {
+            let mut t = VersionsTail::default();
+            markers.iter().for_each(|m| t.observe(m));
+            t
+        };
+        let marks = |v: &PreparedVersion| -> Vec<(Option<i32>, Option<u64>)> {
+            (v.markers().iter())
+                .map(|m| (m.partition, m.builds_on.map(|a| a.version)))
+                .collect()
+        };
+        let all = Scope::whole(4);
+        assert!(!publication
+            .rescope(all.clone(), &VersionsTail::default())
+            .unwrap());
+        append(0, 200, &mut core);
+        let first = publish(&mut publication, &mut core);
+        assert_eq!(
+            marks(&first),
+            [
+                (Some(0), None),
+                (Some(1), None),
+                (Some(2), None),
+                (Some(3), None)
+            ]
+        );
+        assert!(
+            !publication
+                .rescope(all.clone(), &tail(&first.markers()))
+                .unwrap(),
+            "the same partitions, the topic showing its own attempt: it continues"
+        );
+        append(200, 100, &mut core);
+        let second = publish(&mut publication, &mut core);
+        assert_eq!(second.marker.version, 2);
+        assert!(marks(&second).iter().all(|&(_, on)| on == Some(1)));
+        // Partitions 2 and 3 moved to another instance, which published them up to version 7.
+        let mut shown = second.markers();
+        shown.extend([2, 3].map(|p| VersionMarker::for_partition(7, 9, 1, p, 4)));
+        let half = Scope::owned(
+            4,
+            &Owned {
+                generation: 2,
+                partitions: vec![0, 1],
+            },
+        );
+        assert!(publication.rescope(half, &tail(&shown)).unwrap(), "a base");
+        let base = publish(&mut publication, &mut core);
+        assert_eq!((base.marker.version, base.marker.epoch), (9, 10));
+        assert_eq!(marks(&base), [(Some(0), None), (Some(1), None)]);
+        let ours = |k: &str| partition_of(k.as_bytes(), 4) < 2;
+        let mut expected: Vec<String> = (0..store.node_count(0))
+            .map(|i| user_key(&store, i))
+            .filter(|k| ours(k))
+            .collect();
+        expected.sort();
+        let mut carried: Vec<String> = (base.rows.keys())
+            .filter(|k| !k.starts_with("relation:"))
+            .map(str::to_owned)
+            .collect();
+        carried.sort();
+        assert!(!expected.is_empty());
+        assert_eq!(
+            carried, expected,
+            "every row of its partitions, none of the others'"
+        );
+    }
+
     #[test]
     fn a_biased_type_publishes_what_moved_and_subscribers_hold_the_served_biases() {
         let dir = tempfile::tempdir().unwrap();
