@@ -189,7 +189,6 @@ impl Daemon {
                 serving: serving.clone(),
                 ingest: ingest_status.clone(),
                 cfg: cfg.clone(),
-                scoped_at: None,
             }),
             _ => None,
         };
@@ -299,7 +298,7 @@ impl Daemon {
         }
         if let Some(mut ticker) = ticker {
             let scope = ticker.publication.scope();
-            if !owned.is_empty() && scope.covered() == owned && ticker.scoped_at.is_some() {
+            if scope.generation > 0 && !owned.is_empty() && scope.covered() == owned {
                 ticker.sink.fence = None;
                 if let Err(e) = ticker.publish_once_owned().await {
                     warn!(error = %format!("{e:#}"), "final publication failed");

@@ -30,8 +30,6 @@ pub struct Ticker {
     /// Which partitions this instance owns: its versions cover them.
     pub ingest: Arc<IngestStatus>,
     pub cfg: Arc<Config>,
-    /// The ownership generation the publication's scope was taken at (`None`: not yet).
-    pub scoped_at: Option<u64>,
 }
 
 impl Ticker {
@@ -46,13 +44,13 @@ impl Ticker {
         if partitions == 0 || owned.partitions.is_empty() {
             return Ok(None);
         }
-        if self.scoped_at != Some(owned.generation) {
+        // A scope taken from the group has a generation of 1 or more: the first assignment is one.
+        if self.publication.scope().generation != owned.generation {
             let scope = Scope::owned(partitions, &owned);
             let (cfg, covered) = (self.cfg.clone(), scope.covered().to_vec());
             let tail = tokio::task::spawn_blocking(move || read_versions_tail_of(&cfg, &covered))
                 .await??;
             self.publication.rescope(scope, &tail)?;
-            self.scoped_at = Some(owned.generation);
         }
         self.publish_once_owned().await
     }

@@ -53,10 +53,6 @@ impl Scope {
         &self.owned
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.owned.is_empty()
-    }
-
     /// Every partition is covered.
     pub fn is_whole(&self) -> bool {
         self.owned.len() == self.partitions as usize
@@ -70,11 +66,6 @@ impl Scope {
 
     pub fn covers(&self, partition: i32) -> bool {
         self.owned.binary_search(&partition).is_ok()
-    }
-
-    /// The same partitions (the generation aside).
-    pub fn same_partitions(&self, other: &Scope) -> bool {
-        self.partitions == other.partitions && self.owned == other.owned
     }
 }
 
@@ -101,7 +92,7 @@ mod tests {
             (part.place("user:42"), part.place("tweet:9001")),
             (None, Some(6))
         );
-        assert!(!part.is_whole() && !part.same_partitions(&whole));
+        assert!(!part.is_whole());
         assert_eq!(
             Scope::whole(0).place("user:42"),
             Some(0),
