@@ -315,6 +315,7 @@ fn main() {
         align: Arc::new(AlignStatus::default()),
         align_control: true,
         publish: None,
+        remote: None,
         bearer_token: None,
         rate: Default::default(),
         train: None,

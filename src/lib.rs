@@ -43,6 +43,7 @@ pub mod offline;
 pub mod partition;
 pub mod persist;
 pub mod publish;
+pub mod remote;
 pub mod schema;
 pub mod serve;
 pub mod store;

@@ -75,6 +75,19 @@ pub const PREQ_RELATION_HITS10: &str = "twhin_prequential_relation_hits_at_10";
 /// Edges ranked prequentially.
 pub const PREQ_RANKED: &str = "twhin_prequential_ranked_total";
 
+/// Rows of other owners' partitions cached (`crate::remote`, gauge).
+pub const REMOTE_ROWS: &str = "twhin_remote_rows";
+/// The largest lag of a followed partition behind its owner's newest published version: the age
+/// of the oldest marker read and not applied yet (gauge, seconds).
+pub const REMOTE_LAG_SECONDS: &str = "twhin_remote_lag_seconds";
+/// From an owner's publication of a version (its marker's timestamp) to its application in the
+/// cache, seconds.
+pub const REMOTE_APPLY_DELAY_SECONDS: &str = "twhin_remote_apply_delay_seconds";
+/// Partitions owned elsewhere, by `state`: `followed`, or `uncached` (`remote.max_rows`).
+pub const REMOTE_PARTITIONS: &str = "twhin_remote_partitions";
+/// Records of the published topics the follower could not decode (skipped).
+pub const REMOTE_SKIPPED_RECORDS: &str = "twhin_remote_skipped_records";
+
 /// Versions whose marker the broker acknowledged.
 pub const PUBLISH_VERSIONS: &str = "twhin_publish_versions_total";
 /// Embedding rows (nodes and relations) published.
@@ -138,6 +151,14 @@ pub fn init_metrics() -> PrometheusHandle {
                 Matcher::Full(TRAIN_STEP_SECONDS.into()),
                 &[
                     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(REMOTE_APPLY_DELAY_SECONDS.into()),
+                &[
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
                 ],
             )
         })
@@ -254,6 +275,24 @@ fn describe() {
     describe_counter!(
         ALIGN_HELD,
         "Versions held back by the drift gate, by reason"
+    );
+    describe_gauge!(REMOTE_ROWS, "Rows of partitions owned elsewhere, cached");
+    describe_gauge!(
+        REMOTE_LAG_SECONDS,
+        "Largest lag of a followed partition behind its owner's newest published version"
+    );
+    describe_histogram!(
+        REMOTE_APPLY_DELAY_SECONDS,
+        Unit::Seconds,
+        "From an owner's publication of a version to its application in this instance's cache"
+    );
+    describe_gauge!(
+        REMOTE_PARTITIONS,
+        "Partitions owned elsewhere, by state (followed, uncached)"
+    );
+    describe_gauge!(
+        REMOTE_SKIPPED_RECORDS,
+        "Records of the published topics the remote follower could not decode"
     );
     describe_counter!(ACTOR_RESTARTS, "Actors restarted by their supervisor");
     describe_histogram!(

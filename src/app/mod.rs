@@ -25,6 +25,7 @@ use crate::publish::{
     read_version, read_versions_tail_checked, reconcile_with_tail, KafkaSink, Ledger, Publication,
     PublishedView, Quantizer, ReadVersionError, TrainerActorPort, VersionSettings, VersionsTail,
 };
+use crate::remote::{start_follower, RemoteCache};
 use crate::serve::{HttpState, ServingView};
 use crate::store::{GraphStore, StoreOptions, StoreSummary};
 use crate::telemetry as m;
@@ -140,6 +141,8 @@ struct Daemon {
     training: Option<actix_rt::task::JoinHandle<anyhow::Result<()>>>,
     /// The ticker, handed back when it stops (it runs on its own arbiter).
     publishing: Option<oneshot::Receiver<Ticker>>,
+    /// The thread following other owners' partitions (`[remote]`); it ends with `stop`.
+    remote: Option<std::thread::JoinHandle<()>>,
     http: actix_web::dev::ServerHandle,
 }
 
@@ -214,6 +217,19 @@ impl Daemon {
             });
             handed_back
         });
+        let remote_cache = cfg
+            .remote
+            .enabled
+            .then(|| Arc::new(RemoteCache::new(cfg.remote.max_rows)));
+        let remote = match &remote_cache {
+            Some(cache) => Some(start_follower(
+                cfg.clone(),
+                cache.clone(),
+                ingest_status.ownership.clone(),
+                stop_rx.clone(),
+            )?),
+            None => None,
+        };
         let state = Arc::new(HttpState {
             store: o.store.clone(),
             ingest: ingest_status.clone(),
@@ -227,6 +243,7 @@ impl Daemon {
             align: align_status,
             align_control: cfg.align.enabled,
             publish: publish_status,
+            remote: remote_cache,
             bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
             rate: Default::default(),
             train: Some(cfg.train.clone()),
@@ -246,6 +263,7 @@ impl Daemon {
             stop,
             training,
             publishing,
+            remote,
             http,
         })
     }
@@ -307,6 +325,9 @@ impl Daemon {
             if let Err(e) = ticker.publication.persist_reference() {
                 warn!(error = %format!("{e:#}"), "writing the published reference failed");
             }
+        }
+        if let Some(remote) = self.remote {
+            let _ = actix_rt::task::spawn_blocking(move || remote.join()).await;
         }
         self.store.flush().context("final flush")?;
         self.http.stop(true).await;

@@ -22,12 +22,14 @@ use crate::schema::{DecodeLimits, Schema, SchemaConfig};
 mod ingest;
 mod kafka;
 mod publish;
+mod remote;
 mod serve;
 mod train;
 
 pub use ingest::{IngestConfig, OffsetPolicy, StorageConfig};
 pub use kafka::{flatten_properties, KafkaConfig};
 pub use publish::{AlignConfig, PqConfig, PublishConfig, ValueFormat, PQ_CENTROIDS};
+pub use remote::RemoteConfig;
 pub use serve::{
     AnnConfig, AnnQuantization, HttpConfig, LogConfig, LogFormat, MultiInterestConfig,
     MIN_BEARER_TOKEN_CHARS,
@@ -56,6 +58,7 @@ pub struct Config {
     pub trainer: TrainerConfig,
     pub publish: PublishConfig,
     pub align: AlignConfig,
+    pub remote: RemoteConfig,
     pub datasets: DatasetsConfig,
     /// Which folders were derived from `storage.path` (their keys left empty).
     #[serde(skip)]
@@ -208,7 +211,7 @@ impl Config {
     /// Every section checks itself; the root checks what spans sections.
     pub fn validate(&self) -> Result<(), ConfigError> {
         Schema::new(&self.schema).map_err(|e| invalid(&e.key, e.problem))?;
-        let sections: [&dyn Validate; 10] = [
+        let sections: [&dyn Validate; 11] = [
             &self.kafka,
             &self.storage,
             &self.ingest,
@@ -219,6 +222,7 @@ impl Config {
             &self.trainer,
             &self.publish,
             &self.align,
+            &self.remote,
         ];
         for section in sections {
             section.validate()?;

@@ -37,7 +37,7 @@ pub use pq_codebooks::{relative_error, Codebooks};
 pub(crate) use pq_codebooks::{squared_error, PqError, PqTable};
 pub(crate) use pq_policy::{served_codes, Coding, Quantizer};
 pub use producer::KafkaSink;
-pub use published::{read_version, ReadVersionError, VersionTable};
+pub use published::{read_version, ReadVersionError, TopicRecord, VersionTable};
 pub(crate) use rows::{RowRef, VersionRows};
 pub use scope::Scope;
 pub use tail::{

@@ -12,7 +12,7 @@ use rdkafka::topic_partition_list::Offset;
 
 use crate::config::Config;
 use crate::kafka::{read_to_end, reader, require_broker, KafkaSetupError, ReadError, READ_IDLE};
-use crate::publish::subscriber::{Entry, VersionAssembler, RELATION_PREFIX};
+use crate::publish::subscriber::{Applied, Entry, VersionAssembler, RELATION_PREFIX};
 use crate::publish::{tombstone_attempt, Record, VersionMarker};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,32 +138,88 @@ fn feed(
     is_marker: bool,
     m: &rdkafka::message::BorrowedMessage<'_>,
 ) -> Result<(), String> {
-    if is_marker {
-        let payload = m.payload().ok_or("a marker without a value")?;
-        let marker = VersionMarker::decode(payload).map_err(|e| e.to_string())?;
-        assembler.push_marker(marker);
-        return Ok(());
-    }
-    let key = m
-        .key()
-        .and_then(|k| std::str::from_utf8(k).ok())
-        .ok_or("a row without a UTF-8 key")?;
-    match m.payload() {
-        Some(payload) => {
-            let record = Record::decode(payload).map_err(|e| e.to_string())?;
-            assembler.push_record(m.partition(), key, record);
-        }
-        None => {
-            let headers = m.headers().map(|h| {
-                h.iter()
-                    .map(|x| (x.key, x.value.unwrap_or_default()))
-                    .collect::<Vec<_>>()
-            });
-            let (version, epoch) = headers
-                .and_then(tombstone_attempt)
-                .ok_or("a null value without its version headers")?;
-            assembler.push_tombstone(m.partition(), key, version, epoch);
-        }
-    }
+    TopicRecord::decode(is_marker, m)?.push(assembler);
     Ok(())
+}
+
+/// One record of the published topics, decoded: what a subscriber hands its assembler.
+#[derive(Debug)]
+pub enum TopicRecord {
+    Marker(VersionMarker),
+    Row {
+        partition: i32,
+        key: String,
+        record: Record,
+    },
+    Tombstone {
+        partition: i32,
+        key: String,
+        version: u64,
+        epoch: u64,
+    },
+}
+
+impl TopicRecord {
+    /// A record read from the versions topic (`is_marker`) or the embeddings topic; the error
+    /// says what is wrong with it.
+    pub fn decode(
+        is_marker: bool,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<TopicRecord, String> {
+        if is_marker {
+            let payload = m.payload().ok_or("a marker without a value")?;
+            let marker = VersionMarker::decode(payload).map_err(|e| e.to_string())?;
+            return Ok(TopicRecord::Marker(marker));
+        }
+        let key = m
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .ok_or("a row without a UTF-8 key")?
+            .to_owned();
+        let partition = m.partition();
+        match m.payload() {
+            Some(payload) => {
+                let record = Record::decode(payload).map_err(|e| e.to_string())?;
+                Ok(TopicRecord::Row {
+                    partition,
+                    key,
+                    record,
+                })
+            }
+            None => {
+                let headers = m.headers().map(|h| {
+                    h.iter()
+                        .map(|x| (x.key, x.value.unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                });
+                let (version, epoch) = headers
+                    .and_then(tombstone_attempt)
+                    .ok_or("a null value without its version headers")?;
+                Ok(TopicRecord::Tombstone {
+                    partition,
+                    key,
+                    version,
+                    epoch,
+                })
+            }
+        }
+    }
+
+    /// Hand it to `assembler`; returns the versions it completed.
+    pub fn push(self, assembler: &mut VersionAssembler) -> Vec<Applied> {
+        match self {
+            TopicRecord::Marker(marker) => assembler.push_marker(marker),
+            TopicRecord::Row {
+                partition,
+                key,
+                record,
+            } => assembler.push_record(partition, key, record),
+            TopicRecord::Tombstone {
+                partition,
+                key,
+                version,
+                epoch,
+            } => assembler.push_tombstone(partition, key, version, epoch),
+        }
+    }
 }

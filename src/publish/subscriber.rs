@@ -266,6 +266,11 @@ impl VersionAssembler {
             .collect()
     }
 
+    /// The attempt `scope` holds.
+    pub fn applied_attempt(&self, scope: Scope) -> Option<AttemptRef> {
+        (self.held.get(&scope)).map(|&(version, epoch)| AttemptRef { version, epoch })
+    }
+
     /// Key → vector and the version that carried it, as of the attempts held.
     pub fn table(&self) -> &HashMap<String, Entry> {
         &self.table

@@ -2,10 +2,13 @@
 //! version, and the top-k targets by the model's score: exact over every row, or over a large
 //! type's approximate candidates ([`crate::serve::AnnIndexes`]), always scored exactly.
 
+use std::sync::atomic::Ordering;
+
 use actix_web::{get, web};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::partition::partition_of;
 use crate::publish::{Codebooks, PublishedView};
 use crate::schema::RelId;
 use crate::schema::TypeId;
@@ -76,11 +79,34 @@ fn node_row(view: &PublishedView, node: NodeRef, key: &str) -> Result<Tensor, Ap
 pub struct EmbeddingResponse {
     /// `type:id`.
     pub node: String,
+    /// The version served: this instance's committed version, or for a `remote` row the
+    /// version its partition's owner published last (contract 3 numbers each partition's
+    /// versions).
     pub version: u64,
     pub epoch: u64,
-    /// Event time (ms) of the newest event that touched the row, when the version records it.
+    /// Event time (ms) of the newest event that touched the row, when the version records it
+    /// (`null` for a `remote` row).
     pub ts: Option<i64>,
     pub vector: Vec<f32>,
+    pub source: RowSource,
+    /// The node's partition (of the engagements and embeddings topics); `null` before this
+    /// instance's first assignment.
+    pub partition: Option<i32>,
+}
+
+/// Where an answered row comes from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RowSource {
+    /// This instance owns the node's partition: its committed version.
+    Owner,
+    /// Another instance owns it: that owner's published row, as this instance's subscriber of
+    /// the partition assembled it (`[remote]`).
+    Remote,
+    /// Another instance owns it and no published row of it is cached (`remote.enabled` is
+    /// false, the partition is not followed yet, or its owner has not published the node):
+    /// this instance's own committed version.
+    Local,
 }
 
 // `{id:.+}`: node ids may contain `/` (search queries, URLs).
@@ -101,6 +127,22 @@ fn lookup_embedding(
 ) -> Result<EmbeddingResponse, ApiError> {
     let key = format!("{type_name}:{id}");
     let node_type = resolve_type(&state.store, type_name)?;
+    let (partition, owned) = ownership_of(state, &key);
+    let known = state.store.node_index(node_type, id)?;
+    let erased = known.is_some_and(|index| state.store.is_erased(NodeRef { node_type, index }));
+    if !owned && !erased {
+        if let Some(row) = state.remote.as_ref().and_then(|r| r.get(&key)) {
+            return Ok(EmbeddingResponse {
+                node: key,
+                version: row.applied.0,
+                epoch: row.applied.1,
+                ts: None,
+                vector: row.vector,
+                source: RowSource::Remote,
+                partition,
+            });
+        }
+    }
     let node = resolve_node(&state.store, node_type, id, &key)?;
     state.serving.with(|view| {
         let view = served(view)?;
@@ -117,8 +159,26 @@ fn lookup_embedding(
             epoch: view.epoch,
             ts,
             vector,
+            source: if owned {
+                RowSource::Owner
+            } else {
+                RowSource::Local
+            },
+            partition,
         })
     })
+}
+
+/// The partition of `key` and whether this instance owns it (before the first assignment,
+/// when the partition count is unknown: owned).
+fn ownership_of(state: &HttpState, key: &str) -> (Option<i32>, bool) {
+    let partitions = state.ingest.topic_partitions.load(Ordering::Relaxed) as u32;
+    if partitions == 0 {
+        return (None, true);
+    }
+    let q = partition_of(key.as_bytes(), partitions) as i32;
+    let owned = state.ingest.ownership.get().partitions.contains(&q);
+    (Some(q), owned)
 }
 
 #[derive(Debug, Deserialize)]

@@ -55,6 +55,8 @@ pub struct HttpState {
     pub align_control: bool,
     /// `None` without a publisher.
     pub publish: Option<Arc<PublishStatus>>,
+    /// Rows of partitions owned elsewhere (`[remote]`); `None` when `remote.enabled` is false.
+    pub remote: Option<Arc<crate::remote::RemoteCache>>,
     /// `http.bearer_token`; `None`: no authentication.
     pub bearer_token: Option<String>,
     /// Samples of the consumed counter behind the recent ingest rate in `/v1/status`.

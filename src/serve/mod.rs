@@ -13,7 +13,7 @@ mod status;
 mod view;
 
 pub(crate) use ann::{AnnError, AnnFigures, AnnHandle, AnnIndexes};
-pub use embeddings::{EmbeddingResponse, NeighborsResponse, RankMethod};
+pub use embeddings::{EmbeddingResponse, NeighborsResponse, RankMethod, RowSource};
 pub use http::{app, start, HttpState};
 pub(crate) use http::{ApiError, DEFAULT_K, MAX_K};
 pub(crate) use status::RateWindow;

@@ -28,6 +28,9 @@ pub(super) struct Status {
     /// The approximate-candidate indexes of `/v1/neighbors`; `null` when `http.ann.enabled` is
     /// false.
     pub ann: Option<crate::serve::AnnFigures>,
+    /// Rows of partitions owned elsewhere and how stale they are; `null` when `remote.enabled`
+    /// is false.
+    pub remote: Option<crate::remote::RemoteFigures>,
     pub torch: TorchInfo,
 }
 
@@ -184,6 +187,7 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
         publish,
         align: state.align.report(state.align_control),
         ann: state.serving.ann().map(|a| a.figures()),
+        remote: (state.remote.as_ref()).map(|r| r.figures(crate::persist::now_ms())),
         torch: state.torch.clone(),
     }))
 }

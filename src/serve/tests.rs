@@ -120,6 +120,7 @@ fn state(store: Arc<GraphStore>, serving: ServingView, token: Option<&str>) -> H
         align: Arc::new(AlignStatus::default()),
         align_control: true,
         publish: None,
+        remote: None,
         bearer_token: token.map(Into::into),
         rate: Mutex::default(),
         train: None,
@@ -188,6 +189,8 @@ async fn embeddings_serve_the_committed_row() {
             epoch: 2,
             ts: Some(1_732_190_000_123),
             vector: vec![1.0, 0.0],
+            source: RowSource::Owner,
+            partition: None,
         }
     );
     let (code, body) = call(&app, request("/v1/embeddings/movie/m3", None).to_request()).await;
@@ -869,4 +872,94 @@ mod props {
             panic!("{e}");
         }
     }
+}
+
+/// With four partitions and only user:u1's owned here, a node of a followed partition is
+/// answered with its owner's published row (even one this instance's store never saw), and one
+/// whose owner published nothing with this instance's own committed row.
+#[actix_web::test]
+async fn embeddings_of_nodes_owned_elsewhere_come_from_the_remote_cache() {
+    use crate::publish::{Record, RowRecord, TopicRecord, VersionMarker};
+    use crate::remote::{RemoteCache, TopicRead};
+    use serde_json::json;
+    use std::sync::atomic::Ordering;
+    const P: u32 = 4;
+    let q = |key: &str| crate::partition::partition_of(key.as_bytes(), P) as i32;
+    let owned = q("user:u1");
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = state(store(dir.path()), served_view(), None);
+    state
+        .ingest
+        .topic_partitions
+        .store(P.into(), Ordering::Relaxed);
+    state.ingest.ownership.assign(&[owned]);
+    // A node the store knows and one it does not, in one partition owned elsewhere; and a node
+    // the view serves in another partition owned elsewhere, which is not followed.
+    let known = ["user:u2", "user:u3", "movie:m1", "movie:m2", "movie:m3"]
+        .into_iter()
+        .find(|k| q(k) != owned)
+        .unwrap();
+    let followed = q(known);
+    let unknown = (0..)
+        .map(|i| format!("movie:new{i}"))
+        .find(|k| q(k) == followed);
+    let unknown = unknown.unwrap();
+    let local = ["user:u2", "movie:m1", "movie:m2", "movie:m3"]
+        .into_iter()
+        .find(|k| q(k) != owned && q(k) != followed)
+        .unwrap();
+    let cache = RemoteCache::new(10);
+    cache.set_partitions(P);
+    cache.follow(&[followed].into());
+    let row = |key: &str, x: f32| TopicRead {
+        record: TopicRecord::Row {
+            partition: followed,
+            key: key.into(),
+            record: Record::Row(RowRecord {
+                version: 40,
+                epoch: 3,
+                ts: 5,
+                vector: vec![x, x],
+            }),
+        },
+        timestamp_ms: None,
+    };
+    let marker = TopicRecord::Marker(VersionMarker::for_partition(40, 3, 2, followed, P as i32));
+    let reads = vec![
+        row(known, 9.0),
+        row(&unknown, 8.0),
+        TopicRead {
+            record: marker,
+            timestamp_ms: None,
+        },
+    ];
+    cache.feed(reads, None, 0);
+    state.remote = Some(Arc::new(cache));
+    let app = init_service(app(web::Data::new(state))).await;
+    let get = |key: &str| format!("/v1/embeddings/{}", key.replacen(':', "/", 1));
+    let answers = [
+        ("user:u1", (json!([1.0, 0.0]), 7, "owner", owned)),
+        (known, (json!([9.0, 9.0]), 40, "remote", followed)),
+        (&unknown, (json!([8.0, 8.0]), 40, "remote", followed)),
+    ];
+    for (key, (vector, version, source, partition)) in answers {
+        let (code, body) = call(&app, request(&get(key), None).to_request()).await;
+        assert_eq!(code, StatusCode::OK, "{key}: {body}");
+        assert_eq!(
+            (
+                &body["vector"],
+                &body["version"],
+                &body["source"],
+                &body["partition"]
+            ),
+            (&vector, &json!(version), &json!(source), &json!(partition)),
+            "{key}"
+        );
+    }
+    let (code, body) = call(&app, request(&get(local), None).to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{local}: {body}");
+    assert_eq!(
+        (&body["source"], &body["version"]),
+        (&json!("local"), &json!(7))
+    );
 }

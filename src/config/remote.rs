@@ -1,0 +1,35 @@
+//! `[remote]`: the rows other instances own, read from the published state (`crate::remote`).
+
+use serde::{Deserialize, Serialize};
+
+use super::{invalid, positive, ConfigError, Validate};
+
+/// The `[remote]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Follow the partitions of the embeddings topic this instance does not own and answer
+    /// `/v1/embeddings` for their nodes with their owners' published rows. Off: such nodes are
+    /// answered from this instance's own model (`source: "local"`).
+    pub enabled: bool,
+    /// At most this many rows (nodes and relations) are cached, over every partition followed.
+    /// Past it, whole partitions stop being followed, the highest-numbered first, until the
+    /// next change of ownership; `/v1/status` names them (`remote.uncached`).
+    pub max_rows: usize,
+    /// A change of ownership is acted on once it has held this long: a rebalance revokes every
+    /// partition before assigning the new set, and following a partition begins by reading it
+    /// from its start.
+    pub settle_ms: u64,
+}
+
+impl Validate for RemoteConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_rows == 0 {
+            return Err(invalid(
+                "remote.max_rows",
+                "must be greater than 0 (set remote.enabled = false to cache nothing)",
+            ));
+        }
+        positive("remote.settle_ms", self.settle_ms)
+    }
+}

@@ -1,0 +1,494 @@
+//! The rows of the partitions this instance follows, one assembler per partition, with the
+//! figures that say how stale they are.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use parking_lot::RwLock;
+use serde::Serialize;
+
+use crate::partition::partition_of;
+use crate::publish::TopicRecord;
+use crate::subscriber::{Applied, VersionAssembler};
+
+/// Apply delays kept for the figures (the newest).
+const DELAYS_KEPT: usize = 1024;
+
+/// A record read from the published topics and the time its producer stamped on it (ms since
+/// the epoch; a marker's is when its version was published).
+#[derive(Debug)]
+pub struct TopicRead {
+    pub record: TopicRecord,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// A row of another owner's published version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteRow {
+    pub vector: Vec<f32>,
+    /// The version that last carried the row.
+    pub version: u64,
+    /// The attempt its partition holds (the version and epoch of its newest applied marker).
+    pub applied: (u64, u64),
+    pub partition: i32,
+}
+
+/// `/v1/status` `remote`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RemoteFigures {
+    /// Partitions of the embeddings topic (0 until the first change of ownership is acted on).
+    pub partitions: u32,
+    pub followed: Vec<RemotePartition>,
+    /// Partitions owned elsewhere that are not followed because the cache reached
+    /// `remote.max_rows`: their nodes are answered from this instance's own model.
+    pub uncached: Vec<i32>,
+    /// Rows cached (nodes and relations).
+    pub rows: usize,
+    pub max_rows: usize,
+    /// The largest `lag_ms` of a partition followed.
+    pub lag_ms: i64,
+    /// From a version's publication (its marker's timestamp) to its application here, over the
+    /// last versions applied live (not those a catch-up applied); `null` before the first.
+    pub apply_delay_ms: Option<ApplyDelays>,
+    /// Versions applied, over every partition followed, catch-ups included.
+    pub versions_applied: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct ApplyDelays {
+    pub versions: usize,
+    pub p50: i64,
+    pub p99: i64,
+    pub max: i64,
+}
+
+/// One partition followed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RemotePartition {
+    pub partition: i32,
+    /// Its backlog was read and caught up.
+    pub caught_up: bool,
+    /// The version applied last (`null`: none yet) and its epoch.
+    pub version: Option<u64>,
+    pub epoch: Option<u64>,
+    /// The newest version whose marker was read.
+    pub newest_version: Option<u64>,
+    pub rows: usize,
+    /// How long the cached rows have lagged the owner's newest published version: the age of
+    /// the oldest marker read that is newer than the applied one (0 when none is).
+    pub lag_ms: i64,
+}
+
+/// The rows other instances own, as their published versions left them. Shared between the
+/// follower (the writer) and HTTP.
+#[derive(Debug)]
+pub struct RemoteCache {
+    max_rows: usize,
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    partitions: u32,
+    followed: BTreeMap<i32, Followed>,
+    uncached: BTreeSet<i32>,
+    delays: VecDeque<i64>,
+    versions_applied: u64,
+}
+
+#[derive(Debug, Default)]
+struct Followed {
+    assembler: VersionAssembler,
+    caught_up: bool,
+    /// Publication times of the markers read and not applied yet, by attempt.
+    unapplied: BTreeMap<(u64, u64), i64>,
+    newest: Option<(u64, u64)>,
+}
+
+impl Followed {
+    fn held(&self, q: i32) -> Option<(u64, u64)> {
+        (self.assembler.applied_attempt(Some(q))).map(|a| (a.version, a.epoch))
+    }
+
+    /// Forget the publication times of what is applied; the delays of versions just applied.
+    fn settle(&mut self, q: i32, applied: &[Applied], now_ms: i64) -> Vec<i64> {
+        let delays = (applied.iter())
+            .filter_map(|a| self.unapplied.get(&(a.version, a.epoch)))
+            .map(|&published| (now_ms - published).max(0))
+            .collect();
+        if let Some(held) = self.held(q) {
+            self.unapplied = self.unapplied.split_off(&(held.0, held.1 + 1));
+        }
+        delays
+    }
+}
+
+impl RemoteCache {
+    pub fn new(max_rows: usize) -> RemoteCache {
+        RemoteCache {
+            max_rows,
+            inner: RwLock::default(),
+        }
+    }
+
+    /// The embeddings topic's partition count, which places every key.
+    pub fn set_partitions(&self, partitions: u32) {
+        self.inner.write().partitions = partitions;
+    }
+
+    /// The embeddings topic's partition count, once known.
+    pub fn partition_count(&self) -> Option<u32> {
+        Some(self.inner.read().partitions).filter(|&p| p > 0)
+    }
+
+    /// The partition `key` belongs to, once the partition count is known.
+    pub fn partition_of(&self, key: &str) -> Option<i32> {
+        let partitions = self.inner.read().partitions;
+        (partitions > 0).then(|| partition_of(key.as_bytes(), partitions) as i32)
+    }
+
+    /// `key`'s row, when its partition is followed and has applied a version carrying it.
+    pub fn get(&self, key: &str) -> Option<RemoteRow> {
+        let inner = self.inner.read();
+        if inner.partitions == 0 {
+            return None;
+        }
+        let q = partition_of(key.as_bytes(), inner.partitions) as i32;
+        let followed = inner.followed.get(&q)?;
+        let entry = followed.assembler.get(key)?;
+        Some(RemoteRow {
+            vector: entry.vector.clone(),
+            version: entry.version,
+            applied: followed.held(q)?,
+            partition: q,
+        })
+    }
+
+    /// The partitions followed.
+    pub fn followed(&self) -> BTreeSet<i32> {
+        self.inner.read().followed.keys().copied().collect()
+    }
+
+    /// Start following `partitions` from nothing (their backlog is read next, then
+    /// [`RemoteCache::catch_up`]). A new set of owners is a fresh start: partitions left out
+    /// for the bound are tried again.
+    pub fn follow(&self, partitions: &BTreeSet<i32>) {
+        let mut inner = self.inner.write();
+        inner.uncached.clear();
+        for &q in partitions {
+            inner.followed.insert(q, Followed::default());
+        }
+    }
+
+    /// Stop following `partitions` and drop their rows (this instance owns them now).
+    pub fn forget(&self, partitions: &BTreeSet<i32>) {
+        let mut inner = self.inner.write();
+        inner.followed.retain(|q, _| !partitions.contains(q));
+        inner.uncached.retain(|q| !partitions.contains(q));
+    }
+
+    /// Hand records read to the partitions they belong to (only those in `only`, when given:
+    /// a catch-up reads the versions topic again for the partitions it starts). A marker goes
+    /// to the partition it covers; a contract 1 or 2 marker (the whole topic, one publisher)
+    /// is not followed. Returns the delays of the versions applied, from their publication to
+    /// `now_ms`.
+    pub fn feed(
+        &self,
+        reads: Vec<TopicRead>,
+        only: Option<&BTreeSet<i32>>,
+        now_ms: i64,
+    ) -> Vec<i64> {
+        let mut inner = self.inner.write();
+        let mut delays = Vec::new();
+        let mut applied = 0u64;
+        for TopicRead {
+            record,
+            timestamp_ms,
+        } in reads
+        {
+            let q = match &record {
+                TopicRecord::Marker(m) => m.partition,
+                TopicRecord::Row { partition, .. } | TopicRecord::Tombstone { partition, .. } => {
+                    Some(*partition)
+                }
+            };
+            let Some(q) = q.filter(|q| only.is_none_or(|only| only.contains(q))) else {
+                continue;
+            };
+            let Some(followed) = inner.followed.get_mut(&q) else {
+                continue;
+            };
+            if let TopicRecord::Marker(m) = &record {
+                let attempt = (m.version, m.epoch);
+                if followed.held(q).is_none_or(|held| attempt > held) {
+                    followed
+                        .unapplied
+                        .insert(attempt, timestamp_ms.unwrap_or(now_ms));
+                    followed.newest = followed.newest.max(Some(attempt));
+                }
+            }
+            let done = record.push(&mut followed.assembler);
+            if !done.is_empty() {
+                applied += done.len() as u64;
+                delays.extend(followed.settle(q, &done, now_ms));
+            }
+        }
+        inner.versions_applied += applied;
+        for &d in &delays {
+            if inner.delays.len() == DELAYS_KEPT {
+                inner.delays.pop_front();
+            }
+            inner.delays.push_back(d);
+        }
+        delays
+    }
+
+    /// After `partitions`' backlog is read: apply, per partition, the newest whole version the
+    /// records left (`VersionAssembler::catch_up`).
+    pub fn catch_up(&self, partitions: &BTreeSet<i32>, now_ms: i64) {
+        let mut inner = self.inner.write();
+        let mut applied = 0u64;
+        for &q in partitions {
+            let Some(followed) = inner.followed.get_mut(&q) else {
+                continue;
+            };
+            let done = followed.assembler.catch_up();
+            applied += done.len() as u64;
+            followed.settle(q, &done, now_ms);
+            followed.caught_up = true;
+        }
+        inner.versions_applied += applied;
+    }
+
+    /// Stop following partitions, the highest-numbered first, while the rows cached exceed
+    /// `max_rows`; returns those dropped.
+    pub fn enforce_bound(&self) -> BTreeSet<i32> {
+        let mut inner = self.inner.write();
+        let mut rows: usize = (inner.followed.values())
+            .map(|f| f.assembler.table().len())
+            .sum();
+        let mut dropped = BTreeSet::new();
+        while rows > self.max_rows {
+            let Some((q, f)) = inner.followed.pop_last() else {
+                break;
+            };
+            rows -= f.assembler.table().len();
+            inner.uncached.insert(q);
+            dropped.insert(q);
+        }
+        dropped
+    }
+
+    pub fn figures(&self, now_ms: i64) -> RemoteFigures {
+        let inner = self.inner.read();
+        let followed: Vec<RemotePartition> = (inner.followed.iter())
+            .map(|(&q, f)| {
+                let held = f.held(q);
+                let lag_ms = (f.unapplied.iter())
+                    .find(|(&attempt, _)| held.is_none_or(|h| attempt > h))
+                    .map_or(0, |(_, &published)| (now_ms - published).max(0));
+                RemotePartition {
+                    partition: q,
+                    caught_up: f.caught_up,
+                    version: held.map(|h| h.0),
+                    epoch: held.map(|h| h.1),
+                    newest_version: f.newest.map(|n| n.0).max(held.map(|h| h.0)),
+                    rows: f.assembler.table().len(),
+                    lag_ms,
+                }
+            })
+            .collect();
+        let mut delays: Vec<i64> = inner.delays.iter().copied().collect();
+        delays.sort_unstable();
+        let at = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize];
+        RemoteFigures {
+            partitions: inner.partitions,
+            rows: followed.iter().map(|p| p.rows).sum(),
+            lag_ms: followed.iter().map(|p| p.lag_ms).max().unwrap_or(0),
+            followed,
+            uncached: inner.uncached.iter().copied().collect(),
+            max_rows: self.max_rows,
+            apply_delay_ms: (!delays.is_empty()).then(|| ApplyDelays {
+                versions: delays.len(),
+                p50: at(0.5),
+                p99: at(0.99),
+                max: delays[delays.len() - 1],
+            }),
+            versions_applied: inner.versions_applied,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::{AttemptRef, Record, RowRecord, VersionMarker};
+
+    const P: u32 = 4;
+
+    /// The first `n` keys `user:<i>` that belong to partition `q`.
+    fn keys_in(q: i32, n: usize) -> Vec<String> {
+        (0..)
+            .map(|i| format!("user:{i}"))
+            .filter(|k| partition_of(k.as_bytes(), P) as i32 == q)
+            .take(n)
+            .collect()
+    }
+
+    fn row(q: i32, key: &str, version: u64, x: f32) -> TopicRead {
+        let record = Record::Row(RowRecord {
+            version,
+            epoch: 1,
+            ts: 0,
+            vector: vec![x, -x],
+        });
+        TopicRead {
+            record: TopicRecord::Row {
+                partition: q,
+                key: key.to_owned(),
+                record,
+            },
+            timestamp_ms: Some(0),
+        }
+    }
+
+    fn marker(q: i32, version: u64, rows: u64, published_ms: i64) -> TopicRead {
+        let mut m = VersionMarker::for_partition(version, 1, rows, q, P as i32);
+        m.builds_on = (version > 1).then_some(AttemptRef {
+            version: version - 1,
+            epoch: 1,
+        });
+        TopicRead {
+            record: TopicRecord::Marker(m),
+            timestamp_ms: Some(published_ms),
+        }
+    }
+
+    fn cache_following(partitions: &[i32]) -> RemoteCache {
+        let cache = RemoteCache::new(100);
+        cache.set_partitions(P);
+        cache.follow(&partitions.iter().copied().collect());
+        cache
+    }
+
+    #[test]
+    fn a_followed_partition_serves_whole_versions_and_says_how_far_behind_it_is() {
+        let cache = cache_following(&[1]);
+        let (k1, k0) = (keys_in(1, 2), keys_in(0, 1));
+        // Partition 0 is owned here: its records and markers are not cached.
+        let delays = cache.feed(
+            vec![
+                row(1, &k1[0], 1, 1.0),
+                row(0, &k0[0], 1, 5.0),
+                marker(0, 1, 1, 1_000),
+                marker(1, 1, 2, 1_000),
+            ],
+            None,
+            2_000,
+        );
+        assert!(delays.is_empty());
+        assert_eq!(cache.get(&k1[0]), None, "version 1 is not whole yet");
+        let f = cache.figures(4_000);
+        assert_eq!((f.followed[0].version, f.followed[0].lag_ms), (None, 3_000));
+        assert_eq!(f.lag_ms, 3_000);
+        let delays = cache.feed(vec![row(1, &k1[1], 1, 2.0)], None, 4_500);
+        assert_eq!(delays, [3_500]);
+        let got = cache.get(&k1[1]).expect("version 1 applied");
+        assert_eq!(
+            (got.vector, got.version, got.applied, got.partition),
+            (vec![2.0, -2.0], 1, (1, 1), 1)
+        );
+        assert_eq!(cache.get(&k0[0]), None);
+        let f = cache.figures(9_000);
+        assert_eq!((f.rows, f.lag_ms, f.versions_applied), (2, 0, 1));
+        assert_eq!(
+            f.apply_delay_ms,
+            Some(ApplyDelays {
+                versions: 1,
+                p50: 3_500,
+                p99: 3_500,
+                max: 3_500
+            })
+        );
+        // Version 2 moves one row; the other keeps version 1's.
+        cache.feed(
+            vec![marker(1, 2, 1, 9_000), row(1, &k1[0], 2, 7.0)],
+            None,
+            9_200,
+        );
+        assert_eq!(
+            cache.get(&k1[0]).map(|r| (r.vector[0], r.applied)),
+            Some((7.0, (2, 1)))
+        );
+        assert_eq!(
+            cache.get(&k1[1]).map(|r| (r.version, r.applied)),
+            Some((1, (2, 1)))
+        );
+        // The partition is assigned to this instance: its rows go.
+        cache.forget(&[1].into());
+        assert_eq!((cache.get(&k1[0]), cache.figures(9_300).rows), (None, 0));
+    }
+
+    #[test]
+    fn a_catch_up_applies_what_compaction_left_and_only_to_the_partitions_it_starts() {
+        let cache = cache_following(&[2]);
+        let k = keys_in(2, 2);
+        cache.feed(vec![marker(2, 1, 1, 0), row(2, &k[0], 1, 1.0)], None, 10);
+        // Partition 3 starts being followed: the versions topic is read again from its start
+        // for it alone, and its embeddings partition, where compaction left version 1's row of
+        // k3[0] superseded by version 2's.
+        let k3 = keys_in(3, 2);
+        cache.follow(&[3].into());
+        let only = [3].into();
+        cache.feed(
+            vec![
+                marker(2, 1, 1, 0),
+                marker(3, 1, 2, 0),
+                marker(3, 2, 1, 0),
+                row(3, &k3[1], 1, 3.0),
+                row(3, &k3[0], 2, 4.0),
+            ],
+            Some(&only),
+            20,
+        );
+        assert_eq!(
+            cache.get(&k3[0]),
+            None,
+            "version 1 of partition 3 cannot complete"
+        );
+        cache.catch_up(&only, 30);
+        assert_eq!(cache.get(&k3[0]).map(|r| r.vector[0]), Some(4.0));
+        assert_eq!(cache.get(&k3[1]).map(|r| r.vector[0]), Some(3.0));
+        let f = cache.figures(40);
+        assert_eq!(
+            (f.followed.iter())
+                .map(|p| (p.partition, p.caught_up, p.version, p.rows))
+                .collect::<Vec<_>>(),
+            [(2, false, Some(1), 1), (3, true, Some(2), 2)]
+        );
+        // Partition 2's marker, read again, changed nothing there.
+        assert_eq!((f.versions_applied, f.lag_ms), (2, 0));
+    }
+
+    #[test]
+    fn past_max_rows_the_highest_partitions_stop_being_followed_until_ownership_changes() {
+        let cache = RemoteCache::new(3);
+        cache.set_partitions(P);
+        cache.follow(&[1, 2].into());
+        for q in [1, 2] {
+            let k = keys_in(q, 2);
+            let reads = vec![
+                marker(q, 1, 2, 0),
+                row(q, &k[0], 1, 1.0),
+                row(q, &k[1], 1, 1.0),
+            ];
+            cache.feed(reads, None, 0);
+        }
+        assert_eq!(cache.figures(0).rows, 4);
+        assert_eq!(cache.enforce_bound(), [2].into());
+        let f = cache.figures(0);
+        assert_eq!((f.rows, f.uncached.clone()), (2, vec![2]));
+        assert_eq!(cache.followed(), [1].into());
+        cache.follow(&[2].into());
+        assert!(cache.figures(0).uncached.is_empty());
+    }
+}
