@@ -551,7 +551,7 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         },
     );
 
-    let (mut second, _) = start_another_instance(&env, &s.log_dir.join("second"));
+    let (mut second, second_port) = start_another_instance(&env, &s.log_dir.join("second"));
     wait_until("the partitions split", Duration::from_secs(90), || {
         let (a, b) = (first.status()?, second.status()?);
         (assigned(&a) > 0 && assigned(&b) > 0 && assigned(&a) + assigned(&b) == 8).then_some(())
@@ -588,6 +588,7 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     assert!(status_u64(&b, "/publish/committed") > 0, "{b}");
     let bases_split = status_u64(&a, "/publish/bases");
     assert!(bases_split >= 2, "its first version and its share's\n{a}");
+    assert_first_serves_the_seconds_rows(&s, &first, &second, second_port);
 
     second.kill9();
     let taken_back = wait_until(
@@ -626,6 +627,11 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         status_u64(&after, "/publish/bases") > bases_split,
         "the second's partitions started over\n{after}"
     );
+    // Owning every partition, the first follows none (settled ownership; remote.settle_ms).
+    let followed = |st: &serde_json::Value| st.pointer("/remote/followed").cloned();
+    wait_until("the first follows nothing", Duration::from_secs(30), || {
+        (followed(&first.status()?)? == serde_json::json!([])).then_some(())
+    });
     // Quiet: no version is under way while the subscriber's table is compared with the served
     // rows.
     let served_version = wait_until(
@@ -682,6 +688,76 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     assert!(first.terminate().success());
     let expected: HashSet<Triple> = events.into_iter().map(|(_, t)| t).collect();
     assert_live_exactly(&s.store, &expected);
+}
+
+/// The first instance answers `/v1/embeddings` for the second's nodes with the rows the second
+/// published (`source: "remote"`, from its cache of the second's partitions), which are the rows
+/// the second serves, once the second's versions settle.
+fn assert_first_serves_the_seconds_rows(
+    s: &Setup,
+    first: &Daemon,
+    second: &Daemon,
+    second_port: u16,
+) {
+    let version = |d: &Daemon| Some(status_u64(&d.status()?, "/publish/version"));
+    let settled = wait_until(
+        "the second's versions settle",
+        Duration::from_secs(60),
+        || {
+            let v = version(second)?;
+            std::thread::sleep(Duration::from_secs(3));
+            (version(second)? == v).then_some(v)
+        },
+    );
+    let theirs = published_partitions(second.status().as_ref());
+    let followed = |st: &serde_json::Value| -> Option<Vec<(i64, bool, u64)>> {
+        let list = st.pointer("/remote/followed")?.as_array()?;
+        let one = |p: &serde_json::Value| {
+            Some((
+                p["partition"].as_i64()?,
+                p["caught_up"].as_bool()?,
+                p["version"].as_u64()?,
+            ))
+        };
+        list.iter().map(one).collect()
+    };
+    let remote = wait_until(
+        "the first holds the second's partitions at its version",
+        Duration::from_secs(60),
+        || {
+            let st = first.status()?;
+            let want: Vec<(i64, bool, u64)> =
+                (theirs.iter()).map(|&q| (q as i64, true, settled)).collect();
+            (followed(&st)? == want).then_some(st)
+        },
+    );
+    assert_eq!(status_u64(&remote, "/remote/lag_ms"), 0, "{remote}");
+    let table = assemble(&read_published(&s.broker.bootstrap, 1));
+    let mut compared = 0;
+    for (key, entry) in &table {
+        let q = twhin_stream::partition::partition_of(key.as_bytes(), 8) as i32;
+        if key.starts_with("relation:") || !theirs.contains(&q) {
+            continue;
+        }
+        let (t, id) = key.split_once(':').unwrap();
+        let body = http_get(s.http_port, &format!("/v1/embeddings/{t}/{id}")).unwrap();
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (&answer["source"], &answer["partition"], &answer["version"]),
+            (
+                &serde_json::json!("remote"),
+                &serde_json::json!(q),
+                &serde_json::json!(settled)
+            ),
+            "{key}: {answer}"
+        );
+        let (_, owners) = served_row(second_port, key);
+        let vector: Vec<f32> = serde_json::from_value(answer["vector"].clone()).unwrap();
+        assert_eq!(vector, owners, "{key}: the owner serves what it published");
+        assert_eq!(&vector[..], &entry.vector[..owners.len()], "{key}");
+        compared += 1;
+    }
+    assert!(compared > 100, "{compared} of the second's rows compared");
 }
 
 /// Unfollows through the broker: each removes its stored follow (the add and the delete share

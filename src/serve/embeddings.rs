@@ -131,7 +131,12 @@ fn lookup_embedding(
     let known = state.store.node_index(node_type, id)?;
     let erased = known.is_some_and(|index| state.store.is_erased(NodeRef { node_type, index }));
     if !owned && !erased {
-        if let Some(row) = state.remote.as_ref().and_then(|r| r.get(&key)) {
+        if let Some(mut row) = state.remote.as_ref().and_then(|r| r.get(&key)) {
+            // A biased type's record carries its bias after the embedding; the answer is the
+            // embedding alone, as for rows this instance owns.
+            if let Some(train) = &state.train {
+                row.vector.truncate(train.dim as usize);
+            }
             return Ok(EmbeddingResponse {
                 node: key,
                 version: row.applied.0,
