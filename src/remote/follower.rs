@@ -238,12 +238,17 @@ impl Follower {
     }
 
     /// Assign the live consumer every partition of the versions topic and the followed ones of
-    /// the embeddings topic, each at its next offset.
+    /// the embeddings topic, each at its next offset; nothing when none is followed (one
+    /// instance owns every partition).
     fn assign(&mut self) -> Result<(), FollowerError> {
         let Some(consumer) = &self.consumer else {
             return Ok(());
         };
         let mut list = TopicPartitionList::new();
+        if self.cache.followed().is_empty() {
+            consumer.assign(&list)?;
+            return Ok(());
+        }
         let versions = partition_count(consumer, self.versions(), POLL * 100)?;
         let at = |topic, q| {
             (self.positions.get(&(topic, q))).map_or(Offset::Beginning, |&o| Offset::Offset(o))
