@@ -8,13 +8,19 @@
 #        partitions the group gives it; once both drained, B is SIGKILLed and A takes its
 #        partitions back from their changelog (the resume).
 # What is built today: ingest, the store, training and publication follow the partitions (each
-# instance publishes its partitions' versions, contract 3), and the instances do not yet
-# exchange rows or gradients (two models, not one), so there is no quality figure at N=2 yet.
+# instance publishes its partitions' versions, contract 3, and serves other owners' rows from
+# its cache of them), and the instances do not yet exchange gradients: two models, not one, each
+# ranking its own edges against its own rows, which is what the N=2 quality figure measures.
 # PUBLISH=1 publishes in both phases at the defaults (a version every 10 s, the ANN index on),
 # and each instance's figures add its versions, the partitions its last version covered, its
-# bases and its event-to-publish freshness; without it publication is off in both phases.
+# bases and its event-to-publish freshness, and its cache of the other's rows (`remote`: the
+# partitions followed, rows, versions applied, the largest lag seen at the 2 s status polls and
+# the apply delay from each version's publication); without it publication is off in both
+# phases.
 # Prints one JSON line: per phase the seconds from the first event consumed to the last one
-# trained, the distinct events trained per second (replayed edges not counted), each instance's
+# trained, the distinct events trained per second (replayed edges not counted), the live
+# prequential Hits@10 and MRR over the last 80% of the stream (every instance's ranks summed
+# from when 20% of the stream was trained, read at the 2 s status polls), each instance's
 # peak resident memory (MiB) and its store's edges; for the resume, the seconds from B's kill to
 # A's new assignment (the group's session timeout, 6 s here, is most of it), the seconds A's
 # assignment spent bringing B's partitions up to their changelog, the events it appended, and the
@@ -56,6 +62,7 @@ class Instance:
         cmd = [b, "run"] if not cpus else ["taskset", "-c", cpus, b, "run"]
         self.p = subprocess.Popen(cmd, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         self.peak = 0.0
+        self.max_lag_ms = 0
     def status(self):
         if self.p.poll() is not None:
             print(open(self.log, errors="replace").read()[-4000:], file=sys.stderr)
@@ -67,6 +74,7 @@ class Instance:
         for l in open(f"/proc/{self.p.pid}/status"):
             if l.startswith("VmRSS"):
                 self.peak = max(self.peak, int(l.split()[1]) / 1024)
+        self.max_lag_ms = max(self.max_lag_ms, (s.get("remote") or {}).get("lag_ms", 0))
         return s
 
 def wait(what, f, timeout=3600, every=1.0):
@@ -83,10 +91,13 @@ def apply_topics(phase):
                TWHIN_KAFKA__EMBEDDINGS_TOPIC=f"bench-{phase}.embeddings")
     subprocess.run([b, "topics", "apply"], env=env, check=True, stdout=subprocess.DEVNULL)
 
-def drained(instances):
-    """Every instance's statuses once all events are consumed and every trainer drained."""
+def drained(instances, mark):
+    """Every instance's statuses once all events are consumed and every trainer drained. The
+    prequential sums of each are kept in `mark` when the first 20% of the stream is trained."""
     ss = [i.status() for i in instances]
     if any(s is None for s in ss): return None
+    if not mark and sum(s["trainer"]["edges_trained"] for s in ss) >= total // 5:
+        mark.extend(s["trainer"]["prequential"]["totals"] for s in ss)
     consumed = sum(s["ingest"]["consumed"] for s in ss)
     lag = sum(s["kafka"]["lag"] for s in ss)
     backlog = sum(s["trainer"]["backlog"] for s in ss)
@@ -103,9 +114,17 @@ def phase(n):
     share = lambda s: s["kafka"]["assigned_partitions"] == 8 // n
     wait("the partitions assigned", lambda: all((s := i.status()) and share(s) for i in insts), 300, 0.2)
     first = wait("the first event consumed", lambda: any((s := i.status()) and s["ingest"]["consumed"] > 0 for i in insts) and time.time(), 600, 0.1)
-    ss = wait("the stream trained", lambda: drained(insts), 7200, 2.0)
+    mark = []
+    ss = wait("the stream trained", lambda: drained(insts, mark), 7200, 2.0)
     seconds = time.time() - first
-    fresh = sum(s["trainer"]["edges_trained"] - s["trainer"]["edges_replayed"] for s in ss)
+    # `edges_trained` counts new edges only (replayed ones are `edges_replayed`).
+    fresh = sum(s["trainer"]["edges_trained"] for s in ss)
+    # Prequential figures over the last 80% of the stream, every instance's ranks together.
+    end = [s["trainer"]["prequential"]["totals"] for s in ss]
+    ranked = sum(e["ranked"] - m["ranked"] for e, m in zip(end, mark))
+    quality = {"ranked": ranked,
+               "hits@10": round(sum(e["hits10"] - m["hits10"] for e, m in zip(end, mark)) / max(ranked, 1), 4),
+               "mrr": round(sum(e["reciprocal_ranks"] - m["reciprocal_ranks"] for e, m in zip(end, mark)) / max(ranked, 1), 4)}
     if publish:
         # The last events' version: one more publication interval.
         wait("a version after the stream", lambda: all((s := i.status()) and s["publish"]["committed"] > 0 for i in insts), 300, 1.0)
@@ -118,8 +137,15 @@ def phase(n):
             p = s["publish"]
             f.update({"versions": p["committed"], "published_partitions": p["partitions"],
                       "bases": p["bases"], "freshness": p["freshness"]})
+            r = s.get("remote")
+            if r:
+                f["remote"] = {"followed": [q["partition"] for q in r["followed"]],
+                               "rows": r["rows"], "versions_applied": r["versions_applied"],
+                               "lag_ms_max_polled": i.max_lag_ms,
+                               "apply_delay_ms": r["apply_delay_ms"]}
         return f
     out = {"seconds": round(seconds, 1), "events_trained_per_s": round(fresh / seconds),
+           "prequential_last_80pct": quality,
            "publish": publish, "instances": [figures(i, s) for i, s in zip(insts, ss)]}
     return insts, ss, out
 

@@ -726,8 +726,9 @@ fn assert_first_serves_the_seconds_rows(
         Duration::from_secs(60),
         || {
             let st = first.status()?;
-            let want: Vec<(i64, bool, u64)> =
-                (theirs.iter()).map(|&q| (q as i64, true, settled)).collect();
+            let want: Vec<(i64, bool, u64)> = (theirs.iter())
+                .map(|&q| (q as i64, true, settled))
+                .collect();
             (followed(&st)? == want).then_some(st)
         },
     );

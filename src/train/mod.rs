@@ -44,6 +44,7 @@ pub use loss::loss;
 pub(crate) use loss::{loss_and_gradients, loss_parts_fast};
 pub use model::Embeddings;
 pub(crate) use model::ReverseRelations;
+pub use prequential::RankTotals;
 pub(crate) use prequential::RankWindow;
 pub(crate) use query::{all_target_scores, SourceQuery};
 pub(crate) use rank::{evaluate, Filter, RankMetrics};

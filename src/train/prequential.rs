@@ -3,12 +3,24 @@
 
 use std::collections::VecDeque;
 
-/// The last `capacity` prequential ranks.
+/// The last `capacity` prequential ranks, and sums over every rank since the process started.
 #[derive(Debug)]
 pub struct RankWindow {
     ranks: VecDeque<f64>,
     capacity: usize,
     total: u64,
+    totals: RankTotals,
+}
+
+/// Sums over every rank added: a figure over any stretch of a stream is the difference of two
+/// readings (`benches/scale_out.sh` takes the last 80% of the synthetic stream this way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct RankTotals {
+    pub ranked: u64,
+    /// Ranks of at most 10.
+    pub hits10: u64,
+    /// The sum of 1 / rank.
+    pub reciprocal_ranks: f64,
 }
 
 impl RankWindow {
@@ -17,6 +29,7 @@ impl RankWindow {
             ranks: VecDeque::with_capacity(capacity),
             capacity: capacity.max(1),
             total: 0,
+            totals: RankTotals::default(),
         }
     }
 
@@ -27,6 +40,9 @@ impl RankWindow {
             }
             self.ranks.push_back(r);
             self.total += 1;
+            self.totals.ranked += 1;
+            self.totals.hits10 += u64::from(r <= 10.0);
+            self.totals.reciprocal_ranks += 1.0 / r;
         }
     }
 
@@ -54,6 +70,10 @@ impl RankWindow {
     pub fn total(&self) -> u64 {
         self.total
     }
+
+    pub fn totals(&self) -> RankTotals {
+        self.totals
+    }
 }
 
 #[cfg(test)]
@@ -69,5 +89,8 @@ mod tests {
         assert!((mrr - (1.0 + 0.5 + 0.05) / 3.0).abs() < 1e-12);
         assert!((hits - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(w.total(), 4);
+        let t = w.totals();
+        assert_eq!((t.ranked, t.hits10), (4, 2));
+        assert!((t.reciprocal_ranks - (0.01 + 1.0 + 0.5 + 0.05)).abs() < 1e-12);
     }
 }

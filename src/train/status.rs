@@ -26,6 +26,8 @@ pub struct TrainerStatus {
     pub checkpoint_version: AtomicU64,
     /// Restarts by the supervisor after failed rounds.
     pub restarts: AtomicU64,
+    /// Sums over every rank since the process started.
+    preq_totals: parking_lot::Mutex<crate::train::RankTotals>,
     /// Relation name → its prequential figures.
     by_relation: parking_lot::Mutex<BTreeMap<String, RelationPrequential>>,
     /// Set once at start: the checkpoint the trainer resumed from.
@@ -65,6 +67,9 @@ pub struct PrequentialFigures {
     pub hits10: Option<f64>,
     /// Per relation, over the last `trainer.prequential_window` ranks of each.
     pub by_relation: BTreeMap<String, RelationPrequential>,
+    /// Sums over every rank since the process started (a stretch of the stream is the
+    /// difference of two readings).
+    pub totals: crate::train::RankTotals,
 }
 
 /// One relation's prequential figures.
@@ -106,6 +111,7 @@ impl TrainerStatus {
                 mrr: load_f64(&self.preq_mrr_bits),
                 hits10: load_f64(&self.preq_hits10_bits),
                 by_relation: self.by_relation.lock().clone(),
+                totals: *self.preq_totals.lock(),
             },
             checkpoint_version: get(&self.checkpoint_version),
             restarts: get(&self.restarts),
@@ -177,6 +183,7 @@ impl TrainStepTaken<'_> {
             status
                 .preq_ranked
                 .store(core.window.total(), Ordering::Relaxed);
+            *status.preq_totals.lock() = core.window.totals();
             metrics::counter!(m::PREQ_RANKED).increment(r.ranks.len() as u64);
             if let Some((mrr, hits)) = core.window.figures() {
                 status.preq_mrr_bits.store(mrr.to_bits(), Ordering::Relaxed);
