@@ -586,6 +586,28 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         (!pa.is_empty() && !pb.is_empty() && all == (0..8).collect::<Vec<_>>()).then_some((a, b))
     });
     assert!(status_u64(&b, "/publish/committed") > 0, "{b}");
+    // Each trains the edges whose source it owns: the second's store also holds what it
+    // restored of the first's partitions at its start, and leaves those to the first.
+    let firsts = published_partitions(Some(&a));
+    let place = |key: &str| twhin_stream::partition::partition_of(key.as_bytes(), 8) as i32;
+    let left_to_the_first = (events[..2_000].iter())
+        .filter(|(_, (src, _, _))| firsts.contains(&place(src)))
+        .count() as u64;
+    assert!(left_to_the_first > 0);
+    let b = wait_until(
+        "the second trained its edges",
+        Duration::from_secs(60),
+        || {
+            second
+                .status()
+                .filter(|st| status_u64(st, "/trainer/backlog") == 0)
+        },
+    );
+    assert_eq!(
+        status_u64(&b, "/trainer/edges_trained"),
+        edges(&b) - left_to_the_first,
+        "{b}"
+    );
     let bases_split = status_u64(&a, "/publish/bases");
     assert!(bases_split >= 2, "its first version and its share's\n{a}");
     assert_first_serves_the_seconds_rows(&s, &first, &second, second_port);

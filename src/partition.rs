@@ -54,6 +54,8 @@ pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
 #[derive(Debug, Default)]
 pub struct Ownership {
     state: parking_lot::Mutex<Owned>,
+    /// The engagements topic's partition count (0 until the consumer has read it).
+    partition_count: std::sync::atomic::AtomicU32,
 }
 
 /// One reading of [`Ownership`].
@@ -86,6 +88,15 @@ impl Ownership {
 
     pub fn generation(&self) -> u64 {
         self.state.lock().generation
+    }
+
+    pub fn set_partition_count(&self, partitions: u32) {
+        (self.partition_count).store(partitions, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The engagements topic's partition count, which places every node (0: not known yet).
+    pub fn partition_count(&self) -> u32 {
+        (self.partition_count).load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -169,7 +169,9 @@ impl Daemon {
             Some(_) => Some(start_aligner(&cfg, align_status.clone())?),
             None => None,
         };
-        let trainer = o.core.map(|core| {
+        let trainer = o.core.map(|mut core| {
+            // Each edge is trained by its source's owner, whatever else the store holds.
+            core.train_owned_sources(ingest_status.ownership.clone());
             let status = trainer_status.clone().expect("made with the core");
             start_trainer(&cfg, core, o.store.clone(), status, o.device)
         });

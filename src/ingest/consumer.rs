@@ -238,6 +238,7 @@ fn open_clients(
         });
     }
     (status.topic_partitions).store(partitions as u64, Ordering::Relaxed);
+    (status.ownership).set_partition_count(partitions as u32);
     consumer
         .subscribe(&[&topic, &routed])
         .map_err(|source| IngestError::Subscribe { topic, source })?;

@@ -92,6 +92,8 @@ pub struct TrainerActor {
     last_checkpoint: Instant,
     /// The pull and its target as last set, for a core reopened after a panic.
     pull: (f64, Option<Snapshot>),
+    /// The ownership the core trains its sources by, for a core reopened after a panic.
+    ownership: Option<Arc<crate::partition::Ownership>>,
     cfg: Config,
     device: Device,
     /// Relation names by id, for the per-relation figures.
@@ -107,6 +109,7 @@ impl TrainerActor {
         device: Device,
     ) -> TrainerActor {
         let core = slot.lock().take();
+        let ownership = core.as_ref().and_then(TrainerCore::owned_sources);
         if let Some(c) = &core {
             status.cursor.store(c.cursor(), Ordering::Relaxed);
         }
@@ -127,6 +130,7 @@ impl TrainerActor {
             checkpoint_every: Duration::from_secs(cfg.trainer.checkpoint_interval_secs),
             last_checkpoint: Instant::now(),
             pull: (0.0, None),
+            ownership,
             cfg: cfg.clone(),
             device,
         }
@@ -247,6 +251,9 @@ impl Handler<RestoreCheckpoint> for TrainerActor {
                 // Lost after a panic: reopen from disk, with the pull as last set.
                 let mut core = TrainerCore::open(&self.cfg, &self.store, self.device)?;
                 core.set_pull(self.pull.0, self.pull.1.as_ref());
+                if let Some(ownership) = &self.ownership {
+                    core.train_owned_sources(ownership.clone());
+                }
                 self.core = Some(core);
                 self.status.checkpoint_version.load(Ordering::Relaxed)
             }

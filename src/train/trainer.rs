@@ -3,7 +3,8 @@
 //!
 //! Each step of [`TrainerCore::step`]:
 //! 1. reads the next micro-batch of new edges from its cursor ([`GraphStore::edges_from`]); the
-//!    batch size adapts to the backlog ([`next_batch_size`]);
+//!    batch size adapts to the backlog ([`next_batch_size`]); with several instances, only those
+//!    whose source this instance owns ([`OwnedSources`]);
 //! 2. *tests* a sample of them first (prequential: the target ranked, filtered, against all nodes
 //!    of its type, before any training on it) when both nodes already have rows;
 //! 3. gives new nodes rows: warm-started from already-embedded neighbours
@@ -29,8 +30,8 @@ use crate::train::start::{take_published, PublishedRows, StartedFrom};
 use crate::train::{
     history_targets, history_with_rows, known_targets, non_finite_rows, rows_needed,
     schema_fingerprint, target_ranks, train_step_with, warm_rows, CheckpointError, Checkpoints,
-    DeltaRequest, Embeddings, History, ModelDelta, Pull, RankWindow, ResumedFrom, Snapshot,
-    StepStats, TableDelta, TargetQuery, TrainParams,
+    DeltaRequest, Embeddings, History, ModelDelta, OwnedSources, Pull, RankWindow, ResumedFrom,
+    Snapshot, StepStats, TableDelta, TargetQuery, TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +133,9 @@ pub struct TrainerCore {
     resumed_from: Option<ResumedFrom>,
     /// The published version a new model started from (`None`: a checkpoint's, or random).
     started_from: Option<StartedFrom>,
+    /// With several instances: only edges whose source this instance owns are trained
+    /// (`None`: every edge, as offline).
+    sources: Option<OwnedSources>,
 }
 
 /// Rows [`TrainerCore::take_delta`] scans for non-finite values besides the written ones (all of
@@ -167,6 +171,7 @@ impl TrainerCore {
             erasures_seen: 0,
             resumed_from: None,
             started_from: None,
+            sources: None,
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -291,7 +296,7 @@ impl TrainerCore {
             batch_size: self.batch,
             ..Default::default()
         };
-        if backlog == 0 {
+        if backlog == 0 || self.sources.as_ref().is_some_and(OwnedSources::paused) {
             return Ok(report);
         }
         let read = store.edges_from(self.cursor, self.batch)?;
@@ -305,6 +310,10 @@ impl TrainerCore {
             .map(|(_, e)| e)
             .filter(|e| trained.as_ref().is_none_or(|t| t[e.rel as usize]))
             .collect();
+        let fresh = match &mut self.sources {
+            Some(sources) => sources.keep(store, fresh)?,
+            None => fresh,
+        };
         (report.ranks, report.rank_relations) = self.prequential(store, &fresh, first_seq)?;
         (report.warm_rows, report.random_rows) = self.add_rows(store, &fresh)?;
         let waiting = store.edge_count().saturating_sub(last_seq + 1);
@@ -435,32 +444,44 @@ impl TrainerCore {
         })
     }
 
-    /// `n` edges drawn uniformly from the log among the trained relations (a few draws at
-    /// most: fewer when they are rare in it).
+    /// `n` edges drawn uniformly from the log among the trained relations and, with several
+    /// instances, the owned sources (a few draws at most: fewer when they are rare in it).
     fn replayed(
         &mut self,
         store: &GraphStore,
         n: usize,
         trained: Option<&[bool]>,
     ) -> Result<Vec<Edge>, StoreError> {
-        let Some(trained) = trained else {
+        if trained.is_none() && self.sources.is_none() {
             return store.sample_edges(&mut self.rng, n);
-        };
+        }
         let mut out = Vec::with_capacity(n);
         for _ in 0..4 {
             if out.len() >= n {
                 break;
             }
             let want = n - out.len();
-            out.extend(
-                store
-                    .sample_edges(&mut self.rng, want)?
-                    .into_iter()
-                    .filter(|e| trained[e.rel as usize])
-                    .take(want),
-            );
+            let drawn: Vec<Edge> = (store.sample_edges(&mut self.rng, want)?.into_iter())
+                .filter(|e| trained.is_none_or(|t| t[e.rel as usize]))
+                .collect();
+            let drawn = match &mut self.sources {
+                Some(sources) => sources.keep(store, drawn)?,
+                None => drawn,
+            };
+            out.extend(drawn.into_iter().take(want));
         }
         Ok(out)
+    }
+
+    /// Train only edges whose source belongs to a partition `ownership` gives this instance
+    /// (see [`OwnedSources`]).
+    pub fn train_owned_sources(&mut self, ownership: std::sync::Arc<crate::partition::Ownership>) {
+        self.sources = Some(OwnedSources::new(ownership));
+    }
+
+    /// The ownership [`TrainerCore::train_owned_sources`] gave, if any.
+    pub fn owned_sources(&self) -> Option<std::sync::Arc<crate::partition::Ownership>> {
+        self.sources.as_ref().map(OwnedSources::ownership)
     }
 
     /// Whether some node type of the store is represented with its recent targets.

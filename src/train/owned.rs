@@ -1,0 +1,133 @@
+//! Which edges a trainer trains: with several instances in one consumer group, those whose
+//! source belongs to a partition the instance owns, so that each edge is trained once, by its
+//! source's owner (the instance ingest routed it to). A store also holds edges of partitions the
+//! instance does not own (an empty store restores every partition's changelog at start; a
+//! partition given up stays in the store), and those are left to their owners. While the instance
+//! owns every partition, every edge is trained; while it owns none (before its first assignment,
+//! and between an eager rebalance's revocation and its assignment) the trainer waits, since
+//! what it will own is not known yet.
+
+use std::sync::Arc;
+
+use crate::partition::{partition_of, Ownership};
+use crate::store::{Edge, GraphStore, NodeRef, StoreError};
+
+/// The source filter, with each source row's partition looked up once (a store read per new
+/// source node).
+#[derive(Debug)]
+pub struct OwnedSources {
+    ownership: Arc<Ownership>,
+    /// Per node type and row: its partition among `partitions` (-1: not looked up yet).
+    by_row: Vec<Vec<i32>>,
+    partitions: u32,
+}
+
+impl OwnedSources {
+    pub fn new(ownership: Arc<Ownership>) -> OwnedSources {
+        OwnedSources {
+            ownership,
+            by_row: Vec::new(),
+            partitions: 0,
+        }
+    }
+
+    pub fn ownership(&self) -> Arc<Ownership> {
+        self.ownership.clone()
+    }
+
+    /// Whether the instance owns no partition now: before its first assignment, or between an
+    /// eager rebalance's revocation and its assignment. The trainer waits rather than skip
+    /// edges that may be its own a moment later.
+    pub fn paused(&self) -> bool {
+        self.ownership.get().partitions.is_empty()
+    }
+
+    /// `edges` without those whose source another instance owns (the ownership now).
+    pub fn keep(&mut self, store: &GraphStore, edges: Vec<Edge>) -> Result<Vec<Edge>, StoreError> {
+        let owned = self.ownership.get();
+        let partitions = self.ownership.partition_count();
+        if owned.generation == 0 || partitions == 0 || owned.partitions.len() >= partitions as usize
+        {
+            return Ok(edges);
+        }
+        if partitions != self.partitions {
+            self.by_row.clear();
+            self.partitions = partitions;
+        }
+        let mut key = Vec::new();
+        let mut out = Vec::with_capacity(edges.len());
+        for e in edges {
+            let q = self.partition_of(store, e.src, &mut key)?;
+            if owned.partitions.binary_search(&q).is_ok() {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    fn partition_of(
+        &mut self,
+        store: &GraphStore,
+        node: NodeRef,
+        key: &mut Vec<u8>,
+    ) -> Result<i32, StoreError> {
+        let (t, i) = (node.node_type as usize, node.index as usize);
+        if self.by_row.len() <= t {
+            self.by_row.resize(t + 1, Vec::new());
+        }
+        let rows = &mut self.by_row[t];
+        if rows.len() <= i {
+            rows.resize(i + 1, -1);
+        }
+        if rows[i] >= 0 {
+            return Ok(rows[i]);
+        }
+        let id = store.node_id(node)?.unwrap_or_default();
+        key.clear();
+        key.extend_from_slice(store.stored_schema().node_types[t].as_bytes());
+        key.push(b':');
+        key.extend_from_slice(id.as_bytes());
+        let q = partition_of(key, self.partitions) as i32;
+        rows[i] = q;
+        Ok(q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::test_graph::likes_store;
+
+    #[test]
+    fn only_edges_whose_source_is_owned_are_kept_once_the_group_assigned_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"];
+        let likes: Vec<(&str, &str)> = users.iter().map(|&u| (u, "m1")).collect();
+        let store = likes_store(dir.path(), &likes);
+        let edges: Vec<Edge> = (store.edges_from(0, 100).unwrap().into_iter())
+            .map(|(_, e)| e)
+            .collect();
+        let place = |u: &str| partition_of(format!("user:{u}").as_bytes(), 4) as i32;
+        let ownership = Arc::new(Ownership::default());
+        let mut sources = OwnedSources::new(ownership.clone());
+        let kept = |s: &mut OwnedSources| -> Vec<String> {
+            (s.keep(&store, edges.clone()).unwrap().into_iter())
+                .map(|e| store.node_id(e.src).unwrap().unwrap())
+                .collect()
+        };
+        // Before the first assignment the trainer waits.
+        ownership.set_partition_count(4);
+        assert!(sources.paused());
+        let ours = place("u1");
+        ownership.assign(&[ours]);
+        let want: Vec<&str> = users.into_iter().filter(|u| place(u) == ours).collect();
+        assert!(want.len() < 8, "{want:?}: every user in one partition");
+        assert_eq!(kept(&mut sources), want);
+        // Every partition owned: everything again.
+        ownership.assign(&[0, 1, 2, 3]);
+        assert_eq!(kept(&mut sources).len(), 8);
+        assert!(!sources.paused());
+        ownership.revoke(&[0, 1, 2, 3]);
+        assert!(sources.paused(), "a rebalance under way");
+    }
+}
