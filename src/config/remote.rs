@@ -18,7 +18,7 @@ pub struct RemoteConfig {
     pub max_rows: usize,
     /// A change of ownership is acted on once it has held this long: a rebalance revokes every
     /// partition before assigning the new set, and following a partition begins by reading it
-    /// from its start.
+    /// from its start. Owning nothing (a rebalance under way) is never acted on.
     pub settle_ms: u64,
 }
 

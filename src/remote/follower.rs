@@ -46,18 +46,7 @@ pub fn start_follower(
     ownership: Arc<Ownership>,
     stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, FollowerError> {
-    let follower = Follower {
-        settle: Duration::from_millis(cfg.remote.settle_ms),
-        cfg,
-        cache,
-        ownership,
-        stop,
-        consumer: None,
-        positions: BTreeMap::new(),
-        acted_on: 0,
-        seen: None,
-        skipped: 0,
-    };
+    let follower = Follower::new(cfg, cache, ownership, stop);
     Ok(std::thread::Builder::new()
         .name("remote-follower".into())
         .spawn(move || follower.run())?)
@@ -89,6 +78,26 @@ struct Follower {
 }
 
 impl Follower {
+    fn new(
+        cfg: Arc<Config>,
+        cache: Arc<RemoteCache>,
+        ownership: Arc<Ownership>,
+        stop: watch::Receiver<bool>,
+    ) -> Follower {
+        Follower {
+            settle: Duration::from_millis(cfg.remote.settle_ms),
+            cfg,
+            cache,
+            ownership,
+            stop,
+            consumer: None,
+            positions: BTreeMap::new(),
+            acted_on: 0,
+            seen: None,
+            skipped: 0,
+        }
+    }
+
     fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
@@ -115,10 +124,13 @@ impl Follower {
     }
 
     /// The ownership, once it changed from what the assignment reflects and then held for
-    /// `settle`.
+    /// `settle`. Owning nothing is never acted on: it is the state before the first assignment,
+    /// and between an eager rebalance's revocation and its assignment, which lasts as long as
+    /// the assigned partitions' changelog read (tens of seconds at a million nodes), and reading
+    /// every partition from its beginning meanwhile would slow that read down.
     fn settled_change(&mut self) -> Option<Owned> {
         let owned = self.ownership.get();
-        if owned.generation == 0 || owned.generation == self.acted_on {
+        if owned.partitions.is_empty() || owned.generation == self.acted_on {
             self.seen = None;
             return None;
         }
@@ -344,5 +356,41 @@ fn decoded(topic: Topic, msg: &BorrowedMessage<'_>) -> Option<TopicRead> {
             );
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_of_ownership_is_acted_on_once_it_held_and_owning_nothing_never() {
+        let cfg = Config::from_toml("[remote]\nsettle_ms = 20").unwrap();
+        let ownership = Arc::new(Ownership::default());
+        let (_stop, stopped) = watch::channel(false);
+        let cache = Arc::new(RemoteCache::new(10));
+        let mut f = Follower::new(Arc::new(cfg), cache, ownership.clone(), stopped);
+        let held = || std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(f.settled_change(), None, "before the first assignment");
+        ownership.assign(&[0, 1]);
+        assert_eq!(f.settled_change(), None, "not held yet");
+        held();
+        let owned = f.settled_change().expect("held");
+        assert_eq!(owned.partitions, [0, 1]);
+        f.acted_on = owned.generation;
+        assert_eq!(f.settled_change(), None, "acted on");
+        // An eager rebalance: everything revoked, then a new set assigned.
+        ownership.revoke(&[0, 1]);
+        assert_eq!(f.settled_change(), None);
+        held();
+        assert_eq!(
+            f.settled_change(),
+            None,
+            "owning nothing is a rebalance under way"
+        );
+        ownership.assign(&[1]);
+        assert_eq!(f.settled_change(), None, "not held yet");
+        held();
+        assert_eq!(f.settled_change().map(|o| o.partitions), Some(vec![1]));
     }
 }
