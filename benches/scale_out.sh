@@ -29,16 +29,17 @@
 #   NODES=100000 EDGES=1000000 bash benches/scale_out.sh        # a quick one
 #   PUBLISH=1 NODES=100000 EDGES=1000000 bash benches/scale_out.sh
 # CPU: two instances share the machine's cores with the broker; no cap is set (CPU_LIST=0 pins
-# every instance to core 0, for a fixed budget per phase).
+# every instance to core 0, for a fixed budget per phase). THREE=1 adds a phase of three
+# instances (3, 3 and 2 partitions) after the resume, reported as "n3".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NODES=${NODES:-1000000} EDGES=${EDGES:-10000000}
 source benches/daemon_env.sh
 $B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
-python3 - "$B" "$EDGES" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" <<'PY'
+python3 - "$B" "$EDGES" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${THREE:-0}" <<'PY'
 import json, os, signal, socket, subprocess, sys, time, urllib.request
 b, total, work, cpus, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-publish = sys.argv[6] == "1"
+publish, three = sys.argv[6] == "1", sys.argv[7] == "1"
 
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close(); return port
@@ -110,9 +111,12 @@ def phase(n):
     apply_topics(name)
     # Started together: whichever joins first may consume alone until the other joins; what it
     # stored of the other's partitions moves with them through the changelog.
-    insts = [Instance(name, x) for x in "ab"[:n]]
-    share = lambda s: s["kafka"]["assigned_partitions"] == 8 // n
-    wait("the partitions assigned", lambda: all((s := i.status()) and share(s) for i in insts), 300, 0.2)
+    insts = [Instance(name, x) for x in "abc"[:n]]
+    def split():
+        ss = [i.status() for i in insts]
+        return all(ss) and all(s["kafka"]["assigned_partitions"] > 0 for s in ss) \
+            and sum(s["kafka"]["assigned_partitions"] for s in ss) == 8
+    wait("the partitions assigned", split, 300, 0.2)
     first = wait("the first event consumed", lambda: any((s := i.status()) and s["ingest"]["consumed"] > 0 for i in insts) and time.time(), 600, 0.1)
     mark = []
     ss = wait("the stream trained", lambda: drained(insts, mark), 7200, 2.0)
@@ -169,5 +173,9 @@ resume = {"kill_to_assigned_s": round(assigned - move_in - killed, 2),
           "moved_events": moved["appended"] - moved_before["appended"],
           "assignment_to_first_trained_s": round(trained - assigned + move_in, 2)}
 a.p.send_signal(signal.SIGTERM); a.p.wait(timeout=300)
-print(json.dumps({"nodes": nodes, "events": total, "n1": out1, "n2": out2, "resume": resume}))
+out = {"nodes": nodes, "events": total, "n1": out1, "n2": out2, "resume": resume}
+if three:
+    n3, _, out["n3"] = phase(3)
+    for i in n3: i.p.send_signal(signal.SIGTERM); i.p.wait(timeout=300)
+print(json.dumps(out))
 PY

@@ -608,6 +608,11 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         edges(&b) - left_to_the_first,
         "{b}"
     );
+    assert_eq!(
+        status_u64(&b, "/trainer/edges_left_to_owners"),
+        left_to_the_first,
+        "{b}"
+    );
     let bases_split = status_u64(&a, "/publish/bases");
     assert!(bases_split >= 2, "its first version and its share's\n{a}");
     assert_first_serves_the_seconds_rows(&s, &first, &second, second_port);

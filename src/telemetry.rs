@@ -52,7 +52,8 @@ pub const STORE_NODES: &str = "twhin_store_nodes";
 pub const TRAIN_STEPS: &str = "twhin_train_steps_total";
 /// Steps skipped because the loss or a gradient was not finite.
 pub const TRAIN_SKIPPED: &str = "twhin_train_skipped_steps_total";
-/// Edges trained, by `kind`: `new` (from the cursor) or `replay` (uniform from the log).
+/// Edges trained, by `kind`: `new` (from the cursor) or `replay` (uniform from the log); and
+/// `left_to_owners`, new edges passed over because another instance owns their source.
 pub const TRAIN_EDGES: &str = "twhin_train_edges_total";
 /// Loss of the last step that was not skipped.
 pub const TRAIN_LOSS: &str = "twhin_train_loss";
@@ -238,7 +239,10 @@ fn describe() {
         TRAIN_SKIPPED,
         "Training steps skipped (non-finite loss or gradient)"
     );
-    describe_counter!(TRAIN_EDGES, "Edges trained, by kind (new, replay)");
+    describe_counter!(
+        TRAIN_EDGES,
+        "Edges trained, by kind (new, replay), and new edges left to their source's owner (left_to_owners)"
+    );
     describe_gauge!(TRAIN_LOSS, "Loss of the last training step");
     describe_histogram!(
         TRAIN_STEP_SECONDS,

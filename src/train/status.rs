@@ -16,6 +16,7 @@ pub struct TrainerStatus {
     pub skipped_steps: AtomicU64,
     pub edges_new: AtomicU64,
     pub edges_replayed: AtomicU64,
+    pub edges_left_to_owners: AtomicU64,
     pub cursor: AtomicU64,
     pub backlog: AtomicU64,
     pub batch_size: AtomicU64,
@@ -43,6 +44,9 @@ pub struct TrainerFigures {
     pub skipped_steps: u64,
     pub edges_trained: u64,
     pub edges_replayed: u64,
+    /// Stored edges passed over because another instance owns their source (each edge is
+    /// trained by its source's owner).
+    pub edges_left_to_owners: u64,
     pub cursor: u64,
     pub backlog: u64,
     pub batch_size: u64,
@@ -102,6 +106,7 @@ impl TrainerStatus {
             skipped_steps: get(&self.skipped_steps),
             edges_trained: get(&self.edges_new),
             edges_replayed: get(&self.edges_replayed),
+            edges_left_to_owners: get(&self.edges_left_to_owners),
             cursor: get(&self.cursor),
             backlog: get(&self.backlog),
             batch_size: get(&self.batch_size),
@@ -150,6 +155,11 @@ impl TrainStepTaken<'_> {
             .store(r.batch_size as u64, Ordering::Relaxed);
         metrics::gauge!(m::TRAIN_BACKLOG).set(r.backlog as f64);
         metrics::gauge!(m::TRAIN_BATCH_EDGES).set(r.batch_size as f64);
+        if r.left_to_owners > 0 {
+            (status.edges_left_to_owners).fetch_add(r.left_to_owners as u64, Ordering::Relaxed);
+            metrics::counter!(m::TRAIN_EDGES, "kind" => "left_to_owners")
+                .increment(r.left_to_owners as u64);
+        }
         let Some(stats) = r.stats else { return };
         status.steps.fetch_add(1, Ordering::Relaxed);
         status

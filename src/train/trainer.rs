@@ -90,6 +90,8 @@ fn replay_count(fresh: usize, ratio: f64) -> usize {
 pub struct StepReport {
     pub new_edges: usize,
     pub replayed: usize,
+    /// New edges passed over because another instance owns their source.
+    pub left_to_owners: usize,
     /// `None` when there was nothing to train.
     pub stats: Option<StepStats>,
     /// Edges left behind the cursor after the step.
@@ -310,10 +312,12 @@ impl TrainerCore {
             .map(|(_, e)| e)
             .filter(|e| trained.as_ref().is_none_or(|t| t[e.rel as usize]))
             .collect();
+        let read_fresh = fresh.len();
         let fresh = match &mut self.sources {
             Some(sources) => sources.keep(store, fresh)?,
             None => fresh,
         };
+        report.left_to_owners = read_fresh - fresh.len();
         (report.ranks, report.rank_relations) = self.prequential(store, &fresh, first_seq)?;
         (report.warm_rows, report.random_rows) = self.add_rows(store, &fresh)?;
         let waiting = store.edge_count().saturating_sub(last_seq + 1);
