@@ -2,7 +2,6 @@
 //! the daemon's ports (trainer and alignment actors, Kafka), covering the partitions this
 //! instance owns; each committed version goes to the serving view.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +38,7 @@ impl Ticker {
     /// revocation, the start), the versions topic is read first for their newest markers
     /// ([`Publication::rescope`]).
     pub async fn publish_once(&mut self) -> anyhow::Result<Option<u64>> {
-        let partitions = self.ingest.topic_partitions.load(Ordering::Relaxed) as u32;
+        let partitions = self.ingest.ownership.partition_count();
         let owned = self.ingest.ownership.get();
         if partitions == 0 || owned.partitions.is_empty() {
             return Ok(None);

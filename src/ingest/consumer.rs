@@ -237,7 +237,6 @@ fn open_clients(
             partitions,
         });
     }
-    (status.topic_partitions).store(partitions as u64, Ordering::Relaxed);
     (status.ownership).set_partition_count(partitions as u32);
     consumer
         .subscribe(&[&topic, &routed])

@@ -25,10 +25,9 @@ pub struct IngestStatus {
     pub lag: AtomicU64,
     pub broker_up: AtomicBool,
     pub assigned_partitions: AtomicU64,
-    /// Which engagements partitions this instance owns (what its publication covers).
+    /// Which engagements partitions this instance owns (what its publication covers), and the
+    /// topic's partition count as the broker reported it when ingest started.
     pub ownership: Arc<crate::partition::Ownership>,
-    /// Partitions of the engagements topic, as the broker reported when ingest started.
-    pub topic_partitions: AtomicU64,
     /// Partitions consumed again from their start after their history changed.
     pub partition_resets: AtomicU64,
     /// Kafka timestamps of durable events, until a version covers them.

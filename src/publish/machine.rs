@@ -1109,6 +1109,22 @@ mod tests {
         (aligner, publication)
     }
 
+    /// A new model over `follows_store`'s one node type and relation, drawn after `seed`.
+    fn new_core(cfg: &Config, seed: i64) -> TrainerCore {
+        tch::manual_seed(seed);
+        let model = Embeddings::new(1, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
+        TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone())
+    }
+
+    /// Append `n` follows numbered from `first` and train until the trainer has drained them.
+    fn train_follows(store: &GraphStore, core: &mut TrainerCore, first: u32, n: u32) {
+        let events = (first..first + n).map(|i| follow(i % 40, (i * 7 + 3) % 40, u64::from(i)));
+        store
+            .append(&AppendBatch::from_events("t", i64::from(first), events))
+            .unwrap();
+        while core.step(store).unwrap().stats.is_some() {}
+    }
+
     fn user_key(store: &GraphStore, index: u32) -> String {
         let node = NodeRef {
             node_type: 0,
@@ -1130,9 +1146,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = follows_store(dir.path());
         let cfg = Config::from_toml("[train]\ndim = 8\nbatch_size = 32").unwrap();
-        tch::manual_seed(3);
-        let model = Embeddings::new(1, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
-        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        let mut core = new_core(&cfg, 3);
         let (mut aligner, mut publication) = in_memory_publication(&cfg);
         let mut publish = |publication: &mut Publication, core: &mut TrainerCore| {
             let mut trainer = InProcessTrainer {
@@ -1147,11 +1161,7 @@ mod tests {
             }
         };
         let append = |first: u32, n: u32, core: &mut TrainerCore| {
-            let events = (first..first + n).map(|i| follow(i % 40, (i * 7 + 3) % 40, u64::from(i)));
-            store
-                .append(&AppendBatch::from_events("t", i64::from(first), events))
-                .unwrap();
-            while core.step(&store).unwrap().stats.is_some() {}
+            train_follows(&store, core, first, n);
         };
         let tail = |markers: &[VersionMarker]| {
             let mut t = VersionsTail::default();
@@ -1224,9 +1234,6 @@ mod tests {
     fn a_biased_type_publishes_what_moved_and_subscribers_hold_the_served_biases() {
         let dir = tempfile::tempdir().unwrap();
         let store = follows_store(dir.path());
-        let follows = |from: u32, n: u32| {
-            (from..from + n).map(|i| follow(i % 40, (i * 7 + 3) % 40, u64::from(i)))
-        };
         let cfg = Config::from_toml("[train]\ndim = 8\nbatch_size = 32\nbias_types = [\"user\"]")
             .unwrap();
         tch::manual_seed(5);
@@ -1246,11 +1253,7 @@ mod tests {
             futures::executor::block_on(published).unwrap()
         };
         let append = |first: u32, n: u32, core: &mut TrainerCore| {
-            let events = follows(first, n);
-            store
-                .append(&AppendBatch::from_events("t", i64::from(first), events))
-                .unwrap();
-            while core.step(&store).unwrap().stats.is_some() {}
+            train_follows(&store, core, first, n);
         };
 
         // A model that has seen no edge: its random relation vectors are no version.
@@ -1293,9 +1296,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = follows_store(dir.path());
         let cfg = Config::from_toml("[train]\ndim = 8\nbatch_size = 32").unwrap();
-        tch::manual_seed(7);
-        let model = Embeddings::new(1, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
-        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        let mut core = new_core(&cfg, 7);
         let (mut aligner, mut publication) = in_memory_publication(&cfg);
         let mut subscriber = Subscriber::default();
         let mut publish = |core: &mut TrainerCore, subscriber: &mut Subscriber| {
@@ -1311,13 +1312,7 @@ mod tests {
                 subscriber,
             ))
         };
-        let train = |core: &mut TrainerCore, from: u32| {
-            let events = (from..from + 100).map(|i| follow(i % 40, (i * 7 + 3) % 40, u64::from(i)));
-            store
-                .append(&AppendBatch::from_events("t", i64::from(from), events))
-                .unwrap();
-            while core.step(&store).unwrap().stats.is_some() {}
-        };
+        let train = |core: &mut TrainerCore, from: u32| train_follows(&store, core, from, 100);
         let committed = |outcome: anyhow::Result<Outcome>| match outcome.unwrap() {
             Outcome::Committed { prepared, view, .. } => (prepared, view),
             _ => panic!("a version was expected"),

@@ -99,9 +99,8 @@ struct Inner {
 struct Followed {
     assembler: VersionAssembler,
     caught_up: bool,
-    /// Publication times of the markers read and not applied yet, by attempt.
+    /// Publication times of the markers read that are newer than the attempt held, by attempt.
     unapplied: BTreeMap<(u64, u64), i64>,
-    newest: Option<(u64, u64)>,
 }
 
 impl Followed {
@@ -133,17 +132,6 @@ impl RemoteCache {
     /// The embeddings topic's partition count, which places every key.
     pub fn set_partitions(&self, partitions: u32) {
         self.inner.write().partitions = partitions;
-    }
-
-    /// The embeddings topic's partition count, once known.
-    pub fn partition_count(&self) -> Option<u32> {
-        Some(self.inner.read().partitions).filter(|&p| p > 0)
-    }
-
-    /// The partition `key` belongs to, once the partition count is known.
-    pub fn partition_of(&self, key: &str) -> Option<i32> {
-        let partitions = self.inner.read().partitions;
-        (partitions > 0).then(|| partition_of(key.as_bytes(), partitions) as i32)
     }
 
     /// `key`'s row, when its partition is followed and has applied a version carrying it.
@@ -223,7 +211,6 @@ impl RemoteCache {
                     followed
                         .unapplied
                         .insert(attempt, timestamp_ms.unwrap_or(now_ms));
-                    followed.newest = followed.newest.max(Some(attempt));
                 }
             }
             let done = record.push(&mut followed.assembler);
@@ -283,15 +270,16 @@ impl RemoteCache {
         let followed: Vec<RemotePartition> = (inner.followed.iter())
             .map(|(&q, f)| {
                 let held = f.held(q);
-                let lag_ms = (f.unapplied.iter())
-                    .find(|(&attempt, _)| held.is_none_or(|h| attempt > h))
-                    .map_or(0, |(_, &published)| (now_ms - published).max(0));
+                // `unapplied` holds only attempts newer than the one held.
+                let lag_ms = (f.unapplied.values().next())
+                    .map_or(0, |&published| (now_ms - published).max(0));
+                let newest = f.unapplied.keys().next_back().copied().or(held);
                 RemotePartition {
                     partition: q,
                     caught_up: f.caught_up,
                     version: held.map(|h| h.0),
                     epoch: held.map(|h| h.1),
-                    newest_version: f.newest.map(|n| n.0).max(held.map(|h| h.0)),
+                    newest_version: newest.map(|n| n.0),
                     rows: f.assembler.table().len(),
                     lag_ms,
                 }

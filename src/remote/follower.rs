@@ -155,15 +155,16 @@ impl Follower {
 
     /// Forget the partitions now owned, catch up those now owned elsewhere, follow them all.
     fn act_on(&mut self, owned: &Owned) -> Result<(), FollowerError> {
-        if self.consumer.is_none() {
-            let consumer = self.reader()?;
-            let partitions = partition_count(&consumer, self.embeddings(), POLL * 100)?;
-            self.cache.set_partitions(partitions as u32);
-            self.consumer = Some(consumer);
-        }
-        let Some(partitions) = self.cache.partition_count() else {
+        // The embeddings topic has the engagements topic's partitions (a publisher refuses to
+        // start otherwise), which the consumer read before its first assignment.
+        let partitions = self.ownership.partition_count();
+        if partitions == 0 {
             return Ok(());
-        };
+        }
+        self.cache.set_partitions(partitions);
+        if self.consumer.is_none() {
+            self.consumer = Some(self.reader()?);
+        }
         let remote: BTreeSet<i32> = (0..partitions as i32)
             .filter(|q| !owned.partitions.contains(q))
             .collect();

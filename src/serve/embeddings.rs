@@ -2,8 +2,6 @@
 //! version, and the top-k targets by the model's score: exact over every row, or over a large
 //! type's approximate candidates ([`crate::serve::AnnIndexes`]), always scored exactly.
 
-use std::sync::atomic::Ordering;
-
 use actix_web::{get, web};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -49,14 +47,24 @@ fn resolve_node(
     id: &str,
     key: &str,
 ) -> Result<NodeRef, ApiError> {
-    let index = store
-        .node_index(node_type, id)?
-        .ok_or_else(|| ApiError::UnknownNode(key.to_owned()))?;
+    known_node(store, node_type, id, key)?.ok_or_else(|| ApiError::UnknownNode(key.to_owned()))
+}
+
+/// The node if the store holds it (`None`: it does not), an error if it was erased.
+fn known_node(
+    store: &GraphStore,
+    node_type: TypeId,
+    id: &str,
+    key: &str,
+) -> Result<Option<NodeRef>, ApiError> {
+    let Some(index) = store.node_index(node_type, id)? else {
+        return Ok(None);
+    };
     let node = NodeRef { node_type, index };
     if store.is_erased(node) {
         return Err(ApiError::Erased(key.to_owned()));
     }
-    Ok(node)
+    Ok(Some(node))
 }
 
 /// The served version, or 503.
@@ -128,9 +136,8 @@ fn lookup_embedding(
     let key = format!("{type_name}:{id}");
     let node_type = resolve_type(&state.store, type_name)?;
     let (partition, owned) = ownership_of(state, &key);
-    let known = state.store.node_index(node_type, id)?;
-    let erased = known.is_some_and(|index| state.store.is_erased(NodeRef { node_type, index }));
-    if !owned && !erased {
+    let known = known_node(&state.store, node_type, id, &key)?;
+    if !owned {
         if let Some(mut row) = state.remote.as_ref().and_then(|r| r.get(&key)) {
             // A biased type's record carries its bias after the embedding; the answer is the
             // embedding alone, as for rows this instance owns.
@@ -148,7 +155,7 @@ fn lookup_embedding(
             });
         }
     }
-    let node = resolve_node(&state.store, node_type, id, &key)?;
+    let node = known.ok_or_else(|| ApiError::UnknownNode(key.clone()))?;
     state.serving.with(|view| {
         let view = served(view)?;
         let row = node_row(view, node, &key)?;
@@ -177,7 +184,7 @@ fn lookup_embedding(
 /// The partition of `key` and whether this instance owns it (before the first assignment,
 /// when the partition count is unknown: owned).
 fn ownership_of(state: &HttpState, key: &str) -> (Option<i32>, bool) {
-    let partitions = state.ingest.topic_partitions.load(Ordering::Relaxed) as u32;
+    let partitions = state.ingest.ownership.partition_count();
     if partitions == 0 {
         return (None, true);
     }

@@ -167,7 +167,7 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
         topic: state.engagements_topic.clone(),
         broker_reachable: i.broker_up.load(Ordering::Relaxed),
         assigned_partitions: i.assigned_partitions.load(Ordering::Relaxed),
-        topic_partitions: i.topic_partitions.load(Ordering::Relaxed),
+        topic_partitions: i.ownership.partition_count().into(),
         partition_resets: i.partition_resets.load(Ordering::Relaxed),
         lag: i.lag.load(Ordering::Relaxed),
     };

@@ -882,16 +882,12 @@ async fn embeddings_of_nodes_owned_elsewhere_come_from_the_remote_cache() {
     use crate::publish::{Record, RowRecord, TopicRecord, VersionMarker};
     use crate::remote::{RemoteCache, TopicRead};
     use serde_json::json;
-    use std::sync::atomic::Ordering;
     const P: u32 = 4;
     let q = |key: &str| crate::partition::partition_of(key.as_bytes(), P) as i32;
     let owned = q("user:u1");
     let dir = tempfile::tempdir().unwrap();
     let mut state = state(store(dir.path()), served_view(), None);
-    state
-        .ingest
-        .topic_partitions
-        .store(P.into(), Ordering::Relaxed);
+    state.ingest.ownership.set_partition_count(P);
     state.ingest.ownership.assign(&[owned]);
     // A node the store knows and one it does not, in one partition owned elsewhere; and a node
     // the view serves in another partition owned elsewhere, which is not followed.

@@ -46,8 +46,7 @@ impl OwnedSources {
     pub fn keep(&mut self, store: &GraphStore, edges: Vec<Edge>) -> Result<Vec<Edge>, StoreError> {
         let owned = self.ownership.get();
         let partitions = self.ownership.partition_count();
-        if owned.generation == 0 || partitions == 0 || owned.partitions.len() >= partitions as usize
-        {
+        if partitions == 0 || owned.partitions.len() >= partitions as usize {
             return Ok(edges);
         }
         if partitions != self.partitions {
