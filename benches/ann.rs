@@ -316,6 +316,7 @@ fn main() {
         align_control: true,
         publish: None,
         remote: None,
+        exchange: None,
         bearer_token: None,
         rate: Default::default(),
         train: None,

@@ -37,6 +37,7 @@ pub mod align;
 pub mod app;
 pub mod changelog;
 pub mod config;
+pub mod exchange;
 pub mod ingest;
 pub mod kafka;
 pub mod offline;

@@ -88,6 +88,10 @@ pub const REMOTE_APPLY_DELAY_SECONDS: &str = "twhin_remote_apply_delay_seconds";
 pub const REMOTE_PARTITIONS: &str = "twhin_remote_partitions";
 /// Records of the published topics the follower could not decode (skipped).
 pub const REMOTE_SKIPPED_RECORDS: &str = "twhin_remote_skipped_records";
+/// Gradient rows of the exchange (`crate::exchange`), by `kind`: `sent` (to other owners, with
+/// a committed version), `applied` (to owned rows), `unknown` (a node the store does not know),
+/// `refreshed` (rows owned elsewhere replaced by their owner's published row).
+pub const EXCHANGE_ROWS: &str = "twhin_exchange_rows_total";
 
 /// Versions whose marker the broker acknowledged.
 pub const PUBLISH_VERSIONS: &str = "twhin_publish_versions_total";
@@ -297,6 +301,10 @@ fn describe() {
     describe_gauge!(
         REMOTE_SKIPPED_RECORDS,
         "Records of the published topics the remote follower could not decode"
+    );
+    describe_counter!(
+        EXCHANGE_ROWS,
+        "Gradient rows of the exchange, by kind (sent, applied, unknown, refreshed)"
     );
     describe_counter!(ACTOR_RESTARTS, "Actors restarted by their supervisor");
     describe_histogram!(

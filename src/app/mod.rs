@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::align::{AlignActor, AlignStatus, Aligner, PullController};
 use crate::config::{Comparator, Config, ValueFormat};
+use crate::exchange::{start_gradients_follower, GradientInbox};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
@@ -143,6 +144,8 @@ struct Daemon {
     publishing: Option<oneshot::Receiver<Ticker>>,
     /// The thread following other owners' partitions (`[remote]`); it ends with `stop`.
     remote: Option<std::thread::JoinHandle<()>>,
+    /// The thread reading the gradients other instances send (`remote.exchange_gradients`).
+    gradients: Option<std::thread::JoinHandle<()>>,
     http: actix_web::dev::ServerHandle,
 }
 
@@ -169,9 +172,19 @@ impl Daemon {
             Some(_) => Some(start_aligner(&cfg, align_status.clone())?),
             None => None,
         };
+        // The gradient exchange needs the cache (the rows owned elsewhere), the trainer and the
+        // publication (the windows go out with the versions).
+        let exchange = (cfg.remote.exchange_gradients
+            && cfg.remote.enabled
+            && o.core.is_some()
+            && o.publication.is_some())
+        .then(|| Arc::new(GradientInbox::default()));
         let trainer = o.core.map(|mut core| {
             // Each edge is trained by its source's owner, whatever else the store holds.
             core.train_owned_sources(ingest_status.ownership.clone());
+            if let Some(inbox) = &exchange {
+                core.exchange_gradients(inbox.clone());
+            }
             let status = trainer_status.clone().expect("made with the core");
             start_trainer(&cfg, core, o.store.clone(), status, o.device)
         });
@@ -180,7 +193,12 @@ impl Daemon {
         let model_turn = Arc::new(tokio::sync::Mutex::new(()));
         let ticker = match (o.publication, &trainer, &align) {
             (Some(publication), Some(trainer), Some(align)) => Some(Ticker {
-                publication: publication.with_freshness(ingest_status.freshness.clone()),
+                publication: match &exchange {
+                    Some(inbox) => publication
+                        .with_gradients(cfg.publish.transactional_id.clone(), inbox.clone()),
+                    None => publication,
+                }
+                .with_freshness(ingest_status.freshness.clone()),
                 store: o.store.clone(),
                 trainer: TrainerActorPort {
                     trainer: trainer.clone(),
@@ -219,10 +237,22 @@ impl Daemon {
             });
             handed_back
         });
-        let remote_cache = cfg
-            .remote
-            .enabled
-            .then(|| Arc::new(RemoteCache::new(cfg.remote.max_rows)));
+        let remote_cache = cfg.remote.enabled.then(|| {
+            let cache = RemoteCache::new(cfg.remote.max_rows);
+            Arc::new(match &exchange {
+                Some(inbox) => cache.refreshing(inbox.clone()),
+                None => cache,
+            })
+        });
+        let gradients = match &exchange {
+            Some(inbox) => Some(start_gradients_follower(
+                cfg.clone(),
+                inbox.clone(),
+                ingest_status.ownership.clone(),
+                stop_rx.clone(),
+            )?),
+            None => None,
+        };
         let remote = match &remote_cache {
             Some(cache) => Some(start_follower(
                 cfg.clone(),
@@ -246,6 +276,7 @@ impl Daemon {
             align_control: cfg.align.enabled,
             publish: publish_status,
             remote: remote_cache,
+            exchange,
             bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
             rate: Default::default(),
             train: Some(cfg.train.clone()),
@@ -266,6 +297,7 @@ impl Daemon {
             training,
             publishing,
             remote,
+            gradients,
             http,
         })
     }
@@ -327,6 +359,9 @@ impl Daemon {
             if let Err(e) = ticker.publication.persist_reference() {
                 warn!(error = %format!("{e:#}"), "writing the published reference failed");
             }
+        }
+        if let Some(gradients) = self.gradients {
+            let _ = actix_rt::task::spawn_blocking(move || gradients.join()).await;
         }
         if let Some(remote) = self.remote {
             let _ = actix_rt::task::spawn_blocking(move || remote.join()).await;

@@ -26,6 +26,9 @@ pub struct KafkaConfig {
     /// ([`crate::ingest`]): as many partitions as the engagements topic; empty in the file means
     /// `<group_id>.routed`.
     pub routed_topic: String,
+    /// Where the gradients of rows owned elsewhere go to their owner ([`crate::exchange`]): as
+    /// many partitions as the engagements topic; empty in the file means `<group_id>.gradients`.
+    pub gradients_topic: String,
     /// librdkafka properties for every client.
     #[serde(default)]
     pub common: BTreeMap<String, toml::Value>,
@@ -48,6 +51,7 @@ impl Validate for KafkaConfig {
             ("kafka.versions_topic", &k.versions_topic),
             ("kafka.changelog_topic", &k.changelog_topic),
             ("kafka.routed_topic", &k.routed_topic),
+            ("kafka.gradients_topic", &k.gradients_topic),
         ] {
             if v.trim().is_empty() {
                 return Err(invalid(key, "must not be empty"));
@@ -60,6 +64,7 @@ impl Validate for KafkaConfig {
             ("kafka.versions_topic", &k.versions_topic),
             ("kafka.changelog_topic", &k.changelog_topic),
             ("kafka.routed_topic", &k.routed_topic),
+            ("kafka.gradients_topic", &k.gradients_topic),
         ];
         for (i, (key, name)) in topics.iter().enumerate() {
             if let Some((other, _)) = topics[..i].iter().find(|(_, n)| n == name) {

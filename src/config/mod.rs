@@ -132,13 +132,17 @@ impl Config {
     /// key gives a daemon its own data folder.
     /// Also names the changelog after the consumer group when `kafka.changelog_topic` is empty
     /// (`<group_id>.changelog`, as Kafka Streams names a changelog after its application), so
-    /// that two deployments never share one; likewise the routed topic (`<group_id>.routed`).
+    /// that two deployments never share one; likewise the routed topic (`<group_id>.routed`) and the
+    /// gradients topic (`<group_id>.gradients`).
     pub fn derive_paths(&mut self) {
         if self.kafka.changelog_topic.is_empty() {
             self.kafka.changelog_topic = format!("{}.changelog", self.kafka.group_id);
         }
         if self.kafka.routed_topic.is_empty() {
             self.kafka.routed_topic = format!("{}.routed", self.kafka.group_id);
+        }
+        if self.kafka.gradients_topic.is_empty() {
+            self.kafka.gradients_topic = format!("{}.gradients", self.kafka.group_id);
         }
         if self.trainer.checkpoint_path.as_os_str().is_empty() {
             self.trainer.checkpoint_path = self.storage.path.join("checkpoints");

@@ -20,6 +20,12 @@ pub struct RemoteConfig {
     /// partition before assigning the new set, and following a partition begins by reading it
     /// from its start. Owning nothing (a rebalance under way) is never acted on.
     pub settle_ms: u64,
+    /// With several instances: send the gradients of rows owned elsewhere to their owners
+    /// (`kafka.gradients_topic`), apply those sent here, and replace the local copies of rows
+    /// owned elsewhere with their owners' published rows, so that the instances train one
+    /// model. Needs `enabled` (the rows come from the cache). Off: each instance trains its own
+    /// copies of other owners' rows, which nobody publishes.
+    pub exchange_gradients: bool,
 }
 
 impl Validate for RemoteConfig {
@@ -28,6 +34,12 @@ impl Validate for RemoteConfig {
             return Err(invalid(
                 "remote.max_rows",
                 "must be greater than 0 (set remote.enabled = false to cache nothing)",
+            ));
+        }
+        if self.exchange_gradients && !self.enabled {
+            return Err(invalid(
+                "remote.exchange_gradients",
+                "needs remote.enabled = true (the rows owned elsewhere come from the remote cache)",
             ));
         }
         positive("remote.settle_ms", self.settle_ms)

@@ -122,15 +122,16 @@ pub struct TopicDef {
     pub spec: TopicSpec,
 }
 
-/// The six topics, read from `kafka.topics_dir`, named by the config.
+/// The seven topics, read from `kafka.topics_dir`, named by the config.
 pub fn topic_defs(cfg: &Config) -> Result<Vec<TopicDef>, KafkaSetupError> {
-    let roles: [(&'static str, &String); 6] = [
+    let roles: [(&'static str, &String); 7] = [
         ("engagements", &cfg.kafka.engagements_topic),
         ("engagements-dlq", &cfg.kafka.dlq_topic),
         ("embeddings", &cfg.kafka.embeddings_topic),
         ("versions", &cfg.kafka.versions_topic),
         ("changelog", &cfg.kafka.changelog_topic),
         ("routed", &cfg.kafka.routed_topic),
+        ("gradients", &cfg.kafka.gradients_topic),
     ];
     roles
         .into_iter()

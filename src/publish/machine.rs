@@ -49,6 +49,7 @@ use crate::align::{
     Adopt, AlignActor, AlignFigures, Aligner, Assess, Assessed, Candidate, DriftPlan, Hold, Plan,
 };
 use crate::config::{Comparator, ValueFormat};
+use crate::exchange::{window_chunks, GradientChunk, GradientInbox, KeyedGradient, WindowId};
 use crate::persist;
 use crate::publish::{
     build_delta_version, row_mask, served_codes, Coding, Freshness, Ledger, PreparedVersion,
@@ -58,8 +59,8 @@ use crate::publish::{
 use crate::store::{GraphStore, NodeRef};
 use crate::telemetry as m;
 use crate::train::{
-    load_snapshot, save_snapshot, Checkpoints, DeltaRequest, ModelDelta, RestoreCheckpoint, Rotate,
-    SetPull, Snapshot, TakeDelta, TrainerActor, TrainerCore,
+    load_snapshot, save_snapshot, Checkpoints, DeltaRequest, ModelDelta, NodeGradient,
+    RestoreCheckpoint, Rotate, SetPull, Snapshot, TakeDelta, TrainerActor, TrainerCore,
 };
 
 /// The persisted reference's file stem in `publish.path`.
@@ -333,6 +334,16 @@ pub struct Publication {
     retried_rows: Vec<Tensor>,
     /// The partitions versions cover ([`Publication::rescope`]; offline, the one partition).
     scope: Scope,
+    /// With the gradient exchange: who sends (`publish.transactional_id`), the counters, and
+    /// the windows taken from the trainer and not committed yet (each attempt sends them all).
+    gradients: Option<GradientSender>,
+}
+
+/// The publication's side of the gradient exchange.
+struct GradientSender {
+    sender: String,
+    inbox: Arc<GradientInbox>,
+    pending: Arc<Vec<GradientChunk>>,
 }
 
 /// The published reference is written whole (every row), so not once per version: a crash
@@ -403,6 +414,7 @@ impl Publication {
             served_codes: None,
             retried_rows: Vec::new(),
             scope: Scope::whole(1),
+            gradients: None,
         })
     }
 
@@ -433,6 +445,60 @@ impl Publication {
         }
         self.scope = scope;
         Ok(base)
+    }
+
+    /// Send the gradients the trainer summed for other owners with each version, as `sender`,
+    /// counting them in `inbox`'s figures.
+    pub fn with_gradients(mut self, sender: String, inbox: Arc<GradientInbox>) -> Publication {
+        self.gradients = Some(GradientSender {
+            sender,
+            inbox,
+            pending: Arc::default(),
+        });
+        self
+    }
+
+    /// Turn the delta's gradients into the records of a window of this attempt, added to those
+    /// still pending.
+    fn take_gradients(
+        &mut self,
+        store: &GraphStore,
+        version: u64,
+        epoch: u64,
+        delta: &mut ModelDelta,
+    ) -> anyhow::Result<()> {
+        let taken = std::mem::take(&mut delta.gradients);
+        let Some(g) = self.gradients.as_mut().filter(|_| !taken.is_empty()) else {
+            return Ok(());
+        };
+        let types = &store.stored_schema().node_types;
+        let mut rows = Vec::with_capacity(taken.len());
+        for NodeGradient {
+            node,
+            steps,
+            grad,
+            bias,
+        } in taken
+        {
+            let Some(id) = store.node_id(node)? else {
+                continue;
+            };
+            rows.push(KeyedGradient {
+                key: format!("{}:{id}", types[node.node_type as usize]),
+                steps,
+                grad,
+                bias,
+            });
+        }
+        let window = WindowId {
+            sender: g.sender.clone(),
+            version,
+            epoch,
+        };
+        let mut pending = g.pending.as_ref().clone();
+        pending.extend(window_chunks(&window, rows, self.scope.partitions()));
+        g.pending = Arc::new(pending);
+        Ok(())
     }
 
     /// Code node rows with `quantizer`'s codebooks (`publish.format = "pq"`).
@@ -509,11 +575,17 @@ impl Publication {
                 pause,
             } => (delta, assessed, pause),
         };
+        let mut delta = delta;
+        self.take_gradients(store, version, epoch, &mut delta)?;
         let taken = Instant::now();
-        let Some(built) = self.build(store, version, epoch, delta, &assessed)? else {
+        let Some(mut built) = self.build(store, version, epoch, delta, &assessed)? else {
+            // Pending gradients wait for the next version.
             self.full_next = false;
             return Ok(Outcome::Unchanged);
         };
+        if let Some(g) = &self.gradients {
+            built.prepared.gradients = g.pending.clone();
+        }
         let timing = Timing {
             started,
             pause_ms: pause.as_secs_f64() * 1e3,
@@ -728,6 +800,13 @@ impl Publication {
             self.status.bases.fetch_add(1, Ordering::Relaxed);
         }
         self.retried_rows.clear();
+        if let Some(g) = &mut self.gradients {
+            let parts = g.pending.len() as u64;
+            let rows: usize = g.pending.iter().map(|c| c.rows.len()).sum();
+            g.inbox.count_sent(parts, rows as u64);
+            metrics::counter!(m::EXCHANGE_ROWS, "kind" => "sent").increment(rows as u64);
+            g.pending = Arc::default();
+        }
         if let (Some(q), Some(coding)) = (&mut self.quantizer, coding) {
             self.status.record_coding(&coding);
             q.commit(coding)?;

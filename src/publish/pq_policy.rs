@@ -272,6 +272,7 @@ mod tests {
             scope: crate::publish::Scope::whole(1),
             newest_ts: 0,
             cursor: 0,
+            gradients: Default::default(),
         }
     }
 

@@ -218,6 +218,7 @@ impl KafkaSink {
             acks.push(ack);
         }
         await_acks(acks, timeout, version, topic).await?;
+        self.send_gradients(producer, prepared, version).await?;
         if let Some(fence) = &self.fence {
             let now = fence.generation();
             anyhow::ensure!(
@@ -245,6 +246,38 @@ impl KafkaSink {
             marker_acks.push(ack);
         }
         await_acks(marker_acks, timeout, version, versions_topic).await?;
+        Ok(())
+    }
+
+    /// The gradients for other owners ([`crate::exchange`]), each chunk to its partition of the
+    /// gradients topic, keyed by the sender; before the markers, in the same transaction.
+    async fn send_gradients(
+        &self,
+        producer: &FutureProducer,
+        prepared: &PreparedVersion,
+        version: u64,
+    ) -> anyhow::Result<()> {
+        if prepared.gradients.is_empty() {
+            return Ok(());
+        }
+        let topic = &self.cfg.kafka.gradients_topic;
+        let mut acks = Vec::with_capacity(prepared.gradients.len());
+        for chunk in prepared.gradients.iter() {
+            let payload = chunk.encode();
+            let record = FutureRecord::to(topic)
+                .key(&chunk.window.sender)
+                .payload(&payload)
+                .partition(chunk.partition);
+            let ack = send_retrying(producer, record).await.with_context(|| {
+                format!(
+                    "producing gradients (window {}.{}) to {topic} partition {}",
+                    chunk.window.version, chunk.window.epoch, chunk.partition
+                )
+            })?;
+            acks.push(ack);
+        }
+        let timeout = Duration::from_millis(self.cfg.publish.delivery_timeout_ms);
+        await_acks(acks, timeout, version, topic).await?;
         Ok(())
     }
 

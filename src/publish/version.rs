@@ -20,11 +20,13 @@
 //! composed of.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
+use crate::exchange::GradientChunk;
 use crate::publish::rows::in_chunks;
 use crate::publish::{
     AttemptRef, Codebooks, CodebooksRecord, RowRef, Scope, VersionMarker, VersionRows,
@@ -55,6 +57,9 @@ pub struct PreparedVersion {
     pub newest_ts: i64,
     /// Every stored edge before this sequence number was trained into the version.
     pub cursor: u64,
+    /// The gradients sent with the version to other owners (the gradients topic, in its
+    /// transaction): every window taken and not committed yet, each under its own id.
+    pub gradients: Arc<Vec<GradientChunk>>,
 }
 
 /// One committed version's parameters as subscribers hold them, on the CPU (what the serving API
@@ -301,6 +306,7 @@ pub fn build_delta_version(
             scope: req.scope.clone(),
             newest_ts: newest,
             cursor: delta.cursor,
+            gradients: Arc::default(),
         },
         ViewUpdate {
             tables: update,
@@ -593,6 +599,7 @@ mod tests {
             relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
             samples: Vec::new(),
             cursor: 9,
+            gradients: Vec::new(),
         };
         let scope = Scope::owned(
             4,
@@ -687,6 +694,7 @@ mod tests {
             relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
             samples: Vec::new(),
             cursor: 9,
+            gradients: Vec::new(),
         };
         let req = request(&[]);
         let d = delta(&[1, 3, 8, 9], &values);
@@ -764,6 +772,7 @@ mod tests {
             relations: reference.relations.copy(),
             samples: Vec::new(),
             cursor: 3,
+            gradients: Vec::new(),
         };
         let moved = delta(
             &[1.0, 1.0, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0],
@@ -827,6 +836,7 @@ mod tests {
             relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
             samples: Vec::new(),
             cursor: 3,
+            gradients: Vec::new(),
         };
         let req = |tombstones| VersionRequest {
             version: 1,

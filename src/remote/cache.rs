@@ -3,9 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use std::sync::Arc;
+
 use parking_lot::RwLock;
 use serde::Serialize;
 
+use crate::exchange::GradientInbox;
 use crate::partition::partition_of;
 use crate::publish::TopicRecord;
 use crate::subscriber::{Applied, VersionAssembler};
@@ -84,6 +87,9 @@ pub struct RemotePartition {
 pub struct RemoteCache {
     max_rows: usize,
     inner: RwLock<Inner>,
+    /// With the gradient exchange: where the rows of versions applied live go, for the
+    /// trainer's copies of them.
+    refresh: Option<Arc<GradientInbox>>,
 }
 
 #[derive(Debug, Default)]
@@ -126,7 +132,15 @@ impl RemoteCache {
         RemoteCache {
             max_rows,
             inner: RwLock::default(),
+            refresh: None,
         }
+    }
+
+    /// Hand the rows of every version applied live to `inbox` (the trainer replaces its copies
+    /// of rows owned elsewhere with them).
+    pub fn refreshing(mut self, inbox: Arc<GradientInbox>) -> RemoteCache {
+        self.refresh = Some(inbox);
+        self
     }
 
     /// The embeddings topic's partition count, which places every key.
@@ -217,6 +231,14 @@ impl RemoteCache {
             if !done.is_empty() {
                 applied += done.len() as u64;
                 delays.extend(followed.settle(q, &done, now_ms));
+                if let (Some(inbox), None) = (&self.refresh, only) {
+                    let versions: BTreeSet<u64> = done.iter().map(|a| a.version).collect();
+                    inbox.push_refreshed(
+                        (followed.assembler.table().iter())
+                            .filter(|(_, e)| versions.contains(&e.version))
+                            .map(|(k, e)| (k.clone(), e.vector.clone())),
+                    );
+                }
             }
         }
         inner.versions_applied += applied;

@@ -57,6 +57,8 @@ pub struct HttpState {
     pub publish: Option<Arc<PublishStatus>>,
     /// Rows of partitions owned elsewhere (`[remote]`); `None` when `remote.enabled` is false.
     pub remote: Option<Arc<crate::remote::RemoteCache>>,
+    /// The gradient exchange's counters (`remote.exchange_gradients`); `None` when off.
+    pub exchange: Option<Arc<crate::exchange::GradientInbox>>,
     /// `http.bearer_token`; `None`: no authentication.
     pub bearer_token: Option<String>,
     /// Samples of the consumed counter behind the recent ingest rate in `/v1/status`.

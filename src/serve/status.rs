@@ -31,6 +31,9 @@ pub(super) struct Status {
     /// Rows of partitions owned elsewhere and how stale they are; `null` when `remote.enabled`
     /// is false.
     pub remote: Option<crate::remote::RemoteFigures>,
+    /// The gradient exchange between instances (counters since start); `null` when
+    /// `remote.exchange_gradients` is off.
+    pub exchange: Option<crate::exchange::ExchangeFigures>,
     pub torch: TorchInfo,
 }
 
@@ -188,6 +191,7 @@ pub(super) async fn status_doc(state: web::Data<HttpState>) -> Result<web::Json<
         align: state.align.report(state.align_control),
         ann: state.serving.ann().map(|a| a.figures()),
         remote: (state.remote.as_ref()).map(|r| r.figures(crate::persist::now_ms())),
+        exchange: state.exchange.as_ref().map(|e| e.figures()),
         torch: state.torch.clone(),
     }))
 }

@@ -121,6 +121,7 @@ fn state(store: Arc<GraphStore>, serving: ServingView, token: Option<&str>) -> H
         align_control: true,
         publish: None,
         remote: None,
+        exchange: None,
         bearer_token: token.map(Into::into),
         rate: Mutex::default(),
         train: None,

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 use tracing::warn;
 
+use crate::exchange::ExchangePosition;
 use crate::persist;
 use crate::train::Embeddings;
 
@@ -59,6 +60,10 @@ pub struct CheckpointMeta {
     pub dim: i64,
     pub rows: Vec<i64>,
     pub tensors_crc32: u32,
+    /// With the gradient exchange: where the gradients topic is read from and which windows
+    /// are in these tables (absent in checkpoints written without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<ExchangePosition>,
 }
 
 /// A loaded checkpoint, and the newer ones that were found unusable on the way to it.
@@ -142,6 +147,17 @@ impl Checkpoints {
         cursor: u64,
         schema_fingerprint: u32,
     ) -> Result<u64, CheckpointError> {
+        self.save_with(model, cursor, schema_fingerprint, None)
+    }
+
+    /// [`Checkpoints::save`] with the gradient exchange's position.
+    pub fn save_with(
+        &self,
+        model: &Embeddings,
+        cursor: u64,
+        schema_fingerprint: u32,
+        exchange: Option<&ExchangePosition>,
+    ) -> Result<u64, CheckpointError> {
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let version = self.versions()?.first().map_or(1, |v| v + 1);
         let dir = self.version_dir(version);
@@ -199,6 +215,7 @@ impl Checkpoints {
             dim: model.dim,
             rows: model.tables.iter().map(|t| t.len()).collect(),
             tensors_crc32: crc,
+            exchange: exchange.cloned(),
         };
         let meta_path = dir.join(META);
         persist::write_synced(

@@ -9,6 +9,7 @@
 mod actor;
 mod checkpoint;
 mod device;
+mod foreign;
 mod history;
 mod logistic_host;
 mod loss;
@@ -36,6 +37,7 @@ pub use checkpoint::{schema_fingerprint, Checkpoints};
 pub(crate) use checkpoint::{CheckpointError, ResumedFrom};
 pub(crate) use device::TorchInfo;
 pub use device::{info, resolve};
+pub use foreign::{ForeignRows, NodeGradient};
 pub(crate) use history::{
     compose, history_targets, history_weights, history_with_rows, interest_groups,
     interest_sources, mixture,
@@ -60,7 +62,10 @@ pub use snapshot::{DeltaRequest, ModelDelta, Snapshot, TableDelta};
 pub use start::{PublishedRows, StartedFrom};
 pub(crate) use status::{TrainStepTaken, TrainerFigures, TrainerStatus};
 pub(crate) use step::rows_needed;
-pub use step::{ensure_rows, train_step, train_step_autograd, train_step_with, Pull, StepStats};
+pub use step::{
+    ensure_rows, train_step, train_step_autograd, train_step_tapped, train_step_with, GradientTap,
+    Pull, StepStats,
+};
 pub use trainer::TrainerCore;
 pub(crate) use trainer::{StepReport, TrainerError};
 pub(crate) use warm::warm_rows;

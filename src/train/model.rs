@@ -223,6 +223,35 @@ impl NodeTable {
         });
     }
 
+    /// Apply gradients summed over several steps (`steps`: `[n]` Float, how many each row's sum
+    /// is over) as that many steps of their mean: the state grows by `steps · mean²` (what the
+    /// steps would have added, to first order) and the row moves by the sum over the
+    /// denominator, where one Adagrad step of the sum would add `sum²` (`steps`² times as much)
+    /// and slow the row's every later step. With `steps` all 1 it is [`NodeTable::adagrad`].
+    pub fn adagrad_summed(&mut self, rows: &Tensor, grad: &Tensor, steps: &Tensor, lr: f64) {
+        tch::no_grad(|| {
+            let g2 = grad.square().mean_dim(1, false, Kind::Float) / steps;
+            let read = self.state.index_select(0, rows);
+            let state = read.where_self(&read.ge(0.0), &(-&read * &g2));
+            let denom = (&state + &g2).sqrt() + ADAGRAD_EPS;
+            let _ = self.state.index_add_(0, rows, &(state - read + &g2));
+            let step = grad / denom.unsqueeze(1) * (-lr);
+            let _ = self.weights.index_add_(0, rows, &step);
+            let _ = self.dirty.index_fill_(0, rows, 1);
+        });
+    }
+
+    /// [`NodeTable::adagrad_bias`] of summed gradients (see [`NodeTable::adagrad_summed`]).
+    pub fn adagrad_bias_summed(&mut self, rows: &Tensor, grad: &Tensor, steps: &Tensor, lr: f64) {
+        tch::no_grad(|| {
+            let g2 = grad.square() / steps;
+            let denom = (self.bias_state.index_select(0, rows) + &g2).sqrt() + ADAGRAD_EPS;
+            let _ = self.bias_state.index_add_(0, rows, &g2);
+            let _ = self.bias.index_add_(0, rows, &(grad / denom * (-lr)));
+            let _ = self.dirty.index_fill_(0, rows, 1);
+        });
+    }
+
     /// Apply one sparse Adagrad step to `rows` (unique indices) with their gradients `[n, D]`.
     pub fn adagrad(&mut self, rows: &Tensor, grad: &Tensor, lr: f64) {
         if self.adagrad_on_host(rows, grad, lr) {
@@ -471,6 +500,43 @@ mod tests {
 
     fn vals(x: &Tensor) -> Vec<f32> {
         Vec::<f32>::try_from(x.reshape([-1]).to_device(Device::Cpu)).unwrap()
+    }
+
+    #[test]
+    fn a_summed_gradient_counts_as_its_steps() {
+        let table = || {
+            let mut t = NodeTable::new(2, Device::Cpu);
+            t.grow(2, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+            t
+        };
+        let rows = Tensor::from_slice(&[1i64]);
+        let g = Tensor::from_slice(&[0.6f32, -0.8]).reshape([1, 2]);
+        // One step's gradient: the plain step.
+        let (mut a, mut b) = (table(), table());
+        a.adagrad(&rows, &g, 0.1);
+        b.adagrad_summed(&rows, &g, &Tensor::from_slice(&[1.0f32]), 0.1);
+        assert_eq!(vals(&a.rows()), vals(&b.rows()));
+        assert_eq!(vals(&a.state), vals(&b.state));
+        // Four steps of g summed: the state grows by 4 · mean(g²) = 4 · 0.5 (not 16 · 0.5), and
+        // the row moves by 4g / √2 · lr.
+        let mut c = table();
+        c.adagrad_summed(&rows, &(&g * 4.0), &Tensor::from_slice(&[4.0f32]), 0.1);
+        assert!((vals(&c.state)[1] - 2.0).abs() < 1e-6);
+        let moved = vals(&c.rows());
+        let want = [
+            -4.0 * 0.6 / 2f32.sqrt() * 0.1,
+            4.0 * 0.8 / 2f32.sqrt() * 0.1,
+        ];
+        assert!(
+            (moved[2] - want[0]).abs() < 1e-5 && (moved[3] - want[1]).abs() < 1e-5,
+            "{moved:?}"
+        );
+        let mut d = table();
+        d.biased = true;
+        let bias = Tensor::from_slice(&[2.0f32]);
+        d.adagrad_bias_summed(&rows, &bias, &Tensor::from_slice(&[4.0f32]), 0.1);
+        // state 2²/4 = 1; the bias moves by −0.1 · 2 / √1.
+        assert!((vals(&d.biases())[1] + 0.2).abs() < 1e-5);
     }
 
     #[test]

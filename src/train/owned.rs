@@ -42,16 +42,40 @@ impl OwnedSources {
         self.ownership.get().partitions.is_empty()
     }
 
-    /// `edges` without those whose source another instance owns (the ownership now).
-    pub fn keep(&mut self, store: &GraphStore, edges: Vec<Edge>) -> Result<Vec<Edge>, StoreError> {
-        let owned = self.ownership.get();
+    /// The partitions owned now (sorted).
+    pub fn owned_now(&self) -> Vec<i32> {
+        self.ownership.get().partitions
+    }
+
+    /// Whether another instance owns some partition now (the rows of the model are split
+    /// between owners).
+    pub fn shared(&self) -> bool {
+        let partitions = self.ownership.partition_count() as usize;
+        partitions > 0 && self.ownership.get().partitions.len() < partitions
+    }
+
+    /// The partition of `node` (its key's, among the partitions there are now).
+    pub fn partition(&mut self, store: &GraphStore, node: NodeRef) -> Result<i32, StoreError> {
+        self.count_partitions();
+        self.partition_of(store, node, &mut Vec::new())
+    }
+
+    /// Follow the partition count, forgetting what was looked up under another.
+    fn count_partitions(&mut self) -> u32 {
         let partitions = self.ownership.partition_count();
-        if partitions == 0 || owned.partitions.len() >= partitions as usize {
-            return Ok(edges);
-        }
         if partitions != self.partitions {
             self.by_row.clear();
             self.partitions = partitions;
+        }
+        partitions
+    }
+
+    /// `edges` without those whose source another instance owns (the ownership now).
+    pub fn keep(&mut self, store: &GraphStore, edges: Vec<Edge>) -> Result<Vec<Edge>, StoreError> {
+        let owned = self.ownership.get();
+        let partitions = self.count_partitions();
+        if partitions == 0 || owned.partitions.len() >= partitions as usize {
+            return Ok(edges);
         }
         let mut key = Vec::new();
         let mut out = Vec::with_capacity(edges.len());

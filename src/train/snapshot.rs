@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::persist;
+use crate::train::NodeGradient;
 
 /// One model state's parameters on the CPU.
 #[derive(Debug)]
@@ -70,6 +71,9 @@ pub struct ModelDelta {
     pub samples: Vec<Vec<(Tensor, Tensor)>>,
     /// Every stored edge before this sequence number is trained in.
     pub cursor: u64,
+    /// With the gradient exchange: the gradients of rows other instances own, summed per node
+    /// since the previous take (the version sends them to their owners).
+    pub gradients: Vec<NodeGradient>,
 }
 
 impl ModelDelta {

@@ -273,6 +273,13 @@ fn apply_pull(
     })
 }
 
+/// What a step's gradients are shown to before the update ([`train_step_tapped`]): per table, the
+/// touched rows (`[k]` Int64), their gradients (`[k, D]`) and, for a biased table, their bias
+/// gradients (`[k]`). The gradient exchange takes the rows another instance owns from it.
+pub trait GradientTap {
+    fn rows(&mut self, table: usize, rows: &Tensor, grad: &Tensor, bias: Option<&Tensor>);
+}
+
 /// One step on `edges` (see the module docs).
 pub fn train_step(
     model: &mut Embeddings,
@@ -304,7 +311,21 @@ pub fn train_step_with(
     history: Option<History<'_>>,
 ) -> StepStats {
     let by_hand = p.comparator == Comparator::Dot;
-    step_on(model, edges, p, rng, pull, history, by_hand)
+    step_on(model, edges, p, rng, pull, history, by_hand, None)
+}
+
+/// [`train_step_with`], its finite gradients shown to `tap` before they are applied.
+pub fn train_step_tapped(
+    model: &mut Embeddings,
+    edges: &[Edge],
+    p: &TrainParams,
+    rng: &mut SmallRng,
+    pull: Option<&Pull<'_>>,
+    history: Option<History<'_>>,
+    tap: &mut dyn GradientTap,
+) -> StepStats {
+    let by_hand = p.comparator == Comparator::Dot;
+    step_on(model, edges, p, rng, pull, history, by_hand, Some(tap))
 }
 
 /// [`train_step_with`] on autograd whatever the comparator (the dot comparator's step derives its
@@ -317,10 +338,11 @@ pub fn train_step_autograd(
     pull: Option<&Pull<'_>>,
     history: Option<History<'_>>,
 ) -> StepStats {
-    step_on(model, edges, p, rng, pull, history, false)
+    step_on(model, edges, p, rng, pull, history, false, None)
 }
 
 /// Groups → scores → loss → gradients (by hand, or by autograd) → update.
+#[allow(clippy::too_many_arguments)]
 fn step_on(
     model: &mut Embeddings,
     edges: &[Edge],
@@ -329,6 +351,7 @@ fn step_on(
     pull: Option<&Pull<'_>>,
     history: Option<History<'_>>,
     by_hand: bool,
+    tap: Option<&mut dyn GradientTap>,
 ) -> StepStats {
     if edges.is_empty() {
         return StepStats {
@@ -349,7 +372,7 @@ fn step_on(
             let weight = g.src.len() as f64 / n as f64;
             loss += weight * dot::group_loss_and_grads(g, &leaves, p, device, weight, &mut grads);
         }
-        return apply(model, &leaves, loss, Some(grads), n, p, pull);
+        return apply(model, &leaves, loss, Some(grads), n, p, pull, tap);
     }
     let mut total = Tensor::zeros([], (Kind::Float, device));
     for g in &groups {
@@ -358,7 +381,7 @@ fn step_on(
     let total = total / n as f64;
     let loss = total.double_value(&[]);
     let grads = loss.is_finite().then(|| autograd(&leaves, &total));
-    apply(model, &leaves, loss, grads, n, p, pull)
+    apply(model, &leaves, loss, grads, n, p, pull, tap)
 }
 
 /// Edges grouped by their endpoint types, each with its negatives drawn and every row it uses
@@ -757,7 +780,8 @@ fn autograd(leaves: &Leaves, total: &Tensor) -> Grads {
 }
 
 /// When the loss and every gradient are finite, the Adagrad updates and the pull toward the
-/// reference (`grads` is `None` when the loss was not finite).
+/// reference (`grads` is `None` when the loss was not finite), the gradients shown to `tap` first.
+#[allow(clippy::too_many_arguments)]
 fn apply(
     model: &mut Embeddings,
     leaves: &Leaves,
@@ -766,6 +790,7 @@ fn apply(
     n_edges: usize,
     p: &TrainParams,
     pull: Option<&Pull<'_>>,
+    tap: Option<&mut dyn GradientTap>,
 ) -> StepStats {
     let skipped = StepStats {
         loss,
@@ -789,6 +814,13 @@ fn apply(
         return skipped;
     }
     let leaves = &leaves.rows;
+    if let Some(tap) = tap {
+        for (t, (leaf, grad)) in leaves.iter().zip(&grads.rows).enumerate() {
+            if let (Some((idx, _)), Some(grad)) = (leaf, grad) {
+                tap.rows(t, idx, grad, grads.biases[t].as_ref());
+            }
+        }
+    }
     for (t, (leaf, grad)) in leaves.iter().zip(&grads.rows).enumerate() {
         if let (Some((idx, _)), Some(grad)) = (leaf, grad) {
             model.tables[t].adagrad(idx, grad, p.lr);

@@ -25,13 +25,15 @@ use tch::{Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::{Config, TrainerConfig};
+use crate::exchange::{ExchangePosition, GradientInbox};
 use crate::store::{Edge, GraphStore, NodeRef, StoreError};
 use crate::train::start::{take_published, PublishedRows, StartedFrom};
 use crate::train::{
     history_targets, history_with_rows, known_targets, non_finite_rows, rows_needed,
-    schema_fingerprint, target_ranks, train_step_with, warm_rows, CheckpointError, Checkpoints,
-    DeltaRequest, Embeddings, History, ModelDelta, OwnedSources, Pull, RankWindow, ResumedFrom,
-    Snapshot, StepStats, TableDelta, TargetQuery, TrainParams,
+    schema_fingerprint, target_ranks, train_step_tapped, train_step_with, warm_rows,
+    CheckpointError, Checkpoints, DeltaRequest, Embeddings, ForeignRows, History, ModelDelta,
+    OwnedSources, Pull, RankWindow, ResumedFrom, Snapshot, StepStats, TableDelta, TargetQuery,
+    TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,11 @@ pub struct TrainerCore {
     /// With several instances: only edges whose source this instance owns are trained
     /// (`None`: every edge, as offline).
     sources: Option<OwnedSources>,
+    /// With several instances and `remote.exchange_gradients`: the gradient exchange.
+    foreign: Option<ForeignRows>,
+    /// The exchange position of the checkpoint [`TrainerCore::open`] resumed from, until the
+    /// exchange starts.
+    resumed_exchange: Option<ExchangePosition>,
 }
 
 /// Rows [`TrainerCore::take_delta`] scans for non-finite values besides the written ones (all of
@@ -174,6 +181,8 @@ impl TrainerCore {
             resumed_from: None,
             started_from: None,
             sources: None,
+            foreign: None,
+            resumed_exchange: None,
             rng: SmallRng::seed_from_u64(params.seed ^ cursor),
             batch: params.batch_size,
             window: RankWindow::new(opts.prequential_window),
@@ -232,6 +241,7 @@ impl TrainerCore {
                 // The config decides which tables carry a bias (a new one starts at zero).
                 model.set_biased(&store.stored_schema().node_types, &params.bias_types);
                 let mut core = TrainerCore::resume(model, r.meta.cursor, params, opts);
+                core.resumed_exchange = r.meta.exchange;
                 core.resumed_from = Some(ResumedFrom {
                     version: r.meta.version,
                     cursor: r.meta.cursor,
@@ -298,7 +308,14 @@ impl TrainerCore {
             batch_size: self.batch,
             ..Default::default()
         };
-        if backlog == 0 || self.sources.as_ref().is_some_and(OwnedSources::paused) {
+        if self.sources.as_ref().is_some_and(OwnedSources::paused) {
+            return Ok(report);
+        }
+        if let (Some(foreign), Some(sources)) = (&mut self.foreign, &mut self.sources) {
+            let (lr, init) = (self.params.lr, self.params.init_scale);
+            foreign.take_in(&mut self.model, store, sources, lr, init)?;
+        }
+        if backlog == 0 {
             return Ok(report);
         }
         let read = store.edges_from(self.cursor, self.batch)?;
@@ -333,7 +350,7 @@ impl TrainerCore {
         report.new_edges = edges.len();
         edges.extend(self.replayed(store, replay, trained.as_deref())?);
         report.replayed = edges.len() - report.new_edges;
-        report.stats = Some(self.train_on(store, &edges));
+        report.stats = Some(self.train_on(store, &edges)?);
         for e in &edges[..report.new_edges] {
             for n in [e.src, e.dst] {
                 let ts = &mut self.row_ts[n.node_type as usize];
@@ -374,7 +391,7 @@ impl TrainerCore {
         edges.shuffle(&mut self.rng);
         let (mut loss, mut n) = (0.0, 0usize);
         for chunk in edges.chunks(self.params.batch_size.max(1)) {
-            let stats = self.train_on(store, chunk);
+            let stats = self.train_on(store, chunk)?;
             if !stats.skipped {
                 loss += stats.loss * stats.edges as f64;
                 n += stats.edges;
@@ -384,8 +401,9 @@ impl TrainerCore {
     }
 
     /// One step on `edges`, pulled toward the published version, with the user model's
-    /// histories read from the store.
-    fn train_on(&mut self, store: &GraphStore, edges: &[Edge]) -> StepStats {
+    /// histories read from the store; with the gradient exchange, the gradients of rows owned
+    /// elsewhere are summed for their owners.
+    fn train_on(&mut self, store: &GraphStore, edges: &[Edge]) -> Result<StepStats, StoreError> {
         let pull = self.pull_target.as_ref().map(|r| Pull {
             tables: &r.tables,
             relations: &r.relations,
@@ -396,14 +414,32 @@ impl TrainerCore {
             history_targets(params, store, n, dst_type, u64::MAX).unwrap_or_default()
         };
         let history = self.history_on(store).then_some(&lookup as History<'_>);
-        train_step_with(
+        if let (Some(foreign), Some(sources)) = (&mut self.foreign, &mut self.sources) {
+            if sources.shared() {
+                let mut tap = foreign.tap(sources, store);
+                let stats = train_step_tapped(
+                    &mut self.model,
+                    edges,
+                    &self.params,
+                    &mut self.rng,
+                    pull.as_ref(),
+                    history,
+                    &mut tap,
+                );
+                return match tap.error {
+                    Some(e) => Err(e),
+                    None => Ok(stats),
+                };
+            }
+        }
+        Ok(train_step_with(
             &mut self.model,
             edges,
             &self.params,
             &mut self.rng,
             pull.as_ref(),
             history,
-        )
+        ))
     }
 
     /// Take in the nodes erased since the last call and zero their rows (after a restart, every
@@ -481,6 +517,19 @@ impl TrainerCore {
     /// (see [`OwnedSources`]).
     pub fn train_owned_sources(&mut self, ownership: std::sync::Arc<crate::partition::Ownership>) {
         self.sources = Some(OwnedSources::new(ownership));
+    }
+
+    /// Exchange the gradients of rows owned elsewhere through `inbox` (see [`ForeignRows`]),
+    /// starting where the checkpoint this trainer resumed from left the gradients topic. Needs
+    /// [`TrainerCore::train_owned_sources`].
+    pub fn exchange_gradients(&mut self, inbox: std::sync::Arc<GradientInbox>) {
+        let position = self.resumed_exchange.take().unwrap_or_default();
+        self.foreign = Some(ForeignRows::new(inbox, position));
+    }
+
+    /// Where the gradient exchange reads from and what it applied (`None`: no exchange).
+    pub fn exchange_position(&self) -> Option<&ExchangePosition> {
+        self.foreign.as_ref().map(ForeignRows::position)
     }
 
     /// The ownership [`TrainerCore::train_owned_sources`] gave, if any.
@@ -662,6 +711,7 @@ impl TrainerCore {
                 relations: self.model.relations.to_device(Device::Cpu).copy(),
                 samples,
                 cursor: self.cursor,
+                gradients: (self.foreign.as_mut()).map_or_else(Vec::new, ForeignRows::take_outbox),
             }
         })
     }
@@ -804,8 +854,8 @@ impl TrainerCore {
     ) -> Result<u64, CheckpointError> {
         let device = self.model.device;
         let biased: Vec<bool> = self.model.tables.iter().map(|t| t.biased).collect();
-        let (mut model, cursor, version) = match ckpts.load(fingerprint, device)? {
-            Some(r) => (r.model, r.meta.cursor, r.meta.version),
+        let (mut model, cursor, version, exchange) = match ckpts.load(fingerprint, device)? {
+            Some(r) => (r.model, r.meta.cursor, r.meta.version, r.meta.exchange),
             None => (
                 Embeddings::new(
                     self.model.tables.len(),
@@ -816,8 +866,12 @@ impl TrainerCore {
                 ),
                 0,
                 0,
+                None,
             ),
         };
+        if let Some(foreign) = &mut self.foreign {
+            foreign.went_back(exchange.unwrap_or_default());
+        }
         for (table, on) in model.tables.iter_mut().zip(biased) {
             table.biased = on;
         }
@@ -842,7 +896,8 @@ impl TrainerCore {
         if rows > 0 {
             return Err(TrainerError::NonFinite { rows });
         }
-        Ok(ckpts.save(&self.model, self.cursor, fingerprint)?)
+        let exchange = self.foreign.as_ref().map(ForeignRows::position);
+        Ok(ckpts.save_with(&self.model, self.cursor, fingerprint, exchange)?)
     }
 }
 

@@ -1,0 +1,164 @@
+//! What the follower hands the trainer and back: whole window parts, where to read again from,
+//! and the rows the remote cache applied. Shared, lock-guarded queues: neither side waits on the
+//! other.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::exchange::{WindowId, WindowPart};
+use crate::telemetry as m;
+
+/// Window parts remembered per sender as applied, at most: a re-read after a rewind, or a
+/// window read twice, is recognised among this many of the sender's newest.
+const APPLIED_KEPT: usize = 4096;
+
+/// Rows applied by the cache waiting for the trainer, at most (newer rows of a key replace
+/// older ones; past this, the oldest keys wait for the next version that carries them).
+const REFRESH_KEPT: usize = 2_000_000;
+
+/// Where the gradients topic is read from and which window parts are in the model: kept in the
+/// trainer's checkpoint, so that a trainer that goes back to a checkpoint reads again exactly
+/// the windows it undid.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangePosition {
+    /// Per partition of the gradients topic, the offset to read again from.
+    pub resume_at: BTreeMap<i32, i64>,
+    /// Per sender, the window parts applied: `(version, epoch, partition)`.
+    pub applied: BTreeMap<String, BTreeSet<(u64, u64, i32)>>,
+}
+
+impl ExchangePosition {
+    /// Whether `part` is in the model already.
+    pub fn has(&self, id: &WindowId, partition: i32) -> bool {
+        (self.applied.get(&id.sender))
+            .is_some_and(|s| s.contains(&(id.version, id.epoch, partition)))
+    }
+
+    /// Record `part` as applied.
+    pub fn record(&mut self, part: &WindowPart) {
+        let set = self.applied.entry(part.id.sender.clone()).or_default();
+        set.insert((part.id.version, part.id.epoch, part.partition));
+        while set.len() > APPLIED_KEPT {
+            set.pop_first();
+        }
+        self.resume_at.insert(part.partition, part.resume_at);
+    }
+}
+
+/// `/v1/status` `exchange`: the gradient exchange's counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ExchangeFigures {
+    /// Window parts and rows this instance sent to other owners (committed).
+    pub windows_sent: u64,
+    pub rows_sent: u64,
+    /// Window parts and rows it applied to the rows it owns.
+    pub windows_applied: u64,
+    pub rows_applied: u64,
+    /// Window parts read again after a rewind (or twice) and not applied again.
+    pub windows_repeated: u64,
+    /// Rows for nodes this instance's store does not know (not applied).
+    pub rows_unknown: u64,
+    /// Rows of other owners copied from the remote cache into the model.
+    pub rows_refreshed: u64,
+    /// Records of the gradients topic that did not decode (skipped).
+    pub records_skipped: u64,
+}
+
+/// The exchange's shared state (see the module docs).
+#[derive(Debug, Default)]
+pub struct GradientInbox {
+    parts: Mutex<VecDeque<WindowPart>>,
+    rewind: Mutex<Option<BTreeMap<i32, i64>>>,
+    refreshed: Mutex<HashMap<String, Vec<f32>>>,
+    windows_sent: AtomicU64,
+    rows_sent: AtomicU64,
+    windows_applied: AtomicU64,
+    rows_applied: AtomicU64,
+    windows_repeated: AtomicU64,
+    rows_unknown: AtomicU64,
+    rows_refreshed: AtomicU64,
+    records_skipped: AtomicU64,
+}
+
+impl GradientInbox {
+    /// The follower: a whole part read.
+    pub fn push_part(&self, part: WindowPart) {
+        self.parts.lock().push_back(part);
+    }
+
+    /// The trainer: the parts read since the last call.
+    pub fn take_parts(&self) -> Vec<WindowPart> {
+        self.parts.lock().drain(..).collect()
+    }
+
+    /// The trainer went back to `position` (a checkpoint's): drop what is queued and have the
+    /// follower read its partitions again from there.
+    pub fn rewind_to(&self, position: &ExchangePosition) {
+        let mut parts = self.parts.lock();
+        parts.clear();
+        *self.rewind.lock() = Some(position.resume_at.clone());
+    }
+
+    /// The follower: positions to read again from, once.
+    pub fn take_rewind(&self) -> Option<BTreeMap<i32, i64>> {
+        self.rewind.lock().take()
+    }
+
+    /// The remote cache applied these rows of other owners.
+    pub fn push_refreshed(&self, rows: impl IntoIterator<Item = (String, Vec<f32>)>) {
+        let mut held = self.refreshed.lock();
+        for (key, vector) in rows {
+            if held.len() < REFRESH_KEPT || held.contains_key(&key) {
+                held.insert(key, vector);
+            }
+        }
+    }
+
+    /// The trainer: rows applied by the cache since the last call.
+    pub fn take_refreshed(&self) -> HashMap<String, Vec<f32>> {
+        std::mem::take(&mut *self.refreshed.lock())
+    }
+
+    pub fn count_sent(&self, windows: u64, rows: u64) {
+        self.windows_sent.fetch_add(windows, Ordering::Relaxed);
+        self.rows_sent.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    pub fn count_applied(&self, rows: u64, unknown: u64) {
+        metrics::counter!(m::EXCHANGE_ROWS, "kind" => "applied").increment(rows);
+        metrics::counter!(m::EXCHANGE_ROWS, "kind" => "unknown").increment(unknown);
+        self.windows_applied.fetch_add(1, Ordering::Relaxed);
+        self.rows_applied.fetch_add(rows, Ordering::Relaxed);
+        self.rows_unknown.fetch_add(unknown, Ordering::Relaxed);
+    }
+
+    pub fn count_repeated(&self) {
+        self.windows_repeated.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_refreshed(&self, rows: u64) {
+        metrics::counter!(m::EXCHANGE_ROWS, "kind" => "refreshed").increment(rows);
+        self.rows_refreshed.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    pub fn count_skipped(&self) {
+        self.records_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn figures(&self) -> ExchangeFigures {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ExchangeFigures {
+            windows_sent: get(&self.windows_sent),
+            rows_sent: get(&self.rows_sent),
+            windows_applied: get(&self.windows_applied),
+            rows_applied: get(&self.rows_applied),
+            windows_repeated: get(&self.windows_repeated),
+            rows_unknown: get(&self.rows_unknown),
+            rows_refreshed: get(&self.rows_refreshed),
+            records_skipped: get(&self.records_skipped),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The gradients topic's record (`topics/README.md`, "The gradients topic"): one chunk of one
+//! window's summed gradients for the nodes of one partition, bincode-encoded behind a format
+//! byte.
+
+use serde::{Deserialize, Serialize};
+
+use crate::partition::partition_of;
+
+/// The record format this build writes and reads; a record of another is refused, naming it.
+pub const GRADIENTS_FORMAT: u8 = 1;
+
+/// Rows per record at most: 1,024 rows of dimension 128 are about 0.5 MiB, under the broker's
+/// default record size limit (1 MiB).
+pub const CHUNK_ROWS: usize = 1024;
+
+/// Which window a chunk belongs to: its sender and the publication attempt that took it
+/// (`version`, `epoch`), unique per sender because an epoch is never reused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WindowId {
+    /// The sender's `publish.transactional_id`.
+    pub sender: String,
+    pub version: u64,
+    pub epoch: u64,
+}
+
+/// One node's gradient, summed over the window's steps that touched it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyedGradient {
+    /// The node's key, `type:id` (what places it in a partition).
+    pub key: String,
+    /// How many steps the sum is over: the owner's Adagrad counts the sum as that many steps of
+    /// its mean.
+    pub steps: u32,
+    pub grad: Vec<f32>,
+    /// The summed gradient of the node's target bias, for a biased type.
+    pub bias: Option<f32>,
+}
+
+/// A record of the gradients topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GradientChunk {
+    pub window: WindowId,
+    /// The partition every row's node belongs to (the record is produced to it).
+    pub partition: i32,
+    /// This chunk's index among the window's `chunks` for the partition.
+    pub chunk: u32,
+    pub chunks: u32,
+    pub rows: Vec<KeyedGradient>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum GradientDecodeError {
+    #[error("empty gradients record")]
+    Empty,
+    #[error(
+        "gradients record format {0} (this build reads format {GRADIENTS_FORMAT}): upgrade every \
+         instance of the deployment to one build"
+    )]
+    Format(u8),
+    #[error("gradients record does not decode: {0}")]
+    Body(String),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+impl GradientChunk {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![GRADIENTS_FORMAT];
+        out.extend(bincode::serde::encode_to_vec(self, config()).expect("plain data"));
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<GradientChunk, GradientDecodeError> {
+        let (&format, body) = bytes.split_first().ok_or(GradientDecodeError::Empty)?;
+        if format != GRADIENTS_FORMAT {
+            return Err(GradientDecodeError::Format(format));
+        }
+        let (chunk, _): (GradientChunk, usize) = bincode::serde::decode_from_slice(body, config())
+            .map_err(|e| GradientDecodeError::Body(e.to_string()))?;
+        Ok(chunk)
+    }
+}
+
+/// A window's rows as records: grouped by their node's partition (of `partitions`), at most
+/// [`CHUNK_ROWS`] per record, each chunk numbered among its partition's.
+pub fn window_chunks(
+    window: &WindowId,
+    rows: Vec<KeyedGradient>,
+    partitions: u32,
+) -> Vec<GradientChunk> {
+    let mut by_partition: std::collections::BTreeMap<i32, Vec<KeyedGradient>> = Default::default();
+    for row in rows {
+        let q = partition_of(row.key.as_bytes(), partitions) as i32;
+        by_partition.entry(q).or_default().push(row);
+    }
+    let mut out = Vec::new();
+    for (q, rows) in by_partition {
+        let chunks = rows.len().div_ceil(CHUNK_ROWS) as u32;
+        let mut rows = rows.into_iter().peekable();
+        for chunk in 0..chunks {
+            out.push(GradientChunk {
+                window: window.clone(),
+                partition: q,
+                chunk,
+                chunks,
+                rows: rows.by_ref().take(CHUNK_ROWS).collect(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, x: f32) -> KeyedGradient {
+        KeyedGradient {
+            key: key.into(),
+            steps: 2,
+            grad: vec![x, -x],
+            bias: Some(x / 2.0),
+        }
+    }
+
+    #[test]
+    fn a_chunk_round_trips_and_another_format_is_refused_by_number() {
+        let id = WindowId {
+            sender: "a".into(),
+            version: 7,
+            epoch: 2,
+        };
+        let chunk = &window_chunks(&id, vec![row("user:1", 0.5)], 8)[0];
+        let bytes = chunk.encode();
+        assert_eq!(GradientChunk::decode(&bytes).unwrap(), *chunk);
+        let mut other = bytes.clone();
+        other[0] = 9;
+        assert_eq!(
+            GradientChunk::decode(&other),
+            Err(GradientDecodeError::Format(9))
+        );
+        assert_eq!(GradientChunk::decode(&[]), Err(GradientDecodeError::Empty));
+        assert!(matches!(
+            GradientChunk::decode(&bytes[..bytes.len() - 3]),
+            Err(GradientDecodeError::Body(_))
+        ));
+    }
+
+    #[test]
+    fn rows_go_to_their_nodes_partitions_in_numbered_chunks() {
+        let id = WindowId {
+            sender: "a".into(),
+            version: 1,
+            epoch: 0,
+        };
+        let rows: Vec<KeyedGradient> = (0..3000).map(|i| row(&format!("tweet:{i}"), 1.0)).collect();
+        let chunks = window_chunks(&id, rows, 2);
+        let mut seen = 0;
+        for c in &chunks {
+            assert!(c.rows.len() <= CHUNK_ROWS);
+            assert!(c.chunk < c.chunks);
+            for r in &c.rows {
+                assert_eq!(partition_of(r.key.as_bytes(), 2) as i32, c.partition);
+            }
+            seen += c.rows.len();
+        }
+        assert_eq!(seen, 3000);
+        // 3,000 rows over two partitions: two chunks each.
+        assert_eq!(chunks.len(), 4);
+    }
+}
