@@ -142,11 +142,11 @@ fn setup() -> Setup {
     let http_port = free_port();
     let env = daemon_env(&broker.bootstrap, &store, http_port);
     let out = cli(&env, &["topics", "apply"]);
-    assert_eq!(out.matches("created").count(), 6, "{out}");
+    assert_eq!(out.matches("created").count(), 7, "{out}");
     let again = cli(&env, &["topics", "apply"]);
     assert_eq!(
         again.matches("exists").count(),
-        6,
+        7,
         "a second apply reports the topics as existing: {again}"
     );
     Setup {
@@ -613,6 +613,22 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         left_to_the_first,
         "{b}"
     );
+    // One model (item 3): each sends the gradients of rows the other owns with its versions,
+    // and each applies what the other sent, with its own optimiser state.
+    let exchanged = |st: &serde_json::Value, what: &str| status_u64(st, &format!("/exchange/{what}"));
+    let (a_ex, b_ex) = wait_until(
+        "gradients exchanged both ways",
+        Duration::from_secs(60),
+        || {
+            let (a, b) = (first.status()?, second.status()?);
+            let both = |what| exchanged(&a, what) > 0 && exchanged(&b, what) > 0;
+            (both("rows_sent") && both("rows_applied")).then_some((a, b))
+        },
+    );
+    for st in [&a_ex, &b_ex] {
+        assert_eq!(exchanged(st, "records_skipped"), 0, "{st}");
+        assert!(exchanged(st, "windows_applied") > 0, "{st}");
+    }
     let bases_split = status_u64(&a, "/publish/bases");
     assert!(bases_split >= 2, "its first version and its share's\n{a}");
     assert_first_serves_the_seconds_rows(&s, &first, &second, second_port);
