@@ -7,10 +7,12 @@
 #   N=2  two instances, started together, do the same, each storing and training the
 #        partitions the group gives it; once both drained, B is SIGKILLed and A takes its
 #        partitions back from their changelog (the resume).
-# What is built today: ingest, the store, training and publication follow the partitions (each
-# instance publishes its partitions' versions, contract 3, and serves other owners' rows from
-# its cache of them), and the instances do not yet exchange gradients: two models, not one, each
-# ranking its own edges against its own rows, which is what the N=2 quality figure measures.
+# Ingest, the store, training and publication follow the partitions (each instance publishes
+# its partitions' versions, contract 3, and serves other owners' rows from its cache of them),
+# and with publication on the instances exchange gradients ([remote] exchange_gradients: each
+# sends the gradients of rows the other owns with its versions, and copies the other's
+# published rows over its own copies), so that they train one model; each instance's figures
+# then add its `exchange` counters. TWHIN_REMOTE__EXCHANGE_GRADIENTS=false measures two models.
 # PUBLISH=1 publishes in both phases at the defaults (a version every 10 s, the ANN index on),
 # and each instance's figures add its versions, the partitions its last version covered, its
 # bases and its event-to-publish freshness, and its cache of the other's rows (`remote`: the
@@ -149,6 +151,8 @@ def phase(n):
                                "rows": r["rows"], "versions_applied": r["versions_applied"],
                                "lag_ms_max_polled": i.max_lag_ms,
                                "apply_delay_ms": r["apply_delay_ms"]}
+            if s.get("exchange"):
+                f["exchange"] = s["exchange"]
         return f
     out = {"seconds": round(seconds, 1), "events_trained_per_s": round(fresh / seconds),
            "prequential_last_80pct": quality,

@@ -615,7 +615,8 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     );
     // One model (item 3): each sends the gradients of rows the other owns with its versions,
     // and each applies what the other sent, with its own optimiser state.
-    let exchanged = |st: &serde_json::Value, what: &str| status_u64(st, &format!("/exchange/{what}"));
+    let exchanged =
+        |st: &serde_json::Value, what: &str| status_u64(st, &format!("/exchange/{what}"));
     let (a_ex, b_ex) = wait_until(
         "gradients exchanged both ways",
         Duration::from_secs(60),

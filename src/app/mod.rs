@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::align::{AlignActor, AlignStatus, Aligner, PullController};
 use crate::config::{Comparator, Config, ValueFormat};
-use crate::exchange::{start_gradients_follower, GradientInbox};
+use crate::exchange::{sender_id, start_gradients_follower, GradientInbox};
 use crate::ingest::{IngestActor, IngestError, IngestStatus, StopIngest, StoreWriter};
 use crate::kafka::{self, ApplyOutcome};
 use crate::publish::{
@@ -194,8 +194,15 @@ impl Daemon {
         let ticker = match (o.publication, &trainer, &align) {
             (Some(publication), Some(trainer), Some(align)) => Some(Ticker {
                 publication: match &exchange {
-                    Some(inbox) => publication
-                        .with_gradients(cfg.publish.transactional_id.clone(), inbox.clone()),
+                    Some(inbox) => {
+                        let sender = sender_id(&cfg.publish.path).with_context(|| {
+                            format!(
+                                "naming this instance in publish.path = {}",
+                                cfg.publish.path.display()
+                            )
+                        })?;
+                        publication.with_gradients(sender, inbox.clone())
+                    }
                     None => publication,
                 }
                 .with_freshness(ingest_status.freshness.clone()),

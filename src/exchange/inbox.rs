@@ -3,12 +3,14 @@
 //! other.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::exchange::{WindowId, WindowPart};
+use crate::persist;
 use crate::telemetry as m;
 
 /// Window parts remembered per sender as applied, at most: a re-read after a rewind, or a
@@ -47,6 +49,26 @@ impl ExchangePosition {
         self.resume_at.insert(part.partition, part.resume_at);
     }
 }
+
+/// This instance's name as a sender of windows: made at its first start and kept in `dir`
+/// (`publish.path`), so it is stable across restarts and differs between instances, which
+/// `publish.transactional_id` need not (it is only used in transactional mode).
+pub fn sender_id(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join(SENDER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(dir)?;
+    let id = format!("{:016x}", rand::random::<u64>());
+    persist::write_atomic(&path, id.as_bytes())?;
+    Ok(id)
+}
+
+/// The file [`sender_id`] keeps the name in.
+const SENDER_FILE: &str = "exchange-sender";
 
 /// `/v1/status` `exchange`: the gradient exchange's counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -160,5 +182,23 @@ impl GradientInbox {
             rows_refreshed: get(&self.rows_refreshed),
             records_skipped: get(&self.records_skipped),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sender_id_is_made_once_and_kept() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = sender_id(a.path()).unwrap();
+        assert_eq!(first.len(), 16);
+        assert_eq!(
+            sender_id(a.path()).unwrap(),
+            first,
+            "stable across restarts"
+        );
+        assert_ne!(sender_id(b.path()).unwrap(), first, "another instance's");
     }
 }

@@ -17,7 +17,7 @@ pub const CHUNK_ROWS: usize = 1024;
 /// (`version`, `epoch`), unique per sender because an epoch is never reused.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct WindowId {
-    /// The sender's `publish.transactional_id`.
+    /// The sender's name ([`crate::exchange::sender_id`]).
     pub sender: String,
     pub version: u64,
     pub epoch: u64,

@@ -334,7 +334,7 @@ pub struct Publication {
     retried_rows: Vec<Tensor>,
     /// The partitions versions cover ([`Publication::rescope`]; offline, the one partition).
     scope: Scope,
-    /// With the gradient exchange: who sends (`publish.transactional_id`), the counters, and
+    /// With the gradient exchange: who sends ([`crate::exchange::sender_id`]), the counters, and
     /// the windows taken from the trainer and not committed yet (each attempt sends them all).
     gradients: Option<GradientSender>,
 }

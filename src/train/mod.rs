@@ -2,7 +2,8 @@
 //!
 //! Owns the model (embedding tables, relation vectors, row-wise Adagrad), the pure score and loss
 //! functions, one training step (groups → scores → loss → update), warm start of new rows,
-//! prequential ranking, checkpoints, a new model's start from the published state, the libtorch
+//! prequential ranking, checkpoints, a new model's start from the published state, its side of
+//! the gradient exchange between instances ([`ForeignRows`]), the libtorch
 //! device, and the trainer actor with its messages. Reads edges from the [`crate::store::GraphStore`] from its cursor; hands on
 //! [`Snapshot`]s of its parameters (to align and publish) and its figures ([`TrainerStatus`]).
 

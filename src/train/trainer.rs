@@ -2,6 +2,9 @@
 //! offline measurements and the tests).
 //!
 //! Each step of [`TrainerCore::step`]:
+//! 0. with the gradient exchange, applies the window parts other instances sent for the rows
+//!    this one owns, and copies their published rows over its copies of rows they own
+//!    ([`ForeignRows`]);
 //! 1. reads the next micro-batch of new edges from its cursor ([`GraphStore::edges_from`]); the
 //!    batch size adapts to the backlog ([`next_batch_size`]); with several instances, only those
 //!    whose source this instance owns ([`OwnedSources`]);
@@ -10,7 +13,8 @@
 //! 3. gives new nodes rows: warm-started from already-embedded neighbours
 //!    ([`crate::train::warm_rows`]) or random;
 //! 4. mixes in `replay_ratio` edges per new edge drawn uniformly from the whole log and runs one
-//!    [`crate::train::train_step`], pulled toward the last published version;
+//!    [`crate::train::train_step`], pulled toward the last published version (with the
+//!    exchange, the gradients of rows owned elsewhere are also summed for their owners);
 //! 5. moves the cursor past the new edges — only now, so a checkpoint's cursor always means "every
 //!    edge before this was trained into these tables".
 
