@@ -525,6 +525,8 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     // No replay: once the stream is trained nothing moves, so versions stop and the served rows
     // can be compared with a subscriber's.
     env.push(("TWHIN_TRAINER__REPLAY_RATIO".into(), "0".into()));
+    // Checkpoints (which let an owner delete the gradients it applied) within the test.
+    env.push(("TWHIN_TRAINER__CHECKPOINT_INTERVAL_SECS".into(), "2".into()));
     let events: Vec<(Outgoing, Triple)> = (0..6_000)
         .map(|i| {
             let (mut m, triple) = valid_event(i, false);
@@ -623,7 +625,8 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         || {
             let (a, b) = (first.status()?, second.status()?);
             let both = |what| exchanged(&a, what) > 0 && exchanged(&b, what) > 0;
-            (both("rows_sent") && both("rows_applied")).then_some((a, b))
+            let deleted = both("records_deleted");
+            (both("rows_sent") && both("rows_applied") && deleted).then_some((a, b))
         },
     );
     for st in [&a_ex, &b_ex] {

@@ -246,10 +246,14 @@ impl Daemon {
         });
         let remote_cache = cfg.remote.enabled.then(|| {
             let cache = RemoteCache::new(cfg.remote.max_rows);
-            Arc::new(match &exchange {
-                Some(inbox) => cache.refreshing(inbox.clone()),
-                None => cache,
-            })
+            match &exchange {
+                Some(inbox) => {
+                    let cache = Arc::new(cache.tracking_changes());
+                    inbox.refresh_from(cache.clone());
+                    cache
+                }
+                None => Arc::new(cache),
+            }
         });
         let gradients = match &exchange {
             Some(inbox) => Some(start_gradients_follower(

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -16,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::exchange::{GradientChunk, GradientInbox, WindowAssembler};
-use crate::kafka::{partition_count, reader, ReadError};
+use crate::kafka::{create_client, partition_count, reader, ReadError};
 use crate::partition::Ownership;
 
 /// How long one poll waits for a record.
@@ -32,6 +34,8 @@ pub enum ExchangeError {
     Read(#[from] ReadError),
     #[error("reading the gradients topic (kafka.gradients_topic): {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("the gradients topic's admin client (kafka.gradients_topic): {0}")]
+    Admin(String),
     #[error("starting the gradients follower thread: {0}")]
     Thread(#[from] std::io::Error),
     #[error(
@@ -66,7 +70,10 @@ pub fn start_gradients_follower(
             partitions,
         });
     }
+    let admin = create_client(&cfg.admin_properties(), "gradients admin client")
+        .map_err(|e| ExchangeError::Admin(e.to_string()))?;
     let mut follower = GradientsFollower {
+        admin,
         topic: cfg.kafka.gradients_topic.clone(),
         consumer,
         inbox,
@@ -75,6 +82,7 @@ pub fn start_gradients_follower(
         assembler: WindowAssembler::default(),
         positions: BTreeMap::new(),
         assigned: Vec::new(),
+        deleted_to: BTreeMap::new(),
         generation: None,
     };
     Ok(std::thread::Builder::new()
@@ -83,6 +91,7 @@ pub fn start_gradients_follower(
 }
 
 struct GradientsFollower {
+    admin: AdminClient<DefaultClientContext>,
     topic: String,
     consumer: BaseConsumer,
     inbox: Arc<GradientInbox>,
@@ -92,6 +101,8 @@ struct GradientsFollower {
     /// Per partition, the offset to read from next (known once read, or rewound to).
     positions: BTreeMap<i32, i64>,
     assigned: Vec<i32>,
+    /// Per partition, the low watermark the last deletion left.
+    deleted_to: BTreeMap<i32, i64>,
     /// The ownership generation the assignment reflects.
     generation: Option<u64>,
 }
@@ -104,6 +115,9 @@ impl GradientsFollower {
                 self.generation = None;
                 std::thread::sleep(POLL);
                 continue;
+            }
+            if let Some(below) = self.inbox.take_checkpointed() {
+                self.delete_below(&below);
             }
             if self.assigned.is_empty() {
                 std::thread::sleep(POLL);
@@ -147,6 +161,46 @@ impl GradientsFollower {
         self.assigned = owned.partitions;
         self.generation = Some(owned.generation);
         Ok(())
+    }
+
+    /// Delete the records of the owned partitions below `below` (a checkpoint's positions: the
+    /// trainer never reads them again), so the topic does not grow with the run whatever its
+    /// retention. A failure is logged; the next checkpoint tries again.
+    fn delete_below(&mut self, below: &BTreeMap<i32, i64>) {
+        let mut list = TopicPartitionList::new();
+        let mut gone = 0;
+        for (&q, &offset) in below {
+            let from = self.deleted_to.get(&q).copied().unwrap_or(0);
+            if self.assigned.contains(&q) && offset > from {
+                gone += offset - from;
+                if let Err(e) = list.add_partition_offset(&self.topic, q, Offset::Offset(offset)) {
+                    warn!(error = %e, partition = q, "gradients follower: deleting records");
+                }
+            }
+        }
+        if list.count() == 0 {
+            return;
+        }
+        let opts = AdminOptions::new().operation_timeout(Some(METADATA));
+        match futures::executor::block_on(self.admin.delete_records(&list, &opts)) {
+            Ok(done) => {
+                for e in done.elements() {
+                    if let Err(err) = e.error() {
+                        warn!(topic = %self.topic, partition = e.partition(), error = %err,
+                            "gradients follower: deleting consumed records");
+                    }
+                }
+                for e in done.elements() {
+                    if let (Ok(()), Offset::Offset(low)) = (e.error(), e.offset()) {
+                        self.deleted_to.insert(e.partition(), low);
+                    }
+                }
+                self.inbox.count_deleted(gone as u64);
+            }
+            Err(e) => {
+                warn!(topic = %self.topic, error = %e, "gradients follower: deleting consumed records")
+            }
+        }
     }
 
     fn poll_batch(&mut self) {

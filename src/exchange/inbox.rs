@@ -1,10 +1,11 @@
 //! What the follower hands the trainer and back: whole window parts, where to read again from,
-//! and the rows the remote cache applied. Shared, lock-guarded queues: neither side waits on the
+//! and where the rows the remote cache applied are found. Shared, lock-guarded queues: neither side waits on the
 //! other.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -17,9 +18,11 @@ use crate::telemetry as m;
 /// window read twice, is recognised among this many of the sender's newest.
 const APPLIED_KEPT: usize = 4096;
 
-/// Rows applied by the cache waiting for the trainer, at most (newer rows of a key replace
-/// older ones; past this, the oldest keys wait for the next version that carries them).
-const REFRESH_KEPT: usize = 2_000_000;
+/// The rows of other owners a cache applied since it was last asked, as it holds them now
+/// (implemented by [`crate::remote::RemoteCache`]): the trainer copies them over its own copies.
+pub trait ChangedRows: Send + Sync + std::fmt::Debug {
+    fn take_changed(&self) -> Vec<(String, Vec<f32>)>;
+}
 
 /// Where the gradients topic is read from and which window parts are in the model: kept in the
 /// trainer's checkpoint, so that a trainer that goes back to a checkpoint reads again exactly
@@ -87,6 +90,8 @@ pub struct ExchangeFigures {
     pub rows_refreshed: u64,
     /// Records of the gradients topic that did not decode (skipped).
     pub records_skipped: u64,
+    /// Records deleted below the positions of the trainer's checkpoints (never read again).
+    pub records_deleted: u64,
 }
 
 /// The exchange's shared state (see the module docs).
@@ -94,7 +99,8 @@ pub struct ExchangeFigures {
 pub struct GradientInbox {
     parts: Mutex<VecDeque<WindowPart>>,
     rewind: Mutex<Option<BTreeMap<i32, i64>>>,
-    refreshed: Mutex<HashMap<String, Vec<f32>>>,
+    checkpointed: Mutex<Option<BTreeMap<i32, i64>>>,
+    changed: OnceLock<Arc<dyn ChangedRows>>,
     windows_sent: AtomicU64,
     rows_sent: AtomicU64,
     windows_applied: AtomicU64,
@@ -103,6 +109,7 @@ pub struct GradientInbox {
     rows_unknown: AtomicU64,
     rows_refreshed: AtomicU64,
     records_skipped: AtomicU64,
+    records_deleted: AtomicU64,
 }
 
 impl GradientInbox {
@@ -129,19 +136,27 @@ impl GradientInbox {
         self.rewind.lock().take()
     }
 
-    /// The remote cache applied these rows of other owners.
-    pub fn push_refreshed(&self, rows: impl IntoIterator<Item = (String, Vec<f32>)>) {
-        let mut held = self.refreshed.lock();
-        for (key, vector) in rows {
-            if held.len() < REFRESH_KEPT || held.contains_key(&key) {
-                held.insert(key, vector);
-            }
-        }
+    /// The trainer wrote a checkpoint at `position`: nothing below its offsets is read again.
+    pub fn checkpointed(&self, position: &ExchangePosition) {
+        *self.checkpointed.lock() = Some(position.resume_at.clone());
     }
 
-    /// The trainer: rows applied by the cache since the last call.
-    pub fn take_refreshed(&self) -> HashMap<String, Vec<f32>> {
-        std::mem::take(&mut *self.refreshed.lock())
+    /// The follower: the offsets below which records may be deleted, once.
+    pub fn take_checkpointed(&self) -> Option<BTreeMap<i32, i64>> {
+        self.checkpointed.lock().take()
+    }
+
+    /// Where the rows of other owners come from (the remote cache); set once.
+    pub fn refresh_from(&self, rows: Arc<dyn ChangedRows>) {
+        let _ = self.changed.set(rows);
+    }
+
+    /// The trainer: rows of other owners applied since the last call.
+    pub fn take_refreshed(&self) -> Vec<(String, Vec<f32>)> {
+        self.changed
+            .get()
+            .map(|c| c.take_changed())
+            .unwrap_or_default()
     }
 
     pub fn count_sent(&self, windows: u64, rows: u64) {
@@ -166,6 +181,10 @@ impl GradientInbox {
         self.rows_refreshed.fetch_add(rows, Ordering::Relaxed);
     }
 
+    pub fn count_deleted(&self, records: u64) {
+        self.records_deleted.fetch_add(records, Ordering::Relaxed);
+    }
+
     pub fn count_skipped(&self) {
         self.records_skipped.fetch_add(1, Ordering::Relaxed);
     }
@@ -181,6 +200,7 @@ impl GradientInbox {
             rows_unknown: get(&self.rows_unknown),
             rows_refreshed: get(&self.rows_refreshed),
             records_skipped: get(&self.records_skipped),
+            records_deleted: get(&self.records_deleted),
         }
     }
 }

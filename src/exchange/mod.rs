@@ -20,7 +20,7 @@ mod window;
 mod wire;
 
 pub use follower::{start_gradients_follower, ExchangeError};
-pub use inbox::{sender_id, ExchangeFigures, ExchangePosition, GradientInbox};
+pub use inbox::{sender_id, ChangedRows, ExchangeFigures, ExchangePosition, GradientInbox};
 pub use window::{WindowAssembler, WindowPart};
 pub use wire::{
     window_chunks, GradientChunk, GradientDecodeError, KeyedGradient, WindowId, CHUNK_ROWS,

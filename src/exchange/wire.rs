@@ -1,7 +1,9 @@
-//! The gradients topic's record (`topics/README.md`, "The gradients topic"): one chunk of one
-//! window's summed gradients for the nodes of one partition, bincode-encoded behind a format
-//! byte.
+//! The gradients topic's record (`topics/README.md`, "Gradients"): one chunk of one window's
+//! summed gradients for the nodes of one partition, bincode-encoded behind a format byte, the
+//! gradients as bfloat16 (half the bytes of f32 with its range; 8 bits of mantissa are plenty
+//! for a gradient, and the topic's volume is what the broker holds).
 
+use half::bf16;
 use serde::{Deserialize, Serialize};
 
 use crate::partition::partition_of;
@@ -9,8 +11,8 @@ use crate::partition::partition_of;
 /// The record format this build writes and reads; a record of another is refused, naming it.
 pub const GRADIENTS_FORMAT: u8 = 1;
 
-/// Rows per record at most: 1,024 rows of dimension 128 are about 0.5 MiB, under the broker's
-/// default record size limit (1 MiB).
+/// Rows per record at most: 1,024 rows of dimension 128 are about 0.27 MiB, under the broker's
+/// default record size limit (1 MiB) up to dimension 480.
 pub const CHUNK_ROWS: usize = 1024;
 
 /// Which window a chunk belongs to: its sender and the publication attempt that took it
@@ -24,7 +26,7 @@ pub struct WindowId {
 }
 
 /// One node's gradient, summed over the window's steps that touched it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeyedGradient {
     /// The node's key, `type:id` (what places it in a partition).
     pub key: String,
@@ -37,7 +39,7 @@ pub struct KeyedGradient {
 }
 
 /// A record of the gradients topic.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GradientChunk {
     pub window: WindowId,
     /// The partition every row's node belongs to (the record is produced to it).
@@ -65,10 +67,46 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard()
 }
 
+/// [`GradientChunk`] as it is encoded: gradients as bfloat16 bits.
+#[derive(Serialize, Deserialize)]
+struct WireChunk {
+    window: WindowId,
+    partition: i32,
+    chunk: u32,
+    chunks: u32,
+    rows: Vec<WireRow>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireRow {
+    key: String,
+    steps: u32,
+    grad: Vec<u16>,
+    bias: Option<f32>,
+}
+
 impl GradientChunk {
     pub fn encode(&self) -> Vec<u8> {
+        let wire = WireChunk {
+            window: self.window.clone(),
+            partition: self.partition,
+            chunk: self.chunk,
+            chunks: self.chunks,
+            rows: (self.rows.iter())
+                .map(|r| WireRow {
+                    key: r.key.clone(),
+                    steps: r.steps,
+                    grad: r
+                        .grad
+                        .iter()
+                        .map(|&x| bf16::from_f32(x).to_bits())
+                        .collect(),
+                    bias: r.bias,
+                })
+                .collect(),
+        };
         let mut out = vec![GRADIENTS_FORMAT];
-        out.extend(bincode::serde::encode_to_vec(self, config()).expect("plain data"));
+        out.extend(bincode::serde::encode_to_vec(&wire, config()).expect("plain data"));
         out
     }
 
@@ -77,9 +115,26 @@ impl GradientChunk {
         if format != GRADIENTS_FORMAT {
             return Err(GradientDecodeError::Format(format));
         }
-        let (chunk, _): (GradientChunk, usize) = bincode::serde::decode_from_slice(body, config())
+        let (wire, _): (WireChunk, usize) = bincode::serde::decode_from_slice(body, config())
             .map_err(|e| GradientDecodeError::Body(e.to_string()))?;
-        Ok(chunk)
+        Ok(GradientChunk {
+            window: wire.window,
+            partition: wire.partition,
+            chunk: wire.chunk,
+            chunks: wire.chunks,
+            rows: (wire.rows.into_iter())
+                .map(|r| KeyedGradient {
+                    key: r.key,
+                    steps: r.steps,
+                    grad: r
+                        .grad
+                        .into_iter()
+                        .map(|b| bf16::from_bits(b).to_f32())
+                        .collect(),
+                    bias: r.bias,
+                })
+                .collect(),
+        })
     }
 }
 
@@ -135,6 +190,13 @@ mod tests {
         let chunk = &window_chunks(&id, vec![row("user:1", 0.5)], 8)[0];
         let bytes = chunk.encode();
         assert_eq!(GradientChunk::decode(&bytes).unwrap(), *chunk);
+        // bfloat16: 8 bits of mantissa.
+        let fine = &window_chunks(&id, vec![row("user:1", 1.0 + 1.0 / 512.0)], 8)[0];
+        let got = GradientChunk::decode(&fine.encode()).unwrap().rows[0].grad[0];
+        assert!(
+            got != fine.rows[0].grad[0] && (got - 1.0).abs() < 1e-2,
+            "{got}"
+        );
         let mut other = bytes.clone();
         other[0] = 9;
         assert_eq!(

@@ -495,9 +495,8 @@ impl Publication {
             version,
             epoch,
         };
-        let mut pending = g.pending.as_ref().clone();
-        pending.extend(window_chunks(&window, rows, self.scope.partitions()));
-        g.pending = Arc::new(pending);
+        // (Shared only while an attempt produces them: this clones nothing after a commit.)
+        Arc::make_mut(&mut g.pending).extend(window_chunks(&window, rows, self.scope.partitions()));
         Ok(())
     }
 

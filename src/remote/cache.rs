@@ -1,14 +1,12 @@
 //! The rows of the partitions this instance follows, one assembler per partition, with the
 //! figures that say how stale they are.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
-use std::sync::Arc;
-
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use crate::exchange::GradientInbox;
+use crate::exchange::ChangedRows;
 use crate::partition::partition_of;
 use crate::publish::TopicRecord;
 use crate::subscriber::{Applied, VersionAssembler};
@@ -87,9 +85,9 @@ pub struct RemotePartition {
 pub struct RemoteCache {
     max_rows: usize,
     inner: RwLock<Inner>,
-    /// With the gradient exchange: where the rows of versions applied live go, for the
-    /// trainer's copies of them.
-    refresh: Option<Arc<GradientInbox>>,
+    /// With the gradient exchange: the keys of the rows versions applied live, until the
+    /// trainer takes them ([`ChangedRows`]).
+    changed: Option<Mutex<HashSet<String>>>,
 }
 
 #[derive(Debug, Default)]
@@ -132,14 +130,14 @@ impl RemoteCache {
         RemoteCache {
             max_rows,
             inner: RwLock::default(),
-            refresh: None,
+            changed: None,
         }
     }
 
-    /// Hand the rows of every version applied live to `inbox` (the trainer replaces its copies
-    /// of rows owned elsewhere with them).
-    pub fn refreshing(mut self, inbox: Arc<GradientInbox>) -> RemoteCache {
-        self.refresh = Some(inbox);
+    /// Keep the keys of the rows every version applied live carries, for [`ChangedRows`] (the
+    /// trainer replaces its copies of rows owned elsewhere with them).
+    pub fn tracking_changes(mut self) -> RemoteCache {
+        self.changed = Some(Mutex::default());
         self
     }
 
@@ -231,12 +229,12 @@ impl RemoteCache {
             if !done.is_empty() {
                 applied += done.len() as u64;
                 delays.extend(followed.settle(q, &done, now_ms));
-                if let (Some(inbox), None) = (&self.refresh, only) {
+                if let (Some(changed), None) = (&self.changed, only) {
                     let versions: BTreeSet<u64> = done.iter().map(|a| a.version).collect();
-                    inbox.push_refreshed(
+                    changed.lock().extend(
                         (followed.assembler.table().iter())
                             .filter(|(_, e)| versions.contains(&e.version))
-                            .map(|(k, e)| (k.clone(), e.vector.clone())),
+                            .map(|(k, _)| k.clone()),
                     );
                 }
             }
@@ -328,6 +326,27 @@ impl RemoteCache {
     }
 }
 
+impl ChangedRows for RemoteCache {
+    fn take_changed(&self) -> Vec<(String, Vec<f32>)> {
+        let Some(changed) = &self.changed else {
+            return Vec::new();
+        };
+        let keys = std::mem::take(&mut *changed.lock());
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let inner = self.inner.read();
+        let place = |key: &String| partition_of(key.as_bytes(), inner.partitions) as i32;
+        (keys.into_iter())
+            .filter_map(|key| {
+                let entry = inner.followed.get(&place(&key))?.assembler.get(&key)?;
+                let vector = entry.vector.clone();
+                Some((key, vector))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,6 +397,45 @@ mod tests {
         cache.set_partitions(P);
         cache.follow(&partitions.iter().copied().collect());
         cache
+    }
+
+    /// With the gradient exchange the trainer takes the rows each version applied live carried,
+    /// once, as the cache holds them; a catch-up's rows are not handed over.
+    #[test]
+    fn the_rows_of_versions_applied_live_are_handed_over_once() {
+        let cache = RemoteCache::new(100).tracking_changes();
+        cache.set_partitions(P);
+        cache.follow(&[1].into());
+        let k = keys_in(1, 3);
+        cache.feed(
+            vec![
+                row(1, &k[0], 1, 1.0),
+                row(1, &k[1], 1, 2.0),
+                marker(1, 1, 2, 0),
+            ],
+            Some(&[1].into()),
+            0,
+        );
+        cache.catch_up(&[1].into(), 0);
+        assert!(cache.take_changed().is_empty(), "a catch-up's rows");
+        cache.feed(
+            vec![
+                row(1, &k[2], 2, 3.0),
+                row(1, &k[0], 2, 4.0),
+                marker(1, 2, 2, 0),
+            ],
+            None,
+            0,
+        );
+        let mut changed = cache.take_changed();
+        changed.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut want = vec![
+            (k[0].clone(), vec![4.0, -4.0]),
+            (k[2].clone(), vec![3.0, -3.0]),
+        ];
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(changed, want);
+        assert!(cache.take_changed().is_empty(), "handed over once");
     }
 
     #[test]

@@ -199,7 +199,9 @@ impl Handler<TrainRound> for TrainerActor {
                 break false;
             }
         };
-        if steps > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_every {
+        let changed =
+            steps > 0 || (self.core.as_ref()).is_some_and(TrainerCore::applied_gradients_unsaved);
+        if changed && self.last_checkpoint.elapsed() >= self.checkpoint_every {
             self.save()?;
         }
         Ok(RoundOutcome { steps, idle })

@@ -4,6 +4,7 @@
 //! local copies of rows owned elsewhere, replaced by their owners' published rows.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
@@ -35,6 +36,9 @@ pub struct ForeignRows {
     inbox: Arc<GradientInbox>,
     outbox: HashMap<NodeRef, Summed>,
     position: ExchangePosition,
+    /// A window part was applied since the last checkpoint (which an idle trainer then still
+    /// writes, so that the owner can delete what it applied).
+    unsaved: AtomicBool,
 }
 
 impl ForeignRows {
@@ -46,11 +50,24 @@ impl ForeignRows {
             inbox,
             outbox: HashMap::new(),
             position,
+            unsaved: AtomicBool::new(false),
         }
     }
 
     pub fn position(&self) -> &ExchangePosition {
         &self.position
+    }
+
+    /// A checkpoint holding [`ForeignRows::position`] is written: the gradients below it are
+    /// never read again, and the follower deletes them.
+    pub fn checkpointed(&self) {
+        self.unsaved.store(false, Ordering::Relaxed);
+        self.inbox.checkpointed(&self.position);
+    }
+
+    /// Whether a window part was applied since the last checkpoint.
+    pub fn unsaved(&self) -> bool {
+        self.unsaved.load(Ordering::Relaxed)
     }
 
     /// The trainer went back to a checkpoint (`position`: its, or the default for none): what
@@ -115,6 +132,7 @@ impl ForeignRows {
             let (applied, unknown) = apply_part(model, store, &types, &part, lr, init_scale)?;
             self.inbox.count_applied(applied, unknown);
             self.position.record(&part);
+            self.unsaved.store(true, Ordering::Relaxed);
         }
         let refreshed = self.inbox.take_refreshed();
         if refreshed.is_empty() {
@@ -321,6 +339,16 @@ mod tests {
     use crate::train::test_graph::likes_store;
     use crate::train::{DeltaRequest, TrainerCore};
 
+    /// Rows an owner published, handed over once.
+    #[derive(Debug)]
+    struct Published(parking_lot::Mutex<Vec<(String, Vec<f32>)>>);
+
+    impl crate::exchange::ChangedRows for Published {
+        fn take_changed(&self) -> Vec<(String, Vec<f32>)> {
+            std::mem::take(&mut *self.0.lock())
+        }
+    }
+
     fn place(key: &str) -> i32 {
         partition_of(key.as_bytes(), 2) as i32
     }
@@ -448,7 +476,7 @@ mod tests {
             index: 0,
         };
         let user_before = row(&a, 0, 0);
-        a_inbox.push_refreshed([
+        a_inbox.refresh_from(Arc::new(Published(parking_lot::Mutex::new(vec![
             (
                 format!("movie:{}", store.node_id(first).unwrap().unwrap()),
                 published.clone(),
@@ -457,7 +485,7 @@ mod tests {
                 format!("user:{}", store.node_id(user).unwrap().unwrap()),
                 vec![9.0; 4],
             ),
-        ]);
+        ]))));
         a.step(&store).unwrap();
         assert_eq!(row(&a, 1, i64::from(first.index)), published);
         assert_eq!(row(&a, 0, 0), user_before, "a row A owns is its own");

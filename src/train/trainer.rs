@@ -531,6 +531,11 @@ impl TrainerCore {
         self.foreign = Some(ForeignRows::new(inbox, position));
     }
 
+    /// Whether gradients other instances sent were applied since the last checkpoint.
+    pub fn applied_gradients_unsaved(&self) -> bool {
+        self.foreign.as_ref().is_some_and(ForeignRows::unsaved)
+    }
+
     /// Where the gradient exchange reads from and what it applied (`None`: no exchange).
     pub fn exchange_position(&self) -> Option<&ExchangePosition> {
         self.foreign.as_ref().map(ForeignRows::position)
@@ -901,7 +906,11 @@ impl TrainerCore {
             return Err(TrainerError::NonFinite { rows });
         }
         let exchange = self.foreign.as_ref().map(ForeignRows::position);
-        Ok(ckpts.save_with(&self.model, self.cursor, fingerprint, exchange)?)
+        let version = ckpts.save_with(&self.model, self.cursor, fingerprint, exchange)?;
+        if let Some(foreign) = &self.foreign {
+            foreign.checkpointed();
+        }
+        Ok(version)
     }
 }
 
