@@ -458,6 +458,12 @@ impl Publication {
         self
     }
 
+    /// Whether this instance trains one model with others: it exchanges gradients and owns
+    /// only some partitions.
+    fn shares_rows(&self) -> bool {
+        self.gradients.is_some() && self.scope.covered().len() < self.scope.partitions() as usize
+    }
+
     /// Turn the delta's gradients into the records of a window of this attempt, added to those
     /// still pending.
     fn take_gradients(
@@ -631,6 +637,12 @@ impl Publication {
                 "version held back by the drift gate; the trainer goes back to its newest checkpoint");
             return Ok(Assessment::Held(hold));
         }
+        if assessed.rotation.is_some() && self.shares_rows() {
+            // Instances that exchange gradients and rows train one model in one coordinate
+            // frame; rotating one instance's rows alone would split it (its copies of other
+            // owners' rows, and the gradients it sends, in another frame than theirs).
+            assessed.rotation = None;
+        }
         if let Some(r) = assessed.rotation.take() {
             // The model turned away from the anchor: rotate it (every row, on the training
             // thread) and take every row, all of which moved.
@@ -800,7 +812,8 @@ impl Publication {
         }
         self.retried_rows.clear();
         if let Some(g) = &mut self.gradients {
-            let parts = g.pending.len() as u64;
+            // Each window part has exactly one first chunk.
+            let parts = g.pending.iter().filter(|c| c.chunk == 0).count() as u64;
             let rows: usize = g.pending.iter().map(|c| c.rows.len()).sum();
             g.inbox.count_sent(parts, rows as u64);
             metrics::counter!(m::EXCHANGE_ROWS, "kind" => "sent").increment(rows as u64);

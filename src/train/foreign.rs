@@ -36,6 +36,10 @@ pub struct ForeignRows {
     inbox: Arc<GradientInbox>,
     outbox: HashMap<NodeRef, Summed>,
     position: ExchangePosition,
+    /// Per node type, the rows known to be owned elsewhere (Bool), and those a tap found since
+    /// they were last marked.
+    foreign_rows: Vec<Tensor>,
+    seen_foreign: Vec<NodeRef>,
     /// A window part was applied since the last checkpoint (which an idle trainer then still
     /// writes, so that the owner can delete what it applied).
     unsaved: AtomicBool,
@@ -50,6 +54,8 @@ impl ForeignRows {
             inbox,
             outbox: HashMap::new(),
             position,
+            foreign_rows: Vec::new(),
+            seen_foreign: Vec::new(),
             unsaved: AtomicBool::new(false),
         }
     }
@@ -93,18 +99,54 @@ impl ForeignRows {
     }
 
     /// A tap for one step that sums the gradients of the rows `sources` says another instance
-    /// owns.
+    /// owns, and the rows known to be owned elsewhere (per type, a mask), which the drift
+    /// control does not pull: their reference here is stale, and their owner's published rows
+    /// replace them.
     pub fn tap<'a>(
         &'a mut self,
         sources: &'a mut OwnedSources,
         store: &'a GraphStore,
-    ) -> OutboxTap<'a> {
-        OutboxTap {
+    ) -> (OutboxTap<'a>, &'a [Tensor]) {
+        let tap = OutboxTap {
             owned: sources.owned_now(),
             sources,
             store,
             outbox: &mut self.outbox,
+            seen: &mut self.seen_foreign,
             error: None,
+        };
+        (tap, &self.foreign_rows)
+    }
+
+    /// Mark `nodes` as owned elsewhere in [`ForeignRows::tap`]'s mask.
+    fn mark_foreign(&mut self, nodes: &[NodeRef], device: Device) {
+        for n in nodes {
+            let t = n.node_type as usize;
+            if self.foreign_rows.len() <= t {
+                self.foreign_rows
+                    .resize_with(t + 1, || Tensor::zeros([0], (Kind::Bool, device)));
+            }
+            let mask = &mut self.foreign_rows[t];
+            let i = i64::from(n.index);
+            let len = mask.size()[0];
+            if i >= len {
+                let grown = Tensor::zeros([(2 * len).max(i + 1).max(1024)], (Kind::Bool, device));
+                if len > 0 {
+                    grown.narrow(0, 0, len).copy_(mask);
+                }
+                *mask = grown;
+            }
+        }
+        let mut by_type: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        for n in nodes {
+            by_type
+                .entry(n.node_type as usize)
+                .or_default()
+                .push(i64::from(n.index));
+        }
+        for (t, rows) in by_type {
+            let idx = Tensor::from_slice(&rows).to_device(device);
+            let _ = self.foreign_rows[t].index_fill_(0, &idx, 1);
         }
     }
 
@@ -119,6 +161,8 @@ impl ForeignRows {
         lr: f64,
         init_scale: f64,
     ) -> Result<(), StoreError> {
+        let seen = std::mem::take(&mut self.seen_foreign);
+        self.mark_foreign(&seen, model.device);
         let types = type_ids(store);
         for part in self.inbox.take_parts() {
             if self.position.has(&part.id, part.partition) {
@@ -271,6 +315,8 @@ pub struct OutboxTap<'a> {
     owned: Vec<i32>,
     store: &'a GraphStore,
     outbox: &'a mut HashMap<NodeRef, Summed>,
+    /// Rows found owned elsewhere (marked at the next step: the mask is read meanwhile).
+    seen: &'a mut Vec<NodeRef>,
     /// A store read failed: the step is taken, its foreign gradients partly summed.
     pub error: Option<StoreError>,
 }
@@ -314,10 +360,13 @@ impl GradientTap for OutboxTap<'_> {
             Vec::<f32>::try_from(&b.index_select(0, &at).to_device(Device::Cpu)).unwrap_or_default()
         });
         for (j, &(_, node)) in foreign.iter().enumerate() {
-            let sum = self.outbox.entry(node).or_insert_with(|| Summed {
-                steps: 0,
-                grad: vec![0.0; dim],
-                bias: None,
+            let sum = self.outbox.entry(node).or_insert_with(|| {
+                self.seen.push(node);
+                Summed {
+                    steps: 0,
+                    grad: vec![0.0; dim],
+                    bias: None,
+                }
             });
             sum.steps += 1;
             for (s, g) in sum.grad.iter_mut().zip(&values[j * dim..(j + 1) * dim]) {

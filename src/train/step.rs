@@ -241,6 +241,10 @@ pub struct Pull<'a> {
     pub tables: &'a [Tensor],
     pub relations: &'a Tensor,
     pub strength: f64,
+    /// Per node type, rows not pulled (`[k]` Bool; rows past `k` are pulled): with several
+    /// instances, the rows another owns, whose reference here is stale (their owner's
+    /// published row replaces them instead).
+    pub skip: Option<&'a [Tensor]>,
 }
 
 /// Apply the proximal pull to the rows a step touched (`leaves`: per type, the touched indices).
@@ -252,11 +256,20 @@ fn apply_pull(
 ) {
     tch::no_grad(|| {
         let keep = 1.0 / (1.0 + p.lr * pull.strength);
-        for ((table, idx), reference) in model.tables.iter_mut().zip(touched).zip(pull.tables) {
+        for (t, ((table, idx), reference)) in
+            (model.tables.iter_mut().zip(touched).zip(pull.tables)).enumerate()
+        {
             let (Some(idx), n) = (idx, reference.size()[0]) else {
                 continue;
             };
-            let idx = idx.masked_select(&idx.lt(n));
+            let mut idx = idx.masked_select(&idx.lt(n));
+            if let Some(skip) = pull.skip.and_then(|s| s.get(t)).filter(|s| s.numel() > 0) {
+                let k = skip.size()[0];
+                let skipped = skip
+                    .index_select(0, &idx.clamp_max(k - 1))
+                    .logical_and(&idx.lt(k));
+                idx = idx.masked_select(&skipped.logical_not());
+            }
             if idx.numel() == 0 {
                 continue;
             }

@@ -268,7 +268,7 @@ fn only_touched_rows_move_and_loss_decreases() {
 fn the_pull_holds_rows_near_the_reference_in_proportion_to_its_strength() {
     let p = params();
     let edges = vec![edge(0, 0, 1), edge(2, 0, 3), edge(4, 1, 5), edge(1, 1, 2)];
-    let moved_after = |strength: f64| {
+    let moved_after_skipping = |strength: f64, skip: Option<i64>| {
         let mut rng = SmallRng::seed_from_u64(3);
         let mut model = Embeddings::new(1, 2, p.dim, 0.1, Device::Cpu);
         ensure_rows(&mut model, &edges, p.init_scale);
@@ -276,7 +276,13 @@ fn the_pull_holds_rows_near_the_reference_in_proportion_to_its_strength() {
         // Row 5 is newer than the reference: it is trained but never pulled.
         let tables = [model.tables[0].rows().narrow(0, 0, 5).copy()];
         let relations = model.relations.copy();
+        let mask = skip.map(|row| {
+            let m = Tensor::zeros([3], (Kind::Bool, Device::Cpu));
+            let _ = m.get(row).fill_(1);
+            [m]
+        });
         let pull = Pull {
+            skip: mask.as_ref().map(|m| &m[..]),
             tables: &tables,
             relations: &relations,
             strength,
@@ -286,8 +292,22 @@ fn the_pull_holds_rows_near_the_reference_in_proportion_to_its_strength() {
             assert!(!stats.skipped);
         }
         let now = model.tables[0].rows().narrow(0, 0, 5);
-        (now - &tables[0]).norm().double_value(&[])
+        let moved = (&now - &tables[0]).norm_scalaropt_dim(2, [1], false);
+        Vec::<f64>::try_from(moved.to_kind(Kind::Double)).unwrap()
     };
+    let moved_after = |strength: f64| moved_after_skipping(strength, None).iter().sum::<f64>();
+    // A row the pull skips (owned by another instance) moves as if unpulled; the rest, and
+    // rows past the mask's end, are held.
+    let (skipping, unpulled) = (
+        moved_after_skipping(1000.0, Some(1)),
+        moved_after_skipping(0.0, None),
+    );
+    let pulled = moved_after_skipping(1000.0, None);
+    assert!(skipping[1] > 10.0 * pulled[1], "{skipping:?} {pulled:?}");
+    assert!(
+        skipping[3] < unpulled[3] * 0.25,
+        "{skipping:?} {unpulled:?}"
+    );
     let free = moved_after(0.0);
     let held = moved_after(50.0);
     assert!(free > 0.05, "unpulled rows should move: {free}");

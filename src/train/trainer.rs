@@ -412,6 +412,7 @@ impl TrainerCore {
             tables: &r.tables,
             relations: &r.relations,
             strength: self.pull,
+            skip: None,
         });
         let params = &self.params;
         let lookup = |n: NodeRef, dst_type: usize| {
@@ -420,7 +421,11 @@ impl TrainerCore {
         let history = self.history_on(store).then_some(&lookup as History<'_>);
         if let (Some(foreign), Some(sources)) = (&mut self.foreign, &mut self.sources) {
             if sources.shared() {
-                let mut tap = foreign.tap(sources, store);
+                let (mut tap, skip) = foreign.tap(sources, store);
+                let pull = pull.map(|p| Pull {
+                    skip: Some(skip),
+                    ..p
+                });
                 let stats = train_step_tapped(
                     &mut self.model,
                     edges,
