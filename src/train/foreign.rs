@@ -183,7 +183,7 @@ impl ForeignRows {
             return Ok(());
         }
         let owned = sources.owned_now();
-        let mut by_type: BTreeMap<usize, (Vec<i64>, Vec<f32>, Vec<f32>)> = BTreeMap::new();
+        let mut by_type: BTreeMap<usize, Rows> = BTreeMap::new();
         let dim = model.dim as usize;
         let mut count = 0;
         for (key, vector) in refreshed {
@@ -201,7 +201,12 @@ impl ForeignRows {
                 // Owned here since (the cache had not forgotten it yet): this instance's own row wins.
                 continue;
             }
-            let (rows, values, biases) = by_type.entry(t).or_default();
+            let Rows {
+                rows,
+                values,
+                biases,
+                ..
+            } = by_type.entry(t).or_default();
             rows.push(i64::from(node.index));
             values.extend_from_slice(&vector[..dim]);
             biases.push(vector.get(dim).copied().unwrap_or(0.0));
@@ -209,7 +214,16 @@ impl ForeignRows {
         }
         let device = model.device;
         tch::no_grad(|| {
-            for (t, (rows, values, biases)) in by_type {
+            for (
+                t,
+                Rows {
+                    rows,
+                    values,
+                    biases,
+                    ..
+                },
+            ) in by_type
+            {
                 let table = &mut model.tables[t];
                 let idx = Tensor::from_slice(&rows).to_device(device);
                 let values = Tensor::from_slice(&values)
@@ -225,6 +239,16 @@ impl ForeignRows {
         self.inbox.count_refreshed(count);
         Ok(())
     }
+}
+
+/// One type's rows gathered for one write: indices, `[k × D]` values (or gradients), and per row
+/// its steps and bias.
+#[derive(Debug, Default)]
+struct Rows {
+    rows: Vec<i64>,
+    values: Vec<f32>,
+    steps: Vec<f32>,
+    biases: Vec<f32>,
 }
 
 /// Store type names to type ids.
@@ -268,7 +292,7 @@ fn apply_part(
     init_scale: f64,
 ) -> Result<(u64, u64), StoreError> {
     let dim = model.dim as usize;
-    let mut by_type: BTreeMap<usize, (Vec<i64>, Vec<f32>, Vec<f32>, Vec<f32>)> = BTreeMap::new();
+    let mut by_type: BTreeMap<usize, Rows> = BTreeMap::new();
     let mut unknown = 0u64;
     for row in &part.rows {
         let Some((t, node)) = node_of(store, types, &row.key)? else {
@@ -280,14 +304,28 @@ fn apply_part(
             unknown += 1;
             continue;
         }
-        let (rows, grads, steps, biases) = by_type.entry(t).or_default();
+        let Rows {
+            rows,
+            values: grads,
+            steps,
+            biases,
+        } = by_type.entry(t).or_default();
         rows.push(i64::from(node.index));
         grads.extend_from_slice(&row.grad);
         steps.push(row.steps as f32);
         biases.push(row.bias.unwrap_or(0.0));
     }
     let (device, mut applied) = (model.device, 0u64);
-    for (t, (rows, grads, steps, biases)) in by_type {
+    for (
+        t,
+        Rows {
+            rows,
+            values: grads,
+            steps,
+            biases,
+        },
+    ) in by_type
+    {
         let n = rows.len() as i64;
         let table = &mut model.tables[t];
         let needed = rows.iter().max().map_or(0, |&r| r + 1);
