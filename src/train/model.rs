@@ -229,16 +229,8 @@ impl NodeTable {
     /// denominator, where one Adagrad step of the sum would add `sum²` (`steps`² times as much)
     /// and slow the row's every later step. With `steps` all 1 it is [`NodeTable::adagrad`].
     pub fn adagrad_summed(&mut self, rows: &Tensor, grad: &Tensor, steps: &Tensor, lr: f64) {
-        tch::no_grad(|| {
-            let g2 = grad.square().mean_dim(1, false, Kind::Float) / steps;
-            let read = self.state.index_select(0, rows);
-            let state = read.where_self(&read.ge(0.0), &(-&read * &g2));
-            let denom = (&state + &g2).sqrt() + ADAGRAD_EPS;
-            let _ = self.state.index_add_(0, rows, &(state - read + &g2));
-            let step = grad / denom.unsqueeze(1) * (-lr);
-            let _ = self.weights.index_add_(0, rows, &step);
-            let _ = self.dirty.index_fill_(0, rows, 1);
-        });
+        let g2 = tch::no_grad(|| grad.square().mean_dim(1, false, Kind::Float) / steps);
+        self.adagrad_with(rows, grad, &g2, lr);
     }
 
     /// [`NodeTable::adagrad_bias`] of summed gradients (see [`NodeTable::adagrad_summed`]).
@@ -257,8 +249,13 @@ impl NodeTable {
         if self.adagrad_on_host(rows, grad, lr) {
             return;
         }
+        let g2 = tch::no_grad(|| grad.square().mean_dim(1, false, Kind::Float));
+        self.adagrad_with(rows, grad, &g2, lr);
+    }
+
+    /// The Adagrad step of `grad` on `rows` whose accumulators grow by `g2` (`[n]`).
+    fn adagrad_with(&mut self, rows: &Tensor, grad: &Tensor, g2: &Tensor, lr: f64) {
         tch::no_grad(|| {
-            let g2 = grad.square().mean_dim(1, false, Kind::Float);
             // The denominator is this step's own `state + g²`, not the shared state read back
             // after adding: under Hogwild (`train.offline_workers`) another worker's write can
             // replace this one's addition, and a state read back smaller than `g²` (early on,
@@ -266,9 +263,9 @@ impl NodeTable {
             let read = self.state.index_select(0, rows);
             // A row taken without its history (`-K`) starts as if it had seen K gradients of
             // this one's size ([`NodeTable::take_without_history`]).
-            let state = read.where_self(&read.ge(0.0), &(-&read * &g2));
-            let denom = (&state + &g2).sqrt() + ADAGRAD_EPS;
-            let _ = self.state.index_add_(0, rows, &(state - read + &g2));
+            let state = read.where_self(&read.ge(0.0), &(-&read * g2));
+            let denom = (&state + g2).sqrt() + ADAGRAD_EPS;
+            let _ = self.state.index_add_(0, rows, &(state - read + g2));
             let step = grad / denom.unsqueeze(1) * (-lr);
             let _ = self.weights.index_add_(0, rows, &step);
             let _ = self.dirty.index_fill_(0, rows, 1);

@@ -323,11 +323,11 @@ pub fn train_step_with(
     pull: Option<&Pull<'_>>,
     history: Option<History<'_>>,
 ) -> StepStats {
-    let by_hand = p.comparator == Comparator::Dot;
-    step_on(model, edges, p, rng, pull, history, by_hand, None)
+    train_step_tapped(model, edges, p, rng, pull, history, None)
 }
 
-/// [`train_step_with`], its finite gradients shown to `tap` before they are applied.
+/// [`train_step_with`], its finite gradients shown to `tap` (when given) before they are
+/// applied.
 pub fn train_step_tapped(
     model: &mut Embeddings,
     edges: &[Edge],
@@ -335,10 +335,10 @@ pub fn train_step_tapped(
     rng: &mut SmallRng,
     pull: Option<&Pull<'_>>,
     history: Option<History<'_>>,
-    tap: &mut dyn GradientTap,
+    tap: Option<&mut dyn GradientTap>,
 ) -> StepStats {
     let by_hand = p.comparator == Comparator::Dot;
-    step_on(model, edges, p, rng, pull, history, by_hand, Some(tap))
+    step_on(model, edges, p, rng, pull, history, by_hand, tap)
 }
 
 /// [`train_step_with`] on autograd whatever the comparator (the dot comparator's step derives its

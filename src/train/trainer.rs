@@ -34,10 +34,9 @@ use crate::store::{Edge, GraphStore, NodeRef, StoreError};
 use crate::train::start::{take_published, PublishedRows, StartedFrom};
 use crate::train::{
     history_targets, history_with_rows, known_targets, non_finite_rows, rows_needed,
-    schema_fingerprint, target_ranks, train_step_tapped, train_step_with, warm_rows,
-    CheckpointError, Checkpoints, DeltaRequest, Embeddings, ForeignRows, History, ModelDelta,
-    OwnedSources, Pull, RankWindow, ResumedFrom, Snapshot, StepStats, TableDelta, TargetQuery,
-    TrainParams,
+    schema_fingerprint, target_ranks, train_step_tapped, warm_rows, CheckpointError, Checkpoints,
+    DeltaRequest, Embeddings, ForeignRows, GradientTap, History, ModelDelta, OwnedSources, Pull,
+    RankWindow, ResumedFrom, Snapshot, StepStats, TableDelta, TargetQuery, TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -419,36 +418,27 @@ impl TrainerCore {
             history_targets(params, store, n, dst_type, u64::MAX).unwrap_or_default()
         };
         let history = self.history_on(store).then_some(&lookup as History<'_>);
-        if let (Some(foreign), Some(sources)) = (&mut self.foreign, &mut self.sources) {
-            if sources.shared() {
-                let (mut tap, skip) = foreign.tap(sources, store);
-                let pull = pull.map(|p| Pull {
-                    skip: Some(skip),
-                    ..p
-                });
-                let stats = train_step_tapped(
-                    &mut self.model,
-                    edges,
-                    &self.params,
-                    &mut self.rng,
-                    pull.as_ref(),
-                    history,
-                    &mut tap,
-                );
-                return match tap.error {
-                    Some(e) => Err(e),
-                    None => Ok(stats),
-                };
-            }
-        }
-        Ok(train_step_with(
+        let mut tap = match (&mut self.foreign, &mut self.sources) {
+            (Some(foreign), Some(sources)) if sources.shared() => Some(foreign.tap(sources, store)),
+            _ => None,
+        };
+        let pull = pull.map(|p| Pull {
+            skip: tap.as_ref().map(|(_, skip)| *skip),
+            ..p
+        });
+        let stats = train_step_tapped(
             &mut self.model,
             edges,
             &self.params,
             &mut self.rng,
             pull.as_ref(),
             history,
-        ))
+            tap.as_mut().map(|(t, _)| t as &mut dyn GradientTap),
+        );
+        match tap.and_then(|(t, _)| t.error) {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
     }
 
     /// Take in the nodes erased since the last call and zero their rows (after a restart, every
