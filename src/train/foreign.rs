@@ -23,18 +23,11 @@ pub struct NodeGradient {
     pub bias: Option<f32>,
 }
 
-#[derive(Debug, Default)]
-struct Summed {
-    steps: u32,
-    grad: Vec<f32>,
-    bias: Option<f32>,
-}
-
 /// The exchange's state in the trainer.
 #[derive(Debug)]
 pub struct ForeignRows {
     inbox: Arc<GradientInbox>,
-    outbox: HashMap<NodeRef, Summed>,
+    outbox: HashMap<NodeRef, NodeGradient>,
     position: ExchangePosition,
     /// Per node type, the rows known to be owned elsewhere (Bool), and those a tap found since
     /// they were last marked.
@@ -86,14 +79,7 @@ impl ForeignRows {
 
     /// The gradients summed since the last take, for the next version.
     pub fn take_outbox(&mut self) -> Vec<NodeGradient> {
-        let mut out: Vec<NodeGradient> = (self.outbox.drain())
-            .map(|(node, s)| NodeGradient {
-                node,
-                steps: s.steps,
-                grad: s.grad,
-                bias: s.bias,
-            })
-            .collect();
+        let mut out: Vec<NodeGradient> = self.outbox.drain().map(|(_, g)| g).collect();
         out.sort_unstable_by_key(|g| g.node);
         out
     }
@@ -163,8 +149,13 @@ impl ForeignRows {
     ) -> Result<(), StoreError> {
         let seen = std::mem::take(&mut self.seen_foreign);
         self.mark_foreign(&seen, model.device);
+        let (parts, refreshed) = (self.inbox.take_parts(), self.inbox.take_refreshed());
+        if parts.is_empty() && refreshed.is_empty() {
+            return Ok(());
+        }
+        // (Built only when something came: this runs before every step.)
         let types = type_ids(store);
-        for part in self.inbox.take_parts() {
+        for part in parts {
             if self.position.has(&part.id, part.partition) {
                 self.inbox.count_repeated();
                 // Still the newest place to read from.
@@ -178,7 +169,6 @@ impl ForeignRows {
             self.position.record(&part);
             self.unsaved.store(true, Ordering::Relaxed);
         }
-        let refreshed = self.inbox.take_refreshed();
         if refreshed.is_empty() {
             return Ok(());
         }
@@ -352,7 +342,7 @@ pub struct OutboxTap<'a> {
     sources: &'a mut OwnedSources,
     owned: Vec<i32>,
     store: &'a GraphStore,
-    outbox: &'a mut HashMap<NodeRef, Summed>,
+    outbox: &'a mut HashMap<NodeRef, NodeGradient>,
     /// Rows found owned elsewhere (marked at the next step: the mask is read meanwhile).
     seen: &'a mut Vec<NodeRef>,
     /// A store read failed: the step is taken, its foreign gradients partly summed.
@@ -400,7 +390,8 @@ impl GradientTap for OutboxTap<'_> {
         for (j, &(_, node)) in foreign.iter().enumerate() {
             let sum = self.outbox.entry(node).or_insert_with(|| {
                 self.seen.push(node);
-                Summed {
+                NodeGradient {
+                    node,
                     steps: 0,
                     grad: vec![0.0; dim],
                     bias: None,
