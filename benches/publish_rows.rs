@@ -50,7 +50,7 @@ fn delta(reference: &Snapshot, types: usize, rows: i64) -> ModelDelta {
         relations: reference.relations.shallow_clone(),
         samples: Vec::new(),
         cursor: 0,
-        gradients: Vec::new(),
+        exchange: Default::default(),
     }
 }
 

@@ -104,6 +104,7 @@ fn bench_version(c: &mut Criterion) {
     let first = s.core.take_delta(&DeltaRequest {
         full: true,
         samples: Vec::new(),
+        ..Default::default()
     });
     let update_req = |version: u64| VersionRequest {
         version,
@@ -142,6 +143,7 @@ fn bench_version(c: &mut Criterion) {
         let mut delta = s.core.take_delta(&DeltaRequest {
             full: false,
             samples: vec![plan.previous, plan.anchor],
+            ..Default::default()
         });
         let pause = started.elapsed();
         // The rest, on the publication's thread while training runs: the assessment, the rows

@@ -174,11 +174,22 @@ impl Daemon {
         };
         // The gradient exchange needs the cache (the rows owned elsewhere), the trainer and the
         // publication (the windows go out with the versions).
-        let exchange = (cfg.remote.exchange_gradients
+        let exchange = match cfg.remote.exchange_gradients
             && cfg.remote.enabled
             && o.core.is_some()
-            && o.publication.is_some())
-        .then(|| Arc::new(GradientInbox::default()));
+            && o.publication.is_some()
+        {
+            true => {
+                let sender = sender_id(&cfg.publish.path).with_context(|| {
+                    format!(
+                        "naming this instance in publish.path = {}",
+                        cfg.publish.path.display()
+                    )
+                })?;
+                Some(Arc::new(GradientInbox::new(sender)))
+            }
+            false => None,
+        };
         let trainer = o.core.map(|mut core| {
             // Each edge is trained by its source's owner, whatever else the store holds.
             core.train_owned_sources(ingest_status.ownership.clone());
@@ -194,15 +205,7 @@ impl Daemon {
         let ticker = match (o.publication, &trainer, &align) {
             (Some(publication), Some(trainer), Some(align)) => Some(Ticker {
                 publication: match &exchange {
-                    Some(inbox) => {
-                        let sender = sender_id(&cfg.publish.path).with_context(|| {
-                            format!(
-                                "naming this instance in publish.path = {}",
-                                cfg.publish.path.display()
-                            )
-                        })?;
-                        publication.with_gradients(sender, inbox.clone())
-                    }
+                    Some(inbox) => publication.with_gradients(inbox.clone()),
                     None => publication,
                 }
                 .with_freshness(ingest_status.freshness.clone()),

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::exchange::{WindowId, WindowPart};
+use crate::exchange::{GradientsApplied, WindowAttempt, WindowId, WindowPart};
 use crate::persist;
 use crate::telemetry as m;
 
@@ -21,7 +21,30 @@ const APPLIED_KEPT: usize = 4096;
 /// The rows of other owners a cache applied since it was last asked, as it holds them now
 /// (implemented by [`crate::remote::RemoteCache`]): the trainer copies them over its own copies.
 pub trait ChangedRows: Send + Sync + std::fmt::Debug {
-    fn take_changed(&self) -> Vec<(String, Vec<f32>)>;
+    fn take_changed(&self) -> Vec<ChangedRow>;
+}
+
+/// A row of another owner, as the cache holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangedRow {
+    /// The node's key, `type:id`.
+    pub key: String,
+    /// The row, then its bias for a biased type.
+    pub vector: Vec<f32>,
+    /// The windows the owner's rows of its partition include, as its newest version applied
+    /// says (`gradients_applied`); `None` when it said none.
+    pub applied: Option<Arc<GradientsApplied>>,
+}
+
+/// A row of another owner for the trainer, with the newest of this instance's windows it
+/// includes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshedRow {
+    pub key: String,
+    pub vector: Vec<f32>,
+    /// This instance's newest window the owner applied before publishing the row (`None`: none
+    /// of them, as far as the owner said).
+    pub includes: Option<WindowAttempt>,
 }
 
 /// Where the gradients topic is read from and which window parts are in the model: kept in the
@@ -40,6 +63,21 @@ impl ExchangePosition {
     pub fn has(&self, id: &WindowId, partition: i32) -> bool {
         (self.applied.get(&id.sender))
             .is_some_and(|s| s.contains(&(id.version, id.epoch, partition)))
+    }
+
+    /// Per partition, the newest window of each sender applied (what the partition's next
+    /// version marker says its rows include).
+    pub fn newest_applied(&self) -> BTreeMap<i32, GradientsApplied> {
+        let mut out: BTreeMap<i32, GradientsApplied> = BTreeMap::new();
+        for (sender, parts) in &self.applied {
+            for &(version, epoch, partition) in parts {
+                let newest = out.entry(partition).or_default();
+                let window = WindowAttempt { version, epoch };
+                // Ascending: the last one seen per partition is the newest.
+                newest.insert(sender.clone(), window);
+            }
+        }
+        out
     }
 
     /// Record `part` as applied.
@@ -97,6 +135,8 @@ pub struct ExchangeFigures {
 /// The exchange's shared state (see the module docs).
 #[derive(Debug, Default)]
 pub struct GradientInbox {
+    /// This instance's name as a sender ([`sender_id`]).
+    sender: String,
     parts: Mutex<VecDeque<WindowPart>>,
     rewind: Mutex<Option<BTreeMap<i32, i64>>>,
     checkpointed: Mutex<Option<BTreeMap<i32, i64>>>,
@@ -113,6 +153,18 @@ pub struct GradientInbox {
 }
 
 impl GradientInbox {
+    /// The inbox of the instance named `sender` ([`sender_id`]).
+    pub fn new(sender: String) -> GradientInbox {
+        GradientInbox {
+            sender,
+            ..GradientInbox::default()
+        }
+    }
+
+    pub fn sender(&self) -> &str {
+        &self.sender
+    }
+
     /// The follower: a whole part read.
     pub fn push_part(&self, part: WindowPart) {
         self.parts.lock().push_back(part);
@@ -151,12 +203,19 @@ impl GradientInbox {
         let _ = self.changed.set(rows);
     }
 
-    /// The trainer: rows of other owners applied since the last call.
-    pub fn take_refreshed(&self) -> Vec<(String, Vec<f32>)> {
-        self.changed
-            .get()
-            .map(|c| c.take_changed())
-            .unwrap_or_default()
+    /// The trainer: rows of other owners applied since the last call, each with the newest of
+    /// this instance's windows its owner included.
+    pub fn take_refreshed(&self) -> Vec<RefreshedRow> {
+        let Some(changed) = self.changed.get() else {
+            return Vec::new();
+        };
+        (changed.take_changed().into_iter())
+            .map(|row| RefreshedRow {
+                includes: (row.applied.as_ref()).and_then(|a| a.get(&self.sender).copied()),
+                key: row.key,
+                vector: row.vector,
+            })
+            .collect()
     }
 
     pub fn count_sent(&self, windows: u64, rows: u64) {

@@ -20,9 +20,12 @@ mod window;
 mod wire;
 
 pub use follower::{start_gradients_follower, ExchangeError};
-pub use inbox::{sender_id, ChangedRows, ExchangeFigures, ExchangePosition, GradientInbox};
+pub use inbox::{
+    sender_id, ChangedRow, ChangedRows, ExchangeFigures, ExchangePosition, GradientInbox,
+    RefreshedRow,
+};
 pub use window::{WindowAssembler, WindowPart};
 pub use wire::{
-    window_chunks, GradientChunk, GradientDecodeError, KeyedGradient, WindowId, CHUNK_ROWS,
-    GRADIENTS_FORMAT,
+    window_chunks, GradientChunk, GradientDecodeError, GradientsApplied, KeyedGradient,
+    WindowAttempt, WindowId, CHUNK_ROWS, GRADIENTS_FORMAT,
 };

@@ -25,6 +25,20 @@ pub struct WindowId {
     pub epoch: u64,
 }
 
+/// A window of one sender, by the attempt that took it (a [`WindowId`] without its sender): what
+/// a version marker says its owner's rows include ([`GradientsApplied`]). Windows of a sender are
+/// ordered by `(version, epoch)`, as it sends them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WindowAttempt {
+    pub version: u64,
+    pub epoch: u64,
+}
+
+/// Per sender, the newest of its windows whose gradients for one partition an owner applied:
+/// carried by the owner's version markers (`gradients_applied`), so that a sender knows which of
+/// its own updates the owner's published rows include.
+pub type GradientsApplied = std::collections::BTreeMap<String, WindowAttempt>;
+
 /// One node's gradient, summed over the window's steps that touched it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyedGradient {

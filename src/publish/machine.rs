@@ -33,6 +33,8 @@
 //! retry over it to hold what the publisher adopted (`topics/README.md`, contract 2).
 
 use parking_lot::Mutex;
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,7 +51,9 @@ use crate::align::{
     Adopt, AlignActor, AlignFigures, Aligner, Assess, Assessed, Candidate, DriftPlan, Hold, Plan,
 };
 use crate::config::{Comparator, ValueFormat};
-use crate::exchange::{window_chunks, GradientChunk, GradientInbox, KeyedGradient, WindowId};
+use crate::exchange::{
+    window_chunks, GradientChunk, GradientInbox, KeyedGradient, WindowAttempt, WindowId,
+};
 use crate::persist;
 use crate::publish::{
     build_delta_version, row_mask, served_codes, Coding, Freshness, Ledger, PreparedVersion,
@@ -343,7 +347,13 @@ pub struct Publication {
 struct GradientSender {
     sender: String,
     inbox: Arc<GradientInbox>,
+    /// Windows of attempts that sent them and did not commit: each goes out again, under its
+    /// id, with every attempt until one commits.
     pending: Arc<Vec<GradientChunk>>,
+    /// The window of the current attempt, not sent yet. An attempt with nothing to publish
+    /// sends nothing, and the next one (the same version and epoch) adds its gradients to it:
+    /// a window id is never sent for two different sums.
+    unsent: BTreeMap<String, KeyedGradient>,
 }
 
 /// The published reference is written whole (every row), so not once per version: a crash
@@ -447,13 +457,14 @@ impl Publication {
         Ok(base)
     }
 
-    /// Send the gradients the trainer summed for other owners with each version, as `sender`,
-    /// counting them in `inbox`'s figures.
-    pub fn with_gradients(mut self, sender: String, inbox: Arc<GradientInbox>) -> Publication {
+    /// Send the gradients the trainer summed for other owners with each version, as `inbox`'s
+    /// sender, counting them in its figures.
+    pub fn with_gradients(mut self, inbox: Arc<GradientInbox>) -> Publication {
         self.gradients = Some(GradientSender {
-            sender,
+            sender: inbox.sender().to_owned(),
             inbox,
             pending: Arc::default(),
+            unsent: BTreeMap::new(),
         });
         self
     }
@@ -464,21 +475,13 @@ impl Publication {
         self.gradients.is_some() && self.scope.covered().len() < self.scope.partitions() as usize
     }
 
-    /// Turn the delta's gradients into the records of a window of this attempt, added to those
-    /// still pending.
-    fn take_gradients(
-        &mut self,
-        store: &GraphStore,
-        version: u64,
-        epoch: u64,
-        delta: &mut ModelDelta,
-    ) -> anyhow::Result<()> {
-        let taken = std::mem::take(&mut delta.gradients);
+    /// Add the delta's gradients, keyed, to the current attempt's window.
+    fn take_gradients(&mut self, store: &GraphStore, delta: &mut ModelDelta) -> anyhow::Result<()> {
+        let taken = std::mem::take(&mut delta.exchange.gradients);
         let Some(g) = self.gradients.as_mut().filter(|_| !taken.is_empty()) else {
             return Ok(());
         };
         let types = &store.stored_schema().node_types;
-        let mut rows = Vec::with_capacity(taken.len());
         for NodeGradient {
             node,
             steps,
@@ -489,21 +492,45 @@ impl Publication {
             let Some(id) = store.node_id(node)? else {
                 continue;
             };
-            rows.push(KeyedGradient {
-                key: format!("{}:{id}", types[node.node_type as usize]),
-                steps,
-                grad,
-                bias,
-            });
+            let key = format!("{}:{id}", types[node.node_type as usize]);
+            match g.unsent.entry(key) {
+                Entry::Vacant(v) => {
+                    let key = v.key().clone();
+                    v.insert(KeyedGradient {
+                        key,
+                        steps,
+                        grad,
+                        bias,
+                    });
+                }
+                Entry::Occupied(mut o) => {
+                    let sum = o.get_mut();
+                    sum.steps += steps;
+                    sum.grad.iter_mut().zip(&grad).for_each(|(s, g)| *s += g);
+                    if let Some(b) = bias {
+                        *sum.bias.get_or_insert(0.0) += b;
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// The current attempt's window as records, added to those still pending: it goes out with
+    /// this attempt, as `(version, epoch)`.
+    fn send_unsent(&mut self, version: u64, epoch: u64) {
+        let partitions = self.scope.partitions();
+        let Some(g) = self.gradients.as_mut().filter(|g| !g.unsent.is_empty()) else {
+            return;
+        };
         let window = WindowId {
             sender: g.sender.clone(),
             version,
             epoch,
         };
+        let rows = std::mem::take(&mut g.unsent).into_values().collect();
         // (Shared only while an attempt produces them: this clones nothing after a commit.)
-        Arc::make_mut(&mut g.pending).extend(window_chunks(&window, rows, self.scope.partitions()));
-        Ok(())
+        Arc::make_mut(&mut g.pending).extend(window_chunks(&window, rows, partitions));
     }
 
     /// Code node rows with `quantizer`'s codebooks (`publish.format = "pq"`).
@@ -581,15 +608,18 @@ impl Publication {
             } => (delta, assessed, pause),
         };
         let mut delta = delta;
-        self.take_gradients(store, version, epoch, &mut delta)?;
+        self.take_gradients(store, &mut delta)?;
+        let applied = std::mem::take(&mut delta.exchange.applied);
         let taken = Instant::now();
         let Some(mut built) = self.build(store, version, epoch, delta, &assessed)? else {
             // Pending gradients wait for the next version.
             self.full_next = false;
             return Ok(Outcome::Unchanged);
         };
+        self.send_unsent(version, epoch);
         if let Some(g) = &self.gradients {
             built.prepared.gradients = g.pending.clone();
+            built.prepared.gradients_applied = applied;
         }
         let timing = Timing {
             started,
@@ -614,9 +644,14 @@ impl Publication {
             .as_ref()
             .map(|r| r.params.tables.iter().map(|t| t.size()[0]).collect());
         let plan = align.plan(version, lens).await?;
+        let window = WindowAttempt {
+            version,
+            epoch: self.ledger.state().epoch,
+        };
         let request = DeltaRequest {
             full: self.full_next || self.reference.is_none() || self.every_row(),
             samples: vec![plan.previous, plan.anchor],
+            window: self.gradients.is_some().then_some(window),
         };
         // From here on the trainer's marks are cleared: should this attempt fail, the next one
         // takes every row.
@@ -653,6 +688,7 @@ impl Publication {
                 .take_delta(DeltaRequest {
                     full: true,
                     samples: Vec::new(),
+                    window: self.gradients.is_some().then_some(window),
                 })
                 .await?;
             pause += paused.elapsed();

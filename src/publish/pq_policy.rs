@@ -273,6 +273,7 @@ mod tests {
             newest_ts: 0,
             cursor: 0,
             gradients: Default::default(),
+            gradients_applied: Default::default(),
         }
     }
 

@@ -19,14 +19,14 @@
 //! composed row published, its dependents would have to be marked changed with what they are
 //! composed of.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
-use crate::exchange::GradientChunk;
+use crate::exchange::{GradientChunk, GradientsApplied};
 use crate::publish::rows::in_chunks;
 use crate::publish::{
     AttemptRef, Codebooks, CodebooksRecord, RowRef, Scope, VersionMarker, VersionRows,
@@ -60,6 +60,9 @@ pub struct PreparedVersion {
     /// The gradients sent with the version to other owners (the gradients topic, in its
     /// transaction): every window taken and not committed yet, each under its own id.
     pub gradients: Arc<Vec<GradientChunk>>,
+    /// Per partition the version covers, the windows of other senders its rows include (each
+    /// partition's marker carries its own).
+    pub gradients_applied: BTreeMap<i32, GradientsApplied>,
 }
 
 /// One committed version's parameters as subscribers hold them, on the CPU (what the serving API
@@ -294,6 +297,7 @@ pub fn build_delta_version(
         partitions: None,
         builds_on: req.builds_on,
         deployment: None,
+        gradients_applied: None,
         align: req.align.cloned(),
     };
     Ok(Some((
@@ -307,6 +311,7 @@ pub fn build_delta_version(
             newest_ts: newest,
             cursor: delta.cursor,
             gradients: Arc::default(),
+            gradients_applied: BTreeMap::new(),
         },
         ViewUpdate {
             tables: update,
@@ -506,6 +511,7 @@ impl PreparedVersion {
                 rows: rows + books,
                 partition: Some(p),
                 partitions: Some(partitions),
+                gradients_applied: self.gradients_applied.get(&p).cloned(),
                 ..self.marker.clone()
             })
             .collect()
@@ -599,7 +605,7 @@ mod tests {
             relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
             samples: Vec::new(),
             cursor: 9,
-            gradients: Vec::new(),
+            exchange: Default::default(),
         };
         let scope = Scope::owned(
             4,
@@ -694,7 +700,7 @@ mod tests {
             relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
             samples: Vec::new(),
             cursor: 9,
-            gradients: Vec::new(),
+            exchange: Default::default(),
         };
         let req = request(&[]);
         let d = delta(&[1, 3, 8, 9], &values);
@@ -772,7 +778,7 @@ mod tests {
             relations: reference.relations.copy(),
             samples: Vec::new(),
             cursor: 3,
-            gradients: Vec::new(),
+            exchange: Default::default(),
         };
         let moved = delta(
             &[1.0, 1.0, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0],
@@ -836,7 +842,7 @@ mod tests {
             relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
             samples: Vec::new(),
             cursor: 3,
-            gradients: Vec::new(),
+            exchange: Default::default(),
         };
         let req = |tombstones| VersionRequest {
             version: 1,

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::align::AlignFigures;
 use crate::config::ValueFormat;
+use crate::exchange::GradientsApplied;
 use crate::publish::{PqTable, CENTROIDS};
 
 /// One published embedding row (a node's or a relation's vector).
@@ -90,6 +91,12 @@ pub struct VersionMarker {
     /// newest marker names another deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
+    /// Contract 3, with the gradient exchange: per sender, the newest of its windows whose
+    /// gradients for this partition the version's rows include (`topics/README.md`,
+    /// "Gradients"). Absent when the owner applied none; readers that do not exchange
+    /// gradients ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradients_applied: Option<GradientsApplied>,
     /// Drift figures of the version (absent when the publisher measured none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub align: Option<AlignFigures>,
@@ -374,6 +381,7 @@ impl VersionMarker {
             partitions: None,
             builds_on: None,
             deployment: None,
+            gradients_applied: None,
             align: None,
         }
     }
@@ -421,6 +429,7 @@ impl VersionMarker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::WindowAttempt;
 
     #[test]
     fn a_tombstone_names_its_attempt_in_two_headers() {
@@ -500,12 +509,22 @@ mod tests {
                 epoch: 2,
             }),
             deployment: Some("feeds".into()),
+            gradients_applied: Some(
+                [(
+                    "5e1d".to_owned(),
+                    WindowAttempt {
+                        version: 40,
+                        epoch: 7,
+                    },
+                )]
+                .into(),
+            ),
             align: None,
         };
         let json = String::from_utf8(marker.encode()).unwrap();
         assert_eq!(
             json,
-            r#"{"contract":3,"version":12,"epoch":3,"rows":5,"partition":6,"partitions":8,"builds_on":{"version":11,"epoch":2},"deployment":"feeds"}"#
+            r#"{"contract":3,"version":12,"epoch":3,"rows":5,"partition":6,"partitions":8,"builds_on":{"version":11,"epoch":2},"deployment":"feeds","gradients_applied":{"5e1d":{"version":40,"epoch":7}}}"#
         );
         assert_eq!(VersionMarker::decode(json.as_bytes()), Ok(marker));
         // Contract 1 (no `contract`, no `builds_on`): still read.

@@ -2,11 +2,12 @@
 //! figures that say how stale they are.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use crate::exchange::ChangedRows;
+use crate::exchange::{ChangedRow, ChangedRows, GradientsApplied};
 use crate::partition::partition_of;
 use crate::publish::TopicRecord;
 use crate::subscriber::{Applied, VersionAssembler};
@@ -105,6 +106,10 @@ struct Followed {
     caught_up: bool,
     /// Publication times of the markers read that are newer than the attempt held, by attempt.
     unapplied: BTreeMap<(u64, u64), i64>,
+    /// The windows of other senders the markers read say their rows include (those newer than
+    /// the attempt held, by attempt), and what the held attempt's said.
+    windows: BTreeMap<(u64, u64), Arc<GradientsApplied>>,
+    includes: Option<Arc<GradientsApplied>>,
 }
 
 impl Followed {
@@ -120,6 +125,10 @@ impl Followed {
             .collect();
         if let Some(held) = self.held(q) {
             self.unapplied = self.unapplied.split_off(&(held.0, held.1 + 1));
+            if !applied.is_empty() {
+                self.includes = self.windows.get(&held).cloned();
+            }
+            self.windows = self.windows.split_off(&(held.0, held.1 + 1));
         }
         delays
     }
@@ -223,6 +232,9 @@ impl RemoteCache {
                     followed
                         .unapplied
                         .insert(attempt, timestamp_ms.unwrap_or(now_ms));
+                    if let Some(windows) = &m.gradients_applied {
+                        followed.windows.insert(attempt, Arc::new(windows.clone()));
+                    }
                 }
             }
             let done = record.push(&mut followed.assembler);
@@ -327,7 +339,7 @@ impl RemoteCache {
 }
 
 impl ChangedRows for RemoteCache {
-    fn take_changed(&self) -> Vec<(String, Vec<f32>)> {
+    fn take_changed(&self) -> Vec<ChangedRow> {
         let Some(changed) = &self.changed else {
             return Vec::new();
         };
@@ -339,9 +351,13 @@ impl ChangedRows for RemoteCache {
         let place = |key: &String| partition_of(key.as_bytes(), inner.partitions) as i32;
         (keys.into_iter())
             .filter_map(|key| {
-                let entry = inner.followed.get(&place(&key))?.assembler.get(&key)?;
-                let vector = entry.vector.clone();
-                Some((key, vector))
+                let followed = inner.followed.get(&place(&key))?;
+                let vector = followed.assembler.get(&key)?.vector.clone();
+                Some(ChangedRow {
+                    key,
+                    vector,
+                    applied: followed.includes.clone(),
+                })
             })
             .collect()
     }
@@ -350,6 +366,7 @@ impl ChangedRows for RemoteCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::WindowAttempt;
     use crate::publish::{AttemptRef, Record, RowRecord, VersionMarker};
 
     const P: u32 = 4;
@@ -418,22 +435,41 @@ mod tests {
         );
         cache.catch_up(&[1].into(), 0);
         assert!(cache.take_changed().is_empty(), "a catch-up's rows");
+        // Version 2's marker says which windows its rows include; version 3's is read, not
+        // applied (its rows are missing), so the rows handed over still carry version 2's.
+        let windows: GradientsApplied = [(
+            "a".to_owned(),
+            WindowAttempt {
+                version: 7,
+                epoch: 1,
+            },
+        )]
+        .into();
+        let mut second = marker(1, 2, 2, 0);
+        let mut third = marker(1, 3, 1, 0);
+        for (m, version) in [(&mut second, 7), (&mut third, 8)] {
+            if let TopicRecord::Marker(m) = &mut m.record {
+                let mut w = windows.clone();
+                w.get_mut("a").unwrap().version = version;
+                m.gradients_applied = Some(w);
+            }
+        }
         cache.feed(
-            vec![
-                row(1, &k[2], 2, 3.0),
-                row(1, &k[0], 2, 4.0),
-                marker(1, 2, 2, 0),
-            ],
+            vec![row(1, &k[2], 2, 3.0), row(1, &k[0], 2, 4.0), second, third],
             None,
             0,
         );
         let mut changed = cache.take_changed();
-        changed.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut want = vec![
-            (k[0].clone(), vec![4.0, -4.0]),
-            (k[2].clone(), vec![3.0, -3.0]),
-        ];
-        want.sort_by(|a, b| a.0.cmp(&b.0));
+        changed.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut want: Vec<ChangedRow> = [(&k[0], 4.0), (&k[2], 3.0)]
+            .into_iter()
+            .map(|(key, x)| ChangedRow {
+                key: key.clone(),
+                vector: vec![x, -x],
+                applied: Some(Arc::new(windows.clone())),
+            })
+            .collect();
+        want.sort_by(|a, b| a.key.cmp(&b.key));
         assert_eq!(changed, want);
         assert!(cache.take_changed().is_empty(), "handed over once");
     }

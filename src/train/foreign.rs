@@ -1,18 +1,25 @@
 //! The trainer's side of the gradient exchange ([`crate::exchange`]): the gradients of rows
 //! another instance owns, summed per node until the next version takes them; the window parts
 //! other instances sent, applied to the owned rows with this instance's Adagrad state; and the
-//! local copies of rows owned elsewhere, replaced by their owners' published rows.
+//! local copies of rows owned elsewhere, replaced by their owners' published rows plus what this
+//! instance learned on them that those rows do not include yet.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 use tracing::warn;
 
-use crate::exchange::{ExchangePosition, GradientInbox, WindowPart};
+use crate::exchange::{ExchangePosition, GradientInbox, RefreshedRow, WindowAttempt, WindowPart};
 use crate::store::{GraphStore, NodeRef, StoreError};
-use crate::train::{Embeddings, GradientTap, OwnedSources};
+use crate::train::{DeltaExchange, Embeddings, GradientTap, NodeTable, OwnedSources};
+
+/// Windows whose local learning is remembered, at most (the newest): an owner's version says it
+/// applied a window one or two versions after it was sent, so older ones only matter when an
+/// owner stopped applying them, and then they are dropped.
+const WINDOWS_REMEMBERED: usize = 4;
 
 /// One node's gradient summed over the steps since the last take.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +43,31 @@ pub struct ForeignRows {
     /// A window part was applied since the last checkpoint (which an idle trainer then still
     /// writes, so that the owner can delete what it applied).
     unsaved: AtomicBool,
+    learned: LocalLearning,
+}
+
+/// What this instance learned on rows owned elsewhere, by window, until their owner's published
+/// rows include it. A refreshed copy is the owner's row plus the local change of every window
+/// the owner did not apply yet and of the steps since the last window: replacing the copy would
+/// drop up to two windows of this instance's learning on it, and adding all of it back would
+/// count twice what the owner applied.
+#[derive(Debug, Default)]
+struct LocalLearning {
+    /// Rows touched since their last window or refresh: their value then (the row, then its bias
+    /// for a biased type).
+    before: HashMap<NodeRef, Vec<f32>>,
+    /// The change of each window taken, oldest first, for the rows it touched.
+    windows: VecDeque<(WindowAttempt, HashMap<NodeRef, Vec<f32>>)>,
+}
+
+impl LocalLearning {
+    /// The change of the windows after `includes` for `node`, added to `row`.
+    fn add_unapplied(&self, node: NodeRef, includes: Option<WindowAttempt>, row: &mut [f32]) {
+        let after = (self.windows.iter()).filter(|(w, _)| includes.is_none_or(|i| *w > i));
+        for change in after.filter_map(|(_, changes)| changes.get(&node)) {
+            row.iter_mut().zip(change).for_each(|(r, c)| *r += c);
+        }
+    }
 }
 
 impl ForeignRows {
@@ -50,6 +82,7 @@ impl ForeignRows {
             foreign_rows: Vec::new(),
             seen_foreign: Vec::new(),
             unsaved: AtomicBool::new(false),
+            learned: LocalLearning::default(),
         }
     }
 
@@ -73,15 +106,59 @@ impl ForeignRows {
     /// was summed since is undone with the rows, and the windows applied since are read again.
     pub fn went_back(&mut self, position: ExchangePosition) {
         self.outbox.clear();
+        self.learned = LocalLearning::default();
         self.position = position;
         self.inbox.rewind_to(&self.position);
     }
 
-    /// The gradients summed since the last take, for the next version.
-    pub fn take_outbox(&mut self) -> Vec<NodeGradient> {
-        let mut out: Vec<NodeGradient> = self.outbox.drain().map(|(_, g)| g).collect();
-        out.sort_unstable_by_key(|g| g.node);
-        out
+    /// For the next version, sent as `window`: the gradients summed since the last take, and
+    /// per owned partition the newest window of each sender applied here. The local change of
+    /// the rows those gradients came from is remembered under `window`.
+    pub fn take_window(
+        &mut self,
+        model: &Embeddings,
+        window: Option<WindowAttempt>,
+    ) -> DeltaExchange {
+        let mut gradients: Vec<NodeGradient> = self.outbox.drain().map(|(_, g)| g).collect();
+        gradients.sort_unstable_by_key(|g| g.node);
+        let before = std::mem::take(&mut self.learned.before);
+        if let Some(window) = window.filter(|_| !before.is_empty()) {
+            let mut changes = HashMap::with_capacity(before.len());
+            for (t, nodes) in by_type(before.keys().copied()) {
+                let now = read_rows(&model.tables[t], &nodes);
+                let width = now.len() / nodes.len().max(1);
+                for (node, now) in nodes.into_iter().zip(now.chunks_exact(width)) {
+                    let was = &before[&node];
+                    changes.insert(node, now.iter().zip(was).map(|(n, w)| n - w).collect());
+                }
+            }
+            let windows = &mut self.learned.windows;
+            match windows.back_mut() {
+                // An attempt that published nothing sends its window with the next one's.
+                Some((last, into)) if *last == window => {
+                    for (node, change) in changes {
+                        match into.entry(node) {
+                            Entry::Occupied(mut o) => o
+                                .get_mut()
+                                .iter_mut()
+                                .zip(&change)
+                                .for_each(|(a, c)| *a += c),
+                            Entry::Vacant(v) => {
+                                v.insert(change);
+                            }
+                        }
+                    }
+                }
+                _ => windows.push_back((window, changes)),
+            }
+            while windows.len() > WINDOWS_REMEMBERED {
+                windows.pop_front();
+            }
+        }
+        DeltaExchange {
+            gradients,
+            applied: self.position.newest_applied(),
+        }
     }
 
     /// A tap for one step that sums the gradients of the rows `sources` says another instance
@@ -98,6 +175,7 @@ impl ForeignRows {
             sources,
             store,
             outbox: &mut self.outbox,
+            before: &mut self.learned.before,
             seen: &mut self.seen_foreign,
             error: None,
         };
@@ -173,15 +251,14 @@ impl ForeignRows {
             return Ok(());
         }
         let owned = sources.owned_now();
-        let mut by_type: BTreeMap<usize, Rows> = BTreeMap::new();
         let dim = model.dim as usize;
+        let mut copies: BTreeMap<usize, Vec<(NodeRef, RefreshedRow)>> = BTreeMap::new();
         let mut count = 0;
-        for (key, vector) in refreshed {
-            let Some((t, node)) = node_of(store, &types, &key)? else {
+        for row in refreshed {
+            let Some((t, node)) = node_of(store, &types, &row.key)? else {
                 continue;
             };
-            let table = &model.tables[t];
-            if i64::from(node.index) >= table.len() || vector.len() < dim {
+            if i64::from(node.index) >= model.tables[t].len() || row.vector.len() < dim {
                 continue;
             }
             if owned
@@ -191,54 +268,93 @@ impl ForeignRows {
                 // Owned here since (the cache had not forgotten it yet): this instance's own row wins.
                 continue;
             }
-            let Rows {
-                rows,
-                values,
-                biases,
-                ..
-            } = by_type.entry(t).or_default();
-            rows.push(i64::from(node.index));
-            values.extend_from_slice(&vector[..dim]);
-            biases.push(vector.get(dim).copied().unwrap_or(0.0));
+            copies.entry(t).or_default().push((node, row));
             count += 1;
         }
-        let device = model.device;
-        tch::no_grad(|| {
-            for (
-                t,
-                Rows {
-                    rows,
-                    values,
-                    biases,
-                    ..
-                },
-            ) in by_type
-            {
-                let table = &mut model.tables[t];
-                let idx = Tensor::from_slice(&rows).to_device(device);
-                let values = Tensor::from_slice(&values)
-                    .view([rows.len() as i64, dim as i64])
-                    .to_device(device);
-                let _ = table.weights.index_copy_(0, &idx, &values);
+        for (t, copies) in copies {
+            let table = &mut model.tables[t];
+            let width = dim + usize::from(table.biased);
+            let nodes: Vec<NodeRef> = copies.iter().map(|(node, _)| *node).collect();
+            let now = read_rows(table, &nodes);
+            let mut values = Vec::with_capacity(nodes.len() * width);
+            for ((node, row), now) in copies.into_iter().zip(now.chunks_exact(width)) {
+                let mut value = row.vector[..dim].to_vec();
                 if table.biased {
-                    let b = Tensor::from_slice(&biases).to_device(device);
-                    let _ = table.bias.index_copy_(0, &idx, &b);
+                    value.push(row.vector.get(dim).copied().unwrap_or(0.0));
                 }
+                self.learned.add_unapplied(node, row.includes, &mut value);
+                if let Some(was) = self.learned.before.get_mut(&node) {
+                    // The steps since the last window stay on top, counted from here on.
+                    let since: Vec<f32> = now.iter().zip(was.iter()).map(|(n, w)| n - w).collect();
+                    was.copy_from_slice(&value);
+                    value.iter_mut().zip(&since).for_each(|(v, s)| *v += s);
+                }
+                values.extend_from_slice(&value);
             }
-        });
+            write_rows(table, &nodes, &values);
+        }
         self.inbox.count_refreshed(count);
         Ok(())
     }
 }
 
-/// One type's rows gathered for one write: indices, `[k × D]` values (or gradients), and per row
-/// its steps and bias.
+/// One type's summed gradients gathered for one write: indices, `[k × D]` gradients, and per
+/// row its steps and bias gradient.
 #[derive(Debug, Default)]
 struct Rows {
     rows: Vec<i64>,
     values: Vec<f32>,
     steps: Vec<f32>,
     biases: Vec<f32>,
+}
+
+/// `nodes` grouped by type, each group in a fixed order.
+fn by_type(nodes: impl IntoIterator<Item = NodeRef>) -> BTreeMap<usize, Vec<NodeRef>> {
+    let mut out: BTreeMap<usize, Vec<NodeRef>> = BTreeMap::new();
+    for n in nodes {
+        out.entry(n.node_type as usize).or_default().push(n);
+    }
+    out
+}
+
+/// The values of `nodes` (of `table`'s type), row after row: the row, then its bias for a
+/// biased table.
+fn read_rows(table: &NodeTable, nodes: &[NodeRef]) -> Vec<f32> {
+    read_indexed(table, &indices(nodes, table.weights.device()))
+}
+
+fn indices(nodes: &[NodeRef], device: Device) -> Tensor {
+    let idx: Vec<i64> = nodes.iter().map(|n| i64::from(n.index)).collect();
+    Tensor::from_slice(&idx).to_device(device)
+}
+
+fn read_indexed(table: &NodeTable, idx: &Tensor) -> Vec<f32> {
+    let rows = table.weights.index_select(0, idx);
+    let rows = match table.biased {
+        true => Tensor::cat(&[rows, table.bias.index_select(0, idx).unsqueeze(1)], 1),
+        false => rows,
+    };
+    Vec::<f32>::try_from(rows.to_device(Device::Cpu).contiguous().view([-1])).unwrap_or_default()
+}
+
+/// Write [`read_rows`]'s layout back.
+fn write_rows(table: &mut NodeTable, nodes: &[NodeRef], values: &[f32]) {
+    let device = table.weights.device();
+    let (n, width) = (
+        nodes.len() as i64,
+        table.weights.size()[1] + i64::from(table.biased),
+    );
+    let idx = indices(nodes, device);
+    let values = Tensor::from_slice(values)
+        .view([n, width])
+        .to_device(device);
+    tch::no_grad(|| {
+        let dim = table.weights.size()[1];
+        let _ = (table.weights).index_copy_(0, &idx, &values.narrow(1, 0, dim));
+        if table.biased {
+            let _ = (table.bias).index_copy_(0, &idx, &values.select(1, dim));
+        }
+    });
 }
 
 /// Store type names to type ids.
@@ -343,6 +459,8 @@ pub struct OutboxTap<'a> {
     owned: Vec<i32>,
     store: &'a GraphStore,
     outbox: &'a mut HashMap<NodeRef, NodeGradient>,
+    /// [`LocalLearning::before`]: a row's value is kept at its first step since its last window.
+    before: &'a mut HashMap<NodeRef, Vec<f32>>,
     /// Rows found owned elsewhere (marked at the next step: the mask is read meanwhile).
     seen: &'a mut Vec<NodeRef>,
     /// A store read failed: the step is taken, its foreign gradients partly summed.
@@ -350,7 +468,14 @@ pub struct OutboxTap<'a> {
 }
 
 impl GradientTap for OutboxTap<'_> {
-    fn rows(&mut self, table: usize, rows: &Tensor, grad: &Tensor, bias: Option<&Tensor>) {
+    fn rows(
+        &mut self,
+        t: usize,
+        table: &NodeTable,
+        rows: &Tensor,
+        grad: &Tensor,
+        bias: Option<&Tensor>,
+    ) {
         if self.error.is_some() {
             return;
         }
@@ -358,7 +483,7 @@ impl GradientTap for OutboxTap<'_> {
         let mut foreign: Vec<(usize, NodeRef)> = Vec::new();
         for (i, &row) in idx.iter().enumerate() {
             let node = NodeRef {
-                node_type: table as u16,
+                node_type: t as u16,
                 index: row as u32,
             };
             match self.sources.partition(self.store, node) {
@@ -372,6 +497,17 @@ impl GradientTap for OutboxTap<'_> {
         }
         if foreign.is_empty() {
             return;
+        }
+        let first: Vec<NodeRef> = (foreign.iter())
+            .map(|&(_, node)| node)
+            .filter(|node| !self.before.contains_key(node))
+            .collect();
+        if !first.is_empty() {
+            let was = read_rows(table, &first);
+            let width = was.len() / first.len();
+            for (node, was) in first.into_iter().zip(was.chunks_exact(width)) {
+                self.before.insert(node, was.to_vec());
+            }
         }
         let at: Vec<i64> = foreign.iter().map(|&(i, _)| i as i64).collect();
         let at = Tensor::from_slice(&at).to_device(grad.device());
@@ -412,18 +548,32 @@ impl GradientTap for OutboxTap<'_> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::exchange::{KeyedGradient, WindowId};
+    use crate::exchange::{ChangedRow, KeyedGradient, WindowId};
     use crate::partition::{partition_of, Ownership};
     use crate::train::test_graph::likes_store;
     use crate::train::{DeltaRequest, TrainerCore};
 
     /// Rows an owner published, handed over once.
-    #[derive(Debug)]
-    struct Published(parking_lot::Mutex<Vec<(String, Vec<f32>)>>);
+    #[derive(Debug, Default)]
+    struct Published(parking_lot::Mutex<Vec<ChangedRow>>);
 
     impl crate::exchange::ChangedRows for Published {
-        fn take_changed(&self) -> Vec<(String, Vec<f32>)> {
+        fn take_changed(&self) -> Vec<ChangedRow> {
             std::mem::take(&mut *self.0.lock())
+        }
+    }
+
+    impl Published {
+        /// `key`'s row published as `vector` by an owner that applied `sender`'s windows up to
+        /// `includes`.
+        fn push(&self, key: String, vector: Vec<f32>, includes: Option<(&str, u64)>) {
+            self.0.lock().push(ChangedRow {
+                key,
+                vector,
+                applied: includes.map(|(sender, version)| {
+                    Arc::new([(sender.to_owned(), WindowAttempt { version, epoch: 0 })].into())
+                }),
+            });
         }
     }
 
@@ -440,7 +590,7 @@ mod tests {
         let model = Embeddings::new(2, 1, cfg.train.dim, cfg.train.init_scale, Device::Cpu);
         let mut core = TrainerCore::resume(model, cursor, cfg.train.clone(), cfg.trainer.clone());
         core.train_owned_sources(ownership.clone());
-        let inbox = Arc::new(GradientInbox::default());
+        let inbox = Arc::new(GradientInbox::new(format!("sender-{cursor}")));
         core.exchange_gradients(inbox.clone());
         (core, inbox)
     }
@@ -480,10 +630,7 @@ mod tests {
         }
         let (mut a, a_inbox) = core(&cfg, &a_owns, 0);
         while a.step(&store).unwrap().stats.is_some() {}
-        let taken = a.take_delta(&DeltaRequest {
-            full: false,
-            samples: Vec::new(),
-        });
+        let taken = a.take_delta(&DeltaRequest::default()).exchange;
         // Every movie A's users liked (and only rows B owns) has a summed gradient.
         let mut keys: Vec<String> = (taken.gradients.iter())
             .map(|g| {
@@ -497,12 +644,7 @@ mod tests {
         want.sort();
         assert_eq!(keys, want);
         assert!(
-            a.take_delta(&DeltaRequest {
-                full: false,
-                samples: Vec::new()
-            })
-            .gradients
-            .is_empty(),
+            (a.take_delta(&DeltaRequest::default()).exchange.gradients).is_empty(),
             "taken once"
         );
 
@@ -546,6 +688,13 @@ mod tests {
         assert_eq!(b_inbox.figures().windows_repeated, 1);
         assert_eq!(row(&b, 1, i64::from(first.index)), after);
         assert_eq!(b.exchange_position().unwrap().resume_at[&1], 9);
+        // B's next version says its partition's rows include A's window.
+        let applied = b.take_delta(&DeltaRequest::default()).exchange.applied;
+        let window = WindowAttempt {
+            version: 1,
+            epoch: 0,
+        };
+        assert_eq!(applied, [(1, [("a".to_owned(), window)].into())].into());
 
         // B publishes the movie; A's copy becomes B's row, A's own users' rows stay A's.
         let published = vec![0.25f32; 4];
@@ -554,19 +703,121 @@ mod tests {
             index: 0,
         };
         let user_before = row(&a, 0, 0);
-        a_inbox.refresh_from(Arc::new(Published(parking_lot::Mutex::new(vec![
-            (
-                format!("movie:{}", store.node_id(first).unwrap().unwrap()),
-                published.clone(),
-            ),
-            (
-                format!("user:{}", store.node_id(user).unwrap().unwrap()),
-                vec![9.0; 4],
-            ),
-        ]))));
+        let changed = Arc::new(Published::default());
+        let key = |n: NodeRef| {
+            format!(
+                "{}:{}",
+                ["user", "movie"][n.node_type as usize],
+                store.node_id(n).unwrap().unwrap()
+            )
+        };
+        changed.push(key(first), published.clone(), None);
+        changed.push(key(user), vec![9.0; 4], None);
+        a_inbox.refresh_from(changed);
         a.step(&store).unwrap();
         assert_eq!(row(&a, 1, i64::from(first.index)), published);
         assert_eq!(row(&a, 0, 0), user_before, "a row A owns is its own");
         assert_eq!(a_inbox.figures().rows_refreshed, 1);
+    }
+
+    /// A copy of a row owned elsewhere, refreshed, is its owner's row plus this instance's
+    /// learning on it that the owner has not applied: the windows after the one the owner's
+    /// marker names, and the steps since the last window.
+    #[test]
+    fn a_refreshed_copy_keeps_the_learning_its_owner_has_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let users: Vec<String> = (0..40)
+            .map(|i| format!("u{i}"))
+            .filter(|u| place(&format!("user:{u}")) == 0)
+            .take(4)
+            .collect();
+        let movie = (0..40)
+            .map(|i| format!("m{i}"))
+            .find(|m| place(&format!("movie:{m}")) == 1)
+            .unwrap();
+        let store = likes_store(dir.path(), &[(users[0].as_str(), movie.as_str())]);
+        let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
+        let owns = Arc::new(Ownership::default());
+        owns.set_partition_count(2);
+        owns.assign(&[0]);
+        let (mut a, inbox) = core(&cfg, &owns, 0);
+        let sender = inbox.sender().to_owned();
+        let changed = Arc::new(Published::default());
+        inbox.refresh_from(changed.clone());
+        let key = format!("movie:{movie}");
+        let window = |version| DeltaRequest {
+            window: Some(WindowAttempt { version, epoch: 0 }),
+            ..Default::default()
+        };
+        // Train on `user` liking the movie, to the end of the store; the movie's row after.
+        let train = |a: &mut TrainerCore, offset: i64, user: &str| {
+            if offset > 0 {
+                let event = crate::schema::Event {
+                    op: Default::default(),
+                    src: crate::schema::NodeKey {
+                        node_type: 0,
+                        id: user.into(),
+                    },
+                    rel: 0,
+                    dst: crate::schema::NodeKey {
+                        node_type: 1,
+                        id: movie.clone(),
+                    },
+                    ts: offset as u64,
+                    weight: 1.0,
+                    event_id: None,
+                };
+                let batch = crate::store::AppendBatch::from_events("t", offset, vec![event]);
+                store.append(&batch).unwrap();
+            }
+            while a.step(&store).unwrap().stats.is_some() {}
+            row(a, 1, 0)
+        };
+        let l1 = train(&mut a, 0, &users[0]);
+        // A take without a window (no exchange publication) remembers nothing.
+        a.take_delta(&DeltaRequest::default());
+        let l2 = train(&mut a, 1, &users[1]);
+        a.take_delta(&window(1));
+        let l3 = train(&mut a, 2, &users[2]);
+        a.take_delta(&window(2));
+        let l4 = train(&mut a, 3, &users[3]);
+        assert!(
+            l1 != l2 && l2 != l3 && l3 != l4,
+            "every round moved the movie"
+        );
+        let close = |got: Vec<f32>, want: Vec<f32>, what: &str| {
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-6, "{what}: {got:?} against {want:?}");
+            }
+        };
+        let plus = |o: f32, parts: &[(&Vec<f32>, &Vec<f32>)]| -> Vec<f32> {
+            (0..4)
+                .map(|i| o + parts.iter().map(|(to, from)| to[i] - from[i]).sum::<f32>())
+                .collect()
+        };
+
+        // The owner applied window 1: window 2 and the steps since stay on top of its row.
+        changed.push(key.clone(), vec![0.5; 4], Some((&sender, 1)));
+        a.step(&store).unwrap();
+        close(
+            row(&a, 1, 0),
+            plus(0.5, &[(&l3, &l2), (&l4, &l3)]),
+            "after window 1",
+        );
+        // Window 3 takes the steps since window 2 (counted from the refresh on).
+        a.take_delta(&window(3));
+        changed.push(key.clone(), vec![-1.0; 4], Some((&sender, 2)));
+        a.step(&store).unwrap();
+        close(row(&a, 1, 0), plus(-1.0, &[(&l4, &l3)]), "after window 2");
+        // An owner that names no window of this sender applied none: all of them stay on top.
+        changed.push(key.clone(), vec![2.0; 4], Some(("another", 3)));
+        a.step(&store).unwrap();
+        let all = [(&l2, &l1), (&l3, &l2), (&l4, &l3)];
+        close(row(&a, 1, 0), plus(2.0, &all), "none applied");
+        // Every window applied: the owner's row.
+        changed.push(key, vec![0.25; 4], Some((&sender, 3)));
+        a.step(&store).unwrap();
+        assert_eq!(row(&a, 1, 0), vec![0.25; 4]);
+        assert_eq!(inbox.figures().rows_refreshed, 4);
     }
 }

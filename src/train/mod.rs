@@ -46,8 +46,8 @@ pub(crate) use history::{
 pub use history::{composed_source, known_targets, weighted_recent, History};
 pub use loss::loss;
 pub(crate) use loss::{loss_and_gradients, loss_parts_fast};
-pub use model::Embeddings;
 pub(crate) use model::ReverseRelations;
+pub use model::{Embeddings, NodeTable};
 pub use owned::OwnedSources;
 pub use prequential::RankTotals;
 pub(crate) use prequential::RankWindow;
@@ -59,7 +59,7 @@ pub use score::{score_targets, translate};
 pub(crate) use snapshot::{
     load_snapshot, non_finite_in, non_finite_rows, save_snapshot, SnapshotError,
 };
-pub use snapshot::{DeltaRequest, ModelDelta, Snapshot, TableDelta};
+pub use snapshot::{DeltaExchange, DeltaRequest, ModelDelta, Snapshot, TableDelta};
 pub use start::{PublishedRows, StartedFrom};
 pub(crate) use status::{TrainStepTaken, TrainerFigures, TrainerStatus};
 pub(crate) use step::rows_needed;

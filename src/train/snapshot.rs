@@ -1,12 +1,14 @@
 //! A [`Snapshot`]: the tables and relation vectors at a moment, on the CPU, and its file form
 //! (the aligner's anchor, the published reference).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::exchange::{GradientsApplied, WindowAttempt};
 use crate::persist;
 use crate::train::NodeGradient;
 
@@ -44,6 +46,9 @@ pub struct DeltaRequest {
     /// Row samples whose current values the drift measures need: per sample, per node type,
     /// row indices (Int64, CPU; rows the table does not have are left out).
     pub samples: Vec<Vec<Tensor>>,
+    /// With the gradient exchange: the window the version's gradients go out as (the local
+    /// learning on rows owned elsewhere is remembered under it until their owner applied it).
+    pub window: Option<WindowAttempt>,
 }
 
 /// One node type's part of a [`ModelDelta`].
@@ -71,9 +76,19 @@ pub struct ModelDelta {
     pub samples: Vec<Vec<(Tensor, Tensor)>>,
     /// Every stored edge before this sequence number is trained in.
     pub cursor: u64,
-    /// With the gradient exchange: the gradients of rows other instances own, summed per node
-    /// since the previous take (the version sends them to their owners).
+    /// With the gradient exchange: what the version sends and says.
+    pub exchange: DeltaExchange,
+}
+
+/// The gradient exchange's part of a [`ModelDelta`].
+#[derive(Debug, Default)]
+pub struct DeltaExchange {
+    /// The gradients of rows other instances own, summed per node since the previous take (the
+    /// version sends them to their owners).
     pub gradients: Vec<NodeGradient>,
+    /// Per partition this instance owns, the newest window of each sender applied to its rows
+    /// (each partition's marker says it, `gradients_applied`).
+    pub applied: BTreeMap<i32, GradientsApplied>,
 }
 
 impl ModelDelta {

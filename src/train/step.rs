@@ -26,9 +26,9 @@ use tch::{Device, Kind, Tensor};
 use crate::config::TrainParams;
 use crate::store::{Edge, NodeRef};
 use crate::train::loss_parts_fast as loss_parts;
-use crate::train::Embeddings;
 use crate::train::{history_weights, History};
 use crate::train::{score_pairs, score_sources, score_targets, translate, Comparator};
+use crate::train::{Embeddings, NodeTable};
 
 /// What a step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -286,11 +286,19 @@ fn apply_pull(
     })
 }
 
-/// What a step's gradients are shown to before the update ([`train_step_tapped`]): per table, the
-/// touched rows (`[k]` Int64), their gradients (`[k, D]`) and, for a biased table, their bias
-/// gradients (`[k]`). The gradient exchange takes the rows another instance owns from it.
+/// What a step's gradients are shown to before the update ([`train_step_tapped`]): per table (its
+/// index and its rows before the update), the touched rows (`[k]` Int64), their gradients
+/// (`[k, D]`) and, for a biased table, their bias gradients (`[k]`). The gradient exchange takes
+/// the rows another instance owns from it.
 pub trait GradientTap {
-    fn rows(&mut self, table: usize, rows: &Tensor, grad: &Tensor, bias: Option<&Tensor>);
+    fn rows(
+        &mut self,
+        t: usize,
+        table: &NodeTable,
+        rows: &Tensor,
+        grad: &Tensor,
+        bias: Option<&Tensor>,
+    );
 }
 
 /// One step on `edges` (see the module docs).
@@ -830,7 +838,7 @@ fn apply(
     if let Some(tap) = tap {
         for (t, (leaf, grad)) in leaves.iter().zip(&grads.rows).enumerate() {
             if let (Some((idx, _)), Some(grad)) = (leaf, grad) {
-                tap.rows(t, idx, grad, grads.biases[t].as_ref());
+                tap.rows(t, &model.tables[t], idx, grad, grads.biases[t].as_ref());
             }
         }
     }

@@ -35,8 +35,9 @@ use crate::train::start::{take_published, PublishedRows, StartedFrom};
 use crate::train::{
     history_targets, history_with_rows, known_targets, non_finite_rows, rows_needed,
     schema_fingerprint, target_ranks, train_step_tapped, warm_rows, CheckpointError, Checkpoints,
-    DeltaRequest, Embeddings, ForeignRows, GradientTap, History, ModelDelta, OwnedSources, Pull,
-    RankWindow, ResumedFrom, Snapshot, StepStats, TableDelta, TargetQuery, TrainParams,
+    DeltaExchange, DeltaRequest, Embeddings, ForeignRows, GradientTap, History, ModelDelta,
+    OwnedSources, Pull, RankWindow, ResumedFrom, Snapshot, StepStats, TableDelta, TargetQuery,
+    TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -715,7 +716,10 @@ impl TrainerCore {
                 relations: self.model.relations.to_device(Device::Cpu).copy(),
                 samples,
                 cursor: self.cursor,
-                gradients: (self.foreign.as_mut()).map_or_else(Vec::new, ForeignRows::take_outbox),
+                exchange: match self.foreign.as_mut() {
+                    Some(foreign) => foreign.take_window(&self.model, req.window),
+                    None => DeltaExchange::default(),
+                },
             }
         })
     }
@@ -1015,6 +1019,7 @@ mod tests {
                 Tensor::from_slice(&[1i64, 500]),
                 Tensor::from_slice(&[0i64]),
             ]],
+            ..Default::default()
         });
         assert_eq!(
             Vec::<i64>::try_from(&d.tables[0].index).unwrap(),
@@ -1028,6 +1033,7 @@ mod tests {
         let full = core.take_delta(&DeltaRequest {
             full: true,
             samples: Vec::new(),
+            ..Default::default()
         });
         assert_eq!(full.tables[0].index.size(), vec![100]);
     }
