@@ -186,7 +186,12 @@ impl Daemon {
                         cfg.publish.path.display()
                     )
                 })?;
-                Some(Arc::new(GradientInbox::new(sender)))
+                let inbox = GradientInbox::new(sender);
+                if let Some(p) = &o.publication {
+                    // Before the trainer's first step: what a restart trains again was sent.
+                    inbox.set_sent_below(p.ledger().state().cursor);
+                }
+                Some(Arc::new(inbox))
             }
             false => None,
         };

@@ -137,6 +137,10 @@ pub struct ExchangeFigures {
 pub struct GradientInbox {
     /// This instance's name as a sender ([`sender_id`]).
     sender: String,
+    /// The store sequence number below which every edge's gradients went out with a committed
+    /// version: a trainer that goes back to a checkpoint trains those edges again without
+    /// sending their gradients again (the owners applied them).
+    sent_below: AtomicU64,
     parts: Mutex<VecDeque<WindowPart>>,
     rewind: Mutex<Option<BTreeMap<i32, i64>>>,
     checkpointed: Mutex<Option<BTreeMap<i32, i64>>>,
@@ -163,6 +167,17 @@ impl GradientInbox {
 
     pub fn sender(&self) -> &str {
         &self.sender
+    }
+
+    /// The publication: every edge below `cursor` is in a committed version (at start: the
+    /// ledger's last).
+    pub fn set_sent_below(&self, cursor: u64) {
+        self.sent_below.fetch_max(cursor, Ordering::Relaxed);
+    }
+
+    /// The trainer: edges below this were sent (see [`GradientInbox::set_sent_below`]).
+    pub fn sent_below(&self) -> u64 {
+        self.sent_below.load(Ordering::Relaxed)
     }
 
     /// The follower: a whole part read.

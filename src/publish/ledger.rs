@@ -41,6 +41,11 @@ pub struct LedgerState {
     /// partition.
     #[serde(default)]
     pub scope: Option<LedgerScope>,
+    /// Every stored edge below this sequence number was trained into the last committed
+    /// version, and with the gradient exchange its gradients for other owners went out in that
+    /// version's transaction or an earlier one (0: none, or a ledger written before 2026-12-07).
+    #[serde(default)]
+    pub cursor: u64,
 }
 
 /// A committed version's partitions ([`crate::publish::Scope`], persisted).
@@ -320,9 +325,11 @@ impl Ledger {
         version: u64,
         erasures_published: u64,
         scope: &crate::publish::Scope,
+        cursor: u64,
     ) -> Result<(), LedgerError> {
         debug_assert_eq!(version, self.next_version());
         self.state.last_version = version;
+        self.state.cursor = cursor;
         self.state.last_epoch = self.state.epoch;
         self.state.erasures_published = erasures_published;
         self.state.in_flight = None;
@@ -362,9 +369,9 @@ mod tests {
             }
         );
         assert_eq!((l.next_version(), l.builds_on()), (1, None));
-        l.commit(1, 0, &Scope::whole(1)).unwrap();
+        l.commit(1, 0, &Scope::whole(1), 0).unwrap();
         l.begin().unwrap();
-        l.commit(2, 1, &Scope::whole(1)).unwrap();
+        l.commit(2, 1, &Scope::whole(1), 640).unwrap();
         // A crash after version 3's rows but before its marker: 3 is not committed, and its
         // attempt is known to have been under way.
         l.begin().unwrap();
@@ -386,6 +393,7 @@ mod tests {
                     partitions: 1,
                     covered: vec![0]
                 }),
+                cursor: 640,
             }
         );
         assert_eq!(
@@ -403,7 +411,7 @@ mod tests {
             3,
             "retried under the same number, newer epoch"
         );
-        l.commit(3, 1, &Scope::whole(1)).unwrap();
+        l.commit(3, 1, &Scope::whole(1), 0).unwrap();
         assert_eq!(l.state().in_flight, None, "committed");
         assert_eq!((l.state().last_epoch, l.builds_on().unwrap().epoch), (3, 3));
         // A ledger from before erasures has no count (none were published), and one from
@@ -448,7 +456,7 @@ mod tests {
         let mut l = Ledger::open(dir).unwrap();
         l.new_epoch().unwrap();
         for v in 1..=4 {
-            l.commit(v, 0, &Scope::whole(1)).unwrap();
+            l.commit(v, 0, &Scope::whole(1), 0).unwrap();
         }
         drop(l);
         Ledger::open(dir).unwrap()
@@ -560,8 +568,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Ledger::open(dir.path()).unwrap();
         let all = Scope::whole(4);
-        l.commit(1, 0, &all).unwrap();
-        l.commit(2, 0, &all).unwrap();
+        l.commit(1, 0, &all, 0).unwrap();
+        l.commit(2, 0, &all, 0).unwrap();
         let scoped = |v, e, p| VersionMarker::for_partition(v, e, 1, p, 4);
         let mine = tail(&(0..4).map(|p| scoped(2, 1, p)).collect::<Vec<_>>());
         assert!(l.continues(&all, &mine));

@@ -841,6 +841,7 @@ impl Publication {
             version,
             erasures_published + tombstones.len() as u64,
             &self.scope,
+            prepared.cursor,
         )?;
         *self.status.covered.lock() = self.scope.covered().to_vec();
         if base {
@@ -852,6 +853,7 @@ impl Publication {
             let parts = g.pending.iter().filter(|c| c.chunk == 0).count() as u64;
             let rows: usize = g.pending.iter().map(|c| c.rows.len()).sum();
             g.inbox.count_sent(parts, rows as u64);
+            g.inbox.set_sent_below(prepared.cursor);
             metrics::counter!(m::EXCHANGE_ROWS, "kind" => "sent").increment(rows as u64);
             g.pending = Arc::default();
         }
@@ -1201,7 +1203,7 @@ mod tests {
         };
         save_snapshot(dir.path(), REFERENCE, 1, &reference).unwrap();
         let mut ledger = Ledger::open(dir.path()).unwrap();
-        ledger.commit(1, 0, &Scope::whole(1)).unwrap();
+        ledger.commit(1, 0, &Scope::whole(1), 0).unwrap();
         drop(ledger);
         let settings = VersionSettings {
             format: ValueFormat::F32le,

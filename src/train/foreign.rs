@@ -97,6 +97,12 @@ impl ForeignRows {
         self.inbox.checkpointed(&self.position);
     }
 
+    /// Edges below this sequence number had their gradients sent with a committed version:
+    /// trained again (after going back to a checkpoint), they send none.
+    pub fn sent_below(&self) -> u64 {
+        self.inbox.sent_below()
+    }
+
     /// Whether a window part was applied since the last checkpoint.
     pub fn unsaved(&self) -> bool {
         self.unsaved.load(Ordering::Relaxed)
@@ -162,15 +168,16 @@ impl ForeignRows {
     }
 
     /// A tap for one step that sums the gradients of the rows `sources` says another instance
-    /// owns, and the rows known to be owned elsewhere (per type, a mask), which the drift
-    /// control does not pull: their reference here is stale, and their owner's published rows
-    /// replace them.
+    /// owns (none when the step must `send` nothing), and the rows known to be owned elsewhere
+    /// (per type, a mask), which the drift control does not pull: their reference here is
+    /// stale, and their owner's published rows replace them.
     pub fn tap<'a>(
         &'a mut self,
         sources: &'a mut OwnedSources,
         store: &'a GraphStore,
-    ) -> (OutboxTap<'a>, &'a [Tensor]) {
-        let tap = OutboxTap {
+        send: bool,
+    ) -> (Option<OutboxTap<'a>>, &'a [Tensor]) {
+        let tap = send.then(|| OutboxTap {
             owned: sources.owned_now(),
             sources,
             store,
@@ -178,7 +185,7 @@ impl ForeignRows {
             before: &mut self.learned.before,
             seen: &mut self.seen_foreign,
             error: None,
-        };
+        });
         (tap, &self.foreign_rows)
     }
 
@@ -819,5 +826,52 @@ mod tests {
         a.step(&store).unwrap();
         assert_eq!(row(&a, 1, 0), vec![0.25; 4]);
         assert_eq!(inbox.figures().rows_refreshed, 4);
+    }
+
+    /// Steps of at most 4 edges, none replayed (a replayed edge's gradients are new learning and
+    /// go out).
+    const TRAIN_AGAIN: &str = "[train]\ndim = 4\nuniform_negatives = 0\nbatch_size = 4\n\
+        [trainer]\nreplay_ratio = 0\nmax_batch_size = 4";
+
+    /// Issue 24, sender-side exactly once: after a restart (or going back to a checkpoint), the
+    /// edges below the last committed version's cursor are trained again without sending their
+    /// gradients again; the edges after it send theirs.
+    #[test]
+    fn edges_whose_gradients_went_out_send_none_when_trained_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let users: Vec<String> = (0..40)
+            .map(|i| format!("u{i}"))
+            .filter(|u| place(&format!("user:{u}")) == 0)
+            .take(6)
+            .collect();
+        let movies: Vec<String> = (0..40)
+            .map(|i| format!("m{i}"))
+            .filter(|m| place(&format!("movie:{m}")) == 1)
+            .take(6)
+            .collect();
+        let likes: Vec<(&str, &str)> = users
+            .iter()
+            .zip(&movies)
+            .map(|(u, m)| (u.as_str(), m.as_str()))
+            .collect();
+        let store = likes_store(dir.path(), &likes);
+        let cfg = Config::from_toml(TRAIN_AGAIN).unwrap();
+        let owns = Arc::new(Ownership::default());
+        owns.set_partition_count(2);
+        owns.assign(&[0]);
+        let (mut a, inbox) = core(&cfg, &owns, 0);
+        // The ledger says the first five edges went out with a committed version.
+        inbox.set_sent_below(5);
+        while a.step(&store).unwrap().stats.is_some() {}
+        let sent = a.take_delta(&DeltaRequest::default()).exchange.gradients;
+        let keys: Vec<String> = (sent.iter())
+            .map(|g| store.node_id(g.node).unwrap().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            vec![movies[5].clone()],
+            "only the edge after the cursor"
+        );
+        assert_eq!(a.cursor(), 6, "every edge trained");
     }
 }

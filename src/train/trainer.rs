@@ -322,7 +322,20 @@ impl TrainerCore {
         if backlog == 0 {
             return Ok(report);
         }
-        let read = store.edges_from(self.cursor, self.batch)?;
+        // Edges whose gradients went out with a committed version are trained again (after
+        // going back to a checkpoint) in steps of their own that send nothing.
+        let sent_below = self.foreign.as_ref().map_or(0, ForeignRows::sent_below);
+        let resent = self.cursor < sent_below;
+        let mut read = match resent {
+            true => store.edges_from(
+                self.cursor,
+                self.batch.min((sent_below - self.cursor) as usize),
+            )?,
+            false => store.edges_from(self.cursor, self.batch)?,
+        };
+        if resent {
+            read.retain(|&(seq, _)| seq < sent_below);
+        }
         let Some(&(last_seq, _)) = read.last() else {
             return Ok(report);
         };
@@ -354,7 +367,7 @@ impl TrainerCore {
         report.new_edges = edges.len();
         edges.extend(self.replayed(store, replay, trained.as_deref())?);
         report.replayed = edges.len() - report.new_edges;
-        report.stats = Some(self.train_on(store, &edges)?);
+        report.stats = Some(self.train_on(store, &edges, !resent)?);
         for e in &edges[..report.new_edges] {
             for n in [e.src, e.dst] {
                 let ts = &mut self.row_ts[n.node_type as usize];
@@ -395,7 +408,7 @@ impl TrainerCore {
         edges.shuffle(&mut self.rng);
         let (mut loss, mut n) = (0.0, 0usize);
         for chunk in edges.chunks(self.params.batch_size.max(1)) {
-            let stats = self.train_on(store, chunk)?;
+            let stats = self.train_on(store, chunk, true)?;
             if !stats.skipped {
                 loss += stats.loss * stats.edges as f64;
                 n += stats.edges;
@@ -407,7 +420,12 @@ impl TrainerCore {
     /// One step on `edges`, pulled toward the published version, with the user model's
     /// histories read from the store; with the gradient exchange, the gradients of rows owned
     /// elsewhere are summed for their owners.
-    fn train_on(&mut self, store: &GraphStore, edges: &[Edge]) -> Result<StepStats, StoreError> {
+    fn train_on(
+        &mut self,
+        store: &GraphStore,
+        edges: &[Edge],
+        send: bool,
+    ) -> Result<StepStats, StoreError> {
         let pull = self.pull_target.as_ref().map(|r| Pull {
             tables: &r.tables,
             relations: &r.relations,
@@ -419,14 +437,14 @@ impl TrainerCore {
             history_targets(params, store, n, dst_type, u64::MAX).unwrap_or_default()
         };
         let history = self.history_on(store).then_some(&lookup as History<'_>);
-        let mut tap = match (&mut self.foreign, &mut self.sources) {
-            (Some(foreign), Some(sources)) if sources.shared() => Some(foreign.tap(sources, store)),
-            _ => None,
+        let (mut tap, skip) = match (&mut self.foreign, &mut self.sources) {
+            (Some(foreign), Some(sources)) if sources.shared() => {
+                let (tap, skip) = foreign.tap(sources, store, send);
+                (tap, Some(skip))
+            }
+            _ => (None, None),
         };
-        let pull = pull.map(|p| Pull {
-            skip: tap.as_ref().map(|(_, skip)| *skip),
-            ..p
-        });
+        let pull = pull.map(|p| Pull { skip, ..p });
         let stats = train_step_tapped(
             &mut self.model,
             edges,
@@ -434,9 +452,9 @@ impl TrainerCore {
             &mut self.rng,
             pull.as_ref(),
             history,
-            tap.as_mut().map(|(t, _)| t as &mut dyn GradientTap),
+            tap.as_mut().map(|t| t as &mut dyn GradientTap),
         );
-        match tap.and_then(|(t, _)| t.error) {
+        match tap.and_then(|t| t.error) {
             Some(e) => Err(e),
             None => Ok(stats),
         }
