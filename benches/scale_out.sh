@@ -15,7 +15,8 @@
 # each instance's figures then add its `exchange` counters.
 # PUBLISH=1 publishes in both phases at the defaults (a version every 10 s, the ANN index on),
 # and each instance's figures add its versions, the partitions its last version covered, its
-# bases and its event-to-publish freshness, and its cache of the other's rows (`remote`: the
+# bases and its event-to-publish freshness, the versions the drift gate held and the pull
+# strength at the end (`align.held`, `align.pull`), and its cache of the other's rows (`remote`: the
 # partitions followed, rows, versions applied, the largest lag seen at the 2 s status polls and
 # the apply delay from each version's publication); without it publication is off in both
 # phases.
@@ -144,7 +145,8 @@ def phase(n):
         if publish:
             p = s["publish"]
             f.update({"versions": p["committed"], "published_partitions": p["partitions"],
-                      "bases": p["bases"], "freshness": p["freshness"]})
+                      "bases": p["bases"], "freshness": p["freshness"],
+                      "held": s["align"]["held"], "pull": s["align"]["pull"]})
             r = s.get("remote")
             if r:
                 f["remote"] = {"followed": [q["partition"] for q in r["followed"]],

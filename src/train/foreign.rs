@@ -189,6 +189,20 @@ impl ForeignRows {
         (tap, &self.foreign_rows)
     }
 
+    /// The rows of `idx` (Int64, CPU; rows of type `t`) not known to be owned elsewhere.
+    pub fn owned_only(&self, t: usize, idx: Tensor) -> Tensor {
+        let Some(mask) = self.foreign_rows.get(t).filter(|m| m.size()[0] > 0) else {
+            return idx;
+        };
+        let mask = mask.to_device(Device::Cpu);
+        let len = mask.size()[0];
+        let inside = idx.lt(len);
+        let foreign = mask
+            .index_select(0, &idx.clamp(0, len - 1))
+            .logical_and(&inside);
+        idx.masked_select(&foreign.logical_not())
+    }
+
     /// Mark `nodes` as owned elsewhere in [`ForeignRows::tap`]'s mask.
     fn mark_foreign(&mut self, nodes: &[NodeRef], device: Device) {
         for n in nodes {
@@ -873,5 +887,21 @@ mod tests {
             "only the edge after the cursor"
         );
         assert_eq!(a.cursor(), 6, "every edge trained");
+    }
+
+    /// The drift sample keeps the rows this instance owns: its copies of other owners' rows
+    /// (marked as a tap finds them) are left out, rows past the mask are kept.
+    #[test]
+    fn the_drift_sample_leaves_out_rows_owned_elsewhere() {
+        let mut rows = ForeignRows::new(Arc::new(GradientInbox::default()), Default::default());
+        let node = |index| NodeRef {
+            node_type: 1,
+            index,
+        };
+        rows.mark_foreign(&[node(2), node(5)], Device::Cpu);
+        let sample = Tensor::from_slice(&[0i64, 2, 3, 5, 4000]);
+        let kept = |t| Vec::<i64>::try_from(rows.owned_only(t, sample.shallow_clone())).unwrap();
+        assert_eq!(kept(1), vec![0, 3, 4000]);
+        assert_eq!(kept(0), vec![0, 2, 3, 5, 4000], "another type");
     }
 }

@@ -718,8 +718,15 @@ impl TrainerCore {
                     per_type
                         .iter()
                         .zip(&self.model.tables)
-                        .map(|(idx, table)| {
+                        .enumerate()
+                        .map(|(t, (idx, table))| {
                             let idx = idx.masked_select(&idx.lt(table.len()));
+                            // Drift is this instance's to hold on the rows it publishes; its copies
+                            // of other owners' rows move as their owners' versions come in.
+                            let idx = match &self.foreign {
+                                Some(foreign) => foreign.owned_only(t, idx),
+                                None => idx,
+                            };
                             let values = table
                                 .weights
                                 .index_select(0, &idx.to_device(device))
