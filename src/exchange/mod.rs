@@ -6,8 +6,10 @@
 //! window; the window goes out in the version's transaction, one record per partition and chunk
 //! of the gradients topic (`kafka.gradients_topic`, `topics/README.md`); the owner reads its
 //! partitions, applies each whole window part once with its own Adagrad state, and keeps where
-//! it read and what it applied in its checkpoint. The local copies of rows owned elsewhere are
-//! replaced by the owner's published rows as the remote cache applies them.
+//! it read and what it applied in its checkpoint, and says in its version markers which windows
+//! of each sender its rows include. The local copies of rows owned elsewhere become the owner's
+//! published rows, as the remote cache applies them, plus this instance's learning on them that
+//! those rows do not include yet.
 //!
 //! Owns the record format ([`GradientChunk`]), window assembly ([`WindowAssembler`]: pure), the
 //! queues between the follower thread, the remote cache and the trainer ([`GradientInbox`]), and
