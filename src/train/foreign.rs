@@ -222,16 +222,8 @@ impl ForeignRows {
                 *mask = grown;
             }
         }
-        let mut by_type: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
-        for n in nodes {
-            by_type
-                .entry(n.node_type as usize)
-                .or_default()
-                .push(i64::from(n.index));
-        }
-        for (t, rows) in by_type {
-            let idx = Tensor::from_slice(&rows).to_device(device);
-            let _ = self.foreign_rows[t].index_fill_(0, &idx, 1);
+        for (t, nodes) in by_type(nodes.iter().copied()) {
+            let _ = self.foreign_rows[t].index_fill_(0, &indices(&nodes, device), 1);
         }
     }
 

@@ -325,15 +325,15 @@ impl TrainerCore {
         // Edges whose gradients went out with a committed version are trained again (after
         // going back to a checkpoint) in steps of their own that send nothing.
         let sent_below = self.foreign.as_ref().map_or(0, ForeignRows::sent_below);
-        let resent = self.cursor < sent_below;
-        let mut read = match resent {
+        let already_sent = self.cursor < sent_below;
+        let mut read = match already_sent {
             true => store.edges_from(
                 self.cursor,
                 self.batch.min((sent_below - self.cursor) as usize),
             )?,
             false => store.edges_from(self.cursor, self.batch)?,
         };
-        if resent {
+        if already_sent {
             read.retain(|&(seq, _)| seq < sent_below);
         }
         let Some(&(last_seq, _)) = read.last() else {
@@ -367,7 +367,7 @@ impl TrainerCore {
         report.new_edges = edges.len();
         edges.extend(self.replayed(store, replay, trained.as_deref())?);
         report.replayed = edges.len() - report.new_edges;
-        report.stats = Some(self.train_on(store, &edges, !resent)?);
+        report.stats = Some(self.train_on(store, &edges, !already_sent)?);
         for e in &edges[..report.new_edges] {
             for n in [e.src, e.dst] {
                 let ts = &mut self.row_ts[n.node_type as usize];
