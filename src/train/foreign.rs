@@ -288,15 +288,22 @@ impl ForeignRows {
             let table = &mut model.tables[t];
             let width = dim + usize::from(table.biased);
             let nodes: Vec<NodeRef> = copies.iter().map(|(node, _)| *node).collect();
-            let now = read_rows(table, &nodes);
+            // Only the rows stepped on since their last window need their values here.
+            let stepped: Vec<NodeRef> = (nodes.iter().copied())
+                .filter(|n| self.learned.before.contains_key(n))
+                .collect();
+            let now = read_rows(table, &stepped);
+            let now: HashMap<NodeRef, &[f32]> =
+                stepped.into_iter().zip(now.chunks_exact(width)).collect();
             let mut values = Vec::with_capacity(nodes.len() * width);
-            for ((node, row), now) in copies.into_iter().zip(now.chunks_exact(width)) {
+            for (node, row) in copies {
                 let mut value = row.vector[..dim].to_vec();
                 if table.biased {
                     value.push(row.vector.get(dim).copied().unwrap_or(0.0));
                 }
                 self.learned.add_unapplied(node, row.includes, &mut value);
-                if let Some(was) = self.learned.before.get_mut(&node) {
+                if let (Some(was), Some(now)) = (self.learned.before.get_mut(&node), now.get(&node))
+                {
                     // The steps since the last window stay on top, counted from here on.
                     let since: Vec<f32> = now.iter().zip(was.iter()).map(|(n, w)| n - w).collect();
                     was.copy_from_slice(&value);
@@ -333,21 +340,18 @@ fn by_type(nodes: impl IntoIterator<Item = NodeRef>) -> BTreeMap<usize, Vec<Node
 /// The values of `nodes` (of `table`'s type), row after row: the row, then its bias for a
 /// biased table.
 fn read_rows(table: &NodeTable, nodes: &[NodeRef]) -> Vec<f32> {
-    read_indexed(table, &indices(nodes, table.weights.device()))
+    let idx = indices(nodes, table.weights.device());
+    let rows = table.weights.index_select(0, &idx);
+    let rows = match table.biased {
+        true => Tensor::cat(&[rows, table.bias.index_select(0, &idx).unsqueeze(1)], 1),
+        false => rows,
+    };
+    Vec::<f32>::try_from(rows.to_device(Device::Cpu).contiguous().view([-1])).unwrap_or_default()
 }
 
 fn indices(nodes: &[NodeRef], device: Device) -> Tensor {
     let idx: Vec<i64> = nodes.iter().map(|n| i64::from(n.index)).collect();
     Tensor::from_slice(&idx).to_device(device)
-}
-
-fn read_indexed(table: &NodeTable, idx: &Tensor) -> Vec<f32> {
-    let rows = table.weights.index_select(0, idx);
-    let rows = match table.biased {
-        true => Tensor::cat(&[rows, table.bias.index_select(0, idx).unsqueeze(1)], 1),
-        false => rows,
-    };
-    Vec::<f32>::try_from(rows.to_device(Device::Cpu).contiguous().view([-1])).unwrap_or_default()
 }
 
 /// Write [`read_rows`]'s layout back.
@@ -594,6 +598,17 @@ mod tests {
         partition_of(key.as_bytes(), 2) as i32
     }
 
+    /// Ids `<prefix><i>` (i < 40) whose `node_type:id` key is in partition `q` of 2.
+    fn ids_in<'a>(
+        node_type: &'a str,
+        prefix: &'a str,
+        q: i32,
+    ) -> impl Iterator<Item = String> + 'a {
+        (0..40)
+            .map(move |i| format!("{prefix}{i}"))
+            .filter(move |id| place(&format!("{node_type}:{id}")) == q)
+    }
+
     fn core(
         cfg: &Config,
         ownership: &Arc<Ownership>,
@@ -620,14 +635,8 @@ mod tests {
     fn gradients_of_rows_owned_elsewhere_reach_their_owner_once() {
         let dir = tempfile::tempdir().unwrap();
         // Users of one partition, movies of the other.
-        let users: Vec<String> = (0..40)
-            .map(|i| format!("u{i}"))
-            .filter(|u| place(&format!("user:{u}")) == 0)
-            .collect();
-        let movies: Vec<String> = (0..40)
-            .map(|i| format!("m{i}"))
-            .filter(|m| place(&format!("movie:{m}")) == 1)
-            .collect();
+        let users: Vec<String> = ids_in("user", "u", 0).collect();
+        let movies: Vec<String> = ids_in("movie", "m", 1).collect();
         let likes: Vec<(&str, &str)> = (0..12)
             .map(|i| (users[i % 4].as_str(), movies[i % 3].as_str()))
             .collect();
@@ -739,15 +748,8 @@ mod tests {
     #[test]
     fn a_refreshed_copy_keeps_the_learning_its_owner_has_not_applied() {
         let dir = tempfile::tempdir().unwrap();
-        let users: Vec<String> = (0..40)
-            .map(|i| format!("u{i}"))
-            .filter(|u| place(&format!("user:{u}")) == 0)
-            .take(4)
-            .collect();
-        let movie = (0..40)
-            .map(|i| format!("m{i}"))
-            .find(|m| place(&format!("movie:{m}")) == 1)
-            .unwrap();
+        let users: Vec<String> = ids_in("user", "u", 0).take(4).collect();
+        let movie = ids_in("movie", "m", 1).next().unwrap();
         let store = likes_store(dir.path(), &[(users[0].as_str(), movie.as_str())]);
         let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
         let owns = Arc::new(Ownership::default());
@@ -845,16 +847,8 @@ mod tests {
     #[test]
     fn edges_whose_gradients_went_out_send_none_when_trained_again() {
         let dir = tempfile::tempdir().unwrap();
-        let users: Vec<String> = (0..40)
-            .map(|i| format!("u{i}"))
-            .filter(|u| place(&format!("user:{u}")) == 0)
-            .take(6)
-            .collect();
-        let movies: Vec<String> = (0..40)
-            .map(|i| format!("m{i}"))
-            .filter(|m| place(&format!("movie:{m}")) == 1)
-            .take(6)
-            .collect();
+        let users: Vec<String> = ids_in("user", "u", 0).take(6).collect();
+        let movies: Vec<String> = ids_in("movie", "m", 1).take(6).collect();
         let likes: Vec<(&str, &str)> = users
             .iter()
             .zip(&movies)
