@@ -13,12 +13,14 @@
 //! | [`pq_tradeoff`] | what product quantization costs a version's consumers (bytes, error, retrieval, classifier) |
 //! | [`downstream`] | a recommender's classifier with and without a version's embeddings |
 //! | [`genre`] | a movie's genres from a version trained without the genre relations |
+//! | [`exchange`] | the gradient exchange of two trainers on one store, without Kafka or delay, beside one trainer and two apart |
 //! | [`warm_start`] | prequential quality on new nodes' first edges, warm start against random rows |
 //! | [`classifier`] | the plain logistic regression the measurements fit, and its accuracies |
 //! | [`movielens`] | MovieLens-100k streamed through the daemon's trainer, and its labelled nodes |
 
 pub mod classifier;
 pub mod downstream;
+pub mod exchange;
 pub mod genre;
 pub mod movielens;
 pub mod pq_tradeoff;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use twhin_lab::{downstream, genre, retrain, stability, warm_start};
+use twhin_lab::{downstream, exchange, genre, retrain, stability, warm_start};
 use twhin_stream::config::Config;
 use twhin_stream::offline::{self, DataArgs, DataSource, Dataset};
 use twhin_stream::telemetry;
@@ -55,6 +55,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The gradient exchange without Kafka or delay: two trainers on one store, splitting the
+    /// synthetic stream's nodes by partition, exchanging every few chunks; beside one trainer and
+    /// two that never exchange. Prequential Hits@10 and MRR over the last 80% of the stream.
+    Exchange {
+        #[command(flatten)]
+        opts: exchange::ExchangeOptions,
+        /// Print the report as JSON (the table otherwise).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Downstream { .. } | Command::Stability { .. } => {
             DataSource::Builtin(Dataset::MovieLens100k)
         }
+        Command::Exchange { .. } => DataSource::Dir("exchange".into()),
     };
     let config_file = cli.config.clone().or_else(|| source.config_file());
     let mut cfg = Config::load(config_file.as_deref())?;
@@ -101,6 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (serde_json::to_string_pretty(&r)?, r.table(), json)
             }
         },
+        Command::Exchange { opts, json } => {
+            let r = exchange::measure(&cfg, device, &opts)?;
+            (serde_json::to_string_pretty(&r)?, r.table(), json)
+        }
         Command::Stability { opts, json } => match opts.scenario {
             stability::Scenario::Stream => {
                 let r = stability::measure(&cfg, device, &opts)?;

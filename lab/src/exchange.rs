@@ -1,0 +1,580 @@
+//! `twhin-lab exchange`: the gradient exchange (issue 24) without Kafka, versions or their delay.
+//! Two trainers ([`TrainerCore`]) share one store and split its nodes by the daemon's
+//! partitioner; each trains the edges whose source it owns. Every `window` chunks of the stream
+//! each takes a window as a version would, the other applies it at once, and each hands the
+//! rows it owns that changed to the other's copies, with the windows of that sender its rows
+//! include, as its version marker says. The same stream goes through one trainer, and through
+//! two trainers that never exchange (two independent models, the daemon with the exchange
+//! off). If the exchange at a window of one chunk ranks below one trainer, the mechanism is at
+//! fault; if it comes close and falls behind as the window grows, the delay is.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::Device;
+
+use twhin_stream::config::Config;
+use twhin_stream::exchange::{
+    ChangedRow, ChangedRows, GradientInbox, KeyedGradient, WindowAttempt, WindowId, WindowPart,
+};
+use twhin_stream::offline::synthetic::{SyntheticSpec, Workload};
+use twhin_stream::offline::{open_offline_store, run_dir, split_events, DataSource};
+use twhin_stream::partition::{partition_of, Ownership};
+use twhin_stream::schema::Event;
+use twhin_stream::store::{AppendBatch, GraphStore, NodeRef};
+use twhin_stream::train::{DeltaRequest, Embeddings, ModelDelta, RankTotals, TrainerCore};
+
+/// Partitions the nodes are split by (the engagements topic's count); the first trainer owns
+/// the lower half.
+const PARTITIONS: u32 = 8;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExchangeOptions {
+    /// Nodes of the synthetic stream.
+    #[arg(long, default_value_t = 300_000)]
+    pub nodes: u64,
+    /// Events of the synthetic stream.
+    #[arg(long, default_value_t = 3_000_000)]
+    pub edges: u64,
+    /// Events appended to the store at a time; every trainer then trains all of them.
+    #[arg(long, default_value_t = 10_000)]
+    pub chunk: usize,
+    /// Chunks per exchange window (1: the other trainer has a window's gradients and rows
+    /// before the next chunk), one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+    pub windows: Vec<usize>,
+    /// Train only this first share of the stream (settings are chosen on the first 20%, and
+    /// the figures of the whole stream's last 80% are the test).
+    #[arg(long, default_value_t = 1.0)]
+    pub prefix: f64,
+    /// Also run each window with the owner's Adagrad accumulators copied with its rows (which
+    /// the daemon cannot do: they are not published), to see what the copies' own optimiser
+    /// state costs.
+    #[arg(long)]
+    pub with_state: bool,
+}
+
+/// One way of training the stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// `one`, `two-apart`, `two-exchange`, or `two-exchange+state` (the owner's accumulators
+    /// copied with its rows).
+    pub mode: String,
+    /// Chunks per window (`two-exchange` only).
+    pub window_chunks: Option<usize>,
+    /// Prequential ranks over the last 80% of the stream, both trainers' together.
+    pub ranked: u64,
+    #[serde(rename = "hits@10")]
+    pub hits10: f64,
+    pub mrr: f64,
+    /// Rows sent, applied by their owner, and copied over the sender's copies, in all.
+    pub rows_sent: u64,
+    pub rows_applied: u64,
+    pub rows_refreshed: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExchangeReport {
+    pub nodes: u64,
+    pub edges: u64,
+    /// The events trained (the prefix's).
+    pub trained: usize,
+    pub chunk: usize,
+    pub runs: Vec<Run>,
+}
+
+impl ExchangeReport {
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "synthetic stream, {} nodes, {} events ({} trained), chunks of {}: prequential over the \
+             last 80% of those trained\n\
+             {:<14} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>10} {:>8}\n",
+            self.nodes,
+            self.edges,
+            self.trained,
+            self.chunk,
+            "mode",
+            "window",
+            "ranked",
+            "Hits@10",
+            "MRR",
+            "sent",
+            "applied",
+            "refreshed",
+            "seconds"
+        );
+        for r in &self.runs {
+            let window = r.window_chunks.map_or("-".into(), |w| w.to_string());
+            out += &format!(
+                "{:<14} {:>7} {:>8} {:>8.4} {:>7.4} {:>10} {:>10} {:>10} {:>8.1}\n",
+                r.mode,
+                window,
+                r.ranked,
+                r.hits10,
+                r.mrr,
+                r.rows_sent,
+                r.rows_applied,
+                r.rows_refreshed,
+                r.seconds
+            );
+        }
+        out
+    }
+}
+
+/// Rows an owner hands over, taken once by the other trainer.
+#[derive(Debug, Default)]
+struct Handed(Mutex<Vec<ChangedRow>>);
+
+impl ChangedRows for Handed {
+    fn take_changed(&self) -> Vec<ChangedRow> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// One of two trainers: its name (the sender id), the partitions it owns, its inbox, and the
+/// rows the other hands it.
+struct Instance {
+    core: TrainerCore,
+    name: String,
+    owns: Vec<i32>,
+    inbox: Arc<GradientInbox>,
+    handed: Arc<Handed>,
+    sent: u64,
+}
+
+/// Each node's key and partition, by type and index (the store's nodes so far).
+#[derive(Default)]
+struct Keys {
+    by_type: Vec<Vec<(String, i32)>>,
+}
+
+impl Keys {
+    fn get(&mut self, store: &GraphStore, node: NodeRef) -> anyhow::Result<&(String, i32)> {
+        let t = node.node_type as usize;
+        if self.by_type.len() <= t {
+            self.by_type.resize_with(t + 1, Vec::new);
+        }
+        let names = &store.stored_schema().node_types;
+        let known = &mut self.by_type[t];
+        while known.len() <= node.index as usize {
+            let at = NodeRef {
+                node_type: node.node_type,
+                index: known.len() as u32,
+            };
+            let id = (store.node_id(at)?)
+                .ok_or_else(|| anyhow::anyhow!("node {at:?} has no id in the store"))?;
+            let key = format!("{}:{}", names[t], id);
+            let q = partition_of(key.as_bytes(), PARTITIONS) as i32;
+            known.push((key, q));
+        }
+        Ok(&known[node.index as usize])
+    }
+}
+
+/// The synthetic stream, generated into `dir` and read back as events in order.
+pub fn synthetic_events(
+    cfg: &Config,
+    opts: &ExchangeOptions,
+    dir: &Path,
+) -> anyhow::Result<Vec<Event>> {
+    let schema = cfg.schema();
+    let data = dir.join("data");
+    Workload::new(
+        &schema,
+        SyntheticSpec::new(opts.nodes, opts.edges, cfg.train.seed),
+    )?
+    .write_dir(&data)?;
+    let mut events = Vec::new();
+    for split in ["train", "valid", "test"] {
+        events.extend(split_events(
+            cfg,
+            &schema,
+            DataSource::Dir(data.clone()),
+            split,
+        )?);
+    }
+    Ok(events)
+}
+
+pub fn measure(
+    cfg: &Config,
+    device: Device,
+    opts: &ExchangeOptions,
+) -> anyhow::Result<ExchangeReport> {
+    // A folder of its own beside the other offline runs', removed at the end.
+    let base = run_dir(cfg, DataSource::Dir("exchange".into()));
+    std::fs::create_dir_all(&base)?;
+    let work = tempfile::Builder::new().prefix("run-").tempdir_in(&base)?;
+    let work = work.path();
+    let mut events = synthetic_events(cfg, opts, work)?;
+    events.truncate((events.len() as f64 * opts.prefix.clamp(0.0, 1.0)).round() as usize);
+    let mut runs = vec![
+        one(cfg, device, opts, &events, &work.join("one"))?,
+        two(cfg, device, opts, &events, &work.join("apart"), None, false)?,
+    ];
+    for &w in &opts.windows {
+        let dir = work.join(format!("window-{w}"));
+        runs.push(two(
+            cfg,
+            device,
+            opts,
+            &events,
+            &dir,
+            Some(w.max(1)),
+            false,
+        )?);
+        if opts.with_state {
+            let dir = work.join(format!("window-{w}-state"));
+            runs.push(two(cfg, device, opts, &events, &dir, Some(w.max(1)), true)?);
+        }
+    }
+    Ok(ExchangeReport {
+        nodes: opts.nodes,
+        edges: opts.edges,
+        trained: events.len(),
+        chunk: opts.chunk,
+        runs,
+    })
+}
+
+fn new_core(cfg: &Config, device: Device) -> TrainerCore {
+    tch::manual_seed(cfg.train.seed as i64);
+    let model = Embeddings::for_schema(&cfg.schema(), &cfg.train, device);
+    TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone())
+}
+
+/// Append chunk `c` of `events` to `store`.
+fn append(
+    store: &GraphStore,
+    opts: &ExchangeOptions,
+    c: usize,
+    chunk: &[Event],
+) -> anyhow::Result<()> {
+    let batch =
+        AppendBatch::from_events("exchange", (c * opts.chunk) as i64, chunk.iter().cloned());
+    store.append(&batch)?;
+    Ok(())
+}
+
+fn drain(core: &mut TrainerCore, store: &GraphStore) -> anyhow::Result<()> {
+    while core.step(store)?.stats.is_some() {}
+    Ok(())
+}
+
+/// The ranks since `mark`, as a run's figures.
+fn figures(
+    mode: &str,
+    window: Option<usize>,
+    now: RankTotals,
+    mark: RankTotals,
+    started: Instant,
+) -> Run {
+    let ranked = now.ranked - mark.ranked;
+    let n = ranked.max(1) as f64;
+    Run {
+        mode: mode.into(),
+        window_chunks: window,
+        ranked,
+        hits10: (now.hits10 - mark.hits10) as f64 / n,
+        mrr: (now.reciprocal_ranks - mark.reciprocal_ranks) / n,
+        rows_sent: 0,
+        rows_applied: 0,
+        rows_refreshed: 0,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+fn sum(a: RankTotals, b: RankTotals) -> RankTotals {
+    RankTotals {
+        ranked: a.ranked + b.ranked,
+        hits10: a.hits10 + b.hits10,
+        reciprocal_ranks: a.reciprocal_ranks + b.reciprocal_ranks,
+    }
+}
+
+fn one(
+    cfg: &Config,
+    device: Device,
+    opts: &ExchangeOptions,
+    events: &[Event],
+    dir: &Path,
+) -> anyhow::Result<Run> {
+    let store = open_offline_store(dir, &cfg.schema())?;
+    let mut core = new_core(cfg, device);
+    let started = Instant::now();
+    let mut mark = None;
+    for (c, chunk) in events.chunks(opts.chunk).enumerate() {
+        if mark.is_none() && c * opts.chunk >= events.len() / 5 {
+            mark = Some(core.window.totals());
+        }
+        append(&store, opts, c, chunk)?;
+        drain(&mut core, &store)?;
+    }
+    Ok(figures(
+        "one",
+        None,
+        core.window.totals(),
+        mark.unwrap_or_default(),
+        started,
+    ))
+}
+
+fn two(
+    cfg: &Config,
+    device: Device,
+    opts: &ExchangeOptions,
+    events: &[Event],
+    dir: &Path,
+    window: Option<usize>,
+    with_state: bool,
+) -> anyhow::Result<Run> {
+    let store = open_offline_store(dir, &cfg.schema())?;
+    let half = PARTITIONS as i32 / 2;
+    let mut pair: Vec<Instance> = [("a", 0..half), ("b", half..2 * half)]
+        .into_iter()
+        .map(|(name, owns)| {
+            let owns: Vec<i32> = owns.collect();
+            let ownership = Arc::new(Ownership::default());
+            ownership.set_partition_count(PARTITIONS);
+            ownership.assign(&owns);
+            let mut core = new_core(cfg, device);
+            core.train_owned_sources(ownership);
+            let inbox = Arc::new(GradientInbox::new(name.into()));
+            let handed = Arc::new(Handed::default());
+            if window.is_some() {
+                core.exchange_gradients(inbox.clone());
+                if std::env::var_os("LAB_NO_REFRESH").is_none() {
+                    inbox.refresh_from(handed.clone());
+                }
+            }
+            Instance {
+                core,
+                name: name.into(),
+                owns,
+                inbox,
+                handed,
+                sent: 0,
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    let mut keys = Keys::default();
+    let mut mark = None;
+    let mut version = 0;
+    for (c, chunk) in events.chunks(opts.chunk).enumerate() {
+        if mark.is_none() && c * opts.chunk >= events.len() / 5 {
+            mark = Some(sum(
+                pair[0].core.window.totals(),
+                pair[1].core.window.totals(),
+            ));
+        }
+        append(&store, opts, c, chunk)?;
+        for i in &mut pair {
+            drain(&mut i.core, &store)?;
+        }
+        if window.is_some_and(|w| (c + 1) % w == 0) {
+            version += 1;
+            exchange(&mut pair, &store, &mut keys, version, with_state)?;
+        }
+    }
+    let now = sum(pair[0].core.window.totals(), pair[1].core.window.totals());
+    let mode = match (window, with_state) {
+        (None, _) => "two-apart",
+        (Some(_), false) => "two-exchange",
+        (Some(_), true) => "two-exchange+state",
+    };
+    let mut run = figures(mode, window, now, mark.unwrap_or_default(), started);
+    for i in &pair {
+        let f = i.inbox.figures();
+        run.rows_sent += i.sent;
+        run.rows_applied += f.rows_applied;
+        run.rows_refreshed += f.rows_refreshed;
+    }
+    Ok(run)
+}
+
+/// One window: each trainer takes its delta as version `version` would, its gradients go to
+/// the other as window parts (one per partition), and the rows it owns that changed go to the
+/// other's copies with the windows of the other its rows include.
+fn exchange(
+    pair: &mut [Instance],
+    store: &GraphStore,
+    keys: &mut Keys,
+    version: u64,
+    with_state: bool,
+) -> anyhow::Result<()> {
+    let window = WindowAttempt { version, epoch: 0 };
+    let request = DeltaRequest {
+        window: Some(window),
+        ..Default::default()
+    };
+    let deltas: Vec<ModelDelta> = pair
+        .iter_mut()
+        .map(|i| i.core.take_delta(&request))
+        .collect();
+    for (from, to) in [(0, 1), (1, 0)] {
+        let (delta, sender) = (&deltas[from], pair[from].name.clone());
+        let mut parts: BTreeMap<i32, Vec<KeyedGradient>> = BTreeMap::new();
+        for g in &delta.exchange.gradients {
+            let (key, q) = keys.get(store, g.node)?.clone();
+            parts.entry(q).or_default().push(KeyedGradient {
+                key,
+                steps: g.steps,
+                grad: g.grad.clone(),
+                bias: g.bias,
+            });
+        }
+        pair[from].sent += delta.exchange.gradients.len() as u64;
+        for (partition, rows) in parts {
+            pair[to].inbox.push_part(WindowPart {
+                id: WindowId {
+                    sender: sender.clone(),
+                    version,
+                    epoch: 0,
+                },
+                partition,
+                rows,
+                resume_at: version as i64,
+            });
+        }
+        let rows = owned_rows(delta, &pair[from].owns, store, keys)?;
+        if with_state {
+            let (first, second) = pair.split_at_mut(1);
+            let (owner, copy) = match from {
+                0 => (&first[0].core, &mut second[0].core),
+                _ => (&second[0].core, &mut first[0].core),
+            };
+            copy_state(&rows, owner, copy, store)?;
+        }
+        (pair[to].handed.0.lock().unwrap_or_else(|e| e.into_inner())).extend(rows);
+    }
+    Ok(())
+}
+
+/// The rows of `delta` in partitions `owns`, as a cache would hand them over, each with what its
+/// partition's marker says was applied.
+fn owned_rows(
+    delta: &ModelDelta,
+    owns: &[i32],
+    store: &GraphStore,
+    keys: &mut Keys,
+) -> anyhow::Result<Vec<ChangedRow>> {
+    let applied: BTreeMap<i32, Arc<_>> = (delta.exchange.applied.iter())
+        .map(|(q, a)| (*q, Arc::new(a.clone())))
+        .collect();
+    let mut out = Vec::new();
+    for (t, table) in delta.tables.iter().enumerate() {
+        let index = Vec::<i64>::try_from(&table.index)?;
+        if index.is_empty() {
+            continue;
+        }
+        let dim = table.values.size()[1] as usize;
+        let values = Vec::<f32>::try_from(table.values.contiguous().view([-1]))?;
+        let biases: Option<Vec<f32>> = table
+            .biases
+            .as_ref()
+            .map(Vec::<f32>::try_from)
+            .transpose()?;
+        for (k, &i) in index.iter().enumerate() {
+            let node = NodeRef {
+                node_type: t as u16,
+                index: i as u32,
+            };
+            let (key, q) = keys.get(store, node)?.clone();
+            if owns.binary_search(&q).is_err() {
+                continue;
+            }
+            let mut vector = values[k * dim..(k + 1) * dim].to_vec();
+            if let Some(b) = &biases {
+                vector.push(b.get(i as usize).copied().unwrap_or(0.0));
+            }
+            out.push(ChangedRow {
+                key,
+                vector,
+                applied: applied.get(&q).cloned(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The owner's Adagrad accumulators of `rows` over the other trainer's (rows it has).
+fn copy_state(
+    rows: &[ChangedRow],
+    owner: &TrainerCore,
+    copy: &mut TrainerCore,
+    store: &GraphStore,
+) -> anyhow::Result<()> {
+    let names = &store.stored_schema().node_types;
+    let mut by_type: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+    for r in rows {
+        let Some((name, id)) = r.key.split_once(':') else {
+            continue;
+        };
+        let Some(t) = names.iter().position(|n| n == name) else {
+            continue;
+        };
+        if let Some(i) = store.node_index(t as u16, id)? {
+            if i64::from(i) < copy.model.tables[t].len() {
+                by_type.entry(t).or_default().push(i64::from(i));
+            }
+        }
+    }
+    tch::no_grad(|| {
+        for (t, idx) in by_type {
+            let idx = tch::Tensor::from_slice(&idx).to_device(copy.model.device);
+            let (from, to) = (&owner.model.tables[t], &mut copy.model.tables[t]);
+            let _ = to
+                .state
+                .index_copy_(0, &idx, &from.state.index_select(0, &idx));
+            let _ = (to.bias_state).index_copy_(0, &idx, &from.bias_state.index_select(0, &idx));
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two trainers exchanging every chunk: each sends the gradients of rows the other owns, the
+    /// other applies every window but the last (no step follows it) and copies the rows handed
+    /// to it; one trainer and two apart rank the same stream and send nothing.
+    #[test]
+    fn two_trainers_exchange_every_window_and_rank_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let cfg = Config::from_toml(&format!(
+            "[storage]\npath = {:?}\n[train]\ndim = 8\nuniform_negatives = 4",
+            store.display()
+        ))
+        .unwrap();
+        let opts = ExchangeOptions {
+            nodes: 2_000,
+            edges: 20_000,
+            chunk: 2_000,
+            windows: vec![1],
+            prefix: 1.0,
+            with_state: false,
+        };
+        let report = measure(&cfg, Device::Cpu, &opts).unwrap();
+        let modes: Vec<&str> = report.runs.iter().map(|r| r.mode.as_str()).collect();
+        assert_eq!(modes, ["one", "two-apart", "two-exchange"]);
+        assert_eq!(report.trained, 20_000);
+        for r in &report.runs {
+            assert!(r.ranked > 0 && r.hits10 > 0.0, "{} ranked nothing", r.mode);
+        }
+        let (apart, exchange) = (&report.runs[1], &report.runs[2]);
+        assert_eq!((apart.rows_sent, apart.rows_refreshed), (0, 0));
+        assert!(exchange.rows_applied > 0 && exchange.rows_applied < exchange.rows_sent);
+        assert!(exchange.rows_refreshed > 0);
+        // Its work folder is gone with it.
+        let left = std::fs::read_dir(run_dir(&cfg, DataSource::Dir("exchange".into()))).unwrap();
+        assert_eq!(left.count(), 0);
+    }
+}
