@@ -50,6 +50,10 @@ pub struct ExchangeOptions {
     /// the figures of the whole stream's last 80% are the test).
     #[arg(long, default_value_t = 1.0)]
     pub prefix: f64,
+    /// Leave the copies of rows owned elsewhere as each trainer trains them (gradients still go
+    /// to their owners): what the owners' application of the windows does on its own.
+    #[arg(long)]
+    pub no_refresh: bool,
     /// Also run each window with the owner's Adagrad accumulators copied with its rows (which
     /// the daemon cannot do: they are not published), to see what the copies' own optimiser
     /// state costs.
@@ -348,7 +352,7 @@ fn two(
             let handed = Arc::new(Handed::default());
             if window.is_some() {
                 core.exchange_gradients(inbox.clone());
-                if std::env::var_os("LAB_NO_REFRESH").is_none() {
+                if !opts.no_refresh {
                     inbox.refresh_from(handed.clone());
                 }
             }
@@ -560,6 +564,7 @@ mod tests {
             chunk: 2_000,
             windows: vec![1],
             prefix: 1.0,
+            no_refresh: false,
             with_state: false,
         };
         let report = measure(&cfg, Device::Cpu, &opts).unwrap();
