@@ -4,7 +4,8 @@
 //! The rule that puts a command here rather than in `twhin-stream`: the product holds what an
 //! operator runs, or a user runs on their own graph or stream (`train`/`eval`, `stream-eval` with
 //! its baselines, which the daemon computes live too); the lab holds experiments that measure the
-//! product on MovieLens-100k to fill a table, and the helpers only they use.
+//! product on MovieLens-100k or the synthetic stream to fill a table, and the helpers only they
+//! use.
 //!
 //! | module | measures |
 //! |---|---|
