@@ -54,6 +54,16 @@ pub struct ExchangeOptions {
     /// to their owners): what the owners' application of the windows does on its own.
     #[arg(long)]
     pub no_refresh: bool,
+    /// Give each trainer a store of its own holding the events whose source it owns, as the
+    /// daemon's instances have (the default: one store both read): an owner then does not know
+    /// the nodes only the other's events name.
+    #[arg(long)]
+    pub separate_stores: bool,
+    /// With `--separate-stores`: also store each event at its target's owner (which does not
+    /// train it: it trains the edges whose source it owns), so that an owner knows every node
+    /// of its partitions that a gradient can name.
+    #[arg(long)]
+    pub targets_stored: bool,
     /// Also run each window with the owner's Adagrad accumulators copied with its rows (which
     /// the daemon cannot do: they are not published), to see what the copies' own optimiser
     /// state costs.
@@ -87,6 +97,10 @@ pub struct ExchangeReport {
     pub edges: u64,
     /// The events trained (the prefix's).
     pub trained: usize,
+    /// Whether each trainer had a store of its own (`--separate-stores`), and whether it also
+    /// stored the events whose target it owns (`--targets-stored`).
+    pub separate_stores: bool,
+    pub targets_stored: bool,
     pub chunk: usize,
     pub runs: Vec<Run>,
 }
@@ -94,13 +108,18 @@ pub struct ExchangeReport {
 impl ExchangeReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "synthetic stream, {} nodes, {} events ({} trained), chunks of {}: prequential over the \
-             last 80% of those trained\n\
+            "synthetic stream, {} nodes, {} events ({} trained), chunks of {}{}: prequential over \
+             the last 80% of those trained\n\
              {:<14} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>10} {:>8}\n",
             self.nodes,
             self.edges,
             self.trained,
             self.chunk,
+            match (self.separate_stores, self.targets_stored) {
+                (true, true) => ", a store per trainer with its targets' events too",
+                (true, false) => ", a store per trainer",
+                _ => "",
+            },
             "mode",
             "window",
             "ranked",
@@ -144,6 +163,8 @@ impl ChangedRows for Handed {
 /// rows the other hands it.
 struct Instance {
     core: TrainerCore,
+    store: Arc<GraphStore>,
+    keys: Keys,
     name: String,
     owns: Vec<i32>,
     inbox: Arc<GradientInbox>,
@@ -181,7 +202,7 @@ impl Keys {
 }
 
 /// The synthetic stream, generated into `dir` and read back as events in order.
-pub fn synthetic_events(
+fn synthetic_events(
     cfg: &Config,
     opts: &ExchangeOptions,
     dir: &Path,
@@ -205,42 +226,50 @@ pub fn synthetic_events(
     Ok(events)
 }
 
+/// Every run of `opts` on the synthetic stream: one trainer, two apart, then two exchanging at
+/// each window (and with the owner's accumulators, when asked). Each run is logged as it ends.
 pub fn measure(
     cfg: &Config,
     device: Device,
     opts: &ExchangeOptions,
 ) -> anyhow::Result<ExchangeReport> {
+    if !(opts.prefix > 0.0 && opts.prefix <= 1.0) {
+        anyhow::bail!(
+            "--prefix {} is not a share of the stream in (0, 1]",
+            opts.prefix
+        );
+    }
+    if opts.with_state && opts.separate_stores {
+        anyhow::bail!("--with-state copies accumulators by row index, which needs one store: drop --separate-stores");
+    }
+    if opts.chunk == 0 || opts.windows.contains(&0) {
+        anyhow::bail!("--chunk and every --windows value count chunks of events: at least 1");
+    }
     // A folder of its own beside the other offline runs', removed at the end.
     let base = run_dir(cfg, DataSource::Dir("exchange".into()));
     std::fs::create_dir_all(&base)?;
     let work = tempfile::Builder::new().prefix("run-").tempdir_in(&base)?;
     let work = work.path();
     let mut events = synthetic_events(cfg, opts, work)?;
-    events.truncate((events.len() as f64 * opts.prefix.clamp(0.0, 1.0)).round() as usize);
+    events.truncate((events.len() as f64 * opts.prefix).round() as usize);
     let mut runs = vec![
         one(cfg, device, opts, &events, &work.join("one"))?,
         two(cfg, device, opts, &events, &work.join("apart"), None, false)?,
     ];
     for &w in &opts.windows {
         let dir = work.join(format!("window-{w}"));
-        runs.push(two(
-            cfg,
-            device,
-            opts,
-            &events,
-            &dir,
-            Some(w.max(1)),
-            false,
-        )?);
+        runs.push(two(cfg, device, opts, &events, &dir, Some(w), false)?);
         if opts.with_state {
             let dir = work.join(format!("window-{w}-state"));
-            runs.push(two(cfg, device, opts, &events, &dir, Some(w.max(1)), true)?);
+            runs.push(two(cfg, device, opts, &events, &dir, Some(w), true)?);
         }
     }
     Ok(ExchangeReport {
         nodes: opts.nodes,
         edges: opts.edges,
         trained: events.len(),
+        separate_stores: opts.separate_stores,
+        targets_stored: opts.separate_stores && opts.targets_stored,
         chunk: opts.chunk,
         runs,
     })
@@ -293,6 +322,13 @@ fn figures(
     }
 }
 
+/// A run, logged as it ends (the whole measurement takes minutes per run).
+fn logged(run: Run) -> Run {
+    tracing::info!(mode = %run.mode, window = ?run.window_chunks, hits10 = run.hits10, mrr = run.mrr,
+        seconds = run.seconds, "exchange run done");
+    run
+}
+
 fn sum(a: RankTotals, b: RankTotals) -> RankTotals {
     RankTotals {
         ranked: a.ranked + b.ranked,
@@ -319,13 +355,13 @@ fn one(
         append(&store, opts, c, chunk)?;
         drain(&mut core, &store)?;
     }
-    Ok(figures(
+    Ok(logged(figures(
         "one",
         None,
         core.window.totals(),
         mark.unwrap_or_default(),
         started,
-    ))
+    )))
 }
 
 fn two(
@@ -337,11 +373,16 @@ fn two(
     window: Option<usize>,
     with_state: bool,
 ) -> anyhow::Result<Run> {
-    let store = open_offline_store(dir, &cfg.schema())?;
+    let schema = cfg.schema();
+    let shared = Arc::new(open_offline_store(dir, &schema)?);
     let half = PARTITIONS as i32 / 2;
     let mut pair: Vec<Instance> = [("a", 0..half), ("b", half..2 * half)]
         .into_iter()
-        .map(|(name, owns)| {
+        .map(|(name, owns)| -> anyhow::Result<Instance> {
+            let store = match opts.separate_stores {
+                true => Arc::new(open_offline_store(&dir.join(name), &schema)?),
+                false => shared.clone(),
+            };
             let owns: Vec<i32> = owns.collect();
             let ownership = Arc::new(Ownership::default());
             ownership.set_partition_count(PARTITIONS);
@@ -356,18 +397,19 @@ fn two(
                     inbox.refresh_from(handed.clone());
                 }
             }
-            Instance {
+            Ok(Instance {
                 core,
+                store,
+                keys: Keys::default(),
                 name: name.into(),
                 owns,
                 inbox,
                 handed,
                 sent: 0,
-            }
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
-    let mut keys = Keys::default();
     let mut mark = None;
     let mut version = 0;
     for (c, chunk) in events.chunks(opts.chunk).enumerate() {
@@ -377,13 +419,34 @@ fn two(
                 pair[1].core.window.totals(),
             ));
         }
-        append(&store, opts, c, chunk)?;
+        match opts.separate_stores {
+            // Each event goes to its source's owner, as the daemon routes it.
+            true => {
+                let mut routed: [Vec<Event>; 2] = Default::default();
+                let owner = |t: u16, id: &str| {
+                    let key = format!("{}:{}", schema.type_name(t), id);
+                    usize::from(partition_of(key.as_bytes(), PARTITIONS) as i32 >= half)
+                };
+                for e in chunk {
+                    let at = owner(e.src.node_type, &e.src.id);
+                    routed[at].push(e.clone());
+                    let target = owner(e.dst.node_type, &e.dst.id);
+                    if opts.targets_stored && target != at {
+                        routed[target].push(e.clone());
+                    }
+                }
+                for (i, events) in pair.iter().zip(&routed) {
+                    append(&i.store, opts, c, events)?;
+                }
+            }
+            false => append(&shared, opts, c, chunk)?,
+        }
         for i in &mut pair {
-            drain(&mut i.core, &store)?;
+            drain(&mut i.core, &i.store)?;
         }
         if window.is_some_and(|w| (c + 1) % w == 0) {
             version += 1;
-            exchange(&mut pair, &store, &mut keys, version, with_state)?;
+            exchange(&mut pair, version, with_state)?;
         }
     }
     let now = sum(pair[0].core.window.totals(), pair[1].core.window.totals());
@@ -399,19 +462,13 @@ fn two(
         run.rows_applied += f.rows_applied;
         run.rows_refreshed += f.rows_refreshed;
     }
-    Ok(run)
+    Ok(logged(run))
 }
 
 /// One window: each trainer takes its delta as version `version` would, its gradients go to
 /// the other as window parts (one per partition), and the rows it owns that changed go to the
 /// other's copies with the windows of the other its rows include.
-fn exchange(
-    pair: &mut [Instance],
-    store: &GraphStore,
-    keys: &mut Keys,
-    version: u64,
-    with_state: bool,
-) -> anyhow::Result<()> {
+fn exchange(pair: &mut [Instance], version: u64, with_state: bool) -> anyhow::Result<()> {
     let window = WindowAttempt { version, epoch: 0 };
     let request = DeltaRequest {
         window: Some(window),
@@ -423,9 +480,13 @@ fn exchange(
         .collect();
     for (from, to) in [(0, 1), (1, 0)] {
         let (delta, sender) = (&deltas[from], pair[from].name.clone());
+        let (store, keys) = {
+            let i = &mut pair[from];
+            (i.store.clone(), &mut i.keys)
+        };
         let mut parts: BTreeMap<i32, Vec<KeyedGradient>> = BTreeMap::new();
         for g in &delta.exchange.gradients {
-            let (key, q) = keys.get(store, g.node)?.clone();
+            let (key, q) = keys.get(&store, g.node)?.clone();
             parts.entry(q).or_default().push(KeyedGradient {
                 key,
                 steps: g.steps,
@@ -433,6 +494,7 @@ fn exchange(
                 bias: g.bias,
             });
         }
+        let owns = pair[from].owns.clone();
         pair[from].sent += delta.exchange.gradients.len() as u64;
         for (partition, rows) in parts {
             pair[to].inbox.push_part(WindowPart {
@@ -446,14 +508,14 @@ fn exchange(
                 resume_at: version as i64,
             });
         }
-        let rows = owned_rows(delta, &pair[from].owns, store, keys)?;
+        let rows = owned_rows(delta, &owns, &store, &mut pair[from].keys)?;
         if with_state {
             let (first, second) = pair.split_at_mut(1);
             let (owner, copy) = match from {
                 0 => (&first[0].core, &mut second[0].core),
                 _ => (&second[0].core, &mut first[0].core),
             };
-            copy_state(&rows, owner, copy, store)?;
+            copy_state(&rows, owner, copy, &store)?;
         }
         (pair[to].handed.0.lock().unwrap_or_else(|e| e.into_inner())).extend(rows);
     }
@@ -565,6 +627,8 @@ mod tests {
             windows: vec![1],
             prefix: 1.0,
             no_refresh: false,
+            separate_stores: false,
+            targets_stored: false,
             with_state: false,
         };
         let report = measure(&cfg, Device::Cpu, &opts).unwrap();
@@ -581,5 +645,26 @@ mod tests {
         // Its work folder is gone with it.
         let left = std::fs::read_dir(run_dir(&cfg, DataSource::Dir("exchange".into()))).unwrap();
         assert_eq!(left.count(), 0);
+    }
+
+    /// A prefix outside (0, 1] or a chunk of no events is refused by name, before any work.
+    #[test]
+    fn a_bad_prefix_or_chunk_is_refused_naming_the_flag() {
+        let cfg = Config::from_toml("").unwrap();
+        let opts = |prefix, chunk| ExchangeOptions {
+            nodes: 2_000,
+            edges: 20_000,
+            chunk,
+            windows: vec![1],
+            prefix,
+            no_refresh: false,
+            separate_stores: false,
+            targets_stored: false,
+            with_state: false,
+        };
+        let err = measure(&cfg, Device::Cpu, &opts(0.0, 10)).unwrap_err();
+        assert!(err.to_string().contains("--prefix"), "{err}");
+        let err = measure(&cfg, Device::Cpu, &opts(1.0, 0)).unwrap_err();
+        assert!(err.to_string().contains("--chunk"), "{err}");
     }
 }
