@@ -88,6 +88,8 @@ pub struct Run {
     pub rows_sent: u64,
     pub rows_applied: u64,
     pub rows_refreshed: u64,
+    /// Rows sent for nodes their owner's store does not know (dropped there).
+    pub rows_unknown: u64,
     pub seconds: f64,
 }
 
@@ -110,7 +112,7 @@ impl ExchangeReport {
         let mut out = format!(
             "synthetic stream, {} nodes, {} events ({} trained), chunks of {}{}: prequential over \
              the last 80% of those trained\n\
-             {:<14} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>10} {:>8}\n",
+             {:<18} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
             self.nodes,
             self.edges,
             self.trained,
@@ -127,13 +129,14 @@ impl ExchangeReport {
             "MRR",
             "sent",
             "applied",
+            "unknown",
             "refreshed",
             "seconds"
         );
         for r in &self.runs {
             let window = r.window_chunks.map_or("-".into(), |w| w.to_string());
             out += &format!(
-                "{:<14} {:>7} {:>8} {:>8.4} {:>7.4} {:>10} {:>10} {:>10} {:>8.1}\n",
+                "{:<18} {:>7} {:>8} {:>8.4} {:>7.4} {:>10} {:>10} {:>10} {:>10} {:>8.1}\n",
                 r.mode,
                 window,
                 r.ranked,
@@ -141,6 +144,7 @@ impl ExchangeReport {
                 r.mrr,
                 r.rows_sent,
                 r.rows_applied,
+                r.rows_unknown,
                 r.rows_refreshed,
                 r.seconds
             );
@@ -318,6 +322,7 @@ fn figures(
         rows_sent: 0,
         rows_applied: 0,
         rows_refreshed: 0,
+        rows_unknown: 0,
         seconds: started.elapsed().as_secs_f64(),
     }
 }
@@ -461,6 +466,7 @@ fn two(
         run.rows_sent += i.sent;
         run.rows_applied += f.rows_applied;
         run.rows_refreshed += f.rows_refreshed;
+        run.rows_unknown += f.rows_unknown;
     }
     Ok(logged(run))
 }
@@ -666,5 +672,37 @@ mod tests {
         assert!(err.to_string().contains("--prefix"), "{err}");
         let err = measure(&cfg, Device::Cpu, &opts(1.0, 0)).unwrap_err();
         assert!(err.to_string().contains("--chunk"), "{err}");
+    }
+
+    /// With a store per trainer, an owner does not know the nodes only the other's events name,
+    /// and drops their gradients; with each event stored at its target's owner too, it knows
+    /// every node a gradient names.
+    #[test]
+    fn separate_stores_leave_nodes_unknown_to_their_owner_unless_targets_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml(&format!(
+            "[storage]\npath = {:?}\n[train]\ndim = 8\nuniform_negatives = 4",
+            dir.path().join("store").display()
+        ))
+        .unwrap();
+        let unknown = |targets_stored| {
+            let opts = ExchangeOptions {
+                nodes: 2_000,
+                edges: 20_000,
+                chunk: 2_000,
+                windows: vec![1],
+                prefix: 1.0,
+                no_refresh: false,
+                separate_stores: true,
+                targets_stored,
+                with_state: false,
+            };
+            let report = measure(&cfg, Device::Cpu, &opts).unwrap();
+            let exchange = &report.runs[2];
+            assert!(exchange.rows_applied > 0 && exchange.ranked > 0);
+            exchange.rows_unknown
+        };
+        assert!(unknown(false) > 0);
+        assert_eq!(unknown(true), 0);
     }
 }
