@@ -634,7 +634,14 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     for st in [&a_ex, &b_ex] {
         assert_eq!(exchanged(st, "records_skipped"), 0, "{st}");
         assert!(exchanged(st, "windows_applied") > 0, "{st}");
+        // Every row sent is applied by its owner, those of nodes only the other instance's
+        // events name (each event's target is a node of its own) included: interned there.
+        assert_eq!(exchanged(st, "rows_unknown"), 0, "{st}");
     }
+    assert!(
+        exchanged(&a_ex, "rows_started") + exchanged(&b_ex, "rows_started") > 0,
+        "{a_ex}\n{b_ex}"
+    );
     let bases_split = status_u64(&a, "/publish/bases");
     assert!(bases_split >= 2, "its first version and its share's\n{a}");
     assert_first_serves_the_seconds_rows(&s, &first, &second, second_port);

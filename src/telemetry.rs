@@ -304,7 +304,7 @@ fn describe() {
     );
     describe_counter!(
         EXCHANGE_ROWS,
-        "Gradient rows of the exchange, by kind (sent, applied, unknown, refreshed)"
+        "Gradient rows of the exchange, by kind (sent, applied, started, unknown, refreshed)"
     );
     describe_counter!(ACTOR_RESTARTS, "Actors restarted by their supervisor");
     describe_histogram!(

@@ -122,7 +122,11 @@ pub struct ExchangeFigures {
     pub rows_applied: u64,
     /// Window parts read again after a rewind (or twice) and not applied again.
     pub windows_repeated: u64,
-    /// Rows for nodes this instance's store does not know (not applied).
+    /// Of the rows applied, those whose node this instance's store did not know: interned then,
+    /// and started at the sender's row where the record carried it.
+    pub rows_started: u64,
+    /// Rows not applied: of a node type the schema does not have, of an erased node, or of
+    /// another dimension.
     pub rows_unknown: u64,
     /// Rows of other owners copied from the remote cache into the model.
     pub rows_refreshed: u64,
@@ -150,6 +154,7 @@ pub struct GradientInbox {
     windows_applied: AtomicU64,
     rows_applied: AtomicU64,
     windows_repeated: AtomicU64,
+    rows_started: AtomicU64,
     rows_unknown: AtomicU64,
     rows_refreshed: AtomicU64,
     records_skipped: AtomicU64,
@@ -238,11 +243,14 @@ impl GradientInbox {
         self.rows_sent.fetch_add(rows, Ordering::Relaxed);
     }
 
-    pub fn count_applied(&self, rows: u64, unknown: u64) {
+    /// A window part applied: `rows` of it, `started` of those interned here; `unknown` not.
+    pub fn count_applied(&self, rows: u64, started: u64, unknown: u64) {
         metrics::counter!(m::EXCHANGE_ROWS, "kind" => "applied").increment(rows);
+        metrics::counter!(m::EXCHANGE_ROWS, "kind" => "started").increment(started);
         metrics::counter!(m::EXCHANGE_ROWS, "kind" => "unknown").increment(unknown);
         self.windows_applied.fetch_add(1, Ordering::Relaxed);
         self.rows_applied.fetch_add(rows, Ordering::Relaxed);
+        self.rows_started.fetch_add(started, Ordering::Relaxed);
         self.rows_unknown.fetch_add(unknown, Ordering::Relaxed);
     }
 
@@ -271,6 +279,7 @@ impl GradientInbox {
             windows_applied: get(&self.windows_applied),
             rows_applied: get(&self.rows_applied),
             windows_repeated: get(&self.windows_repeated),
+            rows_started: get(&self.rows_started),
             rows_unknown: get(&self.rows_unknown),
             rows_refreshed: get(&self.rows_refreshed),
             records_skipped: get(&self.records_skipped),

@@ -29,5 +29,5 @@ pub use inbox::{
 pub use window::{WindowAssembler, WindowPart};
 pub use wire::{
     window_chunks, GradientChunk, GradientDecodeError, GradientsApplied, KeyedGradient,
-    WindowAttempt, WindowId, CHUNK_ROWS, GRADIENTS_FORMAT,
+    WindowAttempt, WindowId, CHUNK_ROWS, GRADIENTS_FORMAT, GRADIENTS_FORMAT_1,
 };

@@ -103,6 +103,7 @@ mod tests {
                 steps: 1,
                 grad: vec![i as f32],
                 bias: None,
+                start: None,
             })
             .collect()
     }

@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::partition::partition_of;
 
-/// The record format this build writes and reads; a record of another is refused, naming it.
-pub const GRADIENTS_FORMAT: u8 = 1;
+/// The record format this build writes; it reads this one and [`GRADIENTS_FORMAT_1`] (rows
+/// without `start`), and refuses another, naming it.
+pub const GRADIENTS_FORMAT: u8 = 2;
+/// The first format: read as rows without a starting value.
+pub const GRADIENTS_FORMAT_1: u8 = 1;
 
 /// Rows per record at most: 1,024 rows of dimension 128 are about 0.27 MiB, under the broker's
 /// default record size limit (1 MiB) up to dimension 480.
@@ -50,6 +53,10 @@ pub struct KeyedGradient {
     pub grad: Vec<f32>,
     /// The summed gradient of the node's target bias, for a biased type.
     pub bias: Option<f32>,
+    /// The sender's row before this window's steps (then its bias, for a biased type), sent
+    /// with the first window that names the node: an owner that does not know the node yet
+    /// starts its row there, where the sender's own learning on it began.
+    pub start: Option<Vec<f32>>,
 }
 
 /// A record of the gradients topic.
@@ -69,8 +76,8 @@ pub enum GradientDecodeError {
     #[error("empty gradients record")]
     Empty,
     #[error(
-        "gradients record format {0} (this build reads format {GRADIENTS_FORMAT}): upgrade every \
-         instance of the deployment to one build"
+        "gradients record format {0} (this build reads formats {GRADIENTS_FORMAT_1} and \
+         {GRADIENTS_FORMAT}): upgrade every instance of the deployment to one build"
     )]
     Format(u8),
     #[error("gradients record does not decode: {0}")]
@@ -83,12 +90,12 @@ fn config() -> impl bincode::config::Config {
 
 /// [`GradientChunk`] as it is encoded: gradients as bfloat16 bits.
 #[derive(Serialize, Deserialize)]
-struct WireChunk {
+struct WireChunk<Row> {
     window: WindowId,
     partition: i32,
     chunk: u32,
     chunks: u32,
-    rows: Vec<WireRow>,
+    rows: Vec<Row>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -97,6 +104,28 @@ struct WireRow {
     steps: u32,
     grad: Vec<u16>,
     bias: Option<f32>,
+    start: Option<Vec<f32>>,
+}
+
+/// A row of format 1: no `start`.
+#[derive(Serialize, Deserialize)]
+struct WireRow1 {
+    key: String,
+    steps: u32,
+    grad: Vec<u16>,
+    bias: Option<f32>,
+}
+
+impl From<WireRow1> for WireRow {
+    fn from(r: WireRow1) -> WireRow {
+        WireRow {
+            key: r.key,
+            steps: r.steps,
+            grad: r.grad,
+            bias: r.bias,
+            start: None,
+        }
+    }
 }
 
 impl GradientChunk {
@@ -116,6 +145,7 @@ impl GradientChunk {
                         .map(|&x| bf16::from_f32(x).to_bits())
                         .collect(),
                     bias: r.bias,
+                    start: r.start.clone(),
                 })
                 .collect(),
         };
@@ -126,11 +156,26 @@ impl GradientChunk {
 
     pub fn decode(bytes: &[u8]) -> Result<GradientChunk, GradientDecodeError> {
         let (&format, body) = bytes.split_first().ok_or(GradientDecodeError::Empty)?;
-        if format != GRADIENTS_FORMAT {
-            return Err(GradientDecodeError::Format(format));
-        }
-        let (wire, _): (WireChunk, usize) = bincode::serde::decode_from_slice(body, config())
-            .map_err(|e| GradientDecodeError::Body(e.to_string()))?;
+        let body_err = |e: bincode::error::DecodeError| GradientDecodeError::Body(e.to_string());
+        let wire: WireChunk<WireRow> = match format {
+            GRADIENTS_FORMAT => {
+                bincode::serde::decode_from_slice(body, config())
+                    .map_err(body_err)?
+                    .0
+            }
+            GRADIENTS_FORMAT_1 => {
+                let (old, _): (WireChunk<WireRow1>, usize) =
+                    bincode::serde::decode_from_slice(body, config()).map_err(body_err)?;
+                WireChunk {
+                    window: old.window,
+                    partition: old.partition,
+                    chunk: old.chunk,
+                    chunks: old.chunks,
+                    rows: old.rows.into_iter().map(WireRow::from).collect(),
+                }
+            }
+            other => return Err(GradientDecodeError::Format(other)),
+        };
         Ok(GradientChunk {
             window: wire.window,
             partition: wire.partition,
@@ -146,6 +191,7 @@ impl GradientChunk {
                         .map(|b| bf16::from_bits(b).to_f32())
                         .collect(),
                     bias: r.bias,
+                    start: r.start,
                 })
                 .collect(),
         })
@@ -191,7 +237,42 @@ mod tests {
             steps: 2,
             grad: vec![x, -x],
             bias: Some(x / 2.0),
+            start: None,
         }
+    }
+
+    /// A row's starting value travels as f32; a format 1 record (rows without one) still reads.
+    #[test]
+    fn a_start_round_trips_and_format_1_reads_without_one() {
+        let id = WindowId {
+            sender: "a".into(),
+            version: 3,
+            epoch: 1,
+        };
+        let mut first = row("user:1", 0.25);
+        first.start = Some(vec![0.1, -0.7, 0.123_456_7]);
+        let chunk = &window_chunks(&id, vec![first, row("user:2", 1.0)], 1)[0];
+        assert_eq!(GradientChunk::decode(&chunk.encode()).unwrap(), *chunk);
+        let old = WireChunk {
+            window: id.clone(),
+            partition: 0,
+            chunk: 0,
+            chunks: 1,
+            rows: vec![WireRow1 {
+                key: "user:2".into(),
+                steps: 2,
+                grad: vec![
+                    bf16::from_f32(1.0).to_bits(),
+                    bf16::from_f32(-1.0).to_bits(),
+                ],
+                bias: Some(0.5),
+            }],
+        };
+        let mut bytes = vec![GRADIENTS_FORMAT_1];
+        bytes.extend(bincode::serde::encode_to_vec(&old, config()).unwrap());
+        let read = GradientChunk::decode(&bytes).unwrap();
+        assert_eq!(read.rows, vec![row("user:2", 1.0)]);
+        assert_eq!(read.window, id);
     }
 
     #[test]

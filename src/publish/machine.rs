@@ -487,6 +487,7 @@ impl Publication {
             steps,
             grad,
             bias,
+            start,
         } in taken
         {
             let Some(id) = store.node_id(node)? else {
@@ -501,6 +502,7 @@ impl Publication {
                         steps,
                         grad,
                         bias,
+                        start,
                     });
                 }
                 Entry::Occupied(mut o) => {
@@ -509,6 +511,10 @@ impl Publication {
                     sum.grad.iter_mut().zip(&grad).for_each(|(s, g)| *s += g);
                     if let Some(b) = bias {
                         *sum.bias.get_or_insert(0.0) += b;
+                    }
+                    // The earlier window's start is where the learning on the node began.
+                    if sum.start.is_none() {
+                        sum.start = start;
                     }
                 }
             }

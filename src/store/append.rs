@@ -86,7 +86,61 @@ struct BatchWrites<'b> {
     erased_now: HashSet<NodeRef>,
 }
 
+impl<'b> BatchWrites<'b> {
+    /// Nothing written yet: `nodes_before` per type, room for `events` edges.
+    fn new(counts: Counts, nodes_before: Vec<u32>, events: usize) -> BatchWrites<'b> {
+        let types = nodes_before.len();
+        BatchWrites {
+            out: AppendOutcome {
+                first_seq: counts.next_seq,
+                ..Default::default()
+            },
+            counts,
+            sled: sled::Batch::default(),
+            nodes_before,
+            new_nodes: HashMap::new(),
+            new_ids: vec![Vec::new(); types],
+            edges: Vec::with_capacity(events),
+            edge_chunk: Vec::with_capacity(events * EDGE_BYTES),
+            expiry_chunk: Vec::new(),
+            expiry_max_ts: 0,
+            expiry_chunks: 0,
+            batch_ids: HashSet::new(),
+            remembered: Vec::new(),
+            expired: Vec::new(),
+            deletions: BTreeMap::new(),
+            erasures: Vec::new(),
+            erased_now: HashSet::new(),
+        }
+    }
+}
+
 impl GraphStore {
+    /// The nodes of `keys`, interned durably where the store does not know them yet, with no
+    /// edge: nodes that gradients from another instance name, which this instance owns although
+    /// no event it stored names them (`crate::train::foreign`). Their owner has to know them to
+    /// apply and publish their rows. Such nodes are not in the changelog, which holds events: an
+    /// instance that takes the partition over learns them from the next gradients that name them.
+    pub fn intern_nodes(&self, keys: &[NodeKey]) -> Result<Vec<NodeRef>, StoreError> {
+        let mut writer = self.writer.lock();
+        let counts = self.counts.read().clone();
+        let graph = self.graph.read();
+        let nodes_before = (0..self.schema.node_types.len() as TypeId)
+            .map(|t| graph.nodes.count(t))
+            .collect();
+        let mut w = BatchWrites::new(counts, nodes_before, 0);
+        let nodes = (keys.iter())
+            .map(|key| self.intern(&graph.nodes, &mut w, key))
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(graph);
+        if w.new_nodes.is_empty() {
+            return Ok(nodes);
+        }
+        w.finish_chunks();
+        self.commit(&mut writer, w, Durability::Flushed)?;
+        Ok(nodes)
+    }
+
     /// Forget what was consumed from `topic`'s `partition` (its next offset and last record),
     /// durably: the partition's history changed (the topic was recreated, or its data lost),
     /// so it is consumed again from its start. The edges stored from it stay.
@@ -128,28 +182,8 @@ impl GraphStore {
         let stored_next = self.stored_offsets(batch)?;
         let types = self.schema.node_types.len();
         let graph = self.graph.read();
-        let mut w = BatchWrites {
-            out: AppendOutcome {
-                first_seq: counts.next_seq,
-                ..Default::default()
-            },
-            counts,
-            sled: sled::Batch::default(),
-            nodes_before: (0..types as TypeId).map(|t| graph.nodes.count(t)).collect(),
-            new_nodes: HashMap::new(),
-            new_ids: vec![Vec::new(); types],
-            edges: Vec::with_capacity(batch.events.len()),
-            edge_chunk: Vec::with_capacity(batch.events.len() * EDGE_BYTES),
-            expiry_chunk: Vec::new(),
-            expiry_max_ts: 0,
-            expiry_chunks: 0,
-            batch_ids: HashSet::new(),
-            remembered: Vec::new(),
-            expired: Vec::new(),
-            deletions: BTreeMap::new(),
-            erasures: Vec::new(),
-            erased_now: HashSet::new(),
-        };
+        let nodes_before = (0..types as TypeId).map(|t| graph.nodes.count(t)).collect();
+        let mut w = BatchWrites::new(counts, nodes_before, batch.events.len());
         // Expire old ids first: the index forgets them before this batch's ids are remembered.
         if self.dedup_window_ms > 0 {
             for e in batch.events.iter().filter(|e| e.event.event_id.is_some()) {

@@ -56,6 +56,48 @@ fn open(dir: &Path) -> GraphStore {
     GraphStore::open(dir, &schema(), &StoreOptions::default()).unwrap()
 }
 
+/// Nodes named by another instance's gradients are interned without an edge, after those the
+/// events named, durably; a known node keeps its index.
+#[test]
+fn nodes_interned_without_an_edge_follow_the_known_ones_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        s.append(&batch(vec![(0, 0, ev("user:a", 1, "tweet:x", 10, None))]))
+            .unwrap();
+        let key = |t: TypeId, id: &str| NodeKey {
+            node_type: t,
+            id: id.into(),
+        };
+        let nodes = s
+            .intern_nodes(&[key(1, "y"), key(1, "x"), key(0, "b"), key(1, "y")])
+            .unwrap();
+        let at = |t, index| NodeRef {
+            node_type: t,
+            index,
+        };
+        assert_eq!(nodes, vec![at(1, 1), at(1, 0), at(0, 1), at(1, 1)]);
+        assert_eq!(
+            (s.node_count(0), s.node_count(1), s.edge_count()),
+            (2, 2, 1)
+        );
+        // Nothing new: nothing written.
+        assert_eq!(s.intern_nodes(&[key(0, "a")]).unwrap(), vec![at(0, 0)]);
+        // The next event's new node comes after them.
+        s.append(&batch(vec![(0, 1, ev("user:c", 1, "tweet:y", 11, None))]))
+            .unwrap();
+        assert_eq!(s.node_index(0, "c").unwrap(), Some(2));
+    }
+    let s = open(dir.path());
+    assert_eq!(s.node_index(1, "y").unwrap(), Some(1));
+    assert_eq!(s.node_index(0, "b").unwrap(), Some(1));
+    assert_eq!(s.node_index(0, "c").unwrap(), Some(2));
+    assert_eq!(
+        (s.node_count(0), s.node_count(1), s.edge_count()),
+        (3, 2, 2)
+    );
+}
+
 #[test]
 fn interns_nodes_densely_per_type_and_keeps_edges_in_order() {
     let dir = tempfile::tempdir().unwrap();

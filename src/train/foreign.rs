@@ -5,14 +5,17 @@
 //! instance learned on them that those rows do not include yet.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 use tracing::warn;
 
-use crate::exchange::{ExchangePosition, GradientInbox, RefreshedRow, WindowAttempt, WindowPart};
+use crate::exchange::{
+    ExchangePosition, GradientInbox, KeyedGradient, RefreshedRow, WindowAttempt, WindowPart,
+};
+use crate::schema::NodeKey;
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{DeltaExchange, Embeddings, GradientTap, NodeTable, OwnedSources};
 
@@ -28,6 +31,9 @@ pub struct NodeGradient {
     pub steps: u32,
     pub grad: Vec<f32>,
     pub bias: Option<f32>,
+    /// The row before the window's steps (then its bias), with the first window that names the
+    /// node: where its owner starts the row when its store does not know the node.
+    pub start: Option<Vec<f32>>,
 }
 
 /// The exchange's state in the trainer.
@@ -40,6 +46,8 @@ pub struct ForeignRows {
     /// they were last marked.
     foreign_rows: Vec<Tensor>,
     seen_foreign: Vec<NodeRef>,
+    /// Nodes whose starting row went out with a window ([`NodeGradient::start`]).
+    announced: HashSet<NodeRef>,
     /// A window part was applied since the last checkpoint (which an idle trainer then still
     /// writes, so that the owner can delete what it applied).
     unsaved: AtomicBool,
@@ -81,6 +89,7 @@ impl ForeignRows {
             position,
             foreign_rows: Vec::new(),
             seen_foreign: Vec::new(),
+            announced: HashSet::new(),
             unsaved: AtomicBool::new(false),
             learned: LocalLearning::default(),
         }
@@ -113,6 +122,8 @@ impl ForeignRows {
     pub fn went_back(&mut self, position: ExchangePosition) {
         self.outbox.clear();
         self.learned = LocalLearning::default();
+        // The windows that carried their starts may not have committed: they go out again.
+        self.announced.clear();
         self.position = position;
         self.inbox.rewind_to(&self.position);
     }
@@ -128,6 +139,11 @@ impl ForeignRows {
         let mut gradients: Vec<NodeGradient> = self.outbox.drain().map(|(_, g)| g).collect();
         gradients.sort_unstable_by_key(|g| g.node);
         let before = std::mem::take(&mut self.learned.before);
+        for g in &mut gradients {
+            if self.announced.insert(g.node) {
+                g.start = before.get(&g.node).cloned();
+            }
+        }
         if let Some(window) = window.filter(|_| !before.is_empty()) {
             let mut changes = HashMap::with_capacity(before.len());
             for (t, nodes) in by_type(before.keys().copied()) {
@@ -255,8 +271,9 @@ impl ForeignRows {
                     .insert(part.partition, part.resume_at);
                 continue;
             }
-            let (applied, unknown) = apply_part(model, store, &types, &part, lr, init_scale)?;
-            self.inbox.count_applied(applied, unknown);
+            let applied = apply_part(model, store, &types, &part, lr, init_scale)?;
+            self.inbox
+                .count_applied(applied.rows, applied.started, applied.unknown);
             self.position.record(&part);
             self.unsaved.store(true, Ordering::Relaxed);
         }
@@ -319,13 +336,14 @@ impl ForeignRows {
 }
 
 /// One type's summed gradients gathered for one write: indices, `[k × D]` gradients, and per
-/// row its steps and bias gradient.
+/// row its steps and bias gradient; the starting rows of nodes interned for them.
 #[derive(Debug, Default)]
-struct Rows {
+struct Rows<'p> {
     rows: Vec<i64>,
     values: Vec<f32>,
     steps: Vec<f32>,
     biases: Vec<f32>,
+    starts: Vec<(i64, &'p Vec<f32>)>,
 }
 
 /// `nodes` grouped by type, each group in a fixed order.
@@ -381,16 +399,19 @@ fn type_ids(store: &GraphStore) -> HashMap<String, usize> {
         .collect()
 }
 
+/// The type and id a key (`type:id`) names, when its type is a node type.
+fn type_and_id<'k>(types: &HashMap<String, usize>, key: &'k str) -> Option<(usize, &'k str)> {
+    let (name, id) = key.split_once(':')?;
+    Some((*types.get(name)?, id))
+}
+
 /// The node a key (`type:id`) names, when its type is a node type and the store knows it.
 fn node_of(
     store: &GraphStore,
     types: &HashMap<String, usize>,
     key: &str,
 ) -> Result<Option<(usize, NodeRef)>, StoreError> {
-    let Some((name, id)) = key.split_once(':') else {
-        return Ok(None);
-    };
-    let Some(&t) = types.get(name) else {
+    let Some((t, id)) = type_and_id(types, key) else {
         return Ok(None);
     };
     Ok(store.node_index(t as u16, id)?.map(|index| {
@@ -404,8 +425,20 @@ fn node_of(
     }))
 }
 
-/// Apply one window part: per type, the rows the store knows (a row the model has not grown to
-/// yet is started at random, as a step starts one). Returns (rows applied, rows unknown).
+/// What [`apply_part`] did with a part's rows.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Applied {
+    rows: u64,
+    /// Of `rows`, those of nodes the store did not know (interned now).
+    started: u64,
+    unknown: u64,
+}
+
+/// Apply one window part: per type, the rows the store knows, and those it does not (the
+/// part's owner is this instance, whatever its store saw: interned, and started at the
+/// sender's row where the record carries it, so that the owner's row goes on from where the
+/// sender's learning began instead of from noise). A row the model has not grown to yet is
+/// started at random, as a step starts one.
 fn apply_part(
     model: &mut Embeddings,
     store: &GraphStore,
@@ -413,61 +446,97 @@ fn apply_part(
     part: &WindowPart,
     lr: f64,
     init_scale: f64,
-) -> Result<(u64, u64), StoreError> {
+) -> Result<Applied, StoreError> {
     let dim = model.dim as usize;
     let mut by_type: BTreeMap<usize, Rows> = BTreeMap::new();
-    let mut unknown = 0u64;
+    let mut out = Applied::default();
+    let mut fresh: Vec<(NodeKey, &KeyedGradient)> = Vec::new();
+    let mut known: Vec<(NodeRef, &KeyedGradient)> = Vec::with_capacity(part.rows.len());
     for row in &part.rows {
-        let Some((t, node)) = node_of(store, types, &row.key)? else {
-            unknown += 1;
+        let Some((t, id)) = type_and_id(types, &row.key) else {
+            out.unknown += 1;
             continue;
         };
         if row.grad.len() != dim || row.steps == 0 {
             warn!(key = %row.key, dim = row.grad.len(), "a gradient of another dimension or of no step; skipped");
-            unknown += 1;
+            out.unknown += 1;
             continue;
         }
-        let Rows {
-            rows,
-            values: grads,
-            steps,
-            biases,
-        } = by_type.entry(t).or_default();
-        rows.push(i64::from(node.index));
-        grads.extend_from_slice(&row.grad);
-        steps.push(row.steps as f32);
-        biases.push(row.bias.unwrap_or(0.0));
+        let node_type = t as u16;
+        match store.node_index(node_type, id)? {
+            Some(index) => known.push((NodeRef { node_type, index }, row)),
+            None => fresh.push((
+                NodeKey {
+                    node_type,
+                    id: id.to_owned(),
+                },
+                row,
+            )),
+        }
     }
-    let (device, mut applied) = (model.device, 0u64);
-    for (
-        t,
-        Rows {
-            rows,
-            values: grads,
-            steps,
-            biases,
-        },
-    ) in by_type
+    let keys: Vec<NodeKey> = fresh.iter().map(|(key, _)| key.clone()).collect();
+    let interned = match keys.is_empty() {
+        true => Vec::new(),
+        false => store.intern_nodes(&keys)?,
+    };
+    out.started = interned.len() as u64;
+    let fresh = interned.into_iter().zip(fresh.iter().map(|(_, row)| *row));
+    for (node, row, is_fresh) in
+        (known.into_iter().map(|(n, r)| (n, r, false))).chain(fresh.map(|(n, r)| (n, r, true)))
     {
-        let n = rows.len() as i64;
+        if store.is_erased(node) {
+            out.unknown += 1;
+            continue;
+        }
+        let rows = by_type.entry(node.node_type as usize).or_default();
+        let index = i64::from(node.index);
+        rows.rows.push(index);
+        rows.values.extend_from_slice(&row.grad);
+        rows.steps.push(row.steps as f32);
+        rows.biases.push(row.bias.unwrap_or(0.0));
+        if let Some(start) = row.start.as_ref().filter(|_| is_fresh) {
+            rows.starts.push((index, start));
+        }
+    }
+    let device = model.device;
+    for (t, rows) in by_type {
+        let n = rows.rows.len() as i64;
         let table = &mut model.tables[t];
-        let needed = rows.iter().max().map_or(0, |&r| r + 1);
+        let needed = rows.rows.iter().max().map_or(0, |&r| r + 1);
         table.grow(needed, |count| {
             Tensor::randn([count, dim as i64], (Kind::Float, Device::Cpu)) * init_scale
         });
-        let idx = Tensor::from_slice(&rows).to_device(device);
-        let grads = Tensor::from_slice(&grads)
+        let width = dim + usize::from(table.biased);
+        let starts: Vec<(NodeRef, &Vec<f32>)> = (rows.starts.iter())
+            .filter(|(_, start)| start.len() == width)
+            .map(|&(index, start)| {
+                let node = NodeRef {
+                    node_type: t as u16,
+                    index: index as u32,
+                };
+                (node, start)
+            })
+            .collect();
+        if !starts.is_empty() {
+            let nodes: Vec<NodeRef> = starts.iter().map(|(node, _)| *node).collect();
+            let values: Vec<f32> = (starts.iter())
+                .flat_map(|(_, s)| s.iter().copied())
+                .collect();
+            write_rows(table, &nodes, &values);
+        }
+        let idx = Tensor::from_slice(&rows.rows).to_device(device);
+        let grads = Tensor::from_slice(&rows.values)
             .view([n, dim as i64])
             .to_device(device);
-        let steps = Tensor::from_slice(&steps).to_device(device);
+        let steps = Tensor::from_slice(&rows.steps).to_device(device);
         table.adagrad_summed(&idx, &grads, &steps, lr);
         if table.biased {
-            let biases = Tensor::from_slice(&biases).to_device(device);
+            let biases = Tensor::from_slice(&rows.biases).to_device(device);
             table.adagrad_bias_summed(&idx, &biases, &steps, lr);
         }
-        applied += n as u64;
+        out.rows += n as u64;
     }
-    Ok((applied, unknown))
+    Ok(out)
 }
 
 /// Sums, per node another instance owns, the gradients a step shows it.
@@ -548,6 +617,7 @@ impl GradientTap for OutboxTap<'_> {
                     steps: 0,
                     grad: vec![0.0; dim],
                     bias: None,
+                    start: None,
                 }
             });
             sum.steps += 1;
@@ -658,6 +728,8 @@ mod tests {
             .map(|g| {
                 assert_eq!(g.node.node_type, 1, "a user of A's own partition was sent");
                 assert!(g.steps >= 1 && g.grad.iter().any(|&x| x != 0.0));
+                // The first window naming a node carries where A's learning on it began.
+                assert_eq!(g.start.as_ref().map(Vec::len), Some(4));
                 format!("movie:{}", store.node_id(g.node).unwrap().unwrap())
             })
             .collect();
@@ -685,13 +757,25 @@ mod tests {
                     steps: g.steps,
                     grad: g.grad.clone(),
                     bias: g.bias,
+                    start: g.start.clone(),
                 })
-                .chain([KeyedGradient {
-                    key: "movie:never-seen".into(),
-                    steps: 1,
-                    grad: vec![1.0; 4],
-                    bias: None,
-                }])
+                .chain([
+                    // A node B's store does not know: interned, and started at A's row.
+                    KeyedGradient {
+                        key: "movie:never-seen".into(),
+                        steps: 1,
+                        grad: vec![1.0; 4],
+                        bias: None,
+                        start: Some(vec![0.5; 4]),
+                    },
+                    KeyedGradient {
+                        key: "planet:x".into(),
+                        steps: 1,
+                        grad: vec![1.0; 4],
+                        bias: None,
+                        start: None,
+                    },
+                ])
                 .collect(),
             resume_at: 9,
         };
@@ -699,9 +783,23 @@ mod tests {
         b.step(&store).unwrap();
         let f = b_inbox.figures();
         assert_eq!(
-            (f.windows_applied, f.rows_applied, f.rows_unknown),
-            (1, 3, 1)
+            (
+                f.windows_applied,
+                f.rows_applied,
+                f.rows_started,
+                f.rows_unknown
+            ),
+            (1, 4, 1, 1)
         );
+        let interned = store
+            .node_index(1, "never-seen")
+            .unwrap()
+            .expect("interned");
+        let lr = cfg.train.lr as f32;
+        for x in row(&b, 1, i64::from(interned)) {
+            // One Adagrad step from the start: 0.5 − lr · g / √g².
+            assert!((x - (0.5 - lr)).abs() < 1e-4, "{x}");
+        }
         let first = taken.gradients[0].node;
         let after = row(&b, 1, i64::from(first.index));
         // A second read of the same part (a rewind) changes nothing.
