@@ -55,8 +55,9 @@ pub struct ExchangeOptions {
     #[arg(long)]
     pub no_refresh: bool,
     /// Give each trainer a store of its own holding the events whose source it owns, as the
-    /// daemon's instances have (the default: one store both read): an owner then does not know
-    /// the nodes only the other's events name.
+    /// daemon's instances have (the default: one store both read): an owner then learns of the
+    /// nodes only the other's events name from their gradients, and each trainer ranks against
+    /// the nodes it knows.
     #[arg(long)]
     pub separate_stores: bool,
     /// With `--separate-stores`: also store each event at its target's owner (which does not
@@ -93,6 +94,10 @@ pub struct Run {
     pub rows_started: u64,
     /// Rows the owner did not apply.
     pub rows_unknown: u64,
+    /// Rows each trainer's model holds at the end, every type (the mean of the two): what it
+    /// ranks a target against is its rows of the target's type, so a trainer that knows fewer
+    /// nodes ranks against fewer candidates.
+    pub rows_held: u64,
     pub seconds: f64,
 }
 
@@ -115,7 +120,7 @@ impl ExchangeReport {
         let mut out = format!(
             "synthetic stream, {} nodes, {} events ({} trained), chunks of {}{}: prequential over \
              the last 80% of those trained\n\
-             {:<18} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
+             {:<18} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}\n",
             self.nodes,
             self.edges,
             self.trained,
@@ -135,12 +140,13 @@ impl ExchangeReport {
             "started",
             "unknown",
             "refreshed",
+            "rows held",
             "seconds"
         );
         for r in &self.runs {
             let window = r.window_chunks.map_or("-".into(), |w| w.to_string());
             out += &format!(
-                "{:<18} {:>7} {:>8} {:>8.4} {:>7.4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8.1}\n",
+                "{:<18} {:>7} {:>8} {:>8.4} {:>7.4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8.1}\n",
                 r.mode,
                 window,
                 r.ranked,
@@ -151,6 +157,7 @@ impl ExchangeReport {
                 r.rows_started,
                 r.rows_unknown,
                 r.rows_refreshed,
+                r.rows_held,
                 r.seconds
             );
         }
@@ -329,6 +336,7 @@ fn figures(
         rows_refreshed: 0,
         rows_started: 0,
         rows_unknown: 0,
+        rows_held: 0,
         seconds: started.elapsed().as_secs_f64(),
     }
 }
@@ -366,13 +374,20 @@ fn one(
         append(&store, opts, c, chunk)?;
         drain(&mut core, &store)?;
     }
-    Ok(logged(figures(
+    let mut run = figures(
         "one",
         None,
         core.window.totals(),
         mark.unwrap_or_default(),
         started,
-    )))
+    );
+    run.rows_held = rows_held(&core);
+    Ok(logged(run))
+}
+
+/// Rows `core`'s model holds, every type.
+fn rows_held(core: &TrainerCore) -> u64 {
+    core.model.tables.iter().map(|t| t.len() as u64).sum()
 }
 
 fn two(
@@ -474,6 +489,7 @@ fn two(
         run.rows_refreshed += f.rows_refreshed;
         run.rows_started += f.rows_started;
         run.rows_unknown += f.rows_unknown;
+        run.rows_held += rows_held(&i.core) / pair.len() as u64;
     }
     Ok(logged(run))
 }
