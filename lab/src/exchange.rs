@@ -638,6 +638,21 @@ fn copy_state(
 mod tests {
     use super::*;
 
+    /// A stream of 20,000 events over 2,000 nodes, exchanged every chunk of 2,000, one store.
+    fn small() -> ExchangeOptions {
+        ExchangeOptions {
+            nodes: 2_000,
+            edges: 20_000,
+            chunk: 2_000,
+            windows: vec![1],
+            prefix: 1.0,
+            no_refresh: false,
+            separate_stores: false,
+            targets_stored: false,
+            with_state: false,
+        }
+    }
+
     /// Two trainers exchanging every chunk: each sends the gradients of rows the other owns, the
     /// other applies every window but the last (no step follows it) and copies the rows handed
     /// to it; one trainer and two apart rank the same stream and send nothing.
@@ -650,18 +665,7 @@ mod tests {
             store.display()
         ))
         .unwrap();
-        let opts = ExchangeOptions {
-            nodes: 2_000,
-            edges: 20_000,
-            chunk: 2_000,
-            windows: vec![1],
-            prefix: 1.0,
-            no_refresh: false,
-            separate_stores: false,
-            targets_stored: false,
-            with_state: false,
-        };
-        let report = measure(&cfg, Device::Cpu, &opts).unwrap();
+        let report = measure(&cfg, Device::Cpu, &small()).unwrap();
         let modes: Vec<&str> = report.runs.iter().map(|r| r.mode.as_str()).collect();
         assert_eq!(modes, ["one", "two-apart", "two-exchange"]);
         assert_eq!(report.trained, 20_000);
@@ -682,15 +686,9 @@ mod tests {
     fn a_bad_prefix_or_chunk_is_refused_naming_the_flag() {
         let cfg = Config::from_toml("").unwrap();
         let opts = |prefix, chunk| ExchangeOptions {
-            nodes: 2_000,
-            edges: 20_000,
             chunk,
-            windows: vec![1],
             prefix,
-            no_refresh: false,
-            separate_stores: false,
-            targets_stored: false,
-            with_state: false,
+            ..small()
         };
         let err = measure(&cfg, Device::Cpu, &opts(0.0, 10)).unwrap_err();
         assert!(err.to_string().contains("--prefix"), "{err}");
@@ -711,15 +709,9 @@ mod tests {
         .unwrap();
         let started = |targets_stored| {
             let opts = ExchangeOptions {
-                nodes: 2_000,
-                edges: 20_000,
-                chunk: 2_000,
-                windows: vec![1],
-                prefix: 1.0,
-                no_refresh: false,
                 separate_stores: true,
                 targets_stored,
-                with_state: false,
+                ..small()
             };
             let report = measure(&cfg, Device::Cpu, &opts).unwrap();
             let exchange = &report.runs[2];
