@@ -23,7 +23,7 @@ use twhin_stream::exchange::{
 use twhin_stream::offline::synthetic::{SyntheticSpec, Workload};
 use twhin_stream::offline::{open_offline_store, run_dir, split_events, DataSource};
 use twhin_stream::partition::{partition_of, Ownership};
-use twhin_stream::schema::Event;
+use twhin_stream::schema::{Event, NodeKey};
 use twhin_stream::store::{AppendBatch, GraphStore, NodeRef};
 use twhin_stream::train::{DeltaRequest, Embeddings, ModelDelta, RankTotals, TrainerCore};
 
@@ -65,6 +65,17 @@ pub struct ExchangeOptions {
     /// of its partitions that a gradient can name.
     #[arg(long)]
     pub targets_stored: bool,
+    /// With `--separate-stores`: the target's owner interns the target node when its event
+    /// arrives, without storing the event (what knowing the node on arrival is worth, apart
+    /// from the event's edge).
+    #[arg(long)]
+    pub targets_interned: bool,
+    /// Each trainer applies the other's window before the next chunk is appended (by default it
+    /// applies it at its first step on that chunk, as the daemon applies a window while ingest
+    /// goes on: growing its tables to a node the window names then gives the nodes appended
+    /// since a row before their first edge is ranked).
+    #[arg(long)]
+    pub apply_at_once: bool,
     /// Also run each window with the owner's Adagrad accumulators copied with its rows (which
     /// the daemon cannot do: they are not published), to see what the copies' own optimiser
     /// state costs.
@@ -108,9 +119,11 @@ pub struct ExchangeReport {
     /// The events trained (the prefix's).
     pub trained: usize,
     /// Whether each trainer had a store of its own (`--separate-stores`), and whether it also
-    /// stored the events whose target it owns (`--targets-stored`).
+    /// stored the events whose target it owns (`--targets-stored`) or interned their targets
+    /// (`--targets-interned`).
     pub separate_stores: bool,
     pub targets_stored: bool,
+    pub targets_interned: bool,
     pub chunk: usize,
     pub runs: Vec<Run>,
 }
@@ -125,9 +138,14 @@ impl ExchangeReport {
             self.edges,
             self.trained,
             self.chunk,
-            match (self.separate_stores, self.targets_stored) {
-                (true, true) => ", a store per trainer with its targets' events too",
-                (true, false) => ", a store per trainer",
+            match (
+                self.separate_stores,
+                self.targets_stored,
+                self.targets_interned
+            ) {
+                (true, true, _) => ", a store per trainer with its targets' events too",
+                (true, false, true) => ", a store per trainer, targets interned on arrival",
+                (true, false, false) => ", a store per trainer",
                 _ => "",
             },
             "mode",
@@ -286,6 +304,7 @@ pub fn measure(
         trained: events.len(),
         separate_stores: opts.separate_stores,
         targets_stored: opts.separate_stores && opts.targets_stored,
+        targets_interned: opts.separate_stores && opts.targets_interned,
         chunk: opts.chunk,
         runs,
     })
@@ -449,6 +468,7 @@ fn two(
             // Each event goes to its source's owner, as the daemon routes it.
             true => {
                 let mut routed: [Vec<Event>; 2] = Default::default();
+                let mut announced: [Vec<NodeKey>; 2] = Default::default();
                 let owner = |t: u16, id: &str| {
                     let key = format!("{}:{}", schema.type_name(t), id);
                     usize::from(partition_of(key.as_bytes(), PARTITIONS) as i32 >= half)
@@ -460,9 +480,13 @@ fn two(
                     if opts.targets_stored && target != at {
                         routed[target].push(e.clone());
                     }
+                    if opts.targets_interned && target != at {
+                        announced[target].push(e.dst.clone());
+                    }
                 }
-                for (i, events) in pair.iter().zip(&routed) {
+                for ((i, events), targets) in pair.iter().zip(&routed).zip(&announced) {
                     append(&i.store, opts, c, events)?;
+                    i.store.intern_nodes(targets)?;
                 }
             }
             false => append(&shared, opts, c, chunk)?,
@@ -473,6 +497,11 @@ fn two(
         if window.is_some_and(|w| (c + 1) % w == 0) {
             version += 1;
             exchange(&mut pair, version, with_state)?;
+            if opts.apply_at_once {
+                for i in &mut pair {
+                    drain(&mut i.core, &i.store)?;
+                }
+            }
         }
     }
     let now = sum(pair[0].core.window.totals(), pair[1].core.window.totals());
@@ -649,6 +678,8 @@ mod tests {
             no_refresh: false,
             separate_stores: false,
             targets_stored: false,
+            targets_interned: false,
+            apply_at_once: false,
             with_state: false,
         }
     }
