@@ -343,7 +343,7 @@ struct Rows<'p> {
     values: Vec<f32>,
     steps: Vec<f32>,
     biases: Vec<f32>,
-    starts: Vec<(i64, &'p Vec<f32>)>,
+    starts: Vec<(NodeRef, &'p Vec<f32>)>,
 }
 
 /// `nodes` grouped by type, each group in a fixed order.
@@ -450,7 +450,8 @@ fn apply_part(
     let dim = model.dim as usize;
     let mut by_type: BTreeMap<usize, Rows> = BTreeMap::new();
     let mut out = Applied::default();
-    let mut fresh: Vec<(NodeKey, &KeyedGradient)> = Vec::new();
+    // Nodes the store does not know yet, and their rows: interned together, in one write.
+    let (mut fresh, mut fresh_rows): (Vec<NodeKey>, Vec<&KeyedGradient>) = Default::default();
     let mut known: Vec<(NodeRef, &KeyedGradient)> = Vec::with_capacity(part.rows.len());
     for row in &part.rows {
         let Some((t, id)) = type_and_id(types, &row.key) else {
@@ -465,22 +466,21 @@ fn apply_part(
         let node_type = t as u16;
         match store.node_index(node_type, id)? {
             Some(index) => known.push((NodeRef { node_type, index }, row)),
-            None => fresh.push((
-                NodeKey {
+            None => {
+                fresh.push(NodeKey {
                     node_type,
                     id: id.to_owned(),
-                },
-                row,
-            )),
+                });
+                fresh_rows.push(row);
+            }
         }
     }
-    let keys: Vec<NodeKey> = fresh.iter().map(|(key, _)| key.clone()).collect();
-    let interned = match keys.is_empty() {
+    let interned = match fresh.is_empty() {
         true => Vec::new(),
-        false => store.intern_nodes(&keys)?,
+        false => store.intern_nodes(&fresh)?,
     };
     out.started = interned.len() as u64;
-    let fresh = interned.into_iter().zip(fresh.iter().map(|(_, row)| *row));
+    let fresh = interned.into_iter().zip(fresh_rows);
     for (node, row, is_fresh) in
         (known.into_iter().map(|(n, r)| (n, r, false))).chain(fresh.map(|(n, r)| (n, r, true)))
     {
@@ -495,7 +495,7 @@ fn apply_part(
         rows.steps.push(row.steps as f32);
         rows.biases.push(row.bias.unwrap_or(0.0));
         if let Some(start) = row.start.as_ref().filter(|_| is_fresh) {
-            rows.starts.push((index, start));
+            rows.starts.push((node, start));
         }
     }
     let device = model.device;
@@ -507,22 +507,13 @@ fn apply_part(
             Tensor::randn([count, dim as i64], (Kind::Float, Device::Cpu)) * init_scale
         });
         let width = dim + usize::from(table.biased);
-        let starts: Vec<(NodeRef, &Vec<f32>)> = (rows.starts.iter())
+        // A start of another width (the model's dimension or bias changed) is not taken.
+        let (nodes, values): (Vec<NodeRef>, Vec<&[f32]>) = (rows.starts.iter())
             .filter(|(_, start)| start.len() == width)
-            .map(|&(index, start)| {
-                let node = NodeRef {
-                    node_type: t as u16,
-                    index: index as u32,
-                };
-                (node, start)
-            })
-            .collect();
-        if !starts.is_empty() {
-            let nodes: Vec<NodeRef> = starts.iter().map(|(node, _)| *node).collect();
-            let values: Vec<f32> = (starts.iter())
-                .flat_map(|(_, s)| s.iter().copied())
-                .collect();
-            write_rows(table, &nodes, &values);
+            .map(|&(node, start)| (node, start.as_slice()))
+            .unzip();
+        if !nodes.is_empty() {
+            write_rows(table, &nodes, &values.concat());
         }
         let idx = Tensor::from_slice(&rows.rows).to_device(device);
         let grads = Tensor::from_slice(&rows.values)
