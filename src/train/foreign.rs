@@ -329,6 +329,7 @@ impl ForeignRows {
                 values.extend_from_slice(&value);
             }
             write_rows(table, &nodes, &values);
+            table.hold(&nodes.iter().map(|n| i64::from(n.index)).collect::<Vec<_>>());
         }
         self.inbox.count_refreshed(count);
         Ok(())
@@ -390,6 +391,24 @@ fn write_rows(table: &mut NodeTable, nodes: &[NodeRef], values: &[f32]) {
             let _ = (table.bias).index_copy_(0, &idx, &values.select(1, dim));
         }
     });
+}
+
+/// Start `nodes`' rows anew at `values` ([`read_rows`]'s layout): no Adagrad history, and a
+/// placeholder's negative steps forgotten.
+fn start_rows(table: &mut NodeTable, nodes: &[NodeRef], values: &[f32]) {
+    let (n, dim) = (nodes.len() as i64, table.weights.size()[1]);
+    let width = dim + i64::from(table.biased);
+    let values = Tensor::from_slice(values)
+        .view([n, width])
+        .to_device(table.weights.device());
+    let rows: Vec<i64> = nodes.iter().map(|n| i64::from(n.index)).collect();
+    table.restart(&rows, &values.narrow(1, 0, dim), 0.0);
+    if table.biased {
+        let idx = indices(nodes, table.weights.device());
+        tch::no_grad(|| {
+            let _ = (table.bias).index_copy_(0, &idx, &values.select(1, dim));
+        });
+    }
 }
 
 /// Store type names to type ids.
@@ -494,7 +513,8 @@ fn apply_part(
         rows.values.extend_from_slice(&row.grad);
         rows.steps.push(row.steps as f32);
         rows.biases.push(row.bias.unwrap_or(0.0));
-        if let Some(start) = row.start.as_ref().filter(|_| is_fresh) {
+        let held = !is_fresh && model.tables[node.node_type as usize].holds(index);
+        if let Some(start) = row.start.as_ref().filter(|_| !held) {
             rows.starts.push((node, start));
         }
     }
@@ -503,7 +523,8 @@ fn apply_part(
         let n = rows.rows.len() as i64;
         let table = &mut model.tables[t];
         let needed = rows.rows.iter().max().map_or(0, |&r| r + 1);
-        table.grow(needed, |count| {
+        let named: HashSet<i64> = rows.rows.iter().copied().collect();
+        table.grow_reaching(needed, &named, |count| {
             Tensor::randn([count, dim as i64], (Kind::Float, Device::Cpu)) * init_scale
         });
         let width = dim + usize::from(table.biased);
@@ -513,8 +534,10 @@ fn apply_part(
             .map(|&(node, start)| (node, start.as_slice()))
             .unzip();
         if !nodes.is_empty() {
-            write_rows(table, &nodes, &values.concat());
+            start_rows(table, &nodes, &values.concat());
         }
+        // A row without a start (its sender announced it before) is its node's from here on.
+        table.hold(&rows.rows);
         let idx = Tensor::from_slice(&rows.rows).to_device(device);
         let grads = Tensor::from_slice(&rows.values)
             .view([n, dim as i64])
@@ -559,6 +582,10 @@ impl GradientTap for OutboxTap<'_> {
         let idx = Vec::<i64>::try_from(&rows.to_device(Device::Cpu)).unwrap_or_default();
         let mut foreign: Vec<(usize, NodeRef)> = Vec::new();
         for (i, &row) in idx.iter().enumerate() {
+            // A placeholder moves only as a negative drawn from the table: no node's learning.
+            if !table.holds(row) {
+                continue;
+            }
             let node = NodeRef {
                 node_type: t as u16,
                 index: row as u32,

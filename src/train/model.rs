@@ -9,6 +9,14 @@
 //! steps, the pull, which moves only rows a step touched, and growth): a version copies only the
 //! rows changed since the last one ([`NodeTable::take_dirty`]), so its cost follows the change,
 //! not the table.
+//!
+//! A table is dense by index, so a row may have to be made live before its node is trained: a
+//! node stored but not trained yet, below a later one this instance was sent or given. Such a
+//! row is a *placeholder* ([`NodeTable::grow_reaching`]): it holds noise, is not ranked
+//! ([`NodeTable::holds`]), not published, and gets its node's first row when that comes
+//! ([`NodeTable::restart`]).
+
+use std::collections::HashSet;
 
 use tch::{Device, Kind, Tensor};
 
@@ -30,6 +38,8 @@ pub struct NodeTable {
     /// Rows written since the last [`NodeTable::take_dirty`], `[capacity]` (bool).
     dirty: Tensor,
     len: i64,
+    /// Live rows made live only to reach a later one (see the module docs).
+    placeholders: HashSet<i64>,
 }
 
 impl NodeTable {
@@ -42,6 +52,7 @@ impl NodeTable {
             bias_state: Tensor::zeros([0], (Kind::Float, device)),
             dirty: Tensor::zeros([0], (Kind::Bool, device)),
             len: 0,
+            placeholders: HashSet::new(),
         }
     }
 
@@ -49,6 +60,10 @@ impl NodeTable {
     /// the mask cleared: the rows the next version must look at.
     pub fn take_dirty(&mut self) -> Tensor {
         tch::no_grad(|| {
+            // A placeholder is written by the negatives it is drawn as; it is no node's row yet.
+            if !self.placeholders.is_empty() {
+                let _ = (self.dirty).index_fill_(0, &self.placeholder_indices(), 0);
+            }
             let live = self.dirty.narrow(0, 0, self.len);
             let idx = live.nonzero().view([-1]);
             let _ = self.dirty.fill_(0);
@@ -67,6 +82,7 @@ impl NodeTable {
             bias_state: self.bias_state.shallow_clone(),
             dirty: self.dirty.shallow_clone(),
             len: self.len,
+            placeholders: self.placeholders.clone(),
         }
     }
 
@@ -174,6 +190,87 @@ impl NodeTable {
             let _ = self.dirty.narrow(0, self.len, n - self.len).fill_(1);
         });
         self.len = n;
+    }
+
+    /// [`NodeTable::grow`] to `n` rows, of which only the new ones in `named` are nodes' rows:
+    /// the others are placeholders (see the module docs), not counted as written.
+    pub fn grow_reaching(
+        &mut self,
+        n: i64,
+        named: &HashSet<i64>,
+        init: impl FnOnce(i64) -> Tensor,
+    ) {
+        let start = self.len;
+        self.grow(n, init);
+        let reached: Vec<i64> = (start..n).filter(|i| !named.contains(i)).collect();
+        if !reached.is_empty() {
+            tch::no_grad(|| {
+                let idx = Tensor::from_slice(&reached).to_device(self.dirty.device());
+                let _ = self.dirty.index_fill_(0, &idx, 0);
+            });
+            self.placeholders.extend(reached);
+        }
+    }
+
+    /// Whether row `i` is live and a node's row (not a placeholder).
+    pub fn holds(&self, i: i64) -> bool {
+        i < self.len && !self.placeholders.contains(&i)
+    }
+
+    /// Live rows that are nodes' rows (not placeholders).
+    pub fn held_count(&self) -> i64 {
+        self.len - self.placeholders.len() as i64
+    }
+
+    /// Whether any live row is a placeholder.
+    pub fn has_placeholders(&self) -> bool {
+        !self.placeholders.is_empty()
+    }
+
+    /// The placeholders' indices (`[k]`, Int64, on the table's device), in no fixed order.
+    pub fn placeholder_indices(&self) -> Tensor {
+        let idx: Vec<i64> = self.placeholders.iter().copied().collect();
+        Tensor::from_slice(&idx).to_device(self.weights.device())
+    }
+
+    /// Count `rows` as nodes' rows from now on, with the values they hold (a row given its
+    /// node's value from elsewhere: a published one, a sender's start).
+    pub fn hold(&mut self, rows: &[i64]) {
+        if !self.placeholders.is_empty() {
+            rows.iter().for_each(|i| {
+                self.placeholders.remove(i);
+            });
+        }
+    }
+
+    /// Start `rows` (indices below `len`, on the table's device) anew as their nodes' first rows
+    /// `values` (`[k, D]`): no Adagrad history beyond `state`, bias 0, written, held.
+    pub fn restart(&mut self, rows: &[i64], values: &Tensor, state: f64) {
+        let idx = Tensor::from_slice(rows).to_device(self.weights.device());
+        tch::no_grad(|| {
+            let _ = self.weights.index_copy_(0, &idx, values);
+            let _ = self.state.index_fill_(0, &idx, state);
+            let _ = self.bias.index_fill_(0, &idx, 0.0);
+            let _ = self.bias_state.index_fill_(0, &idx, 0.0);
+            let _ = self.dirty.index_fill_(0, &idx, 1);
+        });
+        self.hold(rows);
+    }
+
+    /// The mean of the rows nodes hold (`[D]`; `None` when there are none): a type's centroid.
+    pub fn held_mean(&self) -> Option<Tensor> {
+        if self.placeholders.is_empty() {
+            return (self.len > 0).then(|| self.rows().mean_dim(0, false, Kind::Float));
+        }
+        let held = self.len - self.placeholders.len() as i64;
+        (held > 0).then(|| {
+            tch::no_grad(|| {
+                let reached = self.weights.index_select(0, &self.placeholder_indices());
+                (self.rows().sum_dim_intlist(0, false, Kind::Float)
+                    - reached.sum_dim_intlist(0, false, Kind::Float))
+                    / held as f64
+            })
+        })
     }
 
     /// The mean Adagrad accumulator of the live rows (`None` when there are none); a row taken
@@ -534,6 +631,34 @@ mod tests {
         d.adagrad_bias_summed(&rows, &bias, &Tensor::from_slice(&[4.0f32]), 0.1);
         // state 2²/4 = 1; the bias moves by −0.1 · 2 / √1.
         assert!((vals(&d.biases())[1] + 0.2).abs() < 1e-5);
+    }
+
+    /// A placeholder is live but no node's row: not held, not written, not in the centroid,
+    /// not taken even when a step moved it; started, it is all of those.
+    #[test]
+    fn placeholders_are_live_but_held_only_once_started() {
+        let mut t = NodeTable::new(2, Device::Cpu);
+        t.grow(1, |n| Tensor::ones([n, 2], (Kind::Float, Device::Cpu)));
+        let _ = t.take_dirty();
+        t.grow_reaching(4, &HashSet::from([3]), |n| {
+            Tensor::full([n, 2], 5.0, (Kind::Float, Device::Cpu))
+        });
+        assert_eq!((t.len(), t.held_count()), (4, 2));
+        assert_eq!(
+            (0..4).map(|i| t.holds(i)).collect::<Vec<_>>(),
+            [true, false, false, true]
+        );
+        let mean = Vec::<f32>::try_from(t.held_mean().unwrap()).unwrap();
+        assert_eq!(mean, [3.0, 3.0], "rows 0 and 3 only");
+        let grad = Tensor::ones([1, 2], (Kind::Float, Device::Cpu));
+        t.adagrad(&Tensor::from_slice(&[1i64]), &grad, 0.1);
+        assert_eq!(Vec::<i64>::try_from(t.take_dirty()).unwrap(), [3]);
+
+        t.restart(&[1], &Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)), 0.5);
+        assert!(t.holds(1) && !t.holds(2));
+        assert_eq!(t.state.double_value(&[1]), 0.5);
+        assert_eq!(t.weights.get(1).sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(Vec::<i64>::try_from(t.take_dirty()).unwrap(), [1]);
     }
 
     #[test]

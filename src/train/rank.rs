@@ -201,7 +201,8 @@ pub struct TargetQuery {
 }
 
 /// Realistic ranks of `queries` against the current tables (prequential evaluation), in the
-/// order given. Every index must have a row.
+/// order given, each against the rows nodes hold ([`crate::train::NodeTable::holds`]). Every
+/// query's source and target must be held.
 pub fn target_ranks(model: &Embeddings, cmp: Comparator, queries: &[TargetQuery]) -> Vec<f64> {
     let device = model.device;
     let mut ranks = vec![0.0; queries.len()];
@@ -234,7 +235,12 @@ pub fn target_ranks(model: &Embeddings, cmp: Comparator, queries: &[TargetQuery]
             if let Some(b) = model.target_bias(dt) {
                 scores += b.unsqueeze(0);
             }
-            let scores = scores.to_kind(Kind::Double);
+            let mut scores = scores.to_kind(Kind::Double);
+            if model.tables[dt].has_placeholders() {
+                // Rows no node holds yet are no candidates (one trainer would not have them).
+                let reached = model.tables[dt].placeholder_indices();
+                let _ = scores.index_fill_(1, &reached, f64::NEG_INFINITY);
+            }
             let truth_col = idx(&|q| q.dst).unsqueeze(1);
             let truth = scores.gather(1, &truth_col, false).squeeze_dim(1);
             let n = scores.size()[1];

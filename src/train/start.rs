@@ -3,7 +3,7 @@
 //! (lost, or an instance that never trained here) then goes on in the coordinates subscribers
 //! hold, instead of in new random ones that every downstream model would have to learn again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -39,7 +39,8 @@ pub struct StartedFrom {
 
 /// Put `table`'s rows into `model` (a new one, tables empty) at the store's indices of their
 /// nodes; a table grows to its highest published index, the rows below it that were not
-/// published are drawn as a new model draws them (N(0, `init_scale`²)). The taken rows have no
+/// published are placeholders drawn as a new model draws them (N(0, `init_scale`²)), started
+/// when their nodes' first edges come. The taken rows have no
 /// Adagrad history: each starts as one `history_steps` steps old
 /// (`NodeTable::take_without_history`).
 pub(crate) fn take_published(
@@ -84,7 +85,8 @@ pub(crate) fn take_published(
         let Some(&highest) = index.iter().max() else {
             continue;
         };
-        node_table.grow(highest + 1, |count| {
+        let published: HashSet<i64> = index.iter().copied().collect();
+        node_table.grow_reaching(highest + 1, &published, |count| {
             Tensor::randn([count, dim], (Kind::Float, device)) * init_scale
         });
         let k = index.len() as i64;

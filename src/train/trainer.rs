@@ -18,7 +18,7 @@
 //! 5. moves the cursor past the new edges — only now, so a checkpoint's cursor always means "every
 //!    edge before this was trained into these tables".
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use rand::rngs::SmallRng;
@@ -580,8 +580,12 @@ impl TrainerCore {
         dst_type: usize,
         before: u64,
     ) -> Result<Vec<(i64, f32)>, StoreError> {
-        let rows = self.model.tables[dst_type].len();
-        history_with_rows(&self.params, store, src, dst_type, before, rows)
+        let table = &self.model.tables[dst_type];
+        let mut recent = history_with_rows(&self.params, store, src, dst_type, before, table.len())?;
+        if table.has_placeholders() {
+            recent.retain(|&(i, _)| table.holds(i));
+        }
+        Ok(recent)
     }
 
     /// Rank a sample of `fresh` (edges between nodes that already have rows, stored from
@@ -593,7 +597,7 @@ impl TrainerCore {
         fresh: &[Edge],
         first_seq: u64,
     ) -> Result<(Vec<f64>, Vec<u16>), StoreError> {
-        let has_row = |n: NodeRef| (n.index as i64) < self.model.tables[n.node_type as usize].len();
+        let has_row = |n: NodeRef| self.model.tables[n.node_type as usize].holds(i64::from(n.index));
         let eligible: Vec<&Edge> = fresh
             .iter()
             .filter(|e| has_row(e.src) && has_row(e.dst))
@@ -624,7 +628,9 @@ impl TrainerCore {
         ))
     }
 
-    /// Rows for the nodes `edges` name that have none yet: `(warm-started, random)` counts.
+    /// Rows for the nodes `edges` name that the model does not hold yet: new rows, and
+    /// placeholders whose node comes now (see [`crate::train::NodeTable::grow_reaching`]).
+    /// Returns the `(warm-started, random)` counts.
     fn add_rows(
         &mut self,
         store: &GraphStore,
@@ -632,48 +638,60 @@ impl TrainerCore {
     ) -> Result<(usize, usize), StoreError> {
         let (dim, device, scale) = (self.model.dim, self.model.device, self.params.init_scale);
         let (mut warm, mut random) = (0, 0);
-        for (t, n) in rows_needed(&self.model, edges).into_iter().enumerate() {
-            let start = self.model.tables[t].len();
-            if n <= start {
+        let mut coming: Vec<HashSet<i64>> = vec![HashSet::new(); self.model.tables.len()];
+        for n in edges.iter().flat_map(|e| [e.src, e.dst]) {
+            let (t, i) = (n.node_type as usize, i64::from(n.index));
+            if !self.model.tables[t].holds(i) {
+                coming[t].insert(i);
+            }
+        }
+        let needed = rows_needed(&self.model, edges);
+        for (t, (n, coming)) in needed.into_iter().zip(coming).enumerate() {
+            if coming.is_empty() {
                 continue;
             }
+            let mut starting: Vec<i64> = coming.iter().copied().collect();
+            starting.sort_unstable();
+            let k = starting.len() as i64;
             let names = &store.stored_schema().node_types;
             let history_type = names
                 .get(t)
                 .is_some_and(|name| self.params.history_types.contains(name))
                 && self.params.history_recent > 0;
             let table = &self.model.tables[t];
-            let rows = if self.opts.warm_start
-                && self.opts.warm_start_history_centroid
-                && history_type
-                && !table.is_empty()
-            {
-                warm += (n - start) as usize;
-                let centroid = table.rows().mean_dim(0, true, Kind::Float);
-                centroid + Tensor::randn([n - start, dim], (Kind::Float, device)) * scale
+            let centroid = match self.opts.warm_start && self.opts.warm_start_history_centroid {
+                true => history_type.then(|| table.held_mean()).flatten(),
+                false => None,
+            };
+            let rows = if let Some(centroid) = centroid {
+                warm += starting.len();
+                centroid + Tensor::randn([k, dim], (Kind::Float, device)) * scale
             } else if self.opts.warm_start {
-                warm += (n - start) as usize;
+                warm += starting.len();
                 warm_rows(
                     &self.model,
                     store,
                     t as u16,
-                    start,
-                    n - start,
+                    &starting,
                     scale,
                     self.opts.warm_start_shrinkage,
                 )?
             } else {
-                random += (n - start) as usize;
-                Tensor::randn([n - start, dim], (Kind::Float, device)) * scale
+                random += starting.len();
+                Tensor::randn([k, dim], (Kind::Float, device)) * scale
             };
             let seed = (self.opts.warm_start && self.opts.warm_start_state)
                 .then(|| table.mean_state())
                 .flatten();
             let table = &mut self.model.tables[t];
-            table.grow(n, |_| rows);
-            if let Some(mean) = seed {
-                table.seed_state(start, mean);
-            }
+            // Rows grown only to reach a later one are drawn as a new row is; the others are
+            // written next (no draw: one trainer's draws stay those it made before placeholders).
+            let reached = n - table.len() - starting.iter().filter(|&&i| i >= table.len()).count() as i64;
+            table.grow_reaching(n, &coming, |count| match reached > 0 {
+                true => Tensor::randn([count, dim], (Kind::Float, device)) * scale,
+                false => Tensor::zeros([count, dim], (Kind::Float, device)),
+            });
+            table.restart(&starting, &rows, seed.unwrap_or(0.0));
         }
         Ok((warm, random))
     }
@@ -1023,6 +1041,54 @@ mod tests {
                 .double_value(&[]),
             0.0
         );
+    }
+
+    /// Rows made live only to reach a later node (as an applied window or a published start
+    /// grows a table) are no nodes' rows: their first edges are not ranked, and their nodes are
+    /// warm-started then, as one trainer starts a node it meets.
+    #[test]
+    fn a_row_grown_to_reach_another_is_not_ranked_and_is_started_when_its_node_comes() {
+        use crate::store::testing::{follow, follows_store};
+        use crate::store::AppendBatch;
+        let dir = tempfile::tempdir().unwrap();
+        let store = follows_store(dir.path());
+        store
+            .append(&AppendBatch::from_events(
+                "t",
+                0,
+                [follow(0, 1, 1), follow(1, 2, 2)],
+            ))
+            .unwrap();
+        let cfg = Config::from_toml("[trainer]\nwarm_start = true").unwrap();
+        let model = Embeddings::new(1, 1, 4, 0.1, Device::Cpu);
+        let mut core = TrainerCore::new(model, cfg.train.clone(), cfg.trainer.clone());
+        core.step(&store).unwrap();
+        let _ = core.take_delta(&DeltaRequest::default());
+        // Nodes 3..=6 are stored; a window then names node 6 before any of them is trained.
+        store
+            .append(&AppendBatch::from_events(
+                "t",
+                2,
+                [follow(3, 4, 3), follow(5, 6, 4), follow(0, 2, 5)],
+            ))
+            .unwrap();
+        let named = HashSet::from([6]);
+        (core.model.tables[0]).grow_reaching(7, &named, |n| {
+            Tensor::ones([n, 4], (Kind::Float, Device::Cpu))
+        });
+        let table = &core.model.tables[0];
+        assert_eq!((table.len(), table.held_count()), (7, 4));
+        assert!(!table.holds(3) && !table.holds(5) && table.holds(6));
+        let delta = core.take_delta(&DeltaRequest::default());
+        assert_eq!(Vec::<i64>::try_from(&delta.tables[0].index).unwrap(), vec![6]);
+
+        let report = core.step(&store).unwrap();
+        assert_eq!(report.ranks.len(), 1, "only u0 → u2 had both rows");
+        assert_eq!(report.warm_rows, 3, "u3, u4 and u5 start now");
+        assert_eq!(core.model.tables[0].held_count(), 7);
+        let delta = core.take_delta(&DeltaRequest::default());
+        let taken = Vec::<i64>::try_from(&delta.tables[0].index).unwrap();
+        assert!([3, 4, 5].iter().all(|i| taken.contains(i)), "{taken:?}");
     }
 
     #[test]

@@ -13,26 +13,21 @@ use crate::train::Embeddings;
 /// Neighbours looked at per new node (the oldest ones: the node's first edges).
 const MAX_NEIGHBOURS: usize = 64;
 
-/// Rows for nodes `start..start + count` of `node_type`, which do not have rows yet.
+/// Rows (`[k, D]`) for the nodes `indices` of `node_type`, which the model does not hold yet.
 pub(crate) fn warm_rows(
     model: &Embeddings,
     store: &GraphStore,
     node_type: u16,
-    start: i64,
-    count: i64,
+    indices: &[i64],
     init_scale: f64,
     shrinkage: f64,
 ) -> Result<Tensor, StoreError> {
     let (dim, device) = (model.dim, model.device);
     let table = &model.tables[node_type as usize];
     let noise = || Tensor::randn([dim], (Kind::Float, device)) * init_scale;
-    let fallback = if table.is_empty() {
-        None
-    } else {
-        Some(table.rows().mean_dim(0, false, Kind::Float))
-    };
-    let mut rows = Vec::with_capacity(count as usize);
-    for index in start..start + count {
+    let fallback = table.held_mean();
+    let mut rows = Vec::with_capacity(indices.len());
+    for &index in indices {
         let node = NodeRef {
             node_type,
             index: index as u32,
@@ -41,7 +36,7 @@ pub(crate) fn warm_rows(
         for n in store.neighbors(node, None, None, MAX_NEIGHBOURS)? {
             let other = &model.tables[n.node.node_type as usize];
             // Only neighbours that have a row (the new rows are not in the tables yet).
-            if n.node.index as i64 >= other.len() {
+            if !other.holds(i64::from(n.node.index)) {
                 continue;
             }
             let e_other = other.weights.get(n.node.index as i64);
@@ -93,7 +88,7 @@ mod tests {
         model.tables[0].grow(1, |n| Tensor::randn([n, 8], (Kind::Float, Device::Cpu)));
         model.tables[1].grow(3, |n| Tensor::randn([n, 8], (Kind::Float, Device::Cpu)));
 
-        let warm = warm_rows(&model, &store, 0, 1, 1, 0.5, 0.0).unwrap().get(0);
+        let warm = warm_rows(&model, &store, 0, &[1], 0.5, 0.0).unwrap().get(0);
         // The ideal source for its two movies under translation: mean of e_m − e_r.
         let r = model.relations.get(0);
         let ideal = (model.tables[1].weights.get(0) + model.tables[1].weights.get(1)) / 2.0 - &r;
@@ -102,10 +97,10 @@ mod tests {
         assert!(dist(&warm) < 1e-5, "warm start is the translated mean");
         assert!(dist(&warm) < dist(&random));
         // Shrinkage k = 1 with two neighbours (and no noise): two thirds of the translated mean.
-        let shrunk = warm_rows(&model, &store, 0, 1, 1, 0.0, 1.0).unwrap().get(0);
+        let shrunk = warm_rows(&model, &store, 0, &[1], 0.0, 1.0).unwrap().get(0);
         assert!(shrunk.allclose(&(&ideal * (2.0 / 3.0)), 1e-5, 1e-5, false));
         // No embedded neighbour: the type's centroid plus noise, not zeros.
-        let cold = warm_rows(&model, &store, 1, 3, 1, 0.0, 0.0).unwrap().get(0);
+        let cold = warm_rows(&model, &store, 1, &[3], 0.0, 0.0).unwrap().get(0);
         assert!(cold.allclose(
             &model.tables[1].rows().mean_dim(0, false, Kind::Float),
             1e-6,
