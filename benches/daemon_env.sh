@@ -1,12 +1,13 @@
 # Sourced by the daemon benches (benches/backlog_memory.sh, benches/memory_at_scale.sh): installs
 # what is missing, builds the release binary, starts tansu on 127.0.0.1 with in-memory storage,
 # points the daemon at it (a fresh store in $WORK, HTTP on a free port) and creates the topics.
-# Sets WORK, PORT, HTTP, TANSU and B (the binary); the exit trap stops $DAEMON (when the bench
-# set it) and tansu, and removes $WORK.
+# Sets WORK, PORT, HTTP, TANSU and B (the binary: BIN when given, for builds run alternately, and
+# then nothing is built); the exit trap stops $DAEMON (when the bench set it) and tansu, and
+# removes $WORK.
 bash .ci/setup >/dev/null
 export LIBTORCH="$PWD/.venv/lib/python3.11/site-packages/torch"
 export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cargo build --release --locked --bin twhin-stream
+[ -n "${BIN:-}" ] || cargo build --release --locked --bin twhin-stream
 WORK=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
@@ -19,5 +20,5 @@ trap 'kill $DAEMON $TANSU 2>/dev/null || true; rm -rf "$WORK"' EXIT
 sleep 1
 export TWHIN_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:$PORT TWHIN_STORAGE__PATH=$WORK/store TWHIN_HTTP__BIND=127.0.0.1:$HTTP
 export TWHIN_KAFKA__CONSUMER__SESSION_TIMEOUT_MS=6000 TWHIN_LOG__LEVEL=${TWHIN_LOG__LEVEL:-warn}
-B=target/release/twhin-stream
+B=${BIN:-target/release/twhin-stream}
 $B topics apply >/dev/null

@@ -406,7 +406,11 @@ fn one(
 
 /// Rows `core`'s model holds, every type.
 fn rows_held(core: &TrainerCore) -> u64 {
-    core.model.tables.iter().map(|t| t.held_count() as u64).sum()
+    core.model
+        .tables
+        .iter()
+        .map(|t| t.held_count() as u64)
+        .sum()
 }
 
 fn two(

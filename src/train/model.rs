@@ -12,9 +12,10 @@
 //!
 //! A table is dense by index, so a row may have to be made live before its node is trained: a
 //! node stored but not trained yet, below a later one this instance was sent or given. Such a
-//! row is a *placeholder* ([`NodeTable::grow_reaching`]): it holds noise, is not ranked
-//! ([`NodeTable::holds`]), not published, and gets its node's first row when that comes
-//! ([`NodeTable::restart`]).
+//! row is a *placeholder* ([`NodeTable::grow_reaching`]): it holds noise and is not ranked
+//! ([`NodeTable::holds`]), and its node gets its first row when it comes
+//! ([`NodeTable::restart`]). It is published as any new row is (a version's tables are dense by
+//! index, and a subscriber holds every row below the highest), noise until then.
 
 use std::collections::HashSet;
 
@@ -60,10 +61,6 @@ impl NodeTable {
     /// the mask cleared: the rows the next version must look at.
     pub fn take_dirty(&mut self) -> Tensor {
         tch::no_grad(|| {
-            // A placeholder is written by the negatives it is drawn as; it is no node's row yet.
-            if !self.placeholders.is_empty() {
-                let _ = (self.dirty).index_fill_(0, &self.placeholder_indices(), 0);
-            }
             let live = self.dirty.narrow(0, 0, self.len);
             let idx = live.nonzero().view([-1]);
             let _ = self.dirty.fill_(0);
@@ -193,7 +190,7 @@ impl NodeTable {
     }
 
     /// [`NodeTable::grow`] to `n` rows, of which only the new ones in `named` are nodes' rows:
-    /// the others are placeholders (see the module docs), not counted as written.
+    /// the others are placeholders (see the module docs).
     pub fn grow_reaching(
         &mut self,
         n: i64,
@@ -202,14 +199,8 @@ impl NodeTable {
     ) {
         let start = self.len;
         self.grow(n, init);
-        let reached: Vec<i64> = (start..n).filter(|i| !named.contains(i)).collect();
-        if !reached.is_empty() {
-            tch::no_grad(|| {
-                let idx = Tensor::from_slice(&reached).to_device(self.dirty.device());
-                let _ = self.dirty.index_fill_(0, &idx, 0);
-            });
-            self.placeholders.extend(reached);
-        }
+        self.placeholders
+            .extend((start..n).filter(|i| !named.contains(i)));
     }
 
     /// Whether row `i` is live and a node's row (not a placeholder).
@@ -633,8 +624,8 @@ mod tests {
         assert!((vals(&d.biases())[1] + 0.2).abs() < 1e-5);
     }
 
-    /// A placeholder is live but no node's row: not held, not written, not in the centroid,
-    /// not taken even when a step moved it; started, it is all of those.
+    /// A placeholder is live but no node's row: not held, not in the centroid; started, it is
+    /// both, and written.
     #[test]
     fn placeholders_are_live_but_held_only_once_started() {
         let mut t = NodeTable::new(2, Device::Cpu);
@@ -650,11 +641,13 @@ mod tests {
         );
         let mean = Vec::<f32>::try_from(t.held_mean().unwrap()).unwrap();
         assert_eq!(mean, [3.0, 3.0], "rows 0 and 3 only");
-        let grad = Tensor::ones([1, 2], (Kind::Float, Device::Cpu));
-        t.adagrad(&Tensor::from_slice(&[1i64]), &grad, 0.1);
-        assert_eq!(Vec::<i64>::try_from(t.take_dirty()).unwrap(), [3]);
+        assert_eq!(Vec::<i64>::try_from(t.take_dirty()).unwrap(), [1, 2, 3]);
 
-        t.restart(&[1], &Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)), 0.5);
+        t.restart(
+            &[1],
+            &Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
+            0.5,
+        );
         assert!(t.holds(1) && !t.holds(2));
         assert_eq!(t.state.double_value(&[1]), 0.5);
         assert_eq!(t.weights.get(1).sum(Kind::Float).double_value(&[]), 0.0);
