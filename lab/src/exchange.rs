@@ -8,7 +8,7 @@
 //! off). If the exchange at a window of one chunk ranks below one trainer, the mechanism is at
 //! fault; if it comes close and falls behind as the window grows, the delay is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -25,7 +25,10 @@ use twhin_stream::offline::{open_offline_store, run_dir, split_events, DataSourc
 use twhin_stream::partition::{partition_of, Ownership};
 use twhin_stream::schema::{Event, NodeKey};
 use twhin_stream::store::{AppendBatch, GraphStore, NodeRef};
-use twhin_stream::train::{DeltaRequest, Embeddings, ModelDelta, RankTotals, TrainerCore};
+use twhin_stream::train::{
+    known_targets, target_ranks, DeltaRequest, Embeddings, ModelDelta, RankSum, RankTotals,
+    TargetQuery, TrainerCore,
+};
 
 /// Partitions the nodes are split by (the engagements topic's count); the first trainer owns
 /// the lower half.
@@ -76,6 +79,14 @@ pub struct ExchangeOptions {
     /// since a row before their first edge is ranked).
     #[arg(long)]
     pub apply_at_once: bool,
+    /// Also rank the same sample of the stream (every 40th event of the last 80%, before its
+    /// chunk is stored) against the served table, as a subscriber would: the source's row and
+    /// every node of the target's type each as its owner holds it (one trainer: its model; two:
+    /// each node from the trainer owning its partition, a copy of a node its owner does not
+    /// hold is not served). The trainers' own prequential ranks each trainer's copies against the
+    /// rows it holds.
+    #[arg(long)]
+    pub rank_served: bool,
     /// Also run each window with the owner's Adagrad accumulators copied with its rows (which
     /// the daemon cannot do: they are not published), to see what the copies' own optimiser
     /// state costs.
@@ -109,6 +120,8 @@ pub struct Run {
     /// ranks a target against is its rows of the target's type, so a trainer that knows fewer
     /// nodes ranks against fewer candidates.
     pub rows_held: u64,
+    /// With `--rank-served`: the same sample of the last 80% ranked against the served table.
+    pub served: Option<ServedFigures>,
     pub seconds: f64,
 }
 
@@ -124,6 +137,8 @@ pub struct ExchangeReport {
     pub separate_stores: bool,
     pub targets_stored: bool,
     pub targets_interned: bool,
+    /// Whether a sample was also ranked against the served table (`--rank-served`).
+    pub rank_served: bool,
     pub chunk: usize,
     pub runs: Vec<Run>,
 }
@@ -132,8 +147,8 @@ impl ExchangeReport {
     pub fn table(&self) -> String {
         let mut out = format!(
             "synthetic stream, {} nodes, {} events ({} trained), chunks of {}{}: prequential over \
-             the last 80% of those trained\n\
-             {:<18} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}\n",
+             the last 80% of those trained{}\n\
+             {:<18} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>21} {:>8}\n",
             self.nodes,
             self.edges,
             self.trained,
@@ -148,6 +163,10 @@ impl ExchangeReport {
                 (true, false, false) => ", a store per trainer",
                 _ => "",
             },
+            match self.rank_served {
+                true => "; served: every 40th event ranked before its chunk against the served table",
+                false => "",
+            },
             "mode",
             "window",
             "ranked",
@@ -159,12 +178,13 @@ impl ExchangeReport {
             "unknown",
             "refreshed",
             "rows held",
+            "served: ranked H@10 MRR",
             "seconds"
         );
         for r in &self.runs {
             let window = r.window_chunks.map_or("-".into(), |w| w.to_string());
             out += &format!(
-                "{:<18} {:>7} {:>8} {:>8.4} {:>7.4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8.1}\n",
+                "{:<18} {:>7} {:>8} {:>8.4} {:>7.4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>21} {:>8.1}\n",
                 r.mode,
                 window,
                 r.ranked,
@@ -176,6 +196,10 @@ impl ExchangeReport {
                 r.rows_unknown,
                 r.rows_refreshed,
                 r.rows_held,
+                r.served.as_ref().map_or("-".into(), |f| format!(
+                    "{} {:.4} {:.4}",
+                    f.ranked, f.hits10, f.mrr
+                )),
                 r.seconds
             );
         }
@@ -206,10 +230,11 @@ struct Instance {
     sent: u64,
 }
 
-/// Each node's key and partition, by type and index (the store's nodes so far).
+/// Each node's key and partition, by type and index (the store's nodes so far), and back.
 #[derive(Default)]
 struct Keys {
     by_type: Vec<Vec<(String, i32)>>,
+    index_of: Vec<HashMap<String, u32>>,
 }
 
 impl Keys {
@@ -217,6 +242,7 @@ impl Keys {
         let t = node.node_type as usize;
         if self.by_type.len() <= t {
             self.by_type.resize_with(t + 1, Vec::new);
+            self.index_of.resize_with(t + 1, HashMap::new);
         }
         let names = &store.stored_schema().node_types;
         let known = &mut self.by_type[t];
@@ -229,10 +255,248 @@ impl Keys {
                 .ok_or_else(|| anyhow::anyhow!("node {at:?} has no id in the store"))?;
             let key = format!("{}:{}", names[t], id);
             let q = partition_of(key.as_bytes(), PARTITIONS) as i32;
+            self.index_of[t].insert(key.clone(), at.index);
             known.push((key, q));
         }
         Ok(&known[node.index as usize])
     }
+
+    /// The index of `key` of type `t` among the first `below` nodes of `store` (`None`: not
+    /// among them).
+    fn index_below(
+        &mut self,
+        store: &GraphStore,
+        t: usize,
+        key: &str,
+        below: i64,
+    ) -> anyhow::Result<Option<u32>> {
+        if below > 0 {
+            let last = NodeRef {
+                node_type: t as u16,
+                index: (below - 1) as u32,
+            };
+            self.get(store, last)?;
+        }
+        let found = self.index_of.get(t).and_then(|m| m.get(key)).copied();
+        Ok(found.filter(|&i| i64::from(i) < below))
+    }
+}
+
+/// Every this many events of the stream, one is ranked against the served table
+/// (`--rank-served`): the same events at every instance count.
+const SERVED_EVERY: usize = 40;
+
+/// Ranks against the served table (`--rank-served`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServedFigures {
+    pub ranked: usize,
+    #[serde(rename = "hits@10")]
+    pub hits10: f64,
+    pub mrr: f64,
+}
+
+impl ServedFigures {
+    fn of(sum: &RankSum) -> ServedFigures {
+        let m = sum.metrics();
+        ServedFigures {
+            ranked: m.rankings,
+            hits10: m.hits10,
+            mrr: m.mrr,
+        }
+    }
+}
+
+/// The events of chunk `c` that the served ranking takes.
+fn sampled(chunk: &[Event], c: usize, size: usize) -> impl Iterator<Item = &Event> {
+    (chunk.iter().enumerate())
+        .filter(move |(k, _)| (c * size + k) % SERVED_EVERY == 0)
+        .map(|(_, e)| e)
+}
+
+fn key_of(store: &GraphStore, node: &NodeKey) -> String {
+    format!("{}:{}", store.stored_schema().node_types[node.node_type as usize], node.id)
+}
+
+/// `node`'s row in `core`, when its store knows it and its model holds it.
+fn held(core: &TrainerCore, store: &GraphStore, node: &NodeKey) -> anyhow::Result<Option<i64>> {
+    let t = node.node_type as usize;
+    Ok((store.node_index(node.node_type, &node.id)?)
+        .map(i64::from)
+        .filter(|&i| core.model.tables[t].holds(i)))
+}
+
+/// The query ranking `e`'s target at row `dst` of the served table, its source being `src` of
+/// `core`'s, with `core`'s known targets and history.
+fn served_query(
+    core: &TrainerCore,
+    store: &GraphStore,
+    e: &Event,
+    src: i64,
+    dst: i64,
+) -> anyhow::Result<TargetQuery> {
+    let node = NodeRef {
+        node_type: e.src.node_type,
+        index: src as u32,
+    };
+    let dst_type = e.dst.node_type as usize;
+    Ok(TargetQuery {
+        src_type: e.src.node_type as usize,
+        src,
+        rel: e.rel as i64,
+        dst_type,
+        dst,
+        known: known_targets(store, node, e.rel, e.dst.node_type)?,
+        history: core.history_of(store, node, dst_type, u64::MAX)?,
+    })
+}
+
+/// Trainer `x`'s source rows beside the served table: per type, `x`'s rows of the nodes it
+/// owns, the other's rows of the nodes the other owns and holds (over `x`'s copies, or after
+/// `x`'s rows for the nodes `x` does not hold: `appended` says where), and a copy `x` holds of
+/// a node its owner does not hold left a placeholder (not served).
+struct ServedView {
+    model: Embeddings,
+    appended: Vec<HashMap<String, i64>>,
+}
+
+fn served_view(pair: &mut [Instance], x: usize) -> anyhow::Result<ServedView> {
+    let y = 1 - x;
+    let (types, dim) = (pair[x].core.model.tables.len(), pair[x].core.model.dim);
+    let (relations, device) = {
+        let m = &pair[x].core.model;
+        (m.relations.size()[0], m.device)
+    };
+    let mut model = Embeddings::new(types, relations, dim, 0.0, device);
+    tch::no_grad(|| model.relations.copy_(&pair[x].core.model.relations));
+    let mut appended = vec![HashMap::new(); types];
+    for t in 0..types {
+        let (x_len, y_len) = (
+            pair[x].core.model.tables[t].len(),
+            pair[y].core.model.tables[t].len(),
+        );
+        let mut named = HashSet::new();
+        let (mut over, mut from) = (Vec::new(), Vec::new());
+        for i in 0..x_len {
+            if !pair[x].core.model.tables[t].holds(i) {
+                continue;
+            }
+            let node = NodeRef {
+                node_type: t as u16,
+                index: i as u32,
+            };
+            let (key, q) = {
+                let me = &mut pair[x];
+                me.keys.get(&me.store, node)?.clone()
+            };
+            if pair[x].owns.binary_search(&q).is_ok() {
+                named.insert(i);
+                continue;
+            }
+            let other = &mut pair[y];
+            let j = other.keys.index_below(&other.store, t, &key, y_len)?;
+            if let Some(j) = j.map(i64::from) {
+                if other.core.model.tables[t].holds(j) {
+                    named.insert(i);
+                    over.push(i);
+                    from.push(j);
+                }
+            }
+        }
+        let mut outside = Vec::new();
+        for j in 0..y_len {
+            if !pair[y].core.model.tables[t].holds(j) {
+                continue;
+            }
+            let node = NodeRef {
+                node_type: t as u16,
+                index: j as u32,
+            };
+            let (key, q) = {
+                let other = &mut pair[y];
+                other.keys.get(&other.store, node)?.clone()
+            };
+            if pair[y].owns.binary_search(&q).is_err() {
+                continue;
+            }
+            let me = &mut pair[x];
+            let i = me.keys.index_below(&me.store, t, &key, x_len)?;
+            if i.is_some_and(|i| named.contains(&i64::from(i))) {
+                continue;
+            }
+            let at = x_len + outside.len() as i64;
+            named.insert(at);
+            appended[t].insert(key, at);
+            outside.push(j);
+        }
+        let (mine, theirs) = (&pair[x].core.model.tables[t], &pair[y].core.model.tables[t]);
+        let idx = |v: &[i64]| tch::Tensor::from_slice(v).to_device(device);
+        let (values, biases) = tch::no_grad(|| {
+            let mut values = mine.rows().copy();
+            let mut biases = mine.biases().copy();
+            if !over.is_empty() {
+                let rows = theirs.weights.index_select(0, &idx(&from));
+                let _ = values.index_copy_(0, &idx(&over), &rows);
+                let b = theirs.bias.index_select(0, &idx(&from));
+                let _ = biases.index_copy_(0, &idx(&over), &b);
+            }
+            if !outside.is_empty() {
+                let rows = theirs.weights.index_select(0, &idx(&outside));
+                values = tch::Tensor::cat(&[values, rows], 0);
+                let b = theirs.bias.index_select(0, &idx(&outside));
+                biases = tch::Tensor::cat(&[biases, b], 0);
+            }
+            (values, biases)
+        });
+        let n = values.size()[0];
+        let table = &mut model.tables[t];
+        table.biased = mine.biased;
+        table.grow_reaching(n, &named, |_| values);
+        tch::no_grad(|| table.bias.narrow(0, 0, n).copy_(&biases));
+    }
+    Ok(ServedView { model, appended })
+}
+
+/// Rank chunk `c`'s sampled events whose source trainer `x` owns against `x`'s served view.
+fn rank_served_two(
+    pair: &mut [Instance],
+    chunk: &[Event],
+    c: usize,
+    opts: &ExchangeOptions,
+    owner: &dyn Fn(&NodeKey) -> usize,
+    cfg: &Config,
+    sum: &mut RankSum,
+) -> anyhow::Result<()> {
+    for x in 0..pair.len() {
+        let events: Vec<&Event> = sampled(chunk, c, opts.chunk)
+            .filter(|e| owner(&e.src) == x)
+            .collect();
+        if events.is_empty() {
+            continue;
+        }
+        let view = served_view(pair, x)?;
+        let me = &pair[x];
+        let mut queries = Vec::new();
+        for e in events {
+            let Some(src) = held(&me.core, &me.store, &e.src)? else {
+                continue;
+            };
+            let t = e.dst.node_type as usize;
+            let dst = match owner(&e.dst) == x {
+                true => held(&me.core, &me.store, &e.dst)?,
+                false => match me.store.node_index(e.dst.node_type, &e.dst.id)? {
+                    Some(i) if view.model.tables[t].holds(i64::from(i)) => Some(i64::from(i)),
+                    _ => view.appended[t].get(&key_of(&me.store, &e.dst)).copied(),
+                },
+            };
+            if let Some(dst) = dst {
+                queries.push(served_query(&me.core, &me.store, e, src, dst)?);
+            }
+        }
+        for r in target_ranks(&view.model, cfg.train.comparator, &queries) {
+            sum.add(r);
+        }
+    }
+    Ok(())
 }
 
 /// The synthetic stream, generated into `dir` and read back as events in order.
@@ -305,6 +569,7 @@ pub fn measure(
         separate_stores: opts.separate_stores,
         targets_stored: opts.separate_stores && opts.targets_stored,
         targets_interned: opts.separate_stores && opts.targets_interned,
+        rank_served: opts.rank_served,
         chunk: opts.chunk,
         runs,
     })
@@ -356,6 +621,7 @@ fn figures(
         rows_started: 0,
         rows_unknown: 0,
         rows_held: 0,
+        served: None,
         seconds: started.elapsed().as_secs_f64(),
     }
 }
@@ -386,9 +652,23 @@ fn one(
     let mut core = new_core(cfg, device);
     let started = Instant::now();
     let mut mark = None;
+    let mut served = RankSum::default();
     for (c, chunk) in events.chunks(opts.chunk).enumerate() {
         if mark.is_none() && c * opts.chunk >= events.len() / 5 {
             mark = Some(core.window.totals());
+        }
+        if opts.rank_served && mark.is_some() {
+            let mut queries = Vec::new();
+            for e in sampled(chunk, c, opts.chunk) {
+                if let (Some(src), Some(dst)) =
+                    (held(&core, &store, &e.src)?, held(&core, &store, &e.dst)?)
+                {
+                    queries.push(served_query(&core, &store, e, src, dst)?);
+                }
+            }
+            for r in target_ranks(&core.model, cfg.train.comparator, &queries) {
+                served.add(r);
+            }
         }
         append(&store, opts, c, chunk)?;
         drain(&mut core, &store)?;
@@ -401,6 +681,7 @@ fn one(
         started,
     );
     run.rows_held = rows_held(&core);
+    run.served = opts.rank_served.then(|| ServedFigures::of(&served));
     Ok(logged(run))
 }
 
@@ -461,6 +742,11 @@ fn two(
     let started = Instant::now();
     let mut mark = None;
     let mut version = 0;
+    let mut served = RankSum::default();
+    let owner = |n: &NodeKey| {
+        let key = format!("{}:{}", schema.type_name(n.node_type), n.id);
+        usize::from(partition_of(key.as_bytes(), PARTITIONS) as i32 >= half)
+    };
     for (c, chunk) in events.chunks(opts.chunk).enumerate() {
         if mark.is_none() && c * opts.chunk >= events.len() / 5 {
             mark = Some(sum(
@@ -468,19 +754,18 @@ fn two(
                 pair[1].core.window.totals(),
             ));
         }
+        if opts.rank_served && mark.is_some() {
+            rank_served_two(&mut pair, chunk, c, opts, &owner, cfg, &mut served)?;
+        }
         match opts.separate_stores {
             // Each event goes to its source's owner, as the daemon routes it.
             true => {
                 let mut routed: [Vec<Event>; 2] = Default::default();
                 let mut announced: [Vec<NodeKey>; 2] = Default::default();
-                let owner = |t: u16, id: &str| {
-                    let key = format!("{}:{}", schema.type_name(t), id);
-                    usize::from(partition_of(key.as_bytes(), PARTITIONS) as i32 >= half)
-                };
                 for e in chunk {
-                    let at = owner(e.src.node_type, &e.src.id);
+                    let at = owner(&e.src);
                     routed[at].push(e.clone());
-                    let target = owner(e.dst.node_type, &e.dst.id);
+                    let target = owner(&e.dst);
                     if opts.targets_stored && target != at {
                         routed[target].push(e.clone());
                     }
@@ -524,6 +809,7 @@ fn two(
         run.rows_unknown += f.rows_unknown;
         run.rows_held += rows_held(&i.core) / pair.len() as u64;
     }
+    run.served = opts.rank_served.then(|| ServedFigures::of(&served));
     Ok(logged(run))
 }
 
@@ -684,6 +970,7 @@ mod tests {
             targets_stored: false,
             targets_interned: false,
             apply_at_once: false,
+            rank_served: false,
             with_state: false,
         }
     }
