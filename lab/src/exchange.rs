@@ -314,7 +314,11 @@ fn sampled(chunk: &[Event], c: usize, size: usize) -> impl Iterator<Item = &Even
 }
 
 fn key_of(store: &GraphStore, node: &NodeKey) -> String {
-    format!("{}:{}", store.stored_schema().node_types[node.node_type as usize], node.id)
+    format!(
+        "{}:{}",
+        store.stored_schema().node_types[node.node_type as usize],
+        node.id
+    )
 }
 
 /// `node`'s row in `core`, when its store knows it and its model holds it.
@@ -369,7 +373,7 @@ fn served_view(pair: &mut [Instance], x: usize) -> anyhow::Result<ServedView> {
     let mut model = Embeddings::new(types, relations, dim, 0.0, device);
     tch::no_grad(|| model.relations.copy_(&pair[x].core.model.relations));
     let mut appended = vec![HashMap::new(); types];
-    for t in 0..types {
+    for (t, appended) in appended.iter_mut().enumerate() {
         let (x_len, y_len) = (
             pair[x].core.model.tables[t].len(),
             pair[y].core.model.tables[t].len(),
@@ -425,7 +429,7 @@ fn served_view(pair: &mut [Instance], x: usize) -> anyhow::Result<ServedView> {
             }
             let at = x_len + outside.len() as i64;
             named.insert(at);
-            appended[t].insert(key, at);
+            appended.insert(key, at);
             outside.push(j);
         }
         let (mine, theirs) = (&pair[x].core.model.tables[t], &pair[y].core.model.tables[t]);
@@ -1016,6 +1020,39 @@ mod tests {
         assert!(err.to_string().contains("--prefix"), "{err}");
         let err = measure(&cfg, Device::Cpu, &opts(1.0, 0)).unwrap_err();
         assert!(err.to_string().contains("--chunk"), "{err}");
+    }
+
+    /// The served table ranks the same sample at every instance count: one trainer's model,
+    /// or each node's row as its owner holds it. Two models that never exchange serve rows
+    /// learnt apart, which rank far below either model's own figure.
+    #[test]
+    fn the_served_table_ranks_the_same_sample_whatever_the_trainers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml(&format!(
+            "[storage]\npath = {:?}\n[train]\ndim = 8\nuniform_negatives = 4",
+            dir.path().join("store").display()
+        ))
+        .unwrap();
+        let opts = ExchangeOptions {
+            separate_stores: true,
+            rank_served: true,
+            ..small()
+        };
+        let report = measure(&cfg, Device::Cpu, &opts).unwrap();
+        assert!(report.rank_served);
+        let served: Vec<&ServedFigures> = report
+            .runs
+            .iter()
+            .map(|r| r.served.as_ref().unwrap())
+            .collect();
+        // Every 40th of the last 16,000 events, less those whose nodes had no row yet.
+        for s in &served {
+            assert!(s.ranked > 200 && s.ranked <= 400, "{s:?}");
+            assert!(s.hits10 > 0.0 && s.hits10 <= 1.0);
+        }
+        let (one, apart) = (&report.runs[0], &report.runs[1]);
+        assert!(served[1].hits10 < 0.8 * served[0].hits10, "{served:?}");
+        assert!(served[1].hits10 < apart.hits10 && one.served.is_some());
     }
 
     /// With a store per trainer, an owner does not know the nodes only the other's events name
