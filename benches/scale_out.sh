@@ -31,6 +31,12 @@
 #   bash benches/scale_out.sh
 #   NODES=100000 EDGES=1000000 bash benches/scale_out.sh        # a quick one
 #   PUBLISH=1 NODES=100000 EDGES=1000000 bash benches/scale_out.sh
+# SERVED=1 (with PUBLISH=1) writes the stream as a dataset (`twhin-stream synthetic`: 85/5/10% in
+# order), replays its train and valid splits only, and once a phase has trained and published
+# them adds `served_holdout`: its test split (every 20th event) ranked against what a subscriber
+# of the phase's topics holds (`export`: every owner's rows together), the same way at every N
+# (benches/served_eval.py). The live figure ranks each instance's own copies of the rows other
+# instances own; this one ranks what is served.
 # CPU: two instances share the machine's cores with the broker; no cap is set (CPU_LIST=0 pins
 # every instance to core 0, for a fixed budget per phase). PHASES picks the phases (default
 # "1 2"; 3 is three instances, with 3, 3 and 2 partitions, reported as "n3"). The test broker
@@ -40,11 +46,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NODES=${NODES:-1000000} EDGES=${EDGES:-10000000}
 source benches/daemon_env.sh
-$B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
-python3 - "$B" "$EDGES" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${PHASES:-1 2}" <<'PY'
+if [ "${SERVED:-0}" = 1 ]; then
+  [ "${PUBLISH:-0}" = 1 ] || { echo "SERVED=1 ranks what was published: set PUBLISH=1" >&2; exit 2; }
+  $B synthetic --nodes "$NODES" --edges "$EDGES" --out "$WORK/data" --json | tail -1 >&2
+  $B replay --data "$WORK/data" --splits train,valid --json | tail -1 >&2
+  STREAM=$(cat "$WORK/data/train.tsv" "$WORK/data/valid.tsv" | wc -l)
+else
+  $B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
+  STREAM=$EDGES
+fi
+python3 - "$B" "$STREAM" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${PHASES:-1 2}" "${SERVED:-0}" <<'PY'
 import json, os, signal, socket, subprocess, sys, time, urllib.request
 b, total, work, cpus, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-publish, phases = sys.argv[6] == "1", [int(n) for n in sys.argv[7].split()]
+publish, phases, served = sys.argv[6] == "1", [int(n) for n in sys.argv[7].split()], sys.argv[8] == "1"
 
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close(); return port
@@ -91,11 +105,25 @@ def wait(what, f, timeout=3600, every=1.0):
         if time.time() - t0 > timeout: sys.exit(f"{what}: not within {timeout} s")
         time.sleep(every)
 
+def phase_env(phase):
+    return dict(os.environ, TWHIN_KAFKA__GROUP_ID=f"bench-{phase}",
+                TWHIN_KAFKA__VERSIONS_TOPIC=f"bench-{phase}.versions",
+                TWHIN_KAFKA__EMBEDDINGS_TOPIC=f"bench-{phase}.embeddings")
+
 def apply_topics(phase):
-    env = dict(os.environ, TWHIN_KAFKA__GROUP_ID=f"bench-{phase}",
-               TWHIN_KAFKA__VERSIONS_TOPIC=f"bench-{phase}.versions",
-               TWHIN_KAFKA__EMBEDDINGS_TOPIC=f"bench-{phase}.embeddings")
-    subprocess.run([b, "topics", "apply"], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([b, "topics", "apply"], env=phase_env(phase), check=True, stdout=subprocess.DEVNULL)
+
+def served_holdout(phase):
+    """The test split ranked against the phase's newest whole version, read from its topics as a
+    subscriber reads them (`export`), every owner's rows together (benches/served_eval.py)."""
+    out = f"{work}/export-{phase}"
+    subprocess.run([b, "export", out, "--json"], env=phase_env(phase), check=True, stdout=subprocess.DEVNULL)
+    # numpy is in the environment .ci/setup makes.
+    r = subprocess.run([".venv/bin/python3", "benches/served_eval.py", f"{work}/data", out],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"benches/served_eval.py failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 def drained(instances, mark):
     """Every instance's statuses once all events are consumed and every trainer drained. The
@@ -159,6 +187,8 @@ def phase(n):
     out = {"seconds": round(seconds, 1), "events_trained_per_s": round(fresh / seconds),
            "prequential_last_80pct": quality,
            "publish": publish, "instances": [figures(i, s) for i, s in zip(insts, ss)]}
+    if served:
+        out["served_holdout"] = served_holdout(name)
     return insts, ss, out
 
 def resume_after_a_kill(a, b):
