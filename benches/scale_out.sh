@@ -9,9 +9,9 @@
 #        partitions back from their changelog (the resume).
 # Ingest, the store, training and publication follow the partitions (each instance publishes
 # its partitions' versions, contract 3, and serves other owners' rows from its cache of them),
-# and with publication on and TWHIN_REMOTE__EXCHANGE_GRADIENTS=true the instances exchange
-# gradients ([remote] exchange_gradients, off by default: each sends the gradients of rows the
-# other owns with its versions, and copies the other's published rows over its own copies);
+# and with publication on the instances exchange gradients ([remote] exchange_gradients, on by
+# default; TWHIN_REMOTE__EXCHANGE_GRADIENTS=false turns it off: each sends the gradients of rows
+# the other owns with its versions, and copies the other's published rows over its own copies);
 # each instance's figures then add its `exchange` counters.
 # PUBLISH=1 publishes in both phases at the defaults (a version every 10 s, the ANN index on),
 # and each instance's figures add its versions, the partitions its last version covered, its

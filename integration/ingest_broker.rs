@@ -525,8 +525,8 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     // No replay: once the stream is trained nothing moves, so versions stop and the served rows
     // can be compared with a subscriber's.
     env.push(("TWHIN_TRAINER__REPLAY_RATIO".into(), "0".into()));
-    // The gradient exchange (off by default), and checkpoints (which let an owner delete the
-    // gradients it applied) within the test.
+    // The gradient exchange (on by default; named, as the test is about it), and checkpoints
+    // (which let an owner delete the gradients it applied) within the test.
     env.push(("TWHIN_REMOTE__EXCHANGE_GRADIENTS".into(), "true".into()));
     env.push(("TWHIN_TRAINER__CHECKPOINT_INTERVAL_SECS".into(), "2".into()));
     let events: Vec<(Outgoing, Triple)> = (0..6_000)

@@ -23,8 +23,9 @@ pub struct RemoteConfig {
     /// With several instances: send the gradients of rows owned elsewhere to their owners
     /// (`kafka.gradients_topic`), apply those sent here, and replace the local copies of rows
     /// owned elsewhere with their owners' published rows, so that the instances train one
-    /// model. Needs `enabled` (the rows come from the cache). Off: each instance trains its own
-    /// copies of other owners' rows, which nobody publishes.
+    /// model. Needs `enabled` (the rows come from the cache). On by default. Off: each instance
+    /// trains its own copies of other owners' rows, which nobody publishes, and the instances
+    /// serve several models side by side.
     pub exchange_gradients: bool,
 }
 
