@@ -31,6 +31,7 @@
 #   bash benches/scale_out.sh
 #   NODES=100000 EDGES=1000000 bash benches/scale_out.sh        # a quick one
 #   PUBLISH=1 NODES=100000 EDGES=1000000 bash benches/scale_out.sh
+# TRACE_ALIGN=1 prints each instance's pull strength and its last version's drift at every poll.
 # SERVED=1 (with PUBLISH=1) writes the stream as a dataset (`twhin-stream synthetic`: 85/5/10% in
 # order), replays its train and valid splits only, and once a phase has trained and published
 # them adds `served_holdout`: its test split (every 20th event) ranked against what a subscriber
@@ -137,6 +138,10 @@ def drained(instances, mark):
     backlog = sum(s["trainer"]["backlog"] for s in ss)
     msg = "  ".join(f"{i.name} consumed {s['ingest']['consumed']} trained {s['trainer']['edges_trained']} backlog {s['trainer']['backlog']} rss {i.peak:.0f}" for i, s in zip(instances, ss))
     print(f"[scale-out] {msg}", file=sys.stderr)
+    if os.environ.get("TRACE_ALIGN"):
+        for i, s in zip(instances, ss):
+            last = s["align"].get("last") or {}
+            print(f"[align] {i.name} version {s['align'].get('last_version')} pull {s['align']['pull']:.4g} previous {json.dumps(last.get('previous'))}", file=sys.stderr)
     return ss if consumed >= total and lag == 0 and backlog == 0 else None
 
 def phase(n):

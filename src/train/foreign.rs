@@ -17,7 +17,7 @@ use crate::exchange::{
 };
 use crate::schema::NodeKey;
 use crate::store::{GraphStore, NodeRef, StoreError};
-use crate::train::{DeltaExchange, Embeddings, GradientTap, NodeTable, OwnedSources};
+use crate::train::{DeltaExchange, Embeddings, GradientTap, NodeTable, OwnedSources, Pull};
 
 /// Windows whose local learning is remembered, at most (the newest): an owner's version says it
 /// applied a window one or two versions after it was sent, so older ones only matter when an
@@ -244,15 +244,16 @@ impl ForeignRows {
     }
 
     /// Apply the window parts read since the last call (each once: one read again after a
-    /// rewind is recognised by its id), then copy the rows the remote cache applied over the
-    /// local copies of rows owned elsewhere.
+    /// rewind is recognised by its id), pulled toward the published version as the steps they
+    /// sum would have been (`pull`), then copy the rows the remote cache applied over the local
+    /// copies of rows owned elsewhere.
     pub fn take_in(
         &mut self,
         model: &mut Embeddings,
         store: &GraphStore,
         sources: &mut OwnedSources,
-        lr: f64,
-        init_scale: f64,
+        (lr, init_scale): (f64, f64),
+        pull: Option<&Pull<'_>>,
     ) -> Result<(), StoreError> {
         let seen = std::mem::take(&mut self.seen_foreign);
         self.mark_foreign(&seen, model.device);
@@ -271,7 +272,7 @@ impl ForeignRows {
                     .insert(part.partition, part.resume_at);
                 continue;
             }
-            let applied = apply_part(model, store, &types, &part, lr, init_scale)?;
+            let applied = apply_part(model, store, &types, &part, (lr, init_scale), pull)?;
             self.inbox
                 .count_applied(applied.rows, applied.started, applied.unknown);
             self.position.record(&part);
@@ -301,6 +302,12 @@ impl ForeignRows {
             copies.entry(t).or_default().push((node, row));
             count += 1;
         }
+        // A row refreshed from its owner is owned elsewhere, whether or not a tap met it since
+        // its ownership moved (the tap marks only rows it sums gradients of): the drift control
+        // neither measures nor pulls it. Unmarked, such copies were measured against a
+        // reference they left long ago, and the pull they raised froze every owned row.
+        let refreshed: Vec<NodeRef> = copies.values().flatten().map(|(node, _)| *node).collect();
+        self.mark_foreign(&refreshed, model.device);
         for (t, copies) in copies {
             let table = &mut model.tables[t];
             let width = dim + usize::from(table.biased);
@@ -345,6 +352,9 @@ struct Rows<'p> {
     steps: Vec<f32>,
     biases: Vec<f32>,
     starts: Vec<(NodeRef, &'p Vec<f32>)>,
+    /// Per row: the model held it before this part with a published row (the drift control's
+    /// reference for a row started now, or since the reference, is a placeholder's noise).
+    held: Vec<bool>,
 }
 
 /// `nodes` grouped by type, each group in a fixed order.
@@ -457,14 +467,15 @@ struct Applied {
 /// part's owner is this instance, whatever its store saw: interned, and started at the
 /// sender's row where the record carries it, so that the owner's row goes on from where the
 /// sender's learning began instead of from noise). A row the model has not grown to yet is
-/// started at random, as a step starts one.
+/// started at random, as a step starts one. Rows held before are then pulled toward the
+/// published version ([`pull_window`]).
 fn apply_part(
     model: &mut Embeddings,
     store: &GraphStore,
     types: &HashMap<String, usize>,
     part: &WindowPart,
-    lr: f64,
-    init_scale: f64,
+    (lr, init_scale): (f64, f64),
+    pull: Option<&Pull<'_>>,
 ) -> Result<Applied, StoreError> {
     let dim = model.dim as usize;
     let mut by_type: BTreeMap<usize, Rows> = BTreeMap::new();
@@ -513,7 +524,9 @@ fn apply_part(
         rows.values.extend_from_slice(&row.grad);
         rows.steps.push(row.steps as f32);
         rows.biases.push(row.bias.unwrap_or(0.0));
-        let held = !is_fresh && model.tables[node.node_type as usize].holds(index);
+        let table = &model.tables[node.node_type as usize];
+        let held = !is_fresh && table.holds(index);
+        rows.held.push(held && table.has_published_row(index));
         if let Some(start) = row.start.as_ref().filter(|_| !held) {
             rows.starts.push((node, start));
         }
@@ -543,14 +556,59 @@ fn apply_part(
             .view([n, dim as i64])
             .to_device(device);
         let steps = Tensor::from_slice(&rows.steps).to_device(device);
+        let reference = pull
+            .filter(|p| p.strength > 0.0)
+            .and_then(|p| Some((p.tables.get(t)?, 1.0 / (1.0 + lr * p.strength))));
+        let pulled = reference.map(|(reference, keep)| {
+            let held = Tensor::from_slice(&rows.held).to_device(device);
+            let pulled = idx.lt(reference.size()[0]).logical_and(&held);
+            let pulled = pulled.nonzero().view([-1]);
+            let at = idx.index_select(0, &pulled);
+            let before = table.weights.index_select(0, &at);
+            (reference, keep, pulled, at, before)
+        });
         table.adagrad_summed(&idx, &grads, &steps, lr);
         if table.biased {
             let biases = Tensor::from_slice(&rows.biases).to_device(device);
             table.adagrad_bias_summed(&idx, &biases, &steps, lr);
         }
+        if let Some((reference, keep, pulled, at, before)) = pulled {
+            let steps = steps.index_select(0, &pulled);
+            pull_window(table, &at, &before, &steps, reference, keep);
+        }
         out.rows += n as u64;
     }
     Ok(out)
+}
+
+/// The drift control's pull on a window applied to `at` (rows the reference has; `before`: their
+/// values before the window): as if its `steps` had come one by one, each a step followed by
+/// the pull toward `reference` that shrinks a row's distance from it by `keep`. Over `k` steps
+/// the distance the row had shrinks by `keep^k`, and the window's movement, spread evenly over
+/// them, by `keep (1 - keep^k) / (k (1 - keep))`. Without it an applied window is never pulled
+/// while one instance's own steps are, so with several instances the measured drift stays high,
+/// the control raises its strength on the local steps alone, and the next local step pulls the
+/// applied movement back.
+fn pull_window(
+    table: &mut NodeTable,
+    at: &Tensor,
+    before: &Tensor,
+    steps: &Tensor,
+    reference: &Tensor,
+    keep: f64,
+) {
+    if at.numel() == 0 || !(0.0..1.0).contains(&keep) {
+        return;
+    }
+    tch::no_grad(|| {
+        let anchor = reference.index_select(0, at).to_device(before.device());
+        let moved = table.weights.index_select(0, at) - before;
+        let shrink = (steps * keep.ln()).exp();
+        let spread: Tensor = (shrink.ones_like() - &shrink) * (keep / (1.0 - keep)) / steps;
+        let value =
+            &anchor + (before - &anchor) * shrink.unsqueeze(1) + moved * spread.unsqueeze(1);
+        let _ = table.weights.index_copy_(0, at, &value);
+    });
 }
 
 /// Sums, per node another instance owns, the gradients a step shows it.
@@ -989,6 +1047,98 @@ mod tests {
             "only the edge after the cursor"
         );
         assert_eq!(a.cursor(), 6, "every edge trained");
+    }
+
+    /// A window of summed steps applied by its owner meets the drift control's pull as the
+    /// steps would have one by one at one instance.
+    #[test]
+    fn an_applied_window_is_pulled_as_its_steps_would_have_been_one_by_one() {
+        let keep = 1.0 / (1.0 + 0.05 * 4.0);
+        let mut model = Embeddings::new(1, 1, 2, 0.1, Device::Cpu);
+        let table = &mut model.tables[0];
+        table.grow(3, |n| Tensor::zeros([n, 2], (Kind::Float, Device::Cpu)));
+        let before = Tensor::from_slice(&[1.0f32, -2.0, 0.5, 0.5]).view([2, 2]);
+        let moved = Tensor::from_slice(&[0.4f32, 0.0, -0.3, 0.6]).view([2, 2]);
+        let at = Tensor::from_slice(&[0i64, 2]);
+        let _ = table.weights.index_copy_(0, &at, &(&before + &moved));
+        let reference = Tensor::from_slice(&[0.2f32, 0.1, 9.0, 9.0, -0.1, 0.3]).view([3, 2]);
+        let steps = Tensor::from_slice(&[1.0f32, 4.0]);
+        pull_window(table, &at, &before, &steps, &reference, keep);
+
+        // The same window as its steps, each its share of the movement and then the pull.
+        let expected = |row: usize, k: usize| {
+            let (r, b, m) = (
+                Vec::<f32>::try_from(reference.get(if row == 0 { 0 } else { 2 })).unwrap(),
+                Vec::<f32>::try_from(before.get(row as i64)).unwrap(),
+                Vec::<f32>::try_from(moved.get(row as i64)).unwrap(),
+            );
+            let mut x: Vec<f64> = b.iter().map(|&v| f64::from(v)).collect();
+            for _ in 0..k {
+                for d in 0..2 {
+                    let stepped = x[d] + f64::from(m[d]) / k as f64;
+                    x[d] = f64::from(r[d]) + (stepped - f64::from(r[d])) * keep;
+                }
+            }
+            x
+        };
+        for (row, index, k) in [(0usize, 0i64, 1usize), (1, 2, 4)] {
+            let got = Vec::<f32>::try_from(table.weights.get(index)).unwrap();
+            for (g, e) in got.iter().zip(expected(row, k)) {
+                assert!(
+                    (f64::from(*g) - e).abs() < 1e-6,
+                    "row {index}: {got:?} vs {e}"
+                );
+            }
+        }
+        // Golden: row 0, one step of keep = 1/1.2: 0.2 + (1.4 - 0.2) / 1.2 = 1.2.
+        let first = Vec::<f32>::try_from(table.weights.get(0)).unwrap();
+        assert!((first[0] - 1.2).abs() < 1e-6, "{first:?}");
+        // The row between them is not touched.
+        assert_eq!(
+            Vec::<f32>::try_from(table.weights.get(1)).unwrap(),
+            [0.0, 0.0]
+        );
+    }
+
+    /// A copy trained while this instance owned its node (no tap: nothing to send) and refreshed
+    /// from its owner's row after the ownership moved is owned elsewhere for the drift control:
+    /// left out of the drift sample though no tap met it since.
+    #[test]
+    fn a_copy_refreshed_from_its_owner_leaves_the_drift_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = ids_in("user", "u", 0).next().unwrap();
+        let movie = ids_in("movie", "m", 1).next().unwrap();
+        let store = likes_store(dir.path(), &[(user.as_str(), movie.as_str())]);
+        let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
+        let owns = Arc::new(Ownership::default());
+        owns.set_partition_count(2);
+        owns.assign(&[0, 1]);
+        let (mut a, inbox) = core(&cfg, &owns, 0);
+        let changed = Arc::new(Published::default());
+        inbox.refresh_from(changed.clone());
+        while a.step(&store).unwrap().stats.is_some() {}
+        let sample = |a: &mut TrainerCore| {
+            let d = a.take_delta(&DeltaRequest {
+                samples: vec![vec![
+                    Tensor::from_slice(&[0i64]),
+                    Tensor::from_slice(&[0i64]),
+                ]],
+                ..Default::default()
+            });
+            let kept = |t: usize| Vec::<i64>::try_from(&d.samples[0][t].0).unwrap();
+            (kept(0), kept(1))
+        };
+        assert_eq!(sample(&mut a), (vec![0], vec![0]), "both owned here");
+
+        owns.revoke(&[1]);
+        changed.push(format!("movie:{movie}"), vec![0.5; 4], None);
+        a.step(&store).unwrap();
+        assert_eq!(row(&a, 1, 0), vec![0.5; 4], "refreshed from its owner");
+        assert_eq!(
+            sample(&mut a),
+            (vec![0], vec![]),
+            "the movie is owned elsewhere"
+        );
     }
 
     /// The drift sample keeps the rows this instance owns: its copies of other owners' rows

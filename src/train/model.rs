@@ -41,6 +41,11 @@ pub struct NodeTable {
     len: i64,
     /// Live rows made live only to reach a later one (see the module docs).
     placeholders: HashSet<i64>,
+    /// Former placeholders started since the last version was taken, and those started before
+    /// it whose version is not the reference yet: the published reference holds a placeholder's
+    /// noise for them, so the drift control neither measures nor pulls them.
+    started: HashSet<i64>,
+    in_flight: HashSet<i64>,
 }
 
 impl NodeTable {
@@ -54,6 +59,8 @@ impl NodeTable {
             dirty: Tensor::zeros([0], (Kind::Bool, device)),
             len: 0,
             placeholders: HashSet::new(),
+            started: HashSet::new(),
+            in_flight: HashSet::new(),
         }
     }
 
@@ -80,6 +87,8 @@ impl NodeTable {
             dirty: self.dirty.shallow_clone(),
             len: self.len,
             placeholders: self.placeholders.clone(),
+            started: self.started.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 
@@ -228,10 +237,47 @@ impl NodeTable {
     /// node's value from elsewhere: a published one, a sender's start).
     pub fn hold(&mut self, rows: &[i64]) {
         if !self.placeholders.is_empty() {
-            rows.iter().for_each(|i| {
-                self.placeholders.remove(i);
+            rows.iter().for_each(|&i| {
+                if self.placeholders.remove(&i) {
+                    self.started.insert(i);
+                }
             });
         }
+    }
+
+    /// Whether the published reference holds row `i` as its node's row (not a placeholder's
+    /// noise, and not a row started since the version the reference is): the drift control
+    /// measures and pulls only such rows. Rows past the reference's end are the caller's to
+    /// leave out.
+    pub fn has_published_row(&self, i: i64) -> bool {
+        !(self.placeholders.contains(&i)
+            || self.started.contains(&i)
+            || self.in_flight.contains(&i))
+    }
+
+    /// The rows of `idx` (Int64, any device) that [`NodeTable::has_published_row`], in order.
+    pub fn with_published_row(&self, idx: Tensor) -> Tensor {
+        if self.placeholders.is_empty() && self.started.is_empty() && self.in_flight.is_empty() {
+            return idx;
+        }
+        let device = idx.device();
+        let all = Vec::<i64>::try_from(&idx.to_device(Device::Cpu)).unwrap_or_default();
+        let kept: Vec<i64> = all
+            .into_iter()
+            .filter(|&i| self.has_published_row(i))
+            .collect();
+        Tensor::from_slice(&kept).to_device(device)
+    }
+
+    /// A version was taken: the rows started so far go out in it with their values.
+    pub fn version_taken(&mut self) {
+        self.in_flight.extend(self.started.drain());
+    }
+
+    /// The version last taken is the reference now (the pull's target): it holds the rows
+    /// started before it.
+    pub fn reference_adopted(&mut self) {
+        self.in_flight.clear();
     }
 
     /// Start `rows` (indices below `len`, on the table's device) anew as their nodes' first rows
@@ -652,6 +698,34 @@ mod tests {
         assert_eq!(t.state.double_value(&[1]), 0.5);
         assert_eq!(t.weights.get(1).sum(Kind::Float).double_value(&[]), 0.0);
         assert_eq!(Vec::<i64>::try_from(t.take_dirty()).unwrap(), [1]);
+    }
+
+    /// A placeholder's row in the published reference is noise until a version taken after
+    /// its start is the reference: the drift control leaves it out until then.
+    #[test]
+    fn a_started_placeholder_has_a_published_row_once_a_later_version_is_the_reference() {
+        let mut t = NodeTable::new(2, Device::Cpu);
+        t.grow(1, |n| Tensor::ones([n, 2], (Kind::Float, Device::Cpu)));
+        t.grow_reaching(3, &HashSet::from([2]), |n| {
+            Tensor::zeros([n, 2], (Kind::Float, Device::Cpu))
+        });
+        let published = |t: &NodeTable| {
+            Vec::<i64>::try_from(t.with_published_row(Tensor::from_slice(&[0i64, 1, 2]))).unwrap()
+        };
+        assert_eq!(published(&t), [0, 2], "row 1 is a placeholder");
+        t.version_taken(); // published with row 1 as noise
+        t.reference_adopted();
+        t.hold(&[1]);
+        assert_eq!(published(&t), [0, 2], "started since the reference");
+        t.version_taken(); // row 1 goes out with its value
+        assert_eq!(
+            published(&t),
+            [0, 2],
+            "its version is not the reference yet"
+        );
+        t.reference_adopted();
+        assert_eq!(published(&t), [0, 1, 2]);
+        assert!((0..3).all(|i| t.has_published_row(i)));
     }
 
     #[test]

@@ -270,6 +270,8 @@ fn apply_pull(
                     .logical_and(&idx.lt(k));
                 idx = idx.masked_select(&skipped.logical_not());
             }
+            // A row whose reference is a placeholder's noise is its node's start, not drift.
+            let idx = table.with_published_row(idx);
             if idx.numel() == 0 {
                 continue;
             }

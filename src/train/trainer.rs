@@ -162,6 +162,18 @@ struct PullTarget {
     relations: Tensor,
 }
 
+impl PullTarget {
+    /// The pull toward `target` at `strength`, on every row.
+    fn pull(target: Option<&PullTarget>, strength: f64) -> Option<Pull<'_>> {
+        target.map(|r| Pull {
+            tables: &r.tables,
+            relations: &r.relations,
+            strength,
+            skip: None,
+        })
+    }
+}
+
 impl TrainerCore {
     /// A fresh model, cursor 0.
     pub fn new(model: Embeddings, params: TrainParams, opts: TrainerConfig) -> TrainerCore {
@@ -316,8 +328,9 @@ impl TrainerCore {
             return Ok(report);
         }
         if let (Some(foreign), Some(sources)) = (&mut self.foreign, &mut self.sources) {
-            let (lr, init) = (self.params.lr, self.params.init_scale);
-            foreign.take_in(&mut self.model, store, sources, lr, init)?;
+            let pull = PullTarget::pull(self.pull_target.as_ref(), self.pull);
+            let rates = (self.params.lr, self.params.init_scale);
+            foreign.take_in(&mut self.model, store, sources, rates, pull.as_ref())?;
         }
         if backlog == 0 {
             return Ok(report);
@@ -426,12 +439,7 @@ impl TrainerCore {
         edges: &[Edge],
         send: bool,
     ) -> Result<StepStats, StoreError> {
-        let pull = self.pull_target.as_ref().map(|r| Pull {
-            tables: &r.tables,
-            relations: &r.relations,
-            strength: self.pull,
-            skip: None,
-        });
+        let pull = PullTarget::pull(self.pull_target.as_ref(), self.pull);
         let params = &self.params;
         let lookup = |n: NodeRef, dst_type: usize| {
             history_targets(params, store, n, dst_type, u64::MAX).unwrap_or_default()
@@ -714,6 +722,7 @@ impl TrainerCore {
                     table.mark_all_dirty();
                 }
                 let idx = table.take_dirty();
+                table.version_taken();
                 let values = table.weights.index_select(0, &idx).to_device(Device::Cpu);
                 let index = idx.to_device(Device::Cpu);
                 let rows = Vec::<i64>::try_from(&index).expect("indices");
@@ -748,6 +757,8 @@ impl TrainerCore {
                                 Some(foreign) => foreign.owned_only(t, idx),
                                 None => idx,
                             };
+                            // Nor does a row the reference holds as a placeholder's noise drift.
+                            let idx = table.with_published_row(idx);
                             let values = table
                                 .weights
                                 .index_select(0, &idx.to_device(device))
@@ -858,6 +869,10 @@ impl TrainerCore {
     ) {
         self.pull = strength;
         let Some(s) = target else { return };
+        self.model
+            .tables
+            .iter_mut()
+            .for_each(crate::train::NodeTable::reference_adopted);
         let device = self.model.device;
         let incremental = match (&mut self.pull_target, changed) {
             (Some(current), Some(changed))
