@@ -230,6 +230,26 @@ struct Instance {
     sent: u64,
 }
 
+impl Instance {
+    /// The rows of type `t` below `len` that this trainer's model holds (not placeholders): each
+    /// row's index, its node's key, and whether this trainer owns the node.
+    fn held_keys(&mut self, t: usize, len: i64) -> anyhow::Result<Vec<(i64, String, bool)>> {
+        let mut held = Vec::new();
+        for i in 0..len {
+            if !self.core.model.tables[t].holds(i) {
+                continue;
+            }
+            let node = NodeRef {
+                node_type: t as u16,
+                index: i as u32,
+            };
+            let (key, q) = self.keys.get(&self.store, node)?.clone();
+            held.push((i, key, self.owns.binary_search(&q).is_ok()));
+        }
+        Ok(held)
+    }
+}
+
 /// Each node's key and partition, by type and index (the store's nodes so far), and back.
 #[derive(Default)]
 struct Keys {
@@ -380,19 +400,8 @@ fn served_view(pair: &mut [Instance], x: usize) -> anyhow::Result<ServedView> {
         );
         let mut named = HashSet::new();
         let (mut over, mut from) = (Vec::new(), Vec::new());
-        for i in 0..x_len {
-            if !pair[x].core.model.tables[t].holds(i) {
-                continue;
-            }
-            let node = NodeRef {
-                node_type: t as u16,
-                index: i as u32,
-            };
-            let (key, q) = {
-                let me = &mut pair[x];
-                me.keys.get(&me.store, node)?.clone()
-            };
-            if pair[x].owns.binary_search(&q).is_ok() {
+        for (i, key, owned) in pair[x].held_keys(t, x_len)? {
+            if owned {
                 named.insert(i);
                 continue;
             }
@@ -407,19 +416,8 @@ fn served_view(pair: &mut [Instance], x: usize) -> anyhow::Result<ServedView> {
             }
         }
         let mut outside = Vec::new();
-        for j in 0..y_len {
-            if !pair[y].core.model.tables[t].holds(j) {
-                continue;
-            }
-            let node = NodeRef {
-                node_type: t as u16,
-                index: j as u32,
-            };
-            let (key, q) = {
-                let other = &mut pair[y];
-                other.keys.get(&other.store, node)?.clone()
-            };
-            if pair[y].owns.binary_search(&q).is_err() {
+        for (j, key, owned) in pair[y].held_keys(t, y_len)? {
+            if !owned {
                 continue;
             }
             let me = &mut pair[x];
