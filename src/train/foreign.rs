@@ -352,9 +352,10 @@ struct Rows<'p> {
     steps: Vec<f32>,
     biases: Vec<f32>,
     starts: Vec<(NodeRef, &'p Vec<f32>)>,
-    /// Per row: the model held it before this part with a published row (the drift control's
-    /// reference for a row started now, or since the reference, is a placeholder's noise).
-    held: Vec<bool>,
+    /// Per row: the drift control may pull it, the model having held it before this part with a
+    /// published row (the reference for a row started now, or since the reference, is a
+    /// placeholder's noise).
+    pullable: Vec<bool>,
 }
 
 /// `nodes` grouped by type, each group in a fixed order.
@@ -526,7 +527,7 @@ fn apply_part(
         rows.biases.push(row.bias.unwrap_or(0.0));
         let table = &model.tables[node.node_type as usize];
         let held = !is_fresh && table.holds(index);
-        rows.held.push(held && table.has_published_row(index));
+        rows.pullable.push(held && table.has_published_row(index));
         if let Some(start) = row.start.as_ref().filter(|_| !held) {
             rows.starts.push((node, start));
         }
@@ -560,8 +561,8 @@ fn apply_part(
             .filter(|p| p.strength > 0.0)
             .and_then(|p| Some((p.tables.get(t)?, 1.0 / (1.0 + lr * p.strength))));
         let pulled = reference.map(|(reference, keep)| {
-            let held = Tensor::from_slice(&rows.held).to_device(device);
-            let pulled = idx.lt(reference.size()[0]).logical_and(&held);
+            let pullable = Tensor::from_slice(&rows.pullable).to_device(device);
+            let pulled = idx.lt(reference.size()[0]).logical_and(&pullable);
             let pulled = pulled.nonzero().view([-1]);
             let at = idx.index_select(0, &pulled);
             let before = table.weights.index_select(0, &at);
