@@ -38,8 +38,12 @@
 # of the phase's topics holds (`export`: every owner's rows together), the same way at every N
 # (benches/served_eval.py). The live figure ranks each instance's own copies of the rows other
 # instances own; this one ranks what is served.
-# CPU: two instances share the machine's cores with the broker; no cap is set (CPU_LIST=0 pins
-# every instance to core 0, for a fixed budget per phase). PHASES picks the phases (default
+# CPU: by default the instances share the machine's cores with the broker, with no cap.
+# CPU_QUOTA=0.5 gives every instance a cap of half a core (a cgroup v1 `cpu` group of its own,
+# `cpu.cfs_quota_us`, joined before the daemon starts so every thread counts), the same at every
+# N, so that the broker and the producer keep the rest: the issue's throughput protocol. Each
+# instance's figures then add the CPU seconds it used and the time it was throttled. CPU_LIST=0
+# pins every instance to core 0 instead (one budget per phase). PHASES picks the phases (default
 # "1 2"; 3 is three instances, with 3, 3 and 2 partitions, reported as "n3"). The test broker
 # keeps every phase's topics in memory: at 1M nodes / 10M events "1 2 3" outgrew 24 GB (tansu
 # OOM-killed at 15.5 GB during the third phase), so run `PHASES=3` on its own there.
@@ -56,10 +60,28 @@ else
   $B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
   STREAM=$EDGES
 fi
-python3 - "$B" "$STREAM" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${PHASES:-1 2}" "${SERVED:-0}" <<'PY'
+python3 - "$B" "$STREAM" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${PHASES:-1 2}" "${SERVED:-0}" "${CPU_QUOTA:-}" <<'PY'
 import json, os, signal, socket, subprocess, sys, time, urllib.request
 b, total, work, cpus, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 publish, phases, served = sys.argv[6] == "1", [int(n) for n in sys.argv[7].split()], sys.argv[8] == "1"
+quota = float(sys.argv[9]) if sys.argv[9] else None
+CGROUP_CPU = "/sys/fs/cgroup/cpu"
+
+class CpuCap:
+    """A cgroup v1 `cpu` group of its own, capped at `cores` cores, that a process joins before it
+    execs the daemon, so that every thread it starts is counted against the cap."""
+    def __init__(self, name, cores):
+        self.path = f"{CGROUP_CPU}/twhin-bench-{name}"
+        if os.path.isdir(self.path): os.rmdir(self.path)
+        os.mkdir(self.path)
+        period = int(open(f"{self.path}/cpu.cfs_period_us").read())
+        open(f"{self.path}/cpu.cfs_quota_us", "w").write(str(int(cores * period)))
+    def wrap(self, cmd):
+        return ["sh", "-c", f'echo $$ > {self.path}/cgroup.procs && exec "$@"', "sh", *cmd]
+    def figures(self):
+        stat = dict(l.split() for l in open(f"{self.path}/cpu.stat"))
+        return {"throttled_s": round(int(stat["throttled_time"]) / 1e9, 1),
+                "periods_throttled": f'{int(stat["nr_throttled"])}/{int(stat["nr_periods"])}'}
 
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close(); return port
@@ -81,8 +103,11 @@ class Instance:
         })
         self.env = env
         cmd = [b, "run"] if not cpus else ["taskset", "-c", cpus, b, "run"]
+        self.cap = CpuCap(self.name, quota) if quota else None
+        if self.cap: cmd = self.cap.wrap(cmd)
         self.p = subprocess.Popen(cmd, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         self.peak = 0.0
+        self.cpu_s = 0.0
         self.max_lag_ms = 0
     def status(self):
         if self.p.poll() is not None:
@@ -95,6 +120,9 @@ class Instance:
         for l in open(f"/proc/{self.p.pid}/status"):
             if l.startswith("VmRSS"):
                 self.peak = max(self.peak, int(l.split()[1]) / 1024)
+        # utime and stime, every thread's together (fields 14 and 15, after the command's ")").
+        ticks = open(f"/proc/{self.p.pid}/stat").read().rsplit(")", 1)[1].split()[11:13]
+        self.cpu_s = sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
         self.max_lag_ms = max(self.max_lag_ms, (s.get("remote") or {}).get("lag_ms", 0))
         return s
 
@@ -174,7 +202,8 @@ def phase(n):
         ss = [i.status() for i in insts]
     def figures(i, s):
         f = {"name": i.name, "peak_rss_mib": round(i.peak), "edges": s["store"]["edges_total"],
-             "assigned_partitions": s["kafka"]["assigned_partitions"]}
+             "assigned_partitions": s["kafka"]["assigned_partitions"], "cpu_s": round(i.cpu_s, 1)}
+        if i.cap: f["cpu_cap"] = i.cap.figures()
         if publish:
             p = s["publish"]
             f.update({"versions": p["committed"], "published_partitions": p["partitions"],
@@ -221,5 +250,8 @@ for n in phases:
         out["resume"] = resume_after_a_kill(*insts)
         insts = insts[:1]
     for i in insts: i.p.send_signal(signal.SIGTERM); i.p.wait(timeout=300)
+    if quota:
+        for name in os.listdir(CGROUP_CPU):
+            if name.startswith("twhin-bench-"): os.rmdir(f"{CGROUP_CPU}/{name}")
 print(json.dumps(out))
 PY
