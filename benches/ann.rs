@@ -21,9 +21,11 @@
 //!    whichever comes first: p50/p99 latency and queries/s; the same with `exact=true` for
 //!    comparison (a tenth of the time and count);
 //! 4. updates: `ANN_VERSIONS` (default 3) versions, each moving `ANN_MOVED` rows (default 2%;
-//!    a version at 1M rows carried 15–40k in the daemon) and adding `ANN_NEW` (default 0.1%)
-//!    new ones, published while the load runs again: each update's time (`update_ms`) and the
-//!    latency meanwhile;
+//!    a version at 1M rows carried 15–40k in the daemon) by up to `ANN_MOVE` (default 0.1) in
+//!    each coordinate and adding `ANN_NEW` (default 0.1%) new ones, published while the load
+//!    runs again: each update's time (`update_ms`), the rows it re-inserted and kept in place
+//!    (`http.ann.reindex_threshold`, `ANN_REINDEX_THRESHOLD` overrides it), the latency
+//!    meanwhile, and the recall once they are indexed (`recall_at_10_after_updates`);
 //! 5. codes: the last table product-quantized (`ANN_PQ_SUBSPACES`, default 32: 16× smaller at
 //!    dim 128) and served as `publish.format = "pq"` serves it; `codes=true`'s answer against
 //!    `exact=true`'s (`codes_recall_at_10`), and the load again with `codes=true`.
@@ -256,11 +258,14 @@ fn main() {
     let moved: usize = env_or("ANN_MOVED", (rows / 50).max(1));
     let new: usize = env_or("ANN_NEW", (rows / 1000).max(1));
     let build_threads: usize = env_or("ANN_BUILD_THREADS", 2);
+    let move_by: f32 = env_or("ANN_MOVE", 0.1);
     let f32_rows = std::env::var("ANN_QUANTIZATION").is_ok_and(|q| q == "f32");
 
     let mut cfg = Config::load(None).expect("default config");
     cfg.http.ann.min_rows = 1;
     cfg.http.ann.build_threads = build_threads;
+    cfg.http.ann.reindex_threshold =
+        env_or("ANN_REINDEX_THRESHOLD", cfg.http.ann.reindex_threshold);
     if f32_rows {
         cfg.http.ann.quantization = twhin_stream::config::AnnQuantization::F32;
     }
@@ -364,7 +369,7 @@ fn main() {
             let mut changed: Vec<i64> = (0..moved).map(|_| rng.random_range(0..n as i64)).collect();
             for &i in &changed {
                 for x in &mut table[i as usize * dim..(i as usize + 1) * dim] {
-                    *x += 0.1 * rng.random_range(-1.0..1.0f32);
+                    *x += move_by * rng.random_range(-1.0..1.0f32);
                 }
             }
             table.extend(clustered(&mut rng, new, dim, noise));
@@ -391,6 +396,12 @@ fn main() {
         figures.builds, 1,
         "versions with their changes never rebuild"
     );
+    eprintln!(
+        "updates: {} rows re-inserted, {} kept in place (reindex_threshold {})",
+        figures.rows_updated, figures.rows_kept, ann_cfg.reindex_threshold
+    );
+    let recall_after = recall_at_10(addr, &mut rng, rows, queries, "", RankMethod::Ann);
+    eprintln!("recall@10 against exact after the updates, {queries} queries: {recall_after:.4}");
 
     // Phase 5: the same rows served from product-quantized codes.
     let subspaces: i64 = env_or("ANN_PQ_SUBSPACES", 32);
@@ -466,12 +477,16 @@ fn main() {
         "load_codes": codes_load,
         "update_rows": updates.iter().map(|u| u.0).collect::<Vec<_>>(),
         "update_ms": update_ms,
+        "update_rows_reinserted": figures.rows_updated,
+        "update_rows_kept": figures.rows_kept,
+        "recall_at_10_after_updates": recall_after,
         "config": {
             "connectivity": ann_cfg.connectivity,
             "expansion_add": ann_cfg.expansion_add,
             "expansion_search": ann_cfg.expansion_search,
             "oversample": ann_cfg.oversample,
             "quantization": ann_cfg.quantization,
+            "reindex_threshold": ann_cfg.reindex_threshold,
         },
     });
     println!("{summary}");

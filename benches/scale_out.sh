@@ -42,7 +42,8 @@
 # CPU_QUOTA=0.5 gives every instance a cap of half a core (a cgroup v1 `cpu` group of its own,
 # `cpu.cfs_quota_us`, joined before the daemon starts so every thread counts), the same at every
 # N, so that the broker and the producer keep the rest: the issue's throughput protocol. Each
-# instance's figures then add the CPU seconds it used and the time it was throttled. CPU_LIST=0
+# instance's figures add the CPU seconds it used, in all and per thread name (`cpu_s_by_thread`:
+# ann-index, remote-follower, the trainer's, ...), and with a cap the time it was throttled. CPU_LIST=0
 # pins every instance to core 0 instead (one budget per phase). PHASES picks the phases (default
 # "1 2"; 3 is three instances, with 3, 3 and 2 partitions, reported as "n3"). The test broker
 # keeps every phase's topics in memory: at 1M nodes / 10M events "1 2 3" outgrew 24 GB (tansu
@@ -66,6 +67,11 @@ b, total, work, cpus, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.ar
 publish, phases, served = sys.argv[6] == "1", [int(n) for n in sys.argv[7].split()], sys.argv[8] == "1"
 quota = float(sys.argv[9]) if sys.argv[9] else None
 CGROUP_CPU = "/sys/fs/cgroup/cpu"
+
+def cpu_seconds(stat):
+    """utime + stime of a /proc stat file (fields 14 and 15, after the command's ")")."""
+    ticks = open(stat).read().rsplit(")", 1)[1].split()[11:13]
+    return sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
 
 class CpuCap:
     """A cgroup v1 `cpu` group of its own, capped at `cores` cores, that a process joins before it
@@ -108,6 +114,7 @@ class Instance:
         self.p = subprocess.Popen(cmd, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         self.peak = 0.0
         self.cpu_s = 0.0
+        self.cpu_by_thread = {}
         self.max_lag_ms = 0
     def status(self):
         if self.p.poll() is not None:
@@ -120,9 +127,19 @@ class Instance:
         for l in open(f"/proc/{self.p.pid}/status"):
             if l.startswith("VmRSS"):
                 self.peak = max(self.peak, int(l.split()[1]) / 1024)
-        # utime and stime, every thread's together (fields 14 and 15, after the command's ")").
-        ticks = open(f"/proc/{self.p.pid}/stat").read().rsplit(")", 1)[1].split()[11:13]
-        self.cpu_s = sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
+        self.cpu_s = cpu_seconds(f"/proc/{self.p.pid}/stat")
+        # Per thread name (digits dropped: librdkafka's broker threads, actix's workers), what
+        # each stage of the daemon costs; a thread that ended is not counted.
+        threads = {}
+        for tid in os.listdir(f"/proc/{self.p.pid}/task"):
+            try:
+                name = open(f"/proc/{self.p.pid}/task/{tid}/comm").read().strip().rstrip("0123456789")
+                threads[name] = threads.get(name, 0.0) + cpu_seconds(f"/proc/{self.p.pid}/task/{tid}/stat")
+            except OSError:
+                pass
+        # Threads that ended (an index build's, a version's key lookups) count only in the total.
+        threads["(ended threads)"] = self.cpu_s - sum(threads.values())
+        self.cpu_by_thread = threads
         self.max_lag_ms = max(self.max_lag_ms, (s.get("remote") or {}).get("lag_ms", 0))
         return s
 
@@ -178,6 +195,7 @@ def phase(n):
     # Started together: whichever joins first may consume alone until the other joins; what it
     # stored of the other's partitions moves with them through the changelog.
     insts = [Instance(name, x) for x in "abc"[:n]]
+    all_instances.extend(insts)
     def split():
         ss = [i.status() for i in insts]
         return all(ss) and all(s["kafka"]["assigned_partitions"] > 0 for s in ss) \
@@ -203,6 +221,7 @@ def phase(n):
     def figures(i, s):
         f = {"name": i.name, "peak_rss_mib": round(i.peak), "edges": s["store"]["edges_total"],
              "assigned_partitions": s["kafka"]["assigned_partitions"], "cpu_s": round(i.cpu_s, 1)}
+        f["cpu_s_by_thread"] = {k: round(v, 1) for k, v in sorted(i.cpu_by_thread.items(), key=lambda kv: -kv[1]) if v >= 0.5}
         if i.cap: f["cpu_cap"] = i.cap.figures()
         if publish:
             p = s["publish"]
@@ -244,14 +263,16 @@ def resume_after_a_kill(a, b):
             "assignment_to_first_trained_s": round(trained - assigned + move_in, 2)}
 
 out = {"nodes": nodes, "events": total}
+all_instances = []
 for n in phases:
     insts, _, out[f"n{n}"] = phase(n)
+    # Each phase's figures as soon as it ends, so that a later phase's failure keeps them.
+    print(json.dumps({f"n{n}": out[f"n{n}"]}), file=sys.stderr)
     if n == 2:
         out["resume"] = resume_after_a_kill(*insts)
         insts = insts[:1]
     for i in insts: i.p.send_signal(signal.SIGTERM); i.p.wait(timeout=300)
-    if quota:
-        for name in os.listdir(CGROUP_CPU):
-            if name.startswith("twhin-bench-"): os.rmdir(f"{CGROUP_CPU}/{name}")
+for i in all_instances:
+    if i.cap: os.rmdir(i.cap.path)
 print(json.dumps(out))
 PY

@@ -63,6 +63,12 @@ pub struct AnnConfig {
     /// How the index stores its copy of the rows: `f32`, or `f16` (half the memory; the
     /// candidates are re-scored with the served f32 rows, so only recall can change).
     pub quantization: AnnQuantization,
+    /// A version's changed row is re-inserted only when it moved more than this (relative L2
+    /// change) from the copy the index holds; 0: every changed row is.
+    pub reindex_threshold: f64,
+    /// The nice value of the thread that builds and updates the indexes (0: the daemon's own;
+    /// up to 19, the lowest priority).
+    pub updater_nice: i32,
 }
 
 /// `http.ann.quantization`.
@@ -158,6 +164,18 @@ impl Validate for AnnConfig {
         }
         if self.connectivity < 2 {
             return Err(invalid("http.ann.connectivity", "must be at least 2"));
+        }
+        if !(0..=19).contains(&self.updater_nice) {
+            return Err(invalid(
+                "http.ann.updater_nice",
+                format!("must be 0 to 19, not {}", self.updater_nice),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.reindex_threshold) {
+            return Err(invalid(
+                "http.ann.reindex_threshold",
+                format!("must be in [0, 1), not {}", self.reindex_threshold),
+            ));
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! Approximate candidate retrieval for `/v1/neighbors`: one HNSW graph (usearch) per target node
 //! type of the served version, kept on a thread of its own and brought up to date with the rows
-//! each committed version changed (new rows inserted, moved rows replaced under their row index;
-//! no rebuild per version).
+//! each committed version changed (new rows inserted; a changed row replaced under its row index
+//! once it moved more than `http.ann.reindex_threshold` from the copy the index holds; no rebuild
+//! per version).
 //!
 //! The graph only proposes candidates; `/v1/neighbors` re-scores them exactly with the served
 //! version, so every score it returns is the published score and only recall is approximate.
@@ -48,6 +49,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::Serialize;
 use tch::{Kind, Tensor};
+use tracing::warn;
 
 use crate::config::AnnConfig;
 use crate::schema::TypeId;
@@ -77,9 +79,12 @@ pub struct AnnFigures {
     pub types: Vec<AnnTypeFigures>,
     /// Indexes built from every row (see the module docs for when).
     pub builds: u64,
-    /// Versions applied to existing indexes, and the rows they inserted or replaced.
+    /// Versions applied to existing indexes, the rows they inserted or replaced, and the changed
+    /// rows they left in place because they moved less than `http.ann.reindex_threshold` from
+    /// the copy the index holds.
     pub updates: u64,
     pub rows_updated: u64,
+    pub rows_kept: u64,
     /// The last build's and update's duration (ms) and rows.
     pub last_build_ms: f64,
     pub last_build_rows: u64,
@@ -131,9 +136,13 @@ impl AnnIndexes {
             counters: Counters::default(),
         });
         let worker = shared.clone();
+        let nice = shared.cfg.updater_nice;
         let thread = std::thread::Builder::new()
             .name("ann-index".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                lower_priority(nice);
+                worker.run()
+            })?;
         Ok(AnnHandle {
             shared,
             _thread: thread,
@@ -258,6 +267,7 @@ impl AnnIndexes {
             builds: c.builds.load(Ordering::Relaxed),
             updates: c.updates.load(Ordering::Relaxed),
             rows_updated: c.rows_updated.load(Ordering::Relaxed),
+            rows_kept: c.rows_kept.load(Ordering::Relaxed),
             last_build_ms,
             last_build_rows,
             last_update_ms,
@@ -265,6 +275,25 @@ impl AnnIndexes {
             failures: c.failures.load(Ordering::Relaxed),
             last_error: c.last_error.lock().clone(),
         }
+    }
+}
+
+/// Give the calling thread nice value `nice` (Linux schedules threads, so this thread alone).
+/// The updater is a cache of the served version that may lag it (the response names the version
+/// the index reflects), and while the daemon works through a backlog it would otherwise take as
+/// much CPU as training does: updates then coalesce, so every version's rows are indexed, later.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: plain system calls on the calling thread's own id.
+    let failed = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) != 0
+    };
+    if failed {
+        warn!(nice, error = %std::io::Error::last_os_error(),
+            "could not lower the ANN updater's priority (http.ann.updater_nice); it runs at the daemon's");
     }
 }
 

@@ -17,6 +17,8 @@ fn config(min_rows: usize) -> AnnConfig {
         search_threads: 2,
         build_threads: 2,
         quantization: AnnQuantization::F16,
+        reindex_threshold: 0.0,
+        updater_nice: 0,
     }
 }
 
@@ -164,6 +166,93 @@ fn versions_replace_moved_rows_and_add_new_ones_without_a_rebuild() {
     ann.submit(3, Comparator::Dot, &[table(&flat, dim)], &[], None);
     assert!(ann.wait_for(3, Duration::from_secs(60)));
     assert_eq!(ann.figures().builds, 2);
+}
+
+#[test]
+fn a_row_is_replaced_once_it_moved_past_the_threshold_from_the_copy_held() {
+    let mut rng = SmallRng::seed_from_u64(19);
+    let (n, dim) = (2000, 8);
+    let mut flat = clustered(&mut rng, n, dim);
+    let ann = AnnIndexes::start(AnnConfig {
+        reindex_threshold: 0.1,
+        ..config(1000)
+    })
+    .unwrap();
+    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None);
+    assert!(ann.wait_for(1, Duration::from_secs(60)));
+    let scale = |flat: &mut [f32], row: usize, by: f32| {
+        for x in &mut flat[row * dim..(row + 1) * dim] {
+            *x *= by;
+        }
+    };
+    // Rows 0..10 move 6% (kept), row 10 moves 20% (replaced), row 11 does not move (kept).
+    for row in 0..10 {
+        scale(&mut flat, row, 1.06);
+    }
+    scale(&mut flat, 10, 1.2);
+    apply_version(&ann, 2, &flat, dim, &(0..12).collect::<Vec<_>>());
+    let f = ann.figures();
+    assert_eq!(
+        (f.rows_updated, f.rows_kept, f.last_update_rows),
+        (1, 11, 1)
+    );
+    // Another 6% on rows 0..10: 12.4% from the copy held, so they are replaced now (a row that
+    // creeps a little each version is not held back for ever).
+    for row in 0..10 {
+        scale(&mut flat, row, 1.06);
+    }
+    apply_version(&ann, 3, &flat, dim, &(0..10).collect::<Vec<_>>());
+    let f = ann.figures();
+    assert_eq!((f.rows_updated, f.rows_kept), (11, 11));
+    // A row turned towards a direction nothing else has is found there.
+    flat[17 * dim..18 * dim].copy_from_slice(&[50.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    apply_version(&ann, 4, &flat, dim, &[17]);
+    let q: Vec<f32> = (0..dim).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect();
+    assert_eq!(ann_top(&ann, &flat, dim, None, &q, 1), vec![17]);
+}
+
+#[test]
+fn the_updater_runs_at_the_configured_nice_value() {
+    let ann = AnnIndexes::start(AnnConfig {
+        updater_nice: 7,
+        ..config(1000)
+    })
+    .unwrap();
+    // The updater has started once it has indexed a version.
+    let mut rng = SmallRng::seed_from_u64(23);
+    let flat = clustered(&mut rng, 1200, 4);
+    ann.submit(1, Comparator::Dot, &[table(&flat, 4)], &[], None);
+    assert!(ann.wait_for(1, Duration::from_secs(60)));
+    // Field 19 of a thread's stat is its nice value (counted after the name's closing paren).
+    let nices: Vec<i64> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            (comm.trim() == "ann-index").then_some(())?;
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(16)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        nices.contains(&7),
+        "ann-index threads' nice values: {nices:?}"
+    );
+}
+
+#[test]
+fn relative_change_golden_values() {
+    use super::type_index::relative_change;
+    assert_eq!(relative_change(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
+    assert!((relative_change(&[3.0, 4.0], &[0.0, 5.0]) - 10f64.sqrt() / 5.0).abs() < 1e-12);
+    assert!((relative_change(&[1.1, 0.0], &[1.0, 0.0]) - 0.1).abs() < 1e-6);
+    assert_eq!(relative_change(&[1.0], &[0.0]), f64::INFINITY);
+    assert_eq!(relative_change(&[0.0], &[0.0]), 0.0);
 }
 
 #[test]

@@ -84,25 +84,44 @@ impl TypeIndex {
             .map_err(index_err)
     }
 
-    /// Insert or replace `keys` with `rows [keys, dim]` (and `biases [keys]`).
+    /// Insert `keys` with `rows [keys, dim]` (and `biases [keys]`), replacing a key the index
+    /// holds only when its item moved more than `min_move` (relative L2 change) from the copy
+    /// held. Returns how many it inserted or replaced.
+    ///
+    /// Why a row that moved little keeps its place: the graph only proposes candidates, which
+    /// are re-scored with the served rows, so a held copy near the row costs recall only at the
+    /// margin, while a replacement is a removal and an insertion (a search of the graph with
+    /// `expansion_add` candidates), which cost the updater most of its CPU under a live stream,
+    /// where most rows of a version moved a little.
     pub(super) fn upsert(
         &self,
         keys: &[i64],
         rows: &[f32],
         biases: Option<&[f32]>,
-    ) -> Result<(), AnnError> {
+        min_move: f64,
+    ) -> Result<usize, AnnError> {
         let _shared = self.gate.read();
         let mut item = Vec::with_capacity(self.dim + 1);
+        let mut held = Vec::new();
+        let mut written = 0;
         for (i, &key) in keys.iter().enumerate() {
             let row = &rows[i * self.dim..(i + 1) * self.dim];
             self.reduction.item(row, biases.map(|b| b[i]), &mut item);
             let key = key as u64;
             if self.index.contains(key) {
+                if min_move > 0.0 {
+                    held.resize(item.len(), 0.0);
+                    let got = self.index.get(key, &mut held).map_err(index_err)?;
+                    if got == 1 && relative_change(&item, &held) <= min_move {
+                        continue;
+                    }
+                }
                 self.index.remove(key).map_err(index_err)?;
             }
             self.index.add(key, &item).map_err(index_err)?;
+            written += 1;
         }
-        Ok(())
+        Ok(written)
     }
 
     /// Records the bytes the index holds, for [`AnnIndexes::figures`]. usearch's figure walks
@@ -117,5 +136,21 @@ impl TypeIndex {
             measured + rows_now.saturating_sub(rows_before) * (measured / rows_before)
         };
         self.memory.store(bytes, Ordering::Relaxed);
+    }
+}
+
+/// `‖item − held‖ / ‖held‖` (infinite when the held copy is zero and the item is not).
+pub(super) fn relative_change(item: &[f32], held: &[f32]) -> f64 {
+    let (mut diff, mut base) = (0.0f64, 0.0f64);
+    for (&a, &b) in item.iter().zip(held) {
+        diff += f64::from(a - b).powi(2);
+        base += f64::from(b).powi(2);
+    }
+    if diff == 0.0 {
+        0.0
+    } else if base == 0.0 {
+        f64::INFINITY
+    } else {
+        (diff / base).sqrt()
     }
 }

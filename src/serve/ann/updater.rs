@@ -56,6 +56,7 @@ pub(super) struct Counters {
     pub(super) builds: AtomicU64,
     pub(super) updates: AtomicU64,
     pub(super) rows_updated: AtomicU64,
+    pub(super) rows_kept: AtomicU64,
     pub(super) failures: AtomicU64,
     pub(super) last_error: Mutex<Option<String>>,
     pub(super) last: Mutex<(f64, u64, f64, u64)>,
@@ -195,7 +196,7 @@ impl AnnIndexes {
                                 })
                                 .transpose()?;
                             let keys: Vec<i64> = (start..start + len).collect();
-                            ix.upsert(&keys, &rows, biases.as_deref())?;
+                            ix.upsert(&keys, &rows, biases.as_deref(), 0.0)?;
                         }
                     })
                 })
@@ -260,6 +261,7 @@ impl AnnIndexes {
         }
         let contexts = (self.cfg.search_threads + 1).max(self.cfg.build_threads);
         ix.make_room((n - indexed).max(0) as usize, contexts)?;
+        let mut written = 0;
         for keys in changed.chunks(BUILD_CHUNK as usize) {
             let idx = Tensor::from_slice(keys);
             let rows = Vec::<f32>::try_from(
@@ -271,7 +273,7 @@ impl AnnIndexes {
             let biases = bias
                 .map(|b| Vec::<f32>::try_from(&b.index_select(0, &idx).to_kind(Kind::Float)))
                 .transpose()?;
-            ix.upsert(keys, &rows, biases.as_deref())?;
+            written += ix.upsert(keys, &rows, biases.as_deref(), self.cfg.reindex_threshold)?;
         }
         ix.measure(indexed as usize, n as usize);
         ix.rows.store(n as usize, Ordering::Release);
@@ -279,11 +281,12 @@ impl AnnIndexes {
         let ms = started.elapsed().as_secs_f64() * 1e3;
         let c = &self.counters;
         c.updates.fetch_add(1, Ordering::Relaxed);
-        c.rows_updated
-            .fetch_add(changed.len() as u64, Ordering::Relaxed);
+        c.rows_updated.fetch_add(written as u64, Ordering::Relaxed);
+        c.rows_kept
+            .fetch_add((changed.len() - written) as u64, Ordering::Relaxed);
         let mut last = c.last.lock();
         last.2 = ms;
-        last.3 = changed.len() as u64;
+        last.3 = written as u64;
         Ok(())
     }
 }
