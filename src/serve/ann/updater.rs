@@ -170,7 +170,9 @@ impl AnnIndexes {
                 .into_iter()
                 .map(|(table, bias)| {
                     let (ix, next_chunk) = (&ix, &next_chunk);
-                    scope.spawn(move || -> Result<bool, AnnError> {
+                    // Named, so that a build's CPU is told apart from the updater's.
+                    let builder = std::thread::Builder::new().name("ann-build".into());
+                    builder.spawn_scoped(scope, move || -> Result<bool, AnnError> {
                         loop {
                             let c = next_chunk.fetch_add(1, Ordering::Relaxed) as i64;
                             if c >= chunks {
@@ -203,9 +205,11 @@ impl AnnIndexes {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(index_err("a build thread panicked")))
+                .map(|h| match h {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err(index_err("a build thread panicked"))),
+                    Err(e) => Err(index_err(format!("a build thread did not start: {e}"))),
                 })
                 .collect()
         });
