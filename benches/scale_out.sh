@@ -113,8 +113,6 @@ class Instance:
         if self.cap: cmd = self.cap.wrap(cmd)
         self.p = subprocess.Popen(cmd, env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         self.peak = 0.0
-        self.cpu_s = 0.0
-        self.cpu_by_thread = {}
         self.max_lag_ms = 0
     def status(self):
         if self.p.poll() is not None:
@@ -127,9 +125,13 @@ class Instance:
         for l in open(f"/proc/{self.p.pid}/status"):
             if l.startswith("VmRSS"):
                 self.peak = max(self.peak, int(l.split()[1]) / 1024)
-        self.cpu_s = cpu_seconds(f"/proc/{self.p.pid}/stat")
-        # Per thread name (digits dropped: librdkafka's broker threads, actix's workers), what
-        # each stage of the daemon costs; a thread that ended is not counted.
+        self.max_lag_ms = max(self.max_lag_ms, (s.get("remote") or {}).get("lag_ms", 0))
+        return s
+    def cpu(self):
+        """The CPU seconds used so far (cumulative, so read once, when a phase's figures are
+        taken), in all and per thread name (digits dropped: librdkafka's broker threads, actix's
+        workers); threads that ended (an index build's) count only in the total."""
+        total = cpu_seconds(f"/proc/{self.p.pid}/stat")
         threads = {}
         for tid in os.listdir(f"/proc/{self.p.pid}/task"):
             try:
@@ -137,11 +139,8 @@ class Instance:
                 threads[name] = threads.get(name, 0.0) + cpu_seconds(f"/proc/{self.p.pid}/task/{tid}/stat")
             except OSError:
                 pass
-        # Threads that ended (an index build's, a version's key lookups) count only in the total.
-        threads["(ended threads)"] = self.cpu_s - sum(threads.values())
-        self.cpu_by_thread = threads
-        self.max_lag_ms = max(self.max_lag_ms, (s.get("remote") or {}).get("lag_ms", 0))
-        return s
+        threads["(ended threads)"] = total - sum(threads.values())
+        return total, threads
 
 def wait(what, f, timeout=3600, every=1.0):
     t0 = time.time()
@@ -220,8 +219,10 @@ def phase(n):
         ss = [i.status() for i in insts]
     def figures(i, s):
         f = {"name": i.name, "peak_rss_mib": round(i.peak), "edges": s["store"]["edges_total"],
-             "assigned_partitions": s["kafka"]["assigned_partitions"], "cpu_s": round(i.cpu_s, 1)}
-        f["cpu_s_by_thread"] = {k: round(v, 1) for k, v in sorted(i.cpu_by_thread.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+             "assigned_partitions": s["kafka"]["assigned_partitions"]}
+        cpu_s, by_thread = i.cpu()
+        f["cpu_s"] = round(cpu_s, 1)
+        f["cpu_s_by_thread"] = {k: round(v, 1) for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v >= 0.5}
         if i.cap: f["cpu_cap"] = i.cap.figures()
         if publish:
             p = s["publish"]
