@@ -93,6 +93,7 @@ fn view(
         row_ts: Vec::new(),
         changed: changed.map(|c| vec![Tensor::from_slice(&c)]),
         codes: None,
+        scope: None,
     }
 }
 
@@ -290,7 +291,7 @@ fn main() {
     let relations = Tensor::from_slice(&relations).reshape([n_relations as i64, dim as i64]);
 
     // Phase 1: build.
-    let serving = ServingView::with_ann(&ann_cfg).expect("ann thread");
+    let serving = ServingView::with_ann(&ann_cfg, None).expect("ann thread");
     let ann = || serving.ann().expect("enabled");
     let started = Instant::now();
     serving.publish(view(1, n_types, &table, dim, &relations, None));
@@ -323,6 +324,7 @@ fn main() {
         remote: None,
         exchange: None,
         bearer_token: None,
+        gather_timeout: std::time::Duration::from_millis(500),
         rate: Default::default(),
         train: None,
         multi_interest: cfg.http.multi_interest.clone(),

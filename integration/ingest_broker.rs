@@ -529,6 +529,9 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     // (which let an owner delete the gradients it applied) within the test.
     env.push(("TWHIN_REMOTE__EXCHANGE_GRADIENTS".into(), "true".into()));
     env.push(("TWHIN_TRAINER__CHECKPOINT_INTERVAL_SECS".into(), "2".into()));
+    // Indexes at this size, so that each holds its owner's partitions and /v1/neighbors asks
+    // the other owner for the rest.
+    env.push(("TWHIN_HTTP__ANN__MIN_ROWS".into(), "100".into()));
     let events: Vec<(Outgoing, Triple)> = (0..6_000)
         .map(|i| {
             let (mut m, triple) = valid_event(i, false);
@@ -645,6 +648,12 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     let bases_split = status_u64(&a, "/publish/bases");
     assert!(bases_split >= 2, "its first version and its share's\n{a}");
     assert_first_serves_the_seconds_rows(&s, &first, &second, second_port);
+    let source = (events[..4_000].iter())
+        .map(|(_, (src, rel, _))| (src, rel))
+        .find(|(src, rel)| *rel == "favorites" && firsts.contains(&place(src)))
+        .map(|(src, _)| src.clone())
+        .unwrap();
+    assert_first_gathers_the_seconds_candidates(&s, &second, second_port, &source);
 
     second.kill9();
     let taken_back = wait_until(
@@ -815,6 +824,77 @@ fn assert_first_serves_the_seconds_rows(
         compared += 1;
     }
     assert!(compared > 100, "{compared} of the second's rows compared");
+}
+
+/// The first instance's index holds its own partitions' tweets; `/v1/neighbors` asks the second
+/// (at the address its version markers advertise) for the best of its partitions, and merges
+/// them by score.
+fn assert_first_gathers_the_seconds_candidates(
+    s: &Setup,
+    second: &Daemon,
+    second_port: u16,
+    source: &str,
+) {
+    let theirs = published_partitions(second.status().as_ref());
+    let (t, id) = source.split_once(':').unwrap();
+    let path = format!("/v1/neighbors/{t}/{id}?rel=favorites&k=50");
+    // (The index lags the served version by its update: once it holds the first's partitions
+    // only, the rest is gathered.)
+    let answer = wait_until(
+        "the first's index holds its own partitions",
+        Duration::from_secs(60),
+        || {
+            let body = http_get(s.http_port, &path).ok()?;
+            let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
+            answer.get("gathered").is_some().then_some(answer)
+        },
+    );
+    assert_eq!(answer["method"], "ann", "{answer}");
+    let owners = answer
+        .pointer("/gathered/owners")
+        .unwrap()
+        .as_array()
+        .unwrap();
+    assert_eq!(owners.len(), 1, "{answer}");
+    assert_eq!(
+        (
+            &owners[0]["address"],
+            &owners[0]["partitions"],
+            &owners[0]["error"]
+        ),
+        (
+            &serde_json::json!(format!("127.0.0.1:{second_port}")),
+            &serde_json::json!(theirs),
+            &serde_json::Value::Null
+        ),
+        "{answer}"
+    );
+    assert_eq!(
+        answer.pointer("/gathered/local"),
+        Some(&serde_json::json!([]))
+    );
+    let neighbors = answer["neighbors"].as_array().unwrap();
+    assert_eq!(neighbors.len(), 50, "{answer}");
+    let place = |n: &serde_json::Value| {
+        let key = n["node"].as_str().unwrap();
+        twhin_stream::partition::partition_of(key.as_bytes(), 8) as i32
+    };
+    assert!(
+        neighbors.iter().any(|n| theirs.contains(&place(n))),
+        "{answer}"
+    );
+    assert!(
+        neighbors.iter().any(|n| !theirs.contains(&place(n))),
+        "{answer}"
+    );
+    let scores: Vec<f64> = neighbors
+        .iter()
+        .map(|n| n["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "best first: {answer}"
+    );
 }
 
 /// Unfollows through the broker: each removes its stored follow (the add and the delete share

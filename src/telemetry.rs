@@ -88,6 +88,10 @@ pub const REMOTE_APPLY_DELAY_SECONDS: &str = "twhin_remote_apply_delay_seconds";
 pub const REMOTE_PARTITIONS: &str = "twhin_remote_partitions";
 /// Records of the published topics the follower could not decode (skipped).
 pub const REMOTE_SKIPPED_RECORDS: &str = "twhin_remote_skipped_records";
+/// Partitions owned elsewhere that `/v1/neighbors` needed candidates of, by `from`: `owner`
+/// (its owner answered `POST /v1/candidates`) or `local` (ranked from this instance's copies:
+/// no owner advertised, or it failed or did not answer within `http.gather_timeout_ms`).
+pub const NEIGHBORS_GATHERED: &str = "twhin_neighbors_gathered_partitions_total";
 /// Gradient rows of the exchange (`crate::exchange`), by `kind`: `sent` (to other owners, with
 /// a committed version), `applied` (to owned rows), `unknown` (a node the store does not know),
 /// `refreshed` (rows owned elsewhere replaced by their owner's published row).
@@ -301,6 +305,10 @@ fn describe() {
     describe_gauge!(
         REMOTE_SKIPPED_RECORDS,
         "Records of the published topics the remote follower could not decode"
+    );
+    describe_counter!(
+        NEIGHBORS_GATHERED,
+        "Partitions owned elsewhere /v1/neighbors ranked, by where from (owner, local)"
     );
     describe_counter!(
         EXCHANGE_ROWS,

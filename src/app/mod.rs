@@ -164,7 +164,9 @@ impl Daemon {
         let align_status = Arc::new(AlignStatus::default());
         let publish_status = o.publication.as_ref().map(Publication::status);
 
-        let serving = ServingView::with_ann(&cfg.http.ann)?;
+        // With several instances each index holds the rows this instance owns (the store says
+        // which partition a row's node is in).
+        let serving = ServingView::with_ann(&cfg.http.ann, Some(o.store.clone()))?;
         if let Some(view) = o.publication.as_ref().and_then(|p| restored_view(&cfg, p)) {
             serving.publish(view);
         }
@@ -297,6 +299,7 @@ impl Daemon {
             remote: remote_cache,
             exchange,
             bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
+            gather_timeout: Duration::from_millis(cfg.http.gather_timeout_ms),
             rate: Default::default(),
             train: Some(cfg.train.clone()),
             multi_interest: cfg.http.multi_interest.clone(),
@@ -521,6 +524,7 @@ fn restored_view(cfg: &Config, publication: &Publication) -> Option<PublishedVie
         // Which rows differ from the served indexes is not known: they index every row.
         changed: None,
         codes: None,
+        scope: None,
     })
 }
 

@@ -14,6 +14,15 @@ pub struct HttpConfig {
     /// Empty: no authentication. Otherwise every route but `/healthz` requires
     /// `Authorization: Bearer <token>`.
     pub bearer_token: String,
+    /// The `host:port` other instances of the deployment reach this one's HTTP server at; each
+    /// version marker carries it, so that `/v1/neighbors` can ask the owner of a partition for
+    /// its best rows (`POST /v1/candidates`). Empty: `bind`, unless that is an unspecified
+    /// address (`0.0.0.0`, `::`) or port 0, and then nothing is advertised (other instances
+    /// score this one's partitions from their own copies).
+    pub advertise: String,
+    /// How long `/v1/neighbors` waits for another owner's candidates before it scores that
+    /// owner's partitions from this instance's own copies.
+    pub gather_timeout_ms: u64,
     /// `[http.ann]`: the HNSW index per target type that `/v1/neighbors` searches above a size.
     pub ann: AnnConfig,
     /// `[http.multi_interest]`: users as several interests (`train::history::split_history`).
@@ -90,6 +99,8 @@ impl std::fmt::Debug for HttpConfig {
         f.debug_struct("HttpConfig")
             .field("bind", &self.bind)
             .field("bearer_token", &token)
+            .field("advertise", &self.advertise)
+            .field("gather_timeout_ms", &self.gather_timeout_ms)
             .field("ann", &self.ann)
             .field("multi_interest", &self.multi_interest)
             .finish()
@@ -124,9 +135,34 @@ impl HttpConfig {
     }
 }
 
+impl HttpConfig {
+    /// The address version markers carry (`http.advertise`; see there).
+    pub fn advertised(&self) -> Option<String> {
+        if !self.advertise.is_empty() {
+            return Some(self.advertise.clone());
+        }
+        let bind = self.bind_addr().ok()?;
+        (!bind.ip().is_unspecified() && bind.port() != 0).then(|| bind.to_string())
+    }
+}
+
 impl Validate for HttpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.bind_addr()?;
+        positive("http.gather_timeout_ms", self.gather_timeout_ms)?;
+        let advertise = &self.advertise;
+        // `host:port`: a name or address, then a port; what a URL's authority holds.
+        let well_formed = advertise.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+                && !advertise.contains(['/', ' ', '@', '?', '#'])
+        });
+        if !advertise.is_empty() && !well_formed {
+            return Err(invalid(
+                "http.advertise",
+                format!("{advertise:?} is not host:port (empty: http.bind)"),
+            ));
+        }
         self.ann.validate()?;
         self.multi_interest.validate()?;
         let token = &self.bearer_token;

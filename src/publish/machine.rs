@@ -793,6 +793,7 @@ impl Publication {
             row_ts: self.row_ts.clone(),
             changed: Some(update.changed()),
             codes,
+            scope: Some(self.scope.clone()),
         };
         Ok(Some(Built {
             prepared,

@@ -235,6 +235,7 @@ impl KafkaSink {
             let p = marker.partition.unwrap_or(0);
             let payload = VersionMarker {
                 deployment: Some(cfg.kafka.group_id.clone()),
+                http: cfg.http.advertised(),
                 ..marker
             }
             .encode();

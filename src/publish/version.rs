@@ -88,6 +88,10 @@ pub struct PublishedView {
     pub changed: Option<Vec<Tensor>>,
     /// `publish.format = "pq"`: the node rows as subscribers hold them, coded.
     pub codes: Option<ServedCodes>,
+    /// The partitions whose rows the version published (its instance owns them); the other
+    /// rows are this instance's copies of rows other owners publish. `None`: not known (a view
+    /// restored at start), taken as every partition.
+    pub scope: Option<Scope>,
 }
 
 /// The served version's node rows as its `pq` subscribers hold them: per node type the codes
@@ -297,6 +301,7 @@ pub fn build_delta_version(
         partitions: None,
         builds_on: req.builds_on,
         deployment: None,
+        http: None,
         gradients_applied: None,
         align: req.align.cloned(),
     };

@@ -91,6 +91,11 @@ pub struct VersionMarker {
     /// newest marker names another deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment: Option<String>,
+    /// Contract 3: the `host:port` of the publisher's HTTP server (`http.advertise`), which
+    /// answers `POST /v1/candidates` for the partition (`/v1/neighbors` of another instance
+    /// asks each partition's owner through it). Absent when the publisher advertises none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
     /// Contract 3, with the gradient exchange: per sender, the newest of its windows whose
     /// gradients for this partition the version's rows include (`topics/README.md`,
     /// "Gradients"). Absent when the owner applied none; readers that do not exchange
@@ -381,6 +386,7 @@ impl VersionMarker {
             partitions: None,
             builds_on: None,
             deployment: None,
+            http: None,
             gradients_applied: None,
             align: None,
         }
@@ -509,6 +515,7 @@ mod tests {
                 epoch: 2,
             }),
             deployment: Some("feeds".into()),
+            http: Some("10.0.0.5:8080".into()),
             gradients_applied: Some(
                 [(
                     "5e1d".to_owned(),
@@ -524,7 +531,7 @@ mod tests {
         let json = String::from_utf8(marker.encode()).unwrap();
         assert_eq!(
             json,
-            r#"{"contract":3,"version":12,"epoch":3,"rows":5,"partition":6,"partitions":8,"builds_on":{"version":11,"epoch":2},"deployment":"feeds","gradients_applied":{"5e1d":{"version":40,"epoch":7}}}"#
+            r#"{"contract":3,"version":12,"epoch":3,"rows":5,"partition":6,"partitions":8,"builds_on":{"version":11,"epoch":2},"deployment":"feeds","http":"10.0.0.5:8080","gradients_applied":{"5e1d":{"version":40,"epoch":7}}}"#
         );
         assert_eq!(VersionMarker::decode(json.as_bytes()), Ok(marker));
         // Contract 1 (no `contract`, no `builds_on`): still read.

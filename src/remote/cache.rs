@@ -75,6 +75,8 @@ pub struct RemotePartition {
     /// The newest version whose marker was read.
     pub newest_version: Option<u64>,
     pub rows: usize,
+    /// The owner's HTTP address, as the newest marker read names it (`null`: none advertised).
+    pub owner_http: Option<String>,
     /// How long the cached rows have lagged the owner's newest published version: the age of
     /// the oldest marker read that is newer than the applied one (0 when none is).
     pub lag_ms: i64,
@@ -110,6 +112,8 @@ struct Followed {
     /// the attempt held, by attempt), and what the held attempt's said.
     windows: BTreeMap<(u64, u64), Arc<GradientsApplied>>,
     includes: Option<Arc<GradientsApplied>>,
+    /// The newest marker read (its attempt) and the HTTP address it advertises.
+    owner_http: Option<((u64, u64), Option<String>)>,
 }
 
 impl Followed {
@@ -172,6 +176,22 @@ impl RemoteCache {
         })
     }
 
+    /// Of `partitions`, those followed whose newest marker read names its owner's HTTP address,
+    /// grouped by that address.
+    pub fn owners_of(&self, partitions: &[i32]) -> BTreeMap<String, Vec<i32>> {
+        let inner = self.inner.read();
+        let mut owners: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        for q in partitions {
+            let address = (inner.followed.get(q))
+                .and_then(|f| f.owner_http.as_ref())
+                .and_then(|(_, a)| a.clone());
+            if let Some(address) = address {
+                owners.entry(address).or_default().push(*q);
+            }
+        }
+        owners
+    }
+
     /// The partitions followed.
     pub fn followed(&self) -> BTreeSet<i32> {
         self.inner.read().followed.keys().copied().collect()
@@ -228,6 +248,13 @@ impl RemoteCache {
             };
             if let TopicRecord::Marker(m) = &record {
                 let attempt = (m.version, m.epoch);
+                if followed
+                    .owner_http
+                    .as_ref()
+                    .is_none_or(|(a, _)| attempt >= *a)
+                {
+                    followed.owner_http = Some((attempt, m.http.clone()));
+                }
                 if followed.held(q).is_none_or(|held| attempt > held) {
                     followed
                         .unapplied
@@ -313,6 +340,7 @@ impl RemoteCache {
                     epoch: held.map(|h| h.1),
                     newest_version: newest.map(|n| n.0),
                     rows: f.assembler.table().len(),
+                    owner_http: f.owner_http.as_ref().and_then(|(_, a)| a.clone()),
                     lag_ms,
                 }
             })
@@ -414,6 +442,43 @@ mod tests {
         cache.set_partitions(P);
         cache.follow(&partitions.iter().copied().collect());
         cache
+    }
+
+    /// `/v1/neighbors` asks each partition's owner at the address its newest marker names, even
+    /// one whose version is not whole yet (the owner, not its rows, is what is asked); an older
+    /// marker read later does not name it back.
+    #[test]
+    fn each_partitions_owner_is_found_at_the_address_its_newest_marker_names() {
+        let cache = cache_following(&[1, 2, 3]);
+        let with_http = |q: i32, version: u64, http: Option<&str>| {
+            let mut read = marker(q, version, 1, 0);
+            if let TopicRecord::Marker(m) = &mut read.record {
+                m.http = http.map(str::to_owned);
+            }
+            read
+        };
+        cache.feed(
+            vec![
+                with_http(1, 1, Some("10.0.0.1:8080")),
+                with_http(2, 1, Some("10.0.0.2:8080")),
+                with_http(2, 2, Some("10.0.0.1:8080")),
+                with_http(2, 1, Some("10.0.0.2:8080")),
+                with_http(3, 4, None),
+            ],
+            None,
+            0,
+        );
+        assert_eq!(
+            cache.owners_of(&[0, 1, 2, 3]),
+            [("10.0.0.1:8080".to_owned(), vec![1, 2])].into(),
+            "partition 0 is not followed, 3's owner advertises nothing"
+        );
+        let figures = cache.figures(0);
+        assert_eq!(
+            figures.followed[1].owner_http.as_deref(),
+            Some("10.0.0.1:8080")
+        );
+        assert_eq!(figures.followed[2].owner_http, None);
     }
 
     /// With the gradient exchange the trainer takes the rows each version applied live carried,

@@ -10,6 +10,7 @@ use crate::partition::partition_of;
 use crate::publish::{Codebooks, PublishedView};
 use crate::schema::RelId;
 use crate::schema::TypeId;
+use crate::serve::candidates::{best_where, Covers, Gather, GatherReport};
 use crate::serve::{AnnIndexes, ApiError, HttpState, DEFAULT_K, MAX_K};
 use crate::store::{GraphStore, NodeRef};
 use crate::train::{
@@ -30,7 +31,7 @@ fn row(t: &Tensor, index: i64) -> Option<Tensor> {
     (index < rows(t)).then(|| t.get(index))
 }
 
-fn resolve_type(store: &GraphStore, name: &str) -> Result<TypeId, ApiError> {
+pub(super) fn resolve_type(store: &GraphStore, name: &str) -> Result<TypeId, ApiError> {
     store
         .stored_schema()
         .node_types
@@ -236,6 +237,11 @@ pub struct NeighborsResponse {
     /// scores are then the mixture's log-probabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interests: Option<usize>,
+    /// With several instances, when a target type's index holds this instance's partitions
+    /// only: the other owners asked for theirs, and the partitions ranked here from this
+    /// instance's copies instead (no owner advertised, or it did not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gathered: Option<GatherReport>,
     /// Best first.
     pub neighbors: Vec<ScoredNode>,
 }
@@ -318,14 +324,27 @@ pub(super) async fn neighbor_ranking(
 /// What a ranking reads of the served version: shallow copies taken under the view's lock, so
 /// the scoring runs without it (requests rank in parallel; a new version can be published
 /// meanwhile).
-struct Served {
-    version: u64,
-    comparator: crate::train::Comparator,
+pub(super) struct Served {
+    pub(super) version: u64,
+    pub(super) comparator: crate::train::Comparator,
     relation: Tensor,
     /// Per target type: its table, target biases and, with `codes=true`, its codes.
     targets: Vec<(TypeId, Tensor, Option<Tensor>, Option<Tensor>)>,
     /// With `codes=true`: the codebooks of the targets' codes.
     codebooks: Option<Codebooks>,
+}
+
+impl Served {
+    /// A version's comparator alone, for scoring given queries against given rows.
+    pub(super) fn bare(version: u64, comparator: crate::train::Comparator) -> Served {
+        Served {
+            version,
+            comparator,
+            relation: Tensor::empty([0], (Kind::Float, tch::Device::Cpu)),
+            targets: Vec::new(),
+            codebooks: None,
+        }
+    }
 }
 
 /// The `k` best targets of `rel` for the node, scored by the served version with its comparator
@@ -382,18 +401,28 @@ fn rank_neighbors(
     let erased = store.erasures_since(0);
     // Interests are merged over every row: the mixture needs each interest's softmax.
     let ann = (state.serving.ann()).filter(|_| !req.exact && !req.codes && !interests);
-    let ranked = tch::no_grad(|| top_targets(&served, &sources, &erased, &known, req.k, ann))?;
+    let gather = Gather {
+        store,
+        remote: state.remote.as_deref(),
+        timeout: state.gather_timeout,
+        token: state.bearer_token.as_deref(),
+    };
+    let ranked =
+        tch::no_grad(|| top_targets(&served, &sources, &erased, &known, req.k, ann, &gather))?;
     let mut neighbors = Vec::with_capacity(ranked.hits.len());
     for (score, target) in ranked.hits {
-        let id = store.node_id(target)?.ok_or(ApiError::MissingId {
-            node_type: target.node_type,
-            index: target.index,
-        })?;
-        let type_name = &store.stored_schema().node_types[target.node_type as usize];
-        neighbors.push(ScoredNode {
-            node: format!("{type_name}:{id}"),
-            score,
-        });
+        let node = match target {
+            Hit::Row(target) => {
+                let id = store.node_id(target)?.ok_or(ApiError::MissingId {
+                    node_type: target.node_type,
+                    index: target.index,
+                })?;
+                let type_name = &store.stored_schema().node_types[target.node_type as usize];
+                format!("{type_name}:{id}")
+            }
+            Hit::Key(key) => key,
+        };
+        neighbors.push(ScoredNode { node, score });
     }
     Ok(NeighborsResponse {
         node: key,
@@ -409,6 +438,7 @@ fn rank_neighbors(
             .filter_map(|(_, share)| share.as_ref())
             .map(|s| s.size()[0] as usize)
             .max(),
+        gathered: ranked.gathered,
         neighbors,
     })
 }
@@ -505,10 +535,20 @@ fn take_served(
     ))
 }
 
-/// The best targets, and the oldest version of the indexes searched (`None`: none was).
+/// The best targets, the oldest version of the indexes searched (`None`: none was), and the
+/// other owners asked.
 struct Ranked {
-    hits: Vec<(f32, NodeRef)>,
+    hits: Vec<(f32, Hit)>,
     index_version: Option<u64>,
+    gathered: Option<GatherReport>,
+}
+
+/// A target: a row of this instance's served version, or a node another owner answered with.
+/// (Ordered for ties: this instance's rows first, by type and row, then other owners' by key.)
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Hit {
+    Row(NodeRef),
+    Key(String),
 }
 
 /// Best `k` of each target type, then merged: a best `k` overall is within the union. A type
@@ -517,7 +557,9 @@ struct Ranked {
 /// interest and merges them ([`mixture`]). Ties go to the lower type id, then the lower row.
 /// `sources` are per target type (as `served.targets`) the source's queries `[c, D]` (one, or
 /// one per interest) and, with interests, each one's share of the history `[c]`. `erased` nodes,
-/// and the `known` rows of each type, are never candidates.
+/// and the `known` rows of each type, are never candidates. An index that holds this instance's
+/// partitions only (several instances) gives their candidates; the other partitions' best come
+/// from their owners (`gather`), or from this instance's rows of them when no owner answers.
 fn top_targets(
     served: &Served,
     sources: &[(Tensor, Option<Tensor>)],
@@ -525,9 +567,11 @@ fn top_targets(
     known: &[Vec<i64>],
     k: usize,
     ann: Option<&AnnIndexes>,
+    gather: &Gather,
 ) -> Result<Ranked, ApiError> {
-    let mut hits = Vec::new();
+    let mut hits: Vec<(f32, Hit)> = Vec::new();
     let mut index_version: Option<u64> = None;
+    let mut gathered: Option<GatherReport> = None;
     let typed = served.targets.iter().zip(sources).zip(known);
     for (((t, candidates, bias, codes), (queries, share)), known) in typed {
         let t = *t;
@@ -537,6 +581,11 @@ fn top_targets(
             continue;
         }
         let gone = left_out(erased, known, t, n);
+        let target = Target {
+            candidates,
+            bias: bias.as_ref(),
+            codes: codes.as_ref(),
+        };
         // From the index: its candidates, re-scored below exactly like every row would be.
         let from_index = match ann.filter(|a| n as usize >= a.config().min_rows) {
             Some(ann) => {
@@ -550,6 +599,26 @@ fn top_targets(
                             index_version
                                 .map_or(found.index_version, |v| v.min(found.index_version)),
                         );
+                        // The partitions the index does not hold are their owners' to rank.
+                        if let Some((covered, of)) = &found.covered {
+                            let others: Vec<i32> =
+                                (0..*of as i32).filter(|q| !covered.contains(q)).collect();
+                            let report = gathered.get_or_insert_with(GatherReport::default);
+                            let others = Others {
+                                t,
+                                partitions: &others,
+                                of: *of,
+                            };
+                            hits.extend(gather_others(
+                                served,
+                                (&target, &translated, &query),
+                                &others,
+                                k,
+                                &gone,
+                                gather,
+                                report,
+                            )?);
+                        }
                         // An index a version behind may name rows the served version dropped.
                         Some(
                             found
@@ -564,36 +633,77 @@ fn top_targets(
             }
             None => None,
         };
-        let target = Target {
-            candidates,
-            bias: bias.as_ref(),
-            codes: codes.as_ref(),
-        };
         let scores = match &from_index {
             Some(picked) if picked.is_empty() => continue,
             Some(picked) => score_picked(served, &target, &translated, picked)?,
             None => score_every_row(served, &target, &translated, &gone, share.as_ref()),
         };
-        hits.extend(best_of(&scores, from_index.as_deref(), t, k)?);
+        hits.extend(
+            best_of(&scores, from_index.as_deref(), t, k)?
+                .into_iter()
+                .map(|(score, node)| (score, Hit::Row(node))),
+        );
     }
     hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     hits.truncate(k);
     Ok(Ranked {
         hits,
         index_version,
+        gathered,
     })
 }
 
+/// The partitions of type `t` an index does not hold, of `of`.
+struct Others<'a> {
+    t: TypeId,
+    partitions: &'a [i32],
+    of: u32,
+}
+
+/// The best `k` of `others` for the `query` (`translated`, as a tensor): from their owners
+/// (`gather`), and for those no owner answered for, from this instance's rows of `target`,
+/// scored exactly; the `gone` rows never.
+fn gather_others(
+    served: &Served,
+    (target, translated, query): (&Target, &Tensor, &[f32]),
+    others: &Others,
+    k: usize,
+    gone: &[i64],
+    gather: &Gather,
+    report: &mut GatherReport,
+) -> Result<Vec<(f32, Hit)>, ApiError> {
+    let found = gather.ask(others.t, query, k, gone, others.partitions)?;
+    let mut hits: Vec<(f32, Hit)> = (found.hits.into_iter())
+        .map(|(score, key)| (score, Hit::Key(key)))
+        .collect();
+    report.owners.extend(found.owners);
+    if found.unanswered.is_empty() {
+        return Ok(hits);
+    }
+    let covers = Covers::new(gather.store, others.t, &found.unanswered, others.of);
+    let scores = score_every_row(served, target, translated, gone, None);
+    let local = best_where(&scores, k, |i| covers.row(i).then_some(i))?;
+    hits.extend(local.into_iter().map(|(score, row)| {
+        let node = NodeRef {
+            node_type: others.t,
+            index: row as u32,
+        };
+        (score, Hit::Row(node))
+    }));
+    report.local.extend(found.unanswered);
+    Ok(hits)
+}
+
 /// One target type as [`Served`] holds it: its rows, target biases and codes.
-struct Target<'a> {
-    candidates: &'a Tensor,
-    bias: Option<&'a Tensor>,
-    codes: Option<&'a Tensor>,
+pub(super) struct Target<'a> {
+    pub(super) candidates: &'a Tensor,
+    pub(super) bias: Option<&'a Tensor>,
+    pub(super) codes: Option<&'a Tensor>,
 }
 
 /// The rows of a type of `n` rows that are never candidates, sorted: the `erased` nodes of type
 /// `t` and the `known` rows.
-fn left_out(erased: &[NodeRef], known: &[i64], t: TypeId, n: i64) -> Vec<i64> {
+pub(super) fn left_out(erased: &[NodeRef], known: &[i64], t: TypeId, n: i64) -> Vec<i64> {
     let mut gone: Vec<i64> = erased
         .iter()
         .filter(|e| e.node_type == t && i64::from(e.index) < n)
@@ -606,7 +716,7 @@ fn left_out(erased: &[NodeRef], known: &[i64], t: TypeId, n: i64) -> Vec<i64> {
 }
 
 /// The index's candidates `picked` scored exactly, as every row would be (`[picked]`).
-fn score_picked(
+pub(super) fn score_picked(
     served: &Served,
     target: &Target,
     translated: &Tensor,
@@ -627,7 +737,7 @@ fn score_picked(
 
 /// Every row scored (from the codes when the request asked for them), the `gone` rows at −∞;
 /// with interests (even one) the mixture's log-probabilities over the queries' scores.
-fn score_every_row(
+pub(super) fn score_every_row(
     served: &Served,
     target: &Target,
     translated: &Tensor,

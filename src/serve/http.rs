@@ -27,6 +27,7 @@ use crate::align::AlignStatus;
 use crate::ingest::IngestStatus;
 use crate::publish::PublishStatus;
 use crate::schema::TypeId;
+use crate::serve::candidates::owned_candidates;
 use crate::serve::embeddings::{embedding_row, neighbor_ranking};
 use crate::serve::status::status_doc;
 use crate::serve::{RateWindow, ServingView};
@@ -59,8 +60,11 @@ pub struct HttpState {
     pub remote: Option<Arc<crate::remote::RemoteCache>>,
     /// The gradient exchange's counters (`remote.exchange_gradients`); `None` when off.
     pub exchange: Option<Arc<crate::exchange::GradientInbox>>,
-    /// `http.bearer_token`; `None`: no authentication.
+    /// `http.bearer_token`; `None`: no authentication. (Also what this instance presents to
+    /// the other owners it asks for candidates: one deployment, one token.)
     pub bearer_token: Option<String>,
+    /// `http.gather_timeout_ms`: how long `/v1/neighbors` waits for another owner.
+    pub gather_timeout: std::time::Duration,
     /// Samples of the consumed counter behind the recent ingest rate in `/v1/status`.
     pub rate: Mutex<RateWindow>,
     /// `[train]`: `/v1/neighbors` adds a history-type source's recent targets
@@ -104,9 +108,13 @@ pub fn app(
     // matches answer in the API's JSON error form too.
     let query =
         web::QueryConfig::default().error_handler(|e, _| ApiError::BadQuery(e.to_string()).into());
+    let body = web::JsonConfig::default()
+        .limit(MAX_BODY_BYTES)
+        .error_handler(|e, _| ApiError::BadBody(e.to_string()).into());
     App::new()
         .app_data(state)
         .app_data(query)
+        .app_data(body)
         .default_service(web::to(no_route))
         .wrap(from_fn(require_bearer))
         .service(healthz)
@@ -115,7 +123,12 @@ pub fn app(
         .service(status_doc)
         .service(embedding_row)
         .service(neighbor_ranking)
+        .service(owned_candidates)
 }
+
+/// The largest JSON body a request may carry (a `POST /v1/candidates` query vector with its
+/// excluded nodes).
+pub(crate) const MAX_BODY_BYTES: usize = 4 << 20;
 
 /// What a request can fail with; the response is `{"error": <message>, "code": <code>}`.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +164,8 @@ pub(crate) enum ApiError {
     Cancelled,
     #[error("query string: {0}")]
     BadQuery(String),
+    #[error("request body: {0}")]
+    BadBody(String),
     #[error("no route {method} {path}")]
     NoRoute { method: String, path: String },
 }
@@ -171,7 +186,9 @@ impl ApiError {
             ApiError::NodeNotServed { .. } => "node_not_served",
             ApiError::RelationNotServed { .. } => "relation_not_served",
             ApiError::NoVersion => "no_version",
-            ApiError::BadParam { .. } | ApiError::BadQuery(_) => "bad_parameter",
+            ApiError::BadParam { .. } | ApiError::BadQuery(_) | ApiError::BadBody(_) => {
+                "bad_parameter"
+            }
             ApiError::NoRoute { .. } => "not_found",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Store(_) | ApiError::MissingId { .. } => "store",
@@ -190,7 +207,9 @@ impl ResponseError for ApiError {
             | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::Erased(_) => StatusCode::GONE,
             ApiError::NoVersion => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::BadParam { .. } | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadParam { .. } | ApiError::BadQuery(_) | ApiError::BadBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Store(_)
             | ApiError::MissingId { .. }

@@ -101,6 +101,7 @@ fn view() -> PublishedView {
         row_ts: vec![vec![1_732_190_000_123, 200], vec![], vec![]],
         changed: None,
         codes: None,
+        scope: None,
     }
 }
 
@@ -123,6 +124,7 @@ fn state(store: Arc<GraphStore>, serving: ServingView, token: Option<&str>) -> H
         remote: None,
         exchange: None,
         bearer_token: token.map(Into::into),
+        gather_timeout: std::time::Duration::from_millis(500),
         rate: Mutex::default(),
         train: None,
         multi_interest: default_section(&["http", "multi_interest"]),
@@ -430,6 +432,7 @@ async fn neighbors_search_the_index_above_its_size_and_score_exactly() {
         row_ts: Vec::new(),
         changed: None,
         codes: None,
+        scope: None,
     };
     let mut cfg: crate::config::AnnConfig =
         toml::from_str::<toml::Table>(include_str!("../../config/default.toml")).unwrap()["http"]
@@ -438,7 +441,7 @@ async fn neighbors_search_the_index_above_its_size_and_score_exactly() {
             .try_into()
             .unwrap();
     (cfg.enabled, cfg.min_rows) = (true, 1000);
-    let serving = ServingView::with_ann(&cfg).unwrap();
+    let serving = ServingView::with_ann(&cfg, None).unwrap();
     serving.publish(view);
     assert!(serving.ann().unwrap().wait_for(3, Duration::from_secs(60)));
     let dir = tempfile::tempdir().unwrap();
@@ -959,4 +962,226 @@ async fn embeddings_of_nodes_owned_elsewhere_come_from_the_remote_cache() {
         (&body["source"], &body["version"]),
         (&json!("local"), &json!(7))
     );
+}
+
+/// Two instances, each owning one of two partitions and serving the movies of its own.
+struct TwoOwners {
+    /// Per instance: its store (and folder), its served view (indexed, scoped to its
+    /// partition).
+    _dirs: [tempfile::TempDir; 2],
+    stores: [Arc<GraphStore>; 2],
+    serving: [ServingView; 2],
+    /// The partition each owns.
+    partition: [i32; 2],
+    /// Per instance: its movie rows (`[n, dim]`, row-major).
+    movies: [Vec<f32>; 2],
+}
+
+const GATHER_MOVIES: usize = 3000;
+const GATHER_DIM: i64 = 8;
+
+/// u1's query for `rated_high` in every view below: its row (0.5 each) plus the relation (0.1).
+const GATHER_QUERY: f32 = 0.6;
+
+impl TwoOwners {
+    /// Movies scored by their sum; the second owner's copy of the movie `boosted` (in its
+    /// partition) is far ahead of every other, while the first's copy of it is ordinary.
+    fn new(boosted: usize) -> TwoOwners {
+        use crate::partition::Owned;
+        use rand::{Rng, SeedableRng};
+        let (n, dim) = (GATHER_MOVIES, GATHER_DIM as usize);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(29);
+        let base: Vec<f32> = (0..n * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut second = base.clone();
+        second[boosted * dim..(boosted + 1) * dim].fill(5.0);
+        let partition = [
+            crate::partition::partition_of(format!("movie:m{boosted}").as_bytes(), 2) as i32 ^ 1,
+            crate::partition::partition_of(format!("movie:m{boosted}").as_bytes(), 2) as i32,
+        ];
+        let mut cfg: crate::config::AnnConfig = default_section(&["http", "ann"]);
+        (cfg.enabled, cfg.min_rows) = (true, 1000);
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let stores = [0, 1].map(|i| many_movies(dirs[i].path(), n));
+        let serving = [0, 1].map(|i| {
+            let movies = if i == 0 { &base } else { &second };
+            let serving = ServingView::with_ann(&cfg, Some(stores[i].clone())).unwrap();
+            serving.publish(PublishedView {
+                version: 5 + i as u64,
+                epoch: 1,
+                comparator: Comparator::Dot,
+                tables: vec![
+                    Tensor::from_slice(&[0.5f32; 16]).reshape([2, GATHER_DIM]),
+                    Tensor::from_slice(movies).reshape([n as i64, GATHER_DIM]),
+                    Tensor::zeros([0, GATHER_DIM], (tch::Kind::Float, tch::Device::Cpu)),
+                ],
+                relations: Tensor::from_slice(&[0.1f32; 24]).reshape([3, GATHER_DIM]),
+                biases: Vec::new(),
+                row_ts: Vec::new(),
+                changed: None,
+                codes: None,
+                scope: Some(crate::publish::Scope::owned(
+                    2,
+                    &Owned {
+                        generation: 1,
+                        partitions: vec![partition[i]],
+                    },
+                )),
+            });
+            assert!(serving
+                .ann()
+                .unwrap()
+                .wait_for(5 + i as u64, Duration::from_secs(60)));
+            serving
+        });
+        TwoOwners {
+            _dirs: dirs,
+            stores,
+            serving,
+            partition,
+            movies: [base, second],
+        }
+    }
+
+    /// The exact best `k` for u1 (its known targets m0..m4 left out when `exclude_known`): each
+    /// movie scored with its owner's row (`from_owners`), or with the first instance's.
+    fn expected(&self, k: usize, exclude_known: bool, from_owners: bool) -> Vec<(String, f32)> {
+        let dim = GATHER_DIM as usize;
+        let mut all: Vec<(String, f32)> = (0..GATHER_MOVIES)
+            .filter(|&m| !(exclude_known && m < 5))
+            .map(|m| {
+                let key = format!("movie:m{m}");
+                let owner = (from_owners
+                    && crate::partition::partition_of(key.as_bytes(), 2) as i32
+                        == self.partition[1]) as usize;
+                let row = &self.movies[owner][m * dim..(m + 1) * dim];
+                (key, row.iter().map(|x| GATHER_QUERY * x).sum())
+            })
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1));
+        all.truncate(k);
+        all
+    }
+
+    /// The first instance's state, following the second's partition, whose newest marker names
+    /// `address`.
+    fn first(&self, address: &str) -> HttpState {
+        use crate::publish::{TopicRecord, VersionMarker};
+        use crate::remote::{RemoteCache, TopicRead};
+        let mut st = state(self.stores[0].clone(), self.serving[0].clone(), None);
+        let cache = RemoteCache::new(10_000);
+        cache.set_partitions(2);
+        cache.follow(&[self.partition[1]].into());
+        let mut marker = VersionMarker::for_partition(6, 1, 0, self.partition[1], 2);
+        marker.http = Some(address.to_owned());
+        let read = TopicRead {
+            record: TopicRecord::Marker(marker),
+            timestamp_ms: None,
+        };
+        cache.feed(vec![read], None, 0);
+        st.remote = Some(Arc::new(cache));
+        st
+    }
+}
+
+/// With two instances each index holds its owner's partition: `/v1/neighbors` ranks its own
+/// candidates and asks the other owner (`POST /v1/candidates`, found at the address its marker
+/// names) for the best of its partition, scored with that owner's rows; with the owner out of
+/// reach, it ranks that partition from its own copies and says so.
+#[actix_web::test]
+async fn neighbors_gather_the_other_partitions_from_their_owners() {
+    let boosted = 11;
+    let two = TwoOwners::new(boosted);
+    // The second instance, listening.
+    let second = Arc::new(state(two.stores[1].clone(), two.serving[1].clone(), None));
+    let (server, address) = start("127.0.0.1:0".parse().unwrap(), second).unwrap();
+    let app = init_service(app(web::Data::new(two.first(&address.to_string())))).await;
+    let get = |q: &str| request(&format!("/v1/neighbors/user/u1?rel=rated_high&{q}"), None);
+    for exclude_known in [false, true] {
+        let q = format!("k=10&exclude_known={exclude_known}");
+        let (code, body) = call(&app, get(&q).to_request()).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+        assert_eq!(r.method, RankMethod::Ann);
+        let gathered = r.gathered.expect("the other partition was gathered");
+        assert_eq!(gathered.local, Vec::<i32>::new());
+        assert_eq!(gathered.owners.len(), 1);
+        let owner = &gathered.owners[0];
+        assert_eq!(
+            (
+                &owner.address,
+                &owner.partitions,
+                owner.version,
+                &owner.error
+            ),
+            (
+                &address.to_string(),
+                &vec![two.partition[1]],
+                Some(6),
+                &None
+            )
+        );
+        let got: Vec<(String, f32)> = (r.neighbors.iter())
+            .map(|n| (n.node.clone(), n.score))
+            .collect();
+        let want = two.expected(10, exclude_known, true);
+        assert_eq!(got.len(), 10);
+        for ((g, gs), (w, ws)) in got.iter().zip(&want) {
+            assert_eq!(g, w, "{q}: {got:?}");
+            assert!((gs - ws).abs() < 1e-4, "{q}: {g} {gs} {ws}");
+        }
+        assert_eq!(got[0].0, format!("movie:m{boosted}"), "the owner's row");
+    }
+    // The owner's side, asked directly: its partition only, best first; a query of the wrong
+    // dimension is refused by name.
+    let post = |body: serde_json::Value| {
+        let agent = ureq::AgentBuilder::new().build();
+        agent
+            .post(&format!("http://{address}/v1/candidates/movie"))
+            .send_json(body)
+            .map_err(Box::new)
+    };
+    let answer: CandidatesResponse = post(serde_json::json!({
+        "vector": vec![GATHER_QUERY; 8], "k": 3, "exclude": [format!("movie:m{boosted}")]
+    }))
+    .unwrap()
+    .into_json()
+    .unwrap();
+    assert_eq!((answer.partitions, answer.of), (vec![two.partition[1]], 2));
+    assert_eq!(answer.candidates.len(), 3);
+    assert!(answer.candidates.iter().all(|c| {
+        c.node != format!("movie:m{boosted}")
+            && crate::partition::partition_of(c.node.as_bytes(), 2) as i32 == two.partition[1]
+    }));
+    assert!(answer
+        .candidates
+        .windows(2)
+        .all(|w| w[0].score >= w[1].score));
+    match post(serde_json::json!({"vector": [1.0, 2.0], "k": 3})).map_err(|e| *e) {
+        Err(ureq::Error::Status(400, r)) => {
+            let body: serde_json::Value = r.into_json().unwrap();
+            assert!(
+                body["error"].as_str().unwrap().contains("`vector`"),
+                "{body}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // The owner gone: its partition is ranked from this instance's copies (the boosted movie
+    // is ordinary there).
+    server.stop(true).await;
+    let (code, body) = call(&app, get("k=10").to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+    let gathered = r.gathered.unwrap();
+    assert_eq!(gathered.local, vec![two.partition[1]]);
+    assert!(gathered.owners[0].error.is_some());
+    let got: Vec<(String, f32)> = (r.neighbors.iter())
+        .map(|n| (n.node.clone(), n.score))
+        .collect();
+    let want = two.expected(10, false, false);
+    assert!(want.iter().all(|(k, _)| k != &format!("movie:m{boosted}")));
+    for ((g, gs), (w, ws)) in got.iter().zip(&want) {
+        assert_eq!(g, w, "{got:?}");
+        assert!((gs - ws).abs() < 1e-4, "{g} {gs} {ws}");
+    }
 }

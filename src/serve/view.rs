@@ -18,6 +18,7 @@ use arc_swap::ArcSwapOption;
 
 use crate::config::AnnConfig;
 use crate::publish::PublishedView;
+use crate::serve::ann::RowPartitions;
 use crate::serve::{AnnHandle, AnnIndexes};
 
 /// A committed version as served: never written after publication.
@@ -49,10 +50,15 @@ impl ServingView {
     }
 
     /// A view whose versions are also indexed for `/v1/neighbors` (`[http.ann]`; none when
-    /// disabled). The indexes' updater thread stops when the last clone is dropped.
-    pub fn with_ann(cfg: &AnnConfig) -> std::io::Result<ServingView> {
+    /// disabled). The indexes' updater thread stops when the last clone is dropped. `rows_of`
+    /// (the store): where rows' partitions come from, so that a version that covers some
+    /// partitions only is indexed for those alone (`None`: every row is).
+    pub fn with_ann(
+        cfg: &AnnConfig,
+        rows_of: Option<Arc<dyn RowPartitions>>,
+    ) -> std::io::Result<ServingView> {
         let ann = match cfg.enabled {
-            true => Some(Arc::new(AnnIndexes::start(cfg.clone())?)),
+            true => Some(Arc::new(AnnIndexes::start(cfg.clone(), rows_of)?)),
             false => None,
         };
         Ok(ServingView {
@@ -71,6 +77,7 @@ impl ServingView {
                 &view.tables,
                 &view.biases,
                 view.changed.as_deref(),
+                view.scope.as_ref(),
             );
         }
         self.current.store(Some(Arc::new(Committed(view))));

@@ -96,6 +96,31 @@ impl GraphStore {
         Ok(self.graph().nodes.id(node).map(str::to_owned))
     }
 
+    /// The partition (of `partitions`, [`crate::partition::partition_of`] on the node's key
+    /// `type:id`) of each node of type `node_type` with an index in `from..to`, under one read
+    /// of the graph; `None` past the type's nodes.
+    pub fn partitions_of(
+        &self,
+        node_type: TypeId,
+        from: u32,
+        to: u32,
+        partitions: u32,
+    ) -> Vec<Option<i32>> {
+        let type_name = &self.schema.node_types[node_type as usize];
+        let graph = self.graph();
+        let mut key = Vec::new();
+        (from..to)
+            .map(|index| {
+                let id = graph.nodes.id(NodeRef { node_type, index })?;
+                key.clear();
+                key.extend_from_slice(type_name.as_bytes());
+                key.push(b':');
+                key.extend_from_slice(id.as_bytes());
+                Some(crate::partition::partition_of(&key, partitions) as i32)
+            })
+            .collect()
+    }
+
     fn graph(&self) -> parking_lot::RwLockReadGuard<'_, Graph> {
         self.graph.read()
     }

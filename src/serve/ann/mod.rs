@@ -30,6 +30,16 @@
 //! type reaches `min_rows` with, a version without a record of its changed rows (the one
 //! restored at start), a change of comparator, dimension or bias.
 //!
+//! With several instances (a version that covers some partitions only, `PublishedView::scope`)
+//! an index holds only the rows of the partitions its version covers: the rows this instance
+//! owns and publishes. Its other rows are copies of what other owners publish and index, and
+//! indexing them too would make every instance build, update and hold an index of the whole
+//! graph (measured: docs/measurements.md, "Throughput with a CPU cap per instance").
+//! `/v1/neighbors` asks the other owners for theirs ([`Candidates::covered`]). Which partition a
+//! row belongs to is its node key's ([`RowPartitions`]), looked up once per row and kept, so an
+//! update still costs its changed rows; a version that covers other partitions than the index
+//! holds builds it again.
+//!
 //! Memory: the index keeps its own copy of the rows (f16 by default: half the served f32 rows)
 //! and its links; the updater holds shallow copies of the version it indexes, so while an update
 //! runs the served version before the newest stays alive (one more copy of the tables, for the
@@ -52,12 +62,27 @@ use tch::{Kind, Tensor};
 use tracing::warn;
 
 use crate::config::AnnConfig;
+use crate::publish::Scope;
 use crate::schema::TypeId;
+use crate::store::GraphStore;
 use crate::train::Comparator;
 
 use reduction::Reduction;
 use type_index::TypeIndex;
-use updater::{Counters, Inbox, Submitted};
+use updater::{Counters, Inbox, RowOwners, Submitted};
+
+/// Where the partition of each row of a node type comes from: its node's key.
+pub trait RowPartitions: Send + Sync {
+    /// The partition (of `partitions`) of rows `from..to` of type `t`; `None` for a row without
+    /// a node.
+    fn partitions_of(&self, t: TypeId, from: u32, to: u32, partitions: u32) -> Vec<Option<i32>>;
+}
+
+impl RowPartitions for GraphStore {
+    fn partitions_of(&self, t: TypeId, from: u32, to: u32, partitions: u32) -> Vec<Option<i32>> {
+        GraphStore::partitions_of(self, t, from, to, partitions)
+    }
+}
 
 /// What an index operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +125,11 @@ pub struct AnnFigures {
 pub struct AnnTypeFigures {
     pub node_type: TypeId,
     pub version: u64,
+    /// Rows the index holds.
     pub rows: u64,
+    /// The partitions whose rows it holds (`null`: every row of the type).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Vec<i32>>,
     /// The index's bytes: measured after each build, then grown by the bytes a row took at the
     /// last measure for each row an update adds (an estimate until the next build; measuring
     /// walks every node and is only safe on the updater's thread).
@@ -115,6 +144,10 @@ pub struct AnnIndexes {
     inbox: Mutex<Inbox>,
     wake: Condvar,
     counters: Counters,
+    /// `None`: every index holds every row, whatever a version covers.
+    rows_of: Option<Arc<dyn RowPartitions>>,
+    /// The partition of each row looked up so far (the updater's alone).
+    owners: Mutex<RowOwners>,
 }
 
 /// Candidates for one target type: row indices (ascending, distinct).
@@ -122,18 +155,27 @@ pub struct Candidates {
     pub rows: Vec<i64>,
     /// The served version the index reflects.
     pub index_version: u64,
+    /// The partitions whose rows the index holds (of `partitions`): the candidates of the
+    /// others are their owners' to give. `None`: every row.
+    pub covered: Option<(Vec<i32>, u32)>,
 }
 
 impl AnnIndexes {
     /// The indexes, with their updater thread started; it stops when the returned handle is
-    /// dropped.
-    pub fn start(cfg: AnnConfig) -> std::io::Result<AnnHandle> {
+    /// dropped. `rows_of`: where rows' partitions come from, so that an index holds only the
+    /// partitions its version covers (`None`: every row).
+    pub fn start(
+        cfg: AnnConfig,
+        rows_of: Option<Arc<dyn RowPartitions>>,
+    ) -> std::io::Result<AnnHandle> {
         let shared = Arc::new(AnnIndexes {
             cfg,
             types: RwLock::new(Vec::new()),
             inbox: Mutex::default(),
             wake: Condvar::new(),
             counters: Counters::default(),
+            rows_of,
+            owners: Mutex::default(),
         });
         let worker = shared.clone();
         let nice = shared.cfg.updater_nice;
@@ -154,7 +196,8 @@ impl AnnIndexes {
     }
 
     /// Hand a committed version to the updater (never waits for it). `changed`: per type, the
-    /// row indices the version published (`None`: not known, index every row).
+    /// row indices the version published (`None`: not known, index every row); `scope`: the
+    /// partitions it covers (`None`: every one).
     pub fn submit(
         &self,
         version: u64,
@@ -162,6 +205,7 @@ impl AnnIndexes {
         tables: &[Tensor],
         biases: &[Option<Tensor>],
         changed: Option<&[Tensor]>,
+        scope: Option<&Scope>,
     ) {
         let changed = changed.map(|c| {
             c.iter()
@@ -177,6 +221,7 @@ impl AnnIndexes {
                 .map(|b| b.as_ref().map(Tensor::shallow_clone))
                 .collect(),
             changed,
+            scope: scope.filter(|s| !s.is_whole()).cloned(),
         };
         let mut inbox = self.inbox.lock();
         inbox.next = Some(match inbox.next.take() {
@@ -236,6 +281,7 @@ impl AnnIndexes {
                     Candidates {
                         rows,
                         index_version,
+                        covered: ix.scope.clone(),
                     }
                 }),
         )
@@ -257,7 +303,8 @@ impl AnnIndexes {
                 ix.as_ref().map(|ix| AnnTypeFigures {
                     node_type: t as TypeId,
                     version: ix.version.load(Ordering::Acquire),
-                    rows: ix.rows.load(Ordering::Acquire) as u64,
+                    rows: ix.index.size() as u64,
+                    partitions: ix.scope.as_ref().map(|(covered, _)| covered.clone()),
                     memory_bytes: ix.memory.load(Ordering::Relaxed) as u64,
                 })
             })

@@ -116,9 +116,16 @@ fn the_index_finds_the_exact_top_ten() {
     let (n, dim) = (4000, 16);
     let flat = clustered(&mut rng, n, dim);
     let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5..0.5)).collect();
-    let ann = AnnIndexes::start(config(1000)).unwrap();
+    let ann = AnnIndexes::start(config(1000), None).unwrap();
     let b = Tensor::from_slice(&bias);
-    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[Some(b)], None);
+    ann.submit(
+        1,
+        Comparator::Dot,
+        &[table(&flat, dim)],
+        &[Some(b)],
+        None,
+        None,
+    );
     assert!(ann.wait_for(1, Duration::from_secs(60)));
     assert_eq!(ann.figures().last_error, None);
     let mut total = 0.0;
@@ -139,8 +146,8 @@ fn versions_replace_moved_rows_and_add_new_ones_without_a_rebuild() {
     let mut rng = SmallRng::seed_from_u64(5);
     let (n, dim) = (3000, 8);
     let mut flat = clustered(&mut rng, n, dim);
-    let ann = AnnIndexes::start(config(1000)).unwrap();
-    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None);
+    let ann = AnnIndexes::start(config(1000), None).unwrap();
+    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None, None);
     assert!(ann.wait_for(1, Duration::from_secs(60)));
     // Version 2: row 17 turns to a direction nothing else has, and 10 rows are new.
     let q: Vec<f32> = (0..dim).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect();
@@ -163,7 +170,7 @@ fn versions_replace_moved_rows_and_add_new_ones_without_a_rebuild() {
     assert!(found.rows.contains(&(n as i64 + 3)) && !found.rows.contains(&17));
     assert_eq!(found.index_version, 2);
     // A version without its changes recorded is indexed anew.
-    ann.submit(3, Comparator::Dot, &[table(&flat, dim)], &[], None);
+    ann.submit(3, Comparator::Dot, &[table(&flat, dim)], &[], None, None);
     assert!(ann.wait_for(3, Duration::from_secs(60)));
     assert_eq!(ann.figures().builds, 2);
 }
@@ -173,12 +180,15 @@ fn a_row_is_replaced_once_it_moved_past_the_threshold_from_the_copy_held() {
     let mut rng = SmallRng::seed_from_u64(19);
     let (n, dim) = (2000, 8);
     let mut flat = clustered(&mut rng, n, dim);
-    let ann = AnnIndexes::start(AnnConfig {
-        reindex_threshold: 0.1,
-        ..config(1000)
-    })
+    let ann = AnnIndexes::start(
+        AnnConfig {
+            reindex_threshold: 0.1,
+            ..config(1000)
+        },
+        None,
+    )
     .unwrap();
-    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None);
+    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None, None);
     assert!(ann.wait_for(1, Duration::from_secs(60)));
     let scale = |flat: &mut [f32], row: usize, by: f32| {
         for x in &mut flat[row * dim..(row + 1) * dim] {
@@ -213,15 +223,18 @@ fn a_row_is_replaced_once_it_moved_past_the_threshold_from_the_copy_held() {
 
 #[test]
 fn the_updater_runs_at_the_configured_nice_value() {
-    let ann = AnnIndexes::start(AnnConfig {
-        updater_nice: 7,
-        ..config(1000)
-    })
+    let ann = AnnIndexes::start(
+        AnnConfig {
+            updater_nice: 7,
+            ..config(1000)
+        },
+        None,
+    )
     .unwrap();
     // The updater has started once it has indexed a version.
     let mut rng = SmallRng::seed_from_u64(23);
     let flat = clustered(&mut rng, 1200, 4);
-    ann.submit(1, Comparator::Dot, &[table(&flat, 4)], &[], None);
+    ann.submit(1, Comparator::Dot, &[table(&flat, 4)], &[], None, None);
     assert!(ann.wait_for(1, Duration::from_secs(60)));
     // Field 19 of a thread's stat is its nice value (counted after the name's closing paren).
     let nices: Vec<i64> = std::fs::read_dir("/proc/self/task")
@@ -260,8 +273,8 @@ fn searches_during_updates_name_only_indexed_rows() {
     let mut rng = SmallRng::seed_from_u64(13);
     let (n, dim) = (2000, 8);
     let mut flat = clustered(&mut rng, n, dim);
-    let ann = AnnIndexes::start(config(1000)).unwrap();
-    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None);
+    let ann = AnnIndexes::start(config(1000), None).unwrap();
+    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None, None);
     assert!(ann.wait_for(1, Duration::from_secs(60)));
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -305,6 +318,7 @@ fn apply_version(ann: &AnnIndexes, v: u64, flat: &[f32], dim: usize, changed: &[
         &[table(flat, dim)],
         &[],
         Some(&[changed]),
+        None,
     );
     assert!(ann.wait_for(v, Duration::from_secs(60)));
 }
@@ -316,8 +330,8 @@ fn figures_are_safe_while_the_index_grows() {
     let mut rng = SmallRng::seed_from_u64(17);
     let dim = 8;
     let mut flat = clustered(&mut rng, 1500, dim);
-    let ann = AnnIndexes::start(config(1000)).unwrap();
-    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None);
+    let ann = AnnIndexes::start(config(1000), None).unwrap();
+    ann.submit(1, Comparator::Dot, &[table(&flat, dim)], &[], None, None);
     assert!(ann.wait_for(1, Duration::from_secs(60)));
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -344,18 +358,18 @@ fn figures_are_safe_while_the_index_grows() {
 fn small_types_and_l1_have_no_index() {
     let mut rng = SmallRng::seed_from_u64(9);
     let flat = clustered(&mut rng, 500, 4);
-    let ann = AnnIndexes::start(config(1000)).unwrap();
-    ann.submit(1, Comparator::Dot, &[table(&flat, 4)], &[], None);
+    let ann = AnnIndexes::start(config(1000), None).unwrap();
+    ann.submit(1, Comparator::Dot, &[table(&flat, 4)], &[], None, None);
     assert!(ann.wait_for(1, Duration::from_secs(60)));
     assert!(ann
         .search(0, Comparator::Dot, false, &[1.0; 4], 5, |_| true)
         .is_none());
-    let ann = AnnIndexes::start(config(100)).unwrap();
-    ann.submit(1, Comparator::L1, &[table(&flat, 4)], &[], None);
+    let ann = AnnIndexes::start(config(100), None).unwrap();
+    ann.submit(1, Comparator::L1, &[table(&flat, 4)], &[], None, None);
     assert!(ann.wait_for(1, Duration::from_secs(60)));
     assert!(ann.figures().types.is_empty());
     // An index built for dot is not used to answer for another comparator.
-    ann.submit(2, Comparator::Dot, &[table(&flat, 4)], &[], None);
+    ann.submit(2, Comparator::Dot, &[table(&flat, 4)], &[], None, None);
     assert!(ann.wait_for(2, Duration::from_secs(60)));
     assert!(ann
         .search(0, Comparator::Cos, false, &[1.0; 4], 5, |_| true)
@@ -373,6 +387,7 @@ fn versions_waiting_together_carry_the_changes_of_both() {
         tables: Vec::new(),
         biases: Vec::new(),
         changed,
+        scope: None,
     };
     let merged = sub(1, Some(vec![vec![1, 2], vec![]]))
         .followed_by(sub(2, Some(vec![vec![2, 5], vec![7], vec![9]])));
@@ -383,4 +398,127 @@ fn versions_waiting_together_carry_the_changes_of_both() {
     );
     assert_eq!(sub(1, None).followed_by(sub(2, Some(vec![]))).changed, None);
     assert_eq!(sub(1, Some(vec![])).followed_by(sub(2, None)).changed, None);
+}
+
+/// Rows of partition `row % 3` (of 3), counting how many lookups were asked for.
+#[derive(Default)]
+struct ModuloPartitions {
+    looked_up: std::sync::atomic::AtomicUsize,
+}
+
+impl RowPartitions for ModuloPartitions {
+    fn partitions_of(&self, _t: TypeId, from: u32, to: u32, partitions: u32) -> Vec<Option<i32>> {
+        self.looked_up
+            .fetch_add((to - from) as usize, std::sync::atomic::Ordering::Relaxed);
+        (from..to).map(|i| Some((i % partitions) as i32)).collect()
+    }
+}
+
+/// With several instances a version covers some partitions: the index holds their rows only,
+/// says so with every search, takes only their new and changed rows, looks each row's partition
+/// up once, and is built again for a version that covers other partitions.
+#[test]
+fn an_index_holds_the_rows_of_the_partitions_its_version_covers() {
+    use crate::partition::Owned;
+    let mut rng = SmallRng::seed_from_u64(23);
+    let (n, dim) = (3000, 8);
+    let mut flat = clustered(&mut rng, n, dim);
+    let rows_of = Arc::new(ModuloPartitions::default());
+    let ann = AnnIndexes::start(config(1000), Some(rows_of.clone())).unwrap();
+    let scope = |partitions: Vec<i32>| {
+        Scope::owned(
+            3,
+            &Owned {
+                generation: 1,
+                partitions,
+            },
+        )
+    };
+    let (mine, mine_too) = (scope(vec![1]), scope(vec![0, 2]));
+    ann.submit(
+        1,
+        Comparator::Dot,
+        &[table(&flat, dim)],
+        &[],
+        None,
+        Some(&mine),
+    );
+    assert!(ann.wait_for(1, Duration::from_secs(60)));
+    let q: Vec<f32> = (0..dim).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect();
+    let found = ann
+        .search(0, Comparator::Dot, false, &q, 50, |_| true)
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.covered, Some((vec![1], 3)));
+    assert!(!found.rows.is_empty());
+    assert!(found.rows.iter().all(|r| r % 3 == 1), "{:?}", found.rows);
+    let f = ann.figures();
+    assert_eq!(
+        (f.types[0].rows, &f.types[0].partitions),
+        (1000, &Some(vec![1]))
+    );
+    // Version 2: rows 16 (partition 1) and 17 (partition 2) turn to a direction nothing else
+    // has, and 10 rows are new (3000..3010: partitions 0, 1, 2, ...).
+    for row in [16, 17] {
+        flat[row * dim..(row + 1) * dim]
+            .copy_from_slice(&[50.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+    flat.extend(clustered(&mut rng, 10, dim));
+    let changed = Tensor::from_slice(&[16i64, 17]);
+    ann.submit(
+        2,
+        Comparator::Dot,
+        &[table(&flat, dim)],
+        &[],
+        Some(&[changed]),
+        Some(&mine),
+    );
+    assert!(ann.wait_for(2, Duration::from_secs(60)));
+    let f = ann.figures();
+    assert_eq!((f.builds, f.updates), (1, 1));
+    // Row 16, and the new rows of partition 1: 3001, 3004, 3007.
+    assert_eq!((f.last_update_rows, f.types[0].rows), (4, 1003));
+    let top = ann
+        .search(0, Comparator::Dot, false, &q, 5, |_| true)
+        .unwrap()
+        .unwrap();
+    assert!(top.rows.contains(&16) && !top.rows.contains(&17));
+    assert_eq!(
+        rows_of.looked_up.load(std::sync::atomic::Ordering::Relaxed),
+        n + 10,
+        "each row looked up once"
+    );
+    // The partitions change hands: built again, for the others.
+    ann.submit(
+        3,
+        Comparator::Dot,
+        &[table(&flat, dim)],
+        &[],
+        Some(&[Tensor::from_slice::<i64>(&[])]),
+        Some(&mine_too),
+    );
+    assert!(ann.wait_for(3, Duration::from_secs(60)));
+    let f = ann.figures();
+    assert_eq!((f.builds, f.types[0].rows), (2, 2007));
+    let top = ann
+        .search(0, Comparator::Dot, false, &q, 5, |_| true)
+        .unwrap()
+        .unwrap();
+    assert_eq!(top.covered, Some((vec![0, 2], 3)));
+    assert!(top.rows.contains(&17) && !top.rows.contains(&16));
+    // Every partition: every row, as one instance indexes.
+    ann.submit(
+        4,
+        Comparator::Dot,
+        &[table(&flat, dim)],
+        &[],
+        Some(&[Tensor::from_slice::<i64>(&[])]),
+        Some(&Scope::whole(3)),
+    );
+    assert!(ann.wait_for(4, Duration::from_secs(60)));
+    let f = ann.figures();
+    assert_eq!(
+        (f.builds, f.types[0].rows, &f.types[0].partitions),
+        (3, 3010, &None)
+    );
 }

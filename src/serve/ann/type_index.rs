@@ -22,8 +22,11 @@ pub(super) struct TypeIndex {
     pub(super) dim: usize,
     /// The served version whose rows it holds, every one.
     pub(super) version: AtomicU64,
-    /// Rows indexed: keys `0..rows`.
+    /// The table's rows when last brought up to date: every key below it that the index
+    /// should hold, it holds.
     pub(super) rows: AtomicUsize,
+    /// The partitions (of the count beside them) whose rows it holds; `None`: every row.
+    pub(super) scope: Option<(Vec<i32>, u32)>,
     /// Bytes the index holds, as of its last build or update ([`TypeIndex::measure`]).
     pub(super) memory: AtomicUsize,
     /// Searches, inserts and removals share it; growing the capacity takes it alone.
@@ -39,6 +42,7 @@ impl TypeIndex {
         reduction: Reduction,
         dim: usize,
         capacity: usize,
+        scope: Option<(Vec<i32>, u32)>,
     ) -> Result<TypeIndex, AnnError> {
         let index = Index::new(&IndexOptions {
             dimensions: reduction.dims(dim),
@@ -64,6 +68,7 @@ impl TypeIndex {
             dim,
             version: AtomicU64::new(0),
             rows: AtomicUsize::new(0),
+            scope,
             memory: AtomicUsize::new(0),
             gate: RwLock::new(()),
             turns: Semaphore::new(cfg.search_threads),
@@ -127,7 +132,8 @@ impl TypeIndex {
     /// Records the bytes the index holds, for [`AnnIndexes::figures`]. usearch's figure walks
     /// every node without a lock, so it is only safe on the updater's thread (the one writer)
     /// and costs a pass over the index: after a build (`rows_before` 0) it is measured; after an
-    /// update, grown by the new rows at the bytes per row last measured.
+    /// update, grown by the new rows at the bytes per row last measured. (Rows held, not rows
+    /// of the table.)
     pub(super) fn measure(&self, rows_before: usize, rows_now: usize) {
         let bytes = if rows_before == 0 {
             self.index.memory_usage()

@@ -9,12 +9,16 @@ use parking_lot::{Condvar, Mutex};
 use tch::{Kind, Tensor};
 use tracing::{info, warn};
 
+use crate::publish::Scope;
 use crate::schema::TypeId;
 use crate::train::Comparator;
 
 use super::reduction::Reduction;
 use super::type_index::{TypeIndex, BUILD_CHUNK};
-use super::{index_err, AnnError, AnnIndexes};
+use super::{index_err, AnnError, AnnIndexes, RowPartitions};
+
+/// Rows whose partitions are looked up under one read of the store's graph.
+const LOOKUP_CHUNK: u32 = 65_536;
 
 /// A committed version as the updater receives it (shallow copies of the served tensors: the
 /// served version's tables are never written after publication).
@@ -25,6 +29,8 @@ pub(super) struct Submitted {
     pub(super) biases: Vec<Option<Tensor>>,
     /// Per type, the rows changed since the previously submitted version; `None`: not known.
     pub(super) changed: Option<Vec<Vec<i64>>>,
+    /// The partitions the version covers when not every one.
+    pub(super) scope: Option<Scope>,
 }
 
 impl Submitted {
@@ -42,6 +48,49 @@ impl Submitted {
             _ => None,
         };
         next
+    }
+}
+
+/// The partition of each row of each type, as far as it was looked up (`-1`: no node), and the
+/// partition count they are of.
+#[derive(Default)]
+pub(super) struct RowOwners {
+    partitions: u32,
+    types: Vec<Vec<i32>>,
+}
+
+impl RowOwners {
+    /// The partitions of type `t`'s rows `0..n` (of `partitions`), looking up those not yet
+    /// known: each row once, unless the partition count changes.
+    fn rows(&mut self, rows_of: &dyn RowPartitions, t: usize, n: usize, partitions: u32) -> &[i32] {
+        if self.partitions != partitions {
+            self.partitions = partitions;
+            self.types.clear();
+        }
+        if self.types.len() <= t {
+            self.types.resize(t + 1, Vec::new());
+        }
+        let known = &mut self.types[t];
+        while known.len() < n {
+            let from = known.len() as u32;
+            let to = (n as u32).min(from + LOOKUP_CHUNK);
+            let found = rows_of.partitions_of(t as TypeId, from, to, partitions);
+            known.extend(found.into_iter().map(|p| p.unwrap_or(-1)));
+        }
+        &known[..n]
+    }
+}
+
+/// Which rows of a type an index holds: those of the covered partitions.
+pub(super) struct OwnedRows<'a> {
+    partition: &'a [i32],
+    covered: Vec<bool>,
+}
+
+impl OwnedRows<'_> {
+    pub(super) fn holds(&self, row: i64) -> bool {
+        (self.partition.get(row as usize))
+            .is_some_and(|&p| p >= 0 && self.covered.get(p as usize) == Some(&true))
     }
 }
 
@@ -94,6 +143,12 @@ impl AnnIndexes {
 
     pub(super) fn apply(&self, s: Submitted) {
         let n_types = s.tables.len();
+        // The partitions the indexes hold: the version's, when it covers some only.
+        let scope = match (&self.rows_of, &s.scope) {
+            (Some(_), Some(scope)) => Some((scope.covered().to_vec(), scope.partitions())),
+            _ => None,
+        };
+        let mut owners = self.owners.lock();
         for t in 0..n_types {
             let table = &s.tables[t];
             let bias = s.biases.get(t).and_then(Option::as_ref);
@@ -110,14 +165,30 @@ impl AnnIndexes {
             let dim = table.size()[1] as usize;
             let current = self
                 .index_of(t as TypeId)
-                .filter(|ix| ix.reduction == reduction && ix.dim == dim);
+                .filter(|ix| ix.reduction == reduction && ix.dim == dim && ix.scope == scope);
             let changed = s
                 .changed
                 .as_ref()
                 .map(|c| c.get(t).cloned().unwrap_or_default());
+            let owned = match (&self.rows_of, &scope) {
+                (Some(rows_of), Some((covered, partitions))) => {
+                    let mut flags = vec![false; *partitions as usize];
+                    for &q in covered {
+                        flags[q as usize] = true;
+                    }
+                    Some(OwnedRows {
+                        partition: owners.rows(&**rows_of, t, rows, *partitions),
+                        covered: flags,
+                    })
+                }
+                _ => None,
+            };
+            let owned = owned.as_ref();
             let result = match (current, changed) {
-                (Some(ix), Some(changed)) => self.update(&ix, table, bias, changed, s.version),
-                _ => match self.build(reduction, table, bias, s.version) {
+                (Some(ix), Some(changed)) => {
+                    self.update(&ix, table, bias, changed, owned, s.version)
+                }
+                _ => match self.build(reduction, table, bias, owned, &scope, s.version) {
                     Ok(Some(ix)) => {
                         self.set(t, Some(Arc::new(ix)));
                         Ok(())
@@ -147,17 +218,21 @@ impl AnnIndexes {
         types[t] = ix;
     }
 
-    /// A new index of every row of `table` (`None` when asked to stop meanwhile).
+    /// A new index of every row of `table` (of the `owned` rows only, when given, which are
+    /// those of the partitions `scope` names); `None` when asked to stop meanwhile.
     pub(super) fn build(
         &self,
         reduction: Reduction,
         table: &Tensor,
         bias: Option<&Tensor>,
+        owned: Option<&OwnedRows>,
+        scope: &Option<(Vec<i32>, u32)>,
         version: u64,
     ) -> Result<Option<TypeIndex>, AnnError> {
         let started = Instant::now();
         let (n, dim) = (table.size()[0], table.size()[1] as usize);
-        let ix = TypeIndex::new(&self.cfg, reduction, dim, n as usize + n as usize / 4)?;
+        let held = owned.map_or(n as usize, |o| (0..n).filter(|&i| o.holds(i)).count());
+        let ix = TypeIndex::new(&self.cfg, reduction, dim, held + held / 4, scope.clone())?;
         let chunks = (n + BUILD_CHUNK - 1) / BUILD_CHUNK;
         let next_chunk = AtomicU64::new(0);
         let threads = self.cfg.build_threads.min(chunks.max(1) as usize);
@@ -183,21 +258,28 @@ impl AnnIndexes {
                             }
                             let start = c * BUILD_CHUNK;
                             let len = BUILD_CHUNK.min(n - start);
-                            let rows = Vec::<f32>::try_from(
-                                &table
-                                    .narrow(0, start, len)
-                                    .to_kind(Kind::Float)
-                                    .reshape([-1]),
-                            )?;
+                            let keys: Vec<i64> = match owned {
+                                Some(o) => (start..start + len).filter(|&i| o.holds(i)).collect(),
+                                None => (start..start + len).collect(),
+                            };
+                            let rows = if keys.len() == len as usize {
+                                table.narrow(0, start, len)
+                            } else {
+                                table.index_select(0, &Tensor::from_slice(&keys))
+                            };
+                            let rows =
+                                Vec::<f32>::try_from(&rows.to_kind(Kind::Float).reshape([-1]))?;
                             let biases = bias
                                 .as_ref()
                                 .map(|b| {
-                                    Vec::<f32>::try_from(
-                                        &b.narrow(0, start, len).to_kind(Kind::Float),
-                                    )
+                                    let b = if keys.len() == len as usize {
+                                        b.narrow(0, start, len)
+                                    } else {
+                                        b.index_select(0, &Tensor::from_slice(&keys))
+                                    };
+                                    Vec::<f32>::try_from(&b.to_kind(Kind::Float))
                                 })
                                 .transpose()?;
-                            let keys: Vec<i64> = (start..start + len).collect();
                             ix.upsert(&keys, &rows, biases.as_deref(), 0.0)?;
                         }
                     })
@@ -218,7 +300,7 @@ impl AnnIndexes {
                 return Ok(None);
             }
         }
-        ix.measure(0, n as usize);
+        ix.measure(0, held);
         ix.rows.store(n as usize, Ordering::Release);
         ix.version.store(version, Ordering::Release);
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -226,11 +308,12 @@ impl AnnIndexes {
         {
             let mut last = self.counters.last.lock();
             last.0 = ms;
-            last.1 = n as u64;
+            last.1 = held as u64;
         }
         info!(
             version,
-            rows = n,
+            rows = held,
+            of = n,
             ms,
             memory_mib = ix.memory.load(Ordering::Relaxed) >> 20,
             "ANN index built"
@@ -239,20 +322,25 @@ impl AnnIndexes {
     }
 
     /// Bring `ix` to `version`: its `changed` rows (and every row past those indexed) inserted
-    /// or replaced, rows past the table's end removed.
+    /// or replaced, rows past the table's end removed; of the `owned` rows only, when given.
     pub(super) fn update(
         &self,
         ix: &TypeIndex,
         table: &Tensor,
         bias: Option<&Tensor>,
         mut changed: Vec<i64>,
+        owned: Option<&OwnedRows>,
         version: u64,
     ) -> Result<(), AnnError> {
         let started = Instant::now();
         let n = table.size()[0];
         let indexed = ix.rows.load(Ordering::Acquire) as i64;
-        changed.retain(|&i| (0..n).contains(&i));
-        changed.extend(indexed..n);
+        let held_before = ix.index.size();
+        let holds = |i: i64| owned.is_none_or(|o| o.holds(i));
+        changed.retain(|&i| (0..n).contains(&i) && holds(i));
+        let new_rows = changed.len();
+        changed.extend((indexed..n).filter(|&i| holds(i)));
+        let new_rows = changed.len() - new_rows;
         changed.sort_unstable();
         changed.dedup();
         {
@@ -264,7 +352,7 @@ impl AnnIndexes {
             }
         }
         let contexts = (self.cfg.search_threads + 1).max(self.cfg.build_threads);
-        ix.make_room((n - indexed).max(0) as usize, contexts)?;
+        ix.make_room(new_rows, contexts)?;
         let mut written = 0;
         for keys in changed.chunks(BUILD_CHUNK as usize) {
             let idx = Tensor::from_slice(keys);
@@ -279,7 +367,7 @@ impl AnnIndexes {
                 .transpose()?;
             written += ix.upsert(keys, &rows, biases.as_deref(), self.cfg.reindex_threshold)?;
         }
-        ix.measure(indexed as usize, n as usize);
+        ix.measure(held_before, ix.index.size());
         ix.rows.store(n as usize, Ordering::Release);
         ix.version.store(version, Ordering::Release);
         let ms = started.elapsed().as_secs_f64() * 1e3;
