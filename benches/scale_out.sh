@@ -38,6 +38,9 @@
 # of the phase's topics holds (`export`: every owner's rows together), the same way at every N
 # (benches/served_eval.py). The live figure ranks each instance's own copies of the rows other
 # instances own; this one ranks what is served.
+# PERF=DIR samples each instance with `perf record -g` (99 Hz) from the partitions' assignment
+# until the stream is trained, into DIR/<phase>-<name>.data (`perf report -i ... --sort
+# comm,symbol` shows where each thread's CPU goes).
 # CPU: by default the instances share the machine's cores with the broker, with no cap.
 # CPU_QUOTA=0.5 gives every instance a cap of half a core (a cgroup v1 `cpu` group of its own,
 # `cpu.cfs_quota_us`, joined before the daemon starts so every thread counts), the same at every
@@ -61,11 +64,12 @@ else
   $B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
   STREAM=$EDGES
 fi
-python3 - "$B" "$STREAM" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${PHASES:-1 2}" "${SERVED:-0}" "${CPU_QUOTA:-}" <<'PY'
+python3 - "$B" "$STREAM" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${PHASES:-1 2}" "${SERVED:-0}" "${CPU_QUOTA:-}" "${PERF:-}" <<'PY'
 import json, os, signal, socket, subprocess, sys, time, urllib.request
 b, total, work, cpus, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 publish, phases, served = sys.argv[6] == "1", [int(n) for n in sys.argv[7].split()], sys.argv[8] == "1"
 quota = float(sys.argv[9]) if sys.argv[9] else None
+perf_dir = sys.argv[10] or None
 CGROUP_CPU = "/sys/fs/cgroup/cpu"
 
 def cpu_seconds(stat):
@@ -200,10 +204,19 @@ def phase(n):
         return all(ss) and all(s["kafka"]["assigned_partitions"] > 0 for s in ss) \
             and sum(s["kafka"]["assigned_partitions"] for s in ss) == 8
     wait("the partitions assigned", split, 300, 0.2)
+    perfs = []
+    if perf_dir:
+        os.makedirs(perf_dir, exist_ok=True)
+        perfs = [subprocess.Popen(["perf", "record", "-F", "99", "-g", "-p", str(i.p.pid), "-o",
+                                   f"{perf_dir}/{i.name}.data"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for i in insts]
     first = wait("the first event consumed", lambda: any((s := i.status()) and s["ingest"]["consumed"] > 0 for i in insts) and time.time(), 600, 0.1)
     mark = []
     ss = wait("the stream trained", lambda: drained(insts, mark), 7200, 2.0)
     seconds = time.time() - first
+    for p in perfs:
+        p.send_signal(signal.SIGINT)
+        p.wait()
     # `edges_trained` counts new edges only (replayed ones are `edges_replayed`).
     fresh = sum(s["trainer"]["edges_trained"] for s in ss)
     # Prequential figures over the last 80% of the stream, every instance's ranks together.
@@ -237,6 +250,10 @@ def phase(n):
                                "apply_delay_ms": r["apply_delay_ms"]}
             if s.get("exchange"):
                 f["exchange"] = s["exchange"]
+            if s.get("ann"):
+                a = s["ann"]
+                f["ann"] = {k: a[k] for k in ("builds", "updates", "rows_updated", "rows_kept", "failures")}
+                f["ann"]["rows"] = {t["node_type"]: t["rows"] for t in a["types"]}
         return f
     out = {"seconds": round(seconds, 1), "events_trained_per_s": round(fresh / seconds),
            "prequential_last_80pct": quality,
