@@ -8,6 +8,8 @@
 //! instead, so a producer on librdkafka must set `partitioner = murmur2_random` to agree; this
 //! module is the reference both are checked against.
 
+use crate::schema::TypeId;
+
 /// Kafka's `Utils.murmur2`: the 32-bit MurmurHash2 of `data` with Kafka's seed, as a signed
 /// integer (what the Java client computes).
 pub fn murmur2(data: &[u8]) -> i32 {
@@ -45,6 +47,95 @@ pub fn murmur2(data: &[u8]) -> i32 {
 /// assigns a keyed record: `toPositive(murmur2(key)) % partitions`.
 pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
     ((murmur2(key) & 0x7fff_ffff) as u32) % partitions.max(1)
+}
+
+/// Where the partitions of a node type's rows come from: each node's key (the store knows it).
+pub trait NodePartitions: Send + Sync {
+    /// The partition (of `partitions`) of rows `from..to` of type `t`; `None` for a row
+    /// without a node.
+    fn partitions_of(&self, t: TypeId, from: u32, to: u32, partitions: u32) -> Vec<Option<i32>>;
+}
+
+/// Rows whose partitions are looked up at once (one read of the store's graph each).
+const LOOKUP_CHUNK: u32 = 65_536;
+
+/// Not looked up yet, and looked up without a node.
+const UNKNOWN: i32 = -1;
+const NO_NODE: i32 = -2;
+
+/// The partition of each node row as far as it was looked up: a node's partition never changes
+/// while the partition count holds, so each row is looked up once, and all are forgotten when
+/// the count changes.
+#[derive(Debug, Default)]
+pub struct PartitionsByRow {
+    partitions: u32,
+    types: Vec<Vec<i32>>,
+}
+
+impl PartitionsByRow {
+    /// Type `t`'s rows, at least `n` of them, after forgetting everything looked up under
+    /// another partition count.
+    fn rows_of(&mut self, t: TypeId, n: usize, partitions: u32) -> &mut Vec<i32> {
+        if self.partitions != partitions {
+            self.partitions = partitions;
+            self.types.clear();
+        }
+        let t = t as usize;
+        if self.types.len() <= t {
+            self.types.resize(t + 1, Vec::new());
+        }
+        let rows = &mut self.types[t];
+        if rows.len() < n {
+            rows.resize(n, UNKNOWN);
+        }
+        rows
+    }
+
+    /// The partition of row `row` of type `t` among `partitions` (`None`: no node).
+    pub fn of(
+        &mut self,
+        lookup: &dyn NodePartitions,
+        t: TypeId,
+        row: u32,
+        partitions: u32,
+    ) -> Option<i32> {
+        let known = self.rows_of(t, row as usize + 1, partitions);
+        if known[row as usize] == UNKNOWN {
+            let found = lookup.partitions_of(t, row, row + 1, partitions);
+            known[row as usize] = found.first().copied().flatten().unwrap_or(NO_NODE);
+        }
+        Some(known[row as usize]).filter(|&q| q >= 0)
+    }
+
+    /// The partitions of rows `0..n` of type `t` (negative: no node), looking up those not
+    /// known yet in runs.
+    pub fn first(
+        &mut self,
+        lookup: &dyn NodePartitions,
+        t: TypeId,
+        n: usize,
+        partitions: u32,
+    ) -> &[i32] {
+        let known = self.rows_of(t, n, partitions);
+        let mut row = 0;
+        while row < n {
+            if known[row] != UNKNOWN {
+                row += 1;
+                continue;
+            }
+            let from = row as u32;
+            let mut to = from + 1;
+            while (to as usize) < n && known[to as usize] == UNKNOWN && to - from < LOOKUP_CHUNK {
+                to += 1;
+            }
+            let found = lookup.partitions_of(t, from, to, partitions);
+            for (i, q) in found.into_iter().enumerate() {
+                known[from as usize + i] = q.unwrap_or(NO_NODE);
+            }
+            row = to as usize;
+        }
+        &known[..n]
+    }
 }
 
 /// The engagements partitions this instance owns, as the group's assignments and revocations
@@ -103,6 +194,35 @@ impl Ownership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Row `i` of type `t` is in partition `(i + t) % partitions`, rows from 100 on have no
+    /// node; every row asked for is counted.
+    #[derive(Default)]
+    struct Counted(parking_lot::Mutex<Vec<(TypeId, u32, u32)>>);
+
+    impl NodePartitions for Counted {
+        fn partitions_of(&self, t: TypeId, from: u32, to: u32, n: u32) -> Vec<Option<i32>> {
+            self.0.lock().push((t, from, to));
+            (from..to)
+                .map(|i| (i < 100).then_some(((i + u32::from(t)) % n) as i32))
+                .collect()
+        }
+    }
+
+    /// Each row is looked up once, in runs of the rows not known, and all again under another
+    /// partition count.
+    #[test]
+    fn rows_partitions_are_looked_up_once_per_partition_count() {
+        let lookup = Counted::default();
+        let mut cache = PartitionsByRow::default();
+        assert_eq!(cache.of(&lookup, 1, 5, 4), Some(2));
+        assert_eq!(cache.of(&lookup, 1, 5, 4), Some(2));
+        assert_eq!(cache.first(&lookup, 1, 8, 4), &[1, 2, 3, 0, 1, 2, 3, 0]);
+        assert_eq!(*lookup.0.lock(), vec![(1, 5, 6), (1, 0, 5), (1, 6, 8)]);
+        assert_eq!(cache.of(&lookup, 0, 150, 4), None, "no node");
+        assert_eq!(cache.first(&lookup, 1, 8, 3)[..3], [1, 2, 0]);
+        assert_eq!(lookup.0.lock().len(), 5);
+    }
 
     /// Kafka's own test vectors (`UtilsTest.testMurmur2`), also what kafka-python 3.0.12 gives.
     #[test]

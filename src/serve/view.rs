@@ -17,8 +17,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 
 use crate::config::AnnConfig;
+use crate::partition::NodePartitions;
 use crate::publish::PublishedView;
-use crate::serve::ann::RowPartitions;
 use crate::serve::{AnnHandle, AnnIndexes};
 
 /// A committed version as served: never written after publication.
@@ -55,7 +55,7 @@ impl ServingView {
     /// partitions only is indexed for those alone (`None`: every row is).
     pub fn with_ann(
         cfg: &AnnConfig,
-        rows_of: Option<Arc<dyn RowPartitions>>,
+        rows_of: Option<Arc<dyn NodePartitions>>,
     ) -> std::io::Result<ServingView> {
         let ann = match cfg.enabled {
             true => Some(Arc::new(AnnIndexes::start(cfg.clone(), rows_of)?)),

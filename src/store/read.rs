@@ -319,3 +319,9 @@ impl GraphStore {
         self.db.size_on_disk().unwrap_or(0)
     }
 }
+
+impl crate::partition::NodePartitions for GraphStore {
+    fn partitions_of(&self, t: TypeId, from: u32, to: u32, partitions: u32) -> Vec<Option<i32>> {
+        GraphStore::partitions_of(self, t, from, to, partitions)
+    }
+}

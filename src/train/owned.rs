@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::partition::{partition_of, Ownership};
+use crate::partition::{Ownership, PartitionsByRow};
 use crate::store::{Edge, GraphStore, NodeRef, StoreError};
 
 /// The source filter, with each source row's partition looked up once (a store read per new
@@ -17,17 +17,14 @@ use crate::store::{Edge, GraphStore, NodeRef, StoreError};
 #[derive(Debug)]
 pub struct OwnedSources {
     ownership: Arc<Ownership>,
-    /// Per node type and row: its partition among `partitions` (-1: not looked up yet).
-    by_row: Vec<Vec<i32>>,
-    partitions: u32,
+    by_row: PartitionsByRow,
 }
 
 impl OwnedSources {
     pub fn new(ownership: Arc<Ownership>) -> OwnedSources {
         OwnedSources {
             ownership,
-            by_row: Vec::new(),
-            partitions: 0,
+            by_row: PartitionsByRow::default(),
         }
     }
 
@@ -54,33 +51,23 @@ impl OwnedSources {
         partitions > 0 && self.ownership.get().partitions.len() < partitions
     }
 
-    /// The partition of `node` (its key's, among the partitions there are now).
+    /// The partition of `node` (its key's, among the partitions there are now; -1 for a node
+    /// the store does not know).
     pub fn partition(&mut self, store: &GraphStore, node: NodeRef) -> Result<i32, StoreError> {
-        self.count_partitions();
-        self.partition_of(store, node, &mut Vec::new())
-    }
-
-    /// Follow the partition count, forgetting what was looked up under another.
-    fn count_partitions(&mut self) -> u32 {
         let partitions = self.ownership.partition_count();
-        if partitions != self.partitions {
-            self.by_row.clear();
-            self.partitions = partitions;
-        }
-        partitions
+        Ok(self.partition_of(store, node, partitions))
     }
 
     /// `edges` without those whose source another instance owns (the ownership now).
     pub fn keep(&mut self, store: &GraphStore, edges: Vec<Edge>) -> Result<Vec<Edge>, StoreError> {
         let owned = self.ownership.get();
-        let partitions = self.count_partitions();
+        let partitions = self.ownership.partition_count();
         if partitions == 0 || owned.partitions.len() >= partitions as usize {
             return Ok(edges);
         }
-        let mut key = Vec::new();
         let mut out = Vec::with_capacity(edges.len());
         for e in edges {
-            let q = self.partition_of(store, e.src, &mut key)?;
+            let q = self.partition_of(store, e.src, partitions);
             if owned.partitions.binary_search(&q).is_ok() {
                 out.push(e);
             }
@@ -88,37 +75,17 @@ impl OwnedSources {
         Ok(out)
     }
 
-    fn partition_of(
-        &mut self,
-        store: &GraphStore,
-        node: NodeRef,
-        key: &mut Vec<u8>,
-    ) -> Result<i32, StoreError> {
-        let (t, i) = (node.node_type as usize, node.index as usize);
-        if self.by_row.len() <= t {
-            self.by_row.resize(t + 1, Vec::new());
-        }
-        let rows = &mut self.by_row[t];
-        if rows.len() <= i {
-            rows.resize(i + 1, -1);
-        }
-        if rows[i] >= 0 {
-            return Ok(rows[i]);
-        }
-        let id = store.node_id(node)?.unwrap_or_default();
-        key.clear();
-        key.extend_from_slice(store.stored_schema().node_types[t].as_bytes());
-        key.push(b':');
-        key.extend_from_slice(id.as_bytes());
-        let q = partition_of(key, self.partitions) as i32;
-        rows[i] = q;
-        Ok(q)
+    fn partition_of(&mut self, store: &GraphStore, node: NodeRef, partitions: u32) -> i32 {
+        (self.by_row)
+            .of(store, node.node_type, node.index, partitions)
+            .unwrap_or(-1)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::partition::partition_of;
     use crate::train::test_graph::likes_store;
 
     #[test]

@@ -62,27 +62,14 @@ use tch::{Kind, Tensor};
 use tracing::warn;
 
 use crate::config::AnnConfig;
+use crate::partition::{NodePartitions, PartitionsByRow};
 use crate::publish::Scope;
 use crate::schema::TypeId;
-use crate::store::GraphStore;
 use crate::train::Comparator;
 
 use reduction::Reduction;
 use type_index::TypeIndex;
-use updater::{Counters, Inbox, RowOwners, Submitted};
-
-/// Where the partition of each row of a node type comes from: its node's key.
-pub trait RowPartitions: Send + Sync {
-    /// The partition (of `partitions`) of rows `from..to` of type `t`; `None` for a row without
-    /// a node.
-    fn partitions_of(&self, t: TypeId, from: u32, to: u32, partitions: u32) -> Vec<Option<i32>>;
-}
-
-impl RowPartitions for GraphStore {
-    fn partitions_of(&self, t: TypeId, from: u32, to: u32, partitions: u32) -> Vec<Option<i32>> {
-        GraphStore::partitions_of(self, t, from, to, partitions)
-    }
-}
+use updater::{Counters, Inbox, Submitted};
 
 /// What an index operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -145,9 +132,9 @@ pub struct AnnIndexes {
     wake: Condvar,
     counters: Counters,
     /// `None`: every index holds every row, whatever a version covers.
-    rows_of: Option<Arc<dyn RowPartitions>>,
+    rows_of: Option<Arc<dyn NodePartitions>>,
     /// The partition of each row looked up so far (the updater's alone).
-    owners: Mutex<RowOwners>,
+    owners: Mutex<PartitionsByRow>,
 }
 
 /// Candidates for one target type: row indices (ascending, distinct).
@@ -166,7 +153,7 @@ impl AnnIndexes {
     /// partitions its version covers (`None`: every row).
     pub fn start(
         cfg: AnnConfig,
-        rows_of: Option<Arc<dyn RowPartitions>>,
+        rows_of: Option<Arc<dyn NodePartitions>>,
     ) -> std::io::Result<AnnHandle> {
         let shared = Arc::new(AnnIndexes {
             cfg,

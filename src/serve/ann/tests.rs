@@ -406,7 +406,7 @@ struct ModuloPartitions {
     looked_up: std::sync::atomic::AtomicUsize,
 }
 
-impl RowPartitions for ModuloPartitions {
+impl crate::partition::NodePartitions for ModuloPartitions {
     fn partitions_of(&self, _t: TypeId, from: u32, to: u32, partitions: u32) -> Vec<Option<i32>> {
         self.looked_up
             .fetch_add((to - from) as usize, std::sync::atomic::Ordering::Relaxed);

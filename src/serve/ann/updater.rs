@@ -15,10 +15,7 @@ use crate::train::Comparator;
 
 use super::reduction::Reduction;
 use super::type_index::{TypeIndex, BUILD_CHUNK};
-use super::{index_err, AnnError, AnnIndexes, RowPartitions};
-
-/// Rows whose partitions are looked up under one read of the store's graph.
-const LOOKUP_CHUNK: u32 = 65_536;
+use super::{index_err, AnnError, AnnIndexes};
 
 /// A committed version as the updater receives it (shallow copies of the served tensors: the
 /// served version's tables are never written after publication).
@@ -48,36 +45,6 @@ impl Submitted {
             _ => None,
         };
         next
-    }
-}
-
-/// The partition of each row of each type, as far as it was looked up (`-1`: no node), and the
-/// partition count they are of.
-#[derive(Default)]
-pub(super) struct RowOwners {
-    partitions: u32,
-    types: Vec<Vec<i32>>,
-}
-
-impl RowOwners {
-    /// The partitions of type `t`'s rows `0..n` (of `partitions`), looking up those not yet
-    /// known: each row once, unless the partition count changes.
-    fn rows(&mut self, rows_of: &dyn RowPartitions, t: usize, n: usize, partitions: u32) -> &[i32] {
-        if self.partitions != partitions {
-            self.partitions = partitions;
-            self.types.clear();
-        }
-        if self.types.len() <= t {
-            self.types.resize(t + 1, Vec::new());
-        }
-        let known = &mut self.types[t];
-        while known.len() < n {
-            let from = known.len() as u32;
-            let to = (n as u32).min(from + LOOKUP_CHUNK);
-            let found = rows_of.partitions_of(t as TypeId, from, to, partitions);
-            known.extend(found.into_iter().map(|p| p.unwrap_or(-1)));
-        }
-        &known[..n]
     }
 }
 
@@ -177,7 +144,7 @@ impl AnnIndexes {
                         flags[q as usize] = true;
                     }
                     Some(OwnedRows {
-                        partition: owners.rows(&**rows_of, t, rows, *partitions),
+                        partition: owners.first(&**rows_of, t as TypeId, rows, *partitions),
                         covered: flags,
                     })
                 }
