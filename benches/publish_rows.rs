@@ -7,7 +7,8 @@
 //!
 //! Run with `PUBLISH_ROWS=200000 cargo bench --bench publish_rows`. Prints
 //! `publish_rows rows=… build_rows_per_s=… produce_rows_per_s=… end_to_end_rows_per_s=…`
-//! (medians over `PUBLISH_ROUNDS` versions, default 3).
+//! (medians over `PUBLISH_ROUNDS` versions, default 3), then what a subscriber pays to decode
+//! the same rows: `decode_rows json=… f32le=…` (rows/s, medians over the rounds).
 
 mod common;
 
@@ -22,7 +23,9 @@ use tch::{Device, Kind, Tensor};
 use common::{env_or, store_with_users};
 use twhin_stream::config::{Config, ValueFormat};
 use twhin_stream::kafka;
-use twhin_stream::publish::{build_delta_version, KafkaSink, Scope, VersionRequest, VersionSink};
+use twhin_stream::publish::{
+    build_delta_version, KafkaSink, RowRecord, Scope, VersionRequest, VersionSink,
+};
 use twhin_stream::train::{ModelDelta, Snapshot, TableDelta};
 
 /// A delta in which every one of `rows` rows of type 0 moved (by 10%, over the threshold).
@@ -213,4 +216,42 @@ fn main() {
     );
     drop(sink);
     drop(broker);
+    decode_rows(&reference.tables[0], rounds);
+}
+
+/// Rows/s decoding every row of `table` as a subscriber does, from its JSON and its f32le
+/// records (the same rows, in one run).
+fn decode_rows(table: &Tensor, rounds: usize) {
+    let rows: Vec<RowRecord> = (0..table.size()[0])
+        .map(|i| RowRecord {
+            version: 7,
+            epoch: 2,
+            ts: 1_732_190_400_000,
+            vector: Vec::<f32>::try_from(&table.get(i)).expect("f32 row"),
+        })
+        .collect();
+    let encoded = |format| -> Vec<Vec<u8>> { rows.iter().map(|r| r.encode(format)).collect() };
+    let (json, f32le) = (encoded(ValueFormat::Json), encoded(ValueFormat::F32le));
+    let rate = |records: &[Vec<u8>], decode: &dyn Fn(&[u8]) -> RowRecord| {
+        let started = Instant::now();
+        let mut check = 0.0f32;
+        for r in records {
+            check += decode(r).vector[0];
+        }
+        std::hint::black_box(check);
+        records.len() as f64 / started.elapsed().as_secs_f64()
+    };
+    let decode = |b: &[u8]| RowRecord::decode(b).expect("a row");
+    assert_eq!(decode(&json[0]), decode(&f32le[0]));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        a.push(rate(&json, &decode));
+        b.push(rate(&f32le, &decode));
+    }
+    println!(
+        "decode_rows rows={} json={:.0} f32le={:.0}",
+        rows.len(),
+        median(a),
+        median(b)
+    );
 }
