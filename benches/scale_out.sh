@@ -38,6 +38,7 @@
 # of the phase's topics holds (`export`: every owner's rows together), the same way at every N
 # (benches/served_eval.py). The live figure ranks each instance's own copies of the rows other
 # instances own; this one ranks what is served.
+# Each phase reports the broker's (tansu's) CPU over it in cores (`broker_cores`).
 # PERF=DIR samples each instance with `perf record -g` (99 Hz) from the partitions' assignment
 # until the stream is trained, into DIR/<phase>-<name>.data (`perf report -i ... --sort
 # comm,symbol` shows where each thread's CPU goes).
@@ -64,12 +65,13 @@ else
   $B replay synthetic --nodes "$NODES" --edges "$EDGES" --json | tail -1 >&2
   STREAM=$EDGES
 fi
-python3 - "$B" "$STREAM" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${PHASES:-1 2}" "${SERVED:-0}" "${CPU_QUOTA:-}" "${PERF:-}" <<'PY'
+python3 - "$B" "$STREAM" "$WORK" "${CPU_LIST:-}" "$NODES" "${PUBLISH:-0}" "${PHASES:-1 2}" "${SERVED:-0}" "${CPU_QUOTA:-}" "${PERF:-}" "$TANSU" <<'PY'
 import json, os, signal, socket, subprocess, sys, time, urllib.request
 b, total, work, cpus, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 publish, phases, served = sys.argv[6] == "1", [int(n) for n in sys.argv[7].split()], sys.argv[8] == "1"
 quota = float(sys.argv[9]) if sys.argv[9] else None
 perf_dir = sys.argv[10] or None
+broker_pid = sys.argv[11]
 CGROUP_CPU = "/sys/fs/cgroup/cpu"
 
 def cpu_seconds(stat):
@@ -210,10 +212,12 @@ def phase(n):
         perfs = [subprocess.Popen(["perf", "record", "-F", "99", "-g", "-p", str(i.p.pid), "-o",
                                    f"{perf_dir}/{i.name}.data"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL) for i in insts]
+    broker_cpu = cpu_seconds(f"/proc/{broker_pid}/stat")
     first = wait("the first event consumed", lambda: any((s := i.status()) and s["ingest"]["consumed"] > 0 for i in insts) and time.time(), 600, 0.1)
     mark = []
     ss = wait("the stream trained", lambda: drained(insts, mark), 7200, 2.0)
     seconds = time.time() - first
+    broker_cpu = cpu_seconds(f"/proc/{broker_pid}/stat") - broker_cpu
     for p in perfs:
         p.send_signal(signal.SIGINT)
         p.wait()
@@ -256,6 +260,9 @@ def phase(n):
                 f["ann"]["rows"] = {t["node_type"]: t["rows"] for t in a["types"]}
         return f
     out = {"seconds": round(seconds, 1), "events_trained_per_s": round(fresh / seconds),
+           # The broker's CPU over the phase, in cores: the instances wait on it when it nears
+           # what the machine has left them.
+           "broker_cores": round(broker_cpu / seconds, 2),
            "prequential_last_80pct": quality,
            "publish": publish, "instances": [figures(i, s) for i, s in zip(insts, ss)]}
     if served:
