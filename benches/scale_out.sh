@@ -38,7 +38,10 @@
 # of the phase's topics holds (`export`: every owner's rows together), the same way at every N
 # (benches/served_eval.py). The live figure ranks each instance's own copies of the rows other
 # instances own; this one ranks what is served.
-# Each phase reports the broker's (tansu's) CPU over it in cores (`broker_cores`).
+# Each phase reports the broker's (tansu's) CPU over it in cores (`broker_cores`), and with
+# SERVED=1 what `/v1/neighbors` takes once the stream is trained (`neighbors`: 300 sources of
+# test events, the default path and `exact=true`, latency p50/p99 in ms, and at N>1 how many
+# answers were gathered from the other owner, its own time, and partitions ranked from copies).
 # PERF=DIR samples each instance with `perf record -g` (99 Hz) from the partitions' assignment
 # until the stream is trained, into DIR/<phase>-<name>.data (`perf report -i ... --sort
 # comm,symbol` shows where each thread's CPU goes).
@@ -164,6 +167,38 @@ def phase_env(phase):
 def apply_topics(phase):
     subprocess.run([b, "topics", "apply"], env=phase_env(phase), check=True, stdout=subprocess.DEVNULL)
 
+def neighbors_latency(instances, requests=300):
+    """`/v1/neighbors` as a client sees it once the phase is trained: the sources of test events
+    of `favorites` (k=10, the default path: the index, and at N>1 the other owners asked), then
+    the same with `exact=true` (every row this instance holds scored), spread over the
+    instances; milliseconds p50/p99 of each, and what the gathered ones asked."""
+    sources = []
+    for line in open(f"{work}/data/test.tsv"):
+        src, rel = line.split("\t")[:2]
+        if rel == "favorites" and src not in sources:
+            sources.append(src)
+            if len(sources) == requests: break
+    def timed(query):
+        ms, owners_ms, gathered, local = [], [], 0, 0
+        for k, src in enumerate(sources):
+            t, id_ = src.split(":", 1)
+            url = f"http://127.0.0.1:{instances[k % len(instances)].port}/v1/neighbors/{t}/{id_}?rel=favorites&k=10{query}"
+            started = time.time()
+            try:
+                r = json.load(urllib.request.urlopen(url, timeout=10))
+            except Exception:
+                continue  # a source this instance's store does not hold
+            ms.append((time.time() - started) * 1e3)
+            g = r.get("gathered")
+            if g:
+                gathered += 1
+                local += len(g["local"])
+                owners_ms.extend(o["ms"] for o in g["owners"])
+        at = lambda v, p: round(sorted(v)[int((len(v) - 1) * p)], 2) if v else None
+        return {"requests": len(ms), "p50_ms": at(ms, 0.5), "p99_ms": at(ms, 0.99), "gathered": gathered,
+                "owner_p50_ms": at(owners_ms, 0.5), "partitions_ranked_locally": local}
+    return {"default": timed(""), "exact": timed("&exact=true")}
+
 def served_holdout(phase):
     """The test split ranked against the phase's newest whole version, read from its topics as a
     subscriber reads them (`export`), every owner's rows together (benches/served_eval.py)."""
@@ -267,6 +302,7 @@ def phase(n):
            "publish": publish, "instances": [figures(i, s) for i, s in zip(insts, ss)]}
     if served:
         out["served_holdout"] = served_holdout(name)
+        out["neighbors"] = neighbors_latency(insts)
     return insts, ss, out
 
 def resume_after_a_kill(a, b):
