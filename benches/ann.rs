@@ -324,7 +324,7 @@ fn main() {
         remote: None,
         exchange: None,
         bearer_token: None,
-        gather_timeout: std::time::Duration::from_millis(500),
+        peers: twhin_stream::serve::Peers::new(std::time::Duration::from_millis(500)),
         rate: Default::default(),
         train: None,
         multi_interest: cfg.http.multi_interest.clone(),

@@ -299,7 +299,7 @@ impl Daemon {
             remote: remote_cache,
             exchange,
             bearer_token: Some(cfg.http.bearer_token.clone()).filter(|t| !t.is_empty()),
-            gather_timeout: Duration::from_millis(cfg.http.gather_timeout_ms),
+            peers: crate::serve::Peers::new(Duration::from_millis(cfg.http.gather_timeout_ms)),
             rate: Default::default(),
             train: Some(cfg.train.clone()),
             multi_interest: cfg.http.multi_interest.clone(),

@@ -276,12 +276,28 @@ pub(super) fn best_where(
     }
 }
 
+/// The HTTP client `/v1/neighbors` asks the other owners with: one agent for every request, so
+/// that the connection to each owner is kept and reused, each call bounded by
+/// `http.gather_timeout_ms`.
+#[derive(Clone)]
+pub struct Peers {
+    agent: ureq::Agent,
+}
+
+impl Peers {
+    pub fn new(timeout: Duration) -> Peers {
+        Peers {
+            agent: ureq::AgentBuilder::new().timeout(timeout).build(),
+        }
+    }
+}
+
 /// How `/v1/neighbors` reaches the other owners.
 pub(super) struct Gather<'a> {
     pub(super) store: &'a GraphStore,
     /// `None` (`remote.enabled = false`): no owner is known, every partition is ranked here.
     pub(super) remote: Option<&'a RemoteCache>,
-    pub(super) timeout: Duration,
+    pub(super) peers: &'a Peers,
     pub(super) token: Option<&'a str>,
 }
 
@@ -423,9 +439,8 @@ impl Gather<'_> {
         type_name: &str,
         body: &CandidatesRequest,
     ) -> Result<CandidatesResponse, String> {
-        let agent = ureq::AgentBuilder::new().timeout(self.timeout).build();
         let url = format!("http://{address}/v1/candidates/{type_name}");
-        let mut request = agent.post(&url);
+        let mut request = self.peers.agent.post(&url);
         if let Some(token) = self.token {
             request = request.set("Authorization", &format!("Bearer {token}"));
         }

@@ -404,7 +404,7 @@ fn rank_neighbors(
     let gather = Gather {
         store,
         remote: state.remote.as_deref(),
-        timeout: state.gather_timeout,
+        peers: &state.peers,
         token: state.bearer_token.as_deref(),
     };
     let ranked =

@@ -63,8 +63,9 @@ pub struct HttpState {
     /// `http.bearer_token`; `None`: no authentication. (Also what this instance presents to
     /// the other owners it asks for candidates: one deployment, one token.)
     pub bearer_token: Option<String>,
-    /// `http.gather_timeout_ms`: how long `/v1/neighbors` waits for another owner.
-    pub gather_timeout: std::time::Duration,
+    /// What `/v1/neighbors` asks the other owners with (`http.gather_timeout_ms` bounds each
+    /// call).
+    pub peers: crate::serve::Peers,
     /// Samples of the consumed counter behind the recent ingest rate in `/v1/status`.
     pub rate: Mutex<RateWindow>,
     /// `[train]`: `/v1/neighbors` adds a history-type source's recent targets

@@ -15,7 +15,9 @@ mod status;
 mod view;
 
 pub(crate) use ann::{AnnError, AnnFigures, AnnHandle, AnnIndexes};
-pub use candidates::{Candidate, CandidatesRequest, CandidatesResponse, GatherReport, OwnerAnswer};
+pub use candidates::{
+    Candidate, CandidatesRequest, CandidatesResponse, GatherReport, OwnerAnswer, Peers,
+};
 pub use embeddings::{EmbeddingResponse, NeighborsResponse, RankMethod, RowSource};
 pub use http::{app, start, HttpState};
 pub(crate) use http::{ApiError, DEFAULT_K, MAX_K};

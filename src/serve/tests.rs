@@ -124,7 +124,7 @@ fn state(store: Arc<GraphStore>, serving: ServingView, token: Option<&str>) -> H
         remote: None,
         exchange: None,
         bearer_token: token.map(Into::into),
-        gather_timeout: std::time::Duration::from_millis(500),
+        peers: Peers::new(Duration::from_millis(500)),
         rate: Mutex::default(),
         train: None,
         multi_interest: default_section(&["http", "multi_interest"]),
