@@ -47,7 +47,8 @@ pub struct CandidatesRequest {
 pub struct CandidatesResponse {
     /// The served version that scored them.
     pub version: u64,
-    /// The partitions whose rows were ranked (those the version covers), of `of`.
+    /// The partitions whose rows were ranked (those the version covers), of `of`; none (and
+    /// `of` 0) while the served version does not say (the one restored at start).
     pub partitions: Vec<i32>,
     pub of: u32,
     /// Best first; at most `k`.
@@ -103,16 +104,19 @@ fn rank_owned(
             view.scope.clone(),
         ))
     })?;
-    let (covered, of) = match &scope {
-        Some(s) => (s.covered().to_vec(), s.partitions()),
-        None => (vec![0], 1),
-    };
     let mut out = CandidatesResponse {
         version: served.version,
-        partitions: covered.clone(),
-        of,
+        partitions: Vec::new(),
+        of: 0,
         candidates: Vec::new(),
     };
+    // A version that does not say which partitions it covers (the one restored at start)
+    // answers for none: the asking instance ranks them from its copies until the next one.
+    let Some(scope) = scope else {
+        return Ok(out);
+    };
+    let (covered, of) = (scope.covered().to_vec(), scope.partitions());
+    (out.partitions, out.of) = (covered.clone(), of);
     let Some(table) = table.filter(|t| rows(t) > 0) else {
         return Ok(out);
     };

@@ -498,6 +498,31 @@ async fn neighbors_search_the_index_above_its_size_and_score_exactly() {
         body["error"].as_str().unwrap().contains("`exact`"),
         "{body}"
     );
+    // A version that does not say which partitions it covers answers for none when another
+    // instance asks; a body that is not a candidates request is refused as such.
+    let post = |body: serde_json::Value| {
+        TestRequest::post()
+            .uri("/v1/candidates/movie")
+            .set_json(body)
+            .to_request()
+    };
+    let (code, body) = call(
+        &app,
+        post(serde_json::json!({"vector": vec![0.6; 8], "k": 3})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        (&body["partitions"], &body["of"], &body["candidates"]),
+        (
+            &serde_json::json!([]),
+            &serde_json::json!(0),
+            &serde_json::json!([])
+        )
+    );
+    let (code, body) = call(&app, post(serde_json::json!({"vector": "x", "k": 3}))).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["code"], "bad_parameter", "{body}");
 }
 
 #[actix_web::test]
