@@ -648,12 +648,30 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     let bases_split = status_u64(&a, "/publish/bases");
     assert!(bases_split >= 2, "its first version and its share's\n{a}");
     assert_first_serves_the_seconds_rows(&s, &first, &second, second_port);
-    let source = (events[..4_000].iter())
-        .map(|(_, (src, rel, _))| (src, rel))
-        .find(|(src, rel)| *rel == "favorites" && firsts.contains(&place(src)))
-        .map(|(src, _)| src.clone())
+    let favoriting = |mine: bool| {
+        (events[..4_000].iter())
+            .map(|(_, (src, rel, _))| (src, rel))
+            .find(|(src, rel)| *rel == "favorites" && firsts.contains(&place(src)) == mine)
+            .map(|(src, _)| src.clone())
+            .unwrap()
+    };
+    assert_first_gathers_the_seconds_candidates(&s, &second, second_port, &favoriting(true));
+    // A source the second owns is ranked by the second: the first forwards the request.
+    let (t, id) = favoriting(false)
+        .split_once(':')
+        .map(|(t, id)| (t.to_owned(), id.to_owned()))
         .unwrap();
-    assert_first_gathers_the_seconds_candidates(&s, &second, second_port, &source);
+    let body = http_get(
+        s.http_port,
+        &format!("/v1/neighbors/{t}/{id}?rel=favorites&k=5"),
+    )
+    .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        answer["answered_by"],
+        serde_json::json!(format!("127.0.0.1:{second_port}")),
+        "{answer}"
+    );
 
     second.kill9();
     let taken_back = wait_until(

@@ -294,6 +294,33 @@ impl Peers {
             agent: ureq::AgentBuilder::new().timeout(timeout).build(),
         }
     }
+
+    /// `GET http://{address}{path}` as JSON, marked with header `mark`; `None` when it fails or
+    /// answers anything but a 200 of that document (logged).
+    pub(super) fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        address: &str,
+        path: &str,
+        token: Option<&str>,
+        mark: &str,
+    ) -> Option<T> {
+        let url = format!("http://{address}{path}");
+        let mut request = self.agent.get(&url).set(mark, "1");
+        if let Some(token) = token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
+        let answer = request
+            .call()
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.into_json::<T>().map_err(|e| e.to_string()));
+        match answer {
+            Ok(answer) => Some(answer),
+            Err(error) => {
+                tracing::warn!(%url, %error, "the owner did not answer; ranking here");
+                None
+            }
+        }
+    }
 }
 
 /// How `/v1/neighbors` reaches the other owners.

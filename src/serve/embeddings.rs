@@ -242,6 +242,10 @@ pub struct NeighborsResponse {
     /// instance's copies instead (no owner advertised, or it did not answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gathered: Option<GatherReport>,
+    /// With several instances, when the source's partition is another instance's: that owner's
+    /// address, which ranked it (this instance forwarded the request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_by: Option<String>,
     /// Best first.
     pub neighbors: Vec<ScoredNode>,
 }
@@ -293,8 +297,19 @@ pub(super) async fn neighbor_ranking(
     state: web::Data<HttpState>,
     path: web::Path<(String, String)>,
     query: web::Query<NeighborsQuery>,
+    request: actix_web::HttpRequest,
 ) -> Result<web::Json<NeighborsResponse>, ApiError> {
     let (type_name, id) = path.into_inner();
+    // A source another instance owns is ranked by its owner, which holds its published row and
+    // every edge it is the source of; once (a forwarded request is answered where it lands).
+    let forwarded = request.headers().contains_key(FORWARDED_HEADER);
+    if !forwarded {
+        let (state, path) = (state.clone(), request.uri().to_string());
+        let key = format!("{type_name}:{id}");
+        if let Some(answer) = web::block(move || ask_owner(&state, &key, &path)).await? {
+            return Ok(web::Json(answer));
+        }
+    }
     let NeighborsQuery {
         rel,
         k,
@@ -319,6 +334,27 @@ pub(super) async fn neighbor_ranking(
     })?;
     let out = web::block(move || rank_neighbors(&state, &type_name, &id, &rel, &req)).await??;
     Ok(web::Json(out))
+}
+
+/// Marks a `/v1/neighbors` request one instance forwarded to the source's owner.
+pub(super) const FORWARDED_HEADER: &str = "x-twhin-forwarded";
+
+/// The source's owner's answer to `path`, when another instance owns `key`'s partition, its
+/// address is known and it answers; `None`: rank here.
+fn ask_owner(state: &HttpState, key: &str, path: &str) -> Option<NeighborsResponse> {
+    let (Some(partition), false) = ownership_of(state, key) else {
+        return None;
+    };
+    let remote = state.remote.as_deref()?;
+    let (address, _) = remote.owners_of(&[partition]).pop_first()?;
+    let mut answer: NeighborsResponse = state.peers.get(
+        &address,
+        path,
+        state.bearer_token.as_deref(),
+        FORWARDED_HEADER,
+    )?;
+    answer.answered_by = Some(address);
+    Some(answer)
 }
 
 /// What a ranking reads of the served version: shallow copies taken under the view's lock, so
@@ -439,6 +475,7 @@ fn rank_neighbors(
             .map(|s| s.size()[0] as usize)
             .max(),
         gathered: ranked.gathered,
+        answered_by: None,
         neighbors,
     })
 }

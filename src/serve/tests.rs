@@ -1119,7 +1119,9 @@ async fn neighbors_gather_the_other_partitions_from_their_owners() {
     // The second instance, listening.
     let second = Arc::new(state(two.stores[1].clone(), two.serving[1].clone(), None));
     let (server, address) = start("127.0.0.1:0".parse().unwrap(), second).unwrap();
-    let app = init_service(app(web::Data::new(two.first(&address.to_string())))).await;
+    let first = two.first(&address.to_string());
+    let ingest = first.ingest.clone();
+    let app = init_service(app(web::Data::new(first))).await;
     let get = |q: &str| request(&format!("/v1/neighbors/user/u1?rel=rated_high&{q}"), None);
     for exclude_known in [false, true] {
         let q = format!("k=10&exclude_known={exclude_known}");
@@ -1191,12 +1193,28 @@ async fn neighbors_gather_the_other_partitions_from_their_owners() {
         }
         other => panic!("{other:?}"),
     }
+    // Once the group says which partition is whose, a source of the other's partition (u1's
+    // is the second's) is ranked by its owner: the request goes there, once.
+    ingest.ownership.set_partition_count(2);
+    ingest.ownership.assign(&[two.partition[0]]);
+    assert_eq!(
+        crate::partition::partition_of(b"user:u1", 2) as i32,
+        two.partition[1]
+    );
+    let (code, body) = call(&app, get("k=10").to_request()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(r.answered_by, Some(address.to_string()));
+    // (The second has no cache of the first's rows here: it ranked that partition itself.)
+    assert_eq!(r.gathered.unwrap().local, vec![two.partition[0]]);
+    assert_eq!(r.neighbors[0].node, format!("movie:m{boosted}"));
     // The owner gone: its partition is ranked from this instance's copies (the boosted movie
-    // is ordinary there).
+    // is ordinary there), and so is a source it owns.
     server.stop(true).await;
     let (code, body) = call(&app, get("k=10").to_request()).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let r: NeighborsResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(r.answered_by, None);
     let gathered = r.gathered.unwrap();
     assert_eq!(gathered.local, vec![two.partition[1]]);
     assert!(gathered.owners[0].error.is_some());
