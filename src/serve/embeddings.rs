@@ -1,6 +1,8 @@
 //! `/v1/embeddings/{type}/{id}` and `/v1/neighbors/{type}/{id}`: rows of the served (committed)
 //! version, and the top-k targets by the model's score: exact over every row, or over a large
-//! type's approximate candidates ([`crate::serve::AnnIndexes`]), always scored exactly.
+//! type's approximate candidates ([`crate::serve::AnnIndexes`]), always scored exactly. With
+//! several instances a source another instance owns is forwarded to its owner, and the
+//! partitions this instance's index does not hold are gathered from theirs (`candidates.rs`).
 
 use actix_web::{get, web};
 use serde::{Deserialize, Serialize};
