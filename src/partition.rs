@@ -70,6 +70,9 @@ const NO_NODE: i32 = -2;
 pub struct PartitionsByRow {
     partitions: u32,
     types: Vec<Vec<i32>>,
+    /// Per type: every row below it is looked up ([`PartitionsByRow::first`] looks only
+    /// above, so asking for a grown table again costs its new rows).
+    known_below: Vec<usize>,
 }
 
 impl PartitionsByRow {
@@ -79,10 +82,12 @@ impl PartitionsByRow {
         if self.partitions != partitions {
             self.partitions = partitions;
             self.types.clear();
+            self.known_below.clear();
         }
         let t = t as usize;
         if self.types.len() <= t {
             self.types.resize(t + 1, Vec::new());
+            self.known_below.resize(t + 1, 0);
         }
         let rows = &mut self.types[t];
         if rows.len() < n {
@@ -116,8 +121,11 @@ impl PartitionsByRow {
         n: usize,
         partitions: u32,
     ) -> &[i32] {
-        let known = self.rows_of(t, n, partitions);
-        let mut row = 0;
+        self.rows_of(t, n, partitions);
+        let from = self.known_below[t as usize];
+        self.known_below[t as usize] = from.max(n);
+        let known = &mut self.types[t as usize];
+        let mut row = from;
         while row < n {
             if known[row] != UNKNOWN {
                 row += 1;
@@ -219,9 +227,12 @@ mod tests {
         assert_eq!(cache.of(&lookup, 1, 5, 4), Some(2));
         assert_eq!(cache.first(&lookup, 1, 8, 4), &[1, 2, 3, 0, 1, 2, 3, 0]);
         assert_eq!(*lookup.0.lock(), vec![(1, 5, 6), (1, 0, 5), (1, 6, 8)]);
+        // A grown table: only its new rows.
+        assert_eq!(cache.first(&lookup, 1, 10, 4)[8..], [1, 2]);
+        assert_eq!(lookup.0.lock().last(), Some(&(1, 8, 10)));
         assert_eq!(cache.of(&lookup, 0, 150, 4), None, "no node");
         assert_eq!(cache.first(&lookup, 1, 8, 3)[..3], [1, 2, 0]);
-        assert_eq!(lookup.0.lock().len(), 5);
+        assert_eq!(lookup.0.lock().len(), 6);
     }
 
     /// Kafka's own test vectors (`UtilsTest.testMurmur2`), also what kafka-python 3.0.12 gives.

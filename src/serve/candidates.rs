@@ -12,7 +12,7 @@
 //!   owner answered for (none advertised, an error, a timeout, or the owner no longer covers
 //!   it) is ranked from this instance's own copies of its rows, and the response says which.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use actix_web::{post, web};
@@ -166,8 +166,11 @@ fn rank_owned(
         match searched {
             Some(found) => {
                 let found = found?;
+                // An index built for other partitions than the version covers (a move under
+                // way) may propose rows of partitions this instance does not answer for.
+                let exact_scope = found.covered.as_ref() == Some(&(covered.clone(), of));
                 let picked: Vec<i64> = (found.rows.into_iter())
-                    .filter(|&i| i < n && covers.row(i))
+                    .filter(|&i| i < n && (exact_scope || covers.row(i)))
                     .collect();
                 if !picked.is_empty() {
                     let scores = score_picked(&served, &target, &translated, &picked)?;
@@ -203,26 +206,20 @@ fn rank_owned(
 pub(super) struct Covers<'a> {
     store: &'a GraphStore,
     t: TypeId,
-    covered: Option<Vec<bool>>,
+    /// Sorted; `None`: every partition.
+    covered: Option<Vec<i32>>,
     of: u32,
 }
 
 impl<'a> Covers<'a> {
     pub(super) fn new(store: &'a GraphStore, t: TypeId, covered: &[i32], of: u32) -> Covers<'a> {
-        let whole = covered.len() >= of as usize;
-        let covered = (!whole).then(|| {
-            let mut flags = vec![false; of as usize];
-            for &q in covered {
-                if let Some(f) = flags.get_mut(q as usize) {
-                    *f = true;
-                }
-            }
-            flags
-        });
+        let mut covered = covered.to_vec();
+        covered.sort_unstable();
+        covered.dedup();
         Covers {
             store,
             t,
-            covered,
+            covered: (covered.len() < of as usize).then_some(covered),
             of,
         }
     }
@@ -231,16 +228,13 @@ impl<'a> Covers<'a> {
         let Some(covered) = &self.covered else {
             return true;
         };
-        let node = NodeRef {
-            node_type: self.t,
-            index: row as u32,
-        };
-        let Ok(Some(id)) = self.store.node_id(node) else {
-            return false;
-        };
-        let type_name = &self.store.stored_schema().node_types[self.t as usize];
-        let q = partition_of(format!("{type_name}:{id}").as_bytes(), self.of);
-        covered[q as usize]
+        let row = row as u32;
+        let found = self.store.partitions_of(self.t, row, row + 1, self.of);
+        found
+            .first()
+            .copied()
+            .flatten()
+            .is_some_and(|q| covered.binary_search(&q).is_ok())
     }
 }
 
@@ -295,6 +289,23 @@ impl Peers {
         }
     }
 
+    /// `method http://{address}{path}`, with this deployment's bearer token when it has one.
+    fn request(
+        &self,
+        method: &str,
+        address: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> (String, ureq::Request) {
+        let url = format!("http://{address}{path}");
+        let request = self.agent.request(method, &url);
+        let request = match token {
+            Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+            None => request,
+        };
+        (url, request)
+    }
+
     /// `GET http://{address}{path}` as JSON, marked with header `mark`; `None` when it fails or
     /// answers anything but a 200 of that document (logged).
     pub(super) fn get<T: serde::de::DeserializeOwned>(
@@ -304,13 +315,8 @@ impl Peers {
         token: Option<&str>,
         mark: &str,
     ) -> Option<T> {
-        let url = format!("http://{address}{path}");
-        let mut request = self.agent.get(&url).set(mark, "1");
-        if let Some(token) = token {
-            request = request.set("Authorization", &format!("Bearer {token}"));
-        }
-        let answer = request
-            .call()
+        let (url, request) = self.request("GET", address, path, token);
+        let answer = (request.set(mark, "1").call())
             .map_err(|e| e.to_string())
             .and_then(|r| r.into_json::<T>().map_err(|e| e.to_string()));
         match answer {
@@ -320,6 +326,24 @@ impl Peers {
                 None
             }
         }
+    }
+
+    /// `POST /v1/candidates/{type_name}` to the owner at `address`.
+    fn candidates(
+        &self,
+        address: &str,
+        type_name: &str,
+        token: Option<&str>,
+        body: &CandidatesRequest,
+    ) -> Result<CandidatesResponse, String> {
+        let path = format!("/v1/candidates/{type_name}");
+        let (url, request) = self.request("POST", address, &path, token);
+        let response = request
+            .send_json(body)
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        response
+            .into_json::<CandidatesResponse>()
+            .map_err(|e| format!("POST {url}: the answer is not a candidates document: {e}"))
     }
 }
 
@@ -370,6 +394,30 @@ pub(super) struct Gathered {
 }
 
 impl Gather<'_> {
+    /// Every owner of `owners` (address → the partitions wanted of it) asked at once.
+    fn ask_all(
+        &self,
+        owners: BTreeMap<String, Vec<i32>>,
+        type_name: &str,
+        body: &CandidatesRequest,
+    ) -> Vec<Asked> {
+        std::thread::scope(|scope| {
+            let asked: Vec<_> = (owners.into_iter())
+                .map(|(address, wanted)| {
+                    scope.spawn(move || {
+                        let started = Instant::now();
+                        let answer = self.peers.candidates(&address, type_name, self.token, body);
+                        let ms = started.elapsed().as_secs_f64() * 1e3;
+                        (address, wanted, answer, ms)
+                    })
+                })
+                .collect();
+            (asked.into_iter())
+                .map(|h| h.join().expect("a gather thread panicked"))
+                .collect()
+        })
+    }
+
     /// Ask the owners of `partitions` (type `t`) for their best `k` rows for `query`, leaving
     /// out the `exclude` rows (this instance's row indices of type `t`); all at once, each
     /// waited for at most the gather timeout.
@@ -382,42 +430,31 @@ impl Gather<'_> {
         partitions: &[i32],
     ) -> Result<Gathered, ApiError> {
         let type_name = self.store.stored_schema().node_types[t as usize].clone();
-        let mut exclude_keys = Vec::with_capacity(exclude.len());
-        for &row in exclude {
-            let node = NodeRef {
-                node_type: t,
-                index: row as u32,
-            };
-            if let Some(id) = self.store.node_id(node)? {
-                exclude_keys.push(format!("{type_name}:{id}"));
-            }
-        }
-        let body = CandidatesRequest {
-            vector: query.to_vec(),
-            k,
-            exclude: exclude_keys,
-        };
         let owners = self
             .remote
             .map(|r| r.owners_of(partitions))
             .unwrap_or_default();
-        let answers: Vec<Asked> = std::thread::scope(|scope| {
-            let asked: Vec<_> = (owners.into_iter())
-                .map(|(address, wanted)| {
-                    let (body, type_name) = (&body, &type_name);
-                    let handle = scope.spawn(move || {
-                        let started = Instant::now();
-                        let answer = self.post(&address, type_name, body);
-                        let ms = started.elapsed().as_secs_f64() * 1e3;
-                        (address, wanted, answer, ms)
-                    });
-                    handle
-                })
-                .collect();
-            (asked.into_iter())
-                .map(|h| h.join().expect("a gather thread panicked"))
-                .collect()
-        });
+        let answers: Vec<Asked> = match owners.is_empty() {
+            true => Vec::new(),
+            false => {
+                let mut exclude_keys = Vec::with_capacity(exclude.len());
+                for &row in exclude {
+                    let node = NodeRef {
+                        node_type: t,
+                        index: row as u32,
+                    };
+                    if let Some(id) = self.store.node_id(node)? {
+                        exclude_keys.push(format!("{type_name}:{id}"));
+                    }
+                }
+                let body = CandidatesRequest {
+                    vector: query.to_vec(),
+                    k,
+                    exclude: exclude_keys,
+                };
+                self.ask_all(owners, &type_name, &body)
+            }
+        };
         let mut left: BTreeSet<i32> = partitions.iter().copied().collect();
         let mut out = Gathered {
             hits: Vec::new(),
@@ -462,24 +499,5 @@ impl Gather<'_> {
         metrics::counter!(NEIGHBORS_GATHERED, "from" => "local")
             .increment(out.unanswered.len() as u64);
         Ok(out)
-    }
-
-    fn post(
-        &self,
-        address: &str,
-        type_name: &str,
-        body: &CandidatesRequest,
-    ) -> Result<CandidatesResponse, String> {
-        let url = format!("http://{address}/v1/candidates/{type_name}");
-        let mut request = self.peers.agent.post(&url);
-        if let Some(token) = self.token {
-            request = request.set("Authorization", &format!("Bearer {token}"));
-        }
-        let response = request
-            .send_json(body)
-            .map_err(|e| format!("POST {url}: {e}"))?;
-        response
-            .into_json::<CandidatesResponse>()
-            .map_err(|e| format!("POST {url}: the answer is not a candidates document: {e}"))
     }
 }

@@ -36,7 +36,7 @@
 //! indexing them too would make every instance build, update and hold an index of the whole
 //! graph (measured: docs/measurements.md, "Throughput with a CPU cap per instance").
 //! `/v1/neighbors` asks the other owners for theirs ([`Candidates::covered`]). Which partition a
-//! row belongs to is its node key's ([`RowPartitions`]), looked up once per row and kept, so an
+//! row belongs to is its node key's ([`NodePartitions`]), looked up once per row and kept, so an
 //! update still costs its changed rows; a version that covers other partitions than the index
 //! holds builds it again.
 //!

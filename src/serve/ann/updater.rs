@@ -51,7 +51,7 @@ impl Submitted {
 /// Which rows of a type an index holds: those of the covered partitions.
 pub(super) struct OwnedRows<'a> {
     partition: &'a [i32],
-    covered: Vec<bool>,
+    covered: &'a [bool],
 }
 
 impl OwnedRows<'_> {
@@ -115,6 +115,13 @@ impl AnnIndexes {
             (Some(_), Some(scope)) => Some((scope.covered().to_vec(), scope.partitions())),
             _ => None,
         };
+        let covered_flags = scope.as_ref().map(|(covered, partitions)| {
+            let mut flags = vec![false; *partitions as usize];
+            for &q in covered {
+                flags[q as usize] = true;
+            }
+            flags
+        });
         let mut owners = self.owners.lock();
         for t in 0..n_types {
             let table = &s.tables[t];
@@ -137,17 +144,11 @@ impl AnnIndexes {
                 .changed
                 .as_ref()
                 .map(|c| c.get(t).cloned().unwrap_or_default());
-            let owned = match (&self.rows_of, &scope) {
-                (Some(rows_of), Some((covered, partitions))) => {
-                    let mut flags = vec![false; *partitions as usize];
-                    for &q in covered {
-                        flags[q as usize] = true;
-                    }
-                    Some(OwnedRows {
-                        partition: owners.first(&**rows_of, t as TypeId, rows, *partitions),
-                        covered: flags,
-                    })
-                }
+            let owned = match (&self.rows_of, &scope, &covered_flags) {
+                (Some(rows_of), Some((_, partitions)), Some(covered)) => Some(OwnedRows {
+                    partition: owners.first(&**rows_of, t as TypeId, rows, *partitions),
+                    covered,
+                }),
                 _ => None,
             };
             let owned = owned.as_ref();
