@@ -1406,19 +1406,6 @@ fn events_on_the_wrong_partition_reach_their_owner_exactly_once_across_kills_and
     }
 }
 
-/// The store's live edges are `expected`, each once (an edge stored twice would be live twice).
-fn assert_live_exactly(store: &std::path::Path, expected: &HashSet<Triple>) {
-    let (live, edges) = stored_triples(store);
-    let deleted = (twhin_stream::store::GraphStore::open_existing(store).unwrap()).deleted_edges();
-    assert_eq!(
-        edges - deleted,
-        live.len() as u64,
-        "duplicate edges in the store"
-    );
-    assert_eq!(live.len(), expected.len(), "live edge count");
-    assert_eq!(&live, expected);
-}
-
 /// The source of a valid event's payload (an erasure's: its node).
 fn source_of(payload: &[u8]) -> String {
     let json: serde_json::Value = serde_json::from_slice(payload).unwrap();

@@ -136,6 +136,11 @@ impl Daemon {
         self.spawn();
     }
 
+    /// The running daemon's process id (to signal it: `kill -STOP`, `kill -CONT`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("daemon running");

@@ -394,3 +394,16 @@ pub fn for_each_row(
         },
     )
 }
+
+/// The store's live edges are `expected`, each once (an edge stored twice would be live twice).
+pub fn assert_live_exactly(store: &std::path::Path, expected: &std::collections::HashSet<Triple>) {
+    let (live, edges) = stored_triples(store);
+    let deleted = (twhin_stream::store::GraphStore::open_existing(store).unwrap()).deleted_edges();
+    assert_eq!(
+        edges - deleted,
+        live.len() as u64,
+        "duplicate edges in the store"
+    );
+    assert_eq!(live.len(), expected.len(), "live edge count");
+    assert_eq!(&live, expected);
+}

@@ -22,6 +22,12 @@ const APPLIED_KEPT: usize = 4096;
 /// (implemented by [`crate::remote::RemoteCache`]): the trainer copies them over its own copies.
 pub trait ChangedRows: Send + Sync + std::fmt::Debug {
     fn take_changed(&self) -> Vec<ChangedRow>;
+
+    /// The rows of partitions this instance took over, as their previous owner last published
+    /// them, since it was last asked.
+    fn take_handed_over(&self) -> Vec<ChangedRow> {
+        Vec::new()
+    }
 }
 
 /// A row of another owner, as the cache holds it.
@@ -130,6 +136,9 @@ pub struct ExchangeFigures {
     pub rows_unknown: u64,
     /// Rows of other owners copied from the remote cache into the model.
     pub rows_refreshed: u64,
+    /// Rows of partitions this instance took over that it started at their previous owner's
+    /// published row (nodes its store did not know, or whose row it had not started).
+    pub rows_taken_over: u64,
     /// Records of the gradients topic that did not decode (skipped).
     pub records_skipped: u64,
     /// Records deleted below the positions of the trainer's checkpoints (never read again).
@@ -157,6 +166,7 @@ pub struct GradientInbox {
     rows_started: AtomicU64,
     rows_unknown: AtomicU64,
     rows_refreshed: AtomicU64,
+    rows_taken_over: AtomicU64,
     records_skipped: AtomicU64,
     records_deleted: AtomicU64,
 }
@@ -238,6 +248,12 @@ impl GradientInbox {
             .collect()
     }
 
+    /// The trainer: the rows of partitions this instance took over, as their previous owner
+    /// last published them ([`ChangedRows::take_handed_over`]).
+    pub fn take_handed_over(&self) -> Vec<ChangedRow> {
+        (self.changed.get()).map_or_else(Vec::new, |changed| changed.take_handed_over())
+    }
+
     pub fn count_sent(&self, windows: u64, rows: u64) {
         self.windows_sent.fetch_add(windows, Ordering::Relaxed);
         self.rows_sent.fetch_add(rows, Ordering::Relaxed);
@@ -263,6 +279,11 @@ impl GradientInbox {
         self.rows_refreshed.fetch_add(rows, Ordering::Relaxed);
     }
 
+    pub fn count_taken_over(&self, rows: u64) {
+        metrics::counter!(m::EXCHANGE_ROWS, "kind" => "taken_over").increment(rows);
+        self.rows_taken_over.fetch_add(rows, Ordering::Relaxed);
+    }
+
     pub fn count_deleted(&self, records: u64) {
         self.records_deleted.fetch_add(records, Ordering::Relaxed);
     }
@@ -282,6 +303,7 @@ impl GradientInbox {
             rows_started: get(&self.rows_started),
             rows_unknown: get(&self.rows_unknown),
             rows_refreshed: get(&self.rows_refreshed),
+            rows_taken_over: get(&self.rows_taken_over),
             records_skipped: get(&self.records_skipped),
             records_deleted: get(&self.records_deleted),
         }

@@ -170,9 +170,12 @@ impl ClientContext for IngestContext {
             stats.brokers.values().any(|b| b.state == "UP"),
             Ordering::Relaxed,
         );
-        // Forwarded events not yet stored are behind too.
+        // Forwarded events not yet stored are behind too. Only the partitions owned now: the
+        // statistics go on naming partitions given up, whose stored offsets stay where this
+        // instance left them.
         let mut total = 0u64;
         let kafka = &self.cfg.kafka;
+        let owned = self.status.ownership.get().partitions;
         for name in [&kafka.engagements_topic, &kafka.routed_topic] {
             let Some(topic) = stats.topics.get(name) else {
                 continue;
@@ -187,7 +190,10 @@ impl ClientContext for IngestContext {
                     .ok()
                     .flatten()
                     .unwrap_or(part.lo_offset.max(0));
-                let lag = (part.hi_offset - stored).max(0) as u64;
+                let lag = match owned.binary_search(&p) {
+                    Ok(_) => (part.hi_offset - stored).max(0) as u64,
+                    Err(_) => 0,
+                };
                 total += lag;
                 metrics::gauge!(m::CONSUMER_LAG, "topic" => name.clone(), "partition" => p.to_string())
                     .set(lag as f64);

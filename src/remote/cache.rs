@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::exchange::{ChangedRow, ChangedRows, GradientsApplied};
 use crate::partition::partition_of;
 use crate::publish::TopicRecord;
-use crate::subscriber::{Applied, VersionAssembler};
+use crate::subscriber::{Applied, VersionAssembler, RELATION_PREFIX};
 
 /// Apply delays kept for the figures (the newest).
 const DELAYS_KEPT: usize = 1024;
@@ -91,6 +91,10 @@ pub struct RemoteCache {
     /// With the gradient exchange: the keys of the rows versions applied live, until the
     /// trainer takes them ([`ChangedRows`]).
     changed: Option<Mutex<HashSet<String>>>,
+    /// With the gradient exchange: the rows of partitions this instance took over, as their
+    /// previous owner last published them, until the trainer takes them
+    /// ([`ChangedRows::take_handed_over`]).
+    handed_over: Option<Mutex<Vec<ChangedRow>>>,
 }
 
 #[derive(Debug, Default)]
@@ -144,14 +148,23 @@ impl RemoteCache {
             max_rows,
             inner: RwLock::default(),
             changed: None,
+            handed_over: None,
         }
     }
 
     /// Keep the keys of the rows every version applied live carries, for [`ChangedRows`] (the
     /// trainer replaces its copies of rows owned elsewhere with them).
+    /// Rows of partitions it stops following go to the trainer too ([`Self::forget`]).
     pub fn tracking_changes(mut self) -> RemoteCache {
         self.changed = Some(Mutex::default());
+        self.handed_over = Some(Mutex::default());
         self
+    }
+
+    /// Whether partitions it stops following are handed over to the trainer
+    /// ([`Self::tracking_changes`]).
+    pub fn hands_over(&self) -> bool {
+        self.handed_over.is_some()
     }
 
     /// The embeddings topic's partition count, which places every key.
@@ -208,11 +221,34 @@ impl RemoteCache {
         }
     }
 
-    /// Stop following `partitions` and drop their rows (this instance owns them now).
+    /// Stop following `partitions` and drop their rows (this instance owns them now). When
+    /// tracking changes, their node rows are handed over to the trainer first: the new owner
+    /// takes the rows of nodes its store never met (a node that only other owners' edges name
+    /// reached the previous owner through gradients, which are not sent again), as their
+    /// previous owner last published them.
     pub fn forget(&self, partitions: &BTreeSet<i32>) {
         let mut inner = self.inner.write();
-        inner.followed.retain(|q, _| !partitions.contains(q));
+        let gone: Vec<(i32, Followed)> = (partitions.iter())
+            .filter_map(|q| Some((*q, inner.followed.remove(q)?)))
+            .collect();
         inner.uncached.retain(|q| !partitions.contains(q));
+        drop(inner);
+        let Some(handed_over) = &self.handed_over else {
+            return;
+        };
+        let mut rows = handed_over.lock();
+        for (_, followed) in gone.into_iter().filter(|(_, f)| f.caught_up) {
+            let applied = followed.includes.clone();
+            rows.extend(
+                (followed.assembler.table().iter())
+                    .filter(|(key, _)| !key.starts_with(RELATION_PREFIX))
+                    .map(|(key, entry)| ChangedRow {
+                        key: key.clone(),
+                        vector: entry.vector.clone(),
+                        applied: applied.clone(),
+                    }),
+            );
+        }
     }
 
     /// Hand records read to the partitions they belong to (only those in `only`, when given:
@@ -367,6 +403,10 @@ impl RemoteCache {
 }
 
 impl ChangedRows for RemoteCache {
+    fn take_handed_over(&self) -> Vec<ChangedRow> {
+        (self.handed_over.as_ref()).map_or_else(Vec::new, |rows| std::mem::take(&mut *rows.lock()))
+    }
+
     fn take_changed(&self) -> Vec<ChangedRow> {
         let Some(changed) = &self.changed else {
             return Vec::new();
@@ -479,6 +519,53 @@ mod tests {
             Some("10.0.0.1:8080")
         );
         assert_eq!(figures.followed[2].owner_http, None);
+    }
+
+    /// A partition this instance takes over is handed to the trainer whole, as its previous
+    /// owner last published it (node rows, not relation vectors), once; a partition forgotten
+    /// before it was caught up hands nothing, and without the exchange nothing is kept.
+    #[test]
+    fn a_partition_taken_over_is_handed_to_the_trainer_as_last_published() {
+        let cache = RemoteCache::new(100).tracking_changes();
+        assert!(cache.hands_over());
+        cache.set_partitions(P);
+        cache.follow(&[1, 2].into());
+        let (k1, k2) = (keys_in(1, 2), keys_in(2, 1));
+        let relation = (0..)
+            .map(|i| format!("relation:r{i}"))
+            .find(|k| partition_of(k.as_bytes(), P) == 1)
+            .unwrap();
+        cache.feed(
+            vec![
+                row(1, &k1[0], 1, 1.0),
+                row(1, &k1[1], 1, 2.0),
+                row(1, &relation, 1, 9.0),
+                marker(1, 1, 3, 0),
+                row(2, &k2[0], 1, 5.0),
+                marker(2, 1, 1, 0),
+            ],
+            Some(&[1, 2].into()),
+            0,
+        );
+        cache.catch_up(&[1].into(), 0);
+        cache.forget(&[1, 2].into());
+        let mut handed = cache.take_handed_over();
+        handed.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<(&str, f32)> = handed
+            .iter()
+            .map(|r| (r.key.as_str(), r.vector[0]))
+            .collect();
+        let mut want = vec![(k1[0].as_str(), 1.0), (k1[1].as_str(), 2.0)];
+        want.sort_by(|a, b| a.0.cmp(b.0));
+        assert_eq!(keys, want, "partition 2 was never caught up");
+        assert!(cache.take_handed_over().is_empty(), "handed over once");
+        assert!(cache.followed().is_empty());
+
+        let plain = cache_following(&[1]);
+        assert!(!plain.hands_over());
+        plain.feed(vec![row(1, &k1[0], 1, 1.0), marker(1, 1, 1, 0)], None, 0);
+        plain.forget(&[1].into());
+        assert!(plain.take_handed_over().is_empty());
     }
 
     /// With the gradient exchange the trainer takes the rows each version applied live carried,

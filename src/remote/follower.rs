@@ -69,8 +69,9 @@ struct Follower {
     consumer: Option<BaseConsumer>,
     /// The next offset to read per partition.
     positions: BTreeMap<(Topic, i32), i64>,
-    /// The ownership generation the assignment reflects.
+    /// The ownership generation the assignment reflects, and the partitions owned then.
     acted_on: u64,
+    owned_then: BTreeSet<i32>,
     /// The newest generation seen and since when.
     seen: Option<(u64, Instant)>,
     /// Records that did not decode (skipped, as any subscriber skips them).
@@ -93,6 +94,7 @@ impl Follower {
             consumer: None,
             positions: BTreeMap::new(),
             acted_on: 0,
+            owned_then: BTreeSet::new(),
             seen: None,
             skipped: 0,
         }
@@ -173,6 +175,7 @@ impl Follower {
         self.cache.forget(&gone);
         self.positions
             .retain(|(topic, q), _| *topic == Topic::Versions || !gone.contains(q));
+        self.take_over_unfollowed(owned, &followed, remote.is_empty())?;
         let new: BTreeSet<i32> = remote.difference(&followed).copied().collect();
         if !new.is_empty() {
             let started = Instant::now();
@@ -190,6 +193,43 @@ impl Follower {
         }
         self.assign()?;
         self.acted_on = owned.generation;
+        self.owned_then = owned.partitions.iter().copied().collect();
+        Ok(())
+    }
+
+    /// Partitions this instance now owns that it neither followed nor owned at the last change
+    /// (it started, or they moved to it while it was away): read from the published state and
+    /// handed over to the trainer as their previous owner left them, as [`RemoteCache::forget`]
+    /// hands over a followed one. Not at a start that owns every partition: one instance alone
+    /// knows every node its partitions' events name, and reading all its published rows back at
+    /// every start would cost what a subscriber's catch-up costs.
+    fn take_over_unfollowed(
+        &mut self,
+        owned: &Owned,
+        followed: &BTreeSet<i32>,
+        owns_all: bool,
+    ) -> Result<(), FollowerError> {
+        if !self.cache.hands_over() || (self.acted_on == 0 && owns_all) {
+            return Ok(());
+        }
+        let unseen: BTreeSet<i32> = (owned.partitions.iter().copied())
+            .filter(|q| !followed.contains(q) && !self.owned_then.contains(q))
+            .collect();
+        if unseen.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.cache.follow(&unseen);
+        let read = self.catch_up(&unseen);
+        self.cache.forget(&unseen);
+        self.positions
+            .retain(|(topic, q), _| *topic == Topic::Versions || !unseen.contains(q));
+        read?;
+        info!(
+            partitions = ?unseen,
+            secs = started.elapsed().as_secs_f64(),
+            "remote follower: partitions taken over read from the published state"
+        );
         Ok(())
     }
 

@@ -258,11 +258,16 @@ impl ForeignRows {
         let seen = std::mem::take(&mut self.seen_foreign);
         self.mark_foreign(&seen, model.device);
         let (parts, refreshed) = (self.inbox.take_parts(), self.inbox.take_refreshed());
-        if parts.is_empty() && refreshed.is_empty() {
+        let handed_over = self.inbox.take_handed_over();
+        if parts.is_empty() && refreshed.is_empty() && handed_over.is_empty() {
             return Ok(());
         }
         // (Built only when something came: this runs before every step.)
         let types = type_ids(store);
+        if !handed_over.is_empty() {
+            let started = take_over(model, store, &types, &handed_over, init_scale)?;
+            self.inbox.count_taken_over(started);
+        }
         for part in parts {
             if self.position.has(&part.id, part.partition) {
                 self.inbox.count_repeated();
@@ -420,6 +425,74 @@ fn start_rows(table: &mut NodeTable, nodes: &[NodeRef], values: &[f32]) {
             let _ = (table.bias).index_copy_(0, &idx, &values.select(1, dim));
         });
     }
+}
+
+/// The rows of partitions this instance took over, as their previous owner last published them:
+/// a node the store does not know is interned and its row started there, and so is a known
+/// node's placeholder (a row no step or window has started); a row this instance already holds
+/// is its own (its copy was refreshed from the owner and carries what it learned since).
+/// Returns how many rows were started.
+fn take_over(
+    model: &mut Embeddings,
+    store: &GraphStore,
+    types: &HashMap<String, usize>,
+    rows: &[crate::exchange::ChangedRow],
+    init_scale: f64,
+) -> Result<u64, StoreError> {
+    let dim = model.dim as usize;
+    let (mut fresh, mut fresh_rows): (Vec<NodeKey>, Vec<&[f32]>) = Default::default();
+    let mut starts: Vec<(NodeRef, &[f32])> = Vec::new();
+    for row in rows {
+        let Some((t, id)) = type_and_id(types, &row.key) else {
+            continue;
+        };
+        let width = dim + usize::from(model.tables[t].biased);
+        let Some(value) = row.vector.get(..width) else {
+            continue;
+        };
+        let node_type = t as u16;
+        match store.node_index(node_type, id)? {
+            Some(index) => {
+                let node = NodeRef { node_type, index };
+                if !model.tables[t].holds(i64::from(index)) && !store.is_erased(node) {
+                    starts.push((node, value));
+                }
+            }
+            None => {
+                fresh.push(NodeKey {
+                    node_type,
+                    id: id.to_owned(),
+                });
+                fresh_rows.push(value);
+            }
+        }
+    }
+    if !fresh.is_empty() {
+        let interned = store.intern_nodes(&fresh)?;
+        starts.extend(interned.into_iter().zip(fresh_rows));
+    }
+    let mut by_type: BTreeMap<usize, Vec<(NodeRef, &[f32])>> = BTreeMap::new();
+    for (node, value) in starts {
+        by_type
+            .entry(node.node_type as usize)
+            .or_default()
+            .push((node, value));
+    }
+    let mut started = 0u64;
+    for (t, rows) in by_type {
+        let table = &mut model.tables[t];
+        let indices: Vec<i64> = rows.iter().map(|(n, _)| i64::from(n.index)).collect();
+        let needed = indices.iter().max().map_or(0, |&r| r + 1);
+        let named: HashSet<i64> = indices.iter().copied().collect();
+        table.grow_reaching(needed, &named, |count| {
+            Tensor::randn([count, dim as i64], (Kind::Float, Device::Cpu)) * init_scale
+        });
+        let (nodes, values): (Vec<NodeRef>, Vec<&[f32]>) = rows.into_iter().unzip();
+        start_rows(table, &nodes, &values.concat());
+        table.hold(&indices);
+        started += nodes.len() as u64;
+    }
+    Ok(started)
 }
 
 /// Store type names to type ids.
@@ -915,6 +988,63 @@ mod tests {
         assert_eq!(row(&a, 1, i64::from(first.index)), published);
         assert_eq!(row(&a, 0, 0), user_before, "a row A owns is its own");
         assert_eq!(a_inbox.figures().rows_refreshed, 1);
+    }
+
+    /// The rows of partitions taken over, as their previous owner last published them.
+    #[derive(Debug, Default)]
+    struct TakenOver(parking_lot::Mutex<Vec<ChangedRow>>);
+
+    impl crate::exchange::ChangedRows for TakenOver {
+        fn take_changed(&self) -> Vec<ChangedRow> {
+            Vec::new()
+        }
+
+        fn take_handed_over(&self) -> Vec<ChangedRow> {
+            std::mem::take(&mut *self.0.lock())
+        }
+    }
+
+    /// A partition taken over: a node its new owner's store never met (only other owners'
+    /// edges name it) is interned and started at its previous owner's published row, and so is
+    /// a known node whose row was never started; a row the new owner holds stays its own.
+    #[test]
+    fn a_partition_taken_over_starts_the_rows_its_new_owner_does_not_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let users: Vec<String> = ids_in("user", "u", 0).collect();
+        let movies: Vec<String> = ids_in("movie", "m", 1).collect();
+        let likes: Vec<(&str, &str)> = (0..6)
+            .map(|i| (users[i % 2].as_str(), movies[i % 3].as_str()))
+            .collect();
+        let store = likes_store(dir.path(), &likes);
+        let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
+        let b_owns = Arc::new(Ownership::default());
+        b_owns.set_partition_count(2);
+        b_owns.assign(&[1]);
+        let (mut b, b_inbox) = core(&cfg, &b_owns, store.edge_count());
+        let handed = Arc::new(TakenOver::default());
+        b_inbox.refresh_from(handed.clone());
+        let published = |key: &str, x: f32| ChangedRow {
+            key: key.to_owned(),
+            vector: vec![x; 4],
+            applied: None,
+        };
+        let known = format!("movie:{}", movies[0]);
+        handed.0.lock().extend([
+            published("movie:only-named-elsewhere", 0.25),
+            published(&known, 0.5),
+            published("planet:x", 1.0),
+        ]);
+        b.step(&store).unwrap();
+        assert_eq!(b_inbox.figures().rows_taken_over, 2);
+        let interned = (store.node_index(1, "only-named-elsewhere").unwrap()).expect("interned");
+        assert_eq!(row(&b, 1, i64::from(interned)), vec![0.25; 4]);
+        let m0 = i64::from(store.node_index(1, &movies[0]).unwrap().unwrap());
+        assert_eq!(row(&b, 1, m0), vec![0.5; 4]);
+        // Handed over again (the partition moved away and back): a held row stays.
+        handed.0.lock().push(published(&known, 0.75));
+        b.step(&store).unwrap();
+        assert_eq!(row(&b, 1, m0), vec![0.5; 4]);
+        assert_eq!(b_inbox.figures().rows_taken_over, 2);
     }
 
     /// A copy of a row owned elsewhere, refreshed, is its owner's row plus this instance's
