@@ -8,6 +8,10 @@
 //! * one instance is stopped (SIGSTOP) for longer than the group's session timeout while events
 //!   keep coming, so that the group gives its partitions to the others, and then continued: a
 //!   zombie that believes, until it hears from the group, that it still owns its partitions.
+//!   With `FAULT_TEST_CUT=netns` (root: `ip netns`) that instance runs in a network namespace
+//!   of its own, and its network is cut instead while it runs: its consumer's session times
+//!   out, its publications cannot reach the broker, and what it queued meanwhile is delivered
+//!   once the network is back.
 //!
 //! Afterwards:
 //! * **nothing stale was published**: per partition, in the versions topic's order, once an
@@ -51,6 +55,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 struct Instance {
     name: &'static str,
     daemon: Daemon,
+    host: String,
     port: u16,
     store: PathBuf,
 }
@@ -61,7 +66,7 @@ impl Instance {
     }
 
     fn advertised(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 }
 
@@ -143,8 +148,23 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
     let seed = env_u64("FAULT_TEST_SEED", 20_261_207);
     let per_stage = env_u64("FAULT_TEST_EVENTS_PER_STAGE", 1_000) as usize;
     let mut rng = SmallRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let p = publishing(
+    // `FAULT_TEST_CUT=netns`: the second instance runs in a network namespace of its own, and
+    // the stall is a cut of its network (root only); otherwise it is a SIGSTOP.
+    let netns = match std::env::var("FAULT_TEST_CUT").as_deref() {
+        Ok("netns") => Some(Netns::create(7)),
+        Ok(other) if !other.is_empty() => panic!("FAULT_TEST_CUT={other:?}: netns or nothing"),
+        _ => None,
+    };
+    let mut dir = tempfile::tempdir().unwrap();
+    // `FAULT_TEST_KEEP=1` keeps the logs, stores and the broker's log.
+    dir.disable_cleanup(std::env::var_os("FAULT_TEST_KEEP").is_some());
+    eprintln!("in {}", dir.path().display());
+    let broker = match &netns {
+        Some(ns) => Broker::start_reachable_at(dir.path(), &ns.host_ip),
+        None => Broker::start(dir.path()),
+    };
+    let p = publishing_on(
+        broker,
         dir.path(),
         16,
         1,
@@ -188,6 +208,7 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
     let a = Instance {
         name: "a",
         daemon: Daemon::start(p.env.clone(), p.port, &a_home),
+        host: "127.0.0.1".into(),
         port: p.port,
         store: p.store.clone(),
     };
@@ -206,9 +227,11 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
     for name in ["b", "c"] {
         let producing = next_chunk(Some(per_stage as f64 / 3.0));
         let home = dir.path().join(name);
-        let (daemon, port) = start_another_instance(&p.env, &home);
+        let netns = netns.as_ref().filter(|_| name == "b");
+        let (daemon, port) = start_another_instance_in(&p.env, &home, netns);
         instances.push(Instance {
             name,
+            host: daemon.http_host.clone(),
             daemon,
             port,
             store: home.join("store"),
@@ -248,12 +271,15 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
         );
     }
 
-    // The stall: the second stops past its session; the others take its partitions, publish
-    // them over (bases), and then it runs again.
+    // The stall: the second stops (or its network is cut) past its session; the others take
+    // its partitions, publish them over (bases), and then it runs (or reaches them) again.
     let stalled = 1;
     let producing = next_chunk(Some(per_stage as f64 / 4.0));
     let stalled_pid = instances[stalled].daemon.pid();
-    signal(stalled_pid, "STOP");
+    match &netns {
+        Some(ns) => ns.cut(),
+        None => signal(stalled_pid, "STOP"),
+    }
     let stall_began = Instant::now();
     let others: Vec<&Instance> = (instances.iter().enumerate())
         .filter(|(i, _)| *i != stalled)
@@ -276,7 +302,10 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
         },
     );
     let stall_s = stall_began.elapsed().as_secs_f64();
-    signal(stalled_pid, "CONT");
+    match &netns {
+        Some(ns) => ns.restore(),
+        None => signal(stalled_pid, "CONT"),
+    }
     producing.join().unwrap();
     let live: Vec<&Instance> = instances.iter().collect();
     wait_split(
@@ -376,31 +405,70 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
         }
         let q = partition_of(key.as_bytes(), PARTITIONS) as i32;
         let owner = &instances[owner_of[&q]];
-        let (_, served) = served_row(owner.port, key);
-        if served[..] != entry.vector[..served.len().min(entry.vector.len())] {
-            differing.push(format!("{key}, served by {}", owner.name));
-        }
+        let (t, id) = key.split_once(':').unwrap();
+        let path = format!("/v1/embeddings/{t}/{id}");
         compared += 1;
+        match http_get_at(&owner.host, owner.port, &path) {
+            Ok(body) => {
+                let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let served: Vec<f32> = (answer["vector"].as_array().unwrap().iter())
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect();
+                if served[..] != entry.vector[..served.len().min(entry.vector.len())] {
+                    differing.push(format!("{key}: {} serves another row", owner.name));
+                }
+            }
+            Err(e) => {
+                // What every instance answers for it, to tell where it went.
+                let elsewhere: Vec<String> = (instances.iter())
+                    .map(|i| {
+                        let answer = http_get_at(&i.host, i.port, &path);
+                        format!("{}: {}", i.name, answer.unwrap_or_else(|e| e.to_string()))
+                    })
+                    .collect();
+                differing.push(format!(
+                    "{key} (partition {q}, version {}): {e} at its owner {}; {elsewhere:?}",
+                    entry.version, owner.name
+                ));
+            }
+        }
     }
 
     // Every edge once: the others leave, and the first takes their partitions back.
-    for inst in &mut instances[1..] {
+    // One at a time, each leave's rebalance done before the next: on the test broker, members
+    // leaving within one rebalance have left the group stuck there (the one left never got its
+    // assignment, minutes later).
+    for leaving in (1..instances.len()).rev() {
+        let inst = &mut instances[leaving];
         assert!(
             inst.daemon.terminate().success(),
             "{} stops cleanly",
             inst.name
         );
+        let staying: Vec<&Instance> = instances[..leaving].iter().collect();
+        wait_split(
+            "the partitions split among those left",
+            &staying,
+            Duration::from_secs(120),
+        );
     }
     let first = &mut instances[0];
-    let taken_back = wait_until(
-        "the first to own every partition again, drained",
-        Duration::from_secs(120),
-        || {
-            (first.status()).filter(|st| {
+    let began = Instant::now();
+    let taken_back =
+        loop {
+            let st = first.status();
+            if let Some(st) = st.as_ref().filter(|st| {
                 assigned(st) == u64::from(PARTITIONS) && status_u64(st, "/kafka/lag") == 0
-            })
-        },
-    );
+            }) {
+                break st.clone();
+            }
+            assert!(
+            began.elapsed() < Duration::from_secs(120),
+            "the first does not own every partition, drained, 120 s after the others left: {:?}",
+            st.map(|st| (assigned(&st), status_u64(&st, "/kafka/lag"), st["kafka"].clone()))
+        );
+            std::thread::sleep(Duration::from_millis(500));
+        };
     assert!(first.daemon.terminate().success(), "a stops cleanly");
     let store = first.store.clone();
     let expected: HashSet<Triple> = events.into_iter().map(|(_, t)| t).collect();
@@ -413,12 +481,14 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
             "instances": instances.len(),
             "events": expected.len(),
             "kills": kill_stages,
+            "stall": if netns.is_some() { "network cut" } else { "SIGSTOP" },
             "stall_s": stall_s,
             "markers": published.markers.len(),
             "late_markers": late,
             "stale_markers": stale.len(),
             "rows_compared": compared,
             "rows_differing": differing.len(),
+            "rows_taken_over": st.iter().map(|s| status_u64(s, "/exchange/rows_taken_over")).collect::<Vec<_>>(),
             "moved_in": status_u64(&taken_back, "/ingest/moved_in/appended"),
             "lost": lost,
             "doubled": doubled,

@@ -19,6 +19,12 @@ impl Broker {
         Broker::start_on(dir, free_port())
     }
 
+    /// A broker on every address, advertising `host` (an address of this machine that a
+    /// network namespace reaches too: [`super::Netns`]).
+    pub fn start_reachable_at(dir: &Path, host: &str) -> Broker {
+        Broker::start_at(dir, "0.0.0.0", host, free_port())
+    }
+
     /// Replace this broker by an empty one on the same address (a broker lost with its data,
     /// or every topic deleted and recreated).
     pub fn replace_with_empty(&mut self, dir: &Path) {
@@ -35,6 +41,10 @@ impl Broker {
     }
 
     fn start_on(dir: &Path, port: u16) -> Broker {
+        Broker::start_at(dir, "127.0.0.1", "127.0.0.1", port)
+    }
+
+    fn start_at(dir: &Path, listen: &str, host: &str, port: u16) -> Broker {
         let bin = std::env::var_os("TANSU_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join(".cache/bin/tansu"));
@@ -43,7 +53,10 @@ impl Broker {
             "the test broker is missing: {} (run `bash .ci/setup`, or set TANSU_BIN)",
             bin.display()
         );
-        let url = format!("tcp://127.0.0.1:{port}");
+        let (url, advertised) = (
+            format!("tcp://{listen}:{port}"),
+            format!("tcp://{host}:{port}"),
+        );
         let log = dir.join("tansu.log");
         let child = Command::new(&bin)
             .args([
@@ -51,7 +64,7 @@ impl Broker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -60,7 +73,7 @@ impl Broker {
             ))
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let bootstrap = format!("127.0.0.1:{port}");
+        let bootstrap = format!("{host}:{port}");
         wait_until("the broker to listen", Duration::from_secs(20), || {
             TcpStream::connect(&bootstrap).ok()
         });

@@ -47,7 +47,17 @@ pub fn publishing(
     interval_secs: u64,
     extra: &[(&str, &str)],
 ) -> Publishing {
-    let broker = Broker::start(dir);
+    publishing_on(Broker::start(dir), dir, dim, interval_secs, extra)
+}
+
+/// [`publishing`] on `broker`.
+pub fn publishing_on(
+    broker: Broker,
+    dir: &Path,
+    dim: usize,
+    interval_secs: u64,
+    extra: &[(&str, &str)],
+) -> Publishing {
     let store = dir.join("store");
     let port = free_port();
     let mut env = daemon_env(&broker.bootstrap, &store, port);
@@ -86,7 +96,11 @@ pub fn cli(env: &[(String, String)], args: &[&str]) -> String {
 /// The daemon as a child process.
 pub struct Daemon {
     child: Option<Child>,
+    /// Where its HTTP server is reached: 127.0.0.1 unless it runs in a network namespace.
+    pub http_host: String,
     pub http_port: u16,
+    /// A command it runs under (`ip netns exec NAME`), or none.
+    prefix: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
     starts: u32,
@@ -94,9 +108,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(env: Vec<(String, String)>, http_port: u16, log_dir: &Path) -> Daemon {
+        Daemon::start_under(env, ("127.0.0.1", http_port), Vec::new(), log_dir)
+    }
+
+    /// Start it under `prefix` (a command that runs it: `ip netns exec NAME`), its HTTP server
+    /// reached at `http`.
+    pub fn start_under(
+        env: Vec<(String, String)>,
+        (http_host, http_port): (&str, u16),
+        prefix: Vec<String>,
+        log_dir: &Path,
+    ) -> Daemon {
         let mut d = Daemon {
             child: None,
+            http_host: http_host.to_owned(),
             http_port,
+            prefix,
             env,
             log: log_dir.join("daemon.log"),
             starts: 0,
@@ -113,7 +140,16 @@ impl Daemon {
             .open(&self.log)
             .unwrap();
         writeln!(log, "===== start {} =====", self.starts).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_twhin-stream"))
+        let bin = env!("CARGO_BIN_EXE_twhin-stream");
+        let mut command = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .current_dir(repo_root())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("run")
@@ -122,12 +158,12 @@ impl Daemon {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let port = self.http_port;
+        let (host, port) = (self.http_host.clone(), self.http_port);
         wait_until("the daemon's HTTP server", Duration::from_secs(30), || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited early: {status}\n{}", self.log_tail());
             }
-            http_get(port, "/healthz").ok()
+            http_get_at(&host, port, "/healthz").ok()
         });
     }
 
@@ -166,12 +202,12 @@ impl Daemon {
     }
 
     pub fn status(&self) -> Option<serde_json::Value> {
-        let body = http_get(self.http_port, "/v1/status").ok()?;
+        let body = http_get_at(&self.http_host, self.http_port, "/v1/status").ok()?;
         serde_json::from_str(&body).ok()
     }
 
     pub fn metrics(&self) -> String {
-        http_get(self.http_port, "/metrics").unwrap()
+        http_get_at(&self.http_host, self.http_port, "/metrics").unwrap()
     }
 
     pub fn log_tail(&self) -> String {
@@ -193,9 +229,14 @@ impl Drop for Daemon {
 
 /// Minimal HTTP/1.0 GET on 127.0.0.1 (keeps an HTTP client out of the dependencies).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// [`http_get`] at `host`.
+pub fn http_get_at(host: &str, port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect((host, port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
@@ -207,8 +248,13 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
 
 /// The served row of `node` (`type:id`): its version and vector.
 pub fn served_row(port: u16, node: &str) -> (u64, Vec<f32>) {
+    served_row_at("127.0.0.1", port, node)
+}
+
+/// [`served_row`] at `host`.
+pub fn served_row_at(host: &str, port: u16, node: &str) -> (u64, Vec<f32>) {
     let (t, id) = node.split_once(':').unwrap();
-    let body = http_get(port, &format!("/v1/embeddings/{t}/{id}"))
+    let body = http_get_at(host, port, &format!("/v1/embeddings/{t}/{id}"))
         .unwrap_or_else(|e| panic!("GET embeddings of {node}: {e}"));
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let vector = v["vector"]
@@ -223,6 +269,16 @@ pub fn served_row(port: u16, node: &str) -> (u64, Vec<f32>) {
 /// Another instance of the deployment `env` describes, started: the same group and topics, its
 /// own store under `dir` and its own HTTP port (returned).
 pub fn start_another_instance(env: &[(String, String)], dir: &Path) -> (Daemon, u16) {
+    start_another_instance_in(env, dir, None)
+}
+
+/// [`start_another_instance`], in network namespace `netns` when given (its HTTP server on the
+/// namespace's address).
+pub fn start_another_instance_in(
+    env: &[(String, String)],
+    dir: &Path,
+    netns: Option<&Netns>,
+) -> (Daemon, u16) {
     std::fs::create_dir_all(dir).unwrap();
     let port = free_port();
     let mut env: Vec<(String, String)> = (env.iter())
@@ -233,8 +289,12 @@ pub fn start_another_instance(env: &[(String, String)], dir: &Path) -> (Daemon, 
         "TWHIN_STORAGE__PATH".into(),
         dir.join("store").display().to_string(),
     ));
-    env.push(("TWHIN_HTTP__BIND".into(), format!("127.0.0.1:{port}")));
-    (Daemon::start(env, port, dir), port)
+    let (host, prefix) = match netns {
+        Some(ns) => (ns.ns_ip.as_str(), ns.exec_prefix()),
+        None => ("127.0.0.1", Vec::new()),
+    };
+    env.push(("TWHIN_HTTP__BIND".into(), format!("{host}:{port}")));
+    (Daemon::start_under(env, (host, port), prefix, dir), port)
 }
 
 /// The partitions a daemon's last version covered (`/v1/status` `publish.partitions`; none

@@ -11,10 +11,12 @@
 pub mod broker;
 pub mod daemon;
 pub mod events;
+pub mod netns;
 
 pub use broker::*;
 pub use daemon::*;
 pub use events::*;
+pub use netns::*;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -69,9 +69,8 @@ struct Follower {
     consumer: Option<BaseConsumer>,
     /// The next offset to read per partition.
     positions: BTreeMap<(Topic, i32), i64>,
-    /// The ownership generation the assignment reflects, and the partitions owned then.
+    /// The ownership generation the assignment reflects.
     acted_on: u64,
-    owned_then: BTreeSet<i32>,
     /// The newest generation seen and since when.
     seen: Option<(u64, Instant)>,
     /// Records that did not decode (skipped, as any subscriber skips them).
@@ -94,7 +93,6 @@ impl Follower {
             consumer: None,
             positions: BTreeMap::new(),
             acted_on: 0,
-            owned_then: BTreeSet::new(),
             seen: None,
             skipped: 0,
         }
@@ -193,16 +191,18 @@ impl Follower {
         }
         self.assign()?;
         self.acted_on = owned.generation;
-        self.owned_then = owned.partitions.iter().copied().collect();
         Ok(())
     }
 
-    /// Partitions this instance now owns that it neither followed nor owned at the last change
-    /// (it started, or they moved to it while it was away): read from the published state and
-    /// handed over to the trainer as their previous owner left them, as [`RemoteCache::forget`]
-    /// hands over a followed one. Not at a start that owns every partition: one instance alone
-    /// knows every node its partitions' events name, and reading all its published rows back at
-    /// every start would cost what a subscriber's catch-up costs.
+    /// Partitions this instance owns after a change that it did not follow: read from the
+    /// published state and handed over to the trainer as their last owner left them, as
+    /// [`RemoteCache::forget`] hands over a followed one. Every one, not only those that moved
+    /// here: a partition this instance owned before the change may have been another's
+    /// meanwhile (an eager rebalance, a stall past the session), and the trainer starts only
+    /// the rows it does not hold, so a partition it kept costs the read alone. Not at a start
+    /// that owns every partition: one instance alone knows every node its partitions' events
+    /// name, and reading all its published rows back at every start would cost what a
+    /// subscriber's catch-up costs.
     fn take_over_unfollowed(
         &mut self,
         owned: &Owned,
@@ -213,7 +213,7 @@ impl Follower {
             return Ok(());
         }
         let unseen: BTreeSet<i32> = (owned.partitions.iter().copied())
-            .filter(|q| !followed.contains(q) && !self.owned_then.contains(q))
+            .filter(|q| !followed.contains(q))
             .collect();
         if unseen.is_empty() {
             return Ok(());
