@@ -217,17 +217,9 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
     );
     // Stages: the first alone, each join, each kill, the stall, the finish.
     let stages = 4 + kills as usize;
-    let events: Vec<(Outgoing, Triple)> = (0..per_stage * stages)
-        .map(|i| {
-            let (mut m, triple) = valid_event(i, false);
-            // A quarter keyed by something else: they reach their owner through the routed
-            // topic, which moves with its partitions too.
-            if i % 4 == 3 {
-                m.key = format!("request-{i}");
-            }
-            (m, triple)
-        })
-        .collect();
+    // A quarter keyed by something else: they reach their owner through the routed topic,
+    // which moves with its partitions too.
+    let events = partly_miskeyed_events(per_stage * stages);
     let mut produced = 0usize;
     let mut next_chunk = |per_sec: Option<f64>| {
         let from = produced;

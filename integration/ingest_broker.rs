@@ -532,15 +532,7 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     // Indexes at this size, so that each holds its owner's partitions and /v1/neighbors asks
     // the other owner for the rest.
     env.push(("TWHIN_HTTP__ANN__MIN_ROWS".into(), "100".into()));
-    let events: Vec<(Outgoing, Triple)> = (0..6_000)
-        .map(|i| {
-            let (mut m, triple) = valid_event(i, false);
-            if i % 4 == 3 {
-                m.key = format!("request-{i}");
-            }
-            (m, triple)
-        })
-        .collect();
+    let events = partly_miskeyed_events(6_000);
     let part = |r: std::ops::Range<usize>| -> Vec<Outgoing> {
         events[r].iter().map(|(m, _)| m.clone()).collect()
     };

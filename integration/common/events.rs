@@ -48,6 +48,20 @@ pub fn valid_event(i: usize, with_event_id: bool) -> (Outgoing, Triple) {
     (out, (src, rel.to_owned(), dst))
 }
 
+/// The first `n` valid events, every fourth keyed by something other than its source
+/// (`request-<i>`): those reach their source's owner through the routed topic.
+pub fn partly_miskeyed_events(n: usize) -> Vec<(Outgoing, Triple)> {
+    (0..n)
+        .map(|i| {
+            let (mut m, triple) = valid_event(i, false);
+            if i % 4 == 3 {
+                m.key = format!("request-{i}");
+            }
+            (m, triple)
+        })
+        .collect()
+}
+
 /// One message to produce: key and raw payload (None = tombstone).
 #[derive(Clone, Debug)]
 pub struct Outgoing {
