@@ -27,21 +27,5 @@ case "${CUT:-netns}" in
   stop) ;;
   *) echo "CUT=${CUT}: netns or stop" >&2; exit 2 ;;
 esac
-LOG=$(mktemp)
-trap 'rm -f "$LOG"' EXIT
-START=$(date +%s)
-set +e
-cargo test --release --locked --test faults -- --nocapture 2>&1 | tee "$LOG" >&2
-RC=${PIPESTATUS[0]}
-set -e
-WALL=$(($(date +%s) - START))
-LINE=$(grep -a '^faults-summary ' "$LOG" | tail -1 | cut -d' ' -f2-)
-if [ -z "$LINE" ]; then
-  echo "{\"error\": \"the test printed no faults-summary\", \"exit\": $RC, \"script_wall_s\": $WALL}"
-  exit 1
-fi
-python3 -c 'import json, sys
-s = json.loads(sys.argv[1])
-s.update(passed=sys.argv[2] == "0", script_wall_s=int(sys.argv[3]))
-print(json.dumps(s))' "$LINE" "$RC" "$WALL"
-exit "$RC"
+source benches/test_summary.sh
+test_summary faults "{}"

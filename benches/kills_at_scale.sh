@@ -17,22 +17,5 @@ export LIBTORCH="${LIBTORCH:-$PWD/.venv/lib/python3.11/site-packages/torch}"
 export KILL_TEST_NODES=${NODES:-1000000} KILL_TEST_EDGES=${EDGES:-10000000}
 export KILL_TEST_KILLS=${KILLS:-20} KILL_TEST_SEED=${SEED:-20260310}
 [ -z "${CHECK_NODES:-}" ] || export KILL_TEST_CHECK_NODES=$CHECK_NODES
-LOG=$(mktemp)
-trap 'rm -f "$LOG"' EXIT
-START=$(date +%s)
-set +e
-cargo test --release --locked --test kills -- --nocapture 2>&1 | tee "$LOG" >&2
-RC=${PIPESTATUS[0]}
-set -e
-WALL=$(($(date +%s) - START))
-LINE=$(grep -a '^kills-summary ' "$LOG" | tail -1 | cut -d' ' -f2-)
-if [ -z "$LINE" ]; then
-  echo "{\"error\": \"the test printed no kills-summary\", \"exit\": $RC, \"script_wall_s\": $WALL}"
-  exit 1
-fi
-python3 -c 'import json, sys
-s = json.loads(sys.argv[1])
-s.update(spec_nodes=int(sys.argv[4]), spec_edges=int(sys.argv[5]), passed=sys.argv[2] == "0",
-         script_wall_s=int(sys.argv[3]))
-print(json.dumps(s))' "$LINE" "$RC" "$WALL" "$KILL_TEST_NODES" "$KILL_TEST_EDGES"
-exit "$RC"
+source benches/test_summary.sh
+test_summary kills "{\"spec_nodes\": $KILL_TEST_NODES, \"spec_edges\": $KILL_TEST_EDGES}"

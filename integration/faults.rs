@@ -81,9 +81,15 @@ fn statuses(instances: &[Instance]) -> Option<Vec<serde_json::Value>> {
 
 /// Wait until the group's partitions are split among exactly `live` (each owns some, together
 /// all of them, none twice).
-fn wait_split(what: &str, live: &[&Instance], timeout: Duration) {
+fn wait_split<'a>(
+    what: &str,
+    live: impl IntoIterator<Item = &'a Instance> + Clone,
+    timeout: Duration,
+) {
     wait_until(what, timeout, || {
-        let st: Vec<serde_json::Value> = live.iter().map(|i| i.status()).collect::<Option<_>>()?;
+        let st: Vec<serde_json::Value> = (live.clone().into_iter())
+            .map(Instance::status)
+            .collect::<Option<_>>()?;
         let counts: Vec<u64> = st.iter().map(assigned).collect();
         (counts.iter().all(|&c| c > 0) && counts.iter().sum::<u64>() == u64::from(PARTITIONS))
             .then_some(())
@@ -267,10 +273,9 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
             port,
             store: home.join("store"),
         });
-        let live: Vec<&Instance> = instances.iter().collect();
         wait_split(
             &format!("{name} to get its share"),
-            &live,
+            &instances,
             Duration::from_secs(120),
         );
         producing.join().unwrap();
@@ -294,10 +299,9 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
         std::thread::sleep(Duration::from_millis(rng.random_range(0..2_000)));
         instances[victim].daemon.restart();
         producing.join().unwrap();
-        let live: Vec<&Instance> = instances.iter().collect();
         wait_split(
             "the partitions split again after a kill",
-            &live,
+            &instances,
             Duration::from_secs(120),
         );
     }
@@ -318,7 +322,7 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
         .collect();
     wait_split(
         "the others to take the stalled instance's partitions",
-        &others,
+        others.iter().copied(),
         SESSION_TIMEOUT * 10,
     );
     wait_until(
@@ -338,10 +342,9 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
         None => signal(stalled_pid, "CONT"),
     }
     producing.join().unwrap();
-    let live: Vec<&Instance> = instances.iter().collect();
     wait_split(
         "the stalled instance to rejoin",
-        &live,
+        &instances,
         Duration::from_secs(120),
     );
 
@@ -470,10 +473,9 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
             "{} stops cleanly",
             inst.name
         );
-        let staying: Vec<&Instance> = instances[..leaving].iter().collect();
         wait_split(
             "the partitions split among those left",
-            &staying,
+            &instances[..leaving],
             Duration::from_secs(120),
         );
     }

@@ -154,7 +154,7 @@ impl RemoteCache {
 
     /// Keep the keys of the rows every version applied live carries, for [`ChangedRows`] (the
     /// trainer replaces its copies of rows owned elsewhere with them).
-    /// Rows of partitions it stops following go to the trainer too ([`Self::forget`]).
+    /// Rows of partitions it takes over go to the trainer too ([`Self::hand_over`]).
     pub fn tracking_changes(mut self) -> RemoteCache {
         self.changed = Some(Mutex::default());
         self.handed_over = Some(Mutex::default());
@@ -221,23 +221,23 @@ impl RemoteCache {
         }
     }
 
-    /// Stop following `partitions` and drop their rows (this instance owns them now). When
-    /// tracking changes, their node rows are handed over to the trainer first: the new owner
-    /// takes the rows of nodes its store never met (a node that only other owners' edges name
-    /// reached the previous owner through gradients, which are not sent again), as their
-    /// previous owner last published them.
+    /// Stop following `partitions` and drop their rows.
     pub fn forget(&self, partitions: &BTreeSet<i32>) {
-        let mut inner = self.inner.write();
-        let gone: Vec<(i32, Followed)> = (partitions.iter())
-            .filter_map(|q| Some((*q, inner.followed.remove(q)?)))
-            .collect();
-        inner.uncached.retain(|q| !partitions.contains(q));
-        drop(inner);
+        self.remove(partitions);
+    }
+
+    /// Stop following `partitions`, which this instance owns now, and, when tracking changes,
+    /// hand the node rows of those caught up to the trainer: the new owner takes the rows of
+    /// nodes its store never met (a node that only other owners' edges name reached the
+    /// previous owner through gradients, which are not sent again), as their previous owner
+    /// last published them.
+    pub fn hand_over(&self, partitions: &BTreeSet<i32>) {
+        let gone = self.remove(partitions);
         let Some(handed_over) = &self.handed_over else {
             return;
         };
         let mut rows = handed_over.lock();
-        for (_, followed) in gone.into_iter().filter(|(_, f)| f.caught_up) {
+        for followed in gone.into_iter().filter(|f| f.caught_up) {
             let applied = followed.includes.clone();
             rows.extend(
                 (followed.assembler.table().iter())
@@ -249,6 +249,15 @@ impl RemoteCache {
                     }),
             );
         }
+    }
+
+    /// Stop following `partitions`; returns what was followed of them.
+    fn remove(&self, partitions: &BTreeSet<i32>) -> Vec<Followed> {
+        let mut inner = self.inner.write();
+        inner.uncached.retain(|q| !partitions.contains(q));
+        (partitions.iter())
+            .filter_map(|q| inner.followed.remove(q))
+            .collect()
     }
 
     /// Hand records read to the partitions they belong to (only those in `only`, when given:
@@ -548,7 +557,7 @@ mod tests {
             0,
         );
         cache.catch_up(&[1].into(), 0);
-        cache.forget(&[1, 2].into());
+        cache.hand_over(&[1, 2].into());
         let mut handed = cache.take_handed_over();
         handed.sort_by(|a, b| a.key.cmp(&b.key));
         let keys: Vec<(&str, f32)> = handed
@@ -564,7 +573,7 @@ mod tests {
         let plain = cache_following(&[1]);
         assert!(!plain.hands_over());
         plain.feed(vec![row(1, &k1[0], 1, 1.0), marker(1, 1, 1, 0)], None, 0);
-        plain.forget(&[1].into());
+        plain.hand_over(&[1].into());
         assert!(plain.take_handed_over().is_empty());
     }
 

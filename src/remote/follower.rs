@@ -170,25 +170,33 @@ impl Follower {
             .collect();
         let followed = self.cache.followed();
         let gone: BTreeSet<i32> = followed.difference(&remote).copied().collect();
-        self.cache.forget(&gone);
-        self.positions
-            .retain(|(topic, q), _| *topic == Topic::Versions || !gone.contains(q));
-        self.take_over_unfollowed(owned, &followed, remote.is_empty())?;
+        self.cache.hand_over(&gone);
+        let taken_over = self.to_take_over(owned, &followed, remote.is_empty());
         let new: BTreeSet<i32> = remote.difference(&followed).copied().collect();
-        if !new.is_empty() {
+        // One read of the published state for both: the partitions now owned elsewhere, and
+        // those taken over, which are read only to be handed over.
+        let read: BTreeSet<i32> = new.union(&taken_over).copied().collect();
+        if !read.is_empty() {
             let started = Instant::now();
-            self.cache.follow(&new);
-            if let Err(e) = self.catch_up(&new) {
+            self.cache.follow(&read);
+            let caught_up = self.catch_up(&read);
+            self.cache.hand_over(&taken_over);
+            self.positions
+                .retain(|(topic, q), _| *topic == Topic::Versions || !taken_over.contains(q));
+            if let Err(e) = caught_up {
                 self.cache.forget(&new);
                 return Err(e);
             }
             info!(
                 partitions = ?new,
+                taken_over = ?taken_over,
                 rows = self.cache.figures(now_ms()).rows,
                 secs = started.elapsed().as_secs_f64(),
                 "remote follower: caught up on partitions owned elsewhere"
             );
         }
+        self.positions
+            .retain(|(topic, q), _| *topic == Topic::Versions || !gone.contains(q));
         self.assign()?;
         self.acted_on = owned.generation;
         Ok(())
@@ -196,41 +204,25 @@ impl Follower {
 
     /// Partitions this instance owns after a change that it did not follow: read from the
     /// published state and handed over to the trainer as their last owner left them, as
-    /// [`RemoteCache::forget`] hands over a followed one. Every one, not only those that moved
+    /// [`RemoteCache::hand_over`] hands over a followed one. Every one, not only those that moved
     /// here: a partition this instance owned before the change may have been another's
     /// meanwhile (an eager rebalance, a stall past the session), and the trainer starts only
-    /// the rows it does not hold, so a partition it kept costs the read alone. Not at a start
+    /// the rows it does not hold, so a partition it kept costs the read alone. None at a start
     /// that owns every partition: one instance alone knows every node its partitions' events
     /// name, and reading all its published rows back at every start would cost what a
     /// subscriber's catch-up costs.
-    fn take_over_unfollowed(
-        &mut self,
+    fn to_take_over(
+        &self,
         owned: &Owned,
         followed: &BTreeSet<i32>,
         owns_all: bool,
-    ) -> Result<(), FollowerError> {
+    ) -> BTreeSet<i32> {
         if !self.cache.hands_over() || (self.acted_on == 0 && owns_all) {
-            return Ok(());
+            return BTreeSet::new();
         }
-        let unseen: BTreeSet<i32> = (owned.partitions.iter().copied())
+        (owned.partitions.iter().copied())
             .filter(|q| !followed.contains(q))
-            .collect();
-        if unseen.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        self.cache.follow(&unseen);
-        let read = self.catch_up(&unseen);
-        self.cache.forget(&unseen);
-        self.positions
-            .retain(|(topic, q), _| *topic == Topic::Versions || !unseen.contains(q));
-        read?;
-        info!(
-            partitions = ?unseen,
-            secs = started.elapsed().as_secs_f64(),
-            "remote follower: partitions taken over read from the published state"
-        );
-        Ok(())
+            .collect()
     }
 
     fn reader(&self) -> Result<BaseConsumer, ReadError> {

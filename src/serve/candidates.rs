@@ -168,7 +168,8 @@ fn rank_owned(
                 let found = found?;
                 // An index built for other partitions than the version covers (a move under
                 // way) may propose rows of partitions this instance does not answer for.
-                let exact_scope = found.covered.as_ref() == Some(&(covered.clone(), of));
+                let exact_scope = (found.covered.as_ref())
+                    .is_some_and(|(theirs, partitions)| *theirs == covered && *partitions == of);
                 let picked: Vec<i64> = (found.rows.into_iter())
                     .filter(|&i| i < n && (exact_scope || covers.row(i)))
                     .collect();

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use tracing::warn;
 
-use crate::exchange::{
-    ExchangePosition, GradientInbox, KeyedGradient, RefreshedRow, WindowAttempt, WindowPart,
-};
+use crate::exchange::{ExchangePosition, GradientInbox, RefreshedRow, WindowAttempt, WindowPart};
 use crate::schema::NodeKey;
 use crate::store::{GraphStore, NodeRef, StoreError};
 use crate::train::{DeltaExchange, Embeddings, GradientTap, NodeTable, OwnedSources, Pull};
@@ -439,60 +437,94 @@ fn take_over(
     rows: &[crate::exchange::ChangedRow],
     init_scale: f64,
 ) -> Result<u64, StoreError> {
-    let dim = model.dim as usize;
-    let (mut fresh, mut fresh_rows): (Vec<NodeKey>, Vec<&[f32]>) = Default::default();
-    let mut starts: Vec<(NodeRef, &[f32])> = Vec::new();
-    for row in rows {
-        let Some((t, id)) = type_and_id(types, &row.key) else {
+    let width = |t: usize| model.dim as usize + usize::from(model.tables[t].biased);
+    // A row of another width (the model's dimension or bias changed) is not taken.
+    let usable = (rows.iter())
+        .filter(|r| type_and_id(types, &r.key).is_none_or(|(t, _)| r.vector.len() >= width(t)));
+    let nodes = nodes_interning(store, types, usable.map(|r| (r.key.as_str(), r)))?;
+    let mut by_type: BTreeMap<usize, (Vec<NodeRef>, Vec<f32>)> = BTreeMap::new();
+    for (node, row, is_fresh) in nodes.found {
+        let t = node.node_type as usize;
+        let value = &row.vector[..width(t)];
+        let held = !is_fresh && model.tables[t].holds(i64::from(node.index));
+        if held || store.is_erased(node) {
             continue;
-        };
-        let width = dim + usize::from(model.tables[t].biased);
-        let Some(value) = row.vector.get(..width) else {
+        }
+        let (nodes, values) = by_type.entry(t).or_default();
+        nodes.push(node);
+        values.extend_from_slice(value);
+    }
+    let mut started = 0u64;
+    for (t, (nodes, values)) in by_type {
+        let table = &mut model.tables[t];
+        let indices: Vec<i64> = nodes.iter().map(|n| i64::from(n.index)).collect();
+        grow_to_hold(table, &indices, init_scale);
+        start_rows(table, &nodes, &values);
+        table.hold(&indices);
+        started += nodes.len() as u64;
+    }
+    Ok(started)
+}
+
+/// The nodes of keyed items, each with whether it was interned now.
+struct NodesFound<R> {
+    /// Known to the store first, then those interned now (`true`), in the items' order.
+    found: Vec<(NodeRef, R, bool)>,
+    /// Items whose key names no node type of the schema (left out).
+    not_nodes: u64,
+    interned: u64,
+}
+
+/// The nodes that `items`' keys (`type:id`) name: those the store knows, and those it does not,
+/// interned together in one write (whoever hands this instance a row of its own partitions
+/// makes its node known here, whatever its store saw).
+fn nodes_interning<'k, R>(
+    store: &GraphStore,
+    types: &HashMap<String, usize>,
+    items: impl IntoIterator<Item = (&'k str, R)>,
+) -> Result<NodesFound<R>, StoreError> {
+    let mut found = Vec::new();
+    let mut not_nodes = 0;
+    let (mut fresh, mut fresh_items): (Vec<NodeKey>, Vec<R>) = Default::default();
+    for (key, item) in items {
+        let Some((t, id)) = type_and_id(types, key) else {
+            not_nodes += 1;
             continue;
         };
         let node_type = t as u16;
         match store.node_index(node_type, id)? {
-            Some(index) => {
-                let node = NodeRef { node_type, index };
-                if !model.tables[t].holds(i64::from(index)) && !store.is_erased(node) {
-                    starts.push((node, value));
-                }
-            }
+            Some(index) => found.push((NodeRef { node_type, index }, item, false)),
             None => {
                 fresh.push(NodeKey {
                     node_type,
                     id: id.to_owned(),
                 });
-                fresh_rows.push(value);
+                fresh_items.push(item);
             }
         }
     }
-    if !fresh.is_empty() {
-        let interned = store.intern_nodes(&fresh)?;
-        starts.extend(interned.into_iter().zip(fresh_rows));
-    }
-    let mut by_type: BTreeMap<usize, Vec<(NodeRef, &[f32])>> = BTreeMap::new();
-    for (node, value) in starts {
-        by_type
-            .entry(node.node_type as usize)
-            .or_default()
-            .push((node, value));
-    }
-    let mut started = 0u64;
-    for (t, rows) in by_type {
-        let table = &mut model.tables[t];
-        let indices: Vec<i64> = rows.iter().map(|(n, _)| i64::from(n.index)).collect();
-        let needed = indices.iter().max().map_or(0, |&r| r + 1);
-        let named: HashSet<i64> = indices.iter().copied().collect();
-        table.grow_reaching(needed, &named, |count| {
-            Tensor::randn([count, dim as i64], (Kind::Float, Device::Cpu)) * init_scale
-        });
-        let (nodes, values): (Vec<NodeRef>, Vec<&[f32]>) = rows.into_iter().unzip();
-        start_rows(table, &nodes, &values.concat());
-        table.hold(&indices);
-        started += nodes.len() as u64;
-    }
-    Ok(started)
+    let interned = match fresh.is_empty() {
+        true => Vec::new(),
+        false => store.intern_nodes(&fresh)?,
+    };
+    let count = interned.len() as u64;
+    found.extend((interned.into_iter().zip(fresh_items)).map(|(node, item)| (node, item, true)));
+    Ok(NodesFound {
+        found,
+        not_nodes,
+        interned: count,
+    })
+}
+
+/// Grow `table` to hold `rows`: a row the model has not grown to yet is started at random, as a
+/// step starts one, and rows between that no node names are placeholders.
+fn grow_to_hold(table: &mut NodeTable, rows: &[i64], init_scale: f64) {
+    let dim = table.weights.size()[1];
+    let needed = rows.iter().max().map_or(0, |&r| r + 1);
+    let named: HashSet<i64> = rows.iter().copied().collect();
+    table.grow_reaching(needed, &named, |count| {
+        Tensor::randn([count, dim], (Kind::Float, Device::Cpu)) * init_scale
+    });
 }
 
 /// Store type names to type ids.
@@ -554,40 +586,18 @@ fn apply_part(
     let dim = model.dim as usize;
     let mut by_type: BTreeMap<usize, Rows> = BTreeMap::new();
     let mut out = Applied::default();
-    // Nodes the store does not know yet, and their rows: interned together, in one write.
-    let (mut fresh, mut fresh_rows): (Vec<NodeKey>, Vec<&KeyedGradient>) = Default::default();
-    let mut known: Vec<(NodeRef, &KeyedGradient)> = Vec::with_capacity(part.rows.len());
-    for row in &part.rows {
-        let Some((t, id)) = type_and_id(types, &row.key) else {
-            out.unknown += 1;
-            continue;
-        };
-        if row.grad.len() != dim || row.steps == 0 {
+    let usable = (part.rows.iter()).filter(|row| {
+        let usable = row.grad.len() == dim && row.steps > 0;
+        if !usable {
             warn!(key = %row.key, dim = row.grad.len(), "a gradient of another dimension or of no step; skipped");
             out.unknown += 1;
-            continue;
         }
-        let node_type = t as u16;
-        match store.node_index(node_type, id)? {
-            Some(index) => known.push((NodeRef { node_type, index }, row)),
-            None => {
-                fresh.push(NodeKey {
-                    node_type,
-                    id: id.to_owned(),
-                });
-                fresh_rows.push(row);
-            }
-        }
-    }
-    let interned = match fresh.is_empty() {
-        true => Vec::new(),
-        false => store.intern_nodes(&fresh)?,
-    };
-    out.started = interned.len() as u64;
-    let fresh = interned.into_iter().zip(fresh_rows);
-    for (node, row, is_fresh) in
-        (known.into_iter().map(|(n, r)| (n, r, false))).chain(fresh.map(|(n, r)| (n, r, true)))
-    {
+        usable
+    });
+    let nodes = nodes_interning(store, types, usable.map(|row| (row.key.as_str(), row)))?;
+    out.unknown += nodes.not_nodes;
+    out.started = nodes.interned;
+    for (node, row, is_fresh) in nodes.found {
         if store.is_erased(node) {
             out.unknown += 1;
             continue;
@@ -609,11 +619,7 @@ fn apply_part(
     for (t, rows) in by_type {
         let n = rows.rows.len() as i64;
         let table = &mut model.tables[t];
-        let needed = rows.rows.iter().max().map_or(0, |&r| r + 1);
-        let named: HashSet<i64> = rows.rows.iter().copied().collect();
-        table.grow_reaching(needed, &named, |count| {
-            Tensor::randn([count, dim as i64], (Kind::Float, Device::Cpu)) * init_scale
-        });
+        grow_to_hold(table, &rows.rows, init_scale);
         let width = dim + usize::from(table.biased);
         // A start of another width (the model's dimension or bias changed) is not taken.
         let (nodes, values): (Vec<NodeRef>, Vec<&[f32]>) = (rows.starts.iter())
