@@ -1022,7 +1022,10 @@ mod tests {
 
     /// The served table ranks the same sample at every instance count: one trainer's model,
     /// or each node's row as its owner holds it. Two models that never exchange serve rows
-    /// learnt apart, which rank far below either model's own figure.
+    /// learnt apart, which rank below the one trainer's table, the exchanging pair's table and
+    /// their own models' figure. How far below depends on the trajectory, which libtorch's
+    /// kernels change with the CPU: over 15 seeds here and one CI machine, apart/one Hits@10 was
+    /// 0.56 to 0.88, so the margin is not asserted.
     #[test]
     fn the_served_table_ranks_the_same_sample_whatever_the_trainers() {
         let dir = tempfile::tempdir().unwrap();
@@ -1049,7 +1052,10 @@ mod tests {
             assert!(s.hits10 > 0.0 && s.hits10 <= 1.0);
         }
         let (one, apart) = (&report.runs[0], &report.runs[1]);
-        assert!(served[1].hits10 < 0.8 * served[0].hits10, "{served:?}");
+        assert!(
+            served[1].hits10 < served[0].hits10.min(served[2].hits10),
+            "{served:?}"
+        );
         assert!(served[1].hits10 < apart.hits10 && one.served.is_some());
     }
 
