@@ -530,5 +530,89 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
         &differing[..differing.len().min(5)]
     );
     assert!(compared > 100, "{compared} rows compared");
+    if doubled > 0 {
+        explain_doubled(&p.broker.bootstrap, &store);
+    }
     assert_live_exactly(&store, &expected);
+}
+
+/// For each edge the store holds more than once (up to 5), every record of the routed topic and
+/// of the changelog that carries it: where the copies came from.
+fn explain_doubled(bootstrap: &str, store: &std::path::Path) {
+    use rdkafka::message::{Headers as _, Message as _};
+    let mut counts: HashMap<Triple, u32> = HashMap::new();
+    stored_edges(store, |src, rel, dst| {
+        let triple = (
+            format!("{}:{}", src.0, src.1),
+            rel.to_owned(),
+            format!("{}:{}", dst.0, dst.1),
+        );
+        *counts.entry(triple).or_default() += 1;
+    });
+    let doubled: HashSet<String> = (counts.into_iter())
+        .filter(|(_, n)| *n > 1)
+        .map(|(t, _)| t.2)
+        .take(5)
+        .collect();
+    let settle = Duration::from_secs(2);
+    for_each_record(
+        bootstrap,
+        "twhin-stream.routed",
+        0,
+        Duration::from_secs(30),
+        settle,
+        |m| {
+            let payload = String::from_utf8_lossy(m.payload().unwrap_or_default());
+            if let Some(dst) = doubled
+                .iter()
+                .find(|d| payload.contains(&format!("\"{d}\"")))
+            {
+                let headers: Vec<String> = (m.headers().iter())
+                    .flat_map(|h| h.iter())
+                    .filter(|h| h.key.starts_with("twhin.forwarded"))
+                    .map(|h| {
+                        format!(
+                            "{}={}",
+                            h.key,
+                            String::from_utf8_lossy(h.value.unwrap_or_default())
+                        )
+                    })
+                    .collect();
+                eprintln!(
+                    "doubled {dst}: routed {}@{} {headers:?}",
+                    m.partition(),
+                    m.offset()
+                );
+            }
+        },
+    );
+    for_each_record(
+        bootstrap,
+        "twhin-stream.changelog",
+        0,
+        Duration::from_secs(30),
+        settle,
+        |m| {
+            let Ok(record) =
+                twhin_stream::changelog::ChangelogRecord::decode(m.payload().unwrap_or_default())
+            else {
+                return;
+            };
+            for e in &record.events {
+                let dst = format!("{}:{}", record.node_types[e.dst_type as usize], e.dst);
+                if doubled.contains(&dst) {
+                    eprintln!(
+                        "doubled {dst}: changelog {}@{} logs {} {}@{} (next {}, upstream {:?})",
+                        m.partition(),
+                        m.offset(),
+                        record.topic,
+                        record.partition,
+                        e.offset,
+                        record.next_offset,
+                        record.upstream
+                    );
+                }
+            }
+        },
+    );
 }

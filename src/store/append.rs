@@ -215,20 +215,30 @@ impl GraphStore {
         w.finish_deletions(delete_chunk);
         w.finish_erasures(erase_chunk);
         write_offsets(&mut w.sled, batch, &stored_next);
+        // A batch may name one position several times, in any order (a restore reads a
+        // partition's previous owner's late record after the new owner's): the furthest counts,
+        // as a sled batch's last insert of a key would otherwise.
+        let mut extra: HashMap<(&str, i32), i64> = HashMap::new();
         for (topic, p, next) in &batch.extra_offsets {
-            if self
-                .stored_offset(topic, *p)?
-                .is_none_or(|stored| *next > stored)
-            {
-                w.sled.insert(offset_key(topic, *p), &next.to_be_bytes());
+            let n = extra.entry((topic.as_str(), *p)).or_insert(*next);
+            *n = (*n).max(*next);
+        }
+        for ((topic, p), next) in extra {
+            if (self.stored_offset(topic, p)?).is_none_or(|stored| next > stored) {
+                w.sled.insert(offset_key(topic, p), &next.to_be_bytes());
             }
         }
+        let mut upstream: HashMap<(i32, i32), i64> = HashMap::new();
         for u in &batch.upstream {
-            if (self.upstream_offset(&batch.topic, u.partition, u.source)?)
-                .is_none_or(|stored| u.next > stored)
+            let n = upstream.entry((u.partition, u.source)).or_insert(u.next);
+            *n = (*n).max(u.next);
+        }
+        for ((partition, source), next) in upstream {
+            if (self.upstream_offset(&batch.topic, partition, source)?)
+                .is_none_or(|stored| next > stored)
             {
-                let key = upstream_key(&batch.topic, u.partition, u.source);
-                w.sled.insert(key, &u.next.to_be_bytes());
+                let key = upstream_key(&batch.topic, partition, source);
+                w.sled.insert(key, &next.to_be_bytes());
             }
         }
         self.commit(&mut writer, w, durability)

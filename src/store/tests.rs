@@ -212,7 +212,9 @@ fn upstream_positions_are_kept_per_partition_and_source_move_forward_and_survive
         let s = open(dir.path());
         assert_eq!(s.upstream_offset("t", 2, 5).unwrap(), None);
         let mut b = batch(vec![(2, 0, ev("user:a", 0, "user:b", 1, None))]);
-        b.upstream = vec![up(2, 5, 40), up(2, 6, 7), up(3, 5, 11)];
+        // One position named twice, the furthest first (a restore reading a late record).
+        b.upstream = vec![up(2, 5, 40), up(2, 6, 7), up(3, 5, 11), up(2, 5, 21)];
+        b.extra_offsets = vec![("log".into(), 1, 30), ("log".into(), 1, 8)];
         s.append(&b).unwrap();
         let mut back = batch(vec![]);
         back.upstream = vec![up(2, 5, 12), up(2, 6, 9)];
@@ -227,7 +229,12 @@ fn upstream_positions_are_kept_per_partition_and_source_move_forward_and_survive
         "per (partition, source), only forward"
     );
     assert_eq!(s.upstream_offset("other", 2, 5).unwrap(), None, "per topic");
-    assert_eq!(s.offsets().unwrap().len(), 1, "not offsets of their own");
+    assert_eq!(
+        s.stored_offset("log", 1).unwrap(),
+        Some(30),
+        "only forward in one batch"
+    );
+    assert_eq!(s.offsets().unwrap().len(), 2, "not offsets of their own");
 }
 
 #[test]
