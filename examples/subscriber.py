@@ -165,7 +165,9 @@ class Versions:
         self.merge(scope, attempt[0], records)
         self.held[scope] = attempt
         self.prune()
-        nodes = sum(not k.startswith("relation:") for k in self.table)
+        # relation vectors (relation:<name>) and each partition's share of them
+        # (relation-delta:<p>, which a subscriber that does not train needs not read) are not nodes
+        nodes = sum(not k.startswith(("relation:", "relation-delta:")) for k in self.table)
         print(json.dumps({"applied": attempt[0], "epoch": attempt[1], "partition": scope,
                           "nodes": nodes}))
 

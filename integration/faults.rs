@@ -38,6 +38,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use twhin_stream::partition::partition_of;
 use twhin_stream::publish::VersionMarker;
+use twhin_stream::subscriber::is_node_key;
 
 const TOPIC: &str = "twhin.engagements";
 const PARTITIONS: u32 = 8;
@@ -437,7 +438,7 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
     let table = assemble(&published);
     let compare = |table: &HashMap<String, twhin_stream::subscriber::Entry>,
                    keys: &mut dyn Iterator<Item = &String>| {
-        keys.filter(|key| !key.starts_with("relation:"))
+        keys.filter(|key| is_node_key(key))
             .filter_map(|key| {
                 let entry = table.get(key)?;
                 let q = partition_of(key.as_bytes(), PARTITIONS) as i32;
@@ -446,7 +447,7 @@ fn instances_that_join_die_and_stall_past_their_session_lose_nothing_and_publish
             })
             .collect::<Vec<(String, String)>>()
     };
-    let compared = table.keys().filter(|k| !k.starts_with("relation:")).count();
+    let compared = table.keys().filter(|k| is_node_key(k)).count();
     let mut differing = compare(&table, &mut table.keys());
     let first_differing = differing.len();
     for _ in 0..3 {

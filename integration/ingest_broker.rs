@@ -623,7 +623,9 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
             let (a, b) = (first.status()?, second.status()?);
             let both = |what| exchanged(&a, what) > 0 && exchanged(&b, what) > 0;
             let deleted = both("records_deleted");
-            (both("rows_sent") && both("rows_applied") && deleted).then_some((a, b))
+            // Each took the other's share of the relation vectors, which it trains too.
+            let relations = both("relation_deltas_applied");
+            (both("rows_sent") && both("rows_applied") && deleted && relations).then_some((a, b))
         },
     );
     for st in [&a_ex, &b_ex] {
@@ -752,7 +754,7 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
     let table = assemble(&published);
     let mut compared = 0;
     for (key, entry) in &table {
-        if key.starts_with("relation:") {
+        if !twhin_stream::subscriber::is_node_key(key) {
             continue;
         }
         let (_, served) = served_row(s.http_port, key);
@@ -760,6 +762,11 @@ fn a_second_instance_shares_the_partitions_and_its_share_moves_back_through_the_
         compared += 1;
     }
     assert!(compared > 100, "{compared} rows compared");
+    // The relations' shares: at least each instance's home partition's, on that partition.
+    let shares: Vec<&String> = (table.keys())
+        .filter(|k| k.starts_with("relation-delta:"))
+        .collect();
+    assert!(shares.len() >= 2, "{shares:?}");
     assert!(first.terminate().success());
     let expected: HashSet<Triple> = events.into_iter().map(|(_, t)| t).collect();
     assert_live_exactly(&s.store, &expected);
@@ -812,7 +819,7 @@ fn assert_first_serves_the_seconds_rows(
     let mut compared = 0;
     for (key, entry) in &table {
         let q = twhin_stream::partition::partition_of(key.as_bytes(), 8) as i32;
-        if key.starts_with("relation:") || !theirs.contains(&q) {
+        if !twhin_stream::subscriber::is_node_key(key) || !theirs.contains(&q) {
             continue;
         }
         let (t, id) = key.split_once(':').unwrap();

@@ -863,7 +863,7 @@ fn kills_at_every_stage_lose_nothing_double_nothing_and_subscribers_hold_the_ser
         .table()
         .keys()
         .filter(|k| {
-            !k.starts_with("relation:")
+            twhin_stream::subscriber::is_node_key(k)
                 && run
                     .keys
                     .node_name(k)

@@ -28,6 +28,12 @@ pub trait ChangedRows: Send + Sync + std::fmt::Debug {
     fn take_handed_over(&self) -> Vec<ChangedRow> {
         Vec::new()
     }
+
+    /// Per partition followed, its relation delta as its owner's newest version applied since
+    /// last asked left it (`crate::train::RelationShares`).
+    fn take_relation_deltas(&self) -> BTreeMap<i32, Vec<f32>> {
+        BTreeMap::new()
+    }
 }
 
 /// A row of another owner, as the cache holds it.
@@ -56,12 +62,16 @@ pub struct RefreshedRow {
 /// Where the gradients topic is read from and which window parts are in the model: kept in the
 /// trainer's checkpoint, so that a trainer that goes back to a checkpoint reads again exactly
 /// the windows it undid.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExchangePosition {
     /// Per partition of the gradients topic, the offset to read again from.
     pub resume_at: BTreeMap<i32, i64>,
     /// Per sender, the window parts applied: `(version, epoch, partition)`.
     pub applied: BTreeMap<String, BTreeSet<(u64, u64, i32)>>,
+    /// The relation vectors' per-partition deltas the model's relations sum
+    /// ([`crate::train::RelationShares`]; absent in checkpoints from before they were shared).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub relation_deltas: BTreeMap<i32, Vec<f32>>,
 }
 
 impl ExchangePosition {
@@ -139,6 +149,9 @@ pub struct ExchangeFigures {
     /// Rows of partitions this instance took over that it started at their previous owner's
     /// published row (nodes its store did not know, or whose row it had not started).
     pub rows_taken_over: u64,
+    /// Relation deltas of other owners (published, or handed over with a partition taken over)
+    /// that moved this instance's relation vectors.
+    pub relation_deltas_applied: u64,
     /// Records of the gradients topic that did not decode (skipped).
     pub records_skipped: u64,
     /// Records deleted below the positions of the trainer's checkpoints (never read again).
@@ -167,6 +180,7 @@ pub struct GradientInbox {
     rows_unknown: AtomicU64,
     rows_refreshed: AtomicU64,
     rows_taken_over: AtomicU64,
+    relation_deltas_applied: AtomicU64,
     records_skipped: AtomicU64,
     records_deleted: AtomicU64,
 }
@@ -254,6 +268,12 @@ impl GradientInbox {
         (self.changed.get()).map_or_else(Vec::new, |changed| changed.take_handed_over())
     }
 
+    /// The trainer: the relation deltas other owners published since last asked
+    /// ([`ChangedRows::take_relation_deltas`]).
+    pub fn take_relation_deltas(&self) -> BTreeMap<i32, Vec<f32>> {
+        (self.changed.get()).map_or_else(BTreeMap::new, |changed| changed.take_relation_deltas())
+    }
+
     pub fn count_sent(&self, windows: u64, rows: u64) {
         self.windows_sent.fetch_add(windows, Ordering::Relaxed);
         self.rows_sent.fetch_add(rows, Ordering::Relaxed);
@@ -284,6 +304,12 @@ impl GradientInbox {
         self.rows_taken_over.fetch_add(rows, Ordering::Relaxed);
     }
 
+    pub fn count_relation_deltas(&self, deltas: u64) {
+        metrics::counter!(m::EXCHANGE_ROWS, "kind" => "relation_delta").increment(deltas);
+        self.relation_deltas_applied
+            .fetch_add(deltas, Ordering::Relaxed);
+    }
+
     pub fn count_deleted(&self, records: u64) {
         self.records_deleted.fetch_add(records, Ordering::Relaxed);
     }
@@ -304,6 +330,7 @@ impl GradientInbox {
             rows_unknown: get(&self.rows_unknown),
             rows_refreshed: get(&self.rows_refreshed),
             rows_taken_over: get(&self.rows_taken_over),
+            relation_deltas_applied: get(&self.relation_deltas_applied),
             records_skipped: get(&self.records_skipped),
             records_deleted: get(&self.records_deleted),
         }
@@ -313,6 +340,25 @@ impl GradientInbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint keeps the relation shares with the position; one written before them reads
+    /// as holding none.
+    #[test]
+    fn a_position_keeps_its_relation_shares_and_older_ones_read_without() {
+        let position = ExchangePosition {
+            resume_at: [(1, 9)].into(),
+            relation_deltas: [(3, vec![0.25, -1.5])].into(),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&position).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ExchangePosition>(&json).unwrap(),
+            position
+        );
+        let older: ExchangePosition =
+            serde_json::from_str(r#"{"resume_at": {"1": 9}, "applied": {}}"#).unwrap();
+        assert!(older.relation_deltas.is_empty() && older.resume_at[&1] == 9);
+    }
 
     #[test]
     fn the_sender_id_is_made_once_and_kept() {

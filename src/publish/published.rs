@@ -12,7 +12,9 @@ use rdkafka::topic_partition_list::Offset;
 
 use crate::config::Config;
 use crate::kafka::{read_to_end, reader, require_broker, KafkaSetupError, ReadError, READ_IDLE};
-use crate::publish::subscriber::{Applied, Entry, VersionAssembler, RELATION_PREFIX};
+use crate::publish::subscriber::{
+    relation_delta_partition, Applied, Entry, VersionAssembler, RELATION_PREFIX,
+};
 use crate::publish::{tombstone_attempt, Record, VersionMarker};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,9 @@ pub struct VersionTable {
     pub marker: VersionMarker,
     pub types: BTreeMap<String, Vec<(String, Vec<f32>)>>,
     pub relations: Vec<(String, Vec<f32>)>,
+    /// Per partition, its share of the relations (`relation-delta:<p>`), which
+    /// [`crate::train::RelationShares`] sums.
+    pub relation_deltas: BTreeMap<i32, Vec<f32>>,
 }
 
 impl VersionTable {
@@ -50,6 +55,7 @@ impl VersionTable {
             version: self.version,
             types: &self.types,
             relations: &self.relations,
+            relation_deltas: &self.relation_deltas,
         }
     }
 
@@ -69,8 +75,11 @@ impl VersionTable {
         marker.partition = None;
         let mut types: BTreeMap<String, Vec<(String, Vec<f32>)>> = BTreeMap::new();
         let mut relations = Vec::new();
+        let mut relation_deltas = BTreeMap::new();
         for (key, Entry { vector, .. }) in assembler.table() {
-            if let Some(name) = key.strip_prefix(RELATION_PREFIX) {
+            if let Some(p) = relation_delta_partition(key) {
+                relation_deltas.insert(p, vector.clone());
+            } else if let Some(name) = key.strip_prefix(RELATION_PREFIX) {
                 relations.push((name.to_string(), vector.clone()));
             } else if let Some((node_type, id)) = key.split_once(':') {
                 types
@@ -88,6 +97,7 @@ impl VersionTable {
             marker,
             types,
             relations,
+            relation_deltas,
         })
     }
 }

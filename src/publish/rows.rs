@@ -50,6 +50,9 @@ pub struct VersionRows {
     width: usize,
     /// Row-major `[n, width]` values.
     blocks: Vec<Vec<f32>>,
+    /// Per block, its rows' width: `width`, except for relation deltas (one row of every
+    /// relation's values, [`VersionRows::add_wide_row`]).
+    block_width: Vec<usize>,
     /// Per block: node rows, coded under `publish.format = "pq"` (relation vectors never are).
     node_block: Vec<bool>,
     /// Per block, its rows' codes (`[n, m]` row-major) once [`VersionRows::quantize`] ran.
@@ -88,6 +91,7 @@ impl VersionRows {
             format,
             width,
             blocks: Vec::new(),
+            block_width: Vec::new(),
             node_block: Vec::new(),
             codes: Vec::new(),
             coded_with: None,
@@ -106,9 +110,19 @@ impl VersionRows {
         self.push_block(values, false)
     }
 
+    /// A block of one row of any width, never quantized (a relation delta, whose vector is
+    /// every relation's): the row, for [`VersionRows::push`].
+    pub fn add_wide_row(&mut self, key: String, ts: i64, values: Vec<f32>) -> RowRef {
+        let width = values.len();
+        let block = self.push_block(values, false);
+        self.block_width[block as usize] = width;
+        VersionRows::row(key, ts, None, block, 0)
+    }
+
     fn push_block(&mut self, values: Vec<f32>, node: bool) -> u32 {
-        debug_assert_eq!(values.len() % self.width.max(1), 0);
+        debug_assert!(!node || values.len() % self.width.max(1) == 0);
         self.blocks.push(values);
+        self.block_width.push(self.width);
         self.node_block.push(node);
         self.codes.push(None);
         (self.blocks.len() - 1) as u32
@@ -191,8 +205,9 @@ impl VersionRows {
     /// Row `i`'s record in the set's format.
     pub fn encode(&self, i: usize) -> Vec<u8> {
         let r = &self.rows[i];
-        let at = r.row as usize * self.width;
-        let vector = &self.blocks[r.block as usize][at..at + self.width];
+        let width = self.block_width[r.block as usize];
+        let at = r.row as usize * width;
+        let vector = &self.blocks[r.block as usize][at..at + width];
         match self.format {
             ValueFormat::Pq => match (&self.codes[r.block as usize], self.coded_with) {
                 (Some(codes), Some((codebooks, m))) => {

@@ -66,8 +66,29 @@ use crate::publish::{
     AttemptRef, CodedRow, PqTable, Record, RowRecord, VersionMarker, CODEBOOKS_PREFIX,
 };
 
-/// Keys of relation vectors start with this (`relation:favorites`); everything else is a node.
+/// Keys of relation vectors start with this (`relation:favorites`); with
+/// [`RELATION_DELTA_PREFIX`], everything else is a node.
 pub const RELATION_PREFIX: &str = "relation:";
+
+/// Keys of the relations' per-partition deltas (`relation-delta:3`, on partition 3): every
+/// relation vector and reverse operator, flat, that partition's owner's share of them
+/// (`crate::train::RelationShares`).
+pub const RELATION_DELTA_PREFIX: &str = "relation-delta:";
+
+/// The key of partition `p`'s relation delta.
+pub fn relation_delta_key(p: i32) -> String {
+    format!("{RELATION_DELTA_PREFIX}{p}")
+}
+
+/// The partition whose relation delta `key` is (`None`: another kind of key).
+pub fn relation_delta_partition(key: &str) -> Option<i32> {
+    key.strip_prefix(RELATION_DELTA_PREFIX)?.parse().ok()
+}
+
+/// Whether `key` is a node's (`type:id`), not a relation vector's or a relation delta's.
+pub fn is_node_key(key: &str) -> bool {
+    !key.starts_with(RELATION_PREFIX) && !key.starts_with(RELATION_DELTA_PREFIX)
+}
 
 /// What a marker covers: `Some(q)`, partition `q` of the embeddings topic (contract 3); `None`,
 /// the whole topic (contracts 1 and 2, the legacy scope).
@@ -96,7 +117,7 @@ pub struct Applied {
     pub rows: u64,
     /// Node keys in the table afterwards.
     pub nodes: usize,
-    /// Relation keys in the table afterwards.
+    /// Relation keys (vectors and deltas) in the table afterwards.
     pub relations: usize,
     /// Versions of the scope jumped over by [`VersionAssembler::catch_up`] to reach this one.
     pub skipped: u64,
@@ -727,7 +748,7 @@ impl VersionAssembler {
             if self.table.get(&key).is_some_and(|e| e.version > version) {
                 continue;
             }
-            let relation = key.starts_with(RELATION_PREFIX);
+            let relation = !is_node_key(&key);
             let Some(vector) = vector else {
                 if self.table.remove(&key).is_some() && relation {
                     self.relations -= 1;

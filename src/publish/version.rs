@@ -28,6 +28,7 @@ use crate::align::AlignFigures;
 use crate::config::{Comparator, ValueFormat};
 use crate::exchange::{GradientChunk, GradientsApplied};
 use crate::publish::rows::in_chunks;
+use crate::publish::subscriber::relation_delta_key;
 use crate::publish::{
     AttemptRef, Codebooks, CodebooksRecord, RowRef, Scope, VersionMarker, VersionRows,
     CODEBOOKS_PREFIX, CONTRACT,
@@ -290,6 +291,14 @@ pub fn build_delta_version(
         let key = format!("relation:{name}");
         if let Some(p) = req.scope.place(&key) {
             rows.push(VersionRows::row(key, newest, None, block, r).in_partition(p));
+        }
+    }
+    // Each covered partition's share of the relations, when it changed (or the version starts
+    // partitions over): on that partition, whatever its key's hash.
+    for (&p, share) in &delta.exchange.relation_deltas {
+        if req.scope.covers(p) {
+            let row = rows.add_wide_row(relation_delta_key(p), newest, share.clone());
+            rows.push(row.in_partition(p));
         }
     }
     let marker = VersionMarker {
@@ -681,6 +690,61 @@ mod tests {
             ]
         );
         assert_eq!(prepared.marker.rows, ours.len() as u64 + 4);
+    }
+
+    /// A partition's share of the relations goes out on that partition, whatever its key's
+    /// hash, as one row of every relation's values; a partition the version does not cover
+    /// carries none.
+    #[test]
+    fn a_version_carries_its_partitions_relation_shares_on_their_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = users(dir.path(), 4);
+        let share = vec![0.5f32, -1.0, 2.0, 4.0];
+        let delta = ModelDelta {
+            tables: vec![TableDelta {
+                len: 4,
+                index: Tensor::arange(4, (Kind::Int64, Device::Cpu)),
+                values: Tensor::ones([4, 2], (Kind::Float, Device::Cpu)),
+                ts: vec![5; 4],
+                biases: None,
+            }],
+            relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
+            samples: Vec::new(),
+            cursor: 3,
+            exchange: crate::train::DeltaExchange {
+                relation_deltas: [(2, share.clone()), (1, vec![9.0; 4])].into(),
+                ..Default::default()
+            },
+        };
+        let owned = crate::partition::Owned {
+            generation: 1,
+            partitions: vec![0, 2],
+        };
+        let scope = Scope::owned(4, &owned);
+        let req = VersionRequest {
+            scope: &scope,
+            ..request(&[])
+        };
+        let (prepared, _) = build_delta_version(&store, &delta, None, &req)
+            .unwrap()
+            .unwrap();
+        let rows: Vec<(&str, i32)> = (prepared.rows.keys().zip(prepared.rows.partitions()))
+            .filter(|(k, _)| k.starts_with("relation-delta:"))
+            .collect();
+        assert_eq!(rows, [("relation-delta:2", 2)]);
+        let at = prepared
+            .rows
+            .keys()
+            .position(|k| k == "relation-delta:2")
+            .unwrap();
+        let record = RowRecord::decode(&prepared.rows.encode(at)).unwrap();
+        assert_eq!((record.version, record.vector), (req.version, share));
+        let marked: u64 = prepared.markers().iter().map(|m| m.rows).sum();
+        assert_eq!(
+            marked,
+            prepared.rows.len() as u64,
+            "counted in its partition's marker"
+        );
     }
 
     #[test]

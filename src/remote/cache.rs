@@ -10,7 +10,9 @@ use serde::Serialize;
 use crate::exchange::{ChangedRow, ChangedRows, GradientsApplied};
 use crate::partition::partition_of;
 use crate::publish::TopicRecord;
-use crate::subscriber::{Applied, VersionAssembler, RELATION_PREFIX};
+use crate::subscriber::{
+    is_node_key, relation_delta_key, Applied, VersionAssembler, RELATION_PREFIX,
+};
 
 /// Apply delays kept for the figures (the newest).
 const DELAYS_KEPT: usize = 1024;
@@ -95,6 +97,10 @@ pub struct RemoteCache {
     /// previous owner last published them, until the trainer takes them
     /// ([`ChangedRows::take_handed_over`]).
     handed_over: Option<Mutex<Vec<ChangedRow>>>,
+    /// With the gradient exchange: per followed partition, its relation delta as the newest
+    /// version applied left it, until the trainer takes them
+    /// ([`ChangedRows::take_relation_deltas`]).
+    relation_deltas: Option<Mutex<BTreeMap<i32, Vec<f32>>>>,
 }
 
 #[derive(Debug, Default)]
@@ -149,6 +155,7 @@ impl RemoteCache {
             inner: RwLock::default(),
             changed: None,
             handed_over: None,
+            relation_deltas: None,
         }
     }
 
@@ -158,7 +165,18 @@ impl RemoteCache {
     pub fn tracking_changes(mut self) -> RemoteCache {
         self.changed = Some(Mutex::default());
         self.handed_over = Some(Mutex::default());
+        self.relation_deltas = Some(Mutex::default());
         self
+    }
+
+    /// After versions of followed partition `q` applied: its relation delta, for the trainer.
+    fn note_relation_delta(&self, q: i32, followed: &Followed) {
+        let Some(deltas) = &self.relation_deltas else {
+            return;
+        };
+        if let Some(entry) = followed.assembler.get(&relation_delta_key(q)) {
+            deltas.lock().insert(q, entry.vector.clone());
+        }
     }
 
     /// Whether partitions it stops following are handed over to the trainer
@@ -313,6 +331,7 @@ impl RemoteCache {
             if !done.is_empty() {
                 applied += done.len() as u64;
                 delays.extend(followed.settle(q, &done, now_ms));
+                self.note_relation_delta(q, followed);
                 if let (Some(changed), None) = (&self.changed, only) {
                     let versions: BTreeSet<u64> = done.iter().map(|a| a.version).collect();
                     changed.lock().extend(
@@ -346,6 +365,7 @@ impl RemoteCache {
             applied += done.len() as u64;
             followed.settle(q, &done, now_ms);
             followed.caught_up = true;
+            self.note_relation_delta(q, followed);
         }
         inner.versions_applied += applied;
     }
@@ -416,6 +436,11 @@ impl ChangedRows for RemoteCache {
         (self.handed_over.as_ref()).map_or_else(Vec::new, |rows| std::mem::take(&mut *rows.lock()))
     }
 
+    fn take_relation_deltas(&self) -> BTreeMap<i32, Vec<f32>> {
+        (self.relation_deltas.as_ref())
+            .map_or_else(BTreeMap::new, |d| std::mem::take(&mut *d.lock()))
+    }
+
     fn take_changed(&self) -> Vec<ChangedRow> {
         let Some(changed) = &self.changed else {
             return Vec::new();
@@ -427,6 +452,7 @@ impl ChangedRows for RemoteCache {
         let inner = self.inner.read();
         let place = |key: &String| partition_of(key.as_bytes(), inner.partitions) as i32;
         (keys.into_iter())
+            .filter(|key| is_node_key(key))
             .filter_map(|key| {
                 let followed = inner.followed.get(&place(&key))?;
                 let vector = followed.assembler.get(&key)?.vector.clone();
@@ -533,6 +559,45 @@ mod tests {
     /// A partition this instance takes over is handed to the trainer whole, as its previous
     /// owner last published it (node rows, not relation vectors), once; a partition forgotten
     /// before it was caught up hands nothing, and without the exchange nothing is kept.
+    #[test]
+    fn a_followed_partitions_relation_share_goes_to_the_trainer_apart_from_its_rows() {
+        let cache = RemoteCache::new(100).tracking_changes();
+        cache.set_partitions(P);
+        cache.follow(&[1, 2].into());
+        let k1 = keys_in(1, 1);
+        // Caught up (a follow's first read), then a live version.
+        cache.feed(
+            vec![row(1, "relation-delta:1", 1, 0.5), marker(1, 1, 1, 0)],
+            Some(&[1].into()),
+            0,
+        );
+        cache.catch_up(&[1].into(), 0);
+        assert_eq!(cache.take_relation_deltas(), [(1, vec![0.5, -0.5])].into());
+        cache.feed(
+            vec![
+                row(1, &k1[0], 2, 3.0),
+                row(1, "relation-delta:1", 2, 0.75),
+                marker(1, 2, 2, 0),
+            ],
+            None,
+            0,
+        );
+        assert_eq!(
+            cache.take_relation_deltas(),
+            [(1, vec![0.75, -0.75])].into()
+        );
+        assert!(cache.take_relation_deltas().is_empty(), "taken once");
+        let changed: Vec<String> = cache.take_changed().into_iter().map(|r| r.key).collect();
+        assert_eq!(changed, [k1[0].clone()], "a share is not a node's row");
+        // Taken over, the partition's share goes with its rows.
+        cache.hand_over(&[1].into());
+        let mut handed: Vec<String> = (cache.take_handed_over().into_iter())
+            .map(|r| r.key)
+            .collect();
+        handed.sort();
+        assert_eq!(handed, ["relation-delta:1".to_string(), k1[0].clone()]);
+    }
+
     #[test]
     fn a_partition_taken_over_is_handed_to_the_trainer_as_last_published() {
         let cache = RemoteCache::new(100).tracking_changes();

@@ -50,7 +50,7 @@ fn invalid(path: &Path, problem: impl Into<String>) -> CheckpointError {
 }
 
 /// What a checkpoint records beside the tensors.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
     pub version: u64,
     /// The store sequence number up to which edges were trained.

@@ -12,10 +12,16 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use tracing::warn;
 
-use crate::exchange::{ExchangePosition, GradientInbox, RefreshedRow, WindowAttempt, WindowPart};
+use crate::exchange::{
+    ChangedRow, ExchangePosition, GradientInbox, RefreshedRow, WindowAttempt, WindowPart,
+};
+use crate::partition::partition_of;
 use crate::schema::NodeKey;
 use crate::store::{GraphStore, NodeRef, StoreError};
-use crate::train::{DeltaExchange, Embeddings, GradientTap, NodeTable, OwnedSources, Pull};
+use crate::subscriber::{relation_delta_partition, RELATION_PREFIX};
+use crate::train::{
+    DeltaExchange, Embeddings, GradientTap, NodeTable, OwnedSources, Pull, RelationShares,
+};
 
 /// Windows whose local learning is remembered, at most (the newest): an owner's version says it
 /// applied a window one or two versions after it was sent, so older ones only matter when an
@@ -50,6 +56,9 @@ pub struct ForeignRows {
     /// writes, so that the owner can delete what it applied).
     unsaved: AtomicBool,
     learned: LocalLearning,
+    /// The relation vectors as per-partition deltas, once the partition count is known
+    /// (`None` before, and after going back to a checkpoint until the next step).
+    relations: Option<RelationShares>,
 }
 
 /// What this instance learned on rows owned elsewhere, by window, until their owner's published
@@ -90,6 +99,7 @@ impl ForeignRows {
             announced: HashSet::new(),
             unsaved: AtomicBool::new(false),
             learned: LocalLearning::default(),
+            relations: None,
         }
     }
 
@@ -124,15 +134,21 @@ impl ForeignRows {
         self.announced.clear();
         self.position = position;
         self.inbox.rewind_to(&self.position);
+        // Made again from the checkpoint's deltas, which its relation vectors sum.
+        self.relations = None;
     }
 
     /// For the next version, sent as `window`: the gradients summed since the last take, and
     /// per owned partition the newest window of each sender applied here. The local change of
     /// the rows those gradients came from is remembered under `window`.
+    /// With them, the relation deltas of the `owned` partitions that changed since the last
+    /// take (all of them when `every`: the version starts partitions over, or the last may not
+    /// have gone out).
     pub fn take_window(
         &mut self,
         model: &Embeddings,
         window: Option<WindowAttempt>,
+        (owned, every): (&[i32], bool),
     ) -> DeltaExchange {
         let mut gradients: Vec<NodeGradient> = self.outbox.drain().map(|(_, g)| g).collect();
         gradients.sort_unstable_by_key(|g| g.node);
@@ -175,9 +191,71 @@ impl ForeignRows {
                 windows.pop_front();
             }
         }
+        let relation_deltas = match self.relations.as_mut() {
+            Some(shares) => {
+                let deltas = shares.take(owned, &model.relation_values(), every);
+                self.position.relation_deltas = shares.held().clone();
+                deltas
+            }
+            None => BTreeMap::new(),
+        };
         DeltaExchange {
             gradients,
             applied: self.position.newest_applied(),
+            relation_deltas,
+        }
+    }
+
+    /// The relation deltas of other owners that came since the last step, and those of
+    /// partitions taken over (`handed_over`), into the model's relation vectors; the home
+    /// follows the ownership. The shares start here once the partition count is known: from
+    /// the deltas the checkpoint or the published state held, or, for a new model, with each
+    /// relation's start in its anchor partition.
+    fn share_relations(
+        &mut self,
+        model: &mut Embeddings,
+        store: &GraphStore,
+        sources: &OwnedSources,
+        handed_over: BTreeMap<i32, Vec<f32>>,
+    ) {
+        let ownership = sources.ownership();
+        let partitions = ownership.partition_count();
+        if partitions == 0 {
+            return;
+        }
+        let owned = sources.owned_now();
+        let shares = self.relations.get_or_insert_with(|| {
+            let values = model.relation_values();
+            if self.position.relation_deltas.is_empty() {
+                let anchors: Vec<i32> = (store.stored_schema().relations.iter())
+                    .map(|(name, _, _)| {
+                        let key = format!("{RELATION_PREFIX}{name}");
+                        partition_of(key.as_bytes(), partitions) as i32
+                    })
+                    .collect();
+                RelationShares::anchored(&values, &anchors, model.dim as usize)
+            } else {
+                RelationShares::from_deltas(values.len(), &self.position.relation_deltas)
+            }
+        });
+        let received = self.inbox.take_relation_deltas();
+        if !handed_over.is_empty() || !received.is_empty() {
+            let mut values = model.relation_values();
+            let mut moved = 0;
+            for (p, delta) in &handed_over {
+                moved += u64::from(shares.take_over(*p, delta, &mut values));
+            }
+            for (p, delta) in &received {
+                moved += u64::from(shares.receive(*p, delta, &owned, &mut values));
+            }
+            if moved > 0 {
+                model.set_relation_values(&values);
+                self.inbox.count_relation_deltas(moved);
+            }
+        }
+        shares.settle_home(&owned);
+        if self.position.relation_deltas != *shares.held() {
+            self.position.relation_deltas = shares.held().clone();
         }
     }
 
@@ -256,7 +334,9 @@ impl ForeignRows {
         let seen = std::mem::take(&mut self.seen_foreign);
         self.mark_foreign(&seen, model.device);
         let (parts, refreshed) = (self.inbox.take_parts(), self.inbox.take_refreshed());
-        let handed_over = self.inbox.take_handed_over();
+        let (handed_over, deltas_handed_over) =
+            relation_deltas_apart(self.inbox.take_handed_over());
+        self.share_relations(model, store, sources, deltas_handed_over);
         if parts.is_empty() && refreshed.is_empty() && handed_over.is_empty() {
             return Ok(());
         }
@@ -344,6 +424,21 @@ impl ForeignRows {
         self.inbox.count_refreshed(count);
         Ok(())
     }
+}
+
+/// Rows handed over split into node rows and relation deltas (by partition).
+fn relation_deltas_apart(rows: Vec<ChangedRow>) -> (Vec<ChangedRow>, BTreeMap<i32, Vec<f32>>) {
+    let mut deltas = BTreeMap::new();
+    let rows = (rows.into_iter())
+        .filter_map(|row| match relation_delta_partition(&row.key) {
+            Some(p) => {
+                deltas.insert(p, row.vector);
+                None
+            }
+            None => Some(row),
+        })
+        .collect();
+    (rows, deltas)
 }
 
 /// One type's summed gradients gathered for one write: indices, `[k × D]` gradients, and per
@@ -994,6 +1089,89 @@ mod tests {
         assert_eq!(row(&a, 1, i64::from(first.index)), published);
         assert_eq!(row(&a, 0, 0), user_before, "a row A owns is its own");
         assert_eq!(a_inbox.figures().rows_refreshed, 1);
+    }
+
+    /// Relation deltas other owners published.
+    #[derive(Debug, Default)]
+    struct Shares(parking_lot::Mutex<BTreeMap<i32, Vec<f32>>>);
+
+    impl crate::exchange::ChangedRows for Shares {
+        fn take_changed(&self) -> Vec<ChangedRow> {
+            Vec::new()
+        }
+
+        fn take_relation_deltas(&self) -> BTreeMap<i32, Vec<f32>> {
+            std::mem::take(&mut *self.0.lock())
+        }
+    }
+
+    /// Issue 24, item 3: two instances train the relation, each on the edges it owns, and hand
+    /// their shares on with their versions; once each took the other's, both hold the same
+    /// relation vector: its start once, plus both instances' learning.
+    #[test]
+    fn both_instances_end_with_the_relation_learnt_by_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let users: Vec<String> = (ids_in("user", "u", 0).take(3))
+            .chain(ids_in("user", "u", 1).take(3))
+            .collect();
+        let likes: Vec<(&str, &str)> = (users.iter())
+            .flat_map(|u| [(u.as_str(), "m1"), (u.as_str(), "m2")])
+            .collect();
+        let store = likes_store(dir.path(), &likes);
+        let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
+        let (a_owns, b_owns) = (
+            Arc::new(Ownership::default()),
+            Arc::new(Ownership::default()),
+        );
+        for (o, q) in [(&a_owns, 0), (&b_owns, 1)] {
+            o.set_partition_count(2);
+            o.assign(&[q]);
+        }
+        let (mut a, a_inbox) = core(&cfg, &a_owns, 0);
+        let (mut b, b_inbox) = core(&cfg, &b_owns, 0);
+        let start = a.model.relation_values();
+        assert_eq!(b.model.relation_values(), start, "one seed");
+        while a.step(&store).unwrap().stats.is_some() {}
+        while b.step(&store).unwrap().stats.is_some() {}
+        let (learnt_a, learnt_b) = (a.model.relation_values(), b.model.relation_values());
+        assert!(learnt_a != start && learnt_b != start && learnt_a != learnt_b);
+        let from_a = a
+            .take_delta(&DeltaRequest::default())
+            .exchange
+            .relation_deltas;
+        let from_b = b
+            .take_delta(&DeltaRequest::default())
+            .exchange
+            .relation_deltas;
+        // Each hands on its home's share; the relation's start is its anchor's.
+        let anchor = place("relation:likes");
+        assert_eq!(from_a.keys().copied().collect::<Vec<_>>(), [0]);
+        assert_eq!(from_b.keys().copied().collect::<Vec<_>>(), [1]);
+        let (own_a, own_b) = (&from_a[&0], &from_b[&1]);
+        let with_start = if anchor == 0 { own_a } else { own_b };
+        assert_eq!(with_start, if anchor == 0 { &learnt_a } else { &learnt_b });
+        a_inbox.refresh_from(Arc::new(Shares(from_b.into())));
+        b_inbox.refresh_from(Arc::new(Shares(from_a.into())));
+        a.step(&store).unwrap();
+        b.step(&store).unwrap();
+        let both: Vec<f32> = (learnt_a.iter().zip(&learnt_b).zip(&start))
+            .map(|((x, y), s)| x + y - s)
+            .collect();
+        for got in [a.model.relation_values(), b.model.relation_values()] {
+            let off = got.iter().zip(&both).map(|(g, w)| (g - w).abs());
+            assert!(
+                off.fold(0.0f32, f32::max) < 1e-6,
+                "{got:?} against {both:?}"
+            );
+        }
+        assert_eq!(a_inbox.figures().relation_deltas_applied, 1);
+        assert_eq!(b_inbox.figures().relation_deltas_applied, 1);
+        // Nothing learnt since: the next versions carry no share.
+        assert!((a
+            .take_delta(&DeltaRequest::default())
+            .exchange
+            .relation_deltas)
+            .is_empty());
     }
 
     /// The rows of partitions taken over, as their previous owner last published them.

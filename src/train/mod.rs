@@ -19,6 +19,7 @@ mod owned;
 mod prequential;
 mod query;
 mod rank;
+mod relation_shares;
 mod score;
 mod snapshot;
 mod start;
@@ -54,6 +55,7 @@ pub(crate) use prequential::RankWindow;
 pub(crate) use query::{all_target_scores, SourceQuery};
 pub(crate) use rank::{evaluate, Filter, RankMetrics};
 pub use rank::{target_ranks, RankSum, TargetQuery, Triple};
+pub use relation_shares::RelationShares;
 pub(crate) use score::{score_pairs, score_sources};
 pub use score::{score_targets, translate};
 pub(crate) use snapshot::{

@@ -553,6 +553,33 @@ impl Embeddings {
         }
     }
 
+    /// The relation parameters, flat ([`crate::train::RelationShares`]): every relation's
+    /// vector, then every reverse operator when the model has them.
+    pub fn relation_values(&self) -> Vec<f32> {
+        let flat = |t: &Tensor| Vec::<f32>::try_from(t.reshape([-1])).expect("f32 relations");
+        let mut values = flat(&self.relations);
+        if let Some(rev) = &self.reverse {
+            values.extend(flat(&rev.relations));
+        }
+        values
+    }
+
+    /// Set the relation parameters from [`Embeddings::relation_values`]' layout.
+    pub fn set_relation_values(&mut self, values: &[f32]) {
+        let device = self.device;
+        let set = |t: &mut Tensor, values: &[f32]| {
+            let v = Tensor::from_slice(values)
+                .view(t.size().as_slice())
+                .to_device(device);
+            tch::no_grad(|| t.copy_(&v));
+        };
+        let n = self.relations.numel();
+        set(&mut self.relations, &values[..n]);
+        if let Some(rev) = &mut self.reverse {
+            set(&mut rev.relations, &values[n..]);
+        }
+    }
+
     /// Give the model reverse relation operators ([`ReverseRelations`]), drawn from
     /// N(0, init_scale²), unless it has them.
     pub fn add_reverse_relations(&mut self, init_scale: f64) {

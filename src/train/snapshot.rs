@@ -89,6 +89,9 @@ pub struct DeltaExchange {
     /// Per partition this instance owns, the newest window of each sender applied to its rows
     /// (each partition's marker says it, `gradients_applied`).
     pub applied: BTreeMap<i32, GradientsApplied>,
+    /// Per partition this instance owns, its relation delta where the version carries it
+    /// ([`crate::train::RelationShares::take`]).
+    pub relation_deltas: BTreeMap<i32, Vec<f32>>,
 }
 
 impl ModelDelta {

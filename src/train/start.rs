@@ -18,6 +18,8 @@ pub struct PublishedRows<'a> {
     pub version: u64,
     pub types: &'a BTreeMap<String, Vec<(String, Vec<f32>)>>,
     pub relations: &'a [(String, Vec<f32>)],
+    /// Per partition, its share of the relations ([`crate::train::RelationShares`]).
+    pub relation_deltas: &'a BTreeMap<i32, Vec<f32>>,
 }
 
 /// What a new model took from a published version (`/v1/status` `trainer.started_from`).
@@ -160,6 +162,7 @@ mod tests {
             version: 7,
             types: &types,
             relations: &relations,
+            relation_deltas: &BTreeMap::new(),
         };
         let out = take_published(&mut model, &store, rows, 0.0, 100.0).unwrap();
         assert_eq!(

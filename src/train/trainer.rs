@@ -36,8 +36,8 @@ use crate::train::{
     history_targets, history_with_rows, known_targets, non_finite_rows, rows_needed,
     schema_fingerprint, target_ranks, train_step_tapped, warm_rows, CheckpointError, Checkpoints,
     DeltaExchange, DeltaRequest, Embeddings, ForeignRows, GradientTap, History, ModelDelta,
-    OwnedSources, Pull, RankWindow, ResumedFrom, Snapshot, StepStats, TableDelta, TargetQuery,
-    TrainParams,
+    OwnedSources, Pull, RankWindow, RelationShares, ResumedFrom, Snapshot, StepStats, TableDelta,
+    TargetQuery, TrainParams,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +294,15 @@ impl TrainerCore {
             self.params.init_scale,
             self.opts.published_history_steps,
         )?;
+        if !table.relation_deltas.is_empty() {
+            // The relations are the sum of every partition's share, which the exchange goes on
+            // from ([`RelationShares`]), rather than the summed vectors one owner published.
+            let width = self.model.relation_values().len();
+            let shares = RelationShares::from_deltas(width, table.relation_deltas);
+            self.model.set_relation_values(&shares.sum());
+            let position = self.resumed_exchange.get_or_insert_with(Default::default);
+            position.relation_deltas = shares.held().clone();
+        }
         Ok(self.started_from.insert(started))
     }
 
@@ -774,7 +783,11 @@ impl TrainerCore {
                 samples,
                 cursor: self.cursor,
                 exchange: match self.foreign.as_mut() {
-                    Some(foreign) => foreign.take_window(&self.model, req.window),
+                    Some(foreign) => {
+                        let owned =
+                            (self.sources.as_ref()).map_or_else(Vec::new, OwnedSources::owned_now);
+                        foreign.take_window(&self.model, req.window, (&owned, req.full))
+                    }
                     None => DeltaExchange::default(),
                 },
             }
