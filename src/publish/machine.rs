@@ -667,6 +667,12 @@ impl Publication {
             let paused = Instant::now();
             (trainer.take_delta(request).await?, paused.elapsed())
         };
+        // Rows taken over at their previous owner's values: subscribers hold those, not the
+        // reference here (this instance's old copies), so they go out whatever they moved.
+        let taken_over = std::mem::take(&mut delta.exchange.taken_over);
+        if taken_over.iter().any(|t| t.numel() > 0) {
+            self.retried_rows = union_rows(&self.retried_rows, &taken_over);
+        }
         update_row_ts(&mut self.row_ts, &delta);
         let candidate = Candidate::of_delta(&mut delta);
         let reference = self.reference.as_ref().map(|r| r.params.shallow_clone());

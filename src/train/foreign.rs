@@ -59,6 +59,10 @@ pub struct ForeignRows {
     /// The relation vectors as per-partition deltas, once the partition count is known
     /// (`None` before, and after going back to a checkpoint until the next step).
     relations: Option<RelationShares>,
+    /// Rows started at a partition's previous owner's published values since the last take:
+    /// the next version publishes them whatever they moved (the publication's reference for
+    /// them is this instance's old copy, not what subscribers hold).
+    taken_over: Vec<NodeRef>,
 }
 
 /// What this instance learned on rows owned elsewhere, by window, until their owner's published
@@ -100,6 +104,7 @@ impl ForeignRows {
             unsaved: AtomicBool::new(false),
             learned: LocalLearning::default(),
             relations: None,
+            taken_over: Vec::new(),
         }
     }
 
@@ -199,10 +204,21 @@ impl ForeignRows {
             }
             None => BTreeMap::new(),
         };
+        let taken_over = (0..model.tables.len())
+            .map(|t| {
+                let rows: Vec<i64> = (self.taken_over.iter())
+                    .filter(|n| n.node_type as usize == t)
+                    .map(|n| i64::from(n.index))
+                    .collect();
+                Tensor::from_slice(&rows)
+            })
+            .collect();
+        self.taken_over.clear();
         DeltaExchange {
             gradients,
             applied: self.position.newest_applied(),
             relation_deltas,
+            taken_over,
         }
     }
 
@@ -344,7 +360,8 @@ impl ForeignRows {
         let types = type_ids(store);
         if !handed_over.is_empty() {
             let started = take_over(model, store, &types, &handed_over, init_scale)?;
-            self.inbox.count_taken_over(started);
+            self.inbox.count_taken_over(started.len() as u64);
+            self.taken_over.extend(started);
         }
         for part in parts {
             if self.position.has(&part.id, part.partition) {
@@ -531,7 +548,7 @@ fn take_over(
     types: &HashMap<String, usize>,
     rows: &[crate::exchange::ChangedRow],
     init_scale: f64,
-) -> Result<u64, StoreError> {
+) -> Result<Vec<NodeRef>, StoreError> {
     let width = |t: usize| model.dim as usize + usize::from(model.tables[t].biased);
     // A row of another width (the model's dimension or bias changed) is not taken.
     let usable = (rows.iter())
@@ -549,14 +566,14 @@ fn take_over(
         nodes.push(node);
         values.extend_from_slice(value);
     }
-    let mut started = 0u64;
+    let mut started = Vec::new();
     for (t, (nodes, values)) in by_type {
         let table = &mut model.tables[t];
         let indices: Vec<i64> = nodes.iter().map(|n| i64::from(n.index)).collect();
         grow_to_hold(table, &indices, init_scale);
         start_rows(table, &nodes, &values);
         table.hold(&indices);
-        started += nodes.len() as u64;
+        started.extend(nodes);
     }
     Ok(started)
 }
@@ -1224,6 +1241,16 @@ mod tests {
         assert_eq!(row(&b, 1, i64::from(interned)), vec![0.25; 4]);
         let m0 = i64::from(store.node_index(1, &movies[0]).unwrap().unwrap());
         assert_eq!(row(&b, 1, m0), vec![0.5; 4]);
+        // The next version publishes both, whatever they moved from the publication's
+        // reference (this instance's old copies, not what subscribers hold); once.
+        let taken = b.take_delta(&DeltaRequest::default()).exchange.taken_over;
+        let mut movies_taken = Vec::<i64>::try_from(&taken[1]).unwrap();
+        movies_taken.sort_unstable();
+        let mut want = vec![m0, i64::from(interned)];
+        want.sort_unstable();
+        assert_eq!((taken[0].numel(), movies_taken), (0, want));
+        let again = b.take_delta(&DeltaRequest::default()).exchange.taken_over;
+        assert!(again.iter().all(|t| t.numel() == 0));
         // Handed over again (the partition moved away and back): a held row stays.
         handed.0.lock().push(published(&known, 0.75));
         b.step(&store).unwrap();

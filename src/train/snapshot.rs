@@ -92,6 +92,9 @@ pub struct DeltaExchange {
     /// Per partition this instance owns, its relation delta where the version carries it
     /// ([`crate::train::RelationShares::take`]).
     pub relation_deltas: BTreeMap<i32, Vec<f32>>,
+    /// Per node type, the rows (Int64, CPU) started at a partition's previous owner's
+    /// published values since the last take: the version publishes them whatever they moved.
+    pub taken_over: Vec<Tensor>,
 }
 
 impl ModelDelta {
