@@ -27,7 +27,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 use twhin_stream::publish::{tombstone_attempt, AttemptRef, DecodeError, Record, VersionMarker};
-use twhin_stream::subscriber::{Applied, Counts, VersionAssembler};
+use twhin_stream::subscriber::{Applied, Counts, VersionAssembler, RELATION_DELTA_PREFIX};
 
 /// How long `--idle-exit-secs` waits for the very first record at least.
 const FIRST_RECORD_GRACE: Duration = Duration::from_secs(300);
@@ -86,8 +86,9 @@ struct Summary {
     stopped_by: &'static str,
     /// Epochs of the codebooks held (`publish.format = "pq"`), in any scope.
     codebooks: Vec<u64>,
-    /// The sum of every value held, in f64: a check that two readers hold the same table
-    /// (`examples/subscriber.py` prints the same figure).
+    /// The sum of every value of the node rows and relation vectors held (not the
+    /// partitions' shares of the relations), in f64: a check that two readers hold the same
+    /// table (`examples/subscriber.py` prints the same figure, `export` writes those rows).
     checksum: f64,
     counts: Counts,
     applied: Vec<AppliedAt>,
@@ -333,8 +334,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             caught_up: state.caught_up,
             stopped_by,
             codebooks: a.codebook_epochs().into_iter().collect(),
-            checksum: (a.table().values())
-                .flat_map(|e| &e.vector)
+            checksum: (a.table().iter())
+                .filter(|(k, _)| !k.starts_with(RELATION_DELTA_PREFIX))
+                .flat_map(|(_, e)| &e.vector)
                 .map(|&x| f64::from(x))
                 .sum(),
             counts: a.counts(),
