@@ -474,6 +474,18 @@ fn open_publication(
     tail: &VersionsTail,
 ) -> anyhow::Result<Publication> {
     let mut ledger = Ledger::open(&cfg.publish.path)?;
+    // Each instance's epochs carry a tag of its own (from the name it sends gradients under),
+    // so that no two instances ever make the same attempt of a version.
+    let name = sender_id(&cfg.publish.path).with_context(|| {
+        format!(
+            "naming this instance in publish.path = {}",
+            cfg.publish.path.display()
+        )
+    })?;
+    ledger.set_instance_tag(u64::from_str_radix(&name, 16).unwrap_or_else(|_| {
+        name.bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+    }))?;
     // The topic, not the ledger, is what subscribers hold.
     if let Some(disagreement) = reconcile_with_tail(cfg, &mut ledger, tail)? {
         warn!(

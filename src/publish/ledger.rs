@@ -84,7 +84,13 @@ pub struct Ledger {
     /// How the versions topic disagreed with this ledger at start, when it did: subscribers do
     /// not hold the version the ledger names, so the next version carries every row.
     disagreement: Option<TopicDisagreement>,
+    /// This instance's epoch tag ([`Ledger::set_instance_tag`]); `None`: epochs count by one.
+    tag: Option<u64>,
 }
+
+/// Epochs of one instance are all its tag modulo this (65,536 tags: two instances of a
+/// deployment share one with odds of 1 in 65,536; JSON carries epochs exactly below 2^53).
+pub(super) const EPOCH_TAGS: u64 = 1 << 16;
 
 /// The newest markers of the versions topic, as a publisher reads them at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -169,9 +175,36 @@ impl Ledger {
             path: Some(path),
             state,
             disagreement: None,
+            tag: None,
         };
         ledger.new_epoch()?;
         Ok(ledger)
+    }
+
+    /// From now on every epoch this ledger takes is `tag` modulo [`EPOCH_TAGS`] (the current one
+    /// moves up to the next such): instances of one deployment, each with its own tag (from its
+    /// sender name), then never make the same attempt `(version, epoch)`, even when two of them
+    /// start the same partition over from the same view of the versions topic (a zombie that
+    /// still believes it owns a partition, and its new owner).
+    pub fn set_instance_tag(&mut self, tag: u64) -> Result<(), LedgerError> {
+        self.tag = Some(tag % EPOCH_TAGS);
+        self.state.epoch = self.tagged_at_least(self.state.epoch);
+        self.persist()
+    }
+
+    /// The smallest epoch at or above `floor` that carries this instance's tag.
+    fn tagged_at_least(&self, floor: u64) -> u64 {
+        match self.tag {
+            None => floor,
+            Some(tag) => {
+                let base = floor - floor % EPOCH_TAGS + tag;
+                if base >= floor {
+                    base
+                } else {
+                    base + EPOCH_TAGS
+                }
+            }
+        }
     }
 
     /// A ledger that lives only as long as this process (epoch 1, nothing published).
@@ -184,6 +217,7 @@ impl Ledger {
                 ..LedgerState::default()
             },
             disagreement: None,
+            tag: None,
         }
     }
 
@@ -233,6 +267,7 @@ impl Ledger {
             }
         };
         s.epoch = s.epoch.max(tail.max_epoch + 1);
+        self.state.epoch = self.tagged_at_least(self.state.epoch);
         self.persist().map_err(ReconcileError::Ledger)?;
         Ok(self.disagreement)
     }
@@ -245,7 +280,7 @@ impl Ledger {
     /// Take (and persist) a new epoch: at every start, and after a failed attempt whose rows
     /// may already be on the broker under the old one.
     pub fn new_epoch(&mut self) -> Result<(), LedgerError> {
-        self.state.epoch += 1;
+        self.state.epoch = self.tagged_at_least(self.state.epoch + 1);
         self.persist()
     }
 
@@ -289,6 +324,7 @@ impl Ledger {
         s.last_version = s.last_version.max(above + 1);
         s.last_epoch = 0;
         s.epoch = s.epoch.max(tail.max_epoch + 1);
+        self.state.epoch = self.tagged_at_least(self.state.epoch);
         self.persist()
     }
 
@@ -430,6 +466,47 @@ mod tests {
             err.contains("ledger.json") && err.contains("corrupt"),
             "{err}"
         );
+    }
+
+    /// Two instances that start the same partitions over from the same view of the topic take
+    /// different epochs (the faults test found both making attempt 32, epoch 8: the zombie's
+    /// unmarked records then counted toward its successor's marker).
+    #[test]
+    fn tagged_instances_never_take_the_same_epoch() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut a, mut b) = (
+            Ledger::open(a_dir.path()).unwrap(),
+            Ledger::open(b_dir.path()).unwrap(),
+        );
+        a.set_instance_tag(0x1234_0007).unwrap();
+        b.set_instance_tag(0x9999_0009).unwrap();
+        assert_eq!((a.state().epoch, b.state().epoch), (7, 9));
+        let scope = crate::publish::Scope::whole(8);
+        let tail = VersionsTail {
+            newest: Some((
+                AttemptRef {
+                    version: 30,
+                    epoch: 7,
+                },
+                None,
+            )),
+            max_epoch: 7,
+            ..VersionsTail::default()
+        };
+        a.rebase(&scope, &tail).unwrap();
+        b.rebase(&scope, &tail).unwrap();
+        assert_eq!((a.next_version(), b.next_version()), (32, 32));
+        assert_eq!((a.state().epoch, b.state().epoch), (EPOCH_TAGS + 7, 9));
+        a.new_epoch().unwrap();
+        assert_eq!(
+            a.state().epoch,
+            2 * EPOCH_TAGS + 7,
+            "always above, always its tag"
+        );
+        // Reopened, the epoch moves on and keeps the tag once set again.
+        let mut a = Ledger::open(a_dir.path()).unwrap();
+        a.set_instance_tag(0x1234_0007).unwrap();
+        assert_eq!(a.state().epoch, 3 * EPOCH_TAGS + 7);
     }
 
     fn marker(version: u64, epoch: u64, deployment: Option<&str>) -> VersionMarker {
