@@ -81,14 +81,19 @@ pub(crate) async fn send(
 /// the offset after its last record (what the store keeps as its restore position).
 pub(crate) async fn acknowledged(
     deliveries: Vec<DeliveryFuture>,
-) -> Result<Vec<(i32, i64)>, KafkaError> {
-    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
+) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
+    let mut positions: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
     for r in join_all(deliveries).await {
         let delivered = r.map_err(|_| KafkaError::Canceled)?.map_err(|(e, _)| e)?;
-        let end = positions.entry(delivered.partition).or_default();
+        let (first, end) = positions
+            .entry(delivered.partition)
+            .or_insert((delivered.offset, 0));
+        *first = (*first).min(delivered.offset);
         *end = (*end).max(delivered.offset + 1);
     }
-    Ok(positions.into_iter().collect())
+    Ok((positions.into_iter())
+        .map(|(p, (first, end))| (p, first, end))
+        .collect())
 }
 
 #[cfg(test)]
@@ -120,6 +125,7 @@ mod tests {
                 },
             )],
             extra_offsets: vec![],
+            logged: Vec::new(),
             upstream: vec![Upstream {
                 partition: 2,
                 source: 6,

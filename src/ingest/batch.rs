@@ -56,6 +56,7 @@ impl Lane {
             next_offsets: self.next_offsets.into_iter().collect(),
             last_records: self.last_records.into_iter().collect(),
             extra_offsets: Vec::new(),
+            logged: Vec::new(),
             upstream: Vec::new(),
         };
         (batch, self.kafka_ts)
@@ -453,9 +454,9 @@ async fn log_then_write(
                 }
             }
         };
-        batch
-            .extra_offsets
-            .extend((positions.into_iter()).map(|(p, next)| (log.topic.clone(), p, next)));
+        batch.logged.extend(
+            (positions.into_iter()).map(|(p, first, next)| (log.topic.clone(), p, first, next)),
+        );
         let topic = batch.topic.clone();
         match writer.send(AppendEvents(batch)).await {
             Ok(Ok(outcome)) => outcomes.push(outcome),

@@ -223,6 +223,17 @@ impl GraphStore {
             let n = extra.entry((topic.as_str(), *p)).or_insert(*next);
             *n = (*n).max(*next);
         }
+        for (topic, p, first, next) in &batch.logged {
+            let at = extra.get(&(topic.as_str(), *p)).copied();
+            let stored = self
+                .stored_offset(topic, *p)?
+                .unwrap_or(0)
+                .max(at.unwrap_or(0));
+            if stored >= *first {
+                let n = extra.entry((topic.as_str(), *p)).or_insert(*next);
+                *n = (*n).max(*next);
+            }
+        }
         for ((topic, p), next) in extra {
             if (self.stored_offset(topic, p)?).is_none_or(|stored| next > stored) {
                 w.sled.insert(offset_key(topic, p), &next.to_be_bytes());

@@ -149,6 +149,11 @@ pub struct AppendBatch {
     /// Next offsets of other topics made durable with the batch: the changelog's, past the
     /// records written for it (`(topic, partition, next offset)`; only moved forward).
     pub extra_offsets: Vec<(String, i32, i64)>,
+    /// The changelog records written for this batch, `(topic, partition, first offset, next
+    /// offset)`: the store's position there moves to `next` only when it had reached `first`.
+    /// Otherwise another instance wrote records in between (the partition moved while this
+    /// batch was under way), and a restore from the stored position must still read them.
+    pub logged: Vec<(String, i32, i64, i64)>,
     /// Where the batch's events forwarded from other partitions leave those partitions (only
     /// moved forward).
     pub upstream: Vec<Upstream>,
@@ -233,6 +238,7 @@ impl AppendBatch {
             next_offsets: vec![],
             last_records: vec![],
             extra_offsets: vec![],
+            logged: Vec::new(),
             upstream: vec![],
         }
     }

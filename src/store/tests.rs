@@ -48,6 +48,7 @@ fn batch(events: Vec<(i32, i64, Event)>) -> AppendBatch {
         next_offsets: vec![],
         last_records: vec![],
         extra_offsets: vec![],
+        logged: Vec::new(),
         upstream: vec![],
     }
 }
@@ -235,6 +236,38 @@ fn upstream_positions_are_kept_per_partition_and_source_move_forward_and_survive
         "only forward in one batch"
     );
     assert_eq!(s.offsets().unwrap().len(), 2, "not offsets of their own");
+}
+
+/// A batch's own changelog records move the store's changelog position only when they follow
+/// it: records another instance wrote in between (the partition moved while the batch was
+/// under way) are still read by a restore from the stored position.
+#[test]
+fn the_changelog_position_skips_no_other_writers_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let logged = |first, next| {
+        let mut b = batch(vec![]);
+        b.logged = vec![("log".into(), 2, first, next)];
+        b
+    };
+    s.append(&logged(0, 3)).unwrap();
+    assert_eq!(
+        s.stored_offset("log", 2).unwrap(),
+        Some(3),
+        "the first records"
+    );
+    s.append(&logged(7, 8)).unwrap();
+    assert_eq!(
+        s.stored_offset("log", 2).unwrap(),
+        Some(3),
+        "3..7 are another's"
+    );
+    // A restore reads them (and this batch's own record again) in one batch.
+    let mut restored = batch(vec![]);
+    restored.extra_offsets = vec![("log".into(), 2, 8)];
+    restored.logged = vec![("log".into(), 2, 8, 9)];
+    s.append(&restored).unwrap();
+    assert_eq!(s.stored_offset("log", 2).unwrap(), Some(9));
 }
 
 #[test]
