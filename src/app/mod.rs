@@ -482,10 +482,7 @@ fn open_publication(
             cfg.publish.path.display()
         )
     })?;
-    ledger.set_instance_tag(u64::from_str_radix(&name, 16).unwrap_or_else(|_| {
-        name.bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
-    }))?;
+    ledger.set_instance_tag(u64::from(crc32fast::hash(name.as_bytes())))?;
     // The topic, not the ledger, is what subscribers hold.
     if let Some(disagreement) = reconcile_with_tail(cfg, &mut ledger, tail)? {
         warn!(

@@ -604,23 +604,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_version_carries_the_keys_of_its_partitions_and_marks_each_partition() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = users(dir.path(), 10);
-        let delta = ModelDelta {
+    /// Every one of `n` users' rows changed (to ones), one relation, nothing exchanged.
+    fn every_user_changed(n: i64) -> ModelDelta {
+        ModelDelta {
             tables: vec![TableDelta {
-                len: 10,
-                index: Tensor::arange(10, (Kind::Int64, Device::Cpu)),
-                values: Tensor::ones([10, 2], (Kind::Float, Device::Cpu)),
-                ts: vec![5; 10],
+                len: n,
+                index: Tensor::arange(n, (Kind::Int64, Device::Cpu)),
+                values: Tensor::ones([n, 2], (Kind::Float, Device::Cpu)),
+                ts: vec![5; n as usize],
                 biases: None,
             }],
             relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
             samples: Vec::new(),
-            cursor: 9,
+            cursor: n as u64 - 1,
             exchange: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_version_carries_the_keys_of_its_partitions_and_marks_each_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = users(dir.path(), 10);
+        let delta = every_user_changed(10);
         let scope = Scope::owned(
             4,
             &crate::partition::Owned {
@@ -700,22 +705,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = users(dir.path(), 4);
         let share = vec![0.5f32, -1.0, 2.0, 4.0];
-        let delta = ModelDelta {
-            tables: vec![TableDelta {
-                len: 4,
-                index: Tensor::arange(4, (Kind::Int64, Device::Cpu)),
-                values: Tensor::ones([4, 2], (Kind::Float, Device::Cpu)),
-                ts: vec![5; 4],
-                biases: None,
-            }],
-            relations: Tensor::ones([1, 2], (Kind::Float, Device::Cpu)),
-            samples: Vec::new(),
-            cursor: 3,
-            exchange: crate::train::DeltaExchange {
-                relation_deltas: [(2, share.clone()), (1, vec![9.0; 4])].into(),
-                ..Default::default()
-            },
-        };
+        let mut delta = every_user_changed(4);
+        delta.exchange.relation_deltas = [(2, share.clone()), (1, vec![9.0; 4])].into();
         let owned = crate::partition::Owned {
             generation: 1,
             partitions: vec![0, 2],

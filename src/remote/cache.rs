@@ -169,12 +169,16 @@ impl RemoteCache {
         self
     }
 
-    /// After versions of followed partition `q` applied: its relation delta, for the trainer.
-    fn note_relation_delta(&self, q: i32, followed: &Followed) {
+    /// After versions of followed partition `q` applied: its relation delta, for the trainer,
+    /// when one of `applied` carried it (all: a catch-up, whose share the trainer has not had).
+    fn note_relation_delta(&self, q: i32, followed: &Followed, applied: Option<&[Applied]>) {
         let Some(deltas) = &self.relation_deltas else {
             return;
         };
-        if let Some(entry) = followed.assembler.get(&relation_delta_key(q)) {
+        let Some(entry) = followed.assembler.get(&relation_delta_key(q)) else {
+            return;
+        };
+        if applied.is_none_or(|done| done.iter().any(|a| a.version == entry.version)) {
             deltas.lock().insert(q, entry.vector.clone());
         }
     }
@@ -331,7 +335,7 @@ impl RemoteCache {
             if !done.is_empty() {
                 applied += done.len() as u64;
                 delays.extend(followed.settle(q, &done, now_ms));
-                self.note_relation_delta(q, followed);
+                self.note_relation_delta(q, followed, Some(&done));
                 if let (Some(changed), None) = (&self.changed, only) {
                     let versions: BTreeSet<u64> = done.iter().map(|a| a.version).collect();
                     changed.lock().extend(
@@ -365,7 +369,7 @@ impl RemoteCache {
             applied += done.len() as u64;
             followed.settle(q, &done, now_ms);
             followed.caught_up = true;
-            self.note_relation_delta(q, followed);
+            self.note_relation_delta(q, followed, None);
         }
         inner.versions_applied += applied;
     }
@@ -556,9 +560,9 @@ mod tests {
         assert_eq!(figures.followed[2].owner_http, None);
     }
 
-    /// A partition this instance takes over is handed to the trainer whole, as its previous
-    /// owner last published it (node rows, not relation vectors), once; a partition forgotten
-    /// before it was caught up hands nothing, and without the exchange nothing is kept.
+    /// A followed partition's share of the relations goes to the trainer on its own channel
+    /// (at the catch-up, then with each version that carries it), not as a node row, and with
+    /// the partition's rows when it is taken over.
     #[test]
     fn a_followed_partitions_relation_share_goes_to_the_trainer_apart_from_its_rows() {
         let cache = RemoteCache::new(100).tracking_changes();
@@ -598,6 +602,9 @@ mod tests {
         assert_eq!(handed, ["relation-delta:1".to_string(), k1[0].clone()]);
     }
 
+    /// A partition this instance takes over is handed to the trainer whole, as its previous
+    /// owner last published it (node rows, not relation vectors), once; a partition forgotten
+    /// before it was caught up hands nothing, and without the exchange nothing is kept.
     #[test]
     fn a_partition_taken_over_is_handed_to_the_trainer_as_last_published() {
         let cache = RemoteCache::new(100).tracking_changes();

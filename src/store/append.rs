@@ -220,8 +220,7 @@ impl GraphStore {
         // as a sled batch's last insert of a key would otherwise.
         let mut extra: HashMap<(&str, i32), i64> = HashMap::new();
         for (topic, p, next) in &batch.extra_offsets {
-            let n = extra.entry((topic.as_str(), *p)).or_insert(*next);
-            *n = (*n).max(*next);
+            furthest(&mut extra, (topic.as_str(), *p), *next);
         }
         for (topic, p, first, next) in &batch.logged {
             let at = extra.get(&(topic.as_str(), *p)).copied();
@@ -230,8 +229,7 @@ impl GraphStore {
                 .unwrap_or(0)
                 .max(at.unwrap_or(0));
             if stored >= *first {
-                let n = extra.entry((topic.as_str(), *p)).or_insert(*next);
-                *n = (*n).max(*next);
+                furthest(&mut extra, (topic.as_str(), *p), *next);
             }
         }
         for ((topic, p), next) in extra {
@@ -241,8 +239,7 @@ impl GraphStore {
         }
         let mut upstream: HashMap<(i32, i32), i64> = HashMap::new();
         for u in &batch.upstream {
-            let n = upstream.entry((u.partition, u.source)).or_insert(u.next);
-            *n = (*n).max(u.next);
+            furthest(&mut upstream, (u.partition, u.source), u.next);
         }
         for ((partition, source), next) in upstream {
             if (self.upstream_offset(&batch.topic, partition, source)?)
@@ -591,6 +588,12 @@ impl<'b> BatchWrites<'b> {
 }
 
 /// The batch's next offsets, where they move a partition forward.
+/// `positions[key]` moved to `next` unless it is further already.
+fn furthest<K: std::hash::Hash + Eq>(positions: &mut HashMap<K, i64>, key: K, next: i64) {
+    let at = positions.entry(key).or_insert(next);
+    *at = (*at).max(next);
+}
+
 fn write_offsets(sled: &mut sled::Batch, batch: &AppendBatch, stored_next: &HashMap<i32, i64>) {
     let mut new_next: HashMap<i32, i64> = HashMap::new();
     for e in &batch.events {

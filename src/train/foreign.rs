@@ -240,7 +240,11 @@ impl ForeignRows {
             return;
         }
         let owned = sources.owned_now();
+        // The checkpoint's position keeps the shares held: copied there whenever they change
+        // (here, and when a version takes them), not compared before every step.
+        let mut changed = false;
         let shares = self.relations.get_or_insert_with(|| {
+            changed = true;
             let values = model.relation_values();
             if self.position.relation_deltas.is_empty() {
                 let anchors: Vec<i32> = (store.stored_schema().relations.iter())
@@ -267,10 +271,11 @@ impl ForeignRows {
             if moved > 0 {
                 model.set_relation_values(&values);
                 self.inbox.count_relation_deltas(moved);
+                changed = true;
             }
         }
         shares.settle_home(&owned);
-        if self.position.relation_deltas != *shares.held() {
+        if changed {
             self.position.relation_deltas = shares.held().clone();
         }
     }
@@ -961,6 +966,14 @@ mod tests {
         (core, inbox)
     }
 
+    /// An instance's ownership of partition `q` of 2.
+    fn owning(q: i32) -> Arc<Ownership> {
+        let o = Arc::new(Ownership::default());
+        o.set_partition_count(2);
+        o.assign(&[q]);
+        o
+    }
+
     fn row(core: &TrainerCore, t: usize, i: i64) -> Vec<f32> {
         Vec::<f32>::try_from(core.model.tables[t].weights.get(i)).unwrap()
     }
@@ -980,14 +993,7 @@ mod tests {
             .collect();
         let store = likes_store(dir.path(), &likes);
         let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
-        let (a_owns, b_owns) = (
-            Arc::new(Ownership::default()),
-            Arc::new(Ownership::default()),
-        );
-        for (o, q) in [(&a_owns, 0), (&b_owns, 1)] {
-            o.set_partition_count(2);
-            o.assign(&[q]);
-        }
+        let (a_owns, b_owns) = (owning(0), owning(1));
         let (mut a, a_inbox) = core(&cfg, &a_owns, 0);
         while a.step(&store).unwrap().stats.is_some() {}
         let taken = a.take_delta(&DeltaRequest::default()).exchange;
@@ -1136,14 +1142,7 @@ mod tests {
             .collect();
         let store = likes_store(dir.path(), &likes);
         let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
-        let (a_owns, b_owns) = (
-            Arc::new(Ownership::default()),
-            Arc::new(Ownership::default()),
-        );
-        for (o, q) in [(&a_owns, 0), (&b_owns, 1)] {
-            o.set_partition_count(2);
-            o.assign(&[q]);
-        }
+        let (a_owns, b_owns) = (owning(0), owning(1));
         let (mut a, a_inbox) = core(&cfg, &a_owns, 0);
         let (mut b, b_inbox) = core(&cfg, &b_owns, 0);
         let start = a.model.relation_values();
@@ -1218,9 +1217,7 @@ mod tests {
             .collect();
         let store = likes_store(dir.path(), &likes);
         let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
-        let b_owns = Arc::new(Ownership::default());
-        b_owns.set_partition_count(2);
-        b_owns.assign(&[1]);
+        let b_owns = owning(1);
         let (mut b, b_inbox) = core(&cfg, &b_owns, store.edge_count());
         let handed = Arc::new(TakenOver::default());
         b_inbox.refresh_from(handed.clone());
@@ -1268,9 +1265,7 @@ mod tests {
         let movie = ids_in("movie", "m", 1).next().unwrap();
         let store = likes_store(dir.path(), &[(users[0].as_str(), movie.as_str())]);
         let cfg = Config::from_toml("[train]\ndim = 4\nuniform_negatives = 0").unwrap();
-        let owns = Arc::new(Ownership::default());
-        owns.set_partition_count(2);
-        owns.assign(&[0]);
+        let owns = owning(0);
         let (mut a, inbox) = core(&cfg, &owns, 0);
         let sender = inbox.sender().to_owned();
         let changed = Arc::new(Published::default());
@@ -1372,9 +1367,7 @@ mod tests {
             .collect();
         let store = likes_store(dir.path(), &likes);
         let cfg = Config::from_toml(TRAIN_AGAIN).unwrap();
-        let owns = Arc::new(Ownership::default());
-        owns.set_partition_count(2);
-        owns.assign(&[0]);
+        let owns = owning(0);
         let (mut a, inbox) = core(&cfg, &owns, 0);
         // The ledger says the first five edges went out with a committed version.
         inbox.set_sent_below(5);
